@@ -1,0 +1,681 @@
+//! What one host knows about every other host, and when it must fence itself.
+//!
+//! [`Liveness`] is fed every heartbeat received, every heartbeat sent, every disk read and write
+//! outcome, each with the time it happened; [`Liveness::assess`] turns that into a classification
+//! of each peer, the partition verdict, fence deadlines and the self-fence decision.
+
+use crate::hostset::{HostId, HostSet};
+use crate::partition::{self, Survival};
+use crate::time::Millis;
+use crate::timing::Timings;
+use crate::wire::{DiskSlot, Heartbeat, SlotCorruption, SlotRead};
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use thiserror::Error;
+
+/// How many of our own recent heartbeat send times are remembered to interpret acks.
+const SENT_HISTORY: usize = 512;
+
+/// A peer as seen from this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostLiveness {
+    /// Heard on the network recently.
+    Alive,
+    /// Silent on our network but alive on the heartbeat disk, or still heard by another host.
+    Partitioned,
+    /// Silent on the network and on a disk we can read, and heard by nobody.
+    Dead,
+    /// Silent on the network while we cannot read the disk: nothing can be concluded.
+    Unknown,
+}
+
+/// Why this host must fence itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "reason")]
+pub enum FenceReason {
+    /// Neither a majority acknowledged us nor did a slot write succeed for `self_fence_ms`.
+    Isolated { silent_ms: u64 },
+    /// The partition verdict puts us outside the winning side.
+    LosingSide { winner: HostSet },
+}
+
+impl std::fmt::Display for FenceReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FenceReason::Isolated { silent_ms } => {
+                write!(f, "no majority acknowledged us and no slot write succeeded for {silent_ms} ms")
+            }
+            FenceReason::LosingSide { winner } => write!(f, "network partition: side {winner} survives without us"),
+        }
+    }
+}
+
+/// Why a heartbeat was not taken.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HeartbeatRejected {
+    #[error("replayed or reordered heartbeat from {from}: incarnation {incarnation} seq {seq} is not newer")]
+    Replay { from: HostId, incarnation: u64, seq: u64 },
+    #[error("heartbeat from {0}, which is not a cluster member")]
+    NotMember(HostId),
+    #[error("heartbeat claims to come from this host")]
+    FromSelf,
+}
+
+#[derive(Clone, Debug, Default)]
+struct PeerState {
+    incarnation: u64,
+    seq: u64,
+    last_net: Option<Millis>,
+    net_heard: HostSet,
+    net_fenced: bool,
+    net_epoch: u64,
+    slot: Option<DiskSlot>,
+    slot_changed_at: Option<Millis>,
+    slot_corrupt: Option<SlotCorruption>,
+    acked_my_seq: Option<u64>,
+    dead_since: Option<Millis>,
+}
+
+/// Counters of rejected input, for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RejectCounters {
+    pub forged_heartbeats: u64,
+    pub replayed_heartbeats: u64,
+    pub corrupt_slots: u64,
+    pub late_disk_writes: u64,
+    pub failed_disk_reads: u64,
+}
+
+/// One peer's assessment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerAssessment {
+    pub host: HostId,
+    pub liveness: HostLiveness,
+    /// Milliseconds since the last network heartbeat, if any was ever received.
+    pub net_age_ms: Option<u64>,
+    /// Milliseconds since the peer's slot last changed, if it was ever seen.
+    pub disk_age_ms: Option<u64>,
+    /// The peer declared itself fenced for this epoch (slot or heartbeat).
+    pub fenced_epoch: Option<u64>,
+    /// When the peer was first seen dead in its current dead spell.
+    pub dead_since: Option<Millis>,
+    /// When the peer has certainly killed its VMs if it still runs: only set for dead peers.
+    pub fence_deadline: Option<Millis>,
+    pub slot_corrupt: bool,
+}
+
+/// The whole picture at one instant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Assessment {
+    pub now: Millis,
+    pub heard: HostSet,
+    pub disk_alive: HostSet,
+    pub disk_readable: bool,
+    pub peers: Vec<PeerAssessment>,
+    pub fence: Option<FenceReason>,
+    /// Whether a majority of members acknowledged us within the peer timeout.
+    pub has_majority: bool,
+}
+
+impl Assessment {
+    /// The assessment of `host`, if it is a peer.
+    #[must_use]
+    pub fn peer(&self, host: HostId) -> Option<&PeerAssessment> {
+        self.peers.iter().find(|p| p.host == host)
+    }
+}
+
+/// This host's view of the cluster's liveness.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    me: HostId,
+    timings: Timings,
+    members: HostSet,
+    peers: BTreeMap<HostId, PeerState>,
+    sent: VecDeque<(u64, Millis)>,
+    started: Millis,
+    last_disk_read_ok: Option<Millis>,
+    last_disk_write_ok: Option<Millis>,
+    losing_since: Option<Millis>,
+    counters: RejectCounters,
+}
+
+impl Liveness {
+    /// A fresh view at `now`. Until evidence arrives, the start instant counts as the last moment
+    /// we were connected, so a host that starts isolated fences after `self_fence_ms`.
+    #[must_use]
+    pub fn new(me: HostId, timings: Timings, now: Millis) -> Liveness {
+        Liveness {
+            me,
+            timings,
+            members: HostSet::single(me),
+            peers: BTreeMap::new(),
+            sent: VecDeque::with_capacity(SENT_HISTORY),
+            started: now,
+            last_disk_read_ok: None,
+            last_disk_write_ok: None,
+            losing_since: None,
+            counters: RejectCounters::default(),
+        }
+    }
+
+    #[must_use]
+    pub fn me(&self) -> HostId {
+        self.me
+    }
+
+    #[must_use]
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
+    #[must_use]
+    pub fn members(&self) -> HostSet {
+        self.members
+    }
+
+    #[must_use]
+    pub fn counters(&self) -> RejectCounters {
+        self.counters
+    }
+
+    /// Sets the cluster's voting members (from committed state). This host is always included.
+    pub fn set_members(&mut self, members: HostSet) {
+        let mut m = members;
+        m.insert(self.me);
+        self.members = m;
+        self.peers.retain(|h, _| m.contains(*h));
+        for h in m.iter().filter(|h| *h != self.me) {
+            self.peers.entry(h).or_default();
+        }
+    }
+
+    /// Records that our heartbeat `seq` left at `now`.
+    pub fn heartbeat_sent(&mut self, seq: u64, now: Millis) {
+        if self.sent.len() == SENT_HISTORY {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((seq, now));
+    }
+
+    /// Counts a datagram that failed authentication.
+    pub fn heartbeat_forged(&mut self) {
+        self.counters.forged_heartbeats += 1;
+    }
+
+    /// Takes an authenticated heartbeat received at `now`.
+    pub fn heartbeat_received(&mut self, hb: &Heartbeat, now: Millis) -> Result<(), HeartbeatRejected> {
+        if hb.from == self.me {
+            return Err(HeartbeatRejected::FromSelf);
+        }
+        let me = self.me;
+        let Some(p) = self.peers.get_mut(&hb.from) else {
+            return Err(HeartbeatRejected::NotMember(hb.from));
+        };
+        let newer = hb.incarnation > p.incarnation || (hb.incarnation == p.incarnation && hb.seq > p.seq);
+        if !newer {
+            self.counters.replayed_heartbeats += 1;
+            return Err(HeartbeatRejected::Replay { from: hb.from, incarnation: hb.incarnation, seq: hb.seq });
+        }
+        p.incarnation = hb.incarnation;
+        p.seq = hb.seq;
+        p.last_net = Some(now);
+        p.net_heard = hb.heard;
+        p.net_fenced = hb.fenced;
+        p.net_epoch = hb.epoch;
+        if let Some((_, s)) = hb.acks.iter().find(|(h, _)| *h == me) {
+            p.acked_my_seq = Some(p.acked_my_seq.map_or(*s, |old| old.max(*s)));
+        }
+        Ok(())
+    }
+
+    /// The acks to put in our next heartbeat: the last sequence number heard from each peer.
+    #[must_use]
+    pub fn acks(&self) -> Vec<(HostId, u64)> {
+        self.peers.iter().filter(|(_, p)| p.last_net.is_some()).map(|(h, p)| (*h, p.seq)).collect()
+    }
+
+    /// Takes the result of reading every slot at `now` (index = host id).
+    pub fn disk_read(&mut self, slots: &[SlotRead], now: Millis) {
+        self.last_disk_read_ok = Some(now);
+        for (i, read) in slots.iter().enumerate() {
+            let h = HostId(i as u32);
+            if h == self.me {
+                continue;
+            }
+            let Some(p) = self.peers.get_mut(&h) else { continue };
+            match read {
+                SlotRead::Empty => {}
+                SlotRead::Corrupt(c) => {
+                    if p.slot_corrupt.is_none() {
+                        self.counters.corrupt_slots += 1;
+                    }
+                    p.slot_corrupt = Some(*c);
+                }
+                SlotRead::Valid(s) => {
+                    p.slot_corrupt = None;
+                    let changed = p.slot.is_none_or(|old| (old.incarnation, old.counter) != (s.incarnation, s.counter));
+                    if changed {
+                        p.slot_changed_at = Some(now);
+                    }
+                    p.slot = Some(*s);
+                }
+            }
+        }
+    }
+
+    /// Records a failed or timed-out read of the heartbeat disk.
+    pub fn disk_read_failed(&mut self) {
+        self.counters.failed_disk_reads += 1;
+    }
+
+    /// Records a slot write that began at `started` and completed at `finished`; a write slower
+    /// than the disk I/O timeout counts as lost.
+    pub fn disk_written(&mut self, started: Millis, finished: Millis) {
+        if finished.since(started) <= self.timings.disk_io_timeout_ms {
+            self.last_disk_write_ok = Some(self.last_disk_write_ok.map_or(started, |t| t.max(started)));
+        } else {
+            self.counters.late_disk_writes += 1;
+        }
+    }
+
+    /// Records a slot write that failed or never completed.
+    pub fn disk_write_failed(&mut self) {
+        self.counters.late_disk_writes += 1;
+    }
+
+    /// The hosts we hear on the network now (ourselves included).
+    #[must_use]
+    pub fn heard(&self, now: Millis) -> HostSet {
+        let mut s = HostSet::single(self.me);
+        for (h, p) in &self.peers {
+            if p.last_net.is_some_and(|t| now.since(t) < self.timings.peer_timeout_ms) {
+                s.insert(*h);
+            }
+        }
+        s
+    }
+
+    /// The latest instant at which a majority of members (us included) had received a heartbeat
+    /// we sent: the send time of the acknowledged heartbeat, so network delay cannot stretch it.
+    fn majority_acked_at(&self) -> Option<Millis> {
+        let majority = self.members.len() / 2 + 1;
+        let need_from_peers = majority.saturating_sub(1);
+        if need_from_peers == 0 {
+            return None;
+        }
+        let mut times: Vec<Millis> = self
+            .peers
+            .values()
+            .filter_map(|p| p.acked_my_seq)
+            .filter_map(|seq| self.sent.iter().find(|(s, _)| *s == seq).map(|(_, t)| *t))
+            .collect();
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        times.get(need_from_peers - 1).copied()
+    }
+
+    fn disk_readable(&self, now: Millis) -> bool {
+        self.last_disk_read_ok.is_some_and(|t| now.since(t) <= self.timings.disk_io_timeout_ms + self.timings.heartbeat_interval_ms)
+    }
+
+    /// Classifies every peer, decides partition survival and self-fencing, and updates the dead
+    /// spells that fence deadlines count from. Call it after feeding the events up to `now`.
+    pub fn assess(&mut self, now: Millis) -> Assessment {
+        let t = self.timings;
+        let heard = self.heard(now);
+        let disk_readable = self.disk_readable(now);
+        let slot_fresh = |p: &PeerState| p.slot_changed_at.is_some_and(|c| now.since(c) < t.peer_timeout_ms);
+        let net_fresh = |p: &PeerState| p.last_net.is_some_and(|c| now.since(c) < t.peer_timeout_ms);
+
+        let mut disk_alive = HostSet::EMPTY;
+        if self.last_disk_write_ok.is_some_and(|w| now.since(w) < t.peer_timeout_ms) {
+            disk_alive.insert(self.me);
+        }
+        let mut reports: BTreeMap<HostId, HostSet> = BTreeMap::new();
+        for (h, p) in &self.peers {
+            if slot_fresh(p) && !p.slot.is_some_and(|s| s.fenced) {
+                disk_alive.insert(*h);
+                if let Some(s) = p.slot {
+                    reports.insert(*h, s.heard);
+                }
+            }
+        }
+        // Our own report is what we currently hear: the same thing our next slot write carries.
+        reports.insert(self.me, heard);
+
+        // Hosts that some other live host still reports hearing are not dead.
+        let mut heard_by_others = HostSet::EMPTY;
+        for p in self.peers.values() {
+            if net_fresh(p) {
+                heard_by_others.0 |= p.net_heard.0;
+            }
+            if slot_fresh(p) {
+                if let Some(s) = p.slot {
+                    heard_by_others.0 |= s.heard.0;
+                }
+            }
+        }
+
+        let mut peers = Vec::with_capacity(self.peers.len());
+        for (h, p) in &mut self.peers {
+            let liveness = if net_fresh(p) {
+                HostLiveness::Alive
+            } else if slot_fresh(p) || heard_by_others.contains(*h) {
+                HostLiveness::Partitioned
+            } else if disk_readable {
+                HostLiveness::Dead
+            } else {
+                HostLiveness::Unknown
+            };
+            if liveness == HostLiveness::Dead {
+                p.dead_since.get_or_insert(now);
+            } else {
+                p.dead_since = None;
+            }
+            let slot_fenced = p.slot.filter(|s| s.fenced).map(|s| s.epoch);
+            let net_fenced = (p.net_fenced && net_fresh(p)).then_some(p.net_epoch);
+            peers.push(PeerAssessment {
+                host: *h,
+                liveness,
+                net_age_ms: p.last_net.map(|c| now.since(c)),
+                disk_age_ms: p.slot_changed_at.map(|c| now.since(c)),
+                fenced_epoch: net_fenced.or(slot_fenced),
+                dead_since: p.dead_since,
+                fence_deadline: p.dead_since.map(|d| d.plus(t.fence_wait_ms())),
+                slot_corrupt: p.slot_corrupt.is_some(),
+            });
+        }
+
+        let majority_at = self.majority_acked_at();
+        let has_majority = match majority_at {
+            None => self.members.len() / 2 + 1 <= 1,
+            Some(a) => now.since(a) < t.peer_timeout_ms,
+        };
+        let last_ok = [majority_at, self.last_disk_write_ok, Some(self.started)].into_iter().flatten().max();
+        let silent_ms = last_ok.map_or(0, |l| now.since(l));
+        let alone = self.members.len() == 1;
+
+        let survival = if disk_alive.contains(self.me) {
+            partition::decide(self.members, disk_alive, &reports)
+        } else {
+            Survival::NoPartition
+        };
+        let mut fence = None;
+        if survival.must_fence(self.me) {
+            let since = *self.losing_since.get_or_insert(now);
+            if now.since(since) >= t.partition_confirm_ms {
+                if let Survival::Split { winner } = survival {
+                    fence = Some(FenceReason::LosingSide { winner });
+                }
+            }
+        } else {
+            self.losing_since = None;
+        }
+        if fence.is_none() && !alone && silent_ms >= t.self_fence_ms {
+            fence = Some(FenceReason::Isolated { silent_ms });
+        }
+        Assessment { now, heard, disk_alive, disk_readable, peers, fence, has_majority }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::DiskSlot;
+
+    const T: Timings = Timings {
+        heartbeat_interval_ms: 200,
+        peer_timeout_ms: 3000,
+        self_fence_ms: 2000,
+        disk_io_timeout_ms: 1000,
+        kill_grace_ms: 500,
+        clock_margin_ms: 500,
+        partition_confirm_ms: 600,
+    };
+
+    fn three(me: u32) -> Liveness {
+        let mut l = Liveness::new(HostId(me), T, Millis(0));
+        l.set_members([HostId(0), HostId(1), HostId(2)].into_iter().collect());
+        l
+    }
+
+    fn hb(from: u32, seq: u64, heard: &[u32], ack_me: Option<(u32, u64)>) -> Heartbeat {
+        Heartbeat {
+            from: HostId(from),
+            incarnation: 1,
+            seq,
+            epoch: 1,
+            heard: heard.iter().map(|h| HostId(*h)).collect(),
+            acks: ack_me.map(|(h, s)| (HostId(h), s)).into_iter().collect(),
+            fenced: false,
+        }
+    }
+
+    fn slot(host: u32, counter: u64, heard: &[u32], fenced: bool) -> SlotRead {
+        SlotRead::Valid(DiskSlot {
+            host: HostId(host),
+            incarnation: 1,
+            counter,
+            epoch: 1,
+            heard: heard.iter().map(|h| HostId(*h)).collect(),
+            fenced,
+            written_at_ms: 0,
+        })
+    }
+
+    /// Drives host 0 through `until` ms of healthy traffic from hosts 1 and 2, with `peer_up`
+    /// saying whether each peer is still sending and writing at a given instant.
+    fn run(l: &mut Liveness, from: u64, until: u64, peer_up: impl Fn(u32, u64) -> bool) {
+        let mut t = from;
+        while t < until {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            let mut slots = vec![SlotRead::Empty; 3];
+            slots[0] = slot(0, seq, &[0, 1, 2], false);
+            // What a live peer hears: everyone up within the last peer timeout.
+            let heard: Vec<u32> = [0u32, 1, 2]
+                .into_iter()
+                .filter(|h| *h == 0 || peer_up(*h, t.saturating_sub(T.peer_timeout_ms - 200)))
+                .collect();
+            for p in [1u32, 2] {
+                if peer_up(p, t) {
+                    let beat = hb(p, seq, &heard, Some((0, seq)));
+                    l.heartbeat_received(&beat, now.plus(1)).expect("fresh heartbeat");
+                    slots[p as usize] = slot(p, seq, &heard, false);
+                } else if let Some(SlotRead::Valid(s)) = l.peers.get(&HostId(p)).and_then(|ps| ps.slot).map(SlotRead::Valid) {
+                    slots[p as usize] = SlotRead::Valid(s);
+                }
+            }
+            l.disk_read(&slots, now.plus(2));
+            t += 200;
+        }
+    }
+
+    #[test]
+    fn healthy_cluster_is_alive_and_does_not_fence() {
+        let mut l = three(0);
+        run(&mut l, 0, 10_000, |_, _| true);
+        let a = l.assess(Millis(10_000));
+        assert!(a.peers.iter().all(|p| p.liveness == HostLiveness::Alive));
+        assert_eq!(a.fence, None);
+        assert!(a.has_majority);
+    }
+
+    #[test]
+    fn power_loss_is_dead_with_a_deadline_after_the_self_fence_point() {
+        let mut l = three(0);
+        run(&mut l, 0, 10_000, |p, t| p != 2 || t < 5000);
+        let a = l.assess(Millis(10_000));
+        let p2 = a.peer(HostId(2)).expect("peer 2");
+        assert_eq!(p2.liveness, HostLiveness::Dead);
+        let dead_since = p2.dead_since.expect("dead spell");
+        // Dead no earlier than a full peer timeout after the last sign of life.
+        assert!(dead_since.0 >= 4801 + T.peer_timeout_ms - 200, "dead_since {dead_since}");
+        assert_eq!(p2.fence_deadline, Some(dead_since.plus(T.fence_wait_ms())));
+        assert_eq!(a.fence, None, "survivors keep a majority");
+    }
+
+    #[test]
+    fn disk_alive_peer_is_partitioned_not_dead() {
+        let mut l = three(0);
+        run(&mut l, 0, 4000, |_, _| true);
+        // Host 2 keeps writing its slot but its heartbeats stop reaching us and host 1.
+        for t in (4000..9000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            l.heartbeat_received(&hb(1, seq, &[0, 1], Some((0, seq))), now).expect("fresh");
+            l.disk_read(&[slot(0, seq, &[0, 1], false), slot(1, seq, &[0, 1], false), slot(2, seq, &[2], false)], now);
+        }
+        let a = l.assess(Millis(9000));
+        assert_eq!(a.peer(HostId(2)).map(|p| p.liveness), Some(HostLiveness::Partitioned));
+        assert_eq!(a.peer(HostId(2)).and_then(|p| p.fence_deadline), None);
+        assert_eq!(a.fence, None, "host 0 is on the winning side");
+    }
+
+    #[test]
+    fn cut_off_host_fences_itself_on_the_losing_side() {
+        let mut l = three(2);
+        for t in (0..2000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now);
+            l.heartbeat_received(&hb(0, seq, &[0, 1, 2], Some((2, seq))), now).expect("fresh");
+            l.heartbeat_received(&hb(1, seq, &[0, 1, 2], Some((2, seq))), now).expect("fresh");
+            l.disk_read(&[slot(0, seq, &[0, 1, 2], false), slot(1, seq, &[0, 1, 2], false), SlotRead::Empty], now);
+        }
+        assert_eq!(l.assess(Millis(2000)).fence, None);
+        // Network cut: only disk slots keep flowing, and they show hosts 0 and 1 hearing each other.
+        let mut fenced_at = None;
+        for t in (2000..9000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.disk_written(now, now);
+            // The others stop listing host 2 once they have not heard it for a peer timeout.
+            let theirs: &[u32] = if t < 2000 + T.peer_timeout_ms { &[0, 1, 2] } else { &[0, 1] };
+            l.disk_read(&[slot(0, seq, theirs, false), slot(1, seq, theirs, false), SlotRead::Empty], now);
+            if let Some(FenceReason::LosingSide { winner }) = l.assess(now).fence {
+                assert_eq!(winner, [HostId(0), HostId(1)].into_iter().collect());
+                fenced_at = Some(t);
+                break;
+            }
+        }
+        let at = fenced_at.expect("host 2 must fence");
+        assert!(at >= 2000 + T.peer_timeout_ms, "fenced too early at {at}");
+    }
+
+    #[test]
+    fn isolated_host_without_disk_fences_after_self_fence_time() {
+        let mut l = three(1);
+        for t in (0..1000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.heartbeat_received(&hb(0, seq, &[0, 1, 2], Some((1, seq))), now).expect("fresh");
+        }
+        // From 1000 on: nothing acknowledged, no disk writes.
+        let mut fenced_at = None;
+        for t in (1000..5000).step_by(100) {
+            if let Some(FenceReason::Isolated { .. }) = l.assess(Millis(t)).fence {
+                fenced_at = Some(t);
+                break;
+            }
+        }
+        let at = fenced_at.expect("must fence");
+        assert!((800 + T.self_fence_ms..=1000 + T.self_fence_ms + 100).contains(&at), "fenced at {at}");
+    }
+
+    #[test]
+    fn lost_disk_with_network_is_no_fence_and_peers_are_alive() {
+        let mut l = three(0);
+        for t in (0..10_000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_write_failed();
+            l.disk_read_failed();
+            for p in [1, 2] {
+                l.heartbeat_received(&hb(p, seq, &[0, 1, 2], Some((0, seq))), now).expect("fresh");
+            }
+        }
+        let a = l.assess(Millis(10_000));
+        assert_eq!(a.fence, None);
+        assert!(a.peers.iter().all(|p| p.liveness == HostLiveness::Alive));
+    }
+
+    #[test]
+    fn silent_peer_without_readable_disk_is_unknown_never_dead() {
+        let mut l = three(0);
+        for t in (0..10_000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.heartbeat_received(&hb(1, seq, &[0, 1], Some((0, seq))), now).expect("fresh");
+        }
+        let a = l.assess(Millis(10_000));
+        let p2 = a.peer(HostId(2)).expect("peer");
+        assert_eq!(p2.liveness, HostLiveness::Unknown);
+        assert_eq!(p2.fence_deadline, None);
+    }
+
+    #[test]
+    fn replayed_and_foreign_heartbeats_are_rejected_and_counted() {
+        let mut l = three(0);
+        l.heartbeat_received(&hb(1, 5, &[1], None), Millis(1)).expect("first");
+        assert!(matches!(l.heartbeat_received(&hb(1, 5, &[1], None), Millis(2)), Err(HeartbeatRejected::Replay { .. })));
+        assert!(matches!(l.heartbeat_received(&hb(1, 4, &[1], None), Millis(3)), Err(HeartbeatRejected::Replay { .. })));
+        assert_eq!(l.counters().replayed_heartbeats, 2);
+        assert_eq!(l.heartbeat_received(&hb(9, 1, &[9], None), Millis(3)), Err(HeartbeatRejected::NotMember(HostId(9))));
+        assert_eq!(l.heartbeat_received(&hb(0, 1, &[0], None), Millis(3)), Err(HeartbeatRejected::FromSelf));
+        // A restarted peer (higher incarnation) starts its sequence again.
+        let mut restarted = hb(1, 1, &[1], None);
+        restarted.incarnation = 2;
+        assert_eq!(l.heartbeat_received(&restarted, Millis(4)), Ok(()));
+    }
+
+    #[test]
+    fn corrupt_slot_is_counted_once_and_not_trusted() {
+        let mut l = three(0);
+        let bad = SlotRead::Corrupt(SlotCorruption::BadChecksum);
+        l.disk_read(&[SlotRead::Empty, bad, SlotRead::Empty], Millis(0));
+        l.disk_read(&[SlotRead::Empty, bad, SlotRead::Empty], Millis(200));
+        assert_eq!(l.counters().corrupt_slots, 1);
+        let a = l.assess(Millis(200));
+        assert!(a.peer(HostId(1)).is_some_and(|p| p.slot_corrupt && p.disk_age_ms.is_none()));
+    }
+
+    #[test]
+    fn one_heartbeat_in_three_lost_never_fences_or_kills() {
+        // A deterministic pseudo-random loss pattern: every packet has a 1/3 chance of loss.
+        let mut l = three(0);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut lost = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % 3 == 0
+        };
+        for t in (0..600_000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            for p in [1, 2] {
+                let ack_arrives = !lost();
+                if !lost() {
+                    let beat = hb(p, seq, &[0, 1, 2], ack_arrives.then_some((0, seq.saturating_sub(1))));
+                    l.heartbeat_received(&beat, now).expect("fresh");
+                }
+            }
+            let a = l.assess(now);
+            assert_eq!(a.fence, None, "fenced at {t}");
+            if t > 5000 {
+                assert!(a.peers.iter().all(|p| p.liveness == HostLiveness::Alive), "peer lost at {t}");
+            }
+        }
+    }
+}

@@ -1,0 +1,615 @@
+//! The replicated desired state: hosts, VM specs, and which host each VM is assigned to.
+//!
+//! Every change is a [`Command`] applied through the consensus log; [`ClusterState::apply`] is
+//! deterministic and leaves the state untouched when it refuses a command, so every host that
+//! applies the same log holds the same state.
+
+use crate::hostset::{HostId, HostSet};
+use crate::recovery;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// CPU and memory a host offers or a VM needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// What HA does for a VM whose host fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protection {
+    /// Always restarted, first.
+    #[default]
+    Protect,
+    /// Restarted when its host dies if capacity remains after the protected VMs.
+    BestEffort,
+    /// Never restarted by HA.
+    Off,
+}
+
+impl std::str::FromStr for Protection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "protect" => Ok(Protection::Protect),
+            "best-effort" => Ok(Protection::BestEffort),
+            "off" => Ok(Protection::Off),
+            other => Err(format!("protection level '{other}' is not one of protect, best-effort, off")),
+        }
+    }
+}
+
+/// A disk attached to a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Path on shared storage, the same on every host.
+    pub path: String,
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A VM's network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "kebab-case")]
+pub enum NetworkSpec {
+    /// QEMU user-mode networking; `hostfwd` entries like `tcp:{host_ip}:8080-:80`, where
+    /// `{host_ip}` becomes the running host's address.
+    User {
+        #[serde(default)]
+        hostfwd: Vec<String>,
+    },
+    /// A tap device on the host (created and bridged by the host's own setup).
+    Tap { ifname: String, mac: Option<String> },
+}
+
+/// How the VM's workload is run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "driver", rename_all = "kebab-case")]
+pub enum DriverSpec {
+    /// A QEMU guest, from a kernel (+ initrd + cmdline) or a boot disk.
+    Qemu {
+        #[serde(default)]
+        kernel: Option<String>,
+        #[serde(default)]
+        initrd: Option<String>,
+        #[serde(default)]
+        cmdline: Option<String>,
+        #[serde(default)]
+        extra_args: Vec<String>,
+    },
+    /// Any command; it runs as long as the "VM" runs.
+    Process { command: Vec<String> },
+}
+
+/// Everything an operator says about a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+    #[serde(default)]
+    pub protection: Protection,
+    /// Higher restarts first.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(flatten)]
+    pub driver: DriverSpec,
+}
+
+/// Why a VM spec is refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("VM name '{0}' must be 1-63 characters of letters, digits, '-' and '_'")]
+    BadName(String),
+    #[error("vcpus = {0} is outside 1..=256")]
+    BadVcpus(u32),
+    #[error("memory_mib = {0} is outside 16..=4194304")]
+    BadMemory(u64),
+    #[error("process driver needs a non-empty command")]
+    EmptyCommand,
+    #[error("qemu driver needs a kernel or at least one disk to boot from")]
+    NothingToBoot,
+    #[error("disk path must be absolute: '{0}'")]
+    RelativeDiskPath(String),
+}
+
+/// Checks a name used for VMs and hosts.
+#[must_use]
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() < 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl VmSpec {
+    /// Checks the spec on its own, before it reaches the log.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !valid_name(&self.name) {
+            return Err(SpecError::BadName(self.name.clone()));
+        }
+        if !(1..=256).contains(&self.vcpus) {
+            return Err(SpecError::BadVcpus(self.vcpus));
+        }
+        if !(16..=4 * 1024 * 1024).contains(&self.memory_mib) {
+            return Err(SpecError::BadMemory(self.memory_mib));
+        }
+        if let Some(d) = self.disks.iter().find(|d| !d.path.starts_with('/')) {
+            return Err(SpecError::RelativeDiskPath(d.path.clone()));
+        }
+        match &self.driver {
+            DriverSpec::Process { command } if command.is_empty() || command[0].is_empty() => Err(SpecError::EmptyCommand),
+            DriverSpec::Qemu { kernel: None, .. } if self.disks.is_empty() => Err(SpecError::NothingToBoot),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the VM takes from its host.
+    #[must_use]
+    pub fn demand(&self) -> Capacity {
+        Capacity { vcpus: self.vcpus, memory_mib: self.memory_mib }
+    }
+}
+
+/// Where a host stands in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostStatus {
+    /// Added, but its agent has not joined yet: nothing is placed on it.
+    Joining,
+    /// Runs the VMs assigned to it.
+    Active,
+    /// Declared failed; its VMs were reassigned. It must rejoin before it runs anything.
+    Failed,
+}
+
+/// A host in the desired state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub id: HostId,
+    pub name: String,
+    /// `ip:port` of its HTTP API (also used for consensus traffic).
+    pub api_addr: String,
+    /// `ip:port` of its UDP heartbeat socket.
+    pub heartbeat_addr: String,
+    pub capacity: Capacity,
+    pub status: HostStatus,
+    /// Raised every time the host (re)joins; a failover names the epoch it ends.
+    pub epoch: u64,
+}
+
+/// Desired power state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PowerState {
+    Running,
+    Stopped,
+}
+
+/// A VM placed on a host. The generation rises at every placement, so a stale order can be told
+/// from a current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub host: HostId,
+    pub generation: u64,
+}
+
+/// A VM in the desired state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub desired: PowerState,
+    pub assignment: Option<Assignment>,
+}
+
+/// The whole replicated desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub hosts: BTreeMap<HostId, HostRecord>,
+    pub vms: BTreeMap<String, VmRecord>,
+    /// The next generation number handed out by a placement.
+    pub next_generation: u64,
+}
+
+/// A change to the desired state, as carried in the consensus log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Command {
+    AddHost { id: HostId, name: String, api_addr: String, heartbeat_addr: String, capacity: Capacity },
+    /// The host's agent (re)joins: it becomes active in a new epoch.
+    HostJoined { host: HostId },
+    CreateVm { spec: VmSpec },
+    DeleteVm { name: String },
+    SetPower { name: String, desired: PowerState },
+    /// The coordinator places a running-desired VM that has no assignment.
+    Assign { name: String, host: HostId },
+    /// A host releases a VM it has stopped.
+    Release { name: String, host: HostId, generation: u64 },
+    /// The coordinator declares `host` failed in `epoch` and moves its VMs by `plan`.
+    Failover { host: HostId, epoch: u64, plan: Vec<(String, HostId)> },
+}
+
+/// What an applied command returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Applied {
+    Done,
+    HostEpoch { host: HostId, epoch: u64 },
+    Assigned { name: String, host: HostId, generation: u64 },
+    FailedOver { host: HostId, moved: Vec<(String, HostId, u64)>, left_down: Vec<String> },
+}
+
+/// Why a command is refused. The state is unchanged.
+#[derive(Debug, Error, PartialEq, Eq, Clone, Serialize, Deserialize)]
+pub enum StateError {
+    #[error("host {0} already exists")]
+    HostExists(String),
+    #[error("host id {0} is out of range or already taken")]
+    BadHostId(u32),
+    #[error("host name '{0}' is not valid")]
+    BadHostName(String),
+    #[error("unknown host {0}")]
+    UnknownHost(HostId),
+    #[error("unknown VM '{0}'")]
+    UnknownVm(String),
+    #[error("a VM named '{0}' already exists")]
+    VmExists(String),
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("VM '{0}' must be stopped and released by its host before it is deleted")]
+    VmNotStopped(String),
+    #[error("VM '{0}' is not waiting for placement")]
+    NotPlaceable(String),
+    #[error("host {0} is not active")]
+    HostNotActive(HostId),
+    #[error("host {host} lacks capacity for VM '{vm}'")]
+    NoCapacity { vm: String, host: HostId },
+    #[error("stale order: {0}")]
+    Stale(String),
+}
+
+impl ClusterState {
+    /// The hosts that may run VMs.
+    #[must_use]
+    pub fn active_hosts(&self) -> HostSet {
+        self.hosts.values().filter(|h| h.status == HostStatus::Active).map(|h| h.id).collect()
+    }
+
+    /// All hosts (voting members).
+    #[must_use]
+    pub fn members(&self) -> HostSet {
+        self.hosts.keys().copied().collect()
+    }
+
+    /// A host's id by name.
+    #[must_use]
+    pub fn host_by_name(&self, name: &str) -> Option<&HostRecord> {
+        self.hosts.values().find(|h| h.name == name)
+    }
+
+    /// Resources taken on `host` by the VMs assigned to it.
+    #[must_use]
+    pub fn used(&self, host: HostId) -> Capacity {
+        let mut c = Capacity::default();
+        for vm in self.vms.values() {
+            if vm.assignment.is_some_and(|a| a.host == host) {
+                c.vcpus += vm.spec.vcpus;
+                c.memory_mib += vm.spec.memory_mib;
+            }
+        }
+        c
+    }
+
+    /// Whether `demand` fits on `host` next to what it already runs.
+    #[must_use]
+    pub fn fits(&self, host: HostId, demand: Capacity) -> bool {
+        let Some(h) = self.hosts.get(&host) else { return false };
+        let used = self.used(host);
+        used.vcpus + demand.vcpus <= h.capacity.vcpus && used.memory_mib + demand.memory_mib <= h.capacity.memory_mib
+    }
+
+    /// VMs that should run and have no host: the coordinator's placement queue.
+    #[must_use]
+    pub fn unplaced(&self) -> Vec<String> {
+        self.vms
+            .values()
+            .filter(|v| v.desired == PowerState::Running && v.assignment.is_none())
+            .map(|v| v.spec.name.clone())
+            .collect()
+    }
+
+    /// VMs assigned to `host`.
+    pub fn assigned_to(&self, host: HostId) -> impl Iterator<Item = &VmRecord> {
+        self.vms.values().filter(move |v| v.assignment.is_some_and(|a| a.host == host))
+    }
+
+    fn next_gen(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+
+    fn vm_mut(&mut self, name: &str) -> Result<&mut VmRecord, StateError> {
+        self.vms.get_mut(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))
+    }
+
+    /// Applies one command. On error nothing changed.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Applied, StateError> {
+        match cmd {
+            Command::AddHost { id, name, api_addr, heartbeat_addr, capacity } => {
+                if !id.is_valid() || self.hosts.contains_key(id) {
+                    return Err(StateError::BadHostId(id.0));
+                }
+                if !valid_name(name) {
+                    return Err(StateError::BadHostName(name.clone()));
+                }
+                if self.host_by_name(name).is_some() {
+                    return Err(StateError::HostExists(name.clone()));
+                }
+                self.hosts.insert(
+                    *id,
+                    HostRecord {
+                        id: *id,
+                        name: name.clone(),
+                        api_addr: api_addr.clone(),
+                        heartbeat_addr: heartbeat_addr.clone(),
+                        capacity: *capacity,
+                        status: HostStatus::Joining,
+                        epoch: 0,
+                    },
+                );
+                Ok(Applied::Done)
+            }
+            Command::HostJoined { host } => {
+                let h = self.hosts.get_mut(host).ok_or(StateError::UnknownHost(*host))?;
+                h.status = HostStatus::Active;
+                h.epoch += 1;
+                Ok(Applied::HostEpoch { host: *host, epoch: h.epoch })
+            }
+            Command::CreateVm { spec } => {
+                spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
+                if self.vms.contains_key(&spec.name) {
+                    return Err(StateError::VmExists(spec.name.clone()));
+                }
+                self.vms.insert(
+                    spec.name.clone(),
+                    VmRecord { spec: spec.clone(), desired: PowerState::Stopped, assignment: None },
+                );
+                Ok(Applied::Done)
+            }
+            Command::DeleteVm { name } => {
+                let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.clone()))?;
+                if vm.desired != PowerState::Stopped || vm.assignment.is_some() {
+                    return Err(StateError::VmNotStopped(name.clone()));
+                }
+                self.vms.remove(name);
+                Ok(Applied::Done)
+            }
+            Command::SetPower { name, desired } => {
+                self.vm_mut(name)?.desired = *desired;
+                Ok(Applied::Done)
+            }
+            Command::Assign { name, host } => {
+                let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.clone()))?;
+                if vm.desired != PowerState::Running || vm.assignment.is_some() {
+                    return Err(StateError::NotPlaceable(name.clone()));
+                }
+                let demand = vm.spec.demand();
+                self.check_target(name, *host, demand)?;
+                let generation = self.next_gen();
+                self.vm_mut(name)?.assignment = Some(Assignment { host: *host, generation });
+                Ok(Applied::Assigned { name: name.clone(), host: *host, generation })
+            }
+            Command::Release { name, host, generation } => {
+                let vm = self.vm_mut(name)?;
+                if vm.assignment != Some(Assignment { host: *host, generation: *generation }) {
+                    return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
+                }
+                if vm.desired != PowerState::Stopped {
+                    return Err(StateError::Stale(format!("VM '{name}' is desired running again")));
+                }
+                vm.assignment = None;
+                Ok(Applied::Done)
+            }
+            Command::Failover { host, epoch, plan } => self.failover(*host, *epoch, plan),
+        }
+    }
+
+    fn check_target(&self, name: &str, host: HostId, demand: Capacity) -> Result<(), StateError> {
+        let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
+        if h.status != HostStatus::Active {
+            return Err(StateError::HostNotActive(host));
+        }
+        if !self.fits(host, demand) {
+            return Err(StateError::NoCapacity { vm: name.to_string(), host });
+        }
+        Ok(())
+    }
+
+    fn failover(&mut self, host: HostId, epoch: u64, plan: &[(String, HostId)]) -> Result<Applied, StateError> {
+        let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
+        if h.status != HostStatus::Active || h.epoch != epoch {
+            return Err(StateError::Stale(format!(
+                "failover of {host} epoch {epoch}, but the host is {:?} in epoch {}",
+                h.status, h.epoch
+            )));
+        }
+        if let Some(h) = self.hosts.get_mut(&host) {
+            h.status = HostStatus::Failed;
+        }
+        // Everything on the failed host is released first, so capacity is counted without it.
+        let victims: Vec<String> = self.assigned_to(host).map(|v| v.spec.name.clone()).collect();
+        for name in &victims {
+            if let Some(vm) = self.vms.get_mut(name) {
+                vm.assignment = None;
+            }
+        }
+        let mut moved = Vec::new();
+        for (name, target) in plan {
+            let Some(vm) = self.vms.get(name) else { continue };
+            if !victims.contains(name) || vm.desired != PowerState::Running || *target == host {
+                continue;
+            }
+            let demand = vm.spec.demand();
+            if self.check_target(name, *target, demand).is_err() {
+                continue;
+            }
+            let generation = self.next_gen();
+            if let Some(vm) = self.vms.get_mut(name) {
+                vm.assignment = Some(Assignment { host: *target, generation });
+            }
+            moved.push((name.clone(), *target, generation));
+        }
+        let mut left_down = Vec::new();
+        for name in &victims {
+            let Some(vm) = self.vms.get_mut(name) else { continue };
+            if vm.assignment.is_none() && vm.desired == PowerState::Running {
+                left_down.push(name.clone());
+                // Protected VMs stay wanted and are placed as soon as capacity appears; the others
+                // were restarted only if this failover could, and are now stopped.
+                if vm.spec.protection != Protection::Protect {
+                    vm.desired = PowerState::Stopped;
+                }
+            }
+        }
+        Ok(Applied::FailedOver { host, moved, left_down })
+    }
+
+    /// The plan the coordinator proposes for a failed host (see [`recovery::plan_failover`]).
+    #[must_use]
+    pub fn failover_plan(&self, failed: HostId, eligible: HostSet) -> recovery::RecoveryPlan {
+        recovery::plan_failover(self, failed, eligible)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn process_vm(name: &str, protection: Protection, priority: i32, mem: u64) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: mem,
+            disks: vec![],
+            network: None,
+            protection,
+            priority,
+            driver: DriverSpec::Process { command: vec!["sleep".into(), "1000".into()] },
+        }
+    }
+
+    pub(crate) fn cluster(hosts: u32, mem: u64) -> ClusterState {
+        let mut s = ClusterState::default();
+        for i in 0..hosts {
+            s.apply(&Command::AddHost {
+                id: HostId(i),
+                name: format!("h{i}"),
+                api_addr: format!("127.0.0.1:{}", 7000 + i),
+                heartbeat_addr: format!("127.0.0.1:{}", 7100 + i),
+                capacity: Capacity { vcpus: 8, memory_mib: mem },
+            })
+            .expect("add host");
+            s.apply(&Command::HostJoined { host: HostId(i) }).expect("join");
+        }
+        s
+    }
+
+    pub(crate) fn run_on(s: &mut ClusterState, spec: VmSpec, host: u32) {
+        let name = spec.name.clone();
+        s.apply(&Command::CreateVm { spec }).expect("create");
+        s.apply(&Command::SetPower { name: name.clone(), desired: PowerState::Running }).expect("start");
+        s.apply(&Command::Assign { name, host: HostId(host) }).expect("assign");
+    }
+
+    #[test]
+    fn refused_commands_change_nothing() {
+        let mut s = cluster(2, 1024);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 512), 0);
+        let before = s.clone();
+        let refused = [
+            Command::CreateVm { spec: process_vm("a", Protection::Protect, 0, 512) },
+            Command::CreateVm { spec: process_vm("bad name!", Protection::Protect, 0, 512) },
+            Command::DeleteVm { name: "a".into() },
+            Command::DeleteVm { name: "nope".into() },
+            Command::Assign { name: "a".into(), host: HostId(1) },
+            Command::Release { name: "a".into(), host: HostId(0), generation: 99 },
+            Command::Failover { host: HostId(0), epoch: 7, plan: vec![] },
+            Command::AddHost { id: HostId(64), name: "x".into(), api_addr: String::new(), heartbeat_addr: String::new(), capacity: Capacity::default() },
+            Command::AddHost { id: HostId(5), name: "h0".into(), api_addr: String::new(), heartbeat_addr: String::new(), capacity: Capacity::default() },
+            Command::SetPower { name: "ghost".into(), desired: PowerState::Running },
+        ];
+        for c in &refused {
+            assert!(s.apply(c).is_err(), "{c:?} was accepted");
+            assert_eq!(s, before, "{c:?} changed state");
+        }
+    }
+
+    #[test]
+    fn assignment_respects_capacity_and_raises_generation() {
+        let mut s = cluster(1, 1024);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 600), 0);
+        s.apply(&Command::CreateVm { spec: process_vm("b", Protection::Protect, 0, 600) }).expect("create");
+        s.apply(&Command::SetPower { name: "b".into(), desired: PowerState::Running }).expect("start");
+        assert_eq!(
+            s.apply(&Command::Assign { name: "b".into(), host: HostId(0) }),
+            Err(StateError::NoCapacity { vm: "b".into(), host: HostId(0) })
+        );
+        let g1 = s.vms["a"].assignment.expect("assigned").generation;
+        assert!(g1 >= 1);
+    }
+
+    #[test]
+    fn stop_release_delete_lifecycle() {
+        let mut s = cluster(1, 1024);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 100), 0);
+        let gen = s.vms["a"].assignment.expect("assigned").generation;
+        s.apply(&Command::SetPower { name: "a".into(), desired: PowerState::Stopped }).expect("stop");
+        assert_eq!(s.apply(&Command::DeleteVm { name: "a".into() }), Err(StateError::VmNotStopped("a".into())));
+        s.apply(&Command::Release { name: "a".into(), host: HostId(0), generation: gen }).expect("release");
+        s.apply(&Command::DeleteVm { name: "a".into() }).expect("delete");
+        assert!(s.vms.is_empty());
+    }
+
+    #[test]
+    fn failover_needs_the_current_epoch_and_moves_by_plan() {
+        let mut s = cluster(3, 2048);
+        run_on(&mut s, process_vm("p", Protection::Protect, 0, 512), 0);
+        run_on(&mut s, process_vm("b", Protection::BestEffort, 0, 512), 0);
+        run_on(&mut s, process_vm("o", Protection::Off, 0, 16), 0);
+        let epoch = s.hosts[&HostId(0)].epoch;
+        let plan = vec![("p".to_string(), HostId(1)), ("o".to_string(), HostId(0))];
+        let out = s.apply(&Command::Failover { host: HostId(0), epoch, plan }).expect("failover");
+        let Applied::FailedOver { moved, left_down, .. } = out else { panic!("unexpected {out:?}") };
+        assert_eq!(moved.len(), 1);
+        assert_eq!(left_down, vec!["b".to_string(), "o".to_string()]);
+        assert_eq!(s.vms["p"].assignment.map(|a| a.host), Some(HostId(1)));
+        assert_eq!(s.vms["b"].desired, PowerState::Stopped);
+        assert_eq!(s.hosts[&HostId(0)].status, HostStatus::Failed);
+        // A second failover for the same epoch is stale.
+        assert!(matches!(s.apply(&Command::Failover { host: HostId(0), epoch, plan: vec![] }), Err(StateError::Stale(_))));
+        // After rejoining, a failover decided on the old epoch is refused.
+        s.apply(&Command::HostJoined { host: HostId(0) }).expect("rejoin");
+        assert!(matches!(s.apply(&Command::Failover { host: HostId(0), epoch, plan: vec![] }), Err(StateError::Stale(_))));
+    }
+
+    #[test]
+    fn spec_validation_messages() {
+        let mut bad = process_vm("x", Protection::Off, 0, 8);
+        assert_eq!(bad.validate(), Err(SpecError::BadMemory(8)));
+        bad.memory_mib = 64;
+        bad.driver = DriverSpec::Qemu { kernel: None, initrd: None, cmdline: None, extra_args: vec![] };
+        assert_eq!(bad.validate(), Err(SpecError::NothingToBoot));
+        bad.driver = DriverSpec::Process { command: vec![] };
+        assert_eq!(bad.validate(), Err(SpecError::EmptyCommand));
+        assert_eq!("bogus".parse::<Protection>().map_err(|e| e.contains("bogus")), Err(true));
+    }
+}
