@@ -389,7 +389,7 @@ impl Liveness {
 
         let majority_at = self.majority_acked_at();
         let has_majority = match majority_at {
-            None => self.members.len() / 2 + 1 <= 1,
+            None => self.members.len() < 2,
             Some(a) => now.since(a) < t.peer_timeout_ms,
         };
         let last_ok = [majority_at, self.last_disk_write_ok, Some(self.started)].into_iter().flatten().max();
@@ -658,7 +658,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x % 3 == 0
+            x.is_multiple_of(3)
         };
         for t in (0..600_000).step_by(200) {
             let now = Millis(t);

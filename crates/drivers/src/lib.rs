@@ -1,1 +1,103 @@
+//! Workload drivers: how a VM assigned to this host is actually run.
+//!
+//! [`VmDriver`] is the narrow interface the agent uses; [`qemu::QemuDriver`] runs real QEMU
+//! guests over QMP, [`process::ProcessDriver`] runs any command as the workload. Both start
+//! their children through [`launcher::Launcher`], which ties every workload to the agent's life
+//! (a dead agent takes its VMs with it) and tracks exits without polling.
 
+pub mod launcher;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+
+use serde::Serialize;
+use std::future::Future;
+use std::pin::Pin;
+use tandem_core::state::VmSpec;
+use thiserror::Error;
+
+/// A boxed future, so the driver can be a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What to run: the spec and the assignment generation it runs under.
+#[derive(Clone, Debug)]
+pub struct VmLaunch {
+    pub spec: VmSpec,
+    pub generation: u64,
+}
+
+/// How a workload ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum VmExit {
+    /// The guest powered itself off (QMP SHUTDOWN with guest=true, or a clean exit of a process).
+    GuestShutdown,
+    /// We stopped or killed it.
+    StoppedByAgent,
+    /// It died on its own: crash, signal, guest panic.
+    Crashed { detail: String },
+}
+
+/// One workload known to the driver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub generation: u64,
+    pub pid: u32,
+    /// Milliseconds since the Unix epoch when it was started.
+    pub started_at_ms: u64,
+    pub exit: Option<VmExit>,
+}
+
+/// Errors of a driver operation.
+#[derive(Debug, Error)]
+pub enum DriverError {
+    #[error("VM '{0}' is already running")]
+    AlreadyRunning(String),
+    #[error("VM '{0}' is not running on this host")]
+    NotRunning(String),
+    #[error("VM '{vm}' needs driver '{needed}', this host runs '{have}'")]
+    WrongDriver { vm: String, needed: &'static str, have: &'static str },
+    #[error("could not start VM '{vm}'")]
+    Spawn {
+        vm: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the launcher thread is gone")]
+    LauncherGone,
+    #[error("QMP of VM '{vm}' failed")]
+    Qmp {
+        vm: String,
+        #[source]
+        source: qmp::QmpError,
+    },
+    #[error("VM '{0}' did not stop within its timeout")]
+    StopTimeout(String),
+}
+
+/// The interface between the agent and whatever runs VMs.
+pub trait VmDriver: Send + Sync + 'static {
+    /// `"qemu"` or `"process"`.
+    fn kind(&self) -> &'static str;
+    /// Starts the VM; returns when it runs (for QEMU: the QMP handshake succeeded).
+    fn start<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<(), DriverError>>;
+    /// Asks the VM to shut down, and kills it if it has not within the driver's stop timeout.
+    fn stop<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), DriverError>>;
+    /// Kills the VM at once (SIGKILL). Synchronous: used while fencing.
+    fn kill(&self, name: &str) -> Result<(), DriverError>;
+    /// Kills every VM at once; returns how many were signalled. Synchronous: used while fencing.
+    fn kill_all(&self) -> usize;
+    /// Every VM started and not yet forgotten, running or exited.
+    fn list(&self) -> Vec<VmStatus>;
+    /// Drops the record of an exited VM.
+    fn forget(&self, name: &str);
+}
+
+/// Milliseconds since the Unix epoch, for records shown to people.
+#[must_use]
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

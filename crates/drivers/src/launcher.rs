@@ -1,0 +1,197 @@
+//! Starting workload processes so that they cannot outlive the agent, and tracking their exits.
+//!
+//! Linux delivers `PR_SET_PDEATHSIG` when the *thread* that forked a child exits, so every child
+//! is forked by one long-lived launcher thread. If the agent dies (crash, kill -9, power cut of
+//! the test harness), the kernel kills its VMs: a host whose agent is gone runs nothing that the
+//! survivors might restart. A waiter thread per child records its exit.
+
+use crate::{wall_ms, DriverError, VmExit, VmStatus};
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The largest number of workloads one host runs at once.
+pub const MAX_CHILDREN: usize = 4096;
+
+#[derive(Debug)]
+struct Record {
+    status: VmStatus,
+    /// Set when the agent asked for the stop, so the exit is not taken for a crash.
+    stop_requested: bool,
+    /// Set by a driver that learned the guest shut itself down (QMP SHUTDOWN guest=true).
+    guest_shutdown: bool,
+    /// Set by a driver that learned of a guest panic.
+    panicked: bool,
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// The launcher and the table of children it started.
+#[derive(Clone)]
+pub struct Launcher {
+    tx: mpsc::SyncSender<SpawnRequest>,
+    table: Arc<Mutex<BTreeMap<String, Record>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep using it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Launcher {
+    /// Starts the launcher thread.
+    pub fn new() -> std::io::Result<Launcher> {
+        let (tx, rx) = mpsc::sync_channel::<SpawnRequest>(64);
+        std::thread::Builder::new().name("tandem-launcher".into()).spawn(move || {
+            for (mut cmd, reply) in rx {
+                // SAFETY: the closure only calls async-signal-safe functions (prctl, setsid)
+                // between fork and exec.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        if libc::setsid() < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                let _ = reply.send(cmd.spawn());
+            }
+        })?;
+        Ok(Launcher { tx, table: Arc::new(Mutex::new(BTreeMap::new())) })
+    }
+
+    /// Spawns `cmd` as VM `name`, unless a live VM of that name exists.
+    pub fn spawn(&self, name: &str, generation: u64, cmd: Command) -> Result<u32, DriverError> {
+        {
+            let t = lock(&self.table);
+            if t.get(name).is_some_and(|r| r.status.exit.is_none()) {
+                return Err(DriverError::AlreadyRunning(name.to_string()));
+            }
+            if t.len() >= MAX_CHILDREN {
+                return Err(DriverError::Spawn {
+                    vm: name.to_string(),
+                    source: std::io::Error::other(format!("host already runs {MAX_CHILDREN} workloads")),
+                });
+            }
+        }
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.tx.send((cmd, reply_tx)).map_err(|_| DriverError::LauncherGone)?;
+        let mut child = reply_rx
+            .recv()
+            .map_err(|_| DriverError::LauncherGone)?
+            .map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?;
+        let pid = child.id();
+        lock(&self.table).insert(
+            name.to_string(),
+            Record {
+                status: VmStatus { name: name.to_string(), generation, pid, started_at_ms: wall_ms(), exit: None },
+                stop_requested: false,
+                guest_shutdown: false,
+                panicked: false,
+            },
+        );
+        let table = Arc::clone(&self.table);
+        let vm = name.to_string();
+        let waiter = std::thread::Builder::new().name(format!("wait-{pid}")).spawn(move || {
+            let result = child.wait();
+            let mut t = lock(&table);
+            if let Some(r) = t.get_mut(&vm).filter(|r| r.status.pid == pid) {
+                r.status.exit = Some(if r.stop_requested {
+                    VmExit::StoppedByAgent
+                } else if r.panicked {
+                    VmExit::Crashed { detail: "guest panicked".into() }
+                } else if r.guest_shutdown {
+                    VmExit::GuestShutdown
+                } else {
+                    match result {
+                        Ok(s) if s.success() => VmExit::GuestShutdown,
+                        Ok(s) => VmExit::Crashed { detail: format!("exited with {s}") },
+                        Err(e) => VmExit::Crashed { detail: format!("wait failed: {e}") },
+                    }
+                });
+            }
+        });
+        if let Err(e) = waiter {
+            // Without a waiter the exit would never be seen; do not leave an untracked VM.
+            self.signal(name, libc::SIGKILL, true);
+            return Err(DriverError::Spawn { vm: name.to_string(), source: e });
+        }
+        Ok(pid)
+    }
+
+    /// Sends `sig` to the VM's process group; `requested` marks the coming exit as ours.
+    /// Returns whether a live VM was signalled.
+    pub fn signal(&self, name: &str, sig: i32, requested: bool) -> bool {
+        let mut t = lock(&self.table);
+        let Some(r) = t.get_mut(name).filter(|r| r.status.exit.is_none()) else { return false };
+        if requested {
+            r.stop_requested = true;
+        }
+        let pid = r.status.pid as i32;
+        // SAFETY: kill(2) on a process group we created with setsid; no memory is touched.
+        unsafe {
+            libc::kill(-pid, sig);
+            libc::kill(pid, sig);
+        }
+        true
+    }
+
+    /// SIGKILLs every live VM; returns how many.
+    pub fn kill_all(&self) -> usize {
+        let names: Vec<String> =
+            lock(&self.table).values().filter(|r| r.status.exit.is_none()).map(|r| r.status.name.clone()).collect();
+        names.iter().filter(|n| self.signal(n, libc::SIGKILL, true)).count()
+    }
+
+    /// Marks that the guest shut itself down / panicked (learned from QMP).
+    pub fn note_guest_event(&self, name: &str, pid: u32, panicked: bool) {
+        if let Some(r) = lock(&self.table).get_mut(name).filter(|r| r.status.pid == pid) {
+            if panicked {
+                r.panicked = true;
+            } else {
+                r.guest_shutdown = true;
+            }
+        }
+    }
+
+    /// Whether the VM is running (started and not exited).
+    #[must_use]
+    pub fn is_running(&self, name: &str) -> bool {
+        lock(&self.table).get(name).is_some_and(|r| r.status.exit.is_none())
+    }
+
+    /// The live VM's pid.
+    #[must_use]
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        lock(&self.table).get(name).filter(|r| r.status.exit.is_none()).map(|r| r.status.pid)
+    }
+
+    #[must_use]
+    pub fn list(&self) -> Vec<VmStatus> {
+        lock(&self.table).values().map(|r| r.status.clone()).collect()
+    }
+
+    pub fn forget(&self, name: &str) {
+        let mut t = lock(&self.table);
+        if t.get(name).is_some_and(|r| r.status.exit.is_some()) {
+            t.remove(name);
+        }
+    }
+
+    /// Waits (polling every 20 ms) up to `timeout` for the VM to exit.
+    pub async fn wait_exit(&self, name: &str, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.is_running(name) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
+    }
+}

@@ -1,0 +1,148 @@
+//! The `process` driver: any command is the workload. For hosts without QEMU and fast tests.
+
+use crate::launcher::Launcher;
+use crate::{BoxFuture, DriverError, VmDriver, VmLaunch, VmStatus};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tandem_core::state::DriverSpec;
+
+/// Runs VMs as plain processes.
+pub struct ProcessDriver {
+    launcher: Launcher,
+    host_name: String,
+    stop_timeout: Duration,
+}
+
+impl ProcessDriver {
+    #[must_use]
+    pub fn new(launcher: Launcher, host_name: &str, stop_timeout: Duration) -> ProcessDriver {
+        ProcessDriver { launcher, host_name: host_name.to_string(), stop_timeout }
+    }
+}
+
+impl VmDriver for ProcessDriver {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn start<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let name = &launch.spec.name;
+            let DriverSpec::Process { command } = &launch.spec.driver else {
+                return Err(DriverError::WrongDriver { vm: name.clone(), needed: "qemu", have: "process" });
+            };
+            let (program, args) = command.split_first().ok_or_else(|| DriverError::Spawn {
+                vm: name.clone(),
+                source: std::io::Error::other("empty command"),
+            })?;
+            let mut cmd = Command::new(program);
+            cmd.args(args)
+                .env("TANDEM_VM", name)
+                .env("TANDEM_HOST", &self.host_name)
+                .env("TANDEM_GENERATION", launch.generation.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            self.launcher.spawn(name, launch.generation, cmd).map(|_| ())
+        })
+    }
+
+    fn stop<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            if !self.launcher.signal(name, libc::SIGTERM, true) {
+                return Err(DriverError::NotRunning(name.to_string()));
+            }
+            if self.launcher.wait_exit(name, self.stop_timeout).await {
+                return Ok(());
+            }
+            self.launcher.signal(name, libc::SIGKILL, true);
+            if self.launcher.wait_exit(name, Duration::from_secs(5)).await {
+                Ok(())
+            } else {
+                Err(DriverError::StopTimeout(name.to_string()))
+            }
+        })
+    }
+
+    fn kill(&self, name: &str) -> Result<(), DriverError> {
+        if self.launcher.signal(name, libc::SIGKILL, true) {
+            Ok(())
+        } else {
+            Err(DriverError::NotRunning(name.to_string()))
+        }
+    }
+
+    fn kill_all(&self) -> usize {
+        self.launcher.kill_all()
+    }
+
+    fn list(&self) -> Vec<VmStatus> {
+        self.launcher.list()
+    }
+
+    fn forget(&self, name: &str) {
+        self.launcher.forget(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VmExit;
+    use tandem_core::state::{Protection, VmSpec};
+
+    fn launch(name: &str, command: &[&str]) -> VmLaunch {
+        VmLaunch {
+            spec: VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib: 64,
+                disks: vec![],
+                network: None,
+                protection: Protection::Protect,
+                priority: 0,
+                driver: DriverSpec::Process { command: command.iter().map(|s| s.to_string()).collect() },
+            },
+            generation: 3,
+        }
+    }
+
+    async fn exit_of(d: &ProcessDriver, name: &str) -> Option<VmExit> {
+        for _ in 0..250 {
+            if let Some(s) = d.list().into_iter().find(|s| s.name == name) {
+                if s.exit.is_some() {
+                    return s.exit;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn start_stop_crash_and_kill_all() {
+        let d = ProcessDriver::new(Launcher::new().expect("launcher"), "h0", Duration::from_secs(2));
+        d.start(&launch("a", &["sleep", "100"])).await.expect("start a");
+        assert!(matches!(d.start(&launch("a", &["sleep", "100"])).await, Err(DriverError::AlreadyRunning(_))));
+        let st = d.list().into_iter().find(|s| s.name == "a").expect("listed");
+        assert_eq!((st.generation, st.exit.clone()), (3, None));
+        d.stop("a").await.expect("stop");
+        assert_eq!(exit_of(&d, "a").await, Some(VmExit::StoppedByAgent));
+
+        d.start(&launch("c", &["sh", "-c", "exit 3"])).await.expect("start c");
+        assert!(matches!(exit_of(&d, "c").await, Some(VmExit::Crashed { .. })));
+        d.start(&launch("g", &["true"])).await.expect("start g");
+        assert_eq!(exit_of(&d, "g").await, Some(VmExit::GuestShutdown));
+
+        d.start(&launch("x", &["sleep", "100"])).await.expect("start x");
+        d.start(&launch("y", &["sleep", "100"])).await.expect("start y");
+        assert_eq!(d.kill_all(), 2);
+        assert_eq!(exit_of(&d, "x").await, Some(VmExit::StoppedByAgent));
+        assert_eq!(exit_of(&d, "y").await, Some(VmExit::StoppedByAgent));
+        d.forget("x");
+        assert!(d.list().iter().all(|s| s.name != "x"));
+        assert!(matches!(d.kill("x"), Err(DriverError::NotRunning(_))));
+        let bad = d.start(&launch("z", &["/nonexistent/binary"])).await;
+        assert!(matches!(bad, Err(DriverError::Spawn { .. })));
+    }
+}

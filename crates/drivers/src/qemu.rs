@@ -1,0 +1,239 @@
+//! The `qemu` driver: real QEMU guests, controlled over QMP on a UNIX socket.
+
+use crate::launcher::Launcher;
+use crate::qmp::{Qmp, QmpEvent};
+use crate::{BoxFuture, DriverError, VmDriver, VmLaunch, VmStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_core::state::{DriverSpec, NetworkSpec};
+
+/// Host-side QEMU settings (the VM spec says what to run, this says how on this host).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    pub binary: String,
+    /// `kvm` on real hosts; `tcg` where KVM is unusable (as on the CI machine).
+    pub accel: String,
+    /// `microvm` (virtio-mmio devices) or a PCI machine such as `q35`.
+    pub machine: String,
+    /// Seconds between ACPI power-down and a hard kill.
+    pub stop_timeout_s: u64,
+    /// Timeout of each QMP call, in milliseconds.
+    pub qmp_timeout_ms: u64,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            accel: "kvm".into(),
+            machine: "microvm".into(),
+            stop_timeout_s: 10,
+            qmp_timeout_ms: 2000,
+        }
+    }
+}
+
+/// Runs VMs as QEMU processes.
+pub struct QemuDriver {
+    cfg: QemuConfig,
+    launcher: Launcher,
+    host_name: String,
+    host_ip: String,
+    run_dir: PathBuf,
+    sessions: Mutex<HashMap<String, Arc<Qmp>>>,
+}
+
+impl QemuDriver {
+    /// `run_dir` holds QMP sockets and serial logs; `host_ip` replaces `{host_ip}` in port
+    /// forwards.
+    #[must_use]
+    pub fn new(cfg: QemuConfig, launcher: Launcher, host_name: &str, host_ip: &str, run_dir: PathBuf) -> QemuDriver {
+        QemuDriver {
+            cfg,
+            launcher,
+            host_name: host_name.to_string(),
+            host_ip: host_ip.to_string(),
+            run_dir,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn qmp_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.qmp_timeout_ms)
+    }
+
+    fn session(&self, name: &str) -> Option<Arc<Qmp>> {
+        self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    }
+
+    /// The QEMU command line for a launch.
+    pub fn command(&self, launch: &VmLaunch) -> Result<Command, DriverError> {
+        let spec = &launch.spec;
+        let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args } = &spec.driver else {
+            return Err(DriverError::WrongDriver { vm: spec.name.clone(), needed: "process", have: "qemu" });
+        };
+        let bus = if self.cfg.machine == "microvm" { "device" } else { "pci" };
+        let qmp = self.run_dir.join(format!("{}.qmp", spec.name));
+        let serial = self.run_dir.join(format!("{}.serial", spec.name));
+        let _ = std::fs::remove_file(&qmp);
+        let mut c = Command::new(&self.cfg.binary);
+        c.args(["-name", &format!("{},process=tandem-{}", spec.name, spec.name)])
+            .args(["-accel", &self.cfg.accel, "-M", &self.cfg.machine])
+            .args(["-nodefaults", "-no-user-config", "-cpu", "max", "-display", "none"])
+            .args(["-smp", &spec.vcpus.to_string(), "-m", &spec.memory_mib.to_string()])
+            .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())])
+            .args(["-serial", &format!("file:{}", serial.display())]);
+        if let Some(k) = kernel {
+            c.args(["-kernel", k]);
+            if let Some(i) = initrd {
+                c.args(["-initrd", i]);
+            }
+            let mut append = cmdline.clone().unwrap_or_default();
+            append.push_str(&format!(" tandem.vm={}", spec.name));
+            c.args(["-append", append.trim()]);
+        }
+        for (i, d) in spec.disks.iter().enumerate() {
+            let fmt = d.format.clone().unwrap_or_else(|| "raw".into());
+            let ro = if d.readonly { ",readonly=on" } else { "" };
+            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}", d.path)]);
+            c.args(["-device", &format!("virtio-blk-{bus},drive=disk{i}")]);
+        }
+        match &spec.network {
+            None => {}
+            Some(NetworkSpec::User { hostfwd }) => {
+                let mut nd = "user,id=net0".to_string();
+                for f in hostfwd {
+                    nd.push_str(&format!(",hostfwd={}", f.replace("{host_ip}", &self.host_ip)));
+                }
+                c.args(["-netdev", &nd, "-device", &format!("virtio-net-{bus},netdev=net0")]);
+            }
+            Some(NetworkSpec::Tap { ifname, mac }) => {
+                c.args(["-netdev", &format!("tap,id=net0,ifname={ifname},script=no,downscript=no")]);
+                let mac = mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
+                c.args(["-device", &format!("virtio-net-{bus},netdev=net0{mac}")]);
+            }
+        }
+        c.args(extra_args)
+            .env("TANDEM_VM", &spec.name)
+            .env("TANDEM_HOST", &self.host_name)
+            .env("TANDEM_GENERATION", launch.generation.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(self.run_dir.join(format!("{}.stderr", spec.name)))
+                    .map_err(|source| DriverError::Spawn { vm: spec.name.clone(), source })?,
+            ));
+        Ok(c)
+    }
+
+    async fn connect_qmp(&self, name: &str, pid: u32) -> Result<Qmp, DriverError> {
+        let path = self.run_dir.join(format!("{name}.qmp"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let launcher = self.launcher.clone();
+            let vm = name.to_string();
+            let on_event = move |e: QmpEvent| match e.name.as_str() {
+                "SHUTDOWN" if e.data.get("guest").and_then(Value::as_bool) == Some(true) => {
+                    launcher.note_guest_event(&vm, pid, false);
+                }
+                "GUEST_PANICKED" => launcher.note_guest_event(&vm, pid, true),
+                _ => {}
+            };
+            match Qmp::connect(&path, self.qmp_timeout(), on_event).await {
+                Ok(q) => return Ok(q),
+                Err(source) => {
+                    if !self.launcher.is_running(name) || tokio::time::Instant::now() >= deadline {
+                        return Err(DriverError::Qmp { vm: name.to_string(), source });
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        }
+    }
+
+    /// QEMU's own view of the VM (`query-status`), with the QMP timeout.
+    pub async fn query_status(&self, name: &str) -> Result<Value, DriverError> {
+        let q = self.session(name).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+        q.execute("query-status", Value::Null, self.qmp_timeout())
+            .await
+            .map_err(|source| DriverError::Qmp { vm: name.to_string(), source })
+    }
+}
+
+impl VmDriver for QemuDriver {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn start<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let name = launch.spec.name.clone();
+            std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
+            let cmd = self.command(launch)?;
+            let pid = self.launcher.spawn(&name, launch.generation, cmd)?;
+            match self.connect_qmp(&name, pid).await {
+                Ok(q) => {
+                    self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name, Arc::new(q));
+                    Ok(())
+                }
+                Err(e) => {
+                    self.launcher.signal(&name, libc::SIGKILL, true);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn stop<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            if !self.launcher.is_running(name) {
+                return Err(DriverError::NotRunning(name.to_string()));
+            }
+            // Mark the coming exit as ours before asking, so it is not taken for a crash.
+            self.launcher.signal(name, 0, true);
+            if let Some(q) = self.session(name) {
+                let _ = q.execute("system_powerdown", Value::Null, self.qmp_timeout()).await;
+                if self.launcher.wait_exit(name, Duration::from_secs(self.cfg.stop_timeout_s)).await {
+                    return Ok(());
+                }
+                let _ = q.execute("quit", Value::Null, self.qmp_timeout()).await;
+                if self.launcher.wait_exit(name, Duration::from_secs(2)).await {
+                    return Ok(());
+                }
+            }
+            self.launcher.signal(name, libc::SIGKILL, true);
+            if self.launcher.wait_exit(name, Duration::from_secs(5)).await {
+                Ok(())
+            } else {
+                Err(DriverError::StopTimeout(name.to_string()))
+            }
+        })
+    }
+
+    fn kill(&self, name: &str) -> Result<(), DriverError> {
+        if self.launcher.signal(name, libc::SIGKILL, true) {
+            Ok(())
+        } else {
+            Err(DriverError::NotRunning(name.to_string()))
+        }
+    }
+
+    fn kill_all(&self) -> usize {
+        self.launcher.kill_all()
+    }
+
+    fn list(&self) -> Vec<VmStatus> {
+        self.launcher.list()
+    }
+
+    fn forget(&self, name: &str) {
+        self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name);
+        self.launcher.forget(name);
+    }
+}
