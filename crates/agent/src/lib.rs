@@ -1,1 +1,10 @@
+//! The Tandem agent runtime: configuration, consensus, heartbeats, fencing, VM reconciliation
+//! and the HTTP API around the sans-I/O core.
 
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod consensus;
+pub mod disk;
+pub mod events;
+pub mod httpc;

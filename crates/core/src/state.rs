@@ -71,7 +71,7 @@ pub enum NetworkSpec {
 
 /// How the VM's workload is run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, tag = "driver", rename_all = "kebab-case")]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
 pub enum DriverSpec {
     /// A QEMU guest, from a kernel (+ initrd + cmdline) or a boot disk.
     Qemu {
@@ -104,7 +104,6 @@ pub struct VmSpec {
     /// Higher restarts first.
     #[serde(default)]
     pub priority: i32,
-    #[serde(flatten)]
     pub driver: DriverSpec,
 }
 

@@ -1,1 +1,365 @@
-fn main() {}
+//! `tandem`: the agent, the CLI and the demo in one binary.
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tandem::client::{Client, ClientError};
+use tandem_agent::agent::Agent;
+use tandem_agent::config::AgentConfig;
+use tandem_core::state::{DriverSpec, NetworkSpec, Protection, VmSpec};
+
+/// Tandem keeps QEMU/KVM virtual machines available: one agent per host, network and disk
+/// heartbeats, self-fencing, and restart of protected VMs on the surviving hosts.
+#[derive(Parser)]
+#[command(name = "tandem", version, about, long_about = None)]
+struct Cli {
+    /// Address of any agent's API (ip:port).
+    #[arg(long, global = true, env = "TANDEM_API", default_value = "127.0.0.1:7400")]
+    api: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent of one host.
+    Agent {
+        /// The agent's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Cluster-wide operations.
+    Cluster {
+        #[command(subcommand)]
+        op: ClusterOp,
+    },
+    /// Hosts.
+    Host {
+        #[command(subcommand)]
+        op: HostOp,
+    },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        op: VmOp,
+    },
+    /// The HA event timeline recorded by the agent at --api.
+    Events {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Start a three-host cluster on this machine, cut one host's power, and measure recovery.
+    Demo(tandem::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum ClusterOp {
+    /// Make the agent at --api the first host of a new cluster.
+    Init,
+    /// Consensus and runtime status of the agent at --api.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum HostOp {
+    /// Add the agent listening at API_ADDR to the cluster.
+    Join { api_addr: String },
+    /// Hosts, with each one's liveness as seen by the agent at --api.
+    List,
+}
+
+#[derive(Subcommand)]
+enum VmOp {
+    /// Create a VM (stopped) from a spec file or from flags.
+    Create(CreateArgs),
+    /// Ask the cluster to run a VM.
+    Start { name: String },
+    /// Ask the cluster to stop a VM (ACPI power-down, then kill after the stop timeout).
+    Stop { name: String },
+    /// Delete a stopped VM.
+    Delete { name: String },
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { name: String },
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// VM name (ignored with --spec).
+    name: Option<String>,
+    /// A JSON or TOML VM spec file.
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// protect | best-effort | off
+    #[arg(long, default_value = "protect")]
+    protection: String,
+    /// Higher restarts first.
+    #[arg(long, default_value_t = 0)]
+    priority: i32,
+    /// QEMU: kernel image.
+    #[arg(long)]
+    kernel: Option<String>,
+    /// QEMU: initrd.
+    #[arg(long)]
+    initrd: Option<String>,
+    /// QEMU: kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// QEMU: a disk image on shared storage (repeatable).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// QEMU user networking port forward, e.g. tcp:{host_ip}:8080-:80 (repeatable).
+    #[arg(long)]
+    hostfwd: Vec<String>,
+    /// Process driver: the command to run (everything after --).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
+    if let Some(path) = &args.spec {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let is_toml = path.extension().is_some_and(|e| e == "toml");
+        let spec: VmSpec = if is_toml {
+            toml_spec(&text).with_context(|| format!("parsing {}", path.display()))?
+        } else {
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        };
+        return Ok(spec);
+    }
+    let name = args.name.clone().ok_or_else(|| anyhow!("a VM name or --spec FILE is required"))?;
+    let protection: Protection = args.protection.parse().map_err(|e: String| anyhow!(e))?;
+    let driver = if args.command.is_empty() {
+        DriverSpec::Qemu { kernel: args.kernel.clone(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone(), extra_args: vec![] }
+    } else {
+        DriverSpec::Process { command: args.command.clone() }
+    };
+    let network = (!args.hostfwd.is_empty()).then(|| NetworkSpec::User { hostfwd: args.hostfwd.clone() });
+    let disks = args
+        .disk
+        .iter()
+        .map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false })
+        .collect();
+    Ok(VmSpec { name, vcpus: args.vcpus, memory_mib: args.memory_mib, disks, network, protection, priority: args.priority, driver })
+}
+
+fn toml_spec(text: &str) -> Result<VmSpec> {
+    // TOML → JSON value → spec, so both formats share one schema.
+    let v: toml_value::Value = toml_value::parse(text)?;
+    Ok(serde_json::from_value(v)?)
+}
+
+/// The agent crate already parses TOML; reuse it through serde_json's Value.
+mod toml_value {
+    pub type Value = serde_json::Value;
+    pub fn parse(text: &str) -> anyhow::Result<Value> {
+        Ok(tandem_agent::config::toml_to_json(text)?)
+    }
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(String::len).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, s)| format!("{s:<w$}", w = widths[i])).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(x) => x.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn show(out: Output, v: &Value, table: impl FnOnce(&Value)) {
+    match out {
+        Output::Json => println!("{v}"),
+        Output::Table => table(v),
+    }
+}
+
+fn run_client(cli: &Cli) -> Result<(), ClientError> {
+    let c = Client::new(&cli.api);
+    let out = cli.output;
+    let kv = |v: &Value| {
+        if let Some(m) = v.as_object() {
+            for (k, x) in m {
+                println!("{k}: {}", s(x));
+            }
+        }
+    };
+    match &cli.command {
+        Cmd::Agent { .. } | Cmd::Demo(_) => Ok(()),
+        Cmd::Cluster { op: ClusterOp::Init } => {
+            let v = c.post("/v1/cluster/init", &json!({}))?;
+            show(out, &v, kv);
+            Ok(())
+        }
+        Cmd::Cluster { op: ClusterOp::Status } => {
+            let v = c.get("/v1/status")?;
+            show(out, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
+            Ok(())
+        }
+        Cmd::Host { op: HostOp::Join { api_addr } } => {
+            let v = c.post("/v1/hosts/join", &json!({ "api_addr": api_addr }))?;
+            show(out, &v, kv);
+            Ok(())
+        }
+        Cmd::Host { op: HostOp::List } => {
+            let v = c.get("/v1/hosts")?;
+            show(out, &v, |v| {
+                let mut rows = vec![["ID", "NAME", "STATUS", "EPOCH", "LIVENESS", "NET AGE", "DISK AGE", "VCPU", "MEMORY MiB", "LEADER"].map(String::from).to_vec()];
+                for h in v.as_array().into_iter().flatten() {
+                    let age = |x: &Value| x.as_u64().map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+                    rows.push(vec![
+                        s(&h["id"]),
+                        s(&h["name"]),
+                        s(&h["status"]),
+                        s(&h["epoch"]),
+                        s(&h["liveness"]),
+                        age(&h["net_age_ms"]),
+                        age(&h["disk_age_ms"]),
+                        format!("{}/{}", s(&h["used"]["vcpus"]), s(&h["capacity"]["vcpus"])),
+                        format!("{}/{}", s(&h["used"]["memory_mib"]), s(&h["capacity"]["memory_mib"])),
+                        if h["leader"] == true { "*".into() } else { String::new() },
+                    ]);
+                }
+                print_table(&rows);
+            });
+            Ok(())
+        }
+        Cmd::Vm { op } => match op {
+            VmOp::Create(args) => {
+                let spec = spec_from(args).map_err(|e| ClientError::Refused { status: 400, message: format!("{e:#}") })?;
+                let v = c.post("/v1/vms", &serde_json::to_value(&spec).map_err(|e| ClientError::Refused { status: 400, message: e.to_string() })?)?;
+                show(out, &v, kv);
+                Ok(())
+            }
+            VmOp::Start { name } => {
+                let v = c.post(&format!("/v1/vms/{name}/start"), &json!({}))?;
+                show(out, &v, kv);
+                Ok(())
+            }
+            VmOp::Stop { name } => {
+                let v = c.post(&format!("/v1/vms/{name}/stop"), &json!({}))?;
+                show(out, &v, kv);
+                Ok(())
+            }
+            VmOp::Delete { name } => {
+                let v = c.call("DELETE", &format!("/v1/vms/{name}"), None)?;
+                show(out, &v, kv);
+                Ok(())
+            }
+            VmOp::Show { name } => {
+                let v = c.get(&format!("/v1/vms/{name}"))?;
+                show(out, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
+                Ok(())
+            }
+            VmOp::List => {
+                let v = c.get("/v1/vms")?;
+                show(out, &v, |v| {
+                    let mut rows = vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION"].map(String::from).to_vec()];
+                    for x in v.as_array().into_iter().flatten() {
+                        rows.push(vec![
+                            s(&x["name"]),
+                            s(&x["protection"]),
+                            s(&x["priority"]),
+                            s(&x["vcpus"]),
+                            s(&x["memory_mib"]),
+                            s(&x["desired"]),
+                            s(&x["host"]),
+                            s(&x["generation"]),
+                        ]);
+                    }
+                    print_table(&rows);
+                });
+                Ok(())
+            }
+        },
+        Cmd::Events { after } => {
+            let v = c.get(&format!("/v1/events?after={after}"))?;
+            show(out, &v, |v| {
+                for e in v.as_array().into_iter().flatten() {
+                    println!("{:>6} {} {:<10} {:<20} {}", s(&e["seq"]), s(&e["at_ms"]), s(&e["host"]), s(&e["kind"]), s(&e["detail"]));
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+fn run_agent(config: &PathBuf) -> Result<()> {
+    let cfg = AgentConfig::load(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let agent = Agent::open(cfg).await?;
+        agent.spawn_loops()?;
+        let a = Arc::clone(&agent);
+        let shutdown = async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            a.stop();
+        };
+        tandem_agent::api::serve(agent, shutdown).await?;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let code = match &cli.command {
+        Cmd::Agent { config } => match run_agent(config) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tandem agent: {e:#}");
+                2
+            }
+        },
+        Cmd::Demo(args) => match tandem::demo::run(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tandem demo: {e:#}");
+                1
+            }
+        },
+        _ => match run_client(&cli) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tandem: {e}");
+                e.exit_code()
+            }
+        },
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,785 @@
+//! The agent: wires the sans-I/O core to sockets, the heartbeat disk, consensus and the driver.
+//!
+//! Four loops run side by side so that a slow one cannot delay the others:
+//! - the **liveness loop** sends heartbeats, writes and reads the heartbeat disk, assesses
+//!   liveness and fences this host when the core says so; it never waits on consensus;
+//! - the **membership loop** (re)joins this host to the cluster when it is connected again;
+//! - the **coordinator loop**, on the leader only, fails over dead or fenced hosts once their
+//!   fence deadline has passed and places VMs that wait for a host;
+//! - the **reconciler loop** makes the VMs running here match what committed state assigns here.
+
+use crate::config::{AgentConfig, DriverKind};
+use crate::consensus::{CommandResult, Consensus, ConsensusError};
+use crate::disk::{DiskError, HeartbeatDisk};
+use crate::events::EventLog;
+use crate::httpc;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tandem_core::liveness::{Assessment, FenceReason, HostLiveness, Liveness};
+use tandem_core::recovery;
+use tandem_core::state::{Applied, Command, HostStatus, PowerState, Protection};
+use tandem_core::wire::{ClusterKey, DiskSlot, Heartbeat, MAX_HEARTBEAT_LEN};
+use tandem_core::{HostId, HostSet, Millis};
+use tandem_drivers::launcher::Launcher;
+use tandem_drivers::process::ProcessDriver;
+use tandem_drivers::qemu::QemuDriver;
+use tandem_drivers::{VmDriver, VmExit, VmLaunch};
+use thiserror::Error;
+use tokio::net::UdpSocket;
+
+/// Restarts of one crashed VM allowed on this host within [`RESTART_WINDOW_MS`].
+const MAX_LOCAL_RESTARTS: usize = 3;
+const RESTART_WINDOW_MS: u64 = 60_000;
+/// Timeout of a forwarded write.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The time source. Production uses a monotonic clock; the simulator supplies its own.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Millis;
+}
+
+/// Milliseconds since the agent started, from `Instant`.
+pub struct MonotonicClock(Instant);
+
+impl MonotonicClock {
+    #[must_use]
+    pub fn new() -> MonotonicClock {
+        MonotonicClock(Instant::now())
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        MonotonicClock::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Millis {
+        Millis(self.0.elapsed().as_millis() as u64)
+    }
+}
+
+/// Agent start-up and operation failures.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("invalid configuration")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot prepare data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot bind {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("heartbeat disk unusable")]
+    Disk(#[from] DiskError),
+    #[error("consensus failed")]
+    Consensus(#[from] ConsensusError),
+    #[error("cannot start the VM launcher")]
+    Launcher(#[source] std::io::Error),
+    #[error("no leader is known; the cluster may lack a quorum")]
+    NoLeader,
+    #[error("forwarding to the leader failed")]
+    Forward(#[from] httpc::HttpError),
+    #[error("the leader refused the forwarded command: {0}")]
+    ForwardRefused(String),
+    #[error("cannot open watchdog {path}")]
+    Watchdog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What this agent is doing, for the API and the loops.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RuntimeStatus {
+    /// The epoch this host joined in; `None` until joined, and again after fencing.
+    pub joined_epoch: Option<u64>,
+    pub fenced: Option<FenceReason>,
+    pub fenced_at: Option<Millis>,
+    pub kills_on_fence: usize,
+}
+
+#[derive(Default)]
+struct Scratch {
+    seq: u64,
+    disk_counter: u64,
+    disk_busy: bool,
+    assessment: Option<Assessment>,
+    starting: BTreeSet<String>,
+    stopping: BTreeSet<String>,
+    restarts: BTreeMap<String, VecDeque<Millis>>,
+    previous: BTreeMap<HostId, HostLiveness>,
+}
+
+/// One host's agent.
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub me: HostId,
+    pub key: ClusterKey,
+    /// Bearer token for agent-to-agent calls, derived from the cluster secret.
+    pub token: String,
+    pub consensus: Consensus,
+    pub driver: Arc<dyn VmDriver>,
+    pub clock: Arc<dyn Clock>,
+    pub events: EventLog,
+    pub incarnation: u64,
+    liveness: Mutex<Liveness>,
+    status: Mutex<RuntimeStatus>,
+    scratch: Mutex<Scratch>,
+    socket: UdpSocket,
+    disk: HeartbeatDisk,
+    last_tick: AtomicU64,
+    stopping: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads, raises and durably stores the incarnation number.
+fn next_incarnation(dir: &std::path::Path) -> std::io::Result<u64> {
+    let path = dir.join("incarnation");
+    let prev: u64 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let next = prev + 1;
+    let tmp = dir.join("incarnation.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{next}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(next)
+}
+
+impl Agent {
+    /// Opens everything the agent needs. Nothing runs until [`Agent::spawn_loops`].
+    pub async fn open(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        let key = cfg.key()?;
+        let dd = |source| AgentError::DataDir { path: cfg.data_dir.display().to_string(), source };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
+        let incarnation = next_incarnation(&cfg.data_dir).map_err(dd)?;
+        let me = cfg.host();
+        let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+        let launcher = Launcher::new().map_err(AgentError::Launcher)?;
+        let stop_timeout = Duration::from_secs(cfg.qemu.stop_timeout_s);
+        let driver: Arc<dyn VmDriver> = match cfg.driver {
+            DriverKind::Process => Arc::new(ProcessDriver::new(launcher, &cfg.name, stop_timeout)),
+            DriverKind::Qemu => Arc::new(QemuDriver::new(
+                cfg.qemu.clone(),
+                launcher,
+                &cfg.name,
+                &cfg.api_addr.ip().to_string(),
+                cfg.data_dir.join("run"),
+            )),
+        };
+        let socket = UdpSocket::bind(cfg.heartbeat_addr)
+            .await
+            .map_err(|source| AgentError::Bind { what: "heartbeat socket", addr: cfg.heartbeat_addr, source })?;
+        let disk = HeartbeatDisk::open(&cfg.heartbeat_disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms))?;
+        let token = key.peer_token();
+        let consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone()).await?;
+        let events = EventLog::new(&cfg.name, &cfg.data_dir);
+        let liveness = Liveness::new(me, cfg.timings, clock.now());
+        events.record("agent-started", None, None, format!("incarnation {incarnation}, driver {}", driver.kind()));
+        Ok(Arc::new(Agent {
+            me,
+            key,
+            token,
+            consensus,
+            driver,
+            clock,
+            events,
+            incarnation,
+            liveness: Mutex::new(liveness),
+            status: Mutex::new(RuntimeStatus::default()),
+            scratch: Mutex::new(Scratch::default()),
+            socket,
+            disk,
+            last_tick: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            cfg,
+        }))
+    }
+
+    /// Starts the loops and the software watchdog.
+    pub fn spawn_loops(self: &Arc<Self>) -> Result<(), AgentError> {
+        let a = Arc::clone(self);
+        tokio::spawn(async move { a.receive_loop().await });
+        let a = Arc::clone(self);
+        tokio::spawn(async move { a.liveness_loop().await });
+        let a = Arc::clone(self);
+        tokio::spawn(async move { a.membership_loop().await });
+        let a = Arc::clone(self);
+        tokio::spawn(async move { a.coordinator_loop().await });
+        let a = Arc::clone(self);
+        tokio::spawn(async move { a.reconcile_loop().await });
+        self.start_watchdogs()
+    }
+
+    /// Marks the agent as stopping: loops end, VMs are left to the launcher's death signal.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.cfg.timings.heartbeat_interval_ms)
+    }
+
+    /// The current runtime status.
+    #[must_use]
+    pub fn status(&self) -> RuntimeStatus {
+        lock(&self.status).clone()
+    }
+
+    /// The latest liveness assessment.
+    #[must_use]
+    pub fn assessment(&self) -> Option<Assessment> {
+        lock(&self.scratch).assessment.clone()
+    }
+
+    /// Counters of rejected heartbeats and slots.
+    #[must_use]
+    pub fn reject_counters(&self) -> tandem_core::liveness::RejectCounters {
+        lock(&self.liveness).counters()
+    }
+
+    fn is_fenced(&self) -> bool {
+        lock(&self.status).fenced.is_some()
+    }
+
+    /// A software watchdog thread (a stalled runtime still kills its VMs in time) and, when
+    /// configured, the hardware watchdog (a hung host is reset).
+    fn start_watchdogs(self: &Arc<Self>) -> Result<(), AgentError> {
+        let hw = if self.cfg.watchdog.enabled {
+            let path = self.cfg.watchdog.device.clone();
+            Some(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?,
+            )
+        } else {
+            None
+        };
+        let a = Arc::clone(self);
+        let limit = self.cfg.timings.self_fence_ms;
+        std::thread::Builder::new()
+            .name("tandem-watchdog".into())
+            .spawn(move || {
+                use std::io::Write;
+                let mut hw = hw;
+                let mut tripped = false;
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let last = a.last_tick.load(Ordering::SeqCst);
+                    let stalled = last > 0 && a.clock.now().since(Millis(last)) > limit;
+                    if stalled && !tripped {
+                        tripped = true;
+                        let n = a.driver.kill_all();
+                        tracing::error!(killed = n, "liveness loop stalled past self_fence_ms: killed every VM");
+                    }
+                    if !stalled {
+                        tripped = false;
+                        if let Some(f) = hw.as_mut() {
+                            let _ = f.write_all(b"\0");
+                        }
+                    }
+                }
+            })
+            .map_err(AgentError::Launcher)?;
+        Ok(())
+    }
+
+    async fn receive_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
+        while !self.stopping.load(Ordering::SeqCst) {
+            let Ok((n, _from)) = self.socket.recv_from(&mut buf).await else { continue };
+            let now = self.clock.now();
+            match Heartbeat::decode(&buf[..n], &self.key) {
+                Ok(hb) => {
+                    if let Err(e) = lock(&self.liveness).heartbeat_received(&hb, now) {
+                        tracing::debug!("{e}");
+                    }
+                }
+                Err(e) => {
+                    lock(&self.liveness).heartbeat_forged();
+                    tracing::warn!("rejected datagram: {e}");
+                }
+            }
+        }
+    }
+
+    async fn liveness_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while !self.stopping.load(Ordering::SeqCst) {
+            tick.tick().await;
+            self.liveness_tick().await;
+        }
+    }
+
+    async fn liveness_tick(self: &Arc<Self>) {
+        let now = self.clock.now();
+        self.last_tick.store(now.0.max(1), Ordering::SeqCst);
+        let (members, epoch, peers) = self.consensus.with_state(|s| {
+            let peers: Vec<SocketAddr> = s
+                .hosts
+                .values()
+                .filter(|h| h.id != self.me)
+                .filter_map(|h| h.heartbeat_addr.parse().ok())
+                .collect();
+            (s.members(), s.hosts.get(&self.me).map_or(0, |h| h.epoch), peers)
+        });
+        let fenced = self.is_fenced();
+        let (hb, assessment, seq) = {
+            let mut l = lock(&self.liveness);
+            l.set_members(members);
+            let seq = {
+                let mut s = lock(&self.scratch);
+                s.seq += 1;
+                s.seq
+            };
+            l.heartbeat_sent(seq, now);
+            let hb = Heartbeat {
+                from: self.me,
+                incarnation: self.incarnation,
+                seq,
+                epoch,
+                heard: l.heard(now),
+                acks: l.acks(),
+                fenced,
+            };
+            (hb, l.assess(now), seq)
+        };
+        let bytes = hb.encode(&self.key);
+        for p in &peers {
+            let _ = self.socket.send_to(&bytes, p).await;
+        }
+        self.disk_round(seq, hb.heard, epoch, fenced);
+        self.note_transitions(&assessment);
+        if let Some(reason) = assessment.fence {
+            if !fenced {
+                self.fence(reason, now);
+            }
+        }
+        lock(&self.scratch).assessment = Some(assessment);
+    }
+
+    /// Writes our slot then reads every slot, unless the previous round still hangs.
+    fn disk_round(self: &Arc<Self>, _seq: u64, heard: HostSet, epoch: u64, fenced: bool) {
+        let counter = {
+            let mut s = lock(&self.scratch);
+            if s.disk_busy {
+                drop(s);
+                lock(&self.liveness).disk_write_failed();
+                return;
+            }
+            s.disk_busy = true;
+            s.disk_counter += 1;
+            s.disk_counter
+        };
+        let a = Arc::clone(self);
+        tokio::spawn(async move {
+            let slot = DiskSlot {
+                host: a.me,
+                incarnation: a.incarnation,
+                counter,
+                epoch,
+                heard,
+                fenced,
+                written_at_ms: a.clock.now().0,
+            };
+            let started = a.clock.now();
+            match a.disk.write(&slot).await {
+                Ok(()) => {
+                    let finished = a.clock.now();
+                    lock(&a.liveness).disk_written(started, finished);
+                }
+                Err(e) => {
+                    tracing::debug!("slot write failed: {e}");
+                    lock(&a.liveness).disk_write_failed();
+                }
+            }
+            match a.disk.read_all().await {
+                Ok(slots) => {
+                    let now = a.clock.now();
+                    lock(&a.liveness).disk_read(&slots, now);
+                }
+                Err(e) => {
+                    tracing::debug!("slot read failed: {e}");
+                    lock(&a.liveness).disk_read_failed();
+                }
+            }
+            lock(&a.scratch).disk_busy = false;
+        });
+    }
+
+    fn host_name(&self, h: HostId) -> String {
+        self.consensus.with_state(|s| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone()))
+    }
+
+    fn note_transitions(&self, a: &Assessment) {
+        let changes: Vec<(HostId, HostLiveness, Option<HostLiveness>)> = {
+            let mut s = lock(&self.scratch);
+            let mut out = Vec::new();
+            for p in &a.peers {
+                let before = s.previous.insert(p.host, p.liveness);
+                if before != Some(p.liveness) {
+                    out.push((p.host, p.liveness, before));
+                }
+            }
+            out
+        };
+        for (host, now_is, before) in changes {
+            let Some(before) = before else { continue };
+            let p = a.peer(host);
+            let age = |v: Option<u64>| v.map_or_else(|| "never".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+            let detail = format!(
+                "{} is {:?} (was {:?}): network heartbeat {} ago, disk heartbeat {} ago{}",
+                self.host_name(host),
+                now_is,
+                before,
+                age(p.and_then(|p| p.net_age_ms)),
+                age(p.and_then(|p| p.disk_age_ms)),
+                p.and_then(|p| p.fence_deadline)
+                    .map(|d| format!("; fence deadline in {:.1} s", d.since(a.now) as f64 / 1000.0))
+                    .unwrap_or_default()
+            );
+            let kind = match now_is {
+                HostLiveness::Alive => "peer-alive",
+                HostLiveness::Partitioned => "peer-partitioned",
+                HostLiveness::Dead => "peer-dead",
+                HostLiveness::Unknown => "peer-unknown",
+            };
+            self.events.record(kind, None, Some(&self.host_name(host)), detail);
+        }
+    }
+
+    /// Fences this host: kills every VM now, stops claiming them, and says so in heartbeats and
+    /// the slot from the next round on.
+    fn fence(&self, reason: FenceReason, now: Millis) {
+        let killed = self.driver.kill_all();
+        {
+            let mut st = lock(&self.status);
+            st.fenced = Some(reason);
+            st.fenced_at = Some(now);
+            st.joined_epoch = None;
+            st.kills_on_fence = killed;
+        }
+        self.events.record("fenced", None, Some(&self.cfg.name), format!("self-fenced: {reason}; killed {killed} VM(s)"));
+    }
+
+    /// Proposes `cmd`, forwarding it to the leader when this host is not the leader.
+    pub async fn submit(&self, cmd: Command) -> Result<CommandResult, AgentError> {
+        match self.consensus.propose(cmd.clone()).await {
+            Ok((r, _)) => Ok(r),
+            Err(ConsensusError::NotLeader(Some(addr))) => {
+                let body = serde_json::to_vec(&cmd).map_err(|e| AgentError::ForwardRefused(e.to_string()))?;
+                let resp = httpc::request("POST", &addr, "/v1/internal/propose", Some(&self.token), Some(body), FORWARD_TIMEOUT).await?;
+                if resp.status != 200 {
+                    return Err(AgentError::ForwardRefused(String::from_utf8_lossy(&resp.body).into_owned()));
+                }
+                let (r, index): (CommandResult, u64) =
+                    serde_json::from_slice(&resp.body).map_err(|e| AgentError::ForwardRefused(e.to_string()))?;
+                self.consensus.wait_applied(index).await;
+                Ok(r)
+            }
+            Err(ConsensusError::NotLeader(None)) => Err(AgentError::NoLeader),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn membership_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while !self.stopping.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let st = self.status();
+            let known = self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| (h.status, h.epoch)));
+            // Committed state may say we were failed over or rejoined elsewhere: then we no
+            // longer hold the epoch we joined in, and must stop everything and join again.
+            if let (Some(joined), Some((status, epoch))) = (st.joined_epoch, known) {
+                if status != HostStatus::Active || epoch != joined {
+                    let killed = self.driver.kill_all();
+                    lock(&self.status).joined_epoch = None;
+                    self.events.record(
+                        "epoch-lost",
+                        None,
+                        Some(&self.cfg.name),
+                        format!("committed state has this host {status:?} in epoch {epoch}, joined in {joined}; killed {killed} VM(s)"),
+                    );
+                }
+                continue;
+            }
+            if st.joined_epoch.is_some() || known.is_none() || self.consensus.status().leader.is_none() {
+                continue;
+            }
+            let Some(a) = self.assessment() else { continue };
+            if a.fence.is_some() || !a.has_majority {
+                continue;
+            }
+            match self.submit(Command::HostJoined { host: self.me }).await {
+                Ok(Ok(Applied::HostEpoch { epoch, .. })) => {
+                    {
+                        let mut s = lock(&self.status);
+                        s.joined_epoch = Some(epoch);
+                        s.fenced = None;
+                        s.fenced_at = None;
+                    }
+                    self.events.record("joined", None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}"));
+                }
+                Ok(other) => tracing::warn!("join refused: {other:?}"),
+                Err(e) => tracing::debug!("join failed: {e}"),
+            }
+        }
+    }
+
+    async fn coordinator_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while !self.stopping.load(Ordering::SeqCst) {
+            tick.tick().await;
+            if !self.consensus.is_leader() || self.status().joined_epoch.is_none() || self.is_fenced() {
+                continue;
+            }
+            let Some(a) = self.assessment() else { continue };
+            self.fail_over_hosts(&a).await;
+            self.place_waiting(&a).await;
+        }
+    }
+
+    /// Hosts that may receive VMs now: active in committed state and alive as seen from here.
+    fn eligible_hosts(&self, a: &Assessment) -> HostSet {
+        self.consensus.with_state(|s| {
+            s.active_hosts()
+                .iter()
+                .filter(|h| {
+                    *h == self.me
+                        || a.peer(*h).is_some_and(|p| p.liveness == HostLiveness::Alive && p.fenced_epoch.is_none())
+                })
+                .collect()
+        })
+    }
+
+    async fn fail_over_hosts(&self, a: &Assessment) {
+        let now = self.clock.now();
+        let candidates: Vec<(HostId, u64, String)> = self.consensus.with_state(|s| {
+            s.hosts
+                .values()
+                .filter(|h| h.status == HostStatus::Active && h.id != self.me)
+                .filter_map(|h| {
+                    let p = a.peer(h.id)?;
+                    if p.fenced_epoch == Some(h.epoch) {
+                        return Some((h.id, h.epoch, format!("{} reports itself fenced in epoch {}", h.name, h.epoch)));
+                    }
+                    let deadline = p.fence_deadline?;
+                    (p.liveness == HostLiveness::Dead && now >= deadline).then(|| {
+                        (
+                            h.id,
+                            h.epoch,
+                            format!(
+                                "{} dead: no network heartbeat for {:.1} s, no disk heartbeat for {:.1} s; fence deadline passed {:.1} s ago",
+                                h.name,
+                                p.net_age_ms.unwrap_or(0) as f64 / 1000.0,
+                                p.disk_age_ms.unwrap_or(0) as f64 / 1000.0,
+                                now.since(deadline) as f64 / 1000.0
+                            ),
+                        )
+                    })
+                })
+                .collect()
+        });
+        for (host, epoch, why) in candidates {
+            if !self.consensus.confirm_leader().await {
+                return;
+            }
+            let eligible = self.eligible_hosts(a);
+            let plan = self.consensus.with_state(|s| recovery::plan_failover(s, host, eligible));
+            let name = self.host_name(host);
+            self.events.record("failover-decided", None, Some(&name), format!("{why}; plan: {} placement(s), {} left down", plan.placements.len(), plan.left_down.len()));
+            match self.submit(Command::Failover { host, epoch, plan: plan.placements }).await {
+                Ok(Ok(Applied::FailedOver { moved, left_down, .. })) => {
+                    for (vm, target, generation) in &moved {
+                        self.events.record(
+                            "vm-reassigned",
+                            Some(vm),
+                            Some(&name),
+                            format!("{vm} reassigned {name} -> {}, generation {generation}", self.host_name(*target)),
+                        );
+                    }
+                    for vm in &left_down {
+                        self.events.record("vm-left-down", Some(vm), Some(&name), format!("{vm} not restarted: no capacity or protection does not allow it"));
+                    }
+                    self.events.record("failover-committed", None, Some(&name), format!("{} VM(s) moved, {} left down", moved.len(), left_down.len()));
+                }
+                Ok(Ok(other)) => tracing::warn!("unexpected failover answer {other:?}"),
+                Ok(Err(e)) => tracing::info!("failover of {name} refused: {e}"),
+                Err(e) => tracing::warn!("failover of {name} not committed: {e}"),
+            }
+        }
+    }
+
+    async fn place_waiting(&self, a: &Assessment) {
+        let waiting = self.consensus.with_state(|s| s.unplaced());
+        if waiting.is_empty() {
+            return;
+        }
+        let eligible = self.eligible_hosts(a);
+        let plan = self.consensus.with_state(|s| recovery::place(s, &waiting, eligible, true));
+        for (vm, host) in plan.placements {
+            match self.submit(Command::Assign { name: vm.clone(), host }).await {
+                Ok(Ok(Applied::Assigned { generation, .. })) => self.events.record(
+                    "vm-assigned",
+                    Some(&vm),
+                    Some(&self.host_name(host)),
+                    format!("{vm} placed on {}, generation {generation}", self.host_name(host)),
+                ),
+                Ok(other) => tracing::debug!("assign of {vm} refused: {other:?}"),
+                Err(e) => tracing::debug!("assign of {vm} failed: {e}"),
+            }
+        }
+    }
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while !self.stopping.load(Ordering::SeqCst) {
+            tick.tick().await;
+            self.reconcile().await;
+        }
+    }
+
+    async fn reconcile(self: &Arc<Self>) {
+        let st = self.status();
+        let running: Vec<tandem_drivers::VmStatus> = self.driver.list();
+        let live: Vec<&tandem_drivers::VmStatus> = running.iter().filter(|v| v.exit.is_none()).collect();
+        let Some(joined) = st.joined_epoch.filter(|_| st.fenced.is_none()) else {
+            // Not joined, or fenced: nothing may run here.
+            for v in &live {
+                let _ = self.driver.kill(&v.name);
+            }
+            return;
+        };
+        let (active, wanted, to_release, specs) = self.consensus.with_state(|s| {
+            let active = s.hosts.get(&self.me).is_some_and(|h| h.status == HostStatus::Active && h.epoch == joined);
+            let mut wanted: BTreeMap<String, u64> = BTreeMap::new();
+            let mut to_release = Vec::new();
+            let mut specs = BTreeMap::new();
+            for vm in s.assigned_to(self.me) {
+                let Some(a) = vm.assignment else { continue };
+                match vm.desired {
+                    PowerState::Running => {
+                        wanted.insert(vm.spec.name.clone(), a.generation);
+                        specs.insert(vm.spec.name.clone(), vm.spec.clone());
+                    }
+                    PowerState::Stopped => to_release.push((vm.spec.name.clone(), a.generation)),
+                }
+            }
+            (active, wanted, to_release, specs)
+        });
+        if !active {
+            for v in &live {
+                let _ = self.driver.kill(&v.name);
+            }
+            return;
+        }
+        // Running here but not wanted here (at this generation): stop gracefully when it was
+        // stopped by an operator and is still ours, kill otherwise.
+        for v in &live {
+            if wanted.get(&v.name) == Some(&v.generation) {
+                continue;
+            }
+            if to_release.iter().any(|(n, g)| *n == v.name && *g == v.generation) {
+                let newly = lock(&self.scratch).stopping.insert(v.name.clone());
+                if newly {
+                    let a = Arc::clone(self);
+                    let name = v.name.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = a.driver.stop(&name).await {
+                            tracing::warn!("stop of {name} failed: {e}");
+                        }
+                        lock(&a.scratch).stopping.remove(&name);
+                    });
+                }
+            } else {
+                let _ = self.driver.kill(&v.name);
+                self.events.record("vm-killed", Some(&v.name), None, format!("{} runs here but committed state assigns it elsewhere; killed", v.name));
+            }
+        }
+        // Exits.
+        for v in running.iter().filter(|v| v.exit.is_some()) {
+            let exit = v.exit.clone().unwrap_or(VmExit::StoppedByAgent);
+            self.driver.forget(&v.name);
+            self.events.record("vm-exited", Some(&v.name), None, format!("{} exited: {exit:?}", v.name));
+            if wanted.get(&v.name) != Some(&v.generation) {
+                continue;
+            }
+            let protection = specs.get(&v.name).map(|s| s.protection);
+            let give_up = match exit {
+                // A guest that powered itself off stays off: HA must not fight the operator.
+                VmExit::GuestShutdown => true,
+                VmExit::StoppedByAgent => false,
+                VmExit::Crashed { .. } => protection == Some(Protection::Off) || !self.allow_restart(&v.name),
+            };
+            if give_up {
+                let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped }).await;
+            }
+        }
+        // Released once stopped.
+        let live_names: BTreeSet<&str> = live.iter().map(|v| v.name.as_str()).collect();
+        for (name, generation) in to_release {
+            if !live_names.contains(name.as_str()) && !lock(&self.scratch).stopping.contains(&name) {
+                let _ = self.submit(Command::Release { name, host: self.me, generation }).await;
+            }
+        }
+        // Wanted but not running: start.
+        for (name, generation) in wanted {
+            if live_names.contains(name.as_str()) {
+                continue;
+            }
+            let Some(spec) = specs.get(&name).cloned() else { continue };
+            if !lock(&self.scratch).starting.insert(name.clone()) {
+                continue;
+            }
+            let a = Arc::clone(self);
+            tokio::spawn(async move {
+                let launch = VmLaunch { spec, generation };
+                match a.driver.start(&launch).await {
+                    Ok(()) => a.events.record("vm-started", Some(&name), Some(&a.cfg.name), format!("{name} started on {} (generation {generation})", a.cfg.name)),
+                    Err(e) => a.events.record("vm-start-failed", Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}")),
+                }
+                lock(&a.scratch).starting.remove(&name);
+            });
+        }
+    }
+
+    /// Counts a local restart of a crashed VM; false once the budget is spent.
+    fn allow_restart(&self, name: &str) -> bool {
+        let now = self.clock.now();
+        let mut s = lock(&self.scratch);
+        let q = s.restarts.entry(name.to_string()).or_default();
+        while q.front().is_some_and(|t| now.since(*t) > RESTART_WINDOW_MS) {
+            q.pop_front();
+        }
+        if q.len() >= MAX_LOCAL_RESTARTS {
+            return false;
+        }
+        q.push_back(now);
+        true
+    }
+}

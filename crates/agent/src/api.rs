@@ -1,0 +1,408 @@
+//! The HTTP JSON API served by every agent, and the consensus RPC endpoints.
+//!
+//! Reads answer from this host's applied state and liveness view; writes become consensus
+//! commands, forwarded to the leader when this host is not the leader. Agent-to-agent endpoints
+//! (`/raft/*`, `/v1/internal/*`) require the bearer token derived from the cluster secret.
+
+use crate::agent::{Agent, AgentError};
+use crate::consensus::{ConsensusError, TypeConfig};
+use crate::httpc;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::liveness::HostLiveness;
+use tandem_core::state::{Applied, Capacity, Command, PowerState, StateError, VmSpec};
+use tandem_core::HostId;
+
+/// The largest request body accepted (consensus snapshots arrive in chunks below this).
+pub const MAX_BODY: usize = 16 << 20;
+
+/// An error answer: status and a message in `{"error": …}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl std::fmt::Display) -> ApiError {
+        ApiError { status, message: message.to_string() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> ApiError {
+        let status = match e {
+            AgentError::NoLeader | AgentError::Forward(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, chain(&e))
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> ApiError {
+        let status = match e {
+            StateError::UnknownVm(_) | StateError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            StateError::InvalidSpec(_) | StateError::BadHostName(_) | StateError::BadHostId(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::CONFLICT,
+        };
+        ApiError::new(status, e)
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed {what}: {e}")))
+}
+
+fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), ApiError> {
+    let expected = format!("Bearer {}", agent.token);
+    match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        Some(v) if v == expected => Ok(()),
+        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong cluster token")),
+    }
+}
+
+async fn submit(agent: &Agent, cmd: Command) -> Result<Applied, ApiError> {
+    Ok(agent.submit(cmd).await??)
+}
+
+/// Builds the router.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/identity", get(identity))
+        .route("/v1/cluster/init", post(cluster_init))
+        .route("/v1/hosts", get(hosts))
+        .route("/v1/hosts/join", post(host_join))
+        .route("/v1/vms", get(vms).post(vm_create))
+        .route("/v1/vms/{name}", get(vm_show).delete(vm_delete))
+        .route("/v1/vms/{name}/start", post(vm_start))
+        .route("/v1/vms/{name}/stop", post(vm_stop))
+        .route("/v1/local", get(local))
+        .route("/v1/events", get(events))
+        .route("/v1/internal/propose", post(internal_propose))
+        .route("/raft/append", post(raft_append))
+        .route("/raft/vote", post(raft_vote))
+        .route("/raft/snapshot", post(raft_snapshot))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(agent)
+}
+
+async fn status(State(a): State<Arc<Agent>>) -> Json<Value> {
+    Json(json!({
+        "host": a.cfg.name,
+        "host_id": a.me.0,
+        "incarnation": a.incarnation,
+        "driver": a.driver.kind(),
+        "runtime": a.status(),
+        "consensus": a.consensus.status(),
+        "rejected": a.reject_counters(),
+    }))
+}
+
+/// What a host tells a cluster that adds it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Identity {
+    pub host_id: u32,
+    pub name: String,
+    pub api_addr: String,
+    pub heartbeat_addr: String,
+    pub capacity: Capacity,
+}
+
+async fn identity(State(a): State<Arc<Agent>>) -> Json<Identity> {
+    Json(Identity {
+        host_id: a.me.0,
+        name: a.cfg.name.clone(),
+        api_addr: a.cfg.api_addr.to_string(),
+        heartbeat_addr: a.cfg.heartbeat_addr.to_string(),
+        capacity: a.cfg.capacity(),
+    })
+}
+
+async fn cluster_init(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
+    a.consensus.initialize(&a.cfg.api_addr.to_string()).await.map_err(|e| match e {
+        ConsensusError::AlreadyInitialized => ApiError::new(StatusCode::CONFLICT, "this host already belongs to a cluster"),
+        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, chain(&other)),
+    })?;
+    // The new single-host cluster elects itself; wait for that before the first command.
+    for _ in 0..100 {
+        if a.consensus.is_leader() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = identity(State(Arc::clone(&a))).await.0;
+    submit(
+        &a,
+        Command::AddHost { id: HostId(id.host_id), name: id.name.clone(), api_addr: id.api_addr, heartbeat_addr: id.heartbeat_addr, capacity: id.capacity },
+    )
+    .await?;
+    a.events.record("cluster-initialized", None, Some(&id.name), format!("cluster created with {} as its first host", id.name));
+    Ok(Json(json!({ "initialized": true, "host": id.name })))
+}
+
+#[derive(Deserialize)]
+struct JoinRequest {
+    api_addr: String,
+}
+
+async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: JoinRequest = parse(&body, "join request")?;
+    if !a.consensus.is_leader() {
+        let leader = a.consensus.leader_addr().ok_or_else(|| ApiError::from(AgentError::NoLeader))?;
+        let r = httpc::request("POST", &leader, "/v1/hosts/join", None, Some(body.to_vec()), Duration::from_secs(60))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
+        let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        return Ok((status, [("content-type", "application/json")], r.body).into_response());
+    }
+    let r = httpc::request("GET", &req.api_addr, "/v1/identity", None, None, Duration::from_secs(5))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("cannot reach the joining host: {}", chain(&e))))?;
+    let id: Identity = parse(&r.body, "identity of the joining host")?;
+    let exists = a.consensus.with_state(|s| s.hosts.get(&HostId(id.host_id)).map(|h| h.name.clone()));
+    match exists {
+        Some(name) if name == id.name => {}
+        Some(name) => {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("host id {} is already taken by {name}", id.host_id)));
+        }
+        None => {
+            submit(
+                &a,
+                Command::AddHost {
+                    id: HostId(id.host_id),
+                    name: id.name.clone(),
+                    api_addr: id.api_addr.clone(),
+                    heartbeat_addr: id.heartbeat_addr.clone(),
+                    capacity: id.capacity,
+                },
+            )
+            .await?;
+        }
+    }
+    a.consensus
+        .add_voter(u64::from(id.host_id), &id.api_addr)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
+    a.events.record("host-added", None, Some(&id.name), format!("{} joined as host {}", id.name, id.host_id));
+    Ok(Json(json!({ "joined": id.name, "host_id": id.host_id })).into_response())
+}
+
+/// A host as listed by the API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostView {
+    pub id: u32,
+    pub name: String,
+    pub api_addr: String,
+    pub status: String,
+    pub epoch: u64,
+    pub capacity: Capacity,
+    pub used: Capacity,
+    /// As seen by the host that answered (`self` for itself).
+    pub liveness: String,
+    pub net_age_ms: Option<u64>,
+    pub disk_age_ms: Option<u64>,
+    pub fence_deadline_in_ms: Option<i64>,
+    pub leader: bool,
+}
+
+async fn hosts(State(a): State<Arc<Agent>>) -> Json<Vec<HostView>> {
+    let asm = a.assessment();
+    let leader = a.consensus.status().leader;
+    let views = a.consensus.with_state(|s| {
+        s.hosts
+            .values()
+            .map(|h| {
+                let p = asm.as_ref().and_then(|x| x.peer(h.id).copied());
+                let liveness = if h.id == a.me {
+                    if a.status().fenced.is_some() { "fenced(self)".to_string() } else { "self".to_string() }
+                } else {
+                    p.map_or("unknown".into(), |p| match p.liveness {
+                        HostLiveness::Alive => "alive".into(),
+                        HostLiveness::Partitioned => "partitioned".into(),
+                        HostLiveness::Dead => "dead".into(),
+                        HostLiveness::Unknown => "unknown".into(),
+                    })
+                };
+                HostView {
+                    id: h.id.0,
+                    name: h.name.clone(),
+                    api_addr: h.api_addr.clone(),
+                    status: format!("{:?}", h.status).to_lowercase(),
+                    epoch: h.epoch,
+                    capacity: h.capacity,
+                    used: s.used(h.id),
+                    liveness,
+                    net_age_ms: p.and_then(|p| p.net_age_ms),
+                    disk_age_ms: p.and_then(|p| p.disk_age_ms),
+                    fence_deadline_in_ms: p
+                        .and_then(|p| p.fence_deadline)
+                        .zip(asm.as_ref())
+                        .map(|(d, x)| d.0 as i64 - x.now.0 as i64),
+                    leader: leader == Some(u64::from(h.id.0)),
+                }
+            })
+            .collect()
+    });
+    Json(views)
+}
+
+/// A VM as listed by the API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmView {
+    pub name: String,
+    pub protection: String,
+    pub priority: i32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub desired: String,
+    pub host: Option<String>,
+    pub host_api: Option<String>,
+    pub generation: Option<u64>,
+    pub spec: VmSpec,
+}
+
+fn vm_views(a: &Agent) -> Vec<VmView> {
+    a.consensus.with_state(|s| {
+        s.vms
+            .values()
+            .map(|v| {
+                let host = v.assignment.and_then(|x| s.hosts.get(&x.host));
+                VmView {
+                    name: v.spec.name.clone(),
+                    protection: serde_json::to_value(v.spec.protection).ok().and_then(|x| x.as_str().map(str::to_string)).unwrap_or_default(),
+                    priority: v.spec.priority,
+                    vcpus: v.spec.vcpus,
+                    memory_mib: v.spec.memory_mib,
+                    desired: match v.desired {
+                        PowerState::Running => "running".into(),
+                        PowerState::Stopped => "stopped".into(),
+                    },
+                    host: host.map(|h| h.name.clone()),
+                    host_api: host.map(|h| h.api_addr.clone()),
+                    generation: v.assignment.map(|x| x.generation),
+                    spec: v.spec.clone(),
+                }
+            })
+            .collect()
+    })
+}
+
+async fn vms(State(a): State<Arc<Agent>>) -> Json<Vec<VmView>> {
+    Json(vm_views(&a))
+}
+
+async fn vm_show(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<VmView> {
+    vm_views(&a)
+        .into_iter()
+        .find(|v| v.name == name)
+        .map(Json)
+        .ok_or_else(|| StateError::UnknownVm(name).into())
+}
+
+async fn vm_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
+    let spec: VmSpec = parse(&body, "VM spec")?;
+    spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid VM spec: {e}")))?;
+    let name = spec.name.clone();
+    submit(&a, Command::CreateVm { spec }).await?;
+    Ok(Json(json!({ "created": name })))
+}
+
+async fn vm_delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+    submit(&a, Command::DeleteVm { name: name.clone() }).await?;
+    Ok(Json(json!({ "deleted": name })))
+}
+
+async fn vm_start(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+    submit(&a, Command::SetPower { name: name.clone(), desired: PowerState::Running }).await?;
+    Ok(Json(json!({ "starting": name })))
+}
+
+async fn vm_stop(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+    submit(&a, Command::SetPower { name: name.clone(), desired: PowerState::Stopped }).await?;
+    Ok(Json(json!({ "stopping": name })))
+}
+
+async fn local(State(a): State<Arc<Agent>>) -> Json<Value> {
+    Json(json!({ "host": a.cfg.name, "vms": a.driver.list() }))
+}
+
+#[derive(Deserialize)]
+struct EventQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn events(State(a): State<Arc<Agent>>, Query(q): Query<EventQuery>) -> Json<Value> {
+    Json(json!(a.events.since(q.after, q.limit.unwrap_or(1000).min(crate::events::EVENT_RING))))
+}
+
+async fn internal_propose(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let cmd: Command = parse(&body, "command")?;
+    match a.consensus.propose(cmd).await {
+        Ok(r) => Ok(Json(r).into_response()),
+        Err(ConsensusError::NotLeader(_)) => Err(ApiError::new(StatusCode::MISDIRECTED_REQUEST, "not the leader")),
+        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e))),
+    }
+}
+
+async fn raft_append(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let req: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&body, "append request")?;
+    Ok(Json(a.consensus.raft.append_entries(req).await).into_response())
+}
+
+async fn raft_vote(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let req: openraft::raft::VoteRequest<u64> = parse(&body, "vote request")?;
+    Ok(Json(a.consensus.raft.vote(req).await).into_response())
+}
+
+async fn raft_snapshot(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&body, "snapshot request")?;
+    Ok(Json(a.consensus.raft.install_snapshot(req).await).into_response())
+}
+
+/// Serves the API until `shutdown` resolves.
+pub async fn serve(agent: Arc<Agent>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
+    let addr = agent.cfg.api_addr;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { what: "API", addr, source })?;
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| AgentError::Bind { what: "API", addr, source })
+}

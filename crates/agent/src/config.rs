@@ -1,0 +1,221 @@
+//! The agent's TOML configuration, checked before anything starts.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tandem_core::state::{valid_name, Capacity};
+use tandem_core::timing::{TimingError, Timings};
+use tandem_core::wire::{ClusterKey, WeakSecret};
+use tandem_core::{HostId, MAX_HOSTS};
+use tandem_drivers::qemu::QemuConfig;
+use thiserror::Error;
+
+/// Which driver runs this host's VMs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverKind {
+    #[default]
+    Qemu,
+    Process,
+}
+
+/// Hardware watchdog use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_watchdog")]
+    pub device: PathBuf,
+}
+
+fn default_watchdog() -> PathBuf {
+    PathBuf::from("/dev/watchdog")
+}
+
+/// One host's agent configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's index, 0..64: its heartbeat-disk slot and consensus id.
+    pub host_id: u32,
+    pub name: String,
+    /// Where the HTTP API (and consensus traffic) listens; also the address peers use.
+    pub api_addr: SocketAddr,
+    /// Where UDP heartbeats are received.
+    pub heartbeat_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// A file on shared storage, or a block device, seen by every host.
+    pub heartbeat_disk: PathBuf,
+    /// A file holding the cluster secret (at least 16 bytes), the same on every host.
+    pub secret_file: PathBuf,
+    #[serde(default)]
+    pub driver: DriverKind,
+    /// What this host offers to VMs; detected from the machine when absent.
+    #[serde(default)]
+    pub capacity: Option<Capacity>,
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
+    #[serde(default)]
+    pub timings: Timings,
+    #[serde(default)]
+    pub qemu: QemuConfig,
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("host_id = {0} is outside 0..{MAX_HOSTS}")]
+    HostId(u32),
+    #[error("name '{0}' must be 1-63 characters of letters, digits, '-' and '_'")]
+    Name(String),
+    #[error("unsafe timings")]
+    Timings(#[from] TimingError),
+    #[error("cannot read secret file {path}")]
+    Secret {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("secret file {path} is too weak")]
+    WeakSecret {
+        path: String,
+        #[source]
+        source: WeakSecret,
+    },
+    #[error("watchdog is enabled but {0} does not exist")]
+    NoWatchdog(String),
+    #[error("api_addr and heartbeat_addr must differ or use different protocols' ports: both are {0}")]
+    SameAddr(SocketAddr),
+    #[error("capacity must offer at least 1 vCPU and 16 MiB")]
+    Capacity,
+}
+
+impl AgentConfig {
+    /// Parses and checks a configuration text.
+    pub fn parse(text: &str, origin: &str) -> Result<AgentConfig, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|source| ConfigError::Parse { path: origin.to_string(), source })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and checks the file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        AgentConfig::parse(&text, &path.display().to_string())
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if !HostId(self.host_id).is_valid() {
+            return Err(ConfigError::HostId(self.host_id));
+        }
+        if !valid_name(&self.name) {
+            return Err(ConfigError::Name(self.name.clone()));
+        }
+        if self.api_addr == self.heartbeat_addr {
+            return Err(ConfigError::SameAddr(self.api_addr));
+        }
+        if self.capacity.is_some_and(|c| c.vcpus == 0 || c.memory_mib < 16) {
+            return Err(ConfigError::Capacity);
+        }
+        self.timings.validate()?;
+        if self.watchdog.enabled && !self.watchdog.device.exists() {
+            return Err(ConfigError::NoWatchdog(self.watchdog.device.display().to_string()));
+        }
+        Ok(())
+    }
+
+    /// Reads the cluster secret.
+    pub fn key(&self) -> Result<ClusterKey, ConfigError> {
+        let path = self.secret_file.display().to_string();
+        let bytes = std::fs::read(&self.secret_file).map_err(|source| ConfigError::Secret { path: path.clone(), source })?;
+        ClusterKey::new(&bytes).map_err(|source| ConfigError::WeakSecret { path, source })
+    }
+
+    #[must_use]
+    pub fn host(&self) -> HostId {
+        HostId(self.host_id)
+    }
+
+    /// The configured capacity, or what this machine has.
+    #[must_use]
+    pub fn capacity(&self) -> Capacity {
+        self.capacity.unwrap_or_else(|| {
+            let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            let memory_mib = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .find(|l| l.starts_with("MemTotal:"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|kb| kb.parse::<u64>().ok())
+                })
+                .map_or(1024, |kb| kb / 1024);
+            Capacity { vcpus, memory_mib }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+host_id = 1
+name = "h1"
+api_addr = "127.0.0.1:7001"
+heartbeat_addr = "127.0.0.1:7101"
+data_dir = "/tmp/x"
+heartbeat_disk = "/tmp/hb"
+secret_file = "/tmp/secret"
+driver = "process"
+capacity = { vcpus = 4, memory_mib = 4096 }
+[timings]
+peer_timeout_ms = 4000
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = AgentConfig::parse(GOOD, "test").expect("valid");
+        assert_eq!(c.host(), HostId(1));
+        assert_eq!(c.driver, DriverKind::Process);
+        assert_eq!(c.timings.peer_timeout_ms, 4000);
+        assert_eq!(c.timings.heartbeat_interval_ms, Timings::default().heartbeat_interval_ms);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_a_reason() {
+        let cases = [
+            (GOOD.replace("host_id = 1", "host_id = 64"), "outside"),
+            (GOOD.replace("name = \"h1\"", "name = \"h 1\""), "name"),
+            (GOOD.replace("peer_timeout_ms = 4000", "peer_timeout_ms = 400"), "unsafe timings"),
+            (GOOD.replace("driver = \"process\"", "driver = \"xen\""), "not valid"),
+            (format!("{GOOD}\nbogus_key = 1\n"), "not valid"),
+            (GOOD.replace("127.0.0.1:7101", "127.0.0.1:7001"), "must differ"),
+            (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/nonexistent/wd\" }\n[timings]"), "watchdog"),
+        ];
+        for (text, needle) in cases {
+            let err = AgentConfig::parse(&text, "test").expect_err("must be refused");
+            let msg = format!("{err}");
+            assert!(msg.contains(needle), "'{msg}' lacks '{needle}'");
+        }
+    }
+}
+
+/// Parses TOML text into a JSON value, so TOML and JSON inputs share one serde schema.
+pub fn toml_to_json(text: &str) -> Result<serde_json::Value, toml::de::Error> {
+    let v: toml::Value = toml::from_str(text)?;
+    Ok(serde_json::to_value(v).unwrap_or(serde_json::Value::Null))
+}

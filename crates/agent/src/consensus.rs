@@ -1,0 +1,559 @@
+//! Replicated desired state on openraft. Everything openraft-specific stays in this module.
+//!
+//! The log, the vote and the state machine live in one redb database in the data directory;
+//! every write transaction is durable before openraft is told it happened, so a host that loses
+//! power keeps every entry it acknowledged. The state machine is small (the desired state) and is
+//! persisted whole after every applied batch, so a restart needs no replay.
+
+use crate::httpc;
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tandem_core::state::{Applied, ClusterState, Command, StateError};
+use thiserror::Error;
+use tokio::sync::watch;
+
+/// The outcome of one command, as replicated.
+pub type CommandResult = Result<Applied, StateError>;
+
+openraft::declare_raft_types!(
+    /// Tandem's openraft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = u64,
+        Node = BasicNode,
+        Entry = Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+type Raft = openraft::Raft<TypeConfig>;
+type NodeId = u64;
+type SErr = StorageError<NodeId>;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Requests slower than this count as lost; openraft retries.
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// A snapshot transfer chunk.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Consensus failures.
+#[derive(Debug, Error)]
+pub enum ConsensusError {
+    #[error("could not open the consensus database {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("consensus storage failed")]
+    Storage(#[from] SErr),
+    #[error("openraft refused to start")]
+    Start(#[from] openraft::error::Fatal<NodeId>),
+    #[error("this host is not the leader; the leader is {0:?}")]
+    NotLeader(Option<String>),
+    #[error("the cluster is already initialized")]
+    AlreadyInitialized,
+    #[error("consensus operation failed: {0}")]
+    Raft(String),
+}
+
+fn io_err(e: impl std::error::Error + 'static) -> AnyError {
+    AnyError::new(&e)
+}
+
+fn put_meta(db: &Database, key: &str, value: &[u8]) -> Result<(), AnyError> {
+    let tx = db.begin_write().map_err(io_err)?;
+    {
+        let mut t = tx.open_table(META).map_err(io_err)?;
+        t.insert(key, value).map_err(io_err)?;
+    }
+    tx.commit().map_err(io_err)
+}
+
+fn get_meta<T: for<'de> Deserialize<'de>>(db: &Database, key: &str) -> Result<Option<T>, AnyError> {
+    let tx = db.begin_read().map_err(io_err)?;
+    let t = match tx.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    match t.get(key).map_err(io_err)? {
+        Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(io_err)?)),
+        None => Ok(None),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
+    serde_json::to_vec(v).map_err(io_err)
+}
+
+/// The log half of the storage.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
+            let tx = self.db.begin_read().map_err(io_err)?;
+            let t = match tx.open_table(LOG) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
+                Err(e) => return Err(io_err(e)),
+            };
+            let mut out = Vec::new();
+            for item in t.range(range).map_err(io_err)? {
+                let (_, v) = item.map_err(io_err)?;
+                out.push(serde_json::from_slice(v.value()).map_err(io_err)?);
+            }
+            Ok(out)
+        };
+        read().map_err(|e| StorageIOError::read_logs(e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let state = || -> Result<LogState<TypeConfig>, AnyError> {
+            let last_purged: Option<LogId<NodeId>> = get_meta(&self.db, "last_purged")?;
+            let tx = self.db.begin_read().map_err(io_err)?;
+            let last = match tx.open_table(LOG) {
+                Ok(t) => match t.last().map_err(io_err)? {
+                    Some((_, v)) => Some(serde_json::from_slice::<Entry<TypeConfig>>(v.value()).map_err(io_err)?.log_id),
+                    None => None,
+                },
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(io_err(e)),
+            };
+            Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+        };
+        state().map_err(|e| StorageIOError::read_logs(e).into())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        put_meta(&self.db, "vote", &json(vote).map_err(StorageIOError::write_vote)?)
+            .map_err(|e| StorageIOError::write_vote(e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
+        get_meta(&self.db, "vote").map_err(|e| StorageIOError::read_vote(e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
+        put_meta(&self.db, "committed", &json(&committed).map_err(StorageIOError::write)?)
+            .map_err(|e| StorageIOError::write(e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
+        Ok(get_meta::<Option<LogId<NodeId>>>(&self.db, "committed").map_err(StorageIOError::read)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let write = || -> Result<(), AnyError> {
+            let tx = self.db.begin_write().map_err(io_err)?;
+            {
+                let mut t = tx.open_table(LOG).map_err(io_err)?;
+                for e in entries {
+                    t.insert(e.log_id.index, json(&e)?.as_slice()).map_err(io_err)?;
+                }
+            }
+            tx.commit().map_err(io_err)
+        };
+        match write() {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(e).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        self.remove_range(log_id.index..).map_err(|e| StorageIOError::write_logs(e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        put_meta(&self.db, "last_purged", &json(&log_id).map_err(StorageIOError::write_logs)?)
+            .map_err(StorageIOError::write_logs)?;
+        self.remove_range(..=log_id.index).map_err(|e| StorageIOError::write_logs(e).into())
+    }
+}
+
+impl LogStore {
+    fn remove_range(&self, range: impl RangeBounds<u64>) -> Result<(), AnyError> {
+        let tx = self.db.begin_write().map_err(io_err)?;
+        {
+            let mut t = tx.open_table(LOG).map_err(io_err)?;
+            t.retain_in(range, |_, _| false).map_err(io_err)?;
+        }
+        tx.commit().map_err(io_err)
+    }
+}
+
+/// What the state machine holds; also the snapshot format.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MachineData {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, BasicNode>,
+    pub state: ClusterState,
+}
+
+/// The state-machine half of the storage. The data is shared with the agent for reads.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<Database>,
+    data: Arc<RwLock<MachineData>>,
+    applied_tx: Arc<watch::Sender<u64>>,
+}
+
+impl StateMachine {
+    fn persist(&self, d: &MachineData) -> Result<(), SErr> {
+        put_meta(&self.db, "machine", &json(d).map_err(StorageIOError::write_state_machine)?)
+            .map_err(|e| StorageIOError::write_state_machine(e).into())
+    }
+
+    fn snapshot_of(d: &MachineData) -> Result<Snapshot<TypeConfig>, SErr> {
+        let bytes = json(d).map_err(|e| StorageIOError::write_snapshot(None, e))?;
+        let meta = SnapshotMeta {
+            last_log_id: d.last_applied,
+            last_membership: d.membership.clone(),
+            snapshot_id: d.last_applied.map_or_else(|| "empty".to_string(), |l| format!("{}-{}", l.leader_id, l.index)),
+        };
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
+
+fn read_data(lock: &RwLock<MachineData>) -> std::sync::RwLockReadGuard<'_, MachineData> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_data(lock: &RwLock<MachineData>) -> std::sync::RwLockWriteGuard<'_, MachineData> {
+    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let d = read_data(&self.data).clone();
+        StateMachine::snapshot_of(&d)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), SErr> {
+        let d = read_data(&self.data);
+        Ok((d.last_applied, d.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        let snapshot = {
+            let mut d = write_data(&self.data);
+            for e in entries {
+                d.last_applied = Some(e.log_id);
+                out.push(match e.payload {
+                    EntryPayload::Blank => Ok(Applied::Done),
+                    EntryPayload::Normal(cmd) => d.state.apply(&cmd),
+                    EntryPayload::Membership(m) => {
+                        d.membership = StoredMembership::new(Some(e.log_id), m);
+                        Ok(Applied::Done)
+                    }
+                });
+            }
+            d.clone()
+        };
+        self.persist(&snapshot)?;
+        self.applied_tx.send_replace(snapshot.last_applied.map_or(0, |l| l.index));
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        let mut d: MachineData = serde_json::from_slice(snapshot.get_ref())
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
+        d.last_applied = meta.last_log_id;
+        d.membership = meta.last_membership.clone();
+        self.persist(&d)?;
+        let index = d.last_applied.map_or(0, |l| l.index);
+        *write_data(&self.data) = d;
+        self.applied_tx.send_replace(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        let d = read_data(&self.data).clone();
+        if d.last_applied.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(StateMachine::snapshot_of(&d)?))
+    }
+}
+
+/// Sends consensus RPCs to peers over their HTTP API.
+#[derive(Clone)]
+pub struct Network {
+    token: String,
+}
+
+/// One peer connection.
+pub struct PeerLink {
+    addr: String,
+    target: NodeId,
+    token: String,
+}
+
+impl openraft::RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerLink;
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerLink {
+        PeerLink { addr: node.addr.clone(), target, token: self.token.clone() }
+    }
+}
+
+type RpcErr<E = openraft::error::Infallible> = openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId, E>>;
+
+impl PeerLink {
+    async fn call<Req: Serialize, Resp: for<'de> Deserialize<'de>, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        E: std::error::Error + for<'de> Deserialize<'de>,
+    {
+        use openraft::error::{NetworkError, RPCError, RemoteError, Unreachable};
+        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let resp = httpc::request("POST", &self.addr, path, Some(&self.token), Some(body), timeout)
+            .await
+            .map_err(|e| match e {
+                httpc::HttpError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                _ => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        if resp.status != 200 {
+            let e = std::io::Error::other(format!("peer answered HTTP {}: {}", resp.status, String::from_utf8_lossy(&resp.body)));
+            return Err(RPCError::Network(NetworkError::new(&e)));
+        }
+        let r: Result<Resp, openraft::error::RaftError<NodeId, E>> =
+            serde_json::from_slice(&resp.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl openraft::RaftNetwork<TypeConfig> for PeerLink {
+    async fn append_entries(
+        &mut self,
+        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+        option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::AppendEntriesResponse<NodeId>, RpcErr> {
+        self.call("/raft/append", &rpc, option.hard_ttl().min(RPC_TIMEOUT)).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::InstallSnapshotResponse<NodeId>, RpcErr<openraft::error::InstallSnapshotError>> {
+        self.call("/raft/snapshot", &rpc, SNAPSHOT_TIMEOUT).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: openraft::raft::VoteRequest<NodeId>,
+        option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::VoteResponse<NodeId>, RpcErr> {
+        self.call("/raft/vote", &rpc, option.hard_ttl().min(RPC_TIMEOUT)).await
+    }
+}
+
+/// The consensus instance of this host.
+#[derive(Clone)]
+pub struct Consensus {
+    pub raft: Raft,
+    data: Arc<RwLock<MachineData>>,
+    applied_rx: watch::Receiver<u64>,
+    me: NodeId,
+}
+
+/// Who leads, as far as this host knows.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsensusStatus {
+    pub me: NodeId,
+    pub leader: Option<NodeId>,
+    pub role: String,
+    pub term: u64,
+    pub last_applied: Option<u64>,
+    pub voters: Vec<NodeId>,
+}
+
+impl Consensus {
+    /// Opens (or creates) the database in `dir` and starts openraft.
+    pub async fn open(dir: &Path, me: NodeId, token: String) -> Result<Consensus, ConsensusError> {
+        let path = dir.join("consensus.redb");
+        let db = Arc::new(
+            Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?,
+        );
+        let data: MachineData = get_meta(&db, "machine").map_err(|e| SErr::from(StorageIOError::read_state_machine(e)))?.unwrap_or_default();
+        let (applied_tx, applied_rx) = watch::channel(data.last_applied.map_or(0, |l| l.index));
+        let data = Arc::new(RwLock::new(data));
+        let sm = StateMachine { db: Arc::clone(&db), data: Arc::clone(&data), applied_tx: Arc::new(applied_tx) };
+        let log = LogStore { db };
+        let config = openraft::Config {
+            cluster_name: "tandem".into(),
+            heartbeat_interval: 150,
+            election_timeout_min: 900,
+            election_timeout_max: 1800,
+            install_snapshot_timeout: SNAPSHOT_TIMEOUT.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+            max_in_snapshot_log_to_keep: 500,
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
+        let raft = Raft::new(me, config, Network { token }, log, sm).await?;
+        Ok(Consensus { raft, data, applied_rx, me })
+    }
+
+    /// A copy of the committed desired state as applied on this host.
+    #[must_use]
+    pub fn state(&self) -> ClusterState {
+        read_data(&self.data).state.clone()
+    }
+
+    /// Reads the applied state without copying it.
+    pub fn with_state<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        f(&read_data(&self.data).state)
+    }
+
+    /// Notified whenever an entry is applied.
+    #[must_use]
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied_rx.clone()
+    }
+
+    #[must_use]
+    pub fn status(&self) -> ConsensusStatus {
+        let m = self.raft.metrics().borrow().clone();
+        ConsensusStatus {
+            me: self.me,
+            leader: m.current_leader,
+            role: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index),
+            voters: m.membership_config.membership().voter_ids().collect(),
+        }
+    }
+
+    #[must_use]
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.me)
+    }
+
+    /// The API address of the current leader, if known.
+    #[must_use]
+    pub fn leader_addr(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+
+    /// Makes this host the first member of a new cluster.
+    pub async fn initialize(&self, api_addr: &str) -> Result<(), ConsensusError> {
+        let mut nodes = BTreeMap::new();
+        nodes.insert(self.me, BasicNode { addr: api_addr.to_string() });
+        self.raft.initialize(nodes).await.map_err(|e| match e {
+            openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => {
+                ConsensusError::AlreadyInitialized
+            }
+            other => ConsensusError::Raft(other.to_string()),
+        })
+    }
+
+    /// Whether this host has any membership at all (initialized or joined).
+    #[must_use]
+    pub fn has_membership(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().voter_ids().next().is_some()
+    }
+
+    /// Proposes a command on the leader and waits for it to be applied here; returns the
+    /// outcome and the log index it was applied at.
+    pub async fn propose(&self, cmd: Command) -> Result<(CommandResult, u64), ConsensusError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => {
+                self.wait_applied(resp.log_id.index).await;
+                Ok((resp.data, resp.log_id.index))
+            }
+            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
+                Err(ConsensusError::NotLeader(f.leader_node.map(|n| n.addr)))
+            }
+            Err(e) => Err(ConsensusError::Raft(e.to_string())),
+        }
+    }
+
+    /// Waits (bounded) until this host has applied `index`.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut rx = self.applied_rx.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|i| *i >= index)).await;
+    }
+
+    /// Confirms leadership with a quorum (a leader restarted or cut off may be stale).
+    pub async fn confirm_leader(&self) -> bool {
+        matches!(tokio::time::timeout(Duration::from_secs(2), self.raft.ensure_linearizable()).await, Ok(Ok(_)))
+    }
+
+    /// Adds `id` at `addr` as a voter (learner first, so it catches up before it counts).
+    pub async fn add_voter(&self, id: NodeId, addr: &str) -> Result<(), ConsensusError> {
+        self.raft
+            .add_learner(id, BasicNode { addr: addr.to_string() }, true)
+            .await
+            .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        voters.insert(id);
+        self.raft.change_membership(voters, false).await.map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! The heartbeat disk: one 4 KiB slot per host in a shared file or block device.
+//!
+//! All I/O happens on one dedicated thread with O_DIRECT (and O_DSYNC), because shared storage
+//! can hang in uninterruptible sleep instead of failing: a hung disk stalls that thread only.
+//! Callers wait with a deadline and count a late answer as lost.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+use tandem_core::wire::{ClusterKey, DiskSlot, SlotRead, SLOT_SIZE};
+use tandem_core::{HostId, MAX_HOSTS};
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+/// Size of the whole heartbeat area.
+pub const DISK_SIZE: usize = SLOT_SIZE * MAX_HOSTS;
+
+/// Heartbeat-disk failures.
+#[derive(Debug, Error)]
+pub enum DiskError {
+    #[error("cannot open heartbeat disk {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("heartbeat disk I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("heartbeat disk did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("heartbeat disk queue is full: earlier I/O still hangs")]
+    Busy,
+    #[error("heartbeat disk thread is gone")]
+    Gone,
+}
+
+/// A buffer aligned for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+// SAFETY: the buffer is plain memory owned by one thread at a time.
+unsafe impl Send for Aligned {}
+
+impl Aligned {
+    fn new(len: usize) -> Option<Aligned> {
+        let layout = Layout::from_size_align(len, 4096).ok()?;
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(Aligned { ptr, layout })
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for layout.size() bytes and exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { dealloc(self.ptr, self.layout) }
+    }
+}
+
+enum Request {
+    Write { slot: HostId, bytes: Vec<u8>, reply: oneshot::Sender<Result<(), std::io::Error>> },
+    ReadAll { reply: oneshot::Sender<Result<Vec<u8>, std::io::Error>> },
+}
+
+/// A handle to the heartbeat-disk thread.
+#[derive(Clone)]
+pub struct HeartbeatDisk {
+    tx: mpsc::SyncSender<Request>,
+    key: ClusterKey,
+    timeout: Duration,
+    pub path: PathBuf,
+}
+
+fn open(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
+    let direct = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path);
+    match direct {
+        Ok(f) => Ok((f, true)),
+        // Some filesystems (tmpfs) refuse O_DIRECT; synchronous buffered I/O is still coherent
+        // for hosts sharing one kernel, which is the only case where such a filesystem is shared.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DSYNC).open(path)?;
+            Ok((f, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl HeartbeatDisk {
+    /// Opens the heartbeat disk (creating and sizing a regular file if needed) and starts its
+    /// I/O thread.
+    pub fn open(path: &Path, key: ClusterKey, timeout: Duration) -> Result<HeartbeatDisk, DiskError> {
+        let err = |source| DiskError::Open { path: path.display().to_string(), source };
+        if !path.exists() {
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(err)?;
+        }
+        let meta = std::fs::metadata(path).map_err(err)?;
+        if meta.is_file() && (meta.len() as usize) < DISK_SIZE {
+            std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(DISK_SIZE as u64)).map_err(err)?;
+        }
+        let (file, direct) = open(path).map_err(err)?;
+        if !direct {
+            tracing::warn!(path = %path.display(), "heartbeat disk does not support O_DIRECT; using O_DSYNC only");
+        }
+        // Two requests may queue behind one in progress; more means the disk hangs.
+        let (tx, rx) = mpsc::sync_channel::<Request>(2);
+        std::thread::Builder::new()
+            .name("hb-disk".into())
+            .spawn(move || {
+                let (Some(mut slot_buf), Some(mut all_buf)) = (Aligned::new(SLOT_SIZE), Aligned::new(DISK_SIZE)) else {
+                    return;
+                };
+                for req in rx {
+                    match req {
+                        Request::Write { slot, bytes, reply } => {
+                            let buf = slot_buf.bytes();
+                            buf.copy_from_slice(&bytes[..SLOT_SIZE]);
+                            let r = file.write_all_at(buf, slot.0 as u64 * SLOT_SIZE as u64);
+                            let _ = reply.send(r);
+                        }
+                        Request::ReadAll { reply } => {
+                            let buf = all_buf.bytes();
+                            let r = file.read_exact_at(buf, 0).map(|()| buf.to_vec());
+                            let _ = reply.send(r);
+                        }
+                    }
+                }
+            })
+            .map_err(err)?;
+        Ok(HeartbeatDisk { tx, key, timeout, path: path.to_path_buf() })
+    }
+
+    async fn roundtrip<T>(&self, req: Request, rx: oneshot::Receiver<Result<T, std::io::Error>>) -> Result<T, DiskError> {
+        self.tx.try_send(req).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => DiskError::Busy,
+            mpsc::TrySendError::Disconnected(_) => DiskError::Gone,
+        })?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Err(_) => Err(DiskError::Timeout(self.timeout)),
+            Ok(Err(_)) => Err(DiskError::Gone),
+            Ok(Ok(r)) => Ok(r?),
+        }
+    }
+
+    /// Writes this host's slot.
+    pub async fn write(&self, slot: &DiskSlot) -> Result<(), DiskError> {
+        let (reply, rx) = oneshot::channel();
+        let bytes = slot.encode(&self.key);
+        self.roundtrip(Request::Write { slot: slot.host, bytes, reply }, rx).await
+    }
+
+    /// Reads and decodes every slot.
+    pub async fn read_all(&self) -> Result<Vec<SlotRead>, DiskError> {
+        let (reply, rx) = oneshot::channel();
+        let bytes = self.roundtrip(Request::ReadAll { reply }, rx).await?;
+        Ok(bytes
+            .chunks(SLOT_SIZE)
+            .enumerate()
+            .map(|(i, b)| DiskSlot::decode(b, HostId(i as u32), &self.key))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::HostSet;
+
+    #[tokio::test]
+    async fn write_read_and_detect_corruption() {
+        let dir = std::env::temp_dir().join(format!("tandem-disk-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("hb");
+        let key = ClusterKey::new(b"disk-test-secret-0123").expect("key");
+        let disk = HeartbeatDisk::open(&path, key.clone(), Duration::from_secs(2)).expect("open");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len() as usize, DISK_SIZE);
+        let slot = DiskSlot { host: HostId(3), incarnation: 1, counter: 9, epoch: 2, heard: HostSet(0b1000), fenced: false, written_at_ms: 5 };
+        disk.write(&slot).await.expect("write");
+        let all = disk.read_all().await.expect("read");
+        assert_eq!(all.len(), MAX_HOSTS);
+        assert_eq!(all[3], SlotRead::Valid(slot));
+        assert_eq!(all[0], SlotRead::Empty);
+        // Damage slot 3 behind the agent's back: it is reported corrupt, and slot 4 stays empty.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open raw");
+        f.write_all_at(b"garbage", 3 * SLOT_SIZE as u64 + 8).expect("damage");
+        let all = disk.read_all().await.expect("read");
+        assert!(matches!(all[3], SlotRead::Corrupt(_)));
+        assert_eq!(all[4], SlotRead::Empty);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

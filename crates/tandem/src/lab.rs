@@ -1,0 +1,392 @@
+//! A local cluster on one machine: several real agent processes sharing a directory as shared
+//! storage, each on its own loopback address (or in its own network namespace). Used by
+//! `tandem demo` and the integration tests. Everything it starts is killed and removed on drop.
+
+use crate::client::Client;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How to build a lab.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub hosts: u32,
+    /// `qemu` or `process`.
+    pub driver: String,
+    /// Third octet of 127.x.y.z is fixed; hosts get 127.<net>.0.<10+i>.
+    pub loopback_net: u8,
+    pub api_port: u16,
+    /// Extra TOML appended to every agent config (timings, qemu settings).
+    pub extra_config: String,
+    /// Memory (MiB) and vCPUs each host offers.
+    pub capacity: (u32, u64),
+    /// Per-host command prefix (for `ip netns exec NS`), and address override.
+    pub netns: Option<Vec<(String, String)>>,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            hosts: 3,
+            driver: "process".into(),
+            loopback_net: 77,
+            api_port: 7400,
+            extra_config: String::new(),
+            capacity: (4, 2048),
+            netns: None,
+        }
+    }
+}
+
+/// One agent of the lab.
+pub struct LabHost {
+    pub id: u32,
+    pub name: String,
+    pub ip: String,
+    pub api: String,
+    pub config: PathBuf,
+    pub data: PathBuf,
+    child: Option<Child>,
+    prefix: Vec<String>,
+}
+
+/// What the process recorder saw of one VM instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub vm: String,
+    pub host: String,
+    pub pid: u32,
+    pub first_seen: Duration,
+    pub last_seen: Duration,
+}
+
+/// Watches /proc for this lab's workload processes and counts moments where one VM runs on two
+/// hosts at once. It samples every 10 ms, and independently of the agents.
+pub struct Recorder {
+    stop: Arc<AtomicBool>,
+    pub instances: Arc<Mutex<BTreeMap<u32, Instance>>>,
+    pub double_runs: Arc<Mutex<Vec<(Duration, String, Vec<String>)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub origin: Instant,
+}
+
+fn environ_of(pid: u32) -> Option<BTreeMap<String, String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter_map(|kv| {
+                let s = String::from_utf8_lossy(kv);
+                let (k, v) = s.split_once('=')?;
+                k.starts_with("TANDEM_").then(|| (k.to_string(), v.to_string()))
+            })
+            .collect(),
+    )
+}
+
+/// PIDs of live (not zombie) processes whose environment has `TANDEM_LAB=lab` and `key`.
+#[must_use]
+pub fn lab_processes(lab: &str) -> Vec<(u32, BTreeMap<String, String>)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let env = environ_of(pid)?;
+            if env.get("TANDEM_LAB").map(String::as_str) != Some(lab) {
+                return None;
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+            (state != "Z" && state != "X").then_some((pid, env))
+        })
+        .collect()
+}
+
+impl Recorder {
+    fn start(lab: String) -> Recorder {
+        let stop = Arc::new(AtomicBool::new(false));
+        let instances = Arc::new(Mutex::new(BTreeMap::new()));
+        let double_runs = Arc::new(Mutex::new(Vec::new()));
+        let origin = Instant::now();
+        let (s, i, d) = (Arc::clone(&stop), Arc::clone(&instances), Arc::clone(&double_runs));
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let t = origin.elapsed();
+                let mut by_vm: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (pid, env) in lab_processes(&lab) {
+                    let (Some(vm), Some(host)) = (env.get("TANDEM_VM"), env.get("TANDEM_HOST")) else { continue };
+                    by_vm.entry(vm.clone()).or_default().push(host.clone());
+                    let mut inst = i.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    inst.entry(pid)
+                        .and_modify(|x: &mut Instance| x.last_seen = t)
+                        .or_insert(Instance { vm: vm.clone(), host: host.clone(), pid, first_seen: t, last_seen: t });
+                }
+                for (vm, mut hosts) in by_vm {
+                    hosts.sort();
+                    hosts.dedup();
+                    if hosts.len() > 1 {
+                        d.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((t, vm, hosts));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Recorder { stop, instances, double_runs, thread: Some(thread), origin }
+    }
+
+    /// Moments at which a VM was seen running on two hosts.
+    #[must_use]
+    pub fn double_run_count(&self) -> usize {
+        self.double_runs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// Every instance seen so far.
+    #[must_use]
+    pub fn instances(&self) -> Vec<Instance> {
+        self.instances.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A running local cluster.
+pub struct Lab {
+    pub root: PathBuf,
+    pub shared: PathBuf,
+    pub hosts: Vec<LabHost>,
+    pub opts: LabOptions,
+    pub id: String,
+    pub recorder: Recorder,
+    binary: PathBuf,
+    keep: bool,
+}
+
+fn kill_pid(pid: u32) {
+    // SAFETY: kill(2) with a pid we started (or that our lab's agents started).
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+impl Lab {
+    /// Creates the directories and configs; starts no agent.
+    pub fn new(opts: LabOptions, binary: &Path) -> Result<Lab> {
+        let id = format!("{}-{}", std::process::id(), opts.loopback_net);
+        let root = std::env::temp_dir().join(format!("tandem-lab-{id}"));
+        let _ = std::fs::remove_dir_all(&root);
+        let shared = root.join("shared");
+        std::fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
+        std::fs::write(shared.join("secret"), format!("lab-secret-{id}-0123456789abcdef\n"))?;
+        let mut hosts = Vec::new();
+        for i in 0..opts.hosts {
+            let (prefix, ip) = match &opts.netns {
+                Some(ns) => {
+                    let (name, ip) = ns.get(i as usize).ok_or_else(|| anyhow!("no namespace for host {i}"))?;
+                    (vec!["ip".into(), "netns".into(), "exec".into(), name.clone()], ip.clone())
+                }
+                None => (vec![], format!("127.{}.0.{}", opts.loopback_net, 10 + i)),
+            };
+            let name = format!("h{i}");
+            let data = root.join(&name);
+            std::fs::create_dir_all(&data)?;
+            let api = format!("{ip}:{}", opts.api_port);
+            let config = data.join("agent.toml");
+            let text = format!(
+                "host_id = {i}\nname = \"{name}\"\napi_addr = \"{api}\"\nheartbeat_addr = \"{ip}:{hb}\"\n\
+                 data_dir = \"{data}\"\nheartbeat_disk = \"{disk}\"\nsecret_file = \"{secret}\"\n\
+                 driver = \"{driver}\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {mem} }}\n{extra}\n",
+                hb = opts.api_port + 1,
+                data = data.display(),
+                disk = shared.join("heartbeat.disk").display(),
+                secret = shared.join("secret").display(),
+                driver = opts.driver,
+                vcpus = opts.capacity.0,
+                mem = opts.capacity.1,
+                extra = opts.extra_config,
+            );
+            std::fs::write(&config, text)?;
+            hosts.push(LabHost { id: i, name, ip, api, config, data, child: None, prefix });
+        }
+        let recorder = Recorder::start(id.clone());
+        Ok(Lab { root, shared, hosts, opts, id, recorder, binary: binary.to_path_buf(), keep: false })
+    }
+
+    /// Keeps the lab directory on drop (for looking at logs).
+    pub fn keep_files(&mut self) {
+        self.keep = true;
+    }
+
+    /// Starts host `i`'s agent.
+    pub fn start(&mut self, i: usize) -> Result<()> {
+        let h = &mut self.hosts[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(h.data.join("agent.log"))?;
+        let mut cmd = if h.prefix.is_empty() {
+            Command::new(&self.binary)
+        } else {
+            let mut c = Command::new(&h.prefix[0]);
+            c.args(&h.prefix[1..]).arg(&self.binary);
+            c
+        };
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&h.config)
+            .env("TANDEM_LAB", &self.id)
+            .env("RUST_LOG", std::env::var("TANDEM_LAB_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        h.child = Some(cmd.spawn().with_context(|| format!("starting agent {}", h.name))?);
+        Ok(())
+    }
+
+    /// Starts every agent.
+    pub fn start_all(&mut self) -> Result<()> {
+        for i in 0..self.hosts.len() {
+            self.start(i)?;
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn client(&self, i: usize) -> Client {
+        Client::new(&self.hosts[i].api)
+    }
+
+    /// Cuts host `i`'s power: its agent and every workload it runs are SIGKILLed at once.
+    pub fn power_off(&mut self, i: usize) {
+        let name = self.hosts[i].name.clone();
+        let mut pids: Vec<u32> = lab_processes(&self.id)
+            .into_iter()
+            .filter(|(_, env)| env.get("TANDEM_HOST") == Some(&name))
+            .map(|(p, _)| p)
+            .collect();
+        if let Some(c) = self.hosts[i].child.as_ref() {
+            pids.insert(0, c.id());
+        }
+        for p in pids {
+            kill_pid(p);
+        }
+        if let Some(mut c) = self.hosts[i].child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// The PID of host `i`'s agent process (for SIGSTOP and the like).
+    #[must_use]
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.hosts[i].child.as_ref().map(Child::id)
+    }
+
+    /// Creates the cluster on host 0 and joins every other host, then waits until all are active.
+    pub fn form_cluster(&self) -> Result<()> {
+        let c0 = self.client(0);
+        c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
+        c0.post("/v1/cluster/init", &json!({})).map_err(|e| anyhow!("cluster init: {e}"))?;
+        for h in self.hosts.iter().skip(1) {
+            let c = Client::new(&h.api);
+            c.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
+            c0.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| {
+                c.post("/v1/hosts/join", &json!({ "api_addr": h.api })).ok()
+            })?;
+        }
+        self.wait_all_active(Duration::from_secs(30))
+    }
+
+    /// Waits until every host is active in committed state.
+    pub fn wait_all_active(&self, timeout: Duration) -> Result<()> {
+        let n = self.hosts.len();
+        self.client(0).wait_for(timeout, Duration::from_millis(100), |c| {
+            let hosts = c.list("/v1/hosts").ok()?;
+            (hosts.len() == n && hosts.iter().all(|h| h["status"] == "active")).then_some(())
+        })
+    }
+
+    /// A client of some live host, preferring `not` to be avoided.
+    pub fn any_client_except(&self, not: usize) -> Client {
+        let i = (0..self.hosts.len()).find(|i| *i != not && self.hosts[*i].child.is_some()).unwrap_or(0);
+        self.client(i)
+    }
+
+    /// The VM list as seen by host `i`.
+    pub fn vms(&self, i: usize) -> Result<Vec<Value>> {
+        self.client(i).list("/v1/vms")
+    }
+
+    /// Where each VM is assigned, as seen by host `i`.
+    pub fn placement(&self, i: usize) -> Result<BTreeMap<String, Option<String>>> {
+        Ok(self
+            .vms(i)?
+            .into_iter()
+            .filter_map(|v| Some((v["name"].as_str()?.to_string(), v["host"].as_str().map(str::to_string))))
+            .collect())
+    }
+
+    /// The names of running workloads per host, read from /proc.
+    #[must_use]
+    pub fn running(&self) -> BTreeMap<String, String> {
+        lab_processes(&self.id)
+            .into_iter()
+            .filter_map(|(_, env)| Some((env.get("TANDEM_VM")?.clone(), env.get("TANDEM_HOST")?.clone())))
+            .collect()
+    }
+
+    /// Events recorded by every live host, merged and sorted by time.
+    pub fn events(&self) -> Vec<Value> {
+        let mut all = Vec::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            if h.child.is_none() {
+                continue;
+            }
+            if let Ok(v) = self.client(i).list("/v1/events?limit=4096") {
+                all.extend(v);
+            }
+        }
+        all.sort_by_key(|e| e["at_ms"].as_u64().unwrap_or(0));
+        all
+    }
+
+    /// Fails unless no VM ever ran on two hosts at once.
+    pub fn assert_no_double_run(&self) -> Result<()> {
+        let d = self.recorder.double_run_count();
+        if d > 0 {
+            let first = self.recorder.double_runs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).first().cloned();
+            bail!("{d} moment(s) with a VM on two hosts; first: {first:?}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            if let Some(mut c) = h.child.take() {
+                kill_pid(c.id());
+                let _ = c.wait();
+            }
+        }
+        // Workloads die with their agent (parent-death signal); sweep any straggler of this lab.
+        for _ in 0..50 {
+            let left = lab_processes(&self.id);
+            if left.is_empty() {
+                break;
+            }
+            for (pid, _) in left {
+                kill_pid(pid);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
