@@ -105,10 +105,11 @@ impl HeartbeatDisk {
         if meta.is_file() && (meta.len() as usize) < DISK_SIZE {
             std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(DISK_SIZE as u64)).map_err(err)?;
         }
-        let (file, direct) = open(path).map_err(err)?;
+        let (_, direct) = open(path).map_err(err)?;
         if !direct {
             tracing::warn!(path = %path.display(), "heartbeat disk does not support O_DIRECT; using O_DSYNC only");
         }
+        let disk_path = path.to_path_buf();
         // Two requests may queue behind one in progress; more means the disk hangs.
         let (tx, rx) = mpsc::sync_channel::<Request>(2);
         std::thread::Builder::new()
@@ -117,17 +118,19 @@ impl HeartbeatDisk {
                 let (Some(mut slot_buf), Some(mut all_buf)) = (Aligned::new(SLOT_SIZE), Aligned::new(DISK_SIZE)) else {
                     return;
                 };
+                // The path is opened for every request: shared storage that is remounted or
+                // failed over is picked up again, and a path that stops resolving is a failure.
                 for req in rx {
                     match req {
                         Request::Write { slot, bytes, reply } => {
                             let buf = slot_buf.bytes();
                             buf.copy_from_slice(&bytes[..SLOT_SIZE]);
-                            let r = file.write_all_at(buf, slot.0 as u64 * SLOT_SIZE as u64);
+                            let r = open(&disk_path).and_then(|(f, _)| f.write_all_at(buf, slot.0 as u64 * SLOT_SIZE as u64));
                             let _ = reply.send(r);
                         }
                         Request::ReadAll { reply } => {
                             let buf = all_buf.bytes();
-                            let r = file.read_exact_at(buf, 0).map(|()| buf.to_vec());
+                            let r = open(&disk_path).and_then(|(f, _)| f.read_exact_at(buf, 0)).map(|()| buf.to_vec());
                             let _ = reply.send(r);
                         }
                     }
@@ -193,6 +196,9 @@ mod tests {
         let all = disk.read_all().await.expect("read");
         assert!(matches!(all[3], SlotRead::Corrupt(_)));
         assert_eq!(all[4], SlotRead::Empty);
+        // A path that stops resolving is a failed I/O, not a hang.
+        std::fs::remove_file(&path).expect("remove");
+        assert!(matches!(disk.read_all().await, Err(DiskError::Io(_))));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

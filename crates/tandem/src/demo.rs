@@ -159,7 +159,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     };
     let extra = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n" } else { "" };
     let binary = std::env::current_exe().context("locating the tandem binary")?;
-    let opts = LabOptions { hosts: 3, driver: driver.into(), loopback_net: 66, api_port: 7400, extra_config: extra.into(), capacity: (4, 1024), netns: None };
+    let opts = LabOptions { hosts: 3, driver: driver.into(), loopback_net: 66, api_port: 7400, extra_config: extra.into(), capacity: (4, 1024), ..LabOptions::default() };
     let mut lab = Lab::new(opts, &binary)?;
     if args.keep {
         lab.keep_files();

@@ -27,6 +27,8 @@ pub struct LabOptions {
     pub capacity: (u32, u64),
     /// Per-host command prefix (for `ip netns exec NS`), and address override.
     pub netns: Option<Vec<(String, String)>>,
+    /// Hosts whose heartbeat disk is another path than the shared one (fault injection).
+    pub disk_paths: BTreeMap<u32, PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -39,6 +41,7 @@ impl Default for LabOptions {
             extra_config: String::new(),
             capacity: (4, 2048),
             netns: None,
+            disk_paths: BTreeMap::new(),
         }
     }
 }
@@ -207,7 +210,7 @@ impl Lab {
                  driver = \"{driver}\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {mem} }}\n{extra}\n",
                 hb = opts.api_port + 1,
                 data = data.display(),
-                disk = shared.join("heartbeat.disk").display(),
+                disk = opts.disk_paths.get(&i).cloned().unwrap_or_else(|| shared.join("heartbeat.disk")).display(),
                 secret = shared.join("secret").display(),
                 driver = opts.driver,
                 vcpus = opts.capacity.0,

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what Tandem's demo and tests need on a fresh Debian machine (run as root), then builds
+# and caches the test guest. Safe to re-run: it only installs what is missing.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+pkgs=()
+command -v qemu-system-x86_64 >/dev/null || pkgs+=(qemu-system-x86)
+[[ -x /bin/busybox ]] || pkgs+=(busybox-static)
+command -v cpio >/dev/null || pkgs+=(cpio)
+command -v ip >/dev/null || pkgs+=(iproute2)
+command -v nft >/dev/null || pkgs+=(nftables)
+if ((${#pkgs[@]})); then
+  echo "installing: ${pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+"$here/scripts/build-guest.sh"

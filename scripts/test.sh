@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Quick start, step 2: the whole test suite (unit, property, integration with real agents, real
+# QEMU guests and network namespaces). Needs root for namespaces; installs what it needs.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+./scripts/setup.sh
+export TANDEM_GUEST_DIR="$here/.cache/guest"
+cargo build --bin tandem
+# Cluster tests share two cores with real guests: run them one at a time so timing stays honest.
+cargo test --workspace --no-fail-fast -- --test-threads=1
