@@ -168,6 +168,12 @@ impl AgentConfig {
     }
 }
 
+/// Parses TOML text into a JSON value, so TOML and JSON inputs share one serde schema.
+pub fn toml_to_json(text: &str) -> Result<serde_json::Value, toml::de::Error> {
+    let v: toml::Value = toml::from_str(text)?;
+    Ok(serde_json::to_value(v).unwrap_or(serde_json::Value::Null))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,10 +218,4 @@ peer_timeout_ms = 4000
             assert!(msg.contains(needle), "'{msg}' lacks '{needle}'");
         }
     }
-}
-
-/// Parses TOML text into a JSON value, so TOML and JSON inputs share one serde schema.
-pub fn toml_to_json(text: &str) -> Result<serde_json::Value, toml::de::Error> {
-    let v: toml::Value = toml::from_str(text)?;
-    Ok(serde_json::to_value(v).unwrap_or(serde_json::Value::Null))
 }

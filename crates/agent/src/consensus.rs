@@ -59,9 +59,9 @@ pub enum ConsensusError {
         source: redb::DatabaseError,
     },
     #[error("consensus storage failed")]
-    Storage(#[from] SErr),
+    Storage(#[from] Box<SErr>),
     #[error("openraft refused to start")]
-    Start(#[from] openraft::error::Fatal<NodeId>),
+    Start(#[from] Box<openraft::error::Fatal<NodeId>>),
     #[error("this host is not the leader; the leader is {0:?}")]
     NotLeader(Option<String>),
     #[error("the cluster is already initialized")]
@@ -237,11 +237,13 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
+    #[allow(clippy::result_large_err)] // openraft's storage traits fix this error type
     fn persist(&self, d: &MachineData) -> Result<(), SErr> {
         put_meta(&self.db, "machine", &json(d).map_err(StorageIOError::write_state_machine)?)
             .map_err(|e| StorageIOError::write_state_machine(e).into())
     }
 
+    #[allow(clippy::result_large_err)] // openraft's storage traits fix this error type
     fn snapshot_of(d: &MachineData) -> Result<Snapshot<TypeConfig>, SErr> {
         let bytes = json(d).map_err(|e| StorageIOError::write_snapshot(None, e))?;
         let meta = SnapshotMeta {
@@ -438,7 +440,7 @@ impl Consensus {
         let db = Arc::new(
             Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?,
         );
-        let data: MachineData = get_meta(&db, "machine").map_err(|e| SErr::from(StorageIOError::read_state_machine(e)))?.unwrap_or_default();
+        let data: MachineData = get_meta(&db, "machine").map_err(|e| Box::new(SErr::from(StorageIOError::read_state_machine(e))))?.unwrap_or_default();
         let (applied_tx, applied_rx) = watch::channel(data.last_applied.map_or(0, |l| l.index));
         let data = Arc::new(RwLock::new(data));
         let sm = StateMachine { db: Arc::clone(&db), data: Arc::clone(&data), applied_tx: Arc::new(applied_tx) };
@@ -454,7 +456,7 @@ impl Consensus {
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
-        let raft = Raft::new(me, config, Network { token }, log, sm).await?;
+        let raft = Raft::new(me, config, Network { token }, log, sm).await.map_err(Box::new)?;
         Ok(Consensus { raft, data, applied_rx, me })
     }
 

@@ -68,12 +68,15 @@ pub struct Instance {
     pub last_seen: Duration,
 }
 
+/// A moment at which one VM was seen on several hosts: when, which VM, which hosts.
+pub type DoubleRun = (Duration, String, Vec<String>);
+
 /// Watches /proc for this lab's workload processes and counts moments where one VM runs on two
 /// hosts at once. It samples every 10 ms, and independently of the agents.
 pub struct Recorder {
     stop: Arc<AtomicBool>,
     pub instances: Arc<Mutex<BTreeMap<u32, Instance>>>,
-    pub double_runs: Arc<Mutex<Vec<(Duration, String, Vec<String>)>>>,
+    pub double_runs: Arc<Mutex<Vec<DoubleRun>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub origin: Instant,
 }

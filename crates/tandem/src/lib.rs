@@ -4,3 +4,4 @@
 pub mod client;
 pub mod demo;
 pub mod lab;
+pub mod netlab;

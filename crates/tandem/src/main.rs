@@ -83,7 +83,7 @@ enum HostOp {
 #[derive(Subcommand)]
 enum VmOp {
     /// Create a VM (stopped) from a spec file or from flags.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Ask the cluster to run a VM.
     Start { name: String },
     /// Ask the cluster to stop a VM (ACPI power-down, then kill after the stop timeout).
@@ -308,7 +308,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
     }
 }
 
-fn run_agent(config: &PathBuf) -> Result<()> {
+fn run_agent(config: &std::path::Path) -> Result<()> {
     let cfg = AgentConfig::load(config)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

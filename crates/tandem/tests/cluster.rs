@@ -285,3 +285,111 @@ fn qemu_guests_answer_again_after_host_power_loss() -> Result<()> {
     assert!(summary["restart_issued_s"].as_f64().is_some());
     Ok(())
 }
+
+/// Root is needed for network namespaces; CI runs as root, a developer run without it skips.
+fn can_use_namespaces() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(std::env::var("CI").is_err(), "CI must run the namespace tests as root");
+        eprintln!("skipping: network namespaces need root");
+    }
+    root
+}
+
+#[test]
+fn a_host_cut_off_the_network_fences_itself_and_the_majority_restarts_its_vms() -> Result<()> {
+    if !can_use_namespaces() {
+        return Ok(());
+    }
+    let net = tandem::netlab::NetLab::create(&format!("tp{}", std::process::id() % 100_000), 3)?;
+    // This test thread talks to the agents from the control namespace.
+    net.enter_control()?;
+    let mut lab = {
+        let opts = LabOptions { loopback_net: 41, netns: Some(net.lab_hosts()), ..LabOptions::default() };
+        Lab::new(opts, &binary())?
+    };
+    lab.start_all()?;
+    lab.form_cluster()?;
+    let vms: Vec<Value> = (0..6).map(|i| process_vm(&format!("n{i}"), "protect", i)).collect();
+    create_and_start(&lab, &vms)?;
+
+    // 1. One heartbeat in three lost at random, on every host, for 15 s: nobody is fenced.
+    let hb_port = lab.opts.api_port + 1;
+    for i in 0..3 {
+        net.lose_udp(i, hb_port, 3)?;
+    }
+    let before = lab.placement(0)?;
+    let loss_from = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    std::thread::sleep(Duration::from_secs(15));
+    let since_loss = |kind: &str| events_of(&lab, kind).into_iter().filter(|e| e["at_ms"].as_u64() >= Some(loss_from)).collect::<Vec<_>>();
+    let lost: u64 = (0..3).map(|i| net.lost_udp(i)).sum::<Result<u64>>()?;
+    // 3 hosts × 2 peers × 5 heartbeats/s × 15 s = 450 sent; a third of that is ~150.
+    assert!(lost >= 75, "the loss rule dropped only {lost} heartbeats");
+    assert!(events_of(&lab, "fenced").is_empty(), "a host fenced itself under 1-in-3 heartbeat loss");
+    assert!(events_of(&lab, "failover-committed").is_empty(), "a failover happened under 1-in-3 heartbeat loss");
+    for kind in ["peer-dead", "peer-partitioned", "peer-unknown"] {
+        assert!(since_loss(kind).is_empty(), "1-in-3 heartbeat loss made a peer look down: {:?}", since_loss(kind));
+    }
+    assert_eq!(lab.placement(0)?, before);
+    eprintln!("1-in-3 heartbeat loss: {lost} heartbeats dropped in 15 s, no fencing");
+
+    // 2. The host with the most VMs is cut off the network; its disk stays reachable.
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for h in before.values().flatten() {
+        *count.entry(h.clone()).or_default() += 1;
+    }
+    let victim_name = count.iter().max_by_key(|(_, n)| **n).map(|(h, _)| h.clone()).ok_or_else(|| anyhow!("no placement"))?;
+    let victim = lab.hosts.iter().position(|h| h.name == victim_name).ok_or_else(|| anyhow!("victim"))?;
+    let survivor = (0..3).find(|i| *i != victim).unwrap_or(0);
+    let on_victim: Vec<String> = before.iter().filter(|(_, h)| h.as_deref() == Some(victim_name.as_str())).map(|(v, _)| v.clone()).collect();
+    assert!(!on_victim.is_empty());
+    let cut = Instant::now();
+    net.cut(victim)?;
+    // The isolated host kills its own VMs (nobody else does: its agent still runs)…
+    let victim_emptied = wait_until(Duration::from_secs(30), || {
+        lab.running().values().all(|h| *h != victim_name).then(|| cut.elapsed())
+    })?;
+    // …and the majority brings them back.
+    wait_until(Duration::from_secs(30), || {
+        let running = lab.running();
+        on_victim.iter().all(|v| running.get(v).is_some_and(|h| *h != victim_name)).then_some(())
+    })?;
+    let recovered = cut.elapsed();
+    assert!(lab.agent_pid(victim).is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()), "the cut-off agent must still run");
+    let survivor_events = lab.client(survivor).list("/v1/events?limit=4096")?;
+    let at = |kind: &str| {
+        survivor_events.iter().filter(|e| e["kind"] == kind && e["subject"] == victim_name.as_str()).filter_map(|e| e["at_ms"].as_u64()).min()
+    };
+    let partitioned = at("peer-partitioned").ok_or_else(|| anyhow!("survivors never saw {victim_name} partitioned"))?;
+    let committed = at("failover-committed").ok_or_else(|| anyhow!("no failover of {victim_name}"))?;
+    assert!(committed >= partitioned, "failover before the partition was seen");
+    assert!(
+        survivor_events.iter().any(|e| e["kind"] == "failover-decided" && e["detail"].as_str().is_some_and(|d| d.contains("fenced"))),
+        "the failover must rest on the host's own fencing record"
+    );
+    eprintln!(
+        "cut-off host emptied {:.2} s after the cut, VMs back on the majority {:.2} s after it",
+        victim_emptied.as_secs_f64(),
+        recovered.as_secs_f64()
+    );
+
+    // 3. Reconnected, the host rejoins and runs nothing that is assigned elsewhere.
+    net.heal(victim)?;
+    let victim_client = lab.client(victim);
+    let fenced = wait_until(Duration::from_secs(30), || {
+        let ev = victim_client.list("/v1/events?limit=4096").ok()?;
+        ev.into_iter().find(|e| e["kind"] == "fenced")
+    })?;
+    assert!(fenced["detail"].as_str().is_some_and(|d| d.contains("killed")), "{fenced}");
+    lab.wait_all_active(Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let placement = lab.placement(survivor)?;
+    for (vm, host) in lab.running() {
+        assert_eq!(placement.get(&vm), Some(&Some(host.clone())), "{vm} runs on {host} against committed state");
+    }
+    assert_eq!(lab.running().len(), vms.len());
+    drop(lab);
+    drop(net);
+    Ok(())
+}
