@@ -11,6 +11,7 @@
 use crate::config::{AgentConfig, DriverKind};
 use crate::consensus::{CommandResult, Consensus, ConsensusError};
 use crate::disk::{DiskError, HeartbeatDisk};
+use crate::io::{AgentIo, Clock, HeartbeatTransport, PeerRpc};
 use crate::events::EventLog;
 use crate::httpc;
 use serde::Serialize;
@@ -18,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem_core::liveness::{Assessment, FenceReason, HostLiveness, Liveness};
 use tandem_core::recovery;
 use tandem_core::state::{Applied, Command, HostStatus, PowerState, Protection};
@@ -29,40 +30,12 @@ use tandem_drivers::process::ProcessDriver;
 use tandem_drivers::qemu::QemuDriver;
 use tandem_drivers::{VmDriver, VmExit, VmLaunch};
 use thiserror::Error;
-use tokio::net::UdpSocket;
 
 /// Restarts of one crashed VM allowed on this host within [`RESTART_WINDOW_MS`].
 const MAX_LOCAL_RESTARTS: usize = 3;
 const RESTART_WINDOW_MS: u64 = 60_000;
 /// Timeout of a forwarded write.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The time source. Production uses a monotonic clock; the simulator supplies its own.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> Millis;
-}
-
-/// Milliseconds since the agent started, from `Instant`.
-pub struct MonotonicClock(Instant);
-
-impl MonotonicClock {
-    #[must_use]
-    pub fn new() -> MonotonicClock {
-        MonotonicClock(Instant::now())
-    }
-}
-
-impl Default for MonotonicClock {
-    fn default() -> Self {
-        MonotonicClock::new()
-    }
-}
-
-impl Clock for MonotonicClock {
-    fn now(&self) -> Millis {
-        Millis(self.0.elapsed().as_millis() as u64)
-    }
-}
 
 /// Agent start-up and operation failures.
 #[derive(Debug, Error)]
@@ -139,8 +112,10 @@ pub struct Agent {
     liveness: Mutex<Liveness>,
     status: Mutex<RuntimeStatus>,
     scratch: Mutex<Scratch>,
-    socket: UdpSocket,
+    heartbeats: Arc<dyn HeartbeatTransport>,
     disk: HeartbeatDisk,
+    rpc: Arc<dyn PeerRpc>,
+    os_watchdog: bool,
     last_tick: AtomicU64,
     stopping: AtomicBool,
 }
@@ -167,14 +142,9 @@ fn next_incarnation(dir: &std::path::Path) -> std::io::Result<u64> {
 }
 
 impl Agent {
-    /// Opens everything the agent needs. Nothing runs until [`Agent::spawn_loops`].
+    /// Opens everything the agent needs, wired to the real world. Nothing runs until
+    /// [`Agent::spawn_loops`].
     pub async fn open(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
-        let key = cfg.key()?;
-        let dd = |source| AgentError::DataDir { path: cfg.data_dir.display().to_string(), source };
-        std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
-        let incarnation = next_incarnation(&cfg.data_dir).map_err(dd)?;
-        let me = cfg.host();
-        let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
         let launcher = Launcher::new().map_err(AgentError::Launcher)?;
         let stop_timeout = Duration::from_secs(cfg.qemu.stop_timeout_s);
         let driver: Arc<dyn VmDriver> = match cfg.driver {
@@ -187,12 +157,21 @@ impl Agent {
                 cfg.data_dir.join("run"),
             )),
         };
-        let socket = UdpSocket::bind(cfg.heartbeat_addr)
-            .await
-            .map_err(|source| AgentError::Bind { what: "heartbeat socket", addr: cfg.heartbeat_addr, source })?;
-        let disk = HeartbeatDisk::open(&cfg.heartbeat_disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms))?;
+        let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, driver).await?;
+        Agent::with_io(cfg, io).await
+    }
+
+    /// Opens an agent on the given I/O (the simulator's, or production's).
+    pub async fn with_io(cfg: AgentConfig, io: AgentIo) -> Result<Arc<Agent>, AgentError> {
+        let key = cfg.key()?;
+        let dd = |source| AgentError::DataDir { path: cfg.data_dir.display().to_string(), source };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
+        let incarnation = next_incarnation(&cfg.data_dir).map_err(dd)?;
+        let me = cfg.host();
+        let AgentIo { clock, heartbeats, disk, rpc, driver, os_watchdog } = io;
+        let disk = HeartbeatDisk::new(disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms));
         let token = key.peer_token();
-        let consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone()).await?;
+        let consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc)).await?;
         let events = EventLog::new(&cfg.name, &cfg.data_dir);
         let liveness = Liveness::new(me, cfg.timings, clock.now());
         events.record("agent-started", None, None, format!("incarnation {incarnation}, driver {}", driver.kind()));
@@ -208,8 +187,10 @@ impl Agent {
             liveness: Mutex::new(liveness),
             status: Mutex::new(RuntimeStatus::default()),
             scratch: Mutex::new(Scratch::default()),
-            socket,
+            heartbeats,
             disk,
+            rpc,
+            os_watchdog,
             last_tick: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             cfg,
@@ -258,6 +239,12 @@ impl Agent {
         lock(&self.liveness).counters()
     }
 
+    /// How this agent calls other agents.
+    #[must_use]
+    pub fn rpc(&self) -> &dyn PeerRpc {
+        self.rpc.as_ref()
+    }
+
     fn is_fenced(&self) -> bool {
         lock(&self.status).fenced.is_some()
     }
@@ -265,6 +252,9 @@ impl Agent {
     /// A software watchdog thread (a stalled runtime still kills its VMs in time) and, when
     /// configured, the hardware watchdog (a hung host is reset).
     fn start_watchdogs(self: &Arc<Self>) -> Result<(), AgentError> {
+        if !self.os_watchdog {
+            return Ok(());
+        }
         let hw = if self.cfg.watchdog.enabled {
             let path = self.cfg.watchdog.device.clone();
             Some(
@@ -308,7 +298,11 @@ impl Agent {
     async fn receive_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
         while !self.stopping.load(Ordering::SeqCst) {
-            let Ok((n, _from)) = self.socket.recv_from(&mut buf).await else { continue };
+            let Ok((n, _from)) = self.heartbeats.recv_from(&mut buf).await else {
+                // A failing transport must not turn this loop into a busy spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
             let now = self.clock.now();
             match Heartbeat::decode(&buf[..n], &self.key) {
                 Ok(hb) => {
@@ -368,7 +362,7 @@ impl Agent {
         };
         let bytes = hb.encode(&self.key);
         for p in &peers {
-            let _ = self.socket.send_to(&bytes, p).await;
+            let _ = self.heartbeats.send_to(&bytes, *p).await;
         }
         self.disk_round(seq, hb.heard, epoch, fenced);
         self.note_transitions(&assessment);
@@ -490,7 +484,7 @@ impl Agent {
             Ok((r, _)) => Ok(r),
             Err(ConsensusError::NotLeader(Some(addr))) => {
                 let body = serde_json::to_vec(&cmd).map_err(|e| AgentError::ForwardRefused(e.to_string()))?;
-                let resp = httpc::request("POST", &addr, "/v1/internal/propose", Some(&self.token), Some(body), FORWARD_TIMEOUT).await?;
+                let resp = self.rpc.call(&addr, "/v1/internal/propose", Some(&self.token), Some(body), FORWARD_TIMEOUT).await?;
                 if resp.status != 200 {
                     return Err(AgentError::ForwardRefused(String::from_utf8_lossy(&resp.body).into_owned()));
                 }

@@ -6,7 +6,6 @@
 
 use crate::agent::{Agent, AgentError};
 use crate::consensus::{ConsensusError, TypeConfig};
-use crate::httpc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -178,13 +177,17 @@ async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Result<Response,
     let req: JoinRequest = parse(&body, "join request")?;
     if !a.consensus.is_leader() {
         let leader = a.consensus.leader_addr().ok_or_else(|| ApiError::from(AgentError::NoLeader))?;
-        let r = httpc::request("POST", &leader, "/v1/hosts/join", None, Some(body.to_vec()), Duration::from_secs(60))
+        let r = a
+            .rpc()
+            .call(&leader, "/v1/hosts/join", None, Some(body.to_vec()), Duration::from_secs(60))
             .await
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
         let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
         return Ok((status, [("content-type", "application/json")], r.body).into_response());
     }
-    let r = httpc::request("GET", &req.api_addr, "/v1/identity", None, None, Duration::from_secs(5))
+    let r = a
+        .rpc()
+        .call(&req.api_addr, "/v1/identity", None, None, Duration::from_secs(5))
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("cannot reach the joining host: {}", chain(&e))))?;
     let id: Identity = parse(&r.body, "identity of the joining host")?;

@@ -6,6 +6,7 @@
 //! persisted whole after every applied batch, so a restart needs no replay.
 
 use crate::httpc;
+use crate::io::PeerRpc;
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
@@ -341,6 +342,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[derive(Clone)]
 pub struct Network {
     token: String,
+    rpc: Arc<dyn PeerRpc>,
 }
 
 /// One peer connection.
@@ -348,12 +350,13 @@ pub struct PeerLink {
     addr: String,
     target: NodeId,
     token: String,
+    rpc: Arc<dyn PeerRpc>,
 }
 
 impl openraft::RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerLink;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerLink {
-        PeerLink { addr: node.addr.clone(), target, token: self.token.clone() }
+        PeerLink { addr: node.addr.clone(), target, token: self.token.clone(), rpc: Arc::clone(&self.rpc) }
     }
 }
 
@@ -371,7 +374,9 @@ impl PeerLink {
     {
         use openraft::error::{NetworkError, RPCError, RemoteError, Unreachable};
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let resp = httpc::request("POST", &self.addr, path, Some(&self.token), Some(body), timeout)
+        let resp = self
+            .rpc
+            .call(&self.addr, path, Some(&self.token), Some(body), timeout)
             .await
             .map_err(|e| match e {
                 httpc::HttpError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
@@ -435,7 +440,7 @@ pub struct ConsensusStatus {
 
 impl Consensus {
     /// Opens (or creates) the database in `dir` and starts openraft.
-    pub async fn open(dir: &Path, me: NodeId, token: String) -> Result<Consensus, ConsensusError> {
+    pub async fn open(dir: &Path, me: NodeId, token: String, rpc: Arc<dyn PeerRpc>) -> Result<Consensus, ConsensusError> {
         let path = dir.join("consensus.redb");
         let db = Arc::new(
             Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?,
@@ -456,7 +461,7 @@ impl Consensus {
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
-        let raft = Raft::new(me, config, Network { token }, log, sm).await.map_err(Box::new)?;
+        let raft = Raft::new(me, config, Network { token, rpc }, log, sm).await.map_err(Box::new)?;
         Ok(Consensus { raft, data, applied_rx, me })
     }
 

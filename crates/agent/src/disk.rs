@@ -7,10 +7,12 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tandem_core::wire::{ClusterKey, DiskSlot, SlotRead, SLOT_SIZE};
 use tandem_core::{HostId, MAX_HOSTS};
+use tandem_drivers::BoxFuture;
+use crate::io::SlotDevice;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -70,12 +72,9 @@ enum Request {
     ReadAll { reply: oneshot::Sender<Result<Vec<u8>, std::io::Error>> },
 }
 
-/// A handle to the heartbeat-disk thread.
-#[derive(Clone)]
-pub struct HeartbeatDisk {
+/// The heartbeat area in a regular file or block device, served by one I/O thread.
+pub struct FileSlotDevice {
     tx: mpsc::SyncSender<Request>,
-    key: ClusterKey,
-    timeout: Duration,
     pub path: PathBuf,
 }
 
@@ -93,10 +92,10 @@ fn open(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
     }
 }
 
-impl HeartbeatDisk {
+impl FileSlotDevice {
     /// Opens the heartbeat disk (creating and sizing a regular file if needed) and starts its
     /// I/O thread.
-    pub fn open(path: &Path, key: ClusterKey, timeout: Duration) -> Result<HeartbeatDisk, DiskError> {
+    pub fn open(path: &Path) -> Result<FileSlotDevice, DiskError> {
         let err = |source| DiskError::Open { path: path.display().to_string(), source };
         if !path.exists() {
             std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(err)?;
@@ -137,7 +136,7 @@ impl HeartbeatDisk {
                 }
             })
             .map_err(err)?;
-        Ok(HeartbeatDisk { tx, key, timeout, path: path.to_path_buf() })
+        Ok(FileSlotDevice { tx, path: path.to_path_buf() })
     }
 
     async fn roundtrip<T>(&self, req: Request, rx: oneshot::Receiver<Result<T, std::io::Error>>) -> Result<T, DiskError> {
@@ -145,24 +144,56 @@ impl HeartbeatDisk {
             mpsc::TrySendError::Full(_) => DiskError::Busy,
             mpsc::TrySendError::Disconnected(_) => DiskError::Gone,
         })?;
-        match tokio::time::timeout(self.timeout, rx).await {
-            Err(_) => Err(DiskError::Timeout(self.timeout)),
-            Ok(Err(_)) => Err(DiskError::Gone),
-            Ok(Ok(r)) => Ok(r?),
-        }
+        Ok(rx.await.map_err(|_| DiskError::Gone)??)
+    }
+}
+
+impl SlotDevice for FileSlotDevice {
+    fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>> {
+        Box::pin(async move {
+            if bytes.len() != SLOT_SIZE {
+                return Err(DiskError::Io(std::io::Error::other("slot image has the wrong size")));
+            }
+            let (reply, rx) = oneshot::channel();
+            self.roundtrip(Request::Write { slot, bytes, reply }, rx).await
+        })
+    }
+
+    fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            self.roundtrip(Request::ReadAll { reply }, rx).await
+        })
+    }
+}
+
+/// Slots of the heartbeat disk as the agent sees them: encoded and authenticated with the
+/// cluster key, and every I/O bounded by a deadline (a late answer counts as lost).
+#[derive(Clone)]
+pub struct HeartbeatDisk {
+    dev: Arc<dyn SlotDevice>,
+    key: ClusterKey,
+    timeout: Duration,
+}
+
+impl HeartbeatDisk {
+    #[must_use]
+    pub fn new(dev: Arc<dyn SlotDevice>, key: ClusterKey, timeout: Duration) -> HeartbeatDisk {
+        HeartbeatDisk { dev, key, timeout }
     }
 
     /// Writes this host's slot.
     pub async fn write(&self, slot: &DiskSlot) -> Result<(), DiskError> {
-        let (reply, rx) = oneshot::channel();
         let bytes = slot.encode(&self.key);
-        self.roundtrip(Request::Write { slot: slot.host, bytes, reply }, rx).await
+        tokio::time::timeout(self.timeout, self.dev.write_slot(slot.host, bytes)).await.map_err(|_| DiskError::Timeout(self.timeout))?
     }
 
     /// Reads and decodes every slot.
     pub async fn read_all(&self) -> Result<Vec<SlotRead>, DiskError> {
-        let (reply, rx) = oneshot::channel();
-        let bytes = self.roundtrip(Request::ReadAll { reply }, rx).await?;
+        let bytes = tokio::time::timeout(self.timeout, self.dev.read_all()).await.map_err(|_| DiskError::Timeout(self.timeout))??;
+        if bytes.len() != DISK_SIZE {
+            return Err(DiskError::Io(std::io::Error::other(format!("heartbeat area is {} bytes, not {DISK_SIZE}", bytes.len()))));
+        }
         Ok(bytes
             .chunks(SLOT_SIZE)
             .enumerate()
@@ -182,7 +213,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("hb");
         let key = ClusterKey::new(b"disk-test-secret-0123").expect("key");
-        let disk = HeartbeatDisk::open(&path, key.clone(), Duration::from_secs(2)).expect("open");
+        let disk = HeartbeatDisk::new(Arc::new(FileSlotDevice::open(&path).expect("open")), key.clone(), Duration::from_secs(2));
         assert_eq!(std::fs::metadata(&path).expect("meta").len() as usize, DISK_SIZE);
         let slot = DiskSlot { host: HostId(3), incarnation: 1, counter: 9, epoch: 2, heard: HostSet(0b1000), fenced: false, written_at_ms: 5 };
         disk.write(&slot).await.expect("write");
@@ -200,5 +231,28 @@ mod tests {
         std::fs::remove_file(&path).expect("remove");
         assert!(matches!(disk.read_all().await, Err(DiskError::Io(_))));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A device whose I/O never completes, like shared storage that hangs.
+    struct HungDevice;
+
+    impl SlotDevice for HungDevice {
+        fn write_slot(&self, _slot: HostId, _bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>> {
+            Box::pin(std::future::pending())
+        }
+        fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hung_device_times_out_instead_of_stalling_the_caller() {
+        let key = ClusterKey::new(b"disk-test-secret-0123").expect("key");
+        let disk = HeartbeatDisk::new(Arc::new(HungDevice), key, Duration::from_millis(100));
+        let slot = DiskSlot { host: HostId(1), incarnation: 1, counter: 1, epoch: 1, heard: HostSet(0b10), fenced: false, written_at_ms: 0 };
+        let started = std::time::Instant::now();
+        assert!(matches!(disk.write(&slot).await, Err(DiskError::Timeout(_))));
+        assert!(matches!(disk.read_all().await, Err(DiskError::Timeout(_))));
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
     }
 }

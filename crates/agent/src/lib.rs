@@ -8,3 +8,4 @@ pub mod consensus;
 pub mod disk;
 pub mod events;
 pub mod httpc;
+pub mod io;

@@ -1,0 +1,140 @@
+//! The narrow interfaces through which the agent touches the world: time, heartbeat datagrams,
+//! the heartbeat disk, calls to peer agents, and (in `tandem-drivers`) the hypervisor.
+//!
+//! Production wires them to a monotonic clock, a UDP socket, a file or block device and HTTP.
+//! A simulator supplies its own implementations and runs several whole agents in one process;
+//! the agent code does not know the difference.
+
+use crate::disk::{DiskError, FileSlotDevice};
+use crate::httpc::{self, HttpError, Response};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_core::{HostId, Millis};
+use tandem_drivers::{BoxFuture, VmDriver};
+
+/// The time source.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Millis;
+}
+
+/// Milliseconds since the agent started, from `Instant`.
+pub struct MonotonicClock(Instant);
+
+impl MonotonicClock {
+    #[must_use]
+    pub fn new() -> MonotonicClock {
+        MonotonicClock(Instant::now())
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        MonotonicClock::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Millis {
+        Millis(self.0.elapsed().as_millis() as u64)
+    }
+}
+
+/// Unreliable datagrams between agents, for network heartbeats.
+pub trait HeartbeatTransport: Send + Sync + 'static {
+    fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>>;
+    /// Waits for the next datagram; returns its length and sender.
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>>;
+}
+
+/// A UDP socket.
+pub struct UdpTransport(tokio::net::UdpSocket);
+
+impl UdpTransport {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<UdpTransport> {
+        Ok(UdpTransport(tokio::net::UdpSocket::bind(addr).await?))
+    }
+}
+
+impl HeartbeatTransport for UdpTransport {
+    fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move { self.0.send_to(bytes, to).await.map(|_| ()) })
+    }
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>> {
+        Box::pin(self.0.recv_from(buf))
+    }
+}
+
+/// The raw heartbeat area: one fixed-size slot per host. Implementations may hang (shared
+/// storage does); the caller puts a deadline on every call.
+pub trait SlotDevice: Send + Sync + 'static {
+    /// Writes one whole slot (`SLOT_SIZE` bytes).
+    fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>>;
+    /// Reads every slot (`DISK_SIZE` bytes).
+    fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>>;
+}
+
+/// Requests to another agent's API (consensus RPCs, forwarded writes, joins).
+pub trait PeerRpc: Send + Sync + 'static {
+    /// Sends `body` (POST) or nothing (GET) to `path` on the agent whose API is at `addr`.
+    fn call<'a>(
+        &'a self,
+        addr: &'a str,
+        path: &'a str,
+        token: Option<&'a str>,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Response, HttpError>>;
+}
+
+/// HTTP/1.1 over TCP.
+pub struct HttpRpc;
+
+impl PeerRpc for HttpRpc {
+    fn call<'a>(
+        &'a self,
+        addr: &'a str,
+        path: &'a str,
+        token: Option<&'a str>,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Response, HttpError>> {
+        let method = if body.is_some() { "POST" } else { "GET" };
+        Box::pin(httpc::request(method, addr, path, token, body, timeout))
+    }
+}
+
+/// Everything an agent needs from outside, as trait objects.
+#[derive(Clone)]
+pub struct AgentIo {
+    pub clock: Arc<dyn Clock>,
+    pub heartbeats: Arc<dyn HeartbeatTransport>,
+    pub disk: Arc<dyn SlotDevice>,
+    pub rpc: Arc<dyn PeerRpc>,
+    pub driver: Arc<dyn VmDriver>,
+    /// Whether to run the software watchdog thread (it reads the real clock; a simulator that
+    /// freezes hosts itself turns it off).
+    pub os_watchdog: bool,
+}
+
+impl AgentIo {
+    /// The production wiring: monotonic clock, UDP, a file or block device, HTTP.
+    pub async fn production(
+        heartbeat_addr: SocketAddr,
+        heartbeat_disk: &Path,
+        driver: Arc<dyn VmDriver>,
+    ) -> Result<AgentIo, crate::agent::AgentError> {
+        let heartbeats = UdpTransport::bind(heartbeat_addr)
+            .await
+            .map_err(|source| crate::agent::AgentError::Bind { what: "heartbeat socket", addr: heartbeat_addr, source })?;
+        Ok(AgentIo {
+            clock: Arc::new(MonotonicClock::new()),
+            heartbeats: Arc::new(heartbeats),
+            disk: Arc::new(FileSlotDevice::open(heartbeat_disk)?),
+            rpc: Arc::new(HttpRpc),
+            driver,
+            os_watchdog: true,
+        })
+    }
+}
