@@ -148,7 +148,12 @@ fn one_host_losing_the_heartbeat_disk_while_the_network_is_fine_is_neither_fence
 
 #[test]
 fn agent_restart_recovers_committed_state_from_disk() -> Result<()> {
-    let mut lab = lab(33, |_| {})?;
+    // A regular file stands in for /dev/watchdog (this machine has none): it grows while agents
+    // feed it and must stop growing when they are gone (a real watchdog would then reset).
+    let watchdog = std::env::temp_dir().join(format!("tandem-watchdog-{}", std::process::id()));
+    std::fs::write(&watchdog, b"")?;
+    let mut lab = lab(33, |o| o.extra_config = format!("watchdog = {{ enabled = true, device = \"{}\" }}\n", watchdog.display()))?;
+    assert!(std::fs::metadata(&watchdog)?.len() > 0, "no agent fed the watchdog");
     create_and_start(&lab, &[process_vm("x", "protect", 0), process_vm("y", "best-effort", 0), process_vm("z", "protect", 0)])?;
     lab.client(0).post("/v1/vms", &process_vm("stopped1", "protect", 0)).map_err(|e| anyhow!("{e}"))?;
     let before: Vec<Value> = lab.vms(0)?;
@@ -157,6 +162,10 @@ fn agent_restart_recovers_committed_state_from_disk() -> Result<()> {
         lab.power_off(i);
     }
     assert!(lab.running().is_empty());
+    let fed = std::fs::metadata(&watchdog)?.len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(std::fs::metadata(&watchdog)?.len(), fed, "the watchdog was fed with every agent dead");
+    std::fs::write(&watchdog, b"")?;
     lab.start_all()?;
     lab.wait_all_active(Duration::from_secs(30))?;
     let after = wait_until(Duration::from_secs(30), || {
@@ -167,7 +176,11 @@ fn agent_restart_recovers_committed_state_from_disk() -> Result<()> {
     assert_eq!(names(&before), names(&after), "committed state changed across restart");
     wait_until(Duration::from_secs(30), || (lab.running().len() == 3).then_some(()))?;
     assert!(!lab.running().contains_key("stopped1"));
-    lab.assert_no_double_run()
+    assert!(std::fs::metadata(&watchdog)?.len() > 0, "restarted agents do not feed the watchdog");
+    lab.assert_no_double_run()?;
+    drop(lab);
+    let _ = std::fs::remove_file(&watchdog);
+    Ok(())
 }
 
 fn cli(lab: &Lab, args: &[&str]) -> std::process::Output {
