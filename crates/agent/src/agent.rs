@@ -31,6 +31,25 @@ use tandem_drivers::qemu::QemuDriver;
 use tandem_drivers::{VmDriver, VmExit, VmLaunch};
 use thiserror::Error;
 
+/// Sets the reset timeout of a watchdog character device (WDIOC_SETTIMEOUT); a regular file
+/// standing in for one in tests has no timeout to set.
+fn set_watchdog_timeout(f: &std::fs::File, timeout_s: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::io::AsRawFd;
+    if !f.metadata()?.file_type().is_char_device() {
+        return Ok(());
+    }
+    // _IOWR('W', 6, int)
+    const WDIOC_SETTIMEOUT: libc::c_ulong = 0xC004_5706;
+    let mut secs = libc::c_int::try_from(timeout_s).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the ioctl reads and writes one int through a valid pointer on an open descriptor.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), WDIOC_SETTIMEOUT as _, &mut secs) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Restarts of one crashed VM allowed on this host within [`RESTART_WINDOW_MS`].
 const MAX_LOCAL_RESTARTS: usize = 3;
 const RESTART_WINDOW_MS: u64 = 60_000;
@@ -116,7 +135,10 @@ pub struct Agent {
     disk: HeartbeatDisk,
     rpc: Arc<dyn PeerRpc>,
     os_watchdog: bool,
+    unsafe_skip_fence_wait: bool,
     last_tick: AtomicU64,
+    /// The open hardware watchdog, when configured; `stop` disarms it.
+    hw_watchdog: Mutex<Option<std::fs::File>>,
     stopping: AtomicBool,
 }
 
@@ -168,7 +190,7 @@ impl Agent {
         std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
         let incarnation = next_incarnation(&cfg.data_dir).map_err(dd)?;
         let me = cfg.host();
-        let AgentIo { clock, heartbeats, disk, rpc, driver, os_watchdog } = io;
+        let AgentIo { clock, heartbeats, disk, rpc, driver, os_watchdog, unsafe_skip_fence_wait } = io;
         let disk = HeartbeatDisk::new(disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms));
         let token = key.peer_token();
         let consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc)).await?;
@@ -191,7 +213,9 @@ impl Agent {
             disk,
             rpc,
             os_watchdog,
+            unsafe_skip_fence_wait,
             last_tick: AtomicU64::new(0),
+            hw_watchdog: Mutex::new(None),
             stopping: AtomicBool::new(false),
             cfg,
         }))
@@ -215,6 +239,19 @@ impl Agent {
     /// Marks the agent as stopping: loops end, VMs are left to the launcher's death signal.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        // A deliberate stop takes the VMs down with the agent: disarm the watchdog (the "magic
+        // close") so that the host is not reset as well.
+        if let Some(mut f) = lock(&self.hw_watchdog).take() {
+            use std::io::Write;
+            let _ = f.write_all(b"V");
+        }
+    }
+
+    /// Stops the loops and consensus, as a crash would: a simulator uses it to take a host
+    /// down and later open a new agent on the same data directory.
+    pub async fn shutdown(&self) {
+        self.stop();
+        self.consensus.shutdown().await;
     }
 
     fn interval(&self) -> Duration {
@@ -249,43 +286,59 @@ impl Agent {
         lock(&self.status).fenced.is_some()
     }
 
+    /// Whether this host may start a VM right now: joined in the epoch committed state has for
+    /// it, not fenced, and holding its liveness lease at this instant. Checked when reconciling
+    /// and again just before each start, because a pause can fall between the two.
+    fn may_start_vms(&self) -> bool {
+        let st = self.status();
+        st.fenced.is_none() && st.joined_epoch.is_some() && lock(&self.liveness).lease_valid(self.clock.now())
+    }
+
     /// A software watchdog thread (a stalled runtime still kills its VMs in time) and, when
     /// configured, the hardware watchdog (a hung host is reset).
     fn start_watchdogs(self: &Arc<Self>) -> Result<(), AgentError> {
         if !self.os_watchdog {
             return Ok(());
         }
-        let hw = if self.cfg.watchdog.enabled {
+        if self.cfg.watchdog.enabled {
             let path = self.cfg.watchdog.device.clone();
-            Some(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?,
-            )
-        } else {
-            None
-        };
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?;
+            set_watchdog_timeout(&f, self.cfg.watchdog.timeout_s)
+                .map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?;
+            *lock(&self.hw_watchdog) = Some(f);
+        }
         let a = Arc::clone(self);
         let limit = self.cfg.timings.self_fence_ms;
         std::thread::Builder::new()
             .name("tandem-watchdog".into())
             .spawn(move || {
                 use std::io::Write;
-                let mut hw = hw;
                 let mut tripped = false;
-                loop {
+                while !a.stopping.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(50));
                     let last = a.last_tick.load(Ordering::SeqCst);
                     let stalled = last > 0 && a.clock.now().since(Millis(last)) > limit;
                     if stalled && !tripped {
                         tripped = true;
-                        let n = a.driver.kill_all();
-                        tracing::error!(killed = n, "liveness loop stalled past self_fence_ms: killed every VM");
+                        // The loop that proves we are alive has not run: peers may already count
+                        // down our fence deadline. Fence now (kill, and rejoin before anything runs
+                        // again) rather than only kill, so a reconcile pass that was scheduled
+                        // before the pause cannot start the VMs again from stale state.
+                        let now = a.clock.now();
+                        let silent_ms = now.since(Millis(last));
+                        if a.is_fenced() {
+                            a.driver.kill_all();
+                        } else {
+                            a.fence(FenceReason::Isolated { silent_ms }, now);
+                        }
+                        tracing::error!(silent_ms, "liveness loop stalled past self_fence_ms: fenced, every VM killed");
                     }
                     if !stalled {
                         tripped = false;
-                        if let Some(f) = hw.as_mut() {
+                        if let Some(f) = lock(&a.hw_watchdog).as_mut() {
                             let _ = f.write_all(b"\0");
                         }
                     }
@@ -548,7 +601,11 @@ impl Agent {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         while !self.stopping.load(Ordering::SeqCst) {
             tick.tick().await;
-            if !self.consensus.is_leader() || self.status().joined_epoch.is_none() || self.is_fenced() {
+            // A fenced host that still leads consensus keeps coordinating: otherwise a leader that
+            // lost a pairwise partition (it still reaches a majority, so nobody replaces it)
+            // would leave its own VMs, and everyone else's, without a coordinator.
+            let st = self.status();
+            if !self.consensus.is_leader() || (st.joined_epoch.is_none() && st.fenced.is_none()) {
                 continue;
             }
             let Some(a) = self.assessment() else { continue };
@@ -563,7 +620,7 @@ impl Agent {
             s.active_hosts()
                 .iter()
                 .filter(|h| {
-                    *h == self.me
+                    (*h == self.me && !self.is_fenced())
                         || a.peer(*h).is_some_and(|p| p.liveness == HostLiveness::Alive && p.fenced_epoch.is_none())
                 })
                 .collect()
@@ -572,14 +629,23 @@ impl Agent {
 
     async fn fail_over_hosts(&self, a: &Assessment) {
         let now = self.clock.now();
+        let own_fence = self.status().fenced;
         let candidates: Vec<(HostId, u64, String)> = self.consensus.with_state(|s| {
             s.hosts
                 .values()
-                .filter(|h| h.status == HostStatus::Active && h.id != self.me)
+                .filter(|h| h.status == HostStatus::Active)
                 .filter_map(|h| {
+                    if h.id == self.me {
+                        // Fencing killed our VMs synchronously before this flag was set, and
+                        // nothing starts here while it is set: our VMs may move at once.
+                        return own_fence.map(|r| (h.id, h.epoch, format!("{} (the coordinator) fenced itself: {r}", h.name)));
+                    }
                     let p = a.peer(h.id)?;
                     if p.fenced_epoch == Some(h.epoch) {
                         return Some((h.id, h.epoch, format!("{} reports itself fenced in epoch {}", h.name, h.epoch)));
+                    }
+                    if self.unsafe_skip_fence_wait && p.liveness != HostLiveness::Alive && p.liveness != HostLiveness::Unknown {
+                        return Some((h.id, h.epoch, format!("UNSAFE: {} not heard; fence deadline skipped", h.name)));
                     }
                     let deadline = p.fence_deadline?;
                     (p.liveness == HostLiveness::Dead && now >= deadline).then(|| {
@@ -741,7 +807,10 @@ impl Agent {
                 let _ = self.submit(Command::Release { name, host: self.me, generation }).await;
             }
         }
-        // Wanted but not running: start.
+        // Wanted but not running: start, if we hold the lease.
+        if !self.may_start_vms() {
+            return;
+        }
         for (name, generation) in wanted {
             if live_names.contains(name.as_str()) {
                 continue;
@@ -752,6 +821,10 @@ impl Agent {
             }
             let a = Arc::clone(self);
             tokio::spawn(async move {
+                if !a.may_start_vms() {
+                    lock(&a.scratch).starting.remove(&name);
+                    return;
+                }
                 let launch = VmLaunch { spec, generation };
                 match a.driver.start(&launch).await {
                     Ok(()) => a.events.record("vm-started", Some(&name), Some(&a.cfg.name), format!("{name} started on {} (generation {generation})", a.cfg.name)),

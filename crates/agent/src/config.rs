@@ -20,17 +20,31 @@ pub enum DriverKind {
 }
 
 /// Hardware watchdog use.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WatchdogConfig {
     #[serde(default)]
     pub enabled: bool,
     #[serde(default = "default_watchdog")]
     pub device: PathBuf,
+    /// Seconds without a feed before the watchdog resets the host (set on the device with
+    /// WDIOC_SETTIMEOUT). It must expire before any peer's fence deadline for this host.
+    #[serde(default = "default_watchdog_timeout")]
+    pub timeout_s: u64,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig { enabled: false, device: default_watchdog(), timeout_s: default_watchdog_timeout() }
+    }
 }
 
 fn default_watchdog() -> PathBuf {
     PathBuf::from("/dev/watchdog")
+}
+
+fn default_watchdog_timeout() -> u64 {
+    2
 }
 
 /// One host's agent configuration.
@@ -97,6 +111,8 @@ pub enum ConfigError {
     },
     #[error("watchdog is enabled but {0} does not exist")]
     NoWatchdog(String),
+    #[error("watchdog timeout_s = {timeout_s} is unsafe: the agent stops feeding it self_fence_ms after its last tick, so the reset comes {reset_ms} ms after it, which must be before peers may restart its VMs ({deadline_ms} ms); use 1 to {max_s} s")]
+    WatchdogTimeout { timeout_s: u64, reset_ms: u64, deadline_ms: u64, max_s: u64 },
     #[error("api_addr and heartbeat_addr must differ or use different protocols' ports: both are {0}")]
     SameAddr(SocketAddr),
     #[error("capacity must offer at least 1 vCPU and 16 MiB")]
@@ -133,6 +149,15 @@ impl AgentConfig {
         self.timings.validate()?;
         if self.watchdog.enabled && !self.watchdog.device.exists() {
             return Err(ConfigError::NoWatchdog(self.watchdog.device.display().to_string()));
+        }
+        // A hung host is reset at most self_fence + timeout after its last liveness tick; peers
+        // restart its VMs no earlier than peer_timeout + fence_wait after its last heartbeat.
+        let t = &self.timings;
+        let deadline_ms = t.peer_timeout_ms + t.fence_wait_ms();
+        let reset_ms = t.self_fence_ms + self.watchdog.timeout_s.saturating_mul(1000) + t.clock_margin_ms;
+        if self.watchdog.enabled && (self.watchdog.timeout_s == 0 || reset_ms >= deadline_ms) {
+            let max_s = deadline_ms.saturating_sub(t.self_fence_ms + t.clock_margin_ms + 1) / 1000;
+            return Err(ConfigError::WatchdogTimeout { timeout_s: self.watchdog.timeout_s, reset_ms, deadline_ms, max_s });
         }
         Ok(())
     }
@@ -211,6 +236,7 @@ peer_timeout_ms = 4000
             (format!("{GOOD}\nbogus_key = 1\n"), "not valid"),
             (GOOD.replace("127.0.0.1:7101", "127.0.0.1:7001"), "must differ"),
             (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/nonexistent/wd\" }\n[timings]"), "watchdog"),
+            (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/dev/null\", timeout_s = 60 }\n[timings]"), "timeout_s = 60 is unsafe"),
         ];
         for (text, needle) in cases {
             let err = AgentConfig::parse(&text, "test").expect_err("must be refused");

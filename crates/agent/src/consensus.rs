@@ -37,6 +37,7 @@ openraft::declare_raft_types!(
         Node = BasicNode,
         Entry = Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = crate::raft_runtime::SeededTokio,
 );
 
 type Raft = openraft::Raft<TypeConfig>;
@@ -463,6 +464,13 @@ impl Consensus {
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
         let raft = Raft::new(me, config, Network { token, rpc }, log, sm).await.map_err(Box::new)?;
         Ok(Consensus { raft, data, applied_rx, me })
+    }
+
+    /// Stops openraft (its tasks end and release the database), as on a crash.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::debug!("raft shutdown: {e}");
+        }
     }
 
     /// A copy of the committed desired state as applied on this host.

@@ -9,3 +9,4 @@ pub mod disk;
 pub mod events;
 pub mod httpc;
 pub mod io;
+pub mod raft_runtime;

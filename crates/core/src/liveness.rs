@@ -285,6 +285,24 @@ impl Liveness {
         self.counters.late_disk_writes += 1;
     }
 
+    /// The last moment we know the others could see us: a heartbeat a majority acknowledged, or
+    /// a slot write that landed in time (or our own start).
+    fn last_proof_of_life(&self) -> Option<Millis> {
+        [self.majority_acked_at(), self.last_disk_write_ok, Some(self.started)].into_iter().flatten().max()
+    }
+
+    /// Whether this host may start a VM at `now`: its proof of life is younger than
+    /// `self_fence_ms` and it is not on a losing side. Peers fail a host over only after it has
+    /// been silent for longer than that (plus the kill grace and clock margin), so a start gated
+    /// on this lease can never overlap the VM's restart elsewhere — even right after a long pause,
+    /// when the liveness loop has not yet run to notice it.
+    #[must_use]
+    pub fn lease_valid(&self, now: Millis) -> bool {
+        let alone = self.members.len() == 1;
+        let fresh = alone || self.last_proof_of_life().is_some_and(|l| now.since(l) < self.timings.self_fence_ms);
+        fresh && self.losing_since.is_none()
+    }
+
     /// The hosts we hear on the network now (ourselves included).
     #[must_use]
     pub fn heard(&self, now: Millis) -> HostSet {
@@ -333,8 +351,12 @@ impl Liveness {
             disk_alive.insert(self.me);
         }
         let mut reports: BTreeMap<HostId, HostSet> = BTreeMap::new();
+        // A fenced host that still writes its slot is alive and connected as far as it reports:
+        // it takes part in the partition decision like any other. Leaving it out once let a
+        // majority side {fenced h1, h2} count as the lone h2 and lose a tie to a cut-off h0
+        // (simulator seed 17).
         for (h, p) in &self.peers {
-            if slot_fresh(p) && !p.slot.is_some_and(|s| s.fenced) {
+            if slot_fresh(p) {
                 disk_alive.insert(*h);
                 if let Some(s) = p.slot {
                     reports.insert(*h, s.heard);
@@ -392,8 +414,7 @@ impl Liveness {
             None => self.members.len() < 2,
             Some(a) => now.since(a) < t.peer_timeout_ms,
         };
-        let last_ok = [majority_at, self.last_disk_write_ok, Some(self.started)].into_iter().flatten().max();
-        let silent_ms = last_ok.map_or(0, |l| now.since(l));
+        let silent_ms = self.last_proof_of_life().map_or(0, |l| now.since(l));
         let alone = self.members.len() == 1;
 
         let survival = if disk_alive.contains(self.me) {
@@ -502,6 +523,40 @@ mod tests {
         assert!(a.peers.iter().all(|p| p.liveness == HostLiveness::Alive));
         assert_eq!(a.fence, None);
         assert!(a.has_majority);
+    }
+
+    /// After a long pause (SIGSTOP, a frozen VM host) the lease has lapsed before the liveness
+    /// loop runs again: nothing may start, and heartbeats queued during the pause that acknowledge
+    /// our old sequence numbers do not renew it.
+    #[test]
+    fn lease_lapses_during_a_pause_and_stale_acks_do_not_renew_it() {
+        let mut l = three(0);
+        run(&mut l, 0, 4000, |_, _| true);
+        assert!(l.lease_valid(Millis(4000)));
+        assert!(l.lease_valid(Millis(3800 + T.self_fence_ms - 1)));
+        let resumed = Millis(12_000);
+        assert!(!l.lease_valid(resumed), "lease must lapse after self_fence_ms of silence");
+        // Heartbeats that waited in the socket buffer ack the last sequence sent before the pause.
+        for p in [1u32, 2] {
+            l.heartbeat_received(&hb(p, 100 + u64::from(p), &[0, 1, 2], Some((0, 20))), resumed).expect("fresh");
+        }
+        assert!(!l.lease_valid(resumed));
+        assert!(l.assess(resumed).fence.is_some(), "the first assessment after the pause fences");
+    }
+
+    #[test]
+    fn a_host_on_the_losing_side_holds_no_lease() {
+        let mut l = three(0);
+        run(&mut l, 0, 4000, |_, _| true);
+        // Peers 1 and 2 still write their slots but no longer hear host 0: host 0 loses.
+        let mut slots = vec![SlotRead::Empty; 3];
+        slots[0] = slot(0, 99, &[0], false);
+        slots[1] = slot(1, 99, &[1, 2], false);
+        slots[2] = slot(2, 99, &[1, 2], false);
+        l.disk_written(Millis(4000), Millis(4001));
+        l.disk_read(&slots, Millis(4002));
+        let _ = l.assess(Millis(4003));
+        assert!(!l.lease_valid(Millis(4003)), "a host about to fence must not start VMs");
     }
 
     #[test]

@@ -33,7 +33,8 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn check_interrupt() -> Result<()> {
+/// Fails once Ctrl-C or SIGTERM arrived, so the caller unwinds and its guards clean up.
+pub fn check_interrupt() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; cleaning up");
     }
@@ -128,17 +129,23 @@ fn service_up(lab: &Lab, driver: &str, i: u32, host: &str) -> bool {
     }
 }
 
+/// Routes Ctrl-C and SIGTERM to a flag that [`check_interrupt`] reads: the run stops at its next
+/// check and its guards remove every process, namespace and file it made.
+pub fn install_interrupt_handler() {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
 fn secs(ms: i64) -> f64 {
     (ms as f64 / 10.0).round() / 100.0
 }
 
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> Result<()> {
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
-    }
+    install_interrupt_handler();
     let guest = guest_dir(args);
     let have_guest = guest.join("vmlinuz").exists() && guest.join("initrd.img").exists();
     let driver = match args.driver.as_str() {

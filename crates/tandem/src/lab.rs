@@ -111,6 +111,14 @@ pub fn lab_processes(lab: &str) -> Vec<(u32, BTreeMap<String, String>)> {
         .collect()
 }
 
+/// Whether `pid` is stopped by a signal (SIGSTOP) or traced.
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next()?.split_whitespace().next().map(|st| st == "T" || st == "t"))
+        .unwrap_or(false)
+}
+
 impl Recorder {
     fn start(lab: String) -> Recorder {
         let stop = Arc::new(AtomicBool::new(false));
@@ -124,6 +132,10 @@ impl Recorder {
                 let mut by_vm: BTreeMap<String, Vec<String>> = BTreeMap::new();
                 for (pid, env) in lab_processes(&lab) {
                     let (Some(vm), Some(host)) = (env.get("TANDEM_VM"), env.get("TANDEM_HOST")) else { continue };
+                    // A stopped (frozen) process executes nothing; it counts again once thawed.
+                    if is_stopped(pid) {
+                        continue;
+                    }
                     by_vm.entry(vm.clone()).or_default().push(host.clone());
                     let mut inst = i.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     inst.entry(pid)
@@ -218,7 +230,8 @@ impl Lab {
                 driver = opts.driver,
                 vcpus = opts.capacity.0,
                 mem = opts.capacity.1,
-                extra = opts.extra_config,
+                // `{data}` in the extra config stands for this host's data directory.
+                extra = opts.extra_config.replace("{data}", &data.display().to_string()),
             );
             std::fs::write(&config, text)?;
             hosts.push(LabHost { id: i, name, ip, api, config, data, child: None, prefix });
@@ -287,6 +300,40 @@ impl Lab {
         }
     }
 
+    /// Kills only host `i`'s agent (SIGKILL); its workloads die through their parent-death signal.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.hosts[i].child.take() {
+            kill_pid(c.id());
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether host `i`'s agent was started and not killed by the lab.
+    #[must_use]
+    pub fn is_up(&self, i: usize) -> bool {
+        self.hosts[i].child.is_some()
+    }
+
+    /// Reaps host `i`'s agent if something else killed it (a watchdog reset); true if it had died.
+    pub fn reap(&mut self, i: usize) -> bool {
+        let dead = self.hosts[i].child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if dead {
+            self.hosts[i].child = None;
+        }
+        dead
+    }
+
+    /// PIDs of the workloads host `i` runs, read from /proc.
+    #[must_use]
+    pub fn workload_pids(&self, i: usize) -> Vec<(u32, String)> {
+        let name = &self.hosts[i].name;
+        lab_processes(&self.id)
+            .into_iter()
+            .filter(|(_, env)| env.get("TANDEM_HOST") == Some(name))
+            .filter_map(|(p, env)| Some((p, env.get("TANDEM_VM")?.clone())))
+            .collect()
+    }
+
     /// The PID of host `i`'s agent process (for SIGSTOP and the like).
     #[must_use]
     pub fn agent_pid(&self, i: usize) -> Option<u32> {
@@ -344,6 +391,22 @@ impl Lab {
             .into_iter()
             .filter_map(|(_, env)| Some((env.get("TANDEM_VM")?.clone(), env.get("TANDEM_HOST")?.clone())))
             .collect()
+    }
+
+    /// Every workload process that is not stopped, as (VM, host); a VM may appear twice.
+    #[must_use]
+    pub fn running_instances(&self) -> Vec<(String, String)> {
+        lab_processes(&self.id)
+            .into_iter()
+            .filter(|(pid, _)| !is_stopped(*pid))
+            .filter_map(|(_, env)| Some((env.get("TANDEM_VM")?.clone(), env.get("TANDEM_HOST")?.clone())))
+            .collect()
+    }
+
+    /// Every workload process, as (pid, VM).
+    #[must_use]
+    pub fn running_pids(&self) -> Vec<(u32, String)> {
+        lab_processes(&self.id).into_iter().filter_map(|(pid, env)| Some((pid, env.get("TANDEM_VM")?.clone()))).collect()
     }
 
     /// Events recorded by every live host, merged and sorted by time.

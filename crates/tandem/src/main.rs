@@ -62,6 +62,10 @@ enum Cmd {
     },
     /// Start a three-host cluster on this machine, cut one host's power, and measure recovery.
     Demo(tandem::demo::DemoArgs),
+    /// Real fault injection (root): agents in network namespaces, seeded faults, invariant checks.
+    Chaos(tandem::chaos::ChaosArgs),
+    /// Deterministic simulation of whole clusters (real agents, simulated world), seed by seed.
+    Sim(tandem::sim::SimArgs),
 }
 
 #[derive(Subcommand)]
@@ -209,7 +213,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
         }
     };
     match &cli.command {
-        Cmd::Agent { .. } | Cmd::Demo(_) => Ok(()),
+        Cmd::Agent { .. } | Cmd::Demo(_) | Cmd::Chaos(_) | Cmd::Sim(_) => Ok(()),
         Cmd::Cluster { op: ClusterOp::Init } => {
             let v = c.post("/v1/cluster/init", &json!({}))?;
             show(out, &v, kv);
@@ -344,6 +348,20 @@ fn main() {
             Err(e) => {
                 eprintln!("tandem agent: {e:#}");
                 2
+            }
+        },
+        Cmd::Sim(args) => match tandem::sim::run(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tandem sim: {e:#}");
+                1
+            }
+        },
+        Cmd::Chaos(args) => match tandem::chaos::run(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tandem chaos: {e:#}");
+                1
             }
         },
         Cmd::Demo(args) => match tandem::demo::run(args) {

@@ -128,6 +128,41 @@ impl NetLab {
         run("ip", &args)
     }
 
+    /// Stops random loss on host `i`.
+    pub fn stop_losing(&self, i: usize) -> Result<()> {
+        run("ip", &["netns", "exec", &self.host_ns(i), "nft", "delete", "table", "inet", "tandemloss"])
+    }
+
+    fn cut_table(&self, i: usize, chains: &[(&str, &str)]) -> Result<()> {
+        let ns = self.host_ns(i);
+        let _ = run("ip", &["netns", "exec", &ns, "nft", "delete", "table", "inet", "tandemcut"]);
+        run("ip", &["netns", "exec", &ns, "nft", "add", "table", "inet", "tandemcut"])?;
+        for (hook, rule) in chains {
+            let spec = format!("{{ type filter hook {hook} priority 0 ; policy accept ; }}");
+            run("ip", &["netns", "exec", &ns, "nft", "add", "chain", "inet", "tandemcut", hook, &spec])?;
+            let mut args = vec!["netns", "exec", &ns, "nft", "add", "rule", "inet", "tandemcut", hook];
+            args.extend(rule.split(' '));
+            run("ip", &args)?;
+        }
+        Ok(())
+    }
+
+    /// One-way partition: nothing host `i` sends leaves it, but it still hears everyone.
+    pub fn block_outbound(&self, i: usize) -> Result<()> {
+        self.cut_table(i, &[("output", "oifname eth0 drop")])
+    }
+
+    /// Pairwise partition: hosts `i` and `j` no longer reach each other; both still reach the rest.
+    pub fn block_pair(&self, i: usize, j: usize) -> Result<()> {
+        let other = self.host_ip(j);
+        self.cut_table(i, &[("output", &format!("ip daddr {other} drop")), ("input", &format!("ip saddr {other} drop"))])
+    }
+
+    /// Removes the rules of `block_outbound` / `block_pair` on host `i`.
+    pub fn unblock(&self, i: usize) -> Result<()> {
+        run("ip", &["netns", "exec", &self.host_ns(i), "nft", "delete", "table", "inet", "tandemcut"])
+    }
+
     /// How many packets the loss rule of host `i` dropped.
     pub fn lost_udp(&self, i: usize) -> Result<u64> {
         let ns = self.host_ns(i);

@@ -1,0 +1,579 @@
+//! Deterministic simulation of whole Tandem clusters.
+//!
+//! Several complete agents — the real `tandem-agent` runtime with its openraft consensus, redb
+//! storage, liveness, fencing, coordinator and reconciler — run in one process on one thread, in
+//! paused tokio time. Only the world around them is simulated ([`world`]): the network (loss,
+//! duplication, delay, full / one-way / pairwise partitions), the shared heartbeat disk (errors
+//! and hangs for one host or all), the hypervisor, and per-host clocks with drift. Faults are
+//! drawn from a seed; the same seed replays the same run and the same trace.
+//!
+//! Invariants are checked while the run goes on: `double-run` at every VM start, `healthy-fenced`
+//! at every fencing, `not-recovered` a bounded time after a host failure, `state-lost` and
+//! `wrong-host` at every quiet point and at the end.
+
+pub mod world;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_agent::agent::Agent;
+use tandem_agent::config::AgentConfig;
+use tandem_agent::io::AgentIo;
+use world::{lock, DiskMode, SimClock, SimDisk, SimDriver, SimRpc, SimTransport, World};
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub seed: u64,
+    pub hosts: u32,
+    /// Virtual seconds of faults (the run then heals everything and settles).
+    pub duration_s: u64,
+    /// Protected VMs created at the start.
+    pub vms: u32,
+    /// Print the trace as the run goes.
+    pub verbose: bool,
+    /// Mutation: the coordinator skips the fence deadline (the simulator must catch it).
+    pub unsafe_skip_fence_wait: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions { seed: 1, hosts: 3, duration_s: 120, vms: 6, verbose: false, unsafe_skip_fence_wait: false }
+    }
+}
+
+/// What a run found.
+#[derive(Clone, Debug, Default)]
+pub struct SimReport {
+    pub seed: u64,
+    pub simulated_ms: u64,
+    pub faults: BTreeMap<&'static str, u32>,
+    pub violations: Vec<String>,
+    pub trace: Vec<String>,
+    /// FNV-1a of the trace: equal seeds must give equal hashes.
+    pub trace_hash: u64,
+}
+
+const FAULT_KINDS: [&str; 13] = [
+    "partition-full",
+    "partition-one-way",
+    "partition-pair",
+    "message-loss",
+    "duplication-and-delay",
+    "disk-error-one",
+    "disk-hang-one",
+    "disk-error-all",
+    "power-loss",
+    "leader-loss",
+    "crash-restart",
+    "clock-drift",
+    "operator",
+];
+
+/// Bound within which a failed host's protected VMs must run again (virtual time).
+const RECOVERY_BOUND_MS: u64 = 20_000;
+
+struct Host {
+    cfg: AgentConfig,
+    agent: Option<Arc<Agent>>,
+    driver: Arc<SimDriver>,
+    drift_ppm: i64,
+    /// Until when (virtual ms) a fault may legitimately make this host fence.
+    excused_until: u64,
+    events_seen: u64,
+    incarnation: u64,
+}
+
+struct Sim {
+    world: Arc<World>,
+    hosts: Vec<Host>,
+    opts: SimOptions,
+    dir: PathBuf,
+    faults: BTreeMap<&'static str, u32>,
+    /// VM names the cluster acknowledged creating and has not been told to delete.
+    created: BTreeSet<String>,
+    /// (deadline ms, VMs that must run again, what failed).
+    pending_recoveries: Vec<(u64, Vec<String>, String)>,
+    next_vm: u32,
+}
+
+fn fnv(lines: &[String]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for l in lines {
+        for b in l.bytes().chain(std::iter::once(b'\n')) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Sim {
+    fn rand(&self, n: u64) -> u64 {
+        lock(&self.world.rng).below(n)
+    }
+
+    fn config(&self, i: u32) -> AgentConfig {
+        let (api, hb) = &self.world.addrs[i as usize];
+        let data = self.dir.join(format!("h{i}"));
+        let text = format!(
+            "host_id = {i}\nname = \"h{i}\"\napi_addr = \"{api}\"\nheartbeat_addr = \"{hb}\"\ndata_dir = \"{}\"\n\
+             heartbeat_disk = \"{}\"\nsecret_file = \"{}\"\ndriver = \"process\"\ncapacity = {{ vcpus = 64, memory_mib = 16384 }}\n",
+            data.display(),
+            self.dir.join("heartbeat.disk").display(),
+            self.dir.join("secret").display()
+        );
+        // The text is built here from valid parts; a failure is a bug in this function.
+        AgentConfig::parse(&text, "simulated host").unwrap_or_else(|e| panic!("simulated config: {e}"))
+    }
+
+    async fn boot(&mut self, i: u32) {
+        let w = Arc::clone(&self.world);
+        let h = &mut self.hosts[i as usize];
+        h.incarnation += 1;
+        let io = AgentIo {
+            clock: Arc::new(SimClock { world: Arc::clone(&w), boot: tokio::time::Instant::now(), drift_ppm: h.drift_ppm }),
+            heartbeats: Arc::new(SimTransport {
+                world: Arc::clone(&w),
+                me: i,
+                inbox: tokio::sync::Mutex::new(w.inbox(i)),
+                generation: h.incarnation,
+            }),
+            disk: Arc::new(SimDisk { world: Arc::clone(&w), me: i }),
+            rpc: Arc::new(SimRpc { world: Arc::clone(&w), me: i }),
+            driver: Arc::clone(&h.driver) as Arc<dyn tandem_drivers::VmDriver>,
+            os_watchdog: false,
+            unsafe_skip_fence_wait: self.opts.unsafe_skip_fence_wait,
+        };
+        lock(&w.cond).down.remove(&i);
+        match Agent::with_io(h.cfg.clone(), io).await {
+            Ok(agent) => {
+                if let Err(e) = agent.spawn_loops() {
+                    w.violation("sim-error", format!("h{i} loops: {e}"));
+                }
+                lock(&w.routers).insert(i, tandem_agent::api::router(Arc::clone(&agent)));
+                h.agent = Some(agent);
+                h.events_seen = 0;
+                w.log(format!("h{i} boots"));
+            }
+            Err(e) => w.violation("sim-error", format!("h{i} failed to start: {e}")),
+        }
+    }
+
+    async fn power_off(&mut self, i: u32) {
+        let w = Arc::clone(&self.world);
+        lock(&w.cond).down.insert(i);
+        lock(&w.routers).remove(&i);
+        w.power_off_vms(i);
+        if let Some(a) = self.hosts[i as usize].agent.take() {
+            a.shutdown().await;
+        }
+        // A fresh driver: the host's processes are gone.
+        self.hosts[i as usize].driver = Arc::new(SimDriver::new(Arc::clone(&w), i, format!("h{i}")));
+        w.log(format!("h{i} loses power"));
+    }
+
+    /// A request to host `i`'s API, as an operator's CLI would send it.
+    async fn api(&self, i: u32, method: &str, path: &str, body: Option<serde_json::Value>) -> Option<(u16, serde_json::Value)> {
+        let router = lock(&self.world.routers).get(&i).cloned()?;
+        let req = axum::http::Request::builder()
+            .uri(path)
+            .method(method)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.map(|b| b.to_string()).unwrap_or_default()))
+            .ok()?;
+        let call = async {
+            let resp = tower::ServiceExt::oneshot(router, req).await.ok()?;
+            let status = resp.status().as_u16();
+            let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.ok()?.to_bytes();
+            Some((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
+        };
+        tokio::time::timeout(Duration::from_secs(10), call).await.ok().flatten()
+    }
+
+    fn up(&self) -> Vec<u32> {
+        (0..self.opts.hosts).filter(|i| self.hosts[*i as usize].agent.is_some()).collect()
+    }
+
+    /// The committed VM list from the leader (or any host that answers).
+    async fn committed_vms(&self) -> Option<Vec<serde_json::Value>> {
+        let leader = self.leader().await;
+        let order: Vec<u32> = leader.into_iter().chain(self.up()).collect();
+        for i in order {
+            if let Some((200, v)) = self.api(i, "GET", "/v1/vms", None).await {
+                if let Some(list) = v.as_array() {
+                    return Some(list.clone());
+                }
+            }
+        }
+        None
+    }
+
+    async fn leader(&self) -> Option<u32> {
+        for i in self.up() {
+            if let Some((200, v)) = self.api(i, "GET", "/v1/status", None).await {
+                if v["consensus"]["role"] == "Leader" {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads new events from every agent into the trace; checks `healthy-fenced`.
+    async fn collect_events(&mut self) {
+        let now = self.world.now_ms();
+        for i in self.up() {
+            let after = self.hosts[i as usize].events_seen;
+            let Some((200, v)) = self.api(i, "GET", &format!("/v1/events?after={after}"), None).await else { continue };
+            for e in v.as_array().cloned().unwrap_or_default() {
+                let seq = e["seq"].as_u64().unwrap_or(0);
+                self.hosts[i as usize].events_seen = self.hosts[i as usize].events_seen.max(seq);
+                let kind = e["kind"].as_str().unwrap_or("?");
+                self.world.log(format!("h{i} event {kind}: {}", e["detail"].as_str().unwrap_or("")));
+                if kind == "fenced" && now > self.hosts[i as usize].excused_until {
+                    self.world.violation("healthy-fenced", format!("h{i} fenced although no fault touched it: {}", e["detail"]));
+                }
+            }
+        }
+    }
+
+    fn excuse(&mut self, hosts: &[u32], until_ms: u64) {
+        for h in hosts {
+            let e = &mut self.hosts[*h as usize].excused_until;
+            *e = (*e).max(until_ms);
+        }
+    }
+
+    /// VMs the committed state places on `host`, desired running.
+    async fn vms_on(&self, host: u32) -> Vec<String> {
+        let name = format!("h{host}");
+        self.committed_vms()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|v| v["desired"] == "running" && v["host"].as_str() == Some(name.as_str()))
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    async fn create_vm(&mut self, on: u32) {
+        let name = format!("vm{}", self.next_vm);
+        self.next_vm += 1;
+        let spec = serde_json::json!({ "name": name, "vcpus": 1, "memory_mib": 64, "protection": "protect", "priority": (self.next_vm % 3) as i32,
+                                       "driver": { "kind": "process", "command": ["sim"] } });
+        if let Some((200 | 201, _)) = self.api(on, "POST", "/v1/vms", Some(spec)).await {
+            self.created.insert(name.clone());
+            let _ = self.api(on, "POST", &format!("/v1/vms/{name}/start"), Some(serde_json::json!({}))).await;
+            self.world.log(format!("operator: created and started {name}"));
+        }
+    }
+
+    /// One fault, drawn from the seed; returns after it healed.
+    async fn fault(&mut self) {
+        let kind = FAULT_KINDS[self.rand(FAULT_KINDS.len() as u64) as usize];
+        let n = self.opts.hosts;
+        let up = self.up();
+        let target = up.get(self.rand(up.len() as u64) as usize).copied().unwrap_or(0);
+        let hold = Duration::from_millis(3_000 + self.rand(9_000));
+        let now = self.world.now_ms();
+        let until = now + hold.as_millis() as u64 + 15_000;
+        *self.faults.entry(kind).or_default() += 1;
+        let w = Arc::clone(&self.world);
+        match kind {
+            "partition-full" | "partition-one-way" => {
+                let before = self.vms_on(target).await;
+                w.log(format!("FAULT {kind} h{target} for {hold:?}"));
+                {
+                    let mut c = lock(&w.cond);
+                    for o in (0..n).filter(|o| *o != target) {
+                        c.blocked.insert((target, o));
+                        if kind == "partition-full" {
+                            c.blocked.insert((o, target));
+                        }
+                    }
+                }
+                self.excuse(&[target], until);
+                self.run_for(hold).await;
+                if hold.as_millis() as u64 > 9_000 && !before.is_empty() {
+                    // The majority has had time to fence-wait and restart them: they must run.
+                    self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
+                }
+                lock(&w.cond).blocked.clear();
+                w.log(format!("HEAL {kind} h{target}"));
+            }
+            "partition-pair" => {
+                let other = (target + 1 + self.rand(u64::from(n - 1)) as u32) % n;
+                w.log(format!("FAULT {kind} h{target} <-/-> h{other} for {hold:?}"));
+                {
+                    let mut c = lock(&w.cond);
+                    c.blocked.insert((target, other));
+                    c.blocked.insert((other, target));
+                }
+                self.excuse(&[target, other], until);
+                self.run_for(hold).await;
+                lock(&w.cond).blocked.clear();
+                w.log(format!("HEAL {kind}"));
+            }
+            "message-loss" => {
+                w.log(format!("FAULT {kind}: one datagram in three lost for {hold:?}"));
+                lock(&w.cond).loss_permille = 333;
+                self.run_for(hold).await;
+                lock(&w.cond).loss_permille = 0;
+                w.log(format!("HEAL {kind}"));
+            }
+            "duplication-and-delay" => {
+                w.log(format!("FAULT {kind}: 10% duplicated, up to 150 ms delay for {hold:?}"));
+                {
+                    let mut c = lock(&w.cond);
+                    c.dup_permille = 100;
+                    c.max_delay_ms = 150;
+                }
+                self.run_for(hold).await;
+                {
+                    let mut c = lock(&w.cond);
+                    c.dup_permille = 0;
+                    c.max_delay_ms = 2;
+                }
+                w.log(format!("HEAL {kind}"));
+            }
+            "disk-error-one" | "disk-hang-one" | "disk-error-all" => {
+                let mode = if kind == "disk-hang-one" { DiskMode::Hang } else { DiskMode::Fail };
+                let hosts: Vec<u32> = if kind == "disk-error-all" { (0..n).collect() } else { vec![target] };
+                w.log(format!("FAULT {kind} {hosts:?} for {hold:?}"));
+                for h in &hosts {
+                    lock(&w.cond).disk.insert(*h, mode);
+                }
+                // Losing the disk alone must fence nobody: no excuse.
+                self.run_for(hold).await;
+                lock(&w.cond).disk.clear();
+                w.log(format!("HEAL {kind}"));
+            }
+            "power-loss" | "leader-loss" | "crash-restart" => {
+                let victim = if kind == "leader-loss" { self.leader().await.unwrap_or(target) } else { target };
+                if self.up().len() as u32 <= n / 2 + 1 && n > 3 {
+                    // Keep a quorum of the voters up so that recovery is owed.
+                }
+                let before = self.vms_on(victim).await;
+                w.log(format!("FAULT {kind} h{victim} ({} VM(s)) for {hold:?}", before.len()));
+                self.excuse(&[victim], until);
+                self.power_off(victim).await;
+                if !before.is_empty() {
+                    self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{victim}")));
+                }
+                let down_for = if kind == "crash-restart" { Duration::from_millis(500 + self.rand(2_000)) } else { hold };
+                self.run_for(down_for).await;
+                self.boot(victim).await;
+                self.run_for(hold.saturating_sub(down_for)).await;
+            }
+            "clock-drift" => {
+                let ppm = self.rand(2_001) as i64 - 1_000;
+                w.log(format!("FAULT {kind}: h{target} clock runs {ppm} ppm off (from its next boot)"));
+                self.hosts[target as usize].drift_ppm = ppm;
+                self.run_for(hold).await;
+            }
+            _ => {
+                let on = up.first().copied().unwrap_or(0);
+                match self.rand(3) {
+                    0 => self.create_vm(on).await,
+                    1 => {
+                        let names: Vec<String> = self.created.iter().cloned().collect();
+                        if let Some(name) = names.get(self.rand(names.len() as u64) as usize) {
+                            self.forgive(name);
+                            let r = self.api(on, "POST", &format!("/v1/vms/{name}/stop"), Some(serde_json::json!({}))).await;
+                            w.log(format!("operator: stop {name} -> {:?}", r.map(|r| r.0)));
+                            self.run_for(Duration::from_secs(2)).await;
+                            let r = self.api(on, "POST", &format!("/v1/vms/{name}/start"), Some(serde_json::json!({}))).await;
+                            w.log(format!("operator: start {name} -> {:?}", r.map(|r| r.0)));
+                        }
+                    }
+                    _ => {
+                        let names: Vec<String> = self.created.iter().cloned().collect();
+                        if let Some(name) = names.get(self.rand(names.len() as u64) as usize) {
+                            self.forgive(name);
+                            let r = self.api(on, "POST", &format!("/v1/vms/{name}/stop"), Some(serde_json::json!({}))).await;
+                            self.run_for(Duration::from_secs(3)).await;
+                            let d = self.api(on, "DELETE", &format!("/v1/vms/{name}"), None).await;
+                            w.log(format!("operator: stop+delete {name} -> {:?} {:?}", r.map(|r| r.0), d.as_ref().map(|r| r.0)));
+                            if matches!(d, Some((200, _))) {
+                                self.created.remove(name);
+                            }
+                        }
+                    }
+                }
+                self.run_for(hold).await;
+            }
+        }
+        self.run_for(Duration::from_secs(2)).await;
+    }
+
+    /// Lets virtual time pass, collecting events and checking recovery deadlines.
+    async fn run_for(&mut self, d: Duration) {
+        let end = self.world.now_ms() + d.as_millis() as u64;
+        while self.world.now_ms() < end {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            self.collect_events().await;
+            self.check_recoveries();
+        }
+    }
+
+    /// A VM owed a recovery is settled the first time it is seen running again; one never seen
+    /// running by its deadline is a violation.
+    fn check_recoveries(&mut self) {
+        let now = self.world.now_ms();
+        let running = lock(&self.world.running).clone();
+        for (_, vms, _) in &mut self.pending_recoveries {
+            vms.retain(|v| self.created.contains(v) && running.get(v).is_none_or(BTreeMap::is_empty));
+        }
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_recoveries).into_iter().partition(|(d, _, _)| *d <= now);
+        self.pending_recoveries = rest.into_iter().filter(|(_, vms, _)| !vms.is_empty()).collect();
+        for (_, missing, what) in due.into_iter().filter(|(_, vms, _)| !vms.is_empty()) {
+            self.world.violation("not-recovered", format!("after {what}: {missing:?} not running within {RECOVERY_BOUND_MS} ms"));
+        }
+    }
+
+    /// The operator no longer wants `name` running: no recovery is owed for it.
+    fn forgive(&mut self, name: &str) {
+        for (_, vms, _) in &mut self.pending_recoveries {
+            vms.retain(|v| v != name);
+        }
+    }
+
+    /// With every fault healed and every host up: committed state keeps every VM, and each runs
+    /// exactly once, where committed state assigns it.
+    async fn settle_and_check(&mut self) {
+        let deadline = self.world.now_ms() + 60_000;
+        let mut problem = String::new();
+        while self.world.now_ms() < deadline {
+            self.run_for(Duration::from_secs(1)).await;
+            let Some(vms) = self.committed_vms().await else {
+                problem = "no agent answers".into();
+                continue;
+            };
+            let names: BTreeSet<String> = vms.iter().filter_map(|v| v["name"].as_str().map(str::to_string)).collect();
+            let lost: Vec<&String> = self.created.difference(&names).collect();
+            if !lost.is_empty() {
+                self.world.violation("state-lost", format!("acknowledged VMs {lost:?} are missing from committed state"));
+                return;
+            }
+            let running = lock(&self.world.running).clone();
+            let wrong: Vec<String> = vms
+                .iter()
+                .filter_map(|v| {
+                    let name = v["name"].as_str()?;
+                    let on: Vec<String> = running.get(name).map(|h| h.keys().map(|k| format!("h{k}")).collect()).unwrap_or_default();
+                    let want: Vec<String> = if v["desired"] == "running" { v["host"].as_str().map(str::to_string).into_iter().collect() } else { vec![] };
+                    (on != want).then(|| format!("{name}: assigned {want:?}, runs on {on:?}"))
+                })
+                .collect();
+            if wrong.is_empty() {
+                self.world.log("settled: every VM runs once, where committed state assigns it".into());
+                return;
+            }
+            problem = wrong.join("; ");
+        }
+        self.world.violation("wrong-host", format!("not settled 60 s after healing: {problem}"));
+    }
+}
+
+/// Runs one seed to the end and reports what it found.
+pub fn run(opts: &SimOptions) -> SimReport {
+    // Every source of randomness is seeded: tokio's (select! branch order), openraft's
+    // (election timeouts), and the world's own generator.
+    tandem_agent::raft_runtime::seed_thread_rng(opts.seed);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&opts.seed.to_le_bytes()))
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return SimReport { seed: opts.seed, violations: vec![format!("sim-error: runtime: {e}")], ..SimReport::default() };
+        }
+    };
+    rt.block_on(run_async(opts.clone()))
+}
+
+async fn run_async(opts: SimOptions) -> SimReport {
+    let dir = std::env::temp_dir().join(format!("tandem-sim-{}-{}", std::process::id(), opts.seed));
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("secret"), format!("sim-secret-{}-0123456789abcdef", opts.seed))) {
+        Ok(()) => simulate(opts.clone(), dir.clone()).await,
+        Err(e) => SimReport { seed: opts.seed, violations: vec![format!("sim-error: {e}")], ..SimReport::default() },
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}
+
+async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
+    let world = World::new(opts.seed, opts.hosts);
+    let mut sim = Sim {
+        world: Arc::clone(&world),
+        hosts: Vec::new(),
+        opts: opts.clone(),
+        dir,
+        faults: BTreeMap::new(),
+        created: BTreeSet::new(),
+        pending_recoveries: Vec::new(),
+        next_vm: 0,
+    };
+    for i in 0..opts.hosts {
+        let cfg = sim.config(i);
+        let driver = Arc::new(SimDriver::new(Arc::clone(&world), i, format!("h{i}")));
+        sim.hosts.push(Host { cfg, agent: None, driver, drift_ppm: 0, excused_until: 0, events_seen: 0, incarnation: 0 });
+    }
+    for i in 0..opts.hosts {
+        sim.boot(i).await;
+    }
+    sim.run_for(Duration::from_secs(1)).await;
+    let init = sim.api(0, "POST", "/v1/cluster/init", Some(serde_json::json!({}))).await;
+    world.log(format!("cluster init -> {:?}", init.map(|r| r.0)));
+    for i in 1..opts.hosts {
+        for _ in 0..20 {
+            let api = world.addrs[i as usize].0.clone();
+            if let Some((200, _)) = sim.api(0, "POST", "/v1/hosts/join", Some(serde_json::json!({ "api_addr": api }))).await {
+                world.log(format!("h{i} joined"));
+                break;
+            }
+            sim.run_for(Duration::from_millis(500)).await;
+        }
+    }
+    sim.run_for(Duration::from_secs(3)).await;
+    for _ in 0..opts.vms {
+        sim.create_vm(0).await;
+    }
+    sim.settle_and_check().await;
+    while world.now_ms() < opts.duration_s * 1000 {
+        sim.fault().await;
+        if opts.verbose {
+            for l in lock(&world.trace).iter() {
+                println!("{l}");
+            }
+            lock(&world.trace).clear();
+        }
+    }
+    for i in 0..opts.hosts {
+        if sim.hosts[i as usize].agent.is_none() {
+            sim.boot(i).await;
+        }
+    }
+    sim.settle_and_check().await;
+    let simulated_ms = world.now_ms();
+    for i in 0..opts.hosts {
+        if let Some(a) = sim.hosts[i as usize].agent.take() {
+            a.shutdown().await;
+        }
+    }
+    let trace = lock(&world.trace).clone();
+    let violations = lock(&world.violations).clone();
+    SimReport {
+        seed: opts.seed,
+        simulated_ms,
+        faults: sim.faults,
+        violations,
+        trace_hash: fnv(&trace),
+        trace,
+    }
+}

@@ -1,0 +1,465 @@
+//! The simulated world the agents live in: network, shared heartbeat disk, hypervisor and
+//! clocks. Everything here runs on one thread in virtual (paused tokio) time and draws its
+//! randomness from one seeded generator, so a seed replays exactly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tandem_agent::disk::DiskError;
+use tandem_agent::httpc::{HttpError, Response};
+use tandem_agent::io::{Clock, HeartbeatTransport, PeerRpc, SlotDevice};
+use tandem_core::wire::SLOT_SIZE;
+use tandem_core::{HostId, Millis};
+use tandem_drivers::{BoxFuture, DriverError, VmDriver, VmExit, VmLaunch, VmStatus};
+use tokio::sync::mpsc;
+
+/// SplitMix64: the simulation's only source of randomness.
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// True with probability `num / den`.
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How the shared heartbeat disk behaves for one host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskMode {
+    Ok,
+    /// Every I/O fails at once.
+    Fail,
+    /// Every I/O hangs until the mode changes back.
+    Hang,
+}
+
+/// Network and disk conditions, changed by faults.
+#[derive(Debug)]
+pub struct Conditions {
+    /// `blocked.contains(&(a, b))`: nothing from host a reaches host b.
+    pub blocked: BTreeSet<(u32, u32)>,
+    /// Hosts that are powered off.
+    pub down: BTreeSet<u32>,
+    /// Datagram loss, duplication: chance out of 1000.
+    pub loss_permille: u64,
+    pub dup_permille: u64,
+    /// Extra delay drawn up to this bound, per datagram and per RPC.
+    pub max_delay_ms: u64,
+    pub disk: BTreeMap<u32, DiskMode>,
+}
+
+/// A datagram waiting in a host's socket buffer: bytes and sender.
+type Datagram = (Vec<u8>, SocketAddr);
+
+/// What every simulated part shares.
+pub struct World {
+    pub rng: Mutex<Rng>,
+    pub cond: Mutex<Conditions>,
+    /// Heartbeat inboxes, by host.
+    inboxes: Mutex<BTreeMap<u32, mpsc::Sender<Datagram>>>,
+    /// API routers of the hosts that are up, by host.
+    pub routers: Mutex<BTreeMap<u32, axum::Router>>,
+    /// The shared heartbeat disk.
+    disk: Mutex<Vec<u8>>,
+    /// Which hosts run which VM now: VM → (host → generation).
+    pub running: Mutex<BTreeMap<String, BTreeMap<u32, u64>>>,
+    /// Invariant violations seen while running (double runs are caught at the start).
+    pub violations: Mutex<Vec<String>>,
+    /// Readable trace lines, in order.
+    pub trace: Mutex<Vec<String>>,
+    /// Virtual time origin.
+    pub origin: tokio::time::Instant,
+    /// Host → API address and heartbeat address.
+    pub addrs: Vec<(String, SocketAddr)>,
+}
+
+impl World {
+    pub fn new(seed: u64, hosts: u32) -> Arc<World> {
+        let addrs = (0..hosts)
+            .map(|i| {
+                let ip = format!("198.18.1.{}", 10 + i);
+                (format!("{ip}:7400"), SocketAddr::from(([198, 18, 1, 10 + i as u8], 7401)))
+            })
+            .collect();
+        Arc::new(World {
+            rng: Mutex::new(Rng(seed)),
+            cond: Mutex::new(Conditions {
+                blocked: BTreeSet::new(),
+                down: BTreeSet::new(),
+                loss_permille: 0,
+                dup_permille: 0,
+                max_delay_ms: 2,
+                disk: BTreeMap::new(),
+            }),
+            inboxes: Mutex::new(BTreeMap::new()),
+            routers: Mutex::new(BTreeMap::new()),
+            disk: Mutex::new(vec![0; SLOT_SIZE * tandem_core::hostset::MAX_HOSTS]),
+            running: Mutex::new(BTreeMap::new()),
+            violations: Mutex::new(Vec::new()),
+            trace: Mutex::new(Vec::new()),
+            origin: tokio::time::Instant::now(),
+            addrs,
+        })
+    }
+
+    /// Virtual milliseconds since the start.
+    pub fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    pub fn log(&self, line: String) {
+        let l = format!("{:>9.3} {line}", self.now_ms() as f64 / 1000.0);
+        lock(&self.trace).push(l);
+    }
+
+    pub fn violation(&self, what: &str, detail: String) {
+        self.log(format!("VIOLATION {what}: {detail}"));
+        lock(&self.violations).push(format!("{what} at {:.3} s: {detail}", self.now_ms() as f64 / 1000.0));
+    }
+
+    fn host_of_api(&self, addr: &str) -> Option<u32> {
+        self.addrs.iter().position(|(a, _)| a == addr).map(|i| i as u32)
+    }
+
+    fn host_of_hb(&self, addr: SocketAddr) -> Option<u32> {
+        self.addrs.iter().position(|(_, a)| *a == addr).map(|i| i as u32)
+    }
+
+    /// Whether a message from `a` reaches `b` now.
+    fn reaches(&self, a: u32, b: u32) -> bool {
+        let c = lock(&self.cond);
+        !c.down.contains(&a) && !c.down.contains(&b) && !c.blocked.contains(&(a, b))
+    }
+
+    fn delay(&self) -> Duration {
+        let max = lock(&self.cond).max_delay_ms;
+        Duration::from_millis(lock(&self.rng).below(max + 1))
+    }
+
+    pub fn disk_mode(&self, h: u32) -> DiskMode {
+        lock(&self.cond).disk.get(&h).copied().unwrap_or(DiskMode::Ok)
+    }
+
+    /// Registers host `h`'s heartbeat inbox (a restarted host gets a new one).
+    pub fn inbox(&self, h: u32) -> mpsc::Receiver<Datagram> {
+        let (tx, rx) = mpsc::channel(256);
+        lock(&self.inboxes).insert(h, tx);
+        rx
+    }
+
+    /// Every VM that host `h` runs dies (power loss).
+    pub fn power_off_vms(&self, h: u32) {
+        for hosts in lock(&self.running).values_mut() {
+            hosts.remove(&h);
+        }
+    }
+}
+
+/// A host's clock: virtual time since the host booted, running fast or slow by `drift_ppm`.
+pub struct SimClock {
+    pub world: Arc<World>,
+    pub boot: tokio::time::Instant,
+    pub drift_ppm: i64,
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> Millis {
+        let ms = self.boot.elapsed().as_millis() as i128;
+        Millis((ms + ms * i128::from(self.drift_ppm) / 1_000_000).max(0) as u64)
+    }
+}
+
+/// A host's network endpoint for heartbeats.
+pub struct SimTransport {
+    pub world: Arc<World>,
+    pub me: u32,
+    pub inbox: tokio::sync::Mutex<mpsc::Receiver<Datagram>>,
+    pub generation: u64,
+}
+
+impl HeartbeatTransport for SimTransport {
+    fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            let w = &self.world;
+            let Some(target) = w.host_of_hb(to) else { return Ok(()) };
+            if !w.reaches(self.me, target) {
+                return Ok(());
+            }
+            let (lost, dup) = {
+                let (loss, dupp) = {
+                    let c = lock(&w.cond);
+                    (c.loss_permille, c.dup_permille)
+                };
+                let mut r = lock(&w.rng);
+                (r.chance(loss, 1000), r.chance(dupp, 1000))
+            };
+            if lost {
+                return Ok(());
+            }
+            let from = w.addrs[self.me as usize].1;
+            for _ in 0..(1 + usize::from(dup)) {
+                let d = w.delay();
+                let world = Arc::clone(w);
+                let bytes = bytes.to_vec();
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    let tx = lock(&world.inboxes).get(&target).cloned();
+                    if let Some(tx) = tx {
+                        // A full inbox drops the datagram, as a socket buffer would.
+                        let _ = tx.try_send((bytes, from));
+                    }
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>> {
+        Box::pin(async move {
+            let msg = self.inbox.lock().await.recv().await;
+            match msg {
+                Some((bytes, from)) => {
+                    let n = bytes.len().min(buf.len());
+                    buf[..n].copy_from_slice(&bytes[..n]);
+                    Ok((n, from))
+                }
+                None => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "host is down")),
+            }
+        })
+    }
+}
+
+/// A host's view of the shared heartbeat disk.
+pub struct SimDisk {
+    pub world: Arc<World>,
+    pub me: u32,
+}
+
+impl SimDisk {
+    async fn gate(&self) -> Result<(), DiskError> {
+        loop {
+            match self.world.disk_mode(self.me) {
+                DiskMode::Ok => return Ok(()),
+                DiskMode::Fail => return Err(DiskError::Io(std::io::Error::other("simulated disk failure"))),
+                // A hung request completes once the disk answers again (or the caller gives up).
+                DiskMode::Hang => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+impl SlotDevice for SimDisk {
+    fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let off = slot.0 as usize * SLOT_SIZE;
+            let mut d = lock(&self.world.disk);
+            let n = bytes.len().min(SLOT_SIZE);
+            d[off..off + n].copy_from_slice(&bytes[..n]);
+            Ok(())
+        })
+    }
+
+    fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>> {
+        Box::pin(async move {
+            self.gate().await?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(lock(&self.world.disk).clone())
+        })
+    }
+}
+
+/// A host's calls to other agents' APIs, through the simulated network.
+pub struct SimRpc {
+    pub world: Arc<World>,
+    pub me: u32,
+}
+
+impl PeerRpc for SimRpc {
+    fn call<'a>(
+        &'a self,
+        addr: &'a str,
+        path: &'a str,
+        token: Option<&'a str>,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Response, HttpError>> {
+        Box::pin(async move {
+            let w = &self.world;
+            let timed_out = || HttpError::Timeout { addr: addr.to_string(), timeout };
+            let Some(target) = w.host_of_api(addr) else {
+                return Err(HttpError::Protocol { addr: addr.into(), detail: "no such host".into() });
+            };
+            // Never a connection to ourselves (openraft's rule); a blocked or dead path looks like
+            // a request that never gets an answer.
+            if !w.reaches(self.me, target) {
+                tokio::time::sleep(timeout).await;
+                return Err(timed_out());
+            }
+            let router = lock(&w.routers).get(&target).cloned();
+            let Some(router) = router else {
+                tokio::time::sleep(timeout).await;
+                return Err(timed_out());
+            };
+            let mut req = axum::http::Request::builder().uri(path).method(if body.is_some() { "POST" } else { "GET" });
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            req = req.header("content-type", "application/json");
+            let req = req
+                .body(axum::body::Body::from(body.unwrap_or_default()))
+                .map_err(|e| HttpError::Protocol { addr: addr.into(), detail: e.to_string() })?;
+            let world = Arc::clone(w);
+            let me = self.me;
+            let exchange = async move {
+                tokio::time::sleep(world.delay()).await;
+                let resp = tower::ServiceExt::oneshot(router, req).await.map_err(|e| e.to_string())?;
+                let status = resp.status().as_u16();
+                let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| e.to_string())?.to_bytes();
+                tokio::time::sleep(world.delay()).await;
+                // The answer must make it back too.
+                if !world.reaches(target, me) {
+                    return Err("answer lost".to_string());
+                }
+                Ok(Response { status, body: bytes })
+            };
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(_)) | Err(_) => Err(timed_out()),
+            }
+        })
+    }
+}
+
+/// A host's hypervisor: VMs are entries in the world's run table, so two hosts running one VM
+/// is seen the moment it happens.
+pub struct SimDriver {
+    pub world: Arc<World>,
+    pub me: u32,
+    pub name: String,
+    vms: Mutex<BTreeMap<String, VmStatus>>,
+    next_pid: Mutex<u32>,
+}
+
+impl SimDriver {
+    pub fn new(world: Arc<World>, me: u32, name: String) -> SimDriver {
+        SimDriver { world, me, name, vms: Mutex::new(BTreeMap::new()), next_pid: Mutex::new(1) }
+    }
+
+    fn end(&self, name: &str, exit: VmExit) -> bool {
+        let mut vms = lock(&self.vms);
+        let Some(v) = vms.get_mut(name).filter(|v| v.exit.is_none()) else { return false };
+        v.exit = Some(exit);
+        if let Some(hosts) = lock(&self.world.running).get_mut(name) {
+            hosts.remove(&self.me);
+        }
+        true
+    }
+
+    /// Whether the VM still runs in the world (a power loss removes it behind the driver's back).
+    fn sync_power(&self) {
+        let running = lock(&self.world.running);
+        for v in lock(&self.vms).values_mut().filter(|v| v.exit.is_none()) {
+            if !running.get(&v.name).is_some_and(|h| h.contains_key(&self.me)) {
+                v.exit = Some(VmExit::Crashed { detail: "host lost power".into() });
+            }
+        }
+    }
+}
+
+impl VmDriver for SimDriver {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn start<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let name = launch.spec.name.clone();
+            if lock(&self.vms).get(&name).is_some_and(|v| v.exit.is_none()) {
+                return Err(DriverError::AlreadyRunning(name));
+            }
+            // Booting takes a moment of virtual time.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let w = &self.world;
+            if lock(&w.cond).down.contains(&self.me) {
+                return Err(DriverError::NotRunning(name));
+            }
+            let others: Vec<u32> = {
+                let mut running = lock(&w.running);
+                let hosts = running.entry(name.clone()).or_default();
+                let others = hosts.keys().copied().filter(|h| *h != self.me).collect();
+                hosts.insert(self.me, launch.generation);
+                others
+            };
+            if !others.is_empty() {
+                w.violation("double-run", format!("{name} started on {} (generation {}) while it runs on host(s) {others:?}", self.name, launch.generation));
+            }
+            w.log(format!("{}: {name} runs (generation {})", self.name, launch.generation));
+            let pid = {
+                let mut p = lock(&self.next_pid);
+                *p += 1;
+                *p
+            };
+            lock(&self.vms).insert(
+                name.clone(),
+                VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None },
+            );
+            Ok(())
+        })
+    }
+
+    fn stop<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if self.end(name, VmExit::StoppedByAgent) {
+                self.world.log(format!("{}: {name} stopped", self.name));
+                Ok(())
+            } else {
+                Err(DriverError::NotRunning(name.to_string()))
+            }
+        })
+    }
+
+    fn kill(&self, name: &str) -> Result<(), DriverError> {
+        if self.end(name, VmExit::StoppedByAgent) {
+            self.world.log(format!("{}: {name} killed", self.name));
+            Ok(())
+        } else {
+            Err(DriverError::NotRunning(name.to_string()))
+        }
+    }
+
+    fn kill_all(&self) -> usize {
+        let names: Vec<String> = lock(&self.vms).values().filter(|v| v.exit.is_none()).map(|v| v.name.clone()).collect();
+        names.iter().filter(|n| self.kill(n).is_ok()).count()
+    }
+
+    fn list(&self) -> Vec<VmStatus> {
+        self.sync_power();
+        lock(&self.vms).values().cloned().collect()
+    }
+
+    fn forget(&self, name: &str) {
+        let mut vms = lock(&self.vms);
+        if vms.get(name).is_some_and(|v| v.exit.is_some()) {
+            vms.remove(name);
+        }
+    }
+}

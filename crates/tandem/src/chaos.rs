@@ -1,0 +1,730 @@
+//! `tandem chaos`: real fault injection. Real agents run in network namespaces (addresses in
+//! 198.18.0.0/24, nothing leaves them) with real workloads; faults are injected for real —
+//! nftables partitions (full, one-way, pairwise), random heartbeat loss, SIGKILL of agents, of
+//! whole hosts and of single workloads, SIGSTOP of a whole host past the timeouts, a host's
+//! heartbeat disk failing — and the invariants are checked from the outside:
+//!
+//! - `double-run`: no VM executes on two hosts at once (process table sampled every 10 ms; a
+//!   stopped process counts again once thawed);
+//! - `wrong-host`: once the cluster settles, each VM runs exactly where committed state says;
+//! - `state-lost`: the committed VM set never changes (the suite makes no changes of its own);
+//! - `healthy-fenced`: no host fences itself unless the fault cut or froze it;
+//! - `not-recovered`: every VM whose host failed runs again within the bound.
+//!
+//! The order of faults, their targets and durations come from a seed, printed at the start.
+
+use crate::client::Client;
+use crate::lab::{Lab, LabOptions};
+use crate::netlab::NetLab;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The hardware watchdog's reset timeout the agents are configured with.
+const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Stands in for watchdog hardware, which keeps counting while the host's software is frozen:
+/// a host whose watchdog file has not been written for [`WATCHDOG_TIMEOUT`] is reset (its agent
+/// and workloads get SIGKILL). Like the hardware, it is armed by the first feed after a reset.
+struct WatchdogEmulator {
+    stop: Arc<AtomicBool>,
+    resets: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WatchdogEmulator {
+    fn start(lab_id: String, hosts: Vec<(String, PathBuf, PathBuf)>) -> WatchdogEmulator {
+        let stop = Arc::new(AtomicBool::new(false));
+        let resets = Arc::new(Mutex::new(Vec::new()));
+        let (s, r) = (Arc::clone(&stop), Arc::clone(&resets));
+        let thread = std::thread::spawn(move || {
+            // Per host: last modification seen, when it changed, whether the watchdog is armed.
+            let mut seen: Vec<(Option<std::time::SystemTime>, Instant, bool)> = vec![(None, Instant::now(), false); hosts.len()];
+            while !s.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                for (i, (name, file, config)) in hosts.iter().enumerate() {
+                    let m = std::fs::metadata(file).and_then(|m| m.modified()).ok();
+                    let st = &mut seen[i];
+                    if m != st.0 {
+                        *st = (m, Instant::now(), true);
+                        continue;
+                    }
+                    if !st.2 || st.1.elapsed() < WATCHDOG_TIMEOUT {
+                        continue;
+                    }
+                    st.2 = false;
+                    let config = config.display().to_string();
+                    for (pid, env) in crate::lab::lab_processes(&lab_id) {
+                        let agent = !env.contains_key("TANDEM_HOST")
+                            && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&config));
+                        if agent || env.get("TANDEM_HOST") == Some(name) {
+                            signal(pid, libc::SIGKILL);
+                        }
+                    }
+                    r.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(name.clone());
+                }
+            }
+        });
+        WatchdogEmulator { stop, resets, thread: Some(thread) }
+    }
+
+    /// Hosts reset so far, in order.
+    fn resets(&self) -> Vec<String> {
+        self.resets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+impl Drop for WatchdogEmulator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Options of `tandem chaos`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChaosArgs {
+    /// `short` (every fault kind once, in seeded order; what CI runs) or `long` (40 faults drawn
+    /// at random).
+    #[arg(long, default_value = "short")]
+    pub profile: String,
+    /// Seed for the order, targets and durations of faults (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Hosts in the cluster, 3 to 5.
+    #[arg(long, default_value_t = 3)]
+    pub hosts: usize,
+    /// Number of faults, overriding the profile's.
+    #[arg(long)]
+    pub faults: Option<usize>,
+    /// Protected VMs per host at the start.
+    #[arg(long, default_value_t = 3)]
+    pub vms_per_host: usize,
+    /// `process` (fast, many VMs) or `qemu` (real guests; TCG).
+    #[arg(long, default_value = "process")]
+    pub driver: String,
+    /// Where scripts/build-guest.sh put the test guest (for `--driver qemu`).
+    #[arg(long, env = "TANDEM_GUEST_DIR")]
+    pub guest_dir: Option<PathBuf>,
+    /// Inject only this fault kind (for example `host-freeze`), `--faults` times.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// `emulated`: each agent feeds a watchdog file and the suite resets (kill -9 of the agent and
+    /// its workloads) a host whose file goes unfed for the watchdog timeout, as watchdog hardware
+    /// would, also while the host is frozen. `none`: no watchdog, as on this machine; a host
+    /// frozen past its fence deadline then runs its VMs for a moment after it thaws.
+    #[arg(long, default_value = "emulated")]
+    pub watchdog: String,
+    /// Keep the lab directory (configs, agent logs, event files) afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Bound within which a failed host's VMs must run again (detection, fence deadline, restart,
+/// with room for a slow machine).
+const RECOVERY_BOUND: Duration = Duration::from_secs(30);
+/// Bound within which the cluster must settle after a fault is healed.
+const SETTLE_BOUND: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    PartitionFull,
+    PartitionOneWay,
+    PartitionPair,
+    HeartbeatLoss,
+    PowerLoss,
+    LeaderLoss,
+    AgentKill,
+    WorkloadKill,
+    HostFreeze,
+    DiskFailure,
+}
+
+const ALL_FAULTS: [Fault; 10] = [
+    Fault::PartitionFull,
+    Fault::PartitionOneWay,
+    Fault::PartitionPair,
+    Fault::HeartbeatLoss,
+    Fault::PowerLoss,
+    Fault::LeaderLoss,
+    Fault::AgentKill,
+    Fault::WorkloadKill,
+    Fault::HostFreeze,
+    Fault::DiskFailure,
+];
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::PartitionFull => "partition-full",
+            Fault::PartitionOneWay => "partition-one-way",
+            Fault::PartitionPair => "partition-pair",
+            Fault::HeartbeatLoss => "heartbeat-loss-1-in-3",
+            Fault::PowerLoss => "power-loss",
+            Fault::LeaderLoss => "leader-power-loss",
+            Fault::AgentKill => "agent-kill-9",
+            Fault::WorkloadKill => "workload-kill-9",
+            Fault::HostFreeze => "host-freeze",
+            Fault::DiskFailure => "heartbeat-disk-failure",
+        }
+    }
+}
+
+/// SplitMix64: a tiny, seedable generator (the suite's only randomness).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+/// What the suite measured.
+#[derive(Default)]
+struct Report {
+    faults: BTreeMap<&'static str, u32>,
+    recoveries: u32,
+    recovery_ms: Vec<u64>,
+    violations: Vec<String>,
+}
+
+struct Suite {
+    lab: Lab,
+    net: NetLab,
+    rng: Rng,
+    report: Report,
+    /// The VM names created at the start; committed state must keep exactly these.
+    vm_names: BTreeSet<String>,
+    /// Per host, the symlink through which it reaches the shared heartbeat disk.
+    disk_links: Vec<PathBuf>,
+    origin: Instant,
+    watchdog: Option<WatchdogEmulator>,
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a process this suite's lab started.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+fn interrupted() -> bool {
+    crate::demo::check_interrupt().is_err()
+}
+
+fn median(v: &[u64]) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    s.get(s.len() / 2).copied().unwrap_or(0)
+}
+
+impl Suite {
+    fn log(&self, msg: &str) {
+        println!("[{:>7.2} s] {msg}", self.origin.elapsed().as_secs_f64());
+    }
+
+    fn violation(&mut self, what: &str, detail: String) {
+        if interrupted() {
+            // A wait cut short by Ctrl-C is not a finding.
+            return;
+        }
+        let v = format!("{what}: {detail}");
+        self.log(&format!("VIOLATION {v}"));
+        self.report.violations.push(v);
+    }
+
+    /// A client with a short timeout (a cut-off or frozen host must not stall the suite).
+    fn client(&self, i: usize) -> Client {
+        Client { addr: self.lab.hosts[i].api.clone(), timeout: Duration::from_secs(2) }
+    }
+
+    /// The VM list from the first host in `from` that answers.
+    fn vms(&self, from: &[usize]) -> Option<Vec<Value>> {
+        from.iter().filter(|i| self.lab.is_up(**i)).find_map(|i| self.client(*i).list("/v1/vms").ok())
+    }
+
+    fn hosts_except(&self, out: &[usize]) -> Vec<usize> {
+        (0..self.lab.hosts.len()).filter(|i| !out.contains(i)).collect()
+    }
+
+    /// Where each VM runs now (processes not stopped), as VM → hosts.
+    fn running_now(&self) -> BTreeMap<String, Vec<String>> {
+        let mut by_vm: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (vm, host) in self.lab.running_instances() {
+            by_vm.entry(vm).or_default().push(host);
+        }
+        by_vm
+    }
+
+    fn leader(&self) -> Option<usize> {
+        let hosts = (0..self.lab.hosts.len()).find_map(|i| self.client(i).list("/v1/hosts").ok())?;
+        let name = hosts.iter().find(|h| h["leader"] == true)?["name"].as_str()?.to_string();
+        self.lab.hosts.iter().position(|h| h.name == name)
+    }
+
+    /// Waits until the VMs that ran on `hosts` run elsewhere, each once; returns how long it took
+    /// from `since`, or None when the bound passed.
+    fn wait_moved(&self, moved: &[String], away_from: &[String], since: Instant) -> Option<Duration> {
+        while since.elapsed() < RECOVERY_BOUND && !interrupted() {
+            let now = self.running_now();
+            let done = moved.iter().all(|vm| {
+                now.get(vm).is_some_and(|hs| hs.len() == 1 && !away_from.contains(&hs[0]))
+            });
+            if done {
+                return Some(since.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Waits until every agent is up and active, and every VM that should run runs exactly once,
+    /// where committed state assigns it. Reports `wrong-host` / `state-lost` otherwise.
+    fn settle(&mut self, after: &str) {
+        let all: Vec<usize> = (0..self.lab.hosts.len()).collect();
+        let start = Instant::now();
+        let mut last_problem = String::new();
+        while start.elapsed() < SETTLE_BOUND {
+            if interrupted() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let Some(vms) = self.vms(&all) else {
+                last_problem = "no agent answers".into();
+                continue;
+            };
+            let names: BTreeSet<String> = vms.iter().filter_map(|v| v["name"].as_str().map(str::to_string)).collect();
+            if names != self.vm_names {
+                self.violation("state-lost", format!("after {after}: committed VMs are {names:?}, expected {:?}", self.vm_names));
+                return;
+            }
+            let active = all.iter().find_map(|i| self.client(*i).list("/v1/hosts").ok()).is_some_and(|hs| {
+                hs.len() == all.len() && hs.iter().all(|h| h["status"] == "active" && h["liveness"] != "partitioned" && h["liveness"] != "dead")
+            });
+            if !active {
+                last_problem = "not every host is active and alive".into();
+                continue;
+            }
+            let now = self.running_now();
+            let mismatch: Vec<String> = vms
+                .iter()
+                .filter(|v| v["desired"] == "running")
+                .filter_map(|v| {
+                    let name = v["name"].as_str()?;
+                    let want = v["host"].as_str();
+                    let have = now.get(name).cloned().unwrap_or_default();
+                    (want.is_none() || have.len() != 1 || Some(have[0].as_str()) != want).then(|| format!("{name}: assigned {want:?}, runs on {have:?}"))
+                })
+                .collect();
+            if mismatch.is_empty() {
+                return;
+            }
+            last_problem = mismatch.join("; ");
+        }
+        self.violation("wrong-host", format!("the cluster did not settle within {SETTLE_BOUND:?} after {after}: {last_problem}"));
+    }
+
+    /// Fenced events since `since_ms` (wall clock) from every host that answers: host names.
+    fn fenced_since(&self, since_ms: u64) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for i in 0..self.lab.hosts.len() {
+            if let Ok(ev) = self.client(i).list("/v1/events?limit=4096") {
+                for e in ev {
+                    if e["kind"] == "fenced" && e["at_ms"].as_u64() >= Some(since_ms) {
+                        out.insert(e["host"].as_str().unwrap_or("?").to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn names(&self, hosts: &[usize]) -> Vec<String> {
+        hosts.iter().map(|i| self.lab.hosts[*i].name.clone()).collect()
+    }
+
+    /// VMs placed on any of `hosts` in committed state.
+    fn vms_on(&self, hosts: &[usize]) -> Vec<String> {
+        let names = self.names(hosts);
+        let others = self.hosts_except(hosts);
+        self.vms(&others)
+            .unwrap_or_default()
+            .iter()
+            .filter(|v| v["desired"] == "running" && v["host"].as_str().is_some_and(|h| names.iter().any(|n| n == h)))
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    fn record_recovery(&mut self, fault: Fault, vms: &[String], took: Option<Duration>, what: &str) {
+        match took {
+            Some(_) if vms.is_empty() => self.log("  no VMs to recover"),
+            Some(d) => {
+                self.report.recoveries += vms.len() as u32;
+                self.report.recovery_ms.push(d.as_millis() as u64);
+                self.log(&format!("  {} VM(s) {what} {:.2} s after the fault", vms.len(), d.as_secs_f64()));
+            }
+            None => self.violation("not-recovered", format!("{}: {vms:?} did not run again within {RECOVERY_BOUND:?}", fault.name())),
+        }
+    }
+
+    fn inject(&mut self, fault: Fault) -> Result<()> {
+        let n = self.lab.hosts.len();
+        // Prefer a host that runs VMs: a fault there has something to recover.
+        let loaded: Vec<usize> = (0..n).filter(|h| !self.lab.workload_pids(*h).is_empty()).collect();
+        let target = if loaded.is_empty() { self.rng.below(n) } else { loaded[self.rng.below(loaded.len())] };
+        let since_ms = tandem_drivers::wall_ms();
+        let doubles_before = self.lab.recorder.double_run_count();
+        let resets_before = self.watchdog.as_ref().map_or(0, |w| w.resets().len());
+        let t0 = Instant::now();
+        // Hosts allowed to fence themselves because of this fault.
+        let mut may_fence: Vec<usize> = vec![];
+        match fault {
+            Fault::PartitionFull | Fault::PartitionOneWay => {
+                let vms = self.vms_on(&[target]);
+                let name = self.lab.hosts[target].name.clone();
+                self.log(&format!("{}: {name} ({} VM(s))", fault.name(), vms.len()));
+                if fault == Fault::PartitionFull {
+                    self.net.cut(target)?;
+                } else {
+                    self.net.block_outbound(target)?;
+                }
+                may_fence.push(target);
+                let took = self.wait_moved(&vms, &[name], t0);
+                self.record_recovery(fault, &vms, took, "back on the majority");
+                std::thread::sleep(Duration::from_secs(1));
+                if fault == Fault::PartitionFull {
+                    self.net.heal(target)?;
+                } else {
+                    self.net.unblock(target)?;
+                }
+            }
+            Fault::PartitionPair => {
+                let other = (target + 1 + self.rng.below(n - 1)) % n;
+                let (a, b) = (target.min(other), target.max(other));
+                let (na, nb) = (self.lab.hosts[a].name.clone(), self.lab.hosts[b].name.clone());
+                let placed = [self.vms_on(&[a]), self.vms_on(&[b])];
+                self.log(&format!("{}: {na} and {nb} lose each other", fault.name()));
+                self.net.block_pair(a, b)?;
+                may_fence.extend([a, b]);
+                // Exactly one of the pair loses (the sides {a, rest} and {b, rest} tie on size, and
+                // the lower id wins); the fenced record says which, then its VMs must move.
+                let mut loser = None;
+                while loser.is_none() && t0.elapsed() < RECOVERY_BOUND && !interrupted() {
+                    let fenced = self.fenced_since(since_ms);
+                    loser = [a, b].into_iter().position(|h| fenced.contains(&self.lab.hosts[h].name));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                match loser {
+                    Some(k) => {
+                        let name = [&na, &nb][k].clone();
+                        self.log(&format!("  {name} fenced itself"));
+                        let took = self.wait_moved(&placed[k], std::slice::from_ref(&name), t0);
+                        self.record_recovery(fault, &placed[k], took, "of the losing host back");
+                    }
+                    None => self.violation("not-recovered", format!("{}: neither {na} nor {nb} fenced itself", fault.name())),
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                self.net.unblock(a)?;
+            }
+            Fault::HeartbeatLoss => {
+                self.log(&format!("{}: every host drops a random third of incoming heartbeats for 12 s", fault.name()));
+                let port = self.lab.opts.api_port + 1;
+                for i in 0..n {
+                    self.net.lose_udp(i, port, 3)?;
+                }
+                let before = self.vms(&(0..n).collect::<Vec<_>>());
+                std::thread::sleep(Duration::from_secs(12));
+                let lost: u64 = (0..n).filter_map(|i| self.net.lost_udp(i).ok()).sum();
+                for i in 0..n {
+                    self.net.stop_losing(i)?;
+                }
+                self.log(&format!("  {lost} heartbeats dropped"));
+                let after = self.vms(&(0..n).collect::<Vec<_>>());
+                let hosts_of = |v: &Option<Vec<Value>>| v.as_ref().map(|l| l.iter().map(|x| (x["name"].clone(), x["host"].clone())).collect::<Vec<_>>());
+                if hosts_of(&before) != hosts_of(&after) {
+                    self.violation("healthy-fenced", "VMs moved under 1-in-3 heartbeat loss".into());
+                }
+            }
+            Fault::PowerLoss | Fault::LeaderLoss | Fault::AgentKill => {
+                let victim = if fault == Fault::LeaderLoss { self.leader().unwrap_or(target) } else { target };
+                let vms = self.vms_on(&[victim]);
+                let name = self.lab.hosts[victim].name.clone();
+                self.log(&format!("{}: {name} ({} VM(s))", fault.name(), vms.len()));
+                if fault == Fault::AgentKill {
+                    self.lab.kill_agent(victim);
+                } else {
+                    self.lab.power_off(victim);
+                }
+                may_fence.push(victim);
+                let took = self.wait_moved(&vms, &[name], t0);
+                self.record_recovery(fault, &vms, took, "back on the survivors");
+                std::thread::sleep(Duration::from_secs(1));
+                self.lab.start(victim)?;
+            }
+            Fault::WorkloadKill => {
+                let pids: Vec<(u32, String, usize)> =
+                    (0..n).flat_map(|h| self.lab.workload_pids(h).into_iter().map(move |(p, vm)| (p, vm, h))).collect();
+                let Some((pid, vm, host)) = pids.get(self.rng.below(pids.len())).cloned() else {
+                    bail!("no workload runs anywhere");
+                };
+                self.log(&format!("{}: {vm} (pid {pid}) on {}", fault.name(), self.lab.hosts[host].name));
+                signal(pid, libc::SIGKILL);
+                let mut took = None;
+                while t0.elapsed() < RECOVERY_BOUND {
+                    if self.lab.running_pids().iter().any(|(p, v)| *v == vm && *p != pid) {
+                        took = Some(t0.elapsed());
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                self.record_recovery(fault, std::slice::from_ref(&vm), took, "restarted");
+            }
+            Fault::HostFreeze => {
+                let vms = self.vms_on(&[target]);
+                let name = self.lab.hosts[target].name.clone();
+                let agent = self.lab.agent_pid(target).ok_or_else(|| anyhow!("{name} has no agent"))?;
+                let workloads: Vec<u32> = self.lab.workload_pids(target).into_iter().map(|(p, _)| p).collect();
+                self.log(&format!("{}: SIGSTOP {name}'s agent and {} workload(s)", fault.name(), workloads.len()));
+                signal(agent, libc::SIGSTOP);
+                for p in &workloads {
+                    signal(*p, libc::SIGSTOP);
+                }
+                may_fence.push(target);
+                let took = self.wait_moved(&vms, std::slice::from_ref(&name), t0);
+                self.record_recovery(fault, &vms, took, "back on the survivors");
+                std::thread::sleep(Duration::from_secs(1));
+                if self.lab.reap(target) {
+                    self.log(&format!("  the watchdog reset {name} while it was frozen"));
+                } else {
+                    // Thaw the workloads first: the worst order, they may run before their agent.
+                    for p in &workloads {
+                        signal(*p, libc::SIGCONT);
+                    }
+                    signal(agent, libc::SIGCONT);
+                    self.log(&format!("  SIGCONT {name} after {:.2} s", t0.elapsed().as_secs_f64()));
+                }
+            }
+            Fault::DiskFailure => {
+                let link = self.disk_links[target].clone();
+                let before = self.vms(&(0..n).collect::<Vec<_>>());
+                self.log(&format!("{}: {}'s path to the heartbeat disk fails for 10 s", fault.name(), self.lab.hosts[target].name));
+                std::fs::remove_file(&link)?;
+                std::thread::sleep(Duration::from_secs(10));
+                std::os::unix::fs::symlink(self.lab.shared.join("heartbeat.disk"), &link)?;
+                let after = self.vms(&(0..n).collect::<Vec<_>>());
+                let hosts_of = |v: &Option<Vec<Value>>| v.as_ref().map(|l| l.iter().map(|x| (x["name"].clone(), x["host"].clone())).collect::<Vec<_>>());
+                if hosts_of(&before) != hosts_of(&after) {
+                    self.violation("healthy-fenced", "VMs moved although only one host's disk failed".into());
+                }
+            }
+        }
+        *self.report.faults.entry(fault.name()).or_default() += 1;
+        // A host the watchdog reset boots again, as a real one would.
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..n {
+            if self.lab.reap(i) || !self.lab.is_up(i) {
+                self.log(&format!("  {} boots again after a watchdog reset", self.lab.hosts[i].name));
+                self.lab.start(i)?;
+            }
+        }
+        self.settle(fault.name());
+        let allowed = self.names(&may_fence);
+        let reset_now = self.watchdog.as_ref().map(WatchdogEmulator::resets).unwrap_or_default();
+        let wrongly_reset: Vec<&String> = reset_now.iter().skip(resets_before).filter(|h| !allowed.contains(h)).collect();
+        if !wrongly_reset.is_empty() {
+            self.violation("healthy-fenced", format!("{}: the watchdog reset {wrongly_reset:?} (allowed: {allowed:?})", fault.name()));
+        }
+        let fenced = self.fenced_since(since_ms);
+        let wrongly: Vec<&String> = fenced.iter().filter(|h| !allowed.contains(h)).collect();
+        if !wrongly.is_empty() {
+            self.violation("healthy-fenced", format!("{}: {wrongly:?} fenced themselves (allowed: {allowed:?})", fault.name()));
+        }
+        let doubles = self.lab.recorder.double_run_count();
+        if doubles > doubles_before {
+            let first = self.lab.recorder.double_runs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(doubles_before).cloned();
+            self.violation("double-run", format!("{}: {} sample(s) with a VM on two hosts; first {first:?}", fault.name(), doubles - doubles_before));
+        }
+        Ok(())
+    }
+}
+
+/// Per host: name, watchdog file, agent config (which names the agent's process).
+fn suite_hosts_for_watchdog(lab: &Lab) -> Vec<(String, PathBuf, PathBuf)> {
+    lab.hosts.iter().map(|h| (h.name.clone(), h.data.join("watchdog"), h.config.clone())).collect()
+}
+
+/// Runs the suite; prints the figures and one JSON line; fails when an invariant was violated.
+pub fn run(args: &ChaosArgs) -> Result<()> {
+    if !(3..=5).contains(&args.hosts) {
+        bail!("--hosts must be 3 to 5");
+    }
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("tandem chaos needs root: it builds network namespaces and firewall rules");
+    }
+    let count = match (args.faults, args.profile.as_str()) {
+        (Some(n), _) => n,
+        (None, "short") => ALL_FAULTS.len(),
+        (None, "long") => 40,
+        (None, other) => bail!("unknown profile '{other}': use short or long"),
+    };
+    let seed = args.seed.unwrap_or_else(tandem_drivers::wall_ms);
+    let mut rng = Rng(seed);
+    let mut plan: Vec<Fault> = Vec::new();
+    while plan.len() < count {
+        let mut round = ALL_FAULTS.to_vec();
+        rng.shuffle(&mut round);
+        plan.extend(round);
+    }
+    plan.truncate(count);
+    if args.profile == "long" && args.faults.is_none() {
+        plan = (0..count).map(|_| ALL_FAULTS[rng.below(ALL_FAULTS.len())]).collect();
+    }
+    if let Some(only) = &args.only {
+        let kind = ALL_FAULTS.into_iter().find(|f| f.name() == only).ok_or_else(|| {
+            anyhow!("unknown fault kind '{only}': one of {}", ALL_FAULTS.map(Fault::name).join(", "))
+        })?;
+        plan = vec![kind; args.faults.unwrap_or(1)];
+    }
+    let emulate_watchdog = match args.watchdog.as_str() {
+        "emulated" => true,
+        "none" => false,
+        other => bail!("unknown watchdog '{other}': use emulated or none"),
+    };
+    let mut extra = if emulate_watchdog {
+        format!("watchdog = {{ enabled = true, device = \"{{data}}/watchdog\", timeout_s = {} }}\n", WATCHDOG_TIMEOUT.as_secs())
+    } else {
+        String::new()
+    };
+    let (driver, vms_per_host) = match args.driver.as_str() {
+        "process" => ("process", args.vms_per_host),
+        "qemu" => {
+            extra.push_str("[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n");
+            ("qemu", args.vms_per_host.min(2))
+        }
+        other => bail!("unknown driver '{other}': use process or qemu"),
+    };
+    println!("tandem chaos: profile {}, seed {seed}, {} hosts, {driver} workloads, {count} faults", args.profile, args.hosts);
+    println!(
+        "replay: tandem chaos --profile {} --seed {seed} --hosts {} --driver {driver} --watchdog {}{}{}",
+        args.profile,
+        args.hosts,
+        args.watchdog,
+        args.faults.map(|n| format!(" --faults {n}")).unwrap_or_default(),
+        args.only.as_ref().map(|k| format!(" --only {k}")).unwrap_or_default()
+    );
+
+    crate::demo::install_interrupt_handler();
+    let net = NetLab::create(&format!("tc{}", std::process::id() % 100_000), args.hosts)?;
+    net.enter_control()?;
+    let binary = std::env::current_exe().context("locating the tandem binary")?;
+    let links_dir = std::env::temp_dir().join(format!("tandem-chaos-links-{}", std::process::id()));
+    std::fs::create_dir_all(&links_dir)?;
+    let disk_links: Vec<PathBuf> = (0..args.hosts).map(|i| links_dir.join(format!("h{i}.disk"))).collect();
+    let opts = LabOptions {
+        hosts: args.hosts as u32,
+        driver: driver.into(),
+        loopback_net: 90,
+        extra_config: extra,
+        capacity: (64, 16384),
+        netns: Some(net.lab_hosts()),
+        disk_paths: disk_links.iter().enumerate().map(|(i, l)| (i as u32, l.clone())).collect(),
+        ..LabOptions::default()
+    };
+    let mut lab = Lab::new(opts, &binary)?;
+    if args.keep {
+        lab.keep_files();
+        println!("lab directory: {}", lab.root.display());
+    }
+    for h in &lab.hosts {
+        std::fs::write(h.data.join("watchdog"), b"")?;
+    }
+    // Each host reaches the shared heartbeat disk through its own symlink, which a fault breaks.
+    std::fs::File::create(lab.shared.join("heartbeat.disk"))?;
+    for l in &disk_links {
+        std::os::unix::fs::symlink(lab.shared.join("heartbeat.disk"), l)?;
+    }
+    lab.start_all()?;
+    lab.form_cluster()?;
+    let guest = args.guest_dir.clone().unwrap_or_else(|| PathBuf::from(".cache/guest"));
+    let total = args.hosts * vms_per_host;
+    let c0 = lab.client(0);
+    let mut vm_names = BTreeSet::new();
+    for i in 0..total {
+        let spec = if driver == "qemu" {
+            crate::demo::demo_vm(i as u32, "qemu", &guest)
+        } else {
+            json!({ "name": format!("vm{i}"), "vcpus": 1, "memory_mib": 64, "protection": "protect", "priority": (i % 3) as i32,
+                    "driver": { "kind": "process", "command": ["sleep", "1000000"] } })
+        };
+        let name = spec["name"].as_str().unwrap_or_default().to_string();
+        c0.post("/v1/vms", &spec).map_err(|e| anyhow!("create {name}: {e}"))?;
+        c0.post(&format!("/v1/vms/{name}/start"), &json!({})).map_err(|e| anyhow!("start {name}: {e}"))?;
+        vm_names.insert(name);
+    }
+    let watchdog = emulate_watchdog.then(|| {
+        let hosts = suite_hosts_for_watchdog(&lab);
+        WatchdogEmulator::start(lab.id.clone(), hosts)
+    });
+    let mut suite = Suite { lab, net, rng, report: Report::default(), vm_names, disk_links, origin: Instant::now(), watchdog };
+    suite.settle("start");
+    suite.log(&format!("{total} protected VM(s) running on {} hosts", args.hosts));
+    for fault in plan {
+        if interrupted() {
+            break;
+        }
+        if let Err(e) = suite.inject(fault) {
+            suite.violation("suite-error", format!("{}: {e:#}", fault.name()));
+            break;
+        }
+    }
+    let resets = suite.watchdog.as_ref().map_or(0, |w| w.resets().len());
+    let r = &suite.report;
+    println!("\nFaults injected:");
+    for (k, n) in &r.faults {
+        println!("  {k:<24} {n}");
+    }
+    println!("VM recoveries: {} (median {:.2} s, max {:.2} s from fault to running again)", r.recoveries, median(&r.recovery_ms) as f64 / 1000.0, r.recovery_ms.iter().max().copied().unwrap_or(0) as f64 / 1000.0);
+    if emulate_watchdog {
+        println!("Watchdog resets: {resets}");
+    }
+    println!("Violations: {}", r.violations.len());
+    for v in &r.violations {
+        println!("  {v}");
+    }
+    let summary = json!({
+        "profile": args.profile, "seed": seed, "hosts": args.hosts, "driver": driver,
+        "faults": r.faults, "faults_total": r.faults.values().sum::<u32>(),
+        "vm_recoveries": r.recoveries, "watchdog": args.watchdog, "watchdog_resets": resets,
+        "recovery_ms": { "median": median(&r.recovery_ms), "max": r.recovery_ms.iter().max().copied().unwrap_or(0) },
+        "violations": r.violations,
+    });
+    println!("{summary}");
+    let failed = !r.violations.is_empty();
+    drop(suite);
+    let _ = std::fs::remove_dir_all(&links_dir);
+    crate::demo::check_interrupt()?;
+    if failed {
+        bail!("invariants violated; replay with --seed {seed}");
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! `tandem sim`: runs seeds of the deterministic whole-cluster simulator and prints what they
+//! found; a failing seed prints the command that replays it with its trace.
+
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use tandem_sim::{SimOptions, SimReport};
+
+/// Options of `tandem sim`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// First seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Number of consecutive seeds to run (a soak: as many as you like).
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    /// Hosts per simulated cluster.
+    #[arg(long, default_value_t = 3)]
+    pub hosts: u32,
+    /// Virtual seconds of faults per seed.
+    #[arg(long, default_value_t = 120)]
+    pub duration_s: u64,
+    /// Protected VMs created at the start.
+    #[arg(long, default_value_t = 6)]
+    pub vms: u32,
+    /// Print each seed's full trace.
+    #[arg(long)]
+    pub trace: bool,
+    /// Mutation check: the coordinator skips the fence deadline; the run must find violations.
+    #[arg(long)]
+    pub unsafe_skip_fence_wait: bool,
+}
+
+/// Runs the seeds; fails when any seed violated an invariant.
+pub fn run(args: &SimArgs) -> Result<()> {
+    if !(3..=7).contains(&args.hosts) {
+        bail!("--hosts must be 3 to 7");
+    }
+    let started = std::time::Instant::now();
+    let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let mut simulated_ms = 0u64;
+    let mut failing: Vec<(u64, Vec<String>)> = Vec::new();
+    for seed in args.seed..args.seed + args.seeds {
+        let opts = SimOptions {
+            seed,
+            hosts: args.hosts,
+            duration_s: args.duration_s,
+            vms: args.vms,
+            verbose: false,
+            unsafe_skip_fence_wait: args.unsafe_skip_fence_wait,
+        };
+        let r: SimReport = tandem_sim::run(&opts);
+        if args.trace {
+            for l in &r.trace {
+                println!("{l}");
+            }
+        }
+        simulated_ms += r.simulated_ms;
+        for (k, n) in &r.faults {
+            *faults.entry(k).or_default() += n;
+        }
+        println!(
+            "seed {seed}: {:.0} simulated s, {} fault(s), {} violation(s), trace {:016x}",
+            r.simulated_ms as f64 / 1000.0,
+            r.faults.values().sum::<u32>(),
+            r.violations.len(),
+            r.trace_hash
+        );
+        if !r.violations.is_empty() {
+            for v in &r.violations {
+                println!("  {v}");
+            }
+            failing.push((seed, r.violations));
+        }
+    }
+    println!("\nseeds: {} ({}..={})", args.seeds, args.seed, args.seed + args.seeds - 1);
+    println!("simulated: {:.2} h in {:.0} s of wall time", simulated_ms as f64 / 3_600_000.0, started.elapsed().as_secs_f64());
+    println!("faults injected by kind:");
+    for (k, n) in &faults {
+        println!("  {k:<24} {n}");
+    }
+    println!("violations: {} seed(s) failed", failing.len());
+    for (seed, _) in &failing {
+        let mutation = if args.unsafe_skip_fence_wait { " --unsafe-skip-fence-wait" } else { "" };
+        println!(
+            "  replay: tandem sim --seed {seed} --hosts {} --duration-s {} --vms {} --trace{mutation}",
+            args.hosts, args.duration_s, args.vms
+        );
+    }
+    if !failing.is_empty() {
+        bail!("{} seed(s) violated invariants", failing.len());
+    }
+    Ok(())
+}
