@@ -82,7 +82,6 @@ struct Host {
     /// Until when (virtual ms) a fault may legitimately make this host fence.
     excused_until: u64,
     events_seen: u64,
-    incarnation: u64,
 }
 
 struct Sim {
@@ -131,14 +130,12 @@ impl Sim {
     async fn boot(&mut self, i: u32) {
         let w = Arc::clone(&self.world);
         let h = &mut self.hosts[i as usize];
-        h.incarnation += 1;
         let io = AgentIo {
             clock: Arc::new(SimClock { world: Arc::clone(&w), boot: tokio::time::Instant::now(), drift_ppm: h.drift_ppm }),
             heartbeats: Arc::new(SimTransport {
                 world: Arc::clone(&w),
                 me: i,
                 inbox: tokio::sync::Mutex::new(w.inbox(i)),
-                generation: h.incarnation,
             }),
             disk: Arc::new(SimDisk { world: Arc::clone(&w), me: i }),
             rpc: Arc::new(SimRpc { world: Arc::clone(&w), me: i }),
@@ -352,9 +349,6 @@ impl Sim {
             }
             "power-loss" | "leader-loss" | "crash-restart" => {
                 let victim = if kind == "leader-loss" { self.leader().await.unwrap_or(target) } else { target };
-                if self.up().len() as u32 <= n / 2 + 1 && n > 3 {
-                    // Keep a quorum of the voters up so that recovery is owed.
-                }
                 let before = self.vms_on(victim).await;
                 w.log(format!("FAULT {kind} h{victim} ({} VM(s)) for {hold:?}", before.len()));
                 self.excuse(&[victim], until);
@@ -522,7 +516,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     for i in 0..opts.hosts {
         let cfg = sim.config(i);
         let driver = Arc::new(SimDriver::new(Arc::clone(&world), i, format!("h{i}")));
-        sim.hosts.push(Host { cfg, agent: None, driver, drift_ppm: 0, excused_until: 0, events_seen: 0, incarnation: 0 });
+        sim.hosts.push(Host { cfg, agent: None, driver, drift_ppm: 0, excused_until: 0, events_seen: 0 });
     }
     for i in 0..opts.hosts {
         sim.boot(i).await;

@@ -190,7 +190,6 @@ pub struct SimTransport {
     pub world: Arc<World>,
     pub me: u32,
     pub inbox: tokio::sync::Mutex<mpsc::Receiver<Datagram>>,
-    pub generation: u64,
 }
 
 impl HeartbeatTransport for SimTransport {

@@ -227,6 +227,11 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// Each VM's name and host, from a VM list.
+fn placement(vms: &Option<Vec<Value>>) -> Option<Vec<(Value, Value)>> {
+    vms.as_ref().map(|l| l.iter().map(|x| (x["name"].clone(), x["host"].clone())).collect())
+}
+
 fn interrupted() -> bool {
     crate::demo::check_interrupt().is_err()
 }
@@ -459,8 +464,7 @@ impl Suite {
                 }
                 self.log(&format!("  {lost} heartbeats dropped"));
                 let after = self.vms(&(0..n).collect::<Vec<_>>());
-                let hosts_of = |v: &Option<Vec<Value>>| v.as_ref().map(|l| l.iter().map(|x| (x["name"].clone(), x["host"].clone())).collect::<Vec<_>>());
-                if hosts_of(&before) != hosts_of(&after) {
+                if placement(&before) != placement(&after) {
                     self.violation("healthy-fenced", "VMs moved under 1-in-3 heartbeat loss".into());
                 }
             }
@@ -531,8 +535,7 @@ impl Suite {
                 std::thread::sleep(Duration::from_secs(10));
                 std::os::unix::fs::symlink(self.lab.shared.join("heartbeat.disk"), &link)?;
                 let after = self.vms(&(0..n).collect::<Vec<_>>());
-                let hosts_of = |v: &Option<Vec<Value>>| v.as_ref().map(|l| l.iter().map(|x| (x["name"].clone(), x["host"].clone())).collect::<Vec<_>>());
-                if hosts_of(&before) != hosts_of(&after) {
+                if placement(&before) != placement(&after) {
                     self.violation("healthy-fenced", "VMs moved although only one host's disk failed".into());
                 }
             }
