@@ -15,6 +15,7 @@ use crate::io::{AgentIo, Clock, HeartbeatTransport, PeerRpc};
 use crate::events::EventLog;
 use crate::httpc;
 use serde::Serialize;
+use tracing::Instrument;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -195,7 +196,7 @@ impl Agent {
         let token = key.peer_token();
         let consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc)).await?;
         let events = EventLog::new(&cfg.name, &cfg.data_dir);
-        let liveness = Liveness::new(me, cfg.timings, clock.now());
+        let liveness = Liveness::new(me, incarnation, cfg.timings, clock.now());
         events.record("agent-started", None, None, format!("incarnation {incarnation}, driver {}", driver.kind()));
         Ok(Arc::new(Agent {
             me,
@@ -223,16 +224,13 @@ impl Agent {
 
     /// Starts the loops and the software watchdog.
     pub fn spawn_loops(self: &Arc<Self>) -> Result<(), AgentError> {
-        let a = Arc::clone(self);
-        tokio::spawn(async move { a.receive_loop().await });
-        let a = Arc::clone(self);
-        tokio::spawn(async move { a.liveness_loop().await });
-        let a = Arc::clone(self);
-        tokio::spawn(async move { a.membership_loop().await });
-        let a = Arc::clone(self);
-        tokio::spawn(async move { a.coordinator_loop().await });
-        let a = Arc::clone(self);
-        tokio::spawn(async move { a.reconcile_loop().await });
+        // Loops inherit the caller's tracing span, so a process hosting several agents (the
+        // simulator) can tell their logs apart.
+        tokio::spawn(Arc::clone(self).receive_loop().in_current_span());
+        tokio::spawn(Arc::clone(self).liveness_loop().in_current_span());
+        tokio::spawn(Arc::clone(self).membership_loop().in_current_span());
+        tokio::spawn(Arc::clone(self).coordinator_loop().in_current_span());
+        tokio::spawn(Arc::clone(self).reconcile_loop().in_current_span());
         self.start_watchdogs()
     }
 
@@ -473,7 +471,7 @@ impl Agent {
                 }
             }
             lock(&a.scratch).disk_busy = false;
-        });
+        }.in_current_span());
     }
 
     fn host_name(&self, h: HostId) -> String {
@@ -774,7 +772,7 @@ impl Agent {
                             tracing::warn!("stop of {name} failed: {e}");
                         }
                         lock(&a.scratch).stopping.remove(&name);
-                    });
+                    }.in_current_span());
                 }
             } else {
                 let _ = self.driver.kill(&v.name);
@@ -831,7 +829,7 @@ impl Agent {
                     Err(e) => a.events.record("vm-start-failed", Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}")),
                 }
                 lock(&a.scratch).starting.remove(&name);
-            });
+            }.in_current_span());
         }
     }
 

@@ -61,7 +61,8 @@ impl AsyncRuntime for SeededTokio {
         T: Future + OptionalSend + 'static,
         T::Output: OptionalSend + 'static,
     {
-        tokio::task::spawn(future)
+        // openraft's tasks keep the span of the agent that started them.
+        tokio::task::spawn(tracing::Instrument::in_current_span(future))
     }
 
     fn sleep(duration: Duration) -> Self::Sleep {

@@ -8,7 +8,7 @@ use crate::hostset::{HostId, HostSet};
 use crate::partition::{self, Survival};
 use crate::time::Millis;
 use crate::timing::Timings;
-use crate::wire::{DiskSlot, Heartbeat, SlotCorruption, SlotRead};
+use crate::wire::{Ack, DiskSlot, Heartbeat, SlotCorruption, SlotRead};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
@@ -130,6 +130,8 @@ impl Assessment {
 #[derive(Clone, Debug)]
 pub struct Liveness {
     me: HostId,
+    /// Our own incarnation: acks of any other do not acknowledge our heartbeats.
+    incarnation: u64,
     timings: Timings,
     members: HostSet,
     peers: BTreeMap<HostId, PeerState>,
@@ -145,9 +147,10 @@ impl Liveness {
     /// A fresh view at `now`. Until evidence arrives, the start instant counts as the last moment
     /// we were connected, so a host that starts isolated fences after `self_fence_ms`.
     #[must_use]
-    pub fn new(me: HostId, timings: Timings, now: Millis) -> Liveness {
+    pub fn new(me: HostId, incarnation: u64, timings: Timings, now: Millis) -> Liveness {
         Liveness {
             me,
+            incarnation,
             timings,
             members: HostSet::single(me),
             peers: BTreeMap::new(),
@@ -224,16 +227,23 @@ impl Liveness {
         p.net_heard = hb.heard;
         p.net_fenced = hb.fenced;
         p.net_epoch = hb.epoch;
-        if let Some((_, s)) = hb.acks.iter().find(|(h, _)| *h == me) {
-            p.acked_my_seq = Some(p.acked_my_seq.map_or(*s, |old| old.max(*s)));
+        // Only acks of this incarnation count: a peer that has not yet heard us since our restart
+        // still acks the last sequence number of our previous life.
+        let me_now = self.incarnation;
+        if let Some(a) = hb.acks.iter().find(|a| a.host == me && a.incarnation == me_now) {
+            p.acked_my_seq = Some(p.acked_my_seq.map_or(a.seq, |old| old.max(a.seq)));
         }
         Ok(())
     }
 
     /// The acks to put in our next heartbeat: the last sequence number heard from each peer.
     #[must_use]
-    pub fn acks(&self) -> Vec<(HostId, u64)> {
-        self.peers.iter().filter(|(_, p)| p.last_net.is_some()).map(|(h, p)| (*h, p.seq)).collect()
+    pub fn acks(&self) -> Vec<Ack> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.last_net.is_some())
+            .map(|(h, p)| Ack { host: *h, incarnation: p.incarnation, seq: p.seq })
+            .collect()
     }
 
     /// Takes the result of reading every slot at `now` (index = host id).
@@ -456,7 +466,7 @@ mod tests {
     };
 
     fn three(me: u32) -> Liveness {
-        let mut l = Liveness::new(HostId(me), T, Millis(0));
+        let mut l = Liveness::new(HostId(me), 1, T, Millis(0));
         l.set_members([HostId(0), HostId(1), HostId(2)].into_iter().collect());
         l
     }
@@ -468,7 +478,7 @@ mod tests {
             seq,
             epoch: 1,
             heard: heard.iter().map(|h| HostId(*h)).collect(),
-            acks: ack_me.map(|(h, s)| (HostId(h), s)).into_iter().collect(),
+            acks: ack_me.map(|(h, s)| Ack { host: HostId(h), incarnation: 1, seq: s }).into_iter().collect(),
             fenced: false,
         }
     }
@@ -542,6 +552,26 @@ mod tests {
         }
         assert!(!l.lease_valid(resumed));
         assert!(l.assess(resumed).fence.is_some(), "the first assessment after the pause fences");
+    }
+
+    /// A host restarted before its peers noticed: their first heartbeats still ack the last
+    /// sequence number of its previous incarnation (far above the new ones). Those acks must
+    /// not count, nor mask the acks of the new incarnation (found by simulator seed 13: the
+    /// restarted host never regained a majority and never rejoined).
+    #[test]
+    fn acks_of_a_previous_incarnation_neither_count_nor_mask_new_ones() {
+        let mut l = three(0);
+        for p in [1u32, 2] {
+            let stale = Heartbeat {
+                acks: vec![Ack { host: HostId(0), incarnation: 0, seq: 5000 }],
+                ..hb(p, 1, &[0, 1, 2], None)
+            };
+            l.heartbeat_received(&stale, Millis(0)).expect("fresh");
+        }
+        l.heartbeat_sent(1, Millis(0));
+        assert!(!l.assess(Millis(1)).has_majority, "an ack of another life is no ack");
+        run(&mut l, 200, 2000, |_, _| true);
+        assert!(l.assess(Millis(2000)).has_majority, "acks of this incarnation count");
     }
 
     #[test]

@@ -14,14 +14,16 @@ type HmacSha256 = Hmac<Sha256>;
 const MAC_LEN: usize = 32;
 const HEARTBEAT_MAGIC: &[u8; 4] = b"TDHB";
 const SLOT_MAGIC: &[u8; 4] = b"TDSL";
-const VERSION: u8 = 1;
+// Version 2: acks name the incarnation they acknowledge.
+const VERSION: u8 = 2;
 const FLAG_FENCED: u8 = 1;
 
 /// Size of one heartbeat-disk slot: one 4 KiB block, so O_DIRECT writes of a slot are aligned on
 /// every device.
 pub const SLOT_SIZE: usize = 4096;
 /// The largest heartbeat datagram: header, one ack per possible peer, MAC.
-pub const MAX_HEARTBEAT_LEN: usize = HEARTBEAT_HEADER_LEN + 1 + (MAX_HOSTS - 1) * 12 + MAC_LEN;
+pub const MAX_HEARTBEAT_LEN: usize = HEARTBEAT_HEADER_LEN + 1 + (MAX_HOSTS - 1) * ACK_LEN + MAC_LEN;
+const ACK_LEN: usize = 4 + 8 + 8;
 const HEARTBEAT_HEADER_LEN: usize = 4 + 1 + 1 + 4 + 8 + 8 + 8 + 8;
 const SLOT_BODY_LEN: usize = 4 + 1 + 1 + 2 + 4 + 8 + 8 + 8 + 8 + 8;
 
@@ -89,11 +91,21 @@ pub struct Heartbeat {
     pub epoch: u64,
     /// The hosts the sender currently hears (itself included).
     pub heard: HostSet,
-    /// For each peer, the last sequence number the sender received from it, so that the peer
-    /// learns which of its own heartbeats reached whom.
-    pub acks: Vec<(HostId, u64)>,
+    /// For each peer, the last heartbeat the sender received from it, so that the peer learns
+    /// which of its own heartbeats reached whom.
+    pub acks: Vec<Ack>,
     /// The sender has fenced itself.
     pub fenced: bool,
+}
+
+/// "The last heartbeat I received from `host` was `seq` of its `incarnation`." The incarnation
+/// matters: a host that restarts counts its sequence numbers from one again, and an ack of its
+/// previous life must not be taken for an ack of its new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub host: HostId,
+    pub incarnation: u64,
+    pub seq: u64,
 }
 
 /// Why a datagram is not a heartbeat we accept.
@@ -123,7 +135,7 @@ impl Heartbeat {
     #[must_use]
     pub fn encode(&self, key: &ClusterKey) -> Vec<u8> {
         let acks = &self.acks[..self.acks.len().min(MAX_HOSTS - 1)];
-        let mut b = Vec::with_capacity(HEARTBEAT_HEADER_LEN + 1 + acks.len() * 12 + MAC_LEN);
+        let mut b = Vec::with_capacity(HEARTBEAT_HEADER_LEN + 1 + acks.len() * ACK_LEN + MAC_LEN);
         b.extend_from_slice(HEARTBEAT_MAGIC);
         b.push(VERSION);
         b.push(if self.fenced { FLAG_FENCED } else { 0 });
@@ -133,9 +145,10 @@ impl Heartbeat {
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&self.heard.0.to_le_bytes());
         b.push(acks.len() as u8);
-        for (h, s) in acks {
-            b.extend_from_slice(&h.0.to_le_bytes());
-            b.extend_from_slice(&s.to_le_bytes());
+        for a in acks {
+            b.extend_from_slice(&a.host.0.to_le_bytes());
+            b.extend_from_slice(&a.incarnation.to_le_bytes());
+            b.extend_from_slice(&a.seq.to_le_bytes());
         }
         let tag = key.mac(&b);
         b.extend_from_slice(&tag);
@@ -148,7 +161,7 @@ impl Heartbeat {
             return Err(HeartbeatError::BadLength(b.len()));
         }
         let n_acks = b[HEARTBEAT_HEADER_LEN] as usize;
-        let body_len = HEARTBEAT_HEADER_LEN + 1 + n_acks * 12;
+        let body_len = HEARTBEAT_HEADER_LEN + 1 + n_acks * ACK_LEN;
         if b.len() != body_len + MAC_LEN {
             return Err(HeartbeatError::BadLength(b.len()));
         }
@@ -172,11 +185,12 @@ impl Heartbeat {
         let mut acks = Vec::with_capacity(n_acks);
         for _ in 0..n_acks {
             let h = u32::from_le_bytes(take(b, &mut at));
-            let s = u64::from_le_bytes(take(b, &mut at));
+            let incarnation = u64::from_le_bytes(take(b, &mut at));
+            let seq = u64::from_le_bytes(take(b, &mut at));
             if !HostId(h).is_valid() {
                 return Err(HeartbeatError::BadHost(h));
             }
-            acks.push((HostId(h), s));
+            acks.push(Ack { host: HostId(h), incarnation, seq });
         }
         Ok(Heartbeat {
             from: HostId(from),
@@ -308,7 +322,7 @@ mod tests {
             seq: 99,
             epoch: 3,
             heard: [HostId(0), HostId(2)].into_iter().collect(),
-            acks: vec![(HostId(0), 41), (HostId(1), 12)],
+            acks: vec![Ack { host: HostId(0), incarnation: 3, seq: 41 }, Ack { host: HostId(1), incarnation: 1, seq: 12 }],
             fenced: false,
         }
     }
@@ -371,9 +385,9 @@ mod tests {
 
         #[test]
         fn any_heartbeat_round_trips(from in 0u32..64, inc in any::<u64>(), seq in any::<u64>(), heard in any::<u64>(),
-                                      acks in proptest::collection::vec((0u32..64, any::<u64>()), 0..63), fenced in any::<bool>()) {
+                                      acks in proptest::collection::vec((0u32..64, any::<u64>(), any::<u64>()), 0..63), fenced in any::<bool>()) {
             let hb = Heartbeat { from: HostId(from), incarnation: inc, seq, epoch: 1, heard: HostSet(heard),
-                                 acks: acks.into_iter().map(|(h, s)| (HostId(h), s)).collect(), fenced };
+                                 acks: acks.into_iter().map(|(h, i, s)| Ack { host: HostId(h), incarnation: i, seq: s }).collect(), fenced };
             let bytes = hb.encode(&key());
             prop_assert!(bytes.len() <= MAX_HEARTBEAT_LEN);
             prop_assert_eq!(Heartbeat::decode(&bytes, &key()), Ok(hb));

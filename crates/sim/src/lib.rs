@@ -144,9 +144,12 @@ impl Sim {
             unsafe_skip_fence_wait: self.opts.unsafe_skip_fence_wait,
         };
         lock(&w.cond).down.remove(&i);
-        match Agent::with_io(h.cfg.clone(), io).await {
+        // Every task of this agent (its loops, openraft's) logs inside this span (at error level so
+        // the span shows whatever the log filter lets through).
+        let span = tracing::error_span!("host", h = i);
+        match tracing::Instrument::instrument(Agent::with_io(h.cfg.clone(), io), span.clone()).await {
             Ok(agent) => {
-                if let Err(e) = agent.spawn_loops() {
+                if let Err(e) = span.in_scope(|| agent.spawn_loops()) {
                     w.violation("sim-error", format!("h{i} loops: {e}"));
                 }
                 lock(&w.routers).insert(i, tandem_agent::api::router(Arc::clone(&agent)));
@@ -490,7 +493,19 @@ pub fn run(opts: &SimOptions) -> SimReport {
     rt.block_on(run_async(opts.clone()))
 }
 
+thread_local! {
+    /// When the running simulation began, in the runtime's virtual time.
+    static STARTED: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Virtual seconds since the simulation on this thread began (for log stamps), if one runs.
+#[must_use]
+pub fn simulated_seconds() -> Option<f64> {
+    STARTED.with(|s| s.get()).map(|t| t.elapsed().as_secs_f64())
+}
+
 async fn run_async(opts: SimOptions) -> SimReport {
+    STARTED.with(|s| s.set(Some(tokio::time::Instant::now())));
     let dir = std::env::temp_dir().join(format!("tandem-sim-{}-{}", std::process::id(), opts.seed));
     let _ = std::fs::remove_dir_all(&dir);
     let report = match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("secret"), format!("sim-secret-{}-0123456789abcdef", opts.seed))) {

@@ -335,13 +335,27 @@ fn run_agent(config: &std::path::Path) -> Result<()> {
     })
 }
 
+/// Log stamps in the simulator's virtual seconds, to line up with its trace.
+struct SimulatedTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match tandem_sim::simulated_seconds() {
+            Some(s) => write!(w, "{s:>9.3}"),
+            None => write!(w, "{:>9}", "-"),
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+    let simulating = matches!(cli.command, Cmd::Sim(_));
+    // The simulator drives the real consensus library through thousands of injected faults; its
+    // complaints about them (failed RPCs) are expected, so only Tandem's own errors show unless
+    // RUST_LOG asks for more.
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if simulating { "error,openraft=off" } else { "warn" }.into());
+    let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
+    let _ = if simulating { logs.with_timer(SimulatedTime).try_init() } else { logs.try_init() };
     let code = match &cli.command {
         Cmd::Agent { config } => match run_agent(config) {
             Ok(()) => 0,
