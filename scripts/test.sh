@@ -8,4 +8,6 @@ cd "$here"
 export TANDEM_GUEST_DIR="$here/.cache/guest"
 cargo build --bin tandem
 # Cluster tests share two cores with real guests: run them one at a time so timing stays honest.
-cargo test --workspace --no-fail-fast -- --test-threads=1
+cargo test --workspace --exclude tandem-sim --no-fail-fast -- --test-threads=1
+# The deterministic simulator (hundreds of seeds) runs optimized: see [profile.sim].
+cargo test --profile sim -p tandem-sim --no-fail-fast

@@ -574,6 +574,26 @@ mod tests {
         assert!(l.assess(Millis(2000)).has_majority, "acks of this incarnation count");
     }
 
+    /// Host 2 hears host 1, which has fenced itself but still writes its slot hearing {1, 2};
+    /// host 0 is cut off and hears only itself. Side {1, 2} holds the majority: host 2 must not
+    /// fence (found by simulator seed 17, when fenced hosts were left out of the decision and
+    /// host 2 lost a one-against-one tie to host 0).
+    #[test]
+    fn a_fenced_peer_still_counts_in_the_partition_decision() {
+        let mut l = three(2);
+        for step in 0..30u64 {
+            let now = Millis(step * 200);
+            l.heartbeat_sent(step + 1, now);
+            l.disk_written(now, now.plus(1));
+            let beat = Heartbeat { fenced: true, ..hb(1, step + 1, &[1, 2], Some((2, step + 1))) };
+            l.heartbeat_received(&beat, now.plus(1)).expect("fresh");
+            let slots = vec![slot(0, step + 1, &[0], false), slot(1, step + 1, &[1, 2], true), slot(2, step + 1, &[1, 2], false)];
+            l.disk_read(&slots, now.plus(2));
+            let a = l.assess(now.plus(3));
+            assert_eq!(a.fence, None, "host 2 fenced at {now:?}");
+        }
+    }
+
     #[test]
     fn a_host_on_the_losing_side_holds_no_lease() {
         let mut l = three(0);

@@ -35,11 +35,18 @@ pub struct SimOptions {
     pub verbose: bool,
     /// Mutation: the coordinator skips the fence deadline (the simulator must catch it).
     pub unsafe_skip_fence_wait: bool,
+    /// Hosts that are not in the cluster at the start and join it as an operator action.
+    pub late_hosts: u32,
+    /// Draw only this fault kind (one of [`FAULT_KINDS`]).
+    pub only: Option<String>,
+    /// Mutation: the hosts have no hardware watchdog, so a frozen host keeps its VMs (frozen
+    /// with it) until it thaws; the simulator must find the double run this allows.
+    pub no_watchdog: bool,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { seed: 1, hosts: 3, duration_s: 120, vms: 6, verbose: false, unsafe_skip_fence_wait: false }
+        SimOptions { seed: 1, hosts: 3, duration_s: 120, vms: 6, verbose: false, unsafe_skip_fence_wait: false, late_hosts: 1, only: None, no_watchdog: false }
     }
 }
 
@@ -55,7 +62,7 @@ pub struct SimReport {
     pub trace_hash: u64,
 }
 
-const FAULT_KINDS: [&str; 13] = [
+pub const FAULT_KINDS: [&str; 16] = [
     "partition-full",
     "partition-one-way",
     "partition-pair",
@@ -68,8 +75,16 @@ const FAULT_KINDS: [&str; 13] = [
     "leader-loss",
     "crash-restart",
     "clock-drift",
+    "clock-jump",
+    "host-freeze",
+    "host-join",
     "operator",
 ];
+
+/// The simulated hosts have a hardware watchdog that resets a host this long after its agent
+/// stopped feeding it (the agent's default `watchdog.timeout_s`): a host frozen for longer is
+/// reset while frozen, as the real device would do.
+const WATCHDOG_RESET_MS: u64 = 2_000;
 
 /// Bound within which a failed host's protected VMs must run again (virtual time).
 const RECOVERY_BOUND_MS: u64 = 20_000;
@@ -82,6 +97,8 @@ struct Host {
     /// Until when (virtual ms) a fault may legitimately make this host fence.
     excused_until: u64,
     events_seen: u64,
+    /// Part of the cluster (late hosts are not until they join).
+    member: bool,
 }
 
 struct Sim {
@@ -131,7 +148,7 @@ impl Sim {
         let w = Arc::clone(&self.world);
         let h = &mut self.hosts[i as usize];
         let io = AgentIo {
-            clock: Arc::new(SimClock { world: Arc::clone(&w), boot: tokio::time::Instant::now(), drift_ppm: h.drift_ppm }),
+            clock: Arc::new(SimClock { world: Arc::clone(&w), me: i, boot: tokio::time::Instant::now(), drift_ppm: h.drift_ppm }),
             heartbeats: Arc::new(SimTransport {
                 world: Arc::clone(&w),
                 me: i,
@@ -143,7 +160,13 @@ impl Sim {
             os_watchdog: false,
             unsafe_skip_fence_wait: self.opts.unsafe_skip_fence_wait,
         };
-        lock(&w.cond).down.remove(&i);
+        {
+            // A fresh boot: powered, running, clock without jumps.
+            let mut c = lock(&w.cond);
+            c.down.remove(&i);
+            c.frozen.remove(&i);
+            c.clock_jump_ms.remove(&i);
+        }
         // Every task of this agent (its loops, openraft's) logs inside this span (at error level so
         // the span shows whatever the log filter lets through).
         let span = tracing::error_span!("host", h = i);
@@ -176,6 +199,9 @@ impl Sim {
 
     /// A request to host `i`'s API, as an operator's CLI would send it.
     async fn api(&self, i: u32, method: &str, path: &str, body: Option<serde_json::Value>) -> Option<(u16, serde_json::Value)> {
+        if self.world.is_frozen(i) {
+            return None;
+        }
         let router = lock(&self.world.routers).get(&i).cloned()?;
         let req = axum::http::Request::builder()
             .uri(path)
@@ -272,8 +298,13 @@ impl Sim {
 
     /// One fault, drawn from the seed; returns after it healed.
     async fn fault(&mut self) {
-        let kind = FAULT_KINDS[self.rand(FAULT_KINDS.len() as u64) as usize];
-        let n = self.opts.hosts;
+        let drawn = FAULT_KINDS[self.rand(FAULT_KINDS.len() as u64) as usize];
+        let mut kind = self.opts.only.as_deref().and_then(|o| FAULT_KINDS.iter().copied().find(|k| *k == o)).unwrap_or(drawn);
+        let late = self.hosts.iter().position(|h| !h.member).map(|i| i as u32);
+        if kind == "host-join" && late.is_none() {
+            kind = "operator";
+        }
+        let n = self.hosts.len() as u32;
         let up = self.up();
         let target = up.get(self.rand(up.len() as u64) as usize).copied().unwrap_or(0);
         let hold = Duration::from_millis(3_000 + self.rand(9_000));
@@ -363,6 +394,54 @@ impl Sim {
                 self.run_for(down_for).await;
                 self.boot(victim).await;
                 self.run_for(hold.saturating_sub(down_for)).await;
+            }
+            "host-freeze" => {
+                let before = self.vms_on(target).await;
+                let freeze_ms = 500 + self.rand(8_000);
+                w.log(format!("FAULT {kind} h{target} ({} VM(s)) for {freeze_ms} ms", before.len()));
+                self.excuse(&[target], until);
+                lock(&w.cond).frozen.insert(target, tokio::time::Instant::now());
+                if freeze_ms > WATCHDOG_RESET_MS && !self.opts.no_watchdog {
+                    self.run_for(Duration::from_millis(WATCHDOG_RESET_MS)).await;
+                    w.log(format!("h{target}'s hardware watchdog expires while it is frozen: reset"));
+                    {
+                        let mut c = lock(&w.cond);
+                        c.down.insert(target);
+                        c.frozen.remove(&target);
+                    }
+                    self.power_off(target).await;
+                    if !before.is_empty() {
+                        self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
+                    }
+                    self.run_for(Duration::from_millis(freeze_ms - WATCHDOG_RESET_MS)).await;
+                    self.boot(target).await;
+                } else {
+                    self.run_for(Duration::from_millis(freeze_ms)).await;
+                    lock(&w.cond).frozen.remove(&target);
+                    w.log(format!("HEAL {kind}: h{target} thaws"));
+                }
+                self.run_for(hold).await;
+            }
+            "clock-jump" => {
+                // Within the configured bound: the clock margin, less what drift may use.
+                let bound = tandem_core::timing::Timings::default().clock_margin_ms - 50;
+                let jump = 1 + self.rand(bound);
+                w.log(format!("FAULT {kind}: h{target}'s clock jumps {jump} ms forward"));
+                *lock(&w.cond).clock_jump_ms.entry(target).or_default() += jump;
+                self.run_for(hold).await;
+            }
+            "host-join" => {
+                let j = late.unwrap_or(0);
+                self.boot(j).await;
+                self.run_for(Duration::from_secs(1)).await;
+                let at = self.leader().await.unwrap_or(0);
+                let api = w.addrs[j as usize].0.clone();
+                let r = self.api(at, "POST", "/v1/hosts/join", Some(serde_json::json!({ "api_addr": api }))).await;
+                w.log(format!("operator: join h{j} -> {:?}", r.as_ref().map(|r| r.0)));
+                // Joined or not, it is a member from now on: it takes part in faults and is
+                // booted at the end; if the join was refused, it simply never gets VMs.
+                self.hosts[j as usize].member = true;
+                self.run_for(hold).await;
             }
             "clock-drift" => {
                 let ppm = self.rand(2_001) as i64 - 1_000;
@@ -506,7 +585,10 @@ pub fn simulated_seconds() -> Option<f64> {
 
 async fn run_async(opts: SimOptions) -> SimReport {
     STARTED.with(|s| s.set(Some(tokio::time::Instant::now())));
-    let dir = std::env::temp_dir().join(format!("tandem-sim-{}-{}", std::process::id(), opts.seed));
+    // Runs may go on in parallel in one process (tests): each gets its own directory.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run_no = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("tandem-sim-{}-{run_no}-{}", std::process::id(), opts.seed));
     let _ = std::fs::remove_dir_all(&dir);
     let report = match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("secret"), format!("sim-secret-{}-0123456789abcdef", opts.seed))) {
         Ok(()) => simulate(opts.clone(), dir.clone()).await,
@@ -517,7 +599,7 @@ async fn run_async(opts: SimOptions) -> SimReport {
 }
 
 async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
-    let world = World::new(opts.seed, opts.hosts);
+    let world = World::new(opts.seed, opts.hosts + opts.late_hosts);
     let mut sim = Sim {
         world: Arc::clone(&world),
         hosts: Vec::new(),
@@ -528,10 +610,10 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         pending_recoveries: Vec::new(),
         next_vm: 0,
     };
-    for i in 0..opts.hosts {
+    for i in 0..opts.hosts + opts.late_hosts {
         let cfg = sim.config(i);
         let driver = Arc::new(SimDriver::new(Arc::clone(&world), i, format!("h{i}")));
-        sim.hosts.push(Host { cfg, agent: None, driver, drift_ppm: 0, excused_until: 0, events_seen: 0 });
+        sim.hosts.push(Host { cfg, agent: None, driver, drift_ppm: 0, excused_until: 0, events_seen: 0, member: i < opts.hosts });
     }
     for i in 0..opts.hosts {
         sim.boot(i).await;
@@ -563,14 +645,14 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
             lock(&world.trace).clear();
         }
     }
-    for i in 0..opts.hosts {
-        if sim.hosts[i as usize].agent.is_none() {
+    for i in 0..opts.hosts + opts.late_hosts {
+        if sim.hosts[i as usize].member && sim.hosts[i as usize].agent.is_none() {
             sim.boot(i).await;
         }
     }
     sim.settle_and_check().await;
     let simulated_ms = world.now_ms();
-    for i in 0..opts.hosts {
+    for i in 0..opts.hosts + opts.late_hosts {
         if let Some(a) = sim.hosts[i as usize].agent.take() {
             a.shutdown().await;
         }

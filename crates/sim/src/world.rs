@@ -62,6 +62,10 @@ pub struct Conditions {
     /// Extra delay drawn up to this bound, per datagram and per RPC.
     pub max_delay_ms: u64,
     pub disk: BTreeMap<u32, DiskMode>,
+    /// Frozen hosts (a long pause: SIGSTOP, a stalled hypervisor) and since when.
+    pub frozen: BTreeMap<u32, tokio::time::Instant>,
+    /// How far each host's clock has jumped forward since it booted, in ms.
+    pub clock_jump_ms: BTreeMap<u32, u64>,
 }
 
 /// A datagram waiting in a host's socket buffer: bytes and sender.
@@ -106,6 +110,8 @@ impl World {
                 dup_permille: 0,
                 max_delay_ms: 2,
                 disk: BTreeMap::new(),
+                frozen: BTreeMap::new(),
+                clock_jump_ms: BTreeMap::new(),
             }),
             inboxes: Mutex::new(BTreeMap::new()),
             routers: Mutex::new(BTreeMap::new()),
@@ -152,6 +158,17 @@ impl World {
         Duration::from_millis(lock(&self.rng).below(max + 1))
     }
 
+    pub fn is_frozen(&self, h: u32) -> bool {
+        lock(&self.cond).frozen.contains_key(&h)
+    }
+
+    /// Returns once host `h` is not frozen: a frozen host does nothing the world could see.
+    pub async fn thawed(&self, h: u32) {
+        while self.is_frozen(h) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn disk_mode(&self, h: u32) -> DiskMode {
         lock(&self.cond).disk.get(&h).copied().unwrap_or(DiskMode::Ok)
     }
@@ -171,17 +188,25 @@ impl World {
     }
 }
 
-/// A host's clock: virtual time since the host booted, running fast or slow by `drift_ppm`.
+/// A host's clock: virtual time since the host booted, running fast or slow by `drift_ppm`,
+/// plus any forward jumps; it stands still while the host is frozen (a frozen process reads no
+/// clock) and catches up at once when it thaws.
 pub struct SimClock {
     pub world: Arc<World>,
+    pub me: u32,
     pub boot: tokio::time::Instant,
     pub drift_ppm: i64,
 }
 
 impl Clock for SimClock {
     fn now(&self) -> Millis {
-        let ms = self.boot.elapsed().as_millis() as i128;
-        Millis((ms + ms * i128::from(self.drift_ppm) / 1_000_000).max(0) as u64)
+        let (frozen_at, jump) = {
+            let c = lock(&self.world.cond);
+            (c.frozen.get(&self.me).copied(), c.clock_jump_ms.get(&self.me).copied().unwrap_or(0))
+        };
+        let at = frozen_at.unwrap_or_else(tokio::time::Instant::now);
+        let ms = at.saturating_duration_since(self.boot).as_millis() as i128;
+        Millis((ms + ms * i128::from(self.drift_ppm) / 1_000_000 + i128::from(jump)).max(0) as u64)
     }
 }
 
@@ -196,6 +221,7 @@ impl HeartbeatTransport for SimTransport {
     fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>> {
         Box::pin(async move {
             let w = &self.world;
+            w.thawed(self.me).await;
             let Some(target) = w.host_of_hb(to) else { return Ok(()) };
             if !w.reaches(self.me, target) {
                 return Ok(());
@@ -232,6 +258,8 @@ impl HeartbeatTransport for SimTransport {
     fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>> {
         Box::pin(async move {
             let msg = self.inbox.lock().await.recv().await;
+            // A frozen host reads its socket only after it thaws.
+            self.world.thawed(self.me).await;
             match msg {
                 Some((bytes, from)) => {
                     let n = bytes.len().min(buf.len());
@@ -252,7 +280,11 @@ pub struct SimDisk {
 
 impl SimDisk {
     async fn gate(&self) -> Result<(), DiskError> {
+        self.world.thawed(self.me).await;
         loop {
+            if lock(&self.world.cond).down.contains(&self.me) {
+                return Err(DiskError::Io(std::io::Error::other("host is powered off")));
+            }
             match self.world.disk_mode(self.me) {
                 DiskMode::Ok => return Ok(()),
                 DiskMode::Fail => return Err(DiskError::Io(std::io::Error::other("simulated disk failure"))),
@@ -302,6 +334,7 @@ impl PeerRpc for SimRpc {
     ) -> BoxFuture<'a, Result<Response, HttpError>> {
         Box::pin(async move {
             let w = &self.world;
+            w.thawed(self.me).await;
             let timed_out = || HttpError::Timeout { addr: addr.to_string(), timeout };
             let Some(target) = w.host_of_api(addr) else {
                 return Err(HttpError::Protocol { addr: addr.into(), detail: "no such host".into() });
@@ -329,6 +362,8 @@ impl PeerRpc for SimRpc {
             let me = self.me;
             let exchange = async move {
                 tokio::time::sleep(world.delay()).await;
+                // A frozen host answers once it thaws (if the caller still waits).
+                world.thawed(target).await;
                 let resp = tower::ServiceExt::oneshot(router, req).await.map_err(|e| e.to_string())?;
                 let status = resp.status().as_u16();
                 let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| e.to_string())?.to_bytes();
@@ -394,6 +429,7 @@ impl VmDriver for SimDriver {
             if lock(&self.vms).get(&name).is_some_and(|v| v.exit.is_none()) {
                 return Err(DriverError::AlreadyRunning(name));
             }
+            self.world.thawed(self.me).await;
             // Booting takes a moment of virtual time.
             tokio::time::sleep(Duration::from_millis(50)).await;
             let w = &self.world;
@@ -426,6 +462,7 @@ impl VmDriver for SimDriver {
 
     fn stop<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
+            self.world.thawed(self.me).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
             if self.end(name, VmExit::StoppedByAgent) {
                 self.world.log(format!("{}: {name} stopped", self.name));

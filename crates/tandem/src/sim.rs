@@ -23,18 +23,31 @@ pub struct SimArgs {
     /// Protected VMs created at the start.
     #[arg(long, default_value_t = 6)]
     pub vms: u32,
+    /// Extra hosts that join the cluster later, as an operator action during the faults.
+    #[arg(long, default_value_t = 1)]
+    pub late_hosts: u32,
     /// Print each seed's full trace.
     #[arg(long)]
     pub trace: bool,
     /// Mutation check: the coordinator skips the fence deadline; the run must find violations.
     #[arg(long)]
     pub unsafe_skip_fence_wait: bool,
+    /// Mutation check: hosts have no hardware watchdog, so a frozen host keeps its VMs until it
+    /// thaws; the run must find double runs.
+    #[arg(long)]
+    pub no_watchdog: bool,
+    /// Draw only this fault kind.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tandem_sim::FAULT_KINDS))]
+    pub only: Option<String>,
 }
 
 /// Runs the seeds; fails when any seed violated an invariant.
 pub fn run(args: &SimArgs) -> Result<()> {
     if !(3..=7).contains(&args.hosts) {
         bail!("--hosts must be 3 to 7");
+    }
+    if args.late_hosts > 2 {
+        bail!("--late-hosts must be 0 to 2");
     }
     let started = std::time::Instant::now();
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
@@ -48,6 +61,9 @@ pub fn run(args: &SimArgs) -> Result<()> {
             vms: args.vms,
             verbose: false,
             unsafe_skip_fence_wait: args.unsafe_skip_fence_wait,
+            late_hosts: args.late_hosts,
+            only: args.only.clone(),
+            no_watchdog: args.no_watchdog,
         };
         let r: SimReport = tandem_sim::run(&opts);
         if args.trace {
@@ -81,10 +97,19 @@ pub fn run(args: &SimArgs) -> Result<()> {
     }
     println!("violations: {} seed(s) failed", failing.len());
     for (seed, _) in &failing {
-        let mutation = if args.unsafe_skip_fence_wait { " --unsafe-skip-fence-wait" } else { "" };
+        let mut mutation = String::new();
+        if args.unsafe_skip_fence_wait {
+            mutation.push_str(" --unsafe-skip-fence-wait");
+        }
+        if args.no_watchdog {
+            mutation.push_str(" --no-watchdog");
+        }
+        if let Some(o) = &args.only {
+            mutation.push_str(&format!(" --only {o}"));
+        }
         println!(
-            "  replay: tandem sim --seed {seed} --hosts {} --duration-s {} --vms {} --trace{mutation}",
-            args.hosts, args.duration_s, args.vms
+            "  replay: tandem sim --seed {seed} --hosts {} --late-hosts {} --duration-s {} --vms {} --trace{mutation}",
+            args.hosts, args.late_hosts, args.duration_s, args.vms
         );
     }
     if !failing.is_empty() {
