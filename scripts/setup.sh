@@ -9,6 +9,7 @@ command -v qemu-system-x86_64 >/dev/null || pkgs+=(qemu-system-x86)
 command -v cpio >/dev/null || pkgs+=(cpio)
 command -v ip >/dev/null || pkgs+=(iproute2)
 command -v nft >/dev/null || pkgs+=(nftables)
+command -v fusermount3 >/dev/null || pkgs+=(fuse3)
 if ((${#pkgs[@]})); then
   echo "installing: ${pkgs[*]}"
   apt-get update -qq

@@ -179,6 +179,10 @@ impl Agent {
                 &cfg.api_addr.ip().to_string(),
                 cfg.data_dir.join("run"),
             )),
+            DriverKind::Mixed => Arc::new(tandem_drivers::mixed::MixedDriver {
+                qemu: QemuDriver::new(cfg.qemu.clone(), launcher.clone(), &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run")),
+                process: ProcessDriver::new(launcher, &cfg.name, stop_timeout),
+            }),
         };
         let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, driver).await?;
         Agent::with_io(cfg, io).await

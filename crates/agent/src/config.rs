@@ -17,6 +17,8 @@ pub enum DriverKind {
     #[default]
     Qemu,
     Process,
+    /// QEMU guests and process workloads side by side, each VM by its own spec.
+    Mixed,
 }
 
 /// Hardware watchdog use.

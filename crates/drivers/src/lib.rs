@@ -6,6 +6,7 @@
 //! (a dead agent takes its VMs with it) and tracks exits without polling.
 
 pub mod launcher;
+pub mod mixed;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -78,7 +79,7 @@ pub enum DriverError {
 
 /// The interface between the agent and whatever runs VMs.
 pub trait VmDriver: Send + Sync + 'static {
-    /// `"qemu"` or `"process"`.
+    /// `"qemu"`, `"process"` or `"mixed"`.
     fn kind(&self) -> &'static str;
     /// Starts the VM; returns when it runs (for QEMU: the QMP handshake succeeded).
     fn start<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<(), DriverError>>;

@@ -14,8 +14,11 @@
 //! The order of faults, their targets and durations come from a seed, printed at the start.
 
 use crate::client::Client;
+use crate::fusedisk::{FuseDisk, ViewMode};
 use crate::lab::{Lab, LabOptions};
 use crate::netlab::NetLab;
+// The simulator's SplitMix64: the suite's only randomness, seeded.
+use tandem_sim::world::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -106,8 +109,9 @@ pub struct ChaosArgs {
     /// Protected VMs per host at the start.
     #[arg(long, default_value_t = 3)]
     pub vms_per_host: usize,
-    /// `process` (fast, many VMs) or `qemu` (real guests; TCG).
-    #[arg(long, default_value = "process")]
+    /// `process` (fast, many VMs), `qemu` (real guests only; TCG) or `mixed` (one real QEMU
+    /// guest per host, process workloads for the rest).
+    #[arg(long, default_value = "mixed")]
     pub driver: String,
     /// Where scripts/build-guest.sh put the test guest (for `--driver qemu`).
     #[arg(long, env = "TANDEM_GUEST_DIR")]
@@ -144,9 +148,10 @@ enum Fault {
     WorkloadKill,
     HostFreeze,
     DiskFailure,
+    DiskHang,
 }
 
-const ALL_FAULTS: [Fault; 10] = [
+const ALL_FAULTS: [Fault; 11] = [
     Fault::PartitionFull,
     Fault::PartitionOneWay,
     Fault::PartitionPair,
@@ -157,6 +162,7 @@ const ALL_FAULTS: [Fault; 10] = [
     Fault::WorkloadKill,
     Fault::HostFreeze,
     Fault::DiskFailure,
+    Fault::DiskHang,
 ];
 
 impl Fault {
@@ -172,28 +178,7 @@ impl Fault {
             Fault::WorkloadKill => "workload-kill-9",
             Fault::HostFreeze => "host-freeze",
             Fault::DiskFailure => "heartbeat-disk-failure",
-        }
-    }
-}
-
-/// SplitMix64: a tiny, seedable generator (the suite's only randomness).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
+            Fault::DiskHang => "heartbeat-disk-hang",
         }
     }
 }
@@ -218,6 +203,9 @@ struct Suite {
     disk_links: Vec<PathBuf>,
     origin: Instant,
     watchdog: Option<WatchdogEmulator>,
+    /// The FUSE layer every host's heartbeat disk goes through (last: unmounted after the
+    /// agents are gone).
+    fuse: FuseDisk,
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
@@ -395,7 +383,7 @@ impl Suite {
         let n = self.lab.hosts.len();
         // Prefer a host that runs VMs: a fault there has something to recover.
         let loaded: Vec<usize> = (0..n).filter(|h| !self.lab.workload_pids(*h).is_empty()).collect();
-        let target = if loaded.is_empty() { self.rng.below(n) } else { loaded[self.rng.below(loaded.len())] };
+        let target = if loaded.is_empty() { self.rng.below(n as u64) as usize } else { loaded[self.rng.below(loaded.len() as u64) as usize] };
         let since_ms = tandem_drivers::wall_ms();
         let doubles_before = self.lab.recorder.double_run_count();
         let resets_before = self.watchdog.as_ref().map_or(0, |w| w.resets().len());
@@ -423,7 +411,7 @@ impl Suite {
                 }
             }
             Fault::PartitionPair => {
-                let other = (target + 1 + self.rng.below(n - 1)) % n;
+                let other = (target + 1 + self.rng.below(n as u64 - 1) as usize) % n;
                 let (a, b) = (target.min(other), target.max(other));
                 let (na, nb) = (self.lab.hosts[a].name.clone(), self.lab.hosts[b].name.clone());
                 let placed = [self.vms_on(&[a]), self.vms_on(&[b])];
@@ -487,7 +475,7 @@ impl Suite {
             Fault::WorkloadKill => {
                 let pids: Vec<(u32, String, usize)> =
                     (0..n).flat_map(|h| self.lab.workload_pids(h).into_iter().map(move |(p, vm)| (p, vm, h))).collect();
-                let Some((pid, vm, host)) = pids.get(self.rng.below(pids.len())).cloned() else {
+                let Some((pid, vm, host)) = pids.get(self.rng.below(pids.len() as u64) as usize).cloned() else {
                     bail!("no workload runs anywhere");
                 };
                 self.log(&format!("{}: {vm} (pid {pid}) on {}", fault.name(), self.lab.hosts[host].name));
@@ -533,7 +521,20 @@ impl Suite {
                 self.log(&format!("{}: {}'s path to the heartbeat disk fails for 10 s", fault.name(), self.lab.hosts[target].name));
                 std::fs::remove_file(&link)?;
                 std::thread::sleep(Duration::from_secs(10));
-                std::os::unix::fs::symlink(self.lab.shared.join("heartbeat.disk"), &link)?;
+                std::os::unix::fs::symlink(self.fuse.path(target), &link)?;
+                let after = self.vms(&(0..n).collect::<Vec<_>>());
+                if placement(&before) != placement(&after) {
+                    self.violation("healthy-fenced", "VMs moved although only one host's disk failed".into());
+                }
+            }
+            Fault::DiskHang => {
+                let before = self.vms(&(0..n).collect::<Vec<_>>());
+                self.log(&format!("{}: {}'s heartbeat disk hangs for 10 s (FUSE)", fault.name(), self.lab.hosts[target].name));
+                self.fuse.set_mode(target, ViewMode::Hang);
+                std::thread::sleep(Duration::from_secs(10));
+                let parked = self.fuse.parked();
+                self.fuse.set_mode(target, ViewMode::Normal);
+                self.log(&format!("  {parked} I/O request(s) were hung when the disk came back"));
                 let after = self.vms(&(0..n).collect::<Vec<_>>());
                 if placement(&before) != placement(&after) {
                     self.violation("healthy-fenced", "VMs moved although only one host's disk failed".into());
@@ -600,7 +601,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     }
     plan.truncate(count);
     if args.profile == "long" && args.faults.is_none() {
-        plan = (0..count).map(|_| ALL_FAULTS[rng.below(ALL_FAULTS.len())]).collect();
+        plan = (0..count).map(|_| ALL_FAULTS[rng.below(ALL_FAULTS.len() as u64) as usize]).collect();
     }
     if let Some(only) = &args.only {
         let kind = ALL_FAULTS.into_iter().find(|f| f.name() == only).ok_or_else(|| {
@@ -620,11 +621,15 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     };
     let (driver, vms_per_host) = match args.driver.as_str() {
         "process" => ("process", args.vms_per_host),
-        "qemu" => {
+        "qemu" | "mixed" => {
             extra.push_str("[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n");
-            ("qemu", args.vms_per_host.min(2))
+            if args.driver == "qemu" {
+                ("qemu", args.vms_per_host.min(2))
+            } else {
+                ("mixed", args.vms_per_host)
+            }
         }
-        other => bail!("unknown driver '{other}': use process or qemu"),
+        other => bail!("unknown driver '{other}': use process, qemu or mixed"),
     };
     println!("tandem chaos: profile {}, seed {seed}, {} hosts, {driver} workloads, {count} faults", args.profile, args.hosts);
     println!(
@@ -661,10 +666,15 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     for h in &lab.hosts {
         std::fs::write(h.data.join("watchdog"), b"")?;
     }
-    // Each host reaches the shared heartbeat disk through its own symlink, which a fault breaks.
-    std::fs::File::create(lab.shared.join("heartbeat.disk"))?;
-    for l in &disk_links {
-        std::os::unix::fs::symlink(lab.shared.join("heartbeat.disk"), l)?;
+    // Each host reaches the shared heartbeat disk through its own FUSE view (which a fault
+    // hangs) and its own symlink to that view (which a fault breaks).
+    let backing = lab.shared.join("heartbeat.disk");
+    std::fs::File::create(&backing)?.set_len(tandem_agent::disk::DISK_SIZE as u64)?;
+    let fuse_dir = links_dir.join("fuse");
+    std::fs::create_dir_all(&fuse_dir)?;
+    let fuse = FuseDisk::mount(&backing, &fuse_dir, args.hosts)?;
+    for (i, l) in disk_links.iter().enumerate() {
+        std::os::unix::fs::symlink(fuse.path(i), l)?;
     }
     lab.start_all()?;
     lab.form_cluster()?;
@@ -673,7 +683,9 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     let c0 = lab.client(0);
     let mut vm_names = BTreeSet::new();
     for i in 0..total {
-        let spec = if driver == "qemu" {
+        // Mixed: the first VM of each host's share is a real guest (TCG is slow; two cores).
+        let real_guest = driver == "qemu" || (driver == "mixed" && i < args.hosts);
+        let spec = if real_guest {
             crate::demo::demo_vm(i as u32, "qemu", &guest)
         } else {
             json!({ "name": format!("vm{i}"), "vcpus": 1, "memory_mib": 64, "protection": "protect", "priority": (i % 3) as i32,
@@ -688,7 +700,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         let hosts = suite_hosts_for_watchdog(&lab);
         WatchdogEmulator::start(lab.id.clone(), hosts)
     });
-    let mut suite = Suite { lab, net, rng, report: Report::default(), vm_names, disk_links, origin: Instant::now(), watchdog };
+    let mut suite = Suite { lab, net, rng, report: Report::default(), vm_names, disk_links, origin: Instant::now(), watchdog, fuse };
     suite.settle("start");
     suite.log(&format!("{total} protected VM(s) running on {} hosts", args.hosts));
     for fault in plan {

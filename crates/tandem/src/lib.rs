@@ -5,5 +5,6 @@ pub mod chaos;
 pub mod sim;
 pub mod client;
 pub mod demo;
+pub mod fusedisk;
 pub mod lab;
 pub mod netlab;
