@@ -799,7 +799,7 @@ impl Agent {
                 VmExit::Crashed { .. } => protection == Some(Protection::Off) || !self.allow_restart(&v.name),
             };
             if give_up {
-                let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped }).await;
+                let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
             }
         }
         // Released once stopped.

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::liveness::HostLiveness;
-use tandem_core::state::{Applied, Capacity, Command, PowerState, StateError, VmSpec};
+use tandem_core::state::{Applied, Capacity, Command, HostMode, PowerState, Rule, Settings, StateError, VmSpec};
 use tandem_core::HostId;
 
 /// The largest request body accepted (consensus snapshots arrive in chunks below this).
@@ -66,8 +66,8 @@ impl From<AgentError> for ApiError {
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> ApiError {
         let status = match e {
-            StateError::UnknownVm(_) | StateError::UnknownHost(_) => StatusCode::NOT_FOUND,
-            StateError::InvalidSpec(_) | StateError::BadHostName(_) | StateError::BadHostId(_) => StatusCode::BAD_REQUEST,
+            StateError::UnknownVm(_) | StateError::UnknownHost(_) | StateError::UnknownRule(_) => StatusCode::NOT_FOUND,
+            StateError::InvalidSpec(_) | StateError::BadHostName(_) | StateError::BadHostId(_) | StateError::BadSetting(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::CONFLICT,
         };
         ApiError::new(status, e)
@@ -101,8 +101,14 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/hosts", get(hosts))
         .route("/v1/hosts/join", post(host_join))
         .route("/v1/vms", get(vms).post(vm_create))
-        .route("/v1/vms/{name}", get(vm_show).delete(vm_delete))
+        .route("/v1/vms/{name}", get(vm_show).delete(vm_delete).put(vm_update))
         .route("/v1/vms/{name}/start", post(vm_start))
+        .route("/v1/hosts/{name}/mode", post(host_mode))
+        .route("/v1/ftt", get(ftt))
+        .route("/v1/plan", get(plan))
+        .route("/v1/settings", get(settings_show).post(settings_set))
+        .route("/v1/rules", get(rules).post(rule_set))
+        .route("/v1/rules/{name}", axum::routing::delete(rule_delete))
         .route("/v1/vms/{name}/stop", post(vm_stop))
         .route("/v1/local", get(local))
         .route("/v1/events", get(events))
@@ -344,13 +350,190 @@ async fn vm_delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> Api
     Ok(Json(json!({ "deleted": name })))
 }
 
-async fn vm_start(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
-    submit(&a, Command::SetPower { name: name.clone(), desired: PowerState::Running }).await?;
-    Ok(Json(json!({ "starting": name })))
+/// `{"force": true}` in a write's body overrides admission control (recorded as an event).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ForceBody {
+    #[serde(default)]
+    force: bool,
+}
+
+fn force_of(body: &[u8]) -> Result<bool, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(false);
+    }
+    Ok(parse::<ForceBody>(body, "request")?.force)
+}
+
+/// Submits a change that admission control judges; a forced one is recorded on the timeline.
+async fn admitted(a: &Agent, cmd: Command, subject_vm: Option<&str>) -> Result<Value, ApiError> {
+    match submit(a, cmd).await? {
+        Applied::Forced { reason } => {
+            a.events.record("admission-forced", subject_vm, None, format!("forced past admission control: {reason}"));
+            Ok(json!({ "forced": reason }))
+        }
+        Applied::RuleSet { violations } => Ok(json!({ "violations": violations })),
+        _ => Ok(json!({})),
+    }
+}
+
+async fn vm_start(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult<Value> {
+    let force = force_of(&body)?;
+    let mut out = admitted(&a, Command::SetPower { name: name.clone(), desired: PowerState::Running, force }, Some(&name)).await?;
+    out["starting"] = json!(name);
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    spec: VmSpec,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn vm_update(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult<Value> {
+    let b: UpdateBody = parse(&body, "VM update")?;
+    if b.spec.name != name {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("the spec names '{}', the path '{name}': a VM cannot be renamed", b.spec.name)));
+    }
+    b.spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid VM spec: {e}")))?;
+    let mut out = admitted(&a, Command::UpdateVm { spec: b.spec, force: b.force }, Some(&name)).await?;
+    out["updated"] = json!(name);
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeBody {
+    mode: HostMode,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn host_mode(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult<Value> {
+    let b: ModeBody = parse(&body, "host mode")?;
+    let host = a
+        .consensus
+        .with_state(|s| s.host_by_name(&name).map(|h| h.id))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown host '{name}'")))?;
+    let mut out = admitted(&a, Command::SetHostMode { host, mode: b.mode, force: b.force }, None).await?;
+    out["host"] = json!(name);
+    out["mode"] = json!(b.mode);
+    Ok(Json(out))
+}
+
+async fn ftt(State(a): State<Arc<Agent>>) -> Json<Value> {
+    let (report, settings) = a.consensus.with_state(|s| (s.ftt(), s.settings));
+    Json(json!({ "report": report, "target": settings.ftt_target }))
+}
+
+#[derive(Deserialize)]
+struct PlanQuery {
+    /// Comma-separated host names; absent: every single-host failure.
+    fail: Option<String>,
+}
+
+/// What would happen if hosts failed: for each failure set, where every VM restarts and which
+/// stay down, by the same planner the coordinator runs.
+async fn plan(State(a): State<Arc<Agent>>, Query(q): Query<PlanQuery>) -> ApiResult<Value> {
+    a.consensus.with_state(|s| {
+        let sets: Vec<Vec<HostId>> = match &q.fail {
+            Some(list) => {
+                let mut set = Vec::new();
+                for n in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    let h = s.host_by_name(n).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown host '{n}'")))?;
+                    set.push(h.id);
+                }
+                if set.is_empty() {
+                    return Err(ApiError::new(StatusCode::BAD_REQUEST, "fail= names no host"));
+                }
+                vec![set]
+            }
+            None => s.active_hosts().iter().map(|h| vec![h]).collect(),
+        };
+        let name = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
+        let out: Vec<Value> = sets
+            .iter()
+            .map(|set| {
+                let p = tandem_core::recovery::plan_failure(s, set, s.members());
+                json!({
+                    "failed": set.iter().map(|h| name(*h)).collect::<Vec<_>>(),
+                    "restarts": p.placements.iter().map(|(vm, h)| json!({ "vm": vm, "host": name(*h) })).collect::<Vec<_>>(),
+                    "left_down": p.left_down.iter().map(|(vm, why)| json!({ "vm": vm, "reason": why })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        Ok(Json(json!(out)))
+    })
+}
+
+async fn settings_show(State(a): State<Arc<Agent>>) -> Json<Settings> {
+    Json(a.consensus.with_state(|s| s.settings))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsBody {
+    /// `null` clears the target.
+    #[serde(default, with = "serde_with_null")]
+    ftt_target: Option<Option<u32>>,
+    #[serde(default)]
+    vcpu_overcommit_pct: Option<u32>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
+mod serde_with_null {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+        Option::<u32>::deserialize(d).map(Some)
+    }
+}
+
+async fn settings_set(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
+    let b: SettingsBody = parse(&body, "settings")?;
+    let mut settings = a.consensus.with_state(|s| s.settings);
+    if let Some(t) = b.ftt_target {
+        settings.ftt_target = t;
+    }
+    if let Some(p) = b.vcpu_overcommit_pct {
+        settings.vcpu_overcommit_pct = p;
+    }
+    let mut out = admitted(&a, Command::SetSettings { settings, force: b.force }, None).await?;
+    out["settings"] = json!(settings);
+    Ok(Json(out))
+}
+
+async fn rules(State(a): State<Arc<Agent>>) -> Json<Vec<Rule>> {
+    Json(a.consensus.with_state(|s| s.rules.values().cloned().collect()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleBody {
+    #[serde(flatten)]
+    rule: Rule,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn rule_set(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
+    let b: RuleBody = parse(&body, "rule")?;
+    let name = b.rule.name.clone();
+    let mut out = admitted(&a, Command::SetRule { rule: b.rule, force: b.force }, None).await?;
+    out["rule"] = json!(name);
+    Ok(Json(out))
+}
+
+async fn rule_delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+    submit(&a, Command::DeleteRule { name: name.clone() }).await?;
+    Ok(Json(json!({ "deleted": name })))
 }
 
 async fn vm_stop(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
-    submit(&a, Command::SetPower { name: name.clone(), desired: PowerState::Stopped }).await?;
+    submit(&a, Command::SetPower { name: name.clone(), desired: PowerState::Stopped, force: false }).await?;
     Ok(Json(json!({ "stopping": name })))
 }
 

@@ -8,6 +8,7 @@
 pub mod hostset;
 pub mod liveness;
 pub mod partition;
+pub mod placement;
 pub mod recovery;
 pub mod state;
 pub mod time;

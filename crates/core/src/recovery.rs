@@ -1,12 +1,12 @@
 //! Recovery plans: where the VMs of a failed host, or VMs waiting to start, should run.
 //!
-//! The same function places VMs at start and after a failure, so what an operator is shown is
-//! what the coordinator does. Order: protected VMs first, then best-effort; higher priority
-//! first; larger memory first (big VMs are hardest to fit); then by name. Each VM goes to the
-//! eligible host with the most free memory that fits its vCPUs and memory.
+//! Names-and-hosts wrappers around [`crate::placement`]: the same routine places VMs at start,
+//! after a failure, and in `tandem plan` / `tandem whatif`, so what an operator is shown is what
+//! the coordinator does.
 
 use crate::hostset::{HostId, HostSet};
-use crate::state::{Capacity, ClusterState, PowerState, Protection};
+use crate::placement::{Model, NotPlaced, Plan};
+use crate::state::ClusterState;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -18,6 +18,8 @@ pub enum LeftDown {
     ProtectionOff,
     /// No eligible host has room for it.
     NoCapacity,
+    /// Hosts with room exist, but each would break a hard placement rule.
+    HardRule,
 }
 
 /// A computed plan.
@@ -27,80 +29,54 @@ pub struct RecoveryPlan {
     pub left_down: Vec<(String, LeftDown)>,
 }
 
-fn order_key(state: &ClusterState, name: &str) -> (u8, i64, u64, String) {
-    let spec = &state.vms[name].spec;
-    let level = match spec.protection {
-        Protection::Protect => 0,
-        Protection::BestEffort => 1,
-        Protection::Off => 2,
-    };
-    (level, -i64::from(spec.priority), u64::MAX - spec.memory_mib, name.to_string())
+fn named(model: &Model, plan: &Plan) -> RecoveryPlan {
+    RecoveryPlan {
+        placements: plan.placed.iter().map(|(v, h)| (model.vms[*v as usize].name.clone(), model.hosts[*h as usize].id)).collect(),
+        left_down: plan
+            .not_placed
+            .iter()
+            .map(|(v, why)| {
+                let why = match why {
+                    NotPlaced::ProtectionOff => LeftDown::ProtectionOff,
+                    NotPlaced::NoCapacity => LeftDown::NoCapacity,
+                    NotPlaced::HardRule => LeftDown::HardRule,
+                };
+                (model.vms[*v as usize].name.clone(), why)
+            })
+            .collect(),
+    }
 }
 
-/// Places `names` on the `eligible` hosts, counting what is already assigned there.
-/// `allow_off` says whether `off` VMs may be placed (an operator start) or not (a failover).
+/// Places `names` (VMs without a host) on the `eligible` hosts, counting what is already
+/// assigned there. `allow_off` says whether `off` VMs may be placed (an operator start) or not.
 #[must_use]
 pub fn place(state: &ClusterState, names: &[String], eligible: HostSet, allow_off: bool) -> RecoveryPlan {
-    let mut free: BTreeMap<HostId, Capacity> = BTreeMap::new();
-    for h in eligible.iter() {
-        if let Some(rec) = state.hosts.get(&h) {
-            let used = state.used(h);
-            free.insert(
-                h,
-                Capacity {
-                    vcpus: rec.capacity.vcpus.saturating_sub(used.vcpus),
-                    memory_mib: rec.capacity.memory_mib.saturating_sub(used.memory_mib),
-                },
-            );
-        }
-    }
-    let mut order: Vec<&String> = names.iter().filter(|n| state.vms.contains_key(n.as_str())).collect();
-    order.sort_by_cached_key(|n| order_key(state, n));
-    let mut plan = RecoveryPlan::default();
-    for name in order {
-        let spec = &state.vms[name.as_str()].spec;
-        if spec.protection == Protection::Off && !allow_off {
-            plan.left_down.push((name.clone(), LeftDown::ProtectionOff));
-            continue;
-        }
-        let best = free
-            .iter()
-            .filter(|(_, f)| f.vcpus >= spec.vcpus && f.memory_mib >= spec.memory_mib)
-            .max_by(|(ha, fa), (hb, fb)| fa.memory_mib.cmp(&fb.memory_mib).then(hb.cmp(ha)))
-            .map(|(h, _)| *h);
-        match best {
-            Some(h) => {
-                if let Some(f) = free.get_mut(&h) {
-                    f.vcpus -= spec.vcpus;
-                    f.memory_mib -= spec.memory_mib;
-                }
-                plan.placements.push((name.clone(), h));
-            }
-            None => plan.left_down.push((name.clone(), LeftDown::NoCapacity)),
-        }
-    }
-    plan
+    let model = state.placement_model(eligible);
+    let index: BTreeMap<&str, u32> = model.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i as u32)).collect();
+    let to_place: Vec<u32> = names.iter().filter_map(|n| index.get(n.as_str()).copied()).collect();
+    named(&model, &model.place(&[], to_place, allow_off, false))
 }
 
-/// The plan for the running-desired VMs of `failed`, onto `eligible` hosts (the failed host is
-/// never eligible). Capacity taken by the failed host's own VMs is not counted anywhere.
+/// The plan for the running-desired VMs of the `failed` hosts, onto `eligible` hosts (failed
+/// hosts are never eligible). Capacity taken by the failed hosts' own VMs is not counted.
+#[must_use]
+pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) -> RecoveryPlan {
+    let model = state.placement_model(eligible);
+    let failed: Vec<u32> = failed.iter().filter_map(|h| model.host_index(*h)).collect();
+    named(&model, &model.plan(&failed, false))
+}
+
+/// [`plan_failure`] for one host: what the coordinator proposes when `failed` is declared dead.
 #[must_use]
 pub fn plan_failover(state: &ClusterState, failed: HostId, eligible: HostSet) -> RecoveryPlan {
-    let mut eligible = eligible;
-    eligible.remove(failed);
-    let victims: Vec<String> = state
-        .assigned_to(failed)
-        .filter(|v| v.desired == PowerState::Running)
-        .map(|v| v.spec.name.clone())
-        .collect();
-    place(state, &victims, eligible, false)
+    plan_failure(state, &[failed], eligible)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::tests::{cluster, process_vm, run_on};
-    use crate::state::{Applied, Command};
+    use crate::state::{Applied, Command, PowerState, Protection};
     use proptest::prelude::*;
 
     #[test]
@@ -144,7 +120,7 @@ mod tests {
                 let prot = [Protection::Protect, Protection::BestEffort, Protection::Off][*prot as usize];
                 let name = format!("v{i}");
                 s.apply(&Command::CreateVm { spec: process_vm(&name, prot, *prio, *mem) }).expect("create");
-                s.apply(&Command::SetPower { name: name.clone(), desired: PowerState::Running }).expect("start");
+                s.apply(&Command::SetPower { name: name.clone(), desired: PowerState::Running, force: false }).expect("start");
                 let _ = s.apply(&Command::Assign { name, host: HostId((*host as u32) % hosts) });
             }
             let plan = plan_failover(&s, HostId(0), s.active_hosts());

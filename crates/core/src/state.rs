@@ -7,6 +7,7 @@
 use crate::hostset::{HostId, HostSet};
 use crate::recovery;
 use serde::{Deserialize, Serialize};
+use crate::placement::{FttReport, Model, PlacementHost, PlacementRule, PlacementVm, RuleKind, DEFAULT_FTT_BUDGET};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -171,6 +172,69 @@ pub enum HostStatus {
     Failed,
 }
 
+/// What an operator allows on a host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostMode {
+    /// Receives VMs.
+    #[default]
+    Normal,
+    /// Planned work: receives no new VMs (it still votes and runs what it has).
+    Maintenance,
+    /// Taken out of placement until an operator puts it back.
+    Disabled,
+}
+
+impl std::fmt::Display for HostMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostMode::Normal => "normal",
+            HostMode::Maintenance => "maintenance",
+            HostMode::Disabled => "disabled",
+        })
+    }
+}
+
+impl std::str::FromStr for HostMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "normal" => Ok(HostMode::Normal),
+            "maintenance" => Ok(HostMode::Maintenance),
+            "disabled" => Ok(HostMode::Disabled),
+            other => Err(format!("host mode '{other}' is not one of normal, maintenance, disabled")),
+        }
+    }
+}
+
+/// A placement rule as the operator states it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub kind: RuleKind,
+    /// Hard rules are never broken (a VM stays down instead); soft ones are preferences.
+    #[serde(default)]
+    pub hard: bool,
+    pub vms: Vec<String>,
+}
+
+/// Cluster-wide settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Failures-to-tolerate target that admission control protects; `None`: not enforced.
+    pub ftt_target: Option<u32>,
+    /// vCPUs a host offers per physical vCPU, in percent (100 = no overcommit).
+    pub vcpu_overcommit_pct: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { ftt_target: None, vcpu_overcommit_pct: 100 }
+    }
+}
+
 /// A host in the desired state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRecord {
@@ -184,6 +248,8 @@ pub struct HostRecord {
     pub status: HostStatus,
     /// Raised every time the host (re)joins; a failover names the epoch it ends.
     pub epoch: u64,
+    #[serde(default)]
+    pub mode: HostMode,
 }
 
 /// Desired power state.
@@ -217,6 +283,10 @@ pub struct ClusterState {
     pub vms: BTreeMap<String, VmRecord>,
     /// The next generation number handed out by a placement.
     pub next_generation: u64,
+    #[serde(default)]
+    pub rules: BTreeMap<String, Rule>,
+    #[serde(default)]
+    pub settings: Settings,
 }
 
 /// A change to the desired state, as carried in the consensus log.
@@ -228,7 +298,36 @@ pub enum Command {
     HostJoined { host: HostId },
     CreateVm { spec: VmSpec },
     DeleteVm { name: String },
-    SetPower { name: String, desired: PowerState },
+    /// `force`: apply even if admission control refuses (recorded in the result).
+    SetPower {
+        name: String,
+        desired: PowerState,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Changes a VM's size, protection or priority (the name stays).
+    UpdateVm {
+        spec: VmSpec,
+        #[serde(default)]
+        force: bool,
+    },
+    SetHostMode {
+        host: HostId,
+        mode: HostMode,
+        #[serde(default)]
+        force: bool,
+    },
+    SetRule {
+        rule: Rule,
+        #[serde(default)]
+        force: bool,
+    },
+    DeleteRule { name: String },
+    SetSettings {
+        settings: Settings,
+        #[serde(default)]
+        force: bool,
+    },
     /// The coordinator places a running-desired VM that has no assignment.
     Assign { name: String, host: HostId },
     /// A host releases a VM it has stopped.
@@ -245,6 +344,10 @@ pub enum Applied {
     HostEpoch { host: HostId, epoch: u64 },
     Assigned { name: String, host: HostId, generation: u64 },
     FailedOver { host: HostId, moved: Vec<(String, HostId, u64)>, left_down: Vec<String> },
+    /// A change admission control would have refused, applied because it was forced.
+    Forced { reason: String },
+    /// A rule stored; `violations` names running VMs that currently break it (nothing is moved).
+    RuleSet { violations: Vec<String> },
 }
 
 /// Why a command is refused. The state is unchanged.
@@ -274,6 +377,16 @@ pub enum StateError {
     NoCapacity { vm: String, host: HostId },
     #[error("stale order: {0}")]
     Stale(String),
+    #[error("refused by admission control: {0}; use --force to override")]
+    Admission(String),
+    #[error("rule '{rule}' cannot be satisfied: {why}")]
+    RuleInfeasible { rule: String, why: String },
+    #[error("rule '{rule}' conflicts with rule '{other}': {why}")]
+    RuleConflict { rule: String, other: String, why: String },
+    #[error("unknown rule '{0}'")]
+    UnknownRule(String),
+    #[error("invalid setting: {0}")]
+    BadSetting(String),
 }
 
 impl ClusterState {
@@ -308,12 +421,194 @@ impl ClusterState {
         c
     }
 
-    /// Whether `demand` fits on `host` next to what it already runs.
+    /// Whether `demand` fits on `host` next to what it already runs (vCPUs with the overcommit
+    /// ratio).
     #[must_use]
     pub fn fits(&self, host: HostId, demand: Capacity) -> bool {
+        self.fits_with(host, demand, None)
+    }
+
+    /// Like [`ClusterState::fits`], not counting VM `except` (which is being resized).
+    fn fits_with(&self, host: HostId, demand: Capacity, except: Option<&str>) -> bool {
         let Some(h) = self.hosts.get(&host) else { return false };
-        let used = self.used(host);
-        used.vcpus + demand.vcpus <= h.capacity.vcpus && used.memory_mib + demand.memory_mib <= h.capacity.memory_mib
+        let mut used = self.used(host);
+        if let Some(v) = except.and_then(|n| self.vms.get(n)).filter(|v| v.assignment.is_some_and(|a| a.host == host)) {
+            used.vcpus -= v.spec.vcpus;
+            used.memory_mib -= v.spec.memory_mib;
+        }
+        let cpu_cap = u64::from(h.capacity.vcpus) * u64::from(self.settings.vcpu_overcommit_pct) / 100;
+        u64::from(used.vcpus + demand.vcpus) <= cpu_cap && used.memory_mib + demand.memory_mib <= h.capacity.memory_mib
+    }
+
+    /// The placement model of this state. `usable` hosts may receive VMs (also active and in
+    /// normal mode); `down` hosts count as failed.
+    #[must_use]
+    pub fn placement_model(&self, usable: HostSet) -> Model {
+        let index: BTreeMap<HostId, u32> = self.hosts.keys().enumerate().map(|(i, h)| (*h, i as u32)).collect();
+        let hosts = self
+            .hosts
+            .values()
+            .map(|h| PlacementHost {
+                id: h.id,
+                mem_mib: h.capacity.memory_mib,
+                cpu_milli: u64::from(h.capacity.vcpus) * u64::from(self.settings.vcpu_overcommit_pct) * 10,
+                up: h.status == HostStatus::Active,
+                usable: h.status == HostStatus::Active && h.mode == HostMode::Normal && usable.contains(h.id),
+            })
+            .collect();
+        let vm_index: BTreeMap<&str, u32> = self.vms.keys().enumerate().map(|(i, n)| (n.as_str(), i as u32)).collect();
+        let mut vms: Vec<PlacementVm> = self
+            .vms
+            .values()
+            .map(|v| PlacementVm {
+                name: v.spec.name.clone(),
+                mem_mib: v.spec.memory_mib,
+                cpu_milli: u64::from(v.spec.vcpus) * 1000,
+                protection: v.spec.protection,
+                priority: v.spec.priority,
+                host: v.assignment.and_then(|a| index.get(&a.host).copied()),
+                running: v.desired == PowerState::Running,
+                rules: Vec::new(),
+            })
+            .collect();
+        let rules = self
+            .rules
+            .values()
+            .enumerate()
+            .map(|(r, rule)| {
+                let members: Vec<u32> = rule.vms.iter().filter_map(|n| vm_index.get(n.as_str()).copied()).collect();
+                for m in &members {
+                    vms[*m as usize].rules.push(r as u32);
+                }
+                PlacementRule { name: rule.name.clone(), kind: rule.kind, hard: rule.hard, members }
+            })
+            .collect();
+        Model::new(hosts, vms, rules)
+    }
+
+    /// Failures to tolerate now (every active host counts as usable).
+    #[must_use]
+    pub fn ftt(&self) -> FttReport {
+        self.placement_model(self.members()).ftt(DEFAULT_FTT_BUDGET)
+    }
+
+    /// A copy in which every VM waiting for a host has the one the coordinator would give it:
+    /// what admission control judges, since a started VM takes its room as soon as it is placed.
+    fn with_pending_placed(&self) -> ClusterState {
+        let mut s = self.clone();
+        let plan = recovery::place(&s, &s.unplaced(), s.active_hosts(), true);
+        for (name, host) in plan.placements {
+            let generation = s.next_gen();
+            if let Some(v) = s.vms.get_mut(&name) {
+                v.assignment = Some(Assignment { host, generation });
+            }
+        }
+        s
+    }
+
+    /// Runs `change` on a copy; if a configured FTT target is met before but not after, the
+    /// change is refused (or, forced, applied and reported). Otherwise it is applied.
+    fn admitted(&mut self, what: &str, force: bool, change: impl FnOnce(&mut ClusterState) -> Result<(), StateError>) -> Result<Applied, StateError> {
+        let mut next = self.clone();
+        change(&mut next)?;
+        let Some(target) = next.settings.ftt_target else {
+            *self = next;
+            return Ok(Applied::Done);
+        };
+        let after = next.with_pending_placed().ftt();
+        if after.ftt >= target {
+            *self = next;
+            return Ok(Applied::Done);
+        }
+        let before = self.with_pending_placed().ftt();
+        if after.ftt >= before.ftt && self.settings.ftt_target == Some(target) {
+            // Already below target, and this does not make it worse.
+            *self = next;
+            return Ok(Applied::Done);
+        }
+        let why = match &after.counterexample {
+            Some((set, vms)) => {
+                let names: Vec<String> = set.iter().map(|h| self.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect();
+                format!(
+                    "{what} would lower failures-to-tolerate to {} (target {target}): if {} failed, protected VM(s) {} could not restart",
+                    after.ftt,
+                    names.join(" and "),
+                    vms.join(", ")
+                )
+            }
+            None => format!("{what} would lower failures-to-tolerate to {} (target {target}, limited by {})", after.ftt, after.limited_by),
+        };
+        if !force {
+            return Err(StateError::Admission(why));
+        }
+        *self = next;
+        Ok(Applied::Forced { reason: why })
+    }
+
+    /// A rule must name known VMs, be satisfiable by some placement, and not contradict
+    /// another hard rule.
+    fn check_rule(&self, rule: &Rule) -> Result<(), StateError> {
+        let infeasible = |why: String| Err(StateError::RuleInfeasible { rule: rule.name.clone(), why });
+        if !valid_name(&rule.name) {
+            return infeasible("its name must be 1-63 letters, digits, '-' or '_'".into());
+        }
+        let mut vms: Vec<&String> = rule.vms.iter().collect();
+        vms.sort();
+        vms.dedup();
+        if vms.len() < 2 {
+            return infeasible("it needs at least two distinct VMs".into());
+        }
+        if let Some(unknown) = vms.iter().find(|n| !self.vms.contains_key(n.as_str())) {
+            return Err(StateError::UnknownVm((*unknown).clone()));
+        }
+        if rule.hard {
+            match rule.kind {
+                RuleKind::AntiAffinity => {
+                    let hosts = self.hosts.len();
+                    if vms.len() > hosts {
+                        return infeasible(format!("{} VMs must be on different hosts, but the cluster has {hosts}", vms.len()));
+                    }
+                }
+                RuleKind::Affinity => {
+                    let mem: u64 = vms.iter().map(|n| self.vms[n.as_str()].spec.memory_mib).sum();
+                    let cpus: u64 = vms.iter().map(|n| u64::from(self.vms[n.as_str()].spec.vcpus)).sum();
+                    let fits = self.hosts.values().any(|h| {
+                        h.capacity.memory_mib >= mem && u64::from(h.capacity.vcpus) * u64::from(self.settings.vcpu_overcommit_pct) / 100 >= cpus
+                    });
+                    if !fits {
+                        return infeasible(format!("together they need {mem} MiB and {cpus} vCPUs, more than any host has"));
+                    }
+                }
+            }
+            for other in self.rules.values().filter(|o| o.hard && o.name != rule.name && o.kind != rule.kind) {
+                let shared: Vec<&String> = vms.iter().copied().filter(|v| other.vms.contains(v)).collect();
+                if shared.len() >= 2 {
+                    return Err(StateError::RuleConflict {
+                        rule: rule.name.clone(),
+                        other: other.name.clone(),
+                        why: format!("{} must be both together and apart", shared.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" and ")),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Running VMs whose current hosts break `rule`.
+    fn rule_violations(&self, rule: &Rule) -> Vec<String> {
+        let placed: Vec<(&String, HostId)> =
+            rule.vms.iter().filter_map(|n| self.vms.get(n).and_then(|v| v.assignment).map(|a| (n, a.host))).collect();
+        let mut out = Vec::new();
+        for (i, (n, h)) in placed.iter().enumerate() {
+            let clash = match rule.kind {
+                RuleKind::AntiAffinity => placed.iter().enumerate().any(|(j, (_, g))| j != i && g == h),
+                RuleKind::Affinity => placed.first().is_some_and(|(_, g)| g != h),
+            };
+            if clash {
+                out.push((*n).clone());
+            }
+        }
+        out
     }
 
     /// VMs that should run and have no host: the coordinator's placement queue.
@@ -363,6 +658,7 @@ impl ClusterState {
                         capacity: *capacity,
                         status: HostStatus::Joining,
                         epoch: 0,
+                        mode: HostMode::Normal,
                     },
                 );
                 Ok(Applied::Done)
@@ -392,9 +688,67 @@ impl ClusterState {
                 self.vms.remove(name);
                 Ok(Applied::Done)
             }
-            Command::SetPower { name, desired } => {
-                self.vm_mut(name)?.desired = *desired;
+            Command::SetPower { name, desired, force } => {
+                self.vm_mut(name)?;
+                let verb = if *desired == PowerState::Running { "starting" } else { "stopping" };
+                self.admitted(&format!("{verb} VM '{name}'"), *force, |s| {
+                    if let Some(v) = s.vms.get_mut(name) {
+                        v.desired = *desired;
+                    }
+                    Ok(())
+                })
+            }
+            Command::UpdateVm { spec, force } => {
+                spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
+                let vm = self.vms.get(&spec.name).ok_or_else(|| StateError::UnknownVm(spec.name.clone()))?;
+                if let Some(a) = vm.assignment {
+                    if !self.fits_with(a.host, spec.demand(), Some(&spec.name)) {
+                        return Err(StateError::NoCapacity { vm: spec.name.clone(), host: a.host });
+                    }
+                }
+                self.admitted(&format!("changing VM '{}'", spec.name), *force, |s| {
+                    if let Some(v) = s.vms.get_mut(&spec.name) {
+                        v.spec = spec.clone();
+                    }
+                    Ok(())
+                })
+            }
+            Command::SetHostMode { host, mode, force } => {
+                let name = self.hosts.get(host).ok_or(StateError::UnknownHost(*host))?.name.clone();
+                self.admitted(&format!("putting host {name} in {mode} mode"), *force, |s| {
+                    if let Some(h) = s.hosts.get_mut(host) {
+                        h.mode = *mode;
+                    }
+                    Ok(())
+                })
+            }
+            Command::SetRule { rule, force } => {
+                self.check_rule(rule)?;
+                let violations = self.rule_violations(rule);
+                let applied = self.admitted(&format!("rule '{}'", rule.name), *force, |s| {
+                    s.rules.insert(rule.name.clone(), rule.clone());
+                    Ok(())
+                })?;
+                Ok(match applied {
+                    Applied::Done => Applied::RuleSet { violations },
+                    other => other,
+                })
+            }
+            Command::DeleteRule { name } => {
+                self.rules.remove(name).ok_or_else(|| StateError::UnknownRule(name.clone()))?;
                 Ok(Applied::Done)
+            }
+            Command::SetSettings { settings, force } => {
+                if !(100..=1600).contains(&settings.vcpu_overcommit_pct) {
+                    return Err(StateError::BadSetting(format!("vcpu_overcommit_pct = {} is outside 100..=1600", settings.vcpu_overcommit_pct)));
+                }
+                if settings.ftt_target.is_some_and(|t| t as usize >= crate::hostset::MAX_HOSTS) {
+                    return Err(StateError::BadSetting("ftt_target is larger than any cluster".into()));
+                }
+                self.admitted("changing the cluster settings", *force, |s| {
+                    s.settings = *settings;
+                    Ok(())
+                })
             }
             Command::Assign { name, host } => {
                 let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.clone()))?;
@@ -525,7 +879,7 @@ pub(crate) mod tests {
     pub(crate) fn run_on(s: &mut ClusterState, spec: VmSpec, host: u32) {
         let name = spec.name.clone();
         s.apply(&Command::CreateVm { spec }).expect("create");
-        s.apply(&Command::SetPower { name: name.clone(), desired: PowerState::Running }).expect("start");
+        s.apply(&Command::SetPower { name: name.clone(), desired: PowerState::Running, force: false }).expect("start");
         s.apply(&Command::Assign { name, host: HostId(host) }).expect("assign");
     }
 
@@ -544,7 +898,7 @@ pub(crate) mod tests {
             Command::Failover { host: HostId(0), epoch: 7, plan: vec![] },
             Command::AddHost { id: HostId(64), name: "x".into(), api_addr: String::new(), heartbeat_addr: String::new(), capacity: Capacity::default() },
             Command::AddHost { id: HostId(5), name: "h0".into(), api_addr: String::new(), heartbeat_addr: String::new(), capacity: Capacity::default() },
-            Command::SetPower { name: "ghost".into(), desired: PowerState::Running },
+            Command::SetPower { name: "ghost".into(), desired: PowerState::Running, force: false },
         ];
         for c in &refused {
             assert!(s.apply(c).is_err(), "{c:?} was accepted");
@@ -557,7 +911,7 @@ pub(crate) mod tests {
         let mut s = cluster(1, 1024);
         run_on(&mut s, process_vm("a", Protection::Protect, 0, 600), 0);
         s.apply(&Command::CreateVm { spec: process_vm("b", Protection::Protect, 0, 600) }).expect("create");
-        s.apply(&Command::SetPower { name: "b".into(), desired: PowerState::Running }).expect("start");
+        s.apply(&Command::SetPower { name: "b".into(), desired: PowerState::Running, force: false }).expect("start");
         assert_eq!(
             s.apply(&Command::Assign { name: "b".into(), host: HostId(0) }),
             Err(StateError::NoCapacity { vm: "b".into(), host: HostId(0) })
@@ -571,7 +925,7 @@ pub(crate) mod tests {
         let mut s = cluster(1, 1024);
         run_on(&mut s, process_vm("a", Protection::Protect, 0, 100), 0);
         let gen = s.vms["a"].assignment.expect("assigned").generation;
-        s.apply(&Command::SetPower { name: "a".into(), desired: PowerState::Stopped }).expect("stop");
+        s.apply(&Command::SetPower { name: "a".into(), desired: PowerState::Stopped, force: false }).expect("stop");
         assert_eq!(s.apply(&Command::DeleteVm { name: "a".into() }), Err(StateError::VmNotStopped("a".into())));
         s.apply(&Command::Release { name: "a".into(), host: HostId(0), generation: gen }).expect("release");
         s.apply(&Command::DeleteVm { name: "a".into() }).expect("delete");
@@ -610,5 +964,95 @@ pub(crate) mod tests {
         bad.driver = DriverSpec::Process { command: vec![] };
         assert_eq!(bad.validate(), Err(SpecError::EmptyCommand));
         assert_eq!("bogus".parse::<Protection>().map_err(|e| e.contains("bogus")), Err(true));
+    }
+
+    fn target(s: &mut ClusterState, ftt: u32) {
+        s.apply(&Command::SetSettings { settings: Settings { ftt_target: Some(ftt), ..s.settings }, force: false }).expect("target");
+    }
+
+    /// Admission control: with a target of one failure, starting a VM that could no longer
+    /// restart after some host failure is refused with a message naming the host and the VM,
+    /// and nothing changes; `force` applies it and says so.
+    #[test]
+    fn admission_control_refuses_what_breaks_the_ftt_target() {
+        // 3 hosts × 1000 MiB; two 400 MiB VMs per host: any one host's VMs fit on the others.
+        let mut s = cluster(3, 1000);
+        for i in 0..6u32 {
+            run_on(&mut s, process_vm(&format!("v{i}"), Protection::Protect, 0, 400), i % 3);
+        }
+        // Each host has 200 MiB free: losing a host displaces 800 MiB into 400 MiB. FTT is 0.
+        assert_eq!(s.ftt().ftt, 0);
+        // 3 hosts × 2000 MiB, two 600 MiB VMs each: a failed host's 1200 MiB fit in 800 + 800.
+        let mut s = cluster(3, 2000);
+        for i in 0..6u32 {
+            run_on(&mut s, process_vm(&format!("v{i}"), Protection::Protect, 0, 600), i % 3);
+        }
+        assert_eq!(s.ftt().ftt, 1);
+        target(&mut s, 1);
+        // 700 MiB more on host 0: if it fails, 700 + 600 + 600 do not fit in 800 + 800.
+        s.apply(&Command::CreateVm { spec: process_vm("big", Protection::Protect, 0, 700) }).expect("create (stopped) is free");
+        let before = s.clone();
+        let err = s.apply(&Command::SetPower { name: "big".into(), desired: PowerState::Running, force: false }).expect_err("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("starting VM 'big'") && msg.contains("failures-to-tolerate to 0 (target 1)") && msg.contains("--force"), "{msg}");
+        assert!(msg.contains("if h") && msg.contains("could not restart"), "{msg}");
+        assert_eq!(s, before, "a refusal changes nothing");
+        // A bigger size for a running VM, and maintenance of a host, are refused alike.
+        let mut grown = s.vms["v0"].spec.clone();
+        grown.memory_mib = 1000;
+        assert!(matches!(s.apply(&Command::UpdateVm { spec: grown.clone(), force: false }), Err(StateError::Admission(_))));
+        assert!(matches!(s.apply(&Command::SetHostMode { host: HostId(2), mode: HostMode::Maintenance, force: false }), Err(StateError::Admission(_))));
+        assert_eq!(s, before);
+        // Forced: applied, and the result says why it would have been refused.
+        let forced = s.apply(&Command::SetPower { name: "big".into(), desired: PowerState::Running, force: true }).expect("forced");
+        assert!(matches!(&forced, Applied::Forced { reason } if reason.contains("big")), "{forced:?}");
+        // A smaller size is always fine.
+        let mut small = s.vms["v1"].spec.clone();
+        small.memory_mib = 200;
+        assert_eq!(s.apply(&Command::UpdateVm { spec: small, force: false }), Ok(Applied::Done));
+    }
+
+    #[test]
+    fn rules_are_checked_when_made() {
+        let mut s = cluster(3, 4000);
+        for i in 0..4u32 {
+            run_on(&mut s, process_vm(&format!("v{i}"), Protection::Protect, 0, 1000), i % 3);
+        }
+        let rule = |name: &str, kind, hard, vms: &[&str]| Command::SetRule {
+            rule: Rule { name: name.into(), kind, hard, vms: vms.iter().map(|v| v.to_string()).collect() },
+            force: false,
+        };
+        // v0 and v3 share host 0: the rule is stored and the violation reported.
+        assert_eq!(
+            s.apply(&rule("apart", RuleKind::AntiAffinity, true, &["v0", "v3"])),
+            Ok(Applied::RuleSet { violations: vec!["v0".into(), "v3".into()] })
+        );
+        let conflict = s.apply(&rule("together", RuleKind::Affinity, true, &["v3", "v0", "v1"])).expect_err("conflict");
+        assert!(conflict.to_string().contains("must be both together and apart"), "{conflict}");
+        let too_many = s.apply(&rule("spread", RuleKind::AntiAffinity, true, &["v0", "v1", "v2", "v3"])).expect_err("4 VMs, 3 hosts");
+        assert!(matches!(too_many, StateError::RuleInfeasible { .. }), "{too_many}");
+        s.apply(&Command::CreateVm { spec: process_vm("huge", Protection::Protect, 0, 3500) }).expect("create");
+        let heavy = s.apply(&rule("heavy", RuleKind::Affinity, true, &["huge", "v1"])).expect_err("4500 MiB > 4000");
+        assert!(heavy.to_string().contains("more than any host has"), "{heavy}");
+        assert_eq!(s.apply(&rule("ghost", RuleKind::Affinity, false, &["v1", "nope"])), Err(StateError::UnknownVm("nope".into())));
+        // Soft rules never conflict.
+        assert!(matches!(s.apply(&rule("near", RuleKind::Affinity, false, &["v0", "v3"])), Ok(Applied::RuleSet { .. })));
+        assert_eq!(s.apply(&Command::DeleteRule { name: "nope".into() }), Err(StateError::UnknownRule("nope".into())));
+        // A hard anti-affinity rule now keeps v1 off v2's host when host 1 fails.
+        s.apply(&rule("v1-v2", RuleKind::AntiAffinity, true, &["v1", "v2"])).expect("rule");
+        let plan = s.failover_plan(HostId(1), s.active_hosts());
+        assert_eq!(plan.placements, vec![("v1".to_string(), HostId(0))]);
+    }
+
+    #[test]
+    fn vcpu_overcommit_is_counted() {
+        let mut s = cluster(1, 100_000);
+        let mut spec = process_vm("wide", Protection::Protect, 0, 100);
+        spec.vcpus = 12;
+        s.apply(&Command::CreateVm { spec }).expect("create");
+        assert!(!s.fits(HostId(0), Capacity { vcpus: 12, memory_mib: 100 }), "8 vCPUs at 100 %");
+        s.apply(&Command::SetSettings { settings: Settings { vcpu_overcommit_pct: 200, ..s.settings }, force: false }).expect("200 %");
+        assert!(s.fits(HostId(0), Capacity { vcpus: 12, memory_mib: 100 }));
+        assert!(s.apply(&Command::SetSettings { settings: Settings { vcpu_overcommit_pct: 50, ..s.settings }, force: false }).is_err());
     }
 }

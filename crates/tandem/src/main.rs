@@ -54,6 +54,26 @@ enum Cmd {
         #[command(subcommand)]
         op: VmOp,
     },
+    /// Failures to tolerate: how many simultaneous host failures every protected VM survives.
+    Ftt,
+    /// For each single host failure: where every VM would restart and which would stay down.
+    Plan,
+    /// What would happen if the given hosts failed together.
+    Whatif {
+        /// Host names, comma-separated (e.g. h1,h2).
+        #[arg(long, value_delimiter = ',', required = true)]
+        fail: Vec<String>,
+    },
+    /// Placement rules: affinity and anti-affinity groups of VMs.
+    Rule {
+        #[command(subcommand)]
+        op: RuleOp,
+    },
+    /// Benchmarks (figures printed; nothing asserted).
+    Bench {
+        #[command(subcommand)]
+        op: BenchOp,
+    },
     /// The HA event timeline recorded by the agent at --api.
     Events {
         /// Only events after this sequence number.
@@ -74,6 +94,50 @@ enum ClusterOp {
     Init,
     /// Consensus and runtime status of the agent at --api.
     Status,
+    /// Show the cluster settings.
+    Settings,
+    /// Change cluster settings; refused if it would break the FTT target unless --force.
+    Set {
+        /// Failures-to-tolerate target protected by admission control (`none` to clear).
+        #[arg(long)]
+        ftt_target: Option<String>,
+        /// vCPUs offered per physical vCPU, in percent (100..=1600).
+        #[arg(long)]
+        vcpu_overcommit_pct: Option<u32>,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RuleOp {
+    /// Add or replace a rule. Refused when infeasible or in conflict with another hard rule.
+    Add {
+        name: String,
+        /// affinity (together) or anti-affinity (apart)
+        #[arg(long)]
+        kind: String,
+        /// Never broken (a VM stays down instead); without it, a preference.
+        #[arg(long)]
+        hard: bool,
+        /// The VMs (two or more).
+        #[arg(required = true, num_args = 2..)]
+        vms: Vec<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    List,
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum BenchOp {
+    /// FTT and failover plans for large synthetic clusters, and the approximation's gap.
+    Placement {
+        /// Repetitions per figure (medians are printed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -82,14 +146,42 @@ enum HostOp {
     Join { api_addr: String },
     /// Hosts, with each one's liveness as seen by the agent at --api.
     List,
+    /// Set a host's mode: normal, maintenance (no new VMs) or disabled. Refused if it would
+    /// break the FTT target unless --force.
+    Mode {
+        name: String,
+        mode: String,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum VmOp {
     /// Create a VM (stopped) from a spec file or from flags.
     Create(Box<CreateArgs>),
-    /// Ask the cluster to run a VM.
-    Start { name: String },
+    /// Ask the cluster to run a VM. Refused if it would break the FTT target unless --force.
+    Start {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change a VM's size, protection or priority. Refused if it would break the FTT target
+    /// unless --force.
+    Update {
+        name: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// protect | best-effort | off
+        #[arg(long)]
+        protection: Option<String>,
+        #[arg(long)]
+        priority: Option<i32>,
+        #[arg(long)]
+        force: bool,
+    },
     /// Ask the cluster to stop a VM (ACPI power-down, then kill after the stop timeout).
     Stop { name: String },
     /// Delete a stopped VM.
@@ -202,6 +294,29 @@ fn show(out: Output, v: &Value, table: impl FnOnce(&Value)) {
     }
 }
 
+fn usage(message: impl std::fmt::Display) -> ClientError {
+    ClientError::Refused { status: 400, message: message.to_string() }
+}
+
+fn print_plans(v: &Value) {
+    for p in v.as_array().into_iter().flatten() {
+        let failed: Vec<String> = p["failed"].as_array().into_iter().flatten().map(s).collect();
+        println!("if {} fail{}:", failed.join(" and "), if failed.len() == 1 { "s" } else { "" });
+        let mut rows = vec![["  VM", "RESTARTS ON"].map(String::from).to_vec()];
+        for r in p["restarts"].as_array().into_iter().flatten() {
+            rows.push(vec![format!("  {}", s(&r["vm"])), s(&r["host"])]);
+        }
+        for r in p["left_down"].as_array().into_iter().flatten() {
+            rows.push(vec![format!("  {}", s(&r["vm"])), format!("stays down ({})", s(&r["reason"]))]);
+        }
+        if rows.len() == 1 {
+            println!("  nothing to restart");
+        } else {
+            print_table(&rows);
+        }
+    }
+}
+
 fn run_client(cli: &Cli) -> Result<(), ClientError> {
     let c = Client::new(&cli.api);
     let out = cli.output;
@@ -213,7 +328,79 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
         }
     };
     match &cli.command {
-        Cmd::Agent { .. } | Cmd::Demo(_) | Cmd::Chaos(_) | Cmd::Sim(_) => Ok(()),
+        Cmd::Agent { .. } | Cmd::Demo(_) | Cmd::Chaos(_) | Cmd::Sim(_) | Cmd::Bench { .. } => Ok(()),
+        Cmd::Cluster { op: ClusterOp::Settings } => {
+            let v = c.get("/v1/settings")?;
+            show(out, &v, kv);
+            Ok(())
+        }
+        Cmd::Cluster { op: ClusterOp::Set { ftt_target, vcpu_overcommit_pct, force } } => {
+            let mut body = json!({ "force": force });
+            if let Some(t) = ftt_target {
+                body["ftt_target"] = if t == "none" {
+                    Value::Null
+                } else {
+                    json!(t.parse::<u32>().map_err(|_| usage(format!("--ftt-target '{t}' is not a number or 'none'")))?)
+                };
+            }
+            if let Some(p) = vcpu_overcommit_pct {
+                body["vcpu_overcommit_pct"] = json!(p);
+            }
+            let v = c.post("/v1/settings", &body)?;
+            show(out, &v, kv);
+            Ok(())
+        }
+        Cmd::Host { op: HostOp::Mode { name, mode, force } } => {
+            let v = c.post(&format!("/v1/hosts/{name}/mode"), &json!({ "mode": mode, "force": force }))?;
+            show(out, &v, kv);
+            Ok(())
+        }
+        Cmd::Ftt => {
+            let v = c.get("/v1/ftt")?;
+            show(out, &v, |v| {
+                let r = &v["report"];
+                let exact = if r["exact"] == true { "exact" } else { "lower bound" };
+                println!("failures to tolerate: {} ({exact}; limited by {})", s(&r["ftt"]), s(&r["limited_by"]));
+                println!("target: {}", s(&v["target"]));
+                println!("failure sets checked: {} (every set up to {} host(s))", s(&r["sets_checked"]), s(&r["checked_up_to"]));
+                if let Some(c) = r["counterexample"].as_array() {
+                    println!("breaks when hosts {} fail: {} could not restart", s(&c[0]), s(&c[1]));
+                }
+            });
+            Ok(())
+        }
+        Cmd::Plan => {
+            let v = c.get("/v1/plan")?;
+            show(out, &v, print_plans);
+            Ok(())
+        }
+        Cmd::Whatif { fail } => {
+            let v = c.get(&format!("/v1/plan?fail={}", fail.join(",")))?;
+            show(out, &v, print_plans);
+            Ok(())
+        }
+        Cmd::Rule { op: RuleOp::Add { name, kind, hard, vms, force } } => {
+            let v = c.post("/v1/rules", &json!({ "name": name, "kind": kind, "hard": hard, "vms": vms, "force": force }))?;
+            show(out, &v, kv);
+            Ok(())
+        }
+        Cmd::Rule { op: RuleOp::List } => {
+            let v = c.get("/v1/rules")?;
+            show(out, &v, |v| {
+                let mut rows = vec![["NAME", "KIND", "HARD", "VMS"].map(String::from).to_vec()];
+                for r in v.as_array().into_iter().flatten() {
+                    let vms: Vec<String> = r["vms"].as_array().into_iter().flatten().map(s).collect();
+                    rows.push(vec![s(&r["name"]), s(&r["kind"]), s(&r["hard"]), vms.join(",")]);
+                }
+                print_table(&rows);
+            });
+            Ok(())
+        }
+        Cmd::Rule { op: RuleOp::Delete { name } } => {
+            let v = c.call("DELETE", &format!("/v1/rules/{name}"), None)?;
+            show(out, &v, kv);
+            Ok(())
+        }
         Cmd::Cluster { op: ClusterOp::Init } => {
             let v = c.post("/v1/cluster/init", &json!({}))?;
             show(out, &v, kv);
@@ -259,8 +446,28 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                 show(out, &v, kv);
                 Ok(())
             }
-            VmOp::Start { name } => {
-                let v = c.post(&format!("/v1/vms/{name}/start"), &json!({}))?;
+            VmOp::Start { name, force } => {
+                let v = c.post(&format!("/v1/vms/{name}/start"), &json!({ "force": force }))?;
+                show(out, &v, kv);
+                Ok(())
+            }
+            VmOp::Update { name, vcpus, memory_mib, protection, priority, force } => {
+                let current = c.get(&format!("/v1/vms/{name}"))?;
+                let mut spec = current["spec"].clone();
+                if let Some(x) = vcpus {
+                    spec["vcpus"] = json!(x);
+                }
+                if let Some(x) = memory_mib {
+                    spec["memory_mib"] = json!(x);
+                }
+                if let Some(x) = protection {
+                    let p: Protection = x.parse().map_err(usage)?;
+                    spec["protection"] = json!(p);
+                }
+                if let Some(x) = priority {
+                    spec["priority"] = json!(x);
+                }
+                let v = c.call("PUT", &format!("/v1/vms/{name}"), Some(&json!({ "spec": spec, "force": force })))?;
                 show(out, &v, kv);
                 Ok(())
             }
@@ -349,7 +556,7 @@ impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
 
 fn main() {
     let cli = Cli::parse();
-    let simulating = matches!(cli.command, Cmd::Sim(_));
+    let simulating = matches!(cli.command, Cmd::Sim(_) | Cmd::Bench { .. });
     // The simulator drives the real consensus library through thousands of injected faults; its
     // complaints about them (failed RPCs) are expected, so only Tandem's own errors show unless
     // RUST_LOG asks for more.
@@ -362,6 +569,13 @@ fn main() {
             Err(e) => {
                 eprintln!("tandem agent: {e:#}");
                 2
+            }
+        },
+        Cmd::Bench { op: BenchOp::Placement { runs } } => match tandem::bench::placement(*runs) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tandem bench: {e:#}");
+                1
             }
         },
         Cmd::Sim(args) => match tandem::sim::run(args) {

@@ -187,6 +187,64 @@ fn cli(lab: &Lab, args: &[&str]) -> std::process::Output {
     Command::new(binary()).arg("--api").arg(&lab.hosts[0].api).args(args).output().expect("run CLI")
 }
 
+/// Admission control end to end through the CLI: with a failures-to-tolerate target of 1, a
+/// start, a resize and a host's maintenance that would break it are refused with exit code 1 and
+/// a message naming the failure and the VM; `--force` applies it and the timeline records it.
+/// `ftt`, `plan`, `whatif` and conflicting rules are checked on the same cluster.
+#[test]
+fn admission_control_refusals_through_the_cli() -> Result<()> {
+    let lab = lab(35, |o| o.capacity = (8, 2000))?;
+    let sized = |name: &str, mem: u64| {
+        json!({ "name": name, "vcpus": 1, "memory_mib": mem, "protection": "protect",
+                "driver": { "kind": "process", "command": ["sleep", "1000000"] } })
+    };
+    // Two 600 MiB VMs per 2000 MiB host: any one host's VMs fit in the others' 800 + 800 MiB.
+    create_and_start(&lab, &(0..6).map(|i| sized(&format!("v{i}"), 600)).collect::<Vec<_>>())?;
+    let ftt = |lab: &Lab| -> Result<Value> { Ok(serde_json::from_slice(&cli(lab, &["--output", "json", "ftt"]).stdout)?) };
+    assert_eq!(ftt(&lab)?["report"]["ftt"], 1);
+    let ok = |args: &[&str]| {
+        let out = cli(&lab, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let refused = |args: &[&str]| {
+        let out = cli(&lab, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?} should be refused: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    ok(&["cluster", "set", "--ftt-target", "1"]);
+    let msg = refused(&["host", "mode", "h2", "maintenance"]);
+    assert!(msg.contains("maintenance") && msg.contains("target 1") && msg.contains("--force"), "{msg}");
+    let msg = refused(&["vm", "update", "v0", "--memory-mib", "1000"]);
+    assert!(msg.contains("changing VM 'v0'") && msg.contains("could not restart"), "{msg}");
+    lab.client(0).post("/v1/vms", &sized("big", 700)).map_err(|e| anyhow!("{e}"))?;
+    let msg = refused(&["vm", "start", "big"]);
+    assert!(msg.contains("starting VM 'big' would lower failures-to-tolerate to 0 (target 1): if h"), "{msg}");
+    assert!(lab.vms(0)?.iter().any(|v| v["name"] == "big" && v["desired"] == "stopped"), "a refusal changes nothing");
+    let out = ok(&["vm", "start", "big", "--force"]);
+    assert!(out.contains("forced"), "{out}");
+    assert!(!events_of(&lab, "admission-forced").is_empty(), "a forced change is on the timeline");
+    wait_until(Duration::from_secs(20), || lab.running().contains_key("big").then_some(()))?;
+    let now = ftt(&lab)?;
+    assert_eq!((now["report"]["ftt"].clone(), now["target"].clone()), (json!(0), json!(1)), "{now}");
+    // The plan for every single-host failure: one of them leaves a protected VM down.
+    let plans: Value = serde_json::from_slice(&cli(&lab, &["--output", "json", "plan"]).stdout)?;
+    assert_eq!(plans.as_array().map(Vec::len), Some(3));
+    assert!(plans.as_array().into_iter().flatten().any(|p| p["left_down"].as_array().is_some_and(|l| !l.is_empty())), "{plans}");
+    let two: Value = serde_json::from_slice(&cli(&lab, &["--output", "json", "whatif", "--fail", "h0,h1"]).stdout)?;
+    assert_eq!(two[0]["failed"], json!(["h0", "h1"]));
+    let text = ok(&["whatif", "--fail", "h0,h1"]);
+    assert!(text.contains("if h0 and h1 fail:") && text.contains("stays down (no-capacity)"), "{text}");
+    assert!(refused(&["whatif", "--fail", "h9"]).contains("unknown host 'h9'"));
+    // Rules: a conflicting hard rule is refused; an unknown VM too.
+    ok(&["rule", "add", "apart", "--kind", "anti-affinity", "--hard", "v0", "v3"]);
+    assert!(refused(&["rule", "add", "together", "--kind", "affinity", "--hard", "v3", "v0"]).contains("must be both together and apart"));
+    assert!(refused(&["rule", "add", "ghost", "--kind", "affinity", "v0", "nope"]).contains("unknown VM 'nope'"));
+    assert!(ok(&["rule", "list"]).contains("apart"));
+    ok(&["rule", "delete", "apart"]);
+    lab.assert_no_double_run()
+}
+
 #[test]
 fn bad_input_gets_a_clear_error_and_loses_nothing() -> Result<()> {
     // Malformed and unsafe agent configs are refused at start.
