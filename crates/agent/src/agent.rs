@@ -114,6 +114,9 @@ struct Scratch {
     starting: BTreeSet<String>,
     stopping: BTreeSet<String>,
     restarts: BTreeMap<String, VecDeque<Millis>>,
+    /// VMs (and the generation) this host gave up on: never started again here in that
+    /// generation, even while the local copy of committed state still lags the release.
+    given_up: BTreeMap<String, (u64, String)>,
     previous: BTreeMap<HostId, HostLiveness>,
 }
 
@@ -783,6 +786,16 @@ impl Agent {
                 self.events.record("vm-killed", Some(&v.name), None, format!("{} runs here but committed state assigns it elsewhere; killed", v.name));
             }
         }
+        let retry_give_up: Vec<(String, u64, String)> = {
+            let mut scratch = lock(&self.scratch);
+            scratch.given_up.retain(|name, (generation, _)| wanted.get(name) == Some(generation));
+            scratch.given_up.iter().map(|(n, (g, d))| (n.clone(), *g, d.clone())).collect()
+        };
+        // Still ours after giving up: the release was not committed (or is not applied here
+        // yet); ask again rather than leave the VM stuck on a host that will not start it.
+        for (name, generation, detail) in &retry_give_up {
+            self.give_up_here(name, *generation, detail).await;
+        }
         // Exits.
         for v in running.iter().filter(|v| v.exit.is_some()) {
             let exit = v.exit.clone().unwrap_or(VmExit::StoppedByAgent);
@@ -792,14 +805,21 @@ impl Agent {
                 continue;
             }
             let protection = specs.get(&v.name).map(|s| s.protection);
-            let give_up = match exit {
+            match exit {
                 // A guest that powered itself off stays off: HA must not fight the operator.
-                VmExit::GuestShutdown => true,
-                VmExit::StoppedByAgent => false,
-                VmExit::Crashed { .. } => protection == Some(Protection::Off) || !self.allow_restart(&v.name),
-            };
-            if give_up {
-                let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
+                VmExit::GuestShutdown => {
+                    let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
+                }
+                VmExit::StoppedByAgent => {}
+                VmExit::Crashed { .. } if protection == Some(Protection::Off) => {
+                    let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
+                }
+                // Restarted here while the budget lasts (the start below), then moved on.
+                VmExit::Crashed { detail } => {
+                    if !self.allow_restart(&v.name) {
+                        self.give_up_here(&v.name, v.generation, &format!("crashed {MAX_LOCAL_RESTARTS} times within {} s: {detail}", RESTART_WINDOW_MS / 1000)).await;
+                    }
+                }
             }
         }
         // Released once stopped.
@@ -814,7 +834,7 @@ impl Agent {
             return;
         }
         for (name, generation) in wanted {
-            if live_names.contains(name.as_str()) {
+            if live_names.contains(name.as_str()) || lock(&self.scratch).given_up.get(&name).is_some_and(|(g, _)| *g == generation) {
                 continue;
             }
             let Some(spec) = specs.get(&name).cloned() else { continue };
@@ -830,14 +850,46 @@ impl Agent {
                 let launch = VmLaunch { spec, generation };
                 match a.driver.start(&launch).await {
                     Ok(()) => a.events.record("vm-started", Some(&name), Some(&a.cfg.name), format!("{name} started on {} (generation {generation})", a.cfg.name)),
-                    Err(e) => a.events.record("vm-start-failed", Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}")),
+                    Err(e) => {
+                        a.events.record("vm-start-failed", Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}"));
+                        // Retried on the next pass while the budget lasts, then moved on.
+                        if !a.allow_restart(&name) {
+                            a.give_up_here(&name, generation, &e.to_string()).await;
+                        }
+                    }
                 }
                 lock(&a.scratch).starting.remove(&name);
             }.in_current_span());
         }
     }
 
-    /// Counts a local restart of a crashed VM; false once the budget is spent.
+    /// This host has spent its restart budget on `name`: the cluster moves it to another host,
+    /// or puts it in the error state once it has failed on enough of them.
+    async fn give_up_here(&self, name: &str, generation: u64, detail: &str) {
+        {
+            let mut scratch = lock(&self.scratch);
+            scratch.restarts.remove(name);
+            // Whatever the outcome of the submit (a timeout may still commit), this generation
+            // is not started here again: another host may be given it at any moment.
+            scratch.given_up.insert(name.to_string(), (generation, detail.to_string()));
+        }
+        let cmd = Command::VmFailed { name: name.to_string(), host: self.me, generation, detail: detail.to_string() };
+        match self.submit(cmd).await {
+            Ok(Ok(Applied::Relocating { failed_on, .. })) => self.events.record(
+                "vm-relocating",
+                Some(name),
+                Some(&self.cfg.name),
+                format!("{name} gave up on {} ({detail}); failed on {} host(s), placing it elsewhere", self.cfg.name, failed_on.len()),
+            ),
+            Ok(Ok(Applied::VmInError { error, .. })) => {
+                self.events.record("vm-error", Some(name), Some(&self.cfg.name), format!("{name} is in the error state: {error}"));
+            }
+            Ok(other) => tracing::debug!("giving up {name} here refused: {other:?}"),
+            Err(e) => tracing::warn!("giving up {name} here not committed: {e}"),
+        }
+    }
+
+    /// Counts a local (re)start attempt of a failing VM; false once the budget is spent.
     fn allow_restart(&self, name: &str) -> bool {
         let now = self.clock.now();
         let mut s = lock(&self.scratch);

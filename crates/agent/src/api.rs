@@ -103,6 +103,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms", get(vms).post(vm_create))
         .route("/v1/vms/{name}", get(vm_show).delete(vm_delete).put(vm_update))
         .route("/v1/vms/{name}/start", post(vm_start))
+        .route("/v1/vms/{name}/clear", post(vm_clear))
         .route("/v1/hosts/{name}/mode", post(host_mode))
         .route("/v1/ftt", get(ftt))
         .route("/v1/plan", get(plan))
@@ -296,6 +297,9 @@ pub struct VmView {
     pub host: Option<String>,
     pub host_api: Option<String>,
     pub generation: Option<u64>,
+    /// Set when HA gave up on it after failures on several hosts.
+    pub error: Option<String>,
+    pub failed_on: Vec<String>,
     pub spec: VmSpec,
 }
 
@@ -318,6 +322,8 @@ fn vm_views(a: &Agent) -> Vec<VmView> {
                     host: host.map(|h| h.name.clone()),
                     host_api: host.map(|h| h.api_addr.clone()),
                     generation: v.assignment.map(|x| x.generation),
+                    error: v.error.clone(),
+                    failed_on: v.failed_on.iter().map(|h| s.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect(),
                     spec: v.spec.clone(),
                 }
             })
@@ -382,6 +388,12 @@ async fn vm_start(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: B
     let mut out = admitted(&a, Command::SetPower { name: name.clone(), desired: PowerState::Running, force }, Some(&name)).await?;
     out["starting"] = json!(name);
     Ok(Json(out))
+}
+
+async fn vm_clear(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+    submit(&a, Command::ClearVmError { name: name.clone() }).await?;
+    a.events.record("vm-error-cleared", Some(&name), None, format!("{name}: error state and failure history cleared by an operator"));
+    Ok(Json(json!({ "cleared": name })))
 }
 
 #[derive(Deserialize)]

@@ -53,6 +53,8 @@ pub struct PlacementVm {
     pub running: bool,
     /// Indices into [`Model::rules`].
     pub rules: Vec<u32>,
+    /// Host indices it must not go to (it kept failing there).
+    pub avoid: Vec<u32>,
 }
 
 /// A placement rule over VMs.
@@ -137,6 +139,10 @@ fn best_from_heap(
     while let Some((mem, std::cmp::Reverse(h))) = heap.pop() {
         if mem != free[h as usize].0 {
             continue; // stale
+        }
+        if vm.avoid.contains(&h) {
+            passed.push((mem, std::cmp::Reverse(h)));
+            continue;
         }
         if mem < vm.mem_mib {
             // Nothing further down has the memory either.
@@ -315,7 +321,7 @@ impl Model {
         let mut best: Option<(u32, u64, u32)> = None;
         let mut room_somewhere = false;
         for h in 0..self.hosts.len() {
-            if down[h] || !self.hosts[h].usable || free[h].0 < vm.mem_mib || free[h].1 < vm.cpu_milli {
+            if down[h] || !self.hosts[h].usable || free[h].0 < vm.mem_mib || free[h].1 < vm.cpu_milli || vm.avoid.contains(&(h as u32)) {
                 continue;
             }
             room_somewhere = true;
@@ -473,6 +479,7 @@ pub(crate) mod tests {
             host: Some(on),
             running: true,
             rules: vec![],
+            avoid: vec![],
         }
     }
 

@@ -274,7 +274,18 @@ pub struct VmRecord {
     pub spec: VmSpec,
     pub desired: PowerState,
     pub assignment: Option<Assignment>,
+    /// Hosts it kept failing on since an operator last cleared it; placement avoids them.
+    #[serde(default)]
+    pub failed_on: Vec<HostId>,
+    /// Set when it failed on [`MAX_RELOCATIONS`] + 1 hosts: HA stopped trying until an operator
+    /// clears it.
+    #[serde(default)]
+    pub error: Option<String>,
 }
+
+/// Hosts a VM that keeps failing to start (or keeps crashing) is moved to, after its own host
+/// gave up, before it is put in the error state.
+pub const MAX_RELOCATIONS: usize = 2;
 
 /// The whole replicated desired state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +343,12 @@ pub enum Command {
     Assign { name: String, host: HostId },
     /// A host releases a VM it has stopped.
     Release { name: String, host: HostId, generation: u64 },
+    /// The host running `name` in `generation` gave up on it (its start failed, or it crashed,
+    /// more often than the host's restart budget allows): it moves to another host, or, after
+    /// [`MAX_RELOCATIONS`] moves, enters the error state.
+    VmFailed { name: String, host: HostId, generation: u64, detail: String },
+    /// An operator clears a VM's error state and failure history (it stays stopped).
+    ClearVmError { name: String },
     /// The coordinator declares `host` failed in `epoch` and moves its VMs by `plan`.
     Failover { host: HostId, epoch: u64, plan: Vec<(String, HostId)> },
 }
@@ -348,6 +365,10 @@ pub enum Applied {
     Forced { reason: String },
     /// A rule stored; `violations` names running VMs that currently break it (nothing is moved).
     RuleSet { violations: Vec<String> },
+    /// A failing VM was released from its host to be placed elsewhere.
+    Relocating { name: String, failed_on: Vec<HostId> },
+    /// A failing VM ran out of hosts to try: stopped, with the reason.
+    VmInError { name: String, error: String },
 }
 
 /// Why a command is refused. The state is unchanged.
@@ -385,6 +406,8 @@ pub enum StateError {
     RuleConflict { rule: String, other: String, why: String },
     #[error("unknown rule '{0}'")]
     UnknownRule(String),
+    #[error("VM '{name}' is in the error state ({error}); clear it first (tandem vm clear {name})")]
+    VmInError { name: String, error: String },
     #[error("invalid setting: {0}")]
     BadSetting(String),
 }
@@ -469,6 +492,7 @@ impl ClusterState {
                 host: v.assignment.and_then(|a| index.get(&a.host).copied()),
                 running: v.desired == PowerState::Running,
                 rules: Vec::new(),
+                avoid: v.failed_on.iter().filter_map(|h| index.get(h).copied()).collect(),
             })
             .collect();
         let rules = self
@@ -676,7 +700,7 @@ impl ClusterState {
                 }
                 self.vms.insert(
                     spec.name.clone(),
-                    VmRecord { spec: spec.clone(), desired: PowerState::Stopped, assignment: None },
+                    VmRecord { spec: spec.clone(), desired: PowerState::Stopped, assignment: None, failed_on: vec![], error: None },
                 );
                 Ok(Applied::Done)
             }
@@ -689,7 +713,9 @@ impl ClusterState {
                 Ok(Applied::Done)
             }
             Command::SetPower { name, desired, force } => {
-                self.vm_mut(name)?;
+                if let Some(e) = self.vm_mut(name)?.error.clone().filter(|_| *desired == PowerState::Running) {
+                    return Err(StateError::VmInError { name: name.clone(), error: e });
+                }
                 let verb = if *desired == PowerState::Running { "starting" } else { "stopping" };
                 self.admitted(&format!("{verb} VM '{name}'"), *force, |s| {
                     if let Some(v) = s.vms.get_mut(name) {
@@ -733,6 +759,32 @@ impl ClusterState {
                     Applied::Done => Applied::RuleSet { violations },
                     other => other,
                 })
+            }
+            Command::VmFailed { name, host, generation, detail } => {
+                let active = self.active_hosts();
+                let vm = self.vm_mut(name)?;
+                if vm.assignment != Some(Assignment { host: *host, generation: *generation }) {
+                    return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
+                }
+                vm.assignment = None;
+                if !vm.failed_on.contains(host) {
+                    vm.failed_on.push(*host);
+                }
+                // Out of tries, or out of hosts to try: a small cluster runs out before the budget.
+                if vm.failed_on.len() > MAX_RELOCATIONS || active.iter().all(|h| vm.failed_on.contains(&h)) {
+                    let hosts: Vec<String> = vm.failed_on.iter().map(ToString::to_string).collect();
+                    let error = format!("gave up after failing on hosts {}: {detail}", hosts.join(", "));
+                    vm.desired = PowerState::Stopped;
+                    vm.error = Some(error.clone());
+                    return Ok(Applied::VmInError { name: name.clone(), error });
+                }
+                Ok(Applied::Relocating { name: name.clone(), failed_on: vm.failed_on.clone() })
+            }
+            Command::ClearVmError { name } => {
+                let vm = self.vm_mut(name)?;
+                vm.error = None;
+                vm.failed_on.clear();
+                Ok(Applied::Done)
             }
             Command::DeleteRule { name } => {
                 self.rules.remove(name).ok_or_else(|| StateError::UnknownRule(name.clone()))?;
@@ -930,6 +982,59 @@ pub(crate) mod tests {
         s.apply(&Command::Release { name: "a".into(), host: HostId(0), generation: gen }).expect("release");
         s.apply(&Command::DeleteVm { name: "a".into() }).expect("delete");
         assert!(s.vms.is_empty());
+    }
+
+    #[test]
+    fn a_failing_vm_moves_away_then_enters_the_error_state_until_cleared() {
+        let mut s = cluster(4, 2048);
+        run_on(&mut s, process_vm("f", Protection::Protect, 0, 64), 0);
+        let failed = |s: &mut ClusterState, host: u32| {
+            let a = s.vms["f"].assignment.expect("assigned");
+            assert_eq!(a.host, HostId(host));
+            s.apply(&Command::VmFailed { name: "f".into(), host: a.host, generation: a.generation, detail: "exit 1".into() })
+        };
+        // A report for a generation it no longer holds is stale and changes nothing.
+        let before = s.clone();
+        let g = s.vms["f"].assignment.expect("assigned").generation;
+        assert!(matches!(
+            s.apply(&Command::VmFailed { name: "f".into(), host: HostId(0), generation: g + 1, detail: String::new() }),
+            Err(StateError::Stale(_))
+        ));
+        assert_eq!(s, before);
+        // Released and placed elsewhere: placement never picks a host it failed on.
+        let mut tried = vec![0];
+        for _ in 0..MAX_RELOCATIONS {
+            let out = failed(&mut s, *tried.last().expect("one")).expect("relocate");
+            assert!(matches!(out, Applied::Relocating { ref failed_on, .. } if failed_on.len() == tried.len()), "{out:?}");
+            assert_eq!(s.vms["f"].desired, PowerState::Running);
+            let plan = crate::recovery::place(&s, &["f".to_string()], s.active_hosts(), true);
+            let (_, next) = plan.placements.first().cloned().expect("placed");
+            assert!(!tried.contains(&next.0), "placed again on {next} after failing there");
+            s.apply(&Command::Assign { name: "f".into(), host: next }).expect("assign");
+            tried.push(next.0);
+        }
+        let out = failed(&mut s, *tried.last().expect("one")).expect("error");
+        assert!(matches!(out, Applied::VmInError { ref error, .. } if error.contains("exit 1")), "{out:?}");
+        assert_eq!((s.vms["f"].desired, s.vms["f"].assignment), (PowerState::Stopped, None));
+        // Starting is refused until an operator clears it; clearing forgets the history.
+        let start = Command::SetPower { name: "f".into(), desired: PowerState::Running, force: false };
+        assert!(matches!(s.apply(&start), Err(StateError::VmInError { .. })));
+        s.apply(&Command::ClearVmError { name: "f".into() }).expect("clear");
+        assert!(s.vms["f"].failed_on.is_empty() && s.vms["f"].error.is_none());
+        s.apply(&start).expect("start after clear");
+    }
+
+    #[test]
+    fn a_small_cluster_runs_out_of_hosts_before_the_relocation_budget() {
+        let mut s = cluster(2, 2048);
+        run_on(&mut s, process_vm("f", Protection::Protect, 0, 64), 0);
+        let g = s.vms["f"].assignment.expect("assigned").generation;
+        let out = s.apply(&Command::VmFailed { name: "f".into(), host: HostId(0), generation: g, detail: "x".into() });
+        assert!(matches!(out, Ok(Applied::Relocating { .. })), "{out:?}");
+        s.apply(&Command::Assign { name: "f".into(), host: HostId(1) }).expect("assign");
+        let g = s.vms["f"].assignment.expect("assigned").generation;
+        let out = s.apply(&Command::VmFailed { name: "f".into(), host: HostId(1), generation: g, detail: "x".into() });
+        assert!(matches!(out, Ok(Applied::VmInError { .. })), "{out:?}");
     }
 
     #[test]

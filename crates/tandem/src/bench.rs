@@ -37,6 +37,7 @@ fn synthetic(hosts: usize, vms: usize, anti_pairs: usize, seed: u64) -> Model {
             host: Some((i % hosts) as u32),
             running: true,
             rules: vec![],
+            avoid: vec![],
         })
         .collect();
     let mut rules = Vec::new();
@@ -108,6 +109,7 @@ fn approximation_gap(instances: usize) {
                 host: Some(rng.below(hosts as u64) as u32),
                 running: true,
                 rules: vec![],
+                avoid: vec![],
             })
             .collect();
         let m = Model::new(hs, vs, vec![]);

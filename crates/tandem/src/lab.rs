@@ -355,13 +355,24 @@ impl Lab {
         self.wait_all_active(Duration::from_secs(30))
     }
 
-    /// Waits until every host is active in committed state.
+    /// Waits until every host is active in committed state and every running agent sees every
+    /// other one alive — only then may the coordinator, whichever host it is, place on all of them.
     pub fn wait_all_active(&self, timeout: Duration) -> Result<()> {
         let n = self.hosts.len();
         self.client(0).wait_for(timeout, Duration::from_millis(100), |c| {
             let hosts = c.list("/v1/hosts").ok()?;
             (hosts.len() == n && hosts.iter().all(|h| h["status"] == "active")).then_some(())
-        })
+        })?;
+        for (i, h) in self.hosts.iter().enumerate() {
+            if h.child.is_none() {
+                continue;
+            }
+            self.client(i).wait_for(timeout, Duration::from_millis(100), |c| {
+                let hosts = c.list("/v1/hosts").ok()?;
+                (hosts.len() == n && hosts.iter().all(|h| h["liveness"] == "alive" || h["liveness"] == "self")).then_some(())
+            })?;
+        }
+        Ok(())
     }
 
     /// A client of some live host, preferring `not` to be avoided.

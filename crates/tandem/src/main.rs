@@ -186,6 +186,8 @@ enum VmOp {
     Stop { name: String },
     /// Delete a stopped VM.
     Delete { name: String },
+    /// Clear a VM's error state and failure history (after fixing the cause; then start it).
+    Clear { name: String },
     /// List VMs.
     List,
     /// Show one VM.
@@ -476,6 +478,11 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                 show(out, &v, kv);
                 Ok(())
             }
+            VmOp::Clear { name } => {
+                let v = c.post(&format!("/v1/vms/{name}/clear"), &json!({}))?;
+                show(out, &v, kv);
+                Ok(())
+            }
             VmOp::Delete { name } => {
                 let v = c.call("DELETE", &format!("/v1/vms/{name}"), None)?;
                 show(out, &v, kv);
@@ -489,7 +496,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
             VmOp::List => {
                 let v = c.get("/v1/vms")?;
                 show(out, &v, |v| {
-                    let mut rows = vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION"].map(String::from).to_vec()];
+                    let mut rows = vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION", "ERROR"].map(String::from).to_vec()];
                     for x in v.as_array().into_iter().flatten() {
                         rows.push(vec![
                             s(&x["name"]),
@@ -500,6 +507,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                             s(&x["desired"]),
                             s(&x["host"]),
                             s(&x["generation"]),
+                            s(&x["error"]),
                         ]);
                     }
                     print_table(&rows);

@@ -330,6 +330,34 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() -> Result<()> {
     let after = lab.vms(0)?;
     let names = |v: &[Value]| v.iter().map(|x| x["name"].clone()).collect::<Vec<_>>();
     assert_eq!(names(&before), names(&after), "bad input lost or changed state");
+
+    // A VM that cannot stay up (its command exits at once) is restarted on its host while the
+    // local budget lasts, then moved to a host it has not failed on, then — out of hosts, h2
+    // being down — stopped in the error state; starting it is refused until it is cleared.
+    let crashy = json!({ "name": "crashy", "vcpus": 1, "memory_mib": 64, "protection": "protect",
+                         "driver": { "kind": "process", "command": ["false"] } });
+    lab.client(0).post("/v1/vms", &crashy).map_err(|e| anyhow!("{e}"))?;
+    lab.client(0).post("/v1/vms/crashy/start", &json!({})).map_err(|e| anyhow!("{e}"))?;
+    let errored = wait_until(Duration::from_secs(60), || {
+        lab.vms(0).ok()?.into_iter().find(|v| v["name"] == "crashy" && !v["error"].is_null())
+    })?;
+    assert_eq!((errored["desired"].clone(), errored["host"].clone()), (json!("stopped"), Value::Null), "{errored}");
+    let mut failed_on: Vec<String> = errored["failed_on"].as_array().into_iter().flatten().filter_map(|h| h.as_str().map(String::from)).collect();
+    failed_on.sort();
+    assert_eq!(failed_on, ["h0", "h1"], "{errored}");
+    let exits = events_of(&lab, "vm-exited").into_iter().filter(|e| e["vm"] == "crashy").count();
+    assert!(exits >= 2 * 3, "restarted locally before moving on: {exits} exits");
+    assert_eq!(events_of(&lab, "vm-relocating").len(), 1);
+    assert_eq!(events_of(&lab, "vm-error").len(), 1);
+    let out = cli(&lab, &["vm", "start", "crashy"]);
+    assert_eq!(out.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("error state") && msg.contains("tandem vm clear crashy"), "{msg}");
+    let out = cli(&lab, &["vm", "clear", "crashy"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let cleared = lab.vms(0)?.into_iter().find(|v| v["name"] == "crashy").ok_or_else(|| anyhow!("crashy lost"))?;
+    assert!(cleared["error"].is_null() && cleared["failed_on"] == json!([]), "{cleared}");
+    assert!(!events_of(&lab, "vm-error-cleared").is_empty());
     lab.assert_no_double_run()
 }
 
