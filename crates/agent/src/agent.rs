@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tandem_core::liveness::{Assessment, FenceReason, HostLiveness, Liveness};
 use tandem_core::recovery;
-use tandem_core::state::{Applied, Command, HostStatus, PowerState, Protection};
+use tandem_core::state::{Applied, Command, HostStatus, PowerState, Protection, BEST_EFFORT_RETRIES, BEST_EFFORT_RETRY_INTERVAL_MS};
 use tandem_core::wire::{ClusterKey, DiskSlot, Heartbeat, MAX_HEARTBEAT_LEN};
 use tandem_core::{HostId, HostSet, Millis};
 use tandem_drivers::launcher::Launcher;
@@ -56,6 +56,8 @@ const MAX_LOCAL_RESTARTS: usize = 3;
 const RESTART_WINDOW_MS: u64 = 60_000;
 /// Timeout of a forwarded write.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the coordinator waits for a host's list of running VMs (restart groups).
+const LOCAL_QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Agent start-up and operation failures.
 #[derive(Debug, Error)]
@@ -117,6 +119,10 @@ struct Scratch {
     /// VMs (and the generation) this host gave up on: never started again here in that
     /// generation, even while the local copy of committed state still lags the release.
     given_up: BTreeMap<String, (u64, String)>,
+    /// Coordinator: the restart group being held back, and since when.
+    group_gate: Option<recovery::GroupGate>,
+    /// Coordinator: when each best-effort VM waiting for capacity is due for its next retry.
+    capacity_retry_due: BTreeMap<String, Millis>,
     previous: BTreeMap<HostId, HostLiveness>,
 }
 
@@ -616,6 +622,92 @@ impl Agent {
             let Some(a) = self.assessment() else { continue };
             self.fail_over_hosts(&a).await;
             self.place_waiting(&a).await;
+            self.count_capacity_retries().await;
+            self.release_restart_groups().await;
+        }
+    }
+
+    /// Best-effort VMs a failover left without a host are placed by `place_waiting` as soon as
+    /// room appears; every [`BEST_EFFORT_RETRY_INTERVAL_MS`] without one counts a retry, and the
+    /// last one stops them.
+    async fn count_capacity_retries(&self) {
+        let now = self.clock.now();
+        let waiting: Vec<String> = self.consensus.with_state(|s| {
+            s.vms.values().filter(|v| v.capacity_retries.is_some() && v.assignment.is_none()).map(|v| v.spec.name.clone()).collect()
+        });
+        let due: Vec<String> = {
+            let mut scratch = lock(&self.scratch);
+            scratch.capacity_retry_due.retain(|n, _| waiting.contains(n));
+            waiting
+                .into_iter()
+                .filter(|n| {
+                    let at = *scratch.capacity_retry_due.entry(n.clone()).or_insert(now.plus(BEST_EFFORT_RETRY_INTERVAL_MS));
+                    now >= at
+                })
+                .collect()
+        };
+        for name in due {
+            lock(&self.scratch).capacity_retry_due.insert(name.clone(), now.plus(BEST_EFFORT_RETRY_INTERVAL_MS));
+            match self.submit(Command::CapacityRetry { name: name.clone() }).await {
+                Ok(Ok(Applied::StillWaiting { attempt, .. })) => {
+                    self.events.record("vm-waiting", Some(&name), None, format!("{name}: still no host with room (retry {attempt} of {BEST_EFFORT_RETRIES})"));
+                }
+                Ok(Ok(Applied::GaveUpWaiting { .. })) => self.events.record(
+                    "vm-left-down",
+                    Some(&name),
+                    None,
+                    format!("{name} (best-effort) stopped: no host with room after {BEST_EFFORT_RETRIES} retries"),
+                ),
+                Ok(other) => tracing::debug!("capacity retry of {name}: {other:?}"),
+                Err(e) => tracing::debug!("capacity retry of {name} not committed: {e}"),
+            }
+        }
+    }
+
+    /// Lets the lowest held restart group start once the lower groups run (asked of their
+    /// hosts) or its delay has passed.
+    async fn release_restart_groups(&self) {
+        let hosts: Option<Vec<(HostId, String)>> = self.consensus.with_state(|s| {
+            s.vms.values().any(|v| v.held).then(|| s.active_hosts().iter().filter_map(|h| Some((h, s.hosts.get(&h)?.api_addr.clone()))).collect())
+        });
+        let Some(hosts) = hosts else {
+            lock(&self.scratch).group_gate = None;
+            return;
+        };
+        let mut running: BTreeSet<(String, u64)> = BTreeSet::new();
+        for (host, addr) in hosts {
+            if host == self.me {
+                running.extend(self.driver.list().into_iter().filter(|v| v.exit.is_none()).map(|v| (v.name, v.generation)));
+                continue;
+            }
+            // A host that does not answer counts as running nothing: its group waits for the delay.
+            let Ok(resp) = self.rpc.call(&addr, "/v1/local", None, None, LOCAL_QUERY_TIMEOUT).await else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&resp.body) else { continue };
+            for vm in v["vms"].as_array().into_iter().flatten().filter(|vm| vm["exit"].is_null()) {
+                if let (Some(n), Some(g)) = (vm["name"].as_str(), vm["generation"].as_u64()) {
+                    running.insert((n.to_string(), g));
+                }
+            }
+        }
+        let now = self.clock.now();
+        let release = {
+            let mut gate = lock(&self.scratch).group_gate;
+            let r = self.consensus.with_state(|s| recovery::release_held(s, |n, g| running.contains(&(n.to_string(), g)), &mut gate, now));
+            lock(&self.scratch).group_gate = gate;
+            r
+        };
+        let Some(r) = release else { return };
+        let count = r.names.len();
+        match self.submit(Command::ReleaseHeld { names: r.names }).await {
+            Ok(Ok(_)) => {
+                let why = match r.reason {
+                    recovery::GroupReleaseReason::LowerGroupsRunning => "the lower groups run".to_string(),
+                    recovery::GroupReleaseReason::DelayPassed => "its delay passed".to_string(),
+                };
+                self.events.record("restart-group-released", None, None, format!("restart group {} ({count} VM(s)) starts: {why}", r.group));
+            }
+            Ok(Err(e)) => tracing::debug!("release of restart group {} refused: {e}", r.group),
+            Err(e) => tracing::debug!("release of restart group {} not committed: {e}", r.group),
         }
     }
 
@@ -740,22 +832,26 @@ impl Agent {
             }
             return;
         };
-        let (active, wanted, to_release, specs) = self.consensus.with_state(|s| {
+        let (active, wanted, to_release, specs, held) = self.consensus.with_state(|s| {
             let active = s.hosts.get(&self.me).is_some_and(|h| h.status == HostStatus::Active && h.epoch == joined);
             let mut wanted: BTreeMap<String, u64> = BTreeMap::new();
             let mut to_release = Vec::new();
             let mut specs = BTreeMap::new();
+            let mut held = BTreeSet::new();
             for vm in s.assigned_to(self.me) {
                 let Some(a) = vm.assignment else { continue };
                 match vm.desired {
                     PowerState::Running => {
                         wanted.insert(vm.spec.name.clone(), a.generation);
                         specs.insert(vm.spec.name.clone(), vm.spec.clone());
+                        if vm.held {
+                            held.insert(vm.spec.name.clone());
+                        }
                     }
                     PowerState::Stopped => to_release.push((vm.spec.name.clone(), a.generation)),
                 }
             }
-            (active, wanted, to_release, specs)
+            (active, wanted, to_release, specs, held)
         });
         if !active {
             for v in &live {
@@ -811,8 +907,11 @@ impl Agent {
                     let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
                 }
                 VmExit::StoppedByAgent => {}
-                VmExit::Crashed { .. } if protection == Some(Protection::Off) => {
+                // Only `protect` VMs are restarted after a crash on a live host; best-effort ones
+                // are restarted only when their host fails.
+                VmExit::Crashed { detail } if protection != Some(Protection::Protect) => {
                     let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
+                    self.events.record("vm-crashed", Some(&v.name), Some(&self.cfg.name), format!("{} crashed ({detail}); not protected, so it stays stopped", v.name));
                 }
                 // Restarted here while the budget lasts (the start below), then moved on.
                 VmExit::Crashed { detail } => {
@@ -834,7 +933,8 @@ impl Agent {
             return;
         }
         for (name, generation) in wanted {
-            if live_names.contains(name.as_str()) || lock(&self.scratch).given_up.get(&name).is_some_and(|(g, _)| *g == generation) {
+            // Held: a lower restart group is still starting.
+            if live_names.contains(name.as_str()) || held.contains(&name) || lock(&self.scratch).given_up.get(&name).is_some_and(|(g, _)| *g == generation) {
                 continue;
             }
             let Some(spec) = specs.get(&name).cloned() else { continue };

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::liveness::HostLiveness;
@@ -300,6 +301,10 @@ pub struct VmView {
     /// Set when HA gave up on it after failures on several hosts.
     pub error: Option<String>,
     pub failed_on: Vec<String>,
+    /// Assigned after a failover but held until its restart group may start.
+    pub held: bool,
+    /// A best-effort VM waiting for room after a failover: retries spent.
+    pub capacity_retries: Option<u32>,
     pub spec: VmSpec,
 }
 
@@ -324,6 +329,8 @@ fn vm_views(a: &Agent) -> Vec<VmView> {
                     generation: v.assignment.map(|x| x.generation),
                     error: v.error.clone(),
                     failed_on: v.failed_on.iter().map(|h| s.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect(),
+                    held: v.held,
+                    capacity_retries: v.capacity_retries,
                     spec: v.spec.clone(),
                 }
             })
@@ -436,7 +443,7 @@ async fn host_mode(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: 
 }
 
 async fn ftt(State(a): State<Arc<Agent>>) -> Json<Value> {
-    let (report, settings) = a.consensus.with_state(|s| (s.ftt(), s.settings));
+    let (report, settings) = a.consensus.with_state(|s| (s.ftt(), s.settings.clone()));
     Json(json!({ "report": report, "target": settings.ftt_target }))
 }
 
@@ -481,7 +488,7 @@ async fn plan(State(a): State<Arc<Agent>>, Query(q): Query<PlanQuery>) -> ApiRes
 }
 
 async fn settings_show(State(a): State<Arc<Agent>>) -> Json<Settings> {
-    Json(a.consensus.with_state(|s| s.settings))
+    Json(a.consensus.with_state(|s| s.settings.clone()))
 }
 
 #[derive(Deserialize)]
@@ -492,6 +499,9 @@ struct SettingsBody {
     ftt_target: Option<Option<u32>>,
     #[serde(default)]
     vcpu_overcommit_pct: Option<u32>,
+    /// Restart group → delay in ms; `null` restores the default for that group.
+    #[serde(default)]
+    group_delays_ms: BTreeMap<u8, Option<u64>>,
     #[serde(default)]
     force: bool,
 }
@@ -506,14 +516,20 @@ mod serde_with_null {
 
 async fn settings_set(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
     let b: SettingsBody = parse(&body, "settings")?;
-    let mut settings = a.consensus.with_state(|s| s.settings);
+    let mut settings = a.consensus.with_state(|s| s.settings.clone());
     if let Some(t) = b.ftt_target {
         settings.ftt_target = t;
     }
     if let Some(p) = b.vcpu_overcommit_pct {
         settings.vcpu_overcommit_pct = p;
     }
-    let mut out = admitted(&a, Command::SetSettings { settings, force: b.force }, None).await?;
+    for (group, delay) in b.group_delays_ms {
+        match delay {
+            Some(d) => settings.group_delays_ms.insert(group, d),
+            None => settings.group_delays_ms.remove(&group),
+        };
+    }
+    let mut out = admitted(&a, Command::SetSettings { settings: settings.clone(), force: b.force }, None).await?;
     out["settings"] = json!(settings);
     Ok(Json(out))
 }

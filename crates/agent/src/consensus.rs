@@ -70,6 +70,8 @@ pub enum ConsensusError {
     AlreadyInitialized,
     #[error("consensus operation failed: {0}")]
     Raft(String),
+    #[error("command would not read back from the log, refused: {0}")]
+    Unencodable(String),
 }
 
 fn io_err(e: impl std::error::Error + 'static) -> AnyError {
@@ -537,6 +539,14 @@ impl Consensus {
     /// Proposes a command on the leader and waits for it to be applied here; returns the
     /// outcome and the log index it was applied at.
     pub async fn propose(&self, cmd: Command) -> Result<(CommandResult, u64), ConsensusError> {
+        // An entry that is committed but cannot be decoded would stop every host from loading
+        // the log; check the round trip before it gets there.
+        let round_trip = serde_json::to_vec(&cmd).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Command>(&b).map_err(|e| e.to_string()));
+        match round_trip {
+            Ok(back) if back == cmd => {}
+            Ok(_) => return Err(ConsensusError::Unencodable("decodes to a different command".into())),
+            Err(e) => return Err(ConsensusError::Unencodable(e)),
+        }
         match self.raft.client_write(cmd).await {
             Ok(resp) => {
                 self.wait_applied(resp.log_id.index).await;

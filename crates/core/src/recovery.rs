@@ -6,7 +6,8 @@
 
 use crate::hostset::{HostId, HostSet};
 use crate::placement::{Model, NotPlaced, Plan};
-use crate::state::ClusterState;
+use crate::state::{ClusterState, PowerState};
+use crate::time::Millis;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -72,6 +73,67 @@ pub fn plan_failover(state: &ClusterState, failed: HostId, eligible: HostSet) ->
     plan_failure(state, &[failed], eligible)
 }
 
+/// The coordinator's memory of the restart group it is holding back: which group, and since
+/// when (its own clock). Not replicated: a new coordinator starts the wait again, so a group
+/// waits at most its delay per coordinator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupGate {
+    pub group: u8,
+    pub since: Millis,
+}
+
+/// Why a held restart group is let go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupReleaseReason {
+    /// Every placed VM of the lower groups runs.
+    LowerGroupsRunning,
+    /// The group's delay passed first.
+    DelayPassed,
+}
+
+/// A held restart group to let go now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRelease {
+    pub group: u8,
+    pub names: Vec<String>,
+    pub reason: GroupReleaseReason,
+}
+
+/// Decides whether the lowest held restart group may start. `runs(name, generation)` says
+/// whether a VM runs at that generation on its host, as far as the coordinator could learn
+/// (a host it could not ask counts as running nothing). `gate` is updated.
+pub fn release_held(state: &ClusterState, runs: impl Fn(&str, u64) -> bool, gate: &mut Option<GroupGate>, now: Millis) -> Option<GroupRelease> {
+    let wanted = |v: &&crate::state::VmRecord| v.desired == PowerState::Running && v.assignment.is_some();
+    let Some(group) = state.vms.values().filter(wanted).filter(|v| v.held).map(|v| v.spec.restart_group).min() else {
+        *gate = None;
+        return None;
+    };
+    let since = match *gate {
+        Some(g) if g.group == group => g.since,
+        _ => {
+            *gate = Some(GroupGate { group, since: now });
+            now
+        }
+    };
+    let lower_run = state
+        .vms
+        .values()
+        .filter(wanted)
+        .filter(|v| !v.held && v.spec.restart_group < group)
+        .all(|v| v.assignment.is_some_and(|a| runs(&v.spec.name, a.generation)));
+    let reason = if lower_run {
+        GroupReleaseReason::LowerGroupsRunning
+    } else if now.0.saturating_sub(since.0) >= state.settings.group_delay_ms(group) {
+        GroupReleaseReason::DelayPassed
+    } else {
+        return None;
+    };
+    let names = state.vms.values().filter(wanted).filter(|v| v.held && v.spec.restart_group == group).map(|v| v.spec.name.clone()).collect();
+    *gate = None;
+    Some(GroupRelease { group, names, reason })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +157,79 @@ mod tests {
             plan.left_down,
             vec![("low".to_string(), LeftDown::NoCapacity), ("off".to_string(), LeftDown::ProtectionOff)]
         );
+    }
+
+    fn fail_host_0(s: &mut ClusterState) -> Applied {
+        let epoch = s.hosts[&HostId(0)].epoch;
+        let plan = plan_failover(s, HostId(0), HostSet(0b110)).placements;
+        s.apply(&Command::Failover { host: HostId(0), epoch, plan }).expect("failover")
+    }
+
+    /// Restart order: after a failover only the lowest group starts; the next one goes when
+    /// the lower groups run, the one after that when its delay passes first.
+    #[test]
+    fn restart_groups_start_in_order_or_after_their_delay() {
+        let mut s = cluster(3, 4096);
+        for (name, group) in [("db", 0), ("app", 1), ("web", 2), ("web2", 2)] {
+            let mut spec = process_vm(name, Protection::Protect, 0, 256);
+            spec.restart_group = group;
+            run_on(&mut s, spec, 0);
+        }
+        let mut settings = s.settings.clone();
+        settings.group_delays_ms.insert(2, 5_000);
+        s.apply(&Command::SetSettings { settings, force: false }).expect("settings");
+        fail_host_0(&mut s);
+        let held: Vec<&str> = s.vms.values().filter(|v| v.held).map(|v| v.spec.name.as_str()).collect();
+        assert_eq!(held, ["app", "web", "web2"]);
+        let mut gate = None;
+        let mut running: Vec<&str> = vec![];
+        let gen_of = |s: &ClusterState, n: &str| s.vms[n].assignment.map(|a| a.generation);
+        // Nothing runs yet: group 1 waits (its delay is the default 120 s).
+        assert_eq!(release_held(&s, |_, _| false, &mut gate, Millis(1_000)), None);
+        assert_eq!(release_held(&s, |_, _| false, &mut gate, Millis(60_000)), None);
+        // "db" runs at its new generation (an old generation would not count).
+        let db_gen = gen_of(&s, "db").expect("db placed");
+        assert_eq!(release_held(&s, |n, g| n == "db" && g + 1 == db_gen, &mut gate, Millis(61_000)), None);
+        running.push("db");
+        fn runs<'a>(running: &'a [&'a str]) -> impl Fn(&str, u64) -> bool + 'a {
+            move |n, _| running.contains(&n)
+        }
+        let r = release_held(&s, runs(&running), &mut gate, Millis(62_000)).expect("group 1 goes");
+        assert_eq!((r.group, r.names.clone(), r.reason), (1, vec!["app".to_string()], GroupReleaseReason::LowerGroupsRunning));
+        s.apply(&Command::ReleaseHeld { names: r.names }).expect("release");
+        // "app" does not come up: group 2 goes after its own 5 s delay.
+        assert_eq!(release_held(&s, runs(&running), &mut gate, Millis(63_000)), None);
+        assert_eq!(release_held(&s, runs(&running), &mut gate, Millis(67_999)), None);
+        let r = release_held(&s, runs(&running), &mut gate, Millis(68_000)).expect("group 2 goes");
+        assert_eq!((r.names.len(), r.reason), (2, GroupReleaseReason::DelayPassed));
+        s.apply(&Command::ReleaseHeld { names: r.names }).expect("release");
+        assert_eq!(release_held(&s, |_, _| true, &mut gate, Millis(70_000)), None);
+        assert!(gate.is_none());
+    }
+
+    /// A `best-effort` VM a failover could not place waits for a bounded number of retries,
+    /// then stops; an `off` VM stops at once; a `protect` VM waits as long as it takes.
+    #[test]
+    fn best_effort_waits_for_capacity_a_bounded_number_of_retries() {
+        let mut s = cluster(3, 2000);
+        run_on(&mut s, process_vm("be", Protection::BestEffort, 0, 900), 0);
+        run_on(&mut s, process_vm("pr", Protection::Protect, 0, 900), 0);
+        run_on(&mut s, process_vm("off", Protection::Off, 0, 50), 0);
+        run_on(&mut s, process_vm("fill1", Protection::Protect, 0, 1800), 1);
+        run_on(&mut s, process_vm("fill2", Protection::Protect, 0, 1800), 2);
+        let Applied::FailedOver { left_down, .. } = fail_host_0(&mut s) else { panic!("not a failover") };
+        assert_eq!(left_down.len(), 3);
+        assert_eq!(s.vms["off"].desired, PowerState::Stopped);
+        assert_eq!((s.vms["be"].desired, s.vms["be"].capacity_retries), (PowerState::Running, Some(0)));
+        let retry = Command::CapacityRetry { name: "be".into() };
+        for attempt in 1..crate::state::BEST_EFFORT_RETRIES {
+            assert_eq!(s.apply(&retry), Ok(Applied::StillWaiting { name: "be".into(), attempt }));
+        }
+        assert_eq!(s.apply(&retry), Ok(Applied::GaveUpWaiting { name: "be".into() }));
+        assert_eq!(s.vms["be"].desired, PowerState::Stopped);
+        assert!(s.apply(&retry).is_err(), "no longer waiting");
+        assert!(s.apply(&Command::CapacityRetry { name: "pr".into() }).is_err(), "protect VMs never give up");
+        assert_eq!(s.vms["pr"].desired, PowerState::Running);
     }
 
     #[test]

@@ -105,8 +105,23 @@ pub struct VmSpec {
     /// Higher restarts first.
     #[serde(default)]
     pub priority: i32,
+    /// Restart order group (0..=[`MAX_RESTART_GROUP`]): after a host failure, a group's VMs start
+    /// once every VM of the lower groups runs, or once the group's delay has passed.
+    #[serde(default)]
+    pub restart_group: u8,
     pub driver: DriverSpec,
 }
+
+/// The highest restart order group.
+pub const MAX_RESTART_GROUP: u8 = 9;
+/// How long a restart group waits for the lower groups by default.
+pub const DEFAULT_GROUP_DELAY_MS: u64 = 120_000;
+/// The longest delay a restart group may be given.
+pub const MAX_GROUP_DELAY_MS: u64 = 3_600_000;
+/// Placement retries of a `best-effort` VM that its host's failover left without a host, after
+/// which it is stopped; the coordinator spaces them [`BEST_EFFORT_RETRY_INTERVAL_MS`] apart.
+pub const BEST_EFFORT_RETRIES: u32 = 3;
+pub const BEST_EFFORT_RETRY_INTERVAL_MS: u64 = 10_000;
 
 /// Why a VM spec is refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -123,6 +138,8 @@ pub enum SpecError {
     NothingToBoot,
     #[error("disk path must be absolute: '{0}'")]
     RelativeDiskPath(String),
+    #[error("restart_group = {0} is outside 0..={MAX_RESTART_GROUP}")]
+    BadRestartGroup(u8),
 }
 
 /// Checks a name used for VMs and hosts.
@@ -145,6 +162,9 @@ impl VmSpec {
         }
         if let Some(d) = self.disks.iter().find(|d| !d.path.starts_with('/')) {
             return Err(SpecError::RelativeDiskPath(d.path.clone()));
+        }
+        if self.restart_group > MAX_RESTART_GROUP {
+            return Err(SpecError::BadRestartGroup(self.restart_group));
         }
         match &self.driver {
             DriverSpec::Process { command } if command.is_empty() || command[0].is_empty() => Err(SpecError::EmptyCommand),
@@ -220,18 +240,50 @@ pub struct Rule {
 }
 
 /// Cluster-wide settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Failures-to-tolerate target that admission control protects; `None`: not enforced.
     pub ftt_target: Option<u32>,
     /// vCPUs a host offers per physical vCPU, in percent (100 = no overcommit).
     pub vcpu_overcommit_pct: u32,
+    /// Per restart group: how long it waits for the lower groups to run before it starts anyway
+    /// ([`DEFAULT_GROUP_DELAY_MS`] when absent; 0 means it does not wait).
+    #[serde(with = "group_keys")]
+    pub group_delays_ms: BTreeMap<u8, u64>,
+}
+
+/// JSON object keys are strings, and a map with integer keys inside an internally tagged enum
+/// (`Command`) does not read back through serde's buffering; so the keys are written and read
+/// as strings explicitly, and every command round-trips (see `commands_round_trip`).
+mod group_keys {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<u8, u64>, s: S) -> Result<S::Ok, S::Error> {
+        map.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<String, u64>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u8, u64>, D::Error> {
+        BTreeMap::<String, u64>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| k.parse::<u8>().map(|k| (k, v)).map_err(|_| D::Error::custom(format!("restart group '{k}' is not 0..=255"))))
+            .collect()
+    }
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { ftt_target: None, vcpu_overcommit_pct: 100 }
+        Settings { ftt_target: None, vcpu_overcommit_pct: 100, group_delays_ms: BTreeMap::new() }
+    }
+}
+
+impl Settings {
+    /// How long restart group `group` waits for the lower groups.
+    #[must_use]
+    pub fn group_delay_ms(&self, group: u8) -> u64 {
+        self.group_delays_ms.get(&group).copied().unwrap_or(DEFAULT_GROUP_DELAY_MS)
     }
 }
 
@@ -281,6 +333,14 @@ pub struct VmRecord {
     /// clears it.
     #[serde(default)]
     pub error: Option<String>,
+    /// Assigned by a failover but held back: a lower restart group is still starting. Its host
+    /// does not start it until the coordinator lets the group go (`ReleaseHeld`).
+    #[serde(default)]
+    pub held: bool,
+    /// A `best-effort` VM its host's failover left without a host: placement retries spent so
+    /// far (see [`BEST_EFFORT_RETRIES`]).
+    #[serde(default)]
+    pub capacity_retries: Option<u32>,
 }
 
 /// Hosts a VM that keeps failing to start (or keeps crashing) is moved to, after its own host
@@ -349,6 +409,11 @@ pub enum Command {
     VmFailed { name: String, host: HostId, generation: u64, detail: String },
     /// An operator clears a VM's error state and failure history (it stays stopped).
     ClearVmError { name: String },
+    /// The coordinator lets held VMs (a restart group) start.
+    ReleaseHeld { names: Vec<String> },
+    /// The coordinator's periodic placement retry found no host for a `best-effort` VM left
+    /// down by a failover; after [`BEST_EFFORT_RETRIES`] it is stopped.
+    CapacityRetry { name: String },
     /// The coordinator declares `host` failed in `epoch` and moves its VMs by `plan`.
     Failover { host: HostId, epoch: u64, plan: Vec<(String, HostId)> },
 }
@@ -369,6 +434,10 @@ pub enum Applied {
     Relocating { name: String, failed_on: Vec<HostId> },
     /// A failing VM ran out of hosts to try: stopped, with the reason.
     VmInError { name: String, error: String },
+    /// A `best-effort` VM still waits for capacity after `attempt` retries.
+    StillWaiting { name: String, attempt: u32 },
+    /// A `best-effort` VM's retries are spent: stopped.
+    GaveUpWaiting { name: String },
 }
 
 /// Why a command is refused. The state is unchanged.
@@ -700,7 +769,15 @@ impl ClusterState {
                 }
                 self.vms.insert(
                     spec.name.clone(),
-                    VmRecord { spec: spec.clone(), desired: PowerState::Stopped, assignment: None, failed_on: vec![], error: None },
+                    VmRecord {
+                        spec: spec.clone(),
+                        desired: PowerState::Stopped,
+                        assignment: None,
+                        failed_on: vec![],
+                        error: None,
+                        held: false,
+                        capacity_retries: None,
+                    },
                 );
                 Ok(Applied::Done)
             }
@@ -720,6 +797,8 @@ impl ClusterState {
                 self.admitted(&format!("{verb} VM '{name}'"), *force, |s| {
                     if let Some(v) = s.vms.get_mut(name) {
                         v.desired = *desired;
+                        // An operator's word ends any wait for capacity.
+                        v.capacity_retries = None;
                     }
                     Ok(())
                 })
@@ -767,6 +846,7 @@ impl ClusterState {
                     return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
                 }
                 vm.assignment = None;
+                vm.held = false;
                 if !vm.failed_on.contains(host) {
                     vm.failed_on.push(*host);
                 }
@@ -779,6 +859,28 @@ impl ClusterState {
                     return Ok(Applied::VmInError { name: name.clone(), error });
                 }
                 Ok(Applied::Relocating { name: name.clone(), failed_on: vm.failed_on.clone() })
+            }
+            Command::ReleaseHeld { names } => {
+                for name in names {
+                    if let Some(vm) = self.vms.get_mut(name) {
+                        vm.held = false;
+                    }
+                }
+                Ok(Applied::Done)
+            }
+            Command::CapacityRetry { name } => {
+                let vm = self.vm_mut(name)?;
+                let Some(spent) = vm.capacity_retries.filter(|_| vm.assignment.is_none() && vm.desired == PowerState::Running) else {
+                    return Err(StateError::Stale(format!("VM '{name}' is not waiting for capacity")));
+                };
+                let attempt = spent + 1;
+                if attempt >= BEST_EFFORT_RETRIES {
+                    vm.capacity_retries = None;
+                    vm.desired = PowerState::Stopped;
+                    return Ok(Applied::GaveUpWaiting { name: name.clone() });
+                }
+                vm.capacity_retries = Some(attempt);
+                Ok(Applied::StillWaiting { name: name.clone(), attempt })
             }
             Command::ClearVmError { name } => {
                 let vm = self.vm_mut(name)?;
@@ -797,8 +899,13 @@ impl ClusterState {
                 if settings.ftt_target.is_some_and(|t| t as usize >= crate::hostset::MAX_HOSTS) {
                     return Err(StateError::BadSetting("ftt_target is larger than any cluster".into()));
                 }
+                if let Some((g, d)) = settings.group_delays_ms.iter().find(|(g, d)| **g > MAX_RESTART_GROUP || **d > MAX_GROUP_DELAY_MS) {
+                    return Err(StateError::BadSetting(format!(
+                        "restart group {g} delay {d} ms: groups are 0..={MAX_RESTART_GROUP}, delays at most {MAX_GROUP_DELAY_MS} ms"
+                    )));
+                }
                 self.admitted("changing the cluster settings", *force, |s| {
-                    s.settings = *settings;
+                    s.settings = settings.clone();
                     Ok(())
                 })
             }
@@ -810,7 +917,10 @@ impl ClusterState {
                 let demand = vm.spec.demand();
                 self.check_target(name, *host, demand)?;
                 let generation = self.next_gen();
-                self.vm_mut(name)?.assignment = Some(Assignment { host: *host, generation });
+                let vm = self.vm_mut(name)?;
+                vm.assignment = Some(Assignment { host: *host, generation });
+                vm.held = false;
+                vm.capacity_retries = None;
                 Ok(Applied::Assigned { name: name.clone(), host: *host, generation })
             }
             Command::Release { name, host, generation } => {
@@ -822,6 +932,7 @@ impl ClusterState {
                     return Err(StateError::Stale(format!("VM '{name}' is desired running again")));
                 }
                 vm.assignment = None;
+                vm.held = false;
                 Ok(Applied::Done)
             }
             Command::Failover { host, epoch, plan } => self.failover(*host, *epoch, plan),
@@ -855,6 +966,7 @@ impl ClusterState {
         for name in &victims {
             if let Some(vm) = self.vms.get_mut(name) {
                 vm.assignment = None;
+                vm.held = false;
             }
         }
         let mut moved = Vec::new();
@@ -873,15 +985,25 @@ impl ClusterState {
             }
             moved.push((name.clone(), *target, generation));
         }
+        // Restart order: the lowest group among the moved VMs starts now; the higher ones are
+        // held until the coordinator sees the lower groups run (or their delay passes).
+        let first_group = moved.iter().filter_map(|(n, _, _)| self.vms.get(n)).map(|v| v.spec.restart_group).min();
+        for (name, _, _) in &moved {
+            if let Some(vm) = self.vms.get_mut(name) {
+                vm.held = first_group.is_some_and(|g| vm.spec.restart_group > g);
+            }
+        }
         let mut left_down = Vec::new();
         for name in &victims {
             let Some(vm) = self.vms.get_mut(name) else { continue };
             if vm.assignment.is_none() && vm.desired == PowerState::Running {
                 left_down.push(name.clone());
-                // Protected VMs stay wanted and are placed as soon as capacity appears; the others
-                // were restarted only if this failover could, and are now stopped.
-                if vm.spec.protection != Protection::Protect {
-                    vm.desired = PowerState::Stopped;
+                // Protected VMs stay wanted and are placed as soon as capacity appears; best-effort
+                // ones wait for a bounded number of retries; `off` ones are stopped.
+                match vm.spec.protection {
+                    Protection::Protect => {}
+                    Protection::BestEffort => vm.capacity_retries = Some(0),
+                    Protection::Off => vm.desired = PowerState::Stopped,
                 }
             }
         }
@@ -908,6 +1030,7 @@ pub(crate) mod tests {
             network: None,
             protection,
             priority,
+            restart_group: 0,
             driver: DriverSpec::Process { command: vec!["sleep".into(), "1000".into()] },
         }
     }
@@ -1037,6 +1160,49 @@ pub(crate) mod tests {
         assert!(matches!(out, Ok(Applied::VmInError { .. })), "{out:?}");
     }
 
+    /// Every command survives the consensus log's encoding: one that did not would be
+    /// committed and then fail to load on every host.
+    #[test]
+    fn commands_round_trip() {
+        let mut settings = Settings::default();
+        settings.group_delays_ms.insert(2, 30_000);
+        settings.ftt_target = Some(1);
+        let spec = process_vm("a", Protection::BestEffort, 3, 64);
+        let commands = [
+            Command::SetSettings { settings, force: true },
+            Command::CreateVm { spec: spec.clone() },
+            Command::UpdateVm { spec, force: false },
+            Command::SetPower { name: "a".into(), desired: PowerState::Running, force: false },
+            Command::SetHostMode { host: HostId(1), mode: HostMode::Maintenance, force: false },
+            Command::Assign { name: "a".into(), host: HostId(2) },
+            Command::Release { name: "a".into(), host: HostId(2), generation: 9 },
+            Command::VmFailed { name: "a".into(), host: HostId(2), generation: 9, detail: "x".into() },
+            Command::ClearVmError { name: "a".into() },
+            Command::ReleaseHeld { names: vec!["a".into()] },
+            Command::CapacityRetry { name: "a".into() },
+            Command::Failover { host: HostId(0), epoch: 3, plan: vec![("a".into(), HostId(1))] },
+            Command::HostJoined { host: HostId(1) },
+            Command::AddHost {
+                id: HostId(3),
+                name: "h3".into(),
+                api_addr: "a:1".into(),
+                heartbeat_addr: "a:2".into(),
+                capacity: Capacity { vcpus: 4, memory_mib: 512 },
+            },
+            Command::SetRule {
+                rule: Rule { name: "r".into(), kind: crate::placement::RuleKind::AntiAffinity, hard: true, vms: vec!["a".into(), "b".into()] },
+                force: false,
+            },
+            Command::DeleteRule { name: "r".into() },
+            Command::DeleteVm { name: "a".into() },
+        ];
+        for c in commands {
+            let json = serde_json::to_vec(&c).expect("encode");
+            let back: Command = serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{c:?} does not read back: {e}"));
+            assert_eq!(back, c);
+        }
+    }
+
     #[test]
     fn failover_needs_the_current_epoch_and_moves_by_plan() {
         let mut s = cluster(3, 2048);
@@ -1050,7 +1216,9 @@ pub(crate) mod tests {
         assert_eq!(moved.len(), 1);
         assert_eq!(left_down, vec!["b".to_string(), "o".to_string()]);
         assert_eq!(s.vms["p"].assignment.map(|a| a.host), Some(HostId(1)));
-        assert_eq!(s.vms["b"].desired, PowerState::Stopped);
+        // Best-effort waits for capacity a bounded number of retries; `off` is stopped.
+        assert_eq!((s.vms["b"].desired, s.vms["b"].capacity_retries), (PowerState::Running, Some(0)));
+        assert_eq!(s.vms["o"].desired, PowerState::Stopped);
         assert_eq!(s.hosts[&HostId(0)].status, HostStatus::Failed);
         // A second failover for the same epoch is stale.
         assert!(matches!(s.apply(&Command::Failover { host: HostId(0), epoch, plan: vec![] }), Err(StateError::Stale(_))));
@@ -1072,7 +1240,7 @@ pub(crate) mod tests {
     }
 
     fn target(s: &mut ClusterState, ftt: u32) {
-        s.apply(&Command::SetSettings { settings: Settings { ftt_target: Some(ftt), ..s.settings }, force: false }).expect("target");
+        s.apply(&Command::SetSettings { settings: Settings { ftt_target: Some(ftt), ..s.settings.clone() }, force: false }).expect("target");
     }
 
     /// Admission control: with a target of one failure, starting a VM that could no longer
@@ -1156,8 +1324,8 @@ pub(crate) mod tests {
         spec.vcpus = 12;
         s.apply(&Command::CreateVm { spec }).expect("create");
         assert!(!s.fits(HostId(0), Capacity { vcpus: 12, memory_mib: 100 }), "8 vCPUs at 100 %");
-        s.apply(&Command::SetSettings { settings: Settings { vcpu_overcommit_pct: 200, ..s.settings }, force: false }).expect("200 %");
+        s.apply(&Command::SetSettings { settings: Settings { vcpu_overcommit_pct: 200, ..s.settings.clone() }, force: false }).expect("200 %");
         assert!(s.fits(HostId(0), Capacity { vcpus: 12, memory_mib: 100 }));
-        assert!(s.apply(&Command::SetSettings { settings: Settings { vcpu_overcommit_pct: 50, ..s.settings }, force: false }).is_err());
+        assert!(s.apply(&Command::SetSettings { settings: Settings { vcpu_overcommit_pct: 50, ..s.settings.clone() }, force: false }).is_err());
     }
 }

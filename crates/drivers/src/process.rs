@@ -101,6 +101,7 @@ mod tests {
                 network: None,
                 protection: Protection::Protect,
                 priority: 0,
+                restart_group: 0,
                 driver: DriverSpec::Process { command: command.iter().map(|s| s.to_string()).collect() },
             },
             generation: 3,

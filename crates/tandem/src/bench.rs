@@ -168,6 +168,7 @@ fn recover_thousand(runs: usize) -> Result<()> {
                     network: None,
                     protection: Protection::Protect,
                     priority: i % 5,
+                    restart_group: 0,
                     driver: DriverSpec::Process { command: vec!["sleep".into(), "1".into()] },
                 };
                 must(&c, Command::CreateVm { spec }).await?;

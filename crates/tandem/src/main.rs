@@ -104,6 +104,10 @@ enum ClusterOp {
         /// vCPUs offered per physical vCPU, in percent (100..=1600).
         #[arg(long)]
         vcpu_overcommit_pct: Option<u32>,
+        /// GROUP=SECONDS: how long restart group GROUP waits for the lower groups to run before
+        /// it starts anyway (GROUP=default restores 120 s; repeatable).
+        #[arg(long)]
+        group_delay: Vec<String>,
         #[arg(long)]
         force: bool,
     },
@@ -179,6 +183,9 @@ enum VmOp {
         protection: Option<String>,
         #[arg(long)]
         priority: Option<i32>,
+        /// Restart order group 0-9.
+        #[arg(long)]
+        group: Option<u8>,
         #[arg(long)]
         force: bool,
     },
@@ -211,6 +218,9 @@ struct CreateArgs {
     /// Higher restarts first.
     #[arg(long, default_value_t = 0)]
     priority: i32,
+    /// Restart order group 0-9: after a host failure, higher groups start after the lower ones run.
+    #[arg(long, default_value_t = 0)]
+    group: u8,
     /// QEMU: kernel image.
     #[arg(long)]
     kernel: Option<String>,
@@ -255,7 +265,7 @@ fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
         .iter()
         .map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false })
         .collect();
-    Ok(VmSpec { name, vcpus: args.vcpus, memory_mib: args.memory_mib, disks, network, protection, priority: args.priority, driver })
+    Ok(VmSpec { name, vcpus: args.vcpus, memory_mib: args.memory_mib, disks, network, protection, priority: args.priority, restart_group: args.group, driver })
 }
 
 fn toml_spec(text: &str) -> Result<VmSpec> {
@@ -336,7 +346,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
             show(out, &v, kv);
             Ok(())
         }
-        Cmd::Cluster { op: ClusterOp::Set { ftt_target, vcpu_overcommit_pct, force } } => {
+        Cmd::Cluster { op: ClusterOp::Set { ftt_target, vcpu_overcommit_pct, group_delay, force } } => {
             let mut body = json!({ "force": force });
             if let Some(t) = ftt_target {
                 body["ftt_target"] = if t == "none" {
@@ -347,6 +357,22 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
             }
             if let Some(p) = vcpu_overcommit_pct {
                 body["vcpu_overcommit_pct"] = json!(p);
+            }
+            let mut delays = serde_json::Map::new();
+            for g in group_delay {
+                let bad = || usage(format!("--group-delay '{g}' is not GROUP=SECONDS or GROUP=default"));
+                let (group, secs) = g.split_once('=').ok_or_else(bad)?;
+                let group: u8 = group.parse().map_err(|_| bad())?;
+                let ms = if secs == "default" {
+                    Value::Null
+                } else {
+                    let secs: f64 = secs.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(bad)?;
+                    json!((secs * 1000.0).round() as u64)
+                };
+                delays.insert(group.to_string(), ms);
+            }
+            if !delays.is_empty() {
+                body["group_delays_ms"] = Value::Object(delays);
             }
             let v = c.post("/v1/settings", &body)?;
             show(out, &v, kv);
@@ -453,7 +479,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                 show(out, &v, kv);
                 Ok(())
             }
-            VmOp::Update { name, vcpus, memory_mib, protection, priority, force } => {
+            VmOp::Update { name, vcpus, memory_mib, protection, priority, group, force } => {
                 let current = c.get(&format!("/v1/vms/{name}"))?;
                 let mut spec = current["spec"].clone();
                 if let Some(x) = vcpus {
@@ -468,6 +494,9 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                 }
                 if let Some(x) = priority {
                     spec["priority"] = json!(x);
+                }
+                if let Some(x) = group {
+                    spec["restart_group"] = json!(x);
                 }
                 let v = c.call("PUT", &format!("/v1/vms/{name}"), Some(&json!({ "spec": spec, "force": force })))?;
                 show(out, &v, kv);

@@ -111,6 +111,75 @@ fn host_power_loss_restarts_protected_vms_on_survivors_after_the_fence_deadline(
     lab.assert_no_double_run()
 }
 
+/// Restart order groups end to end: three VMs kept together by a hard affinity rule, in groups
+/// 0, 1 and 2, lose their host; on the survivor each group starts only after the lower one runs.
+/// A best-effort VM that crashes on a healthy host is not restarted.
+#[test]
+fn restart_groups_start_in_order_after_a_host_failure() -> Result<()> {
+    let mut lab = lab(36, |_| {})?;
+    let grouped = |name: &str, group: u8| {
+        json!({ "name": name, "vcpus": 1, "memory_mib": 128, "protection": "protect", "restart_group": group,
+                "driver": { "kind": "process", "command": ["sleep", "1000000"] } })
+    };
+    let c = lab.client(0);
+    for (name, group) in [("db", 0), ("app", 1), ("web", 2)] {
+        c.post("/v1/vms", &grouped(name, group)).map_err(|e| anyhow!("{e}"))?;
+    }
+    let out = cli(&lab, &["rule", "add", "tier", "--kind", "affinity", "--hard", "db", "app", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&lab, &["cluster", "set", "--group-delay", "2=30"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(c.get("/v1/settings").map_err(|e| anyhow!("{e}"))?["group_delays_ms"]["2"], 30_000);
+    for name in ["db", "app", "web"] {
+        c.post(&format!("/v1/vms/{name}/start"), &json!({})).map_err(|e| anyhow!("{e}"))?;
+    }
+    c.post("/v1/vms", &process_vm("be", "best-effort", 0)).map_err(|e| anyhow!("{e}"))?;
+    c.post("/v1/vms/be/start", &json!({})).map_err(|e| anyhow!("{e}"))?;
+    wait_until(Duration::from_secs(20), || (lab.running().len() == 4).then_some(()))?;
+    let before = lab.running();
+    let tier_host = before["db"].clone();
+    assert!(before["app"] == tier_host && before["web"] == tier_host, "hard affinity: {before:?}");
+    let victim = lab.hosts.iter().position(|h| h.name == tier_host).ok_or_else(|| anyhow!("victim"))?;
+    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    lab.power_off(victim);
+    wait_until(Duration::from_secs(40), || {
+        let r = lab.running();
+        ["db", "app", "web"].iter().all(|v| r.get(*v).is_some_and(|h| *h != tier_host)).then_some(())
+    })?;
+    let events: Vec<Value> = lab.events().into_iter().filter(|e| e["at_ms"].as_u64() >= Some(start)).collect();
+    let at = |kind: &str, vm: Option<&str>, needle: &str| -> Result<u64> {
+        events
+            .iter()
+            .filter(|e| e["kind"] == kind && vm.is_none_or(|v| e["vm"] == v) && e["detail"].as_str().is_some_and(|d| d.contains(needle)))
+            .filter_map(|e| e["at_ms"].as_u64())
+            .min()
+            .ok_or_else(|| anyhow!("no {kind} event for {vm:?} '{needle}'"))
+    };
+    let db = at("vm-started", Some("db"), "")?;
+    let group1 = at("restart-group-released", None, "restart group 1")?;
+    let app = at("vm-started", Some("app"), "")?;
+    let group2 = at("restart-group-released", None, "restart group 2")?;
+    let web = at("vm-started", Some("web"), "")?;
+    assert!(db <= group1 && group1 <= app && app <= group2 && group2 <= web, "order: db {db}, group 1 {group1}, app {app}, group 2 {group2}, web {web}");
+    assert!(events.iter().filter(|e| e["kind"] == "restart-group-released").all(|e| e["detail"].as_str().is_some_and(|d| d.contains("the lower groups run"))));
+    eprintln!("db started {} ms before web", web - db);
+
+    // A best-effort VM killed on a healthy host stays stopped.
+    // (If it shared the failed host, its failover restarted it first: there is room.)
+    wait_until(Duration::from_secs(20), || lab.running().get("be").is_some_and(|h| *h != tier_host).then_some(()))?;
+    let (pid, _) = lab.running_pids().into_iter().find(|(_, v)| v == "be").ok_or_else(|| anyhow!("be pid"))?;
+    // SAFETY: kill(2) on a workload process this test's lab started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let survivor = (0..3).find(|i| *i != victim).unwrap_or(0);
+    wait_until(Duration::from_secs(10), || {
+        lab.vms(survivor).ok()?.into_iter().find(|v| v["name"] == "be" && v["desired"] == "stopped").map(|_| ())
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!lab.running().contains_key("be"), "best-effort VM restarted after a crash on a live host");
+    assert!(!events_of(&lab, "vm-crashed").is_empty());
+    lab.assert_no_double_run()
+}
+
 #[test]
 fn one_host_losing_the_heartbeat_disk_while_the_network_is_fine_is_neither_fenced_nor_failed_over() -> Result<()> {
     let root = std::env::temp_dir().join(format!("tandem-disk-loss-{}", std::process::id()));
