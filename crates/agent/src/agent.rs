@@ -133,6 +133,7 @@ pub struct Agent {
     pub key: ClusterKey,
     /// Bearer token for agent-to-agent calls, derived from the cluster secret.
     pub token: String,
+    pub metrics: crate::metrics::Metrics,
     pub consensus: Consensus,
     pub driver: Arc<dyn VmDriver>,
     pub clock: Arc<dyn Clock>,
@@ -215,6 +216,7 @@ impl Agent {
             me,
             key,
             token,
+            metrics: crate::metrics::Metrics::default(),
             consensus,
             driver,
             clock,
@@ -466,10 +468,12 @@ impl Agent {
             match a.disk.write(&slot).await {
                 Ok(()) => {
                     let finished = a.clock.now();
+                    a.metrics.disk_write_seconds.observe(finished.since(started) as f64 / 1000.0);
                     lock(&a.liveness).disk_written(started, finished);
                 }
                 Err(e) => {
                     tracing::debug!("slot write failed: {e}");
+                    a.metrics.disk_write_failures.fetch_add(1, Ordering::Relaxed);
                     lock(&a.liveness).disk_write_failed();
                 }
             }
@@ -681,7 +685,7 @@ impl Agent {
                 continue;
             }
             // A host that does not answer counts as running nothing: its group waits for the delay.
-            let Ok(resp) = self.rpc.call(&addr, "/v1/local", None, None, LOCAL_QUERY_TIMEOUT).await else { continue };
+            let Ok(resp) = self.rpc.call(&addr, "/v1/local", Some(&self.token), None, LOCAL_QUERY_TIMEOUT).await else { continue };
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&resp.body) else { continue };
             for vm in v["vms"].as_array().into_iter().flatten().filter(|vm| vm["exit"].is_null()) {
                 if let (Some(n), Some(g)) = (vm["name"].as_str(), vm["generation"].as_u64()) {
@@ -782,7 +786,19 @@ impl Agent {
                     for vm in &left_down {
                         self.events.record("vm-left-down", Some(vm), Some(&name), format!("{vm} not restarted: no capacity or protection does not allow it"));
                     }
-                    self.events.record("failover-committed", None, Some(&name), format!("{} VM(s) moved, {} left down", moved.len(), left_down.len()));
+                    let since_dead = a.peer(host).and_then(|p| p.dead_since).map(|d| self.clock.now().since(d));
+                    self.metrics.failovers.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.vms_moved.fetch_add(moved.len() as u64, Ordering::Relaxed);
+                    if let Some(ms) = since_dead {
+                        self.metrics.failover_seconds.observe(ms as f64 / 1000.0);
+                    }
+                    let timing = since_dead.map_or_else(String::new, |ms| format!(", {:.2} s after it was first seen dead", ms as f64 / 1000.0));
+                    self.events.record(
+                        "failover-committed",
+                        None,
+                        Some(&name),
+                        format!("{} VM(s) moved, {} left down{timing}", moved.len(), left_down.len()),
+                    );
                 }
                 Ok(Ok(other)) => tracing::warn!("unexpected failover answer {other:?}"),
                 Ok(Err(e)) => tracing::info!("failover of {name} refused: {e}"),

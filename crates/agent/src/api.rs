@@ -7,7 +7,9 @@
 use crate::agent::{Agent, AgentError};
 use crate::consensus::{ConsensusError, TypeConfig};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use crate::endpoints::{self, Access};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::middleware::Next;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::liveness::HostLiveness;
-use tandem_core::state::{Applied, Capacity, Command, HostMode, PowerState, Rule, Settings, StateError, VmSpec};
+use tandem_core::state::{token_sha256, ApiToken, Applied, Capacity, Command, HostMode, PowerState, Role, Rule, Settings, StateError, VmSpec};
 use tandem_core::HostId;
 
 /// The largest request body accepted (consensus snapshots arrive in chunks below this).
@@ -67,8 +69,12 @@ impl From<AgentError> for ApiError {
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> ApiError {
         let status = match e {
-            StateError::UnknownVm(_) | StateError::UnknownHost(_) | StateError::UnknownRule(_) => StatusCode::NOT_FOUND,
-            StateError::InvalidSpec(_) | StateError::BadHostName(_) | StateError::BadHostId(_) | StateError::BadSetting(_) => StatusCode::BAD_REQUEST,
+            StateError::UnknownVm(_) | StateError::UnknownHost(_) | StateError::UnknownRule(_) | StateError::UnknownToken(_) => StatusCode::NOT_FOUND,
+            StateError::InvalidSpec(_)
+            | StateError::BadHostName(_)
+            | StateError::BadHostId(_)
+            | StateError::BadSetting(_)
+            | StateError::BadToken(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::CONFLICT,
         };
         ApiError::new(status, e)
@@ -93,9 +99,69 @@ async fn submit(agent: &Agent, cmd: Command) -> Result<Applied, ApiError> {
     Ok(agent.submit(cmd).await??)
 }
 
+/// Who is calling, as the bearer token says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+/// Equal-time comparison, so the cluster token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn caller(agent: &Agent, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "authentication required: send 'Authorization: Bearer TOKEN'"));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "malformed Authorization header: expected 'Bearer TOKEN'"))?;
+    if same(token.as_bytes(), agent.token.as_bytes()) {
+        return Ok(Caller { name: "cluster".into(), role: Role::Admin });
+    }
+    agent
+        .consensus
+        .with_state(|s| s.token_role(token).map(|(name, role)| Caller { name: name.to_string(), role }))
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown or revoked token"))
+}
+
+/// Checks every routed request against the endpoint table: unlisted routes are refused, and
+/// the caller's token must allow the endpoint's access level.
+async fn authorize(State(a): State<Arc<Agent>>, route: MatchedPath, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_string();
+    let Some(endpoint) = endpoints::find(&method, route.as_str()) else {
+        return ApiError::new(StatusCode::NOT_FOUND, format!("{method} {} is not a documented endpoint", route.as_str())).into_response();
+    };
+    let allowed = match endpoint.access {
+        Access::Public => Ok(()),
+        Access::Cluster => authorized(&a, req.headers()),
+        Access::Read => caller(&a, req.headers()).map(|_| ()),
+        Access::Admin => caller(&a, req.headers()).and_then(|c| match c.role {
+            Role::Admin => Ok(()),
+            Role::ReadOnly => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("token '{}' is read-only: {method} {} needs an admin token", c.name, route.as_str()),
+            )),
+        }),
+    };
+    match allowed {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Builds the router.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
+        .route("/", get(dashboard))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(crate::metrics::serve))
+        .route("/v1/tokens", get(tokens).post(token_create))
+        .route("/v1/tokens/{name}", axum::routing::delete(token_delete))
         .route("/v1/status", get(status))
         .route("/v1/identity", get(identity))
         .route("/v1/cluster/init", post(cluster_init))
@@ -118,8 +184,48 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/raft/append", post(raft_append))
         .route("/raft/vote", post(raft_vote))
         .route("/raft/snapshot", post(raft_snapshot))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&agent), authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
+}
+
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
+}
+
+async fn openapi() -> Json<Value> {
+    Json(endpoints::openapi())
+}
+
+async fn tokens(State(a): State<Arc<Agent>>) -> Json<Value> {
+    Json(a.consensus.with_state(|s| json!(s.tokens.values().map(|t| json!({ "name": t.name, "role": t.role })).collect::<Vec<_>>())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    name: String,
+    role: Role,
+}
+
+async fn token_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
+    let b: TokenBody = parse(&body, "token request")?;
+    // 32 random bytes from the kernel: the token is shown once and only its hash is replicated.
+    let mut raw = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading /dev/urandom: {e}")))?;
+    let token: String = std::iter::once("tdm_".to_string()).chain(raw.iter().map(|b| format!("{b:02x}"))).collect();
+    let record = ApiToken { name: b.name.clone(), role: b.role, sha256: token_sha256(&token) };
+    submit(&a, Command::SetToken { token: record }).await?;
+    a.events.record("token-created", None, None, format!("API token '{}' ({}) created", b.name, b.role));
+    Ok(Json(json!({ "name": b.name, "role": b.role, "token": token })))
+}
+
+async fn token_delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+    submit(&a, Command::DeleteToken { name: name.clone() }).await?;
+    a.events.record("token-revoked", None, None, format!("API token '{name}' revoked"));
+    Ok(Json(json!({ "revoked": name })))
 }
 
 async fn status(State(a): State<Arc<Agent>>) -> Json<Value> {
@@ -195,7 +301,7 @@ async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Result<Response,
     }
     let r = a
         .rpc()
-        .call(&req.api_addr, "/v1/identity", None, None, Duration::from_secs(5))
+        .call(&req.api_addr, "/v1/identity", Some(&a.token), None, Duration::from_secs(5))
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("cannot reach the joining host: {}", chain(&e))))?;
     let id: Identity = parse(&r.body, "identity of the joining host")?;
@@ -575,10 +681,22 @@ struct EventQuery {
     after: u64,
     #[serde(default)]
     limit: Option<usize>,
+    #[serde(default)]
+    vm: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
 }
 
 async fn events(State(a): State<Arc<Agent>>, Query(q): Query<EventQuery>) -> Json<Value> {
-    Json(json!(a.events.since(q.after, q.limit.unwrap_or(1000).min(crate::events::EVENT_RING))))
+    let limit = q.limit.unwrap_or(1000).min(crate::events::EVENT_RING);
+    let keep = |e: &crate::events::Event| {
+        q.vm.as_ref().is_none_or(|v| e.vm.as_ref() == Some(v))
+            && q.kind.as_ref().is_none_or(|k| e.kind == *k)
+            && q.host.as_ref().is_none_or(|h| e.host == *h || e.subject.as_ref() == Some(h))
+    };
+    Json(json!(a.events.since(q.after, crate::events::EVENT_RING).into_iter().filter(keep).take(limit).collect::<Vec<_>>()))
 }
 
 async fn internal_propose(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {

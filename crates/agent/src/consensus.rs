@@ -438,6 +438,9 @@ pub struct ConsensusStatus {
     pub role: String,
     pub term: u64,
     pub last_applied: Option<u64>,
+    pub last_log_index: Option<u64>,
+    /// Entries in this host's log not yet applied to its state.
+    pub commit_lag: u64,
     pub voters: Vec<NodeId>,
 }
 
@@ -501,6 +504,8 @@ impl Consensus {
             role: format!("{:?}", m.state).to_lowercase(),
             term: m.current_term,
             last_applied: m.last_applied.map(|l| l.index),
+            last_log_index: m.last_log_index,
+            commit_lag: m.last_log_index.unwrap_or(0).saturating_sub(m.last_applied.map_or(0, |l| l.index)),
             voters: m.membership_config.membership().voter_ids().collect(),
         }
     }

@@ -358,6 +358,57 @@ pub struct ClusterState {
     pub rules: BTreeMap<String, Rule>,
     #[serde(default)]
     pub settings: Settings,
+    /// API tokens by name (only their SHA-256 is kept).
+    #[serde(default)]
+    pub tokens: BTreeMap<String, ApiToken>,
+}
+
+/// What an API token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Reads and writes.
+    Admin,
+    /// Reads only (GET).
+    ReadOnly,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "read-only" => Ok(Role::ReadOnly),
+            other => Err(format!("unknown role '{other}': use admin or read-only")),
+        }
+    }
+}
+
+/// A named API token. The token itself is shown once, when it is made; the cluster keeps its
+/// SHA-256 only, so a copy of the state or the log gives nobody access.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub name: String,
+    pub role: Role,
+    /// Lower-case hex SHA-256 of the token.
+    pub sha256: String,
+}
+
+/// The SHA-256 of a presented token, as stored in [`ApiToken::sha256`].
+#[must_use]
+pub fn token_sha256(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A change to the desired state, as carried in the consensus log.
@@ -409,6 +460,9 @@ pub enum Command {
     VmFailed { name: String, host: HostId, generation: u64, detail: String },
     /// An operator clears a VM's error state and failure history (it stays stopped).
     ClearVmError { name: String },
+    /// An operator adds an API token (by its hash).
+    SetToken { token: ApiToken },
+    DeleteToken { name: String },
     /// The coordinator lets held VMs (a restart group) start.
     ReleaseHeld { names: Vec<String> },
     /// The coordinator's periodic placement retry found no host for a `best-effort` VM left
@@ -475,6 +529,12 @@ pub enum StateError {
     RuleConflict { rule: String, other: String, why: String },
     #[error("unknown rule '{0}'")]
     UnknownRule(String),
+    #[error("unknown token '{0}'")]
+    UnknownToken(String),
+    #[error("token '{0}' already exists")]
+    TokenExists(String),
+    #[error("invalid token: {0}")]
+    BadToken(String),
     #[error("VM '{name}' is in the error state ({error}); clear it first (tandem vm clear {name})")]
     VmInError { name: String, error: String },
     #[error("invalid setting: {0}")]
@@ -577,6 +637,13 @@ impl ClusterState {
             })
             .collect();
         Model::new(hosts, vms, rules)
+    }
+
+    /// The name and role of the stored token whose hash matches `presented`.
+    #[must_use]
+    pub fn token_role(&self, presented: &str) -> Option<(&str, Role)> {
+        let hash = token_sha256(presented);
+        self.tokens.values().find(|t| t.sha256 == hash).map(|t| (t.name.as_str(), t.role))
     }
 
     /// Failures to tolerate now (every active host counts as usable).
@@ -859,6 +926,23 @@ impl ClusterState {
                     return Ok(Applied::VmInError { name: name.clone(), error });
                 }
                 Ok(Applied::Relocating { name: name.clone(), failed_on: vm.failed_on.clone() })
+            }
+            Command::SetToken { token } => {
+                if !valid_name(&token.name) {
+                    return Err(StateError::BadToken(format!("name '{}' must be 1-63 letters, digits, '-' or '_'", token.name)));
+                }
+                if token.sha256.len() != 64 || !token.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+                    return Err(StateError::BadToken("sha256 must be 64 lower-case hex digits".into()));
+                }
+                if self.tokens.contains_key(&token.name) {
+                    return Err(StateError::TokenExists(token.name.clone()));
+                }
+                self.tokens.insert(token.name.clone(), token.clone());
+                Ok(Applied::Done)
+            }
+            Command::DeleteToken { name } => {
+                self.tokens.remove(name).ok_or_else(|| StateError::UnknownToken(name.clone()))?;
+                Ok(Applied::Done)
             }
             Command::ReleaseHeld { names } => {
                 for name in names {
@@ -1195,12 +1279,30 @@ pub(crate) mod tests {
             },
             Command::DeleteRule { name: "r".into() },
             Command::DeleteVm { name: "a".into() },
+            Command::SetToken { token: ApiToken { name: "ro".into(), role: Role::ReadOnly, sha256: token_sha256("x") } },
+            Command::DeleteToken { name: "ro".into() },
         ];
         for c in commands {
             let json = serde_json::to_vec(&c).expect("encode");
             let back: Command = serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{c:?} does not read back: {e}"));
             assert_eq!(back, c);
         }
+    }
+
+    #[test]
+    fn tokens_are_kept_hashed_and_checked() {
+        let mut s = cluster(1, 1024);
+        let t = ApiToken { name: "ops".into(), role: Role::ReadOnly, sha256: token_sha256("s3cret-token") };
+        s.apply(&Command::SetToken { token: t.clone() }).expect("set");
+        assert_eq!(s.token_role("s3cret-token"), Some(("ops", Role::ReadOnly)));
+        assert_eq!(s.token_role("s3cret-tokeN"), None);
+        assert!(!serde_json::to_string(&s).expect("json").contains("s3cret-token"), "the token itself is never stored");
+        assert_eq!(s.apply(&Command::SetToken { token: t }), Err(StateError::TokenExists("ops".into())));
+        let bad = ApiToken { name: "x".into(), role: Role::Admin, sha256: "ABC".into() };
+        assert!(matches!(s.apply(&Command::SetToken { token: bad }), Err(StateError::BadToken(_))));
+        s.apply(&Command::DeleteToken { name: "ops".into() }).expect("delete");
+        assert_eq!(s.token_role("s3cret-token"), None);
+        assert_eq!(s.apply(&Command::DeleteToken { name: "ops".into() }), Err(StateError::UnknownToken("ops".into())));
     }
 
     #[test]

@@ -203,10 +203,14 @@ impl Sim {
             return None;
         }
         let router = lock(&self.world.routers).get(&i).cloned()?;
+        // The operator holds the cluster token (derived from the secret every agent reads).
+        let secret = std::fs::read(self.dir.join("secret")).ok()?;
+        let token = tandem_core::wire::ClusterKey::new(&secret).ok()?.peer_token();
         let req = axum::http::Request::builder()
             .uri(path)
             .method(method)
             .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {token}"))
             .body(axum::body::Body::from(body.map(|b| b.to_string()).unwrap_or_default()))
             .ok()?;
         let call = async {

@@ -41,12 +41,20 @@ impl ClientError {
 pub struct Client {
     pub addr: String,
     pub timeout: Duration,
+    /// Sent as `Authorization: Bearer …`.
+    pub token: Option<String>,
 }
 
 impl Client {
     #[must_use]
     pub fn new(addr: &str) -> Client {
-        Client { addr: addr.to_string(), timeout: Duration::from_secs(30) }
+        Client { addr: addr.to_string(), timeout: Duration::from_secs(30), token: None }
+    }
+
+    #[must_use]
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.token = token;
+        self
     }
 
     /// Sends a request and returns the JSON answer.
@@ -57,7 +65,7 @@ impl Client {
             .map_err(|e| ClientError::Unavailable(e.to_string()))?;
         let body = body.map(|b| b.to_string().into_bytes());
         let resp = rt
-            .block_on(httpc::request(method, &self.addr, path, None, body, self.timeout))
+            .block_on(httpc::request(method, &self.addr, path, self.token.as_deref(), body, self.timeout))
             .map_err(|e| ClientError::Unavailable(format!("{e}")))?;
         let v: Value = serde_json::from_slice(&resp.body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&resp.body).into_owned()));
         if resp.status >= 500 {

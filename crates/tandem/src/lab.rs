@@ -278,7 +278,7 @@ impl Lab {
 
     #[must_use]
     pub fn client(&self, i: usize) -> Client {
-        Client::new(&self.hosts[i].api)
+        Client::new(&self.hosts[i].api).with_token(Some(self.token()))
     }
 
     /// Cuts host `i`'s power: its agent and every workload it runs are SIGKILLed at once.
@@ -346,13 +346,20 @@ impl Lab {
         c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
         c0.post("/v1/cluster/init", &json!({})).map_err(|e| anyhow!("cluster init: {e}"))?;
         for h in self.hosts.iter().skip(1) {
-            let c = Client::new(&h.api);
+            let c = Client::new(&h.api).with_token(Some(self.token()));
             c.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
             c0.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| {
                 c.post("/v1/hosts/join", &json!({ "api_addr": h.api })).ok()
             })?;
         }
         self.wait_all_active(Duration::from_secs(30))
+    }
+
+    /// The cluster token (admin), derived from the lab's cluster secret like the agents do.
+    #[must_use]
+    pub fn token(&self) -> String {
+        let secret = std::fs::read(self.shared.join("secret")).unwrap_or_default();
+        tandem_core::wire::ClusterKey::new(&secret).map(|k| k.peer_token()).unwrap_or_default()
     }
 
     /// Waits until every host is active in committed state and every running agent sees every

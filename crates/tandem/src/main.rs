@@ -18,6 +18,12 @@ struct Cli {
     /// Address of any agent's API (ip:port).
     #[arg(long, global = true, env = "TANDEM_API", default_value = "127.0.0.1:7400")]
     api: String,
+    /// API token (admin or read-only; see `tandem token`).
+    #[arg(long, global = true, env = "TANDEM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Use the cluster token derived from this cluster secret file (what the agents share).
+    #[arg(long, global = true, env = "TANDEM_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -79,13 +85,47 @@ enum Cmd {
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Only events about this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only events recorded by, or about, this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only events of this kind (peer-dead, fenced, failover-committed, vm-started, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Keep printing new events as they are recorded (Ctrl-C ends).
+        #[arg(long)]
+        follow: bool,
     },
+    /// API tokens: admin (read and write) or read-only; only their hash is stored.
+    Token {
+        #[command(subcommand)]
+        op: TokenOp,
+    },
+    /// Print the OpenAPI description of the agent API.
+    Openapi,
     /// Start a three-host cluster on this machine, cut one host's power, and measure recovery.
     Demo(tandem::demo::DemoArgs),
     /// Real fault injection (root): agents in network namespaces, seeded faults, invariant checks.
     Chaos(tandem::chaos::ChaosArgs),
     /// Deterministic simulation of whole clusters (real agents, simulated world), seed by seed.
     Sim(tandem::sim::SimArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenOp {
+    /// Make a token; it is printed once and cannot be shown again.
+    Create {
+        name: String,
+        /// admin | read-only
+        #[arg(long, default_value = "read-only")]
+        role: String,
+    },
+    /// Token names and roles.
+    List,
+    /// Revoke a token.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -282,6 +322,12 @@ mod toml_value {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch as HH:MM:SS.mmm (UTC).
+fn clock_time(ms: u64) -> String {
+    let day_ms = ms % 86_400_000;
+    format!("{:02}:{:02}:{:02}.{:03}", day_ms / 3_600_000, day_ms / 60_000 % 60, day_ms / 1000 % 60, day_ms % 1000)
+}
+
 fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(String::len).max().unwrap_or(0)).collect();
@@ -329,8 +375,18 @@ fn print_plans(v: &Value) {
     }
 }
 
+fn cli_token(cli: &Cli) -> Result<Option<String>, ClientError> {
+    if let Some(t) = &cli.token {
+        return Ok(Some(t.clone()));
+    }
+    let Some(path) = &cli.secret_file else { return Ok(None) };
+    let bytes = std::fs::read(path).map_err(|e| usage(format!("cannot read secret file {}: {e}", path.display())))?;
+    let key = tandem_core::wire::ClusterKey::new(&bytes).map_err(|e| usage(format!("secret file {}: {e}", path.display())))?;
+    Ok(Some(key.peer_token()))
+}
+
 fn run_client(cli: &Cli) -> Result<(), ClientError> {
-    let c = Client::new(&cli.api);
+    let c = Client::new(&cli.api).with_token(cli_token(cli)?);
     let out = cli.output;
     let kv = |v: &Value| {
         if let Some(m) = v.as_object() {
@@ -544,13 +600,60 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                 Ok(())
             }
         },
-        Cmd::Events { after } => {
-            let v = c.get(&format!("/v1/events?after={after}"))?;
-            show(out, &v, |v| {
-                for e in v.as_array().into_iter().flatten() {
-                    println!("{:>6} {} {:<10} {:<20} {}", s(&e["seq"]), s(&e["at_ms"]), s(&e["host"]), s(&e["kind"]), s(&e["detail"]));
+        Cmd::Events { after, vm, host, kind, follow } => {
+            let mut filter = String::new();
+            for (k, v) in [("vm", vm), ("host", host), ("kind", kind)] {
+                if let Some(v) = v {
+                    filter.push_str(&format!("&{k}={v}"));
                 }
+            }
+            let mut after = *after;
+            loop {
+                let v = c.get(&format!("/v1/events?after={after}{filter}"))?;
+                let list = v.as_array().cloned().unwrap_or_default();
+                after = list.iter().filter_map(|e| e["seq"].as_u64()).max().unwrap_or(after);
+                match out {
+                    // One JSON object per line when following, so it can be piped.
+                    Output::Json if *follow => list.iter().for_each(|e| println!("{e}")),
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                    Output::Table => {
+                        for e in &list {
+                            let at = e["at_ms"].as_u64().map_or_else(String::new, clock_time);
+                            println!("{:>6} {at} {:<10} {:<22} {}", s(&e["seq"]), s(&e["host"]), s(&e["kind"]), s(&e["detail"]));
+                        }
+                    }
+                }
+                if !*follow {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+        Cmd::Openapi => {
+            println!("{}", serde_json::to_string_pretty(&tandem_agent::endpoints::openapi()).unwrap_or_default());
+            Ok(())
+        }
+        Cmd::Token { op: TokenOp::Create { name, role } } => {
+            let role: tandem_core::state::Role = role.parse().map_err(usage)?;
+            let v = c.post("/v1/tokens", &json!({ "name": name, "role": role }))?;
+            show(out, &v, |v| {
+                println!("token {} ({}) created; it is shown only now:", s(&v["name"]), s(&v["role"]));
+                println!("{}", s(&v["token"]));
             });
+            Ok(())
+        }
+        Cmd::Token { op: TokenOp::List } => {
+            let v = c.get("/v1/tokens")?;
+            show(out, &v, |v| {
+                let mut rows = vec![vec!["NAME".to_string(), "ROLE".to_string()]];
+                rows.extend(v.as_array().into_iter().flatten().map(|t| vec![s(&t["name"]), s(&t["role"])]));
+                print_table(&rows);
+            });
+            Ok(())
+        }
+        Cmd::Token { op: TokenOp::Delete { name } } => {
+            let v = c.call("DELETE", &format!("/v1/tokens/{name}"), None)?;
+            show(out, &v, kv);
             Ok(())
         }
     }

@@ -180,6 +180,91 @@ fn restart_groups_start_in_order_after_a_host_failure() -> Result<()> {
     lab.assert_no_double_run()
 }
 
+/// The operator's surface: bearer tokens with roles (only hashes kept), the right status for
+/// missing, unknown, revoked and under-privileged tokens, precise errors for malformed and
+/// oversized bodies, the OpenAPI document and dashboard page served without a token, metrics,
+/// and filtered events.
+#[test]
+fn api_tokens_roles_metrics_and_events() -> Result<()> {
+    let lab = lab(37, |_| {})?;
+    create_and_start(&lab, &[process_vm("m1", "protect", 0), process_vm("m2", "best-effort", 0)])?;
+    let addr = lab.hosts[1].api.clone();
+    let as_token = |t: Option<&str>| tandem::client::Client::new(&addr).with_token(t.map(str::to_string));
+    let status = |r: Result<Value, tandem::client::ClientError>| match r {
+        Ok(_) => 200,
+        Err(tandem::client::ClientError::Refused { status, message }) => {
+            assert!(!message.is_empty(), "an error body says what failed");
+            status
+        }
+        Err(tandem::client::ClientError::Unavailable(m)) => panic!("unavailable: {m}"),
+    };
+    // No token, a wrong one, a malformed header.
+    assert_eq!(status(as_token(None).get("/v1/vms")), 401);
+    assert_eq!(status(as_token(Some("tdm_nope")).get("/v1/vms")), 401);
+    // Public: the API description and the dashboard page.
+    let doc = as_token(None).get("/v1/openapi.json").map_err(|e| anyhow!("{e}"))?;
+    assert_eq!(doc["paths"]["/v1/vms/{name}/start"]["post"]["x-tandem-access"], "admin token");
+    let page = as_token(None).get("/").map_err(|e| anyhow!("{e}"))?;
+    assert!(page.as_str().is_some_and(|p| p.contains("<title>Tandem</title>")));
+
+    // Tokens made through the CLI with the cluster token; shown once, stored hashed.
+    let make = |name: &str, role: &str| -> Result<String> {
+        let out = cli(&lab, &["--output", "json", "token", "create", name, "--role", role]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        v["token"].as_str().map(str::to_string).ok_or_else(|| anyhow!("no token in {v}"))
+    };
+    let ro = make("viewer", "read-only")?;
+    let admin = make("ops", "admin")?;
+    let list = lab.client(0).get("/v1/tokens").map_err(|e| anyhow!("{e}"))?;
+    assert_eq!(list, json!([{ "name": "ops", "role": "admin" }, { "name": "viewer", "role": "read-only" }]));
+    assert!(!list.to_string().contains(&ro) && !list.to_string().contains("sha256"));
+    assert!(String::from_utf8_lossy(&cli(&lab, &["token", "create", "viewer"]).stderr).contains("already exists"));
+
+    // Read-only reads, and is refused writes with 403 naming the token.
+    assert_eq!(status(as_token(Some(&ro)).get("/v1/vms")), 200);
+    assert_eq!(status(as_token(Some(&ro)).get("/v1/tokens")), 403);
+    match as_token(Some(&ro)).post("/v1/vms/m1/stop", &json!({})) {
+        Err(tandem::client::ClientError::Refused { status: 403, message }) => assert!(message.contains("'viewer' is read-only"), "{message}"),
+        other => panic!("read-only write: {other:?}"),
+    }
+    // Admin writes; a malformed body gets 400 with the parse error; an oversized one 413.
+    assert_eq!(status(as_token(Some(&admin)).post("/v1/vms/m2/stop", &json!({}))), 200);
+    match as_token(Some(&admin)).post("/v1/rules", &json!({ "rule": { "name": "r" } })) {
+        Err(tandem::client::ClientError::Refused { status: 400, message }) => assert!(message.contains("malformed rule") || message.contains("missing field"), "{message}"),
+        other => panic!("malformed: {other:?}"),
+    }
+    let huge = json!({ "name": "x".repeat(tandem_agent::api::MAX_BODY + 1) });
+    assert_eq!(status(as_token(Some(&admin)).post("/v1/vms", &huge)), 413);
+    // Revoked: refused at once.
+    let out = cli(&lab, &["token", "delete", "viewer"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(status(as_token(Some(&ro)).get("/v1/vms")), 401);
+
+    // Metrics: liveness per peer, VMs by state, FTT, consensus, failover counters.
+    let metrics = wait_until(Duration::from_secs(10), || {
+        let m = as_token(Some(&admin)).get("/metrics").ok()?.as_str()?.to_string();
+        m.contains("tandem_peer_liveness{peer=\"h0\",state=\"alive\"} 1").then_some(m)
+    })?;
+    for needle in [
+        "tandem_heartbeat_age_seconds{peer=\"h2\",channel=\"network\"}",
+        "tandem_vms{state=\"assigned\",protection=\"protect\"} 1",
+        "tandem_vms{state=\"stopped\",protection=\"best-effort\"} 1",
+        "tandem_ftt ",
+        "tandem_consensus_leader ",
+        "tandem_disk_write_seconds_bucket{le=\"+Inf\"}",
+        "tandem_failovers_total 0",
+    ] {
+        assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+    }
+    // Events filtered by kind and VM, as JSON.
+    let out = cli(&lab, &["--output", "json", "events", "--kind", "vm-started", "--vm", "m1"]);
+    let events: Value = serde_json::from_slice(&out.stdout)?;
+    let events = events.as_array().cloned().unwrap_or_default();
+    assert!(!events.is_empty() && events.iter().all(|e| e["kind"] == "vm-started" && e["vm"] == "m1"), "{events:?}");
+    lab.assert_no_double_run()
+}
+
 #[test]
 fn one_host_losing_the_heartbeat_disk_while_the_network_is_fine_is_neither_fenced_nor_failed_over() -> Result<()> {
     let root = std::env::temp_dir().join(format!("tandem-disk-loss-{}", std::process::id()));
@@ -253,7 +338,7 @@ fn agent_restart_recovers_committed_state_from_disk() -> Result<()> {
 }
 
 fn cli(lab: &Lab, args: &[&str]) -> std::process::Output {
-    Command::new(binary()).arg("--api").arg(&lab.hosts[0].api).args(args).output().expect("run CLI")
+    Command::new(binary()).arg("--api").arg(&lab.hosts[0].api).env("TANDEM_TOKEN", lab.token()).args(args).output().expect("run CLI")
 }
 
 /// Admission control end to end through the CLI: with a failures-to-tolerate target of 1, a

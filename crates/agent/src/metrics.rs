@@ -1,0 +1,194 @@
+//! Prometheus metrics (`GET /metrics`, text exposition format 0.0.4).
+//!
+//! Counters and histograms the agent updates as it works live in [`Metrics`]; gauges (liveness,
+//! heartbeat ages, VMs, FTT, consensus) are read from the agent's state when scraped.
+
+use crate::agent::Agent;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tandem_core::liveness::HostLiveness;
+use tandem_core::state::{PowerState, Protection};
+
+/// A fixed-bucket histogram in seconds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    inner: Mutex<HistogramData>,
+}
+
+#[derive(Default)]
+struct HistogramData {
+    /// Per bucket (non-cumulative); the last one is +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    #[must_use]
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram { bounds, inner: Mutex::new(HistogramData { counts: vec![0; bounds.len() + 1], sum: 0.0, count: 0 }) }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let i = self.bounds.iter().position(|b| seconds <= *b).unwrap_or(self.bounds.len());
+        let mut d = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        d.counts[i] += 1;
+        d.sum += seconds;
+        d.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let d = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += d.counts[i];
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", d.count, d.sum, d.count);
+    }
+}
+
+/// What the agent counts as it works.
+pub struct Metrics {
+    /// Heartbeat slot write latency.
+    pub disk_write_seconds: Histogram,
+    /// From a peer's death (first seen dead) to the failover committed by this coordinator.
+    pub failover_seconds: Histogram,
+    pub failovers: AtomicU64,
+    pub vms_moved: AtomicU64,
+    pub disk_write_failures: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            disk_write_seconds: Histogram::new(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            failover_seconds: Histogram::new(&[1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0]),
+            failovers: AtomicU64::new(0),
+            vms_moved: AtomicU64::new(0),
+            disk_write_failures: AtomicU64::new(0),
+        }
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+}
+
+/// Label values are host and VM names (letters, digits, '-', '_'), which need no escaping.
+fn render(a: &Agent) -> String {
+    let mut out = String::new();
+    let assessment = a.assessment();
+    let (names, vms, ftt, target) = a.consensus.with_state(|s| {
+        let names: Vec<(tandem_core::HostId, String)> = s.hosts.values().map(|h| (h.id, h.name.clone())).collect();
+        let vms: Vec<(String, String, bool)> = s
+            .vms
+            .values()
+            .map(|v| {
+                let state = if v.error.is_some() {
+                    "error"
+                } else if v.desired == PowerState::Stopped {
+                    "stopped"
+                } else if v.held {
+                    "held"
+                } else if v.assignment.is_some() {
+                    "assigned"
+                } else {
+                    "waiting"
+                };
+                let protection = match v.spec.protection {
+                    Protection::Protect => "protect",
+                    Protection::BestEffort => "best-effort",
+                    Protection::Off => "off",
+                };
+                (state.to_string(), protection.to_string(), v.assignment.is_some_and(|x| x.host == a.me))
+            })
+            .collect();
+        (names, vms, s.ftt(), s.settings.ftt_target)
+    });
+    let name_of = |h: tandem_core::HostId| names.iter().find(|(id, _)| *id == h).map_or_else(|| h.to_string(), |(_, n)| n.clone());
+    let mut liveness = Vec::new();
+    let mut ages = Vec::new();
+    for p in assessment.iter().flat_map(|x| x.peers.iter()) {
+        let peer = name_of(p.host);
+        for (state, l) in [("alive", HostLiveness::Alive), ("partitioned", HostLiveness::Partitioned), ("dead", HostLiveness::Dead), ("unknown", HostLiveness::Unknown)] {
+            liveness.push((format!("{{peer=\"{peer}\",state=\"{state}\"}}"), f64::from(u8::from(p.liveness == l))));
+        }
+        if let Some(ms) = p.net_age_ms {
+            ages.push((format!("{{peer=\"{peer}\",channel=\"network\"}}"), ms as f64 / 1000.0));
+        }
+        if let Some(ms) = p.disk_age_ms {
+            ages.push((format!("{{peer=\"{peer}\",channel=\"disk\"}}"), ms as f64 / 1000.0));
+        }
+    }
+    gauge(&mut out, "tandem_peer_liveness", "Liveness of each peer as seen by this host (1 for its current state).", &liveness);
+    gauge(&mut out, "tandem_heartbeat_age_seconds", "Time since the last heartbeat from each peer, per channel.", &ages);
+    let fenced = a.status().fenced.is_some();
+    gauge(&mut out, "tandem_fenced", "1 while this host is fenced.", &[(String::new(), f64::from(u8::from(fenced)))]);
+    gauge(
+        &mut out,
+        "tandem_disk_readable",
+        "1 when this host's last heartbeat-disk read succeeded.",
+        &[(String::new(), f64::from(u8::from(assessment.as_ref().is_some_and(|x| x.disk_readable))))],
+    );
+    let rejected = serde_json::to_value(a.reject_counters()).unwrap_or_default();
+    let rejected: Vec<(String, f64)> = rejected
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((format!("{{reason=\"{k}\"}}"), v.as_u64()? as f64)))
+        .collect();
+    gauge(&mut out, "tandem_rejected_input", "Heartbeats and slots rejected since start, by reason.", &rejected);
+    let m = &a.metrics;
+    m.disk_write_seconds.render(&mut out, "tandem_disk_write_seconds", "Heartbeat slot write latency.");
+    counter(&mut out, "tandem_disk_write_failures_total", "Heartbeat slot writes that failed or timed out.", m.disk_write_failures.load(Ordering::Relaxed));
+    let mut by_state: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
+    let mut here = 0u64;
+    for (state, protection, on_me) in &vms {
+        *by_state.entry((state.clone(), protection.clone())).or_default() += 1;
+        here += u64::from(*on_me);
+    }
+    let samples: Vec<(String, f64)> = by_state.iter().map(|((s, p), n)| (format!("{{state=\"{s}\",protection=\"{p}\"}}"), *n as f64)).collect();
+    gauge(&mut out, "tandem_vms", "VMs in committed state by state and protection level.", &samples);
+    gauge(&mut out, "tandem_vms_assigned_here", "VMs committed state assigns to this host.", &[(String::new(), here as f64)]);
+    gauge(&mut out, "tandem_vms_running_here", "Workloads this host's driver runs now.", &[(String::new(), a.driver.list().iter().filter(|v| v.exit.is_none()).count() as f64)]);
+    counter(&mut out, "tandem_failovers_total", "Failovers this agent committed as coordinator.", m.failovers.load(Ordering::Relaxed));
+    counter(&mut out, "tandem_vms_moved_total", "VMs those failovers moved.", m.vms_moved.load(Ordering::Relaxed));
+    m.failover_seconds.render(&mut out, "tandem_failover_seconds", "From a host first seen dead to its failover committed.");
+    gauge(&mut out, "tandem_ftt", "Failures to tolerate now.", &[(String::new(), f64::from(ftt.ftt))]);
+    gauge(&mut out, "tandem_ftt_exact", "1 if tandem_ftt is exact, 0 if a lower bound.", &[(String::new(), f64::from(u8::from(ftt.exact)))]);
+    if let Some(t) = target {
+        gauge(&mut out, "tandem_ftt_target", "The failures-to-tolerate target admission control protects.", &[(String::new(), f64::from(t))]);
+    }
+    let c = a.consensus.status();
+    gauge(&mut out, "tandem_consensus_leader", "1 if this host leads consensus.", &[(String::new(), f64::from(u8::from(a.consensus.is_leader())))]);
+    let c = serde_json::to_value(c).unwrap_or_default();
+    for (key, name, help) in [
+        ("term", "tandem_consensus_term", "Current Raft term."),
+        ("last_log_index", "tandem_consensus_last_log_index", "Last log index on this host."),
+        ("last_applied", "tandem_consensus_last_applied", "Last log index applied on this host."),
+        ("commit_lag", "tandem_consensus_commit_lag", "Log entries this host has but has not applied."),
+    ] {
+        if let Some(v) = c[key].as_u64() {
+            gauge(&mut out, name, help, &[(String::new(), v as f64)]);
+        }
+    }
+    out
+}
+
+/// `GET /metrics`.
+pub async fn serve(State(a): State<Arc<Agent>>) -> Response {
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], render(&a)).into_response()
+}
