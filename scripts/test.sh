@@ -5,6 +5,11 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 ./scripts/setup.sh
+# The dashboard test drives Debian's headless Chromium (only the tests need it, not the demo).
+if ! command -v chromium >/dev/null; then
+  echo "installing: chromium"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 export TANDEM_GUEST_DIR="$here/.cache/guest"
 cargo build --bin tandem
 # Cluster tests share two cores with real guests: run them one at a time so timing stays honest.
