@@ -283,6 +283,12 @@ impl Agent {
         lock(&self.scratch).assessment.clone()
     }
 
+    /// Network heartbeats received and missed per peer.
+    #[must_use]
+    pub fn heartbeat_counts(&self) -> Vec<tandem_core::liveness::HeartbeatCount> {
+        lock(&self.liveness).heartbeat_counts()
+    }
+
     /// Counters of rejected heartbeats and slots.
     #[must_use]
     pub fn reject_counters(&self) -> tandem_core::liveness::RejectCounters {

@@ -135,6 +135,16 @@ fn render(a: &Agent) -> String {
     }
     gauge(&mut out, "tandem_peer_liveness", "Liveness of each peer as seen by this host (1 for its current state).", &liveness);
     gauge(&mut out, "tandem_heartbeat_age_seconds", "Time since the last heartbeat from each peer, per channel.", &ages);
+    let counts = a.heartbeat_counts();
+    for (name, help, pick) in [
+        ("tandem_heartbeats_received_total", "Network heartbeats accepted from each peer.", (|c: &tandem_core::liveness::HeartbeatCount| c.received) as fn(&_) -> u64),
+        ("tandem_heartbeats_missed_total", "Network heartbeat sequence numbers from each peer that never arrived.", |c| c.missed),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for c in &counts {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", name_of(c.host), pick(c));
+        }
+    }
     let fenced = a.status().fenced.is_some();
     gauge(&mut out, "tandem_fenced", "1 while this host is fenced.", &[(String::new(), f64::from(u8::from(fenced)))]);
     gauge(

@@ -75,6 +75,19 @@ struct PeerState {
     slot_corrupt: Option<SlotCorruption>,
     acked_my_seq: Option<u64>,
     dead_since: Option<Millis>,
+    /// Heartbeats accepted from this peer, and the sequence numbers skipped between them
+    /// (within one incarnation): the network channel's loss, for metrics.
+    received: u64,
+    missed: u64,
+}
+
+/// Network heartbeats from one peer since this agent started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct HeartbeatCount {
+    pub host: HostId,
+    pub received: u64,
+    /// Sequence numbers that never arrived (or arrived too late and were refused).
+    pub missed: u64,
 }
 
 /// Counters of rejected input, for metrics and tests.
@@ -221,6 +234,10 @@ impl Liveness {
             self.counters.replayed_heartbeats += 1;
             return Err(HeartbeatRejected::Replay { from: hb.from, incarnation: hb.incarnation, seq: hb.seq });
         }
+        if hb.incarnation == p.incarnation && p.received > 0 {
+            p.missed += hb.seq - p.seq - 1;
+        }
+        p.received += 1;
         p.incarnation = hb.incarnation;
         p.seq = hb.seq;
         p.last_net = Some(now);
@@ -234,6 +251,12 @@ impl Liveness {
             p.acked_my_seq = Some(p.acked_my_seq.map_or(a.seq, |old| old.max(a.seq)));
         }
         Ok(())
+    }
+
+    /// Heartbeats received and missed per peer.
+    #[must_use]
+    pub fn heartbeat_counts(&self) -> Vec<HeartbeatCount> {
+        self.peers.iter().map(|(h, p)| HeartbeatCount { host: *h, received: p.received, missed: p.missed }).collect()
     }
 
     /// The acks to put in our next heartbeat: the last sequence number heard from each peer.
@@ -765,6 +788,8 @@ mod tests {
             x ^= x << 17;
             x.is_multiple_of(3)
         };
+        // Per peer: (first seq delivered, last seq delivered, delivered count).
+        let mut delivered = [(0u64, 0u64, 0u64); 3];
         for t in (0..600_000).step_by(200) {
             let now = Millis(t);
             let seq = t / 200 + 1;
@@ -774,6 +799,8 @@ mod tests {
                 if !lost() {
                     let beat = hb(p, seq, &[0, 1, 2], ack_arrives.then_some((0, seq.saturating_sub(1))));
                     l.heartbeat_received(&beat, now).expect("fresh");
+                    let d = &mut delivered[p as usize];
+                    *d = (if d.2 == 0 { seq } else { d.0 }, seq, d.2 + 1);
                 }
             }
             let a = l.assess(now);
@@ -781,6 +808,12 @@ mod tests {
             if t > 5000 {
                 assert!(a.peers.iter().all(|p| p.liveness == HostLiveness::Alive), "peer lost at {t}");
             }
+        }
+        // The loss is measured: every gap between delivered sequence numbers is counted.
+        for c in l.heartbeat_counts() {
+            let (first, last, n) = delivered[c.host.0 as usize];
+            assert_eq!((c.received, c.missed), (n, last - first + 1 - n), "{c:?}");
+            assert!(c.missed > 0);
         }
     }
 }

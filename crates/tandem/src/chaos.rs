@@ -232,6 +232,7 @@ fn median(v: &[u64]) -> u64 {
 
 impl Suite {
     fn log(&self, msg: &str) {
+        crate::progress::clear_line();
         println!("[{:>7.2} s] {msg}", self.origin.elapsed().as_secs_f64());
     }
 
@@ -703,11 +704,15 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     let mut suite = Suite { lab, net, rng, report: Report::default(), vm_names, disk_links, origin: Instant::now(), watchdog, fuse };
     suite.settle("start");
     suite.log(&format!("{total} protected VM(s) running on {} hosts", args.hosts));
-    for fault in plan {
+    let progress = crate::progress::Progress::new(plan.len() as u64, "faults");
+    for (i, fault) in plan.into_iter().enumerate() {
         if interrupted() {
             break;
         }
-        if let Err(e) = suite.inject(fault) {
+        progress.set(i as u64, &format!("{} violation(s)", suite.report.violations.len()));
+        let outcome = suite.inject(fault);
+        progress.finish();
+        if let Err(e) = outcome {
             suite.violation("suite-error", format!("{}: {e:#}", fault.name()));
             break;
         }

@@ -9,3 +9,4 @@ pub mod demo;
 pub mod fusedisk;
 pub mod lab;
 pub mod netlab;
+pub mod progress;

@@ -12,8 +12,30 @@ use tandem_core::state::{DriverSpec, NetworkSpec, Protection, VmSpec};
 
 /// Tandem keeps QEMU/KVM virtual machines available: one agent per host, network and disk
 /// heartbeats, self-fencing, and restart of protected VMs on the surviving hosts.
+/// What every command's `--help` ends with, in the manner of a man page.
+const MANUAL: &str = "\
+ENVIRONMENT:
+    TANDEM_API          the agent to talk to (ip:port), instead of --api
+    TANDEM_TOKEN        API token (admin or read-only), instead of --token
+    TANDEM_SECRET_FILE  cluster secret file; its derived cluster token is used (admin)
+    RUST_LOG            log filter for agent, sim and chaos (default: warn)
+
+EXIT STATUS:
+    0   success
+    1   refused by the cluster: bad input, unknown name, conflict, admission control,
+        missing or insufficient token; the message says which
+    2   usage error, or the agent could not start (bad configuration)
+    3   the agent is unreachable or the cluster has no quorum: retrying may help
+
+OUTPUT:
+    Tables by default; --output json prints the API's JSON unchanged (events --follow prints
+    one JSON object per line).
+
+SEE ALSO:
+    README.md (concepts, configuration), docs/openapi.json (the API), tandem openapi";
+
 #[derive(Parser)]
-#[command(name = "tandem", version, about, long_about = None)]
+#[command(name = "tandem", version, about, long_about = None, after_long_help = MANUAL, propagate_version = true)]
 struct Cli {
     /// Address of any agent's API (ip:port).
     #[arg(long, global = true, env = "TANDEM_API", default_value = "127.0.0.1:7400")]
@@ -97,6 +119,11 @@ enum Cmd {
         /// Keep printing new events as they are recorded (Ctrl-C ends).
         #[arg(long)]
         follow: bool,
+        /// Merge the timelines of every host in the cluster (each agent records its own), in
+        /// time order: a failover's whole story, from the coordinator and the hosts that restart
+        /// the VMs, in one list.
+        #[arg(long)]
+        cluster: bool,
     },
     /// API tokens: admin (read and write) or read-only; only their hash is stored.
     Token {
@@ -105,6 +132,11 @@ enum Cmd {
     },
     /// Print the OpenAPI description of the agent API.
     Openapi,
+    /// Print a shell completion script: tandem completions bash > /etc/bash_completion.d/tandem
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Start a three-host cluster on this machine, cut one host's power, and measure recovery.
     Demo(tandem::demo::DemoArgs),
     /// Real fault injection (root): agents in network namespaces, seeded faults, invariant checks.
@@ -148,6 +180,7 @@ enum ClusterOp {
         /// it starts anyway (GROUP=default restores 120 s; repeatable).
         #[arg(long)]
         group_delay: Vec<String>,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,
     },
@@ -167,6 +200,7 @@ enum RuleOp {
         /// The VMs (two or more).
         #[arg(required = true, num_args = 2..)]
         vms: Vec<String>,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,
     },
@@ -195,6 +229,7 @@ enum HostOp {
     Mode {
         name: String,
         mode: String,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,
     },
@@ -207,6 +242,7 @@ enum VmOp {
     /// Ask the cluster to run a VM. Refused if it would break the FTT target unless --force.
     Start {
         name: String,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,
     },
@@ -226,6 +262,7 @@ enum VmOp {
         /// Restart order group 0-9.
         #[arg(long)]
         group: Option<u8>,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,
     },
@@ -600,18 +637,40 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                 Ok(())
             }
         },
-        Cmd::Events { after, vm, host, kind, follow } => {
+        Cmd::Events { after, vm, host, kind, follow, cluster } => {
             let mut filter = String::new();
             for (k, v) in [("vm", vm), ("host", host), ("kind", kind)] {
                 if let Some(v) = v {
                     filter.push_str(&format!("&{k}={v}"));
                 }
             }
-            let mut after = *after;
+            // One (agent, last seq seen) per timeline read.
+            let mut sources: Vec<(Client, u64)> = if *cluster {
+                c.get("/v1/hosts")?
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|h| h["api_addr"].as_str())
+                    .map(|a| (Client { addr: a.to_string(), timeout: std::time::Duration::from_secs(5), token: c.token.clone() }, *after))
+                    .collect()
+            } else {
+                vec![(c.clone(), *after)]
+            };
             loop {
-                let v = c.get(&format!("/v1/events?after={after}{filter}"))?;
-                let list = v.as_array().cloned().unwrap_or_default();
-                after = list.iter().filter_map(|e| e["seq"].as_u64()).max().unwrap_or(after);
+                let mut list = Vec::new();
+                for (src, after) in &mut sources {
+                    match src.get(&format!("/v1/events?after={after}{filter}")) {
+                        Ok(v) => {
+                            let got = v.as_array().cloned().unwrap_or_default();
+                            *after = got.iter().filter_map(|e| e["seq"].as_u64()).max().unwrap_or(*after);
+                            list.extend(got);
+                        }
+                        Err(e) if *cluster => eprintln!("tandem: events of {} not read: {e}", src.addr),
+                        Err(e) => return Err(e),
+                    }
+                }
+                list.sort_by_key(|e| (e["at_ms"].as_u64().unwrap_or(0), e["seq"].as_u64().unwrap_or(0)));
+                let v = Value::Array(list.clone());
                 match out {
                     // One JSON object per line when following, so it can be piped.
                     Output::Json if *follow => list.iter().for_each(|e| println!("{e}")),
@@ -628,6 +687,14 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "tandem", &mut script);
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            Ok(())
         }
         Cmd::Openapi => {
             println!("{}", serde_json::to_string_pretty(&tandem_agent::endpoints::openapi()).unwrap_or_default());
@@ -694,8 +761,17 @@ impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
     }
 }
 
+/// Gives every subcommand's long help the manual's sections.
+fn with_manual(cmd: clap::Command) -> clap::Command {
+    cmd.after_long_help(MANUAL).mut_subcommands(with_manual)
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let matches = with_manual(<Cli as clap::CommandFactory>::command()).get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let simulating = matches!(cli.command, Cmd::Sim(_) | Cmd::Bench { .. });
     // The simulator drives the real consensus library through thousands of injected faults; its
     // complaints about them (failed RPCs) are expected, so only Tandem's own errors show unless

@@ -53,7 +53,9 @@ pub fn run(args: &SimArgs) -> Result<()> {
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
     let mut simulated_ms = 0u64;
     let mut failing: Vec<(u64, Vec<String>)> = Vec::new();
+    let progress = crate::progress::Progress::new(args.seeds, "seeds");
     for seed in args.seed..args.seed + args.seeds {
+        progress.set(seed - args.seed, &format!("{} failing", failing.len()));
         let opts = SimOptions {
             seed,
             hosts: args.hosts,
@@ -66,6 +68,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
             no_watchdog: args.no_watchdog,
         };
         let r: SimReport = tandem_sim::run(&opts);
+        progress.finish();
         if args.trace {
             for l in &r.trace {
                 println!("{l}");

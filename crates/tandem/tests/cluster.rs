@@ -216,6 +216,8 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
     };
     let ro = make("viewer", "read-only")?;
     let admin = make("ops", "admin")?;
+    // Made through host 0; host 1 accepts them once it has applied the entries.
+    wait_until(Duration::from_secs(5), || (status(as_token(Some(&admin)).get("/v1/vms")) == 200).then_some(()))?;
     let list = lab.client(0).get("/v1/tokens").map_err(|e| anyhow!("{e}"))?;
     assert_eq!(list, json!([{ "name": "ops", "role": "admin" }, { "name": "viewer", "role": "read-only" }]));
     assert!(!list.to_string().contains(&ro) && !list.to_string().contains("sha256"));
@@ -236,10 +238,10 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
     }
     let huge = json!({ "name": "x".repeat(tandem_agent::api::MAX_BODY + 1) });
     assert_eq!(status(as_token(Some(&admin)).post("/v1/vms", &huge)), 413);
-    // Revoked: refused at once.
+    // Revoked: refused by every agent as soon as it applies the revocation.
     let out = cli(&lab, &["token", "delete", "viewer"]);
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(status(as_token(Some(&ro)).get("/v1/vms")), 401);
+    wait_until(Duration::from_secs(5), || (status(as_token(Some(&ro)).get("/v1/vms")) == 401).then_some(()))?;
 
     // Metrics: liveness per peer, VMs by state, FTT, consensus, failover counters.
     let metrics = wait_until(Duration::from_secs(10), || {
@@ -254,6 +256,8 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
         "tandem_consensus_leader ",
         "tandem_disk_write_seconds_bucket{le=\"+Inf\"}",
         "tandem_failovers_total 0",
+        "tandem_heartbeats_received_total{peer=\"h2\"}",
+        "tandem_heartbeats_missed_total{peer=\"h2\"}",
     ] {
         assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
     }
@@ -262,6 +266,18 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
     let events: Value = serde_json::from_slice(&out.stdout)?;
     let events = events.as_array().cloned().unwrap_or_default();
     assert!(!events.is_empty() && events.iter().all(|e| e["kind"] == "vm-started" && e["vm"] == "m1"), "{events:?}");
+    // The merged timeline of every host, in time order.
+    let out = cli(&lab, &["--output", "json", "events", "--cluster", "--kind", "joined"]);
+    let merged: Vec<Value> = serde_json::from_slice::<Value>(&out.stdout)?.as_array().cloned().unwrap_or_default();
+    let recorders: std::collections::BTreeSet<&str> = merged.iter().filter_map(|e| e["host"].as_str()).collect();
+    assert_eq!(recorders.len(), 3, "{merged:?}");
+    assert!(merged.windows(2).all(|w| w[0]["at_ms"].as_u64() <= w[1]["at_ms"].as_u64()));
+    // Completions and the manual-like help.
+    let out = Command::new(binary()).args(["completions", "bash"]).output()?;
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("_tandem()"));
+    let out = Command::new(binary()).args(["vm", "start", "--help"]).output()?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("EXIT STATUS") && help.contains("--force") && help.contains("admission-forced"), "{help}");
     lab.assert_no_double_run()
 }
 
