@@ -79,6 +79,8 @@ pub enum AgentError {
     },
     #[error("heartbeat disk unusable")]
     Disk(#[from] DiskError),
+    #[error("TLS files unusable")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("consensus failed")]
     Consensus(#[from] ConsensusError),
     #[error("cannot start the VM launcher")]
@@ -194,7 +196,11 @@ impl Agent {
                 process: ProcessDriver::new(launcher, &cfg.name, stop_timeout),
             }),
         };
-        let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, driver).await?;
+        let tls = match &cfg.tls {
+            Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
+            None => None,
+        };
+        let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, driver, tls).await?;
         Agent::with_io(cfg, io).await
     }
 

@@ -733,8 +733,13 @@ pub async fn serve(agent: Arc<Agent>, shutdown: impl std::future::Future<Output 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| AgentError::Bind { what: "API", addr, source })?;
-    axum::serve(listener, router(agent))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| AgentError::Bind { what: "API", addr, source })
+    let bind = |source| AgentError::Bind { what: "API", addr, source };
+    match agent.cfg.tls.clone() {
+        Some(t) => {
+            let tls = crate::tls::ServerTls::load(&t.cert, &t.key)?;
+            let listener = crate::tls::TlsListener::spawn(listener, tls).map_err(bind)?;
+            axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await.map_err(bind)
+        }
+        None => axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await.map_err(bind),
+    }
 }

@@ -76,6 +76,20 @@ pub struct AgentConfig {
     pub timings: Timings,
     #[serde(default)]
     pub qemu: QemuConfig,
+    /// Serve the API over TLS and call other agents over TLS (all agents of a cluster alike).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS files, PEM encoded.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This agent's certificate chain; it must name the API address's IP (or DNS name).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that signed every agent's certificate.
+    pub ca: PathBuf,
 }
 
 /// Why a configuration is refused.

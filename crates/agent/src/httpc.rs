@@ -7,6 +7,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// The largest response body accepted.
@@ -34,8 +35,10 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// Sends one request (`body` None → GET, else POST/DELETE with a JSON body).
+/// Sends one request (`body` None → GET, else POST/DELETE with a JSON body), over TLS when
+/// `tls` is given.
 pub async fn request(
+    tls: Option<&crate::tls::ClientTls>,
     method: &str,
     addr: &str,
     path: &str,
@@ -46,6 +49,28 @@ pub async fn request(
     let exchange = async {
         let stream = TcpStream::connect(addr).await.map_err(|source| HttpError::Connect { addr: addr.to_string(), source })?;
         let _ = stream.set_nodelay(true);
+        match tls {
+            Some(tls) => {
+                let stream = tls.connect(addr, stream).await.map_err(|source| HttpError::Connect { addr: addr.to_string(), source })?;
+                exchange(stream, method, addr, path, token, body).await
+            }
+            None => exchange(stream, method, addr, path, token, body).await,
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| HttpError::Timeout { addr: addr.to_string(), timeout })?
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    method: &str,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<Response, HttpError> {
+    {
         let protocol = |detail: String| HttpError::Protocol { addr: addr.to_string(), detail };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -67,8 +92,5 @@ pub async fn request(
             .to_bytes();
         conn_task.abort();
         Ok(Response { status, body })
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| HttpError::Timeout { addr: addr.to_string(), timeout })?
+    }
 }

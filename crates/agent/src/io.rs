@@ -88,8 +88,11 @@ pub trait PeerRpc: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Response, HttpError>>;
 }
 
-/// HTTP/1.1 over TCP.
-pub struct HttpRpc;
+/// HTTP/1.1 over TCP, or over TLS when the cluster uses it.
+#[derive(Default)]
+pub struct HttpRpc {
+    pub tls: Option<crate::tls::ClientTls>,
+}
 
 impl PeerRpc for HttpRpc {
     fn call<'a>(
@@ -101,7 +104,7 @@ impl PeerRpc for HttpRpc {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Response, HttpError>> {
         let method = if body.is_some() { "POST" } else { "GET" };
-        Box::pin(httpc::request(method, addr, path, token, body, timeout))
+        Box::pin(httpc::request(self.tls.as_ref(), method, addr, path, token, body, timeout))
     }
 }
 
@@ -129,6 +132,7 @@ impl AgentIo {
         heartbeat_addr: SocketAddr,
         heartbeat_disk: &Path,
         driver: Arc<dyn VmDriver>,
+        tls: Option<crate::tls::ClientTls>,
     ) -> Result<AgentIo, crate::agent::AgentError> {
         let heartbeats = UdpTransport::bind(heartbeat_addr)
             .await
@@ -137,7 +141,7 @@ impl AgentIo {
             clock: Arc::new(MonotonicClock::new()),
             heartbeats: Arc::new(heartbeats),
             disk: Arc::new(FileSlotDevice::open(heartbeat_disk)?),
-            rpc: Arc::new(HttpRpc),
+            rpc: Arc::new(HttpRpc { tls }),
             driver,
             os_watchdog: true,
             unsafe_skip_fence_wait: false,

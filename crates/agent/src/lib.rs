@@ -12,3 +12,4 @@ pub mod httpc;
 pub mod io;
 pub mod metrics;
 pub mod raft_runtime;
+pub mod tls;

@@ -248,7 +248,7 @@ impl Suite {
 
     /// A client with a short timeout (a cut-off or frozen host must not stall the suite).
     fn client(&self, i: usize) -> Client {
-        Client { addr: self.lab.hosts[i].api.clone(), timeout: Duration::from_secs(2), token: Some(self.lab.token()) }
+        Client { addr: self.lab.hosts[i].api.clone(), timeout: Duration::from_secs(2), token: Some(self.lab.token()), tls: None }
     }
 
     /// The VM list from the first host in `from` that answers.

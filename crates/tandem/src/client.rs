@@ -12,6 +12,8 @@ pub enum ClientError {
     Refused { status: u16, message: String },
     /// The agent could not be reached or has no quorum (5xx): exit code 3.
     Unavailable(String),
+    /// The command line itself is wrong (checked before any request): exit code 2.
+    Usage(String),
 }
 
 impl std::fmt::Display for ClientError {
@@ -19,6 +21,7 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Refused { status, message } => write!(f, "refused ({status}): {message}"),
             ClientError::Unavailable(m) => write!(f, "unavailable: {m}"),
+            ClientError::Usage(m) => write!(f, "{m}"),
         }
     }
 }
@@ -32,6 +35,7 @@ impl ClientError {
         match self {
             ClientError::Refused { .. } => 1,
             ClientError::Unavailable(_) => 3,
+            ClientError::Usage(_) => 2,
         }
     }
 }
@@ -43,17 +47,25 @@ pub struct Client {
     pub timeout: Duration,
     /// Sent as `Authorization: Bearer …`.
     pub token: Option<String>,
+    /// Talk TLS, verifying the agent against this CA.
+    pub tls: Option<tandem_agent::tls::ClientTls>,
 }
 
 impl Client {
     #[must_use]
     pub fn new(addr: &str) -> Client {
-        Client { addr: addr.to_string(), timeout: Duration::from_secs(30), token: None }
+        Client { addr: addr.to_string(), timeout: Duration::from_secs(30), token: None, tls: None }
     }
 
     #[must_use]
     pub fn with_token(mut self, token: Option<String>) -> Client {
         self.token = token;
+        self
+    }
+
+    #[must_use]
+    pub fn with_tls(mut self, tls: Option<tandem_agent::tls::ClientTls>) -> Client {
+        self.tls = tls;
         self
     }
 
@@ -65,8 +77,8 @@ impl Client {
             .map_err(|e| ClientError::Unavailable(e.to_string()))?;
         let body = body.map(|b| b.to_string().into_bytes());
         let resp = rt
-            .block_on(httpc::request(method, &self.addr, path, self.token.as_deref(), body, self.timeout))
-            .map_err(|e| ClientError::Unavailable(format!("{e}")))?;
+            .block_on(httpc::request(self.tls.as_ref(), method, &self.addr, path, self.token.as_deref(), body, self.timeout))
+            .map_err(|e| ClientError::Unavailable(format!("{:#}", anyhow::Error::new(e))))?;
         let v: Value = serde_json::from_slice(&resp.body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&resp.body).into_owned()));
         if resp.status >= 500 {
             return Err(ClientError::Unavailable(error_text(&v)));

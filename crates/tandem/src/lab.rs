@@ -29,6 +29,8 @@ pub struct LabOptions {
     pub netns: Option<Vec<(String, String)>>,
     /// Hosts whose heartbeat disk is another path than the shared one (fault injection).
     pub disk_paths: BTreeMap<u32, PathBuf>,
+    /// The agents serve TLS (a `[tls]` table in `extra_config`): clients verify them with this CA.
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -42,6 +44,7 @@ impl Default for LabOptions {
             capacity: (4, 2048),
             netns: None,
             disk_paths: BTreeMap::new(),
+            ca: None,
         }
     }
 }
@@ -278,7 +281,14 @@ impl Lab {
 
     #[must_use]
     pub fn client(&self, i: usize) -> Client {
-        Client::new(&self.hosts[i].api).with_token(Some(self.token()))
+        self.client_at(&self.hosts[i].api)
+    }
+
+    /// A client of the agent at `api`, with the cluster token (and TLS when the lab uses it).
+    #[must_use]
+    pub fn client_at(&self, api: &str) -> Client {
+        let tls = self.opts.ca.as_ref().and_then(|ca| tandem_agent::tls::ClientTls::load(ca).ok());
+        Client::new(api).with_token(Some(self.token())).with_tls(tls)
     }
 
     /// Cuts host `i`'s power: its agent and every workload it runs are SIGKILLed at once.
@@ -346,7 +356,7 @@ impl Lab {
         c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
         c0.post("/v1/cluster/init", &json!({})).map_err(|e| anyhow!("cluster init: {e}"))?;
         for h in self.hosts.iter().skip(1) {
-            let c = Client::new(&h.api).with_token(Some(self.token()));
+            let c = self.client_at(&h.api);
             c.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
             c0.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| {
                 c.post("/v1/hosts/join", &json!({ "api_addr": h.api })).ok()

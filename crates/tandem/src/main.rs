@@ -46,6 +46,9 @@ struct Cli {
     /// Use the cluster token derived from this cluster secret file (what the agents share).
     #[arg(long, global = true, env = "TANDEM_SECRET_FILE")]
     secret_file: Option<PathBuf>,
+    /// Talk TLS to the agents, verifying them against this CA certificate (PEM).
+    #[arg(long, global = true, env = "TANDEM_CA")]
+    ca: Option<PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -390,7 +393,7 @@ fn show(out: Output, v: &Value, table: impl FnOnce(&Value)) {
 }
 
 fn usage(message: impl std::fmt::Display) -> ClientError {
-    ClientError::Refused { status: 400, message: message.to_string() }
+    ClientError::Usage(message.to_string())
 }
 
 fn print_plans(v: &Value) {
@@ -423,7 +426,11 @@ fn cli_token(cli: &Cli) -> Result<Option<String>, ClientError> {
 }
 
 fn run_client(cli: &Cli) -> Result<(), ClientError> {
-    let c = Client::new(&cli.api).with_token(cli_token(cli)?);
+    let tls = match &cli.ca {
+        Some(ca) => Some(tandem_agent::tls::ClientTls::load(ca).map_err(|e| usage(format!("{:#}", anyhow::Error::new(e))))?),
+        None => None,
+    };
+    let c = Client::new(&cli.api).with_token(cli_token(cli)?).with_tls(tls);
     let out = cli.output;
     let kv = |v: &Value| {
         if let Some(m) = v.as_object() {
@@ -651,7 +658,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                     .into_iter()
                     .flatten()
                     .filter_map(|h| h["api_addr"].as_str())
-                    .map(|a| (Client { addr: a.to_string(), timeout: std::time::Duration::from_secs(5), token: c.token.clone() }, *after))
+                    .map(|a| (Client { addr: a.to_string(), timeout: std::time::Duration::from_secs(5), ..c.clone() }, *after))
                     .collect()
             } else {
                 vec![(c.clone(), *after)]

@@ -192,7 +192,7 @@ fn dashboard_shows_the_cluster_and_follows_a_host_failure_live() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let list = rt.block_on(tandem_agent::httpc::request("GET", &format!("127.0.0.1:{port}"), "/json/list", None, None, Duration::from_secs(5)))?;
+    let list = rt.block_on(tandem_agent::httpc::request(None, "GET", &format!("127.0.0.1:{port}"), "/json/list", None, None, Duration::from_secs(5)))?;
     let targets: Value = serde_json::from_slice(&list.body)?;
     let ws = targets
         .as_array()
