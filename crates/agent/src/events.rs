@@ -4,11 +4,15 @@
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Events kept in memory.
 pub const EVENT_RING: usize = 4096;
+/// `events.jsonl` is rotated to `events.jsonl.1` (replacing the previous one) past this size.
+pub const EVENT_FILE_MAX: u64 = 64 << 20;
+/// At start, the tail of `events.jsonl` read back into the ring (a few thousand events fit).
+const RELOAD_BYTES: u64 = 4 << 20;
 
 /// One recorded event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +36,35 @@ struct Inner {
     ring: VecDeque<Event>,
     next: u64,
     file: Option<std::fs::File>,
+    path: PathBuf,
+    written: u64,
+}
+
+/// Whether the file's last byte is not a newline (a write cut short).
+fn ends_torn(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let mut last = [0u8; 1];
+    f.seek(SeekFrom::End(-1)).is_ok() && f.read_exact(&mut last).is_ok() && last[0] != b'\n'
+}
+
+/// The last events of a previous run, from the end of the file.
+fn reload(path: &Path) -> VecDeque<Event> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return VecDeque::new() };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let start = len.saturating_sub(RELOAD_BYTES);
+    let mut text = String::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.take(RELOAD_BYTES).read_to_string(&mut text).is_err() {
+        return VecDeque::new();
+    }
+    // From the middle of the file, the first line is partial; a torn last line does not parse.
+    let lines = text.lines().skip(usize::from(start > 0));
+    let mut ring: VecDeque<Event> = lines.filter_map(|l| serde_json::from_str(l).ok()).collect();
+    while ring.len() > EVENT_RING {
+        ring.pop_front();
+    }
+    ring
 }
 
 /// This agent's timeline.
@@ -41,11 +74,22 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    /// A timeline that also appends to `dir/events.jsonl` (when it can be opened).
+    /// A timeline that also appends to `dir/events.jsonl` (when it can be opened), starting
+    /// with the last events recorded there before a restart, numbered on from them.
     #[must_use]
     pub fn new(host: &str, dir: &Path) -> EventLog {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("events.jsonl")).ok();
-        EventLog { host: host.to_string(), inner: Mutex::new(Inner { ring: VecDeque::new(), next: 1, file }) }
+        let path = dir.join("events.jsonl");
+        let ring = reload(&path);
+        let next = ring.back().map_or(1, |e| e.seq + 1);
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).ok();
+        if ends_torn(&path) {
+            // A line cut short by a crash: end it, so the next event starts a line of its own.
+            if let Some(f) = file.as_mut() {
+                let _ = writeln!(f);
+            }
+        }
+        let written = file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+        EventLog { host: host.to_string(), inner: Mutex::new(Inner { ring, next, file, path, written }) }
     }
 
     /// Records an event.
@@ -63,9 +107,17 @@ impl EventLog {
             detail,
         };
         i.next += 1;
-        if let Some(f) = i.file.as_mut() {
-            if let Ok(line) = serde_json::to_string(&e) {
-                let _ = writeln!(f, "{line}");
+        if i.written > EVENT_FILE_MAX {
+            // Bounded on disk too: one previous file is kept.
+            let _ = std::fs::rename(&i.path, i.path.with_extension("jsonl.1"));
+            i.file = std::fs::OpenOptions::new().create(true).append(true).open(&i.path).ok();
+            i.written = 0;
+        }
+        if let Ok(line) = serde_json::to_string(&e) {
+            if let Some(f) = i.file.as_mut() {
+                if writeln!(f, "{line}").is_ok() {
+                    i.written += line.len() as u64 + 1;
+                }
             }
         }
         if i.ring.len() == EVENT_RING {
@@ -79,5 +131,34 @@ impl EventLog {
     pub fn since(&self, after: u64, limit: usize) -> Vec<Event> {
         let i = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         i.ring.iter().filter(|e| e.seq > after).take(limit).cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_agent_keeps_its_timeline_and_numbers_on() {
+        let dir = std::env::temp_dir().join(format!("tandem-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log = EventLog::new("h0", &dir);
+        for i in 0..3 {
+            log.record("peer-dead", None, Some("h1"), format!("event {i}"));
+        }
+        drop(log);
+        // A torn last line (power loss mid-write) is skipped, not fatal.
+        let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("events.jsonl")).expect("open");
+        write!(f, "{{\"seq\": 4, \"at_").expect("write");
+        drop(f);
+        let log = EventLog::new("h0", &dir);
+        let before: Vec<String> = log.since(0, 10).into_iter().map(|e| e.detail).collect();
+        assert_eq!(before, ["event 0", "event 1", "event 2"]);
+        log.record("fenced", None, None, "after restart");
+        assert_eq!(log.since(3, 10).into_iter().map(|e| e.seq).collect::<Vec<_>>(), [4]);
+        drop(log);
+        let log = EventLog::new("h0", &dir);
+        assert_eq!(log.since(0, 10).len(), 4, "the event after the torn line survives a restart too");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

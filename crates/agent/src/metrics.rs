@@ -139,6 +139,8 @@ fn render(a: &Agent) -> String {
     for (name, help, pick) in [
         ("tandem_heartbeats_received_total", "Network heartbeats accepted from each peer.", (|c: &tandem_core::liveness::HeartbeatCount| c.received) as fn(&_) -> u64),
         ("tandem_heartbeats_missed_total", "Network heartbeat sequence numbers from each peer that never arrived.", |c| c.missed),
+        ("tandem_disk_heartbeats_seen_total", "Updates of each peer's heartbeat-disk slot this host read.", |c| c.disk_seen),
+        ("tandem_disk_heartbeats_missed_total", "Slot updates of each peer this host never read (counter values skipped).", |c| c.disk_missed),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for c in &counts {

@@ -79,6 +79,9 @@ struct PeerState {
     /// (within one incarnation): the network channel's loss, for metrics.
     received: u64,
     missed: u64,
+    /// Slot updates seen on the heartbeat disk, and counter values skipped between two reads.
+    disk_seen: u64,
+    disk_missed: u64,
 }
 
 /// Network heartbeats from one peer since this agent started.
@@ -88,6 +91,10 @@ pub struct HeartbeatCount {
     pub received: u64,
     /// Sequence numbers that never arrived (or arrived too late and were refused).
     pub missed: u64,
+    /// Changes of the peer's disk slot this host saw.
+    pub disk_seen: u64,
+    /// Slot counter values written by the peer that this host never read.
+    pub disk_missed: u64,
 }
 
 /// Counters of rejected input, for metrics and tests.
@@ -256,7 +263,10 @@ impl Liveness {
     /// Heartbeats received and missed per peer.
     #[must_use]
     pub fn heartbeat_counts(&self) -> Vec<HeartbeatCount> {
-        self.peers.iter().map(|(h, p)| HeartbeatCount { host: *h, received: p.received, missed: p.missed }).collect()
+        self.peers
+            .iter()
+            .map(|(h, p)| HeartbeatCount { host: *h, received: p.received, missed: p.missed, disk_seen: p.disk_seen, disk_missed: p.disk_missed })
+            .collect()
     }
 
     /// The acks to put in our next heartbeat: the last sequence number heard from each peer.
@@ -291,6 +301,10 @@ impl Liveness {
                     let changed = p.slot.is_none_or(|old| (old.incarnation, old.counter) != (s.incarnation, s.counter));
                     if changed {
                         p.slot_changed_at = Some(now);
+                        p.disk_seen += 1;
+                        if let Some(old) = p.slot.filter(|old| old.incarnation == s.incarnation && s.counter > old.counter) {
+                            p.disk_missed += s.counter - old.counter - 1;
+                        }
                     }
                     p.slot = Some(*s);
                 }
@@ -504,6 +518,20 @@ mod tests {
             acks: ack_me.map(|(h, s)| Ack { host: HostId(h), incarnation: 1, seq: s }).into_iter().collect(),
             fenced: false,
         }
+    }
+
+    /// Disk-channel loss per peer: slot counter values written but never read are counted.
+    #[test]
+    fn disk_heartbeats_seen_and_missed_are_counted_per_peer() {
+        let mut l = three(0);
+        for (t, counter) in [(0, 1), (200, 2), (400, 2), (600, 5), (800, 6)] {
+            l.disk_read(&[SlotRead::Empty, slot(1, counter, &[0, 1, 2], false), SlotRead::Empty], Millis(t));
+        }
+        let c = l.heartbeat_counts().into_iter().find(|c| c.host == HostId(1)).expect("peer 1");
+        // Changes seen: 1, 2, 5, 6; values 3 and 4 were never read.
+        assert_eq!((c.disk_seen, c.disk_missed), (4, 2));
+        let quiet = l.heartbeat_counts().into_iter().find(|c| c.host == HostId(2)).expect("peer 2");
+        assert_eq!((quiet.disk_seen, quiet.disk_missed), (0, 0));
     }
 
     fn slot(host: u32, counter: u64, heard: &[u32], fenced: bool) -> SlotRead {

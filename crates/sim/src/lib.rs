@@ -177,7 +177,7 @@ impl Sim {
                 }
                 lock(&w.routers).insert(i, tandem_agent::api::router(Arc::clone(&agent)));
                 h.agent = Some(agent);
-                h.events_seen = 0;
+                // The agent reloads its timeline and numbers on, so the cursor stays valid.
                 w.log(format!("h{i} boots"));
             }
             Err(e) => w.violation("sim-error", format!("h{i} failed to start: {e}")),

@@ -258,6 +258,8 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
         "tandem_failovers_total 0",
         "tandem_heartbeats_received_total{peer=\"h2\"}",
         "tandem_heartbeats_missed_total{peer=\"h2\"}",
+        "tandem_disk_heartbeats_seen_total{peer=\"h2\"}",
+        "tandem_disk_heartbeats_missed_total{peer=\"h2\"}",
     ] {
         assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
     }
