@@ -920,7 +920,9 @@ impl Agent {
         for (name, generation, detail) in &retry_give_up {
             self.give_up_here(name, *generation, detail).await;
         }
-        // Exits.
+        // Exits. A VM whose exit stops it is not started again below, even while this host's
+        // copy of committed state has not applied the stop yet.
+        let mut stopped_now: BTreeSet<String> = BTreeSet::new();
         for v in running.iter().filter(|v| v.exit.is_some()) {
             let exit = v.exit.clone().unwrap_or(VmExit::StoppedByAgent);
             self.driver.forget(&v.name);
@@ -932,12 +934,14 @@ impl Agent {
             match exit {
                 // A guest that powered itself off stays off: HA must not fight the operator.
                 VmExit::GuestShutdown => {
+                    stopped_now.insert(v.name.clone());
                     let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
                 }
                 VmExit::StoppedByAgent => {}
                 // Only `protect` VMs are restarted after a crash on a live host; best-effort ones
                 // are restarted only when their host fails.
                 VmExit::Crashed { detail } if protection != Some(Protection::Protect) => {
+                    stopped_now.insert(v.name.clone());
                     let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
                     self.events.record("vm-crashed", Some(&v.name), Some(&self.cfg.name), format!("{} crashed ({detail}); not protected, so it stays stopped", v.name));
                 }
@@ -962,7 +966,11 @@ impl Agent {
         }
         for (name, generation) in wanted {
             // Held: a lower restart group is still starting.
-            if live_names.contains(name.as_str()) || held.contains(&name) || lock(&self.scratch).given_up.get(&name).is_some_and(|(g, _)| *g == generation) {
+            if live_names.contains(name.as_str())
+                || held.contains(&name)
+                || stopped_now.contains(&name)
+                || lock(&self.scratch).given_up.get(&name).is_some_and(|(g, _)| *g == generation)
+            {
                 continue;
             }
             let Some(spec) = specs.get(&name).cloned() else { continue };

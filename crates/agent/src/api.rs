@@ -90,7 +90,7 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, Api
 fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), ApiError> {
     let expected = format!("Bearer {}", agent.token);
     match headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        Some(v) if v == expected => Ok(()),
+        Some(v) if same(v.as_bytes(), expected.as_bytes()) => Ok(()),
         _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong cluster token")),
     }
 }
