@@ -12,6 +12,15 @@ fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
 }
 
+/// Removes the certificate directory however the test ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     let out = Command::new("openssl").current_dir(dir).args(args).output()?;
     if !out.status.success() {
@@ -38,7 +47,8 @@ fn agents_serve_and_call_each_other_over_tls() -> Result<()> {
         return Ok(());
     }
     let net = 39;
-    let dir = std::env::temp_dir().join(format!("tandem-tls-{}", std::process::id()));
+    let guard = TempDir(std::env::temp_dir().join(format!("tandem-tls-{}", std::process::id())));
+    let dir = guard.0.clone();
     let other = dir.join("other");
     std::fs::create_dir_all(&other)?;
     let ips: Vec<String> = (0..3).map(|i| format!("127.{net}.0.{}", 10 + i)).collect();
@@ -84,8 +94,5 @@ fn agents_serve_and_call_each_other_over_tls() -> Result<()> {
     // A CA file that is not PEM is a usage error.
     let out = cli(Some(&dir.join("ext.cnf")), &["vm", "list"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    let result = lab.assert_no_double_run();
-    drop(lab);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    lab.assert_no_double_run()
 }
