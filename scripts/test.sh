@@ -5,10 +5,15 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 ./scripts/setup.sh
-# The dashboard test drives Debian's headless Chromium (only the tests need it, not the demo).
-if ! command -v chromium >/dev/null; then
-  echo "installing: chromium"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+# Only the tests need these, not the demo: headless Chromium for the dashboard test, openssl
+# for the TLS test's throwaway CA.
+test_pkgs=()
+command -v chromium >/dev/null || test_pkgs+=(chromium)
+command -v openssl >/dev/null || test_pkgs+=(openssl)
+if ((${#test_pkgs[@]})); then
+  echo "installing: ${test_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${test_pkgs[@]}" >/dev/null
 fi
 export TANDEM_GUEST_DIR="$here/.cache/guest"
 cargo build --bin tandem
