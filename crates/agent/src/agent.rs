@@ -683,21 +683,30 @@ impl Agent {
     /// Lets the lowest held restart group start once the lower groups run (asked of their
     /// hosts) or its delay has passed.
     async fn release_restart_groups(&self) {
+        // Only the hosts of the VMs the lowest held group waits for are asked, all at once, so
+        // one slow host delays this loop (and failovers) by at most LOCAL_QUERY_TIMEOUT.
         let hosts: Option<Vec<(HostId, String)>> = self.consensus.with_state(|s| {
-            s.vms.values().any(|v| v.held).then(|| s.active_hosts().iter().filter_map(|h| Some((h, s.hosts.get(&h)?.api_addr.clone()))).collect())
+            let held = recovery::lowest_held_group(s)?;
+            let hosts: BTreeSet<HostId> = held.waits_for.iter().map(|(_, h, _)| *h).collect();
+            Some(hosts.into_iter().filter_map(|h| Some((h, s.hosts.get(&h)?.api_addr.clone()))).collect())
         });
         let Some(hosts) = hosts else {
             lock(&self.scratch).group_gate = None;
             return;
         };
         let mut running: BTreeSet<(String, u64)> = BTreeSet::new();
+        let mut asks = tokio::task::JoinSet::new();
         for (host, addr) in hosts {
             if host == self.me {
                 running.extend(self.driver.list().into_iter().filter(|v| v.exit.is_none()).map(|v| (v.name, v.generation)));
                 continue;
             }
-            // A host that does not answer counts as running nothing: its group waits for the delay.
-            let Ok(resp) = self.rpc.call(&addr, "/v1/local", Some(&self.token), None, LOCAL_QUERY_TIMEOUT).await else { continue };
+            let (rpc, token) = (Arc::clone(&self.rpc), self.token.clone());
+            asks.spawn(async move { rpc.call(&addr, "/v1/local", Some(&token), None, LOCAL_QUERY_TIMEOUT).await }.in_current_span());
+        }
+        // A host that does not answer counts as running nothing: its group waits for the delay.
+        while let Some(answer) = asks.join_next().await {
+            let Ok(Ok(resp)) = answer else { continue };
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&resp.body) else { continue };
             for vm in v["vms"].as_array().into_iter().flatten().filter(|vm| vm["exit"].is_null()) {
                 if let (Some(n), Some(g)) = (vm["name"].as_str(), vm["generation"].as_u64()) {

@@ -549,7 +549,9 @@ async fn host_mode(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: 
 }
 
 async fn ftt(State(a): State<Arc<Agent>>) -> Json<Value> {
-    let (report, settings) = a.consensus.with_state(|s| (s.ftt(), s.settings.clone()));
+    // The search runs outside the state lock, so it never holds up applying the log.
+    let (model, settings) = a.consensus.with_state(|s| (s.ftt_model(), s.settings.clone()));
+    let report = model.ftt(tandem_core::placement::DEFAULT_FTT_BUDGET);
     Json(json!({ "report": report, "target": settings.ftt_target }))
 }
 

@@ -116,8 +116,10 @@ fn render(a: &Agent) -> String {
                 (state.to_string(), protection.to_string(), v.assignment.is_some_and(|x| x.host == a.me))
             })
             .collect();
-        (names, vms, s.ftt(), s.settings.ftt_target)
+        (names, vms, s.ftt_model(), s.settings.ftt_target)
     });
+    // Searched outside the state lock, so a scrape never holds up applying the log.
+    let ftt = ftt.ftt(tandem_core::placement::DEFAULT_FTT_BUDGET);
     let name_of = |h: tandem_core::HostId| names.iter().find(|(id, _)| *id == h).map_or_else(|| h.to_string(), |(_, n)| n.clone());
     let mut liveness = Vec::new();
     let mut ages = Vec::new();

@@ -100,12 +100,31 @@ pub struct GroupRelease {
     pub reason: GroupReleaseReason,
 }
 
+/// The lowest restart group that is held, and what it waits for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldGroup {
+    pub group: u8,
+    /// The placed VMs of lower groups, as (name, host, generation).
+    pub waits_for: Vec<(String, HostId, u64)>,
+}
+
+/// The lowest held restart group; `None` when nothing is held.
+#[must_use]
+pub fn lowest_held_group(state: &ClusterState) -> Option<HeldGroup> {
+    let placed = || state.vms.values().filter(|v| v.desired == PowerState::Running && v.assignment.is_some());
+    let group = placed().filter(|v| v.held).map(|v| v.spec.restart_group).min()?;
+    let lower = placed()
+        .filter(|v| !v.held && v.spec.restart_group < group)
+        .filter_map(|v| v.assignment.map(|a| (v.spec.name.clone(), a.host, a.generation)))
+        .collect();
+    Some(HeldGroup { group, waits_for: lower })
+}
+
 /// Decides whether the lowest held restart group may start. `runs(name, generation)` says
 /// whether a VM runs at that generation on its host, as far as the coordinator could learn
 /// (a host it could not ask counts as running nothing). `gate` is updated.
 pub fn release_held(state: &ClusterState, runs: impl Fn(&str, u64) -> bool, gate: &mut Option<GroupGate>, now: Millis) -> Option<GroupRelease> {
-    let wanted = |v: &&crate::state::VmRecord| v.desired == PowerState::Running && v.assignment.is_some();
-    let Some(group) = state.vms.values().filter(wanted).filter(|v| v.held).map(|v| v.spec.restart_group).min() else {
+    let Some(HeldGroup { group, waits_for: lower }) = lowest_held_group(state) else {
         *gate = None;
         return None;
     };
@@ -116,12 +135,7 @@ pub fn release_held(state: &ClusterState, runs: impl Fn(&str, u64) -> bool, gate
             now
         }
     };
-    let lower_run = state
-        .vms
-        .values()
-        .filter(wanted)
-        .filter(|v| !v.held && v.spec.restart_group < group)
-        .all(|v| v.assignment.is_some_and(|a| runs(&v.spec.name, a.generation)));
+    let lower_run = lower.iter().all(|(name, _, generation)| runs(name, *generation));
     let reason = if lower_run {
         GroupReleaseReason::LowerGroupsRunning
     } else if now.0.saturating_sub(since.0) >= state.settings.group_delay_ms(group) {
@@ -129,7 +143,12 @@ pub fn release_held(state: &ClusterState, runs: impl Fn(&str, u64) -> bool, gate
     } else {
         return None;
     };
-    let names = state.vms.values().filter(wanted).filter(|v| v.held && v.spec.restart_group == group).map(|v| v.spec.name.clone()).collect();
+    let names = state
+        .vms
+        .values()
+        .filter(|v| v.held && v.desired == PowerState::Running && v.assignment.is_some() && v.spec.restart_group == group)
+        .map(|v| v.spec.name.clone())
+        .collect();
     *gate = None;
     Some(GroupRelease { group, names, reason })
 }

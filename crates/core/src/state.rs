@@ -649,7 +649,13 @@ impl ClusterState {
     /// Failures to tolerate now (every active host counts as usable).
     #[must_use]
     pub fn ftt(&self) -> FttReport {
-        self.placement_model(self.members()).ftt(DEFAULT_FTT_BUDGET)
+        self.ftt_model().ftt(DEFAULT_FTT_BUDGET)
+    }
+
+    /// The model [`ClusterState::ftt`] searches: built under a lock, searched outside it.
+    #[must_use]
+    pub fn ftt_model(&self) -> Model {
+        self.placement_model(self.members())
     }
 
     /// A copy in which every VM waiting for a host has the one the coordinator would give it:

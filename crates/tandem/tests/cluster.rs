@@ -207,6 +207,22 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
     let page = as_token(None).get("/").map_err(|e| anyhow!("{e}"))?;
     assert!(page.as_str().is_some_and(|p| p.contains("<title>Tandem</title>")));
 
+    // Every documented endpoint is served (an undocumented one is refused by the router itself):
+    // whatever the answer to a probe without a body, it is never "no such route".
+    for e in tandem_agent::endpoints::ENDPOINTS {
+        let path = e.path.replace("{name}", "zz-none");
+        match lab.client(1).call(e.method, &path, None) {
+            Ok(_) => {}
+            Err(tandem::client::ClientError::Refused { status, message }) => assert!(
+                status != 405 && !(status == 404 && message.trim_matches('"').is_empty()),
+                "{} {} is documented but not routed ({status})",
+                e.method,
+                e.path
+            ),
+            Err(other) => panic!("{} {}: {other}", e.method, e.path),
+        }
+    }
+
     // Tokens made through the CLI with the cluster token; shown once, stored hashed.
     let make = |name: &str, role: &str| -> Result<String> {
         let out = cli(&lab, &["--output", "json", "token", "create", name, "--role", role]);
