@@ -76,15 +76,20 @@ impl Default for Metrics {
     }
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+/// One metric family: `kind` is `gauge` or `counter`; each sample is (labels, value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (labels, v) in samples {
         let _ = writeln!(out, "{name}{labels} {v}");
     }
 }
 
+fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    family(out, name, "gauge", help, samples);
+}
+
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    family(out, name, "counter", help, &[(String::new(), v as f64)]);
 }
 
 /// Label values are host and VM names (letters, digits, '-', '_'), which need no escaping.
@@ -144,10 +149,8 @@ fn render(a: &Agent) -> String {
         ("tandem_disk_heartbeats_seen_total", "Updates of each peer's heartbeat-disk slot this host read.", |c| c.disk_seen),
         ("tandem_disk_heartbeats_missed_total", "Slot updates of each peer this host never read (counter values skipped).", |c| c.disk_missed),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for c in &counts {
-            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", name_of(c.host), pick(c));
-        }
+        let samples: Vec<(String, f64)> = counts.iter().map(|c| (format!("{{peer=\"{}\"}}", name_of(c.host)), pick(c) as f64)).collect();
+        family(&mut out, name, "counter", help, &samples);
     }
     let fenced = a.status().fenced.is_some();
     gauge(&mut out, "tandem_fenced", "1 while this host is fenced.", &[(String::new(), f64::from(u8::from(fenced)))]);
@@ -164,7 +167,7 @@ fn render(a: &Agent) -> String {
         .flatten()
         .filter_map(|(k, v)| Some((format!("{{reason=\"{k}\"}}"), v.as_u64()? as f64)))
         .collect();
-    gauge(&mut out, "tandem_rejected_input", "Heartbeats and slots rejected since start, by reason.", &rejected);
+    family(&mut out, "tandem_rejected_input_total", "counter", "Heartbeats and slots rejected since start, by reason.", &rejected);
     let m = &a.metrics;
     m.disk_write_seconds.render(&mut out, "tandem_disk_write_seconds", "Heartbeat slot write latency.");
     counter(&mut out, "tandem_disk_write_failures_total", "Heartbeat slot writes that failed or timed out.", m.disk_write_failures.load(Ordering::Relaxed));

@@ -677,11 +677,10 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                     }
                 }
                 list.sort_by_key(|e| (e["at_ms"].as_u64().unwrap_or(0), e["seq"].as_u64().unwrap_or(0)));
-                let v = Value::Array(list.clone());
                 match out {
                     // One JSON object per line when following, so it can be piped.
                     Output::Json if *follow => list.iter().for_each(|e| println!("{e}")),
-                    Output::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default()),
                     Output::Table => {
                         for e in &list {
                             let at = e["at_ms"].as_u64().map_or_else(String::new, clock_time);

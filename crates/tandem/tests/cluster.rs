@@ -272,6 +272,7 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
         "tandem_consensus_leader ",
         "tandem_disk_write_seconds_bucket{le=\"+Inf\"}",
         "tandem_failovers_total 0",
+        "tandem_rejected_input_total{reason=\"forged_heartbeats\"} 0",
         "tandem_heartbeats_received_total{peer=\"h2\"}",
         "tandem_heartbeats_missed_total{peer=\"h2\"}",
         "tandem_disk_heartbeats_seen_total{peer=\"h2\"}",
