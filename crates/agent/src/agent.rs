@@ -213,6 +213,9 @@ impl Agent {
         let me = cfg.host();
         let AgentIo { clock, heartbeats, disk, rpc, driver, os_watchdog, unsafe_skip_fence_wait } = io;
         let disk = HeartbeatDisk::new(disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms));
+        // Refuse a disk that is not this cluster's, formatted with this layout: a path typo or a
+        // mount missing at boot must not leave this host counting its own writes as shared.
+        disk.check_header(&cfg.heartbeat_disk.display().to_string()).await?;
         let token = key.peer_token();
         let consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc)).await?;
         let events = EventLog::new(&cfg.name, &cfg.data_dir);

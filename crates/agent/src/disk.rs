@@ -1,4 +1,5 @@
-//! The heartbeat disk: one 4 KiB slot per host in a shared file or block device.
+//! The heartbeat disk: a header block, then one 4 KiB slot per host, in a shared file or block
+//! device formatted once with [`format`] (see `tandem_core::diskformat`).
 //!
 //! All I/O happens on one dedicated thread with O_DIRECT (and O_DSYNC), because shared storage
 //! can hang in uninterruptible sleep instead of failing: a hung disk stalls that thread only.
@@ -9,15 +10,13 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
+use tandem_core::diskformat::{slot_offset, DiskHeader, HeaderError, DISK_SIZE, HEADER_SIZE};
 use tandem_core::wire::{ClusterKey, DiskSlot, SlotRead, SLOT_SIZE};
-use tandem_core::{HostId, MAX_HOSTS};
+use tandem_core::HostId;
 use tandem_drivers::BoxFuture;
 use crate::io::SlotDevice;
 use thiserror::Error;
 use tokio::sync::oneshot;
-
-/// Size of the whole heartbeat area.
-pub const DISK_SIZE: usize = SLOT_SIZE * MAX_HOSTS;
 
 /// Heartbeat-disk failures.
 #[derive(Debug, Error)]
@@ -36,6 +35,14 @@ pub enum DiskError {
     Busy,
     #[error("heartbeat disk thread is gone")]
     Gone,
+    #[error("heartbeat disk {path} refused")]
+    Header {
+        path: String,
+        #[source]
+        source: HeaderError,
+    },
+    #[error("{path} is already formatted for this cluster; formatting it again erases every slot (use --force while no agent runs)")]
+    AlreadyFormatted { path: String },
 }
 
 /// A buffer aligned for O_DIRECT.
@@ -93,17 +100,11 @@ fn open(path: &Path) -> std::io::Result<(std::fs::File, bool)> {
 }
 
 impl FileSlotDevice {
-    /// Opens the heartbeat disk (creating and sizing a regular file if needed) and starts its
-    /// I/O thread.
+    /// Opens an existing heartbeat disk and starts its I/O thread. Nothing is created: a disk
+    /// that is missing is an error, and [`HeartbeatDisk::check_header`] refuses one that
+    /// [`format`] did not prepare for this cluster.
     pub fn open(path: &Path) -> Result<FileSlotDevice, DiskError> {
         let err = |source| DiskError::Open { path: path.display().to_string(), source };
-        if !path.exists() {
-            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(err)?;
-        }
-        let meta = std::fs::metadata(path).map_err(err)?;
-        if meta.is_file() && (meta.len() as usize) < DISK_SIZE {
-            std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(DISK_SIZE as u64)).map_err(err)?;
-        }
         let (_, direct) = open(path).map_err(err)?;
         if !direct {
             tracing::warn!(path = %path.display(), "heartbeat disk does not support O_DIRECT; using O_DSYNC only");
@@ -124,7 +125,7 @@ impl FileSlotDevice {
                         Request::Write { slot, bytes, reply } => {
                             let buf = slot_buf.bytes();
                             buf.copy_from_slice(&bytes[..SLOT_SIZE]);
-                            let r = open(&disk_path).and_then(|(f, _)| f.write_all_at(buf, slot.0 as u64 * SLOT_SIZE as u64));
+                            let r = open(&disk_path).and_then(|(f, _)| f.write_all_at(buf, slot_offset(slot)));
                             let _ = reply.send(r);
                         }
                         Request::ReadAll { reply } => {
@@ -167,6 +168,30 @@ impl SlotDevice for FileSlotDevice {
     }
 }
 
+/// Formats `path` as this cluster's heartbeat disk: the header, then empty slots. A regular file
+/// is created if missing; a block device must exist. A disk that already carries a valid header
+/// (of this cluster or another) is left alone unless `force`: formatting erases live slots.
+pub fn format(path: &Path, key: &ClusterKey, force: bool) -> Result<(), DiskError> {
+    use std::io::Read;
+    let name = path.display().to_string();
+    let err = |source| DiskError::Open { path: name.clone(), source };
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(!path.exists()).truncate(false).open(path).map_err(err)?;
+    let mut head = vec![0u8; HEADER_SIZE];
+    let have = f.read(&mut head).map_err(err)?;
+    if !force && have == HEADER_SIZE {
+        match DiskHeader::check(&head, key) {
+            Ok(_) => return Err(DiskError::AlreadyFormatted { path: name }),
+            Err(HeaderError::Unformatted) => {}
+            Err(source) => return Err(DiskError::Header { path: name, source }),
+        }
+    }
+    let mut area = DiskHeader::for_cluster(key).encode(key);
+    area.resize(DISK_SIZE, 0);
+    f.write_all_at(&area, 0).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    Ok(())
+}
+
 /// Slots of the heartbeat disk as the agent sees them: encoded and authenticated with the
 /// cluster key, and every I/O bounded by a deadline (a late answer counts as lost).
 #[derive(Clone)]
@@ -188,13 +213,22 @@ impl HeartbeatDisk {
         tokio::time::timeout(self.timeout, self.dev.write_slot(slot.host, bytes)).await.map_err(|_| DiskError::Timeout(self.timeout))?
     }
 
-    /// Reads and decodes every slot.
+    /// Reads the header and checks that this is the cluster's heartbeat disk: an agent refuses
+    /// to start on any other.
+    pub async fn check_header(&self, path: &str) -> Result<DiskHeader, DiskError> {
+        let bytes = tokio::time::timeout(self.timeout, self.dev.read_all()).await.map_err(|_| DiskError::Timeout(self.timeout))??;
+        DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: path.to_string(), source })
+    }
+
+    /// Reads and decodes every slot. The header is checked at every read: a disk swapped
+    /// underneath (a mount that appeared or vanished) reads as failed.
     pub async fn read_all(&self) -> Result<Vec<SlotRead>, DiskError> {
         let bytes = tokio::time::timeout(self.timeout, self.dev.read_all()).await.map_err(|_| DiskError::Timeout(self.timeout))??;
         if bytes.len() != DISK_SIZE {
             return Err(DiskError::Io(std::io::Error::other(format!("heartbeat area is {} bytes, not {DISK_SIZE}", bytes.len()))));
         }
-        Ok(bytes
+        DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source })?;
+        Ok(bytes[HEADER_SIZE..]
             .chunks(SLOT_SIZE)
             .enumerate()
             .map(|(i, b)| DiskSlot::decode(b, HostId(i as u32), &self.key))
@@ -213,24 +247,74 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("hb");
         let key = ClusterKey::new(b"disk-test-secret-0123").expect("key");
+        format(&path, &key, false).expect("format");
         let disk = HeartbeatDisk::new(Arc::new(FileSlotDevice::open(&path).expect("open")), key.clone(), Duration::from_secs(2));
         assert_eq!(std::fs::metadata(&path).expect("meta").len() as usize, DISK_SIZE);
+        disk.check_header("hb").await.expect("formatted for this cluster");
         let slot = DiskSlot { host: HostId(3), incarnation: 1, counter: 9, epoch: 2, heard: HostSet(0b1000), fenced: false, written_at_ms: 5 };
         disk.write(&slot).await.expect("write");
         let all = disk.read_all().await.expect("read");
-        assert_eq!(all.len(), MAX_HOSTS);
+        assert_eq!(all.len(), tandem_core::MAX_HOSTS);
         assert_eq!(all[3], SlotRead::Valid(slot));
         assert_eq!(all[0], SlotRead::Empty);
         // Damage slot 3 behind the agent's back: it is reported corrupt, and slot 4 stays empty.
         let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open raw");
-        f.write_all_at(b"garbage", 3 * SLOT_SIZE as u64 + 8).expect("damage");
+        f.write_all_at(b"garbage", slot_offset(HostId(3)) + 8).expect("damage");
         let all = disk.read_all().await.expect("read");
         assert!(matches!(all[3], SlotRead::Corrupt(_)));
         assert_eq!(all[4], SlotRead::Empty);
+        // A disk whose header is replaced underneath (another disk mounted over the path) reads
+        // as failed, never as a silent cluster.
+        f.write_all_at(&[0u8; 16], 0).expect("wipe header");
+        assert!(matches!(disk.read_all().await, Err(DiskError::Header { source: HeaderError::Unformatted, .. })));
         // A path that stops resolving is a failed I/O, not a hang.
         std::fs::remove_file(&path).expect("remove");
         assert!(matches!(disk.read_all().await, Err(DiskError::Io(_))));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The disk is never created implicitly, and only an explicit format prepares one: a missing
+    /// path, an unformatted file, another cluster's disk and a second format are all refused
+    /// with a message that says which.
+    #[tokio::test]
+    async fn only_a_disk_formatted_for_this_cluster_is_accepted() {
+        let dir = std::env::temp_dir().join(format!("tandem-disk-fmt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = ClusterKey::new(b"disk-test-secret-0123").expect("key");
+        let other = ClusterKey::new(b"another-cluster-secret").expect("key");
+        let missing = dir.join("typo");
+        assert!(matches!(FileSlotDevice::open(&missing), Err(DiskError::Open { .. })));
+        assert!(!missing.exists(), "opening must not create the disk");
+
+        let local = dir.join("local");
+        std::fs::write(&local, vec![0u8; DISK_SIZE]).expect("local file");
+        let d = HeartbeatDisk::new(Arc::new(FileSlotDevice::open(&local).expect("open")), key.clone(), Duration::from_secs(2));
+        let e = d.check_header("local").await.expect_err("unformatted");
+        assert!(anyhow_chain(&e).contains("not formatted"), "{e}");
+
+        let theirs = dir.join("theirs");
+        format(&theirs, &other, false).expect("format");
+        let d = HeartbeatDisk::new(Arc::new(FileSlotDevice::open(&theirs).expect("open")), key.clone(), Duration::from_secs(2));
+        let e = d.check_header("theirs").await.expect_err("other cluster");
+        assert!(anyhow_chain(&e).contains("another cluster"), "{e}");
+        assert!(matches!(format(&theirs, &key, false), Err(DiskError::Header { source: HeaderError::OtherCluster { .. }, .. })));
+
+        let ours = dir.join("ours");
+        format(&ours, &key, false).expect("format");
+        assert!(matches!(format(&ours, &key, false), Err(DiskError::AlreadyFormatted { .. })));
+        format(&ours, &key, true).expect("forced format");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn anyhow_chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            src = s.source();
+        }
+        out
     }
 
     /// A device whose I/O never completes, like shared storage that hangs.

@@ -24,9 +24,11 @@ pub enum HostLiveness {
     Alive,
     /// Silent on our network but alive on the heartbeat disk, or still heard by another host.
     Partitioned,
-    /// Silent on the network and on a disk we can read, and heard by nobody.
+    /// Silent on the network and on the shared disk (a disk on which a majority is seen
+    /// advancing), and heard by nobody.
     Dead,
-    /// Silent on the network while we cannot read the disk: nothing can be concluded.
+    /// Silent on the network while we cannot read the disk, or read one that is not shown to be
+    /// shared: nothing can be concluded.
     Unknown,
 }
 
@@ -159,6 +161,10 @@ pub struct Liveness {
     started: Millis,
     last_disk_read_ok: Option<Millis>,
     last_disk_write_ok: Option<Millis>,
+    /// Our own slot as last read back from the disk (incarnation, counter), and when a read
+    /// last showed it advance: proof that our writes land where we read.
+    own_slot: Option<(u64, u64)>,
+    own_slot_advanced_at: Option<Millis>,
     losing_since: Option<Millis>,
     counters: RejectCounters,
 }
@@ -178,6 +184,8 @@ impl Liveness {
             started: now,
             last_disk_read_ok: None,
             last_disk_write_ok: None,
+            own_slot: None,
+            own_slot_advanced_at: None,
             losing_since: None,
             counters: RejectCounters::default(),
         }
@@ -285,6 +293,13 @@ impl Liveness {
         for (i, read) in slots.iter().enumerate() {
             let h = HostId(i as u32);
             if h == self.me {
+                if let SlotRead::Valid(s) = read {
+                    let mine = (s.incarnation, s.counter);
+                    if s.incarnation == self.incarnation && self.own_slot.is_some_and(|old| old != mine) {
+                        self.own_slot_advanced_at = Some(now);
+                    }
+                    self.own_slot = Some(mine);
+                }
                 continue;
             }
             let Some(p) = self.peers.get_mut(&h) else { continue };
@@ -300,7 +315,11 @@ impl Liveness {
                     p.slot_corrupt = None;
                     let changed = p.slot.is_none_or(|old| (old.incarnation, old.counter) != (s.incarnation, s.counter));
                     if changed {
-                        p.slot_changed_at = Some(now);
+                        // Only a change seen between two reads shows the writer alive here: a
+                        // slot seen once may be a stale copy (a private file, an old image).
+                        if p.slot.is_some() {
+                            p.slot_changed_at = Some(now);
+                        }
                         p.disk_seen += 1;
                         if let Some(old) = p.slot.filter(|old| old.incarnation == s.incarnation && s.counter > old.counter) {
                             p.disk_missed += s.counter - old.counter - 1;
@@ -332,10 +351,24 @@ impl Liveness {
         self.counters.late_disk_writes += 1;
     }
 
-    /// The last moment we know the others could see us: a heartbeat a majority acknowledged, or
-    /// a slot write that landed in time (or our own start).
-    fn last_proof_of_life(&self) -> Option<Millis> {
-        [self.majority_acked_at(), self.last_disk_write_ok, Some(self.started)].into_iter().flatten().max()
+    /// The last moment we know the others could see us: a heartbeat a majority acknowledged, a
+    /// slot write that landed in time on a disk shown to be shared (see
+    /// [`Liveness::disk_shared`]), or our own start.
+    fn last_proof_of_life(&self, now: Millis) -> Option<Millis> {
+        let disk = self.last_disk_write_ok.filter(|_| self.disk_shared(now));
+        [self.majority_acked_at(), disk, Some(self.started)].into_iter().flatten().max()
+    }
+
+    /// Whether the disk we write and read is demonstrably the cluster's shared disk: within the
+    /// last peer timeout we read the slots of a majority of the members (our own read back
+    /// included) advance on it. Each host writes one disk and two majorities intersect, so at
+    /// most one disk can be shared at a time; a private file, a copy, or a disk we can write but
+    /// not read never is. Only a shared disk renews the lease or proves a peer dead.
+    #[must_use]
+    pub fn disk_shared(&self, now: Millis) -> bool {
+        let fresh = |t: Option<Millis>| t.is_some_and(|c| now.since(c) < self.timings.peer_timeout_ms);
+        let advancing = usize::from(fresh(self.own_slot_advanced_at)) + self.peers.values().filter(|p| fresh(p.slot_changed_at)).count();
+        advancing >= self.members.len() / 2 + 1
     }
 
     /// Whether this host may start a VM at `now`: its proof of life is younger than
@@ -346,7 +379,7 @@ impl Liveness {
     #[must_use]
     pub fn lease_valid(&self, now: Millis) -> bool {
         let alone = self.members.len() == 1;
-        let fresh = alone || self.last_proof_of_life().is_some_and(|l| now.since(l) < self.timings.self_fence_ms);
+        let fresh = alone || self.last_proof_of_life(now).is_some_and(|l| now.since(l) < self.timings.self_fence_ms);
         fresh && self.losing_since.is_none()
     }
 
@@ -390,11 +423,12 @@ impl Liveness {
         let t = self.timings;
         let heard = self.heard(now);
         let disk_readable = self.disk_readable(now);
+        let disk_shared = disk_readable && self.disk_shared(now);
         let slot_fresh = |p: &PeerState| p.slot_changed_at.is_some_and(|c| now.since(c) < t.peer_timeout_ms);
         let net_fresh = |p: &PeerState| p.last_net.is_some_and(|c| now.since(c) < t.peer_timeout_ms);
 
         let mut disk_alive = HostSet::EMPTY;
-        if self.last_disk_write_ok.is_some_and(|w| now.since(w) < t.peer_timeout_ms) {
+        if disk_shared && self.last_disk_write_ok.is_some_and(|w| now.since(w) < t.peer_timeout_ms) {
             disk_alive.insert(self.me);
         }
         let mut reports: BTreeMap<HostId, HostSet> = BTreeMap::new();
@@ -432,7 +466,7 @@ impl Liveness {
                 HostLiveness::Alive
             } else if slot_fresh(p) || heard_by_others.contains(*h) {
                 HostLiveness::Partitioned
-            } else if disk_readable {
+            } else if disk_shared {
                 HostLiveness::Dead
             } else {
                 HostLiveness::Unknown
@@ -461,7 +495,7 @@ impl Liveness {
             None => self.members.len() < 2,
             Some(a) => now.since(a) < t.peer_timeout_ms,
         };
-        let silent_ms = self.last_proof_of_life().map_or(0, |l| now.since(l));
+        let silent_ms = self.last_proof_of_life(now).map_or(0, |l| now.since(l));
         let alone = self.members.len() == 1;
 
         let survival = if disk_alive.contains(self.me) {
@@ -844,4 +878,87 @@ mod tests {
             assert!(c.missed > 0);
         }
     }
+    /// Host 0's `heartbeat_disk` is a private file (a typo, a missing mount, a copy): its own
+    /// slot writes land, but it reads nobody else advancing there. Cut off from the network it
+    /// must fence — its peers see its slot silent on the real disk, declare it dead and restart
+    /// its VMs once its fence deadline has passed.
+    #[test]
+    fn a_host_on_a_private_disk_fences_when_cut_off() {
+        let mut l = three(0);
+        let mut fenced_at = None;
+        for t in (0..12_000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            if t < 4000 {
+                for p in [1, 2] {
+                    l.heartbeat_received(&hb(p, seq, &[0, 1, 2], Some((0, seq))), now.plus(1)).expect("fresh");
+                }
+            }
+            // Only our own slot advances on the private copy; the peers' slots are frozen copies.
+            l.disk_read(&[slot(0, seq, &[0], false), slot(1, 3, &[0, 1, 2], false), slot(2, 3, &[0, 1, 2], false)], now.plus(2));
+            if let Some(FenceReason::Isolated { .. }) = l.assess(now.plus(3)).fence {
+                fenced_at = Some(t);
+                break;
+            }
+        }
+        let at = fenced_at.expect("a cut-off host on a private disk must fence");
+        assert!(at <= 4000 + T.self_fence_ms + 200, "fenced too late at {at}");
+        assert!(!l.lease_valid(Millis(at + 3)));
+    }
+
+    /// A host that can write its slot but reads nothing (read path broken) and is cut off.
+    #[test]
+    fn a_host_that_writes_but_cannot_read_fences_when_cut_off() {
+        let mut l = three(0);
+        run(&mut l, 0, 4000, |_, _| true);
+        let mut fenced = false;
+        for t in (4000..9000).step_by(200) {
+            let now = Millis(t);
+            l.heartbeat_sent(t / 200 + 1, now);
+            l.disk_written(now, now.plus(1));
+            l.disk_read_failed();
+            if l.assess(now.plus(3)).fence.is_some() {
+                fenced = true;
+                break;
+            }
+        }
+        assert!(fenced, "a write-only host cut off from the network must fence");
+    }
+
+    /// A host on a private disk that still hears one peer must not call the other peer dead: its
+    /// disk proves nothing about anyone (the silent peer may be alive on the real disk).
+    #[test]
+    fn a_private_disk_is_no_evidence_of_death() {
+        let mut l = three(0);
+        for t in (0..10_000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            l.heartbeat_received(&hb(1, seq, &[0, 1], Some((0, seq))), now.plus(1)).expect("fresh");
+            l.disk_read(&[slot(0, seq, &[0, 1], false), SlotRead::Empty, SlotRead::Empty], now.plus(2));
+        }
+        let a = l.assess(Millis(10_000));
+        assert_eq!(a.peer(HostId(2)).map(|p| p.liveness), Some(HostLiveness::Unknown));
+        assert_eq!(a.peer(HostId(2)).and_then(|p| p.fence_deadline), None);
+        assert_eq!(a.fence, None, "host 0 still has a network majority");
+    }
+
+    /// The shared disk keeps a lone network-isolated host's lease only while it reads a majority
+    /// advancing there: with its two peers writing, it is partitioned, not isolated.
+    #[test]
+    fn a_shared_disk_with_a_majority_advancing_counts_for_the_lease() {
+        let mut l = three(0);
+        for t in (0..6000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            l.disk_read(&[slot(0, seq, &[0], false), slot(1, seq, &[0, 1, 2], false), SlotRead::Empty], now.plus(2));
+        }
+        assert!(l.lease_valid(Millis(6000)), "two of three advancing on the disk: it is shared");
+    }
+
 }

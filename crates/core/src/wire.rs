@@ -11,7 +11,7 @@ use thiserror::Error;
 
 type HmacSha256 = Hmac<Sha256>;
 
-const MAC_LEN: usize = 32;
+pub(crate) const MAC_LEN: usize = 32;
 const HEARTBEAT_MAGIC: &[u8; 4] = b"TDHB";
 const SLOT_MAGIC: &[u8; 4] = b"TDSL";
 // Version 2: acks name the incarnation they acknowledge.
@@ -52,7 +52,7 @@ impl ClusterKey {
         Ok(ClusterKey(trimmed.to_vec()))
     }
 
-    fn mac(&self, data: &[u8]) -> [u8; MAC_LEN] {
+    pub(crate) fn mac(&self, data: &[u8]) -> [u8; MAC_LEN] {
         let mut m = match HmacSha256::new_from_slice(&self.0) {
             Ok(m) => m,
             // HMAC takes keys of any length; this arm cannot run.
@@ -62,7 +62,7 @@ impl ClusterKey {
         m.finalize().into_bytes().into()
     }
 
-    fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
+    pub(crate) fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
         match HmacSha256::new_from_slice(&self.0) {
             Ok(mut m) => {
                 m.update(data);
@@ -70,6 +70,14 @@ impl ClusterKey {
             }
             Err(_) => false,
         }
+    }
+
+    /// Names the cluster without revealing its secret: the heartbeat disk's header carries it.
+    #[must_use]
+    pub fn fingerprint(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&self.mac(b"tandem cluster fingerprint v1")[..16]);
+        out
     }
 
     /// A token derived from the secret for authenticating agent-to-agent HTTP calls.

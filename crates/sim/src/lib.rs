@@ -62,7 +62,7 @@ pub struct SimReport {
     pub trace_hash: u64,
 }
 
-pub const FAULT_KINDS: [&str; 16] = [
+pub const FAULT_KINDS: [&str; 18] = [
     "partition-full",
     "partition-one-way",
     "partition-pair",
@@ -71,6 +71,8 @@ pub const FAULT_KINDS: [&str; 16] = [
     "disk-error-one",
     "disk-hang-one",
     "disk-error-all",
+    "disk-private-one",
+    "disk-write-only-one",
     "power-loss",
     "leader-loss",
     "crash-restart",
@@ -333,6 +335,9 @@ impl Sim {
                 self.run_for(hold).await;
                 if hold.as_millis() as u64 > 9_000 && !before.is_empty() {
                     // The majority has had time to fence-wait and restart them: they must run.
+                    if kind == "partition-full" {
+                        self.check_moved_off(target, &before, &format!("{kind} of h{target}"));
+                    }
                     self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
                 }
                 lock(&w.cond).blocked.clear();
@@ -378,11 +383,38 @@ impl Sim {
                 let hosts: Vec<u32> = if kind == "disk-error-all" { (0..n).collect() } else { vec![target] };
                 w.log(format!("FAULT {kind} {hosts:?} for {hold:?}"));
                 for h in &hosts {
-                    lock(&w.cond).disk.insert(*h, mode);
+                    w.set_disk_mode(*h, mode);
                 }
                 // Losing the disk alone must fence nobody: no excuse.
                 self.run_for(hold).await;
-                lock(&w.cond).disk.clear();
+                w.heal_disks();
+                w.log(format!("HEAL {kind}"));
+            }
+            "disk-private-one" | "disk-write-only-one" => {
+                // The host's disk is not the shared one (a private copy), or it can write its
+                // slot but not read: alone it must fence nobody; cut off from the network as
+                // well, it must fence itself before the others restart its VMs.
+                let mode = if kind == "disk-private-one" { DiskMode::Private } else { DiskMode::WriteOnly };
+                let cut = self.rand(2) == 0;
+                let before = self.vms_on(target).await;
+                w.log(format!("FAULT {kind} h{target}{} for {hold:?}", if cut { " and cut off from the network" } else { "" }));
+                w.set_disk_mode(target, mode);
+                if cut {
+                    {
+                        let mut c = lock(&w.cond);
+                        for o in (0..n).filter(|o| *o != target) {
+                            c.blocked.insert((target, o));
+                            c.blocked.insert((o, target));
+                        }
+                    }
+                    self.excuse(&[target], until);
+                }
+                self.run_for(hold).await;
+                if cut && hold.as_millis() as u64 > 9_000 {
+                    self.check_moved_off(target, &before, &format!("{kind} of h{target}"));
+                }
+                lock(&w.cond).blocked.clear();
+                w.heal_disks();
                 w.log(format!("HEAL {kind}"));
             }
             "power-loss" | "leader-loss" | "crash-restart" => {
@@ -513,6 +545,21 @@ impl Sim {
         }
     }
 
+    /// A host cut off from the majority for long enough must have lost its VMs to the majority
+    /// by now: running only on the cut-off host (unreachable, its host never fenced) is a VM
+    /// that was never recovered.
+    fn check_moved_off(&self, target: u32, vms: &[String], what: &str) {
+        let running = lock(&self.world.running).clone();
+        let stuck: Vec<&String> = vms
+            .iter()
+            .filter(|v| self.created.contains(*v))
+            .filter(|v| running.get(*v).is_none_or(|on| on.keys().all(|h| *h == target)))
+            .collect();
+        if !stuck.is_empty() {
+            self.world.violation("not-recovered", format!("after {what}: {stuck:?} do not run on the majority side while h{target} is still cut off"));
+        }
+    }
+
     /// The operator no longer wants `name` running: no recovery is owed for it.
     fn forgive(&mut self, name: &str) {
         for (_, vms, _) in &mut self.pending_recoveries {
@@ -604,6 +651,11 @@ async fn run_async(opts: SimOptions) -> SimReport {
 
 async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     let world = World::new(opts.seed, opts.hosts + opts.late_hosts);
+    // The disk is formatted once, before any agent starts, as `tandem disk format` does.
+    match std::fs::read(dir.join("secret")).ok().and_then(|s| tandem_core::wire::ClusterKey::new(&s).ok()) {
+        Some(key) => world.format_disk(&key),
+        None => world.violation("sim-error", "no cluster secret to format the disk with".into()),
+    }
     let mut sim = Sim {
         world: Arc::clone(&world),
         hosts: Vec::new(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tandem_agent::disk::DiskError;
 use tandem_agent::httpc::{HttpError, Response};
 use tandem_agent::io::{Clock, HeartbeatTransport, PeerRpc, SlotDevice};
+use tandem_core::diskformat::{slot_offset, DiskHeader, DISK_SIZE, HEADER_SIZE};
 use tandem_core::wire::SLOT_SIZE;
 use tandem_core::{HostId, Millis};
 use tandem_drivers::{BoxFuture, DriverError, VmDriver, VmExit, VmLaunch, VmStatus};
@@ -54,6 +55,11 @@ pub enum DiskMode {
     Fail,
     /// Every I/O hangs until the mode changes back.
     Hang,
+    /// The host's `heartbeat_disk` is a private copy of the shared disk (a path typo to an old
+    /// copy, a mount missing at boot): its writes and reads go to that copy only.
+    Private,
+    /// Writes reach the shared disk; every read fails (a broken read path).
+    WriteOnly,
 }
 
 /// Network and disk conditions, changed by faults.
@@ -88,6 +94,8 @@ pub struct World {
     pub routers: Mutex<BTreeMap<u32, axum::Router>>,
     /// The shared heartbeat disk.
     disk: Mutex<Vec<u8>>,
+    /// Private copies of the disk, for hosts in [`DiskMode::Private`].
+    private_disks: Mutex<BTreeMap<u32, Vec<u8>>>,
     /// Which hosts run which VM now: VM → (host → generation).
     pub running: Mutex<BTreeMap<String, BTreeMap<u32, u64>>>,
     /// Invariant violations seen while running (double runs are caught at the start).
@@ -122,7 +130,8 @@ impl World {
             }),
             inboxes: Mutex::new(BTreeMap::new()),
             routers: Mutex::new(BTreeMap::new()),
-            disk: Mutex::new(vec![0; SLOT_SIZE * tandem_core::hostset::MAX_HOSTS]),
+            disk: Mutex::new(vec![0; DISK_SIZE]),
+            private_disks: Mutex::new(BTreeMap::new()),
             running: Mutex::new(BTreeMap::new()),
             violations: Mutex::new(Vec::new()),
             trace: Mutex::new(Vec::new()),
@@ -173,6 +182,46 @@ impl World {
     pub async fn thawed(&self, h: u32) {
         while self.is_frozen(h) {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Formats the shared disk for the cluster of `key`, as `tandem disk format` does.
+    pub fn format_disk(&self, key: &tandem_core::wire::ClusterKey) {
+        let header = DiskHeader::for_cluster(key).encode(key);
+        lock(&self.disk)[..HEADER_SIZE].copy_from_slice(&header);
+    }
+
+    /// Sets how host `h` sees the heartbeat disk. Entering [`DiskMode::Private`] copies the
+    /// shared disk as it is now; leaving it drops the copy.
+    pub fn set_disk_mode(&self, h: u32, mode: DiskMode) {
+        if mode == DiskMode::Private {
+            let copy = lock(&self.disk).clone();
+            lock(&self.private_disks).insert(h, copy);
+        } else {
+            lock(&self.private_disks).remove(&h);
+        }
+        if mode == DiskMode::Ok {
+            lock(&self.cond).disk.remove(&h);
+        } else {
+            lock(&self.cond).disk.insert(h, mode);
+        }
+    }
+
+    /// Every host sees the shared disk again.
+    pub fn heal_disks(&self) {
+        lock(&self.private_disks).clear();
+        lock(&self.cond).disk.clear();
+    }
+
+    /// Runs `f` on the disk host `h` writes to and reads from.
+    fn with_disk<T>(&self, h: u32, f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+        let mut private = lock(&self.private_disks);
+        match private.get_mut(&h) {
+            Some(copy) => f(copy),
+            None => {
+                drop(private);
+                f(&mut lock(&self.disk))
+            }
         }
     }
 
@@ -286,14 +335,16 @@ pub struct SimDisk {
 }
 
 impl SimDisk {
-    async fn gate(&self) -> Result<(), DiskError> {
+    async fn gate(&self, read: bool) -> Result<(), DiskError> {
         self.world.thawed(self.me).await;
         loop {
             if lock(&self.world.cond).down.contains(&self.me) {
                 return Err(DiskError::Io(std::io::Error::other("host is powered off")));
             }
             match self.world.disk_mode(self.me) {
-                DiskMode::Ok => return Ok(()),
+                DiskMode::Ok | DiskMode::Private => return Ok(()),
+                DiskMode::WriteOnly if read => return Err(DiskError::Io(std::io::Error::other("simulated read-path failure"))),
+                DiskMode::WriteOnly => return Ok(()),
                 DiskMode::Fail => return Err(DiskError::Io(std::io::Error::other("simulated disk failure"))),
                 // A hung request completes once the disk answers again (or the caller gives up).
                 DiskMode::Hang => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -305,21 +356,20 @@ impl SimDisk {
 impl SlotDevice for SimDisk {
     fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>> {
         Box::pin(async move {
-            self.gate().await?;
+            self.gate(false).await?;
             tokio::time::sleep(Duration::from_millis(1)).await;
-            let off = slot.0 as usize * SLOT_SIZE;
-            let mut d = lock(&self.world.disk);
+            let off = slot_offset(slot) as usize;
             let n = bytes.len().min(SLOT_SIZE);
-            d[off..off + n].copy_from_slice(&bytes[..n]);
+            self.world.with_disk(self.me, |d| d[off..off + n].copy_from_slice(&bytes[..n]));
             Ok(())
         })
     }
 
     fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>> {
         Box::pin(async move {
-            self.gate().await?;
+            self.gate(true).await?;
             tokio::time::sleep(Duration::from_millis(1)).await;
-            Ok(lock(&self.world.disk).clone())
+            Ok(self.world.with_disk(self.me, |d| d.clone()))
         })
     }
 }

@@ -669,8 +669,8 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     }
     // Each host reaches the shared heartbeat disk through its own FUSE view (which a fault
     // hangs) and its own symlink to that view (which a fault breaks).
+    // `Lab::new` formatted it.
     let backing = lab.shared.join("heartbeat.disk");
-    std::fs::File::create(&backing)?.set_len(tandem_agent::disk::DISK_SIZE as u64)?;
     let fuse_dir = links_dir.join("fuse");
     std::fs::create_dir_all(&fuse_dir)?;
     let fuse = FuseDisk::mount(&backing, &fuse_dir, args.hosts)?;

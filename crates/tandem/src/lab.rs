@@ -208,6 +208,10 @@ impl Lab {
         let shared = root.join("shared");
         std::fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
         std::fs::write(shared.join("secret"), format!("lab-secret-{id}-0123456789abcdef\n"))?;
+        // The heartbeat disk is formatted once, explicitly, as an operator does with
+        // `tandem disk format`: agents refuse a disk without this cluster's header.
+        let key = tandem_core::wire::ClusterKey::new(&std::fs::read(shared.join("secret"))?)?;
+        tandem_agent::disk::format(&shared.join("heartbeat.disk"), &key, false)?;
         let mut hosts = Vec::new();
         for i in 0..opts.hosts {
             let (prefix, ip) = match &opts.netns {

@@ -70,6 +70,11 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The shared heartbeat disk: format it once, before the first agent starts.
+    Disk {
+        #[command(subcommand)]
+        op: DiskOp,
+    },
     /// Cluster-wide operations.
     Cluster {
         #[command(subcommand)]
@@ -161,6 +166,21 @@ enum TokenOp {
     List,
     /// Revoke a token.
     Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum DiskOp {
+    /// Write the header (cluster fingerprint, layout) and empty slots to the agent's
+    /// `heartbeat_disk`. Agents refuse a disk that was not formatted for their cluster. A disk
+    /// that already carries a header is refused unless --force (it erases live slots: only while
+    /// no agent runs).
+    Format {
+        /// An agent configuration naming the disk and the cluster secret.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -440,7 +460,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
         }
     };
     match &cli.command {
-        Cmd::Agent { .. } | Cmd::Demo(_) | Cmd::Chaos(_) | Cmd::Sim(_) | Cmd::Bench { .. } => Ok(()),
+        Cmd::Agent { .. } | Cmd::Disk { .. } | Cmd::Demo(_) | Cmd::Chaos(_) | Cmd::Sim(_) | Cmd::Bench { .. } => Ok(()),
         Cmd::Cluster { op: ClusterOp::Settings } => {
             let v = c.get("/v1/settings")?;
             show(out, &v, kv);
@@ -732,6 +752,12 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
     }
 }
 
+fn format_disk(config: &std::path::Path, force: bool) -> Result<String> {
+    let cfg = AgentConfig::load(config)?;
+    tandem_agent::disk::format(&cfg.heartbeat_disk, &cfg.key()?, force)?;
+    Ok(cfg.heartbeat_disk.display().to_string())
+}
+
 fn run_agent(config: &std::path::Path) -> Result<()> {
     let cfg = AgentConfig::load(config)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -786,6 +812,16 @@ fn main() {
     let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
     let _ = if simulating { logs.with_timer(SimulatedTime).try_init() } else { logs.try_init() };
     let code = match &cli.command {
+        Cmd::Disk { op: DiskOp::Format { config, force } } => match format_disk(config, *force) {
+            Ok(path) => {
+                println!("formatted {path} as this cluster's heartbeat disk");
+                0
+            }
+            Err(e) => {
+                eprintln!("tandem disk format: {e:#}");
+                1
+            }
+        },
         Cmd::Agent { config } => match run_agent(config) {
             Ok(()) => 0,
             Err(e) => {
