@@ -11,11 +11,10 @@
 use crate::config::{AgentConfig, DriverKind};
 use crate::consensus::{CommandResult, Consensus, ConsensusError};
 use crate::disk::{DiskError, HeartbeatDisk};
-use crate::io::{AgentIo, Clock, HeartbeatTransport, PeerRpc};
 use crate::events::EventLog;
 use crate::httpc;
+use crate::io::{AgentIo, Clock, HeartbeatTransport, PeerRpc};
 use serde::Serialize;
-use tracing::Instrument;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +30,7 @@ use tandem_drivers::process::ProcessDriver;
 use tandem_drivers::qemu::QemuDriver;
 use tandem_drivers::{VmDriver, VmExit, VmLaunch};
 use thiserror::Error;
+use tracing::Instrument;
 
 /// Sets the reset timeout of a watchdog character device (WDIOC_SETTIMEOUT); a regular file
 /// standing in for one in tests has no timeout to set.
@@ -184,13 +184,7 @@ impl Agent {
         let stop_timeout = Duration::from_secs(cfg.qemu.stop_timeout_s);
         let driver: Arc<dyn VmDriver> = match cfg.driver {
             DriverKind::Process => Arc::new(ProcessDriver::new(launcher, &cfg.name, stop_timeout)),
-            DriverKind::Qemu => Arc::new(QemuDriver::new(
-                cfg.qemu.clone(),
-                launcher,
-                &cfg.name,
-                &cfg.api_addr.ip().to_string(),
-                cfg.data_dir.join("run"),
-            )),
+            DriverKind::Qemu => Arc::new(QemuDriver::new(cfg.qemu.clone(), launcher, &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run"))),
             DriverKind::Mixed => Arc::new(tandem_drivers::mixed::MixedDriver {
                 qemu: QemuDriver::new(cfg.qemu.clone(), launcher.clone(), &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run")),
                 process: ProcessDriver::new(launcher, &cfg.name, stop_timeout),
@@ -330,12 +324,8 @@ impl Agent {
         }
         if self.cfg.watchdog.enabled {
             let path = self.cfg.watchdog.device.clone();
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?;
-            set_watchdog_timeout(&f, self.cfg.watchdog.timeout_s)
-                .map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?;
+            set_watchdog_timeout(&f, self.cfg.watchdog.timeout_s).map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?;
             *lock(&self.hw_watchdog) = Some(f);
         }
         let a = Arc::clone(self);
@@ -412,12 +402,7 @@ impl Agent {
         let now = self.clock.now();
         self.last_tick.store(now.0.max(1), Ordering::SeqCst);
         let (members, epoch, peers) = self.consensus.with_state(|s| {
-            let peers: Vec<SocketAddr> = s
-                .hosts
-                .values()
-                .filter(|h| h.id != self.me)
-                .filter_map(|h| h.heartbeat_addr.parse().ok())
-                .collect();
+            let peers: Vec<SocketAddr> = s.hosts.values().filter(|h| h.id != self.me).filter_map(|h| h.heartbeat_addr.parse().ok()).collect();
             (s.members(), s.hosts.get(&self.me).map_or(0, |h| h.epoch), peers)
         });
         let fenced = self.is_fenced();
@@ -430,15 +415,7 @@ impl Agent {
                 s.seq
             };
             l.heartbeat_sent(seq, now);
-            let hb = Heartbeat {
-                from: self.me,
-                incarnation: self.incarnation,
-                seq,
-                epoch,
-                heard: l.heard(now),
-                acks: l.acks(),
-                fenced,
-            };
+            let hb = Heartbeat { from: self.me, incarnation: self.incarnation, seq, epoch, heard: l.heard(now), acks: l.acks(), fenced };
             (hb, l.assess(now), seq)
         };
         let bytes = hb.encode(&self.key);
@@ -469,41 +446,36 @@ impl Agent {
             s.disk_counter
         };
         let a = Arc::clone(self);
-        tokio::spawn(async move {
-            let slot = DiskSlot {
-                host: a.me,
-                incarnation: a.incarnation,
-                counter,
-                epoch,
-                heard,
-                fenced,
-                written_at_ms: a.clock.now().0,
-            };
-            let started = a.clock.now();
-            match a.disk.write(&slot).await {
-                Ok(()) => {
-                    let finished = a.clock.now();
-                    a.metrics.disk_write_seconds.observe(finished.since(started) as f64 / 1000.0);
-                    lock(&a.liveness).disk_written(started, finished);
+        tokio::spawn(
+            async move {
+                let slot = DiskSlot { host: a.me, incarnation: a.incarnation, counter, epoch, heard, fenced, written_at_ms: a.clock.now().0 };
+                let started = a.clock.now();
+                match a.disk.write(&slot).await {
+                    Ok(()) => {
+                        let finished = a.clock.now();
+                        a.metrics.disk_write_seconds.observe(finished.since(started) as f64 / 1000.0);
+                        lock(&a.liveness).disk_written(started, finished);
+                    }
+                    Err(e) => {
+                        tracing::debug!("slot write failed: {e}");
+                        a.metrics.disk_write_failures.fetch_add(1, Ordering::Relaxed);
+                        lock(&a.liveness).disk_write_failed();
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!("slot write failed: {e}");
-                    a.metrics.disk_write_failures.fetch_add(1, Ordering::Relaxed);
-                    lock(&a.liveness).disk_write_failed();
+                match a.disk.read_all().await {
+                    Ok(slots) => {
+                        let now = a.clock.now();
+                        lock(&a.liveness).disk_read(&slots, now);
+                    }
+                    Err(e) => {
+                        tracing::debug!("slot read failed: {e}");
+                        lock(&a.liveness).disk_read_failed();
+                    }
                 }
+                lock(&a.scratch).disk_busy = false;
             }
-            match a.disk.read_all().await {
-                Ok(slots) => {
-                    let now = a.clock.now();
-                    lock(&a.liveness).disk_read(&slots, now);
-                }
-                Err(e) => {
-                    tracing::debug!("slot read failed: {e}");
-                    lock(&a.liveness).disk_read_failed();
-                }
-            }
-            lock(&a.scratch).disk_busy = false;
-        }.in_current_span());
+            .in_current_span(),
+        );
     }
 
     fn host_name(&self, h: HostId) -> String {
@@ -533,9 +505,7 @@ impl Agent {
                 before,
                 age(p.and_then(|p| p.net_age_ms)),
                 age(p.and_then(|p| p.disk_age_ms)),
-                p.and_then(|p| p.fence_deadline)
-                    .map(|d| format!("; fence deadline in {:.1} s", d.since(a.now) as f64 / 1000.0))
-                    .unwrap_or_default()
+                p.and_then(|p| p.fence_deadline).map(|d| format!("; fence deadline in {:.1} s", d.since(a.now) as f64 / 1000.0)).unwrap_or_default()
             );
             let kind = match now_is {
                 HostLiveness::Alive => "peer-alive",
@@ -571,8 +541,7 @@ impl Agent {
                 if resp.status != 200 {
                     return Err(AgentError::ForwardRefused(String::from_utf8_lossy(&resp.body).into_owned()));
                 }
-                let (r, index): (CommandResult, u64) =
-                    serde_json::from_slice(&resp.body).map_err(|e| AgentError::ForwardRefused(e.to_string()))?;
+                let (r, index): (CommandResult, u64) = serde_json::from_slice(&resp.body).map_err(|e| AgentError::ForwardRefused(e.to_string()))?;
                 self.consensus.wait_applied(index).await;
                 Ok(r)
             }
@@ -651,9 +620,9 @@ impl Agent {
     /// last one stops them.
     async fn count_capacity_retries(&self) {
         let now = self.clock.now();
-        let waiting: Vec<String> = self.consensus.with_state(|s| {
-            s.vms.values().filter(|v| v.capacity_retries.is_some() && v.assignment.is_none()).map(|v| v.spec.name.clone()).collect()
-        });
+        let waiting: Vec<String> = self
+            .consensus
+            .with_state(|s| s.vms.values().filter(|v| v.capacity_retries.is_some() && v.assignment.is_none()).map(|v| v.spec.name.clone()).collect());
         let due: Vec<String> = {
             let mut scratch = lock(&self.scratch);
             scratch.capacity_retry_due.retain(|n, _| waiting.contains(n));
@@ -744,10 +713,7 @@ impl Agent {
         self.consensus.with_state(|s| {
             s.active_hosts()
                 .iter()
-                .filter(|h| {
-                    (*h == self.me && !self.is_fenced())
-                        || a.peer(*h).is_some_and(|p| p.liveness == HostLiveness::Alive && p.fenced_epoch.is_none())
-                })
+                .filter(|h| (*h == self.me && !self.is_fenced()) || a.peer(*h).is_some_and(|p| p.liveness == HostLiveness::Alive && p.fenced_epoch.is_none()))
                 .collect()
         })
     }
@@ -796,7 +762,12 @@ impl Agent {
             let eligible = self.eligible_hosts(a);
             let plan = self.consensus.with_state(|s| recovery::plan_failover(s, host, eligible));
             let name = self.host_name(host);
-            self.events.record("failover-decided", None, Some(&name), format!("{why}; plan: {} placement(s), {} left down", plan.placements.len(), plan.left_down.len()));
+            self.events.record(
+                "failover-decided",
+                None,
+                Some(&name),
+                format!("{why}; plan: {} placement(s), {} left down", plan.placements.len(), plan.left_down.len()),
+            );
             match self.submit(Command::Failover { host, epoch, plan: plan.placements }).await {
                 Ok(Ok(Applied::FailedOver { moved, left_down, .. })) => {
                     for (vm, target, generation) in &moved {
@@ -817,12 +788,7 @@ impl Agent {
                         self.metrics.failover_seconds.observe(ms as f64 / 1000.0);
                     }
                     let timing = since_dead.map_or_else(String::new, |ms| format!(", {:.2} s after it was first seen dead", ms as f64 / 1000.0));
-                    self.events.record(
-                        "failover-committed",
-                        None,
-                        Some(&name),
-                        format!("{} VM(s) moved, {} left down{timing}", moved.len(), left_down.len()),
-                    );
+                    self.events.record("failover-committed", None, Some(&name), format!("{} VM(s) moved, {} left down{timing}", moved.len(), left_down.len()));
                 }
                 Ok(Ok(other)) => tracing::warn!("unexpected failover answer {other:?}"),
                 Ok(Err(e)) => tracing::info!("failover of {name} refused: {e}"),
@@ -910,12 +876,15 @@ impl Agent {
                 if newly {
                     let a = Arc::clone(self);
                     let name = v.name.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = a.driver.stop(&name).await {
-                            tracing::warn!("stop of {name} failed: {e}");
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = a.driver.stop(&name).await {
+                                tracing::warn!("stop of {name} failed: {e}");
+                            }
+                            lock(&a.scratch).stopping.remove(&name);
                         }
-                        lock(&a.scratch).stopping.remove(&name);
-                    }.in_current_span());
+                        .in_current_span(),
+                    );
                 }
             } else {
                 let _ = self.driver.kill(&v.name);
@@ -955,12 +924,22 @@ impl Agent {
                 VmExit::Crashed { detail } if protection != Some(Protection::Protect) => {
                     stopped_now.insert(v.name.clone());
                     let _ = self.submit(Command::SetPower { name: v.name.clone(), desired: PowerState::Stopped, force: false }).await;
-                    self.events.record("vm-crashed", Some(&v.name), Some(&self.cfg.name), format!("{} crashed ({detail}); not protected, so it stays stopped", v.name));
+                    self.events.record(
+                        "vm-crashed",
+                        Some(&v.name),
+                        Some(&self.cfg.name),
+                        format!("{} crashed ({detail}); not protected, so it stays stopped", v.name),
+                    );
                 }
                 // Restarted here while the budget lasts (the start below), then moved on.
                 VmExit::Crashed { detail } => {
                     if !self.allow_restart(&v.name) {
-                        self.give_up_here(&v.name, v.generation, &format!("crashed {MAX_LOCAL_RESTARTS} times within {} s: {detail}", RESTART_WINDOW_MS / 1000)).await;
+                        self.give_up_here(
+                            &v.name,
+                            v.generation,
+                            &format!("crashed {MAX_LOCAL_RESTARTS} times within {} s: {detail}", RESTART_WINDOW_MS / 1000),
+                        )
+                        .await;
                     }
                 }
             }
@@ -990,24 +969,29 @@ impl Agent {
                 continue;
             }
             let a = Arc::clone(self);
-            tokio::spawn(async move {
-                if !a.may_start_vms() {
-                    lock(&a.scratch).starting.remove(&name);
-                    return;
-                }
-                let launch = VmLaunch { spec, generation };
-                match a.driver.start(&launch).await {
-                    Ok(()) => a.events.record("vm-started", Some(&name), Some(&a.cfg.name), format!("{name} started on {} (generation {generation})", a.cfg.name)),
-                    Err(e) => {
-                        a.events.record("vm-start-failed", Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}"));
-                        // Retried on the next pass while the budget lasts, then moved on.
-                        if !a.allow_restart(&name) {
-                            a.give_up_here(&name, generation, &e.to_string()).await;
+            tokio::spawn(
+                async move {
+                    if !a.may_start_vms() {
+                        lock(&a.scratch).starting.remove(&name);
+                        return;
+                    }
+                    let launch = VmLaunch { spec, generation };
+                    match a.driver.start(&launch).await {
+                        Ok(()) => {
+                            a.events.record("vm-started", Some(&name), Some(&a.cfg.name), format!("{name} started on {} (generation {generation})", a.cfg.name))
+                        }
+                        Err(e) => {
+                            a.events.record("vm-start-failed", Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}"));
+                            // Retried on the next pass while the budget lasts, then moved on.
+                            if !a.allow_restart(&name) {
+                                a.give_up_here(&name, generation, &e.to_string()).await;
+                            }
                         }
                     }
+                    lock(&a.scratch).starting.remove(&name);
                 }
-                lock(&a.scratch).starting.remove(&name);
-            }.in_current_span());
+                .in_current_span(),
+            );
         }
     }
 

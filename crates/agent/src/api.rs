@@ -6,11 +6,11 @@
 
 use crate::agent::{Agent, AgentError};
 use crate::consensus::{ConsensusError, TypeConfig};
-use axum::body::Bytes;
 use crate::endpoints::{self, Access};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::middleware::Next;
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -70,11 +70,9 @@ impl From<StateError> for ApiError {
     fn from(e: StateError) -> ApiError {
         let status = match e {
             StateError::UnknownVm(_) | StateError::UnknownHost(_) | StateError::UnknownRule(_) | StateError::UnknownToken(_) => StatusCode::NOT_FOUND,
-            StateError::InvalidSpec(_)
-            | StateError::BadHostName(_)
-            | StateError::BadHostId(_)
-            | StateError::BadSetting(_)
-            | StateError::BadToken(_) => StatusCode::BAD_REQUEST,
+            StateError::InvalidSpec(_) | StateError::BadHostName(_) | StateError::BadHostId(_) | StateError::BadSetting(_) | StateError::BadToken(_) => {
+                StatusCode::BAD_REQUEST
+            }
             _ => StatusCode::CONFLICT,
         };
         ApiError::new(status, e)
@@ -142,10 +140,9 @@ async fn authorize(State(a): State<Arc<Agent>>, route: MatchedPath, req: Request
         Access::Read => caller(&a, req.headers()).map(|_| ()),
         Access::Admin => caller(&a, req.headers()).and_then(|c| match c.role {
             Role::Admin => Ok(()),
-            Role::ReadOnly => Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!("token '{}' is read-only: {method} {} needs an admin token", c.name, route.as_str()),
-            )),
+            Role::ReadOnly => {
+                Err(ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is read-only: {method} {} needs an admin token", c.name, route.as_str())))
+            }
         }),
     };
     match allowed {
@@ -325,10 +322,7 @@ async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Result<Response,
             .await?;
         }
     }
-    a.consensus
-        .add_voter(u64::from(id.host_id), &id.api_addr)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
+    a.consensus.add_voter(u64::from(id.host_id), &id.api_addr).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
     a.events.record("host-added", None, Some(&id.name), format!("{} joined as host {}", id.name, id.host_id));
     Ok(Json(json!({ "joined": id.name, "host_id": id.host_id })).into_response())
 }
@@ -360,7 +354,11 @@ async fn hosts(State(a): State<Arc<Agent>>) -> Json<Vec<HostView>> {
             .map(|h| {
                 let p = asm.as_ref().and_then(|x| x.peer(h.id).copied());
                 let liveness = if h.id == a.me {
-                    if a.status().fenced.is_some() { "fenced(self)".to_string() } else { "self".to_string() }
+                    if a.status().fenced.is_some() {
+                        "fenced(self)".to_string()
+                    } else {
+                        "self".to_string()
+                    }
                 } else {
                     p.map_or("unknown".into(), |p| match p.liveness {
                         HostLiveness::Alive => "alive".into(),
@@ -380,10 +378,7 @@ async fn hosts(State(a): State<Arc<Agent>>) -> Json<Vec<HostView>> {
                     liveness,
                     net_age_ms: p.and_then(|p| p.net_age_ms),
                     disk_age_ms: p.and_then(|p| p.disk_age_ms),
-                    fence_deadline_in_ms: p
-                        .and_then(|p| p.fence_deadline)
-                        .zip(asm.as_ref())
-                        .map(|(d, x)| d.0 as i64 - x.now.0 as i64),
+                    fence_deadline_in_ms: p.and_then(|p| p.fence_deadline).zip(asm.as_ref()).map(|(d, x)| d.0 as i64 - x.now.0 as i64),
                     leader: leader == Some(u64::from(h.id.0)),
                 }
             })
@@ -449,11 +444,7 @@ async fn vms(State(a): State<Arc<Agent>>) -> Json<Vec<VmView>> {
 }
 
 async fn vm_show(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<VmView> {
-    vm_views(&a)
-        .into_iter()
-        .find(|v| v.name == name)
-        .map(Json)
-        .ok_or_else(|| StateError::UnknownVm(name).into())
+    vm_views(&a).into_iter().find(|v| v.name == name).map(Json).ok_or_else(|| StateError::UnknownVm(name).into())
 }
 
 async fn vm_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
@@ -732,9 +723,7 @@ async fn raft_snapshot(State(a): State<Arc<Agent>>, headers: HeaderMap, body: By
 /// Serves the API until `shutdown` resolves.
 pub async fn serve(agent: Arc<Agent>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
     let addr = agent.cfg.api_addr;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| AgentError::Bind { what: "API", addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { what: "API", addr, source })?;
     let bind = |source| AgentError::Bind { what: "API", addr, source };
     match agent.cfg.tls.clone() {
         Some(t) => {

@@ -197,12 +197,7 @@ impl AgentConfig {
             let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
             let memory_mib = std::fs::read_to_string("/proc/meminfo")
                 .ok()
-                .and_then(|m| {
-                    m.lines()
-                        .find(|l| l.starts_with("MemTotal:"))
-                        .and_then(|l| l.split_whitespace().nth(1))
-                        .and_then(|kb| kb.parse::<u64>().ok())
-                })
+                .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<u64>().ok()))
                 .map_or(1024, |kb| kb / 1024);
             Capacity { vcpus, memory_mib }
         })

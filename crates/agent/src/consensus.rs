@@ -9,8 +9,8 @@ use crate::httpc;
 use crate::io::PeerRpc;
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
-    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+    AnyError, BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership, Vote,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -111,10 +111,7 @@ pub struct LogStore {
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(&mut self, range: RB) -> Result<Vec<Entry<TypeConfig>>, SErr> {
         let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
             let tx = self.db.begin_read().map_err(io_err)?;
             let t = match tx.open_table(LOG) {
@@ -158,8 +155,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
-        put_meta(&self.db, "vote", &json(vote).map_err(StorageIOError::write_vote)?)
-            .map_err(|e| StorageIOError::write_vote(e).into())
+        put_meta(&self.db, "vote", &json(vote).map_err(StorageIOError::write_vote)?).map_err(|e| StorageIOError::write_vote(e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
@@ -167,8 +163,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
-        put_meta(&self.db, "committed", &json(&committed).map_err(StorageIOError::write)?)
-            .map_err(|e| StorageIOError::write(e).into())
+        put_meta(&self.db, "committed", &json(&committed).map_err(StorageIOError::write)?).map_err(|e| StorageIOError::write(e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
@@ -207,8 +202,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        put_meta(&self.db, "last_purged", &json(&log_id).map_err(StorageIOError::write_logs)?)
-            .map_err(StorageIOError::write_logs)?;
+        put_meta(&self.db, "last_purged", &json(&log_id).map_err(StorageIOError::write_logs)?).map_err(StorageIOError::write_logs)?;
         self.remove_range(..=log_id.index).map_err(|e| StorageIOError::write_logs(e).into())
     }
 }
@@ -243,8 +237,7 @@ pub struct StateMachine {
 impl StateMachine {
     #[allow(clippy::result_large_err)] // openraft's storage traits fix this error type
     fn persist(&self, d: &MachineData) -> Result<(), SErr> {
-        put_meta(&self.db, "machine", &json(d).map_err(StorageIOError::write_state_machine)?)
-            .map_err(|e| StorageIOError::write_state_machine(e).into())
+        put_meta(&self.db, "machine", &json(d).map_err(StorageIOError::write_state_machine)?).map_err(|e| StorageIOError::write_state_machine(e).into())
     }
 
     #[allow(clippy::result_large_err)] // openraft's storage traits fix this error type
@@ -316,13 +309,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), SErr> {
-        let mut d: MachineData = serde_json::from_slice(snapshot.get_ref())
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), SErr> {
+        let mut d: MachineData = serde_json::from_slice(snapshot.get_ref()).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
         d.last_applied = meta.last_log_id;
         d.membership = meta.last_membership.clone();
         self.persist(&d)?;
@@ -366,25 +354,16 @@ impl openraft::RaftNetworkFactory<TypeConfig> for Network {
 type RpcErr<E = openraft::error::Infallible> = openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId, E>>;
 
 impl PeerLink {
-    async fn call<Req: Serialize, Resp: for<'de> Deserialize<'de>, E>(
-        &self,
-        path: &str,
-        req: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, RpcErr<E>>
+    async fn call<Req: Serialize, Resp: for<'de> Deserialize<'de>, E>(&self, path: &str, req: &Req, timeout: Duration) -> Result<Resp, RpcErr<E>>
     where
         E: std::error::Error + for<'de> Deserialize<'de>,
     {
         use openraft::error::{NetworkError, RPCError, RemoteError, Unreachable};
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let resp = self
-            .rpc
-            .call(&self.addr, path, Some(&self.token), Some(body), timeout)
-            .await
-            .map_err(|e| match e {
-                httpc::HttpError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-                _ => RPCError::Network(NetworkError::new(&e)),
-            })?;
+        let resp = self.rpc.call(&self.addr, path, Some(&self.token), Some(body), timeout).await.map_err(|e| match e {
+            httpc::HttpError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+            _ => RPCError::Network(NetworkError::new(&e)),
+        })?;
         if resp.status != 200 {
             let e = std::io::Error::other(format!("peer answered HTTP {}: {}", resp.status, String::from_utf8_lossy(&resp.body)));
             return Err(RPCError::Network(NetworkError::new(&e)));
@@ -448,9 +427,7 @@ impl Consensus {
     /// Opens (or creates) the database in `dir` and starts openraft.
     pub async fn open(dir: &Path, me: NodeId, token: String, rpc: Arc<dyn PeerRpc>) -> Result<Consensus, ConsensusError> {
         let path = dir.join("consensus.redb");
-        let db = Arc::new(
-            Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?,
-        );
+        let db = Arc::new(Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?);
         let data: MachineData = get_meta(&db, "machine").map_err(|e| Box::new(SErr::from(StorageIOError::read_state_machine(e))))?.unwrap_or_default();
         let (applied_tx, applied_rx) = watch::channel(data.last_applied.map_or(0, |l| l.index));
         let data = Arc::new(RwLock::new(data));
@@ -528,9 +505,7 @@ impl Consensus {
         let mut nodes = BTreeMap::new();
         nodes.insert(self.me, BasicNode { addr: api_addr.to_string() });
         self.raft.initialize(nodes).await.map_err(|e| match e {
-            openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => {
-                ConsensusError::AlreadyInitialized
-            }
+            openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => ConsensusError::AlreadyInitialized,
             other => ConsensusError::Raft(other.to_string()),
         })
     }
@@ -577,10 +552,7 @@ impl Consensus {
 
     /// Adds `id` at `addr` as a voter (learner first, so it catches up before it counts).
     pub async fn add_voter(&self, id: NodeId, addr: &str) -> Result<(), ConsensusError> {
-        self.raft
-            .add_learner(id, BasicNode { addr: addr.to_string() }, true)
-            .await
-            .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        self.raft.add_learner(id, BasicNode { addr: addr.to_string() }, true).await.map_err(|e| ConsensusError::Raft(e.to_string()))?;
         let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         voters.insert(id);
         self.raft.change_membership(voters, false).await.map_err(|e| ConsensusError::Raft(e.to_string()))?;

@@ -5,6 +5,7 @@
 //! can hang in uninterruptible sleep instead of failing: a hung disk stalls that thread only.
 //! Callers wait with a deadline and count a late answer as lost.
 
+use crate::io::SlotDevice;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -14,7 +15,6 @@ use tandem_core::diskformat::{slot_offset, DiskHeader, HeaderError, DISK_SIZE, H
 use tandem_core::wire::{ClusterKey, DiskSlot, SlotRead, SLOT_SIZE};
 use tandem_core::HostId;
 use tandem_drivers::BoxFuture;
-use crate::io::SlotDevice;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -228,11 +228,7 @@ impl HeartbeatDisk {
             return Err(DiskError::Io(std::io::Error::other(format!("heartbeat area is {} bytes, not {DISK_SIZE}", bytes.len()))));
         }
         DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source })?;
-        Ok(bytes[HEADER_SIZE..]
-            .chunks(SLOT_SIZE)
-            .enumerate()
-            .map(|(i, b)| DiskSlot::decode(b, HostId(i as u32), &self.key))
-            .collect())
+        Ok(bytes[HEADER_SIZE..].chunks(SLOT_SIZE).enumerate().map(|(i, b)| DiskSlot::decode(b, HostId(i as u32), &self.key)).collect())
     }
 }
 

@@ -54,11 +54,23 @@ pub const ENDPOINTS: &[Endpoint] = &[
     with_body("POST", "/v1/cluster/init", Admin, "Make this agent the first host of a new cluster.", "{}"),
     ep("GET", "/v1/hosts", Read, "Hosts with status, epoch, capacity use and liveness as seen from this agent."),
     with_body("POST", "/v1/hosts/join", Admin, "Add the agent listening at api_addr to the cluster.", "{\"api_addr\": \"ip:port\"}"),
-    with_body("POST", "/v1/hosts/{name}/mode", Admin, "Set a host's mode; refused if it breaks the FTT target unless forced.", "{\"mode\": \"normal|maintenance|disabled\", \"force\": false}"),
+    with_body(
+        "POST",
+        "/v1/hosts/{name}/mode",
+        Admin,
+        "Set a host's mode; refused if it breaks the FTT target unless forced.",
+        "{\"mode\": \"normal|maintenance|disabled\", \"force\": false}",
+    ),
     ep("GET", "/v1/vms", Read, "Every VM with its desired state, host, generation, error and restart hold."),
     with_body("POST", "/v1/vms", Admin, "Create a VM (stopped) from a VM spec.", "a VM spec (see the README)"),
     ep("GET", "/v1/vms/{name}", Read, "One VM."),
-    with_body("PUT", "/v1/vms/{name}", Admin, "Change a VM's spec; refused if it breaks the FTT target unless forced.", "{\"spec\": VM spec, \"force\": false}"),
+    with_body(
+        "PUT",
+        "/v1/vms/{name}",
+        Admin,
+        "Change a VM's spec; refused if it breaks the FTT target unless forced.",
+        "{\"spec\": VM spec, \"force\": false}",
+    ),
     ep("DELETE", "/v1/vms/{name}", Admin, "Delete a stopped VM."),
     with_body("POST", "/v1/vms/{name}/start", Admin, "Start a VM; refused if it breaks the FTT target unless forced.", "{\"force\": false}"),
     with_body("POST", "/v1/vms/{name}/stop", Admin, "Stop a VM (ACPI power-down, then kill after the stop timeout).", "{}"),
@@ -81,10 +93,22 @@ pub const ENDPOINTS: &[Endpoint] = &[
         "{\"ftt_target\": N|null, \"vcpu_overcommit_pct\": P, \"group_delays_ms\": {\"GROUP\": MS|null}, \"force\": false}",
     ),
     ep("GET", "/v1/rules", Read, "Placement rules."),
-    with_body("POST", "/v1/rules", Admin, "Add a placement rule (checked for feasibility and conflicts).", "{\"rule\": {\"name\", \"kind\", \"hard\", \"vms\"}, \"force\": false}"),
+    with_body(
+        "POST",
+        "/v1/rules",
+        Admin,
+        "Add a placement rule (checked for feasibility and conflicts).",
+        "{\"rule\": {\"name\", \"kind\", \"hard\", \"vms\"}, \"force\": false}",
+    ),
     ep("DELETE", "/v1/rules/{name}", Admin, "Delete a placement rule."),
     ep("GET", "/v1/tokens", Admin, "API tokens: names and roles (never the tokens)."),
-    with_body("POST", "/v1/tokens", Admin, "Make an API token; the answer holds the token, shown this once.", "{\"name\": \"ops\", \"role\": \"admin|read-only\"}"),
+    with_body(
+        "POST",
+        "/v1/tokens",
+        Admin,
+        "Make an API token; the answer holds the token, shown this once.",
+        "{\"name\": \"ops\", \"role\": \"admin|read-only\"}",
+    ),
     ep("DELETE", "/v1/tokens/{name}", Admin, "Revoke an API token."),
     ep("GET", "/v1/local", Read, "The workloads this host's driver runs now, with generation and exit."),
     Endpoint {
@@ -128,10 +152,7 @@ fn operation(e: &Endpoint) -> Value {
         op.insert("parameters".into(), Value::Array(params));
     }
     if let Some(b) = e.body {
-        op.insert(
-            "requestBody".into(),
-            json!({ "required": true, "content": { "application/json": { "schema": { "type": "object", "description": b } } } }),
-        );
+        op.insert("requestBody".into(), json!({ "required": true, "content": { "application/json": { "schema": { "type": "object", "description": b } } } }));
     }
     let error = json!({ "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
     let mut responses = Map::new();
@@ -211,7 +232,10 @@ mod tests {
             std::fs::write(&path, &generated).expect("write docs/openapi.json");
         }
         let kept = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(kept == generated, "docs/openapi.json is stale: run `TANDEM_WRITE_OPENAPI=1 cargo test -p tandem-agent openapi` (or `tandem openapi > docs/openapi.json`)");
+        assert!(
+            kept == generated,
+            "docs/openapi.json is stale: run `TANDEM_WRITE_OPENAPI=1 cargo test -p tandem-agent openapi` (or `tandem openapi > docs/openapi.json`)"
+        );
     }
 
     #[test]

@@ -57,9 +57,7 @@ pub async fn request(
             None => exchange(stream, method, addr, path, token, body).await,
         }
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| HttpError::Timeout { addr: addr.to_string(), timeout })?
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| HttpError::Timeout { addr: addr.to_string(), timeout })?
 }
 
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
@@ -72,9 +70,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 ) -> Result<Response, HttpError> {
     {
         let protocol = |detail: String| HttpError::Protocol { addr: addr.to_string(), detail };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| protocol(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| protocol(e.to_string()))?;
         let conn_task = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -85,11 +81,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| protocol(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(|e| protocol(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| protocol(e.to_string()))?
-            .to_bytes();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE).collect().await.map_err(|e| protocol(e.to_string()))?.to_bytes();
         conn_task.abort();
         Ok(Response { status, body })
     }

@@ -134,9 +134,11 @@ impl AgentIo {
         driver: Arc<dyn VmDriver>,
         tls: Option<crate::tls::ClientTls>,
     ) -> Result<AgentIo, crate::agent::AgentError> {
-        let heartbeats = UdpTransport::bind(heartbeat_addr)
-            .await
-            .map_err(|source| crate::agent::AgentError::Bind { what: "heartbeat socket", addr: heartbeat_addr, source })?;
+        let heartbeats = UdpTransport::bind(heartbeat_addr).await.map_err(|source| crate::agent::AgentError::Bind {
+            what: "heartbeat socket",
+            addr: heartbeat_addr,
+            source,
+        })?;
         Ok(AgentIo {
             clock: Arc::new(MonotonicClock::new()),
             heartbeats: Arc::new(heartbeats),

@@ -130,7 +130,9 @@ fn render(a: &Agent) -> String {
     let mut ages = Vec::new();
     for p in assessment.iter().flat_map(|x| x.peers.iter()) {
         let peer = name_of(p.host);
-        for (state, l) in [("alive", HostLiveness::Alive), ("partitioned", HostLiveness::Partitioned), ("dead", HostLiveness::Dead), ("unknown", HostLiveness::Unknown)] {
+        for (state, l) in
+            [("alive", HostLiveness::Alive), ("partitioned", HostLiveness::Partitioned), ("dead", HostLiveness::Dead), ("unknown", HostLiveness::Unknown)]
+        {
             liveness.push((format!("{{peer=\"{peer}\",state=\"{state}\"}}"), f64::from(u8::from(p.liveness == l))));
         }
         if let Some(ms) = p.net_age_ms {
@@ -144,7 +146,11 @@ fn render(a: &Agent) -> String {
     gauge(&mut out, "tandem_heartbeat_age_seconds", "Time since the last heartbeat from each peer, per channel.", &ages);
     let counts = a.heartbeat_counts();
     for (name, help, pick) in [
-        ("tandem_heartbeats_received_total", "Network heartbeats accepted from each peer.", (|c: &tandem_core::liveness::HeartbeatCount| c.received) as fn(&_) -> u64),
+        (
+            "tandem_heartbeats_received_total",
+            "Network heartbeats accepted from each peer.",
+            (|c: &tandem_core::liveness::HeartbeatCount| c.received) as fn(&_) -> u64,
+        ),
         ("tandem_heartbeats_missed_total", "Network heartbeat sequence numbers from each peer that never arrived.", |c| c.missed),
         ("tandem_disk_heartbeats_seen_total", "Updates of each peer's heartbeat-disk slot this host read.", |c| c.disk_seen),
         ("tandem_disk_heartbeats_missed_total", "Slot updates of each peer this host never read (counter values skipped).", |c| c.disk_missed),
@@ -161,12 +167,8 @@ fn render(a: &Agent) -> String {
         &[(String::new(), f64::from(u8::from(assessment.as_ref().is_some_and(|x| x.disk_readable))))],
     );
     let rejected = serde_json::to_value(a.reject_counters()).unwrap_or_default();
-    let rejected: Vec<(String, f64)> = rejected
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((format!("{{reason=\"{k}\"}}"), v.as_u64()? as f64)))
-        .collect();
+    let rejected: Vec<(String, f64)> =
+        rejected.as_object().into_iter().flatten().filter_map(|(k, v)| Some((format!("{{reason=\"{k}\"}}"), v.as_u64()? as f64))).collect();
     family(&mut out, "tandem_rejected_input_total", "counter", "Heartbeats and slots rejected since start, by reason.", &rejected);
     let m = &a.metrics;
     m.disk_write_seconds.render(&mut out, "tandem_disk_write_seconds", "Heartbeat slot write latency.");
@@ -180,7 +182,12 @@ fn render(a: &Agent) -> String {
     let samples: Vec<(String, f64)> = by_state.iter().map(|((s, p), n)| (format!("{{state=\"{s}\",protection=\"{p}\"}}"), *n as f64)).collect();
     gauge(&mut out, "tandem_vms", "VMs in committed state by state and protection level.", &samples);
     gauge(&mut out, "tandem_vms_assigned_here", "VMs committed state assigns to this host.", &[(String::new(), here as f64)]);
-    gauge(&mut out, "tandem_vms_running_here", "Workloads this host's driver runs now.", &[(String::new(), a.driver.list().iter().filter(|v| v.exit.is_none()).count() as f64)]);
+    gauge(
+        &mut out,
+        "tandem_vms_running_here",
+        "Workloads this host's driver runs now.",
+        &[(String::new(), a.driver.list().iter().filter(|v| v.exit.is_none()).count() as f64)],
+    );
     counter(&mut out, "tandem_failovers_total", "Failovers this agent committed as coordinator.", m.failovers.load(Ordering::Relaxed));
     counter(&mut out, "tandem_vms_moved_total", "VMs those failovers moved.", m.vms_moved.load(Ordering::Relaxed));
     m.failover_seconds.render(&mut out, "tandem_failover_seconds", "From a host first seen dead to its failover committed.");

@@ -80,10 +80,8 @@ impl ClientTls {
         for cert in certificates(ca, "CA certificate")? {
             roots.add(cert)?;
         }
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config =
+            rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
         Ok(ClientTls(tokio_rustls::TlsConnector::from(Arc::new(config))))
     }
 

@@ -280,11 +280,7 @@ impl Liveness {
     /// The acks to put in our next heartbeat: the last sequence number heard from each peer.
     #[must_use]
     pub fn acks(&self) -> Vec<Ack> {
-        self.peers
-            .iter()
-            .filter(|(_, p)| p.last_net.is_some())
-            .map(|(h, p)| Ack { host: *h, incarnation: p.incarnation, seq: p.seq })
-            .collect()
+        self.peers.iter().filter(|(_, p)| p.last_net.is_some()).map(|(h, p)| Ack { host: *h, incarnation: p.incarnation, seq: p.seq }).collect()
     }
 
     /// Takes the result of reading every slot at `now` (index = host id).
@@ -403,12 +399,8 @@ impl Liveness {
         if need_from_peers == 0 {
             return None;
         }
-        let mut times: Vec<Millis> = self
-            .peers
-            .values()
-            .filter_map(|p| p.acked_my_seq)
-            .filter_map(|seq| self.sent.iter().find(|(s, _)| *s == seq).map(|(_, t)| *t))
-            .collect();
+        let mut times: Vec<Millis> =
+            self.peers.values().filter_map(|p| p.acked_my_seq).filter_map(|seq| self.sent.iter().find(|(s, _)| *s == seq).map(|(_, t)| *t)).collect();
         times.sort_unstable_by(|a, b| b.cmp(a));
         times.get(need_from_peers - 1).copied()
     }
@@ -498,11 +490,7 @@ impl Liveness {
         let silent_ms = self.last_proof_of_life(now).map_or(0, |l| now.since(l));
         let alone = self.members.len() == 1;
 
-        let survival = if disk_alive.contains(self.me) {
-            partition::decide(self.members, disk_alive, &reports)
-        } else {
-            Survival::NoPartition
-        };
+        let survival = if disk_alive.contains(self.me) { partition::decide(self.members, disk_alive, &reports) } else { Survival::NoPartition };
         let mut fence = None;
         if survival.must_fence(self.me) {
             let since = *self.losing_since.get_or_insert(now);
@@ -592,10 +580,7 @@ mod tests {
             let mut slots = vec![SlotRead::Empty; 3];
             slots[0] = slot(0, seq, &[0, 1, 2], false);
             // What a live peer hears: everyone up within the last peer timeout.
-            let heard: Vec<u32> = [0u32, 1, 2]
-                .into_iter()
-                .filter(|h| *h == 0 || peer_up(*h, t.saturating_sub(T.peer_timeout_ms - 200)))
-                .collect();
+            let heard: Vec<u32> = [0u32, 1, 2].into_iter().filter(|h| *h == 0 || peer_up(*h, t.saturating_sub(T.peer_timeout_ms - 200))).collect();
             for p in [1u32, 2] {
                 if peer_up(p, t) {
                     let beat = hb(p, seq, &heard, Some((0, seq)));
@@ -647,10 +632,7 @@ mod tests {
     fn acks_of_a_previous_incarnation_neither_count_nor_mask_new_ones() {
         let mut l = three(0);
         for p in [1u32, 2] {
-            let stale = Heartbeat {
-                acks: vec![Ack { host: HostId(0), incarnation: 0, seq: 5000 }],
-                ..hb(p, 1, &[0, 1, 2], None)
-            };
+            let stale = Heartbeat { acks: vec![Ack { host: HostId(0), incarnation: 0, seq: 5000 }], ..hb(p, 1, &[0, 1, 2], None) };
             l.heartbeat_received(&stale, Millis(0)).expect("fresh");
         }
         l.heartbeat_sent(1, Millis(0));
@@ -960,5 +942,4 @@ mod tests {
         }
         assert!(l.lease_valid(Millis(6000)), "two of three advancing on the disk: it is shared");
     }
-
 }

@@ -383,10 +383,8 @@ impl Model {
                 if !down.is_empty() {
                     report.ftt = k - 1;
                     report.limited_by = "capacity";
-                    report.counterexample = Some((
-                        failed.iter().map(|h| self.hosts[*h as usize].id).collect(),
-                        down.iter().map(|v| self.vms[*v as usize].name.clone()).collect(),
-                    ));
+                    report.counterexample =
+                        Some((failed.iter().map(|h| self.hosts[*h as usize].id).collect(), down.iter().map(|v| self.vms[*v as usize].name.clone()).collect()));
                     return report;
                 }
                 // Next k-combination of the up hosts.
@@ -543,12 +541,16 @@ pub(crate) mod tests {
         // With host 2 full, dns1 stays down rather than break the rule.
         let full = Model::new(
             (0..3).map(|i| host(i, 4000, 8)).collect(),
-            m.vms.iter().cloned().map(|mut v| {
-                if v.name == "other" {
-                    v.mem_mib = 3800;
-                }
-                v
-            }).collect(),
+            m.vms
+                .iter()
+                .cloned()
+                .map(|mut v| {
+                    if v.name == "other" {
+                        v.mem_mib = 3800;
+                    }
+                    v
+                })
+                .collect(),
             m.rules.clone(),
         );
         assert_eq!(full.plan(&[0], false).not_placed, vec![(0, NotPlaced::HardRule)]);
@@ -609,12 +611,7 @@ pub(crate) mod tests {
                             let mut members = members.iter().map(|m| *m as u32).collect::<Vec<_>>();
                             members.sort_unstable();
                             members.dedup();
-                            PlacementRule {
-                                name: format!("r{i}"),
-                                kind: if *anti { RuleKind::AntiAffinity } else { RuleKind::Affinity },
-                                hard: *hard,
-                                members,
-                            }
+                            PlacementRule { name: format!("r{i}"), kind: if *anti { RuleKind::AntiAffinity } else { RuleKind::Affinity }, hard: *hard, members }
                         })
                         .collect();
                     let (vms, rules) = with_rules(vms, rules);

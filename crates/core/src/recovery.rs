@@ -172,10 +172,7 @@ mod tests {
         // "be" fits in the remaining 100 MiB.
         let plan = plan_failover(&s, HostId(0), s.active_hosts());
         assert_eq!(plan.placements, vec![("high".to_string(), HostId(1)), ("be".to_string(), HostId(1))]);
-        assert_eq!(
-            plan.left_down,
-            vec![("low".to_string(), LeftDown::NoCapacity), ("off".to_string(), LeftDown::ProtectionOff)]
-        );
+        assert_eq!(plan.left_down, vec![("low".to_string(), LeftDown::NoCapacity), ("off".to_string(), LeftDown::ProtectionOff)]);
     }
 
     fn fail_host_0(s: &mut ClusterState) -> Applied {

@@ -5,9 +5,9 @@
 //! applies the same log holds the same state.
 
 use crate::hostset::{HostId, HostSet};
+use crate::placement::{FttReport, Model, PlacementHost, PlacementRule, PlacementVm, RuleKind, DEFAULT_FTT_BUDGET};
 use crate::recovery;
 use serde::{Deserialize, Serialize};
-use crate::placement::{FttReport, Model, PlacementHost, PlacementRule, PlacementVm, RuleKind, DEFAULT_FTT_BUDGET};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -415,11 +415,23 @@ pub fn token_sha256(token: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Command {
-    AddHost { id: HostId, name: String, api_addr: String, heartbeat_addr: String, capacity: Capacity },
+    AddHost {
+        id: HostId,
+        name: String,
+        api_addr: String,
+        heartbeat_addr: String,
+        capacity: Capacity,
+    },
     /// The host's agent (re)joins: it becomes active in a new epoch.
-    HostJoined { host: HostId },
-    CreateVm { spec: VmSpec },
-    DeleteVm { name: String },
+    HostJoined {
+        host: HostId,
+    },
+    CreateVm {
+        spec: VmSpec,
+    },
+    DeleteVm {
+        name: String,
+    },
     /// `force`: apply even if admission control refuses (recorded in the result).
     SetPower {
         name: String,
@@ -444,32 +456,60 @@ pub enum Command {
         #[serde(default)]
         force: bool,
     },
-    DeleteRule { name: String },
+    DeleteRule {
+        name: String,
+    },
     SetSettings {
         settings: Settings,
         #[serde(default)]
         force: bool,
     },
     /// The coordinator places a running-desired VM that has no assignment.
-    Assign { name: String, host: HostId },
+    Assign {
+        name: String,
+        host: HostId,
+    },
     /// A host releases a VM it has stopped.
-    Release { name: String, host: HostId, generation: u64 },
+    Release {
+        name: String,
+        host: HostId,
+        generation: u64,
+    },
     /// The host running `name` in `generation` gave up on it (its start failed, or it crashed,
     /// more often than the host's restart budget allows): it moves to another host, or, after
     /// [`MAX_RELOCATIONS`] moves, enters the error state.
-    VmFailed { name: String, host: HostId, generation: u64, detail: String },
+    VmFailed {
+        name: String,
+        host: HostId,
+        generation: u64,
+        detail: String,
+    },
     /// An operator clears a VM's error state and failure history (it stays stopped).
-    ClearVmError { name: String },
+    ClearVmError {
+        name: String,
+    },
     /// An operator adds an API token (by its hash).
-    SetToken { token: ApiToken },
-    DeleteToken { name: String },
+    SetToken {
+        token: ApiToken,
+    },
+    DeleteToken {
+        name: String,
+    },
     /// The coordinator lets held VMs (a restart group) start.
-    ReleaseHeld { names: Vec<String> },
+    ReleaseHeld {
+        names: Vec<String>,
+    },
     /// The coordinator's periodic placement retry found no host for a `best-effort` VM left
     /// down by a failover; after [`BEST_EFFORT_RETRIES`] it is stopped.
-    CapacityRetry { name: String },
+    CapacityRetry {
+        name: String,
+    },
     /// The coordinator declares `host` failed in `epoch` and moves its VMs by `plan`.
-    Failover { host: HostId, epoch: u64, plan: Vec<(String, HostId)> },
+    Failover {
+        host: HostId,
+        epoch: u64,
+        plan: Vec<(String, HostId)>,
+    },
 }
 
 /// What an applied command returns.
@@ -477,21 +517,47 @@ pub enum Command {
 #[serde(rename_all = "kebab-case")]
 pub enum Applied {
     Done,
-    HostEpoch { host: HostId, epoch: u64 },
-    Assigned { name: String, host: HostId, generation: u64 },
-    FailedOver { host: HostId, moved: Vec<(String, HostId, u64)>, left_down: Vec<String> },
+    HostEpoch {
+        host: HostId,
+        epoch: u64,
+    },
+    Assigned {
+        name: String,
+        host: HostId,
+        generation: u64,
+    },
+    FailedOver {
+        host: HostId,
+        moved: Vec<(String, HostId, u64)>,
+        left_down: Vec<String>,
+    },
     /// A change admission control would have refused, applied because it was forced.
-    Forced { reason: String },
+    Forced {
+        reason: String,
+    },
     /// A rule stored; `violations` names running VMs that currently break it (nothing is moved).
-    RuleSet { violations: Vec<String> },
+    RuleSet {
+        violations: Vec<String>,
+    },
     /// A failing VM was released from its host to be placed elsewhere.
-    Relocating { name: String, failed_on: Vec<HostId> },
+    Relocating {
+        name: String,
+        failed_on: Vec<HostId>,
+    },
     /// A failing VM ran out of hosts to try: stopped, with the reason.
-    VmInError { name: String, error: String },
+    VmInError {
+        name: String,
+        error: String,
+    },
     /// A `best-effort` VM still waits for capacity after `attempt` retries.
-    StillWaiting { name: String, attempt: u32 },
+    StillWaiting {
+        name: String,
+        attempt: u32,
+    },
     /// A `best-effort` VM's retries are spent: stopped.
-    GaveUpWaiting { name: String },
+    GaveUpWaiting {
+        name: String,
+    },
 }
 
 /// Why a command is refused. The state is unchanged.
@@ -738,9 +804,10 @@ impl ClusterState {
                 RuleKind::Affinity => {
                     let mem: u64 = vms.iter().map(|n| self.vms[n.as_str()].spec.memory_mib).sum();
                     let cpus: u64 = vms.iter().map(|n| u64::from(self.vms[n.as_str()].spec.vcpus)).sum();
-                    let fits = self.hosts.values().any(|h| {
-                        h.capacity.memory_mib >= mem && u64::from(h.capacity.vcpus) * u64::from(self.settings.vcpu_overcommit_pct) / 100 >= cpus
-                    });
+                    let fits = self
+                        .hosts
+                        .values()
+                        .any(|h| h.capacity.memory_mib >= mem && u64::from(h.capacity.vcpus) * u64::from(self.settings.vcpu_overcommit_pct) / 100 >= cpus);
                     if !fits {
                         return infeasible(format!("together they need {mem} MiB and {cpus} vCPUs, more than any host has"));
                     }
@@ -762,8 +829,7 @@ impl ClusterState {
 
     /// Running VMs whose current hosts break `rule`.
     fn rule_violations(&self, rule: &Rule) -> Vec<String> {
-        let placed: Vec<(&String, HostId)> =
-            rule.vms.iter().filter_map(|n| self.vms.get(n).and_then(|v| v.assignment).map(|a| (n, a.host))).collect();
+        let placed: Vec<(&String, HostId)> = rule.vms.iter().filter_map(|n| self.vms.get(n).and_then(|v| v.assignment).map(|a| (n, a.host))).collect();
         let mut out = Vec::new();
         for (i, (n, h)) in placed.iter().enumerate() {
             let clash = match rule.kind {
@@ -780,11 +846,7 @@ impl ClusterState {
     /// VMs that should run and have no host: the coordinator's placement queue.
     #[must_use]
     pub fn unplaced(&self) -> Vec<String> {
-        self.vms
-            .values()
-            .filter(|v| v.desired == PowerState::Running && v.assignment.is_none())
-            .map(|v| v.spec.name.clone())
-            .collect()
+        self.vms.values().filter(|v| v.desired == PowerState::Running && v.assignment.is_none()).map(|v| v.spec.name.clone()).collect()
     }
 
     /// VMs assigned to `host`.
@@ -1043,10 +1105,7 @@ impl ClusterState {
     fn failover(&mut self, host: HostId, epoch: u64, plan: &[(String, HostId)]) -> Result<Applied, StateError> {
         let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
         if h.status != HostStatus::Active || h.epoch != epoch {
-            return Err(StateError::Stale(format!(
-                "failover of {host} epoch {epoch}, but the host is {:?} in epoch {}",
-                h.status, h.epoch
-            )));
+            return Err(StateError::Stale(format!("failover of {host} epoch {epoch}, but the host is {:?} in epoch {}", h.status, h.epoch)));
         }
         if let Some(h) = self.hosts.get_mut(&host) {
             h.status = HostStatus::Failed;
@@ -1177,10 +1236,7 @@ pub(crate) mod tests {
         run_on(&mut s, process_vm("a", Protection::Protect, 0, 600), 0);
         s.apply(&Command::CreateVm { spec: process_vm("b", Protection::Protect, 0, 600) }).expect("create");
         s.apply(&Command::SetPower { name: "b".into(), desired: PowerState::Running, force: false }).expect("start");
-        assert_eq!(
-            s.apply(&Command::Assign { name: "b".into(), host: HostId(0) }),
-            Err(StateError::NoCapacity { vm: "b".into(), host: HostId(0) })
-        );
+        assert_eq!(s.apply(&Command::Assign { name: "b".into(), host: HostId(0) }), Err(StateError::NoCapacity { vm: "b".into(), host: HostId(0) }));
         let g1 = s.vms["a"].assignment.expect("assigned").generation;
         assert!(g1 >= 1);
     }
@@ -1404,10 +1460,7 @@ pub(crate) mod tests {
             force: false,
         };
         // v0 and v3 share host 0: the rule is stored and the violation reported.
-        assert_eq!(
-            s.apply(&rule("apart", RuleKind::AntiAffinity, true, &["v0", "v3"])),
-            Ok(Applied::RuleSet { violations: vec!["v0".into(), "v3".into()] })
-        );
+        assert_eq!(s.apply(&rule("apart", RuleKind::AntiAffinity, true, &["v0", "v3"])), Ok(Applied::RuleSet { violations: vec!["v0".into(), "v3".into()] }));
         let conflict = s.apply(&rule("together", RuleKind::Affinity, true, &["v3", "v0", "v1"])).expect_err("conflict");
         assert!(conflict.to_string().contains("must be both together and apart"), "{conflict}");
         let too_many = s.apply(&rule("spread", RuleKind::AntiAffinity, true, &["v0", "v1", "v2", "v3"])).expect_err("4 VMs, 3 hosts");

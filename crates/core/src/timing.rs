@@ -84,10 +84,7 @@ impl Timings {
             return Err(TimingError::ClockMarginTooShort(self.clock_margin_ms));
         }
         if self.partition_confirm_ms >= self.peer_timeout_ms {
-            return Err(TimingError::PartitionConfirm {
-                confirm: self.partition_confirm_ms,
-                timeout: self.peer_timeout_ms,
-            });
+            return Err(TimingError::PartitionConfirm { confirm: self.partition_confirm_ms, timeout: self.peer_timeout_ms });
         }
         Ok(())
     }

@@ -200,15 +200,7 @@ impl Heartbeat {
             }
             acks.push(Ack { host: HostId(h), incarnation, seq });
         }
-        Ok(Heartbeat {
-            from: HostId(from),
-            incarnation,
-            seq,
-            epoch,
-            heard,
-            acks,
-            fenced: flags & FLAG_FENCED != 0,
-        })
+        Ok(Heartbeat { from: HostId(from), incarnation, seq, epoch, heard, acks, fenced: flags & FLAG_FENCED != 0 })
     }
 }
 
@@ -359,22 +351,11 @@ mod tests {
 
     #[test]
     fn slot_round_trips_and_detects_damage() {
-        let slot = DiskSlot {
-            host: HostId(5),
-            incarnation: 2,
-            counter: 1000,
-            epoch: 4,
-            heard: HostSet(0b101101),
-            fenced: true,
-            written_at_ms: 123,
-        };
+        let slot = DiskSlot { host: HostId(5), incarnation: 2, counter: 1000, epoch: 4, heard: HostSet(0b101101), fenced: true, written_at_ms: 123 };
         let bytes = slot.encode(&key());
         assert_eq!(bytes.len(), SLOT_SIZE);
         assert_eq!(DiskSlot::decode(&bytes, HostId(5), &key()), SlotRead::Valid(slot));
-        assert_eq!(
-            DiskSlot::decode(&bytes, HostId(4), &key()),
-            SlotRead::Corrupt(SlotCorruption::WrongHost { expected: 4, found: 5 })
-        );
+        assert_eq!(DiskSlot::decode(&bytes, HostId(4), &key()), SlotRead::Corrupt(SlotCorruption::WrongHost { expected: 4, found: 5 }));
         let mut damaged = bytes.clone();
         damaged[20] ^= 0x40;
         assert_eq!(DiskSlot::decode(&damaged, HostId(5), &key()), SlotRead::Corrupt(SlotCorruption::BadChecksum));

@@ -73,18 +73,12 @@ impl Launcher {
                 return Err(DriverError::AlreadyRunning(name.to_string()));
             }
             if t.len() >= MAX_CHILDREN {
-                return Err(DriverError::Spawn {
-                    vm: name.to_string(),
-                    source: std::io::Error::other(format!("host already runs {MAX_CHILDREN} workloads")),
-                });
+                return Err(DriverError::Spawn { vm: name.to_string(), source: std::io::Error::other(format!("host already runs {MAX_CHILDREN} workloads")) });
             }
         }
         let (reply_tx, reply_rx) = mpsc::channel();
         self.tx.send((cmd, reply_tx)).map_err(|_| DriverError::LauncherGone)?;
-        let mut child = reply_rx
-            .recv()
-            .map_err(|_| DriverError::LauncherGone)?
-            .map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?;
+        let mut child = reply_rx.recv().map_err(|_| DriverError::LauncherGone)?.map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?;
         let pid = child.id();
         lock(&self.table).insert(
             name.to_string(),
@@ -143,8 +137,7 @@ impl Launcher {
 
     /// SIGKILLs every live VM; returns how many.
     pub fn kill_all(&self) -> usize {
-        let names: Vec<String> =
-            lock(&self.table).values().filter(|r| r.status.exit.is_none()).map(|r| r.status.name.clone()).collect();
+        let names: Vec<String> = lock(&self.table).values().filter(|r| r.status.exit.is_none()).map(|r| r.status.name.clone()).collect();
         names.iter().filter(|n| self.signal(n, libc::SIGKILL, true)).count()
     }
 

@@ -98,7 +98,5 @@ pub trait VmDriver: Send + Sync + 'static {
 /// Milliseconds since the Unix epoch, for records shown to people.
 #[must_use]
 pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -31,10 +31,8 @@ impl VmDriver for ProcessDriver {
             let DriverSpec::Process { command } = &launch.spec.driver else {
                 return Err(DriverError::WrongDriver { vm: name.clone(), needed: "qemu", have: "process" });
             };
-            let (program, args) = command.split_first().ok_or_else(|| DriverError::Spawn {
-                vm: name.clone(),
-                source: std::io::Error::other("empty command"),
-            })?;
+            let (program, args) =
+                command.split_first().ok_or_else(|| DriverError::Spawn { vm: name.clone(), source: std::io::Error::other("empty command") })?;
             let mut cmd = Command::new(program);
             cmd.args(args)
                 .env("TANDEM_VM", name)

@@ -29,13 +29,7 @@ pub struct QemuConfig {
 
 impl Default for QemuConfig {
     fn default() -> Self {
-        QemuConfig {
-            binary: "qemu-system-x86_64".into(),
-            accel: "kvm".into(),
-            machine: "microvm".into(),
-            stop_timeout_s: 10,
-            qmp_timeout_ms: 2000,
-        }
+        QemuConfig { binary: "qemu-system-x86_64".into(), accel: "kvm".into(), machine: "microvm".into(), stop_timeout_s: 10, qmp_timeout_ms: 2000 }
     }
 }
 
@@ -54,14 +48,7 @@ impl QemuDriver {
     /// forwards.
     #[must_use]
     pub fn new(cfg: QemuConfig, launcher: Launcher, host_name: &str, host_ip: &str, run_dir: PathBuf) -> QemuDriver {
-        QemuDriver {
-            cfg,
-            launcher,
-            host_name: host_name.to_string(),
-            host_ip: host_ip.to_string(),
-            run_dir,
-            sessions: Mutex::new(HashMap::new()),
-        }
+        QemuDriver { cfg, launcher, host_name: host_name.to_string(), host_ip: host_ip.to_string(), run_dir, sessions: Mutex::new(HashMap::new()) }
     }
 
     fn qmp_timeout(&self) -> Duration {
@@ -160,9 +147,7 @@ impl QemuDriver {
     /// QEMU's own view of the VM (`query-status`), with the QMP timeout.
     pub async fn query_status(&self, name: &str) -> Result<Value, DriverError> {
         let q = self.session(name).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-        q.execute("query-status", Value::Null, self.qmp_timeout())
-            .await
-            .map_err(|source| DriverError::Qmp { vm: name.to_string(), source })
+        q.execute("query-status", Value::Null, self.qmp_timeout()).await.map_err(|source| DriverError::Qmp { vm: name.to_string(), source })
     }
 }
 

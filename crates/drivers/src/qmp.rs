@@ -71,15 +71,9 @@ async fn read_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> R
 
 impl Qmp {
     /// Connects, checks the greeting and negotiates capabilities, all within `timeout`.
-    pub async fn connect(
-        path: &Path,
-        timeout: Duration,
-        on_event: impl Fn(QmpEvent) + Send + 'static,
-    ) -> Result<Qmp, QmpError> {
+    pub async fn connect(path: &Path, timeout: Duration, on_event: impl Fn(QmpEvent) + Send + 'static) -> Result<Qmp, QmpError> {
         let handshake = async {
-            let stream = UnixStream::connect(path)
-                .await
-                .map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
+            let stream = UnixStream::connect(path).await.map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
             let (r, mut w) = stream.into_split();
             let mut reader = BufReader::new(r);
             let greeting = read_line(&mut reader).await?.ok_or(QmpError::Closed)?;
@@ -209,9 +203,7 @@ mod tests {
         tokio::spawn(fake_qemu(listener, true));
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let ev = std::sync::Arc::clone(&events);
-        let qmp = Qmp::connect(&path, Duration::from_secs(2), move |e| ev.lock().expect("lock").push(e.name))
-            .await
-            .expect("connect");
+        let qmp = Qmp::connect(&path, Duration::from_secs(2), move |e| ev.lock().expect("lock").push(e.name)).await.expect("connect");
         let status = qmp.execute("query-status", Value::Null, Duration::from_secs(2)).await.expect("status");
         assert_eq!(status["status"], "running");
         assert_eq!(events.lock().expect("lock").as_slice(), ["STOP".to_string()]);

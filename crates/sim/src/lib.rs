@@ -151,11 +151,7 @@ impl Sim {
         let h = &mut self.hosts[i as usize];
         let io = AgentIo {
             clock: Arc::new(SimClock { world: Arc::clone(&w), me: i, boot: tokio::time::Instant::now(), drift_ppm: h.drift_ppm }),
-            heartbeats: Arc::new(SimTransport {
-                world: Arc::clone(&w),
-                me: i,
-                inbox: tokio::sync::Mutex::new(w.inbox(i)),
-            }),
+            heartbeats: Arc::new(SimTransport { world: Arc::clone(&w), me: i, inbox: tokio::sync::Mutex::new(w.inbox(i)) }),
             disk: Arc::new(SimDisk { world: Arc::clone(&w), me: i }),
             rpc: Arc::new(SimRpc { world: Arc::clone(&w), me: i }),
             driver: Arc::clone(&h.driver) as Arc<dyn tandem_drivers::VmDriver>,
@@ -550,11 +546,8 @@ impl Sim {
     /// that was never recovered.
     fn check_moved_off(&self, target: u32, vms: &[String], what: &str) {
         let running = lock(&self.world.running).clone();
-        let stuck: Vec<&String> = vms
-            .iter()
-            .filter(|v| self.created.contains(*v))
-            .filter(|v| running.get(*v).is_none_or(|on| on.keys().all(|h| *h == target)))
-            .collect();
+        let stuck: Vec<&String> =
+            vms.iter().filter(|v| self.created.contains(*v)).filter(|v| running.get(*v).is_none_or(|on| on.keys().all(|h| *h == target))).collect();
         if !stuck.is_empty() {
             self.world.violation("not-recovered", format!("after {what}: {stuck:?} do not run on the majority side while h{target} is still cut off"));
         }
@@ -715,12 +708,5 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     }
     let trace = lock(&world.trace).clone();
     let violations = lock(&world.violations).clone();
-    SimReport {
-        seed: opts.seed,
-        simulated_ms,
-        faults: sim.faults,
-        violations,
-        trace_hash: fnv(&trace),
-        trace,
-    }
+    SimReport { seed: opts.seed, simulated_ms, faults: sim.faults, violations, trace_hash: fnv(&trace), trace }
 }

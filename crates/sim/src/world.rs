@@ -412,9 +412,8 @@ impl PeerRpc for SimRpc {
                 req = req.header("authorization", format!("Bearer {t}"));
             }
             req = req.header("content-type", "application/json");
-            let req = req
-                .body(axum::body::Body::from(body.unwrap_or_default()))
-                .map_err(|e| HttpError::Protocol { addr: addr.into(), detail: e.to_string() })?;
+            let req =
+                req.body(axum::body::Body::from(body.unwrap_or_default())).map_err(|e| HttpError::Protocol { addr: addr.into(), detail: e.to_string() })?;
             let world = Arc::clone(w);
             let me = self.me;
             let exchange = async move {
@@ -509,10 +508,7 @@ impl VmDriver for SimDriver {
                 *p += 1;
                 *p
             };
-            lock(&self.vms).insert(
-                name.clone(),
-                VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None },
-            );
+            lock(&self.vms).insert(name.clone(), VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None });
             Ok(())
         })
     }

@@ -20,9 +20,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// tenth off; `anti_pairs` hard anti-affinity pairs.
 fn synthetic(hosts: usize, vms: usize, anti_pairs: usize, seed: u64) -> Model {
     let mut rng = Rng(seed);
-    let hs: Vec<PlacementHost> = (0..hosts)
-        .map(|i| PlacementHost { id: HostId(i as u32), mem_mib: 512 * 1024, cpu_milli: 64 * 4 * 1000, up: true, usable: true })
-        .collect();
+    let hs: Vec<PlacementHost> =
+        (0..hosts).map(|i| PlacementHost { id: HostId(i as u32), mem_mib: 512 * 1024, cpu_milli: 64 * 4 * 1000, up: true, usable: true }).collect();
     let mut vs: Vec<PlacementVm> = (0..vms)
         .map(|i| PlacementVm {
             name: format!("vm{i}"),
@@ -155,7 +154,17 @@ fn recover_thousand(runs: usize) -> Result<()> {
             }
             for h in 0..64u32 {
                 let cap = Capacity { vcpus: 2048, memory_mib: 512 * 1024 };
-                must(&c, Command::AddHost { id: HostId(h), name: format!("h{h}"), api_addr: format!("127.0.0.1:{}", 2000 + h), heartbeat_addr: format!("127.0.0.1:{}", 3000 + h), capacity: cap }).await?;
+                must(
+                    &c,
+                    Command::AddHost {
+                        id: HostId(h),
+                        name: format!("h{h}"),
+                        api_addr: format!("127.0.0.1:{}", 2000 + h),
+                        heartbeat_addr: format!("127.0.0.1:{}", 3000 + h),
+                        capacity: cap,
+                    },
+                )
+                .await?;
                 must(&c, Command::HostJoined { host: HostId(h) }).await?;
             }
             for i in 0..1000 {

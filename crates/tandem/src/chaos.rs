@@ -18,7 +18,6 @@ use crate::fusedisk::{FuseDisk, ViewMode};
 use crate::lab::{Lab, LabOptions};
 use crate::netlab::NetLab;
 // The simulator's SplitMix64: the suite's only randomness, seeded.
-use tandem_sim::world::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tandem_sim::world::Rng;
 
 /// The hardware watchdog's reset timeout the agents are configured with.
 const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(2);
@@ -280,9 +280,7 @@ impl Suite {
     fn wait_moved(&self, moved: &[String], away_from: &[String], since: Instant) -> Option<Duration> {
         while since.elapsed() < RECOVERY_BOUND && !interrupted() {
             let now = self.running_now();
-            let done = moved.iter().all(|vm| {
-                now.get(vm).is_some_and(|hs| hs.len() == 1 && !away_from.contains(&hs[0]))
-            });
+            let done = moved.iter().all(|vm| now.get(vm).is_some_and(|hs| hs.len() == 1 && !away_from.contains(&hs[0])));
             if done {
                 return Some(since.elapsed());
             }
@@ -474,8 +472,7 @@ impl Suite {
                 self.lab.start(victim)?;
             }
             Fault::WorkloadKill => {
-                let pids: Vec<(u32, String, usize)> =
-                    (0..n).flat_map(|h| self.lab.workload_pids(h).into_iter().map(move |(p, vm)| (p, vm, h))).collect();
+                let pids: Vec<(u32, String, usize)> = (0..n).flat_map(|h| self.lab.workload_pids(h).into_iter().map(move |(p, vm)| (p, vm, h))).collect();
                 let Some((pid, vm, host)) = pids.get(self.rng.below(pids.len() as u64) as usize).cloned() else {
                     bail!("no workload runs anywhere");
                 };
@@ -605,9 +602,10 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         plan = (0..count).map(|_| ALL_FAULTS[rng.below(ALL_FAULTS.len() as u64) as usize]).collect();
     }
     if let Some(only) = &args.only {
-        let kind = ALL_FAULTS.into_iter().find(|f| f.name() == only).ok_or_else(|| {
-            anyhow!("unknown fault kind '{only}': one of {}", ALL_FAULTS.map(Fault::name).join(", "))
-        })?;
+        let kind = ALL_FAULTS
+            .into_iter()
+            .find(|f| f.name() == only)
+            .ok_or_else(|| anyhow!("unknown fault kind '{only}': one of {}", ALL_FAULTS.map(Fault::name).join(", ")))?;
         plan = vec![kind; args.faults.unwrap_or(1)];
     }
     let emulate_watchdog = match args.watchdog.as_str() {
@@ -723,7 +721,12 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     for (k, n) in &r.faults {
         println!("  {k:<24} {n}");
     }
-    println!("VM recoveries: {} (median {:.2} s, max {:.2} s from fault to running again)", r.recoveries, median(&r.recovery_ms) as f64 / 1000.0, r.recovery_ms.iter().max().copied().unwrap_or(0) as f64 / 1000.0);
+    println!(
+        "VM recoveries: {} (median {:.2} s, max {:.2} s from fault to running again)",
+        r.recoveries,
+        median(&r.recovery_ms) as f64 / 1000.0,
+        r.recovery_ms.iter().max().copied().unwrap_or(0) as f64 / 1000.0
+    );
     if emulate_watchdog {
         println!("Watchdog resets: {resets}");
     }

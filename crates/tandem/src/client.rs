@@ -71,10 +71,7 @@ impl Client {
 
     /// Sends a request and returns the JSON answer.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| ClientError::Unavailable(e.to_string()))?;
         let body = body.map(|b| b.to_string().into_bytes());
         let resp = rt
             .block_on(httpc::request(self.tls.as_ref(), method, &self.addr, path, self.token.as_deref(), body, self.timeout))

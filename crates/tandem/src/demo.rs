@@ -81,10 +81,7 @@ fn guest_dir(args: &DemoArgs) -> PathBuf {
         return cwd;
     }
     // target/{debug,release}/tandem → repository root.
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent()?.parent()?.parent().map(|r| r.join(".cache/guest")))
-        .unwrap_or(cwd)
+    std::env::current_exe().ok().and_then(|p| p.parent()?.parent()?.parent().map(|r| r.join(".cache/guest"))).unwrap_or(cwd)
 }
 
 fn qemu_present() -> bool {
@@ -166,7 +163,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     };
     let extra = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n" } else { "" };
     let binary = std::env::current_exe().context("locating the tandem binary")?;
-    let opts = LabOptions { hosts: 3, driver: driver.into(), loopback_net: 66, api_port: 7400, extra_config: extra.into(), capacity: (4, 1024), ..LabOptions::default() };
+    let opts = LabOptions {
+        hosts: 3,
+        driver: driver.into(),
+        loopback_net: 66,
+        api_port: 7400,
+        extra_config: extra.into(),
+        capacity: (4, 1024),
+        ..LabOptions::default()
+    };
     let mut lab = Lab::new(opts, &binary)?;
     if args.keep {
         lab.keep_files();
@@ -200,13 +205,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     for h in placement.values().flatten() {
         *count.entry(h.clone()).or_default() += 1;
     }
-    let victim_name = count
-        .iter()
-        .max_by_key(|(h, n)| (**n, Some(*h) != leader.as_ref(), (*h).clone()))
-        .map(|(h, _)| h.clone())
-        .ok_or_else(|| anyhow!("no hosts"))?;
+    let victim_name =
+        count.iter().max_by_key(|(h, n)| (**n, Some(*h) != leader.as_ref(), (*h).clone())).map(|(h, _)| h.clone()).ok_or_else(|| anyhow!("no hosts"))?;
     let victim = lab.hosts.iter().position(|h| h.name == victim_name).ok_or_else(|| anyhow!("victim vanished"))?;
-    let affected: Vec<u32> = (0..args.vms).filter(|i| placement.get(&format!("web{i}")).and_then(Clone::clone).as_deref() == Some(victim_name.as_str())).collect();
+    let affected: Vec<u32> =
+        (0..args.vms).filter(|i| placement.get(&format!("web{i}")).and_then(Clone::clone).as_deref() == Some(victim_name.as_str())).collect();
     let survivor = (0..lab.hosts.len()).find(|i| *i != victim).unwrap_or(0);
 
     println!("\nCutting the power of {victim_name} (agent and its {} VM(s) killed at once) ...", affected.len());
@@ -236,11 +239,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let events = lab.events();
     let rel = |e: &Value| e["at_ms"].as_i64().unwrap_or(0) - wall0;
     let first = |kind: &str, subject: Option<&str>| {
-        events
-            .iter()
-            .filter(|e| rel(e) >= 0 && e["kind"] == kind && subject.is_none_or(|s| e["subject"] == s))
-            .map(rel)
-            .min()
+        events.iter().filter(|e| rel(e) >= 0 && e["kind"] == kind && subject.is_none_or(|s| e["subject"] == s)).map(rel).min()
     };
     let detect = first("peer-dead", Some(&victim_name));
     let committed = first("failover-committed", Some(&victim_name));

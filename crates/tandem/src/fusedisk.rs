@@ -234,15 +234,12 @@ impl FuseDisk {
             .open(backing)
             .map_err(|source| FuseDiskError::Backing { path: backing.display().to_string(), source })?;
         let size = file.metadata().map_err(|source| FuseDiskError::Backing { path: backing.display().to_string(), source })?.len();
-        let shared = Arc::new(Mutex::new(Shared {
-            backing: file,
-            modes: vec![ViewMode::Normal; views],
-            parked: (0..views).map(|_| VecDeque::new()).collect(),
-        }));
+        let shared =
+            Arc::new(Mutex::new(Shared { backing: file, modes: vec![ViewMode::Normal; views], parked: (0..views).map(|_| VecDeque::new()).collect() }));
         let fs = ViewFs { shared: Arc::clone(&shared), size };
         let options = [fuser::MountOption::FSName("tandem-hbdisk".into()), fuser::MountOption::DefaultPermissions];
-        let session = fuser::spawn_mount2(fs, mountpoint, &options)
-            .map_err(|source| FuseDiskError::Mount { path: mountpoint.display().to_string(), source })?;
+        let session =
+            fuser::spawn_mount2(fs, mountpoint, &options).map_err(|source| FuseDiskError::Mount { path: mountpoint.display().to_string(), source })?;
         let stop = Arc::new(AtomicBool::new(false));
         // Completes parked requests of views that have recovered.
         let (s, st) = (Arc::clone(&shared), Arc::clone(&stop));
@@ -251,13 +248,8 @@ impl FuseDisk {
                 std::thread::sleep(Duration::from_millis(10));
                 let mut g = lock(&s);
                 let g = &mut *g;
-                let ready: Vec<Parked> = g
-                    .modes
-                    .iter()
-                    .zip(g.parked.iter_mut())
-                    .filter(|(m, _)| **m != ViewMode::Hang)
-                    .flat_map(|(_, p)| std::mem::take(p))
-                    .collect();
+                let ready: Vec<Parked> =
+                    g.modes.iter().zip(g.parked.iter_mut()).filter(|(m, _)| **m != ViewMode::Hang).flat_map(|(_, p)| std::mem::take(p)).collect();
                 for r in ready {
                     serve(&g.backing, r);
                 }

@@ -141,9 +141,13 @@ impl Recorder {
                     }
                     by_vm.entry(vm.clone()).or_default().push(host.clone());
                     let mut inst = i.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    inst.entry(pid)
-                        .and_modify(|x: &mut Instance| x.last_seen = t)
-                        .or_insert(Instance { vm: vm.clone(), host: host.clone(), pid, first_seen: t, last_seen: t });
+                    inst.entry(pid).and_modify(|x: &mut Instance| x.last_seen = t).or_insert(Instance {
+                        vm: vm.clone(),
+                        host: host.clone(),
+                        pid,
+                        first_seen: t,
+                        last_seen: t,
+                    });
                 }
                 for (vm, mut hosts) in by_vm {
                     hosts.sort();
@@ -298,11 +302,7 @@ impl Lab {
     /// Cuts host `i`'s power: its agent and every workload it runs are SIGKILLed at once.
     pub fn power_off(&mut self, i: usize) {
         let name = self.hosts[i].name.clone();
-        let mut pids: Vec<u32> = lab_processes(&self.id)
-            .into_iter()
-            .filter(|(_, env)| env.get("TANDEM_HOST") == Some(&name))
-            .map(|(p, _)| p)
-            .collect();
+        let mut pids: Vec<u32> = lab_processes(&self.id).into_iter().filter(|(_, env)| env.get("TANDEM_HOST") == Some(&name)).map(|(p, _)| p).collect();
         if let Some(c) = self.hosts[i].child.as_ref() {
             pids.insert(0, c.id());
         }
@@ -362,9 +362,7 @@ impl Lab {
         for h in self.hosts.iter().skip(1) {
             let c = self.client_at(&h.api);
             c.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
-            c0.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| {
-                c.post("/v1/hosts/join", &json!({ "api_addr": h.api })).ok()
-            })?;
+            c0.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| c.post("/v1/hosts/join", &json!({ "api_addr": h.api })).ok())?;
         }
         self.wait_all_active(Duration::from_secs(30))
     }
@@ -409,20 +407,13 @@ impl Lab {
 
     /// Where each VM is assigned, as seen by host `i`.
     pub fn placement(&self, i: usize) -> Result<BTreeMap<String, Option<String>>> {
-        Ok(self
-            .vms(i)?
-            .into_iter()
-            .filter_map(|v| Some((v["name"].as_str()?.to_string(), v["host"].as_str().map(str::to_string))))
-            .collect())
+        Ok(self.vms(i)?.into_iter().filter_map(|v| Some((v["name"].as_str()?.to_string(), v["host"].as_str().map(str::to_string)))).collect())
     }
 
     /// The names of running workloads per host, read from /proc.
     #[must_use]
     pub fn running(&self) -> BTreeMap<String, String> {
-        lab_processes(&self.id)
-            .into_iter()
-            .filter_map(|(_, env)| Some((env.get("TANDEM_VM")?.clone(), env.get("TANDEM_HOST")?.clone())))
-            .collect()
+        lab_processes(&self.id).into_iter().filter_map(|(_, env)| Some((env.get("TANDEM_VM")?.clone(), env.get("TANDEM_HOST")?.clone()))).collect()
     }
 
     /// Every workload process that is not stopped, as (VM, host); a VM may appear twice.

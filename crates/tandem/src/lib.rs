@@ -3,10 +3,10 @@
 
 pub mod bench;
 pub mod chaos;
-pub mod sim;
 pub mod client;
 pub mod demo;
 pub mod fusedisk;
 pub mod lab;
 pub mod netlab;
 pub mod progress;
+pub mod sim;

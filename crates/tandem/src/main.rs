@@ -228,7 +228,9 @@ enum RuleOp {
         force: bool,
     },
     List,
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -360,11 +362,7 @@ fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
         DriverSpec::Process { command: args.command.clone() }
     };
     let network = (!args.hostfwd.is_empty()).then(|| NetworkSpec::User { hostfwd: args.hostfwd.clone() });
-    let disks = args
-        .disk
-        .iter()
-        .map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false })
-        .collect();
+    let disks = args.disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false }).collect();
     Ok(VmSpec { name, vcpus: args.vcpus, memory_mib: args.memory_mib, disks, network, protection, priority: args.priority, restart_group: args.group, driver })
 }
 
@@ -567,7 +565,8 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
         Cmd::Host { op: HostOp::List } => {
             let v = c.get("/v1/hosts")?;
             show(out, &v, |v| {
-                let mut rows = vec![["ID", "NAME", "STATUS", "EPOCH", "LIVENESS", "NET AGE", "DISK AGE", "VCPU", "MEMORY MiB", "LEADER"].map(String::from).to_vec()];
+                let mut rows =
+                    vec![["ID", "NAME", "STATUS", "EPOCH", "LIVENESS", "NET AGE", "DISK AGE", "VCPU", "MEMORY MiB", "LEADER"].map(String::from).to_vec()];
                 for h in v.as_array().into_iter().flatten() {
                     let age = |x: &Value| x.as_u64().map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
                     rows.push(vec![
@@ -645,7 +644,8 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
             VmOp::List => {
                 let v = c.get("/v1/vms")?;
                 show(out, &v, |v| {
-                    let mut rows = vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION", "ERROR"].map(String::from).to_vec()];
+                    let mut rows =
+                        vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION", "ERROR"].map(String::from).to_vec()];
                     for x in v.as_array().into_iter().flatten() {
                         rows.push(vec![
                             s(&x["name"]),

@@ -118,10 +118,7 @@ impl NetLab {
     pub fn lose_udp(&self, i: usize, port: u16, one_in: u32) -> Result<()> {
         let ns = self.host_ns(i);
         run("ip", &["netns", "exec", &ns, "nft", "add", "table", "inet", "tandemloss"])?;
-        run(
-            "ip",
-            &["netns", "exec", &ns, "nft", "add", "chain", "inet", "tandemloss", "input", "{ type filter hook input priority 0 ; policy accept ; }"],
-        )?;
+        run("ip", &["netns", "exec", &ns, "nft", "add", "chain", "inet", "tandemloss", "input", "{ type filter hook input priority 0 ; policy accept ; }"])?;
         let rule = format!("udp dport {port} numgen random mod {one_in} == 0 counter drop");
         let mut args = vec!["netns", "exec", &ns, "nft", "add", "rule", "inet", "tandemloss", "input"];
         args.extend(rule.split(' '));
@@ -168,12 +165,8 @@ impl NetLab {
         let ns = self.host_ns(i);
         let out = Command::new("ip").args(["netns", "exec", &ns, "nft", "list", "table", "inet", "tandemloss"]).output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let packets = text
-            .split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no counter in: {text}"))?;
+        let packets =
+            text.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).with_context(|| format!("no counter in: {text}"))?;
         Ok(packets)
     }
 }

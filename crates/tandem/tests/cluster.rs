@@ -67,7 +67,13 @@ fn host_power_loss_restarts_protected_vms_on_survivors_after_the_fence_deadline(
     let mut lab = lab(31, |_| {})?;
     create_and_start(
         &lab,
-        &[process_vm("p1", "protect", 5), process_vm("p2", "protect", 1), process_vm("p3", "protect", 1), process_vm("off1", "off", 0), process_vm("p4", "protect", 0)],
+        &[
+            process_vm("p1", "protect", 5),
+            process_vm("p2", "protect", 1),
+            process_vm("p3", "protect", 1),
+            process_vm("off1", "off", 0),
+            process_vm("p4", "protect", 0),
+        ],
     )?;
     let before = lab.placement(0)?;
     // Cut the host with the most VMs.
@@ -102,7 +108,8 @@ fn host_power_loss_restarts_protected_vms_on_survivors_after_the_fence_deadline(
     // The restart was committed only after the fence deadline: at least self_fence + kill grace
     // + margin after the host was declared dead.
     let dead = events_of(&lab, "peer-dead").into_iter().filter(|e| e["subject"] == victim_name.as_str()).filter_map(|e| e["at_ms"].as_u64()).min();
-    let committed = events_of(&lab, "failover-committed").into_iter().filter(|e| e["subject"] == victim_name.as_str()).filter_map(|e| e["at_ms"].as_u64()).min();
+    let committed =
+        events_of(&lab, "failover-committed").into_iter().filter(|e| e["subject"] == victim_name.as_str()).filter_map(|e| e["at_ms"].as_u64()).min();
     let (dead, committed) = (dead.ok_or_else(|| anyhow!("no peer-dead event"))?, committed.ok_or_else(|| anyhow!("no failover"))?);
     let wait_ms = tandem_core::timing::Timings::default().fence_wait_ms();
     assert!(committed >= dead + wait_ms - 250, "failover {committed} too soon after death {dead} (wait {wait_ms})");
@@ -171,9 +178,7 @@ fn restart_groups_start_in_order_after_a_host_failure() -> Result<()> {
     // SAFETY: kill(2) on a workload process this test's lab started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let survivor = (0..3).find(|i| *i != victim).unwrap_or(0);
-    wait_until(Duration::from_secs(10), || {
-        lab.vms(survivor).ok()?.into_iter().find(|v| v["name"] == "be" && v["desired"] == "stopped").map(|_| ())
-    })?;
+    wait_until(Duration::from_secs(10), || lab.vms(survivor).ok()?.into_iter().find(|v| v["name"] == "be" && v["desired"] == "stopped").map(|_| ()))?;
     std::thread::sleep(Duration::from_millis(500));
     assert!(!lab.running().contains_key("be"), "best-effort VM restarted after a crash on a live host");
     assert!(!events_of(&lab, "vm-crashed").is_empty());
@@ -249,7 +254,9 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
     // Admin writes; a malformed body gets 400 with the parse error; an oversized one 413.
     assert_eq!(status(as_token(Some(&admin)).post("/v1/vms/m2/stop", &json!({}))), 200);
     match as_token(Some(&admin)).post("/v1/rules", &json!({ "rule": { "name": "r" } })) {
-        Err(tandem::client::ClientError::Refused { status: 400, message }) => assert!(message.contains("malformed rule") || message.contains("missing field"), "{message}"),
+        Err(tandem::client::ClientError::Refused { status: 400, message }) => {
+            assert!(message.contains("malformed rule") || message.contains("missing field"), "{message}")
+        }
         other => panic!("malformed: {other:?}"),
     }
     let huge = json!({ "name": "x".repeat(tandem_agent::api::MAX_BODY + 1) });
@@ -527,9 +534,7 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() -> Result<()> {
                          "driver": { "kind": "process", "command": ["false"] } });
     lab.client(0).post("/v1/vms", &crashy).map_err(|e| anyhow!("{e}"))?;
     lab.client(0).post("/v1/vms/crashy/start", &json!({})).map_err(|e| anyhow!("{e}"))?;
-    let errored = wait_until(Duration::from_secs(60), || {
-        lab.vms(0).ok()?.into_iter().find(|v| v["name"] == "crashy" && !v["error"].is_null())
-    })?;
+    let errored = wait_until(Duration::from_secs(60), || lab.vms(0).ok()?.into_iter().find(|v| v["name"] == "crashy" && !v["error"].is_null()))?;
     assert_eq!((errored["desired"].clone(), errored["host"].clone()), (json!("stopped"), Value::Null), "{errored}");
     let mut failed_on: Vec<String> = errored["failed_on"].as_array().into_iter().flatten().filter_map(|h| h.as_str().map(String::from)).collect();
     failed_on.sort();
@@ -635,9 +640,7 @@ fn a_host_cut_off_the_network_fences_itself_and_the_majority_restarts_its_vms() 
     let cut = Instant::now();
     net.cut(victim)?;
     // The isolated host kills its own VMs (nobody else does: its agent still runs)…
-    let victim_emptied = wait_until(Duration::from_secs(30), || {
-        lab.running().values().all(|h| *h != victim_name).then(|| cut.elapsed())
-    })?;
+    let victim_emptied = wait_until(Duration::from_secs(30), || lab.running().values().all(|h| *h != victim_name).then(|| cut.elapsed()))?;
     // …and the majority brings them back.
     wait_until(Duration::from_secs(30), || {
         let running = lab.running();
@@ -646,9 +649,8 @@ fn a_host_cut_off_the_network_fences_itself_and_the_majority_restarts_its_vms() 
     let recovered = cut.elapsed();
     assert!(lab.agent_pid(victim).is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()), "the cut-off agent must still run");
     let survivor_events = lab.client(survivor).list("/v1/events?limit=4096")?;
-    let at = |kind: &str| {
-        survivor_events.iter().filter(|e| e["kind"] == kind && e["subject"] == victim_name.as_str()).filter_map(|e| e["at_ms"].as_u64()).min()
-    };
+    let at =
+        |kind: &str| survivor_events.iter().filter(|e| e["kind"] == kind && e["subject"] == victim_name.as_str()).filter_map(|e| e["at_ms"].as_u64()).min();
     let partitioned = at("peer-partitioned").ok_or_else(|| anyhow!("survivors never saw {victim_name} partitioned"))?;
     let committed = at("failover-committed").ok_or_else(|| anyhow!("no failover of {victim_name}"))?;
     assert!(committed >= partitioned, "failover before the partition was seen");
@@ -656,11 +658,7 @@ fn a_host_cut_off_the_network_fences_itself_and_the_majority_restarts_its_vms() 
         survivor_events.iter().any(|e| e["kind"] == "failover-decided" && e["detail"].as_str().is_some_and(|d| d.contains("fenced"))),
         "the failover must rest on the host's own fencing record"
     );
-    eprintln!(
-        "cut-off host emptied {:.2} s after the cut, VMs back on the majority {:.2} s after it",
-        victim_emptied.as_secs_f64(),
-        recovered.as_secs_f64()
-    );
+    eprintln!("cut-off host emptied {:.2} s after the cut, VMs back on the majority {:.2} s after it", victim_emptied.as_secs_f64(), recovered.as_secs_f64());
 
     // 3. Reconnected, the host rejoins and runs nothing that is assigned elsewhere.
     net.heal(victim)?;
@@ -724,17 +722,13 @@ fn a_cut_off_host_on_a_private_heartbeat_disk_fences_and_its_vms_move() -> Resul
         on_h2.iter().all(|v| running.get(v).is_some_and(|h| h != "h2")).then_some(())
     })?;
     let recovered = cut.elapsed();
-    let fenced = wait_until(Duration::from_secs(10), || {
-        lab.client(2).list("/v1/events?limit=4096").ok()?.into_iter().find(|e| e["kind"] == "fenced")
-    });
+    let fenced = wait_until(Duration::from_secs(10), || lab.client(2).list("/v1/events?limit=4096").ok()?.into_iter().find(|e| e["kind"] == "fenced"));
     // The events of h2 are read from the control namespace, which h2 is cut from: read them
     // after healing instead when they are not reachable now.
     net.heal(2)?;
     let fenced = match fenced {
         Ok(f) => f,
-        Err(_) => wait_until(Duration::from_secs(30), || {
-            lab.client(2).list("/v1/events?limit=4096").ok()?.into_iter().find(|e| e["kind"] == "fenced")
-        })?,
+        Err(_) => wait_until(Duration::from_secs(30), || lab.client(2).list("/v1/events?limit=4096").ok()?.into_iter().find(|e| e["kind"] == "fenced"))?,
     };
     assert!(fenced["detail"].as_str().is_some_and(|d| d.contains("no majority")), "h2 must fence as isolated: {fenced}");
     eprintln!("private-disk host cut off: VMs back on the majority {:.2} s after the cut", recovered.as_secs_f64());
@@ -754,9 +748,7 @@ fn chaos_short_profile_breaks_no_invariant() -> Result<()> {
         return Ok(());
     }
     let seed = std::env::var("TANDEM_CHAOS_SEED").unwrap_or_else(|_| "7".into());
-    let out = std::process::Command::new(binary())
-        .args(["chaos", "--profile", "short", "--seed", &seed, "--hosts", "3"])
-        .output()?;
+    let out = std::process::Command::new(binary()).args(["chaos", "--profile", "short", "--seed", &seed, "--hosts", "3"]).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_str(stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}"))?;

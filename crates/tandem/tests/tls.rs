@@ -36,7 +36,10 @@ fn make_ca(dir: &Path, cn: &str, ips: &[String]) -> Result<()> {
     openssl(dir, &[&["req"], &ec[..], &["-keyout", "agent.key", "-out", "agent.csr", "-subj", "/CN=tandem-agent"]].concat())?;
     let sans: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
     std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n", sans.join(",")))?;
-    openssl(dir, &["x509", "-req", "-in", "agent.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "agent.pem", "-days", "2", "-extfile", "ext.cnf"])
+    openssl(
+        dir,
+        &["x509", "-req", "-in", "agent.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "agent.pem", "-days", "2", "-extfile", "ext.cnf"],
+    )
 }
 
 #[test]
