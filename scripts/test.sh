@@ -16,6 +16,11 @@ if ((${#test_pkgs[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${test_pkgs[@]}" >/dev/null
 fi
 export TANDEM_GUEST_DIR="$here/.cache/guest"
+# Style and lints first: the workspace lints (clippy all and unwrap_used denied) on every target,
+# and rustfmt with the project's rustfmt.toml.
+command -v cargo-clippy >/dev/null && command -v rustfmt >/dev/null || rustup component add clippy rustfmt
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --bin tandem
 # Cluster tests share two cores with real guests: run them one at a time so timing stays honest.
 cargo test --workspace --exclude tandem-sim --no-fail-fast -- --test-threads=1

@@ -364,7 +364,7 @@ impl Liveness {
     pub fn disk_shared(&self, now: Millis) -> bool {
         let fresh = |t: Option<Millis>| t.is_some_and(|c| now.since(c) < self.timings.peer_timeout_ms);
         let advancing = usize::from(fresh(self.own_slot_advanced_at)) + self.peers.values().filter(|p| fresh(p.slot_changed_at)).count();
-        advancing >= self.members.len() / 2 + 1
+        advancing > self.members.len() / 2
     }
 
     /// Whether this host may start a VM at `now`: its proof of life is younger than
