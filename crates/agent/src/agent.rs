@@ -106,7 +106,27 @@ pub struct RuntimeStatus {
     pub joined_epoch: Option<u64>,
     pub fenced: Option<FenceReason>,
     pub fenced_at: Option<Millis>,
+    /// The epoch the fence speaks for: the one this host held when it fenced.
+    pub fenced_in_epoch: Option<u64>,
+    /// When every VM's exit was confirmed after the fence; only from then on is the fence
+    /// announced in heartbeats and the slot (a peer may move the VMs at once on that word).
+    pub fence_confirmed_at: Option<Millis>,
     pub kills_on_fence: usize,
+}
+
+impl RuntimeStatus {
+    /// What the next heartbeat and slot say about this host, `(epoch, fenced)`, read from one
+    /// snapshot: a fence is announced for the epoch it was taken in, and only once confirmed.
+    /// (Reading the fenced flag here and the epoch from committed state separately once let a
+    /// rejoin that had committed, but not yet cleared the flag, announce "fenced in the new
+    /// epoch", on which the coordinator fails the host over at once.)
+    #[must_use]
+    pub fn announcement(&self, committed_epoch: u64) -> (u64, bool) {
+        match (self.fenced_in_epoch, self.fence_confirmed_at) {
+            (Some(e), Some(_)) if self.fenced.is_some() => (e, true),
+            _ => (self.joined_epoch.unwrap_or(committed_epoch), false),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -126,6 +146,8 @@ struct Scratch {
     /// Coordinator: when each best-effort VM waiting for capacity is due for its next retry.
     capacity_retry_due: BTreeMap<String, Millis>,
     previous: BTreeMap<HostId, HostLiveness>,
+    /// Coordinator: when it first saw each host report itself fenced in an epoch.
+    fence_reports: BTreeMap<(HostId, u64), Millis>,
 }
 
 /// One host's agent.
@@ -316,6 +338,41 @@ impl Agent {
         st.fenced.is_none() && st.joined_epoch.is_some() && lock(&self.liveness).lease_valid(self.clock.now())
     }
 
+    /// The check a driver runs at the instant it creates VM `name`'s process (under the lock
+    /// that fencing's kill takes): it reads status, committed state and the lease afresh, so a
+    /// start decided from a snapshot taken before a fence, a failover or a rejoin is refused.
+    fn start_check(self: &Arc<Self>, name: &str, generation: u64) -> tandem_drivers::StartCheck {
+        let a = Arc::downgrade(self);
+        let name = name.to_string();
+        Arc::new(move || {
+            let a = a.upgrade().ok_or("the agent is gone")?;
+            let st = a.status();
+            if let Some(reason) = st.fenced {
+                return Err(format!("this host fenced itself ({reason})"));
+            }
+            let joined = st.joined_epoch.ok_or("this host has not joined the cluster")?;
+            let committed = a.consensus.with_state(|s| {
+                let host = s.hosts.get(&a.me).map(|h| (h.status, h.epoch));
+                let vm = s.vms.get(&name).map(|v| (v.assignment, v.desired, v.held));
+                (host, vm)
+            });
+            match committed {
+                (Some((HostStatus::Active, epoch)), _) if epoch != joined => {
+                    return Err(format!("committed state has this host in epoch {epoch}, it joined in {joined}"))
+                }
+                (Some((HostStatus::Active, _)), Some((Some(asg), PowerState::Running, false))) if asg.host == a.me && asg.generation == generation => {}
+                (Some((HostStatus::Active, _)), vm) => {
+                    return Err(format!("committed state no longer runs {name} here at generation {generation} (now {vm:?})"))
+                }
+                (host, _) => return Err(format!("committed state has this host {host:?}")),
+            }
+            if !lock(&a.liveness).lease_valid(a.clock.now()) {
+                return Err("this host's liveness lease has lapsed".into());
+            }
+            Ok(())
+        })
+    }
+
     /// A software watchdog thread (a stalled runtime still kills its VMs in time) and, when
     /// configured, the hardware watchdog (a hung host is reset).
     fn start_watchdogs(self: &Arc<Self>) -> Result<(), AgentError> {
@@ -405,7 +462,8 @@ impl Agent {
             let peers: Vec<SocketAddr> = s.hosts.values().filter(|h| h.id != self.me).filter_map(|h| h.heartbeat_addr.parse().ok()).collect();
             (s.members(), s.hosts.get(&self.me).map_or(0, |h| h.epoch), peers)
         });
-        let fenced = self.is_fenced();
+        self.confirm_fence(now);
+        let (epoch, fenced) = self.status().announcement(epoch);
         let (hb, assessment, seq) = {
             let mut l = lock(&self.liveness);
             l.set_members(members);
@@ -425,7 +483,7 @@ impl Agent {
         self.disk_round(seq, hb.heard, epoch, fenced);
         self.note_transitions(&assessment);
         if let Some(reason) = assessment.fence {
-            if !fenced {
+            if !self.is_fenced() {
                 self.fence(reason, now);
             }
         }
@@ -517,18 +575,43 @@ impl Agent {
         }
     }
 
-    /// Fences this host: kills every VM now, stops claiming them, and says so in heartbeats and
-    /// the slot from the next round on.
+    /// Fences this host: marks it fenced (so no start passes its last-instant check from now
+    /// on), then kills every VM. The fence is announced once every exit is confirmed
+    /// ([`Agent::confirm_fence`]).
     fn fence(&self, reason: FenceReason, now: Millis) {
-        let killed = self.driver.kill_all();
+        let committed = self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| h.epoch));
         {
             let mut st = lock(&self.status);
             st.fenced = Some(reason);
             st.fenced_at = Some(now);
+            st.fenced_in_epoch = st.joined_epoch.or(committed);
+            st.fence_confirmed_at = None;
             st.joined_epoch = None;
-            st.kills_on_fence = killed;
         }
+        // After the flag: a start racing this either sees the flag or is in the driver's table
+        // when kill_all takes it.
+        let killed = self.driver.kill_all();
+        lock(&self.status).kills_on_fence = killed;
         self.events.record("fenced", None, Some(&self.cfg.name), format!("self-fenced: {reason}; killed {killed} VM(s)"));
+        self.confirm_fence(now);
+    }
+
+    /// Marks the fence confirmed once the driver reports every VM exited (reaped), so that the
+    /// fence is announced only when it is true.
+    fn confirm_fence(&self, now: Millis) {
+        let pending = {
+            let st = lock(&self.status);
+            st.fenced.is_some() && st.fence_confirmed_at.is_none()
+        };
+        if !pending || self.driver.list().iter().any(|v| v.exit.is_none()) {
+            return;
+        }
+        let fenced_at = {
+            let mut st = lock(&self.status);
+            st.fence_confirmed_at = Some(now);
+            st.fenced_at.unwrap_or(now)
+        };
+        self.events.record("fence-confirmed", None, Some(&self.cfg.name), format!("every VM exit confirmed {} ms after the fence", now.since(fenced_at)));
     }
 
     /// Proposes `cmd`, forwarding it to the leader when this host is not the leader.
@@ -561,8 +644,9 @@ impl Agent {
             // longer hold the epoch we joined in, and must stop everything and join again.
             if let (Some(joined), Some((status, epoch))) = (st.joined_epoch, known) {
                 if status != HostStatus::Active || epoch != joined {
-                    let killed = self.driver.kill_all();
+                    // Unjoined first, so no start passes its last-instant check, then the kill.
                     lock(&self.status).joined_epoch = None;
+                    let killed = self.driver.kill_all();
                     self.events.record(
                         "epoch-lost",
                         None,
@@ -586,6 +670,8 @@ impl Agent {
                         s.joined_epoch = Some(epoch);
                         s.fenced = None;
                         s.fenced_at = None;
+                        s.fenced_in_epoch = None;
+                        s.fence_confirmed_at = None;
                     }
                     self.events.record("joined", None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}"));
                 }
@@ -720,7 +806,18 @@ impl Agent {
 
     async fn fail_over_hosts(&self, a: &Assessment) {
         let now = self.clock.now();
-        let own_fence = self.status().fenced;
+        let st = self.status();
+        let grace = self.cfg.timings.kill_grace_ms;
+        // A fenced host's VMs move once its kills have had kill_grace_ms to take effect (a qemu
+        // in uninterruptible I/O may still have writes in flight): for our own fence, counted from
+        // the confirmed exits; for a peer's, from when we first saw its report.
+        let own_fence = st.fenced.filter(|_| st.fence_confirmed_at.is_some_and(|c| now.since(c) >= grace));
+        let reported: BTreeMap<HostId, u64> = a.peers.iter().filter_map(|p| Some((p.host, p.fenced_epoch?))).collect();
+        let reports_due: BTreeSet<HostId> = {
+            let mut scratch = lock(&self.scratch);
+            scratch.fence_reports.retain(|(h, e), _| reported.get(h) == Some(e));
+            reported.iter().filter(|(h, e)| now.since(*scratch.fence_reports.entry((**h, **e)).or_insert(now)) >= grace).map(|(h, _)| *h).collect()
+        };
         let candidates: Vec<(HostId, u64, String)> = self.consensus.with_state(|s| {
             s.hosts
                 .values()
@@ -732,7 +829,7 @@ impl Agent {
                         return own_fence.map(|r| (h.id, h.epoch, format!("{} (the coordinator) fenced itself: {r}", h.name)));
                     }
                     let p = a.peer(h.id)?;
-                    if p.fenced_epoch == Some(h.epoch) {
+                    if p.fenced_epoch == Some(h.epoch) && reports_due.contains(&h.id) {
                         return Some((h.id, h.epoch, format!("{} reports itself fenced in epoch {}", h.name, h.epoch)));
                     }
                     if self.unsafe_skip_fence_wait && p.liveness != HostLiveness::Alive && p.liveness != HostLiveness::Unknown {
@@ -975,7 +1072,7 @@ impl Agent {
                         lock(&a.scratch).starting.remove(&name);
                         return;
                     }
-                    let launch = VmLaunch { spec, generation };
+                    let launch = VmLaunch { spec, generation, check: a.start_check(&name, generation) };
                     match a.driver.start(&launch).await {
                         Ok(()) => {
                             a.events.record("vm-started", Some(&name), Some(&a.cfg.name), format!("{name} started on {} (generation {generation})", a.cfg.name))
@@ -1034,5 +1131,29 @@ impl Agent {
         }
         q.push_back(now);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The heartbeat's epoch and fenced flag come from one snapshot. Mid-rejoin, committed state
+    /// already has this host in epoch 6 while the status still says "fenced in epoch 5": the
+    /// announcement must be "fenced in 5" (old news, refused as stale by the coordinator), never
+    /// "fenced in 6", on which the coordinator would fail the rejoined host over at once.
+    #[test]
+    fn a_fence_is_announced_for_its_own_epoch_and_only_once_confirmed() {
+        let reason = FenceReason::Isolated { silent_ms: 2500 };
+        let mut st = RuntimeStatus { fenced: Some(reason), fenced_at: Some(Millis(10)), fenced_in_epoch: Some(5), ..RuntimeStatus::default() };
+        // Kills not yet confirmed: not announced.
+        assert_eq!(st.announcement(5), (5, false));
+        st.fence_confirmed_at = Some(Millis(12));
+        assert_eq!(st.announcement(6), (5, true), "the join committed epoch 6 before the status was updated");
+        // Joined again: the new epoch, not fenced.
+        let joined = RuntimeStatus { joined_epoch: Some(6), ..RuntimeStatus::default() };
+        assert_eq!(joined.announcement(6), (6, false));
+        // Never joined: the committed epoch, informational.
+        assert_eq!(RuntimeStatus::default().announcement(3), (3, false));
     }
 }

@@ -468,14 +468,17 @@ impl Liveness {
             } else {
                 p.dead_since = None;
             }
+            // The newer of the two words wins: a slot whose content last changed before the
+            // latest heartbeat is older news than that heartbeat, whatever it says.
             let slot_fenced = p.slot.filter(|s| s.fenced).map(|s| s.epoch);
-            let net_fenced = (p.net_fenced && net_fresh(p)).then_some(p.net_epoch);
+            let net_newer = net_fresh(p) && p.last_net.is_some_and(|n| p.slot_changed_at.is_none_or(|c| n >= c));
+            let fenced_epoch = if net_newer { p.net_fenced.then_some(p.net_epoch) } else { slot_fenced };
             peers.push(PeerAssessment {
                 host: *h,
                 liveness,
                 net_age_ms: p.last_net.map(|c| now.since(c)),
                 disk_age_ms: p.slot_changed_at.map(|c| now.since(c)),
-                fenced_epoch: net_fenced.or(slot_fenced),
+                fenced_epoch,
                 dead_since: p.dead_since,
                 fence_deadline: p.dead_since.map(|d| d.plus(t.fence_wait_ms())),
                 slot_corrupt: p.slot_corrupt.is_some(),
@@ -941,5 +944,23 @@ mod tests {
             l.disk_read(&[slot(0, seq, &[0], false), slot(1, seq, &[0, 1, 2], false), SlotRead::Empty], now.plus(2));
         }
         assert!(l.lease_valid(Millis(6000)), "two of three advancing on the disk: it is shared");
+    }
+    /// A slot read after a fresher heartbeat must not override it: host 1 wrote "fenced in
+    /// epoch 1" to its slot, then rejoined and says "not fenced" on the network; a reader that
+    /// sees the old slot content afterwards still takes the newer word.
+    #[test]
+    fn a_stale_slot_never_overrides_a_fresher_heartbeat() {
+        let mut l = three(0);
+        run(&mut l, 0, 2000, |_, _| true);
+        // t=2000: the slot changes to "fenced in epoch 1".
+        l.disk_read(&[SlotRead::Empty, slot(1, 500, &[0, 1, 2], true), SlotRead::Empty], Millis(2000));
+        assert_eq!(l.assess(Millis(2001)).peer(HostId(1)).and_then(|p| p.fenced_epoch), Some(1));
+        // t=2100: a newer heartbeat says it is no longer fenced; the slot, unchanged since, is older.
+        l.heartbeat_received(&hb(1, 900, &[0, 1, 2], Some((0, 10))), Millis(2100)).expect("fresh");
+        l.disk_read(&[SlotRead::Empty, slot(1, 500, &[0, 1, 2], true), SlotRead::Empty], Millis(2150));
+        assert_eq!(l.assess(Millis(2200)).peer(HostId(1)).and_then(|p| p.fenced_epoch), None);
+        // A slot that changes after the heartbeat is the newer word again.
+        l.disk_read(&[SlotRead::Empty, slot(1, 501, &[0, 1, 2], true), SlotRead::Empty], Millis(2300));
+        assert_eq!(l.assess(Millis(2301)).peer(HostId(1)).and_then(|p| p.fenced_epoch), Some(1));
     }
 }

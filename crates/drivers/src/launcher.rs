@@ -65,22 +65,25 @@ impl Launcher {
         Ok(Launcher { tx, table: Arc::new(Mutex::new(BTreeMap::new())) })
     }
 
-    /// Spawns `cmd` as VM `name`, unless a live VM of that name exists.
-    pub fn spawn(&self, name: &str, generation: u64, cmd: Command) -> Result<u32, DriverError> {
-        {
-            let t = lock(&self.table);
-            if t.get(name).is_some_and(|r| r.status.exit.is_none()) {
-                return Err(DriverError::AlreadyRunning(name.to_string()));
-            }
-            if t.len() >= MAX_CHILDREN {
-                return Err(DriverError::Spawn { vm: name.to_string(), source: std::io::Error::other(format!("host already runs {MAX_CHILDREN} workloads")) });
-            }
+    /// Spawns `cmd` as VM `name`, unless a live VM of that name exists or `check` refuses.
+    ///
+    /// The table lock is held from `check` until the child is in the table, and `kill_all`
+    /// takes the same lock: a fence that lands during a start either makes `check` refuse, or
+    /// finds the new child in the table and kills it.
+    pub fn spawn(&self, name: &str, generation: u64, cmd: Command, check: &crate::StartCheck) -> Result<u32, DriverError> {
+        let mut t = lock(&self.table);
+        if t.get(name).is_some_and(|r| r.status.exit.is_none()) {
+            return Err(DriverError::AlreadyRunning(name.to_string()));
         }
+        if t.len() >= MAX_CHILDREN {
+            return Err(DriverError::Spawn { vm: name.to_string(), source: std::io::Error::other(format!("host already runs {MAX_CHILDREN} workloads")) });
+        }
+        check().map_err(|reason| DriverError::Refused { vm: name.to_string(), reason })?;
         let (reply_tx, reply_rx) = mpsc::channel();
         self.tx.send((cmd, reply_tx)).map_err(|_| DriverError::LauncherGone)?;
         let mut child = reply_rx.recv().map_err(|_| DriverError::LauncherGone)?.map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?;
         let pid = child.id();
-        lock(&self.table).insert(
+        t.insert(
             name.to_string(),
             Record {
                 status: VmStatus { name: name.to_string(), generation, pid, started_at_ms: wall_ms(), exit: None },
@@ -89,6 +92,7 @@ impl Launcher {
                 panicked: false,
             },
         );
+        drop(t);
         let table = Arc::clone(&self.table);
         let vm = name.to_string();
         let waiter = std::thread::Builder::new().name(format!("wait-{pid}")).spawn(move || {

@@ -20,11 +20,30 @@ use thiserror::Error;
 /// A boxed future, so the driver can be a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// What to run: the spec and the assignment generation it runs under.
-#[derive(Clone, Debug)]
+/// Decides, at the instant a VM's process is created, whether it may still start there: the
+/// driver calls it while holding the lock that `kill_all` takes, so a start either sees the
+/// host's fencing and is refused, or is created before `kill_all` runs and is killed by it.
+/// The error says why the start was refused.
+pub type StartCheck = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// A check that admits every start (tests, tools).
+#[must_use]
+pub fn always_start() -> StartCheck {
+    std::sync::Arc::new(|| Ok(()))
+}
+
+/// What to run: the spec, the assignment generation it runs under, and the last-instant check.
+#[derive(Clone)]
 pub struct VmLaunch {
     pub spec: VmSpec,
     pub generation: u64,
+    pub check: StartCheck,
+}
+
+impl std::fmt::Debug for VmLaunch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmLaunch").field("spec", &self.spec).field("generation", &self.generation).finish_non_exhaustive()
+    }
 }
 
 /// How a workload ended.
@@ -67,6 +86,8 @@ pub enum DriverError {
     },
     #[error("the launcher thread is gone")]
     LauncherGone,
+    #[error("start of VM '{vm}' refused at the last instant: {reason}")]
+    Refused { vm: String, reason: String },
     #[error("QMP of VM '{vm}' failed")]
     Qmp {
         vm: String,

@@ -41,7 +41,7 @@ impl VmDriver for ProcessDriver {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            self.launcher.spawn(name, launch.generation, cmd).map(|_| ())
+            self.launcher.spawn(name, launch.generation, cmd, &launch.check).map(|_| ())
         })
     }
 
@@ -103,6 +103,7 @@ mod tests {
                 driver: DriverSpec::Process { command: command.iter().map(|s| s.to_string()).collect() },
             },
             generation: 3,
+            check: crate::always_start(),
         }
     }
 
@@ -143,5 +144,40 @@ mod tests {
         assert!(matches!(d.kill("x"), Err(DriverError::NotRunning(_))));
         let bad = d.start(&launch("z", &["/nonexistent/binary"])).await;
         assert!(matches!(bad, Err(DriverError::Spawn { .. })));
+    }
+
+    /// The last-instant check runs under the table lock that `kill_all` takes: a fence that
+    /// lands while a start is in flight either refuses it or kills what it created.
+    #[tokio::test]
+    async fn a_start_racing_a_fence_is_refused_or_killed() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let d = Arc::new(ProcessDriver::new(Launcher::new().expect("launcher"), "h0", Duration::from_secs(2)));
+        let fenced = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&fenced);
+        let check: crate::StartCheck = Arc::new(move || if f.load(Ordering::SeqCst) { Err("host is fenced".into()) } else { Ok(()) });
+        // Refused: the fence came first.
+        fenced.store(true, Ordering::SeqCst);
+        let refused = d.start(&VmLaunch { check: Arc::clone(&check), ..launch("r", &["sleep", "100"]) }).await;
+        assert!(matches!(&refused, Err(DriverError::Refused { reason, .. }) if reason == "host is fenced"), "{refused:?}");
+        assert!(d.list().iter().all(|s| s.name != "r"), "a refused start leaves nothing behind");
+        // Racing: many starts while a fencer flips the flag and kills everything. Whatever
+        // passed the check before the flag was set was in the table when kill_all ran.
+        fenced.store(false, Ordering::SeqCst);
+        let starts: Vec<_> = (0..20)
+            .map(|i| {
+                let (d, check) = (Arc::clone(&d), Arc::clone(&check));
+                tokio::spawn(async move { d.start(&VmLaunch { check, ..launch(&format!("v{i}"), &["sleep", "100"]) }).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        fenced.store(true, Ordering::SeqCst);
+        d.kill_all();
+        for s in starts {
+            let _ = s.await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let alive: Vec<String> = d.list().into_iter().filter(|s| s.exit.is_none()).map(|s| s.name).collect();
+        assert!(alive.is_empty(), "started after the fence and never killed: {alive:?}");
     }
 }

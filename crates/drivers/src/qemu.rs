@@ -161,7 +161,7 @@ impl VmDriver for QemuDriver {
             let name = launch.spec.name.clone();
             std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
             let cmd = self.command(launch)?;
-            let pid = self.launcher.spawn(&name, launch.generation, cmd)?;
+            let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
             match self.connect_qmp(&name, pid).await {
                 Ok(q) => {
                     self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name, Arc::new(q));

@@ -62,10 +62,11 @@ pub struct SimReport {
     pub trace_hash: u64,
 }
 
-pub const FAULT_KINDS: [&str; 18] = [
+pub const FAULT_KINDS: [&str; 19] = [
     "partition-full",
     "partition-one-way",
     "partition-pair",
+    "guest-shutdown-in-partition",
     "message-loss",
     "duplication-and-delay",
     "disk-error-one",
@@ -351,6 +352,38 @@ impl Sim {
                 self.run_for(hold).await;
                 lock(&w.cond).blocked.clear();
                 w.log(format!("HEAL {kind}"));
+            }
+            "guest-shutdown-in-partition" => {
+                // A guest on a follower powers off as the follower is cut off: the follower's
+                // reconcile pass forwards the stop to the leader and waits for the forward's
+                // timeout, while the follower fences, the majority fails it over, the cut heals
+                // and it rejoins. The pass then goes on with what it read before all that.
+                let leader = self.leader().await;
+                let mut follower: Option<(u32, Vec<String>)> = None;
+                for h in up.iter().copied().filter(|h| Some(*h) != leader) {
+                    let on = self.vms_on(h).await;
+                    if follower.as_ref().is_none_or(|(_, best)| on.len() > best.len()) {
+                        follower = Some((h, on));
+                    }
+                }
+                let Some((f, on)) = follower else { return };
+                let Some(victim) = on.first().cloned() else { return };
+                let hold = Duration::from_millis(6_000 + self.rand(2_000));
+                w.log(format!("FAULT {kind}: {victim} on h{f} shuts down as h{f} is cut off for {hold:?}"));
+                self.forgive(&victim);
+                self.hosts[f as usize].driver.guest_shutdown(&victim);
+                {
+                    let mut c = lock(&w.cond);
+                    for o in (0..n).filter(|o| *o != f) {
+                        c.blocked.insert((f, o));
+                        c.blocked.insert((o, f));
+                    }
+                }
+                self.excuse(&[f], now + hold.as_millis() as u64 + 15_000);
+                self.run_for(hold).await;
+                lock(&w.cond).blocked.clear();
+                w.log(format!("HEAL {kind} h{f}"));
+                self.run_for(Duration::from_secs(6)).await;
             }
             "message-loss" => {
                 w.log(format!("FAULT {kind}: one datagram in three lost for {hold:?}"));

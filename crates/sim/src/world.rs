@@ -396,17 +396,27 @@ impl PeerRpc for SimRpc {
             let Some(target) = w.host_of_api(addr) else {
                 return Err(HttpError::Protocol { addr: addr.into(), detail: "no such host".into() });
             };
-            // Never a connection to ourselves (openraft's rule); a blocked or dead path looks like
-            // a request that never gets an answer.
-            if !w.reaches(self.me, target) {
-                tokio::time::sleep(timeout).await;
-                return Err(timed_out());
-            }
-            let router = lock(&w.routers).get(&target).cloned();
-            let Some(router) = router else {
-                tokio::time::sleep(timeout).await;
-                return Err(timed_out());
+            // Never a connection to ourselves (openraft's rule). A blocked or dead path behaves
+            // like TCP's connect: the SYN is sent again after 1, 2, 4 ... s, and the call goes
+            // through at the first retry after the path opens, or times out. (A call made during a
+            // partition can therefore complete well after the partition healed.)
+            let mut waited = Duration::ZERO;
+            let mut backoff = Duration::from_secs(1);
+            let router = loop {
+                if w.reaches(self.me, target) {
+                    if let Some(r) = lock(&w.routers).get(&target).cloned() {
+                        break r;
+                    }
+                }
+                if waited + backoff >= timeout {
+                    tokio::time::sleep(timeout - waited).await;
+                    return Err(timed_out());
+                }
+                tokio::time::sleep(backoff).await;
+                waited += backoff;
+                backoff *= 2;
             };
+            let timeout = timeout - waited;
             let mut req = axum::http::Request::builder().uri(path).method(if body.is_some() { "POST" } else { "GET" });
             if let Some(t) = token {
                 req = req.header("authorization", format!("Bearer {t}"));
@@ -463,6 +473,15 @@ impl SimDriver {
         true
     }
 
+    /// The guest powers itself off (as QMP SHUTDOWN guest=true reports it).
+    pub fn guest_shutdown(&self, name: &str) -> bool {
+        let done = self.end(name, VmExit::GuestShutdown);
+        if done {
+            self.world.log(format!("{}: {name} shut down from inside the guest", self.name));
+        }
+        done
+    }
+
     /// Whether the VM still runs in the world (a power loss removes it behind the driver's back).
     fn sync_power(&self) {
         let running = lock(&self.world.running);
@@ -492,6 +511,9 @@ impl VmDriver for SimDriver {
             if lock(&w.cond).down.contains(&self.me) {
                 return Err(DriverError::NotRunning(name));
             }
+            // The last-instant check, with no await between it and the VM appearing: the
+            // simulator runs on one thread, so nothing can fence this host in between.
+            (launch.check)().map_err(|reason| DriverError::Refused { vm: name.clone(), reason })?;
             let others: Vec<u32> = {
                 let mut running = lock(&w.running);
                 let hosts = running.entry(name.clone()).or_default();
