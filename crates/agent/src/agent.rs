@@ -341,11 +341,14 @@ impl Agent {
     /// The check a driver runs at the instant it creates VM `name`'s process (under the lock
     /// that fencing's kill takes): it reads status, committed state and the lease afresh, so a
     /// start decided from a snapshot taken before a fence, a failover or a rejoin is refused.
-    fn start_check(self: &Arc<Self>, name: &str, generation: u64) -> tandem_drivers::StartCheck {
+    fn start_check(self: &Arc<Self>, spec: &tandem_core::state::VmSpec, generation: u64) -> tandem_drivers::StartCheck {
         let a = Arc::downgrade(self);
-        let name = name.to_string();
+        let spec = spec.clone();
         Arc::new(move || {
+            let name = &spec.name;
             let a = a.upgrade().ok_or("the agent is gone")?;
+            // This host's own policy first: no API role can widen it.
+            a.cfg.policy.admits(&spec).map_err(|e| format!("refused by this host's policy: {e}"))?;
             let st = a.status();
             if let Some(reason) = st.fenced {
                 return Err(format!("this host fenced itself ({reason})"));
@@ -353,7 +356,7 @@ impl Agent {
             let joined = st.joined_epoch.ok_or("this host has not joined the cluster")?;
             let committed = a.consensus.with_state(|s| {
                 let host = s.hosts.get(&a.me).map(|h| (h.status, h.epoch));
-                let vm = s.vms.get(&name).map(|v| (v.assignment, v.desired, v.held));
+                let vm = s.vms.get(name).map(|v| (v.assignment, v.desired, v.held));
                 (host, vm)
             });
             match committed {
@@ -1072,7 +1075,8 @@ impl Agent {
                         lock(&a.scratch).starting.remove(&name);
                         return;
                     }
-                    let launch = VmLaunch { spec, generation, check: a.start_check(&name, generation) };
+                    let check = a.start_check(&spec, generation);
+                    let launch = VmLaunch { spec, generation, check };
                     match a.driver.start(&launch).await {
                         Ok(()) => {
                             a.events.record("vm-started", Some(&name), Some(&a.cfg.name), format!("{name} started on {} (generation {generation})", a.cfg.name))

@@ -81,8 +81,29 @@ impl From<StateError> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// Parses a request or answer body. Every body of this API is a JSON object: serde would also
+/// read a struct from an array of its fields (`[null, null]`), which no client means.
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed {what}: {e}")))
+    let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed {what}: {e}"));
+    let v: Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    if !v.is_object() {
+        return Err(bad("expected a JSON object".into()));
+    }
+    serde_json::from_value(v).map_err(|e| bad(e.to_string()))
+}
+
+/// A query string, refused with the API's JSON error body (axum's own rejection is plain text).
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed query string: {}", e.body_text())))
+    }
 }
 
 fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -93,8 +114,41 @@ fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+tokio::task_local! {
+    /// The name of the token that authorized the request being handled.
+    static CALLER: String;
+}
+
+/// What an API change did, for the timeline: the command's kind and what it names.
+fn describe(cmd: &Command) -> String {
+    let v = serde_json::to_value(cmd).unwrap_or(Value::Null);
+    let op = v["op"].as_str().unwrap_or("change").to_string();
+    let subject = ["name", "host"]
+        .iter()
+        .find_map(|k| v[*k].as_str().map(str::to_string).or_else(|| v[*k].as_u64().map(|h| format!("host {h}"))))
+        .or_else(|| v["spec"]["name"].as_str().map(str::to_string))
+        .or_else(|| v["rule"]["name"].as_str().map(str::to_string))
+        .or_else(|| v["token"]["name"].as_str().map(str::to_string));
+    let forced = if v["force"] == Value::Bool(true) { " (forced)" } else { "" };
+    match subject {
+        Some(s) => format!("{op} {s}{forced}"),
+        None => format!("{op}{forced}"),
+    }
+}
+
+/// Proposes a change an API caller asked for, and records it in the timeline with the name of
+/// the token that made it (whether it was applied or refused).
 async fn submit(agent: &Agent, cmd: Command) -> Result<Applied, ApiError> {
-    Ok(agent.submit(cmd).await??)
+    let what = describe(&cmd);
+    let who = CALLER.try_with(Clone::clone).unwrap_or_else(|_| "internal".into());
+    let result = agent.submit(cmd).await;
+    let outcome = match &result {
+        Ok(Ok(_)) => "applied".to_string(),
+        Ok(Err(e)) => format!("refused: {e}"),
+        Err(e) => format!("not committed: {e}"),
+    };
+    agent.events.record("api-change", None, None, format!("{what} by token '{who}': {outcome}"));
+    Ok(result??)
 }
 
 /// Who is calling, as the bearer token says.
@@ -135,18 +189,18 @@ async fn authorize(State(a): State<Arc<Agent>>, route: MatchedPath, req: Request
         return ApiError::new(StatusCode::NOT_FOUND, format!("{method} {} is not a documented endpoint", route.as_str())).into_response();
     };
     let allowed = match endpoint.access {
-        Access::Public => Ok(()),
-        Access::Cluster => authorized(&a, req.headers()),
-        Access::Read => caller(&a, req.headers()).map(|_| ()),
+        Access::Public => Ok("anonymous".to_string()),
+        Access::Cluster => authorized(&a, req.headers()).map(|()| "cluster".to_string()),
+        Access::Read => caller(&a, req.headers()).map(|c| c.name),
         Access::Admin => caller(&a, req.headers()).and_then(|c| match c.role {
-            Role::Admin => Ok(()),
+            Role::Admin => Ok(c.name),
             Role::ReadOnly => {
                 Err(ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is read-only: {method} {} needs an admin token", c.name, route.as_str())))
             }
         }),
     };
     match allowed {
-        Ok(()) => next.run(req).await,
+        Ok(name) => CALLER.scope(name, next.run(req)).await,
         Err(e) => e.into_response(),
     }
 }
@@ -161,6 +215,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/tokens/{name}", axum::routing::delete(token_delete))
         .route("/v1/status", get(status))
         .route("/v1/identity", get(identity))
+        .route("/v1/join-proof", get(join_proof))
         .route("/v1/cluster/init", post(cluster_init))
         .route("/v1/hosts", get(hosts))
         .route("/v1/hosts/join", post(host_join))
@@ -257,6 +312,30 @@ async fn identity(State(a): State<Arc<Agent>>) -> Json<Identity> {
     })
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChallengeQuery {
+    challenge: String,
+}
+
+/// A host's identity with proof that it holds the cluster secret.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinProof {
+    /// The identity as JSON text: the MAC covers these exact bytes.
+    pub identity: String,
+    pub proof: String,
+}
+
+async fn join_proof(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<ChallengeQuery>) -> ApiResult<JoinProof> {
+    if !(16..=128).contains(&q.challenge.len()) || !q.challenge.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "challenge must be 16-128 hex characters"));
+    }
+    let id = identity(State(Arc::clone(&a))).await.0;
+    let identity = serde_json::to_string(&id).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let proof = a.key.join_proof(&q.challenge, identity.as_bytes());
+    Ok(Json(JoinProof { identity, proof }))
+}
+
 async fn cluster_init(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
     a.consensus.initialize(&a.cfg.api_addr.to_string()).await.map_err(|e| match e {
         ConsensusError::AlreadyInitialized => ApiError::new(StatusCode::CONFLICT, "this host already belongs to a cluster"),
@@ -288,20 +367,28 @@ async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Result<Response,
     let req: JoinRequest = parse(&body, "join request")?;
     if !a.consensus.is_leader() {
         let leader = a.consensus.leader_addr().ok_or_else(|| ApiError::from(AgentError::NoLeader))?;
+        // The caller was authorized here; the leader is asked on the cluster's behalf.
         let r = a
             .rpc()
-            .call(&leader, "/v1/hosts/join", None, Some(body.to_vec()), Duration::from_secs(60))
+            .call(&leader, "/v1/hosts/join", Some(&a.token), Some(body.to_vec()), Duration::from_secs(60))
             .await
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
         let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
         return Ok((status, [("content-type", "application/json")], r.body).into_response());
     }
+    // The address comes from the API caller: it gets no token until it has proved that it holds
+    // the cluster secret (a fresh challenge, answered with a MAC).
+    let challenge: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     let r = a
         .rpc()
-        .call(&req.api_addr, "/v1/identity", Some(&a.token), None, Duration::from_secs(5))
+        .call(&req.api_addr, &format!("/v1/join-proof?challenge={challenge}"), None, None, Duration::from_secs(5))
         .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("cannot reach the joining host: {}", chain(&e))))?;
-    let id: Identity = parse(&r.body, "identity of the joining host")?;
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("cannot reach the joining host: {}", chain(&e))))?;
+    let answer: JoinProof = parse(&r.body, "join proof of the joining host")?;
+    if !a.key.verify_join_proof(&challenge, answer.identity.as_bytes(), &answer.proof) {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("{} did not prove that it holds the cluster secret; nothing was sent to it", req.api_addr)));
+    }
+    let id: Identity = parse(answer.identity.as_bytes(), "identity of the joining host")?;
     let exists = a.consensus.with_state(|s| s.hosts.get(&HostId(id.host_id)).map(|h| h.name.clone()));
     match exists {
         Some(name) if name == id.name => {}
@@ -449,7 +536,7 @@ async fn vm_show(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiRe
 
 async fn vm_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
     let spec: VmSpec = parse(&body, "VM spec")?;
-    spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid VM spec: {e}")))?;
+    spec.validate().and_then(|()| spec.check_arguments()).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid VM spec: {e}")))?;
     let name = spec.name.clone();
     submit(&a, Command::CreateVm { spec }).await?;
     Ok(Json(json!({ "created": name })))
@@ -513,7 +600,7 @@ async fn vm_update(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: 
     if b.spec.name != name {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("the spec names '{}', the path '{name}': a VM cannot be renamed", b.spec.name)));
     }
-    b.spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid VM spec: {e}")))?;
+    b.spec.validate().and_then(|()| b.spec.check_arguments()).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid VM spec: {e}")))?;
     let mut out = admitted(&a, Command::UpdateVm { spec: b.spec, force: b.force }, Some(&name)).await?;
     out["updated"] = json!(name);
     Ok(Json(out))
@@ -554,13 +641,13 @@ struct PlanQuery {
 
 /// What would happen if hosts failed: for each failure set, where every VM restarts and which
 /// stay down, by the same planner the coordinator runs.
-async fn plan(State(a): State<Arc<Agent>>, Query(q): Query<PlanQuery>) -> ApiResult<Value> {
+async fn plan(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<PlanQuery>) -> ApiResult<Value> {
     a.consensus.with_state(|s| {
         let sets: Vec<Vec<HostId>> = match &q.fail {
             Some(list) => {
                 let mut set = Vec::new();
                 for n in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                    let h = s.host_by_name(n).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown host '{n}'")))?;
+                    let h = s.host_by_name(n).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("fail= names an unknown host '{n}'")))?;
                     set.push(h.id);
                 }
                 if set.is_empty() {
@@ -574,9 +661,16 @@ async fn plan(State(a): State<Arc<Agent>>, Query(q): Query<PlanQuery>) -> ApiRes
         let out: Vec<Value> = sets
             .iter()
             .map(|set| {
-                let p = tandem_core::recovery::plan_failure(s, set, s.members());
+                let (p, quorum) = tandem_core::recovery::plan_what_if(s, set);
+                let members = s.members().len();
                 json!({
                     "failed": set.iter().map(|h| name(*h)).collect::<Vec<_>>(),
+                    "quorum": quorum,
+                    "note": (!quorum).then(|| format!(
+                        "no quorum: {} of {members} voting hosts would be left and a majority ({}) is needed, so nothing restarts",
+                        members - set.len().min(members),
+                        members / 2 + 1
+                    )),
                     "restarts": p.placements.iter().map(|(vm, h)| json!({ "vm": vm, "host": name(*h) })).collect::<Vec<_>>(),
                     "left_down": p.left_down.iter().map(|(vm, why)| json!({ "vm": vm, "reason": why })).collect::<Vec<_>>(),
                 })
@@ -682,7 +776,7 @@ struct EventQuery {
     host: Option<String>,
 }
 
-async fn events(State(a): State<Arc<Agent>>, Query(q): Query<EventQuery>) -> Json<Value> {
+async fn events(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<EventQuery>) -> Json<Value> {
     let limit = q.limit.unwrap_or(1000).min(crate::events::EVENT_RING);
     let keep = |e: &crate::events::Event| {
         q.vm.as_ref().is_none_or(|v| e.vm.as_ref() == Some(v))

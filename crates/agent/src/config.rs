@@ -79,6 +79,9 @@ pub struct AgentConfig {
     /// Serve the API over TLS and call other agents over TLS (all agents of a cluster alike).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// What VM specs may do to this host, whatever the API caller's role.
+    #[serde(default)]
+    pub policy: crate::policy::HostPolicy,
 }
 
 /// TLS files, PEM encoded.
@@ -119,6 +122,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what} {path} is readable or writable by others (mode {mode:o}); allow its owner only (chmod 600)")]
+    Exposed { what: &'static str, path: String, mode: u32 },
     #[error("secret file {path} is too weak")]
     WeakSecret {
         path: String,
@@ -133,6 +138,17 @@ pub enum ConfigError {
     SameAddr(SocketAddr),
     #[error("capacity must offer at least 1 vCPU and 16 MiB")]
     Capacity,
+}
+
+/// Refuses a secret-bearing file that group or others may read or write.
+pub fn private_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Secret { path: path.display().to_string(), source })?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Exposed { what, path: path.display().to_string(), mode });
+    }
+    Ok(())
 }
 
 impl AgentConfig {
@@ -178,9 +194,10 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// Reads the cluster secret.
+    /// Reads the cluster secret, refusing a file that others may read.
     pub fn key(&self) -> Result<ClusterKey, ConfigError> {
         let path = self.secret_file.display().to_string();
+        private_file("secret file", &self.secret_file)?;
         let bytes = std::fs::read(&self.secret_file).map_err(|source| ConfigError::Secret { path: path.clone(), source })?;
         ClusterKey::new(&bytes).map_err(|source| ConfigError::WeakSecret { path, source })
     }
@@ -235,6 +252,23 @@ peer_timeout_ms = 4000
         assert_eq!(c.driver, DriverKind::Process);
         assert_eq!(c.timings.peer_timeout_ms, 4000);
         assert_eq!(c.timings.heartbeat_interval_ms, Timings::default().heartbeat_interval_ms);
+    }
+
+    /// A secret that others can read is refused, naming the file and the fix.
+    #[test]
+    fn a_secret_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tandem-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "a-secret-of-enough-bytes").expect("write");
+        let cfg = AgentConfig::parse(&GOOD.replace("/tmp/secret", &secret.display().to_string()), "test").expect("valid");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = cfg.key().expect_err("world-readable");
+        assert!(e.to_string().contains("chmod 600") && e.to_string().contains("644"), "{e}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(cfg.key().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub enum DiskError {
     Header {
         path: String,
         #[source]
-        source: HeaderError,
+        source: Box<HeaderError>,
     },
     #[error("{path} is already formatted for this cluster; formatting it again erases every slot (use --force while no agent runs)")]
     AlreadyFormatted { path: String },
@@ -182,7 +182,7 @@ pub fn format(path: &Path, key: &ClusterKey, force: bool) -> Result<(), DiskErro
         match DiskHeader::check(&head, key) {
             Ok(_) => return Err(DiskError::AlreadyFormatted { path: name }),
             Err(HeaderError::Unformatted) => {}
-            Err(source) => return Err(DiskError::Header { path: name, source }),
+            Err(source) => return Err(DiskError::Header { path: name, source: Box::new(source) }),
         }
     }
     let mut area = DiskHeader::for_cluster(key).encode(key);
@@ -217,7 +217,7 @@ impl HeartbeatDisk {
     /// to start on any other.
     pub async fn check_header(&self, path: &str) -> Result<DiskHeader, DiskError> {
         let bytes = tokio::time::timeout(self.timeout, self.dev.read_all()).await.map_err(|_| DiskError::Timeout(self.timeout))??;
-        DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: path.to_string(), source })
+        DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: path.to_string(), source: Box::new(source) })
     }
 
     /// Reads and decodes every slot. The header is checked at every read: a disk swapped
@@ -227,7 +227,7 @@ impl HeartbeatDisk {
         if bytes.len() != DISK_SIZE {
             return Err(DiskError::Io(std::io::Error::other(format!("heartbeat area is {} bytes, not {DISK_SIZE}", bytes.len()))));
         }
-        DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source })?;
+        DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source: Box::new(source) })?;
         Ok(bytes[HEADER_SIZE..].chunks(SLOT_SIZE).enumerate().map(|(i, b)| DiskSlot::decode(b, HostId(i as u32), &self.key)).collect())
     }
 }
@@ -262,7 +262,7 @@ mod tests {
         // A disk whose header is replaced underneath (another disk mounted over the path) reads
         // as failed, never as a silent cluster.
         f.write_all_at(&[0u8; 16], 0).expect("wipe header");
-        assert!(matches!(disk.read_all().await, Err(DiskError::Header { source: HeaderError::Unformatted, .. })));
+        assert!(matches!(disk.read_all().await, Err(DiskError::Header { source, .. }) if *source == HeaderError::Unformatted));
         // A path that stops resolving is a failed I/O, not a hang.
         std::fs::remove_file(&path).expect("remove");
         assert!(matches!(disk.read_all().await, Err(DiskError::Io(_))));
@@ -293,7 +293,7 @@ mod tests {
         let d = HeartbeatDisk::new(Arc::new(FileSlotDevice::open(&theirs).expect("open")), key.clone(), Duration::from_secs(2));
         let e = d.check_header("theirs").await.expect_err("other cluster");
         assert!(anyhow_chain(&e).contains("another cluster"), "{e}");
-        assert!(matches!(format(&theirs, &key, false), Err(DiskError::Header { source: HeaderError::OtherCluster { .. }, .. })));
+        assert!(matches!(format(&theirs, &key, false), Err(DiskError::Header { source, .. }) if matches!(*source, HeaderError::OtherCluster { .. })));
 
         let ours = dir.join("ours");
         format(&ours, &key, false).expect("format");

@@ -11,5 +11,6 @@ pub mod events;
 pub mod httpc;
 pub mod io;
 pub mod metrics;
+pub mod policy;
 pub mod raft_runtime;
 pub mod tls;

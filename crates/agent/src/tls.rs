@@ -33,6 +33,8 @@ pub enum TlsError {
     Empty { what: &'static str, path: PathBuf },
     #[error("TLS configuration refused")]
     Rustls(#[from] rustls::Error),
+    #[error("TLS private key refused")]
+    Exposed(#[source] Box<crate::config::ConfigError>),
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -55,6 +57,7 @@ pub struct ServerTls(tokio_rustls::TlsAcceptor);
 impl ServerTls {
     pub fn load(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
         let chain = certificates(cert, "certificate")?;
+        crate::config::private_file("TLS private key", key).map_err(|e| TlsError::Exposed(Box::new(e)))?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem { what: "private key", path: key.to_path_buf(), source })?;
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?

@@ -21,6 +21,8 @@ pub enum LeftDown {
     NoCapacity,
     /// Hosts with room exist, but each would break a hard placement rule.
     HardRule,
+    /// The hosts left are not a majority of the voting hosts: they cannot commit a failover.
+    NoQuorum,
 }
 
 /// A computed plan.
@@ -65,6 +67,26 @@ pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) 
     let model = state.placement_model(eligible);
     let failed: Vec<u32> = failed.iter().filter_map(|h| model.host_index(*h)).collect();
     named(&model, &model.plan(&failed, false))
+}
+
+/// What an operator's "what if these hosts failed together" gets: [`plan_failure`] while the
+/// survivors hold a majority of the voting hosts; otherwise nothing can be committed, so every
+/// VM that ran on the failed hosts stays down (`NoQuorum`). The flag says which case it is.
+#[must_use]
+pub fn plan_what_if(state: &ClusterState, failed: &[HostId]) -> (RecoveryPlan, bool) {
+    let members = state.members();
+    let lost = failed.iter().filter(|h| members.contains(**h)).count();
+    let quorum = members.len() - lost > members.len() / 2;
+    if quorum {
+        return (plan_failure(state, failed, members), true);
+    }
+    let left_down = state
+        .vms
+        .values()
+        .filter(|v| v.desired == crate::state::PowerState::Running && v.assignment.is_some_and(|a| failed.contains(&a.host)))
+        .map(|v| (v.spec.name.clone(), LeftDown::NoQuorum))
+        .collect();
+    (RecoveryPlan { placements: vec![], left_down }, false)
 }
 
 /// [`plan_failure`] for one host: what the coordinator proposes when `failed` is declared dead.

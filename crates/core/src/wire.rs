@@ -80,6 +80,24 @@ impl ClusterKey {
         out
     }
 
+    /// Proof that whoever answers a join challenge holds the cluster secret: a MAC over the
+    /// challenge and the identity it reports, so neither can be replayed or swapped.
+    #[must_use]
+    pub fn join_proof(&self, challenge: &str, identity: &[u8]) -> String {
+        let mut data = b"tandem join proof v1\0".to_vec();
+        data.extend_from_slice(challenge.as_bytes());
+        data.push(0);
+        data.extend_from_slice(identity);
+        self.mac(&data).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Checks a [`ClusterKey::join_proof`] in constant time.
+    #[must_use]
+    pub fn verify_join_proof(&self, challenge: &str, identity: &[u8], proof: &str) -> bool {
+        let expected = self.join_proof(challenge, identity);
+        expected.len() == proof.len() && expected.bytes().zip(proof.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
     /// A token derived from the secret for authenticating agent-to-agent HTTP calls.
     #[must_use]
     pub fn peer_token(&self) -> String {

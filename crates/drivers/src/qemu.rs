@@ -33,6 +33,13 @@ impl Default for QemuConfig {
     }
 }
 
+/// Escapes a value placed inside a QEMU `key=value,...` option: QEMU reads a doubled comma as
+/// a literal one, so a value can never end the option and start another.
+#[must_use]
+pub fn escape_option_value(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
 /// Runs VMs as QEMU processes.
 pub struct QemuDriver {
     cfg: QemuConfig,
@@ -65,6 +72,8 @@ impl QemuDriver {
         let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args } = &spec.driver else {
             return Err(DriverError::WrongDriver { vm: spec.name.clone(), needed: "process", have: "qemu" });
         };
+        // Checked again here: the spec may have been committed by a release with looser rules.
+        spec.check_arguments().map_err(|e| DriverError::Refused { vm: spec.name.clone(), reason: e.to_string() })?;
         let bus = if self.cfg.machine == "microvm" { "device" } else { "pci" };
         let qmp = self.run_dir.join(format!("{}.qmp", spec.name));
         let serial = self.run_dir.join(format!("{}.serial", spec.name));
@@ -88,7 +97,7 @@ impl QemuDriver {
         for (i, d) in spec.disks.iter().enumerate() {
             let fmt = d.format.clone().unwrap_or_else(|| "raw".into());
             let ro = if d.readonly { ",readonly=on" } else { "" };
-            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}", d.path)]);
+            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}", escape_option_value(&d.path))]);
             c.args(["-device", &format!("virtio-blk-{bus},drive=disk{i}")]);
         }
         match &spec.network {
@@ -220,5 +229,49 @@ impl VmDriver for QemuDriver {
     fn forget(&self, name: &str) {
         self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name);
         self.launcher.forget(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::state::{DiskSpec, Protection, VmSpec};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "web".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            disks: vec![DiskSpec { path: "/shared/a,file.locking=off".into(), format: None, readonly: false }],
+            network: Some(NetworkSpec::User { hostfwd: vec!["tcp:{host_ip}:8080-:80".into()] }),
+            protection: Protection::Protect,
+            priority: 0,
+            restart_group: 0,
+            driver: DriverSpec::Qemu { kernel: Some("/srv/vmlinuz".into()), initrd: None, cmdline: None, extra_args: vec![] },
+        }
+    }
+
+    fn args(d: &QemuDriver, spec: VmSpec) -> Result<Vec<String>, DriverError> {
+        let c = d.command(&VmLaunch { spec, generation: 1, check: crate::always_start() })?;
+        Ok(c.get_args().map(|a| a.to_string_lossy().into_owned()).collect())
+    }
+
+    /// A comma in a disk path stays part of the file name; a hostile port forward or tap name
+    /// never reaches QEMU.
+    #[test]
+    fn spec_values_cannot_add_qemu_options() {
+        let dir = std::env::temp_dir().join(format!("tandem-qemu-args-{}", std::process::id()));
+        let d = QemuDriver::new(QemuConfig::default(), Launcher::new().expect("launcher"), "h0", "127.0.0.1", dir.clone());
+        std::fs::create_dir_all(&dir).expect("dir");
+        let a = args(&d, spec()).expect("ordinary spec");
+        assert!(a.iter().any(|x| x.starts_with("file=/shared/a,,file.locking=off,if=none")), "{a:?}");
+        assert!(a.iter().any(|x| x == "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80"), "{a:?}");
+        let mut evil = spec();
+        evil.network = Some(NetworkSpec::User { hostfwd: vec!["tcp::1-:2,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh".into()] });
+        assert!(matches!(args(&d, evil), Err(DriverError::Refused { .. })));
+        let mut evil = spec();
+        evil.network = Some(NetworkSpec::Tap { ifname: "t0,script=/tmp/x".into(), mac: None });
+        assert!(matches!(args(&d, evil), Err(DriverError::Refused { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

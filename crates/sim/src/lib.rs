@@ -667,7 +667,10 @@ async fn run_async(opts: SimOptions) -> SimReport {
     let run_no = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("tandem-sim-{}-{run_no}-{}", std::process::id(), opts.seed));
     let _ = std::fs::remove_dir_all(&dir);
-    let report = match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("secret"), format!("sim-secret-{}-0123456789abcdef", opts.seed))) {
+    let report = match std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("secret"), format!("sim-secret-{}-0123456789abcdef", opts.seed)))
+        .and_then(|()| std::fs::set_permissions(dir.join("secret"), std::os::unix::fs::PermissionsExt::from_mode(0o600)))
+    {
         Ok(()) => simulate(opts.clone(), dir.clone()).await,
         Err(e) => SimReport { seed: opts.seed, violations: vec![format!("sim-error: {e}")], ..SimReport::default() },
     };

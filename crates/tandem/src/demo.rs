@@ -97,6 +97,8 @@ fn qemu_present() -> bool {
 #[must_use]
 pub fn demo_vm(i: u32, driver: &str, guest: &std::path::Path) -> Value {
     let name = format!("web{i}");
+    // Specs take absolute paths only.
+    let guest = std::fs::canonicalize(guest).unwrap_or_else(|_| guest.to_path_buf());
     if driver == "qemu" {
         json!({
             "name": name, "vcpus": 1, "memory_mib": 128, "protection": "protect", "priority": 10 - i as i32,

@@ -212,6 +212,7 @@ impl Lab {
         let shared = root.join("shared");
         std::fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
         std::fs::write(shared.join("secret"), format!("lab-secret-{id}-0123456789abcdef\n"))?;
+        std::fs::set_permissions(shared.join("secret"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         // The heartbeat disk is formatted once, explicitly, as an operator does with
         // `tandem disk format`: agents refuse a disk without this cluster's header.
         let key = tandem_core::wire::ClusterKey::new(&std::fs::read(shared.join("secret"))?)?;

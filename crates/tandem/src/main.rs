@@ -418,6 +418,9 @@ fn print_plans(v: &Value) {
     for p in v.as_array().into_iter().flatten() {
         let failed: Vec<String> = p["failed"].as_array().into_iter().flatten().map(s).collect();
         println!("if {} fail{}:", failed.join(" and "), if failed.len() == 1 { "s" } else { "" });
+        if let Some(note) = p["note"].as_str() {
+            println!("  {note}");
+        }
         let mut rows = vec![["  VM", "RESTARTS ON"].map(String::from).to_vec()];
         for r in p["restarts"].as_array().into_iter().flatten() {
             rows.push(vec![format!("  {}", s(&r["vm"])), s(&r["host"])]);
@@ -760,6 +763,31 @@ fn format_disk(config: &std::path::Path, force: bool) -> Result<String> {
 
 fn run_agent(config: &std::path::Path) -> Result<()> {
     let cfg = AgentConfig::load(config)?;
+    let t = &cfg.timings;
+    tracing::info!(
+        "tandem agent {} starting: host {} (id {}), api {} ({}), heartbeats {}, driver {:?}, heartbeat disk {}, \
+         heartbeat every {} ms, peer timeout {} ms, self-fence {} ms, fence wait {} ms, watchdog {}, data {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.name,
+        cfg.host_id,
+        cfg.api_addr,
+        if cfg.tls.is_some() { "TLS" } else { "plain HTTP" },
+        cfg.heartbeat_addr,
+        cfg.driver,
+        cfg.heartbeat_disk.display(),
+        t.heartbeat_interval_ms,
+        t.peer_timeout_ms,
+        t.self_fence_ms,
+        t.fence_wait_ms(),
+        if cfg.watchdog.enabled { format!("{} ({} s)", cfg.watchdog.device.display(), cfg.watchdog.timeout_s) } else { "off".into() },
+        cfg.data_dir.display()
+    );
+    if cfg.tls.is_none() && !cfg.api_addr.ip().is_loopback() {
+        tracing::warn!(
+            "the API serves {} without TLS: bearer tokens, the cluster token included, cross the network in clear text; configure [tls]",
+            cfg.api_addr
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let agent = Agent::open(cfg).await?;
@@ -808,7 +836,17 @@ fn main() {
     // The simulator drives the real consensus library through thousands of injected faults; its
     // complaints about them (failed RPCs) are expected, so only Tandem's own errors show unless
     // RUST_LOG asks for more.
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if simulating { "error,openraft=off" } else { "warn" }.into());
+    let agent = matches!(cli.command, Cmd::Agent { .. });
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
+        if simulating {
+            "error,openraft=off"
+        } else if agent {
+            "warn,tandem=info,tandem_agent=info"
+        } else {
+            "warn"
+        }
+        .into()
+    });
     let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
     let _ = if simulating { logs.with_timer(SimulatedTime).try_init() } else { logs.try_init() };
     let code = match &cli.command {

@@ -1,0 +1,135 @@
+//! Defects found by reading the code and by trying the CLI and API as a new user would, each
+//! checked against real agents: joins through a follower, a join that must not leak the
+//! cluster token, API input that was answered wrongly, what-if without quorum, and the audit
+//! trail of API changes.
+
+use anyhow::{anyhow, Result};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+use tandem::client::{Client, ClientError};
+use tandem::lab::{Lab, LabOptions};
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
+}
+
+fn status(r: Result<Value, ClientError>) -> (u16, String) {
+    match r {
+        Ok(v) => (200, v.to_string()),
+        Err(ClientError::Refused { status, message }) => (status, message),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// One raw HTTP/1.1 exchange, for what the client hides (content type).
+fn raw(addr: &str, request: &str) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    Ok(out)
+}
+
+/// A stranger that answers a join with a made-up proof, and keeps what it was sent.
+fn impostor() -> Result<(String, std::sync::mpsc::Receiver<String>)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Bounded: the test makes one join attempt; a second connection is not awaited.
+        if let Ok((mut c, _)) = l.accept() {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 8192];
+            let n = c.read(&mut buf).unwrap_or(0);
+            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let body = r#"{"identity":"{\"host_id\":9,\"name\":\"evil\",\"api_addr\":\"127.0.0.1:1\",\"heartbeat_addr\":\"127.0.0.1:2\",\"capacity\":{\"vcpus\":1,\"memory_mib\":64}}","proof":"00"}"#;
+            let _ = write!(c, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    Ok((addr, rx))
+}
+
+#[test]
+fn joins_api_input_what_if_and_audit() -> Result<()> {
+    let mut lab = Lab::new(LabOptions { loopback_net: 51, ..LabOptions::default() }, &binary())?;
+    lab.start_all()?;
+    let c0 = lab.client(0);
+    for i in 0..3 {
+        lab.client(i).wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
+    }
+    c0.post("/v1/cluster/init", &json!({})).map_err(|e| anyhow!("init: {e}"))?;
+    c0.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| c.post("/v1/hosts/join", &json!({ "api_addr": lab.hosts[1].api })).ok())?;
+    // A join sent to a follower is forwarded to the leader on the caller's behalf (it used to be
+    // forwarded without a token and fail with 401).
+    let c1 = lab.client(1);
+    let joined =
+        c1.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| match c.post("/v1/hosts/join", &json!({ "api_addr": lab.hosts[2].api })) {
+            Ok(v) => Some(Ok(v)),
+            Err(ClientError::Refused { status: 401, message }) => Some(Err(anyhow!("forwarded join lost the caller's authority: {message}"))),
+            Err(_) => None,
+        })??;
+    assert_eq!(joined["joined"], "h2");
+    lab.wait_all_active(Duration::from_secs(30))?;
+
+    // A join names an address the caller chose: it gets a challenge, never a token, and a
+    // wrong proof is refused.
+    let (fake, seen) = impostor()?;
+    let (code, message) = status(c0.post("/v1/hosts/join", &json!({ "api_addr": fake })));
+    assert_eq!(code, 409, "{message}");
+    assert!(message.contains("did not prove"), "{message}");
+    let request = seen.recv_timeout(Duration::from_secs(10))?;
+    assert!(request.starts_with("GET /v1/join-proof?challenge="), "{request}");
+    assert!(!request.to_ascii_lowercase().contains("authorization"), "a token was sent to an unproven host: {request}");
+    assert_eq!(c0.list("/v1/hosts")?.len(), 3, "the impostor was not added");
+
+    // Found by fuzzing the API: a malformed query answers the JSON error body, an array is not
+    // an object, an unknown host in a query is a 400 (documented), not an undocumented 404.
+    let token = lab.token();
+    let api = &lab.hosts[0].api;
+    let reply = raw(api, &format!("GET /v1/events?after= HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"))?;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
+    assert!(reply.contains("\"error\""), "{reply}");
+    let (code, message) = status(c0.call("POST", "/v1/settings", Some(&json!([null, null]))));
+    assert_eq!(code, 400, "{message}");
+    assert!(message.contains("JSON object"), "{message}");
+    assert_eq!(status(c0.get("/v1/plan?fail=nope")).0, 400);
+
+    // What-if without quorum: two of three hosts gone, nothing can restart, and it says so.
+    c0.post(
+        "/v1/vms",
+        &json!({ "name": "w", "vcpus": 1, "memory_mib": 64, "protection": "protect",
+                                "driver": { "kind": "process", "command": ["sleep", "100000"] } }),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    c0.post("/v1/vms/w/start", &json!({})).map_err(|e| anyhow!("{e}"))?;
+    let placed =
+        c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/vms/w").ok().and_then(|v| v["host"].as_str().map(str::to_string)))?;
+    let others: Vec<&str> = ["h0", "h1", "h2"].into_iter().filter(|h| *h != placed).collect();
+    let plan = c0.get(&format!("/v1/plan?fail={placed},{}", others[0])).map_err(|e| anyhow!("{e}"))?;
+    assert_eq!(plan[0]["quorum"], false, "{plan}");
+    assert_eq!(plan[0]["restarts"].as_array().map(Vec::len), Some(0), "{plan}");
+    assert!(plan[0]["note"].as_str().is_some_and(|n| n.contains("no quorum")), "{plan}");
+    assert_eq!(plan[0]["left_down"][0]["reason"], "no-quorum", "{plan}");
+    let one = c0.get(&format!("/v1/plan?fail={placed}")).map_err(|e| anyhow!("{e}"))?;
+    assert_eq!(one[0]["quorum"], true);
+    assert_eq!(one[0]["restarts"][0]["vm"], "w", "{one}");
+
+    // Every change made through the API is in the timeline with the token that made it.
+    let alice = c0.post("/v1/tokens", &json!({ "name": "alice", "role": "admin" })).map_err(|e| anyhow!("{e}"))?;
+    let secret = alice["token"].as_str().ok_or_else(|| anyhow!("no token in {alice}"))?.to_string();
+    let as_alice = Client::new(&lab.hosts[1].api).with_token(Some(secret));
+    as_alice.post("/v1/settings", &json!({ "vcpu_overcommit_pct": 200 })).map_err(|e| anyhow!("{e}"))?;
+    as_alice.post("/v1/vms/w/stop", &json!({})).map_err(|e| anyhow!("{e}"))?;
+    let events = lab.client(1).list("/v1/events?kind=api-change&limit=4096")?;
+    let by_alice: Vec<&str> = events.iter().filter_map(|e| e["detail"].as_str()).filter(|d| d.contains("by token 'alice'")).collect();
+    assert!(by_alice.iter().any(|d| d.starts_with("set-settings")), "{events:?}");
+    assert!(by_alice.iter().any(|d| d.starts_with("set-power w")), "{events:?}");
+    let on_h0 = c0.list("/v1/events?kind=api-change&limit=4096")?;
+    assert!(on_h0.iter().any(|e| e["detail"].as_str().is_some_and(|d| d.starts_with("set-token alice by token 'cluster'"))), "{on_h0:?}");
+    drop(lab);
+    Ok(())
+}
