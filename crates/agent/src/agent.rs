@@ -32,25 +32,6 @@ use tandem_drivers::{VmDriver, VmExit, VmLaunch};
 use thiserror::Error;
 use tracing::Instrument;
 
-/// Sets the reset timeout of a watchdog character device (WDIOC_SETTIMEOUT); a regular file
-/// standing in for one in tests has no timeout to set.
-fn set_watchdog_timeout(f: &std::fs::File, timeout_s: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::io::AsRawFd;
-    if !f.metadata()?.file_type().is_char_device() {
-        return Ok(());
-    }
-    // _IOWR('W', 6, int)
-    const WDIOC_SETTIMEOUT: libc::c_ulong = 0xC004_5706;
-    let mut secs = libc::c_int::try_from(timeout_s).unwrap_or(libc::c_int::MAX);
-    // SAFETY: the ioctl reads and writes one int through a valid pointer on an open descriptor.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), WDIOC_SETTIMEOUT as _, &mut secs) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Restarts of one crashed VM allowed on this host within [`RESTART_WINDOW_MS`].
 const MAX_LOCAL_RESTARTS: usize = 3;
 const RESTART_WINDOW_MS: u64 = 60_000;
@@ -91,12 +72,8 @@ pub enum AgentError {
     Forward(#[from] httpc::HttpError),
     #[error("the leader refused the forwarded command: {0}")]
     ForwardRefused(String),
-    #[error("cannot open watchdog {path}")]
-    Watchdog {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("hardware watchdog unusable")]
+    Watchdog(#[from] crate::watchdog::WatchdogError),
 }
 
 /// What this agent is doing, for the API and the loops.
@@ -173,7 +150,7 @@ pub struct Agent {
     unsafe_skip_fence_wait: bool,
     last_tick: AtomicU64,
     /// The open hardware watchdog, when configured; `stop` disarms it.
-    hw_watchdog: Mutex<Option<std::fs::File>>,
+    hw_watchdog: Mutex<Option<crate::watchdog::HardwareWatchdog>>,
     stopping: AtomicBool,
 }
 
@@ -274,14 +251,19 @@ impl Agent {
         self.start_watchdogs()
     }
 
+    /// Whether the agent has stopped (asked to, or after consensus stopped).
+    #[must_use]
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     /// Marks the agent as stopping: loops end, VMs are left to the launcher's death signal.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         // A deliberate stop takes the VMs down with the agent: disarm the watchdog (the "magic
         // close") so that the host is not reset as well.
-        if let Some(mut f) = lock(&self.hw_watchdog).take() {
-            use std::io::Write;
-            let _ = f.write_all(b"V");
+        if let Some(mut w) = lock(&self.hw_watchdog).take() {
+            w.disarm();
         }
     }
 
@@ -382,18 +364,16 @@ impl Agent {
         if !self.os_watchdog {
             return Ok(());
         }
-        if self.cfg.watchdog.enabled {
-            let path = self.cfg.watchdog.device.clone();
-            let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?;
-            set_watchdog_timeout(&f, self.cfg.watchdog.timeout_s).map_err(|source| AgentError::Watchdog { path: path.display().to_string(), source })?;
-            *lock(&self.hw_watchdog) = Some(f);
+        let w = &self.cfg.watchdog;
+        if w.enabled {
+            let dog = crate::watchdog::HardwareWatchdog::open(&w.device, w.timeout_s, self.cfg.watchdog_max_timeout_s(), w.test_file)?;
+            *lock(&self.hw_watchdog) = Some(dog);
         }
         let a = Arc::clone(self);
         let limit = self.cfg.timings.self_fence_ms;
         std::thread::Builder::new()
             .name("tandem-watchdog".into())
             .spawn(move || {
-                use std::io::Write;
                 let mut tripped = false;
                 while !a.stopping.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(50));
@@ -416,8 +396,8 @@ impl Agent {
                     }
                     if !stalled {
                         tripped = false;
-                        if let Some(f) = lock(&a.hw_watchdog).as_mut() {
-                            let _ = f.write_all(b"\0");
+                        if let Some(dog) = lock(&a.hw_watchdog).as_mut() {
+                            dog.feed();
                         }
                     }
                 }
@@ -461,6 +441,18 @@ impl Agent {
     async fn liveness_tick(self: &Arc<Self>) {
         let now = self.clock.now();
         self.last_tick.store(now.0.max(1), Ordering::SeqCst);
+        if let Some(why) = self.consensus.fatal() {
+            // Heartbeating on frozen state would keep this host looking healthy while it can
+            // no longer see failovers, rejoins or stops: fence, say why, and stop.
+            if !self.is_fenced() {
+                self.fence(FenceReason::ConsensusStopped, now);
+            }
+            if !self.stopping.swap(true, Ordering::SeqCst) {
+                tracing::error!("consensus stopped: {why}; every VM killed, the agent stops");
+                self.events.record("consensus-stopped", None, Some(&self.cfg.name), format!("consensus stopped: {why}; fenced, the agent stops"));
+            }
+            return;
+        }
         let (members, epoch, peers) = self.consensus.with_state(|s| {
             let peers: Vec<SocketAddr> = s.hosts.values().filter(|h| h.id != self.me).filter_map(|h| h.heartbeat_addr.parse().ok()).collect();
             (s.members(), s.hosts.get(&self.me).map_or(0, |h| h.epoch), peers)

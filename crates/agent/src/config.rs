@@ -33,11 +33,15 @@ pub struct WatchdogConfig {
     /// WDIOC_SETTIMEOUT). It must expire before any peer's fence deadline for this host.
     #[serde(default = "default_watchdog_timeout")]
     pub timeout_s: u64,
+    /// Accept a regular file as the device (it resets nothing): for tests and fault emulation
+    /// only, never on a real host.
+    #[serde(default)]
+    pub test_file: bool,
 }
 
 impl Default for WatchdogConfig {
     fn default() -> Self {
-        WatchdogConfig { enabled: false, device: default_watchdog(), timeout_s: default_watchdog_timeout() }
+        WatchdogConfig { enabled: false, device: default_watchdog(), timeout_s: default_watchdog_timeout(), test_file: false }
     }
 }
 
@@ -188,10 +192,17 @@ impl AgentConfig {
         let deadline_ms = t.peer_timeout_ms + t.fence_wait_ms();
         let reset_ms = t.self_fence_ms + self.watchdog.timeout_s.saturating_mul(1000) + t.clock_margin_ms;
         if self.watchdog.enabled && (self.watchdog.timeout_s == 0 || reset_ms >= deadline_ms) {
-            let max_s = deadline_ms.saturating_sub(t.self_fence_ms + t.clock_margin_ms + 1) / 1000;
-            return Err(ConfigError::WatchdogTimeout { timeout_s: self.watchdog.timeout_s, reset_ms, deadline_ms, max_s });
+            return Err(ConfigError::WatchdogTimeout { timeout_s: self.watchdog.timeout_s, reset_ms, deadline_ms, max_s: self.watchdog_max_timeout_s() });
         }
         Ok(())
+    }
+
+    /// The longest watchdog timeout that still resets a hung host before any peer may restart
+    /// its VMs; the timeout the device applies is checked against it at start.
+    #[must_use]
+    pub fn watchdog_max_timeout_s(&self) -> u64 {
+        let t = &self.timings;
+        (t.peer_timeout_ms + t.fence_wait_ms()).saturating_sub(t.self_fence_ms + t.clock_margin_ms + 1) / 1000
     }
 
     /// Reads the cluster secret, refusing a file that others may read.

@@ -1,7 +1,7 @@
 //! The narrow interfaces through which the agent touches the world: time, heartbeat datagrams,
 //! the heartbeat disk, calls to peer agents, and (in `tandem-drivers`) the hypervisor.
 //!
-//! Production wires them to a monotonic clock, a UDP socket, a file or block device and HTTP.
+//! Production wires them to CLOCK_BOOTTIME, a UDP socket, a file or block device and HTTP.
 //! A simulator supplies its own implementations and runs several whole agents in one process;
 //! the agent code does not know the difference.
 
@@ -10,7 +10,7 @@ use crate::httpc::{self, HttpError, Response};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem_core::{HostId, Millis};
 use tandem_drivers::{BoxFuture, VmDriver};
 
@@ -19,25 +19,38 @@ pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> Millis;
 }
 
-/// Milliseconds since the agent started, from `Instant`.
-pub struct MonotonicClock(Instant);
+/// Milliseconds since the agent started, on CLOCK_BOOTTIME: unlike CLOCK_MONOTONIC (Rust's
+/// `Instant`), it keeps counting while the host is suspended, so a host that wakes from a
+/// suspend sees its lease as long expired as its peers do, and never acts on it.
+pub struct BootClock(u64);
 
-impl MonotonicClock {
+/// CLOCK_BOOTTIME in milliseconds.
+fn boottime_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer; CLOCK_BOOTTIME exists
+    // on every Linux this runs on (2.6.39+), so it does not fail.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+    }
+    (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000
+}
+
+impl BootClock {
     #[must_use]
-    pub fn new() -> MonotonicClock {
-        MonotonicClock(Instant::now())
+    pub fn new() -> BootClock {
+        BootClock(boottime_ms())
     }
 }
 
-impl Default for MonotonicClock {
+impl Default for BootClock {
     fn default() -> Self {
-        MonotonicClock::new()
+        BootClock::new()
     }
 }
 
-impl Clock for MonotonicClock {
+impl Clock for BootClock {
     fn now(&self) -> Millis {
-        Millis(self.0.elapsed().as_millis() as u64)
+        Millis(boottime_ms().saturating_sub(self.0))
     }
 }
 
@@ -127,7 +140,7 @@ pub struct AgentIo {
 }
 
 impl AgentIo {
-    /// The production wiring: monotonic clock, UDP, a file or block device, HTTP.
+    /// The production wiring: boot-time clock, UDP, a file or block device, HTTP.
     pub async fn production(
         heartbeat_addr: SocketAddr,
         heartbeat_disk: &Path,
@@ -140,7 +153,7 @@ impl AgentIo {
             source,
         })?;
         Ok(AgentIo {
-            clock: Arc::new(MonotonicClock::new()),
+            clock: Arc::new(BootClock::new()),
             heartbeats: Arc::new(heartbeats),
             disk: Arc::new(FileSlotDevice::open(heartbeat_disk)?),
             rpc: Arc::new(HttpRpc { tls }),
@@ -148,5 +161,25 @@ impl AgentIo {
             os_watchdog: true,
             unsafe_skip_fence_wait: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's clock is CLOCK_BOOTTIME (counts through a suspend), and it advances.
+    #[test]
+    fn the_clock_counts_boot_time() {
+        let c = BootClock::new();
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: as in boottime_ms.
+        unsafe {
+            libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+        }
+        let boot_ms = ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
+        assert!(boot_ms.abs_diff(c.0) < 1000, "origin {} is not CLOCK_BOOTTIME {boot_ms}", c.0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(c.now().0 >= 20);
     }
 }

@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod policy;
 pub mod raft_runtime;
 pub mod tls;
+pub mod watchdog;

@@ -8,6 +8,7 @@
 pub mod diskformat;
 pub mod hostset;
 pub mod liveness;
+pub mod logformat;
 pub mod partition;
 pub mod placement;
 pub mod recovery;

@@ -40,6 +40,9 @@ pub enum FenceReason {
     Isolated { silent_ms: u64 },
     /// The partition verdict puts us outside the winning side.
     LosingSide { winner: HostSet },
+    /// Consensus stopped on this host (an entry it cannot apply, a storage failure): it can no
+    /// longer follow committed state, so it must not run anything on what it last knew.
+    ConsensusStopped,
 }
 
 impl std::fmt::Display for FenceReason {
@@ -49,6 +52,7 @@ impl std::fmt::Display for FenceReason {
                 write!(f, "no majority acknowledged us and no slot write succeeded for {silent_ms} ms")
             }
             FenceReason::LosingSide { winner } => write!(f, "network partition: side {winner} survives without us"),
+            FenceReason::ConsensusStopped => write!(f, "consensus stopped on this host; it can no longer follow committed state"),
         }
     }
 }
@@ -309,6 +313,14 @@ impl Liveness {
                 }
                 SlotRead::Valid(s) => {
                     p.slot_corrupt = None;
+                    // The slot names the peer's current incarnation: heartbeats of an older one
+                    // (recorded and replayed, perhaps to a receiver that just restarted and
+                    // remembers nothing) are refused from now on.
+                    if s.incarnation > p.incarnation {
+                        p.incarnation = s.incarnation;
+                        p.seq = 0;
+                        p.received = 0;
+                    }
                     let changed = p.slot.is_none_or(|old| (old.incarnation, old.counter) != (s.incarnation, s.counter));
                     if changed {
                         // Only a change seen between two reads shows the writer alive here: a
@@ -962,5 +974,23 @@ mod tests {
         // A slot that changes after the heartbeat is the newer word again.
         l.disk_read(&[SlotRead::Empty, slot(1, 501, &[0, 1, 2], true), SlotRead::Empty], Millis(2300));
         assert_eq!(l.assess(Millis(2301)).peer(HostId(1)).and_then(|p| p.fenced_epoch), Some(1));
+    }
+    /// A receiver that restarted knows nothing of its peers' incarnations; the slots tell it. A
+    /// recorded heartbeat of a peer's previous life, replayed afterwards, is refused.
+    #[test]
+    fn recorded_heartbeats_of_an_older_incarnation_are_refused_after_a_restart() {
+        let mut l = three(0);
+        let mut old = hb(1, 4000, &[0, 1, 2], None);
+        old.incarnation = 6;
+        let live = SlotRead::Valid(match slot(1, 10, &[0, 1, 2], false) {
+            SlotRead::Valid(s) => DiskSlot { incarnation: 7, ..s },
+            other => panic!("{other:?}"),
+        });
+        l.disk_read(&[SlotRead::Empty, live, SlotRead::Empty], Millis(100));
+        assert!(matches!(l.heartbeat_received(&old, Millis(150)), Err(HeartbeatRejected::Replay { .. })));
+        assert_eq!(l.assess(Millis(200)).peer(HostId(1)).and_then(|p| p.net_age_ms), None, "a replay made the peer look heard");
+        let mut current = hb(1, 1, &[0, 1, 2], None);
+        current.incarnation = 7;
+        assert_eq!(l.heartbeat_received(&current, Millis(300)), Ok(()));
     }
 }

@@ -614,7 +614,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         other => bail!("unknown watchdog '{other}': use emulated or none"),
     };
     let mut extra = if emulate_watchdog {
-        format!("watchdog = {{ enabled = true, device = \"{{data}}/watchdog\", timeout_s = {} }}\n", WATCHDOG_TIMEOUT.as_secs())
+        format!("watchdog = {{ enabled = true, device = \"{{data}}/watchdog\", timeout_s = {}, test_file = true }}\n", WATCHDOG_TIMEOUT.as_secs())
     } else {
         String::new()
     };

@@ -348,7 +348,7 @@ fn agent_restart_recovers_committed_state_from_disk() -> Result<()> {
     // feed it and must stop growing when they are gone (a real watchdog would then reset).
     let watchdog = std::env::temp_dir().join(format!("tandem-watchdog-{}", std::process::id()));
     std::fs::write(&watchdog, b"")?;
-    let mut lab = lab(33, |o| o.extra_config = format!("watchdog = {{ enabled = true, device = \"{}\" }}\n", watchdog.display()))?;
+    let mut lab = lab(33, |o| o.extra_config = format!("watchdog = {{ enabled = true, device = \"{}\", test_file = true }}\n", watchdog.display()))?;
     assert!(std::fs::metadata(&watchdog)?.len() > 0, "no agent fed the watchdog");
     create_and_start(&lab, &[process_vm("x", "protect", 0), process_vm("y", "best-effort", 0), process_vm("z", "protect", 0)])?;
     lab.client(0).post("/v1/vms", &process_vm("stopped1", "protect", 0)).map_err(|e| anyhow!("{e}"))?;
@@ -430,7 +430,9 @@ fn admission_control_refusals_through_the_cli() -> Result<()> {
     let two: Value = serde_json::from_slice(&cli(&lab, &["--output", "json", "whatif", "--fail", "h0,h1"]).stdout)?;
     assert_eq!(two[0]["failed"], json!(["h0", "h1"]));
     let text = ok(&["whatif", "--fail", "h0,h1"]);
-    assert!(text.contains("if h0 and h1 fail:") && text.contains("stays down (no-capacity)"), "{text}");
+    // Two of three hosts gone leave no quorum: nothing restarts, and the answer says so.
+    assert!(text.contains("if h0 and h1 fail:") && text.contains("no quorum") && text.contains("stays down (no-quorum)"), "{text}");
+    assert_eq!(two[0]["quorum"], false, "{two}");
     assert!(refused(&["whatif", "--fail", "h9"]).contains("unknown host 'h9'"));
     // Rules: a conflicting hard rule is refused; an unknown VM too.
     ok(&["rule", "add", "apart", "--kind", "anti-affinity", "--hard", "v0", "v3"]);

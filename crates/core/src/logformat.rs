@@ -1,0 +1,103 @@
+//! The consensus log's entry format, versioned.
+//!
+//! Every entry carries the format version it was written in next to the command, kept as JSON
+//! until it is applied. So an agent always loads its whole log (an entry it cannot decode is
+//! still a well-formed entry), and when it reaches one that is newer than it understands, or
+//! that does not decode, it says so and stops applying — it never skips an entry, which would
+//! leave its state different from the other hosts'.
+//!
+//! Format 1 is the bare command of releases before versioning (read, never written); format 2
+//! wraps it: `{"format": 2, "command": {"op": ...}}`. A release that adds a command or a field
+//! that older hosts would misread raises [`LOG_FORMAT`], and writes the new format only for
+//! entries that need it.
+
+use crate::state::Command;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The newest entry format this release reads and the one it writes.
+pub const LOG_FORMAT: u32 = 2;
+
+/// One log entry's payload: the format it was written in and its command, still undecoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LogEntry {
+    pub format: u32,
+    pub command: serde_json::Value,
+}
+
+/// Why an entry cannot be applied by this release.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum LogFormatError {
+    #[error("log entry written in format {found}; this agent reads formats up to {LOG_FORMAT}: upgrade it before it can follow the cluster")]
+    Newer { found: u32 },
+    #[error("log entry of format {format} does not decode as a command this agent knows: {detail}")]
+    Undecodable { format: u32, detail: String },
+    #[error("command does not survive the log's encoding: {0}")]
+    Unencodable(String),
+}
+
+impl<'de> Deserialize<'de> for LogEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let versioned = v.as_object().filter(|o| o.len() == 2 && o.contains_key("command")).and_then(|o| o.get("format")?.as_u64());
+        Ok(match versioned {
+            Some(format) => LogEntry { format: u32::try_from(format).unwrap_or(u32::MAX), command: v["command"].clone() },
+            // Written before entries were versioned: a bare command.
+            None => LogEntry { format: 1, command: v },
+        })
+    }
+}
+
+impl LogEntry {
+    /// The entry for `cmd` in the current format, checked to decode back to the same command
+    /// (an entry that committed but could not be read back would stop every host).
+    pub fn new(cmd: &Command) -> Result<LogEntry, LogFormatError> {
+        let command = serde_json::to_value(cmd).map_err(|e| LogFormatError::Unencodable(e.to_string()))?;
+        let entry = LogEntry { format: LOG_FORMAT, command };
+        let text = serde_json::to_vec(&entry).map_err(|e| LogFormatError::Unencodable(e.to_string()))?;
+        let back: LogEntry = serde_json::from_slice(&text).map_err(|e| LogFormatError::Unencodable(e.to_string()))?;
+        match back.decode() {
+            Ok(c) if c == *cmd => Ok(entry),
+            Ok(_) => Err(LogFormatError::Unencodable("decodes to a different command".into())),
+            Err(e) => Err(LogFormatError::Unencodable(e.to_string())),
+        }
+    }
+
+    /// The command, if this release understands the entry.
+    pub fn decode(&self) -> Result<Command, LogFormatError> {
+        if self.format > LOG_FORMAT {
+            return Err(LogFormatError::Newer { found: self.format });
+        }
+        serde_json::from_value(self.command.clone()).map_err(|e| LogFormatError::Undecodable { format: self.format, detail: e.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HostId;
+
+    #[test]
+    fn entries_round_trip_and_older_entries_still_read() {
+        let cmd = Command::HostJoined { host: HostId(3) };
+        let e = LogEntry::new(&cmd).expect("encodes");
+        assert_eq!(e.format, LOG_FORMAT);
+        let text = serde_json::to_string(&e).expect("json");
+        assert!(text.starts_with("{\"format\":2,\"command\":{\"op\":\"host-joined\""), "{text}");
+        assert_eq!(serde_json::from_str::<LogEntry>(&text).expect("reads").decode(), Ok(cmd.clone()));
+        // Format 1: the bare command, as releases before versioning wrote it.
+        let legacy: LogEntry = serde_json::from_str("{\"op\":\"host-joined\",\"host\":3}").expect("reads");
+        assert_eq!((legacy.format, legacy.decode()), (1, Ok(cmd)));
+    }
+
+    /// A newer entry, or one naming a command this release does not know, still loads (the
+    /// log stays readable) and says precisely why it cannot be applied.
+    #[test]
+    fn unknown_entries_load_and_refuse_to_apply_with_a_reason() {
+        let newer: LogEntry = serde_json::from_str("{\"format\":3,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
+        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 3 }));
+        assert!(newer.decode().err().is_some_and(|e| e.to_string().contains("upgrade")));
+        let unknown: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
+        assert!(matches!(unknown.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
+    }
+}
