@@ -184,10 +184,14 @@ impl Agent {
         let driver: Arc<dyn VmDriver> = match cfg.driver {
             DriverKind::Process => Arc::new(ProcessDriver::new(launcher, &cfg.name, stop_timeout)),
             DriverKind::Qemu => Arc::new(QemuDriver::new(cfg.qemu.clone(), launcher, &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run"))),
-            DriverKind::Mixed => Arc::new(tandem_drivers::mixed::MixedDriver {
-                qemu: QemuDriver::new(cfg.qemu.clone(), launcher.clone(), &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run")),
-                process: ProcessDriver::new(launcher, &cfg.name, stop_timeout),
-            }),
+            DriverKind::Mixed => Arc::new(tandem_drivers::mixed::MixedDriver::new(
+                launcher,
+                cfg.qemu.clone(),
+                &cfg.name,
+                &cfg.api_addr.ip().to_string(),
+                cfg.data_dir.join("run"),
+                stop_timeout,
+            )),
         };
         let tls = match &cfg.tls {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),

@@ -1,20 +1,42 @@
 //! A host that runs both QEMU guests and plain process workloads: each VM goes to the driver its
 //! spec names. The fault suite uses it to run a few real guests next to many cheap workloads.
 
+use crate::launcher::Launcher;
 use crate::process::ProcessDriver;
-use crate::qemu::QemuDriver;
+use crate::qemu::{QemuConfig, QemuDriver};
 use crate::{BoxFuture, DriverError, VmDriver, VmLaunch, VmStatus};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
 use tandem_core::state::DriverSpec;
 
-/// Dispatches by the VM's driver spec; operations on a running VM go to whichever driver has it.
+/// Dispatches by the VM's driver spec. Both sub-drivers start their children through one
+/// launcher, whose table is the one list of this host's VMs: listing, killing and forgetting go
+/// through it once, and each VM's stop goes to the driver that started it.
 pub struct MixedDriver {
-    pub qemu: QemuDriver,
-    pub process: ProcessDriver,
+    qemu: QemuDriver,
+    process: ProcessDriver,
+    launcher: Launcher,
+    /// Which sub-driver started each VM: true for QEMU.
+    started_by_qemu: Mutex<BTreeMap<String, bool>>,
 }
 
 impl MixedDriver {
+    /// Both sub-drivers on `launcher`.
+    #[must_use]
+    pub fn new(launcher: Launcher, qemu: QemuConfig, host_name: &str, host_ip: &str, run_dir: PathBuf, stop_timeout: Duration) -> MixedDriver {
+        MixedDriver {
+            qemu: QemuDriver::new(qemu, launcher.clone(), host_name, host_ip, run_dir),
+            process: ProcessDriver::new(launcher.clone(), host_name, stop_timeout),
+            launcher,
+            started_by_qemu: Mutex::new(BTreeMap::new()),
+        }
+    }
+
     fn owner(&self, name: &str) -> &dyn VmDriver {
-        if self.qemu.list().iter().any(|v| v.name == name) {
+        let qemu = self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).copied().unwrap_or(false);
+        if qemu {
             &self.qemu
         } else {
             &self.process
@@ -28,9 +50,12 @@ impl VmDriver for MixedDriver {
     }
 
     fn start<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<(), DriverError>> {
-        match launch.spec.driver {
-            DriverSpec::Qemu { .. } => self.qemu.start(launch),
-            DriverSpec::Process { .. } => self.process.start(launch),
+        let qemu = matches!(launch.spec.driver, DriverSpec::Qemu { .. });
+        self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(launch.spec.name.clone(), qemu);
+        if qemu {
+            self.qemu.start(launch)
+        } else {
+            self.process.start(launch)
         }
     }
 
@@ -43,17 +68,58 @@ impl VmDriver for MixedDriver {
     }
 
     fn kill_all(&self) -> usize {
-        self.qemu.kill_all() + self.process.kill_all()
+        self.launcher.kill_all()
     }
 
     fn list(&self) -> Vec<VmStatus> {
-        let mut all = self.qemu.list();
-        all.extend(self.process.list());
-        all
+        self.launcher.list()
     }
 
     fn forget(&self, name: &str) {
+        // The QEMU driver also drops its QMP session; the launcher record goes either way.
         self.qemu.forget(name);
-        self.process.forget(name);
+        self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::state::{Protection, VmSpec};
+
+    fn process_vm(name: &str, script: &str) -> VmLaunch {
+        VmLaunch {
+            spec: VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib: 64,
+                disks: vec![],
+                network: None,
+                protection: Protection::Protect,
+                priority: 0,
+                restart_group: 0,
+                driver: DriverSpec::Process { command: vec!["sh".into(), "-c".into(), script.into()] },
+            },
+            generation: 1,
+            check: crate::always_start(),
+        }
+    }
+
+    /// Both sub-drivers share one launcher: every VM is listed once, counted once when killed,
+    /// and a process VM is stopped the process way (SIGTERM first), not as a QEMU guest.
+    #[tokio::test]
+    async fn each_vm_is_listed_killed_and_stopped_once_by_its_own_driver() {
+        let dir = std::env::temp_dir().join(format!("tandem-mixed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let d = MixedDriver::new(Launcher::new().expect("launcher"), QemuConfig::default(), "h0", "127.0.0.1", dir.join("run"), Duration::from_secs(3));
+        let mark = dir.join("got-sigterm");
+        d.start(&process_vm("p1", &format!("trap 'touch {}; exit 0' TERM; while :; do sleep 0.05; done", mark.display()))).await.expect("start p1");
+        d.start(&process_vm("p2", "sleep 100")).await.expect("start p2");
+        assert_eq!(d.list().len(), 2, "listed once each: {:?}", d.list());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        d.stop("p1").await.expect("stop p1");
+        assert!(mark.exists(), "a process VM is asked with SIGTERM before it is killed");
+        assert_eq!(d.kill_all(), 1, "kill_all counts each VM once");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
