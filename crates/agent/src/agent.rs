@@ -261,6 +261,44 @@ impl Agent {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// A deliberate stop (SIGTERM, `systemctl stop`) that never leaves VMs unprotected: first
+    /// this host fences itself — no start passes its check from then on — and kills every VM
+    /// (planned shutdown policies, such as migrating them away, come with live migration);
+    /// then it waits, bounded by `kill_grace_ms` plus a few heartbeats, until every exit is
+    /// confirmed and the fence has gone out in a heartbeat and the slot, so peers restart the
+    /// VMs at once instead of waiting out a fence deadline; only then do the loops stop.
+    pub async fn stop_gracefully(&self) {
+        let now = self.clock.now();
+        let running = self.driver.list().iter().filter(|v| v.exit.is_none()).count();
+        tracing::warn!("stopping: killing {running} VM(s) on this host (planned shutdown policies come with live migration); peers restart them");
+        self.events.record("agent-stopping", None, Some(&self.cfg.name), format!("asked to stop: killing {running} VM(s) so that peers restart them"));
+        if !self.is_fenced() {
+            self.fence(FenceReason::Stopping, now);
+        } else {
+            self.driver.kill_all();
+        }
+        let t = &self.cfg.timings;
+        // A leader is its own coordinator: it stays until its own failover is committed (the
+        // others would first have to elect a new leader).
+        let leading = self.consensus.is_leader();
+        let bound = Duration::from_millis(t.kill_grace_ms + 3 * t.heartbeat_interval_ms + if leading { 3000 } else { 0 });
+        let announced = async {
+            // Confirmed exits, then two heartbeat rounds so the announcement has gone out.
+            while lock(&self.status).fence_confirmed_at.is_none() {
+                self.confirm_fence(self.clock.now());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(2 * self.interval()).await;
+            while leading && self.consensus.with_state(|s| s.hosts.get(&self.me).is_some_and(|h| h.status == HostStatus::Active)) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(bound, announced).await.is_err() {
+            tracing::error!("stopping: not every VM exit was confirmed within {bound:?}; peers will wait out the fence deadline");
+        }
+        self.stop();
+    }
+
     /// Marks the agent as stopping: loops end, VMs are left to the launcher's death signal.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -656,6 +694,10 @@ impl Agent {
                 continue;
             }
             if st.joined_epoch.is_some() || known.is_none() || self.consensus.status().leader.is_none() {
+                continue;
+            }
+            // A host that is stopping, or whose consensus stopped, never joins again.
+            if self.is_stopping() || matches!(st.fenced, Some(FenceReason::Stopping | FenceReason::ConsensusStopped)) {
                 continue;
             }
             let Some(a) = self.assessment() else { continue };

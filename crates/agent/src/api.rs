@@ -429,6 +429,8 @@ pub struct HostView {
     pub net_age_ms: Option<u64>,
     pub disk_age_ms: Option<u64>,
     pub fence_deadline_in_ms: Option<i64>,
+    /// The epoch the host reports itself fenced in (heartbeat or slot, the newer), if it does.
+    pub fenced_epoch: Option<u64>,
     pub leader: bool,
 }
 
@@ -466,6 +468,7 @@ async fn hosts(State(a): State<Arc<Agent>>) -> Json<Vec<HostView>> {
                     net_age_ms: p.and_then(|p| p.net_age_ms),
                     disk_age_ms: p.and_then(|p| p.disk_age_ms),
                     fence_deadline_in_ms: p.and_then(|p| p.fence_deadline).zip(asm.as_ref()).map(|(d, x)| d.0 as i64 - x.now.0 as i64),
+                    fenced_epoch: p.and_then(|p| p.fenced_epoch),
                     leader: leader == Some(u64::from(h.id.0)),
                 }
             })

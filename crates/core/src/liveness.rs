@@ -43,6 +43,8 @@ pub enum FenceReason {
     /// Consensus stopped on this host (an entry it cannot apply, a storage failure): it can no
     /// longer follow committed state, so it must not run anything on what it last knew.
     ConsensusStopped,
+    /// The agent was asked to stop: it gives its VMs up before its loops end.
+    Stopping,
 }
 
 impl std::fmt::Display for FenceReason {
@@ -53,6 +55,7 @@ impl std::fmt::Display for FenceReason {
             }
             FenceReason::LosingSide { winner } => write!(f, "network partition: side {winner} survives without us"),
             FenceReason::ConsensusStopped => write!(f, "consensus stopped on this host; it can no longer follow committed state"),
+            FenceReason::Stopping => write!(f, "the agent was asked to stop"),
         }
     }
 }

@@ -675,6 +675,10 @@ pub enum StateError {
     HostNotActive(HostId),
     #[error("host {host} lacks capacity for VM '{vm}'")]
     NoCapacity { vm: String, host: HostId },
+    #[error("host {host} is in {mode:?} mode and receives no VMs")]
+    HostMode { host: HostId, mode: HostMode },
+    #[error("placing VM '{vm}' on host {host} breaks hard rule '{rule}'")]
+    BreaksHardRule { vm: String, host: HostId, rule: String },
     #[error("stale order: {0}")]
     Stale(String),
     #[error("refused by admission control: {0}; use --force to override")]
@@ -1181,15 +1185,38 @@ impl ClusterState {
         }
     }
 
+    /// Whether committed state lets `name` be assigned to `host` now: active, in normal mode,
+    /// with room, and no hard rule broken. The proposer planned it on its own copy; this is
+    /// checked again on every host, when applied, against the state at that point of the log.
     fn check_target(&self, name: &str, host: HostId, demand: Capacity) -> Result<(), StateError> {
         let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
         if h.status != HostStatus::Active {
             return Err(StateError::HostNotActive(host));
         }
+        if h.mode != HostMode::Normal {
+            return Err(StateError::HostMode { host, mode: h.mode });
+        }
         if !self.fits(host, demand) {
             return Err(StateError::NoCapacity { vm: name.to_string(), host });
         }
+        if let Some(rule) = self.broken_hard_rule(name, host) {
+            return Err(StateError::BreaksHardRule { vm: name.to_string(), host, rule });
+        }
         Ok(())
+    }
+
+    /// The first hard rule that assigning `name` to `host` would break, given where the other
+    /// members of its rules are assigned now.
+    fn broken_hard_rule(&self, name: &str, host: HostId) -> Option<String> {
+        let placed_on = |vm: &str| self.vms.get(vm).and_then(|v| v.assignment).map(|a| a.host);
+        self.rules.values().filter(|r| r.hard && r.vms.iter().any(|v| v == name)).find_map(|r| {
+            let others = r.vms.iter().filter(|v| *v != name).filter_map(|v| placed_on(v));
+            let broken = match r.kind {
+                RuleKind::AntiAffinity => others.into_iter().any(|h| h == host),
+                RuleKind::Affinity => others.into_iter().any(|h| h != host),
+            };
+            broken.then(|| r.name.clone())
+        })
     }
 
     fn failover(&mut self, host: HostId, epoch: u64, plan: &[(String, HostId)]) -> Result<Applied, StateError> {
@@ -1295,6 +1322,42 @@ pub(crate) mod tests {
         s.apply(&Command::CreateVm { spec }).expect("create");
         s.apply(&Command::SetPower { name: name.clone(), desired: PowerState::Running, force: false }).expect("start");
         s.apply(&Command::Assign { name, host: HostId(host) }).expect("assign");
+    }
+
+    /// `Assign` and `Failover` are planned by the proposer on its copy of the state; when they
+    /// are applied, host mode and hard rules are checked again, not only capacity (a host put in
+    /// maintenance, or a rule added, between the plan and the commit).
+    #[test]
+    fn assign_and_failover_recheck_host_mode_and_hard_rules_when_applied() {
+        let mut s = cluster(3, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 256), 0);
+        s.apply(&Command::CreateVm { spec: process_vm("b", Protection::Protect, 0, 256) }).expect("create");
+        s.apply(&Command::SetRule {
+            rule: Rule { name: "apart".into(), kind: RuleKind::AntiAffinity, hard: true, vms: vec!["a".into(), "b".into()] },
+            force: true,
+        })
+        .expect("rule");
+        s.apply(&Command::SetHostMode { host: HostId(2), mode: HostMode::Maintenance, force: true }).expect("mode");
+        s.apply(&Command::SetPower { name: "b".into(), desired: PowerState::Running, force: true }).expect("start");
+        let before = s.clone();
+        assert!(matches!(s.apply(&Command::Assign { name: "b".into(), host: HostId(0) }), Err(StateError::BreaksHardRule { .. })));
+        assert!(matches!(s.apply(&Command::Assign { name: "b".into(), host: HostId(2) }), Err(StateError::HostMode { .. })));
+        assert_eq!(s, before, "a refused assignment changes nothing");
+        s.apply(&Command::Assign { name: "b".into(), host: HostId(1) }).expect("allowed");
+        // h1 fails; a stale plan puts b on the maintenance host h2 and... nowhere else fits the rule.
+        let epoch = s.hosts[&HostId(1)].epoch;
+        match s.apply(&Command::Failover { host: HostId(1), epoch, plan: vec![("b".into(), HostId(2))] }) {
+            Ok(Applied::FailedOver { moved, .. }) => assert!(moved.is_empty(), "moved onto a maintenance host: {moved:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.vms["b"].assignment, None, "b waits for a host instead");
+        let mut t = before.clone();
+        t.apply(&Command::Assign { name: "b".into(), host: HostId(1) }).expect("allowed");
+        let epoch = t.hosts[&HostId(1)].epoch;
+        match t.apply(&Command::Failover { host: HostId(1), epoch, plan: vec![("b".into(), HostId(0))] }) {
+            Ok(Applied::FailedOver { moved, .. }) => assert!(moved.is_empty(), "hard anti-affinity broken by a failover: {moved:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

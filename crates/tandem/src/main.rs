@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tandem::client::{Client, ClientError};
 use tandem_agent::agent::Agent;
 use tandem_agent::config::AgentConfig;
@@ -761,6 +762,9 @@ fn format_disk(config: &std::path::Path, force: bool) -> Result<String> {
     Ok(cfg.heartbeat_disk.display().to_string())
 }
 
+/// How long open API requests may run on after a stop.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
 fn run_agent(config: &std::path::Path) -> Result<()> {
     let cfg = AgentConfig::load(config)?;
     let t = &cfg.timings;
@@ -793,18 +797,36 @@ fn run_agent(config: &std::path::Path) -> Result<()> {
         let agent = Agent::open(cfg).await?;
         agent.spawn_loops()?;
         let a = Arc::clone(&agent);
+        let stopped = Arc::new(tokio::sync::Notify::new());
+        let done = Arc::clone(&stopped);
         let shutdown = async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let stopped_itself = async {
+                // The agent stops on its own when consensus stops on this host.
+                while !a.is_stopping() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             };
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => a.stop_gracefully().await,
+                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => a.stop_gracefully().await,
+                () = stopped_itself => {}
             }
-            a.stop();
+            done.notify_one();
         };
-        tandem_agent::api::serve(agent, shutdown).await?;
+        // Open requests get a bounded time to finish once the VMs are down and the loops stopped.
+        let drained = async {
+            stopped.notified().await;
+            tokio::time::sleep(HTTP_DRAIN).await;
+            tracing::warn!("open API requests did not finish within {HTTP_DRAIN:?} of the stop; exiting");
+        };
+        tokio::select! {
+            r = tandem_agent::api::serve(Arc::clone(&agent), shutdown) => r?,
+            () = drained => {}
+        }
+        if let Some(why) = agent.consensus.fatal() {
+            anyhow::bail!("consensus stopped on this host: {why}");
+        }
         Ok::<(), anyhow::Error>(())
     })
 }

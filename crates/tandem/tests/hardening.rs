@@ -133,3 +133,60 @@ fn joins_api_input_what_if_and_audit() -> Result<()> {
     drop(lab);
     Ok(())
 }
+
+/// SIGTERM (`systemctl stop`) with a request held open: the agent kills its VMs and confirms
+/// their exits, announces its fence so the peers restart them at once, then stops its loops,
+/// and exits within a bounded time although the request never completes. No VM runs twice.
+#[test]
+fn sigterm_gives_the_vms_up_before_the_agent_goes() -> Result<()> {
+    let mut lab = Lab::new(LabOptions { loopback_net: 52, ..LabOptions::default() }, &binary())?;
+    lab.start_all()?;
+    lab.form_cluster()?;
+    let c0 = lab.client(0);
+    for i in 0..6 {
+        let name = format!("s{i}");
+        c0.post(
+            "/v1/vms",
+            &json!({ "name": name, "vcpus": 1, "memory_mib": 64, "protection": "protect",
+                                    "driver": { "kind": "process", "command": ["sleep", "100000"] } }),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        c0.post(&format!("/v1/vms/{name}/start"), &json!({})).map_err(|e| anyhow!("{e}"))?;
+    }
+    c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |_| (lab.running().len() == 6).then_some(()))?;
+    let on_h1: Vec<String> = lab.running().into_iter().filter(|(_, h)| h == "h1").map(|(v, _)| v).collect();
+    assert!(!on_h1.is_empty(), "placement spreads six VMs over three hosts");
+
+    // A request that never completes: headers sent without their final blank line.
+    let mut held = std::net::TcpStream::connect(&lab.hosts[1].api)?;
+    held.write_all(b"GET /v1/status HTTP/1.1\r\nhost: x\r\n")?;
+    let pid = lab.agent_pid(1).ok_or_else(|| anyhow!("h1 agent"))?;
+    let t0 = std::time::Instant::now();
+    // SAFETY: kill(2) on the agent process this lab started.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let emptied = c0.wait_for(Duration::from_secs(10), Duration::from_millis(20), |_| lab.running().values().all(|h| h != "h1").then(|| t0.elapsed()))?;
+    let back = c0.wait_for(Duration::from_secs(30), Duration::from_millis(50), |_| {
+        let running = lab.running();
+        on_h1.iter().all(|v| running.get(v).is_some_and(|h| h != "h1")).then(|| t0.elapsed())
+    })?;
+    let exited = c0.wait_for(Duration::from_secs(20), Duration::from_millis(50), |_| lab.reap(1).then(|| t0.elapsed()))?;
+    drop(held);
+    let h1_events = std::fs::read_to_string(lab.hosts[1].data.join("events.jsonl")).unwrap_or_default();
+    assert!(h1_events.contains("\"agent-stopping\"") && h1_events.contains("\"fence-confirmed\""), "{h1_events}");
+    let mut decided = c0.list("/v1/events?kind=failover-decided&limit=4096")?;
+    decided.extend(lab.client(2).list("/v1/events?kind=failover-decided&limit=4096")?);
+    assert!(
+        decided.iter().any(|e| e["subject"] == "h1" && e["detail"].as_str().is_some_and(|d| d.contains("reports itself fenced"))),
+        "the peers must restart the VMs on h1's own word, not after its fence deadline: {decided:?}"
+    );
+    eprintln!(
+        "SIGTERM: VMs killed after {:.2} s, back on the survivors after {:.2} s, agent exited after {:.2} s",
+        emptied.as_secs_f64(),
+        back.as_secs_f64(),
+        exited.as_secs_f64()
+    );
+    lab.assert_no_double_run()?;
+    Ok(())
+}
