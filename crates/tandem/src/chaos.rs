@@ -27,8 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_sim::world::Rng;
 
-/// The hardware watchdog's reset timeout the agents are configured with.
-const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(2);
+fn wall_ms_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The hardware watchdog's reset timeout the agents are configured with: the longest the
+/// default timings allow, so that a freeze can outlast `self_fence_ms` (2 s) without a reset.
+const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(3);
+/// A freeze longer than `self_fence_ms` and shorter than [`WATCHDOG_TIMEOUT`]: the host thaws
+/// with its lease lapsed, and only the lease check stands between it and stale state.
+const LEASE_FREEZE: Duration = Duration::from_millis(2_500);
 
 /// Stands in for watchdog hardware, which keeps counting while the host's software is frozen:
 /// a host whose watchdog file has not been written for [`WATCHDOG_TIMEOUT`] is reset (its agent
@@ -147,11 +155,12 @@ enum Fault {
     AgentKill,
     WorkloadKill,
     HostFreeze,
+    HostFreezeLease,
     DiskFailure,
     DiskHang,
 }
 
-const ALL_FAULTS: [Fault; 11] = [
+const ALL_FAULTS: [Fault; 12] = [
     Fault::PartitionFull,
     Fault::PartitionOneWay,
     Fault::PartitionPair,
@@ -161,6 +170,7 @@ const ALL_FAULTS: [Fault; 11] = [
     Fault::AgentKill,
     Fault::WorkloadKill,
     Fault::HostFreeze,
+    Fault::HostFreezeLease,
     Fault::DiskFailure,
     Fault::DiskHang,
 ];
@@ -177,6 +187,7 @@ impl Fault {
             Fault::AgentKill => "agent-kill-9",
             Fault::WorkloadKill => "workload-kill-9",
             Fault::HostFreeze => "host-freeze",
+            Fault::HostFreezeLease => "host-freeze-lease",
             Fault::DiskFailure => "heartbeat-disk-failure",
             Fault::DiskHang => "heartbeat-disk-hang",
         }
@@ -511,6 +522,41 @@ impl Suite {
                     }
                     signal(agent, libc::SIGCONT);
                     self.log(&format!("  SIGCONT {name} after {:.2} s", t0.elapsed().as_secs_f64()));
+                }
+            }
+            Fault::HostFreezeLease => {
+                let vms = self.vms_on(&[target]);
+                let name = self.lab.hosts[target].name.clone();
+                let agent = self.lab.agent_pid(target).ok_or_else(|| anyhow!("{name} has no agent"))?;
+                let workloads: Vec<u32> = self.lab.workload_pids(target).into_iter().map(|(p, _)| p).collect();
+                self.log(&format!("{}: SIGSTOP {name} for {:.1} s (past self_fence_ms, before the watchdog)", fault.name(), LEASE_FREEZE.as_secs_f64()));
+                signal(agent, libc::SIGSTOP);
+                for p in &workloads {
+                    signal(*p, libc::SIGSTOP);
+                }
+                may_fence.push(target);
+                std::thread::sleep(LEASE_FREEZE);
+                if self.lab.reap(target) {
+                    self.violation("wrong-host", format!("the watchdog reset {name} before its timeout"));
+                }
+                // Workloads first, the worst order: they run before their agent notices the pause.
+                for p in &workloads {
+                    signal(*p, libc::SIGCONT);
+                }
+                signal(agent, libc::SIGCONT);
+                self.log(&format!("  SIGCONT {name} after {:.2} s", t0.elapsed().as_secs_f64()));
+                // Its lease lapsed while it was frozen: it fences on thaw (killing what it ran),
+                // then rejoins; its VMs run again once each, wherever committed state puts them.
+                let took = self.wait_moved(&vms, &[], t0);
+                self.record_recovery(fault, &vms, took, "running again after the thawed host fenced");
+                let since = wall_ms_now().saturating_sub(t0.elapsed().as_millis() as u64);
+                let fenced = self
+                    .client(target)
+                    .list("/v1/events?kind=fenced&limit=4096")
+                    .ok()
+                    .is_some_and(|ev| ev.iter().any(|e| e["at_ms"].as_u64().is_some_and(|at| at >= since)));
+                if !fenced {
+                    self.violation("lease", format!("{name} thawed with its lease lapsed but did not fence"));
                 }
             }
             Fault::DiskFailure => {

@@ -135,10 +135,9 @@ impl Recorder {
                 let mut by_vm: BTreeMap<String, Vec<String>> = BTreeMap::new();
                 for (pid, env) in lab_processes(&lab) {
                     let (Some(vm), Some(host)) = (env.get("TANDEM_VM"), env.get("TANDEM_HOST")) else { continue };
-                    // A stopped (frozen) process executes nothing; it counts again once thawed.
-                    if is_stopped(pid) {
-                        continue;
-                    }
+                    // A stopped (frozen) process counts as present: a frozen qemu still holds its
+                    // disk and resumes where it stopped, so a copy started elsewhere meanwhile is
+                    // a double run even before the frozen one runs again.
                     by_vm.entry(vm.clone()).or_default().push(host.clone());
                     let mut inst = i.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     inst.entry(pid).and_modify(|x: &mut Instance| x.last_seen = t).or_insert(Instance {
