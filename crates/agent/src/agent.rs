@@ -125,6 +125,8 @@ struct Scratch {
     previous: BTreeMap<HostId, HostLiveness>,
     /// Coordinator: when it first saw each host report itself fenced in an epoch.
     fence_reports: BTreeMap<(HostId, u64), Millis>,
+    /// Coordinator: the last reason recorded for each VM that no host takes.
+    waiting_reasons: BTreeMap<String, String>,
 }
 
 /// One host's agent.
@@ -938,10 +940,21 @@ impl Agent {
     async fn place_waiting(&self, a: &Assessment) {
         let waiting = self.consensus.with_state(|s| s.unplaced());
         if waiting.is_empty() {
+            lock(&self.scratch).waiting_reasons.clear();
             return;
         }
         let eligible = self.eligible_hosts(a);
         let plan = self.consensus.with_state(|s| recovery::place(s, &waiting, eligible, true));
+        // Say once, in the timeline, why a VM finds no host (and again when the reason changes).
+        let reasons: Vec<(String, String)> =
+            self.consensus.with_state(|s| plan.left_down.iter().filter_map(|(vm, _)| Some((vm.clone(), recovery::waiting_reason(s, vm, eligible)?))).collect());
+        for (vm, why) in reasons {
+            let changed = lock(&self.scratch).waiting_reasons.insert(vm.clone(), why.clone()).as_ref() != Some(&why);
+            if changed {
+                self.events.record("vm-waiting", Some(&vm), None, format!("{vm} waits for a host: {why}"));
+            }
+        }
+        lock(&self.scratch).waiting_reasons.retain(|vm, _| waiting.contains(vm));
         for (vm, host) in plan.placements {
             match self.submit(Command::Assign { name: vm.clone(), host }).await {
                 Ok(Ok(Applied::Assigned { generation, .. })) => self.events.record(

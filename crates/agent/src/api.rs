@@ -496,6 +496,8 @@ pub struct VmView {
     pub held: bool,
     /// A best-effort VM waiting for room after a failover: retries spent.
     pub capacity_retries: Option<u32>,
+    /// Desired running but placed nowhere: why no host takes it now.
+    pub waiting: Option<String>,
     pub spec: VmSpec,
 }
 
@@ -522,6 +524,9 @@ fn vm_views(a: &Agent) -> Vec<VmView> {
                     failed_on: v.failed_on.iter().map(|h| s.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect(),
                     held: v.held,
                     capacity_retries: v.capacity_retries,
+                    waiting: (v.desired == PowerState::Running && v.assignment.is_none())
+                        .then(|| tandem_core::recovery::waiting_reason(s, &v.spec.name, s.active_hosts()))
+                        .flatten(),
                     spec: v.spec.clone(),
                 }
             })

@@ -111,7 +111,9 @@ pub struct FttReport {
     pub exact: bool,
     /// What caps it: `capacity` (a failure set one larger leaves a protected VM down), `quorum`
     /// (one more failure loses the consensus majority, so nothing restarts), `hosts` (no host
-    /// would be left), or `search-budget` (the exhaustive search stopped; see `exact`).
+    /// would be left), `unplaceable` (a protected VM finds no host even now: FTT 0, and the
+    /// counterexample names it with an empty failure set), or `search-budget` (the exhaustive
+    /// search stopped; see `exact`).
     pub limited_by: &'static str,
     /// Failure sets of every size up to this were checked one by one.
     pub checked_up_to: u32,
@@ -357,6 +359,21 @@ impl Model {
     /// ([`Model::slot_bound`]) may raise the answer, as a lower bound.
     #[must_use]
     pub fn ftt(&self, budget: u64) -> FttReport {
+        // A protected VM that cannot be placed even now, with every host up, survives no
+        // failure: no plan exists (the established planners say so too), whatever the hosts.
+        let waiting: Vec<u32> = (0..self.vms.len() as u32)
+            .filter(|v| {
+                let vm = &self.vms[*v as usize];
+                vm.running && vm.host.is_none() && vm.protection == Protection::Protect
+            })
+            .collect();
+        if !waiting.is_empty() {
+            let stuck = self.protected_down(&self.place(&[], waiting, false, false));
+            if !stuck.is_empty() {
+                let names = stuck.iter().map(|v| self.vms[*v as usize].name.clone()).collect();
+                return FttReport { ftt: 0, exact: true, limited_by: "unplaceable", checked_up_to: 0, sets_checked: 0, counterexample: Some((vec![], names)) };
+            }
+        }
         let up: Vec<u32> = (0..self.hosts.len() as u32).filter(|h| self.hosts[*h as usize].up).collect();
         let members = self.hosts.len() as u32;
         let already_down = members - up.len() as u32;

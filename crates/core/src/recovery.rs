@@ -89,6 +89,44 @@ pub fn plan_what_if(state: &ClusterState, failed: &[HostId]) -> (RecoveryPlan, b
     (RecoveryPlan { placements: vec![], left_down }, false)
 }
 
+/// Why a running-desired VM that has no host cannot be placed on the `eligible` hosts now, in
+/// words for an operator ("no host has 999999 MiB free; the most free is 4096 MiB on h1"), or
+/// `None` if it can be placed.
+#[must_use]
+pub fn waiting_reason(state: &ClusterState, name: &str, eligible: HostSet) -> Option<String> {
+    let plan = place(state, &[name.to_string()], eligible, true);
+    let why = plan.left_down.iter().find(|(n, _)| n == name).map(|(_, w)| *w)?;
+    let vm = state.vms.get(name)?;
+    let usable: Vec<&crate::state::HostRecord> = state
+        .hosts
+        .values()
+        .filter(|h| h.status == crate::state::HostStatus::Active && h.mode == crate::state::HostMode::Normal && eligible.contains(h.id))
+        .collect();
+    if usable.is_empty() {
+        return Some("no host is active, seen alive and in normal mode".into());
+    }
+    let free = |h: &crate::state::HostRecord| {
+        let used = state.used(h.id);
+        let cpus = u64::from(h.capacity.vcpus) * u64::from(state.settings.vcpu_overcommit_pct) / 100;
+        (h.capacity.memory_mib.saturating_sub(used.memory_mib), cpus.saturating_sub(u64::from(used.vcpus)))
+    };
+    // The most free, the lowest host id among equals.
+    let most_mem = usable.iter().max_by(|a, b| free(a).0.cmp(&free(b).0).then(b.id.cmp(&a.id))).map(|h| (free(h).0, h.name.clone()));
+    let most_cpu = usable.iter().max_by(|a, b| free(a).1.cmp(&free(b).1).then(b.id.cmp(&a.id))).map(|h| (free(h).1, h.name.clone()));
+    Some(match (why, most_mem, most_cpu) {
+        (LeftDown::NoCapacity, Some((mem, host)), _) if mem < vm.spec.memory_mib => {
+            format!("no host has {} MiB free; the most free is {mem} MiB on {host}", vm.spec.memory_mib)
+        }
+        (LeftDown::NoCapacity, _, Some((cpu, host))) if cpu < u64::from(vm.spec.vcpus) => {
+            format!("no host has {} vCPUs free; the most free is {cpu} on {host}", vm.spec.vcpus)
+        }
+        (LeftDown::NoCapacity, _, _) => "no host has both the memory and the vCPUs free (or it failed on those that do)".into(),
+        (LeftDown::HardRule, _, _) => "every host with room would break a hard placement rule".into(),
+        (LeftDown::ProtectionOff, _, _) => "protection is off".into(),
+        (LeftDown::NoQuorum, _, _) => "no quorum".into(),
+    })
+}
+
 /// [`plan_failure`] for one host: what the coordinator proposes when `failed` is declared dead.
 #[must_use]
 pub fn plan_failover(state: &ClusterState, failed: HostId, eligible: HostSet) -> RecoveryPlan {
@@ -314,5 +352,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A protected VM that no host can hold says why, and FTT counts it: no plan exists, so the
+    /// cluster survives no failure (it used to report FTT 1 and say nothing).
+    #[test]
+    fn an_unplaceable_protected_vm_says_why_and_makes_ftt_zero() {
+        let mut s = cluster(3, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 1024), 1);
+        assert_eq!(s.ftt().ftt, 1);
+        s.apply(&Command::CreateVm { spec: process_vm("huge", Protection::Protect, 0, 999_999) }).expect("create");
+        s.apply(&Command::SetPower { name: "huge".into(), desired: crate::state::PowerState::Running, force: true }).expect("start");
+        let why = waiting_reason(&s, "huge", s.active_hosts()).expect("it cannot be placed");
+        assert_eq!(why, "no host has 999999 MiB free; the most free is 4096 MiB on h0");
+        let r = s.ftt();
+        assert_eq!((r.ftt, r.limited_by), (0, "unplaceable"));
+        assert_eq!(r.counterexample, Some((vec![], vec!["huge".to_string()])));
+        assert_eq!(waiting_reason(&s, "a", s.active_hosts()), None, "a placed VM does not wait");
     }
 }

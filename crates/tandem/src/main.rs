@@ -648,8 +648,9 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
             VmOp::List => {
                 let v = c.get("/v1/vms")?;
                 show(out, &v, |v| {
-                    let mut rows =
-                        vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION", "ERROR"].map(String::from).to_vec()];
+                    let mut rows = vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION", "ERROR / WAITING"]
+                        .map(String::from)
+                        .to_vec()];
                     for x in v.as_array().into_iter().flatten() {
                         rows.push(vec![
                             s(&x["name"]),
@@ -660,7 +661,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
                             s(&x["desired"]),
                             s(&x["host"]),
                             s(&x["generation"]),
-                            s(&x["error"]),
+                            if x["error"].is_null() { s(&x["waiting"]) } else { s(&x["error"]) },
                         ]);
                     }
                     print_table(&rows);

@@ -118,6 +118,29 @@ fn joins_api_input_what_if_and_audit() -> Result<()> {
     assert_eq!(one[0]["quorum"], true);
     assert_eq!(one[0]["restarts"][0]["vm"], "w", "{one}");
 
+    // A protected VM no host can hold: the reason is shown (API, CLI, dashboard read the same
+    // view), recorded in the timeline, and FTT says no plan exists.
+    c0.post(
+        "/v1/vms",
+        &json!({ "name": "huge", "vcpus": 1, "memory_mib": 999_999, "protection": "protect",
+                                "driver": { "kind": "process", "command": ["sleep", "100000"] } }),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    c0.post("/v1/vms/huge/start", &json!({})).map_err(|e| anyhow!("{e}"))?;
+    let huge = c0.get("/v1/vms/huge").map_err(|e| anyhow!("{e}"))?;
+    assert!(huge["waiting"].as_str().is_some_and(|w| w.starts_with("no host has 999999 MiB free; the most free is")), "{huge}");
+    let ftt = c0.get("/v1/ftt").map_err(|e| anyhow!("{e}"))?;
+    assert_eq!((ftt["report"]["ftt"].clone(), ftt["report"]["limited_by"].clone()), (json!(0), json!("unplaceable")), "{ftt}");
+    let waiting = c0.wait_for(Duration::from_secs(10), Duration::from_millis(200), |c| {
+        [c.clone(), lab.client(1), lab.client(2)]
+            .iter()
+            .filter_map(|c| c.list("/v1/events?kind=vm-waiting&vm=huge").ok())
+            .flatten()
+            .find(|e| e["detail"].as_str().is_some_and(|d| d.contains("999999 MiB")))
+    })?;
+    assert!(waiting["detail"].as_str().is_some_and(|d| d.starts_with("huge waits for a host: no host has 999999 MiB free")), "{waiting}");
+    c0.post("/v1/vms/huge/stop", &json!({})).map_err(|e| anyhow!("{e}"))?;
+
     // Every change made through the API is in the timeline with the token that made it.
     let alice = c0.post("/v1/tokens", &json!({ "name": "alice", "role": "admin" })).map_err(|e| anyhow!("{e}"))?;
     let secret = alice["token"].as_str().ok_or_else(|| anyhow!("no token in {alice}"))?.to_string();
