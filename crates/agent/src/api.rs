@@ -5,6 +5,7 @@
 //! (`/raft/*`, `/v1/internal/*`) require the bearer token derived from the cluster secret.
 
 use crate::agent::{Agent, AgentError};
+use crate::api_limits::{CappedListener, MAX_CONNECTIONS};
 use crate::consensus::{ConsensusError, TypeConfig};
 use crate::endpoints::{self, Access};
 use axum::body::Bytes;
@@ -115,8 +116,8 @@ fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 tokio::task_local! {
-    /// The name of the token that authorized the request being handled.
-    static CALLER: String;
+    /// Who authorized the request being handled.
+    static CALLER: Caller;
 }
 
 /// What an API change did, for the timeline: the command's kind and what it names.
@@ -140,7 +141,7 @@ fn describe(cmd: &Command) -> String {
 /// the token that made it (whether it was applied or refused).
 async fn submit(agent: &Agent, cmd: Command) -> Result<Applied, ApiError> {
     let what = describe(&cmd);
-    let who = CALLER.try_with(Clone::clone).unwrap_or_else(|_| "internal".into());
+    let who = CALLER.try_with(|c| c.name.clone()).unwrap_or_else(|_| "internal".into());
     let result = agent.submit(cmd).await;
     let outcome = match &result {
         Ok(Ok(_)) => "applied".to_string(),
@@ -188,19 +189,23 @@ async fn authorize(State(a): State<Arc<Agent>>, route: MatchedPath, req: Request
     let Some(endpoint) = endpoints::find(&method, route.as_str()) else {
         return ApiError::new(StatusCode::NOT_FOUND, format!("{method} {} is not a documented endpoint", route.as_str())).into_response();
     };
+    let refuse =
+        |c: &Caller, needs: &str| ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is {}: {method} {} needs {needs}", c.name, c.role, route.as_str()));
     let allowed = match endpoint.access {
-        Access::Public => Ok("anonymous".to_string()),
-        Access::Cluster => authorized(&a, req.headers()).map(|()| "cluster".to_string()),
-        Access::Read => caller(&a, req.headers()).map(|c| c.name),
+        Access::Public => Ok(Caller { name: "anonymous".into(), role: Role::ReadOnly }),
+        Access::Cluster => authorized(&a, req.headers()).map(|()| Caller { name: "cluster".into(), role: Role::Admin }),
+        Access::Read => caller(&a, req.headers()),
+        Access::Operate => caller(&a, req.headers()).and_then(|c| match c.role {
+            Role::Admin | Role::Operator => Ok(c),
+            Role::ReadOnly => Err(refuse(&c, "an operator or admin token")),
+        }),
         Access::Admin => caller(&a, req.headers()).and_then(|c| match c.role {
-            Role::Admin => Ok(c.name),
-            Role::ReadOnly => {
-                Err(ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is read-only: {method} {} needs an admin token", c.name, route.as_str())))
-            }
+            Role::Admin => Ok(c),
+            Role::Operator | Role::ReadOnly => Err(refuse(&c, "an admin token")),
         }),
     };
     match allowed {
-        Ok(name) => CALLER.scope(name, next.run(req)).await,
+        Ok(c) => CALLER.scope(c, next.run(req)).await,
         Err(e) => e.into_response(),
     }
 }
@@ -238,6 +243,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/raft/snapshot", post(raft_snapshot))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&agent), authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(crate::api_limits::deadline))
         .with_state(agent)
 }
 
@@ -584,6 +590,10 @@ async fn admitted(a: &Agent, cmd: Command, subject_vm: Option<&str>) -> Result<V
 
 async fn vm_start(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult<Value> {
     let force = force_of(&body)?;
+    // Overriding admission control is an admin's decision.
+    if let Some(c) = CALLER.try_with(Clone::clone).ok().filter(|c| force && c.role != Role::Admin) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is {}: --force needs an admin token", c.name, c.role)));
+    }
     let mut out = admitted(&a, Command::SetPower { name: name.clone(), desired: PowerState::Running, force }, Some(&name)).await?;
     out["starting"] = json!(name);
     Ok(Json(out))
@@ -831,8 +841,12 @@ pub async fn serve(agent: Arc<Agent>, shutdown: impl std::future::Future<Output 
         Some(t) => {
             let tls = crate::tls::ServerTls::load(&t.cert, &t.key)?;
             let listener = crate::tls::TlsListener::spawn(listener, tls).map_err(bind)?;
+            let listener = CappedListener::new(listener, MAX_CONNECTIONS);
             axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await.map_err(bind)
         }
-        None => axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await.map_err(bind),
+        None => {
+            let listener = CappedListener::new(listener, MAX_CONNECTIONS);
+            axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await.map_err(bind)
+        }
     }
 }

@@ -12,8 +12,10 @@ use serde_json::{json, Map, Value};
 pub enum Access {
     /// Anyone (the dashboard page and the API description).
     Public,
-    /// Any valid token (admin or read-only).
+    /// Any valid token (admin, operator or read-only).
     Read,
+    /// An operator or admin token: start, stop and clear VMs.
+    Operate,
     /// An admin token (or the cluster token).
     Admin,
     /// Other agents only: the token derived from the cluster secret.
@@ -42,7 +44,7 @@ const fn with_body(method: &'static str, path: &'static str, access: Access, sum
     Endpoint { method, path, access, summary, body: Some(body), query: &[] }
 }
 
-use Access::{Admin, Cluster, Public, Read};
+use Access::{Admin, Cluster, Operate, Public, Read};
 
 /// The table. Order is the order of the OpenAPI document.
 pub const ENDPOINTS: &[Endpoint] = &[
@@ -80,9 +82,9 @@ pub const ENDPOINTS: &[Endpoint] = &[
         "{\"spec\": VM spec, \"force\": false}",
     ),
     ep("DELETE", "/v1/vms/{name}", Admin, "Delete a stopped VM."),
-    with_body("POST", "/v1/vms/{name}/start", Admin, "Start a VM; refused if it breaks the FTT target unless forced.", "{\"force\": false}"),
-    with_body("POST", "/v1/vms/{name}/stop", Admin, "Stop a VM (ACPI power-down, then kill after the stop timeout).", "{}"),
-    with_body("POST", "/v1/vms/{name}/clear", Admin, "Clear a VM's error state and failure history.", "{}"),
+    with_body("POST", "/v1/vms/{name}/start", Operate, "Start a VM; refused if it breaks the FTT target unless forced (force needs an admin token).", "{\"force\": false}"),
+    with_body("POST", "/v1/vms/{name}/stop", Operate, "Stop a VM (ACPI power-down, then kill after the stop timeout).", "{}"),
+    with_body("POST", "/v1/vms/{name}/clear", Operate, "Clear a VM's error state and failure history.", "{}"),
     ep("GET", "/v1/ftt", Read, "Failures to tolerate (exact or lower bound), the target, and what limits it."),
     Endpoint {
         method: "GET",
@@ -175,9 +177,9 @@ fn operation(e: &Endpoint) -> Value {
         Access::Read | Access::Cluster => {
             responses.insert("401".into(), json!({ "description": "missing or unknown token", "content": error["content"] }));
         }
-        Access::Admin => {
+        Access::Admin | Access::Operate => {
             responses.insert("401".into(), json!({ "description": "missing or unknown token", "content": error["content"] }));
-            responses.insert("403".into(), json!({ "description": "the token is read-only", "content": error["content"] }));
+            responses.insert("403".into(), json!({ "description": "the token's role does not allow this", "content": error["content"] }));
         }
     }
     if e.path.contains('{') {
@@ -193,7 +195,8 @@ fn operation(e: &Endpoint) -> Value {
         "x-tandem-access".into(),
         json!(match e.access {
             Access::Public => "public",
-            Access::Read => "read-only or admin token",
+            Access::Read => "read-only, operator or admin token",
+            Access::Operate => "operator or admin token",
             Access::Admin => "admin token",
             Access::Cluster => "cluster token (agents only)",
         }),

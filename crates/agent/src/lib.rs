@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_limits;
 pub mod config;
 pub mod consensus;
 pub mod disk;

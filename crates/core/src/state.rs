@@ -459,6 +459,8 @@ pub struct ClusterState {
 pub enum Role {
     /// Reads and writes.
     Admin,
+    /// Reads, and starts, stops and clears VMs; no specs, rules, settings, hosts or tokens.
+    Operator,
     /// Reads only (GET).
     ReadOnly,
 }
@@ -467,6 +469,7 @@ impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Role::Admin => "admin",
+            Role::Operator => "operator",
             Role::ReadOnly => "read-only",
         })
     }
@@ -477,8 +480,9 @@ impl std::str::FromStr for Role {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "admin" => Ok(Role::Admin),
+            "operator" => Ok(Role::Operator),
             "read-only" => Ok(Role::ReadOnly),
-            other => Err(format!("unknown role '{other}': use admin or read-only")),
+            other => Err(format!("unknown role '{other}': use admin, operator or read-only")),
         }
     }
 }

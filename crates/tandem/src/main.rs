@@ -159,7 +159,7 @@ enum TokenOp {
     /// Make a token; it is printed once and cannot be shown again.
     Create {
         name: String,
-        /// admin | read-only
+        /// admin (everything) | operator (start, stop, clear VMs; reads) | read-only
         #[arg(long, default_value = "read-only")]
         role: String,
     },

@@ -97,6 +97,9 @@ fn joins_api_input_what_if_and_audit() -> Result<()> {
     assert_eq!(code, 400, "{message}");
     assert!(message.contains("JSON object"), "{message}");
     assert_eq!(status(c0.get("/v1/plan?fail=nope")).0, 400);
+    // Headers are bounded (hyper's limits): a 600 KiB header is refused, not buffered.
+    let huge_header = raw(api, &format!("GET /v1/status HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\nconnection: close\r\n\r\n", "a".repeat(600 * 1024)))?;
+    assert!(huge_header.is_empty() || huge_header.starts_with("HTTP/1.1 431"), "{}", &huge_header[..huge_header.len().min(200)]);
 
     // What-if without quorum: two of three hosts gone, nothing can restart, and it says so.
     c0.post(
@@ -141,10 +144,30 @@ fn joins_api_input_what_if_and_audit() -> Result<()> {
     assert!(waiting["detail"].as_str().is_some_and(|d| d.starts_with("huge waits for a host: no host has 999999 MiB free")), "{waiting}");
     c0.post("/v1/vms/huge/stop", &json!({})).map_err(|e| anyhow!("{e}"))?;
 
+    // The operator role: start, stop and clear VMs and read; nothing else, and no --force.
+    let op = c0.post("/v1/tokens", &json!({ "name": "opal", "role": "operator" })).map_err(|e| anyhow!("{e}"))?;
+    let as_op = Client::new(&lab.hosts[2].api).with_token(op["token"].as_str().map(str::to_string));
+    // The token reaches every host through the log: wait until h2 has applied it.
+    as_op.wait_for(Duration::from_secs(10), Duration::from_millis(50), |c| c.get("/v1/vms").ok())?;
+    as_op.post("/v1/vms/w/stop", &json!({})).map_err(|e| anyhow!("operator stop: {e}"))?;
+    as_op.post("/v1/vms/w/start", &json!({})).map_err(|e| anyhow!("operator start: {e}"))?;
+    assert!(as_op.get("/v1/vms").is_ok());
+    for (method, path, body) in [
+        ("POST", "/v1/vms", json!({ "name": "x", "vcpus": 1, "memory_mib": 64, "driver": { "kind": "process", "command": ["true"] } })),
+        ("POST", "/v1/settings", json!({ "vcpu_overcommit_pct": 300 })),
+        ("POST", "/v1/tokens", json!({ "name": "evil", "role": "admin" })),
+        ("POST", "/v1/vms/w/start", json!({ "force": true })),
+    ] {
+        let (code, message) = status(as_op.call(method, path, Some(&body)));
+        assert_eq!(code, 403, "{method} {path}: {message}");
+        assert!(message.contains("'opal' is operator"), "{message}");
+    }
+
     // Every change made through the API is in the timeline with the token that made it.
     let alice = c0.post("/v1/tokens", &json!({ "name": "alice", "role": "admin" })).map_err(|e| anyhow!("{e}"))?;
     let secret = alice["token"].as_str().ok_or_else(|| anyhow!("no token in {alice}"))?.to_string();
     let as_alice = Client::new(&lab.hosts[1].api).with_token(Some(secret));
+    as_alice.wait_for(Duration::from_secs(10), Duration::from_millis(50), |c| c.get("/v1/vms").ok())?;
     as_alice.post("/v1/settings", &json!({ "vcpu_overcommit_pct": 200 })).map_err(|e| anyhow!("{e}"))?;
     as_alice.post("/v1/vms/w/stop", &json!({})).map_err(|e| anyhow!("{e}"))?;
     let events = lab.client(1).list("/v1/events?kind=api-change&limit=4096")?;
