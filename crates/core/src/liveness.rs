@@ -996,4 +996,86 @@ mod tests {
         current.incarnation = 7;
         assert_eq!(l.heartbeat_received(&current, Millis(300)), Ok(()));
     }
+
+    proptest::proptest! {
+        /// For any timings `validate` accepts: a host cut off at an arbitrary instant loses its
+        /// lease (and so has killed its VMs, given `kill_grace_ms`) before the fence deadline a
+        /// survivor computes for it — with the survivor's clock running up to 1000 ppm slow.
+        /// (It replaces an assertion that held by construction: this one runs both sides of the
+        /// argument through the real code.)
+        #[test]
+        fn a_cut_off_host_loses_its_lease_before_any_survivor_may_restart_its_vms(
+            interval in 20u64..400, timeout_x in 10u64..30, fence_x in 5u64..12, grace in 100u64..2000, margin in 100u64..2000,
+            cut_at in 2_000u64..20_000,
+        ) {
+            let t = Timings {
+                heartbeat_interval_ms: interval,
+                peer_timeout_ms: interval * timeout_x,
+                self_fence_ms: interval * fence_x,
+                disk_io_timeout_ms: interval,
+                kill_grace_ms: grace,
+                clock_margin_ms: margin,
+                partition_confirm_ms: interval * timeout_x / 2,
+            };
+            proptest::prop_assume!(t.validate().is_ok());
+            let members: HostSet = [HostId(0), HostId(1), HostId(2)].into_iter().collect();
+            // Host 2 (cut off at `cut_at`) and host 0 (a survivor that stops hearing it).
+            let mut cut = Liveness::new(HostId(2), 1, t, Millis(0));
+            let mut survivor = Liveness::new(HostId(0), 1, t, Millis(0));
+            cut.set_members(members);
+            survivor.set_members(members);
+            let beat = |from: u32, seq: u64, ack: (u32, u64)| Heartbeat {
+                from: HostId(from), incarnation: 1, seq, epoch: 1, heard: members, acks: vec![Ack { host: HostId(ack.0), incarnation: 1, seq: ack.1 }], fenced: false,
+            };
+            let mut now = 0;
+            let mut seq = 0;
+            while now <= cut_at {
+                seq += 1;
+                cut.heartbeat_sent(seq, Millis(now));
+                survivor.heartbeat_sent(seq, Millis(now));
+                // Each side hears the other and host 1, and is acknowledged by both.
+                for from in [0u32, 1] {
+                    cut.heartbeat_received(&beat(from, seq, (2, seq)), Millis(now)).expect("fresh");
+                }
+                for from in [1u32, 2] {
+                    survivor.heartbeat_received(&beat(from, seq, (0, seq)), Millis(now)).expect("fresh");
+                }
+                survivor.disk_written(Millis(now), Millis(now + 1));
+                survivor.disk_read(&[slot(0, seq, &[0, 1, 2], false), slot(1, seq, &[0, 1, 2], false), slot(2, seq, &[0, 1, 2], false)], Millis(now + 1));
+                now += interval;
+            }
+            let last_slot_of_2 = seq;
+            // After the cut: host 0 still hears host 1, which no longer hears host 2.
+            let mut lease_end = None;
+            let mut deadline = None;
+            let two: HostSet = [HostId(0), HostId(1)].into_iter().collect();
+            while (lease_end.is_none() || deadline.is_none()) && now < cut_at + 60_000 {
+                seq += 1;
+                cut.heartbeat_sent(seq, Millis(now));
+                survivor.heartbeat_sent(seq, Millis(now));
+                let from1 = Heartbeat { heard: two, ..beat(1, seq, (0, seq)) };
+                survivor.heartbeat_received(&from1, Millis(now)).expect("fresh");
+                // Host 2 lost the network and its disk path: its slot stops changing.
+                survivor.disk_written(Millis(now), Millis(now + 1));
+                survivor.disk_read(&[slot(0, seq, &[0, 1], false), slot(1, seq, &[0, 1], false), slot(2, last_slot_of_2, &[0, 1, 2], false)], Millis(now + 1));
+                cut.disk_write_failed();
+                if lease_end.is_none() && !cut.lease_valid(Millis(now)) {
+                    lease_end = Some(now);
+                }
+                let a = survivor.assess(Millis(now));
+                if let Some(d) = a.peer(HostId(2)).and_then(|p| p.fence_deadline) {
+                    deadline.get_or_insert(d.0);
+                }
+                now += interval;
+            }
+            let (lease_end, deadline) = (lease_end.expect("the lease lapses"), deadline.expect("a deadline is set"));
+            // The survivor's clock may run slow: its deadline comes later in real time, never
+            // earlier than this.
+            let deadline_real = deadline - deadline * 1000 / 1_000_000;
+            proptest::prop_assert!(
+                lease_end + t.kill_grace_ms <= deadline_real,
+                "lease ends {lease_end} + kill grace {} > deadline {deadline_real}", t.kill_grace_ms
+            );
+        }
+    }
 }
