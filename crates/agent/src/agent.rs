@@ -149,7 +149,7 @@ pub struct Agent {
     disk: HeartbeatDisk,
     rpc: Arc<dyn PeerRpc>,
     os_watchdog: bool,
-    unsafe_skip_fence_wait: bool,
+    mutation: Option<crate::io::Mutation>,
     last_tick: AtomicU64,
     /// The open hardware watchdog, when configured; `stop` disarms it.
     hw_watchdog: Mutex<Option<crate::watchdog::HardwareWatchdog>>,
@@ -210,7 +210,7 @@ impl Agent {
         std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
         let incarnation = next_incarnation(&cfg.data_dir).map_err(dd)?;
         let me = cfg.host();
-        let AgentIo { clock, heartbeats, disk, rpc, driver, os_watchdog, unsafe_skip_fence_wait } = io;
+        let AgentIo { clock, heartbeats, disk, rpc, driver, os_watchdog, mutation } = io;
         let disk = HeartbeatDisk::new(disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms));
         // Refuse a disk that is not this cluster's, formatted with this layout: a path typo or a
         // mount missing at boot must not leave this host counting its own writes as shared.
@@ -237,7 +237,7 @@ impl Agent {
             disk,
             rpc,
             os_watchdog,
-            unsafe_skip_fence_wait,
+            mutation,
             last_tick: AtomicU64::new(0),
             hw_watchdog: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -361,7 +361,12 @@ impl Agent {
     /// and again just before each start, because a pause can fall between the two.
     fn may_start_vms(&self) -> bool {
         let st = self.status();
-        st.fenced.is_none() && st.joined_epoch.is_some() && lock(&self.liveness).lease_valid(self.clock.now())
+        st.fenced.is_none() && st.joined_epoch.is_some() && self.holds_lease()
+    }
+
+    /// Whether this host holds its liveness lease now (see `Liveness::lease_valid`).
+    fn holds_lease(&self) -> bool {
+        lock(&self.liveness).lease_valid(self.clock.now())
     }
 
     /// The check a driver runs at the instant it creates VM `name`'s process (under the lock
@@ -395,7 +400,7 @@ impl Agent {
                 }
                 (host, _) => return Err(format!("committed state has this host {host:?}")),
             }
-            if !lock(&a.liveness).lease_valid(a.clock.now()) {
+            if !a.holds_lease() {
                 return Err("this host's liveness lease has lapsed".into());
             }
             Ok(())
@@ -875,7 +880,7 @@ impl Agent {
                     if p.fenced_epoch == Some(h.epoch) && reports_due.contains(&h.id) {
                         return Some((h.id, h.epoch, format!("{} reports itself fenced in epoch {}", h.name, h.epoch)));
                     }
-                    if self.unsafe_skip_fence_wait && p.liveness != HostLiveness::Alive && p.liveness != HostLiveness::Unknown {
+                    if self.mutation == Some(crate::io::Mutation::SkipFenceWait) && p.liveness != HostLiveness::Alive && p.liveness != HostLiveness::Unknown {
                         return Some((h.id, h.epoch, format!("UNSAFE: {} not heard; fence deadline skipped", h.name)));
                     }
                     let deadline = p.fence_deadline?;

@@ -132,11 +132,17 @@ pub struct AgentIo {
     /// Whether to run the software watchdog thread (it reads the real clock; a simulator that
     /// freezes hosts itself turns it off).
     pub os_watchdog: bool,
-    /// Breaks a safety mechanism on purpose: the coordinator fails a host over as soon as it
-    /// stops hearing it, without waiting for its fence deadline or its fenced record. Only the
-    /// simulator's mutation test sets it, to show that the simulator catches the double run that
-    /// follows; production wiring and configuration cannot.
-    pub unsafe_skip_fence_wait: bool,
+    /// A safety mechanism broken on purpose. Only the simulator's mutation checks set one, to
+    /// show that the simulator catches what follows; production wiring and configuration cannot.
+    pub mutation: Option<Mutation>,
+}
+
+/// A safety mechanism the simulator's mutation checks switch off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// The coordinator fails a host over as soon as it stops hearing it, without waiting for
+    /// its fence deadline or its fenced record.
+    SkipFenceWait,
 }
 
 impl AgentIo {
@@ -159,7 +165,7 @@ impl AgentIo {
             rpc: Arc::new(HttpRpc { tls }),
             driver,
             os_watchdog: true,
-            unsafe_skip_fence_wait: false,
+            mutation: None,
         })
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tandem_agent::agent::Agent;
 use tandem_agent::config::AgentConfig;
 use tandem_agent::io::AgentIo;
+pub use tandem_agent::io::Mutation;
 use world::{lock, DiskMode, SimClock, SimDisk, SimDriver, SimRpc, SimTransport, World};
 
 /// What to simulate.
@@ -33,8 +34,8 @@ pub struct SimOptions {
     pub vms: u32,
     /// Print the trace as the run goes.
     pub verbose: bool,
-    /// Mutation: the coordinator skips the fence deadline (the simulator must catch it).
-    pub unsafe_skip_fence_wait: bool,
+    /// A safety mechanism switched off (the simulator must catch what follows).
+    pub mutation: Option<Mutation>,
     /// Hosts that are not in the cluster at the start and join it as an operator action.
     pub late_hosts: u32,
     /// Draw only this fault kind (one of [`FAULT_KINDS`]).
@@ -46,7 +47,7 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { seed: 1, hosts: 3, duration_s: 120, vms: 6, verbose: false, unsafe_skip_fence_wait: false, late_hosts: 1, only: None, no_watchdog: false }
+        SimOptions { seed: 1, hosts: 3, duration_s: 120, vms: 6, verbose: false, mutation: None, late_hosts: 1, only: None, no_watchdog: false }
     }
 }
 
@@ -62,7 +63,7 @@ pub struct SimReport {
     pub trace_hash: u64,
 }
 
-pub const FAULT_KINDS: [&str; 19] = [
+pub const FAULT_KINDS: [&str; 20] = [
     "partition-full",
     "partition-one-way",
     "partition-pair",
@@ -80,6 +81,7 @@ pub const FAULT_KINDS: [&str; 19] = [
     "clock-drift",
     "clock-jump",
     "host-freeze",
+    "agent-stall",
     "host-join",
     "operator",
 ];
@@ -157,7 +159,7 @@ impl Sim {
             rpc: Arc::new(SimRpc { world: Arc::clone(&w), me: i }),
             driver: Arc::clone(&h.driver) as Arc<dyn tandem_drivers::VmDriver>,
             os_watchdog: false,
-            unsafe_skip_fence_wait: self.opts.unsafe_skip_fence_wait,
+            mutation: self.opts.mutation,
         };
         {
             // A fresh boot: powered, running, clock without jumps.
@@ -485,6 +487,25 @@ impl Sim {
                     lock(&w.cond).frozen.remove(&target);
                     w.log(format!("HEAL {kind}: h{target} thaws"));
                 }
+                self.run_for(hold).await;
+            }
+            "agent-stall" => {
+                // The agent stalls for longer than its peers' fence deadline while its VMs die
+                // (no hardware watchdog to reset the host): the peers restart the VMs, and when
+                // the agent runs again its reconcile pass must not restart them from what it knew
+                // before the stall — its lease has lapsed, and that is what stops it.
+                let before = self.vms_on(target).await;
+                let stall_ms = 7_000 + self.rand(2_000);
+                w.log(format!("FAULT {kind} h{target} ({} VM(s) die) for {stall_ms} ms", before.len()));
+                self.excuse(&[target], until + stall_ms);
+                w.power_off_vms(target);
+                lock(&w.cond).frozen.insert(target, tokio::time::Instant::now());
+                if !before.is_empty() {
+                    self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
+                }
+                self.run_for(Duration::from_millis(stall_ms)).await;
+                lock(&w.cond).frozen.remove(&target);
+                w.log(format!("HEAL {kind}: h{target}'s agent runs again"));
                 self.run_for(hold).await;
             }
             "clock-jump" => {

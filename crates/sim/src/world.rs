@@ -505,14 +505,13 @@ impl VmDriver for SimDriver {
                 return Err(DriverError::AlreadyRunning(name));
             }
             self.world.thawed(self.me).await;
-            // Booting takes a moment of virtual time.
-            tokio::time::sleep(Duration::from_millis(50)).await;
             let w = &self.world;
             if lock(&w.cond).down.contains(&self.me) {
                 return Err(DriverError::NotRunning(name));
             }
-            // The last-instant check, with no await between it and the VM appearing: the
-            // simulator runs on one thread, so nothing can fence this host in between.
+            // The last-instant check, with no await between it and the VM appearing (the
+            // simulator runs on one thread, so nothing can fence this host in between); as with
+            // a real driver, the process exists from here on and boots afterwards.
             (launch.check)().map_err(|reason| DriverError::Refused { vm: name.clone(), reason })?;
             let others: Vec<u32> = {
                 let mut running = lock(&w.running);
@@ -531,6 +530,8 @@ impl VmDriver for SimDriver {
                 *p
             };
             lock(&self.vms).insert(name.clone(), VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None });
+            // Booting takes a moment of virtual time.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             Ok(())
         })
     }

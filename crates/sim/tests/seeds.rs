@@ -68,7 +68,7 @@ fn regression_seeds_stay_fixed() {
 #[test]
 fn disabling_the_fence_wait_is_caught() {
     let found = (1..=10).find(|seed| {
-        let r = run(&SimOptions { unsafe_skip_fence_wait: true, ..opts(*seed, 120) });
+        let r = run(&SimOptions { mutation: Some(tandem_sim::Mutation::SkipFenceWait), ..opts(*seed, 120) });
         r.violations.iter().any(|v| v.starts_with("double-run"))
     });
     assert!(found.is_some(), "no double run found in 10 seeds with the fence wait disabled");

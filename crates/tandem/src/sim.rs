@@ -62,7 +62,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
             duration_s: args.duration_s,
             vms: args.vms,
             verbose: false,
-            unsafe_skip_fence_wait: args.unsafe_skip_fence_wait,
+            mutation: args.unsafe_skip_fence_wait.then_some(tandem_sim::Mutation::SkipFenceWait),
             late_hosts: args.late_hosts,
             only: args.only.clone(),
             no_watchdog: args.no_watchdog,
@@ -104,6 +104,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
         if args.unsafe_skip_fence_wait {
             mutation.push_str(" --unsafe-skip-fence-wait");
         }
+
         if args.no_watchdog {
             mutation.push_str(" --no-watchdog");
         }
