@@ -32,6 +32,8 @@ use tandem_drivers::{VmDriver, VmExit, VmLaunch};
 use thiserror::Error;
 use tracing::Instrument;
 
+mod fencing;
+
 /// Restarts of one crashed VM allowed on this host within [`RESTART_WINDOW_MS`].
 const MAX_LOCAL_RESTARTS: usize = 3;
 const RESTART_WINDOW_MS: u64 = 60_000;
@@ -263,44 +265,6 @@ impl Agent {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// A deliberate stop (SIGTERM, `systemctl stop`) that never leaves VMs unprotected: first
-    /// this host fences itself — no start passes its check from then on — and kills every VM
-    /// (planned shutdown policies, such as migrating them away, come with live migration);
-    /// then it waits, bounded by `kill_grace_ms` plus a few heartbeats, until every exit is
-    /// confirmed and the fence has gone out in a heartbeat and the slot, so peers restart the
-    /// VMs at once instead of waiting out a fence deadline; only then do the loops stop.
-    pub async fn stop_gracefully(&self) {
-        let now = self.clock.now();
-        let running = self.driver.list().iter().filter(|v| v.exit.is_none()).count();
-        tracing::warn!("stopping: killing {running} VM(s) on this host (planned shutdown policies come with live migration); peers restart them");
-        self.events.record("agent-stopping", None, Some(&self.cfg.name), format!("asked to stop: killing {running} VM(s) so that peers restart them"));
-        if !self.is_fenced() {
-            self.fence(FenceReason::Stopping, now);
-        } else {
-            self.driver.kill_all();
-        }
-        let t = &self.cfg.timings;
-        // A leader is its own coordinator: it stays until its own failover is committed (the
-        // others would first have to elect a new leader).
-        let leading = self.consensus.is_leader();
-        let bound = Duration::from_millis(t.kill_grace_ms + 3 * t.heartbeat_interval_ms + if leading { 3000 } else { 0 });
-        let announced = async {
-            // Confirmed exits, then two heartbeat rounds so the announcement has gone out.
-            while lock(&self.status).fence_confirmed_at.is_none() {
-                self.confirm_fence(self.clock.now());
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            tokio::time::sleep(2 * self.interval()).await;
-            while leading && self.consensus.with_state(|s| s.hosts.get(&self.me).is_some_and(|h| h.status == HostStatus::Active)) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        if tokio::time::timeout(bound, announced).await.is_err() {
-            tracing::error!("stopping: not every VM exit was confirmed within {bound:?}; peers will wait out the fence deadline");
-        }
-        self.stop();
-    }
-
     /// Marks the agent as stopping: loops end, VMs are left to the launcher's death signal.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -354,57 +318,6 @@ impl Agent {
 
     fn is_fenced(&self) -> bool {
         lock(&self.status).fenced.is_some()
-    }
-
-    /// Whether this host may start a VM right now: joined in the epoch committed state has for
-    /// it, not fenced, and holding its liveness lease at this instant. Checked when reconciling
-    /// and again just before each start, because a pause can fall between the two.
-    fn may_start_vms(&self) -> bool {
-        let st = self.status();
-        st.fenced.is_none() && st.joined_epoch.is_some() && self.holds_lease()
-    }
-
-    /// Whether this host holds its liveness lease now (see `Liveness::lease_valid`).
-    fn holds_lease(&self) -> bool {
-        lock(&self.liveness).lease_valid(self.clock.now())
-    }
-
-    /// The check a driver runs at the instant it creates VM `name`'s process (under the lock
-    /// that fencing's kill takes): it reads status, committed state and the lease afresh, so a
-    /// start decided from a snapshot taken before a fence, a failover or a rejoin is refused.
-    fn start_check(self: &Arc<Self>, spec: &tandem_core::state::VmSpec, generation: u64) -> tandem_drivers::StartCheck {
-        let a = Arc::downgrade(self);
-        let spec = spec.clone();
-        Arc::new(move || {
-            let name = &spec.name;
-            let a = a.upgrade().ok_or("the agent is gone")?;
-            // This host's own policy first: no API role can widen it.
-            a.cfg.policy.admits(&spec).map_err(|e| format!("refused by this host's policy: {e}"))?;
-            let st = a.status();
-            if let Some(reason) = st.fenced {
-                return Err(format!("this host fenced itself ({reason})"));
-            }
-            let joined = st.joined_epoch.ok_or("this host has not joined the cluster")?;
-            let committed = a.consensus.with_state(|s| {
-                let host = s.hosts.get(&a.me).map(|h| (h.status, h.epoch));
-                let vm = s.vms.get(name).map(|v| (v.assignment, v.desired, v.held));
-                (host, vm)
-            });
-            match committed {
-                (Some((HostStatus::Active, epoch)), _) if epoch != joined => {
-                    return Err(format!("committed state has this host in epoch {epoch}, it joined in {joined}"))
-                }
-                (Some((HostStatus::Active, _)), Some((Some(asg), PowerState::Running, false))) if asg.host == a.me && asg.generation == generation => {}
-                (Some((HostStatus::Active, _)), vm) => {
-                    return Err(format!("committed state no longer runs {name} here at generation {generation} (now {vm:?})"))
-                }
-                (host, _) => return Err(format!("committed state has this host {host:?}")),
-            }
-            if !a.holds_lease() {
-                return Err("this host's liveness lease has lapsed".into());
-            }
-            Ok(())
-        })
     }
 
     /// A software watchdog thread (a stalled runtime still kills its VMs in time) and, when
@@ -617,45 +530,6 @@ impl Agent {
             };
             self.events.record(kind, None, Some(&self.host_name(host)), detail);
         }
-    }
-
-    /// Fences this host: marks it fenced (so no start passes its last-instant check from now
-    /// on), then kills every VM. The fence is announced once every exit is confirmed
-    /// ([`Agent::confirm_fence`]).
-    fn fence(&self, reason: FenceReason, now: Millis) {
-        let committed = self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| h.epoch));
-        {
-            let mut st = lock(&self.status);
-            st.fenced = Some(reason);
-            st.fenced_at = Some(now);
-            st.fenced_in_epoch = st.joined_epoch.or(committed);
-            st.fence_confirmed_at = None;
-            st.joined_epoch = None;
-        }
-        // After the flag: a start racing this either sees the flag or is in the driver's table
-        // when kill_all takes it.
-        let killed = self.driver.kill_all();
-        lock(&self.status).kills_on_fence = killed;
-        self.events.record("fenced", None, Some(&self.cfg.name), format!("self-fenced: {reason}; killed {killed} VM(s)"));
-        self.confirm_fence(now);
-    }
-
-    /// Marks the fence confirmed once the driver reports every VM exited (reaped), so that the
-    /// fence is announced only when it is true.
-    fn confirm_fence(&self, now: Millis) {
-        let pending = {
-            let st = lock(&self.status);
-            st.fenced.is_some() && st.fence_confirmed_at.is_none()
-        };
-        if !pending || self.driver.list().iter().any(|v| v.exit.is_none()) {
-            return;
-        }
-        let fenced_at = {
-            let mut st = lock(&self.status);
-            st.fence_confirmed_at = Some(now);
-            st.fenced_at.unwrap_or(now)
-        };
-        self.events.record("fence-confirmed", None, Some(&self.cfg.name), format!("every VM exit confirmed {} ms after the fence", now.since(fenced_at)));
     }
 
     /// Proposes `cmd`, forwarding it to the leader when this host is not the leader.

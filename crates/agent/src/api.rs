@@ -46,7 +46,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, joined by ": ".
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(x) = src {

@@ -286,13 +286,13 @@ mod tests {
         std::fs::write(&local, vec![0u8; DISK_SIZE]).expect("local file");
         let d = HeartbeatDisk::new(Arc::new(FileSlotDevice::open(&local).expect("open")), key.clone(), Duration::from_secs(2));
         let e = d.check_header("local").await.expect_err("unformatted");
-        assert!(anyhow_chain(&e).contains("not formatted"), "{e}");
+        assert!(crate::api::chain(&e).contains("not formatted"), "{e}");
 
         let theirs = dir.join("theirs");
         format(&theirs, &other, false).expect("format");
         let d = HeartbeatDisk::new(Arc::new(FileSlotDevice::open(&theirs).expect("open")), key.clone(), Duration::from_secs(2));
         let e = d.check_header("theirs").await.expect_err("other cluster");
-        assert!(anyhow_chain(&e).contains("another cluster"), "{e}");
+        assert!(crate::api::chain(&e).contains("another cluster"), "{e}");
         assert!(matches!(format(&theirs, &key, false), Err(DiskError::Header { source, .. }) if matches!(*source, HeaderError::OtherCluster { .. })));
 
         let ours = dir.join("ours");
@@ -300,17 +300,6 @@ mod tests {
         assert!(matches!(format(&ours, &key, false), Err(DiskError::AlreadyFormatted { .. })));
         format(&ours, &key, true).expect("forced format");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn anyhow_chain(e: &dyn std::error::Error) -> String {
-        let mut out = e.to_string();
-        let mut src = e.source();
-        while let Some(s) = src {
-            out.push_str(": ");
-            out.push_str(&s.to_string());
-            src = s.source();
-        }
-        out
     }
 
     /// A device whose I/O never completes, like shared storage that hangs.

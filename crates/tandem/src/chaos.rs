@@ -27,6 +27,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_sim::world::Rng;
 
+/// Resumes a frozen host: its workloads first, the worst order — they run before their agent
+/// notices the pause.
+fn thaw(agent: u32, workloads: &[u32]) {
+    for p in workloads {
+        signal(*p, libc::SIGCONT);
+    }
+    signal(agent, libc::SIGCONT);
+}
+
 fn wall_ms_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -280,6 +289,17 @@ impl Suite {
         by_vm
     }
 
+    /// SIGSTOPs host `i`'s agent and workloads; returns their pids for [`thaw`].
+    fn freeze(&self, i: usize) -> Result<(u32, Vec<u32>)> {
+        let agent = self.lab.agent_pid(i).ok_or_else(|| anyhow!("{} has no agent", self.lab.hosts[i].name))?;
+        let workloads: Vec<u32> = self.lab.workload_pids(i).into_iter().map(|(p, _)| p).collect();
+        signal(agent, libc::SIGSTOP);
+        for p in &workloads {
+            signal(*p, libc::SIGSTOP);
+        }
+        Ok((agent, workloads))
+    }
+
     fn leader(&self) -> Option<usize> {
         let hosts = (0..self.lab.hosts.len()).find_map(|i| self.client(i).list("/v1/hosts").ok())?;
         let name = hosts.iter().find(|h| h["leader"] == true)?["name"].as_str()?.to_string();
@@ -502,13 +522,8 @@ impl Suite {
             Fault::HostFreeze => {
                 let vms = self.vms_on(&[target]);
                 let name = self.lab.hosts[target].name.clone();
-                let agent = self.lab.agent_pid(target).ok_or_else(|| anyhow!("{name} has no agent"))?;
-                let workloads: Vec<u32> = self.lab.workload_pids(target).into_iter().map(|(p, _)| p).collect();
+                let (agent, workloads) = self.freeze(target)?;
                 self.log(&format!("{}: SIGSTOP {name}'s agent and {} workload(s)", fault.name(), workloads.len()));
-                signal(agent, libc::SIGSTOP);
-                for p in &workloads {
-                    signal(*p, libc::SIGSTOP);
-                }
                 may_fence.push(target);
                 let took = self.wait_moved(&vms, std::slice::from_ref(&name), t0);
                 self.record_recovery(fault, &vms, took, "back on the survivors");
@@ -516,34 +531,21 @@ impl Suite {
                 if self.lab.reap(target) {
                     self.log(&format!("  the watchdog reset {name} while it was frozen"));
                 } else {
-                    // Thaw the workloads first: the worst order, they may run before their agent.
-                    for p in &workloads {
-                        signal(*p, libc::SIGCONT);
-                    }
-                    signal(agent, libc::SIGCONT);
+                    thaw(agent, &workloads);
                     self.log(&format!("  SIGCONT {name} after {:.2} s", t0.elapsed().as_secs_f64()));
                 }
             }
             Fault::HostFreezeLease => {
                 let vms = self.vms_on(&[target]);
                 let name = self.lab.hosts[target].name.clone();
-                let agent = self.lab.agent_pid(target).ok_or_else(|| anyhow!("{name} has no agent"))?;
-                let workloads: Vec<u32> = self.lab.workload_pids(target).into_iter().map(|(p, _)| p).collect();
+                let (agent, workloads) = self.freeze(target)?;
                 self.log(&format!("{}: SIGSTOP {name} for {:.1} s (past self_fence_ms, before the watchdog)", fault.name(), LEASE_FREEZE.as_secs_f64()));
-                signal(agent, libc::SIGSTOP);
-                for p in &workloads {
-                    signal(*p, libc::SIGSTOP);
-                }
                 may_fence.push(target);
                 std::thread::sleep(LEASE_FREEZE);
                 if self.lab.reap(target) {
                     self.violation("wrong-host", format!("the watchdog reset {name} before its timeout"));
                 }
-                // Workloads first, the worst order: they run before their agent notices the pause.
-                for p in &workloads {
-                    signal(*p, libc::SIGCONT);
-                }
-                signal(agent, libc::SIGCONT);
+                thaw(agent, &workloads);
                 self.log(&format!("  SIGCONT {name} after {:.2} s", t0.elapsed().as_secs_f64()));
                 // Its lease lapsed while it was frozen: it fences on thaw (killing what it ran),
                 // then rejoins; its VMs run again once each, wherever committed state puts them.
