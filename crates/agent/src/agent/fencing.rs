@@ -104,19 +104,28 @@ impl Agent {
     /// on), then kills every VM. The fence is announced once every exit is confirmed
     /// ([`Agent::confirm_fence`]).
     pub(super) fn fence(&self, reason: FenceReason, now: Millis) {
-        let committed = self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| h.epoch));
         {
             let mut st = lock(&self.status);
             st.fenced = Some(reason);
             st.fenced_at = Some(now);
-            st.fenced_in_epoch = st.joined_epoch.or(committed);
+            st.fenced_in_epoch = st.joined_epoch;
             st.fence_confirmed_at = None;
             st.joined_epoch = None;
         }
         // After the flag: a start racing this either sees the flag or is in the driver's table
-        // when kill_all takes it.
+        // when kill_all takes it. Nothing before the kill may wait on a lock that a slow
+        // `apply` holds (the watchdog thread fences through here when the runtime stalls).
         let killed = self.driver.kill_all();
-        lock(&self.status).kills_on_fence = killed;
+        // An unjoined host announces its fence for the epoch committed state has for it.
+        let unjoined = lock(&self.status).fenced_in_epoch.is_none();
+        let committed = if unjoined { self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| h.epoch)) } else { None };
+        {
+            let mut st = lock(&self.status);
+            st.kills_on_fence = killed;
+            if st.fenced_in_epoch.is_none() {
+                st.fenced_in_epoch = committed;
+            }
+        }
         self.events.record("fenced", None, Some(&self.cfg.name), format!("self-fenced: {reason}; killed {killed} VM(s)"));
         self.confirm_fence(now);
     }
