@@ -218,7 +218,8 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
     assert_eq!(status(as_token(Some("tdm_nope")).get("/v1/vms")), 401);
     // Public: the API description and the dashboard page.
     let doc = as_token(None).get("/v1/openapi.json").map_err(|e| anyhow!("{e}"))?;
-    assert_eq!(doc["paths"]["/v1/vms/{name}/start"]["post"]["x-tandem-access"], "admin token");
+    assert_eq!(doc["paths"]["/v1/vms/{name}/start"]["post"]["x-tandem-access"], "operator or admin token");
+    assert_eq!(doc["paths"]["/v1/vms"]["post"]["x-tandem-access"], "admin token");
     let page = as_token(None).get("/").map_err(|e| anyhow!("{e}"))?;
     assert!(page.as_str().is_some_and(|p| p.contains("<title>Tandem</title>")));
 
