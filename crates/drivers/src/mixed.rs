@@ -85,24 +85,9 @@ impl VmDriver for MixedDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_core::state::{Protection, VmSpec};
 
     fn process_vm(name: &str, script: &str) -> VmLaunch {
-        VmLaunch {
-            spec: VmSpec {
-                name: name.into(),
-                vcpus: 1,
-                memory_mib: 64,
-                disks: vec![],
-                network: None,
-                protection: Protection::Protect,
-                priority: 0,
-                restart_group: 0,
-                driver: DriverSpec::Process { command: vec!["sh".into(), "-c".into(), script.into()] },
-            },
-            generation: 1,
-            check: crate::always_start(),
-        }
+        crate::process::tests::launch(name, &["sh", "-c", script])
     }
 
     /// Both sub-drivers share one launcher: every VM is listed once, counted once when killed,

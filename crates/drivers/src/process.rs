@@ -84,12 +84,13 @@ impl VmDriver for ProcessDriver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::VmExit;
     use tandem_core::state::{Protection, VmSpec};
 
-    fn launch(name: &str, command: &[&str]) -> VmLaunch {
+    /// A process VM running `command`.
+    pub(crate) fn launch(name: &str, command: &[&str]) -> VmLaunch {
         VmLaunch {
             spec: VmSpec {
                 name: name.into(),
