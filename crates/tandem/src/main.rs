@@ -4,11 +4,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 use tandem::client::{Client, ClientError};
-use tandem_agent::agent::Agent;
-use tandem_agent::config::AgentConfig;
 use tandem_core::state::{DriverSpec, NetworkSpec, Protection, VmSpec};
 
 /// Tandem keeps QEMU/KVM virtual machines available: one agent per host, network and disk
@@ -757,81 +753,6 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
     }
 }
 
-fn format_disk(config: &std::path::Path, force: bool) -> Result<String> {
-    let cfg = AgentConfig::load(config)?;
-    tandem_agent::disk::format(&cfg.heartbeat_disk, &cfg.key()?, force)?;
-    Ok(cfg.heartbeat_disk.display().to_string())
-}
-
-/// How long open API requests may run on after a stop.
-const HTTP_DRAIN: Duration = Duration::from_secs(5);
-
-fn run_agent(config: &std::path::Path) -> Result<()> {
-    let cfg = AgentConfig::load(config)?;
-    let t = &cfg.timings;
-    tracing::info!(
-        "tandem agent {} starting: host {} (id {}), api {} ({}), heartbeats {}, driver {:?}, heartbeat disk {}, \
-         heartbeat every {} ms, peer timeout {} ms, self-fence {} ms, fence wait {} ms, watchdog {}, data {}",
-        env!("CARGO_PKG_VERSION"),
-        cfg.name,
-        cfg.host_id,
-        cfg.api_addr,
-        if cfg.tls.is_some() { "TLS" } else { "plain HTTP" },
-        cfg.heartbeat_addr,
-        cfg.driver,
-        cfg.heartbeat_disk.display(),
-        t.heartbeat_interval_ms,
-        t.peer_timeout_ms,
-        t.self_fence_ms,
-        t.fence_wait_ms(),
-        if cfg.watchdog.enabled { format!("{} ({} s)", cfg.watchdog.device.display(), cfg.watchdog.timeout_s) } else { "off".into() },
-        cfg.data_dir.display()
-    );
-    if cfg.tls.is_none() && !cfg.api_addr.ip().is_loopback() {
-        tracing::warn!(
-            "the API serves {} without TLS: bearer tokens, the cluster token included, cross the network in clear text; configure [tls]",
-            cfg.api_addr
-        );
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async move {
-        let agent = Agent::open(cfg).await?;
-        agent.spawn_loops()?;
-        let a = Arc::clone(&agent);
-        let stopped = Arc::new(tokio::sync::Notify::new());
-        let done = Arc::clone(&stopped);
-        let shutdown = async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let stopped_itself = async {
-                // The agent stops on its own when consensus stops on this host.
-                while !a.is_stopping() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => a.stop_gracefully().await,
-                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => a.stop_gracefully().await,
-                () = stopped_itself => {}
-            }
-            done.notify_one();
-        };
-        // Open requests get a bounded time to finish once the VMs are down and the loops stopped.
-        let drained = async {
-            stopped.notified().await;
-            tokio::time::sleep(HTTP_DRAIN).await;
-            tracing::warn!("open API requests did not finish within {HTTP_DRAIN:?} of the stop; exiting");
-        };
-        tokio::select! {
-            r = tandem_agent::api::serve(Arc::clone(&agent), shutdown) => r?,
-            () = drained => {}
-        }
-        if let Some(why) = agent.consensus.fatal() {
-            anyhow::bail!("consensus stopped on this host: {why}");
-        }
-        Ok::<(), anyhow::Error>(())
-    })
-}
-
 /// Log stamps in the simulator's virtual seconds, to line up with its trace.
 struct SimulatedTime;
 
@@ -873,7 +794,7 @@ fn main() {
     let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
     let _ = if simulating { logs.with_timer(SimulatedTime).try_init() } else { logs.try_init() };
     let code = match &cli.command {
-        Cmd::Disk { op: DiskOp::Format { config, force } } => match format_disk(config, *force) {
+        Cmd::Disk { op: DiskOp::Format { config, force } } => match tandem::agent_cmd::format_disk(config, *force) {
             Ok(path) => {
                 println!("formatted {path} as this cluster's heartbeat disk");
                 0
@@ -883,7 +804,7 @@ fn main() {
                 1
             }
         },
-        Cmd::Agent { config } => match run_agent(config) {
+        Cmd::Agent { config } => match tandem::agent_cmd::run_agent(config) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("tandem agent: {e:#}");
