@@ -77,6 +77,8 @@ pub enum AgentError {
     ForwardRefused(String),
     #[error("hardware watchdog unusable")]
     Watchdog(#[from] crate::watchdog::WatchdogError),
+    #[error("cannot start the liveness thread")]
+    LivenessThread(#[source] std::io::Error),
 }
 
 /// What this agent is doing, for the API and the loops.
@@ -151,7 +153,11 @@ pub struct Agent {
     heartbeats: Arc<dyn HeartbeatTransport>,
     disk: HeartbeatDisk,
     rpc: Arc<dyn PeerRpc>,
-    os_watchdog: bool,
+    /// Whether the agent runs OS threads of its own (liveness, watchdog, heavy work): a
+    /// simulator, which must stay deterministic, runs everything on its one runtime.
+    os_threads: bool,
+    /// Where FTT searches, plans and the metrics page run: off the runtime's workers.
+    pub heavy: Arc<crate::heavy::HeavyWork>,
     mutation: Option<crate::io::Mutation>,
     last_tick: AtomicU64,
     /// The open hardware watchdog, when configured; `stop` disarms it.
@@ -213,13 +219,15 @@ impl Agent {
         std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
         let incarnation = next_incarnation(&cfg.data_dir).map_err(dd)?;
         let me = cfg.host();
-        let AgentIo { clock, heartbeats, disk, rpc, driver, os_watchdog, mutation } = io;
+        let AgentIo { clock, heartbeats, disk, rpc, driver, os_threads, mutation } = io;
         let disk = HeartbeatDisk::new(disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms));
         // Refuse a disk that is not this cluster's, formatted with this layout: a path typo or a
         // mount missing at boot must not leave this host counting its own writes as shared.
         disk.check_header(&cfg.heartbeat_disk.display().to_string()).await?;
         let token = key.peer_token();
-        let consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc)).await?;
+        let mut consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc)).await?;
+        let heavy = Arc::new(crate::heavy::HeavyWork::new(os_threads));
+        consensus.use_heavy(Arc::clone(&heavy));
         let events = EventLog::new(&cfg.name, &cfg.data_dir);
         let liveness = Liveness::new(me, incarnation, cfg.timings, clock.now());
         events.record("agent-started", None, None, format!("incarnation {incarnation}, driver {}", driver.kind()));
@@ -239,7 +247,8 @@ impl Agent {
             heartbeats,
             disk,
             rpc,
-            os_watchdog,
+            os_threads,
+            heavy,
             mutation,
             last_tick: AtomicU64::new(0),
             hw_watchdog: Mutex::new(None),
@@ -252,12 +261,39 @@ impl Agent {
     pub fn spawn_loops(self: &Arc<Self>) -> Result<(), AgentError> {
         // Loops inherit the caller's tracing span, so a process hosting several agents (the
         // simulator) can tell their logs apart.
-        tokio::spawn(Arc::clone(self).receive_loop().in_current_span());
-        tokio::spawn(Arc::clone(self).liveness_loop().in_current_span());
+        if self.os_threads {
+            self.spawn_liveness_thread()?;
+        } else {
+            tokio::spawn(Arc::clone(self).receive_loop().in_current_span());
+            tokio::spawn(Arc::clone(self).liveness_loop().in_current_span());
+        }
         tokio::spawn(Arc::clone(self).membership_loop().in_current_span());
         tokio::spawn(Arc::clone(self).coordinator_loop().in_current_span());
         tokio::spawn(Arc::clone(self).reconcile_loop().in_current_span());
         self.start_watchdogs()
+    }
+
+    /// Heartbeats in and out, the slot I/O and the liveness decision run on a thread and runtime
+    /// of their own: nothing else the agent does (applying the log, FTT searches, the API, the
+    /// launcher) can make them wait for a worker, so a busy host never fences itself.
+    fn spawn_liveness_thread(self: &Arc<Self>) -> Result<(), AgentError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::LivenessThread)?;
+        let a = Arc::clone(self);
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("tandem-liveness".into())
+            .spawn(move || {
+                rt.block_on(
+                    async move {
+                        let receiving = tokio::spawn(Arc::clone(&a).receive_loop().in_current_span());
+                        a.liveness_loop().await;
+                        let _ = receiving.await;
+                    }
+                    .instrument(span),
+                );
+            })
+            .map_err(AgentError::LivenessThread)?;
+        Ok(())
     }
 
     /// Whether the agent has stopped (asked to, or after consensus stopped).
@@ -324,7 +360,11 @@ impl Agent {
     async fn receive_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
         while !self.stopping.load(Ordering::SeqCst) {
-            let Ok((n, _from)) = self.heartbeats.recv_from(&mut buf).await else {
+            // Bounded, so that a silent network still lets the loop see that the agent stops.
+            let Ok(received) = tokio::time::timeout(self.interval(), self.heartbeats.recv_from(&mut buf)).await else {
+                continue;
+            };
+            let Ok((n, _from)) = received else {
                 // A failing transport must not turn this loop into a busy spin.
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;

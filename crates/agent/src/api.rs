@@ -568,11 +568,12 @@ async fn host_mode(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: 
     Ok(Json(out))
 }
 
-async fn ftt(State(a): State<Arc<Agent>>) -> Json<Value> {
-    // The search runs outside the state lock, so it never holds up applying the log.
-    let (model, settings) = a.consensus.with_state(|s| (s.ftt_model(), s.settings.clone()));
-    let report = model.ftt(tandem_core::placement::DEFAULT_FTT_BUDGET);
-    Json(json!({ "report": report, "target": settings.ftt_target }))
+async fn ftt(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
+    // A search on a snapshot, off the runtime: it holds up neither the log nor other requests.
+    let snap = a.consensus.snapshot();
+    let report = a.heavy.run(move || snap.state.ftt()).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let target = a.consensus.with_state(|s| s.settings.ftt_target);
+    Ok(Json(json!({ "report": report, "target": target })))
 }
 
 #[derive(Deserialize)]
@@ -584,8 +585,14 @@ struct PlanQuery {
 /// What would happen if hosts failed: for each failure set, where every VM restarts and which
 /// stay down, by the same planner the coordinator runs.
 async fn plan(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<PlanQuery>) -> ApiResult<Value> {
-    a.consensus.with_state(|s| {
-        let sets: Vec<Vec<HostId>> = match &q.fail {
+    // Planned on a snapshot, off the runtime (every host's failure on a large state is heavy).
+    let snap = a.consensus.snapshot();
+    a.heavy.run(move || what_if(&snap.state, q.fail.as_deref())).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?
+}
+
+fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>) -> ApiResult<Value> {
+    {
+        let sets: Vec<Vec<HostId>> = match fail {
             Some(list) => {
                 let mut set = Vec::new();
                 for n in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -619,7 +626,7 @@ async fn plan(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<PlanQuery>) -> 
             })
             .collect();
         Ok(Json(json!(out)))
-    })
+    }
 }
 
 async fn settings_show(State(a): State<Arc<Agent>>) -> Json<Settings> {

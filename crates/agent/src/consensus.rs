@@ -19,7 +19,8 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use crate::heavy::HeavyWork;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::logformat::LogEntry;
 use tandem_core::state::{Applied, ClusterState, Command, StateError};
@@ -51,6 +52,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// A snapshot transfer chunk.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a command is judged again when the state moved on before its verdict committed.
+pub const ADMISSION_ATTEMPTS: u32 = 3;
 
 /// Consensus failures.
 #[derive(Debug, Error)]
@@ -227,11 +230,16 @@ pub struct MachineData {
     pub state: ClusterState,
 }
 
+/// The applied state as published to readers: `apply` builds the next one aside and swaps the
+/// pointer, so a reader holds this lock only to clone an `Arc` — it never waits behind an apply,
+/// and an apply never waits behind a slow reader (an FTT search, the metrics page).
+type Published = Mutex<Arc<MachineData>>;
+
 /// The state-machine half of the storage. The data is shared with the agent for reads.
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<Database>,
-    data: Arc<RwLock<MachineData>>,
+    data: Arc<Published>,
     applied_tx: Arc<watch::Sender<u64>>,
 }
 
@@ -253,18 +261,18 @@ impl StateMachine {
     }
 }
 
-fn read_data(lock: &RwLock<MachineData>) -> std::sync::RwLockReadGuard<'_, MachineData> {
-    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The applied state as of now.
+fn current(p: &Published) -> Arc<MachineData> {
+    Arc::clone(&p.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
-fn write_data(lock: &RwLock<MachineData>) -> std::sync::RwLockWriteGuard<'_, MachineData> {
-    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+fn publish(p: &Published, next: Arc<MachineData>) {
+    *p.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        let d = read_data(&self.data).clone();
-        StateMachine::snapshot_of(&d)
+        StateMachine::snapshot_of(&current(&self.data))
     }
 }
 
@@ -272,7 +280,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), SErr> {
-        let d = read_data(&self.data);
+        let d = current(&self.data);
         Ok((d.last_applied, d.membership.clone()))
     }
 
@@ -282,33 +290,41 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
-        let snapshot = {
-            let mut d = write_data(&self.data);
-            for e in entries {
-                let log_id = e.log_id;
-                out.push(match e.payload {
-                    EntryPayload::Blank => Ok(Applied::Done),
-                    EntryPayload::Normal(entry) => match entry.decode() {
-                        Ok(cmd) => d.state.apply(&cmd),
-                        Err(err) => {
-                            // Never skip an entry: the state would silently differ from the
-                            // other hosts'. Stop applying here; the agent fences and exits.
-                            tracing::error!("consensus stops applying at log index {}: {err}", log_id.index);
-                            return Err(SErr::from(StorageIOError::apply(log_id, AnyError::error(err.to_string()))));
-                        }
-                    },
-                    EntryPayload::Membership(m) => {
-                        d.membership = StoredMembership::new(Some(log_id), m);
-                        Ok(Applied::Done)
+        // One copy per batch, changed aside and then published: readers keep the previous
+        // state meanwhile.
+        let mut next = MachineData::clone(&current(&self.data));
+        let mut stopped = None;
+        for e in entries {
+            let log_id = e.log_id;
+            out.push(match e.payload {
+                EntryPayload::Blank => Ok(Applied::Done),
+                EntryPayload::Normal(entry) => match entry.decode() {
+                    Ok((cmd, admission)) if entry.format >= 3 => next.state.apply_judged(&cmd, admission.as_ref()),
+                    Ok((cmd, _)) => next.state.apply(&cmd),
+                    Err(err) => {
+                        // Never skip an entry: the state would silently differ from the
+                        // other hosts'. Stop applying here (what came before stays applied);
+                        // the agent fences and exits.
+                        tracing::error!("consensus stops applying at log index {}: {err}", log_id.index);
+                        stopped = Some(SErr::from(StorageIOError::apply(log_id, AnyError::error(err.to_string()))));
+                        break;
                     }
-                });
-                d.last_applied = Some(log_id);
-            }
-            d.clone()
-        };
-        self.persist(&snapshot)?;
-        self.applied_tx.send_replace(snapshot.last_applied.map_or(0, |l| l.index));
-        Ok(out)
+                },
+                EntryPayload::Membership(m) => {
+                    next.membership = StoredMembership::new(Some(log_id), m);
+                    Ok(Applied::Done)
+                }
+            });
+            next.last_applied = Some(log_id);
+        }
+        let next = Arc::new(next);
+        publish(&self.data, Arc::clone(&next));
+        self.persist(&next)?;
+        self.applied_tx.send_replace(next.last_applied.map_or(0, |l| l.index));
+        match stopped {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -325,13 +341,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         d.membership = meta.last_membership.clone();
         self.persist(&d)?;
         let index = d.last_applied.map_or(0, |l| l.index);
-        *write_data(&self.data) = d;
+        publish(&self.data, Arc::new(d));
         self.applied_tx.send_replace(index);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        let d = read_data(&self.data).clone();
+        let d = current(&self.data);
         if d.last_applied.is_none() {
             return Ok(None);
         }
@@ -410,13 +426,30 @@ impl openraft::RaftNetwork<TypeConfig> for PeerLink {
     }
 }
 
+/// Writes `state` as the applied state of a new consensus database in `dir` that has no log and
+/// no membership: an agent opened on `dir` starts uninitialized, holding this state, and `cluster
+/// init` makes it the first voter. Benchmarks use it to start a real agent on a state far too
+/// large to build command by command; nothing in the API or the agent reaches it.
+pub fn seed_applied_state(dir: &Path, state: ClusterState) -> Result<(), ConsensusError> {
+    let path = dir.join("consensus.redb");
+    if path.exists() {
+        return Err(ConsensusError::Raft(format!("{} already exists; seeding is only for a new database", path.display())));
+    }
+    let db = Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?;
+    let data = MachineData { last_applied: None, membership: StoredMembership::default(), state };
+    let bytes = json(&data).map_err(|e| ConsensusError::Raft(e.to_string()))?;
+    put_meta(&db, "machine", &bytes).map_err(|e| ConsensusError::Raft(e.to_string()))
+}
+
 /// The consensus instance of this host.
 #[derive(Clone)]
 pub struct Consensus {
     pub raft: Raft,
-    data: Arc<RwLock<MachineData>>,
+    data: Arc<Published>,
     applied_rx: watch::Receiver<u64>,
     me: NodeId,
+    /// Where admission verdicts are computed.
+    heavy: Arc<HeavyWork>,
 }
 
 /// Who leads, as far as this host knows.
@@ -440,7 +473,7 @@ impl Consensus {
         let db = Arc::new(Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?);
         let data: MachineData = get_meta(&db, "machine").map_err(|e| Box::new(SErr::from(StorageIOError::read_state_machine(e))))?.unwrap_or_default();
         let (applied_tx, applied_rx) = watch::channel(data.last_applied.map_or(0, |l| l.index));
-        let data = Arc::new(RwLock::new(data));
+        let data = Arc::new(Mutex::new(Arc::new(data)));
         let sm = StateMachine { db: Arc::clone(&db), data: Arc::clone(&data), applied_tx: Arc::new(applied_tx) };
         let log = LogStore { db };
         let config = openraft::Config {
@@ -455,7 +488,7 @@ impl Consensus {
         };
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
         let raft = Raft::new(me, config, Network { token, rpc }, log, sm).await.map_err(Box::new)?;
-        Ok(Consensus { raft, data, applied_rx, me })
+        Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default() })
     }
 
     /// Stops openraft (its tasks end and release the database), as on a crash.
@@ -465,15 +498,26 @@ impl Consensus {
         }
     }
 
+    /// Computes admission verdicts on `heavy` (the agent's: off the runtime's workers).
+    pub fn use_heavy(&mut self, heavy: Arc<HeavyWork>) {
+        self.heavy = heavy;
+    }
+
     /// A copy of the committed desired state as applied on this host.
     #[must_use]
     pub fn state(&self) -> ClusterState {
-        read_data(&self.data).state.clone()
+        current(&self.data).state.clone()
+    }
+
+    /// The applied state as of now, shared: it never changes, and holding it blocks nobody.
+    #[must_use]
+    pub fn snapshot(&self) -> Arc<MachineData> {
+        current(&self.data)
     }
 
     /// Reads the applied state without copying it.
     pub fn with_state<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
-        f(&read_data(&self.data).state)
+        f(&current(&self.data).state)
     }
 
     /// Notified whenever an entry is applied.
@@ -539,11 +583,40 @@ impl Consensus {
 
     /// Proposes a command on the leader and waits for it to be applied here; returns the
     /// outcome and the log index it was applied at.
+    ///
+    /// A command that admission control judges is judged here, on the leader's applied state,
+    /// and proposed with the verdict; if anything committed in between (the revision moved on),
+    /// `apply` refuses it as stale and it is judged again, at most [`ADMISSION_ATTEMPTS`] times.
     pub async fn propose(&self, cmd: Command) -> Result<(CommandResult, u64), ConsensusError> {
-        // An entry that is committed but cannot be decoded would stop every host; LogEntry::new
-        // checks the round trip before it gets there.
-        let entry = LogEntry::new(&cmd).map_err(|e| ConsensusError::Unencodable(e.to_string()))?;
-        self.propose_entry(entry).await
+        let unencodable = |e: tandem_core::logformat::LogFormatError| ConsensusError::Unencodable(e.to_string());
+        if !cmd.needs_admission() {
+            // An entry that is committed but cannot be decoded would stop every host;
+            // LogEntry::new checks the round trip before it gets there.
+            return self.propose_entry(LogEntry::new(&cmd).map_err(unencodable)?).await;
+        }
+        if !self.is_leader() {
+            return Err(ConsensusError::NotLeader(self.leader_addr()));
+        }
+        let cmd = Arc::new(cmd);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let snap = self.snapshot();
+            let index = snap.last_applied.map_or(0, |l| l.index);
+            let judged = {
+                let cmd = Arc::clone(&cmd);
+                self.heavy.run(move || snap.state.judge(&cmd)).await.map_err(|e| ConsensusError::Raft(e.to_string()))?
+            };
+            let admission = match judged {
+                Ok(a) => a,
+                Err(refused) => return Ok((Err(refused), index)),
+            };
+            let (r, index) = self.propose_entry(LogEntry::judged(&cmd, admission.as_ref()).map_err(unencodable)?).await?;
+            match r {
+                Err(StateError::Stale(why)) if attempt < ADMISSION_ATTEMPTS => tracing::debug!("judged again: {why}"),
+                r => return Ok((r, index)),
+            }
+        }
     }
 
     /// Proposes an entry as it is (tests use it to put an entry of a newer format in the log).
@@ -639,7 +712,7 @@ mod tests {
             let c = single(&dir).await;
             assert!(c.is_leader());
             c.propose(add_host(0)).await.expect("committed").0.expect("a known command applies");
-            let newer = LogEntry { format: 99, command: serde_json::json!({ "op": "migrate-vm", "name": "a" }) };
+            let newer = LogEntry { format: 99, command: serde_json::json!({ "op": "migrate-vm", "name": "a" }), admission: None };
             let _ = tokio::time::timeout(Duration::from_secs(5), c.propose_entry(newer)).await;
             let why = c.fatal().expect("consensus stopped");
             assert!(why.contains("format 99") && why.contains("upgrade"), "{why}");

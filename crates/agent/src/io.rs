@@ -61,21 +61,36 @@ pub trait HeartbeatTransport: Send + Sync + 'static {
     fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>>;
 }
 
-/// A UDP socket.
-pub struct UdpTransport(tokio::net::UdpSocket);
+/// A UDP socket. It is bound at start (so a taken port is an error then), and registered with
+/// the async runtime that first uses it — the liveness thread's own — so that its readiness
+/// never waits for a worker of the busy main runtime.
+pub struct UdpTransport {
+    bound: std::net::UdpSocket,
+    registered: std::sync::OnceLock<tokio::net::UdpSocket>,
+}
 
 impl UdpTransport {
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<UdpTransport> {
-        Ok(UdpTransport(tokio::net::UdpSocket::bind(addr).await?))
+    pub fn bind(addr: SocketAddr) -> std::io::Result<UdpTransport> {
+        let bound = std::net::UdpSocket::bind(addr)?;
+        bound.set_nonblocking(true)?;
+        Ok(UdpTransport { bound, registered: std::sync::OnceLock::new() })
+    }
+
+    fn socket(&self) -> std::io::Result<&tokio::net::UdpSocket> {
+        if let Some(s) = self.registered.get() {
+            return Ok(s);
+        }
+        let s = tokio::net::UdpSocket::from_std(self.bound.try_clone()?)?;
+        Ok(self.registered.get_or_init(|| s))
     }
 }
 
 impl HeartbeatTransport for UdpTransport {
     fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>> {
-        Box::pin(async move { self.0.send_to(bytes, to).await.map(|_| ()) })
+        Box::pin(async move { self.socket()?.send_to(bytes, to).await.map(|_| ()) })
     }
     fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>> {
-        Box::pin(self.0.recv_from(buf))
+        Box::pin(async move { self.socket()?.recv_from(buf).await })
     }
 }
 
@@ -129,9 +144,10 @@ pub struct AgentIo {
     pub disk: Arc<dyn SlotDevice>,
     pub rpc: Arc<dyn PeerRpc>,
     pub driver: Arc<dyn VmDriver>,
-    /// Whether to run the software watchdog thread (it reads the real clock; a simulator that
-    /// freezes hosts itself turns it off).
-    pub os_watchdog: bool,
+    /// Whether the agent runs OS threads of its own: the liveness thread and runtime, the
+    /// software watchdog (it reads the real clock) and the blocking pool for heavy work. A
+    /// simulator, deterministic on one runtime and freezing hosts itself, turns them off.
+    pub os_threads: bool,
     /// A safety mechanism broken on purpose. Only the simulator's mutation checks set one, to
     /// show that the simulator catches what follows; production wiring and configuration cannot.
     pub mutation: Option<Mutation>,
@@ -153,7 +169,7 @@ impl AgentIo {
         driver: Arc<dyn VmDriver>,
         tls: Option<crate::tls::ClientTls>,
     ) -> Result<AgentIo, crate::agent::AgentError> {
-        let heartbeats = UdpTransport::bind(heartbeat_addr).await.map_err(|source| crate::agent::AgentError::Bind {
+        let heartbeats = UdpTransport::bind(heartbeat_addr).map_err(|source| crate::agent::AgentError::Bind {
             what: "heartbeat socket",
             addr: heartbeat_addr,
             source,
@@ -164,7 +180,7 @@ impl AgentIo {
             disk: Arc::new(FileSlotDevice::open(heartbeat_disk)?),
             rpc: Arc::new(HttpRpc { tls }),
             driver,
-            os_watchdog: true,
+            os_threads: true,
             mutation: None,
         })
     }

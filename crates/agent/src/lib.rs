@@ -9,6 +9,7 @@ pub mod consensus;
 pub mod disk;
 pub mod endpoints;
 pub mod events;
+pub mod heavy;
 pub mod httpc;
 pub mod io;
 pub mod metrics;

@@ -123,7 +123,6 @@ fn render(a: &Agent) -> String {
             .collect();
         (names, vms, s.ftt_model(), s.settings.ftt_target)
     });
-    // Searched outside the state lock, so a scrape never holds up applying the log.
     let ftt = ftt.ftt(tandem_core::placement::DEFAULT_FTT_BUDGET);
     let name_of = |h: tandem_core::HostId| names.iter().find(|(id, _)| *id == h).map_or_else(|| h.to_string(), |(_, n)| n.clone());
     let mut liveness = Vec::new();
@@ -214,5 +213,10 @@ fn render(a: &Agent) -> String {
 
 /// `GET /metrics`.
 pub async fn serve(State(a): State<Arc<Agent>>) -> Response {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], render(&a)).into_response()
+    // On a large state the page (an FTT search among it) is heavy work: off the runtime.
+    let page = Arc::clone(&a);
+    match a.heavy.run(move || render(&page)).await {
+        Ok(text) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
 }

@@ -7,22 +7,32 @@
 //! leave its state different from the other hosts'.
 //!
 //! Format 1 is the bare command of releases before versioning (read, never written); format 2
-//! wraps it: `{"format": 2, "command": {"op": ...}}`. A release that adds a command or a field
-//! that older hosts would misread raises [`LOG_FORMAT`], and writes the new format only for
-//! entries that need it.
+//! wraps it: `{"format": 2, "command": {"op": ...}}`. Format 3 adds the proposer's admission
+//! verdict, `"admission": {"revision": R, "forced": ...}`: admission control (an FTT search whose
+//! answer may change between releases) is judged once, by the proposer, on the state at revision
+//! R, and `apply` only checks that the state is still at R — so hosts of different releases
+//! apply it to the same result. Entries of format 2 and 1 keep their old meaning (admission
+//! judged inside `apply`). A release that adds a command or a field that older hosts would
+//! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
+//! entry without a verdict is still written in format 2.
 
-use crate::state::Command;
+use crate::state::{Admission, Command};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 2;
+pub const LOG_FORMAT: u32 = 3;
+/// The format of an entry that carries no admission verdict (older hosts still read it).
+const PLAIN_FORMAT: u32 = 2;
 
 /// One log entry's payload: the format it was written in and its command, still undecoded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LogEntry {
     pub format: u32,
     pub command: serde_json::Value,
+    /// The proposer's admission verdict (format 3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admission: Option<serde_json::Value>,
 }
 
 /// Why an entry cannot be applied by this release.
@@ -39,11 +49,16 @@ pub enum LogFormatError {
 impl<'de> Deserialize<'de> for LogEntry {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
-        let versioned = v.as_object().filter(|o| o.len() == 2 && o.contains_key("command")).and_then(|o| o.get("format")?.as_u64());
+        let versioned = v
+            .as_object()
+            .filter(|o| o.contains_key("command") && o.keys().all(|k| matches!(k.as_str(), "format" | "command" | "admission")))
+            .and_then(|o| o.get("format")?.as_u64());
         Ok(match versioned {
-            Some(format) => LogEntry { format: u32::try_from(format).unwrap_or(u32::MAX), command: v["command"].clone() },
+            Some(format) => {
+                LogEntry { format: u32::try_from(format).unwrap_or(u32::MAX), command: v["command"].clone(), admission: v.get("admission").cloned() }
+            }
             // Written before entries were versioned: a bare command.
-            None => LogEntry { format: 1, command: v },
+            None => LogEntry { format: 1, command: v, admission: None },
         })
     }
 }
@@ -52,23 +67,43 @@ impl LogEntry {
     /// The entry for `cmd` in the current format, checked to decode back to the same command
     /// (an entry that committed but could not be read back would stop every host).
     pub fn new(cmd: &Command) -> Result<LogEntry, LogFormatError> {
-        let command = serde_json::to_value(cmd).map_err(|e| LogFormatError::Unencodable(e.to_string()))?;
-        let entry = LogEntry { format: LOG_FORMAT, command };
-        let text = serde_json::to_vec(&entry).map_err(|e| LogFormatError::Unencodable(e.to_string()))?;
-        let back: LogEntry = serde_json::from_slice(&text).map_err(|e| LogFormatError::Unencodable(e.to_string()))?;
+        LogEntry::judged(cmd, None)
+    }
+
+    /// The entry for `cmd` with the proposer's admission verdict (format 3), or without one
+    /// (format 2), checked to decode back to the same command and verdict.
+    pub fn judged(cmd: &Command, admission: Option<&Admission>) -> Result<LogEntry, LogFormatError> {
+        let unencodable = |e: serde_json::Error| LogFormatError::Unencodable(e.to_string());
+        let command = serde_json::to_value(cmd).map_err(unencodable)?;
+        let entry = match admission {
+            Some(a) => LogEntry { format: LOG_FORMAT, command, admission: Some(serde_json::to_value(a).map_err(unencodable)?) },
+            None => LogEntry { format: PLAIN_FORMAT, command, admission: None },
+        };
+        let text = serde_json::to_vec(&entry).map_err(unencodable)?;
+        let back: LogEntry = serde_json::from_slice(&text).map_err(unencodable)?;
         match back.decode() {
-            Ok(c) if c == *cmd => Ok(entry),
+            Ok((c, a)) if c == *cmd && a.as_ref() == admission => Ok(entry),
             Ok(_) => Err(LogFormatError::Unencodable("decodes to a different command".into())),
             Err(e) => Err(LogFormatError::Unencodable(e.to_string())),
         }
     }
 
-    /// The command, if this release understands the entry.
-    pub fn decode(&self) -> Result<Command, LogFormatError> {
+    /// The command and its admission verdict, if this release understands the entry. A verdict
+    /// is only read from format 3 on.
+    pub fn decode(&self) -> Result<(Command, Option<Admission>), LogFormatError> {
         if self.format > LOG_FORMAT {
             return Err(LogFormatError::Newer { found: self.format });
         }
-        serde_json::from_value(self.command.clone()).map_err(|e| LogFormatError::Undecodable { format: self.format, detail: e.to_string() })
+        let undecodable = |e: serde_json::Error| LogFormatError::Undecodable { format: self.format, detail: e.to_string() };
+        let cmd = serde_json::from_value(self.command.clone()).map_err(undecodable)?;
+        let admission = match (&self.admission, self.format >= 3) {
+            (Some(a), true) => Some(serde_json::from_value(a.clone()).map_err(undecodable)?),
+            (Some(_), false) => {
+                return Err(LogFormatError::Undecodable { format: self.format, detail: "an admission verdict before format 3".into() })
+            }
+            (None, _) => None,
+        };
+        Ok((cmd, admission))
     }
 }
 
@@ -81,23 +116,33 @@ mod tests {
     fn entries_round_trip_and_older_entries_still_read() {
         let cmd = Command::HostJoined { host: HostId(3) };
         let e = LogEntry::new(&cmd).expect("encodes");
-        assert_eq!(e.format, LOG_FORMAT);
+        assert_eq!(e.format, 2, "an entry without a verdict stays readable by hosts of format 2");
         let text = serde_json::to_string(&e).expect("json");
         assert!(text.starts_with("{\"format\":2,\"command\":{") && text.contains("\"op\":\"host-joined\""), "{text}");
-        assert_eq!(serde_json::from_str::<LogEntry>(&text).expect("reads").decode(), Ok(cmd.clone()));
+        assert_eq!(serde_json::from_str::<LogEntry>(&text).expect("reads").decode(), Ok((cmd.clone(), None)));
         // Format 1: the bare command, as releases before versioning wrote it.
         let legacy: LogEntry = serde_json::from_str("{\"op\":\"host-joined\",\"host\":3}").expect("reads");
-        assert_eq!((legacy.format, legacy.decode()), (1, Ok(cmd)));
+        assert_eq!((legacy.format, legacy.decode()), (1, Ok((cmd, None))));
+        // Format 3: with the proposer's admission verdict.
+        let start = Command::SetPower { name: "a".into(), desired: crate::state::PowerState::Running, force: false };
+        let verdict = Admission { revision: 7, forced: None };
+        let judged = LogEntry::judged(&start, Some(&verdict)).expect("encodes");
+        let text = serde_json::to_string(&judged).expect("json");
+        assert!(text.starts_with("{\"format\":3,") && text.contains("\"admission\":{\"revision\":7"), "{text}");
+        assert_eq!(serde_json::from_str::<LogEntry>(&text).expect("reads").decode(), Ok((start, Some(verdict))));
     }
 
     /// A newer entry, or one naming a command this release does not know, still loads (the
     /// log stays readable) and says precisely why it cannot be applied.
     #[test]
     fn unknown_entries_load_and_refuse_to_apply_with_a_reason() {
-        let newer: LogEntry = serde_json::from_str("{\"format\":3,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
-        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 3 }));
+        let newer: LogEntry = serde_json::from_str("{\"format\":4,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
+        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 4 }));
         assert!(newer.decode().err().is_some_and(|e| e.to_string().contains("upgrade")));
         let unknown: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
         assert!(matches!(unknown.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
+        let smuggled: LogEntry =
+            serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"host-joined\",\"host\":3},\"admission\":{\"revision\":1}}").expect("loads");
+        assert!(matches!(smuggled.decode(), Err(LogFormatError::Undecodable { format: 2, .. })), "a verdict is only read from format 3 on");
     }
 }

@@ -11,7 +11,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
+mod admission;
 mod specargs;
+
+pub use admission::Admission;
+use admission::AdmitMode;
 pub use specargs::DISK_FORMATS;
 
 /// CPU and memory a host offers or a VM needs.
@@ -366,6 +370,9 @@ pub struct ClusterState {
     /// API tokens by name (only their SHA-256 is kept).
     #[serde(default)]
     pub tokens: BTreeMap<String, ApiToken>,
+    /// Raised by every command applied: an admission verdict names the revision it judged.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// What an API token may do.
@@ -602,6 +609,8 @@ pub enum StateError {
     Stale(String),
     #[error("refused by admission control: {0}; use --force to override")]
     Admission(String),
+    #[error("log entry refused: {0}")]
+    Unjudged(String),
     #[error("rule '{rule}' cannot be satisfied: {why}")]
     RuleInfeasible { rule: String, why: String },
     #[error("rule '{rule}' conflicts with rule '{other}': {why}")]
@@ -737,59 +746,6 @@ impl ClusterState {
         self.placement_model(self.members())
     }
 
-    /// A copy in which every VM waiting for a host has the one the coordinator would give it:
-    /// what admission control judges, since a started VM takes its room as soon as it is placed.
-    fn with_pending_placed(&self) -> ClusterState {
-        let mut s = self.clone();
-        let plan = recovery::place(&s, &s.unplaced(), s.active_hosts(), true);
-        for (name, host) in plan.placements {
-            let generation = s.next_gen();
-            if let Some(v) = s.vms.get_mut(&name) {
-                v.assignment = Some(Assignment { host, generation });
-            }
-        }
-        s
-    }
-
-    /// Runs `change` on a copy; if a configured FTT target is met before but not after, the
-    /// change is refused (or, forced, applied and reported). Otherwise it is applied.
-    fn admitted(&mut self, what: &str, force: bool, change: impl FnOnce(&mut ClusterState) -> Result<(), StateError>) -> Result<Applied, StateError> {
-        let mut next = self.clone();
-        change(&mut next)?;
-        let Some(target) = next.settings.ftt_target else {
-            *self = next;
-            return Ok(Applied::Done);
-        };
-        let after = next.with_pending_placed().ftt();
-        if after.ftt >= target {
-            *self = next;
-            return Ok(Applied::Done);
-        }
-        let before = self.with_pending_placed().ftt();
-        if after.ftt >= before.ftt && self.settings.ftt_target == Some(target) {
-            // Already below target, and this does not make it worse.
-            *self = next;
-            return Ok(Applied::Done);
-        }
-        let why = match &after.counterexample {
-            Some((set, vms)) => {
-                let names: Vec<String> = set.iter().map(|h| self.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect();
-                format!(
-                    "{what} would lower failures-to-tolerate to {} (target {target}): if {} failed, protected VM(s) {} could not restart",
-                    after.ftt,
-                    names.join(" and "),
-                    vms.join(", ")
-                )
-            }
-            None => format!("{what} would lower failures-to-tolerate to {} (target {target}, limited by {})", after.ftt, after.limited_by),
-        };
-        if !force {
-            return Err(StateError::Admission(why));
-        }
-        *self = next;
-        Ok(Applied::Forced { reason: why })
-    }
-
     /// A rule must name known VMs, be satisfiable by some placement, and not contradict
     /// another hard rule.
     fn check_rule(&self, rule: &Rule) -> Result<(), StateError> {
@@ -876,8 +832,20 @@ impl ClusterState {
         self.vms.get_mut(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))
     }
 
-    /// Applies one command. On error nothing changed.
+    /// Applies one command of log format 1 or 2 (admission judged here). On error nothing
+    /// changed.
     pub fn apply(&mut self, cmd: &Command) -> Result<Applied, StateError> {
+        self.apply_with(cmd, AdmitMode::InApply)
+    }
+
+    /// Applies one command, admission as `mode` says; every command applied raises the revision.
+    pub(crate) fn apply_with(&mut self, cmd: &Command, mode: AdmitMode<'_>) -> Result<Applied, StateError> {
+        let applied = self.apply_command(cmd, mode)?;
+        self.revision += 1;
+        Ok(applied)
+    }
+
+    fn apply_command(&mut self, cmd: &Command, mode: AdmitMode<'_>) -> Result<Applied, StateError> {
         match cmd {
             Command::AddHost { id, name, api_addr, heartbeat_addr, capacity } => {
                 if !id.is_valid() || self.hosts.contains_key(id) {
@@ -937,12 +905,11 @@ impl ClusterState {
                 self.vms.remove(name);
                 Ok(Applied::Done)
             }
-            Command::SetPower { name, desired, force } => {
+            Command::SetPower { name, desired, .. } => {
                 if let Some(e) = self.vm_mut(name)?.error.clone().filter(|_| *desired == PowerState::Running) {
                     return Err(StateError::VmInError { name: name.clone(), error: e });
                 }
-                let verb = if *desired == PowerState::Running { "starting" } else { "stopping" };
-                self.admitted(&format!("{verb} VM '{name}'"), *force, |s| {
+                self.admit(mode, cmd, |s| {
                     if let Some(v) = s.vms.get_mut(name) {
                         v.desired = *desired;
                         // An operator's word ends any wait for capacity.
@@ -951,7 +918,7 @@ impl ClusterState {
                     Ok(())
                 })
             }
-            Command::UpdateVm { spec, force } => {
+            Command::UpdateVm { spec, .. } => {
                 spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
                 let vm = self.vms.get(&spec.name).ok_or_else(|| StateError::UnknownVm(spec.name.clone()))?;
                 if let Some(a) = vm.assignment {
@@ -959,26 +926,26 @@ impl ClusterState {
                         return Err(StateError::NoCapacity { vm: spec.name.clone(), host: a.host });
                     }
                 }
-                self.admitted(&format!("changing VM '{}'", spec.name), *force, |s| {
+                self.admit(mode, cmd, |s| {
                     if let Some(v) = s.vms.get_mut(&spec.name) {
                         v.spec = spec.clone();
                     }
                     Ok(())
                 })
             }
-            Command::SetHostMode { host, mode, force } => {
-                let name = self.hosts.get(host).ok_or(StateError::UnknownHost(*host))?.name.clone();
-                self.admitted(&format!("putting host {name} in {mode} mode"), *force, |s| {
+            Command::SetHostMode { host, mode: host_mode, .. } => {
+                self.hosts.get(host).ok_or(StateError::UnknownHost(*host))?;
+                self.admit(mode, cmd, |s| {
                     if let Some(h) = s.hosts.get_mut(host) {
-                        h.mode = *mode;
+                        h.mode = *host_mode;
                     }
                     Ok(())
                 })
             }
-            Command::SetRule { rule, force } => {
+            Command::SetRule { rule, .. } => {
                 self.check_rule(rule)?;
                 let violations = self.rule_violations(rule);
-                let applied = self.admitted(&format!("rule '{}'", rule.name), *force, |s| {
+                let applied = self.admit(mode, cmd, |s| {
                     s.rules.insert(rule.name.clone(), rule.clone());
                     Ok(())
                 })?;
@@ -1057,7 +1024,7 @@ impl ClusterState {
                 self.rules.remove(name).ok_or_else(|| StateError::UnknownRule(name.clone()))?;
                 Ok(Applied::Done)
             }
-            Command::SetSettings { settings, force } => {
+            Command::SetSettings { settings, .. } => {
                 if !(100..=1600).contains(&settings.vcpu_overcommit_pct) {
                     return Err(StateError::BadSetting(format!("vcpu_overcommit_pct = {} is outside 100..=1600", settings.vcpu_overcommit_pct)));
                 }
@@ -1069,7 +1036,7 @@ impl ClusterState {
                         "restart group {g} delay {d} ms: groups are 0..={MAX_RESTART_GROUP}, delays at most {MAX_GROUP_DELAY_MS} ms"
                     )));
                 }
-                self.admitted("changing the cluster settings", *force, |s| {
+                self.admit(mode, cmd, |s| {
                     s.settings = settings.clone();
                     Ok(())
                 })
@@ -1509,6 +1476,20 @@ pub(crate) mod tests {
                 other => panic!("{field}: a hostile value was not refused: {other:?}"),
             }
         }
+    }
+
+    /// Three hosts of 2000 MiB with two 600 MiB protected VMs each and an FTT target of 1 (met),
+    /// and two commands: starting a 100 MiB VM (fits) and a 700 MiB one (breaks the target).
+    pub(crate) fn three_hosts_near_target() -> (ClusterState, Command, Command) {
+        let mut s = cluster(3, 2000);
+        for i in 0..6u32 {
+            run_on(&mut s, process_vm(&format!("v{i}"), Protection::Protect, 0, 600), i % 3);
+        }
+        target(&mut s, 1);
+        s.apply(&Command::CreateVm { spec: process_vm("small", Protection::Protect, 0, 100) }).expect("create");
+        s.apply(&Command::CreateVm { spec: process_vm("big", Protection::Protect, 0, 700) }).expect("create");
+        let start = |name: &str| Command::SetPower { name: name.into(), desired: PowerState::Running, force: false };
+        (s, start("small"), start("big"))
     }
 
     fn target(s: &mut ClusterState, ftt: u32) {

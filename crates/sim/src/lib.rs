@@ -158,7 +158,7 @@ impl Sim {
             disk: Arc::new(SimDisk { world: Arc::clone(&w), me: i }),
             rpc: Arc::new(SimRpc { world: Arc::clone(&w), me: i }),
             driver: Arc::clone(&h.driver) as Arc<dyn tandem_drivers::VmDriver>,
-            os_watchdog: false,
+            os_threads: false,
             mutation: self.opts.mutation,
         };
         {

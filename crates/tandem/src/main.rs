@@ -238,6 +238,20 @@ enum BenchOp {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Heartbeat jitter of one real agent kept busy on a 64-host, 100,000-VM state (/v1/plan,
+    /// /v1/ftt, /metrics in a loop, and commands judged by admission control); the other 63
+    /// hosts are played by this process.
+    Liveness {
+        /// VMs in the state.
+        #[arg(long, default_value_t = 100_000)]
+        vms: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Concurrent clients requesting the heavy endpoints.
+        #[arg(long, default_value_t = 2)]
+        readers: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -811,13 +825,21 @@ fn main() {
                 2
             }
         },
-        Cmd::Bench { op: BenchOp::Placement { runs } } => match tandem::bench::placement(*runs) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("tandem bench: {e:#}");
-                1
+        Cmd::Bench { op } => {
+            let r = match op {
+                BenchOp::Placement { runs } => tandem::bench::placement(*runs),
+                BenchOp::Liveness { vms, seconds, readers } => {
+                    tandem::bench::liveness::run(tandem::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers })
+                }
+            };
+            match r {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("tandem bench: {e:#}");
+                    1
+                }
             }
-        },
+        }
         Cmd::Sim(args) => match tandem::sim::run(args) {
             Ok(()) => 0,
             Err(e) => {

@@ -13,7 +13,7 @@ impl Agent {
     /// A software watchdog thread (a stalled runtime still kills its VMs in time) and, when
     /// configured, the hardware watchdog (a hung host is reset).
     pub(super) fn start_watchdogs(self: &Arc<Self>) -> Result<(), AgentError> {
-        if !self.os_watchdog {
+        if !self.os_threads {
             return Ok(());
         }
         let w = &self.cfg.watchdog;
