@@ -700,6 +700,44 @@ mod tests {
         }
     }
 
+    /// Admission control is judged by the proposer and travels in the entry: a refusal commits
+    /// nothing; an admitted or forced change commits once, with its verdict; an entry whose
+    /// verdict was reached on an older revision is refused as stale and changes nothing.
+    #[tokio::test]
+    async fn admission_is_judged_by_the_proposer_and_checked_against_the_revision() {
+        use tandem_core::state::{PowerState, Settings};
+        let dir = std::env::temp_dir().join(format!("tandem-admission-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let c = single(&dir).await;
+        for cmd in [add_host(0), Command::HostJoined { host: HostId(0) }] {
+            c.propose(cmd).await.expect("committed").0.expect("applies");
+        }
+        // One host tolerates no failure: a target of one is refused, unless forced.
+        let target = |force| Command::SetSettings { settings: Settings { ftt_target: Some(1), ..Settings::default() }, force };
+        let last = c.status().last_log_index;
+        let (r, _) = c.propose(target(false)).await.expect("answered");
+        assert!(matches!(r, Err(StateError::Admission(_))), "{r:?}");
+        assert_eq!(c.status().last_log_index, last, "a refusal is judged before the log: nothing committed");
+        let (r, _) = c.propose(target(true)).await.expect("committed");
+        assert!(matches!(r, Ok(Applied::Forced { .. })), "forced, and said so: {r:?}");
+        let spec: tandem_core::state::VmSpec =
+            serde_json::from_value(serde_json::json!({ "name": "a", "vcpus": 1, "memory_mib": 32, "driver": { "kind": "process", "command": ["sleep", "1"] } }))
+                .expect("spec");
+        c.propose(Command::CreateVm { spec }).await.expect("committed").0.expect("created");
+        let start = Command::SetPower { name: "a".into(), desired: PowerState::Running, force: false };
+        let stale = c.with_state(|s| tandem_core::state::Admission { revision: s.revision - 1, forced: None });
+        let before = c.state();
+        let (r, _) = c.propose_entry(LogEntry::judged(&start, Some(&stale)).expect("entry")).await.expect("committed");
+        assert!(matches!(r, Err(StateError::Stale(_))), "{r:?}");
+        assert_eq!(c.state().vms, before.vms, "a stale verdict changes nothing");
+        let (r, _) = c.propose(start).await.expect("committed");
+        assert_eq!(r, Ok(Applied::Done), "judged afresh, it applies");
+        assert!(c.with_state(|s| s.vms["a"].desired == PowerState::Running));
+        c.raft.shutdown().await.ok();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// An entry of a newer format (or an unknown command) commits, since the log only carries
     /// it; this host then stops applying at it — no skip, no divergence — says why, and stops
     /// leading. Reopened, its log still loads, and it stops at the same entry again.
