@@ -22,6 +22,8 @@ command -v cargo-clippy >/dev/null && command -v rustfmt >/dev/null || rustup co
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --bin tandem
+# The API fuzzed from its own OpenAPI document (schemathesis from PyPI), bounded.
+./scripts/fuzz-api.sh "$here/target/debug/tandem"
 # Cluster tests share two cores with real guests: run them one at a time so timing stays honest.
 cargo test --workspace --exclude tandem-sim --no-fail-fast -- --test-threads=1
 # The deterministic simulator (hundreds of seeds) runs optimized: see [profile.sim].

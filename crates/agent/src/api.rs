@@ -111,6 +111,22 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestP
     }
 }
 
+/// A name in the path, refused with the API's JSON error body: a name that does not decode (not
+/// UTF-8) names nothing, so it is a 404 like any unknown name (axum's own rejection is a plain
+/// text 400, which the API document does not list).
+struct ApiPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(name)| ApiPath(name))
+            .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("no such name: {}", e.body_text())))
+    }
+}
+
 fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), ApiError> {
     let expected = format!("Bearer {}", agent.token);
     match headers.get("authorization").and_then(|v| v.to_str().ok()) {
@@ -191,7 +207,12 @@ fn caller(agent: &Agent, headers: &HeaderMap) -> Result<Caller, ApiError> {
 async fn authorize(State(a): State<Arc<Agent>>, route: MatchedPath, req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_string();
     let Some(endpoint) = endpoints::find(&method, route.as_str()) else {
-        return ApiError::new(StatusCode::NOT_FOUND, format!("{method} {} is not a documented endpoint", route.as_str())).into_response();
+        let allow = endpoints::methods(route.as_str()).join(", ");
+        let mut refusal = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} answers {allow}, not {method}", route.as_str())).into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&allow) {
+            refusal.headers_mut().insert(axum::http::header::ALLOW, v);
+        }
+        return refusal;
     };
     let refuse =
         |c: &Caller, needs: &str| ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is {}: {method} {} needs {needs}", c.name, c.role, route.as_str()));
@@ -284,7 +305,7 @@ async fn token_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Val
     Ok(Json(json!({ "name": b.name, "role": b.role, "token": token })))
 }
 
-async fn token_delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+async fn token_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
     submit(&a, Command::DeleteToken { name: name.clone() }).await?;
     a.events.record("token-revoked", None, None, format!("API token '{name}' revoked"));
     Ok(Json(json!({ "revoked": name })))
@@ -468,7 +489,7 @@ async fn vms(State(a): State<Arc<Agent>>) -> Json<Vec<VmView>> {
     Json(vm_views(&a))
 }
 
-async fn vm_show(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<VmView> {
+async fn vm_show(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<VmView> {
     vm_views(&a).into_iter().find(|v| v.name == name).map(Json).ok_or_else(|| StateError::UnknownVm(name).into())
 }
 
@@ -480,7 +501,7 @@ async fn vm_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value>
     Ok(Json(json!({ "created": name })))
 }
 
-async fn vm_delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+async fn vm_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
     submit(&a, Command::DeleteVm { name: name.clone() }).await?;
     Ok(Json(json!({ "deleted": name })))
 }
@@ -512,7 +533,7 @@ async fn admitted(a: &Agent, cmd: Command, subject_vm: Option<&str>) -> Result<V
     }
 }
 
-async fn vm_start(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult<Value> {
+async fn vm_start(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath, body: Bytes) -> ApiResult<Value> {
     let force = force_of(&body)?;
     // Overriding admission control is an admin's decision.
     if let Some(c) = CALLER.try_with(Clone::clone).ok().filter(|c| force && c.role != Role::Admin) {
@@ -523,7 +544,7 @@ async fn vm_start(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: B
     Ok(Json(out))
 }
 
-async fn vm_clear(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+async fn vm_clear(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
     submit(&a, Command::ClearVmError { name: name.clone() }).await?;
     a.events.record("vm-error-cleared", Some(&name), None, format!("{name}: error state and failure history cleared by an operator"));
     Ok(Json(json!({ "cleared": name })))
@@ -537,7 +558,7 @@ struct UpdateBody {
     force: bool,
 }
 
-async fn vm_update(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult<Value> {
+async fn vm_update(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath, body: Bytes) -> ApiResult<Value> {
     let b: UpdateBody = parse(&body, "VM update")?;
     if b.spec.name != name {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("the spec names '{}', the path '{name}': a VM cannot be renamed", b.spec.name)));
@@ -556,7 +577,7 @@ struct ModeBody {
     force: bool,
 }
 
-async fn host_mode(State(a): State<Arc<Agent>>, Path(name): Path<String>, body: Bytes) -> ApiResult<Value> {
+async fn host_mode(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath, body: Bytes) -> ApiResult<Value> {
     let b: ModeBody = parse(&body, "host mode")?;
     let host = a
         .consensus
@@ -697,12 +718,12 @@ async fn rule_set(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> 
     Ok(Json(out))
 }
 
-async fn rule_delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+async fn rule_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
     submit(&a, Command::DeleteRule { name: name.clone() }).await?;
     Ok(Json(json!({ "deleted": name })))
 }
 
-async fn vm_stop(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Value> {
+async fn vm_stop(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
     submit(&a, Command::SetPower { name: name.clone(), desired: PowerState::Stopped, force: false }).await?;
     Ok(Json(json!({ "stopping": name })))
 }

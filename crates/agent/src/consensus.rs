@@ -5,6 +5,7 @@
 //! power keeps every entry it acknowledged. The state machine is small (the desired state) and is
 //! persisted whole after every applied batch, so a restart needs no replay.
 
+use crate::heavy::HeavyWork;
 use crate::httpc;
 use crate::io::PeerRpc;
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -19,7 +20,6 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
-use crate::heavy::HeavyWork;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::logformat::LogEntry;
@@ -52,8 +52,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// A snapshot transfer chunk.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a command is judged again when the state moved on before its verdict committed.
-pub const ADMISSION_ATTEMPTS: u32 = 3;
+/// How often a command is judged again when the state moved on before its verdict committed
+/// (the coordinator's placements commit in between; judged commands themselves take turns).
+pub const ADMISSION_ATTEMPTS: u32 = 10;
 
 /// Consensus failures.
 #[derive(Debug, Error)]
@@ -450,6 +451,9 @@ pub struct Consensus {
     me: NodeId,
     /// Where admission verdicts are computed.
     heavy: Arc<HeavyWork>,
+    /// Judged commands take turns on this host (judge, then commit), so that they do not make
+    /// each other's verdicts stale.
+    judging: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Who leads, as far as this host knows.
@@ -488,7 +492,7 @@ impl Consensus {
         };
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
         let raft = Raft::new(me, config, Network { token, rpc }, log, sm).await.map_err(Box::new)?;
-        Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default() })
+        Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default(), judging: Arc::default() })
     }
 
     /// Stops openraft (its tasks end and release the database), as on a crash.
@@ -598,6 +602,7 @@ impl Consensus {
             return Err(ConsensusError::NotLeader(self.leader_addr()));
         }
         let cmd = Arc::new(cmd);
+        let _turn = self.judging.lock().await;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -721,9 +726,10 @@ mod tests {
         assert_eq!(c.status().last_log_index, last, "a refusal is judged before the log: nothing committed");
         let (r, _) = c.propose(target(true)).await.expect("committed");
         assert!(matches!(r, Ok(Applied::Forced { .. })), "forced, and said so: {r:?}");
-        let spec: tandem_core::state::VmSpec =
-            serde_json::from_value(serde_json::json!({ "name": "a", "vcpus": 1, "memory_mib": 32, "driver": { "kind": "process", "command": ["sleep", "1"] } }))
-                .expect("spec");
+        let spec: tandem_core::state::VmSpec = serde_json::from_value(
+            serde_json::json!({ "name": "a", "vcpus": 1, "memory_mib": 32, "driver": { "kind": "process", "command": ["sleep", "1"] } }),
+        )
+        .expect("spec");
         c.propose(Command::CreateVm { spec }).await.expect("committed").0.expect("created");
         let start = Command::SetPower { name: "a".into(), desired: PowerState::Running, force: false };
         let stale = c.with_state(|s| tandem_core::state::Admission { revision: s.revision - 1, forced: None });

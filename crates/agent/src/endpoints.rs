@@ -32,8 +32,20 @@ pub struct Endpoint {
     pub summary: &'static str,
     /// What the JSON request body holds, when there is one.
     pub body: Option<&'static str>,
-    /// Query parameters, as (name, description).
-    pub query: &'static [(&'static str, &'static str)],
+    /// Query parameters.
+    pub query: &'static [QueryParam],
+}
+
+/// One query parameter of an endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryParam {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub required: bool,
+}
+
+const fn optional(name: &'static str, description: &'static str) -> QueryParam {
+    QueryParam { name, description, required: false }
 }
 
 const fn ep(method: &'static str, path: &'static str, access: Access, summary: &'static str) -> Endpoint {
@@ -59,7 +71,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
         access: Public,
         summary: "This host's identity and a MAC over it and the challenge with the cluster secret: a host proves it holds the secret before the cluster sends it any token.",
         body: None,
-        query: &[("challenge", "random hex chosen by the caller (16-128 characters)")],
+        query: &[QueryParam { name: "challenge", description: "random hex chosen by the caller (16-128 characters)", required: true }],
     },
     with_body("POST", "/v1/cluster/init", Admin, "Make this agent the first host of a new cluster.", "{}"),
     ep("GET", "/v1/hosts", Read, "Hosts with status, epoch, capacity use and liveness as seen from this agent."),
@@ -92,7 +104,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
         access: Read,
         summary: "Recovery plans: for each single host failure, or for the hosts in `fail` failing together.",
         body: None,
-        query: &[("fail", "comma-separated host names failing together")],
+        query: &[optional("fail", "comma-separated host names failing together")],
     },
     ep("GET", "/v1/settings", Read, "Cluster settings: FTT target, vCPU overcommit, restart group delays."),
     with_body(
@@ -128,11 +140,11 @@ pub const ENDPOINTS: &[Endpoint] = &[
         summary: "The HA timeline recorded by this agent, oldest first.",
         body: None,
         query: &[
-            ("after", "only events with a larger seq"),
-            ("limit", "at most this many (default 1000)"),
-            ("vm", "only events about this VM"),
-            ("host", "only events recorded by, or about, this host"),
-            ("kind", "only events of this kind (e.g. peer-dead, failover-committed)"),
+            optional("after", "only events with a larger seq"),
+            optional("limit", "at most this many (default 1000)"),
+            optional("vm", "only events about this VM"),
+            optional("host", "only events recorded by, or about, this host"),
+            optional("kind", "only events of this kind (e.g. peer-dead, failover-committed)"),
         ],
     },
     with_body("POST", "/v1/internal/propose", Cluster, "Forwarded consensus command (agent to agent).", "a consensus command"),
@@ -140,6 +152,12 @@ pub const ENDPOINTS: &[Endpoint] = &[
     with_body("POST", "/raft/vote", Cluster, "Raft RequestVote (agent to agent).", "openraft request"),
     with_body("POST", "/raft/snapshot", Cluster, "Raft InstallSnapshot chunk (agent to agent).", "openraft request"),
 ];
+
+/// The methods `route` answers (for a 405's `Allow` header).
+#[must_use]
+pub fn methods(route: &str) -> Vec<&'static str> {
+    ENDPOINTS.iter().filter(|e| e.path == route).map(|e| e.method).collect()
+}
 
 /// The endpoint a request was routed to, by method and matched route.
 #[must_use]
@@ -157,7 +175,9 @@ fn operation(e: &Endpoint) -> Value {
         .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
         .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
         .collect();
-    params.extend(e.query.iter().map(|(name, d)| json!({ "name": name, "in": "query", "required": false, "description": d, "schema": { "type": "string" } })));
+    params.extend(
+        e.query.iter().map(|q| json!({ "name": q.name, "in": "query", "required": q.required, "description": q.description, "schema": { "type": "string" } })),
+    );
     if !params.is_empty() {
         op.insert("parameters".into(), Value::Array(params));
     }

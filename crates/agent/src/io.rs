@@ -159,6 +159,8 @@ pub enum Mutation {
     /// The coordinator fails a host over as soon as it stops hearing it, without waiting for
     /// its fence deadline or its fenced record.
     SkipFenceWait,
+    /// A host starts VMs without checking that it holds its liveness lease.
+    SkipLeaseCheck,
 }
 
 impl AgentIo {
@@ -169,11 +171,8 @@ impl AgentIo {
         driver: Arc<dyn VmDriver>,
         tls: Option<crate::tls::ClientTls>,
     ) -> Result<AgentIo, crate::agent::AgentError> {
-        let heartbeats = UdpTransport::bind(heartbeat_addr).map_err(|source| crate::agent::AgentError::Bind {
-            what: "heartbeat socket",
-            addr: heartbeat_addr,
-            source,
-        })?;
+        let heartbeats =
+            UdpTransport::bind(heartbeat_addr).map_err(|source| crate::agent::AgentError::Bind { what: "heartbeat socket", addr: heartbeat_addr, source })?;
         Ok(AgentIo {
             clock: Arc::new(BootClock::new()),
             heartbeats: Arc::new(heartbeats),

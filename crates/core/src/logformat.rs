@@ -98,9 +98,7 @@ impl LogEntry {
         let cmd = serde_json::from_value(self.command.clone()).map_err(undecodable)?;
         let admission = match (&self.admission, self.format >= 3) {
             (Some(a), true) => Some(serde_json::from_value(a.clone()).map_err(undecodable)?),
-            (Some(_), false) => {
-                return Err(LogFormatError::Undecodable { format: self.format, detail: "an admission verdict before format 3".into() })
-            }
+            (Some(_), false) => return Err(LogFormatError::Undecodable { format: self.format, detail: "an admission verdict before format 3".into() }),
             (None, _) => None,
         };
         Ok((cmd, admission))

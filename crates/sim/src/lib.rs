@@ -63,7 +63,7 @@ pub struct SimReport {
     pub trace_hash: u64,
 }
 
-pub const FAULT_KINDS: [&str; 20] = [
+pub const FAULT_KINDS: [&str; 21] = [
     "partition-full",
     "partition-one-way",
     "partition-pair",
@@ -82,6 +82,7 @@ pub const FAULT_KINDS: [&str; 20] = [
     "clock-jump",
     "host-freeze",
     "agent-stall",
+    "liveness-stall-in-partition",
     "host-join",
     "operator",
 ];
@@ -507,6 +508,40 @@ impl Sim {
                 lock(&w.cond).frozen.remove(&target);
                 w.log(format!("HEAL {kind}: h{target}'s agent runs again"));
                 self.run_for(hold).await;
+            }
+            "liveness-stall-in-partition" => {
+                // The host is cut off and its liveness path stalls (no heartbeats, no slot I/O,
+                // so no fence decision), while its reconciler runs on. Once its lease has lapsed
+                // its VMs crash: the reconciler must not restart them here — the lapsed lease is
+                // what stops it (in production the software watchdog fences soon after) — for
+                // the survivors restart them once the fence deadline passes.
+                let before = self.vms_on(target).await;
+                let stall = Duration::from_millis(8_000 + self.rand(1_000));
+                let crash_after = Duration::from_millis(2_600 + self.rand(800));
+                w.log(format!("FAULT {kind} h{target} ({} VM(s)) for {stall:?}; its VMs crash after {crash_after:?}", before.len()));
+                self.excuse(&[target], now + stall.as_millis() as u64 + 15_000);
+                {
+                    let mut c = lock(&w.cond);
+                    c.liveness_stalled.insert(target);
+                    for o in (0..n).filter(|o| *o != target) {
+                        c.blocked.insert((target, o));
+                        c.blocked.insert((o, target));
+                    }
+                }
+                self.run_for(crash_after).await;
+                w.log(format!("h{target}'s VMs crash"));
+                w.power_off_vms(target);
+                if !before.is_empty() {
+                    self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
+                }
+                self.run_for(stall.saturating_sub(crash_after)).await;
+                {
+                    let mut c = lock(&w.cond);
+                    c.liveness_stalled.remove(&target);
+                    c.blocked.clear();
+                }
+                w.log(format!("HEAL {kind} h{target}"));
+                self.run_for(Duration::from_secs(6)).await;
             }
             "clock-jump" => {
                 // Within the configured bound: the clock margin, less what drift may use.

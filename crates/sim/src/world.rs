@@ -79,6 +79,9 @@ pub struct Conditions {
     pub frozen: BTreeMap<u32, tokio::time::Instant>,
     /// How far each host's clock has jumped forward since it booted, in ms.
     pub clock_jump_ms: BTreeMap<u32, u64>,
+    /// Hosts whose liveness path alone is stalled (its thread starved): their heartbeats and
+    /// slot I/O wait, while the rest of the agent runs.
+    pub liveness_stalled: BTreeSet<u32>,
 }
 
 /// A datagram waiting in a host's socket buffer: bytes and sender.
@@ -126,6 +129,7 @@ impl World {
                 max_delay_ms: 2,
                 disk: BTreeMap::new(),
                 frozen: BTreeMap::new(),
+                liveness_stalled: BTreeSet::new(),
                 clock_jump_ms: BTreeMap::new(),
             }),
             inboxes: Mutex::new(BTreeMap::new()),
@@ -181,6 +185,14 @@ impl World {
     /// Returns once host `h` is not frozen: a frozen host does nothing the world could see.
     pub async fn thawed(&self, h: u32) {
         while self.is_frozen(h) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Returns once host `h` is thawed and its liveness path is not stalled.
+    pub async fn liveness_runs(&self, h: u32) {
+        self.thawed(h).await;
+        while lock(&self.cond).liveness_stalled.contains(&h) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -277,7 +289,7 @@ impl HeartbeatTransport for SimTransport {
     fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>> {
         Box::pin(async move {
             let w = &self.world;
-            w.thawed(self.me).await;
+            w.liveness_runs(self.me).await;
             let Some(target) = w.host_of_hb(to) else { return Ok(()) };
             if !w.reaches(self.me, target) {
                 return Ok(());
@@ -315,7 +327,7 @@ impl HeartbeatTransport for SimTransport {
         Box::pin(async move {
             let msg = self.inbox.lock().await.recv().await;
             // A frozen host reads its socket only after it thaws.
-            self.world.thawed(self.me).await;
+            self.world.liveness_runs(self.me).await;
             match msg {
                 Some((bytes, from)) => {
                     let n = bytes.len().min(buf.len());
@@ -336,7 +348,7 @@ pub struct SimDisk {
 
 impl SimDisk {
     async fn gate(&self, read: bool) -> Result<(), DiskError> {
-        self.world.thawed(self.me).await;
+        self.world.liveness_runs(self.me).await;
         loop {
             if lock(&self.world.cond).down.contains(&self.me) {
                 return Err(DiskError::Io(std::io::Error::other("host is powered off")));

@@ -74,6 +74,18 @@ fn disabling_the_fence_wait_is_caught() {
     assert!(found.is_some(), "no double run found in 10 seeds with the fence wait disabled");
 }
 
+/// With the lease check before a VM start switched off, a host cut off with its liveness path
+/// stalled restarts its crashed VMs while the survivors restart them too: the simulator must see
+/// that VM on two hosts.
+#[test]
+fn disabling_the_lease_check_is_caught() {
+    let found = (1..=10).find(|seed| {
+        let r = run(&SimOptions { mutation: Some(tandem_sim::Mutation::SkipLeaseCheck), only: Some("liveness-stall-in-partition".into()), ..opts(*seed, 60) });
+        r.violations.iter().any(|v| v.starts_with("double-run"))
+    });
+    assert!(found.is_some(), "no double run found in 10 seeds with the lease check disabled");
+}
+
 /// Without the hardware watchdog, a host frozen past its fence deadline still holds its (frozen)
 /// VMs when the survivors restart them: the simulator must see that VM on two hosts.
 #[test]

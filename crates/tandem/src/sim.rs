@@ -32,6 +32,10 @@ pub struct SimArgs {
     /// Mutation check: the coordinator skips the fence deadline; the run must find violations.
     #[arg(long)]
     pub unsafe_skip_fence_wait: bool,
+    /// Mutation check: hosts start VMs without checking their liveness lease; the run must find
+    /// violations.
+    #[arg(long, conflicts_with = "unsafe_skip_fence_wait")]
+    pub unsafe_skip_lease_check: bool,
     /// Mutation check: hosts have no hardware watchdog, so a frozen host keeps its VMs until it
     /// thaws; the run must find double runs.
     #[arg(long)]
@@ -39,6 +43,16 @@ pub struct SimArgs {
     /// Draw only this fault kind.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tandem_sim::FAULT_KINDS))]
     pub only: Option<String>,
+}
+
+impl SimArgs {
+    fn mutation(&self) -> Option<tandem_sim::Mutation> {
+        if self.unsafe_skip_fence_wait {
+            Some(tandem_sim::Mutation::SkipFenceWait)
+        } else {
+            self.unsafe_skip_lease_check.then_some(tandem_sim::Mutation::SkipLeaseCheck)
+        }
+    }
 }
 
 /// Runs the seeds; fails when any seed violated an invariant.
@@ -62,7 +76,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
             duration_s: args.duration_s,
             vms: args.vms,
             verbose: false,
-            mutation: args.unsafe_skip_fence_wait.then_some(tandem_sim::Mutation::SkipFenceWait),
+            mutation: args.mutation(),
             late_hosts: args.late_hosts,
             only: args.only.clone(),
             no_watchdog: args.no_watchdog,
@@ -104,7 +118,9 @@ pub fn run(args: &SimArgs) -> Result<()> {
         if args.unsafe_skip_fence_wait {
             mutation.push_str(" --unsafe-skip-fence-wait");
         }
-
+        if args.unsafe_skip_lease_check {
+            mutation.push_str(" --unsafe-skip-lease-check");
+        }
         if args.no_watchdog {
             mutation.push_str(" --no-watchdog");
         }

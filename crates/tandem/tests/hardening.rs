@@ -93,6 +93,10 @@ fn joins_api_input_what_if_and_audit() -> Result<()> {
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
     assert!(reply.contains("\"error\""), "{reply}");
+    // A name in the path that is not UTF-8 names nothing: a documented JSON 404.
+    let reply = raw(api, &format!("DELETE /v1/vms/%F0%9F HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"))?;
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
     let (code, message) = status(c0.call("POST", "/v1/settings", Some(&json!([null, null]))));
     assert_eq!(code, 400, "{message}");
     assert!(message.contains("JSON object"), "{message}");

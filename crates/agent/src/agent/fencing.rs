@@ -59,6 +59,9 @@ impl Agent {
 
     /// Whether this host holds its liveness lease now (see `Liveness::lease_valid`).
     pub(super) fn holds_lease(&self) -> bool {
+        if self.mutation == Some(crate::io::Mutation::SkipLeaseCheck) {
+            return true;
+        }
         lock(&self.liveness).lease_valid(self.clock.now())
     }
 

@@ -15,9 +15,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tandem_core::state::{
-    Assignment, Capacity, ClusterState, DriverSpec, HostMode, HostRecord, HostStatus, PowerState, Protection, VmRecord, VmSpec,
-};
+use tandem_core::state::{Assignment, Capacity, ClusterState, DriverSpec, HostMode, HostRecord, HostStatus, PowerState, Protection, VmRecord, VmSpec};
 use tandem_core::wire::{Ack, ClusterKey, Heartbeat, MAX_HEARTBEAT_LEN};
 use tandem_core::{HostId, HostSet, MAX_HOSTS};
 
