@@ -1,6 +1,6 @@
 //! The agent's TOML configuration, checked before anything starts.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tandem_core::state::{valid_name, Capacity};
@@ -72,7 +72,7 @@ pub struct AgentConfig {
     #[serde(default)]
     pub driver: DriverKind,
     /// What this host offers to VMs; detected from the machine when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_capacity")]
     pub capacity: Option<Capacity>,
     #[serde(default)]
     pub watchdog: WatchdogConfig,
@@ -89,6 +89,18 @@ pub struct AgentConfig {
 }
 
 /// TLS files, PEM encoded.
+/// `capacity` in the configuration refuses unknown keys (a typo must not go unnoticed), although
+/// `Capacity` itself, which travels in log entries, does not.
+fn strict_capacity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Capacity>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Strict {
+        vcpus: u32,
+        memory_mib: u64,
+    }
+    Ok(Option::<Strict>::deserialize(d)?.map(|c| Capacity { vcpus: c.vcpus, memory_mib: c.memory_mib }))
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -290,6 +302,7 @@ peer_timeout_ms = 4000
             (GOOD.replace("peer_timeout_ms = 4000", "peer_timeout_ms = 400"), "unsafe timings"),
             (GOOD.replace("driver = \"process\"", "driver = \"xen\""), "not valid"),
             (format!("{GOOD}\nbogus_key = 1\n"), "not valid"),
+            (GOOD.replace("memory_mib = 4096", "memory_mib = 4096, disk_gib = 1"), "not valid"),
             (GOOD.replace("127.0.0.1:7101", "127.0.0.1:7001"), "must differ"),
             (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/nonexistent/wd\" }\n[timings]"), "watchdog"),
             (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/dev/null\", timeout_s = 60 }\n[timings]"), "timeout_s = 60 is unsafe"),

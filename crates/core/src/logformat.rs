@@ -139,6 +139,15 @@ mod tests {
         assert!(newer.decode().err().is_some_and(|e| e.to_string().contains("upgrade")));
         let unknown: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
         assert!(matches!(unknown.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
+        // A field this release does not know, inside a command it knows, is no reason to stop:
+        // a newer release adds such fields only where an older host may ignore them (a field
+        // it must not ignore raises the format).
+        let newer_field: LogEntry = serde_json::from_str(
+            "{\"format\":2,\"command\":{\"op\":\"create-vm\",\"spec\":{\"name\":\"a\",\"vcpus\":1,\"memory_mib\":64,\"later\":1,\
+             \"driver\":{\"kind\":\"process\",\"command\":[\"true\"],\"later\":2}}}}",
+        )
+        .expect("loads");
+        assert!(matches!(newer_field.decode(), Ok((Command::CreateVm { .. }, None))), "{:?}", newer_field.decode());
         let smuggled: LogEntry =
             serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"host-joined\",\"host\":3},\"admission\":{\"revision\":1}}").expect("loads");
         assert!(matches!(smuggled.decode(), Err(LogFormatError::Undecodable { format: 2, .. })), "a verdict is only read from format 3 on");

@@ -19,8 +19,10 @@ use admission::AdmitMode;
 pub use specargs::DISK_FORMATS;
 
 /// CPU and memory a host offers or a VM needs.
+// No `deny_unknown_fields` on the types that travel in log entries: an older host must not
+// refuse a newer entry over a field it may ignore (a field it must not ignore raises the log
+// format, which stops it clearly). API input is checked strictly by the API instead.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Capacity {
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -53,7 +55,6 @@ impl std::str::FromStr for Protection {
 
 /// A disk attached to a VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Path on shared storage, the same on every host.
     pub path: String,
@@ -65,7 +66,7 @@ pub struct DiskSpec {
 
 /// A VM's network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, tag = "mode", rename_all = "kebab-case")]
+#[serde(tag = "mode", rename_all = "kebab-case")]
 pub enum NetworkSpec {
     /// QEMU user-mode networking; `hostfwd` entries like `tcp:{host_ip}:8080-:80`, where
     /// `{host_ip}` becomes the running host's address.
@@ -79,7 +80,7 @@ pub enum NetworkSpec {
 
 /// How the VM's workload is run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum DriverSpec {
     /// A QEMU guest, from a kernel (+ initrd + cmdline) or a boot disk.
     Qemu {
@@ -98,7 +99,6 @@ pub enum DriverSpec {
 
 /// Everything an operator says about a VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     pub name: String,
     pub vcpus: u32,
@@ -238,7 +238,6 @@ impl std::str::FromStr for HostMode {
 
 /// A placement rule as the operator states it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Rule {
     pub name: String,
     pub kind: RuleKind,
@@ -250,7 +249,7 @@ pub struct Rule {
 
 /// Cluster-wide settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Settings {
     /// Failures-to-tolerate target that admission control protects; `None`: not enforced.
     pub ftt_target: Option<u32>,
@@ -412,7 +411,6 @@ impl std::str::FromStr for Role {
 /// A named API token. The token itself is shown once, when it is made; the cluster keeps its
 /// SHA-256 only, so a copy of the state or the log gives nobody access.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ApiToken {
     pub name: String,
     pub role: Role,
