@@ -1,0 +1,219 @@
+//! The liveness loop: heartbeats out and in, the slot write and read, the liveness assessment
+//! and the fence decision. It runs on a thread and runtime of its own (in production), so nothing
+//! else the agent does can make it wait for a worker.
+
+use super::{lock, Agent, AgentError};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::liveness::{Assessment, FenceReason, HostLiveness};
+use tandem_core::wire::{DiskSlot, Heartbeat, MAX_HEARTBEAT_LEN};
+use tandem_core::{HostId, HostSet};
+use tracing::Instrument;
+
+/// What the liveness loop keeps between ticks.
+#[derive(Default)]
+pub(super) struct LivenessLoop {
+    seq: u64,
+    disk_counter: u64,
+    disk_busy: bool,
+    /// The latest assessment (the coordinator and the API read it).
+    pub(super) assessment: Option<Assessment>,
+    /// Each peer's liveness at the previous tick, to record transitions.
+    previous: BTreeMap<HostId, HostLiveness>,
+}
+
+impl Agent {
+    /// Heartbeats in and out, the slot I/O and the liveness decision run on a thread and runtime
+    /// of their own: nothing else the agent does (applying the log, FTT searches, the API, the
+    /// launcher) can make them wait for a worker, so a busy host never fences itself.
+    pub(super) fn spawn_liveness_thread(self: &Arc<Self>) -> Result<(), AgentError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::LivenessThread)?;
+        let a = Arc::clone(self);
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("tandem-liveness".into())
+            .spawn(move || {
+                rt.block_on(
+                    async move {
+                        let receiving = tokio::spawn(Arc::clone(&a).receive_loop().in_current_span());
+                        a.liveness_loop().await;
+                        let _ = receiving.await;
+                    }
+                    .instrument(span),
+                );
+            })
+            .map_err(AgentError::LivenessThread)?;
+        Ok(())
+    }
+
+    pub(super) async fn receive_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
+        while !self.stopping.load(Ordering::SeqCst) {
+            // Bounded, so that a silent network still lets the loop see that the agent stops.
+            let Ok(received) = tokio::time::timeout(self.interval(), self.heartbeats.recv_from(&mut buf)).await else {
+                continue;
+            };
+            let Ok((n, _from)) = received else {
+                // A failing transport must not turn this loop into a busy spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let now = self.clock.now();
+            match Heartbeat::decode(&buf[..n], &self.key) {
+                Ok(hb) => {
+                    if let Err(e) = lock(&self.liveness).heartbeat_received(&hb, now) {
+                        tracing::debug!("{e}");
+                    }
+                }
+                Err(e) => {
+                    lock(&self.liveness).heartbeat_forged();
+                    tracing::warn!("rejected datagram: {e}");
+                }
+            }
+        }
+    }
+
+    pub(super) async fn liveness_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while !self.stopping.load(Ordering::SeqCst) {
+            tick.tick().await;
+            self.liveness_tick().await;
+        }
+    }
+
+    pub(super) async fn liveness_tick(self: &Arc<Self>) {
+        let now = self.clock.now();
+        self.last_tick.store(now.0.max(1), Ordering::SeqCst);
+        if let Some(why) = self.consensus.fatal() {
+            // Heartbeating on frozen state would keep this host looking healthy while it can
+            // no longer see failovers, rejoins or stops: fence, say why, and stop.
+            if !self.is_fenced() {
+                self.fence(FenceReason::ConsensusStopped, now);
+            }
+            if !self.stopping.swap(true, Ordering::SeqCst) {
+                tracing::error!("consensus stopped: {why}; every VM killed, the agent stops");
+                self.events.record("consensus-stopped", None, Some(&self.cfg.name), format!("consensus stopped: {why}; fenced, the agent stops"));
+            }
+            return;
+        }
+        let (members, epoch, peers) = self.consensus.with_state(|s| {
+            let peers: Vec<SocketAddr> = s.hosts.values().filter(|h| h.id != self.me).filter_map(|h| h.heartbeat_addr.parse().ok()).collect();
+            (s.members(), s.hosts.get(&self.me).map_or(0, |h| h.epoch), peers)
+        });
+        self.confirm_fence(now);
+        let (epoch, fenced) = self.status().announcement(epoch);
+        let (hb, assessment, seq) = {
+            let mut l = lock(&self.liveness);
+            l.set_members(members);
+            let seq = {
+                let mut s = lock(&self.beat);
+                s.seq += 1;
+                s.seq
+            };
+            l.heartbeat_sent(seq, now);
+            let hb = Heartbeat { from: self.me, incarnation: self.incarnation, seq, epoch, heard: l.heard(now), acks: l.acks(), fenced };
+            (hb, l.assess(now), seq)
+        };
+        let bytes = hb.encode(&self.key);
+        for p in &peers {
+            let _ = self.heartbeats.send_to(&bytes, *p).await;
+        }
+        self.disk_round(seq, hb.heard, epoch, fenced);
+        self.note_transitions(&assessment);
+        if let Some(reason) = assessment.fence {
+            if !self.is_fenced() {
+                self.fence(reason, now);
+            }
+        }
+        lock(&self.beat).assessment = Some(assessment);
+    }
+
+    /// Writes our slot then reads every slot, unless the previous round still hangs.
+    pub(super) fn disk_round(self: &Arc<Self>, _seq: u64, heard: HostSet, epoch: u64, fenced: bool) {
+        let counter = {
+            let mut s = lock(&self.beat);
+            if s.disk_busy {
+                drop(s);
+                lock(&self.liveness).disk_write_failed();
+                return;
+            }
+            s.disk_busy = true;
+            s.disk_counter += 1;
+            s.disk_counter
+        };
+        let a = Arc::clone(self);
+        tokio::spawn(
+            async move {
+                let slot = DiskSlot { host: a.me, incarnation: a.incarnation, counter, epoch, heard, fenced, written_at_ms: a.clock.now().0 };
+                let started = a.clock.now();
+                match a.disk.write(&slot).await {
+                    Ok(()) => {
+                        let finished = a.clock.now();
+                        a.metrics.disk_write_seconds.observe(finished.since(started) as f64 / 1000.0);
+                        lock(&a.liveness).disk_written(started, finished);
+                    }
+                    Err(e) => {
+                        tracing::debug!("slot write failed: {e}");
+                        a.metrics.disk_write_failures.fetch_add(1, Ordering::Relaxed);
+                        lock(&a.liveness).disk_write_failed();
+                    }
+                }
+                match a.disk.read_all().await {
+                    Ok(slots) => {
+                        let now = a.clock.now();
+                        lock(&a.liveness).disk_read(&slots, now);
+                    }
+                    Err(e) => {
+                        tracing::debug!("slot read failed: {e}");
+                        lock(&a.liveness).disk_read_failed();
+                    }
+                }
+                lock(&a.beat).disk_busy = false;
+            }
+            .in_current_span(),
+        );
+    }
+
+    pub(super) fn host_name(&self, h: HostId) -> String {
+        self.consensus.with_state(|s| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone()))
+    }
+
+    pub(super) fn note_transitions(&self, a: &Assessment) {
+        let changes: Vec<(HostId, HostLiveness, Option<HostLiveness>)> = {
+            let mut s = lock(&self.beat);
+            let mut out = Vec::new();
+            for p in &a.peers {
+                let before = s.previous.insert(p.host, p.liveness);
+                if before != Some(p.liveness) {
+                    out.push((p.host, p.liveness, before));
+                }
+            }
+            out
+        };
+        for (host, now_is, before) in changes {
+            let Some(before) = before else { continue };
+            let p = a.peer(host);
+            let age = |v: Option<u64>| v.map_or_else(|| "never".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+            let detail = format!(
+                "{} is {:?} (was {:?}): network heartbeat {} ago, disk heartbeat {} ago{}",
+                self.host_name(host),
+                now_is,
+                before,
+                age(p.and_then(|p| p.net_age_ms)),
+                age(p.and_then(|p| p.disk_age_ms)),
+                p.and_then(|p| p.fence_deadline).map(|d| format!("; fence deadline in {:.1} s", d.since(a.now) as f64 / 1000.0)).unwrap_or_default()
+            );
+            let kind = match now_is {
+                HostLiveness::Alive => "peer-alive",
+                HostLiveness::Partitioned => "peer-partitioned",
+                HostLiveness::Dead => "peer-dead",
+                HostLiveness::Unknown => "peer-unknown",
+            };
+            self.events.record(kind, None, Some(&self.host_name(host)), detail);
+        }
+    }
+}
