@@ -41,9 +41,6 @@ mod membership;
 mod reconciler;
 mod watchdogs;
 
-/// Restarts of one crashed VM allowed on this host within [`RESTART_WINDOW_MS`].
-const MAX_LOCAL_RESTARTS: usize = 3;
-const RESTART_WINDOW_MS: u64 = 60_000;
 /// Timeout of a forwarded write.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the coordinator waits for a host's list of running VMs (restart groups).

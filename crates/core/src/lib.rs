@@ -11,6 +11,7 @@ pub mod liveness;
 pub mod logformat;
 pub mod partition;
 pub mod placement;
+pub mod reconcile;
 pub mod recovery;
 pub mod state;
 pub mod time;

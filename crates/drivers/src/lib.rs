@@ -46,17 +46,8 @@ impl std::fmt::Debug for VmLaunch {
     }
 }
 
-/// How a workload ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
-pub enum VmExit {
-    /// The guest powered itself off (QMP SHUTDOWN with guest=true, or a clean exit of a process).
-    GuestShutdown,
-    /// We stopped or killed it.
-    StoppedByAgent,
-    /// It died on its own: crash, signal, guest panic.
-    Crashed { detail: String },
-}
+/// How a workload ended (the reconciler's decisions in `tandem-core` read it).
+pub use tandem_core::reconcile::VmExit;
 
 /// One workload known to the driver.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
