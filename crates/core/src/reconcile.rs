@@ -119,6 +119,10 @@ pub struct Reconciler {
     /// VMs (and the generation) this host gave up on: never started again here in that
     /// generation, even while the local copy of committed state still lags the release.
     given_up: BTreeMap<String, (u64, String)>,
+    /// VMs whose exit stopped them (guest shutdown, unprotected crash), with the generation: not
+    /// started again here, and proposed stopped again every pass, until committed state says
+    /// so — a proposal that failed must not let the next pass restart a guest that shut down.
+    exit_stopped: BTreeMap<String, (u64, StopCause)>,
 }
 
 /// What committed state wants of this host.
@@ -177,7 +181,9 @@ impl Reconciler {
         // yet); ask again rather than leave the VM stuck on a host that will not start it.
         self.given_up.retain(|name, (g, _)| wants(name, *g));
         out.extend(self.given_up.iter().map(|(n, (g, d))| Action::GiveUp { name: n.clone(), generation: *g, detail: d.clone() }));
-        let stopped_now = self.exits(v, &w, now, &mut out);
+        self.exit_stopped.retain(|name, (g, _)| wants(name, *g));
+        out.extend(self.exit_stopped.iter().map(|(n, (_, cause))| Action::MarkStopped { name: n.clone(), cause: cause.clone() }));
+        self.exits(v, &w, now, &mut out);
         // Released once stopped.
         let live_names: BTreeSet<&str> = live.iter().map(|l| l.name.as_str()).collect();
         for (name, generation) in &w.to_release {
@@ -192,7 +198,7 @@ impl Reconciler {
         for (name, (generation, _, held)) in &w.running {
             let skip = *held
                 || live_names.contains(name.as_str())
-                || stopped_now.contains(name)
+                || self.exit_stopped.get(name).is_some_and(|(g, _)| g == generation)
                 || v.starting.contains(name)
                 || self.given_up.get(name).is_some_and(|(g, _)| g == generation);
             if !skip {
@@ -202,23 +208,18 @@ impl Reconciler {
         out
     }
 
-    /// Exits: each is forgotten; one of a VM still wanted here decides what follows. Returns
-    /// the VMs whose exit stops them (not started again this pass, even before the stop applies).
-    fn exits(&mut self, v: &View<'_>, w: &Wanted, now: Millis, out: &mut Vec<Action>) -> BTreeSet<String> {
-        let mut stopped_now = BTreeSet::new();
+    /// Exits: each is forgotten; one of a VM still wanted here decides what follows. A VM whose
+    /// exit stops it is remembered in `exit_stopped` (not started again before the stop applies).
+    fn exits(&mut self, v: &View<'_>, w: &Wanted, now: Millis, out: &mut Vec<Action>) {
         for l in v.local {
             let Some(exit) = l.exit.clone() else { continue };
             out.push(Action::Forget { name: l.name.clone(), exit: exit.clone() });
             let Some((_, protection, _)) = w.running.get(&l.name).filter(|(g, _, _)| *g == l.generation) else { continue };
             match exit {
-                VmExit::GuestShutdown => {
-                    stopped_now.insert(l.name.clone());
-                    out.push(Action::MarkStopped { name: l.name.clone(), cause: StopCause::GuestShutdown });
-                }
+                VmExit::GuestShutdown => out.push(self.exit_stops(l, StopCause::GuestShutdown)),
                 VmExit::StoppedByAgent => {}
                 VmExit::Crashed { detail } if *protection != Protection::Protect => {
-                    stopped_now.insert(l.name.clone());
-                    out.push(Action::MarkStopped { name: l.name.clone(), cause: StopCause::UnprotectedCrash { detail } });
+                    out.push(self.exit_stops(l, StopCause::UnprotectedCrash { detail }));
                 }
                 // Restarted here while the budget lasts (a start below), then given up.
                 VmExit::Crashed { detail } => {
@@ -229,7 +230,11 @@ impl Reconciler {
                 }
             }
         }
-        stopped_now
+    }
+
+    fn exit_stops(&mut self, l: &LocalVm, cause: StopCause) -> Action {
+        self.exit_stopped.insert(l.name.clone(), (l.generation, cause.clone()));
+        Action::MarkStopped { name: l.name.clone(), cause }
     }
 
     /// Counts a local (re)start attempt of a failing VM; false once the budget is spent.
@@ -363,6 +368,12 @@ mod tests {
         let shutdown = r.pass(&view(&s, &[exited("a", ga, VmExit::GuestShutdown), running("b", gb)], &none), Millis(0));
         assert!(shutdown.contains(&Action::MarkStopped { name: "a".into(), cause: StopCause::GuestShutdown }), "{shutdown:?}");
         assert_eq!(started(&shutdown), Vec::<String>::new());
+        // The stop proposal failed (committed state still runs it here): proposed again, and
+        // the guest that shut itself down is not restarted.
+        let retried = r.pass(&view(&s, &[running("b", gb)], &none), Millis(0));
+        assert!(retried.contains(&Action::MarkStopped { name: "a".into(), cause: StopCause::GuestShutdown }), "{retried:?}");
+        assert_eq!(started(&retried), Vec::<String>::new());
+        let mut r = Reconciler::default();
         let crash = || VmExit::Crashed { detail: "boom".into() };
         let unprotected = r.pass(&view(&s, &[running("a", ga), exited("b", gb, crash())], &none), Millis(0));
         assert!(unprotected.iter().any(|a| matches!(a, Action::MarkStopped { name, cause: StopCause::UnprotectedCrash { .. } } if name == "b")));
@@ -395,5 +406,62 @@ mod tests {
         }
         let none = BTreeSet::new();
         assert_eq!(started(&Reconciler::default().pass(&view(&s, &[], &none), Millis(0))), ["b"]);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever runs here and whatever committed state says: nothing starts unless it is
+            /// committed running here at that generation, not held, not already running, with
+            /// the lease; a host not joined only kills; nothing is both started and killed.
+            #[test]
+            fn starts_only_what_committed_state_runs_here(
+                assigned in proptest::collection::vec((0u32..3, any::<bool>(), any::<bool>()), 1..6),
+                local in proptest::collection::vec((0usize..6, 0u64..3, 0u8..4), 0..6),
+                joined in any::<bool>(),
+                may_start in any::<bool>(),
+            ) {
+                let mut s = cluster(3, 1 << 20);
+                for (i, (host, stopped, held)) in assigned.iter().enumerate() {
+                    run_on(&mut s, process_vm(&format!("v{i}"), Protection::Protect, 0, 64), *host);
+                    if *stopped {
+                        s.apply(&Command::SetPower { name: format!("v{i}"), desired: PowerState::Stopped, force: false }).expect("stop");
+                    }
+                    if let Some(v) = s.vms.get_mut(&format!("v{i}")) {
+                        v.held = *held;
+                    }
+                }
+                let local: Vec<LocalVm> = local
+                    .iter()
+                    .map(|(i, dg, e)| {
+                        let name = format!("v{}", i % assigned.len());
+                        let generation = gen_of(&s, &name).saturating_sub(*dg);
+                        let exit = match e { 0 => Some(VmExit::GuestShutdown), 1 => Some(VmExit::Crashed { detail: "x".into() }), _ => None };
+                        LocalVm { name, generation, exit }
+                    })
+                    .collect();
+                let none = BTreeSet::new();
+                let v = View { joined: joined.then(|| s.hosts[&HostId(0)].epoch), may_start, ..view(&s, &local, &none) };
+                let actions = Reconciler::default().pass(&v, Millis(0));
+                if !joined {
+                    let only_kills = actions.iter().all(|a| matches!(a, Action::Kill { .. }));
+                    prop_assert!(only_kills, "an unjoined host only kills: {:?}", actions);
+                }
+                let killed: BTreeSet<&str> = actions.iter().filter_map(|a| if let Action::Kill { name, .. } = a { Some(name.as_str()) } else { None }).collect();
+                for a in &actions {
+                    if let Action::Start { name, generation } = a {
+                        let vm = &s.vms[name];
+                        prop_assert!(may_start);
+                        prop_assert_eq!(vm.desired, PowerState::Running);
+                        prop_assert_eq!(vm.assignment.map(|x| (x.host, x.generation)), Some((HostId(0), *generation)));
+                        prop_assert!(!vm.held);
+                        prop_assert!(!local.iter().any(|l| l.name == *name && l.exit.is_none()), "{} already runs", name);
+                        prop_assert!(!killed.contains(name.as_str()));
+                    }
+                }
+            }
+        }
     }
 }

@@ -82,11 +82,19 @@ impl Agent {
                         format!("{name} crashed ({detail}); not protected, so it stays stopped"),
                     );
                 }
-                let _ = self.submit(Command::SetPower { name, desired: PowerState::Stopped, force: false }).await;
+                // Not committed: the core proposes it again next pass and starts nothing meanwhile.
+                match self.submit(Command::SetPower { name: name.clone(), desired: PowerState::Stopped, force: false }).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::debug!("marking {name} stopped refused: {e}"),
+                    Err(e) => tracing::warn!("marking {name} stopped not committed (proposed again next pass): {e}"),
+                }
             }
             Action::GiveUp { name, generation, detail } => self.propose_give_up(&name, generation, &detail).await,
             Action::Release { name, generation } => {
-                let _ = self.submit(Command::Release { name, host: self.me, generation }).await;
+                // Not committed: committed state still assigns it here, so the next pass asks again.
+                if let Err(e) = self.submit(Command::Release { name: name.clone(), host: self.me, generation }).await {
+                    tracing::warn!("release of {name} not committed (asked again next pass): {e}");
+                }
             }
             Action::Start { name, generation } => {
                 let Some(spec) = state.vms.get(&name).map(|v| v.spec.clone()) else { return };
