@@ -25,15 +25,16 @@ pub enum LeftDown {
     NoQuorum,
 }
 
-/// A computed plan.
+/// The result of one placement run: where each VM goes, and which stay down and why. (Not a
+/// site-recovery plan: that word is kept for the runbooks of a second site.)
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct RecoveryPlan {
+pub struct PlacementResult {
     pub placements: Vec<(String, HostId)>,
     pub left_down: Vec<(String, LeftDown)>,
 }
 
-fn named(model: &Model, plan: &Plan) -> RecoveryPlan {
-    RecoveryPlan {
+fn named(model: &Model, plan: &Plan) -> PlacementResult {
+    PlacementResult {
         placements: plan.placed.iter().map(|(v, h)| (model.vms[*v as usize].name.clone(), model.hosts[*h as usize].id)).collect(),
         left_down: plan
             .not_placed
@@ -53,7 +54,7 @@ fn named(model: &Model, plan: &Plan) -> RecoveryPlan {
 /// Places `names` (VMs without a host) on the `eligible` hosts, counting what is already
 /// assigned there. `allow_off` says whether `off` VMs may be placed (an operator start) or not.
 #[must_use]
-pub fn place(state: &ClusterState, names: &[String], eligible: HostSet, allow_off: bool) -> RecoveryPlan {
+pub fn place(state: &ClusterState, names: &[String], eligible: HostSet, allow_off: bool) -> PlacementResult {
     let model = state.placement_model(eligible);
     let index: BTreeMap<&str, u32> = model.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i as u32)).collect();
     let to_place: Vec<u32> = names.iter().filter_map(|n| index.get(n.as_str()).copied()).collect();
@@ -63,7 +64,7 @@ pub fn place(state: &ClusterState, names: &[String], eligible: HostSet, allow_of
 /// The plan for the running-desired VMs of the `failed` hosts, onto `eligible` hosts (failed
 /// hosts are never eligible). Capacity taken by the failed hosts' own VMs is not counted.
 #[must_use]
-pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) -> RecoveryPlan {
+pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) -> PlacementResult {
     let model = state.placement_model(eligible);
     let failed: Vec<u32> = failed.iter().filter_map(|h| model.host_index(*h)).collect();
     named(&model, &model.plan(&failed, false))
@@ -73,7 +74,7 @@ pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) 
 /// survivors hold a majority of the voting hosts; otherwise nothing can be committed, so every
 /// VM that ran on the failed hosts stays down (`NoQuorum`). The flag says which case it is.
 #[must_use]
-pub fn plan_what_if(state: &ClusterState, failed: &[HostId]) -> (RecoveryPlan, bool) {
+pub fn plan_what_if(state: &ClusterState, failed: &[HostId]) -> (PlacementResult, bool) {
     let members = state.members();
     let lost = failed.iter().filter(|h| members.contains(**h)).count();
     let quorum = members.len() - lost > members.len() / 2;
@@ -86,7 +87,7 @@ pub fn plan_what_if(state: &ClusterState, failed: &[HostId]) -> (RecoveryPlan, b
         .filter(|v| v.desired == crate::state::PowerState::Running && v.assignment.is_some_and(|a| failed.contains(&a.host)))
         .map(|v| (v.spec.name.clone(), LeftDown::NoQuorum))
         .collect();
-    (RecoveryPlan { placements: vec![], left_down }, false)
+    (PlacementResult { placements: vec![], left_down }, false)
 }
 
 /// Why a running-desired VM that has no host cannot be placed on the `eligible` hosts now, in
@@ -129,7 +130,7 @@ pub fn waiting_reason(state: &ClusterState, name: &str, eligible: HostSet) -> Op
 
 /// [`plan_failure`] for one host: what the coordinator proposes when `failed` is declared dead.
 #[must_use]
-pub fn plan_failover(state: &ClusterState, failed: HostId, eligible: HostSet) -> RecoveryPlan {
+pub fn plan_failover(state: &ClusterState, failed: HostId, eligible: HostSet) -> PlacementResult {
     plan_failure(state, &[failed], eligible)
 }
 

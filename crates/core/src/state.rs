@@ -6,7 +6,6 @@
 
 use crate::hostset::{HostId, HostSet};
 use crate::placement::{FttReport, Model, PlacementHost, PlacementRule, PlacementVm, RuleKind, DEFAULT_FTT_BUDGET};
-use crate::recovery;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -1159,17 +1158,12 @@ impl ClusterState {
         }
         Ok(Applied::FailedOver { host, moved, left_down })
     }
-
-    /// The plan the coordinator proposes for a failed host (see [`recovery::plan_failover`]).
-    #[must_use]
-    pub fn failover_plan(&self, failed: HostId, eligible: HostSet) -> recovery::RecoveryPlan {
-        recovery::plan_failover(self, failed, eligible)
-    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::recovery;
 
     pub(crate) fn process_vm(name: &str, protection: Protection, priority: i32, mem: u64) -> VmSpec {
         VmSpec {
@@ -1561,7 +1555,7 @@ pub(crate) mod tests {
         assert_eq!(s.apply(&Command::DeleteRule { name: "nope".into() }), Err(StateError::UnknownRule("nope".into())));
         // A hard anti-affinity rule now keeps v1 off v2's host when host 1 fails.
         s.apply(&rule("v1-v2", RuleKind::AntiAffinity, true, &["v1", "v2"])).expect("rule");
-        let plan = s.failover_plan(HostId(1), s.active_hosts());
+        let plan = recovery::plan_failover(&s, HostId(1), s.active_hosts());
         assert_eq!(plan.placements, vec![("v1".to_string(), HostId(0))]);
     }
 
