@@ -50,7 +50,7 @@ fn default_watchdog() -> PathBuf {
 }
 
 fn default_watchdog_timeout() -> u64 {
-    2
+    tandem_core::limits::DEFAULT_WATCHDOG_TIMEOUT_S
 }
 
 /// One host's agent configuration.
@@ -203,7 +203,8 @@ impl AgentConfig {
         let t = &self.timings;
         let deadline_ms = t.peer_timeout_ms + t.fence_wait_ms();
         let reset_ms = t.self_fence_ms + self.watchdog.timeout_s.saturating_mul(1000) + t.clock_margin_ms;
-        if self.watchdog.enabled && (self.watchdog.timeout_s == 0 || reset_ms >= deadline_ms) {
+        let in_time = self.watchdog.timeout_s < 1_000_000 && tandem_core::limits::watchdog_resets_in_time(t, self.watchdog.timeout_s);
+        if self.watchdog.enabled && (self.watchdog.timeout_s == 0 || !in_time) {
             return Err(ConfigError::WatchdogTimeout { timeout_s: self.watchdog.timeout_s, reset_ms, deadline_ms, max_s: self.watchdog_max_timeout_s() });
         }
         Ok(())

@@ -579,12 +579,6 @@ impl Consensus {
         })
     }
 
-    /// Whether this host has any membership at all (initialized or joined).
-    #[must_use]
-    pub fn has_membership(&self) -> bool {
-        self.raft.metrics().borrow().membership_config.membership().voter_ids().next().is_some()
-    }
-
     /// Proposes a command on the leader and waits for it to be applied here; returns the
     /// outcome and the log index it was applied at.
     ///

@@ -7,6 +7,7 @@
 
 pub mod diskformat;
 pub mod hostset;
+pub mod limits;
 pub mod liveness;
 pub mod logformat;
 pub mod partition;

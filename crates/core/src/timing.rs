@@ -27,17 +27,21 @@ pub struct Timings {
     pub partition_confirm_ms: u64,
 }
 
+/// The default timings (a `const`, so their relations are checked at compile time in
+/// [`crate::limits`]).
+pub const DEFAULT_TIMINGS: Timings = Timings {
+    heartbeat_interval_ms: 200,
+    peer_timeout_ms: 3000,
+    self_fence_ms: 2000,
+    disk_io_timeout_ms: 1000,
+    kill_grace_ms: 500,
+    clock_margin_ms: 500,
+    partition_confirm_ms: 600,
+};
+
 impl Default for Timings {
     fn default() -> Self {
-        Timings {
-            heartbeat_interval_ms: 200,
-            peer_timeout_ms: 3000,
-            self_fence_ms: 2000,
-            disk_io_timeout_ms: 1000,
-            kill_grace_ms: 500,
-            clock_margin_ms: 500,
-            partition_confirm_ms: 600,
-        }
+        DEFAULT_TIMINGS
     }
 }
 
@@ -92,7 +96,7 @@ impl Timings {
     /// How long after a peer is declared dead its VMs may be restarted elsewhere: by then the
     /// peer, if it still runs at all, has passed its own self-fence point and killed its VMs.
     #[must_use]
-    pub fn fence_wait_ms(&self) -> u64 {
+    pub const fn fence_wait_ms(&self) -> u64 {
         self.self_fence_ms + self.kill_grace_ms + self.clock_margin_ms
     }
 }

@@ -152,12 +152,6 @@ impl QemuDriver {
             }
         }
     }
-
-    /// QEMU's own view of the VM (`query-status`), with the QMP timeout.
-    pub async fn query_status(&self, name: &str) -> Result<Value, DriverError> {
-        let q = self.session(name).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-        q.execute("query-status", Value::Null, self.qmp_timeout()).await.map_err(|source| DriverError::Qmp { vm: name.to_string(), source })
-    }
 }
 
 impl VmDriver for QemuDriver {

@@ -90,7 +90,7 @@ pub const FAULT_KINDS: [&str; 21] = [
 /// The simulated hosts have a hardware watchdog that resets a host this long after its agent
 /// stopped feeding it (the agent's default `watchdog.timeout_s`): a host frozen for longer is
 /// reset while frozen, as the real device would do.
-const WATCHDOG_RESET_MS: u64 = 2_000;
+const WATCHDOG_RESET_MS: u64 = tandem_core::limits::DEFAULT_WATCHDOG_TIMEOUT_S * 1000;
 
 /// Bound within which a failed host's protected VMs must run again (virtual time).
 const RECOVERY_BOUND_MS: u64 = 20_000;

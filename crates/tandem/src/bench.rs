@@ -188,7 +188,8 @@ fn recover_thousand(runs: usize) -> Result<()> {
                 must(&c, Command::Assign { name, host: HostId(0) }).await?;
             }
             let t = Instant::now();
-            let (plan, epoch, members) = c.with_state(|s| (tandem_core::recovery::plan_failover(s, HostId(0), s.members()), s.hosts[&HostId(0)].epoch, s.members()));
+            let (plan, epoch, members) =
+                c.with_state(|s| (tandem_core::recovery::plan_failover(s, HostId(0), s.members()), s.hosts[&HostId(0)].epoch, s.members()));
             plan_times.push(t.elapsed());
             let _ = members;
             let (r, _) = c.propose(Command::Failover { host: HostId(0), epoch, plan: plan.placements.clone() }).await?;

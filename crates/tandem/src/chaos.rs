@@ -44,6 +44,10 @@ use emulator::WatchdogEmulator;
 /// The hardware watchdog's reset timeout the agents are configured with: the longest the
 /// default timings allow, so that a freeze can outlast `self_fence_ms` (2 s) without a reset.
 const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(3);
+const _: () = assert!(
+    tandem_core::limits::watchdog_resets_in_time(&tandem_core::timing::DEFAULT_TIMINGS, WATCHDOG_TIMEOUT.as_secs()),
+    "the chaos suite's watchdog must still reset a hung host before any fence deadline"
+);
 /// A freeze longer than `self_fence_ms` and shorter than [`WATCHDOG_TIMEOUT`]: the host thaws
 /// with its lease lapsed, and only the lease check stands between it and stale state.
 const LEASE_FREEZE: Duration = Duration::from_millis(2_500);

@@ -394,12 +394,6 @@ impl Lab {
         Ok(())
     }
 
-    /// A client of some live host, preferring `not` to be avoided.
-    pub fn any_client_except(&self, not: usize) -> Client {
-        let i = (0..self.hosts.len()).find(|i| *i != not && self.hosts[*i].child.is_some()).unwrap_or(0);
-        self.client(i)
-    }
-
     /// The VM list as seen by host `i`.
     pub fn vms(&self, i: usize) -> Result<Vec<Value>> {
         self.client(i).list("/v1/vms")

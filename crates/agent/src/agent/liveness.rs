@@ -106,7 +106,7 @@ impl Agent {
         });
         self.confirm_fence(now);
         let (epoch, fenced) = self.status().announcement(epoch);
-        let (hb, assessment, seq) = {
+        let (hb, assessment) = {
             let mut l = lock(&self.liveness);
             l.set_members(members);
             let seq = {
@@ -116,13 +116,13 @@ impl Agent {
             };
             l.heartbeat_sent(seq, now);
             let hb = Heartbeat { from: self.me, incarnation: self.incarnation, seq, epoch, heard: l.heard(now), acks: l.acks(), fenced };
-            (hb, l.assess(now), seq)
+            (hb, l.assess(now))
         };
         let bytes = hb.encode(&self.key);
         for p in &peers {
             let _ = self.heartbeats.send_to(&bytes, *p).await;
         }
-        self.disk_round(seq, hb.heard, epoch, fenced);
+        self.disk_round(hb.heard, epoch, fenced);
         self.note_transitions(&assessment);
         if let Some(reason) = assessment.fence {
             if !self.is_fenced() {
@@ -133,7 +133,7 @@ impl Agent {
     }
 
     /// Writes our slot then reads every slot, unless the previous round still hangs.
-    pub(super) fn disk_round(self: &Arc<Self>, _seq: u64, heard: HostSet, epoch: u64, fenced: bool) {
+    pub(super) fn disk_round(self: &Arc<Self>, heard: HostSet, epoch: u64, fenced: bool) {
         let counter = {
             let mut s = lock(&self.beat);
             if s.disk_busy {
