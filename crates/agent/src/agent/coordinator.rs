@@ -1,14 +1,16 @@
 //! The coordinator loop, on the leader only: fails over dead or fenced hosts once their fence
 //! deadline has passed, releases held restart groups, retries best-effort VMs waiting for
-//! capacity and places VMs that wait for a host.
+//! capacity and places VMs that wait for a host. Which hosts may be failed over, and why, is
+//! decided by `tandem_core::coordinate` (sans I/O).
 
 use super::{lock, Agent, LOCAL_QUERY_TIMEOUT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tandem_core::coordinate::{FailoverCandidate, FailoverInputs, FailoverReason, FenceReports, OwnFence};
 use tandem_core::liveness::{Assessment, HostLiveness};
 use tandem_core::recovery;
-use tandem_core::state::{Applied, Command, HostStatus, BEST_EFFORT_RETRIES, BEST_EFFORT_RETRY_INTERVAL_MS};
+use tandem_core::state::{Applied, Command, BEST_EFFORT_RETRIES, BEST_EFFORT_RETRY_INTERVAL_MS};
 use tandem_core::{HostId, HostSet, Millis};
 use tracing::Instrument;
 
@@ -20,7 +22,7 @@ pub(super) struct Coordination {
     /// When each best-effort VM waiting for capacity is due for its next retry.
     capacity_retry_due: BTreeMap<String, Millis>,
     /// When it first saw each host report itself fenced in an epoch.
-    fence_reports: BTreeMap<(HostId, u64), Millis>,
+    fence_reports: FenceReports,
     /// The last reason recorded for each VM that no host takes.
     waiting_reasons: BTreeMap<String, String>,
 }
@@ -150,57 +152,23 @@ impl Agent {
     }
 
     pub(super) async fn fail_over_hosts(&self, a: &Assessment) {
-        let now = self.clock.now();
         let st = self.status();
-        let grace = self.cfg.timings.kill_grace_ms;
-        // A fenced host's VMs move once its kills have had kill_grace_ms to take effect (a qemu
-        // in uninterruptible I/O may still have writes in flight): for our own fence, counted from
-        // the confirmed exits; for a peer's, from when we first saw its report.
-        let own_fence = st.fenced.filter(|_| st.fence_confirmed_at.is_some_and(|c| now.since(c) >= grace));
-        let reported: BTreeMap<HostId, u64> = a.peers.iter().filter_map(|p| Some((p.host, p.fenced_epoch?))).collect();
-        let reports_due: BTreeSet<HostId> = {
-            let mut scratch = lock(&self.coordination);
-            scratch.fence_reports.retain(|(h, e), _| reported.get(h) == Some(e));
-            reported.iter().filter(|(h, e)| now.since(*scratch.fence_reports.entry((**h, **e)).or_insert(now)) >= grace).map(|(h, _)| *h).collect()
+        let snapshot = self.consensus.snapshot();
+        let inputs = FailoverInputs {
+            me: self.me,
+            state: &snapshot.state,
+            assessment: a,
+            own_fence: st.fenced.map(|reason| OwnFence { reason, confirmed_at: st.fence_confirmed_at }),
+            kill_grace_ms: self.cfg.timings.kill_grace_ms,
+            now: self.clock.now(),
+            skip_fence_wait: self.mutation == Some(crate::io::Mutation::SkipFenceWait),
         };
-        let candidates: Vec<(HostId, u64, String)> = self.consensus.with_state(|s| {
-            s.hosts
-                .values()
-                .filter(|h| h.status == HostStatus::Active)
-                .filter_map(|h| {
-                    if h.id == self.me {
-                        // Fencing killed our VMs synchronously before this flag was set, and
-                        // nothing starts here while it is set: our VMs may move at once.
-                        return own_fence.map(|r| (h.id, h.epoch, format!("{} (the coordinator) fenced itself: {r}", h.name)));
-                    }
-                    let p = a.peer(h.id)?;
-                    if p.fenced_epoch == Some(h.epoch) && reports_due.contains(&h.id) {
-                        return Some((h.id, h.epoch, format!("{} reports itself fenced in epoch {}", h.name, h.epoch)));
-                    }
-                    if self.mutation == Some(crate::io::Mutation::SkipFenceWait) && p.liveness != HostLiveness::Alive && p.liveness != HostLiveness::Unknown {
-                        return Some((h.id, h.epoch, format!("UNSAFE: {} not heard; fence deadline skipped", h.name)));
-                    }
-                    let deadline = p.fence_deadline?;
-                    (p.liveness == HostLiveness::Dead && now >= deadline).then(|| {
-                        (
-                            h.id,
-                            h.epoch,
-                            format!(
-                                "{} dead: no network heartbeat for {:.1} s, no disk heartbeat for {:.1} s; fence deadline passed {:.1} s ago",
-                                h.name,
-                                p.net_age_ms.unwrap_or(0) as f64 / 1000.0,
-                                p.disk_age_ms.unwrap_or(0) as f64 / 1000.0,
-                                now.since(deadline) as f64 / 1000.0
-                            ),
-                        )
-                    })
-                })
-                .collect()
-        });
-        for (host, epoch, why) in candidates {
+        let candidates = lock(&self.coordination).fence_reports.failover_candidates(&inputs);
+        for FailoverCandidate { host, epoch, reason } in candidates {
             if !self.consensus.confirm_leader().await {
                 return;
             }
+            let why = self.failover_why(host, epoch, &reason);
             let eligible = self.eligible_hosts(a);
             let plan = self.consensus.with_state(|s| recovery::plan_failover(s, host, eligible));
             let name = self.host_name(host);
@@ -236,6 +204,22 @@ impl Agent {
                 Ok(Err(e)) => tracing::info!("failover of {name} refused: {e}"),
                 Err(e) => tracing::warn!("failover of {name} not committed: {e}"),
             }
+        }
+    }
+
+    /// The timeline's words for why `host` is failed over.
+    fn failover_why(&self, host: HostId, epoch: u64, reason: &FailoverReason) -> String {
+        let name = self.host_name(host);
+        match reason {
+            FailoverReason::OwnFence(r) => format!("{name} (the coordinator) fenced itself: {r}"),
+            FailoverReason::ReportedFenced => format!("{name} reports itself fenced in epoch {epoch}"),
+            FailoverReason::UnsafeSkippedFenceWait => format!("UNSAFE: {name} not heard; fence deadline skipped"),
+            FailoverReason::Dead { net_age_ms, disk_age_ms, past_deadline_ms } => format!(
+                "{name} dead: no network heartbeat for {:.1} s, no disk heartbeat for {:.1} s; fence deadline passed {:.1} s ago",
+                *net_age_ms as f64 / 1000.0,
+                *disk_age_ms as f64 / 1000.0,
+                *past_deadline_ms as f64 / 1000.0
+            ),
         }
     }
 
