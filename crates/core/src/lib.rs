@@ -11,6 +11,7 @@ pub mod hostset;
 pub mod limits;
 pub mod liveness;
 pub mod logformat;
+pub mod membership;
 pub mod partition;
 pub mod placement;
 pub mod reconcile;

@@ -838,8 +838,28 @@ impl ClusterState {
     /// Applies one command, admission as `mode` says; every command applied raises the revision.
     pub(crate) fn apply_with(&mut self, cmd: &Command, mode: AdmitMode<'_>) -> Result<Applied, StateError> {
         let applied = self.apply_command(cmd, mode)?;
+        self.assert_placed_within_bounds(&applied);
         self.revision += 1;
         Ok(applied)
+    }
+
+    /// Invariants of a placement just applied; a violation is a bug in `apply` (every target
+    /// was checked by `check_target`), and committing it would spread it to every host, so it
+    /// stops here. A failover leaves nothing assigned to the failed host, and no host a VM was
+    /// just placed on holds more memory than it has.
+    fn assert_placed_within_bounds(&self, applied: &Applied) {
+        let targets: Vec<HostId> = match applied {
+            Applied::Assigned { host, .. } => vec![*host],
+            Applied::FailedOver { host, moved, .. } => {
+                assert!(self.assigned_to(*host).next().is_none(), "a failover of {host} left VMs assigned to it");
+                moved.iter().map(|(_, to, _)| *to).collect()
+            }
+            _ => return,
+        };
+        for h in targets {
+            let (used, capacity) = (self.used(h).memory_mib, self.hosts.get(&h).map_or(0, |r| r.capacity.memory_mib));
+            assert!(used <= capacity, "apply placed {used} MiB on {h}, which has {capacity} MiB");
+        }
     }
 
     fn apply_command(&mut self, cmd: &Command, mode: AdmitMode<'_>) -> Result<Applied, StateError> {

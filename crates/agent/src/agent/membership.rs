@@ -1,10 +1,11 @@
-//! The membership loop: (re)joins this host to the cluster once it is connected again.
+//! The membership loop: (re)joins this host to the cluster once it is connected again, and gives
+//! up an epoch committed state moved past. The decision is `tandem_core::membership`'s.
 
 use super::{lock, Agent};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tandem_core::liveness::FenceReason;
-use tandem_core::state::{Applied, Command, HostStatus};
+use tandem_core::membership::{self, MembershipStep, MembershipView};
+use tandem_core::state::{Applied, Command};
 
 impl Agent {
     pub(super) async fn membership_loop(self: Arc<Self>) {
@@ -13,11 +14,18 @@ impl Agent {
         while !self.stopping.load(Ordering::SeqCst) {
             tick.tick().await;
             let st = self.status();
-            let known = self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| (h.status, h.epoch)));
-            // Committed state may say we were failed over or rejoined elsewhere: then we no
-            // longer hold the epoch we joined in, and must stop everything and join again.
-            if let (Some(joined), Some((status, epoch))) = (st.joined_epoch, known) {
-                if status != HostStatus::Active || epoch != joined {
+            let assessment = self.assessment();
+            let view = MembershipView {
+                joined: st.joined_epoch,
+                committed: self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| (h.status, h.epoch))),
+                leader_known: self.consensus.status().leader.is_some(),
+                stopping: self.is_stopping(),
+                fenced: st.fenced,
+                assessment: assessment.as_ref(),
+            };
+            match membership::decide(&view) {
+                MembershipStep::Wait => continue,
+                MembershipStep::EpochLost { status, epoch, joined } => {
                     // Unjoined first, so no start passes its last-instant check, then the kill.
                     lock(&self.status).joined_epoch = None;
                     let killed = self.driver.kill_all();
@@ -27,19 +35,9 @@ impl Agent {
                         Some(&self.cfg.name),
                         format!("committed state has this host {status:?} in epoch {epoch}, joined in {joined}; killed {killed} VM(s)"),
                     );
+                    continue;
                 }
-                continue;
-            }
-            if st.joined_epoch.is_some() || known.is_none() || self.consensus.status().leader.is_none() {
-                continue;
-            }
-            // A host that is stopping, or whose consensus stopped, never joins again.
-            if self.is_stopping() || matches!(st.fenced, Some(FenceReason::Stopping | FenceReason::ConsensusStopped)) {
-                continue;
-            }
-            let Some(a) = self.assessment() else { continue };
-            if a.fence.is_some() || !a.has_majority {
-                continue;
+                MembershipStep::Join => {}
             }
             match self.submit(Command::HostJoined { host: self.me }).await {
                 Ok(Ok(Applied::HostEpoch { epoch, .. })) => {
