@@ -212,7 +212,7 @@ impl Agent {
         consensus.use_heavy(Arc::clone(&heavy));
         let events = EventLog::new(&cfg.name, &cfg.data_dir);
         let liveness = Liveness::new(me, incarnation, cfg.timings, clock.now());
-        events.record("agent-started", None, None, format!("incarnation {incarnation}, driver {}", driver.kind()));
+        events.record(crate::events::EventKind::AgentStarted, None, None, format!("incarnation {incarnation}, driver {}", driver.kind()));
         Ok(Arc::new(Agent {
             me,
             key,

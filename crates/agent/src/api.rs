@@ -198,7 +198,7 @@ async fn submit(agent: &Agent, cmd: Command) -> Result<Applied, ApiError> {
         Ok(Err(e)) => format!("refused: {e}"),
         Err(e) => format!("not committed: {e}"),
     };
-    agent.events.record("api-change", None, None, format!("{what} by token '{who}': {outcome}"));
+    agent.events.record(crate::events::EventKind::ApiChange, None, None, format!("{what} by token '{who}': {outcome}"));
     Ok(result??)
 }
 
@@ -331,13 +331,13 @@ async fn token_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Val
     let token: String = std::iter::once("tdm_".to_string()).chain(raw.iter().map(|b| format!("{b:02x}"))).collect();
     let record = ApiToken { name: b.name.clone(), role: b.role, sha256: token_sha256(&token) };
     submit(&a, Command::SetToken { token: record }).await?;
-    a.events.record("token-created", None, None, format!("API token '{}' ({}) created", b.name, b.role));
+    a.events.record(crate::events::EventKind::TokenCreated, None, None, format!("API token '{}' ({}) created", b.name, b.role));
     Ok(Json(json!({ "name": b.name, "role": b.role, "token": token })))
 }
 
 async fn token_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
     submit(&a, Command::DeleteToken { name: name.clone() }).await?;
-    a.events.record("token-revoked", None, None, format!("API token '{name}' revoked"));
+    a.events.record(crate::events::EventKind::TokenRevoked, None, None, format!("API token '{name}' revoked"));
     Ok(Json(json!({ "revoked": name })))
 }
 
@@ -391,7 +391,7 @@ async fn cluster_init(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
         Command::AddHost { id: HostId(id.host_id), name: id.name.clone(), api_addr: id.api_addr, heartbeat_addr: id.heartbeat_addr, capacity: id.capacity },
     )
     .await?;
-    a.events.record("cluster-initialized", None, Some(&id.name), format!("cluster created with {} as its first host", id.name));
+    a.events.record(crate::events::EventKind::ClusterInitialized, None, Some(&id.name), format!("cluster created with {} as its first host", id.name));
     Ok(Json(json!({ "initialized": true, "host": id.name })))
 }
 
@@ -555,7 +555,7 @@ fn force_of(body: &[u8]) -> Result<bool, ApiError> {
 async fn admitted(a: &Agent, cmd: Command, subject_vm: Option<&str>) -> Result<Value, ApiError> {
     match submit(a, cmd).await? {
         Applied::Forced { reason } => {
-            a.events.record("admission-forced", subject_vm, None, format!("forced past admission control: {reason}"));
+            a.events.record(crate::events::EventKind::AdmissionForced, subject_vm, None, format!("forced past admission control: {reason}"));
             Ok(json!({ "forced": reason }))
         }
         Applied::RuleSet { violations } => Ok(json!({ "violations": violations })),
@@ -576,7 +576,7 @@ async fn vm_start(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath, body: Byt
 
 async fn vm_clear(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
     submit(&a, Command::ClearVmError { name: name.clone() }).await?;
-    a.events.record("vm-error-cleared", Some(&name), None, format!("{name}: error state and failure history cleared by an operator"));
+    a.events.record(crate::events::EventKind::VmErrorCleared, Some(&name), None, format!("{name}: error state and failure history cleared by an operator"));
     Ok(Json(json!({ "cleared": name })))
 }
 
@@ -780,7 +780,7 @@ async fn events(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<EventQuery>) 
     let limit = q.limit.unwrap_or(1000).min(crate::events::EVENT_RING);
     let keep = |e: &crate::events::Event| {
         q.vm.as_ref().is_none_or(|v| e.vm.as_ref() == Some(v))
-            && q.kind.as_ref().is_none_or(|k| e.kind == *k)
+            && q.kind.as_ref().is_none_or(|k| e.kind.as_str() == k)
             && q.host.as_ref().is_none_or(|h| e.host == *h || e.subject.as_ref() == Some(h))
     };
     Json(json!(a.events.since(q.after, crate::events::EVENT_RING).into_iter().filter(keep).take(limit).collect::<Vec<_>>()))

@@ -15,6 +15,96 @@ pub const EVENT_FILE_MAX: u64 = 64 << 20;
 const RELOAD_BYTES: u64 = 4 << 20;
 
 /// One recorded event.
+/// What an event is about. Serialized as its kebab-case name (`peer-dead`, `vm-started`, ...),
+/// which is what the API, the CLI's filters and the timeline file carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    AdmissionForced,
+    AgentStarted,
+    AgentStopping,
+    ApiChange,
+    ClusterInitialized,
+    ConsensusStopped,
+    EpochLost,
+    FailoverCommitted,
+    FailoverDecided,
+    FenceConfirmed,
+    Fenced,
+    HostAdded,
+    Joined,
+    PeerAlive,
+    PeerDead,
+    PeerPartitioned,
+    PeerUnknown,
+    RestartGroupReleased,
+    TokenCreated,
+    TokenRevoked,
+    VmAssigned,
+    VmCrashed,
+    VmError,
+    VmErrorCleared,
+    VmExited,
+    VmKilled,
+    VmLeftDown,
+    VmReassigned,
+    VmRelocating,
+    VmStartFailed,
+    VmStarted,
+    VmWaiting,
+    /// A kind this release does not know (read back from an older or newer timeline file).
+    #[serde(other)]
+    Unknown,
+}
+
+impl EventKind {
+    /// The kebab-case name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::AdmissionForced => "admission-forced",
+            EventKind::AgentStarted => "agent-started",
+            EventKind::AgentStopping => "agent-stopping",
+            EventKind::ApiChange => "api-change",
+            EventKind::ClusterInitialized => "cluster-initialized",
+            EventKind::ConsensusStopped => "consensus-stopped",
+            EventKind::EpochLost => "epoch-lost",
+            EventKind::FailoverCommitted => "failover-committed",
+            EventKind::FailoverDecided => "failover-decided",
+            EventKind::FenceConfirmed => "fence-confirmed",
+            EventKind::Fenced => "fenced",
+            EventKind::HostAdded => "host-added",
+            EventKind::Joined => "joined",
+            EventKind::PeerAlive => "peer-alive",
+            EventKind::PeerDead => "peer-dead",
+            EventKind::PeerPartitioned => "peer-partitioned",
+            EventKind::PeerUnknown => "peer-unknown",
+            EventKind::RestartGroupReleased => "restart-group-released",
+            EventKind::TokenCreated => "token-created",
+            EventKind::TokenRevoked => "token-revoked",
+            EventKind::VmAssigned => "vm-assigned",
+            EventKind::VmCrashed => "vm-crashed",
+            EventKind::VmError => "vm-error",
+            EventKind::VmErrorCleared => "vm-error-cleared",
+            EventKind::VmExited => "vm-exited",
+            EventKind::VmKilled => "vm-killed",
+            EventKind::VmLeftDown => "vm-left-down",
+            EventKind::VmReassigned => "vm-reassigned",
+            EventKind::VmRelocating => "vm-relocating",
+            EventKind::VmStartFailed => "vm-start-failed",
+            EventKind::VmStarted => "vm-started",
+            EventKind::VmWaiting => "vm-waiting",
+            EventKind::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Position in this agent's timeline.
@@ -23,8 +113,7 @@ pub struct Event {
     pub at_ms: u64,
     /// The host that recorded it.
     pub host: String,
-    /// A short kebab-case kind: `peer-dead`, `fenced`, `failover-committed`, `vm-started`, …
-    pub kind: String,
+    pub kind: EventKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,15 +182,15 @@ impl EventLog {
     }
 
     /// Records an event.
-    pub fn record(&self, kind: &str, vm: Option<&str>, subject: Option<&str>, detail: impl Into<String>) {
+    pub fn record(&self, kind: EventKind, vm: Option<&str>, subject: Option<&str>, detail: impl Into<String>) {
         let detail = detail.into();
-        tracing::info!(kind, vm, subject, "{detail}");
+        tracing::info!(kind = kind.as_str(), vm, subject, "{detail}");
         let mut i = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let e = Event {
             seq: i.next,
             at_ms: tandem_drivers::wall_ms(),
             host: self.host.clone(),
-            kind: kind.to_string(),
+            kind,
             vm: vm.map(str::to_string),
             subject: subject.map(str::to_string),
             detail,
@@ -144,7 +233,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let log = EventLog::new("h0", &dir);
         for i in 0..3 {
-            log.record("peer-dead", None, Some("h1"), format!("event {i}"));
+            log.record(EventKind::PeerDead, None, Some("h1"), format!("event {i}"));
         }
         drop(log);
         // A torn last line (power loss mid-write) is skipped, not fatal.
@@ -154,11 +243,23 @@ mod tests {
         let log = EventLog::new("h0", &dir);
         let before: Vec<String> = log.since(0, 10).into_iter().map(|e| e.detail).collect();
         assert_eq!(before, ["event 0", "event 1", "event 2"]);
-        log.record("fenced", None, None, "after restart");
+        log.record(EventKind::Fenced, None, None, "after restart");
         assert_eq!(log.since(3, 10).into_iter().map(|e| e.seq).collect::<Vec<_>>(), [4]);
         drop(log);
         let log = EventLog::new("h0", &dir);
         assert_eq!(log.since(0, 10).len(), 4, "the event after the torn line survives a restart too");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Kinds travel as their kebab-case names; a kind this release does not know (a newer
+    /// release's timeline) reads back as `unknown` instead of losing the event.
+    #[test]
+    fn event_kinds_are_kebab_case_and_unknown_ones_still_read() {
+        assert_eq!(serde_json::to_value(EventKind::FailoverCommitted).ok(), Some(serde_json::json!("failover-committed")));
+        assert_eq!(EventKind::VmStartFailed.as_str(), "vm-start-failed");
+        let newer: Event =
+            serde_json::from_str("{\"seq\":1,\"at_ms\":0,\"host\":\"h0\",\"kind\":\"migration-started\",\"vm\":null,\"subject\":null,\"detail\":\"x\"}")
+                .expect("reads");
+        assert_eq!(newer.kind, EventKind::Unknown);
     }
 }

@@ -259,13 +259,12 @@ impl Sim {
         for i in self.up() {
             let after = self.hosts[i as usize].events_seen;
             let Some((200, v)) = self.api(i, "GET", &format!("/v1/events?after={after}"), None).await else { continue };
-            for e in v.as_array().cloned().unwrap_or_default() {
-                let seq = e["seq"].as_u64().unwrap_or(0);
-                self.hosts[i as usize].events_seen = self.hosts[i as usize].events_seen.max(seq);
-                let kind = e["kind"].as_str().unwrap_or("?");
-                self.world.log(format!("h{i} event {kind}: {}", e["detail"].as_str().unwrap_or("")));
-                if kind == "fenced" && now > self.hosts[i as usize].excused_until {
-                    self.world.violation("healthy-fenced", format!("h{i} fenced although no fault touched it: {}", e["detail"]));
+            let events: Vec<tandem_agent::events::Event> = serde_json::from_value(v).unwrap_or_default();
+            for e in events {
+                self.hosts[i as usize].events_seen = self.hosts[i as usize].events_seen.max(e.seq);
+                self.world.log(format!("h{i} event {}: {}", e.kind, e.detail));
+                if e.kind == tandem_agent::events::EventKind::Fenced && now > self.hosts[i as usize].excused_until {
+                    self.world.violation("healthy-fenced", format!("h{i} fenced although no fault touched it: {:?}", e.detail));
                 }
             }
         }

@@ -71,10 +71,15 @@ impl Agent {
             lock(&self.coordination).capacity_retry_due.insert(name.clone(), now.plus(BEST_EFFORT_RETRY_INTERVAL_MS));
             match self.submit(Command::CapacityRetry { name: name.clone() }).await {
                 Ok(Ok(Applied::StillWaiting { attempt, .. })) => {
-                    self.events.record("vm-waiting", Some(&name), None, format!("{name}: still no host with room (retry {attempt} of {BEST_EFFORT_RETRIES})"));
+                    self.events.record(
+                        crate::events::EventKind::VmWaiting,
+                        Some(&name),
+                        None,
+                        format!("{name}: still no host with room (retry {attempt} of {BEST_EFFORT_RETRIES})"),
+                    );
                 }
                 Ok(Ok(Applied::GaveUpWaiting { .. })) => self.events.record(
-                    "vm-left-down",
+                    crate::events::EventKind::VmLeftDown,
                     Some(&name),
                     None,
                     format!("{name} (best-effort) stopped: no host with room after {BEST_EFFORT_RETRIES} retries"),
@@ -134,7 +139,12 @@ impl Agent {
                     recovery::GroupReleaseReason::LowerGroupsRunning => "the lower groups run".to_string(),
                     recovery::GroupReleaseReason::DelayPassed => "its delay passed".to_string(),
                 };
-                self.events.record("restart-group-released", None, None, format!("restart group {} ({count} VM(s)) starts: {why}", r.group));
+                self.events.record(
+                    crate::events::EventKind::RestartGroupReleased,
+                    None,
+                    None,
+                    format!("restart group {} ({count} VM(s)) starts: {why}", r.group),
+                );
             }
             Ok(Err(e)) => tracing::debug!("release of restart group {} refused: {e}", r.group),
             Err(e) => tracing::debug!("release of restart group {} not committed: {e}", r.group),
@@ -173,7 +183,7 @@ impl Agent {
             let plan = self.consensus.with_state(|s| recovery::plan_failover(s, host, eligible));
             let name = self.host_name(host);
             self.events.record(
-                "failover-decided",
+                crate::events::EventKind::FailoverDecided,
                 None,
                 Some(&name),
                 format!("{why}; plan: {} placement(s), {} left down", plan.placements.len(), plan.left_down.len()),
@@ -182,14 +192,19 @@ impl Agent {
                 Ok(Ok(Applied::FailedOver { moved, left_down, .. })) => {
                     for (vm, target, generation) in &moved {
                         self.events.record(
-                            "vm-reassigned",
+                            crate::events::EventKind::VmReassigned,
                             Some(vm),
                             Some(&name),
                             format!("{vm} reassigned {name} -> {}, generation {generation}", self.host_name(*target)),
                         );
                     }
                     for vm in &left_down {
-                        self.events.record("vm-left-down", Some(vm), Some(&name), format!("{vm} not restarted: no capacity or protection does not allow it"));
+                        self.events.record(
+                            crate::events::EventKind::VmLeftDown,
+                            Some(vm),
+                            Some(&name),
+                            format!("{vm} not restarted: no capacity or protection does not allow it"),
+                        );
                     }
                     let since_dead = a.peer(host).and_then(|p| p.dead_since).map(|d| self.clock.now().since(d));
                     self.metrics.failovers.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +213,12 @@ impl Agent {
                         self.metrics.failover_seconds.observe(ms as f64 / 1000.0);
                     }
                     let timing = since_dead.map_or_else(String::new, |ms| format!(", {:.2} s after it was first seen dead", ms as f64 / 1000.0));
-                    self.events.record("failover-committed", None, Some(&name), format!("{} VM(s) moved, {} left down{timing}", moved.len(), left_down.len()));
+                    self.events.record(
+                        crate::events::EventKind::FailoverCommitted,
+                        None,
+                        Some(&name),
+                        format!("{} VM(s) moved, {} left down{timing}", moved.len(), left_down.len()),
+                    );
                 }
                 Ok(Ok(other)) => tracing::warn!("unexpected failover answer {other:?}"),
                 Ok(Err(e)) => tracing::info!("failover of {name} refused: {e}"),
@@ -237,14 +257,14 @@ impl Agent {
         for (vm, why) in reasons {
             let changed = lock(&self.coordination).waiting_reasons.insert(vm.clone(), why.clone()).as_ref() != Some(&why);
             if changed {
-                self.events.record("vm-waiting", Some(&vm), None, format!("{vm} waits for a host: {why}"));
+                self.events.record(crate::events::EventKind::VmWaiting, Some(&vm), None, format!("{vm} waits for a host: {why}"));
             }
         }
         lock(&self.coordination).waiting_reasons.retain(|vm, _| waiting.contains(vm));
         for (vm, host) in plan.placements {
             match self.submit(Command::Assign { name: vm.clone(), host }).await {
                 Ok(Ok(Applied::Assigned { generation, .. })) => self.events.record(
-                    "vm-assigned",
+                    crate::events::EventKind::VmAssigned,
                     Some(&vm),
                     Some(&self.host_name(host)),
                     format!("{vm} placed on {}, generation {generation}", self.host_name(host)),

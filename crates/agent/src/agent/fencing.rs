@@ -21,7 +21,12 @@ impl Agent {
         let now = self.clock.now();
         let running = self.driver.list().iter().filter(|v| v.exit.is_none()).count();
         tracing::warn!("stopping: killing {running} VM(s) on this host (planned shutdown policies come with live migration); peers restart them");
-        self.events.record("agent-stopping", None, Some(&self.cfg.name), format!("asked to stop: killing {running} VM(s) so that peers restart them"));
+        self.events.record(
+            crate::events::EventKind::AgentStopping,
+            None,
+            Some(&self.cfg.name),
+            format!("asked to stop: killing {running} VM(s) so that peers restart them"),
+        );
         if !self.is_fenced() {
             self.fence(FenceReason::Stopping, now);
         } else {
@@ -129,7 +134,7 @@ impl Agent {
                 st.fenced_in_epoch = committed;
             }
         }
-        self.events.record("fenced", None, Some(&self.cfg.name), format!("self-fenced: {reason}; killed {killed} VM(s)"));
+        self.events.record(crate::events::EventKind::Fenced, None, Some(&self.cfg.name), format!("self-fenced: {reason}; killed {killed} VM(s)"));
         self.confirm_fence(now);
     }
 
@@ -148,6 +153,11 @@ impl Agent {
             st.fence_confirmed_at = Some(now);
             st.fenced_at.unwrap_or(now)
         };
-        self.events.record("fence-confirmed", None, Some(&self.cfg.name), format!("every VM exit confirmed {} ms after the fence", now.since(fenced_at)));
+        self.events.record(
+            crate::events::EventKind::FenceConfirmed,
+            None,
+            Some(&self.cfg.name),
+            format!("every VM exit confirmed {} ms after the fence", now.since(fenced_at)),
+        );
     }
 }

@@ -96,7 +96,12 @@ impl Agent {
             }
             if !self.stopping.swap(true, Ordering::SeqCst) {
                 tracing::error!("consensus stopped: {why}; every VM killed, the agent stops");
-                self.events.record("consensus-stopped", None, Some(&self.cfg.name), format!("consensus stopped: {why}; fenced, the agent stops"));
+                self.events.record(
+                    crate::events::EventKind::ConsensusStopped,
+                    None,
+                    Some(&self.cfg.name),
+                    format!("consensus stopped: {why}; fenced, the agent stops"),
+                );
             }
             return;
         }
@@ -208,10 +213,10 @@ impl Agent {
                 p.and_then(|p| p.fence_deadline).map(|d| format!("; fence deadline in {:.1} s", d.since(a.now) as f64 / 1000.0)).unwrap_or_default()
             );
             let kind = match now_is {
-                HostLiveness::Alive => "peer-alive",
-                HostLiveness::Partitioned => "peer-partitioned",
-                HostLiveness::Dead => "peer-dead",
-                HostLiveness::Unknown => "peer-unknown",
+                HostLiveness::Alive => crate::events::EventKind::PeerAlive,
+                HostLiveness::Partitioned => crate::events::EventKind::PeerPartitioned,
+                HostLiveness::Dead => crate::events::EventKind::PeerDead,
+                HostLiveness::Unknown => crate::events::EventKind::PeerUnknown,
             };
             self.events.record(kind, None, Some(&self.host_name(host)), detail);
         }

@@ -30,7 +30,7 @@ impl Agent {
                     lock(&self.status).joined_epoch = None;
                     let killed = self.driver.kill_all();
                     self.events.record(
-                        "epoch-lost",
+                        crate::events::EventKind::EpochLost,
                         None,
                         Some(&self.cfg.name),
                         format!("committed state has this host {status:?} in epoch {epoch}, joined in {joined}; killed {killed} VM(s)"),
@@ -49,7 +49,7 @@ impl Agent {
                         s.fenced_in_epoch = None;
                         s.fence_confirmed_at = None;
                     }
-                    self.events.record("joined", None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}"));
+                    self.events.record(crate::events::EventKind::Joined, None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}"));
                 }
                 Ok(other) => tracing::warn!("join refused: {other:?}"),
                 Err(e) => tracing::debug!("join failed: {e}"),

@@ -53,7 +53,12 @@ impl Agent {
             Action::Kill { name, reason } => {
                 let _ = self.driver.kill(&name);
                 if reason == KillReason::NotAssignedHere {
-                    self.events.record("vm-killed", Some(&name), None, format!("{name} runs here but committed state assigns it elsewhere; killed"));
+                    self.events.record(
+                        crate::events::EventKind::VmKilled,
+                        Some(&name),
+                        None,
+                        format!("{name} runs here but committed state assigns it elsewhere; killed"),
+                    );
                 }
             }
             Action::Stop { name } => {
@@ -71,12 +76,12 @@ impl Agent {
             }
             Action::Forget { name, exit } => {
                 self.driver.forget(&name);
-                self.events.record("vm-exited", Some(&name), None, format!("{name} exited: {exit:?}"));
+                self.events.record(crate::events::EventKind::VmExited, Some(&name), None, format!("{name} exited: {exit:?}"));
             }
             Action::MarkStopped { name, cause } => {
                 if let StopCause::UnprotectedCrash { detail } = &cause {
                     self.events.record(
-                        "vm-crashed",
+                        crate::events::EventKind::VmCrashed,
                         Some(&name),
                         Some(&self.cfg.name),
                         format!("{name} crashed ({detail}); not protected, so it stays stopped"),
@@ -118,11 +123,14 @@ impl Agent {
                 let check = a.start_check(&spec, generation);
                 let launch = VmLaunch { spec, generation, check };
                 match a.driver.start(&launch).await {
-                    Ok(()) => {
-                        a.events.record("vm-started", Some(&name), Some(&a.cfg.name), format!("{name} started on {} (generation {generation})", a.cfg.name))
-                    }
+                    Ok(()) => a.events.record(
+                        crate::events::EventKind::VmStarted,
+                        Some(&name),
+                        Some(&a.cfg.name),
+                        format!("{name} started on {} (generation {generation})", a.cfg.name),
+                    ),
                     Err(e) => {
-                        a.events.record("vm-start-failed", Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}"));
+                        a.events.record(crate::events::EventKind::VmStartFailed, Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}"));
                         // Retried on the next pass while the budget lasts, then moved on.
                         let now = a.clock.now();
                         let given_up = {
@@ -147,13 +155,13 @@ impl Agent {
         let cmd = Command::VmFailed { name: name.to_string(), host: self.me, generation, detail: detail.to_string() };
         match self.submit(cmd).await {
             Ok(Ok(Applied::Relocating { failed_on, .. })) => self.events.record(
-                "vm-relocating",
+                crate::events::EventKind::VmRelocating,
                 Some(name),
                 Some(&self.cfg.name),
                 format!("{name} gave up on {} ({detail}); failed on {} host(s), placing it elsewhere", self.cfg.name, failed_on.len()),
             ),
             Ok(Ok(Applied::VmInError { error, .. })) => {
-                self.events.record("vm-error", Some(name), Some(&self.cfg.name), format!("{name} is in the error state: {error}"));
+                self.events.record(crate::events::EventKind::VmError, Some(name), Some(&self.cfg.name), format!("{name} is in the error state: {error}"));
             }
             Ok(other) => tracing::debug!("giving up {name} here refused: {other:?}"),
             Err(e) => tracing::warn!("giving up {name} here not committed: {e}"),

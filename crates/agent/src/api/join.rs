@@ -79,6 +79,6 @@ pub(super) async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Resul
         }
     }
     a.consensus.add_voter(u64::from(id.host_id), &id.api_addr).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
-    a.events.record("host-added", None, Some(&id.name), format!("{} joined as host {}", id.name, id.host_id));
+    a.events.record(crate::events::EventKind::HostAdded, None, Some(&id.name), format!("{} joined as host {}", id.name, id.host_id));
     Ok(Json(json!({ "joined": id.name, "host_id": id.host_id })).into_response())
 }
