@@ -1,0 +1,358 @@
+//! `apply`: the only mutator of the desired state, deterministic and all-or-nothing, and the
+//! checks a placement passes when it is applied (on every host, against the state at that point
+//! of the log).
+
+use super::admission::AdmitMode;
+use super::*;
+
+impl ClusterState {
+    /// Applies one command of log format 1 or 2 (admission judged here). On error nothing
+    /// changed.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Applied, StateError> {
+        self.apply_with(cmd, AdmitMode::InApply)
+    }
+
+    /// Applies one command, admission as `mode` says; every command applied raises the revision.
+    pub(crate) fn apply_with(&mut self, cmd: &Command, mode: AdmitMode<'_>) -> Result<Applied, StateError> {
+        let applied = self.apply_command(cmd, mode)?;
+        self.assert_placed_within_bounds(&applied);
+        self.revision += 1;
+        Ok(applied)
+    }
+
+    /// Invariants of a placement just applied; a violation is a bug in `apply` (every target
+    /// was checked by `check_target`), and committing it would spread it to every host, so it
+    /// stops here. A failover leaves nothing assigned to the failed host, and no host a VM was
+    /// just placed on holds more memory than it has.
+    fn assert_placed_within_bounds(&self, applied: &Applied) {
+        let targets: Vec<HostId> = match applied {
+            Applied::Assigned { host, .. } => vec![*host],
+            Applied::FailedOver { host, moved, .. } => {
+                assert!(self.assigned_to(*host).next().is_none(), "a failover of {host} left VMs assigned to it");
+                moved.iter().map(|(_, to, _)| *to).collect()
+            }
+            _ => return,
+        };
+        for h in targets {
+            let (used, capacity) = (self.used(h).memory_mib, self.hosts.get(&h).map_or(0, |r| r.capacity.memory_mib));
+            assert!(used <= capacity, "apply placed {used} MiB on {h}, which has {capacity} MiB");
+        }
+    }
+
+    fn apply_command(&mut self, cmd: &Command, mode: AdmitMode<'_>) -> Result<Applied, StateError> {
+        match cmd {
+            Command::AddHost { id, name, api_addr, heartbeat_addr, capacity } => {
+                if !id.is_valid() || self.hosts.contains_key(id) {
+                    return Err(StateError::BadHostId(id.0));
+                }
+                if !valid_name(name) {
+                    return Err(StateError::BadHostName(name.clone()));
+                }
+                if self.host_by_name(name).is_some() {
+                    return Err(StateError::HostExists(name.clone()));
+                }
+                self.hosts.insert(
+                    *id,
+                    HostRecord {
+                        id: *id,
+                        name: name.clone(),
+                        api_addr: api_addr.clone(),
+                        heartbeat_addr: heartbeat_addr.clone(),
+                        capacity: *capacity,
+                        status: HostStatus::Joining,
+                        epoch: 0,
+                        mode: HostMode::Normal,
+                    },
+                );
+                Ok(Applied::Done)
+            }
+            Command::HostJoined { host } => {
+                let h = self.hosts.get_mut(host).ok_or(StateError::UnknownHost(*host))?;
+                h.status = HostStatus::Active;
+                h.epoch += 1;
+                Ok(Applied::HostEpoch { host: *host, epoch: h.epoch })
+            }
+            Command::CreateVm { spec } => {
+                spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
+                if self.vms.contains_key(&spec.name) {
+                    return Err(StateError::VmExists(spec.name.clone()));
+                }
+                self.vms.insert(
+                    spec.name.clone(),
+                    VmRecord {
+                        spec: spec.clone(),
+                        desired: PowerState::Stopped,
+                        assignment: None,
+                        failed_on: vec![],
+                        error: None,
+                        held: false,
+                        capacity_retries: None,
+                    },
+                );
+                Ok(Applied::Done)
+            }
+            Command::DeleteVm { name } => {
+                let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.clone()))?;
+                if vm.desired != PowerState::Stopped || vm.assignment.is_some() {
+                    return Err(StateError::VmNotStopped(name.clone()));
+                }
+                self.vms.remove(name);
+                Ok(Applied::Done)
+            }
+            Command::SetPower { name, desired, .. } => {
+                if let Some(e) = self.vm_mut(name)?.error.clone().filter(|_| *desired == PowerState::Running) {
+                    return Err(StateError::VmInError { name: name.clone(), error: e });
+                }
+                self.admit(mode, cmd, |s| {
+                    if let Some(v) = s.vms.get_mut(name) {
+                        v.desired = *desired;
+                        // An operator's word ends any wait for capacity.
+                        v.capacity_retries = None;
+                    }
+                    Ok(())
+                })
+            }
+            Command::UpdateVm { spec, .. } => {
+                spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
+                let vm = self.vms.get(&spec.name).ok_or_else(|| StateError::UnknownVm(spec.name.clone()))?;
+                if let Some(a) = vm.assignment {
+                    if !self.fits_with(a.host, spec.demand(), Some(&spec.name)) {
+                        return Err(StateError::NoCapacity { vm: spec.name.clone(), host: a.host });
+                    }
+                }
+                self.admit(mode, cmd, |s| {
+                    if let Some(v) = s.vms.get_mut(&spec.name) {
+                        v.spec = spec.clone();
+                    }
+                    Ok(())
+                })
+            }
+            Command::SetHostMode { host, mode: host_mode, .. } => {
+                self.hosts.get(host).ok_or(StateError::UnknownHost(*host))?;
+                self.admit(mode, cmd, |s| {
+                    if let Some(h) = s.hosts.get_mut(host) {
+                        h.mode = *host_mode;
+                    }
+                    Ok(())
+                })
+            }
+            Command::SetRule { rule, .. } => {
+                self.check_rule(rule)?;
+                let violations = self.rule_violations(rule);
+                let applied = self.admit(mode, cmd, |s| {
+                    s.rules.insert(rule.name.clone(), rule.clone());
+                    Ok(())
+                })?;
+                Ok(match applied {
+                    Applied::Done => Applied::RuleSet { violations },
+                    other => other,
+                })
+            }
+            Command::VmFailed { name, host, generation, detail } => {
+                let active = self.active_hosts();
+                let vm = self.vm_mut(name)?;
+                if vm.assignment != Some(Assignment { host: *host, generation: *generation }) {
+                    return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
+                }
+                vm.assignment = None;
+                vm.held = false;
+                if !vm.failed_on.contains(host) {
+                    vm.failed_on.push(*host);
+                }
+                // Out of tries, or out of hosts to try: a small cluster runs out before the budget.
+                if vm.failed_on.len() > MAX_RELOCATIONS || active.iter().all(|h| vm.failed_on.contains(&h)) {
+                    let hosts: Vec<String> = vm.failed_on.iter().map(ToString::to_string).collect();
+                    let error = format!("gave up after failing on hosts {}: {detail}", hosts.join(", "));
+                    vm.desired = PowerState::Stopped;
+                    vm.error = Some(error.clone());
+                    return Ok(Applied::VmInError { name: name.clone(), error });
+                }
+                Ok(Applied::Relocating { name: name.clone(), failed_on: vm.failed_on.clone() })
+            }
+            Command::SetToken { token } => {
+                if !valid_name(&token.name) {
+                    return Err(StateError::BadToken(format!("name '{}' must be 1-63 letters, digits, '-' or '_'", token.name)));
+                }
+                if token.sha256.len() != 64 || !token.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+                    return Err(StateError::BadToken("sha256 must be 64 lower-case hex digits".into()));
+                }
+                if self.tokens.contains_key(&token.name) {
+                    return Err(StateError::TokenExists(token.name.clone()));
+                }
+                self.tokens.insert(token.name.clone(), token.clone());
+                Ok(Applied::Done)
+            }
+            Command::DeleteToken { name } => {
+                self.tokens.remove(name).ok_or_else(|| StateError::UnknownToken(name.clone()))?;
+                Ok(Applied::Done)
+            }
+            Command::ReleaseHeld { names } => {
+                for name in names {
+                    if let Some(vm) = self.vms.get_mut(name) {
+                        vm.held = false;
+                    }
+                }
+                Ok(Applied::Done)
+            }
+            Command::CapacityRetry { name } => {
+                let vm = self.vm_mut(name)?;
+                let Some(spent) = vm.capacity_retries.filter(|_| vm.assignment.is_none() && vm.desired == PowerState::Running) else {
+                    return Err(StateError::Stale(format!("VM '{name}' is not waiting for capacity")));
+                };
+                let attempt = spent + 1;
+                if attempt >= BEST_EFFORT_RETRIES {
+                    vm.capacity_retries = None;
+                    vm.desired = PowerState::Stopped;
+                    return Ok(Applied::GaveUpWaiting { name: name.clone() });
+                }
+                vm.capacity_retries = Some(attempt);
+                Ok(Applied::StillWaiting { name: name.clone(), attempt })
+            }
+            Command::ClearVmError { name } => {
+                let vm = self.vm_mut(name)?;
+                vm.error = None;
+                vm.failed_on.clear();
+                Ok(Applied::Done)
+            }
+            Command::DeleteRule { name } => {
+                self.rules.remove(name).ok_or_else(|| StateError::UnknownRule(name.clone()))?;
+                Ok(Applied::Done)
+            }
+            Command::SetSettings { settings, .. } => {
+                if !(100..=1600).contains(&settings.vcpu_overcommit_pct) {
+                    return Err(StateError::BadSetting(format!("vcpu_overcommit_pct = {} is outside 100..=1600", settings.vcpu_overcommit_pct)));
+                }
+                if settings.ftt_target.is_some_and(|t| t as usize >= crate::hostset::MAX_HOSTS) {
+                    return Err(StateError::BadSetting("ftt_target is larger than any cluster".into()));
+                }
+                if let Some((g, d)) = settings.group_delays_ms.iter().find(|(g, d)| **g > MAX_RESTART_GROUP || **d > MAX_GROUP_DELAY_MS) {
+                    return Err(StateError::BadSetting(format!(
+                        "restart group {g} delay {d} ms: groups are 0..={MAX_RESTART_GROUP}, delays at most {MAX_GROUP_DELAY_MS} ms"
+                    )));
+                }
+                self.admit(mode, cmd, |s| {
+                    s.settings = settings.clone();
+                    Ok(())
+                })
+            }
+            Command::Assign { name, host } => {
+                let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.clone()))?;
+                if vm.desired != PowerState::Running || vm.assignment.is_some() {
+                    return Err(StateError::NotPlaceable(name.clone()));
+                }
+                let demand = vm.spec.demand();
+                self.check_target(name, *host, demand)?;
+                let generation = self.next_gen();
+                let vm = self.vm_mut(name)?;
+                vm.assignment = Some(Assignment { host: *host, generation });
+                vm.held = false;
+                vm.capacity_retries = None;
+                Ok(Applied::Assigned { name: name.clone(), host: *host, generation })
+            }
+            Command::Release { name, host, generation } => {
+                let vm = self.vm_mut(name)?;
+                if vm.assignment != Some(Assignment { host: *host, generation: *generation }) {
+                    return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
+                }
+                if vm.desired != PowerState::Stopped {
+                    return Err(StateError::Stale(format!("VM '{name}' is desired running again")));
+                }
+                vm.assignment = None;
+                vm.held = false;
+                Ok(Applied::Done)
+            }
+            Command::Failover { host, epoch, plan } => self.failover(*host, *epoch, plan),
+        }
+    }
+
+    /// Whether committed state lets `name` be assigned to `host` now: active, in normal mode,
+    /// with room, and no hard rule broken. The proposer planned it on its own copy; this is
+    /// checked again on every host, when applied, against the state at that point of the log.
+    fn check_target(&self, name: &str, host: HostId, demand: Capacity) -> Result<(), StateError> {
+        let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
+        if h.status != HostStatus::Active {
+            return Err(StateError::HostNotActive(host));
+        }
+        if h.mode != HostMode::Normal {
+            return Err(StateError::HostMode { host, mode: h.mode });
+        }
+        if !self.fits(host, demand) {
+            return Err(StateError::NoCapacity { vm: name.to_string(), host });
+        }
+        if let Some(rule) = self.broken_hard_rule(name, host) {
+            return Err(StateError::BreaksHardRule { vm: name.to_string(), host, rule });
+        }
+        Ok(())
+    }
+
+    /// The first hard rule that assigning `name` to `host` would break, given where the other
+    /// members of its rules are assigned now.
+    fn broken_hard_rule(&self, name: &str, host: HostId) -> Option<String> {
+        let placed_on = |vm: &str| self.vms.get(vm).and_then(|v| v.assignment).map(|a| a.host);
+        self.rules.values().filter(|r| r.hard && r.vms.iter().any(|v| v == name)).find_map(|r| {
+            let others = r.vms.iter().filter(|v| *v != name).filter_map(|v| placed_on(v));
+            let broken = match r.kind {
+                RuleKind::AntiAffinity => others.into_iter().any(|h| h == host),
+                RuleKind::Affinity => others.into_iter().any(|h| h != host),
+            };
+            broken.then(|| r.name.clone())
+        })
+    }
+
+    fn failover(&mut self, host: HostId, epoch: u64, plan: &[(String, HostId)]) -> Result<Applied, StateError> {
+        let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
+        if h.status != HostStatus::Active || h.epoch != epoch {
+            return Err(StateError::Stale(format!("failover of {host} epoch {epoch}, but the host is {:?} in epoch {}", h.status, h.epoch)));
+        }
+        if let Some(h) = self.hosts.get_mut(&host) {
+            h.status = HostStatus::Failed;
+        }
+        // Everything on the failed host is released first, so capacity is counted without it.
+        let victims: Vec<String> = self.assigned_to(host).map(|v| v.spec.name.clone()).collect();
+        for name in &victims {
+            if let Some(vm) = self.vms.get_mut(name) {
+                vm.assignment = None;
+                vm.held = false;
+            }
+        }
+        let mut moved = Vec::new();
+        for (name, target) in plan {
+            let Some(vm) = self.vms.get(name) else { continue };
+            if !victims.contains(name) || vm.desired != PowerState::Running || *target == host {
+                continue;
+            }
+            let demand = vm.spec.demand();
+            if self.check_target(name, *target, demand).is_err() {
+                continue;
+            }
+            let generation = self.next_gen();
+            if let Some(vm) = self.vms.get_mut(name) {
+                vm.assignment = Some(Assignment { host: *target, generation });
+            }
+            moved.push((name.clone(), *target, generation));
+        }
+        // Restart order: the lowest group among the moved VMs starts now; the higher ones are
+        // held until the coordinator sees the lower groups run (or their delay passes).
+        let first_group = moved.iter().filter_map(|(n, _, _)| self.vms.get(n)).map(|v| v.spec.restart_group).min();
+        for (name, _, _) in &moved {
+            if let Some(vm) = self.vms.get_mut(name) {
+                vm.held = first_group.is_some_and(|g| vm.spec.restart_group > g);
+            }
+        }
+        let mut left_down = Vec::new();
+        for name in &victims {
+            let Some(vm) = self.vms.get_mut(name) else { continue };
+            if vm.assignment.is_none() && vm.desired == PowerState::Running {
+                left_down.push(name.clone());
+                // Protected VMs stay wanted and are placed as soon as capacity appears; best-effort
+                // ones wait for a bounded number of retries; `off` ones are stopped.
+                match vm.spec.protection {
+                    Protection::Protect => {}
+                    Protection::BestEffort => vm.capacity_retries = Some(0),
+                    Protection::Off => vm.desired = PowerState::Stopped,
+                }
+            }
+        }
+        Ok(Applied::FailedOver { host, moved, left_down })
+    }
+}

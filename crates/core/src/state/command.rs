@@ -1,0 +1,205 @@
+//! The commands that change the desired state (as carried in the consensus log), what applying
+//! one reports, and why one is refused.
+
+use super::*;
+/// A change to the desired state, as carried in the consensus log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Command {
+    AddHost {
+        id: HostId,
+        name: String,
+        api_addr: String,
+        heartbeat_addr: String,
+        capacity: Capacity,
+    },
+    /// The host's agent (re)joins: it becomes active in a new epoch.
+    HostJoined {
+        host: HostId,
+    },
+    CreateVm {
+        spec: VmSpec,
+    },
+    DeleteVm {
+        name: String,
+    },
+    /// `force`: apply even if admission control refuses (recorded in the result).
+    SetPower {
+        name: String,
+        desired: PowerState,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Changes a VM's size, protection or priority (the name stays).
+    UpdateVm {
+        spec: VmSpec,
+        #[serde(default)]
+        force: bool,
+    },
+    SetHostMode {
+        host: HostId,
+        mode: HostMode,
+        #[serde(default)]
+        force: bool,
+    },
+    SetRule {
+        rule: Rule,
+        #[serde(default)]
+        force: bool,
+    },
+    DeleteRule {
+        name: String,
+    },
+    SetSettings {
+        settings: Settings,
+        #[serde(default)]
+        force: bool,
+    },
+    /// The coordinator places a running-desired VM that has no assignment.
+    Assign {
+        name: String,
+        host: HostId,
+    },
+    /// A host releases a VM it has stopped.
+    Release {
+        name: String,
+        host: HostId,
+        generation: u64,
+    },
+    /// The host running `name` in `generation` gave up on it (its start failed, or it crashed,
+    /// more often than the host's restart budget allows): it moves to another host, or, after
+    /// [`MAX_RELOCATIONS`] moves, enters the error state.
+    VmFailed {
+        name: String,
+        host: HostId,
+        generation: u64,
+        detail: String,
+    },
+    /// An operator clears a VM's error state and failure history (it stays stopped).
+    ClearVmError {
+        name: String,
+    },
+    /// An operator adds an API token (by its hash).
+    SetToken {
+        token: ApiToken,
+    },
+    DeleteToken {
+        name: String,
+    },
+    /// The coordinator lets held VMs (a restart group) start.
+    ReleaseHeld {
+        names: Vec<String>,
+    },
+    /// The coordinator's periodic placement retry found no host for a `best-effort` VM left
+    /// down by a failover; after [`BEST_EFFORT_RETRIES`] it is stopped.
+    CapacityRetry {
+        name: String,
+    },
+    /// The coordinator declares `host` failed in `epoch` and moves its VMs by `plan`.
+    Failover {
+        host: HostId,
+        epoch: u64,
+        plan: Vec<(String, HostId)>,
+    },
+}
+
+/// What an applied command returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Applied {
+    Done,
+    HostEpoch {
+        host: HostId,
+        epoch: u64,
+    },
+    Assigned {
+        name: String,
+        host: HostId,
+        generation: u64,
+    },
+    FailedOver {
+        host: HostId,
+        moved: Vec<(String, HostId, u64)>,
+        left_down: Vec<String>,
+    },
+    /// A change admission control would have refused, applied because it was forced.
+    Forced {
+        reason: String,
+    },
+    /// A rule stored; `violations` names running VMs that currently break it (nothing is moved).
+    RuleSet {
+        violations: Vec<String>,
+    },
+    /// A failing VM was released from its host to be placed elsewhere.
+    Relocating {
+        name: String,
+        failed_on: Vec<HostId>,
+    },
+    /// A failing VM ran out of hosts to try: stopped, with the reason.
+    VmInError {
+        name: String,
+        error: String,
+    },
+    /// A `best-effort` VM still waits for capacity after `attempt` retries.
+    StillWaiting {
+        name: String,
+        attempt: u32,
+    },
+    /// A `best-effort` VM's retries are spent: stopped.
+    GaveUpWaiting {
+        name: String,
+    },
+}
+
+/// Why a command is refused. The state is unchanged.
+#[derive(Debug, Error, PartialEq, Eq, Clone, Serialize, Deserialize)]
+pub enum StateError {
+    #[error("host {0} already exists")]
+    HostExists(String),
+    #[error("host id {0} is out of range or already taken")]
+    BadHostId(u32),
+    #[error("host name '{0}' is not valid")]
+    BadHostName(String),
+    #[error("unknown host {0}")]
+    UnknownHost(HostId),
+    #[error("unknown VM '{0}'")]
+    UnknownVm(String),
+    #[error("a VM named '{0}' already exists")]
+    VmExists(String),
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("VM '{0}' must be stopped and released by its host before it is deleted")]
+    VmNotStopped(String),
+    #[error("VM '{0}' is not waiting for placement")]
+    NotPlaceable(String),
+    #[error("host {0} is not active")]
+    HostNotActive(HostId),
+    #[error("host {host} lacks capacity for VM '{vm}'")]
+    NoCapacity { vm: String, host: HostId },
+    #[error("host {host} is in {mode:?} mode and receives no VMs")]
+    HostMode { host: HostId, mode: HostMode },
+    #[error("placing VM '{vm}' on host {host} breaks hard rule '{rule}'")]
+    BreaksHardRule { vm: String, host: HostId, rule: String },
+    #[error("stale order: {0}")]
+    Stale(String),
+    #[error("refused by admission control: {0}; use --force to override")]
+    Admission(String),
+    #[error("log entry refused: {0}")]
+    Unjudged(String),
+    #[error("rule '{rule}' cannot be satisfied: {why}")]
+    RuleInfeasible { rule: String, why: String },
+    #[error("rule '{rule}' conflicts with rule '{other}': {why}")]
+    RuleConflict { rule: String, other: String, why: String },
+    #[error("unknown rule '{0}'")]
+    UnknownRule(String),
+    #[error("unknown token '{0}'")]
+    UnknownToken(String),
+    #[error("token '{0}' already exists")]
+    TokenExists(String),
+    #[error("invalid token: {0}")]
+    BadToken(String),
+    #[error("VM '{name}' is in the error state ({error}); clear it first (tandem vm clear {name})")]
+    VmInError { name: String, error: String },
+    #[error("invalid setting: {0}")]
+    BadSetting(String),
+}

@@ -1,0 +1,174 @@
+//! VM specs and what they need of a host: sizes, disks, networks, drivers, protection, and the
+//! checks a spec passes before it is proposed.
+
+use super::*;
+/// CPU and memory a host offers or a VM needs.
+// No `deny_unknown_fields` on the types that travel in log entries: an older host must not
+// refuse a newer entry over a field it may ignore (a field it must not ignore raises the log
+// format, which stops it clearly). API input is checked strictly by the API instead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// What HA does for a VM whose host fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protection {
+    /// Always restarted, first.
+    #[default]
+    Protect,
+    /// Restarted when its host dies if capacity remains after the protected VMs.
+    BestEffort,
+    /// Never restarted by HA.
+    Off,
+}
+
+impl std::str::FromStr for Protection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "protect" => Ok(Protection::Protect),
+            "best-effort" => Ok(Protection::BestEffort),
+            "off" => Ok(Protection::Off),
+            other => Err(format!("protection level '{other}' is not one of protect, best-effort, off")),
+        }
+    }
+}
+
+/// A disk attached to a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Path on shared storage, the same on every host.
+    pub path: String,
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A VM's network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum NetworkSpec {
+    /// QEMU user-mode networking; `hostfwd` entries like `tcp:{host_ip}:8080-:80`, where
+    /// `{host_ip}` becomes the running host's address.
+    User {
+        #[serde(default)]
+        hostfwd: Vec<String>,
+    },
+    /// A tap device on the host (created and bridged by the host's own setup).
+    Tap { ifname: String, mac: Option<String> },
+}
+
+/// How the VM's workload is run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DriverSpec {
+    /// A QEMU guest, from a kernel (+ initrd + cmdline) or a boot disk.
+    Qemu {
+        #[serde(default)]
+        kernel: Option<String>,
+        #[serde(default)]
+        initrd: Option<String>,
+        #[serde(default)]
+        cmdline: Option<String>,
+        #[serde(default)]
+        extra_args: Vec<String>,
+    },
+    /// Any command; it runs as long as the "VM" runs.
+    Process { command: Vec<String> },
+}
+
+/// Everything an operator says about a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+    #[serde(default)]
+    pub protection: Protection,
+    /// Higher restarts first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Restart order group (0..=[`MAX_RESTART_GROUP`]): after a host failure, a group's VMs start
+    /// once every VM of the lower groups runs, or once the group's delay has passed.
+    #[serde(default)]
+    pub restart_group: u8,
+    pub driver: DriverSpec,
+}
+
+/// The highest restart order group.
+pub const MAX_RESTART_GROUP: u8 = 9;
+/// How long a restart group waits for the lower groups by default.
+pub const DEFAULT_GROUP_DELAY_MS: u64 = 120_000;
+/// The longest delay a restart group may be given.
+pub const MAX_GROUP_DELAY_MS: u64 = 3_600_000;
+/// Placement retries of a `best-effort` VM that its host's failover left without a host, after
+/// which it is stopped; the coordinator spaces them [`BEST_EFFORT_RETRY_INTERVAL_MS`] apart.
+pub const BEST_EFFORT_RETRIES: u32 = 3;
+pub const BEST_EFFORT_RETRY_INTERVAL_MS: u64 = 10_000;
+
+/// Why a VM spec is refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("VM name '{0}' must be 1-63 characters of letters, digits, '-' and '_'")]
+    BadName(String),
+    #[error("vcpus = {0} is outside 1..=256")]
+    BadVcpus(u32),
+    #[error("memory_mib = {0} is outside 16..=4194304")]
+    BadMemory(u64),
+    #[error("process driver needs a non-empty command")]
+    EmptyCommand,
+    #[error("qemu driver needs a kernel or at least one disk to boot from")]
+    NothingToBoot,
+    #[error("disk path must be absolute: '{0}'")]
+    RelativeDiskPath(String),
+    #[error("restart_group = {0} is outside 0..={MAX_RESTART_GROUP}")]
+    BadRestartGroup(u8),
+    #[error("{field} '{value}' is refused: {why}")]
+    BadValue { field: &'static str, value: String, why: &'static str },
+}
+
+/// Checks a name used for VMs and hosts.
+#[must_use]
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() < 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl VmSpec {
+    /// Checks the spec on its own, before it reaches the log.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !valid_name(&self.name) {
+            return Err(SpecError::BadName(self.name.clone()));
+        }
+        if !(1..=256).contains(&self.vcpus) {
+            return Err(SpecError::BadVcpus(self.vcpus));
+        }
+        if !(16..=4 * 1024 * 1024).contains(&self.memory_mib) {
+            return Err(SpecError::BadMemory(self.memory_mib));
+        }
+        if let Some(d) = self.disks.iter().find(|d| !d.path.starts_with('/')) {
+            return Err(SpecError::RelativeDiskPath(d.path.clone()));
+        }
+        if self.restart_group > MAX_RESTART_GROUP {
+            return Err(SpecError::BadRestartGroup(self.restart_group));
+        }
+        match &self.driver {
+            DriverSpec::Process { command } if command.is_empty() || command[0].is_empty() => Err(SpecError::EmptyCommand),
+            DriverSpec::Qemu { kernel: None, .. } if self.disks.is_empty() => Err(SpecError::NothingToBoot),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the VM takes from its host.
+    #[must_use]
+    pub fn demand(&self) -> Capacity {
+        Capacity { vcpus: self.vcpus, memory_mib: self.memory_mib }
+    }
+}
