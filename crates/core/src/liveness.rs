@@ -532,15 +532,7 @@ mod tests {
     use super::*;
     use crate::wire::DiskSlot;
 
-    const T: Timings = Timings {
-        heartbeat_interval_ms: 200,
-        peer_timeout_ms: 3000,
-        self_fence_ms: 2000,
-        disk_io_timeout_ms: 1000,
-        kill_grace_ms: 500,
-        clock_margin_ms: 500,
-        partition_confirm_ms: 600,
-    };
+    const T: Timings = crate::timing::DEFAULT_TIMINGS;
 
     fn three(me: u32) -> Liveness {
         let mut l = Liveness::new(HostId(me), 1, T, Millis(0));

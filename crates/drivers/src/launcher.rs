@@ -7,6 +7,9 @@
 
 use crate::{wall_ms, DriverError, VmExit, VmStatus};
 use std::collections::BTreeMap;
+
+/// How long a SIGKILLed workload gets to be reaped before a stop reports a timeout.
+pub const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::mpsc;
@@ -177,6 +180,24 @@ impl Launcher {
         let mut t = lock(&self.table);
         if t.get(name).is_some_and(|r| r.status.exit.is_some()) {
             t.remove(name);
+        }
+    }
+    /// SIGKILL to `name`'s process group, counted as requested (not a crash).
+    pub fn kill(&self, name: &str) -> Result<(), DriverError> {
+        if self.signal(name, libc::SIGKILL, true) {
+            Ok(())
+        } else {
+            Err(DriverError::NotRunning(name.to_string()))
+        }
+    }
+
+    /// The last step of every graceful stop: SIGKILL, then wait (bounded) for the exit.
+    pub async fn kill_and_wait(&self, name: &str) -> Result<(), DriverError> {
+        self.signal(name, libc::SIGKILL, true);
+        if self.wait_exit(name, KILL_WAIT).await {
+            Ok(())
+        } else {
+            Err(DriverError::StopTimeout(name.to_string()))
         }
     }
 

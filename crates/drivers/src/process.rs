@@ -53,21 +53,12 @@ impl VmDriver for ProcessDriver {
             if self.launcher.wait_exit(name, self.stop_timeout).await {
                 return Ok(());
             }
-            self.launcher.signal(name, libc::SIGKILL, true);
-            if self.launcher.wait_exit(name, Duration::from_secs(5)).await {
-                Ok(())
-            } else {
-                Err(DriverError::StopTimeout(name.to_string()))
-            }
+            self.launcher.kill_and_wait(name).await
         })
     }
 
     fn kill(&self, name: &str) -> Result<(), DriverError> {
-        if self.launcher.signal(name, libc::SIGKILL, true) {
-            Ok(())
-        } else {
-            Err(DriverError::NotRunning(name.to_string()))
-        }
+        self.launcher.kill(name)
     }
 
     fn kill_all(&self) -> usize {
