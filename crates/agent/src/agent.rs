@@ -322,9 +322,9 @@ impl Agent {
     pub async fn submit(&self, cmd: Command) -> Result<CommandResult, AgentError> {
         match self.consensus.propose(cmd.clone()).await {
             Ok((r, _)) => Ok(r),
-            Err(ConsensusError::NotLeader(Some(addr))) => {
+            Err(ConsensusError::NotLeader(leader)) => {
                 let body = serde_json::to_vec(&cmd).map_err(|e| AgentError::ForwardRefused(e.to_string()))?;
-                let resp = self.rpc.call(&addr, "/v1/internal/propose", Some(&self.token), Some(body), FORWARD_TIMEOUT).await?;
+                let resp = self.forward_to_leader(leader, "/v1/internal/propose", body, FORWARD_TIMEOUT).await?;
                 if resp.status != 200 {
                     return Err(AgentError::ForwardRefused(String::from_utf8_lossy(&resp.body).into_owned()));
                 }
@@ -332,9 +332,15 @@ impl Agent {
                 self.consensus.wait_applied(index).await;
                 Ok(r)
             }
-            Err(ConsensusError::NotLeader(None)) => Err(AgentError::NoLeader),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Sends `body` to `path` on the leader's API, with the cluster token: a request this host
+    /// was authorized for but only the leader can carry out (a proposal, a join).
+    pub async fn forward_to_leader(&self, leader: Option<String>, path: &str, body: Vec<u8>, timeout: Duration) -> Result<httpc::Response, AgentError> {
+        let leader = leader.ok_or(AgentError::NoLeader)?;
+        Ok(self.rpc.call(&leader, path, Some(&self.token), Some(body), timeout).await?)
     }
 }
 

@@ -78,7 +78,24 @@ impl From<StateError> for ApiError {
             StateError::InvalidSpec(_) | StateError::BadHostName(_) | StateError::BadHostId(_) | StateError::BadSetting(_) | StateError::BadToken(_) => {
                 StatusCode::BAD_REQUEST
             }
-            _ => StatusCode::CONFLICT,
+            // Refused by the cluster as it stands: a conflict the caller can resolve. Listed
+            // one by one, so that a new refusal is given its status deliberately.
+            StateError::HostExists(_)
+            | StateError::VmExists(_)
+            | StateError::VmNotStopped(_)
+            | StateError::NotPlaceable(_)
+            | StateError::HostNotActive(_)
+            | StateError::NoCapacity { .. }
+            | StateError::HostMode { .. }
+            | StateError::BreaksHardRule { .. }
+            | StateError::Stale(_)
+            | StateError::Admission(_)
+            | StateError::RuleInfeasible { .. }
+            | StateError::RuleConflict { .. }
+            | StateError::TokenExists(_)
+            | StateError::VmInError { .. } => StatusCode::CONFLICT,
+            // A log entry the proposer built wrong: a bug, not the caller's doing.
+            StateError::Unjudged(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e)
     }

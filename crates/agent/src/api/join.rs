@@ -35,13 +35,8 @@ pub(super) struct JoinRequest {
 pub(super) async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Result<Response, ApiError> {
     let req: JoinRequest = parse(&body, "join request")?;
     if !a.consensus.is_leader() {
-        let leader = a.consensus.leader_addr().ok_or_else(|| ApiError::from(AgentError::NoLeader))?;
         // The caller was authorized here; the leader is asked on the cluster's behalf.
-        let r = a
-            .rpc()
-            .call(&leader, "/v1/hosts/join", Some(&a.token), Some(body.to_vec()), Duration::from_secs(60))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
+        let r = a.forward_to_leader(a.consensus.leader_addr(), "/v1/hosts/join", body.to_vec(), Duration::from_secs(60)).await.map_err(ApiError::from)?;
         let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
         return Ok((status, [("content-type", "application/json")], r.body).into_response());
     }
