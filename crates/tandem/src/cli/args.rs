@@ -1,0 +1,350 @@
+//! The command line: every command, subcommand and flag (clap).
+
+use super::output::Output;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Tandem keeps QEMU/KVM virtual machines available: one agent per host, network and disk
+/// heartbeats, self-fencing, and restart of protected VMs on the surviving hosts.
+/// What every command's `--help` ends with, in the manner of a man page.
+pub const MANUAL: &str = "\
+ENVIRONMENT:
+    TANDEM_API          the agent to talk to (ip:port), instead of --api
+    TANDEM_TOKEN        API token (admin or read-only), instead of --token
+    TANDEM_SECRET_FILE  cluster secret file; its derived cluster token is used (admin)
+    RUST_LOG            log filter for agent, sim and chaos (default: warn)
+
+EXIT STATUS:
+    0   success
+    1   refused by the cluster: bad input, unknown name, conflict, admission control,
+        missing or insufficient token; the message says which
+    2   usage error, or the agent could not start (bad configuration)
+    3   the agent is unreachable or the cluster has no quorum: retrying may help
+
+OUTPUT:
+    Tables by default; --output json prints the API's JSON unchanged (events --follow prints
+    one JSON object per line).
+
+SEE ALSO:
+    README.md (concepts, configuration), docs/openapi.json (the API), tandem openapi";
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about, long_about = None, after_long_help = MANUAL, propagate_version = true)]
+pub struct Cli {
+    /// Address of any agent's API (ip:port).
+    #[arg(long, global = true, env = "TANDEM_API", default_value = "127.0.0.1:7400")]
+    pub api: String,
+    /// API token (admin or read-only; see `tandem token`).
+    #[arg(long, global = true, env = "TANDEM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Use the cluster token derived from this cluster secret file (what the agents share).
+    #[arg(long, global = true, env = "TANDEM_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Talk TLS to the agents, verifying them against this CA certificate (PEM).
+    #[arg(long, global = true, env = "TANDEM_CA")]
+    pub ca: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the agent of one host.
+    Agent {
+        /// The agent's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The shared heartbeat disk: format it once, before the first agent starts.
+    Disk {
+        #[command(subcommand)]
+        op: DiskOp,
+    },
+    /// Cluster-wide operations.
+    Cluster {
+        #[command(subcommand)]
+        op: ClusterOp,
+    },
+    /// Hosts.
+    Host {
+        #[command(subcommand)]
+        op: HostOp,
+    },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        op: VmOp,
+    },
+    /// Failures to tolerate: how many simultaneous host failures every protected VM survives.
+    Ftt,
+    /// For each single host failure: where every VM would restart and which would stay down.
+    Plan,
+    /// What would happen if the given hosts failed together.
+    Whatif {
+        /// Host names, comma-separated (e.g. h1,h2).
+        #[arg(long, value_delimiter = ',', required = true)]
+        fail: Vec<String>,
+    },
+    /// Placement rules: affinity and anti-affinity groups of VMs.
+    Rule {
+        #[command(subcommand)]
+        op: RuleOp,
+    },
+    /// Benchmarks (figures printed; nothing asserted).
+    Bench {
+        #[command(subcommand)]
+        op: BenchOp,
+    },
+    /// The HA event timeline recorded by the agent at --api.
+    Events(EventsArgs),
+    /// API tokens: admin (read and write) or read-only; only their hash is stored.
+    Token {
+        #[command(subcommand)]
+        op: TokenOp,
+    },
+    /// Print the OpenAPI description of the agent API.
+    Openapi,
+    /// Print a shell completion script: tandem completions bash > /etc/bash_completion.d/tandem
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Start a three-host cluster on this machine, cut one host's power, and measure recovery.
+    Demo(tandem::demo::DemoArgs),
+    /// Real fault injection (root): agents in network namespaces, seeded faults, invariant checks.
+    Chaos(tandem::chaos::ChaosArgs),
+    /// Deterministic simulation of whole clusters (real agents, simulated world), seed by seed.
+    Sim(tandem::sim::SimArgs),
+}
+
+#[derive(Subcommand)]
+pub enum TokenOp {
+    /// Make a token; it is printed once and cannot be shown again.
+    Create {
+        name: String,
+        /// admin (everything) | operator (start, stop, clear VMs; reads) | read-only
+        #[arg(long, default_value = "read-only")]
+        role: String,
+    },
+    /// Token names and roles.
+    List,
+    /// Revoke a token.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum DiskOp {
+    /// Write the header (cluster fingerprint, layout) and empty slots to the agent's
+    /// `heartbeat_disk`. Agents refuse a disk that was not formatted for their cluster. A disk
+    /// that already carries a header is refused unless --force (it erases live slots: only while
+    /// no agent runs).
+    Format {
+        /// An agent configuration naming the disk and the cluster secret.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterOp {
+    /// Make the agent at --api the first host of a new cluster.
+    Init,
+    /// Consensus and runtime status of the agent at --api.
+    Status,
+    /// Show the cluster settings.
+    Settings,
+    /// Change cluster settings; refused if it would break the FTT target unless --force.
+    Set {
+        /// Failures-to-tolerate target protected by admission control (`none` to clear).
+        #[arg(long)]
+        ftt_target: Option<String>,
+        /// vCPUs offered per physical vCPU, in percent (100..=1600).
+        #[arg(long)]
+        vcpu_overcommit_pct: Option<u32>,
+        /// GROUP=SECONDS: how long restart group GROUP waits for the lower groups to run before
+        /// it starts anyway (GROUP=default restores 120 s; repeatable).
+        #[arg(long)]
+        group_delay: Vec<String>,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RuleOp {
+    /// Add or replace a rule. Refused when infeasible or in conflict with another hard rule.
+    Add {
+        name: String,
+        /// affinity (together) or anti-affinity (apart)
+        #[arg(long)]
+        kind: String,
+        /// Never broken (a VM stays down instead); without it, a preference.
+        #[arg(long)]
+        hard: bool,
+        /// The VMs (two or more).
+        #[arg(required = true, num_args = 2..)]
+        vms: Vec<String>,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
+        #[arg(long)]
+        force: bool,
+    },
+    List,
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchOp {
+    /// FTT and failover plans for large synthetic clusters, and the approximation's gap.
+    Placement {
+        /// Repetitions per figure (medians are printed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Heartbeat jitter of one real agent kept busy on a 64-host, 100,000-VM state (/v1/plan,
+    /// /v1/ftt, /metrics in a loop, and commands judged by admission control); the other 63
+    /// hosts are played by this process.
+    Liveness {
+        /// VMs in the state.
+        #[arg(long, default_value_t = 100_000)]
+        vms: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Concurrent clients requesting the heavy endpoints.
+        #[arg(long, default_value_t = 2)]
+        readers: usize,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum HostOp {
+    /// Add the agent listening at API_ADDR to the cluster.
+    Join { api_addr: String },
+    /// Hosts, with each one's liveness as seen by the agent at --api.
+    List,
+    /// Set a host's mode: normal, maintenance (no new VMs) or disabled. Refused if it would
+    /// break the FTT target unless --force.
+    Mode {
+        name: String,
+        mode: String,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VmOp {
+    /// Create a VM (stopped) from a spec file or from flags.
+    Create(Box<CreateArgs>),
+    /// Ask the cluster to run a VM. Refused if it would break the FTT target unless --force.
+    Start {
+        name: String,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change a VM's size, protection or priority. Refused if it would break the FTT target
+    /// unless --force.
+    Update {
+        name: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// protect | best-effort | off
+        #[arg(long)]
+        protection: Option<String>,
+        #[arg(long)]
+        priority: Option<i32>,
+        /// Restart order group 0-9.
+        #[arg(long)]
+        group: Option<u8>,
+        /// Apply even if admission control refuses (recorded as an admission-forced event).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Ask the cluster to stop a VM (ACPI power-down, then kill after the stop timeout).
+    Stop { name: String },
+    /// Delete a stopped VM.
+    Delete { name: String },
+    /// Clear a VM's error state and failure history (after fixing the cause; then start it).
+    Clear { name: String },
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { name: String },
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// VM name (ignored with --spec).
+    pub name: Option<String>,
+    /// A JSON or TOML VM spec file.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    #[arg(long, default_value_t = 128)]
+    pub memory_mib: u64,
+    /// protect | best-effort | off
+    #[arg(long, default_value = "protect")]
+    pub protection: String,
+    /// Higher restarts first.
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    /// Restart order group 0-9: after a host failure, higher groups start after the lower ones run.
+    #[arg(long, default_value_t = 0)]
+    pub group: u8,
+    /// QEMU: kernel image.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// QEMU: initrd.
+    #[arg(long)]
+    pub initrd: Option<String>,
+    /// QEMU: kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// QEMU: a disk image on shared storage (repeatable).
+    #[arg(long)]
+    pub disk: Vec<String>,
+    /// QEMU user networking port forward, e.g. tcp:{host_ip}:8080-:80 (repeatable).
+    #[arg(long)]
+    pub hostfwd: Vec<String>,
+    /// Process driver: the command to run (everything after --).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+/// `tandem events`' filters and modes.
+#[derive(clap::Args)]
+pub struct EventsArgs {
+    /// Only events after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    pub after: u64,
+    /// Only events about this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Only events recorded by, or about, this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only events of this kind (peer-dead, fenced, failover-committed, vm-started, ...).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Keep printing new events as they are recorded (Ctrl-C ends).
+    #[arg(long)]
+    pub follow: bool,
+    /// Merge the timelines of every host in the cluster (each agent records its own), in
+    /// time order: a failover's whole story, from the coordinator and the hosts that restart
+    /// the VMs, in one list.
+    #[arg(long)]
+    pub cluster: bool,
+}
