@@ -1,4 +1,5 @@
-//! `apply`: the only mutator of the desired state, deterministic and all-or-nothing, and the
+//! `apply`: the only mutator of the desired state, deterministic and all-or-nothing (one function
+//! per command, dispatched from `apply_command`), and the
 //! checks a placement passes when it is applied (on every host, against the state at that point
 //! of the log).
 
@@ -41,228 +42,264 @@ impl ClusterState {
 
     fn apply_command(&mut self, cmd: &Command, mode: AdmitMode<'_>) -> Result<Applied, StateError> {
         match cmd {
-            Command::AddHost { id, name, api_addr, heartbeat_addr, capacity } => {
-                if !id.is_valid() || self.hosts.contains_key(id) {
-                    return Err(StateError::BadHostId(id.0));
-                }
-                if !valid_name(name) {
-                    return Err(StateError::BadHostName(name.clone()));
-                }
-                if self.host_by_name(name).is_some() {
-                    return Err(StateError::HostExists(name.clone()));
-                }
-                self.hosts.insert(
-                    *id,
-                    HostRecord {
-                        id: *id,
-                        name: name.clone(),
-                        api_addr: api_addr.clone(),
-                        heartbeat_addr: heartbeat_addr.clone(),
-                        capacity: *capacity,
-                        status: HostStatus::Joining,
-                        epoch: 0,
-                        mode: HostMode::Normal,
-                    },
-                );
-                Ok(Applied::Done)
-            }
-            Command::HostJoined { host } => {
-                let h = self.hosts.get_mut(host).ok_or(StateError::UnknownHost(*host))?;
-                h.status = HostStatus::Active;
-                h.epoch += 1;
-                Ok(Applied::HostEpoch { host: *host, epoch: h.epoch })
-            }
-            Command::CreateVm { spec } => {
-                spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
-                if self.vms.contains_key(&spec.name) {
-                    return Err(StateError::VmExists(spec.name.clone()));
-                }
-                self.vms.insert(
-                    spec.name.clone(),
-                    VmRecord {
-                        spec: spec.clone(),
-                        desired: PowerState::Stopped,
-                        assignment: None,
-                        failed_on: vec![],
-                        error: None,
-                        held: false,
-                        capacity_retries: None,
-                    },
-                );
-                Ok(Applied::Done)
-            }
-            Command::DeleteVm { name } => {
-                let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.clone()))?;
-                if vm.desired != PowerState::Stopped || vm.assignment.is_some() {
-                    return Err(StateError::VmNotStopped(name.clone()));
-                }
-                self.vms.remove(name);
-                Ok(Applied::Done)
-            }
-            Command::SetPower { name, desired, .. } => {
-                if let Some(e) = self.vm_mut(name)?.error.clone().filter(|_| *desired == PowerState::Running) {
-                    return Err(StateError::VmInError { name: name.clone(), error: e });
-                }
-                self.admit(mode, cmd, |s| {
-                    if let Some(v) = s.vms.get_mut(name) {
-                        v.desired = *desired;
-                        // An operator's word ends any wait for capacity.
-                        v.capacity_retries = None;
-                    }
-                    Ok(())
-                })
-            }
-            Command::UpdateVm { spec, .. } => {
-                spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
-                let vm = self.vms.get(&spec.name).ok_or_else(|| StateError::UnknownVm(spec.name.clone()))?;
-                if let Some(a) = vm.assignment {
-                    if !self.fits_with(a.host, spec.demand(), Some(&spec.name)) {
-                        return Err(StateError::NoCapacity { vm: spec.name.clone(), host: a.host });
-                    }
-                }
-                self.admit(mode, cmd, |s| {
-                    if let Some(v) = s.vms.get_mut(&spec.name) {
-                        v.spec = spec.clone();
-                    }
-                    Ok(())
-                })
-            }
-            Command::SetHostMode { host, mode: host_mode, .. } => {
-                self.hosts.get(host).ok_or(StateError::UnknownHost(*host))?;
-                self.admit(mode, cmd, |s| {
-                    if let Some(h) = s.hosts.get_mut(host) {
-                        h.mode = *host_mode;
-                    }
-                    Ok(())
-                })
-            }
-            Command::SetRule { rule, .. } => {
-                self.check_rule(rule)?;
-                let violations = self.rule_violations(rule);
-                let applied = self.admit(mode, cmd, |s| {
-                    s.rules.insert(rule.name.clone(), rule.clone());
-                    Ok(())
-                })?;
-                Ok(match applied {
-                    Applied::Done => Applied::RuleSet { violations },
-                    other => other,
-                })
-            }
-            Command::VmFailed { name, host, generation, detail } => {
-                let active = self.active_hosts();
-                let vm = self.vm_mut(name)?;
-                if vm.assignment != Some(Assignment { host: *host, generation: *generation }) {
-                    return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
-                }
-                vm.assignment = None;
-                vm.held = false;
-                if !vm.failed_on.contains(host) {
-                    vm.failed_on.push(*host);
-                }
-                // Out of tries, or out of hosts to try: a small cluster runs out before the budget.
-                if vm.failed_on.len() > MAX_RELOCATIONS || active.iter().all(|h| vm.failed_on.contains(&h)) {
-                    let hosts: Vec<String> = vm.failed_on.iter().map(ToString::to_string).collect();
-                    let error = format!("gave up after failing on hosts {}: {detail}", hosts.join(", "));
-                    vm.desired = PowerState::Stopped;
-                    vm.error = Some(error.clone());
-                    return Ok(Applied::VmInError { name: name.clone(), error });
-                }
-                Ok(Applied::Relocating { name: name.clone(), failed_on: vm.failed_on.clone() })
-            }
-            Command::SetToken { token } => {
-                if !valid_name(&token.name) {
-                    return Err(StateError::BadToken(format!("name '{}' must be 1-63 letters, digits, '-' or '_'", token.name)));
-                }
-                if token.sha256.len() != 64 || !token.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
-                    return Err(StateError::BadToken("sha256 must be 64 lower-case hex digits".into()));
-                }
-                if self.tokens.contains_key(&token.name) {
-                    return Err(StateError::TokenExists(token.name.clone()));
-                }
-                self.tokens.insert(token.name.clone(), token.clone());
-                Ok(Applied::Done)
-            }
-            Command::DeleteToken { name } => {
-                self.tokens.remove(name).ok_or_else(|| StateError::UnknownToken(name.clone()))?;
-                Ok(Applied::Done)
-            }
-            Command::ReleaseHeld { names } => {
-                for name in names {
-                    if let Some(vm) = self.vms.get_mut(name) {
-                        vm.held = false;
-                    }
-                }
-                Ok(Applied::Done)
-            }
-            Command::CapacityRetry { name } => {
-                let vm = self.vm_mut(name)?;
-                let Some(spent) = vm.capacity_retries.filter(|_| vm.assignment.is_none() && vm.desired == PowerState::Running) else {
-                    return Err(StateError::Stale(format!("VM '{name}' is not waiting for capacity")));
-                };
-                let attempt = spent + 1;
-                if attempt >= BEST_EFFORT_RETRIES {
-                    vm.capacity_retries = None;
-                    vm.desired = PowerState::Stopped;
-                    return Ok(Applied::GaveUpWaiting { name: name.clone() });
-                }
-                vm.capacity_retries = Some(attempt);
-                Ok(Applied::StillWaiting { name: name.clone(), attempt })
-            }
-            Command::ClearVmError { name } => {
-                let vm = self.vm_mut(name)?;
-                vm.error = None;
-                vm.failed_on.clear();
-                Ok(Applied::Done)
-            }
-            Command::DeleteRule { name } => {
-                self.rules.remove(name).ok_or_else(|| StateError::UnknownRule(name.clone()))?;
-                Ok(Applied::Done)
-            }
-            Command::SetSettings { settings, .. } => {
-                if !(100..=1600).contains(&settings.vcpu_overcommit_pct) {
-                    return Err(StateError::BadSetting(format!("vcpu_overcommit_pct = {} is outside 100..=1600", settings.vcpu_overcommit_pct)));
-                }
-                if settings.ftt_target.is_some_and(|t| t as usize >= crate::hostset::MAX_HOSTS) {
-                    return Err(StateError::BadSetting("ftt_target is larger than any cluster".into()));
-                }
-                if let Some((g, d)) = settings.group_delays_ms.iter().find(|(g, d)| **g > MAX_RESTART_GROUP || **d > MAX_GROUP_DELAY_MS) {
-                    return Err(StateError::BadSetting(format!(
-                        "restart group {g} delay {d} ms: groups are 0..={MAX_RESTART_GROUP}, delays at most {MAX_GROUP_DELAY_MS} ms"
-                    )));
-                }
-                self.admit(mode, cmd, |s| {
-                    s.settings = settings.clone();
-                    Ok(())
-                })
-            }
-            Command::Assign { name, host } => {
-                let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.clone()))?;
-                if vm.desired != PowerState::Running || vm.assignment.is_some() {
-                    return Err(StateError::NotPlaceable(name.clone()));
-                }
-                let demand = vm.spec.demand();
-                self.check_target(name, *host, demand)?;
-                let generation = self.next_gen();
-                let vm = self.vm_mut(name)?;
-                vm.assignment = Some(Assignment { host: *host, generation });
-                vm.held = false;
-                vm.capacity_retries = None;
-                Ok(Applied::Assigned { name: name.clone(), host: *host, generation })
-            }
-            Command::Release { name, host, generation } => {
-                let vm = self.vm_mut(name)?;
-                if vm.assignment != Some(Assignment { host: *host, generation: *generation }) {
-                    return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
-                }
-                if vm.desired != PowerState::Stopped {
-                    return Err(StateError::Stale(format!("VM '{name}' is desired running again")));
-                }
-                vm.assignment = None;
-                vm.held = false;
-                Ok(Applied::Done)
-            }
+            Command::AddHost { id, name, api_addr, heartbeat_addr, capacity } => self.add_host(*id, name, api_addr, heartbeat_addr, *capacity),
+            Command::HostJoined { host } => self.host_joined(*host),
+            Command::CreateVm { spec } => self.create_vm(spec),
+            Command::DeleteVm { name } => self.delete_vm(name),
+            Command::SetPower { name, desired, .. } => self.set_power(mode, cmd, name, *desired),
+            Command::UpdateVm { spec, .. } => self.update_vm(mode, cmd, spec),
+            Command::SetHostMode { host, mode: host_mode, .. } => self.set_host_mode(mode, cmd, *host, *host_mode),
+            Command::SetRule { rule, .. } => self.set_rule(mode, cmd, rule),
+            Command::VmFailed { name, host, generation, detail } => self.vm_failed(name, *host, *generation, detail),
+            Command::SetToken { token } => self.set_token(token),
+            Command::DeleteToken { name } => self.delete_token(name),
+            Command::ReleaseHeld { names } => self.release_held(names),
+            Command::CapacityRetry { name } => self.capacity_retry(name),
+            Command::ClearVmError { name } => self.clear_vm_error(name),
+            Command::DeleteRule { name } => self.delete_rule(name),
+            Command::SetSettings { settings, .. } => self.set_settings(mode, cmd, settings),
+            Command::Assign { name, host } => self.assign(name, *host),
+            Command::Release { name, host, generation } => self.release(name, *host, *generation),
             Command::Failover { host, epoch, plan } => self.failover(*host, *epoch, plan),
         }
+    }
+
+    fn add_host(&mut self, id: HostId, name: &str, api_addr: &str, heartbeat_addr: &str, capacity: Capacity) -> Result<Applied, StateError> {
+        if !id.is_valid() || self.hosts.contains_key(&id) {
+            return Err(StateError::BadHostId(id.0));
+        }
+        if !valid_name(name) {
+            return Err(StateError::BadHostName(name.to_string()));
+        }
+        if self.host_by_name(name).is_some() {
+            return Err(StateError::HostExists(name.to_string()));
+        }
+        self.hosts.insert(
+            id,
+            HostRecord {
+                id,
+                name: name.to_string(),
+                api_addr: api_addr.to_string(),
+                heartbeat_addr: heartbeat_addr.to_string(),
+                capacity,
+                status: HostStatus::Joining,
+                epoch: 0,
+                mode: HostMode::Normal,
+            },
+        );
+        Ok(Applied::Done)
+    }
+
+    fn host_joined(&mut self, host: HostId) -> Result<Applied, StateError> {
+        let h = self.hosts.get_mut(&host).ok_or(StateError::UnknownHost(host))?;
+        h.status = HostStatus::Active;
+        h.epoch += 1;
+        Ok(Applied::HostEpoch { host, epoch: h.epoch })
+    }
+
+    fn create_vm(&mut self, spec: &VmSpec) -> Result<Applied, StateError> {
+        spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
+        if self.vms.contains_key(&spec.name) {
+            return Err(StateError::VmExists(spec.name.clone()));
+        }
+        self.vms.insert(
+            spec.name.clone(),
+            VmRecord {
+                spec: spec.clone(),
+                desired: PowerState::Stopped,
+                assignment: None,
+                failed_on: vec![],
+                error: None,
+                held: false,
+                capacity_retries: None,
+            },
+        );
+        Ok(Applied::Done)
+    }
+
+    fn delete_vm(&mut self, name: &str) -> Result<Applied, StateError> {
+        let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
+        if vm.desired != PowerState::Stopped || vm.assignment.is_some() {
+            return Err(StateError::VmNotStopped(name.to_string()));
+        }
+        self.vms.remove(name);
+        Ok(Applied::Done)
+    }
+
+    fn set_power(&mut self, mode: AdmitMode<'_>, cmd: &Command, name: &str, desired: PowerState) -> Result<Applied, StateError> {
+        if let Some(e) = self.vm_mut(name)?.error.clone().filter(|_| desired == PowerState::Running) {
+            return Err(StateError::VmInError { name: name.to_string(), error: e });
+        }
+        self.admit(mode, cmd, |s| {
+            if let Some(v) = s.vms.get_mut(name) {
+                v.desired = desired;
+                // An operator's word ends any wait for capacity.
+                v.capacity_retries = None;
+            }
+            Ok(())
+        })
+    }
+
+    fn update_vm(&mut self, mode: AdmitMode<'_>, cmd: &Command, spec: &VmSpec) -> Result<Applied, StateError> {
+        spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
+        let vm = self.vms.get(&spec.name).ok_or_else(|| StateError::UnknownVm(spec.name.clone()))?;
+        if let Some(a) = vm.assignment {
+            if !self.fits_with(a.host, spec.demand(), Some(&spec.name)) {
+                return Err(StateError::NoCapacity { vm: spec.name.clone(), host: a.host });
+            }
+        }
+        self.admit(mode, cmd, |s| {
+            if let Some(v) = s.vms.get_mut(&spec.name) {
+                v.spec = spec.clone();
+            }
+            Ok(())
+        })
+    }
+
+    fn set_host_mode(&mut self, mode: AdmitMode<'_>, cmd: &Command, host: HostId, host_mode: HostMode) -> Result<Applied, StateError> {
+        self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
+        self.admit(mode, cmd, |s| {
+            if let Some(h) = s.hosts.get_mut(&host) {
+                h.mode = host_mode;
+            }
+            Ok(())
+        })
+    }
+
+    fn set_rule(&mut self, mode: AdmitMode<'_>, cmd: &Command, rule: &Rule) -> Result<Applied, StateError> {
+        self.check_rule(rule)?;
+        let violations = self.rule_violations(rule);
+        let applied = self.admit(mode, cmd, |s| {
+            s.rules.insert(rule.name.clone(), rule.clone());
+            Ok(())
+        })?;
+        Ok(match applied {
+            Applied::Done => Applied::RuleSet { violations },
+            other => other,
+        })
+    }
+
+    fn vm_failed(&mut self, name: &str, host: HostId, generation: u64, detail: &str) -> Result<Applied, StateError> {
+        let active = self.active_hosts();
+        let vm = self.vm_mut(name)?;
+        if vm.assignment != Some(Assignment { host, generation }) {
+            return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
+        }
+        vm.assignment = None;
+        vm.held = false;
+        if !vm.failed_on.contains(&host) {
+            vm.failed_on.push(host);
+        }
+        // Out of tries, or out of hosts to try: a small cluster runs out before the budget.
+        if vm.failed_on.len() > MAX_RELOCATIONS || active.iter().all(|h| vm.failed_on.contains(&h)) {
+            let hosts: Vec<String> = vm.failed_on.iter().map(ToString::to_string).collect();
+            let error = format!("gave up after failing on hosts {}: {detail}", hosts.join(", "));
+            vm.desired = PowerState::Stopped;
+            vm.error = Some(error.clone());
+            return Ok(Applied::VmInError { name: name.to_string(), error });
+        }
+        Ok(Applied::Relocating { name: name.to_string(), failed_on: vm.failed_on.clone() })
+    }
+
+    fn set_token(&mut self, token: &ApiToken) -> Result<Applied, StateError> {
+        if !valid_name(&token.name) {
+            return Err(StateError::BadToken(format!("name '{}' must be 1-63 letters, digits, '-' or '_'", token.name)));
+        }
+        if token.sha256.len() != 64 || !token.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+            return Err(StateError::BadToken("sha256 must be 64 lower-case hex digits".into()));
+        }
+        if self.tokens.contains_key(&token.name) {
+            return Err(StateError::TokenExists(token.name.clone()));
+        }
+        self.tokens.insert(token.name.clone(), token.clone());
+        Ok(Applied::Done)
+    }
+
+    fn delete_token(&mut self, name: &str) -> Result<Applied, StateError> {
+        self.tokens.remove(name).ok_or_else(|| StateError::UnknownToken(name.to_string()))?;
+        Ok(Applied::Done)
+    }
+
+    fn release_held(&mut self, names: &[String]) -> Result<Applied, StateError> {
+        for name in names {
+            if let Some(vm) = self.vms.get_mut(name) {
+                vm.held = false;
+            }
+        }
+        Ok(Applied::Done)
+    }
+
+    fn capacity_retry(&mut self, name: &str) -> Result<Applied, StateError> {
+        let vm = self.vm_mut(name)?;
+        let Some(spent) = vm.capacity_retries.filter(|_| vm.assignment.is_none() && vm.desired == PowerState::Running) else {
+            return Err(StateError::Stale(format!("VM '{name}' is not waiting for capacity")));
+        };
+        let attempt = spent + 1;
+        if attempt >= BEST_EFFORT_RETRIES {
+            vm.capacity_retries = None;
+            vm.desired = PowerState::Stopped;
+            return Ok(Applied::GaveUpWaiting { name: name.to_string() });
+        }
+        vm.capacity_retries = Some(attempt);
+        Ok(Applied::StillWaiting { name: name.to_string(), attempt })
+    }
+
+    fn clear_vm_error(&mut self, name: &str) -> Result<Applied, StateError> {
+        let vm = self.vm_mut(name)?;
+        vm.error = None;
+        vm.failed_on.clear();
+        Ok(Applied::Done)
+    }
+
+    fn delete_rule(&mut self, name: &str) -> Result<Applied, StateError> {
+        self.rules.remove(name).ok_or_else(|| StateError::UnknownRule(name.to_string()))?;
+        Ok(Applied::Done)
+    }
+
+    fn set_settings(&mut self, mode: AdmitMode<'_>, cmd: &Command, settings: &Settings) -> Result<Applied, StateError> {
+        if !(100..=1600).contains(&settings.vcpu_overcommit_pct) {
+            return Err(StateError::BadSetting(format!("vcpu_overcommit_pct = {} is outside 100..=1600", settings.vcpu_overcommit_pct)));
+        }
+        if settings.ftt_target.is_some_and(|t| t as usize >= crate::hostset::MAX_HOSTS) {
+            return Err(StateError::BadSetting("ftt_target is larger than any cluster".into()));
+        }
+        if let Some((g, d)) = settings.group_delays_ms.iter().find(|(g, d)| **g > MAX_RESTART_GROUP || **d > MAX_GROUP_DELAY_MS) {
+            return Err(StateError::BadSetting(format!(
+                "restart group {g} delay {d} ms: groups are 0..={MAX_RESTART_GROUP}, delays at most {MAX_GROUP_DELAY_MS} ms"
+            )));
+        }
+        self.admit(mode, cmd, |s| {
+            s.settings = settings.clone();
+            Ok(())
+        })
+    }
+
+    fn assign(&mut self, name: &str, host: HostId) -> Result<Applied, StateError> {
+        let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
+        if vm.desired != PowerState::Running || vm.assignment.is_some() {
+            return Err(StateError::NotPlaceable(name.to_string()));
+        }
+        let demand = vm.spec.demand();
+        self.check_target(name, host, demand)?;
+        let generation = self.next_gen();
+        let vm = self.vm_mut(name)?;
+        vm.assignment = Some(Assignment { host, generation });
+        vm.held = false;
+        vm.capacity_retries = None;
+        Ok(Applied::Assigned { name: name.to_string(), host, generation })
+    }
+
+    fn release(&mut self, name: &str, host: HostId, generation: u64) -> Result<Applied, StateError> {
+        let vm = self.vm_mut(name)?;
+        if vm.assignment != Some(Assignment { host, generation }) {
+            return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
+        }
+        if vm.desired != PowerState::Stopped {
+            return Err(StateError::Stale(format!("VM '{name}' is desired running again")));
+        }
+        vm.assignment = None;
+        vm.held = false;
+        Ok(Applied::Done)
     }
 
     /// Whether committed state lets `name` be assigned to `host` now: active, in normal mode,
