@@ -457,7 +457,7 @@ pub struct Consensus {
 }
 
 /// Who leads, as far as this host knows.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConsensusStatus {
     pub me: NodeId,
     pub leader: Option<NodeId>,

@@ -245,7 +245,9 @@ impl Sim {
     async fn leader(&self) -> Option<u32> {
         for i in self.up() {
             if let Some((200, v)) = self.api(i, "GET", "/v1/status", None).await {
-                if v["consensus"]["role"] == "Leader" {
+                // Typed: a string compared by hand once had the wrong case and never matched.
+                let status: Option<tandem_agent::consensus::ConsensusStatus> = serde_json::from_value(v["consensus"].clone()).ok();
+                if status.is_some_and(|c| c.role == "leader" && c.leader == Some(c.me)) {
                     return Some(i);
                 }
             }
@@ -449,9 +451,11 @@ impl Sim {
                 w.log(format!("HEAL {kind}"));
             }
             "power-loss" | "leader-loss" | "crash-restart" => {
-                let victim = if kind == "leader-loss" { self.leader().await.unwrap_or(target) } else { target };
+                let leader = self.leader().await;
+                let victim = if kind == "leader-loss" { leader.unwrap_or(target) } else { target };
                 let before = self.vms_on(victim).await;
-                w.log(format!("FAULT {kind} h{victim} ({} VM(s)) for {hold:?}", before.len()));
+                let role = if leader == Some(victim) { ", the leader" } else { "" };
+                w.log(format!("FAULT {kind} h{victim}{role} ({} VM(s)) for {hold:?}", before.len()));
                 self.excuse(&[victim], until);
                 self.power_off(victim).await;
                 if !before.is_empty() {

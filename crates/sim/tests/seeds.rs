@@ -44,6 +44,16 @@ fn a_sweep_of_seeds_breaks_no_invariant() {
     assert!(failing.is_empty(), "failing seeds (replay: tandem sim --seed N --duration-s 60 --trace): {failing:#?}");
 }
 
+/// `leader-loss` takes the leader down (the simulator once read the leader's role in the wrong
+/// case, found no leader, and took a random host down instead).
+#[test]
+fn leader_loss_takes_the_leader_down() {
+    let r = run(&SimOptions { only: Some("leader-loss".into()), ..opts(5, 40) });
+    let faults: Vec<&String> = r.trace.iter().filter(|l| l.contains("FAULT leader-loss")).collect();
+    assert!(!faults.is_empty(), "no leader-loss drawn");
+    assert!(faults.iter().all(|l| l.contains(", the leader")), "{faults:#?}");
+}
+
 /// Bugs the simulator found, kept as regression seeds (300 virtual seconds each). A seed replays
 /// the same faults only while the fault generator stays the same, so each bug also has a unit
 /// test in `tandem-core` that rebuilds its situation directly.
