@@ -1,0 +1,35 @@
+//! Agent-to-agent endpoints (cluster token only): this host's running VMs, forwarded proposals and the Raft RPCs.
+
+use super::*;
+
+pub(super) async fn local(State(a): State<Arc<Agent>>) -> Json<Value> {
+    Json(json!({ "host": a.cfg.name, "vms": a.driver.list() }))
+}
+
+pub(super) async fn internal_propose(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let cmd: Command = parse(&body, "command")?;
+    match a.consensus.propose(cmd).await {
+        Ok(r) => Ok(Json(r).into_response()),
+        Err(ConsensusError::NotLeader(_)) => Err(ApiError::new(StatusCode::MISDIRECTED_REQUEST, "not the leader")),
+        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e))),
+    }
+}
+
+pub(super) async fn raft_append(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let req: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&body, "append request")?;
+    Ok(Json(a.consensus.raft.append_entries(req).await).into_response())
+}
+
+pub(super) async fn raft_vote(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let req: openraft::raft::VoteRequest<u64> = parse(&body, "vote request")?;
+    Ok(Json(a.consensus.raft.vote(req).await).into_response())
+}
+
+pub(super) async fn raft_snapshot(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&body, "snapshot request")?;
+    Ok(Json(a.consensus.raft.install_snapshot(req).await).into_response())
+}
