@@ -66,12 +66,13 @@ token=$("$bin" --api "$ip:$port" token create "fuzz-$(head -c 8 /dev/urandom | o
 # /v1/hosts/join would make the agent call whatever address the fuzzer invents. /raft/* and
 # /v1/internal/* take the cluster token, not an API token: fuzzed, they must all answer 401.
 status=0
-"$venv/bin/schemathesis" run "http://$ip:$port/v1/openapi.json" \
+# From the scratch directory: schemathesis keeps a cache in the directory it runs in.
+(cd "$work" && "$venv/bin/schemathesis" run "http://$ip:$port/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all --exclude-checks positive_data_acceptance \
   --exclude-path /v1/hosts/join \
   --max-examples "$examples" --phases examples,coverage,fuzzing \
-  --request-timeout 10 --no-color --report junit --report-dir "$work/report" || status=$?
+  --request-timeout 10 --no-color --report junit --report-dir "$work/report") || status=$?
 if ! kill -0 "$agent_pid" 2>/dev/null; then
   echo "the agent died during the fuzzing run:"; tail -20 "$work/agent.log"; exit 1
 fi
