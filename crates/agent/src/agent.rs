@@ -42,9 +42,9 @@ mod reconciler;
 mod watchdogs;
 
 /// Timeout of a forwarded write.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the coordinator waits for a host's list of running VMs (restart groups).
-const LOCAL_QUERY_TIMEOUT: Duration = Duration::from_secs(1);
+pub const LOCAL_QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Agent start-up and operation failures.
 #[derive(Debug, Error)]

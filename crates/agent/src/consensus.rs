@@ -49,9 +49,9 @@ type SErr = StorageError<NodeId>;
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Requests slower than this count as lost; openraft retries.
-const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// A snapshot transfer chunk.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a command is judged again when the state moved on before its verdict committed
 /// (the coordinator's placements commit in between; judged commands themselves take turns).
 pub const ADMISSION_ATTEMPTS: u32 = 10;

@@ -12,7 +12,7 @@ pub const EVENT_RING: usize = 4096;
 /// `events.jsonl` is rotated to `events.jsonl.1` (replacing the previous one) past this size.
 pub const EVENT_FILE_MAX: u64 = 64 << 20;
 /// At start, the tail of `events.jsonl` read back into the ring (a few thousand events fit).
-const RELOAD_BYTES: u64 = 4 << 20;
+pub const RELOAD_BYTES: u64 = 4 << 20;
 
 /// One recorded event.
 /// What an event is about. Serialized as its kebab-case name (`peer-dead`, `vm-started`, ...),

@@ -12,6 +12,7 @@ pub mod events;
 pub mod heavy;
 pub mod httpc;
 pub mod io;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod raft_runtime;

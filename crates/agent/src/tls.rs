@@ -15,9 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 /// How long a client may take to finish the TLS handshake before it is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the HTTP server to take them.
-const ACCEPT_QUEUE: usize = 64;
+pub const ACCEPT_QUEUE: usize = 64;
 
 /// A TLS file that could not be used.
 #[derive(Debug, Error)]

@@ -1,0 +1,29 @@
+//! Every bound, timeout and queue size of the agent, in one place, with compile-time checks of
+//! the relations between them. (Each is defined next to the code that uses it and re-exported
+//! here; the core's own bounds are in `tandem_core::limits`.)
+
+use std::time::Duration;
+
+pub use crate::agent::{FORWARD_TIMEOUT, LOCAL_QUERY_TIMEOUT};
+pub use crate::api::MAX_BODY;
+pub use crate::api_limits::{MAX_CONNECTIONS, REQUEST_TIMEOUT};
+pub use crate::consensus::{ADMISSION_ATTEMPTS, RPC_TIMEOUT, SNAPSHOT_TIMEOUT};
+pub use crate::events::{EVENT_FILE_MAX, EVENT_RING, RELOAD_BYTES};
+pub use crate::heavy::HEAVY_CONCURRENCY;
+pub use crate::httpc::MAX_RESPONSE;
+pub use crate::tls::{ACCEPT_QUEUE, HANDSHAKE_TIMEOUT};
+
+const fn shorter(a: Duration, b: Duration) -> bool {
+    a.as_millis() < b.as_millis()
+}
+
+const _: () = assert!(shorter(FORWARD_TIMEOUT, REQUEST_TIMEOUT), "a forwarded write must answer within the API's own request deadline");
+const _: () = assert!(shorter(SNAPSHOT_TIMEOUT, REQUEST_TIMEOUT), "a snapshot chunk must arrive within the API's request deadline");
+const _: () = assert!(shorter(RPC_TIMEOUT, FORWARD_TIMEOUT), "a consensus RPC is shorter than the write waiting on it");
+const _: () = assert!(
+    LOCAL_QUERY_TIMEOUT.as_millis() < tandem_core::timing::DEFAULT_TIMINGS.peer_timeout_ms as u128,
+    "the coordinator's read of a host's VMs must not hold its loop past a peer timeout"
+);
+const _: () = assert!(MAX_BODY as u64 <= MAX_RESPONSE as u64, "every body one agent may send, another may read back");
+const _: () = assert!(RELOAD_BYTES <= EVENT_FILE_MAX, "the timeline reloads at most the file it keeps");
+const _: () = assert!(HEAVY_CONCURRENCY >= 1 && ADMISSION_ATTEMPTS >= 1);
