@@ -11,6 +11,7 @@
 //! at every fencing, `not-recovered` a bounded time after a host failure, `state-lost` and
 //! `wrong-host` at every quiet point and at the end.
 
+mod stalls;
 pub mod world;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -466,86 +467,9 @@ impl Sim {
                 self.boot(victim).await;
                 self.run_for(hold.saturating_sub(down_for)).await;
             }
-            "host-freeze" => {
-                let before = self.vms_on(target).await;
-                let freeze_ms = 500 + self.rand(8_000);
-                w.log(format!("FAULT {kind} h{target} ({} VM(s)) for {freeze_ms} ms", before.len()));
-                self.excuse(&[target], until);
-                lock(&w.cond).frozen.insert(target, tokio::time::Instant::now());
-                if freeze_ms > WATCHDOG_RESET_MS && !self.opts.no_watchdog {
-                    self.run_for(Duration::from_millis(WATCHDOG_RESET_MS)).await;
-                    w.log(format!("h{target}'s hardware watchdog expires while it is frozen: reset"));
-                    {
-                        let mut c = lock(&w.cond);
-                        c.down.insert(target);
-                        c.frozen.remove(&target);
-                    }
-                    self.power_off(target).await;
-                    if !before.is_empty() {
-                        self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
-                    }
-                    self.run_for(Duration::from_millis(freeze_ms - WATCHDOG_RESET_MS)).await;
-                    self.boot(target).await;
-                } else {
-                    self.run_for(Duration::from_millis(freeze_ms)).await;
-                    lock(&w.cond).frozen.remove(&target);
-                    w.log(format!("HEAL {kind}: h{target} thaws"));
-                }
-                self.run_for(hold).await;
-            }
-            "agent-stall" => {
-                // The agent stalls for longer than its peers' fence deadline while its VMs die
-                // (no hardware watchdog to reset the host): the peers restart the VMs, and when
-                // the agent runs again its reconcile pass must not restart them from what it knew
-                // before the stall — its lease has lapsed, and that is what stops it.
-                let before = self.vms_on(target).await;
-                let stall_ms = 7_000 + self.rand(2_000);
-                w.log(format!("FAULT {kind} h{target} ({} VM(s) die) for {stall_ms} ms", before.len()));
-                self.excuse(&[target], until + stall_ms);
-                w.power_off_vms(target);
-                lock(&w.cond).frozen.insert(target, tokio::time::Instant::now());
-                if !before.is_empty() {
-                    self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
-                }
-                self.run_for(Duration::from_millis(stall_ms)).await;
-                lock(&w.cond).frozen.remove(&target);
-                w.log(format!("HEAL {kind}: h{target}'s agent runs again"));
-                self.run_for(hold).await;
-            }
-            "liveness-stall-in-partition" => {
-                // The host is cut off and its liveness path stalls (no heartbeats, no slot I/O,
-                // so no fence decision), while its reconciler runs on. Once its lease has lapsed
-                // its VMs crash: the reconciler must not restart them here — the lapsed lease is
-                // what stops it (in production the software watchdog fences soon after) — for
-                // the survivors restart them once the fence deadline passes.
-                let before = self.vms_on(target).await;
-                let stall = Duration::from_millis(8_000 + self.rand(1_000));
-                let crash_after = Duration::from_millis(2_600 + self.rand(800));
-                w.log(format!("FAULT {kind} h{target} ({} VM(s)) for {stall:?}; its VMs crash after {crash_after:?}", before.len()));
-                self.excuse(&[target], now + stall.as_millis() as u64 + 15_000);
-                {
-                    let mut c = lock(&w.cond);
-                    c.liveness_stalled.insert(target);
-                    for o in (0..n).filter(|o| *o != target) {
-                        c.blocked.insert((target, o));
-                        c.blocked.insert((o, target));
-                    }
-                }
-                self.run_for(crash_after).await;
-                w.log(format!("h{target}'s VMs crash"));
-                w.power_off_vms(target);
-                if !before.is_empty() {
-                    self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
-                }
-                self.run_for(stall.saturating_sub(crash_after)).await;
-                {
-                    let mut c = lock(&w.cond);
-                    c.liveness_stalled.remove(&target);
-                    c.blocked.clear();
-                }
-                w.log(format!("HEAL {kind} h{target}"));
-                self.run_for(Duration::from_secs(6)).await;
-            }
+            "host-freeze" => self.host_freeze(kind, target, hold, now, until).await,
+            "agent-stall" => self.agent_stall(kind, target, hold, now, until).await,
+            "liveness-stall-in-partition" => self.liveness_stall_in_partition(kind, target, now).await,
             "clock-jump" => {
                 // Within the configured bound: the clock margin, less what drift may use.
                 let bound = tandem_core::timing::Timings::default().clock_margin_ms - 50;
