@@ -122,20 +122,29 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 /// Parses a request or answer body. Every body of this API is a JSON object: serde would also
 /// read a struct from an array of its fields (`[null, null]`), which no client means.
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed {what}: {e}"));
-    let v: Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    let v = parse_object(body, what)?;
+    serde_json::from_value(v).map_err(|e| malformed(what, &e))
+}
+
+fn malformed(what: &str, e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, format!("malformed {what}: {e}"))
+}
+
+/// The body as a JSON object.
+fn parse_object(body: &[u8], what: &str) -> Result<Value, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| malformed(what, &e))?;
     if !v.is_object() {
-        return Err(bad("expected a JSON object".into()));
+        return Err(malformed(what, &"expected a JSON object"));
     }
-    serde_json::from_value(v).map_err(|e| bad(e.to_string()))
+    Ok(v)
 }
 
 /// [`parse`] for what an API caller sends: a field the type does not know is refused, by name.
 /// (The types that travel in log entries accept unknown fields, so that an older host does not
 /// refuse a newer entry; the caller's typo must not pass silently all the same.)
 fn parse_strict<T: for<'de> Deserialize<'de> + Serialize>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    let parsed: T = parse(body, what)?;
-    let input: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let input = parse_object(body, what)?;
+    let parsed: T = serde_json::from_value(input.clone()).map_err(|e| malformed(what, &e))?;
     let known = serde_json::to_value(&parsed).unwrap_or(Value::Null);
     match unknown_field(&input, &known, "") {
         Some(field) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("malformed {what}: unknown field `{field}`"))),

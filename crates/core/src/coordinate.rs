@@ -103,6 +103,7 @@ impl FenceReports {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostset::HostSet;
     use crate::liveness::PeerAssessment;
     use crate::state::tests::cluster;
 
@@ -122,8 +123,6 @@ mod tests {
     fn assessment(now: u64, peers: Vec<PeerAssessment>) -> Assessment {
         Assessment { now: Millis(now), heard: HostSet::EMPTY, disk_alive: HostSet::EMPTY, disk_readable: true, peers, fence: None, has_majority: true }
     }
-
-    use crate::hostset::HostSet;
 
     fn decide(r: &mut FenceReports, s: &ClusterState, a: &Assessment, own: Option<OwnFence>) -> Vec<(u32, FailoverReason)> {
         let i = FailoverInputs { me: HostId(0), state: s, assessment: a, own_fence: own, kill_grace_ms: 500, now: a.now, skip_fence_wait: false };

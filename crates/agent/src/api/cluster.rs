@@ -59,8 +59,9 @@ pub(super) async fn cluster_init(State(a): State<Arc<Agent>>) -> ApiResult<Value
 pub(super) async fn ftt(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
     // A search on a snapshot, off the runtime: it holds up neither the log nor other requests.
     let snap = a.consensus.snapshot();
+    // The target from the same snapshot the search runs on.
+    let target = snap.state.settings.ftt_target;
     let report = a.heavy.run(move || snap.state.ftt()).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    let target = a.consensus.with_state(|s| s.settings.ftt_target);
     Ok(Json(json!({ "report": report, "target": target })))
 }
 
