@@ -4,5 +4,5 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 ./scripts/setup.sh
-cargo build --release --bin tandem
-exec ./target/release/tandem demo "$@"
+cargo build --release --bin tandem --bin tandem-lab
+exec ./target/release/tandem-lab demo "$@"

@@ -41,7 +41,7 @@ fn a_sweep_of_seeds_breaks_no_invariant() {
     eprintln!("{n} seeds, {:.2} simulated hours, {total} faults: {faults:?}", simulated_ms as f64 / 3.6e6);
     assert!(u64::from(total) >= n * 3, "too few faults injected: {total}");
     assert!(tandem_sim::FAULT_KINDS.iter().all(|k| faults.contains_key(k)), "every fault kind drawn at least once: {faults:?}");
-    assert!(failing.is_empty(), "failing seeds (replay: tandem sim --seed N --duration-s 60 --trace): {failing:#?}");
+    assert!(failing.is_empty(), "failing seeds (replay: tandem-lab sim --seed N --duration-s 60 --trace): {failing:#?}");
 }
 
 /// `leader-loss` takes the leader down (the simulator once read the leader's role in the wrong

@@ -1,13 +1,8 @@
-//! The `tandem` binary's library half: the API client used by the CLI, the local-cluster lab
-//! used by the demo and the integration tests, and the demo itself.
+//! The `tandem` binary's library half: the agent command and the API client used by the CLI
+//! (and by the laboratory, `tandem-lab`, which drives this binary from outside).
+//!
+//! Architecture invariant: the operator's binary links the product only — core, drivers, agent —
+//! never the simulator, the FUSE layer or tokio's test utilities (`tandem-lab` holds those).
 
 pub mod agent_cmd;
-pub mod bench;
-pub mod chaos;
 pub mod client;
-pub mod demo;
-pub mod fusedisk;
-pub mod lab;
-pub mod netlab;
-pub mod progress;
-pub mod sim;

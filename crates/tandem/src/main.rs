@@ -25,7 +25,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
     let c = Client::new(&cli.api).with_token(cli_token(cli)?).with_tls(tls);
     let out = cli.output;
     match &cli.command {
-        Cmd::Agent { .. } | Cmd::Disk { .. } | Cmd::Demo(_) | Cmd::Chaos(_) | Cmd::Sim(_) | Cmd::Bench { .. } => Ok(()),
+        Cmd::Agent { .. } | Cmd::Disk { .. } => Ok(()),
         Cmd::Cluster { op: ClusterOp::Settings } => {
             let v = c.get("/v1/settings")?;
             show(out, &v, kv);
@@ -193,18 +193,6 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
     }
 }
 
-/// Log stamps in the simulator's virtual seconds, to line up with its trace.
-struct SimulatedTime;
-
-impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
-    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        match tandem_sim::simulated_seconds() {
-            Some(s) => write!(w, "{s:>9.3}"),
-            None => write!(w, "{:>9}", "-"),
-        }
-    }
-}
-
 /// Gives every subcommand's long help the manual's sections.
 fn with_manual(cmd: clap::Command) -> clap::Command {
     cmd.after_long_help(MANUAL).mut_subcommands(with_manual)
@@ -216,23 +204,11 @@ fn main() {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    let simulating = matches!(cli.command, Cmd::Sim(_) | Cmd::Bench { .. });
-    // The simulator drives the real consensus library through thousands of injected faults; its
-    // complaints about them (failed RPCs) are expected, so only Tandem's own errors show unless
-    // RUST_LOG asks for more.
     let agent = matches!(cli.command, Cmd::Agent { .. });
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
-        if simulating {
-            "error,openraft=off"
-        } else if agent {
-            "warn,tandem=info,tandem_agent=info"
-        } else {
-            "warn"
-        }
-        .into()
-    });
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if agent { "warn,tandem=info,tandem_agent=info" } else { "warn" }.into());
     let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
-    let _ = if simulating { logs.with_timer(SimulatedTime).try_init() } else { logs.try_init() };
+    // A subscriber already set (none is, in this program) would keep logging: nothing to handle.
+    let _ = logs.try_init();
     let code = match &cli.command {
         Cmd::Disk { op: DiskOp::Format { config, force } } => match tandem::agent_cmd::format_disk(config, *force) {
             Ok(path) => {
@@ -249,42 +225,6 @@ fn main() {
             Err(e) => {
                 eprintln!("tandem agent: {e:#}");
                 2
-            }
-        },
-        Cmd::Bench { op } => {
-            let r = match op {
-                BenchOp::Placement { runs } => tandem::bench::placement(*runs),
-                BenchOp::Liveness { vms, seconds, readers } => {
-                    tandem::bench::liveness::run(tandem::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers })
-                }
-            };
-            match r {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("tandem bench: {e:#}");
-                    1
-                }
-            }
-        }
-        Cmd::Sim(args) => match tandem::sim::run(args) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("tandem sim: {e:#}");
-                1
-            }
-        },
-        Cmd::Chaos(args) => match tandem::chaos::run(args) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("tandem chaos: {e:#}");
-                1
-            }
-        },
-        Cmd::Demo(args) => match tandem::demo::run(args) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("tandem demo: {e:#}");
-                1
             }
         },
         _ => match run_client(&cli) {

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 use tandem::client::{Client, ClientError};
-use tandem::lab::{Lab, LabOptions};
+use tandem_lab::lab::{Lab, LabOptions};
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tandem"))

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tandem::lab::{Lab, LabOptions};
+use tandem_lab::lab::{Lab, LabOptions};
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tandem"))

@@ -12,7 +12,7 @@ ENVIRONMENT:
     TANDEM_API          the agent to talk to (ip:port), instead of --api
     TANDEM_TOKEN        API token (admin or read-only), instead of --token
     TANDEM_SECRET_FILE  cluster secret file; its derived cluster token is used (admin)
-    RUST_LOG            log filter for agent, sim and chaos (default: warn)
+    RUST_LOG            log filter (default: warn; the agent also logs its own info lines)
 
 EXIT STATUS:
     0   success
@@ -93,11 +93,6 @@ pub enum Cmd {
         #[command(subcommand)]
         op: RuleOp,
     },
-    /// Benchmarks (figures printed; nothing asserted).
-    Bench {
-        #[command(subcommand)]
-        op: BenchOp,
-    },
     /// The HA event timeline recorded by the agent at --api.
     Events(EventsArgs),
     /// API tokens: admin (read and write) or read-only; only their hash is stored.
@@ -112,12 +107,6 @@ pub enum Cmd {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Start a three-host cluster on this machine, cut one host's power, and measure recovery.
-    Demo(tandem::demo::DemoArgs),
-    /// Real fault injection (root): agents in network namespaces, seeded faults, invariant checks.
-    Chaos(tandem::chaos::ChaosArgs),
-    /// Deterministic simulation of whole clusters (real agents, simulated world), seed by seed.
-    Sim(tandem::sim::SimArgs),
 }
 
 #[derive(Subcommand)]
@@ -197,30 +186,6 @@ pub enum RuleOp {
     List,
     Delete {
         name: String,
-    },
-}
-
-#[derive(Subcommand)]
-pub enum BenchOp {
-    /// FTT and failover plans for large synthetic clusters, and the approximation's gap.
-    Placement {
-        /// Repetitions per figure (medians are printed).
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-    },
-    /// Heartbeat jitter of one real agent kept busy on a 64-host, 100,000-VM state (/v1/plan,
-    /// /v1/ftt, /metrics in a loop, and commands judged by admission control); the other 63
-    /// hosts are played by this process.
-    Liveness {
-        /// VMs in the state.
-        #[arg(long, default_value_t = 100_000)]
-        vms: usize,
-        /// Seconds of load.
-        #[arg(long, default_value_t = 30)]
-        seconds: u64,
-        /// Concurrent clients requesting the heavy endpoints.
-        #[arg(long, default_value_t = 2)]
-        readers: usize,
     },
 }
 

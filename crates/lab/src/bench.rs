@@ -1,6 +1,6 @@
-//! `tandem bench placement`: figures for the placement engine on large synthetic clusters, and
+//! `tandem-lab bench placement`: figures for the placement engine on large synthetic clusters, and
 //! the FTT approximation's gap against the exact answer on random small ones. Prints medians;
-//! asserts nothing (this machine is noisy; the tests check behaviour). `tandem bench liveness`
+//! asserts nothing (this machine is noisy; the tests check behaviour). `tandem-lab bench liveness`
 //! lives in [`liveness`].
 
 pub mod liveness;

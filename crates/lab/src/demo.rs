@@ -1,8 +1,8 @@
-//! `tandem demo`: a three-host cluster on this machine, protected guests, one host's power cut,
+//! `tandem-lab demo`: a three-host cluster on this machine, protected guests, one host's power cut,
 //! and the measured recovery, ending with one JSON line.
 
 use crate::lab::{Lab, LabOptions};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -164,7 +164,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         other => bail!("unknown driver '{other}': use auto, qemu or process"),
     };
     let extra = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n" } else { "" };
-    let binary = std::env::current_exe().context("locating the tandem binary")?;
+    let binary = crate::lab::tandem_binary()?;
     let opts = LabOptions {
         hosts: 3,
         driver: driver.into(),

@@ -1,8 +1,7 @@
 //! A local cluster on one machine: several real agent processes sharing a directory as shared
 //! storage, each on its own loopback address (or in its own network namespace). Used by
-//! `tandem demo` and the integration tests. Everything it starts is killed and removed on drop.
+//! `tandem-lab demo` and the integration tests. Everything it starts is killed and removed on drop.
 
-use crate::client::Client;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -11,6 +10,24 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tandem::client::Client;
+
+/// The operator's binary that every lab host runs: `TANDEM_BIN` when set, else the `tandem`
+/// built next to this program (the lab never runs itself as an agent, so what is tested is
+/// exactly what operators install).
+pub fn tandem_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TANDEM_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe().context("locating this program")?;
+    // Beside a binary in target/<profile>/, or one level up from an integration test in deps/.
+    let candidates = me.ancestors().skip(1).take(2).map(|d| d.join("tandem")).collect::<Vec<_>>();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| anyhow!("the tandem binary is not beside {} (build it with `cargo build --bin tandem`, or set TANDEM_BIN)", me.display()))
+}
 
 /// How to build a lab.
 #[derive(Clone, Debug)]

@@ -1,4 +1,4 @@
-//! `tandem bench liveness`: does a busy agent keep heartbeating? One real agent process runs on
+//! `tandem-lab bench liveness`: does a busy agent keep heartbeating? One real agent process runs on
 //! the largest state a cluster holds (64 hosts, 100,000 VMs by default, FTT target 1), while
 //! this process plays its 63 peers (a "chorus" that heartbeats for them and acknowledges the
 //! agent's heartbeats, so the agent holds its lease from the network) and keeps the agent busy:
@@ -6,7 +6,6 @@
 //! again (each a command that admission control judges). The chorus timestamps every heartbeat
 //! the agent sends; the figures are the gaps between them. Prints figures, asserts nothing.
 
-use crate::client::Client;
 use crate::lab::{Lab, LabOptions};
 use anyhow::{anyhow, Context, Result};
 use serde_json::json;
@@ -15,6 +14,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tandem::client::Client;
 use tandem_core::state::{Assignment, Capacity, ClusterState, DriverSpec, HostMode, HostRecord, HostStatus, PowerState, Protection, VmRecord, VmSpec};
 use tandem_core::wire::{Ack, ClusterKey, Heartbeat, MAX_HEARTBEAT_LEN};
 use tandem_core::{HostId, HostSet, MAX_HOSTS};
@@ -173,7 +173,7 @@ fn write_load(c: Client, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(
 
 /// Runs the benchmark and prints its figures.
 pub fn run(b: LivenessBench) -> Result<()> {
-    let binary = std::env::current_exe()?;
+    let binary = crate::lab::tandem_binary()?;
     let opts = LabOptions { hosts: 1, loopback_net: LOOPBACK_NET, api_port: API_PORT, capacity: (4, 2048), ..LabOptions::default() };
     let mut lab = Lab::new(opts, &binary)?;
     let t = Instant::now();

@@ -4,7 +4,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::time::Duration;
-use tandem::fusedisk::{FuseDisk, ViewMode};
+use tandem_lab::fusedisk::{FuseDisk, ViewMode};
 
 fn read_in_thread(path: std::path::PathBuf) -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
     let (tx, rx) = mpsc::channel();

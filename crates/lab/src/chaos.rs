@@ -1,4 +1,4 @@
-//! `tandem chaos`: real fault injection. Real agents run in network namespaces (addresses in
+//! `tandem-lab chaos`: real fault injection. Real agents run in network namespaces (addresses in
 //! 198.18.0.0/24, nothing leaves them) with real workloads; faults are injected for real —
 //! nftables partitions (full, one-way, pairwise), random heartbeat loss, SIGKILL of agents, of
 //! whole hosts and of single workloads, SIGSTOP of a whole host past the timeouts, a host's
@@ -13,12 +13,12 @@
 //!
 //! The order of faults, their targets and durations come from a seed, printed at the start.
 
-use crate::client::Client;
 use crate::fusedisk::{FuseDisk, ViewMode};
 use crate::lab::{Lab, LabOptions};
 use crate::netlab::NetLab;
+use tandem::client::Client;
 // The simulator's SplitMix64: the suite's only randomness, seeded.
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -52,7 +52,7 @@ const _: () = assert!(
 /// with its lease lapsed, and only the lease check stands between it and stale state.
 const LEASE_FREEZE: Duration = Duration::from_millis(2_500);
 
-/// Options of `tandem chaos`.
+/// Options of `tandem-lab chaos`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChaosArgs {
     /// `short` (every fault kind once, in seeded order; what CI runs) or `long` (40 faults drawn
@@ -574,7 +574,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     }
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("tandem chaos needs root: it builds network namespaces and firewall rules");
+        bail!("tandem-lab chaos needs root: it builds network namespaces and firewall rules");
     }
     let count = match (args.faults, args.profile.as_str()) {
         (Some(n), _) => n,
@@ -623,9 +623,9 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         }
         other => bail!("unknown driver '{other}': use process, qemu or mixed"),
     };
-    println!("tandem chaos: profile {}, seed {seed}, {} hosts, {driver} workloads, {count} faults", args.profile, args.hosts);
+    println!("tandem-lab chaos: profile {}, seed {seed}, {} hosts, {driver} workloads, {count} faults", args.profile, args.hosts);
     println!(
-        "replay: tandem chaos --profile {} --seed {seed} --hosts {} --driver {driver} --watchdog {}{}{}",
+        "replay: tandem-lab chaos --profile {} --seed {seed} --hosts {} --driver {driver} --watchdog {}{}{}",
         args.profile,
         args.hosts,
         args.watchdog,
@@ -636,7 +636,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     crate::demo::install_interrupt_handler();
     let net = NetLab::create(&format!("tc{}", std::process::id() % 100_000), args.hosts)?;
     net.enter_control()?;
-    let binary = std::env::current_exe().context("locating the tandem binary")?;
+    let binary = crate::lab::tandem_binary()?;
     let links_dir = std::env::temp_dir().join(format!("tandem-chaos-links-{}", std::process::id()));
     std::fs::create_dir_all(&links_dir)?;
     let disk_links: Vec<PathBuf> = (0..args.hosts).map(|i| links_dir.join(format!("h{i}.disk"))).collect();

@@ -1,11 +1,11 @@
-//! `tandem sim`: runs seeds of the deterministic whole-cluster simulator and prints what they
+//! `tandem-lab sim`: runs seeds of the deterministic whole-cluster simulator and prints what they
 //! found; a failing seed prints the command that replays it with its trace.
 
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use tandem_sim::{SimOptions, SimReport};
 
-/// Options of `tandem sim`.
+/// Options of `tandem-lab sim`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SimArgs {
     /// First seed.
@@ -128,7 +128,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
             mutation.push_str(&format!(" --only {o}"));
         }
         println!(
-            "  replay: tandem sim --seed {seed} --hosts {} --late-hosts {} --duration-s {} --vms {} --trace{mutation}",
+            "  replay: tandem-lab sim --seed {seed} --hosts {} --late-hosts {} --duration-s {} --vms {} --trace{mutation}",
             args.hosts, args.late_hosts, args.duration_s, args.vms
         );
     }

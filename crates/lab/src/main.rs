@@ -1,0 +1,88 @@
+//! `tandem-lab`: the demo, the fault suite, the simulator and the benchmarks. It runs the
+//! operator's `tandem` binary (built beside it) as its agents.
+
+use clap::{Parser, Subcommand};
+
+/// Tandem's laboratory: clusters of real agents on this machine, faults, simulation, figures.
+#[derive(Parser)]
+#[command(name = "tandem-lab", version)]
+struct LabCli {
+    #[command(subcommand)]
+    command: LabCmd,
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Start a three-host cluster on this machine, cut one host's power, and measure recovery.
+    Demo(tandem_lab::demo::DemoArgs),
+    /// Real fault injection (root): agents in network namespaces, seeded faults, invariant checks.
+    Chaos(tandem_lab::chaos::ChaosArgs),
+    /// Deterministic simulation of whole clusters (real agents, simulated world), seed by seed.
+    Sim(tandem_lab::sim::SimArgs),
+    /// Benchmarks (figures printed; nothing asserted).
+    Bench {
+        #[command(subcommand)]
+        op: BenchOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchOp {
+    /// FTT and failover plans for large synthetic clusters, and the approximation's gap.
+    Placement {
+        /// Repetitions per figure (medians are printed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Heartbeat jitter of one real agent kept busy on a 64-host, 100,000-VM state (/v1/plan,
+    /// /v1/ftt, /metrics in a loop, and commands judged by admission control); the other 63
+    /// hosts are played by this process.
+    Liveness {
+        /// VMs in the state.
+        #[arg(long, default_value_t = 100_000)]
+        vms: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Concurrent clients requesting the heavy endpoints.
+        #[arg(long, default_value_t = 2)]
+        readers: usize,
+    },
+}
+
+/// Log stamps in the simulator's virtual seconds, to line up with its trace.
+struct SimulatedTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match tandem_sim::simulated_seconds() {
+            Some(s) => write!(w, "{s:>9.3}"),
+            None => write!(w, "{:>9}", "-"),
+        }
+    }
+}
+
+fn main() {
+    let cli = LabCli::parse();
+    let simulating = matches!(cli.command, LabCmd::Sim(_) | LabCmd::Bench { .. });
+    // The simulator drives the real consensus library through thousands of injected faults; its
+    // complaints about them (failed RPCs) are expected, so only Tandem's own errors show unless
+    // RUST_LOG asks for more.
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if simulating { "error,openraft=off" } else { "warn" }.into());
+    let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
+    // A subscriber already set (none is, in this program) would keep logging: nothing to handle.
+    let _ = if simulating { logs.with_timer(SimulatedTime).try_init() } else { logs.try_init() };
+    let (what, result) = match &cli.command {
+        LabCmd::Demo(args) => ("demo", tandem_lab::demo::run(args)),
+        LabCmd::Chaos(args) => ("chaos", tandem_lab::chaos::run(args)),
+        LabCmd::Sim(args) => ("sim", tandem_lab::sim::run(args)),
+        LabCmd::Bench { op: BenchOp::Placement { runs } } => ("bench", tandem_lab::bench::placement(*runs)),
+        LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
+            ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("tandem-lab {what}: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,26 @@
+//! The real fault suite, run as operators run it: `tandem-lab chaos` against the `tandem` binary
+//! built beside it.
+
+use anyhow::Result;
+use serde_json::Value;
+
+/// The short fault-injection profile, real QEMU guests mixed with process workloads: every fault kind once (partitions full, one-way and
+/// pairwise, random heartbeat loss, power loss, leader loss, kill -9 of an agent and of a workload,
+/// a frozen host — past its fence deadline, and past self_fence_ms only —, a failing and a hanging (FUSE) heartbeat disk) against real agents in namespaces; no invariant may
+/// break. `TANDEM_CHAOS_SEED` picks another seed.
+#[test]
+fn chaos_short_profile_breaks_no_invariant() -> Result<()> {
+    if !tandem_lab::netlab::can_use_namespaces() {
+        return Ok(());
+    }
+    let seed = std::env::var("TANDEM_CHAOS_SEED").unwrap_or_else(|_| "7".into());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-lab")).args(["chaos", "--profile", "short", "--seed", &seed, "--hosts", "3"]).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_str(stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}"))?;
+    assert_eq!(summary["violations"], serde_json::json!([]), "violations with seed {seed}");
+    assert_eq!(summary["faults_total"], 12, "every fault kind injected once");
+    assert!(summary["vm_recoveries"].as_u64() >= Some(4), "faults moved or restarted VMs");
+    assert!(out.status.success(), "tandem-lab chaos failed with seed {seed}");
+    Ok(())
+}
