@@ -149,13 +149,13 @@ impl Recorder {
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 let t = origin.elapsed();
-                let mut by_vm: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                let mut by_vm = tandem_sim::oracle::Running::new();
                 for (pid, env) in lab_processes(&lab) {
                     let (Some(vm), Some(host)) = (env.get("TANDEM_VM"), env.get("TANDEM_HOST")) else { continue };
                     // A stopped (frozen) process counts as present: a frozen qemu still holds its
                     // disk and resumes where it stopped, so a copy started elsewhere meanwhile is
                     // a double run even before the frozen one runs again.
-                    by_vm.entry(vm.clone()).or_default().push(host.clone());
+                    by_vm.entry(vm.clone()).or_default().insert(host.clone());
                     let mut inst = i.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     inst.entry(pid).and_modify(|x: &mut Instance| x.last_seen = t).or_insert(Instance {
                         vm: vm.clone(),
@@ -165,12 +165,9 @@ impl Recorder {
                         last_seen: t,
                     });
                 }
-                for (vm, mut hosts) in by_vm {
-                    hosts.sort();
-                    hosts.dedup();
-                    if hosts.len() > 1 {
-                        d.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((t, vm, hosts));
-                    }
+                // The oracle's definition of a double run, as the simulator's.
+                for (vm, hosts) in tandem_sim::oracle::on_two_hosts(&by_vm) {
+                    d.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((t, vm.clone(), hosts.iter().cloned().collect()));
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }

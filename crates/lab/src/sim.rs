@@ -41,8 +41,17 @@ pub struct SimArgs {
     #[arg(long)]
     pub no_watchdog: bool,
     /// Draw only this fault kind.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(tandem_sim::FAULT_KINDS))]
-    pub only: Option<String>,
+    #[arg(long, value_parser = sim_fault)]
+    pub only: Option<tandem_sim::fault::FaultKind>,
+}
+
+/// A fault kind the simulator injects, by name.
+fn sim_fault(name: &str) -> std::result::Result<tandem_sim::fault::FaultKind, String> {
+    let kinds = tandem_sim::fault_kinds();
+    kinds.iter().copied().find(|k| k.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+        format!("the simulator injects none called '{name}'; it injects: {}", names.join(", "))
+    })
 }
 
 impl SimArgs {
@@ -78,7 +87,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
             verbose: false,
             mutation: args.mutation(),
             late_hosts: args.late_hosts,
-            only: args.only.clone(),
+            only: args.only,
             no_watchdog: args.no_watchdog,
         };
         let r: SimReport = tandem_sim::run(&opts);

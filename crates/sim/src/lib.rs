@@ -11,9 +11,13 @@
 //! at every fencing, `not-recovered` a bounded time after a host failure, `state-lost` and
 //! `wrong-host` at every quiet point and at the end.
 
+pub mod fault;
+pub mod oracle;
 mod stalls;
 pub mod world;
 
+use fault::{Backend, FaultKind};
+use oracle::{Invariant, Recoveries};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,8 +43,8 @@ pub struct SimOptions {
     pub mutation: Option<Mutation>,
     /// Hosts that are not in the cluster at the start and join it as an operator action.
     pub late_hosts: u32,
-    /// Draw only this fault kind (one of [`FAULT_KINDS`]).
-    pub only: Option<String>,
+    /// Draw only this fault kind (one the simulator injects, [`Backend::Sim`]).
+    pub only: Option<FaultKind>,
     /// Mutation: the hosts have no hardware watchdog, so a frozen host keeps its VMs (frozen
     /// with it) until it thaws; the simulator must find the double run this allows.
     pub no_watchdog: bool,
@@ -64,37 +68,15 @@ pub struct SimReport {
     pub trace_hash: u64,
 }
 
-pub const FAULT_KINDS: [&str; 21] = [
-    "partition-full",
-    "partition-one-way",
-    "partition-pair",
-    "guest-shutdown-in-partition",
-    "message-loss",
-    "duplication-and-delay",
-    "disk-error-one",
-    "disk-hang-one",
-    "disk-error-all",
-    "disk-private-one",
-    "disk-write-only-one",
-    "power-loss",
-    "leader-loss",
-    "crash-restart",
-    "clock-drift",
-    "clock-jump",
-    "host-freeze",
-    "agent-stall",
-    "liveness-stall-in-partition",
-    "host-join",
-    "operator",
-];
+/// The fault kinds the simulator draws from, in drawing order.
+pub fn fault_kinds() -> Vec<FaultKind> {
+    FaultKind::of(Backend::Sim).collect()
+}
 
 /// The simulated hosts have a hardware watchdog that resets a host this long after its agent
 /// stopped feeding it (the agent's default `watchdog.timeout_s`): a host frozen for longer is
 /// reset while frozen, as the real device would do.
 const WATCHDOG_RESET_MS: u64 = tandem_core::limits::DEFAULT_WATCHDOG_TIMEOUT_S * 1000;
-
-/// Bound within which a failed host's protected VMs must run again (virtual time).
-const RECOVERY_BOUND_MS: u64 = 20_000;
 
 struct Host {
     cfg: AgentConfig,
@@ -116,8 +98,8 @@ struct Sim {
     faults: BTreeMap<&'static str, u32>,
     /// VM names the cluster acknowledged creating and has not been told to delete.
     created: BTreeSet<String>,
-    /// (deadline ms, VMs that must run again, what failed).
-    pending_recoveries: Vec<(u64, Vec<String>, String)>,
+    /// VMs that faults stopped and that must run again within the oracle's bound.
+    recoveries: Recoveries,
     next_vm: u32,
 }
 
@@ -176,14 +158,14 @@ impl Sim {
         match tracing::Instrument::instrument(Agent::with_io(h.cfg.clone(), io), span.clone()).await {
             Ok(agent) => {
                 if let Err(e) = span.in_scope(|| agent.spawn_loops()) {
-                    w.violation("sim-error", format!("h{i} loops: {e}"));
+                    w.harness_error(format!("h{i} loops: {e}"));
                 }
                 lock(&w.routers).insert(i, tandem_agent::api::router(Arc::clone(&agent)));
                 h.agent = Some(agent);
                 // The agent reloads its timeline and numbers on, so the cursor stays valid.
                 w.log(format!("h{i} boots"));
             }
-            Err(e) => w.violation("sim-error", format!("h{i} failed to start: {e}")),
+            Err(e) => w.harness_error(format!("h{i} failed to start: {e}")),
         }
     }
 
@@ -267,7 +249,8 @@ impl Sim {
                 self.hosts[i as usize].events_seen = self.hosts[i as usize].events_seen.max(e.seq);
                 self.world.log(format!("h{i} event {}: {}", e.kind, e.detail));
                 if e.kind == tandem_agent::events::EventKind::Fenced && now > self.hosts[i as usize].excused_until {
-                    self.world.violation("healthy-fenced", format!("h{i} fenced although no fault touched it: {:?}", e.detail));
+                    let detail = format!("h{i} fenced although no fault touched it: {:?}", e.detail);
+                    self.world.violation(oracle::Violation::new(Invariant::HealthyFenced, detail));
                 }
             }
         }
@@ -306,11 +289,12 @@ impl Sim {
 
     /// One fault, drawn from the seed; returns after it healed.
     async fn fault(&mut self) {
-        let drawn = FAULT_KINDS[self.rand(FAULT_KINDS.len() as u64) as usize];
-        let mut kind = self.opts.only.as_deref().and_then(|o| FAULT_KINDS.iter().copied().find(|k| *k == o)).unwrap_or(drawn);
+        let kinds = fault_kinds();
+        let drawn = kinds[self.rand(kinds.len() as u64) as usize];
+        let mut kind = self.opts.only.unwrap_or(drawn);
         let late = self.hosts.iter().position(|h| !h.member).map(|i| i as u32);
-        if kind == "host-join" && late.is_none() {
-            kind = "operator";
+        if kind == FaultKind::HostJoin && late.is_none() {
+            kind = FaultKind::Operator;
         }
         let n = self.hosts.len() as u32;
         let up = self.up();
@@ -318,17 +302,17 @@ impl Sim {
         let hold = Duration::from_millis(3_000 + self.rand(9_000));
         let now = self.world.now_ms();
         let until = now + hold.as_millis() as u64 + 15_000;
-        *self.faults.entry(kind).or_default() += 1;
+        *self.faults.entry(kind.name()).or_default() += 1;
         let w = Arc::clone(&self.world);
         match kind {
-            "partition-full" | "partition-one-way" => {
+            FaultKind::PartitionFull | FaultKind::PartitionOneWay => {
                 let before = self.vms_on(target).await;
                 w.log(format!("FAULT {kind} h{target} for {hold:?}"));
                 {
                     let mut c = lock(&w.cond);
                     for o in (0..n).filter(|o| *o != target) {
                         c.blocked.insert((target, o));
-                        if kind == "partition-full" {
+                        if kind == FaultKind::PartitionFull {
                             c.blocked.insert((o, target));
                         }
                     }
@@ -337,15 +321,15 @@ impl Sim {
                 self.run_for(hold).await;
                 if hold.as_millis() as u64 > 9_000 && !before.is_empty() {
                     // The majority has had time to fence-wait and restart them: they must run.
-                    if kind == "partition-full" {
+                    if kind == FaultKind::PartitionFull {
                         self.check_moved_off(target, &before, &format!("{kind} of h{target}"));
                     }
-                    self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
+                    self.recoveries.owe(now, format!("{kind} of h{target}"), &before, &[]);
                 }
                 lock(&w.cond).blocked.clear();
                 w.log(format!("HEAL {kind} h{target}"));
             }
-            "partition-pair" => {
+            FaultKind::PartitionPair => {
                 let other = (target + 1 + self.rand(u64::from(n - 1)) as u32) % n;
                 w.log(format!("FAULT {kind} h{target} <-/-> h{other} for {hold:?}"));
                 {
@@ -358,7 +342,7 @@ impl Sim {
                 lock(&w.cond).blocked.clear();
                 w.log(format!("HEAL {kind}"));
             }
-            "guest-shutdown-in-partition" => {
+            FaultKind::GuestShutdownInPartition => {
                 // A guest on a follower powers off as the follower is cut off: the follower's
                 // reconcile pass forwards the stop to the leader and waits for the forward's
                 // timeout, while the follower fences, the majority fails it over, the cut heals
@@ -375,7 +359,7 @@ impl Sim {
                 let Some(victim) = on.first().cloned() else { return };
                 let hold = Duration::from_millis(6_000 + self.rand(2_000));
                 w.log(format!("FAULT {kind}: {victim} on h{f} shuts down as h{f} is cut off for {hold:?}"));
-                self.forgive(&victim);
+                self.recoveries.forgive(&victim);
                 self.hosts[f as usize].driver.guest_shutdown(&victim);
                 {
                     let mut c = lock(&w.cond);
@@ -390,14 +374,14 @@ impl Sim {
                 w.log(format!("HEAL {kind} h{f}"));
                 self.run_for(Duration::from_secs(6)).await;
             }
-            "message-loss" => {
+            FaultKind::MessageLoss => {
                 w.log(format!("FAULT {kind}: one datagram in three lost for {hold:?}"));
                 lock(&w.cond).loss_permille = 333;
                 self.run_for(hold).await;
                 lock(&w.cond).loss_permille = 0;
                 w.log(format!("HEAL {kind}"));
             }
-            "duplication-and-delay" => {
+            FaultKind::DuplicationAndDelay => {
                 w.log(format!("FAULT {kind}: 10% duplicated, up to 150 ms delay for {hold:?}"));
                 {
                     let mut c = lock(&w.cond);
@@ -412,9 +396,9 @@ impl Sim {
                 }
                 w.log(format!("HEAL {kind}"));
             }
-            "disk-error-one" | "disk-hang-one" | "disk-error-all" => {
-                let mode = if kind == "disk-hang-one" { DiskMode::Hang } else { DiskMode::Fail };
-                let hosts: Vec<u32> = if kind == "disk-error-all" { (0..n).collect() } else { vec![target] };
+            FaultKind::DiskErrorOne | FaultKind::DiskHangOne | FaultKind::DiskErrorAll => {
+                let mode = if kind == FaultKind::DiskHangOne { DiskMode::Hang } else { DiskMode::Fail };
+                let hosts: Vec<u32> = if kind == FaultKind::DiskErrorAll { (0..n).collect() } else { vec![target] };
                 w.log(format!("FAULT {kind} {hosts:?} for {hold:?}"));
                 for h in &hosts {
                     w.set_disk_mode(*h, mode);
@@ -424,11 +408,11 @@ impl Sim {
                 w.heal_disks();
                 w.log(format!("HEAL {kind}"));
             }
-            "disk-private-one" | "disk-write-only-one" => {
+            FaultKind::DiskPrivateOne | FaultKind::DiskWriteOnlyOne => {
                 // The host's disk is not the shared one (a private copy), or it can write its
                 // slot but not read: alone it must fence nobody; cut off from the network as
                 // well, it must fence itself before the others restart its VMs.
-                let mode = if kind == "disk-private-one" { DiskMode::Private } else { DiskMode::WriteOnly };
+                let mode = if kind == FaultKind::DiskPrivateOne { DiskMode::Private } else { DiskMode::WriteOnly };
                 let cut = self.rand(2) == 0;
                 let before = self.vms_on(target).await;
                 w.log(format!("FAULT {kind} h{target}{} for {hold:?}", if cut { " and cut off from the network" } else { "" }));
@@ -451,26 +435,26 @@ impl Sim {
                 w.heal_disks();
                 w.log(format!("HEAL {kind}"));
             }
-            "power-loss" | "leader-loss" | "crash-restart" => {
+            FaultKind::PowerLoss | FaultKind::LeaderLoss | FaultKind::CrashRestart => {
                 let leader = self.leader().await;
-                let victim = if kind == "leader-loss" { leader.unwrap_or(target) } else { target };
+                let victim = if kind == FaultKind::LeaderLoss { leader.unwrap_or(target) } else { target };
                 let before = self.vms_on(victim).await;
                 let role = if leader == Some(victim) { ", the leader" } else { "" };
                 w.log(format!("FAULT {kind} h{victim}{role} ({} VM(s)) for {hold:?}", before.len()));
                 self.excuse(&[victim], until);
                 self.power_off(victim).await;
                 if !before.is_empty() {
-                    self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{victim}")));
+                    self.recoveries.owe(now, format!("{kind} of h{victim}"), &before, &[]);
                 }
-                let down_for = if kind == "crash-restart" { Duration::from_millis(500 + self.rand(2_000)) } else { hold };
+                let down_for = if kind == FaultKind::CrashRestart { Duration::from_millis(500 + self.rand(2_000)) } else { hold };
                 self.run_for(down_for).await;
                 self.boot(victim).await;
                 self.run_for(hold.saturating_sub(down_for)).await;
             }
-            "host-freeze" => self.host_freeze(kind, target, hold, now, until).await,
-            "agent-stall" => self.agent_stall(kind, target, hold, now, until).await,
-            "liveness-stall-in-partition" => self.liveness_stall_in_partition(kind, target, now).await,
-            "clock-jump" => {
+            FaultKind::HostFreeze => self.host_freeze(kind, target, hold, now, until).await,
+            FaultKind::AgentStall => self.agent_stall(kind, target, hold, now, until).await,
+            FaultKind::LivenessStallInPartition => self.liveness_stall_in_partition(kind, target, now).await,
+            FaultKind::ClockJump => {
                 // Within the configured bound: the clock margin, less what drift may use.
                 let bound = tandem_core::timing::Timings::default().clock_margin_ms - 50;
                 let jump = 1 + self.rand(bound);
@@ -478,7 +462,7 @@ impl Sim {
                 *lock(&w.cond).clock_jump_ms.entry(target).or_default() += jump;
                 self.run_for(hold).await;
             }
-            "host-join" => {
+            FaultKind::HostJoin => {
                 let j = late.unwrap_or(0);
                 self.boot(j).await;
                 self.run_for(Duration::from_secs(1)).await;
@@ -491,20 +475,23 @@ impl Sim {
                 self.hosts[j as usize].member = true;
                 self.run_for(hold).await;
             }
-            "clock-drift" => {
+            FaultKind::ClockDrift => {
                 let ppm = self.rand(2_001) as i64 - 1_000;
                 w.log(format!("FAULT {kind}: h{target} clock runs {ppm} ppm off (from its next boot)"));
                 self.hosts[target as usize].drift_ppm = ppm;
                 self.run_for(hold).await;
             }
-            _ => {
+            FaultKind::AgentKill | FaultKind::WorkloadKill | FaultKind::HostFreezeLease => {
+                w.harness_error(format!("{kind} is injected by the fault suite only"));
+            }
+            FaultKind::Operator => {
                 let on = up.first().copied().unwrap_or(0);
                 match self.rand(3) {
                     0 => self.create_vm(on).await,
                     1 => {
                         let names: Vec<String> = self.created.iter().cloned().collect();
                         if let Some(name) = names.get(self.rand(names.len() as u64) as usize) {
-                            self.forgive(name);
+                            self.recoveries.forgive(name);
                             let r = self.api(on, "POST", &format!("/v1/vms/{name}/stop"), Some(serde_json::json!({}))).await;
                             w.log(format!("operator: stop {name} -> {:?}", r.map(|r| r.0)));
                             self.run_for(Duration::from_secs(2)).await;
@@ -515,7 +502,7 @@ impl Sim {
                     _ => {
                         let names: Vec<String> = self.created.iter().cloned().collect();
                         if let Some(name) = names.get(self.rand(names.len() as u64) as usize) {
-                            self.forgive(name);
+                            self.recoveries.forgive(name);
                             let r = self.api(on, "POST", &format!("/v1/vms/{name}/stop"), Some(serde_json::json!({}))).await;
                             self.run_for(Duration::from_secs(3)).await;
                             let d = self.api(on, "DELETE", &format!("/v1/vms/{name}"), None).await;
@@ -542,18 +529,18 @@ impl Sim {
         }
     }
 
-    /// A VM owed a recovery is settled the first time it is seen running again; one never seen
-    /// running by its deadline is a violation.
+    /// Where each VM runs now, from the world's run table, for the oracle.
+    fn running(&self) -> oracle::Running {
+        lock(&self.world.running).iter().map(|(vm, on)| (vm.clone(), on.keys().map(|h| format!("h{h}")).collect())).collect()
+    }
+
+    /// Hands the oracle one observation of where VMs run: a recovery it owes is settled the
+    /// first time its VMs are seen running again; one past its bound is a violation.
     fn check_recoveries(&mut self) {
         let now = self.world.now_ms();
-        let running = lock(&self.world.running).clone();
-        for (_, vms, _) in &mut self.pending_recoveries {
-            vms.retain(|v| self.created.contains(v) && running.get(v).is_none_or(BTreeMap::is_empty));
-        }
-        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_recoveries).into_iter().partition(|(d, _, _)| *d <= now);
-        self.pending_recoveries = rest.into_iter().filter(|(_, vms, _)| !vms.is_empty()).collect();
-        for (_, missing, what) in due.into_iter().filter(|(_, vms, _)| !vms.is_empty()) {
-            self.world.violation("not-recovered", format!("after {what}: {missing:?} not running within {RECOVERY_BOUND_MS} ms"));
+        let (_, late) = self.recoveries.observe(now, &self.running(), &self.created);
+        for v in late {
+            self.world.violation(v);
         }
     }
 
@@ -565,21 +552,16 @@ impl Sim {
         let stuck: Vec<&String> =
             vms.iter().filter(|v| self.created.contains(*v)).filter(|v| running.get(*v).is_none_or(|on| on.keys().all(|h| *h == target))).collect();
         if !stuck.is_empty() {
-            self.world.violation("not-recovered", format!("after {what}: {stuck:?} do not run on the majority side while h{target} is still cut off"));
+            let detail = format!("after {what}: {stuck:?} do not run on the majority side while h{target} is still cut off");
+            self.world.violation(oracle::Violation::new(Invariant::NotRecovered, detail));
         }
     }
 
-    /// The operator no longer wants `name` running: no recovery is owed for it.
-    fn forgive(&mut self, name: &str) {
-        for (_, vms, _) in &mut self.pending_recoveries {
-            vms.retain(|v| v != name);
-        }
-    }
-
-    /// With every fault healed and every host up: committed state keeps every VM, and each runs
-    /// exactly once, where committed state assigns it.
+    /// With every fault healed and every host up: the oracle's settle check — committed state
+    /// keeps every VM, every member host is active and alive, and each VM runs exactly once,
+    /// where committed state assigns it.
     async fn settle_and_check(&mut self) {
-        let deadline = self.world.now_ms() + 60_000;
+        let deadline = self.world.now_ms() + oracle::SETTLE_BOUND_MS;
         let mut problem = String::new();
         while self.world.now_ms() < deadline {
             self.run_for(Duration::from_secs(1)).await;
@@ -587,29 +569,27 @@ impl Sim {
                 problem = "no agent answers".into();
                 continue;
             };
-            let names: BTreeSet<String> = vms.iter().filter_map(|v| v["name"].as_str().map(str::to_string)).collect();
-            let lost: Vec<&String> = self.created.difference(&names).collect();
-            if !lost.is_empty() {
-                self.world.violation("state-lost", format!("acknowledged VMs {lost:?} are missing from committed state"));
-                return;
-            }
-            let running = lock(&self.world.running).clone();
-            let wrong: Vec<String> = vms
+            let committed: Vec<oracle::Committed> = vms
                 .iter()
                 .filter_map(|v| {
-                    let name = v["name"].as_str()?;
-                    let on: Vec<String> = running.get(name).map(|h| h.keys().map(|k| format!("h{k}")).collect()).unwrap_or_default();
-                    let want: Vec<String> = if v["desired"] == "running" { v["host"].as_str().map(str::to_string).into_iter().collect() } else { vec![] };
-                    (on != want).then(|| format!("{name}: assigned {want:?}, runs on {on:?}"))
+                    let name = v["name"].as_str()?.to_string();
+                    let runs_on = if v["desired"] == "running" { v["host"].as_str().map(str::to_string) } else { None };
+                    Some(oracle::Committed { name, runs_on })
                 })
                 .collect();
-            if wrong.is_empty() {
-                self.world.log("settled: every VM runs once, where committed state assigns it".into());
-                return;
+            match oracle::settle(&self.created, &committed, &self.running(), true) {
+                oracle::Settle::Settled => {
+                    self.world.log("settled: every VM runs once, where committed state assigns it".into());
+                    return;
+                }
+                oracle::Settle::NotYet(p) => problem = p,
+                oracle::Settle::Broken(v) => {
+                    self.world.violation(v);
+                    return;
+                }
             }
-            problem = wrong.join("; ");
         }
-        self.world.violation("wrong-host", format!("not settled 60 s after healing: {problem}"));
+        self.world.violation(oracle::not_settled("healing", &problem));
     }
 }
 
@@ -666,7 +646,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     // The disk is formatted once, before any agent starts, as `tandem disk format` does.
     match std::fs::read(dir.join("secret")).ok().and_then(|s| tandem_core::wire::ClusterKey::new(&s).ok()) {
         Some(key) => world.format_disk(&key),
-        None => world.violation("sim-error", "no cluster secret to format the disk with".into()),
+        None => world.harness_error("no cluster secret to format the disk with".into()),
     }
     let mut sim = Sim {
         world: Arc::clone(&world),
@@ -675,7 +655,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         dir,
         faults: BTreeMap::new(),
         created: BTreeSet::new(),
-        pending_recoveries: Vec::new(),
+        recoveries: Recoveries::default(),
         next_vm: 0,
     };
     for i in 0..opts.hosts + opts.late_hosts {

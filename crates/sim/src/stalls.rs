@@ -2,12 +2,12 @@
 //! the hardware watchdog that resets a host frozen too long), an agent stall while its VMs die,
 //! and a liveness-path stall while the host is cut off.
 
-use super::{lock, Sim, RECOVERY_BOUND_MS, WATCHDOG_RESET_MS};
+use super::{lock, FaultKind, Sim, WATCHDOG_RESET_MS};
 use std::sync::Arc;
 use std::time::Duration;
 
 impl Sim {
-    pub(super) async fn host_freeze(&mut self, kind: &str, target: u32, hold: Duration, now: u64, until: u64) {
+    pub(super) async fn host_freeze(&mut self, kind: FaultKind, target: u32, hold: Duration, now: u64, until: u64) {
         let w = Arc::clone(&self.world);
         let before = self.vms_on(target).await;
         let freeze_ms = 500 + self.rand(8_000);
@@ -24,7 +24,7 @@ impl Sim {
             }
             self.power_off(target).await;
             if !before.is_empty() {
-                self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
+                self.recoveries.owe(now, format!("{kind} of h{target}"), &before, &[]);
             }
             self.run_for(Duration::from_millis(freeze_ms - WATCHDOG_RESET_MS)).await;
             self.boot(target).await;
@@ -36,7 +36,7 @@ impl Sim {
         self.run_for(hold).await;
     }
 
-    pub(super) async fn agent_stall(&mut self, kind: &str, target: u32, hold: Duration, now: u64, until: u64) {
+    pub(super) async fn agent_stall(&mut self, kind: FaultKind, target: u32, hold: Duration, now: u64, until: u64) {
         let w = Arc::clone(&self.world);
         // The agent stalls for longer than its peers' fence deadline while its VMs die
         // (no hardware watchdog to reset the host): the peers restart the VMs, and when
@@ -49,7 +49,7 @@ impl Sim {
         w.power_off_vms(target);
         lock(&w.cond).frozen.insert(target, tokio::time::Instant::now());
         if !before.is_empty() {
-            self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
+            self.recoveries.owe(now, format!("{kind} of h{target}"), &before, &[]);
         }
         self.run_for(Duration::from_millis(stall_ms)).await;
         lock(&w.cond).frozen.remove(&target);
@@ -57,7 +57,7 @@ impl Sim {
         self.run_for(hold).await;
     }
 
-    pub(super) async fn liveness_stall_in_partition(&mut self, kind: &str, target: u32, now: u64) {
+    pub(super) async fn liveness_stall_in_partition(&mut self, kind: FaultKind, target: u32, now: u64) {
         let w = Arc::clone(&self.world);
         let n = self.hosts.len() as u32;
         // The host is cut off and its liveness path stalls (no heartbeats, no slot I/O,
@@ -82,7 +82,7 @@ impl Sim {
         w.log(format!("h{target}'s VMs crash"));
         w.power_off_vms(target);
         if !before.is_empty() {
-            self.pending_recoveries.push((now + RECOVERY_BOUND_MS, before, format!("{kind} of h{target}")));
+            self.recoveries.owe(now, format!("{kind} of h{target}"), &before, &[]);
         }
         self.run_for(stall.saturating_sub(crash_after)).await;
         {

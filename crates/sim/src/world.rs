@@ -154,7 +154,18 @@ impl World {
         lock(&self.trace).push(l);
     }
 
-    pub fn violation(&self, what: &str, detail: String) {
+    /// Records a broken invariant (from the shared oracle's vocabulary).
+    pub fn violation(&self, v: crate::oracle::Violation) {
+        self.record(v.invariant.name(), &v.detail);
+    }
+
+    /// Records a failure of the simulator itself (an agent that would not start): the run
+    /// proves nothing, so it counts as a finding too.
+    pub fn harness_error(&self, detail: String) {
+        self.record("sim-error", &detail);
+    }
+
+    fn record(&self, what: &str, detail: &str) {
         self.log(format!("VIOLATION {what}: {detail}"));
         lock(&self.violations).push(format!("{what} at {:.3} s: {detail}", self.now_ms() as f64 / 1000.0));
     }
@@ -533,7 +544,8 @@ impl VmDriver for SimDriver {
                 others
             };
             if !others.is_empty() {
-                w.violation("double-run", format!("{name} started on {} (generation {}) while it runs on host(s) {others:?}", self.name, launch.generation));
+                let detail = format!("{name} started on {} (generation {}) while it runs on host(s) {others:?}", self.name, launch.generation);
+                w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::DoubleRun, detail));
             }
             w.log(format!("{}: {name} runs (generation {})", self.name, launch.generation));
             let pid = {

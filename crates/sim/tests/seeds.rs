@@ -1,6 +1,7 @@
 //! The deterministic simulator in `cargo test`: determinism, a sweep of seeds, the regression
 //! seeds of bugs it found, and proof that it catches a broken safety mechanism.
 
+use tandem_sim::fault::FaultKind;
 use tandem_sim::{run, SimOptions};
 
 fn opts(seed: u64, duration_s: u64) -> SimOptions {
@@ -40,7 +41,7 @@ fn a_sweep_of_seeds_breaks_no_invariant() {
     let total: u32 = faults.values().sum();
     eprintln!("{n} seeds, {:.2} simulated hours, {total} faults: {faults:?}", simulated_ms as f64 / 3.6e6);
     assert!(u64::from(total) >= n * 3, "too few faults injected: {total}");
-    assert!(tandem_sim::FAULT_KINDS.iter().all(|k| faults.contains_key(k)), "every fault kind drawn at least once: {faults:?}");
+    assert!(tandem_sim::fault_kinds().iter().all(|k| faults.contains_key(k.name())), "every fault kind drawn at least once: {faults:?}");
     assert!(failing.is_empty(), "failing seeds (replay: tandem-lab sim --seed N --duration-s 60 --trace): {failing:#?}");
 }
 
@@ -48,7 +49,7 @@ fn a_sweep_of_seeds_breaks_no_invariant() {
 /// case, found no leader, and took a random host down instead).
 #[test]
 fn leader_loss_takes_the_leader_down() {
-    let r = run(&SimOptions { only: Some("leader-loss".into()), ..opts(5, 40) });
+    let r = run(&SimOptions { only: Some(FaultKind::LeaderLoss), ..opts(5, 40) });
     let faults: Vec<&String> = r.trace.iter().filter(|l| l.contains("FAULT leader-loss")).collect();
     assert!(!faults.is_empty(), "no leader-loss drawn");
     assert!(faults.iter().all(|l| l.contains(", the leader")), "{faults:#?}");
@@ -90,7 +91,7 @@ fn disabling_the_fence_wait_is_caught() {
 #[test]
 fn disabling_the_lease_check_is_caught() {
     let found = (1..=10).find(|seed| {
-        let r = run(&SimOptions { mutation: Some(tandem_sim::Mutation::SkipLeaseCheck), only: Some("liveness-stall-in-partition".into()), ..opts(*seed, 60) });
+        let r = run(&SimOptions { mutation: Some(tandem_sim::Mutation::SkipLeaseCheck), only: Some(FaultKind::LivenessStallInPartition), ..opts(*seed, 60) });
         r.violations.iter().any(|v| v.starts_with("double-run"))
     });
     assert!(found.is_some(), "no double run found in 10 seeds with the lease check disabled");
@@ -101,7 +102,7 @@ fn disabling_the_lease_check_is_caught() {
 #[test]
 fn a_frozen_host_without_a_watchdog_is_caught() {
     let found = (1..=10).find(|seed| {
-        let r = run(&SimOptions { no_watchdog: true, only: Some("host-freeze".into()), ..opts(*seed, 60) });
+        let r = run(&SimOptions { no_watchdog: true, only: Some(FaultKind::HostFreeze), ..opts(*seed, 60) });
         r.violations.iter().any(|v| v.starts_with("double-run"))
     });
     assert!(found.is_some(), "no double run found in 10 seeds of host freezes without a watchdog");

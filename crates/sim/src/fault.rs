@@ -1,0 +1,196 @@
+//! The fault vocabulary shared by the two backends that inject faults: the deterministic
+//! simulator (`tandem-lab sim`, this crate) and the real fault suite (`tandem-lab chaos`, in the
+//! lab). A fault has one name wherever it appears — a trace, a report, `--only` — and says which
+//! backend can inject it, so that a kind added to one is visibly missing from the other.
+
+use std::fmt;
+
+/// Where a fault kind can be injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The simulated world: network, heartbeat disk, clocks, hypervisor.
+    Sim,
+    /// Real agents in network namespaces: nftables, signals, the FUSE heartbeat disk.
+    Chaos,
+}
+
+/// One kind of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// A host cut off from every other host, both directions.
+    PartitionFull,
+    /// A host's outgoing traffic dropped; it still hears the others.
+    PartitionOneWay,
+    /// Two hosts lose each other; each still reaches the rest.
+    PartitionPair,
+    /// A guest powers itself off on a follower as the follower is cut off.
+    GuestShutdownInPartition,
+    /// One datagram in three lost (the real suite drops heartbeat datagrams with nftables).
+    MessageLoss,
+    /// Duplicated and delayed messages.
+    DuplicationAndDelay,
+    /// One host's path to the heartbeat disk fails with I/O errors.
+    DiskErrorOne,
+    /// One host's heartbeat disk I/O hangs, and completes late.
+    DiskHangOne,
+    /// Every host's heartbeat disk fails at once.
+    DiskErrorAll,
+    /// One host's "shared" disk is in fact a private copy.
+    DiskPrivateOne,
+    /// One host can write its slot but read nothing.
+    DiskWriteOnlyOne,
+    /// A host and its VMs lose power, and boot again later.
+    PowerLoss,
+    /// The consensus leader loses power.
+    LeaderLoss,
+    /// A host crashes and boots again at once.
+    CrashRestart,
+    /// The agent alone is killed (kill -9); it is started again.
+    AgentKill,
+    /// One workload (QEMU or process) is killed (kill -9).
+    WorkloadKill,
+    /// A host's clock runs fast or slow.
+    ClockDrift,
+    /// A host's clock jumps forward within the configured margin.
+    ClockJump,
+    /// A whole host (agent and workloads) stops and resumes later, as under SIGSTOP.
+    HostFreeze,
+    /// A host frozen past `self_fence_ms` but not past the watchdog: its lease lapses while it
+    /// cannot act, and it must fence as it thaws.
+    HostFreezeLease,
+    /// The agent stalls while its workloads run on.
+    AgentStall,
+    /// The liveness thread alone is starved while the host is cut off.
+    LivenessStallInPartition,
+    /// A new host joins the running cluster.
+    HostJoin,
+    /// Operator commands: create, stop, start, delete VMs.
+    Operator,
+}
+
+use Backend::{Chaos, Sim};
+use FaultKind::*;
+
+impl FaultKind {
+    /// Every kind, in the order the simulator draws from (changing it changes every seed).
+    pub const ALL: [FaultKind; 24] = [
+        PartitionFull,
+        PartitionOneWay,
+        PartitionPair,
+        GuestShutdownInPartition,
+        MessageLoss,
+        DuplicationAndDelay,
+        DiskErrorOne,
+        DiskHangOne,
+        DiskErrorAll,
+        DiskPrivateOne,
+        DiskWriteOnlyOne,
+        PowerLoss,
+        LeaderLoss,
+        CrashRestart,
+        ClockDrift,
+        ClockJump,
+        HostFreeze,
+        AgentStall,
+        LivenessStallInPartition,
+        HostJoin,
+        Operator,
+        AgentKill,
+        WorkloadKill,
+        HostFreezeLease,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PartitionFull => "partition-full",
+            PartitionOneWay => "partition-one-way",
+            PartitionPair => "partition-pair",
+            GuestShutdownInPartition => "guest-shutdown-in-partition",
+            MessageLoss => "message-loss",
+            DuplicationAndDelay => "duplication-and-delay",
+            DiskErrorOne => "disk-error-one",
+            DiskHangOne => "disk-hang-one",
+            DiskErrorAll => "disk-error-all",
+            DiskPrivateOne => "disk-private-one",
+            DiskWriteOnlyOne => "disk-write-only-one",
+            PowerLoss => "power-loss",
+            LeaderLoss => "leader-loss",
+            CrashRestart => "crash-restart",
+            AgentKill => "agent-kill",
+            WorkloadKill => "workload-kill",
+            ClockDrift => "clock-drift",
+            ClockJump => "clock-jump",
+            HostFreeze => "host-freeze",
+            HostFreezeLease => "host-freeze-lease",
+            AgentStall => "agent-stall",
+            LivenessStallInPartition => "liveness-stall-in-partition",
+            HostJoin => "host-join",
+            Operator => "operator",
+        }
+    }
+
+    /// The backends that can inject this kind.
+    pub fn backends(self) -> &'static [Backend] {
+        match self {
+            PartitionFull | PartitionOneWay | PartitionPair | MessageLoss | DiskErrorOne | DiskHangOne | PowerLoss | LeaderLoss | HostFreeze => &[Sim, Chaos],
+            // A real agent cannot be killed without its workloads in the simulator's model (its
+            // VMs are rows of the world, not children), and the simulator's host freeze draws
+            // its length across the lease and watchdog bounds, covering the lease case.
+            AgentKill | WorkloadKill | HostFreezeLease => &[Chaos],
+            GuestShutdownInPartition
+            | DuplicationAndDelay
+            | DiskErrorAll
+            | DiskPrivateOne
+            | DiskWriteOnlyOne
+            | CrashRestart
+            | ClockDrift
+            | ClockJump
+            | AgentStall
+            | LivenessStallInPartition
+            | HostJoin
+            | Operator => &[Sim],
+        }
+    }
+
+    /// The kinds one backend injects, in drawing order.
+    pub fn of(backend: Backend) -> impl Iterator<Item = FaultKind> {
+        Self::ALL.into_iter().filter(move |k| k.backends().contains(&backend))
+    }
+
+    /// The kind with this name.
+    pub fn parse(name: &str) -> Option<FaultKind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn names_are_unique_and_parse_back() {
+        let names: BTreeSet<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names.len(), FaultKind::ALL.len());
+        for k in FaultKind::ALL {
+            assert_eq!(FaultKind::parse(k.name()), Some(k));
+            assert!(!k.backends().is_empty(), "{k} is injected nowhere");
+        }
+        assert_eq!(FaultKind::parse("no-such-fault"), None);
+    }
+
+    #[test]
+    fn the_simulator_keeps_its_drawing_order() {
+        // The first 21 kinds are the simulator's, in the order its seeds were recorded with.
+        let sim: Vec<FaultKind> = FaultKind::of(Backend::Sim).collect();
+        assert_eq!(sim.len(), 21);
+        assert_eq!(sim, FaultKind::ALL[..21].to_vec());
+        assert_eq!(FaultKind::of(Backend::Chaos).count(), 12);
+    }
+}
