@@ -4,8 +4,11 @@
 # harmless stand-in (it sleeps) and whose policy lets no spec reach a real file. Every check
 # schemathesis has but one: it fails on any server error, undocumented status code or content
 # type, response not matching its schema, schema-violating request the agent accepts, or
-# unsupported method not answered 405. Left out: "a schema-valid request must be accepted" —
-# request bodies are documented as bare objects until the API's types generate the document. Run by scripts/test.sh; usage: scripts/fuzz-api.sh [path/to/tandem]
+# unsupported method not answered 405. Request and response schemas are generated from the API's
+# types (tandem_agent::views), so the fuzzer sends well-formed bodies and checks every answer's
+# shape. Left out: "a schema-valid request must be accepted" — the agent validates more than a
+# schema says (sizes within a host's capacity, names, paths its policy allows, conflicts), and
+# answers those 400/409 by design. Run by scripts/test.sh; usage: scripts/fuzz-api.sh [path/to/tandem]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${1:-$here/target/debug/tandem}

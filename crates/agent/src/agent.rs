@@ -85,7 +85,7 @@ pub enum AgentError {
 }
 
 /// What this agent is doing, for the API and the loops.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct RuntimeStatus {
     /// The epoch this host joined in; `None` until joined, and again after fencing.
     pub joined_epoch: Option<u64>,

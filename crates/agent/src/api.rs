@@ -31,17 +31,14 @@ use join::{host_join, join_proof};
 use tokens::*;
 use vms::*;
 
-pub use cluster::Identity;
-pub use hosts::HostView;
+use crate::views::*;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::liveness::HostLiveness;
-use tandem_core::state::{token_sha256, ApiToken, Applied, Capacity, Command, HostMode, PowerState, Role, Rule, Settings, StateError, VmSpec};
+use tandem_core::state::{token_sha256, ApiToken, Applied, Command, PowerState, Role, Rule, Settings, StateError, VmSpec};
 use tandem_core::HostId;
-pub use vms::VmView;
 
 /// The largest request body accepted (consensus snapshots arrive in chunks below this).
 pub const MAX_BODY: usize = 16 << 20;
@@ -61,7 +58,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
     }
 }
 
@@ -390,6 +387,6 @@ mod tests {
         assert!(nested.as_deref().is_some_and(|m| m.contains("unknown field `driver.cmd`")), "{nested:?}");
         assert!(parse::<VmSpec>(spec(",\"memory\":64", "").as_bytes(), "VM spec").is_ok(), "the type itself is lenient");
         let update = format!("{{\"spec\":{},\"force\":false}}", spec("", ",\"x\":true"));
-        assert!(parse_strict::<UpdateBody>(update.as_bytes(), "VM update").is_err());
+        assert!(parse_strict::<UpdateVmRequest>(update.as_bytes(), "VM update").is_err());
     }
 }

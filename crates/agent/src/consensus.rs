@@ -457,7 +457,7 @@ pub struct Consensus {
 }
 
 /// Who leads, as far as this host knows.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ConsensusStatus {
     pub me: NodeId,
     pub leader: Option<NodeId>,
@@ -733,7 +733,7 @@ mod tests {
         assert_eq!(c.state().vms, before.vms, "a stale verdict changes nothing");
         let (r, _) = c.propose(start).await.expect("committed");
         assert_eq!(r, Ok(Applied::Done), "judged afresh, it applies");
-        assert!(c.with_state(|s| s.vms["a"].desired == PowerState::Running));
+        assert!(c.with_state(|s| s.vms["a"].desired() == PowerState::Running));
         c.raft.shutdown().await.ok();
         let _ = std::fs::remove_dir_all(&dir);
     }

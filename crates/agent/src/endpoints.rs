@@ -5,6 +5,9 @@
 //! (`GET /v1/openapi.json`, `tandem openapi`, kept in `docs/openapi.json` and tested for drift),
 //! and the reference in the README.
 
+use crate::views::*;
+use schemars::generate::{SchemaGenerator, SchemaSettings};
+use schemars::{JsonSchema, Schema};
 use serde_json::{json, Map, Value};
 
 /// Who may call an endpoint.
@@ -22,16 +25,43 @@ pub enum Access {
     Cluster,
 }
 
+/// Writes the JSON Schema of one body into a generator (and returns a reference to it).
+pub type SchemaOf = fn(&mut SchemaGenerator) -> Schema;
+
+/// The schema of `T`, as a reference into the document's components.
+fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    g.subschema_for::<T>()
+}
+
+/// A body this API does not describe field by field (openraft's own messages).
+fn opaque(_: &mut SchemaGenerator) -> Schema {
+    schemars::json_schema!({ "type": "object", "description": "an openraft message (agent to agent)" })
+}
+
+/// What an endpoint answers with on success.
+#[derive(Clone, Copy)]
+pub enum Answer {
+    /// A JSON body of this schema.
+    Json(SchemaOf),
+    /// The dashboard page.
+    Html,
+    /// Prometheus text exposition.
+    Prometheus,
+    /// The OpenAPI document itself.
+    OpenApi,
+}
+
 /// One method on one path.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Endpoint {
     pub method: &'static str,
     /// In axum's syntax (`{name}` for a path parameter), which is also OpenAPI's.
     pub path: &'static str,
     pub access: Access,
     pub summary: &'static str,
-    /// What the JSON request body holds, when there is one.
-    pub body: Option<&'static str>,
+    /// The JSON request body's schema, when the endpoint takes one.
+    pub request: Option<SchemaOf>,
+    pub answer: Answer,
     /// Query parameters.
     pub query: &'static [QueryParam],
 }
@@ -48,109 +78,139 @@ const fn optional(name: &'static str, description: &'static str) -> QueryParam {
     QueryParam { name, description, required: false }
 }
 
-const fn ep(method: &'static str, path: &'static str, access: Access, summary: &'static str) -> Endpoint {
-    Endpoint { method, path, access, summary, body: None, query: &[] }
+/// A read (no body) answering JSON.
+const fn get(path: &'static str, access: Access, summary: &'static str, answer: SchemaOf) -> Endpoint {
+    Endpoint { method: "GET", path, access, summary, request: None, answer: Answer::Json(answer), query: &[] }
 }
 
-const fn with_body(method: &'static str, path: &'static str, access: Access, summary: &'static str, body: &'static str) -> Endpoint {
-    Endpoint { method, path, access, summary, body: Some(body), query: &[] }
+/// A read with query parameters.
+const fn get_q(path: &'static str, access: Access, summary: &'static str, answer: SchemaOf, query: &'static [QueryParam]) -> Endpoint {
+    Endpoint { method: "GET", path, access, summary, request: None, answer: Answer::Json(answer), query }
+}
+
+/// A write with a JSON body.
+const fn write(method: &'static str, path: &'static str, access: Access, summary: &'static str, request: SchemaOf, answer: SchemaOf) -> Endpoint {
+    Endpoint { method, path, access, summary, request: Some(request), answer: Answer::Json(answer), query: &[] }
+}
+
+/// A DELETE (no body).
+const fn delete(path: &'static str, access: Access, summary: &'static str, answer: SchemaOf) -> Endpoint {
+    Endpoint { method: "DELETE", path, access, summary, request: None, answer: Answer::Json(answer), query: &[] }
 }
 
 use Access::{Admin, Cluster, Operate, Public, Read};
 
 /// The table. Order is the order of the OpenAPI document.
 pub const ENDPOINTS: &[Endpoint] = &[
-    ep("GET", "/", Public, "The web dashboard (one HTML page; it asks for a token)."),
-    ep("GET", "/v1/openapi.json", Public, "This API's OpenAPI 3 description."),
-    ep("GET", "/metrics", Read, "Prometheus metrics of this agent: liveness, heartbeat ages, disk latency, VMs, failovers, FTT, consensus."),
-    ep("GET", "/v1/status", Read, "This agent: consensus role and leader, fencing state, rejected input counters."),
-    ep("GET", "/v1/identity", Read, "This host's id, name, addresses and capacity."),
     Endpoint {
         method: "GET",
-        path: "/v1/join-proof",
+        path: "/",
         access: Public,
-        summary: "This host's identity and a MAC over it and the challenge with the cluster secret: a host proves it holds the secret before the cluster sends it any token.",
-        body: None,
-        query: &[QueryParam { name: "challenge", description: "random hex chosen by the caller (16-128 characters)", required: true }],
+        summary: "The web dashboard (one HTML page; it asks for a token).",
+        request: None,
+        answer: Answer::Html,
+        query: &[],
     },
-    with_body("POST", "/v1/cluster/init", Admin, "Make this agent the first host of a new cluster.", "{}"),
-    ep("GET", "/v1/hosts", Read, "Hosts with status, epoch, capacity use and liveness as seen from this agent."),
-    with_body("POST", "/v1/hosts/join", Admin, "Add the agent listening at api_addr to the cluster.", "{\"api_addr\": \"ip:port\"}"),
-    with_body(
+    Endpoint { method: "GET", path: "/v1/openapi.json", access: Public, summary: "This API's OpenAPI 3 description.", request: None, answer: Answer::OpenApi, query: &[] },
+    Endpoint {
+        method: "GET",
+        path: "/metrics",
+        access: Read,
+        summary: "Prometheus metrics of this agent: liveness, heartbeat ages, disk latency, VMs, failovers, FTT, consensus.",
+        request: None,
+        answer: Answer::Prometheus,
+        query: &[],
+    },
+    get("/v1/status", Read, "This agent: consensus role and leader, fencing state, rejected input counters.", schema::<StatusView>),
+    get("/v1/identity", Read, "This host's id, name, addresses and capacity.", schema::<Identity>),
+    get_q(
+        "/v1/join-proof",
+        Public,
+        "This host's identity and a MAC over it and the challenge with the cluster secret: a host proves it holds the secret before the cluster sends it any token.",
+        schema::<JoinProof>,
+        &[QueryParam { name: "challenge", description: "random hex chosen by the caller (16-128 characters)", required: true }],
+    ),
+    write("POST", "/v1/cluster/init", Admin, "Make this agent the first host of a new cluster.", schema::<EmptyRequest>, schema::<Initialized>),
+    get("/v1/hosts", Read, "Hosts with status, epoch, capacity use and liveness as seen from this agent.", schema::<Vec<HostView>>),
+    write("POST", "/v1/hosts/join", Admin, "Add the agent listening at api_addr to the cluster.", schema::<JoinRequest>, schema::<Joined>),
+    write(
         "POST",
         "/v1/hosts/{name}/mode",
         Admin,
         "Set a host's mode; refused if it breaks the FTT target unless forced.",
-        "{\"mode\": \"normal|maintenance|disabled\", \"force\": false}",
+        schema::<HostModeRequest>,
+        schema::<HostModeSet>,
     ),
-    ep("GET", "/v1/vms", Read, "Every VM with its desired state, host, generation, error and restart hold."),
-    with_body("POST", "/v1/vms", Admin, "Create a VM (stopped) from a VM spec.", "a VM spec (see the README)"),
-    ep("GET", "/v1/vms/{name}", Read, "One VM."),
-    with_body(
+    get("/v1/vms", Read, "Every VM with its desired state, host, generation, error and restart hold.", schema::<Vec<VmView>>),
+    write("POST", "/v1/vms", Admin, "Create a VM (stopped) from a VM spec.", schema::<VmSpec>, schema::<Created>),
+    get("/v1/vms/{name}", Read, "One VM.", schema::<VmView>),
+    write(
         "PUT",
         "/v1/vms/{name}",
         Admin,
         "Change a VM's spec; refused if it breaks the FTT target unless forced.",
-        "{\"spec\": VM spec, \"force\": false}",
+        schema::<UpdateVmRequest>,
+        schema::<Updated>,
     ),
-    ep("DELETE", "/v1/vms/{name}", Admin, "Delete a stopped VM."),
-    with_body("POST", "/v1/vms/{name}/start", Operate, "Start a VM; refused if it breaks the FTT target unless forced (force needs an admin token).", "{\"force\": false}"),
-    with_body("POST", "/v1/vms/{name}/stop", Operate, "Stop a VM (ACPI power-down, then kill after the stop timeout).", "{}"),
-    with_body("POST", "/v1/vms/{name}/clear", Operate, "Clear a VM's error state and failure history.", "{}"),
-    ep("GET", "/v1/ftt", Read, "Failures to tolerate (exact or lower bound), the target, and what limits it."),
-    Endpoint {
-        method: "GET",
-        path: "/v1/plan",
-        access: Read,
-        summary: "Recovery plans: for each single host failure, or for the hosts in `fail` failing together.",
-        body: None,
-        query: &[optional("fail", "comma-separated host names failing together")],
-    },
-    ep("GET", "/v1/settings", Read, "Cluster settings: FTT target, vCPU overcommit, restart group delays."),
-    with_body(
+    delete("/v1/vms/{name}", Admin, "Delete a stopped VM.", schema::<Deleted>),
+    write(
+        "POST",
+        "/v1/vms/{name}/start",
+        Operate,
+        "Start a VM; refused if it breaks the FTT target unless forced (force needs an admin token).",
+        schema::<ForceRequest>,
+        schema::<Starting>,
+    ),
+    write(
+        "POST",
+        "/v1/vms/{name}/stop",
+        Operate,
+        "Stop a VM (ACPI power-down, then kill after the stop timeout).",
+        schema::<EmptyRequest>,
+        schema::<Stopping>,
+    ),
+    write("POST", "/v1/vms/{name}/clear", Operate, "Clear a VM's error state and failure history.", schema::<EmptyRequest>, schema::<Cleared>),
+    get("/v1/ftt", Read, "Failures to tolerate (exact or lower bound), the target, and what limits it.", schema::<FttView>),
+    get_q(
+        "/v1/plan",
+        Read,
+        "Recovery plans: for each single host failure, or for the hosts in `fail` failing together.",
+        schema::<Vec<FailurePlan>>,
+        &[optional("fail", "comma-separated host names failing together")],
+    ),
+    get("/v1/settings", Read, "Cluster settings: FTT target, vCPU overcommit, restart group delays.", schema::<Settings>),
+    write(
         "POST",
         "/v1/settings",
         Admin,
         "Change cluster settings; refused if it breaks the FTT target unless forced.",
-        "{\"ftt_target\": N|null, \"vcpu_overcommit_pct\": P, \"group_delays_ms\": {\"GROUP\": MS|null}, \"force\": false}",
+        schema::<SettingsRequest>,
+        schema::<SettingsSet>,
     ),
-    ep("GET", "/v1/rules", Read, "Placement rules."),
-    with_body(
-        "POST",
-        "/v1/rules",
-        Admin,
-        "Add a placement rule (checked for feasibility and conflicts).",
-        "{\"rule\": {\"name\", \"kind\", \"hard\", \"vms\"}, \"force\": false}",
-    ),
-    ep("DELETE", "/v1/rules/{name}", Admin, "Delete a placement rule."),
-    ep("GET", "/v1/tokens", Admin, "API tokens: names and roles (never the tokens)."),
-    with_body(
-        "POST",
-        "/v1/tokens",
-        Admin,
-        "Make an API token; the answer holds the token, shown this once.",
-        "{\"name\": \"ops\", \"role\": \"admin|read-only\"}",
-    ),
-    ep("DELETE", "/v1/tokens/{name}", Admin, "Revoke an API token."),
-    ep("GET", "/v1/local", Read, "The workloads this host's driver runs now, with generation and exit."),
-    Endpoint {
-        method: "GET",
-        path: "/v1/events",
-        access: Read,
-        summary: "The HA timeline recorded by this agent, oldest first.",
-        body: None,
-        query: &[
+    get("/v1/rules", Read, "Placement rules.", schema::<Vec<Rule>>),
+    write("POST", "/v1/rules", Admin, "Add a placement rule (checked for feasibility and conflicts).", schema::<RuleRequest>, schema::<RuleAdded>),
+    delete("/v1/rules/{name}", Admin, "Delete a placement rule.", schema::<Deleted>),
+    get("/v1/tokens", Admin, "API tokens: names and roles (never the tokens).", schema::<Vec<TokenView>>),
+    write("POST", "/v1/tokens", Admin, "Make an API token; the answer holds the token, shown this once.", schema::<TokenRequest>, schema::<NewToken>),
+    delete("/v1/tokens/{name}", Admin, "Revoke an API token.", schema::<Revoked>),
+    get("/v1/local", Read, "The workloads this host's driver runs now, with generation and exit.", schema::<LocalView>),
+    get_q(
+        "/v1/events",
+        Read,
+        "The HA timeline recorded by this agent, oldest first.",
+        schema::<Vec<Event>>,
+        &[
             optional("after", "only events with a larger seq"),
             optional("limit", "at most this many (default 1000)"),
             optional("vm", "only events about this VM"),
             optional("host", "only events recorded by, or about, this host"),
             optional("kind", "only events of this kind (e.g. peer-dead, failover-committed)"),
         ],
-    },
-    with_body("POST", "/v1/internal/propose", Cluster, "Forwarded consensus command (agent to agent).", "a consensus command"),
-    with_body("POST", "/raft/append", Cluster, "Raft AppendEntries (agent to agent).", "openraft request"),
-    with_body("POST", "/raft/vote", Cluster, "Raft RequestVote (agent to agent).", "openraft request"),
-    with_body("POST", "/raft/snapshot", Cluster, "Raft InstallSnapshot chunk (agent to agent).", "openraft request"),
+    ),
+    write("POST", "/v1/internal/propose", Cluster, "Forwarded consensus command (agent to agent).", opaque, opaque),
+    write("POST", "/raft/append", Cluster, "Raft AppendEntries (agent to agent).", opaque, opaque),
+    write("POST", "/raft/vote", Cluster, "Raft RequestVote (agent to agent).", opaque, opaque),
+    write("POST", "/raft/snapshot", Cluster, "Raft InstallSnapshot chunk (agent to agent).", opaque, opaque),
 ];
 
 /// The methods `route` answers (for a 405's `Allow` header).
@@ -165,7 +225,7 @@ pub fn find(method: &str, route: &str) -> Option<&'static Endpoint> {
     ENDPOINTS.iter().find(|e| e.method == method && e.path == route)
 }
 
-fn operation(e: &Endpoint) -> Value {
+fn operation(e: &Endpoint, g: &mut SchemaGenerator) -> Value {
     let mut op = Map::new();
     op.insert("summary".into(), json!(e.summary));
     op.insert("operationId".into(), json!(format!("{} {}", e.method.to_lowercase(), e.path)));
@@ -181,13 +241,19 @@ fn operation(e: &Endpoint) -> Value {
     if !params.is_empty() {
         op.insert("parameters".into(), Value::Array(params));
     }
-    if let Some(b) = e.body {
-        op.insert("requestBody".into(), json!({ "required": true, "content": { "application/json": { "schema": { "type": "object", "description": b } } } }));
+    if let Some(request) = e.request {
+        op.insert("requestBody".into(), json!({ "required": true, "content": { "application/json": { "schema": request(g).to_value() } } }));
     }
-    let error = json!({ "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    let error = json!({ "content": { "application/json": { "schema": schema::<ErrorBody>(g).to_value() } } });
     let mut responses = Map::new();
-    responses.insert("200".into(), json!({ "description": "success" }));
-    if e.body.is_some() || !e.query.is_empty() {
+    let success = match e.answer {
+        Answer::Json(answer) => json!({ "description": "success", "content": { "application/json": { "schema": answer(g).to_value() } } }),
+        Answer::Html => json!({ "description": "success", "content": { "text/html": { "schema": { "type": "string" } } } }),
+        Answer::Prometheus => json!({ "description": "success", "content": { "text/plain": { "schema": { "type": "string" } } } }),
+        Answer::OpenApi => json!({ "description": "success", "content": { "application/json": { "schema": { "type": "object" } } } }),
+    };
+    responses.insert("200".into(), success);
+    if e.request.is_some() || !e.query.is_empty() {
         responses.insert("400".into(), json!({ "description": "malformed or invalid request", "content": error["content"] }));
     }
     match e.access {
@@ -202,7 +268,8 @@ fn operation(e: &Endpoint) -> Value {
             responses.insert("403".into(), json!({ "description": "the token's role does not allow this", "content": error["content"] }));
         }
     }
-    if e.path.contains('{') {
+    // A name in the path, or in a write's body (a rule's VMs), may name nothing.
+    if e.path.contains('{') || e.request.is_some() {
         responses.insert("404".into(), json!({ "description": "unknown name", "content": error["content"] }));
     }
     if e.method != "GET" {
@@ -224,14 +291,16 @@ fn operation(e: &Endpoint) -> Value {
     Value::Object(op)
 }
 
-/// The OpenAPI 3 document, built from [`ENDPOINTS`].
+/// The OpenAPI 3 document, built from [`ENDPOINTS`] and the schemas of [`crate::views`].
 #[must_use]
 pub fn openapi() -> Value {
+    let mut g = SchemaSettings::openapi3().into_generator();
     let mut paths = Map::new();
     for e in ENDPOINTS {
+        let op = operation(e, &mut g);
         let entry = paths.entry(e.path.to_string()).or_insert_with(|| json!({}));
         if let Some(m) = entry.as_object_mut() {
-            m.insert(e.method.to_lowercase(), operation(e));
+            m.insert(e.method.to_lowercase(), op);
         }
     }
     json!({
@@ -244,7 +313,7 @@ pub fn openapi() -> Value {
         "paths": Value::Object(paths),
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
-            "schemas": { "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "string" } } } }
+            "schemas": Value::Object(g.take_definitions(true))
         },
         "security": [{ "bearer": [] }]
     })
@@ -275,7 +344,7 @@ mod tests {
             assert!(ENDPOINTS[..i].iter().all(|o| (o.method, o.path) != (e.method, e.path)), "{} {} twice", e.method, e.path);
             assert!(!e.summary.is_empty());
             if e.method != "GET" && e.method != "DELETE" {
-                assert!(e.body.is_some(), "{} {} takes a body", e.method, e.path);
+                assert!(e.request.is_some(), "{} {} takes a body", e.method, e.path);
             }
         }
         assert_eq!(openapi()["paths"]["/v1/vms/{name}"]["put"]["x-tandem-access"], "admin token");

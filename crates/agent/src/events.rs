@@ -17,7 +17,7 @@ pub const RELOAD_BYTES: u64 = 4 << 20;
 /// One recorded event.
 /// What an event is about. Serialized as its kebab-case name (`peer-dead`, `vm-started`, ...),
 /// which is what the API, the CLI's filters and the timeline file carry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum EventKind {
     AdmissionForced,
@@ -105,7 +105,7 @@ impl std::fmt::Display for EventKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Event {
     /// Position in this agent's timeline.
     pub seq: u64,

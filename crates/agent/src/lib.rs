@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod policy;
 pub mod raft_runtime;
 pub mod tls;
+pub mod views;
 pub mod watchdog;

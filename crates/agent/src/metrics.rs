@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tandem_core::liveness::HostLiveness;
-use tandem_core::state::{PowerState, Protection};
+use tandem_core::state::{Protection, VmPhase};
 
 /// A fixed-bucket histogram in seconds.
 pub struct Histogram {
@@ -102,23 +102,19 @@ fn render(a: &Agent) -> String {
             .vms
             .values()
             .map(|v| {
-                let state = if v.error.is_some() {
-                    "error"
-                } else if v.desired == PowerState::Stopped {
-                    "stopped"
-                } else if v.held {
-                    "held"
-                } else if v.assignment.is_some() {
-                    "assigned"
-                } else {
-                    "waiting"
+                let state = match v.phase {
+                    VmPhase::Failed { .. } => "error",
+                    VmPhase::Stopped | VmPhase::Stopping { .. } => "stopped",
+                    VmPhase::Held { .. } => "held",
+                    VmPhase::Placed { .. } => "assigned",
+                    VmPhase::Waiting { .. } => "waiting",
                 };
                 let protection = match v.spec.protection {
                     Protection::Protect => "protect",
                     Protection::BestEffort => "best-effort",
                     Protection::Off => "off",
                 };
-                (state.to_string(), protection.to_string(), v.assignment.is_some_and(|x| x.host == a.me))
+                (state.to_string(), protection.to_string(), v.assignment().is_some_and(|x| x.host == a.me))
             })
             .collect();
         (names, vms, s.ftt_model(), s.settings.ftt_target)

@@ -7,7 +7,7 @@ pub const MAX_HOSTS: usize = 64;
 
 /// A host's index in the cluster, `0..MAX_HOSTS`. It is also its heartbeat-disk slot number and
 /// its consensus node id, so it is fixed in the host's configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct HostId(pub u32);
 
@@ -26,7 +26,7 @@ impl std::fmt::Display for HostId {
 }
 
 /// A set of hosts as a 64-bit mask: what a host hears, which slots are fresh, a partition side.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct HostSet(pub u64);
 

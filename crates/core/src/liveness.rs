@@ -33,7 +33,7 @@ pub enum HostLiveness {
 }
 
 /// Why this host must fence itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", tag = "reason")]
 pub enum FenceReason {
     /// Neither a majority acknowledged us nor did a slot write succeed for `self_fence_ms`.
@@ -107,7 +107,7 @@ pub struct HeartbeatCount {
 }
 
 /// Counters of rejected input, for metrics and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct RejectCounters {
     pub forged_heartbeats: u64,
     pub replayed_heartbeats: u64,

@@ -17,7 +17,7 @@ use crate::state::Protection;
 use serde::{Deserialize, Serialize};
 
 /// Whether a rule keeps VMs together or apart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RuleKind {
     /// All members on one host.
@@ -102,19 +102,44 @@ pub struct Model {
     rank: Vec<u32>,
 }
 
+/// What caps failures-to-tolerate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum FttLimit {
+    /// A failure set one larger leaves a protected VM down.
+    Capacity,
+    /// One more failure loses the consensus majority, so nothing restarts.
+    Quorum,
+    /// No host would be left.
+    Hosts,
+    /// A protected VM finds no host even now: FTT 0, and the counterexample names it with an
+    /// empty failure set.
+    Unplaceable,
+    /// The exhaustive search stopped at its budget (see `exact`).
+    SearchBudget,
+}
+
+impl std::fmt::Display for FttLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FttLimit::Capacity => "capacity",
+            FttLimit::Quorum => "quorum",
+            FttLimit::Hosts => "hosts",
+            FttLimit::Unplaceable => "unplaceable",
+            FttLimit::SearchBudget => "search-budget",
+        })
+    }
+}
+
 /// What the FTT search found.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FttReport {
     /// Host failures every `protect` VM survives (it restarts elsewhere), as far as known: exact
     /// when `exact`, otherwise a lower bound (never more than the true value).
     pub ftt: u32,
     pub exact: bool,
-    /// What caps it: `capacity` (a failure set one larger leaves a protected VM down), `quorum`
-    /// (one more failure loses the consensus majority, so nothing restarts), `hosts` (no host
-    /// would be left), `unplaceable` (a protected VM finds no host even now: FTT 0, and the
-    /// counterexample names it with an empty failure set), or `search-budget` (the exhaustive
-    /// search stopped; see `exact`).
-    pub limited_by: &'static str,
+    /// What caps it.
+    pub limited_by: FttLimit,
     /// Failure sets of every size up to this were checked one by one.
     pub checked_up_to: u32,
     /// Failure sets planned during the search.
@@ -371,7 +396,14 @@ impl Model {
             let stuck = self.protected_down(&self.place(&[], waiting, false, false));
             if !stuck.is_empty() {
                 let names = stuck.iter().map(|v| self.vms[*v as usize].name.clone()).collect();
-                return FttReport { ftt: 0, exact: true, limited_by: "unplaceable", checked_up_to: 0, sets_checked: 0, counterexample: Some((vec![], names)) };
+                return FttReport {
+                    ftt: 0,
+                    exact: true,
+                    limited_by: FttLimit::Unplaceable,
+                    checked_up_to: 0,
+                    sets_checked: 0,
+                    counterexample: Some((vec![], names)),
+                };
             }
         }
         let up: Vec<u32> = (0..self.hosts.len() as u32).filter(|h| self.hosts[*h as usize].up).collect();
@@ -380,14 +412,14 @@ impl Model {
         // More failures than this and no majority is left to decide anything.
         let quorum_cap = ((members.saturating_sub(1)) / 2).saturating_sub(already_down);
         let host_cap = (up.len() as u32).saturating_sub(1);
-        let (cap, cap_reason) = if quorum_cap <= host_cap { (quorum_cap, "quorum") } else { (host_cap, "hosts") };
+        let (cap, cap_reason) = if quorum_cap <= host_cap { (quorum_cap, FttLimit::Quorum) } else { (host_cap, FttLimit::Hosts) };
         let mut report = FttReport { ftt: 0, exact: true, limited_by: cap_reason, checked_up_to: 0, sets_checked: 0, counterexample: None };
         for k in 1..=cap {
             let sets = binomial(up.len() as u64, u64::from(k));
             if report.sets_checked.saturating_add(sets) > budget {
                 let bound = self.slot_bound(cap);
                 report.exact = false;
-                report.limited_by = "search-budget";
+                report.limited_by = FttLimit::SearchBudget;
                 report.ftt = report.checked_up_to.max(bound);
                 return report;
             }
@@ -399,7 +431,7 @@ impl Model {
                 let down = self.protected_down(&plan);
                 if !down.is_empty() {
                     report.ftt = k - 1;
-                    report.limited_by = "capacity";
+                    report.limited_by = FttLimit::Capacity;
                     report.counterexample =
                         Some((failed.iter().map(|h| self.hosts[*h as usize].id).collect(), down.iter().map(|v| self.vms[*v as usize].name.clone()).collect()));
                     return report;
@@ -516,12 +548,12 @@ pub(crate) mod tests {
         let m = Model::new(hosts, vms, vec![]);
         let r = m.ftt(DEFAULT_FTT_BUDGET);
         // Quorum caps three hosts at one failure anyway.
-        assert_eq!((r.ftt, r.exact, r.limited_by), (1, true, "quorum"));
+        assert_eq!((r.ftt, r.exact, r.limited_by), (1, true, FttLimit::Quorum));
         let five = Model::new((0..5).map(|i| host(i, 1000, 8)).collect(), (0..10).map(|i| vm(&format!("v{i}"), 300, 1, i % 5)).collect(), vec![]);
         let r = five.ftt(DEFAULT_FTT_BUDGET);
         // Two failures displace 4 × 300 MiB; the three survivors have 400 MiB free each, one
         // 300 MiB VM each: only 3 of the 4 fit.
-        assert_eq!((r.ftt, r.limited_by), (1, "capacity"));
+        assert_eq!((r.ftt, r.limited_by), (1, FttLimit::Capacity));
         let (set, down) = r.counterexample.expect("counterexample");
         assert_eq!((set.len(), down.len()), (2, 1));
     }

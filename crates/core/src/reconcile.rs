@@ -18,7 +18,7 @@ pub const MAX_LOCAL_RESTARTS: usize = 3;
 pub const RESTART_WINDOW_MS: u64 = 60_000;
 
 /// How a VM process ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum VmExit {
     /// The guest powered itself off (QMP SHUTDOWN with guest=true, or a clean exit of a process).
@@ -138,10 +138,10 @@ fn wanted(v: &View<'_>, joined: u64) -> Wanted {
     let mut running = BTreeMap::new();
     let mut to_release = Vec::new();
     for vm in s.assigned_to(v.me) {
-        let Some(a) = vm.assignment else { continue };
-        match vm.desired {
+        let Some(a) = vm.assignment() else { continue };
+        match vm.desired() {
             PowerState::Running => {
-                running.insert(vm.spec.name.clone(), (a.generation, vm.spec.protection, vm.held));
+                running.insert(vm.spec.name.clone(), (a.generation, vm.spec.protection, vm.held()));
             }
             PowerState::Stopped => to_release.push((vm.spec.name.clone(), a.generation)),
         }
@@ -278,7 +278,7 @@ mod tests {
     }
 
     fn gen_of(s: &ClusterState, name: &str) -> u64 {
-        s.vms[name].assignment.map_or(0, |a| a.generation)
+        s.vms[name].assignment().map_or(0, |a| a.generation)
     }
 
     /// Two hosts; `a` (protected) and `b` (best-effort) assigned to host 0.
@@ -397,12 +397,19 @@ mod tests {
         }
     }
 
+    /// Holds a placed VM back, as a failover does for a higher restart group.
+    fn hold(v: &mut crate::state::VmRecord) {
+        if let crate::state::VmPhase::Placed { at } = v.phase {
+            v.phase = crate::state::VmPhase::Held { at };
+        }
+    }
+
     /// A held VM (a lower restart group is still starting) is not started.
     #[test]
     fn a_held_vm_waits() {
         let mut s = two_hosts();
         if let Some(v) = s.vms.get_mut("a") {
-            v.held = true;
+            hold(v);
         }
         let none = BTreeSet::new();
         assert_eq!(started(&Reconciler::default().pass(&view(&s, &[], &none), Millis(0))), ["b"]);
@@ -429,8 +436,9 @@ mod tests {
                     if *stopped {
                         s.apply(&Command::SetPower { name: format!("v{i}"), desired: PowerState::Stopped, force: false }).expect("stop");
                     }
-                    if let Some(v) = s.vms.get_mut(&format!("v{i}")) {
-                        v.held = *held;
+                    if let Some(v) = s.vms.get_mut(&format!("v{i}")).filter(|_| *held) {
+                        // (A stopping VM is not held: its host stops it whatever its group.)
+                        hold(v);
                     }
                 }
                 let local: Vec<LocalVm> = local
@@ -454,9 +462,9 @@ mod tests {
                     if let Action::Start { name, generation } = a {
                         let vm = &s.vms[name];
                         prop_assert!(may_start);
-                        prop_assert_eq!(vm.desired, PowerState::Running);
-                        prop_assert_eq!(vm.assignment.map(|x| (x.host, x.generation)), Some((HostId(0), *generation)));
-                        prop_assert!(!vm.held);
+                        prop_assert_eq!(vm.desired(), PowerState::Running);
+                        prop_assert_eq!(vm.assignment().map(|x| (x.host, x.generation)), Some((HostId(0), *generation)));
+                        prop_assert!(!vm.held());
                         prop_assert!(!local.iter().any(|l| l.name == *name && l.exit.is_none()), "{} already runs", name);
                         prop_assert!(!killed.contains(name.as_str()));
                     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// Why a VM is not placed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum LeftDown {
     /// Protection `off`: HA never restarts it.
@@ -84,7 +84,7 @@ pub fn plan_what_if(state: &ClusterState, failed: &[HostId]) -> (PlacementResult
     let left_down = state
         .vms
         .values()
-        .filter(|v| v.desired == crate::state::PowerState::Running && v.assignment.is_some_and(|a| failed.contains(&a.host)))
+        .filter(|v| v.desired() == crate::state::PowerState::Running && v.assignment().is_some_and(|a| failed.contains(&a.host)))
         .map(|v| (v.spec.name.clone(), LeftDown::NoQuorum))
         .collect();
     (PlacementResult { placements: vec![], left_down }, false)
@@ -172,11 +172,11 @@ pub struct HeldGroup {
 /// The lowest held restart group; `None` when nothing is held.
 #[must_use]
 pub fn lowest_held_group(state: &ClusterState) -> Option<HeldGroup> {
-    let placed = || state.vms.values().filter(|v| v.desired == PowerState::Running && v.assignment.is_some());
-    let group = placed().filter(|v| v.held).map(|v| v.spec.restart_group).min()?;
+    let placed = || state.vms.values().filter(|v| v.desired() == PowerState::Running && v.assignment().is_some());
+    let group = placed().filter(|v| v.held()).map(|v| v.spec.restart_group).min()?;
     let lower = placed()
-        .filter(|v| !v.held && v.spec.restart_group < group)
-        .filter_map(|v| v.assignment.map(|a| (v.spec.name.clone(), a.host, a.generation)))
+        .filter(|v| !v.held() && v.spec.restart_group < group)
+        .filter_map(|v| v.assignment().map(|a| (v.spec.name.clone(), a.host, a.generation)))
         .collect();
     Some(HeldGroup { group, waits_for: lower })
 }
@@ -207,7 +207,7 @@ pub fn release_held(state: &ClusterState, runs: impl Fn(&str, u64) -> bool, gate
     let names = state
         .vms
         .values()
-        .filter(|v| v.held && v.desired == PowerState::Running && v.assignment.is_some() && v.spec.restart_group == group)
+        .filter(|v| v.held() && v.desired() == PowerState::Running && v.assignment().is_some() && v.spec.restart_group == group)
         .map(|v| v.spec.name.clone())
         .collect();
     *gate = None;
@@ -256,11 +256,11 @@ mod tests {
         settings.group_delays_ms.insert(2, 5_000);
         s.apply(&Command::SetSettings { settings, force: false }).expect("settings");
         fail_host_0(&mut s);
-        let held: Vec<&str> = s.vms.values().filter(|v| v.held).map(|v| v.spec.name.as_str()).collect();
+        let held: Vec<&str> = s.vms.values().filter(|v| v.held()).map(|v| v.spec.name.as_str()).collect();
         assert_eq!(held, ["app", "web", "web2"]);
         let mut gate = None;
         let mut running: Vec<&str> = vec![];
-        let gen_of = |s: &ClusterState, n: &str| s.vms[n].assignment.map(|a| a.generation);
+        let gen_of = |s: &ClusterState, n: &str| s.vms[n].assignment().map(|a| a.generation);
         // Nothing runs yet: group 1 waits (its delay is the default 120 s).
         assert_eq!(release_held(&s, |_, _| false, &mut gate, Millis(1_000)), None);
         assert_eq!(release_held(&s, |_, _| false, &mut gate, Millis(60_000)), None);
@@ -296,17 +296,17 @@ mod tests {
         run_on(&mut s, process_vm("fill2", Protection::Protect, 0, 1800), 2);
         let Applied::FailedOver { left_down, .. } = fail_host_0(&mut s) else { panic!("not a failover") };
         assert_eq!(left_down.len(), 3);
-        assert_eq!(s.vms["off"].desired, PowerState::Stopped);
-        assert_eq!((s.vms["be"].desired, s.vms["be"].capacity_retries), (PowerState::Running, Some(0)));
+        assert_eq!(s.vms["off"].desired(), PowerState::Stopped);
+        assert_eq!((s.vms["be"].desired(), s.vms["be"].capacity_retries()), (PowerState::Running, Some(0)));
         let retry = Command::CapacityRetry { name: "be".into() };
         for attempt in 1..crate::state::BEST_EFFORT_RETRIES {
             assert_eq!(s.apply(&retry), Ok(Applied::StillWaiting { name: "be".into(), attempt }));
         }
         assert_eq!(s.apply(&retry), Ok(Applied::GaveUpWaiting { name: "be".into() }));
-        assert_eq!(s.vms["be"].desired, PowerState::Stopped);
+        assert_eq!(s.vms["be"].desired(), PowerState::Stopped);
         assert!(s.apply(&retry).is_err(), "no longer waiting");
         assert!(s.apply(&Command::CapacityRetry { name: "pr".into() }).is_err(), "protect VMs never give up");
-        assert_eq!(s.vms["pr"].desired, PowerState::Running);
+        assert_eq!(s.vms["pr"].desired(), PowerState::Running);
     }
 
     #[test]
@@ -367,7 +367,7 @@ mod tests {
         let why = waiting_reason(&s, "huge", s.active_hosts()).expect("it cannot be placed");
         assert_eq!(why, "no host has 999999 MiB free; the most free is 4096 MiB on h0");
         let r = s.ftt();
-        assert_eq!((r.ftt, r.limited_by), (0, "unplaceable"));
+        assert_eq!((r.ftt, r.limited_by), (0, crate::placement::FttLimit::Unplaceable));
         assert_eq!(r.counterexample, Some((vec![], vec!["huge".to_string()])));
         assert_eq!(waiting_reason(&s, "a", s.active_hosts()), None, "a placed VM does not wait");
     }

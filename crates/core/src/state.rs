@@ -13,11 +13,13 @@ use thiserror::Error;
 mod admission;
 mod apply;
 mod command;
+mod lifecycle;
 mod spec;
 mod specargs;
 mod tokens;
 
 pub use command::*;
+pub use lifecycle::{VmPhase, VmRecord, VmRecordWire};
 pub use spec::*;
 pub use tokens::*;
 
@@ -25,7 +27,7 @@ pub use admission::Admission;
 pub use specargs::DISK_FORMATS;
 
 /// Where a host stands in the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum HostStatus {
     /// Added, but its agent has not joined yet: nothing is placed on it.
@@ -37,7 +39,7 @@ pub enum HostStatus {
 }
 
 /// What an operator allows on a host.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum HostMode {
     /// Receives VMs.
@@ -72,7 +74,7 @@ impl std::str::FromStr for HostMode {
 }
 
 /// A placement rule as the operator states it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Rule {
     pub name: String,
     pub kind: RuleKind,
@@ -83,7 +85,7 @@ pub struct Rule {
 }
 
 /// Cluster-wide settings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default)]
 pub struct Settings {
     /// Failures-to-tolerate target that admission control protects; `None`: not enforced.
@@ -93,6 +95,7 @@ pub struct Settings {
     /// Per restart group: how long it waits for the lower groups to run before it starts anyway
     /// ([`DEFAULT_GROUP_DELAY_MS`] when absent; 0 means it does not wait).
     #[serde(with = "group_keys")]
+    #[schemars(with = "BTreeMap<String, u64>")]
     pub group_delays_ms: BTreeMap<u8, u64>,
 }
 
@@ -148,7 +151,7 @@ pub struct HostRecord {
 }
 
 /// Desired power state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PowerState {
     Running,
@@ -161,29 +164,6 @@ pub enum PowerState {
 pub struct Assignment {
     pub host: HostId,
     pub generation: u64,
-}
-
-/// A VM in the desired state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmRecord {
-    pub spec: VmSpec,
-    pub desired: PowerState,
-    pub assignment: Option<Assignment>,
-    /// Hosts it kept failing on since an operator last cleared it; placement avoids them.
-    #[serde(default)]
-    pub failed_on: Vec<HostId>,
-    /// Set when it failed on [`MAX_RELOCATIONS`] + 1 hosts: HA stopped trying until an operator
-    /// clears it.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Assigned by a failover but held back: a lower restart group is still starting. Its host
-    /// does not start it until the coordinator lets the group go (`ReleaseHeld`).
-    #[serde(default)]
-    pub held: bool,
-    /// A `best-effort` VM its host's failover left without a host: placement retries spent so
-    /// far (see [`BEST_EFFORT_RETRIES`]).
-    #[serde(default)]
-    pub capacity_retries: Option<u32>,
 }
 
 /// Hosts a VM that keeps failing to start (or keeps crashing) is moved to, after its own host
@@ -233,7 +213,7 @@ impl ClusterState {
     pub fn used(&self, host: HostId) -> Capacity {
         let mut c = Capacity::default();
         for vm in self.vms.values() {
-            if vm.assignment.is_some_and(|a| a.host == host) {
+            if vm.assignment().is_some_and(|a| a.host == host) {
                 c.vcpus += vm.spec.vcpus;
                 c.memory_mib += vm.spec.memory_mib;
             }
@@ -252,7 +232,7 @@ impl ClusterState {
     fn fits_with(&self, host: HostId, demand: Capacity, except: Option<&str>) -> bool {
         let Some(h) = self.hosts.get(&host) else { return false };
         let mut used = self.used(host);
-        if let Some(v) = except.and_then(|n| self.vms.get(n)).filter(|v| v.assignment.is_some_and(|a| a.host == host)) {
+        if let Some(v) = except.and_then(|n| self.vms.get(n)).filter(|v| v.assignment().is_some_and(|a| a.host == host)) {
             used.vcpus -= v.spec.vcpus;
             used.memory_mib -= v.spec.memory_mib;
         }
@@ -286,8 +266,8 @@ impl ClusterState {
                 cpu_milli: u64::from(v.spec.vcpus) * 1000,
                 protection: v.spec.protection,
                 priority: v.spec.priority,
-                host: v.assignment.and_then(|a| index.get(&a.host).copied()),
-                running: v.desired == PowerState::Running,
+                host: v.assignment().and_then(|a| index.get(&a.host).copied()),
+                running: v.desired() == PowerState::Running,
                 rules: Vec::new(),
                 avoid: v.failed_on.iter().filter_map(|h| index.get(h).copied()).collect(),
             })
@@ -378,7 +358,7 @@ impl ClusterState {
 
     /// Running VMs whose current hosts break `rule`.
     fn rule_violations(&self, rule: &Rule) -> Vec<String> {
-        let placed: Vec<(&String, HostId)> = rule.vms.iter().filter_map(|n| self.vms.get(n).and_then(|v| v.assignment).map(|a| (n, a.host))).collect();
+        let placed: Vec<(&String, HostId)> = rule.vms.iter().filter_map(|n| self.vms.get(n).and_then(|v| v.assignment()).map(|a| (n, a.host))).collect();
         let mut out = Vec::new();
         for (i, (n, h)) in placed.iter().enumerate() {
             let clash = match rule.kind {
@@ -395,12 +375,12 @@ impl ClusterState {
     /// VMs that should run and have no host: the coordinator's placement queue.
     #[must_use]
     pub fn unplaced(&self) -> Vec<String> {
-        self.vms.values().filter(|v| v.desired == PowerState::Running && v.assignment.is_none()).map(|v| v.spec.name.clone()).collect()
+        self.vms.values().filter(|v| v.desired() == PowerState::Running && v.assignment().is_none()).map(|v| v.spec.name.clone()).collect()
     }
 
     /// VMs assigned to `host`.
     pub fn assigned_to(&self, host: HostId) -> impl Iterator<Item = &VmRecord> {
-        self.vms.values().filter(move |v| v.assignment.is_some_and(|a| a.host == host))
+        self.vms.values().filter(move |v| v.assignment().is_some_and(|a| a.host == host))
     }
 
     fn next_gen(&mut self) -> u64 {
@@ -481,7 +461,7 @@ pub(crate) mod tests {
             Ok(Applied::FailedOver { moved, .. }) => assert!(moved.is_empty(), "moved onto a maintenance host: {moved:?}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(s.vms["b"].assignment, None, "b waits for a host instead");
+        assert_eq!(s.vms["b"].assignment(), None, "b waits for a host instead");
         let mut t = before.clone();
         t.apply(&Command::Assign { name: "b".into(), host: HostId(1) }).expect("allowed");
         let epoch = t.hosts[&HostId(1)].epoch;
@@ -521,7 +501,7 @@ pub(crate) mod tests {
         s.apply(&Command::CreateVm { spec: process_vm("b", Protection::Protect, 0, 600) }).expect("create");
         s.apply(&Command::SetPower { name: "b".into(), desired: PowerState::Running, force: false }).expect("start");
         assert_eq!(s.apply(&Command::Assign { name: "b".into(), host: HostId(0) }), Err(StateError::NoCapacity { vm: "b".into(), host: HostId(0) }));
-        let g1 = s.vms["a"].assignment.expect("assigned").generation;
+        let g1 = s.vms["a"].assignment().expect("assigned").generation;
         assert!(g1 >= 1);
     }
 
@@ -529,7 +509,7 @@ pub(crate) mod tests {
     fn stop_release_delete_lifecycle() {
         let mut s = cluster(1, 1024);
         run_on(&mut s, process_vm("a", Protection::Protect, 0, 100), 0);
-        let gen = s.vms["a"].assignment.expect("assigned").generation;
+        let gen = s.vms["a"].assignment().expect("assigned").generation;
         s.apply(&Command::SetPower { name: "a".into(), desired: PowerState::Stopped, force: false }).expect("stop");
         assert_eq!(s.apply(&Command::DeleteVm { name: "a".into() }), Err(StateError::VmNotStopped("a".into())));
         s.apply(&Command::Release { name: "a".into(), host: HostId(0), generation: gen }).expect("release");
@@ -542,13 +522,13 @@ pub(crate) mod tests {
         let mut s = cluster(4, 2048);
         run_on(&mut s, process_vm("f", Protection::Protect, 0, 64), 0);
         let failed = |s: &mut ClusterState, host: u32| {
-            let a = s.vms["f"].assignment.expect("assigned");
+            let a = s.vms["f"].assignment().expect("assigned");
             assert_eq!(a.host, HostId(host));
             s.apply(&Command::VmFailed { name: "f".into(), host: a.host, generation: a.generation, detail: "exit 1".into() })
         };
         // A report for a generation it no longer holds is stale and changes nothing.
         let before = s.clone();
-        let g = s.vms["f"].assignment.expect("assigned").generation;
+        let g = s.vms["f"].assignment().expect("assigned").generation;
         assert!(matches!(
             s.apply(&Command::VmFailed { name: "f".into(), host: HostId(0), generation: g + 1, detail: String::new() }),
             Err(StateError::Stale(_))
@@ -559,7 +539,7 @@ pub(crate) mod tests {
         for _ in 0..MAX_RELOCATIONS {
             let out = failed(&mut s, *tried.last().expect("one")).expect("relocate");
             assert!(matches!(out, Applied::Relocating { ref failed_on, .. } if failed_on.len() == tried.len()), "{out:?}");
-            assert_eq!(s.vms["f"].desired, PowerState::Running);
+            assert_eq!(s.vms["f"].desired(), PowerState::Running);
             let plan = crate::recovery::place(&s, &["f".to_string()], s.active_hosts(), true);
             let (_, next) = plan.placements.first().cloned().expect("placed");
             assert!(!tried.contains(&next.0), "placed again on {next} after failing there");
@@ -568,12 +548,12 @@ pub(crate) mod tests {
         }
         let out = failed(&mut s, *tried.last().expect("one")).expect("error");
         assert!(matches!(out, Applied::VmInError { ref error, .. } if error.contains("exit 1")), "{out:?}");
-        assert_eq!((s.vms["f"].desired, s.vms["f"].assignment), (PowerState::Stopped, None));
+        assert_eq!((s.vms["f"].desired(), s.vms["f"].assignment()), (PowerState::Stopped, None));
         // Starting is refused until an operator clears it; clearing forgets the history.
         let start = Command::SetPower { name: "f".into(), desired: PowerState::Running, force: false };
         assert!(matches!(s.apply(&start), Err(StateError::VmInError { .. })));
         s.apply(&Command::ClearVmError { name: "f".into() }).expect("clear");
-        assert!(s.vms["f"].failed_on.is_empty() && s.vms["f"].error.is_none());
+        assert!(s.vms["f"].failed_on.is_empty() && s.vms["f"].error().is_none());
         s.apply(&start).expect("start after clear");
     }
 
@@ -581,11 +561,11 @@ pub(crate) mod tests {
     fn a_small_cluster_runs_out_of_hosts_before_the_relocation_budget() {
         let mut s = cluster(2, 2048);
         run_on(&mut s, process_vm("f", Protection::Protect, 0, 64), 0);
-        let g = s.vms["f"].assignment.expect("assigned").generation;
+        let g = s.vms["f"].assignment().expect("assigned").generation;
         let out = s.apply(&Command::VmFailed { name: "f".into(), host: HostId(0), generation: g, detail: "x".into() });
         assert!(matches!(out, Ok(Applied::Relocating { .. })), "{out:?}");
         s.apply(&Command::Assign { name: "f".into(), host: HostId(1) }).expect("assign");
-        let g = s.vms["f"].assignment.expect("assigned").generation;
+        let g = s.vms["f"].assignment().expect("assigned").generation;
         let out = s.apply(&Command::VmFailed { name: "f".into(), host: HostId(1), generation: g, detail: "x".into() });
         assert!(matches!(out, Ok(Applied::VmInError { .. })), "{out:?}");
     }
@@ -663,10 +643,10 @@ pub(crate) mod tests {
         let Applied::FailedOver { moved, left_down, .. } = out else { panic!("unexpected {out:?}") };
         assert_eq!(moved.len(), 1);
         assert_eq!(left_down, vec!["b".to_string(), "o".to_string()]);
-        assert_eq!(s.vms["p"].assignment.map(|a| a.host), Some(HostId(1)));
+        assert_eq!(s.vms["p"].assignment().map(|a| a.host), Some(HostId(1)));
         // Best-effort waits for capacity a bounded number of retries; `off` is stopped.
-        assert_eq!((s.vms["b"].desired, s.vms["b"].capacity_retries), (PowerState::Running, Some(0)));
-        assert_eq!(s.vms["o"].desired, PowerState::Stopped);
+        assert_eq!((s.vms["b"].desired(), s.vms["b"].capacity_retries()), (PowerState::Running, Some(0)));
+        assert_eq!(s.vms["o"].desired(), PowerState::Stopped);
         assert_eq!(s.hosts[&HostId(0)].status, HostStatus::Failed);
         // A second failover for the same epoch is stale.
         assert!(matches!(s.apply(&Command::Failover { host: HostId(0), epoch, plan: vec![] }), Err(StateError::Stale(_))));

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds on some monotonic clock chosen by the caller. Only differences are meaningful.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Millis(pub u64);
 
 impl Millis {

@@ -50,7 +50,7 @@ impl std::fmt::Debug for VmLaunch {
 pub use tandem_core::reconcile::VmExit;
 
 /// One workload known to the driver.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct VmStatus {
     pub name: String,
     pub generation: u64,

@@ -19,10 +19,11 @@ use crate::netlab::NetLab;
 use tandem::client::Client;
 // The simulator's SplitMix64: the suite's only randomness, seeded.
 use anyhow::{anyhow, bail, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tandem_agent::views::{Event, EventKind, ForceRequest, HostStatus, HostView, LivenessView, VmView};
 use tandem_sim::fault::FaultKind;
 use tandem_sim::oracle::{self, Invariant, Violation};
 use tandem_sim::world::Rng;
@@ -148,8 +149,8 @@ fn signal(pid: u32, sig: libc::c_int) {
 }
 
 /// Each VM's name and host, from a VM list.
-fn placement(vms: &Option<Vec<Value>>) -> Option<Vec<(Value, Value)>> {
-    vms.as_ref().map(|l| l.iter().map(|x| (x["name"].clone(), x["host"].clone())).collect())
+fn placement(vms: &Option<Vec<VmView>>) -> Option<Vec<(String, Option<String>)>> {
+    vms.as_ref().map(|l| l.iter().map(|x| (x.name.clone(), x.host.clone())).collect())
 }
 
 fn interrupted() -> bool {
@@ -188,8 +189,8 @@ impl Suite {
     }
 
     /// The VM list from the first host in `from` that answers.
-    fn vms(&self, from: &[usize]) -> Option<Vec<Value>> {
-        from.iter().filter(|i| self.lab.is_up(**i)).find_map(|i| self.client(*i).list("/v1/vms").ok())
+    fn vms(&self, from: &[usize]) -> Option<Vec<VmView>> {
+        from.iter().filter(|i| self.lab.is_up(**i)).find_map(|i| self.client(*i).list_as("/v1/vms").ok())
     }
 
     fn hosts_except(&self, out: &[usize]) -> Vec<usize> {
@@ -222,8 +223,8 @@ impl Suite {
     }
 
     fn leader(&self) -> Option<usize> {
-        let hosts = (0..self.lab.hosts.len()).find_map(|i| self.client(i).list("/v1/hosts").ok())?;
-        let name = hosts.iter().find(|h| h["leader"] == true)?["name"].as_str()?.to_string();
+        let hosts = (0..self.lab.hosts.len()).find_map(|i| self.client(i).list_as::<HostView>("/v1/hosts").ok())?;
+        let name = hosts.into_iter().find(|h| h.leader)?.name;
         self.lab.hosts.iter().position(|h| h.name == name)
     }
 
@@ -263,16 +264,11 @@ impl Suite {
                 last_problem = "no agent answers".into();
                 continue;
             };
-            let committed: Vec<oracle::Committed> = vms
-                .iter()
-                .filter_map(|v| {
-                    let name = v["name"].as_str()?.to_string();
-                    let runs_on = if v["desired"] == "running" { v["host"].as_str().map(str::to_string) } else { None };
-                    Some(oracle::Committed { name, runs_on })
-                })
-                .collect();
-            let ready = all.iter().find_map(|i| self.client(*i).list("/v1/hosts").ok()).is_some_and(|hs| {
-                hs.len() == all.len() && hs.iter().all(|h| h["status"] == "active" && h["liveness"] != "partitioned" && h["liveness"] != "dead")
+            let committed: Vec<oracle::Committed> =
+                vms.iter().map(|v| oracle::Committed { name: v.name.clone(), runs_on: v.should_run_on().map(str::to_string) }).collect();
+            let ready = all.iter().find_map(|i| self.client(*i).list_as::<HostView>("/v1/hosts").ok()).is_some_and(|hs| {
+                hs.len() == all.len()
+                    && hs.iter().all(|h| h.status == HostStatus::Active && !matches!(h.liveness, LivenessView::Partitioned | LivenessView::Dead))
             });
             match oracle::settle(&self.vm_names, &committed, &self.running_now(), ready) {
                 oracle::Settle::Settled => return,
@@ -290,12 +286,8 @@ impl Suite {
     fn fenced_since(&self, since_ms: u64) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for i in 0..self.lab.hosts.len() {
-            if let Ok(ev) = self.client(i).list("/v1/events?limit=4096") {
-                for e in ev {
-                    if e["kind"] == "fenced" && e["at_ms"].as_u64() >= Some(since_ms) {
-                        out.insert(e["host"].as_str().unwrap_or("?").to_string());
-                    }
-                }
+            if let Ok(ev) = self.client(i).list_as::<Event>("/v1/events?kind=fenced&limit=4096") {
+                out.extend(ev.into_iter().filter(|e| e.kind == EventKind::Fenced && e.at_ms >= since_ms).map(|e| e.host));
             }
         }
         out
@@ -312,8 +304,8 @@ impl Suite {
         self.vms(&others)
             .unwrap_or_default()
             .iter()
-            .filter(|v| v["desired"] == "running" && v["host"].as_str().is_some_and(|h| names.iter().any(|n| n == h)))
-            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .filter(|v| v.should_run_on().is_some_and(|h| names.iter().any(|n| n == h)))
+            .map(|v| v.name.clone())
             .collect()
     }
 
@@ -473,11 +465,8 @@ impl Suite {
                 let took = self.wait_moved(fault.name(), &vms, &[], t0);
                 self.record_recovery(&vms, took, "running again after the thawed host fenced");
                 let since = wall_ms_now().saturating_sub(t0.elapsed().as_millis() as u64);
-                let fenced = self
-                    .client(target)
-                    .list("/v1/events?kind=fenced&limit=4096")
-                    .ok()
-                    .is_some_and(|ev| ev.iter().any(|e| e["at_ms"].as_u64().is_some_and(|at| at >= since)));
+                let fenced =
+                    self.client(target).list_as::<Event>("/v1/events?kind=fenced&limit=4096").ok().is_some_and(|ev| ev.iter().any(|e| e.at_ms >= since));
                 if !fenced {
                     self.violation(Violation::new(Invariant::Lease, format!("{name} thawed with its lease lapsed but did not fence")));
                 }
@@ -656,15 +645,10 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     for i in 0..total {
         // Mixed: the first VM of each host's share is a real guest (TCG is slow; two cores).
         let real_guest = driver == "qemu" || (driver == "mixed" && i < args.hosts);
-        let spec = if real_guest {
-            crate::demo::demo_vm(i as u32, "qemu", &guest)
-        } else {
-            json!({ "name": format!("vm{i}"), "vcpus": 1, "memory_mib": 64, "protection": "protect", "priority": (i % 3) as i32,
-                    "driver": { "kind": "process", "command": ["sleep", "1000000"] } })
-        };
-        let name = spec["name"].as_str().unwrap_or_default().to_string();
-        c0.post("/v1/vms", &spec).map_err(|e| anyhow!("create {name}: {e}"))?;
-        c0.post(&format!("/v1/vms/{name}/start"), &json!({})).map_err(|e| anyhow!("start {name}: {e}"))?;
+        let spec = if real_guest { crate::demo::demo_vm(i as u32, "qemu", &guest) } else { crate::lab::process_vm(&format!("vm{i}"), 64, (i % 3) as i32) };
+        let name = spec.name.clone();
+        c0.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create {name}: {e}"))?;
+        c0.send("POST", &format!("/v1/vms/{name}/start"), &ForceRequest::default()).map_err(|e| anyhow!("start {name}: {e}"))?;
         vm_names.insert(name);
     }
     let watchdog = emulate_watchdog.then(|| {

@@ -3,12 +3,13 @@
 
 use crate::lab::{Lab, LabOptions};
 use anyhow::{anyhow, bail, Result};
-use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tandem_agent::views::{Event, EventKind, ForceRequest, HostView};
+use tandem_core::state::{DriverSpec, NetworkSpec, VmSpec};
 
 /// Options of the demo.
 #[derive(clap::Args, Debug, Clone)]
@@ -95,27 +96,20 @@ fn qemu_present() -> bool {
 
 /// The spec of demo VM `i` for the chosen driver.
 #[must_use]
-pub fn demo_vm(i: u32, driver: &str, guest: &std::path::Path) -> Value {
-    let name = format!("web{i}");
-    // Specs take absolute paths only.
-    let guest = std::fs::canonicalize(guest).unwrap_or_else(|_| guest.to_path_buf());
+pub fn demo_vm(i: u32, driver: &str, guest: &std::path::Path) -> VmSpec {
+    let mut spec = crate::lab::process_vm(&format!("web{i}"), 128, 10 - i as i32);
     if driver == "qemu" {
-        json!({
-            "name": name, "vcpus": 1, "memory_mib": 128, "protection": "protect", "priority": 10 - i as i32,
-            "driver": {
-                "kind": "qemu",
-                "kernel": guest.join("vmlinuz").display().to_string(),
-                "initrd": guest.join("initrd.img").display().to_string(),
-                "cmdline": "console=ttyS0 quiet tsc_early_khz=2000000 mitigations=off"
-            },
-            "network": { "mode": "user", "hostfwd": [format!("tcp:{{host_ip}}:{}-:80", 8080 + i)] }
-        })
-    } else {
-        json!({
-            "name": name, "vcpus": 1, "memory_mib": 128, "protection": "protect", "priority": 10 - i as i32,
-            "driver": { "kind": "process", "command": ["sleep", "1000000"] }
-        })
+        // Specs take absolute paths only.
+        let guest = std::fs::canonicalize(guest).unwrap_or_else(|_| guest.to_path_buf());
+        spec.driver = DriverSpec::Qemu {
+            kernel: Some(guest.join("vmlinuz").display().to_string()),
+            initrd: Some(guest.join("initrd.img").display().to_string()),
+            cmdline: Some("console=ttyS0 quiet tsc_early_khz=2000000 mitigations=off".into()),
+            extra_args: vec![],
+        };
+        spec.network = Some(NetworkSpec::User { hostfwd: vec![format!("tcp:{{host_ip}}:{}-:80", 8080 + i)] });
     }
+    spec
 }
 
 /// Whether VM `i`'s service answers on `host_ip` (QEMU: its HTTP server; process: its process).
@@ -185,8 +179,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     check_interrupt()?;
     let c0 = lab.client(0);
     for i in 0..args.vms {
-        c0.post("/v1/vms", &demo_vm(i, driver, &guest)).map_err(|e| anyhow!("create web{i}: {e}"))?;
-        c0.post(&format!("/v1/vms/web{i}/start"), &json!({})).map_err(|e| anyhow!("start web{i}: {e}"))?;
+        c0.send("POST", "/v1/vms", &demo_vm(i, driver, &guest)).map_err(|e| anyhow!("create web{i}: {e}"))?;
+        c0.send("POST", &format!("/v1/vms/web{i}/start"), &ForceRequest::default()).map_err(|e| anyhow!("start web{i}: {e}"))?;
     }
     println!("Created and started {} protected VM(s); waiting for them to serve ...", args.vms);
     let boot = Instant::now();
@@ -202,7 +196,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         println!("  {vm:<6} on {}", host.as_deref().unwrap_or("-"));
     }
     // The victim: the host with the most VMs (ties: a non-leader, then the highest id).
-    let leader = lab.client(0).list("/v1/hosts")?.into_iter().find(|h| h["leader"] == true).and_then(|h| h["name"].as_str().map(str::to_string));
+    let leader = lab.client(0).list_as::<HostView>("/v1/hosts")?.into_iter().find(|h| h.leader).map(|h| h.name);
     let mut count: BTreeMap<String, usize> = lab.hosts.iter().map(|h| (h.name.clone(), 0)).collect();
     for h in placement.values().flatten() {
         *count.entry(h.clone()).or_default() += 1;
@@ -239,18 +233,26 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
 
     let events = lab.events();
-    let rel = |e: &Value| e["at_ms"].as_i64().unwrap_or(0) - wall0;
-    let first = |kind: &str, subject: Option<&str>| {
-        events.iter().filter(|e| rel(e) >= 0 && e["kind"] == kind && subject.is_none_or(|s| e["subject"] == s)).map(rel).min()
+    let rel = |e: &Event| e.at_ms as i64 - wall0;
+    let first = |kind: EventKind, subject: Option<&str>| {
+        events.iter().filter(|e| rel(e) >= 0 && e.kind == kind && subject.is_none_or(|s| e.subject.as_deref() == Some(s))).map(rel).min()
     };
-    let detect = first("peer-dead", Some(&victim_name));
-    let committed = first("failover-committed", Some(&victim_name));
+    let detect = first(EventKind::PeerDead, Some(&victim_name));
+    let committed = first(EventKind::FailoverCommitted, Some(&victim_name));
     println!("\nTimeline (seconds after the power cut):");
     println!("  {:>6.2}  {victim_name} loses power", 0.0);
-    let interesting = ["peer-dead", "peer-partitioned", "failover-decided", "vm-reassigned", "failover-committed", "vm-started", "fenced", "vm-left-down"];
-    for e in events.iter().filter(|e| rel(e) >= 0 && interesting.contains(&e["kind"].as_str().unwrap_or(""))) {
-        let detail = e["detail"].as_str().unwrap_or("");
-        println!("  {:>6.2}  [{}] {}", secs(rel(e)), e["host"].as_str().unwrap_or("?"), detail);
+    let interesting = [
+        EventKind::PeerDead,
+        EventKind::PeerPartitioned,
+        EventKind::FailoverDecided,
+        EventKind::VmReassigned,
+        EventKind::FailoverCommitted,
+        EventKind::VmStarted,
+        EventKind::Fenced,
+        EventKind::VmLeftDown,
+    ];
+    for e in events.iter().filter(|e| rel(e) >= 0 && interesting.contains(&e.kind)) {
+        println!("  {:>6.2}  [{}] {}", secs(rel(e)), e.host, e.detail);
     }
     for (i, t) in &back {
         println!("  {t:>6.2}  web{i} answers again on {}", new_home.get(i).map_or("?", String::as_str));

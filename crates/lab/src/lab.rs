@@ -3,7 +3,6 @@
 //! `tandem-lab demo` and the integration tests. Everything it starts is killed and removed on drop.
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,6 +10,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem::client::Client;
+use tandem_agent::views::{EmptyRequest, Event, HostStatus, HostView, JoinRequest, LivenessView, VmView};
+
+/// A protected process "VM" running `sleep`: the lab's cheapest workload.
+#[must_use]
+pub fn process_vm(name: &str, memory_mib: u64, priority: i32) -> tandem_core::state::VmSpec {
+    tandem_core::state::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib,
+        disks: vec![],
+        network: None,
+        protection: tandem_core::state::Protection::Protect,
+        priority,
+        restart_group: 0,
+        driver: tandem_core::state::DriverSpec::Process { command: vec!["sleep".into(), "1000000".into()] },
+    }
+}
 
 /// The operator's binary that every lab host runs: `TANDEM_BIN` when set, else the `tandem`
 /// built next to this program (the lab never runs itself as an agent, so what is tested is
@@ -372,11 +388,13 @@ impl Lab {
     pub fn form_cluster(&self) -> Result<()> {
         let c0 = self.client(0);
         c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
-        c0.post("/v1/cluster/init", &json!({})).map_err(|e| anyhow!("cluster init: {e}"))?;
+        c0.send("POST", "/v1/cluster/init", &EmptyRequest {}).map_err(|e| anyhow!("cluster init: {e}"))?;
         for h in self.hosts.iter().skip(1) {
             let c = self.client_at(&h.api);
             c.wait_for(Duration::from_secs(30), Duration::from_millis(100), |c| c.get("/v1/status").ok())?;
-            c0.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| c.post("/v1/hosts/join", &json!({ "api_addr": h.api })).ok())?;
+            c0.wait_for(Duration::from_secs(30), Duration::from_millis(250), |c| {
+                c.send("POST", "/v1/hosts/join", &JoinRequest { api_addr: h.api.clone() }).ok()
+            })?;
         }
         self.wait_all_active(Duration::from_secs(30))
     }
@@ -393,29 +411,29 @@ impl Lab {
     pub fn wait_all_active(&self, timeout: Duration) -> Result<()> {
         let n = self.hosts.len();
         self.client(0).wait_for(timeout, Duration::from_millis(100), |c| {
-            let hosts = c.list("/v1/hosts").ok()?;
-            (hosts.len() == n && hosts.iter().all(|h| h["status"] == "active")).then_some(())
+            let hosts = c.list_as::<HostView>("/v1/hosts").ok()?;
+            (hosts.len() == n && hosts.iter().all(|h| h.status == HostStatus::Active)).then_some(())
         })?;
         for (i, h) in self.hosts.iter().enumerate() {
             if h.child.is_none() {
                 continue;
             }
             self.client(i).wait_for(timeout, Duration::from_millis(100), |c| {
-                let hosts = c.list("/v1/hosts").ok()?;
-                (hosts.len() == n && hosts.iter().all(|h| h["liveness"] == "alive" || h["liveness"] == "self")).then_some(())
+                let hosts = c.list_as::<HostView>("/v1/hosts").ok()?;
+                (hosts.len() == n && hosts.iter().all(|h| matches!(h.liveness, LivenessView::Alive | LivenessView::Itself))).then_some(())
             })?;
         }
         Ok(())
     }
 
     /// The VM list as seen by host `i`.
-    pub fn vms(&self, i: usize) -> Result<Vec<Value>> {
-        self.client(i).list("/v1/vms")
+    pub fn vms(&self, i: usize) -> Result<Vec<VmView>> {
+        self.client(i).list_as("/v1/vms")
     }
 
     /// Where each VM is assigned, as seen by host `i`.
     pub fn placement(&self, i: usize) -> Result<BTreeMap<String, Option<String>>> {
-        Ok(self.vms(i)?.into_iter().filter_map(|v| Some((v["name"].as_str()?.to_string(), v["host"].as_str().map(str::to_string)))).collect())
+        Ok(self.vms(i)?.into_iter().map(|v| (v.name, v.host)).collect())
     }
 
     /// The names of running workloads per host, read from /proc.
@@ -441,17 +459,17 @@ impl Lab {
     }
 
     /// Events recorded by every live host, merged and sorted by time.
-    pub fn events(&self) -> Vec<Value> {
+    pub fn events(&self) -> Vec<Event> {
         let mut all = Vec::new();
         for (i, h) in self.hosts.iter().enumerate() {
             if h.child.is_none() {
                 continue;
             }
-            if let Ok(v) = self.client(i).list("/v1/events?limit=4096") {
+            if let Ok(v) = self.client(i).list_as::<Event>("/v1/events?limit=4096") {
                 all.extend(v);
             }
         }
-        all.sort_by_key(|e| e["at_ms"].as_u64().unwrap_or(0));
+        all.sort_by_key(|e| e.at_ms);
         all
     }
 

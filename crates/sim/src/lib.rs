@@ -26,6 +26,8 @@ use tandem_agent::agent::Agent;
 use tandem_agent::config::AgentConfig;
 use tandem_agent::io::AgentIo;
 pub use tandem_agent::io::Mutation;
+use tandem_agent::views::{EmptyRequest, Event, EventKind, ForceRequest, JoinRequest, StatusView, VmView};
+use tandem_core::state::{DriverSpec, Protection, VmSpec};
 use world::{lock, DiskMode, SimClock, SimDisk, SimDriver, SimRpc, SimTransport, World};
 
 /// What to simulate.
@@ -207,18 +209,24 @@ impl Sim {
         tokio::time::timeout(Duration::from_secs(10), call).await.ok().flatten()
     }
 
+    /// [`Sim::api`] with a typed request body (`tandem_agent::views`).
+    async fn send<B: serde::Serialize>(&self, i: u32, method: &str, path: &str, body: &B) -> Option<(u16, serde_json::Value)> {
+        let body = serde_json::to_value(body).ok()?;
+        self.api(i, method, path, Some(body)).await
+    }
+
     fn up(&self) -> Vec<u32> {
         (0..self.opts.hosts).filter(|i| self.hosts[*i as usize].agent.is_some()).collect()
     }
 
     /// The committed VM list from the leader (or any host that answers).
-    async fn committed_vms(&self) -> Option<Vec<serde_json::Value>> {
+    async fn committed_vms(&self) -> Option<Vec<VmView>> {
         let leader = self.leader().await;
         let order: Vec<u32> = leader.into_iter().chain(self.up()).collect();
         for i in order {
             if let Some((200, v)) = self.api(i, "GET", "/v1/vms", None).await {
-                if let Some(list) = v.as_array() {
-                    return Some(list.clone());
+                if let Ok(list) = serde_json::from_value::<Vec<VmView>>(v) {
+                    return Some(list);
                 }
             }
         }
@@ -229,8 +237,8 @@ impl Sim {
         for i in self.up() {
             if let Some((200, v)) = self.api(i, "GET", "/v1/status", None).await {
                 // Typed: a string compared by hand once had the wrong case and never matched.
-                let status: Option<tandem_agent::consensus::ConsensusStatus> = serde_json::from_value(v["consensus"].clone()).ok();
-                if status.is_some_and(|c| c.role == "leader" && c.leader == Some(c.me)) {
+                let status: Option<StatusView> = serde_json::from_value(v).ok();
+                if status.is_some_and(|s| s.consensus.role == "leader" && s.consensus.leader == Some(s.consensus.me)) {
                     return Some(i);
                 }
             }
@@ -244,11 +252,11 @@ impl Sim {
         for i in self.up() {
             let after = self.hosts[i as usize].events_seen;
             let Some((200, v)) = self.api(i, "GET", &format!("/v1/events?after={after}"), None).await else { continue };
-            let events: Vec<tandem_agent::events::Event> = serde_json::from_value(v).unwrap_or_default();
+            let events: Vec<Event> = serde_json::from_value(v).unwrap_or_default();
             for e in events {
                 self.hosts[i as usize].events_seen = self.hosts[i as usize].events_seen.max(e.seq);
                 self.world.log(format!("h{i} event {}: {}", e.kind, e.detail));
-                if e.kind == tandem_agent::events::EventKind::Fenced && now > self.hosts[i as usize].excused_until {
+                if e.kind == EventKind::Fenced && now > self.hosts[i as usize].excused_until {
                     let detail = format!("h{i} fenced although no fault touched it: {:?}", e.detail);
                     self.world.violation(oracle::Violation::new(Invariant::HealthyFenced, detail));
                 }
@@ -266,23 +274,27 @@ impl Sim {
     /// VMs the committed state places on `host`, desired running.
     async fn vms_on(&self, host: u32) -> Vec<String> {
         let name = format!("h{host}");
-        self.committed_vms()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .filter(|v| v["desired"] == "running" && v["host"].as_str() == Some(name.as_str()))
-            .filter_map(|v| v["name"].as_str().map(str::to_string))
-            .collect()
+        self.committed_vms().await.unwrap_or_default().iter().filter(|v| v.should_run_on() == Some(name.as_str())).map(|v| v.name.clone()).collect()
     }
 
     async fn create_vm(&mut self, on: u32) {
         let name = format!("vm{}", self.next_vm);
         self.next_vm += 1;
-        let spec = serde_json::json!({ "name": name, "vcpus": 1, "memory_mib": 64, "protection": "protect", "priority": (self.next_vm % 3) as i32,
-                                       "driver": { "kind": "process", "command": ["sim"] } });
-        if let Some((200 | 201, _)) = self.api(on, "POST", "/v1/vms", Some(spec)).await {
+        let spec = VmSpec {
+            name: name.clone(),
+            vcpus: 1,
+            memory_mib: 64,
+            disks: vec![],
+            network: None,
+            protection: Protection::Protect,
+            priority: (self.next_vm % 3) as i32,
+            restart_group: 0,
+            driver: DriverSpec::Process { command: vec!["sim".into()] },
+        };
+        if let Some((200 | 201, _)) = self.send(on, "POST", "/v1/vms", &spec).await {
             self.created.insert(name.clone());
-            let _ = self.api(on, "POST", &format!("/v1/vms/{name}/start"), Some(serde_json::json!({}))).await;
+            // Whether it starts now or not, the oracle's settle check holds it to committed state.
+            let _ = self.send(on, "POST", &format!("/v1/vms/{name}/start"), &ForceRequest::default()).await;
             self.world.log(format!("operator: created and started {name}"));
         }
     }
@@ -468,7 +480,7 @@ impl Sim {
                 self.run_for(Duration::from_secs(1)).await;
                 let at = self.leader().await.unwrap_or(0);
                 let api = w.addrs[j as usize].0.clone();
-                let r = self.api(at, "POST", "/v1/hosts/join", Some(serde_json::json!({ "api_addr": api }))).await;
+                let r = self.send(at, "POST", "/v1/hosts/join", &JoinRequest { api_addr: api }).await;
                 w.log(format!("operator: join h{j} -> {:?}", r.as_ref().map(|r| r.0)));
                 // Joined or not, it is a member from now on: it takes part in faults and is
                 // booted at the end; if the join was refused, it simply never gets VMs.
@@ -492,10 +504,10 @@ impl Sim {
                         let names: Vec<String> = self.created.iter().cloned().collect();
                         if let Some(name) = names.get(self.rand(names.len() as u64) as usize) {
                             self.recoveries.forgive(name);
-                            let r = self.api(on, "POST", &format!("/v1/vms/{name}/stop"), Some(serde_json::json!({}))).await;
+                            let r = self.send(on, "POST", &format!("/v1/vms/{name}/stop"), &EmptyRequest {}).await;
                             w.log(format!("operator: stop {name} -> {:?}", r.map(|r| r.0)));
                             self.run_for(Duration::from_secs(2)).await;
-                            let r = self.api(on, "POST", &format!("/v1/vms/{name}/start"), Some(serde_json::json!({}))).await;
+                            let r = self.send(on, "POST", &format!("/v1/vms/{name}/start"), &ForceRequest::default()).await;
                             w.log(format!("operator: start {name} -> {:?}", r.map(|r| r.0)));
                         }
                     }
@@ -503,7 +515,7 @@ impl Sim {
                         let names: Vec<String> = self.created.iter().cloned().collect();
                         if let Some(name) = names.get(self.rand(names.len() as u64) as usize) {
                             self.recoveries.forgive(name);
-                            let r = self.api(on, "POST", &format!("/v1/vms/{name}/stop"), Some(serde_json::json!({}))).await;
+                            let r = self.send(on, "POST", &format!("/v1/vms/{name}/stop"), &EmptyRequest {}).await;
                             self.run_for(Duration::from_secs(3)).await;
                             let d = self.api(on, "DELETE", &format!("/v1/vms/{name}"), None).await;
                             w.log(format!("operator: stop+delete {name} -> {:?} {:?}", r.map(|r| r.0), d.as_ref().map(|r| r.0)));
@@ -569,14 +581,8 @@ impl Sim {
                 problem = "no agent answers".into();
                 continue;
             };
-            let committed: Vec<oracle::Committed> = vms
-                .iter()
-                .filter_map(|v| {
-                    let name = v["name"].as_str()?.to_string();
-                    let runs_on = if v["desired"] == "running" { v["host"].as_str().map(str::to_string) } else { None };
-                    Some(oracle::Committed { name, runs_on })
-                })
-                .collect();
+            let committed: Vec<oracle::Committed> =
+                vms.iter().map(|v| oracle::Committed { name: v.name.clone(), runs_on: v.should_run_on().map(str::to_string) }).collect();
             match oracle::settle(&self.created, &committed, &self.running(), true) {
                 oracle::Settle::Settled => {
                     self.world.log("settled: every VM runs once, where committed state assigns it".into());
@@ -667,12 +673,12 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         sim.boot(i).await;
     }
     sim.run_for(Duration::from_secs(1)).await;
-    let init = sim.api(0, "POST", "/v1/cluster/init", Some(serde_json::json!({}))).await;
+    let init = sim.send(0, "POST", "/v1/cluster/init", &EmptyRequest {}).await;
     world.log(format!("cluster init -> {:?}", init.map(|r| r.0)));
     for i in 1..opts.hosts {
         for _ in 0..20 {
             let api = world.addrs[i as usize].0.clone();
-            if let Some((200, _)) = sim.api(0, "POST", "/v1/hosts/join", Some(serde_json::json!({ "api_addr": api }))).await {
+            if let Some((200, _)) = sim.send(0, "POST", "/v1/hosts/join", &JoinRequest { api_addr: api }).await {
                 world.log(format!("h{i} joined"));
                 break;
             }

@@ -1,6 +1,8 @@
-//! The CLI's parts: its arguments, its output, and the commands that need more than a request.
+//! The CLI's parts: its arguments, its output, the one-request commands, and the commands that
+//! need more than a request.
 
 pub mod args;
+pub mod commands;
 pub mod events;
 pub mod output;
 pub mod vm;

@@ -1,6 +1,8 @@
 //! A blocking client for the agent API, for the CLI and test harnesses.
 
 use anyhow::{anyhow, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 use tandem_agent::httpc;
@@ -14,6 +16,9 @@ pub enum ClientError {
     Unavailable(String),
     /// The command line itself is wrong (checked before any request): exit code 2.
     Usage(String),
+    /// The agent answered something this client cannot read as the API's type (another
+    /// version?): exit code 3.
+    Protocol(String),
 }
 
 impl std::fmt::Display for ClientError {
@@ -22,6 +27,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Refused { status, message } => write!(f, "refused ({status}): {message}"),
             ClientError::Unavailable(m) => write!(f, "unavailable: {m}"),
             ClientError::Usage(m) => write!(f, "{m}"),
+            ClientError::Protocol(m) => write!(f, "unexpected answer: {m}"),
         }
     }
 }
@@ -34,7 +40,7 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Refused { .. } => 1,
-            ClientError::Unavailable(_) => 3,
+            ClientError::Unavailable(_) | ClientError::Protocol(_) => 3,
             ClientError::Usage(_) => 2,
         }
     }
@@ -90,6 +96,17 @@ impl Client {
         self.call("GET", path, None)
     }
 
+    /// GET, read as the API's type for that path (`tandem_agent::views`).
+    pub fn get_as<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        decode(self.get(path)?)
+    }
+
+    /// Sends a typed request body (`tandem_agent::views`) and returns the answer's JSON.
+    pub fn send<B: Serialize>(&self, method: &str, path: &str, body: &B) -> Result<Value, ClientError> {
+        let body = serde_json::to_value(body).map_err(|e| ClientError::Usage(format!("cannot encode the request: {e}")))?;
+        self.call(method, path, Some(&body))
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.call("POST", path, Some(body))
     }
@@ -108,11 +125,21 @@ impl Client {
         }
     }
 
+    /// Fetches a list endpoint as the API's type for its items.
+    pub fn list_as<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>> {
+        self.get_as(path).map_err(|e| anyhow!("{e}")).with_context(|| format!("GET {path}"))
+    }
+
     /// Fetches a JSON list endpoint.
     pub fn list(&self, path: &str) -> Result<Vec<Value>> {
         let v = self.get(path).map_err(|e| anyhow!("{e}")).with_context(|| format!("GET {path}"))?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
+}
+
+/// Reads an answer as the API's type `T`.
+pub fn decode<T: DeserializeOwned>(v: Value) -> Result<T, ClientError> {
+    serde_json::from_value(v).map_err(|e| ClientError::Protocol(format!("{e} (is the agent another version?)")))
 }
 
 fn error_text(v: &Value) -> String {

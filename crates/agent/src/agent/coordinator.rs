@@ -55,7 +55,7 @@ impl Agent {
         let now = self.clock.now();
         let waiting: Vec<String> = self
             .consensus
-            .with_state(|s| s.vms.values().filter(|v| v.capacity_retries.is_some() && v.assignment.is_none()).map(|v| v.spec.name.clone()).collect());
+            .with_state(|s| s.vms.values().filter(|v| v.capacity_retries().is_some() && v.assignment().is_none()).map(|v| v.spec.name.clone()).collect());
         let due: Vec<String> = {
             let mut scratch = lock(&self.coordination);
             scratch.capacity_retry_due.retain(|n, _| waiting.contains(n));
@@ -117,12 +117,8 @@ impl Agent {
         // A host that does not answer counts as running nothing: its group waits for the delay.
         while let Some(answer) = asks.join_next().await {
             let Ok(Ok(resp)) = answer else { continue };
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&resp.body) else { continue };
-            for vm in v["vms"].as_array().into_iter().flatten().filter(|vm| vm["exit"].is_null()) {
-                if let (Some(n), Some(g)) = (vm["name"].as_str(), vm["generation"].as_u64()) {
-                    running.insert((n.to_string(), g));
-                }
-            }
+            let Ok(local) = serde_json::from_slice::<crate::views::LocalView>(&resp.body) else { continue };
+            running.extend(local.vms.into_iter().filter(|v| v.exit.is_none()).map(|v| (v.name, v.generation)));
         }
         let now = self.clock.now();
         let release = {

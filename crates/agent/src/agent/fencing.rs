@@ -7,7 +7,7 @@ use super::{lock, Agent};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::liveness::FenceReason;
-use tandem_core::state::{HostStatus, PowerState};
+use tandem_core::state::{HostStatus, VmPhase};
 use tandem_core::Millis;
 
 impl Agent {
@@ -88,14 +88,14 @@ impl Agent {
             let joined = st.joined_epoch.ok_or("this host has not joined the cluster")?;
             let committed = a.consensus.with_state(|s| {
                 let host = s.hosts.get(&a.me).map(|h| (h.status, h.epoch));
-                let vm = s.vms.get(name).map(|v| (v.assignment, v.desired, v.held));
+                let vm = s.vms.get(name).map(|v| v.phase.clone());
                 (host, vm)
             });
             match committed {
                 (Some((HostStatus::Active, epoch)), _) if epoch != joined => {
                     return Err(format!("committed state has this host in epoch {epoch}, it joined in {joined}"))
                 }
-                (Some((HostStatus::Active, _)), Some((Some(asg), PowerState::Running, false))) if asg.host == a.me && asg.generation == generation => {}
+                (Some((HostStatus::Active, _)), Some(VmPhase::Placed { at })) if at.host == a.me && at.generation == generation => {}
                 (Some((HostStatus::Active, _)), vm) => {
                     return Err(format!("committed state no longer runs {name} here at generation {generation} (now {vm:?})"))
                 }

@@ -2,28 +2,19 @@
 
 use super::*;
 
-pub(super) async fn status(State(a): State<Arc<Agent>>) -> Json<Value> {
-    Json(json!({
-        "host": a.cfg.name,
-        "host_id": a.me.0,
-        "incarnation": a.incarnation,
-        "driver": a.driver.kind(),
-        "runtime": a.status(),
-        "consensus": a.consensus.status(),
-        "rejected": a.reject_counters(),
-    }))
+pub(super) async fn status(State(a): State<Arc<Agent>>) -> Json<StatusView> {
+    Json(StatusView {
+        host: a.cfg.name.clone(),
+        host_id: a.me.0,
+        incarnation: a.incarnation,
+        driver: a.driver.kind().to_string(),
+        runtime: a.status(),
+        consensus: a.consensus.status(),
+        rejected: a.reject_counters(),
+    })
 }
 
 /// What a host tells a cluster that adds it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Identity {
-    pub host_id: u32,
-    pub name: String,
-    pub api_addr: String,
-    pub heartbeat_addr: String,
-    pub capacity: Capacity,
-}
-
 pub(super) async fn identity(State(a): State<Arc<Agent>>) -> Json<Identity> {
     Json(Identity {
         host_id: a.me.0,
@@ -34,7 +25,8 @@ pub(super) async fn identity(State(a): State<Arc<Agent>>) -> Json<Identity> {
     })
 }
 
-pub(super) async fn cluster_init(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
+pub(super) async fn cluster_init(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Initialized> {
+    empty_body(&body)?;
     a.consensus.initialize(&a.cfg.api_addr.to_string()).await.map_err(|e| match e {
         ConsensusError::AlreadyInitialized => ApiError::new(StatusCode::CONFLICT, "this host already belongs to a cluster"),
         other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, chain(&other)),
@@ -53,16 +45,16 @@ pub(super) async fn cluster_init(State(a): State<Arc<Agent>>) -> ApiResult<Value
     )
     .await?;
     a.events.record(crate::events::EventKind::ClusterInitialized, None, Some(&id.name), format!("cluster created with {} as its first host", id.name));
-    Ok(Json(json!({ "initialized": true, "host": id.name })))
+    Ok(Json(Initialized { initialized: true, host: id.name }))
 }
 
-pub(super) async fn ftt(State(a): State<Arc<Agent>>) -> ApiResult<Value> {
+pub(super) async fn ftt(State(a): State<Arc<Agent>>) -> ApiResult<FttView> {
     // A search on a snapshot, off the runtime: it holds up neither the log nor other requests.
     let snap = a.consensus.snapshot();
     // The target from the same snapshot the search runs on.
     let target = snap.state.settings.ftt_target;
     let report = a.heavy.run(move || snap.state.ftt()).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    Ok(Json(json!({ "report": report, "target": target })))
+    Ok(Json(FttView { report, target }))
 }
 
 #[derive(Deserialize)]
@@ -73,13 +65,13 @@ pub(super) struct PlanQuery {
 
 /// What would happen if hosts failed: for each failure set, where every VM restarts and which
 /// stay down, by the same planner the coordinator runs.
-pub(super) async fn plan(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<PlanQuery>) -> ApiResult<Value> {
+pub(super) async fn plan(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<PlanQuery>) -> ApiResult<Vec<FailurePlan>> {
     // Planned on a snapshot, off the runtime (every host's failure on a large state is heavy).
     let snap = a.consensus.snapshot();
     a.heavy.run(move || what_if(&snap.state, q.fail.as_deref())).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?
 }
 
-pub(super) fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>) -> ApiResult<Value> {
+pub(super) fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>) -> ApiResult<Vec<FailurePlan>> {
     {
         let sets: Vec<Vec<HostId>> = match fail {
             Some(list) => {
@@ -96,25 +88,27 @@ pub(super) fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>) 
             None => s.active_hosts().iter().map(|h| vec![h]).collect(),
         };
         let name = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
-        let out: Vec<Value> = sets
+        let out: Vec<FailurePlan> = sets
             .iter()
             .map(|set| {
                 let (p, quorum) = tandem_core::recovery::plan_what_if(s, set);
                 let members = s.members().len();
-                json!({
-                    "failed": set.iter().map(|h| name(*h)).collect::<Vec<_>>(),
-                    "quorum": quorum,
-                    "note": (!quorum).then(|| format!(
-                        "no quorum: {} of {members} voting hosts would be left and a majority ({}) is needed, so nothing restarts",
-                        members - set.len().min(members),
-                        members / 2 + 1
-                    )),
-                    "restarts": p.placements.iter().map(|(vm, h)| json!({ "vm": vm, "host": name(*h) })).collect::<Vec<_>>(),
-                    "left_down": p.left_down.iter().map(|(vm, why)| json!({ "vm": vm, "reason": why })).collect::<Vec<_>>(),
-                })
+                FailurePlan {
+                    failed: set.iter().map(|h| name(*h)).collect(),
+                    quorum,
+                    note: (!quorum).then(|| {
+                        format!(
+                            "no quorum: {} of {members} voting hosts would be left and a majority ({}) is needed, so nothing restarts",
+                            members - set.len().min(members),
+                            members / 2 + 1
+                        )
+                    }),
+                    restarts: p.placements.iter().map(|(vm, h)| PlannedRestart { vm: vm.clone(), host: name(*h) }).collect(),
+                    left_down: p.left_down.iter().map(|(vm, why)| StaysDown { vm: vm.clone(), reason: *why }).collect(),
+                }
             })
             .collect();
-        Ok(Json(json!(out)))
+        Ok(Json(out))
     }
 }
 
@@ -122,31 +116,8 @@ pub(super) async fn settings_show(State(a): State<Arc<Agent>>) -> Json<Settings>
     Json(a.consensus.with_state(|s| s.settings.clone()))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SettingsBody {
-    /// `null` clears the target.
-    #[serde(default, with = "serde_with_null")]
-    ftt_target: Option<Option<u32>>,
-    #[serde(default)]
-    vcpu_overcommit_pct: Option<u32>,
-    /// Restart group → delay in ms; `null` restores the default for that group.
-    #[serde(default)]
-    group_delays_ms: BTreeMap<u8, Option<u64>>,
-    #[serde(default)]
-    force: bool,
-}
-
-/// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
-mod serde_with_null {
-    use serde::{Deserialize, Deserializer};
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
-        Option::<u32>::deserialize(d).map(Some)
-    }
-}
-
-pub(super) async fn settings_set(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
-    let b: SettingsBody = parse(&body, "settings")?;
+pub(super) async fn settings_set(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<SettingsSet> {
+    let b: SettingsRequest = parse(&body, "settings")?;
     let mut settings = a.consensus.with_state(|s| s.settings.clone());
     if let Some(t) = b.ftt_target {
         settings.ftt_target = t;
@@ -160,33 +131,21 @@ pub(super) async fn settings_set(State(a): State<Arc<Agent>>, body: Bytes) -> Ap
             None => settings.group_delays_ms.remove(&group),
         };
     }
-    let mut out = admitted(&a, Command::SetSettings { settings: settings.clone(), force: b.force }, None).await?;
-    out["settings"] = json!(settings);
-    Ok(Json(out))
+    let admission = admitted(&a, Command::SetSettings { settings: settings.clone(), force: b.force }, None).await?;
+    Ok(Json(SettingsSet { settings, admission }))
 }
 
 pub(super) async fn rules(State(a): State<Arc<Agent>>) -> Json<Vec<Rule>> {
     Json(a.consensus.with_state(|s| s.rules.values().cloned().collect()))
 }
 
-#[derive(Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RuleBody {
-    #[serde(flatten)]
-    rule: Rule,
-    #[serde(default)]
-    force: bool,
+pub(super) async fn rule_set(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<RuleAdded> {
+    let b: RuleRequest = parse_strict(&body, "rule")?;
+    let admission = admitted(&a, Command::SetRule { rule: b.rule(), force: b.force }, None).await?;
+    Ok(Json(RuleAdded { rule: b.name, admission }))
 }
 
-pub(super) async fn rule_set(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
-    let b: RuleBody = parse_strict(&body, "rule")?;
-    let name = b.rule.name.clone();
-    let mut out = admitted(&a, Command::SetRule { rule: b.rule, force: b.force }, None).await?;
-    out["rule"] = json!(name);
-    Ok(Json(out))
-}
-
-pub(super) async fn rule_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
+pub(super) async fn rule_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Deleted> {
     submit(&a, Command::DeleteRule { name: name.clone() }).await?;
-    Ok(Json(json!({ "deleted": name })))
+    Ok(Json(Deleted { deleted: name }))
 }

@@ -16,12 +16,12 @@ pub(super) struct EventQuery {
     host: Option<String>,
 }
 
-pub(super) async fn events(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<EventQuery>) -> Json<Value> {
+pub(super) async fn events(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<EventQuery>) -> Json<Vec<Event>> {
     let limit = q.limit.unwrap_or(1000).min(crate::events::EVENT_RING);
     let keep = |e: &crate::events::Event| {
         q.vm.as_ref().is_none_or(|v| e.vm.as_ref() == Some(v))
             && q.kind.as_ref().is_none_or(|k| e.kind.as_str() == k)
             && q.host.as_ref().is_none_or(|h| e.host == *h || e.subject.as_ref() == Some(h))
     };
-    Json(json!(a.events.since(q.after, crate::events::EVENT_RING).into_iter().filter(keep).take(limit).collect::<Vec<_>>()))
+    Json(a.events.since(q.after, crate::events::EVENT_RING).into_iter().filter(keep).take(limit).collect())
 }

@@ -2,8 +2,8 @@
 
 use super::*;
 
-pub(super) async fn local(State(a): State<Arc<Agent>>) -> Json<Value> {
-    Json(json!({ "host": a.cfg.name, "vms": a.driver.list() }))
+pub(super) async fn local(State(a): State<Arc<Agent>>) -> Json<LocalView> {
+    Json(LocalView { host: a.cfg.name.clone(), vms: a.driver.list() })
 }
 
 pub(super) async fn internal_propose(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {

@@ -9,14 +9,6 @@ pub(super) struct ChallengeQuery {
     challenge: String,
 }
 
-/// A host's identity with proof that it holds the cluster secret.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinProof {
-    /// The identity as JSON text: the MAC covers these exact bytes.
-    pub identity: String,
-    pub proof: String,
-}
-
 pub(super) async fn join_proof(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<ChallengeQuery>) -> ApiResult<JoinProof> {
     if !(16..=128).contains(&q.challenge.len()) || !q.challenge.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "challenge must be 16-128 hex characters"));
@@ -25,11 +17,6 @@ pub(super) async fn join_proof(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuer
     let identity = serde_json::to_string(&id).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let proof = a.key.join_proof(&q.challenge, identity.as_bytes());
     Ok(Json(JoinProof { identity, proof }))
-}
-
-#[derive(Deserialize)]
-pub(super) struct JoinRequest {
-    api_addr: String,
 }
 
 pub(super) async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Result<Response, ApiError> {
@@ -75,5 +62,5 @@ pub(super) async fn host_join(State(a): State<Arc<Agent>>, body: Bytes) -> Resul
     }
     a.consensus.add_voter(u64::from(id.host_id), &id.api_addr).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
     a.events.record(crate::events::EventKind::HostAdded, None, Some(&id.name), format!("{} joined as host {}", id.name, id.host_id));
-    Ok(Json(json!({ "joined": id.name, "host_id": id.host_id })).into_response())
+    Ok(Json(Joined { joined: id.name, host_id: id.host_id }).into_response())
 }

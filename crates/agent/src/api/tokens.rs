@@ -2,19 +2,12 @@
 
 use super::*;
 
-pub(super) async fn tokens(State(a): State<Arc<Agent>>) -> Json<Value> {
-    Json(a.consensus.with_state(|s| json!(s.tokens.values().map(|t| json!({ "name": t.name, "role": t.role })).collect::<Vec<_>>())))
+pub(super) async fn tokens(State(a): State<Arc<Agent>>) -> Json<Vec<TokenView>> {
+    Json(a.consensus.with_state(|s| s.tokens.values().map(|t| TokenView { name: t.name.clone(), role: t.role }).collect()))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct TokenBody {
-    name: String,
-    role: Role,
-}
-
-pub(super) async fn token_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<Value> {
-    let b: TokenBody = parse(&body, "token request")?;
+pub(super) async fn token_create(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<NewToken> {
+    let b: TokenRequest = parse(&body, "token request")?;
     // 32 random bytes from the kernel: the token is shown once and only its hash is replicated.
     let mut raw = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -24,11 +17,11 @@ pub(super) async fn token_create(State(a): State<Arc<Agent>>, body: Bytes) -> Ap
     let record = ApiToken { name: b.name.clone(), role: b.role, sha256: token_sha256(&token) };
     submit(&a, Command::SetToken { token: record }).await?;
     a.events.record(crate::events::EventKind::TokenCreated, None, None, format!("API token '{}' ({}) created", b.name, b.role));
-    Ok(Json(json!({ "name": b.name, "role": b.role, "token": token })))
+    Ok(Json(NewToken { name: b.name, role: b.role, token }))
 }
 
-pub(super) async fn token_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Value> {
+pub(super) async fn token_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<Revoked> {
     submit(&a, Command::DeleteToken { name: name.clone() }).await?;
     a.events.record(crate::events::EventKind::TokenRevoked, None, None, format!("API token '{name}' revoked"));
-    Ok(Json(json!({ "revoked": name })))
+    Ok(Json(Revoked { revoked: name }))
 }

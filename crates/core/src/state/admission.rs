@@ -118,7 +118,7 @@ impl ClusterState {
         for (name, host) in plan.placements {
             let generation = s.next_gen();
             if let Some(v) = s.vms.get_mut(&name) {
-                v.assignment = Some(super::Assignment { host, generation });
+                v.place(super::Assignment { host, generation }, false);
             }
         }
         s

@@ -102,24 +102,13 @@ impl ClusterState {
         if self.vms.contains_key(&spec.name) {
             return Err(StateError::VmExists(spec.name.clone()));
         }
-        self.vms.insert(
-            spec.name.clone(),
-            VmRecord {
-                spec: spec.clone(),
-                desired: PowerState::Stopped,
-                assignment: None,
-                failed_on: vec![],
-                error: None,
-                held: false,
-                capacity_retries: None,
-            },
-        );
+        self.vms.insert(spec.name.clone(), VmRecord::new(spec.clone()));
         Ok(Applied::Done)
     }
 
     fn delete_vm(&mut self, name: &str) -> Result<Applied, StateError> {
         let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
-        if vm.desired != PowerState::Stopped || vm.assignment.is_some() {
+        if !matches!(vm.phase, VmPhase::Stopped | VmPhase::Failed { .. }) {
             return Err(StateError::VmNotStopped(name.to_string()));
         }
         self.vms.remove(name);
@@ -127,14 +116,12 @@ impl ClusterState {
     }
 
     fn set_power(&mut self, mode: AdmitMode<'_>, cmd: &Command, name: &str, desired: PowerState) -> Result<Applied, StateError> {
-        if let Some(e) = self.vm_mut(name)?.error.clone().filter(|_| desired == PowerState::Running) {
+        if let Some(e) = self.vm_mut(name)?.error().map(str::to_string).filter(|_| desired == PowerState::Running) {
             return Err(StateError::VmInError { name: name.to_string(), error: e });
         }
         self.admit(mode, cmd, |s| {
             if let Some(v) = s.vms.get_mut(name) {
-                v.desired = desired;
-                // An operator's word ends any wait for capacity.
-                v.capacity_retries = None;
+                v.set_desired(desired);
             }
             Ok(())
         })
@@ -143,7 +130,7 @@ impl ClusterState {
     fn update_vm(&mut self, mode: AdmitMode<'_>, cmd: &Command, spec: &VmSpec) -> Result<Applied, StateError> {
         spec.validate().map_err(|e| StateError::InvalidSpec(e.to_string()))?;
         let vm = self.vms.get(&spec.name).ok_or_else(|| StateError::UnknownVm(spec.name.clone()))?;
-        if let Some(a) = vm.assignment {
+        if let Some(a) = vm.assignment() {
             if !self.fits_with(a.host, spec.demand(), Some(&spec.name)) {
                 return Err(StateError::NoCapacity { vm: spec.name.clone(), host: a.host });
             }
@@ -182,11 +169,10 @@ impl ClusterState {
     fn vm_failed(&mut self, name: &str, host: HostId, generation: u64, detail: &str) -> Result<Applied, StateError> {
         let active = self.active_hosts();
         let vm = self.vm_mut(name)?;
-        if vm.assignment != Some(Assignment { host, generation }) {
+        if vm.assignment() != Some(Assignment { host, generation }) {
             return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
         }
-        vm.assignment = None;
-        vm.held = false;
+        vm.unassign();
         if !vm.failed_on.contains(&host) {
             vm.failed_on.push(host);
         }
@@ -194,8 +180,7 @@ impl ClusterState {
         if vm.failed_on.len() > MAX_RELOCATIONS || active.iter().all(|h| vm.failed_on.contains(&h)) {
             let hosts: Vec<String> = vm.failed_on.iter().map(ToString::to_string).collect();
             let error = format!("gave up after failing on hosts {}: {detail}", hosts.join(", "));
-            vm.desired = PowerState::Stopped;
-            vm.error = Some(error.clone());
+            vm.fail(error.clone());
             return Ok(Applied::VmInError { name: name.to_string(), error });
         }
         Ok(Applied::Relocating { name: name.to_string(), failed_on: vm.failed_on.clone() })
@@ -223,7 +208,7 @@ impl ClusterState {
     fn release_held(&mut self, names: &[String]) -> Result<Applied, StateError> {
         for name in names {
             if let Some(vm) = self.vms.get_mut(name) {
-                vm.held = false;
+                vm.release_hold();
             }
         }
         Ok(Applied::Done)
@@ -231,23 +216,20 @@ impl ClusterState {
 
     fn capacity_retry(&mut self, name: &str) -> Result<Applied, StateError> {
         let vm = self.vm_mut(name)?;
-        let Some(spent) = vm.capacity_retries.filter(|_| vm.assignment.is_none() && vm.desired == PowerState::Running) else {
+        let VmPhase::Waiting { capacity_retries: Some(spent) } = vm.phase else {
             return Err(StateError::Stale(format!("VM '{name}' is not waiting for capacity")));
         };
         let attempt = spent + 1;
         if attempt >= BEST_EFFORT_RETRIES {
-            vm.capacity_retries = None;
-            vm.desired = PowerState::Stopped;
+            vm.phase = VmPhase::Stopped;
             return Ok(Applied::GaveUpWaiting { name: name.to_string() });
         }
-        vm.capacity_retries = Some(attempt);
+        vm.phase = VmPhase::Waiting { capacity_retries: Some(attempt) };
         Ok(Applied::StillWaiting { name: name.to_string(), attempt })
     }
 
     fn clear_vm_error(&mut self, name: &str) -> Result<Applied, StateError> {
-        let vm = self.vm_mut(name)?;
-        vm.error = None;
-        vm.failed_on.clear();
+        self.vm_mut(name)?.clear_failure();
         Ok(Applied::Done)
     }
 
@@ -276,29 +258,25 @@ impl ClusterState {
 
     fn assign(&mut self, name: &str, host: HostId) -> Result<Applied, StateError> {
         let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
-        if vm.desired != PowerState::Running || vm.assignment.is_some() {
+        if !vm.is_waiting() {
             return Err(StateError::NotPlaceable(name.to_string()));
         }
         let demand = vm.spec.demand();
         self.check_target(name, host, demand)?;
         let generation = self.next_gen();
-        let vm = self.vm_mut(name)?;
-        vm.assignment = Some(Assignment { host, generation });
-        vm.held = false;
-        vm.capacity_retries = None;
+        self.vm_mut(name)?.place(Assignment { host, generation }, false);
         Ok(Applied::Assigned { name: name.to_string(), host, generation })
     }
 
     fn release(&mut self, name: &str, host: HostId, generation: u64) -> Result<Applied, StateError> {
         let vm = self.vm_mut(name)?;
-        if vm.assignment != Some(Assignment { host, generation }) {
+        if vm.assignment() != Some(Assignment { host, generation }) {
             return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
         }
-        if vm.desired != PowerState::Stopped {
+        if !matches!(vm.phase, VmPhase::Stopping { .. }) {
             return Err(StateError::Stale(format!("VM '{name}' is desired running again")));
         }
-        vm.assignment = None;
-        vm.held = false;
+        vm.unassign();
         Ok(Applied::Done)
     }
 
@@ -325,7 +303,7 @@ impl ClusterState {
     /// The first hard rule that assigning `name` to `host` would break, given where the other
     /// members of its rules are assigned now.
     fn broken_hard_rule(&self, name: &str, host: HostId) -> Option<String> {
-        let placed_on = |vm: &str| self.vms.get(vm).and_then(|v| v.assignment).map(|a| a.host);
+        let placed_on = |vm: &str| self.vms.get(vm).and_then(VmRecord::assignment).map(|a| a.host);
         self.rules.values().filter(|r| r.hard && r.vms.iter().any(|v| v == name)).find_map(|r| {
             let others = r.vms.iter().filter(|v| *v != name).filter_map(|v| placed_on(v));
             let broken = match r.kind {
@@ -348,14 +326,13 @@ impl ClusterState {
         let victims: Vec<String> = self.assigned_to(host).map(|v| v.spec.name.clone()).collect();
         for name in &victims {
             if let Some(vm) = self.vms.get_mut(name) {
-                vm.assignment = None;
-                vm.held = false;
+                vm.unassign();
             }
         }
         let mut moved = Vec::new();
         for (name, target) in plan {
             let Some(vm) = self.vms.get(name) else { continue };
-            if !victims.contains(name) || vm.desired != PowerState::Running || *target == host {
+            if !victims.contains(name) || !vm.is_waiting() || *target == host {
                 continue;
             }
             let demand = vm.spec.demand();
@@ -363,30 +340,28 @@ impl ClusterState {
                 continue;
             }
             let generation = self.next_gen();
-            if let Some(vm) = self.vms.get_mut(name) {
-                vm.assignment = Some(Assignment { host: *target, generation });
-            }
             moved.push((name.clone(), *target, generation));
         }
         // Restart order: the lowest group among the moved VMs starts now; the higher ones are
         // held until the coordinator sees the lower groups run (or their delay passes).
         let first_group = moved.iter().filter_map(|(n, _, _)| self.vms.get(n)).map(|v| v.spec.restart_group).min();
-        for (name, _, _) in &moved {
+        for (name, target, generation) in &moved {
             if let Some(vm) = self.vms.get_mut(name) {
-                vm.held = first_group.is_some_and(|g| vm.spec.restart_group > g);
+                let held = first_group.is_some_and(|g| vm.spec.restart_group > g);
+                vm.place(Assignment { host: *target, generation: *generation }, held);
             }
         }
         let mut left_down = Vec::new();
         for name in &victims {
             let Some(vm) = self.vms.get_mut(name) else { continue };
-            if vm.assignment.is_none() && vm.desired == PowerState::Running {
+            if vm.is_waiting() {
                 left_down.push(name.clone());
                 // Protected VMs stay wanted and are placed as soon as capacity appears; best-effort
                 // ones wait for a bounded number of retries; `off` ones are stopped.
                 match vm.spec.protection {
                     Protection::Protect => {}
-                    Protection::BestEffort => vm.capacity_retries = Some(0),
-                    Protection::Off => vm.desired = PowerState::Stopped,
+                    Protection::BestEffort => vm.phase = VmPhase::Waiting { capacity_retries: Some(0) },
+                    Protection::Off => vm.phase = VmPhase::Stopped,
                 }
             }
         }

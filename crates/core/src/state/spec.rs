@@ -6,14 +6,14 @@ use super::*;
 // No `deny_unknown_fields` on the types that travel in log entries: an older host must not
 // refuse a newer entry over a field it may ignore (a field it must not ignore raises the log
 // format, which stops it clearly). API input is checked strictly by the API instead.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Capacity {
     pub vcpus: u32,
     pub memory_mib: u64,
 }
 
 /// What HA does for a VM whose host fails.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protection {
     /// Always restarted, first.
@@ -38,7 +38,7 @@ impl std::str::FromStr for Protection {
 }
 
 /// A disk attached to a VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DiskSpec {
     /// Path on shared storage, the same on every host.
     pub path: String,
@@ -49,7 +49,7 @@ pub struct DiskSpec {
 }
 
 /// A VM's network.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "mode", rename_all = "kebab-case")]
 pub enum NetworkSpec {
     /// QEMU user-mode networking; `hostfwd` entries like `tcp:{host_ip}:8080-:80`, where
@@ -63,7 +63,7 @@ pub enum NetworkSpec {
 }
 
 /// How the VM's workload is run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum DriverSpec {
     /// A QEMU guest, from a kernel (+ initrd + cmdline) or a boot disk.
@@ -82,7 +82,7 @@ pub enum DriverSpec {
 }
 
 /// Everything an operator says about a VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VmSpec {
     pub name: String,
     pub vcpus: u32,

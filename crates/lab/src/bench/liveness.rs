@@ -8,14 +8,14 @@
 
 use crate::lab::{Lab, LabOptions};
 use anyhow::{anyhow, Context, Result};
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem::client::Client;
-use tandem_core::state::{Assignment, Capacity, ClusterState, DriverSpec, HostMode, HostRecord, HostStatus, PowerState, Protection, VmRecord, VmSpec};
+use tandem_agent::views::{EmptyRequest, StatusView};
+use tandem_core::state::{Assignment, Capacity, ClusterState, DriverSpec, HostMode, HostRecord, HostStatus, Protection, VmPhase, VmRecord, VmSpec};
 use tandem_core::wire::{Ack, ClusterKey, Heartbeat, MAX_HEARTBEAT_LEN};
 use tandem_core::{HostId, HostSet, MAX_HOSTS};
 
@@ -71,15 +71,7 @@ fn synthetic_state(vms: usize) -> ClusterState {
             driver: DriverSpec::Process { command: vec!["sleep".into(), "1000".into()] },
         };
         let host = HostId(1 + (i as u32) % peers);
-        let record = VmRecord {
-            spec,
-            desired: PowerState::Running,
-            assignment: Some(Assignment { host, generation: i as u64 + 1 }),
-            failed_on: vec![],
-            error: None,
-            held: false,
-            capacity_retries: None,
-        };
+        let record = VmRecord { spec, phase: VmPhase::Placed { at: Assignment { host, generation: i as u64 + 1 } }, failed_on: vec![] };
         s.vms.insert(record.spec.name.clone(), record);
     }
     s.next_generation = vms as u64 + 1;
@@ -162,7 +154,7 @@ fn write_load(c: Client, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(
         while !stop.load(Ordering::SeqCst) {
             let path = if running { "/v1/vms/v1/stop" } else { "/v1/vms/v1/start" };
             let t = Instant::now();
-            let ok = c.post(path, &json!({})).is_ok();
+            let ok = c.send("POST", path, &EmptyRequest {}).is_ok();
             out.push((if running { "stop" } else { "start" }, t.elapsed(), ok));
             running = !running;
             std::thread::sleep(Duration::from_millis(200));
@@ -196,11 +188,8 @@ fn measure(lab: &mut Lab, b: LivenessBench, heard: &Heard) -> Result<()> {
     let c = lab.client(0);
     let t = Instant::now();
     c.wait_for(Duration::from_secs(120), Duration::from_millis(200), |c| c.get("/v1/status").ok())?;
-    c.post("/v1/cluster/init", &json!({})).map_err(|e| anyhow!("cluster init: {e}"))?;
-    c.wait_for(Duration::from_secs(60), Duration::from_millis(200), |c| {
-        let st = c.get("/v1/status").ok()?;
-        st["runtime"]["joined_epoch"].is_u64().then_some(())
-    })?;
+    c.send("POST", "/v1/cluster/init", &EmptyRequest {}).map_err(|e| anyhow!("cluster init: {e}"))?;
+    c.wait_for(Duration::from_secs(60), Duration::from_millis(200), |c| c.get_as::<StatusView>("/v1/status").ok()?.runtime.joined_epoch.map(|_| ()))?;
     println!("agent up and joined in {:.1} s; loading it for {} s with {} reader(s) and one writer", t.elapsed().as_secs_f64(), b.seconds, b.readers);
     let from = heard.lock().map_err(|_| anyhow!("poisoned"))?.len();
     let stop = Arc::new(AtomicBool::new(false));
@@ -217,12 +206,12 @@ fn measure(lab: &mut Lab, b: LivenessBench, heard: &Heard) -> Result<()> {
         }
     }
     let beats: Vec<(Instant, u64, bool)> = heard.lock().map_err(|_| anyhow!("poisoned"))?[from..].to_vec();
-    let status = c.get("/v1/status").ok();
+    let status = c.get_as::<StatusView>("/v1/status").ok();
     report(&beats, &answers, b, status.as_ref());
     Ok(())
 }
 
-fn report(beats: &[(Instant, u64, bool)], answers: &BTreeMap<&str, (Vec<f64>, usize)>, b: LivenessBench, status: Option<&serde_json::Value>) {
+fn report(beats: &[(Instant, u64, bool)], answers: &BTreeMap<&str, (Vec<f64>, usize)>, b: LivenessBench, status: Option<&StatusView>) {
     let mut gaps: Vec<f64> = beats.windows(2).map(|w| w[1].0.duration_since(w[0].0).as_secs_f64() * 1e3).collect();
     gaps.sort_by(f64::total_cmp);
     let lost = beats.windows(2).map(|w| w[1].1.saturating_sub(w[0].1).saturating_sub(1)).sum::<u64>();
@@ -258,10 +247,14 @@ fn report(beats: &[(Instant, u64, bool)], answers: &BTreeMap<&str, (Vec<f64>, us
         );
     }
     let fenced_beats = beats.iter().filter(|b| b.2).count();
-    let fenced_now = status.map(|s| s["runtime"]["fenced"].clone()).unwrap_or_default();
+    let fenced_now = status.and_then(|s| s.runtime.fenced);
     println!(
         "fenced: {} (heartbeats announcing a fence: {fenced_beats}; status now: {})",
-        if fenced_beats > 0 || !fenced_now.is_null() { "YES" } else { "no" },
-        if status.is_some() { fenced_now.to_string() } else { "agent did not answer".into() }
+        if fenced_beats > 0 || fenced_now.is_some() { "YES" } else { "no" },
+        match (status, fenced_now) {
+            (None, _) => "agent did not answer".to_string(),
+            (Some(_), None) => "not fenced".to_string(),
+            (Some(_), Some(reason)) => format!("fenced: {reason}"),
+        }
     );
 }

@@ -1,8 +1,9 @@
 //! `tandem events`: the HA timeline of one agent or of the whole cluster, once or followed.
 
 use super::args::EventsArgs;
-use super::output::{clock_time, s, Output};
+use super::output::{clock_time, Output};
 use tandem::client::{Client, ClientError};
+use tandem_agent::views::{Event, HostView};
 
 /// Runs `tandem events`.
 pub fn run(c: &Client, out: Output, args: &EventsArgs) -> Result<(), ClientError> {
@@ -15,12 +16,9 @@ pub fn run(c: &Client, out: Output, args: &EventsArgs) -> Result<(), ClientError
     }
     // One (agent, last seq seen) per timeline read.
     let mut sources: Vec<(Client, u64)> = if *cluster {
-        c.get("/v1/hosts")?
-            .as_array()
+        c.get_as::<Vec<HostView>>("/v1/hosts")?
             .into_iter()
-            .flatten()
-            .filter_map(|h| h["api_addr"].as_str())
-            .map(|a| (Client { addr: a.to_string(), timeout: std::time::Duration::from_secs(5), ..c.clone() }, *after))
+            .map(|h| (Client { addr: h.api_addr, timeout: std::time::Duration::from_secs(5), ..c.clone() }, *after))
             .collect()
     } else {
         vec![(c.clone(), *after)]
@@ -28,25 +26,23 @@ pub fn run(c: &Client, out: Output, args: &EventsArgs) -> Result<(), ClientError
     loop {
         let mut list = Vec::new();
         for (src, after) in &mut sources {
-            match src.get(&format!("/v1/events?after={after}{filter}")) {
-                Ok(v) => {
-                    let got = v.as_array().cloned().unwrap_or_default();
-                    *after = got.iter().filter_map(|e| e["seq"].as_u64()).max().unwrap_or(*after);
+            match src.get_as::<Vec<Event>>(&format!("/v1/events?after={after}{filter}")) {
+                Ok(got) => {
+                    *after = got.iter().map(|e| e.seq).max().unwrap_or(*after);
                     list.extend(got);
                 }
                 Err(e) if *cluster => eprintln!("tandem: events of {} not read: {e}", src.addr),
                 Err(e) => return Err(e),
             }
         }
-        list.sort_by_key(|e| (e["at_ms"].as_u64().unwrap_or(0), e["seq"].as_u64().unwrap_or(0)));
+        list.sort_by_key(|e| (e.at_ms, e.seq));
         match out {
             // One JSON object per line when following, so it can be piped.
-            Output::Json if *follow => list.iter().for_each(|e| println!("{e}")),
+            Output::Json if *follow => list.iter().for_each(|e| println!("{}", serde_json::to_string(e).unwrap_or_default())),
             Output::Json => println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default()),
             Output::Table => {
                 for e in &list {
-                    let at = e["at_ms"].as_u64().map_or_else(String::new, clock_time);
-                    println!("{:>6} {at} {:<10} {:<22} {}", s(&e["seq"]), s(&e["host"]), s(&e["kind"]), s(&e["detail"]));
+                    println!("{:>6} {} {:<10} {:<22} {}", e.seq, clock_time(e.at_ms), e.host, e.kind, e.detail);
                 }
             }
         }

@@ -1,8 +1,11 @@
 //! How the CLI prints: tables by default, the API's JSON with `--output json`.
 
 use clap::ValueEnum;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 use tandem::client::ClientError;
+use tandem_agent::views::FailurePlan;
 
 /// `--output`: tables for people, the API's JSON for scripts.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -34,30 +37,32 @@ pub fn s(v: &Value) -> String {
     }
 }
 
-pub fn show(out: Output, v: &Value, table: impl FnOnce(&Value)) {
+/// Prints an answer: its JSON unchanged with `--output json`, else as `table` renders it read
+/// as the API's type `T` (an answer of another shape is a protocol error, not a guess).
+pub fn show<T: DeserializeOwned>(out: Output, v: &Value, table: impl FnOnce(&T)) -> Result<(), ClientError> {
     match out {
         Output::Json => println!("{v}"),
-        Output::Table => table(v),
+        Output::Table => table(&tandem::client::decode(v.clone())?),
     }
+    Ok(())
 }
 
 pub fn usage(message: impl std::fmt::Display) -> ClientError {
     ClientError::Usage(message.to_string())
 }
 
-pub fn print_plans(v: &Value) {
-    for p in v.as_array().into_iter().flatten() {
-        let failed: Vec<String> = p["failed"].as_array().into_iter().flatten().map(s).collect();
-        println!("if {} fail{}:", failed.join(" and "), if failed.len() == 1 { "s" } else { "" });
-        if let Some(note) = p["note"].as_str() {
+pub fn print_plans(plans: &Vec<FailurePlan>) {
+    for p in plans {
+        println!("if {} fail{}:", p.failed.join(" and "), if p.failed.len() == 1 { "s" } else { "" });
+        if let Some(note) = &p.note {
             println!("  {note}");
         }
         let mut rows = vec![["  VM", "RESTARTS ON"].map(String::from).to_vec()];
-        for r in p["restarts"].as_array().into_iter().flatten() {
-            rows.push(vec![format!("  {}", s(&r["vm"])), s(&r["host"])]);
+        for r in &p.restarts {
+            rows.push(vec![format!("  {}", r.vm), r.host.clone()]);
         }
-        for r in p["left_down"].as_array().into_iter().flatten() {
-            rows.push(vec![format!("  {}", s(&r["vm"])), format!("stays down ({})", s(&r["reason"]))]);
+        for r in &p.left_down {
+            rows.push(vec![format!("  {}", r.vm), format!("stays down ({})", s(&serde_json::to_value(r.reason).unwrap_or_default()))]);
         }
         if rows.len() == 1 {
             println!("  nothing to restart");
@@ -67,9 +72,9 @@ pub fn print_plans(v: &Value) {
     }
 }
 
-/// Prints an object's fields, one `key: value` per line.
-pub fn kv(v: &Value) {
-    if let Some(m) = v.as_object() {
+/// Prints a typed answer's fields, one `key: value` per line.
+pub fn kv<T: Serialize>(t: &T) {
+    if let Some(m) = serde_json::to_value(t).ok().as_ref().and_then(Value::as_object) {
         for (k, x) in m {
             println!("{k}: {}", s(x));
         }

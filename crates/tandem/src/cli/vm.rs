@@ -1,10 +1,11 @@
 //! `tandem vm ...`: specs from flags or files, and the VM commands.
 
 use super::args::{CreateArgs, VmOp};
-use super::output::{kv, print_table, s, show, usage, Output};
+use super::commands::text;
+use super::output::{kv, print_table, show, usage, Output};
 use anyhow::{anyhow, Context, Result};
-use serde_json::json;
 use tandem::client::{Client, ClientError};
+use tandem_agent::views::{Cleared, Created, Deleted, EmptyRequest, ForceRequest, Starting, Stopping, UpdateVmRequest, Updated, VmView};
 use tandem_core::state::{DriverSpec, NetworkSpec, Protection, VmSpec};
 
 pub fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
@@ -49,80 +50,44 @@ pub fn run(c: &Client, out: Output, op: &VmOp) -> Result<(), ClientError> {
     match op {
         VmOp::Create(args) => {
             let spec = spec_from(args).map_err(|e| ClientError::Refused { status: 400, message: format!("{e:#}") })?;
-            let v = c.post("/v1/vms", &serde_json::to_value(&spec).map_err(|e| ClientError::Refused { status: 400, message: e.to_string() })?)?;
-            show(out, &v, kv);
-            Ok(())
+            show(out, &c.send("POST", "/v1/vms", &spec)?, kv::<Created>)
         }
-        VmOp::Start { name, force } => {
-            let v = c.post(&format!("/v1/vms/{name}/start"), &json!({ "force": force }))?;
-            show(out, &v, kv);
-            Ok(())
-        }
+        VmOp::Start { name, force } => show(out, &c.send("POST", &format!("/v1/vms/{name}/start"), &ForceRequest { force: *force })?, kv::<Starting>),
         VmOp::Update { name, vcpus, memory_mib, protection, priority, group, force } => {
-            let current = c.get(&format!("/v1/vms/{name}"))?;
-            let mut spec = current["spec"].clone();
-            if let Some(x) = vcpus {
-                spec["vcpus"] = json!(x);
-            }
-            if let Some(x) = memory_mib {
-                spec["memory_mib"] = json!(x);
-            }
+            let mut spec = c.get_as::<VmView>(&format!("/v1/vms/{name}"))?.spec;
+            spec.vcpus = vcpus.unwrap_or(spec.vcpus);
+            spec.memory_mib = memory_mib.unwrap_or(spec.memory_mib);
             if let Some(x) = protection {
-                let p: Protection = x.parse().map_err(usage)?;
-                spec["protection"] = json!(p);
+                spec.protection = x.parse().map_err(usage)?;
             }
-            if let Some(x) = priority {
-                spec["priority"] = json!(x);
-            }
-            if let Some(x) = group {
-                spec["restart_group"] = json!(x);
-            }
-            let v = c.call("PUT", &format!("/v1/vms/{name}"), Some(&json!({ "spec": spec, "force": force })))?;
-            show(out, &v, kv);
-            Ok(())
+            spec.priority = priority.unwrap_or(spec.priority);
+            spec.restart_group = group.unwrap_or(spec.restart_group);
+            show(out, &c.send("PUT", &format!("/v1/vms/{name}"), &UpdateVmRequest { spec, force: *force })?, kv::<Updated>)
         }
-        VmOp::Stop { name } => {
-            let v = c.post(&format!("/v1/vms/{name}/stop"), &json!({}))?;
-            show(out, &v, kv);
-            Ok(())
-        }
-        VmOp::Clear { name } => {
-            let v = c.post(&format!("/v1/vms/{name}/clear"), &json!({}))?;
-            show(out, &v, kv);
-            Ok(())
-        }
-        VmOp::Delete { name } => {
-            let v = c.call("DELETE", &format!("/v1/vms/{name}"), None)?;
-            show(out, &v, kv);
-            Ok(())
-        }
-        VmOp::Show { name } => {
-            let v = c.get(&format!("/v1/vms/{name}"))?;
-            show(out, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
-            Ok(())
-        }
-        VmOp::List => {
-            let v = c.get("/v1/vms")?;
-            show(out, &v, |v| {
-                let mut rows = vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION", "ERROR / WAITING"]
-                    .map(String::from)
-                    .to_vec()];
-                for x in v.as_array().into_iter().flatten() {
-                    rows.push(vec![
-                        s(&x["name"]),
-                        s(&x["protection"]),
-                        s(&x["priority"]),
-                        s(&x["vcpus"]),
-                        s(&x["memory_mib"]),
-                        s(&x["desired"]),
-                        s(&x["host"]),
-                        s(&x["generation"]),
-                        if x["error"].is_null() { s(&x["waiting"]) } else { s(&x["error"]) },
-                    ]);
-                }
-                print_table(&rows);
-            });
-            Ok(())
-        }
+        VmOp::Stop { name } => show(out, &c.send("POST", &format!("/v1/vms/{name}/stop"), &EmptyRequest {})?, kv::<Stopping>),
+        VmOp::Clear { name } => show(out, &c.send("POST", &format!("/v1/vms/{name}/clear"), &EmptyRequest {})?, kv::<Cleared>),
+        VmOp::Delete { name } => show(out, &c.call("DELETE", &format!("/v1/vms/{name}"), None)?, kv::<Deleted>),
+        VmOp::Show { name } => show(out, &c.get(&format!("/v1/vms/{name}"))?, |v: &VmView| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())),
+        VmOp::List => show(out, &c.get("/v1/vms")?, print_vms),
     }
+}
+
+fn print_vms(vms: &Vec<VmView>) {
+    let mut rows =
+        vec![["NAME", "PROTECTION", "PRIORITY", "VCPU", "MEMORY MiB", "DESIRED", "HOST", "GENERATION", "ERROR / WAITING"].map(String::from).to_vec()];
+    let or_dash = |x: Option<String>| x.unwrap_or_else(|| "-".into());
+    for x in vms {
+        rows.push(vec![
+            x.name.clone(),
+            text(&x.protection),
+            x.priority.to_string(),
+            x.vcpus.to_string(),
+            x.memory_mib.to_string(),
+            text(&x.desired),
+            or_dash(x.host.clone()),
+            or_dash(x.generation.map(|g| g.to_string())),
+            or_dash(x.error.clone().or_else(|| x.waiting.clone())),
+        ]);
+    }
+    print_table(&rows);
 }

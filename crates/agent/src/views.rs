@@ -1,0 +1,429 @@
+//! Every request and response body of the agent's API, defined once.
+//!
+//! The server builds and parses these; the CLI, the laboratory (demo, fault suite, benchmarks),
+//! the simulator and the dashboard's JSON read them; the OpenAPI document's schemas are
+//! generated from them (`endpoints`), so a client can be generated and a fuzzer can send valid
+//! bodies. Types the API shares with committed state (`VmSpec`, `Rule`, `Settings`, ...) are
+//! re-exported from `tandem-core` rather than copied.
+//!
+//! Architecture invariant (API boundary): a body crosses the API only as one of these types; a
+//! field added here is documented by the OpenAPI drift test and read by every client at once.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+
+pub use crate::agent::RuntimeStatus;
+pub use crate::consensus::ConsensusStatus;
+pub use crate::events::{Event, EventKind};
+pub use tandem_core::liveness::RejectCounters;
+pub use tandem_core::placement::{FttLimit, FttReport, RuleKind};
+pub use tandem_core::recovery::LeftDown;
+pub use tandem_core::state::{Capacity, HostMode, HostStatus, PowerState, Protection, Role, Rule, Settings, VmSpec};
+pub use tandem_drivers::VmStatus;
+
+// ---------------------------------------------------------------- responses: reads
+
+/// `GET /v1/status`: this agent.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct StatusView {
+    pub host: String,
+    pub host_id: u32,
+    /// Changes at every start of the agent process.
+    pub incarnation: u64,
+    /// The workload driver this host runs (`qemu`, `process`, `mixed`).
+    pub driver: String,
+    pub runtime: RuntimeStatus,
+    pub consensus: ConsensusStatus,
+    pub rejected: RejectCounters,
+}
+
+/// `GET /v1/identity`: who this host is (also what a joining host proves).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Identity {
+    pub host_id: u32,
+    pub name: String,
+    pub api_addr: String,
+    pub heartbeat_addr: String,
+    pub capacity: Capacity,
+}
+
+/// How this agent sees a host now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum LivenessView {
+    /// The answering host itself.
+    #[serde(rename = "self")]
+    Itself,
+    /// The answering host itself, fenced.
+    #[serde(rename = "fenced(self)")]
+    FencedItself,
+    #[serde(rename = "alive")]
+    Alive,
+    #[serde(rename = "partitioned")]
+    Partitioned,
+    #[serde(rename = "dead")]
+    Dead,
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+impl LivenessView {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LivenessView::Itself => "self",
+            LivenessView::FencedItself => "fenced(self)",
+            LivenessView::Alive => "alive",
+            LivenessView::Partitioned => "partitioned",
+            LivenessView::Dead => "dead",
+            LivenessView::Unknown => "unknown",
+        }
+    }
+}
+
+/// `GET /v1/hosts`: one host with its status, capacity use and liveness as seen by this agent.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct HostView {
+    pub id: u32,
+    pub name: String,
+    pub api_addr: String,
+    pub status: HostStatus,
+    pub epoch: u64,
+    pub capacity: Capacity,
+    pub used: Capacity,
+    pub liveness: LivenessView,
+    pub net_age_ms: Option<u64>,
+    pub disk_age_ms: Option<u64>,
+    /// Milliseconds until the fence deadline of a host declared dead (negative: passed).
+    pub fence_deadline_in_ms: Option<i64>,
+    pub fenced_epoch: Option<u64>,
+    pub leader: bool,
+}
+
+/// `GET /v1/vms`: one VM with its desired state, placement and HA state.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct VmView {
+    pub name: String,
+    pub protection: Protection,
+    pub priority: i32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub desired: PowerState,
+    pub host: Option<String>,
+    pub host_api: Option<String>,
+    pub generation: Option<u64>,
+    /// Set when HA gave up on it after failures on several hosts.
+    pub error: Option<String>,
+    pub failed_on: Vec<String>,
+    /// Assigned after a failover but held until its restart group may start.
+    pub held: bool,
+    /// A best-effort VM waiting for room after a failover: retries spent.
+    pub capacity_retries: Option<u32>,
+    /// Desired running but placed nowhere: why no host takes it now.
+    pub waiting: Option<String>,
+    pub spec: VmSpec,
+}
+
+impl VmView {
+    /// The host it must run on now: its host when desired running, else none.
+    #[must_use]
+    pub fn should_run_on(&self) -> Option<&str> {
+        if self.desired == PowerState::Running {
+            self.host.as_deref()
+        } else {
+            None
+        }
+    }
+}
+
+/// `GET /v1/ftt`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct FttView {
+    pub report: FttReport,
+    /// The target admission control protects; none: not enforced.
+    pub target: Option<u32>,
+}
+
+/// `GET /v1/plan`: what one failure set would do.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct FailurePlan {
+    /// The hosts failing together.
+    pub failed: Vec<String>,
+    /// Whether a consensus majority would be left (without one, nothing restarts).
+    pub quorum: bool,
+    pub note: Option<String>,
+    pub restarts: Vec<PlannedRestart>,
+    pub left_down: Vec<StaysDown>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct PlannedRestart {
+    pub vm: String,
+    pub host: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct StaysDown {
+    pub vm: String,
+    pub reason: LeftDown,
+}
+
+/// `GET /v1/tokens`: a token's name and role (never the token).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct TokenView {
+    pub name: String,
+    pub role: Role,
+}
+
+/// `GET /v1/local`: the workloads this host's driver runs now.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct LocalView {
+    pub host: String,
+    pub vms: Vec<VmStatus>,
+}
+
+/// `GET /v1/join-proof`: a host's identity with proof that it holds the cluster secret.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct JoinProof {
+    /// The identity as JSON text: the MAC covers these exact bytes.
+    pub identity: String,
+    pub proof: String,
+}
+
+/// Every refusal: what was wrong, in words.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+// ---------------------------------------------------------------- responses: writes
+
+/// What admission control said about an accepted change.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+pub struct AdmissionNote {
+    /// The change broke the FTT target and went through because it was forced; why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced: Option<String>,
+    /// A stored rule that running VMs break now (nothing is moved): those VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub violations: Option<Vec<String>>,
+}
+
+/// `POST /v1/cluster/init`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Initialized {
+    pub initialized: bool,
+    pub host: String,
+}
+
+/// `POST /v1/hosts/join`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Joined {
+    pub joined: String,
+    pub host_id: u32,
+}
+
+/// `POST /v1/hosts/{name}/mode`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct HostModeSet {
+    pub host: String,
+    pub mode: HostMode,
+    #[serde(flatten)]
+    pub admission: AdmissionNote,
+}
+
+/// `POST /v1/vms`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Created {
+    pub created: String,
+}
+
+/// `DELETE /v1/vms/{name}`, `DELETE /v1/rules/{name}`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Deleted {
+    pub deleted: String,
+}
+
+/// `POST /v1/vms/{name}/start`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Starting {
+    pub starting: String,
+    #[serde(flatten)]
+    pub admission: AdmissionNote,
+}
+
+/// `POST /v1/vms/{name}/stop`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Stopping {
+    pub stopping: String,
+}
+
+/// `POST /v1/vms/{name}/clear`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Cleared {
+    pub cleared: String,
+}
+
+/// `PUT /v1/vms/{name}`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Updated {
+    pub updated: String,
+    #[serde(flatten)]
+    pub admission: AdmissionNote,
+}
+
+/// `POST /v1/settings`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct SettingsSet {
+    pub settings: Settings,
+    #[serde(flatten)]
+    pub admission: AdmissionNote,
+}
+
+/// `POST /v1/rules`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct RuleAdded {
+    pub rule: String,
+    #[serde(flatten)]
+    pub admission: AdmissionNote,
+}
+
+/// `POST /v1/tokens`: the token, shown this once.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct NewToken {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+}
+
+/// `DELETE /v1/tokens/{name}`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Revoked {
+    pub revoked: String,
+}
+
+// ---------------------------------------------------------------- requests
+
+/// A body that carries nothing (`{}`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyRequest {}
+
+/// `{"force": true}` overrides admission control (recorded as an event; admin only).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForceRequest {
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/hosts/join`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The joining agent's API address (ip:port).
+    pub api_addr: String,
+}
+
+/// `POST /v1/hosts/{name}/mode`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostModeRequest {
+    pub mode: HostMode,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `PUT /v1/vms/{name}`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVmRequest {
+    pub spec: VmSpec,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/settings`: only the fields given change.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsRequest {
+    /// A number, or null to stop enforcing a target; absent: unchanged.
+    #[serde(default, deserialize_with = "present_or_null", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<u32>")]
+    pub ftt_target: Option<Option<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_overcommit_pct: Option<u32>,
+    /// Per restart group (0-9, as a string key): its delay in ms, or null for the default.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(with = "BTreeMap<String, Option<u64>>")]
+    pub group_delays_ms: BTreeMap<u8, Option<u64>>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A present field is `Some`, even when null (`Some(None)`), so that "absent" and "null" differ.
+fn present_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+    Option::<u32>::deserialize(d).map(Some)
+}
+
+/// `POST /v1/rules`: the rule's fields, and `force`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleRequest {
+    pub name: String,
+    pub kind: RuleKind,
+    /// Hard rules are never broken (a VM stays down instead); soft ones are preferences.
+    #[serde(default)]
+    pub hard: bool,
+    pub vms: Vec<String>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl RuleRequest {
+    /// The rule to store.
+    #[must_use]
+    pub fn rule(&self) -> Rule {
+        Rule { name: self.name.clone(), kind: self.kind, hard: self.hard, vms: self.vms.clone() }
+    }
+}
+
+/// `POST /v1/tokens`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub name: String,
+    pub role: Role,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_names_round_trip() {
+        for l in [LivenessView::Itself, LivenessView::FencedItself, LivenessView::Alive, LivenessView::Partitioned, LivenessView::Dead, LivenessView::Unknown] {
+            let json = serde_json::to_value(l).expect("serializes");
+            assert_eq!(json, serde_json::json!(l.as_str()));
+            assert_eq!(serde_json::from_value::<LivenessView>(json).expect("reads back"), l);
+        }
+    }
+
+    #[test]
+    fn settings_request_tells_absent_from_null() {
+        let absent: SettingsRequest = serde_json::from_str("{}").expect("parses");
+        assert_eq!(absent.ftt_target, None);
+        let null: SettingsRequest = serde_json::from_str(r#"{"ftt_target": null}"#).expect("parses");
+        assert_eq!(null.ftt_target, Some(None));
+        let two: SettingsRequest = serde_json::from_str(r#"{"ftt_target": 2, "group_delays_ms": {"3": null}}"#).expect("parses");
+        assert_eq!((two.ftt_target, two.group_delays_ms.get(&3)), (Some(Some(2)), Some(&None)));
+        assert!(serde_json::from_str::<SettingsRequest>(r#"{"fft_target": 1}"#).is_err(), "a misspelt field is refused");
+    }
+
+    #[test]
+    fn admission_notes_flatten_into_the_answer() {
+        let s = Starting { starting: "web0".into(), admission: AdmissionNote { forced: Some("why".into()), violations: None } };
+        assert_eq!(serde_json::to_value(&s).expect("serializes"), serde_json::json!({ "starting": "web0", "forced": "why" }));
+        let back: Starting = serde_json::from_value(serde_json::json!({ "starting": "web0" })).expect("reads back");
+        assert!(back.admission.forced.is_none());
+    }
+}

@@ -1,0 +1,303 @@
+//! A VM's lifecycle in committed state: one [`VmPhase`] instead of loose flags.
+//!
+//! Every state a VM can be in is a variant, with exactly the data that state has; a transition
+//! is a method that either moves the VM or says why it cannot. Migration, monitoring and
+//! replication add variants here rather than flags beside them.
+//!
+//! On the wire (log snapshots, the state a host sends a joining host) a record keeps the field
+//! layout that older hosts read — `desired`, `assignment`, `held`, `error`,
+//! `capacity_retries` — so this type changes no format: [`VmRecordWire`] converts, and a
+//! combination of fields that no phase has is mapped to the nearest phase and counted as a bug
+//! by the debug assertion in [`VmPhase::from_fields`].
+
+use super::{Assignment, PowerState, VmSpec};
+use crate::hostset::HostId;
+use serde::{Deserialize, Serialize};
+
+/// Where a VM stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmPhase {
+    /// Not wanted running, placed nowhere.
+    Stopped,
+    /// HA gave up on it after it failed on too many hosts; stopped until an operator clears it.
+    Failed { reason: String },
+    /// Wanted running, placed nowhere yet: the coordinator places it when a host has room.
+    /// `capacity_retries`: for a `best-effort` VM its host's failover left without a host, the
+    /// placement retries spent so far (it is stopped after `BEST_EFFORT_RETRIES`).
+    Waiting { capacity_retries: Option<u32> },
+    /// Assigned by a failover and held back: a lower restart group is still starting. Its host
+    /// does not start it until the coordinator releases the group.
+    Held { at: Assignment },
+    /// Assigned to a host, which runs it.
+    Placed { at: Assignment },
+    /// Stopped by an operator while assigned: its host stops it and then releases it.
+    Stopping { at: Assignment },
+}
+
+/// A VM in the desired state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "VmRecordWire", into = "VmRecordWire")]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub phase: VmPhase,
+    /// Hosts it kept failing on since an operator last cleared it; placement avoids them. Kept
+    /// across phases (a relocated VM still avoids the hosts it failed on).
+    pub failed_on: Vec<HostId>,
+}
+
+impl VmRecord {
+    /// A new VM: stopped, with no history.
+    #[must_use]
+    pub fn new(spec: VmSpec) -> VmRecord {
+        VmRecord { spec, phase: VmPhase::Stopped, failed_on: vec![] }
+    }
+
+    /// What the operator (or HA) wants: running or stopped.
+    #[must_use]
+    pub fn desired(&self) -> PowerState {
+        match self.phase {
+            VmPhase::Waiting { .. } | VmPhase::Held { .. } | VmPhase::Placed { .. } => PowerState::Running,
+            VmPhase::Stopped | VmPhase::Failed { .. } | VmPhase::Stopping { .. } => PowerState::Stopped,
+        }
+    }
+
+    /// The host and generation it is assigned to, if any.
+    #[must_use]
+    pub fn assignment(&self) -> Option<Assignment> {
+        match self.phase {
+            VmPhase::Held { at } | VmPhase::Placed { at } | VmPhase::Stopping { at } => Some(at),
+            VmPhase::Stopped | VmPhase::Failed { .. } | VmPhase::Waiting { .. } => None,
+        }
+    }
+
+    /// Whether its restart waits for a lower group.
+    #[must_use]
+    pub fn held(&self) -> bool {
+        matches!(self.phase, VmPhase::Held { .. })
+    }
+
+    /// Why HA gave up on it, if it did.
+    #[must_use]
+    pub fn error(&self) -> Option<&str> {
+        match &self.phase {
+            VmPhase::Failed { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The placement retries of a `best-effort` VM waiting for room after a failover.
+    #[must_use]
+    pub fn capacity_retries(&self) -> Option<u32> {
+        match self.phase {
+            VmPhase::Waiting { capacity_retries } => capacity_retries,
+            _ => None,
+        }
+    }
+
+    /// Whether it waits for a host: wanted running and placed nowhere.
+    #[must_use]
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.phase, VmPhase::Waiting { .. })
+    }
+
+    /// Whether it is assigned to `host`.
+    #[must_use]
+    pub fn is_on(&self, host: HostId) -> bool {
+        self.assignment().is_some_and(|a| a.host == host)
+    }
+
+    /// The operator wants it running (or stopped). An operator's word ends a wait for capacity
+    /// retries, and a VM stopped while held and started again before its host released it runs
+    /// at once (the operator asked for it). A failed VM stays failed until cleared (the caller
+    /// refuses the start, with the reason).
+    pub fn set_desired(&mut self, desired: PowerState) {
+        self.phase = match (std::mem::replace(&mut self.phase, VmPhase::Stopped), desired) {
+            (VmPhase::Stopped | VmPhase::Waiting { .. }, PowerState::Running) => VmPhase::Waiting { capacity_retries: None },
+            (held @ VmPhase::Held { .. }, PowerState::Running) => held,
+            (VmPhase::Stopping { at } | VmPhase::Placed { at }, PowerState::Running) => VmPhase::Placed { at },
+            (VmPhase::Held { at } | VmPhase::Placed { at } | VmPhase::Stopping { at }, PowerState::Stopped) => VmPhase::Stopping { at },
+            (VmPhase::Stopped | VmPhase::Waiting { .. }, PowerState::Stopped) => VmPhase::Stopped,
+            (failed @ VmPhase::Failed { .. }, _) => failed,
+        };
+    }
+
+    /// It leaves its host (failed there, released, or its host failed over): wanted running, it
+    /// waits for another; otherwise it is stopped. A failed VM stays failed.
+    pub fn unassign(&mut self) {
+        self.phase = match std::mem::replace(&mut self.phase, VmPhase::Stopped) {
+            VmPhase::Held { .. } | VmPhase::Placed { .. } => VmPhase::Waiting { capacity_retries: None },
+            VmPhase::Stopping { .. } | VmPhase::Stopped => VmPhase::Stopped,
+            other @ (VmPhase::Failed { .. } | VmPhase::Waiting { .. }) => other,
+        };
+    }
+
+    /// It is placed on a host (by the coordinator, or by a failover, `held` when its restart
+    /// group must wait).
+    pub fn place(&mut self, at: Assignment, held: bool) {
+        debug_assert!(self.desired() == PowerState::Running, "only a VM wanted running is placed");
+        self.phase = if held { VmPhase::Held { at } } else { VmPhase::Placed { at } };
+    }
+
+    /// Its restart group may start: a held VM is placed.
+    pub fn release_hold(&mut self) {
+        if let VmPhase::Held { at } = self.phase {
+            self.phase = VmPhase::Placed { at };
+        }
+    }
+
+    /// HA gives up on it.
+    pub fn fail(&mut self, reason: String) {
+        self.phase = VmPhase::Failed { reason };
+    }
+
+    /// An operator clears the failure and its history: a failed VM is stopped.
+    pub fn clear_failure(&mut self) {
+        if matches!(self.phase, VmPhase::Failed { .. }) {
+            self.phase = VmPhase::Stopped;
+        }
+        self.failed_on.clear();
+    }
+}
+
+impl VmPhase {
+    /// The phase the loose fields of the wire format describe.
+    fn from_fields(desired: PowerState, assignment: Option<Assignment>, held: bool, error: Option<String>, capacity_retries: Option<u32>) -> VmPhase {
+        // Every record this code writes is one of these combinations; a record that is none of
+        // them was written by a bug, and is read as the nearest phase.
+        debug_assert!(!(error.is_some() && (assignment.is_some() || desired == PowerState::Running)), "a failed VM is stopped and placed nowhere");
+        match (error, desired, assignment) {
+            (Some(reason), _, None) => VmPhase::Failed { reason },
+            (_, PowerState::Running, Some(at)) if held => VmPhase::Held { at },
+            (_, PowerState::Running, Some(at)) => VmPhase::Placed { at },
+            (_, PowerState::Stopped, Some(at)) => VmPhase::Stopping { at },
+            (_, PowerState::Running, None) => VmPhase::Waiting { capacity_retries },
+            (_, PowerState::Stopped, None) => VmPhase::Stopped,
+        }
+    }
+}
+
+/// A [`VmRecord`] as it has always been written: the fields older hosts read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmRecordWire {
+    spec: VmSpec,
+    desired: PowerState,
+    assignment: Option<Assignment>,
+    #[serde(default)]
+    failed_on: Vec<HostId>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    held: bool,
+    #[serde(default)]
+    capacity_retries: Option<u32>,
+}
+
+impl From<VmRecordWire> for VmRecord {
+    fn from(w: VmRecordWire) -> VmRecord {
+        VmRecord { phase: VmPhase::from_fields(w.desired, w.assignment, w.held, w.error, w.capacity_retries), spec: w.spec, failed_on: w.failed_on }
+    }
+}
+
+impl From<VmRecord> for VmRecordWire {
+    fn from(r: VmRecord) -> VmRecordWire {
+        VmRecordWire {
+            desired: r.desired(),
+            assignment: r.assignment(),
+            held: r.held(),
+            error: r.error().map(str::to_string),
+            capacity_retries: r.capacity_retries(),
+            spec: r.spec,
+            failed_on: r.failed_on,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{DriverSpec, Protection};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "v".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            disks: vec![],
+            network: None,
+            protection: Protection::Protect,
+            priority: 0,
+            restart_group: 0,
+            driver: DriverSpec::Process { command: vec!["x".into()] },
+        }
+    }
+
+    fn at(h: u32, g: u64) -> Assignment {
+        Assignment { host: HostId(h), generation: g }
+    }
+
+    fn phases() -> Vec<VmPhase> {
+        vec![
+            VmPhase::Stopped,
+            VmPhase::Failed { reason: "why".into() },
+            VmPhase::Waiting { capacity_retries: None },
+            VmPhase::Waiting { capacity_retries: Some(2) },
+            VmPhase::Held { at: at(1, 7) },
+            VmPhase::Placed { at: at(2, 8) },
+            VmPhase::Stopping { at: at(0, 9) },
+        ]
+    }
+
+    #[test]
+    fn every_phase_round_trips_through_the_old_wire_format() {
+        for phase in phases() {
+            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![HostId(3)] };
+            let json = serde_json::to_value(&r).expect("serializes");
+            for field in ["desired", "assignment", "held", "error", "capacity_retries", "failed_on"] {
+                assert!(json.get(field).is_some(), "{field} missing for {phase:?}: older hosts read it");
+            }
+            let back: VmRecord = serde_json::from_value(json).expect("reads back");
+            assert_eq!(back, r);
+        }
+    }
+
+    #[test]
+    fn a_record_written_before_phases_reads_as_its_phase() {
+        let old = serde_json::json!({
+            "spec": spec(), "desired": "running", "assignment": { "host": 1, "generation": 4 }, "held": true
+        });
+        let r: VmRecord = serde_json::from_value(old).expect("reads");
+        assert_eq!(r.phase, VmPhase::Held { at: at(1, 4) });
+        assert!(r.failed_on.is_empty());
+    }
+
+    #[test]
+    fn operator_power_changes_follow_the_lifecycle() {
+        let mut r = VmRecord::new(spec());
+        r.set_desired(PowerState::Running);
+        assert_eq!(r.phase, VmPhase::Waiting { capacity_retries: None });
+        r.place(at(1, 1), true);
+        assert!(r.held());
+        r.set_desired(PowerState::Stopped);
+        assert_eq!(r.phase, VmPhase::Stopping { at: at(1, 1) });
+        r.set_desired(PowerState::Running);
+        assert_eq!(r.phase, VmPhase::Placed { at: at(1, 1) }, "started again before its host released it: it keeps its place");
+        r.unassign();
+        assert_eq!(r.phase, VmPhase::Waiting { capacity_retries: None });
+        r.fail("gave up".into());
+        r.set_desired(PowerState::Running);
+        assert_eq!(r.error(), Some("gave up"), "a failed VM starts only once cleared");
+        r.failed_on.push(HostId(1));
+        r.clear_failure();
+        assert_eq!((r.phase.clone(), r.failed_on.len()), (VmPhase::Stopped, 0));
+    }
+
+    #[test]
+    fn accessors_agree_with_the_phase() {
+        for phase in phases() {
+            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![] };
+            assert_eq!(r.assignment().is_some(), matches!(phase, VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Stopping { .. }));
+            assert_eq!(r.is_waiting(), r.desired() == PowerState::Running && r.assignment().is_none());
+            assert!(r.error().is_none() || (r.desired() == PowerState::Stopped && r.assignment().is_none()));
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The one-request commands: cluster, hosts, FTT and plans, rules, tokens. Requests are built
+//! from, and answers read as, the API's types (`tandem_agent::views`).
+
+use super::args::*;
+use super::output::{kv, print_plans, print_table, show, usage, Output};
+use std::collections::BTreeMap;
+use tandem::client::{Client, ClientError};
+use tandem_agent::views::*;
+
+/// Runs one of the commands this module owns.
+pub fn run(c: &Client, out: Output, cmd: &Cmd) -> Result<(), ClientError> {
+    match cmd {
+        Cmd::Cluster { op } => cluster(c, out, op),
+        Cmd::Host { op } => host(c, out, op),
+        Cmd::Ftt => show(out, &c.get("/v1/ftt")?, print_ftt),
+        Cmd::Plan => show(out, &c.get("/v1/plan")?, print_plans),
+        Cmd::Whatif { fail } => show(out, &c.get(&format!("/v1/plan?fail={}", fail.join(",")))?, print_plans),
+        Cmd::Rule { op } => rule(c, out, op),
+        Cmd::Token { op } => token(c, out, op),
+        _ => Err(usage("this command is not a client command")),
+    }
+}
+
+fn cluster(c: &Client, out: Output, op: &ClusterOp) -> Result<(), ClientError> {
+    match op {
+        ClusterOp::Init => show(out, &c.send("POST", "/v1/cluster/init", &EmptyRequest {})?, kv::<Initialized>),
+        ClusterOp::Status => show(out, &c.get("/v1/status")?, |s: &StatusView| println!("{}", serde_json::to_string_pretty(s).unwrap_or_default())),
+        ClusterOp::Settings => show(out, &c.get("/v1/settings")?, kv::<Settings>),
+        ClusterOp::Set { ftt_target, vcpu_overcommit_pct, group_delay, force } => {
+            let mut req = SettingsRequest { vcpu_overcommit_pct: *vcpu_overcommit_pct, force: *force, ..SettingsRequest::default() };
+            if let Some(t) = ftt_target {
+                req.ftt_target =
+                    Some(if t == "none" { None } else { Some(t.parse::<u32>().map_err(|_| usage(format!("--ftt-target '{t}' is not a number or 'none'")))?) });
+            }
+            req.group_delays_ms = group_delays(group_delay)?;
+            show(out, &c.send("POST", "/v1/settings", &req)?, kv::<SettingsSet>)
+        }
+    }
+}
+
+/// `--group-delay GROUP=SECONDS|default`, as the request's per-group milliseconds.
+fn group_delays(args: &[String]) -> Result<BTreeMap<u8, Option<u64>>, ClientError> {
+    let mut delays = BTreeMap::new();
+    for g in args {
+        let bad = || usage(format!("--group-delay '{g}' is not GROUP=SECONDS or GROUP=default"));
+        let (group, secs) = g.split_once('=').ok_or_else(bad)?;
+        let group: u8 = group.parse().map_err(|_| bad())?;
+        let ms = if secs == "default" {
+            None
+        } else {
+            let secs: f64 = secs.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(bad)?;
+            Some((secs * 1000.0).round() as u64)
+        };
+        delays.insert(group, ms);
+    }
+    Ok(delays)
+}
+
+fn host(c: &Client, out: Output, op: &HostOp) -> Result<(), ClientError> {
+    match op {
+        HostOp::Join { api_addr } => show(out, &c.send("POST", "/v1/hosts/join", &JoinRequest { api_addr: api_addr.clone() })?, kv::<Joined>),
+        HostOp::Mode { name, mode, force } => {
+            let req = HostModeRequest { mode: mode.parse().map_err(usage)?, force: *force };
+            show(out, &c.send("POST", &format!("/v1/hosts/{name}/mode"), &req)?, kv::<HostModeSet>)
+        }
+        HostOp::List => show(out, &c.get("/v1/hosts")?, print_hosts),
+    }
+}
+
+fn print_hosts(hosts: &Vec<HostView>) {
+    let mut rows = vec![["ID", "NAME", "STATUS", "EPOCH", "LIVENESS", "NET AGE", "DISK AGE", "VCPU", "MEMORY MiB", "LEADER"].map(String::from).to_vec()];
+    let age = |x: Option<u64>| x.map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+    for h in hosts {
+        rows.push(vec![
+            h.id.to_string(),
+            h.name.clone(),
+            text(&h.status),
+            h.epoch.to_string(),
+            h.liveness.as_str().to_string(),
+            age(h.net_age_ms),
+            age(h.disk_age_ms),
+            format!("{}/{}", h.used.vcpus, h.capacity.vcpus),
+            format!("{}/{}", h.used.memory_mib, h.capacity.memory_mib),
+            if h.leader { "*".into() } else { String::new() },
+        ]);
+    }
+    print_table(&rows);
+}
+
+/// A value's JSON spelling, unquoted (enum names as the API writes them).
+pub fn text<T: serde::Serialize>(t: &T) -> String {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Null) => "-".into(),
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+fn print_ftt(v: &FttView) {
+    let r = &v.report;
+    let exact = if r.exact { "exact" } else { "lower bound" };
+    println!("failures to tolerate: {} ({exact}; limited by {})", r.ftt, r.limited_by);
+    println!("target: {}", v.target.map_or("-".into(), |t| t.to_string()));
+    println!("failure sets checked: {} (every set up to {} host(s))", r.sets_checked, r.checked_up_to);
+    if let Some((hosts, vms)) = &r.counterexample {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.0.to_string()).collect();
+        println!("breaks when hosts [{}] fail: [{}] could not restart", hosts.join(", "), vms.join(", "));
+    }
+}
+
+fn rule(c: &Client, out: Output, op: &RuleOp) -> Result<(), ClientError> {
+    match op {
+        RuleOp::Add { name, kind, hard, vms, force } => {
+            let kind: RuleKind =
+                serde_json::from_value(serde_json::json!(kind)).map_err(|_| usage(format!("--kind '{kind}' is not affinity or anti-affinity")))?;
+            let req = RuleRequest { name: name.clone(), kind, hard: *hard, vms: vms.clone(), force: *force };
+            show(out, &c.send("POST", "/v1/rules", &req)?, kv::<RuleAdded>)
+        }
+        RuleOp::List => show(out, &c.get("/v1/rules")?, |rules: &Vec<Rule>| {
+            let mut rows = vec![["NAME", "KIND", "HARD", "VMS"].map(String::from).to_vec()];
+            for r in rules {
+                rows.push(vec![r.name.clone(), text(&r.kind), r.hard.to_string(), r.vms.join(",")]);
+            }
+            print_table(&rows);
+        }),
+        RuleOp::Delete { name } => show(out, &c.call("DELETE", &format!("/v1/rules/{name}"), None)?, kv::<Deleted>),
+    }
+}
+
+fn token(c: &Client, out: Output, op: &TokenOp) -> Result<(), ClientError> {
+    match op {
+        TokenOp::Create { name, role } => {
+            let req = TokenRequest { name: name.clone(), role: role.parse().map_err(usage)? };
+            show(out, &c.send("POST", "/v1/tokens", &req)?, |t: &NewToken| {
+                println!("token {} ({}) created; it is shown only now:", t.name, t.role);
+                println!("{}", t.token);
+            })
+        }
+        TokenOp::List => show(out, &c.get("/v1/tokens")?, |tokens: &Vec<TokenView>| {
+            let mut rows = vec![vec!["NAME".to_string(), "ROLE".to_string()]];
+            rows.extend(tokens.iter().map(|t| vec![t.name.clone(), t.role.to_string()]));
+            print_table(&rows);
+        }),
+        TokenOp::Delete { name } => show(out, &c.call("DELETE", &format!("/v1/tokens/{name}"), None)?, kv::<Revoked>),
+    }
+}
