@@ -13,7 +13,7 @@
 //! load and keeps room for large VMs on every host).
 
 use crate::hostset::HostId;
-use crate::state::Protection;
+use crate::spec::Protection;
 use serde::{Deserialize, Serialize};
 
 /// Whether a rule keeps VMs together or apart.
@@ -100,6 +100,51 @@ pub struct Model {
     used: Vec<(u64, u64)>,
     /// Per VM: its position in the placement order (see the module docs).
     rank: Vec<u32>,
+}
+
+/// Why a VM is not placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeftDown {
+    /// Protection `off`: HA never restarts it.
+    ProtectionOff,
+    /// No eligible host has room for it.
+    NoCapacity,
+    /// Hosts with room exist, but each would break a hard placement rule.
+    HardRule,
+    /// The hosts left are not a majority of the voting hosts: they cannot commit a failover.
+    NoQuorum,
+}
+
+/// The result of one placement run: where each VM goes, and which stay down and why. (Not a
+/// site-recovery plan: that word is kept for the runbooks of a second site.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PlacementResult {
+    pub placements: Vec<(String, HostId)>,
+    pub left_down: Vec<(String, LeftDown)>,
+}
+
+impl Model {
+    /// A plan with names: VM names and host ids instead of indexes.
+    #[must_use]
+    pub fn named(&self, plan: &Plan) -> PlacementResult {
+        let model = self;
+        PlacementResult {
+            placements: plan.placed.iter().map(|(v, h)| (model.vms[*v as usize].name.clone(), model.hosts[*h as usize].id)).collect(),
+            left_down: plan
+                .not_placed
+                .iter()
+                .map(|(v, why)| {
+                    let why = match why {
+                        NotPlaced::ProtectionOff => LeftDown::ProtectionOff,
+                        NotPlaced::NoCapacity => LeftDown::NoCapacity,
+                        NotPlaced::HardRule => LeftDown::HardRule,
+                    };
+                    (model.vms[*v as usize].name.clone(), why)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What caps failures-to-tolerate.

@@ -5,60 +5,17 @@
 //! the coordinator does.
 
 use crate::hostset::{HostId, HostSet};
-use crate::placement::{Model, NotPlaced, Plan};
 use crate::state::{ClusterState, PowerState};
 use crate::time::Millis;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
-/// Why a VM is not placed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum LeftDown {
-    /// Protection `off`: HA never restarts it.
-    ProtectionOff,
-    /// No eligible host has room for it.
-    NoCapacity,
-    /// Hosts with room exist, but each would break a hard placement rule.
-    HardRule,
-    /// The hosts left are not a majority of the voting hosts: they cannot commit a failover.
-    NoQuorum,
-}
-
-/// The result of one placement run: where each VM goes, and which stay down and why. (Not a
-/// site-recovery plan: that word is kept for the runbooks of a second site.)
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct PlacementResult {
-    pub placements: Vec<(String, HostId)>,
-    pub left_down: Vec<(String, LeftDown)>,
-}
-
-fn named(model: &Model, plan: &Plan) -> PlacementResult {
-    PlacementResult {
-        placements: plan.placed.iter().map(|(v, h)| (model.vms[*v as usize].name.clone(), model.hosts[*h as usize].id)).collect(),
-        left_down: plan
-            .not_placed
-            .iter()
-            .map(|(v, why)| {
-                let why = match why {
-                    NotPlaced::ProtectionOff => LeftDown::ProtectionOff,
-                    NotPlaced::NoCapacity => LeftDown::NoCapacity,
-                    NotPlaced::HardRule => LeftDown::HardRule,
-                };
-                (model.vms[*v as usize].name.clone(), why)
-            })
-            .collect(),
-    }
-}
+pub use crate::placement::{LeftDown, PlacementResult};
 
 /// Places `names` (VMs without a host) on the `eligible` hosts, counting what is already
 /// assigned there. `allow_off` says whether `off` VMs may be placed (an operator start) or not.
 #[must_use]
 pub fn place(state: &ClusterState, names: &[String], eligible: HostSet, allow_off: bool) -> PlacementResult {
-    let model = state.placement_model(eligible);
-    let index: BTreeMap<&str, u32> = model.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i as u32)).collect();
-    let to_place: Vec<u32> = names.iter().filter_map(|n| index.get(n.as_str()).copied()).collect();
-    named(&model, &model.place(&[], to_place, allow_off, false))
+    state.place(names, eligible, allow_off)
 }
 
 /// The plan for the running-desired VMs of the `failed` hosts, onto `eligible` hosts (failed
@@ -67,7 +24,7 @@ pub fn place(state: &ClusterState, names: &[String], eligible: HostSet, allow_of
 pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) -> PlacementResult {
     let model = state.placement_model(eligible);
     let failed: Vec<u32> = failed.iter().filter_map(|h| model.host_index(*h)).collect();
-    named(&model, &model.plan(&failed, false))
+    model.named(&model.plan(&failed, false))
 }
 
 /// What an operator's "what if these hosts failed together" gets: [`plan_failure`] while the

@@ -5,7 +5,7 @@
 //! applies the same log holds the same state.
 
 use crate::hostset::{HostId, HostSet};
-use crate::placement::{FttReport, Model, PlacementHost, PlacementRule, PlacementVm, RuleKind, DEFAULT_FTT_BUDGET};
+use crate::placement::{FttReport, Model, PlacementHost, PlacementResult, PlacementRule, PlacementVm, RuleKind, DEFAULT_FTT_BUDGET};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -14,17 +14,14 @@ mod admission;
 mod apply;
 mod command;
 mod lifecycle;
-mod spec;
-mod specargs;
 mod tokens;
 
+pub use crate::spec::*;
 pub use command::*;
 pub use lifecycle::{VmPhase, VmRecord, VmRecordWire};
-pub use spec::*;
 pub use tokens::*;
 
 pub use admission::Admission;
-pub use specargs::DISK_FORMATS;
 
 /// Where a host stands in the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -292,6 +289,16 @@ impl ClusterState {
     pub fn token_role(&self, presented: &str) -> Option<(&str, Role)> {
         let hash = token_sha256(presented);
         self.tokens.values().find(|t| t.sha256 == hash).map(|t| (t.name.as_str(), t.role))
+    }
+
+    /// Places `names` (VMs without a host) on the `eligible` hosts, counting what is already
+    /// assigned there. `allow_off` says whether `off` VMs may be placed (an operator start) or not.
+    #[must_use]
+    pub fn place(&self, names: &[String], eligible: HostSet, allow_off: bool) -> PlacementResult {
+        let model = self.placement_model(eligible);
+        let index: BTreeMap<&str, u32> = model.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i as u32)).collect();
+        let to_place: Vec<u32> = names.iter().filter_map(|n| index.get(n.as_str()).copied()).collect();
+        model.named(&model.place(&[], to_place, allow_off, false))
     }
 
     /// Failures to tolerate now (every active host counts as usable).

@@ -6,6 +6,7 @@
 //! (a dead agent takes its VMs with it) and tracks exits without polling.
 
 pub mod launcher;
+pub mod limits;
 pub mod mixed;
 pub mod process;
 pub mod qemu;

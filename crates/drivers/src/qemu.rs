@@ -12,6 +12,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::state::{DriverSpec, NetworkSpec};
 
+/// How long the guest gets to power down on a stop before QEMU is asked to quit (default of
+/// `[qemu] stop_timeout_s`).
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 10;
+/// How long one QMP command may take (default of `[qemu] qmp_timeout_ms`); a stopped QEMU never
+/// answers, so every command has this deadline.
+pub const DEFAULT_QMP_TIMEOUT_MS: u64 = 2000;
+/// How long a start keeps trying to reach a new QEMU's QMP socket before it kills it.
+pub const QMP_CONNECT_DEADLINE: Duration = Duration::from_secs(15);
+/// The pause between two attempts to reach the QMP socket.
+pub const QMP_CONNECT_RETRY: Duration = Duration::from_millis(25);
+/// How long QEMU gets to exit after `quit` before it is killed.
+pub const QUIT_WAIT: Duration = Duration::from_secs(2);
+
 /// Host-side QEMU settings (the VM spec says what to run, this says how on this host).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,7 +42,13 @@ pub struct QemuConfig {
 
 impl Default for QemuConfig {
     fn default() -> Self {
-        QemuConfig { binary: "qemu-system-x86_64".into(), accel: "kvm".into(), machine: "microvm".into(), stop_timeout_s: 10, qmp_timeout_ms: 2000 }
+        QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            accel: "kvm".into(),
+            machine: "microvm".into(),
+            stop_timeout_s: DEFAULT_STOP_TIMEOUT_S,
+            qmp_timeout_ms: DEFAULT_QMP_TIMEOUT_MS,
+        }
     }
 }
 
@@ -130,7 +149,7 @@ impl QemuDriver {
 
     async fn connect_qmp(&self, name: &str, pid: u32) -> Result<Qmp, DriverError> {
         let path = self.run_dir.join(format!("{name}.qmp"));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + QMP_CONNECT_DEADLINE;
         loop {
             let launcher = self.launcher.clone();
             let vm = name.to_string();
@@ -147,7 +166,7 @@ impl QemuDriver {
                     if !self.launcher.is_running(name) || tokio::time::Instant::now() >= deadline {
                         return Err(DriverError::Qmp { vm: name.to_string(), source });
                     }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    tokio::time::sleep(QMP_CONNECT_RETRY).await;
                 }
             }
         }
@@ -191,7 +210,7 @@ impl VmDriver for QemuDriver {
                     return Ok(());
                 }
                 let _ = q.execute("quit", Value::Null, self.qmp_timeout()).await;
-                if self.launcher.wait_exit(name, Duration::from_secs(2)).await {
+                if self.launcher.wait_exit(name, QUIT_WAIT).await {
                     return Ok(());
                 }
             }

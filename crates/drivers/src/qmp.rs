@@ -14,9 +14,9 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 /// The longest QMP line accepted.
-const MAX_LINE: u64 = 1 << 20;
+pub const MAX_LINE: u64 = 1 << 20;
 /// Calls waiting for the socket task at once.
-const MAX_IN_FLIGHT: usize = 16;
+pub const MAX_IN_FLIGHT: usize = 16;
 
 /// QMP failures.
 #[derive(Debug, Error)]

@@ -9,7 +9,6 @@
 //! `apply` ([`AdmitMode::InApply`]).
 
 use super::{Applied, ClusterState, Command, PowerState, StateError};
-use crate::recovery;
 use serde::{Deserialize, Serialize};
 
 /// The proposer's admission verdict on one command: judged on the state at `revision`; `forced`
@@ -114,7 +113,7 @@ impl ClusterState {
     /// what admission control judges, since a started VM takes its room as soon as it is placed.
     fn with_pending_placed(&self) -> ClusterState {
         let mut s = self.clone();
-        let plan = recovery::place(&s, &s.unplaced(), s.active_hosts(), true);
+        let plan = s.place(&s.unplaced(), s.active_hosts(), true);
         for (name, host) in plan.placements {
             let generation = s.next_gen();
             if let Some(v) = s.vms.get_mut(&name) {

@@ -1,7 +1,12 @@
 //! VM specs and what they need of a host: sizes, disks, networks, drivers, protection, and the
 //! checks a spec passes before it is proposed.
 
-use super::*;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+mod args;
+pub use args::DISK_FORMATS;
+
 /// CPU and memory a host offers or a VM needs.
 // No `deny_unknown_fields` on the types that travel in log entries: an older host must not
 // refuse a newer entry over a field it may ignore (a field it must not ignore raises the log

@@ -1,0 +1,22 @@
+//! Every bound and timeout of the drivers, in one place, with compile-time checks of the
+//! relations between them. (Each is defined next to the code that uses it and re-exported here;
+//! the agent's are in `tandem_agent::limits`, the core's in `tandem_core::limits`.)
+
+use std::time::Duration;
+
+pub use crate::launcher::{KILL_WAIT, MAX_CHILDREN};
+pub use crate::qemu::{DEFAULT_QMP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_S, QMP_CONNECT_DEADLINE, QMP_CONNECT_RETRY, QUIT_WAIT};
+pub use crate::qmp::{MAX_IN_FLIGHT, MAX_LINE};
+
+const _: () = assert!(
+    (DEFAULT_QMP_TIMEOUT_MS as u128) < QMP_CONNECT_DEADLINE.as_millis(),
+    "one QMP attempt must fit in the start's connection deadline, or a start never retries"
+);
+const _: () = assert!(QMP_CONNECT_RETRY.as_millis() < QMP_CONNECT_DEADLINE.as_millis());
+const _: () = assert!(QUIT_WAIT.as_millis() <= KILL_WAIT.as_millis(), "asking QEMU to quit waits no longer than a kill is given to be reaped");
+const _: () = assert!(DEFAULT_STOP_TIMEOUT_S > 0 && MAX_IN_FLIGHT > 0 && MAX_CHILDREN > 0);
+const _: () = assert!(MAX_LINE >= 64 * 1024, "a QMP answer (query-status, an event) fits in one line");
+
+/// How long a graceful stop can take at most with the default settings: the guest's power-down,
+/// then `quit`, then a kill reaped.
+pub const DEFAULT_STOP_BOUND: Duration = Duration::from_secs(DEFAULT_STOP_TIMEOUT_S + QUIT_WAIT.as_secs() + KILL_WAIT.as_secs());
