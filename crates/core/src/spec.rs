@@ -147,6 +147,23 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl VmSpec {
+    /// A protected, one-vCPU process "VM" running `command`, with no disks and no network: the
+    /// cheapest workload, for labs, simulations and tests.
+    #[must_use]
+    pub fn process(name: &str, memory_mib: u64, priority: i32, command: &[&str]) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            vcpus: 1,
+            memory_mib,
+            disks: vec![],
+            network: None,
+            protection: Protection::Protect,
+            priority,
+            restart_group: 0,
+            driver: DriverSpec::Process { command: command.iter().map(|c| c.to_string()).collect() },
+        }
+    }
+
     /// Checks the spec on its own, before it reaches the log.
     pub fn validate(&self) -> Result<(), SpecError> {
         if !valid_name(&self.name) {

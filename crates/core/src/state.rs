@@ -406,17 +406,7 @@ pub(crate) mod tests {
     use crate::recovery;
 
     pub(crate) fn process_vm(name: &str, protection: Protection, priority: i32, mem: u64) -> VmSpec {
-        VmSpec {
-            name: name.into(),
-            vcpus: 1,
-            memory_mib: mem,
-            disks: vec![],
-            network: None,
-            protection,
-            priority,
-            restart_group: 0,
-            driver: DriverSpec::Process { command: vec!["sleep".into(), "1000".into()] },
-        }
+        VmSpec { protection, ..VmSpec::process(name, mem, priority, &["sleep", "1000"]) }
     }
 
     pub(crate) fn cluster(hosts: u32, mem: u64) -> ClusterState {

@@ -78,25 +78,11 @@ impl VmDriver for ProcessDriver {
 pub(crate) mod tests {
     use super::*;
     use crate::VmExit;
-    use tandem_core::state::{Protection, VmSpec};
+    use tandem_core::state::VmSpec;
 
     /// A process VM running `command`.
     pub(crate) fn launch(name: &str, command: &[&str]) -> VmLaunch {
-        VmLaunch {
-            spec: VmSpec {
-                name: name.into(),
-                vcpus: 1,
-                memory_mib: 64,
-                disks: vec![],
-                network: None,
-                protection: Protection::Protect,
-                priority: 0,
-                restart_group: 0,
-                driver: DriverSpec::Process { command: command.iter().map(|s| s.to_string()).collect() },
-            },
-            generation: 3,
-            check: crate::always_start(),
-        }
+        VmLaunch { spec: VmSpec::process(name, 64, 0, command), generation: 3, check: crate::always_start() }
     }
 
     async fn exit_of(d: &ProcessDriver, name: &str) -> Option<VmExit> {

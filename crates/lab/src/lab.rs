@@ -15,17 +15,7 @@ use tandem_agent::views::{EmptyRequest, Event, HostStatus, HostView, JoinRequest
 /// A protected process "VM" running `sleep`: the lab's cheapest workload.
 #[must_use]
 pub fn process_vm(name: &str, memory_mib: u64, priority: i32) -> tandem_core::state::VmSpec {
-    tandem_core::state::VmSpec {
-        name: name.into(),
-        vcpus: 1,
-        memory_mib,
-        disks: vec![],
-        network: None,
-        protection: tandem_core::state::Protection::Protect,
-        priority,
-        restart_group: 0,
-        driver: tandem_core::state::DriverSpec::Process { command: vec!["sleep".into(), "1000000".into()] },
-    }
+    tandem_core::state::VmSpec::process(name, memory_mib, priority, &["sleep", "1000000"])
 }
 
 /// The operator's binary that every lab host runs: `TANDEM_BIN` when set, else the `tandem`

@@ -27,7 +27,7 @@ use tandem_agent::config::AgentConfig;
 use tandem_agent::io::AgentIo;
 pub use tandem_agent::io::Mutation;
 use tandem_agent::views::{EmptyRequest, Event, EventKind, ForceRequest, JoinRequest, StatusView, VmView};
-use tandem_core::state::{DriverSpec, Protection, VmSpec};
+use tandem_core::state::VmSpec;
 use world::{lock, DiskMode, SimClock, SimDisk, SimDriver, SimRpc, SimTransport, World};
 
 /// What to simulate.
@@ -280,17 +280,7 @@ impl Sim {
     async fn create_vm(&mut self, on: u32) {
         let name = format!("vm{}", self.next_vm);
         self.next_vm += 1;
-        let spec = VmSpec {
-            name: name.clone(),
-            vcpus: 1,
-            memory_mib: 64,
-            disks: vec![],
-            network: None,
-            protection: Protection::Protect,
-            priority: (self.next_vm % 3) as i32,
-            restart_group: 0,
-            driver: DriverSpec::Process { command: vec!["sim".into()] },
-        };
+        let spec = VmSpec::process(&name, 64, (self.next_vm % 3) as i32, &["sim"]);
         if let Some((200 | 201, _)) = self.send(on, "POST", "/v1/vms", &spec).await {
             self.created.insert(name.clone());
             // Whether it starts now or not, the oracle's settle check holds it to committed state.

@@ -215,20 +215,9 @@ impl From<VmRecord> for VmRecordWire {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{DriverSpec, Protection};
 
     fn spec() -> VmSpec {
-        VmSpec {
-            name: "v".into(),
-            vcpus: 1,
-            memory_mib: 64,
-            disks: vec![],
-            network: None,
-            protection: Protection::Protect,
-            priority: 0,
-            restart_group: 0,
-            driver: DriverSpec::Process { command: vec!["x".into()] },
-        }
+        VmSpec::process("v", 64, 0, &["x"])
     }
 
     fn at(h: u32, g: u64) -> Assignment {
