@@ -211,18 +211,10 @@ tokio::task_local! {
 
 /// What an API change did, for the timeline: the command's kind and what it names.
 fn describe(cmd: &Command) -> String {
-    let v = serde_json::to_value(cmd).unwrap_or(Value::Null);
-    let op = v["op"].as_str().unwrap_or("change").to_string();
-    let subject = ["name", "host"]
-        .iter()
-        .find_map(|k| v[*k].as_str().map(str::to_string).or_else(|| v[*k].as_u64().map(|h| format!("host {h}"))))
-        .or_else(|| v["spec"]["name"].as_str().map(str::to_string))
-        .or_else(|| v["rule"]["name"].as_str().map(str::to_string))
-        .or_else(|| v["token"]["name"].as_str().map(str::to_string));
-    let forced = if v["force"] == Value::Bool(true) { " (forced)" } else { "" };
-    match subject {
-        Some(s) => format!("{op} {s}{forced}"),
-        None => format!("{op}{forced}"),
+    let forced = if cmd.forced() { " (forced)" } else { "" };
+    match cmd.subject() {
+        Some(s) => format!("{} {s}{forced}", cmd.op()),
+        None => format!("{}{forced}", cmd.op()),
     }
 }
 

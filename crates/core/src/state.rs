@@ -609,6 +609,8 @@ pub(crate) mod tests {
             let json = serde_json::to_vec(&c).expect("encode");
             let back: Command = serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{c:?} does not read back: {e}"));
             assert_eq!(back, c);
+            let tagged: serde_json::Value = serde_json::from_slice(&json).expect("json");
+            assert_eq!(tagged["op"], c.op(), "the timeline's name of a command is its log tag");
         }
     }
 

@@ -103,6 +103,69 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Its name in the log (the `op` tag).
+    #[must_use]
+    pub fn op(&self) -> &'static str {
+        match self {
+            Command::AddHost { .. } => "add-host",
+            Command::HostJoined { .. } => "host-joined",
+            Command::CreateVm { .. } => "create-vm",
+            Command::DeleteVm { .. } => "delete-vm",
+            Command::SetPower { .. } => "set-power",
+            Command::UpdateVm { .. } => "update-vm",
+            Command::SetHostMode { .. } => "set-host-mode",
+            Command::SetRule { .. } => "set-rule",
+            Command::DeleteRule { .. } => "delete-rule",
+            Command::SetSettings { .. } => "set-settings",
+            Command::Assign { .. } => "assign",
+            Command::Release { .. } => "release",
+            Command::VmFailed { .. } => "vm-failed",
+            Command::ClearVmError { .. } => "clear-vm-error",
+            Command::SetToken { .. } => "set-token",
+            Command::DeleteToken { .. } => "delete-token",
+            Command::ReleaseHeld { .. } => "release-held",
+            Command::CapacityRetry { .. } => "capacity-retry",
+            Command::Failover { .. } => "failover",
+        }
+    }
+
+    /// What it names (a VM, host, rule or token), for the timeline.
+    #[must_use]
+    pub fn subject(&self) -> Option<String> {
+        match self {
+            Command::AddHost { name, .. }
+            | Command::DeleteVm { name }
+            | Command::SetPower { name, .. }
+            | Command::DeleteRule { name }
+            | Command::Assign { name, .. }
+            | Command::Release { name, .. }
+            | Command::VmFailed { name, .. }
+            | Command::ClearVmError { name }
+            | Command::DeleteToken { name }
+            | Command::CapacityRetry { name } => Some(name.clone()),
+            Command::HostJoined { host } | Command::SetHostMode { host, .. } | Command::Failover { host, .. } => Some(format!("host {}", host.0)),
+            Command::CreateVm { spec } | Command::UpdateVm { spec, .. } => Some(spec.name.clone()),
+            Command::SetRule { rule, .. } => Some(rule.name.clone()),
+            Command::SetToken { token } => Some(token.name.clone()),
+            Command::SetSettings { .. } | Command::ReleaseHeld { .. } => None,
+        }
+    }
+
+    /// Whether it overrides admission control.
+    #[must_use]
+    pub fn forced(&self) -> bool {
+        match self {
+            Command::SetPower { force, .. }
+            | Command::UpdateVm { force, .. }
+            | Command::SetHostMode { force, .. }
+            | Command::SetRule { force, .. }
+            | Command::SetSettings { force, .. } => *force,
+            _ => false,
+        }
+    }
+}
+
 /// What an applied command returns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
