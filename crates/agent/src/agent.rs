@@ -142,6 +142,10 @@ pub struct Agent {
     pub heavy: Arc<crate::heavy::HeavyWork>,
     mutation: Option<crate::io::Mutation>,
     last_tick: AtomicU64,
+    /// When this host's liveness lease ends if nothing renews it (ms on the agent's clock), as
+    /// the liveness loop last computed it; 0 when no lease is needed (a lone host). The
+    /// watchdogs act on it.
+    lease_until: AtomicU64,
     /// The open hardware watchdog, when configured; `stop` disarms it.
     hw_watchdog: Mutex<Option<crate::watchdog::HardwareWatchdog>>,
     stopping: AtomicBool,
@@ -235,6 +239,7 @@ impl Agent {
             heavy,
             mutation,
             last_tick: AtomicU64::new(0),
+            lease_until: AtomicU64::new(0),
             hw_watchdog: Mutex::new(None),
             stopping: AtomicBool::new(false),
             cfg,

@@ -148,8 +148,8 @@ pub enum ConfigError {
     },
     #[error("watchdog is enabled but {0} does not exist")]
     NoWatchdog(String),
-    #[error("watchdog timeout_s = {timeout_s} is unsafe: the agent stops feeding it self_fence_ms after its last tick, so the reset comes {reset_ms} ms after it, which must be before peers may restart its VMs ({deadline_ms} ms); use 1 to {max_s} s")]
-    WatchdogTimeout { timeout_s: u64, reset_ms: u64, deadline_ms: u64, max_s: u64 },
+    #[error("watchdog timeout_s = {timeout_s} does not fit the timings: a hung host must be reset within self_fence_ms + kill_grace_ms = {lease_ms} ms of its last proof of life, and a healthy one must keep feeding it through {slack_ms} ms of silence (five heartbeats), so the timeout must be 1 to {max_s} s (or raise kill_grace_ms)")]
+    WatchdogTimeout { timeout_s: u64, lease_ms: u64, slack_ms: u64, max_s: u64 },
     #[error("api_addr and heartbeat_addr must differ or use different protocols' ports: both are {0}")]
     SameAddr(SocketAddr),
     #[error("capacity must offer at least 1 vCPU and 16 MiB")]
@@ -198,14 +198,17 @@ impl AgentConfig {
         if self.watchdog.enabled && !self.watchdog.device.exists() {
             return Err(ConfigError::NoWatchdog(self.watchdog.device.display().to_string()));
         }
-        // A hung host is reset at most self_fence + timeout after its last liveness tick; peers
-        // restart its VMs no earlier than peer_timeout + fence_wait after its last heartbeat.
+        // A hung host must be reset by its lease's end plus the kill grace, and a healthy one
+        // must keep feeding (tandem_core::limits::watchdog_resets_in_time).
         let t = &self.timings;
-        let deadline_ms = t.peer_timeout_ms + t.fence_wait_ms();
-        let reset_ms = t.self_fence_ms + self.watchdog.timeout_s.saturating_mul(1000) + t.clock_margin_ms;
         let in_time = self.watchdog.timeout_s < 1_000_000 && tandem_core::limits::watchdog_resets_in_time(t, self.watchdog.timeout_s);
-        if self.watchdog.enabled && (self.watchdog.timeout_s == 0 || !in_time) {
-            return Err(ConfigError::WatchdogTimeout { timeout_s: self.watchdog.timeout_s, reset_ms, deadline_ms, max_s: self.watchdog_max_timeout_s() });
+        if self.watchdog.enabled && !in_time {
+            return Err(ConfigError::WatchdogTimeout {
+                timeout_s: self.watchdog.timeout_s,
+                lease_ms: t.self_fence_ms + t.kill_grace_ms,
+                slack_ms: 5 * t.heartbeat_interval_ms,
+                max_s: self.watchdog_max_timeout_s(),
+            });
         }
         Ok(())
     }
@@ -215,7 +218,7 @@ impl AgentConfig {
     #[must_use]
     pub fn watchdog_max_timeout_s(&self) -> u64 {
         let t = &self.timings;
-        (t.peer_timeout_ms + t.fence_wait_ms()).saturating_sub(t.self_fence_ms + t.clock_margin_ms + 1) / 1000
+        (t.self_fence_ms + t.kill_grace_ms).saturating_sub(5 * t.heartbeat_interval_ms) / 1000
     }
 
     /// Reads the cluster secret, refusing a file that others may read.
@@ -306,7 +309,7 @@ peer_timeout_ms = 4000
             (GOOD.replace("memory_mib = 4096", "memory_mib = 4096, disk_gib = 1"), "not valid"),
             (GOOD.replace("127.0.0.1:7101", "127.0.0.1:7001"), "must differ"),
             (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/nonexistent/wd\" }\n[timings]"), "watchdog"),
-            (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/dev/null\", timeout_s = 60 }\n[timings]"), "timeout_s = 60 is unsafe"),
+            (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/dev/null\", timeout_s = 60 }\n[timings]"), "timeout_s = 60 does not fit the timings"),
         ];
         for (text, needle) in cases {
             let err = AgentConfig::parse(&text, "test").expect_err("must be refused");

@@ -161,6 +161,8 @@ pub enum Mutation {
     SkipFenceWait,
     /// A host starts VMs without checking that it holds its liveness lease.
     SkipLeaseCheck,
+    /// The coordinator counts fence deadlines from evidence `self_fence_ms` too early.
+    EarlyEvidence,
 }
 
 impl AgentIo {

@@ -57,6 +57,9 @@ pub struct FailoverInputs<'a> {
     pub now: Millis,
     /// The simulator's mutation check; production never sets it.
     pub skip_fence_wait: bool,
+    /// The simulator's mutation check: deadlines counted from evidence this much too early;
+    /// production always passes 0.
+    pub deadline_early_ms: u64,
 }
 
 impl FenceReports {
@@ -84,7 +87,7 @@ impl FenceReports {
                         FailoverReason::UnsafeSkippedFenceWait
                     } else {
                         let deadline = p.fence_deadline?;
-                        if p.liveness != HostLiveness::Dead || i.now < deadline {
+                        if p.liveness != HostLiveness::Dead || i.now.plus(i.deadline_early_ms) < deadline {
                             return None;
                         }
                         FailoverReason::Dead {
@@ -115,6 +118,7 @@ mod tests {
             disk_age_ms: Some(4000),
             fenced_epoch: None,
             dead_since: None,
+            last_evidence: None,
             fence_deadline: None,
             slot_corrupt: false,
         }
@@ -125,7 +129,16 @@ mod tests {
     }
 
     fn decide(r: &mut FenceReports, s: &ClusterState, a: &Assessment, own: Option<OwnFence>) -> Vec<(u32, FailoverReason)> {
-        let i = FailoverInputs { me: HostId(0), state: s, assessment: a, own_fence: own, kill_grace_ms: 500, now: a.now, skip_fence_wait: false };
+        let i = FailoverInputs {
+            me: HostId(0),
+            state: s,
+            assessment: a,
+            own_fence: own,
+            kill_grace_ms: 500,
+            now: a.now,
+            skip_fence_wait: false,
+            deadline_early_ms: 0,
+        };
         r.failover_candidates(&i).into_iter().map(|c| (c.host.0, c.reason)).collect()
     }
 

@@ -12,23 +12,37 @@ pub use crate::timing::DEFAULT_TIMINGS;
 pub use crate::wire::{MAX_HEARTBEAT_LEN, SLOT_SIZE};
 
 /// The hardware watchdog timeout an agent configures by default, in seconds (`watchdog.timeout_s`).
-pub const DEFAULT_WATCHDOG_TIMEOUT_S: u64 = 2;
+pub const DEFAULT_WATCHDOG_TIMEOUT_S: u64 = 1;
 
-/// Whether a hung host whose watchdog has `timeout_s` is reset before any peer may restart its
-/// VMs, with `t`: its last liveness tick is at most `self_fence_ms` before the watchdog stops
-/// being fed, plus the clock margin; peers restart no earlier than `peer_timeout_ms +
-/// fence_wait_ms` after its last heartbeat. (The agent checks its configuration with the same
-/// rule at start.)
+/// The longest silence the agent keeps feeding its hardware watchdog through: it stops once a
+/// reset `timeout_s` later would come after its lease's end plus `kill_grace_ms`, so a host
+/// that hangs is reset no later than a running one kills its VMs.
+#[must_use]
+pub const fn watchdog_feed_window_ms(t: &crate::timing::Timings, timeout_s: u64) -> u64 {
+    (t.self_fence_ms + t.kill_grace_ms).saturating_sub(timeout_s * 1000)
+}
+
+/// Whether a watchdog of `timeout_s` fits timings `t`: a hung host must be reset by its lease's
+/// end plus `kill_grace_ms` — the moment peers count their fence deadline towards (from the
+/// last evidence of its life, which is no earlier than its last renewal) — and a healthy host,
+/// whose proof of life is a few heartbeats old, must go on feeding it: the feed window must
+/// cover five heartbeat intervals. (The agent checks its configuration with the same rule.)
 #[must_use]
 pub const fn watchdog_resets_in_time(t: &crate::timing::Timings, timeout_s: u64) -> bool {
-    t.self_fence_ms + timeout_s * 1000 + t.clock_margin_ms < t.peer_timeout_ms + t.fence_wait_ms()
+    timeout_s >= 1 && watchdog_feed_window_ms(t, timeout_s) >= 5 * t.heartbeat_interval_ms
 }
 
 const _: () =
     assert!(watchdog_resets_in_time(&DEFAULT_TIMINGS, DEFAULT_WATCHDOG_TIMEOUT_S), "the default watchdog must reset a hung host before any fence deadline");
+const _: () = assert!(
+    watchdog_resets_in_time(&crate::timing::LOW_LATENCY_TIMINGS, DEFAULT_WATCHDOG_TIMEOUT_S),
+    "the default watchdog must fit the low-latency profile too"
+);
 const _: () = assert!(DEFAULT_TIMINGS.self_fence_ms >= 5 * DEFAULT_TIMINGS.heartbeat_interval_ms, "default timings must pass their own validation");
 const _: () = assert!(DEFAULT_TIMINGS.peer_timeout_ms >= 10 * DEFAULT_TIMINGS.heartbeat_interval_ms, "default timings must pass their own validation");
 const _: () = assert!(DEFAULT_TIMINGS.partition_confirm_ms < DEFAULT_TIMINGS.peer_timeout_ms, "default timings must pass their own validation");
 const _: () = assert!(HEADER_SIZE + SLOT_SIZE * MAX_HOSTS == DISK_SIZE, "the disk holds a header and one slot per host");
-const _: () = assert!(MAX_HEARTBEAT_LEN <= 1400, "a heartbeat fits one datagram on any usual MTU");
+// 64 hosts' acks with their ages: one IPv4 datagram on a 1500-byte MTU (over IPv6 the sender
+// fragments the largest ones, which a LAN passes).
+const _: () = assert!(MAX_HEARTBEAT_LEN <= 1472, "a heartbeat fits one IPv4 datagram on a 1500-byte MTU");
 const _: () = assert!(MAX_HOSTS <= 64, "a HostSet is one u64");

@@ -83,6 +83,9 @@ struct PeerState {
     slot_changed_at: Option<Millis>,
     slot_corrupt: Option<SlotCorruption>,
     acked_my_seq: Option<u64>,
+    /// The latest moment other hosts report having heard this peer, on our clock: the receive
+    /// time of their heartbeat less the age it states (an upper bound of when they heard it).
+    reported_at: Option<Millis>,
     dead_since: Option<Millis>,
     /// Heartbeats accepted from this peer, and the sequence numbers skipped between them
     /// (within one incarnation): the network channel's loss, for metrics.
@@ -129,6 +132,9 @@ pub struct PeerAssessment {
     pub fenced_epoch: Option<u64>,
     /// When the peer was first seen dead in its current dead spell.
     pub dead_since: Option<Millis>,
+    /// The latest evidence of life of the peer this host can vouch for (its own receipts and
+    /// slot reads, and what the other hosts report), on this host's clock.
+    pub last_evidence: Option<Millis>,
     /// When the peer has certainly killed its VMs if it still runs: only set for dead peers.
     pub fence_deadline: Option<Millis>,
     pub slot_corrupt: bool,
@@ -167,7 +173,13 @@ pub struct Liveness {
     sent: VecDeque<(u64, Millis)>,
     started: Millis,
     last_disk_read_ok: Option<Millis>,
+    /// When the last successful read of the disk began: writes that completed before then are in it.
+    last_disk_read_started: Option<Millis>,
     last_disk_write_ok: Option<Millis>,
+    /// Set when a renewal arrived after our lease had already lapsed (the renewal is not taken
+    /// as a continuation: peers may count their deadline from before it). The next assessment
+    /// fences, whatever the renewal says. Holds the silence at that moment.
+    lapsed: Option<u64>,
     /// Our own slot as last read back from the disk (incarnation, counter), and when a read
     /// last showed it advance: proof that our writes land where we read.
     own_slot: Option<(u64, u64)>,
@@ -190,7 +202,9 @@ impl Liveness {
             sent: VecDeque::with_capacity(SENT_HISTORY),
             started: now,
             last_disk_read_ok: None,
+            last_disk_read_started: None,
             last_disk_write_ok: None,
+            lapsed: None,
             own_slot: None,
             own_slot_advanced_at: None,
             losing_since: None,
@@ -219,6 +233,25 @@ impl Liveness {
     }
 
     /// Sets the cluster's voting members (from committed state). This host is always included.
+    /// [`Liveness::set_members`] at `now`, for a host whose membership may grow while it runs:
+    /// a host that had no peers to prove itself to (alone, or never acknowledged by anyone)
+    /// counts its silence towards the members it gains from the moment it gains them. Its lease
+    /// cannot have been counted on by them before (they had no evidence of it to count from), and
+    /// it runs no VM that a peer could restart (a lone host's VMs have no other home; a host that
+    /// was never acknowledged never joined). Without it, a host joining a running cluster, or a
+    /// single host gaining its first peer, fenced itself at once: its last proof of life was its
+    /// start, possibly long ago (issue "Failover in half the time", growing a cluster).
+    pub fn set_members_at(&mut self, members: HostSet, now: Millis) {
+        let mut m = members;
+        m.insert(self.me);
+        let grows = m.0 & !self.members.0 != 0;
+        let unproven = self.members.len() == 1 || (self.majority_acked_at().is_none() && !self.disk_shared(now));
+        if grows && unproven {
+            self.started = self.started.max(now);
+        }
+        self.set_members(members);
+    }
+
     pub fn set_members(&mut self, members: HostSet) {
         let mut m = members;
         m.insert(self.me);
@@ -248,6 +281,15 @@ impl Liveness {
             return Err(HeartbeatRejected::FromSelf);
         }
         let me = self.me;
+        let me_now = self.incarnation;
+        if !self.peers.contains_key(&hb.from) {
+            return Err(HeartbeatRejected::NotMember(hb.from));
+        }
+        let renews = hb.acks.iter().any(|a| a.host == me && a.incarnation == me_now);
+        if renews {
+            // A renewal that arrives after our lease lapsed does not continue it.
+            self.note_lapse(now);
+        }
         let Some(p) = self.peers.get_mut(&hb.from) else {
             return Err(HeartbeatRejected::NotMember(hb.from));
         };
@@ -268,9 +310,18 @@ impl Liveness {
         p.net_epoch = hb.epoch;
         // Only acks of this incarnation count: a peer that has not yet heard us since our restart
         // still acks the last sequence number of our previous life.
-        let me_now = self.incarnation;
         if let Some(a) = hb.acks.iter().find(|a| a.host == me && a.incarnation == me_now) {
             p.acked_my_seq = Some(p.acked_my_seq.map_or(a.seq, |old| old.max(a.seq)));
+        }
+        // What the sender reports hearing of the others: evidence of their life, on our clock.
+        // `now - age` is no earlier than when the sender heard them (it heard them `age` before
+        // sending, and sent before we received), so it can only make a deadline later.
+        let from = hb.from;
+        for a in hb.acks.iter().filter(|a| a.host != me && a.host != from) {
+            if let Some(q) = self.peers.get_mut(&a.host) {
+                let at = Millis(now.0.saturating_sub(u64::from(a.age_ms)));
+                q.reported_at = Some(q.reported_at.map_or(at, |old| old.max(at)));
+            }
         }
         Ok(())
     }
@@ -284,15 +335,29 @@ impl Liveness {
             .collect()
     }
 
-    /// The acks to put in our next heartbeat: the last sequence number heard from each peer.
+    /// The acks to put in our next heartbeat at `now`: the last sequence number heard from each
+    /// peer, and how long ago.
     #[must_use]
-    pub fn acks(&self) -> Vec<Ack> {
-        self.peers.iter().filter(|(_, p)| p.last_net.is_some()).map(|(h, p)| Ack { host: *h, incarnation: p.incarnation, seq: p.seq }).collect()
+    pub fn acks(&self, now: Millis) -> Vec<Ack> {
+        self.peers
+            .iter()
+            .filter_map(|(h, p)| {
+                let age = now.since(p.last_net?).min(u64::from(u16::MAX)) as u16;
+                Some(Ack { host: *h, incarnation: p.incarnation, seq: p.seq, age_ms: age })
+            })
+            .collect()
     }
 
-    /// Takes the result of reading every slot at `now` (index = host id).
+    /// Takes the result of reading every slot at `now` (index = host id), a read that began at
+    /// `now` too (see [`Liveness::disk_read_between`]).
     pub fn disk_read(&mut self, slots: &[SlotRead], now: Millis) {
+        self.disk_read_between(slots, now, now);
+    }
+
+    /// Takes the result of a read of every slot that began at `started` and ended at `now`.
+    pub fn disk_read_between(&mut self, slots: &[SlotRead], started: Millis, now: Millis) {
         self.last_disk_read_ok = Some(now);
+        self.last_disk_read_started = Some(self.last_disk_read_started.map_or(started, |s| s.max(started)));
         for (i, read) in slots.iter().enumerate() {
             let h = HostId(i as u32);
             if h == self.me {
@@ -351,6 +416,7 @@ impl Liveness {
     /// than the disk I/O timeout counts as lost.
     pub fn disk_written(&mut self, started: Millis, finished: Millis) {
         if finished.since(started) <= self.timings.disk_io_timeout_ms {
+            self.note_lapse(finished);
             self.last_disk_write_ok = Some(self.last_disk_write_ok.map_or(started, |t| t.max(started)));
         } else {
             self.counters.late_disk_writes += 1;
@@ -391,7 +457,30 @@ impl Liveness {
     pub fn lease_valid(&self, now: Millis) -> bool {
         let alone = self.members.len() == 1;
         let fresh = alone || self.last_proof_of_life(now).is_some_and(|l| now.since(l) < self.timings.self_fence_ms);
-        fresh && self.losing_since.is_none()
+        fresh && self.losing_since.is_none() && self.lapsed.is_none()
+    }
+
+    /// When our lease ends if nothing renews it: the last proof of life plus `self_fence_ms`.
+    /// `None` for a lone host (it needs no lease). The watchdogs act on it: the software one
+    /// kills every VM once it passes, the hardware one is fed only while it is far enough ahead.
+    #[must_use]
+    pub fn lease_until(&self, now: Millis) -> Option<Millis> {
+        if self.members.len() == 1 {
+            return None;
+        }
+        let until = self.last_proof_of_life(now).map_or(now, |l| l.plus(self.timings.self_fence_ms));
+        Some(if self.lapsed.is_some() || self.losing_since.is_some() { now.min(until) } else { until })
+    }
+
+    /// Records, before a renewal is taken at `now`, whether the lease had already lapsed: a
+    /// lapsed lease is not continued by a late renewal (peers count from the evidence before).
+    fn note_lapse(&mut self, now: Millis) {
+        if self.members.len() == 1 || self.lapsed.is_some() {
+            return;
+        }
+        if let Some(silent) = self.last_proof_of_life(now).map(|l| now.since(l)).filter(|s| *s >= self.timings.self_fence_ms) {
+            self.lapsed = Some(silent);
+        }
     }
 
     /// The hosts we hear on the network now (ourselves included).
@@ -467,6 +556,16 @@ impl Liveness {
             }
         }
 
+        // A dead peer's deadline counts from the latest evidence of its life that this host can
+        // vouch for, once the renewals that could have followed that evidence would have shown:
+        // a majority has acknowledged a heartbeat of ours sent `self_fence_ms` after it (their
+        // reports carry what they heard of the peer), and a disk read began after any write
+        // that could have renewed it had landed. (ARCHITECTURE.md, "Fence deadlines".)
+        let majority_at = self.majority_acked_at();
+        let read_started = self.last_disk_read_started;
+        let evidence_settled = |e: Millis| {
+            majority_at.is_some_and(|m| m >= e.plus(t.self_fence_ms)) && read_started.is_some_and(|r| r >= e.plus(t.self_fence_ms + t.disk_io_timeout_ms))
+        };
         let mut peers = Vec::with_capacity(self.peers.len());
         for (h, p) in &mut self.peers {
             let liveness = if net_fresh(p) {
@@ -488,6 +587,13 @@ impl Liveness {
             let slot_fenced = p.slot.filter(|s| s.fenced).map(|s| s.epoch);
             let net_newer = net_fresh(p) && p.last_net.is_some_and(|n| p.slot_changed_at.is_none_or(|c| n >= c));
             let fenced_epoch = if net_newer { p.net_fenced.then_some(p.net_epoch) } else { slot_fenced };
+            let last_evidence = [p.last_net, p.slot_changed_at, p.reported_at].into_iter().flatten().max();
+            // Without settled evidence, the deadline counts from the declaration, as a later and
+            // so safe bound (the peer was silent everywhere for `peer_timeout_ms` by then).
+            let fence_deadline = p.dead_since.map(|d| match last_evidence.filter(|e| evidence_settled(*e)) {
+                Some(e) => e.plus(t.fence_wait_ms()),
+                None => d.plus(t.fence_wait_ms()),
+            });
             peers.push(PeerAssessment {
                 host: *h,
                 liveness,
@@ -495,12 +601,12 @@ impl Liveness {
                 disk_age_ms: p.slot_changed_at.map(|c| now.since(c)),
                 fenced_epoch,
                 dead_since: p.dead_since,
-                fence_deadline: p.dead_since.map(|d| d.plus(t.fence_wait_ms())),
+                last_evidence,
+                fence_deadline,
                 slot_corrupt: p.slot_corrupt.is_some(),
             });
         }
 
-        let majority_at = self.majority_acked_at();
         let has_majority = match majority_at {
             None => self.members.len() < 2,
             Some(a) => now.since(a) < t.peer_timeout_ms,
@@ -522,6 +628,10 @@ impl Liveness {
         }
         if fence.is_none() && !alone && silent_ms >= t.self_fence_ms {
             fence = Some(FenceReason::Isolated { silent_ms });
+        }
+        // A lease that lapsed between two assessments fences even if a late renewal came since.
+        if let Some(silent_ms) = self.lapsed.take() {
+            fence = fence.or(Some(FenceReason::Isolated { silent_ms }));
         }
         Assessment { now, heard, disk_alive, disk_readable, peers, fence, has_majority }
     }
@@ -547,7 +657,7 @@ mod tests {
             seq,
             epoch: 1,
             heard: heard.iter().map(|h| HostId(*h)).collect(),
-            acks: ack_me.map(|(h, s)| Ack { host: HostId(h), incarnation: 1, seq: s }).into_iter().collect(),
+            acks: ack_me.map(|(h, s)| Ack { host: HostId(h), incarnation: 1, seq: s, age_ms: 0 }).into_iter().collect(),
             fenced: false,
         }
     }
@@ -642,7 +752,7 @@ mod tests {
     fn acks_of_a_previous_incarnation_neither_count_nor_mask_new_ones() {
         let mut l = three(0);
         for p in [1u32, 2] {
-            let stale = Heartbeat { acks: vec![Ack { host: HostId(0), incarnation: 0, seq: 5000 }], ..hb(p, 1, &[0, 1, 2], None) };
+            let stale = Heartbeat { acks: vec![Ack { host: HostId(0), incarnation: 0, seq: 5000, age_ms: 0 }], ..hb(p, 1, &[0, 1, 2], None) };
             l.heartbeat_received(&stale, Millis(0)).expect("fresh");
         }
         l.heartbeat_sent(1, Millis(0));
@@ -696,8 +806,114 @@ mod tests {
         let dead_since = p2.dead_since.expect("dead spell");
         // Dead no earlier than a full peer timeout after the last sign of life.
         assert!(dead_since.0 >= 4801 + T.peer_timeout_ms - 200, "dead_since {dead_since}");
-        assert_eq!(p2.fence_deadline, Some(dead_since.plus(T.fence_wait_ms())));
+        // The deadline counts from the last evidence of life (host 2's last heartbeat or slot
+        // change, before 5000), not from the declaration a peer timeout later.
+        let evidence = p2.last_evidence.expect("evidence");
+        assert!(evidence.0 < 5000 && evidence.0 >= 4800, "last evidence {evidence}");
+        assert_eq!(p2.fence_deadline, Some(evidence.plus(T.fence_wait_ms())));
+        assert!(p2.fence_deadline < Some(dead_since.plus(T.fence_wait_ms())), "earlier than the declaration-based deadline");
         assert_eq!(a.fence, None, "survivors keep a majority");
+    }
+
+    /// A host that ran alone (a fresh agent, or a one-host cluster) and then gains members counts
+    /// its silence towards them from that moment: it does not fence at once because its start
+    /// was long ago; and if none of them ever acknowledges it, it still fences `self_fence_ms`
+    /// later. (Reproduced first by the simulator with the low-latency timings, seed 1: every
+    /// host fenced while the cluster formed.)
+    #[test]
+    fn a_host_gaining_its_first_peers_does_not_fence_at_once() {
+        let mut l = Liveness::new(HostId(0), 1, T, Millis(0));
+        l.set_members_at(HostSet::single(HostId(0)), Millis(0));
+        assert_eq!(l.assess(Millis(10_000)).fence, None, "alone: no lease needed");
+        let members: HostSet = [HostId(0), HostId(1), HostId(2)].into_iter().collect();
+        l.set_members_at(members, Millis(10_000));
+        assert_eq!(l.assess(Millis(10_100)).fence, None, "the silence towards new members starts now");
+        assert!(l.lease_valid(Millis(10_100)));
+        // Nobody ever acknowledges it: it fences once the lease runs out.
+        assert!(matches!(l.assess(Millis(10_000 + T.self_fence_ms)).fence, Some(FenceReason::Isolated { .. })));
+        // A host that had proved itself to its peers gets no such grace when one more joins.
+        let mut m = three(0);
+        run(&mut m, 0, 4000, |_, _| true);
+        let four: HostSet = [HostId(0), HostId(1), HostId(2), HostId(3)].into_iter().collect();
+        m.set_members_at(four, Millis(9000));
+        assert!(matches!(m.assess(Millis(9000)).fence, Some(FenceReason::Isolated { .. })), "a silent member stays silent");
+    }
+
+    /// What another host reports it heard of a peer is evidence too: host 1 heard host 2 a
+    /// second after host 0 lost it, so the deadline counts from there, not from host 0's view.
+    #[test]
+    fn evidence_reported_by_others_counts_and_moves_the_deadline_later() {
+        let mut l = three(0);
+        run(&mut l, 0, 5000, |_, _| true);
+        // From 5000 host 0 hears host 2 no more; host 1 reports hearing it until 6000.
+        let mut t = 5000;
+        while t < 12_000 {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            let heard_2 = t < 6000 + T.peer_timeout_ms - 200;
+            let heard: Vec<u32> = if heard_2 { vec![0, 1, 2] } else { vec![0, 1] };
+            let mut beat = hb(1, seq, &heard, Some((0, seq)));
+            beat.acks.push(Ack { host: HostId(2), incarnation: 1, seq: 30, age_ms: t.saturating_sub(6000).min(60_000) as u16 });
+            l.heartbeat_received(&beat, now.plus(1)).expect("fresh");
+            let mut slots = vec![SlotRead::Empty; 3];
+            slots[0] = slot(0, seq, &[0, 1, 2], false);
+            slots[1] = slot(1, seq, &heard, false);
+            slots[2] = slot(2, 26, &[0, 1, 2], false);
+            l.disk_read(&slots, now.plus(2));
+            t += 200;
+        }
+        let a = l.assess(Millis(12_000));
+        let p2 = a.peer(HostId(2)).expect("peer 2");
+        assert_eq!(p2.liveness, HostLiveness::Dead);
+        let evidence = p2.last_evidence.expect("evidence");
+        assert!(evidence.0 >= 6000, "host 1's report is evidence: {evidence}");
+        assert_eq!(p2.fence_deadline, Some(evidence.plus(T.fence_wait_ms())));
+    }
+
+    /// Without a majority acknowledging a heartbeat sent `self_fence_ms` after the evidence (the
+    /// reports that would show a later renewal have not come), the deadline falls back to the
+    /// declaration-based one.
+    #[test]
+    fn unsettled_evidence_falls_back_to_the_declaration_deadline() {
+        let mut l = three(0);
+        run(&mut l, 0, 5000, |_, _| true);
+        // Host 2 goes silent at 5000; host 1's heartbeats arrive but no longer ack ours.
+        let mut t = 5000;
+        while t < 12_000 {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            l.heartbeat_received(&hb(1, seq, &[0, 1], None), now.plus(1)).expect("fresh");
+            let mut slots = vec![SlotRead::Empty; 3];
+            slots[0] = slot(0, seq, &[0, 1, 2], false);
+            slots[1] = slot(1, seq, &[0, 1], false);
+            slots[2] = slot(2, 25, &[0, 1, 2], false);
+            l.disk_read(&slots, now.plus(2));
+            t += 200;
+        }
+        let a = l.assess(Millis(12_000));
+        let p2 = a.peer(HostId(2)).expect("peer 2");
+        assert_eq!(p2.liveness, HostLiveness::Dead);
+        let dead_since = p2.dead_since.expect("dead spell");
+        assert_eq!(p2.fence_deadline, Some(dead_since.plus(T.fence_wait_ms())), "no settled evidence: the later deadline");
+    }
+
+    /// A renewal that arrives after the lease lapsed does not continue it: the next assessment
+    /// fences, and no VM may start in between.
+    #[test]
+    fn a_late_renewal_does_not_revive_a_lapsed_lease() {
+        let mut l = three(0);
+        run(&mut l, 0, 4000, |_, _| true);
+        // Silence until 6500 (past self_fence_ms), then an ack of a heartbeat sent at 6400.
+        l.heartbeat_sent(100, Millis(6400));
+        l.heartbeat_received(&hb(1, 100, &[0, 1, 2], Some((0, 100))), Millis(6450)).expect("fresh");
+        l.heartbeat_received(&hb(2, 100, &[0, 1, 2], Some((0, 100))), Millis(6450)).expect("fresh");
+        assert!(!l.lease_valid(Millis(6460)), "a lapsed lease is not renewed by a late ack");
+        let a = l.assess(Millis(6500));
+        assert!(matches!(a.fence, Some(FenceReason::Isolated { .. })), "it fences: {:?}", a.fence);
     }
 
     #[test]
@@ -1017,7 +1233,7 @@ mod tests {
             cut.set_members(members);
             survivor.set_members(members);
             let beat = |from: u32, seq: u64, ack: (u32, u64)| Heartbeat {
-                from: HostId(from), incarnation: 1, seq, epoch: 1, heard: members, acks: vec![Ack { host: HostId(ack.0), incarnation: 1, seq: ack.1 }], fenced: false,
+                from: HostId(from), incarnation: 1, seq, epoch: 1, heard: members, acks: vec![Ack { host: HostId(ack.0), incarnation: 1, seq: ack.1, age_ms: 0 }], fenced: false,
             };
             let mut now = 0;
             let mut seq = 0;

@@ -39,6 +39,20 @@ pub const DEFAULT_TIMINGS: Timings = Timings {
     partition_confirm_ms: 600,
 };
 
+/// Timings for a good LAN (sub-millisecond latency, little loss): heartbeats every 100 ms. A
+/// power loss is restarted about 1.7 s after the last evidence of life instead of 3 s; the
+/// price is five times the heartbeat traffic of the defaults and less patience with a slow
+/// disk (300 ms) or a busy host. Validated like the defaults, watchdog rule included.
+pub const LOW_LATENCY_TIMINGS: Timings = Timings {
+    heartbeat_interval_ms: 100,
+    peer_timeout_ms: 1000,
+    self_fence_ms: 1000,
+    disk_io_timeout_ms: 300,
+    kill_grace_ms: 500,
+    clock_margin_ms: 200,
+    partition_confirm_ms: 300,
+};
+
 impl Default for Timings {
     fn default() -> Self {
         DEFAULT_TIMINGS
@@ -108,6 +122,7 @@ mod tests {
     #[test]
     fn defaults_are_safe() {
         assert_eq!(Timings::default().validate(), Ok(()));
+        assert_eq!(LOW_LATENCY_TIMINGS.validate(), Ok(()));
     }
 
     #[test]

@@ -14,8 +14,14 @@ type HmacSha256 = Hmac<Sha256>;
 pub(crate) const MAC_LEN: usize = 32;
 const HEARTBEAT_MAGIC: &[u8; 4] = b"TDHB";
 const SLOT_MAGIC: &[u8; 4] = b"TDSL";
-// Version 2: acks name the incarnation they acknowledge.
+// Version 2: acks name the incarnation they acknowledge. (Slots.)
 const VERSION: u8 = 2;
+// Heartbeat version 3: each ack also says how long ago its host was last heard, so a receiver
+// can bound every host's evidence of that peer on its own clock. Version 2 heartbeats are still
+// read, their acks taken as "heard just now" (the later evidence, so a deadline can only move
+// later).
+const HEARTBEAT_VERSION: u8 = 3;
+const HEARTBEAT_VERSION_NO_AGES: u8 = 2;
 const FLAG_FENCED: u8 = 1;
 
 /// Size of one heartbeat-disk slot: one 4 KiB block, so O_DIRECT writes of a slot are aligned on
@@ -23,7 +29,8 @@ const FLAG_FENCED: u8 = 1;
 pub const SLOT_SIZE: usize = 4096;
 /// The largest heartbeat datagram: header, one ack per possible peer, MAC.
 pub const MAX_HEARTBEAT_LEN: usize = HEARTBEAT_HEADER_LEN + 1 + (MAX_HOSTS - 1) * ACK_LEN + MAC_LEN;
-const ACK_LEN: usize = 4 + 8 + 8;
+const ACK_LEN: usize = 4 + 8 + 8 + 2;
+const ACK_LEN_NO_AGES: usize = 4 + 8 + 8;
 const HEARTBEAT_HEADER_LEN: usize = 4 + 1 + 1 + 4 + 8 + 8 + 8 + 8;
 const SLOT_BODY_LEN: usize = 4 + 1 + 1 + 2 + 4 + 8 + 8 + 8 + 8 + 8;
 
@@ -132,6 +139,10 @@ pub struct Ack {
     pub host: HostId,
     pub incarnation: u64,
     pub seq: u64,
+    /// How long before this heartbeat left the sender last heard `host`, in ms; saturated at
+    /// `u16::MAX` (a saturated age is shorter than the truth, so the evidence it gives is later
+    /// than the truth, never earlier).
+    pub age_ms: u16,
 }
 
 /// Why a datagram is not a heartbeat we accept.
@@ -163,7 +174,7 @@ impl Heartbeat {
         let acks = &self.acks[..self.acks.len().min(MAX_HOSTS - 1)];
         let mut b = Vec::with_capacity(HEARTBEAT_HEADER_LEN + 1 + acks.len() * ACK_LEN + MAC_LEN);
         b.extend_from_slice(HEARTBEAT_MAGIC);
-        b.push(VERSION);
+        b.push(HEARTBEAT_VERSION);
         b.push(if self.fenced { FLAG_FENCED } else { 0 });
         b.extend_from_slice(&self.from.0.to_le_bytes());
         b.extend_from_slice(&self.incarnation.to_le_bytes());
@@ -175,6 +186,7 @@ impl Heartbeat {
             b.extend_from_slice(&a.host.0.to_le_bytes());
             b.extend_from_slice(&a.incarnation.to_le_bytes());
             b.extend_from_slice(&a.seq.to_le_bytes());
+            b.extend_from_slice(&a.age_ms.to_le_bytes());
         }
         let tag = key.mac(&b);
         b.extend_from_slice(&tag);
@@ -186,13 +198,14 @@ impl Heartbeat {
         if b.len() < HEARTBEAT_HEADER_LEN + 1 + MAC_LEN || b.len() > MAX_HEARTBEAT_LEN {
             return Err(HeartbeatError::BadLength(b.len()));
         }
+        if &b[0..4] != HEARTBEAT_MAGIC || !matches!(b[4], HEARTBEAT_VERSION | HEARTBEAT_VERSION_NO_AGES) {
+            return Err(HeartbeatError::BadMagic);
+        }
+        let with_ages = b[4] == HEARTBEAT_VERSION;
         let n_acks = b[HEARTBEAT_HEADER_LEN] as usize;
-        let body_len = HEARTBEAT_HEADER_LEN + 1 + n_acks * ACK_LEN;
+        let body_len = HEARTBEAT_HEADER_LEN + 1 + n_acks * if with_ages { ACK_LEN } else { ACK_LEN_NO_AGES };
         if b.len() != body_len + MAC_LEN {
             return Err(HeartbeatError::BadLength(b.len()));
-        }
-        if &b[0..4] != HEARTBEAT_MAGIC || b[4] != VERSION {
-            return Err(HeartbeatError::BadMagic);
         }
         if !key.verify(&b[..body_len], &b[body_len..]) {
             return Err(HeartbeatError::BadMac);
@@ -213,10 +226,11 @@ impl Heartbeat {
             let h = u32::from_le_bytes(take(b, &mut at));
             let incarnation = u64::from_le_bytes(take(b, &mut at));
             let seq = u64::from_le_bytes(take(b, &mut at));
+            let age_ms = if with_ages { u16::from_le_bytes(take(b, &mut at)) } else { 0 };
             if !HostId(h).is_valid() {
                 return Err(HeartbeatError::BadHost(h));
             }
-            acks.push(Ack { host: HostId(h), incarnation, seq });
+            acks.push(Ack { host: HostId(h), incarnation, seq, age_ms });
         }
         Ok(Heartbeat { from: HostId(from), incarnation, seq, epoch, heard, acks, fenced: flags & FLAG_FENCED != 0 })
     }
@@ -340,7 +354,7 @@ mod tests {
             seq: 99,
             epoch: 3,
             heard: [HostId(0), HostId(2)].into_iter().collect(),
-            acks: vec![Ack { host: HostId(0), incarnation: 3, seq: 41 }, Ack { host: HostId(1), incarnation: 1, seq: 12 }],
+            acks: vec![Ack { host: HostId(0), incarnation: 3, seq: 41, age_ms: 120 }, Ack { host: HostId(1), incarnation: 1, seq: 12, age_ms: u16::MAX }],
             fenced: false,
         }
     }
@@ -355,6 +369,32 @@ mod tests {
         let hb = sample_heartbeat();
         let bytes = hb.encode(&key());
         assert_eq!(Heartbeat::decode(&bytes, &key()), Ok(hb));
+    }
+
+    /// A heartbeat of the previous format (no ages) is still read; its acks count as heard at
+    /// the moment it was sent, the later evidence.
+    #[test]
+    fn heartbeats_without_ages_are_read_as_heard_just_now() {
+        let hb = sample_heartbeat();
+        let mut b = Vec::new();
+        b.extend_from_slice(HEARTBEAT_MAGIC);
+        b.push(HEARTBEAT_VERSION_NO_AGES);
+        b.push(0);
+        b.extend_from_slice(&hb.from.0.to_le_bytes());
+        for x in [hb.incarnation, hb.seq, hb.epoch, hb.heard.0] {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        b.push(hb.acks.len() as u8);
+        for a in &hb.acks {
+            b.extend_from_slice(&a.host.0.to_le_bytes());
+            b.extend_from_slice(&a.incarnation.to_le_bytes());
+            b.extend_from_slice(&a.seq.to_le_bytes());
+        }
+        let tag = key().mac(&b);
+        b.extend_from_slice(&tag);
+        let read = Heartbeat::decode(&b, &key()).expect("a version 2 heartbeat is read");
+        assert!(read.acks.iter().all(|a| a.age_ms == 0));
+        assert_eq!(read.acks.len(), 2);
     }
 
     #[test]
@@ -385,16 +425,16 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
             let _ = Heartbeat::decode(&bytes, &key());
             let _ = DiskSlot::decode(&bytes, HostId(0), &key());
         }
 
         #[test]
         fn any_heartbeat_round_trips(from in 0u32..64, inc in any::<u64>(), seq in any::<u64>(), heard in any::<u64>(),
-                                      acks in proptest::collection::vec((0u32..64, any::<u64>(), any::<u64>()), 0..63), fenced in any::<bool>()) {
+                                      acks in proptest::collection::vec((0u32..64, any::<u64>(), any::<u64>(), any::<u16>()), 0..63), fenced in any::<bool>()) {
             let hb = Heartbeat { from: HostId(from), incarnation: inc, seq, epoch: 1, heard: HostSet(heard),
-                                 acks: acks.into_iter().map(|(h, i, s)| Ack { host: HostId(h), incarnation: i, seq: s }).collect(), fenced };
+                                 acks: acks.into_iter().map(|(h, i, s, age_ms)| Ack { host: HostId(h), incarnation: i, seq: s, age_ms }).collect(), fenced };
             let bytes = hb.encode(&key());
             prop_assert!(bytes.len() <= MAX_HEARTBEAT_LEN);
             prop_assert_eq!(Heartbeat::decode(&bytes, &key()), Ok(hb));

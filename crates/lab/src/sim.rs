@@ -40,6 +40,15 @@ pub struct SimArgs {
     /// thaws; the run must find double runs.
     #[arg(long)]
     pub no_watchdog: bool,
+    /// Mutation check: the coordinator counts fence deadlines from evidence `self_fence_ms` too
+    /// early; with timings whose fence wait outlasts the peer timeout, the run must find
+    /// violations.
+    #[arg(long, conflicts_with_all = ["unsafe_skip_fence_wait", "unsafe_skip_lease_check"])]
+    pub unsafe_early_evidence: bool,
+    /// The agents' timings: the defaults, the low-latency profile (100 ms heartbeats), or
+    /// slow-fence (dead after 1 s, lease of 2 s: the deadline decides; for --unsafe-early-evidence).
+    #[arg(long, default_value = "default", value_parser = ["default", "low-latency", "slow-fence"])]
+    pub timings: String,
     /// Draw only this fault kind.
     #[arg(long, value_parser = sim_fault)]
     pub only: Option<tandem_sim::fault::FaultKind>,
@@ -58,6 +67,8 @@ impl SimArgs {
     fn mutation(&self) -> Option<tandem_sim::Mutation> {
         if self.unsafe_skip_fence_wait {
             Some(tandem_sim::Mutation::SkipFenceWait)
+        } else if self.unsafe_early_evidence {
+            Some(tandem_sim::Mutation::EarlyEvidence)
         } else {
             self.unsafe_skip_lease_check.then_some(tandem_sim::Mutation::SkipLeaseCheck)
         }
@@ -89,6 +100,11 @@ pub fn run(args: &SimArgs) -> Result<()> {
             late_hosts: args.late_hosts,
             only: args.only,
             no_watchdog: args.no_watchdog,
+            timings: match args.timings.as_str() {
+                "low-latency" => Some(tandem_core::timing::LOW_LATENCY_TIMINGS),
+                "slow-fence" => Some(tandem_sim::SLOW_FENCE_TIMINGS),
+                _ => None,
+            },
         };
         let r: SimReport = tandem_sim::run(&opts);
         progress.finish();
@@ -132,6 +148,12 @@ pub fn run(args: &SimArgs) -> Result<()> {
         }
         if args.no_watchdog {
             mutation.push_str(" --no-watchdog");
+        }
+        if args.unsafe_early_evidence {
+            mutation.push_str(" --unsafe-early-evidence");
+        }
+        if args.timings != "default" {
+            mutation.push_str(&format!(" --timings {}", args.timings));
         }
         if let Some(o) = &args.only {
             mutation.push_str(&format!(" --only {o}"));

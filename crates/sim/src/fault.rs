@@ -55,9 +55,9 @@ pub enum FaultKind {
     ClockJump,
     /// A whole host (agent and workloads) stops and resumes later, as under SIGSTOP.
     HostFreeze,
-    /// A host frozen past `self_fence_ms` but not past the watchdog: its lease lapses while it
-    /// cannot act, and it must fence as it thaws.
-    HostFreezeLease,
+    /// A whole host paused for less than its watchdog timeout and its lease: a hiccup, after
+    /// which nothing may have changed.
+    HostHiccup,
     /// The agent stalls while its workloads run on.
     AgentStall,
     /// The liveness thread alone is starved while the host is cut off.
@@ -97,7 +97,7 @@ impl FaultKind {
         Operator,
         AgentKill,
         WorkloadKill,
-        HostFreezeLease,
+        HostHiccup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -121,7 +121,7 @@ impl FaultKind {
             ClockDrift => "clock-drift",
             ClockJump => "clock-jump",
             HostFreeze => "host-freeze",
-            HostFreezeLease => "host-freeze-lease",
+            HostHiccup => "host-hiccup",
             AgentStall => "agent-stall",
             LivenessStallInPartition => "liveness-stall-in-partition",
             HostJoin => "host-join",
@@ -135,8 +135,8 @@ impl FaultKind {
             PartitionFull | PartitionOneWay | PartitionPair | MessageLoss | DiskErrorOne | DiskHangOne | PowerLoss | LeaderLoss | HostFreeze => &[Sim, Chaos],
             // A real agent cannot be killed without its workloads in the simulator's model (its
             // VMs are rows of the world, not children), and the simulator's host freeze draws
-            // its length across the lease and watchdog bounds, covering the lease case.
-            AgentKill | WorkloadKill | HostFreezeLease => &[Chaos],
+            // its length across the watchdog bound (short freezes are its hiccups).
+            AgentKill | WorkloadKill | HostHiccup => &[Chaos],
             GuestShutdownInPartition
             | DuplicationAndDelay
             | DiskErrorAll

@@ -50,11 +50,13 @@ pub struct SimOptions {
     /// Mutation: the hosts have no hardware watchdog, so a frozen host keeps its VMs (frozen
     /// with it) until it thaws; the simulator must find the double run this allows.
     pub no_watchdog: bool,
+    /// The agents' timings (default: `Timings::default()`).
+    pub timings: Option<tandem_core::timing::Timings>,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { seed: 1, hosts: 3, duration_s: 120, vms: 6, verbose: false, mutation: None, late_hosts: 1, only: None, no_watchdog: false }
+        SimOptions { seed: 1, hosts: 3, duration_s: 120, vms: 6, verbose: false, mutation: None, late_hosts: 1, only: None, no_watchdog: false, timings: None }
     }
 }
 
@@ -69,6 +71,20 @@ pub struct SimReport {
     /// FNV-1a of the trace: equal seeds must give equal hashes.
     pub trace_hash: u64,
 }
+
+/// Timings in which the fence deadline, not detection, decides when a failover happens: a peer
+/// is declared dead after 1 s of silence but may hold its lease for 2 s. The mutation check on
+/// the deadline's evidence runs with them (with the defaults both take ~3 s, so a deadline
+/// counted too early is hidden behind detection).
+pub const SLOW_FENCE_TIMINGS: tandem_core::timing::Timings = tandem_core::timing::Timings {
+    heartbeat_interval_ms: 100,
+    peer_timeout_ms: 1000,
+    self_fence_ms: 2000,
+    disk_io_timeout_ms: 500,
+    kill_grace_ms: 500,
+    clock_margin_ms: 200,
+    partition_confirm_ms: 500,
+};
 
 /// The fault kinds the simulator draws from, in drawing order.
 pub fn fault_kinds() -> Vec<FaultKind> {
@@ -132,7 +148,11 @@ impl Sim {
             self.dir.join("secret").display()
         );
         // The text is built here from valid parts; a failure is a bug in this function.
-        AgentConfig::parse(&text, "simulated host").unwrap_or_else(|e| panic!("simulated config: {e}"))
+        let mut cfg = AgentConfig::parse(&text, "simulated host").unwrap_or_else(|e| panic!("simulated config: {e}"));
+        if let Some(t) = self.opts.timings {
+            cfg.timings = t;
+        }
+        cfg
     }
 
     async fn boot(&mut self, i: u32) {
@@ -483,7 +503,7 @@ impl Sim {
                 self.hosts[target as usize].drift_ppm = ppm;
                 self.run_for(hold).await;
             }
-            FaultKind::AgentKill | FaultKind::WorkloadKill | FaultKind::HostFreezeLease => {
+            FaultKind::AgentKill | FaultKind::WorkloadKill | FaultKind::HostHiccup => {
                 w.harness_error(format!("{kind} is injected by the fault suite only"));
             }
             FaultKind::Operator => {

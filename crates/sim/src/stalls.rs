@@ -62,12 +62,14 @@ impl Sim {
         let n = self.hosts.len() as u32;
         // The host is cut off and its liveness path stalls (no heartbeats, no slot I/O,
         // so no fence decision), while its reconciler runs on. Once its lease has lapsed
-        // its VMs crash: the reconciler must not restart them here — the lapsed lease is
-        // what stops it (in production the software watchdog fences soon after) — for
-        // the survivors restart them once the fence deadline passes.
+        // its VMs die (in production the software watchdog kills them at the lease's end,
+        // within the kill grace): the reconciler must not restart them here — the lapsed
+        // lease is what stops it — for the survivors restart them once the fence deadline
+        // passes.
         let before = self.vms_on(target).await;
         let stall = Duration::from_millis(8_000 + self.rand(1_000));
-        let crash_after = Duration::from_millis(2_600 + self.rand(800));
+        let t = self.hosts[target as usize].cfg.timings;
+        let crash_after = Duration::from_millis(t.self_fence_ms + self.rand(t.kill_grace_ms));
         w.log(format!("FAULT {kind} h{target} ({} VM(s)) for {stall:?}; its VMs crash after {crash_after:?}", before.len()));
         self.excuse(&[target], now + stall.as_millis() as u64 + 15_000);
         {

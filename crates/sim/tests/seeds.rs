@@ -107,3 +107,32 @@ fn a_frozen_host_without_a_watchdog_is_caught() {
     });
     assert!(found.is_some(), "no double run found in 10 seeds of host freezes without a watchdog");
 }
+
+/// With fence deadlines counted from evidence `self_fence_ms` too early, a host cut off from the
+/// others (its liveness path stalled, so only its lease's end stops its VMs) still runs them
+/// when they restart them: the simulator must see a VM on two hosts. (Run with timings in which
+/// the deadline, not detection, decides.)
+#[test]
+fn counting_the_deadline_from_too_early_evidence_is_caught() {
+    let found = (1..=10).find(|seed| {
+        let r = run(&SimOptions {
+            mutation: Some(tandem_sim::Mutation::EarlyEvidence),
+            only: Some(FaultKind::LivenessStallInPartition),
+            timings: Some(tandem_sim::SLOW_FENCE_TIMINGS),
+            ..opts(*seed, 60)
+        });
+        r.violations.iter().any(|v| v.starts_with("double-run"))
+    });
+    assert!(found.is_some(), "no double run found in 10 seeds with deadlines counted from too-early evidence");
+}
+
+/// The same timings without the mutation, and the low-latency profile, break nothing.
+#[test]
+fn other_timing_profiles_hold_the_invariants() {
+    for (name, timings) in [("slow-fence", tandem_sim::SLOW_FENCE_TIMINGS), ("low-latency", tandem_core::timing::LOW_LATENCY_TIMINGS)] {
+        for seed in 1..=10 {
+            let r = run(&SimOptions { timings: Some(timings), ..opts(seed, 60) });
+            assert!(r.violations.is_empty(), "{name} seed {seed}: {:#?}", r.violations);
+        }
+    }
+}

@@ -168,6 +168,7 @@ impl Agent {
             kill_grace_ms: self.cfg.timings.kill_grace_ms,
             now: self.clock.now(),
             skip_fence_wait: self.mutation == Some(crate::io::Mutation::SkipFenceWait),
+            deadline_early_ms: if self.mutation == Some(crate::io::Mutation::EarlyEvidence) { self.cfg.timings.self_fence_ms } else { 0 },
         };
         let candidates = lock(&self.coordination).fence_reports.failover_candidates(&inputs);
         for FailoverCandidate { host, epoch, reason } in candidates {

@@ -113,15 +113,17 @@ impl Agent {
         let (epoch, fenced) = self.status().announcement(epoch);
         let (hb, assessment) = {
             let mut l = lock(&self.liveness);
-            l.set_members(members);
+            l.set_members_at(members, now);
             let seq = {
                 let mut s = lock(&self.beat);
                 s.seq += 1;
                 s.seq
             };
             l.heartbeat_sent(seq, now);
-            let hb = Heartbeat { from: self.me, incarnation: self.incarnation, seq, epoch, heard: l.heard(now), acks: l.acks(), fenced };
-            (hb, l.assess(now))
+            let hb = Heartbeat { from: self.me, incarnation: self.incarnation, seq, epoch, heard: l.heard(now), acks: l.acks(now), fenced };
+            let assessment = l.assess(now);
+            self.lease_until.store(l.lease_until(now).map_or(0, |u| u.0.max(1)), Ordering::SeqCst);
+            (hb, assessment)
         };
         let bytes = hb.encode(&self.key);
         for p in &peers {
@@ -167,10 +169,11 @@ impl Agent {
                         lock(&a.liveness).disk_write_failed();
                     }
                 }
+                let read_started = a.clock.now();
                 match a.disk.read_all().await {
                     Ok(slots) => {
                         let now = a.clock.now();
-                        lock(&a.liveness).disk_read(&slots, now);
+                        lock(&a.liveness).disk_read_between(&slots, read_started, now);
                     }
                     Err(e) => {
                         tracing::debug!("slot read failed: {e}");

@@ -23,31 +23,45 @@ impl Agent {
         }
         let a = Arc::clone(self);
         let limit = self.cfg.timings.self_fence_ms;
+        let kill_grace = self.cfg.timings.kill_grace_ms;
+        let dog_ms = w.timeout_s.saturating_mul(1000);
         std::thread::Builder::new()
             .name("tandem-watchdog".into())
             .spawn(move || {
                 let mut tripped = false;
                 while !a.stopping.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(50));
+                    let now = a.clock.now();
                     let last = a.last_tick.load(Ordering::SeqCst);
-                    let stalled = last > 0 && a.clock.now().since(Millis(last)) > limit;
-                    if stalled && !tripped {
+                    let lease_until = a.lease_until.load(Ordering::SeqCst);
+                    // The loop that proves we are alive has not run, or the lease it last
+                    // computed has ended without a renewal: peers count their fence deadline
+                    // from our last evidence of life, so every VM must be dead by the lease's
+                    // end plus the kill grace, whatever state the loops are in.
+                    let stalled = last > 0 && now.since(Millis(last)) > limit;
+                    let lease_over = lease_until > 0 && now.0 >= lease_until;
+                    if (stalled || lease_over) && !tripped {
                         tripped = true;
-                        // The loop that proves we are alive has not run: peers may already count
-                        // down our fence deadline. Fence now (kill, and rejoin before anything runs
-                        // again) rather than only kill, so a reconcile pass that was scheduled
-                        // before the pause cannot start the VMs again from stale state.
-                        let now = a.clock.now();
+                        // Fence (kill, and rejoin before anything runs again) rather than only
+                        // kill, so a reconcile pass that was scheduled before the pause cannot
+                        // start the VMs again from stale state.
                         let silent_ms = now.since(Millis(last));
                         if a.is_fenced() {
                             a.driver.kill_all();
                         } else {
                             a.fence(FenceReason::Isolated { silent_ms }, now);
                         }
-                        tracing::error!(silent_ms, "liveness loop stalled past self_fence_ms: fenced, every VM killed");
+                        tracing::error!(silent_ms, lease_over, "liveness loop stalled or lease ended: fenced, every VM killed");
                     }
-                    if !stalled {
+                    if !stalled && !lease_over {
                         tripped = false;
+                    }
+                    // The hardware watchdog is fed while the loop runs and a reset `timeout_s`
+                    // from now would still come before the lease's end plus the kill grace — or
+                    // while nothing runs here to protect. A host that hangs is then reset no
+                    // later than a running one would have killed its VMs.
+                    let lease_ahead = lease_until == 0 || now.0 + dog_ms < lease_until + kill_grace;
+                    if !stalled && (lease_ahead || a.runs_nothing()) {
                         if let Some(dog) = lock(&a.hw_watchdog).as_mut() {
                             dog.feed();
                         }
@@ -56,5 +70,10 @@ impl Agent {
             })
             .map_err(AgentError::Launcher)?;
         Ok(())
+    }
+
+    /// Whether no workload of this host is alive.
+    fn runs_nothing(&self) -> bool {
+        self.driver.list().iter().all(|v| v.exit.is_some())
     }
 }

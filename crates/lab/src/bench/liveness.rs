@@ -110,7 +110,7 @@ fn chorus(key: ClusterKey, agent: SocketAddr, stop: Arc<AtomicBool>, heard: Hear
             }
             next_send += INTERVAL;
             seq += 1;
-            let acks: Vec<Ack> = last.map(|(incarnation, seq)| Ack { host: HostId(0), incarnation, seq }).into_iter().collect();
+            let acks: Vec<Ack> = last.map(|(incarnation, seq)| Ack { host: HostId(0), incarnation, seq, age_ms: 0 }).into_iter().collect();
             for p in 1..MAX_HOSTS as u32 {
                 let hb = Heartbeat { from: HostId(p), incarnation: 1, seq, epoch: 1, heard: all, acks: acks.clone(), fenced: false };
                 let _ = sock.send_to(&hb.encode(&key), agent);
