@@ -131,6 +131,9 @@ pub struct Agent {
     status: Mutex<RuntimeStatus>,
     beat: Mutex<liveness::LivenessLoop>,
     coordination: Mutex<coordinator::Coordination>,
+    /// Wakes the coordinator loop at once when the liveness loop finds a host it may fail over
+    /// (a passed deadline, a fence report), instead of at its next tick.
+    coordinator_wake: tokio::sync::Notify,
     reconciling: Mutex<reconciler::Reconciling>,
     heartbeats: Arc<dyn HeartbeatTransport>,
     disk: HeartbeatDisk,
@@ -231,6 +234,7 @@ impl Agent {
             status: Mutex::new(RuntimeStatus::default()),
             beat: Mutex::default(),
             coordination: Mutex::default(),
+            coordinator_wake: tokio::sync::Notify::new(),
             reconciling: Mutex::default(),
             heartbeats,
             disk,

@@ -309,7 +309,10 @@ peer_timeout_ms = 4000
             (GOOD.replace("memory_mib = 4096", "memory_mib = 4096, disk_gib = 1"), "not valid"),
             (GOOD.replace("127.0.0.1:7101", "127.0.0.1:7001"), "must differ"),
             (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/nonexistent/wd\" }\n[timings]"), "watchdog"),
-            (GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/dev/null\", timeout_s = 60 }\n[timings]"), "timeout_s = 60 does not fit the timings"),
+            (
+                GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/dev/null\", timeout_s = 60 }\n[timings]"),
+                "timeout_s = 60 does not fit the timings",
+            ),
         ];
         for (text, needle) in cases {
             let err = AgentConfig::parse(&text, "test").expect_err("must be refused");

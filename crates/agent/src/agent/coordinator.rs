@@ -32,7 +32,10 @@ impl Agent {
         let mut tick = tokio::time::interval(self.interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         while !self.stopping.load(Ordering::SeqCst) {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.coordinator_wake.notified() => {}
+            }
             // A fenced host that still leads consensus keeps coordinating: otherwise a leader that
             // lost a pairwise partition (it still reaches a majority, so nobody replaces it)
             // would leave its own VMs, and everyone else's, without a coordinator.

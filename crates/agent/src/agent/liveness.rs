@@ -131,12 +131,18 @@ impl Agent {
         }
         self.disk_round(hb.heard, epoch, fenced);
         self.note_transitions(&assessment);
+        // A host that may be failed over now: the coordinator (if this is the leader) acts at
+        // once rather than at its next tick.
+        let due = assessment.peers.iter().any(|p| p.fenced_epoch.is_some() || (p.liveness == HostLiveness::Dead && p.fence_deadline.is_some_and(|d| d <= now)));
         if let Some(reason) = assessment.fence {
             if !self.is_fenced() {
                 self.fence(reason, now);
             }
         }
         lock(&self.beat).assessment = Some(assessment);
+        if due {
+            self.coordinator_wake.notify_one();
+        }
     }
 
     /// Writes our slot then reads every slot, unless the previous round still hangs.
