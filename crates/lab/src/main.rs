@@ -28,6 +28,15 @@ enum LabCmd {
 
 #[derive(Subcommand)]
 enum BenchOp {
+    /// Power-loss rounds on a local three-host cluster: median, min and max of detection,
+    /// restart committed, restarted and answering.
+    Failover {
+        /// Rounds (a fresh cluster each).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[command(flatten)]
+        demo: tandem_lab::demo::DemoArgs,
+    },
     /// FTT and failover plans for large synthetic clusters, and the approximation's gap.
     Placement {
         /// Repetitions per figure (medians are printed).
@@ -77,6 +86,7 @@ fn main() {
         LabCmd::Chaos(args) => ("chaos", tandem_lab::chaos::run(args)),
         LabCmd::Sim(args) => ("sim", tandem_lab::sim::run(args)),
         LabCmd::Bench { op: BenchOp::Placement { runs } } => ("bench", tandem_lab::bench::placement(*runs)),
+        LabCmd::Bench { op: BenchOp::Failover { rounds, demo } } => ("bench", tandem_lab::bench::failover::run(demo, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
             ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))
         }
