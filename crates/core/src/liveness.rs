@@ -469,7 +469,9 @@ impl Liveness {
             return None;
         }
         let until = self.last_proof_of_life(now).map_or(now, |l| l.plus(self.timings.self_fence_ms));
-        Some(if self.lapsed.is_some() || self.losing_since.is_some() { now.min(until) } else { until })
+        // A losing partition verdict is the liveness loop's to act on, once confirmed; the
+        // watchdogs only guard the lease.
+        Some(if self.lapsed.is_some() { now.min(until) } else { until })
     }
 
     /// Records, before a renewal is taken at `now`, whether the lease had already lapsed: a
@@ -794,6 +796,9 @@ mod tests {
         l.disk_read(&slots, Millis(4002));
         let _ = l.assess(Millis(4003));
         assert!(!l.lease_valid(Millis(4003)), "a host about to fence must not start VMs");
+        // The verdict waits for its confirmation; the lease itself has not ended (the software
+        // watchdog must not fence before the loop confirms the verdict).
+        assert!(l.lease_until(Millis(4003)).is_some_and(|u| u > Millis(4003)));
     }
 
     #[test]
