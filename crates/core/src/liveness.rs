@@ -844,6 +844,27 @@ mod tests {
         assert!(matches!(m.assess(Millis(9000)).fence, Some(FenceReason::Isolated { .. })), "a silent member stays silent");
     }
 
+    /// Drives host 0 from 5000 to 12,000 ms with host 2 silent on both channels (its slot stays
+    /// at `slot_2`) and host 1 sending `beat_1(t, seq)`, which also sets what its slot says it hears.
+    fn after_host_2_went_silent(l: &mut Liveness, slot_2: u64, beat_1: impl Fn(u64, u64) -> Heartbeat) {
+        let mut t = 5000;
+        while t < 12_000 {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            let beat = beat_1(t, seq);
+            let heard: Vec<u32> = beat.heard.iter().map(|h| h.0).collect();
+            l.heartbeat_received(&beat, now.plus(1)).expect("fresh");
+            let mut slots = vec![SlotRead::Empty; 3];
+            slots[0] = slot(0, seq, &[0, 1, 2], false);
+            slots[1] = slot(1, seq, &heard, false);
+            slots[2] = slot(2, slot_2, &[0, 1, 2], false);
+            l.disk_read(&slots, now.plus(2));
+            t += 200;
+        }
+    }
+
     /// What another host reports it heard of a peer is evidence too: host 1 heard host 2 a
     /// second after host 0 lost it, so the deadline counts from there, not from host 0's view.
     #[test]
@@ -851,24 +872,12 @@ mod tests {
         let mut l = three(0);
         run(&mut l, 0, 5000, |_, _| true);
         // From 5000 host 0 hears host 2 no more; host 1 reports hearing it until 6000.
-        let mut t = 5000;
-        while t < 12_000 {
-            let now = Millis(t);
-            let seq = t / 200 + 1;
-            l.heartbeat_sent(seq, now);
-            l.disk_written(now, now.plus(1));
-            let heard_2 = t < 6000 + T.peer_timeout_ms - 200;
-            let heard: Vec<u32> = if heard_2 { vec![0, 1, 2] } else { vec![0, 1] };
+        after_host_2_went_silent(&mut l, 26, |t, seq| {
+            let heard: Vec<u32> = if t < 6000 + T.peer_timeout_ms - 200 { vec![0, 1, 2] } else { vec![0, 1] };
             let mut beat = hb(1, seq, &heard, Some((0, seq)));
             beat.acks.push(Ack { host: HostId(2), incarnation: 1, seq: 30, age_ms: t.saturating_sub(6000).min(60_000) as u16 });
-            l.heartbeat_received(&beat, now.plus(1)).expect("fresh");
-            let mut slots = vec![SlotRead::Empty; 3];
-            slots[0] = slot(0, seq, &[0, 1, 2], false);
-            slots[1] = slot(1, seq, &heard, false);
-            slots[2] = slot(2, 26, &[0, 1, 2], false);
-            l.disk_read(&slots, now.plus(2));
-            t += 200;
-        }
+            beat
+        });
         let a = l.assess(Millis(12_000));
         let p2 = a.peer(HostId(2)).expect("peer 2");
         assert_eq!(p2.liveness, HostLiveness::Dead);
@@ -885,20 +894,7 @@ mod tests {
         let mut l = three(0);
         run(&mut l, 0, 5000, |_, _| true);
         // Host 2 goes silent at 5000; host 1's heartbeats arrive but no longer ack ours.
-        let mut t = 5000;
-        while t < 12_000 {
-            let now = Millis(t);
-            let seq = t / 200 + 1;
-            l.heartbeat_sent(seq, now);
-            l.disk_written(now, now.plus(1));
-            l.heartbeat_received(&hb(1, seq, &[0, 1], None), now.plus(1)).expect("fresh");
-            let mut slots = vec![SlotRead::Empty; 3];
-            slots[0] = slot(0, seq, &[0, 1, 2], false);
-            slots[1] = slot(1, seq, &[0, 1], false);
-            slots[2] = slot(2, 25, &[0, 1, 2], false);
-            l.disk_read(&slots, now.plus(2));
-            t += 200;
-        }
+        after_host_2_went_silent(&mut l, 25, |_, seq| hb(1, seq, &[0, 1], None));
         let a = l.assess(Millis(12_000));
         let p2 = a.peer(HostId(2)).expect("peer 2");
         assert_eq!(p2.liveness, HostLiveness::Dead);
