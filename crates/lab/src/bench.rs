@@ -4,6 +4,7 @@
 //! lives in [`liveness`].
 
 pub mod failover;
+pub mod heartbeat;
 pub mod liveness;
 
 use anyhow::{Context, Result};

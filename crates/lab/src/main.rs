@@ -28,6 +28,16 @@ enum LabCmd {
 
 #[derive(Subcommand)]
 enum BenchOp {
+    /// What liveness costs with N real agents on loopback (no VMs): CPU per agent, heartbeats
+    /// per second, and whether any host fenced itself while the cluster grew.
+    Heartbeat {
+        /// Agents (2 to 64).
+        #[arg(long, default_value_t = 16)]
+        hosts: u32,
+        /// Seconds of measurement.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Power-loss rounds on a local three-host cluster: median, min and max of detection,
     /// restart committed, restarted and answering.
     Failover {
@@ -86,6 +96,7 @@ fn main() {
         LabCmd::Chaos(args) => ("chaos", tandem_lab::chaos::run(args)),
         LabCmd::Sim(args) => ("sim", tandem_lab::sim::run(args)),
         LabCmd::Bench { op: BenchOp::Placement { runs } } => ("bench", tandem_lab::bench::placement(*runs)),
+        LabCmd::Bench { op: BenchOp::Heartbeat { hosts, seconds } } => ("bench", tandem_lab::bench::heartbeat::run(*hosts, *seconds)),
         LabCmd::Bench { op: BenchOp::Failover { rounds, demo } } => ("bench", tandem_lab::bench::failover::run(demo, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
             ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))
