@@ -59,6 +59,15 @@ fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<
     }
 }
 
+/// Removes a scratch directory when dropped, so a failing test leaves nothing behind.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn events_of(lab: &Lab, kind: &str) -> Vec<Event> {
     lab.events().into_iter().filter(|e| e.kind.as_str() == kind).collect()
 }
@@ -329,6 +338,8 @@ fn api_tokens_roles_metrics_and_events() -> Result<()> {
 fn one_host_losing_the_heartbeat_disk_while_the_network_is_fine_is_neither_fenced_nor_failed_over() -> Result<()> {
     let root = std::env::temp_dir().join(format!("tandem-disk-loss-{}", std::process::id()));
     std::fs::create_dir_all(&root)?;
+    // Removed however the test ends (a failed assertion included).
+    let _cleanup = RemoveOnDrop(root.clone());
     let link = root.join("h2-view-of-shared-disk");
     let mut lab = {
         let link = link.clone();
@@ -357,7 +368,6 @@ fn one_host_losing_the_heartbeat_disk_while_the_network_is_fine_is_neither_fence
     let status = lab.client(2).get("/v1/status").map_err(|e| anyhow!("{e}"))?;
     assert!(status["runtime"]["fenced"].is_null(), "h2 fenced: {status}");
     drop(lab);
-    let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }
 
