@@ -245,8 +245,7 @@ impl Liveness {
         let mut m = members;
         m.insert(self.me);
         let grows = m.0 & !self.members.0 != 0;
-        let unproven = self.members.len() == 1 || (self.majority_acked_at().is_none() && !self.disk_shared(now));
-        if grows && unproven {
+        if grows && (self.members.len() == 1 || (self.majority_acked_at().is_none() && !self.disk_shared(now))) {
             self.started = self.started.max(now);
         }
         self.set_members(members);
@@ -836,12 +835,13 @@ mod tests {
         assert!(l.lease_valid(Millis(10_100)));
         // Nobody ever acknowledges it: it fences once the lease runs out.
         assert!(matches!(l.assess(Millis(10_000 + T.self_fence_ms)).fence, Some(FenceReason::Isolated { .. })));
-        // A host that had proved itself to its peers gets no such grace when one more joins.
+        // A host that had proved itself to its peers gets no such grace when one more joins: its
+        // lease still ends self_fence_ms after its last proof (3800), not after the join (4100).
         let mut m = three(0);
         run(&mut m, 0, 4000, |_, _| true);
         let four: HostSet = [HostId(0), HostId(1), HostId(2), HostId(3)].into_iter().collect();
-        m.set_members_at(four, Millis(9000));
-        assert!(matches!(m.assess(Millis(9000)).fence, Some(FenceReason::Isolated { .. })), "a silent member stays silent");
+        m.set_members_at(four, Millis(4100));
+        assert!(matches!(m.assess(Millis(3800 + T.self_fence_ms + 100)).fence, Some(FenceReason::Isolated { .. })), "no grace for a proved host");
     }
 
     /// Drives host 0 from 5000 to 12,000 ms with host 2 silent on both channels (its slot stays

@@ -259,8 +259,7 @@ impl Suite {
                 last_problem = "no agent answers".into();
                 continue;
             };
-            let committed: Vec<oracle::Committed> =
-                vms.iter().map(|v| oracle::Committed { name: v.name.clone(), runs_on: v.should_run_on().map(str::to_string) }).collect();
+            let committed: Vec<oracle::Committed> = vms.iter().map(oracle::Committed::from).collect();
             let ready = all.iter().find_map(|i| self.client(*i).list_as::<HostView>("/v1/hosts").ok()).is_some_and(|hs| {
                 hs.len() == all.len()
                     && hs.iter().all(|h| h.status == HostStatus::Active && !matches!(h.liveness, LivenessView::Partitioned | LivenessView::Dead))
@@ -306,15 +305,14 @@ impl Suite {
 
     /// Logs a recovery the oracle confirmed (a missed one was reported by [`Suite::wait_moved`]).
     fn record_recovery(&mut self, vms: &[String], took: Option<Duration>, what: &str) {
-        match took {
-            Some(_) if vms.is_empty() => self.log("  no VMs to recover"),
-            Some(d) => {
-                self.report.recoveries += vms.len() as u32;
-                self.report.recovery_ms.push(d.as_millis() as u64);
-                self.log(&format!("  {} VM(s) {what} {:.2} s after the fault", vms.len(), d.as_secs_f64()));
-            }
-            None => {}
+        let Some(d) = took else { return };
+        if vms.is_empty() {
+            self.log("  no VMs to recover");
+            return;
         }
+        self.report.recoveries += vms.len() as u32;
+        self.report.recovery_ms.push(d.as_millis() as u64);
+        self.log(&format!("  {} VM(s) {what} {:.2} s after the fault", vms.len(), d.as_secs_f64()));
     }
 
     fn inject(&mut self, fault: FaultKind) -> Result<()> {

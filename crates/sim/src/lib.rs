@@ -591,8 +591,7 @@ impl Sim {
                 problem = "no agent answers".into();
                 continue;
             };
-            let committed: Vec<oracle::Committed> =
-                vms.iter().map(|v| oracle::Committed { name: v.name.clone(), runs_on: v.should_run_on().map(str::to_string) }).collect();
+            let committed: Vec<oracle::Committed> = vms.iter().map(oracle::Committed::from).collect();
             match oracle::settle(&self.created, &committed, &self.running(), true) {
                 oracle::Settle::Settled => {
                     self.world.log("settled: every VM runs once, where committed state assigns it".into());

@@ -93,6 +93,12 @@ pub struct Committed {
     pub runs_on: Option<String>,
 }
 
+impl From<&tandem_agent::views::VmView> for Committed {
+    fn from(v: &tandem_agent::views::VmView) -> Committed {
+        Committed { name: v.name.clone(), runs_on: v.should_run_on().map(str::to_string) }
+    }
+}
+
 /// What the settle check found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Settle {

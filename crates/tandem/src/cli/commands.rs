@@ -2,7 +2,7 @@
 //! from, and answers read as, the API's types (`tandem_agent::views`).
 
 use super::args::*;
-use super::output::{kv, print_plans, print_table, show, usage, Output};
+use super::output::{kv, print_plans, print_table, show, text, usage, Output};
 use std::collections::BTreeMap;
 use tandem::client::{Client, ClientError};
 use tandem_agent::views::*;
@@ -85,16 +85,6 @@ fn print_hosts(hosts: &Vec<HostView>) {
         ]);
     }
     print_table(&rows);
-}
-
-/// A value's JSON spelling, unquoted (enum names as the API writes them).
-pub fn text<T: serde::Serialize>(t: &T) -> String {
-    match serde_json::to_value(t) {
-        Ok(serde_json::Value::String(s)) => s,
-        Ok(serde_json::Value::Null) => "-".into(),
-        Ok(other) => other.to_string(),
-        Err(_) => "?".into(),
-    }
 }
 
 fn print_ftt(v: &FttView) {

@@ -62,7 +62,7 @@ pub fn print_plans(plans: &Vec<FailurePlan>) {
             rows.push(vec![format!("  {}", r.vm), r.host.clone()]);
         }
         for r in &p.left_down {
-            rows.push(vec![format!("  {}", r.vm), format!("stays down ({})", s(&serde_json::to_value(r.reason).unwrap_or_default()))]);
+            rows.push(vec![format!("  {}", r.vm), format!("stays down ({})", text(&r.reason))]);
         }
         if rows.len() == 1 {
             println!("  nothing to restart");
@@ -78,5 +78,15 @@ pub fn kv<T: Serialize>(t: &T) {
         for (k, x) in m {
             println!("{k}: {}", s(x));
         }
+    }
+}
+
+/// A value's JSON spelling, unquoted (enum names as the API writes them).
+pub fn text<T: serde::Serialize>(t: &T) -> String {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Null) => "-".into(),
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
     }
 }

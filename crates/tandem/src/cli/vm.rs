@@ -1,8 +1,7 @@
 //! `tandem vm ...`: specs from flags or files, and the VM commands.
 
 use super::args::{CreateArgs, VmOp};
-use super::commands::text;
-use super::output::{kv, print_table, show, usage, Output};
+use super::output::{kv, print_table, show, text, usage, Output};
 use anyhow::{anyhow, Context, Result};
 use tandem::client::{Client, ClientError};
 use tandem_agent::views::{Cleared, Created, Deleted, EmptyRequest, ForceRequest, Starting, Stopping, UpdateVmRequest, Updated, VmView};
