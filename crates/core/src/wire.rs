@@ -28,7 +28,13 @@ const FLAG_FENCED: u8 = 1;
 /// every device.
 pub const SLOT_SIZE: usize = 4096;
 /// The largest heartbeat datagram: header, one ack per possible peer, MAC.
-pub const MAX_HEARTBEAT_LEN: usize = HEARTBEAT_HEADER_LEN + 1 + (MAX_HOSTS - 1) * ACK_LEN + MAC_LEN;
+pub const MAX_HEARTBEAT_LEN: usize = heartbeat_len(MAX_HOSTS - 1);
+
+/// The size of a heartbeat carrying `acks` acks: header, ack count, acks, MAC.
+#[must_use]
+pub const fn heartbeat_len(acks: usize) -> usize {
+    HEARTBEAT_HEADER_LEN + 1 + acks * ACK_LEN + MAC_LEN
+}
 const ACK_LEN: usize = 4 + 8 + 8 + 2;
 const ACK_LEN_NO_AGES: usize = 4 + 8 + 8;
 const HEARTBEAT_HEADER_LEN: usize = 4 + 1 + 1 + 4 + 8 + 8 + 8 + 8;
@@ -172,7 +178,7 @@ impl Heartbeat {
     #[must_use]
     pub fn encode(&self, key: &ClusterKey) -> Vec<u8> {
         let acks = &self.acks[..self.acks.len().min(MAX_HOSTS - 1)];
-        let mut b = Vec::with_capacity(HEARTBEAT_HEADER_LEN + 1 + acks.len() * ACK_LEN + MAC_LEN);
+        let mut b = Vec::with_capacity(heartbeat_len(acks.len()));
         b.extend_from_slice(HEARTBEAT_MAGIC);
         b.push(HEARTBEAT_VERSION);
         b.push(if self.fenced { FLAG_FENCED } else { 0 });
@@ -437,6 +443,7 @@ mod tests {
                                  acks: acks.into_iter().map(|(h, i, s, age_ms)| Ack { host: HostId(h), incarnation: i, seq: s, age_ms }).collect(), fenced };
             let bytes = hb.encode(&key());
             prop_assert!(bytes.len() <= MAX_HEARTBEAT_LEN);
+            prop_assert_eq!(bytes.len(), heartbeat_len(hb.acks.len()));
             prop_assert_eq!(Heartbeat::decode(&bytes, &key()), Ok(hb));
         }
     }

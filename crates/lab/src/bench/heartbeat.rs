@@ -62,8 +62,7 @@ pub fn run(hosts: u32, seconds: u64) -> Result<()> {
     cpu.sort_by(f64::total_cmp);
     let mut rate: Vec<f64> = beats0.iter().zip(&beats1).map(|(a, b)| b.saturating_sub(*a) as f64 / elapsed).collect();
     rate.sort_by(f64::total_cmp);
-    // One heartbeat: header, one ack per peer heard, MAC (tandem_core::wire).
-    let datagram = 43 + (hosts as usize - 1) * 22 + 32;
+    let datagram = tandem_core::wire::heartbeat_len(hosts as usize - 1);
     let mid = |v: &[f64]| v[v.len() / 2];
     println!("{hosts} agents, {elapsed:.0} s idle (no VMs), 200 ms heartbeats:");
     println!(
