@@ -53,19 +53,22 @@ pub(super) async fn vm_delete(State(a): State<Arc<Agent>>, ApiPath(name): ApiPat
     Ok(Json(Deleted { deleted: name }))
 }
 
-/// A body that must carry nothing: blank, or `{}`.
-pub(super) fn empty_body(body: &[u8]) -> Result<(), ApiError> {
+/// An optional body: blank reads as the type's default, anything else must parse as it.
+fn body_or_default<T: Default + for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(());
+        return Ok(T::default());
     }
-    parse::<EmptyRequest>(body, "request").map(|_| ())
+    parse(body, "request")
 }
 
+/// A body that must carry nothing: blank, or `{}`.
+pub(super) fn empty_body(body: &[u8]) -> Result<(), ApiError> {
+    body_or_default::<EmptyRequest>(body).map(|_| ())
+}
+
+/// `{"force": true}` in an optional body.
 pub(super) fn force_of(body: &[u8]) -> Result<bool, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(false);
-    }
-    Ok(parse::<ForceRequest>(body, "request")?.force)
+    Ok(body_or_default::<ForceRequest>(body)?.force)
 }
 
 /// Submits a change that admission control judges; a forced one is recorded on the timeline.
