@@ -197,7 +197,7 @@ impl Agent {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
             None => None,
         };
-        let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, driver, tls).await?;
+        let io = AgentIo::production(cfg.heartbeat_addr, Duration::from_millis(cfg.timings.heartbeat_interval_ms), &cfg.heartbeat_disk, driver, tls).await?;
         Agent::with_io(cfg, io).await
     }
 

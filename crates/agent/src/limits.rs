@@ -11,6 +11,7 @@ pub use crate::consensus::{ADMISSION_ATTEMPTS, RPC_TIMEOUT, SNAPSHOT_TIMEOUT};
 pub use crate::events::{EVENT_FILE_MAX, EVENT_RING, RELOAD_BYTES};
 pub use crate::heavy::HEAVY_CONCURRENCY;
 pub use crate::httpc::MAX_RESPONSE;
+pub use crate::io::RECEIVE_POLL_DIVISOR;
 pub use crate::tls::{ACCEPT_QUEUE, HANDSHAKE_TIMEOUT};
 
 const fn shorter(a: Duration, b: Duration) -> bool {
@@ -26,4 +27,5 @@ const _: () = assert!(
 );
 const _: () = assert!(MAX_BODY as u64 <= MAX_RESPONSE as u64, "every body one agent may send, another may read back");
 const _: () = assert!(RELOAD_BYTES <= EVENT_FILE_MAX, "the timeline reloads at most the file it keeps");
+const _: () = assert!(RECEIVE_POLL_DIVISOR >= 4, "a heartbeat is stamped at most a quarter interval after it arrived");
 const _: () = assert!(HEAVY_CONCURRENCY >= 1 && ADMISSION_ATTEMPTS >= 1);

@@ -6,6 +6,7 @@
 pub mod failover;
 pub mod heartbeat;
 pub mod liveness;
+pub mod mass;
 
 use anyhow::{Context, Result};
 use std::sync::Arc;

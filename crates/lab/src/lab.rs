@@ -54,6 +54,9 @@ pub struct LabOptions {
     pub disk_paths: BTreeMap<u32, PathBuf>,
     /// The agents serve TLS (a `[tls]` table in `extra_config`): clients verify them with this CA.
     pub ca: Option<PathBuf>,
+    /// How often the recorder samples the process table (it reads every process's environment:
+    /// with a thousand workloads, every 10 ms would take a core of its own).
+    pub recorder_period: Duration,
 }
 
 impl Default for LabOptions {
@@ -68,6 +71,7 @@ impl Default for LabOptions {
             netns: None,
             disk_paths: BTreeMap::new(),
             ca: None,
+            recorder_period: Duration::from_millis(10),
         }
     }
 }
@@ -146,7 +150,7 @@ fn is_stopped(pid: u32) -> bool {
 }
 
 impl Recorder {
-    fn start(lab: String) -> Recorder {
+    fn start(lab: String, period: Duration) -> Recorder {
         let stop = Arc::new(AtomicBool::new(false));
         let instances = Arc::new(Mutex::new(BTreeMap::new()));
         let double_runs = Arc::new(Mutex::new(Vec::new()));
@@ -175,7 +179,7 @@ impl Recorder {
                 for (vm, hosts) in tandem_sim::oracle::on_two_hosts(&by_vm) {
                     d.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((t, vm.clone(), hosts.iter().cloned().collect()));
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(period);
             }
         });
         Recorder { stop, instances, double_runs, thread: Some(thread), origin }
@@ -267,7 +271,7 @@ impl Lab {
             std::fs::write(&config, text)?;
             hosts.push(LabHost { id: i, name, ip, api, config, data, child: None, prefix });
         }
-        let recorder = Recorder::start(id.clone());
+        let recorder = Recorder::start(id.clone(), opts.recorder_period);
         Ok(Lab { root, shared, hosts, opts, id, recorder, binary: binary.to_path_buf(), keep: false })
     }
 

@@ -37,6 +37,9 @@ enum BenchOp {
         /// Seconds of measurement.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Keep the lab directory (configs, agent logs, event files) after the run.
+        #[arg(long)]
+        keep: bool,
     },
     /// Power-loss rounds on a local three-host cluster: median, min and max of detection,
     /// restart committed, restarted and answering.
@@ -52,6 +55,16 @@ enum BenchOp {
         /// Repetitions per figure (medians are printed).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+    },
+    /// One host of three runs N process VMs; its power is cut: time until all of them run on
+    /// the survivors, and where it goes (commit, starts per second, reconciler passes).
+    MassFailover {
+        /// VMs on the host that loses power.
+        #[arg(long, default_value_t = 1000)]
+        vms: usize,
+        /// Rounds (a fresh cluster each).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Heartbeat jitter of one real agent kept busy on a 64-host, 100,000-VM state (/v1/plan,
     /// /v1/ftt, /metrics in a loop, and commands judged by admission control); the other 63
@@ -96,8 +109,9 @@ fn main() {
         LabCmd::Chaos(args) => ("chaos", tandem_lab::chaos::run(args)),
         LabCmd::Sim(args) => ("sim", tandem_lab::sim::run(args)),
         LabCmd::Bench { op: BenchOp::Placement { runs } } => ("bench", tandem_lab::bench::placement(*runs)),
-        LabCmd::Bench { op: BenchOp::Heartbeat { hosts, seconds } } => ("bench", tandem_lab::bench::heartbeat::run(*hosts, *seconds)),
+        LabCmd::Bench { op: BenchOp::Heartbeat { hosts, seconds, keep } } => ("bench", tandem_lab::bench::heartbeat::run(*hosts, *seconds, *keep)),
         LabCmd::Bench { op: BenchOp::Failover { rounds, demo } } => ("bench", tandem_lab::bench::failover::run(demo, *rounds)),
+        LabCmd::Bench { op: BenchOp::MassFailover { vms, rounds } } => ("bench", tandem_lab::bench::mass::run(*vms, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
             ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))
         }

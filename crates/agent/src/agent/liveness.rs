@@ -61,17 +61,26 @@ impl Agent {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            let now = self.clock.now();
-            match Heartbeat::decode(&buf[..n], &self.key) {
-                Ok(hb) => {
-                    if let Err(e) = lock(&self.liveness).heartbeat_received(&hb, now) {
-                        tracing::debug!("{e}");
-                    }
+            self.accept_datagram(&buf[..n]);
+        }
+    }
+
+    /// Verifies one datagram and hands it to the liveness state. It is stamped now, when it is
+    /// processed, which may be up to the transport's poll period after it arrived (see
+    /// [`crate::io::UdpTransport`]): that only makes the evidence this host vouches for, and the
+    /// acknowledgements of its own heartbeats, later — fence deadlines move later and its own
+    /// lease ends sooner, never the unsafe way.
+    fn accept_datagram(&self, bytes: &[u8]) {
+        let now = self.clock.now();
+        match Heartbeat::decode(bytes, &self.key) {
+            Ok(hb) => {
+                if let Err(e) = lock(&self.liveness).heartbeat_received(&hb, now) {
+                    tracing::debug!("{e}");
                 }
-                Err(e) => {
-                    lock(&self.liveness).heartbeat_forged();
-                    tracing::warn!("rejected datagram: {e}");
-                }
+            }
+            Err(e) => {
+                lock(&self.liveness).heartbeat_forged();
+                tracing::warn!("rejected datagram: {e}");
             }
         }
     }

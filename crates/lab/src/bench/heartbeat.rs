@@ -31,13 +31,17 @@ fn heartbeats_received(lab: &Lab, i: usize) -> u64 {
 }
 
 /// Runs the benchmark with `hosts` agents for `seconds` of measurement.
-pub fn run(hosts: u32, seconds: u64) -> Result<()> {
+pub fn run(hosts: u32, seconds: u64, keep: bool) -> Result<()> {
     if !(2..=MAX_HOSTS as u32).contains(&hosts) {
         bail!("--hosts must be 2 to {MAX_HOSTS}");
     }
     let binary = crate::lab::tandem_binary()?;
     let opts = LabOptions { hosts, loopback_net: 88, api_port: 7600, capacity: (4, 2048), ..LabOptions::default() };
     let mut lab = Lab::new(opts, &binary)?;
+    if keep {
+        lab.keep_files();
+        println!("lab directory: {}", lab.root.display());
+    }
     let t = Instant::now();
     lab.start_all()?;
     lab.form_cluster()?;
