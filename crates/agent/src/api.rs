@@ -7,6 +7,7 @@
 use crate::agent::{Agent, AgentError};
 mod cluster;
 mod events;
+mod failovers;
 mod hosts;
 mod internal;
 mod join;
@@ -25,6 +26,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cluster::*;
 use events::*;
+use failovers::*;
 use hosts::*;
 use internal::*;
 use join::{host_join, join_proof};
@@ -323,6 +325,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/stop", post(vm_stop))
         .route("/v1/local", get(local))
         .route("/v1/events", get(events))
+        .route("/v1/failovers", get(failovers))
         .route("/v1/internal/propose", post(internal_propose))
         .route("/raft/append", post(raft_append))
         .route("/raft/vote", post(raft_vote))

@@ -207,6 +207,13 @@ pub const ENDPOINTS: &[Endpoint] = &[
             optional("kind", "only events of this kind (e.g. peer-dead, failover-committed)"),
         ],
     ),
+    get_q(
+        "/v1/failovers",
+        Read,
+        "The recent failovers across the cluster, newest first: last evidence of life, declared dead, fence deadline, decided, committed, and each moved VM's start on its new host.",
+        schema::<Vec<FailoverView>>,
+        &[optional("limit", "at most this many (default 10)")],
+    ),
     write("POST", "/v1/internal/propose", Cluster, "Forwarded consensus command (agent to agent).", opaque, opaque),
     write("POST", "/raft/append", Cluster, "Raft AppendEntries (agent to agent).", opaque, opaque),
     write("POST", "/raft/vote", Cluster, "Raft RequestVote (agent to agent).", opaque, opaque),

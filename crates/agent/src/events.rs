@@ -119,6 +119,48 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     pub detail: String,
+    /// On a `failover-committed` event: the failover's measured phases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverRecord>,
+}
+
+/// The measured phases of one failover, recorded with its `failover-committed` event by the
+/// coordinator that committed it, so that an operator sees where the seconds went. Every time
+/// is wall-clock milliseconds since the Unix epoch, converted from that coordinator's own clock
+/// (the liveness times are its view of the failed host).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct FailoverRecord {
+    /// The failed host.
+    pub host: String,
+    pub epoch: u64,
+    /// Why it was failed over: `dead`, `reported-fenced` or `coordinator-fenced`.
+    pub reason: String,
+    /// The latest evidence of the host's life the coordinator could vouch for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_evidence_ms: Option<u64>,
+    /// When the coordinator first saw it dead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_dead_ms: Option<u64>,
+    /// When the host had certainly killed its VMs, if it still ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_deadline_ms: Option<u64>,
+    /// When the coordinator decided and proposed the failover.
+    pub decided_ms: u64,
+    /// When the failover was committed.
+    pub committed_ms: u64,
+    /// Each VM restarted elsewhere: where, and at which generation.
+    pub moved: Vec<MovedVm>,
+    /// VMs left down (no capacity, or their protection does not allow a restart).
+    pub left_down: Vec<String>,
+}
+
+/// One VM a failover moved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MovedVm {
+    pub vm: String,
+    /// The host it was assigned to.
+    pub to: String,
+    pub generation: u64,
 }
 
 struct Inner {
@@ -183,7 +225,16 @@ impl EventLog {
 
     /// Records an event.
     pub fn record(&self, kind: EventKind, vm: Option<&str>, subject: Option<&str>, detail: impl Into<String>) {
-        let detail = detail.into();
+        self.record_with(kind, vm, subject, detail.into(), None);
+    }
+
+    /// Records a committed failover with its phases.
+    pub fn record_failover(&self, record: FailoverRecord, detail: String) {
+        let host = record.host.clone();
+        self.record_with(EventKind::FailoverCommitted, None, Some(&host), detail, Some(record));
+    }
+
+    fn record_with(&self, kind: EventKind, vm: Option<&str>, subject: Option<&str>, detail: String, failover: Option<FailoverRecord>) {
         tracing::info!(kind = kind.as_str(), vm, subject, "{detail}");
         let mut i = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let e = Event {
@@ -194,6 +245,7 @@ impl EventLog {
             vm: vm.map(str::to_string),
             subject: subject.map(str::to_string),
             detail,
+            failover,
         };
         i.next += 1;
         if i.written > EVENT_FILE_MAX {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 pub use crate::agent::RuntimeStatus;
 pub use crate::consensus::ConsensusStatus;
-pub use crate::events::{Event, EventKind};
+pub use crate::events::{Event, EventKind, FailoverRecord, MovedVm};
 pub use tandem_core::liveness::RejectCounters;
 pub use tandem_core::placement::{FttLimit, FttReport, RuleKind};
 pub use tandem_core::recovery::LeftDown;
@@ -426,4 +426,26 @@ mod tests {
         let back: Starting = serde_json::from_value(serde_json::json!({ "starting": "web0" })).expect("reads back");
         assert!(back.admission.forced.is_none());
     }
+}
+
+/// `GET /v1/failovers`: one committed failover with its measured phases, and when each VM it
+/// moved started on its new host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FailoverView {
+    /// The host whose coordinator committed it (its clock stamped the phases).
+    pub recorded_by: String,
+    #[serde(flatten)]
+    pub record: FailoverRecord,
+    /// Each moved VM's first start on its new host (that host's clock), if recorded yet.
+    pub starts: Vec<VmStartView>,
+}
+
+/// When one VM a failover moved started on its new host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VmStartView {
+    pub vm: String,
+    pub host: String,
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
 }

@@ -77,11 +77,15 @@ impl SimArgs {
 
 /// Runs the seeds; fails when any seed violated an invariant.
 pub fn run(args: &SimArgs) -> Result<()> {
-    if !(3..=7).contains(&args.hosts) {
-        bail!("--hosts must be 3 to 7");
+    let max_hosts = tandem_core::MAX_HOSTS as u32;
+    if !(3..=max_hosts).contains(&args.hosts) {
+        bail!("--hosts must be 3 to {max_hosts}");
     }
-    if args.late_hosts > 2 {
-        bail!("--late-hosts must be 0 to 2");
+    if args.late_hosts > 2 || args.hosts + args.late_hosts > max_hosts {
+        bail!("--late-hosts must be 0 to 2, and hosts plus late hosts at most {max_hosts}");
+    }
+    if args.vms > 10_000 {
+        bail!("--vms must be at most 10,000");
     }
     let started = std::time::Instant::now();
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();

@@ -140,9 +140,13 @@ impl Sim {
     fn config(&self, i: u32) -> AgentConfig {
         let (api, hb) = &self.world.addrs[i as usize];
         let data = self.dir.join(format!("h{i}"));
+        // Room for three times a host's share of the VMs (1 vCPU, 64 MiB each), so that
+        // failovers of several hosts find capacity in a large cluster too.
+        let vcpus = (3 * self.opts.vms / self.opts.hosts.max(1) + 8).max(64);
+        let memory_mib = u64::from(vcpus) * 256;
         let text = format!(
             "host_id = {i}\nname = \"h{i}\"\napi_addr = \"{api}\"\nheartbeat_addr = \"{hb}\"\ndata_dir = \"{}\"\n\
-             heartbeat_disk = \"{}\"\nsecret_file = \"{}\"\ndriver = \"process\"\ncapacity = {{ vcpus = 64, memory_mib = 16384 }}\n",
+             heartbeat_disk = \"{}\"\nsecret_file = \"{}\"\ndriver = \"process\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {memory_mib} }}\n",
             data.display(),
             self.dir.join("heartbeat.disk").display(),
             self.dir.join("secret").display()

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tandem_agent::views::{Event, EventKind, PowerState, VmView};
+use tandem_agent::views::{Event, EventKind, FailoverView, PowerState, VmView};
 use tandem_lab::lab::{Lab, LabOptions};
 
 fn binary() -> PathBuf {
@@ -130,6 +130,25 @@ fn host_power_loss_restarts_protected_vms_on_survivors_after_the_fence_deadline(
     assert!(committed < dead + t.fence_wait_ms(), "the deadline counts from the last evidence, not from the declaration ({dead})");
     eprintln!("declared dead {:.2} s, restart committed {:.2} s after the cut", (dead - cut_ms) as f64 / 1000.0, (committed - cut_ms) as f64 / 1000.0);
     eprintln!("recovered in {:.2} s", recovered_after.as_secs_f64());
+    // The failover's phases, as any agent shows them (`GET /v1/failovers`, the dashboard and
+    // `tandem failovers`): in order, and each moved VM's start on its new host.
+    let views: Vec<FailoverView> = lab.client(survivor).list_as("/v1/failovers")?;
+    let f = views.iter().find(|f| f.record.host == victim_name).ok_or_else(|| anyhow!("no failover of {victim_name} in {views:?}"))?;
+    let r = &f.record;
+    let (evidence, declared, deadline) = (r.last_evidence_ms.unwrap_or(0), r.declared_dead_ms.unwrap_or(0), r.fence_deadline_ms.unwrap_or(0));
+    assert_eq!(r.reason, "dead");
+    assert!(evidence > 0 && evidence <= cut_ms + 250, "last evidence {evidence} is at most a heartbeat after the cut {cut_ms}");
+    assert!(evidence < declared && declared <= r.decided_ms && deadline <= r.decided_ms + 5 && r.decided_ms <= r.committed_ms, "phases in order: {r:?}");
+    assert_eq!(deadline, evidence + t.fence_wait_ms(), "the deadline is the last evidence plus the fence wait");
+    let mut moved: Vec<&str> = f.starts.iter().map(|s| s.vm.as_str()).collect();
+    moved.sort_unstable();
+    let mut expected: Vec<&str> = protected.iter().map(|v| v.as_str()).collect();
+    expected.sort_unstable();
+    assert_eq!(moved, expected, "the record lists the VMs moved");
+    for s in &f.starts {
+        let started = s.started_ms.ok_or_else(|| anyhow!("{} has no recorded start: {f:?}", s.vm))?;
+        assert!(started + 1000 >= r.committed_ms && s.host != victim_name, "{} started on {} at {started}", s.vm, s.host);
+    }
     std::thread::sleep(Duration::from_millis(500));
     lab.assert_no_double_run()
 }

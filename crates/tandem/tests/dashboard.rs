@@ -155,6 +155,7 @@ const VIEW: &str = "JSON.stringify({
   vms: [...document.querySelectorAll('#vms tbody tr')].map(r => [r.dataset.vm, r.dataset.host]),
   ftt: document.getElementById('ftt').textContent,
   events: document.querySelectorAll('#events tbody tr').length,
+  failovers: [...document.querySelectorAll('#failovers tbody tr')].map(r => [r.dataset.failover, r.cells[3].textContent]),
   status: document.getElementById('status').textContent })";
 
 #[test]
@@ -237,8 +238,14 @@ fn dashboard_shows_the_cluster_and_follows_a_host_failure_live() -> Result<()> {
     let victim = ["h1", "h2"].into_iter().find(|h| ["d1", "d2", "d3"].iter().any(|vm| host_of(&before, vm).as_deref() == Some(*h))).unwrap_or("h2");
     let victim_index = lab.hosts.iter().position(|h| h.name == victim).ok_or_else(|| anyhow!("victim"))?;
     lab.power_off(victim_index);
-    let after = wait(&mut dt, &format!("{victim} dead and its VMs elsewhere"), &|v| {
-        liveness_of(v, victim).as_deref() == Some("dead") && ["d1", "d2", "d3"].iter().all(|vm| host_of(v, vm).is_some_and(|h| !h.is_empty() && h != victim))
+    let moved = ["d1", "d2", "d3"].iter().filter(|vm| host_of(&before, vm).as_deref() == Some(victim)).count();
+    let after = wait(&mut dt, &format!("{victim} dead, its VMs elsewhere, and its failover's phases"), &|v| {
+        liveness_of(v, victim).as_deref() == Some("dead")
+            && ["d1", "d2", "d3"].iter().all(|vm| host_of(v, vm).is_some_and(|h| !h.is_empty() && h != victim))
+            && v["failovers"].as_array().into_iter().flatten().any(|r| {
+                let words = r[1].as_str().unwrap_or_default();
+                r[0] == victim && words.contains("committed +") && words.contains(&format!("{moved} of {moved} started"))
+            })
     })?;
     eprintln!("before: {before}\nafter: {after}");
     let shot = dt.call("Page.captureScreenshot", json!({ "format": "png" }))?;

@@ -174,14 +174,16 @@ impl Agent {
             deadline_early_ms: if self.mutation == Some(crate::io::Mutation::EarlyEvidence) { self.cfg.timings.self_fence_ms } else { 0 },
         };
         let candidates = lock(&self.coordination).fence_reports.failover_candidates(&inputs);
-        for FailoverCandidate { host, epoch, reason } in candidates {
+        for candidate in candidates {
+            let FailoverCandidate { host, epoch, ref reason } = candidate;
             if !self.consensus.confirm_leader().await {
                 return;
             }
-            let why = self.failover_why(host, epoch, &reason);
+            let why = self.failover_why(host, epoch, reason);
             let eligible = self.eligible_hosts(a);
             let plan = self.consensus.with_state(|s| recovery::plan_failover(s, host, eligible));
             let name = self.host_name(host);
+            let decided = self.clock.now();
             self.events.record(
                 crate::events::EventKind::FailoverDecided,
                 None,
@@ -213,17 +215,48 @@ impl Agent {
                         self.metrics.failover_seconds.observe(ms as f64 / 1000.0);
                     }
                     let timing = since_dead.map_or_else(String::new, |ms| format!(", {:.2} s after it was first seen dead", ms as f64 / 1000.0));
-                    self.events.record(
-                        crate::events::EventKind::FailoverCommitted,
-                        None,
-                        Some(&name),
-                        format!("{} VM(s) moved, {} left down{timing}", moved.len(), left_down.len()),
-                    );
+                    let record = self.failover_record(a, &candidate, decided, &moved, left_down.clone());
+                    self.events.record_failover(record, format!("{} VM(s) moved, {} left down{timing}", moved.len(), left_down.len()));
                 }
                 Ok(Ok(other)) => tracing::warn!("unexpected failover answer {other:?}"),
                 Ok(Err(e)) => tracing::info!("failover of {name} refused: {e}"),
                 Err(e) => tracing::warn!("failover of {name} not committed: {e}"),
             }
+        }
+    }
+
+    /// The failover's phases for the timeline, on the wall clock.
+    fn failover_record(
+        &self,
+        a: &Assessment,
+        &FailoverCandidate { host, epoch, ref reason }: &FailoverCandidate,
+        decided: Millis,
+        moved: &[(String, HostId, u64)],
+        left_down: Vec<String>,
+    ) -> crate::events::FailoverRecord {
+        let (now, wall_now) = (self.clock.now(), tandem_drivers::wall_ms());
+        // A time on this host's clock, as wall-clock milliseconds.
+        let wall = |t: Millis| wall_now.saturating_sub(now.since(t));
+        let p = a.peer(host);
+        crate::events::FailoverRecord {
+            host: self.host_name(host),
+            epoch,
+            reason: match reason {
+                FailoverReason::OwnFence(_) => "coordinator-fenced",
+                FailoverReason::ReportedFenced => "reported-fenced",
+                FailoverReason::Dead { .. } | FailoverReason::UnsafeSkippedFenceWait => "dead",
+            }
+            .to_string(),
+            last_evidence_ms: p.and_then(|p| p.last_evidence).map(wall),
+            declared_dead_ms: p.and_then(|p| p.dead_since).map(wall),
+            fence_deadline_ms: p.and_then(|p| p.fence_deadline).map(wall),
+            decided_ms: wall(decided),
+            committed_ms: wall_now,
+            moved: moved
+                .iter()
+                .map(|(vm, to, generation)| crate::events::MovedVm { vm: vm.clone(), to: self.host_name(*to), generation: *generation })
+                .collect(),
+            left_down,
         }
     }
 

@@ -82,6 +82,16 @@ pub enum Cmd {
     Ftt,
     /// For each single host failure: where every VM would restart and which would stay down.
     Plan,
+    /// The recent failovers and where their seconds went: last evidence of life, declared
+    /// dead, fence deadline, decided, committed, and each moved VM's start on its new host.
+    Failovers {
+        /// At most this many, newest first.
+        #[arg(long, default_value_t = 5)]
+        limit: usize,
+        /// List every moved VM's start, not only the first, median and last.
+        #[arg(long)]
+        vms: bool,
+    },
     /// What would happen if the given hosts failed together.
     Whatif {
         /// Host names, comma-separated (e.g. h1,h2).

@@ -14,6 +14,7 @@ pub fn run(c: &Client, out: Output, cmd: &Cmd) -> Result<(), ClientError> {
         Cmd::Host { op } => host(c, out, op),
         Cmd::Ftt => show(out, &c.get("/v1/ftt")?, print_ftt),
         Cmd::Plan => show(out, &c.get("/v1/plan")?, print_plans),
+        Cmd::Failovers { limit, vms } => show(out, &c.get(&format!("/v1/failovers?limit={limit}"))?, |f: &Vec<FailoverView>| print_failovers(f, *vms)),
         Cmd::Whatif { fail } => show(out, &c.get(&format!("/v1/plan?fail={}", fail.join(",")))?, print_plans),
         Cmd::Rule { op } => rule(c, out, op),
         Cmd::Token { op } => token(c, out, op),
@@ -133,5 +134,49 @@ fn token(c: &Client, out: Output, op: &TokenOp) -> Result<(), ClientError> {
             print_table(&rows);
         }),
         TokenOp::Delete { name } => show(out, &c.call("DELETE", &format!("/v1/tokens/{name}"), None)?, kv::<Revoked>),
+    }
+}
+
+/// Seconds from `origin` to `t`, signed, for a phase column.
+fn after(origin: u64, t: u64) -> String {
+    format!("{:+.2} s", (t as f64 - origin as f64) / 1000.0)
+}
+
+/// Each failover as its phases, in seconds after the last evidence of the failed host's life.
+fn print_failovers(failovers: &Vec<FailoverView>, every_vm: bool) {
+    if failovers.is_empty() {
+        println!("no failover recorded");
+        return;
+    }
+    for f in failovers {
+        let r = &f.record;
+        let origin = r.last_evidence_ms.or(r.declared_dead_ms).unwrap_or(r.decided_ms);
+        println!("{} failed over ({}, epoch {}), committed by {}:", r.host, r.reason, r.epoch, f.recorded_by);
+        let mut rows: Vec<Vec<String>> = vec![vec!["PHASE".into(), "AFTER LAST EVIDENCE".into()]];
+        let mut phase = |name: &str, t: Option<u64>| rows.push(vec![name.to_string(), t.map_or_else(|| "-".into(), |t| after(origin, t))]);
+        phase("last evidence of life", r.last_evidence_ms);
+        phase("declared dead", r.declared_dead_ms);
+        phase("fence deadline", r.fence_deadline_ms);
+        phase("decided", Some(r.decided_ms));
+        phase("committed", Some(r.committed_ms));
+        let mut started: Vec<u64> = f.starts.iter().filter_map(|s| s.started_ms).collect();
+        started.sort_unstable();
+        if let (Some(first), Some(last)) = (started.first(), started.last()) {
+            phase("first VM started", Some(*first));
+            phase("half the VMs started", Some(started[started.len() / 2]));
+            phase("last VM started", Some(*last));
+        }
+        print_table(&rows);
+        println!("{} of {} moved VM(s) started; {} left down", started.len(), f.starts.len(), r.left_down.len());
+        if every_vm {
+            let mut rows: Vec<Vec<String>> = vec![["VM", "TO", "GENERATION", "STARTED"].map(String::from).to_vec()];
+            rows.extend(
+                f.starts
+                    .iter()
+                    .map(|s| vec![s.vm.clone(), s.host.clone(), s.generation.to_string(), s.started_ms.map_or_else(|| "not yet".into(), |t| after(origin, t))]),
+            );
+            print_table(&rows);
+        }
+        println!();
     }
 }

@@ -1,0 +1,81 @@
+//! The recent failovers across the cluster, with their measured phases: each committed
+//! failover's record (from the timeline of the coordinator that committed it) joined with when
+//! each moved VM started on its new host (from that host's timeline).
+
+use super::*;
+use crate::events::FailoverRecord;
+
+/// How much earlier than the decision, on the deciding host's clock, a start recorded by another
+/// host may appear and still count: the hosts' wall clocks differ by this much at most in any
+/// setup the timings accept (the clock margin is far smaller), and a VM started on its new host
+/// a second before the failover was decided cannot be this failover's start anyway.
+const START_SKEW_MS: u64 = 1000;
+
+#[derive(Deserialize)]
+pub(super) struct FailoverQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The events of `kind` in one host's timeline: this agent's own, or a peer's over the API.
+async fn timeline(a: &Agent, addr: Option<String>, kind: EventKind) -> Vec<Event> {
+    let Some(addr) = addr else {
+        return a.events.since(0, crate::events::EVENT_RING).into_iter().filter(|e| e.kind == kind).collect();
+    };
+    let path = format!("/v1/events?kind={kind}&limit={}", crate::events::EVENT_RING);
+    match a.rpc().call(&addr, &path, Some(&a.token), None, crate::agent::LOCAL_QUERY_TIMEOUT).await {
+        Ok(r) if r.status == 200 => serde_json::from_slice(&r.body).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// Joins failover records with the starts of the VMs they moved: the earliest start of each VM on
+/// its new host recorded from the decision on (less the allowed clock skew).
+fn join(records: Vec<(String, FailoverRecord)>, starts: &[Event]) -> Vec<FailoverView> {
+    records
+        .into_iter()
+        .map(|(recorded_by, record)| {
+            let starts = record
+                .moved
+                .iter()
+                .map(|m| VmStartView {
+                    vm: m.vm.clone(),
+                    host: m.to.clone(),
+                    generation: m.generation,
+                    started_ms: starts
+                        .iter()
+                        .filter(|e| e.vm.as_deref() == Some(m.vm.as_str()) && e.host == m.to && e.at_ms + START_SKEW_MS >= record.decided_ms)
+                        .map(|e| e.at_ms)
+                        .min(),
+                })
+                .collect();
+            FailoverView { recorded_by, record, starts }
+        })
+        .collect()
+}
+
+pub(super) async fn failovers(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<FailoverQuery>) -> Json<Vec<FailoverView>> {
+    let limit = q.limit.unwrap_or(10).min(crate::events::EVENT_RING);
+    let peers: Vec<Option<String>> = a.consensus.with_state(|s| s.hosts.values().map(|h| (h.id != a.me).then(|| h.api_addr.clone())).collect());
+    // Every host at once: one that does not answer delays this by at most LOCAL_QUERY_TIMEOUT.
+    let mut asks = tokio::task::JoinSet::new();
+    for addr in peers {
+        let a = Arc::clone(&a);
+        asks.spawn(async move {
+            let committed = timeline(&a, addr.clone(), EventKind::FailoverCommitted).await;
+            let started = timeline(&a, addr, EventKind::VmStarted).await;
+            (committed, started)
+        });
+    }
+    let mut records: Vec<(String, FailoverRecord)> = Vec::new();
+    let mut starts: Vec<Event> = Vec::new();
+    while let Some(answer) = asks.join_next().await {
+        let Ok((committed, started)) = answer else { continue };
+        records.extend(committed.into_iter().filter_map(|e| Some((e.host, e.failover?))));
+        starts.extend(started);
+    }
+    // A failover is recorded once, by the coordinator that committed it.
+    records.sort_by(|x, y| y.1.committed_ms.cmp(&x.1.committed_ms));
+    records.truncate(limit);
+    Json(join(records, &starts))
+}
