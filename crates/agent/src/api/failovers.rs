@@ -75,7 +75,7 @@ pub(super) async fn failovers(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery
         starts.extend(started);
     }
     // A failover is recorded once, by the coordinator that committed it.
-    records.sort_by(|x, y| y.1.committed_ms.cmp(&x.1.committed_ms));
+    records.sort_by_key(|r| std::cmp::Reverse(r.1.committed_ms));
     records.truncate(limit);
     Json(join(records, &starts))
 }
