@@ -214,7 +214,7 @@ impl Agent {
         // mount missing at boot must not leave this host counting its own writes as shared.
         disk.check_header(&cfg.heartbeat_disk.display().to_string()).await?;
         let token = key.peer_token();
-        let mut consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc)).await?;
+        let mut consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc), &cfg.timings).await?;
         let heavy = Arc::new(crate::heavy::HeavyWork::new(os_threads));
         consensus.use_heavy(Arc::clone(&heavy));
         let events = EventLog::new(&cfg.name, &cfg.data_dir);

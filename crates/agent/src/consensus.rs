@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::logformat::LogEntry;
 use tandem_core::state::{Applied, ClusterState, Command, StateError};
+use tandem_core::timing::Timings;
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -470,9 +471,37 @@ pub struct ConsensusStatus {
     pub voters: Vec<NodeId>,
 }
 
+/// The leader's heartbeat to its followers (openraft also uses it as the deadline of each
+/// append): at most 150 ms, and no longer than the liveness heartbeat interval.
+#[must_use]
+pub const fn raft_heartbeat_ms(t: &Timings) -> u64 {
+    if t.heartbeat_interval_ms < 150 {
+        t.heartbeat_interval_ms
+    } else {
+        150
+    }
+}
+
+/// How long followers wait without hearing the leader before one stands for election (drawn
+/// between this and twice this): three tenths of the peer timeout, and at least three leader
+/// heartbeats. A leader that loses power is then replaced within about 0.3–0.6 peer timeouts —
+/// before the fence deadline of its VMs (a peer timeout or more after its last evidence), so
+/// the new leader can commit their failover as soon as it may. The default timings give the
+/// 900–1,800 ms used before timings chose them; the low-latency profile 300–600 ms.
+#[must_use]
+pub const fn election_timeout_min_ms(t: &Timings) -> u64 {
+    let by_timeout = t.peer_timeout_ms * 3 / 10;
+    let by_heartbeat = 3 * raft_heartbeat_ms(t);
+    if by_timeout > by_heartbeat {
+        by_timeout
+    } else {
+        by_heartbeat
+    }
+}
+
 impl Consensus {
     /// Opens (or creates) the database in `dir` and starts openraft.
-    pub async fn open(dir: &Path, me: NodeId, token: String, rpc: Arc<dyn PeerRpc>) -> Result<Consensus, ConsensusError> {
+    pub async fn open(dir: &Path, me: NodeId, token: String, rpc: Arc<dyn PeerRpc>, timings: &Timings) -> Result<Consensus, ConsensusError> {
         let path = dir.join("consensus.redb");
         let db = Arc::new(Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?);
         let data: MachineData = get_meta(&db, "machine").map_err(|e| Box::new(SErr::from(StorageIOError::read_state_machine(e))))?.unwrap_or_default();
@@ -482,9 +511,9 @@ impl Consensus {
         let log = LogStore { db };
         let config = openraft::Config {
             cluster_name: "tandem".into(),
-            heartbeat_interval: 150,
-            election_timeout_min: 900,
-            election_timeout_max: 1800,
+            heartbeat_interval: raft_heartbeat_ms(timings),
+            election_timeout_min: election_timeout_min_ms(timings),
+            election_timeout_max: 2 * election_timeout_min_ms(timings),
             install_snapshot_timeout: SNAPSHOT_TIMEOUT.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 500,
@@ -683,7 +712,7 @@ mod tests {
     }
 
     async fn single(dir: &Path) -> Consensus {
-        let c = Consensus::open(dir, 0, "token".into(), Arc::new(NoPeers)).await.expect("open");
+        let c = Consensus::open(dir, 0, "token".into(), Arc::new(NoPeers), &Timings::default()).await.expect("open");
         let _ = c.initialize("127.0.0.1:1").await;
         for _ in 0..100 {
             if c.is_leader() {
@@ -810,7 +839,7 @@ mod tests {
         }
         // Reopened, the log itself loads (the entry is well-formed), and replaying it stops at
         // the same entry: the agent refuses to start, saying which entry and why.
-        match Consensus::open(&dir, 0, "token".into(), Arc::new(NoPeers)).await {
+        match Consensus::open(&dir, 0, "token".into(), Arc::new(NoPeers), &Timings::default()).await {
             Err(e) => assert!(e.to_string().contains("format 99") || format!("{e:?}").contains("format 99"), "{e:?}"),
             Ok(c) => {
                 let mut stopped = None;

@@ -28,4 +28,13 @@ const _: () = assert!(
 const _: () = assert!(MAX_BODY as u64 <= MAX_RESPONSE as u64, "every body one agent may send, another may read back");
 const _: () = assert!(RELOAD_BYTES <= EVENT_FILE_MAX, "the timeline reloads at most the file it keeps");
 const _: () = assert!(RECEIVE_POLL_DIVISOR >= 4, "a heartbeat is stamped at most a quarter interval after it arrived");
+pub use crate::consensus::{election_timeout_min_ms, raft_heartbeat_ms};
+/// A leader that died is replaced within a peer timeout (every validated timing has this: the
+/// Raft heartbeat is at most the liveness interval and the peer timeout at least ten of them).
+const fn leader_replaced_in_time(t: &tandem_core::timing::Timings) -> bool {
+    2 * election_timeout_min_ms(t) < t.peer_timeout_ms && raft_heartbeat_ms(t) <= t.heartbeat_interval_ms
+}
+const _: () = assert!(leader_replaced_in_time(&tandem_core::timing::DEFAULT_TIMINGS));
+const _: () = assert!(leader_replaced_in_time(&tandem_core::timing::LOW_LATENCY_TIMINGS));
+const _: () = assert!(election_timeout_min_ms(&tandem_core::timing::DEFAULT_TIMINGS) == 900, "the defaults keep the election timeouts they had");
 const _: () = assert!(HEAVY_CONCURRENCY >= 1 && ADMISSION_ATTEMPTS >= 1);

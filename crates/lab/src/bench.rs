@@ -150,7 +150,14 @@ fn recover_thousand(runs: usize) -> Result<()> {
             let dir = std::env::temp_dir().join(format!("tandem-bench-{}-{run}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
-            let c = tandem_agent::consensus::Consensus::open(&dir, 0, "bench".into(), Arc::new(tandem_agent::io::HttpRpc::default())).await?;
+            let c = tandem_agent::consensus::Consensus::open(
+                &dir,
+                0,
+                "bench".into(),
+                Arc::new(tandem_agent::io::HttpRpc::default()),
+                &tandem_core::timing::Timings::default(),
+            )
+            .await?;
             c.initialize("127.0.0.1:1").await?;
             for _ in 0..200 {
                 if c.is_leader() {
