@@ -4,7 +4,7 @@
 //! outcome, each with the time it happened; [`Liveness::assess`] turns that into a classification
 //! of each peer, the partition verdict, fence deadlines and the self-fence decision.
 
-use crate::hostset::{HostId, HostSet};
+use crate::hostset::{HostId, HostSet, MAX_HOSTS};
 use crate::partition::{self, Survival};
 use crate::time::Millis;
 use crate::timing::Timings;
@@ -511,10 +511,31 @@ impl Liveness {
         if need_from_peers == 0 {
             return None;
         }
-        let mut times: Vec<Millis> =
-            self.peers.values().filter_map(|p| p.acked_my_seq).filter_map(|seq| self.sent.iter().find(|(s, _)| *s == seq).map(|(_, t)| *t)).collect();
-        times.sort_unstable_by(|a, b| b.cmp(a));
-        times.get(need_from_peers - 1).copied()
+        // It runs for every heartbeat received (a renewal checks for a lapse first), so it
+        // allocates nothing: the send times sit in an array, and the k-th latest is selected.
+        let mut times = [Millis(0); MAX_HOSTS];
+        let mut n = 0;
+        for seq in self.peers.values().filter_map(|p| p.acked_my_seq) {
+            if let (Some(t), Some(slot)) = (self.sent_at(seq), times.get_mut(n)) {
+                *slot = t;
+                n += 1;
+            }
+        }
+        if n < need_from_peers {
+            return None;
+        }
+        let times = &mut times[..n];
+        let (_, kth, _) = times.select_nth_unstable_by(need_from_peers - 1, |a, b| b.cmp(a));
+        Some(*kth)
+    }
+
+    /// When our heartbeat `seq` left, if it is still in the history. Sequence numbers are sent
+    /// one after another, so the entry is found by its offset from the oldest one (a search is
+    /// the fallback should they ever not be).
+    fn sent_at(&self, seq: u64) -> Option<Millis> {
+        let (first, _) = *self.sent.front()?;
+        let guess = usize::try_from(seq.checked_sub(first)?).ok().and_then(|i| self.sent.get(i)).filter(|(s, _)| *s == seq);
+        guess.or_else(|| self.sent.iter().find(|(s, _)| *s == seq)).map(|(_, t)| *t)
     }
 
     fn disk_readable(&self, now: Millis) -> bool {
