@@ -41,6 +41,8 @@ mod membership;
 mod reconciler;
 mod watchdogs;
 
+pub use watchdogs::{WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};
+
 /// Timeout of a forwarded write.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the coordinator waits for a host's list of running VMs (restart groups).

@@ -471,32 +471,25 @@ pub struct ConsensusStatus {
     pub voters: Vec<NodeId>,
 }
 
-/// The leader's heartbeat to its followers (openraft also uses it as the deadline of each
-/// append): at most 150 ms, and no longer than the liveness heartbeat interval.
+/// The leader's heartbeat to its followers, which openraft also uses as the deadline of each
+/// append: a third of the shortest election timeout (300 ms with the default timings, 100 ms
+/// with the low-latency ones). Followers then miss three before one stands for election, and
+/// a busy machine has that long to answer an append. Proposals do not wait for it: an append
+/// is sent as soon as an entry is written.
 #[must_use]
 pub const fn raft_heartbeat_ms(t: &Timings) -> u64 {
-    if t.heartbeat_interval_ms < 150 {
-        t.heartbeat_interval_ms
-    } else {
-        150
-    }
+    election_timeout_min_ms(t) / 3
 }
 
 /// How long followers wait without hearing the leader before one stands for election (drawn
-/// between this and twice this): three tenths of the peer timeout, and at least three leader
-/// heartbeats. A leader that loses power is then replaced within about 0.3–0.6 peer timeouts —
-/// before the fence deadline of its VMs (a peer timeout or more after its last evidence), so
-/// the new leader can commit their failover as soon as it may. The default timings give the
-/// 900–1,800 ms used before timings chose them; the low-latency profile 300–600 ms.
+/// between this and twice this): three tenths of the peer timeout. A leader that loses power is
+/// then replaced within about 0.3–0.6 peer timeouts — before the fence deadline of its VMs (a
+/// peer timeout or more after its last evidence), so the new leader can commit their failover
+/// as soon as it may. The defaults give the 900–1,800 ms used before timings chose them; the
+/// low-latency profile 300–600 ms.
 #[must_use]
 pub const fn election_timeout_min_ms(t: &Timings) -> u64 {
-    let by_timeout = t.peer_timeout_ms * 3 / 10;
-    let by_heartbeat = 3 * raft_heartbeat_ms(t);
-    if by_timeout > by_heartbeat {
-        by_timeout
-    } else {
-        by_heartbeat
-    }
+    t.peer_timeout_ms * 3 / 10
 }
 
 impl Consensus {

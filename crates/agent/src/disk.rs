@@ -199,12 +199,16 @@ pub struct HeartbeatDisk {
     dev: Arc<dyn SlotDevice>,
     key: ClusterKey,
     timeout: Duration,
+    /// The slot bytes of the previous read and what they decoded to: a slot whose bytes did
+    /// not change decodes to the same thing, so only changed slots are authenticated again
+    /// (most slots of a 64-slot disk are empty or unchanged between two reads).
+    decoded: Arc<std::sync::Mutex<Vec<(Vec<u8>, SlotRead)>>>,
 }
 
 impl HeartbeatDisk {
     #[must_use]
     pub fn new(dev: Arc<dyn SlotDevice>, key: ClusterKey, timeout: Duration) -> HeartbeatDisk {
-        HeartbeatDisk { dev, key, timeout }
+        HeartbeatDisk { dev, key, timeout, decoded: Arc::default() }
     }
 
     /// Writes this host's slot.
@@ -228,7 +232,19 @@ impl HeartbeatDisk {
             return Err(DiskError::Io(std::io::Error::other(format!("heartbeat area is {} bytes, not {DISK_SIZE}", bytes.len()))));
         }
         DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source: Box::new(source) })?;
-        Ok(bytes[HEADER_SIZE..].chunks(SLOT_SIZE).enumerate().map(|(i, b)| DiskSlot::decode(b, HostId(i as u32), &self.key)).collect())
+        let mut cache = self.decoded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slots = Vec::with_capacity(tandem_core::MAX_HOSTS);
+        for (i, b) in bytes[HEADER_SIZE..].chunks(SLOT_SIZE).enumerate() {
+            if cache.len() <= i {
+                cache.push((Vec::new(), SlotRead::Empty));
+            }
+            let entry = &mut cache[i];
+            if entry.0.as_slice() != b {
+                *entry = (b.to_vec(), DiskSlot::decode(b, HostId(i as u32), &self.key));
+            }
+            slots.push(entry.1.clone());
+        }
+        Ok(slots)
     }
 }
 
@@ -259,6 +275,13 @@ mod tests {
         let all = disk.read_all().await.expect("read");
         assert!(matches!(all[3], SlotRead::Corrupt(_)));
         assert_eq!(all[4], SlotRead::Empty);
+        // Reads decode only the slots that changed since the previous read: a slot written
+        // again reads as what was written, unchanged slots as before.
+        let next = DiskSlot { counter: 10, ..slot };
+        disk.write(&next).await.expect("write");
+        let all = disk.read_all().await.expect("read");
+        assert_eq!((&all[3], &all[4]), (&SlotRead::Valid(next), &SlotRead::Empty));
+        assert_eq!(disk.read_all().await.expect("read again")[3], SlotRead::Valid(next));
         // A disk whose header is replaced underneath (another disk mounted over the path) reads
         // as failed, never as a silent cluster.
         f.write_all_at(&[0u8; 16], 0).expect("wipe header");

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-pub use crate::agent::{FORWARD_TIMEOUT, LOCAL_QUERY_TIMEOUT};
+pub use crate::agent::{FORWARD_TIMEOUT, LOCAL_QUERY_TIMEOUT, WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};
 pub use crate::api::MAX_BODY;
 pub use crate::api_limits::{MAX_CONNECTIONS, REQUEST_TIMEOUT};
 pub use crate::consensus::{ADMISSION_ATTEMPTS, RPC_TIMEOUT, SNAPSHOT_TIMEOUT};
@@ -29,12 +29,17 @@ const _: () = assert!(MAX_BODY as u64 <= MAX_RESPONSE as u64, "every body one ag
 const _: () = assert!(RELOAD_BYTES <= EVENT_FILE_MAX, "the timeline reloads at most the file it keeps");
 const _: () = assert!(RECEIVE_POLL_DIVISOR >= 4, "a heartbeat is stamped at most a quarter interval after it arrived");
 pub use crate::consensus::{election_timeout_min_ms, raft_heartbeat_ms};
-/// A leader that died is replaced within a peer timeout (every validated timing has this: the
-/// Raft heartbeat is at most the liveness interval and the peer timeout at least ten of them).
+/// A leader that died is replaced within a peer timeout, and followers wait for three missed
+/// leader heartbeats before they stand (every validated timing has both: the election timeout
+/// is three tenths of the peer timeout, which is at least 200 ms).
 const fn leader_replaced_in_time(t: &tandem_core::timing::Timings) -> bool {
-    2 * election_timeout_min_ms(t) < t.peer_timeout_ms && raft_heartbeat_ms(t) <= t.heartbeat_interval_ms
+    2 * election_timeout_min_ms(t) < t.peer_timeout_ms && 3 * raft_heartbeat_ms(t) <= election_timeout_min_ms(t) && raft_heartbeat_ms(t) >= 20
 }
 const _: () = assert!(leader_replaced_in_time(&tandem_core::timing::DEFAULT_TIMINGS));
 const _: () = assert!(leader_replaced_in_time(&tandem_core::timing::LOW_LATENCY_TIMINGS));
 const _: () = assert!(election_timeout_min_ms(&tandem_core::timing::DEFAULT_TIMINGS) == 900, "the defaults keep the election timeouts they had");
+const _: () = assert!(
+    WATCHDOG_MIN_SLEEP_MS < WATCHDOG_MAX_SLEEP_MS && 2 * WATCHDOG_MAX_SLEEP_MS <= tandem_core::timing::DEFAULT_TIMINGS.kill_grace_ms,
+    "the software watchdog looks at least twice within the kill grace"
+);
 const _: () = assert!(HEAVY_CONCURRENCY >= 1 && ADMISSION_ATTEMPTS >= 1);

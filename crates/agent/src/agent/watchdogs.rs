@@ -9,6 +9,10 @@ use std::time::Duration;
 use tandem_core::liveness::FenceReason;
 use tandem_core::Millis;
 
+/// The software watchdog's shortest and longest sleep.
+pub const WATCHDOG_MIN_SLEEP_MS: u64 = 10;
+pub const WATCHDOG_MAX_SLEEP_MS: u64 = 250;
+
 impl Agent {
     /// A software watchdog thread (a stalled runtime still kills its VMs in time) and, when
     /// configured, the hardware watchdog (a hung host is reset).
@@ -29,8 +33,13 @@ impl Agent {
             .name("tandem-watchdog".into())
             .spawn(move || {
                 let mut tripped = false;
+                // It wakes at the lease's end (to the 10 ms), and at least every `max_sleep`
+                // — half the kill grace, a quarter of the hardware timeout — to notice a stall
+                // and feed the hardware watchdog: a few wakeups a second, not twenty.
+                let max_sleep = (kill_grace / 2).min(if dog_ms > 0 { dog_ms / 4 } else { u64::MAX }).clamp(WATCHDOG_MIN_SLEEP_MS, WATCHDOG_MAX_SLEEP_MS);
+                let mut wait = WATCHDOG_MIN_SLEEP_MS;
                 while !a.stopping.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(50));
+                    std::thread::sleep(Duration::from_millis(wait));
                     let now = a.clock.now();
                     let last = a.last_tick.load(Ordering::SeqCst);
                     let lease_until = a.lease_until.load(Ordering::SeqCst);
@@ -66,6 +75,7 @@ impl Agent {
                             dog.feed();
                         }
                     }
+                    wait = if lease_until > now.0 { (lease_until - now.0).clamp(WATCHDOG_MIN_SLEEP_MS, max_sleep) } else { max_sleep };
                 }
             })
             .map_err(AgentError::Launcher)?;
