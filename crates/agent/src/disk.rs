@@ -202,8 +202,11 @@ pub struct HeartbeatDisk {
     /// The slot bytes of the previous read and what they decoded to: a slot whose bytes did
     /// not change decodes to the same thing, so only changed slots are authenticated again
     /// (most slots of a 64-slot disk are empty or unchanged between two reads).
-    decoded: Arc<std::sync::Mutex<Vec<(Vec<u8>, SlotRead)>>>,
+    decoded: Arc<std::sync::Mutex<Vec<DecodedSlot>>>,
 }
+
+/// A slot's bytes as last read, and what they decoded to.
+type DecodedSlot = (Vec<u8>, SlotRead);
 
 impl HeartbeatDisk {
     #[must_use]
@@ -242,7 +245,7 @@ impl HeartbeatDisk {
             if entry.0.as_slice() != b {
                 *entry = (b.to_vec(), DiskSlot::decode(b, HostId(i as u32), &self.key));
             }
-            slots.push(entry.1.clone());
+            slots.push(entry.1);
         }
         Ok(slots)
     }
