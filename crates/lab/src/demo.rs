@@ -70,7 +70,8 @@ pub fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+/// Polls `f` every 50 ms until it gives a value, Ctrl-C, or `timeout`.
+pub fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let end = Instant::now() + timeout;
     loop {
         check_interrupt()?;

@@ -4,7 +4,7 @@
 //! and last start, starts per second) and the reconciler passes that issued them. Figures only;
 //! nothing is asserted beyond the run completing without a VM on two hosts.
 
-use crate::demo::check_interrupt;
+use crate::demo::{check_interrupt, wait};
 use crate::lab::{Lab, LabOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeSet;
@@ -20,20 +20,6 @@ struct MassRound {
     all_started: f64,
     all_running: f64,
     passes: usize,
-}
-
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let end = Instant::now() + timeout;
-    loop {
-        check_interrupt()?;
-        if let Some(t) = f() {
-            return Ok(t);
-        }
-        if Instant::now() > end {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// VMs running (not exited) on host `i`, from its agent.
@@ -72,7 +58,7 @@ fn round(vms: usize) -> Result<MassRound> {
         c0.send("POST", &format!("/v1/vms/m{i}/start"), &ForceRequest::default()).map_err(|e| anyhow!("start m{i}: {e}"))?;
         check_interrupt()?;
     }
-    wait_until("every VM to run on h1", Duration::from_secs(300), || (running_on(&lab, 1).len() == vms).then_some(()))?;
+    wait("every VM to run on h1", Duration::from_secs(300), || (running_on(&lab, 1).len() == vms).then_some(()))?;
     println!("{vms} VMs created, started and running on h1 in {:.1} s", t.elapsed().as_secs_f64());
     set_mode(&lab, "h0", HostMode::Normal)?;
     set_mode(&lab, "h2", HostMode::Normal)?;
@@ -81,7 +67,7 @@ fn round(vms: usize) -> Result<MassRound> {
     let wall0 = tandem_drivers::wall_ms() as i64;
     let t0 = Instant::now();
     lab.power_off(1);
-    let all_running = wait_until("every VM to run on the survivors", Duration::from_secs(300), || {
+    let all_running = wait("every VM to run on the survivors", Duration::from_secs(300), || {
         let n = running_on(&lab, 0).len() + running_on(&lab, 2).len();
         (n >= vms).then(|| t0.elapsed().as_secs_f64())
     })?;
