@@ -46,7 +46,12 @@ pub async fn request(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
-    tokio::time::timeout(timeout, exchange(tls, method, addr, path, token, body)).await.map_err(|_| HttpError::Timeout { addr: addr.to_string(), timeout })?
+    within(addr, timeout, exchange(tls, method, addr, path, token, body)).await
+}
+
+/// Runs one request's exchange under its deadline (connecting included).
+async fn within(addr: &str, timeout: Duration, exchange: impl std::future::Future<Output = Result<Response, HttpError>>) -> Result<Response, HttpError> {
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| HttpError::Timeout { addr: addr.to_string(), timeout })?
 }
 
 /// An open HTTP/1.1 connection: the handle that sends requests on it, and the task that drives it
@@ -188,7 +193,7 @@ impl ConnectionPool {
             self.checkin(addr, conn);
             Ok(answer)
         };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| HttpError::Timeout { addr: addr.to_string(), timeout })?
+        within(addr, timeout, exchange).await
     }
 
     /// Idle connections kept now (for tests).

@@ -6,9 +6,9 @@ use super::*;
 use crate::events::FailoverRecord;
 
 /// How much earlier than the decision, on the deciding host's clock, a start recorded by another
-/// host may appear and still count: the hosts' wall clocks differ by this much at most in any
-/// setup the timings accept (the clock margin is far smaller), and a VM started on its new host
-/// a second before the failover was decided cannot be this failover's start anyway.
+/// host may appear and still count. The hosts' wall clocks are not Tandem's to bound (its
+/// decisions use each host's own monotonic clock); NTP keeps them far closer than this, and a
+/// start on the new host a second before the failover was decided cannot be this failover's.
 const START_SKEW_MS: u64 = 1000;
 
 #[derive(Deserialize)]

@@ -52,8 +52,7 @@ fn round(vms: usize) -> Result<MassRound> {
     let c0 = lab.client(0);
     let t = Instant::now();
     for i in 0..vms {
-        let mut spec = crate::lab::process_vm(&format!("m{i}"), 64, (i % 5) as i32);
-        spec.vcpus = 1;
+        let spec = crate::lab::process_vm(&format!("m{i}"), 64, (i % 5) as i32);
         c0.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create m{i}: {e}"))?;
         c0.send("POST", &format!("/v1/vms/m{i}/start"), &ForceRequest::default()).map_err(|e| anyhow!("start m{i}: {e}"))?;
         check_interrupt()?;
