@@ -136,6 +136,10 @@ pub struct Agent {
     /// Wakes the coordinator loop at once when the liveness loop finds a host it may fail over
     /// (a passed deadline, a fence report), instead of at its next tick.
     coordinator_wake: tokio::sync::Notify,
+    /// Raised at the end of every liveness tick. The membership, coordinator and reconciler
+    /// loops run on it rather than on timers of their own: one wake-up of the runtime per tick,
+    /// not three at three phases, and each loop sees the assessment of that tick.
+    ticks: tokio::sync::watch::Sender<u64>,
     reconciling: Mutex<reconciler::Reconciling>,
     heartbeats: Arc<dyn HeartbeatTransport>,
     disk: HeartbeatDisk,
@@ -199,7 +203,7 @@ impl Agent {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
             None => None,
         };
-        let io = AgentIo::production(cfg.heartbeat_addr, Duration::from_millis(cfg.timings.heartbeat_interval_ms), &cfg.heartbeat_disk, driver, tls).await?;
+        let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, driver, tls).await?;
         Agent::with_io(cfg, io).await
     }
 
@@ -237,6 +241,7 @@ impl Agent {
             beat: Mutex::default(),
             coordination: Mutex::default(),
             coordinator_wake: tokio::sync::Notify::new(),
+            ticks: tokio::sync::watch::Sender::new(0),
             reconciling: Mutex::default(),
             heartbeats,
             disk,
@@ -259,13 +264,18 @@ impl Agent {
         if self.os_threads {
             self.spawn_liveness_thread()?;
         } else {
-            tokio::spawn(Arc::clone(self).receive_loop().in_current_span());
             tokio::spawn(Arc::clone(self).liveness_loop().in_current_span());
         }
         tokio::spawn(Arc::clone(self).membership_loop().in_current_span());
         tokio::spawn(Arc::clone(self).coordinator_loop().in_current_span());
         tokio::spawn(Arc::clone(self).reconcile_loop().in_current_span());
         self.start_watchdogs()
+    }
+
+    /// Waits for the next liveness tick, or two intervals should the liveness loop stall (the
+    /// loops that wait here must not stall with it).
+    async fn next_tick(&self, ticks: &mut tokio::sync::watch::Receiver<u64>) {
+        let _ = tokio::time::timeout(2 * self.interval(), ticks.changed()).await;
     }
 
     /// Whether the agent has stopped (asked to, or after consensus stopped).

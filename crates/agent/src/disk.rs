@@ -5,7 +5,7 @@
 //! can hang in uninterruptible sleep instead of failing: a hung disk stalls that thread only.
 //! Callers wait with a deadline and count a late answer as lost.
 
-use crate::io::SlotDevice;
+use crate::io::{SlotDevice, SlotRound};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -75,8 +75,22 @@ impl Drop for Aligned {
 }
 
 enum Request {
-    Write { slot: HostId, bytes: Vec<u8>, reply: oneshot::Sender<Result<(), std::io::Error>> },
-    ReadAll { reply: oneshot::Sender<Result<Vec<u8>, std::io::Error>> },
+    Write {
+        slot: HostId,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<(), std::io::Error>>,
+    },
+    ReadAll {
+        reply: oneshot::Sender<Result<Vec<u8>, std::io::Error>>,
+    },
+    /// A write, then a read of every slot, on one opening of the path and one wake-up of the
+    /// thread (and of its caller): a liveness round's I/O.
+    Round {
+        slot: HostId,
+        bytes: Vec<u8>,
+        wrote: oneshot::Sender<Result<(), std::io::Error>>,
+        read: oneshot::Sender<Result<Vec<u8>, std::io::Error>>,
+    },
 }
 
 /// The heartbeat area in a regular file or block device, served by one I/O thread.
@@ -120,19 +134,33 @@ impl FileSlotDevice {
                 };
                 // The path is opened for every request: shared storage that is remounted or
                 // failed over is picked up again, and a path that stops resolving is a failure.
+                let mut write = |f: &std::fs::File, slot: HostId, bytes: &[u8]| {
+                    let buf = slot_buf.bytes();
+                    buf.copy_from_slice(&bytes[..SLOT_SIZE]);
+                    f.write_all_at(buf, slot_offset(slot))
+                };
+                let mut read = |f: &std::fs::File| {
+                    let buf = all_buf.bytes();
+                    f.read_exact_at(buf, 0).map(|()| buf.to_vec())
+                };
                 for req in rx {
                     match req {
                         Request::Write { slot, bytes, reply } => {
-                            let buf = slot_buf.bytes();
-                            buf.copy_from_slice(&bytes[..SLOT_SIZE]);
-                            let r = open(&disk_path).and_then(|(f, _)| f.write_all_at(buf, slot_offset(slot)));
-                            let _ = reply.send(r);
+                            let _ = reply.send(open(&disk_path).and_then(|(f, _)| write(&f, slot, &bytes)));
                         }
                         Request::ReadAll { reply } => {
-                            let buf = all_buf.bytes();
-                            let r = open(&disk_path).and_then(|(f, _)| f.read_exact_at(buf, 0)).map(|()| buf.to_vec());
-                            let _ = reply.send(r);
+                            let _ = reply.send(open(&disk_path).and_then(|(f, _)| read(&f)));
                         }
+                        Request::Round { slot, bytes, wrote, read: reply } => match open(&disk_path) {
+                            Ok((f, _)) => {
+                                let _ = wrote.send(write(&f, slot, &bytes));
+                                let _ = reply.send(read(&f));
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                                let _ = wrote.send(Err(e));
+                            }
+                        },
                     }
                 }
             })
@@ -164,6 +192,29 @@ impl SlotDevice for FileSlotDevice {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             self.roundtrip(Request::ReadAll { reply }, rx).await
+        })
+    }
+
+    fn write_then_read_all(&self, slot: HostId, bytes: Vec<u8>, timeout: Duration) -> BoxFuture<'_, SlotRound> {
+        Box::pin(async move {
+            if bytes.len() != SLOT_SIZE {
+                let wrong = || DiskError::Io(std::io::Error::other("slot image has the wrong size"));
+                return SlotRound { write: Err(wrong()), read: Err(wrong()) };
+            }
+            let (wrote, mut wrote_rx) = oneshot::channel();
+            let (read, read_rx) = oneshot::channel();
+            // The read's answer comes last: waiting for it alone wakes the caller once, and
+            // the write's answer is then already there (or is as late as the read).
+            let read = match tokio::time::timeout(2 * timeout, self.roundtrip(Request::Round { slot, bytes, wrote, read }, read_rx)).await {
+                Ok(r) => r,
+                Err(_) => Err(DiskError::Timeout(timeout)),
+            };
+            let write = match wrote_rx.try_recv() {
+                Ok(r) => r.map_err(DiskError::Io),
+                Err(oneshot::error::TryRecvError::Empty) => Err(DiskError::Timeout(timeout)),
+                Err(oneshot::error::TryRecvError::Closed) => Err(DiskError::Gone),
+            };
+            SlotRound { write, read }
         })
     }
 }
@@ -231,10 +282,21 @@ impl HeartbeatDisk {
     /// underneath (a mount that appeared or vanished) reads as failed.
     pub async fn read_all(&self) -> Result<Vec<SlotRead>, DiskError> {
         let bytes = tokio::time::timeout(self.timeout, self.dev.read_all()).await.map_err(|_| DiskError::Timeout(self.timeout))??;
+        self.decode_area(&bytes)
+    }
+
+    /// Writes this host's slot, then reads and decodes every slot (as [`HeartbeatDisk::write`]
+    /// and [`HeartbeatDisk::read_all`], in one request to the device).
+    pub async fn round(&self, slot: &DiskSlot) -> (Result<(), DiskError>, Result<Vec<SlotRead>, DiskError>) {
+        let round = self.dev.write_then_read_all(slot.host, slot.encode(&self.key), self.timeout).await;
+        (round.write, round.read.and_then(|bytes| self.decode_area(&bytes)))
+    }
+
+    fn decode_area(&self, bytes: &[u8]) -> Result<Vec<SlotRead>, DiskError> {
         if bytes.len() != DISK_SIZE {
             return Err(DiskError::Io(std::io::Error::other(format!("heartbeat area is {} bytes, not {DISK_SIZE}", bytes.len()))));
         }
-        DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source: Box::new(source) })?;
+        DiskHeader::check(bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source: Box::new(source) })?;
         let mut cache = self.decoded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut slots = Vec::with_capacity(tandem_core::MAX_HOSTS);
         for (i, b) in bytes[HEADER_SIZE..].chunks(SLOT_SIZE).enumerate() {
@@ -285,6 +347,11 @@ mod tests {
         let all = disk.read_all().await.expect("read");
         assert_eq!((&all[3], &all[4]), (&SlotRead::Valid(next), &SlotRead::Empty));
         assert_eq!(disk.read_all().await.expect("read again")[3], SlotRead::Valid(next));
+        // A liveness round writes, then reads what it wrote.
+        let third = DiskSlot { counter: 11, ..slot };
+        let (written, read) = disk.round(&third).await;
+        written.expect("round write");
+        assert_eq!(read.expect("round read")[3], SlotRead::Valid(third));
         // A disk whose header is replaced underneath (another disk mounted over the path) reads
         // as failed, never as a silent cluster.
         f.write_all_at(&[0u8; 16], 0).expect("wipe header");

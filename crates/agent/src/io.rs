@@ -57,30 +57,37 @@ impl Clock for BootClock {
 /// Unreliable datagrams between agents, for network heartbeats.
 pub trait HeartbeatTransport: Send + Sync + 'static {
     fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>>;
-    /// Waits for the next datagram; returns its length and sender.
-    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>>;
+    /// Takes the next datagram already received, without waiting: its length and sender, or
+    /// `None` when there is none. The liveness loop polls (see [`RECEIVE_POLL_DIVISOR`]).
+    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>>;
 }
 
-/// The transport polls its socket every `heartbeat_interval / RECEIVE_POLL_DIVISOR`.
+/// The liveness loop polls the heartbeat socket every `heartbeat_interval /
+/// RECEIVE_POLL_DIVISOR`, and its tick falls on every `RECEIVE_POLL_DIVISOR`-th poll.
+///
+/// Polled, not registered with the async runtime: a registered socket wakes its thread for
+/// every datagram, a context switch per peer per interval (171 a second for an idle agent of 32
+/// hosts, 73 polled). Polled from the loop that also ticks, the thread wakes a fixed number of
+/// times per second whatever the cluster's size (the tick costs no wake of its own), takes every
+/// queued datagram, and stamps each at most one poll period late (`Agent::accept_datagram` says
+/// why late is safe). A poll period's datagrams from 63 peers fit the default socket receive
+/// buffer.
 pub const RECEIVE_POLL_DIVISOR: u32 = 4;
 
-/// A UDP socket, bound at start (so a taken port is an error then) and non-blocking. It is
-/// polled, not registered with the async runtime: a registered socket wakes its thread for
-/// every datagram, a context switch per peer per interval (171 a second for an idle agent of 32
-/// hosts, 73 polled). Polled every `poll` (a quarter of the heartbeat interval), the liveness
-/// thread wakes a fixed number of times per second whatever the cluster's size, takes every
-/// queued datagram, and stamps each at most `poll` late (`Agent::accept_datagram` says why late
-/// is safe). A poll period's datagrams from 63 peers fit the default socket receive buffer.
+/// The most datagrams one poll takes: a flood (of forged datagrams, say) cannot keep the loop
+/// from its tick; what is left waits for the next poll or is dropped by the socket's buffer.
+pub const MAX_DATAGRAMS_PER_POLL: usize = 4 * tandem_core::MAX_HOSTS;
+
+/// A UDP socket, bound at start (so a taken port is an error then) and non-blocking.
 pub struct UdpTransport {
     socket: std::net::UdpSocket,
-    poll: Duration,
 }
 
 impl UdpTransport {
-    pub fn bind(addr: SocketAddr, poll: Duration) -> std::io::Result<UdpTransport> {
+    pub fn bind(addr: SocketAddr) -> std::io::Result<UdpTransport> {
         let socket = std::net::UdpSocket::bind(addr)?;
         socket.set_nonblocking(true)?;
-        Ok(UdpTransport { socket, poll: poll.max(Duration::from_millis(1)) })
+        Ok(UdpTransport { socket })
     }
 }
 
@@ -89,16 +96,14 @@ impl HeartbeatTransport for UdpTransport {
         // A full send buffer drops the datagram, as a congested network would.
         Box::pin(async move { self.socket.send_to(bytes, to).map(|_| ()) })
     }
-    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>> {
-        Box::pin(async move {
-            loop {
-                match self.socket.recv_from(buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tokio::time::sleep(self.poll).await,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    other => return other,
-                }
+    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
+        loop {
+            match self.socket.recv_from(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => return other.map(Some),
             }
-        })
+        }
     }
 }
 
@@ -109,6 +114,21 @@ pub trait SlotDevice: Send + Sync + 'static {
     fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>>;
     /// Reads every slot (`DISK_SIZE` bytes).
     fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>>;
+    /// Writes one slot, then reads every slot: a liveness round. Each half is bounded by
+    /// `timeout`; a device may do both in one request.
+    fn write_then_read_all(&self, slot: HostId, bytes: Vec<u8>, timeout: Duration) -> BoxFuture<'_, SlotRound> {
+        Box::pin(async move {
+            let write = tokio::time::timeout(timeout, self.write_slot(slot, bytes)).await.unwrap_or(Err(DiskError::Timeout(timeout)));
+            let read = tokio::time::timeout(timeout, self.read_all()).await.unwrap_or(Err(DiskError::Timeout(timeout)));
+            SlotRound { write, read }
+        })
+    }
+}
+
+/// What a write-then-read round of the heartbeat disk gave.
+pub struct SlotRound {
+    pub write: Result<(), DiskError>,
+    pub read: Result<Vec<u8>, DiskError>,
 }
 
 /// Requests to another agent's API (consensus RPCs, forwarded writes, joins).
@@ -177,16 +197,12 @@ impl AgentIo {
     /// The production wiring: boot-time clock, UDP, a file or block device, HTTP.
     pub async fn production(
         heartbeat_addr: SocketAddr,
-        heartbeat_interval: Duration,
         heartbeat_disk: &Path,
         driver: Arc<dyn VmDriver>,
         tls: Option<crate::tls::ClientTls>,
     ) -> Result<AgentIo, crate::agent::AgentError> {
-        let heartbeats = UdpTransport::bind(heartbeat_addr, heartbeat_interval / RECEIVE_POLL_DIVISOR).map_err(|source| crate::agent::AgentError::Bind {
-            what: "heartbeat socket",
-            addr: heartbeat_addr,
-            source,
-        })?;
+        let heartbeats =
+            UdpTransport::bind(heartbeat_addr).map_err(|source| crate::agent::AgentError::Bind { what: "heartbeat socket", addr: heartbeat_addr, source })?;
         Ok(AgentIo {
             clock: Arc::new(BootClock::new()),
             heartbeats: Arc::new(heartbeats),

@@ -55,7 +55,7 @@ impl Histogram {
 
 /// What the agent counts as it works.
 pub struct Metrics {
-    /// Heartbeat slot write latency.
+    /// Heartbeat disk round latency (slot write, then the read of every slot).
     pub disk_write_seconds: Histogram,
     /// From a peer's death (first seen dead) to the failover committed by this coordinator.
     pub failover_seconds: Histogram,
@@ -166,7 +166,7 @@ fn render(a: &Agent) -> String {
         rejected.as_object().into_iter().flatten().filter_map(|(k, v)| Some((format!("{{reason=\"{k}\"}}"), v.as_u64()? as f64))).collect();
     family(&mut out, "tandem_rejected_input_total", "counter", "Heartbeats and slots rejected since start, by reason.", &rejected);
     let m = &a.metrics;
-    m.disk_write_seconds.render(&mut out, "tandem_disk_write_seconds", "Heartbeat slot write latency.");
+    m.disk_write_seconds.render(&mut out, "tandem_disk_write_seconds", "Heartbeat disk round latency: the slot write, then the read of every slot.");
     counter(&mut out, "tandem_disk_write_failures_total", "Heartbeat slot writes that failed or timed out.", m.disk_write_failures.load(Ordering::Relaxed));
     let mut by_state: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
     let mut here = 0u64;

@@ -8,7 +8,7 @@ use crate::hostset::{HostId, HostSet, MAX_HOSTS};
 use crate::partition::{self, Survival};
 use crate::time::Millis;
 use crate::timing::Timings;
-use crate::wire::{Ack, DiskSlot, Heartbeat, SlotCorruption, SlotRead};
+use crate::wire::{Ack, BroadcastAck, DiskSlot, HeardAges, Heartbeat, HeartbeatFormat, SlotCorruption, SlotRead};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
@@ -69,6 +69,8 @@ pub enum HeartbeatRejected {
     NotMember(HostId),
     #[error("heartbeat claims to come from this host")]
     FromSelf,
+    #[error("heartbeat from {from} is addressed to {to}, not to this host")]
+    Misaddressed { from: HostId, to: HostId },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -76,7 +78,6 @@ struct PeerState {
     incarnation: u64,
     seq: u64,
     last_net: Option<Millis>,
-    net_heard: HostSet,
     net_fenced: bool,
     net_epoch: u64,
     slot: Option<DiskSlot>,
@@ -85,7 +86,14 @@ struct PeerState {
     acked_my_seq: Option<u64>,
     /// The latest moment other hosts report having heard this peer, on our clock: the receive
     /// time of their heartbeat less the age it states (an upper bound of when they heard it).
+    /// Folded in from the reports at every assessment.
     reported_at: Option<Millis>,
+    /// What this peer's latest heartbeat reported hearing of the others, and when it arrived:
+    /// kept as it came and folded into the others' `reported_at` at the next assessment, so a
+    /// heartbeat costs a copy rather than a walk over every peer.
+    report: Option<Report>,
+    /// The format this peer sends, and so the one it reads.
+    format: HeartbeatFormat,
     dead_since: Option<Millis>,
     /// Heartbeats accepted from this peer, and the sequence numbers skipped between them
     /// (within one incarnation): the network channel's loss, for metrics.
@@ -94,6 +102,34 @@ struct PeerState {
     /// Slot updates seen on the heartbeat disk, and counter values skipped between two reads.
     disk_seen: u64,
     disk_missed: u64,
+}
+
+/// A peer's report of how long ago it heard each host, received at `at` on our clock.
+#[derive(Clone, Copy, Debug)]
+struct Report {
+    at: Millis,
+    /// The reporter's incarnation: a later one starts its memory afresh.
+    incarnation: u64,
+    ages: HeardAges,
+}
+
+impl Report {
+    /// Raises `reported_at` of each host this report names (other than `me` and the reporter):
+    /// `at - age` is no earlier than when the reporter heard it (it heard it `age` before
+    /// sending, and sent before we received), so it can only make a deadline later.
+    fn fold_into(&self, reporter: HostId, me: HostId, peers: &mut BTreeMap<HostId, PeerState>) {
+        for (q, age) in self.ages.iter().filter(|(q, _)| *q != me && *q != reporter) {
+            if let Some(p) = peers.get_mut(&q) {
+                let at = self.heard_at(age);
+                p.reported_at = Some(p.reported_at.map_or(at, |old| old.max(at)));
+            }
+        }
+    }
+
+    /// When the reporter heard a host it reports as heard `age` ms before sending, at the latest.
+    fn heard_at(&self, age: u16) -> Millis {
+        Millis(self.at.0.saturating_sub(u64::from(age)))
+    }
 }
 
 /// Network heartbeats from one peer since this agent started.
@@ -180,6 +216,10 @@ pub struct Liveness {
     /// as a continuation: peers may count their deadline from before it). The next assessment
     /// fences, whatever the renewal says. Holds the silence at that moment.
     lapsed: Option<u64>,
+    /// The instant the lease was last found not lapsed. Until the clock moves on, renewals can
+    /// only make it later, so the heartbeats of one poll (stamped alike) check it once, not once
+    /// each (a walk over every peer's acks).
+    unlapsed_at: Option<Millis>,
     /// Our own slot as last read back from the disk (incarnation, counter), and when a read
     /// last showed it advance: proof that our writes land where we read.
     own_slot: Option<(u64, u64)>,
@@ -208,6 +248,7 @@ impl Liveness {
             last_disk_read_started: None,
             last_disk_write_ok: None,
             lapsed: None,
+            unlapsed_at: None,
             own_slot: None,
             own_slot_advanced_at: None,
             losing_since: None,
@@ -262,6 +303,8 @@ impl Liveness {
         let mut m = members;
         m.insert(self.me);
         self.members = m;
+        // A majority of other members may have acknowledged less: the lease is checked afresh.
+        self.unlapsed_at = None;
         self.peers.retain(|h, _| m.contains(*h));
         for h in m.iter().filter(|h| *h != self.me) {
             self.peers.entry(h).or_default();
@@ -283,16 +326,26 @@ impl Liveness {
 
     /// Takes an authenticated heartbeat received at `now`.
     pub fn heartbeat_received(&mut self, hb: &Heartbeat, now: Millis) -> Result<(), HeartbeatRejected> {
+        self.heartbeat_received_as(hb, HeartbeatFormat::Addressed, now)
+    }
+
+    /// [`Liveness::heartbeat_received`] for a heartbeat that came in `format`: the peer is
+    /// answered in the same one.
+    pub fn heartbeat_received_as(&mut self, hb: &Heartbeat, format: HeartbeatFormat, now: Millis) -> Result<(), HeartbeatRejected> {
         if hb.from == self.me {
             return Err(HeartbeatRejected::FromSelf);
         }
+        if hb.to != self.me {
+            return Err(HeartbeatRejected::Misaddressed { from: hb.from, to: hb.to });
+        }
         let me = self.me;
-        let me_now = self.incarnation;
         if !self.peers.contains_key(&hb.from) {
             return Err(HeartbeatRejected::NotMember(hb.from));
         }
-        let renews = hb.acks.iter().any(|a| a.host == me && a.incarnation == me_now);
-        if renews {
+        // Only acks of this incarnation count: a peer that has not yet heard us since our restart
+        // still acks the last sequence number of our previous life.
+        let ack = hb.ack.filter(|a| a.incarnation == self.incarnation);
+        if ack.is_some() {
             // A renewal that arrives after our lease lapsed does not continue it.
             self.note_lapse(now);
         }
@@ -311,23 +364,18 @@ impl Liveness {
         p.incarnation = hb.incarnation;
         p.seq = hb.seq;
         p.last_net = Some(now);
-        p.net_heard = hb.heard;
         p.net_fenced = hb.fenced;
         p.net_epoch = hb.epoch;
-        // Only acks of this incarnation count: a peer that has not yet heard us since our restart
-        // still acks the last sequence number of our previous life.
-        if let Some(a) = hb.acks.iter().find(|a| a.host == me && a.incarnation == me_now) {
+        p.format = format;
+        if let Some(a) = ack {
             p.acked_my_seq = Some(p.acked_my_seq.map_or(a.seq, |old| old.max(a.seq)));
         }
         // What the sender reports hearing of the others: evidence of their life, on our clock.
-        // `now - age` is no earlier than when the sender heard them (it heard them `age` before
-        // sending, and sent before we received), so it can only make a deadline later.
-        let from = hb.from;
-        for a in hb.acks.iter().filter(|a| a.host != me && a.host != from) {
-            if let Some(q) = self.peers.get_mut(&a.host) {
-                let at = Millis(now.0.saturating_sub(u64::from(a.age_ms)));
-                q.reported_at = Some(q.reported_at.map_or(at, |old| old.max(at)));
-            }
+        // The report it replaces is older news from the same reporter, except across a restart
+        // of the reporter (its new life remembers nothing): that one is folded in first.
+        let report = Report { at: now, incarnation: hb.incarnation, ages: hb.ages };
+        if let Some(old) = p.report.replace(report).filter(|old| old.incarnation != hb.incarnation) {
+            old.fold_into(hb.from, me, &mut self.peers);
         }
         Ok(())
     }
@@ -341,15 +389,41 @@ impl Liveness {
             .collect()
     }
 
-    /// The acks to put in our next heartbeat at `now`: the last sequence number heard from each
-    /// peer, and how long ago.
+    /// How long ago we last heard each peer, at `now`: every heartbeat we send carries it.
     #[must_use]
-    pub fn acks(&self, now: Millis) -> Vec<Ack> {
+    pub fn ages(&self, now: Millis) -> HeardAges {
+        let mut ages = HeardAges::default();
+        for (h, p) in &self.peers {
+            if let Some(t) = p.last_net {
+                ages.set(*h, now.since(t));
+            }
+        }
+        ages
+    }
+
+    /// The copy of our heartbeat for `peer`: `common` (built once per round) with the ack of
+    /// the last heartbeat we received from it.
+    #[must_use]
+    pub fn addressed(&self, common: &Heartbeat, peer: HostId) -> Heartbeat {
+        let ack = self.peers.get(&peer).filter(|p| p.last_net.is_some()).map(|p| Ack { incarnation: p.incarnation, seq: p.seq });
+        Heartbeat { to: peer, ack, ..common.clone() }
+    }
+
+    /// The format `peer` sends in (and so reads).
+    #[must_use]
+    pub fn format_of(&self, peer: HostId) -> HeartbeatFormat {
+        self.peers.get(&peer).map_or_else(HeartbeatFormat::default, |p| p.format)
+    }
+
+    /// The acks of a broadcast heartbeat (for peers of the previous release): one per peer
+    /// heard, with its age.
+    #[must_use]
+    pub fn broadcast_acks(&self, now: Millis) -> Vec<BroadcastAck> {
         self.peers
             .iter()
             .filter_map(|(h, p)| {
                 let age = now.since(p.last_net?).min(u64::from(u16::MAX)) as u16;
-                Some(Ack { host: *h, incarnation: p.incarnation, seq: p.seq, age_ms: age })
+                Some(BroadcastAck { host: *h, ack: Ack { incarnation: p.incarnation, seq: p.seq }, age_ms: age })
             })
             .collect()
     }
@@ -483,11 +557,12 @@ impl Liveness {
     /// Records, before a renewal is taken at `now`, whether the lease had already lapsed: a
     /// lapsed lease is not continued by a late renewal (peers count from the evidence before).
     fn note_lapse(&mut self, now: Millis) {
-        if self.members.len() == 1 || self.lapsed.is_some() {
+        if self.members.len() == 1 || self.lapsed.is_some() || self.unlapsed_at == Some(now) {
             return;
         }
-        if let Some(silent) = self.last_proof_of_life(now).map(|l| now.since(l)).filter(|s| *s >= self.timings.self_fence_ms) {
-            self.lapsed = Some(silent);
+        match self.last_proof_of_life(now).map(|l| now.since(l)).filter(|s| *s >= self.timings.self_fence_ms) {
+            Some(silent) => self.lapsed = Some(silent),
+            None => self.unlapsed_at = Some(now),
         }
     }
 
@@ -542,6 +617,25 @@ impl Liveness {
         self.last_disk_read_ok.is_some_and(|t| now.since(t) <= self.timings.disk_io_timeout_ms + self.timings.heartbeat_interval_ms)
     }
 
+    /// Folds every peer's latest report into the others' `reported_at`.
+    fn fold_reports(&mut self) {
+        let mut reported = [None::<Millis>; MAX_HOSTS];
+        for (reporter, p) in &self.peers {
+            let Some(r) = p.report else { continue };
+            for (q, age) in r.ages.iter().filter(|(q, _)| *q != self.me && q != reporter) {
+                if let Some(slot) = reported.get_mut(q.0 as usize) {
+                    let at = r.heard_at(age);
+                    *slot = Some(slot.map_or(at, |old: Millis| old.max(at)));
+                }
+            }
+        }
+        for (h, p) in &mut self.peers {
+            if let Some(at) = reported.get(h.0 as usize).copied().flatten() {
+                p.reported_at = Some(p.reported_at.map_or(at, |old| old.max(at)));
+            }
+        }
+    }
+
     /// Classifies every peer, decides partition survival and self-fencing, and updates the dead
     /// spells that fence deadlines count from. Call it after feeding the events up to `now`.
     pub fn assess(&mut self, now: Millis) -> Assessment {
@@ -572,13 +666,21 @@ impl Liveness {
         // Our own report is what we currently hear: the same thing our next slot write carries.
         reports.insert(self.me, heard);
 
-        // Hosts that some other live host still reports hearing are not dead.
+        // Hosts that some other live host still reports hearing are not dead. A heartbeat says
+        // how long ago its sender heard each host, so the report ages on our clock (and stops
+        // counting a peer timeout after the sender last heard it, as our own hearing does); a
+        // slot only says whom its writer heard when it wrote, and counts while it is fresh and
+        // newer than the writer's last heartbeat (the newer of the two words wins). Counting
+        // the slots' older word as well kept the coordinator calling a dead host "partitioned"
+        // for one more disk round after everyone had stopped hearing it.
+        self.fold_reports();
         let mut heard_by_others = HostSet::EMPTY;
-        for p in self.peers.values() {
-            if net_fresh(p) {
-                heard_by_others.0 |= p.net_heard.0;
+        for (h, p) in &self.peers {
+            if p.reported_at.is_some_and(|r| now.since(r) < t.peer_timeout_ms) {
+                heard_by_others.insert(*h);
             }
-            if slot_fresh(p) {
+            let slot_newer = p.slot_changed_at.is_some_and(|c| p.last_net.is_none_or(|n| c > n));
+            if slot_fresh(p) && (slot_newer || !net_fresh(p)) {
                 if let Some(s) = p.slot {
                     heard_by_others.0 |= s.heard.0;
                 }
@@ -692,8 +794,11 @@ mod tests {
             seq,
             epoch: 1,
             heard: heard.iter().map(|h| HostId(*h)).collect(),
-            acks: ack_me.map(|(h, s)| Ack { host: HostId(h), incarnation: 1, seq: s, age_ms: 0 }).into_iter().collect(),
             fenced: false,
+            // Addressed to the host acknowledged, or to host 0 (the receiver in most tests).
+            to: HostId(ack_me.map_or(0, |(h, _)| h)),
+            ack: ack_me.map(|(_, s)| Ack { incarnation: 1, seq: s }),
+            ages: HeardAges::default(),
         }
     }
 
@@ -787,7 +892,7 @@ mod tests {
     fn acks_of_a_previous_incarnation_neither_count_nor_mask_new_ones() {
         let mut l = three(0);
         for p in [1u32, 2] {
-            let stale = Heartbeat { acks: vec![Ack { host: HostId(0), incarnation: 0, seq: 5000, age_ms: 0 }], ..hb(p, 1, &[0, 1, 2], None) };
+            let stale = Heartbeat { ack: Some(Ack { incarnation: 0, seq: 5000 }), ..hb(p, 1, &[0, 1, 2], None) };
             l.heartbeat_received(&stale, Millis(0)).expect("fresh");
         }
         l.heartbeat_sent(1, Millis(0));
@@ -956,7 +1061,7 @@ mod tests {
         after_host_2_went_silent(&mut l, 26, |t, seq| {
             let heard: Vec<u32> = if t < 6000 + T.peer_timeout_ms - 200 { vec![0, 1, 2] } else { vec![0, 1] };
             let mut beat = hb(1, seq, &heard, Some((0, seq)));
-            beat.acks.push(Ack { host: HostId(2), incarnation: 1, seq: 30, age_ms: t.saturating_sub(6000).min(60_000) as u16 });
+            beat.ages.set(HostId(2), t.saturating_sub(6000).min(60_000));
             beat
         });
         let a = l.assess(Millis(12_000));
@@ -981,6 +1086,44 @@ mod tests {
         assert_eq!(p2.liveness, HostLiveness::Dead);
         let dead_since = p2.dead_since.expect("dead spell");
         assert_eq!(p2.fence_deadline, Some(dead_since.plus(T.fence_wait_ms())), "no settled evidence: the later deadline");
+    }
+
+    /// A dead host is declared dead once every report of it is a peer timeout old. A peer's
+    /// slot read before its latest heartbeat arrived is the older word and does not keep the
+    /// host "partitioned" for another disk round (the coordinator's failover waited for it).
+    #[test]
+    fn a_slot_older_than_its_writers_heartbeat_does_not_keep_a_dead_host_partitioned() {
+        let mut l = three(0);
+        run(&mut l, 0, 5000, |_, _| true);
+        // Host 2 lost power after its heartbeat and slot of 4800; everyone last heard it at 4801.
+        let last_heard = 4801;
+        let mut heard_1_before = vec![0, 1, 2];
+        let mut declared = None;
+        let mut t = 5000;
+        while t < 9000 {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            let heard_1: Vec<u32> = if t - last_heard < T.peer_timeout_ms { vec![0, 1, 2] } else { vec![0, 1] };
+            // The disk round reads host 1's slot as host 1 wrote it a round ago ...
+            let mut slots = vec![SlotRead::Empty; 3];
+            slots[0] = slot(0, seq, &[0, 1, 2], false);
+            slots[1] = slot(1, seq - 1, &heard_1_before, false);
+            slots[2] = slot(2, 25, &[0, 1, 2], false);
+            l.disk_read(&slots, now.plus(1));
+            // ... then host 1's heartbeat of this round arrives, saying when it last heard host 2.
+            let mut beat = hb(1, seq, &heard_1, Some((0, seq)));
+            beat.ages.set(HostId(2), t - last_heard);
+            l.heartbeat_received(&beat, now.plus(2)).expect("fresh");
+            heard_1_before = heard_1;
+            let a = l.assess(now.plus(3));
+            if declared.is_none() && a.peer(HostId(2)).is_some_and(|p| p.liveness == HostLiveness::Dead) {
+                declared = Some(t);
+            }
+            t += 200;
+        }
+        assert_eq!(declared, Some(7800), "dead at the first assessment a peer timeout after anyone heard it");
     }
 
     /// A renewal that arrives after the lease lapsed does not continue it: the next assessment
@@ -1116,6 +1259,40 @@ mod tests {
         let mut restarted = hb(1, 1, &[1], None);
         restarted.incarnation = 2;
         assert_eq!(l.heartbeat_received(&restarted, Millis(4)), Ok(()));
+        // A genuine copy addressed to another host is refused: it acknowledges that host's
+        // heartbeats, not ours.
+        let for_2 = Heartbeat { to: HostId(2), ..hb(1, 9, &[1], None) };
+        assert_eq!(l.heartbeat_received(&for_2, Millis(5)), Err(HeartbeatRejected::Misaddressed { from: HostId(1), to: HostId(2) }));
+    }
+
+    /// Each peer is answered in the format it sends: one of the previous release (broadcast)
+    /// keeps hearing us during a rolling upgrade.
+    #[test]
+    fn a_peer_is_answered_in_its_own_format() {
+        let mut l = three(0);
+        assert_eq!(l.format_of(HostId(1)), HeartbeatFormat::Addressed);
+        l.heartbeat_received_as(&hb(1, 1, &[0, 1], Some((0, 1))), HeartbeatFormat::Broadcast, Millis(10)).expect("fresh");
+        assert_eq!(l.format_of(HostId(1)), HeartbeatFormat::Broadcast);
+        assert_eq!(l.format_of(HostId(2)), HeartbeatFormat::Addressed);
+        let acks = l.broadcast_acks(Millis(30));
+        assert_eq!(acks, vec![BroadcastAck { host: HostId(1), ack: Ack { incarnation: 1, seq: 1 }, age_ms: 20 }]);
+        let common = hb(0, 5, &[0, 1], None);
+        assert_eq!(l.addressed(&common, HostId(1)).ack, Some(Ack { incarnation: 1, seq: 1 }));
+        assert_eq!(l.addressed(&common, HostId(2)).ack, None, "nothing heard from host 2 yet");
+    }
+
+    /// A reporter that restarts forgets what it heard; what it reported before stays evidence.
+    #[test]
+    fn a_restarted_reporter_does_not_take_back_its_evidence() {
+        let mut l = three(0);
+        let mut before = hb(1, 7, &[0, 1, 2], Some((0, 1)));
+        before.ages.set(HostId(2), 100);
+        l.heartbeat_received(&before, Millis(1000)).expect("fresh");
+        let mut after = hb(1, 1, &[0, 1], None);
+        after.incarnation = 2;
+        l.heartbeat_received(&after, Millis(1200)).expect("a new incarnation");
+        l.assess(Millis(1300));
+        assert_eq!(l.peers.get(&HostId(2)).and_then(|p| p.reported_at), Some(Millis(900)));
     }
 
     #[test]
@@ -1315,7 +1492,8 @@ mod tests {
             cut.set_members(members);
             survivor.set_members(members);
             let beat = |from: u32, seq: u64, ack: (u32, u64)| Heartbeat {
-                from: HostId(from), incarnation: 1, seq, epoch: 1, heard: members, acks: vec![Ack { host: HostId(ack.0), incarnation: 1, seq: ack.1, age_ms: 0 }], fenced: false,
+                from: HostId(from), incarnation: 1, seq, epoch: 1, heard: members, fenced: false,
+                to: HostId(ack.0), ack: Some(Ack { incarnation: 1, seq: ack.1 }), ages: HeardAges::default(),
             };
             let mut now = 0;
             let mut seq = 0;

@@ -22,27 +22,41 @@ const VERSION: u8 = 2;
 // later).
 const HEARTBEAT_VERSION: u8 = 3;
 const HEARTBEAT_VERSION_NO_AGES: u8 = 2;
+// Heartbeat version 4: one copy per peer (see `Heartbeat`).
+const HEARTBEAT_VERSION_ADDRESSED: u8 = 4;
 const FLAG_FENCED: u8 = 1;
+const FLAG_ACK: u8 = 2;
 
 /// Size of one heartbeat-disk slot: one 4 KiB block, so O_DIRECT writes of a slot are aligned on
 /// every device.
 pub const SLOT_SIZE: usize = 4096;
-/// The largest heartbeat datagram: header, one ack per possible peer, MAC.
-pub const MAX_HEARTBEAT_LEN: usize = heartbeat_len(MAX_HOSTS - 1);
+/// The largest heartbeat datagram that is read: a broadcast one acknowledging every possible peer.
+pub const MAX_HEARTBEAT_LEN: usize = broadcast_len(MAX_HOSTS - 1);
 
-/// The size of a heartbeat carrying `acks` acks: header, ack count, acks, MAC.
+/// The size of a broadcast heartbeat carrying `acks` acks: header, ack count, acks, MAC.
 #[must_use]
-pub const fn heartbeat_len(acks: usize) -> usize {
-    HEARTBEAT_HEADER_LEN + 1 + acks * ACK_LEN + MAC_LEN
+pub const fn broadcast_len(acks: usize) -> usize {
+    BROADCAST_HEADER_LEN + 1 + acks * ACK_LEN + MAC_LEN
+}
+
+/// The size of an addressed heartbeat giving the ages of `heard` hosts: header, ack, the set
+/// of hosts with an age, the ages, MAC.
+#[must_use]
+pub const fn addressed_len(heard: usize) -> usize {
+    ADDRESSED_HEADER_LEN + 2 * heard + MAC_LEN
 }
 const ACK_LEN: usize = 4 + 8 + 8 + 2;
 const ACK_LEN_NO_AGES: usize = 4 + 8 + 8;
-const HEARTBEAT_HEADER_LEN: usize = 4 + 1 + 1 + 4 + 8 + 8 + 8 + 8;
+const BROADCAST_HEADER_LEN: usize = 4 + 1 + 1 + 4 + 8 + 8 + 8 + 8;
+// Magic, version, flags, from, to, incarnation, seq, epoch, heard, ack (incarnation, seq), aged hosts.
+const ADDRESSED_HEADER_LEN: usize = 4 + 1 + 1 + 4 + 4 + 8 + 8 + 8 + 8 + 16 + 8;
 const SLOT_BODY_LEN: usize = 4 + 1 + 1 + 2 + 4 + 8 + 8 + 8 + 8 + 8;
 
-/// The cluster secret as a MAC key. Its bytes never appear in logs.
+/// The cluster secret as a MAC key. Its bytes never appear in logs. The HMAC state is keyed once:
+/// every MAC then starts from a copy instead of hashing the key's pads again (two of the four
+/// SHA-256 blocks of a heartbeat's MAC).
 #[derive(Clone)]
-pub struct ClusterKey(Vec<u8>);
+pub struct ClusterKey(HmacSha256);
 
 impl std::fmt::Debug for ClusterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,27 +76,20 @@ impl ClusterKey {
         if trimmed.len() < 16 {
             return Err(WeakSecret(trimmed.len()));
         }
-        Ok(ClusterKey(trimmed.to_vec()))
+        // HMAC takes keys of any length, so this cannot fail; were it to, the secret is refused.
+        HmacSha256::new_from_slice(trimmed).map(ClusterKey).map_err(|_| WeakSecret(trimmed.len()))
     }
 
     pub(crate) fn mac(&self, data: &[u8]) -> [u8; MAC_LEN] {
-        let mut m = match HmacSha256::new_from_slice(&self.0) {
-            Ok(m) => m,
-            // HMAC takes keys of any length; this arm cannot run.
-            Err(_) => return [0; MAC_LEN],
-        };
+        let mut m = self.0.clone();
         m.update(data);
         m.finalize().into_bytes().into()
     }
 
     pub(crate) fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
-        match HmacSha256::new_from_slice(&self.0) {
-            Ok(mut m) => {
-                m.update(data);
-                m.verify_slice(tag).is_ok()
-            }
-            Err(_) => false,
-        }
+        let mut m = self.0.clone();
+        m.update(data);
+        m.verify_slice(tag).is_ok()
     }
 
     /// Names the cluster without revealing its secret: the heartbeat disk's header carries it.
@@ -118,7 +125,12 @@ impl ClusterKey {
     }
 }
 
-/// One network heartbeat from `from`.
+/// One network heartbeat from `from`, in the copy addressed to `to`.
+///
+/// Each peer gets a copy of its own: it carries the acknowledgement only that peer needs (the
+/// last of its heartbeats the sender received) and, for every host, only how long ago the
+/// sender last heard it. A heartbeat that acknowledged every peer in full was 1,461 bytes at 64
+/// hosts, and every receiver verified and walked all of it; the addressed copy is 228.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Heartbeat {
     pub from: HostId,
@@ -128,26 +140,88 @@ pub struct Heartbeat {
     pub seq: u64,
     /// The sender's membership epoch in committed state (informational).
     pub epoch: u64,
-    /// The hosts the sender currently hears (itself included).
+    /// The hosts the sender currently hears (itself included). Informational: receivers go by
+    /// `ages`, which say when; the broadcast format carries the same set.
     pub heard: HostSet,
-    /// For each peer, the last heartbeat the sender received from it, so that the peer learns
-    /// which of its own heartbeats reached whom.
-    pub acks: Vec<Ack>,
     /// The sender has fenced itself.
     pub fenced: bool,
+    /// The host this copy is for. A copy received by any other host is refused, so a copy
+    /// cannot be replayed to another host as an acknowledgement of its heartbeats.
+    pub to: HostId,
+    /// The last heartbeat of `to` that the sender received, so that `to` learns which of its
+    /// own heartbeats reached whom.
+    pub ack: Option<Ack>,
+    /// How long before this heartbeat left the sender last heard each host.
+    pub ages: HeardAges,
 }
 
-/// "The last heartbeat I received from `host` was `seq` of its `incarnation`." The incarnation
+/// "The last heartbeat I received from you was `seq` of your `incarnation`." The incarnation
 /// matters: a host that restarts counts its sequence numbers from one again, and an ack of its
 /// previous life must not be taken for an ack of its new one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ack {
-    pub host: HostId,
     pub incarnation: u64,
     pub seq: u64,
-    /// How long before this heartbeat left the sender last heard `host`, in ms; saturated at
-    /// `u16::MAX` (a saturated age is shorter than the truth, so the evidence it gives is later
-    /// than the truth, never earlier).
+}
+
+/// For each host the sender has heard, how long before sending it last did, in ms; saturated at
+/// `u16::MAX` (a saturated age is shorter than the truth, so the evidence it gives is later than
+/// the truth, never earlier). Indexed by host id, so reading one costs no search.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeardAges {
+    hosts: HostSet,
+    ms: [u16; MAX_HOSTS],
+}
+
+impl Default for HeardAges {
+    fn default() -> Self {
+        HeardAges { hosts: HostSet::EMPTY, ms: [0; MAX_HOSTS] }
+    }
+}
+
+impl HeardAges {
+    /// Records that `host` was last heard `ms` ago (hosts outside the valid range are ignored).
+    pub fn set(&mut self, host: HostId, ms: u64) {
+        if let Some(slot) = self.ms.get_mut(host.0 as usize) {
+            *slot = ms.min(u64::from(u16::MAX)) as u16;
+            self.hosts.insert(host);
+        }
+    }
+
+    /// How long ago `host` was last heard, if it was.
+    #[must_use]
+    pub fn get(&self, host: HostId) -> Option<u16> {
+        if self.hosts.contains(host) {
+            self.ms.get(host.0 as usize).copied()
+        } else {
+            None
+        }
+    }
+
+    /// Every host heard, with its age, in host order.
+    pub fn iter(&self) -> impl Iterator<Item = (HostId, u16)> + '_ {
+        self.hosts.iter().filter_map(|h| self.get(h).map(|ms| (h, ms)))
+    }
+}
+
+/// The wire formats a heartbeat can take. A host reads all of them and answers each peer in the
+/// format that peer last sent, so hosts of the previous release keep hearing upgraded ones
+/// during a rolling upgrade.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeartbeatFormat {
+    /// Version 4: one copy per peer.
+    #[default]
+    Addressed,
+    /// Versions 2 and 3: one datagram for all, acknowledging every peer in full (version 2
+    /// without ages).
+    Broadcast,
+}
+
+/// A peer's acknowledgement as the broadcast format carries it: one per peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BroadcastAck {
+    pub host: HostId,
+    pub ack: Ack,
     pub age_ms: u16,
 }
 
@@ -174,24 +248,55 @@ fn take<const N: usize>(b: &[u8], at: &mut usize) -> [u8; N] {
 }
 
 impl Heartbeat {
-    /// Encodes and signs the heartbeat. At most `MAX_HOSTS - 1` acks are kept.
+    /// Encodes and signs the copy for `to` (the addressed format, version 4).
     #[must_use]
     pub fn encode(&self, key: &ClusterKey) -> Vec<u8> {
-        let acks = &self.acks[..self.acks.len().min(MAX_HOSTS - 1)];
-        let mut b = Vec::with_capacity(heartbeat_len(acks.len()));
+        let mut b = Vec::with_capacity(addressed_len(self.ages.hosts.len()));
+        self.encode_into(key, &mut b);
+        b
+    }
+
+    /// [`Heartbeat::encode`] into a buffer that is cleared first, so one buffer serves every peer.
+    pub fn encode_into(&self, key: &ClusterKey, b: &mut Vec<u8>) {
+        b.clear();
+        b.extend_from_slice(HEARTBEAT_MAGIC);
+        b.push(HEARTBEAT_VERSION_ADDRESSED);
+        b.push(if self.fenced { FLAG_FENCED } else { 0 } | if self.ack.is_some() { FLAG_ACK } else { 0 });
+        b.extend_from_slice(&self.from.0.to_le_bytes());
+        b.extend_from_slice(&self.to.0.to_le_bytes());
+        for x in [self.incarnation, self.seq, self.epoch, self.heard.0] {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        let ack = self.ack.unwrap_or(Ack { incarnation: 0, seq: 0 });
+        b.extend_from_slice(&ack.incarnation.to_le_bytes());
+        b.extend_from_slice(&ack.seq.to_le_bytes());
+        b.extend_from_slice(&self.ages.hosts.0.to_le_bytes());
+        for (_, ms) in self.ages.iter() {
+            b.extend_from_slice(&ms.to_le_bytes());
+        }
+        let tag = key.mac(b);
+        b.extend_from_slice(&tag);
+    }
+
+    /// Encodes and signs the heartbeat in the broadcast format (version 3), for peers of the
+    /// previous release: `to`, `ack` and `ages` are replaced by `acks`, one per peer (at most
+    /// `MAX_HOSTS - 1` are kept).
+    #[must_use]
+    pub fn encode_broadcast(&self, acks: &[BroadcastAck], key: &ClusterKey) -> Vec<u8> {
+        let acks = &acks[..acks.len().min(MAX_HOSTS - 1)];
+        let mut b = Vec::with_capacity(broadcast_len(acks.len()));
         b.extend_from_slice(HEARTBEAT_MAGIC);
         b.push(HEARTBEAT_VERSION);
         b.push(if self.fenced { FLAG_FENCED } else { 0 });
         b.extend_from_slice(&self.from.0.to_le_bytes());
-        b.extend_from_slice(&self.incarnation.to_le_bytes());
-        b.extend_from_slice(&self.seq.to_le_bytes());
-        b.extend_from_slice(&self.epoch.to_le_bytes());
-        b.extend_from_slice(&self.heard.0.to_le_bytes());
+        for x in [self.incarnation, self.seq, self.epoch, self.heard.0] {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
         b.push(acks.len() as u8);
         for a in acks {
             b.extend_from_slice(&a.host.0.to_le_bytes());
-            b.extend_from_slice(&a.incarnation.to_le_bytes());
-            b.extend_from_slice(&a.seq.to_le_bytes());
+            b.extend_from_slice(&a.ack.incarnation.to_le_bytes());
+            b.extend_from_slice(&a.ack.seq.to_le_bytes());
             b.extend_from_slice(&a.age_ms.to_le_bytes());
         }
         let tag = key.mac(&b);
@@ -199,17 +304,28 @@ impl Heartbeat {
         b
     }
 
-    /// Decodes and authenticates a datagram.
-    pub fn decode(b: &[u8], key: &ClusterKey) -> Result<Heartbeat, HeartbeatError> {
-        if b.len() < HEARTBEAT_HEADER_LEN + 1 + MAC_LEN || b.len() > MAX_HEARTBEAT_LEN {
-            return Err(HeartbeatError::BadLength(b.len()));
-        }
-        if &b[0..4] != HEARTBEAT_MAGIC || !matches!(b[4], HEARTBEAT_VERSION | HEARTBEAT_VERSION_NO_AGES) {
+    /// Decodes and authenticates a datagram received by `me`, in any format. A broadcast one is
+    /// read as the copy for `me`: its ack for `me`, and the ages of all its acks (version 2
+    /// carries none; its acks count as heard when it was sent, the later evidence, so a
+    /// deadline can only move later).
+    pub fn decode(b: &[u8], key: &ClusterKey, me: HostId) -> Result<(Heartbeat, HeartbeatFormat), HeartbeatError> {
+        if b.len() < 5 || &b[0..4] != HEARTBEAT_MAGIC {
             return Err(HeartbeatError::BadMagic);
         }
-        let with_ages = b[4] == HEARTBEAT_VERSION;
-        let n_acks = b[HEARTBEAT_HEADER_LEN] as usize;
-        let body_len = HEARTBEAT_HEADER_LEN + 1 + n_acks * if with_ages { ACK_LEN } else { ACK_LEN_NO_AGES };
+        match b[4] {
+            HEARTBEAT_VERSION_ADDRESSED => Self::decode_addressed(b, key).map(|hb| (hb, HeartbeatFormat::Addressed)),
+            HEARTBEAT_VERSION | HEARTBEAT_VERSION_NO_AGES => Self::decode_broadcast(b, key, me).map(|hb| (hb, HeartbeatFormat::Broadcast)),
+            _ => Err(HeartbeatError::BadMagic),
+        }
+    }
+
+    fn decode_addressed(b: &[u8], key: &ClusterKey) -> Result<Heartbeat, HeartbeatError> {
+        if b.len() < ADDRESSED_HEADER_LEN + MAC_LEN || b.len() > MAX_HEARTBEAT_LEN {
+            return Err(HeartbeatError::BadLength(b.len()));
+        }
+        let mut at = ADDRESSED_HEADER_LEN - 8;
+        let hosts = HostSet(u64::from_le_bytes(take(b, &mut at)));
+        let body_len = ADDRESSED_HEADER_LEN + 2 * hosts.len();
         if b.len() != body_len + MAC_LEN {
             return Err(HeartbeatError::BadLength(b.len()));
         }
@@ -218,27 +334,65 @@ impl Heartbeat {
         }
         let mut at = 5;
         let flags = take::<1>(b, &mut at)[0];
-        let from = u32::from_le_bytes(take(b, &mut at));
-        if !HostId(from).is_valid() {
-            return Err(HeartbeatError::BadHost(from));
+        let from = valid_host(u32::from_le_bytes(take(b, &mut at)))?;
+        let to = valid_host(u32::from_le_bytes(take(b, &mut at)))?;
+        let [incarnation, seq, epoch, heard, ack_incarnation, ack_seq] = [(); 6].map(|()| u64::from_le_bytes(take(b, &mut at)));
+        at += 8;
+        let mut ages = HeardAges::default();
+        for h in hosts.iter() {
+            ages.set(h, u64::from(u16::from_le_bytes(take(b, &mut at))));
         }
-        let incarnation = u64::from_le_bytes(take(b, &mut at));
-        let seq = u64::from_le_bytes(take(b, &mut at));
-        let epoch = u64::from_le_bytes(take(b, &mut at));
-        let heard = HostSet(u64::from_le_bytes(take(b, &mut at)));
+        Ok(Heartbeat {
+            from,
+            incarnation,
+            seq,
+            epoch,
+            heard: HostSet(heard),
+            fenced: flags & FLAG_FENCED != 0,
+            to,
+            ack: (flags & FLAG_ACK != 0).then_some(Ack { incarnation: ack_incarnation, seq: ack_seq }),
+            ages,
+        })
+    }
+
+    fn decode_broadcast(b: &[u8], key: &ClusterKey, me: HostId) -> Result<Heartbeat, HeartbeatError> {
+        if b.len() < BROADCAST_HEADER_LEN + 1 + MAC_LEN || b.len() > MAX_HEARTBEAT_LEN {
+            return Err(HeartbeatError::BadLength(b.len()));
+        }
+        let with_ages = b[4] == HEARTBEAT_VERSION;
+        let n_acks = b[BROADCAST_HEADER_LEN] as usize;
+        let body_len = BROADCAST_HEADER_LEN + 1 + n_acks * if with_ages { ACK_LEN } else { ACK_LEN_NO_AGES };
+        if b.len() != body_len + MAC_LEN {
+            return Err(HeartbeatError::BadLength(b.len()));
+        }
+        if !key.verify(&b[..body_len], &b[body_len..]) {
+            return Err(HeartbeatError::BadMac);
+        }
+        let mut at = 5;
+        let flags = take::<1>(b, &mut at)[0];
+        let from = valid_host(u32::from_le_bytes(take(b, &mut at)))?;
+        let [incarnation, seq, epoch, heard] = [(); 4].map(|()| u64::from_le_bytes(take(b, &mut at)));
         at += 1;
-        let mut acks = Vec::with_capacity(n_acks);
+        let mut ack = None;
+        let mut ages = HeardAges::default();
         for _ in 0..n_acks {
-            let h = u32::from_le_bytes(take(b, &mut at));
-            let incarnation = u64::from_le_bytes(take(b, &mut at));
-            let seq = u64::from_le_bytes(take(b, &mut at));
+            let h = valid_host(u32::from_le_bytes(take(b, &mut at)))?;
+            let this = Ack { incarnation: u64::from_le_bytes(take(b, &mut at)), seq: u64::from_le_bytes(take(b, &mut at)) };
             let age_ms = if with_ages { u16::from_le_bytes(take(b, &mut at)) } else { 0 };
-            if !HostId(h).is_valid() {
-                return Err(HeartbeatError::BadHost(h));
+            if h == me {
+                ack = Some(this);
             }
-            acks.push(Ack { host: HostId(h), incarnation, seq, age_ms });
+            ages.set(h, u64::from(age_ms));
         }
-        Ok(Heartbeat { from: HostId(from), incarnation, seq, epoch, heard, acks, fenced: flags & FLAG_FENCED != 0 })
+        Ok(Heartbeat { from, incarnation, seq, epoch, heard: HostSet(heard), fenced: flags & FLAG_FENCED != 0, to: me, ack, ages })
+    }
+}
+
+fn valid_host(h: u32) -> Result<HostId, HeartbeatError> {
+    if HostId(h).is_valid() {
+        Ok(HostId(h))
+    } else {
+        Err(HeartbeatError::BadHost(h))
     }
 }
 
@@ -354,14 +508,19 @@ mod tests {
     }
 
     fn sample_heartbeat() -> Heartbeat {
+        let mut ages = HeardAges::default();
+        ages.set(HostId(0), 120);
+        ages.set(HostId(1), 1_000_000);
         Heartbeat {
             from: HostId(2),
             incarnation: 7,
             seq: 99,
             epoch: 3,
             heard: [HostId(0), HostId(2)].into_iter().collect(),
-            acks: vec![Ack { host: HostId(0), incarnation: 3, seq: 41, age_ms: 120 }, Ack { host: HostId(1), incarnation: 1, seq: 12, age_ms: u16::MAX }],
             fenced: false,
+            to: HostId(0),
+            ack: Some(Ack { incarnation: 3, seq: 41 }),
+            ages,
         }
     }
 
@@ -374,11 +533,40 @@ mod tests {
     fn heartbeat_round_trips() {
         let hb = sample_heartbeat();
         let bytes = hb.encode(&key());
-        assert_eq!(Heartbeat::decode(&bytes, &key()), Ok(hb));
+        assert_eq!(bytes.len(), addressed_len(2));
+        assert_eq!(hb.ages.get(HostId(1)), Some(u16::MAX), "a long age saturates");
+        assert_eq!(Heartbeat::decode(&bytes, &key(), HostId(0)), Ok((hb, HeartbeatFormat::Addressed)));
     }
 
-    /// A heartbeat of the previous format (no ages) is still read; its acks count as heard at
-    /// the moment it was sent, the later evidence.
+    /// The addressed copy for the largest cluster is a sixth of the broadcast heartbeat.
+    #[test]
+    fn an_addressed_heartbeat_is_small() {
+        assert_eq!(addressed_len(MAX_HOSTS - 1), 228);
+        assert_eq!(broadcast_len(MAX_HOSTS - 1), 1461);
+    }
+
+    /// A broadcast heartbeat (the previous release's) is read as the copy for the receiver: its
+    /// ack for the receiver, every ack's age.
+    #[test]
+    fn broadcast_heartbeats_are_read_as_the_receivers_copy() {
+        let hb = sample_heartbeat();
+        let acks = [
+            BroadcastAck { host: HostId(0), ack: Ack { incarnation: 3, seq: 41 }, age_ms: 120 },
+            BroadcastAck { host: HostId(1), ack: Ack { incarnation: 1, seq: 12 }, age_ms: u16::MAX },
+        ];
+        let bytes = hb.encode_broadcast(&acks, &key());
+        assert_eq!(bytes.len(), broadcast_len(2));
+        let (for_0, format) = Heartbeat::decode(&bytes, &key(), HostId(0)).expect("a version 3 heartbeat is read");
+        assert_eq!(format, HeartbeatFormat::Broadcast);
+        assert_eq!(for_0, hb);
+        let (for_1, _) = Heartbeat::decode(&bytes, &key(), HostId(1)).expect("read");
+        assert_eq!((for_1.to, for_1.ack), (HostId(1), Some(Ack { incarnation: 1, seq: 12 })));
+        let (for_5, _) = Heartbeat::decode(&bytes, &key(), HostId(5)).expect("read");
+        assert_eq!(for_5.ack, None, "no ack for a host it does not name");
+    }
+
+    /// A heartbeat of version 2 (no ages) is still read; its acks count as heard at the moment
+    /// it was sent, the later evidence.
     #[test]
     fn heartbeats_without_ages_are_read_as_heard_just_now() {
         let hb = sample_heartbeat();
@@ -390,27 +578,30 @@ mod tests {
         for x in [hb.incarnation, hb.seq, hb.epoch, hb.heard.0] {
             b.extend_from_slice(&x.to_le_bytes());
         }
-        b.push(hb.acks.len() as u8);
-        for a in &hb.acks {
-            b.extend_from_slice(&a.host.0.to_le_bytes());
-            b.extend_from_slice(&a.incarnation.to_le_bytes());
-            b.extend_from_slice(&a.seq.to_le_bytes());
+        b.push(2);
+        for (h, inc, seq) in [(0u32, 3u64, 41u64), (1, 1, 12)] {
+            b.extend_from_slice(&h.to_le_bytes());
+            b.extend_from_slice(&inc.to_le_bytes());
+            b.extend_from_slice(&seq.to_le_bytes());
         }
         let tag = key().mac(&b);
         b.extend_from_slice(&tag);
-        let read = Heartbeat::decode(&b, &key()).expect("a version 2 heartbeat is read");
-        assert!(read.acks.iter().all(|a| a.age_ms == 0));
-        assert_eq!(read.acks.len(), 2);
+        let (read, _) = Heartbeat::decode(&b, &key(), HostId(0)).expect("a version 2 heartbeat is read");
+        assert_eq!(read.ages.iter().collect::<Vec<_>>(), vec![(HostId(0), 0), (HostId(1), 0)]);
+        assert_eq!(read.ack, Some(Ack { incarnation: 3, seq: 41 }));
     }
 
     #[test]
     fn forged_heartbeat_is_rejected() {
         let other = ClusterKey::new(b"another-cluster-secret").expect("key");
         let bytes = sample_heartbeat().encode(&other);
-        assert_eq!(Heartbeat::decode(&bytes, &key()), Err(HeartbeatError::BadMac));
+        assert_eq!(Heartbeat::decode(&bytes, &key(), HostId(0)), Err(HeartbeatError::BadMac));
         let mut tampered = sample_heartbeat().encode(&key());
         tampered[10] ^= 1;
-        assert_eq!(Heartbeat::decode(&tampered, &key()), Err(HeartbeatError::BadMac));
+        assert_eq!(Heartbeat::decode(&tampered, &key(), HostId(0)), Err(HeartbeatError::BadMac));
+        let mut bigger = sample_heartbeat().encode(&key());
+        bigger[ADDRESSED_HEADER_LEN - 8] |= 0x80;
+        assert_eq!(Heartbeat::decode(&bigger, &key(), HostId(0)), Err(HeartbeatError::BadLength(bigger.len())), "the aged-host set says the length");
     }
 
     #[test]
@@ -432,19 +623,24 @@ mod tests {
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
-            let _ = Heartbeat::decode(&bytes, &key());
+            let _ = Heartbeat::decode(&bytes, &key(), HostId(0));
             let _ = DiskSlot::decode(&bytes, HostId(0), &key());
         }
 
         #[test]
-        fn any_heartbeat_round_trips(from in 0u32..64, inc in any::<u64>(), seq in any::<u64>(), heard in any::<u64>(),
-                                      acks in proptest::collection::vec((0u32..64, any::<u64>(), any::<u64>(), any::<u16>()), 0..63), fenced in any::<bool>()) {
-            let hb = Heartbeat { from: HostId(from), incarnation: inc, seq, epoch: 1, heard: HostSet(heard),
-                                 acks: acks.into_iter().map(|(h, i, s, age_ms)| Ack { host: HostId(h), incarnation: i, seq: s, age_ms }).collect(), fenced };
+        fn any_heartbeat_round_trips(from in 0u32..64, to in 0u32..64, inc in any::<u64>(), seq in any::<u64>(), heard in any::<u64>(),
+                                      ack in proptest::option::of((any::<u64>(), any::<u64>())),
+                                      ages in proptest::collection::vec((0u32..64, any::<u16>()), 0..64), fenced in any::<bool>()) {
+            let mut heard_ages = HeardAges::default();
+            for (h, ms) in ages {
+                heard_ages.set(HostId(h), u64::from(ms));
+            }
+            let hb = Heartbeat { from: HostId(from), incarnation: inc, seq, epoch: 1, heard: HostSet(heard), fenced, to: HostId(to),
+                                 ack: ack.map(|(incarnation, seq)| Ack { incarnation, seq }), ages: heard_ages };
             let bytes = hb.encode(&key());
             prop_assert!(bytes.len() <= MAX_HEARTBEAT_LEN);
-            prop_assert_eq!(bytes.len(), heartbeat_len(hb.acks.len()));
-            prop_assert_eq!(Heartbeat::decode(&bytes, &key()), Ok(hb));
+            prop_assert_eq!(bytes.len(), addressed_len(heard_ages.iter().count()));
+            prop_assert_eq!(Heartbeat::decode(&bytes, &key(), HostId(to)), Ok((hb, HeartbeatFormat::Addressed)));
         }
     }
 }

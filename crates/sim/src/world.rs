@@ -334,20 +334,22 @@ impl HeartbeatTransport for SimTransport {
         })
     }
 
-    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, std::io::Result<(usize, SocketAddr)>> {
-        Box::pin(async move {
-            let msg = self.inbox.lock().await.recv().await;
-            // A frozen host reads its socket only after it thaws.
-            self.world.liveness_runs(self.me).await;
-            match msg {
-                Some((bytes, from)) => {
-                    let n = bytes.len().min(buf.len());
-                    buf[..n].copy_from_slice(&bytes[..n]);
-                    Ok((n, from))
-                }
-                None => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "host is down")),
+    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
+        // A frozen host, or one whose liveness path is stalled, reads its socket only once it
+        // runs again; what arrived meanwhile waits in its inbox.
+        if self.world.is_frozen(self.me) || lock(&self.world.cond).liveness_stalled.contains(&self.me) {
+            return Ok(None);
+        }
+        let Ok(mut inbox) = self.inbox.try_lock() else { return Ok(None) };
+        match inbox.try_recv() {
+            Ok((bytes, from)) => {
+                let n = bytes.len().min(buf.len());
+                buf[..n].copy_from_slice(&bytes[..n]);
+                Ok(Some((n, from)))
             }
-        })
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "host is down")),
+        }
     }
 }
 

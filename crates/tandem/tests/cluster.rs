@@ -543,8 +543,10 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() -> Result<()> {
         seq: u64::MAX,
         epoch: 1,
         heard: tandem_core::HostSet(0b1),
-        acks: vec![],
         fenced: true,
+        to: tandem_core::HostId(0),
+        ack: None,
+        ages: tandem_core::wire::HeardAges::default(),
     };
     let sock = std::net::UdpSocket::bind(format!("{}:0", lab.hosts[0].ip))?;
     let target = format!("{}:{}", lab.hosts[0].ip, lab.opts.api_port + 1);

@@ -29,11 +29,10 @@ pub(super) struct Coordination {
 
 impl Agent {
     pub(super) async fn coordinator_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.interval());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut ticks = self.ticks.subscribe();
         while !self.stopping.load(Ordering::SeqCst) {
             tokio::select! {
-                _ = tick.tick() => {}
+                () = self.next_tick(&mut ticks) => {}
                 () = self.coordinator_wake.notified() => {}
             }
             // A fenced host that still leads consensus keeps coordinating: otherwise a leader that

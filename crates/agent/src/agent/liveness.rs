@@ -3,14 +3,14 @@
 //! else the agent does can make it wait for a worker.
 
 use super::{lock, Agent, AgentError};
+use crate::io::{MAX_DATAGRAMS_PER_POLL, RECEIVE_POLL_DIVISOR};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use tandem_core::liveness::{Assessment, FenceReason, HostLiveness};
-use tandem_core::wire::{DiskSlot, Heartbeat, MAX_HEARTBEAT_LEN};
-use tandem_core::{HostId, HostSet};
+use tandem_core::wire::{DiskSlot, Heartbeat, HeartbeatFormat, MAX_HEARTBEAT_LEN};
+use tandem_core::{HostId, HostSet, Millis};
 use tracing::Instrument;
 
 /// What the liveness loop keeps between ticks.
@@ -29,6 +29,11 @@ impl Agent {
     /// Heartbeats in and out, the slot I/O and the liveness decision run on a thread and runtime
     /// of their own: nothing else the agent does (applying the log, FTT searches, the API, the
     /// launcher) can make them wait for a worker, so a busy host never fences itself.
+    ///
+    /// The thread sleeps on the system clock between polls and runs its runtime only for a
+    /// poll: one wake-up per poll and none besides. (Sleeping in the runtime instead cost two
+    /// or three: its timer wheel wakes at a slot boundary before the deadline, and the answer of
+    /// each disk round woke it again.) The disk round's answer is taken at the next poll.
     pub(super) fn spawn_liveness_thread(self: &Arc<Self>) -> Result<(), AgentError> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::LivenessThread)?;
         let a = Arc::clone(self);
@@ -36,32 +41,72 @@ impl Agent {
         std::thread::Builder::new()
             .name("tandem-liveness".into())
             .spawn(move || {
-                rt.block_on(
-                    async move {
-                        let receiving = tokio::spawn(Arc::clone(&a).receive_loop().in_current_span());
-                        a.liveness_loop().await;
-                        let _ = receiving.await;
+                let _entered = span.enter();
+                let poll = a.interval() / RECEIVE_POLL_DIVISOR;
+                let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
+                let mut next_tick = a.clock.now();
+                let mut next_poll = std::time::Instant::now();
+                while !a.stopping.load(Ordering::SeqCst) {
+                    rt.block_on(async {
+                        a.poll_once(&mut buf, &mut next_tick).await;
+                        // Lets the runtime run what the poll woke (the disk round it spawned,
+                        // or the one whose answer came) before the thread sleeps.
+                        tokio::task::yield_now().await;
+                    });
+                    next_poll += poll;
+                    let now = std::time::Instant::now();
+                    if next_poll <= now {
+                        // Held up past a poll: the next one is a full period from now.
+                        next_poll = now + poll;
                     }
-                    .instrument(span),
-                );
+                    std::thread::sleep(next_poll - now);
+                }
             })
             .map_err(AgentError::LivenessThread)?;
         Ok(())
     }
 
-    pub(super) async fn receive_loop(self: Arc<Self>) {
+    /// The liveness loop on the caller's runtime (the simulator's): polls as the thread does.
+    pub(super) async fn liveness_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
+        let mut polls = tokio::time::interval(self.interval() / RECEIVE_POLL_DIVISOR);
+        polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut next_tick = self.clock.now();
         while !self.stopping.load(Ordering::SeqCst) {
-            // Bounded, so that a silent network still lets the loop see that the agent stops.
-            let Ok(received) = tokio::time::timeout(self.interval(), self.heartbeats.recv_from(&mut buf)).await else {
-                continue;
-            };
-            let Ok((n, _from)) = received else {
-                // A failing transport must not turn this loop into a busy spin.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            self.accept_datagram(&buf[..n]);
+            polls.tick().await;
+            self.poll_once(&mut buf, &mut next_tick).await;
+        }
+    }
+
+    /// One poll: takes the queued datagrams, and ticks when the tick is due. Ticks are counted
+    /// on the agent's clock, not in polls: a poll skipped while the thread was held up does not
+    /// delay the tick after it.
+    async fn poll_once(self: &Arc<Self>, buf: &mut [u8], next_tick: &mut Millis) {
+        self.receive_queued(buf);
+        let now = self.clock.now();
+        if now >= *next_tick {
+            *next_tick = Millis(now.0 + self.cfg.timings.heartbeat_interval_ms - self.interval_slack());
+            self.liveness_tick().await;
+        }
+    }
+
+    /// A tick counts as due up to half a poll early: the polls that carry it are periodic too,
+    /// and a tick a hair short of the interval would otherwise wait for the next poll.
+    fn interval_slack(&self) -> u64 {
+        self.cfg.timings.heartbeat_interval_ms / u64::from(RECEIVE_POLL_DIVISOR) / 2
+    }
+
+    /// Takes every datagram queued on the heartbeat socket (at most a bounded number).
+    fn receive_queued(&self, buf: &mut [u8]) {
+        for _ in 0..MAX_DATAGRAMS_PER_POLL {
+            match self.heartbeats.try_recv_from(buf) {
+                Ok(Some((n, _from))) => self.accept_datagram(&buf[..n.min(buf.len())]),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!("heartbeat socket: {e}");
+                    return;
+                }
+            }
         }
     }
 
@@ -72,9 +117,9 @@ impl Agent {
     /// lease ends sooner, never the unsafe way.
     fn accept_datagram(&self, bytes: &[u8]) {
         let now = self.clock.now();
-        match Heartbeat::decode(bytes, &self.key) {
-            Ok(hb) => {
-                if let Err(e) = lock(&self.liveness).heartbeat_received(&hb, now) {
+        match Heartbeat::decode(bytes, &self.key, self.me) {
+            Ok((hb, format)) => {
+                if let Err(e) = lock(&self.liveness).heartbeat_received_as(&hb, format, now) {
                     tracing::debug!("{e}");
                 }
             }
@@ -82,15 +127,6 @@ impl Agent {
                 lock(&self.liveness).heartbeat_forged();
                 tracing::warn!("rejected datagram: {e}");
             }
-        }
-    }
-
-    pub(super) async fn liveness_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.interval());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        while !self.stopping.load(Ordering::SeqCst) {
-            tick.tick().await;
-            self.liveness_tick().await;
         }
     }
 
@@ -115,12 +151,13 @@ impl Agent {
             return;
         }
         let (members, epoch, peers) = self.consensus.with_state(|s| {
-            let peers: Vec<SocketAddr> = s.hosts.values().filter(|h| h.id != self.me).filter_map(|h| h.heartbeat_addr.parse().ok()).collect();
+            let peers: Vec<(HostId, SocketAddr)> =
+                s.hosts.values().filter(|h| h.id != self.me).filter_map(|h| Some((h.id, h.heartbeat_addr.parse().ok()?))).collect();
             (s.members(), s.hosts.get(&self.me).map_or(0, |h| h.epoch), peers)
         });
         self.confirm_fence(now);
         let (epoch, fenced) = self.status().announcement(epoch);
-        let (hb, assessment) = {
+        let (hb, copies, broadcast, assessment) = {
             let mut l = lock(&self.liveness);
             l.set_members_at(members, now);
             let seq = {
@@ -129,14 +166,29 @@ impl Agent {
                 s.seq
             };
             l.heartbeat_sent(seq, now);
-            let hb = Heartbeat { from: self.me, incarnation: self.incarnation, seq, epoch, heard: l.heard(now), acks: l.acks(now), fenced };
+            let hb =
+                Heartbeat { from: self.me, incarnation: self.incarnation, seq, epoch, heard: l.heard(now), fenced, to: self.me, ack: None, ages: l.ages(now) };
+            // Each peer's copy, in the format it speaks; one broadcast datagram serves every peer
+            // of the previous release.
+            let copies: Vec<(SocketAddr, Option<Heartbeat>)> =
+                peers.iter().map(|(h, addr)| (*addr, (l.format_of(*h) == HeartbeatFormat::Addressed).then(|| l.addressed(&hb, *h)))).collect();
+            let broadcast = copies.iter().any(|(_, c)| c.is_none()).then(|| hb.encode_broadcast(&l.broadcast_acks(now), &self.key));
             let assessment = l.assess(now);
             self.lease_until.store(l.lease_until(now).map_or(0, |u| u.0.max(1)), Ordering::SeqCst);
-            (hb, assessment)
+            (hb, copies, broadcast, assessment)
         };
-        let bytes = hb.encode(&self.key);
-        for p in &peers {
-            let _ = self.heartbeats.send_to(&bytes, *p).await;
+        let mut bytes = Vec::with_capacity(tandem_core::wire::addressed_len(tandem_core::MAX_HOSTS));
+        for (addr, copy) in &copies {
+            match (copy, &broadcast) {
+                (Some(copy), _) => {
+                    copy.encode_into(&self.key, &mut bytes);
+                    let _ = self.heartbeats.send_to(&bytes, *addr).await;
+                }
+                (None, Some(b)) => {
+                    let _ = self.heartbeats.send_to(b, *addr).await;
+                }
+                (None, None) => {}
+            }
         }
         self.disk_round(hb.heard, epoch, fenced);
         self.note_transitions(&assessment);
@@ -149,6 +201,7 @@ impl Agent {
             }
         }
         lock(&self.beat).assessment = Some(assessment);
+        self.ticks.send_modify(|t| *t = t.wrapping_add(1));
         if due {
             self.coordinator_wake.notify_one();
         }
@@ -171,10 +224,14 @@ impl Agent {
         tokio::spawn(
             async move {
                 let slot = DiskSlot { host: a.me, incarnation: a.incarnation, counter, epoch, heard, fenced, written_at_ms: a.clock.now().0 };
+                // One request writes, then reads: the write counts as finished when the read
+                // did (later than the truth, so a slow read can only make it count as late), and
+                // the read as begun before the write (earlier, so evidence settles later).
                 let started = a.clock.now();
-                match a.disk.write(&slot).await {
+                let (written, read) = a.disk.round(&slot).await;
+                let finished = a.clock.now();
+                match written {
                     Ok(()) => {
-                        let finished = a.clock.now();
                         a.metrics.disk_write_seconds.observe(finished.since(started) as f64 / 1000.0);
                         lock(&a.liveness).disk_written(started, finished);
                     }
@@ -184,12 +241,8 @@ impl Agent {
                         lock(&a.liveness).disk_write_failed();
                     }
                 }
-                let read_started = a.clock.now();
-                match a.disk.read_all().await {
-                    Ok(slots) => {
-                        let now = a.clock.now();
-                        lock(&a.liveness).disk_read_between(&slots, read_started, now);
-                    }
+                match read {
+                    Ok(slots) => lock(&a.liveness).disk_read_between(&slots, started, finished),
                     Err(e) => {
                         tracing::debug!("slot read failed: {e}");
                         lock(&a.liveness).disk_read_failed();

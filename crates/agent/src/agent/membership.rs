@@ -9,10 +9,9 @@ use tandem_core::state::{Applied, Command};
 
 impl Agent {
     pub(super) async fn membership_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.interval());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut ticks = self.ticks.subscribe();
         while !self.stopping.load(Ordering::SeqCst) {
-            tick.tick().await;
+            self.next_tick(&mut ticks).await;
             let st = self.status();
             let assessment = self.assessment();
             let view = MembershipView {

@@ -22,10 +22,9 @@ pub(super) struct Reconciling {
 
 impl Agent {
     pub(super) async fn reconcile_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.interval());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut ticks = self.ticks.subscribe();
         while !self.stopping.load(Ordering::SeqCst) {
-            tick.tick().await;
+            self.next_tick(&mut ticks).await;
             self.reconcile().await;
         }
     }

@@ -66,7 +66,7 @@ pub fn run(hosts: u32, seconds: u64, keep: bool) -> Result<()> {
     cpu.sort_by(f64::total_cmp);
     let mut rate: Vec<f64> = beats0.iter().zip(&beats1).map(|(a, b)| b.saturating_sub(*a) as f64 / elapsed).collect();
     rate.sort_by(f64::total_cmp);
-    let datagram = tandem_core::wire::heartbeat_len(hosts as usize - 1);
+    let datagram = tandem_core::wire::addressed_len(hosts as usize - 1);
     let mid = |v: &[f64]| v[v.len() / 2];
     println!("{hosts} agents, {elapsed:.0} s idle (no VMs), 200 ms heartbeats:");
     println!(

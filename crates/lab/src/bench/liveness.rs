@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tandem::client::Client;
 use tandem_agent::views::{EmptyRequest, StatusView};
 use tandem_core::state::{Assignment, Capacity, ClusterState, DriverSpec, HostMode, HostRecord, HostStatus, Protection, VmPhase, VmRecord, VmSpec};
-use tandem_core::wire::{Ack, ClusterKey, Heartbeat, MAX_HEARTBEAT_LEN};
+use tandem_core::wire::{Ack, ClusterKey, HeardAges, Heartbeat, MAX_HEARTBEAT_LEN};
 use tandem_core::{HostId, HostSet, MAX_HOSTS};
 
 const LOOPBACK_NET: u8 = 93;
@@ -95,7 +95,7 @@ fn chorus(key: ClusterKey, agent: SocketAddr, stop: Arc<AtomicBool>, heard: Hear
         let all: HostSet = (0..MAX_HOSTS as u32).map(HostId).collect();
         while !stop.load(Ordering::SeqCst) {
             if let Ok((n, _)) = sock.recv_from(&mut buf) {
-                if let Ok(hb) = Heartbeat::decode(&buf[..n], &key) {
+                if let Ok((hb, _)) = Heartbeat::decode(&buf[..n], &key, HostId(1)) {
                     // The agent sends one copy per played peer; the first one counts.
                     if hb.from == HostId(0) && last.is_none_or(|(inc, seq)| (hb.incarnation, hb.seq) > (inc, seq)) {
                         if let Ok(mut h) = heard.lock() {
@@ -110,9 +110,10 @@ fn chorus(key: ClusterKey, agent: SocketAddr, stop: Arc<AtomicBool>, heard: Hear
             }
             next_send += INTERVAL;
             seq += 1;
-            let acks: Vec<Ack> = last.map(|(incarnation, seq)| Ack { host: HostId(0), incarnation, seq, age_ms: 0 }).into_iter().collect();
+            let ack = last.map(|(incarnation, seq)| Ack { incarnation, seq });
             for p in 1..MAX_HOSTS as u32 {
-                let hb = Heartbeat { from: HostId(p), incarnation: 1, seq, epoch: 1, heard: all, acks: acks.clone(), fenced: false };
+                let hb =
+                    Heartbeat { from: HostId(p), incarnation: 1, seq, epoch: 1, heard: all, fenced: false, to: HostId(0), ack, ages: HeardAges::default() };
                 let _ = sock.send_to(&hb.encode(&key), agent);
             }
         }
