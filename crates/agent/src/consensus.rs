@@ -243,11 +243,22 @@ pub struct StateMachine {
     db: Arc<Database>,
     data: Arc<Published>,
     applied_tx: Arc<watch::Sender<u64>>,
+    /// Entries applied since the state was last written to the database.
+    unpersisted: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// The applied state is written to the database every this many entries (and at every snapshot),
+/// not after each: writing it serializes the whole cluster state, which with thousands of VMs
+/// cost more than the rest of a commit together. The log holds every entry since, and openraft
+/// applies the committed ones again when the agent starts (`save_committed` is implemented), so
+/// nothing committed is lost; a start re-applies at most this many entries. Log purges follow
+/// snapshots, and a snapshot writes the state first, so the log always reaches back to it.
+pub const PERSIST_EVERY_ENTRIES: u64 = 64;
 
 impl StateMachine {
     #[allow(clippy::result_large_err)] // openraft's storage traits fix this error type
     fn persist(&self, d: &MachineData) -> Result<(), SErr> {
+        self.unpersisted.store(0, std::sync::atomic::Ordering::SeqCst);
         put_meta(&self.db, "machine", &json(d).map_err(StorageIOError::write_state_machine)?).map_err(|e| StorageIOError::write_state_machine(e).into())
     }
 
@@ -274,7 +285,11 @@ fn publish(p: &Published, next: Arc<MachineData>) {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        StateMachine::snapshot_of(&current(&self.data))
+        // Written first: the log is purged up to the snapshot afterwards, and a start must find
+        // the state at least that far.
+        let d = current(&self.data);
+        self.persist(&d)?;
+        StateMachine::snapshot_of(&d)
     }
 }
 
@@ -321,7 +336,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let next = Arc::new(next);
         publish(&self.data, Arc::clone(&next));
-        self.persist(&next)?;
+        let applied = out.len() as u64;
+        if self.unpersisted.fetch_add(applied, std::sync::atomic::Ordering::SeqCst) + applied >= PERSIST_EVERY_ENTRIES || stopped.is_some() {
+            self.persist(&next)?;
+        }
         self.applied_tx.send_replace(next.last_applied.map_or(0, |l| l.index));
         match stopped {
             Some(e) => Err(e),
@@ -500,7 +518,7 @@ impl Consensus {
         let data: MachineData = get_meta(&db, "machine").map_err(|e| Box::new(SErr::from(StorageIOError::read_state_machine(e))))?.unwrap_or_default();
         let (applied_tx, applied_rx) = watch::channel(data.last_applied.map_or(0, |l| l.index));
         let data = Arc::new(Mutex::new(Arc::new(data)));
-        let sm = StateMachine { db: Arc::clone(&db), data: Arc::clone(&data), applied_tx: Arc::new(applied_tx) };
+        let sm = StateMachine { db: Arc::clone(&db), data: Arc::clone(&data), applied_tx: Arc::new(applied_tx), unpersisted: Arc::default() };
         let log = LogStore { db };
         let config = openraft::Config {
             cluster_name: "tandem".into(),
@@ -809,6 +827,46 @@ mod tests {
     }
 
     /// An entry of a newer format (or an unknown command) commits, since the log only carries
+    /// The applied state is written every `PERSIST_EVERY_ENTRIES` entries, not after each; what
+    /// was committed since is applied again from the log when the host starts: a restart loses
+    /// nothing, and the state it reopens with is the one it closed with.
+    #[tokio::test]
+    async fn entries_applied_since_the_state_was_last_written_are_applied_again_at_start() {
+        let dir = std::env::temp_dir().join(format!("tandem-persist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let vms = PERSIST_EVERY_ENTRIES as usize + 5;
+        let vm = |i: usize| -> Command {
+            let spec = serde_json::json!({ "name": format!("vm{i}"), "vcpus": 1, "memory_mib": 32, "driver": { "kind": "process", "command": ["sleep", "1"] } });
+            Command::CreateVm { spec: serde_json::from_value(spec).expect("spec") }
+        };
+        {
+            let c = single(&dir).await;
+            for i in 0..vms {
+                c.propose(vm(i)).await.expect("committed").0.expect("applies");
+            }
+            assert_eq!(c.with_state(|s| s.vms.len()), vms);
+            c.shutdown().await;
+        }
+        let written: MachineData = {
+            let db = Database::create(dir.join("consensus.redb")).expect("db");
+            get_meta(&db, "machine").expect("read").expect("written once")
+        };
+        assert!(written.state.vms.len() < vms, "the last entries were not written: {}", written.state.vms.len());
+        let c = Consensus::open(&dir, 0, "token".into(), Arc::new(NoPeers), &Timings::default()).await.expect("reopen");
+        let mut seen = 0;
+        for _ in 0..100 {
+            seen = c.with_state(|s| s.vms.len());
+            if seen == vms {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen, vms, "every committed entry is applied again");
+        c.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// it; this host then stops applying at it — no skip, no divergence — says why, and stops
     /// leading. Reopened, its log still loads, and it stops at the same entry again.
     #[tokio::test]
