@@ -837,7 +837,8 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let vms = PERSIST_EVERY_ENTRIES as usize + 5;
         let vm = |i: usize| -> Command {
-            let spec = serde_json::json!({ "name": format!("vm{i}"), "vcpus": 1, "memory_mib": 32, "driver": { "kind": "process", "command": ["sleep", "1"] } });
+            let spec =
+                serde_json::json!({ "name": format!("vm{i}"), "vcpus": 1, "memory_mib": 32, "driver": { "kind": "process", "command": ["sleep", "1"] } });
             Command::CreateVm { spec: serde_json::from_value(spec).expect("spec") }
         };
         {
