@@ -326,12 +326,7 @@ impl Heartbeat {
         let mut at = ADDRESSED_HEADER_LEN - 8;
         let hosts = HostSet(u64::from_le_bytes(take(b, &mut at)));
         let body_len = ADDRESSED_HEADER_LEN + 2 * hosts.len();
-        if b.len() != body_len + MAC_LEN {
-            return Err(HeartbeatError::BadLength(b.len()));
-        }
-        if !key.verify(&b[..body_len], &b[body_len..]) {
-            return Err(HeartbeatError::BadMac);
-        }
+        authenticate(b, body_len, key)?;
         let mut at = 5;
         let flags = take::<1>(b, &mut at)[0];
         let from = valid_host(u32::from_le_bytes(take(b, &mut at)))?;
@@ -362,12 +357,7 @@ impl Heartbeat {
         let with_ages = b[4] == HEARTBEAT_VERSION;
         let n_acks = b[BROADCAST_HEADER_LEN] as usize;
         let body_len = BROADCAST_HEADER_LEN + 1 + n_acks * if with_ages { ACK_LEN } else { ACK_LEN_NO_AGES };
-        if b.len() != body_len + MAC_LEN {
-            return Err(HeartbeatError::BadLength(b.len()));
-        }
-        if !key.verify(&b[..body_len], &b[body_len..]) {
-            return Err(HeartbeatError::BadMac);
-        }
+        authenticate(b, body_len, key)?;
         let mut at = 5;
         let flags = take::<1>(b, &mut at)[0];
         let from = valid_host(u32::from_le_bytes(take(b, &mut at)))?;
@@ -386,6 +376,17 @@ impl Heartbeat {
         }
         Ok(Heartbeat { from, incarnation, seq, epoch, heard: HostSet(heard), fenced: flags & FLAG_FENCED != 0, to: me, ack, ages })
     }
+}
+
+/// Checks that `b` is a body of `body_len` bytes followed by its MAC.
+fn authenticate(b: &[u8], body_len: usize, key: &ClusterKey) -> Result<(), HeartbeatError> {
+    if b.len() != body_len + MAC_LEN {
+        return Err(HeartbeatError::BadLength(b.len()));
+    }
+    if !key.verify(&b[..body_len], &b[body_len..]) {
+        return Err(HeartbeatError::BadMac);
+    }
+    Ok(())
 }
 
 fn valid_host(h: u32) -> Result<HostId, HeartbeatError> {
