@@ -643,14 +643,26 @@ pub fn simulated_seconds() -> Option<f64> {
 }
 
 /// Where the simulated hosts keep their data (their consensus stores are real redb files): in
-/// memory (`/dev/shm`) where there is one. The simulated world has no disk to wait for; on a
-/// real one, 64 hosts each syncing every commit to disk made a 64-host, 1,000-VM run take 800 s.
+/// memory (`/dev/shm`) where there is one with room to spare. The simulated world has no disk to
+/// wait for; on a real one, 64 hosts each syncing every commit to disk made a 64-host, 1,000-VM
+/// run take 800 s. (Containers often mount a 64 MiB `/dev/shm`: too small, so not used.)
 fn run_root() -> PathBuf {
+    const SHM_ROOM: u64 = 2 << 30;
     let shm = std::path::Path::new("/dev/shm");
-    match std::fs::metadata(shm) {
-        Ok(m) if m.is_dir() && !m.permissions().readonly() => shm.to_path_buf(),
-        _ => std::env::temp_dir(),
+    if shm.is_dir() && free_bytes(shm).is_some_and(|b| b >= SHM_ROOM) {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
     }
+}
+
+/// Bytes free for an unprivileged writer on the filesystem of `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs(3) writes one struct through a valid pointer for a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then_some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 async fn run_async(opts: SimOptions) -> SimReport {
