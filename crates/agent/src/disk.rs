@@ -177,12 +177,19 @@ impl FileSlotDevice {
     }
 }
 
+/// A slot image must be exactly one slot.
+fn check_slot_image(bytes: &[u8]) -> Result<(), DiskError> {
+    if bytes.len() == SLOT_SIZE {
+        Ok(())
+    } else {
+        Err(DiskError::Io(std::io::Error::other(format!("slot image is {} bytes, not {SLOT_SIZE}", bytes.len()))))
+    }
+}
+
 impl SlotDevice for FileSlotDevice {
     fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>> {
         Box::pin(async move {
-            if bytes.len() != SLOT_SIZE {
-                return Err(DiskError::Io(std::io::Error::other("slot image has the wrong size")));
-            }
+            check_slot_image(&bytes)?;
             let (reply, rx) = oneshot::channel();
             self.roundtrip(Request::Write { slot, bytes, reply }, rx).await
         })
@@ -197,9 +204,9 @@ impl SlotDevice for FileSlotDevice {
 
     fn write_then_read_all(&self, slot: HostId, bytes: Vec<u8>, timeout: Duration) -> BoxFuture<'_, SlotRound> {
         Box::pin(async move {
-            if bytes.len() != SLOT_SIZE {
-                let wrong = || DiskError::Io(std::io::Error::other("slot image has the wrong size"));
-                return SlotRound { write: Err(wrong()), read: Err(wrong()) };
+            if let Err(e) = check_slot_image(&bytes) {
+                let again = DiskError::Io(std::io::Error::other(e.to_string()));
+                return SlotRound { write: Err(e), read: Err(again) };
             }
             let (wrote, mut wrote_rx) = oneshot::channel();
             let (read, read_rx) = oneshot::channel();
@@ -415,6 +422,8 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(matches!(disk.write(&slot).await, Err(DiskError::Timeout(_))));
         assert!(matches!(disk.read_all().await, Err(DiskError::Timeout(_))));
+        let (written, read) = disk.round(&slot).await;
+        assert!(matches!((written, read), (Err(DiskError::Timeout(_)), Err(DiskError::Timeout(_)))), "a round on a hung device times out both halves");
         assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
     }
 }

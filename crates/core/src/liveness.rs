@@ -114,21 +114,20 @@ struct Report {
 }
 
 impl Report {
-    /// Raises `reported_at` of each host this report names (other than `me` and the reporter):
-    /// `at - age` is no earlier than when the reporter heard it (it heard it `age` before
-    /// sending, and sent before we received), so it can only make a deadline later.
+    /// When the reporter last heard each host it names (other than `me` and itself), at the
+    /// latest: `at - age` is no earlier than the truth (it heard the host `age` before sending,
+    /// and sent before we received), so it can only make a deadline later.
+    fn evidence(&self, reporter: HostId, me: HostId) -> impl Iterator<Item = (HostId, Millis)> + '_ {
+        self.ages.iter().filter(move |(q, _)| *q != me && *q != reporter).map(|(q, age)| (q, Millis(self.at.0.saturating_sub(u64::from(age)))))
+    }
+
+    /// Raises `reported_at` of each host this report names.
     fn fold_into(&self, reporter: HostId, me: HostId, peers: &mut BTreeMap<HostId, PeerState>) {
-        for (q, age) in self.ages.iter().filter(|(q, _)| *q != me && *q != reporter) {
+        for (q, at) in self.evidence(reporter, me) {
             if let Some(p) = peers.get_mut(&q) {
-                let at = self.heard_at(age);
                 p.reported_at = Some(p.reported_at.map_or(at, |old| old.max(at)));
             }
         }
-    }
-
-    /// When the reporter heard a host it reports as heard `age` ms before sending, at the latest.
-    fn heard_at(&self, age: u16) -> Millis {
-        Millis(self.at.0.saturating_sub(u64::from(age)))
     }
 }
 
@@ -622,9 +621,8 @@ impl Liveness {
         let mut reported = [None::<Millis>; MAX_HOSTS];
         for (reporter, p) in &self.peers {
             let Some(r) = p.report else { continue };
-            for (q, age) in r.ages.iter().filter(|(q, _)| *q != self.me && q != reporter) {
+            for (q, at) in r.evidence(*reporter, self.me) {
                 if let Some(slot) = reported.get_mut(q.0 as usize) {
-                    let at = r.heard_at(age);
                     *slot = Some(slot.map_or(at, |old: Millis| old.max(at)));
                 }
             }
