@@ -38,9 +38,11 @@ mod coordinator;
 mod fencing;
 mod liveness;
 mod membership;
+mod probe;
 mod reconciler;
 mod watchdogs;
 
+pub use probe::{MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL};
 pub use watchdogs::{WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};
 
 /// Timeout of a forwarded write.
@@ -141,6 +143,7 @@ pub struct Agent {
     /// not three at three phases, and each loop sees the assessment of that tick.
     ticks: tokio::sync::watch::Sender<u64>,
     reconciling: Mutex<reconciler::Reconciling>,
+    probing: Mutex<probe::Probing>,
     heartbeats: Arc<dyn HeartbeatTransport>,
     disk: HeartbeatDisk,
     rpc: Arc<dyn PeerRpc>,
@@ -243,6 +246,7 @@ impl Agent {
             coordinator_wake: tokio::sync::Notify::new(),
             ticks: tokio::sync::watch::Sender::new(0),
             reconciling: Mutex::default(),
+            probing: Mutex::default(),
             heartbeats,
             disk,
             rpc,

@@ -232,9 +232,13 @@ pub struct MachineData {
     pub state: ClusterState,
 }
 
-/// The applied state as published to readers: `apply` builds the next one aside and swaps the
-/// pointer, so a reader holds this lock only to clone an `Arc` — it never waits behind an apply,
-/// and an apply never waits behind a slow reader (an FTT search, the metrics page).
+/// The applied state as published to readers, who hold this lock only to clone the `Arc` and
+/// then read their copy for as long as they like (an FTT search, the metrics page). `apply`
+/// changes the state in place under the lock when no reader holds it, and copies it first
+/// (`Arc::make_mut`) when one does: a reader never sees a half-applied batch, an apply never
+/// waits behind a slow reader, and a reader waits at most one batch's apply (each command is
+/// a few map updates). Copying the whole state for every batch, as before, made each commit
+/// cost O(VMs) on every host: quadratic when creating thousands of VMs.
 type Published = Mutex<Arc<MachineData>>;
 
 /// The state-machine half of the storage. The data is shared with the agent for reads.
@@ -307,9 +311,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
-        // One copy per batch, changed aside and then published: readers keep the previous
-        // state meanwhile.
-        let mut next = MachineData::clone(&current(&self.data));
+        let mut published = self.data.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = Arc::make_mut(&mut published);
         let mut stopped = None;
         for e in entries {
             let log_id = e.log_id;
@@ -334,8 +337,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             });
             next.last_applied = Some(log_id);
         }
-        let next = Arc::new(next);
-        publish(&self.data, Arc::clone(&next));
+        let next = Arc::clone(&published);
+        drop(published);
         let applied = out.len() as u64;
         if self.unpersisted.fetch_add(applied, std::sync::atomic::Ordering::SeqCst) + applied >= PERSIST_EVERY_ENTRIES || stopped.is_some() {
             self.persist(&next)?;
@@ -557,6 +560,13 @@ impl Consensus {
     #[must_use]
     pub fn snapshot(&self) -> Arc<MachineData> {
         current(&self.data)
+    }
+
+    /// False once an apply panicked while changing the state in place (see [`Published`]): the
+    /// state may hold half a command, and the host must not act on it.
+    #[must_use]
+    pub fn state_intact(&self) -> bool {
+        !self.data.is_poisoned()
     }
 
     /// Reads the applied state without copying it.

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-pub use crate::agent::{FORWARD_TIMEOUT, LOCAL_QUERY_TIMEOUT, WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};
+pub use crate::agent::{
+    FORWARD_TIMEOUT, LOCAL_QUERY_TIMEOUT, MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL, WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS,
+};
 pub use crate::api::MAX_BODY;
 pub use crate::api_limits::{MAX_CONNECTIONS, REQUEST_TIMEOUT};
 pub use crate::consensus::{ADMISSION_ATTEMPTS, RPC_TIMEOUT, SNAPSHOT_TIMEOUT};
@@ -43,3 +45,7 @@ const _: () = assert!(
     "the software watchdog looks at least twice within the kill grace"
 );
 const _: () = assert!(HEAVY_CONCURRENCY >= 1 && ADMISSION_ATTEMPTS >= 1);
+const _: () = assert!(
+    shorter(PROBE_INTERVAL, PROBE_ATTEMPT_TIMEOUT) && shorter(PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP) && MAX_PROBES >= 1,
+    "a probe tries many times before it gives up"
+);

@@ -86,6 +86,7 @@ mod tests {
             priority: 0,
             restart_group: 0,
             driver: DriverSpec::Qemu { kernel: None, initrd: None, cmdline: None, extra_args: extra.iter().map(|s| s.to_string()).collect() },
+            probe: None,
         }
     }
 

@@ -448,4 +448,8 @@ pub struct VmStartView {
     pub generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<u64>,
+    /// When its service first answered its probe after that start (that host's clock); only
+    /// for a VM whose spec names a probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answering_ms: Option<u64>,
 }

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod args;
+mod probe;
 pub use args::DISK_FORMATS;
+pub use probe::{ServiceProbe, MAX_PROBE_TEXT};
 
 /// CPU and memory a host offers or a VM needs.
 // No `deny_unknown_fields` on the types that travel in log entries: an older host must not
@@ -106,6 +108,10 @@ pub struct VmSpec {
     #[serde(default)]
     pub restart_group: u8,
     pub driver: DriverSpec,
+    /// How the host that starts it tells that its service answers (observed, recorded in the
+    /// timeline and a failover's phases; decides nothing). An older host ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ServiceProbe>,
 }
 
 /// The highest restart order group.
@@ -161,6 +167,7 @@ impl VmSpec {
             priority,
             restart_group: 0,
             driver: DriverSpec::Process { command: command.iter().map(|c| c.to_string()).collect() },
+            probe: None,
         }
     }
 

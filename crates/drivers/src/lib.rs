@@ -8,6 +8,7 @@
 pub mod launcher;
 pub mod limits;
 pub mod mixed;
+pub mod probe;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -15,7 +16,8 @@ pub mod qmp;
 use serde::Serialize;
 use std::future::Future;
 use std::pin::Pin;
-use tandem_core::state::VmSpec;
+use std::time::Duration;
+use tandem_core::state::{ServiceProbe, VmSpec};
 use thiserror::Error;
 
 /// A boxed future, so the driver can be a trait object.
@@ -106,6 +108,12 @@ pub trait VmDriver: Send + Sync + 'static {
     fn list(&self) -> Vec<VmStatus>;
     /// Drops the record of an exited VM.
     fn forget(&self, name: &str);
+    /// One attempt of VM `name`'s service probe from this host (whose address is `host_ip`),
+    /// within `timeout`. Over the network unless the driver knows better (the simulator's).
+    fn probe<'a>(&'a self, name: &'a str, probe: &'a ServiceProbe, host_ip: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), probe::ProbeError>> {
+        let _ = name;
+        Box::pin(probe::attempt(probe, host_ip, timeout))
+    }
 }
 
 /// Milliseconds since the Unix epoch, for records shown to people.

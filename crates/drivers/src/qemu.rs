@@ -269,6 +269,7 @@ mod tests {
             priority: 0,
             restart_group: 0,
             driver: DriverSpec::Qemu { kernel: Some("/srv/vmlinuz".into()), initrd: None, cmdline: None, extra_args: vec![] },
+            probe: None,
         }
     }
 

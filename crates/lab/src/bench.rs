@@ -192,6 +192,7 @@ fn recover_thousand(runs: usize) -> Result<()> {
                     priority: i % 5,
                     restart_group: 0,
                     driver: DriverSpec::Process { command: vec!["sleep".into(), "1".into()] },
+                    probe: None,
                 };
                 must(&c, Command::CreateVm { spec }).await?;
                 must(&c, Command::SetPower { name: name.clone(), desired: PowerState::Running, force: false }).await?;

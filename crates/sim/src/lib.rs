@@ -304,7 +304,11 @@ impl Sim {
     async fn create_vm(&mut self, on: u32) {
         let name = format!("vm{}", self.next_vm);
         self.next_vm += 1;
-        let spec = VmSpec::process(&name, 64, (self.next_vm % 3) as i32, &["sim"]);
+        let mut spec = VmSpec::process(&name, 64, (self.next_vm % 3) as i32, &["sim"]);
+        // Half the VMs name a service probe: the agents run their probe loops here too.
+        if self.next_vm.is_multiple_of(2) {
+            spec.probe = Some(tandem_core::state::ServiceProbe::Tcp { address: "{host_ip}:80".into() });
+        }
         if let Some((200 | 201, _)) = self.send(on, "POST", "/v1/vms", &spec).await {
             self.created.insert(name.clone());
             // Whether it starts now or not, the oracle's settle check holds it to committed state.

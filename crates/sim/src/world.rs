@@ -600,4 +600,28 @@ impl VmDriver for SimDriver {
             vms.remove(name);
         }
     }
+
+    /// A simulated service answers once its VM has run for [`SIM_SERVICE_BOOT_MS`] on this
+    /// host; no real connection is made.
+    fn probe<'a>(
+        &'a self,
+        name: &'a str,
+        _probe: &'a tandem_core::state::ServiceProbe,
+        _host_ip: &'a str,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), tandem_drivers::probe::ProbeError>> {
+        Box::pin(async move {
+            let now = self.world.now_ms();
+            let up = lock(&self.vms).get(name).is_some_and(|v| v.exit.is_none() && now >= v.started_at_ms + SIM_SERVICE_BOOT_MS);
+            if up {
+                Ok(())
+            } else {
+                let source = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+                Err(tandem_drivers::probe::ProbeError::Io { address: format!("{name} on {}", self.name), source })
+            }
+        })
+    }
 }
+
+/// How long after its start a simulated VM's service answers its probe.
+pub const SIM_SERVICE_BOOT_MS: u64 = 300;

@@ -23,6 +23,14 @@ fn process_vm(name: &str, protection: &str, priority: i32) -> Value {
             "driver": { "kind": "process", "command": ["sleep", "1000000"] } })
 }
 
+/// A protected process VM that is a real service: an HTTP server on `127.0.0.1:port` (wherever
+/// it runs; only one copy ever does), with a probe the agent that starts it tries.
+fn service_vm(name: &str, priority: i32, port: u16) -> Value {
+    json!({ "name": name, "vcpus": 1, "memory_mib": 128, "protection": "protect", "priority": priority,
+            "probe": { "kind": "http", "address": format!("127.0.0.1:{port}"), "path": "/" },
+            "driver": { "kind": "process", "command": ["python3", "-m", "http.server", port.to_string(), "--bind", "127.0.0.1"] } })
+}
+
 fn lab(net: u8, tweak: impl FnOnce(&mut LabOptions)) -> Result<Lab> {
     let mut opts = LabOptions { loopback_net: net, ..LabOptions::default() };
     tweak(&mut opts);
@@ -77,13 +85,7 @@ fn host_power_loss_restarts_protected_vms_on_survivors_after_the_fence_deadline(
     let mut lab = lab(31, |_| {})?;
     create_and_start(
         &lab,
-        &[
-            process_vm("p1", "protect", 5),
-            process_vm("p2", "protect", 1),
-            process_vm("p3", "protect", 1),
-            process_vm("off1", "off", 0),
-            process_vm("p4", "protect", 0),
-        ],
+        &[service_vm("p1", 5, 23101), service_vm("p2", 1, 23102), service_vm("p3", 1, 23103), process_vm("off1", "off", 0), service_vm("p4", 0, 23104)],
     )?;
     let before = lab.placement(0)?;
     // Cut the host with the most VMs.
@@ -149,6 +151,20 @@ fn host_power_loss_restarts_protected_vms_on_survivors_after_the_fence_deadline(
         let started = s.started_ms.ok_or_else(|| anyhow!("{} has no recorded start: {f:?}", s.vm))?;
         assert!(started + 1000 >= r.committed_ms && s.host != victim_name, "{} started on {} at {started}", s.vm, s.host);
     }
+    // Each moved service answered its probe on its new host after that start: the failover's
+    // "answering" phase. (Polled: the probe may still be trying when the VMs run.)
+    let answered = wait_until(Duration::from_secs(20), || {
+        let views: Vec<FailoverView> = lab.client(survivor).list_as("/v1/failovers").ok()?;
+        let f = views.into_iter().find(|f| f.record.host == victim_name)?;
+        f.starts.iter().all(|s| s.answering_ms.is_some()).then_some(f)
+    })?;
+    for s in &answered.starts {
+        let (started, answering) = (s.started_ms.unwrap_or(u64::MAX), s.answering_ms.unwrap_or(0));
+        assert!(answering >= started, "{} answered at {answering}, before its start at {started}", s.vm);
+        eprintln!("{} answering {:.2} s after the cut", s.vm, answering.saturating_sub(cut_ms) as f64 / 1000.0);
+    }
+    let answers = events_of(&lab, "vm-answering");
+    assert!(answers.iter().all(|e| e.vm.as_deref() != Some("off1")), "a VM without a probe is never reported answering");
     std::thread::sleep(Duration::from_millis(500));
     lab.assert_no_double_run()
 }

@@ -59,7 +59,9 @@ impl Agent {
     /// and again just before each start, because a pause can fall between the two.
     pub(super) fn may_start_vms(&self) -> bool {
         let st = self.status();
-        st.fenced.is_none() && st.joined_epoch.is_some() && self.holds_lease()
+        // A state machine that panicked mid-apply (a bug an assertion in `apply` caught) left
+        // its state half-changed: nothing starts on it; the next liveness tick fences.
+        st.fenced.is_none() && st.joined_epoch.is_some() && self.holds_lease() && self.consensus.state_intact()
     }
 
     /// Whether this host holds its liveness lease now (see `Liveness::lease_valid`).
@@ -86,6 +88,9 @@ impl Agent {
                 return Err(format!("this host fenced itself ({reason})"));
             }
             let joined = st.joined_epoch.ok_or("this host has not joined the cluster")?;
+            if !a.consensus.state_intact() {
+                return Err("the committed state was left half-applied by a failed apply".to_string());
+            }
             let committed = a.consensus.with_state(|s| {
                 let host = s.hosts.get(&a.me).map(|h| (h.status, h.epoch));
                 let vm = s.vms.get(name).map(|v| v.phase.clone());

@@ -122,12 +122,15 @@ impl Agent {
                 let check = a.start_check(&spec, generation);
                 let launch = VmLaunch { spec, generation, check };
                 match a.driver.start(&launch).await {
-                    Ok(()) => a.events.record(
-                        crate::events::EventKind::VmStarted,
-                        Some(&name),
-                        Some(&a.cfg.name),
-                        format!("{name} started on {} (generation {generation})", a.cfg.name),
-                    ),
+                    Ok(()) => {
+                        a.events.record(
+                            crate::events::EventKind::VmStarted,
+                            Some(&name),
+                            Some(&a.cfg.name),
+                            format!("{name} started on {} (generation {generation})", a.cfg.name),
+                        );
+                        a.spawn_probe(&launch.spec, generation);
+                    }
                     Err(e) => {
                         a.events.record(crate::events::EventKind::VmStartFailed, Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}"));
                         // Retried on the next pass while the budget lasts, then moved on.

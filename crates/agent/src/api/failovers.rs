@@ -1,6 +1,7 @@
 //! The recent failovers across the cluster, with their measured phases: each committed
 //! failover's record (from the timeline of the coordinator that committed it) joined with when
-//! each moved VM started on its new host (from that host's timeline).
+//! each moved VM started on its new host, and when its service answered there (from that host's
+//! timeline).
 
 use super::*;
 use crate::events::FailoverRecord;
@@ -30,23 +31,22 @@ async fn timeline(a: &Agent, addr: Option<String>, kind: EventKind) -> Vec<Event
 }
 
 /// Joins failover records with the starts of the VMs they moved: the earliest start of each VM on
-/// its new host recorded from the decision on (less the allowed clock skew).
-fn join(records: Vec<(String, FailoverRecord)>, starts: &[Event]) -> Vec<FailoverView> {
+/// its new host recorded from the decision on (less the allowed clock skew), and the first time
+/// its service answered there from that start on (where its spec names a probe).
+fn join(records: Vec<(String, FailoverRecord)>, starts: &[Event], answers: &[Event]) -> Vec<FailoverView> {
+    let first = |events: &[Event], vm: &str, host: &str, from: u64| {
+        events.iter().filter(|e| e.vm.as_deref() == Some(vm) && e.host == host && e.at_ms + START_SKEW_MS >= from).map(|e| e.at_ms).min()
+    };
     records
         .into_iter()
         .map(|(recorded_by, record)| {
             let starts = record
                 .moved
                 .iter()
-                .map(|m| VmStartView {
-                    vm: m.vm.clone(),
-                    host: m.to.clone(),
-                    generation: m.generation,
-                    started_ms: starts
-                        .iter()
-                        .filter(|e| e.vm.as_deref() == Some(m.vm.as_str()) && e.host == m.to && e.at_ms + START_SKEW_MS >= record.decided_ms)
-                        .map(|e| e.at_ms)
-                        .min(),
+                .map(|m| {
+                    let started_ms = first(starts, &m.vm, &m.to, record.decided_ms);
+                    let answering_ms = started_ms.and_then(|s| first(answers, &m.vm, &m.to, s + START_SKEW_MS));
+                    VmStartView { vm: m.vm.clone(), host: m.to.clone(), generation: m.generation, started_ms, answering_ms }
                 })
                 .collect();
             FailoverView { recorded_by, record, starts }
@@ -63,19 +63,21 @@ pub(super) async fn failovers(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery
         let a = Arc::clone(&a);
         asks.spawn(async move {
             let committed = timeline(&a, addr.clone(), EventKind::FailoverCommitted).await;
-            let started = timeline(&a, addr, EventKind::VmStarted).await;
-            (committed, started)
+            let started = timeline(&a, addr.clone(), EventKind::VmStarted).await;
+            let answering = timeline(&a, addr, EventKind::VmAnswering).await;
+            (committed, started, answering)
         });
     }
     let mut records: Vec<(String, FailoverRecord)> = Vec::new();
-    let mut starts: Vec<Event> = Vec::new();
+    let (mut starts, mut answers): (Vec<Event>, Vec<Event>) = (Vec::new(), Vec::new());
     while let Some(answer) = asks.join_next().await {
-        let Ok((committed, started)) = answer else { continue };
+        let Ok((committed, started, answering)) = answer else { continue };
         records.extend(committed.into_iter().filter_map(|e| Some((e.host, e.failover?))));
         starts.extend(started);
+        answers.extend(answering);
     }
     // A failover is recorded once, by the coordinator that committed it.
     records.sort_by_key(|r| std::cmp::Reverse(r.1.committed_ms));
     records.truncate(limit);
-    Json(join(records, &starts))
+    Json(join(records, &starts, &answers))
 }

@@ -77,6 +77,9 @@ impl VmSpec {
         if let Some(n) = &self.network {
             check_network(n)?;
         }
+        if let Some(p) = &self.probe {
+            p.validate()?;
+        }
         if let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args } = &self.driver {
             for (field, p) in [("kernel", kernel), ("initrd", initrd)] {
                 if let Some(p) = p {

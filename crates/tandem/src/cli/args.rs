@@ -294,6 +294,13 @@ pub struct CreateArgs {
     /// QEMU user networking port forward, e.g. tcp:{host_ip}:8080-:80 (repeatable).
     #[arg(long)]
     pub hostfwd: Vec<String>,
+    /// How to tell that the VM's service answers: tcp:ADDR:PORT or http://ADDR:PORT/PATH, ADDR
+    /// an IPv4 address or {host_ip} (the running host's).
+    #[arg(long)]
+    pub probe: Option<String>,
+    /// With an http probe: text the answer must contain.
+    #[arg(long, requires = "probe")]
+    pub probe_expect: Option<String>,
     /// Process driver: the command to run (everything after --).
     #[arg(last = true)]
     pub command: Vec<String>,

@@ -166,14 +166,19 @@ fn print_failovers(failovers: &Vec<FailoverView>, every_vm: bool) {
             phase("half the VMs started", Some(started[started.len() / 2]));
             phase("last VM started", Some(*last));
         }
+        let mut answering: Vec<u64> = f.starts.iter().filter_map(|s| s.answering_ms).collect();
+        answering.sort_unstable();
+        if let (Some(first), Some(last)) = (answering.first(), answering.last()) {
+            phase("first service answering", Some(*first));
+            phase("last service answering", Some(*last));
+        }
         print_table(&rows);
-        println!("{} of {} moved VM(s) started; {} left down", started.len(), f.starts.len(), r.left_down.len());
+        println!("{} of {} moved VM(s) started, {} answering their probe; {} left down", started.len(), f.starts.len(), answering.len(), r.left_down.len());
         if every_vm {
-            let mut rows: Vec<Vec<String>> = vec![["VM", "TO", "GENERATION", "STARTED"].map(String::from).to_vec()];
+            let mut rows: Vec<Vec<String>> = vec![["VM", "TO", "GENERATION", "STARTED", "ANSWERING"].map(String::from).to_vec()];
+            let at = |t: Option<u64>, none: &str| t.map_or_else(|| none.to_string(), |t| after(origin, t));
             rows.extend(
-                f.starts
-                    .iter()
-                    .map(|s| vec![s.vm.clone(), s.host.clone(), s.generation.to_string(), s.started_ms.map_or_else(|| "not yet".into(), |t| after(origin, t))]),
+                f.starts.iter().map(|s| vec![s.vm.clone(), s.host.clone(), s.generation.to_string(), at(s.started_ms, "not yet"), at(s.answering_ms, "-")]),
             );
             print_table(&rows);
         }

@@ -5,7 +5,7 @@ use super::output::{kv, print_table, show, text, usage, Output};
 use anyhow::{anyhow, Context, Result};
 use tandem::client::{Client, ClientError};
 use tandem_agent::views::{Cleared, Created, Deleted, EmptyRequest, ForceRequest, Starting, Stopping, UpdateVmRequest, Updated, VmView};
-use tandem_core::state::{DriverSpec, NetworkSpec, Protection, VmSpec};
+use tandem_core::state::{DriverSpec, NetworkSpec, Protection, ServiceProbe, VmSpec};
 
 pub fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
     if let Some(path) = &args.spec {
@@ -27,7 +27,32 @@ pub fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
     };
     let network = (!args.hostfwd.is_empty()).then(|| NetworkSpec::User { hostfwd: args.hostfwd.clone() });
     let disks = args.disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false }).collect();
-    Ok(VmSpec { name, vcpus: args.vcpus, memory_mib: args.memory_mib, disks, network, protection, priority: args.priority, restart_group: args.group, driver })
+    let probe = args.probe.as_deref().map(|p| probe_from(p, args.probe_expect.clone())).transpose()?;
+    Ok(VmSpec {
+        name,
+        vcpus: args.vcpus,
+        memory_mib: args.memory_mib,
+        disks,
+        network,
+        protection,
+        priority: args.priority,
+        restart_group: args.group,
+        driver,
+        probe,
+    })
+}
+
+/// `tcp:ADDR:PORT` or `http://ADDR:PORT/PATH` as a probe (the agent checks the values).
+fn probe_from(text: &str, expect: Option<String>) -> Result<ServiceProbe> {
+    if let Some(address) = text.strip_prefix("tcp:") {
+        if expect.is_some() {
+            return Err(anyhow!("--probe-expect needs an http:// probe"));
+        }
+        return Ok(ServiceProbe::Tcp { address: address.to_string() });
+    }
+    let rest = text.strip_prefix("http://").ok_or_else(|| anyhow!("--probe '{text}' must start with tcp: or http://"))?;
+    let (address, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+    Ok(ServiceProbe::Http { address: address.to_string(), path: path.to_string(), expect })
 }
 
 pub fn toml_spec(text: &str) -> Result<VmSpec> {
