@@ -95,8 +95,16 @@ pub struct RuntimeStatus {
     pub joined_epoch: Option<u64>,
     pub fenced: Option<FenceReason>,
     pub fenced_at: Option<Millis>,
-    /// The epoch the fence speaks for: the one this host held when it fenced.
-    pub fenced_in_epoch: Option<u64>,
+    /// While fenced, the epochs the fence speaks for: this host runs no VM in this epoch or
+    /// any before it, ever again — it unfences only by joining in a later one. It starts at the
+    /// epoch held when fencing and rises past every epoch a join whose answer never came may
+    /// have committed (a host cut off with its rejoin in flight), so that the coordinator can
+    /// move its VMs in the epoch committed state has for it. Announced only up to the promise
+    /// kept in `data_dir` (see `Agent::promise_through`).
+    pub fenced_through: Option<u64>,
+    /// The highest epoch committed state may hold for this host through its own joins whose
+    /// answers it never took (an undecided proposal may still commit, under a later leader).
+    pub unanswered_join_epoch: u64,
     /// When every VM's exit was confirmed after the fence; only from then on is the fence
     /// announced in heartbeats and the slot (a peer may move the VMs at once on that word).
     pub fence_confirmed_at: Option<Millis>,
@@ -110,9 +118,9 @@ impl RuntimeStatus {
     /// rejoin that had committed, but not yet cleared the flag, announce "fenced in the new
     /// epoch", on which the coordinator fails the host over at once.)
     #[must_use]
-    pub fn announcement(&self, committed_epoch: u64) -> (u64, bool) {
-        match (self.fenced_in_epoch, self.fence_confirmed_at) {
-            (Some(e), Some(_)) if self.fenced.is_some() => (e, true),
+    pub fn announcement(&self, committed_epoch: u64, promised_through: u64) -> (u64, bool) {
+        match (self.fenced_through, self.fence_confirmed_at) {
+            (Some(e), Some(_)) if self.fenced.is_some() => (e.min(promised_through), true),
             _ => (self.joined_epoch.unwrap_or(committed_epoch), false),
         }
     }
@@ -161,26 +169,39 @@ pub struct Agent {
     /// The open hardware watchdog, when configured; `stop` disarms it.
     hw_watchdog: Mutex<Option<crate::watchdog::HardwareWatchdog>>,
     stopping: AtomicBool,
+    /// The highest epoch this host has promised never to run VMs in again, kept in `data_dir`
+    /// across restarts: a fence is announced only through it, and a join answered with an
+    /// epoch not past it is given up (see `RuntimeStatus::fenced_through`).
+    promised_through: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Reads, raises and durably stores the incarnation number.
-fn next_incarnation(dir: &std::path::Path) -> std::io::Result<u64> {
-    let path = dir.join("incarnation");
-    let prev: u64 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-    let next = prev + 1;
-    let tmp = dir.join("incarnation.tmp");
+/// A number kept in `dir/name` (0 when the file is missing or unreadable).
+fn read_number(dir: &std::path::Path, name: &str) -> u64 {
+    std::fs::read_to_string(dir.join(name)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Stores `value` in `dir/name` so that it survives a crash at any point: written aside,
+/// synced, renamed over, directory synced.
+fn store_number(dir: &std::path::Path, name: &str, value: u64) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{next}")?;
+        writeln!(f, "{value}")?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads, raises and durably stores the incarnation number.
+fn next_incarnation(dir: &std::path::Path) -> std::io::Result<u64> {
+    let next = read_number(dir, "incarnation") + 1;
+    store_number(dir, "incarnation", next)?;
     Ok(next)
 }
 
@@ -257,6 +278,7 @@ impl Agent {
             lease_until: AtomicU64::new(0),
             hw_watchdog: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            promised_through: AtomicU64::new(read_number(&cfg.data_dir, fencing::PROMISE_FILE)),
             cfg,
         }))
     }
@@ -380,15 +402,18 @@ mod tests {
     #[test]
     fn a_fence_is_announced_for_its_own_epoch_and_only_once_confirmed() {
         let reason = FenceReason::Isolated { silent_ms: 2500 };
-        let mut st = RuntimeStatus { fenced: Some(reason), fenced_at: Some(Millis(10)), fenced_in_epoch: Some(5), ..RuntimeStatus::default() };
+        let mut st = RuntimeStatus { fenced: Some(reason), fenced_at: Some(Millis(10)), fenced_through: Some(5), ..RuntimeStatus::default() };
         // Kills not yet confirmed: not announced.
-        assert_eq!(st.announcement(5), (5, false));
+        assert_eq!(st.announcement(5, 5), (5, false));
         st.fence_confirmed_at = Some(Millis(12));
-        assert_eq!(st.announcement(6), (5, true), "the join committed epoch 6 before the status was updated");
+        assert_eq!(st.announcement(6, 5), (5, true), "the join committed epoch 6 before the status was updated");
+        // Only as far as the stored promise.
+        st.fenced_through = Some(7);
+        assert_eq!(st.announcement(6, 6), (6, true), "epoch 7 not yet promised durably");
         // Joined again: the new epoch, not fenced.
         let joined = RuntimeStatus { joined_epoch: Some(6), ..RuntimeStatus::default() };
-        assert_eq!(joined.announcement(6), (6, false));
+        assert_eq!(joined.announcement(6, 5), (6, false));
         // Never joined: the committed epoch, informational.
-        assert_eq!(RuntimeStatus::default().announcement(3), (3, false));
+        assert_eq!(RuntimeStatus::default().announcement(3, 0), (3, false));
     }
 }

@@ -57,6 +57,12 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 /// (the coordinator's placements commit in between; judged commands themselves take turns).
 pub const ADMISSION_ATTEMPTS: u32 = 10;
 
+/// How long a proposal on this host may wait for its entry to commit and apply. Past it the
+/// outcome is unknown (the entry may still commit, under a later leader): callers treat it as
+/// such. Unbounded, a leader cut off with a proposal in flight (its own rejoin) waited until the
+/// partition healed, and then took an answer given 12 s after it asked.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Consensus failures.
 #[derive(Debug, Error)]
 pub enum ConsensusError {
@@ -76,6 +82,8 @@ pub enum ConsensusError {
     AlreadyInitialized,
     #[error("consensus operation failed: {0}")]
     Raft(String),
+    #[error("the proposal did not commit within {0:?}; it may still commit later")]
+    Undecided(Duration),
     #[error("command would not read back from the log, refused: {0}")]
     Unencodable(String),
 }
@@ -675,7 +683,8 @@ impl Consensus {
 
     /// Proposes an entry as it is (tests use it to put an entry of a newer format in the log).
     pub async fn propose_entry(&self, entry: LogEntry) -> Result<(CommandResult, u64), ConsensusError> {
-        match self.raft.client_write(entry).await {
+        let written = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(entry)).await;
+        match written.map_err(|_| ConsensusError::Undecided(PROPOSE_TIMEOUT))? {
             Ok(resp) => {
                 self.wait_applied(resp.log_id.index).await;
                 Ok((resp.data, resp.log_id.index))

@@ -9,7 +9,7 @@ pub use crate::agent::{
 };
 pub use crate::api::MAX_BODY;
 pub use crate::api_limits::{MAX_CONNECTIONS, REQUEST_TIMEOUT};
-pub use crate::consensus::{ADMISSION_ATTEMPTS, RPC_TIMEOUT, SNAPSHOT_TIMEOUT};
+pub use crate::consensus::{ADMISSION_ATTEMPTS, PROPOSE_TIMEOUT, RPC_TIMEOUT, SNAPSHOT_TIMEOUT};
 pub use crate::events::{EVENT_FILE_MAX, EVENT_RING, RELOAD_BYTES};
 pub use crate::heavy::HEAVY_CONCURRENCY;
 pub use crate::httpc::MAX_RESPONSE;
@@ -23,6 +23,7 @@ const fn shorter(a: Duration, b: Duration) -> bool {
 const _: () = assert!(shorter(FORWARD_TIMEOUT, REQUEST_TIMEOUT), "a forwarded write must answer within the API's own request deadline");
 const _: () = assert!(shorter(SNAPSHOT_TIMEOUT, REQUEST_TIMEOUT), "a snapshot chunk must arrive within the API's request deadline");
 const _: () = assert!(shorter(RPC_TIMEOUT, FORWARD_TIMEOUT), "a consensus RPC is shorter than the write waiting on it");
+const _: () = assert!(shorter(PROPOSE_TIMEOUT, FORWARD_TIMEOUT), "a forwarded proposal answers, even undecided, before its forwarder gives up");
 const _: () = assert!(
     LOCAL_QUERY_TIMEOUT.as_millis() < tandem_core::timing::DEFAULT_TIMINGS.peer_timeout_ms as u128,
     "the coordinator's read of a host's VMs must not hold its loop past a peer timeout"

@@ -37,6 +37,9 @@ pub struct OwnFence {
     pub reason: FenceReason,
     /// When every VM exit was confirmed, if yet.
     pub confirmed_at: Option<Millis>,
+    /// The epochs this host has promised never to run VMs in again (see `RuntimeStatus` in the
+    /// agent): its own VMs move only while committed state has it in one of them.
+    pub promised_through: u64,
 }
 
 /// What the coordinator remembers between passes: when it first saw each host report itself
@@ -78,10 +81,15 @@ impl FenceReports {
                 let reason = if h.id == i.me {
                     // Fencing killed our VMs before the flag was set, and nothing starts here
                     // while it is set: our VMs may move once the exits are confirmed.
-                    FailoverReason::OwnFence(own?.reason)
+                    let own = own.filter(|f| h.epoch <= f.promised_through)?;
+                    FailoverReason::OwnFence(own.reason)
                 } else {
                     let p = i.assessment.peer(h.id)?;
-                    if p.fenced_epoch == Some(h.epoch) && due.contains(&h.id) {
+                    // A fence is reported "through" an epoch: the reporter runs no VM in that
+                    // epoch or any before it, ever again (it joins again in a later one). A
+                    // host of an older release reports the epoch it fenced in, which is never
+                    // past the committed one, so for it this is the old equality.
+                    if p.fenced_epoch.is_some_and(|through| through >= h.epoch) && due.contains(&h.id) {
                         FailoverReason::ReportedFenced
                     } else if i.skip_fence_wait && p.liveness != HostLiveness::Alive && p.liveness != HostLiveness::Unknown {
                         FailoverReason::UnsafeSkippedFenceWait
@@ -180,6 +188,23 @@ mod tests {
         // A report that stops and comes back is graced again from its return.
         assert_eq!(decide(&mut r, &s, &assessment(2_000, vec![peer(1, HostLiveness::Alive)]), None), vec![]);
         assert_eq!(decide(&mut r, &s, &reporting(2_100, epoch), None), vec![]);
+        // "Fenced through" a later epoch covers the committed one: a host whose rejoin committed
+        // while it was cut off, and that gave that join up.
+        let mut through = FenceReports::default();
+        assert_eq!(decide(&mut through, &s, &reporting(1_000, epoch + 1), None), vec![]);
+        assert_eq!(decide(&mut through, &s, &reporting(1_500, epoch + 1), None), vec![(1, FailoverReason::ReportedFenced)]);
+    }
+
+    /// The coordinator moves its own VMs only while committed state has it in an epoch it has
+    /// promised never to run VMs in again.
+    #[test]
+    fn the_coordinators_own_fence_counts_only_for_promised_epochs() {
+        let s = cluster(3, 4096);
+        let epoch = s.hosts[&HostId(0)].epoch;
+        let mut r = FenceReports::default();
+        let fence = |promised_through| Some(OwnFence { reason: FenceReason::Stopping, confirmed_at: Some(Millis(0)), promised_through });
+        assert_eq!(decide(&mut r, &s, &assessment(5_000, vec![]), fence(epoch - 1)), vec![], "a join it may still accept committed epoch {epoch}");
+        assert_eq!(decide(&mut r, &s, &assessment(5_000, vec![]), fence(epoch)), vec![(0, FailoverReason::OwnFence(FenceReason::Stopping))]);
     }
 
     /// The coordinator's own fence counts once every exit is confirmed and the grace passed.
@@ -188,7 +213,7 @@ mod tests {
         let s = cluster(3, 4096);
         let mut r = FenceReports::default();
         let a = |now| assessment(now, vec![]);
-        let fence = |confirmed_at| Some(OwnFence { reason: FenceReason::Stopping, confirmed_at });
+        let fence = |confirmed_at| Some(OwnFence { reason: FenceReason::Stopping, confirmed_at, promised_through: u64::MAX });
         assert_eq!(decide(&mut r, &s, &a(5_000), fence(None)), vec![]);
         assert_eq!(decide(&mut r, &s, &a(5_000), fence(Some(Millis(4_800)))), vec![]);
         assert_eq!(decide(&mut r, &s, &a(5_300), fence(Some(Millis(4_800)))), vec![(0, FailoverReason::OwnFence(FenceReason::Stopping))]);

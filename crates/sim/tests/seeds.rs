@@ -74,6 +74,21 @@ fn regression_seeds_stay_fixed() {
     }
 }
 
+/// Seed 103, full partitions only: the leader, fenced and healed, proposed its own rejoin and
+/// was cut off again before it committed; the next leader committed it, so committed state had
+/// the host in epoch 2 while the host, still fenced, said "fenced in epoch 1" — and its
+/// proposal waited, unbounded, for the partition to heal. The majority never moved its VMs
+/// (11 s down). Now a proposal gives up after `PROPOSE_TIMEOUT`, the host's fence then covers
+/// the epoch its unanswered join may have committed (promised durably, and a join answered
+/// with such an epoch is given up), and the coordinator accepts a fence "through" the
+/// committed epoch.
+#[test]
+fn a_rejoin_committed_behind_a_cut_off_host_does_not_strand_its_vms() {
+    let r = run(&SimOptions { only: Some(FaultKind::PartitionFull), ..opts(103, 60) });
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+    assert!(r.trace.iter().any(|l| l.contains("reports itself fenced in epoch 2")), "the fence report covers the committed epoch");
+}
+
 /// With the coordinator's wait for the fence deadline switched off, the simulator must find a
 /// VM running on two hosts within a few seeds.
 #[test]

@@ -166,7 +166,7 @@ impl Agent {
             me: self.me,
             state: &snapshot.state,
             assessment: a,
-            own_fence: st.fenced.map(|reason| OwnFence { reason, confirmed_at: st.fence_confirmed_at }),
+            own_fence: st.fenced.map(|reason| OwnFence { reason, confirmed_at: st.fence_confirmed_at, promised_through: self.promised_through() }),
             kill_grace_ms: self.cfg.timings.kill_grace_ms,
             now: self.clock.now(),
             skip_fence_wait: self.mutation == Some(crate::io::Mutation::SkipFenceWait),

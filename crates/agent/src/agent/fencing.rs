@@ -4,6 +4,7 @@
 //! other), so a start either sees the fence or is killed by it.
 
 use super::{lock, Agent};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::liveness::FenceReason;
@@ -121,7 +122,7 @@ impl Agent {
             let mut st = lock(&self.status);
             st.fenced = Some(reason);
             st.fenced_at = Some(now);
-            st.fenced_in_epoch = st.joined_epoch;
+            st.fenced_through = st.joined_epoch.map(|e| e.max(st.unanswered_join_epoch));
             st.fence_confirmed_at = None;
             st.joined_epoch = None;
         }
@@ -130,13 +131,13 @@ impl Agent {
         // `apply` holds (the watchdog thread fences through here when the runtime stalls).
         let killed = self.driver.kill_all();
         // An unjoined host announces its fence for the epoch committed state has for it.
-        let unjoined = lock(&self.status).fenced_in_epoch.is_none();
+        let unjoined = lock(&self.status).fenced_through.is_none();
         let committed = if unjoined { self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| h.epoch)) } else { None };
         {
             let mut st = lock(&self.status);
             st.kills_on_fence = killed;
-            if st.fenced_in_epoch.is_none() {
-                st.fenced_in_epoch = committed;
+            if st.fenced_through.is_none() {
+                st.fenced_through = committed.map(|e| e.max(st.unanswered_join_epoch));
             }
         }
         self.events.record(crate::events::EventKind::Fenced, None, Some(&self.cfg.name), format!("self-fenced: {reason}; killed {killed} VM(s)"));
@@ -153,6 +154,14 @@ impl Agent {
         if !pending || self.driver.list().iter().any(|v| v.exit.is_none()) {
             return;
         }
+        // Promised (durably) before it is announced; tried again at the next tick if the data
+        // directory refuses the write.
+        if let Some(through) = lock(&self.status).fenced_through {
+            if let Err(e) = self.promise_through(through) {
+                tracing::error!("fence not announced yet: {e}");
+                return;
+            }
+        }
         let fenced_at = {
             let mut st = lock(&self.status);
             st.fence_confirmed_at = Some(now);
@@ -165,4 +174,24 @@ impl Agent {
             format!("every VM exit confirmed {} ms after the fence", now.since(fenced_at)),
         );
     }
+
+    /// Promises, durably, never to run VMs in `epoch` or any before it again: the promise only
+    /// rises, is stored in `data_dir` before anyone is told, and holds across restarts (a join
+    /// answered with an epoch not past it is given up, `Agent::accepts_join`).
+    pub(super) fn promise_through(&self, epoch: u64) -> std::io::Result<()> {
+        if epoch <= self.promised_through.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        super::store_number(&self.cfg.data_dir, PROMISE_FILE, epoch)?;
+        self.promised_through.fetch_max(epoch, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The epoch through which this host has promised to run no VM.
+    pub(super) fn promised_through(&self) -> u64 {
+        self.promised_through.load(Ordering::SeqCst)
+    }
 }
+
+/// Where [`Agent::promise_through`] keeps its promise, in `data_dir`.
+pub(super) const PROMISE_FILE: &str = "fenced-through";

@@ -156,7 +156,7 @@ impl Agent {
             (s.members(), s.hosts.get(&self.me).map_or(0, |h| h.epoch), peers)
         });
         self.confirm_fence(now);
-        let (epoch, fenced) = self.status().announcement(epoch);
+        let (epoch, fenced) = self.status().announcement(epoch, self.promised_through());
         let (hb, copies, broadcast, assessment) = {
             let mut l = lock(&self.liveness);
             l.set_members_at(members, now);

@@ -38,20 +38,52 @@ impl Agent {
                 }
                 MembershipStep::Join => {}
             }
+            let before = self.consensus.with_state(|s| s.hosts.get(&self.me).map_or(0, |h| h.epoch));
             match self.submit(Command::HostJoined { host: self.me }).await {
-                Ok(Ok(Applied::HostEpoch { epoch, .. })) => {
+                Ok(Ok(Applied::HostEpoch { epoch, .. })) if epoch > self.promised_through() => {
                     {
                         let mut s = lock(&self.status);
                         s.joined_epoch = Some(epoch);
                         s.fenced = None;
                         s.fenced_at = None;
-                        s.fenced_in_epoch = None;
+                        s.fenced_through = None;
                         s.fence_confirmed_at = None;
                     }
                     self.events.record(crate::events::EventKind::Joined, None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}"));
                 }
+                Ok(Ok(Applied::HostEpoch { epoch, .. })) => {
+                    // A coordinator may already be moving this host's VMs in that epoch on its
+                    // word: give the join up and join again, in a later epoch.
+                    tracing::warn!("joined in epoch {epoch}, which this host promised never to run VMs in; joining again");
+                    self.gave_up_join(epoch);
+                }
                 Ok(other) => tracing::warn!("join refused: {other:?}"),
-                Err(e) => tracing::debug!("join failed: {e}"),
+                Err(e) => {
+                    // Undecided: it may still commit, in at most the next epoch. Counted so that a
+                    // fence, announced through it, lets the coordinator move this host's VMs
+                    // even if it did.
+                    tracing::debug!("join failed: {e}");
+                    let unanswered = lock(&self.status).unanswered_join_epoch;
+                    self.gave_up_join(before.max(unanswered) + 1);
+                }
+            }
+        }
+    }
+
+    /// Records that committed state may have this host in `epoch` through a join it did not
+    /// take, and extends a fence to cover it (promised before it is announced).
+    fn gave_up_join(&self, epoch: u64) {
+        let through = {
+            let mut s = lock(&self.status);
+            s.unanswered_join_epoch = s.unanswered_join_epoch.max(epoch);
+            if s.fenced.is_some() {
+                s.fenced_through = Some(s.fenced_through.unwrap_or(0).max(epoch));
+            }
+            s.fenced_through
+        };
+        if let Some(through) = through.filter(|_| lock(&self.status).fence_confirmed_at.is_some()) {
+            if let Err(e) = self.promise_through(through) {
+                tracing::error!("could not store the fence promise through epoch {through}: {e}");
             }
         }
     }
