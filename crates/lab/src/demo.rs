@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tandem_agent::views::{Event, EventKind, ForceRequest, HostView};
-use tandem_core::state::{DriverSpec, NetworkSpec, VmSpec};
+use tandem_core::state::{DriverSpec, NetworkSpec, ServiceProbe, VmSpec};
 
 /// Options of the demo.
 #[derive(clap::Args, Debug, Clone)]
@@ -40,8 +40,11 @@ pub struct RoundFigures {
     pub committed_s: Option<f64>,
     /// Every affected VM's process existed on a survivor (the recorder's first sample).
     pub started_s: Option<f64>,
-    /// Every affected VM answered on its new host.
+    /// Every affected VM answered on its new host (the lab's own check).
     pub answering_s: f64,
+    /// Every affected VM's service answered its probe, as the agents recorded it (`vm-answering`;
+    /// only for VMs whose spec names a probe: the QEMU guests).
+    pub probe_answering_s: Option<f64>,
 }
 
 /// The `[timings]` table of a profile, for the lab's agent configs.
@@ -137,6 +140,7 @@ pub fn demo_vm(i: u32, driver: &str, guest: &std::path::Path) -> VmSpec {
             extra_args: vec![],
         };
         spec.network = Some(NetworkSpec::User { hostfwd: vec![format!("tcp:{{host_ip}}:{}-:80", 8080 + i)] });
+        spec.probe = Some(ServiceProbe::Http { address: format!("{{host_ip}}:{}", 8080 + i), path: "/health".into(), expect: Some("booted".into()) });
     }
     spec
 }
@@ -277,6 +281,7 @@ pub fn power_loss_round(args: &DemoArgs) -> Result<RoundFigures> {
         EventKind::VmReassigned,
         EventKind::FailoverCommitted,
         EventKind::VmStarted,
+        EventKind::VmAnswering,
         EventKind::Fenced,
         EventKind::VmLeftDown,
     ];
@@ -315,5 +320,14 @@ pub fn power_loss_round(args: &DemoArgs) -> Result<RoundFigures> {
         bail!("a VM ran on two hosts at once");
     }
     let s = |v: Option<i64>| v.map(secs);
-    Ok(RoundFigures { detect_s: s(detect), committed_s: s(committed), started_s, answering_s: service_back })
+    // The agents' own record: each affected VM's first `vm-answering` on its new host.
+    let probed: Vec<i64> = affected
+        .iter()
+        .filter_map(|i| {
+            let (vm, home) = (format!("web{i}"), new_home.get(i)?);
+            events.iter().filter(|e| e.kind == EventKind::VmAnswering && e.vm.as_deref() == Some(vm.as_str()) && &e.host == home && rel(e) >= 0).map(rel).min()
+        })
+        .collect();
+    let probe_answering_s = (!probed.is_empty() && probed.len() == affected.len()).then(|| secs(probed.iter().copied().max().unwrap_or(0)));
+    Ok(RoundFigures { detect_s: s(detect), committed_s: s(committed), started_s, answering_s: service_back, probe_answering_s })
 }

@@ -20,11 +20,12 @@ pub fn run(args: &DemoArgs, rounds: usize) -> Result<()> {
     }
     println!("\nfailover after a host's power loss: {rounds} round(s), driver {}, timings {}", args.driver, args.timings);
     println!("{:<22} {:>8} {:>8} {:>8}   (seconds after the power cut)", "phase", "median", "min", "max");
-    let phases: [(&str, Phase); 4] = [
+    let phases: [(&str, Phase); 5] = [
         ("declared dead", |f| f.detect_s),
         ("restart committed", |f| f.committed_s),
         ("restarted (process)", |f| f.started_s),
         ("answering", |f| Some(f.answering_s)),
+        ("answering (agent)", |f| f.probe_answering_s),
     ];
     for (name, get) in phases {
         let mut v: Vec<f64> = figures.iter().filter_map(get).collect();
