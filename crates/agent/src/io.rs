@@ -57,10 +57,33 @@ impl Clock for BootClock {
 /// Unreliable datagrams between agents, for network heartbeats.
 pub trait HeartbeatTransport: Send + Sync + 'static {
     fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>>;
+    /// Sends a tick's datagrams, each to its address; one that cannot go is dropped, as the
+    /// network would drop it. By default one `send_to` each.
+    fn send_batch<'a>(&'a self, batch: &'a [(SocketAddr, &'a [u8])]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            for (to, bytes) in batch {
+                let _ = self.send_to(bytes, *to).await;
+            }
+        })
+    }
     /// Takes the next datagram already received, without waiting: its length and sender, or
     /// `None` when there is none. The liveness loop polls (see [`RECEIVE_POLL_DIVISOR`]).
     fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>>;
+    /// Hands up to `max` queued datagrams to `accept`, without waiting; how many. By default
+    /// one `try_recv_from` each, into `buf`.
+    fn drain(&self, buf: &mut [u8], max: usize, accept: &mut dyn FnMut(&[u8])) -> std::io::Result<usize> {
+        for taken in 0..max {
+            match self.try_recv_from(buf)? {
+                Some((n, _)) => accept(&buf[..n.min(buf.len())]),
+                None => return Ok(taken),
+            }
+        }
+        Ok(max)
+    }
 }
+
+mod mmsg;
+pub use mmsg::MMSG_BATCH;
 
 /// The liveness loop polls the heartbeat socket every `heartbeat_interval /
 /// RECEIVE_POLL_DIVISOR`, and its tick falls on every `RECEIVE_POLL_DIVISOR`-th poll.
@@ -79,15 +102,20 @@ pub const RECEIVE_POLL_DIVISOR: u32 = 4;
 pub const MAX_DATAGRAMS_PER_POLL: usize = 4 * tandem_core::MAX_HOSTS;
 
 /// A UDP socket, bound at start (so a taken port is an error then) and non-blocking.
+/// Sends and receives in batches (`sendmmsg`, `recvmmsg`; see `io/mmsg`).
 pub struct UdpTransport {
     socket: std::net::UdpSocket,
+    /// Where `drain` receives: only the liveness thread drains, so this is never contended.
+    arena: std::sync::Mutex<mmsg::RecvArena>,
 }
 
 impl UdpTransport {
     pub fn bind(addr: SocketAddr) -> std::io::Result<UdpTransport> {
         let socket = std::net::UdpSocket::bind(addr)?;
         socket.set_nonblocking(true)?;
-        Ok(UdpTransport { socket })
+        // A longer datagram is cut here, and then refused by its decoder as malformed.
+        let arena = std::sync::Mutex::new(mmsg::RecvArena::new(tandem_core::wire::MAX_HEARTBEAT_LEN + 1));
+        Ok(UdpTransport { socket, arena })
     }
 }
 
@@ -95,6 +123,26 @@ impl HeartbeatTransport for UdpTransport {
     fn send_to<'a>(&'a self, bytes: &'a [u8], to: SocketAddr) -> BoxFuture<'a, std::io::Result<()>> {
         // A full send buffer drops the datagram, as a congested network would.
         Box::pin(async move { self.socket.send_to(bytes, to).map(|_| ()) })
+    }
+    fn send_batch<'a>(&'a self, batch: &'a [(SocketAddr, &'a [u8])]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            mmsg::send_batch(&self.socket, batch);
+        })
+    }
+    fn drain(&self, _buf: &mut [u8], max: usize, accept: &mut dyn FnMut(&[u8])) -> std::io::Result<usize> {
+        let mut arena = self.arena.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut taken = 0;
+        while taken < max {
+            let n = mmsg::recv_batch(&self.socket, &mut arena)?;
+            for (bytes, _) in arena.datagrams() {
+                accept(bytes);
+            }
+            taken += n;
+            if n < MMSG_BATCH {
+                break;
+            }
+        }
+        Ok(taken)
     }
     fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
         loop {

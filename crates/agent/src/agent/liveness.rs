@@ -98,15 +98,8 @@ impl Agent {
 
     /// Takes every datagram queued on the heartbeat socket (at most a bounded number).
     fn receive_queued(&self, buf: &mut [u8]) {
-        for _ in 0..MAX_DATAGRAMS_PER_POLL {
-            match self.heartbeats.try_recv_from(buf) {
-                Ok(Some((n, _from))) => self.accept_datagram(&buf[..n.min(buf.len())]),
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!("heartbeat socket: {e}");
-                    return;
-                }
-            }
+        if let Err(e) = self.heartbeats.drain(buf, MAX_DATAGRAMS_PER_POLL, &mut |bytes| self.accept_datagram(bytes)) {
+            tracing::debug!("heartbeat socket: {e}");
         }
     }
 
@@ -177,19 +170,25 @@ impl Agent {
             self.lease_until.store(l.lease_until(now).map_or(0, |u| u.0.max(1)), Ordering::SeqCst);
             (hb, copies, broadcast, assessment)
         };
-        let mut bytes = Vec::with_capacity(tandem_core::wire::addressed_len(tandem_core::MAX_HOSTS));
-        for (addr, copy) in &copies {
-            match (copy, &broadcast) {
-                (Some(copy), _) => {
-                    copy.encode_into(&self.key, &mut bytes);
-                    let _ = self.heartbeats.send_to(&bytes, *addr).await;
-                }
-                (None, Some(b)) => {
-                    let _ = self.heartbeats.send_to(b, *addr).await;
-                }
-                (None, None) => {}
+        // Every copy encoded first, then handed to the kernel in one call.
+        let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(copies.len());
+        for (_, copy) in &copies {
+            let mut bytes = Vec::new();
+            if let Some(copy) = copy {
+                copy.encode_into(&self.key, &mut bytes);
             }
+            encoded.push(bytes);
         }
+        let batch: Vec<(SocketAddr, &[u8])> = copies
+            .iter()
+            .zip(&encoded)
+            .filter_map(|((addr, copy), bytes)| match (copy, &broadcast) {
+                (Some(_), _) => Some((*addr, bytes.as_slice())),
+                (None, Some(b)) => Some((*addr, b.as_slice())),
+                (None, None) => None,
+            })
+            .collect();
+        self.heartbeats.send_batch(&batch).await;
         self.disk_round(hb.heard, epoch, fenced);
         self.note_transitions(&assessment);
         // A host that may be failed over now: the coordinator (if this is the leader) acts at
