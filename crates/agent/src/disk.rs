@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tandem_core::diskformat::{slot_offset, DiskHeader, HeaderError, DISK_SIZE, HEADER_SIZE};
-use tandem_core::wire::{ClusterKey, DiskSlot, SlotRead, SLOT_SIZE};
+use tandem_core::wire::{ClusterKey, DiskSlot, SlotRead, SLOT_RECORD_LEN, SLOT_SIZE};
 use tandem_core::HostId;
 use tandem_drivers::BoxFuture;
 use thiserror::Error;
@@ -257,14 +257,16 @@ pub struct HeartbeatDisk {
     dev: Arc<dyn SlotDevice>,
     key: ClusterKey,
     timeout: Duration,
-    /// The slot bytes of the previous read and what they decoded to: a slot whose bytes did
-    /// not change decodes to the same thing, so only changed slots are authenticated again
-    /// (most slots of a 64-slot disk are empty or unchanged between two reads).
+    /// Each slot's record as of the previous read and what it decoded to: a record that did
+    /// not change decodes to the same thing, so only changed slots are authenticated again.
+    /// Only the record is kept and compared (`SLOT_RECORD_LEN` bytes, not the 4 KiB block): a
+    /// slot whose record is not all zeros decodes from those bytes alone; one whose record is
+    /// all zeros is decoded afresh (empty, or damaged further on).
     decoded: Arc<std::sync::Mutex<Vec<DecodedSlot>>>,
 }
 
-/// A slot's bytes as last read, and what they decoded to.
-type DecodedSlot = (Vec<u8>, SlotRead);
+/// A slot's record as last read (`None`: decoded afresh every read), and what it decoded to.
+type DecodedSlot = (Option<[u8; SLOT_RECORD_LEN]>, SlotRead);
 
 impl HeartbeatDisk {
     #[must_use]
@@ -308,11 +310,13 @@ impl HeartbeatDisk {
         let mut slots = Vec::with_capacity(tandem_core::MAX_HOSTS);
         for (i, b) in bytes[HEADER_SIZE..].chunks(SLOT_SIZE).enumerate() {
             if cache.len() <= i {
-                cache.push((Vec::new(), SlotRead::Empty));
+                cache.push((None, SlotRead::Empty));
             }
             let entry = &mut cache[i];
-            if entry.0.as_slice() != b {
-                *entry = (b.to_vec(), DiskSlot::decode(b, HostId(i as u32), &self.key));
+            let record: Option<[u8; SLOT_RECORD_LEN]> =
+                b.get(..SLOT_RECORD_LEN).and_then(|r| r.try_into().ok()).filter(|r: &[u8; SLOT_RECORD_LEN]| r.iter().any(|x| *x != 0));
+            if record.is_none() || entry.0 != record {
+                *entry = (record, DiskSlot::decode(b, HostId(i as u32), &self.key));
             }
             slots.push(entry.1);
         }
@@ -354,6 +358,17 @@ mod tests {
         let all = disk.read_all().await.expect("read");
         assert_eq!((&all[3], &all[4]), (&SlotRead::Valid(next), &SlotRead::Empty));
         assert_eq!(disk.read_all().await.expect("read again")[3], SlotRead::Valid(next));
+        // Padding past the record changes nothing for a written slot, and makes an empty
+        // slot's block damaged, read after read (its record, all zeros, is never cached).
+        f.write_all_at(b"tail", slot_offset(HostId(3)) + 4000).expect("pad");
+        f.write_all_at(b"tail", slot_offset(HostId(4)) + 4000).expect("pad");
+        for _ in 0..2 {
+            let all = disk.read_all().await.expect("read");
+            assert_eq!(all[3], SlotRead::Valid(next));
+            assert!(matches!(all[4], SlotRead::Corrupt(_)), "{:?}", all[4]);
+        }
+        f.write_all_at(&[0u8; 4], slot_offset(HostId(4)) + 4000).expect("clean");
+        assert_eq!(disk.read_all().await.expect("read")[4], SlotRead::Empty);
         // A liveness round writes, then reads what it wrote.
         let third = DiskSlot { counter: 11, ..slot };
         let (written, read) = disk.round(&third).await;

@@ -51,6 +51,9 @@ const BROADCAST_HEADER_LEN: usize = 4 + 1 + 1 + 4 + 8 + 8 + 8 + 8;
 // Magic, version, flags, from, to, incarnation, seq, epoch, heard, ack (incarnation, seq), aged hosts.
 const ADDRESSED_HEADER_LEN: usize = 4 + 1 + 1 + 4 + 4 + 8 + 8 + 8 + 8 + 16 + 8;
 const SLOT_BODY_LEN: usize = 4 + 1 + 1 + 2 + 4 + 8 + 8 + 8 + 8 + 8;
+/// The bytes at the start of a slot that [`DiskSlot::decode`] reads when they are not all zero
+/// (body, CRC, MAC); the rest of the block is padding it never looks at.
+pub const SLOT_RECORD_LEN: usize = SLOT_BODY_LEN + 4 + MAC_LEN;
 
 /// The cluster secret as a MAC key. Its bytes never appear in logs. The HMAC state is keyed once:
 /// every MAC then starts from a copy instead of hashing the key's pads again (two of the four
@@ -462,7 +465,7 @@ impl DiskSlot {
     /// Decodes the block stored at slot `index`.
     #[must_use]
     pub fn decode(b: &[u8], index: HostId, key: &ClusterKey) -> SlotRead {
-        if b.len() < SLOT_BODY_LEN + 4 + MAC_LEN {
+        if b.len() < SLOT_RECORD_LEN {
             return SlotRead::Corrupt(SlotCorruption::BadMagic);
         }
         if b.iter().all(|x| *x == 0) {
