@@ -173,6 +173,10 @@ pub struct Agent {
     /// across restarts: a fence is announced only through it, and a join answered with an
     /// epoch not past it is given up (see `RuntimeStatus::fenced_through`).
     promised_through: AtomicU64,
+    /// Held while the promise rises and while a join's answer is checked against it and the
+    /// host unfences: a promise can never rise between that check and the unfencing (the
+    /// fence would then be announced through an epoch the host is about to run VMs in).
+    promise_gate: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -279,6 +283,7 @@ impl Agent {
             hw_watchdog: Mutex::new(None),
             stopping: AtomicBool::new(false),
             promised_through: AtomicU64::new(read_number(&cfg.data_dir, fencing::PROMISE_FILE)),
+            promise_gate: Mutex::new(()),
             cfg,
         }))
     }

@@ -176,9 +176,10 @@ impl Agent {
     }
 
     /// Promises, durably, never to run VMs in `epoch` or any before it again: the promise only
-    /// rises, is stored in `data_dir` before anyone is told, and holds across restarts (a join
-    /// answered with an epoch not past it is given up, `Agent::accepts_join`).
+    /// rises, is stored in `data_dir` before anyone is told, and holds across restarts (the
+    /// membership loop gives up a join answered with an epoch not past it).
     pub(super) fn promise_through(&self, epoch: u64) -> std::io::Result<()> {
+        let _gate = lock(&self.promise_gate);
         if epoch <= self.promised_through.load(Ordering::SeqCst) {
             return Ok(());
         }

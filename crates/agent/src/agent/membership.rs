@@ -40,15 +40,7 @@ impl Agent {
             }
             let before = self.consensus.with_state(|s| s.hosts.get(&self.me).map_or(0, |h| h.epoch));
             match self.submit(Command::HostJoined { host: self.me }).await {
-                Ok(Ok(Applied::HostEpoch { epoch, .. })) if epoch > self.promised_through() => {
-                    {
-                        let mut s = lock(&self.status);
-                        s.joined_epoch = Some(epoch);
-                        s.fenced = None;
-                        s.fenced_at = None;
-                        s.fenced_through = None;
-                        s.fence_confirmed_at = None;
-                    }
+                Ok(Ok(Applied::HostEpoch { epoch, .. })) if self.take_join(epoch) => {
                     self.events.record(crate::events::EventKind::Joined, None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}"));
                 }
                 Ok(Ok(Applied::HostEpoch { epoch, .. })) => {
@@ -68,6 +60,22 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Takes a join answered with `epoch` — joined, unfenced — if the epoch is past this host's
+    /// promise; checked and done under the promise's gate, so the promise cannot rise between.
+    fn take_join(&self, epoch: u64) -> bool {
+        let _gate = lock(&self.promise_gate);
+        if epoch <= self.promised_through() {
+            return false;
+        }
+        let mut s = lock(&self.status);
+        s.joined_epoch = Some(epoch);
+        s.fenced = None;
+        s.fenced_at = None;
+        s.fenced_through = None;
+        s.fence_confirmed_at = None;
+        true
     }
 
     /// Records that committed state may have this host in `epoch` through a join it did not
