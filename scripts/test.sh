@@ -6,10 +6,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 ./scripts/setup.sh
 # Only the tests need these, not the demo: headless Chromium for the dashboard test, openssl
-# for the TLS test's throwaway CA.
+# for the TLS test's throwaway CA, python3 for the HTTP services the power-loss test probes.
 test_pkgs=()
 command -v chromium >/dev/null || test_pkgs+=(chromium)
 command -v openssl >/dev/null || test_pkgs+=(openssl)
+command -v python3 >/dev/null || test_pkgs+=(python3)
 if ((${#test_pkgs[@]})); then
   echo "installing: ${test_pkgs[*]}"
   apt-get update -qq
