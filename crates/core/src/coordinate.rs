@@ -1,8 +1,10 @@
 //! The coordinator's failover decision, sans I/O: which active hosts may be failed over now, and
 //! why. A host's VMs may move only once they certainly stopped: the host reported itself fenced
-//! in its current epoch and `kill_grace_ms` passed since that report was first seen (a qemu in
+//! through its current epoch (or a later one) and `kill_grace_ms` passed since that report was
+//! first seen (a qemu in
 //! uninterruptible I/O may still have writes in flight), or it is dead and its fence deadline
-//! passed. The coordinator's own fence counts once its exits are confirmed and the grace passed.
+//! passed. The coordinator's own fence counts once its exits are confirmed and the grace passed,
+//! for an epoch it has promised never to run VMs in again.
 
 use crate::hostset::HostId;
 use crate::liveness::{Assessment, FenceReason, HostLiveness};
@@ -15,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub enum FailoverReason {
     /// The coordinator itself fenced (its exits confirmed `kill_grace_ms` ago).
     OwnFence(FenceReason),
-    /// The host reported itself fenced in its current epoch, `kill_grace_ms` ago or more.
+    /// The host reported itself fenced through its current epoch, `kill_grace_ms` ago or more.
     ReportedFenced,
     /// Dead, and its fence deadline passed `past_deadline_ms` ago.
     Dead { net_age_ms: u64, disk_age_ms: u64, past_deadline_ms: u64 },
@@ -167,7 +169,7 @@ mod tests {
         assert_eq!(decide(&mut r, &s, &unknown, None), vec![]);
     }
 
-    /// A peer's own fence report counts for its current epoch only, and only once the grace has
+    /// A peer's own fence report counts through its current epoch (or a later one), and only once the grace has
     /// passed since the coordinator first saw it; a report of an older epoch never counts.
     #[test]
     fn a_fence_report_counts_after_the_grace_for_the_current_epoch_only() {
