@@ -163,7 +163,8 @@ pub struct PeerAssessment {
     pub net_age_ms: Option<u64>,
     /// Milliseconds since the peer's slot last changed, if it was ever seen.
     pub disk_age_ms: Option<u64>,
-    /// The peer declared itself fenced for this epoch (slot or heartbeat).
+    /// The peer declared itself fenced through this epoch (slot or heartbeat): it runs no VM in
+    /// this epoch or any earlier one again.
     pub fenced_epoch: Option<u64>,
     /// When the peer was first seen dead in its current dead spell.
     pub dead_since: Option<Millis>,

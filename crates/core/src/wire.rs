@@ -141,7 +141,8 @@ pub struct Heartbeat {
     pub incarnation: u64,
     /// Raised at every heartbeat of one incarnation.
     pub seq: u64,
-    /// The sender's membership epoch in committed state (informational).
+    /// The sender's membership epoch; when `fenced`, the epoch its fence runs through (it runs
+    /// no VM in this epoch or any before it again).
     pub epoch: u64,
     /// The hosts the sender currently hears (itself included). Informational: receivers go by
     /// `ages`, which say when; the broadcast format carries the same set.
@@ -407,7 +408,8 @@ pub struct DiskSlot {
     pub incarnation: u64,
     /// Raised at every write; a reader sees the host alive on disk while it keeps changing.
     pub counter: u64,
-    /// The host's membership epoch; a `fenced` slot speaks for this epoch only.
+    /// The host's membership epoch; a `fenced` slot speaks for this epoch and every earlier one
+    /// (the writer runs no VM in them again).
     pub epoch: u64,
     /// The hosts the writer hears on the network (itself included).
     pub heard: HostSet,
