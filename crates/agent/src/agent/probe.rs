@@ -17,6 +17,9 @@ pub const PROBE_GIVE_UP: Duration = Duration::from_secs(600);
 /// sleeping task and one connection at a time, but a mass failover of thousands of VMs must not
 /// open thousands of connections every interval).
 pub const MAX_PROBES: usize = 512;
+/// A probe checks that its VM's instance still runs here every this many attempts (once a
+/// second), not at every attempt.
+const INSTANCE_CHECK_EVERY: u64 = 10;
 
 /// The VMs this host is probing now.
 #[derive(Default)]
@@ -55,13 +58,18 @@ impl Agent {
         let started = self.clock.now();
         let give_up = Millis(started.0 + PROBE_GIVE_UP.as_millis() as u64);
         let mut last_error = String::new();
+        // Only the instance this host started: once it is killed, moved or restarted, this probe
+        // has nothing left to time. Checked every `INSTANCE_CHECK_EVERY` attempts (the driver's
+        // list is every VM of the host) and before an answer is recorded.
+        let runs = || self.driver.list().iter().any(|v| v.name == name && v.generation == generation && v.exit.is_none());
+        let mut attempt: u64 = 0;
         while !self.stopping.load(Ordering::SeqCst) && self.clock.now() < give_up {
-            // Only the instance this host started: once it is killed, moved or restarted, this
-            // probe has nothing left to time.
-            if !self.driver.list().iter().any(|v| v.name == name && v.generation == generation && v.exit.is_none()) {
+            if attempt.is_multiple_of(INSTANCE_CHECK_EVERY) && !runs() {
                 return;
             }
+            attempt += 1;
             match self.driver.probe(name, probe, &host_ip, PROBE_ATTEMPT_TIMEOUT).await {
+                Ok(()) if !runs() => return,
                 Ok(()) => {
                     let after = self.clock.now().0.saturating_sub(started.0);
                     let detail =
