@@ -110,8 +110,7 @@ pub trait VmDriver: Send + Sync + 'static {
     fn forget(&self, name: &str);
     /// One attempt of VM `name`'s service probe from this host (whose address is `host_ip`),
     /// within `timeout`. Over the network unless the driver knows better (the simulator's).
-    fn probe<'a>(&'a self, name: &'a str, probe: &'a ServiceProbe, host_ip: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), probe::ProbeError>> {
-        let _ = name;
+    fn probe<'a>(&'a self, _name: &'a str, probe: &'a ServiceProbe, host_ip: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), probe::ProbeError>> {
         Box::pin(probe::attempt(probe, host_ip, timeout))
     }
 }

@@ -170,24 +170,28 @@ impl Agent {
             self.lease_until.store(l.lease_until(now).map_or(0, |u| u.0.max(1)), Ordering::SeqCst);
             (hb, copies, broadcast, assessment)
         };
-        // Every copy encoded first, then handed to the kernel in one call.
-        let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(copies.len());
+        // Every copy encoded first, one after another in one buffer, then handed to the kernel
+        // in one call.
+        let mut scratch = Vec::with_capacity(tandem_core::wire::addressed_len(tandem_core::MAX_HOSTS));
+        let mut encoded = Vec::with_capacity(copies.len() * scratch.capacity());
+        let mut ends = Vec::with_capacity(copies.len());
         for (_, copy) in &copies {
-            let mut bytes = Vec::new();
             if let Some(copy) = copy {
-                copy.encode_into(&self.key, &mut bytes);
+                copy.encode_into(&self.key, &mut scratch);
+                encoded.extend_from_slice(&scratch);
             }
-            encoded.push(bytes);
+            ends.push(encoded.len());
         }
-        let batch: Vec<(SocketAddr, &[u8])> = copies
-            .iter()
-            .zip(&encoded)
-            .filter_map(|((addr, copy), bytes)| match (copy, &broadcast) {
-                (Some(_), _) => Some((*addr, bytes.as_slice())),
-                (None, Some(b)) => Some((*addr, b.as_slice())),
-                (None, None) => None,
-            })
-            .collect();
+        let mut start = 0;
+        let mut batch: Vec<(SocketAddr, &[u8])> = Vec::with_capacity(copies.len());
+        for ((addr, copy), end) in copies.iter().zip(ends) {
+            match (copy, &broadcast) {
+                (Some(_), _) => batch.push((*addr, &encoded[start..end])),
+                (None, Some(b)) => batch.push((*addr, b.as_slice())),
+                (None, None) => {}
+            }
+            start = end;
+        }
         self.heartbeats.send_batch(&batch).await;
         self.disk_round(hb.heard, epoch, fenced);
         self.note_transitions(&assessment);

@@ -81,15 +81,16 @@ impl Agent {
     /// Records that committed state may have this host in `epoch` through a join it did not
     /// take, and extends a fence to cover it (promised before it is announced).
     fn gave_up_join(&self, epoch: u64) {
-        let through = {
+        let announced = {
             let mut s = lock(&self.status);
             s.unanswered_join_epoch = s.unanswered_join_epoch.max(epoch);
             if s.fenced.is_some() {
                 s.fenced_through = Some(s.fenced_through.unwrap_or(0).max(epoch));
             }
-            s.fenced_through
+            // An unconfirmed fence is promised when it is confirmed (`confirm_fence`).
+            s.fenced_through.filter(|_| s.fence_confirmed_at.is_some())
         };
-        if let Some(through) = through.filter(|_| lock(&self.status).fence_confirmed_at.is_some()) {
+        if let Some(through) = announced {
             if let Err(e) = self.promise_through(through) {
                 tracing::error!("could not store the fence promise through epoch {through}: {e}");
             }

@@ -34,8 +34,9 @@ async fn timeline(a: &Agent, addr: Option<String>, kind: EventKind) -> Vec<Event
 /// its new host recorded from the decision on (less the allowed clock skew), and the first time
 /// its service answered there from that start on (where its spec names a probe).
 fn join(records: Vec<(String, FailoverRecord)>, starts: &[Event], answers: &[Event]) -> Vec<FailoverView> {
-    let first = |events: &[Event], vm: &str, host: &str, from: u64| {
-        events.iter().filter(|e| e.vm.as_deref() == Some(vm) && e.host == host && e.at_ms + START_SKEW_MS >= from).map(|e| e.at_ms).min()
+    // The earliest event of `vm` on `host` stamped `earliest` or later.
+    let first = |events: &[Event], vm: &str, host: &str, earliest: u64| {
+        events.iter().filter(|e| e.vm.as_deref() == Some(vm) && e.host == host && e.at_ms >= earliest).map(|e| e.at_ms).min()
     };
     records
         .into_iter()
@@ -44,8 +45,10 @@ fn join(records: Vec<(String, FailoverRecord)>, starts: &[Event], answers: &[Eve
                 .moved
                 .iter()
                 .map(|m| {
-                    let started_ms = first(starts, &m.vm, &m.to, record.decided_ms);
-                    let answering_ms = started_ms.and_then(|s| first(answers, &m.vm, &m.to, s + START_SKEW_MS));
+                    // The decision is on the coordinator's clock, the start on the new host's.
+                    let started_ms = first(starts, &m.vm, &m.to, record.decided_ms.saturating_sub(START_SKEW_MS));
+                    // Both on the new host's clock.
+                    let answering_ms = started_ms.and_then(|s| first(answers, &m.vm, &m.to, s));
                     VmStartView { vm: m.vm.clone(), host: m.to.clone(), generation: m.generation, started_ms, answering_ms }
                 })
                 .collect();
