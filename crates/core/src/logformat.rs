@@ -12,7 +12,8 @@
 //! answer may change between releases) is judged once, by the proposer, on the state at revision
 //! R, and `apply` only checks that the state is still at R — so hosts of different releases
 //! apply it to the same result. Entries of format 2 and 1 keep their old meaning (admission
-//! judged inside `apply`). A release that adds a command or a field that older hosts would
+//! judged inside `apply`). Format 4 adds the live-migration commands (`start-migration`,
+//! `migration-switchover`, `migration-abort`); only those entries are written in it. A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -21,7 +22,10 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 3;
+pub const LOG_FORMAT: u32 = 4;
+/// The format of the live-migration commands: a host of format 3 would not know them, and stops
+/// at the first one with a clear error (upgrade it) rather than misread it.
+const MIGRATION_FORMAT: u32 = 4;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -75,10 +79,13 @@ impl LogEntry {
     pub fn judged(cmd: &Command, admission: Option<&Admission>) -> Result<LogEntry, LogFormatError> {
         let unencodable = |e: serde_json::Error| LogFormatError::Unencodable(e.to_string());
         let command = serde_json::to_value(cmd).map_err(unencodable)?;
-        let entry = match admission {
-            Some(a) => LogEntry { format: LOG_FORMAT, command, admission: Some(serde_json::to_value(a).map_err(unencodable)?) },
-            None => LogEntry { format: PLAIN_FORMAT, command, admission: None },
+        let verdict = admission.map(serde_json::to_value).transpose().map_err(unencodable)?;
+        let format = match (cmd.needs_migration_format(), &verdict) {
+            (true, _) => MIGRATION_FORMAT,
+            (false, Some(_)) => 3,
+            (false, None) => PLAIN_FORMAT,
         };
+        let entry = LogEntry { format, command, admission: verdict };
         let text = serde_json::to_vec(&entry).map_err(unencodable)?;
         let back: LogEntry = serde_json::from_slice(&text).map_err(unencodable)?;
         match back.decode() {
@@ -95,7 +102,10 @@ impl LogEntry {
             return Err(LogFormatError::Newer { found: self.format });
         }
         let undecodable = |e: serde_json::Error| LogFormatError::Undecodable { format: self.format, detail: e.to_string() };
-        let cmd = serde_json::from_value(self.command.clone()).map_err(undecodable)?;
+        let cmd: Command = serde_json::from_value(self.command.clone()).map_err(undecodable)?;
+        if cmd.needs_migration_format() && self.format < MIGRATION_FORMAT {
+            return Err(LogFormatError::Undecodable { format: self.format, detail: format!("'{}' exists from format {MIGRATION_FORMAT} on", cmd.op()) });
+        }
         let admission = match (&self.admission, self.format >= 3) {
             (Some(a), true) => Some(serde_json::from_value(a.clone()).map_err(undecodable)?),
             (Some(_), false) => return Err(LogFormatError::Undecodable { format: self.format, detail: "an admission verdict before format 3".into() }),
@@ -134,8 +144,8 @@ mod tests {
     /// log stays readable) and says precisely why it cannot be applied.
     #[test]
     fn unknown_entries_load_and_refuse_to_apply_with_a_reason() {
-        let newer: LogEntry = serde_json::from_str("{\"format\":4,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
-        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 4 }));
+        let newer: LogEntry = serde_json::from_str("{\"format\":5,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
+        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 5 }));
         assert!(newer.decode().err().is_some_and(|e| e.to_string().contains("upgrade")));
         let unknown: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
         assert!(matches!(unknown.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
@@ -151,5 +161,23 @@ mod tests {
         let smuggled: LogEntry =
             serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"host-joined\",\"host\":3},\"admission\":{\"revision\":1}}").expect("loads");
         assert!(matches!(smuggled.decode(), Err(LogFormatError::Undecodable { format: 2, .. })), "a verdict is only read from format 3 on");
+    }
+
+    /// Migration commands are written in format 4, so a host of format 3 stops at them with
+    /// "upgrade"; the other commands keep their older formats.
+    #[test]
+    fn migration_commands_are_format_4_and_only_they() {
+        let switch = Command::MigrationSwitchover { name: "a".into(), generation: 3 };
+        let e = LogEntry::new(&switch).expect("encodes");
+        assert_eq!(e.format, 4);
+        assert_eq!(e.decode(), Ok((switch, None)));
+        let start = Command::StartMigration { name: "a".into(), to: HostId(1), force: false };
+        let judged = LogEntry::judged(&start, Some(&Admission { revision: 2, forced: None })).expect("encodes");
+        assert_eq!(judged.format, 4);
+        let old_host_sees = LogFormatError::Newer { found: 4 };
+        assert!(old_host_sees.to_string().contains("upgrade"));
+        let smuggled: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migration-abort\",\"name\":\"a\",\"generation\":1,\"reason\":\"x\"}}").expect("loads");
+        assert!(matches!(smuggled.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
+        assert_eq!(LogEntry::new(&Command::HostJoined { host: HostId(1) }).expect("encodes").format, 2);
     }
 }

@@ -36,6 +36,9 @@ pub struct LocalVm {
     pub generation: u64,
     /// `None` while it runs.
     pub exit: Option<VmExit>,
+    /// Alive with its vCPUs stopped by a live migration: a destination's copy waiting for the
+    /// switchover, or a source whose migration completed (which resumes only if it is aborted).
+    pub paused: bool,
 }
 
 /// What one pass decides from.
@@ -110,6 +113,12 @@ pub enum Action {
         name: String,
         generation: u64,
     },
+    /// Resume the vCPUs of a paused copy that committed state assigns here, no longer migrating:
+    /// a destination after the switchover, or a source whose migration was aborted.
+    Resume {
+        name: String,
+        generation: u64,
+    },
 }
 
 /// What the reconciler remembers between passes.
@@ -130,6 +139,10 @@ struct Wanted {
     active: bool,
     running: BTreeMap<String, (u64, Protection, bool)>,
     to_release: Vec<(String, u64)>,
+    /// VMs migrating away from here (their copy here must not be resumed while they do).
+    leaving: BTreeSet<String>,
+    /// VMs migrating here, with the generation of the paused copy this host may hold.
+    arriving: BTreeMap<String, u64>,
 }
 
 fn wanted(v: &View<'_>, joined: u64) -> Wanted {
@@ -137,6 +150,16 @@ fn wanted(v: &View<'_>, joined: u64) -> Wanted {
     let active = s.hosts.get(&v.me).is_some_and(|h| h.status == HostStatus::Active && h.epoch == joined);
     let mut running = BTreeMap::new();
     let mut to_release = Vec::new();
+    let mut leaving = BTreeSet::new();
+    let mut arriving = BTreeMap::new();
+    for (name, from, to) in s.migrations() {
+        if from.host == v.me {
+            leaving.insert(name.to_string());
+        }
+        if to.host == v.me {
+            arriving.insert(name.to_string(), to.generation);
+        }
+    }
     for vm in s.assigned_to(v.me) {
         let Some(a) = vm.assignment() else { continue };
         match vm.desired() {
@@ -146,7 +169,7 @@ fn wanted(v: &View<'_>, joined: u64) -> Wanted {
             PowerState::Stopped => to_release.push((vm.spec.name.clone(), a.generation)),
         }
     }
-    Wanted { active, running, to_release }
+    Wanted { active, running, to_release, leaving, arriving }
 }
 
 impl Reconciler {
@@ -162,11 +185,12 @@ impl Reconciler {
             return kill_all(KillReason::NotActive);
         }
         let wants = |name: &str, generation: u64| w.running.get(name).is_some_and(|(g, _, _)| *g == generation);
+        let arriving = |name: &str, generation: u64| w.arriving.get(name) == Some(&generation);
         let mut out = Vec::new();
         // Running here but not wanted here at this generation: stop gracefully when an operator
         // stopped it and it is still ours, kill otherwise.
         for l in &live {
-            if wants(&l.name, l.generation) {
+            if wants(&l.name, l.generation) || arriving(&l.name, l.generation) {
                 continue;
             }
             if w.to_release.iter().any(|(n, g)| *n == l.name && *g == l.generation) {
@@ -193,6 +217,11 @@ impl Reconciler {
         }
         if !v.may_start {
             return out;
+        }
+        // A paused copy wanted here and no longer migrating runs on: the switchover committed
+        // (destination) or the migration was aborted (source). Never while the VM migrates.
+        for l in live.iter().filter(|l| l.paused && wants(&l.name, l.generation) && !w.leaving.contains(&l.name)) {
+            out.push(Action::Resume { name: l.name.clone(), generation: l.generation });
         }
         // Wanted but not running: start (a held VM waits for a lower restart group).
         for (name, (generation, _, held)) in &w.running {
@@ -266,11 +295,55 @@ mod tests {
     use crate::state::Command;
 
     fn running(name: &str, generation: u64) -> LocalVm {
-        LocalVm { name: name.into(), generation, exit: None }
+        LocalVm { name: name.into(), generation, exit: None, paused: false }
+    }
+
+    fn paused(name: &str, generation: u64) -> LocalVm {
+        LocalVm { paused: true, ..running(name, generation) }
+    }
+
+    fn view_of(s: &ClusterState, me: u32) -> (HostId, u64) {
+        (HostId(me), s.hosts[&HostId(me)].epoch)
+    }
+
+    /// A live migration seen by both ends: the destination keeps its paused copy and never
+    /// resumes it before the switchover; the source never resumes a completed (paused) copy while
+    /// the VM migrates. After the switchover the destination resumes and the source kills; after
+    /// an abort the source resumes and the destination kills.
+    #[test]
+    fn a_paused_copy_resumes_only_once_committed_state_says_so() {
+        let mut s = cluster(2, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 256), 0);
+        let from = gen_of(&s, "a");
+        s.apply(&Command::StartMigration { name: "a".into(), to: HostId(1), force: false }).expect("start");
+        let to = s.vms["a"].migrating_to().expect("migrating").generation;
+        let none = BTreeSet::new();
+        let at = |s: &ClusterState, me: u32, local: &[LocalVm], r: &mut Reconciler| {
+            let (me, epoch) = view_of(s, me);
+            r.pass(&View { me, joined: Some(epoch), state: s, local, stopping: &none, starting: &none, may_start: true }, Millis(0))
+        };
+        let (mut src, mut dst) = (Reconciler::default(), Reconciler::default());
+        assert_eq!(at(&s, 0, &[paused("a", from)], &mut src), vec![], "a completed source waits for the commit");
+        assert_eq!(at(&s, 1, &[paused("a", to)], &mut dst), vec![], "the destination's copy waits, untouched");
+        let mut switched = s.clone();
+        switched.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to }).expect("switch");
+        assert_eq!(at(&switched, 1, &[paused("a", to)], &mut dst), vec![Action::Resume { name: "a".into(), generation: to }]);
+        assert_eq!(at(&switched, 0, &[paused("a", from)], &mut src), vec![Action::Kill { name: "a".into(), reason: KillReason::NotAssignedHere }]);
+        // A driver whose migration is a stop and a start (processes): the destination starts it.
+        assert_eq!(at(&switched, 1, &[], &mut dst), vec![Action::Start { name: "a".into(), generation: to }]);
+        let mut aborted = s.clone();
+        aborted.apply(&Command::MigrationAbort { name: "a".into(), generation: to, reason: "x".into() }).expect("abort");
+        assert_eq!(at(&aborted, 0, &[paused("a", from)], &mut src), vec![Action::Resume { name: "a".into(), generation: from }]);
+        assert_eq!(at(&aborted, 1, &[paused("a", to)], &mut dst), vec![Action::Kill { name: "a".into(), reason: KillReason::NotAssignedHere }]);
+        // Without the lease nothing resumes.
+        let (me, epoch) = view_of(&switched, 1);
+        let local = [paused("a", to)];
+        let v = View { me, joined: Some(epoch), state: &switched, local: &local, stopping: &none, starting: &none, may_start: false };
+        assert_eq!(Reconciler::default().pass(&v, Millis(0)), vec![]);
     }
 
     fn exited(name: &str, generation: u64, exit: VmExit) -> LocalVm {
-        LocalVm { name: name.into(), generation, exit: Some(exit) }
+        LocalVm { name: name.into(), generation, exit: Some(exit), paused: false }
     }
 
     fn view<'a>(s: &'a ClusterState, local: &'a [LocalVm], none: &'a BTreeSet<String>) -> View<'a> {
@@ -447,7 +520,7 @@ mod tests {
                         let name = format!("v{}", i % assigned.len());
                         let generation = gen_of(&s, &name).saturating_sub(*dg);
                         let exit = match e { 0 => Some(VmExit::GuestShutdown), 1 => Some(VmExit::Crashed { detail: "x".into() }), _ => None };
-                        LocalVm { name, generation, exit }
+                        LocalVm { name, generation, exit, paused: false }
                     })
                     .collect();
                 let none = BTreeSet::new();

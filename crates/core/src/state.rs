@@ -14,11 +14,13 @@ mod admission;
 mod apply;
 mod command;
 mod lifecycle;
+mod migration;
 mod tokens;
 
 pub use crate::spec::*;
 pub use command::*;
 pub use lifecycle::{VmPhase, VmRecord, VmRecordWire};
+pub use migration::{MAX_CLUSTER_MIGRATIONS, MAX_INCOMING_MIGRATIONS, MAX_OUTGOING_MIGRATIONS};
 pub use tokens::*;
 
 pub use admission::Admission;
@@ -205,12 +207,12 @@ impl ClusterState {
         self.hosts.values().find(|h| h.name == name)
     }
 
-    /// Resources taken on `host` by the VMs assigned to it.
+    /// Resources taken on `host` by the VMs assigned to it, and held for those migrating to it.
     #[must_use]
     pub fn used(&self, host: HostId) -> Capacity {
         let mut c = Capacity::default();
         for vm in self.vms.values() {
-            if vm.assignment().is_some_and(|a| a.host == host) {
+            if vm.assignment().is_some_and(|a| a.host == host) || vm.migrating_to().is_some_and(|a| a.host == host) {
                 c.vcpus += vm.spec.vcpus;
                 c.memory_mib += vm.spec.memory_mib;
             }

@@ -46,6 +46,10 @@ impl Command {
             }
             Command::SetRule { rule, force } => (format!("rule '{}'", rule.name), *force),
             Command::SetSettings { force, .. } => ("changing the cluster settings".to_string(), *force),
+            Command::StartMigration { name, to, force } => {
+                let host = s.hosts.get(to).map_or_else(|| to.to_string(), |h| h.name.clone());
+                (format!("migrating VM '{name}' to {host}"), *force)
+            }
             _ => return None,
         })
     }
@@ -109,10 +113,14 @@ impl ClusterState {
         }
     }
 
-    /// A copy in which every VM waiting for a host has the one the coordinator would give it:
-    /// what admission control judges, since a started VM takes its room as soon as it is placed.
+    /// A copy in which every VM waiting for a host has the one the coordinator would give it,
+    /// and every migrating VM is where it goes: what admission control judges, since a started
+    /// VM takes its room as soon as it is placed and a migration is meant to complete.
     fn with_pending_placed(&self) -> ClusterState {
         let mut s = self.clone();
+        for v in s.vms.values_mut() {
+            v.end_migration(true);
+        }
         let plan = s.place(&s.unplaced(), s.active_hosts(), true);
         for (name, host) in plan.placements {
             let generation = s.next_gen();

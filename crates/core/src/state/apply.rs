@@ -61,6 +61,9 @@ impl ClusterState {
             Command::Assign { name, host } => self.assign(name, *host),
             Command::Release { name, host, generation } => self.release(name, *host, *generation),
             Command::Failover { host, epoch, plan } => self.failover(*host, *epoch, plan),
+            Command::StartMigration { name, to, .. } => self.start_migration(mode, cmd, name, *to),
+            Command::MigrationSwitchover { name, generation } => self.migration_switchover(name, *generation),
+            Command::MigrationAbort { name, generation, reason } => self.migration_abort(name, *generation, reason),
         }
     }
 
@@ -283,7 +286,7 @@ impl ClusterState {
     /// Whether committed state lets `name` be assigned to `host` now: active, in normal mode,
     /// with room, and no hard rule broken. The proposer planned it on its own copy; this is
     /// checked again on every host, when applied, against the state at that point of the log.
-    fn check_target(&self, name: &str, host: HostId, demand: Capacity) -> Result<(), StateError> {
+    pub(super) fn check_target(&self, name: &str, host: HostId, demand: Capacity) -> Result<(), StateError> {
         let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
         if h.status != HostStatus::Active {
             return Err(StateError::HostNotActive(host));
@@ -322,6 +325,7 @@ impl ClusterState {
         if let Some(h) = self.hosts.get_mut(&host) {
             h.status = HostStatus::Failed;
         }
+        self.abort_migrations_to(host);
         // Everything on the failed host is released first, so capacity is counted without it.
         let victims: Vec<String> = self.assigned_to(host).map(|v| v.spec.name.clone()).collect();
         for name in &victims {

@@ -101,6 +101,26 @@ pub enum Command {
         epoch: u64,
         plan: Vec<(String, HostId)>,
     },
+    /// An operator (or maintenance) live-migrates a running VM to `to` (log format 4).
+    StartMigration {
+        name: String,
+        to: HostId,
+        #[serde(default)]
+        force: bool,
+    },
+    /// The source reports the migration to `generation` complete with the destination still
+    /// paused: the destination becomes the owner (log format 4). This commit is the switchover.
+    MigrationSwitchover {
+        name: String,
+        generation: u64,
+    },
+    /// The migration to `generation` ends without a switchover; the source keeps the VM
+    /// (log format 4).
+    MigrationAbort {
+        name: String,
+        generation: u64,
+        reason: String,
+    },
 }
 
 impl Command {
@@ -127,6 +147,9 @@ impl Command {
             Command::ReleaseHeld { .. } => "release-held",
             Command::CapacityRetry { .. } => "capacity-retry",
             Command::Failover { .. } => "failover",
+            Command::StartMigration { .. } => "start-migration",
+            Command::MigrationSwitchover { .. } => "migration-switchover",
+            Command::MigrationAbort { .. } => "migration-abort",
         }
     }
 
@@ -143,13 +166,22 @@ impl Command {
             | Command::VmFailed { name, .. }
             | Command::ClearVmError { name }
             | Command::DeleteToken { name }
-            | Command::CapacityRetry { name } => Some(name.clone()),
+            | Command::CapacityRetry { name }
+            | Command::StartMigration { name, .. }
+            | Command::MigrationSwitchover { name, .. }
+            | Command::MigrationAbort { name, .. } => Some(name.clone()),
             Command::HostJoined { host } | Command::SetHostMode { host, .. } | Command::Failover { host, .. } => Some(format!("host {}", host.0)),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } => Some(spec.name.clone()),
             Command::SetRule { rule, .. } => Some(rule.name.clone()),
             Command::SetToken { token } => Some(token.name.clone()),
             Command::SetSettings { .. } | Command::ReleaseHeld { .. } => None,
         }
+    }
+
+    /// Whether it exists only from log format 4 on (live migration).
+    #[must_use]
+    pub fn needs_migration_format(&self) -> bool {
+        matches!(self, Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. })
     }
 
     /// Whether it overrides admission control.
@@ -160,7 +192,8 @@ impl Command {
             | Command::UpdateVm { force, .. }
             | Command::SetHostMode { force, .. }
             | Command::SetRule { force, .. }
-            | Command::SetSettings { force, .. } => *force,
+            | Command::SetSettings { force, .. }
+            | Command::StartMigration { force, .. } => *force,
             _ => false,
         }
     }
@@ -211,6 +244,22 @@ pub enum Applied {
     /// A `best-effort` VM's retries are spent: stopped.
     GaveUpWaiting {
         name: String,
+    },
+    /// A live migration began: the VM runs at `from`; `to` receives a paused copy.
+    MigrationStarted {
+        name: String,
+        from: Assignment,
+        to: Assignment,
+    },
+    /// The switchover committed: the VM is assigned to `to`, which resumes it.
+    Migrated {
+        name: String,
+        to: Assignment,
+    },
+    /// The migration ended without a switchover: the VM stays at its source.
+    MigrationAborted {
+        name: String,
+        reason: String,
     },
 }
 
@@ -265,4 +314,10 @@ pub enum StateError {
     VmInError { name: String, error: String },
     #[error("invalid setting: {0}")]
     BadSetting(String),
+    #[error("VM '{name}' cannot be migrated: {why}")]
+    NotMigratable { name: String, why: String },
+    #[error("VM '{name}' is not migrating to generation {generation}")]
+    NotMigrating { name: String, generation: u64 },
+    #[error("too many live migrations at once: {0}")]
+    MigrationLimit(String),
 }

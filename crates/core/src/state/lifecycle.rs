@@ -32,6 +32,10 @@ pub enum VmPhase {
     Placed { at: Assignment },
     /// Stopped by an operator while assigned: its host stops it and then releases it.
     Stopping { at: Assignment },
+    /// Live-migrating from `at` (still its owner: the source runs it, and resumes it if the
+    /// migration fails) to `to` (the destination, which holds a paused copy). Only the commit of
+    /// the switchover makes `to` the assignment; only then does the destination resume.
+    Migrating { at: Assignment, to: Assignment },
 }
 
 /// A VM in the desired state.
@@ -56,7 +60,7 @@ impl VmRecord {
     #[must_use]
     pub fn desired(&self) -> PowerState {
         match self.phase {
-            VmPhase::Waiting { .. } | VmPhase::Held { .. } | VmPhase::Placed { .. } => PowerState::Running,
+            VmPhase::Waiting { .. } | VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Migrating { .. } => PowerState::Running,
             VmPhase::Stopped | VmPhase::Failed { .. } | VmPhase::Stopping { .. } => PowerState::Stopped,
         }
     }
@@ -65,8 +69,17 @@ impl VmRecord {
     #[must_use]
     pub fn assignment(&self) -> Option<Assignment> {
         match self.phase {
-            VmPhase::Held { at } | VmPhase::Placed { at } | VmPhase::Stopping { at } => Some(at),
+            VmPhase::Held { at } | VmPhase::Placed { at } | VmPhase::Stopping { at } | VmPhase::Migrating { at, .. } => Some(at),
             VmPhase::Stopped | VmPhase::Failed { .. } | VmPhase::Waiting { .. } => None,
+        }
+    }
+
+    /// Where a live migration in progress takes it (the destination's generation included).
+    #[must_use]
+    pub fn migrating_to(&self) -> Option<Assignment> {
+        match self.phase {
+            VmPhase::Migrating { to, .. } => Some(to),
+            _ => None,
         }
     }
 
@@ -115,7 +128,12 @@ impl VmRecord {
             (VmPhase::Stopped | VmPhase::Waiting { .. }, PowerState::Running) => VmPhase::Waiting { capacity_retries: None },
             (held @ VmPhase::Held { .. }, PowerState::Running) => held,
             (VmPhase::Stopping { at } | VmPhase::Placed { at }, PowerState::Running) => VmPhase::Placed { at },
-            (VmPhase::Held { at } | VmPhase::Placed { at } | VmPhase::Stopping { at }, PowerState::Stopped) => VmPhase::Stopping { at },
+            // Already running: a start changes nothing, the migration goes on.
+            (migrating @ VmPhase::Migrating { .. }, PowerState::Running) => migrating,
+            // A stop ends a migration: the destination's paused copy is no longer wanted.
+            (VmPhase::Held { at } | VmPhase::Placed { at } | VmPhase::Stopping { at } | VmPhase::Migrating { at, .. }, PowerState::Stopped) => {
+                VmPhase::Stopping { at }
+            }
             (VmPhase::Stopped | VmPhase::Waiting { .. }, PowerState::Stopped) => VmPhase::Stopped,
             (failed @ VmPhase::Failed { .. }, _) => failed,
         };
@@ -125,7 +143,7 @@ impl VmRecord {
     /// waits for another; otherwise it is stopped. A failed VM stays failed.
     pub fn unassign(&mut self) {
         self.phase = match std::mem::replace(&mut self.phase, VmPhase::Stopped) {
-            VmPhase::Held { .. } | VmPhase::Placed { .. } => VmPhase::Waiting { capacity_retries: None },
+            VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Migrating { .. } => VmPhase::Waiting { capacity_retries: None },
             VmPhase::Stopping { .. } | VmPhase::Stopped => VmPhase::Stopped,
             other @ (VmPhase::Failed { .. } | VmPhase::Waiting { .. }) => other,
         };
@@ -145,6 +163,22 @@ impl VmRecord {
         }
     }
 
+    /// A live migration begins: `to` receives a paused copy while the VM keeps running where it
+    /// is. The caller checked that it is placed (not held, stopping or already migrating).
+    pub fn begin_migration(&mut self, to: Assignment) {
+        if let VmPhase::Placed { at } = self.phase {
+            self.phase = VmPhase::Migrating { at, to };
+        }
+    }
+
+    /// The migration ends: `committed` makes the destination the owner (the switchover);
+    /// otherwise the source keeps it. Anything but a migration is left alone.
+    pub fn end_migration(&mut self, committed: bool) {
+        if let VmPhase::Migrating { at, to } = self.phase {
+            self.phase = VmPhase::Placed { at: if committed { to } else { at } };
+        }
+    }
+
     /// HA gives up on it.
     pub fn fail(&mut self, reason: String) {
         self.phase = VmPhase::Failed { reason };
@@ -161,14 +195,18 @@ impl VmRecord {
 
 impl VmPhase {
     /// The phase the loose fields of the wire format describe.
-    fn from_fields(desired: PowerState, assignment: Option<Assignment>, held: bool, error: Option<String>, capacity_retries: Option<u32>) -> VmPhase {
+    fn from_fields(w: &VmRecordWire) -> VmPhase {
+        let (desired, assignment, held, error, capacity_retries) = (w.desired, w.assignment, w.held, w.error.clone(), w.capacity_retries);
         // Every record this code writes is one of these combinations; a record that is none of
         // them was written by a bug, and is read as the nearest phase.
         debug_assert!(!(error.is_some() && (assignment.is_some() || desired == PowerState::Running)), "a failed VM is stopped and placed nowhere");
         match (error, desired, assignment) {
             (Some(reason), _, None) => VmPhase::Failed { reason },
-            (_, PowerState::Running, Some(at)) if held => VmPhase::Held { at },
-            (_, PowerState::Running, Some(at)) => VmPhase::Placed { at },
+            (_, PowerState::Running, Some(at)) => match w.migrating_to {
+                Some(to) => VmPhase::Migrating { at, to },
+                None if held => VmPhase::Held { at },
+                None => VmPhase::Placed { at },
+            },
             (_, PowerState::Stopped, Some(at)) => VmPhase::Stopping { at },
             (_, PowerState::Running, None) => VmPhase::Waiting { capacity_retries },
             (_, PowerState::Stopped, None) => VmPhase::Stopped,
@@ -190,11 +228,15 @@ pub struct VmRecordWire {
     held: bool,
     #[serde(default)]
     capacity_retries: Option<u32>,
+    /// A live migration's destination (written only while one runs; older hosts never see a
+    /// migrating VM, since the commands that start one are of a log format they refuse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    migrating_to: Option<Assignment>,
 }
 
 impl From<VmRecordWire> for VmRecord {
     fn from(w: VmRecordWire) -> VmRecord {
-        VmRecord { phase: VmPhase::from_fields(w.desired, w.assignment, w.held, w.error, w.capacity_retries), spec: w.spec, failed_on: w.failed_on }
+        VmRecord { phase: VmPhase::from_fields(&w), spec: w.spec, failed_on: w.failed_on }
     }
 }
 
@@ -206,6 +248,7 @@ impl From<VmRecord> for VmRecordWire {
             held: r.held(),
             error: r.error().map(str::to_string),
             capacity_retries: r.capacity_retries(),
+            migrating_to: r.migrating_to(),
             spec: r.spec,
             failed_on: r.failed_on,
         }
@@ -233,6 +276,7 @@ mod tests {
             VmPhase::Held { at: at(1, 7) },
             VmPhase::Placed { at: at(2, 8) },
             VmPhase::Stopping { at: at(0, 9) },
+            VmPhase::Migrating { at: at(0, 10), to: at(1, 11) },
         ]
     }
 
@@ -284,7 +328,11 @@ mod tests {
     fn accessors_agree_with_the_phase() {
         for phase in phases() {
             let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![] };
-            assert_eq!(r.assignment().is_some(), matches!(phase, VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Stopping { .. }));
+            assert_eq!(
+                r.assignment().is_some(),
+                matches!(phase, VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Stopping { .. } | VmPhase::Migrating { .. })
+            );
+            assert_eq!(r.migrating_to().is_some(), matches!(phase, VmPhase::Migrating { .. }));
             assert_eq!(r.is_waiting(), r.desired() == PowerState::Running && r.assignment().is_none());
             assert!(r.error().is_none() || (r.desired() == PowerState::Stopped && r.assignment().is_none()));
         }

@@ -1,0 +1,229 @@
+//! Live migration in committed state: starting one, its switchover, its abort — and the rule that
+//! makes it safe: the VM's assignment moves to the destination only by the commit of
+//! [`Command::MigrationSwitchover`], which the source proposes once QEMU reports the migration
+//! complete with the destination still paused. Before that commit the source owns the VM (and
+//! resumes it if the migration fails); after it, the destination resumes it and the source never
+//! does. The log orders a switchover and an abort (or a failover of either host): the first one
+//! applied decides, and the other is refused as stale.
+
+use super::admission::AdmitMode;
+use super::*;
+
+/// Live migrations leaving one host at once (KubeVirt allows two outbound per node).
+pub const MAX_OUTGOING_MIGRATIONS: usize = 2;
+/// Live migrations arriving at one host at once.
+pub const MAX_INCOMING_MIGRATIONS: usize = 2;
+/// Live migrations in the whole cluster at once.
+pub const MAX_CLUSTER_MIGRATIONS: usize = 8;
+
+impl ClusterState {
+    /// VMs live-migrating now: (name, source, destination).
+    pub fn migrations(&self) -> impl Iterator<Item = (&str, Assignment, Assignment)> {
+        self.vms.values().filter_map(|v| match v.phase {
+            VmPhase::Migrating { at, to } => Some((v.spec.name.as_str(), at, to)),
+            _ => None,
+        })
+    }
+
+    pub(super) fn start_migration(&mut self, mode: AdmitMode<'_>, cmd: &Command, name: &str, to: HostId) -> Result<Applied, StateError> {
+        let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
+        let refuse = |why: String| Err(StateError::NotMigratable { name: name.to_string(), why });
+        let from = match vm.phase {
+            VmPhase::Placed { at } => at,
+            VmPhase::Migrating { to, .. } => return refuse(format!("it is already migrating to {}", to.host)),
+            VmPhase::Held { .. } => return refuse("its restart group has not started yet".into()),
+            VmPhase::Stopped | VmPhase::Stopping { .. } | VmPhase::Failed { .. } => return refuse("it is not running".into()),
+            VmPhase::Waiting { .. } => return refuse("it is not placed on any host yet".into()),
+        };
+        if from.host == to {
+            return refuse(format!("it already runs on {to}"));
+        }
+        if self.hosts.get(&from.host).is_none_or(|h| h.status != HostStatus::Active) {
+            return refuse(format!("its host {} is not active", from.host));
+        }
+        let running: Vec<(&str, Assignment, Assignment)> = self.migrations().collect();
+        if running.len() >= MAX_CLUSTER_MIGRATIONS {
+            return Err(StateError::MigrationLimit(format!("{} already run in the cluster (at most {MAX_CLUSTER_MIGRATIONS})", running.len())));
+        }
+        let out = running.iter().filter(|(_, f, _)| f.host == from.host).count();
+        if out >= MAX_OUTGOING_MIGRATIONS {
+            return Err(StateError::MigrationLimit(format!("{out} already leave {} (at most {MAX_OUTGOING_MIGRATIONS})", from.host)));
+        }
+        let inc = running.iter().filter(|(_, _, t)| t.host == to).count();
+        if inc >= MAX_INCOMING_MIGRATIONS {
+            return Err(StateError::MigrationLimit(format!("{inc} already arrive at {to} (at most {MAX_INCOMING_MIGRATIONS})")));
+        }
+        let demand = vm.spec.demand();
+        self.check_target(name, to, demand)?;
+        let mut started = None;
+        let applied = self.admit(mode, cmd, |s| {
+            let generation = s.next_gen();
+            let to = Assignment { host: to, generation };
+            if let Some(v) = s.vms.get_mut(name) {
+                v.begin_migration(to);
+            }
+            started = Some(to);
+            Ok(())
+        })?;
+        Ok(match (applied, started) {
+            (Applied::Done, Some(to)) => Applied::MigrationStarted { name: name.to_string(), from, to },
+            (other, _) => other,
+        })
+    }
+
+    pub(super) fn migration_switchover(&mut self, name: &str, generation: u64) -> Result<Applied, StateError> {
+        let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
+        let Some(to) = vm.migrating_to().filter(|t| t.generation == generation) else {
+            return Err(StateError::NotMigrating { name: name.to_string(), generation });
+        };
+        // A destination that was failed over has had its paused copy killed; its failover already
+        // ended the migration, so this cannot happen — checked all the same.
+        if self.hosts.get(&to.host).is_none_or(|h| h.status != HostStatus::Active) {
+            return Err(StateError::HostNotActive(to.host));
+        }
+        self.vm_mut(name)?.end_migration(true);
+        Ok(Applied::Migrated { name: name.to_string(), to })
+    }
+
+    pub(super) fn migration_abort(&mut self, name: &str, generation: u64, reason: &str) -> Result<Applied, StateError> {
+        let vm = self.vm_mut(name)?;
+        if vm.migrating_to().is_none_or(|t| t.generation != generation) {
+            return Err(StateError::NotMigrating { name: name.to_string(), generation });
+        }
+        vm.end_migration(false);
+        Ok(Applied::MigrationAborted { name: name.to_string(), reason: reason.to_string() })
+    }
+
+    /// A failover of `host` ends every migration towards it: the source keeps those VMs (the
+    /// destination's paused copy dies with the host's fencing, and it never resumed — no
+    /// switchover was committed). Migrations away from it end with the failover itself (the
+    /// VM is released like every other VM of the host).
+    pub(super) fn abort_migrations_to(&mut self, host: HostId) -> Vec<String> {
+        let names: Vec<String> = self.migrations().filter(|(_, _, to)| to.host == host).map(|(n, _, _)| n.to_string()).collect();
+        for n in &names {
+            if let Some(v) = self.vms.get_mut(n) {
+                v.end_migration(false);
+            }
+        }
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{cluster, process_vm, run_on};
+
+    fn migrating(s: &ClusterState, name: &str) -> (Assignment, Assignment) {
+        match s.vms[name].phase {
+            VmPhase::Migrating { at, to } => (at, to),
+            ref p => panic!("{name} is {p:?}, not migrating"),
+        }
+    }
+
+    fn start(s: &mut ClusterState, name: &str, to: u32) -> Result<Applied, StateError> {
+        s.apply(&Command::StartMigration { name: name.into(), to: HostId(to), force: false })
+    }
+
+    #[test]
+    fn the_switchover_commit_moves_the_assignment_and_only_once() {
+        let mut s = cluster(3, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 1024), 0);
+        let before = s.vms["a"].assignment().expect("placed");
+        let Applied::MigrationStarted { from, to, .. } = start(&mut s, "a", 1).expect("starts") else { panic!("not started") };
+        assert_eq!((from, to.host), (before, HostId(1)));
+        assert!(to.generation > before.generation);
+        assert_eq!(s.vms["a"].assignment(), Some(before), "the source owns it until the switchover");
+        assert_eq!(s.used(HostId(1)).memory_mib, 1024, "the destination's room is held");
+        assert_eq!(s.used(HostId(0)).memory_mib, 1024);
+        assert!(matches!(start(&mut s, "a", 2), Err(StateError::NotMigratable { .. })), "one migration at a time");
+        assert_eq!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }), Ok(Applied::Migrated { name: "a".into(), to }));
+        assert_eq!(s.vms["a"].phase, VmPhase::Placed { at: to });
+        assert_eq!(s.used(HostId(0)).memory_mib, 0);
+        // Whatever comes second is stale: an abort after the switchover, or a second switchover.
+        let rev = s.revision;
+        assert!(matches!(s.apply(&Command::MigrationAbort { name: "a".into(), generation: to.generation, reason: "x".into() }), Err(StateError::NotMigrating { .. })));
+        assert!(matches!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }), Err(StateError::NotMigrating { .. })));
+        assert_eq!(s.revision, rev, "refused commands change nothing");
+    }
+
+    #[test]
+    fn an_abort_keeps_the_source_and_refuses_a_late_switchover() {
+        let mut s = cluster(2, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 512), 0);
+        let before = s.vms["a"].assignment().expect("placed");
+        start(&mut s, "a", 1).expect("starts");
+        let (_, to) = migrating(&s, "a");
+        s.apply(&Command::MigrationAbort { name: "a".into(), generation: to.generation, reason: "cancelled".into() }).expect("aborts");
+        assert_eq!(s.vms["a"].phase, VmPhase::Placed { at: before });
+        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }).is_err());
+        assert_eq!(s.used(HostId(1)).memory_mib, 0, "the held room is given back");
+    }
+
+    #[test]
+    fn refusals_say_why_and_change_nothing() {
+        let mut s = cluster(3, 2048);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 1024), 0);
+        run_on(&mut s, process_vm("big", Protection::Protect, 0, 1024), 1);
+        run_on(&mut s, process_vm("big2", Protection::Protect, 0, 1024), 1);
+        s.apply(&Command::CreateVm { spec: process_vm("off", Protection::Protect, 0, 64) }).expect("create");
+        s.apply(&Command::SetHostMode { host: HostId(2), mode: HostMode::Maintenance, force: true }).expect("mode");
+        let rev = s.revision;
+        assert!(matches!(start(&mut s, "nope", 1), Err(StateError::UnknownVm(_))));
+        assert!(matches!(start(&mut s, "off", 1), Err(StateError::NotMigratable { .. })), "not running");
+        assert!(matches!(start(&mut s, "a", 0), Err(StateError::NotMigratable { .. })), "already there");
+        assert!(matches!(start(&mut s, "a", 1), Err(StateError::NoCapacity { .. })), "full");
+        assert!(matches!(start(&mut s, "a", 2), Err(StateError::HostMode { .. })), "maintenance");
+        assert!(matches!(start(&mut s, "a", 7), Err(StateError::UnknownHost(_))));
+        assert_eq!(s.revision, rev);
+    }
+
+    #[test]
+    fn a_failover_of_either_end_ends_the_migration_safely() {
+        // The destination fails: the source keeps the VM.
+        let mut s = cluster(3, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 512), 0);
+        let before = s.vms["a"].assignment().expect("placed");
+        start(&mut s, "a", 1).expect("starts");
+        let (_, to) = migrating(&s, "a");
+        let epoch = s.hosts[&HostId(1)].epoch;
+        s.apply(&Command::Failover { host: HostId(1), epoch, plan: vec![] }).expect("failover");
+        assert_eq!(s.vms["a"].phase, VmPhase::Placed { at: before });
+        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }).is_err());
+        // The source fails: the VM is restarted from its disk like any other of the host, in a new
+        // generation, possibly on the former destination.
+        let mut s = cluster(3, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 512), 0);
+        start(&mut s, "a", 1).expect("starts");
+        let (_, to) = migrating(&s, "a");
+        let epoch = s.hosts[&HostId(0)].epoch;
+        let out = s.apply(&Command::Failover { host: HostId(0), epoch, plan: vec![("a".into(), HostId(1))] }).expect("failover");
+        let Applied::FailedOver { moved, .. } = out else { panic!("{out:?}") };
+        assert_eq!(moved.len(), 1);
+        let now = s.vms["a"].assignment().expect("moved");
+        assert_eq!(now.host, HostId(1));
+        assert_ne!(now.generation, to.generation, "a restart, never a resume of the paused copy");
+        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }).is_err());
+    }
+
+    #[test]
+    fn an_operator_stop_ends_a_migration() {
+        let mut s = cluster(2, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 512), 0);
+        let before = s.vms["a"].assignment().expect("placed");
+        start(&mut s, "a", 1).expect("starts");
+        s.apply(&Command::SetPower { name: "a".into(), desired: PowerState::Stopped, force: true }).expect("stop");
+        assert_eq!(s.vms["a"].phase, VmPhase::Stopping { at: before });
+    }
+
+    #[test]
+    fn concurrent_migrations_are_bounded_per_host() {
+        let mut s = cluster(3, 8192);
+        for n in ["a", "b", "c"] {
+            run_on(&mut s, process_vm(n, Protection::Protect, 0, 256), 0);
+        }
+        start(&mut s, "a", 1).expect("first");
+        start(&mut s, "b", 2).expect("second");
+        assert!(matches!(start(&mut s, "c", 1), Err(StateError::MigrationLimit(_))), "a third leaving host 0");
+    }
+}
