@@ -38,6 +38,7 @@ mod coordinator;
 mod fencing;
 mod liveness;
 mod membership;
+mod migration;
 mod probe;
 mod reconciler;
 mod watchdogs;
@@ -151,6 +152,7 @@ pub struct Agent {
     /// not three at three phases, and each loop sees the assessment of that tick.
     ticks: tokio::sync::watch::Sender<u64>,
     reconciling: Mutex<reconciler::Reconciling>,
+    migrations: Mutex<migration::Migrations>,
     probing: Mutex<probe::Probing>,
     heartbeats: Arc<dyn HeartbeatTransport>,
     disk: HeartbeatDisk,
@@ -271,6 +273,7 @@ impl Agent {
             coordinator_wake: tokio::sync::Notify::new(),
             ticks: tokio::sync::watch::Sender::new(0),
             reconciling: Mutex::default(),
+            migrations: Mutex::default(),
             probing: Mutex::default(),
             heartbeats,
             disk,
@@ -300,6 +303,7 @@ impl Agent {
         tokio::spawn(Arc::clone(self).membership_loop().in_current_span());
         tokio::spawn(Arc::clone(self).coordinator_loop().in_current_span());
         tokio::spawn(Arc::clone(self).reconcile_loop().in_current_span());
+        tokio::spawn(Arc::clone(self).migration_loop().in_current_span());
         self.start_watchdogs()
     }
 

@@ -11,6 +11,7 @@ mod failovers;
 mod hosts;
 mod internal;
 mod join;
+mod migrations;
 mod tokens;
 mod vms;
 
@@ -30,6 +31,7 @@ use failovers::*;
 use hosts::*;
 use internal::*;
 use join::{host_join, join_proof};
+use migrations::*;
 use tokens::*;
 use vms::*;
 
@@ -108,7 +110,10 @@ impl From<StateError> for ApiError {
             | StateError::RuleInfeasible { .. }
             | StateError::RuleConflict { .. }
             | StateError::TokenExists(_)
-            | StateError::VmInError { .. } => StatusCode::CONFLICT,
+            | StateError::VmInError { .. }
+            | StateError::NotMigratable { .. }
+            | StateError::NotMigrating { .. }
+            | StateError::MigrationLimit(_) => StatusCode::CONFLICT,
             // A log entry the proposer built wrong: a bug, not the caller's doing.
             StateError::Unjudged(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -323,6 +328,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/rules", get(rules).post(rule_set))
         .route("/v1/rules/{name}", axum::routing::delete(rule_delete))
         .route("/v1/vms/{name}/stop", post(vm_stop))
+        .route("/v1/vms/{name}/migrate", post(vm_migrate).delete(vm_migrate_cancel))
+        .route("/v1/migrations", get(migrations))
+        .route("/v1/internal/incoming", post(internal_incoming))
         .route("/v1/local", get(local))
         .route("/v1/events", get(events))
         .route("/v1/failovers", get(failovers))

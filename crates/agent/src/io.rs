@@ -239,6 +239,9 @@ pub enum Mutation {
     SkipLeaseCheck,
     /// The coordinator counts fence deadlines from evidence `self_fence_ms` too early.
     EarlyEvidence,
+    /// A live migration's destination resumes its paused copy as soon as it is prepared,
+    /// without waiting for the switchover's commit.
+    ResumeBeforeSwitchover,
 }
 
 impl AgentIo {

@@ -62,6 +62,30 @@ pub struct Metrics {
     pub failovers: AtomicU64,
     pub vms_moved: AtomicU64,
     pub disk_write_failures: AtomicU64,
+    /// Live migrations this host drove that completed: their whole time, and the guest's pause
+    /// at the switchover as QEMU measured it.
+    pub migration_seconds: Histogram,
+    pub migration_downtime_seconds: Histogram,
+    pub migrations_completed: AtomicU64,
+    pub migrations_aborted: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a migration this host drove: `Some` with its report when it completed.
+    pub fn note_migration(&self, completed: Option<&tandem_drivers::migration::MigrationReport>) {
+        match completed {
+            Some(r) => {
+                self.migrations_completed.fetch_add(1, Ordering::Relaxed);
+                self.migration_seconds.observe(r.total_ms as f64 / 1000.0);
+                if let Some(d) = r.downtime_ms {
+                    self.migration_downtime_seconds.observe(d as f64 / 1000.0);
+                }
+            }
+            None => {
+                self.migrations_aborted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -72,6 +96,10 @@ impl Default for Metrics {
             failovers: AtomicU64::new(0),
             vms_moved: AtomicU64::new(0),
             disk_write_failures: AtomicU64::new(0),
+            migration_seconds: Histogram::new(&[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            migration_downtime_seconds: Histogram::new(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0]),
+            migrations_completed: AtomicU64::new(0),
+            migrations_aborted: AtomicU64::new(0),
         }
     }
 }
@@ -107,6 +135,7 @@ fn render(a: &Agent) -> String {
                     VmPhase::Stopped | VmPhase::Stopping { .. } => "stopped",
                     VmPhase::Held { .. } => "held",
                     VmPhase::Placed { .. } => "assigned",
+                    VmPhase::Migrating { .. } => "migrating",
                     VmPhase::Waiting { .. } => "waiting",
                 };
                 let protection = match v.spec.protection {
@@ -168,6 +197,28 @@ fn render(a: &Agent) -> String {
     let m = &a.metrics;
     m.disk_write_seconds.render(&mut out, "tandem_disk_write_seconds", "Heartbeat disk round latency as the liveness loop saw it: the slot write, then the read of every slot (the answer is taken at the next poll, a quarter interval at most after it came).");
     counter(&mut out, "tandem_disk_write_failures_total", "Heartbeat slot writes that failed or timed out.", m.disk_write_failures.load(Ordering::Relaxed));
+    m.migration_seconds.render(
+        &mut out,
+        "tandem_migration_seconds",
+        "Live migrations this host drove that completed: from the start of the copy to QEMU's completion.",
+    );
+    m.migration_downtime_seconds.render(
+        &mut out,
+        "tandem_migration_downtime_seconds",
+        "The guest's pause at the switchover of those migrations, as QEMU measured it.",
+    );
+    counter(
+        &mut out,
+        "tandem_migrations_completed_total",
+        "Live migrations this host drove that switched over.",
+        m.migrations_completed.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "tandem_migrations_aborted_total",
+        "Live migrations this host drove that ended without a switchover.",
+        m.migrations_aborted.load(Ordering::Relaxed),
+    );
     let mut by_state: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
     let mut here = 0u64;
     for (state, protection, on_me) in &vms {

@@ -120,6 +120,9 @@ pub struct VmView {
     pub capacity_retries: Option<u32>,
     /// Desired running but placed nowhere: why no host takes it now.
     pub waiting: Option<String>,
+    /// The host it is live-migrating to (it still runs on `host` until the switchover).
+    #[serde(default)]
+    pub migrating_to: Option<String>,
     pub spec: VmSpec,
 }
 
@@ -452,4 +455,85 @@ pub struct VmStartView {
     /// for a VM whose spec names a probe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answering_ms: Option<u64>,
+}
+
+/// `POST /v1/vms/{name}/migrate`: where to (a host name; omitted: the host with the most free
+/// memory that may take it), and whether to override admission control (admin only).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/vms/{name}/migrate`: the migration committed to begin.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationBegun {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    /// The generation the VM has at the destination once the switchover commits.
+    pub generation: u64,
+    /// The source's API address: it drives the migration and reports its progress.
+    pub source_api: String,
+    #[serde(flatten)]
+    pub admission: AdmissionNote,
+}
+
+/// `DELETE /v1/vms/{name}/migrate`.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationCancelled {
+    pub cancelled: String,
+}
+
+/// One migration in progress.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationView {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    pub generation: u64,
+    /// preparing, copying or switching over; `None` when another host (`from`) drives it.
+    pub phase: Option<String>,
+    pub progress: Option<tandem_drivers::migration::MigrationProgress>,
+}
+
+/// How a migration this host drove ended.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationOutcome {
+    pub name: String,
+    pub generation: u64,
+    pub from: String,
+    pub to: String,
+    /// `completed` (the VM runs at `to`) or `aborted` (it runs on at `from`, or was stopped or
+    /// failed over meanwhile).
+    pub result: String,
+    pub reason: Option<String>,
+    pub report: Option<tandem_drivers::migration::MigrationReport>,
+    pub finished_at_ms: u64,
+}
+
+/// `GET /v1/migrations`: the migrations committed state has running (progress for those this
+/// host drives), and the last ones this host drove.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationsView {
+    pub host: String,
+    pub active: Vec<MigrationView>,
+    pub recent: Vec<MigrationOutcome>,
+}
+
+/// `POST /v1/internal/incoming` (source to destination): prepare the paused copy.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    pub name: String,
+    pub generation: u64,
+}
+
+/// Where the destination listens for the migration stream.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct IncomingReady {
+    pub uri: String,
 }

@@ -5,6 +5,7 @@
 //! plain value the caller acts on. The agent runtime and the deterministic simulator drive the
 //! same code.
 
+pub mod convergence;
 pub mod coordinate;
 pub mod diskformat;
 pub mod hostset;

@@ -176,7 +176,8 @@ mod tests {
         assert_eq!(judged.format, 4);
         let old_host_sees = LogFormatError::Newer { found: 4 };
         assert!(old_host_sees.to_string().contains("upgrade"));
-        let smuggled: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migration-abort\",\"name\":\"a\",\"generation\":1,\"reason\":\"x\"}}").expect("loads");
+        let smuggled: LogEntry =
+            serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migration-abort\",\"name\":\"a\",\"generation\":1,\"reason\":\"x\"}}").expect("loads");
         assert!(matches!(smuggled.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
         assert_eq!(LogEntry::new(&Command::HostJoined { host: HostId(1) }).expect("encodes").format, 2);
     }

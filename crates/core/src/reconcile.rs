@@ -225,7 +225,10 @@ impl Reconciler {
         }
         // Wanted but not running: start (a held VM waits for a lower restart group).
         for (name, (generation, _, held)) in &w.running {
+            // A VM migrating away is not started here again (a driver that moves it by a stop and
+            // a start has stopped it): the migration's end decides where it runs.
             let skip = *held
+                || w.leaving.contains(name)
                 || live_names.contains(name.as_str())
                 || self.exit_stopped.get(name).is_some_and(|(g, _)| g == generation)
                 || v.starting.contains(name)
@@ -329,7 +332,9 @@ mod tests {
         switched.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to }).expect("switch");
         assert_eq!(at(&switched, 1, &[paused("a", to)], &mut dst), vec![Action::Resume { name: "a".into(), generation: to }]);
         assert_eq!(at(&switched, 0, &[paused("a", from)], &mut src), vec![Action::Kill { name: "a".into(), reason: KillReason::NotAssignedHere }]);
-        // A driver whose migration is a stop and a start (processes): the destination starts it.
+        // A driver whose migration is a stop and a start (processes): the source does not start
+        // it again while it migrates; the destination starts it after the switchover.
+        assert_eq!(at(&s, 0, &[], &mut src), vec![]);
         assert_eq!(at(&switched, 1, &[], &mut dst), vec![Action::Start { name: "a".into(), generation: to }]);
         let mut aborted = s.clone();
         aborted.apply(&Command::MigrationAbort { name: "a".into(), generation: to, reason: "x".into() }).expect("abort");

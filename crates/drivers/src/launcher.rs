@@ -89,7 +89,7 @@ impl Launcher {
         t.insert(
             name.to_string(),
             Record {
-                status: VmStatus { name: name.to_string(), generation, pid, started_at_ms: wall_ms(), exit: None },
+                status: VmStatus { name: name.to_string(), generation, pid, started_at_ms: wall_ms(), exit: None, paused: false },
                 stop_requested: false,
                 guest_shutdown: false,
                 panicked: false,
@@ -140,6 +140,13 @@ impl Launcher {
             libc::kill(pid, sig);
         }
         true
+    }
+
+    /// Marks the live VM's vCPUs as stopped (or running again) by a live migration.
+    pub fn set_paused(&self, name: &str, paused: bool) {
+        if let Some(r) = lock(&self.table).get_mut(name).filter(|r| r.status.exit.is_none()) {
+            r.status.paused = paused;
+        }
     }
 
     /// SIGKILLs every live VM; returns how many.

@@ -7,6 +7,7 @@
 
 pub mod launcher;
 pub mod limits;
+pub mod migration;
 pub mod mixed;
 pub mod probe;
 pub mod process;
@@ -61,6 +62,10 @@ pub struct VmStatus {
     /// Milliseconds since the Unix epoch when it was started.
     pub started_at_ms: u64,
     pub exit: Option<VmExit>,
+    /// Alive with its vCPUs stopped by a live migration (a destination waiting for the
+    /// switchover, or a source whose migration completed).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Errors of a driver operation.
@@ -90,6 +95,10 @@ pub enum DriverError {
     },
     #[error("VM '{0}' did not stop within its timeout")]
     StopTimeout(String),
+    #[error("live migration of VM '{vm}' failed: {reason}")]
+    Migration { vm: String, reason: String },
+    #[error("the {driver} driver cannot {what}")]
+    Unsupported { driver: &'static str, what: &'static str },
 }
 
 /// The interface between the agent and whatever runs VMs.
@@ -108,6 +117,22 @@ pub trait VmDriver: Send + Sync + 'static {
     fn list(&self) -> Vec<VmStatus>;
     /// Drops the record of an exited VM.
     fn forget(&self, name: &str);
+    /// A live migration's destination: starts the VM paused, waiting for the incoming state, and
+    /// returns where the source sends it. `launch.check` admits it as for a start.
+    fn prepare_incoming<'a>(&'a self, _launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "receive a live migration" }) })
+    }
+    /// A live migration's source: sends VM `name` to `to.uri`, following the convergence
+    /// schedule, reporting progress, until it completes (the VM is then paused here) or fails
+    /// or is cancelled (it then keeps running here).
+    fn migrate_out<'a>(&'a self, _name: &'a str, _to: &'a migration::MigrationTarget) -> BoxFuture<'a, Result<migration::MigrationReport, DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "send a live migration" }) })
+    }
+    /// Resumes a paused VM (after the switchover, or after an aborted migration), if `check`
+    /// still admits it at this instant.
+    fn resume<'a>(&'a self, name: &'a str, _check: &'a StartCheck) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { Err(DriverError::NotRunning(name.to_string())) })
+    }
     /// One attempt of VM `name`'s service probe from this host (whose address is `host_ip`),
     /// within `timeout`. Over the network unless the driver knows better (the simulator's).
     fn probe<'a>(&'a self, _name: &'a str, probe: &'a ServiceProbe, host_ip: &'a str, timeout: Duration) -> BoxFuture<'a, Result<(), probe::ProbeError>> {

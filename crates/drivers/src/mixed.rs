@@ -75,6 +75,28 @@ impl VmDriver for MixedDriver {
         self.launcher.list()
     }
 
+    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+        let qemu = matches!(launch.spec.driver, DriverSpec::Qemu { .. });
+        self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(launch.spec.name.clone(), qemu);
+        if qemu {
+            self.qemu.prepare_incoming(launch)
+        } else {
+            self.process.prepare_incoming(launch)
+        }
+    }
+
+    fn migrate_out<'a>(
+        &'a self,
+        name: &'a str,
+        to: &'a crate::migration::MigrationTarget,
+    ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
+        self.owner(name).migrate_out(name, to)
+    }
+
+    fn resume<'a>(&'a self, name: &'a str, check: &'a crate::StartCheck) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).resume(name, check)
+    }
+
     fn forget(&self, name: &str) {
         // The QEMU driver also drops its QMP session; the launcher record goes either way.
         self.qemu.forget(name);

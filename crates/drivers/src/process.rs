@@ -57,6 +57,27 @@ impl VmDriver for ProcessDriver {
         })
     }
 
+    /// A process has no memory image to send: its migration is a stop here (as `stop` does) and,
+    /// once the switchover commits, a fresh start at the destination (the reconciler's). Nothing
+    /// runs at the destination beforehand, and nothing is left here that could run again: an
+    /// aborted migration starts the process afresh here.
+    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+        Box::pin(async move { Ok(format!("process:{}", launch.spec.name)) })
+    }
+
+    fn migrate_out<'a>(
+        &'a self,
+        name: &'a str,
+        _to: &'a crate::migration::MigrationTarget,
+    ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            self.stop(name).await?;
+            let total_ms = started.elapsed().as_millis() as u64;
+            Ok(crate::migration::MigrationReport { total_ms, steps: vec!["stopped here, to start at the destination".into()], ..Default::default() })
+        })
+    }
+
     fn kill(&self, name: &str) -> Result<(), DriverError> {
         self.launcher.kill(name)
     }

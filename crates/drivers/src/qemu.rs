@@ -247,6 +247,54 @@ impl VmDriver for QemuDriver {
         self.launcher.list()
     }
 
+    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+        Box::pin(async move {
+            let name = launch.spec.name.clone();
+            std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
+            let mut cmd = self.command(launch)?;
+            // Paused, and listening only once asked (so the port is the kernel's choice).
+            cmd.args(["-S", "-incoming", "defer"]);
+            let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
+            self.launcher.set_paused(&name, true);
+            let ready = async {
+                let q = Arc::new(self.connect_qmp(&name, pid).await?);
+                self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), Arc::clone(&q));
+                crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout()).await
+            };
+            match ready.await {
+                Ok(uri) => Ok(uri),
+                Err(e) => {
+                    self.launcher.signal(&name, libc::SIGKILL, true);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn migrate_out<'a>(
+        &'a self,
+        name: &'a str,
+        to: &'a crate::migration::MigrationTarget,
+    ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let report = crate::migration::migrate_out(name, &q, self.qmp_timeout(), to).await?;
+            // Completed: the guest's vCPUs are stopped here for good unless the migration is aborted.
+            self.launcher.set_paused(name, true);
+            Ok(report)
+        })
+    }
+
+    fn resume<'a>(&'a self, name: &'a str, check: &'a crate::StartCheck) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            check().map_err(|reason| DriverError::Refused { vm: name.to_string(), reason })?;
+            crate::migration::resume(name, &q, self.qmp_timeout()).await?;
+            self.launcher.set_paused(name, false);
+            Ok(())
+        })
+    }
+
     fn forget(&self, name: &str) {
         self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name);
         self.launcher.forget(name);

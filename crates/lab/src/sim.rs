@@ -45,6 +45,10 @@ pub struct SimArgs {
     /// violations.
     #[arg(long, conflicts_with_all = ["unsafe_skip_fence_wait", "unsafe_skip_lease_check"])]
     pub unsafe_early_evidence: bool,
+    /// Mutation check: a live migration's destination resumes its paused copy without waiting
+    /// for the switchover's commit; with `--only live-migration` the run must find violations.
+    #[arg(long, conflicts_with_all = ["unsafe_skip_fence_wait", "unsafe_skip_lease_check", "unsafe_early_evidence"])]
+    pub unsafe_resume_before_switchover: bool,
     /// The agents' timings: the defaults, the low-latency profile (100 ms heartbeats), or
     /// slow-fence (dead after 1 s, lease of 2 s: the deadline decides; for --unsafe-early-evidence).
     #[arg(long, default_value = "default", value_parser = ["default", "low-latency", "slow-fence"])]
@@ -69,6 +73,8 @@ impl SimArgs {
             Some(tandem_sim::Mutation::SkipFenceWait)
         } else if self.unsafe_early_evidence {
             Some(tandem_sim::Mutation::EarlyEvidence)
+        } else if self.unsafe_resume_before_switchover {
+            Some(tandem_sim::Mutation::ResumeBeforeSwitchover)
         } else {
             self.unsafe_skip_lease_check.then_some(tandem_sim::Mutation::SkipLeaseCheck)
         }
@@ -155,6 +161,9 @@ pub fn run(args: &SimArgs) -> Result<()> {
         }
         if args.unsafe_early_evidence {
             mutation.push_str(" --unsafe-early-evidence");
+        }
+        if args.unsafe_resume_before_switchover {
+            mutation.push_str(" --unsafe-resume-before-switchover");
         }
         if args.timings != "default" {
             mutation.push_str(&format!(" --timings {}", args.timings));

@@ -66,6 +66,9 @@ pub enum FaultKind {
     HostJoin,
     /// Operator commands: create, stop, start, delete VMs.
     Operator,
+    /// A live migration, alone or with a fault at a random phase: cancelled, the source's or
+    /// the destination's power lost, the link between them cut, the leader's power lost.
+    LiveMigration,
 }
 
 use Backend::{Chaos, Sim};
@@ -73,7 +76,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 24] = [
+    pub const ALL: [FaultKind; 25] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -98,6 +101,7 @@ impl FaultKind {
         AgentKill,
         WorkloadKill,
         HostHiccup,
+        LiveMigration,
     ];
 
     pub fn name(self) -> &'static str {
@@ -126,6 +130,7 @@ impl FaultKind {
             LivenessStallInPartition => "liveness-stall-in-partition",
             HostJoin => "host-join",
             Operator => "operator",
+            LiveMigration => "live-migration",
         }
     }
 
@@ -148,7 +153,8 @@ impl FaultKind {
             | AgentStall
             | LivenessStallInPartition
             | HostJoin
-            | Operator => &[Sim],
+            | Operator
+            | LiveMigration => &[Sim],
         }
     }
 

@@ -32,6 +32,11 @@ pub enum Invariant {
     HealthyFenced,
     /// A host whose lease lapsed went on as if it held it.
     Lease,
+    /// A paused copy resumed from memory that was not the VM's latest: a destination resumed
+    /// before its migration completed, or after another copy ran since.
+    StaleResume,
+    /// A live migration that no fault touched did not complete.
+    MigrationStuck,
 }
 
 impl Invariant {
@@ -43,6 +48,8 @@ impl Invariant {
             Invariant::NotRecovered => "not-recovered",
             Invariant::HealthyFenced => "healthy-fenced",
             Invariant::Lease => "lease",
+            Invariant::StaleResume => "stale-resume",
+            Invariant::MigrationStuck => "migration-stuck",
         }
     }
 }

@@ -151,3 +151,28 @@ fn other_timing_profiles_hold_the_invariants() {
         }
     }
 }
+
+/// Live migrations with a fault at a random phase (cancel, power loss of the source, the
+/// destination or the leader, the link between the two cut): never two running copies, never a
+/// resume from stale memory, and a migration no fault touched completes.
+#[test]
+fn live_migrations_under_faults_keep_one_copy_and_fresh_memory() {
+    let mut completed = 0;
+    for seed in 1..=12 {
+        let r = run(&SimOptions { only: Some(FaultKind::LiveMigration), ..opts(seed, 60) });
+        assert!(r.violations.is_empty(), "seed {seed}: {:#?}", r.violations);
+        completed += r.trace.iter().filter(|l| l.contains("event migration-completed")).count();
+    }
+    assert!(completed >= 5, "only {completed} migrations completed in 12 seeds");
+}
+
+/// With a destination that resumes its paused copy before the switchover commits, the simulator
+/// must see a resume from stale memory (or two running copies) within a few seeds.
+#[test]
+fn resuming_before_the_switchover_is_caught() {
+    let found = (1..=10).find(|seed| {
+        let r = run(&SimOptions { mutation: Some(tandem_sim::Mutation::ResumeBeforeSwitchover), only: Some(FaultKind::LiveMigration), ..opts(*seed, 60) });
+        r.violations.iter().any(|v| v.starts_with("stale-resume") || v.starts_with("double-run"))
+    });
+    assert!(found.is_some(), "no stale resume or double run found in 10 seeds with the early resume");
+}

@@ -4,5 +4,6 @@
 pub mod args;
 pub mod commands;
 pub mod events;
+pub mod migrate;
 pub mod output;
 pub mod vm;

@@ -77,6 +77,11 @@ impl Agent {
     /// that fencing's kill takes): it reads status, committed state and the lease afresh, so a
     /// start decided from a snapshot taken before a fence, a failover or a rejoin is refused.
     pub(super) fn start_check(self: &Arc<Self>, spec: &tandem_core::state::VmSpec, generation: u64) -> tandem_drivers::StartCheck {
+        self.start_check_as(spec, generation, StartKind::Fresh)
+    }
+
+    /// [`Agent::start_check`] for one kind of start: what committed state must say differs.
+    pub(super) fn start_check_as(self: &Arc<Self>, spec: &tandem_core::state::VmSpec, generation: u64, kind: StartKind) -> tandem_drivers::StartCheck {
         let a = Arc::downgrade(self);
         let spec = spec.clone();
         Arc::new(move || {
@@ -101,7 +106,7 @@ impl Agent {
                 (Some((HostStatus::Active, epoch)), _) if epoch != joined => {
                     return Err(format!("committed state has this host in epoch {epoch}, it joined in {joined}"))
                 }
-                (Some((HostStatus::Active, _)), Some(VmPhase::Placed { at })) if at.host == a.me && at.generation == generation => {}
+                (Some((HostStatus::Active, _)), Some(phase)) if kind.admits(&phase, a.me, generation) => {}
                 (Some((HostStatus::Active, _)), vm) => {
                     return Err(format!("committed state no longer runs {name} here at generation {generation} (now {vm:?})"))
                 }
@@ -113,7 +118,33 @@ impl Agent {
             Ok(())
         })
     }
+}
 
+/// What a start is, for its last-instant check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum StartKind {
+    /// A VM booted here: committed state places it here (or it is migrating away from here and
+    /// crashed meanwhile: the source may restart it, the destination cannot resume without a
+    /// switchover that only a completed migration proposes).
+    Fresh,
+    /// A live migration's paused destination: committed state migrates it here.
+    Incoming,
+    /// A paused copy's vCPUs started: committed state places it here and no migration runs.
+    Resume,
+}
+
+impl StartKind {
+    fn admits(self, phase: &VmPhase, me: tandem_core::HostId, generation: u64) -> bool {
+        let here = |a: &tandem_core::state::Assignment| a.host == me && a.generation == generation;
+        match (self, phase) {
+            (StartKind::Fresh | StartKind::Resume, VmPhase::Placed { at }) | (StartKind::Fresh, VmPhase::Migrating { at, .. }) => here(at),
+            (StartKind::Incoming, VmPhase::Migrating { to, .. }) => here(to),
+            _ => false,
+        }
+    }
+}
+
+impl Agent {
     /// Fences this host: marks it fenced (so no start passes its last-instant check from now
     /// on), then kills every VM. The fence is announced once every exit is confirmed
     /// ([`Agent::confirm_fence`]).

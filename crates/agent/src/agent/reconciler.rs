@@ -32,7 +32,8 @@ impl Agent {
     /// One pass: the decisions are `tandem_core::reconcile`'s; this executes them in order.
     pub(super) async fn reconcile(self: &Arc<Self>) {
         let st = self.status();
-        let local: Vec<LocalVm> = self.driver.list().into_iter().map(|v| LocalVm { name: v.name, generation: v.generation, exit: v.exit }).collect();
+        let local: Vec<LocalVm> =
+            self.driver.list().into_iter().map(|v| LocalVm { name: v.name, generation: v.generation, exit: v.exit, paused: v.paused }).collect();
         let joined = st.joined_epoch.filter(|_| st.fenced.is_none());
         let may_start = joined.is_some() && self.may_start_vms();
         let snapshot = self.consensus.snapshot();
@@ -104,7 +105,45 @@ impl Agent {
                 let Some(spec) = state.vms.get(&name).map(|v| v.spec.clone()) else { return };
                 self.spawn_start(spec, generation);
             }
+            Action::Resume { name, generation } => {
+                let Some(spec) = state.vms.get(&name).map(|v| v.spec.clone()) else { return };
+                self.spawn_resume(spec, generation);
+            }
         }
+    }
+
+    /// Resumes a paused copy committed state runs here (after a switchover, or an aborted
+    /// migration), under the same last-instant check as a start.
+    fn spawn_resume(self: &Arc<Self>, spec: tandem_core::state::VmSpec, generation: u64) {
+        let name = spec.name.clone();
+        if !lock(&self.reconciling).starting.insert(name.clone()) {
+            return;
+        }
+        let a = Arc::clone(self);
+        tokio::spawn(
+            async move {
+                let check = a.start_check_as(&spec, generation, super::fencing::StartKind::Resume);
+                match a.driver.resume(&name, &check).await {
+                    Ok(()) => {
+                        a.events.record(
+                            crate::events::EventKind::VmResumed,
+                            Some(&name),
+                            Some(&a.cfg.name),
+                            format!("{name} resumed on {} (generation {generation})", a.cfg.name),
+                        );
+                        a.spawn_probe(&spec, generation);
+                    }
+                    // A copy that cannot resume is of no use: kill it, and the next pass starts
+                    // the VM afresh from its disk (the budget of local restarts applies).
+                    Err(e) => {
+                        tracing::warn!("resume of {name} failed: {e}; killing the paused copy");
+                        let _ = a.driver.kill(&name);
+                    }
+                }
+                lock(&a.reconciling).starting.remove(&name);
+            }
+            .in_current_span(),
+        );
     }
 
     fn spawn_start(self: &Arc<Self>, spec: tandem_core::state::VmSpec, generation: u64) {

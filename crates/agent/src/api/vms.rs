@@ -25,6 +25,7 @@ pub(super) fn vm_views(a: &Agent) -> Vec<VmView> {
                     waiting: (v.desired() == PowerState::Running && v.assignment().is_none())
                         .then(|| tandem_core::recovery::waiting_reason(s, &v.spec.name, s.active_hosts()))
                         .flatten(),
+                    migrating_to: v.migrating_to().map(|t| s.hosts.get(&t.host).map_or_else(|| t.host.to_string(), |h| h.name.clone())),
                     spec: v.spec.clone(),
                 }
             })
@@ -64,6 +65,11 @@ fn body_or_default<T: Default + for<'de> Deserialize<'de>>(body: &[u8]) -> Resul
 /// A body that must carry nothing: blank, or `{}`.
 pub(super) fn empty_body(body: &[u8]) -> Result<(), ApiError> {
     body_or_default::<EmptyRequest>(body).map(|_| ())
+}
+
+/// A migration request in an optional body (blank: anywhere, unforced).
+pub(super) fn force_of_migrate(body: &[u8]) -> Result<MigrateRequest, ApiError> {
+    body_or_default::<MigrateRequest>(body)
 }
 
 /// `{"force": true}` in an optional body.

@@ -25,6 +25,21 @@ impl ClusterState {
         })
     }
 
+    /// Where `name` would go if no destination is named: of the hosts that may take it now
+    /// (active, normal mode, room, hard rules), the one with the most free memory (the lowest id
+    /// among equals). `None` when none may.
+    #[must_use]
+    pub fn migration_target(&self, name: &str) -> Option<HostId> {
+        let vm = self.vms.get(name)?;
+        let from = vm.assignment()?.host;
+        let demand = vm.spec.demand();
+        self.hosts
+            .values()
+            .filter(|h| h.id != from && self.check_target(name, h.id, demand).is_ok())
+            .max_by_key(|h| (h.capacity.memory_mib.saturating_sub(self.used(h.id).memory_mib), std::cmp::Reverse(h.id)))
+            .map(|h| h.id)
+    }
+
     pub(super) fn start_migration(&mut self, mode: AdmitMode<'_>, cmd: &Command, name: &str, to: HostId) -> Result<Applied, StateError> {
         let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
         let refuse = |why: String| Err(StateError::NotMigratable { name: name.to_string(), why });
@@ -142,7 +157,10 @@ mod tests {
         assert_eq!(s.used(HostId(0)).memory_mib, 0);
         // Whatever comes second is stale: an abort after the switchover, or a second switchover.
         let rev = s.revision;
-        assert!(matches!(s.apply(&Command::MigrationAbort { name: "a".into(), generation: to.generation, reason: "x".into() }), Err(StateError::NotMigrating { .. })));
+        assert!(matches!(
+            s.apply(&Command::MigrationAbort { name: "a".into(), generation: to.generation, reason: "x".into() }),
+            Err(StateError::NotMigrating { .. })
+        ));
         assert!(matches!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }), Err(StateError::NotMigrating { .. })));
         assert_eq!(s.revision, rev, "refused commands change nothing");
     }
@@ -214,6 +232,17 @@ mod tests {
         start(&mut s, "a", 1).expect("starts");
         s.apply(&Command::SetPower { name: "a".into(), desired: PowerState::Stopped, force: true }).expect("stop");
         assert_eq!(s.vms["a"].phase, VmPhase::Stopping { at: before });
+    }
+
+    #[test]
+    fn an_unnamed_destination_is_the_roomiest_host_that_may_take_it() {
+        let mut s = cluster(3, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 0, 512), 0);
+        run_on(&mut s, process_vm("b", Protection::Protect, 0, 1024), 1);
+        assert_eq!(s.migration_target("a"), Some(HostId(2)));
+        run_on(&mut s, process_vm("c", Protection::Protect, 0, 2048), 2);
+        assert_eq!(s.migration_target("a"), Some(HostId(1)));
+        assert_eq!(s.migration_target("nope"), None);
     }
 
     #[test]

@@ -247,6 +247,23 @@ pub enum VmOp {
         #[arg(long)]
         force: bool,
     },
+    /// Live-migrate a running VM to another host (named, or the roomiest that may take it) and
+    /// follow it to the end; or cancel the migration in progress.
+    Migrate {
+        name: String,
+        /// The destination host.
+        #[arg(long)]
+        to: Option<String>,
+        /// Apply even if admission control refuses (admin token; recorded as an event).
+        #[arg(long)]
+        force: bool,
+        /// Cancel the VM's migration in progress instead (it runs on at its source).
+        #[arg(long, conflicts_with_all = ["to", "force", "no_wait"])]
+        cancel: bool,
+        /// Return once the migration is committed to begin, without following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Ask the cluster to stop a VM (ACPI power-down, then kill after the stop timeout).
     Stop { name: String },
     /// Delete a stopped VM.

@@ -88,6 +88,7 @@ pub fn run(c: &Client, out: Output, op: &VmOp) -> Result<(), ClientError> {
             spec.restart_group = group.unwrap_or(spec.restart_group);
             show(out, &c.send("PUT", &format!("/v1/vms/{name}"), &UpdateVmRequest { spec, force: *force })?, kv::<Updated>)
         }
+        VmOp::Migrate { name, to, force, cancel, no_wait } => super::migrate::run(c, out, name, to.clone(), *force, *cancel, *no_wait),
         VmOp::Stop { name } => show(out, &c.send("POST", &format!("/v1/vms/{name}/stop"), &EmptyRequest {})?, kv::<Stopping>),
         VmOp::Clear { name } => show(out, &c.send("POST", &format!("/v1/vms/{name}/clear"), &EmptyRequest {})?, kv::<Cleared>),
         VmOp::Delete { name } => show(out, &c.call("DELETE", &format!("/v1/vms/{name}"), None)?, kv::<Deleted>),

@@ -1,0 +1,327 @@
+//! Live migration, the source's loop: for every migration committed state has leaving this host,
+//! ask the destination for a paused copy, send the VM with the driver, and commit the switchover
+//! (or the abort). The decisions — who owns the VM at each instant, when a paused copy may run —
+//! are committed state's and the reconciler's (`tandem_core::state`, `tandem_core::reconcile`):
+//! this loop only proposes `MigrationSwitchover` after the driver reported the migration complete
+//! (the source then paused), and `MigrationAbort` when it failed or was cancelled. Whichever the
+//! log applies first decides; the reconciler resumes the one paused copy committed state names.
+
+use super::{lock, Agent};
+use crate::views::{IncomingReady, IncomingRequest, MigrationOutcome, MigrationView};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::state::{Applied, Assignment, Command, VmPhase};
+use tandem_drivers::migration::{MigrationProgress, MigrationReport, MigrationTarget, DEFAULT_MAX_BANDWIDTH};
+use tracing::Instrument;
+
+/// Outcomes kept for `GET /v1/migrations`.
+pub const MAX_RECENT_MIGRATIONS: usize = 64;
+/// Attempts to have the destination prepare its paused copy (it may not have applied the start
+/// of the migration yet, or still hold an older copy that its reconciler is about to kill).
+pub const PREPARE_ATTEMPTS: u32 = 10;
+/// The pause between two such attempts.
+pub const PREPARE_RETRY: Duration = Duration::from_millis(300);
+/// One prepare request: starting a paused QEMU and reaching its QMP socket included.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the source keeps proposing the switchover before it also proposes an abort (either
+/// may commit; the log's order decides). It keeps trying until committed state has decided.
+pub const SWITCHOVER_PATIENCE: Duration = Duration::from_secs(30);
+/// The pause between two switchover proposals.
+pub const SWITCHOVER_RETRY: Duration = Duration::from_millis(200);
+/// How long the destination waits to apply the migration's start before it refuses to prepare.
+pub const INCOMING_APPLY_WAIT: Duration = Duration::from_secs(3);
+
+/// Where one outgoing migration stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationPhase {
+    /// The destination is starting its paused copy.
+    Preparing,
+    /// Memory and device state are on their way.
+    Copying,
+    /// The copy completed (this host's copy is paused); the switchover is being committed.
+    Switching,
+}
+
+impl MigrationPhase {
+    fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::Preparing => "preparing",
+            MigrationPhase::Copying => "copying",
+            MigrationPhase::Switching => "switching over",
+        }
+    }
+}
+
+struct Outgoing {
+    generation: u64,
+    phase: MigrationPhase,
+    progress: Option<MigrationProgress>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// This host's migrations: those it drives, the last outcomes, and the destinations it prepared.
+#[derive(Default)]
+pub(super) struct Migrations {
+    outgoing: BTreeMap<String, Outgoing>,
+    recent: VecDeque<MigrationOutcome>,
+    /// Paused copies prepared here: (generation, URI), so a repeated request gets the same answer.
+    prepared: BTreeMap<String, (u64, String)>,
+}
+
+impl Agent {
+    pub(super) async fn migration_loop(self: Arc<Self>) {
+        let mut ticks = self.ticks.subscribe();
+        while !self.is_stopping() {
+            self.next_tick(&mut ticks).await;
+            self.follow_migrations();
+        }
+    }
+
+    /// Starts driving each migration leaving this host, and cancels those committed state ended.
+    fn follow_migrations(self: &Arc<Self>) {
+        let leaving: Vec<(String, Assignment, Assignment)> =
+            self.consensus.with_state(|s| s.migrations().filter(|(_, from, _)| from.host == self.me).map(|(n, from, to)| (n.to_string(), from, to)).collect());
+        let running: BTreeMap<String, u64> = self.driver.list().into_iter().filter(|v| v.exit.is_none()).map(|v| (v.name, v.generation)).collect();
+        let mut m = lock(&self.migrations);
+        for (name, out) in &m.outgoing {
+            if !leaving.iter().any(|(n, _, to)| n == name && to.generation == out.generation) {
+                out.cancel.store(true, Ordering::SeqCst);
+            }
+        }
+        m.prepared.retain(|name, (g, _)| running.get(name) == Some(g));
+        if self.status().joined_epoch.is_none() {
+            return;
+        }
+        for (name, from, to) in leaving {
+            // Only a copy that runs here, in the generation committed state has, is sent.
+            if m.outgoing.contains_key(&name) || running.get(&name) != Some(&from.generation) {
+                continue;
+            }
+            let cancel = Arc::new(AtomicBool::new(false));
+            m.outgoing
+                .insert(name.clone(), Outgoing { generation: to.generation, phase: MigrationPhase::Preparing, progress: None, cancel: Arc::clone(&cancel) });
+            let a = Arc::clone(self);
+            tokio::spawn(async move { a.drive_migration(name, to, cancel).await }.in_current_span());
+        }
+    }
+
+    fn set_phase(&self, name: &str, phase: MigrationPhase) {
+        if let Some(o) = lock(&self.migrations).outgoing.get_mut(name) {
+            o.phase = phase;
+        }
+    }
+
+    async fn drive_migration(self: Arc<Self>, name: String, to: Assignment, cancel: Arc<AtomicBool>) {
+        let (dest_api, dest_name) = self.consensus.with_state(|s| s.hosts.get(&to.host).map(|h| (h.api_addr.clone(), h.name.clone()))).unwrap_or_default();
+        let result = match self.request_incoming(&dest_api, &name, to.generation, &cancel).await {
+            Err(why) => Err(format!("the destination {dest_name} could not prepare: {why}")),
+            Ok(uri) => {
+                self.set_phase(&name, MigrationPhase::Copying);
+                let target = self.migration_target(&name, uri, &cancel);
+                match self.driver.migrate_out(&name, &target).await {
+                    Err(e) => Err(crate::api::chain(&e)),
+                    Ok(report) => {
+                        self.set_phase(&name, MigrationPhase::Switching);
+                        self.commit_switchover(&name, to).await;
+                        Ok(report)
+                    }
+                }
+            }
+        };
+        let reason = result.as_ref().err().cloned();
+        if let Some(why) = &reason {
+            self.propose_abort(&name, to.generation, why).await;
+        }
+        self.finish_migration(&name, to, &dest_name, result).await;
+    }
+
+    /// Asks the destination for its paused copy; retried while it may still come.
+    async fn request_incoming(&self, dest_api: &str, name: &str, generation: u64, cancel: &AtomicBool) -> Result<String, String> {
+        let body = serde_json::to_vec(&IncomingRequest { name: name.to_string(), generation }).map_err(|e| e.to_string())?;
+        let mut last = String::from("no attempt");
+        for _ in 0..PREPARE_ATTEMPTS {
+            if cancel.load(Ordering::SeqCst) {
+                return Err("cancelled".into());
+            }
+            match self.rpc.call(dest_api, "/v1/internal/incoming", Some(&self.token), Some(body.clone()), PREPARE_TIMEOUT).await {
+                Ok(r) if r.status == 200 => {
+                    let ready: IncomingReady = serde_json::from_slice(&r.body).map_err(|e| format!("unreadable answer: {e}"))?;
+                    return Ok(ready.uri);
+                }
+                Ok(r) => last = String::from_utf8_lossy(&r.body).chars().take(300).collect(),
+                Err(e) => last = crate::api::chain(&e),
+            }
+            tokio::time::sleep(PREPARE_RETRY).await;
+        }
+        Err(last)
+    }
+
+    fn migration_target(self: &Arc<Self>, name: &str, uri: String, cancel: &Arc<AtomicBool>) -> MigrationTarget {
+        let weak = Arc::downgrade(self);
+        let vm = name.to_string();
+        let clock = Arc::clone(&self.clock);
+        MigrationTarget {
+            uri,
+            max_bandwidth: DEFAULT_MAX_BANDWIDTH,
+            stall_ms: tandem_core::convergence::STALL_MS,
+            overall_ms: tandem_core::convergence::OVERALL_MS,
+            cancel: Arc::clone(cancel),
+            progress: Arc::new(move |p: &MigrationProgress| {
+                if let Some(a) = weak.upgrade() {
+                    if let Some(o) = lock(&a.migrations).outgoing.get_mut(&vm) {
+                        o.progress = Some(p.clone());
+                    }
+                }
+            }),
+            now: Arc::new(move || clock.now()),
+        }
+    }
+
+    /// Whether committed state still migrates `name` to `generation`.
+    fn still_migrating(&self, name: &str, generation: u64) -> bool {
+        self.consensus.with_state(|s| s.vms.get(name).and_then(|v| v.migrating_to()).is_some_and(|t| t.generation == generation))
+    }
+
+    /// Proposes the switchover until committed state has decided (switched over, aborted, or
+    /// the VM failed over or stopped). Past [`SWITCHOVER_PATIENCE`] it also proposes an abort:
+    /// whichever the log applies first decides, and the reconciler resumes that copy.
+    async fn commit_switchover(&self, name: &str, to: Assignment) {
+        let started = tokio::time::Instant::now();
+        let mut abort_proposed = false;
+        while self.still_migrating(name, to.generation) && !self.is_stopping() && !self.is_fenced() {
+            let cmd = Command::MigrationSwitchover { name: name.to_string(), generation: to.generation };
+            match self.submit(cmd).await {
+                Ok(Ok(Applied::Migrated { .. })) => return,
+                Ok(other) => tracing::debug!("switchover of {name} refused: {other:?}"),
+                Err(e) => tracing::warn!("switchover of {name} not committed yet: {e}"),
+            }
+            if !abort_proposed && started.elapsed() >= SWITCHOVER_PATIENCE {
+                abort_proposed = true;
+                self.propose_abort(name, to.generation, "the switchover could not be committed in time").await;
+            }
+            tokio::time::sleep(SWITCHOVER_RETRY).await;
+        }
+    }
+
+    async fn propose_abort(&self, name: &str, generation: u64, reason: &str) {
+        if !self.still_migrating(name, generation) {
+            return;
+        }
+        let cmd = Command::MigrationAbort { name: name.to_string(), generation, reason: reason.to_string() };
+        if let Err(e) = self.submit(cmd).await {
+            // Not committed: the source keeps its copy paused or running as it is; a later
+            // proposal, the destination's failover or this host's fencing settles it.
+            tracing::warn!("abort of the migration of {name} not committed: {e}");
+        }
+    }
+
+    async fn finish_migration(&self, name: &str, to: Assignment, dest_name: &str, result: Result<MigrationReport, String>) {
+        // The outcome is what committed state says, not what this host hoped.
+        let now_at = self.consensus.with_state(|s| s.vms.get(name).map(|v| v.phase.clone()));
+        let completed = matches!(now_at, Some(VmPhase::Placed { at }) if at == to);
+        let (report, reason) = match (result, completed) {
+            (Ok(r), true) => (Some(r), None),
+            (Ok(r), false) => (Some(r), Some(format!("the switchover was not committed (the VM is now {now_at:?})"))),
+            (Err(why), _) => (None, Some(why)),
+        };
+        let detail = match (&report, &reason) {
+            (Some(r), None) => format!(
+                "{name} moved live to {dest_name} in {:.2} s (downtime {} as QEMU measured it; {} MiB sent; {})",
+                r.total_ms as f64 / 1000.0,
+                r.downtime_ms.map_or_else(|| "not reported".to_string(), |d| format!("{d} ms")),
+                r.transferred_bytes >> 20,
+                r.steps.join(", ")
+            ),
+            (_, Some(why)) => format!("migration of {name} to {dest_name} aborted: {why}; it runs on at {}", self.cfg.name),
+            (None, None) => String::new(),
+        };
+        let kind = if completed { crate::events::EventKind::MigrationCompleted } else { crate::events::EventKind::MigrationAborted };
+        self.events.record(kind, Some(name), Some(&self.cfg.name), detail);
+        self.metrics.note_migration(report.as_ref().filter(|_| completed));
+        let outcome = MigrationOutcome {
+            name: name.to_string(),
+            generation: to.generation,
+            from: self.cfg.name.clone(),
+            to: dest_name.to_string(),
+            result: if completed { "completed" } else { "aborted" }.to_string(),
+            reason,
+            report,
+            finished_at_ms: tandem_drivers::wall_ms(),
+        };
+        let mut m = lock(&self.migrations);
+        m.outgoing.remove(name);
+        m.recent.push_back(outcome);
+        while m.recent.len() > MAX_RECENT_MIGRATIONS {
+            m.recent.pop_front();
+        }
+    }
+
+    /// The destination's side of `POST /v1/internal/incoming`: starts the paused copy that
+    /// committed state migrates here, or says why not.
+    pub async fn prepare_incoming(self: &Arc<Self>, req: &IncomingRequest) -> Result<String, String> {
+        let deadline = tokio::time::Instant::now() + INCOMING_APPLY_WAIT;
+        let spec = loop {
+            let found = self.consensus.with_state(|s| {
+                s.vms.get(&req.name).filter(|v| v.migrating_to() == Some(Assignment { host: self.me, generation: req.generation })).map(|v| v.spec.clone())
+            });
+            match found {
+                Some(spec) => break spec,
+                None if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("committed state does not migrate {} here in generation {}", req.name, req.generation))
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        if let Some((g, uri)) = lock(&self.migrations).prepared.get(&req.name) {
+            if *g == req.generation {
+                return Ok(uri.clone());
+            }
+        }
+        if !self.may_start_vms() {
+            return Err("this host may not start VMs now (not joined, fenced or without its lease)".into());
+        }
+        let check = self.start_check_as(&spec, req.generation, super::fencing::StartKind::Incoming);
+        let launch = tandem_drivers::VmLaunch { spec, generation: req.generation, check };
+        let uri = self.driver.prepare_incoming(&launch).await.map_err(|e| crate::api::chain(&e))?;
+        lock(&self.migrations).prepared.insert(req.name.clone(), (req.generation, uri.clone()));
+        if self.mutation == Some(crate::io::Mutation::ResumeBeforeSwitchover) {
+            let (a, name) = (Arc::clone(self), req.name.clone());
+            tokio::spawn(
+                async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = a.driver.resume(&name, &tandem_drivers::always_start()).await;
+                }
+                .in_current_span(),
+            );
+        }
+        Ok(uri)
+    }
+
+    /// The migrations committed state runs, with progress for those this host drives, and the
+    /// last outcomes here.
+    #[must_use]
+    pub fn migrations_view(&self) -> crate::views::MigrationsView {
+        let active: Vec<(String, Assignment, Assignment, String, String)> = self.consensus.with_state(|s| {
+            let host = |h: tandem_core::HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
+            s.migrations().map(|(n, from, to)| (n.to_string(), from, to, host(from.host), host(to.host))).collect()
+        });
+        let m = lock(&self.migrations);
+        let active = active
+            .into_iter()
+            .map(|(name, from, to, from_name, to_name)| {
+                let mine = m.outgoing.get(&name).filter(|o| from.host == self.me && o.generation == to.generation);
+                MigrationView {
+                    progress: mine.and_then(|o| o.progress.clone()),
+                    phase: mine.map(|o| o.phase.as_str().to_string()),
+                    name,
+                    from: from_name,
+                    to: to_name,
+                    generation: to.generation,
+                }
+            })
+            .collect();
+        crate::views::MigrationsView { host: self.cfg.name.clone(), active, recent: m.recent.iter().cloned().collect() }
+    }
+}

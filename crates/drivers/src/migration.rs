@@ -1,0 +1,211 @@
+//! Live migration through QEMU's QMP: the destination started paused on `-incoming defer`, the
+//! source's `migrate` followed sample by sample under `tandem_core::convergence`'s schedule.
+//!
+//! The driver only moves memory and device state; who owns the VM is committed state's business
+//! (see `tandem_core::state` and ARCHITECTURE.md): a completed migration leaves the source paused
+//! and the destination paused, and neither resumes until committed state says which one runs.
+
+use crate::qmp::{Qmp, QmpError};
+use crate::DriverError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::convergence::{Convergence, ConvergenceAction, ConvergenceStep};
+use tandem_core::Millis;
+
+/// How often the source samples `query-migrate`.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a cancelled migration gets to report `cancelled` before the source gives up waiting.
+pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
+/// Default bandwidth cap of a migration (QEMU's own default is 128 MiB/s, too low for a LAN).
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 1 << 30;
+
+/// One progress sample, as shown to operators.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MigrationProgress {
+    /// QEMU's status: setup, active, device, completed, failed, cancelled.
+    pub status: String,
+    pub elapsed_ms: u64,
+    pub transferred_bytes: u64,
+    pub remaining_bytes: u64,
+    pub total_bytes: u64,
+    /// Pages the guest dirties per second (QEMU's estimate).
+    pub dirty_pages_rate: u64,
+    /// The pause QEMU expects at the switchover, ms.
+    pub expected_downtime_ms: u64,
+    /// The downtime limit in force, ms.
+    pub downtime_limit_ms: u64,
+    /// Whether throttling the guest is allowed (the schedule's last step).
+    pub throttling: bool,
+}
+
+/// How a completed migration went.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MigrationReport {
+    pub total_ms: u64,
+    /// The guest's pause at the switchover as QEMU measured it.
+    pub downtime_ms: Option<u64>,
+    pub transferred_bytes: u64,
+    /// The schedule's steps taken, in order.
+    pub steps: Vec<String>,
+}
+
+/// Where and how the source sends one migration.
+#[derive(Clone)]
+pub struct MigrationTarget {
+    /// The destination's address, as its `prepare_incoming` returned it.
+    pub uri: String,
+    pub max_bandwidth: u64,
+    pub stall_ms: u64,
+    pub overall_ms: u64,
+    /// Set to cancel; looked at every sample.
+    pub cancel: Arc<AtomicBool>,
+    /// Called with every sample.
+    pub progress: Arc<dyn Fn(&MigrationProgress) + Send + Sync>,
+    /// The clock of the schedule (the agent's).
+    pub now: Arc<dyn Fn() -> Millis + Send + Sync>,
+}
+
+impl std::fmt::Debug for MigrationTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationTarget").field("uri", &self.uri).field("max_bandwidth", &self.max_bandwidth).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for ConvergenceStepText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            ConvergenceStep::DowntimeLimit { ms } => write!(f, "downtime limit {ms} ms"),
+            ConvergenceStep::Throttle { max_pct } => write!(f, "guest throttled up to {max_pct} %"),
+        }
+    }
+}
+
+/// A step, as the report and the timeline word it.
+pub struct ConvergenceStepText(pub ConvergenceStep);
+
+fn qmp_failed(vm: &str) -> impl Fn(QmpError) -> DriverError + '_ {
+    move |source| DriverError::Qmp { vm: vm.to_string(), source }
+}
+
+/// The destination's side, on a QEMU started with `-S -incoming defer`: listens on `host_ip`
+/// (a port the kernel picks) and returns the URI the source sends to.
+pub async fn prepare_incoming(vm: &str, q: &Qmp, host_ip: &str, timeout: Duration) -> Result<String, DriverError> {
+    q.execute("migrate-incoming", json!({"uri": format!("tcp:{host_ip}:0")}), timeout).await.map_err(qmp_failed(vm))?;
+    let info = q.execute("query-migrate", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
+    let port = info
+        .get("socket-address")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(|s| s.get("port"))
+        .and_then(|p| p.as_str().map(str::to_string).or_else(|| p.as_u64().map(|n| n.to_string())))
+        .ok_or_else(|| DriverError::Migration { vm: vm.to_string(), reason: format!("the destination did not say where it listens: {info}") })?;
+    Ok(format!("tcp:{host_ip}:{port}"))
+}
+
+async fn apply_step(vm: &str, q: &Qmp, timeout: Duration, step: ConvergenceStep) -> Result<(), DriverError> {
+    let args = match step {
+        ConvergenceStep::DowntimeLimit { ms } => json!({"downtime-limit": ms}),
+        ConvergenceStep::Throttle { max_pct } => json!({"max-cpu-throttle": max_pct, "cpu-throttle-increment": 10}),
+    };
+    q.execute("migrate-set-parameters", args, timeout).await.map_err(qmp_failed(vm))?;
+    Ok(())
+}
+
+fn sample(info: &Value, elapsed_ms: u64, limit_ms: u64, throttling: bool) -> MigrationProgress {
+    let ram = |k: &str| info.get("ram").and_then(|r| r.get(k)).and_then(Value::as_u64).unwrap_or(0);
+    MigrationProgress {
+        status: info.get("status").and_then(Value::as_str).unwrap_or("none").to_string(),
+        elapsed_ms,
+        transferred_bytes: ram("transferred"),
+        remaining_bytes: ram("remaining"),
+        total_bytes: ram("total"),
+        dirty_pages_rate: ram("dirty-pages-rate"),
+        expected_downtime_ms: info.get("expected-downtime").and_then(Value::as_u64).unwrap_or(0),
+        downtime_limit_ms: limit_ms,
+        throttling,
+    }
+}
+
+/// Cancels and waits (bounded) for QEMU to say so: the source runs on.
+async fn cancel(vm: &str, q: &Qmp, timeout: Duration, reason: String) -> DriverError {
+    let _ = q.execute("migrate_cancel", Value::Null, timeout).await;
+    let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        match q.execute("query-migrate", Value::Null, timeout).await {
+            Ok(info) if matches!(info.get("status").and_then(Value::as_str), Some("cancelled" | "failed")) => break,
+            Ok(_) => tokio::time::sleep(SAMPLE_INTERVAL).await,
+            Err(_) => break,
+        }
+    }
+    DriverError::Migration { vm: vm.to_string(), reason }
+}
+
+/// The source's side: starts the migration and follows it to its end. `Ok` means QEMU reported
+/// it completed: the source is paused from here on (its state is at the destination).
+pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTarget) -> Result<MigrationReport, DriverError> {
+    let started = (to.now)();
+    let mut schedule = Convergence::with(started, to.stall_ms, to.overall_ms);
+    let first = schedule.first();
+    let ConvergenceStep::DowntimeLimit { ms: mut limit } = first else {
+        return Err(DriverError::Migration { vm: vm.to_string(), reason: "the schedule must start with a downtime limit".into() });
+    };
+    // Auto-converge is on from the start but capped at 1 % (QEMU refuses to change capabilities
+    // during a migration); the schedule's last step raises the cap.
+    let caps = json!({"capabilities": [{"capability": "auto-converge", "state": true}]});
+    q.execute("migrate-set-capabilities", caps, timeout).await.map_err(qmp_failed(vm))?;
+    let params = json!({"downtime-limit": limit, "max-bandwidth": to.max_bandwidth, "cpu-throttle-initial": 1, "max-cpu-throttle": 1});
+    q.execute("migrate-set-parameters", params, timeout).await.map_err(qmp_failed(vm))?;
+    q.execute("migrate", json!({"uri": to.uri}), timeout).await.map_err(qmp_failed(vm))?;
+    let mut throttling = false;
+    loop {
+        tokio::time::sleep(SAMPLE_INTERVAL).await;
+        let now = (to.now)();
+        let info = match q.execute("query-migrate", Value::Null, timeout).await {
+            Ok(i) => i,
+            Err(e) => return Err(cancel(vm, q, timeout, format!("QEMU did not report progress: {e}")).await),
+        };
+        let p = sample(&info, now.since(started), limit, throttling);
+        (to.progress)(&p);
+        match p.status.as_str() {
+            "completed" => {
+                let steps = schedule.applied().iter().map(|s| ConvergenceStepText(*s).to_string()).collect();
+                return Ok(MigrationReport {
+                    total_ms: info.get("total-time").and_then(Value::as_u64).unwrap_or(p.elapsed_ms),
+                    downtime_ms: info.get("downtime").and_then(Value::as_u64),
+                    transferred_bytes: p.transferred_bytes,
+                    steps,
+                });
+            }
+            "failed" | "cancelled" => {
+                let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                return Err(DriverError::Migration { vm: vm.to_string(), reason: format!("QEMU reports the migration {}: {why}", p.status) });
+            }
+            _ => {}
+        }
+        if to.cancel.load(Ordering::SeqCst) {
+            return Err(cancel(vm, q, timeout, "cancelled".into()).await);
+        }
+        match schedule.observe(now, p.remaining_bytes) {
+            ConvergenceAction::Continue => {}
+            ConvergenceAction::Apply(step) => {
+                if let ConvergenceStep::DowntimeLimit { ms } = step {
+                    limit = ms;
+                }
+                throttling |= matches!(step, ConvergenceStep::Throttle { .. });
+                if let Err(e) = apply_step(vm, q, timeout, step).await {
+                    return Err(cancel(vm, q, timeout, format!("could not apply {}: {e}", ConvergenceStepText(step))).await);
+                }
+            }
+            ConvergenceAction::Cancel { reason } => return Err(cancel(vm, q, timeout, reason).await),
+        }
+    }
+}
+
+/// Resumes a paused guest (`cont`).
+pub async fn resume(vm: &str, q: &Qmp, timeout: Duration) -> Result<(), DriverError> {
+    q.execute("cont", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
+    Ok(())
+}
