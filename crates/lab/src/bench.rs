@@ -7,6 +7,7 @@ pub mod failover;
 pub mod heartbeat;
 pub mod liveness;
 pub mod mass;
+pub mod migration;
 
 use anyhow::{Context, Result};
 use std::sync::Arc;

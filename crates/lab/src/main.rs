@@ -56,6 +56,21 @@ enum BenchOp {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Live migrations of one VM around a local 3-host cluster: whole time, QEMU's total and
+    /// downtime, and the longest HTTP gap a client polling every 20 ms saw.
+    Migration {
+        /// `qemu` (the test guest) or `process`.
+        #[arg(long, default_value = "qemu")]
+        driver: String,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Where the test guest's vmlinuz and initrd.img are.
+        #[arg(long, default_value = ".cache/guest")]
+        guest_dir: std::path::PathBuf,
+    },
     /// One host of three runs N process VMs; its power is cut: time until all of them run on
     /// the survivors, and where it goes (commit, starts per second, reconciler passes).
     MassFailover {
@@ -111,6 +126,9 @@ fn main() {
         LabCmd::Bench { op: BenchOp::Placement { runs } } => ("bench", tandem_lab::bench::placement(*runs)),
         LabCmd::Bench { op: BenchOp::Heartbeat { hosts, seconds, keep } } => ("bench", tandem_lab::bench::heartbeat::run(*hosts, *seconds, *keep)),
         LabCmd::Bench { op: BenchOp::Failover { rounds, demo } } => ("bench", tandem_lab::bench::failover::run(demo, *rounds)),
+        LabCmd::Bench { op: BenchOp::Migration { driver, memory_mib, rounds, guest_dir } } => {
+            ("bench", tandem_lab::bench::migration::run(driver, *memory_mib, *rounds, guest_dir))
+        }
         LabCmd::Bench { op: BenchOp::MassFailover { vms, rounds } } => ("bench", tandem_lab::bench::mass::run(*vms, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
             ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))

@@ -1,0 +1,218 @@
+//! `tandem-lab bench migration`: live migrations of one VM back and forth in a local 3-host
+//! cluster — the whole time as the operator sees it, QEMU's own total and downtime, and (for QEMU
+//! guests) the longest gap an HTTP client polling every 20 ms saw. While it runs, every host's
+//! `/v1/local` is sampled: a VM reported running (not paused) on two hosts at once is counted.
+//! The integration test asserts on the behaviour; the figures are for people.
+
+use crate::demo::{demo_vm, http_get, wait};
+use crate::lab::{Lab, LabOptions};
+use anyhow::{anyhow, bail, Result};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem_agent::views::{ForceRequest, LocalView, MigrateRequest, MigrationBegun, MigrationOutcome, MigrationsView};
+
+/// How often the HTTP client polls the VM's service.
+const HTTP_POLL: Duration = Duration::from_millis(20);
+/// How often the hosts' local views are sampled for two running copies.
+const LOCAL_POLL: Duration = Duration::from_millis(50);
+/// The service port of demo VM 0 on its host's address (user-mode networking: the address moves
+/// with the host, so the client polls every host).
+const PORT: u16 = 8080;
+
+/// One migration's figures.
+#[derive(Clone, Debug)]
+pub struct MigrationFigures {
+    pub from: String,
+    pub to: String,
+    pub completed: bool,
+    /// From the request to the outcome seen at the source, seconds.
+    pub total_s: f64,
+    pub qemu_total_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    /// The longest time without an HTTP answer from any host, ms (QEMU guests only).
+    pub http_gap_ms: Option<u64>,
+    /// Samples in which two hosts reported the VM running (not paused) at once.
+    pub two_running: usize,
+}
+
+/// A running local cluster with one VM to move.
+pub struct MigrationLab {
+    pub lab: Lab,
+    pub driver: String,
+    pub vm: String,
+}
+
+impl MigrationLab {
+    /// A 3-host lab with demo VM `web0` of `memory_mib`, running and (QEMU) answering.
+    pub fn start(driver: &str, memory_mib: u64, guest: &Path, net: u8) -> Result<MigrationLab> {
+        let qemu = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n" } else { "" };
+        let opts = LabOptions {
+            hosts: 3,
+            driver: driver.into(),
+            loopback_net: net,
+            api_port: 7700,
+            extra_config: qemu.into(),
+            capacity: (4, 4096),
+            ..LabOptions::default()
+        };
+        let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
+        lab.start_all()?;
+        lab.form_cluster()?;
+        let mut spec = demo_vm(0, driver, guest);
+        spec.memory_mib = memory_mib;
+        let c = lab.client(0);
+        c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
+        c.send("POST", "/v1/vms/web0/start", &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
+        let me = MigrationLab { lab, driver: driver.into(), vm: "web0".into() };
+        let host = me.host_of()?;
+        if driver == "qemu" {
+            let ip = me.ip_of(&host)?;
+            wait("the guest to answer", Duration::from_secs(120), || http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(400)).map(|_| ()))?;
+        } else {
+            wait("the workload to run", Duration::from_secs(30), || me.lab.running().contains_key(&me.vm).then_some(()))?;
+        }
+        Ok(me)
+    }
+
+    /// Where committed state runs the VM.
+    pub fn host_of(&self) -> Result<String> {
+        wait("the VM to be placed", Duration::from_secs(60), || self.lab.placement(0).ok()?.get(&self.vm).cloned().flatten())
+    }
+
+    fn ip_of(&self, host: &str) -> Result<String> {
+        self.lab.hosts.iter().find(|h| h.name == host).map(|h| h.ip.clone()).ok_or_else(|| anyhow!("no host {host}"))
+    }
+
+    /// Migrates the VM to the next host and measures it.
+    pub fn migrate_once(&self) -> Result<MigrationFigures> {
+        let from = self.host_of()?;
+        let i = self.lab.hosts.iter().position(|h| h.name == from).ok_or_else(|| anyhow!("no host {from}"))?;
+        let to = self.lab.hosts[(i + 1) % self.lab.hosts.len()].name.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        let two = Arc::new(Mutex::new(0usize));
+        let ips: Vec<String> = self.lab.hosts.iter().map(|h| h.ip.clone()).collect();
+        let http = (self.driver == "qemu").then(|| {
+            let (stop, answers) = (Arc::clone(&stop), Arc::clone(&answers));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let t = Instant::now();
+                    if ips.iter().any(|ip| http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(200)).is_some()) {
+                        answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(t);
+                    }
+                    std::thread::sleep(HTTP_POLL.saturating_sub(t.elapsed()));
+                }
+            })
+        });
+        let clients: Vec<_> = (0..self.lab.hosts.len()).map(|i| self.lab.client(i)).collect();
+        let sampler = {
+            let (stop, two, vm) = (Arc::clone(&stop), Arc::clone(&two), self.vm.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let running = clients
+                        .iter()
+                        .filter_map(|c| c.get_as::<LocalView>("/v1/local").ok())
+                        .filter(|l| l.vms.iter().any(|v| v.name == vm && v.exit.is_none() && !v.paused))
+                        .count();
+                    if running > 1 {
+                        *two.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+                    }
+                    std::thread::sleep(LOCAL_POLL);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        let begun: MigrationBegun = self
+            .lab
+            .client(0)
+            .send("POST", &format!("/v1/vms/{}/migrate", self.vm), &MigrateRequest { to: Some(to.clone()), force: true })
+            .map_err(|e| anyhow!("migrate: {e}"))
+            .and_then(|v| serde_json::from_value(v).map_err(|e| anyhow!("migrate answer: {e}")))?;
+        let source = self.lab.client_at(&begun.source_api);
+        let outcome: MigrationOutcome = wait("the migration's outcome", Duration::from_secs(120), || {
+            let v: MigrationsView = source.get_as("/v1/migrations").ok()?;
+            v.recent.into_iter().find(|o| o.name == self.vm && o.generation == begun.generation)
+        })?;
+        let total_s = t0.elapsed().as_secs_f64();
+        let completed = outcome.result == "completed";
+        if self.driver == "qemu" {
+            let home = if completed { to.clone() } else { from.clone() };
+            let ip = self.ip_of(&home)?;
+            wait("the guest to answer after the migration", Duration::from_secs(30), || {
+                http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(400)).map(|_| ())
+            })?;
+            std::thread::sleep(Duration::from_millis(300));
+        } else {
+            let home = if completed { to.clone() } else { from.clone() };
+            wait("the workload to run again", Duration::from_secs(30), || (self.lab.running().get(&self.vm) == Some(&home)).then_some(()))?;
+        }
+        stop.store(true, Ordering::SeqCst);
+        if let Some(h) = http {
+            let _ = h.join();
+        }
+        let _ = sampler.join();
+        let answers = answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let http_gap_ms = (self.driver == "qemu")
+            .then(|| answers.windows(2).filter(|w| w[1] >= t0).map(|w| w[1].duration_since(w[0]).as_millis() as u64).max().unwrap_or(u64::MAX));
+        let two_running = *two.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let report = outcome.report.clone();
+        Ok(MigrationFigures {
+            from,
+            to,
+            completed,
+            total_s,
+            qemu_total_ms: report.as_ref().map(|r| r.total_ms).filter(|_| self.driver == "qemu"),
+            downtime_ms: report.and_then(|r| r.downtime_ms),
+            http_gap_ms,
+            two_running,
+        })
+    }
+}
+
+fn line(name: &str, mut v: Vec<f64>, unit: &str) {
+    v.sort_by(f64::total_cmp);
+    match (v.first(), v.last()) {
+        (Some(min), Some(max)) => println!("{name:<28} {:>9.1} {min:>9.1} {max:>9.1}  {unit}", v[v.len() / 2]),
+        _ => println!("{name:<28} {:>9}  (not measured)", "-"),
+    }
+}
+
+/// Runs `rounds` migrations of a `memory_mib` guest and prints the figures.
+pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path) -> Result<()> {
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    crate::demo::install_interrupt_handler();
+    let ml = MigrationLab::start(driver, memory_mib, guest, 67)?;
+    let mut figures = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        let f = ml.migrate_once()?;
+        println!(
+            "round {round}: {} -> {}: {} in {:.2} s (QEMU {} ms, downtime {} ms), HTTP gap {} ms, two running: {}",
+            f.from,
+            f.to,
+            if f.completed { "completed" } else { "aborted" },
+            f.total_s,
+            f.qemu_total_ms.map_or_else(|| "-".into(), |x| x.to_string()),
+            f.downtime_ms.map_or_else(|| "-".into(), |x| x.to_string()),
+            f.http_gap_ms.map_or_else(|| "-".into(), |x| x.to_string()),
+            f.two_running
+        );
+        figures.push(f);
+    }
+    println!("\nlive migration of a {memory_mib} MiB guest ({driver} driver): {rounds} round(s)");
+    println!("{:<28} {:>9} {:>9} {:>9}", "", "median", "min", "max");
+    line("request to outcome", figures.iter().map(|f| f.total_s * 1000.0).collect(), "ms");
+    line("QEMU total time", figures.iter().filter_map(|f| f.qemu_total_ms.map(|x| x as f64)).collect(), "ms");
+    line("QEMU downtime", figures.iter().filter_map(|f| f.downtime_ms.map(|x| x as f64)).collect(), "ms");
+    line("longest HTTP gap (20 ms poll)", figures.iter().filter_map(|f| f.http_gap_ms.map(|x| x as f64)).collect(), "ms");
+    println!(
+        "completed: {} of {rounds}; samples with two running copies: {}",
+        figures.iter().filter(|f| f.completed).count(),
+        figures.iter().map(|f| f.two_running).sum::<usize>()
+    );
+    Ok(())
+}
