@@ -37,6 +37,7 @@ use tracing::Instrument;
 mod coordinator;
 mod fencing;
 mod liveness;
+mod maintenance;
 mod membership;
 mod migration;
 mod probe;

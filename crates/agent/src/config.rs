@@ -86,6 +86,31 @@ pub struct AgentConfig {
     /// What VM specs may do to this host, whatever the API caller's role.
     #[serde(default)]
     pub policy: crate::policy::HostPolicy,
+    /// Live migrations this host sends.
+    #[serde(default)]
+    pub migration: MigrationConfig,
+}
+
+/// `[migration]`: how this host sends live migrations.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    /// The bandwidth cap of one migration, MiB/s (the migration network's share for it).
+    pub max_bandwidth_mib_s: u64,
+    /// Progress stalled this long takes the convergence schedule's next step, seconds.
+    pub stall_s: u64,
+    /// The bound of one migration, seconds: one that has not completed by then is cancelled.
+    pub timeout_s: u64,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            max_bandwidth_mib_s: tandem_drivers::migration::DEFAULT_MAX_BANDWIDTH >> 20,
+            stall_s: tandem_core::convergence::STALL_MS / 1000,
+            timeout_s: tandem_core::convergence::OVERALL_MS / 1000,
+        }
+    }
 }
 
 /// TLS files, PEM encoded.
@@ -132,6 +157,8 @@ pub enum ConfigError {
     Name(String),
     #[error("unsafe timings")]
     Timings(#[from] TimingError),
+    #[error("[migration] is not valid: {0}")]
+    Migration(String),
     #[error("cannot read secret file {path}")]
     Secret {
         path: String,
@@ -195,6 +222,13 @@ impl AgentConfig {
             return Err(ConfigError::Capacity);
         }
         self.timings.validate()?;
+        let m = &self.migration;
+        if m.max_bandwidth_mib_s == 0 || m.max_bandwidth_mib_s > 1 << 20 || m.stall_s == 0 || m.timeout_s < m.stall_s || m.timeout_s > 86_400 {
+            return Err(ConfigError::Migration(format!(
+                "max_bandwidth_mib_s = {} must be 1..=1048576, stall_s = {} at least 1, timeout_s = {} between stall_s and 86400",
+                m.max_bandwidth_mib_s, m.stall_s, m.timeout_s
+            )));
+        }
         if self.watchdog.enabled && !self.watchdog.device.exists() {
             return Err(ConfigError::NoWatchdog(self.watchdog.device.display().to_string()));
         }

@@ -178,6 +178,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
         schema::<MigrationBegun>,
     ),
     delete("/v1/vms/{name}/migrate", Operate, "Cancel a VM's live migration: it runs on at its source.", schema::<MigrationCancelled>),
+    get("/v1/hosts/{name}/evacuation", Read, "Where each VM of a host would go if it entered maintenance now, or why it cannot move live.", schema::<EvacuationPlan>),
     get("/v1/migrations", Read, "Live migrations in progress (with progress where this host drives them) and the last outcomes here.", schema::<MigrationsView>),
     write("POST", "/v1/vms/{name}/clear", Operate, "Clear a VM's error state and failure history.", schema::<EmptyRequest>, schema::<Cleared>),
     get("/v1/ftt", Read, "Failures to tolerate (exact or lower bound), the target, and what limits it.", schema::<FttView>),

@@ -123,6 +123,10 @@ pub struct VmView {
     /// The host it is live-migrating to (it still runs on `host` until the switchover).
     #[serde(default)]
     pub migrating_to: Option<String>,
+    /// The host a maintenance evacuation moved it from; it returns there when that host leaves
+    /// maintenance.
+    #[serde(default)]
+    pub home: Option<String>,
     pub spec: VmSpec,
 }
 
@@ -536,4 +540,20 @@ pub struct IncomingRequest {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct IncomingReady {
     pub uri: String,
+}
+
+/// One VM of a host's evacuation plan: where it would go, or why it cannot move live.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct EvacuationStep {
+    pub vm: String,
+    pub to: Option<String>,
+    pub why_not: Option<String>,
+}
+
+/// `GET /v1/hosts/{name}/evacuation`: where each of the host's VMs would go if it entered
+/// maintenance now (in the order they would leave; at most two at once leave one host).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct EvacuationPlan {
+    pub host: String,
+    pub steps: Vec<EvacuationStep>,
 }

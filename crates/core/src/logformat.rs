@@ -171,7 +171,7 @@ mod tests {
         let e = LogEntry::new(&switch).expect("encodes");
         assert_eq!(e.format, 4);
         assert_eq!(e.decode(), Ok((switch, None)));
-        let start = Command::StartMigration { name: "a".into(), to: HostId(1), force: false };
+        let start = Command::StartMigration { name: "a".into(), to: HostId(1), force: false, evacuation: false };
         let judged = LogEntry::judged(&start, Some(&Admission { revision: 2, forced: None })).expect("encodes");
         assert_eq!(judged.format, 4);
         let old_host_sees = LogFormatError::Newer { found: 4 };

@@ -6,6 +6,7 @@
 pub mod failover;
 pub mod heartbeat;
 pub mod liveness;
+pub mod maintenance;
 pub mod mass;
 pub mod migration;
 

@@ -70,6 +70,21 @@ enum BenchOp {
         /// Where the test guest's vmlinuz and initrd.img are.
         #[arg(long, default_value = ".cache/guest")]
         guest_dir: std::path::PathBuf,
+        /// The migration bandwidth cap, MiB/s (the agents' `[migration] max_bandwidth_mib_s`).
+        #[arg(long, default_value_t = 1024)]
+        max_bandwidth_mib_s: u64,
+    },
+    /// A host of three runs N VMs and enters maintenance: time until it is empty (live
+    /// migrations), then until its VMs are back after it leaves maintenance.
+    Maintenance {
+        #[arg(long, default_value = "qemu")]
+        driver: String,
+        #[arg(long, default_value_t = 4)]
+        vms: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value = ".cache/guest")]
+        guest_dir: std::path::PathBuf,
     },
     /// One host of three runs N process VMs; its power is cut: time until all of them run on
     /// the survivors, and where it goes (commit, starts per second, reconciler passes).
@@ -126,8 +141,11 @@ fn main() {
         LabCmd::Bench { op: BenchOp::Placement { runs } } => ("bench", tandem_lab::bench::placement(*runs)),
         LabCmd::Bench { op: BenchOp::Heartbeat { hosts, seconds, keep } } => ("bench", tandem_lab::bench::heartbeat::run(*hosts, *seconds, *keep)),
         LabCmd::Bench { op: BenchOp::Failover { rounds, demo } } => ("bench", tandem_lab::bench::failover::run(demo, *rounds)),
-        LabCmd::Bench { op: BenchOp::Migration { driver, memory_mib, rounds, guest_dir } } => {
-            ("bench", tandem_lab::bench::migration::run(driver, *memory_mib, *rounds, guest_dir))
+        LabCmd::Bench { op: BenchOp::Migration { driver, memory_mib, rounds, guest_dir, max_bandwidth_mib_s } } => {
+            ("bench", tandem_lab::bench::migration::run(driver, *memory_mib, *rounds, guest_dir, *max_bandwidth_mib_s))
+        }
+        LabCmd::Bench { op: BenchOp::Maintenance { driver, vms, rounds, guest_dir } } => {
+            ("bench", tandem_lab::bench::maintenance::run(driver, *vms, *rounds, guest_dir))
         }
         LabCmd::Bench { op: BenchOp::MassFailover { vms, rounds } } => ("bench", tandem_lab::bench::mass::run(*vms, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {

@@ -4,19 +4,7 @@
 //! migration completes, and the service answers at its new home afterwards.
 
 use anyhow::Result;
-use std::path::PathBuf;
-use tandem_lab::bench::migration::MigrationLab;
-
-fn guest() -> Option<PathBuf> {
-    let guest = std::env::var("TANDEM_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../../.cache/guest"));
-    let have_qemu = std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !have_qemu || !guest.join("vmlinuz").exists() {
-        assert!(std::env::var("CI").is_err(), "CI must run the QEMU test: qemu or guest missing");
-        eprintln!("skipping: qemu-system-x86_64 or the test guest is missing");
-        return None;
-    }
-    Some(guest)
-}
+use tandem_lab::bench::migration::{test_guest, MigrationLab};
 
 fn moves_around(driver: &str, guest: &std::path::Path, net: u8) -> Result<()> {
     let ml = MigrationLab::start(driver, 128, guest, net)?;
@@ -49,6 +37,6 @@ fn process_workloads_move_by_a_stop_and_a_start_after_the_switchover() -> Result
 
 #[test]
 fn qemu_guests_move_live_and_answer_at_their_new_home() -> Result<()> {
-    let Some(g) = guest() else { return Ok(()) };
+    let Some(g) = test_guest() else { return Ok(()) };
     moves_around("qemu", &g, 69)
 }

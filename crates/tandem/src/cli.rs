@@ -4,6 +4,7 @@
 pub mod args;
 pub mod commands;
 pub mod events;
+pub mod maintenance;
 pub mod migrate;
 pub mod output;
 pub mod vm;

@@ -25,6 +25,8 @@ pub(super) struct Coordination {
     fence_reports: FenceReports,
     /// The last reason recorded for each VM that no host takes.
     waiting_reasons: BTreeMap<String, String>,
+    /// The last reason recorded for each VM that cannot leave its host in maintenance.
+    pub(super) stuck_in_maintenance: BTreeMap<String, String>,
 }
 
 impl Agent {
@@ -45,6 +47,7 @@ impl Agent {
             let Some(a) = self.assessment() else { continue };
             self.fail_over_hosts(&a).await;
             self.place_waiting(&a).await;
+            self.evacuate_and_return(&a).await;
             self.count_capacity_retries().await;
             self.release_restart_groups().await;
         }

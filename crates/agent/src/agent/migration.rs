@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::state::{Applied, Assignment, Command, VmPhase};
-use tandem_drivers::migration::{MigrationProgress, MigrationReport, MigrationTarget, DEFAULT_MAX_BANDWIDTH};
+use tandem_drivers::migration::{MigrationProgress, MigrationReport, MigrationTarget};
 use tracing::Instrument;
 
 /// Outcomes kept for `GET /v1/migrations`.
@@ -164,9 +164,9 @@ impl Agent {
         let clock = Arc::clone(&self.clock);
         MigrationTarget {
             uri,
-            max_bandwidth: DEFAULT_MAX_BANDWIDTH,
-            stall_ms: tandem_core::convergence::STALL_MS,
-            overall_ms: tandem_core::convergence::OVERALL_MS,
+            max_bandwidth: self.cfg.migration.max_bandwidth_mib_s << 20,
+            stall_ms: self.cfg.migration.stall_s * 1000,
+            overall_ms: self.cfg.migration.timeout_s * 1000,
             cancel: Arc::clone(cancel),
             progress: Arc::new(move |p: &MigrationProgress| {
                 if let Some(a) = weak.upgrade() {

@@ -55,3 +55,19 @@ pub(super) async fn host_mode(State(a): State<Arc<Agent>>, ApiPath(name): ApiPat
     let admission = admitted(&a, Command::SetHostMode { host, mode: b.mode, force: b.force }, None).await?;
     Ok(Json(HostModeSet { host: name, mode: b.mode, admission }))
 }
+
+pub(super) async fn host_evacuation(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<EvacuationPlan> {
+    let steps = a.consensus.with_state(|s| {
+        let host = s.host_by_name(&name).map(|h| h.id).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown host '{name}'")))?;
+        let hname = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
+        let steps = tandem_core::evacuation::evacuation_plan(s, host)
+            .into_iter()
+            .map(|(vm, to)| match to {
+                Ok(h) => EvacuationStep { vm, to: Some(hname(h)), why_not: None },
+                Err(why) => EvacuationStep { vm, to: None, why_not: Some(why) },
+            })
+            .collect::<Vec<_>>();
+        Ok::<_, ApiError>(steps)
+    })?;
+    Ok(Json(EvacuationPlan { host: name, steps }))
+}

@@ -27,7 +27,7 @@ pub(super) async fn vm_migrate(State(a): State<Arc<Agent>>, ApiPath(name): ApiPa
         let host = a.consensus.with_state(|s| s.hosts.get(&to).map_or_else(|| to.to_string(), |h| h.name.clone()));
         return Err(ApiError::new(StatusCode::CONFLICT, format!("VM '{name}' cannot be migrated to {host}: it is unreachable from here ({heard:?})")));
     }
-    let admission = match submit(&a, Command::StartMigration { name: name.clone(), to, force: req.force }).await? {
+    let admission = match submit(&a, Command::StartMigration { name: name.clone(), to, force: req.force, evacuation: false }).await? {
         Applied::Forced { reason } => {
             a.events.record(crate::events::EventKind::AdmissionForced, Some(&name), None, format!("forced past admission control: {reason}"));
             AdmissionNote { forced: Some(reason), violations: None }

@@ -26,6 +26,7 @@ pub(super) fn vm_views(a: &Agent) -> Vec<VmView> {
                         .then(|| tandem_core::recovery::waiting_reason(s, &v.spec.name, s.active_hosts()))
                         .flatten(),
                     migrating_to: v.migrating_to().map(|t| s.hosts.get(&t.host).map_or_else(|| t.host.to_string(), |h| h.name.clone())),
+                    home: v.home.map(|h| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone())),
                     spec: v.spec.clone(),
                 }
             })

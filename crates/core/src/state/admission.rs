@@ -46,7 +46,7 @@ impl Command {
             }
             Command::SetRule { rule, force } => (format!("rule '{}'", rule.name), *force),
             Command::SetSettings { force, .. } => ("changing the cluster settings".to_string(), *force),
-            Command::StartMigration { name, to, force } => {
+            Command::StartMigration { name, to, force, .. } => {
                 let host = s.hosts.get(to).map_or_else(|| to.to_string(), |h| h.name.clone());
                 (format!("migrating VM '{name}' to {host}"), *force)
             }

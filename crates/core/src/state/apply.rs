@@ -61,7 +61,7 @@ impl ClusterState {
             Command::Assign { name, host } => self.assign(name, *host),
             Command::Release { name, host, generation } => self.release(name, *host, *generation),
             Command::Failover { host, epoch, plan } => self.failover(*host, *epoch, plan),
-            Command::StartMigration { name, to, .. } => self.start_migration(mode, cmd, name, *to),
+            Command::StartMigration { name, to, evacuation, .. } => self.start_migration(mode, cmd, name, *to, *evacuation),
             Command::MigrationSwitchover { name, generation } => self.migration_switchover(name, *generation),
             Command::MigrationAbort { name, generation, reason } => self.migration_abort(name, *generation, reason),
         }

@@ -107,6 +107,10 @@ pub enum Command {
         to: HostId,
         #[serde(default)]
         force: bool,
+        /// A maintenance evacuation (the coordinator's): the VM remembers its source as its
+        /// home. An operator's migration (false) forgets any home.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        evacuation: bool,
     },
     /// The source reports the migration to `generation` complete with the destination still
     /// paused: the destination becomes the owner (log format 4). This commit is the switchover.

@@ -47,13 +47,16 @@ pub struct VmRecord {
     /// Hosts it kept failing on since an operator last cleared it; placement avoids them. Kept
     /// across phases (a relocated VM still avoids the hosts it failed on).
     pub failed_on: Vec<HostId>,
+    /// The host a maintenance evacuation moved it away from: it goes back there when that host
+    /// leaves maintenance. An operator's own migration forgets it.
+    pub home: Option<HostId>,
 }
 
 impl VmRecord {
     /// A new VM: stopped, with no history.
     #[must_use]
     pub fn new(spec: VmSpec) -> VmRecord {
-        VmRecord { spec, phase: VmPhase::Stopped, failed_on: vec![] }
+        VmRecord { spec, phase: VmPhase::Stopped, failed_on: vec![], home: None }
     }
 
     /// What the operator (or HA) wants: running or stopped.
@@ -232,11 +235,15 @@ pub struct VmRecordWire {
     /// migrating VM, since the commands that start one are of a log format they refuse).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     migrating_to: Option<Assignment>,
+    /// Where a maintenance evacuation took it from (an older host ignores it: it only steers
+    /// the coordinator of this release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    home: Option<HostId>,
 }
 
 impl From<VmRecordWire> for VmRecord {
     fn from(w: VmRecordWire) -> VmRecord {
-        VmRecord { phase: VmPhase::from_fields(&w), spec: w.spec, failed_on: w.failed_on }
+        VmRecord { phase: VmPhase::from_fields(&w), spec: w.spec, failed_on: w.failed_on, home: w.home }
     }
 }
 
@@ -249,6 +256,7 @@ impl From<VmRecord> for VmRecordWire {
             error: r.error().map(str::to_string),
             capacity_retries: r.capacity_retries(),
             migrating_to: r.migrating_to(),
+            home: r.home,
             spec: r.spec,
             failed_on: r.failed_on,
         }
@@ -283,7 +291,7 @@ mod tests {
     #[test]
     fn every_phase_round_trips_through_the_old_wire_format() {
         for phase in phases() {
-            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![HostId(3)] };
+            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![HostId(3)], home: Some(HostId(1)) };
             let json = serde_json::to_value(&r).expect("serializes");
             for field in ["desired", "assignment", "held", "error", "capacity_retries", "failed_on"] {
                 assert!(json.get(field).is_some(), "{field} missing for {phase:?}: older hosts read it");
@@ -327,7 +335,7 @@ mod tests {
     #[test]
     fn accessors_agree_with_the_phase() {
         for phase in phases() {
-            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![] };
+            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![], home: None };
             assert_eq!(
                 r.assignment().is_some(),
                 matches!(phase, VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Stopping { .. } | VmPhase::Migrating { .. })

@@ -40,7 +40,22 @@ impl ClusterState {
             .map(|h| h.id)
     }
 
-    pub(super) fn start_migration(&mut self, mode: AdmitMode<'_>, cmd: &Command, name: &str, to: HostId) -> Result<Applied, StateError> {
+    /// Whether `name` could migrate to `host` now (placement checks only: active, normal mode,
+    /// room, hard rules; not where it already is).
+    #[must_use]
+    pub fn may_take(&self, name: &str, host: HostId) -> bool {
+        let Some(vm) = self.vms.get(name) else { return false };
+        vm.assignment().is_some_and(|a| a.host != host) && self.check_target(name, host, vm.spec.demand()).is_ok()
+    }
+
+    /// A planner's step (on a copy): the migration of `name` to `to` begins, unjudged by
+    /// admission control, so that the room it holds counts for the next step.
+    pub fn begin_planned_migration(&mut self, name: &str, to: HostId) -> Result<Applied, StateError> {
+        let cmd = Command::StartMigration { name: name.to_string(), to, force: true, evacuation: true };
+        self.apply_with(&cmd, AdmitMode::Trial)
+    }
+
+    pub(super) fn start_migration(&mut self, mode: AdmitMode<'_>, cmd: &Command, name: &str, to: HostId, evacuation: bool) -> Result<Applied, StateError> {
         let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
         let refuse = |why: String| Err(StateError::NotMigratable { name: name.to_string(), why });
         let from = match vm.phase {
@@ -76,6 +91,9 @@ impl ClusterState {
             let to = Assignment { host: to, generation };
             if let Some(v) = s.vms.get_mut(name) {
                 v.begin_migration(to);
+                // An evacuation remembers where the VM came from (a second evacuation keeps the
+                // first home); an operator's migration decides anew.
+                v.home = if evacuation { v.home.or(Some(from.host)) } else { None };
             }
             started = Some(to);
             Ok(())
@@ -137,7 +155,7 @@ mod tests {
     }
 
     fn start(s: &mut ClusterState, name: &str, to: u32) -> Result<Applied, StateError> {
-        s.apply(&Command::StartMigration { name: name.into(), to: HostId(to), force: false })
+        s.apply(&Command::StartMigration { name: name.into(), to: HostId(to), force: false, evacuation: false })
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn synthetic_state(vms: usize) -> ClusterState {
             probe: None,
         };
         let host = HostId(1 + (i as u32) % peers);
-        let record = VmRecord { spec, phase: VmPhase::Placed { at: Assignment { host, generation: i as u64 + 1 } }, failed_on: vec![] };
+        let record = VmRecord { spec, phase: VmPhase::Placed { at: Assignment { host, generation: i as u64 + 1 } }, failed_on: vec![], home: None };
         s.vms.insert(record.spec.name.clone(), record);
     }
     s.next_generation = vms as u64 + 1;

@@ -21,6 +21,21 @@ const LOCAL_POLL: Duration = Duration::from_millis(50);
 /// with the host, so the client polls every host).
 const PORT: u16 = 8080;
 
+/// The test guest for an integration test: `$TANDEM_GUEST_DIR` or the repository's
+/// `.cache/guest`, when QEMU and the guest are present. `None` (skip) only outside CI: CI must
+/// run the QEMU tests.
+#[must_use]
+pub fn test_guest() -> Option<std::path::PathBuf> {
+    let guest = std::env::var("TANDEM_GUEST_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::path::PathBuf::from("../../.cache/guest"));
+    let have_qemu = std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have_qemu || !guest.join("vmlinuz").exists() {
+        assert!(std::env::var("CI").is_err(), "CI must run the QEMU test: qemu or guest missing");
+        eprintln!("skipping: qemu-system-x86_64 or the test guest is missing");
+        return None;
+    }
+    Some(guest)
+}
+
 /// One migration's figures.
 #[derive(Clone, Debug)]
 pub struct MigrationFigures {
@@ -35,6 +50,8 @@ pub struct MigrationFigures {
     pub http_gap_ms: Option<u64>,
     /// Samples in which two hosts reported the VM running (not paused) at once.
     pub two_running: usize,
+    /// Memory and device state sent, MiB.
+    pub transferred_mib: u64,
 }
 
 /// A running local cluster with one VM to move.
@@ -47,13 +64,18 @@ pub struct MigrationLab {
 impl MigrationLab {
     /// A 3-host lab with demo VM `web0` of `memory_mib`, running and (QEMU) answering.
     pub fn start(driver: &str, memory_mib: u64, guest: &Path, net: u8) -> Result<MigrationLab> {
+        MigrationLab::start_with(driver, memory_mib, guest, net, "")
+    }
+
+    /// [`MigrationLab::start`] with more agent configuration (a `[migration]` table, say).
+    pub fn start_with(driver: &str, memory_mib: u64, guest: &Path, net: u8, extra: &str) -> Result<MigrationLab> {
         let qemu = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n" } else { "" };
         let opts = LabOptions {
             hosts: 3,
             driver: driver.into(),
             loopback_net: net,
             api_port: 7700,
-            extra_config: qemu.into(),
+            extra_config: format!("{qemu}{extra}"),
             capacity: (4, 4096),
             ..LabOptions::default()
         };
@@ -81,6 +103,39 @@ impl MigrationLab {
         wait("the VM to be placed", Duration::from_secs(60), || self.lab.placement(0).ok()?.get(&self.vm).cloned().flatten())
     }
 
+    /// Whether the VM's service answers on `host` (QEMU) or its workload runs there (process).
+    pub fn answers_on(&self, host: &str) -> bool {
+        if self.driver == "qemu" {
+            self.ip_of(host).is_ok_and(|ip| http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(400)).is_some())
+        } else {
+            self.lab.running().get(&self.vm).is_some_and(|h| h == host)
+        }
+    }
+
+    /// Counts, until dropped, the samples in which two hosts report the VM running (not paused);
+    /// hosts that do not answer (powered off) count as running nothing.
+    #[must_use]
+    pub fn watch_copies(&self) -> CopyWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let two = Arc::new(Mutex::new(0usize));
+        let clients: Vec<_> = (0..self.lab.hosts.len()).map(|i| self.lab.client(i)).collect();
+        let (s, t, vm) = (Arc::clone(&stop), Arc::clone(&two), self.vm.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let running = clients
+                    .iter()
+                    .filter_map(|c| c.get_as::<LocalView>("/v1/local").ok())
+                    .filter(|l| l.vms.iter().any(|v| v.name == vm && v.exit.is_none() && !v.paused))
+                    .count();
+                if running > 1 {
+                    *t.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+                }
+                std::thread::sleep(LOCAL_POLL);
+            }
+        });
+        CopyWatch { stop, two, thread: Some(thread) }
+    }
+
     fn ip_of(&self, host: &str) -> Result<String> {
         self.lab.hosts.iter().find(|h| h.name == host).map(|h| h.ip.clone()).ok_or_else(|| anyhow!("no host {host}"))
     }
@@ -92,7 +147,6 @@ impl MigrationLab {
         let to = self.lab.hosts[(i + 1) % self.lab.hosts.len()].name.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let answers = Arc::new(Mutex::new(Vec::<Instant>::new()));
-        let two = Arc::new(Mutex::new(0usize));
         let ips: Vec<String> = self.lab.hosts.iter().map(|h| h.ip.clone()).collect();
         let http = (self.driver == "qemu").then(|| {
             let (stop, answers) = (Arc::clone(&stop), Arc::clone(&answers));
@@ -106,23 +160,7 @@ impl MigrationLab {
                 }
             })
         });
-        let clients: Vec<_> = (0..self.lab.hosts.len()).map(|i| self.lab.client(i)).collect();
-        let sampler = {
-            let (stop, two, vm) = (Arc::clone(&stop), Arc::clone(&two), self.vm.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let running = clients
-                        .iter()
-                        .filter_map(|c| c.get_as::<LocalView>("/v1/local").ok())
-                        .filter(|l| l.vms.iter().any(|v| v.name == vm && v.exit.is_none() && !v.paused))
-                        .count();
-                    if running > 1 {
-                        *two.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
-                    }
-                    std::thread::sleep(LOCAL_POLL);
-                }
-            })
-        };
+        let copies = self.watch_copies();
         std::thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();
         let begun: MigrationBegun = self
@@ -153,12 +191,13 @@ impl MigrationLab {
         if let Some(h) = http {
             let _ = h.join();
         }
-        let _ = sampler.join();
+
         let answers = answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let http_gap_ms = (self.driver == "qemu")
             .then(|| answers.windows(2).filter(|w| w[1] >= t0).map(|w| w[1].duration_since(w[0]).as_millis() as u64).max().unwrap_or(u64::MAX));
-        let two_running = *two.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let two_running = copies.finish();
         let report = outcome.report.clone();
+        let transferred_mib = report.as_ref().map_or(0, |r| r.transferred_bytes >> 20);
         Ok(MigrationFigures {
             from,
             to,
@@ -168,7 +207,35 @@ impl MigrationLab {
             downtime_ms: report.and_then(|r| r.downtime_ms),
             http_gap_ms,
             two_running,
+            transferred_mib,
         })
+    }
+}
+
+/// A running count of samples with two running copies (see [`MigrationLab::watch_copies`]).
+pub struct CopyWatch {
+    stop: Arc<AtomicBool>,
+    two: Arc<Mutex<usize>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CopyWatch {
+    /// Stops sampling; the count.
+    pub fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        *self.two.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for CopyWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -180,24 +247,26 @@ fn line(name: &str, mut v: Vec<f64>, unit: &str) {
     }
 }
 
-/// Runs `rounds` migrations of a `memory_mib` guest and prints the figures.
-pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path) -> Result<()> {
+/// Runs `rounds` migrations of a `memory_mib` guest (each capped at `bandwidth_mib_s`) and
+/// prints the figures.
+pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth_mib_s: u64) -> Result<()> {
     if rounds == 0 {
         bail!("--rounds must be at least 1");
     }
     crate::demo::install_interrupt_handler();
-    let ml = MigrationLab::start(driver, memory_mib, guest, 67)?;
+    let ml = MigrationLab::start_with(driver, memory_mib, guest, 67, &format!("[migration]\nmax_bandwidth_mib_s = {bandwidth_mib_s}\n"))?;
     let mut figures = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let f = ml.migrate_once()?;
         println!(
-            "round {round}: {} -> {}: {} in {:.2} s (QEMU {} ms, downtime {} ms), HTTP gap {} ms, two running: {}",
+            "round {round}: {} -> {}: {} in {:.2} s (QEMU {} ms, downtime {} ms, {} MiB sent), HTTP gap {} ms, two running: {}",
             f.from,
             f.to,
             if f.completed { "completed" } else { "aborted" },
             f.total_s,
             f.qemu_total_ms.map_or_else(|| "-".into(), |x| x.to_string()),
             f.downtime_ms.map_or_else(|| "-".into(), |x| x.to_string()),
+            f.transferred_mib,
             f.http_gap_ms.map_or_else(|| "-".into(), |x| x.to_string()),
             f.two_running
         );

@@ -214,6 +214,21 @@ pub enum HostOp {
         #[arg(long)]
         force: bool,
     },
+    /// Maintenance by live migration: `enter` shows where each VM goes, puts the host in
+    /// maintenance and follows its evacuation (VMs leave live, two at a time, highest priority
+    /// first); `exit` puts it back in normal mode and follows its VMs' return.
+    Maintenance {
+        #[arg(value_parser = ["enter", "exit"])]
+        action: String,
+        name: String,
+        /// Enter even if admission control refuses, or some VM cannot move live (it then keeps
+        /// running on the host).
+        #[arg(long)]
+        force: bool,
+        /// Return once the mode is set, without following the migrations.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -1,0 +1,203 @@
+//! Maintenance by live migration, sans I/O: which migrations the coordinator starts next so that
+//! hosts in maintenance empty themselves and, once out of it, get their VMs back.
+//!
+//! The mode lives in committed state, so the plan is recomputed from it at every coordinator
+//! tick (under any leader, after any restart): a host in `maintenance` sends its VMs away —
+//! `protect` before `best-effort`, higher priority first — each to the host
+//! [`ClusterState::migration_target`] picks (the one with the most free memory that may take it),
+//! as fast as the migration bounds allow; a VM no host may take stays, with the reason. A VM an
+//! evacuation moved remembers its `home`; when that host is active in normal mode again, the VM
+//! migrates back (an operator's migration since has cleared its home, so it is left alone).
+
+use crate::hostset::HostId;
+use crate::state::{ClusterState, HostMode, HostStatus, Protection, VmPhase, MAX_CLUSTER_MIGRATIONS, MAX_INCOMING_MIGRATIONS, MAX_OUTGOING_MIGRATIONS};
+use std::collections::BTreeMap;
+
+/// One migration to start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedMove {
+    pub vm: String,
+    pub to: HostId,
+    /// Leaving a host in maintenance (true), or going back home (false).
+    pub evacuation: bool,
+}
+
+/// A VM of a host in maintenance that no host may take now, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stuck {
+    pub vm: String,
+    pub why: String,
+}
+
+/// Evacuations first (in the order they should go), then returns home.
+fn candidates(s: &ClusterState) -> Vec<(String, Option<HostId>, bool)> {
+    let usable = |h: HostId| s.hosts.get(&h).is_some_and(|r| r.status == HostStatus::Active);
+    let mut leaving: Vec<(&crate::state::VmRecord, HostId)> = s
+        .vms
+        .values()
+        .filter_map(|v| match v.phase {
+            VmPhase::Placed { at } if usable(at.host) && s.hosts.get(&at.host).is_some_and(|h| h.mode == HostMode::Maintenance) => Some((v, at.host)),
+            _ => None,
+        })
+        .collect();
+    leaving.sort_by_key(|(v, _)| (v.spec.protection != Protection::Protect, -v.spec.priority, std::cmp::Reverse(v.spec.memory_mib), v.spec.name.clone()));
+    let mut out: Vec<(String, Option<HostId>, bool)> = leaving.into_iter().map(|(v, _)| (v.spec.name.clone(), None, true)).collect();
+    for v in s.vms.values() {
+        let (VmPhase::Placed { at }, Some(home)) = (&v.phase, v.home) else { continue };
+        let home_ready = s.hosts.get(&home).is_some_and(|h| h.status == HostStatus::Active && h.mode == HostMode::Normal);
+        if at.host != home && home_ready && usable(at.host) {
+            out.push((v.spec.name.clone(), Some(home), false));
+        }
+    }
+    out
+}
+
+/// The migrations to start now, within the bounds on migrations per host and in the cluster
+/// (counting those already running), and the VMs of hosts in maintenance that cannot move.
+#[must_use]
+pub fn next_moves(s: &ClusterState) -> (Vec<PlannedMove>, Vec<Stuck>) {
+    let mut out_of: BTreeMap<HostId, usize> = BTreeMap::new();
+    let mut into: BTreeMap<HostId, usize> = BTreeMap::new();
+    let mut total = 0;
+    for (_, from, to) in s.migrations() {
+        *out_of.entry(from.host).or_default() += 1;
+        *into.entry(to.host).or_default() += 1;
+        total += 1;
+    }
+    // Planned on a copy in which each planned move has begun: the room it holds counts.
+    let mut plan = s.clone();
+    let (mut moves, mut stuck) = (vec![], vec![]);
+    for (vm, home, evacuation) in candidates(s) {
+        let Some(from) = plan.vms.get(&vm).and_then(|v| v.assignment()).map(|a| a.host) else { continue };
+        let target = match home {
+            Some(h) => plan.may_take(&vm, h).then_some(h),
+            None => plan.migration_target(&vm),
+        };
+        let Some(to) = target else {
+            if evacuation {
+                stuck.push(Stuck {
+                    vm: vm.clone(),
+                    why: crate::recovery::waiting_reason(s, &vm, s.active_hosts()).unwrap_or_else(|| "no host may take it now".into()),
+                });
+            }
+            continue;
+        };
+        if total >= MAX_CLUSTER_MIGRATIONS
+            || out_of.get(&from).copied().unwrap_or(0) >= MAX_OUTGOING_MIGRATIONS
+            || into.get(&to).copied().unwrap_or(0) >= MAX_INCOMING_MIGRATIONS
+        {
+            continue;
+        }
+        if plan.begin_planned_migration(&vm, to).is_err() {
+            continue;
+        }
+        *out_of.entry(from).or_default() += 1;
+        *into.entry(to).or_default() += 1;
+        total += 1;
+        moves.push(PlannedMove { vm, to, evacuation });
+    }
+    (moves, stuck)
+}
+
+/// Where each VM of `host` would go if it entered maintenance now (all of them, ignoring the
+/// bounds on concurrent migrations, which only spread them over time): a host, or why none.
+#[must_use]
+pub fn evacuation_plan(s: &ClusterState, host: HostId) -> Vec<(String, Result<HostId, String>)> {
+    let mut plan = s.clone();
+    if let Some(h) = plan.hosts.get_mut(&host) {
+        h.mode = HostMode::Maintenance;
+    }
+    let mut out = vec![];
+    for (vm, _, evacuation) in candidates(&plan) {
+        if !evacuation || plan.vms.get(&vm).and_then(|v| v.assignment()).map(|a| a.host) != Some(host) {
+            continue;
+        }
+        match plan.migration_target(&vm) {
+            Some(to) => {
+                let _ = plan.begin_planned_migration(&vm, to);
+                out.push((vm, Ok(to)));
+            }
+            None => {
+                let why = crate::recovery::waiting_reason(&plan, &vm, plan.active_hosts()).unwrap_or_else(|| "no host may take it now".into());
+                out.push((vm, Err(why)));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{cluster, process_vm, run_on};
+    use crate::state::{Applied, Command};
+
+    fn maintenance(s: &mut ClusterState, h: u32, mode: HostMode) {
+        s.apply(&Command::SetHostMode { host: HostId(h), mode, force: true }).expect("mode");
+    }
+
+    /// Play the coordinator: start the planned moves and complete them, until nothing is left.
+    fn run_to_completion(s: &mut ClusterState) -> usize {
+        let mut rounds = 0;
+        loop {
+            let (moves, _) = next_moves(s);
+            if moves.is_empty() {
+                return rounds;
+            }
+            rounds += 1;
+            for m in moves {
+                let out = s.apply(&Command::StartMigration { name: m.vm.clone(), to: m.to, force: true, evacuation: m.evacuation }).expect("start");
+                let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
+                s.apply(&Command::MigrationSwitchover { name: m.vm, generation: to.generation }).expect("switch");
+            }
+            assert!(rounds < 50, "evacuation must end");
+        }
+    }
+
+    #[test]
+    fn a_host_in_maintenance_empties_in_priority_order_within_the_bounds_and_gets_its_vms_back() {
+        let mut s = cluster(3, 8192);
+        for (i, prio) in [1, 5, 3, 9, 2].iter().enumerate() {
+            run_on(&mut s, process_vm(&format!("v{i}"), Protection::Protect, *prio, 512), 0);
+        }
+        run_on(&mut s, process_vm("elsewhere", Protection::Protect, 0, 512), 1);
+        maintenance(&mut s, 0, HostMode::Maintenance);
+        let (first, stuck) = next_moves(&s);
+        assert!(stuck.is_empty());
+        assert_eq!(first.len(), MAX_OUTGOING_MIGRATIONS, "at most two leave one host at once");
+        assert_eq!(first.iter().map(|m| m.vm.as_str()).collect::<Vec<_>>(), ["v3", "v1"], "highest priority first");
+        assert!(first.iter().all(|m| m.evacuation && m.to != HostId(0)));
+        run_to_completion(&mut s);
+        assert_eq!(s.assigned_to(HostId(0)).count(), 0, "the host is empty");
+        assert!(s.vms.values().filter(|v| v.spec.name.starts_with('v')).all(|v| v.home == Some(HostId(0))));
+        // An operator moves one of them elsewhere: it forgets its home.
+        let v0_at = s.vms["v0"].assignment().expect("placed").host;
+        let other = if v0_at == HostId(1) { HostId(2) } else { HostId(1) };
+        let out = s.apply(&Command::StartMigration { name: "v0".into(), to: other, force: true, evacuation: false }).expect("operator");
+        let Applied::MigrationStarted { to, .. } = out else { panic!() };
+        s.apply(&Command::MigrationSwitchover { name: "v0".into(), generation: to.generation }).expect("switch");
+        assert_eq!(s.vms["v0"].home, None);
+        // Out of maintenance: the others come back, v0 stays where the operator put it.
+        maintenance(&mut s, 0, HostMode::Normal);
+        run_to_completion(&mut s);
+        let back: Vec<&str> = s.assigned_to(HostId(0)).map(|v| v.spec.name.as_str()).collect();
+        assert_eq!(back, ["v1", "v2", "v3", "v4"]);
+        assert!(s.vms["v0"].assignment().is_some_and(|a| a.host == other));
+        assert!(s.vms.values().all(|v| v.home.is_none()), "home is forgotten once back");
+    }
+
+    #[test]
+    fn a_vm_no_host_may_take_is_reported_and_the_plan_says_why() {
+        let mut s = cluster(2, 1024);
+        run_on(&mut s, process_vm("big", Protection::Protect, 0, 1024), 0);
+        run_on(&mut s, process_vm("full", Protection::Protect, 0, 768), 1);
+        let plan = evacuation_plan(&s, HostId(0));
+        assert_eq!(plan.len(), 1);
+        assert!(plan[0].1.is_err(), "{plan:?}");
+        maintenance(&mut s, 0, HostMode::Maintenance);
+        let (moves, stuck) = next_moves(&s);
+        assert!(moves.is_empty());
+        assert_eq!(stuck.len(), 1);
+        assert_eq!(stuck[0].vm, "big");
+    }
+}

@@ -1,0 +1,122 @@
+//! Faults in the middle of a live migration, with real agents and QEMU guests: the copy is slowed
+//! (`[migration] max_bandwidth_mib_s`) so that the fault falls while memory is on its way. In
+//! every case the VM ends running on exactly one host — at its source when the destination side
+//! failed (the same QEMU process: it never stopped), restarted by HA when its owner died — and no
+//! two hosts ever report it running at once.
+
+use anyhow::{anyhow, Result};
+use std::time::Duration;
+use tandem_agent::views::{HostView, MigrateRequest, MigrationBegun, MigrationsView};
+use tandem_lab::bench::migration::{test_guest, MigrationLab};
+use tandem_lab::demo::wait;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    SourcePowerLoss,
+    DestinationPowerLoss,
+    DestinationAgentKilled,
+    LeaderPowerLoss,
+}
+
+fn index(ml: &MigrationLab, host: &str) -> Result<usize> {
+    ml.lab.hosts.iter().position(|h| h.name == host).ok_or_else(|| anyhow!("no host {host}"))
+}
+
+fn leader(ml: &MigrationLab) -> Option<String> {
+    (0..ml.lab.hosts.len()).find_map(|i| ml.lab.client(i).list_as::<HostView>("/v1/hosts").ok()?.into_iter().find(|h| h.leader).map(|h| h.name))
+}
+
+fn migrate(ml: &MigrationLab, via: usize, to: &str, bounded: bool) -> Result<MigrationBegun> {
+    let v = ml.lab.client(via).send("POST", &format!("/v1/vms/{}/migrate", ml.vm), &MigrateRequest { to: Some(to.into()), force: true })?;
+    let begun: MigrationBegun = serde_json::from_value(v)?;
+    if bounded {
+        let source = ml.lab.client_at(&begun.source_api);
+        wait("the migration to end", Duration::from_secs(120), || {
+            source.get_as::<MigrationsView>("/v1/migrations").ok()?.recent.into_iter().find(|o| o.generation == begun.generation).map(|_| ())
+        })?;
+    }
+    Ok(begun)
+}
+
+fn fault_during_copy(fault: Fault, net: u8) -> Result<()> {
+    let Some(g) = test_guest() else { return Ok(()) };
+    let mut ml = MigrationLab::start_with("qemu", 128, &g, net, "[migration]\nmax_bandwidth_mib_s = 12\n")?;
+    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
+        ml.lab.keep_files();
+        eprintln!("lab directory: {}", ml.lab.root.display());
+    }
+    // Source and destination: the two hosts that do not lead (so that losing either leaves the
+    // coordinator in place, and the leader can be lost on its own).
+    let lead = wait("a leader", Duration::from_secs(30), || leader(&ml))?;
+    let others: Vec<String> = ml.lab.hosts.iter().map(|h| h.name.clone()).filter(|h| *h != lead).collect();
+    let (src, dst) = (others[0].clone(), others[1].clone());
+    if ml.host_of()? != src {
+        let via = index(&ml, &lead)?;
+        migrate(&ml, via, &src, true)?;
+    }
+    assert_eq!(ml.host_of()?, src, "the VM starts at the chosen source");
+    let src_i = index(&ml, &src)?;
+    let pid_before = ml.lab.workload_pids(src_i).into_iter().find(|(_, vm)| *vm == ml.vm).map(|(p, _)| p);
+    let copies = ml.watch_copies();
+    let lead_i = index(&ml, &lead)?;
+    let begun = migrate(&ml, lead_i, &dst, false)?;
+    let source = ml.lab.client_at(&begun.source_api);
+    wait("memory on its way", Duration::from_secs(30), || {
+        let v: MigrationsView = source.get_as("/v1/migrations").ok()?;
+        v.active.iter().find(|m| m.generation == begun.generation)?.progress.as_ref().filter(|p| p.transferred_bytes > 8 << 20).map(|_| ())
+    })?;
+    let victim = match fault {
+        Fault::SourcePowerLoss => src.clone(),
+        Fault::DestinationPowerLoss | Fault::DestinationAgentKilled => dst.clone(),
+        Fault::LeaderPowerLoss => lead.clone(),
+    };
+    let vi = index(&ml, &victim)?;
+    eprintln!("{fault:?}: {} from {src} to {dst}; {victim} goes down", ml.vm);
+    if fault == Fault::DestinationAgentKilled {
+        ml.lab.kill_agent(vi);
+    } else {
+        ml.lab.power_off(vi);
+    }
+    // Where it must end up: at the source when the destination side failed, anywhere but the
+    // dead source when the source died, at either end when the coordinator died.
+    let survivor = (0..ml.lab.hosts.len()).find(|i| *i != vi).unwrap_or(0);
+    let home = wait("the VM to settle on one live host", Duration::from_secs(90), || {
+        let placed = ml.lab.placement(survivor).ok()?.get(&ml.vm).cloned().flatten()?;
+        let migrating = ml.lab.vms(survivor).ok()?.into_iter().find(|v| v.name == ml.vm)?.migrating_to.is_some();
+        (placed != victim && !migrating && ml.answers_on(&placed)).then_some(placed)
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    let two = copies.finish();
+    eprintln!("{fault:?}: {} runs on {home}", ml.vm);
+    assert_eq!(two, 0, "{fault:?}: two hosts reported the VM running at once");
+    match fault {
+        Fault::DestinationPowerLoss | Fault::DestinationAgentKilled => {
+            assert_eq!(home, src, "{fault:?}: the source keeps the VM");
+            let pid_after = ml.lab.workload_pids(src_i).into_iter().find(|(_, vm)| *vm == ml.vm).map(|(p, _)| p);
+            assert_eq!(pid_before, pid_after, "{fault:?}: the same QEMU runs on: the guest never stopped");
+        }
+        Fault::SourcePowerLoss => assert_ne!(home, src),
+        Fault::LeaderPowerLoss => assert!(home == src || home == dst, "{fault:?}: the VM is at one end of its migration, not {home}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn source_power_loss_during_the_copy_restarts_the_vm_once() -> Result<()> {
+    fault_during_copy(Fault::SourcePowerLoss, 71)
+}
+
+#[test]
+fn destination_power_loss_during_the_copy_leaves_the_vm_running_at_its_source() -> Result<()> {
+    fault_during_copy(Fault::DestinationPowerLoss, 72)
+}
+
+#[test]
+fn a_killed_destination_agent_leaves_the_vm_running_at_its_source() -> Result<()> {
+    fault_during_copy(Fault::DestinationAgentKilled, 73)
+}
+
+#[test]
+fn coordinator_power_loss_during_the_copy_leaves_one_copy() -> Result<()> {
+    fault_during_copy(Fault::LeaderPowerLoss, 74)
+}

@@ -1,0 +1,85 @@
+//! `tandem host maintenance enter|exit`: the plan first, then the mode, then the migrations
+//! followed until the host is empty (enter) or its VMs are back (exit).
+
+use super::output::{kv, Output};
+use std::time::{Duration, Instant};
+use tandem::client::{Client, ClientError};
+use tandem_agent::views::{EvacuationPlan, HostMode, HostModeRequest, HostModeSet, VmView};
+
+/// How often the VMs are read while following.
+const POLL: Duration = Duration::from_millis(500);
+/// How long the CLI follows before it stops waiting (the coordinator goes on).
+const FOLLOW_FOR: Duration = Duration::from_secs(1800);
+
+pub fn run(c: &Client, out: Output, enter: bool, name: &str, force: bool, no_wait: bool) -> Result<(), ClientError> {
+    let table = out == Output::Table;
+    if enter {
+        let plan: EvacuationPlan = c.get_as(&format!("/v1/hosts/{name}/evacuation"))?;
+        if table {
+            println!("evacuation plan for {name} ({} VM(s)):", plan.steps.len());
+            for s in &plan.steps {
+                match (&s.to, &s.why_not) {
+                    (Some(to), _) => println!("  {:<20} -> {to}", s.vm),
+                    (None, why) => println!("  {:<20} cannot move live: {}", s.vm, why.as_deref().unwrap_or("no host may take it")),
+                }
+            }
+        }
+        let unmovable: Vec<&str> = plan.steps.iter().filter(|s| s.to.is_none()).map(|s| s.vm.as_str()).collect();
+        if !unmovable.is_empty() && !force {
+            return Err(ClientError::Refused {
+                status: 409,
+                message: format!(
+                    "{} cannot move live ({}); nothing changed. --force enters anyway and leaves them running on {name}",
+                    unmovable.len(),
+                    unmovable.join(", ")
+                ),
+            });
+        }
+    }
+    let mode = if enter { HostMode::Maintenance } else { HostMode::Normal };
+    let set = c.send("POST", &format!("/v1/hosts/{name}/mode"), &HostModeRequest { mode, force })?;
+    if out == Output::Json && no_wait {
+        println!("{set}");
+        return Ok(());
+    }
+    if table {
+        kv(&tandem::client::decode::<HostModeSet>(set)?);
+    }
+    if no_wait {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let vms: Vec<VmView> = c.get_as("/v1/vms")?;
+        // Enter: VMs still on the host (those no host may take stay). Exit: VMs not yet home.
+        let (left, moving) = if enter {
+            let on: Vec<&VmView> = vms.iter().filter(|v| v.host.as_deref() == Some(name)).collect();
+            (on.len(), on.iter().filter(|v| v.migrating_to.is_some()).count())
+        } else {
+            let away: Vec<&VmView> = vms.iter().filter(|v| v.home.as_deref() == Some(name) && v.host.as_deref() != Some(name)).collect();
+            (away.len(), away.iter().filter(|v| v.migrating_to.is_some()).count())
+        };
+        let line =
+            if enter { format!("{left} VM(s) left on {name}, {moving} migrating") } else { format!("{left} VM(s) still away from {name}, {moving} migrating") };
+        if table && line != last {
+            println!("{line}");
+            last = line;
+        }
+        let settled = left == 0 || (enter && moving == 0 && started.elapsed() > Duration::from_secs(30) && left > 0 && force);
+        if settled {
+            if out == Output::Json {
+                println!("{}", serde_json::json!({"host": name, "mode": mode, "left": left}));
+            } else if left > 0 {
+                println!("{left} VM(s) could not move live and keep running on {name}");
+            } else {
+                println!("{}", if enter { format!("{name} is empty and in maintenance") } else { format!("every VM evacuated from {name} is back") });
+            }
+            return Ok(());
+        }
+        if started.elapsed() > FOLLOW_FOR {
+            return Err(ClientError::Unavailable(format!("stopped following after {} s; the coordinator goes on", FOLLOW_FOR.as_secs())));
+        }
+        std::thread::sleep(POLL);
+    }
+}
