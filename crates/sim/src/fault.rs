@@ -69,6 +69,9 @@ pub enum FaultKind {
     /// A live migration, alone or with a fault at a random phase: cancelled, the source's or
     /// the destination's power lost, the link between them cut, the leader's power lost.
     LiveMigration,
+    /// A host enters maintenance (its VMs leave by live migration) and leaves it again (they
+    /// come back).
+    MaintenanceCycle,
 }
 
 use Backend::{Chaos, Sim};
@@ -76,7 +79,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 25] = [
+    pub const ALL: [FaultKind; 26] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -102,6 +105,7 @@ impl FaultKind {
         WorkloadKill,
         HostHiccup,
         LiveMigration,
+        MaintenanceCycle,
     ];
 
     pub fn name(self) -> &'static str {
@@ -131,6 +135,7 @@ impl FaultKind {
             HostJoin => "host-join",
             Operator => "operator",
             LiveMigration => "live-migration",
+            MaintenanceCycle => "maintenance-cycle",
         }
     }
 
@@ -154,7 +159,8 @@ impl FaultKind {
             | LivenessStallInPartition
             | HostJoin
             | Operator
-            | LiveMigration => &[Sim],
+            | LiveMigration
+            | MaintenanceCycle => &[Sim],
         }
     }
 

@@ -513,6 +513,7 @@ impl Sim {
                 self.run_for(hold).await;
             }
             FaultKind::LiveMigration => self.live_migration(kind, now, until, hold).await,
+            FaultKind::MaintenanceCycle => self.maintenance_cycle(kind, target).await,
             FaultKind::AgentKill | FaultKind::WorkloadKill | FaultKind::HostHiccup => {
                 w.harness_error(format!("{kind} is injected by the fault suite only"));
             }
@@ -621,6 +622,34 @@ impl Sim {
                 w.violation(oracle::Violation::new(Invariant::MigrationStuck, detail));
             }
         }
+    }
+
+    /// Host `target` enters maintenance for a while and leaves it: its VMs that another host may
+    /// take must leave (live), and come back afterwards; the invariants hold throughout.
+    async fn maintenance_cycle(&mut self, kind: FaultKind, target: u32) {
+        let w = Arc::clone(&self.world);
+        if !self.up().contains(&target) {
+            return;
+        }
+        let host = format!("h{target}");
+        let before = self.vms_on(target).await;
+        let req = tandem_agent::views::HostModeRequest { mode: tandem_core::state::HostMode::Maintenance, force: true };
+        let r = self.send(target, "POST", &format!("/v1/hosts/{host}/mode"), &req).await;
+        w.log(format!("FAULT {kind}: {host} enters maintenance with {} VM(s) -> {:?}", before.len(), r.as_ref().map(|r| r.0)));
+        self.run_for(Duration::from_secs(8)).await;
+        let left = self.vms_on(target).await;
+        let plan = self.api(target, "GET", &format!("/v1/hosts/{host}/evacuation"), None).await;
+        let movable = plan
+            .and_then(|(_, v)| serde_json::from_value::<tandem_agent::views::EvacuationPlan>(v).ok())
+            .map_or(0, |p| p.steps.iter().filter(|s| s.to.is_some() && left.contains(&s.vm)).count());
+        if matches!(r, Some((200, _))) && movable > 0 && left.len() >= before.len() && !before.is_empty() {
+            let detail = format!("{host} in maintenance for 8 s still runs {left:?}, {movable} of which another host may take");
+            w.violation(oracle::Violation::new(Invariant::MigrationStuck, detail));
+        }
+        let req = tandem_agent::views::HostModeRequest { mode: tandem_core::state::HostMode::Normal, force: true };
+        let r = self.send(target, "POST", &format!("/v1/hosts/{host}/mode"), &req).await;
+        w.log(format!("HEAL {kind}: {host} leaves maintenance -> {:?}", r.as_ref().map(|r| r.0)));
+        self.run_for(Duration::from_secs(6)).await;
     }
 
     /// Lets virtual time pass, collecting events and checking recovery deadlines.

@@ -176,3 +176,16 @@ fn resuming_before_the_switchover_is_caught() {
     });
     assert!(found.is_some(), "no stale resume or double run found in 10 seeds with the early resume");
 }
+
+/// Hosts entering and leaving maintenance: their VMs leave live and come back, never on two
+/// hosts at once, never resumed from stale memory.
+#[test]
+fn maintenance_cycles_evacuate_and_return_vms_live() {
+    let mut left = 0;
+    for seed in 1..=8 {
+        let r = run(&SimOptions { only: Some(FaultKind::MaintenanceCycle), ..opts(seed, 60) });
+        assert!(r.violations.is_empty(), "seed {seed}: {:#?}", r.violations);
+        left += r.trace.iter().filter(|l| l.contains("leaves its host in maintenance")).count();
+    }
+    assert!(left >= 8, "only {left} evacuations in 8 seeds");
+}
