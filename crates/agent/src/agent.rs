@@ -42,6 +42,8 @@ mod membership;
 mod migration;
 mod probe;
 mod reconciler;
+mod shutdown;
+pub use shutdown::{ShutdownConfig, ShutdownPolicy};
 mod watchdogs;
 
 pub use probe::{MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL};

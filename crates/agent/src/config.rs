@@ -89,6 +89,9 @@ pub struct AgentConfig {
     /// Live migrations this host sends.
     #[serde(default)]
     pub migration: MigrationConfig,
+    /// What a planned stop of the agent does with this host's VMs.
+    #[serde(default)]
+    pub shutdown: crate::agent::ShutdownConfig,
 }
 
 /// `[migration]`: how this host sends live migrations.

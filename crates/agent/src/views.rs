@@ -97,6 +97,9 @@ pub struct HostView {
     pub fence_deadline_in_ms: Option<i64>,
     pub fenced_epoch: Option<u64>,
     pub leader: bool,
+    /// normal, maintenance (its VMs leave live, it receives none) or disabled.
+    #[serde(default)]
+    pub mode: HostMode,
 }
 
 /// `GET /v1/vms`: one VM with its desired state, placement and HA state.

@@ -240,3 +240,51 @@ fn sigterm_gives_the_vms_up_before_the_agent_goes() -> Result<()> {
     lab.assert_no_double_run()?;
     Ok(())
 }
+
+/// SIGTERM under `[shutdown] policy = "migrate"`: the host enters maintenance and its VMs leave
+/// live before the agent stops (none is killed to be restarted: every one moved by a completed
+/// migration); started again, the host joins, leaves maintenance, and its VMs come back.
+#[test]
+fn sigterm_with_the_migrate_policy_moves_the_vms_live_and_they_come_back() -> Result<()> {
+    let extra = "[shutdown]\npolicy = \"migrate\"\nevacuate_timeout_s = 60\n".to_string();
+    let mut lab = Lab::new(LabOptions { loopback_net: 53, extra_config: extra, ..LabOptions::default() }, &binary())?;
+    lab.start_all()?;
+    lab.form_cluster()?;
+    let c0 = lab.client(0);
+    for i in 0..6 {
+        let name = format!("m{i}");
+        c0.post(
+            "/v1/vms",
+            &json!({ "name": name, "vcpus": 1, "memory_mib": 64, "protection": "protect",
+                                    "driver": { "kind": "process", "command": ["sleep", "100000"] } }),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        c0.post(&format!("/v1/vms/{name}/start"), &json!({})).map_err(|e| anyhow!("{e}"))?;
+    }
+    c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |_| (lab.running().len() == 6).then_some(()))?;
+    let on_h1: Vec<String> = lab.running().into_iter().filter(|(_, h)| h == "h1").map(|(v, _)| v).collect();
+    assert!(!on_h1.is_empty(), "placement spreads six VMs over three hosts");
+    let pid = lab.agent_pid(1).ok_or_else(|| anyhow!("h1 agent"))?;
+    // SAFETY: kill(2) on the agent process this lab started.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    c0.wait_for(Duration::from_secs(60), Duration::from_millis(50), |_| lab.reap(1).then_some(()))?;
+    let h1_events = std::fs::read_to_string(lab.hosts[1].data.join("events.jsonl")).unwrap_or_default();
+    let moved = h1_events.lines().filter(|l| l.contains("\"migration-completed\"")).count();
+    assert_eq!(moved, on_h1.len(), "every VM of h1 left by a completed migration: {h1_events}");
+    let running = lab.running();
+    assert!(on_h1.iter().all(|v| running.get(v).is_some_and(|h| h != "h1")), "they run elsewhere: {running:?}");
+    let mut vms: Vec<tandem_agent::views::VmView> = c0.list_as("/v1/vms")?;
+    assert!(vms.iter().filter(|v| on_h1.contains(&v.name)).all(|v| v.home.as_deref() == Some("h1")), "they remember their home");
+    // Back: it joins, leaves maintenance, and its VMs return.
+    lab.start(1)?;
+    c0.wait_for(Duration::from_secs(60), Duration::from_millis(200), |c| {
+        vms = c.list_as("/v1/vms").ok()?;
+        on_h1.iter().all(|n| vms.iter().any(|v| v.name == *n && v.host.as_deref() == Some("h1") && v.migrating_to.is_none())).then_some(())
+    })?;
+    let hosts: Vec<tandem_agent::views::HostView> = c0.list_as("/v1/hosts")?;
+    assert!(hosts.iter().all(|h| h.mode == tandem_agent::views::HostMode::Normal), "h1 left maintenance");
+    lab.assert_no_double_run()?;
+    Ok(())
+}

@@ -12,16 +12,17 @@ use tandem_core::state::{HostStatus, VmPhase};
 use tandem_core::Millis;
 
 impl Agent {
-    /// A deliberate stop (SIGTERM, `systemctl stop`) that never leaves VMs unprotected: first
-    /// this host fences itself — no start passes its check from then on — and kills every VM
-    /// (planned shutdown policies, such as migrating them away, come with live migration);
+    /// A deliberate stop (SIGTERM, `systemctl stop`) that never leaves VMs unprotected: under
+    /// `[shutdown] policy = "migrate"` the VMs first leave live (`agent/shutdown`); then this
+    /// host fences itself — no start passes its check from then on — and kills every VM left;
     /// then it waits, bounded by `kill_grace_ms` plus a few heartbeats, until every exit is
     /// confirmed and the fence has gone out in a heartbeat and the slot, so peers restart the
     /// VMs at once instead of waiting out a fence deadline; only then do the loops stop.
     pub async fn stop_gracefully(&self) {
+        self.evacuate_for_stop().await;
         let now = self.clock.now();
         let running = self.driver.list().iter().filter(|v| v.exit.is_none()).count();
-        tracing::warn!("stopping: killing {running} VM(s) on this host (planned shutdown policies come with live migration); peers restart them");
+        tracing::warn!("stopping: killing {running} VM(s) on this host; peers restart them");
         self.events.record(
             crate::events::EventKind::AgentStopping,
             None,

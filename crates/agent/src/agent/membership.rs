@@ -42,6 +42,7 @@ impl Agent {
             match self.submit(Command::HostJoined { host: self.me }).await {
                 Ok(Ok(Applied::HostEpoch { epoch, .. })) if self.take_join(epoch) => {
                     self.events.record(crate::events::EventKind::Joined, None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}"));
+                    self.end_shutdown_maintenance().await;
                 }
                 Ok(Ok(Applied::HostEpoch { epoch, .. })) => {
                     // A coordinator may already be moving this host's VMs in that epoch on its

@@ -39,6 +39,7 @@ pub(super) async fn hosts(State(a): State<Arc<Agent>>) -> Json<Vec<HostView>> {
                     fence_deadline_in_ms: p.and_then(|p| p.fence_deadline).zip(asm.as_ref()).map(|(d, x)| d.0 as i64 - x.now.0 as i64),
                     fenced_epoch: p.and_then(|p| p.fenced_epoch),
                     leader: leader == Some(u64::from(h.id.0)),
+                    mode: h.mode,
                 }
             })
             .collect()

@@ -7,7 +7,7 @@ use crate::lab::{Lab, LabOptions};
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tandem_agent::views::{ForceRequest, HostMode, HostModeRequest, LocalView, VmView};
+use tandem_agent::views::{ForceRequest, HostMode, HostModeRequest, VmView};
 
 /// What one evacuation and return took.
 #[derive(Clone, Debug)]
@@ -25,15 +25,8 @@ fn set_mode(lab: &Lab, host: &str, mode: HostMode) -> Result<()> {
 }
 
 fn two_running(lab: &Lab) -> usize {
-    let mut seen: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
-    for i in 0..lab.hosts.len() {
-        if let Ok(l) = lab.client(i).get_as::<LocalView>("/v1/local") {
-            for v in l.vms.iter().filter(|v| v.exit.is_none() && !v.paused) {
-                *seen.entry(v.name.clone()).or_default() += 1;
-            }
-        }
-    }
-    seen.values().filter(|n| **n > 1).count()
+    let clients: Vec<_> = (0..lab.hosts.len()).map(|i| lab.client(i)).collect();
+    crate::bench::migration::doubly_running(&clients).len()
 }
 
 /// Starts `vms` VMs on h0 of a fresh lab, then puts h0 in maintenance and back.

@@ -122,12 +122,7 @@ impl MigrationLab {
         let (s, t, vm) = (Arc::clone(&stop), Arc::clone(&two), self.vm.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
-                let running = clients
-                    .iter()
-                    .filter_map(|c| c.get_as::<LocalView>("/v1/local").ok())
-                    .filter(|l| l.vms.iter().any(|v| v.name == vm && v.exit.is_none() && !v.paused))
-                    .count();
-                if running > 1 {
+                if doubly_running(&clients).contains(&vm) {
                     *t.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
                 }
                 std::thread::sleep(LOCAL_POLL);
@@ -210,6 +205,31 @@ impl MigrationLab {
             transferred_mib,
         })
     }
+}
+
+/// Where each VM runs unpaused, as the hosts' `/v1/local` report it, asking them in `order`.
+fn unpaused(clients: &[tandem::client::Client], order: &[usize]) -> std::collections::BTreeMap<String, std::collections::BTreeSet<usize>> {
+    let mut on: std::collections::BTreeMap<String, std::collections::BTreeSet<usize>> = std::collections::BTreeMap::new();
+    for i in order {
+        if let Ok(l) = clients[*i].get_as::<LocalView>("/v1/local") {
+            for v in l.vms.iter().filter(|v| v.exit.is_none() && !v.paused) {
+                on.entry(v.name.clone()).or_default().insert(*i);
+            }
+        }
+    }
+    on
+}
+
+/// VMs seen running unpaused on two hosts in one sample. A sample asks the hosts one after the
+/// other, then again in reverse order, and counts only what both sweeps show: a switchover that
+/// falls between two hosts' answers (the source seen running before it, the destination after)
+/// shows in one sweep only, while two copies running together show in both.
+#[must_use]
+pub fn doubly_running(clients: &[tandem::client::Client]) -> Vec<String> {
+    let forward: Vec<usize> = (0..clients.len()).collect();
+    let backward: Vec<usize> = forward.iter().rev().copied().collect();
+    let (a, b) = (unpaused(clients, &forward), unpaused(clients, &backward));
+    a.into_iter().filter(|(vm, hosts)| hosts.len() > 1 && b.get(vm).is_some_and(|h| h.intersection(hosts).count() > 1)).map(|(vm, _)| vm).collect()
 }
 
 /// A running count of samples with two running copies (see [`MigrationLab::watch_copies`]).

@@ -70,13 +70,15 @@ fn host(c: &Client, out: Output, op: &HostOp) -> Result<(), ClientError> {
 }
 
 fn print_hosts(hosts: &Vec<HostView>) {
-    let mut rows = vec![["ID", "NAME", "STATUS", "EPOCH", "LIVENESS", "NET AGE", "DISK AGE", "VCPU", "MEMORY MiB", "LEADER"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["ID", "NAME", "STATUS", "MODE", "EPOCH", "LIVENESS", "NET AGE", "DISK AGE", "VCPU", "MEMORY MiB", "LEADER"].map(String::from).to_vec()];
     let age = |x: Option<u64>| x.map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
     for h in hosts {
         rows.push(vec![
             h.id.to_string(),
             h.name.clone(),
             text(&h.status),
+            text(&h.mode),
             h.epoch.to_string(),
             h.liveness.as_str().to_string(),
             age(h.net_age_ms),
