@@ -85,7 +85,7 @@ fn mib(b: u64) -> String {
 /// `[#####-----] 52 %  transferred 66.0 MiB, remaining 61.2 MiB, dirty 120 pages/s, expected downtime 12 ms`
 pub fn progress_line(phase: &str, p: Option<&tandem_drivers::migration::MigrationProgress>) -> String {
     let Some(p) = p else { return format!("{phase}…") };
-    let pct = if p.total_bytes == 0 { 0 } else { (100 * p.total_bytes.saturating_sub(p.remaining_bytes) / p.total_bytes).min(100) };
+    let pct = (100 * p.total_bytes.saturating_sub(p.remaining_bytes)).checked_div(p.total_bytes).unwrap_or(0).min(100);
     let filled = (pct / 5) as usize;
     format!(
         "{phase} [{}{}] {pct:>3} %  sent {}, remaining {}, dirty {} pages/s, expected downtime {} ms (limit {} ms{})",
