@@ -155,6 +155,8 @@ pub struct Agent {
     /// not three at three phases, and each loop sees the assessment of that tick.
     ticks: tokio::sync::watch::Sender<u64>,
     reconciling: Mutex<reconciler::Reconciling>,
+    /// Wakes the reconciler at once (a switchover to this host was applied).
+    reconcile_wake: tokio::sync::Notify,
     migrations: Mutex<migration::Migrations>,
     probing: Mutex<probe::Probing>,
     heartbeats: Arc<dyn HeartbeatTransport>,
@@ -277,6 +279,7 @@ impl Agent {
             ticks: tokio::sync::watch::Sender::new(0),
             reconciling: Mutex::default(),
             migrations: Mutex::default(),
+            reconcile_wake: tokio::sync::Notify::new(),
             probing: Mutex::default(),
             heartbeats,
             disk,

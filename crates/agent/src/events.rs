@@ -322,7 +322,7 @@ mod tests {
         assert_eq!(serde_json::to_value(EventKind::FailoverCommitted).ok(), Some(serde_json::json!("failover-committed")));
         assert_eq!(EventKind::VmStartFailed.as_str(), "vm-start-failed");
         let newer: Event =
-            serde_json::from_str("{\"seq\":1,\"at_ms\":0,\"host\":\"h0\",\"kind\":\"migration-started\",\"vm\":null,\"subject\":null,\"detail\":\"x\"}")
+            serde_json::from_str("{\"seq\":1,\"at_ms\":0,\"host\":\"h0\",\"kind\":\"replication-started\",\"vm\":null,\"subject\":null,\"detail\":\"x\"}")
                 .expect("reads");
         assert_eq!(newer.kind, EventKind::Unknown);
     }

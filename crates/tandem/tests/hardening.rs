@@ -184,17 +184,11 @@ fn joins_api_input_what_if_and_audit() -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM (`systemctl stop`) with a request held open: the agent kills its VMs and confirms
-/// their exits, announces its fence so the peers restart them at once, then stops its loops,
-/// and exits within a bounded time although the request never completes. No VM runs twice.
-#[test]
-fn sigterm_gives_the_vms_up_before_the_agent_goes() -> Result<()> {
-    let mut lab = Lab::new(LabOptions { loopback_net: 52, ..LabOptions::default() }, &binary())?;
-    lab.start_all()?;
-    lab.form_cluster()?;
+/// Six protected process VMs named PREFIX0.. started on a 3-host lab; the names placed on h1.
+fn six_protected_vms(lab: &Lab, prefix: &str) -> Result<Vec<String>> {
     let c0 = lab.client(0);
     for i in 0..6 {
-        let name = format!("s{i}");
+        let name = format!("{prefix}{i}");
         c0.post(
             "/v1/vms",
             &json!({ "name": name, "vcpus": 1, "memory_mib": 64, "protection": "protect",
@@ -206,6 +200,19 @@ fn sigterm_gives_the_vms_up_before_the_agent_goes() -> Result<()> {
     c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |_| (lab.running().len() == 6).then_some(()))?;
     let on_h1: Vec<String> = lab.running().into_iter().filter(|(_, h)| h == "h1").map(|(v, _)| v).collect();
     assert!(!on_h1.is_empty(), "placement spreads six VMs over three hosts");
+    Ok(on_h1)
+}
+
+/// SIGTERM (`systemctl stop`) with a request held open: the agent kills its VMs and confirms
+/// their exits, announces its fence so the peers restart them at once, then stops its loops,
+/// and exits within a bounded time although the request never completes. No VM runs twice.
+#[test]
+fn sigterm_gives_the_vms_up_before_the_agent_goes() -> Result<()> {
+    let mut lab = Lab::new(LabOptions { loopback_net: 52, ..LabOptions::default() }, &binary())?;
+    lab.start_all()?;
+    lab.form_cluster()?;
+    let c0 = lab.client(0);
+    let on_h1 = six_protected_vms(&lab, "s")?;
 
     // A request that never completes: headers sent without their final blank line.
     let mut held = std::net::TcpStream::connect(&lab.hosts[1].api)?;
@@ -251,19 +258,7 @@ fn sigterm_with_the_migrate_policy_moves_the_vms_live_and_they_come_back() -> Re
     lab.start_all()?;
     lab.form_cluster()?;
     let c0 = lab.client(0);
-    for i in 0..6 {
-        let name = format!("m{i}");
-        c0.post(
-            "/v1/vms",
-            &json!({ "name": name, "vcpus": 1, "memory_mib": 64, "protection": "protect",
-                                    "driver": { "kind": "process", "command": ["sleep", "100000"] } }),
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-        c0.post(&format!("/v1/vms/{name}/start"), &json!({})).map_err(|e| anyhow!("{e}"))?;
-    }
-    c0.wait_for(Duration::from_secs(30), Duration::from_millis(100), |_| (lab.running().len() == 6).then_some(()))?;
-    let on_h1: Vec<String> = lab.running().into_iter().filter(|(_, h)| h == "h1").map(|(v, _)| v).collect();
-    assert!(!on_h1.is_empty(), "placement spreads six VMs over three hosts");
+    let on_h1 = six_protected_vms(&lab, "m")?;
     let pid = lab.agent_pid(1).ok_or_else(|| anyhow!("h1 agent"))?;
     // SAFETY: kill(2) on the agent process this lab started.
     unsafe {

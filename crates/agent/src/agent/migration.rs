@@ -286,6 +286,7 @@ impl Agent {
         let launch = tandem_drivers::VmLaunch { spec, generation: req.generation, check };
         let uri = self.driver.prepare_incoming(&launch).await.map_err(|e| crate::api::chain(&e))?;
         lock(&self.migrations).prepared.insert(req.name.clone(), (req.generation, uri.clone()));
+        self.wake_on_switchover(&req.name, req.generation);
         if self.mutation == Some(crate::io::Mutation::ResumeBeforeSwitchover) {
             let (a, name) = (Arc::clone(self), req.name.clone());
             tokio::spawn(
@@ -297,6 +298,29 @@ impl Agent {
             );
         }
         Ok(uri)
+    }
+
+    /// Watches the applied state until the migration to `generation` here ends, then wakes the
+    /// reconciler: after a switchover the paused copy resumes at once instead of at the next
+    /// tick (up to a heartbeat interval of pause for the guest). Bounded by the migration's own.
+    fn wake_on_switchover(self: &Arc<Self>, name: &str, generation: u64) {
+        let (a, name) = (Arc::clone(self), name.to_string());
+        let mut applied = self.consensus.applied();
+        let bound = Duration::from_secs(self.cfg.migration.timeout_s) + SWITCHOVER_PATIENCE;
+        tokio::spawn(
+            async move {
+                let watch = async {
+                    while a.still_migrating(&name, generation) {
+                        if applied.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                    a.reconcile_wake.notify_one();
+                };
+                let _ = tokio::time::timeout(bound, watch).await;
+            }
+            .in_current_span(),
+        );
     }
 
     /// The migrations committed state runs, with progress for those this host drives, and the

@@ -24,7 +24,12 @@ impl Agent {
     pub(super) async fn reconcile_loop(self: Arc<Self>) {
         let mut ticks = self.ticks.subscribe();
         while !self.stopping.load(Ordering::SeqCst) {
-            self.next_tick(&mut ticks).await;
+            tokio::select! {
+                () = self.next_tick(&mut ticks) => {}
+                // A switchover to this host committed: resume now, not at the next tick (the
+                // guest is paused until then).
+                () = self.reconcile_wake.notified() => {}
+            }
             self.reconcile().await;
         }
     }
@@ -112,81 +117,75 @@ impl Agent {
         }
     }
 
-    /// Resumes a paused copy committed state runs here (after a switchover, or an aborted
-    /// migration), under the same last-instant check as a start.
-    fn spawn_resume(self: &Arc<Self>, spec: tandem_core::state::VmSpec, generation: u64) {
-        let name = spec.name.clone();
+    /// Runs `work` for VM `name` unless a start or resume of it is already in flight, marking
+    /// it in flight meanwhile.
+    fn spawn_once<F>(self: &Arc<Self>, name: String, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         if !lock(&self.reconciling).starting.insert(name.clone()) {
             return;
         }
         let a = Arc::clone(self);
         tokio::spawn(
             async move {
-                let check = a.start_check_as(&spec, generation, super::fencing::StartKind::Resume);
-                match a.driver.resume(&name, &check).await {
-                    Ok(()) => {
-                        a.events.record(
-                            crate::events::EventKind::VmResumed,
-                            Some(&name),
-                            Some(&a.cfg.name),
-                            format!("{name} resumed on {} (generation {generation})", a.cfg.name),
-                        );
-                        a.spawn_probe(&spec, generation);
-                    }
-                    // A copy that cannot resume is of no use: kill it, and the next pass starts
-                    // the VM afresh from its disk (the budget of local restarts applies).
-                    Err(e) => {
-                        tracing::warn!("resume of {name} failed: {e}; killing the paused copy");
-                        let _ = a.driver.kill(&name);
-                    }
-                }
+                work.await;
                 lock(&a.reconciling).starting.remove(&name);
             }
             .in_current_span(),
         );
     }
 
-    fn spawn_start(self: &Arc<Self>, spec: tandem_core::state::VmSpec, generation: u64) {
-        let name = spec.name.clone();
-        if !lock(&self.reconciling).starting.insert(name.clone()) {
-            return;
-        }
-        let a = Arc::clone(self);
-        tokio::spawn(
-            async move {
-                if !a.may_start_vms() {
-                    lock(&a.reconciling).starting.remove(&name);
-                    return;
+    /// Resumes a paused copy committed state runs here (after a switchover, or an aborted
+    /// migration), under the same last-instant check as a start.
+    fn spawn_resume(self: &Arc<Self>, spec: tandem_core::state::VmSpec, generation: u64) {
+        let (a, name) = (Arc::clone(self), spec.name.clone());
+        self.spawn_once(name.clone(), async move {
+            let check = a.start_check_as(&spec, generation, super::fencing::StartKind::Resume);
+            match a.driver.resume(&name, &check).await {
+                Ok(()) => {
+                    let detail = format!("{name} resumed on {} (generation {generation})", a.cfg.name);
+                    a.events.record(crate::events::EventKind::VmResumed, Some(&name), Some(&a.cfg.name), detail);
+                    a.spawn_probe(&spec, generation);
                 }
-                let check = a.start_check(&spec, generation);
-                let launch = VmLaunch { spec, generation, check };
-                match a.driver.start(&launch).await {
-                    Ok(()) => {
-                        a.events.record(
-                            crate::events::EventKind::VmStarted,
-                            Some(&name),
-                            Some(&a.cfg.name),
-                            format!("{name} started on {} (generation {generation})", a.cfg.name),
-                        );
-                        a.spawn_probe(&launch.spec, generation);
-                    }
-                    Err(e) => {
-                        a.events.record(crate::events::EventKind::VmStartFailed, Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}"));
-                        // Retried on the next pass while the budget lasts, then moved on.
-                        let now = a.clock.now();
-                        let given_up = {
-                            let mut r = lock(&a.reconciling);
-                            (!r.core.allow_restart(&name, now)).then(|| r.core.give_up(&name, generation, &e.to_string()))
-                        };
-                        if let Some(Action::GiveUp { name, generation, detail }) = given_up {
-                            a.propose_give_up(&name, generation, &detail).await;
-                        }
-                    }
+                // A copy that cannot resume is of no use: kill it, and the next pass starts the
+                // VM afresh from its disk (the budget of local restarts applies).
+                Err(e) => {
+                    tracing::warn!("resume of {name} failed: {e}; killing the paused copy");
+                    let _ = a.driver.kill(&name);
                 }
-                lock(&a.reconciling).starting.remove(&name);
             }
-            .in_current_span(),
-        );
+        });
+    }
+
+    fn spawn_start(self: &Arc<Self>, spec: tandem_core::state::VmSpec, generation: u64) {
+        let (a, name) = (Arc::clone(self), spec.name.clone());
+        self.spawn_once(name.clone(), async move {
+            if !a.may_start_vms() {
+                return;
+            }
+            let check = a.start_check(&spec, generation);
+            let launch = VmLaunch { spec, generation, check };
+            match a.driver.start(&launch).await {
+                Ok(()) => {
+                    let detail = format!("{name} started on {} (generation {generation})", a.cfg.name);
+                    a.events.record(crate::events::EventKind::VmStarted, Some(&name), Some(&a.cfg.name), detail);
+                    a.spawn_probe(&launch.spec, generation);
+                }
+                Err(e) => {
+                    a.events.record(crate::events::EventKind::VmStartFailed, Some(&name), Some(&a.cfg.name), format!("{name} failed to start: {e}"));
+                    // Retried on the next pass while the budget lasts, then moved on.
+                    let now = a.clock.now();
+                    let given_up = {
+                        let mut r = lock(&a.reconciling);
+                        (!r.core.allow_restart(&name, now)).then(|| r.core.give_up(&name, generation, &e.to_string()))
+                    };
+                    if let Some(Action::GiveUp { name, generation, detail }) = given_up {
+                        a.propose_give_up(&name, generation, &detail).await;
+                    }
+                }
+            }
+        });
     }
 
     /// Proposes that this host gives `name` up at `generation` (the core already recorded it, so
