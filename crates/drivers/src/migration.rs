@@ -15,8 +15,9 @@ use std::time::Duration;
 use tandem_core::convergence::{Convergence, ConvergenceAction, ConvergenceStep};
 use tandem_core::Millis;
 
-/// How often the source samples `query-migrate`.
-pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the source samples `query-migrate`: the completion is seen at most this late, and
+/// the guest stays paused until the switchover commits (a local QMP call costs little).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a cancelled migration gets to report `cancelled` before the source gives up waiting.
 pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// Default bandwidth cap of a migration (QEMU's own default is 128 MiB/s, too low for a LAN).

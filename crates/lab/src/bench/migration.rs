@@ -143,18 +143,26 @@ impl MigrationLab {
         let stop = Arc::new(AtomicBool::new(false));
         let answers = Arc::new(Mutex::new(Vec::<Instant>::new()));
         let ips: Vec<String> = self.lab.hosts.iter().map(|h| h.ip.clone()).collect();
-        let http = (self.driver == "qemu").then(|| {
-            let (stop, answers) = (Arc::clone(&stop), Arc::clone(&answers));
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let t = Instant::now();
-                    if ips.iter().any(|ip| http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(200)).is_some()) {
-                        answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(t);
-                    }
-                    std::thread::sleep(HTTP_POLL.saturating_sub(t.elapsed()));
-                }
-            })
-        });
+        // One client per host address, so a host whose port forward accepts but whose guest is
+        // paused (its timeout) does not hold up the polling of the others.
+        let http: Vec<std::thread::JoinHandle<()>> = if self.driver == "qemu" {
+            ips.into_iter()
+                .map(|ip| {
+                    let (stop, answers) = (Arc::clone(&stop), Arc::clone(&answers));
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::SeqCst) {
+                            let t = Instant::now();
+                            if http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(100)).is_some() {
+                                answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(t);
+                            }
+                            std::thread::sleep(HTTP_POLL.saturating_sub(t.elapsed()));
+                        }
+                    })
+                })
+                .collect()
+        } else {
+            vec![]
+        };
         let copies = self.watch_copies();
         std::thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();
@@ -183,11 +191,12 @@ impl MigrationLab {
             wait("the workload to run again", Duration::from_secs(30), || (self.lab.running().get(&self.vm) == Some(&home)).then_some(()))?;
         }
         stop.store(true, Ordering::SeqCst);
-        if let Some(h) = http {
+        for h in http {
             let _ = h.join();
         }
 
-        let answers = answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let mut answers = answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        answers.sort();
         let http_gap_ms = (self.driver == "qemu")
             .then(|| answers.windows(2).filter(|w| w[1] >= t0).map(|w| w[1].duration_since(w[0]).as_millis() as u64).max().unwrap_or(u64::MAX));
         let two_running = copies.finish();
