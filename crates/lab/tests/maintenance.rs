@@ -58,6 +58,11 @@ fn the_cli_shows_the_plan_and_follows_the_evacuation() -> Result<()> {
     let back = lab.placement(0)?.values().filter(|h| h.as_deref() == Some(host.as_str())).count();
     let before = placed.values().filter(|h| h.as_deref() == Some(host.as_str())).count();
     assert_eq!(back, before, "every evacuated VM came back");
+    // The evacuated host drove the migrations out: `tandem migrations` there lists them.
+    let api = lab.hosts.iter().find(|h| h.name == host).map(|h| h.api.clone()).unwrap_or_default();
+    let out = Command::new(&bin).args(["--api", &api, "--token", &lab.token(), "migrations"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains(&format!("last migrations driven by {host}")) && text.contains("now runs on"), "{text}");
     // p2 (900 MiB) fits on no other host (placement spread the small VMs, leaving at most
     // 768 MiB free on each): entering its host is refused with the reason, nothing changes.
     let p2_host = lab.placement(0)?.get("p2").cloned().flatten().unwrap_or_default();

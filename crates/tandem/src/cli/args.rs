@@ -92,6 +92,9 @@ pub enum Cmd {
         #[arg(long)]
         vms: bool,
     },
+    /// Live migrations: those running (with progress where the host at --api drives them) and
+    /// the last ones that host drove.
+    Migrations,
     /// What would happen if the given hosts failed together.
     Whatif {
         /// Host names, comma-separated (e.g. h1,h2).

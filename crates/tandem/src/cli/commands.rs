@@ -15,6 +15,7 @@ pub fn run(c: &Client, out: Output, cmd: &Cmd) -> Result<(), ClientError> {
         Cmd::Ftt => show(out, &c.get("/v1/ftt")?, print_ftt),
         Cmd::Plan => show(out, &c.get("/v1/plan")?, print_plans),
         Cmd::Failovers { limit, vms } => show(out, &c.get(&format!("/v1/failovers?limit={limit}"))?, |f: &Vec<FailoverView>| print_failovers(f, *vms)),
+        Cmd::Migrations => show(out, &c.get("/v1/migrations")?, super::migrate::print_migrations),
         Cmd::Whatif { fail } => show(out, &c.get(&format!("/v1/plan?fail={}", fail.join(",")))?, print_plans),
         Cmd::Rule { op } => rule(c, out, op),
         Cmd::Token { op } => token(c, out, op),

@@ -100,6 +100,24 @@ pub fn progress_line(phase: &str, p: Option<&tandem_drivers::migration::Migratio
     )
 }
 
+/// `tandem migrations`.
+pub fn print_migrations(v: &MigrationsView) {
+    if v.active.is_empty() {
+        println!("no live migration in progress");
+    }
+    for m in &v.active {
+        let phase = m.phase.as_deref().unwrap_or("driven by its source");
+        println!("{} {} -> {} (generation {}): {}", m.name, m.from, m.to, m.generation, progress_line(phase, m.progress.as_ref()));
+    }
+    if !v.recent.is_empty() {
+        println!("\nlast migrations driven by {}:", v.host);
+        for o in &v.recent {
+            print!("  {} ", super::output::clock_time(o.finished_at_ms));
+            print_outcome(o);
+        }
+    }
+}
+
 fn print_outcome(o: &MigrationOutcome) {
     match (&o.report, o.result.as_str()) {
         (Some(r), "completed") => println!(
