@@ -40,7 +40,9 @@ fn candidates(s: &ClusterState) -> Vec<(String, Option<HostId>, bool)> {
             _ => None,
         })
         .collect();
-    leaving.sort_by_key(|(v, _)| (v.spec.protection != Protection::Protect, -v.spec.priority, std::cmp::Reverse(v.spec.memory_mib), v.spec.name.clone()));
+    leaving.sort_by_key(|(v, _)| {
+        (v.spec.protection != Protection::Protect, std::cmp::Reverse(v.spec.priority), std::cmp::Reverse(v.spec.memory_mib), v.spec.name.clone())
+    });
     let mut out: Vec<(String, Option<HostId>, bool)> = leaving.into_iter().map(|(v, _)| (v.spec.name.clone(), None, true)).collect();
     for v in s.vms.values() {
         let (VmPhase::Placed { at }, Some(home)) = (&v.phase, v.home) else { continue };

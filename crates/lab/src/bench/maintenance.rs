@@ -85,7 +85,8 @@ pub fn round(driver: &str, vms: usize, guest: &Path, net: u8) -> Result<Maintena
         (v.iter().filter(|x| x.host.as_deref() == Some("h0") && x.migrating_to.is_none()).count() == vms).then_some(())
     })?;
     let returned_s = t1.elapsed().as_secs_f64();
-    lab.assert_no_double_run().ok();
+    // (The lab's process-level recorder is not asked: it counts a destination's paused QEMU as
+    // a second copy. The hosts' own reports, sampled above, are the check.)
     Ok(MaintenanceFigures { vms, evacuated_s, returned_s, two_running: two })
 }
 
