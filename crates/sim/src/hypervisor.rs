@@ -1,0 +1,327 @@
+//! The simulated hypervisor: a host's VMs are rows of the world's run table, so a second
+//! running copy of a VM is seen at the instant it starts or resumes; a live migration's paused
+//! copies are not rows until they resume, and `World::images` follows which memory each holds.
+
+use crate::world::{lock, World};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_drivers::{BoxFuture, DriverError, VmDriver, VmExit, VmLaunch, VmStatus};
+
+/// What the simulator knows of a VM's memory, to tell a stale resume.
+#[derive(Clone, Debug, Default)]
+pub struct VmImage {
+    /// Bumped whenever a copy begins to run (start or resume): its memory moves on from there.
+    pub runs: u64,
+    /// (host, generation) → the `runs` value its paused copy holds the memory of.
+    pub paused: BTreeMap<(u32, u64), u64>,
+}
+
+/// How long a simulated migration copies memory (virtual time), and how long a link may be cut
+/// before the copy fails.
+pub const SIM_MIGRATION_COPY_MS: u64 = 400;
+pub const SIM_MIGRATION_LINK_LOSS_MS: u64 = 1_000;
+
+/// A host's hypervisor: VMs are entries in the world's run table, so two hosts running one VM
+/// is seen the moment it happens.
+pub struct SimDriver {
+    pub world: Arc<World>,
+    pub me: u32,
+    pub name: String,
+    vms: Mutex<BTreeMap<String, VmStatus>>,
+    next_pid: Mutex<u32>,
+    /// Cleared when the host loses power: this driver's VMs are gone, and an operation the old
+    /// agent still had in flight must not bring one back (the host boots a new driver).
+    powered: std::sync::atomic::AtomicBool,
+}
+
+impl SimDriver {
+    pub fn new(world: Arc<World>, me: u32, name: String) -> SimDriver {
+        SimDriver { world, me, name, vms: Mutex::new(BTreeMap::new()), next_pid: Mutex::new(1), powered: std::sync::atomic::AtomicBool::new(true) }
+    }
+
+    /// The host lost power: this driver runs nothing from now on.
+    pub fn power_lost(&self) {
+        self.powered.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this driver's host is powered and up (checked with no await before the change it
+    /// guards).
+    fn up(&self) -> bool {
+        self.powered.load(std::sync::atomic::Ordering::SeqCst) && !lock(&self.world.cond).down.contains(&self.me)
+    }
+
+    fn end(&self, name: &str, exit: VmExit) -> bool {
+        let mut vms = lock(&self.vms);
+        let Some(v) = vms.get_mut(name).filter(|v| v.exit.is_none()) else { return false };
+        v.exit = Some(exit);
+        if let Some(hosts) = lock(&self.world.running).get_mut(name) {
+            hosts.remove(&self.me);
+        }
+        true
+    }
+
+    /// The guest powers itself off (as QMP SHUTDOWN guest=true reports it).
+    pub fn guest_shutdown(&self, name: &str) -> bool {
+        let done = self.end(name, VmExit::GuestShutdown);
+        if done {
+            self.world.log(format!("{}: {name} shut down from inside the guest", self.name));
+        }
+        done
+    }
+
+    /// Whether the VM still runs in the world (a power loss removes it behind the driver's back).
+    fn sync_power(&self) {
+        let running = lock(&self.world.running);
+        // A paused copy is not in the run table (its vCPUs do not run); a power loss takes it
+        // with the driver, which the simulator replaces.
+        for v in lock(&self.vms).values_mut().filter(|v| v.exit.is_none() && !v.paused) {
+            if !running.get(&v.name).is_some_and(|h| h.contains_key(&self.me)) {
+                v.exit = Some(VmExit::Crashed { detail: "host lost power".into() });
+            }
+        }
+    }
+}
+
+impl VmDriver for SimDriver {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn start<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let name = launch.spec.name.clone();
+            if lock(&self.vms).get(&name).is_some_and(|v| v.exit.is_none()) {
+                return Err(DriverError::AlreadyRunning(name));
+            }
+            self.world.thawed(self.me).await;
+            let w = &self.world;
+            if !self.up() {
+                return Err(DriverError::NotRunning(name));
+            }
+            // The last-instant check, with no await between it and the VM appearing (the
+            // simulator runs on one thread, so nothing can fence this host in between); as with
+            // a real driver, the process exists from here on and boots afterwards.
+            (launch.check)().map_err(|reason| DriverError::Refused { vm: name.clone(), reason })?;
+            let others: Vec<u32> = {
+                let mut running = lock(&w.running);
+                let hosts = running.entry(name.clone()).or_default();
+                let others = hosts.keys().copied().filter(|h| *h != self.me).collect();
+                hosts.insert(self.me, launch.generation);
+                others
+            };
+            if !others.is_empty() {
+                let detail = format!("{name} started on {} (generation {}) while it runs on host(s) {others:?}", self.name, launch.generation);
+                w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::DoubleRun, detail));
+            }
+            lock(&w.images).entry(name.clone()).or_default().runs += 1;
+            w.log(format!("{}: {name} runs (generation {})", self.name, launch.generation));
+            let pid = {
+                let mut p = lock(&self.next_pid);
+                *p += 1;
+                *p
+            };
+            lock(&self.vms).insert(name.clone(), VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None, paused: false });
+            // Booting takes a moment of virtual time.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(())
+        })
+    }
+
+    fn stop<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            self.world.thawed(self.me).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if self.end(name, VmExit::StoppedByAgent) {
+                self.world.log(format!("{}: {name} stopped", self.name));
+                Ok(())
+            } else {
+                Err(DriverError::NotRunning(name.to_string()))
+            }
+        })
+    }
+
+    fn kill(&self, name: &str) -> Result<(), DriverError> {
+        if self.end(name, VmExit::StoppedByAgent) {
+            self.world.log(format!("{}: {name} killed", self.name));
+            Ok(())
+        } else {
+            Err(DriverError::NotRunning(name.to_string()))
+        }
+    }
+
+    fn kill_all(&self) -> usize {
+        let names: Vec<String> = lock(&self.vms).values().filter(|v| v.exit.is_none()).map(|v| v.name.clone()).collect();
+        names.iter().filter(|n| self.kill(n).is_ok()).count()
+    }
+
+    fn list(&self) -> Vec<VmStatus> {
+        self.sync_power();
+        lock(&self.vms).values().cloned().collect()
+    }
+
+    fn forget(&self, name: &str) {
+        let mut vms = lock(&self.vms);
+        if vms.get(name).is_some_and(|v| v.exit.is_some()) {
+            vms.remove(name);
+        }
+    }
+
+    /// A paused copy that holds no memory yet: it receives the source's at the migration's end.
+    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+        Box::pin(async move {
+            let name = launch.spec.name.clone();
+            if lock(&self.vms).get(&name).is_some_and(|v| v.exit.is_none()) {
+                return Err(DriverError::AlreadyRunning(name));
+            }
+            self.world.thawed(self.me).await;
+            if !self.up() {
+                return Err(DriverError::NotRunning(name));
+            }
+            (launch.check)().map_err(|reason| DriverError::Refused { vm: name.clone(), reason })?;
+            let pid = {
+                let mut p = lock(&self.next_pid);
+                *p += 1;
+                *p
+            };
+            let status = VmStatus { name: name.clone(), generation: launch.generation, pid, started_at_ms: self.world.now_ms(), exit: None, paused: true };
+            lock(&self.vms).insert(name.clone(), status);
+            self.world.log(format!("{}: {name} waits paused for its migration (generation {})", self.name, launch.generation));
+            Ok(format!("sim:{}:{}", self.me, launch.generation))
+        })
+    }
+
+    /// Copies for [`SIM_MIGRATION_COPY_MS`] of virtual time while source and destination reach
+    /// each other (a cut longer than [`SIM_MIGRATION_LINK_LOSS_MS`] fails it), then stops this
+    /// copy's vCPUs and hands its memory to the destination's paused copy.
+    fn migrate_out<'a>(
+        &'a self,
+        name: &'a str,
+        to: &'a tandem_drivers::migration::MigrationTarget,
+    ) -> BoxFuture<'a, Result<tandem_drivers::migration::MigrationReport, DriverError>> {
+        Box::pin(async move {
+            let fail = |reason: &str| DriverError::Migration { vm: name.to_string(), reason: reason.to_string() };
+            let mut parts = to.uri.split(':').skip(1);
+            let (Some(dest), Some(generation)) = (parts.next().and_then(|x| x.parse::<u32>().ok()), parts.next().and_then(|x| x.parse::<u64>().ok())) else {
+                return Err(fail("not a simulated destination"));
+            };
+            let w = &self.world;
+            let (mut copied, mut cut) = (0u64, 0u64);
+            while copied < SIM_MIGRATION_COPY_MS {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                w.thawed(self.me).await;
+                if to.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(fail("cancelled"));
+                }
+                if !self.up() {
+                    return Err(fail("the source lost power"));
+                }
+                if !lock(&self.vms).get(name).is_some_and(|v| v.exit.is_none() && !v.paused) {
+                    return Err(fail("the source copy is gone"));
+                }
+                if lock(&w.cond).down.contains(&dest) {
+                    return Err(fail("the destination lost power"));
+                }
+                if w.reaches(self.me, dest) && w.reaches(dest, self.me) {
+                    copied += 50;
+                } else {
+                    cut += 50;
+                    if cut >= SIM_MIGRATION_LINK_LOSS_MS {
+                        return Err(fail("the link to the destination is cut"));
+                    }
+                }
+            }
+            // The switchover's pause: this copy stops for good unless the migration is aborted.
+            {
+                let mut vms = lock(&self.vms);
+                let Some(v) = vms.get_mut(name).filter(|v| v.exit.is_none()) else { return Err(fail("the source copy is gone")) };
+                v.paused = true;
+                let source_generation = v.generation;
+                if let Some(hosts) = lock(&w.running).get_mut(name) {
+                    hosts.remove(&self.me);
+                }
+                let mut images = lock(&w.images);
+                let img = images.entry(name.to_string()).or_default();
+                let runs = img.runs;
+                img.paused.insert((self.me, source_generation), runs);
+                img.paused.insert((dest, generation), runs);
+            }
+            w.log(format!("{}: {name} migrated to host {dest} (generation {generation}); paused here", self.name));
+            Ok(tandem_drivers::migration::MigrationReport { total_ms: copied + cut, downtime_ms: Some(5), transferred_bytes: 0, steps: vec![] })
+        })
+    }
+
+    /// Resumes a paused copy: a double run if another copy runs, stale if it holds memory older
+    /// than the latest run.
+    fn resume<'a>(&'a self, name: &'a str, check: &'a tandem_drivers::StartCheck) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            self.world.thawed(self.me).await;
+            let w = &self.world;
+            if !self.up() {
+                return Err(DriverError::NotRunning(name.to_string()));
+            }
+            check().map_err(|reason| DriverError::Refused { vm: name.to_string(), reason })?;
+            let generation = {
+                let mut vms = lock(&self.vms);
+                let Some(v) = vms.get_mut(name).filter(|v| v.exit.is_none() && v.paused) else { return Err(DriverError::NotRunning(name.to_string())) };
+                v.paused = false;
+                v.generation
+            };
+            let others: Vec<u32> = {
+                let mut running = lock(&w.running);
+                let hosts = running.entry(name.to_string()).or_default();
+                let others = hosts.keys().copied().filter(|h| *h != self.me).collect();
+                hosts.insert(self.me, generation);
+                others
+            };
+            if !others.is_empty() {
+                let detail = format!("{name} resumed on {} (generation {generation}) while it runs on host(s) {others:?}", self.name);
+                w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::DoubleRun, detail));
+            }
+            let stale = {
+                let mut images = lock(&w.images);
+                let img = images.entry(name.to_string()).or_default();
+                let held = img.paused.remove(&(self.me, generation));
+                let stale = match held {
+                    None => Some("it never received the migration's memory".to_string()),
+                    Some(r) if r != img.runs => Some(format!("another copy ran since its memory was taken ({} runs later)", img.runs - r)),
+                    Some(_) => None,
+                };
+                img.runs += 1;
+                stale
+            };
+            if let Some(why) = stale {
+                w.violation(crate::oracle::Violation::new(
+                    crate::oracle::Invariant::StaleResume,
+                    format!("{name} resumed on {} (generation {generation}): {why}", self.name),
+                ));
+            }
+            w.log(format!("{}: {name} resumed (generation {generation})", self.name));
+            Ok(())
+        })
+    }
+
+    /// A simulated service answers once its VM has run for [`SIM_SERVICE_BOOT_MS`] on this
+    /// host; no real connection is made.
+    fn probe<'a>(
+        &'a self,
+        name: &'a str,
+        _probe: &'a tandem_core::state::ServiceProbe,
+        _host_ip: &'a str,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), tandem_drivers::probe::ProbeError>> {
+        Box::pin(async move {
+            let now = self.world.now_ms();
+            let up = lock(&self.vms).get(name).is_some_and(|v| v.exit.is_none() && now >= v.started_at_ms + SIM_SERVICE_BOOT_MS);
+            if up {
+                Ok(())
+            } else {
+                let source = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+                Err(tandem_drivers::probe::ProbeError::Io { address: format!("{name} on {}", self.name), source })
+            }
+        })
+    }
+}
+
+/// How long after its start a simulated VM's service answers its probe.
+pub const SIM_SERVICE_BOOT_MS: u64 = 300;
