@@ -75,6 +75,12 @@ impl Convergence {
         self.steps[0]
     }
 
+    /// The downtime limit the migration starts with, ms (the first step's).
+    #[must_use]
+    pub fn initial_downtime_ms(&self) -> u64 {
+        DOWNTIME_STEPS_MS[0]
+    }
+
     /// Every step applied so far, for the report.
     #[must_use]
     pub fn applied(&self) -> &[ConvergenceStep] {

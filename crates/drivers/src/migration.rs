@@ -149,10 +149,7 @@ async fn cancel(vm: &str, q: &Qmp, timeout: Duration, reason: String) -> DriverE
 pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTarget) -> Result<MigrationReport, DriverError> {
     let started = (to.now)();
     let mut schedule = Convergence::with(started, to.stall_ms, to.overall_ms);
-    let first = schedule.first();
-    let ConvergenceStep::DowntimeLimit { ms: mut limit } = first else {
-        return Err(DriverError::Migration { vm: vm.to_string(), reason: "the schedule must start with a downtime limit".into() });
-    };
+    let mut limit = schedule.initial_downtime_ms();
     // Auto-converge is on from the start but capped at 1 % (QEMU refuses to change capabilities
     // during a migration); the schedule's last step raises the cap.
     let caps = json!({"capabilities": [{"capability": "auto-converge", "state": true}]});

@@ -1,14 +1,12 @@
 //! Live migration: start (`POST /v1/vms/{name}/migrate`), cancel (`DELETE`), follow
 //! (`GET /v1/migrations`), and the destination's side (`POST /v1/internal/incoming`).
 
-use super::vms::force_of_migrate;
+use super::vms::{admitted, force_needs_admin, force_of_migrate};
 use super::*;
 
 pub(super) async fn vm_migrate(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath, body: Bytes) -> ApiResult<MigrationBegun> {
     let req = force_of_migrate(&body)?;
-    if let Some(c) = CALLER.try_with(Clone::clone).ok().filter(|c| req.force && c.role != Role::Admin) {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is {}: --force needs an admin token", c.name, c.role)));
-    }
+    force_needs_admin(req.force)?;
     let (to, source) = a.consensus.with_state(|s| {
         let vm = s.vms.get(&name).ok_or_else(|| StateError::UnknownVm(name.clone()))?;
         let source = vm.assignment().and_then(|x| s.hosts.get(&x.host)).map(|h| (h.name.clone(), h.api_addr.clone()));
@@ -27,13 +25,7 @@ pub(super) async fn vm_migrate(State(a): State<Arc<Agent>>, ApiPath(name): ApiPa
         let host = a.consensus.with_state(|s| s.hosts.get(&to).map_or_else(|| to.to_string(), |h| h.name.clone()));
         return Err(ApiError::new(StatusCode::CONFLICT, format!("VM '{name}' cannot be migrated to {host}: it is unreachable from here ({heard:?})")));
     }
-    let admission = match submit(&a, Command::StartMigration { name: name.clone(), to, force: req.force, evacuation: false }).await? {
-        Applied::Forced { reason } => {
-            a.events.record(crate::events::EventKind::AdmissionForced, Some(&name), None, format!("forced past admission control: {reason}"));
-            AdmissionNote { forced: Some(reason), violations: None }
-        }
-        _ => AdmissionNote::default(),
-    };
+    let admission = admitted(&a, Command::StartMigration { name: name.clone(), to, force: req.force, evacuation: false }, Some(&name)).await?;
     let (from, source_api) = source.unwrap_or_default();
     let (dest, generation) = a.consensus.with_state(|s| {
         let dest = s.hosts.get(&to).map_or_else(|| to.to_string(), |h| h.name.clone());

@@ -90,12 +90,17 @@ pub(super) async fn admitted(a: &Agent, cmd: Command, subject_vm: Option<&str>) 
     }
 }
 
+/// Overriding admission control is an admin's decision: an operator's `--force` is refused.
+pub(super) fn force_needs_admin(force: bool) -> Result<(), ApiError> {
+    match CALLER.try_with(Clone::clone).ok().filter(|c| force && c.role != Role::Admin) {
+        Some(c) => Err(ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is {}: --force needs an admin token", c.name, c.role))),
+        None => Ok(()),
+    }
+}
+
 pub(super) async fn vm_start(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath, body: Bytes) -> ApiResult<Starting> {
     let force = force_of(&body)?;
-    // Overriding admission control is an admin's decision.
-    if let Some(c) = CALLER.try_with(Clone::clone).ok().filter(|c| force && c.role != Role::Admin) {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, format!("token '{}' is {}: --force needs an admin token", c.name, c.role)));
-    }
+    force_needs_admin(force)?;
     let admission = admitted(&a, Command::SetPower { name: name.clone(), desired: PowerState::Running, force }, Some(&name)).await?;
     Ok(Json(Starting { starting: name, admission }))
 }
