@@ -470,7 +470,7 @@ impl DiskSlot {
         if b.len() < SLOT_RECORD_LEN {
             return SlotRead::Corrupt(SlotCorruption::BadMagic);
         }
-        if b.iter().all(|x| *x == 0) {
+        if all_zero(b) {
             return SlotRead::Empty;
         }
         if &b[0..4] != SLOT_MAGIC || b[4] != VERSION {
@@ -502,6 +502,13 @@ impl DiskSlot {
             fenced: flags & FLAG_FENCED != 0,
         })
     }
+}
+
+/// Whether every byte is zero. An OR over the whole block, without an early exit, so the
+/// compiler vectorizes it: every empty slot of the heartbeat disk (4 KiB each, most of the area
+/// in a small cluster) is checked at every round.
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |acc, x| acc | x) == 0
 }
 
 #[cfg(test)]
