@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # Builds and caches Tandem's tiny test guest from Debian packages:
 #   - the Debian cloud kernel (linux-image-*-cloud-amd64), unpacked, never installed;
-#   - a busybox-static initramfs whose init loads the virtio network modules, configures
-#     QEMU user-mode networking and serves HTTP on port 80 with the VM's name.
+#   - a busybox-static initramfs whose init loads the virtio network and block modules,
+#     configures its network (the address given on the kernel command line as
+#     `tandem.ip=ADDR/PREFIX` [`tandem.gw=GATEWAY`], else QEMU user-mode networking's
+#     10.0.2.15) and serves HTTP on port 80 with the VM's name;
+#   - when the guest has a disk (/dev/vda), `seqwriter` (scripts/guest/seqwriter.c, linked
+#     statically) appending a sequence number to it with O_DIRECT|O_DSYNC every few ms and
+#     serving the last acknowledged number at /seq ("LAST RECOVERED WRITES").
 # Output: $OUT/vmlinuz and $OUT/initrd.img (default OUT=.cache/guest). Re-running is a no-op
-# when both exist. Needs root for apt-get (installs cpio and busybox-static if missing).
+# when both exist and were built by this version of the script. Needs root for apt-get
+# (installs cpio, busybox-static and a C compiler with static libc if missing).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$here/.cache/guest}
-if [[ -s $OUT/vmlinuz && -s $OUT/initrd.img ]]; then
+# Raised whenever what the guest does changes, so a cached older guest is rebuilt.
+GUEST_VERSION=2
+if [[ -s $OUT/vmlinuz && -s $OUT/initrd.img && $(cat "$OUT/version" 2>/dev/null) == "$GUEST_VERSION" ]]; then
   echo "guest cached in $OUT"
   exit 0
 fi
 need=()
 command -v cpio >/dev/null || need+=(cpio)
 [[ -x /bin/busybox ]] || need+=(busybox-static)
+command -v gcc >/dev/null || need+=(gcc)
+[[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] || need+=(libc6-dev)
 if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -37,7 +47,8 @@ cp kernel/boot/vmlinuz-"$kver" "$OUT/vmlinuz.tmp"
 root=$work/initramfs
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,www,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
-for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net; do
+gcc -static -Os -Wall -Wextra -o "$root/bin/seqwriter" "$here/scripts/guest/seqwriter.c"
+for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk; do
   f=$(find kernel/lib/modules/"$kver" -name "$m.ko*" | head -n1)
   if [[ -n $f ]]; then
     case $f in
@@ -56,17 +67,26 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
 name=unknown
+addr=10.0.2.15/24
+gw=10.0.2.2
 for arg in $(cat /proc/cmdline); do
-  case $arg in tandem.vm=*) name=${arg#tandem.vm=} ;; esac
+  case $arg in
+    tandem.vm=*) name=${arg#tandem.vm=} ;;
+    tandem.ip=*) addr=${arg#tandem.ip=}; gw= ;;
+    tandem.gw=*) gw=${arg#tandem.gw=} ;;
+  esac
 done
 hostname "$name"
 ip link set lo up
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
 ip link set eth0 up 2>/dev/null
-ip addr add 10.0.2.15/24 dev eth0 2>/dev/null
-ip route add default via 10.0.2.2 2>/dev/null
+ip addr add "$addr" dev eth0 2>/dev/null
+[ -n "$gw" ] && ip route add default via "$gw" 2>/dev/null
 echo "tandem guest $name" > /www/index.html
 echo "booted" > /www/health
+if [ -b /dev/vda ]; then
+  seqwriter /dev/vda /www/seq 5 &
+fi
 httpd -p 80 -h /www
 echo "TANDEM-GUEST-READY $name"
 # Power button (ACPI) or Ctrl-Alt-Del ends the guest cleanly.
@@ -77,4 +97,5 @@ chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/initrd.img.tmp"
 mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
+echo "$GUEST_VERSION" > "$OUT/version"
 echo "guest built in $OUT ($kver)"

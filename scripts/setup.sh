@@ -10,6 +10,9 @@ command -v cpio >/dev/null || pkgs+=(cpio)
 command -v ip >/dev/null || pkgs+=(iproute2)
 command -v nft >/dev/null || pkgs+=(nftables)
 command -v fusermount3 >/dev/null || pkgs+=(fuse3)
+# The test guest's disk writer is a small static C program.
+command -v gcc >/dev/null || pkgs+=(gcc)
+[[ -e /usr/lib/x86_64-linux-gnu/libc.a ]] || pkgs+=(libc6-dev)
 if ((${#pkgs[@]})); then
   echo "installing: ${pkgs[*]}"
   apt-get update -qq
