@@ -15,7 +15,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$here/.cache/guest}
 # Raised whenever what the guest does changes, so a cached older guest is rebuilt.
-GUEST_VERSION=2
+GUEST_VERSION=3
 if [[ -s $OUT/vmlinuz && -s $OUT/initrd.img && $(cat "$OUT/version" 2>/dev/null) == "$GUEST_VERSION" ]]; then
   echo "guest cached in $OUT"
   exit 0
@@ -82,6 +82,9 @@ for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/class/net/eth0 ] && break; sleep 0.1
 ip link set eth0 up 2>/dev/null
 ip addr add "$addr" dev eth0 2>/dev/null
 [ -n "$gw" ] && ip route add default via "$gw" 2>/dev/null
+# On a bridge, say where this address now lives (as a guest that moved or rebooted on another
+# host should): the bridges learn the new port at once.
+[ "$addr" != 10.0.2.15/24 ] && arping -q -U -c 2 -I eth0 "${addr%/*}" 2>/dev/null &
 echo "tandem guest $name" > /www/index.html
 echo "booted" > /www/health
 if [ -b /dev/vda ]; then

@@ -13,7 +13,10 @@
 //! R, and `apply` only checks that the state is still at R — so hosts of different releases
 //! apply it to the same result. Entries of format 2 and 1 keep their old meaning (admission
 //! judged inside `apply`). Format 4 adds the live-migration commands (`start-migration`,
-//! `migration-switchover`, `migration-abort`); only those entries are written in it. A release that adds a command or a field that older hosts would
+//! `migration-switchover`, `migration-abort`); only those entries are written in it. Format 5
+//! adds the `bridge` network mode of a VM spec (in `create-vm` and `update-vm`); only entries
+//! whose spec uses it are written in it, so an older host stops at such an entry and says
+//! "upgrade" instead of failing to decode a spec. A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -22,10 +25,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 4;
+pub const LOG_FORMAT: u32 = 5;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
-const MIGRATION_FORMAT: u32 = 4;
+pub(crate) const MIGRATION_FORMAT: u32 = 4;
+/// The format of a VM spec on a bridge network.
+pub(crate) const BRIDGE_FORMAT: u32 = 5;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -80,11 +85,7 @@ impl LogEntry {
         let unencodable = |e: serde_json::Error| LogFormatError::Unencodable(e.to_string());
         let command = serde_json::to_value(cmd).map_err(unencodable)?;
         let verdict = admission.map(serde_json::to_value).transpose().map_err(unencodable)?;
-        let format = match (cmd.needs_migration_format(), &verdict) {
-            (true, _) => MIGRATION_FORMAT,
-            (false, Some(_)) => 3,
-            (false, None) => PLAIN_FORMAT,
-        };
+        let format = cmd.min_format().unwrap_or(PLAIN_FORMAT).max(if verdict.is_some() { 3 } else { PLAIN_FORMAT });
         let entry = LogEntry { format, command, admission: verdict };
         let text = serde_json::to_vec(&entry).map_err(unencodable)?;
         let back: LogEntry = serde_json::from_slice(&text).map_err(unencodable)?;
@@ -103,8 +104,8 @@ impl LogEntry {
         }
         let undecodable = |e: serde_json::Error| LogFormatError::Undecodable { format: self.format, detail: e.to_string() };
         let cmd: Command = serde_json::from_value(self.command.clone()).map_err(undecodable)?;
-        if cmd.needs_migration_format() && self.format < MIGRATION_FORMAT {
-            return Err(LogFormatError::Undecodable { format: self.format, detail: format!("'{}' exists from format {MIGRATION_FORMAT} on", cmd.op()) });
+        if let Some(min) = cmd.min_format().filter(|min| self.format < *min) {
+            return Err(LogFormatError::Undecodable { format: self.format, detail: format!("this '{}' exists from format {min} on", cmd.op()) });
         }
         let admission = match (&self.admission, self.format >= 3) {
             (Some(a), true) => Some(serde_json::from_value(a.clone()).map_err(undecodable)?),
@@ -144,8 +145,8 @@ mod tests {
     /// log stays readable) and says precisely why it cannot be applied.
     #[test]
     fn unknown_entries_load_and_refuse_to_apply_with_a_reason() {
-        let newer: LogEntry = serde_json::from_str("{\"format\":5,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
-        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 5 }));
+        let newer: LogEntry = serde_json::from_str("{\"format\":6,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
+        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 6 }));
         assert!(newer.decode().err().is_some_and(|e| e.to_string().contains("upgrade")));
         let unknown: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
         assert!(matches!(unknown.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
@@ -180,5 +181,38 @@ mod tests {
             serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migration-abort\",\"name\":\"a\",\"generation\":1,\"reason\":\"x\"}}").expect("loads");
         assert!(matches!(smuggled.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
         assert_eq!(LogEntry::new(&Command::HostJoined { host: HostId(1) }).expect("encodes").format, 2);
+    }
+
+    /// A VM on a bridge network is written in format 5 (a host of format 4 stops at it with
+    /// "upgrade" rather than fail to decode its spec); the same VM on any other network keeps
+    /// format 2, and a format-4 entry smuggling a bridge spec is refused.
+    #[test]
+    fn bridge_specs_are_format_5_and_only_they() {
+        let mut spec = crate::state::VmSpec {
+            name: "a".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            disks: vec![],
+            network: Some(crate::state::NetworkSpec::Bridge {
+                bridge: "vmbr0".into(),
+                mac: "52:54:00:00:00:01".into(),
+                address: Some("198.18.0.100/24".into()),
+            }),
+            protection: crate::state::Protection::default(),
+            priority: 0,
+            restart_group: 0,
+            driver: crate::state::DriverSpec::Process { command: vec!["true".into()] },
+            probe: None,
+        };
+        let create = Command::CreateVm { spec: spec.clone() };
+        let e = LogEntry::new(&create).expect("encodes");
+        assert_eq!(e.format, 5);
+        assert_eq!(e.decode(), Ok((create, None)));
+        assert!(LogFormatError::Newer { found: e.format }.to_string().contains("upgrade"));
+        let mut old = e.clone();
+        old.format = 4;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 4, .. })), "{:?}", old.decode());
+        spec.network = Some(crate::state::NetworkSpec::User { hostfwd: vec![] });
+        assert_eq!(LogEntry::new(&Command::CreateVm { spec }).expect("encodes").format, 2);
     }
 }

@@ -67,6 +67,18 @@ pub enum NetworkSpec {
     },
     /// A tap device on the host (created and bridged by the host's own setup).
     Tap { ifname: String, mac: Option<String> },
+    /// The VM's own network identity on a bridge that every host has: wherever the VM runs, the
+    /// host gives it a tap device on `bridge` (one its `[qemu] bridges` allows) with this `mac`,
+    /// so the guest keeps its address after a failover or a migration. `address` (`IP/PREFIX`)
+    /// is the guest's address: a kernel-booted guest is told it as `tandem.ip=` on its command
+    /// line; otherwise it is configured inside the guest and recorded here for operators.
+    /// Entries with it are written in log format 5.
+    Bridge {
+        bridge: String,
+        mac: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+    },
 }
 
 /// How the VM's workload is run.

@@ -681,12 +681,32 @@ pub(crate) mod tests {
             v.check_arguments()
         };
         assert_eq!(qemu(&|_| {}), Ok(()));
+        let bridged = |v: &mut VmSpec| {
+            v.network = Some(NetworkSpec::Bridge { bridge: "vmbr0".into(), mac: "52:54:00:ab:cd:01".into(), address: Some("198.18.0.100/24".into()) });
+        };
+        assert_eq!(qemu(&bridged), Ok(()));
         type Edit = Box<dyn Fn(&mut VmSpec)>;
         let hostile: Vec<(&str, Edit)> = vec![
             ("hostfwd", Box::new(|v| v.network = Some(NetworkSpec::User { hostfwd: vec!["tcp::1-:2,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh".into()] }))),
             ("hostfwd", Box::new(|v| v.network = Some(NetworkSpec::User { hostfwd: vec!["tcp:1.2.3.4:80-:22:x".into()] }))),
             ("ifname", Box::new(|v| v.network = Some(NetworkSpec::Tap { ifname: "tap0,helper=/bin/sh".into(), mac: None }))),
             ("mac", Box::new(|v| v.network = Some(NetworkSpec::Tap { ifname: "tap0".into(), mac: Some("52:54:00:12:34:56,romfile=/etc/shadow".into()) }))),
+            ("bridge", Box::new(|v| v.network = Some(NetworkSpec::Bridge { bridge: "br0,script=/x".into(), mac: "52:54:00:00:00:01".into(), address: None }))),
+            ("mac", Box::new(|v| v.network = Some(NetworkSpec::Bridge { bridge: "br0".into(), mac: "01:00:5e:00:00:01".into(), address: None }))),
+            ("mac", Box::new(|v| v.network = Some(NetworkSpec::Bridge { bridge: "br0".into(), mac: "52:54:00:00:01".into(), address: None }))),
+            (
+                "address",
+                Box::new(|v| {
+                    v.network =
+                        Some(NetworkSpec::Bridge { bridge: "br0".into(), mac: "52:54:00:00:00:01".into(), address: Some("1.2.3.4/24 init=/bin/sh".into()) })
+                }),
+            ),
+            (
+                "address",
+                Box::new(|v| {
+                    v.network = Some(NetworkSpec::Bridge { bridge: "br0".into(), mac: "52:54:00:00:00:01".into(), address: Some("1.2.3.4/33".into()) })
+                }),
+            ),
             ("disk format", Box::new(|v| v.disks[0].format = Some("raw,driver=vvfat".into()))),
             ("disk path", Box::new(|v| v.disks[0].path = "/shared/../etc/shadow".into())),
             ("disk path", Box::new(|v| v.disks[0].path = "/shared/a\nb".into())),

@@ -5,6 +5,7 @@
 //! their children through [`launcher::Launcher`], which ties every workload to the agent's life
 //! (a dead agent takes its VMs with it) and tracks exits without polling.
 
+pub mod bridge;
 pub mod launcher;
 pub mod limits;
 pub mod migration;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub use crate::bridge::TAP_SETUP_TIMEOUT;
 pub use crate::launcher::{KILL_WAIT, MAX_CHILDREN};
 pub use crate::probe::MAX_PROBE_ANSWER;
 pub use crate::qemu::{DEFAULT_QMP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_S, QMP_CONNECT_DEADLINE, QMP_CONNECT_RETRY, QUIT_WAIT};
@@ -14,6 +15,7 @@ const _: () = assert!(
     "one QMP attempt must fit in the start's connection deadline, or a start never retries"
 );
 const _: () = assert!(QMP_CONNECT_RETRY.as_millis() < QMP_CONNECT_DEADLINE.as_millis());
+const _: () = assert!(TAP_SETUP_TIMEOUT.as_millis() < QMP_CONNECT_DEADLINE.as_millis(), "a start's network setup is bounded like its QMP connection");
 const _: () = assert!(QUIT_WAIT.as_millis() <= KILL_WAIT.as_millis(), "asking QEMU to quit waits no longer than a kill is given to be reaped");
 const _: () = assert!(DEFAULT_STOP_TIMEOUT_S > 0 && MAX_IN_FLIGHT > 0 && MAX_CHILDREN > 0);
 const _: () = assert!(MAX_LINE >= 64 * 1024, "a QMP answer (query-status, an event) fits in one line");

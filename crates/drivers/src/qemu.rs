@@ -42,6 +42,9 @@ pub struct QemuConfig {
     pub stop_timeout_s: u64,
     /// Timeout of each QMP call, in milliseconds.
     pub qmp_timeout_ms: u64,
+    /// The bridges VMs may join (`network.mode = "bridge"`); a spec naming another is refused
+    /// on this host.
+    pub bridges: Vec<String>,
 }
 
 impl Default for QemuConfig {
@@ -53,6 +56,7 @@ impl Default for QemuConfig {
             cpu: String::new(),
             stop_timeout_s: DEFAULT_STOP_TIMEOUT_S,
             qmp_timeout_ms: DEFAULT_QMP_TIMEOUT_MS,
+            bridges: Vec::new(),
         }
     }
 }
@@ -128,6 +132,9 @@ impl QemuDriver {
             }
             let mut append = cmdline.clone().unwrap_or_default();
             append.push_str(&format!(" tandem.vm={}", spec.name));
+            if let Some(NetworkSpec::Bridge { address: Some(a), .. }) = &spec.network {
+                append.push_str(&format!(" tandem.ip={a}"));
+            }
             c.args(["-append", append.trim()]);
         }
         for (i, d) in spec.disks.iter().enumerate() {
@@ -150,6 +157,12 @@ impl QemuDriver {
                 let mac = mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
                 c.args(["-device", &format!("virtio-net-{bus},netdev=net0{mac}")]);
             }
+            Some(NetworkSpec::Bridge { bridge, mac, .. }) => {
+                crate::bridge::check_allowed(&spec.name, bridge, &self.cfg.bridges)?;
+                let tap = crate::bridge::tap_name(&spec.name);
+                c.args(["-netdev", &format!("tap,id=net0,ifname={tap},script=no,downscript=no")]);
+                c.args(["-device", &format!("virtio-net-{bus},netdev=net0,mac={mac}")]);
+            }
         }
         c.args(extra_args)
             .env("TANDEM_VM", &spec.name)
@@ -162,6 +175,14 @@ impl QemuDriver {
                     .map_err(|source| DriverError::Spawn { vm: spec.name.clone(), source })?,
             ));
         Ok(c)
+    }
+
+    /// Puts a bridged VM's tap (which its QEMU created before answering on QMP) on its bridge.
+    async fn attach_network(&self, launch: &VmLaunch) -> Result<(), DriverError> {
+        match &launch.spec.network {
+            Some(NetworkSpec::Bridge { bridge, .. }) => crate::bridge::attach(&launch.spec.name, bridge).await,
+            _ => Ok(()),
+        }
     }
 
     async fn connect_qmp(&self, name: &str, pid: u32) -> Result<Qmp, DriverError> {
@@ -201,11 +222,13 @@ impl VmDriver for QemuDriver {
             std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
             let cmd = self.command(launch)?;
             let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
-            match self.connect_qmp(&name, pid).await {
-                Ok(q) => {
-                    self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name, Arc::new(q));
-                    Ok(())
-                }
+            let ready = async {
+                let q = self.connect_qmp(&name, pid).await?;
+                self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), Arc::new(q));
+                self.attach_network(launch).await
+            };
+            match ready.await {
+                Ok(()) => Ok(()),
                 Err(e) => {
                     self.launcher.signal(&name, libc::SIGKILL, true);
                     Err(e)
@@ -259,6 +282,7 @@ impl VmDriver for QemuDriver {
             let ready = async {
                 let q = Arc::new(self.connect_qmp(&name, pid).await?);
                 self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), Arc::clone(&q));
+                self.attach_network(launch).await?;
                 crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout()).await
             };
             match ready.await {
@@ -342,6 +366,26 @@ mod tests {
         let mut evil = spec();
         evil.network = Some(NetworkSpec::Tap { ifname: "t0,script=/tmp/x".into(), mac: None });
         assert!(matches!(args(&d, evil), Err(DriverError::Refused { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A bridged VM gets its tap (named after it), its own MAC and, on its kernel command line,
+    /// its address; a bridge the host does not allow is refused before anything runs.
+    #[test]
+    fn a_bridged_vm_gets_its_tap_mac_and_address() {
+        let dir = std::env::temp_dir().join(format!("tandem-qemu-bridge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let cfg = QemuConfig { bridges: vec!["vmbr0".into()], ..QemuConfig::default() };
+        let d = QemuDriver::new(cfg, Launcher::new().expect("launcher"), "h0", "127.0.0.1", dir.clone());
+        let mut bridged = spec();
+        bridged.network = Some(NetworkSpec::Bridge { bridge: "vmbr0".into(), mac: "52:54:00:ab:cd:01".into(), address: Some("198.18.0.100/24".into()) });
+        let a = args(&d, bridged.clone()).expect("allowed bridge");
+        let tap = crate::bridge::tap_name("web");
+        assert!(a.iter().any(|x| *x == format!("tap,id=net0,ifname={tap},script=no,downscript=no")), "{a:?}");
+        assert!(a.iter().any(|x| x == "virtio-net-device,netdev=net0,mac=52:54:00:ab:cd:01"), "{a:?}");
+        assert!(a.windows(2).any(|w| w[0] == "-append" && w[1].ends_with("tandem.vm=web tandem.ip=198.18.0.100/24")), "{a:?}");
+        bridged.network = Some(NetworkSpec::Bridge { bridge: "mgmt0".into(), mac: "52:54:00:ab:cd:01".into(), address: None });
+        assert!(matches!(args(&d, bridged), Err(DriverError::Refused { reason, .. }) if reason.contains("mgmt0")));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -3,15 +3,24 @@
 //! address comes from 198.18.0.0/24 (the benchmarking range) and exists only inside the
 //! namespaces made here; nothing is routed anywhere else. Dropping a `NetLab` deletes every
 //! namespace it made, which also removes their interfaces and firewall rules.
+//!
+//! With [`NetLab::add_vm_network`] every host also gets the bridge its VMs join
+//! ([`VM_BRIDGE`]), linked to the switch by a port of its own: a guest's tap on any host is on
+//! one segment with every other host's guests and with the control namespace, so a VM answers on
+//! its own address wherever it runs (the guests take addresses from [`NetLab::vm_ip`]).
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
+
+/// The bridge on every host that bridged VMs join (`[qemu] bridges = ["vmbr0"]`).
+pub const VM_BRIDGE: &str = "vmbr0";
 
 /// The namespaces of one test.
 pub struct NetLab {
     prefix: String,
     hosts: usize,
     created: Vec<String>,
+    vm_network: bool,
 }
 
 /// Runs `ip`/`nft` and fails with its stderr when it fails.
@@ -27,7 +36,7 @@ impl NetLab {
     /// Builds `hosts` host namespaces on one bridge, plus a control namespace. `prefix` keeps
     /// concurrent labs apart; it must be short (interface names are at most 15 bytes).
     pub fn create(prefix: &str, hosts: usize) -> Result<NetLab> {
-        let mut lab = NetLab { prefix: prefix.to_string(), hosts, created: Vec::new() };
+        let mut lab = NetLab { prefix: prefix.to_string(), hosts, created: Vec::new(), vm_network: false };
         let sw = lab.switch();
         lab.add_ns(&sw)?;
         run("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
@@ -44,6 +53,33 @@ impl NetLab {
             run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(lab)
+    }
+
+    /// Gives every host the bridge its VMs join, with an uplink to the switch (port `v{i}`):
+    /// host `i`'s VM traffic leaves by its own port, so cutting the host cuts its guests too.
+    pub fn add_vm_network(&mut self) -> Result<()> {
+        let sw = self.switch();
+        for i in 0..self.hosts {
+            let ns = self.host_ns(i);
+            let port = self.vm_port(i);
+            run("ip", &["-n", &ns, "link", "add", VM_BRIDGE, "type", "bridge"])?;
+            run("ip", &["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "vmup", "netns", &ns])?;
+            run("ip", &["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            run("ip", &["-n", &ns, "link", "set", "vmup", "master", VM_BRIDGE, "up"])?;
+            run("ip", &["-n", &ns, "link", "set", VM_BRIDGE, "up"])?;
+        }
+        self.vm_network = true;
+        Ok(())
+    }
+
+    fn vm_port(&self, i: usize) -> String {
+        format!("v{i}")
+    }
+
+    /// The address of the lab's `k`-th bridged VM (with its prefix length, as a spec wants it).
+    #[must_use]
+    pub fn vm_ip(k: usize) -> String {
+        format!("198.18.0.{}/24", 100 + k)
     }
 
     fn add_ns(&mut self, ns: &str) -> Result<()> {
@@ -105,13 +141,22 @@ impl NetLab {
 
     /// Cuts host `i` off the network: its switch port goes down, so it neither sends to nor hears
     /// from anyone (its shared disk stays reachable).
+    /// With a VM network, its guests' uplink goes down too (one host, one cable).
     pub fn cut(&self, i: usize) -> Result<()> {
-        run("ip", &["-n", &self.switch(), "link", "set", &self.port(i), "down"])
+        self.set_ports(i, "down")
     }
 
     /// Reconnects host `i`.
     pub fn heal(&self, i: usize) -> Result<()> {
-        run("ip", &["-n", &self.switch(), "link", "set", &self.port(i), "up"])
+        self.set_ports(i, "up")
+    }
+
+    fn set_ports(&self, i: usize, state: &str) -> Result<()> {
+        run("ip", &["-n", &self.switch(), "link", "set", &self.port(i), state])?;
+        if self.vm_network {
+            run("ip", &["-n", &self.switch(), "link", "set", &self.vm_port(i), state])?;
+        }
+        Ok(())
     }
 
     /// Drops each UDP packet arriving at host `i` on `port` with probability 1/`one_in`, at random.

@@ -47,18 +47,50 @@ fn check_network(n: &NetworkSpec) -> Result<(), SpecError> {
     match n {
         NetworkSpec::User { hostfwd } => hostfwd.iter().try_for_each(|f| check_hostfwd(f)),
         NetworkSpec::Tap { ifname, mac } => {
-            if ifname.is_empty() || ifname.len() > 15 || !ifname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-                return Err(bad("ifname", ifname, "must be 1-15 characters of letters, digits, '-', '_' and '.'"));
-            }
-            if let Some(m) = mac {
-                let parts: Vec<&str> = m.split(':').collect();
-                if parts.len() != 6 || !parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit())) {
-                    return Err(bad("mac", m, "must be six hex pairs separated by ':'"));
-                }
-            }
-            Ok(())
+            check_ifname("ifname", ifname)?;
+            mac.as_deref().map_or(Ok(()), check_mac)
+        }
+        NetworkSpec::Bridge { bridge, mac, address } => {
+            check_ifname("bridge", bridge)?;
+            check_mac(mac)?;
+            address.as_deref().map_or(Ok(()), check_address)
         }
     }
+}
+
+/// An interface name as Linux takes it, and nothing an option could hide in.
+fn check_ifname(field: &'static str, name: &str) -> Result<(), SpecError> {
+    if name.is_empty() || name.len() > 15 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+        return Err(bad(field, name, "must be 1-15 characters of letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+fn check_mac(m: &str) -> Result<(), SpecError> {
+    let parts: Vec<&str> = m.split(':').collect();
+    if parts.len() != 6 || !parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit())) {
+        return Err(bad("mac", m, "must be six hex pairs separated by ':'"));
+    }
+    // The low bit of the first octet marks a group address, which no NIC may have.
+    if u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 1) {
+        return Err(bad("mac", m, "is a multicast address (the first octet must be even)"));
+    }
+    Ok(())
+}
+
+/// `IP/PREFIX`: the guest's address on its bridge (it reaches the guest's kernel command line).
+fn check_address(a: &str) -> Result<(), SpecError> {
+    let why = "must be an address with its prefix length, like 198.18.0.100/24";
+    let (ip, prefix) = a.split_once('/').ok_or_else(|| bad("address", a, why))?;
+    let max = match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return Err(bad("address", a, why)),
+    };
+    if !prefix.chars().all(|c| c.is_ascii_digit()) || !prefix.parse::<u8>().is_ok_and(|p| p <= max) {
+        return Err(bad("address", a, why));
+    }
+    Ok(())
 }
 
 impl VmSpec {

@@ -182,10 +182,17 @@ impl Command {
         }
     }
 
-    /// Whether it exists only from log format 4 on (live migration).
+    /// The oldest log format whose hosts understand it: 4 for the live-migration commands, 5
+    /// for a VM on a bridge network (`network.mode = "bridge"`), else `None` (any format).
     #[must_use]
-    pub fn needs_migration_format(&self) -> bool {
-        matches!(self, Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. })
+    pub fn min_format(&self) -> Option<u32> {
+        match self {
+            Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. } => Some(crate::logformat::MIGRATION_FORMAT),
+            Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if matches!(spec.network, Some(super::NetworkSpec::Bridge { .. })) => {
+                Some(crate::logformat::BRIDGE_FORMAT)
+            }
+            _ => None,
+        }
     }
 
     /// Whether it overrides admission control.

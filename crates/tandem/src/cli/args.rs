@@ -327,8 +327,19 @@ pub struct CreateArgs {
     #[arg(long)]
     pub disk: Vec<String>,
     /// QEMU user networking port forward, e.g. tcp:{host_ip}:8080-:80 (repeatable).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bridge")]
     pub hostfwd: Vec<String>,
+    /// QEMU: join this bridge (one the hosts' `[qemu] bridges` allow) with the VM's own MAC, so
+    /// its address follows it from host to host.
+    #[arg(long, requires = "mac")]
+    pub bridge: Option<String>,
+    /// With --bridge: the VM's MAC address, e.g. 52:54:00:12:34:01.
+    #[arg(long, requires = "bridge")]
+    pub mac: Option<String>,
+    /// With --bridge: the guest's address, IP/PREFIX (a kernel-booted guest gets it as
+    /// `tandem.ip=` on its command line).
+    #[arg(long, requires = "bridge")]
+    pub address: Option<String>,
     /// How to tell that the VM's service answers: tcp:ADDR:PORT or http://ADDR:PORT/PATH, ADDR
     /// an IPv4 address or {host_ip} (the running host's).
     #[arg(long)]

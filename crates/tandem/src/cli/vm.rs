@@ -25,7 +25,10 @@ pub fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
     } else {
         DriverSpec::Process { command: args.command.clone() }
     };
-    let network = (!args.hostfwd.is_empty()).then(|| NetworkSpec::User { hostfwd: args.hostfwd.clone() });
+    let network = match (&args.bridge, &args.mac) {
+        (Some(bridge), Some(mac)) => Some(NetworkSpec::Bridge { bridge: bridge.clone(), mac: mac.clone(), address: args.address.clone() }),
+        _ => (!args.hostfwd.is_empty()).then(|| NetworkSpec::User { hostfwd: args.hostfwd.clone() }),
+    };
     let disks = args.disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false }).collect();
     let probe = args.probe.as_deref().map(|p| probe_from(p, args.probe_expect.clone())).transpose()?;
     Ok(VmSpec {
@@ -115,4 +118,34 @@ fn print_vms(vms: &Vec<VmView>) {
         ]);
     }
     print_table(&rows);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::args::{Cli, Cmd, VmOp};
+    use clap::Parser;
+
+    fn create(args: &[&str]) -> Result<VmSpec> {
+        let cli = Cli::try_parse_from([&["tandem", "vm", "create"], args].concat()).map_err(|e| anyhow!("{e}"))?;
+        match cli.command {
+            Cmd::Vm { op: VmOp::Create(a) } => spec_from(&a),
+            _ => Err(anyhow!("not a create")),
+        }
+    }
+
+    /// `--bridge` and `--mac` (and `--address`) make a bridged spec; `--mac` alone, or a bridge
+    /// beside port forwards, is a usage error.
+    #[test]
+    fn bridge_flags_make_a_bridged_spec() {
+        let spec = create(&["db", "--kernel", "/k", "--bridge", "vmbr0", "--mac", "52:54:00:00:00:07", "--address", "198.18.0.107/24"]).expect("parses");
+        assert_eq!(
+            spec.network,
+            Some(NetworkSpec::Bridge { bridge: "vmbr0".into(), mac: "52:54:00:00:00:07".into(), address: Some("198.18.0.107/24".into()) })
+        );
+        assert!(spec.check_arguments().is_ok());
+        assert!(create(&["db", "--kernel", "/k", "--mac", "52:54:00:00:00:07"]).is_err());
+        assert!(create(&["db", "--kernel", "/k", "--bridge", "vmbr0"]).is_err(), "a bridged VM needs its own MAC");
+        assert!(create(&["db", "--kernel", "/k", "--bridge", "vmbr0", "--mac", "52:54:00:00:00:07", "--hostfwd", "tcp::1-:2"]).is_err());
+    }
 }
