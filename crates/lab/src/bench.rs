@@ -3,6 +3,7 @@
 //! asserts nothing (this machine is noisy; the tests check behaviour). `tandem-lab bench liveness`
 //! lives in [`liveness`].
 
+pub mod diskguest;
 pub mod failover;
 pub mod heartbeat;
 pub mod liveness;

@@ -1,5 +1,5 @@
 //! Tandem's laboratory, apart from the product: local and namespace clusters of real agents
-//! (`lab`, `netlab`), the FUSE heartbeat disk that injects storage faults (`fusedisk`), the demo,
+//! (`lab`, `netlab`), the disk-backed bridged guest and its watchers (`diskguest`), the FUSE heartbeat disk that injects storage faults (`fusedisk`), the demo,
 //! the real fault suite (`chaos`), the simulator's front end (`sim`) and the benchmarks.
 //!
 //! Architecture invariant: nothing here is linked into the `tandem` binary that operators
@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod demo;
+pub mod diskguest;
 pub mod fusedisk;
 pub mod lab;
 pub mod netlab;

@@ -74,6 +74,19 @@ enum BenchOp {
         #[arg(long, default_value_t = 1024)]
         max_bandwidth_mib_s: u64,
     },
+    /// The disk-backed, bridged test guest in a 3-host namespace lab: live migrations (whole time,
+    /// QEMU's downtime, the longest gap between answers on its own address and in its write
+    /// sequence), then power losses of its host (answering and writing again, writes lost).
+    DiskGuest {
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 5)]
+        migrations: usize,
+        #[arg(long, default_value_t = 3)]
+        power_losses: usize,
+        #[arg(long, default_value = ".cache/guest")]
+        guest_dir: std::path::PathBuf,
+    },
     /// A host of three runs N VMs and enters maintenance: time until it is empty (live
     /// migrations), then until its VMs are back after it leaves maintenance.
     Maintenance {
@@ -147,6 +160,15 @@ fn main() {
         LabCmd::Bench { op: BenchOp::Maintenance { driver, vms, rounds, guest_dir } } => {
             ("bench", tandem_lab::bench::maintenance::run(driver, *vms, *rounds, guest_dir))
         }
+        LabCmd::Bench { op: BenchOp::DiskGuest { memory_mib, migrations, power_losses, guest_dir } } => (
+            "bench",
+            tandem_lab::bench::diskguest::run(&tandem_lab::bench::diskguest::DiskGuestBench {
+                memory_mib: *memory_mib,
+                migrations: *migrations,
+                power_losses: *power_losses,
+                guest: guest_dir,
+            }),
+        ),
         LabCmd::Bench { op: BenchOp::MassFailover { vms, rounds } } => ("bench", tandem_lab::bench::mass::run(*vms, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
             ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))
