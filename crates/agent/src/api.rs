@@ -12,6 +12,7 @@ mod hosts;
 mod internal;
 mod join;
 mod migrations;
+mod rebalance;
 mod tokens;
 mod vms;
 
@@ -32,6 +33,7 @@ use hosts::*;
 use internal::*;
 use join::{host_join, join_proof};
 use migrations::*;
+use rebalance::rebalance;
 use tokens::*;
 use vms::*;
 
@@ -325,6 +327,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/hosts/{name}/evacuation", get(host_evacuation))
         .route("/v1/ftt", get(ftt))
         .route("/v1/plan", get(plan))
+        .route("/v1/rebalance", get(rebalance))
         .route("/v1/settings", get(settings_show).post(settings_set))
         .route("/v1/rules", get(rules).post(rule_set))
         .route("/v1/rules/{name}", axum::routing::delete(rule_delete))

@@ -189,6 +189,13 @@ pub const ENDPOINTS: &[Endpoint] = &[
         schema::<Vec<FailurePlan>>,
         &[optional("fail", "comma-separated host names failing together")],
     ),
+    get_q(
+        "/v1/rebalance",
+        Read,
+        "Live migrations that would remove placement-rule violations and even out memory use (carried out one `migrate` per move), and what cannot be fixed.",
+        schema::<RebalanceView>,
+        &[optional("rule", "only this rule's violations"), optional("balance", "even out memory use too: true (default) or false")],
+    ),
     get("/v1/settings", Read, "Cluster settings: FTT target, vCPU overcommit, restart group delays.", schema::<Settings>),
     write(
         "POST",

@@ -13,6 +13,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
+mod rebalance;
+pub use rebalance::{RebalanceMoveView, RebalanceView, UnfixableView};
+
 pub use crate::agent::RuntimeStatus;
 pub use crate::consensus::ConsensusStatus;
 pub use crate::events::{Event, EventKind, FailoverRecord, MovedVm};

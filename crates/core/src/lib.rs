@@ -16,6 +16,7 @@ pub mod logformat;
 pub mod membership;
 pub mod partition;
 pub mod placement;
+pub mod rebalance;
 pub mod reconcile;
 pub mod recovery;
 pub mod spec;

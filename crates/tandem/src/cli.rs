@@ -7,4 +7,5 @@ pub mod events;
 pub mod maintenance;
 pub mod migrate;
 pub mod output;
+pub mod rebalance;
 pub mod vm;

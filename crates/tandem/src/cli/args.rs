@@ -95,6 +95,9 @@ pub enum Cmd {
     /// Live migrations: those running (with progress where the host at --api drives them) and
     /// the last ones that host drove.
     Migrations,
+    /// Live migrations that remove placement-rule violations and even out memory use: shows the
+    /// plan, then (once confirmed) carries it out, at most --parallel moves at once.
+    Rebalance(RebalanceArgs),
     /// What would happen if the given hosts failed together.
     Whatif {
         /// Host names, comma-separated (e.g. h1,h2).
@@ -178,6 +181,26 @@ pub enum ClusterOp {
     },
 }
 
+/// `tandem rebalance`'s options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RebalanceArgs {
+    /// Show the plan only.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Carry it out without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Only this rule's violations.
+    #[arg(long)]
+    pub rule: Option<String>,
+    /// Fix rule violations only; leave memory use as it is.
+    #[arg(long)]
+    pub no_balance: bool,
+    /// Moves at once (the cluster allows at most 2 leaving or reaching a host, 8 in all).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub parallel: u32,
+}
+
 #[derive(Subcommand)]
 pub enum RuleOp {
     /// Add or replace a rule. Refused when infeasible or in conflict with another hard rule.
@@ -195,6 +218,9 @@ pub enum RuleOp {
         /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,
+        /// Then move the running VMs that break it (live migrations, as `rebalance --rule NAME`).
+        #[arg(long)]
+        enforce: bool,
     },
     List,
     Delete {

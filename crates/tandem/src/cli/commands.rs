@@ -16,6 +16,7 @@ pub fn run(c: &Client, out: Output, cmd: &Cmd) -> Result<(), ClientError> {
         Cmd::Plan => show(out, &c.get("/v1/plan")?, print_plans),
         Cmd::Failovers { limit, vms } => show(out, &c.get(&format!("/v1/failovers?limit={limit}"))?, |f: &Vec<FailoverView>| print_failovers(f, *vms)),
         Cmd::Migrations => show(out, &c.get("/v1/migrations")?, super::migrate::print_migrations),
+        Cmd::Rebalance(args) => super::rebalance::run(c, out, args),
         Cmd::Whatif { fail } => show(out, &c.get(&format!("/v1/plan?fail={}", fail.join(",")))?, print_plans),
         Cmd::Rule { op } => rule(c, out, op),
         Cmd::Token { op } => token(c, out, op),
@@ -106,11 +107,16 @@ fn print_ftt(v: &FttView) {
 
 fn rule(c: &Client, out: Output, op: &RuleOp) -> Result<(), ClientError> {
     match op {
-        RuleOp::Add { name, kind, hard, vms, force } => {
+        RuleOp::Add { name, kind, hard, vms, force, enforce } => {
             let kind: RuleKind =
                 serde_json::from_value(serde_json::json!(kind)).map_err(|_| usage(format!("--kind '{kind}' is not affinity or anti-affinity")))?;
             let req = RuleRequest { name: name.clone(), kind, hard: *hard, vms: vms.clone(), force: *force };
-            show(out, &c.send("POST", "/v1/rules", &req)?, kv::<RuleAdded>)
+            show(out, &c.send("POST", "/v1/rules", &req)?, kv::<RuleAdded>)?;
+            if !*enforce {
+                return Ok(());
+            }
+            let args = super::args::RebalanceArgs { dry_run: false, yes: true, rule: Some(name.clone()), no_balance: true, parallel: 2 };
+            super::rebalance::run(c, out, &args)
         }
         RuleOp::List => show(out, &c.get("/v1/rules")?, |rules: &Vec<Rule>| {
             let mut rows = vec![["NAME", "KIND", "HARD", "VMS"].map(String::from).to_vec()];

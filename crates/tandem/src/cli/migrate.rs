@@ -42,7 +42,7 @@ pub fn run(c: &Client, out: Output, name: &str, to: Option<String>, force: bool,
 }
 
 /// Polls the source until its outcome for this generation appears, drawing a progress line.
-fn follow(source: &Client, begun: &MigrationBegun, draw: bool) -> Result<MigrationOutcome, ClientError> {
+pub(super) fn follow(source: &Client, begun: &MigrationBegun, draw: bool) -> Result<MigrationOutcome, ClientError> {
     let started = Instant::now();
     let tty = draw && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut last_line = String::new();
