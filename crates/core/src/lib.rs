@@ -14,6 +14,7 @@ pub mod limits;
 pub mod liveness;
 pub mod logformat;
 pub mod membership;
+pub mod parking;
 pub mod partition;
 pub mod placement;
 pub mod rebalance;

@@ -16,7 +16,8 @@
 //! `migration-switchover`, `migration-abort`); only those entries are written in it. Format 5
 //! adds the `bridge` network mode of a VM spec (in `create-vm` and `update-vm`); only entries
 //! whose spec uses it are written in it, so an older host stops at such an entry and says
-//! "upgrade" instead of failing to decode a spec. A release that adds a command or a field that older hosts would
+//! "upgrade" instead of failing to decode a spec. Format 6 adds a host's planned stop with its
+//! VMs parked (`host-leave`, `release-parked`). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -25,12 +26,14 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 5;
+pub const LOG_FORMAT: u32 = 6;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
 /// The format of a VM spec on a bridge network.
 pub(crate) const BRIDGE_FORMAT: u32 = 5;
+/// The format of a host's planned stop with parked VMs (`host-leave`, `release-parked`).
+pub(crate) const LEAVE_FORMAT: u32 = 6;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -145,8 +148,8 @@ mod tests {
     /// log stays readable) and says precisely why it cannot be applied.
     #[test]
     fn unknown_entries_load_and_refuse_to_apply_with_a_reason() {
-        let newer: LogEntry = serde_json::from_str("{\"format\":6,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
-        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 6 }));
+        let newer: LogEntry = serde_json::from_str("{\"format\":7,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
+        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 7 }));
         assert!(newer.decode().err().is_some_and(|e| e.to_string().contains("upgrade")));
         let unknown: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
         assert!(matches!(unknown.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));

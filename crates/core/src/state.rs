@@ -13,6 +13,7 @@ use thiserror::Error;
 mod admission;
 mod apply;
 mod command;
+mod leave;
 mod lifecycle;
 mod migration;
 mod tokens;
@@ -35,6 +36,9 @@ pub enum HostStatus {
     Active,
     /// Declared failed; its VMs were reassigned. It must rejoin before it runs anything.
     Failed,
+    /// Stopped for a planned stop, its VMs shut down cleanly and parked: nobody fails it over.
+    /// It must rejoin before it runs anything.
+    Left,
 }
 
 /// What an operator allows on a host.
@@ -266,7 +270,9 @@ impl ClusterState {
                 protection: v.spec.protection,
                 priority: v.spec.priority,
                 host: v.assignment().and_then(|a| index.get(&a.host).copied()),
-                running: v.desired() == PowerState::Running,
+                // A VM parked with its host's planned stop waits for that host, not for a
+                // placement: no plan moves it.
+                running: v.desired() == PowerState::Running && v.parked().is_none(),
                 rules: Vec::new(),
                 avoid: v.failed_on.iter().filter_map(|h| index.get(h).copied()).collect(),
             })
@@ -384,7 +390,7 @@ impl ClusterState {
     /// VMs that should run and have no host: the coordinator's placement queue.
     #[must_use]
     pub fn unplaced(&self) -> Vec<String> {
-        self.vms.values().filter(|v| v.desired() == PowerState::Running && v.assignment().is_none()).map(|v| v.spec.name.clone()).collect()
+        self.vms.values().filter(|v| v.is_waiting()).map(|v| v.spec.name.clone()).collect()
     }
 
     /// VMs assigned to `host`.

@@ -22,9 +22,16 @@ pub(super) fn vm_views(a: &Agent) -> Vec<VmView> {
                     failed_on: v.failed_on.iter().map(|h| s.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect(),
                     held: v.held(),
                     capacity_retries: v.capacity_retries(),
-                    waiting: (v.desired() == PowerState::Running && v.assignment().is_none())
-                        .then(|| tandem_core::recovery::waiting_reason(s, &v.spec.name, s.active_hosts()))
-                        .flatten(),
+                    waiting: match v.parked() {
+                        Some((h, hold)) => Some(format!(
+                            "shut down with {}'s planned stop: starts again when it returns{}",
+                            s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone()),
+                            hold.map(|ms| format!(", or elsewhere {} s after it left", ms / 1000)).unwrap_or_default()
+                        )),
+                        None => (v.desired() == PowerState::Running && v.assignment().is_none())
+                            .then(|| tandem_core::recovery::waiting_reason(s, &v.spec.name, s.active_hosts()))
+                            .flatten(),
+                    },
                     migrating_to: v.migrating_to().map(|t| s.hosts.get(&t.host).map_or_else(|| t.host.to_string(), |h| h.name.clone())),
                     home: v.home.map(|h| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone())),
                     spec: v.spec.clone(),

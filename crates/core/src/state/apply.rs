@@ -64,6 +64,8 @@ impl ClusterState {
             Command::StartMigration { name, to, evacuation, .. } => self.start_migration(mode, cmd, name, *to, *evacuation),
             Command::MigrationSwitchover { name, generation } => self.migration_switchover(name, *generation),
             Command::MigrationAbort { name, generation, reason } => self.migration_abort(name, *generation, reason),
+            Command::HostLeave { host, epoch, hold_ms } => self.host_leave(*host, *epoch, *hold_ms),
+            Command::ReleaseParked { host } => self.release_parked(*host),
         }
     }
 
@@ -97,7 +99,17 @@ impl ClusterState {
         let h = self.hosts.get_mut(&host).ok_or(StateError::UnknownHost(host))?;
         h.status = HostStatus::Active;
         h.epoch += 1;
-        Ok(Applied::HostEpoch { host, epoch: h.epoch })
+        let epoch = h.epoch;
+        self.unpark_on_return(host, epoch)
+    }
+
+    /// The VMs parked with `host`, higher priority first.
+    pub(super) fn parked_with(&self, host: HostId) -> Vec<String> {
+        let mut names: Vec<(&String, i32)> =
+            self.vms.values().filter(|v| v.parked().is_some_and(|(h, _)| h == host)).map(|v| (&v.spec.name, v.spec.priority)).collect();
+        // Higher priority first: if the returning host has less room than before, they get it.
+        names.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        names.into_iter().map(|(n, _)| n.clone()).collect()
     }
 
     fn create_vm(&mut self, spec: &VmSpec) -> Result<Applied, StateError> {

@@ -125,6 +125,21 @@ pub enum Command {
         generation: u64,
         reason: String,
     },
+    /// `host` stops for a planned stop in `epoch`, its VMs already shut down cleanly: it is
+    /// `left` (nobody fails it over) and its VMs are parked with it — started again there when it
+    /// rejoins, or released to run elsewhere after `hold_ms` (`None`: never; `Some(0)`: at
+    /// once). Proposed by the host itself (log format 6).
+    HostLeave {
+        host: HostId,
+        epoch: u64,
+        #[serde(default)]
+        hold_ms: Option<u64>,
+    },
+    /// The coordinator lets the VMs parked with `host` run elsewhere: their hold passed and the
+    /// host has not come back (log format 6).
+    ReleaseParked {
+        host: HostId,
+    },
 }
 
 impl Command {
@@ -135,6 +150,8 @@ impl Command {
             Command::AddHost { .. } => "add-host",
             Command::HostJoined { .. } => "host-joined",
             Command::CreateVm { .. } => "create-vm",
+            Command::HostLeave { .. } => "host-leave",
+            Command::ReleaseParked { .. } => "release-parked",
             Command::DeleteVm { .. } => "delete-vm",
             Command::SetPower { .. } => "set-power",
             Command::UpdateVm { .. } => "update-vm",
@@ -174,7 +191,11 @@ impl Command {
             | Command::StartMigration { name, .. }
             | Command::MigrationSwitchover { name, .. }
             | Command::MigrationAbort { name, .. } => Some(name.clone()),
-            Command::HostJoined { host } | Command::SetHostMode { host, .. } | Command::Failover { host, .. } => Some(format!("host {}", host.0)),
+            Command::HostJoined { host }
+            | Command::SetHostMode { host, .. }
+            | Command::Failover { host, .. }
+            | Command::HostLeave { host, .. }
+            | Command::ReleaseParked { host } => Some(format!("host {}", host.0)),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } => Some(spec.name.clone()),
             Command::SetRule { rule, .. } => Some(rule.name.clone()),
             Command::SetToken { token } => Some(token.name.clone()),
@@ -188,6 +209,7 @@ impl Command {
     pub fn min_format(&self) -> Option<u32> {
         match self {
             Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. } => Some(crate::logformat::MIGRATION_FORMAT),
+            Command::HostLeave { .. } | Command::ReleaseParked { .. } => Some(crate::logformat::LEAVE_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if matches!(spec.network, Some(super::NetworkSpec::Bridge { .. })) => {
                 Some(crate::logformat::BRIDGE_FORMAT)
             }
@@ -228,6 +250,25 @@ pub enum Applied {
         host: HostId,
         moved: Vec<(String, HostId, u64)>,
         left_down: Vec<String>,
+    },
+    /// A host left for a planned stop; `parked` waited with it (those with a hold of zero wait
+    /// for another host at once).
+    HostLeft {
+        host: HostId,
+        parked: Vec<String>,
+    },
+    /// VMs parked with a host that did not come back may run elsewhere now.
+    ParkedReleased {
+        host: HostId,
+        names: Vec<String>,
+    },
+    /// A host rejoined: the VMs parked with it run there again (`back`), or wait for another
+    /// host where it cannot take them now (`elsewhere`).
+    Rejoined {
+        host: HostId,
+        epoch: u64,
+        back: Vec<(String, u64)>,
+        elsewhere: Vec<String>,
     },
     /// A change admission control would have refused, applied because it was forced.
     Forced {

@@ -36,6 +36,11 @@ pub enum VmPhase {
     /// migration fails) to `to` (the destination, which holds a paused copy). Only the commit of
     /// the switchover makes `to` the assignment; only then does the destination resume.
     Migrating { at: Assignment, to: Assignment },
+    /// Shut down cleanly with its host's planned stop (`shutdown` or `freeze` policy): wanted
+    /// running, placed nowhere, and not placed by the coordinator either — it starts again on
+    /// `host` when that host rejoins, or, once `hold_ms` has passed (`None`: never), the
+    /// coordinator releases it to run elsewhere.
+    Parked { host: HostId, hold_ms: Option<u64> },
 }
 
 /// A VM in the desired state.
@@ -63,7 +68,7 @@ impl VmRecord {
     #[must_use]
     pub fn desired(&self) -> PowerState {
         match self.phase {
-            VmPhase::Waiting { .. } | VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Migrating { .. } => PowerState::Running,
+            VmPhase::Waiting { .. } | VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Migrating { .. } | VmPhase::Parked { .. } => PowerState::Running,
             VmPhase::Stopped | VmPhase::Failed { .. } | VmPhase::Stopping { .. } => PowerState::Stopped,
         }
     }
@@ -73,7 +78,16 @@ impl VmRecord {
     pub fn assignment(&self) -> Option<Assignment> {
         match self.phase {
             VmPhase::Held { at } | VmPhase::Placed { at } | VmPhase::Stopping { at } | VmPhase::Migrating { at, .. } => Some(at),
-            VmPhase::Stopped | VmPhase::Failed { .. } | VmPhase::Waiting { .. } => None,
+            VmPhase::Stopped | VmPhase::Failed { .. } | VmPhase::Waiting { .. } | VmPhase::Parked { .. } => None,
+        }
+    }
+
+    /// The host whose planned stop parked it, and how long it waits for that host.
+    #[must_use]
+    pub fn parked(&self) -> Option<(HostId, Option<u64>)> {
+        match self.phase {
+            VmPhase::Parked { host, hold_ms } => Some((host, hold_ms)),
+            _ => None,
         }
     }
 
@@ -129,6 +143,10 @@ impl VmRecord {
     pub fn set_desired(&mut self, desired: PowerState) {
         self.phase = match (std::mem::replace(&mut self.phase, VmPhase::Stopped), desired) {
             (VmPhase::Stopped | VmPhase::Waiting { .. }, PowerState::Running) => VmPhase::Waiting { capacity_retries: None },
+            // Parked with its host: a start changes nothing (it comes back with its host, or
+            // when released); a stop ends the wait.
+            (parked @ VmPhase::Parked { .. }, PowerState::Running) => parked,
+            (VmPhase::Parked { .. }, PowerState::Stopped) => VmPhase::Stopped,
             (held @ VmPhase::Held { .. }, PowerState::Running) => held,
             (VmPhase::Stopping { at } | VmPhase::Placed { at }, PowerState::Running) => VmPhase::Placed { at },
             // Already running: a start changes nothing, the migration goes on.
@@ -148,7 +166,21 @@ impl VmRecord {
         self.phase = match std::mem::replace(&mut self.phase, VmPhase::Stopped) {
             VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Migrating { .. } => VmPhase::Waiting { capacity_retries: None },
             VmPhase::Stopping { .. } | VmPhase::Stopped => VmPhase::Stopped,
-            other @ (VmPhase::Failed { .. } | VmPhase::Waiting { .. }) => other,
+            other @ (VmPhase::Failed { .. } | VmPhase::Waiting { .. } | VmPhase::Parked { .. }) => other,
+        };
+    }
+
+    /// Its host stops for a planned stop with it shut down cleanly: a VM that host ran is parked
+    /// with it (or, with a hold of zero, waits for another host at once); one it was stopping
+    /// is stopped. Anything else is left alone.
+    pub fn park(&mut self, host: HostId, hold_ms: Option<u64>) {
+        self.phase = match std::mem::replace(&mut self.phase, VmPhase::Stopped) {
+            VmPhase::Held { at } | VmPhase::Placed { at } | VmPhase::Migrating { at, .. } if at.host == host => match hold_ms {
+                Some(0) => VmPhase::Waiting { capacity_retries: None },
+                _ => VmPhase::Parked { host, hold_ms },
+            },
+            VmPhase::Stopping { at } if at.host == host => VmPhase::Stopped,
+            other => other,
         };
     }
 
@@ -211,7 +243,10 @@ impl VmPhase {
                 None => VmPhase::Placed { at },
             },
             (_, PowerState::Stopped, Some(at)) => VmPhase::Stopping { at },
-            (_, PowerState::Running, None) => VmPhase::Waiting { capacity_retries },
+            (_, PowerState::Running, None) => match w.parked {
+                Some(p) => VmPhase::Parked { host: p.host, hold_ms: p.hold_ms },
+                None => VmPhase::Waiting { capacity_retries },
+            },
             (_, PowerState::Stopped, None) => VmPhase::Stopped,
         }
     }
@@ -239,6 +274,18 @@ pub struct VmRecordWire {
     /// the coordinator of this release).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     home: Option<HostId>,
+    /// Parked with its host's planned stop (written only then; the command that parks VMs is of
+    /// a log format older hosts refuse, so they never read one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parked: Option<ParkedWire>,
+}
+
+/// [`VmPhase::Parked`] on the wire.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ParkedWire {
+    host: HostId,
+    #[serde(default)]
+    hold_ms: Option<u64>,
 }
 
 impl From<VmRecordWire> for VmRecord {
@@ -257,6 +304,7 @@ impl From<VmRecord> for VmRecordWire {
             capacity_retries: r.capacity_retries(),
             migrating_to: r.migrating_to(),
             home: r.home,
+            parked: r.parked().map(|(host, hold_ms)| ParkedWire { host, hold_ms }),
             spec: r.spec,
             failed_on: r.failed_on,
         }
@@ -285,6 +333,8 @@ mod tests {
             VmPhase::Placed { at: at(2, 8) },
             VmPhase::Stopping { at: at(0, 9) },
             VmPhase::Migrating { at: at(0, 10), to: at(1, 11) },
+            VmPhase::Parked { host: HostId(2), hold_ms: Some(300_000) },
+            VmPhase::Parked { host: HostId(1), hold_ms: None },
         ]
     }
 
@@ -341,7 +391,8 @@ mod tests {
                 matches!(phase, VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Stopping { .. } | VmPhase::Migrating { .. })
             );
             assert_eq!(r.migrating_to().is_some(), matches!(phase, VmPhase::Migrating { .. }));
-            assert_eq!(r.is_waiting(), r.desired() == PowerState::Running && r.assignment().is_none());
+            assert_eq!(r.is_waiting(), r.desired() == PowerState::Running && r.assignment().is_none() && r.parked().is_none());
+            assert_eq!(r.parked().is_some(), matches!(phase, VmPhase::Parked { .. }));
             assert!(r.error().is_none() || (r.desired() == PowerState::Stopped && r.assignment().is_none()));
         }
     }

@@ -64,6 +64,7 @@ impl ClusterState {
             VmPhase::Held { .. } => return refuse("its restart group has not started yet".into()),
             VmPhase::Stopped | VmPhase::Stopping { .. } | VmPhase::Failed { .. } => return refuse("it is not running".into()),
             VmPhase::Waiting { .. } => return refuse("it is not placed on any host yet".into()),
+            VmPhase::Parked { host, .. } => return refuse(format!("it was shut down with its host {host}'s planned stop")),
         };
         if from.host == to {
             return refuse(format!("it already runs on {to}"));

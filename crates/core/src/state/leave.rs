@@ -1,0 +1,162 @@
+//! A host's planned stop with its VMs parked (the `shutdown` and `freeze` stop policies): the
+//! host shuts its VMs down cleanly, then commits `HostLeave`; it is `left` — nobody fails it
+//! over, its fence is nobody's business — and its VMs wait for it. When it rejoins they are
+//! placed on it again; if a hold was given and passes first, the coordinator releases them
+//! (`ReleaseParked`) to be placed elsewhere like any VM waiting for a host.
+//!
+//! Why no VM runs twice: a parked VM has no assignment, so no host runs it; the leaving host
+//! proposes `HostLeave` only after its own VMs stopped, and a host that is `left` runs nothing
+//! until it rejoins (membership: it is not active in its epoch). Its VMs are placed again only
+//! by a command applied after the leave — the rejoin (on that host, new generation) or the
+//! release (elsewhere, through placement) — whichever the log orders first; the other then
+//! finds nothing parked.
+
+use super::{Applied, Assignment, ClusterState, HostStatus, Protection, StateError, VmPhase};
+use crate::hostset::HostId;
+
+impl ClusterState {
+    pub(super) fn host_leave(&mut self, host: HostId, epoch: u64, hold_ms: Option<u64>) -> Result<Applied, StateError> {
+        let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
+        if h.status != HostStatus::Active || h.epoch != epoch {
+            return Err(StateError::Stale(format!("planned stop of {host} in epoch {epoch}, but the host is {:?} in epoch {}", h.status, h.epoch)));
+        }
+        if let Some((vm, _, _)) = self.migrations().find(|(_, from, _)| from.host == host) {
+            return Err(StateError::Stale(format!("planned stop of {host}: {vm} is still migrating away from it")));
+        }
+        if let Some(h) = self.hosts.get_mut(&host) {
+            h.status = HostStatus::Left;
+        }
+        self.abort_migrations_to(host);
+        let mut parked = Vec::new();
+        for vm in self.vms.values_mut().filter(|v| v.is_on(host)) {
+            vm.park(host, hold_ms);
+            if vm.parked().is_some() {
+                parked.push(vm.spec.name.clone());
+            }
+        }
+        Ok(Applied::HostLeft { host, parked })
+    }
+
+    pub(super) fn release_parked(&mut self, host: HostId) -> Result<Applied, StateError> {
+        let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
+        if h.status != HostStatus::Left {
+            return Err(StateError::Stale(format!("release of the VMs parked with {host}, but the host is {:?}", h.status)));
+        }
+        let names = self.parked_with(host);
+        for name in &names {
+            if let Some(vm) = self.vms.get_mut(name) {
+                // As after a failover: protected VMs wait for room, best-effort ones for a
+                // bounded number of retries, `off` ones are stopped.
+                vm.phase = match vm.spec.protection {
+                    Protection::Protect => VmPhase::Waiting { capacity_retries: None },
+                    Protection::BestEffort => VmPhase::Waiting { capacity_retries: Some(0) },
+                    Protection::Off => VmPhase::Stopped,
+                };
+            }
+        }
+        Ok(Applied::ParkedReleased { host, names })
+    }
+
+    /// After `host` joined in `epoch`: its parked VMs are placed on it again where it may take
+    /// them (room, mode, hard rules), the others wait for any host.
+    pub(super) fn unpark_on_return(&mut self, host: HostId, epoch: u64) -> Result<Applied, StateError> {
+        let (mut back, mut elsewhere) = (Vec::new(), Vec::new());
+        for name in self.parked_with(host) {
+            let Some(demand) = self.vms.get(&name).map(|v| v.spec.demand()) else { continue };
+            // Waiting first, so the checks below count it like any VM being placed.
+            if let Some(vm) = self.vms.get_mut(&name) {
+                vm.phase = VmPhase::Waiting { capacity_retries: None };
+            }
+            if self.check_target(&name, host, demand).is_ok() {
+                let generation = self.next_gen();
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    vm.place(Assignment { host, generation }, false);
+                }
+                back.push((name, generation));
+            } else {
+                elsewhere.push(name);
+            }
+        }
+        if back.is_empty() && elsewhere.is_empty() {
+            return Ok(Applied::HostEpoch { host, epoch });
+        }
+        Ok(Applied::Rejoined { host, epoch, back, elsewhere })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::hostset::HostId;
+    use crate::state::tests::{cluster, process_vm, run_on};
+    use crate::state::{Applied, Command, HostStatus, PowerState, Protection, StateError};
+
+    fn leave(s: &mut crate::state::ClusterState, h: u32, hold_ms: Option<u64>) -> Result<Applied, StateError> {
+        let epoch = s.hosts[&HostId(h)].epoch;
+        s.apply(&Command::HostLeave { host: HostId(h), epoch, hold_ms })
+    }
+
+    #[test]
+    fn a_planned_stop_parks_the_hosts_vms_and_they_come_back_with_it() {
+        let mut s = cluster(3, 4096);
+        run_on(&mut s, process_vm("a", Protection::Protect, 1, 512), 0);
+        run_on(&mut s, process_vm("b", Protection::BestEffort, 5, 512), 0);
+        run_on(&mut s, process_vm("c", Protection::Protect, 0, 512), 1);
+        let out = leave(&mut s, 0, None).expect("leaves");
+        assert_eq!(out, Applied::HostLeft { host: HostId(0), parked: vec!["a".into(), "b".into()] });
+        assert_eq!(s.hosts[&HostId(0)].status, HostStatus::Left);
+        assert!(s.unplaced().is_empty(), "parked VMs are not for the coordinator to place");
+        assert_eq!(s.vms["a"].desired(), PowerState::Running);
+        assert!(s.vms["c"].is_on(HostId(1)), "other hosts' VMs are untouched");
+        // A second leave, or a failover of a left host, is stale.
+        assert!(matches!(leave(&mut s, 0, None), Err(StateError::Stale(_))));
+        let epoch = s.hosts[&HostId(0)].epoch;
+        assert!(matches!(s.apply(&Command::Failover { host: HostId(0), epoch, plan: vec![] }), Err(StateError::Stale(_))));
+        // Back: both run there again, in new generations.
+        let Ok(Applied::Rejoined { back, elsewhere, .. }) = s.apply(&Command::HostJoined { host: HostId(0) }) else { panic!("rejoin") };
+        assert_eq!(back.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["b", "a"], "higher priority first");
+        assert!(elsewhere.is_empty());
+        assert!(s.vms["a"].is_on(HostId(0)) && s.vms["b"].is_on(HostId(0)));
+        // Releasing now is stale: the host is back.
+        assert!(matches!(s.apply(&Command::ReleaseParked { host: HostId(0) }), Err(StateError::Stale(_))));
+    }
+
+    #[test]
+    fn released_parked_vms_wait_for_any_host_and_a_zero_hold_releases_at_once() {
+        let mut s = cluster(3, 4096);
+        run_on(&mut s, process_vm("p", Protection::Protect, 0, 512), 0);
+        run_on(&mut s, process_vm("off", Protection::Off, 0, 512), 0);
+        leave(&mut s, 0, Some(60_000)).expect("leaves");
+        let out = s.apply(&Command::ReleaseParked { host: HostId(0) }).expect("released");
+        assert_eq!(out, Applied::ParkedReleased { host: HostId(0), names: vec!["off".into(), "p".into()] });
+        assert_eq!(s.unplaced(), vec!["p".to_string()], "protected: placed anywhere; off: stopped");
+        assert_eq!(s.vms["off"].desired(), PowerState::Stopped);
+        // The host comes back later: nothing parked is left for it.
+        assert!(matches!(s.apply(&Command::HostJoined { host: HostId(0) }), Ok(Applied::HostEpoch { .. })));
+        // A zero hold: waiting for another host at once.
+        run_on(&mut s, process_vm("q", Protection::Protect, 0, 512), 1);
+        leave(&mut s, 1, Some(0)).expect("leaves");
+        assert!(s.unplaced().contains(&"q".to_string()));
+    }
+
+    #[test]
+    fn a_host_that_returns_smaller_takes_back_what_fits_and_the_rest_waits() {
+        let mut s = cluster(2, 1024);
+        run_on(&mut s, process_vm("big", Protection::Protect, 9, 768), 0);
+        run_on(&mut s, process_vm("small", Protection::Protect, 1, 256), 0);
+        leave(&mut s, 0, None).expect("leaves");
+        // Meanwhile an operator starts another VM that takes room on host 0 once it is back.
+        s.apply(&Command::SetHostMode { host: HostId(0), mode: crate::state::HostMode::Maintenance, force: true }).expect("mode");
+        let Ok(Applied::Rejoined { back, elsewhere, .. }) = s.apply(&Command::HostJoined { host: HostId(0) }) else { panic!("rejoin") };
+        assert!(back.is_empty(), "a host in maintenance takes nothing back");
+        assert_eq!(elsewhere, vec!["big".to_string(), "small".to_string()]);
+        assert_eq!(s.unplaced().len(), 2);
+    }
+
+    #[test]
+    fn a_host_still_sending_a_migration_cannot_leave() {
+        let mut s = cluster(2, 4096);
+        run_on(&mut s, process_vm("m", Protection::Protect, 0, 512), 0);
+        s.apply(&Command::StartMigration { name: "m".into(), to: HostId(1), force: true, evacuation: false }).expect("start");
+        assert!(matches!(leave(&mut s, 0, None), Err(StateError::Stale(_))));
+    }
+}
