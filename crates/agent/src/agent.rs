@@ -176,6 +176,12 @@ pub struct Agent {
     /// The open hardware watchdog, when configured; `stop` disarms it.
     hw_watchdog: Mutex<Option<crate::watchdog::HardwareWatchdog>>,
     stopping: AtomicBool,
+    /// Set while a planned stop shuts this host's VMs down to park them (`shutdown` and
+    /// `freeze` policies): nothing starts here, the reconciler stands aside (the exits are the
+    /// stop's, not the guests' own), and no join is attempted.
+    parking: AtomicBool,
+    /// A planned stop asked over the API (`tandem host shutdown`), with its policy.
+    stop_request: tokio::sync::watch::Sender<Option<shutdown::ShutdownPolicy>>,
     /// The highest epoch this host has promised never to run VMs in again, kept in `data_dir`
     /// across restarts: a fence is announced only through it, and a join answered with an
     /// epoch not past it is given up (see `RuntimeStatus::fenced_through`).
@@ -291,6 +297,8 @@ impl Agent {
             lease_until: AtomicU64::new(0),
             hw_watchdog: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
+            stop_request: tokio::sync::watch::channel(None).0,
             promised_through: AtomicU64::new(read_number(&cfg.data_dir, fencing::PROMISE_FILE)),
             promise_gate: Mutex::new(()),
             cfg,

@@ -325,6 +325,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/clear", post(vm_clear))
         .route("/v1/hosts/{name}/mode", post(host_mode))
         .route("/v1/hosts/{name}/evacuation", get(host_evacuation))
+        .route("/v1/hosts/{name}/shutdown", post(host_shutdown))
         .route("/v1/ftt", get(ftt))
         .route("/v1/plan", get(plan))
         .route("/v1/rebalance", get(rebalance))

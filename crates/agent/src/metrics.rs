@@ -137,6 +137,7 @@ fn render(a: &Agent) -> String {
                     VmPhase::Placed { .. } => "assigned",
                     VmPhase::Migrating { .. } => "migrating",
                     VmPhase::Waiting { .. } => "waiting",
+                    VmPhase::Parked { .. } => "parked",
                 };
                 let protection = match v.spec.protection {
                     Protection::Protect => "protect",

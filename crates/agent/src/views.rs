@@ -14,7 +14,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
 mod rebalance;
+mod shutdown;
 pub use rebalance::{RebalanceMoveView, RebalanceView, UnfixableView};
+pub use shutdown::{ShutdownAsked, ShutdownRequest};
 
 pub use crate::agent::RuntimeStatus;
 pub use crate::consensus::ConsensusStatus;

@@ -65,6 +65,7 @@ pub fn run_agent(config: &std::path::Path) -> Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => a.stop_gracefully().await,
                 Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => a.stop_gracefully().await,
+                policy = a.stop_requested() => a.stop_with(Some(policy)).await,
                 () = stopped_itself => {}
             }
             done.notify_one();

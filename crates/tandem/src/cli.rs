@@ -8,4 +8,5 @@ pub mod maintenance;
 pub mod migrate;
 pub mod output;
 pub mod rebalance;
+pub mod shutdown;
 pub mod vm;

@@ -27,6 +27,8 @@ pub(super) struct Coordination {
     waiting_reasons: BTreeMap<String, String>,
     /// The last reason recorded for each VM that cannot leave its host in maintenance.
     pub(super) stuck_in_maintenance: BTreeMap<String, String>,
+    /// When it first saw each host left with parked VMs that have a hold.
+    parked_holds: tandem_core::parking::ParkedHolds,
 }
 
 impl Agent {
@@ -50,6 +52,28 @@ impl Agent {
             self.evacuate_and_return(&a).await;
             self.count_capacity_retries().await;
             self.release_restart_groups().await;
+            self.release_parked().await;
+        }
+    }
+
+    /// Lets the VMs parked with a host that left run elsewhere once their hold passed.
+    async fn release_parked(&self) {
+        let now = self.clock.now();
+        let due = {
+            let mut c = lock(&self.coordination);
+            self.consensus.with_state(|s| c.parked_holds.due(s, now))
+        };
+        for host in due {
+            match self.submit(Command::ReleaseParked { host }).await {
+                Ok(Ok(Applied::ParkedReleased { names, .. })) => self.events.record(
+                    crate::events::EventKind::ParkedReleased,
+                    None,
+                    Some(&self.host_name(host)),
+                    format!("{} did not come back in time: {} parked VM(s) may run elsewhere ({})", self.host_name(host), names.len(), names.join(", ")),
+                ),
+                Ok(other) => tracing::debug!("release of the VMs parked with {host}: {other:?}"),
+                Err(e) => tracing::debug!("release of the VMs parked with {host} not committed: {e}"),
+            }
         }
     }
 

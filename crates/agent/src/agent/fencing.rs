@@ -19,7 +19,21 @@ impl Agent {
     /// confirmed and the fence has gone out in a heartbeat and the slot, so peers restart the
     /// VMs at once instead of waiting out a fence deadline; only then do the loops stop.
     pub async fn stop_gracefully(&self) {
-        self.evacuate_for_stop().await;
+        self.stop_with(None).await;
+    }
+
+    /// [`Agent::stop_gracefully`] under `policy` (`None`: the configured one). Under `shutdown`
+    /// and `freeze` the VMs are shut down cleanly and parked (`agent/shutdown`); if the leave
+    /// cannot be committed, the stop goes on as `kill` does.
+    pub async fn stop_with(&self, policy: Option<super::shutdown::ShutdownPolicy>) {
+        let policy = policy.unwrap_or(self.cfg.shutdown.policy);
+        if policy.parks() && self.park_for_stop(policy).await {
+            self.stop();
+            return;
+        }
+        if policy == super::shutdown::ShutdownPolicy::Migrate {
+            self.evacuate_for_stop().await;
+        }
         let now = self.clock.now();
         let running = self.driver.list().iter().filter(|v| v.exit.is_none()).count();
         tracing::warn!("stopping: killing {running} VM(s) on this host; peers restart them");
@@ -63,7 +77,7 @@ impl Agent {
         let st = self.status();
         // A state machine that panicked mid-apply (a bug an assertion in `apply` caught) left
         // its state half-changed: nothing starts on it; the next liveness tick fences.
-        st.fenced.is_none() && st.joined_epoch.is_some() && self.holds_lease() && self.consensus.state_intact()
+        st.fenced.is_none() && st.joined_epoch.is_some() && !self.parking.load(Ordering::SeqCst) && self.holds_lease() && self.consensus.state_intact()
     }
 
     /// Whether this host holds its liveness lease now (see `Liveness::lease_valid`).

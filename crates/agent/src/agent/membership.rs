@@ -12,6 +12,11 @@ impl Agent {
         let mut ticks = self.ticks.subscribe();
         while !self.stopping.load(Ordering::SeqCst) {
             self.next_tick(&mut ticks).await;
+            if self.parking.load(Ordering::SeqCst) {
+                // A planned stop is parking this host's VMs: it leaves, and joins again only
+                // after its restart.
+                continue;
+            }
             let st = self.status();
             let assessment = self.assessment();
             let view = MembershipView {
@@ -40,11 +45,19 @@ impl Agent {
             }
             let before = self.consensus.with_state(|s| s.hosts.get(&self.me).map_or(0, |h| h.epoch));
             match self.submit(Command::HostJoined { host: self.me }).await {
-                Ok(Ok(Applied::HostEpoch { epoch, .. })) if self.take_join(epoch) => {
-                    self.events.record(crate::events::EventKind::Joined, None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}"));
+                Ok(Ok(applied @ (Applied::HostEpoch { epoch, .. } | Applied::Rejoined { epoch, .. }))) if self.take_join(epoch) => {
+                    let back = match applied {
+                        Applied::Rejoined { back, elsewhere, .. } => format!(
+                            "; {} VM(s) parked with its planned stop start here again{}",
+                            back.len(),
+                            if elsewhere.is_empty() { String::new() } else { format!(", {} wait for another host", elsewhere.len()) }
+                        ),
+                        _ => String::new(),
+                    };
+                    self.events.record(crate::events::EventKind::Joined, None, Some(&self.cfg.name), format!("joined the cluster in epoch {epoch}{back}"));
                     self.end_shutdown_maintenance().await;
                 }
-                Ok(Ok(Applied::HostEpoch { epoch, .. })) => {
+                Ok(Ok(Applied::HostEpoch { epoch, .. } | Applied::Rejoined { epoch, .. })) => {
                     // A coordinator may already be moving this host's VMs in that epoch on its
                     // word: give the join up and join again, in a later epoch.
                     tracing::warn!("joined in epoch {epoch}, which this host promised never to run VMs in; joining again");

@@ -36,6 +36,10 @@ impl Agent {
 
     /// One pass: the decisions are `tandem_core::reconcile`'s; this executes them in order.
     pub(super) async fn reconcile(self: &Arc<Self>) {
+        if self.parking.load(Ordering::SeqCst) {
+            // A planned stop is shutting the VMs down to park them: their exits are its own.
+            return;
+        }
         let st = self.status();
         let local: Vec<LocalVm> =
             self.driver.list().into_iter().map(|v| LocalVm { name: v.name, generation: v.generation, exit: v.exit, paused: v.paused }).collect();

@@ -72,3 +72,19 @@ pub(super) async fn host_evacuation(State(a): State<Arc<Agent>>, ApiPath(name): 
     })?;
     Ok(Json(EvacuationPlan { host: name, steps }))
 }
+
+/// A planned stop of this agent under a policy. Only the host's own agent takes it (the CLI
+/// sends it there): another answers 409 with the address to ask.
+pub(super) async fn host_shutdown(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath, body: Bytes) -> ApiResult<crate::views::ShutdownAsked> {
+    let b: crate::views::ShutdownRequest = parse(&body, "shutdown request")?;
+    if name != a.cfg.name {
+        let addr = a.consensus.with_state(|s| s.host_by_name(&name).map(|h| h.api_addr.clone()));
+        return Err(match addr {
+            Some(addr) => ApiError::new(StatusCode::CONFLICT, format!("this is {}'s agent: ask {name}'s own agent, at {addr}", a.cfg.name)),
+            None => ApiError::new(StatusCode::NOT_FOUND, format!("unknown host '{name}'")),
+        });
+    }
+    let policy = b.policy.unwrap_or(a.cfg.shutdown.policy);
+    a.request_stop(policy);
+    Ok(Json(crate::views::ShutdownAsked { host: name, policy }))
+}

@@ -243,6 +243,18 @@ pub enum HostOp {
         #[arg(long)]
         force: bool,
     },
+    /// A planned stop of the host's agent: `kill` (peers restart its VMs at once), `migrate`
+    /// (they leave live first), `shutdown` (shut down cleanly and parked: back with the host, or
+    /// elsewhere after its `restart_elsewhere_after_s`) or `freeze` (shut down and parked until
+    /// it returns). Without --policy, the host's configured one. Followed until it has left.
+    Shutdown {
+        name: String,
+        #[arg(long, value_parser = ["kill", "migrate", "shutdown", "freeze"])]
+        policy: Option<String>,
+        /// Return once the stop has begun.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Maintenance by live migration: `enter` shows where each VM goes, puts the host in
     /// maintenance and follows its evacuation (VMs leave live, two at a time, highest priority
     /// first); `exit` puts it back in normal mode and follows its VMs' return.

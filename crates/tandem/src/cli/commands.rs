@@ -67,6 +67,7 @@ fn host(c: &Client, out: Output, op: &HostOp) -> Result<(), ClientError> {
             show(out, &c.send("POST", &format!("/v1/hosts/{name}/mode"), &req)?, kv::<HostModeSet>)
         }
         HostOp::List => show(out, &c.get("/v1/hosts")?, print_hosts),
+        HostOp::Shutdown { name, policy, no_wait } => super::shutdown::run(c, out, name, policy.as_deref(), *no_wait),
         HostOp::Maintenance { action, name, force, no_wait } => super::maintenance::run(c, out, action == "enter", name, *force, *no_wait),
     }
 }
