@@ -15,7 +15,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$here/.cache/guest}
 # Raised whenever what the guest does changes, so a cached older guest is rebuilt.
-GUEST_VERSION=3
+GUEST_VERSION=5
 if [[ -s $OUT/vmlinuz && -s $OUT/initrd.img && $(cat "$OUT/version" 2>/dev/null) == "$GUEST_VERSION" ]]; then
   echo "guest cached in $OUT"
   exit 0
@@ -48,7 +48,7 @@ root=$work/initramfs
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,www,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 gcc -static -Os -Wall -Wextra -o "$root/bin/seqwriter" "$here/scripts/guest/seqwriter.c"
-for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk; do
+for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk evdev button; do
   f=$(find kernel/lib/modules/"$kver" -name "$m.ko*" | head -n1)
   if [[ -n $f ]]; then
     case $f in
@@ -87,12 +87,23 @@ ip addr add "$addr" dev eth0 2>/dev/null
 [ "$addr" != 10.0.2.15/24 ] && arping -q -U -c 2 -I eth0 "${addr%/*}" 2>/dev/null &
 echo "tandem guest $name" > /www/index.html
 echo "booted" > /www/health
+# GET /cgi-bin/poweroff: the guest shuts itself down (as an operator inside it would), for the
+# tests of a guest's own shutdown.
+mkdir -p /www/cgi-bin
+printf '#!/bin/busybox sh\nprintf "Content-Type: text/plain\\r\\n\\r\\npowering off\\n"\n(sleep 0.2; sync; poweroff -f) >/dev/null 2>&1 &\n' > /www/cgi-bin/poweroff
+chmod +x /www/cgi-bin/poweroff
 if [ -b /dev/vda ]; then
   seqwriter /dev/vda /www/seq 5 &
 fi
 httpd -p 80 -h /www
+# The ACPI power button (QEMU's system_powerdown) ends the guest cleanly, as a real guest's
+# acpid does: busybox acpid runs /etc/acpi/PWRF/00000080 on it.
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/busybox sh\necho "TANDEM-GUEST-POWER-BUTTON"\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -l /tmp/acpid.log
 echo "TANDEM-GUEST-READY $name"
-# Power button (ACPI) or Ctrl-Alt-Del ends the guest cleanly.
+# Ctrl-Alt-Del (SIGINT to init) and SIGTERM/SIGUSR2 end it too.
 trap 'poweroff -f' TERM USR2 INT
 while true; do sleep 1; done
 INIT

@@ -89,7 +89,7 @@ impl Launcher {
         t.insert(
             name.to_string(),
             Record {
-                status: VmStatus { name: name.to_string(), generation, pid, started_at_ms: wall_ms(), exit: None, paused: false },
+                status: VmStatus { name: name.to_string(), generation, pid, started_at_ms: wall_ms(), exit: None, paused: false, shutdown_reason: None },
                 stop_requested: false,
                 guest_shutdown: false,
                 panicked: false,
@@ -163,6 +163,13 @@ impl Launcher {
             } else {
                 r.guest_shutdown = true;
             }
+        }
+    }
+
+    /// Records QEMU's reason for a shutdown of this process (kept with its exit).
+    pub fn note_shutdown_reason(&self, name: &str, pid: u32, reason: &str) {
+        if let Some(r) = lock(&self.table).get_mut(name).filter(|r| r.status.pid == pid) {
+            r.status.shutdown_reason = Some(reason.chars().take(64).collect());
         }
     }
 

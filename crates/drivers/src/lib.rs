@@ -67,6 +67,10 @@ pub struct VmStatus {
     /// switchover, or a source whose migration completed).
     #[serde(default)]
     pub paused: bool,
+    /// QEMU's reason for the last shutdown it reported (its SHUTDOWN event: `guest-shutdown`,
+    /// `guest-reset`, `host-qmp-quit`, `host-signal`...), recorded with the exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_reason: Option<String>,
 }
 
 /// Errors of a driver operation.

@@ -192,8 +192,13 @@ impl QemuDriver {
             let launcher = self.launcher.clone();
             let vm = name.to_string();
             let on_event = move |e: QmpEvent| match e.name.as_str() {
-                "SHUTDOWN" if e.data.get("guest").and_then(Value::as_bool) == Some(true) => {
-                    launcher.note_guest_event(&vm, pid, false);
+                "SHUTDOWN" => {
+                    if let Some(reason) = e.data.get("reason").and_then(Value::as_str) {
+                        launcher.note_shutdown_reason(&vm, pid, reason);
+                    }
+                    if e.data.get("guest").and_then(Value::as_bool) == Some(true) {
+                        launcher.note_guest_event(&vm, pid, false);
+                    }
                 }
                 "GUEST_PANICKED" => launcher.note_guest_event(&vm, pid, true),
                 _ => {}

@@ -10,6 +10,7 @@ pub mod liveness;
 pub mod maintenance;
 pub mod mass;
 pub mod migration;
+pub mod plannedstop;
 
 use anyhow::{Context, Result};
 use std::sync::Arc;

@@ -99,6 +99,20 @@ enum BenchOp {
         #[arg(long, default_value = ".cache/guest")]
         guest_dir: std::path::PathBuf,
     },
+    /// A host of three runs N VMs and is stopped with `tandem host shutdown --policy P`: time
+    /// until it has left, then until its VMs run there again after its agent's restart.
+    PlannedStop {
+        #[arg(long, default_value = "qemu")]
+        driver: String,
+        #[arg(long, default_value_t = 4)]
+        vms: usize,
+        #[arg(long, default_value = "shutdown", value_parser = ["kill", "migrate", "shutdown", "freeze"])]
+        policy: String,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value = ".cache/guest")]
+        guest_dir: std::path::PathBuf,
+    },
     /// One host of three runs N process VMs; its power is cut: time until all of them run on
     /// the survivors, and where it goes (commit, starts per second, reconciler passes).
     MassFailover {
@@ -169,6 +183,9 @@ fn main() {
                 guest: guest_dir,
             }),
         ),
+        LabCmd::Bench { op: BenchOp::PlannedStop { driver, vms, policy, rounds, guest_dir } } => {
+            ("bench", tandem_lab::bench::plannedstop::run(driver, *vms, policy, *rounds, guest_dir))
+        }
         LabCmd::Bench { op: BenchOp::MassFailover { vms, rounds } } => ("bench", tandem_lab::bench::mass::run(*vms, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
             ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))

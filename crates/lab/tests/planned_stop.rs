@@ -86,3 +86,40 @@ fn freeze_parks_the_vms_until_the_host_returns_and_shutdown_lets_them_go_elsewhe
     lab.assert_no_double_run()?;
     Ok(())
 }
+
+/// QEMU guests under the `shutdown` policy: each guest powers itself down on the ACPI power
+/// button (its kernel says so in its serial log), the host leaves, and the guests start on it
+/// again when its agent returns; never two copies. Then a guest that powers itself off on its
+/// own stays stopped, with QEMU's reason in the timeline.
+#[test]
+fn qemu_guests_shut_down_cleanly_with_their_host_and_come_back() -> Result<()> {
+    let Some(g) = tandem_lab::bench::migration::test_guest() else { return Ok(()) };
+    let f = tandem_lab::bench::plannedstop::round("qemu", 2, "shutdown", &g, 82)?;
+    eprintln!("{f:?}");
+    assert_eq!(f.powered_down, 2, "every guest powered down cleanly: {f:?}");
+    assert_eq!(f.two_running, 0);
+    Ok(())
+}
+
+/// A guest that powers itself off (from inside: the test guest's `/cgi-bin/poweroff`) stays
+/// stopped — not restarted, not failed over — and the timeline has QEMU's reason.
+#[test]
+fn a_guest_that_shuts_itself_down_stays_stopped_with_qemus_reason() -> Result<()> {
+    let Some(g) = tandem_lab::bench::migration::test_guest() else { return Ok(()) };
+    let ml = tandem_lab::bench::migration::MigrationLab::start("qemu", 128, &g, 83)?;
+    let host = ml.host_of()?;
+    let ip = ml.lab.hosts.iter().find(|h| h.name == host).map(|h| h.ip.clone()).unwrap_or_default();
+    let answer = tandem_lab::demo::http_get(&format!("{ip}:8080"), "/cgi-bin/poweroff", Duration::from_secs(2));
+    assert!(answer.is_some_and(|a| a.contains("powering off")), "the guest's poweroff page answers");
+    wait("the VM to be marked stopped", Duration::from_secs(60), || {
+        let vms: Vec<tandem_agent::views::VmView> = ml.lab.client(0).get_as("/v1/vms").ok()?;
+        vms.iter().find(|v| v.name == "web0").filter(|v| v.desired == tandem_core::state::PowerState::Stopped && v.host.is_none()).map(|_| ())
+    })?;
+    let said = wait("the exit in the timeline", Duration::from_secs(30), || {
+        ml.lab.events().into_iter().find(|e| e.kind == EventKind::VmExited && e.detail.contains("shut itself down")).map(|e| e.detail)
+    })?;
+    assert!(said.contains("QEMU: guest-shutdown"), "{said}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!ml.lab.running().contains_key("web0"), "it stays stopped");
+    Ok(())
+}

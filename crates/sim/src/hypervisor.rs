@@ -121,7 +121,10 @@ impl VmDriver for SimDriver {
                 *p += 1;
                 *p
             };
-            lock(&self.vms).insert(name.clone(), VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None, paused: false });
+            lock(&self.vms).insert(
+                name.clone(),
+                VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None, paused: false, shutdown_reason: None },
+            );
             // Booting takes a moment of virtual time.
             tokio::time::sleep(Duration::from_millis(50)).await;
             Ok(())
@@ -184,7 +187,15 @@ impl VmDriver for SimDriver {
                 *p += 1;
                 *p
             };
-            let status = VmStatus { name: name.clone(), generation: launch.generation, pid, started_at_ms: self.world.now_ms(), exit: None, paused: true };
+            let status = VmStatus {
+                name: name.clone(),
+                generation: launch.generation,
+                pid,
+                started_at_ms: self.world.now_ms(),
+                exit: None,
+                paused: true,
+                shutdown_reason: None,
+            };
             lock(&self.vms).insert(name.clone(), status);
             self.world.log(format!("{}: {name} waits paused for its migration (generation {})", self.name, launch.generation));
             Ok(format!("sim:{}:{}", self.me, launch.generation))

@@ -41,8 +41,11 @@ impl Agent {
             return;
         }
         let st = self.status();
-        let local: Vec<LocalVm> =
-            self.driver.list().into_iter().map(|v| LocalVm { name: v.name, generation: v.generation, exit: v.exit, paused: v.paused }).collect();
+        let listed = self.driver.list();
+        // QEMU's shutdown reasons, read with the exits (a pass forgets an exited VM before it
+        // marks it stopped).
+        let reasons: std::collections::BTreeMap<String, String> = listed.iter().filter_map(|v| Some((v.name.clone(), v.shutdown_reason.clone()?))).collect();
+        let local: Vec<LocalVm> = listed.into_iter().map(|v| LocalVm { name: v.name, generation: v.generation, exit: v.exit, paused: v.paused }).collect();
         let joined = st.joined_epoch.filter(|_| st.fenced.is_none());
         let may_start = joined.is_some() && self.may_start_vms();
         let snapshot = self.consensus.snapshot();
@@ -53,11 +56,11 @@ impl Agent {
             core.pass(&view, self.clock.now())
         };
         for action in actions {
-            self.execute(action, &snapshot.state).await;
+            self.execute(action, &snapshot.state, &reasons).await;
         }
     }
 
-    async fn execute(self: &Arc<Self>, action: Action, state: &tandem_core::state::ClusterState) {
+    async fn execute(self: &Arc<Self>, action: Action, state: &tandem_core::state::ClusterState, reasons: &std::collections::BTreeMap<String, String>) {
         match action {
             Action::Kill { name, reason } => {
                 let _ = self.driver.kill(&name);
@@ -88,13 +91,22 @@ impl Agent {
                 self.events.record(crate::events::EventKind::VmExited, Some(&name), None, format!("{name} exited: {exit:?}"));
             }
             Action::MarkStopped { name, cause } => {
-                if let StopCause::UnprotectedCrash { detail } = &cause {
-                    self.events.record(
+                match &cause {
+                    StopCause::UnprotectedCrash { detail } => self.events.record(
                         crate::events::EventKind::VmCrashed,
                         Some(&name),
                         Some(&self.cfg.name),
                         format!("{name} crashed ({detail}); not protected, so it stays stopped"),
-                    );
+                    ),
+                    StopCause::GuestShutdown => {
+                        let reason = reasons.get(&name);
+                        self.events.record(
+                            crate::events::EventKind::VmExited,
+                            Some(&name),
+                            Some(&self.cfg.name),
+                            format!("{name} shut itself down{}; it stays stopped", reason.map(|r| format!(" (QEMU: {r})")).unwrap_or_default()),
+                        );
+                    }
                 }
                 // Not committed: the core proposes it again next pass and starts nothing meanwhile.
                 match self.submit(Command::SetPower { name: name.clone(), desired: PowerState::Stopped, force: false }).await {
