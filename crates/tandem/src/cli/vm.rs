@@ -148,4 +148,17 @@ mod tests {
         assert!(create(&["db", "--kernel", "/k", "--bridge", "vmbr0"]).is_err(), "a bridged VM needs its own MAC");
         assert!(create(&["db", "--kernel", "/k", "--bridge", "vmbr0", "--mac", "52:54:00:00:00:07", "--hostfwd", "tcp::1-:2"]).is_err());
     }
+
+    /// The systemd unit in the repository runs a command line this CLI accepts.
+    #[test]
+    fn the_systemd_unit_runs_a_valid_agent_command() {
+        let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../contrib/tandem.service")).expect("the unit is in the repository");
+        let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart");
+        let mut words: Vec<&str> = exec.split_whitespace().collect();
+        assert!(words.first().is_some_and(|b| b.ends_with("/tandem")), "{exec}");
+        words[0] = "tandem";
+        let cli = Cli::try_parse_from(&words).expect("the unit's command line parses");
+        assert!(matches!(cli.command, Cmd::Agent { .. }), "{exec}");
+        assert!(unit.contains("KillSignal=SIGTERM") && unit.contains("KillMode=mixed"), "the agent alone gets SIGTERM and stops its VMs by policy");
+    }
 }
