@@ -43,7 +43,7 @@ mod migration;
 mod probe;
 mod reconciler;
 mod shutdown;
-pub use shutdown::{ShutdownConfig, ShutdownPolicy};
+pub use shutdown::{policy_name, ShutdownConfig, ShutdownPolicy};
 mod watchdogs;
 
 pub use probe::{MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL};

@@ -72,6 +72,9 @@ pub enum FaultKind {
     /// A host enters maintenance (its VMs leave by live migration) and leaves it again (they
     /// come back).
     MaintenanceCycle,
+    /// A host's planned stop under a drawn policy (kill, migrate, shutdown, freeze), its agent
+    /// stopped as systemd stops it, then started again.
+    PlannedStop,
 }
 
 use Backend::{Chaos, Sim};
@@ -79,7 +82,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 26] = [
+    pub const ALL: [FaultKind; 27] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -106,6 +109,7 @@ impl FaultKind {
         HostHiccup,
         LiveMigration,
         MaintenanceCycle,
+        PlannedStop,
     ];
 
     pub fn name(self) -> &'static str {
@@ -136,6 +140,7 @@ impl FaultKind {
             Operator => "operator",
             LiveMigration => "live-migration",
             MaintenanceCycle => "maintenance-cycle",
+            PlannedStop => "planned-stop",
         }
     }
 
@@ -160,7 +165,8 @@ impl FaultKind {
             | HostJoin
             | Operator
             | LiveMigration
-            | MaintenanceCycle => &[Sim],
+            | MaintenanceCycle
+            | PlannedStop => &[Sim],
         }
     }
 
@@ -204,9 +210,9 @@ mod tests {
         // changes what an old seed draws — the choice is among all kinds — but never the
         // meaning of `--only`, which the regression seeds use.)
         let sim: Vec<FaultKind> = FaultKind::of(Backend::Sim).collect();
-        assert_eq!(sim.len(), 23);
+        assert_eq!(sim.len(), 24);
         assert_eq!(sim[..21].to_vec(), FaultKind::ALL[..21].to_vec());
-        assert_eq!(sim[21..].to_vec(), vec![LiveMigration, MaintenanceCycle]);
+        assert_eq!(sim[21..].to_vec(), vec![LiveMigration, MaintenanceCycle, PlannedStop]);
         assert_eq!(FaultKind::of(Backend::Chaos).count(), 12);
     }
 }

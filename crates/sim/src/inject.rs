@@ -202,6 +202,7 @@ impl Sim {
             }
             FaultKind::LiveMigration => self.live_migration(kind, now, until, hold).await,
             FaultKind::MaintenanceCycle => self.maintenance_cycle(kind, target).await,
+            FaultKind::PlannedStop => self.planned_stop(kind, now, until, target).await,
             FaultKind::AgentKill | FaultKind::WorkloadKill | FaultKind::HostHiccup => {
                 w.harness_error(format!("{kind} is injected by the fault suite only"));
             }

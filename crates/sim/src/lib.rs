@@ -97,6 +97,8 @@ pub fn fault_kinds() -> Vec<FaultKind> {
 /// The simulated hosts have a hardware watchdog that resets a host this long after its agent
 /// stopped feeding it (the agent's default `watchdog.timeout_s`): a host frozen for longer is
 /// reset while frozen, as the real device would do.
+/// The simulated hosts' `[shutdown] restart_elsewhere_after_s`.
+const SIM_PARK_HOLD_S: u64 = 3;
 const WATCHDOG_RESET_MS: u64 = tandem_core::limits::DEFAULT_WATCHDOG_TIMEOUT_S * 1000;
 
 struct Host {
@@ -156,6 +158,10 @@ impl Sim {
         );
         // The text is built here from valid parts; a failure is a bug in this function.
         let mut cfg = AgentConfig::parse(&text, "simulated host").unwrap_or_else(|e| panic!("simulated config: {e}"));
+        // A planned stop's parked VMs go elsewhere after a hold short enough to see in a seed.
+        cfg.shutdown.restart_elsewhere_after_s = SIM_PARK_HOLD_S;
+        // And a `migrate` stop waits for its evacuation no longer than a seed can afford.
+        cfg.shutdown.evacuate_timeout_s = 20;
         if let Some(t) = self.opts.timings {
             cfg.timings = t;
         }
@@ -164,38 +170,65 @@ impl Sim {
 
     async fn boot(&mut self, i: u32) {
         let w = Arc::clone(&self.world);
-        let h = &mut self.hosts[i as usize];
-        let io = AgentIo {
-            clock: Arc::new(SimClock { world: Arc::clone(&w), me: i, boot: tokio::time::Instant::now(), drift_ppm: h.drift_ppm }),
-            heartbeats: Arc::new(SimTransport { world: Arc::clone(&w), me: i, inbox: tokio::sync::Mutex::new(w.inbox(i)) }),
-            disk: Arc::new(SimDisk { world: Arc::clone(&w), me: i }),
-            rpc: Arc::new(SimRpc { world: Arc::clone(&w), me: i }),
-            driver: Arc::clone(&h.driver) as Arc<dyn tandem_drivers::VmDriver>,
-            os_threads: false,
-            mutation: self.opts.mutation,
-        };
-        {
-            // A fresh boot: powered, running, clock without jumps.
-            let mut c = lock(&w.cond);
-            c.down.remove(&i);
-            c.frozen.remove(&i);
-            c.clock_jump_ms.remove(&i);
-        }
-        // Every task of this agent (its loops, openraft's) logs inside this span (at error level so
-        // the span shows whatever the log filter lets through).
-        let span = tracing::error_span!("host", h = i);
-        match tracing::Instrument::instrument(Agent::with_io(h.cfg.clone(), io), span.clone()).await {
-            Ok(agent) => {
-                if let Err(e) = span.in_scope(|| agent.spawn_loops()) {
-                    w.harness_error(format!("h{i} loops: {e}"));
-                }
-                lock(&w.routers).insert(i, tandem_agent::api::router(Arc::clone(&agent)));
-                h.agent = Some(agent);
-                // The agent reloads its timeline and numbers on, so the cursor stays valid.
-                w.log(format!("h{i} boots"));
+        // A powered-off host's tasks that were awaiting something (a proposal, an RPC, one of
+        // openraft's) still hold its consensus database for a moment of simulated time; a real
+        // reset ends the process at once. The next boot waits for them to be gone (bounded), as
+        // the real one never sees them.
+        let mut waited = 0;
+        let agent = loop {
+            {
+                // A fresh boot: powered, running, clock without jumps.
+                let mut c = lock(&w.cond);
+                c.down.remove(&i);
+                c.frozen.remove(&i);
+                c.clock_jump_ms.remove(&i);
             }
-            Err(e) => w.harness_error(format!("h{i} failed to start: {e}")),
+            let h = &self.hosts[i as usize];
+            let io = AgentIo {
+                clock: Arc::new(SimClock { world: Arc::clone(&w), me: i, boot: tokio::time::Instant::now(), drift_ppm: h.drift_ppm }),
+                heartbeats: Arc::new(SimTransport { world: Arc::clone(&w), me: i, inbox: tokio::sync::Mutex::new(w.inbox(i)) }),
+                disk: Arc::new(SimDisk { world: Arc::clone(&w), me: i }),
+                rpc: Arc::new(SimRpc { world: Arc::clone(&w), me: i }),
+                driver: Arc::clone(&h.driver) as Arc<dyn tandem_drivers::VmDriver>,
+                os_threads: false,
+                mutation: self.opts.mutation,
+            };
+            // Every task of this agent (its loops, openraft's) logs inside this span (at error
+            // level so the span shows whatever the log filter lets through).
+            let span = tracing::error_span!("host", h = i);
+            match tracing::Instrument::instrument(Agent::with_io(h.cfg.clone(), io), span.clone()).await {
+                Ok(agent) => break Some((agent, span)),
+                Err(e) => {
+                    // The whole chain: "consensus failed" alone says too little.
+                    let mut why = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        why.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    if why.contains("Database already open") && waited < 30_000 {
+                        // Still powered off while the old tasks end.
+                        lock(&w.cond).down.insert(i);
+                        self.run_for(Duration::from_millis(50)).await;
+                        waited += 50;
+                        continue;
+                    }
+                    w.harness_error(format!("h{i} failed to start: {why}"));
+                    break None;
+                }
+            }
+        };
+        if waited > 0 {
+            w.log(format!("h{i}: the previous boot's tasks let its database go {waited} ms later"));
         }
+        let Some((agent, span)) = agent else { return };
+        if let Err(e) = span.in_scope(|| agent.spawn_loops()) {
+            w.harness_error(format!("h{i} loops: {e}"));
+        }
+        lock(&w.routers).insert(i, tandem_agent::api::router(Arc::clone(&agent)));
+        self.hosts[i as usize].agent = Some(agent);
+        // The agent reloads its timeline and numbers on, so the cursor stays valid.
+        w.log(format!("h{i} boots"));
     }
 
     async fn power_off(&mut self, i: u32) {

@@ -37,6 +37,9 @@ pub enum Invariant {
     StaleResume,
     /// A live migration that no fault touched did not complete.
     MigrationStuck,
+    /// A VM parked with a host that left under the `freeze` policy ran before that host
+    /// returned.
+    ParkedRan,
 }
 
 impl Invariant {
@@ -50,6 +53,7 @@ impl Invariant {
             Invariant::Lease => "lease",
             Invariant::StaleResume => "stale-resume",
             Invariant::MigrationStuck => "migration-stuck",
+            Invariant::ParkedRan => "parked-ran",
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Planned operations as faults: a live migration with a fault at a random instant of it, and
-//! a host's maintenance cycle. The simulated hypervisor (`hypervisor::SimDriver`) judges every start
+//! Planned operations as faults: a live migration with a fault at a random instant of it, a
+//! host's maintenance cycle, and a host's planned stop under each stop policy. The simulated hypervisor (`hypervisor::SimDriver`) judges every start
 //! and resume; these add the checks that a migration no fault touched completes and that a host
 //! in maintenance lets its movable VMs go.
 
@@ -104,5 +104,68 @@ impl Sim {
         let r = self.send(target, "POST", &format!("/v1/hosts/{host}/mode"), &req).await;
         w.log(format!("HEAL {kind}: {host} leaves maintenance -> {:?}", r.as_ref().map(|r| r.0)));
         self.run_for(Duration::from_secs(6)).await;
+    }
+
+    /// Host `target` is stopped as systemd stops it, under a drawn policy, stays down a while and
+    /// starts again. `kill` and `migrate`: its VMs must run again elsewhere (a recovery is owed).
+    /// `shutdown` and `freeze`, once the host has left: its VMs are parked — under `freeze` none
+    /// may run anywhere until it is back (`parked-ran`), under `shutdown` they must run elsewhere
+    /// once the hold passed — and under both they must run again once it is back. A stop that
+    /// could not commit its leave falls back to `kill`, and is judged as one.
+    pub(super) async fn planned_stop(&mut self, kind: FaultKind, now: u64, until: u64, target: u32) {
+        use tandem_agent::agent::ShutdownPolicy;
+        let w = Arc::clone(&self.world);
+        if !self.up().contains(&target) {
+            return;
+        }
+        let Some(agent) = self.hosts[target as usize].agent.clone() else { return };
+        let policy = [ShutdownPolicy::Shutdown, ShutdownPolicy::Freeze, ShutdownPolicy::Kill, ShutdownPolicy::Migrate][self.rand(4) as usize];
+        let before = self.vms_on(target).await;
+        w.log(format!("FAULT {kind}: h{target} stops (policy {}) with {} VM(s)", tandem_agent::agent::policy_name(policy), before.len()));
+        // The stopping host fences itself under kill and migrate: that is the fault's doing.
+        self.excuse(&[target], until);
+        agent.stop_with(Some(policy)).await;
+        // A `migrate` stop may wait out its evacuation bound: what is owed counts from its end.
+        let now = w.now_ms().max(now);
+        self.excuse(&[target], now + (until - now.min(until)).max(5_000));
+        // The stopping host's own state: a leave it committed is applied there before it stops.
+        let me = tandem_core::HostId(target);
+        let left = agent.consensus.with_state(|s| s.hosts.get(&me).is_some_and(|h| h.status == tandem_core::state::HostStatus::Left));
+        drop(agent);
+        self.power_off(target).await;
+        let parked: Vec<String> = before.iter().filter(|vm| self.created.contains(*vm)).cloned().collect();
+        w.log(format!("h{target} stopped ({}); parked: {}", if left { "left" } else { "not left" }, if left { parked.len() } else { 0 }));
+        let away = Duration::from_secs(SIM_PARK_HOLD_S + 5);
+        match (left, policy) {
+            (true, ShutdownPolicy::Freeze) => {
+                let end = w.now_ms() + away.as_millis() as u64;
+                while w.now_ms() < end {
+                    self.run_for(Duration::from_millis(250)).await;
+                    let running = self.running();
+                    for vm in parked.iter().filter(|vm| running.get(*vm).is_some_and(|on| !on.is_empty())) {
+                        let detail = format!("{vm}, parked with h{target} (freeze), runs on {:?} before h{target} returned", running.get(vm));
+                        w.violation(oracle::Violation::new(Invariant::ParkedRan, detail));
+                    }
+                }
+            }
+            (true, _) => {
+                // shutdown: released after the hold, then placed like any waiting VM.
+                self.recoveries.owe(now, format!("{kind} (shutdown, hold {SIM_PARK_HOLD_S} s) of h{target}"), &parked, &[]);
+                self.run_for(away).await;
+            }
+            (false, _) => {
+                self.recoveries.owe(now, format!("{kind} ({}) of h{target}", tandem_agent::agent::policy_name(policy)), &before, &[]);
+                self.run_for(away).await;
+            }
+        }
+        self.boot(target).await;
+        // Its own fence (kill, migrate) is read from its timeline once it is back.
+        let back = w.now_ms();
+        self.excuse(&[target], back + 5_000);
+        if left && policy == ShutdownPolicy::Freeze {
+            // Back: its parked VMs start on it again.
+            self.recoveries.owe(back, format!("{kind} (freeze) of h{target}: back"), &parked, &[]);
+        }
+        self.run_for(Duration::from_secs(4)).await;
     }
 }

@@ -189,3 +189,21 @@ fn maintenance_cycles_evacuate_and_return_vms_live() {
     }
     assert!(left >= 8, "only {left} evacuations in 8 seeds");
 }
+
+/// Planned stops under every policy: `freeze` parks the VMs and none runs until the host is
+/// back (`parked-ran`), `shutdown` releases them elsewhere after the hold, `kill` and `migrate`
+/// have them restarted or moved; every VM runs again within the recovery bound, nobody healthy
+/// fences. The trace must show leaves under both parking policies and live moves under
+/// `migrate` (a requested policy, not only the configured one, is followed).
+#[test]
+fn planned_stops_park_release_or_move_the_vms_by_policy() {
+    let (mut froze, mut released, mut moved) = (0, 0, 0);
+    for seed in 1..=10 {
+        let r = run(&SimOptions { only: Some(FaultKind::PlannedStop), ..opts(seed, 60) });
+        assert!(r.violations.is_empty(), "seed {seed}: {:#?}", r.violations);
+        froze += r.trace.iter().filter(|l| l.contains("(policy freeze)") && l.contains("event host-left")).count();
+        released += r.trace.iter().filter(|l| l.contains("event parked-released")).count();
+        moved += r.trace.iter().filter(|l| l.contains("(shutdown policy migrate)")).count();
+    }
+    assert!(froze > 0 && released > 0 && moved > 0, "froze {froze}, released {released}, moved {moved}");
+}

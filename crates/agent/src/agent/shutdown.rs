@@ -76,7 +76,7 @@ impl Agent {
     /// or migrating away. Returns how many are still here.
     pub(super) async fn evacuate_for_stop(&self) -> usize {
         let here = || self.consensus.with_state(|s| s.assigned_to(self.me).count());
-        if self.cfg.shutdown.policy != ShutdownPolicy::Migrate || self.status().joined_epoch.is_none() || here() == 0 {
+        if self.status().joined_epoch.is_none() || here() == 0 {
             return here();
         }
         let others = self.consensus.with_state(|s| s.active_hosts().iter().filter(|h| *h != self.me).count());
