@@ -15,7 +15,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$here/.cache/guest}
 # Raised whenever what the guest does changes, so a cached older guest is rebuilt.
-GUEST_VERSION=5
+GUEST_VERSION=7
 if [[ -s $OUT/vmlinuz && -s $OUT/initrd.img && $(cat "$OUT/version" 2>/dev/null) == "$GUEST_VERSION" ]]; then
   echo "guest cached in $OUT"
   exit 0
@@ -101,7 +101,17 @@ httpd -p 80 -h /www
 mkdir -p /etc/acpi/PWRF
 printf '#!/bin/busybox sh\necho "TANDEM-GUEST-POWER-BUTTON"\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod +x /etc/acpi/PWRF/00000080
+# acpid opens the input devices present when it starts: wait for the power button's (the
+# button driver registers it a moment after it is loaded), then for acpid to listen on it.
+for i in $(seq 1 40); do
+  grep -qs "Power Button" /sys/class/input/input*/name && break
+  sleep 0.05
+done
 acpid -l /tmp/acpid.log
+for i in $(seq 1 40); do
+  ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q /dev/input/event && break
+  sleep 0.05
+done
 echo "TANDEM-GUEST-READY $name"
 # Ctrl-Alt-Del (SIGINT to init) and SIGTERM/SIGUSR2 end it too.
 trap 'poweroff -f' TERM USR2 INT

@@ -250,9 +250,14 @@ impl VmDriver for QemuDriver {
             // Mark the coming exit as ours before asking, so it is not taken for a crash.
             self.launcher.signal(name, 0, true);
             if let Some(q) = self.session(name) {
-                let _ = q.execute("system_powerdown", Value::Null, self.qmp_timeout()).await;
-                if self.launcher.wait_exit(name, Duration::from_secs(self.cfg.stop_timeout_s)).await {
-                    return Ok(());
+                // The ACPI power button, pressed again halfway: a guest that was not listening
+                // yet (still booting) misses the first press.
+                let half = Duration::from_millis(self.cfg.stop_timeout_s * 500);
+                for _ in 0..2 {
+                    let _ = q.execute("system_powerdown", Value::Null, self.qmp_timeout()).await;
+                    if self.launcher.wait_exit(name, half).await {
+                        return Ok(());
+                    }
                 }
                 let _ = q.execute("quit", Value::Null, self.qmp_timeout()).await;
                 if self.launcher.wait_exit(name, QUIT_WAIT).await {

@@ -71,3 +71,55 @@ fn a_disk_backed_bridged_guest_keeps_its_address_and_every_acknowledged_write() 
     assert_eq!(most_writers, 1, "two QEMU processes held the image's write lock at once");
     Ok(())
 }
+
+/// A partition between the source and the destination of a live migration, in mid-copy (the
+/// copy slowed to 8 MiB/s so the cut falls while memory is on its way), healed 5 s later: the
+/// migration completes or is aborted — either way the guest runs on exactly one host, its write
+/// sequence never goes back, and at most one QEMU holds its image's write lock.
+#[test]
+fn a_partition_between_source_and_destination_mid_copy_leaves_one_running_copy() -> Result<()> {
+    if !can_use_namespaces() {
+        return Ok(());
+    }
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let dl = DiskGuestLab::start(&format!("tdp{}", std::process::id() % 10_000), &guest, 128, "[migration]\nmax_bandwidth_mib_s = 8\n")?;
+    let locks = LockWatch::start(&dl.image)?;
+    let seq = SeqWatch::start(&dl.addr);
+    let clients: Vec<_> = (0..dl.lab.hosts.len()).map(|i| dl.lab.client(i)).collect();
+    seq.wait_past(0, Duration::from_secs(30))?;
+    let src = dl.index(&dl.host_of()?)?;
+    let dst = (src + 1) % dl.lab.hosts.len();
+    let copies = std::thread::scope(|scope| -> Result<usize> {
+        let watcher = scope.spawn(|| {
+            let mut two = 0;
+            for _ in 0..600 {
+                two += doubly_running(&clients).len();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            two
+        });
+        let migration = scope.spawn(|| dl.migrate_next());
+        std::thread::sleep(Duration::from_millis(800));
+        dl.net.block_pair(src, dst)?;
+        std::thread::sleep(Duration::from_secs(5));
+        dl.net.unblock(src)?;
+        let outcome = migration.join().map_err(|_| anyhow::anyhow!("migration thread"))??;
+        eprintln!("migration under a source-destination cut: {} ({:?})", outcome.result, outcome.reason);
+        Ok(watcher.join().map_err(|_| anyhow::anyhow!("watcher thread"))?)
+    })?;
+    let settled = wait("the guest to write again", Duration::from_secs(60), || {
+        let s = seq.samples();
+        s.last().filter(|l| l.at.elapsed() < Duration::from_secs(1)).copied()
+    })?;
+    let host = dl.host_of()?;
+    let verdict = judge(&seq.finish());
+    let (most_writers, _) = locks.most();
+    eprintln!("ends on {host}; {verdict:?}; two running in {copies} samples; most write-lock holders {most_writers}");
+    assert_eq!(copies, 0, "two hosts ran the guest at once");
+    assert_eq!(verdict.regressions, 0, "{verdict:?}");
+    assert!(verdict.lost.is_empty(), "{verdict:?}");
+    assert_eq!(verdict.boots, 1, "the guest never restarted: {verdict:?}");
+    assert!(settled.last > 0);
+    assert_eq!(most_writers, 1);
+    Ok(())
+}

@@ -64,8 +64,10 @@ pub fn round(driver: &str, vms: usize, policy: &str, guest: &Path, net: u8) -> R
     }
     wait("every VM running on h0", Duration::from_secs(180), || on_h0(&lab, vms).then_some(()))?;
     if driver == "qemu" {
-        // Booted guests (their power-button handler runs once init is done).
-        std::thread::sleep(Duration::from_secs(6));
+        // Booted guests: their power-button handler runs once init is done (a button pressed
+        // before is lost, and the guest is then killed after the stop timeout).
+        let serial = |i: usize| std::fs::read_to_string(lab.hosts[0].data.join("run").join(format!("p{i}.serial"))).unwrap_or_default();
+        wait("every guest booted", Duration::from_secs(180), || (0..vms).all(|i| serial(i).contains("TANDEM-GUEST-READY")).then_some(()))?;
     }
     set_mode(&lab, "h1", HostMode::Normal)?;
     set_mode(&lab, "h2", HostMode::Normal)?;
