@@ -105,7 +105,7 @@ fn a_partition_between_source_and_destination_mid_copy_leaves_one_running_copy()
         dl.net.unblock(src)?;
         let outcome = migration.join().map_err(|_| anyhow::anyhow!("migration thread"))??;
         eprintln!("migration under a source-destination cut: {} ({:?})", outcome.result, outcome.reason);
-        Ok(watcher.join().map_err(|_| anyhow::anyhow!("watcher thread"))?)
+        watcher.join().map_err(|_| anyhow::anyhow!("watcher thread"))
     })?;
     let settled = wait("the guest to write again", Duration::from_secs(60), || {
         let s = seq.samples();

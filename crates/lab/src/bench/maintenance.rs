@@ -19,9 +19,34 @@ pub struct MaintenanceFigures {
     pub two_running: usize,
 }
 
-fn set_mode(lab: &Lab, host: &str, mode: HostMode) -> Result<()> {
+/// Sets `host`'s mode (forced: a lab's setup, not an admission test).
+pub fn set_mode(lab: &Lab, host: &str, mode: HostMode) -> Result<()> {
     lab.client(0).send("POST", &format!("/v1/hosts/{host}/mode"), &HostModeRequest { mode, force: true }).map_err(|e| anyhow!("mode of {host}: {e}"))?;
     Ok(())
+}
+
+/// A fresh 3-host lab whose `vms` demo VMs (`{prefix}0`, `{prefix}1`...) all run on h0: h1 and
+/// h2 are in maintenance while they start, and stay so (the caller puts them back).
+pub fn crowded_lab(driver: &str, vms: usize, guest: &Path, net: u8, api_port: u16, prefix: &str, stop_timeout_s: u64) -> Result<Lab> {
+    let qemu = if driver == "qemu" { format!("[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = {stop_timeout_s}\n") } else { String::new() };
+    let opts = LabOptions { hosts: 3, driver: driver.into(), loopback_net: net, api_port, extra_config: qemu, capacity: (16, 8192), ..LabOptions::default() };
+    let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
+    lab.start_all()?;
+    lab.form_cluster()?;
+    set_mode(&lab, "h1", HostMode::Maintenance)?;
+    set_mode(&lab, "h2", HostMode::Maintenance)?;
+    let c = lab.client(0);
+    for i in 0..vms as u32 {
+        let mut spec = demo_vm(i, driver, guest);
+        spec.name = format!("{prefix}{i}");
+        c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
+        c.send("POST", &format!("/v1/vms/{prefix}{i}/start"), &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
+    }
+    wait("every VM running on h0", Duration::from_secs(180), || {
+        let r = lab.running();
+        ((0..vms).all(|i| r.get(&format!("{prefix}{i}")).is_some_and(|h| h == "h0"))).then_some(())
+    })?;
+    Ok(lab)
 }
 
 fn two_running(lab: &Lab) -> usize {
@@ -31,33 +56,7 @@ fn two_running(lab: &Lab) -> usize {
 
 /// Starts `vms` VMs on h0 of a fresh lab, then puts h0 in maintenance and back.
 pub fn round(driver: &str, vms: usize, guest: &Path, net: u8) -> Result<MaintenanceFigures> {
-    let qemu = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n" } else { "" };
-    let opts = LabOptions {
-        hosts: 3,
-        driver: driver.into(),
-        loopback_net: net,
-        api_port: 7800,
-        extra_config: qemu.into(),
-        capacity: (16, 8192),
-        ..LabOptions::default()
-    };
-    let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
-    lab.start_all()?;
-    lab.form_cluster()?;
-    // Everything on h0: the others take nothing while the VMs start.
-    set_mode(&lab, "h1", HostMode::Maintenance)?;
-    set_mode(&lab, "h2", HostMode::Maintenance)?;
-    let c = lab.client(0);
-    for i in 0..vms as u32 {
-        let mut spec = demo_vm(i, driver, guest);
-        spec.name = format!("m{i}");
-        c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
-        c.send("POST", &format!("/v1/vms/m{i}/start"), &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
-    }
-    wait("every VM running on h0", Duration::from_secs(180), || {
-        let r = lab.running();
-        ((0..vms).all(|i| r.get(&format!("m{i}")).is_some_and(|h| h == "h0"))).then_some(())
-    })?;
+    let lab = crowded_lab(driver, vms, guest, net, 7800, "m", 5)?;
     if driver == "qemu" {
         // Let the guests finish booting (a migration of a booting guest is fine, but the
         // figures are for running guests).

@@ -5,13 +5,14 @@
 //! running on two hosts. For QEMU guests the serial log tells whether each guest powered itself
 //! down (its kernel's "reboot: Power down") rather than being killed.
 
-use crate::demo::{demo_vm, wait};
-use crate::lab::{Lab, LabOptions};
-use anyhow::{anyhow, bail, Result};
+use crate::bench::maintenance::{crowded_lab, set_mode};
+use crate::demo::wait;
+use crate::lab::Lab;
+use anyhow::{bail, Result};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tandem_agent::views::{ForceRequest, HostMode, HostModeRequest, HostView};
+use tandem_agent::views::{HostMode, HostView};
 use tandem_core::state::HostStatus;
 
 /// What one planned stop and return took.
@@ -28,11 +29,6 @@ pub struct PlannedStopFigures {
     pub two_running: usize,
 }
 
-fn set_mode(lab: &Lab, host: &str, mode: HostMode) -> Result<()> {
-    lab.client(0).send("POST", &format!("/v1/hosts/{host}/mode"), &HostModeRequest { mode, force: true }).map_err(|e| anyhow!("mode of {host}: {e}"))?;
-    Ok(())
-}
-
 fn on_h0(lab: &Lab, vms: usize) -> bool {
     let r = lab.running();
     (0..vms).all(|i| r.get(&format!("p{i}")).is_some_and(|h| h == "h0"))
@@ -40,29 +36,7 @@ fn on_h0(lab: &Lab, vms: usize) -> bool {
 
 /// Starts `vms` VMs on h0 of a fresh lab, stops h0 under `policy`, then starts it again.
 pub fn round(driver: &str, vms: usize, policy: &str, guest: &Path, net: u8) -> Result<PlannedStopFigures> {
-    let qemu = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 10\n" } else { "" };
-    let opts = LabOptions {
-        hosts: 3,
-        driver: driver.into(),
-        loopback_net: net,
-        api_port: 7820,
-        extra_config: qemu.into(),
-        capacity: (16, 8192),
-        ..LabOptions::default()
-    };
-    let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
-    lab.start_all()?;
-    lab.form_cluster()?;
-    set_mode(&lab, "h1", HostMode::Maintenance)?;
-    set_mode(&lab, "h2", HostMode::Maintenance)?;
-    let c = lab.client(0);
-    for i in 0..vms as u32 {
-        let mut spec = demo_vm(i, driver, guest);
-        spec.name = format!("p{i}");
-        c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
-        c.send("POST", &format!("/v1/vms/p{i}/start"), &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
-    }
-    wait("every VM running on h0", Duration::from_secs(180), || on_h0(&lab, vms).then_some(()))?;
+    let mut lab = crowded_lab(driver, vms, guest, net, 7820, "p", 10)?;
     if driver == "qemu" {
         // Booted guests: their power-button handler runs once init is done (a button pressed
         // before is lost, and the guest is then killed after the stop timeout).
