@@ -28,7 +28,8 @@ pub(super) async fn rebalance(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery
         .run(move || {
             let s = &snap.state;
             if let Some(r) = q.rule.as_ref().filter(|r| !s.rules.contains_key(*r)) {
-                return Err(ApiError::new(StatusCode::NOT_FOUND, format!("unknown rule '{r}'")));
+                // A bad query value (the path names no resource): 400, as the API documents.
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("unknown rule '{r}'")));
             }
             let plan = rebalance_plan(s, &RebalanceScope { rule: q.rule.clone(), balance: q.balance.unwrap_or(true) });
             let name = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
