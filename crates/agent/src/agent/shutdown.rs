@@ -147,8 +147,8 @@ impl Agent {
                 true
             }
             other => {
+                // `parking` stays set: nothing starts again here before the kill path's fence.
                 tracing::warn!("stopping: the leave was not committed ({other:?}); peers restart the VMs instead");
-                self.parking.store(false, Ordering::SeqCst);
                 false
             }
         }
