@@ -59,10 +59,10 @@ impl Agent {
     /// Lets the VMs parked with a host that left run elsewhere once their hold passed.
     async fn release_parked(&self) {
         let now = self.clock.now();
-        let due = {
-            let mut c = lock(&self.coordination);
-            self.consensus.with_state(|s| c.parked_holds.due(s, now))
-        };
+        // Taken out and put back, so the coordination lock is never held with the state's.
+        let mut holds = std::mem::take(&mut lock(&self.coordination).parked_holds);
+        let due = self.consensus.with_state(|s| holds.due(s, now));
+        lock(&self.coordination).parked_holds = holds;
         for host in due {
             match self.submit(Command::ReleaseParked { host }).await {
                 Ok(Ok(Applied::ParkedReleased { names, .. })) => self.events.record(
