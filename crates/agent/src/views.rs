@@ -371,13 +371,17 @@ pub struct SettingsRequest {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(with = "BTreeMap<String, Option<u64>>")]
     pub group_delays_ms: BTreeMap<u8, Option<u64>>,
+    /// The cluster's planned-stop policy, or null for each host's own; absent: unchanged.
+    #[serde(default, deserialize_with = "present_or_null", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<tandem_core::state::ShutdownPolicy>")]
+    pub shutdown_policy: Option<Option<tandem_core::state::ShutdownPolicy>>,
     #[serde(default)]
     pub force: bool,
 }
 
 /// A present field is `Some`, even when null (`Some(None)`), so that "absent" and "null" differ.
-fn present_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
-    Option::<u32>::deserialize(d).map(Some)
+fn present_or_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `POST /v1/rules`: the rule's fields, and `force`.

@@ -100,6 +100,34 @@ pub struct Settings {
     #[serde(with = "group_keys")]
     #[schemars(with = "BTreeMap<String, u64>")]
     pub group_delays_ms: BTreeMap<u8, u64>,
+    /// What a host's planned stop does with its VMs, for the whole cluster; absent: each host's
+    /// own `[shutdown] policy`. (A host of an older release ignores it and uses its own.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_policy: Option<ShutdownPolicy>,
+}
+
+/// What a host's planned stop (SIGTERM, `tandem host shutdown`) does with its VMs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownPolicy {
+    /// Kill them at once; peers restart them (a few seconds down).
+    #[default]
+    Kill,
+    /// Move them away live first (maintenance), then kill what could not move.
+    Migrate,
+    /// Shut them down cleanly and park them: back with the host, or elsewhere after the
+    /// host's `restart_elsewhere_after_s`.
+    Shutdown,
+    /// Shut them down cleanly and park them until the host returns; nothing fails over.
+    Freeze,
+}
+
+impl ShutdownPolicy {
+    /// Whether the VMs are shut down and parked with the host.
+    #[must_use]
+    pub fn parks(self) -> bool {
+        matches!(self, ShutdownPolicy::Shutdown | ShutdownPolicy::Freeze)
+    }
 }
 
 /// JSON object keys are strings, and a map with integer keys inside an internally tagged enum
@@ -124,7 +152,7 @@ mod group_keys {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { ftt_target: None, vcpu_overcommit_pct: 100, group_delays_ms: BTreeMap::new() }
+        Settings { ftt_target: None, vcpu_overcommit_pct: 100, group_delays_ms: BTreeMap::new(), shutdown_policy: None }
     }
 }
 

@@ -1,7 +1,8 @@
 //! Host–guest coordinated planned stops with real agents, through the operator's CLI:
 //! `freeze` shuts the host's VMs down cleanly and parks them — nothing fails over, nobody is
-//! fenced — and they start again on the host when it returns; `shutdown` parks them too, and
-//! once the host has stayed away longer than `restart_elsewhere_after_s` they run elsewhere.
+//! fenced — and they start again on the host when it returns; `shutdown` (set for the whole
+//! cluster, over the hosts' own `kill`) parks them too, and once the host has stayed away longer
+//! than `restart_elsewhere_after_s` they run elsewhere.
 
 use anyhow::Result;
 use std::process::Command;
@@ -67,9 +68,12 @@ fn freeze_parks_the_vms_until_the_host_returns_and_shutdown_lets_them_go_elsewhe
     // h1's own timeline (read now that it answers again) has its leave.
     assert!(lab.events().iter().any(|e| e.kind == EventKind::HostLeft && e.host == "h1"), "the leave is in the timeline");
 
-    // shutdown with a 2 s hold: parked, then released to the other hosts.
-    let out = cli(&["host", "shutdown", "h1", "--policy", "shutdown"])?;
-    assert!(out.status.success(), "{}", said(&out));
+    // shutdown with a 2 s hold, set for the whole cluster (the hosts' own policy is kill) and
+    // followed by a stop asked without a policy: parked, then released to the other hosts.
+    let out = cli(&["cluster", "set", "--shutdown-policy", "shutdown"])?;
+    assert!(out.status.success() && said(&out).contains("shutdown"), "{}", said(&out));
+    let out = cli(&["host", "shutdown", "h1"])?;
+    assert!(out.status.success() && said(&out).contains("policy shutdown"), "{}", said(&out));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !lab.reap(1) {
         assert!(std::time::Instant::now() < deadline, "h1's agent did not exit");

@@ -22,11 +22,11 @@ impl Agent {
         self.stop_with(None).await;
     }
 
-    /// [`Agent::stop_gracefully`] under `policy` (`None`: the configured one). Under `shutdown`
+    /// [`Agent::stop_gracefully`] under `policy` (`None`: the cluster's, else this host's). Under `shutdown`
     /// and `freeze` the VMs are shut down cleanly and parked (`agent/shutdown`); if the leave
     /// cannot be committed, the stop goes on as `kill` does.
     pub async fn stop_with(&self, policy: Option<super::shutdown::ShutdownPolicy>) {
-        let policy = policy.unwrap_or(self.cfg.shutdown.policy);
+        let policy = policy.unwrap_or_else(|| self.default_stop_policy());
         if policy.parks() && self.park_for_stop(policy).await {
             self.stop();
             return;

@@ -13,7 +13,7 @@
 //!   without it (`freeze`: never on their own).
 
 use super::Agent;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tandem_core::state::{Applied, Command, HostMode};
@@ -23,29 +23,7 @@ pub const SHUTDOWN_MARK: &str = "left-for-shutdown";
 /// How often the stop looks whether the host is empty.
 const EVACUATION_POLL: Duration = Duration::from_millis(200);
 
-/// What a planned stop does with the host's VMs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum ShutdownPolicy {
-    /// Kill them at once; peers restart them (a few seconds down).
-    #[default]
-    Kill,
-    /// Move them away live first (maintenance), then kill what could not move.
-    Migrate,
-    /// Shut them down cleanly and park them: back with the host, or elsewhere after
-    /// `restart_elsewhere_after_s`.
-    Shutdown,
-    /// Shut them down cleanly and park them until the host returns; nothing fails over.
-    Freeze,
-}
-
-impl ShutdownPolicy {
-    /// Whether the VMs are shut down and parked with the host.
-    #[must_use]
-    pub fn parks(self) -> bool {
-        matches!(self, ShutdownPolicy::Shutdown | ShutdownPolicy::Freeze)
-    }
-}
+pub use tandem_core::state::ShutdownPolicy;
 
 /// `[shutdown]` in the agent's configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -152,6 +130,11 @@ impl Agent {
                 false
             }
         }
+    }
+
+    /// The policy of a planned stop asked without one: the cluster's, else this host's own.
+    pub fn default_stop_policy(&self) -> ShutdownPolicy {
+        self.consensus.with_state(|s| s.settings.shutdown_policy).unwrap_or(self.cfg.shutdown.policy)
     }
 
     /// Asks this agent for a planned stop under `policy` (`tandem host shutdown`); the binary's

@@ -125,6 +125,9 @@ pub(super) async fn settings_set(State(a): State<Arc<Agent>>, body: Bytes) -> Ap
     if let Some(p) = b.vcpu_overcommit_pct {
         settings.vcpu_overcommit_pct = p;
     }
+    if let Some(p) = b.shutdown_policy {
+        settings.shutdown_policy = p;
+    }
     for (group, delay) in b.group_delays_ms {
         match delay {
             Some(d) => settings.group_delays_ms.insert(group, d),

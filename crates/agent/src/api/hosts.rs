@@ -84,7 +84,7 @@ pub(super) async fn host_shutdown(State(a): State<Arc<Agent>>, ApiPath(name): Ap
             None => ApiError::new(StatusCode::NOT_FOUND, format!("unknown host '{name}'")),
         });
     }
-    let policy = b.policy.unwrap_or(a.cfg.shutdown.policy);
+    let policy = b.policy.unwrap_or_else(|| a.default_stop_policy());
     a.request_stop(policy);
     Ok(Json(crate::views::ShutdownAsked { host: name, policy }))
 }

@@ -175,6 +175,10 @@ pub enum ClusterOp {
         /// it starts anyway (GROUP=default restores 120 s; repeatable).
         #[arg(long)]
         group_delay: Vec<String>,
+        /// What a host's planned stop does with its VMs, for the whole cluster (`host`: each
+        /// host's own `[shutdown] policy`).
+        #[arg(long, value_parser = ["kill", "migrate", "shutdown", "freeze", "host"])]
+        shutdown_policy: Option<String>,
         /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,

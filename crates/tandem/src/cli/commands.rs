@@ -29,13 +29,18 @@ fn cluster(c: &Client, out: Output, op: &ClusterOp) -> Result<(), ClientError> {
         ClusterOp::Init => show(out, &c.send("POST", "/v1/cluster/init", &EmptyRequest {})?, kv::<Initialized>),
         ClusterOp::Status => show(out, &c.get("/v1/status")?, |s: &StatusView| println!("{}", serde_json::to_string_pretty(s).unwrap_or_default())),
         ClusterOp::Settings => show(out, &c.get("/v1/settings")?, kv::<Settings>),
-        ClusterOp::Set { ftt_target, vcpu_overcommit_pct, group_delay, force } => {
+        ClusterOp::Set { ftt_target, vcpu_overcommit_pct, group_delay, shutdown_policy, force } => {
             let mut req = SettingsRequest { vcpu_overcommit_pct: *vcpu_overcommit_pct, force: *force, ..SettingsRequest::default() };
             if let Some(t) = ftt_target {
                 req.ftt_target =
                     Some(if t == "none" { None } else { Some(t.parse::<u32>().map_err(|_| usage(format!("--ftt-target '{t}' is not a number or 'none'")))?) });
             }
             req.group_delays_ms = group_delays(group_delay)?;
+            req.shutdown_policy = match shutdown_policy.as_deref() {
+                None => None,
+                Some("host") => Some(None),
+                Some(p) => Some(Some(serde_json::from_value(serde_json::json!(p)).map_err(|e| usage(format!("--shutdown-policy: {e}")))?)),
+            };
             show(out, &c.send("POST", "/v1/settings", &req)?, kv::<SettingsSet>)
         }
     }
