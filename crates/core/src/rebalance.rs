@@ -244,7 +244,7 @@ pub fn rebalance_plan(s: &ClusterState, scope: &RebalanceScope) -> RebalancePlan
 mod tests {
     use super::*;
     use crate::state::tests::{cluster, process_vm, run_on};
-    use crate::state::{Applied, Protection};
+    use crate::state::Protection;
 
     fn all() -> RebalanceScope {
         RebalanceScope { rule: None, balance: true }
@@ -258,9 +258,7 @@ mod tests {
     /// Carries the plan out on `s` as the cluster would, move by move.
     fn carry_out(s: &mut ClusterState, plan: &RebalancePlan) {
         for m in &plan.moves {
-            let out = s.apply(&Command::StartMigration { name: m.vm.clone(), to: m.to, force: true, evacuation: false }).expect("start");
-            let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
-            s.apply(&Command::MigrationSwitchover { name: m.vm.clone(), generation: to.generation }).expect("switch");
+            assert!(move_on_copy(s, &m.vm, m.to), "{m:?}");
         }
     }
 

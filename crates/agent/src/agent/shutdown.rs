@@ -17,6 +17,7 @@ use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tandem_core::state::{Applied, Command, HostMode};
+use tracing::Instrument;
 
 /// The marker of a maintenance this host entered for its own stop.
 pub const SHUTDOWN_MARK: &str = "left-for-shutdown";
@@ -103,12 +104,19 @@ impl Agent {
         );
         let bound =
             Duration::from_secs(self.cfg.qemu.stop_timeout_s) + tandem_drivers::qemu::QUIT_WAIT + tandem_drivers::launcher::KILL_WAIT + PARK_STOP_MARGIN;
-        let stops = running.iter().map(|name| async move {
-            if tokio::time::timeout(bound, self.driver.stop(name)).await.is_err() {
-                let _ = self.driver.kill(name);
-            }
-        });
-        futures_join_all(stops).await;
+        let mut stops = tokio::task::JoinSet::new();
+        for name in running {
+            let driver = std::sync::Arc::clone(&self.driver);
+            stops.spawn(
+                async move {
+                    if tokio::time::timeout(bound, driver.stop(&name)).await.is_err() {
+                        let _ = driver.kill(&name);
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        while stops.join_next().await.is_some() {}
         let hold_ms = match policy {
             ShutdownPolicy::Shutdown => Some(self.cfg.shutdown.restart_elsewhere_after_s.saturating_mul(1000)),
             _ => None,
@@ -186,18 +194,4 @@ pub fn policy_name(p: ShutdownPolicy) -> &'static str {
         ShutdownPolicy::Shutdown => "shutdown",
         ShutdownPolicy::Freeze => "freeze",
     }
-}
-
-/// Runs futures concurrently to the end (the stops of one host's VMs: a handful to a few hundred).
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
-    let mut set: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
-    std::future::poll_fn(|cx| {
-        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if set.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
 }

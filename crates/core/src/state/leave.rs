@@ -37,6 +37,15 @@ impl ClusterState {
         Ok(Applied::HostLeft { host, parked })
     }
 
+    /// The VMs parked with `host`, higher priority first.
+    pub(super) fn parked_with(&self, host: HostId) -> Vec<String> {
+        let mut names: Vec<(&String, i32)> =
+            self.vms.values().filter(|v| v.parked().is_some_and(|(h, _)| h == host)).map(|v| (&v.spec.name, v.spec.priority)).collect();
+        // Higher priority first: if the returning host has less room than before, they get it.
+        names.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        names.into_iter().map(|(n, _)| n.clone()).collect()
+    }
+
     pub(super) fn release_parked(&mut self, host: HostId) -> Result<Applied, StateError> {
         let h = self.hosts.get(&host).ok_or(StateError::UnknownHost(host))?;
         if h.status != HostStatus::Left {

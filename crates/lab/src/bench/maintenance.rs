@@ -42,11 +42,15 @@ pub fn crowded_lab(driver: &str, vms: usize, guest: &Path, net: u8, api_port: u1
         c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
         c.send("POST", &format!("/v1/vms/{prefix}{i}/start"), &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
     }
-    wait("every VM running on h0", Duration::from_secs(180), || {
-        let r = lab.running();
-        ((0..vms).all(|i| r.get(&format!("{prefix}{i}")).is_some_and(|h| h == "h0"))).then_some(())
-    })?;
+    wait("every VM running on h0", Duration::from_secs(180), || all_on_h0(&lab, prefix, vms).then_some(()))?;
     Ok(lab)
+}
+
+/// Whether the lab's `vms` VMs `{prefix}0`... all run on h0.
+#[must_use]
+pub fn all_on_h0(lab: &Lab, prefix: &str, vms: usize) -> bool {
+    let r = lab.running();
+    (0..vms).all(|i| r.get(&format!("{prefix}{i}")).is_some_and(|h| h == "h0"))
 }
 
 fn two_running(lab: &Lab) -> usize {

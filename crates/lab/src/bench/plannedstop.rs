@@ -5,9 +5,8 @@
 //! running on two hosts. For QEMU guests the serial log tells whether each guest powered itself
 //! down (its kernel's "reboot: Power down") rather than being killed.
 
-use crate::bench::maintenance::{crowded_lab, set_mode};
+use crate::bench::maintenance::{all_on_h0, crowded_lab, set_mode};
 use crate::demo::wait;
-use crate::lab::Lab;
 use anyhow::{bail, Result};
 use std::path::Path;
 use std::process::Command;
@@ -27,11 +26,6 @@ pub struct PlannedStopFigures {
     pub powered_down: usize,
     /// Samples in which two hosts reported one VM running.
     pub two_running: usize,
-}
-
-fn on_h0(lab: &Lab, vms: usize) -> bool {
-    let r = lab.running();
-    (0..vms).all(|i| r.get(&format!("p{i}")).is_some_and(|h| h == "h0"))
 }
 
 /// Starts `vms` VMs on h0 of a fresh lab, stops h0 under `policy`, then starts it again.
@@ -75,7 +69,7 @@ pub fn round(driver: &str, vms: usize, policy: &str, guest: &Path, net: u8) -> R
     lab.start(0)?;
     wait("every VM running on h0 again", Duration::from_secs(300), || {
         two += crate::bench::migration::doubly_running(&clients).len();
-        on_h0(&lab, vms).then_some(())
+        all_on_h0(&lab, "p", vms).then_some(())
     })?;
     let back_s = t1.elapsed().as_secs_f64();
     Ok(PlannedStopFigures { vms, left_s, back_s, powered_down, two_running: two })
