@@ -202,6 +202,25 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
     }
 }
 
+/// How long a failed or cancelled migration's source gets to run its guest again: QEMU marks the
+/// migration failed before its migration thread restarts the vCPUs it stopped for the completion.
+pub const RESUME_AFTER_FAILURE_WAIT: Duration = Duration::from_secs(2);
+
+/// After a migration that did not complete: QEMU's run state once it has had
+/// [`RESUME_AFTER_FAILURE_WAIT`] to restart the guest — `running`, or the state it stayed in
+/// (`finish-migrate`, `postmigrate`, `paused`), which the caller must treat as a paused copy.
+pub async fn state_after_failure(vm: &str, q: &Qmp, timeout: Duration) -> Result<String, DriverError> {
+    let deadline = tokio::time::Instant::now() + RESUME_AFTER_FAILURE_WAIT;
+    loop {
+        let info = q.execute("query-status", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
+        let status = info.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string();
+        if info.get("running").and_then(Value::as_bool) == Some(true) || tokio::time::Instant::now() >= deadline {
+            return Ok(status);
+        }
+        tokio::time::sleep(SAMPLE_INTERVAL).await;
+    }
+}
+
 /// Resumes a paused guest (`cont`).
 pub async fn resume(vm: &str, q: &Qmp, timeout: Duration) -> Result<(), DriverError> {
     q.execute("cont", Value::Null, timeout).await.map_err(qmp_failed(vm))?;

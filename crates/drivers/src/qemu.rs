@@ -312,7 +312,24 @@ impl VmDriver for QemuDriver {
     ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
         Box::pin(async move {
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            let report = crate::migration::migrate_out(name, &q, self.qmp_timeout(), to).await?;
+            let report = match crate::migration::migrate_out(name, &q, self.qmp_timeout(), to).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // A migration that failed in its completion stopped the vCPUs; QEMU restarts
+                    // them, but a guest left stopped must be seen as a paused copy, or nothing
+                    // would ever resume it (the reconciler resumes paused copies committed state
+                    // places here).
+                    match crate::migration::state_after_failure(name, &q, self.qmp_timeout()).await {
+                        Ok(state) if state == "running" => {}
+                        Ok(state) => {
+                            tracing::warn!("{name}: QEMU left the guest {state} after the migration ended without completing; it counts as paused");
+                            self.launcher.set_paused(name, true);
+                        }
+                        Err(q) => tracing::warn!("{name}: QEMU's state after the migration ended without completing is unknown: {q}"),
+                    }
+                    return Err(e);
+                }
+            };
             // Completed: the guest's vCPUs are stopped here for good unless the migration is aborted.
             self.launcher.set_paused(name, true);
             Ok(report)
