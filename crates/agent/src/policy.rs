@@ -80,7 +80,7 @@ mod tests {
             name: "v".into(),
             vcpus: 1,
             memory_mib: 64,
-            disks: vec![DiskSpec { path: disk.into(), format: None, readonly: false }],
+            disks: vec![DiskSpec { path: disk.into(), format: None, readonly: false, local: false }],
             network: None,
             protection: Protection::Protect,
             priority: 0,

@@ -546,12 +546,19 @@ pub struct MigrationsView {
 pub struct IncomingRequest {
     pub name: String,
     pub generation: u64,
+    /// The local disks that come with it (each created empty at the destination, then mirrored
+    /// into it): every writable local disk of the VM's spec, with its size.
+    #[serde(default)]
+    pub local_disks: Vec<tandem_drivers::diskcopy::LocalDiskSize>,
 }
 
 /// Where the destination listens for the migration stream.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct IncomingReady {
     pub uri: String,
+    /// The NBD server that receives the local disks, `host:port`.
+    #[serde(default)]
+    pub nbd: Option<String>,
 }
 
 /// One VM of a host's evacuation plan: where it would go, or why it cannot move live.

@@ -17,7 +17,10 @@
 //! adds the `bridge` network mode of a VM spec (in `create-vm` and `update-vm`); only entries
 //! whose spec uses it are written in it, so an older host stops at such an entry and says
 //! "upgrade" instead of failing to decode a spec. Format 6 adds a host's planned stop with its
-//! VMs parked (`host-leave`, `release-parked`). A release that adds a command or a field that older hosts would
+//! VMs parked (`host-leave`, `release-parked`). Format 7 adds a VM spec's local disks (`local = true`:
+//! on each host's own storage, copied by live migration, never restarted elsewhere by HA); only
+//! entries whose spec has one are written in it — an older host would read such a spec as a
+//! shared disk. A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -26,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 6;
+pub const LOG_FORMAT: u32 = 7;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -34,6 +37,8 @@ pub(crate) const MIGRATION_FORMAT: u32 = 4;
 pub(crate) const BRIDGE_FORMAT: u32 = 5;
 /// The format of a host's planned stop with parked VMs (`host-leave`, `release-parked`).
 pub(crate) const LEAVE_FORMAT: u32 = 6;
+/// The format of a VM spec with a local disk.
+pub(crate) const LOCAL_DISK_FORMAT: u32 = 7;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -148,8 +153,8 @@ mod tests {
     /// log stays readable) and says precisely why it cannot be applied.
     #[test]
     fn unknown_entries_load_and_refuse_to_apply_with_a_reason() {
-        let newer: LogEntry = serde_json::from_str("{\"format\":7,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
-        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 7 }));
+        let newer: LogEntry = serde_json::from_str("{\"format\":99,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
+        assert_eq!(newer.decode(), Err(LogFormatError::Newer { found: 99 }));
         assert!(newer.decode().err().is_some_and(|e| e.to_string().contains("upgrade")));
         let unknown: LogEntry = serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migrate-vm\",\"name\":\"a\"}}").expect("loads");
         assert!(matches!(unknown.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
@@ -217,5 +222,26 @@ mod tests {
         assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 4, .. })), "{:?}", old.decode());
         spec.network = Some(crate::state::NetworkSpec::User { hostfwd: vec![] });
         assert_eq!(LogEntry::new(&Command::CreateVm { spec }).expect("encodes").format, 2);
+    }
+
+    /// A spec with a local disk is written in format 7: an older host would take the disk for
+    /// a shared one (and restart the VM elsewhere, on an empty or stale copy).
+    #[test]
+    fn local_disk_specs_are_format_7() {
+        let mut spec = crate::state::VmSpec::process("a", 128, 0, &["true"]);
+        spec.protection = crate::state::Protection::BestEffort;
+        spec.disks = vec![crate::state::DiskSpec { path: "a.raw".into(), format: None, readonly: false, local: true }];
+        let create = Command::CreateVm { spec: spec.clone() };
+        let e = LogEntry::new(&create).expect("encodes");
+        assert_eq!(e.format, 7);
+        assert_eq!(e.decode(), Ok((create, None)));
+        let mut old = e.clone();
+        old.format = 6;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 6, .. })), "{:?}", old.decode());
+        spec.disks[0].local = false;
+        spec.disks[0].path = "/shared/a.raw".into();
+        let e = LogEntry::new(&Command::CreateVm { spec }).expect("encodes");
+        assert_eq!(e.format, 2);
+        assert!(!e.command.to_string().contains("local"), "a shared disk's spec reads as before: {}", e.command);
     }
 }

@@ -114,6 +114,8 @@ pub enum LeftDown {
     HardRule,
     /// The hosts left are not a majority of the voting hosts: they cannot commit a failover.
     NoQuorum,
+    /// Its writable disk is on its failed host's own storage: it waits for that host.
+    LocalDisk,
 }
 
 /// The result of one placement run: where each VM goes, and which stay down and why. (Not a

@@ -22,9 +22,23 @@ pub fn place(state: &ClusterState, names: &[String], eligible: HostSet, allow_of
 /// hosts are never eligible). Capacity taken by the failed hosts' own VMs is not counted.
 #[must_use]
 pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) -> PlacementResult {
-    let model = state.placement_model(eligible);
+    let mut model = state.placement_model(eligible);
+    // A VM whose disk is on a failed host's own storage is not restarted anywhere: it waits for
+    // its host (and takes no room in the plan).
+    let bound: Vec<String> = state
+        .vms
+        .values()
+        .filter(|v| v.spec.bound_to_host() && v.desired() == crate::state::PowerState::Running && v.assignment().is_some_and(|a| failed.contains(&a.host)))
+        .map(|v| v.spec.name.clone())
+        .collect();
+    for vm in model.vms.iter_mut().filter(|v| bound.contains(&v.name)) {
+        vm.running = false;
+    }
     let failed: Vec<u32> = failed.iter().filter_map(|h| model.host_index(*h)).collect();
-    model.named(&model.plan(&failed, false))
+    let mut plan = model.named(&model.plan(&failed, false));
+    plan.left_down.retain(|(n, _)| !bound.contains(n));
+    plan.left_down.extend(bound.into_iter().map(|n| (n, LeftDown::LocalDisk)));
+    plan
 }
 
 /// What an operator's "what if these hosts failed together" gets: [`plan_failure`] while the
@@ -82,6 +96,7 @@ pub fn waiting_reason(state: &ClusterState, name: &str, eligible: HostSet) -> Op
         (LeftDown::HardRule, _, _) => "every host with room would break a hard placement rule".into(),
         (LeftDown::ProtectionOff, _, _) => "protection is off".into(),
         (LeftDown::NoQuorum, _, _) => "no quorum".into(),
+        (LeftDown::LocalDisk, _, _) => "its disk is on its host's own storage".into(),
     })
 }
 

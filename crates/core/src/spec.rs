@@ -47,12 +47,29 @@ impl std::str::FromStr for Protection {
 /// A disk attached to a VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DiskSpec {
-    /// Path on shared storage, the same on every host.
+    /// Shared disk: an absolute path on shared storage, the same on every host. Local disk: a
+    /// path relative to each host's `[qemu] local_disk_dir`.
     pub path: String,
     #[serde(default)]
     pub format: Option<String>,
     #[serde(default)]
     pub readonly: bool,
+    /// On the running host's own storage, not shared: a live migration copies it to the
+    /// destination (QEMU's mirror to an NBD export there), and HA cannot restart the VM on
+    /// another host — after its host fails it waits for that host (parked with it). A local
+    /// read-only disk (an installer image, say) is expected on every host and is not copied.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub local: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Whether `path` is a plain relative path that stays inside the directory it is joined to.
+fn stays_inside(path: &str) -> bool {
+    !path.is_empty() && path.len() <= 255 && !path.starts_with('/') && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// A VM's network.
@@ -150,8 +167,12 @@ pub enum SpecError {
     EmptyCommand,
     #[error("qemu driver needs a kernel or at least one disk to boot from")]
     NothingToBoot,
-    #[error("disk path must be absolute: '{0}'")]
+    #[error("disk path must be absolute: '{0}' (a disk on each host's own storage says `local = true`)")]
     RelativeDiskPath(String),
+    #[error("local disk path '{0}' must be relative to the host's local_disk_dir, without '.' or '..' parts, at most 255 characters")]
+    BadLocalDiskPath(String),
+    #[error("a VM with a writable local disk cannot be protected: HA cannot restart it on another host (its disk is on its host); use protection best-effort or off, or shared storage")]
+    ProtectedLocalDisk,
     #[error("restart_group = {0} is outside 0..={MAX_RESTART_GROUP}")]
     BadRestartGroup(u8),
     #[error("{field} '{value}' is refused: {why}")]
@@ -194,8 +215,14 @@ impl VmSpec {
         if !(16..=4 * 1024 * 1024).contains(&self.memory_mib) {
             return Err(SpecError::BadMemory(self.memory_mib));
         }
-        if let Some(d) = self.disks.iter().find(|d| !d.path.starts_with('/')) {
+        if let Some(d) = self.disks.iter().find(|d| !d.local && !d.path.starts_with('/')) {
             return Err(SpecError::RelativeDiskPath(d.path.clone()));
+        }
+        if let Some(d) = self.disks.iter().find(|d| d.local && !stays_inside(&d.path)) {
+            return Err(SpecError::BadLocalDiskPath(d.path.clone()));
+        }
+        if self.protection == Protection::Protect && self.copied_disks().next().is_some() {
+            return Err(SpecError::ProtectedLocalDisk);
         }
         if self.restart_group > MAX_RESTART_GROUP {
             return Err(SpecError::BadRestartGroup(self.restart_group));
@@ -207,9 +234,49 @@ impl VmSpec {
         }
     }
 
+    /// The disks a live migration copies (local and writable), with their index in `disks`.
+    pub fn copied_disks(&self) -> impl Iterator<Item = (usize, &DiskSpec)> {
+        self.disks.iter().enumerate().filter(|(_, d)| d.local && !d.readonly)
+    }
+
+    /// Whether the VM's data lives on its host's own storage: it can move live, but HA cannot
+    /// restart it on another host.
+    #[must_use]
+    pub fn bound_to_host(&self) -> bool {
+        self.copied_disks().next().is_some()
+    }
+
     /// What the VM takes from its host.
     #[must_use]
     pub fn demand(&self) -> Capacity {
         Capacity { vcpus: self.vcpus, memory_mib: self.memory_mib }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_disk(path: &str, local: bool, protection: Protection) -> VmSpec {
+        let mut v = VmSpec::process("a", 128, 0, &["true"]);
+        v.protection = protection;
+        v.disks = vec![DiskSpec { path: path.into(), format: None, readonly: false, local }];
+        v
+    }
+
+    #[test]
+    fn local_disks_stay_in_their_directory_and_are_not_protected() {
+        assert_eq!(with_disk("vms/a.raw", true, Protection::BestEffort).validate(), Ok(()));
+        for bad in ["/abs/a.raw", "../a.raw", "vms/../../a.raw", "vms//a.raw", "./a.raw", ""] {
+            assert_eq!(with_disk(bad, true, Protection::Off).validate(), Err(SpecError::BadLocalDiskPath(bad.into())), "{bad}");
+        }
+        assert_eq!(with_disk("a.raw", true, Protection::Protect).validate(), Err(SpecError::ProtectedLocalDisk));
+        assert!(matches!(with_disk("a.raw", false, Protection::Off).validate(), Err(SpecError::RelativeDiskPath(_))));
+        // A read-only local image (present on every host) is not copied and binds nothing.
+        let mut iso = with_disk("install.iso", true, Protection::Protect);
+        iso.disks[0].readonly = true;
+        assert_eq!(iso.validate(), Ok(()));
+        assert!(!iso.bound_to_host());
+        assert!(with_disk("a.raw", true, Protection::Off).bound_to_host());
     }
 }

@@ -710,7 +710,7 @@ pub(crate) mod tests {
             let mut v = process_vm("q", Protection::Protect, 0, 128);
             v.driver = DriverSpec::Qemu { kernel: Some("/srv/vmlinuz".into()), initrd: None, cmdline: Some("console=ttyS0".into()), extra_args: vec![] };
             v.network = Some(NetworkSpec::User { hostfwd: vec!["tcp:{host_ip}:8080-:80".into()] });
-            v.disks = vec![DiskSpec { path: "/shared/q.raw".into(), format: Some("raw".into()), readonly: false }];
+            v.disks = vec![DiskSpec { path: "/shared/q.raw".into(), format: Some("raw".into()), readonly: false, local: false }];
             f(&mut v);
             v.check_arguments()
         };

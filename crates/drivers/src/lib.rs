@@ -6,6 +6,7 @@
 //! (a dead agent takes its VMs with it) and tracks exits without polling.
 
 pub mod bridge;
+pub mod diskcopy;
 pub mod launcher;
 pub mod limits;
 pub mod migration;
@@ -15,6 +16,7 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 
+use diskcopy::{IncomingEndpoint, LocalDiskSize};
 use serde::Serialize;
 use std::future::Future;
 use std::pin::Pin;
@@ -123,9 +125,21 @@ pub trait VmDriver: Send + Sync + 'static {
     /// Drops the record of an exited VM.
     fn forget(&self, name: &str);
     /// A live migration's destination: starts the VM paused, waiting for the incoming state, and
-    /// returns where the source sends it. `launch.check` admits it as for a start.
-    fn prepare_incoming<'a>(&'a self, _launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+    /// returns where the source sends it. `launch.check` admits it as for a start. `disks`: the
+    /// local disks it receives too (created empty here, then served over NBD).
+    fn prepare_incoming<'a>(&'a self, _launch: &'a VmLaunch, _disks: &'a [LocalDiskSize]) -> BoxFuture<'a, Result<IncomingEndpoint, DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "receive a live migration" }) })
+    }
+    /// The virtual sizes of a running VM's disks `disks` (indices in its spec), which a
+    /// destination creates before it receives them.
+    fn disk_sizes<'a>(&'a self, _name: &'a str, disks: &'a [usize]) -> BoxFuture<'a, Result<Vec<LocalDiskSize>, DriverError>> {
+        Box::pin(async move {
+            if disks.is_empty() {
+                Ok(Vec::new())
+            } else {
+                Err(DriverError::Unsupported { driver: self.kind(), what: "copy local disks" })
+            }
+        })
     }
     /// A live migration's source: sends VM `name` to `to.uri`, following the convergence
     /// schedule, reporting progress, until it completes (the VM is then paused here) or fails

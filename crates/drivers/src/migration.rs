@@ -51,6 +51,16 @@ pub struct MigrationReport {
     pub transferred_bytes: u64,
     /// The schedule's steps taken, in order.
     pub steps: Vec<String>,
+    /// The local disks' copy before the memory's, when the VM has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<DiskCopyReport>,
+}
+
+/// How the copy of a migration's local disks went (the mirror, until both copies were equal).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DiskCopyReport {
+    pub copy_ms: u64,
+    pub bytes: u64,
 }
 
 /// Where and how the source sends one migration.
@@ -58,6 +68,10 @@ pub struct MigrationReport {
 pub struct MigrationTarget {
     /// The destination's address, as its `prepare_incoming` returned it.
     pub uri: String,
+    /// The destination's NBD server for the local disks, and which disks (spec indices) it
+    /// receives; mirrored before memory is sent.
+    pub nbd: Option<String>,
+    pub disks: Vec<usize>,
     pub max_bandwidth: u64,
     pub stall_ms: u64,
     pub overall_ms: u64,
@@ -175,6 +189,7 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
                     downtime_ms: info.get("downtime").and_then(Value::as_u64),
                     transferred_bytes: p.transferred_bytes,
                     steps,
+                    disks: None,
                 });
             }
             "failed" | "cancelled" => {

@@ -75,14 +75,22 @@ impl VmDriver for MixedDriver {
         self.launcher.list()
     }
 
-    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+    fn prepare_incoming<'a>(
+        &'a self,
+        launch: &'a VmLaunch,
+        disks: &'a [crate::diskcopy::LocalDiskSize],
+    ) -> BoxFuture<'a, Result<crate::diskcopy::IncomingEndpoint, DriverError>> {
         let qemu = matches!(launch.spec.driver, DriverSpec::Qemu { .. });
         self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(launch.spec.name.clone(), qemu);
         if qemu {
-            self.qemu.prepare_incoming(launch)
+            self.qemu.prepare_incoming(launch, disks)
         } else {
-            self.process.prepare_incoming(launch)
+            self.process.prepare_incoming(launch, disks)
         }
+    }
+
+    fn disk_sizes<'a>(&'a self, name: &'a str, disks: &'a [usize]) -> BoxFuture<'a, Result<Vec<crate::diskcopy::LocalDiskSize>, DriverError>> {
+        self.qemu.disk_sizes(name, disks)
     }
 
     fn migrate_out<'a>(

@@ -61,8 +61,12 @@ impl VmDriver for ProcessDriver {
     /// once the switchover commits, a fresh start at the destination (the reconciler's). Nothing
     /// runs at the destination beforehand, and nothing is left here that could run again: an
     /// aborted migration starts the process afresh here.
-    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
-        Box::pin(async move { Ok(format!("process:{}", launch.spec.name)) })
+    fn prepare_incoming<'a>(
+        &'a self,
+        launch: &'a VmLaunch,
+        _disks: &'a [crate::diskcopy::LocalDiskSize],
+    ) -> BoxFuture<'a, Result<crate::diskcopy::IncomingEndpoint, DriverError>> {
+        Box::pin(async move { Ok(crate::diskcopy::IncomingEndpoint { uri: format!("process:{}", launch.spec.name), nbd: None }) })
     }
 
     fn migrate_out<'a>(

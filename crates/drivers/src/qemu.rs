@@ -6,11 +6,12 @@ use crate::{BoxFuture, DriverError, VmDriver, VmLaunch, VmStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use crate::diskcopy::{IncomingEndpoint, LocalDiskSize};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_core::state::{DriverSpec, NetworkSpec};
+use tandem_core::state::{DriverSpec, NetworkSpec, VmSpec};
 
 /// How long the guest gets to power down on a stop before QEMU is asked to quit (default of
 /// `[qemu] stop_timeout_s`).
@@ -45,6 +46,13 @@ pub struct QemuConfig {
     /// The bridges VMs may join (`network.mode = "bridge"`); a spec naming another is refused
     /// on this host.
     pub bridges: Vec<String>,
+    /// Where this host keeps the VMs' local disks (`local = true`: their paths are relative
+    /// to it).
+    pub local_disk_dir: String,
+    /// The first port a destination tries for the NBD server that receives local disks.
+    pub nbd_port_base: u16,
+    /// `qemu-img`, which creates a destination's empty non-raw local images.
+    pub img_binary: String,
 }
 
 impl Default for QemuConfig {
@@ -57,6 +65,9 @@ impl Default for QemuConfig {
             stop_timeout_s: DEFAULT_STOP_TIMEOUT_S,
             qmp_timeout_ms: DEFAULT_QMP_TIMEOUT_MS,
             bridges: Vec::new(),
+            local_disk_dir: "/var/lib/tandem/disks".into(),
+            nbd_port_base: 10_810,
+            img_binary: "qemu-img".into(),
         }
     }
 }
@@ -88,6 +99,8 @@ pub struct QemuDriver {
     host_ip: String,
     run_dir: PathBuf,
     sessions: Mutex<HashMap<String, Arc<Qmp>>>,
+    /// Paused incoming copies whose NBD server (receiving their local disks) still runs.
+    serving: Mutex<std::collections::HashSet<String>>,
 }
 
 impl QemuDriver {
@@ -95,7 +108,7 @@ impl QemuDriver {
     /// forwards.
     #[must_use]
     pub fn new(cfg: QemuConfig, launcher: Launcher, host_name: &str, host_ip: &str, run_dir: PathBuf) -> QemuDriver {
-        QemuDriver { cfg, launcher, host_name: host_name.to_string(), host_ip: host_ip.to_string(), run_dir, sessions: Mutex::new(HashMap::new()) }
+        QemuDriver { cfg, launcher, host_name: host_name.to_string(), host_ip: host_ip.to_string(), run_dir, sessions: Mutex::new(HashMap::new()), serving: Mutex::default() }
     }
 
     fn qmp_timeout(&self) -> Duration {
@@ -104,6 +117,55 @@ impl QemuDriver {
 
     fn session(&self, name: &str) -> Option<Arc<Qmp>> {
         self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    }
+
+    /// Where a local disk's image lives on this host.
+    #[must_use]
+    pub fn local_disk(&self, relative: &str) -> PathBuf {
+        crate::diskcopy::local_path(Path::new(&self.cfg.local_disk_dir), relative)
+    }
+
+    fn serving(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Before an incoming copy's QEMU starts: an empty image for each local disk it receives.
+    async fn create_local_disks(&self, spec: &VmSpec, disks: &[LocalDiskSize]) -> Result<(), DriverError> {
+        for d in disks {
+            let disk = spec.disks.get(d.index).filter(|x| x.local && !x.readonly).ok_or_else(|| DriverError::Refused {
+                vm: spec.name.clone(),
+                reason: format!("disk {} is not a writable local disk of this VM", d.index),
+            })?;
+            let format = disk.format.as_deref().unwrap_or("raw");
+            crate::diskcopy::create_image(&spec.name, &self.cfg.img_binary, &self.local_disk(&disk.path), format, d.bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// The source's mirror of its local disks to the destination, before memory is sent.
+    /// Returns the bytes the mirror copied.
+    async fn mirror_disks(&self, name: &str, q: &Qmp, to: &crate::migration::MigrationTarget) -> Result<u64, DriverError> {
+        let Some(nbd) = to.nbd.as_deref().filter(|_| !to.disks.is_empty()) else {
+            return if to.disks.is_empty() {
+                Ok(0)
+            } else {
+                Err(DriverError::Migration { vm: name.to_string(), reason: "the destination serves no NBD export for the local disks".into() })
+            };
+        };
+        let cancel = Arc::clone(&to.cancel);
+        let cancelled = move || cancel.load(std::sync::atomic::Ordering::SeqCst);
+        let report = Arc::clone(&to.progress);
+        let progress = move |done: u64, left: u64| {
+            report(&crate::migration::MigrationProgress {
+                status: "copying disks".into(),
+                transferred_bytes: done,
+                remaining_bytes: left,
+                ..Default::default()
+            });
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(to.overall_ms);
+        let target = crate::diskcopy::MirrorTarget { nbd, disks: &to.disks, speed: to.max_bandwidth, cancelled: &cancelled, progress: &progress, deadline };
+        crate::diskcopy::mirror(name, q, self.qmp_timeout(), &target).await
     }
 
     /// The QEMU command line for a launch.
@@ -140,7 +202,8 @@ impl QemuDriver {
         for (i, d) in spec.disks.iter().enumerate() {
             let fmt = d.format.clone().unwrap_or_else(|| "raw".into());
             let ro = if d.readonly { ",readonly=on" } else { "" };
-            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}", escape_option_value(&d.path))]);
+            let path = if d.local { self.local_disk(&d.path).display().to_string() } else { d.path.clone() };
+            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}", escape_option_value(&path))]);
             c.args(["-device", &format!("virtio-blk-{bus},drive=disk{i}")]);
         }
         match &spec.network {
@@ -280,10 +343,11 @@ impl VmDriver for QemuDriver {
         self.launcher.list()
     }
 
-    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch, disks: &'a [LocalDiskSize]) -> BoxFuture<'a, Result<IncomingEndpoint, DriverError>> {
         Box::pin(async move {
             let name = launch.spec.name.clone();
             std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
+            self.create_local_disks(&launch.spec, disks).await?;
             let mut cmd = self.command(launch)?;
             // Paused, and listening only once asked (so the port is the kernel's choice).
             cmd.args(["-S", "-incoming", "defer"]);
@@ -293,10 +357,19 @@ impl VmDriver for QemuDriver {
                 let q = Arc::new(self.connect_qmp(&name, pid).await?);
                 self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), Arc::clone(&q));
                 self.attach_network(launch).await?;
-                crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout()).await
+                let nbd = if disks.is_empty() {
+                    None
+                } else {
+                    let indices: Vec<usize> = disks.iter().map(|d| d.index).collect();
+                    let addr = crate::diskcopy::serve(&name, &q, self.qmp_timeout(), &self.host_ip, self.cfg.nbd_port_base, &indices).await?;
+                    self.serving().insert(name.clone());
+                    Some(addr)
+                };
+                let uri = crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout()).await?;
+                Ok(IncomingEndpoint { uri, nbd })
             };
             match ready.await {
-                Ok(uri) => Ok(uri),
+                Ok(endpoint) => Ok(endpoint),
                 Err(e) => {
                     self.launcher.signal(&name, libc::SIGKILL, true);
                     Err(e)
@@ -312,7 +385,14 @@ impl VmDriver for QemuDriver {
     ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
         Box::pin(async move {
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            let report = match crate::migration::migrate_out(name, &q, self.qmp_timeout(), to).await {
+            let mirror_started = std::time::Instant::now();
+            let disk_bytes = self.mirror_disks(name, &q, to).await?;
+            let disk_ms = u64::try_from(mirror_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let sent = crate::migration::migrate_out(name, &q, self.qmp_timeout(), to).await;
+            if sent.is_err() && !to.disks.is_empty() {
+                crate::diskcopy::abandon(&q, self.qmp_timeout(), &to.disks).await;
+            }
+            let report = match sent {
                 Ok(r) => r,
                 Err(e) => {
                     // A migration that failed in its completion stopped the vCPUs; QEMU restarts
@@ -332,7 +412,12 @@ impl VmDriver for QemuDriver {
             };
             // Completed: the guest's vCPUs are stopped here for good unless the migration is aborted.
             self.launcher.set_paused(name, true);
-            Ok(report)
+            // Its local disks: the last writes reach the destination before anyone may commit
+            // the switchover; if they cannot, the migration fails and this paused copy (the
+            // only whole one) is resumed by the reconciler once the abort commits.
+            crate::diskcopy::complete(name, &q, self.qmp_timeout(), &to.disks).await?;
+            let disks = (!to.disks.is_empty()).then_some(crate::migration::DiskCopyReport { copy_ms: disk_ms, bytes: disk_bytes });
+            Ok(crate::migration::MigrationReport { disks, ..report })
         })
     }
 
@@ -340,13 +425,38 @@ impl VmDriver for QemuDriver {
         Box::pin(async move {
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             check().map_err(|reason| DriverError::Refused { vm: name.to_string(), reason })?;
+            if self.serving().contains(name) {
+                // From here on only its guest writes its disks.
+                crate::diskcopy::stop_serving(name, &q, self.qmp_timeout()).await?;
+                self.serving().remove(name);
+            }
             crate::migration::resume(name, &q, self.qmp_timeout()).await?;
             self.launcher.set_paused(name, false);
             Ok(())
         })
     }
 
+    fn disk_sizes<'a>(&'a self, name: &'a str, disks: &'a [usize]) -> BoxFuture<'a, Result<Vec<LocalDiskSize>, DriverError>> {
+        Box::pin(async move {
+            if disks.is_empty() {
+                return Ok(Vec::new());
+            }
+            let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let block = q.execute("query-block", serde_json::Value::Null, self.qmp_timeout()).await.map_err(|source| DriverError::Qmp { vm: name.to_string(), source })?;
+            disks
+                .iter()
+                .map(|i| {
+                    let id = format!("disk{i}");
+                    let dev = block.as_array().and_then(|a| a.iter().find(|d| d.get("device").and_then(serde_json::Value::as_str) == Some(&id)));
+                    let bytes = dev.and_then(|d| d.pointer("/inserted/image/virtual-size")).and_then(serde_json::Value::as_u64);
+                    bytes.map(|bytes| LocalDiskSize { index: *i, bytes }).ok_or_else(|| DriverError::Migration { vm: name.to_string(), reason: format!("QEMU does not say the size of disk {i}") })
+                })
+                .collect()
+        })
+    }
+
     fn forget(&self, name: &str) {
+        self.serving().remove(name);
         self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name);
         self.launcher.forget(name);
     }
@@ -362,7 +472,7 @@ mod tests {
             name: "web".into(),
             vcpus: 1,
             memory_mib: 128,
-            disks: vec![DiskSpec { path: "/shared/a,file.locking=off".into(), format: None, readonly: false }],
+            disks: vec![DiskSpec { path: "/shared/a,file.locking=off".into(), format: None, readonly: false, local: false }],
             network: Some(NetworkSpec::User { hostfwd: vec!["tcp:{host_ip}:8080-:80".into()] }),
             protection: Protection::Protect,
             priority: 0,

@@ -171,7 +171,11 @@ impl VmDriver for SimDriver {
     }
 
     /// A paused copy that holds no memory yet: it receives the source's at the migration's end.
-    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch) -> BoxFuture<'a, Result<String, DriverError>> {
+    fn prepare_incoming<'a>(
+        &'a self,
+        launch: &'a VmLaunch,
+        _disks: &'a [tandem_drivers::diskcopy::LocalDiskSize],
+    ) -> BoxFuture<'a, Result<tandem_drivers::diskcopy::IncomingEndpoint, DriverError>> {
         Box::pin(async move {
             let name = launch.spec.name.clone();
             if lock(&self.vms).get(&name).is_some_and(|v| v.exit.is_none()) {
@@ -198,7 +202,7 @@ impl VmDriver for SimDriver {
             };
             lock(&self.vms).insert(name.clone(), status);
             self.world.log(format!("{}: {name} waits paused for its migration (generation {})", self.name, launch.generation));
-            Ok(format!("sim:{}:{}", self.me, launch.generation))
+            Ok(tandem_drivers::diskcopy::IncomingEndpoint { uri: format!("sim:{}:{}", self.me, launch.generation), nbd: None })
         })
     }
 
@@ -259,7 +263,7 @@ impl VmDriver for SimDriver {
             }
             w.log(format!("{}: {name} migrated to host {dest} (generation {generation}); paused here", self.name));
             // The simulated hypervisor measures no downtime: it reports none rather than a made-up one.
-            Ok(tandem_drivers::migration::MigrationReport { total_ms: copied + cut, downtime_ms: None, transferred_bytes: 0, steps: vec![] })
+            Ok(tandem_drivers::migration::MigrationReport { total_ms: copied + cut, downtime_ms: None, transferred_bytes: 0, steps: vec![], disks: None })
         })
     }
 

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::state::{Applied, Assignment, Command, VmPhase};
+use tandem_drivers::diskcopy::LocalDiskSize;
 use tandem_drivers::migration::{MigrationProgress, MigrationReport, MigrationTarget};
 use tracing::Instrument;
 
@@ -66,8 +67,9 @@ struct Outgoing {
 pub(super) struct Migrations {
     outgoing: BTreeMap<String, Outgoing>,
     recent: VecDeque<MigrationOutcome>,
-    /// Paused copies prepared here: (generation, URI), so a repeated request gets the same answer.
-    prepared: BTreeMap<String, (u64, String)>,
+    /// Paused copies prepared here: (generation, endpoint), so a repeated request gets the same
+    /// answer.
+    prepared: BTreeMap<String, (u64, IncomingReady)>,
 }
 
 impl Agent {
@@ -115,11 +117,17 @@ impl Agent {
 
     async fn drive_migration(self: Arc<Self>, name: String, to: Assignment, cancel: Arc<AtomicBool>) {
         let (dest_api, dest_name) = self.consensus.with_state(|s| s.hosts.get(&to.host).map(|h| (h.api_addr.clone(), h.name.clone()))).unwrap_or_default();
-        let result = match self.request_incoming(&dest_api, &name, to.generation, &cancel).await {
-            Err(why) => Err(format!("the destination {dest_name} could not prepare: {why}")),
-            Ok(uri) => {
+        let copied: Vec<usize> =
+            self.consensus.with_state(|s| s.vms.get(&name).map(|v| v.spec.copied_disks().map(|(i, _)| i).collect())).unwrap_or_default();
+        let prepared = match self.driver.disk_sizes(&name, &copied).await {
+            Err(e) => Err(format!("the sizes of its local disks are unknown: {}", crate::api::chain(&e))),
+            Ok(sizes) => self.request_incoming(&dest_api, &name, to.generation, sizes, &cancel).await.map_err(|why| format!("the destination {dest_name} could not prepare: {why}")),
+        };
+        let result = match prepared {
+            Err(why) => Err(why),
+            Ok(ready) => {
                 self.set_phase(&name, MigrationPhase::Copying);
-                let target = self.migration_target(&name, uri, &cancel);
+                let target = self.migration_target(&name, ready, copied, &cancel);
                 match self.driver.migrate_out(&name, &target).await {
                     Err(e) => Err(crate::api::chain(&e)),
                     Ok(report) => {
@@ -138,8 +146,15 @@ impl Agent {
     }
 
     /// Asks the destination for its paused copy; retried while it may still come.
-    async fn request_incoming(&self, dest_api: &str, name: &str, generation: u64, cancel: &AtomicBool) -> Result<String, String> {
-        let body = serde_json::to_vec(&IncomingRequest { name: name.to_string(), generation }).map_err(|e| e.to_string())?;
+    async fn request_incoming(
+        &self,
+        dest_api: &str,
+        name: &str,
+        generation: u64,
+        local_disks: Vec<LocalDiskSize>,
+        cancel: &AtomicBool,
+    ) -> Result<IncomingReady, String> {
+        let body = serde_json::to_vec(&IncomingRequest { name: name.to_string(), generation, local_disks }).map_err(|e| e.to_string())?;
         let mut last = String::from("no attempt");
         for _ in 0..PREPARE_ATTEMPTS {
             if cancel.load(Ordering::SeqCst) {
@@ -147,8 +162,7 @@ impl Agent {
             }
             match self.rpc.call(dest_api, "/v1/internal/incoming", Some(&self.token), Some(body.clone()), PREPARE_TIMEOUT).await {
                 Ok(r) if r.status == 200 => {
-                    let ready: IncomingReady = serde_json::from_slice(&r.body).map_err(|e| format!("unreadable answer: {e}"))?;
-                    return Ok(ready.uri);
+                    return serde_json::from_slice(&r.body).map_err(|e| format!("unreadable answer: {e}"));
                 }
                 Ok(r) => last = String::from_utf8_lossy(&r.body).chars().take(300).collect(),
                 Err(e) => last = crate::api::chain(&e),
@@ -158,12 +172,14 @@ impl Agent {
         Err(last)
     }
 
-    fn migration_target(self: &Arc<Self>, name: &str, uri: String, cancel: &Arc<AtomicBool>) -> MigrationTarget {
+    fn migration_target(self: &Arc<Self>, name: &str, ready: IncomingReady, disks: Vec<usize>, cancel: &Arc<AtomicBool>) -> MigrationTarget {
         let weak = Arc::downgrade(self);
         let vm = name.to_string();
         let clock = Arc::clone(&self.clock);
         MigrationTarget {
-            uri,
+            uri: ready.uri,
+            nbd: ready.nbd,
+            disks,
             max_bandwidth: self.cfg.migration.max_bandwidth_mib_s << 20,
             stall_ms: self.cfg.migration.stall_s * 1000,
             overall_ms: self.cfg.migration.timeout_s * 1000,
@@ -228,11 +244,12 @@ impl Agent {
         };
         let detail = match (&report, &reason) {
             (Some(r), None) => format!(
-                "{name} moved live to {dest_name} in {:.2} s (downtime {} as QEMU measured it; {} MiB sent; {})",
+                "{name} moved live to {dest_name} in {:.2} s (downtime {} as QEMU measured it; {} MiB sent; {}){}",
                 r.total_ms as f64 / 1000.0,
                 r.downtime_ms.map_or_else(|| "not reported".to_string(), |d| format!("{d} ms")),
                 r.transferred_bytes >> 20,
-                r.steps.join(", ")
+                r.steps.join(", "),
+                r.disks.as_ref().map_or_else(String::new, |d| format!("; its local disks copied first: {} MiB in {:.2} s", d.bytes >> 20, d.copy_ms as f64 / 1000.0))
             ),
             (_, Some(why)) => format!("migration of {name} to {dest_name} aborted: {why}; it runs on at {}", self.cfg.name),
             (None, None) => String::new(),
@@ -260,7 +277,7 @@ impl Agent {
 
     /// The destination's side of `POST /v1/internal/incoming`: starts the paused copy that
     /// committed state migrates here, or says why not.
-    pub async fn prepare_incoming(self: &Arc<Self>, req: &IncomingRequest) -> Result<String, String> {
+    pub async fn prepare_incoming(self: &Arc<Self>, req: &IncomingRequest) -> Result<IncomingReady, String> {
         let deadline = tokio::time::Instant::now() + INCOMING_APPLY_WAIT;
         let spec = loop {
             let found = self.consensus.with_state(|s| {
@@ -274,18 +291,26 @@ impl Agent {
                 None => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
-        if let Some((g, uri)) = lock(&self.migrations).prepared.get(&req.name) {
+        if let Some((g, ready)) = lock(&self.migrations).prepared.get(&req.name) {
             if *g == req.generation {
-                return Ok(uri.clone());
+                return Ok(ready.clone());
             }
+        }
+        // Every writable local disk must come with it: a disk left out would be started from
+        // whatever (stale or no) image this host has.
+        let copied: Vec<usize> = spec.copied_disks().map(|(i, _)| i).collect();
+        let offered: Vec<usize> = req.local_disks.iter().map(|d| d.index).collect();
+        if copied != offered {
+            return Err(format!("the VM's local disks are {copied:?}, the request brings {offered:?}"));
         }
         if !self.may_start_vms() {
             return Err("this host may not start VMs now (not joined, fenced or without its lease)".into());
         }
         let check = self.start_check_as(&spec, req.generation, super::fencing::StartKind::Incoming);
         let launch = tandem_drivers::VmLaunch { spec, generation: req.generation, check };
-        let uri = self.driver.prepare_incoming(&launch).await.map_err(|e| crate::api::chain(&e))?;
-        lock(&self.migrations).prepared.insert(req.name.clone(), (req.generation, uri.clone()));
+        let endpoint = self.driver.prepare_incoming(&launch, &req.local_disks).await.map_err(|e| crate::api::chain(&e))?;
+        let ready = IncomingReady { uri: endpoint.uri, nbd: endpoint.nbd };
+        lock(&self.migrations).prepared.insert(req.name.clone(), (req.generation, ready.clone()));
         self.wake_on_switchover(&req.name, req.generation);
         if self.mutation == Some(crate::io::Mutation::ResumeBeforeSwitchover) {
             let (a, name) = (Arc::clone(self), req.name.clone());
@@ -297,7 +322,7 @@ impl Agent {
                 .in_current_span(),
             );
         }
-        Ok(uri)
+        Ok(ready)
     }
 
     /// Watches the applied state until the migration to `generation` here ends, then wakes the

@@ -52,7 +52,7 @@ pub(super) async fn migrations(State(a): State<Arc<Agent>>) -> Json<MigrationsVi
 pub(super) async fn internal_incoming(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<IncomingReady> {
     let req: IncomingRequest = parse(&body, "incoming request")?;
     match a.prepare_incoming(&req).await {
-        Ok(uri) => Ok(Json(IncomingReady { uri })),
+        Ok(ready) => Ok(Json(ready)),
         Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
     }
 }

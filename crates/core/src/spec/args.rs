@@ -101,7 +101,12 @@ impl VmSpec {
     /// newer release never makes hosts disagree about an entry already in the log.
     pub fn check_arguments(&self) -> Result<(), SpecError> {
         for d in &self.disks {
-            check_path("disk path", &d.path)?;
+            if d.local {
+                // Relative to the host's local_disk_dir (`validate` keeps it inside).
+                check_path("local disk path", &format!("/{}", d.path))?;
+            } else {
+                check_path("disk path", &d.path)?;
+            }
             if let Some(f) = d.format.as_deref().filter(|f| !DISK_FORMATS.contains(f)) {
                 return Err(bad("disk format", f, "must be raw or qcow2"));
             }

@@ -330,10 +330,17 @@ impl ClusterState {
         }
         self.abort_migrations_to(host);
         // Everything on the failed host is released first, so capacity is counted without it.
+        // A VM whose disk is on that host's own storage cannot start anywhere else: it is
+        // parked with the host, and starts there again when it rejoins (fenced, it runs nothing
+        // until then).
         let victims: Vec<String> = self.assigned_to(host).map(|v| v.spec.name.clone()).collect();
         for name in &victims {
             if let Some(vm) = self.vms.get_mut(name) {
-                vm.unassign();
+                if vm.spec.bound_to_host() && vm.spec.protection != Protection::Off {
+                    vm.park(host, None);
+                } else {
+                    vm.unassign();
+                }
             }
         }
         let mut moved = Vec::new();
@@ -370,6 +377,8 @@ impl ClusterState {
                     Protection::BestEffort => vm.phase = VmPhase::Waiting { capacity_retries: Some(0) },
                     Protection::Off => vm.phase = VmPhase::Stopped,
                 }
+            } else if vm.parked().is_some() {
+                left_down.push(name.clone());
             }
         }
         Ok(Applied::FailedOver { host, moved, left_down })

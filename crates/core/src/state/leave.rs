@@ -29,7 +29,8 @@ impl ClusterState {
         self.abort_migrations_to(host);
         let mut parked = Vec::new();
         for vm in self.vms.values_mut().filter(|v| v.is_on(host)) {
-            vm.park(host, hold_ms);
+            // A VM on the host's own storage has no hold: it can only wait for its host.
+            vm.park(host, if vm.spec.bound_to_host() { None } else { hold_ms });
             if vm.parked().is_some() {
                 parked.push(vm.spec.name.clone());
             }
@@ -51,7 +52,8 @@ impl ClusterState {
         if h.status != HostStatus::Left {
             return Err(StateError::Stale(format!("release of the VMs parked with {host}, but the host is {:?}", h.status)));
         }
-        let names = self.parked_with(host);
+        // A VM whose disk is on the host's own storage stays parked: it can run nowhere else.
+        let names: Vec<String> = self.parked_with(host).into_iter().filter(|n| self.vms.get(n).is_some_and(|v| !v.spec.bound_to_host())).collect();
         for name in &names {
             if let Some(vm) = self.vms.get_mut(name) {
                 // As after a failover: protected VMs wait for room, best-effort ones for a
@@ -67,16 +69,18 @@ impl ClusterState {
     }
 
     /// After `host` joined in `epoch`: its parked VMs are placed on it again where it may take
-    /// them (room, mode, hard rules), the others wait for any host.
+    /// them (room, mode, hard rules), the others wait for any host. A VM whose disk is on the
+    /// host's own storage goes back to it in any case: it can run nowhere else, and the room
+    /// it takes was its own before the host left.
     pub(super) fn unpark_on_return(&mut self, host: HostId, epoch: u64) -> Result<Applied, StateError> {
         let (mut back, mut elsewhere) = (Vec::new(), Vec::new());
         for name in self.parked_with(host) {
-            let Some(demand) = self.vms.get(&name).map(|v| v.spec.demand()) else { continue };
+            let Some((demand, bound)) = self.vms.get(&name).map(|v| (v.spec.demand(), v.spec.bound_to_host())) else { continue };
             // Waiting first, so the checks below count it like any VM being placed.
             if let Some(vm) = self.vms.get_mut(&name) {
                 vm.phase = VmPhase::Waiting { capacity_retries: None };
             }
-            if self.check_target(&name, host, demand).is_ok() {
+            if bound || self.check_target(&name, host, demand).is_ok() {
                 let generation = self.next_gen();
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.place(Assignment { host, generation }, false);
@@ -167,5 +171,38 @@ mod tests {
         run_on(&mut s, process_vm("m", Protection::Protect, 0, 512), 0);
         s.apply(&Command::StartMigration { name: "m".into(), to: HostId(1), force: true, evacuation: false }).expect("start");
         assert!(matches!(leave(&mut s, 0, None), Err(StateError::Stale(_))));
+    }
+
+    /// A VM whose disk is on its host's own storage: a failover parks it with the failed host
+    /// (no plan moves it, the plan says why), a planned stop's release leaves it parked, and it
+    /// runs on that host again when it rejoins — even in maintenance.
+    #[test]
+    fn a_vm_on_local_storage_waits_for_its_host() {
+        let mut s = cluster(3, 4096);
+        let mut local = process_vm("l", Protection::BestEffort, 0, 512);
+        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true }];
+        run_on(&mut s, local, 0);
+        run_on(&mut s, process_vm("p", Protection::Protect, 0, 512), 0);
+        let plan = crate::recovery::plan_failover(&s, HostId(0), s.members());
+        assert_eq!(plan.placements.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["p"]);
+        assert_eq!(plan.left_down, vec![("l".to_string(), crate::placement::LeftDown::LocalDisk)]);
+        let epoch = s.hosts[&HostId(0)].epoch;
+        let smuggled = vec![("l".to_string(), HostId(1)), ("p".to_string(), HostId(1))];
+        let Ok(Applied::FailedOver { moved, left_down, .. }) = s.apply(&Command::Failover { host: HostId(0), epoch, plan: smuggled }) else { panic!("failover") };
+        assert_eq!(moved.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(), ["p"], "a plan naming it does not move it");
+        assert_eq!(left_down, vec!["l".to_string()]);
+        assert_eq!(s.vms["l"].parked(), Some((HostId(0), None)));
+        assert!(!s.unplaced().contains(&"l".to_string()));
+        s.apply(&Command::SetHostMode { host: HostId(0), mode: crate::state::HostMode::Maintenance, force: true }).expect("mode");
+        let Ok(Applied::Rejoined { back, .. }) = s.apply(&Command::HostJoined { host: HostId(0) }) else { panic!("rejoin") };
+        assert_eq!(back.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["l"]);
+        assert!(s.vms["l"].is_on(HostId(0)));
+        // A planned stop with a hold: the local VM is parked without one, and a release (for
+        // the other VMs) leaves it parked.
+        leave(&mut s, 0, Some(1_000)).expect("leaves");
+        assert_eq!(s.vms["l"].parked(), Some((HostId(0), None)));
+        let out = s.apply(&Command::ReleaseParked { host: HostId(0) }).expect("released");
+        assert_eq!(out, Applied::ParkedReleased { host: HostId(0), names: vec![] });
+        assert_eq!(s.vms["l"].parked(), Some((HostId(0), None)));
     }
 }

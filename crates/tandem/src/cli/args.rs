@@ -368,6 +368,10 @@ pub struct CreateArgs {
     /// QEMU: a disk image on shared storage (repeatable).
     #[arg(long)]
     pub disk: Vec<String>,
+    /// QEMU: a disk image on each host's own storage, relative to its `[qemu] local_disk_dir`
+    /// (repeatable): copied by live migration; HA cannot restart the VM elsewhere.
+    #[arg(long)]
+    pub local_disk: Vec<String>,
     /// QEMU user networking port forward, e.g. tcp:{host_ip}:8080-:80 (repeatable).
     #[arg(long, conflicts_with = "bridge")]
     pub hostfwd: Vec<String>,
