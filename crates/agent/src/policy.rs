@@ -42,7 +42,9 @@ impl HostPolicy {
     /// Checks `spec` against this host's policy. Reads file metadata (is it a device? where
     /// does the symlink lead?), so it runs on the host, right before a start.
     pub fn admits(&self, spec: &VmSpec) -> Result<(), PolicyRefusal> {
-        let mut files: Vec<(&'static str, &str)> = spec.disks.iter().map(|d| ("disk", d.path.as_str())).collect();
+        // A local disk is confined to the host's own `[qemu] local_disk_dir` (its relative path
+        // has no `..`: checked with the spec), which the host's operator chose.
+        let mut files: Vec<(&'static str, &str)> = spec.disks.iter().filter(|d| !d.local).map(|d| ("disk", d.path.as_str())).collect();
         if let DriverSpec::Qemu { kernel, initrd, extra_args, .. } = &spec.driver {
             if !extra_args.is_empty() && !self.allow_extra_args {
                 return Err(PolicyRefusal::ExtraArgs);

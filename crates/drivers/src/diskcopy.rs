@@ -24,6 +24,8 @@ pub const MIRROR_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 pub const MIRROR_COMPLETE_WAIT: Duration = Duration::from_secs(30);
 /// Ports tried for a destination's NBD server, from `nbd_port_base` on.
 pub const NBD_PORT_ATTEMPTS: u16 = 16;
+/// The largest local disk a destination creates on a peer's request (64 TiB).
+pub const MAX_LOCAL_DISK_BYTES: u64 = 64 << 40;
 /// How long creating one empty image (`qemu-img create` for non-raw formats) may take.
 pub const CREATE_IMAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -62,6 +64,9 @@ fn copy_failed(vm: &str, reason: String) -> DriverError {
 /// The destination's side, before its QEMU starts: an empty image of `bytes` at `path`
 /// (any earlier copy there is stale — the VM ran elsewhere since — and is replaced).
 pub async fn create_image(vm: &str, qemu_img: &str, path: &Path, format: &str, bytes: u64) -> Result<(), DriverError> {
+    if bytes > MAX_LOCAL_DISK_BYTES {
+        return Err(copy_failed(vm, format!("a local disk of {bytes} bytes is larger than {MAX_LOCAL_DISK_BYTES}")));
+    }
     let io = |e: std::io::Error| copy_failed(vm, format!("could not create the local disk {}: {e}", path.display()));
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;

@@ -1,12 +1,12 @@
 //! The `qemu` driver: real QEMU guests, controlled over QMP on a UNIX socket.
 
+use crate::diskcopy::{IncomingEndpoint, LocalDiskSize};
 use crate::launcher::Launcher;
 use crate::qmp::{Qmp, QmpEvent};
 use crate::{BoxFuture, DriverError, VmDriver, VmLaunch, VmStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
-use crate::diskcopy::{IncomingEndpoint, LocalDiskSize};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -108,7 +108,15 @@ impl QemuDriver {
     /// forwards.
     #[must_use]
     pub fn new(cfg: QemuConfig, launcher: Launcher, host_name: &str, host_ip: &str, run_dir: PathBuf) -> QemuDriver {
-        QemuDriver { cfg, launcher, host_name: host_name.to_string(), host_ip: host_ip.to_string(), run_dir, sessions: Mutex::new(HashMap::new()), serving: Mutex::default() }
+        QemuDriver {
+            cfg,
+            launcher,
+            host_name: host_name.to_string(),
+            host_ip: host_ip.to_string(),
+            run_dir,
+            sessions: Mutex::new(HashMap::new()),
+            serving: Mutex::default(),
+        }
     }
 
     fn qmp_timeout(&self) -> Duration {
@@ -132,10 +140,11 @@ impl QemuDriver {
     /// Before an incoming copy's QEMU starts: an empty image for each local disk it receives.
     async fn create_local_disks(&self, spec: &VmSpec, disks: &[LocalDiskSize]) -> Result<(), DriverError> {
         for d in disks {
-            let disk = spec.disks.get(d.index).filter(|x| x.local && !x.readonly).ok_or_else(|| DriverError::Refused {
-                vm: spec.name.clone(),
-                reason: format!("disk {} is not a writable local disk of this VM", d.index),
-            })?;
+            let disk = spec
+                .disks
+                .get(d.index)
+                .filter(|x| x.local && !x.readonly)
+                .ok_or_else(|| DriverError::Refused { vm: spec.name.clone(), reason: format!("disk {} is not a writable local disk of this VM", d.index) })?;
             let format = disk.format.as_deref().unwrap_or("raw");
             crate::diskcopy::create_image(&spec.name, &self.cfg.img_binary, &self.local_disk(&disk.path), format, d.bytes).await?;
         }
@@ -160,6 +169,7 @@ impl QemuDriver {
                 status: "copying disks".into(),
                 transferred_bytes: done,
                 remaining_bytes: left,
+                total_bytes: done + left,
                 ..Default::default()
             });
         };
@@ -442,14 +452,19 @@ impl VmDriver for QemuDriver {
                 return Ok(Vec::new());
             }
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            let block = q.execute("query-block", serde_json::Value::Null, self.qmp_timeout()).await.map_err(|source| DriverError::Qmp { vm: name.to_string(), source })?;
+            let block = q
+                .execute("query-block", serde_json::Value::Null, self.qmp_timeout())
+                .await
+                .map_err(|source| DriverError::Qmp { vm: name.to_string(), source })?;
             disks
                 .iter()
                 .map(|i| {
                     let id = format!("disk{i}");
                     let dev = block.as_array().and_then(|a| a.iter().find(|d| d.get("device").and_then(serde_json::Value::as_str) == Some(&id)));
                     let bytes = dev.and_then(|d| d.pointer("/inserted/image/virtual-size")).and_then(serde_json::Value::as_u64);
-                    bytes.map(|bytes| LocalDiskSize { index: *i, bytes }).ok_or_else(|| DriverError::Migration { vm: name.to_string(), reason: format!("QEMU does not say the size of disk {i}") })
+                    bytes
+                        .map(|bytes| LocalDiskSize { index: *i, bytes })
+                        .ok_or_else(|| DriverError::Migration { vm: name.to_string(), reason: format!("QEMU does not say the size of disk {i}") })
                 })
                 .collect()
         })

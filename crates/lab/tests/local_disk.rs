@@ -82,7 +82,8 @@ fn local_lab(net: u8, extra: &str, fill: impl Fn(&std::path::Path) -> Result<()>
 }
 
 fn migrate(lab: &Lab, to: &str) -> Result<MigrationBegun> {
-    let v = lab.client(0).send("POST", "/v1/vms/web0/migrate", &MigrateRequest { to: Some(to.to_string()), force: false }).map_err(|e| anyhow!("migrate: {e}"))?;
+    let v =
+        lab.client(0).send("POST", "/v1/vms/web0/migrate", &MigrateRequest { to: Some(to.to_string()), force: false }).map_err(|e| anyhow!("migrate: {e}"))?;
     Ok(serde_json::from_value(v)?)
 }
 
@@ -173,7 +174,13 @@ fn a_destination_lost_during_the_disk_copy_leaves_the_vm_whole_at_its_source() -
     let source = lab.client_at(&begun.source_api);
     wait("the disk copy under way", Duration::from_secs(30), || {
         let v: MigrationsView = source.get_as("/v1/migrations").ok()?;
-        v.active.iter().find(|m| m.generation == begun.generation)?.progress.as_ref().filter(|p| p.status == "copying disks" && p.transferred_bytes > 4 << 20).map(|_| ())
+        v.active
+            .iter()
+            .find(|m| m.generation == begun.generation)?
+            .progress
+            .as_ref()
+            .filter(|p| p.status == "copying disks" && p.transferred_bytes > 4 << 20)
+            .map(|_| ())
     })?;
     let vi = lab.hosts.iter().position(|h| h.name == victim).unwrap_or(0);
     lab.power_off(vi);

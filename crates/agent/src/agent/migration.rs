@@ -117,11 +117,13 @@ impl Agent {
 
     async fn drive_migration(self: Arc<Self>, name: String, to: Assignment, cancel: Arc<AtomicBool>) {
         let (dest_api, dest_name) = self.consensus.with_state(|s| s.hosts.get(&to.host).map(|h| (h.api_addr.clone(), h.name.clone()))).unwrap_or_default();
-        let copied: Vec<usize> =
-            self.consensus.with_state(|s| s.vms.get(&name).map(|v| v.spec.copied_disks().map(|(i, _)| i).collect())).unwrap_or_default();
+        let copied: Vec<usize> = self.consensus.with_state(|s| s.vms.get(&name).map(|v| v.spec.copied_disks().map(|(i, _)| i).collect())).unwrap_or_default();
         let prepared = match self.driver.disk_sizes(&name, &copied).await {
             Err(e) => Err(format!("the sizes of its local disks are unknown: {}", crate::api::chain(&e))),
-            Ok(sizes) => self.request_incoming(&dest_api, &name, to.generation, sizes, &cancel).await.map_err(|why| format!("the destination {dest_name} could not prepare: {why}")),
+            Ok(sizes) => self
+                .request_incoming(&dest_api, &name, to.generation, sizes, &cancel)
+                .await
+                .map_err(|why| format!("the destination {dest_name} could not prepare: {why}")),
         };
         let result = match prepared {
             Err(why) => Err(why),
@@ -249,7 +251,11 @@ impl Agent {
                 r.downtime_ms.map_or_else(|| "not reported".to_string(), |d| format!("{d} ms")),
                 r.transferred_bytes >> 20,
                 r.steps.join(", "),
-                r.disks.as_ref().map_or_else(String::new, |d| format!("; its local disks copied first: {} MiB in {:.2} s", d.bytes >> 20, d.copy_ms as f64 / 1000.0))
+                r.disks.as_ref().map_or_else(String::new, |d| format!(
+                    "; its local disks copied first: {} MiB in {:.2} s",
+                    d.bytes >> 20,
+                    d.copy_ms as f64 / 1000.0
+                ))
             ),
             (_, Some(why)) => format!("migration of {name} to {dest_name} aborted: {why}; it runs on at {}", self.cfg.name),
             (None, None) => String::new(),

@@ -188,7 +188,9 @@ mod tests {
         assert_eq!(plan.left_down, vec![("l".to_string(), crate::placement::LeftDown::LocalDisk)]);
         let epoch = s.hosts[&HostId(0)].epoch;
         let smuggled = vec![("l".to_string(), HostId(1)), ("p".to_string(), HostId(1))];
-        let Ok(Applied::FailedOver { moved, left_down, .. }) = s.apply(&Command::Failover { host: HostId(0), epoch, plan: smuggled }) else { panic!("failover") };
+        let Ok(Applied::FailedOver { moved, left_down, .. }) = s.apply(&Command::Failover { host: HostId(0), epoch, plan: smuggled }) else {
+            panic!("failover")
+        };
         assert_eq!(moved.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(), ["p"], "a plan naming it does not move it");
         assert_eq!(left_down, vec!["l".to_string()]);
         assert_eq!(s.vms["l"].parked(), Some((HostId(0), None)));

