@@ -357,6 +357,11 @@ impl VmDriver for QemuDriver {
         Box::pin(async move {
             let name = launch.spec.name.clone();
             std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
+            // An older copy still running here (about to be killed by the reconciler) may hold
+            // the image open: it is not recreated under it; the source asks again.
+            if self.launcher.is_running(&name) {
+                return Err(DriverError::AlreadyRunning(name));
+            }
             self.create_local_disks(&launch.spec, disks).await?;
             let mut cmd = self.command(launch)?;
             // Paused, and listening only once asked (so the port is the kernel's choice).
