@@ -48,13 +48,21 @@ impl Launcher {
     pub fn new() -> std::io::Result<Launcher> {
         let (tx, rx) = mpsc::sync_channel::<SpawnRequest>(64);
         std::thread::Builder::new().name("tandem-launcher".into()).spawn(move || {
+            // The agent's process: a child whose parent is another is an orphan.
+            let agent = std::process::id();
             for (mut cmd, reply) in rx {
-                // SAFETY: the closure only calls async-signal-safe functions (prctl, setsid)
-                // between fork and exec.
+                // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid,
+                // setsid) between fork and exec.
                 unsafe {
-                    cmd.pre_exec(|| {
+                    cmd.pre_exec(move || {
                         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                             return Err(std::io::Error::last_os_error());
+                        }
+                        // The agent may have died between the fork and the prctl: then no
+                        // signal will ever come, and the workload would run on without it.
+                        // (An OS error code: nothing may allocate between fork and exec.)
+                        if u32::try_from(libc::getppid()).ok() != Some(agent) {
+                            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                         }
                         if libc::setsid() < 0 {
                             return Err(std::io::Error::last_os_error());
