@@ -241,7 +241,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
         &[optional("limit", "at most this many (default 10)")],
     ),
     write("POST", "/v1/internal/propose", Cluster, "Forwarded consensus command (agent to agent).", opaque, opaque),
-    write("POST", "/v1/internal/incoming", Cluster, "Prepare a live migration's paused destination (source agent to destination agent).", schema::<IncomingRequest>, schema::<IncomingReady>),
+    write("POST", "/v1/internal/incoming", Cluster, "Prepare a live migration's paused destination (source agent to destination agent).", schema::<IncomingRequest>, schema::<IncomingEndpoint>),
     write("POST", "/raft/append", Cluster, "Raft AppendEntries (agent to agent).", opaque, opaque),
     write("POST", "/raft/vote", Cluster, "Raft RequestVote (agent to agent).", opaque, opaque),
     write("POST", "/raft/snapshot", Cluster, "Raft InstallSnapshot chunk (agent to agent).", opaque, opaque),

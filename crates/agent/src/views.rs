@@ -552,14 +552,9 @@ pub struct IncomingRequest {
     pub local_disks: Vec<tandem_drivers::diskcopy::LocalDiskSize>,
 }
 
-/// Where the destination listens for the migration stream.
-#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
-pub struct IncomingReady {
-    pub uri: String,
-    /// The NBD server that receives the local disks, `host:port`.
-    #[serde(default)]
-    pub nbd: Option<String>,
-}
+/// Where the destination listens for the migration stream (and its local disks): the driver's
+/// own answer, passed on as it is.
+pub use tandem_drivers::diskcopy::IncomingEndpoint;
 
 /// One VM of a host's evacuation plan: where it would go, or why it cannot move live.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]

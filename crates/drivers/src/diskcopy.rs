@@ -11,6 +11,7 @@
 //! them): the jobs are cancelled and the source runs on; the destination's half-written images
 //! are recreated by the next migration there.
 
+use crate::migration::qmp_failed;
 use crate::qmp::{Qmp, QmpError};
 use crate::DriverError;
 use serde::{Deserialize, Serialize};
@@ -53,8 +54,19 @@ pub fn local_path(dir: &Path, relative: &str) -> PathBuf {
     dir.join(relative)
 }
 
-fn failed(vm: &str) -> impl Fn(QmpError) -> DriverError + '_ {
-    move |source| DriverError::Qmp { vm: vm.to_string(), source }
+/// The mirror job of disk `i` on the source.
+fn mirror_job(i: usize) -> String {
+    format!("tandem-mirror{i}")
+}
+
+/// The source's NBD client node that writes into the destination's export of disk `i`.
+fn nbd_node(i: usize) -> String {
+    format!("tandem-nbd{i}")
+}
+
+/// The job `id` in a `query-jobs` answer.
+fn find_job<'a>(jobs: &'a Value, id: &str) -> Option<&'a Value> {
+    jobs.as_array()?.iter().find(|j| j.get("id").and_then(Value::as_str) == Some(id))
 }
 
 fn copy_failed(vm: &str, reason: String) -> DriverError {
@@ -104,14 +116,14 @@ pub async fn serve(vm: &str, q: &Qmp, timeout: Duration, host_ip: &str, port_bas
     let port = listening.ok_or_else(|| copy_failed(vm, format!("no NBD port free from {port_base} on: {last}")))?;
     for i in disks {
         let export = json!({"device": format!("disk{i}"), "name": format!("disk{i}"), "writable": true});
-        q.execute("nbd-server-add", export, timeout).await.map_err(failed(vm))?;
+        q.execute("nbd-server-add", export, timeout).await.map_err(qmp_failed(vm))?;
     }
     Ok(format!("{host_ip}:{port}"))
 }
 
 /// The destination's side, before it resumes: no one may write its disks but its guest now.
 pub async fn stop_serving(vm: &str, q: &Qmp, timeout: Duration) -> Result<(), DriverError> {
-    q.execute("nbd-server-stop", Value::Null, timeout).await.map_err(failed(vm))?;
+    q.execute("nbd-server-stop", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
     Ok(())
 }
 
@@ -119,7 +131,7 @@ pub async fn stop_serving(vm: &str, q: &Qmp, timeout: Duration) -> Result<(), Dr
 fn mirror_state(jobs: &Value, disks: &[usize]) -> Result<(u64, u64, bool), String> {
     let (mut done, mut left, mut ready) = (0u64, 0u64, true);
     for i in disks {
-        let id = format!("tandem-mirror{i}");
+        let id = mirror_job(*i);
         let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(&id)));
         let Some(job) = job else { return Err(format!("the mirror of disk {i} ended early")) };
         if job.get("io-status").and_then(Value::as_str).is_some_and(|s| s != "ok") {
@@ -154,15 +166,15 @@ pub async fn mirror(vm: &str, q: &Qmp, timeout: Duration, to: &MirrorTarget<'_>)
     let (host, port) = to.nbd.rsplit_once(':').ok_or_else(|| copy_failed(vm, format!("bad NBD address {}", to.nbd)))?;
     let started = async {
         for i in to.disks {
-            let node = json!({"driver": "nbd", "node-name": format!("tandem-nbd{i}"), "export": format!("disk{i}"),
+            let node = json!({"driver": "nbd", "node-name": nbd_node(*i), "export": format!("disk{i}"),
                 "server": {"type": "inet", "host": host, "port": port}});
-            q.execute("blockdev-add", node, timeout).await.map_err(failed(vm))?;
-            let job = json!({"job-id": format!("tandem-mirror{i}"), "device": format!("disk{i}"), "target": format!("tandem-nbd{i}"),
+            q.execute("blockdev-add", node, timeout).await.map_err(qmp_failed(vm))?;
+            let job = json!({"job-id": mirror_job(*i), "device": format!("disk{i}"), "target": nbd_node(*i),
                 "sync": "full", "auto-dismiss": false, "speed": to.speed});
-            q.execute("blockdev-mirror", job, timeout).await.map_err(failed(vm))?;
+            q.execute("blockdev-mirror", job, timeout).await.map_err(qmp_failed(vm))?;
         }
         loop {
-            let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(failed(vm))?;
+            let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
             let (done, left, ready) = mirror_state(&jobs, to.disks).map_err(|why| copy_failed(vm, why))?;
             (to.progress)(done, left);
             if ready {
@@ -190,15 +202,14 @@ pub async fn mirror(vm: &str, q: &Qmp, timeout: Duration, to: &MirrorTarget<'_>)
 pub async fn complete(vm: &str, q: &Qmp, timeout: Duration, disks: &[usize]) -> Result<(), DriverError> {
     let result = async {
         for i in disks {
-            q.execute("block-job-cancel", json!({"device": format!("tandem-mirror{i}")}), timeout).await.map_err(failed(vm))?;
+            q.execute("block-job-cancel", json!({"device": mirror_job(*i)}), timeout).await.map_err(qmp_failed(vm))?;
         }
         let deadline = tokio::time::Instant::now() + MIRROR_COMPLETE_WAIT;
         for i in disks {
-            let id = format!("tandem-mirror{i}");
+            let id = mirror_job(*i);
             loop {
-                let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(failed(vm))?;
-                let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("id").and_then(Value::as_str) == Some(&id)).cloned());
-                let Some(job) = job else { return Err(copy_failed(vm, format!("the mirror of disk {i} vanished before it concluded"))) };
+                let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
+                let Some(job) = find_job(&jobs, &id) else { return Err(copy_failed(vm, format!("the mirror of disk {i} vanished before it concluded"))) };
                 if job.get("status").and_then(Value::as_str) == Some("concluded") {
                     if let Some(e) = job.get("error").and_then(Value::as_str) {
                         return Err(copy_failed(vm, format!("the mirror of disk {i} failed at its end: {e}")));
@@ -221,10 +232,10 @@ pub async fn complete(vm: &str, q: &Qmp, timeout: Duration, disks: &[usize]) -> 
 /// Best effort: ends the mirror jobs (forced), dismisses them and drops the NBD client nodes.
 pub async fn abandon(q: &Qmp, timeout: Duration, disks: &[usize]) {
     for i in disks {
-        let _ = q.execute("block-job-cancel", json!({"device": format!("tandem-mirror{i}"), "force": true}), timeout).await;
+        let _ = q.execute("block-job-cancel", json!({"device": mirror_job(*i), "force": true}), timeout).await;
     }
     for i in disks {
-        let id = format!("tandem-mirror{i}");
+        let id = mirror_job(*i);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < deadline {
             match q.execute("job-dismiss", json!({"id": id}), timeout).await {
@@ -233,16 +244,12 @@ pub async fn abandon(q: &Qmp, timeout: Duration, disks: &[usize]) {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
-        let _ = q.execute("blockdev-del", json!({"node-name": format!("tandem-nbd{i}")}), timeout).await;
+        let _ = q.execute("blockdev-del", json!({"node-name": nbd_node(*i)}), timeout).await;
     }
 }
 
 async fn job_exists(q: &Qmp, timeout: Duration, id: &str) -> bool {
-    q.execute("query-jobs", Value::Null, timeout)
-        .await
-        .ok()
-        .and_then(|j| j.as_array().map(|a| a.iter().any(|j| j.get("id").and_then(Value::as_str) == Some(id))))
-        .unwrap_or(false)
+    q.execute("query-jobs", Value::Null, timeout).await.ok().is_some_and(|jobs| find_job(&jobs, id).is_some())
 }
 
 #[cfg(test)]

@@ -101,7 +101,8 @@ impl std::fmt::Display for ConvergenceStepText {
 /// A step, as the report and the timeline word it.
 pub struct ConvergenceStepText(pub ConvergenceStep);
 
-fn qmp_failed(vm: &str) -> impl Fn(QmpError) -> DriverError + '_ {
+/// Maps a QMP failure of VM `vm` into the driver's error (shared with `diskcopy`).
+pub(crate) fn qmp_failed(vm: &str) -> impl Fn(QmpError) -> DriverError + '_ {
     move |source| DriverError::Qmp { vm: vm.to_string(), source }
 }
 

@@ -44,7 +44,9 @@ pub struct SeqSample {
     pub writes: u64,
 }
 
-fn parse_seq(at: Instant, body: &str) -> Option<SeqSample> {
+/// A `/seq` answer ("LAST RECOVERED WRITES") read at `at`.
+#[must_use]
+pub fn parse_seq(at: Instant, body: &str) -> Option<SeqSample> {
     let mut it = body.split_whitespace().map(str::parse::<u64>);
     Some(SeqSample { at, last: it.next()?.ok()?, recovered: it.next()?.ok()?, writes: it.next()?.ok()? })
 }

@@ -15,7 +15,7 @@ use tandem_agent::views::{ForceRequest, MigrateRequest, MigrationBegun, Migratio
 use tandem_core::state::{DiskSpec, Protection};
 use tandem_lab::bench::migration::test_guest;
 use tandem_lab::demo::{demo_vm, http_get, wait};
-use tandem_lab::diskguest::{guest_memory_fault, highest_record};
+use tandem_lab::diskguest::{guest_memory_fault, highest_record, parse_seq};
 use tandem_lab::lab::{Lab, LabOptions};
 
 const DISK_BYTES: u64 = 64 << 20;
@@ -23,8 +23,7 @@ const DISK_BYTES: u64 = 64 << 20;
 /// (last acknowledged, recovered at boot) from the guest's `/seq` on `ip`.
 fn seq(ip: &str) -> Option<(u64, u64)> {
     let body = http_get(&format!("{ip}:8080"), "/seq", Duration::from_millis(400))?;
-    let mut f = body.split_whitespace().filter_map(|w| w.parse::<u64>().ok());
-    Some((f.next()?, f.next()?))
+    parse_seq(std::time::Instant::now(), &body).map(|s| (s.last, s.recovered))
 }
 
 /// A 3-host lab whose hosts keep local disks under their own data directory, each with its own

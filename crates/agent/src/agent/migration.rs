@@ -7,7 +7,7 @@
 //! log applies first decides; the reconciler resumes the one paused copy committed state names.
 
 use super::{lock, Agent};
-use crate::views::{IncomingReady, IncomingRequest, MigrationOutcome, MigrationView};
+use crate::views::{IncomingEndpoint, IncomingRequest, MigrationOutcome, MigrationView};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -69,7 +69,7 @@ pub(super) struct Migrations {
     recent: VecDeque<MigrationOutcome>,
     /// Paused copies prepared here: (generation, endpoint), so a repeated request gets the same
     /// answer.
-    prepared: BTreeMap<String, (u64, IncomingReady)>,
+    prepared: BTreeMap<String, (u64, IncomingEndpoint)>,
 }
 
 impl Agent {
@@ -155,7 +155,7 @@ impl Agent {
         generation: u64,
         local_disks: Vec<LocalDiskSize>,
         cancel: &AtomicBool,
-    ) -> Result<IncomingReady, String> {
+    ) -> Result<IncomingEndpoint, String> {
         let body = serde_json::to_vec(&IncomingRequest { name: name.to_string(), generation, local_disks }).map_err(|e| e.to_string())?;
         let mut last = String::from("no attempt");
         for _ in 0..PREPARE_ATTEMPTS {
@@ -174,7 +174,7 @@ impl Agent {
         Err(last)
     }
 
-    fn migration_target(self: &Arc<Self>, name: &str, ready: IncomingReady, disks: Vec<usize>, cancel: &Arc<AtomicBool>) -> MigrationTarget {
+    fn migration_target(self: &Arc<Self>, name: &str, ready: IncomingEndpoint, disks: Vec<usize>, cancel: &Arc<AtomicBool>) -> MigrationTarget {
         let weak = Arc::downgrade(self);
         let vm = name.to_string();
         let clock = Arc::clone(&self.clock);
@@ -283,7 +283,7 @@ impl Agent {
 
     /// The destination's side of `POST /v1/internal/incoming`: starts the paused copy that
     /// committed state migrates here, or says why not.
-    pub async fn prepare_incoming(self: &Arc<Self>, req: &IncomingRequest) -> Result<IncomingReady, String> {
+    pub async fn prepare_incoming(self: &Arc<Self>, req: &IncomingRequest) -> Result<IncomingEndpoint, String> {
         let deadline = tokio::time::Instant::now() + INCOMING_APPLY_WAIT;
         let spec = loop {
             let found = self.consensus.with_state(|s| {
@@ -314,8 +314,7 @@ impl Agent {
         }
         let check = self.start_check_as(&spec, req.generation, super::fencing::StartKind::Incoming);
         let launch = tandem_drivers::VmLaunch { spec, generation: req.generation, check };
-        let endpoint = self.driver.prepare_incoming(&launch, &req.local_disks).await.map_err(|e| crate::api::chain(&e))?;
-        let ready = IncomingReady { uri: endpoint.uri, nbd: endpoint.nbd };
+        let ready = self.driver.prepare_incoming(&launch, &req.local_disks).await.map_err(|e| crate::api::chain(&e))?;
         lock(&self.migrations).prepared.insert(req.name.clone(), (req.generation, ready.clone()));
         self.wake_on_switchover(&req.name, req.generation);
         if self.mutation == Some(crate::io::Mutation::ResumeBeforeSwitchover) {

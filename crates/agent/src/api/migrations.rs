@@ -49,7 +49,7 @@ pub(super) async fn migrations(State(a): State<Arc<Agent>>) -> Json<MigrationsVi
     Json(a.migrations_view())
 }
 
-pub(super) async fn internal_incoming(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<IncomingReady> {
+pub(super) async fn internal_incoming(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<IncomingEndpoint> {
     let req: IncomingRequest = parse(&body, "incoming request")?;
     match a.prepare_incoming(&req).await {
         Ok(ready) => Ok(Json(ready)),

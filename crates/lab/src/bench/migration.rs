@@ -129,7 +129,7 @@ impl MigrationLab {
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 if doubly_running(&clients).contains(&vm) {
-                    *t.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+                    *lock(&t) += 1;
                 }
                 std::thread::sleep(LOCAL_POLL);
             }
@@ -159,7 +159,7 @@ impl MigrationLab {
                         while !stop.load(Ordering::SeqCst) {
                             let t = Instant::now();
                             if http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(100)).is_some() {
-                                answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(t);
+                                lock(&answers).push(t);
                             }
                             std::thread::sleep(HTTP_POLL.saturating_sub(t.elapsed()));
                         }
@@ -212,7 +212,7 @@ impl MigrationLab {
             let _ = h.join();
         }
 
-        let mut answers = answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let mut answers = lock(&answers).clone();
         answers.sort();
         let http_gap_ms = (self.driver == "qemu")
             .then(|| answers.windows(2).filter(|w| w[1] >= t0).map(|w| w[1].duration_since(w[0]).as_millis() as u64).max().unwrap_or(u64::MAX));
@@ -272,7 +272,7 @@ impl CopyWatch {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        *self.two.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *lock(&self.two)
     }
 }
 
