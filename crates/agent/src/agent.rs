@@ -131,6 +131,12 @@ impl RuntimeStatus {
 }
 
 /// One host's agent.
+/// The liveness ticks and applied entries a periodic loop wakes on.
+struct Rounds {
+    ticks: tokio::sync::watch::Receiver<u64>,
+    applied: tokio::sync::watch::Receiver<u64>,
+}
+
 pub struct Agent {
     pub cfg: AgentConfig,
     pub me: HostId,
@@ -150,9 +156,10 @@ pub struct Agent {
     /// Wakes the coordinator loop at once when the liveness loop finds a host it may fail over
     /// (a passed deadline, a fence report), instead of at its next tick.
     coordinator_wake: tokio::sync::Notify,
-    /// Raised at the end of every liveness tick. The membership, coordinator and reconciler
-    /// loops run on it rather than on timers of their own: one wake-up of the runtime per tick,
-    /// not three at three phases, and each loop sees the assessment of that tick.
+    /// Raised at the end of every liveness tick that is a full round (or finds a host to fail
+    /// over). The membership, coordinator, reconciler and migration loops run on it (and on
+    /// applied entries) rather than on timers of their own: one wake-up of the runtime per
+    /// round, not four at four phases, and each loop sees the assessment of that tick.
     ticks: tokio::sync::watch::Sender<u64>,
     reconciling: Mutex<reconciler::Reconciling>,
     /// Wakes the reconciler at once (a switchover to this host was applied).
@@ -321,10 +328,29 @@ impl Agent {
         self.start_watchdogs()
     }
 
-    /// Waits for the next liveness tick, or two intervals should the liveness loop stall (the
+    /// What a periodic loop waits on between its passes (see [`Agent::next_round`]).
+    fn rounds(&self) -> Rounds {
+        Rounds { ticks: self.ticks.subscribe(), applied: self.consensus.applied() }
+    }
+
+    /// Waits for the next pass of a periodic loop: a liveness tick that is a full round (every
+    /// tick while a peer is quiet, every second one while the cluster is calm: see
+    /// `Liveness::round_due`), an applied entry (a placement, a switchover, a join is acted on
+    /// at once rather than at a round), or four intervals should the liveness loop stall (the
     /// loops that wait here must not stall with it).
-    async fn next_tick(&self, ticks: &mut tokio::sync::watch::Receiver<u64>) {
-        let _ = tokio::time::timeout(2 * self.interval(), ticks.changed()).await;
+    async fn next_round(&self, rounds: &mut Rounds) {
+        let wait = async {
+            tokio::select! {
+                _ = rounds.ticks.changed() => {}
+                applied = rounds.applied.changed() => {
+                    if applied.is_err() {
+                        // Consensus is gone (the agent stops): the ticks alone, or the bound.
+                        let _ = rounds.ticks.changed().await;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(4 * self.interval(), wait).await;
     }
 
     /// Whether the agent has stopped (asked to, or after consensus stopped).

@@ -30,7 +30,7 @@ const _: () = assert!(
 );
 const _: () = assert!(MAX_BODY as u64 <= MAX_RESPONSE as u64, "every body one agent may send, another may read back");
 const _: () = assert!(RELOAD_BYTES <= EVENT_FILE_MAX, "the timeline reloads at most the file it keeps");
-const _: () = assert!(RECEIVE_POLL_DIVISOR >= 4, "a heartbeat is stamped at most a quarter interval after it arrived");
+const _: () = assert!(RECEIVE_POLL_DIVISOR >= 2, "a heartbeat is stamped at most half an interval after it arrived");
 pub use crate::consensus::{election_timeout_min_ms, raft_heartbeat_ms};
 /// A leader that died is replaced within a peer timeout, and followers wait for three missed
 /// leader heartbeats before they stand (every validated timing has both: the election timeout

@@ -196,7 +196,7 @@ fn render(a: &Agent) -> String {
         rejected.as_object().into_iter().flatten().filter_map(|(k, v)| Some((format!("{{reason=\"{k}\"}}"), v.as_u64()? as f64))).collect();
     family(&mut out, "tandem_rejected_input_total", "counter", "Heartbeats and slots rejected since start, by reason.", &rejected);
     let m = &a.metrics;
-    m.disk_write_seconds.render(&mut out, "tandem_disk_write_seconds", "Heartbeat disk round latency as the liveness loop saw it: the slot write, then the read of every slot (the answer is taken at the next poll, a quarter interval at most after it came).");
+    m.disk_write_seconds.render(&mut out, "tandem_disk_write_seconds", "Heartbeat disk round latency as the liveness loop saw it: the slot write, then the read of every slot (the answer is taken at the next poll, half an interval at most after it came).");
     counter(&mut out, "tandem_disk_write_failures_total", "Heartbeat slot writes that failed or timed out.", m.disk_write_failures.load(Ordering::Relaxed));
     m.migration_seconds.render(
         &mut out,

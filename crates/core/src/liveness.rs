@@ -16,6 +16,10 @@ use thiserror::Error;
 /// How many of our own recent heartbeat send times are remembered to interpret acks.
 const SENT_HISTORY: usize = 512;
 
+/// While the cluster is calm, a full round (slot write, periodic loops) every this many ticks
+/// (see [`Liveness::round_due`]): their share of an idle agent's CPU, halved.
+pub const CALM_ROUND_TICKS: u64 = 2;
+
 /// A peer as seen from this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -195,6 +199,21 @@ impl Assessment {
     pub fn peer(&self, host: HostId) -> Option<&PeerAssessment> {
         self.peers.iter().find(|p| p.host == host)
     }
+
+    /// Whether a dead peer's fence deadline lies between `before_ms` ahead of `now` and
+    /// `after_ms` behind it. The agent then ticks at every poll rather than every interval: the
+    /// disk read that settles the deadline (it must begin after it) and the assessment that
+    /// sees it come one poll apart instead of one interval, which is most of the time between a
+    /// deadline and its failover's commit. A few more heartbeats and slot writes for a second
+    /// or two; nothing else changes.
+    #[must_use]
+    pub fn fence_deadline_near(&self, now: Millis, before_ms: u64, after_ms: u64) -> bool {
+        self.peers
+            .iter()
+            .filter(|p| p.liveness == HostLiveness::Dead)
+            .filter_map(|p| p.fence_deadline)
+            .any(|d| now.0 + before_ms >= d.0 && now.0 <= d.0 + after_ms)
+    }
 }
 
 /// This host's view of the cluster's liveness.
@@ -225,6 +244,8 @@ pub struct Liveness {
     own_slot: Option<(u64, u64)>,
     own_slot_advanced_at: Option<Millis>,
     losing_since: Option<Millis>,
+    /// When the last full round (see [`Liveness::round_due`]) began.
+    round_begun_at: Option<Millis>,
     /// When the membership last grew: for `peer_timeout_ms` after it, the slots may still show
     /// a newcomer apart from peers that have not heard it yet, and a losing verdict is set aside.
     grown_at: Option<Millis>,
@@ -252,6 +273,7 @@ impl Liveness {
             own_slot: None,
             own_slot_advanced_at: None,
             losing_since: None,
+            round_begun_at: None,
             grown_at: None,
             counters: RejectCounters::default(),
         }
@@ -485,6 +507,39 @@ impl Liveness {
                 }
             }
         }
+    }
+
+    /// Whether the tick at `now` is a full round: this host writes its disk slot, and the
+    /// agent's periodic loops (membership, coordinator, reconciler, migrations — they also run
+    /// at once on every applied entry) make a pass. Network heartbeats go out and the disk is
+    /// read at every tick regardless: a peer's slot change is stamped with the time of the read
+    /// that saw it, so reading less often would make that evidence later, and fence deadlines
+    /// with it. While the cluster is calm — every peer heard on the network within a third of
+    /// the peer timeout, our lease not lapsed, no losing verdict — a full round comes every
+    /// [`CALM_ROUND_TICKS`] ticks: the network renews the lease and shows every peer alive,
+    /// and the slot only has to keep advancing for the disk to count as shared. As soon as any
+    /// peer goes quiet (long before it can be declared dead) every tick is a full round again,
+    /// so a lease renewed by the disk alone and a partition's verdict are as fresh as before.
+    /// Safety does not depend on the cadence: every use of a disk time is bounded by the time
+    /// itself, never by a count of rounds.
+    #[must_use]
+    pub fn round_due(&self, now: Millis) -> bool {
+        let i = self.timings.heartbeat_interval_ms;
+        // Half an interval of slack: ticks are periodic, not exact.
+        let spaced = self.round_begun_at.is_none_or(|t| now.since(t) + i / 2 >= CALM_ROUND_TICKS * i);
+        spaced || !self.calm(now)
+    }
+
+    /// Records that a full round began at `now`.
+    pub fn round_begun(&mut self, now: Millis) {
+        self.round_begun_at = Some(now);
+    }
+
+    /// Every peer heard on the network within a third of the peer timeout, the lease not
+    /// lapsed, no losing verdict (see [`Liveness::round_due`]).
+    fn calm(&self, now: Millis) -> bool {
+        let recent = self.timings.peer_timeout_ms / 3;
+        self.lapsed.is_none() && self.losing_since.is_none() && self.peers.values().all(|p| p.last_net.is_some_and(|t| now.since(t) < recent))
     }
 
     /// Records a failed or timed-out read of the heartbeat disk.
@@ -799,6 +854,60 @@ mod tests {
             ack: ack_me.map(|(_, s)| Ack { incarnation: 1, seq: s }),
             ages: HeardAges::default(),
         }
+    }
+
+    /// Ticks at every poll only around a dead peer's fence deadline: from one interval before it
+    /// to `after_ms` past it, and never for a peer that is not dead.
+    #[test]
+    fn a_fence_deadline_is_near_only_around_a_dead_peers_deadline() {
+        let peer = |liveness, deadline: Option<u64>| PeerAssessment {
+            host: HostId(1),
+            liveness,
+            net_age_ms: None,
+            disk_age_ms: None,
+            fenced_epoch: None,
+            dead_since: None,
+            last_evidence: None,
+            fence_deadline: deadline.map(Millis),
+            slot_corrupt: false,
+        };
+        let at = |peers| Assessment {
+            now: Millis(0),
+            heard: HostSet::default(),
+            disk_alive: HostSet::default(),
+            disk_readable: true,
+            peers,
+            fence: None,
+            has_majority: true,
+        };
+        let dead = at(vec![peer(HostLiveness::Dead, Some(10_000))]);
+        let near: Vec<u64> = [9_700, 9_800, 10_000, 13_000, 13_001].into_iter().filter(|t| dead.fence_deadline_near(Millis(*t), 200, 3_000)).collect();
+        assert_eq!(near, vec![9_800, 10_000, 13_000]);
+        let alive = at(vec![peer(HostLiveness::Partitioned, Some(10_000)), peer(HostLiveness::Dead, None)]);
+        assert!(!alive.fence_deadline_near(Millis(10_000), 200, 3_000));
+    }
+
+    /// A calm cluster has a full round (slot write, loops) every second tick; once a peer has been quiet on
+    /// the network for a third of the peer timeout, at every tick again.
+    #[test]
+    fn full_rounds_are_spaced_while_calm_and_every_tick_once_a_peer_is_quiet() {
+        let mut l = three(0);
+        let i = T.heartbeat_interval_ms;
+        let mut due_at = Vec::new();
+        for tick in 0..16u64 {
+            let now = Millis(tick * i);
+            // Host 2 is heard until tick 5, host 1 throughout.
+            let heard: &[u32] = if tick <= 5 { &[1, 2] } else { &[1] };
+            for peer in heard {
+                l.heartbeat_received(&hb(*peer, tick + 1, &[0, 1, 2], None), now).expect("taken");
+            }
+            if l.round_due(now) {
+                l.round_begun(now);
+                due_at.push(tick);
+            }
+        }
+        // Host 2's silence reaches 1 s (a third of the peer timeout) at tick 10.
+        assert_eq!(due_at, vec![0, 2, 4, 6, 8, 10, 11, 12, 13, 14, 15]);
     }
 
     /// Disk-channel loss per peer: slot counter values written but never read are counted.

@@ -36,6 +36,8 @@ type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 pub struct Launcher {
     tx: mpsc::SyncSender<SpawnRequest>,
     table: Arc<Mutex<BTreeMap<String, Record>>>,
+    /// Notified when a workload's exit is recorded (see [`crate::VmDriver::exits`]).
+    exited: Arc<tokio::sync::Notify>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -73,7 +75,7 @@ impl Launcher {
                 let _ = reply.send(cmd.spawn());
             }
         })?;
-        Ok(Launcher { tx, table: Arc::new(Mutex::new(BTreeMap::new())) })
+        Ok(Launcher { tx, table: Arc::new(Mutex::new(BTreeMap::new())), exited: Arc::new(tokio::sync::Notify::new()) })
     }
 
     /// Spawns `cmd` as VM `name`, unless a live VM of that name exists or `check` refuses.
@@ -105,6 +107,7 @@ impl Launcher {
         );
         drop(t);
         let table = Arc::clone(&self.table);
+        let exited = Arc::clone(&self.exited);
         let vm = name.to_string();
         let waiter = std::thread::Builder::new().name(format!("wait-{pid}")).spawn(move || {
             let result = child.wait();
@@ -124,6 +127,8 @@ impl Launcher {
                     }
                 });
             }
+            drop(t);
+            exited.notify_one();
         });
         if let Err(e) = waiter {
             // Without a waiter the exit would never be seen; do not leave an untracked VM.
@@ -131,6 +136,12 @@ impl Launcher {
             return Err(DriverError::Spawn { vm: name.to_string(), source: e });
         }
         Ok(pid)
+    }
+
+    /// Notified (one stored permit) whenever a workload's exit has been recorded.
+    #[must_use]
+    pub fn exits(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.exited)
     }
 
     /// Sends `sig` to the VM's process group; `requested` marks the coming exit as ours.

@@ -122,6 +122,12 @@ pub trait VmDriver: Send + Sync + 'static {
     fn kill_all(&self) -> usize;
     /// Every VM started and not yet forgotten, running or exited.
     fn list(&self) -> Vec<VmStatus>;
+    /// Notified whenever a VM's exit is recorded, so the reconciler restarts a crashed VM at
+    /// once rather than at its next round; `None` when the driver has no such signal (the
+    /// reconciler's rounds still see every exit).
+    fn exits(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
     /// Drops the record of an exited VM.
     fn forget(&self, name: &str);
     /// A live migration's destination: starts the VM paused, waiting for the incoming state, and

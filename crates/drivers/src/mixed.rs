@@ -71,6 +71,10 @@ impl VmDriver for MixedDriver {
         self.launcher.kill_all()
     }
 
+    fn exits(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        Some(self.launcher.exits())
+    }
+
     fn list(&self) -> Vec<VmStatus> {
         self.launcher.list()
     }

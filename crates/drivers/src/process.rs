@@ -90,6 +90,10 @@ impl VmDriver for ProcessDriver {
         self.launcher.kill_all()
     }
 
+    fn exits(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        Some(self.launcher.exits())
+    }
+
     fn list(&self) -> Vec<VmStatus> {
         self.launcher.list()
     }

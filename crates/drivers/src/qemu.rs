@@ -349,6 +349,10 @@ impl VmDriver for QemuDriver {
         self.launcher.kill_all()
     }
 
+    fn exits(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        Some(self.launcher.exits())
+    }
+
     fn list(&self) -> Vec<VmStatus> {
         self.launcher.list()
     }

@@ -33,10 +33,10 @@ pub(super) struct Coordination {
 
 impl Agent {
     pub(super) async fn coordinator_loop(self: Arc<Self>) {
-        let mut ticks = self.ticks.subscribe();
+        let mut rounds = self.rounds();
         while !self.stopping.load(Ordering::SeqCst) {
             tokio::select! {
-                () = self.next_tick(&mut ticks) => {}
+                () = self.next_round(&mut rounds) => {}
                 () = self.coordinator_wake.notified() => {}
             }
             // A fenced host that still leads consensus keeps coordinating: otherwise a leader that

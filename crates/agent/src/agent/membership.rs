@@ -9,9 +9,9 @@ use tandem_core::state::{Applied, Command};
 
 impl Agent {
     pub(super) async fn membership_loop(self: Arc<Self>) {
-        let mut ticks = self.ticks.subscribe();
+        let mut rounds = self.rounds();
         while !self.stopping.load(Ordering::SeqCst) {
-            self.next_tick(&mut ticks).await;
+            self.next_round(&mut rounds).await;
             if self.parking.load(Ordering::SeqCst) {
                 // A planned stop is parking this host's VMs: it leaves, and joins again only
                 // after its restart.

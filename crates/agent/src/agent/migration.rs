@@ -74,9 +74,9 @@ pub(super) struct Migrations {
 
 impl Agent {
     pub(super) async fn migration_loop(self: Arc<Self>) {
-        let mut ticks = self.ticks.subscribe();
+        let mut rounds = self.rounds();
         while !self.is_stopping() {
-            self.next_tick(&mut ticks).await;
+            self.next_round(&mut rounds).await;
             self.follow_migrations();
         }
     }

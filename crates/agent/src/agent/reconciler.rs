@@ -22,13 +22,16 @@ pub(super) struct Reconciling {
 
 impl Agent {
     pub(super) async fn reconcile_loop(self: Arc<Self>) {
-        let mut ticks = self.ticks.subscribe();
+        let mut rounds = self.rounds();
+        let exits = self.driver.exits().unwrap_or_default();
         while !self.stopping.load(Ordering::SeqCst) {
             tokio::select! {
-                () = self.next_tick(&mut ticks) => {}
+                () = self.next_round(&mut rounds) => {}
                 // A switchover to this host committed: resume now, not at the next tick (the
                 // guest is paused until then).
                 () = self.reconcile_wake.notified() => {}
+                // A VM exited: a crashed one restarts now, not at the next round.
+                () = exits.notified() => {}
             }
             self.reconcile().await;
         }
