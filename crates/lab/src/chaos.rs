@@ -2,10 +2,13 @@
 //! 198.18.0.0/24, nothing leaves them) with real workloads; faults are injected for real —
 //! nftables partitions (full, one-way, pairwise), random heartbeat loss, SIGKILL of agents, of
 //! whole hosts and of single workloads, SIGSTOP of a whole host past the timeouts, a host's
-//! heartbeat disk failing — and the invariants are checked from the outside:
+//! heartbeat disk failing, a live migration with a fault in its copy, a planned stop under each
+//! shutdown policy — and the invariants are checked from the outside:
 //!
 //! - `double-run`: no VM executes on two hosts at once (process table sampled every 10 ms; a
-//!   stopped process counts again once thawed);
+//!   stopped process counts as present; two processes of a VM count unless their hosts show all
+//!   copies but one paused, as live migration keeps them: see `chaos/planned`);
+//! - `parked-ran`: a VM a planned stop parked does not run while its host is away;
 //! - `wrong-host`: once the cluster settles, each VM runs exactly where committed state says;
 //! - `state-lost`: the committed VM set never changes (the suite makes no changes of its own);
 //! - `healthy-fenced`: no host fences itself unless the fault cut or froze it;
@@ -38,6 +41,7 @@ fn thaw(agent: u32, workloads: &[u32]) {
 }
 
 mod emulator;
+mod planned;
 use emulator::WatchdogEmulator;
 
 /// The hardware watchdog's reset timeout the agents are configured with: the default.
@@ -96,7 +100,7 @@ const SETTLE_BOUND: Duration = Duration::from_millis(oracle::SETTLE_BOUND_MS);
 
 /// The kinds this suite injects (the shared vocabulary's `Backend::Chaos` ones), in the order a
 /// short profile shuffles them from (changing it changes every seed's plan).
-const CHAOS_FAULTS: [FaultKind; 12] = [
+const CHAOS_FAULTS: [FaultKind; 14] = [
     FaultKind::PartitionFull,
     FaultKind::PartitionOneWay,
     FaultKind::PartitionPair,
@@ -109,6 +113,8 @@ const CHAOS_FAULTS: [FaultKind; 12] = [
     FaultKind::HostHiccup,
     FaultKind::DiskErrorOne,
     FaultKind::DiskHangOne,
+    FaultKind::LiveMigration,
+    FaultKind::PlannedStop,
 ];
 
 /// What the suite measured.
@@ -483,6 +489,8 @@ impl Suite {
                     self.violation(Violation::new(Invariant::HealthyFenced, "VMs moved although only one host's disk failed"));
                 }
             }
+            FaultKind::LiveMigration => self.inject_live_migration(target, t0, &mut may_fence)?,
+            FaultKind::PlannedStop => self.inject_planned_stop(target, t0, &mut may_fence)?,
             // The plan draws from CHAOS_FAULTS only (tested to be the vocabulary's chaos kinds).
             other => bail!("{other} is injected by the simulator only"),
         }
@@ -642,6 +650,9 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         let hosts = suite_hosts_for_watchdog(&lab);
         WatchdogEmulator::start(lab.id.clone(), hosts)
     });
+    // A live migration's destination holds a paused copy while the source runs: the recorder
+    // asks the hosts before it counts two processes of a VM as a double run.
+    lab.recorder.set_double_judge(planned::paused_copies_judge(&lab));
     let mut suite = Suite { lab, net, rng, report: Report::default(), vm_names, disk_links, origin: Instant::now(), watchdog, fuse };
     suite.settle("start");
     suite.log(&format!("{total} protected VM(s) running on {} hosts", args.hosts));

@@ -3,7 +3,7 @@
 //! `tandem-lab demo` and the integration tests. Everything it starts is killed and removed on drop.
 
 use anyhow::{anyhow, bail, Context, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,12 +101,19 @@ pub struct Instance {
 /// A moment at which one VM was seen on several hosts: when, which VM, which hosts.
 pub type DoubleRun = (Duration, String, Vec<String>);
 
+/// Tells whether VM `vm`, seen as processes on `hosts` at once, is explained without two copies
+/// running: e.g. a live migration's paused incoming copy (see [`Recorder::set_double_judge`]).
+pub type DoubleJudge = Arc<dyn Fn(&str, &BTreeSet<String>) -> bool + Send + Sync>;
+
 /// Watches /proc for this lab's workload processes and counts moments where one VM runs on two
 /// hosts at once. It samples every 10 ms, and independently of the agents.
 pub struct Recorder {
     stop: Arc<AtomicBool>,
     pub instances: Arc<Mutex<BTreeMap<u32, Instance>>>,
     pub double_runs: Arc<Mutex<Vec<DoubleRun>>>,
+    judge: Arc<Mutex<Option<DoubleJudge>>>,
+    /// Samples with two processes of a VM that the judge explained (paused copies).
+    pub explained: Arc<std::sync::atomic::AtomicUsize>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub origin: Instant,
 }
@@ -154,8 +161,11 @@ impl Recorder {
         let stop = Arc::new(AtomicBool::new(false));
         let instances = Arc::new(Mutex::new(BTreeMap::new()));
         let double_runs = Arc::new(Mutex::new(Vec::new()));
+        let judge: Arc<Mutex<Option<DoubleJudge>>> = Arc::default();
+        let explained = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let origin = Instant::now();
         let (s, i, d) = (Arc::clone(&stop), Arc::clone(&instances), Arc::clone(&double_runs));
+        let (j, e) = (Arc::clone(&judge), Arc::clone(&explained));
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 let t = origin.elapsed();
@@ -175,14 +185,29 @@ impl Recorder {
                         last_seen: t,
                     });
                 }
-                // The oracle's definition of a double run, as the simulator's.
+                // The oracle's definition of a double run, as the simulator's — unless the
+                // judge shows all copies but one paused.
+                let judge = j.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
                 for (vm, hosts) in tandem_sim::oracle::on_two_hosts(&by_vm) {
+                    if judge.as_ref().is_some_and(|judge| judge(vm, hosts)) {
+                        e.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
                     d.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((t, vm.clone(), hosts.iter().cloned().collect()));
                 }
                 std::thread::sleep(period);
             }
         });
-        Recorder { stop, instances, double_runs, thread: Some(thread), origin }
+        Recorder { stop, instances, double_runs, judge, explained, thread: Some(thread), origin }
+    }
+
+    /// Has every later sample that finds a VM's processes on several hosts ask `judge` first: a
+    /// sample it explains (e.g. one copy running and the others paused, as live migration
+    /// keeps them) is counted in `explained`, not as a double run. Without a judge every such
+    /// sample is a double run; a judge must count any doubt (a host that does not answer) as
+    /// one.
+    pub fn set_double_judge(&self, judge: DoubleJudge) {
+        *self.judge.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(judge);
     }
 
     /// Moments at which a VM was seen running on two hosts.

@@ -164,9 +164,10 @@ impl FaultKind {
             | LivenessStallInPartition
             | HostJoin
             | Operator
-            | LiveMigration
-            | MaintenanceCycle
-            | PlannedStop => &[Sim],
+            | MaintenanceCycle => &[Sim],
+            // The fault suite draws the operation and its fault its own way (real agents, real
+            // QEMU): a migration faulted at a random instant, a planned stop per policy.
+            LiveMigration | PlannedStop => &[Sim, Chaos],
         }
     }
 
@@ -213,6 +214,6 @@ mod tests {
         assert_eq!(sim.len(), 24);
         assert_eq!(sim[..21].to_vec(), FaultKind::ALL[..21].to_vec());
         assert_eq!(sim[21..].to_vec(), vec![LiveMigration, MaintenanceCycle, PlannedStop]);
-        assert_eq!(FaultKind::of(Backend::Chaos).count(), 12);
+        assert_eq!(FaultKind::of(Backend::Chaos).count(), 14);
     }
 }

@@ -1,0 +1,168 @@
+//! The suite's planned-operation faults: a live migration with a fault at a random instant of
+//! its copy (nothing, power loss of the source or of the destination, the pair cut), and a
+//! host's planned stop under each shutdown policy. Live migration keeps a paused copy at the
+//! destination while the source runs, so the suite's process recorder asks the hosts which
+//! copies are paused before it counts a double run ([`paused_copies_judge`]).
+
+use super::{signal, Suite};
+use crate::lab::{DoubleJudge, Lab};
+use anyhow::Result;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem::client::Client;
+use tandem_agent::views::{LocalView, MigrateRequest, ShutdownRequest};
+use tandem_core::state::ShutdownPolicy;
+use tandem_sim::oracle::{Invariant, Violation};
+
+/// How long a pair cut during a migration lasts: past the peer timeout, so one side fences.
+const PAIR_CUT: Duration = Duration::from_secs(5);
+/// The longest a planned stop may take until its agent exits.
+const STOP_BOUND: Duration = Duration::from_secs(90);
+/// How long VMs parked by a planned stop are watched for not running while their host is away.
+const PARKED_WATCH: Duration = Duration::from_secs(4);
+
+/// How long a host's last answer about a VM stands in for it once the host stops answering:
+/// a power loss kills a destination's paused copy a few milliseconds after its agent, and the
+/// sample that still sees that copy finds nobody to ask.
+const LAST_ANSWER_STANDS: Duration = Duration::from_millis(100);
+
+/// A judge for the recorder: a VM whose processes are on several hosts is explained when,
+/// asking those hosts one after the other and then again in reverse order, at most one runs it
+/// unpaused in either sweep (a switchover between two answers shows in one sweep only; two
+/// copies running together show in both). A host that does not answer counts by its answer of
+/// the last [`LAST_ANSWER_STANDS`], else as running it: doubt leaves a double run standing.
+pub(super) fn paused_copies_judge(lab: &Lab) -> DoubleJudge {
+    let clients: Vec<(String, Client)> = lab
+        .hosts
+        .iter()
+        .map(|h| (h.name.clone(), Client { addr: h.api.clone(), timeout: Duration::from_millis(500), token: Some(lab.token()), tls: None }))
+        .collect();
+    // (host, VM) → when it last answered, and whether it ran the VM unpaused then.
+    let last: Mutex<BTreeMap<(String, String), (Instant, bool)>> = Mutex::default();
+    Arc::new(move |vm: &str, hosts: &BTreeSet<String>| {
+        let asked: Vec<&(String, Client)> = clients.iter().filter(|(name, _)| hosts.contains(name)).collect();
+        let unpaused_on = |(name, client): &(String, Client)| -> bool {
+            let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = (name.clone(), vm.to_string());
+            match client.get_as::<LocalView>("/v1/local") {
+                Ok(local) => {
+                    let running = local.vms.iter().any(|v| v.name == vm && v.exit.is_none() && !v.paused);
+                    last.insert(key, (Instant::now(), running));
+                    running
+                }
+                Err(_) => last.get(&key).filter(|(at, _)| at.elapsed() <= LAST_ANSWER_STANDS).is_none_or(|(_, running)| *running),
+            }
+        };
+        let forward = asked.iter().filter(|h| unpaused_on(h)).count();
+        let backward = asked.iter().rev().filter(|h| unpaused_on(h)).count();
+        asked.len() == hosts.len() && (forward <= 1 || backward <= 1)
+    })
+}
+
+/// What happens to a migration in flight.
+#[derive(Clone, Copy, Debug)]
+enum MigrationFault {
+    Nothing,
+    SourcePowerLoss,
+    DestinationPowerLoss,
+    PairCut,
+}
+
+impl Suite {
+    /// A VM of `source` migrates to another host; 0–400 ms in, one of [`MigrationFault`].
+    pub(super) fn inject_live_migration(&mut self, source: usize, t0: Instant, may_fence: &mut Vec<usize>) -> Result<()> {
+        let n = self.lab.hosts.len();
+        let vms = self.vms_on(&[source]);
+        let Some(vm) = vms.get(self.rng.below(vms.len().max(1) as u64) as usize).cloned() else {
+            self.log("live-migration: no VM to move");
+            return Ok(());
+        };
+        let dest = (source + 1 + self.rng.below(n as u64 - 1) as usize) % n;
+        let (src_name, dst_name) = (self.lab.hosts[source].name.clone(), self.lab.hosts[dest].name.clone());
+        let fault = [MigrationFault::Nothing, MigrationFault::SourcePowerLoss, MigrationFault::DestinationPowerLoss, MigrationFault::PairCut]
+            [self.rng.below(4) as usize];
+        let delay = Duration::from_millis(self.rng.below(400));
+        self.log(&format!("live-migration: {vm} {src_name} → {dst_name}, then {fault:?} after {} ms", delay.as_millis()));
+        let asked = self.client(source).send("POST", &format!("/v1/vms/{vm}/migrate"), &MigrateRequest { to: Some(dst_name.clone()), force: true });
+        if let Err(e) = asked {
+            // Refused (the destination full, a rule): nothing moves; the fault still lands.
+            self.log(&format!("  migration refused: {e}"));
+        }
+        std::thread::sleep(delay);
+        match fault {
+            MigrationFault::Nothing => std::thread::sleep(Duration::from_secs(2)),
+            MigrationFault::SourcePowerLoss => {
+                let on_source = self.vms_on(&[source]);
+                self.lab.power_off(source);
+                may_fence.push(source);
+                let took = self.wait_moved("live-migration", &on_source, std::slice::from_ref(&src_name), t0);
+                self.record_recovery(&on_source, took, "back on the survivors");
+                std::thread::sleep(Duration::from_secs(1));
+                self.lab.start(source)?;
+            }
+            MigrationFault::DestinationPowerLoss => {
+                let on_dest = self.vms_on(&[dest]);
+                self.lab.power_off(dest);
+                may_fence.push(dest);
+                let took = self.wait_moved("live-migration", &on_dest, std::slice::from_ref(&dst_name), t0);
+                self.record_recovery(&on_dest, took, "of the destination back on the survivors");
+                std::thread::sleep(Duration::from_secs(1));
+                self.lab.start(dest)?;
+            }
+            MigrationFault::PairCut => {
+                let (a, b) = (source.min(dest), source.max(dest));
+                self.net.block_pair(a, b)?;
+                may_fence.extend([a, b]);
+                std::thread::sleep(PAIR_CUT);
+                self.net.unblock(a)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `target` stops as planned under a policy drawn at random; it comes back a few seconds
+    /// after its agent exits. Parked VMs must not run anywhere while it is away; the others
+    /// must run again elsewhere (the kill policy) or have left live (the migrate policy).
+    pub(super) fn inject_planned_stop(&mut self, target: usize, t0: Instant, may_fence: &mut Vec<usize>) -> Result<()> {
+        let policy = [ShutdownPolicy::Kill, ShutdownPolicy::Migrate, ShutdownPolicy::Shutdown, ShutdownPolicy::Freeze][self.rng.below(4) as usize];
+        let name = self.lab.hosts[target].name.clone();
+        let vms = self.vms_on(&[target]);
+        self.log(&format!("planned-stop: {name} ({} VM(s)), policy {policy:?}", vms.len()));
+        self.client(target).send("POST", &format!("/v1/hosts/{name}/shutdown"), &ShutdownRequest { policy: Some(policy) })?;
+        // The stop fences the host on its way out (its lease must not outlive its agent).
+        may_fence.push(target);
+        let mut exited = false;
+        while t0.elapsed() < STOP_BOUND {
+            if self.lab.reap(target) {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !exited {
+            self.violation(Violation::new(Invariant::NotRecovered, format!("planned-stop: {name}'s agent did not exit within {STOP_BOUND:?}")));
+            if let Some(agent) = self.lab.agent_pid(target) {
+                signal(agent, libc::SIGKILL);
+            }
+        }
+        self.log(&format!("  {name}'s agent exited {:.2} s after the request", t0.elapsed().as_secs_f64()));
+        if policy.parks() {
+            let watch = Instant::now();
+            while watch.elapsed() < PARKED_WATCH {
+                let running = self.running_now();
+                if let Some(vm) = vms.iter().find(|vm| running.contains_key(*vm)) {
+                    let detail = format!("planned-stop ({policy:?}): {vm} ran while its host {name} was away");
+                    self.violation(Violation::new(Invariant::ParkedRan, detail));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        } else {
+            let took = self.wait_moved("planned-stop", &vms, std::slice::from_ref(&name), t0);
+            self.record_recovery(&vms, took, "running elsewhere");
+        }
+        self.lab.start(target)?;
+        Ok(())
+    }
+}
