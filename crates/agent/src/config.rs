@@ -104,6 +104,11 @@ pub struct MigrationConfig {
     pub stall_s: u64,
     /// The bound of one migration, seconds: one that has not completed by then is cancelled.
     pub timeout_s: u64,
+    /// Parallel channels of a migration's memory stream (QEMU multifd: one TCP connection and
+    /// one thread each, on both hosts); 0 (the default) sends one stream, which a LAN below
+    /// 10 Gb/s fills already. The source's setting is sent to the destination with each
+    /// migration.
+    pub multifd_channels: u8,
 }
 
 impl Default for MigrationConfig {
@@ -112,6 +117,7 @@ impl Default for MigrationConfig {
             max_bandwidth_mib_s: tandem_drivers::migration::DEFAULT_MAX_BANDWIDTH >> 20,
             stall_s: tandem_core::convergence::STALL_MS / 1000,
             timeout_s: tandem_core::convergence::OVERALL_MS / 1000,
+            multifd_channels: 0,
         }
     }
 }
@@ -226,10 +232,17 @@ impl AgentConfig {
         }
         self.timings.validate()?;
         let m = &self.migration;
-        if m.max_bandwidth_mib_s == 0 || m.max_bandwidth_mib_s > 1 << 20 || m.stall_s == 0 || m.timeout_s < m.stall_s || m.timeout_s > 86_400 {
+        let max_channels = tandem_drivers::migration::MAX_MULTIFD_CHANNELS;
+        if m.max_bandwidth_mib_s == 0
+            || m.max_bandwidth_mib_s > 1 << 20
+            || m.stall_s == 0
+            || m.timeout_s < m.stall_s
+            || m.timeout_s > 86_400
+            || m.multifd_channels > max_channels
+        {
             return Err(ConfigError::Migration(format!(
-                "max_bandwidth_mib_s = {} must be 1..=1048576, stall_s = {} at least 1, timeout_s = {} between stall_s and 86400",
-                m.max_bandwidth_mib_s, m.stall_s, m.timeout_s
+                "max_bandwidth_mib_s = {} must be 1..=1048576, stall_s = {} at least 1, timeout_s = {} between stall_s and 86400, multifd_channels = {} at most {max_channels}",
+                m.max_bandwidth_mib_s, m.stall_s, m.timeout_s, m.multifd_channels
             )));
         }
         if self.watchdog.enabled && !self.watchdog.device.exists() {

@@ -550,6 +550,10 @@ pub struct IncomingRequest {
     /// into it): every writable local disk of the VM's spec, with its size.
     #[serde(default)]
     pub local_disks: Vec<tandem_drivers::diskcopy::LocalDiskSize>,
+    /// The parallel memory channels the source will send over (QEMU multifd; 0: one stream):
+    /// the destination listens with as many.
+    #[serde(default)]
+    pub multifd_channels: u8,
 }
 
 /// Where the destination listens for the migration stream (and its local disks): the driver's

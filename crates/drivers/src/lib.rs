@@ -132,8 +132,14 @@ pub trait VmDriver: Send + Sync + 'static {
     fn forget(&self, name: &str);
     /// A live migration's destination: starts the VM paused, waiting for the incoming state, and
     /// returns where the source sends it. `launch.check` admits it as for a start. `disks`: the
-    /// local disks it receives too (created empty here, then served over NBD).
-    fn prepare_incoming<'a>(&'a self, _launch: &'a VmLaunch, _disks: &'a [LocalDiskSize]) -> BoxFuture<'a, Result<IncomingEndpoint, DriverError>> {
+    /// local disks it receives too (created empty here, then served over NBD);
+    /// `multifd_channels`: the parallel memory channels the source sends over (0: one stream).
+    fn prepare_incoming<'a>(
+        &'a self,
+        _launch: &'a VmLaunch,
+        _disks: &'a [LocalDiskSize],
+        _multifd_channels: u8,
+    ) -> BoxFuture<'a, Result<IncomingEndpoint, DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "receive a live migration" }) })
     }
     /// The virtual sizes of a running VM's disks `disks` (indices in its spec), which a

@@ -22,6 +22,9 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(20);
 pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// Default bandwidth cap of a migration (QEMU's own default is 128 MiB/s, too low for a LAN).
 pub const DEFAULT_MAX_BANDWIDTH: u64 = 1 << 30;
+/// The most parallel channels of one migration's memory stream (QEMU multifd; QEMU itself
+/// allows 255, each a TCP connection and a thread on both hosts).
+pub const MAX_MULTIFD_CHANNELS: u8 = 16;
 
 /// One progress sample, as shown to operators.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -54,6 +57,9 @@ pub struct MigrationReport {
     /// The local disks' copy before the memory's, when the VM has any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<DiskCopyReport>,
+    /// Memory bytes sent over the parallel channels, when the migration used them (multifd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multifd_bytes: Option<u64>,
 }
 
 /// How the copy of a migration's local disks went (the mirror, until both copies were equal).
@@ -73,6 +79,9 @@ pub struct MigrationTarget {
     pub nbd: Option<String>,
     pub disks: Vec<usize>,
     pub max_bandwidth: u64,
+    /// Parallel channels of the memory stream (QEMU multifd); 0: one stream. The destination
+    /// was prepared with the same number.
+    pub multifd_channels: u8,
     pub stall_ms: u64,
     pub overall_ms: u64,
     /// Set to cancel; looked at every sample.
@@ -106,9 +115,23 @@ pub(crate) fn qmp_failed(vm: &str) -> impl Fn(QmpError) -> DriverError + '_ {
     move |source| DriverError::Qmp { vm: vm.to_string(), source }
 }
 
+/// Turns on QEMU's parallel memory channels (multifd) with `channels` connections, on either
+/// side (both must agree, and the destination must before it listens); nothing for 0.
+async fn set_multifd(vm: &str, q: &Qmp, timeout: Duration, channels: u8) -> Result<(), DriverError> {
+    if channels == 0 {
+        return Ok(());
+    }
+    let caps = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+    q.execute("migrate-set-capabilities", caps, timeout).await.map_err(qmp_failed(vm))?;
+    q.execute("migrate-set-parameters", json!({"multifd-channels": channels.min(MAX_MULTIFD_CHANNELS)}), timeout).await.map_err(qmp_failed(vm))?;
+    Ok(())
+}
+
 /// The destination's side, on a QEMU started with `-S -incoming defer`: listens on `host_ip`
-/// (a port the kernel picks) and returns the URI the source sends to.
-pub async fn prepare_incoming(vm: &str, q: &Qmp, host_ip: &str, timeout: Duration) -> Result<String, DriverError> {
+/// (a port the kernel picks) with `multifd_channels` parallel channels (as the source will send)
+/// and returns the URI the source sends to.
+pub async fn prepare_incoming(vm: &str, q: &Qmp, host_ip: &str, timeout: Duration, multifd_channels: u8) -> Result<String, DriverError> {
+    set_multifd(vm, q, timeout, multifd_channels).await?;
     q.execute("migrate-incoming", json!({"uri": format!("tcp:{host_ip}:0")}), timeout).await.map_err(qmp_failed(vm))?;
     let info = q.execute("query-migrate", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
     let port = info
@@ -169,6 +192,7 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
     // during a migration); the schedule's last step raises the cap.
     let caps = json!({"capabilities": [{"capability": "auto-converge", "state": true}]});
     q.execute("migrate-set-capabilities", caps, timeout).await.map_err(qmp_failed(vm))?;
+    set_multifd(vm, q, timeout, to.multifd_channels).await?;
     let params = json!({"downtime-limit": limit, "max-bandwidth": to.max_bandwidth, "cpu-throttle-initial": 1, "max-cpu-throttle": 1});
     q.execute("migrate-set-parameters", params, timeout).await.map_err(qmp_failed(vm))?;
     q.execute("migrate", json!({"uri": to.uri}), timeout).await.map_err(qmp_failed(vm))?;
@@ -191,6 +215,7 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
                     transferred_bytes: p.transferred_bytes,
                     steps,
                     disks: None,
+                    multifd_bytes: info.get("ram").and_then(|r| r.get("multifd-bytes")).and_then(Value::as_u64).filter(|b| *b > 0),
                 });
             }
             "failed" | "cancelled" => {

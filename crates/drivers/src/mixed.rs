@@ -83,13 +83,14 @@ impl VmDriver for MixedDriver {
         &'a self,
         launch: &'a VmLaunch,
         disks: &'a [crate::diskcopy::LocalDiskSize],
+        multifd_channels: u8,
     ) -> BoxFuture<'a, Result<crate::diskcopy::IncomingEndpoint, DriverError>> {
         let qemu = matches!(launch.spec.driver, DriverSpec::Qemu { .. });
         self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(launch.spec.name.clone(), qemu);
         if qemu {
-            self.qemu.prepare_incoming(launch, disks)
+            self.qemu.prepare_incoming(launch, disks, multifd_channels)
         } else {
-            self.process.prepare_incoming(launch, disks)
+            self.process.prepare_incoming(launch, disks, multifd_channels)
         }
     }
 

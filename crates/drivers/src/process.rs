@@ -65,6 +65,7 @@ impl VmDriver for ProcessDriver {
         &'a self,
         launch: &'a VmLaunch,
         _disks: &'a [crate::diskcopy::LocalDiskSize],
+        _multifd_channels: u8,
     ) -> BoxFuture<'a, Result<crate::diskcopy::IncomingEndpoint, DriverError>> {
         Box::pin(async move { Ok(crate::diskcopy::IncomingEndpoint { uri: format!("process:{}", launch.spec.name), nbd: None }) })
     }

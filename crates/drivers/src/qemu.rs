@@ -357,7 +357,12 @@ impl VmDriver for QemuDriver {
         self.launcher.list()
     }
 
-    fn prepare_incoming<'a>(&'a self, launch: &'a VmLaunch, disks: &'a [LocalDiskSize]) -> BoxFuture<'a, Result<IncomingEndpoint, DriverError>> {
+    fn prepare_incoming<'a>(
+        &'a self,
+        launch: &'a VmLaunch,
+        disks: &'a [LocalDiskSize],
+        multifd_channels: u8,
+    ) -> BoxFuture<'a, Result<IncomingEndpoint, DriverError>> {
         Box::pin(async move {
             let name = launch.spec.name.clone();
             std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
@@ -384,7 +389,7 @@ impl VmDriver for QemuDriver {
                     self.serving().insert(name.clone());
                     Some(addr)
                 };
-                let uri = crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout()).await?;
+                let uri = crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout(), multifd_channels).await?;
                 Ok(IncomingEndpoint { uri, nbd })
             };
             match ready.await {

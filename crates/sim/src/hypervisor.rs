@@ -175,6 +175,7 @@ impl VmDriver for SimDriver {
         &'a self,
         launch: &'a VmLaunch,
         _disks: &'a [tandem_drivers::diskcopy::LocalDiskSize],
+        _multifd_channels: u8,
     ) -> BoxFuture<'a, Result<tandem_drivers::diskcopy::IncomingEndpoint, DriverError>> {
         Box::pin(async move {
             let name = launch.spec.name.clone();
@@ -263,7 +264,14 @@ impl VmDriver for SimDriver {
             }
             w.log(format!("{}: {name} migrated to host {dest} (generation {generation}); paused here", self.name));
             // The simulated hypervisor measures no downtime: it reports none rather than a made-up one.
-            Ok(tandem_drivers::migration::MigrationReport { total_ms: copied + cut, downtime_ms: None, transferred_bytes: 0, steps: vec![], disks: None })
+            Ok(tandem_drivers::migration::MigrationReport {
+                total_ms: copied + cut,
+                downtime_ms: None,
+                transferred_bytes: 0,
+                steps: vec![],
+                disks: None,
+                multifd_bytes: None,
+            })
         })
     }
 

@@ -156,7 +156,9 @@ impl Agent {
         local_disks: Vec<LocalDiskSize>,
         cancel: &AtomicBool,
     ) -> Result<IncomingEndpoint, String> {
-        let body = serde_json::to_vec(&IncomingRequest { name: name.to_string(), generation, local_disks }).map_err(|e| e.to_string())?;
+        let body =
+            serde_json::to_vec(&IncomingRequest { name: name.to_string(), generation, local_disks, multifd_channels: self.cfg.migration.multifd_channels })
+                .map_err(|e| e.to_string())?;
         let mut last = String::from("no attempt");
         for _ in 0..PREPARE_ATTEMPTS {
             if cancel.load(Ordering::SeqCst) {
@@ -183,6 +185,7 @@ impl Agent {
             nbd: ready.nbd,
             disks,
             max_bandwidth: self.cfg.migration.max_bandwidth_mib_s << 20,
+            multifd_channels: self.cfg.migration.multifd_channels,
             stall_ms: self.cfg.migration.stall_s * 1000,
             overall_ms: self.cfg.migration.timeout_s * 1000,
             cancel: Arc::clone(cancel),
@@ -314,7 +317,11 @@ impl Agent {
         }
         let check = self.start_check_as(&spec, req.generation, super::fencing::StartKind::Incoming);
         let launch = tandem_drivers::VmLaunch { spec, generation: req.generation, check };
-        let ready = self.driver.prepare_incoming(&launch, &req.local_disks).await.map_err(|e| crate::api::chain(&e))?;
+        let ready = self
+            .driver
+            .prepare_incoming(&launch, &req.local_disks, req.multifd_channels.min(tandem_drivers::migration::MAX_MULTIFD_CHANNELS))
+            .await
+            .map_err(|e| crate::api::chain(&e))?;
         lock(&self.migrations).prepared.insert(req.name.clone(), (req.generation, ready.clone()));
         self.wake_on_switchover(&req.name, req.generation);
         if self.mutation == Some(crate::io::Mutation::ResumeBeforeSwitchover) {

@@ -52,6 +52,8 @@ pub struct MigrationFigures {
     pub two_running: usize,
     /// Memory and device state sent, MiB.
     pub transferred_mib: u64,
+    /// Memory sent over QEMU's parallel channels (multifd), bytes, when it used them.
+    pub multifd_bytes: Option<u64>,
 }
 
 /// A running local cluster with one VM to move.
@@ -225,7 +227,8 @@ impl MigrationLab {
             completed,
             total_s,
             qemu_total_ms: report.as_ref().map(|r| r.total_ms).filter(|_| self.driver == "qemu"),
-            downtime_ms: report.and_then(|r| r.downtime_ms),
+            downtime_ms: report.as_ref().and_then(|r| r.downtime_ms),
+            multifd_bytes: report.as_ref().and_then(|r| r.multifd_bytes),
             http_gap_ms,
             two_running,
             transferred_mib,
