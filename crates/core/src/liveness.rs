@@ -16,6 +16,10 @@ use thiserror::Error;
 /// How many of our own recent heartbeat send times are remembered to interpret acks.
 const SENT_HISTORY: usize = 512;
 
+/// Slot writes kept waiting for a read to show them on the shared disk; older ones are dropped
+/// (a later write confirmed renews at least as far).
+const PENDING_DISK_WRITES: usize = 16;
+
 /// While the cluster is calm, a full round (slot write, periodic loops) every this many ticks
 /// (see [`Liveness::round_due`]): their share of an idle agent's CPU, halved.
 pub const CALM_ROUND_TICKS: u64 = 2;
@@ -86,6 +90,9 @@ struct PeerState {
     net_epoch: u64,
     slot: Option<DiskSlot>,
     slot_changed_at: Option<Millis>,
+    /// When the read before the one that saw the slot's last change began: the peer wrote that
+    /// change after this instant (it was not there yet).
+    slot_changed_after: Option<Millis>,
     slot_corrupt: Option<SlotCorruption>,
     acked_my_seq: Option<u64>,
     /// The latest moment other hosts report having heard this peer, on our clock: the receive
@@ -231,6 +238,11 @@ pub struct Liveness {
     /// When the last successful read of the disk began: writes that completed before then are in it.
     last_disk_read_started: Option<Millis>,
     last_disk_write_ok: Option<Millis>,
+    /// Slot writes that landed in time but are not renewals yet (their starts): a read must
+    /// first show them on the shared disk (see [`Liveness::confirm_disk_writes`]).
+    pending_disk_writes: VecDeque<Millis>,
+    /// When the read that last saw our own slot advance began.
+    own_advanced_read: Option<Millis>,
     /// Set when a renewal arrived after our lease had already lapsed (the renewal is not taken
     /// as a continuation: peers may count their deadline from before it). The next assessment
     /// fences, whatever the renewal says. Holds the silence at that moment.
@@ -268,6 +280,8 @@ impl Liveness {
             last_disk_read_ok: None,
             last_disk_read_started: None,
             last_disk_write_ok: None,
+            pending_disk_writes: VecDeque::with_capacity(PENDING_DISK_WRITES),
+            own_advanced_read: None,
             lapsed: None,
             unlapsed_at: None,
             own_slot: None,
@@ -459,6 +473,8 @@ impl Liveness {
     /// Takes the result of a read of every slot that began at `started` and ended at `now`.
     pub fn disk_read_between(&mut self, slots: &[SlotRead], started: Millis, now: Millis) {
         self.last_disk_read_ok = Some(now);
+        // Every slot change this read shows was written after the previous read began.
+        let previous_read = self.last_disk_read_started;
         self.last_disk_read_started = Some(self.last_disk_read_started.map_or(started, |s| s.max(started)));
         for (i, read) in slots.iter().enumerate() {
             let h = HostId(i as u32);
@@ -467,6 +483,7 @@ impl Liveness {
                     let mine = (s.incarnation, s.counter);
                     if s.incarnation == self.incarnation && self.own_slot.is_some_and(|old| old != mine) {
                         self.own_slot_advanced_at = Some(now);
+                        self.own_advanced_read = Some(started);
                     }
                     self.own_slot = Some(mine);
                 }
@@ -497,6 +514,7 @@ impl Liveness {
                         // slot seen once may be a stale copy (a private file, an old image).
                         if p.slot.is_some() {
                             p.slot_changed_at = Some(now);
+                            p.slot_changed_after = previous_read;
                         }
                         p.disk_seen += 1;
                         if let Some(old) = p.slot.filter(|old| old.incarnation == s.incarnation && s.counter > old.counter) {
@@ -507,6 +525,7 @@ impl Liveness {
                 }
             }
         }
+        self.confirm_disk_writes(now);
     }
 
     /// Whether the tick at `now` is a full round: this host writes its disk slot, and the
@@ -551,10 +570,43 @@ impl Liveness {
     /// than the disk I/O timeout counts as lost.
     pub fn disk_written(&mut self, started: Millis, finished: Millis) {
         if finished.since(started) <= self.timings.disk_io_timeout_ms {
-            self.note_lapse(finished);
-            self.last_disk_write_ok = Some(self.last_disk_write_ok.map_or(started, |t| t.max(started)));
+            if self.pending_disk_writes.len() == PENDING_DISK_WRITES {
+                self.pending_disk_writes.pop_front();
+            }
+            self.pending_disk_writes.push_back(started);
         } else {
             self.counters.late_disk_writes += 1;
+        }
+    }
+
+    /// Takes as renewals the slot writes that reads have since shown on the shared disk: a read
+    /// that began at or after the write saw our own slot advance (the write is on the disk we
+    /// read), and the slots of enough peers to make a majority with us changed after the write
+    /// began (each change seen by a read whose previous read began after it: those peers write
+    /// to that disk since). A renewal is taken when it is confirmed, so a lapse is judged then.
+    ///
+    /// Why: a disk that only *was* shared — a host's path switched to a stale private copy —
+    /// still looks shared for a peer timeout by its old changes, and writes to it renewed the
+    /// lease although no peer could ever see them: peers counted the host's fence deadline from
+    /// earlier evidence and restarted its VMs while it still ran them (simulator seed 237,
+    /// `disk-private-one`, once failovers committed a tick sooner).
+    fn confirm_disk_writes(&mut self, now: Millis) {
+        let Some(own) = self.own_advanced_read else { return };
+        let need = (self.members.len() / 2 + 1).saturating_sub(1);
+        let peers = if need == 0 {
+            Some(Millis(u64::MAX))
+        } else {
+            let mut after: Vec<Millis> = self.peers.values().filter_map(|p| p.slot_changed_after).collect();
+            after.sort_unstable_by(|a, b| b.cmp(a));
+            after.get(need - 1).copied()
+        };
+        let Some(peers) = peers else { return };
+        let threshold = own.min(peers);
+        let confirmed = self.pending_disk_writes.iter().copied().filter(|w| *w <= threshold).max();
+        self.pending_disk_writes.retain(|w| *w > threshold);
+        if let Some(started) = confirmed {
+            self.note_lapse(now);
+            self.last_disk_write_ok = Some(self.last_disk_write_ok.map_or(started, |t| t.max(started)));
         }
     }
 
@@ -1268,6 +1320,55 @@ mod tests {
         assert_eq!(a.fence, None, "host 0 is on the winning side");
     }
 
+    /// A host whose path to the heartbeat disk switched to a stale private copy (and whose
+    /// network is cut) keeps writing and reading "its" disk: its own slot advances there, the
+    /// peers' slots no longer do. Those writes renew nothing — the peers cannot see them and
+    /// count its fence deadline from its last heartbeat — although the copy still looks shared
+    /// by its old changes for a peer timeout. (Simulator seed 237 found the lease extended.)
+    #[test]
+    fn writes_to_a_disk_that_only_was_shared_renew_no_lease() {
+        let mut l = three(0);
+        let mut last_ack = Millis(0);
+        for t in (0..2000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.heartbeat_received(&hb(1, seq, &[0, 1, 2], Some((0, seq))), now).expect("fresh");
+            l.heartbeat_received(&hb(2, seq, &[0, 1, 2], Some((0, seq))), now).expect("fresh");
+            last_ack = now;
+            l.disk_written(now, now);
+            l.disk_read(&[slot(0, seq, &[0, 1, 2], false), slot(1, seq, &[0, 1, 2], false), slot(2, seq, &[0, 1, 2], false)], now);
+        }
+        let frozen = 2000 / 200;
+        for t in (2000..5000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.disk_written(now, now);
+            l.disk_read(&[slot(0, seq, &[0], false), slot(1, frozen, &[0, 1, 2], false), slot(2, frozen, &[0, 1, 2], false)], now);
+            let until = l.lease_until(now).expect("a member of three holds a lease");
+            assert!(until.0 <= last_ack.0 + T.self_fence_ms, "at {t} ms the lease runs to {until:?}, past the last acknowledged heartbeat + self_fence_ms");
+        }
+        assert!(matches!(l.assess(Millis(4800)).fence, Some(FenceReason::Isolated { .. })), "the host fences itself");
+    }
+
+    /// Writes to the shared disk renew the lease once a read shows them there and shows the
+    /// peers still writing to it after them: a host cut from the network but not from the disk
+    /// keeps its lease by the disk.
+    #[test]
+    fn writes_to_the_shared_disk_renew_the_lease_once_reads_confirm_them() {
+        let mut l = three(0);
+        for t in (0..5000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.disk_written(now, now);
+            l.disk_read(&[slot(0, seq, &[0], false), slot(1, seq, &[1, 2], false), slot(2, seq, &[1, 2], false)], now);
+            if t >= 400 {
+                let until = l.lease_until(now).expect("lease");
+                assert!(until.0 + 400 >= now.0 + T.self_fence_ms, "at {t} ms the lease runs to {until:?}: the disk renews it, a read or two behind");
+            }
+        }
+    }
+
     #[test]
     fn cut_off_host_fences_itself_on_the_losing_side() {
         let mut l = three(2);
@@ -1278,7 +1379,7 @@ mod tests {
             l.disk_written(now, now);
             l.heartbeat_received(&hb(0, seq, &[0, 1, 2], Some((2, seq))), now).expect("fresh");
             l.heartbeat_received(&hb(1, seq, &[0, 1, 2], Some((2, seq))), now).expect("fresh");
-            l.disk_read(&[slot(0, seq, &[0, 1, 2], false), slot(1, seq, &[0, 1, 2], false), SlotRead::Empty], now);
+            l.disk_read(&[slot(0, seq, &[0, 1, 2], false), slot(1, seq, &[0, 1, 2], false), slot(2, seq, &[0, 1, 2], false)], now);
         }
         assert_eq!(l.assess(Millis(2000)).fence, None);
         // Network cut: only disk slots keep flowing, and they show hosts 0 and 1 hearing each other.
@@ -1289,7 +1390,7 @@ mod tests {
             l.disk_written(now, now);
             // The others stop listing host 2 once they have not heard it for a peer timeout.
             let theirs: &[u32] = if t < 2000 + T.peer_timeout_ms { &[0, 1, 2] } else { &[0, 1] };
-            l.disk_read(&[slot(0, seq, theirs, false), slot(1, seq, theirs, false), SlotRead::Empty], now);
+            l.disk_read(&[slot(0, seq, theirs, false), slot(1, seq, theirs, false), slot(2, seq, &[2], false)], now);
             if let Some(FenceReason::LosingSide { winner }) = l.assess(now).fence {
                 assert_eq!(winner, [HostId(0), HostId(1)].into_iter().collect());
                 fenced_at = Some(t);

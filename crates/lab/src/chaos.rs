@@ -2,13 +2,14 @@
 //! 198.18.0.0/24, nothing leaves them) with real workloads; faults are injected for real —
 //! nftables partitions (full, one-way, pairwise), random heartbeat loss, SIGKILL of agents, of
 //! whole hosts and of single workloads, SIGSTOP of a whole host past the timeouts, a host's
-//! heartbeat disk failing, a live migration with a fault in its copy, a planned stop under each
-//! shutdown policy — and the invariants are checked from the outside:
+//! heartbeat disk failing, a live migration with a fault in its copy, a maintenance cycle, a
+//! planned stop under each shutdown policy — and the invariants are checked from the outside:
 //!
 //! - `double-run`: no VM executes on two hosts at once (process table sampled every 10 ms; a
 //!   stopped process counts as present; two processes of a VM count unless their hosts show all
 //!   copies but one paused, as live migration keeps them: see `chaos/planned`);
 //! - `parked-ran`: a VM a planned stop parked does not run while its host is away;
+//! - `migration-stuck`: a host in maintenance sees its VMs leave, and back once it exits;
 //! - `wrong-host`: once the cluster settles, each VM runs exactly where committed state says;
 //! - `state-lost`: the committed VM set never changes (the suite makes no changes of its own);
 //! - `healthy-fenced`: no host fences itself unless the fault cut or froze it;
@@ -100,7 +101,7 @@ const SETTLE_BOUND: Duration = Duration::from_millis(oracle::SETTLE_BOUND_MS);
 
 /// The kinds this suite injects (the shared vocabulary's `Backend::Chaos` ones), in the order a
 /// short profile shuffles them from (changing it changes every seed's plan).
-const CHAOS_FAULTS: [FaultKind; 14] = [
+const CHAOS_FAULTS: [FaultKind; 15] = [
     FaultKind::PartitionFull,
     FaultKind::PartitionOneWay,
     FaultKind::PartitionPair,
@@ -115,6 +116,7 @@ const CHAOS_FAULTS: [FaultKind; 14] = [
     FaultKind::DiskHangOne,
     FaultKind::LiveMigration,
     FaultKind::PlannedStop,
+    FaultKind::MaintenanceCycle,
 ];
 
 /// What the suite measured.
@@ -491,6 +493,7 @@ impl Suite {
             }
             FaultKind::LiveMigration => self.inject_live_migration(target, t0, &mut may_fence)?,
             FaultKind::PlannedStop => self.inject_planned_stop(target, t0, &mut may_fence)?,
+            FaultKind::MaintenanceCycle => self.inject_maintenance_cycle(target)?,
             // The plan draws from CHAOS_FAULTS only (tested to be the vocabulary's chaos kinds).
             other => bail!("{other} is injected by the simulator only"),
         }

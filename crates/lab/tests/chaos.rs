@@ -6,7 +6,7 @@ use serde_json::Value;
 
 /// The short fault-injection profile, real QEMU guests mixed with process workloads: every fault kind once (partitions full, one-way and
 /// pairwise, random heartbeat loss, power loss, leader loss, kill -9 of an agent and of a workload,
-/// a frozen host — past its fence deadline, and past self_fence_ms only —, a failing and a hanging (FUSE) heartbeat disk, a live migration faulted mid-copy, a planned stop) against real agents in namespaces; no invariant may
+/// a frozen host — past its fence deadline, and past self_fence_ms only —, a failing and a hanging (FUSE) heartbeat disk, a live migration faulted mid-copy, a maintenance cycle, a planned stop) against real agents in namespaces; no invariant may
 /// break. `TANDEM_CHAOS_SEED` picks another seed.
 #[test]
 fn chaos_short_profile_breaks_no_invariant() -> Result<()> {
@@ -19,7 +19,7 @@ fn chaos_short_profile_breaks_no_invariant() -> Result<()> {
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_str(stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}"))?;
     assert_eq!(summary["violations"], serde_json::json!([]), "violations with seed {seed}");
-    assert_eq!(summary["faults_total"], 14, "every fault kind injected once");
+    assert_eq!(summary["faults_total"], 15, "every fault kind injected once");
     assert!(summary["vm_recoveries"].as_u64() >= Some(4), "faults moved or restarted VMs");
     assert!(out.status.success(), "tandem-lab chaos failed with seed {seed}");
     Ok(())

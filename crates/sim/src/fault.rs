@@ -163,11 +163,11 @@ impl FaultKind {
             | AgentStall
             | LivenessStallInPartition
             | HostJoin
-            | Operator
-            | MaintenanceCycle => &[Sim],
+            | Operator => &[Sim],
             // The fault suite draws the operation and its fault its own way (real agents, real
-            // QEMU): a migration faulted at a random instant, a planned stop per policy.
-            LiveMigration | PlannedStop => &[Sim, Chaos],
+            // QEMU): a migration faulted at a random instant, a maintenance cycle, a planned stop
+            // per policy.
+            LiveMigration | MaintenanceCycle | PlannedStop => &[Sim, Chaos],
         }
     }
 
@@ -214,6 +214,6 @@ mod tests {
         assert_eq!(sim.len(), 24);
         assert_eq!(sim[..21].to_vec(), FaultKind::ALL[..21].to_vec());
         assert_eq!(sim[21..].to_vec(), vec![LiveMigration, MaintenanceCycle, PlannedStop]);
-        assert_eq!(FaultKind::of(Backend::Chaos).count(), 14);
+        assert_eq!(FaultKind::of(Backend::Chaos).count(), 15);
     }
 }

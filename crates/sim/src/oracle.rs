@@ -37,8 +37,8 @@ pub enum Invariant {
     StaleResume,
     /// A live migration that no fault touched did not complete.
     MigrationStuck,
-    /// A VM parked with a host that left under the `freeze` policy ran before that host
-    /// returned.
+    /// A VM parked with a host that left under the `freeze` policy (or `shutdown`, before its
+    /// restart-elsewhere time) ran before that host returned.
     ParkedRan,
 }
 

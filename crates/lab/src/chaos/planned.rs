@@ -1,6 +1,7 @@
 //! The suite's planned-operation faults: a live migration with a fault at a random instant of
-//! its copy (nothing, power loss of the source or of the destination, the pair cut), and a
-//! host's planned stop under each shutdown policy. Live migration keeps a paused copy at the
+//! its copy (nothing, power loss of the source or of the destination, the pair cut), a
+//! maintenance cycle (evacuated live, then back), and a host's planned stop under each shutdown
+//! policy. Live migration keeps a paused copy at the
 //! destination while the source runs, so the suite's process recorder asks the hosts which
 //! copies are paused before it counts a double run ([`paused_copies_judge`]).
 
@@ -11,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem::client::Client;
-use tandem_agent::views::{LocalView, MigrateRequest, ShutdownRequest};
-use tandem_core::state::ShutdownPolicy;
+use tandem_agent::views::{HostModeRequest, LocalView, MigrateRequest, ShutdownRequest};
+use tandem_core::state::{HostMode, ShutdownPolicy};
 use tandem_sim::oracle::{Invariant, Violation};
 
 /// How long a pair cut during a migration lasts: past the peer timeout, so one side fences.
@@ -21,6 +22,8 @@ const PAIR_CUT: Duration = Duration::from_secs(5);
 const STOP_BOUND: Duration = Duration::from_secs(90);
 /// How long VMs parked by a planned stop are watched for not running while their host is away.
 const PARKED_WATCH: Duration = Duration::from_secs(4);
+/// How long a host in maintenance may take to see its VMs leave, and they to come back after it.
+const EVACUATION_BOUND: Duration = Duration::from_secs(60);
 
 /// How long a host's last answer about a VM stands in for it once the host stops answering:
 /// a power loss kills a destination's paused copy a few milliseconds after its agent, and the
@@ -164,5 +167,45 @@ impl Suite {
         }
         self.lab.start(target)?;
         Ok(())
+    }
+
+    /// `target` enters maintenance: every VM on it must leave live and nobody fences; then it
+    /// leaves maintenance and the VMs that left must come back (their home is remembered).
+    pub(super) fn inject_maintenance_cycle(&mut self, target: usize) -> Result<()> {
+        let name = self.lab.hosts[target].name.clone();
+        let vms = self.vms_on(&[target]);
+        self.log(&format!("maintenance-cycle: {name} ({} VM(s)) enters maintenance", vms.len()));
+        let mode = |mode| HostModeRequest { mode, force: true };
+        self.client(target).send("POST", &format!("/v1/hosts/{name}/mode"), &mode(HostMode::Maintenance))?;
+        let t = Instant::now();
+        let left = self.wait_for(EVACUATION_BOUND, |running| vms.iter().all(|vm| running.get(vm).is_none_or(|hosts| !hosts.contains(&name))));
+        match left {
+            true => self.log(&format!("  its VMs left in {:.2} s", t.elapsed().as_secs_f64())),
+            false => self.violation(Violation::new(Invariant::MigrationStuck, format!("maintenance-cycle: VMs still on {name} after {EVACUATION_BOUND:?}"))),
+        }
+        self.client(target).send("POST", &format!("/v1/hosts/{name}/mode"), &mode(HostMode::Normal))?;
+        let t = Instant::now();
+        let back =
+            self.wait_for(EVACUATION_BOUND, |running| vms.iter().all(|vm| running.get(vm).is_some_and(|hosts| hosts.len() == 1 && hosts.contains(&name))));
+        match back {
+            true => self.log(&format!("  back on {name} in {:.2} s", t.elapsed().as_secs_f64())),
+            false => self.violation(Violation::new(
+                Invariant::MigrationStuck,
+                format!("maintenance-cycle: VMs not back on {name} {EVACUATION_BOUND:?} after it left maintenance"),
+            )),
+        }
+        Ok(())
+    }
+
+    /// Waits up to `bound` for the processes running to satisfy `done`; whether they did.
+    fn wait_for(&self, bound: Duration, done: impl Fn(&tandem_sim::oracle::Running) -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < bound && !super::interrupted() {
+            if done(&self.running_now()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
     }
 }
