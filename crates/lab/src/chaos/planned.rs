@@ -95,24 +95,8 @@ impl Suite {
         std::thread::sleep(delay);
         match fault {
             MigrationFault::Nothing => std::thread::sleep(Duration::from_secs(2)),
-            MigrationFault::SourcePowerLoss => {
-                let on_source = self.vms_on(&[source]);
-                self.lab.power_off(source);
-                may_fence.push(source);
-                let took = self.wait_moved("live-migration", &on_source, std::slice::from_ref(&src_name), t0);
-                self.record_recovery(&on_source, took, "back on the survivors");
-                std::thread::sleep(Duration::from_secs(1));
-                self.lab.start(source)?;
-            }
-            MigrationFault::DestinationPowerLoss => {
-                let on_dest = self.vms_on(&[dest]);
-                self.lab.power_off(dest);
-                may_fence.push(dest);
-                let took = self.wait_moved("live-migration", &on_dest, std::slice::from_ref(&dst_name), t0);
-                self.record_recovery(&on_dest, took, "of the destination back on the survivors");
-                std::thread::sleep(Duration::from_secs(1));
-                self.lab.start(dest)?;
-            }
+            MigrationFault::SourcePowerLoss => self.lose_power_and_recover(source, t0, "back on the survivors", may_fence)?,
+            MigrationFault::DestinationPowerLoss => self.lose_power_and_recover(dest, t0, "of the destination back on the survivors", may_fence)?,
             MigrationFault::PairCut => {
                 let (a, b) = (source.min(dest), source.max(dest));
                 self.net.block_pair(a, b)?;
@@ -122,6 +106,18 @@ impl Suite {
             }
         }
         Ok(())
+    }
+
+    /// Cuts `host`'s power in a migration, waits for its VMs to run elsewhere, boots it again.
+    fn lose_power_and_recover(&mut self, host: usize, t0: Instant, what: &str, may_fence: &mut Vec<usize>) -> Result<()> {
+        let name = self.lab.hosts[host].name.clone();
+        let vms = self.vms_on(&[host]);
+        self.lab.power_off(host);
+        may_fence.push(host);
+        let took = self.wait_moved("live-migration", &vms, std::slice::from_ref(&name), t0);
+        self.record_recovery(&vms, took, what);
+        std::thread::sleep(Duration::from_secs(1));
+        self.lab.start(host)
     }
 
     /// `target` stops as planned under a policy drawn at random; it comes back a few seconds
