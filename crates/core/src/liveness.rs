@@ -207,18 +207,19 @@ impl Assessment {
         self.peers.iter().find(|p| p.host == host)
     }
 
-    /// Whether a dead peer's fence deadline lies between `before_ms` ahead of `now` and
-    /// `after_ms` behind it. The agent then ticks at every poll rather than every interval: the
-    /// disk read that settles the deadline (it must begin after it) and the assessment that
-    /// sees it come one poll apart instead of one interval, which is most of the time between a
-    /// deadline and its failover's commit. A few more heartbeats and slot writes for a second
-    /// or two; nothing else changes.
+    /// Whether a dead peer's fence deadline — the one its last evidence gives once settled
+    /// (`last_evidence + fence_wait_ms`; until then the assessment shows a later fallback) — lies
+    /// between `before_ms` ahead of `now` and `after_ms` behind it. The agent then ticks at every
+    /// poll rather than every interval: the disk read that settles the deadline (it must begin
+    /// after it) and the assessment that sees it come one poll apart instead of one interval,
+    /// which is most of the time between a deadline and its failover's commit. A few more
+    /// heartbeats and slot writes for a second or two; nothing else changes.
     #[must_use]
-    pub fn fence_deadline_near(&self, now: Millis, before_ms: u64, after_ms: u64) -> bool {
+    pub fn fence_deadline_near(&self, now: Millis, fence_wait_ms: u64, before_ms: u64, after_ms: u64) -> bool {
         self.peers
             .iter()
             .filter(|p| p.liveness == HostLiveness::Dead)
-            .filter_map(|p| p.fence_deadline)
+            .filter_map(|p| p.last_evidence.map(|e| e.plus(fence_wait_ms)).or(p.fence_deadline))
             .any(|d| now.0 + before_ms >= d.0 && now.0 <= d.0 + after_ms)
     }
 }
@@ -912,14 +913,14 @@ mod tests {
     /// to `after_ms` past it, and never for a peer that is not dead.
     #[test]
     fn a_fence_deadline_is_near_only_around_a_dead_peers_deadline() {
-        let peer = |liveness, deadline: Option<u64>| PeerAssessment {
+        let peer = |liveness, deadline: Option<u64>, evidence: Option<u64>| PeerAssessment {
             host: HostId(1),
             liveness,
             net_age_ms: None,
             disk_age_ms: None,
             fenced_epoch: None,
             dead_since: None,
-            last_evidence: None,
+            last_evidence: evidence.map(Millis),
             fence_deadline: deadline.map(Millis),
             slot_corrupt: false,
         };
@@ -932,11 +933,14 @@ mod tests {
             fence: None,
             has_majority: true,
         };
-        let dead = at(vec![peer(HostLiveness::Dead, Some(10_000))]);
-        let near: Vec<u64> = [9_700, 9_800, 10_000, 13_000, 13_001].into_iter().filter(|t| dead.fence_deadline_near(Millis(*t), 200, 3_000)).collect();
+        let dead = at(vec![peer(HostLiveness::Dead, Some(10_000), None)]);
+        let near: Vec<u64> = [9_700, 9_800, 10_000, 13_000, 13_001].into_iter().filter(|t| dead.fence_deadline_near(Millis(*t), 3_000, 200, 3_000)).collect();
         assert_eq!(near, vec![9_800, 10_000, 13_000]);
-        let alive = at(vec![peer(HostLiveness::Partitioned, Some(10_000)), peer(HostLiveness::Dead, None)]);
-        assert!(!alive.fence_deadline_near(Millis(10_000), 200, 3_000));
+        // Not settled yet: the assessment shows the later fallback; the window is the settled one's.
+        let unsettled = at(vec![peer(HostLiveness::Dead, Some(13_000), Some(7_000))]);
+        assert!(unsettled.fence_deadline_near(Millis(9_900), 3_000, 200, 3_000));
+        let alive = at(vec![peer(HostLiveness::Partitioned, Some(10_000), Some(7_000)), peer(HostLiveness::Dead, None, None)]);
+        assert!(!alive.fence_deadline_near(Millis(10_000), 3_000, 200, 3_000));
     }
 
     /// A calm cluster has a full round (slot write, loops) every second tick; once a peer has been quiet on

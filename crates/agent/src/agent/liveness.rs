@@ -98,7 +98,8 @@ impl Agent {
         let now = self.clock.now();
         let t = &self.cfg.timings;
         // Near a dead peer's fence deadline every poll ticks (see `fence_deadline_near`).
-        let deadline_near = lock(&self.beat).assessment.as_ref().is_some_and(|a| a.fence_deadline_near(now, t.heartbeat_interval_ms, t.peer_timeout_ms));
+        let deadline_near =
+            lock(&self.beat).assessment.as_ref().is_some_and(|a| a.fence_deadline_near(now, t.fence_wait_ms(), t.heartbeat_interval_ms, t.peer_timeout_ms));
         if now >= *next_tick || deadline_near {
             *next_tick = Millis(now.0 + self.cfg.timings.heartbeat_interval_ms - self.interval_slack());
             self.liveness_tick().await;
