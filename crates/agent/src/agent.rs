@@ -130,13 +130,13 @@ impl RuntimeStatus {
     }
 }
 
-/// One host's agent.
 /// The liveness ticks and applied entries a periodic loop wakes on.
 struct Rounds {
     ticks: tokio::sync::watch::Receiver<u64>,
     applied: tokio::sync::watch::Receiver<u64>,
 }
 
+/// One host's agent.
 pub struct Agent {
     pub cfg: AgentConfig,
     pub me: HostId,
