@@ -1,0 +1,137 @@
+//! Network heartbeats: what is sent, what is taken, the acks and reports they carry.
+
+use super::{HeartbeatCount, HeartbeatRejected, Liveness, Report, SENT_HISTORY};
+use crate::hostset::{HostId, HostSet};
+use crate::time::Millis;
+use crate::wire::{Ack, BroadcastAck, HeardAges, Heartbeat, HeartbeatFormat};
+
+impl Liveness {
+    /// Records that our heartbeat `seq` left at `now`.
+    pub fn heartbeat_sent(&mut self, seq: u64, now: Millis) {
+        if self.sent.len() == SENT_HISTORY {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((seq, now));
+    }
+
+    /// Counts a datagram that failed authentication.
+    pub fn heartbeat_forged(&mut self) {
+        self.counters.forged_heartbeats += 1;
+    }
+
+    /// Takes an authenticated heartbeat received at `now`.
+    pub fn heartbeat_received(&mut self, hb: &Heartbeat, now: Millis) -> Result<(), HeartbeatRejected> {
+        self.heartbeat_received_as(hb, HeartbeatFormat::Addressed, now)
+    }
+
+    /// [`Liveness::heartbeat_received`] for a heartbeat that came in `format`: the peer is
+    /// answered in the same one.
+    pub fn heartbeat_received_as(&mut self, hb: &Heartbeat, format: HeartbeatFormat, now: Millis) -> Result<(), HeartbeatRejected> {
+        if hb.from == self.me {
+            return Err(HeartbeatRejected::FromSelf);
+        }
+        if hb.to != self.me {
+            return Err(HeartbeatRejected::Misaddressed { from: hb.from, to: hb.to });
+        }
+        let me = self.me;
+        if !self.peers.contains_key(&hb.from) {
+            return Err(HeartbeatRejected::NotMember(hb.from));
+        }
+        // Only acks of this incarnation count: a peer that has not yet heard us since our restart
+        // still acks the last sequence number of our previous life.
+        let ack = hb.ack.filter(|a| a.incarnation == self.incarnation);
+        if ack.is_some() {
+            // A renewal that arrives after our lease lapsed does not continue it.
+            self.note_lapse(now);
+        }
+        let Some(p) = self.peers.get_mut(&hb.from) else {
+            return Err(HeartbeatRejected::NotMember(hb.from));
+        };
+        let newer = hb.incarnation > p.incarnation || (hb.incarnation == p.incarnation && hb.seq > p.seq);
+        if !newer {
+            self.counters.replayed_heartbeats += 1;
+            return Err(HeartbeatRejected::Replay { from: hb.from, incarnation: hb.incarnation, seq: hb.seq });
+        }
+        if hb.incarnation == p.incarnation && p.received > 0 {
+            p.missed += hb.seq - p.seq - 1;
+        }
+        p.received += 1;
+        p.incarnation = hb.incarnation;
+        p.seq = hb.seq;
+        p.last_net = Some(now);
+        p.net_fenced = hb.fenced;
+        p.net_epoch = hb.epoch;
+        p.format = format;
+        if let Some(a) = ack {
+            p.acked_my_seq = Some(p.acked_my_seq.map_or(a.seq, |old| old.max(a.seq)));
+        }
+        // What the sender reports hearing of the others: evidence of their life, on our clock.
+        // The report it replaces is older news from the same reporter, except across a restart
+        // of the reporter (its new life remembers nothing): that one is folded in first.
+        let report = Report { at: now, incarnation: hb.incarnation, ages: hb.ages };
+        if let Some(old) = p.report.replace(report).filter(|old| old.incarnation != hb.incarnation) {
+            old.fold_into(hb.from, me, &mut self.peers);
+        }
+        Ok(())
+    }
+
+    /// Heartbeats received and missed per peer.
+    #[must_use]
+    pub fn heartbeat_counts(&self) -> Vec<HeartbeatCount> {
+        self.peers
+            .iter()
+            .map(|(h, p)| HeartbeatCount { host: *h, received: p.received, missed: p.missed, disk_seen: p.disk_seen, disk_missed: p.disk_missed })
+            .collect()
+    }
+
+    /// How long ago we last heard each peer, at `now`: every heartbeat we send carries it.
+    #[must_use]
+    pub fn ages(&self, now: Millis) -> HeardAges {
+        let mut ages = HeardAges::default();
+        for (h, p) in &self.peers {
+            if let Some(t) = p.last_net {
+                ages.set(*h, now.since(t));
+            }
+        }
+        ages
+    }
+
+    /// The copy of our heartbeat for `peer`: `common` (built once per round) with the ack of
+    /// the last heartbeat we received from it.
+    #[must_use]
+    pub fn addressed(&self, common: &Heartbeat, peer: HostId) -> Heartbeat {
+        let ack = self.peers.get(&peer).filter(|p| p.last_net.is_some()).map(|p| Ack { incarnation: p.incarnation, seq: p.seq });
+        Heartbeat { to: peer, ack, ..common.clone() }
+    }
+
+    /// The format `peer` sends in (and so reads).
+    #[must_use]
+    pub fn format_of(&self, peer: HostId) -> HeartbeatFormat {
+        self.peers.get(&peer).map_or_else(HeartbeatFormat::default, |p| p.format)
+    }
+
+    /// The acks of a broadcast heartbeat (for peers of the previous release): one per peer
+    /// heard, with its age.
+    #[must_use]
+    pub fn broadcast_acks(&self, now: Millis) -> Vec<BroadcastAck> {
+        self.peers
+            .iter()
+            .filter_map(|(h, p)| {
+                let age = now.since(p.last_net?).min(u64::from(u16::MAX)) as u16;
+                Some(BroadcastAck { host: *h, ack: Ack { incarnation: p.incarnation, seq: p.seq }, age_ms: age })
+            })
+            .collect()
+    }
+
+    /// The hosts we hear on the network now (ourselves included).
+    #[must_use]
+    pub fn heard(&self, now: Millis) -> HostSet {
+        let mut s = HostSet::single(self.me);
+        for (h, p) in &self.peers {
+            if p.last_net.is_some_and(|t| now.since(t) < self.timings.peer_timeout_ms) {
+                s.insert(*h);
+            }
+        }
+        s
+    }
+}
