@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
-use tandem_core::diskformat::{slot_offset, DiskHeader, HeaderError, DISK_SIZE, HEADER_SIZE};
+use tandem_core::diskformat::{area_image, image_slots, slot_offset, DiskHeader, HeaderError, AREA_IMAGE_LEN, DISK_SIZE, HEADER_SIZE};
 use tandem_core::wire::{ClusterKey, DiskSlot, SlotRead, SLOT_RECORD_LEN, SLOT_SIZE};
 use tandem_core::HostId;
 use tandem_drivers::BoxFuture;
@@ -141,7 +141,7 @@ impl FileSlotDevice {
                 };
                 let mut read = |f: &std::fs::File| {
                     let buf = all_buf.bytes();
-                    f.read_exact_at(buf, 0).map(|()| buf.to_vec())
+                    f.read_exact_at(buf, 0).map(|()| area_image(buf))
                 };
                 for req in rx {
                     match req {
@@ -284,7 +284,7 @@ impl HeartbeatDisk {
     /// to start on any other.
     pub async fn check_header(&self, path: &str) -> Result<DiskHeader, DiskError> {
         let bytes = tokio::time::timeout(self.timeout, self.dev.read_all()).await.map_err(|_| DiskError::Timeout(self.timeout))??;
-        DiskHeader::check(&bytes, &self.key).map_err(|source| DiskError::Header { path: path.to_string(), source: Box::new(source) })
+        DiskHeader::check_image(&bytes, &self.key).map_err(|source| DiskError::Header { path: path.to_string(), source: Box::new(source) })
     }
 
     /// Reads and decodes every slot. The header is checked at every read: a disk swapped
@@ -301,14 +301,15 @@ impl HeartbeatDisk {
         (round.write, round.read.and_then(|bytes| self.decode_area(&bytes)))
     }
 
+    /// Decodes an area image (see `AREA_IMAGE_LEN`): the header, then every slot's record.
     fn decode_area(&self, bytes: &[u8]) -> Result<Vec<SlotRead>, DiskError> {
-        if bytes.len() != DISK_SIZE {
-            return Err(DiskError::Io(std::io::Error::other(format!("heartbeat area is {} bytes, not {DISK_SIZE}", bytes.len()))));
+        if bytes.len() != AREA_IMAGE_LEN {
+            return Err(DiskError::Io(std::io::Error::other(format!("heartbeat area image is {} bytes, not {AREA_IMAGE_LEN}", bytes.len()))));
         }
-        DiskHeader::check(bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source: Box::new(source) })?;
+        DiskHeader::check_image(bytes, &self.key).map_err(|source| DiskError::Header { path: "heartbeat disk".into(), source: Box::new(source) })?;
         let mut cache = self.decoded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut slots = Vec::with_capacity(tandem_core::MAX_HOSTS);
-        for (i, b) in bytes[HEADER_SIZE..].chunks(SLOT_SIZE).enumerate() {
+        for (i, b) in image_slots(bytes).enumerate() {
             if cache.len() <= i {
                 cache.push((None, SlotRead::Empty));
             }
@@ -359,7 +360,7 @@ mod tests {
         assert_eq!((&all[3], &all[4]), (&SlotRead::Valid(next), &SlotRead::Empty));
         assert_eq!(disk.read_all().await.expect("read again")[3], SlotRead::Valid(next));
         // Padding past the record changes nothing for a written slot, and makes an empty
-        // slot's block damaged, read after read (its record, all zeros, is never cached).
+        // slot's block damaged, read after read (the area image marks it: `area_image`).
         f.write_all_at(b"tail", slot_offset(HostId(3)) + 4000).expect("pad");
         f.write_all_at(b"tail", slot_offset(HostId(4)) + 4000).expect("pad");
         for _ in 0..2 {

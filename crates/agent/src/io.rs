@@ -66,19 +66,27 @@ pub trait HeartbeatTransport: Send + Sync + 'static {
             }
         })
     }
-    /// Takes the next datagram already received, without waiting: its length and sender, or
-    /// `None` when there is none. The liveness loop polls (see [`RECEIVE_POLL_DIVISOR`]).
-    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>>;
-    /// Hands up to `max` queued datagrams to `accept`, without waiting; how many. By default
-    /// one `try_recv_from` each, into `buf`.
-    fn drain(&self, buf: &mut [u8], max: usize, accept: &mut dyn FnMut(&[u8])) -> std::io::Result<usize> {
+    /// Takes the next datagram already received, without waiting: its length, sender and how
+    /// long it waited to be taken (when the transport knows, see
+    /// [`HeartbeatTransport::stamps_arrivals`]), or `None` when there is none. The liveness loop
+    /// polls (see [`RECEIVE_POLL_DIVISOR`]).
+    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr, Option<Duration>)>>;
+    /// Hands up to `max` queued datagrams to `accept` with how long each waited (when known),
+    /// without waiting; how many. By default one `try_recv_from` each, into `buf`.
+    fn drain(&self, buf: &mut [u8], max: usize, accept: &mut dyn FnMut(&[u8], Option<Duration>)) -> std::io::Result<usize> {
         for taken in 0..max {
             match self.try_recv_from(buf)? {
-                Some((n, _)) => accept(&buf[..n.min(buf.len())]),
+                Some((n, _, waited)) => accept(&buf[..n.min(buf.len())], waited),
                 None => return Ok(taken),
             }
         }
         Ok(max)
+    }
+    /// Whether received datagrams come with how long they waited: then a poll stamps each with
+    /// its arrival rather than with the poll's time, and the liveness loop can poll once per
+    /// interval while the cluster is calm (see [`RECEIVE_POLL_DIVISOR`]).
+    fn stamps_arrivals(&self) -> bool {
+        false
     }
 }
 
@@ -97,18 +105,53 @@ pub use mmsg::MMSG_BATCH;
 /// buffer. Two polls per interval, not four: the liveness thread's wake-ups were the largest
 /// share of an idle agent's CPU at 64 hosts, and a stamp half an interval late only moves
 /// fence deadlines (never the unsafe way) by at most that.
+///
+/// While the cluster is calm and the transport stamps arrivals (the kernel's receive timestamp,
+/// [`UdpTransport`]), one poll per interval: a datagram is stamped with its arrival, so the
+/// evidence it gives is as fresh whatever the poll period, and the other poll only cost a wake.
+/// As soon as the cluster is not calm (a peer quiet, a deadline near) the loop polls at this
+/// divisor again: a disk round's answer and the tick that assesses it are then one poll apart.
 pub const RECEIVE_POLL_DIVISOR: u32 = 2;
+
+/// How much the real-time clock may move against the boot-time clock between two drains for
+/// the kernel's arrival stamps (on the real-time clock) to be trusted: more is a clock step,
+/// and that drain's datagrams are stamped when taken, as without stamps. Within it (slewing,
+/// at most 0.5 ms per second), a stamp is moved a millisecond later to stay on the late side.
+pub const ARRIVAL_STEP_TOLERANCE: Duration = Duration::from_millis(1);
 
 /// The most datagrams one poll takes: a flood (of forged datagrams, say) cannot keep the loop
 /// from its tick; what is left waits for the next poll or is dropped by the socket's buffer.
 pub const MAX_DATAGRAMS_PER_POLL: usize = 4 * tandem_core::MAX_HOSTS;
 
 /// A UDP socket, bound at start (so a taken port is an error then) and non-blocking.
-/// Sends and receives in batches (`sendmmsg`, `recvmmsg`; see `io/mmsg`).
+/// Sends and receives in batches (`sendmmsg`, `recvmmsg`; see `io/mmsg`), with the kernel's
+/// arrival stamps where it gives them.
 pub struct UdpTransport {
     socket: std::net::UdpSocket,
     /// Where `drain` receives: only the liveness thread drains, so this is never contended.
-    arena: std::sync::Mutex<mmsg::RecvArena>,
+    receiving: std::sync::Mutex<Receiving>,
+    stamps: bool,
+}
+
+struct Receiving {
+    arena: mmsg::RecvArena,
+    /// CLOCK_REALTIME less CLOCK_BOOTTIME at the start of the previous drain, and whether that
+    /// drain emptied the queue: then every datagram of this drain arrived after that instant,
+    /// and the clocks' offset since then tells whether the real-time clock was stepped while
+    /// it waited.
+    offset_before: Option<i128>,
+    emptied: bool,
+}
+
+impl Receiving {
+    /// How long each datagram of the arena waited, at `real_now` (ns), if the stamps can be
+    /// trusted: the previous drain emptied the queue and the clocks' offset held since it.
+    fn waits(&self, trusted: bool, real_now: i128) -> impl Iterator<Item = (&[u8], Option<Duration>)> {
+        self.arena.datagrams().map(move |(bytes, _, at)| {
+            let waited = at.filter(|_| trusted).map(|at| Duration::from_nanos(u64::try_from(real_now - at).unwrap_or(0)));
+            (bytes, waited)
+        })
+    }
 }
 
 impl UdpTransport {
@@ -116,8 +159,12 @@ impl UdpTransport {
         let socket = std::net::UdpSocket::bind(addr)?;
         socket.set_nonblocking(true)?;
         // A longer datagram is cut here, and then refused by its decoder as malformed.
-        let arena = std::sync::Mutex::new(mmsg::RecvArena::new(tandem_core::wire::MAX_HEARTBEAT_LEN + 1));
-        Ok(UdpTransport { socket, arena })
+        let arena = mmsg::RecvArena::new(tandem_core::wire::MAX_HEARTBEAT_LEN + 1);
+        let stamps = mmsg::enable_arrival_stamps(&socket);
+        if !stamps {
+            tracing::warn!("the kernel refused receive timestamps on the heartbeat socket: datagrams are stamped when taken");
+        }
+        Ok(UdpTransport { socket, receiving: std::sync::Mutex::new(Receiving { arena, offset_before: None, emptied: false }), stamps })
     }
 }
 
@@ -131,29 +178,40 @@ impl HeartbeatTransport for UdpTransport {
             mmsg::send_batch(&self.socket, batch);
         })
     }
-    fn drain(&self, _buf: &mut [u8], max: usize, accept: &mut dyn FnMut(&[u8])) -> std::io::Result<usize> {
-        let mut arena = self.arena.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn drain(&self, _buf: &mut [u8], max: usize, accept: &mut dyn FnMut(&[u8], Option<Duration>)) -> std::io::Result<usize> {
+        let mut r = self.receiving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let offset = || mmsg::clock_ns(libc::CLOCK_REALTIME) - mmsg::clock_ns(libc::CLOCK_BOOTTIME);
+        let since = r.offset_before.filter(|_| self.stamps && r.emptied);
+        r.offset_before = Some(offset());
+        r.emptied = false;
+        let tolerance = ARRIVAL_STEP_TOLERANCE.as_nanos() as i128;
         let mut taken = 0;
         while taken < max {
-            let n = mmsg::recv_batch(&self.socket, &mut arena)?;
-            for (bytes, _) in arena.datagrams() {
-                accept(bytes);
+            let n = mmsg::recv_batch(&self.socket, &mut r.arena)?;
+            let real_now = mmsg::clock_ns(libc::CLOCK_REALTIME);
+            let trusted = since.is_some_and(|before| (offset() - before).abs() <= tolerance);
+            for (bytes, waited) in r.waits(trusted, real_now) {
+                accept(bytes, waited);
             }
             taken += n;
             if n < MMSG_BATCH {
+                r.emptied = true;
                 break;
             }
         }
         Ok(taken)
     }
-    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
+    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr, Option<Duration>)>> {
         loop {
             match self.socket.recv_from(buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                other => return other.map(Some),
+                other => return other.map(|(n, from)| Some((n, from, None))),
             }
         }
+    }
+    fn stamps_arrivals(&self) -> bool {
+        self.stamps
     }
 }
 
@@ -162,7 +220,8 @@ impl HeartbeatTransport for UdpTransport {
 pub trait SlotDevice: Send + Sync + 'static {
     /// Writes one whole slot (`SLOT_SIZE` bytes).
     fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>>;
-    /// Reads every slot (`DISK_SIZE` bytes).
+    /// Reads the whole area (`DISK_SIZE` bytes) and hands over its image: the header's record
+    /// and every slot's (`tandem_core::diskformat::area_image`).
     fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>>;
     /// Writes one slot, then reads every slot: a liveness round. Each half is bounded by
     /// `timeout`; a device may do both in one request.
@@ -285,5 +344,32 @@ mod tests {
         assert!(boot_ms.abs_diff(c.0) < 1000, "origin {} is not CLOCK_BOOTTIME {boot_ms}", c.0);
         std::thread::sleep(Duration::from_millis(20));
         assert!(c.now().0 >= 20);
+    }
+
+    /// A drain reports how long each datagram waited only when the drain before it emptied
+    /// the queue (so every datagram arrived after it began): the first drain cannot say.
+    #[test]
+    fn waits_are_reported_once_a_drain_emptied_the_queue() {
+        let rx = UdpTransport::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        assert!(rx.stamps_arrivals());
+        let to = rx.socket.local_addr().expect("addr");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let mut buf = [0u8; 16];
+        let mut drain = || {
+            let mut got = Vec::new();
+            rx.drain(&mut buf, 8, &mut |bytes, waited| got.push((bytes.to_vec(), waited))).expect("drain");
+            got
+        };
+        // Stamping is switched on shortly after the first socket asks (see `io/mmsg`).
+        std::thread::sleep(Duration::from_millis(100));
+        tx.send_to(b"first", to).expect("send");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(drain(), vec![(b"first".to_vec(), None)], "no drain before it: the wait is unknown");
+        tx.send_to(b"second", to).expect("send");
+        std::thread::sleep(Duration::from_millis(30));
+        let got = drain();
+        assert_eq!(got.len(), 1);
+        let waited = got[0].1.expect("a wait after a drain that emptied the queue");
+        assert!(waited >= Duration::from_millis(25) && waited < Duration::from_secs(5), "waited {waited:?}");
     }
 }

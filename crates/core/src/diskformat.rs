@@ -8,7 +8,7 @@
 //! swapped underneath a running agent reads as failed, not as a silent cluster.
 
 use crate::hostset::{HostId, MAX_HOSTS};
-use crate::wire::{ClusterKey, SLOT_SIZE};
+use crate::wire::{ClusterKey, SLOT_RECORD_LEN, SLOT_SIZE};
 use thiserror::Error;
 
 const HEADER_MAGIC: &[u8; 8] = b"TNDMDISK";
@@ -20,6 +20,36 @@ pub const HEADER_SIZE: usize = SLOT_SIZE;
 pub const DISK_SIZE: usize = HEADER_SIZE + SLOT_SIZE * MAX_HOSTS;
 const FINGERPRINT_LEN: usize = 16;
 const BODY_LEN: usize = 8 + 4 + 4 + 4 + FINGERPRINT_LEN;
+/// The bytes of the header block that are looked at: body, CRC32, MAC.
+pub const HEADER_RECORD_LEN: usize = BODY_LEN + 4 + crate::wire::MAC_LEN;
+/// What a read of the heartbeat area hands over (an *area image*): the header's record and
+/// every slot's record, one after another — all a reader looks at, a twenty-fifth of the area.
+/// A read copies this much out of the block-aligned buffer it read into, not the 260 KiB area.
+pub const AREA_IMAGE_LEN: usize = HEADER_RECORD_LEN + MAX_HOSTS * SLOT_RECORD_LEN;
+
+/// The area image (see [`AREA_IMAGE_LEN`]) of a whole heartbeat area (`DISK_SIZE` bytes). An
+/// empty slot (its record all zeros) whose block is not all zeros past the record is damaged:
+/// its record in the image is all `0xFF`, which decodes as a corrupt slot, so the damage is
+/// not hidden by what the image leaves out.
+#[must_use]
+pub fn area_image(area: &[u8]) -> Vec<u8> {
+    let mut image = Vec::with_capacity(AREA_IMAGE_LEN);
+    image.extend_from_slice(&area[..HEADER_RECORD_LEN.min(area.len())]);
+    for slot in area.get(HEADER_SIZE..).unwrap_or_default().chunks(SLOT_SIZE).take(MAX_HOSTS) {
+        let (record, padding) = slot.split_at(SLOT_RECORD_LEN.min(slot.len()));
+        if record.iter().all(|b| *b == 0) && padding.iter().any(|b| *b != 0) {
+            image.extend(std::iter::repeat_n(0xFF, record.len()));
+        } else {
+            image.extend_from_slice(record);
+        }
+    }
+    image
+}
+
+/// The slot records of an area image, in host order.
+pub fn image_slots(image: &[u8]) -> impl Iterator<Item = &[u8]> {
+    image.get(HEADER_RECORD_LEN..).unwrap_or_default().chunks(SLOT_RECORD_LEN)
+}
 
 /// Byte offset of `host`'s slot.
 #[must_use]
@@ -82,10 +112,31 @@ impl DiskHeader {
         b
     }
 
+    /// Checks that an area image (see [`AREA_IMAGE_LEN`]) is of a heartbeat disk of this
+    /// cluster and this layout.
+    pub fn check_image(image: &[u8], key: &ClusterKey) -> Result<DiskHeader, HeaderError> {
+        if image.len() != AREA_IMAGE_LEN {
+            return Err(HeaderError::TooSmall(image.len()));
+        }
+        Self::check_record(image, key)
+    }
+
     /// Checks that `area` (at least the header block) is a heartbeat disk of this cluster and
     /// this layout; the error says which check failed.
     pub fn check(area: &[u8], key: &ClusterKey) -> Result<DiskHeader, HeaderError> {
         if area.len() < HEADER_SIZE {
+            return Err(HeaderError::TooSmall(area.len()));
+        }
+        let h = Self::check_record(area, key)?;
+        if area.len() > HEADER_SIZE && area.len() < DISK_SIZE {
+            return Err(HeaderError::TooSmall(area.len()));
+        }
+        Ok(h)
+    }
+
+    /// The checks of the header's record (the first [`HEADER_RECORD_LEN`] bytes of `area`).
+    fn check_record(area: &[u8], key: &ClusterKey) -> Result<DiskHeader, HeaderError> {
+        if area.len() < HEADER_RECORD_LEN {
             return Err(HeaderError::TooSmall(area.len()));
         }
         if &area[..8] != HEADER_MAGIC {
@@ -109,9 +160,6 @@ impl DiskHeader {
         if h.layout != DISK_LAYOUT || h.slot_size as usize != SLOT_SIZE || h.slots as usize != MAX_HOSTS {
             return Err(HeaderError::OtherLayout { found: h.layout, slots: h.slots, slot_size: h.slot_size });
         }
-        if area.len() > HEADER_SIZE && area.len() < DISK_SIZE {
-            return Err(HeaderError::TooSmall(area.len()));
-        }
         Ok(h)
     }
 }
@@ -119,6 +167,29 @@ impl DiskHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An image holds the header's record and each slot's record, in host order; an empty slot
+    /// with damage past its record is marked so that it decodes as corrupt.
+    #[test]
+    fn an_area_image_keeps_every_record_and_marks_damaged_empty_slots() {
+        let k = key(b"cluster-one-secret-0123");
+        let mut area = DiskHeader::for_cluster(&k).encode(&k);
+        area.resize(DISK_SIZE, 0);
+        let slot =
+            crate::wire::DiskSlot { host: HostId(2), incarnation: 1, counter: 4, epoch: 1, heard: crate::HostSet(0b100), fenced: false, written_at_ms: 0 };
+        let at = slot_offset(HostId(2)) as usize;
+        area[at..at + SLOT_SIZE].copy_from_slice(&slot.encode(&k));
+        area[slot_offset(HostId(5)) as usize + 2000] = 7;
+        let image = area_image(&area);
+        assert_eq!(image.len(), AREA_IMAGE_LEN);
+        assert_eq!(DiskHeader::check_image(&image, &k), Ok(DiskHeader::for_cluster(&k)));
+        let reads: Vec<crate::wire::SlotRead> = image_slots(&image).enumerate().map(|(i, r)| crate::wire::DiskSlot::decode(r, HostId(i as u32), &k)).collect();
+        assert_eq!(reads.len(), MAX_HOSTS);
+        assert_eq!(reads[2], crate::wire::SlotRead::Valid(slot));
+        assert!(matches!(reads[5], crate::wire::SlotRead::Corrupt(_)), "{:?}", reads[5]);
+        assert!(reads.iter().enumerate().all(|(i, r)| i == 2 || i == 5 || *r == crate::wire::SlotRead::Empty));
+        assert!(matches!(DiskHeader::check_image(&image[1..], &k), Err(HeaderError::TooSmall(_))));
+    }
 
     fn key(s: &[u8]) -> ClusterKey {
         ClusterKey::new(s).expect("key")

@@ -24,7 +24,7 @@ mod lease;
 mod network;
 
 pub use assess::{Assessment, PeerAssessment};
-pub use cadence::CALM_ROUND_TICKS;
+pub use cadence::{CALM_COPY_TICKS, CALM_ROUND_TICKS};
 
 /// How many of our own recent heartbeat send times are remembered to interpret acks.
 const SENT_HISTORY: usize = 512;
@@ -100,6 +100,8 @@ struct PeerState {
     slot_changed_after: Option<Millis>,
     slot_corrupt: Option<SlotCorruption>,
     acked_my_seq: Option<u64>,
+    /// The sequence number of the last copy of our heartbeat sent to this peer.
+    last_copy_seq: Option<u64>,
     /// The latest moment other hosts report having heard this peer, on our clock: the receive
     /// time of their heartbeat less the age it states (an upper bound of when they heard it).
     /// Folded in from the reports at every assessment.
@@ -194,10 +196,9 @@ pub struct Liveness {
     /// as a continuation: peers may count their deadline from before it). The next assessment
     /// fences, whatever the renewal says. Holds the silence at that moment.
     lapsed: Option<u64>,
-    /// The instant the lease was last found not lapsed. Until the clock moves on, renewals can
-    /// only make it later, so the heartbeats of one poll (stamped alike) check it once, not once
-    /// each (a walk over every peer's acks).
-    unlapsed_at: Option<Millis>,
+    /// Until when the network alone kept the lease when it was last found not lapsed (see
+    /// [`Liveness::note_lapse`]): a renewal taken before then needs no check.
+    unlapsed_until: Option<Millis>,
     /// Our own slot as last read back from the disk (incarnation, counter), and when a read
     /// last showed it advance: proof that our writes land where we read.
     own_slot: Option<(u64, u64)>,
@@ -230,7 +231,7 @@ impl Liveness {
             pending_disk_writes: VecDeque::with_capacity(disk::PENDING_DISK_WRITES),
             own_advanced_read: None,
             lapsed: None,
-            unlapsed_at: None,
+            unlapsed_until: None,
             own_slot: None,
             own_slot_advanced_at: None,
             losing_since: None,
@@ -287,7 +288,7 @@ impl Liveness {
         m.insert(self.me);
         self.members = m;
         // A majority of other members may have acknowledged less: the lease is checked afresh.
-        self.unlapsed_at = None;
+        self.unlapsed_until = None;
         self.peers.retain(|h, _| m.contains(*h));
         for h in m.iter().filter(|h| *h != self.me) {
             self.peers.entry(h).or_default();

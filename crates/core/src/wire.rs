@@ -26,6 +26,9 @@ const HEARTBEAT_VERSION_NO_AGES: u8 = 2;
 const HEARTBEAT_VERSION_ADDRESSED: u8 = 4;
 const FLAG_FENCED: u8 = 1;
 const FLAG_ACK: u8 = 2;
+// Added in the addressed format without a new version: receivers before it ignore the bit and
+// only count one more sequence number as missed.
+const FLAG_PACED: u8 = 4;
 
 /// Size of one heartbeat-disk slot: one 4 KiB block, so O_DIRECT writes of a slot are aligned on
 /// every device.
@@ -157,6 +160,9 @@ pub struct Heartbeat {
     pub ack: Option<Ack>,
     /// How long before this heartbeat left the sender last heard each host.
     pub ages: HeardAges,
+    /// The sender left `to` out of its previous heartbeat on purpose (a calm cluster's paced
+    /// copies, see `Liveness::copy_for`): that sequence number is not a loss.
+    pub paced: bool,
 }
 
 /// "The last heartbeat I received from you was `seq` of your `incarnation`." The incarnation
@@ -265,7 +271,7 @@ impl Heartbeat {
         b.clear();
         b.extend_from_slice(HEARTBEAT_MAGIC);
         b.push(HEARTBEAT_VERSION_ADDRESSED);
-        b.push(if self.fenced { FLAG_FENCED } else { 0 } | if self.ack.is_some() { FLAG_ACK } else { 0 });
+        b.push(if self.fenced { FLAG_FENCED } else { 0 } | if self.ack.is_some() { FLAG_ACK } else { 0 } | if self.paced { FLAG_PACED } else { 0 });
         b.extend_from_slice(&self.from.0.to_le_bytes());
         b.extend_from_slice(&self.to.0.to_le_bytes());
         for x in [self.incarnation, self.seq, self.epoch, self.heard.0] {
@@ -351,6 +357,7 @@ impl Heartbeat {
             to,
             ack: (flags & FLAG_ACK != 0).then_some(Ack { incarnation: ack_incarnation, seq: ack_seq }),
             ages,
+            paced: flags & FLAG_PACED != 0,
         })
     }
 
@@ -378,7 +385,7 @@ impl Heartbeat {
             }
             ages.set(h, u64::from(age_ms));
         }
-        Ok(Heartbeat { from, incarnation, seq, epoch, heard: HostSet(heard), fenced: flags & FLAG_FENCED != 0, to: me, ack, ages })
+        Ok(Heartbeat { from, incarnation, seq, epoch, heard: HostSet(heard), fenced: flags & FLAG_FENCED != 0, to: me, ack, ages, paced: false })
     }
 }
 
@@ -534,6 +541,7 @@ mod tests {
             to: HostId(0),
             ack: Some(Ack { incarnation: 3, seq: 41 }),
             ages,
+            paced: false,
         }
     }
 
@@ -544,7 +552,7 @@ mod tests {
 
     #[test]
     fn heartbeat_round_trips() {
-        let hb = sample_heartbeat();
+        let hb = Heartbeat { paced: true, ..sample_heartbeat() };
         let bytes = hb.encode(&key());
         assert_eq!(bytes.len(), addressed_len(2));
         assert_eq!(hb.ages.get(HostId(1)), Some(u16::MAX), "a long age saturates");
@@ -643,13 +651,13 @@ mod tests {
         #[test]
         fn any_heartbeat_round_trips(from in 0u32..64, to in 0u32..64, inc in any::<u64>(), seq in any::<u64>(), heard in any::<u64>(),
                                       ack in proptest::option::of((any::<u64>(), any::<u64>())),
-                                      ages in proptest::collection::vec((0u32..64, any::<u16>()), 0..64), fenced in any::<bool>()) {
+                                      ages in proptest::collection::vec((0u32..64, any::<u16>()), 0..64), fenced in any::<bool>(), paced in any::<bool>()) {
             let mut heard_ages = HeardAges::default();
             for (h, ms) in ages {
                 heard_ages.set(HostId(h), u64::from(ms));
             }
             let hb = Heartbeat { from: HostId(from), incarnation: inc, seq, epoch: 1, heard: HostSet(heard), fenced, to: HostId(to),
-                                 ack: ack.map(|(incarnation, seq)| Ack { incarnation, seq }), ages: heard_ages };
+                                 ack: ack.map(|(incarnation, seq)| Ack { incarnation, seq }), ages: heard_ages, paced };
             let bytes = hb.encode(&key());
             prop_assert!(bytes.len() <= MAX_HEARTBEAT_LEN);
             prop_assert_eq!(bytes.len(), addressed_len(heard_ages.iter().count()));

@@ -85,7 +85,8 @@ pub struct Conditions {
 }
 
 /// A datagram waiting in a host's socket buffer: bytes and sender.
-type Datagram = (Vec<u8>, SocketAddr);
+/// A datagram in a host's inbox: its bytes, sender, and when it arrived.
+type Datagram = (Vec<u8>, SocketAddr, tokio::time::Instant);
 
 /// What every simulated part shares.
 pub struct World {
@@ -330,7 +331,7 @@ impl HeartbeatTransport for SimTransport {
                     let tx = lock(&world.inboxes).get(&target).cloned();
                     if let Some(tx) = tx {
                         // A full inbox drops the datagram, as a socket buffer would.
-                        let _ = tx.try_send((bytes, from));
+                        let _ = tx.try_send((bytes, from, tokio::time::Instant::now()));
                     }
                 });
             }
@@ -338,7 +339,7 @@ impl HeartbeatTransport for SimTransport {
         })
     }
 
-    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr)>> {
+    fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr, Option<Duration>)>> {
         // A frozen host, or one whose liveness path is stalled, reads its socket only once it
         // runs again; what arrived meanwhile waits in its inbox.
         if self.world.is_frozen(self.me) || lock(&self.world.cond).liveness_stalled.contains(&self.me) {
@@ -346,14 +347,18 @@ impl HeartbeatTransport for SimTransport {
         }
         let Ok(mut inbox) = self.inbox.try_lock() else { return Ok(None) };
         match inbox.try_recv() {
-            Ok((bytes, from)) => {
+            Ok((bytes, from, arrived)) => {
                 let n = bytes.len().min(buf.len());
                 buf[..n].copy_from_slice(&bytes[..n]);
-                Ok(Some((n, from)))
+                // Like the kernel's receive stamp: how long it waited in the inbox.
+                Ok(Some((n, from, Some(arrived.elapsed()))))
             }
             Err(mpsc::error::TryRecvError::Empty) => Ok(None),
             Err(mpsc::error::TryRecvError::Disconnected) => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "host is down")),
         }
+    }
+    fn stamps_arrivals(&self) -> bool {
+        true
     }
 }
 
@@ -398,7 +403,7 @@ impl SlotDevice for SimDisk {
         Box::pin(async move {
             self.gate(true).await?;
             tokio::time::sleep(Duration::from_millis(1)).await;
-            Ok(self.world.with_disk(self.me, |d| d.clone()))
+            Ok(self.world.with_disk(self.me, |d| tandem_core::diskformat::area_image(d)))
         })
     }
 }

@@ -74,6 +74,20 @@ fn regression_seeds_stay_fixed() {
     }
 }
 
+/// Seeds 54 and 127: a host's outgoing heartbeats cut (a one-way partition) while the cluster
+/// was calm and its copies were paced by turns, half its peers at each tick. Its peers had
+/// last heard it up to a pacing period apart, so one of them saw itself alone with the silent
+/// host still heard by the other (the verdict: side {0,2} survives) for longer than
+/// `partition_confirm_ms`, and fenced although no fault touched it. Paced copies now go to
+/// every peer at the same ticks.
+#[test]
+fn paced_heartbeats_leave_no_healthy_host_on_a_losing_side() {
+    for seed in [54, 127] {
+        let r = run(&opts(seed, 60));
+        assert!(r.violations.is_empty(), "seed {seed}: {:#?}", r.violations);
+    }
+}
+
 /// Seed 103, full partitions only: the leader, fenced and healed, proposed its own rejoin and
 /// was cut off again before it committed; the next leader committed it, so committed state had
 /// the host in epoch 2 while the host, still fenced, said "fenced in epoch 1" — and its

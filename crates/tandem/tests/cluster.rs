@@ -563,6 +563,7 @@ fn bad_input_gets_a_clear_error_and_loses_nothing() -> Result<()> {
         to: tandem_core::HostId(0),
         ack: None,
         ages: tandem_core::wire::HeardAges::default(),
+        paced: false,
     };
     let sock = std::net::UdpSocket::bind(format!("{}:0", lab.hosts[0].ip))?;
     let target = format!("{}:{}", lab.hosts[0].ip, lab.opts.api_port + 1);

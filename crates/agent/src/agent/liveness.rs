@@ -51,7 +51,6 @@ impl Agent {
             .name("tandem-liveness".into())
             .spawn(move || {
                 let _entered = span.enter();
-                let poll = a.interval() / RECEIVE_POLL_DIVISOR;
                 let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
                 let mut next_tick = a.clock.now();
                 let mut next_poll = std::time::Instant::now();
@@ -65,6 +64,7 @@ impl Agent {
                         // or the one whose answer came) before the thread sleeps.
                         tokio::task::yield_now().await;
                     });
+                    let poll = a.poll_period();
                     next_poll += poll;
                     let now = std::time::Instant::now();
                     if next_poll <= now {
@@ -81,12 +81,26 @@ impl Agent {
     /// The liveness loop on the caller's runtime (the simulator's): polls as the thread does.
     pub(super) async fn liveness_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
-        let mut polls = tokio::time::interval(self.interval() / RECEIVE_POLL_DIVISOR);
-        polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut next_tick = self.clock.now();
+        let mut next_poll = tokio::time::Instant::now();
         while !self.stopping.load(Ordering::SeqCst) {
-            polls.tick().await;
+            tokio::time::sleep_until(next_poll).await;
             self.poll_once(&mut buf, &mut next_tick).await;
+            next_poll += self.poll_period();
+            let now = tokio::time::Instant::now();
+            if next_poll <= now {
+                next_poll = now + self.poll_period();
+            }
+        }
+    }
+
+    /// How long the liveness loop sleeps between polls: an interval while the cluster is calm
+    /// and the transport stamps arrivals, else an interval / [`RECEIVE_POLL_DIVISOR`].
+    fn poll_period(&self) -> std::time::Duration {
+        if self.calm.load(Ordering::Relaxed) && self.heartbeats.stamps_arrivals() {
+            self.interval()
+        } else {
+            self.interval() / RECEIVE_POLL_DIVISOR
         }
     }
 
@@ -114,18 +128,20 @@ impl Agent {
 
     /// Takes every datagram queued on the heartbeat socket (at most a bounded number).
     fn receive_queued(&self, buf: &mut [u8]) {
-        if let Err(e) = self.heartbeats.drain(buf, MAX_DATAGRAMS_PER_POLL, &mut |bytes| self.accept_datagram(bytes)) {
+        if let Err(e) = self.heartbeats.drain(buf, MAX_DATAGRAMS_PER_POLL, &mut |bytes, waited| self.accept_datagram(bytes, waited)) {
             tracing::debug!("heartbeat socket: {e}");
         }
     }
 
-    /// Verifies one datagram and hands it to the liveness state. It is stamped now, when it is
-    /// processed, which may be up to the transport's poll period after it arrived (see
-    /// [`crate::io::UdpTransport`]): that only makes the evidence this host vouches for, and the
-    /// acknowledgements of its own heartbeats, later — fence deadlines move later and its own
-    /// lease ends sooner, never the unsafe way.
-    fn accept_datagram(&self, bytes: &[u8]) {
+    /// Verifies one datagram and hands it to the liveness state, stamped with its arrival when
+    /// the transport says how long it `waited` (less that wait, rounded down to the millisecond,
+    /// and less one millisecond of tolerance: see `ARRIVAL_STEP_TOLERANCE`), else now, when it
+    /// is processed (up to a poll period after it arrived). Either stamp is no earlier than the
+    /// sender sent it: it only makes the evidence this host vouches for later — fence deadlines
+    /// move later and its own lease ends sooner, never the unsafe way.
+    fn accept_datagram(&self, bytes: &[u8], waited: Option<std::time::Duration>) {
         let now = self.clock.now();
+        let now = waited.map_or(now, |w| Millis(now.0.saturating_sub((w.as_millis() as u64).saturating_sub(1))));
         match Heartbeat::decode(bytes, &self.key, self.me) {
             Ok((hb, format)) => {
                 if let Err(e) = lock(&self.liveness).heartbeat_received_as(&hb, format, now) {
@@ -172,12 +188,29 @@ impl Agent {
                 s.seq
             };
             l.heartbeat_sent(seq, now);
-            let hb =
-                Heartbeat { from: self.me, incarnation: self.incarnation, seq, epoch, heard: l.heard(now), fenced, to: self.me, ack: None, ages: l.ages(now) };
-            // Each peer's copy, in the format it speaks; one broadcast datagram serves every peer
-            // of the previous release.
-            let copies: Vec<(SocketAddr, Option<Heartbeat>)> =
-                peers.iter().map(|(h, addr)| (*addr, (l.format_of(*h) == HeartbeatFormat::Addressed).then(|| l.addressed(&hb, *h)))).collect();
+            let hb = Heartbeat {
+                from: self.me,
+                incarnation: self.incarnation,
+                seq,
+                epoch,
+                heard: l.heard(now),
+                fenced,
+                to: self.me,
+                ack: None,
+                ages: l.ages(now),
+                paced: false,
+            };
+            // Each peer's copy, in the format it speaks (paced while the cluster is calm); one
+            // broadcast datagram serves every peer of the previous release.
+            let paced = l.copies_paced(now);
+            self.calm.store(paced, Ordering::Relaxed);
+            let copies: Vec<(SocketAddr, Option<Heartbeat>)> = peers
+                .iter()
+                .filter_map(|(h, addr)| match l.format_of(*h) {
+                    HeartbeatFormat::Addressed => l.copy_for(&hb, *h, paced).map(|c| (*addr, Some(c))),
+                    HeartbeatFormat::Broadcast => Some((*addr, None)),
+                })
+                .collect();
             let broadcast = copies.iter().any(|(_, c)| c.is_none()).then(|| hb.encode_broadcast(&l.broadcast_acks(now), &self.key));
             let assessment = l.assess(now);
             self.lease_until.store(l.lease_until(now).map_or(0, |u| u.0.max(1)), Ordering::SeqCst);

@@ -42,13 +42,22 @@ impl Liveness {
     /// Records, before a renewal is taken at `now`, whether the lease had already lapsed: a
     /// lapsed lease is not continued by a late renewal (peers count from the evidence before).
     pub(super) fn note_lapse(&mut self, now: Millis) {
-        if self.members.len() == 1 || self.lapsed.is_some() || self.unlapsed_at == Some(now) {
+        if self.members.len() == 1 || self.lapsed.is_some() || self.unlapsed_until.is_some_and(|u| now < u) {
             return;
         }
         match self.last_proof_of_life(now).map(|l| now.since(l)).filter(|s| *s >= self.timings.self_fence_ms) {
             Some(silent) => self.lapsed = Some(silent),
-            None => self.unlapsed_at = Some(now),
+            None => self.unlapsed_until = self.network_lease_end(),
         }
+    }
+
+    /// Until when the network alone keeps the lease: a heartbeat a majority acknowledged (or
+    /// our start) plus `self_fence_ms`. Renewals only move it later until the membership
+    /// changes (which forgets it), so a renewal taken before it needs no check — every
+    /// heartbeat of a poll costs no walk over every peer's acks. Disk renewals are left out:
+    /// the disk's share can end with time alone (it stops being shown to be shared).
+    fn network_lease_end(&self) -> Option<Millis> {
+        [self.majority_acked_at(), Some(self.started)].into_iter().flatten().max().map(|l| l.plus(self.timings.self_fence_ms))
     }
 
     /// The latest instant at which a majority of members (us included) had received a heartbeat

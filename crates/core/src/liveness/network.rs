@@ -1,6 +1,6 @@
 //! Network heartbeats: what is sent, what is taken, the acks and reports they carry.
 
-use super::{HeartbeatCount, HeartbeatRejected, Liveness, Report, SENT_HISTORY};
+use super::{HeartbeatCount, HeartbeatRejected, Liveness, Report, CALM_COPY_TICKS, SENT_HISTORY};
 use crate::hostset::{HostId, HostSet};
 use crate::time::Millis;
 use crate::wire::{Ack, BroadcastAck, HeardAges, Heartbeat, HeartbeatFormat};
@@ -53,7 +53,8 @@ impl Liveness {
             return Err(HeartbeatRejected::Replay { from: hb.from, incarnation: hb.incarnation, seq: hb.seq });
         }
         if hb.incarnation == p.incarnation && p.received > 0 {
-            p.missed += hb.seq - p.seq - 1;
+            // A paced copy follows a sequence number that was never meant for us.
+            p.missed += (hb.seq - p.seq - 1).saturating_sub(u64::from(hb.paced));
         }
         p.received += 1;
         p.incarnation = hb.incarnation;
@@ -102,6 +103,31 @@ impl Liveness {
     pub fn addressed(&self, common: &Heartbeat, peer: HostId) -> Heartbeat {
         let ack = self.peers.get(&peer).filter(|p| p.last_net.is_some()).map(|p| Ack { incarnation: p.incarnation, seq: p.seq });
         Heartbeat { to: peer, ack, ..common.clone() }
+    }
+
+    /// The copy of heartbeat `common` for `peer`, if `peer` gets one this tick, recorded as
+    /// sent. Every peer gets every heartbeat unless `paced` ([`Liveness::copies_paced`]); then
+    /// every peer gets the same ones, every [`CALM_COPY_TICKS`]th, and none misses two in a row
+    /// (a first copy, or one after a left-out turn, goes regardless). The same ones: when this
+    /// host falls silent, its peers then last heard it at the same moment. Turns by peer (half
+    /// the peers at each tick) spread that moment over a pacing period, and the partition
+    /// verdict, which compares who still hears whom, put a healthy peer on the losing side for
+    /// longer than `partition_confirm_ms` (simulator seeds 54 and 127). A copy that follows a
+    /// left-out sequence number says so, so the receiver does not count it as lost. A host
+    /// that is not (yet) a member here gets every heartbeat.
+    pub fn copy_for(&mut self, common: &Heartbeat, peer: HostId, paced: bool) -> Option<Heartbeat> {
+        let seq = common.seq;
+        let last = self.peers.get(&peer).and_then(|p| p.last_copy_seq);
+        let turn = seq.is_multiple_of(CALM_COPY_TICKS);
+        let overdue = last.is_none_or(|l| seq.saturating_sub(l) >= CALM_COPY_TICKS);
+        if paced && !turn && !overdue {
+            return None;
+        }
+        let copy = Heartbeat { paced: last.is_some_and(|l| seq.checked_sub(l) == Some(2)), ..self.addressed(common, peer) };
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_copy_seq = Some(seq);
+        }
+        Some(copy)
     }
 
     /// The format `peer` sends in (and so reads).

@@ -23,6 +23,7 @@ fn hb(from: u32, seq: u64, heard: &[u32], ack_me: Option<(u32, u64)>) -> Heartbe
         to: HostId(ack_me.map_or(0, |(h, _)| h)),
         ack: ack_me.map(|(_, s)| Ack { incarnation: 1, seq: s }),
         ages: HeardAges::default(),
+        paced: false,
     }
 }
 
@@ -71,8 +72,9 @@ fn full_rounds_are_spaced_while_calm_and_every_tick_once_a_peer_is_quiet() {
         let now = Millis(tick * i);
         // Host 2 is heard until tick 5, host 1 throughout.
         let heard: &[u32] = if tick <= 5 { &[1, 2] } else { &[1] };
+        l.heartbeat_sent(tick + 1, now);
         for peer in heard {
-            l.heartbeat_received(&hb(*peer, tick + 1, &[0, 1, 2], None), now).expect("taken");
+            l.heartbeat_received(&hb(*peer, tick + 1, &[0, 1, 2], Some((0, tick + 1))), now).expect("taken");
         }
         if l.round_due(now) {
             l.round_begun(now);
@@ -823,7 +825,7 @@ proptest::proptest! {
         survivor.set_members(members);
         let beat = |from: u32, seq: u64, ack: (u32, u64)| Heartbeat {
             from: HostId(from), incarnation: 1, seq, epoch: 1, heard: members, fenced: false,
-            to: HostId(ack.0), ack: Some(Ack { incarnation: 1, seq: ack.1 }), ages: HeardAges::default(),
+            to: HostId(ack.0), ack: Some(Ack { incarnation: 1, seq: ack.1 }), ages: HeardAges::default(), paced: false,
         };
         let mut now = 0;
         let mut seq = 0;

@@ -113,8 +113,18 @@ fn chorus(key: ClusterKey, agent: SocketAddr, stop: Arc<AtomicBool>, heard: Hear
             seq += 1;
             let ack = last.map(|(incarnation, seq)| Ack { incarnation, seq });
             for p in 1..MAX_HOSTS as u32 {
-                let hb =
-                    Heartbeat { from: HostId(p), incarnation: 1, seq, epoch: 1, heard: all, fenced: false, to: HostId(0), ack, ages: HeardAges::default() };
+                let hb = Heartbeat {
+                    from: HostId(p),
+                    incarnation: 1,
+                    seq,
+                    epoch: 1,
+                    heard: all,
+                    fenced: false,
+                    to: HostId(0),
+                    ack,
+                    ages: HeardAges::default(),
+                    paced: false,
+                };
                 let _ = sock.send_to(&hb.encode(&key), agent);
             }
         }
