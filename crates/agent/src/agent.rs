@@ -176,9 +176,6 @@ pub struct Agent {
     pub heavy: Arc<crate::heavy::HeavyWork>,
     mutation: Option<crate::io::Mutation>,
     last_tick: AtomicU64,
-    /// The cluster was calm at the last tick (`Liveness::copies_paced`): the liveness loop
-    /// polls once per interval if the transport stamps arrivals (see `RECEIVE_POLL_DIVISOR`).
-    calm: AtomicBool,
     /// When this host's liveness lease ends if nothing renews it (ms on the agent's clock), as
     /// the liveness loop last computed it; 0 when no lease is needed (a lone host). The
     /// watchdogs act on it.
@@ -304,7 +301,6 @@ impl Agent {
             heavy,
             mutation,
             last_tick: AtomicU64::new(0),
-            calm: AtomicBool::new(false),
             lease_until: AtomicU64::new(0),
             hw_watchdog: Mutex::new(None),
             stopping: AtomicBool::new(false),

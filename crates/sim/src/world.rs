@@ -357,9 +357,6 @@ impl HeartbeatTransport for SimTransport {
             Err(mpsc::error::TryRecvError::Disconnected) => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "host is down")),
         }
     }
-    fn stamps_arrivals(&self) -> bool {
-        true
-    }
 }
 
 /// A host's view of the shared heartbeat disk.

@@ -51,6 +51,7 @@ impl Agent {
             .name("tandem-liveness".into())
             .spawn(move || {
                 let _entered = span.enter();
+                let poll = a.interval() / RECEIVE_POLL_DIVISOR;
                 let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
                 let mut next_tick = a.clock.now();
                 let mut next_poll = std::time::Instant::now();
@@ -64,7 +65,6 @@ impl Agent {
                         // or the one whose answer came) before the thread sleeps.
                         tokio::task::yield_now().await;
                     });
-                    let poll = a.poll_period();
                     next_poll += poll;
                     let now = std::time::Instant::now();
                     if next_poll <= now {
@@ -81,26 +81,12 @@ impl Agent {
     /// The liveness loop on the caller's runtime (the simulator's): polls as the thread does.
     pub(super) async fn liveness_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
+        let mut polls = tokio::time::interval(self.interval() / RECEIVE_POLL_DIVISOR);
+        polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut next_tick = self.clock.now();
-        let mut next_poll = tokio::time::Instant::now();
         while !self.stopping.load(Ordering::SeqCst) {
-            tokio::time::sleep_until(next_poll).await;
+            polls.tick().await;
             self.poll_once(&mut buf, &mut next_tick).await;
-            next_poll += self.poll_period();
-            let now = tokio::time::Instant::now();
-            if next_poll <= now {
-                next_poll = now + self.poll_period();
-            }
-        }
-    }
-
-    /// How long the liveness loop sleeps between polls: an interval while the cluster is calm
-    /// and the transport stamps arrivals, else an interval / [`RECEIVE_POLL_DIVISOR`].
-    fn poll_period(&self) -> std::time::Duration {
-        if self.calm.load(Ordering::Relaxed) && self.heartbeats.stamps_arrivals() {
-            self.interval()
-        } else {
-            self.interval() / RECEIVE_POLL_DIVISOR
         }
     }
 
@@ -203,7 +189,6 @@ impl Agent {
             // Each peer's copy, in the format it speaks (paced while the cluster is calm); one
             // broadcast datagram serves every peer of the previous release.
             let paced = l.copies_paced(now);
-            self.calm.store(paced, Ordering::Relaxed);
             let copies: Vec<(SocketAddr, Option<Heartbeat>)> = peers
                 .iter()
                 .filter_map(|(h, addr)| match l.format_of(*h) {
