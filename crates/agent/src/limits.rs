@@ -13,7 +13,7 @@ pub use crate::consensus::{ADMISSION_ATTEMPTS, PROPOSE_TIMEOUT, RPC_TIMEOUT, SNA
 pub use crate::events::{EVENT_FILE_MAX, EVENT_RING, RELOAD_BYTES};
 pub use crate::heavy::HEAVY_CONCURRENCY;
 pub use crate::httpc::MAX_RESPONSE;
-pub use crate::io::{MAX_DATAGRAMS_PER_POLL, MMSG_BATCH, RECEIVE_POLL_DIVISOR};
+pub use crate::io::{ARRIVAL_STEP_TOLERANCE, MAX_DATAGRAMS_PER_POLL, MMSG_BATCH, RECEIVE_POLL_DIVISOR};
 pub use crate::tls::{ACCEPT_QUEUE, HANDSHAKE_TIMEOUT};
 
 const fn shorter(a: Duration, b: Duration) -> bool {
