@@ -1,9 +1,12 @@
-//! The liveness view's tests, fed events one by one with the times they happen.
+//! The liveness view's tests, fed events one by one with the times they happen: the
+//! network, the lease and fence deadlines here, the heartbeat disk in `disk`.
 
 use super::*;
 use crate::wire::{Ack, BroadcastAck, DiskSlot, Heartbeat, SlotRead};
 
 const T: Timings = crate::timing::DEFAULT_TIMINGS;
+
+mod disk;
 
 fn three(me: u32) -> Liveness {
     let mut l = Liveness::new(HostId(me), 1, T, Millis(0));
@@ -83,20 +86,6 @@ fn full_rounds_are_spaced_while_calm_and_every_tick_once_a_peer_is_quiet() {
     }
     // Host 2's silence reaches 1 s (a third of the peer timeout) at tick 10.
     assert_eq!(due_at, vec![0, 2, 4, 6, 8, 10, 11, 12, 13, 14, 15]);
-}
-
-/// Disk-channel loss per peer: slot counter values written but never read are counted.
-#[test]
-fn disk_heartbeats_seen_and_missed_are_counted_per_peer() {
-    let mut l = three(0);
-    for (t, counter) in [(0, 1), (200, 2), (400, 2), (600, 5), (800, 6)] {
-        l.disk_read(&[SlotRead::Empty, slot(1, counter, &[0, 1, 2], false), SlotRead::Empty], Millis(t));
-    }
-    let c = l.heartbeat_counts().into_iter().find(|c| c.host == HostId(1)).expect("peer 1");
-    // Changes seen: 1, 2, 5, 6; values 3 and 4 were never read.
-    assert_eq!((c.disk_seen, c.disk_missed), (4, 2));
-    let quiet = l.heartbeat_counts().into_iter().find(|c| c.host == HostId(2)).expect("peer 2");
-    assert_eq!((quiet.disk_seen, quiet.disk_missed), (0, 0));
 }
 
 fn slot(host: u32, counter: u64, heard: &[u32], fenced: bool) -> SlotRead {
@@ -266,53 +255,6 @@ fn a_host_gaining_its_first_peers_does_not_fence_at_once() {
     assert!(matches!(m.assess(Millis(3800 + T.self_fence_ms + 100)).fence, Some(FenceReason::Isolated { .. })), "no grace for a proved host");
 }
 
-/// A host joining a running cluster is not yet in the heard-sets its peers wrote in their
-/// slots (they hear it only once they applied its join and its heartbeats reached them), so
-/// the slots show it apart from the majority for a while. It must not fence on that while its
-/// membership is new; a losing verdict that outlasts the grace still fences it. (Found by
-/// `bench heartbeat` with 64 agents: "h61: self-fenced: network partition: side {0..60}
-/// survives without us" right after it joined.)
-#[test]
-fn a_joining_host_is_not_fenced_by_slots_written_before_its_peers_heard_it() {
-    let mut l = Liveness::new(HostId(3), 1, T, Millis(0));
-    l.set_members_at(HostSet::single(HostId(3)), Millis(0));
-    let four: HostSet = [0, 1, 2, 3].into_iter().map(HostId).collect();
-    let join = 10_000;
-    l.set_members_at(four, Millis(join));
-    // Peers heartbeat to the newcomer and acknowledge it (its lease holds), but until
-    // `heard_from` their slots say they hear only each other.
-    let drive = |l: &mut Liveness, from: u64, until: u64, heard_from: u64| {
-        let mut t = from;
-        while t < until {
-            let now = Millis(t);
-            let seq = t / 200 + 1;
-            l.heartbeat_sent(seq, now);
-            l.disk_written(now, now.plus(1));
-            let peers_hear: Vec<u32> = if t >= heard_from { vec![0, 1, 2, 3] } else { vec![0, 1, 2] };
-            let mut slots = vec![SlotRead::Empty; 4];
-            slots[3] = slot(3, seq, &[0, 1, 2, 3], false);
-            for p in 0..3u32 {
-                l.heartbeat_received(&hb(p, seq, &peers_hear, Some((3, seq))), now.plus(1)).expect("fresh");
-                slots[p as usize] = slot(p, seq, &peers_hear, false);
-            }
-            l.disk_read(&slots, now.plus(2));
-            if let Some(f) = l.assess(now.plus(3)).fence {
-                return Some((t, f));
-            }
-            t += 200;
-        }
-        None
-    };
-    // The peers' slots catch up 2 s after the join (a busy cluster applying many joins).
-    assert_eq!(drive(&mut l, join, join + 4000, join + 2000), None, "no fence while the peers catch up");
-    // A newcomer that stays apart from the majority past the grace still fences.
-    let mut m = Liveness::new(HostId(3), 1, T, Millis(0));
-    m.set_members_at(HostSet::single(HostId(3)), Millis(0));
-    m.set_members_at(four, Millis(join));
-    let fenced = drive(&mut m, join, join + 10_000, u64::MAX);
-    assert!(matches!(fenced, Some((t, FenceReason::LosingSide { .. })) if t >= join + T.peer_timeout_ms), "{fenced:?}");
-}
-
 /// Drives host 0 from 5000 to 12,000 ms with host 2 silent on both channels (its slot stays
 /// at `slot_2`) and host 1 sending `beat_1(t, seq)`, which also sets what its slot says it hears.
 fn after_host_2_went_silent(l: &mut Liveness, slot_2: u64, beat_1: impl Fn(u64, u64) -> Heartbeat) {
@@ -371,44 +313,6 @@ fn unsettled_evidence_falls_back_to_the_declaration_deadline() {
     assert_eq!(p2.fence_deadline, Some(dead_since.plus(T.fence_wait_ms())), "no settled evidence: the later deadline");
 }
 
-/// A dead host is declared dead once every report of it is a peer timeout old. A peer's
-/// slot read before its latest heartbeat arrived is the older word and does not keep the
-/// host "partitioned" for another disk round (the coordinator's failover waited for it).
-#[test]
-fn a_slot_older_than_its_writers_heartbeat_does_not_keep_a_dead_host_partitioned() {
-    let mut l = three(0);
-    run(&mut l, 0, 5000, |_, _| true);
-    // Host 2 lost power after its heartbeat and slot of 4800; everyone last heard it at 4801.
-    let last_heard = 4801;
-    let mut heard_1_before = vec![0, 1, 2];
-    let mut declared = None;
-    let mut t = 5000;
-    while t < 9000 {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.disk_written(now, now.plus(1));
-        let heard_1: Vec<u32> = if t - last_heard < T.peer_timeout_ms { vec![0, 1, 2] } else { vec![0, 1] };
-        // The disk round reads host 1's slot as host 1 wrote it a round ago ...
-        let mut slots = vec![SlotRead::Empty; 3];
-        slots[0] = slot(0, seq, &[0, 1, 2], false);
-        slots[1] = slot(1, seq - 1, &heard_1_before, false);
-        slots[2] = slot(2, 25, &[0, 1, 2], false);
-        l.disk_read(&slots, now.plus(1));
-        // ... then host 1's heartbeat of this round arrives, saying when it last heard host 2.
-        let mut beat = hb(1, seq, &heard_1, Some((0, seq)));
-        beat.ages.set(HostId(2), t - last_heard);
-        l.heartbeat_received(&beat, now.plus(2)).expect("fresh");
-        heard_1_before = heard_1;
-        let a = l.assess(now.plus(3));
-        if declared.is_none() && a.peer(HostId(2)).is_some_and(|p| p.liveness == HostLiveness::Dead) {
-            declared = Some(t);
-        }
-        t += 200;
-    }
-    assert_eq!(declared, Some(7800), "dead at the first assessment a peer timeout after anyone heard it");
-}
-
 /// A renewal that arrives after the lease lapsed does not continue it: the next assessment
 /// fences, and no VM may start in between.
 #[test]
@@ -422,74 +326,6 @@ fn a_late_renewal_does_not_revive_a_lapsed_lease() {
     assert!(!l.lease_valid(Millis(6460)), "a lapsed lease is not renewed by a late ack");
     let a = l.assess(Millis(6500));
     assert!(matches!(a.fence, Some(FenceReason::Isolated { .. })), "it fences: {:?}", a.fence);
-}
-
-#[test]
-fn disk_alive_peer_is_partitioned_not_dead() {
-    let mut l = three(0);
-    run(&mut l, 0, 4000, |_, _| true);
-    // Host 2 keeps writing its slot but its heartbeats stop reaching us and host 1.
-    for t in (4000..9000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.disk_written(now, now.plus(1));
-        l.heartbeat_received(&hb(1, seq, &[0, 1], Some((0, seq))), now).expect("fresh");
-        l.disk_read(&[slot(0, seq, &[0, 1], false), slot(1, seq, &[0, 1], false), slot(2, seq, &[2], false)], now);
-    }
-    let a = l.assess(Millis(9000));
-    assert_eq!(a.peer(HostId(2)).map(|p| p.liveness), Some(HostLiveness::Partitioned));
-    assert_eq!(a.peer(HostId(2)).and_then(|p| p.fence_deadline), None);
-    assert_eq!(a.fence, None, "host 0 is on the winning side");
-}
-
-/// A host whose path to the heartbeat disk switched to a stale private copy (and whose
-/// network is cut) keeps writing and reading "its" disk: its own slot advances there, the
-/// peers' slots no longer do. Those writes renew nothing — the peers cannot see them and
-/// count its fence deadline from its last heartbeat — although the copy still looks shared
-/// by its old changes for a peer timeout. (Simulator seed 237 found the lease extended.)
-#[test]
-fn writes_to_a_disk_that_only_was_shared_renew_no_lease() {
-    let mut l = three(0);
-    let mut last_ack = Millis(0);
-    for t in (0..2000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.heartbeat_received(&hb(1, seq, &[0, 1, 2], Some((0, seq))), now).expect("fresh");
-        l.heartbeat_received(&hb(2, seq, &[0, 1, 2], Some((0, seq))), now).expect("fresh");
-        last_ack = now;
-        l.disk_written(now, now);
-        l.disk_read(&[slot(0, seq, &[0, 1, 2], false), slot(1, seq, &[0, 1, 2], false), slot(2, seq, &[0, 1, 2], false)], now);
-    }
-    let frozen = 2000 / 200;
-    for t in (2000..5000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.disk_written(now, now);
-        l.disk_read(&[slot(0, seq, &[0], false), slot(1, frozen, &[0, 1, 2], false), slot(2, frozen, &[0, 1, 2], false)], now);
-        let until = l.lease_until(now).expect("a member of three holds a lease");
-        assert!(until.0 <= last_ack.0 + T.self_fence_ms, "at {t} ms the lease runs to {until:?}, past the last acknowledged heartbeat + self_fence_ms");
-    }
-    assert!(matches!(l.assess(Millis(4800)).fence, Some(FenceReason::Isolated { .. })), "the host fences itself");
-}
-
-/// Writes to the shared disk renew the lease once a read shows them there and shows the
-/// peers still writing to it after them: a host cut from the network but not from the disk
-/// keeps its lease by the disk.
-#[test]
-fn writes_to_the_shared_disk_renew_the_lease_once_reads_confirm_them() {
-    let mut l = three(0);
-    for t in (0..5000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.disk_written(now, now);
-        l.disk_read(&[slot(0, seq, &[0], false), slot(1, seq, &[1, 2], false), slot(2, seq, &[1, 2], false)], now);
-        if t >= 400 {
-            let until = l.lease_until(now).expect("lease");
-            assert!(until.0 + 400 >= now.0 + T.self_fence_ms, "at {t} ms the lease runs to {until:?}: the disk renews it, a read or two behind");
-        }
-    }
 }
 
 #[test]
@@ -546,39 +382,6 @@ fn isolated_host_without_disk_fences_after_self_fence_time() {
 }
 
 #[test]
-fn lost_disk_with_network_is_no_fence_and_peers_are_alive() {
-    let mut l = three(0);
-    for t in (0..10_000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.disk_write_failed();
-        l.disk_read_failed();
-        for p in [1, 2] {
-            l.heartbeat_received(&hb(p, seq, &[0, 1, 2], Some((0, seq))), now).expect("fresh");
-        }
-    }
-    let a = l.assess(Millis(10_000));
-    assert_eq!(a.fence, None);
-    assert!(a.peers.iter().all(|p| p.liveness == HostLiveness::Alive));
-}
-
-#[test]
-fn silent_peer_without_readable_disk_is_unknown_never_dead() {
-    let mut l = three(0);
-    for t in (0..10_000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.heartbeat_received(&hb(1, seq, &[0, 1], Some((0, seq))), now).expect("fresh");
-    }
-    let a = l.assess(Millis(10_000));
-    let p2 = a.peer(HostId(2)).expect("peer");
-    assert_eq!(p2.liveness, HostLiveness::Unknown);
-    assert_eq!(p2.fence_deadline, None);
-}
-
-#[test]
 fn replayed_and_foreign_heartbeats_are_rejected_and_counted() {
     let mut l = three(0);
     l.heartbeat_received(&hb(1, 5, &[1], None), Millis(1)).expect("first");
@@ -628,17 +431,6 @@ fn a_restarted_reporter_does_not_take_back_its_evidence() {
 }
 
 #[test]
-fn corrupt_slot_is_counted_once_and_not_trusted() {
-    let mut l = three(0);
-    let bad = SlotRead::Corrupt(SlotCorruption::BadChecksum);
-    l.disk_read(&[SlotRead::Empty, bad, SlotRead::Empty], Millis(0));
-    l.disk_read(&[SlotRead::Empty, bad, SlotRead::Empty], Millis(200));
-    assert_eq!(l.counters().corrupt_slots, 1);
-    let a = l.assess(Millis(200));
-    assert!(a.peer(HostId(1)).is_some_and(|p| p.slot_corrupt && p.disk_age_ms.is_none()));
-}
-
-#[test]
 fn one_heartbeat_in_three_lost_never_fences_or_kills() {
     // A deterministic pseudo-random loss pattern: every packet has a 1/3 chance of loss.
     let mut l = three(0);
@@ -677,106 +469,7 @@ fn one_heartbeat_in_three_lost_never_fences_or_kills() {
         assert!(c.missed > 0);
     }
 }
-/// Host 0's `heartbeat_disk` is a private file (a typo, a missing mount, a copy): its own
-/// slot writes land, but it reads nobody else advancing there. Cut off from the network it
-/// must fence — its peers see its slot silent on the real disk, declare it dead and restart
-/// its VMs once its fence deadline has passed.
-#[test]
-fn a_host_on_a_private_disk_fences_when_cut_off() {
-    let mut l = three(0);
-    let mut fenced_at = None;
-    for t in (0..12_000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.disk_written(now, now.plus(1));
-        if t < 4000 {
-            for p in [1, 2] {
-                l.heartbeat_received(&hb(p, seq, &[0, 1, 2], Some((0, seq))), now.plus(1)).expect("fresh");
-            }
-        }
-        // Only our own slot advances on the private copy; the peers' slots are frozen copies.
-        l.disk_read(&[slot(0, seq, &[0], false), slot(1, 3, &[0, 1, 2], false), slot(2, 3, &[0, 1, 2], false)], now.plus(2));
-        if let Some(FenceReason::Isolated { .. }) = l.assess(now.plus(3)).fence {
-            fenced_at = Some(t);
-            break;
-        }
-    }
-    let at = fenced_at.expect("a cut-off host on a private disk must fence");
-    assert!(at <= 4000 + T.self_fence_ms + 200, "fenced too late at {at}");
-    assert!(!l.lease_valid(Millis(at + 3)));
-}
 
-/// A host that can write its slot but reads nothing (read path broken) and is cut off.
-#[test]
-fn a_host_that_writes_but_cannot_read_fences_when_cut_off() {
-    let mut l = three(0);
-    run(&mut l, 0, 4000, |_, _| true);
-    let mut fenced = false;
-    for t in (4000..9000).step_by(200) {
-        let now = Millis(t);
-        l.heartbeat_sent(t / 200 + 1, now);
-        l.disk_written(now, now.plus(1));
-        l.disk_read_failed();
-        if l.assess(now.plus(3)).fence.is_some() {
-            fenced = true;
-            break;
-        }
-    }
-    assert!(fenced, "a write-only host cut off from the network must fence");
-}
-
-/// A host on a private disk that still hears one peer must not call the other peer dead: its
-/// disk proves nothing about anyone (the silent peer may be alive on the real disk).
-#[test]
-fn a_private_disk_is_no_evidence_of_death() {
-    let mut l = three(0);
-    for t in (0..10_000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.disk_written(now, now.plus(1));
-        l.heartbeat_received(&hb(1, seq, &[0, 1], Some((0, seq))), now.plus(1)).expect("fresh");
-        l.disk_read(&[slot(0, seq, &[0, 1], false), SlotRead::Empty, SlotRead::Empty], now.plus(2));
-    }
-    let a = l.assess(Millis(10_000));
-    assert_eq!(a.peer(HostId(2)).map(|p| p.liveness), Some(HostLiveness::Unknown));
-    assert_eq!(a.peer(HostId(2)).and_then(|p| p.fence_deadline), None);
-    assert_eq!(a.fence, None, "host 0 still has a network majority");
-}
-
-/// The shared disk keeps a lone network-isolated host's lease only while it reads a majority
-/// advancing there: with its two peers writing, it is partitioned, not isolated.
-#[test]
-fn a_shared_disk_with_a_majority_advancing_counts_for_the_lease() {
-    let mut l = three(0);
-    for t in (0..6000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.disk_written(now, now.plus(1));
-        l.disk_read(&[slot(0, seq, &[0], false), slot(1, seq, &[0, 1, 2], false), SlotRead::Empty], now.plus(2));
-    }
-    assert!(l.lease_valid(Millis(6000)), "two of three advancing on the disk: it is shared");
-}
-/// A slot read after a fresher heartbeat must not override it: host 1 wrote "fenced in
-/// epoch 1" to its slot, then rejoined and says "not fenced" on the network; a reader that
-/// sees the old slot content afterwards still takes the newer word.
-#[test]
-fn a_stale_slot_never_overrides_a_fresher_heartbeat() {
-    let mut l = three(0);
-    run(&mut l, 0, 2000, |_, _| true);
-    // t=2000: the slot changes to "fenced in epoch 1".
-    l.disk_read(&[SlotRead::Empty, slot(1, 500, &[0, 1, 2], true), SlotRead::Empty], Millis(2000));
-    assert_eq!(l.assess(Millis(2001)).peer(HostId(1)).and_then(|p| p.fenced_epoch), Some(1));
-    // t=2100: a newer heartbeat says it is no longer fenced; the slot, unchanged since, is older.
-    l.heartbeat_received(&hb(1, 900, &[0, 1, 2], Some((0, 10))), Millis(2100)).expect("fresh");
-    l.disk_read(&[SlotRead::Empty, slot(1, 500, &[0, 1, 2], true), SlotRead::Empty], Millis(2150));
-    assert_eq!(l.assess(Millis(2200)).peer(HostId(1)).and_then(|p| p.fenced_epoch), None);
-    // A slot that changes after the heartbeat is the newer word again.
-    l.disk_read(&[SlotRead::Empty, slot(1, 501, &[0, 1, 2], true), SlotRead::Empty], Millis(2300));
-    assert_eq!(l.assess(Millis(2301)).peer(HostId(1)).and_then(|p| p.fenced_epoch), Some(1));
-}
 /// A receiver that restarted knows nothing of its peers' incarnations; the slots tell it. A
 /// recorded heartbeat of a peer's previous life, replayed afterwards, is refused.
 #[test]
