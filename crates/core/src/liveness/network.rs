@@ -123,7 +123,7 @@ impl Liveness {
         if paced && !turn && !overdue {
             return None;
         }
-        let copy = Heartbeat { paced: last.is_some_and(|l| seq.checked_sub(l) == Some(2)), ..self.addressed(common, peer) };
+        let copy = Heartbeat { paced: last.is_some_and(|l| seq.checked_sub(l) == Some(CALM_COPY_TICKS)), ..self.addressed(common, peer) };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.last_copy_seq = Some(seq);
         }
