@@ -81,7 +81,7 @@ enum Request {
         reply: oneshot::Sender<Result<(), std::io::Error>>,
     },
     ReadAll {
-        reply: oneshot::Sender<Result<Vec<u8>, std::io::Error>>,
+        reply: oneshot::Sender<Stamped<Vec<u8>>>,
     },
     /// A write, then a read of every slot, on one opening of the path and one wake-up of the
     /// thread (and of its caller): a liveness round's I/O.
@@ -89,9 +89,12 @@ enum Request {
         slot: HostId,
         bytes: Vec<u8>,
         wrote: oneshot::Sender<Result<(), std::io::Error>>,
-        read: oneshot::Sender<Result<Vec<u8>, std::io::Error>>,
+        read: oneshot::Sender<Stamped<Vec<u8>>>,
     },
 }
+
+/// A read's outcome and when the I/O thread had it.
+type Stamped<T> = (Result<T, std::io::Error>, std::time::Instant);
 
 /// The heartbeat area in a regular file or block device, served by one I/O thread.
 pub struct FileSlotDevice {
@@ -149,15 +152,17 @@ impl FileSlotDevice {
                             let _ = reply.send(open(&disk_path).and_then(|(f, _)| write(&f, slot, &bytes)));
                         }
                         Request::ReadAll { reply } => {
-                            let _ = reply.send(open(&disk_path).and_then(|(f, _)| read(&f)));
+                            let r = open(&disk_path).and_then(|(f, _)| read(&f));
+                            let _ = reply.send((r, std::time::Instant::now()));
                         }
                         Request::Round { slot, bytes, wrote, read: reply } => match open(&disk_path) {
                             Ok((f, _)) => {
                                 let _ = wrote.send(write(&f, slot, &bytes));
-                                let _ = reply.send(read(&f));
+                                let r = read(&f);
+                                let _ = reply.send((r, std::time::Instant::now()));
                             }
                             Err(e) => {
-                                let _ = reply.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                                let _ = reply.send((Err(std::io::Error::new(e.kind(), e.to_string())), std::time::Instant::now()));
                                 let _ = wrote.send(Err(e));
                             }
                         },
@@ -169,11 +174,26 @@ impl FileSlotDevice {
     }
 
     async fn roundtrip<T>(&self, req: Request, rx: oneshot::Receiver<Result<T, std::io::Error>>) -> Result<T, DiskError> {
+        self.send(req)?;
+        Ok(rx.await.map_err(|_| DiskError::Gone)??)
+    }
+
+    /// [`FileSlotDevice::roundtrip`] for a read, with when the I/O thread had it.
+    async fn stamped_roundtrip<T>(&self, req: Request, rx: oneshot::Receiver<Stamped<T>>) -> (Result<T, DiskError>, Option<std::time::Instant>) {
+        if let Err(e) = self.send(req) {
+            return (Err(e), None);
+        }
+        match rx.await {
+            Ok((r, at)) => (r.map_err(DiskError::Io), Some(at)),
+            Err(_) => (Err(DiskError::Gone), None),
+        }
+    }
+
+    fn send(&self, req: Request) -> Result<(), DiskError> {
         self.tx.try_send(req).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => DiskError::Busy,
             mpsc::TrySendError::Disconnected(_) => DiskError::Gone,
-        })?;
-        Ok(rx.await.map_err(|_| DiskError::Gone)??)
+        })
     }
 }
 
@@ -196,9 +216,13 @@ impl SlotDevice for FileSlotDevice {
     }
 
     fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>> {
+        Box::pin(async move { self.read_all_stamped().await.0 })
+    }
+
+    fn read_all_stamped(&self) -> BoxFuture<'_, crate::io::StampedRead> {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
-            self.roundtrip(Request::ReadAll { reply }, rx).await
+            self.stamped_roundtrip(Request::ReadAll { reply }, rx).await
         })
     }
 
@@ -206,22 +230,23 @@ impl SlotDevice for FileSlotDevice {
         Box::pin(async move {
             if let Err(e) = check_slot_image(&bytes) {
                 let again = DiskError::Io(std::io::Error::other(e.to_string()));
-                return SlotRound { write: Err(e), read: Err(again) };
+                return SlotRound { write: Err(e), read: Err(again), read_done: None };
             }
             let (wrote, mut wrote_rx) = oneshot::channel();
             let (read, read_rx) = oneshot::channel();
             // The read's answer comes last: waiting for it alone wakes the caller once, and
             // the write's answer is then already there (or is as late as the read).
-            let read = match tokio::time::timeout(2 * timeout, self.roundtrip(Request::Round { slot, bytes, wrote, read }, read_rx)).await {
+            let (read, read_done) = match tokio::time::timeout(2 * timeout, self.stamped_roundtrip(Request::Round { slot, bytes, wrote, read }, read_rx)).await
+            {
                 Ok(r) => r,
-                Err(_) => Err(DiskError::Timeout(timeout)),
+                Err(_) => (Err(DiskError::Timeout(timeout)), None),
             };
             let write = match wrote_rx.try_recv() {
                 Ok(r) => r.map_err(DiskError::Io),
                 Err(oneshot::error::TryRecvError::Empty) => Err(DiskError::Timeout(timeout)),
                 Err(oneshot::error::TryRecvError::Closed) => Err(DiskError::Gone),
             };
-            SlotRound { write, read }
+            SlotRound { write, read, read_done }
         })
     }
 }
@@ -290,15 +315,24 @@ impl HeartbeatDisk {
     /// Reads and decodes every slot. The header is checked at every read: a disk swapped
     /// underneath (a mount that appeared or vanished) reads as failed.
     pub async fn read_all(&self) -> Result<Vec<SlotRead>, DiskError> {
-        let bytes = tokio::time::timeout(self.timeout, self.dev.read_all()).await.map_err(|_| DiskError::Timeout(self.timeout))??;
-        self.decode_area(&bytes)
+        self.read_all_stamped().await.0
+    }
+
+    /// [`HeartbeatDisk::read_all`], with when the read completed if the device stamped it
+    /// (see `SlotRound::read_done`).
+    pub async fn read_all_stamped(&self) -> (Result<Vec<SlotRead>, DiskError>, Option<std::time::Instant>) {
+        match tokio::time::timeout(self.timeout, self.dev.read_all_stamped()).await {
+            Ok((read, done)) => (read.and_then(|bytes| self.decode_area(&bytes)), done),
+            Err(_) => (Err(DiskError::Timeout(self.timeout)), None),
+        }
     }
 
     /// Writes this host's slot, then reads and decodes every slot (as [`HeartbeatDisk::write`]
-    /// and [`HeartbeatDisk::read_all`], in one request to the device).
-    pub async fn round(&self, slot: &DiskSlot) -> (Result<(), DiskError>, Result<Vec<SlotRead>, DiskError>) {
+    /// and [`HeartbeatDisk::read_all`], in one request to the device); the read's completion
+    /// stamp if the device has one.
+    pub async fn round(&self, slot: &DiskSlot) -> (Result<(), DiskError>, Result<Vec<SlotRead>, DiskError>, Option<std::time::Instant>) {
         let round = self.dev.write_then_read_all(slot.host, slot.encode(&self.key), self.timeout).await;
-        (round.write, round.read.and_then(|bytes| self.decode_area(&bytes)))
+        (round.write, round.read.and_then(|bytes| self.decode_area(&bytes)), round.read_done)
     }
 
     /// Decodes an area image (see `AREA_IMAGE_LEN`): the header, then every slot's record.
@@ -372,9 +406,24 @@ mod tests {
         assert_eq!(disk.read_all().await.expect("read")[4], SlotRead::Empty);
         // A liveness round writes, then reads what it wrote.
         let third = DiskSlot { counter: 11, ..slot };
-        let (written, read) = disk.round(&third).await;
+        let (written, read, _) = disk.round(&third).await;
         written.expect("round write");
         assert_eq!(read.expect("round read")[3], SlotRead::Valid(third));
+        // The I/O thread stamps when each read completed: taken later (the liveness thread's
+        // next poll), the answer still says when the read ended, not when it was taken.
+        for stamped in [0, 1] {
+            let sent = std::time::Instant::now();
+            let (read, done) = if stamped == 0 {
+                let (_, read, done) = disk.round(&DiskSlot { counter: 12, ..slot }).await;
+                (read, done)
+            } else {
+                disk.read_all_stamped().await
+            };
+            let done = done.expect("the file device stamps its reads");
+            std::thread::sleep(Duration::from_millis(30));
+            read.expect("read");
+            assert!(done >= sent && done + Duration::from_millis(30) <= std::time::Instant::now(), "the stamp is the read's end");
+        }
         // A disk whose header is replaced underneath (another disk mounted over the path) reads
         // as failed, never as a silent cluster.
         f.write_all_at(&[0u8; 16], 0).expect("wipe header");
@@ -438,7 +487,7 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(matches!(disk.write(&slot).await, Err(DiskError::Timeout(_))));
         assert!(matches!(disk.read_all().await, Err(DiskError::Timeout(_))));
-        let (written, read) = disk.round(&slot).await;
+        let (written, read, _) = disk.round(&slot).await;
         assert!(matches!((written, read), (Err(DiskError::Timeout(_)), Err(DiskError::Timeout(_)))), "a round on a hung device times out both halves");
         assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
     }

@@ -101,11 +101,12 @@ pub use mmsg::MMSG_BATCH;
 /// fence deadlines (never the unsafe way) by at most that.
 ///
 /// Where the transport stamps arrivals (the kernel's receive timestamp, [`UdpTransport`]), a
-/// datagram is stamped with its arrival rather than with the poll. The polls stay at this
-/// divisor for the heartbeat disk: a round's answer is taken at the poll after it came, and
-/// the slot changes it saw are stamped then (one poll per interval while the cluster was calm
-/// made that evidence later and moved the median restart commit from 3.2 to 3.3 s: measured,
-/// then undone).
+/// datagram is stamped with its arrival rather than with the poll, and the heartbeat disk's
+/// I/O thread stamps when each read completed (`SlotRound::read_done`): the disk round's answer
+/// is taken at the next poll, but its slot changes count as of the read's end. So while the
+/// cluster is calm the loop polls once per interval (`Liveness::polls_sparse`), and at this
+/// divisor otherwise. (Before the disk stamped its answers, one poll per interval stamped
+/// slot changes a poll later and moved the median restart commit from 3.2 to 3.3 s.)
 pub const RECEIVE_POLL_DIVISOR: u32 = 2;
 
 /// How much the real-time clock may move against the boot-time clock between two drains for
@@ -221,15 +222,28 @@ pub trait SlotDevice: Send + Sync + 'static {
         Box::pin(async move {
             let write = tokio::time::timeout(timeout, self.write_slot(slot, bytes)).await.unwrap_or(Err(DiskError::Timeout(timeout)));
             let read = tokio::time::timeout(timeout, self.read_all()).await.unwrap_or(Err(DiskError::Timeout(timeout)));
-            SlotRound { write, read }
+            SlotRound { write, read, read_done: None }
         })
     }
+    /// [`SlotDevice::read_all`], and when the read completed if the device knows it better
+    /// than its caller, who takes the answer later (see [`SlotRound::read_done`]).
+    fn read_all_stamped(&self) -> BoxFuture<'_, StampedRead> {
+        Box::pin(async move { (self.read_all().await, None) })
+    }
 }
+
+/// A read of the heartbeat area, and when it completed if the device stamped it.
+pub type StampedRead = (Result<Vec<u8>, DiskError>, Option<std::time::Instant>);
 
 /// What a write-then-read round of the heartbeat disk gave.
 pub struct SlotRound {
     pub write: Result<(), DiskError>,
     pub read: Result<Vec<u8>, DiskError>,
+    /// When the read completed, stamped by the device's own I/O thread: the liveness thread
+    /// takes the answer at its next poll, and the slot changes a read saw are evidence as of
+    /// its end, so the poll's time would make them later than they are. `None`: the caller
+    /// stamps the answer when it gets it.
+    pub read_done: Option<std::time::Instant>,
 }
 
 /// Requests to another agent's API (consensus RPCs, forwarded writes, joins).

@@ -4,7 +4,7 @@
 
 pub use crate::diskformat::{AREA_IMAGE_LEN, DISK_LAYOUT, DISK_SIZE, HEADER_SIZE};
 pub use crate::hostset::MAX_HOSTS;
-pub use crate::liveness::{CALM_COPY_TICKS, CALM_ROUND_TICKS};
+pub use crate::liveness::{CALM_COPY_TICKS, CALM_ROUND_TICKS, CALM_WRITES_PER_PEER_TIMEOUT};
 pub use crate::logformat::LOG_FORMAT;
 pub use crate::placement::DEFAULT_FTT_BUDGET;
 pub use crate::reconcile::{MAX_LOCAL_RESTARTS, RESTART_WINDOW_MS};
@@ -41,9 +41,13 @@ const _: () = assert!(
 );
 const _: () = assert!(DEFAULT_TIMINGS.self_fence_ms >= 5 * DEFAULT_TIMINGS.heartbeat_interval_ms, "default timings must pass their own validation");
 const _: () = assert!(DEFAULT_TIMINGS.peer_timeout_ms >= 10 * DEFAULT_TIMINGS.heartbeat_interval_ms, "default timings must pass their own validation");
-// Validation keeps the peer timeout at 10 intervals or more: with calm rounds at most every
-// second tick, every writer's slot still advances 5 times within it (`Liveness::disk_shared`).
-const _: () = assert!(CALM_ROUND_TICKS >= 1 && CALM_ROUND_TICKS * 5 <= 10, "calm rounds must leave 5 slot writes per peer timeout");
+// Validation keeps the peer timeout at 10 intervals or more: calm rounds spaced by the longer of
+// CALM_ROUND_TICKS ticks and a fifth of the peer timeout (in whole ticks) are never more than a
+// fifth apart, so every writer's slot still advances 5 times within it (`Liveness::disk_shared`).
+const _: () = assert!(
+    CALM_ROUND_TICKS >= 1 && CALM_ROUND_TICKS * CALM_WRITES_PER_PEER_TIMEOUT <= 10 && CALM_WRITES_PER_PEER_TIMEOUT == 5,
+    "calm rounds must leave 5 slot writes per peer timeout"
+);
 const _: () = assert!(CALM_COPY_TICKS == 2, "a paced copy says that exactly one sequence number was left out before it");
 const _: () = assert!(DEFAULT_TIMINGS.partition_confirm_ms < DEFAULT_TIMINGS.peer_timeout_ms, "default timings must pass their own validation");
 const _: () = assert!(HEADER_SIZE + SLOT_SIZE * MAX_HOSTS == DISK_SIZE, "the disk holds a header and one slot per host");

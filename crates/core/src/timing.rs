@@ -11,7 +11,7 @@ use thiserror::Error;
 #[serde(deny_unknown_fields, default)]
 pub struct Timings {
     /// How often a host sends its network heartbeat and reads the heartbeat disk; it writes its
-    /// slot as often, or every second interval while every peer is heard (`Liveness::round_due`).
+    /// slot as often, or every fifth of the peer timeout while every peer is heard (`Liveness::round_due`).
     pub heartbeat_interval_ms: u64,
     /// A peer silent on a channel for this long is silent on that channel.
     pub peer_timeout_ms: u64,

@@ -42,7 +42,8 @@ impl Agent {
     /// The thread sleeps on the system clock between polls and runs its runtime only for a
     /// poll: one wake-up per poll and none besides. (Sleeping in the runtime instead cost two
     /// or three: its timer wheel wakes at a slot boundary before the deadline, and the answer of
-    /// each disk round woke it again.) The disk round's answer is taken at the next poll.
+    /// each disk round woke it again.) The disk round's answer is taken at the next poll, and
+    /// counts as of when its I/O completed (`Agent::completed_at`).
     pub(super) fn spawn_liveness_thread(self: &Arc<Self>) -> Result<(), AgentError> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::LivenessThread)?;
         let a = Arc::clone(self);
@@ -51,7 +52,6 @@ impl Agent {
             .name("tandem-liveness".into())
             .spawn(move || {
                 let _entered = span.enter();
-                let poll = a.interval() / RECEIVE_POLL_DIVISOR;
                 let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
                 let mut next_tick = a.clock.now();
                 let mut next_poll = std::time::Instant::now();
@@ -65,6 +65,7 @@ impl Agent {
                         // or the one whose answer came) before the thread sleeps.
                         tokio::task::yield_now().await;
                     });
+                    let poll = a.poll_period();
                     next_poll += poll;
                     let now = std::time::Instant::now();
                     if next_poll <= now {
@@ -81,12 +82,26 @@ impl Agent {
     /// The liveness loop on the caller's runtime (the simulator's): polls as the thread does.
     pub(super) async fn liveness_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; MAX_HEARTBEAT_LEN + 1];
-        let mut polls = tokio::time::interval(self.interval() / RECEIVE_POLL_DIVISOR);
-        polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut next_tick = self.clock.now();
+        let mut next_poll = tokio::time::Instant::now();
         while !self.stopping.load(Ordering::SeqCst) {
-            polls.tick().await;
+            tokio::time::sleep_until(next_poll).await;
             self.poll_once(&mut buf, &mut next_tick).await;
+            next_poll += self.poll_period();
+            let now = tokio::time::Instant::now();
+            if next_poll <= now {
+                next_poll = now + self.poll_period();
+            }
+        }
+    }
+
+    /// How long until the next poll: [`RECEIVE_POLL_DIVISOR`] polls per interval, or one while
+    /// the cluster is calm (`Liveness::polls_sparse`: evidence carries its own stamps).
+    fn poll_period(&self) -> std::time::Duration {
+        if lock(&self.liveness).polls_sparse(self.clock.now()) {
+            self.interval()
+        } else {
+            self.interval() / RECEIVE_POLL_DIVISOR
         }
     }
 
@@ -292,20 +307,20 @@ impl Agent {
         tokio::spawn(
             async move {
                 let started = a.clock.now();
-                let read = match write {
+                let (read, done) = match write {
                     Some((heard, epoch, fenced)) => {
                         let slot = DiskSlot { host: a.me, incarnation: a.incarnation, counter, epoch, heard, fenced, written_at_ms: a.clock.now().0 };
                         // One request writes, then reads: the write counts as finished when the
                         // read did (later than the truth, so a slow read can only make it count
                         // as late), and the read as begun before the write (earlier, so evidence
                         // settles later).
-                        let (written, read) = a.disk.round(&slot).await;
-                        a.slot_written(written, started, a.clock.now());
-                        read
+                        let (written, read, done) = a.disk.round(&slot).await;
+                        a.slot_written(written, started, a.completed_at(done, started));
+                        (read, done)
                     }
-                    None => a.disk.read_all().await,
+                    None => a.disk.read_all_stamped().await,
                 };
-                let finished = a.clock.now();
+                let finished = a.completed_at(done, started);
                 match read {
                     Ok(slots) => lock(&a.liveness).disk_read_between(&slots, started, finished),
                     Err(e) => {
@@ -317,6 +332,20 @@ impl Agent {
             }
             .in_current_span(),
         );
+    }
+
+    /// When a disk request that began at `started` completed, on the agent's clock: when the
+    /// device's I/O thread had the answer (`done`), if it stamped it, else now. The answer
+    /// reaches the liveness runtime only at its next poll, and the slot changes a read saw are
+    /// evidence as of its end: stamped with the poll they would be up to a poll period later.
+    /// `done` is on the monotonic clock and the agent's on boot time, which can only have run
+    /// further since (a suspend): the stamp is never earlier than the truth, and, as for a
+    /// datagram's arrival, it is rounded one millisecond later and never before `started`.
+    fn completed_at(&self, done: Option<std::time::Instant>, started: Millis) -> Millis {
+        let now = self.clock.now();
+        let Some(done) = done else { return now };
+        let ago = u64::try_from(done.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_sub(1);
+        Millis(now.0.saturating_sub(ago)).max(started)
     }
 
     /// Takes the outcome of a slot write that began at `started` and ended at `finished`.

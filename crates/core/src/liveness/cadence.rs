@@ -3,9 +3,15 @@
 use super::Liveness;
 use crate::time::Millis;
 
-/// While the cluster is calm, a full round (slot write, periodic loops) every this many ticks
-/// (see [`Liveness::round_due`]): their share of an idle agent's CPU, halved.
+/// While the cluster is calm, a full round (slot write, periodic loops) at most every this many
+/// ticks (see [`Liveness::round_due`]).
 pub const CALM_ROUND_TICKS: u64 = 2;
+
+/// While the cluster is calm, full rounds are spaced by a fifth of the peer timeout when that is
+/// longer than [`CALM_ROUND_TICKS`] ticks (600 ms with the default timings): every writer's
+/// slot still advances this many times within a peer timeout, which is what
+/// [`Liveness::disk_shared`] looks for.
+pub const CALM_WRITES_PER_PEER_TIMEOUT: u64 = 5;
 
 /// While the cluster is calm, each peer gets a copy of every this many heartbeats (see
 /// [`Liveness::copies_paced`]). Two, so that between two copies to a peer at most one sequence
@@ -19,8 +25,8 @@ impl Liveness {
     /// read at every tick regardless: a peer's slot change is stamped with the time of the read
     /// that saw it, so reading less often would make that evidence later, and fence deadlines
     /// with it. While the cluster is calm — every peer heard on the network within a third of
-    /// the peer timeout, our lease not lapsed, no losing verdict — a full round comes every
-    /// [`CALM_ROUND_TICKS`] ticks: the network renews the lease and shows every peer alive,
+    /// the peer timeout, our lease not lapsed, no losing verdict — full rounds are spaced by
+    /// [`Liveness::calm_round_spacing_ms`]: the network renews the lease and shows every peer alive,
     /// and the slot only has to keep advancing for the disk to count as shared. As soon as any
     /// peer goes quiet (long before it can be declared dead) every tick is a full round again,
     /// so a lease renewed by the disk alone and a partition's verdict are as fresh as before.
@@ -30,8 +36,19 @@ impl Liveness {
     pub fn round_due(&self, now: Millis) -> bool {
         let i = self.timings.heartbeat_interval_ms;
         // Half an interval of slack: ticks are periodic, not exact.
-        let spaced = self.round_begun_at.is_none_or(|t| now.since(t) + i / 2 >= CALM_ROUND_TICKS * i);
+        let spaced = self.round_begun_at.is_none_or(|t| now.since(t) + i / 2 >= self.calm_round_spacing_ms());
         spaced || !self.calm(now)
+    }
+
+    /// How far apart full rounds are while the cluster is calm: [`CALM_ROUND_TICKS`] ticks, or
+    /// a fifth of the peer timeout in whole ticks where that is longer. Never more than a fifth
+    /// of the peer timeout (validation keeps it at ten intervals or more), so every slot still
+    /// advances [`CALM_WRITES_PER_PEER_TIMEOUT`] times within it.
+    #[must_use]
+    pub fn calm_round_spacing_ms(&self) -> u64 {
+        let i = self.timings.heartbeat_interval_ms.max(1);
+        let fifth = self.timings.peer_timeout_ms / CALM_WRITES_PER_PEER_TIMEOUT;
+        (fifth / i * i).max(CALM_ROUND_TICKS * i)
     }
 
     /// Whether this host's heartbeats go to its peers only every [`CALM_COPY_TICKS`]th tick
@@ -48,6 +65,16 @@ impl Liveness {
     pub fn copies_paced(&self, now: Millis) -> bool {
         let half = self.timings.self_fence_ms / 2;
         self.calm(now) && self.last_proof_of_life(now).is_some_and(|l| now.since(l) < half)
+    }
+
+    /// Whether the agent may poll for datagrams and disk answers once per tick rather than twice:
+    /// while the cluster is calm. Datagrams carry the kernel's arrival stamp and disk reads the
+    /// time their I/O completed, so a sparser poll makes no evidence later; it only delays when
+    /// a change is looked at, and a peer that goes quiet ends the calm (a third of the peer
+    /// timeout) long before anything is decided on its silence.
+    #[must_use]
+    pub fn polls_sparse(&self, now: Millis) -> bool {
+        self.calm(now)
     }
 
     /// Records that a full round began at `now`.

@@ -36,7 +36,10 @@ pub fn run(hosts: u32, seconds: u64, keep: bool) -> Result<()> {
         bail!("--hosts must be 2 to {MAX_HOSTS}");
     }
     let binary = crate::lab::tandem_binary()?;
-    let opts = LabOptions { hosts, loopback_net: 88, api_port: 7600, capacity: (4, 2048), ..LabOptions::default() };
+    // No VMs run: the double-run recorder samples once a second rather than every 10 ms (each
+    // sample reads every process's environment — at 10 ms it took 17 % of a core, which the
+    // agents being measured would share).
+    let opts = LabOptions { hosts, loopback_net: 88, api_port: 7600, capacity: (4, 2048), recorder_period: Duration::from_secs(1), ..LabOptions::default() };
     let mut lab = Lab::new(opts, &binary)?;
     if keep {
         lab.keep_files();

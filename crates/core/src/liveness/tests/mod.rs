@@ -64,8 +64,9 @@ fn a_fence_deadline_is_near_only_around_a_dead_peers_deadline() {
     assert!(!alive.fence_deadline_near(Millis(10_000), 3_000, 200, 3_000));
 }
 
-/// A calm cluster has a full round (slot write, loops) every second tick; once a peer has been quiet on
-/// the network for a third of the peer timeout, at every tick again.
+/// A calm cluster has a full round (slot write, loops) every fifth of the peer timeout (every
+/// third tick with the defaults); once a peer has been quiet on the network for a third of the
+/// peer timeout, at every tick again.
 #[test]
 fn full_rounds_are_spaced_while_calm_and_every_tick_once_a_peer_is_quiet() {
     let mut l = three(0);
@@ -83,9 +84,28 @@ fn full_rounds_are_spaced_while_calm_and_every_tick_once_a_peer_is_quiet() {
             l.round_begun(now);
             due_at.push(tick);
         }
+        // One poll per tick while calm (every peer heard within a third of the peer timeout).
+        assert_eq!(l.polls_sparse(now), tick < 10, "tick {tick}");
     }
     // Host 2's silence reaches 1 s (a third of the peer timeout) at tick 10.
-    assert_eq!(due_at, vec![0, 2, 4, 6, 8, 10, 11, 12, 13, 14, 15]);
+    assert_eq!(due_at, vec![0, 3, 6, 9, 10, 11, 12, 13, 14, 15]);
+}
+
+/// Calm rounds are a fifth of the peer timeout apart in whole ticks, never less than two ticks
+/// and never more than a fifth: five slot writes per peer timeout for any valid timings.
+#[test]
+fn calm_rounds_leave_five_slot_writes_per_peer_timeout() {
+    let spacing = |t: crate::timing::Timings| Liveness::new(HostId(0), 1, t, Millis(0)).calm_round_spacing_ms();
+    assert_eq!(spacing(T), 600);
+    assert_eq!(spacing(crate::timing::LOW_LATENCY_TIMINGS), 200);
+    for interval in [20, 50, 100, 200, 333, 1000] {
+        for factor in [10, 11, 15, 16, 40] {
+            let t = crate::timing::Timings { heartbeat_interval_ms: interval, peer_timeout_ms: factor * interval, ..T };
+            let s = spacing(t);
+            assert!(s >= 2 * interval && s % interval == 0, "{t:?}: {s}");
+            assert!(5 * s <= t.peer_timeout_ms, "{t:?}: {s}");
+        }
+    }
 }
 
 fn slot(host: u32, counter: u64, heard: &[u32], fenced: bool) -> SlotRead {
