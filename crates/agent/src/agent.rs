@@ -235,17 +235,32 @@ impl Agent {
     pub async fn open(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         let launcher = Launcher::new().map_err(AgentError::Launcher)?;
         let stop_timeout = Duration::from_secs(cfg.qemu.stop_timeout_s);
+        // A cluster on TLS migrates over TLS too, with the agents' own certificates.
+        let migration_tls = match &cfg.tls {
+            Some(t) => {
+                let dir = cfg.data_dir.join("qemu-tls");
+                let fail = |source| AgentError::DataDir { path: dir.display().to_string(), source };
+                Some(tandem_drivers::migtls::MigrationTls::prepare(&dir, &t.cert, &t.key, &t.ca).map_err(fail)?)
+            }
+            None => None,
+        };
         let driver: Arc<dyn VmDriver> = match cfg.driver {
             DriverKind::Process => Arc::new(ProcessDriver::new(launcher, &cfg.name, stop_timeout)),
-            DriverKind::Qemu => Arc::new(QemuDriver::new(cfg.qemu.clone(), launcher, &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run"))),
-            DriverKind::Mixed => Arc::new(tandem_drivers::mixed::MixedDriver::new(
-                launcher,
-                cfg.qemu.clone(),
-                &cfg.name,
-                &cfg.api_addr.ip().to_string(),
-                cfg.data_dir.join("run"),
-                stop_timeout,
-            )),
+            DriverKind::Qemu => Arc::new(
+                QemuDriver::new(cfg.qemu.clone(), launcher, &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run"))
+                    .with_migration_tls(migration_tls),
+            ),
+            DriverKind::Mixed => Arc::new(
+                tandem_drivers::mixed::MixedDriver::new(
+                    launcher,
+                    cfg.qemu.clone(),
+                    &cfg.name,
+                    &cfg.api_addr.ip().to_string(),
+                    cfg.data_dir.join("run"),
+                    stop_timeout,
+                )
+                .with_migration_tls(migration_tls),
+            ),
         };
         let tls = match &cfg.tls {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
@@ -334,10 +349,10 @@ impl Agent {
     }
 
     /// Waits for the next pass of a periodic loop: a liveness tick that is a full round (every
-    /// tick while a peer is quiet, every second one while the cluster is calm: see
-    /// `Liveness::round_due`), an applied entry (a placement, a switchover, a join is acted on
-    /// at once rather than at a round), or four intervals should the liveness loop stall (the
-    /// loops that wait here must not stall with it).
+    /// tick while a peer is quiet, every fifth of the peer timeout while the cluster is calm:
+    /// see `Liveness::round_due`), an applied entry (a placement, a switchover, a join is acted
+    /// on at once rather than at a round), or twice the calm spacing (at least four intervals)
+    /// should the liveness loop stall (the loops that wait here must not stall with it).
     async fn next_round(&self, rounds: &mut Rounds) {
         let wait = async {
             tokio::select! {
@@ -350,7 +365,8 @@ impl Agent {
                 }
             }
         };
-        let _ = tokio::time::timeout(4 * self.interval(), wait).await;
+        let calm_spacing = Duration::from_millis(lock(&self.liveness).calm_round_spacing_ms());
+        let _ = tokio::time::timeout((4 * self.interval()).max(2 * calm_spacing), wait).await;
     }
 
     /// Whether the agent has stopped (asked to, or after consensus stopped).

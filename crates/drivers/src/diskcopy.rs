@@ -99,12 +99,25 @@ pub async fn create_image(vm: &str, qemu_img: &str, path: &Path, format: &str, b
 }
 
 /// The destination's side, its QEMU paused on `-incoming`: an NBD server on `host_ip` (the
-/// first free port from `port_base`) exporting each disk in `disks` writable, as `disk{i}`.
-pub async fn serve(vm: &str, q: &Qmp, timeout: Duration, host_ip: &str, port_base: u16, disks: &[usize]) -> Result<String, DriverError> {
+/// first free port from `port_base`) exporting each disk in `disks` writable, as `disk{i}` —
+/// over TLS with `tls_creds` (a loaded server credentials object: only a client with a
+/// certificate of the cluster's CA gets in).
+pub async fn serve(
+    vm: &str,
+    q: &Qmp,
+    timeout: Duration,
+    host_ip: &str,
+    port_base: u16,
+    disks: &[usize],
+    tls_creds: Option<&str>,
+) -> Result<String, DriverError> {
     let mut last = String::new();
     let mut listening = None;
     for port in (0..NBD_PORT_ATTEMPTS).map(|k| port_base.saturating_add(k)) {
-        let addr = json!({"addr": {"type": "inet", "data": {"host": host_ip, "port": port.to_string()}}});
+        let mut addr = json!({"addr": {"type": "inet", "data": {"host": host_ip, "port": port.to_string()}}});
+        if let Some(id) = tls_creds {
+            addr["tls-creds"] = json!(id);
+        }
         match q.execute("nbd-server-start", addr, timeout).await {
             Ok(_) => {
                 listening = Some(port);
@@ -157,6 +170,8 @@ pub struct MirrorTarget<'a> {
     /// Called with (copied, still to copy) every sample.
     pub progress: &'a (dyn Fn(u64, u64) + Send + Sync),
     pub deadline: tokio::time::Instant,
+    /// A loaded client credentials object: the copy goes over TLS.
+    pub tls_creds: Option<&'a str>,
 }
 
 /// The source's side: mirrors each disk to the destination's export and returns once every
@@ -166,8 +181,12 @@ pub async fn mirror(vm: &str, q: &Qmp, timeout: Duration, to: &MirrorTarget<'_>)
     let (host, port) = to.nbd.rsplit_once(':').ok_or_else(|| copy_failed(vm, format!("bad NBD address {}", to.nbd)))?;
     let started = async {
         for i in to.disks {
-            let node = json!({"driver": "nbd", "node-name": nbd_node(*i), "export": format!("disk{i}"),
+            let mut node = json!({"driver": "nbd", "node-name": nbd_node(*i), "export": format!("disk{i}"),
                 "server": {"type": "inet", "host": host, "port": port}});
+            if let Some(id) = to.tls_creds {
+                // The destination's certificate must name `host`, as for the memory stream.
+                node["tls-creds"] = json!(id);
+            }
             q.execute("blockdev-add", node, timeout).await.map_err(qmp_failed(vm))?;
             let job = json!({"job-id": mirror_job(*i), "device": format!("disk{i}"), "target": nbd_node(*i),
                 "sync": "full", "auto-dismiss": false, "speed": to.speed});

@@ -10,6 +10,7 @@ pub mod diskcopy;
 pub mod launcher;
 pub mod limits;
 pub mod migration;
+pub mod migtls;
 pub mod mixed;
 pub mod probe;
 pub mod process;

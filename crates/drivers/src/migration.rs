@@ -60,6 +60,10 @@ pub struct MigrationReport {
     /// Memory bytes sent over the parallel channels, when the migration used them (multifd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multifd_bytes: Option<u64>,
+    /// The memory stream (and the disk copy, if any) went over TLS, both ends verified with
+    /// the cluster's certificates (as QEMU's own parameters said when it began).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// How the copy of a migration's local disks went (the mirror, until both copies were equal).
@@ -130,8 +134,20 @@ async fn set_multifd(vm: &str, q: &Qmp, timeout: Duration, channels: u8) -> Resu
 /// The destination's side, on a QEMU started with `-S -incoming defer`: listens on `host_ip`
 /// (a port the kernel picks) with `multifd_channels` parallel channels (as the source will send)
 /// and returns the URI the source sends to.
-pub async fn prepare_incoming(vm: &str, q: &Qmp, host_ip: &str, timeout: Duration, multifd_channels: u8) -> Result<String, DriverError> {
+/// With `tls_creds` (a loaded server credentials object) it accepts only a TLS source that
+/// presents a certificate of the cluster's CA.
+pub async fn prepare_incoming(
+    vm: &str,
+    q: &Qmp,
+    host_ip: &str,
+    timeout: Duration,
+    multifd_channels: u8,
+    tls_creds: Option<&str>,
+) -> Result<String, DriverError> {
     set_multifd(vm, q, timeout, multifd_channels).await?;
+    if let Some(id) = tls_creds {
+        q.execute("migrate-set-parameters", json!({"tls-creds": id}), timeout).await.map_err(qmp_failed(vm))?;
+    }
     q.execute("migrate-incoming", json!({"uri": format!("tcp:{host_ip}:0")}), timeout).await.map_err(qmp_failed(vm))?;
     let info = q.execute("query-migrate", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
     let port = info
@@ -183,8 +199,11 @@ async fn cancel(vm: &str, q: &Qmp, timeout: Duration, reason: String) -> DriverE
 }
 
 /// The source's side: starts the migration and follows it to its end. `Ok` means QEMU reported
-/// it completed: the source is paused from here on (its state is at the destination).
-pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTarget) -> Result<MigrationReport, DriverError> {
+/// it completed: the source is paused from here on (its state is at the destination). With
+/// `tls_creds` (a loaded client credentials object) the stream is TLS and the destination's
+/// certificate must name the host of `to.uri`; QEMU's parameters are read back before it
+/// begins, so a migration meant to be encrypted never goes out in the clear.
+pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTarget, tls_creds: Option<&str>) -> Result<MigrationReport, DriverError> {
     let started = (to.now)();
     let mut schedule = Convergence::with(started, to.stall_ms, to.overall_ms);
     let mut limit = schedule.initial_downtime_ms();
@@ -195,6 +214,15 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
     set_multifd(vm, q, timeout, to.multifd_channels).await?;
     let params = json!({"downtime-limit": limit, "max-bandwidth": to.max_bandwidth, "cpu-throttle-initial": 1, "max-cpu-throttle": 1});
     q.execute("migrate-set-parameters", params, timeout).await.map_err(qmp_failed(vm))?;
+    if let Some(id) = tls_creds {
+        let host = crate::migtls::uri_host(&to.uri)
+            .ok_or_else(|| DriverError::Migration { vm: vm.to_string(), reason: format!("no host to verify in the destination's address {}", to.uri) })?;
+        q.execute("migrate-set-parameters", json!({"tls-creds": id, "tls-hostname": host}), timeout).await.map_err(qmp_failed(vm))?;
+        let set = q.execute("query-migrate-parameters", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
+        if set.get("tls-creds").and_then(Value::as_str) != Some(id) {
+            return Err(DriverError::Migration { vm: vm.to_string(), reason: format!("QEMU did not take the TLS credentials: {set}") });
+        }
+    }
     q.execute("migrate", json!({"uri": to.uri}), timeout).await.map_err(qmp_failed(vm))?;
     let mut throttling = false;
     loop {
@@ -216,6 +244,7 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
                     steps,
                     disks: None,
                     multifd_bytes: info.get("ram").and_then(|r| r.get("multifd-bytes")).and_then(Value::as_u64).filter(|b| *b > 0),
+                    tls: tls_creds.is_some(),
                 });
             }
             "failed" | "cancelled" => {

@@ -34,6 +34,12 @@ impl MixedDriver {
         }
     }
 
+    /// Its QEMU guests migrate over TLS with `tls` (see [`QemuDriver::with_migration_tls`]).
+    #[must_use]
+    pub fn with_migration_tls(self, tls: Option<crate::migtls::MigrationTls>) -> MixedDriver {
+        MixedDriver { qemu: self.qemu.with_migration_tls(tls), ..self }
+    }
+
     fn owner(&self, name: &str) -> &dyn VmDriver {
         let qemu = self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).copied().unwrap_or(false);
         if qemu {

@@ -101,6 +101,8 @@ pub struct QemuDriver {
     sessions: Mutex<HashMap<String, Arc<Qmp>>>,
     /// Paused incoming copies whose NBD server (receiving their local disks) still runs.
     serving: Mutex<std::collections::HashSet<String>>,
+    /// Where the cluster uses TLS: the credentials its migrations and disk copies use.
+    tls: Option<crate::migtls::MigrationTls>,
 }
 
 impl QemuDriver {
@@ -116,6 +118,23 @@ impl QemuDriver {
             run_dir,
             sessions: Mutex::new(HashMap::new()),
             serving: Mutex::default(),
+            tls: None,
+        }
+    }
+
+    /// Sends and receives migrations (memory and local disks) over TLS with `tls`.
+    #[must_use]
+    pub fn with_migration_tls(mut self, tls: Option<crate::migtls::MigrationTls>) -> QemuDriver {
+        self.tls = tls;
+        self
+    }
+
+    /// Loads this host's TLS credentials into VM `name`'s QEMU for `endpoint`, where the
+    /// cluster uses TLS.
+    async fn tls_creds(&self, name: &str, q: &Qmp, endpoint: crate::migtls::TlsEndpoint) -> Result<Option<String>, DriverError> {
+        match &self.tls {
+            Some(tls) => Ok(Some(tls.load(name, q, self.qmp_timeout(), endpoint).await?)),
+            None => Ok(None),
         }
     }
 
@@ -153,7 +172,7 @@ impl QemuDriver {
 
     /// The source's mirror of its local disks to the destination, before memory is sent.
     /// Returns the bytes the mirror copied.
-    async fn mirror_disks(&self, name: &str, q: &Qmp, to: &crate::migration::MigrationTarget) -> Result<u64, DriverError> {
+    async fn mirror_disks(&self, name: &str, q: &Qmp, to: &crate::migration::MigrationTarget, tls_creds: Option<&str>) -> Result<u64, DriverError> {
         let Some(nbd) = to.nbd.as_deref().filter(|_| !to.disks.is_empty()) else {
             return if to.disks.is_empty() {
                 Ok(0)
@@ -174,7 +193,8 @@ impl QemuDriver {
             });
         };
         let deadline = tokio::time::Instant::now() + Duration::from_millis(to.overall_ms);
-        let target = crate::diskcopy::MirrorTarget { nbd, disks: &to.disks, speed: to.max_bandwidth, cancelled: &cancelled, progress: &progress, deadline };
+        let target =
+            crate::diskcopy::MirrorTarget { nbd, disks: &to.disks, speed: to.max_bandwidth, cancelled: &cancelled, progress: &progress, deadline, tls_creds };
         crate::diskcopy::mirror(name, q, self.qmp_timeout(), &target).await
     }
 
@@ -381,15 +401,16 @@ impl VmDriver for QemuDriver {
                 let q = Arc::new(self.connect_qmp(&name, pid).await?);
                 self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), Arc::clone(&q));
                 self.attach_network(launch).await?;
+                let tls = self.tls_creds(&name, &q, crate::migtls::TlsEndpoint::Server).await?;
                 let nbd = if disks.is_empty() {
                     None
                 } else {
                     let indices: Vec<usize> = disks.iter().map(|d| d.index).collect();
-                    let addr = crate::diskcopy::serve(&name, &q, self.qmp_timeout(), &self.host_ip, self.cfg.nbd_port_base, &indices).await?;
+                    let addr = crate::diskcopy::serve(&name, &q, self.qmp_timeout(), &self.host_ip, self.cfg.nbd_port_base, &indices, tls.as_deref()).await?;
                     self.serving().insert(name.clone());
                     Some(addr)
                 };
-                let uri = crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout(), multifd_channels).await?;
+                let uri = crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout(), multifd_channels, tls.as_deref()).await?;
                 Ok(IncomingEndpoint { uri, nbd })
             };
             match ready.await {
@@ -409,10 +430,11 @@ impl VmDriver for QemuDriver {
     ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
         Box::pin(async move {
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let tls = self.tls_creds(name, &q, crate::migtls::TlsEndpoint::Client).await?;
             let mirror_started = std::time::Instant::now();
-            let disk_bytes = self.mirror_disks(name, &q, to).await?;
+            let disk_bytes = self.mirror_disks(name, &q, to, tls.as_deref()).await?;
             let disk_ms = u64::try_from(mirror_started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            let sent = crate::migration::migrate_out(name, &q, self.qmp_timeout(), to).await;
+            let sent = crate::migration::migrate_out(name, &q, self.qmp_timeout(), to, tls.as_deref()).await;
             if sent.is_err() && !to.disks.is_empty() {
                 crate::diskcopy::abandon(&q, self.qmp_timeout(), &to.disks).await;
             }

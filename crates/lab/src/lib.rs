@@ -15,3 +15,4 @@ pub mod lab;
 pub mod netlab;
 pub mod progress;
 pub mod sim;
+pub mod testca;

@@ -48,6 +48,12 @@ fn placed(lab: &Lab) -> Result<String> {
 }
 
 fn local_lab(net: u8, extra: &str, fill: impl Fn(&std::path::Path) -> Result<()>) -> Result<Option<LocalLab>> {
+    local_lab_with(net, extra, None, fill)
+}
+
+/// [`local_lab`] whose agents use TLS (a `[tls]` table in `extra`) with certificates of the CA
+/// in file `ca`.
+fn local_lab_with(net: u8, extra: &str, ca: Option<std::path::PathBuf>, fill: impl Fn(&std::path::Path) -> Result<()>) -> Result<Option<LocalLab>> {
     let Some(g) = test_guest() else { return Ok(None) };
     let opts = LabOptions {
         hosts: 3,
@@ -56,6 +62,7 @@ fn local_lab(net: u8, extra: &str, fill: impl Fn(&std::path::Path) -> Result<()>
         api_port: 7700,
         extra_config: format!("[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\nlocal_disk_dir = \"{{data}}/disks\"\n{extra}"),
         capacity: (4, 4096),
+        ca,
         ..LabOptions::default()
     };
     let mut lab = Lab::new(opts, &tandem_lab::lab::tandem_binary()?)?;
@@ -202,6 +209,68 @@ fn a_destination_lost_during_the_disk_copy_leaves_the_vm_whole_at_its_source() -
     let last = writes_on(&lab, &last_host, mid, boot)?;
     let on_disk = stop_and_read(&lab, &last_host)?;
     eprintln!("acknowledged {last} at least; the new host's image holds {on_disk}; {done:?}");
+    assert!(on_disk >= last, "an acknowledged write is missing: {on_disk} < {last}");
+    Ok(())
+}
+
+/// Removes the certificate directory however the test ends.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// On a cluster that uses TLS, a migration's disk copy and memory stream use it too, both ends
+/// verified: a destination whose QEMU credentials are of another CA is refused (the migration
+/// is aborted, the guest runs on at its source unharmed), and a destination of the cluster's
+/// CA receives the guest and its disk, the report saying the stream was TLS. The credentials
+/// are loaded afresh for each migration, which is what lets the test swap them on one host.
+#[test]
+fn migrations_go_over_tls_and_a_destination_of_another_ca_is_refused() -> Result<()> {
+    if !tandem_lab::testca::openssl_available() {
+        return Ok(());
+    }
+    let net = 78;
+    let certs = TempDir(std::env::temp_dir().join(format!("tandem-migration-tls-{}", std::process::id())));
+    let ips: Vec<String> = (0..3).map(|i| format!("127.{net}.0.{}", 10 + i)).collect();
+    tandem_lab::testca::make_ca(&certs.0, "tandem-test-ca", &ips)?;
+    let other = certs.0.join("other");
+    tandem_lab::testca::make_ca(&other, "someone-else", &ips)?;
+    let tls = tandem_lab::testca::tls_table(&certs.0);
+    let Some(LocalLab { lab, src, boot, first }) = local_lab_with(net, &tls, Some(certs.0.join("ca.pem")), sparse)? else { return Ok(()) };
+    let others: Vec<String> = lab.hosts.iter().map(|h| h.name.clone()).filter(|h| *h != src).collect();
+    let (bad, good) = (others[0].clone(), others[1].clone());
+    let creds = lab.hosts.iter().find(|h| h.name == bad).map(|h| h.data.join("qemu-tls")).ok_or_else(|| anyhow!("no host {bad}"))?;
+    let files = [
+        ("ca-cert.pem", "ca.pem"),
+        ("server-cert.pem", "agent.pem"),
+        ("server-key.pem", "agent.key"),
+        ("client-cert.pem", "agent.pem"),
+        ("client-key.pem", "agent.key"),
+    ];
+    for (link, file) in files {
+        std::fs::remove_file(creds.join(link))?;
+        std::os::unix::fs::symlink(other.join(file), creds.join(link))?;
+    }
+    let begun = migrate(&lab, &bad)?;
+    let refused = outcome(&lab, &begun)?;
+    assert_eq!(refused.result, "aborted", "a destination of another CA must not receive the guest: {refused:?}");
+    wait("the VM to settle at its source", Duration::from_secs(60), || {
+        let v = lab.vms(0).ok()?.into_iter().find(|v| v.name == "web0")?;
+        (v.host.as_deref() == Some(src.as_str()) && v.migrating_to.is_none()).then_some(())
+    })?;
+    let mid = writes_on(&lab, &src, first, boot)?;
+    let begun = migrate(&lab, &good)?;
+    let done = outcome(&lab, &begun)?;
+    assert_eq!(done.result, "completed", "{done:?}");
+    let report = done.report.clone().ok_or_else(|| anyhow!("no report: {done:?}"))?;
+    assert!(report.tls, "the stream went over TLS: {done:?}");
+    assert!(report.disks.is_some(), "the disk was copied (over TLS too): {done:?}");
+    let last = writes_on(&lab, &good, mid, boot)?;
+    let on_disk = stop_and_read(&lab, &good)?;
+    eprintln!("refused: {:?}; acknowledged {last} at least, the destination's image holds {on_disk}; {done:?}", refused.reason);
     assert!(on_disk >= last, "an acknowledged write is missing: {on_disk} < {last}");
     Ok(())
 }

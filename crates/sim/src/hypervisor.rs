@@ -271,6 +271,7 @@ impl VmDriver for SimDriver {
                 steps: vec![],
                 disks: None,
                 multifd_bytes: None,
+                tls: false,
             })
         })
     }

@@ -2,11 +2,12 @@
 //! over it (consensus, joins, forwarding); the CLI verifies them with `--ca`; plain HTTP and an
 //! unknown CA are refused.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tandem_lab::lab::{Lab, LabOptions};
+use tandem_lab::testca::{make_ca, openssl_available, tls_table};
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
@@ -21,32 +22,9 @@ impl Drop for TempDir {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl").current_dir(dir).args(args).output()?;
-    if !out.status.success() {
-        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-/// A CA, and one agent certificate naming every lab address.
-fn make_ca(dir: &Path, cn: &str, ips: &[String]) -> Result<()> {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(dir, &[&["req", "-x509"], &ec[..], &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", &format!("/CN={cn}")]].concat())?;
-    openssl(dir, &[&["req"], &ec[..], &["-keyout", "agent.key", "-out", "agent.csr", "-subj", "/CN=tandem-agent"]].concat())?;
-    let sans: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
-    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n", sans.join(",")))?;
-    openssl(
-        dir,
-        &["x509", "-req", "-in", "agent.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "agent.pem", "-days", "2", "-extfile", "ext.cnf"],
-    )
-}
-
 #[test]
 fn agents_serve_and_call_each_other_over_tls() -> Result<()> {
-    if Command::new("openssl").arg("version").output().is_err() {
-        assert!(std::env::var("CI").is_err(), "CI must run the TLS test: openssl missing");
-        eprintln!("skipping: openssl is not installed");
+    if !openssl_available() {
         return Ok(());
     }
     let net = 39;
@@ -57,12 +35,7 @@ fn agents_serve_and_call_each_other_over_tls() -> Result<()> {
     let ips: Vec<String> = (0..3).map(|i| format!("127.{net}.0.{}", 10 + i)).collect();
     make_ca(&dir, "tandem-test-ca", &ips)?;
     make_ca(&other, "someone-else", &ips)?;
-    let tls = format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
-        dir.join("agent.pem").display(),
-        dir.join("agent.key").display(),
-        dir.join("ca.pem").display()
-    );
+    let tls = tls_table(&dir);
     let opts = LabOptions { loopback_net: net, extra_config: tls, ca: Some(dir.join("ca.pem")), ..LabOptions::default() };
     let mut lab = Lab::new(opts, &binary())?;
     lab.start_all()?;

@@ -54,6 +54,10 @@ pub struct MigrationFigures {
     pub transferred_mib: u64,
     /// Memory sent over QEMU's parallel channels (multifd), bytes, when it used them.
     pub multifd_bytes: Option<u64>,
+    /// The stream went over TLS (QEMU's parameters said so when it began).
+    pub tls: bool,
+    /// Why it did not complete, when it did not.
+    pub reason: Option<String>,
 }
 
 /// A running local cluster with one VM to move.
@@ -77,6 +81,12 @@ impl MigrationLab {
 
     /// [`MigrationLab::start`] with more agent configuration (a `[migration]` table, say).
     pub fn start_with(driver: &str, memory_mib: u64, guest: &Path, net: u8, extra: &str) -> Result<MigrationLab> {
+        MigrationLab::start_tls(driver, memory_mib, guest, net, extra, None)
+    }
+
+    /// [`MigrationLab::start_with`] on a cluster whose agents use TLS (a `[tls]` table in
+    /// `extra`) with certificates of the CA in file `ca`.
+    pub fn start_tls(driver: &str, memory_mib: u64, guest: &Path, net: u8, extra: &str, ca: Option<std::path::PathBuf>) -> Result<MigrationLab> {
         let qemu = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n" } else { "" };
         let opts = LabOptions {
             hosts: 3,
@@ -85,6 +95,7 @@ impl MigrationLab {
             api_port: 7700,
             extra_config: format!("{qemu}{extra}"),
             capacity: (4, 4096),
+            ca,
             ..LabOptions::default()
         };
         let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
@@ -229,6 +240,8 @@ impl MigrationLab {
             qemu_total_ms: report.as_ref().map(|r| r.total_ms).filter(|_| self.driver == "qemu"),
             downtime_ms: report.as_ref().and_then(|r| r.downtime_ms),
             multifd_bytes: report.as_ref().and_then(|r| r.multifd_bytes),
+            tls: report.as_ref().is_some_and(|r| r.tls),
+            reason: outcome.reason.clone(),
             http_gap_ms,
             two_running,
             transferred_mib,
