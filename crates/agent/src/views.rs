@@ -566,6 +566,11 @@ pub struct EvacuationStep {
     pub vm: String,
     pub to: Option<String>,
     pub why_not: Option<String>,
+    /// Live migrations of it off this host that did not complete, when the coordinator gave
+    /// up on moving it live (only the leader, which counts them, says so). Such a VM can still
+    /// be shut down and started elsewhere (`maintenance enter --shutdown-unmovable`).
+    #[serde(default)]
+    pub live_failed: Option<u32>,
 }
 
 /// `GET /v1/hosts/{name}/evacuation`: where each of the host's VMs would go if it entered

@@ -8,10 +8,66 @@
 //! as fast as the migration bounds allow; a VM no host may take stays, with the reason. A VM an
 //! evacuation moved remembers its `home`; when that host is active in normal mode again, the VM
 //! migrates back (an operator's migration since has cleared its home, so it is left alone).
+//!
+//! A VM whose live migration off a host in maintenance does not complete (it cannot converge,
+//! its destination failed) is tried again, at most [`MAX_EVACUATION_ATTEMPTS`] times while this
+//! coordinator leads ([`EvacuationAttempts`]); then it stays, with the reason, rather than
+//! being migrated again and again. A new leader tries again (later, never more often).
 
 use crate::hostset::HostId;
 use crate::state::{ClusterState, HostMode, HostStatus, Protection, VmPhase, MAX_CLUSTER_MIGRATIONS, MAX_INCOMING_MIGRATIONS, MAX_OUTGOING_MIGRATIONS};
 use std::collections::BTreeMap;
+
+/// How many live migrations of one VM off a host in maintenance may fail before the coordinator
+/// stops trying (each may take up to the migration's overall bound).
+pub const MAX_EVACUATION_ATTEMPTS: u32 = 3;
+
+/// What a coordinator remembers of the evacuations it started: for each VM, the destination
+/// generation of the attempt under way and how many before it did not complete.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EvacuationAttempts {
+    tried: BTreeMap<String, Attempts>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Attempts {
+    /// The destination generation of the attempt under way, if one is.
+    running: Option<u64>,
+    failed: u32,
+}
+
+impl EvacuationAttempts {
+    /// The coordinator started a live migration of `vm` off its host in maintenance, to
+    /// destination generation `generation`.
+    pub fn started(&mut self, vm: &str, generation: u64) {
+        self.tried.entry(vm.to_string()).or_default().running = Some(generation);
+    }
+
+    /// Looks at committed state: an attempt that is no longer under way while its VM is still
+    /// placed on a host in maintenance did not complete; a VM that no longer leaves such a host
+    /// (it moved, its host left maintenance, it stopped) is forgotten.
+    pub fn observe(&mut self, s: &ClusterState) {
+        self.tried.retain(|vm, a| {
+            let Some(v) = s.vms.get(vm) else { return false };
+            match (&v.phase, a.running) {
+                (VmPhase::Migrating { to, .. }, Some(g)) if to.generation == g => true,
+                (VmPhase::Placed { at }, _) if s.hosts.get(&at.host).is_some_and(|h| h.mode == HostMode::Maintenance) => {
+                    if a.running.take().is_some() {
+                        a.failed += 1;
+                    }
+                    true
+                }
+                _ => false,
+            }
+        });
+    }
+
+    /// The VMs given up on, with how many attempts failed.
+    #[must_use]
+    pub fn given_up(&self) -> BTreeMap<String, u32> {
+        self.tried.iter().filter(|(_, a)| a.running.is_none() && a.failed >= MAX_EVACUATION_ATTEMPTS).map(|(vm, a)| (vm.clone(), a.failed)).collect()
+    }
+}
 
 /// One migration to start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +114,13 @@ fn candidates(s: &ClusterState) -> Vec<(String, Option<HostId>, bool)> {
 /// (counting those already running), and the VMs of hosts in maintenance that cannot move.
 #[must_use]
 pub fn next_moves(s: &ClusterState) -> (Vec<PlannedMove>, Vec<Stuck>) {
+    next_moves_except(s, &BTreeMap::new())
+}
+
+/// [`next_moves`], leaving out the VMs whose live migration the coordinator gave up on
+/// (`given_up`, with the attempts that failed: see [`EvacuationAttempts`]), which are stuck.
+#[must_use]
+pub fn next_moves_except(s: &ClusterState, given_up: &BTreeMap<String, u32>) -> (Vec<PlannedMove>, Vec<Stuck>) {
     let mut out_of: BTreeMap<HostId, usize> = BTreeMap::new();
     let mut into: BTreeMap<HostId, usize> = BTreeMap::new();
     let mut total = 0;
@@ -70,6 +133,10 @@ pub fn next_moves(s: &ClusterState) -> (Vec<PlannedMove>, Vec<Stuck>) {
     let mut plan = s.clone();
     let (mut moves, mut stuck) = (vec![], vec![]);
     for (vm, home, evacuation) in candidates(s) {
+        if let (Some(n), true) = (given_up.get(&vm), evacuation) {
+            stuck.push(Stuck { vm: vm.clone(), why: format!("its live migration did not complete {n} times") });
+            continue;
+        }
         let Some(from) = plan.vms.get(&vm).and_then(|v| v.assignment()).map(|a| a.host) else { continue };
         let target = match home {
             Some(h) => plan.may_take(&vm, h).then_some(h),
@@ -186,6 +253,41 @@ mod tests {
         assert_eq!(back, ["v1", "v2", "v3", "v4"]);
         assert!(s.vms["v0"].assignment().is_some_and(|a| a.host == other));
         assert!(s.vms.values().all(|v| v.home.is_none()), "home is forgotten once back");
+    }
+
+    /// A VM whose evacuation keeps failing is tried `MAX_EVACUATION_ATTEMPTS` times, then
+    /// reported stuck instead of planned again; leaving maintenance forgets the count.
+    #[test]
+    fn an_evacuation_that_keeps_failing_is_given_up_after_a_bounded_number_of_attempts() {
+        let mut s = cluster(3, 8192);
+        run_on(&mut s, process_vm("v", Protection::Protect, 0, 512), 0);
+        maintenance(&mut s, 0, HostMode::Maintenance);
+        let mut attempts = EvacuationAttempts::default();
+        for round in 0..MAX_EVACUATION_ATTEMPTS {
+            attempts.observe(&s);
+            let (moves, stuck) = next_moves_except(&s, &attempts.given_up());
+            assert!(stuck.is_empty(), "round {round}: {stuck:?}");
+            assert_eq!(moves.len(), 1, "round {round}");
+            let out = s.apply(&Command::StartMigration { name: "v".into(), to: moves[0].to, force: true, evacuation: true }).expect("start");
+            let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
+            attempts.started("v", to.generation);
+            attempts.observe(&s);
+            assert!(attempts.given_up().is_empty(), "an attempt under way is not a failure");
+            s.apply(&Command::MigrationAbort { name: "v".into(), generation: to.generation, reason: "did not converge".into() }).expect("abort");
+        }
+        attempts.observe(&s);
+        assert_eq!(attempts.given_up().get("v"), Some(&MAX_EVACUATION_ATTEMPTS));
+        let (moves, stuck) = next_moves_except(&s, &attempts.given_up());
+        assert!(moves.is_empty());
+        assert_eq!(stuck.len(), 1);
+        assert!(stuck[0].why.contains("did not complete 3 times"), "{:?}", stuck[0]);
+        // Out of maintenance and in again: the count starts afresh.
+        maintenance(&mut s, 0, HostMode::Normal);
+        attempts.observe(&s);
+        maintenance(&mut s, 0, HostMode::Maintenance);
+        attempts.observe(&s);
+        assert!(attempts.given_up().is_empty());
+        assert_eq!(next_moves_except(&s, &attempts.given_up()).0.len(), 1);
     }
 
     #[test]

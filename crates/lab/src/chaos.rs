@@ -42,7 +42,7 @@ fn thaw(agent: u32, workloads: &[u32]) {
 }
 
 mod emulator;
-mod planned;
+pub(crate) mod planned;
 use emulator::WatchdogEmulator;
 
 /// The hardware watchdog's reset timeout the agents are configured with: the default.
@@ -655,7 +655,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     });
     // A live migration's destination holds a paused copy while the source runs: the recorder
     // asks the hosts before it counts two processes of a VM as a double run.
-    lab.recorder.set_double_judge(planned::paused_copies_judge(&lab));
+    lab.judge_paused_copies();
     let mut suite = Suite { lab, net, rng, report: Report::default(), vm_names, disk_links, origin: Instant::now(), watchdog, fuse };
     suite.settle("start");
     suite.log(&format!("{total} protected VM(s) running on {} hosts", args.hosts));

@@ -418,6 +418,13 @@ impl Lab {
         self.wait_all_active(Duration::from_secs(30))
     }
 
+    /// Has the recorder count two processes of a VM as a double run only when the hosts do not
+    /// show all copies but one paused (live migration keeps a paused copy beside the running
+    /// one): see `chaos::planned::paused_copies_judge`.
+    pub fn judge_paused_copies(&self) {
+        self.recorder.set_double_judge(crate::chaos::planned::paused_copies_judge(self));
+    }
+
     /// The cluster token (admin), derived from the lab's cluster secret like the agents do.
     #[must_use]
     pub fn token(&self) -> String {

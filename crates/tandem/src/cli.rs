@@ -2,6 +2,7 @@
 //! need more than a request.
 
 pub mod args;
+pub mod coldmove;
 pub mod commands;
 pub mod events;
 pub mod maintenance;

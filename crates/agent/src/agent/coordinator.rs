@@ -27,6 +27,8 @@ pub(super) struct Coordination {
     waiting_reasons: BTreeMap<String, String>,
     /// The last reason recorded for each VM that cannot leave its host in maintenance.
     pub(super) stuck_in_maintenance: BTreeMap<String, String>,
+    /// The evacuations this coordinator started, and how many of each VM's failed.
+    pub(super) evacuation_attempts: tandem_core::evacuation::EvacuationAttempts,
     /// When it first saw each host left with parked VMs that have a hold.
     parked_holds: tandem_core::parking::ParkedHolds,
 }

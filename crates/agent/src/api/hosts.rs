@@ -58,14 +58,18 @@ pub(super) async fn host_mode(State(a): State<Arc<Agent>>, ApiPath(name): ApiPat
 }
 
 pub(super) async fn host_evacuation(State(a): State<Arc<Agent>>, ApiPath(name): ApiPath) -> ApiResult<EvacuationPlan> {
+    // The coordinator's memory of failed evacuations, when this agent leads: such a VM would
+    // not be moved live again.
+    let given_up = if a.consensus.is_leader() { a.evacuations_given_up() } else { Default::default() };
     let steps = a.consensus.with_state(|s| {
         let host = s.host_by_name(&name).map(|h| h.id).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown host '{name}'")))?;
         let hname = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
         let steps = tandem_core::evacuation::evacuation_plan(s, host)
             .into_iter()
-            .map(|(vm, to)| match to {
-                Ok(h) => EvacuationStep { vm, to: Some(hname(h)), why_not: None },
-                Err(why) => EvacuationStep { vm, to: None, why_not: Some(why) },
+            .map(|(vm, to)| match (to, given_up.get(&vm)) {
+                (_, Some(n)) => EvacuationStep { why_not: Some(format!("its live migration did not complete {n} times")), vm, to: None, live_failed: Some(*n) },
+                (Ok(h), None) => EvacuationStep { vm, to: Some(hname(h)), why_not: None, live_failed: None },
+                (Err(why), None) => EvacuationStep { vm, to: None, why_not: Some(why), live_failed: None },
             })
             .collect::<Vec<_>>();
         Ok::<_, ApiError>(steps)

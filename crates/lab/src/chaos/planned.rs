@@ -35,7 +35,7 @@ const LAST_ANSWER_STANDS: Duration = Duration::from_millis(100);
 /// unpaused in either sweep (a switchover between two answers shows in one sweep only; two
 /// copies running together show in both). A host that does not answer counts by its answer of
 /// the last [`LAST_ANSWER_STANDS`], else as running it: doubt leaves a double run standing.
-pub(super) fn paused_copies_judge(lab: &Lab) -> DoubleJudge {
+pub(crate) fn paused_copies_judge(lab: &Lab) -> DoubleJudge {
     let clients: Vec<(String, Client)> = lab
         .hosts
         .iter()

@@ -270,6 +270,10 @@ pub enum HostOp {
         /// running on the host).
         #[arg(long)]
         force: bool,
+        /// VMs whose live migration keeps failing are shut down cleanly and started on another
+        /// host instead of staying (`enter` only; the CLI does it while it follows).
+        #[arg(long)]
+        shutdown_unmovable: bool,
         /// Return once the mode is set, without following the migrations.
         #[arg(long)]
         no_wait: bool,

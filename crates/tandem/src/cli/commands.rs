@@ -73,7 +73,10 @@ fn host(c: &Client, out: Output, op: &HostOp) -> Result<(), ClientError> {
         }
         HostOp::List => show(out, &c.get("/v1/hosts")?, print_hosts),
         HostOp::Shutdown { name, policy, no_wait } => super::shutdown::run(c, out, name, policy.as_deref(), *no_wait),
-        HostOp::Maintenance { action, name, force, no_wait } => super::maintenance::run(c, out, action == "enter", name, *force, *no_wait),
+        HostOp::Maintenance { action, name, force, shutdown_unmovable, no_wait } => {
+            let how = super::maintenance::Follow { force: *force, shutdown_unmovable: *shutdown_unmovable, no_wait: *no_wait };
+            super::maintenance::run(c, out, action == "enter", name, how)
+        }
     }
 }
 

@@ -1,17 +1,41 @@
 //! `tandem host maintenance enter|exit`: the plan first, then the mode, then the migrations
-//! followed until the host is empty (enter) or its VMs are back (exit).
+//! followed until the host is empty (enter) or its VMs are back (exit). While it follows an
+//! `enter`, the leader's plan says which VMs stay (no host may take them, or their live
+//! migration kept failing); with `--shutdown-unmovable` the latter are moved cold instead
+//! (`coldmove`).
 
 use super::output::{kv, Output};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use tandem::client::{Client, ClientError};
-use tandem_agent::views::{EvacuationPlan, HostMode, HostModeRequest, HostModeSet, VmView};
+use tandem_agent::views::{EvacuationPlan, EvacuationStep, HostMode, HostModeRequest, HostModeSet, HostView, VmView};
 
 /// How often the VMs are read while following.
 const POLL: Duration = Duration::from_millis(500);
 /// How long the CLI follows before it stops waiting (the coordinator goes on).
 const FOLLOW_FOR: Duration = Duration::from_secs(1800);
 
-pub fn run(c: &Client, out: Output, enter: bool, name: &str, force: bool, no_wait: bool) -> Result<(), ClientError> {
+/// How `run` goes about it.
+#[derive(Clone, Copy, Debug)]
+pub struct Follow {
+    /// Enter even if admission control refuses or some VM cannot move.
+    pub force: bool,
+    /// Shut down and start elsewhere the VMs whose live migration kept failing.
+    pub shutdown_unmovable: bool,
+    /// Return once the mode is set.
+    pub no_wait: bool,
+}
+
+/// The VMs of `name` that stay where they are, as the leader's plan says (the leader counts
+/// the live migrations that failed); `None` while the leader is unknown or does not answer.
+fn staying(c: &Client, name: &str) -> Option<Vec<EvacuationStep>> {
+    let hosts: Vec<HostView> = c.get_as("/v1/hosts").ok()?;
+    let leader = hosts.into_iter().find(|h| h.leader)?;
+    let plan: EvacuationPlan = Client { addr: leader.api_addr, ..c.clone() }.get_as(&format!("/v1/hosts/{name}/evacuation")).ok()?;
+    Some(plan.steps.into_iter().filter(|s| s.to.is_none()).collect())
+}
+pub fn run(c: &Client, out: Output, enter: bool, name: &str, how: Follow) -> Result<(), ClientError> {
+    let Follow { force, shutdown_unmovable, no_wait } = how;
     let table = out == Output::Table;
     if enter {
         let plan: EvacuationPlan = c.get_as(&format!("/v1/hosts/{name}/evacuation"))?;
@@ -50,6 +74,7 @@ pub fn run(c: &Client, out: Output, enter: bool, name: &str, force: bool, no_wai
     }
     let started = Instant::now();
     let mut last = String::new();
+    let mut moved_cold: BTreeSet<String> = BTreeSet::new();
     loop {
         let vms: Vec<VmView> = c.get_as("/v1/vms")?;
         // Enter: VMs still on the host (those no host may take stay). Exit: VMs not yet home.
@@ -66,7 +91,30 @@ pub fn run(c: &Client, out: Output, enter: bool, name: &str, force: bool, no_wai
             println!("{line}");
             last = line;
         }
-        let settled = left == 0 || (enter && moving == 0 && started.elapsed() > Duration::from_secs(30) && left > 0 && force);
+        // Nothing migrating, some left: the leader's plan says which stay, and why.
+        let mut stuck = false;
+        if enter && moving == 0 && left > 0 {
+            if let Some(stay) = staying(c, name) {
+                let on: BTreeSet<&str> = vms.iter().filter(|v| v.host.as_deref() == Some(name)).map(|v| v.name.as_str()).collect();
+                let stay: Vec<EvacuationStep> = stay.into_iter().filter(|s| on.contains(s.vm.as_str())).collect();
+                let cold: Vec<&EvacuationStep> = stay.iter().filter(|s| shutdown_unmovable && s.live_failed.is_some() && !moved_cold.contains(&s.vm)).collect();
+                if !cold.is_empty() {
+                    for s in cold {
+                        moved_cold.insert(s.vm.clone());
+                        super::coldmove::run(c, out, &s.vm, name, s.why_not.as_deref().unwrap_or("it cannot move live"))?;
+                    }
+                    // What is left is read afresh.
+                    continue;
+                }
+                stuck = stay.len() == on.len();
+                if stuck && table {
+                    for s in &stay {
+                        println!("  {:<20} stays on {name}: {}", s.vm, s.why_not.as_deref().unwrap_or("no host may take it"));
+                    }
+                }
+            }
+        }
+        let settled = left == 0 || stuck;
         if settled {
             if out == Output::Json {
                 println!("{}", serde_json::json!({"host": name, "mode": mode, "left": left}));
