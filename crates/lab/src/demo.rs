@@ -1,5 +1,9 @@
 //! `tandem-lab demo`: a three-host cluster on this machine, protected guests, one host's power cut,
-//! and the measured recovery, ending with one JSON line.
+//! and the measured recovery, ending with one JSON line; then a second act (`maintenance`): the
+//! host's power comes back, and another host is emptied live for maintenance and filled again,
+//! the longest gap in each guest's service measured, ending with a second JSON line.
+
+mod maintenance;
 
 use crate::lab::{Lab, LabOptions};
 use anyhow::{anyhow, bail, Result};
@@ -169,14 +173,29 @@ fn secs(ms: i64) -> f64 {
     (ms as f64 / 10.0).round() / 100.0
 }
 
-/// Runs the demo.
+/// Runs the demo: the power loss, then maintenance.
 pub fn run(args: &DemoArgs) -> Result<()> {
-    power_loss_round(args).map(|_| ())
+    let (_, mut stage) = power_loss_act(args)?;
+    maintenance::act(&mut stage)
 }
 
 /// One demo round: a cluster, its VMs, one host's power cut, the recovery measured and printed
 /// (timeline and the JSON summary line).
 pub fn power_loss_round(args: &DemoArgs) -> Result<RoundFigures> {
+    power_loss_act(args).map(|(figures, _)| figures)
+}
+
+/// What the second act takes over from the first: the lab, its driver, how many demo VMs it
+/// runs, and which host lost its power.
+struct Stage {
+    lab: Lab,
+    driver: &'static str,
+    vms: u32,
+    victim: usize,
+}
+
+/// The first act (see [`power_loss_round`]), handing over its lab.
+fn power_loss_act(args: &DemoArgs) -> Result<(RoundFigures, Stage)> {
     install_interrupt_handler();
     let guest = guest_dir(args);
     let have_guest = guest.join("vmlinuz").exists() && guest.join("initrd.img").exists();
@@ -329,5 +348,6 @@ pub fn power_loss_round(args: &DemoArgs) -> Result<RoundFigures> {
         })
         .collect();
     let probe_answering_s = (!probed.is_empty() && probed.len() == affected.len()).then(|| secs(probed.iter().copied().max().unwrap_or(0)));
-    Ok(RoundFigures { detect_s: s(detect), committed_s: s(committed), started_s, answering_s: service_back, probe_answering_s })
+    let figures = RoundFigures { detect_s: s(detect), committed_s: s(committed), started_s, answering_s: service_back, probe_answering_s };
+    Ok((figures, Stage { lab, driver, vms: args.vms, victim }))
 }
