@@ -7,7 +7,9 @@
 #     10.0.2.15) and serves HTTP on port 80 with the VM's name;
 #   - when the guest has a disk (/dev/vda), `seqwriter` (scripts/guest/seqwriter.c, linked
 #     statically) appending a sequence number to it with O_DIRECT|O_DSYNC every few ms and
-#     serving the last acknowledged number at /seq ("LAST RECOVERED WRITES").
+#     serving the last acknowledged number at /seq ("LAST RECOVERED WRITES");
+#   - when the VM has a guest-agent channel, `qga` (scripts/guest/qga.c): guest-sync,
+#     guest-ping and guest-shutdown of the QEMU guest agent's protocol.
 # Output: $OUT/vmlinuz and $OUT/initrd.img (default OUT=.cache/guest). Re-running is a no-op
 # when both exist and were built by this version of the script. Needs root for apt-get
 # (installs cpio, busybox-static and a C compiler with static libc if missing).
@@ -15,7 +17,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$here/.cache/guest}
 # Raised whenever what the guest does changes, so a cached older guest is rebuilt.
-GUEST_VERSION=7
+GUEST_VERSION=8
 if [[ -s $OUT/vmlinuz && -s $OUT/initrd.img && $(cat "$OUT/version" 2>/dev/null) == "$GUEST_VERSION" ]]; then
   echo "guest cached in $OUT"
   exit 0
@@ -48,7 +50,8 @@ root=$work/initramfs
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,www,lib/modules}
 cp /bin/busybox "$root/bin/busybox"
 gcc -static -Os -Wall -Wextra -o "$root/bin/seqwriter" "$here/scripts/guest/seqwriter.c"
-for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk evdev button; do
+gcc -static -Os -Wall -Wextra -o "$root/bin/qga" "$here/scripts/guest/qga.c"
+for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk virtio_console evdev button; do
   f=$(find kernel/lib/modules/"$kver" -name "$m.ko*" | head -n1)
   if [[ -n $f ]]; then
     case $f in
@@ -96,10 +99,12 @@ if [ -b /dev/vda ]; then
   seqwriter /dev/vda /www/seq 5 &
 fi
 httpd -p 80 -h /www
+# The guest agent, when the VM has its channel (it exits at once otherwise).
+qga &
 # The ACPI power button (QEMU's system_powerdown) ends the guest cleanly, as a real guest's
 # acpid does: busybox acpid runs /etc/acpi/PWRF/00000080 on it.
 mkdir -p /etc/acpi/PWRF
-printf '#!/bin/busybox sh\necho "TANDEM-GUEST-POWER-BUTTON"\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+printf '#!/bin/busybox sh\necho "TANDEM-GUEST-POWER-BUTTON" > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod +x /etc/acpi/PWRF/00000080
 # acpid opens the input devices present when it starts: wait for the power button's (the
 # button driver registers it a moment after it is loaded), then for acpid to listen on it.

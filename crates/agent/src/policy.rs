@@ -87,7 +87,13 @@ mod tests {
             protection: Protection::Protect,
             priority: 0,
             restart_group: 0,
-            driver: DriverSpec::Qemu { kernel: None, initrd: None, cmdline: None, extra_args: extra.iter().map(|s| s.to_string()).collect() },
+            driver: DriverSpec::Qemu {
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+                extra_args: extra.iter().map(|s| s.to_string()).collect(),
+                guest_agent: false,
+            },
             probe: None,
         }
     }

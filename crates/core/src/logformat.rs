@@ -20,7 +20,8 @@
 //! VMs parked (`host-leave`, `release-parked`). Format 7 adds a VM spec's local disks (`local = true`:
 //! on each host's own storage, copied by live migration, never restarted elsewhere by HA); only
 //! entries whose spec has one are written in it — an older host would read such a spec as a
-//! shared disk. A release that adds a command or a field that older hosts would
+//! shared disk. Format 8 adds a QEMU spec's `guest_agent` (a guest-agent channel among the VM's
+//! devices); only entries whose spec asks for it are written in it. A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 7;
+pub const LOG_FORMAT: u32 = 8;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -39,6 +40,9 @@ pub(crate) const BRIDGE_FORMAT: u32 = 5;
 pub(crate) const LEAVE_FORMAT: u32 = 6;
 /// The format of a VM spec with a local disk.
 pub(crate) const LOCAL_DISK_FORMAT: u32 = 7;
+/// The format of a VM spec whose guest runs the QEMU guest agent (its channel changes the
+/// VM's devices: a host that ignored the field would start a copy no migration could reach).
+pub(crate) const GUEST_AGENT_FORMAT: u32 = 8;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 

@@ -112,6 +112,11 @@ pub enum DriverSpec {
         cmdline: Option<String>,
         #[serde(default)]
         extra_args: Vec<String>,
+        /// The guest runs the QEMU guest agent: the VM gets its channel (a virtio-serial port
+        /// named `org.qemu.guest_agent.0`), and a clean stop asks the agent to shut the guest
+        /// down (`guest-shutdown`) before it falls back to the ACPI power button.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        guest_agent: bool,
     },
     /// Any command; it runs as long as the "VM" runs.
     Process { command: Vec<String> },

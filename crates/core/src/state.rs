@@ -695,7 +695,7 @@ pub(crate) mod tests {
         let mut bad = process_vm("x", Protection::Off, 0, 8);
         assert_eq!(bad.validate(), Err(SpecError::BadMemory(8)));
         bad.memory_mib = 64;
-        bad.driver = DriverSpec::Qemu { kernel: None, initrd: None, cmdline: None, extra_args: vec![] };
+        bad.driver = DriverSpec::Qemu { kernel: None, initrd: None, cmdline: None, extra_args: vec![], guest_agent: false };
         assert_eq!(bad.validate(), Err(SpecError::NothingToBoot));
         bad.driver = DriverSpec::Process { command: vec![] };
         assert_eq!(bad.validate(), Err(SpecError::EmptyCommand));
@@ -708,7 +708,13 @@ pub(crate) mod tests {
     fn hostile_spec_values_are_refused() {
         let qemu = |f: &dyn Fn(&mut VmSpec)| {
             let mut v = process_vm("q", Protection::Protect, 0, 128);
-            v.driver = DriverSpec::Qemu { kernel: Some("/srv/vmlinuz".into()), initrd: None, cmdline: Some("console=ttyS0".into()), extra_args: vec![] };
+            v.driver = DriverSpec::Qemu {
+                kernel: Some("/srv/vmlinuz".into()),
+                initrd: None,
+                cmdline: Some("console=ttyS0".into()),
+                extra_args: vec![],
+                guest_agent: false,
+            };
             v.network = Some(NetworkSpec::User { hostfwd: vec!["tcp:{host_ip}:8080-:80".into()] });
             v.disks = vec![DiskSpec { path: "/shared/q.raw".into(), format: Some("raw".into()), readonly: false, local: false }];
             f(&mut v);
@@ -744,10 +750,18 @@ pub(crate) mod tests {
             ("disk format", Box::new(|v| v.disks[0].format = Some("raw,driver=vvfat".into()))),
             ("disk path", Box::new(|v| v.disks[0].path = "/shared/../etc/shadow".into())),
             ("disk path", Box::new(|v| v.disks[0].path = "/shared/a\nb".into())),
-            ("kernel", Box::new(|v| v.driver = DriverSpec::Qemu { kernel: Some("vmlinuz".into()), initrd: None, cmdline: None, extra_args: vec![] })),
+            (
+                "kernel",
+                Box::new(|v| {
+                    v.driver = DriverSpec::Qemu { kernel: Some("vmlinuz".into()), initrd: None, cmdline: None, extra_args: vec![], guest_agent: false }
+                }),
+            ),
             (
                 "cmdline",
-                Box::new(|v| v.driver = DriverSpec::Qemu { kernel: Some("/k".into()), initrd: None, cmdline: Some("a\u{0}b".into()), extra_args: vec![] }),
+                Box::new(|v| {
+                    v.driver =
+                        DriverSpec::Qemu { kernel: Some("/k".into()), initrd: None, cmdline: Some("a\u{0}b".into()), extra_args: vec![], guest_agent: false }
+                }),
             ),
         ];
         for (field, f) in hostile {

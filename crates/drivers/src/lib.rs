@@ -15,6 +15,7 @@ pub mod mixed;
 pub mod probe;
 pub mod process;
 pub mod qemu;
+pub mod qga;
 pub mod qmp;
 
 use diskcopy::{IncomingEndpoint, LocalDiskSize};

@@ -201,7 +201,7 @@ impl QemuDriver {
     /// The QEMU command line for a launch.
     pub fn command(&self, launch: &VmLaunch) -> Result<Command, DriverError> {
         let spec = &launch.spec;
-        let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args } = &spec.driver else {
+        let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args, guest_agent } = &spec.driver else {
             return Err(DriverError::WrongDriver { vm: spec.name.clone(), needed: "process", have: "qemu" });
         };
         // Checked again here: the spec may have been committed by a release with looser rules.
@@ -210,6 +210,8 @@ impl QemuDriver {
         let qmp = self.run_dir.join(format!("{}.qmp", spec.name));
         let serial = self.run_dir.join(format!("{}.serial", spec.name));
         let _ = std::fs::remove_file(&qmp);
+        let qga = crate::qga::socket_path(&self.run_dir, &spec.name);
+        let _ = std::fs::remove_file(&qga);
         let mut c = Command::new(&self.cfg.binary);
         c.args(["-name", &format!("{},process=tandem-{}", spec.name, spec.name)])
             .args(["-accel", &self.cfg.accel, "-M", &self.cfg.machine])
@@ -256,6 +258,9 @@ impl QemuDriver {
                 c.args(["-netdev", &format!("tap,id=net0,ifname={tap},script=no,downscript=no")]);
                 c.args(["-device", &format!("virtio-net-{bus},netdev=net0,mac={mac}")]);
             }
+        }
+        if *guest_agent {
+            c.args(crate::qga::channel_args(&qga, bus));
         }
         c.args(extra_args)
             .env("TANDEM_VM", &spec.name)
@@ -342,6 +347,22 @@ impl VmDriver for QemuDriver {
             }
             // Mark the coming exit as ours before asking, so it is not taken for a crash.
             self.launcher.signal(name, 0, true);
+            // A guest with an agent shuts itself down when asked; one whose agent does not
+            // answer gets the power button below. (The socket exists only for a VM started with
+            // the channel.)
+            let qga = crate::qga::socket_path(&self.run_dir, name);
+            if qga.exists() {
+                match crate::qga::shutdown(&qga, crate::qga::SYNC_TIMEOUT).await {
+                    Ok(()) => {
+                        if self.launcher.wait_exit(name, Duration::from_secs(self.cfg.stop_timeout_s)).await {
+                            tracing::info!("{name}: shut down by its guest agent");
+                            return Ok(());
+                        }
+                        tracing::warn!("{name}: its guest agent took the shutdown request but the guest still runs; the power button next");
+                    }
+                    Err(e) => tracing::info!("{name}: {e}; the power button instead"),
+                }
+            }
             if let Some(q) = self.session(name) {
                 // The ACPI power button, pressed again halfway: a guest that was not listening
                 // yet (still booting) misses the first press.
@@ -528,7 +549,7 @@ mod tests {
             protection: Protection::Protect,
             priority: 0,
             restart_group: 0,
-            driver: DriverSpec::Qemu { kernel: Some("/srv/vmlinuz".into()), initrd: None, cmdline: None, extra_args: vec![] },
+            driver: DriverSpec::Qemu { kernel: Some("/srv/vmlinuz".into()), initrd: None, cmdline: None, extra_args: vec![], guest_agent: false },
             probe: None,
         }
     }

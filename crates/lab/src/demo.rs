@@ -142,6 +142,7 @@ pub fn demo_vm(i: u32, driver: &str, guest: &std::path::Path) -> VmSpec {
             initrd: Some(guest.join("initrd.img").display().to_string()),
             cmdline: Some("console=ttyS0 quiet tsc_early_khz=2000000 mitigations=off".into()),
             extra_args: vec![],
+            guest_agent: false,
         };
         spec.network = Some(NetworkSpec::User { hostfwd: vec![format!("tcp:{{host_ip}}:{}-:80", 8080 + i)] });
         spec.probe = Some(ServiceProbe::Http { address: format!("{{host_ip}}:{}", 8080 + i), path: "/health".into(), expect: Some("booted".into()) });

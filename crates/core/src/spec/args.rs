@@ -117,7 +117,7 @@ impl VmSpec {
         if let Some(p) = &self.probe {
             p.validate()?;
         }
-        if let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args } = &self.driver {
+        if let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args, .. } = &self.driver {
             for (field, p) in [("kernel", kernel), ("initrd", initrd)] {
                 if let Some(p) = p {
                     check_path(field, p)?;

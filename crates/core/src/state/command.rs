@@ -210,6 +210,9 @@ impl Command {
         match self {
             Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. } => Some(crate::logformat::MIGRATION_FORMAT),
             Command::HostLeave { .. } | Command::ReleaseParked { .. } => Some(crate::logformat::LEAVE_FORMAT),
+            Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if matches!(spec.driver, crate::spec::DriverSpec::Qemu { guest_agent: true, .. }) => {
+                Some(crate::logformat::GUEST_AGENT_FORMAT)
+            }
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if spec.disks.iter().any(|d| d.local) => Some(crate::logformat::LOCAL_DISK_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if matches!(spec.network, Some(super::NetworkSpec::Bridge { .. })) => {
                 Some(crate::logformat::BRIDGE_FORMAT)

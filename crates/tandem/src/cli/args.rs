@@ -369,6 +369,9 @@ pub struct CreateArgs {
     /// QEMU: kernel command line.
     #[arg(long)]
     pub cmdline: Option<String>,
+    /// QEMU: the guest runs the QEMU guest agent (a clean stop asks it first, then ACPI).
+    #[arg(long)]
+    pub guest_agent: bool,
     /// QEMU: a disk image on shared storage (repeatable).
     #[arg(long)]
     pub disk: Vec<String>,

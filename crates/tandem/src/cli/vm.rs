@@ -21,7 +21,13 @@ pub fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
     let name = args.name.clone().ok_or_else(|| anyhow!("a VM name or --spec FILE is required"))?;
     let protection: Protection = args.protection.parse().map_err(|e: String| anyhow!(e))?;
     let driver = if args.command.is_empty() {
-        DriverSpec::Qemu { kernel: args.kernel.clone(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone(), extra_args: vec![] }
+        DriverSpec::Qemu {
+            kernel: args.kernel.clone(),
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone(),
+            extra_args: vec![],
+            guest_agent: args.guest_agent,
+        }
     } else {
         DriverSpec::Process { command: args.command.clone() }
     };
