@@ -248,4 +248,24 @@ mod tests {
         assert_eq!(e.format, 2);
         assert!(!e.command.to_string().contains("local"), "a shared disk's spec reads as before: {}", e.command);
     }
+
+    /// A spec whose guest runs the guest agent is written in format 8 (its channel is one of
+    /// the VM's devices: an older host would start a copy without it); one without reads as
+    /// before, the field left out.
+    #[test]
+    fn guest_agent_specs_are_format_8() {
+        let mut spec = crate::state::VmSpec::process("a", 128, 0, &["true"]);
+        spec.driver = crate::spec::DriverSpec::Qemu { kernel: Some("/k".into()), initrd: None, cmdline: None, extra_args: vec![], guest_agent: true };
+        let create = Command::CreateVm { spec: spec.clone() };
+        let e = LogEntry::new(&create).expect("encodes");
+        assert_eq!(e.format, 8);
+        assert_eq!(e.decode(), Ok((create, None)));
+        let mut old = e.clone();
+        old.format = 7;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 7, .. })), "{:?}", old.decode());
+        spec.driver = crate::spec::DriverSpec::Qemu { kernel: Some("/k".into()), initrd: None, cmdline: None, extra_args: vec![], guest_agent: false };
+        let e = LogEntry::new(&Command::CreateVm { spec }).expect("encodes");
+        assert_eq!(e.format, 2);
+        assert!(!e.command.to_string().contains("guest_agent"), "{}", e.command);
+    }
 }

@@ -88,6 +88,18 @@ fn paced_heartbeats_leave_no_healthy_host_on_a_losing_side() {
     }
 }
 
+/// Seed 15: the leader lost power just after it began a live migration, and was back (and
+/// rejoined) before its fence deadline, so no failover followed. Committed state still had the
+/// VM migrating from it, but its copy was gone with the power: nothing was ever sent, nothing
+/// aborted the migration, and the VM stayed down, "migrating", for good (found by the sweep
+/// once calm rounds and sparse polls changed the timing). Now the source aborts a migration it
+/// has no copy for, and its reconciler starts the VM again once the abort commits.
+#[test]
+fn a_migration_whose_source_lost_its_copy_is_aborted_and_the_vm_runs_again() {
+    let r = run(&opts(15, 60));
+    assert!(r.violations.is_empty(), "seed 15: {:#?}", r.violations);
+}
+
 /// Seed 103, full partitions only: the leader, fenced and healed, proposed its own rejoin and
 /// was cut off again before it committed; the next leader committed it, so committed state had
 /// the host in epoch 2 while the host, still fenced, said "fenced in epoch 1" — and its

@@ -8,7 +8,7 @@
 
 use super::{lock, Agent};
 use crate::views::{IncomingEndpoint, IncomingRequest, MigrationOutcome, MigrationView};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +70,9 @@ pub(super) struct Migrations {
     /// Paused copies prepared here: (generation, endpoint), so a repeated request gets the same
     /// answer.
     prepared: BTreeMap<String, (u64, IncomingEndpoint)>,
+    /// Migrations leaving this host with no copy here to send (destination generations), whose
+    /// abort has been proposed: one proposal at a time.
+    orphaned: BTreeSet<(String, u64)>,
 }
 
 impl Agent {
@@ -86,6 +89,7 @@ impl Agent {
         let leaving: Vec<(String, Assignment, Assignment)> =
             self.consensus.with_state(|s| s.migrations().filter(|(_, from, _)| from.host == self.me).map(|(n, from, to)| (n.to_string(), from, to)).collect());
         let running: BTreeMap<String, u64> = self.driver.list().into_iter().filter(|v| v.exit.is_none()).map(|v| (v.name, v.generation)).collect();
+        let starting = self.starting_here();
         let mut m = lock(&self.migrations);
         for (name, out) in &m.outgoing {
             if !leaving.iter().any(|(n, _, to)| n == name && to.generation == out.generation) {
@@ -96,9 +100,27 @@ impl Agent {
         if self.status().joined_epoch.is_none() {
             return;
         }
+        m.orphaned.retain(|(n, g)| leaving.iter().any(|(name, _, to)| name == n && to.generation == *g));
         for (name, from, to) in leaving {
-            // Only a copy that runs here, in the generation committed state has, is sent.
-            if m.outgoing.contains_key(&name) || running.get(&name) != Some(&from.generation) {
+            if m.outgoing.contains_key(&name) {
+                continue;
+            }
+            // Only a copy that runs here, in the generation committed state has, is sent. With
+            // none (this host restarted since the migration began — a power loss, a crash — or
+            // the guest exited), nothing ever will be: the migration is aborted, so that the
+            // reconciler starts the VM here again once the abort commits and the destination
+            // drops its paused copy. Without it the VM would wait, migrating, forever.
+            if running.get(&name) != Some(&from.generation) {
+                if !starting.contains(&name) && m.orphaned.insert((name.clone(), to.generation)) {
+                    let a = Arc::clone(self);
+                    tokio::spawn(
+                        async move {
+                            a.propose_abort(&name, to.generation, "no copy of it runs at its source any more (its host restarted, or it exited)").await;
+                            lock(&a.migrations).orphaned.remove(&(name, to.generation));
+                        }
+                        .in_current_span(),
+                    );
+                }
                 continue;
             }
             let cancel = Arc::new(AtomicBool::new(false));

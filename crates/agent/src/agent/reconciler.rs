@@ -21,6 +21,11 @@ pub(super) struct Reconciling {
 }
 
 impl Agent {
+    /// The VMs whose start this host's reconciler has under way.
+    pub(super) fn starting_here(&self) -> BTreeSet<String> {
+        lock(&self.reconciling).starting.clone()
+    }
+
     pub(super) async fn reconcile_loop(self: Arc<Self>) {
         let mut rounds = self.rounds();
         let exits = self.driver.exits().unwrap_or_default();
