@@ -103,11 +103,17 @@ impl GapWatch {
     }
 }
 
-/// Runs the operator's CLI against host 0's API, its output shown as it comes.
+/// The host whose API the act reads and the CLI asks: one that never lost its power (the
+/// host that comes back may still be catching up with the log, and answer from older state).
+fn reader(stage: &Stage) -> usize {
+    usize::from(stage.victim == 0)
+}
+
+/// Runs the operator's CLI against [`reader`]'s API, its output shown as it comes.
 fn cli(stage: &Stage, args: &[&str]) -> Result<()> {
     let status = std::process::Command::new(crate::lab::tandem_binary()?)
         .arg("--api")
-        .arg(&stage.lab.hosts[0].api)
+        .arg(&stage.lab.hosts[reader(stage)].api)
         .env("TANDEM_TOKEN", stage.lab.token())
         .args(args)
         .status()?;
@@ -119,7 +125,7 @@ fn cli(stage: &Stage, args: &[&str]) -> Result<()> {
 
 /// The demo VMs each host runs, as committed state places them.
 fn placement(stage: &Stage) -> Result<BTreeMap<String, Vec<u32>>> {
-    let p = stage.lab.placement(0)?;
+    let p = stage.lab.placement(reader(stage))?;
     let mut on: BTreeMap<String, Vec<u32>> = stage.lab.hosts.iter().map(|h| (h.name.clone(), vec![])).collect();
     for i in 0..stage.vms {
         if let Some(Some(h)) = p.get(&format!("web{i}")) {
@@ -145,7 +151,7 @@ pub(super) fn act(stage: &mut Stage) -> Result<()> {
     println!("\nSecond act: the power of {victim_name} comes back; it rejoins the cluster ...");
     stage.lab.start(stage.victim)?;
     wait("the host to rejoin", Duration::from_secs(120), || {
-        let hosts = stage.lab.client(0).list_as::<HostView>("/v1/hosts").ok()?;
+        let hosts = stage.lab.client(reader(stage)).list_as::<HostView>("/v1/hosts").ok()?;
         hosts.iter().all(|h| h.status == HostStatus::Active).then_some(())
     })?;
     let before = placement(stage)?;
