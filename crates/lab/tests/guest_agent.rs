@@ -13,7 +13,7 @@ use tandem_lab::lab::{Lab, LabOptions};
 fn a_guest_with_an_agent_is_shut_down_by_it_and_one_without_by_the_power_button() -> Result<()> {
     let Some(g) = test_guest() else { return Ok(()) };
     let extra = "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 20\n";
-    let opts = LabOptions { driver: "qemu".into(), loopback_net: 81, api_port: 7980, capacity: (4, 2048), extra_config: extra.into(), ..LabOptions::default() };
+    let opts = LabOptions { driver: "qemu".into(), loopback_net: 94, api_port: 7980, capacity: (4, 2048), extra_config: extra.into(), ..LabOptions::default() };
     let mut lab = Lab::new(opts, &tandem_lab::lab::tandem_binary()?)?;
     lab.start_all()?;
     lab.form_cluster()?;

@@ -100,6 +100,15 @@ fn outcome(lab: &Lab, begun: &MigrationBegun) -> Result<tandem_agent::views::Mig
     })
 }
 
+/// Waits until committed state has the VM on `host`, no longer migrating (an aborted
+/// migration's source).
+fn settled_at(lab: &Lab, host: &str) -> Result<()> {
+    wait("the VM to settle at its source", Duration::from_secs(60), || {
+        let v = lab.vms(0).ok()?.into_iter().find(|v| v.name == "web0")?;
+        (v.host.as_deref() == Some(host) && v.migrating_to.is_none()).then_some(())
+    })
+}
+
 /// Stops the VM on `host` and returns the highest write its image there holds.
 fn stop_and_read(lab: &Lab, host: &str) -> Result<u64> {
     lab.client(0).send("POST", "/v1/vms/web0/stop", &serde_json::json!({})).map_err(|e| anyhow!("stop: {e}"))?;
@@ -192,10 +201,7 @@ fn a_destination_lost_during_the_disk_copy_leaves_the_vm_whole_at_its_source() -
     lab.power_off(vi);
     let done = outcome(&lab, &begun)?;
     assert_eq!(done.result, "aborted", "{done:?}");
-    wait("the VM to settle at its source", Duration::from_secs(60), || {
-        let v = lab.vms(0).ok()?.into_iter().find(|v| v.name == "web0")?;
-        (v.host.as_deref() == Some(src.as_str()) && v.migrating_to.is_none()).then_some(())
-    })?;
+    settled_at(&lab, &src)?;
     let pid_after = lab.workload_pids(src_i).into_iter().find(|(_, vm)| vm == "web0").map(|(p, _)| p);
     assert_eq!(pid_before, pid_after, "the same QEMU runs on at the source");
     let src_ip = ip_of(&lab, &src);
@@ -232,7 +238,7 @@ fn migrations_go_over_tls_and_a_destination_of_another_ca_is_refused() -> Result
     if !tandem_lab::testca::openssl_available() {
         return Ok(());
     }
-    let net = 78;
+    let net = 95;
     let certs = TempDir(std::env::temp_dir().join(format!("tandem-migration-tls-{}", std::process::id())));
     let ips: Vec<String> = (0..3).map(|i| format!("127.{net}.0.{}", 10 + i)).collect();
     tandem_lab::testca::make_ca(&certs.0, "tandem-test-ca", &ips)?;
@@ -257,10 +263,7 @@ fn migrations_go_over_tls_and_a_destination_of_another_ca_is_refused() -> Result
     let begun = migrate(&lab, &bad)?;
     let refused = outcome(&lab, &begun)?;
     assert_eq!(refused.result, "aborted", "a destination of another CA must not receive the guest: {refused:?}");
-    wait("the VM to settle at its source", Duration::from_secs(60), || {
-        let v = lab.vms(0).ok()?.into_iter().find(|v| v.name == "web0")?;
-        (v.host.as_deref() == Some(src.as_str()) && v.migrating_to.is_none()).then_some(())
-    })?;
+    settled_at(&lab, &src)?;
     let mid = writes_on(&lab, &src, first, boot)?;
     let begun = migrate(&lab, &good)?;
     let done = outcome(&lab, &begun)?;

@@ -87,7 +87,7 @@ fn a_guest_that_cannot_move_live_stays_or_with_the_flag_moves_cold() -> Result<(
     let Some(g) = test_guest() else { return Ok(()) };
     let bin = tandem_lab::lab::tandem_binary()?;
     let extra = "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n[migration]\nmax_bandwidth_mib_s = 1\nstall_s = 1\ntimeout_s = 2\n";
-    let opts = LabOptions { driver: "qemu".into(), loopback_net: 79, api_port: 7950, capacity: (4, 2048), extra_config: extra.into(), ..LabOptions::default() };
+    let opts = LabOptions { driver: "qemu".into(), loopback_net: 93, api_port: 7950, capacity: (4, 2048), extra_config: extra.into(), ..LabOptions::default() };
     let mut lab = Lab::new(opts, &bin)?;
     lab.start_all()?;
     lab.form_cluster()?;
