@@ -73,6 +73,10 @@ enum BenchOp {
         /// The migration bandwidth cap, MiB/s (the agents' `[migration] max_bandwidth_mib_s`).
         #[arg(long, default_value_t = 1024)]
         max_bandwidth_mib_s: u64,
+        /// QEMU: give the guest a writable local disk of this size, MiB (each host's own copy,
+        /// mirrored by every migration; the guest's writer appends to it), 0 for none.
+        #[arg(long, default_value_t = 0)]
+        local_disk_mib: u64,
     },
     /// The disk-backed, bridged test guest in a 3-host namespace lab: live migrations (whole time,
     /// QEMU's downtime, the longest gap between answers on its own address and in its write
@@ -168,8 +172,8 @@ fn main() {
         LabCmd::Bench { op: BenchOp::Placement { runs } } => ("bench", tandem_lab::bench::placement(*runs)),
         LabCmd::Bench { op: BenchOp::Heartbeat { hosts, seconds, keep } } => ("bench", tandem_lab::bench::heartbeat::run(*hosts, *seconds, *keep)),
         LabCmd::Bench { op: BenchOp::Failover { rounds, demo } } => ("bench", tandem_lab::bench::failover::run(demo, *rounds)),
-        LabCmd::Bench { op: BenchOp::Migration { driver, memory_mib, rounds, guest_dir, max_bandwidth_mib_s } } => {
-            ("bench", tandem_lab::bench::migration::run(driver, *memory_mib, *rounds, guest_dir, *max_bandwidth_mib_s))
+        LabCmd::Bench { op: BenchOp::Migration { driver, memory_mib, rounds, guest_dir, max_bandwidth_mib_s, local_disk_mib } } => {
+            ("bench", tandem_lab::bench::migration::run(driver, *memory_mib, *rounds, guest_dir, *max_bandwidth_mib_s, *local_disk_mib))
         }
         LabCmd::Bench { op: BenchOp::Maintenance { driver, vms, rounds, guest_dir } } => {
             ("bench", tandem_lab::bench::maintenance::run(driver, *vms, *rounds, guest_dir))

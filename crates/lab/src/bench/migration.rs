@@ -58,6 +58,8 @@ pub struct MigrationFigures {
     pub tls: bool,
     /// Why it did not complete, when it did not.
     pub reason: Option<String>,
+    /// How long the local disks' mirror took before memory was sent, ms, when there were any.
+    pub disk_copy_ms: Option<u64>,
 }
 
 /// A running local cluster with one VM to move.
@@ -87,7 +89,23 @@ impl MigrationLab {
     /// [`MigrationLab::start_with`] on a cluster whose agents use TLS (a `[tls]` table in
     /// `extra`) with certificates of the CA in file `ca`.
     pub fn start_tls(driver: &str, memory_mib: u64, guest: &Path, net: u8, extra: &str, ca: Option<std::path::PathBuf>) -> Result<MigrationLab> {
-        let qemu = if driver == "qemu" { "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n" } else { "" };
+        MigrationLab::start_full(driver, memory_mib, guest, net, extra, ca, 0)
+    }
+
+    /// [`MigrationLab::start_tls`], and (QEMU) a writable local disk of `local_disk_mib` (0:
+    /// none) on each host's own storage, which every migration mirrors; such a VM is
+    /// `best-effort` (HA cannot restart it elsewhere).
+    pub fn start_full(
+        driver: &str,
+        memory_mib: u64,
+        guest: &Path,
+        net: u8,
+        extra: &str,
+        ca: Option<std::path::PathBuf>,
+        local_disk_mib: u64,
+    ) -> Result<MigrationLab> {
+        let disks = if local_disk_mib > 0 { "local_disk_dir = \"{data}/disks\"\n" } else { "" };
+        let qemu = if driver == "qemu" { format!("[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n{disks}") } else { String::new() };
         let opts = LabOptions {
             hosts: 3,
             driver: driver.into(),
@@ -99,10 +117,20 @@ impl MigrationLab {
             ..LabOptions::default()
         };
         let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
+        if local_disk_mib > 0 {
+            for h in &lab.hosts {
+                std::fs::create_dir_all(h.data.join("disks"))?;
+                std::fs::File::create(h.data.join("disks/web0.raw"))?.set_len(local_disk_mib << 20)?;
+            }
+        }
         lab.start_all()?;
         lab.form_cluster()?;
         let mut spec = demo_vm(0, driver, guest);
         spec.memory_mib = memory_mib;
+        if local_disk_mib > 0 {
+            spec.protection = tandem_core::state::Protection::BestEffort;
+            spec.disks = vec![tandem_core::state::DiskSpec { path: "web0.raw".into(), format: Some("raw".into()), readonly: false, local: true }];
+        }
         let c = lab.client(0);
         c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
         c.send("POST", "/v1/vms/web0/start", &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
@@ -242,6 +270,7 @@ impl MigrationLab {
             multifd_bytes: report.as_ref().and_then(|r| r.multifd_bytes),
             tls: report.as_ref().is_some_and(|r| r.tls),
             reason: outcome.reason.clone(),
+            disk_copy_ms: report.as_ref().and_then(|r| r.disks.as_ref()).map(|d| d.copy_ms),
             http_gap_ms,
             two_running,
             transferred_mib,
@@ -311,12 +340,16 @@ fn line(name: &str, mut v: Vec<f64>, unit: &str) {
 
 /// Runs `rounds` migrations of a `memory_mib` guest (each capped at `bandwidth_mib_s`) and
 /// prints the figures.
-pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth_mib_s: u64) -> Result<()> {
+pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth_mib_s: u64, local_disk_mib: u64) -> Result<()> {
     if rounds == 0 {
         bail!("--rounds must be at least 1");
     }
+    if local_disk_mib > 0 && driver != "qemu" {
+        bail!("--local-disk-mib needs --driver qemu");
+    }
     crate::demo::install_interrupt_handler();
-    let ml = MigrationLab::start_with(driver, memory_mib, guest, 67, &format!("[migration]\nmax_bandwidth_mib_s = {bandwidth_mib_s}\n"))?;
+    let extra = format!("[migration]\nmax_bandwidth_mib_s = {bandwidth_mib_s}\n");
+    let ml = MigrationLab::start_full(driver, memory_mib, guest, 67, &extra, None, local_disk_mib)?;
     let mut figures = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let f = ml.migrate_once()?;
@@ -334,9 +367,13 @@ pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth
         );
         figures.push(f);
     }
-    println!("\nlive migration of a {memory_mib} MiB guest ({driver} driver): {rounds} round(s)");
+    let disk = if local_disk_mib > 0 { format!(" with a {local_disk_mib} MiB local disk mirrored") } else { String::new() };
+    println!("\nlive migration of a {memory_mib} MiB guest{disk} ({driver} driver): {rounds} round(s)");
     println!("{:<28} {:>9} {:>9} {:>9}", "", "median", "min", "max");
     line("request to outcome", figures.iter().map(|f| f.total_s * 1000.0).collect(), "ms");
+    if local_disk_mib > 0 {
+        line("local disk mirrored", figures.iter().filter_map(|f| f.disk_copy_ms.map(|x| x as f64)).collect(), "ms");
+    }
     line("QEMU total time", figures.iter().filter_map(|f| f.qemu_total_ms.map(|x| x as f64)).collect(), "ms");
     line("QEMU downtime", figures.iter().filter_map(|f| f.downtime_ms.map(|x| x as f64)).collect(), "ms");
     line("longest HTTP gap (20 ms poll)", figures.iter().filter_map(|f| f.http_gap_ms.map(|x| x as f64)).collect(), "ms");
