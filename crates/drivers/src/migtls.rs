@@ -55,12 +55,6 @@ impl MigrationTls {
         Ok(MigrationTls { dir: dir.to_path_buf(), loads: AtomicU64::new(0) })
     }
 
-    /// The directory QEMU reads.
-    #[must_use]
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Loads the credentials into VM `vm`'s QEMU for `endpoint`, verifying the peer, and
     /// returns the object's id (for `tls-creds`). QEMU reads and checks the files here: a
     /// missing or unusable certificate fails the migration before anything is sent.
@@ -110,7 +104,7 @@ mod tests {
         let dir = root.join("qemu-tls");
         for _ in 0..2 {
             let tls = MigrationTls::prepare(&dir, &root.join("agent.pem"), &root.join("agent.key"), &root.join("ca.pem")).expect("prepare");
-            assert_eq!(tls.dir(), dir);
+            assert_eq!(tls.dir, dir);
         }
         let read = |n: &str| std::fs::read_to_string(dir.join(n)).expect("read");
         assert_eq!(read("ca-cert.pem"), "ca.pem");

@@ -54,10 +54,6 @@ pub struct MigrationFigures {
     pub transferred_mib: u64,
     /// Memory sent over QEMU's parallel channels (multifd), bytes, when it used them.
     pub multifd_bytes: Option<u64>,
-    /// The stream went over TLS (QEMU's parameters said so when it began).
-    pub tls: bool,
-    /// Why it did not complete, when it did not.
-    pub reason: Option<String>,
     /// How long the local disks' mirror took before memory was sent, ms, when there were any.
     pub disk_copy_ms: Option<u64>,
 }
@@ -83,27 +79,13 @@ impl MigrationLab {
 
     /// [`MigrationLab::start`] with more agent configuration (a `[migration]` table, say).
     pub fn start_with(driver: &str, memory_mib: u64, guest: &Path, net: u8, extra: &str) -> Result<MigrationLab> {
-        MigrationLab::start_tls(driver, memory_mib, guest, net, extra, None)
+        MigrationLab::start_full(driver, memory_mib, guest, net, extra, 0)
     }
 
-    /// [`MigrationLab::start_with`] on a cluster whose agents use TLS (a `[tls]` table in
-    /// `extra`) with certificates of the CA in file `ca`.
-    pub fn start_tls(driver: &str, memory_mib: u64, guest: &Path, net: u8, extra: &str, ca: Option<std::path::PathBuf>) -> Result<MigrationLab> {
-        MigrationLab::start_full(driver, memory_mib, guest, net, extra, ca, 0)
-    }
-
-    /// [`MigrationLab::start_tls`], and (QEMU) a writable local disk of `local_disk_mib` (0:
+    /// [`MigrationLab::start_with`], and (QEMU) a writable local disk of `local_disk_mib` (0:
     /// none) on each host's own storage, which every migration mirrors; such a VM is
     /// `best-effort` (HA cannot restart it elsewhere).
-    pub fn start_full(
-        driver: &str,
-        memory_mib: u64,
-        guest: &Path,
-        net: u8,
-        extra: &str,
-        ca: Option<std::path::PathBuf>,
-        local_disk_mib: u64,
-    ) -> Result<MigrationLab> {
+    pub fn start_full(driver: &str, memory_mib: u64, guest: &Path, net: u8, extra: &str, local_disk_mib: u64) -> Result<MigrationLab> {
         let disks = if local_disk_mib > 0 { "local_disk_dir = \"{data}/disks\"\n" } else { "" };
         let qemu = if driver == "qemu" { format!("[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n{disks}") } else { String::new() };
         let opts = LabOptions {
@@ -113,7 +95,6 @@ impl MigrationLab {
             api_port: 7700,
             extra_config: format!("{qemu}{extra}"),
             capacity: (4, 4096),
-            ca,
             ..LabOptions::default()
         };
         let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
@@ -268,8 +249,6 @@ impl MigrationLab {
             qemu_total_ms: report.as_ref().map(|r| r.total_ms).filter(|_| self.driver == "qemu"),
             downtime_ms: report.as_ref().and_then(|r| r.downtime_ms),
             multifd_bytes: report.as_ref().and_then(|r| r.multifd_bytes),
-            tls: report.as_ref().is_some_and(|r| r.tls),
-            reason: outcome.reason.clone(),
             disk_copy_ms: report.as_ref().and_then(|r| r.disks.as_ref()).map(|d| d.copy_ms),
             http_gap_ms,
             two_running,
@@ -349,7 +328,7 @@ pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth
     }
     crate::demo::install_interrupt_handler();
     let extra = format!("[migration]\nmax_bandwidth_mib_s = {bandwidth_mib_s}\n");
-    let ml = MigrationLab::start_full(driver, memory_mib, guest, 67, &extra, None, local_disk_mib)?;
+    let ml = MigrationLab::start_full(driver, memory_mib, guest, 67, &extra, local_disk_mib)?;
     let mut figures = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let f = ml.migrate_once()?;
