@@ -365,7 +365,7 @@ impl Agent {
                 }
             }
         };
-        let calm_spacing = Duration::from_millis(lock(&self.liveness).calm_round_spacing_ms());
+        let calm_spacing = Duration::from_millis(tandem_core::liveness::calm_round_spacing_ms(&self.cfg.timings));
         let _ = tokio::time::timeout((4 * self.interval()).max(2 * calm_spacing), wait).await;
     }
 

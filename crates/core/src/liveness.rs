@@ -24,7 +24,7 @@ mod lease;
 mod network;
 
 pub use assess::{Assessment, PeerAssessment};
-pub use cadence::{CALM_COPY_TICKS, CALM_ROUND_TICKS, CALM_WRITES_PER_PEER_TIMEOUT};
+pub use cadence::{calm_round_spacing_ms, CALM_COPY_TICKS, CALM_ROUND_TICKS, CALM_WRITES_PER_PEER_TIMEOUT};
 
 /// How many of our own recent heartbeat send times are remembered to interpret acks.
 const SENT_HISTORY: usize = 512;

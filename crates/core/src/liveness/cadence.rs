@@ -2,6 +2,7 @@
 
 use super::Liveness;
 use crate::time::Millis;
+use crate::timing::Timings;
 
 /// While the cluster is calm, a full round (slot write, periodic loops) at most every this many
 /// ticks (see [`Liveness::round_due`]).
@@ -17,6 +18,17 @@ pub const CALM_WRITES_PER_PEER_TIMEOUT: u64 = 5;
 /// [`Liveness::copies_paced`]). Two, so that between two copies to a peer at most one sequence
 /// number is left out, which is what the wire's `paced` flag says.
 pub const CALM_COPY_TICKS: u64 = 2;
+
+/// How far apart full rounds are while the cluster is calm with timings `t`:
+/// [`CALM_ROUND_TICKS`] ticks, or a fifth of the peer timeout in whole ticks where that is
+/// longer. Never more than a fifth of the peer timeout (validation keeps it at ten intervals or
+/// more), so every slot still advances [`CALM_WRITES_PER_PEER_TIMEOUT`] times within it.
+#[must_use]
+pub fn calm_round_spacing_ms(t: &Timings) -> u64 {
+    let i = t.heartbeat_interval_ms.max(1);
+    let fifth = t.peer_timeout_ms / CALM_WRITES_PER_PEER_TIMEOUT;
+    (fifth / i * i).max(CALM_ROUND_TICKS * i)
+}
 
 impl Liveness {
     /// Whether the tick at `now` is a full round: this host writes its disk slot, and the
@@ -40,15 +52,10 @@ impl Liveness {
         spaced || !self.calm(now)
     }
 
-    /// How far apart full rounds are while the cluster is calm: [`CALM_ROUND_TICKS`] ticks, or
-    /// a fifth of the peer timeout in whole ticks where that is longer. Never more than a fifth
-    /// of the peer timeout (validation keeps it at ten intervals or more), so every slot still
-    /// advances [`CALM_WRITES_PER_PEER_TIMEOUT`] times within it.
+    /// How far apart full rounds are while the cluster is calm: see [`calm_round_spacing_ms`].
     #[must_use]
     pub fn calm_round_spacing_ms(&self) -> u64 {
-        let i = self.timings.heartbeat_interval_ms.max(1);
-        let fifth = self.timings.peer_timeout_ms / CALM_WRITES_PER_PEER_TIMEOUT;
-        (fifth / i * i).max(CALM_ROUND_TICKS * i)
+        calm_round_spacing_ms(&self.timings)
     }
 
     /// Whether this host's heartbeats go to its peers only every [`CALM_COPY_TICKS`]th tick
