@@ -209,6 +209,10 @@ pub struct Liveness {
     /// When the membership last grew: for `peer_timeout_ms` after it, the slots may still show
     /// a newcomer apart from peers that have not heard it yet, and a losing verdict is set aside.
     grown_at: Option<Millis>,
+    /// Set while this host announces its own fence (see [`Liveness::set_announcing_fence`]):
+    /// the cluster is then never calm, so every tick writes the slot and every peer gets every
+    /// heartbeat.
+    announcing_fence: bool,
     counters: RejectCounters,
 }
 
@@ -237,6 +241,7 @@ impl Liveness {
             losing_since: None,
             round_begun_at: None,
             grown_at: None,
+            announcing_fence: false,
             counters: RejectCounters::default(),
         }
     }

@@ -16,8 +16,9 @@ impl Agent {
     /// `[shutdown] policy = "migrate"` the VMs first leave live (`agent/shutdown`); then this
     /// host fences itself — no start passes its check from then on — and kills every VM left;
     /// then it waits, bounded by `kill_grace_ms` plus a few heartbeats, until every exit is
-    /// confirmed and the fence has gone out in a heartbeat and the slot, so peers restart the
-    /// VMs at once instead of waiting out a fence deadline; only then do the loops stop.
+    /// confirmed and the fence is announced — in the slot, and acknowledged by every peer that
+    /// hears us ([`Agent::fence_announced`]) — so peers restart the VMs at once instead of
+    /// waiting out a fence deadline; only then do the loops stop.
     pub async fn stop_gracefully(&self) {
         self.stop_with(None).await;
     }
@@ -54,12 +55,17 @@ impl Agent {
         let leading = self.consensus.is_leader();
         let bound = Duration::from_millis(t.kill_grace_ms + 3 * t.heartbeat_interval_ms + if leading { 3000 } else { 0 });
         let announced = async {
-            // Confirmed exits, then two heartbeat rounds so the announcement has gone out.
+            // Confirmed exits, then the announcement in the slot and heard by the peers. (Two
+            // heartbeat intervals were once taken as enough: with calm rounds spaced further
+            // apart the slot still said "not fenced" when the host went quiet, and once its last
+            // heartbeat aged out the peers waited for the fence deadline.)
             while lock(&self.status).fence_confirmed_at.is_none() {
                 self.confirm_fence(self.clock.now());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(2 * self.interval()).await;
+            while !self.fence_announced() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             while leading && self.consensus.with_state(|s| s.hosts.get(&self.me).is_some_and(|h| h.status == HostStatus::Active)) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

@@ -25,6 +25,10 @@ pub(super) struct LivenessLoop {
     previous: BTreeMap<HostId, HostLiveness>,
     /// The heartbeat view of committed state, and the applied index it was taken at.
     view: Option<(u64, Arc<HeartbeatView>)>,
+    /// While this host announces its fence: the first heartbeat that said so, and whether a
+    /// slot write saying so has landed (see [`Agent::fence_announced`]).
+    fence_first_seq: Option<u64>,
+    fence_slot_written: bool,
 }
 
 /// What the liveness tick needs of committed state.
@@ -183,10 +187,18 @@ impl Agent {
         let (hb, copies, broadcast, assessment, full_round) = {
             let mut l = lock(&self.liveness);
             l.set_members_at(members, now);
+            l.set_announcing_fence(fenced);
             let seq = {
                 let mut s = lock(&self.beat);
                 s.seq += 1;
-                s.seq
+                let seq = s.seq;
+                if fenced {
+                    s.fence_first_seq.get_or_insert(seq);
+                } else {
+                    s.fence_first_seq = None;
+                    s.fence_slot_written = false;
+                }
+                seq
             };
             l.heartbeat_sent(seq, now);
             let hb = Heartbeat {
@@ -264,6 +276,20 @@ impl Agent {
         }
     }
 
+    /// Whether this host's fence has been announced where every peer will find it: a slot write
+    /// saying so has landed (the slot outlives this host's heartbeats, and no older word can
+    /// follow it there), and every peer that still hears us acknowledged a heartbeat saying so.
+    pub(super) fn fence_announced(&self) -> bool {
+        let first = {
+            let b = lock(&self.beat);
+            if !b.fence_slot_written {
+                return false;
+            }
+            b.fence_first_seq
+        };
+        first.is_some_and(|seq| lock(&self.liveness).acknowledged_since(seq, self.clock.now()))
+    }
+
     /// The members, this host's epoch and every peer's heartbeat address, as committed state
     /// has them: worked out again only after an entry was applied (parsing every peer's address
     /// at every tick showed in the profile of an idle agent of 64). The applied index is read
@@ -315,6 +341,9 @@ impl Agent {
                         // as late), and the read as begun before the write (earlier, so evidence
                         // settles later).
                         let (written, read, done) = a.disk.round(&slot).await;
+                        if fenced && written.is_ok() {
+                            lock(&a.beat).fence_slot_written = true;
+                        }
                         a.slot_written(written, started, a.completed_at(done, started));
                         (read, done)
                     }

@@ -84,6 +84,15 @@ impl Liveness {
         self.calm(now)
     }
 
+    /// Says whether this host's heartbeats and slot now announce its own fence. A fence is the
+    /// one word a peer acts on at once (it moves our VMs without waiting out a deadline), and a
+    /// host that stops announces it only for a short while before it goes quiet: while it is
+    /// announced nothing is paced — every tick writes the slot and sends every peer a copy —
+    /// so the word reaches the slot, which outlives the host, within one tick.
+    pub fn set_announcing_fence(&mut self, on: bool) {
+        self.announcing_fence = on;
+    }
+
     /// Records that a full round began at `now`.
     pub fn round_begun(&mut self, now: Millis) {
         self.round_begun_at = Some(now);
@@ -96,7 +105,8 @@ impl Liveness {
     /// and its acks are how we learn it.
     pub(super) fn calm(&self, now: Millis) -> bool {
         let recent = |t: Option<Millis>| t.is_some_and(|t| now.since(t) < self.timings.peer_timeout_ms / 3);
-        self.lapsed.is_none()
+        !self.announcing_fence
+            && self.lapsed.is_none()
             && self.losing_since.is_none()
             && self.peers.values().all(|p| recent(p.last_net) && recent(p.acked_my_seq.and_then(|s| self.sent_at(s))))
     }
@@ -264,5 +274,44 @@ mod tests {
             }
         }
         assert!(paced_ticks > 0, "the pacing never started");
+    }
+
+    /// A host that announces its fence paces nothing: from the next tick every tick is a full
+    /// round (its slot carries the fence at once) and every peer gets every heartbeat, and once
+    /// every peer acknowledged a heartbeat sent since, the announcement is known to be heard.
+    #[test]
+    fn a_host_announcing_its_fence_paces_nothing_and_learns_when_it_was_heard() {
+        let mut mesh = Mesh::new(4);
+        let i = T.heartbeat_interval_ms;
+        let mut tick = 0u64;
+        while tick < 30 {
+            mesh.tick(Millis(tick * i), |_| true, &mut |_, _| true);
+            tick += 1;
+        }
+        let now = Millis(tick * i);
+        assert!(mesh.hosts[0].copies_paced(now), "the cluster is calm before the fence");
+        mesh.hosts[0].round_begun(now);
+        assert!(!mesh.hosts[0].round_due(now.plus(i)), "a calm host spaces its full rounds");
+        mesh.hosts[0].set_announcing_fence(true);
+        let first = mesh.seq + 1;
+        assert!(!mesh.hosts[0].acknowledged_since(first, now), "nothing was sent since");
+        for _ in 0..4 {
+            let now = Millis(tick * i);
+            assert!(mesh.hosts[0].round_due(now), "tick {tick}: the announcing host skipped a full round");
+            assert!(!mesh.hosts[0].copies_paced(now), "tick {tick}: the announcing host paces its copies");
+            let sent = mesh.tick(now, |_| true, &mut |_, _| true);
+            assert_eq!(sent[0].as_ref().map(Vec::len), Some(3), "tick {tick}: not every peer got the announcement");
+            mesh.hosts[0].round_begun(now);
+            tick += 1;
+        }
+        assert!(mesh.hosts[0].acknowledged_since(first, Millis(tick * i)), "every peer acknowledged the announcement");
+        // A peer that went silent long ago is not waited for.
+        let mut cut = Mesh::new(3);
+        for t in 0..40u64 {
+            cut.tick(Millis(t * i), |h| h != 2 || t < 5, &mut |_, _| true);
+        }
+        // (A heartbeat's ack comes back with the peer's next one: the last acknowledged is the one before.)
+        assert!(cut.hosts[0].acknowledged_since(cut.seq - 1, Millis(40 * i)), "a silent peer held the announcement up");
+        assert!(!cut.hosts[0].acknowledged_since(cut.seq + 1, Millis(40 * i)), "a heartbeat not sent yet counts as acknowledged");
     }
 }

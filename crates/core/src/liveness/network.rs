@@ -1,6 +1,6 @@
 //! Network heartbeats: what is sent, what is taken, the acks and reports they carry.
 
-use super::{HeartbeatCount, HeartbeatRejected, Liveness, Report, CALM_COPY_TICKS, SENT_HISTORY};
+use super::{HeartbeatCount, HeartbeatRejected, Liveness, PeerState, Report, CALM_COPY_TICKS, SENT_HISTORY};
 use crate::hostset::{HostId, HostSet};
 use crate::time::Millis;
 use crate::wire::{Ack, BroadcastAck, HeardAges, Heartbeat, HeartbeatFormat};
@@ -12,6 +12,16 @@ impl Liveness {
             self.sent.pop_front();
         }
         self.sent.push_back((seq, now));
+    }
+
+    /// Whether every peer heard on the network within the peer timeout has acknowledged one of
+    /// our heartbeats numbered `seq` or later: what a host that stops waits for before it goes
+    /// quiet, so that the fence it announced from `seq` on was heard by everyone who can hear
+    /// it. A silent peer is not waited for (it learns the fence from the slot).
+    #[must_use]
+    pub fn acknowledged_since(&self, seq: u64, now: Millis) -> bool {
+        let heard = |p: &PeerState| p.last_net.is_some_and(|t| now.since(t) < self.timings.peer_timeout_ms);
+        self.peers.values().filter(|p| heard(p)).all(|p| p.acked_my_seq.is_some_and(|a| a >= seq))
     }
 
     /// Counts a datagram that failed authentication.
