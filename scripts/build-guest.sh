@@ -9,7 +9,9 @@
 #     statically) appending a sequence number to it with O_DIRECT|O_DSYNC every few ms and
 #     serving the last acknowledged number at /seq ("LAST RECOVERED WRITES");
 #   - when the VM has a guest-agent channel, `qga` (scripts/guest/qga.c): guest-sync,
-#     guest-ping and guest-shutdown of the QEMU guest agent's protocol.
+#     guest-ping and guest-shutdown of the QEMU guest agent's protocol;
+#   - with `tandem.dirty=MIB` on the kernel command line, a loop that rewrites MIB of memory
+#     (random bytes, in tmpfs) every 2 ms: a guest whose live migration cannot converge.
 # Output: $OUT/vmlinuz and $OUT/initrd.img (default OUT=.cache/guest). Re-running is a no-op
 # when both exist and were built by this version of the script. Needs root for apt-get
 # (installs cpio, busybox-static and a C compiler with static libc if missing).
@@ -17,7 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$here/.cache/guest}
 # Raised whenever what the guest does changes, so a cached older guest is rebuilt.
-GUEST_VERSION=8
+GUEST_VERSION=9
 if [[ -s $OUT/vmlinuz && -s $OUT/initrd.img && $(cat "$OUT/version" 2>/dev/null) == "$GUEST_VERSION" ]]; then
   echo "guest cached in $OUT"
   exit 0
@@ -70,6 +72,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
 name=unknown
+dirty=
 addr=10.0.2.15/24
 gw=10.0.2.2
 for arg in $(cat /proc/cmdline); do
@@ -77,6 +80,7 @@ for arg in $(cat /proc/cmdline); do
     tandem.vm=*) name=${arg#tandem.vm=} ;;
     tandem.ip=*) addr=${arg#tandem.ip=}; gw= ;;
     tandem.gw=*) gw=${arg#tandem.gw=} ;;
+    tandem.dirty=*) dirty=${arg#tandem.dirty=} ;;
   esac
 done
 hostname "$name"
@@ -97,6 +101,11 @@ printf '#!/bin/busybox sh\nprintf "Content-Type: text/plain\\r\\n\\r\\npowering 
 chmod +x /www/cgi-bin/poweroff
 if [ -b /dev/vda ]; then
   seqwriter /dev/vda /www/seq 5 &
+fi
+if [ -n "$dirty" ]; then
+  mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
+  dd if=/dev/urandom of=/dev/shm/src bs=1M count="$dirty" 2>/dev/null
+  (while :; do cp /dev/shm/src /dev/shm/dst; usleep 2000; done) &
 fi
 httpd -p 80 -h /www
 # The guest agent, when the VM has its channel (it exits at once otherwise).

@@ -109,6 +109,19 @@ pub struct MigrationConfig {
     /// 10 Gb/s fills already. The source's setting is sent to the destination with each
     /// migration.
     pub multifd_channels: u8,
+    /// The bandwidth cap of a migration's post-copy phase, MiB/s (only VMs whose spec allows
+    /// post-copy have one); 0 (the default): the same as `max_bandwidth_mib_s`. The guest waits
+    /// for every page it touches that has not arrived yet, so it is usually left high.
+    pub postcopy_bandwidth_mib_s: u64,
+}
+
+impl MigrationConfig {
+    /// The post-copy phase's cap, bytes/s.
+    #[must_use]
+    pub fn postcopy_bandwidth(&self) -> u64 {
+        let mib = if self.postcopy_bandwidth_mib_s == 0 { self.max_bandwidth_mib_s } else { self.postcopy_bandwidth_mib_s };
+        mib << 20
+    }
 }
 
 impl Default for MigrationConfig {
@@ -118,6 +131,7 @@ impl Default for MigrationConfig {
             stall_s: tandem_core::convergence::STALL_MS / 1000,
             timeout_s: tandem_core::convergence::OVERALL_MS / 1000,
             multifd_channels: 0,
+            postcopy_bandwidth_mib_s: 0,
         }
     }
 }
@@ -239,10 +253,11 @@ impl AgentConfig {
             || m.timeout_s < m.stall_s
             || m.timeout_s > 86_400
             || m.multifd_channels > max_channels
+            || m.postcopy_bandwidth_mib_s > 1 << 20
         {
             return Err(ConfigError::Migration(format!(
-                "max_bandwidth_mib_s = {} must be 1..=1048576, stall_s = {} at least 1, timeout_s = {} between stall_s and 86400, multifd_channels = {} at most {max_channels}",
-                m.max_bandwidth_mib_s, m.stall_s, m.timeout_s, m.multifd_channels
+                "max_bandwidth_mib_s = {} must be 1..=1048576, stall_s = {} at least 1, timeout_s = {} between stall_s and 86400, multifd_channels = {} at most {max_channels}, postcopy_bandwidth_mib_s = {} at most 1048576",
+                m.max_bandwidth_mib_s, m.stall_s, m.timeout_s, m.multifd_channels, m.postcopy_bandwidth_mib_s
             )));
         }
         if self.watchdog.enabled && !self.watchdog.device.exists() {

@@ -95,6 +95,7 @@ mod tests {
                 guest_agent: false,
             },
             probe: None,
+            postcopy: tandem_core::spec::Postcopy::Off,
         }
     }
 

@@ -511,7 +511,8 @@ pub struct MigrationView {
     pub from: String,
     pub to: String,
     pub generation: u64,
-    /// preparing, copying or switching over; `None` when another host (`from`) drives it.
+    /// preparing, copying, switching over, or (post-copy, committed) sending the last pages;
+    /// `None` when another host (`from`) drives it.
     pub phase: Option<String>,
     pub progress: Option<tandem_drivers::migration::MigrationProgress>,
 }
@@ -523,8 +524,9 @@ pub struct MigrationOutcome {
     pub generation: u64,
     pub from: String,
     pub to: String,
-    /// `completed` (the VM runs at `to`) or `aborted` (it runs on at `from`, or was stopped or
-    /// failed over meanwhile).
+    /// `completed` (the VM runs at `to`), `aborted` (it runs on at `from`, or was stopped or
+    /// failed over meanwhile) or `lost` (post-copy: committed at `to`, but the last pages never
+    /// arrived; `to` restarts it from its disk).
     pub result: String,
     pub reason: Option<String>,
     pub report: Option<tandem_drivers::migration::MigrationReport>,

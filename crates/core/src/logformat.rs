@@ -21,7 +21,9 @@
 //! on each host's own storage, copied by live migration, never restarted elsewhere by HA); only
 //! entries whose spec has one are written in it — an older host would read such a spec as a
 //! shared disk. Format 8 adds a QEMU spec's `guest_agent` (a guest-agent channel among the VM's
-//! devices); only entries whose spec asks for it are written in it. A release that adds a command or a field that older hosts would
+//! devices); only entries whose spec asks for it are written in it. Format 9 adds a VM spec's
+//! `postcopy` (a migration may switch to post-copy; an older host would ignore the field and
+//! its destination would not be ready for it). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -30,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 8;
+pub const LOG_FORMAT: u32 = 9;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -43,6 +45,8 @@ pub(crate) const LOCAL_DISK_FORMAT: u32 = 7;
 /// The format of a VM spec whose guest runs the QEMU guest agent (its channel changes the
 /// VM's devices: a host that ignored the field would start a copy no migration could reach).
 pub(crate) const GUEST_AGENT_FORMAT: u32 = 8;
+/// The format of a VM spec that lets its migrations switch to post-copy.
+pub(crate) const POSTCOPY_FORMAT: u32 = 9;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -215,6 +219,7 @@ mod tests {
             restart_group: 0,
             driver: crate::state::DriverSpec::Process { command: vec!["true".into()] },
             probe: None,
+            postcopy: crate::spec::Postcopy::Off,
         };
         let create = Command::CreateVm { spec: spec.clone() };
         let e = LogEntry::new(&create).expect("encodes");
@@ -267,5 +272,25 @@ mod tests {
         let e = LogEntry::new(&Command::CreateVm { spec }).expect("encodes");
         assert_eq!(e.format, 2);
         assert!(!e.command.to_string().contains("guest_agent"), "{}", e.command);
+    }
+
+    /// A spec that lets its migrations switch to post-copy is written in format 9 (an older
+    /// destination would not be ready for it); one without reads as before.
+    #[test]
+    fn postcopy_specs_are_format_9() {
+        let mut spec = crate::state::VmSpec::process("a", 128, 0, &["true"]);
+        spec.postcopy = crate::spec::Postcopy::WhenStalled;
+        let create = Command::CreateVm { spec: spec.clone() };
+        let e = LogEntry::new(&create).expect("encodes");
+        assert_eq!(e.format, 9);
+        assert!(e.command.to_string().contains("\"postcopy\":\"when-stalled\""), "{}", e.command);
+        assert_eq!(e.decode(), Ok((create, None)));
+        let mut old = e.clone();
+        old.format = 8;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 8, .. })), "{:?}", old.decode());
+        spec.postcopy = crate::spec::Postcopy::Off;
+        let e = LogEntry::new(&Command::CreateVm { spec }).expect("encodes");
+        assert_eq!(e.format, 2);
+        assert!(!e.command.to_string().contains("postcopy"), "{}", e.command);
     }
 }

@@ -53,6 +53,10 @@ pub struct View<'a> {
     pub stopping: &'a BTreeSet<String>,
     /// VMs whose start is in flight.
     pub starting: &'a BTreeSet<String>,
+    /// VMs whose copy here, spent by a switch to post-copy, still sends the destination the
+    /// pages it lacks: not killed for running elsewhere (the guest would lose those pages); the
+    /// migration kills it after the last one.
+    pub serving: &'a BTreeSet<String>,
     /// Whether this host may start VMs now: joined, not fenced, holding its lease.
     pub may_start: bool,
 }
@@ -190,7 +194,7 @@ impl Reconciler {
         // Running here but not wanted here at this generation: stop gracefully when an operator
         // stopped it and it is still ours, kill otherwise.
         for l in &live {
-            if wants(&l.name, l.generation) || arriving(&l.name, l.generation) {
+            if wants(&l.name, l.generation) || arriving(&l.name, l.generation) || v.serving.contains(&l.name) {
                 continue;
             }
             if w.to_release.iter().any(|(n, g)| *n == l.name && *g == l.generation) {
@@ -323,7 +327,7 @@ mod tests {
         let none = BTreeSet::new();
         let at = |s: &ClusterState, me: u32, local: &[LocalVm], r: &mut Reconciler| {
             let (me, epoch) = view_of(s, me);
-            r.pass(&View { me, joined: Some(epoch), state: s, local, stopping: &none, starting: &none, may_start: true }, Millis(0))
+            r.pass(&View { me, joined: Some(epoch), state: s, local, stopping: &none, starting: &none, serving: &none, may_start: true }, Millis(0))
         };
         let (mut src, mut dst) = (Reconciler::default(), Reconciler::default());
         assert_eq!(at(&s, 0, &[paused("a", from)], &mut src), vec![], "a completed source waits for the commit");
@@ -340,10 +344,16 @@ mod tests {
         aborted.apply(&Command::MigrationAbort { name: "a".into(), generation: to, reason: "x".into() }).expect("abort");
         assert_eq!(at(&aborted, 0, &[paused("a", from)], &mut src), vec![Action::Resume { name: "a".into(), generation: from }]);
         assert_eq!(at(&aborted, 1, &[paused("a", to)], &mut dst), vec![Action::Kill { name: "a".into(), reason: KillReason::NotAssignedHere }]);
+        // A source whose copy serves post-copy pages keeps it until its migration kills it.
+        let serving: BTreeSet<String> = ["a".to_string()].into();
+        let (me, epoch) = view_of(&switched, 0);
+        let local = [paused("a", from)];
+        let v = View { me, joined: Some(epoch), state: &switched, local: &local, stopping: &none, starting: &none, serving: &serving, may_start: true };
+        assert_eq!(Reconciler::default().pass(&v, Millis(0)), vec![], "a copy serving post-copy pages was killed");
         // Without the lease nothing resumes.
         let (me, epoch) = view_of(&switched, 1);
         let local = [paused("a", to)];
-        let v = View { me, joined: Some(epoch), state: &switched, local: &local, stopping: &none, starting: &none, may_start: false };
+        let v = View { me, joined: Some(epoch), state: &switched, local: &local, stopping: &none, starting: &none, serving: &none, may_start: false };
         assert_eq!(Reconciler::default().pass(&v, Millis(0)), vec![]);
     }
 
@@ -352,7 +362,7 @@ mod tests {
     }
 
     fn view<'a>(s: &'a ClusterState, local: &'a [LocalVm], none: &'a BTreeSet<String>) -> View<'a> {
-        View { me: HostId(0), joined: Some(s.hosts[&HostId(0)].epoch), state: s, local, stopping: none, starting: none, may_start: true }
+        View { me: HostId(0), joined: Some(s.hosts[&HostId(0)].epoch), state: s, local, stopping: none, starting: none, serving: none, may_start: true }
     }
 
     fn gen_of(s: &ClusterState, name: &str) -> u64 {

@@ -146,6 +146,37 @@ pub struct VmSpec {
     /// timeline and a failover's phases; decides nothing). An older host ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<ServiceProbe>,
+    /// Whether a live migration of it may switch to post-copy (see [`Postcopy`]). Entries
+    /// with it are written in log format 9.
+    #[serde(default, skip_serializing_if = "Postcopy::is_off")]
+    pub postcopy: Postcopy,
+}
+
+/// Whether a VM's live migration may switch to **post-copy**: the guest's vCPUs move to the
+/// destination before all of its memory has, and the pages it still lacks are fetched from
+/// the source on demand. A post-copy migration always ends, within the time it takes to send
+/// the memory once — but from the switch until the last page arrived, the guest needs both
+/// hosts: if either is lost, or the link between them, the guest is lost and HA restarts it
+/// from its disk. Hence an opt-in, per VM (as vSphere and libvirt make it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Postcopy {
+    /// Never: a migration that cannot converge is cancelled and the VM runs on at its source.
+    #[default]
+    Off,
+    /// As the last step of the convergence schedule, instead of cancelling: the higher downtime
+    /// limits and the throttling were tried first.
+    WhenStalled,
+    /// As soon as the first pass over memory is done (libvirt's `--postcopy-after-precopy`):
+    /// the whole migration takes about one copy of the memory, whatever the guest dirties.
+    AfterFirstPass,
+}
+
+impl Postcopy {
+    #[must_use]
+    pub fn is_off(&self) -> bool {
+        *self == Postcopy::Off
+    }
 }
 
 /// The highest restart order group.
@@ -206,6 +237,7 @@ impl VmSpec {
             restart_group: 0,
             driver: DriverSpec::Process { command: command.iter().map(|c| c.to_string()).collect() },
             probe: None,
+            postcopy: Postcopy::Off,
         }
     }
 

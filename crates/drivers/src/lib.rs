@@ -12,6 +12,7 @@ pub mod limits;
 pub mod migration;
 pub mod migtls;
 pub mod mixed;
+pub mod postcopy;
 pub mod probe;
 pub mod process;
 pub mod qemu;
@@ -160,6 +161,13 @@ pub trait VmDriver: Send + Sync + 'static {
     /// or is cancelled (it then keeps running here).
     fn migrate_out<'a>(&'a self, _name: &'a str, _to: &'a migration::MigrationTarget) -> BoxFuture<'a, Result<migration::MigrationReport, DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "send a live migration" }) })
+    }
+    /// A source after a migration that switched to post-copy (its report says so): serves the
+    /// pages the destination still lacks until every one was sent, within `bound`. `Err` when
+    /// that cannot end (the destination or the link is gone). Either way this host's copy is
+    /// spent: it never resumes, and is killed afterwards.
+    fn finish_postcopy<'a>(&'a self, _name: &'a str, _bound: Duration) -> BoxFuture<'a, Result<postcopy::Served, DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "serve a post-copy migration" }) })
     }
     /// Resumes a paused VM (after the switchover, or after an aborted migration), if `check`
     /// still admits it at this instant.

@@ -64,6 +64,11 @@ pub struct MigrationReport {
     /// the cluster's certificates (as QEMU's own parameters said when it began).
     #[serde(default)]
     pub tls: bool,
+    /// The migration switched to post-copy: the guest moved before all of its memory had, and
+    /// the source still serves the rest (`total_ms`, `downtime_ms` and `transferred_bytes` are
+    /// then as of the switch until the agent has followed it to the end).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
 }
 
 /// How the copy of a migration's local disks went (the mirror, until both copies were equal).
@@ -86,6 +91,10 @@ pub struct MigrationTarget {
     /// Parallel channels of the memory stream (QEMU multifd); 0: one stream. The destination
     /// was prepared with the same number.
     pub multifd_channels: u8,
+    /// Whether (and when) the VM's spec lets the migration switch to post-copy, and the bandwidth
+    /// cap of that phase (bytes/s).
+    pub postcopy: tandem_core::spec::Postcopy,
+    pub postcopy_bandwidth: u64,
     pub stall_ms: u64,
     pub overall_ms: u64,
     /// Set to cancel; looked at every sample.
@@ -107,6 +116,7 @@ impl std::fmt::Display for ConvergenceStepText {
         match self.0 {
             ConvergenceStep::DowntimeLimit { ms } => write!(f, "downtime limit {ms} ms"),
             ConvergenceStep::Throttle { max_pct } => write!(f, "guest throttled up to {max_pct} %"),
+            ConvergenceStep::PostCopy => write!(f, "switched to post-copy"),
         }
     }
 }
@@ -136,6 +146,7 @@ async fn set_multifd(vm: &str, q: &Qmp, timeout: Duration, channels: u8) -> Resu
 /// and returns the URI the source sends to.
 /// With `tls_creds` (a loaded server credentials object) it accepts only a TLS source that
 /// presents a certificate of the cluster's CA.
+/// With `postcopy` it is ready for the source to switch to post-copy.
 pub async fn prepare_incoming(
     vm: &str,
     q: &Qmp,
@@ -143,8 +154,12 @@ pub async fn prepare_incoming(
     timeout: Duration,
     multifd_channels: u8,
     tls_creds: Option<&str>,
+    postcopy: bool,
 ) -> Result<String, DriverError> {
     set_multifd(vm, q, timeout, multifd_channels).await?;
+    if postcopy {
+        crate::postcopy::enable(vm, q, timeout, None).await?;
+    }
     if let Some(id) = tls_creds {
         q.execute("migrate-set-parameters", json!({"tls-creds": id}), timeout).await.map_err(qmp_failed(vm))?;
     }
@@ -164,6 +179,7 @@ async fn apply_step(vm: &str, q: &Qmp, timeout: Duration, step: ConvergenceStep)
     let args = match step {
         ConvergenceStep::DowntimeLimit { ms } => json!({"downtime-limit": ms}),
         ConvergenceStep::Throttle { max_pct } => json!({"max-cpu-throttle": max_pct, "cpu-throttle-increment": 10}),
+        ConvergenceStep::PostCopy => return crate::postcopy::switch(vm, q, timeout).await,
     };
     q.execute("migrate-set-parameters", args, timeout).await.map_err(qmp_failed(vm))?;
     Ok(())
@@ -205,13 +221,16 @@ async fn cancel(vm: &str, q: &Qmp, timeout: Duration, reason: String) -> DriverE
 /// begins, so a migration meant to be encrypted never goes out in the clear.
 pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTarget, tls_creds: Option<&str>) -> Result<MigrationReport, DriverError> {
     let started = (to.now)();
-    let mut schedule = Convergence::with(started, to.stall_ms, to.overall_ms);
+    let mut schedule = Convergence::with(started, to.stall_ms, to.overall_ms).with_postcopy(to.postcopy);
     let mut limit = schedule.initial_downtime_ms();
     // Auto-converge is on from the start but capped at 1 % (QEMU refuses to change capabilities
     // during a migration); the schedule's last step raises the cap.
     let caps = json!({"capabilities": [{"capability": "auto-converge", "state": true}]});
     q.execute("migrate-set-capabilities", caps, timeout).await.map_err(qmp_failed(vm))?;
     set_multifd(vm, q, timeout, to.multifd_channels).await?;
+    if !to.postcopy.is_off() {
+        crate::postcopy::enable(vm, q, timeout, Some(to.postcopy_bandwidth)).await?;
+    }
     let params = json!({"downtime-limit": limit, "max-bandwidth": to.max_bandwidth, "cpu-throttle-initial": 1, "max-cpu-throttle": 1});
     q.execute("migrate-set-parameters", params, timeout).await.map_err(qmp_failed(vm))?;
     if let Some(id) = tls_creds {
@@ -245,6 +264,7 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
                     disks: None,
                     multifd_bytes: info.get("ram").and_then(|r| r.get("multifd-bytes")).and_then(Value::as_u64).filter(|b| *b > 0),
                     tls: tls_creds.is_some(),
+                    postcopy: false,
                 });
             }
             "failed" | "cancelled" => {
@@ -256,8 +276,23 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
         if to.cancel.load(Ordering::SeqCst) {
             return Err(cancel(vm, q, timeout, "cancelled".into()).await);
         }
-        match schedule.observe(now, p.remaining_bytes) {
+        let passes = info.get("ram").and_then(|r| r.get("dirty-sync-count")).and_then(Value::as_u64).unwrap_or(0);
+        match schedule.observe(now, p.remaining_bytes, passes) {
             ConvergenceAction::Continue => {}
+            ConvergenceAction::Apply(ConvergenceStep::PostCopy) => {
+                // From the switch on the guest can only run at the destination: the source's
+                // copy is spent whatever happens next (see `postcopy`).
+                crate::postcopy::switch(vm, q, timeout).await?;
+                let steps = schedule.applied().iter().map(|s| ConvergenceStepText(*s).to_string()).collect();
+                return Ok(MigrationReport {
+                    total_ms: p.elapsed_ms,
+                    transferred_bytes: p.transferred_bytes,
+                    steps,
+                    tls: tls_creds.is_some(),
+                    postcopy: true,
+                    ..Default::default()
+                });
+            }
             ConvergenceAction::Apply(step) => {
                 if let ConvergenceStep::DowntimeLimit { ms } = step {
                     limit = ms;

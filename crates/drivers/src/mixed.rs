@@ -116,6 +116,10 @@ impl VmDriver for MixedDriver {
         self.owner(name).resume(name, check)
     }
 
+    fn finish_postcopy<'a>(&'a self, name: &'a str, bound: std::time::Duration) -> BoxFuture<'a, Result<crate::postcopy::Served, DriverError>> {
+        self.owner(name).finish_postcopy(name, bound)
+    }
+
     fn forget(&self, name: &str) {
         // The QEMU driver also drops its QMP session; the launcher record goes either way.
         self.qemu.forget(name);

@@ -101,6 +101,12 @@ pub struct QemuDriver {
     sessions: Mutex<HashMap<String, Arc<Qmp>>>,
     /// Paused incoming copies whose NBD server (receiving their local disks) still runs.
     serving: Mutex<std::collections::HashSet<String>>,
+    /// Copies whose migration switched to post-copy: their memory is no longer whole, and they
+    /// never run again (see `postcopy`).
+    spent: Mutex<std::collections::HashSet<String>>,
+    /// Copies resumed in post-copy whose last pages have not arrived yet: QEMU refuses to send
+    /// such a VM on ("duplicate yank instance" on 7.2) until its arrival has ended.
+    arriving: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Where the cluster uses TLS: the credentials its migrations and disk copies use.
     tls: Option<crate::migtls::MigrationTls>,
 }
@@ -118,6 +124,8 @@ impl QemuDriver {
             run_dir,
             sessions: Mutex::new(HashMap::new()),
             serving: Mutex::default(),
+            spent: Mutex::default(),
+            arriving: Arc::default(),
             tls: None,
         }
     }
@@ -154,6 +162,10 @@ impl QemuDriver {
 
     fn serving(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
         self.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn spent(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.spent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Before an incoming copy's QEMU starts: an empty image for each local disk it receives.
@@ -312,6 +324,36 @@ impl QemuDriver {
             }
         }
     }
+
+    /// A copy resumed in post-copy: if its pages stop coming (the source or the link is gone),
+    /// it can never be whole — killed as a crash, so that the reconciler restarts the VM from
+    /// its disk. The watch ends when every page has arrived, or with the copy.
+    fn watch_postcopy(&self, name: &str, q: Arc<Qmp>) {
+        let (launcher, name, timeout, arriving) = (self.launcher.clone(), name.to_string(), self.qmp_timeout(), Arc::clone(&self.arriving));
+        arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone());
+        tokio::spawn(async move {
+            if let Err(why) = crate::postcopy::watch_incoming(&q, timeout).await {
+                if launcher.is_running(&name) {
+                    tracing::error!("{name}: {why}; killing this copy so that it is started afresh from its disk");
+                    launcher.signal(&name, libc::SIGKILL, false);
+                }
+            }
+            arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&name);
+        });
+    }
+
+    /// Waits (bounded by [`crate::postcopy::SWITCH_WAIT`]) until VM `name` has no post-copy
+    /// arrival under way here: a migration out of it cannot begin before.
+    async fn arrived(&self, name: &str) -> Result<(), DriverError> {
+        let deadline = tokio::time::Instant::now() + crate::postcopy::SWITCH_WAIT;
+        while self.arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DriverError::Migration { vm: name.to_string(), reason: "its own arrival by post-copy has not ended".into() });
+            }
+            tokio::time::sleep(crate::migration::SAMPLE_INTERVAL).await;
+        }
+        Ok(())
+    }
 }
 
 impl VmDriver for QemuDriver {
@@ -325,6 +367,7 @@ impl VmDriver for QemuDriver {
             std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
             let cmd = self.command(launch)?;
             let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
+            self.spent().remove(&name);
             let ready = async {
                 let q = self.connect_qmp(&name, pid).await?;
                 self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), Arc::new(q));
@@ -417,6 +460,7 @@ impl VmDriver for QemuDriver {
             // Paused, and listening only once asked (so the port is the kernel's choice).
             cmd.args(["-S", "-incoming", "defer"]);
             let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
+            self.spent().remove(&name);
             self.launcher.set_paused(&name, true);
             let ready = async {
                 let q = Arc::new(self.connect_qmp(&name, pid).await?);
@@ -431,7 +475,8 @@ impl VmDriver for QemuDriver {
                     self.serving().insert(name.clone());
                     Some(addr)
                 };
-                let uri = crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout(), multifd_channels, tls.as_deref()).await?;
+                let postcopy = !launch.spec.postcopy.is_off();
+                let uri = crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout(), multifd_channels, tls.as_deref(), postcopy).await?;
                 Ok(IncomingEndpoint { uri, nbd })
             };
             match ready.await {
@@ -451,6 +496,7 @@ impl VmDriver for QemuDriver {
     ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
         Box::pin(async move {
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            self.arrived(name).await?;
             let tls = self.tls_creds(name, &q, crate::migtls::TlsEndpoint::Client).await?;
             let mirror_started = std::time::Instant::now();
             let disk_bytes = self.mirror_disks(name, &q, to, tls.as_deref()).await?;
@@ -477,8 +523,12 @@ impl VmDriver for QemuDriver {
                     return Err(e);
                 }
             };
-            // Completed: the guest's vCPUs are stopped here for good unless the migration is aborted.
+            // Completed: the guest's vCPUs are stopped here for good unless the migration is
+            // aborted — and for good whatever happens once it switched to post-copy.
             self.launcher.set_paused(name, true);
+            if report.postcopy {
+                self.spent().insert(name.to_string());
+            }
             // Its local disks: the last writes reach the destination before anyone may commit
             // the switchover; if they cannot, the migration fails and this paused copy (the
             // only whole one) is resumed by the reconciler once the abort commits.
@@ -492,6 +542,10 @@ impl VmDriver for QemuDriver {
         Box::pin(async move {
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             check().map_err(|reason| DriverError::Refused { vm: name.to_string(), reason })?;
+            if self.spent().contains(name) {
+                let reason = "its memory left with a post-copy migration: it can only be started afresh".to_string();
+                return Err(DriverError::Refused { vm: name.to_string(), reason });
+            }
             if self.serving().contains(name) {
                 // From here on only its guest writes its disks.
                 crate::diskcopy::stop_serving(name, &q, self.qmp_timeout()).await?;
@@ -499,7 +553,17 @@ impl VmDriver for QemuDriver {
             }
             crate::migration::resume(name, &q, self.qmp_timeout()).await?;
             self.launcher.set_paused(name, false);
+            if crate::postcopy::incoming_active(name, &q, self.qmp_timeout()).await? {
+                self.watch_postcopy(name, q);
+            }
             Ok(())
+        })
+    }
+
+    fn finish_postcopy<'a>(&'a self, name: &'a str, bound: Duration) -> BoxFuture<'a, Result<crate::postcopy::Served, DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            crate::postcopy::serve(name, &q, self.qmp_timeout(), bound).await
         })
     }
 
@@ -551,6 +615,7 @@ mod tests {
             restart_group: 0,
             driver: DriverSpec::Qemu { kernel: Some("/srv/vmlinuz".into()), initrd: None, cmdline: None, extra_args: vec![], guest_agent: false },
             probe: None,
+            postcopy: tandem_core::spec::Postcopy::Off,
         }
     }
 

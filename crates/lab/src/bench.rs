@@ -197,6 +197,7 @@ fn recover_thousand(runs: usize) -> Result<()> {
                     restart_group: 0,
                     driver: DriverSpec::Process { command: vec!["sleep".into(), "1".into()] },
                     probe: None,
+                    postcopy: tandem_core::spec::Postcopy::Off,
                 };
                 must(&c, Command::CreateVm { spec }).await?;
                 must(&c, Command::SetPower { name: name.clone(), desired: PowerState::Running, force: false }).await?;

@@ -15,6 +15,8 @@ pub struct VmImage {
     pub runs: u64,
     /// (host, generation) → the `runs` value its paused copy holds the memory of.
     pub paused: BTreeMap<(u32, u64), u64>,
+    /// A post-copy migration's pages still at its source (see `postcopy`).
+    pub pages_at_source: Option<crate::postcopy::PagesAtSource>,
 }
 
 /// How long a simulated migration copies memory (virtual time), and how long a link may be cut
@@ -33,11 +35,21 @@ pub struct SimDriver {
     /// Cleared when the host loses power: this driver's VMs are gone, and an operation the old
     /// agent still had in flight must not bring one back (the host boots a new driver).
     powered: std::sync::atomic::AtomicBool,
+    /// Copies whose migration switched to post-copy: never resumed (see `postcopy`).
+    spent: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl SimDriver {
     pub fn new(world: Arc<World>, me: u32, name: String) -> SimDriver {
-        SimDriver { world, me, name, vms: Mutex::new(BTreeMap::new()), next_pid: Mutex::new(1), powered: std::sync::atomic::AtomicBool::new(true) }
+        SimDriver {
+            world,
+            me,
+            name,
+            vms: Mutex::new(BTreeMap::new()),
+            next_pid: Mutex::new(1),
+            powered: std::sync::atomic::AtomicBool::new(true),
+            spent: Mutex::default(),
+        }
     }
 
     /// The host lost power: this driver runs nothing from now on.
@@ -80,6 +92,19 @@ impl SimDriver {
                 v.exit = Some(VmExit::Crashed { detail: "host lost power".into() });
             }
         }
+        drop(running);
+        // A guest resumed in post-copy whose missing pages cannot come any more is lost (the
+        // QEMU driver kills such a copy); its host restarts it from its disk.
+        let lost: Vec<(String, String)> = lock(&self.vms)
+            .values()
+            .filter(|v| v.exit.is_none() && !v.paused)
+            .filter_map(|v| Some((v.name.clone(), crate::postcopy::missing_pages(&self.world, &v.name, self.me, v.generation)?)))
+            .collect();
+        for (name, why) in lost {
+            if self.end(&name, VmExit::Crashed { detail: format!("post-copy: {why}") }) {
+                self.world.log(format!("{}: {name} lost its post-copy pages ({why}); killed", self.name));
+            }
+        }
     }
 }
 
@@ -115,12 +140,14 @@ impl VmDriver for SimDriver {
                 w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::DoubleRun, detail));
             }
             lock(&w.images).entry(name.clone()).or_default().runs += 1;
+            crate::postcopy::started_afresh(w, &name);
             w.log(format!("{}: {name} runs (generation {})", self.name, launch.generation));
             let pid = {
                 let mut p = lock(&self.next_pid);
                 *p += 1;
                 *p
             };
+            lock(&self.spent).remove(&name);
             lock(&self.vms).insert(
                 name.clone(),
                 VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None, paused: false, shutdown_reason: None },
@@ -145,6 +172,9 @@ impl VmDriver for SimDriver {
     }
 
     fn kill(&self, name: &str) -> Result<(), DriverError> {
+        if lock(&self.spent).contains(name) {
+            crate::postcopy::lose(&self.world, name, self.me, "the source's copy was killed");
+        }
         if self.end(name, VmExit::StoppedByAgent) {
             self.world.log(format!("{}: {name} killed", self.name));
             Ok(())
@@ -201,6 +231,7 @@ impl VmDriver for SimDriver {
                 paused: true,
                 shutdown_reason: None,
             };
+            lock(&self.spent).remove(&name);
             lock(&self.vms).insert(name.clone(), status);
             self.world.log(format!("{}: {name} waits paused for its migration (generation {})", self.name, launch.generation));
             Ok(tandem_drivers::diskcopy::IncomingEndpoint { uri: format!("sim:{}:{}", self.me, launch.generation), nbd: None })
@@ -223,7 +254,10 @@ impl VmDriver for SimDriver {
             };
             let w = &self.world;
             let (mut copied, mut cut) = (0u64, 0u64);
-            while copied < SIM_MIGRATION_COPY_MS {
+            // A VM that allows post-copy switches halfway (the simulator does not model
+            // convergence: a first pass, then the switch).
+            let copy_ms = if to.postcopy.is_off() { SIM_MIGRATION_COPY_MS } else { SIM_MIGRATION_COPY_MS / 2 };
+            while copied < copy_ms {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 w.thawed(self.me).await;
                 if to.cancel.load(std::sync::atomic::Ordering::SeqCst) {
@@ -246,6 +280,17 @@ impl VmDriver for SimDriver {
                         return Err(fail("the link to the destination is cut"));
                     }
                 }
+            }
+            if !to.postcopy.is_off() {
+                let mut vms = lock(&self.vms);
+                let Some(v) = vms.get_mut(name).filter(|v| v.exit.is_none()) else { return Err(fail("the source copy is gone")) };
+                v.paused = true;
+                lock(&self.spent).insert(name.to_string());
+                crate::postcopy::switch(w, name, self.me, dest, generation);
+                drop(vms);
+                w.log(format!("{}: {name} switched to post-copy towards host {dest} (generation {generation}); spent here", self.name));
+                let steps = vec!["switched to post-copy".to_string()];
+                return Ok(tandem_drivers::migration::MigrationReport { total_ms: copied + cut, steps, postcopy: true, ..Default::default() });
             }
             // The switchover's pause: this copy stops for good unless the migration is aborted.
             {
@@ -272,7 +317,56 @@ impl VmDriver for SimDriver {
                 disks: None,
                 multifd_bytes: None,
                 tls: false,
+                postcopy: false,
             })
+        })
+    }
+
+    /// Sends the pages left at this source after a switch to post-copy, while the destination
+    /// is reachable (a cut longer than [`SIM_MIGRATION_LINK_LOSS_MS`] loses them, as does this
+    /// copy's end or either host's power).
+    fn finish_postcopy<'a>(&'a self, name: &'a str, bound: Duration) -> BoxFuture<'a, Result<tandem_drivers::postcopy::Served, DriverError>> {
+        Box::pin(async move {
+            let w = &self.world;
+            let fail = |reason: &str| DriverError::Migration { vm: name.to_string(), reason: reason.to_string() };
+            let dest = lock(&w.images).get(name).and_then(|i| i.pages_at_source.as_ref()).filter(|p| p.source == self.me).map(|p| p.dest);
+            let Some(dest) = dest else { return Err(fail("no post-copy pages are left here")) };
+            let started = w.now_ms();
+            let mut cut = 0u64;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                w.thawed(self.me).await;
+                let linked = w.reaches(self.me, dest) && w.reaches(dest, self.me);
+                cut = if linked { 0 } else { cut + 50 };
+                let why = if !self.up() {
+                    Some("the source lost power")
+                } else if lock(&self.vms).get(name).is_none_or(|v| v.exit.is_some()) {
+                    Some("the source copy is gone")
+                } else if lock(&w.cond).down.contains(&dest) {
+                    Some("the destination lost power")
+                } else if cut >= SIM_MIGRATION_LINK_LOSS_MS {
+                    Some("the link to the destination is cut")
+                } else if w.now_ms() - started > bound.as_millis() as u64 {
+                    Some("not every page was sent within the bound")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    crate::postcopy::lose(w, name, self.me, why);
+                    return Err(fail(why));
+                }
+                if linked {
+                    match crate::postcopy::send(w, name, self.me, 50) {
+                        crate::postcopy::Sent::More => {}
+                        crate::postcopy::Sent::Done => {
+                            w.log(format!("{}: {name}'s last post-copy pages reached host {dest}", self.name));
+                            // Like its downtime, the simulator reports no total time of its own.
+                            return Ok(tandem_drivers::postcopy::Served { total_ms: None, downtime_ms: None, transferred_bytes: 0 });
+                        }
+                        crate::postcopy::Sent::Gone => return Err(fail("no copy waits for the pages any more")),
+                    }
+                }
+            }
         })
     }
 
@@ -286,6 +380,9 @@ impl VmDriver for SimDriver {
                 return Err(DriverError::NotRunning(name.to_string()));
             }
             check().map_err(|reason| DriverError::Refused { vm: name.to_string(), reason })?;
+            if lock(&self.spent).contains(name) {
+                return Err(DriverError::Refused { vm: name.to_string(), reason: "its memory left with a post-copy migration".into() });
+            }
             let generation = {
                 let mut vms = lock(&self.vms);
                 let Some(v) = vms.get_mut(name).filter(|v| v.exit.is_none() && v.paused) else { return Err(DriverError::NotRunning(name.to_string())) };

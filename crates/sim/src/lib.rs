@@ -16,6 +16,7 @@ mod hypervisor;
 mod inject;
 pub mod oracle;
 mod planned;
+mod postcopy;
 mod stalls;
 pub mod world;
 
@@ -345,6 +346,10 @@ impl Sim {
         // Half the VMs name a service probe: the agents run their probe loops here too.
         if self.next_vm.is_multiple_of(2) {
             spec.probe = Some(tandem_core::state::ServiceProbe::Tcp { address: "{host_ip}:80".into() });
+        }
+        // A third of them let their live migrations switch to post-copy.
+        if self.next_vm.is_multiple_of(3) {
+            spec.postcopy = tandem_core::spec::Postcopy::AfterFirstPass;
         }
         if let Some((200 | 201, _)) = self.send(on, "POST", "/v1/vms", &spec).await {
             self.created.insert(name.clone());

@@ -43,6 +43,9 @@ pub enum MigrationPhase {
     Copying,
     /// The copy completed (this host's copy is paused); the switchover is being committed.
     Switching,
+    /// Switched to post-copy and committed: the guest runs at the destination, and this host
+    /// still sends it the pages it lacks. Its copy here is killed once the last one went.
+    ServingPages,
 }
 
 impl MigrationPhase {
@@ -51,12 +54,14 @@ impl MigrationPhase {
             MigrationPhase::Preparing => "preparing",
             MigrationPhase::Copying => "copying",
             MigrationPhase::Switching => "switching over",
+            MigrationPhase::ServingPages => "post-copy: sending the last pages",
         }
     }
 }
 
 struct Outgoing {
     generation: u64,
+    to: tandem_core::HostId,
     phase: MigrationPhase,
     progress: Option<MigrationProgress>,
     cancel: Arc<AtomicBool>,
@@ -124,8 +129,10 @@ impl Agent {
                 continue;
             }
             let cancel = Arc::new(AtomicBool::new(false));
-            m.outgoing
-                .insert(name.clone(), Outgoing { generation: to.generation, phase: MigrationPhase::Preparing, progress: None, cancel: Arc::clone(&cancel) });
+            m.outgoing.insert(
+                name.clone(),
+                Outgoing { generation: to.generation, to: to.host, phase: MigrationPhase::Preparing, progress: None, cancel: Arc::clone(&cancel) },
+            );
             let a = Arc::clone(self);
             tokio::spawn(async move { a.drive_migration(name, to, cancel).await }.in_current_span());
         }
@@ -155,9 +162,16 @@ impl Agent {
                 match self.driver.migrate_out(&name, &target).await {
                     Err(e) => Err(crate::api::chain(&e)),
                     Ok(report) => {
-                        self.set_phase(&name, MigrationPhase::Switching);
+                        // A copy spent by post-copy is protected from the reconciler before the
+                        // commit: the switchover's entry wakes it at once, and killing the copy
+                        // then would lose the pages the destination still needs.
+                        self.set_phase(&name, if report.postcopy { MigrationPhase::ServingPages } else { MigrationPhase::Switching });
                         self.commit_switchover(&name, to).await;
-                        Ok(report)
+                        if report.postcopy {
+                            self.serve_postcopy(&name, report).await
+                        } else {
+                            Ok(report)
+                        }
                     }
                 }
             }
@@ -167,6 +181,35 @@ impl Agent {
             self.propose_abort(&name, to.generation, why).await;
         }
         self.finish_migration(&name, to, &dest_name, result).await;
+    }
+
+    /// After a switch to post-copy (the switchover committed, or an abort or a failover decided
+    /// instead): sends the pages the destination lacks until the last one, then kills this
+    /// host's copy, which is spent either way — its memory is no longer whole, and nothing ever
+    /// resumes it (the driver refuses). Pages are served only to a destination that owns the VM;
+    /// without the commit the copy goes at once and the VM starts afresh where it is placed.
+    async fn serve_postcopy(&self, name: &str, report: MigrationReport) -> Result<MigrationReport, String> {
+        let committed = self.consensus.with_state(|s| s.vms.get(name).and_then(|v| v.assignment())).is_some_and(|a| a.host != self.me);
+        let served = if committed {
+            let bound = Duration::from_secs(self.cfg.migration.timeout_s);
+            self.driver.finish_postcopy(name, bound).await.map_err(|e| crate::api::chain(&e))
+        } else {
+            Err("the switchover was not committed after the switch to post-copy".to_string())
+        };
+        let _ = self.driver.kill(name);
+        let served = served?;
+        Ok(MigrationReport {
+            total_ms: served.total_ms.unwrap_or(report.total_ms),
+            downtime_ms: served.downtime_ms.or(report.downtime_ms),
+            transferred_bytes: served.transferred_bytes.max(report.transferred_bytes),
+            ..report
+        })
+    }
+
+    /// The VMs whose copy here serves a post-copy migration's last pages: the reconciler leaves
+    /// them alone although committed state has them elsewhere (killing one would lose the guest).
+    pub(super) fn serving_pages(&self) -> BTreeSet<String> {
+        lock(&self.migrations).outgoing.iter().filter(|(_, o)| o.phase == MigrationPhase::ServingPages).map(|(n, _)| n.clone()).collect()
     }
 
     /// Asks the destination for its paused copy; retried while it may still come.
@@ -208,6 +251,8 @@ impl Agent {
             disks,
             max_bandwidth: self.cfg.migration.max_bandwidth_mib_s << 20,
             multifd_channels: self.cfg.migration.multifd_channels,
+            postcopy: self.consensus.with_state(|s| s.vms.get(name).map(|v| v.spec.postcopy)).unwrap_or_default(),
+            postcopy_bandwidth: self.cfg.migration.postcopy_bandwidth(),
             stall_ms: self.cfg.migration.stall_s * 1000,
             overall_ms: self.cfg.migration.timeout_s * 1000,
             cancel: Arc::clone(cancel),
@@ -264,6 +309,9 @@ impl Agent {
         // The outcome is what committed state says, not what this host hoped.
         let now_at = self.consensus.with_state(|s| s.vms.get(name).map(|v| v.phase.clone()));
         let completed = matches!(now_at, Some(VmPhase::Placed { at }) if at == to);
+        // Committed at the destination, yet failed: a post-copy migration whose last pages were
+        // lost — the destination owns the VM and restarts it from its disk.
+        let lost = completed && result.is_err();
         let (report, reason) = match (result, completed) {
             (Ok(r), true) => (Some(r), None),
             (Ok(r), false) => (Some(r), Some(format!("the switchover was not committed (the VM is now {now_at:?})"))),
@@ -282,18 +330,28 @@ impl Agent {
                     d.copy_ms as f64 / 1000.0
                 ))
             ),
+            (_, Some(why)) if lost => {
+                format!("{name} switched to {dest_name} by post-copy, but its last pages were lost ({why}): {dest_name} restarts it from its disk")
+            }
             (_, Some(why)) => format!("migration of {name} to {dest_name} aborted: {why}; it runs on at {}", self.cfg.name),
             (None, None) => String::new(),
         };
-        let kind = if completed { crate::events::EventKind::MigrationCompleted } else { crate::events::EventKind::MigrationAborted };
+        let kind = if completed && !lost { crate::events::EventKind::MigrationCompleted } else { crate::events::EventKind::MigrationAborted };
         self.events.record(kind, Some(name), Some(&self.cfg.name), detail);
-        self.metrics.note_migration(report.as_ref().filter(|_| completed));
+        self.metrics.note_migration(report.as_ref().filter(|_| completed && !lost));
         let outcome = MigrationOutcome {
             name: name.to_string(),
             generation: to.generation,
             from: self.cfg.name.clone(),
             to: dest_name.to_string(),
-            result: if completed { "completed" } else { "aborted" }.to_string(),
+            result: if lost {
+                "lost"
+            } else if completed {
+                "completed"
+            } else {
+                "aborted"
+            }
+            .to_string(),
             reason,
             report,
             finished_at_ms: tandem_drivers::wall_ms(),
@@ -391,8 +449,20 @@ impl Agent {
             s.migrations().map(|(n, from, to)| (n.to_string(), from, to, host(from.host), host(to.host))).collect()
         });
         let m = lock(&self.migrations);
+        // A post-copy migration whose switchover committed is over for committed state, but not
+        // for this host, which still sends the last pages: shown until it has.
+        let serving: Vec<(String, Assignment, Assignment, String, String)> = m
+            .outgoing
+            .iter()
+            .filter(|(n, o)| o.phase == MigrationPhase::ServingPages && !active.iter().any(|a| a.0 == **n))
+            .map(|(n, o)| {
+                let to = Assignment { host: o.to, generation: o.generation };
+                (n.clone(), Assignment { host: self.me, generation: 0 }, to, self.cfg.name.clone(), self.host_name(o.to))
+            })
+            .collect();
         let active = active
             .into_iter()
+            .chain(serving)
             .map(|(name, from, to, from_name, to_name)| {
                 let mine = m.outgoing.get(&name).filter(|o| from.host == self.me && o.generation == to.generation);
                 MigrationView {

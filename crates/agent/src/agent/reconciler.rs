@@ -57,10 +57,11 @@ impl Agent {
         let joined = st.joined_epoch.filter(|_| st.fenced.is_none());
         let may_start = joined.is_some() && self.may_start_vms();
         let snapshot = self.consensus.snapshot();
+        let serving = self.serving_pages();
         let actions = {
             let mut r = lock(&self.reconciling);
             let Reconciling { core, stopping, starting } = &mut *r;
-            let view = View { me: self.me, joined, state: &snapshot.state, local: &local, stopping, starting, may_start };
+            let view = View { me: self.me, joined, state: &snapshot.state, local: &local, stopping, starting, serving: &serving, may_start };
             core.pass(&view, self.clock.now())
         };
         for action in actions {

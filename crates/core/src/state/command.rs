@@ -210,6 +210,7 @@ impl Command {
         match self {
             Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. } => Some(crate::logformat::MIGRATION_FORMAT),
             Command::HostLeave { .. } | Command::ReleaseParked { .. } => Some(crate::logformat::LEAVE_FORMAT),
+            Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if !spec.postcopy.is_off() => Some(crate::logformat::POSTCOPY_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if matches!(spec.driver, crate::spec::DriverSpec::Qemu { guest_agent: true, .. }) => {
                 Some(crate::logformat::GUEST_AGENT_FORMAT)
             }

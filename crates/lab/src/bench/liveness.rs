@@ -70,6 +70,7 @@ fn synthetic_state(vms: usize) -> ClusterState {
             restart_group: 0,
             driver: DriverSpec::Process { command: vec!["sleep".into(), "1000".into()] },
             probe: None,
+            postcopy: tandem_core::spec::Postcopy::Off,
         };
         let host = HostId(1 + (i as u32) % peers);
         let record = VmRecord { spec, phase: VmPhase::Placed { at: Assignment { host, generation: i as u64 + 1 } }, failed_on: vec![], home: None };

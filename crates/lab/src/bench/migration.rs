@@ -56,6 +56,8 @@ pub struct MigrationFigures {
     pub multifd_bytes: Option<u64>,
     /// How long the local disks' mirror took before memory was sent, ms, when there were any.
     pub disk_copy_ms: Option<u64>,
+    /// The migration switched to post-copy.
+    pub postcopy: bool,
 }
 
 /// A running local cluster with one VM to move.
@@ -86,6 +88,19 @@ impl MigrationLab {
     /// none) on each host's own storage, which every migration mirrors; such a VM is
     /// `best-effort` (HA cannot restart it elsewhere).
     pub fn start_full(driver: &str, memory_mib: u64, guest: &Path, net: u8, extra: &str, local_disk_mib: u64) -> Result<MigrationLab> {
+        MigrationLab::start_spec(driver, memory_mib, guest, net, extra, local_disk_mib, |_| {})
+    }
+
+    /// [`MigrationLab::start_full`] with the VM's spec changed by `edit` before it is created.
+    pub fn start_spec(
+        driver: &str,
+        memory_mib: u64,
+        guest: &Path,
+        net: u8,
+        extra: &str,
+        local_disk_mib: u64,
+        edit: impl FnOnce(&mut tandem_core::state::VmSpec),
+    ) -> Result<MigrationLab> {
         let disks = if local_disk_mib > 0 { "local_disk_dir = \"{data}/disks\"\n" } else { "" };
         let qemu = if driver == "qemu" { format!("[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n{disks}") } else { String::new() };
         let opts = LabOptions {
@@ -112,6 +127,7 @@ impl MigrationLab {
             spec.protection = tandem_core::state::Protection::BestEffort;
             spec.disks = vec![tandem_core::state::DiskSpec { path: "web0.raw".into(), format: Some("raw".into()), readonly: false, local: true }];
         }
+        edit(&mut spec);
         let c = lab.client(0);
         c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
         c.send("POST", "/v1/vms/web0/start", &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
@@ -208,7 +224,8 @@ impl MigrationLab {
         let total_s = t0.elapsed().as_secs_f64();
         let completed = outcome.result == "completed";
         if self.driver == "qemu" {
-            let home = if completed { to.clone() } else { from.clone() };
+            // A post-copy migration whose last pages were lost (`lost`) still moved the VM.
+            let home = if outcome.result == "aborted" { from.clone() } else { to.clone() };
             let ip = self.ip_of(&home)?;
             // A guest whose memory the emulator corrupted (TCG, see `guest_memory_fault`) no
             // longer answers anywhere: the evidence is printed once and kept, and the migrations
@@ -250,6 +267,7 @@ impl MigrationLab {
             downtime_ms: report.as_ref().and_then(|r| r.downtime_ms),
             multifd_bytes: report.as_ref().and_then(|r| r.multifd_bytes),
             disk_copy_ms: report.as_ref().and_then(|r| r.disks.as_ref()).map(|d| d.copy_ms),
+            postcopy: report.as_ref().is_some_and(|r| r.postcopy),
             http_gap_ms,
             two_running,
             transferred_mib,

@@ -372,6 +372,12 @@ pub struct CreateArgs {
     /// QEMU: the guest runs the QEMU guest agent (a clean stop asks it first, then ACPI).
     #[arg(long)]
     pub guest_agent: bool,
+    /// QEMU: let a live migration switch to post-copy — `when-stalled` (the convergence
+    /// schedule's last step, instead of cancelling) or `after-first-pass`; `off` by default. In
+    /// post-copy the guest needs both hosts until its last page arrived: losing either restarts
+    /// it from its disk.
+    #[arg(long, default_value = "off", value_parser = ["off", "when-stalled", "after-first-pass"])]
+    pub postcopy: String,
     /// QEMU: a disk image on shared storage (repeatable).
     #[arg(long)]
     pub disk: Vec<String>,

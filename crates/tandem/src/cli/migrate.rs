@@ -37,7 +37,10 @@ pub fn run(c: &Client, out: Output, name: &str, to: Option<String>, force: bool,
     if outcome.result == "completed" {
         Ok(())
     } else {
-        Err(ClientError::Refused { status: 409, message: format!("migration of {} aborted: {}", outcome.name, outcome.reason.clone().unwrap_or_default()) })
+        Err(ClientError::Refused {
+            status: 409,
+            message: format!("migration of {} {}: {}", outcome.name, outcome.result, outcome.reason.clone().unwrap_or_default()),
+        })
     }
 }
 
@@ -134,6 +137,9 @@ fn print_outcome(o: &MigrationOutcome) {
             r.steps.join(", "),
             r.disks.as_ref().map_or_else(String::new, |d| format!("; local disks copied first: {} in {:.2} s", mib(d.bytes), d.copy_ms as f64 / 1000.0))
         ),
+        (_, "lost") => {
+            println!("{} moved to {} by post-copy but its guest was lost: {}; it restarts there from its disk", o.name, o.to, o.reason.as_deref().unwrap_or(""))
+        }
         _ => println!("{} stays on {}: {}", o.name, o.from, o.reason.as_deref().unwrap_or("aborted")),
     }
 }

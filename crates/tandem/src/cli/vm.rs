@@ -50,6 +50,7 @@ pub fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
         restart_group: args.group,
         driver,
         probe,
+        postcopy: serde_json::from_value(serde_json::Value::String(args.postcopy.clone())).context("--postcopy")?,
     })
 }
 
