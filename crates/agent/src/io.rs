@@ -309,6 +309,9 @@ pub enum Mutation {
     /// A live migration's destination resumes its paused copy as soon as it is prepared,
     /// without waiting for the switchover's commit.
     ResumeBeforeSwitchover,
+    /// The simulated hypervisor reports a migration complete before its local disks' mirror is
+    /// in sync (what the QEMU driver's `diskcopy::complete` prevents); the agent itself ignores it.
+    SwitchoverBeforeDiskSync,
 }
 
 impl AgentIo {

@@ -17,10 +17,13 @@
 //! the first page it lacks. Its copy is then of no use: [`watch_incoming`] reports it, the driver
 //! kills it, and the reconciler restarts the VM from its disk.
 
+use crate::launcher::Launcher;
 use crate::migration::{qmp_failed, SAMPLE_INTERVAL};
 use crate::qmp::Qmp;
 use crate::DriverError;
 use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// How long the switch may take: QEMU stops the guest, sends the device state, and reports
@@ -131,5 +134,81 @@ pub async fn watch_incoming(q: &Qmp, timeout: Duration) -> Result<(), String> {
             other => return Err(format!("its post-copy migration is {other}: the pages still at the source are lost")),
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+/// What the QEMU driver knows of its copies' post-copy migrations, by VM name (a host holds at
+/// most one copy of a VM).
+#[derive(Default)]
+pub struct PostcopyCopies {
+    /// Paused incoming copies prepared to receive a post-copy migration.
+    prepared: Mutex<HashSet<String>>,
+    /// Copies whose migration switched to post-copy: their memory is no longer whole, and they
+    /// never run again.
+    spent: Mutex<HashSet<String>>,
+    /// Copies resumed in post-copy whose last pages have not arrived yet: QEMU refuses to send
+    /// such a VM on ("duplicate yank instance" on 7.2) until its arrival has ended.
+    arriving: Arc<Mutex<HashSet<String>>>,
+}
+
+fn guard(m: &Mutex<HashSet<String>>) -> MutexGuard<'_, HashSet<String>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl PostcopyCopies {
+    /// A new copy of `name` starts here: nothing of an older one applies.
+    pub fn started_afresh(&self, name: &str) {
+        guard(&self.spent).remove(name);
+        guard(&self.prepared).remove(name);
+    }
+
+    /// `name`'s paused incoming copy is ready for post-copy.
+    pub fn prepared(&self, name: &str) {
+        guard(&self.prepared).insert(name.to_string());
+    }
+
+    /// Whether `name`'s copy, being resumed, was prepared for post-copy (asked once).
+    pub fn take_prepared(&self, name: &str) -> bool {
+        guard(&self.prepared).remove(name)
+    }
+
+    /// `name`'s copy here switched to post-copy: it never resumes.
+    pub fn spend(&self, name: &str) {
+        guard(&self.spent).insert(name.to_string());
+    }
+
+    #[must_use]
+    pub fn is_spent(&self, name: &str) -> bool {
+        guard(&self.spent).contains(name)
+    }
+
+    /// A copy resumed in post-copy: if its pages stop coming (the source or the link is gone),
+    /// it can never be whole — killed as a crash, so that the reconciler restarts the VM from
+    /// its disk. The watch ends when every page has arrived, or with the copy.
+    pub fn watch(&self, name: &str, q: Arc<Qmp>, timeout: Duration, launcher: Launcher) {
+        let (name, arriving) = (name.to_string(), Arc::clone(&self.arriving));
+        guard(&arriving).insert(name.clone());
+        tokio::spawn(async move {
+            if let Err(why) = watch_incoming(&q, timeout).await {
+                if launcher.is_running(&name) {
+                    tracing::error!("{name}: {why}; killing this copy so that it is started afresh from its disk");
+                    launcher.signal(&name, libc::SIGKILL, false);
+                }
+            }
+            guard(&arriving).remove(&name);
+        });
+    }
+
+    /// Waits (bounded by [`SWITCH_WAIT`]) until VM `name` has no post-copy arrival under way
+    /// here: a migration out of it cannot begin before.
+    pub async fn arrived(&self, name: &str) -> Result<(), DriverError> {
+        let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
+        while guard(&self.arriving).contains(name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DriverError::Migration { vm: name.to_string(), reason: "its own arrival by post-copy has not ended".into() });
+            }
+            tokio::time::sleep(SAMPLE_INTERVAL).await;
+        }
+        Ok(())
     }
 }

@@ -101,12 +101,8 @@ pub struct QemuDriver {
     sessions: Mutex<HashMap<String, Arc<Qmp>>>,
     /// Paused incoming copies whose NBD server (receiving their local disks) still runs.
     serving: Mutex<std::collections::HashSet<String>>,
-    /// Copies whose migration switched to post-copy: their memory is no longer whole, and they
-    /// never run again (see `postcopy`).
-    spent: Mutex<std::collections::HashSet<String>>,
-    /// Copies resumed in post-copy whose last pages have not arrived yet: QEMU refuses to send
-    /// such a VM on ("duplicate yank instance" on 7.2) until its arrival has ended.
-    arriving: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Its copies' post-copy migrations (prepared for one, spent by one, arriving by one).
+    postcopy: crate::postcopy::PostcopyCopies,
     /// Where the cluster uses TLS: the credentials its migrations and disk copies use.
     tls: Option<crate::migtls::MigrationTls>,
 }
@@ -124,8 +120,7 @@ impl QemuDriver {
             run_dir,
             sessions: Mutex::new(HashMap::new()),
             serving: Mutex::default(),
-            spent: Mutex::default(),
-            arriving: Arc::default(),
+            postcopy: crate::postcopy::PostcopyCopies::default(),
             tls: None,
         }
     }
@@ -162,10 +157,6 @@ impl QemuDriver {
 
     fn serving(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
         self.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn spent(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.spent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Before an incoming copy's QEMU starts: an empty image for each local disk it receives.
@@ -324,36 +315,6 @@ impl QemuDriver {
             }
         }
     }
-
-    /// A copy resumed in post-copy: if its pages stop coming (the source or the link is gone),
-    /// it can never be whole — killed as a crash, so that the reconciler restarts the VM from
-    /// its disk. The watch ends when every page has arrived, or with the copy.
-    fn watch_postcopy(&self, name: &str, q: Arc<Qmp>) {
-        let (launcher, name, timeout, arriving) = (self.launcher.clone(), name.to_string(), self.qmp_timeout(), Arc::clone(&self.arriving));
-        arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone());
-        tokio::spawn(async move {
-            if let Err(why) = crate::postcopy::watch_incoming(&q, timeout).await {
-                if launcher.is_running(&name) {
-                    tracing::error!("{name}: {why}; killing this copy so that it is started afresh from its disk");
-                    launcher.signal(&name, libc::SIGKILL, false);
-                }
-            }
-            arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&name);
-        });
-    }
-
-    /// Waits (bounded by [`crate::postcopy::SWITCH_WAIT`]) until VM `name` has no post-copy
-    /// arrival under way here: a migration out of it cannot begin before.
-    async fn arrived(&self, name: &str) -> Result<(), DriverError> {
-        let deadline = tokio::time::Instant::now() + crate::postcopy::SWITCH_WAIT;
-        while self.arriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(name) {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DriverError::Migration { vm: name.to_string(), reason: "its own arrival by post-copy has not ended".into() });
-            }
-            tokio::time::sleep(crate::migration::SAMPLE_INTERVAL).await;
-        }
-        Ok(())
-    }
 }
 
 impl VmDriver for QemuDriver {
@@ -367,7 +328,7 @@ impl VmDriver for QemuDriver {
             std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
             let cmd = self.command(launch)?;
             let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
-            self.spent().remove(&name);
+            self.postcopy.started_afresh(&name);
             let ready = async {
                 let q = self.connect_qmp(&name, pid).await?;
                 self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), Arc::new(q));
@@ -460,7 +421,7 @@ impl VmDriver for QemuDriver {
             // Paused, and listening only once asked (so the port is the kernel's choice).
             cmd.args(["-S", "-incoming", "defer"]);
             let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
-            self.spent().remove(&name);
+            self.postcopy.started_afresh(&name);
             self.launcher.set_paused(&name, true);
             let ready = async {
                 let q = Arc::new(self.connect_qmp(&name, pid).await?);
@@ -476,6 +437,9 @@ impl VmDriver for QemuDriver {
                     Some(addr)
                 };
                 let postcopy = !launch.spec.postcopy.is_off();
+                if postcopy {
+                    self.postcopy.prepared(&name);
+                }
                 let uri = crate::migration::prepare_incoming(&name, &q, &self.host_ip, self.qmp_timeout(), multifd_channels, tls.as_deref(), postcopy).await?;
                 Ok(IncomingEndpoint { uri, nbd })
             };
@@ -496,7 +460,7 @@ impl VmDriver for QemuDriver {
     ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
         Box::pin(async move {
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            self.arrived(name).await?;
+            self.postcopy.arrived(name).await?;
             let tls = self.tls_creds(name, &q, crate::migtls::TlsEndpoint::Client).await?;
             let mirror_started = std::time::Instant::now();
             let disk_bytes = self.mirror_disks(name, &q, to, tls.as_deref()).await?;
@@ -527,7 +491,7 @@ impl VmDriver for QemuDriver {
             // aborted — and for good whatever happens once it switched to post-copy.
             self.launcher.set_paused(name, true);
             if report.postcopy {
-                self.spent().insert(name.to_string());
+                self.postcopy.spend(name);
             }
             // Its local disks: the last writes reach the destination before anyone may commit
             // the switchover; if they cannot, the migration fails and this paused copy (the
@@ -542,7 +506,7 @@ impl VmDriver for QemuDriver {
         Box::pin(async move {
             let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             check().map_err(|reason| DriverError::Refused { vm: name.to_string(), reason })?;
-            if self.spent().contains(name) {
+            if self.postcopy.is_spent(name) {
                 let reason = "its memory left with a post-copy migration: it can only be started afresh".to_string();
                 return Err(DriverError::Refused { vm: name.to_string(), reason });
             }
@@ -553,8 +517,9 @@ impl VmDriver for QemuDriver {
             }
             crate::migration::resume(name, &q, self.qmp_timeout()).await?;
             self.launcher.set_paused(name, false);
-            if crate::postcopy::incoming_active(name, &q, self.qmp_timeout()).await? {
-                self.watch_postcopy(name, q);
+            // Only a copy prepared for post-copy can be in it; the others resume as before.
+            if self.postcopy.take_prepared(name) && crate::postcopy::incoming_active(name, &q, self.qmp_timeout()).await.unwrap_or(false) {
+                self.postcopy.watch(name, q, self.qmp_timeout(), self.launcher.clone());
             }
             Ok(())
         })

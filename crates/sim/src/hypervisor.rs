@@ -37,6 +37,8 @@ pub struct SimDriver {
     powered: std::sync::atomic::AtomicBool,
     /// Copies whose migration switched to post-copy: never resumed (see `postcopy`).
     spent: Mutex<std::collections::BTreeSet<String>>,
+    /// VMs started or received here whose spec has a writable local disk.
+    local_disk: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl SimDriver {
@@ -49,6 +51,7 @@ impl SimDriver {
             next_pid: Mutex::new(1),
             powered: std::sync::atomic::AtomicBool::new(true),
             spent: Mutex::default(),
+            local_disk: Mutex::default(),
         }
     }
 
@@ -141,6 +144,11 @@ impl VmDriver for SimDriver {
             }
             lock(&w.images).entry(name.clone()).or_default().runs += 1;
             crate::postcopy::started_afresh(w, &name);
+            if launch.spec.copied_disks().next().is_some() {
+                if let Some(why) = crate::localdisk::runs(w, &name, self.me) {
+                    w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::StaleDisk, why));
+                }
+            }
             w.log(format!("{}: {name} runs (generation {})", self.name, launch.generation));
             let pid = {
                 let mut p = lock(&self.next_pid);
@@ -148,6 +156,9 @@ impl VmDriver for SimDriver {
                 *p
             };
             lock(&self.spent).remove(&name);
+            if launch.spec.copied_disks().next().is_some() {
+                lock(&self.local_disk).insert(name.clone());
+            }
             lock(&self.vms).insert(
                 name.clone(),
                 VmStatus { name, generation: launch.generation, pid, started_at_ms: w.now_ms(), exit: None, paused: false, shutdown_reason: None },
@@ -232,6 +243,9 @@ impl VmDriver for SimDriver {
                 shutdown_reason: None,
             };
             lock(&self.spent).remove(&name);
+            if launch.spec.copied_disks().next().is_some() {
+                lock(&self.local_disk).insert(name.clone());
+            }
             lock(&self.vms).insert(name.clone(), status);
             self.world.log(format!("{}: {name} waits paused for its migration (generation {})", self.name, launch.generation));
             Ok(tandem_drivers::diskcopy::IncomingEndpoint { uri: format!("sim:{}:{}", self.me, launch.generation), nbd: None })
@@ -287,6 +301,9 @@ impl VmDriver for SimDriver {
                 v.paused = true;
                 lock(&self.spent).insert(name.to_string());
                 crate::postcopy::switch(w, name, self.me, dest, generation);
+                if !to.disks.is_empty() && !w.skip_disk_sync.load(std::sync::atomic::Ordering::SeqCst) {
+                    crate::localdisk::mirrored(w, name, self.me, dest);
+                }
                 drop(vms);
                 w.log(format!("{}: {name} switched to post-copy towards host {dest} (generation {generation}); spent here", self.name));
                 let steps = vec!["switched to post-copy".to_string()];
@@ -306,6 +323,11 @@ impl VmDriver for SimDriver {
                 let runs = img.runs;
                 img.paused.insert((self.me, source_generation), runs);
                 img.paused.insert((dest, generation), runs);
+                drop(images);
+                // The mirror is in sync once the guest stopped: the destination's disk is level.
+                if !to.disks.is_empty() && !w.skip_disk_sync.load(std::sync::atomic::Ordering::SeqCst) {
+                    crate::localdisk::mirrored(w, name, self.me, dest);
+                }
             }
             w.log(format!("{}: {name} migrated to host {dest} (generation {generation}); paused here", self.name));
             // The simulated hypervisor measures no downtime: it reports none rather than a made-up one.
@@ -320,6 +342,12 @@ impl VmDriver for SimDriver {
                 postcopy: false,
             })
         })
+    }
+
+    /// Every local disk has the same simulated size (the mirror's time is not modelled apart
+    /// from the memory copy's).
+    fn disk_sizes<'a>(&'a self, _name: &'a str, disks: &'a [usize]) -> BoxFuture<'a, Result<Vec<tandem_drivers::diskcopy::LocalDiskSize>, DriverError>> {
+        Box::pin(async move { Ok(disks.iter().map(|i| tandem_drivers::diskcopy::LocalDiskSize { index: *i, bytes: 1 << 30 }).collect()) })
     }
 
     /// Sends the pages left at this source after a switch to post-copy, while the destination
@@ -412,6 +440,11 @@ impl VmDriver for SimDriver {
                 img.runs += 1;
                 stale
             };
+            if lock(&self.local_disk).contains(name) {
+                if let Some(why) = crate::localdisk::runs(w, name, self.me) {
+                    w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::StaleDisk, why));
+                }
+            }
             if let Some(why) = stale {
                 w.violation(crate::oracle::Violation::new(
                     crate::oracle::Invariant::StaleResume,

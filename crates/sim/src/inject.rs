@@ -43,7 +43,7 @@ impl Sim {
                     if kind == FaultKind::PartitionFull {
                         self.check_moved_off(target, &before, &format!("{kind} of h{target}"));
                     }
-                    self.recoveries.owe(now, format!("{kind} of h{target}"), &before, &[]);
+                    self.recoveries.owe(now, format!("{kind} of h{target}"), &self.restartable(&before), &[]);
                 }
                 lock(&w.cond).blocked.clear();
                 w.log(format!("HEAL {kind} h{target}"));
@@ -163,11 +163,16 @@ impl Sim {
                 self.excuse(&[victim], until);
                 self.power_off(victim).await;
                 if !before.is_empty() {
-                    self.recoveries.owe(now, format!("{kind} of h{victim}"), &before, &[]);
+                    self.recoveries.owe(now, format!("{kind} of h{victim}"), &self.restartable(&before), &[]);
                 }
                 let down_for = if kind == FaultKind::CrashRestart { Duration::from_millis(500 + self.rand(2_000)) } else { hold };
                 self.run_for(down_for).await;
                 self.boot(victim).await;
+                // Its VMs with a local disk waited, parked, for it: back, it runs them again.
+                let parked: Vec<String> = before.iter().filter(|v| self.local_disk_vms.contains(*v)).cloned().collect();
+                if !parked.is_empty() {
+                    self.recoveries.owe(w.now_ms(), format!("{kind} of h{victim}: back"), &parked, &[]);
+                }
                 self.run_for(hold.saturating_sub(down_for)).await;
             }
             FaultKind::HostFreeze => self.host_freeze(kind, target, hold, now, until).await,

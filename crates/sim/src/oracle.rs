@@ -40,6 +40,8 @@ pub enum Invariant {
     /// A VM parked with a host that left under the `freeze` policy (or `shutdown`, before its
     /// restart-elsewhere time) ran before that host returned.
     ParkedRan,
+    /// A VM with a local disk ran on a host whose copy of the disk was not the latest.
+    StaleDisk,
 }
 
 impl Invariant {
@@ -54,6 +56,7 @@ impl Invariant {
             Invariant::StaleResume => "stale-resume",
             Invariant::MigrationStuck => "migration-stuck",
             Invariant::ParkedRan => "parked-ran",
+            Invariant::StaleDisk => "stale-disk",
         }
     }
 }

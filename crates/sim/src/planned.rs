@@ -49,7 +49,7 @@ impl Sim {
                 self.excuse(&[victim], until);
                 self.power_off(victim).await;
                 if !before.is_empty() {
-                    self.recoveries.owe(now, format!("{kind} ({what}) of h{victim}"), &before, &[]);
+                    self.recoveries.owe(now, format!("{kind} ({what}) of h{victim}"), &self.restartable(&before), &[]);
                 }
                 self.run_for(hold).await;
                 self.boot(victim).await;
@@ -150,11 +150,11 @@ impl Sim {
             }
             (true, _) => {
                 // shutdown: released after the hold, then placed like any waiting VM.
-                self.recoveries.owe(now, format!("{kind} (shutdown, hold {SIM_PARK_HOLD_S} s) of h{target}"), &parked, &[]);
+                self.recoveries.owe(now, format!("{kind} (shutdown, hold {SIM_PARK_HOLD_S} s) of h{target}"), &self.restartable(&parked), &[]);
                 self.run_for(away).await;
             }
             (false, _) => {
-                self.recoveries.owe(now, format!("{kind} ({}) of h{target}", tandem_agent::agent::policy_name(policy)), &before, &[]);
+                self.recoveries.owe(now, format!("{kind} ({}) of h{target}", tandem_agent::agent::policy_name(policy)), &self.restartable(&before), &[]);
                 self.run_for(away).await;
             }
         }

@@ -24,7 +24,7 @@ impl Sim {
             }
             self.power_off(target).await;
             if !before.is_empty() {
-                self.recoveries.owe(now, format!("{kind} of h{target}"), &before, &[]);
+                self.recoveries.owe(now, format!("{kind} of h{target}"), &self.restartable(&before), &[]);
             }
             self.run_for(Duration::from_millis(freeze_ms - WATCHDOG_RESET_MS)).await;
             self.boot(target).await;
@@ -49,7 +49,7 @@ impl Sim {
         w.power_off_vms(target);
         lock(&w.cond).frozen.insert(target, tokio::time::Instant::now());
         if !before.is_empty() {
-            self.recoveries.owe(now, format!("{kind} of h{target}"), &before, &[]);
+            self.recoveries.owe(now, format!("{kind} of h{target}"), &self.restartable(&before), &[]);
         }
         self.run_for(Duration::from_millis(stall_ms)).await;
         lock(&w.cond).frozen.remove(&target);
@@ -84,7 +84,7 @@ impl Sim {
         w.log(format!("h{target}'s VMs crash"));
         w.power_off_vms(target);
         if !before.is_empty() {
-            self.recoveries.owe(now, format!("{kind} of h{target}"), &before, &[]);
+            self.recoveries.owe(now, format!("{kind} of h{target}"), &self.restartable(&before), &[]);
         }
         self.run_for(stall.saturating_sub(crash_after)).await;
         {

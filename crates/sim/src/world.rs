@@ -105,6 +105,10 @@ pub struct World {
     /// Live migrations' memory images: VM → what the latest completed migration delivered and
     /// when any copy last began to run (a resume from an image older than that is stale).
     pub images: Mutex<BTreeMap<String, VmImage>>,
+    /// VMs' local disks: which host's copy is current (see `localdisk`).
+    pub local_disks: Mutex<BTreeMap<String, crate::localdisk::DiskCopies>>,
+    /// The mutation check's broken hypervisor: migrations complete without their disks' mirror.
+    pub skip_disk_sync: std::sync::atomic::AtomicBool,
     /// Invariant violations seen while running (double runs are caught at the start).
     pub violations: Mutex<Vec<String>>,
     /// Readable trace lines, in order.
@@ -138,6 +142,8 @@ impl World {
             }),
             inboxes: Mutex::new(BTreeMap::new()),
             images: Mutex::new(BTreeMap::new()),
+            local_disks: Mutex::new(BTreeMap::new()),
+            skip_disk_sync: std::sync::atomic::AtomicBool::new(false),
             routers: Mutex::new(BTreeMap::new()),
             disk: Mutex::new(vec![0; DISK_SIZE]),
             private_disks: Mutex::new(BTreeMap::new()),

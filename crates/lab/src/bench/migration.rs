@@ -229,8 +229,9 @@ impl MigrationLab {
             let ip = self.ip_of(&home)?;
             // A guest whose memory the emulator corrupted (TCG, see `guest_memory_fault`) no
             // longer answers anywhere: the evidence is printed once and kept, and the migrations
-            // go on being checked for ownership and outcome.
-            wait("the guest to answer after the migration", Duration::from_secs(30), || {
+            // go on being checked for ownership and outcome. (A hung guest's kernel reports its
+            // RCU stall only about 21 s after the hang began: hence the minute.)
+            wait("the guest to answer after the migration", Duration::from_secs(60), || {
                 if lock(&self.guest_fault).is_some() {
                     return Some(());
                 }
