@@ -43,8 +43,10 @@ pub enum MigrationPhase {
     Copying,
     /// The copy completed (this host's copy is paused); the switchover is being committed.
     Switching,
-    /// Switched to post-copy and committed: the guest runs at the destination, and this host
-    /// still sends it the pages it lacks. Its copy here is killed once the last one went.
+    /// Switched to post-copy (set before the switchover is proposed, so that the reconciler
+    /// never kills the copy under the pages): once committed the guest runs at the destination,
+    /// and this host still sends it the pages it lacks. Its copy here is killed once the last
+    /// one went.
     ServingPages,
 }
 
