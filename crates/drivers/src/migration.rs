@@ -282,7 +282,7 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
             ConvergenceAction::Apply(ConvergenceStep::PostCopy) => {
                 // From the switch on the guest can only run at the destination: the source's
                 // copy is spent whatever happens next (see `postcopy`).
-                crate::postcopy::switch(vm, q, timeout).await?;
+                apply_step(vm, q, timeout, ConvergenceStep::PostCopy).await?;
                 let steps = schedule.applied().iter().map(|s| ConvergenceStepText(*s).to_string()).collect();
                 return Ok(MigrationReport {
                     total_ms: p.elapsed_ms,
