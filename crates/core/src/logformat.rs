@@ -23,7 +23,9 @@
 //! shared disk. Format 8 adds a QEMU spec's `guest_agent` (a guest-agent channel among the VM's
 //! devices); only entries whose spec asks for it are written in it. Format 9 adds a VM spec's
 //! `postcopy` (a migration may switch to post-copy; an older host would ignore the field and
-//! its destination would not be ready for it). A release that adds a command or a field that older hosts would
+//! its destination would not be ready for it). Format 10 adds `stop-exited` (a VM that exited
+//! for good is stopped only if still assigned where it exited; an older host has only the
+//! unconditional `set-power`). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -32,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 9;
+pub const LOG_FORMAT: u32 = 10;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -47,6 +49,8 @@ pub(crate) const LOCAL_DISK_FORMAT: u32 = 7;
 pub(crate) const GUEST_AGENT_FORMAT: u32 = 8;
 /// The format of a VM spec that lets its migrations switch to post-copy.
 pub(crate) const POSTCOPY_FORMAT: u32 = 9;
+/// The format of `stop-exited`, the stop a host proposes for a VM that exited there.
+pub(crate) const EXIT_STOP_FORMAT: u32 = 10;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -292,5 +296,18 @@ mod tests {
         let e = LogEntry::new(&Command::CreateVm { spec }).expect("encodes");
         assert_eq!(e.format, 2);
         assert!(!e.command.to_string().contains("postcopy"), "{}", e.command);
+    }
+
+    /// The conditional stop of an exited VM is format 10: an older host stops at it ("upgrade")
+    /// rather than fail to decode it.
+    #[test]
+    fn stop_exited_is_format_10() {
+        let cmd = Command::StopExited { name: "a".into(), host: crate::hostset::HostId(1), generation: 4 };
+        let e = LogEntry::new(&cmd).expect("encodes");
+        assert_eq!(e.format, 10);
+        assert_eq!(e.decode(), Ok((cmd, None)));
+        let mut old = e.clone();
+        old.format = 9;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 9, .. })), "{:?}", old.decode());
     }
 }

@@ -97,9 +97,10 @@ pub enum Action {
         name: String,
         exit: VmExit,
     },
-    /// Propose `SetPower Stopped`.
+    /// Propose `StopExited`: stopped, if still assigned here in `generation`.
     MarkStopped {
         name: String,
+        generation: u64,
         cause: StopCause,
     },
     /// Propose `VmFailed`: this host gives the VM up (again, until the release is applied).
@@ -210,7 +211,7 @@ impl Reconciler {
         self.given_up.retain(|name, (g, _)| wants(name, *g));
         out.extend(self.given_up.iter().map(|(n, (g, d))| Action::GiveUp { name: n.clone(), generation: *g, detail: d.clone() }));
         self.exit_stopped.retain(|name, (g, _)| wants(name, *g));
-        out.extend(self.exit_stopped.iter().map(|(n, (_, cause))| Action::MarkStopped { name: n.clone(), cause: cause.clone() }));
+        out.extend(self.exit_stopped.iter().map(|(n, (g, cause))| Action::MarkStopped { name: n.clone(), generation: *g, cause: cause.clone() }));
         self.exits(v, &w, now, &mut out);
         // Released once stopped.
         let live_names: BTreeSet<&str> = live.iter().map(|l| l.name.as_str()).collect();
@@ -270,7 +271,7 @@ impl Reconciler {
 
     fn exit_stops(&mut self, l: &LocalVm, cause: StopCause) -> Action {
         self.exit_stopped.insert(l.name.clone(), (l.generation, cause.clone()));
-        Action::MarkStopped { name: l.name.clone(), cause }
+        Action::MarkStopped { name: l.name.clone(), generation: l.generation, cause }
     }
 
     /// Counts a local (re)start attempt of a failing VM; false once the budget is spent.
@@ -454,17 +455,17 @@ mod tests {
         let (ga, gb) = (gen_of(&s, "a"), gen_of(&s, "b"));
         let mut r = Reconciler::default();
         let shutdown = r.pass(&view(&s, &[exited("a", ga, VmExit::GuestShutdown), running("b", gb)], &none), Millis(0));
-        assert!(shutdown.contains(&Action::MarkStopped { name: "a".into(), cause: StopCause::GuestShutdown }), "{shutdown:?}");
+        assert!(shutdown.contains(&Action::MarkStopped { name: "a".into(), generation: ga, cause: StopCause::GuestShutdown }), "{shutdown:?}");
         assert_eq!(started(&shutdown), Vec::<String>::new());
         // The stop proposal failed (committed state still runs it here): proposed again, and
         // the guest that shut itself down is not restarted.
         let retried = r.pass(&view(&s, &[running("b", gb)], &none), Millis(0));
-        assert!(retried.contains(&Action::MarkStopped { name: "a".into(), cause: StopCause::GuestShutdown }), "{retried:?}");
+        assert!(retried.contains(&Action::MarkStopped { name: "a".into(), generation: ga, cause: StopCause::GuestShutdown }), "{retried:?}");
         assert_eq!(started(&retried), Vec::<String>::new());
         let mut r = Reconciler::default();
         let crash = || VmExit::Crashed { detail: "boom".into() };
         let unprotected = r.pass(&view(&s, &[running("a", ga), exited("b", gb, crash())], &none), Millis(0));
-        assert!(unprotected.iter().any(|a| matches!(a, Action::MarkStopped { name, cause: StopCause::UnprotectedCrash { .. } } if name == "b")));
+        assert!(unprotected.iter().any(|a| matches!(a, Action::MarkStopped { name, cause: StopCause::UnprotectedCrash { .. }, .. } if name == "b")));
         assert_eq!(started(&unprotected), Vec::<String>::new());
         for t in 0..MAX_LOCAL_RESTARTS as u64 {
             let p = r.pass(&view(&s, &[exited("a", ga, crash()), running("b", gb)], &none), Millis(t * 1000));

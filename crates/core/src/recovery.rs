@@ -69,6 +69,12 @@ pub fn waiting_reason(state: &ClusterState, name: &str, eligible: HostSet) -> Op
     let plan = place(state, &[name.to_string()], eligible, true);
     let why = plan.left_down.iter().find(|(n, _)| n == name).map(|(_, w)| *w)?;
     let vm = state.vms.get(name)?;
+    if let Some(disk_host) = vm.start_host() {
+        let host = state.hosts.get(&disk_host).map_or_else(|| disk_host.to_string(), |h| h.name.clone());
+        return Some(format!(
+            "its local disk's latest copy is on {host}, which cannot take it now (down, in maintenance, full or the VM failed there); it starts nowhere else"
+        ));
+    }
     let usable: Vec<&crate::state::HostRecord> = state
         .hosts
         .values()

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tandem_core::reconcile::{Action, KillReason, LocalVm, Reconciler, StopCause, View};
-use tandem_core::state::{Applied, Command, PowerState};
+use tandem_core::state::{Applied, Command};
 use tandem_drivers::VmLaunch;
 use tracing::Instrument;
 
@@ -99,7 +99,7 @@ impl Agent {
                 self.driver.forget(&name);
                 self.events.record(crate::events::EventKind::VmExited, Some(&name), None, format!("{name} exited: {exit:?}"));
             }
-            Action::MarkStopped { name, cause } => {
+            Action::MarkStopped { name, generation, cause } => {
                 match &cause {
                     StopCause::UnprotectedCrash { detail } => self.events.record(
                         crate::events::EventKind::VmCrashed,
@@ -118,7 +118,7 @@ impl Agent {
                     }
                 }
                 // Not committed: the core proposes it again next pass and starts nothing meanwhile.
-                match self.submit(Command::SetPower { name: name.clone(), desired: PowerState::Stopped, force: false }).await {
+                match self.submit(Command::StopExited { name: name.clone(), host: self.me, generation }).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::debug!("marking {name} stopped refused: {e}"),
                     Err(e) => tracing::warn!("marking {name} stopped not committed (proposed again next pass): {e}"),

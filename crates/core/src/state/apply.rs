@@ -51,6 +51,7 @@ impl ClusterState {
             Command::SetHostMode { host, mode: host_mode, .. } => self.set_host_mode(mode, cmd, *host, *host_mode),
             Command::SetRule { rule, .. } => self.set_rule(mode, cmd, rule),
             Command::VmFailed { name, host, generation, detail } => self.vm_failed(name, *host, *generation, detail),
+            Command::StopExited { name, host, generation } => self.stop_exited(name, *host, *generation),
             Command::SetToken { token } => self.set_token(token),
             Command::DeleteToken { name } => self.delete_token(name),
             Command::ReleaseHeld { names } => self.release_held(names),
@@ -144,6 +145,10 @@ impl ClusterState {
         self.admit(mode, cmd, |s| {
             if let Some(v) = s.vms.get_mut(&spec.name) {
                 v.spec = spec.clone();
+                // A local disk added to a running VM is created where it runs.
+                if let Some(a) = v.assignment() {
+                    v.note_disk_host(a.host);
+                }
             }
             Ok(())
         })
@@ -190,6 +195,17 @@ impl ClusterState {
             return Ok(Applied::VmInError { name: name.to_string(), error });
         }
         Ok(Applied::Relocating { name: name.to_string(), failed_on: vm.failed_on.clone() })
+    }
+
+    fn stop_exited(&mut self, name: &str, host: HostId, generation: u64) -> Result<Applied, StateError> {
+        let vm = self.vm_mut(name)?;
+        if vm.assignment() != Some(Assignment { host, generation }) {
+            return Err(StateError::Stale(format!("VM '{name}' is not assigned to {host} in generation {generation}")));
+        }
+        // Stopping where it ran: the host releases it once it has seen the stop (it exited
+        // already), as after an operator's stop.
+        vm.set_desired(PowerState::Stopped);
+        Ok(Applied::Done)
     }
 
     fn set_token(&mut self, token: &ApiToken) -> Result<Applied, StateError> {

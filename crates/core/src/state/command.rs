@@ -75,6 +75,16 @@ pub enum Command {
         generation: u64,
         detail: String,
     },
+    /// The host running `name` in `generation` saw it exit for good — the guest powered
+    /// itself off, or an unprotected VM crashed — so it is wanted stopped (log format 10).
+    /// Unlike an operator's `SetPower`, it applies only while the VM is still assigned there in
+    /// that generation: a host reporting from an old view (it rebooted, or was failed over)
+    /// must not stop a VM that has since been parked, moved or restarted elsewhere.
+    StopExited {
+        name: String,
+        host: HostId,
+        generation: u64,
+    },
     /// An operator clears a VM's error state and failure history (it stays stopped).
     ClearVmError {
         name: String,
@@ -162,6 +172,7 @@ impl Command {
             Command::Assign { .. } => "assign",
             Command::Release { .. } => "release",
             Command::VmFailed { .. } => "vm-failed",
+            Command::StopExited { .. } => "stop-exited",
             Command::ClearVmError { .. } => "clear-vm-error",
             Command::SetToken { .. } => "set-token",
             Command::DeleteToken { .. } => "delete-token",
@@ -185,6 +196,7 @@ impl Command {
             | Command::Assign { name, .. }
             | Command::Release { name, .. }
             | Command::VmFailed { name, .. }
+            | Command::StopExited { name, .. }
             | Command::ClearVmError { name }
             | Command::DeleteToken { name }
             | Command::CapacityRetry { name }
@@ -210,6 +222,7 @@ impl Command {
         match self {
             Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. } => Some(crate::logformat::MIGRATION_FORMAT),
             Command::HostLeave { .. } | Command::ReleaseParked { .. } => Some(crate::logformat::LEAVE_FORMAT),
+            Command::StopExited { .. } => Some(crate::logformat::EXIT_STOP_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if !spec.postcopy.is_off() => Some(crate::logformat::POSTCOPY_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if matches!(spec.driver, crate::spec::DriverSpec::Qemu { guest_agent: true, .. }) => {
                 Some(crate::logformat::GUEST_AGENT_FORMAT)

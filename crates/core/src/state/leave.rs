@@ -207,4 +207,69 @@ mod tests {
         assert_eq!(out, Applied::ParkedReleased { host: HostId(0), names: vec![] });
         assert_eq!(s.vms["l"].parked(), Some((HostId(0), None)));
     }
+
+    /// Seed 224 of the simulator with local disks: a host back from a power loss reported the
+    /// crash of a VM from its old view of committed state (it still ran the VM there), and its
+    /// unconditional stop turned the VM — parked with that host by the failover — into a
+    /// stopped one, so the host's return did not start it. The stop of an exited VM holds only
+    /// for the assignment it exited in.
+    #[test]
+    fn a_stale_exit_report_does_not_stop_a_parked_vm() {
+        let mut s = cluster(3, 4096);
+        let mut local = process_vm("l", Protection::BestEffort, 0, 512);
+        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true }];
+        run_on(&mut s, local, 0);
+        let generation = s.vms["l"].assignment().expect("placed").generation;
+        let epoch = s.hosts[&HostId(0)].epoch;
+        s.apply(&Command::Failover { host: HostId(0), epoch, plan: vec![] }).expect("h0 fails");
+        assert_eq!(s.vms["l"].parked(), Some((HostId(0), None)));
+        let stale = s.apply(&Command::StopExited { name: "l".into(), host: HostId(0), generation });
+        assert!(matches!(stale, Err(StateError::Stale(_))), "{stale:?}");
+        assert_eq!(s.vms["l"].parked(), Some((HostId(0), None)), "still parked");
+        let Ok(Applied::Rejoined { back, .. }) = s.apply(&Command::HostJoined { host: HostId(0) }) else { panic!("rejoin") };
+        assert_eq!(back.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["l"]);
+        // A current report stops it where it ran; its host then releases it.
+        let generation = s.vms["l"].assignment().expect("back").generation;
+        s.apply(&Command::StopExited { name: "l".into(), host: HostId(0), generation }).expect("stops");
+        assert_eq!(s.vms["l"].desired(), PowerState::Stopped);
+        s.apply(&Command::Release { name: "l".into(), host: HostId(0), generation }).expect("released");
+        assert!(s.vms["l"].assignment().is_none());
+    }
+
+    /// Seed 241 of the simulator with local disks: a stopped VM whose disk is on its host's own
+    /// storage was started again on another host, from that host's older copy. Committed state
+    /// keeps where the latest copy is (moved by a live migration's switchover, kept while the
+    /// VM is stopped), and a start places it there or nowhere.
+    #[test]
+    fn a_stopped_vm_on_local_storage_starts_again_only_where_its_disk_is() {
+        let mut s = cluster(3, 4096);
+        let mut local = process_vm("l", Protection::Off, 0, 512);
+        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true }];
+        run_on(&mut s, local, 0);
+        assert_eq!(s.vms["l"].disk_host, Some(HostId(0)));
+        s.apply(&Command::StartMigration { name: "l".into(), to: HostId(1), force: true, evacuation: false }).expect("start");
+        assert_eq!(s.vms["l"].disk_host, Some(HostId(0)), "the source's copy is the latest until the switchover");
+        let generation = s.vms["l"].migrating_to().expect("migrating").generation;
+        s.apply(&Command::MigrationSwitchover { name: "l".into(), generation }).expect("switchover");
+        assert_eq!(s.vms["l"].disk_host, Some(HostId(1)));
+        s.apply(&Command::SetPower { name: "l".into(), desired: PowerState::Stopped, force: false }).expect("stop");
+        let generation = s.vms["l"].assignment().expect("stopping").generation;
+        s.apply(&Command::Release { name: "l".into(), host: HostId(1), generation }).expect("released");
+        let epoch = s.hosts[&HostId(1)].epoch;
+        s.apply(&Command::Failover { host: HostId(1), epoch, plan: vec![] }).expect("h1 fails");
+        s.apply(&Command::SetPower { name: "l".into(), desired: PowerState::Running, force: false }).expect("started again");
+        let plan = crate::recovery::place(&s, &["l".to_string()], s.active_hosts(), true);
+        assert!(plan.placements.is_empty(), "placed away from its disk: {plan:?}");
+        let why = crate::recovery::waiting_reason(&s, "l", s.active_hosts()).expect("a reason");
+        assert!(why.contains("latest copy is on h1"), "{why}");
+        s.apply(&Command::HostJoined { host: HostId(1) }).expect("h1 back");
+        let plan = crate::recovery::place(&s, &["l".to_string()], s.active_hosts(), true);
+        assert_eq!(plan.placements, vec![("l".to_string(), HostId(1))]);
+        // An aborted migration leaves the copy where it was.
+        s.apply(&Command::Assign { name: "l".into(), host: HostId(1) }).expect("assign");
+        s.apply(&Command::StartMigration { name: "l".into(), to: HostId(2), force: true, evacuation: false }).expect("start");
+        let generation = s.vms["l"].migrating_to().expect("migrating").generation;
+        s.apply(&Command::MigrationAbort { name: "l".into(), generation, reason: "test".into() }).expect("abort");
+        assert_eq!(s.vms["l"].disk_host, Some(HostId(1)));
+    }
 }

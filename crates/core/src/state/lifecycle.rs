@@ -55,13 +55,18 @@ pub struct VmRecord {
     /// The host a maintenance evacuation moved it away from: it goes back there when that host
     /// leaves maintenance. An operator's own migration forgets it.
     pub home: Option<HostId>,
+    /// For a VM whose writable disk lives on its host's own storage: the host whose copy is the
+    /// latest — where it last ran, or where a live migration's switchover took it. A stopped
+    /// or parked VM keeps it, and is only ever started there again (every other host holds an
+    /// older copy, or none). `None` until it first runs, and for VMs without a local disk.
+    pub disk_host: Option<HostId>,
 }
 
 impl VmRecord {
     /// A new VM: stopped, with no history.
     #[must_use]
     pub fn new(spec: VmSpec) -> VmRecord {
-        VmRecord { spec, phase: VmPhase::Stopped, failed_on: vec![], home: None }
+        VmRecord { spec, phase: VmPhase::Stopped, failed_on: vec![], home: None, disk_host: None }
     }
 
     /// What the operator (or HA) wants: running or stopped.
@@ -189,6 +194,21 @@ impl VmRecord {
     pub fn place(&mut self, at: Assignment, held: bool) {
         debug_assert!(self.desired() == PowerState::Running, "only a VM wanted running is placed");
         self.phase = if held { VmPhase::Held { at } } else { VmPhase::Placed { at } };
+        self.note_disk_host(at.host);
+    }
+
+    /// Its local disk's latest copy is now on `host` (it starts there, or a switchover took it
+    /// there); a VM without a local disk has none.
+    pub fn note_disk_host(&mut self, host: HostId) {
+        self.disk_host = self.spec.bound_to_host().then_some(host);
+    }
+
+    /// The only host it may be started on from its disk, if it is bound to one: the host with
+    /// its local disk's latest copy. A live migration may still take it anywhere (it copies the
+    /// disk).
+    #[must_use]
+    pub fn start_host(&self) -> Option<HostId> {
+        self.disk_host.filter(|_| self.spec.bound_to_host())
     }
 
     /// Its restart group may start: a held VM is placed.
@@ -210,7 +230,9 @@ impl VmRecord {
     /// otherwise the source keeps it. Anything but a migration is left alone.
     pub fn end_migration(&mut self, committed: bool) {
         if let VmPhase::Migrating { at, to } = self.phase {
-            self.phase = VmPhase::Placed { at: if committed { to } else { at } };
+            let owner = if committed { to } else { at };
+            self.phase = VmPhase::Placed { at: owner };
+            self.note_disk_host(owner.host);
         }
     }
 
@@ -278,6 +300,10 @@ pub struct VmRecordWire {
     /// a log format older hosts refuse, so they never read one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     parked: Option<ParkedWire>,
+    /// Where its local disk's latest copy is (an older host ignores it, and would place such a
+    /// VM anywhere: upgrade every host before relying on local disks across stops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disk_host: Option<HostId>,
 }
 
 /// [`VmPhase::Parked`] on the wire.
@@ -290,7 +316,7 @@ pub struct ParkedWire {
 
 impl From<VmRecordWire> for VmRecord {
     fn from(w: VmRecordWire) -> VmRecord {
-        VmRecord { phase: VmPhase::from_fields(&w), spec: w.spec, failed_on: w.failed_on, home: w.home }
+        VmRecord { phase: VmPhase::from_fields(&w), spec: w.spec, failed_on: w.failed_on, home: w.home, disk_host: w.disk_host }
     }
 }
 
@@ -304,6 +330,7 @@ impl From<VmRecord> for VmRecordWire {
             capacity_retries: r.capacity_retries(),
             migrating_to: r.migrating_to(),
             home: r.home,
+            disk_host: r.disk_host,
             parked: r.parked().map(|(host, hold_ms)| ParkedWire { host, hold_ms }),
             spec: r.spec,
             failed_on: r.failed_on,
@@ -341,7 +368,7 @@ mod tests {
     #[test]
     fn every_phase_round_trips_through_the_old_wire_format() {
         for phase in phases() {
-            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![HostId(3)], home: Some(HostId(1)) };
+            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![HostId(3)], home: Some(HostId(1)), disk_host: Some(HostId(2)) };
             let json = serde_json::to_value(&r).expect("serializes");
             for field in ["desired", "assignment", "held", "error", "capacity_retries", "failed_on"] {
                 assert!(json.get(field).is_some(), "{field} missing for {phase:?}: older hosts read it");
@@ -385,7 +412,7 @@ mod tests {
     #[test]
     fn accessors_agree_with_the_phase() {
         for phase in phases() {
-            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![], home: None };
+            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![], home: None, disk_host: None };
             assert_eq!(
                 r.assignment().is_some(),
                 matches!(phase, VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Stopping { .. } | VmPhase::Migrating { .. })
