@@ -135,6 +135,10 @@ pub struct VmView {
     /// maintenance.
     #[serde(default)]
     pub home: Option<String>,
+    /// For a VM with a writable local disk: the host with that disk's latest copy, the only one
+    /// it starts on (none before it first ran).
+    #[serde(default)]
+    pub disk_host: Option<String>,
     pub spec: VmSpec,
 }
 
