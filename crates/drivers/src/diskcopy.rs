@@ -189,7 +189,7 @@ pub async fn mirror(vm: &str, q: &Qmp, timeout: Duration, to: &MirrorTarget<'_>)
             }
             q.execute("blockdev-add", node, timeout).await.map_err(qmp_failed(vm))?;
             let job = json!({"job-id": mirror_job(*i), "device": format!("disk{i}"), "target": nbd_node(*i),
-                "sync": "full", "auto-dismiss": false, "speed": to.speed});
+                "sync": "full", "copy-mode": "write-blocking", "auto-dismiss": false, "speed": to.speed});
             q.execute("blockdev-mirror", job, timeout).await.map_err(qmp_failed(vm))?;
         }
         loop {
@@ -215,9 +215,9 @@ pub async fn mirror(vm: &str, q: &Qmp, timeout: Duration, to: &MirrorTarget<'_>)
     result
 }
 
-/// The source's side, after the memory copy completed (its guest paused): completes each
-/// mirror in sync and checks that it concluded without error. `Ok` means the destination's
-/// disks hold every write the guest made.
+/// The source's side, in QEMU's pause before the switchover (the memory copy done, its guest
+/// stopped, its disks still active): completes each mirror in sync and checks that it
+/// concluded without error. `Ok` means the destination's disks hold every write the guest made.
 pub async fn complete(vm: &str, q: &Qmp, timeout: Duration, disks: &[usize]) -> Result<(), DriverError> {
     let result = async {
         for i in disks {
@@ -238,7 +238,8 @@ pub async fn complete(vm: &str, q: &Qmp, timeout: Duration, disks: &[usize]) -> 
                 if tokio::time::Instant::now() >= deadline {
                     return Err(copy_failed(vm, format!("the mirror of disk {i} did not conclude within {MIRROR_COMPLETE_WAIT:?}")));
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // The guest is paused meanwhile: look again soon.
+                tokio::time::sleep(crate::migration::CLOSING_SAMPLE_INTERVAL).await;
             }
         }
         Ok(())

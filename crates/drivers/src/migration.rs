@@ -18,6 +18,10 @@ use tandem_core::Millis;
 /// How often the source samples `query-migrate`: the completion is seen at most this late, and
 /// the guest stays paused until the switchover commits (a local QMP call costs little).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the source samples once the guest is stopped for the end of the copy (QEMU's
+/// `device` and `pre-switchover` phases): every millisecond here is a millisecond of the guest's
+/// pause, and the phase is short.
+pub const CLOSING_SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
 /// How long a cancelled migration gets to report `cancelled` before the source gives up waiting.
 pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// Default bandwidth cap of a migration (QEMU's own default is 128 MiB/s, too low for a LAN).
@@ -175,11 +179,11 @@ pub async fn prepare_incoming(
     Ok(format!("tcp:{host_ip}:{port}"))
 }
 
-async fn apply_step(vm: &str, q: &Qmp, timeout: Duration, step: ConvergenceStep) -> Result<(), DriverError> {
+async fn apply_step(vm: &str, q: &Qmp, timeout: Duration, step: ConvergenceStep, disks: &[usize]) -> Result<(), DriverError> {
     let args = match step {
         ConvergenceStep::DowntimeLimit { ms } => json!({"downtime-limit": ms}),
         ConvergenceStep::Throttle { max_pct } => json!({"max-cpu-throttle": max_pct, "cpu-throttle-increment": 10}),
-        ConvergenceStep::PostCopy => return crate::postcopy::switch(vm, q, timeout).await,
+        ConvergenceStep::PostCopy => return crate::postcopy::switch(vm, q, timeout, disks).await,
     };
     q.execute("migrate-set-parameters", args, timeout).await.map_err(qmp_failed(vm))?;
     Ok(())
@@ -224,8 +228,17 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
     let mut schedule = Convergence::with(started, to.stall_ms, to.overall_ms).with_postcopy(to.postcopy);
     let mut limit = schedule.initial_downtime_ms();
     // Auto-converge is on from the start but capped at 1 % (QEMU refuses to change capabilities
-    // during a migration); the schedule's last step raises the cap.
-    let caps = json!({"capabilities": [{"capability": "auto-converge", "state": true}]});
+    // during a migration); the schedule's last step raises the cap. With local disks QEMU
+    // pauses before the switchover (`pre-switchover`, the guest stopped): the mirrors conclude
+    // there, before QEMU inactivates the disks — a mirror still writing to its target after
+    // that aborts QEMU 7.2 (`bdrv_co_write_req_prepare: Assertion !(bs->open_flags &
+    // BDRV_O_INACTIVE)`, seen here), and the destination gets the device state only with its
+    // disks complete. Set every time: the capability outlives one migration in the process.
+    let mirrored = !to.disks.is_empty();
+    let caps = json!({"capabilities": [
+        {"capability": "auto-converge", "state": true},
+        {"capability": "pause-before-switchover", "state": mirrored},
+    ]});
     q.execute("migrate-set-capabilities", caps, timeout).await.map_err(qmp_failed(vm))?;
     set_multifd(vm, q, timeout, to.multifd_channels).await?;
     if !to.postcopy.is_off() {
@@ -244,8 +257,10 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
     }
     q.execute("migrate", json!({"uri": to.uri}), timeout).await.map_err(qmp_failed(vm))?;
     let mut throttling = false;
+    let mut disks_concluded = false;
+    let mut closing = false;
     loop {
-        tokio::time::sleep(SAMPLE_INTERVAL).await;
+        tokio::time::sleep(if closing { CLOSING_SAMPLE_INTERVAL } else { SAMPLE_INTERVAL }).await;
         let now = (to.now)();
         let info = match q.execute("query-migrate", Value::Null, timeout).await {
             Ok(i) => i,
@@ -253,7 +268,23 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
         };
         let p = sample(&info, now.since(started), limit, throttling);
         (to.progress)(&p);
+        closing = matches!(p.status.as_str(), "device" | "pre-switchover");
         match p.status.as_str() {
+            "pre-switchover" => {
+                if let Err(e) = crate::diskcopy::complete(vm, q, timeout, &to.disks).await {
+                    return Err(cancel(vm, q, timeout, e.to_string()).await);
+                }
+                disks_concluded = true;
+                if let Err(e) = q.execute("migrate-continue", json!({"state": "pre-switchover"}), timeout).await {
+                    return Err(cancel(vm, q, timeout, format!("QEMU did not go on past the pause before the switchover: {e}")).await);
+                }
+                continue;
+            }
+            "completed" if mirrored && !disks_concluded => {
+                // Never seen: the capability makes QEMU pause first. Without the mirrors'
+                // conclusion the destination's disks may lack the last writes.
+                return Err(DriverError::Migration { vm: vm.to_string(), reason: "completed without pausing for the local disks' mirrors".into() });
+            }
             "completed" => {
                 let steps = schedule.applied().iter().map(|s| ConvergenceStepText(*s).to_string()).collect();
                 return Ok(MigrationReport {
@@ -282,7 +313,7 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
             ConvergenceAction::Apply(ConvergenceStep::PostCopy) => {
                 // From the switch on the guest can only run at the destination: the source's
                 // copy is spent whatever happens next (see `postcopy`).
-                apply_step(vm, q, timeout, ConvergenceStep::PostCopy).await?;
+                apply_step(vm, q, timeout, ConvergenceStep::PostCopy, &to.disks).await?;
                 let steps = schedule.applied().iter().map(|s| ConvergenceStepText(*s).to_string()).collect();
                 return Ok(MigrationReport {
                     total_ms: p.elapsed_ms,
@@ -298,7 +329,7 @@ pub async fn migrate_out(vm: &str, q: &Qmp, timeout: Duration, to: &MigrationTar
                     limit = ms;
                 }
                 throttling |= matches!(step, ConvergenceStep::Throttle { .. });
-                if let Err(e) = apply_step(vm, q, timeout, step).await {
+                if let Err(e) = apply_step(vm, q, timeout, step, &to.disks).await {
                     return Err(cancel(vm, q, timeout, format!("could not apply {}: {e}", ConvergenceStepText(step))).await);
                 }
             }

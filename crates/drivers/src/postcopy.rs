@@ -49,13 +49,20 @@ pub async fn enable(vm: &str, q: &Qmp, timeout: Duration, bandwidth: Option<u64>
 /// device state is on its way and the guest can only run at the destination from now on. `Err`
 /// if QEMU ended the migration instead; the guest is then left stopped here (QEMU restarts only a
 /// guest it stopped itself), a paused copy for the caller to judge.
-pub async fn switch(vm: &str, q: &Qmp, timeout: Duration) -> Result<(), DriverError> {
+pub async fn switch(vm: &str, q: &Qmp, timeout: Duration, disks: &[usize]) -> Result<(), DriverError> {
     q.execute("stop", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
     q.execute("migrate-start-postcopy", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
     let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
     loop {
         let info = q.execute("query-migrate", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
         match info.get("status").and_then(Value::as_str).unwrap_or("none") {
+            // With local disks QEMU pauses before the switch (see `migration::migrate_out`):
+            // their mirrors conclude in sync first, the guest already stopped.
+            "pre-switchover" => {
+                crate::diskcopy::complete(vm, q, timeout, disks).await?;
+                q.execute("migrate-continue", json!({"state": "pre-switchover"}), timeout).await.map_err(qmp_failed(vm))?;
+                continue;
+            }
             "postcopy-active" | "completed" => {
                 let run = q.execute("query-status", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
                 if run.get("running").and_then(Value::as_bool) == Some(false) {

@@ -490,13 +490,12 @@ impl VmDriver for QemuDriver {
             // Completed: the guest's vCPUs are stopped here for good unless the migration is
             // aborted — and for good whatever happens once it switched to post-copy.
             self.launcher.set_paused(name, true);
+            tracing::debug!("{name}: memory copy completed (QEMU downtime {:?} ms)", report.downtime_ms);
             if report.postcopy {
                 self.postcopy.spend(name);
             }
-            // Its local disks: the last writes reach the destination before anyone may commit
-            // the switchover; if they cannot, the migration fails and this paused copy (the
-            // only whole one) is resumed by the reconciler once the abort commits.
-            crate::diskcopy::complete(name, &q, self.qmp_timeout(), &to.disks).await?;
+            // Its local disks' mirrors concluded in sync in QEMU's pause before the switchover
+            // (`migration::migrate_out`), so the destination holds every write.
             let disks = (!to.disks.is_empty()).then_some(crate::migration::DiskCopyReport { copy_ms: disk_ms, bytes: disk_bytes });
             Ok(crate::migration::MigrationReport { disks, ..report })
         })

@@ -11,6 +11,7 @@ pub mod maintenance;
 pub mod mass;
 pub mod migration;
 pub mod plannedstop;
+pub mod qemualone;
 
 use anyhow::{Context, Result};
 use std::sync::Arc;

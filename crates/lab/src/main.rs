@@ -78,6 +78,18 @@ enum BenchOp {
         #[arg(long, default_value_t = 0)]
         local_disk_mib: u64,
     },
+    /// The floor under `bench migration`'s HTTP gap: two QEMU processes and no Tandem, the test
+    /// guest migrated back and forth over loopback and resumed the instant QEMU completes.
+    QemuAlone {
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Where the test guest's vmlinuz and initrd.img are.
+        #[arg(long, default_value = ".cache/guest")]
+        guest_dir: std::path::PathBuf,
+    },
     /// The disk-backed, bridged test guest in a 3-host namespace lab: live migrations (whole time,
     /// QEMU's downtime, the longest gap between answers on its own address and in its write
     /// sequence), then power losses of its host (answering and writing again, writes lost).
@@ -190,6 +202,7 @@ fn main() {
         LabCmd::Bench { op: BenchOp::PlannedStop { driver, vms, policy, rounds, guest_dir } } => {
             ("bench", tandem_lab::bench::plannedstop::run(driver, *vms, policy, *rounds, guest_dir))
         }
+        LabCmd::Bench { op: BenchOp::QemuAlone { memory_mib, rounds, guest_dir } } => ("bench", tandem_lab::bench::qemualone::run(*memory_mib, *rounds, guest_dir)),
         LabCmd::Bench { op: BenchOp::MassFailover { vms, rounds } } => ("bench", tandem_lab::bench::mass::run(*vms, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
             ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))

@@ -168,7 +168,9 @@ impl Agent {
                         // commit: the switchover's entry wakes it at once, and killing the copy
                         // then would lose the pages the destination still needs.
                         self.set_phase(&name, if report.postcopy { MigrationPhase::ServingPages } else { MigrationPhase::Switching });
+                        tracing::debug!("{name}: copy complete at the source; proposing the switchover");
                         self.commit_switchover(&name, to).await;
+                        tracing::debug!("{name}: the switchover is decided");
                         if report.postcopy {
                             self.serve_postcopy(&name, report).await
                         } else {
@@ -434,6 +436,7 @@ impl Agent {
                             return;
                         }
                     }
+                    tracing::debug!("{name}: its migration ended in committed state here; waking the reconciler");
                     a.reconcile_wake.notify_one();
                 };
                 let _ = tokio::time::timeout(bound, watch).await;

@@ -169,6 +169,7 @@ impl Agent {
             let check = a.start_check_as(&spec, generation, super::fencing::StartKind::Resume);
             match a.driver.resume(&name, &check).await {
                 Ok(()) => {
+                    tracing::debug!("{name}: resumed (generation {generation})");
                     let detail = format!("{name} resumed on {} (generation {generation})", a.cfg.name);
                     a.events.record(crate::events::EventKind::VmResumed, Some(&name), Some(&a.cfg.name), detail);
                     a.spawn_probe(&spec, generation);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tandem_agent::views::{ForceRequest, LocalView, MigrateRequest, MigrationBegun, MigrationOutcome, MigrationsView};
 
 /// How often the HTTP client polls the VM's service.
-const HTTP_POLL: Duration = Duration::from_millis(20);
+pub(crate) const HTTP_POLL: Duration = Duration::from_millis(20);
 /// How often the hosts' local views are sampled for two running copies.
 const LOCAL_POLL: Duration = Duration::from_millis(50);
 /// The service port of demo VM 0 on its host's address (user-mode networking: the address moves
@@ -69,7 +69,7 @@ pub struct MigrationLab {
     pub guest_fault: Mutex<Option<String>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -113,6 +113,9 @@ impl MigrationLab {
             ..LabOptions::default()
         };
         let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
+        if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
+            lab.keep_files();
+        }
         if local_disk_mib > 0 {
             for h in &lab.hosts {
                 std::fs::create_dir_all(h.data.join("disks"))?;
@@ -254,6 +257,13 @@ impl MigrationLab {
 
         let mut answers = lock(&answers).clone();
         answers.sort();
+        if std::env::var_os("TANDEM_BENCH_TRACE").is_some() {
+            // The longest gap's edges on the wall clock, to line up with the agents' logs.
+            let wall = |t: Instant| chrono_like(std::time::SystemTime::now() - t.elapsed());
+            if let Some(w) = answers.windows(2).filter(|w| w[1] >= t0).max_by_key(|w| w[1].duration_since(w[0])) {
+                eprintln!("longest HTTP gap: last answer asked at {}, next at {}", wall(w[0]), wall(w[1]));
+            }
+        }
         let http_gap_ms = (self.driver == "qemu")
             .then(|| answers.windows(2).filter(|w| w[1] >= t0).map(|w| w[1].duration_since(w[0]).as_millis() as u64).max().unwrap_or(u64::MAX));
         let two_running = copies.finish();
@@ -381,4 +391,10 @@ pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth
         figures.iter().map(|f| f.two_running).sum::<usize>()
     );
     Ok(())
+}
+
+/// A wall-clock time as seconds of the day, UTC (`HH:MM:SS.mmm`), as the agents' logs print it.
+fn chrono_like(t: std::time::SystemTime) -> String {
+    let ms = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()) % 86_400_000;
+    format!("{:02}:{:02}:{:02}.{:03}", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000)
 }
