@@ -58,6 +58,9 @@ pub struct MigrationFigures {
     pub disk_copy_ms: Option<u64>,
     /// The migration switched to post-copy.
     pub postcopy: bool,
+    /// With a local disk (the guest's writer appends to it): the longest time its acknowledged
+    /// write sequence did not advance, ms.
+    pub seq_stall_ms: Option<u64>,
 }
 
 /// A running local cluster with one VM to move.
@@ -67,6 +70,8 @@ pub struct MigrationLab {
     pub vm: String,
     /// Evidence that the emulator corrupted the guest's memory, once seen.
     pub guest_fault: Mutex<Option<String>>,
+    /// The VM has a writable local disk its guest writes to.
+    pub local_disk: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -134,7 +139,7 @@ impl MigrationLab {
         let c = lab.client(0);
         c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
         c.send("POST", "/v1/vms/web0/start", &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
-        let me = MigrationLab { lab, driver: driver.into(), vm: "web0".into(), guest_fault: Mutex::new(None) };
+        let me = MigrationLab { lab, driver: driver.into(), vm: "web0".into(), guest_fault: Mutex::new(None), local_disk: local_disk_mib > 0 };
         let host = me.host_of()?;
         if driver == "qemu" {
             let ip = me.ip_of(&host)?;
@@ -189,18 +194,24 @@ impl MigrationLab {
         let to = self.lab.hosts[(i + 1) % self.lab.hosts.len()].name.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let answers = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        // A guest with a local disk serves its write sequence: polled instead of `/health`.
+        let writes = self.local_disk;
+        let seq = Arc::new(Mutex::new(Vec::<crate::diskguest::SeqSample>::new()));
         let ips: Vec<String> = self.lab.hosts.iter().map(|h| h.ip.clone()).collect();
         // One client per host address, so a host whose port forward accepts but whose guest is
         // paused (its timeout) does not hold up the polling of the others.
         let http: Vec<std::thread::JoinHandle<()>> = if self.driver == "qemu" {
             ips.into_iter()
                 .map(|ip| {
-                    let (stop, answers) = (Arc::clone(&stop), Arc::clone(&answers));
+                    let (stop, answers, seq) = (Arc::clone(&stop), Arc::clone(&answers), Arc::clone(&seq));
                     std::thread::spawn(move || {
                         while !stop.load(Ordering::SeqCst) {
                             let t = Instant::now();
-                            if http_get(&format!("{ip}:{PORT}"), "/health", Duration::from_millis(100)).is_some() {
+                            if let Some(body) = http_get(&format!("{ip}:{PORT}"), if writes { "/seq" } else { "/health" }, Duration::from_millis(100)) {
                                 lock(&answers).push(t);
+                                if let Some(s) = crate::diskguest::parse_seq(t, &body).filter(|_| writes) {
+                                    lock(&seq).push(s);
+                                }
                             }
                             std::thread::sleep(HTTP_POLL.saturating_sub(t.elapsed()));
                         }
@@ -267,6 +278,11 @@ impl MigrationLab {
         let http_gap_ms = (self.driver == "qemu")
             .then(|| answers.windows(2).filter(|w| w[1] >= t0).map(|w| w[1].duration_since(w[0]).as_millis() as u64).max().unwrap_or(u64::MAX));
         let two_running = copies.finish();
+        let seq_stall_ms = writes.then(|| {
+            let mut samples = lock(&seq).clone();
+            samples.sort_by_key(|s| s.at);
+            crate::diskguest::judge(&samples).longest_stall_ms
+        });
         let report = outcome.report.clone();
         let transferred_mib = report.as_ref().map_or(0, |r| r.transferred_bytes >> 20);
         Ok(MigrationFigures {
@@ -279,6 +295,7 @@ impl MigrationLab {
             multifd_bytes: report.as_ref().and_then(|r| r.multifd_bytes),
             disk_copy_ms: report.as_ref().and_then(|r| r.disks.as_ref()).map(|d| d.copy_ms),
             postcopy: report.as_ref().is_some_and(|r| r.postcopy),
+            seq_stall_ms,
             http_gap_ms,
             two_running,
             transferred_mib,
@@ -362,7 +379,7 @@ pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth
     for round in 1..=rounds {
         let f = ml.migrate_once()?;
         println!(
-            "round {round}: {} -> {}: {} in {:.2} s (QEMU {} ms, downtime {} ms, {} MiB sent), HTTP gap {} ms, two running: {}",
+            "round {round}: {} -> {}: {} in {:.2} s (QEMU {} ms, downtime {} ms, {} MiB sent), HTTP gap {} ms, writes stalled {} ms, two running: {}",
             f.from,
             f.to,
             if f.completed { "completed" } else { "aborted" },
@@ -371,6 +388,7 @@ pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth
             f.downtime_ms.map_or_else(|| "-".into(), |x| x.to_string()),
             f.transferred_mib,
             f.http_gap_ms.map_or_else(|| "-".into(), |x| x.to_string()),
+            f.seq_stall_ms.map_or_else(|| "-".into(), |x| x.to_string()),
             f.two_running
         );
         figures.push(f);
@@ -385,6 +403,9 @@ pub fn run(driver: &str, memory_mib: u64, rounds: usize, guest: &Path, bandwidth
     line("QEMU total time", figures.iter().filter_map(|f| f.qemu_total_ms.map(|x| x as f64)).collect(), "ms");
     line("QEMU downtime", figures.iter().filter_map(|f| f.downtime_ms.map(|x| x as f64)).collect(), "ms");
     line("longest HTTP gap (20 ms poll)", figures.iter().filter_map(|f| f.http_gap_ms.map(|x| x as f64)).collect(), "ms");
+    if local_disk_mib > 0 {
+        line("write sequence stalled", figures.iter().filter_map(|f| f.seq_stall_ms.map(|x| x as f64)).collect(), "ms");
+    }
     println!(
         "completed: {} of {rounds}; samples with two running copies: {}",
         figures.iter().filter(|f| f.completed).count(),
