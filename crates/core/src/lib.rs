@@ -20,6 +20,7 @@ pub mod placement;
 pub mod rebalance;
 pub mod reconcile;
 pub mod recovery;
+pub mod sites;
 pub mod spec;
 pub mod state;
 pub mod time;

@@ -25,7 +25,8 @@
 //! `postcopy` (a migration may switch to post-copy; an older host would ignore the field and
 //! its destination would not be ready for it). Format 10 adds `stop-exited` (a VM that exited
 //! for good is stopped only if still assigned where it exited; an older host has only the
-//! unconditional `set-power`). A release that adds a command or a field that older hosts would
+//! unconditional `set-power`). Format 11 adds sites: `set-host-site`, and settings with the
+//! `survive_site_loss` target (an older host would judge admission without it). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -34,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 10;
+pub const LOG_FORMAT: u32 = 11;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -51,6 +52,8 @@ pub(crate) const GUEST_AGENT_FORMAT: u32 = 8;
 pub(crate) const POSTCOPY_FORMAT: u32 = 9;
 /// The format of `stop-exited`, the stop a host proposes for a VM that exited there.
 pub(crate) const EXIT_STOP_FORMAT: u32 = 10;
+/// The format of a host's site and of the "survive one site" target.
+pub(crate) const SITE_FORMAT: u32 = 11;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -309,5 +312,23 @@ mod tests {
         let mut old = e.clone();
         old.format = 9;
         assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 9, .. })), "{:?}", old.decode());
+    }
+
+    /// A host's site and the "survive one site" target are format 11; settings without the
+    /// target read as before.
+    #[test]
+    fn sites_are_format_11() {
+        let cmd = Command::SetHostSite { host: crate::hostset::HostId(1), site: Some("east".into()) };
+        assert_eq!(LogEntry::new(&cmd).expect("encodes").format, 11);
+        let target = crate::state::Settings { survive_site_loss: true, ..crate::state::Settings::default() };
+        let admission = crate::state::Admission { revision: 3, forced: None };
+        let e = LogEntry::judged(&Command::SetSettings { settings: target, force: false }, Some(&admission)).expect("encodes");
+        assert_eq!(e.format, 11);
+        let mut old = e.clone();
+        old.format = 10;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 10, .. })), "{:?}", old.decode());
+        let plain = LogEntry::judged(&Command::SetSettings { settings: crate::state::Settings::default(), force: false }, Some(&admission)).expect("encodes");
+        assert_eq!(plain.format, 3);
+        assert!(!plain.command.to_string().contains("survive_site_loss"), "{}", plain.command);
     }
 }

@@ -104,6 +104,10 @@ pub struct Settings {
     /// own `[shutdown] policy`. (A host of an older release ignores it and uses its own.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_policy: Option<ShutdownPolicy>,
+    /// The target "survive one site": admission control refuses a change after which the loss
+    /// of some whole site would leave a protected VM down (log format 11).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub survive_site_loss: bool,
 }
 
 /// What a host's planned stop (SIGTERM, `tandem host shutdown`) does with its VMs.
@@ -152,7 +156,7 @@ mod group_keys {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { ftt_target: None, vcpu_overcommit_pct: 100, group_delays_ms: BTreeMap::new(), shutdown_policy: None }
+        Settings { ftt_target: None, vcpu_overcommit_pct: 100, group_delays_ms: BTreeMap::new(), shutdown_policy: None, survive_site_loss: false }
     }
 }
 
@@ -179,6 +183,9 @@ pub struct HostRecord {
     pub epoch: u64,
     #[serde(default)]
     pub mode: HostMode,
+    /// The site its configuration names (log format 11); `None`: no site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// Desired power state.
@@ -634,6 +641,8 @@ pub(crate) mod tests {
             Command::Release { name: "a".into(), host: HostId(2), generation: 9 },
             Command::VmFailed { name: "a".into(), host: HostId(2), generation: 9, detail: "x".into() },
             Command::StopExited { name: "a".into(), host: HostId(2), generation: 9 },
+            Command::SetHostSite { host: HostId(2), site: Some("east".into()) },
+            Command::SetHostSite { host: HostId(2), site: None },
             Command::ClearVmError { name: "a".into() },
             Command::ReleaseHeld { names: vec!["a".into()] },
             Command::CapacityRetry { name: "a".into() },

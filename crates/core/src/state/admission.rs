@@ -134,19 +134,44 @@ impl ClusterState {
     /// Admission control's verdict on going from this state to `next`: `Ok(None)` admitted,
     /// `Ok(Some(why))` refused but forced, `Err` refused.
     fn verdict(&self, next: &ClusterState, what: &str, force: bool) -> Result<Option<String>, StateError> {
-        let Some(target) = next.settings.ftt_target else {
+        let Some(why) = self.ftt_refusal(next, what).or_else(|| self.site_refusal(next, what)) else {
             return Ok(None);
         };
+        if force {
+            Ok(Some(why))
+        } else {
+            Err(StateError::Admission(why))
+        }
+    }
+
+    /// Why going to `next` breaks the "survive one site" target, if it does: some site's loss
+    /// would leave a protected VM down, and this change made that so or worse.
+    fn site_refusal(&self, next: &ClusterState, what: &str) -> Option<String> {
+        let (after, why) = next.with_pending_placed().site_target_shortfall()?;
+        if self.settings.survive_site_loss {
+            if let Some((before, _)) = self.with_pending_placed().site_target_shortfall() {
+                if after <= before {
+                    // Already short of the target, and this does not make it worse.
+                    return None;
+                }
+            }
+        }
+        Some(format!("{what} would break the target of surviving the loss of a site: {why}"))
+    }
+
+    /// Why going to `next` lowers failures-to-tolerate below the target, if it does.
+    fn ftt_refusal(&self, next: &ClusterState, what: &str) -> Option<String> {
+        let target = next.settings.ftt_target?;
         let after = next.with_pending_placed().ftt();
         if after.ftt >= target {
-            return Ok(None);
+            return None;
         }
         let before = self.with_pending_placed().ftt();
         if after.ftt >= before.ftt && self.settings.ftt_target == Some(target) {
             // Already below target, and this does not make it worse.
-            return Ok(None);
+            return None;
         }
-        let why = match &after.counterexample {
+        Some(match &after.counterexample {
             Some((set, vms)) => {
                 let names: Vec<String> = set.iter().map(|h| self.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect();
                 format!(
@@ -157,12 +182,7 @@ impl ClusterState {
                 )
             }
             None => format!("{what} would lower failures-to-tolerate to {} (target {target}, limited by {})", after.ftt, after.limited_by),
-        };
-        if force {
-            Ok(Some(why))
-        } else {
-            Err(StateError::Admission(why))
-        }
+        })
     }
 
     /// Runs `change` on a copy; if a configured FTT target is met before but not after, the

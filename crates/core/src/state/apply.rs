@@ -52,6 +52,7 @@ impl ClusterState {
             Command::SetRule { rule, .. } => self.set_rule(mode, cmd, rule),
             Command::VmFailed { name, host, generation, detail } => self.vm_failed(name, *host, *generation, detail),
             Command::StopExited { name, host, generation } => self.stop_exited(name, *host, *generation),
+            Command::SetHostSite { host, site } => self.set_host_site(*host, site.as_deref()),
             Command::SetToken { token } => self.set_token(token),
             Command::DeleteToken { name } => self.delete_token(name),
             Command::ReleaseHeld { names } => self.release_held(names),
@@ -91,6 +92,7 @@ impl ClusterState {
                 status: HostStatus::Joining,
                 epoch: 0,
                 mode: HostMode::Normal,
+                site: None,
             },
         );
         Ok(Applied::Done)

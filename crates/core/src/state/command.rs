@@ -85,6 +85,13 @@ pub enum Command {
         host: HostId,
         generation: u64,
     },
+    /// A host's site, as its own configuration names it (`None`: none); proposed by the host
+    /// when committed state says otherwise (log format 11).
+    SetHostSite {
+        host: HostId,
+        #[serde(default)]
+        site: Option<String>,
+    },
     /// An operator clears a VM's error state and failure history (it stays stopped).
     ClearVmError {
         name: String,
@@ -173,6 +180,7 @@ impl Command {
             Command::Release { .. } => "release",
             Command::VmFailed { .. } => "vm-failed",
             Command::StopExited { .. } => "stop-exited",
+            Command::SetHostSite { .. } => "set-host-site",
             Command::ClearVmError { .. } => "clear-vm-error",
             Command::SetToken { .. } => "set-token",
             Command::DeleteToken { .. } => "delete-token",
@@ -207,7 +215,8 @@ impl Command {
             | Command::SetHostMode { host, .. }
             | Command::Failover { host, .. }
             | Command::HostLeave { host, .. }
-            | Command::ReleaseParked { host } => Some(format!("host {}", host.0)),
+            | Command::ReleaseParked { host }
+            | Command::SetHostSite { host, .. } => Some(format!("host {}", host.0)),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } => Some(spec.name.clone()),
             Command::SetRule { rule, .. } => Some(rule.name.clone()),
             Command::SetToken { token } => Some(token.name.clone()),
@@ -223,6 +232,8 @@ impl Command {
             Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. } => Some(crate::logformat::MIGRATION_FORMAT),
             Command::HostLeave { .. } | Command::ReleaseParked { .. } => Some(crate::logformat::LEAVE_FORMAT),
             Command::StopExited { .. } => Some(crate::logformat::EXIT_STOP_FORMAT),
+            Command::SetHostSite { .. } => Some(crate::logformat::SITE_FORMAT),
+            Command::SetSettings { settings, .. } if settings.survive_site_loss => Some(crate::logformat::SITE_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if !spec.postcopy.is_off() => Some(crate::logformat::POSTCOPY_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if matches!(spec.driver, crate::spec::DriverSpec::Qemu { guest_agent: true, .. }) => {
                 Some(crate::logformat::GUEST_AGENT_FORMAT)
@@ -342,6 +353,8 @@ pub enum StateError {
     BadHostId(u32),
     #[error("host name '{0}' is not valid")]
     BadHostName(String),
+    #[error("site name '{0}' is not valid: 1-63 letters, digits, '-' or '_'")]
+    BadSite(String),
     #[error("unknown host {0}")]
     UnknownHost(HostId),
     #[error("unknown VM '{0}'")]
