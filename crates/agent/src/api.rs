@@ -94,7 +94,12 @@ impl From<StateError> for ApiError {
     fn from(e: StateError) -> ApiError {
         let status = match e {
             StateError::UnknownVm(_) | StateError::UnknownHost(_) | StateError::UnknownRule(_) | StateError::UnknownToken(_) => StatusCode::NOT_FOUND,
-            StateError::InvalidSpec(_) | StateError::BadHostName(_) | StateError::BadHostId(_) | StateError::BadSetting(_) | StateError::BadToken(_) => {
+            StateError::InvalidSpec(_)
+            | StateError::BadHostName(_)
+            | StateError::BadSite(_)
+            | StateError::BadHostId(_)
+            | StateError::BadSetting(_)
+            | StateError::BadToken(_) => {
                 StatusCode::BAD_REQUEST
             }
             // Refused by the cluster as it stands: a conflict the caller can resolve. Listed

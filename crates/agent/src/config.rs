@@ -92,6 +92,10 @@ pub struct AgentConfig {
     /// What a planned stop of the agent does with this host's VMs.
     #[serde(default)]
     pub shutdown: crate::agent::ShutdownConfig,
+    /// The site this host stands in (a data centre, a room); committed state learns it from
+    /// here when the host joins. Absent: no site.
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 /// `[migration]`: how this host sends live migrations.
@@ -178,6 +182,8 @@ pub enum ConfigError {
     HostId(u32),
     #[error("name '{0}' must be 1-63 characters of letters, digits, '-' and '_'")]
     Name(String),
+    #[error("site '{0}' must be 1-63 characters of letters, digits, '-' and '_'")]
+    Site(String),
     #[error("unsafe timings")]
     Timings(#[from] TimingError),
     #[error("[migration] is not valid: {0}")]
@@ -237,6 +243,9 @@ impl AgentConfig {
         }
         if !valid_name(&self.name) {
             return Err(ConfigError::Name(self.name.clone()));
+        }
+        if let Some(site) = self.site.as_ref().filter(|s| !valid_name(s)) {
+            return Err(ConfigError::Site(site.clone()));
         }
         if self.api_addr == self.heartbeat_addr {
             return Err(ConfigError::SameAddr(self.api_addr));

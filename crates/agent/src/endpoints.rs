@@ -189,13 +189,13 @@ pub const ENDPOINTS: &[Endpoint] = &[
     get("/v1/hosts/{name}/evacuation", Read, "Where each VM of a host would go if it entered maintenance now, or why it cannot move live.", schema::<EvacuationPlan>),
     get("/v1/migrations", Read, "Live migrations in progress (with progress where this host drives them) and the last outcomes here.", schema::<MigrationsView>),
     write("POST", "/v1/vms/{name}/clear", Operate, "Clear a VM's error state and failure history.", schema::<EmptyRequest>, schema::<Cleared>),
-    get("/v1/ftt", Read, "Failures to tolerate (exact or lower bound), the target, and what limits it.", schema::<FttView>),
+    get("/v1/ftt", Read, "Failures to tolerate (exact or lower bound), the target, what limits it, and what the loss of each site would do.", schema::<FttView>),
     get_q(
         "/v1/plan",
         Read,
-        "Recovery plans: for each single host failure, or for the hosts in `fail` failing together.",
+        "Recovery plans: for each single host failure, for the hosts in `fail` failing together, or for every host of site `fail_site`.",
         schema::<Vec<FailurePlan>>,
-        &[optional("fail", "comma-separated host names failing together")],
+        &[optional("fail", "comma-separated host names failing together"), optional("fail_site", "a site: all its hosts fail together (not with `fail`)")],
     ),
     get_q(
         "/v1/rebalance",

@@ -34,6 +34,8 @@ pub enum EventKind {
     HostAdded,
     /// A host left for a planned stop with its VMs parked.
     HostLeft,
+    /// A host's site changed in committed state (as its configuration names it).
+    HostSite,
     Joined,
     MigrationAborted,
     MigrationCompleted,
@@ -84,6 +86,7 @@ impl EventKind {
             EventKind::FenceConfirmed => "fence-confirmed",
             EventKind::Fenced => "fenced",
             EventKind::HostAdded => "host-added",
+            EventKind::HostSite => "host-site",
             EventKind::HostLeft => "host-left",
             EventKind::Joined => "joined",
             EventKind::MigrationAborted => "migration-aborted",

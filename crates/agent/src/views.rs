@@ -105,6 +105,9 @@ pub struct HostView {
     /// normal, maintenance (its VMs leave live, it receives none) or disabled.
     #[serde(default)]
     pub mode: HostMode,
+    /// The site its configuration names.
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 /// `GET /v1/vms`: one VM with its desired state, placement and HA state.
@@ -160,6 +163,25 @@ pub struct FttView {
     pub report: FttReport,
     /// The target admission control protects; none: not enforced.
     pub target: Option<u32>,
+    /// The loss of each whole site (hosts with a `site`), in name order.
+    #[serde(default)]
+    pub sites: Vec<SiteLossView>,
+    /// Whether admission control protects the target "survive one site".
+    #[serde(default)]
+    pub survive_site_loss: bool,
+}
+
+/// What the loss of one whole site would do (`GET /v1/ftt`).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct SiteLossView {
+    pub site: String,
+    pub hosts: Vec<String>,
+    /// Whether the hosts left would still be a majority of the voting hosts.
+    pub quorum: bool,
+    /// Every protected VM of the site would run again elsewhere.
+    pub survived: bool,
+    /// The protected VMs that would stay down.
+    pub protected_down: Vec<StaysDown>,
 }
 
 /// `GET /v1/plan`: what one failure set would do.
@@ -379,6 +401,9 @@ pub struct SettingsRequest {
     #[serde(default, deserialize_with = "present_or_null", skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<tandem_core::state::ShutdownPolicy>")]
     pub shutdown_policy: Option<Option<tandem_core::state::ShutdownPolicy>>,
+    /// The target "survive the loss of one site"; absent: unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub survive_site_loss: Option<bool>,
     #[serde(default)]
     pub force: bool,
 }

@@ -20,7 +20,6 @@ pub mod placement;
 pub mod rebalance;
 pub mod reconcile;
 pub mod recovery;
-pub mod sites;
 pub mod spec;
 pub mod state;
 pub mod time;
@@ -44,6 +43,8 @@ mod layering {
         ("state/apply", include_str!("state/apply.rs"), &["recovery", "coordinate", "reconcile", "membership"]),
         ("state/lifecycle", include_str!("state/lifecycle.rs"), &["recovery", "coordinate", "reconcile", "membership"]),
         ("state/command", include_str!("state/command.rs"), &["recovery", "coordinate", "reconcile", "membership"]),
+        ("state/failure", include_str!("state/failure.rs"), &["recovery", "coordinate", "reconcile", "membership"]),
+        ("state/sites", include_str!("state/sites.rs"), &["recovery", "coordinate", "reconcile", "membership"]),
         ("recovery", include_str!("recovery.rs"), &["coordinate", "reconcile", "membership"]),
     ];
 

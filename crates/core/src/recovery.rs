@@ -19,26 +19,12 @@ pub fn place(state: &ClusterState, names: &[String], eligible: HostSet, allow_of
 }
 
 /// The plan for the running-desired VMs of the `failed` hosts, onto `eligible` hosts (failed
-/// hosts are never eligible). Capacity taken by the failed hosts' own VMs is not counted.
+/// hosts are never eligible). Capacity taken by the failed hosts' own VMs is not counted. (The
+/// routine is [`ClusterState::plan_failure`], in the state layer, so that admission control's
+/// site target plans with it too.)
 #[must_use]
 pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) -> PlacementResult {
-    let mut model = state.placement_model(eligible);
-    // A VM whose disk is on a failed host's own storage is not restarted anywhere: it waits for
-    // its host (and takes no room in the plan).
-    let bound: Vec<String> = state
-        .vms
-        .values()
-        .filter(|v| v.spec.bound_to_host() && v.desired() == crate::state::PowerState::Running && v.assignment().is_some_and(|a| failed.contains(&a.host)))
-        .map(|v| v.spec.name.clone())
-        .collect();
-    for vm in model.vms.iter_mut().filter(|v| bound.contains(&v.name)) {
-        vm.running = false;
-    }
-    let failed: Vec<u32> = failed.iter().filter_map(|h| model.host_index(*h)).collect();
-    let mut plan = model.named(&model.plan(&failed, false));
-    plan.left_down.retain(|(n, _)| !bound.contains(n));
-    plan.left_down.extend(bound.into_iter().map(|n| (n, LeftDown::LocalDisk)));
-    plan
+    state.plan_failure(failed, eligible)
 }
 
 /// What an operator's "what if these hosts failed together" gets: [`plan_failure`] while the
@@ -46,19 +32,7 @@ pub fn plan_failure(state: &ClusterState, failed: &[HostId], eligible: HostSet) 
 /// VM that ran on the failed hosts stays down (`NoQuorum`). The flag says which case it is.
 #[must_use]
 pub fn plan_what_if(state: &ClusterState, failed: &[HostId]) -> (PlacementResult, bool) {
-    let members = state.members();
-    let lost = failed.iter().filter(|h| members.contains(**h)).count();
-    let quorum = members.len() - lost > members.len() / 2;
-    if quorum {
-        return (plan_failure(state, failed, members), true);
-    }
-    let left_down = state
-        .vms
-        .values()
-        .filter(|v| v.desired() == crate::state::PowerState::Running && v.assignment().is_some_and(|a| failed.contains(&a.host)))
-        .map(|v| (v.spec.name.clone(), LeftDown::NoQuorum))
-        .collect();
-    (PlacementResult { placements: vec![], left_down }, false)
+    state.plan_what_if(failed)
 }
 
 /// Why a running-desired VM that has no host cannot be placed on the `eligible` hosts now, in

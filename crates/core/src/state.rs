@@ -13,15 +13,18 @@ use thiserror::Error;
 mod admission;
 mod apply;
 mod command;
+mod failure;
 mod leave;
 mod lifecycle;
 mod migration;
+mod sites;
 mod tokens;
 
 pub use crate::spec::*;
 pub use command::*;
 pub use lifecycle::{VmPhase, VmRecord, VmRecordWire};
 pub use migration::{MAX_CLUSTER_MIGRATIONS, MAX_INCOMING_MIGRATIONS, MAX_OUTGOING_MIGRATIONS};
+pub use sites::SiteLoss;
 pub use tokens::*;
 
 pub use admission::Admission;

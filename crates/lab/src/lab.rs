@@ -57,6 +57,8 @@ pub struct LabOptions {
     /// How often the recorder samples the process table (it reads every process's environment:
     /// with a thousand workloads, every 10 ms would take a core of its own).
     pub recorder_period: Duration,
+    /// Each host's site, by index (a host beyond the list has none).
+    pub sites: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -72,6 +74,7 @@ impl Default for LabOptions {
             disk_paths: BTreeMap::new(),
             ca: None,
             recorder_period: Duration::from_millis(10),
+            sites: Vec::new(),
         }
     }
 }
@@ -282,7 +285,7 @@ impl Lab {
             let text = format!(
                 "host_id = {i}\nname = \"{name}\"\napi_addr = \"{api}\"\nheartbeat_addr = \"{ip}:{hb}\"\n\
                  data_dir = \"{data}\"\nheartbeat_disk = \"{disk}\"\nsecret_file = \"{secret}\"\n\
-                 driver = \"{driver}\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {mem} }}\n{extra}\n",
+                 driver = \"{driver}\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {mem} }}\n{site}{extra}\n",
                 hb = opts.api_port + 1,
                 data = data.display(),
                 disk = opts.disk_paths.get(&i).cloned().unwrap_or_else(|| shared.join("heartbeat.disk")).display(),
@@ -290,6 +293,7 @@ impl Lab {
                 driver = opts.driver,
                 vcpus = opts.capacity.0,
                 mem = opts.capacity.1,
+                site = opts.sites.get(i as usize).map(|s| format!("site = \"{s}\"\n")).unwrap_or_default(),
                 // `{data}` in the extra config stands for this host's data directory.
                 extra = opts.extra_config.replace("{data}", &data.display().to_string()),
             );

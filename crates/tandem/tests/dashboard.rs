@@ -151,7 +151,8 @@ impl Drop for Browser {
 }
 
 const VIEW: &str = "JSON.stringify({
-  hosts: [...document.querySelectorAll('#hosts tbody tr')].map(r => [r.dataset.host, r.querySelector('.liveness').textContent]),
+  hosts: [...document.querySelectorAll('#hosts tbody tr[data-host]')].map(r => [r.dataset.host, r.querySelector('.liveness').textContent]),
+  sites: [...document.querySelectorAll('#hosts tbody tr[data-site]')].map(r => [r.dataset.site, r.textContent]),
   vms: [...document.querySelectorAll('#vms tbody tr')].map(r => [r.dataset.vm, r.dataset.host]),
   ftt: document.getElementById('ftt').textContent,
   events: document.querySelectorAll('#events tbody tr').length,
@@ -166,7 +167,9 @@ fn dashboard_shows_the_cluster_and_follows_a_host_failure_live() -> Result<()> {
         eprintln!("skipping: chromium is not installed");
         return Ok(());
     }
-    let mut lab = Lab::new(LabOptions { loopback_net: 38, ..LabOptions::default() }, &binary())?;
+    // Each host in its own site: the page groups them, each under what its site's loss would do.
+    let sites = ["north", "south", "west"].map(String::from).to_vec();
+    let mut lab = Lab::new(LabOptions { loopback_net: 38, sites, ..LabOptions::default() }, &binary())?;
     lab.start_all()?;
     lab.form_cluster()?;
     let c = lab.client(0);
@@ -233,6 +236,7 @@ fn dashboard_shows_the_cluster_and_follows_a_host_failure_live() -> Result<()> {
             && ["d1", "d2", "d3"].iter().all(|vm| host_of(v, vm).is_some_and(|h| !h.is_empty()))
             && v["ftt"] != "–"
             && v["events"].as_u64() > Some(0)
+            && v["sites"].as_array().is_some_and(|s| s.len() == 3 && s.iter().all(|r| r[1].as_str().is_some_and(|t| t.ends_with("its loss is survived"))))
     })?;
     // Power off a host other than the one serving the page, holding a VM if one does.
     let victim = ["h1", "h2"].into_iter().find(|h| ["d1", "d2", "d3"].iter().any(|vm| host_of(&before, vm).as_deref() == Some(*h))).unwrap_or("h2");

@@ -18,6 +18,9 @@ impl Agent {
                 continue;
             }
             let st = self.status();
+            if st.joined_epoch.is_some() {
+                self.sync_site().await;
+            }
             let assessment = self.assessment();
             let view = MembershipView {
                 joined: st.joined_epoch,
@@ -73,6 +76,27 @@ impl Agent {
                     self.gave_up_join(before.max(unanswered) + 1);
                 }
             }
+        }
+    }
+
+    /// Tells committed state the site this host's configuration names, if it says otherwise
+    /// (a new host, or a configuration changed across a restart). Asked again next round if it
+    /// does not commit.
+    async fn sync_site(&self) {
+        let committed = self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| h.site.clone()));
+        if committed.is_none_or(|site| site == self.cfg.site) {
+            return;
+        }
+        match self.submit(Command::SetHostSite { host: self.me, site: self.cfg.site.clone() }).await {
+            Ok(Ok(_)) => {
+                let detail = match &self.cfg.site {
+                    Some(site) => format!("{} is in site {site}", self.cfg.name),
+                    None => format!("{} is in no site", self.cfg.name),
+                };
+                self.events.record(crate::events::EventKind::HostSite, None, Some(&self.cfg.name), detail);
+            }
+            Ok(Err(e)) => tracing::warn!("this host's site refused: {e}"),
+            Err(e) => tracing::debug!("this host's site not committed yet: {e}"),
         }
     }
 

@@ -52,15 +52,36 @@ pub(super) async fn ftt(State(a): State<Arc<Agent>>) -> ApiResult<FttView> {
     // A search on a snapshot, off the runtime: it holds up neither the log nor other requests.
     let snap = a.consensus.snapshot();
     // The target from the same snapshot the search runs on.
-    let target = snap.state.settings.ftt_target;
-    let report = a.heavy.run(move || snap.state.ftt()).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
-    Ok(Json(FttView { report, target }))
+    let (target, survive_site_loss) = (snap.state.settings.ftt_target, snap.state.settings.survive_site_loss);
+    let (report, sites) = a
+        .heavy
+        .run(move || {
+            let s = &snap.state;
+            let name = |h: &HostId| s.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone());
+            let sites = s
+                .site_losses()
+                .into_iter()
+                .map(|l| SiteLossView {
+                    survived: l.survived(),
+                    hosts: l.hosts.iter().map(name).collect(),
+                    quorum: l.quorum,
+                    protected_down: l.protected_down.into_iter().map(|(vm, reason)| StaysDown { vm, reason }).collect(),
+                    site: l.site,
+                })
+                .collect();
+            (s.ftt(), sites)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    Ok(Json(FttView { report, target, sites, survive_site_loss }))
 }
 
 #[derive(Deserialize)]
 pub(super) struct PlanQuery {
     /// Comma-separated host names; absent: every single-host failure.
     fail: Option<String>,
+    /// A site: all its hosts fail together (not with `fail`).
+    fail_site: Option<String>,
 }
 
 /// What would happen if hosts failed: for each failure set, where every VM restarts and which
@@ -68,13 +89,18 @@ pub(super) struct PlanQuery {
 pub(super) async fn plan(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery<PlanQuery>) -> ApiResult<Vec<FailurePlan>> {
     // Planned on a snapshot, off the runtime (every host's failure on a large state is heavy).
     let snap = a.consensus.snapshot();
-    a.heavy.run(move || what_if(&snap.state, q.fail.as_deref())).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?
+    a.heavy.run(move || what_if(&snap.state, q.fail.as_deref(), q.fail_site.as_deref())).await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?
 }
 
-pub(super) fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>) -> ApiResult<Vec<FailurePlan>> {
+pub(super) fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>, fail_site: Option<&str>) -> ApiResult<Vec<FailurePlan>> {
     {
-        let sets: Vec<Vec<HostId>> = match fail {
-            Some(list) => {
+        let sets: Vec<Vec<HostId>> = match (fail, fail_site) {
+            (Some(_), Some(_)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "fail= and fail_site= do not go together")),
+            (None, Some(site)) => {
+                let hosts = s.sites().remove(site).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("fail_site= names a site no host is in: '{site}'")))?;
+                vec![hosts]
+            }
+            (Some(list), None) => {
                 let mut set = Vec::new();
                 for n in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                     let h = s.host_by_name(n).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("fail= names an unknown host '{n}'")))?;
@@ -85,7 +111,7 @@ pub(super) fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>) 
                 }
                 vec![set]
             }
-            None => s.active_hosts().iter().map(|h| vec![h]).collect(),
+            (None, None) => s.active_hosts().iter().map(|h| vec![h]).collect(),
         };
         let name = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
         let out: Vec<FailurePlan> = sets
@@ -127,6 +153,9 @@ pub(super) async fn settings_set(State(a): State<Arc<Agent>>, body: Bytes) -> Ap
     }
     if let Some(p) = b.shutdown_policy {
         settings.shutdown_policy = p;
+    }
+    if let Some(t) = b.survive_site_loss {
+        settings.survive_site_loss = t;
     }
     for (group, delay) in b.group_delays_ms {
         match delay {

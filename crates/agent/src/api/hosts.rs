@@ -40,6 +40,7 @@ pub(super) async fn hosts(State(a): State<Arc<Agent>>) -> Json<Vec<HostView>> {
                     fenced_epoch: p.and_then(|p| p.fenced_epoch),
                     leader: leader == Some(u64::from(h.id.0)),
                     mode: h.mode,
+                    site: h.site.clone(),
                 }
             })
             .collect()

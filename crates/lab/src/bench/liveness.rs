@@ -55,6 +55,7 @@ fn synthetic_state(vms: usize) -> ClusterState {
                 status: HostStatus::Active,
                 epoch: 1,
                 mode: HostMode::Normal,
+                site: None,
             },
         );
     }

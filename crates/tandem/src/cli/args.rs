@@ -98,11 +98,14 @@ pub enum Cmd {
     /// Live migrations that remove placement-rule violations and even out memory use: shows the
     /// plan, then (once confirmed) carries it out, at most --parallel moves at once.
     Rebalance(RebalanceArgs),
-    /// What would happen if the given hosts failed together.
+    /// What would happen if the given hosts, or every host of a site, failed together.
     Whatif {
         /// Host names, comma-separated (e.g. h1,h2).
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "fail_site", conflicts_with = "fail_site")]
         fail: Vec<String>,
+        /// A site: all its hosts fail at once.
+        #[arg(long)]
+        fail_site: Option<String>,
     },
     /// Placement rules: affinity and anti-affinity groups of VMs.
     Rule {
@@ -179,6 +182,9 @@ pub enum ClusterOp {
         /// host's own `[shutdown] policy`).
         #[arg(long, value_parser = ["kill", "migrate", "shutdown", "freeze", "host"])]
         shutdown_policy: Option<String>,
+        /// The target "survive the loss of one site", protected by admission control.
+        #[arg(long)]
+        survive_site_loss: Option<bool>,
         /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,

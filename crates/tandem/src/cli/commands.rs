@@ -17,7 +17,13 @@ pub fn run(c: &Client, out: Output, cmd: &Cmd) -> Result<(), ClientError> {
         Cmd::Failovers { limit, vms } => show(out, &c.get(&format!("/v1/failovers?limit={limit}"))?, |f: &Vec<FailoverView>| print_failovers(f, *vms)),
         Cmd::Migrations => show(out, &c.get("/v1/migrations")?, super::migrate::print_migrations),
         Cmd::Rebalance(args) => super::rebalance::run(c, out, args),
-        Cmd::Whatif { fail } => show(out, &c.get(&format!("/v1/plan?fail={}", fail.join(",")))?, print_plans),
+        Cmd::Whatif { fail, fail_site } => {
+            let query = match fail_site {
+                Some(site) => format!("fail_site={site}"),
+                None => format!("fail={}", fail.join(",")),
+            };
+            show(out, &c.get(&format!("/v1/plan?{query}"))?, print_plans)
+        }
         Cmd::Rule { op } => rule(c, out, op),
         Cmd::Token { op } => token(c, out, op),
         _ => Err(usage("this command is not a client command")),
@@ -29,8 +35,13 @@ fn cluster(c: &Client, out: Output, op: &ClusterOp) -> Result<(), ClientError> {
         ClusterOp::Init => show(out, &c.send("POST", "/v1/cluster/init", &EmptyRequest {})?, kv::<Initialized>),
         ClusterOp::Status => show(out, &c.get("/v1/status")?, |s: &StatusView| println!("{}", serde_json::to_string_pretty(s).unwrap_or_default())),
         ClusterOp::Settings => show(out, &c.get("/v1/settings")?, kv::<Settings>),
-        ClusterOp::Set { ftt_target, vcpu_overcommit_pct, group_delay, shutdown_policy, force } => {
-            let mut req = SettingsRequest { vcpu_overcommit_pct: *vcpu_overcommit_pct, force: *force, ..SettingsRequest::default() };
+        ClusterOp::Set { ftt_target, vcpu_overcommit_pct, group_delay, shutdown_policy, survive_site_loss, force } => {
+            let mut req = SettingsRequest {
+                vcpu_overcommit_pct: *vcpu_overcommit_pct,
+                survive_site_loss: *survive_site_loss,
+                force: *force,
+                ..SettingsRequest::default()
+            };
             if let Some(t) = ftt_target {
                 req.ftt_target =
                     Some(if t == "none" { None } else { Some(t.parse::<u32>().map_err(|_| usage(format!("--ftt-target '{t}' is not a number or 'none'")))?) });
@@ -82,12 +93,13 @@ fn host(c: &Client, out: Output, op: &HostOp) -> Result<(), ClientError> {
 
 fn print_hosts(hosts: &Vec<HostView>) {
     let mut rows =
-        vec![["ID", "NAME", "STATUS", "MODE", "EPOCH", "LIVENESS", "NET AGE", "DISK AGE", "VCPU", "MEMORY MiB", "LEADER"].map(String::from).to_vec()];
+        vec![["ID", "NAME", "SITE", "STATUS", "MODE", "EPOCH", "LIVENESS", "NET AGE", "DISK AGE", "VCPU", "MEMORY MiB", "LEADER"].map(String::from).to_vec()];
     let age = |x: Option<u64>| x.map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
     for h in hosts {
         rows.push(vec![
             h.id.to_string(),
             h.name.clone(),
+            h.site.clone().unwrap_or_else(|| "-".into()),
             text(&h.status),
             text(&h.mode),
             h.epoch.to_string(),
@@ -111,6 +123,18 @@ fn print_ftt(v: &FttView) {
     if let Some((hosts, vms)) = &r.counterexample {
         let hosts: Vec<String> = hosts.iter().map(|h| h.0.to_string()).collect();
         println!("breaks when hosts [{}] fail: [{}] could not restart", hosts.join(", "), vms.join(", "));
+    }
+    if !v.sites.is_empty() || v.survive_site_loss {
+        println!("target \"survive the loss of one site\": {}", if v.survive_site_loss { "on" } else { "off" });
+    }
+    for l in &v.sites {
+        let down: Vec<&str> = l.protected_down.iter().map(|d| d.vm.as_str()).collect();
+        let verdict = match (l.survived, l.quorum) {
+            (true, _) => "survived: every protected VM restarts elsewhere".to_string(),
+            (false, false) => format!("not survived: no majority left, [{}] stay down", down.join(", ")),
+            (false, true) => format!("not survived: [{}] could not restart", down.join(", ")),
+        };
+        println!("loss of site {} ({}): {verdict}", l.site, l.hosts.join(", "));
     }
 }
 

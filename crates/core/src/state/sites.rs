@@ -3,15 +3,15 @@
 //!
 //! A host carries the `site` its own configuration names, committed by `set-host-site` (log
 //! format 11). The loss of a site is planned like any failure set — its hosts fail together —
-//! by the same planner the coordinator runs ([`crate::recovery::plan_what_if`]), quorum
+//! by the same planner the coordinator runs ([`ClusterState::plan_what_if`]), quorum
 //! included: with two sites of equal size and no third vote, losing either leaves no majority,
 //! and nothing could restart (which is what the cluster reports). The settings' target
 //! `survive_site_loss` makes admission control refuse a change after which some site's loss
 //! would leave a protected VM down.
 
+use super::{Applied, ClusterState, Protection, StateError};
 use crate::hostset::HostId;
 use crate::placement::LeftDown;
-use crate::state::{Applied, ClusterState, Protection, StateError};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -53,7 +53,7 @@ impl ClusterState {
     #[must_use]
     pub fn site_loss(&self, site: &str) -> Option<SiteLoss> {
         let hosts = self.sites().remove(site)?;
-        let (plan, quorum) = crate::recovery::plan_what_if(self, &hosts);
+        let (plan, quorum) = self.plan_what_if(&hosts);
         let protected = |name: &str| self.vms.get(name).is_some_and(|v| v.spec.protection == Protection::Protect);
         let protected_down = plan.left_down.into_iter().filter(|(n, _)| protected(n)).collect();
         Some(SiteLoss { site: site.to_string(), hosts, quorum, protected_down })
