@@ -423,6 +423,9 @@ pub struct RuleRequest {
     #[serde(default)]
     pub hard: bool,
     pub vms: Vec<String>,
+    /// The site of a `site` rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     #[serde(default)]
     pub force: bool,
 }
@@ -431,7 +434,7 @@ impl RuleRequest {
     /// The rule to store.
     #[must_use]
     pub fn rule(&self) -> Rule {
-        Rule { name: self.name.clone(), kind: self.kind, hard: self.hard, vms: self.vms.clone() }
+        Rule { name: self.name.clone(), kind: self.kind, hard: self.hard, vms: self.vms.clone(), site: self.site.clone() }
     }
 }
 

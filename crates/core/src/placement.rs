@@ -24,6 +24,8 @@ pub enum RuleKind {
     Affinity,
     /// No two members on one host.
     AntiAffinity,
+    /// Every member on a host of one site (the rule's `site`; log format 11).
+    Site,
 }
 
 /// A host as placement sees it.
@@ -66,6 +68,8 @@ pub struct PlacementRule {
     pub hard: bool,
     /// Indices into [`Model::vms`].
     pub members: Vec<u32>,
+    /// For a [`RuleKind::Site`] rule: the hosts of its site (indices into [`Model::hosts`]).
+    pub hosts: Vec<u32>,
 }
 
 /// Why a VM is not placed.
@@ -386,6 +390,7 @@ impl Model {
                 || match rule.kind {
                     RuleKind::AntiAffinity => !occ.contains(&h),
                     RuleKind::Affinity => occ.first().is_none_or(|anchor| *anchor == h),
+                    RuleKind::Site => rule.hosts.contains(&h),
                 }
         })
     }
@@ -412,6 +417,7 @@ impl Model {
                         && match rule.kind {
                             RuleKind::AntiAffinity => occ.contains(&(h as u32)),
                             RuleKind::Affinity => occ.first().is_some_and(|anchor| *anchor != h as u32),
+                            RuleKind::Site => !rule.hosts.contains(&(h as u32)),
                         }
                 })
                 .count() as u32;
@@ -628,7 +634,7 @@ pub(crate) mod tests {
     fn hard_anti_affinity_pair_never_shares_a_host() {
         let hosts = (0..3).map(|i| host(i, 4000, 8)).collect();
         let vms = vec![vm("dns1", 500, 1, 0), vm("dns2", 500, 1, 1), vm("other", 3000, 1, 2)];
-        let rule = PlacementRule { name: "dns-apart".into(), kind: RuleKind::AntiAffinity, hard: true, members: vec![0, 1] };
+        let rule = PlacementRule { name: "dns-apart".into(), kind: RuleKind::AntiAffinity, hard: true, members: vec![0, 1], hosts: vec![] };
         let (vms, rules) = with_rules(vms, vec![rule]);
         let m = Model::new(hosts, vms, rules);
         // Host 2 has less free memory than host 1, but host 1 holds dns2.
@@ -657,7 +663,7 @@ pub(crate) mod tests {
     fn soft_affinity_is_preferred_but_not_required() {
         let hosts = (0..3).map(|i| host(i, 4000, 8)).collect();
         let vms = vec![vm("app", 500, 1, 0), vm("cache", 500, 1, 1), vm("filler", 100, 1, 2)];
-        let rule = PlacementRule { name: "app-near-cache".into(), kind: RuleKind::Affinity, hard: false, members: vec![0, 1] };
+        let rule = PlacementRule { name: "app-near-cache".into(), kind: RuleKind::Affinity, hard: false, members: vec![0, 1], hosts: vec![] };
         let (vms, rules) = with_rules(vms, vec![rule]);
         let m = Model::new(hosts, vms, rules);
         assert_eq!(m.plan(&[0], false).placed, vec![(0, 1)], "next to its cache, although host 2 has more room");
@@ -707,7 +713,7 @@ pub(crate) mod tests {
                             let mut members = members.iter().map(|m| *m as u32).collect::<Vec<_>>();
                             members.sort_unstable();
                             members.dedup();
-                            PlacementRule { name: format!("r{i}"), kind: if *anti { RuleKind::AntiAffinity } else { RuleKind::Affinity }, hard: *hard, members }
+                            PlacementRule { name: format!("r{i}"), kind: if *anti { RuleKind::AntiAffinity } else { RuleKind::Affinity }, hard: *hard, members, hosts: vec![] }
                         })
                         .collect();
                     let (vms, rules) = with_rules(vms, rules);
@@ -758,6 +764,7 @@ pub(crate) mod tests {
                         let anchor = staying.first().or(placed.first());
                         prop_assert!(placed.iter().all(|h| Some(h) == anchor), "affinity {} broken", rule.name);
                     }
+                    RuleKind::Site => prop_assert!(placed.iter().all(|h| rule.hosts.contains(h)), "site rule {} broken", rule.name),
                 }
             }
         }

@@ -111,6 +111,40 @@ fn rule_allows(plan: &ClusterState, rule: &Rule, vm: &str, to: HostId) -> bool {
     match rule.kind {
         RuleKind::AntiAffinity => others.into_iter().all(|h| h != to),
         RuleKind::Affinity => true,
+        RuleKind::Site => in_site(plan, rule, to),
+    }
+}
+
+/// Whether `host` is in the site of a site rule.
+fn in_site(plan: &ClusterState, rule: &Rule, host: HostId) -> bool {
+    plan.hosts.get(&host).is_some_and(|h| h.site.is_some() && h.site == rule.site)
+}
+
+/// Members of a site rule running outside its site move to the roomiest host of the site, one
+/// by one, as long as one may take them.
+fn fix_site(plan: &mut ClusterState, rule: &Rule, out: &mut RebalancePlan) {
+    let outside: Vec<(String, HostId)> = rule
+        .vms
+        .iter()
+        .filter_map(|m| plan.vms.get(m).and_then(|v| v.assignment()).map(|a| (m.clone(), a.host)))
+        .filter(|(_, h)| !in_site(plan, rule, *h))
+        .collect();
+    for (vm, from) in outside {
+        let why = if settled_at(plan, &vm).is_none() {
+            Some("it is migrating".to_string())
+        } else {
+            match roomiest(plan, &vm, usable_hosts(plan).into_iter().filter(|h| in_site(plan, rule, *h))) {
+                Some(to) if out.moves.len() < MAX_REBALANCE_MOVES && move_on_copy(plan, &vm, to) => {
+                    out.moves.push(RebalanceMove { vm: vm.clone(), from, to, reason: MoveReason::Rule(rule.name.clone()) });
+                    None
+                }
+                Some(_) => Some("the plan is already as long as it may be".to_string()),
+                None => Some(format!("no host of site {} may take it", rule.site.as_deref().unwrap_or_default())),
+            }
+        };
+        if let Some(why) = why {
+            out.unfixable.push(Unfixable { rule: rule.name.clone(), vm, why });
+        }
     }
 }
 
@@ -225,6 +259,7 @@ pub fn rebalance_plan(s: &ClusterState, scope: &RebalanceScope) -> RebalancePlan
         match rule.kind {
             RuleKind::AntiAffinity => fix_anti_affinity(&mut plan, rule, &mut out),
             RuleKind::Affinity => fix_affinity(&mut plan, rule, &mut out),
+            RuleKind::Site => fix_site(&mut plan, rule, &mut out),
         }
     }
     if scope.balance {
@@ -251,7 +286,7 @@ mod tests {
     }
 
     fn rule(s: &mut ClusterState, name: &str, kind: RuleKind, hard: bool, vms: &[&str]) {
-        let r = Rule { name: name.into(), kind, hard, vms: vms.iter().map(|v| (*v).to_string()).collect() };
+        let r = Rule { name: name.into(), kind, hard, vms: vms.iter().map(|v| (*v).to_string()).collect(), site: None };
         s.apply(&Command::SetRule { rule: r, force: true }).expect("rule");
     }
 

@@ -88,6 +88,10 @@ pub struct Rule {
     #[serde(default)]
     pub hard: bool,
     pub vms: Vec<String>,
+    /// The site of a `site` rule (its members run there: required when hard, preferred when
+    /// soft); none for the other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// Cluster-wide settings.
@@ -324,7 +328,11 @@ impl ClusterState {
                 for m in &members {
                     vms[*m as usize].rules.push(r as u32);
                 }
-                PlacementRule { name: rule.name.clone(), kind: rule.kind, hard: rule.hard, members }
+                let hosts = match (&rule.kind, &rule.site) {
+                    (RuleKind::Site, Some(site)) => self.hosts.values().filter(|h| h.site.as_ref() == Some(site)).filter_map(|h| index.get(&h.id).copied()).collect(),
+                    _ => Vec::new(),
+                };
+                PlacementRule { name: rule.name.clone(), kind: rule.kind, hard: rule.hard, members, hosts }
             })
             .collect();
         Model::new(hosts, vms, rules)
@@ -382,8 +390,14 @@ impl ClusterState {
         let mut vms: Vec<&String> = rule.vms.iter().collect();
         vms.sort();
         vms.dedup();
-        if vms.len() < 2 {
-            return infeasible("it needs at least two distinct VMs".into());
+        match (rule.kind, &rule.site) {
+            (RuleKind::Site, None) => return infeasible("a site rule names its site".into()),
+            (RuleKind::Site, Some(site)) if !valid_name(site) => return Err(StateError::BadSite(site.clone())),
+            (RuleKind::Site, Some(_)) if vms.is_empty() => return infeasible("it needs at least one VM".into()),
+            (RuleKind::Site, Some(_)) => {}
+            (_, Some(_)) => return infeasible("only a site rule names a site".into()),
+            (_, None) if vms.len() < 2 => return infeasible("it needs at least two distinct VMs".into()),
+            (_, None) => {}
         }
         if let Some(unknown) = vms.iter().find(|n| !self.vms.contains_key(n.as_str())) {
             return Err(StateError::UnknownVm((*unknown).clone()));
@@ -407,8 +421,23 @@ impl ClusterState {
                         return infeasible(format!("together they need {mem} MiB and {cpus} vCPUs, more than any host has"));
                     }
                 }
+                RuleKind::Site => {
+                    let site = rule.site.as_deref().unwrap_or_default();
+                    if !self.hosts.values().any(|h| h.site.as_deref() == Some(site)) {
+                        return infeasible(format!("no host is in site {site}"));
+                    }
+                    let elsewhere = self.rules.values().filter(|o| o.hard && o.name != rule.name && o.kind == RuleKind::Site && o.site != rule.site);
+                    if let Some((other, vm)) = elsewhere.flat_map(|o| vms.iter().filter(|v| o.vms.contains(v)).map(move |v| (o, v))).next() {
+                        return Err(StateError::RuleConflict {
+                            rule: rule.name.clone(),
+                            other: other.name.clone(),
+                            why: format!("{vm} must be both in site {site} and in site {}", other.site.as_deref().unwrap_or_default()),
+                        });
+                    }
+                }
             }
-            for other in self.rules.values().filter(|o| o.hard && o.name != rule.name && o.kind != rule.kind) {
+            let opposite = |o: &Rule| matches!((o.kind, rule.kind), (RuleKind::Affinity, RuleKind::AntiAffinity) | (RuleKind::AntiAffinity, RuleKind::Affinity));
+            for other in self.rules.values().filter(|o| o.hard && o.name != rule.name && opposite(o)) {
                 let shared: Vec<&String> = vms.iter().copied().filter(|v| other.vms.contains(v)).collect();
                 if shared.len() >= 2 {
                     return Err(StateError::RuleConflict {
@@ -430,6 +459,7 @@ impl ClusterState {
             let clash = match rule.kind {
                 RuleKind::AntiAffinity => placed.iter().enumerate().any(|(j, (_, g))| j != i && g == h),
                 RuleKind::Affinity => placed.first().is_some_and(|(_, g)| g != h),
+                RuleKind::Site => self.hosts.get(h).is_none_or(|r| r.site != rule.site),
             };
             if clash {
                 out.push((*n).clone());
@@ -500,7 +530,7 @@ pub(crate) mod tests {
         run_on(&mut s, process_vm("a", Protection::Protect, 0, 256), 0);
         s.apply(&Command::CreateVm { spec: process_vm("b", Protection::Protect, 0, 256) }).expect("create");
         s.apply(&Command::SetRule {
-            rule: Rule { name: "apart".into(), kind: RuleKind::AntiAffinity, hard: true, vms: vec!["a".into(), "b".into()] },
+            rule: Rule { name: "apart".into(), kind: RuleKind::AntiAffinity, hard: true, vms: vec!["a".into(), "b".into()], site: None },
             force: true,
         })
         .expect("rule");
@@ -659,7 +689,7 @@ pub(crate) mod tests {
                 capacity: Capacity { vcpus: 4, memory_mib: 512 },
             },
             Command::SetRule {
-                rule: Rule { name: "r".into(), kind: crate::placement::RuleKind::AntiAffinity, hard: true, vms: vec!["a".into(), "b".into()] },
+                rule: Rule { name: "r".into(), kind: crate::placement::RuleKind::AntiAffinity, hard: true, vms: vec!["a".into(), "b".into()], site: None },
                 force: false,
             },
             Command::DeleteRule { name: "r".into() },
@@ -865,7 +895,7 @@ pub(crate) mod tests {
             run_on(&mut s, process_vm(&format!("v{i}"), Protection::Protect, 0, 1000), i % 3);
         }
         let rule = |name: &str, kind, hard, vms: &[&str]| Command::SetRule {
-            rule: Rule { name: name.into(), kind, hard, vms: vms.iter().map(|v| v.to_string()).collect() },
+            rule: Rule { name: name.into(), kind, hard, vms: vms.iter().map(|v| v.to_string()).collect(), site: None },
             force: false,
         };
         // v0 and v3 share host 0: the rule is stored and the violation reported.

@@ -60,7 +60,7 @@ fn synthetic(hosts: usize, vms: usize, anti_pairs: usize, seed: u64) -> Model {
         let r = rules.len() as u32;
         vs[a].rules.push(r);
         vs[b].rules.push(r);
-        rules.push(PlacementRule { name: format!("apart{p}"), kind: RuleKind::AntiAffinity, hard: true, members: vec![a as u32, b as u32] });
+        rules.push(PlacementRule { name: format!("apart{p}"), kind: RuleKind::AntiAffinity, hard: true, members: vec![a as u32, b as u32], hosts: vec![] });
     }
     Model::new(hs, vs, rules)
 }

@@ -333,6 +333,7 @@ impl ClusterState {
             let broken = match r.kind {
                 RuleKind::AntiAffinity => others.into_iter().any(|h| h == host),
                 RuleKind::Affinity => others.into_iter().any(|h| h != host),
+                RuleKind::Site => self.hosts.get(&host).is_none_or(|h| h.site != r.site),
             };
             broken.then(|| r.name.clone())
         })

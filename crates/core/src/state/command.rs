@@ -234,6 +234,7 @@ impl Command {
             Command::StopExited { .. } => Some(crate::logformat::EXIT_STOP_FORMAT),
             Command::SetHostSite { .. } => Some(crate::logformat::SITE_FORMAT),
             Command::SetSettings { settings, .. } if settings.survive_site_loss => Some(crate::logformat::SITE_FORMAT),
+            Command::SetRule { rule, .. } if rule.kind == crate::placement::RuleKind::Site => Some(crate::logformat::SITE_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if !spec.postcopy.is_off() => Some(crate::logformat::POSTCOPY_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if matches!(spec.driver, crate::spec::DriverSpec::Qemu { guest_agent: true, .. }) => {
                 Some(crate::logformat::GUEST_AGENT_FORMAT)

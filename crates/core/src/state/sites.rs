@@ -144,4 +144,71 @@ mod tests {
         let forced = s.apply(&Command::SetPower { name: "r".into(), desired: crate::state::PowerState::Running, force: true });
         assert!(matches!(forced, Ok(crate::state::Applied::Forced { .. })), "{forced:?}");
     }
+
+    fn site_rule(name: &str, site: &str, hard: bool, vms: &[&str]) -> Command {
+        let rule = crate::state::Rule {
+            name: name.into(),
+            kind: crate::placement::RuleKind::Site,
+            hard,
+            vms: vms.iter().map(|v| (*v).to_string()).collect(),
+            site: Some(site.into()),
+        };
+        Command::SetRule { rule, force: false }
+    }
+
+    /// A hard site rule: its VM is placed in the site or nowhere — a failover of its host keeps
+    /// it in the site, a site without room leaves it down, and an assignment outside is refused
+    /// when applied. A soft one prefers the site and goes elsewhere when the site is full.
+    #[test]
+    fn site_rules_keep_vms_in_their_site_or_prefer_it() {
+        let mut s = cluster(4, 2048);
+        sited(&mut s, &["a", "a", "b", "b"]);
+        for vm in ["db", "web"] {
+            s.apply(&Command::CreateVm { spec: process_vm(vm, Protection::Protect, 0, 1536) }).expect("create");
+        }
+        assert!(matches!(s.apply(&site_rule("db-in-b", "nowhere", true, &["db"])), Err(StateError::RuleInfeasible { .. })));
+        let set = s.apply(&site_rule("db-in-b", "b", true, &["db"])).expect("rule");
+        assert_eq!(set, crate::state::Applied::RuleSet { violations: vec![] });
+        assert!(matches!(s.apply(&site_rule("db-in-a", "a", true, &["db"])), Err(StateError::RuleConflict { .. })), "in two sites at once");
+        s.apply(&site_rule("web-near-a", "a", false, &["web"])).expect("soft rule");
+        for vm in ["db", "web"] {
+            s.apply(&Command::SetPower { name: vm.into(), desired: crate::state::PowerState::Running, force: false }).expect("start");
+        }
+        let plan = s.place(&s.unplaced(), s.active_hosts(), true);
+        let host = |vm: &str| plan.placements.iter().find(|(n, _)| n == vm).map(|(_, h)| *h);
+        assert!(matches!(host("db"), Some(HostId(2 | 3))), "{plan:?}");
+        assert!(matches!(host("web"), Some(HostId(0 | 1))), "{plan:?}");
+        assert!(matches!(s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }), Err(StateError::BreaksHardRule { .. })));
+        s.apply(&Command::Assign { name: "db".into(), host: HostId(2) }).expect("in site b");
+        // Its host fails: it restarts on the other host of site b, never in site a.
+        let failover = crate::recovery::plan_failover(&s, HostId(2), s.members());
+        assert_eq!(failover.placements, vec![("db".to_string(), HostId(3))]);
+        // Both hosts of site b gone: it stays down, by its rule.
+        let both = s.plan_failure(&[HostId(2), HostId(3)], s.members());
+        assert_eq!(both.left_down, vec![("db".to_string(), crate::placement::LeftDown::HardRule)]);
+        // The soft rule gives way when site a is full: web goes to site b.
+        let mut full = s.clone();
+        for (i, h) in [0u32, 1].iter().enumerate() {
+            let filler = format!("fill{i}");
+            full.apply(&Command::CreateVm { spec: process_vm(&filler, Protection::Off, 0, 2048) }).expect("create");
+            full.apply(&Command::SetPower { name: filler.clone(), desired: crate::state::PowerState::Running, force: true }).expect("start");
+            full.apply(&Command::Assign { name: filler, host: HostId(*h) }).expect("fill");
+        }
+        let plan = full.place(&["web".to_string()], full.active_hosts(), true);
+        assert!(matches!(plan.placements.first(), Some((_, HostId(3)))), "{plan:?}");
+    }
+
+    /// A site rule added while its member runs elsewhere is reported broken, and `rebalance`
+    /// moves the member into the site.
+    #[test]
+    fn rebalancing_moves_a_vm_into_its_site() {
+        let mut s = cluster(4, 4096);
+        sited(&mut s, &["a", "a", "b", "b"]);
+        run_on(&mut s, process_vm("db", Protection::Protect, 0, 1024), 0);
+        let set = s.apply(&site_rule("db-in-b", "b", true, &["db"])).expect("rule");
+        assert_eq!(set, crate::state::Applied::RuleSet { violations: vec!["db".into()] });
+        let plan = crate::rebalance::rebalance_plan(&s, &crate::rebalance::RebalanceScope { rule: Some("db-in-b".into()), balance: false });
+        assert_eq!(plan.moves.len(), 1, "{plan:?}");
+        assert!(matches!(plan.moves[0].to, HostId(2 | 3)), "{plan:?}");
+    }
 }

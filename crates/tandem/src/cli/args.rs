@@ -216,14 +216,17 @@ pub enum RuleOp {
     /// Add or replace a rule. Refused when infeasible or in conflict with another hard rule.
     Add {
         name: String,
-        /// affinity (together) or anti-affinity (apart)
+        /// affinity (together), anti-affinity (apart) or site (in the site of --site)
+        #[arg(long, required_unless_present = "site")]
+        kind: Option<String>,
+        /// The site the VMs run in (a site rule: required with --hard, else preferred).
         #[arg(long)]
-        kind: String,
+        site: Option<String>,
         /// Never broken (a VM stays down instead); without it, a preference.
         #[arg(long)]
         hard: bool,
-        /// The VMs (two or more).
-        #[arg(required = true, num_args = 2..)]
+        /// The VMs (two or more; one is enough for a site rule).
+        #[arg(required = true, num_args = 1..)]
         vms: Vec<String>,
         /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]

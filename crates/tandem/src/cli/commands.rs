@@ -140,10 +140,15 @@ fn print_ftt(v: &FttView) {
 
 fn rule(c: &Client, out: Output, op: &RuleOp) -> Result<(), ClientError> {
     match op {
-        RuleOp::Add { name, kind, hard, vms, force, enforce } => {
-            let kind: RuleKind =
-                serde_json::from_value(serde_json::json!(kind)).map_err(|_| usage(format!("--kind '{kind}' is not affinity or anti-affinity")))?;
-            let req = RuleRequest { name: name.clone(), kind, hard: *hard, vms: vms.clone(), force: *force };
+        RuleOp::Add { name, kind, site, hard, vms, force, enforce } => {
+            let kind: RuleKind = match kind.as_deref() {
+                None => RuleKind::Site,
+                Some(k) => serde_json::from_value(serde_json::json!(k)).map_err(|_| usage(format!("--kind '{k}' is not affinity, anti-affinity or site")))?,
+            };
+            if (kind == RuleKind::Site) != site.is_some() {
+                return Err(usage("--site goes with a site rule (--kind site), and a site rule needs --site"));
+            }
+            let req = RuleRequest { name: name.clone(), kind, hard: *hard, vms: vms.clone(), site: site.clone(), force: *force };
             show(out, &c.send("POST", "/v1/rules", &req)?, kv::<RuleAdded>)?;
             if !*enforce {
                 return Ok(());
@@ -152,9 +157,9 @@ fn rule(c: &Client, out: Output, op: &RuleOp) -> Result<(), ClientError> {
             super::rebalance::run(c, out, &args)
         }
         RuleOp::List => show(out, &c.get("/v1/rules")?, |rules: &Vec<Rule>| {
-            let mut rows = vec![["NAME", "KIND", "HARD", "VMS"].map(String::from).to_vec()];
+            let mut rows = vec![["NAME", "KIND", "SITE", "HARD", "VMS"].map(String::from).to_vec()];
             for r in rules {
-                rows.push(vec![r.name.clone(), text(&r.kind), r.hard.to_string(), r.vms.join(",")]);
+                rows.push(vec![r.name.clone(), text(&r.kind), r.site.clone().unwrap_or_else(|| "-".into()), r.hard.to_string(), r.vms.join(",")]);
             }
             print_table(&rows);
         }),
