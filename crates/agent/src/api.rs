@@ -99,9 +99,7 @@ impl From<StateError> for ApiError {
             | StateError::BadSite(_)
             | StateError::BadHostId(_)
             | StateError::BadSetting(_)
-            | StateError::BadToken(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            | StateError::BadToken(_) => StatusCode::BAD_REQUEST,
             // Refused by the cluster as it stands: a conflict the caller can resolve. Listed
             // one by one, so that a new refusal is given its status deliberately.
             StateError::HostExists(_)

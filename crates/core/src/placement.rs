@@ -713,7 +713,13 @@ pub(crate) mod tests {
                             let mut members = members.iter().map(|m| *m as u32).collect::<Vec<_>>();
                             members.sort_unstable();
                             members.dedup();
-                            PlacementRule { name: format!("r{i}"), kind: if *anti { RuleKind::AntiAffinity } else { RuleKind::Affinity }, hard: *hard, members, hosts: vec![] }
+                            PlacementRule {
+                                name: format!("r{i}"),
+                                kind: if *anti { RuleKind::AntiAffinity } else { RuleKind::Affinity },
+                                hard: *hard,
+                                members,
+                                hosts: vec![],
+                            }
                         })
                         .collect();
                     let (vms, rules) = with_rules(vms, rules);

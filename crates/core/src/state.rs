@@ -329,7 +329,9 @@ impl ClusterState {
                     vms[*m as usize].rules.push(r as u32);
                 }
                 let hosts = match (&rule.kind, &rule.site) {
-                    (RuleKind::Site, Some(site)) => self.hosts.values().filter(|h| h.site.as_ref() == Some(site)).filter_map(|h| index.get(&h.id).copied()).collect(),
+                    (RuleKind::Site, Some(site)) => {
+                        self.hosts.values().filter(|h| h.site.as_ref() == Some(site)).filter_map(|h| index.get(&h.id).copied()).collect()
+                    }
                     _ => Vec::new(),
                 };
                 PlacementRule { name: rule.name.clone(), kind: rule.kind, hard: rule.hard, members, hosts }
@@ -436,7 +438,8 @@ impl ClusterState {
                     }
                 }
             }
-            let opposite = |o: &Rule| matches!((o.kind, rule.kind), (RuleKind::Affinity, RuleKind::AntiAffinity) | (RuleKind::AntiAffinity, RuleKind::Affinity));
+            let opposite =
+                |o: &Rule| matches!((o.kind, rule.kind), (RuleKind::Affinity, RuleKind::AntiAffinity) | (RuleKind::AntiAffinity, RuleKind::Affinity));
             for other in self.rules.values().filter(|o| o.hard && o.name != rule.name && opposite(o)) {
                 let shared: Vec<&String> = vms.iter().copied().filter(|v| other.vms.contains(v)).collect();
                 if shared.len() >= 2 {

@@ -202,7 +202,9 @@ fn main() {
         LabCmd::Bench { op: BenchOp::PlannedStop { driver, vms, policy, rounds, guest_dir } } => {
             ("bench", tandem_lab::bench::plannedstop::run(driver, *vms, policy, *rounds, guest_dir))
         }
-        LabCmd::Bench { op: BenchOp::QemuAlone { memory_mib, rounds, guest_dir } } => ("bench", tandem_lab::bench::qemualone::run(*memory_mib, *rounds, guest_dir)),
+        LabCmd::Bench { op: BenchOp::QemuAlone { memory_mib, rounds, guest_dir } } => {
+            ("bench", tandem_lab::bench::qemualone::run(*memory_mib, *rounds, guest_dir))
+        }
         LabCmd::Bench { op: BenchOp::MassFailover { vms, rounds } } => ("bench", tandem_lab::bench::mass::run(*vms, *rounds)),
         LabCmd::Bench { op: BenchOp::Liveness { vms, seconds, readers } } => {
             ("bench", tandem_lab::bench::liveness::run(tandem_lab::bench::liveness::LivenessBench { vms: *vms, seconds: *seconds, readers: *readers }))

@@ -97,7 +97,8 @@ pub(super) fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>, 
         let sets: Vec<Vec<HostId>> = match (fail, fail_site) {
             (Some(_), Some(_)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "fail= and fail_site= do not go together")),
             (None, Some(site)) => {
-                let hosts = s.sites().remove(site).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("fail_site= names a site no host is in: '{site}'")))?;
+                let hosts =
+                    s.sites().remove(site).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("fail_site= names a site no host is in: '{site}'")))?;
                 vec![hosts]
             }
             (Some(list), None) => {
