@@ -57,6 +57,10 @@ pub struct SimArgs {
     /// a VM run from a stale copy of its disk is a `stale-disk`.
     #[arg(long)]
     pub local_disks: bool,
+    /// Each host's site, by index, comma-separated (e.g. a,a,b,b,w); with sites the simulator
+    /// also draws site power losses and cuts of the link between two sites.
+    #[arg(long, value_delimiter = ',')]
+    pub sites: Vec<String>,
     /// The agents' timings: the defaults, the low-latency profile (100 ms heartbeats), or
     /// slow-fence (dead after 1 s, lease of 2 s: the deadline decides; for --unsafe-early-evidence).
     #[arg(long, default_value = "default", value_parser = ["default", "low-latency", "slow-fence"])]
@@ -68,7 +72,7 @@ pub struct SimArgs {
 
 /// A fault kind the simulator injects, by name.
 fn sim_fault(name: &str) -> std::result::Result<tandem_sim::fault::FaultKind, String> {
-    let kinds = tandem_sim::fault_kinds();
+    let kinds = tandem_sim::fault_kinds_with_sites();
     kinds.iter().copied().find(|k| k.name() == name).ok_or_else(|| {
         let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
         format!("the simulator injects none called '{name}'; it injects: {}", names.join(", "))
@@ -103,6 +107,12 @@ pub fn run(args: &SimArgs) -> Result<()> {
     if args.vms > 10_000 {
         bail!("--vms must be at most 10,000");
     }
+    if args.sites.len() as u32 > args.hosts + args.late_hosts || args.sites.iter().any(|s| !tandem_core::state::valid_name(s)) {
+        bail!("--sites names at most one site per host, each 1-63 letters, digits, '-' or '_'");
+    }
+    if args.only.is_some_and(|k| k.needs_sites()) && args.sites.is_empty() {
+        bail!("--only {} needs --sites", args.only.map(|k| k.name()).unwrap_or_default());
+    }
     let started = std::time::Instant::now();
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
     let mut simulated_ms = 0u64;
@@ -126,6 +136,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
                 _ => None,
             },
             local_disks: args.local_disks,
+            sites: args.sites.clone(),
         };
         let r: SimReport = tandem_sim::run(&opts);
         progress.finish();
@@ -178,6 +189,9 @@ pub fn run(args: &SimArgs) -> Result<()> {
         }
         if args.unsafe_skip_disk_sync {
             mutation.push_str(" --unsafe-skip-disk-sync");
+        }
+        if !args.sites.is_empty() {
+            mutation.push_str(&format!(" --sites {}", args.sites.join(",")));
         }
         if args.local_disks {
             mutation.push_str(" --local-disks");

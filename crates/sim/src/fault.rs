@@ -75,6 +75,11 @@ pub enum FaultKind {
     /// A host's planned stop under a drawn policy (kill, migrate, shutdown, freeze), its agent
     /// stopped as systemd stops it, then started again.
     PlannedStop,
+    /// Every host of one site loses power at once (drawn only when the hosts have sites).
+    SitePowerLoss,
+    /// The link between two sites is cut: no host of one hears any host of the other (drawn
+    /// only when the hosts have sites).
+    SiteLinkCut,
 }
 
 use Backend::{Chaos, Sim};
@@ -82,7 +87,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 27] = [
+    pub const ALL: [FaultKind; 29] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -110,6 +115,8 @@ impl FaultKind {
         LiveMigration,
         MaintenanceCycle,
         PlannedStop,
+        SitePowerLoss,
+        SiteLinkCut,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,7 +148,14 @@ impl FaultKind {
             LiveMigration => "live-migration",
             MaintenanceCycle => "maintenance-cycle",
             PlannedStop => "planned-stop",
+            SitePowerLoss => "site-power-loss",
+            SiteLinkCut => "site-link-cut",
         }
+    }
+
+    /// Whether it needs hosts in sites (drawn only then).
+    pub fn needs_sites(self) -> bool {
+        matches!(self, SitePowerLoss | SiteLinkCut)
     }
 
     /// The backends that can inject this kind.
@@ -163,7 +177,9 @@ impl FaultKind {
             | AgentStall
             | LivenessStallInPartition
             | HostJoin
-            | Operator => &[Sim],
+            | Operator
+            | SitePowerLoss
+            | SiteLinkCut => &[Sim],
             // The fault suite draws the operation and its fault its own way (real agents, real
             // QEMU): a migration faulted at a random instant, a maintenance cycle, a planned stop
             // per policy.
@@ -210,10 +226,13 @@ mod tests {
         // the planned-operation kinds came later and are drawn after them. (A new kind still
         // changes what an old seed draws — the choice is among all kinds — but never the
         // meaning of `--only`, which the regression seeds use.)
-        let sim: Vec<FaultKind> = FaultKind::of(Backend::Sim).collect();
+        // The site kinds are drawn only by runs whose hosts have sites, so the other seeds
+        // draw as before.
+        let sim: Vec<FaultKind> = crate::fault_kinds();
         assert_eq!(sim.len(), 24);
         assert_eq!(sim[..21].to_vec(), FaultKind::ALL[..21].to_vec());
         assert_eq!(sim[21..].to_vec(), vec![LiveMigration, MaintenanceCycle, PlannedStop]);
+        assert_eq!(crate::fault_kinds_with_sites()[24..].to_vec(), vec![SitePowerLoss, SiteLinkCut]);
         assert_eq!(FaultKind::of(Backend::Chaos).count(), 15);
     }
 }

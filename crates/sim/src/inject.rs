@@ -8,7 +8,7 @@ use super::*;
 impl Sim {
     /// One fault, drawn from the seed; returns after it healed.
     pub(super) async fn fault(&mut self) {
-        let kinds = fault_kinds();
+        let kinds = if self.opts.sites.is_empty() { fault_kinds() } else { fault_kinds_with_sites() };
         let drawn = kinds[self.rand(kinds.len() as u64) as usize];
         let mut kind = self.opts.only.unwrap_or(drawn);
         let late = self.hosts.iter().position(|h| !h.member).map(|i| i as u32);
@@ -175,6 +175,8 @@ impl Sim {
                 }
                 self.run_for(hold.saturating_sub(down_for)).await;
             }
+            FaultKind::SitePowerLoss => self.site_power_loss(kind, target, hold, now, until).await,
+            FaultKind::SiteLinkCut => self.site_link_cut(kind, target, hold, until).await,
             FaultKind::HostFreeze => self.host_freeze(kind, target, hold, now, until).await,
             FaultKind::AgentStall => self.agent_stall(kind, target, hold, now, until).await,
             FaultKind::LivenessStallInPartition => self.liveness_stall_in_partition(kind, target, now).await,

@@ -18,6 +18,7 @@ mod localdisk;
 pub mod oracle;
 mod planned;
 mod postcopy;
+mod sites;
 mod stalls;
 pub mod world;
 
@@ -58,9 +59,11 @@ pub struct SimOptions {
     /// The agents' timings (default: `Timings::default()`).
     pub timings: Option<tandem_core::timing::Timings>,
     /// One VM in five keeps a writable local disk (best-effort, parked with its failed host,
-    /// its copies per host followed by the `stale-disk` invariant). Off in the default sweep
-    /// until the two findings it turned up are fixed (seeds 224 and 241: see the README).
+    /// its copies per host followed by the `stale-disk` invariant). The sweep's even seeds run
+    /// with it.
     pub local_disks: bool,
+    /// Each host's site, by index (empty: no sites). With sites, the site faults are drawn too.
+    pub sites: Vec<String>,
 }
 
 impl Default for SimOptions {
@@ -77,6 +80,7 @@ impl Default for SimOptions {
             no_watchdog: false,
             timings: None,
             local_disks: false,
+            sites: Vec::new(),
         }
     }
 }
@@ -107,8 +111,14 @@ pub const SLOW_FENCE_TIMINGS: tandem_core::timing::Timings = tandem_core::timing
     partition_confirm_ms: 500,
 };
 
-/// The fault kinds the simulator draws from, in drawing order.
+/// The fault kinds the simulator draws from, in drawing order, when the hosts have no sites.
 pub fn fault_kinds() -> Vec<FaultKind> {
+    FaultKind::of(Backend::Sim).filter(|k| !k.needs_sites()).collect()
+}
+
+/// The fault kinds the simulator draws from when the hosts have sites: the others, then the
+/// site faults.
+pub fn fault_kinds_with_sites() -> Vec<FaultKind> {
     FaultKind::of(Backend::Sim).collect()
 }
 
@@ -186,6 +196,7 @@ impl Sim {
         if let Some(t) = self.opts.timings {
             cfg.timings = t;
         }
+        cfg.site = self.opts.sites.get(i as usize).cloned();
         cfg
     }
 
