@@ -6,8 +6,9 @@
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem_agent::views::{FailurePlan, FttView, HostView};
+use tandem_lab::demo::wait;
 use tandem_lab::lab::{Lab, LabOptions};
 
 fn binary() -> PathBuf {
@@ -19,19 +20,6 @@ fn process_vm(name: &str, memory_mib: u64) -> Value {
             "driver": { "kind": "process", "command": ["sleep", "1000000"] } })
 }
 
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(t) = f() {
-            return Ok(t);
-        }
-        if Instant::now() > end {
-            return Err(anyhow!("{what}: not within {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_site_is_learned_planned_for_guarded_and_survived() -> Result<()> {
     let sites = ["a", "a", "b", "b", "w"].map(String::from).to_vec();
@@ -41,7 +29,7 @@ fn a_site_is_learned_planned_for_guarded_and_survived() -> Result<()> {
     lab.form_cluster()?;
     let c = lab.client(4);
     // Each host's site, from its own configuration.
-    let hosts: Vec<HostView> = wait_until("every host's site in committed state", Duration::from_secs(30), || {
+    let hosts: Vec<HostView> = wait("every host's site in committed state", Duration::from_secs(30), || {
         let hosts: Vec<HostView> = c.get_as("/v1/hosts").ok()?;
         (hosts.len() == 5 && hosts.iter().all(|h| h.site.is_some())).then_some(hosts)
     })?;
@@ -56,7 +44,7 @@ fn a_site_is_learned_planned_for_guarded_and_survived() -> Result<()> {
         c.post("/v1/vms", &process_vm(vm, 512)).map_err(|e| anyhow!("{e}"))?;
         c.post(&format!("/v1/vms/{vm}/start"), &json!({})).map_err(|e| anyhow!("{e}"))?;
     }
-    wait_until("p0 and p1 running in site a", Duration::from_secs(30), || {
+    wait("p0 and p1 running in site a", Duration::from_secs(30), || {
         let running = lab.running();
         ["p0", "p1"].iter().all(|vm| running.get(*vm).is_some_and(|h| h == "h0" || h == "h1")).then_some(())
     })?;
@@ -83,7 +71,7 @@ fn a_site_is_learned_planned_for_guarded_and_survived() -> Result<()> {
     // Site a loses power: both hosts at once. Its protected VMs restart in b or w.
     lab.power_off(0);
     lab.power_off(1);
-    wait_until("p0 and p1 restarted outside site a", Duration::from_secs(40), || {
+    wait("p0 and p1 restarted outside site a", Duration::from_secs(40), || {
         let running = lab.running();
         ["p0", "p1"].iter().all(|vm| running.get(*vm).is_some_and(|h| ["h2", "h3", "h4"].contains(&h.as_str()))).then_some(())
     })?;
