@@ -196,8 +196,15 @@ impl NetLab {
 
     /// Pairwise partition: hosts `i` and `j` no longer reach each other; both still reach the rest.
     pub fn block_pair(&self, i: usize, j: usize) -> Result<()> {
-        let other = self.host_ip(j);
-        self.cut_table(i, &[("output", &format!("ip daddr {other} drop")), ("input", &format!("ip saddr {other} drop"))])
+        self.block_hosts(i, &[j])
+    }
+
+    /// Host `i` no longer reaches the hosts `others`, nor they it; it still reaches the rest (a
+    /// cut between two sites is this on each host of one of them).
+    pub fn block_hosts(&self, i: usize, others: &[usize]) -> Result<()> {
+        let ips: Vec<String> = others.iter().map(|j| self.host_ip(*j)).collect();
+        let set = format!("{{ {} }}", ips.join(", "));
+        self.cut_table(i, &[("output", &format!("ip daddr {set} drop")), ("input", &format!("ip saddr {set} drop"))])
     }
 
     /// Removes the rules of `block_outbound` / `block_pair` on host `i`.

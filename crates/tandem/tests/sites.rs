@@ -77,3 +77,83 @@ fn a_site_is_learned_planned_for_guarded_and_survived() -> Result<()> {
     })?;
     lab.assert_no_double_run()
 }
+
+/// The link between sites a and b cut, in network namespaces (root; without it the test returns
+/// early): hosts a, a, b, b and w, where w still hears both sides. Both sides with w are
+/// majorities; the partition decision picks the one with the lowest host id (a + w), so site b's
+/// hosts fence themselves and their VMs restart in a or w — never two copies — and after the
+/// heal site b rejoins, running nothing assigned elsewhere.
+#[test]
+fn a_cut_between_two_sites_keeps_one_side_with_the_third_and_moves_the_others_vms() -> Result<()> {
+    if !tandem_lab::netlab::can_use_namespaces() {
+        return Ok(());
+    }
+    let net = tandem_lab::netlab::NetLab::create(&format!("ts{}", std::process::id() % 100_000), 5)?;
+    net.enter_control()?;
+    let sites = ["a", "a", "b", "b", "w"].map(String::from).to_vec();
+    let opts = LabOptions { hosts: 5, loopback_net: 86, netns: Some(net.lab_hosts()), capacity: (4, 2048), sites, ..LabOptions::default() };
+    let mut lab = Lab::new(opts, &binary())?;
+    lab.start_all()?;
+    lab.form_cluster()?;
+    let c = lab.client(4);
+    wait("every host's site", Duration::from_secs(30), || {
+        let hosts: Vec<HostView> = c.get_as("/v1/hosts").ok()?;
+        (hosts.len() == 5 && hosts.iter().all(|h| h.site.is_some())).then_some(())
+    })?;
+    // Two VMs on site b's hosts (the others in maintenance while they are placed).
+    for h in ["h0", "h1", "h4"] {
+        c.post(&format!("/v1/hosts/{h}/mode"), &json!({ "mode": "maintenance" })).map_err(|e| anyhow!("{e}"))?;
+    }
+    for vm in ["b0", "b1"] {
+        c.post("/v1/vms", &process_vm(vm, 256)).map_err(|e| anyhow!("{e}"))?;
+        c.post(&format!("/v1/vms/{vm}/start"), &json!({})).map_err(|e| anyhow!("{e}"))?;
+    }
+    let in_b = |h: &String| h == "h2" || h == "h3";
+    wait("b0 and b1 running in site b", Duration::from_secs(30), || {
+        let running = lab.running();
+        ["b0", "b1"].iter().all(|vm| running.get(*vm).is_some_and(in_b)).then_some(())
+    })?;
+    for h in ["h0", "h1", "h4"] {
+        c.post(&format!("/v1/hosts/{h}/mode"), &json!({ "mode": "normal" })).map_err(|e| anyhow!("{e}"))?;
+    }
+    let cut_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    for a in [0, 1] {
+        net.block_hosts(a, &[2, 3])?;
+    }
+    for b in [2, 3] {
+        net.block_hosts(b, &[0, 1])?;
+    }
+    wait("b0 and b1 restarted in site a or w", Duration::from_secs(40), || {
+        let running = lab.running();
+        ["b0", "b1"].iter().all(|vm| running.get(*vm).is_some_and(|h| ["h0", "h1", "h4"].contains(&h.as_str()))).then_some(())
+    })?;
+    let fenced_since = |i: usize| -> Vec<String> {
+        lab.client(i)
+            .list("/v1/events?limit=4096")
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["kind"] == "fenced" && e["at_ms"].as_u64().is_some_and(|t| t >= cut_at))
+            .map(|e| e["detail"].to_string())
+            .collect()
+    };
+    for i in [0, 1, 4] {
+        let fenced = fenced_since(i);
+        assert!(fenced.is_empty(), "h{i}, on the side that stays, fenced: {fenced:?}");
+    }
+    for i in [2, 3] {
+        assert!(!fenced_since(i).is_empty(), "h{i}, in the site cut off from the majority, did not fence");
+    }
+    for h in [0, 1, 2, 3] {
+        net.unblock(h)?;
+    }
+    lab.wait_all_active(Duration::from_secs(40))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let placement = lab.placement(4)?;
+    for (vm, host) in lab.running() {
+        assert_eq!(placement.get(&vm), Some(&Some(host.clone())), "{vm} runs on {host} against committed state");
+    }
+    lab.assert_no_double_run()?;
+    drop(lab);
+    drop(net);
+    Ok(())
+}
