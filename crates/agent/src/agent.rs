@@ -266,7 +266,7 @@ impl Agent {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
             None => None,
         };
-        let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, driver, tls).await?;
+        let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, &cfg.heartbeat_disk_paths, driver, tls).await?;
         Agent::with_io(cfg, io).await
     }
 

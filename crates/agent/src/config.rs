@@ -67,6 +67,10 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// A file on shared storage, or a block device, seen by every host.
     pub heartbeat_disk: PathBuf,
+    /// More paths to the same heartbeat disk (a second mount, a second device path): when the
+    /// path in use fails, the next takes over (at most three more).
+    #[serde(default)]
+    pub heartbeat_disk_paths: Vec<PathBuf>,
     /// A file holding the cluster secret (at least 16 bytes), the same on every host.
     pub secret_file: PathBuf,
     #[serde(default)]
@@ -184,6 +188,8 @@ pub enum ConfigError {
     Name(String),
     #[error("site '{0}' must be 1-63 characters of letters, digits, '-' and '_'")]
     Site(String),
+    #[error("heartbeat_disk_paths: at most {0} more paths, none the same as heartbeat_disk")]
+    DiskPaths(usize),
     #[error("unsafe timings")]
     Timings(#[from] TimingError),
     #[error("[migration] is not valid: {0}")]
@@ -246,6 +252,9 @@ impl AgentConfig {
         }
         if let Some(site) = self.site.as_ref().filter(|s| !valid_name(s)) {
             return Err(ConfigError::Site(site.clone()));
+        }
+        if self.heartbeat_disk_paths.len() >= crate::multipath::MAX_DISK_PATHS || self.heartbeat_disk_paths.contains(&self.heartbeat_disk) {
+            return Err(ConfigError::DiskPaths(crate::multipath::MAX_DISK_PATHS - 1));
         }
         if self.api_addr == self.heartbeat_addr {
             return Err(ConfigError::SameAddr(self.api_addr));

@@ -319,15 +319,25 @@ impl AgentIo {
     pub async fn production(
         heartbeat_addr: SocketAddr,
         heartbeat_disk: &Path,
+        more_paths: &[std::path::PathBuf],
         driver: Arc<dyn VmDriver>,
         tls: Option<crate::tls::ClientTls>,
     ) -> Result<AgentIo, crate::agent::AgentError> {
         let heartbeats =
             UdpTransport::bind(heartbeat_addr).map_err(|source| crate::agent::AgentError::Bind { what: "heartbeat socket", addr: heartbeat_addr, source })?;
+        let disk: Arc<dyn SlotDevice> = if more_paths.is_empty() {
+            Arc::new(FileSlotDevice::open(heartbeat_disk)?)
+        } else {
+            let paths: Vec<std::path::PathBuf> = std::iter::once(heartbeat_disk.to_path_buf()).chain(more_paths.iter().cloned()).collect();
+            let dev = crate::multipath::MultipathSlotDevice::open(&paths)?;
+            // Every path the same disk: refused at start otherwise.
+            dev.check_paths_agree(crate::multipath::PATH_CHECK_TIMEOUT).await?;
+            Arc::new(dev)
+        };
         Ok(AgentIo {
             clock: Arc::new(BootClock::new()),
             heartbeats: Arc::new(heartbeats),
-            disk: Arc::new(FileSlotDevice::open(heartbeat_disk)?),
+            disk,
             rpc: Arc::new(HttpRpc { pool: httpc::ConnectionPool::new(tls) }),
             driver,
             os_threads: true,

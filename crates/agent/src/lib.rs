@@ -14,6 +14,7 @@ pub mod httpc;
 pub mod io;
 pub mod limits;
 pub mod metrics;
+pub mod multipath;
 pub mod policy;
 pub mod raft_runtime;
 pub mod tls;

@@ -14,6 +14,7 @@ pub use crate::events::{EVENT_FILE_MAX, EVENT_RING, RELOAD_BYTES};
 pub use crate::heavy::HEAVY_CONCURRENCY;
 pub use crate::httpc::MAX_RESPONSE;
 pub use crate::io::{ARRIVAL_STEP_TOLERANCE, MAX_DATAGRAMS_PER_POLL, MMSG_BATCH, RECEIVE_POLL_DIVISOR};
+pub use crate::multipath::{MAX_DISK_PATHS, PATH_CHECK_TIMEOUT};
 pub use crate::tls::{ACCEPT_QUEUE, HANDSHAKE_TIMEOUT};
 
 const fn shorter(a: Duration, b: Duration) -> bool {
