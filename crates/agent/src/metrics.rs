@@ -124,6 +124,11 @@ fn counter(out: &mut String, name: &str, help: &str, v: u64) {
 fn render(a: &Agent) -> String {
     let mut out = String::new();
     let assessment = a.assessment();
+    // Each site's loss, planned on a snapshot (nothing to plan without sites).
+    let site_losses = {
+        let snap = a.consensus.snapshot();
+        snap.state.site_losses()
+    };
     let (names, vms, ftt, target) = a.consensus.with_state(|s| {
         let names: Vec<(tandem_core::HostId, String)> = s.hosts.values().map(|h| (h.id, h.name.clone())).collect();
         let vms: Vec<(String, String, bool)> = s
@@ -242,6 +247,12 @@ fn render(a: &Agent) -> String {
     gauge(&mut out, "tandem_ftt_exact", "1 if tandem_ftt is exact, 0 if a lower bound.", &[(String::new(), f64::from(u8::from(ftt.exact)))]);
     if let Some(t) = target {
         gauge(&mut out, "tandem_ftt_target", "The failures-to-tolerate target admission control protects.", &[(String::new(), f64::from(t))]);
+    }
+    if !site_losses.is_empty() {
+        let survived: Vec<(String, f64)> = site_losses.iter().map(|l| (format!("{{site=\"{}\"}}", l.site), f64::from(u8::from(l.survived())))).collect();
+        gauge(&mut out, "tandem_site_loss_survived", "1 if every protected VM of the site would restart elsewhere after its loss.", &survived);
+        let down: Vec<(String, f64)> = site_losses.iter().map(|l| (format!("{{site=\"{}\"}}", l.site), l.protected_down.len() as f64)).collect();
+        gauge(&mut out, "tandem_site_loss_protected_down", "Protected VMs the loss of the site would leave down.", &down);
     }
     let c = a.consensus.status();
     gauge(&mut out, "tandem_consensus_leader", "1 if this host leads consensus.", &[(String::new(), f64::from(u8::from(a.consensus.is_leader())))]);

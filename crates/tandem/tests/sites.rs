@@ -60,6 +60,8 @@ fn a_site_is_learned_planned_for_guarded_and_survived() -> Result<()> {
     assert!(c.get_as::<Vec<FailurePlan>>("/v1/plan?fail_site=nowhere").is_err(), "an unknown site is refused");
     let ftt: FttView = c.get_as("/v1/ftt").map_err(|e| anyhow!("{e}"))?;
     assert_eq!(ftt.sites.iter().map(|l| (l.site.as_str(), l.survived)).collect::<Vec<_>>(), [("a", true), ("b", true), ("w", true)]);
+    let metrics = c.get("/metrics").map_err(|e| anyhow!("{e}"))?.as_str().unwrap_or_default().to_string();
+    assert!(metrics.contains("tandem_site_loss_survived{site=\"a\"} 1"), "{metrics}");
     // The target "survive one site": met now; a VM no other site could take is refused.
     c.post("/v1/settings", &json!({ "survive_site_loss": true })).map_err(|e| anyhow!("{e}"))?;
     c.post("/v1/vms", &process_vm("big", 1024)).map_err(|e| anyhow!("{e}"))?;
