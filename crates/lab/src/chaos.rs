@@ -43,6 +43,7 @@ fn thaw(agent: u32, workloads: &[u32]) {
 
 mod emulator;
 pub(crate) mod planned;
+mod sites;
 use emulator::WatchdogEmulator;
 
 /// The hardware watchdog's reset timeout the agents are configured with: the default.
@@ -84,6 +85,10 @@ pub struct ChaosArgs {
     /// Inject only this fault kind (for example `host-freeze`), `--faults` times.
     #[arg(long)]
     pub only: Option<String>,
+    /// Each host's site, by index, comma-separated (one per host, e.g. a,a,b,b,w): the site
+    /// faults (site-power-loss, site-link-cut) are injected too.
+    #[arg(long, value_delimiter = ',')]
+    pub sites: Vec<String>,
     /// `emulated`: each agent feeds a watchdog file and the suite resets (kill -9 of the agent and
     /// its workloads) a host whose file goes unfed for the watchdog timeout, as watchdog hardware
     /// would, also while the host is frozen. `none`: no watchdog, as on this machine; a host
@@ -118,6 +123,9 @@ const CHAOS_FAULTS: [FaultKind; 15] = [
     FaultKind::PlannedStop,
     FaultKind::MaintenanceCycle,
 ];
+
+/// The kinds injected as well when the hosts have sites (`--sites`), after the others.
+const SITE_FAULTS: [FaultKind; 2] = [FaultKind::SitePowerLoss, FaultKind::SiteLinkCut];
 
 /// What the suite measured.
 #[derive(Default)]
@@ -492,9 +500,12 @@ impl Suite {
                 }
             }
             FaultKind::LiveMigration => self.inject_live_migration(target, t0, &mut may_fence)?,
+            FaultKind::SitePowerLoss => self.inject_site_power_loss(target, t0, &mut may_fence)?,
+            FaultKind::SiteLinkCut => self.inject_site_link_cut(target, t0, since_ms, &mut may_fence)?,
             FaultKind::PlannedStop => self.inject_planned_stop(target, t0, &mut may_fence)?,
             FaultKind::MaintenanceCycle => self.inject_maintenance_cycle(target)?,
-            // The plan draws from CHAOS_FAULTS only (tested to be the vocabulary's chaos kinds).
+            // The plan draws from CHAOS_FAULTS and, with sites, SITE_FAULTS only (tested to be the
+            // vocabulary's chaos kinds).
             other => bail!("{other} is injected by the simulator only"),
         }
         *self.report.faults.entry(fault.name()).or_default() += 1;
@@ -542,9 +553,13 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("tandem-lab chaos needs root: it builds network namespaces and firewall rules");
     }
+    if !args.sites.is_empty() && (args.sites.len() != args.hosts || args.sites.iter().any(|s| !tandem_core::state::valid_name(s))) {
+        bail!("--sites names one site per host ({}), each 1-63 letters, digits, '-' or '_'", args.hosts);
+    }
+    let kinds: Vec<FaultKind> = CHAOS_FAULTS.into_iter().chain(SITE_FAULTS.into_iter().filter(|_| !args.sites.is_empty())).collect();
     let count = match (args.faults, args.profile.as_str()) {
         (Some(n), _) => n,
-        (None, "short") => CHAOS_FAULTS.len(),
+        (None, "short") => kinds.len(),
         (None, "long") => 40,
         (None, other) => bail!("unknown profile '{other}': use short or long"),
     };
@@ -552,19 +567,21 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     let mut rng = Rng(seed);
     let mut plan: Vec<FaultKind> = Vec::new();
     while plan.len() < count {
-        let mut round = CHAOS_FAULTS.to_vec();
+        let mut round = kinds.clone();
         rng.shuffle(&mut round);
         plan.extend(round);
     }
     plan.truncate(count);
     if args.profile == "long" && args.faults.is_none() {
-        plan = (0..count).map(|_| CHAOS_FAULTS[rng.below(CHAOS_FAULTS.len() as u64) as usize]).collect();
+        plan = (0..count).map(|_| kinds[rng.below(kinds.len() as u64) as usize]).collect();
     }
     if let Some(only) = &args.only {
-        let kind = CHAOS_FAULTS
-            .into_iter()
+        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+        let kind = kinds
+            .iter()
+            .copied()
             .find(|f| f.name() == only)
-            .ok_or_else(|| anyhow!("the fault suite injects no fault called '{only}': one of {}", CHAOS_FAULTS.map(FaultKind::name).join(", ")))?;
+            .ok_or_else(|| anyhow!("the fault suite injects no fault called '{only}' (site faults need --sites): one of {}", names.join(", ")))?;
         plan = vec![kind; args.faults.unwrap_or(1)];
     }
     let emulate_watchdog = match args.watchdog.as_str() {
@@ -591,12 +608,13 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     };
     println!("tandem-lab chaos: profile {}, seed {seed}, {} hosts, {driver} workloads, {count} faults", args.profile, args.hosts);
     println!(
-        "replay: tandem-lab chaos --profile {} --seed {seed} --hosts {} --driver {driver} --watchdog {}{}{}",
+        "replay: tandem-lab chaos --profile {} --seed {seed} --hosts {} --driver {driver} --watchdog {}{}{}{}",
         args.profile,
         args.hosts,
         args.watchdog,
         args.faults.map(|n| format!(" --faults {n}")).unwrap_or_default(),
-        args.only.as_ref().map(|k| format!(" --only {k}")).unwrap_or_default()
+        args.only.as_ref().map(|k| format!(" --only {k}")).unwrap_or_default(),
+        if args.sites.is_empty() { String::new() } else { format!(" --sites {}", args.sites.join(",")) }
     );
 
     crate::demo::install_interrupt_handler();
@@ -614,6 +632,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         capacity: (64, 16384),
         netns: Some(net.lab_hosts()),
         disk_paths: disk_links.iter().enumerate().map(|(i, l)| (i as u32, l.clone())).collect(),
+        sites: args.sites.clone(),
         ..LabOptions::default()
     };
     let mut lab = Lab::new(opts, &binary)?;
@@ -716,9 +735,10 @@ mod tests {
 
     #[test]
     fn the_suite_injects_exactly_the_vocabularys_chaos_kinds() {
-        let mine: BTreeSet<FaultKind> = CHAOS_FAULTS.into_iter().collect();
+        let mine: BTreeSet<FaultKind> = CHAOS_FAULTS.into_iter().chain(SITE_FAULTS).collect();
         let vocabulary: BTreeSet<FaultKind> = FaultKind::of(Backend::Chaos).collect();
         assert_eq!(mine, vocabulary);
-        assert_eq!(mine.len(), CHAOS_FAULTS.len(), "no kind twice");
+        assert_eq!(mine.len(), CHAOS_FAULTS.len() + SITE_FAULTS.len(), "no kind twice");
+        assert!(SITE_FAULTS.iter().all(|k| k.needs_sites()) && !CHAOS_FAULTS.iter().any(|k| k.needs_sites()));
     }
 }

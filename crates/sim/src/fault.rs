@@ -177,9 +177,9 @@ impl FaultKind {
             | AgentStall
             | LivenessStallInPartition
             | HostJoin
-            | Operator
-            | SitePowerLoss
-            | SiteLinkCut => &[Sim],
+            | Operator => &[Sim],
+            // Drawn only where the hosts have sites (`--sites` of either backend).
+            SitePowerLoss | SiteLinkCut => &[Sim, Chaos],
             // The fault suite draws the operation and its fault its own way (real agents, real
             // QEMU): a migration faulted at a random instant, a maintenance cycle, a planned stop
             // per policy.
@@ -233,6 +233,6 @@ mod tests {
         assert_eq!(sim[..21].to_vec(), FaultKind::ALL[..21].to_vec());
         assert_eq!(sim[21..].to_vec(), vec![LiveMigration, MaintenanceCycle, PlannedStop]);
         assert_eq!(crate::fault_kinds_with_sites()[24..].to_vec(), vec![SitePowerLoss, SiteLinkCut]);
-        assert_eq!(FaultKind::of(Backend::Chaos).count(), 15);
+        assert_eq!(FaultKind::of(Backend::Chaos).count(), 17);
     }
 }
