@@ -6,9 +6,9 @@
 
 use super::Suite;
 use anyhow::Result;
-use tandem_sim::oracle::{Invariant, Violation};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use tandem_sim::oracle::{Invariant, Violation};
 
 impl Suite {
     /// Each site's hosts, in name order.
