@@ -162,6 +162,18 @@ impl Suite {
             self.record_recovery(&vms, took, "running elsewhere");
         }
         self.lab.start(target)?;
+        // Quiet before the next fault: VMs parked with the host start on it again, and those a
+        // `migrate` stop evacuated come back home — moves a next fault must not take for its
+        // own (the suite once saw them during `message-loss` and called them a fencing).
+        if (policy.parks() || policy == ShutdownPolicy::Migrate) && !vms.is_empty() {
+            let t = Instant::now();
+            let home =
+                |running: &tandem_sim::oracle::Running| vms.iter().all(|vm| running.get(vm).is_some_and(|hosts| hosts.len() == 1 && hosts.contains(&name)));
+            match self.wait_for(EVACUATION_BOUND, home) {
+                true => self.log(&format!("  back on {name} {:.2} s after its start", t.elapsed().as_secs_f64())),
+                false => self.log(&format!("  not all back on {name} within {EVACUATION_BOUND:?} (released elsewhere?)")),
+            }
+        }
         Ok(())
     }
 
