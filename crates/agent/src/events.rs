@@ -25,6 +25,8 @@ pub enum EventKind {
     AgentStopping,
     ApiChange,
     ClusterInitialized,
+    /// The heartbeat disk's path in use failed and the next one took over.
+    DiskPathChanged,
     ConsensusStopped,
     EpochLost,
     FailoverCommitted,
@@ -79,6 +81,7 @@ impl EventKind {
             EventKind::AgentStopping => "agent-stopping",
             EventKind::ApiChange => "api-change",
             EventKind::ClusterInitialized => "cluster-initialized",
+            EventKind::DiskPathChanged => "disk-path-changed",
             EventKind::ConsensusStopped => "consensus-stopped",
             EventKind::EpochLost => "epoch-lost",
             EventKind::FailoverCommitted => "failover-committed",

@@ -230,6 +230,10 @@ pub trait SlotDevice: Send + Sync + 'static {
     fn read_all_stamped(&self) -> BoxFuture<'_, StampedRead> {
         Box::pin(async move { (self.read_all().await, None) })
     }
+    /// The path the disk is reached through now, for a device that has paths.
+    fn path_in_use(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// A read of the heartbeat area, and when it completed if the device stamped it.

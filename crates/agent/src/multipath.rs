@@ -84,6 +84,10 @@ fn retry_now(e: &DiskError) -> bool {
 }
 
 impl SlotDevice for MultipathSlotDevice {
+    fn path_in_use(&self) -> Option<PathBuf> {
+        Some(self.active_path().to_path_buf())
+    }
+
     fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>> {
         Box::pin(async move {
             let i = self.active.load(Ordering::SeqCst);

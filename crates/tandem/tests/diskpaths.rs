@@ -59,6 +59,10 @@ fn a_heartbeat_disk_path_that_fails_gives_way_to_the_second() -> Result<()> {
         for h in hosts.iter().filter(|h| h.name != format!("h{i}")) {
             assert!(h.disk_age_ms.is_some_and(|a| a < 1_000), "h{i} sees {}'s disk heartbeat {:?} ms old", h.name, h.disk_age_ms);
         }
+        // And the switch is in its timeline.
+        let events = lab.client(i).list("/v1/events?limit=4096").map_err(|e| anyhow!("{e}"))?;
+        let switched = events.iter().filter(|e| e["kind"] == "disk-path-changed").filter_map(|e| e["detail"].as_str()).collect::<Vec<_>>();
+        assert!(switched.len() == 1 && switched[0].contains("second"), "h{i}: {switched:?}");
     }
     lab.assert_no_double_run()
 }

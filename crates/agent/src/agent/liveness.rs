@@ -29,6 +29,9 @@ pub(super) struct LivenessLoop {
     /// slot write saying so has landed (see [`Agent::fence_announced`]).
     fence_first_seq: Option<u64>,
     fence_slot_written: bool,
+    /// The path the heartbeat disk was last reached through (several with
+    /// `heartbeat_disk_paths`): a change is recorded in the timeline.
+    disk_path: Option<std::path::PathBuf>,
 }
 
 /// What the liveness tick needs of committed state.
@@ -350,6 +353,7 @@ impl Agent {
                     None => a.disk.read_all_stamped().await,
                 };
                 let finished = a.completed_at(done, started);
+                a.note_disk_path();
                 match read {
                     Ok(slots) => lock(&a.liveness).disk_read_between(&slots, started, finished),
                     Err(e) => {
@@ -361,6 +365,17 @@ impl Agent {
             }
             .in_current_span(),
         );
+    }
+
+    /// Records in the timeline a change of the path the heartbeat disk is reached through: the
+    /// path in use failed and the next took over.
+    fn note_disk_path(&self) {
+        let now = self.disk.path_in_use();
+        let was = std::mem::replace(&mut lock(&self.beat).disk_path, now.clone());
+        if let Some((was, now)) = was.zip(now).filter(|(w, n)| w != n) {
+            let detail = format!("heartbeat disk path {} failed; now reached through {}", was.display(), now.display());
+            self.events.record(crate::events::EventKind::DiskPathChanged, None, Some(&self.cfg.name), detail);
+        }
     }
 
     /// When a disk request that began at `started` completed, on the agent's clock: when the
