@@ -132,25 +132,33 @@ impl ClusterState {
     }
 
     /// Admission control's verdict on going from this state to `next`: `Ok(None)` admitted,
-    /// `Ok(Some(why))` refused but forced, `Err` refused.
+    /// `Ok(Some(why))` refused but forced, `Err` refused. Each state is copied with its pending
+    /// placements at most once (a copy of the whole state), and not at all without a target.
     fn verdict(&self, next: &ClusterState, what: &str, force: bool) -> Result<Option<String>, StateError> {
-        let Some(why) = self.ftt_refusal(next, what).or_else(|| self.site_refusal(next, what)) else {
+        let (ftt_target, site_target) = (next.settings.ftt_target, next.settings.survive_site_loss);
+        if ftt_target.is_none() && !site_target {
             return Ok(None);
-        };
-        if force {
-            Ok(Some(why))
-        } else {
-            Err(StateError::Admission(why))
+        }
+        let after = next.with_pending_placed();
+        let before = std::cell::OnceCell::new();
+        let why = ftt_target
+            .and_then(|target| self.ftt_refusal(&after, &before, target, what))
+            .or_else(|| site_target.then(|| self.site_refusal(&after, &before, what)).flatten());
+        match why {
+            None => Ok(None),
+            Some(why) if force => Ok(Some(why)),
+            Some(why) => Err(StateError::Admission(why)),
         }
     }
 
-    /// Why going to `next` breaks the "survive one site" target, if it does: some site's loss
-    /// would leave a protected VM down, and this change made that so or worse.
-    fn site_refusal(&self, next: &ClusterState, what: &str) -> Option<String> {
-        let (after, why) = next.with_pending_placed().site_target_shortfall()?;
+    /// Why going to `after` (with its pending placements) breaks the "survive one site" target,
+    /// if it does: some site's loss would leave a protected VM down, and this change made that
+    /// so or worse. `before` is this state with its pending placements, made when first needed.
+    fn site_refusal(&self, after: &ClusterState, before: &std::cell::OnceCell<ClusterState>, what: &str) -> Option<String> {
+        let (down, why) = after.site_target_shortfall()?;
         if self.settings.survive_site_loss {
-            if let Some((before, _)) = self.with_pending_placed().site_target_shortfall() {
-                if after <= before {
+            if let Some((was_down, _)) = before.get_or_init(|| self.with_pending_placed()).site_target_shortfall() {
+                if down <= was_down {
                     // Already short of the target, and this does not make it worse.
                     return None;
                 }
@@ -159,14 +167,14 @@ impl ClusterState {
         Some(format!("{what} would break the target of surviving the loss of a site: {why}"))
     }
 
-    /// Why going to `next` lowers failures-to-tolerate below the target, if it does.
-    fn ftt_refusal(&self, next: &ClusterState, what: &str) -> Option<String> {
-        let target = next.settings.ftt_target?;
-        let after = next.with_pending_placed().ftt();
+    /// Why going to `after` (with its pending placements) lowers failures-to-tolerate below
+    /// `target`, if it does.
+    fn ftt_refusal(&self, after: &ClusterState, before: &std::cell::OnceCell<ClusterState>, target: u32, what: &str) -> Option<String> {
+        let after = after.ftt();
         if after.ftt >= target {
             return None;
         }
-        let before = self.with_pending_placed().ftt();
+        let before = before.get_or_init(|| self.with_pending_placed()).ftt();
         if after.ftt >= before.ftt && self.settings.ftt_target == Some(target) {
             // Already below target, and this does not make it worse.
             return None;
