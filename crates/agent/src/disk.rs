@@ -207,10 +207,6 @@ fn check_slot_image(bytes: &[u8]) -> Result<(), DiskError> {
 }
 
 impl SlotDevice for FileSlotDevice {
-    fn path_in_use(&self) -> Option<PathBuf> {
-        Some(self.path.clone())
-    }
-
     fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>> {
         Box::pin(async move {
             check_slot_image(&bytes)?;
@@ -303,13 +299,13 @@ impl HeartbeatDisk {
         HeartbeatDisk { dev, key, timeout, decoded: Arc::default() }
     }
 
-    /// Writes this host's slot.
-    /// The path the disk is reached through now (several with `heartbeat_disk_paths`).
+    /// The path the disk is reached through now, when it has several (`heartbeat_disk_paths`).
     #[must_use]
     pub fn path_in_use(&self) -> Option<PathBuf> {
         self.dev.path_in_use()
     }
 
+    /// Writes this host's slot.
     pub async fn write(&self, slot: &DiskSlot) -> Result<(), DiskError> {
         let bytes = slot.encode(&self.key);
         tokio::time::timeout(self.timeout, self.dev.write_slot(slot.host, bytes)).await.map_err(|_| DiskError::Timeout(self.timeout))?

@@ -230,7 +230,8 @@ pub trait SlotDevice: Send + Sync + 'static {
     fn read_all_stamped(&self) -> BoxFuture<'_, StampedRead> {
         Box::pin(async move { (self.read_all().await, None) })
     }
-    /// The path the disk is reached through now, for a device that has paths.
+    /// The path the disk is reached through now, for a device with several (a single path
+    /// never changes, and says nothing).
     fn path_in_use(&self) -> Option<std::path::PathBuf> {
         None
     }

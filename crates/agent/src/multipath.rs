@@ -64,7 +64,7 @@ impl MultipathSlotDevice {
     }
 
     /// Path `failed` failed: the next one takes over (unless another request already moved on).
-    fn fail_over(&self, failed: usize, e: &DiskError) -> usize {
+    fn fail_over(&self, failed: usize, e: &dyn std::fmt::Display) -> usize {
         let next = (failed + 1) % self.paths.len();
         if self.active.compare_exchange(failed, next, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             tracing::warn!(
@@ -130,20 +130,12 @@ impl SlotDevice for MultipathSlotDevice {
         Box::pin(async move {
             let i = self.active.load(Ordering::SeqCst);
             let round = self.paths[i].write_then_read_all(slot, bytes.clone(), timeout).await;
-            let failure = match (&round.write, &round.read) {
-                (Err(e), _) | (_, Err(e)) if self.paths.len() > 1 => Some((retry_now(e), DiskError::Io(std::io::Error::other(e.to_string())))),
-                _ => None,
-            };
-            match failure {
-                Some((retry, e)) => {
-                    let next = self.fail_over(i, &e);
-                    if retry {
-                        self.paths[next].write_then_read_all(slot, bytes, timeout).await
-                    } else {
-                        round
-                    }
-                }
-                None => round,
+            let Some(e) = round.write.as_ref().err().or(round.read.as_ref().err()).filter(|_| self.paths.len() > 1) else { return round };
+            let (retry, next) = (retry_now(e), self.fail_over(i, e));
+            if retry {
+                self.paths[next].write_then_read_all(slot, bytes, timeout).await
+            } else {
+                round
             }
         })
     }

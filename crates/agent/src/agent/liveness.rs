@@ -370,9 +370,9 @@ impl Agent {
     /// Records in the timeline a change of the path the heartbeat disk is reached through: the
     /// path in use failed and the next took over.
     fn note_disk_path(&self) {
-        let now = self.disk.path_in_use();
-        let was = std::mem::replace(&mut lock(&self.beat).disk_path, now.clone());
-        if let Some((was, now)) = was.zip(now).filter(|(w, n)| w != n) {
+        let Some(now) = self.disk.path_in_use() else { return };
+        let was = lock(&self.beat).disk_path.replace(now.clone());
+        if let Some(was) = was.filter(|w| *w != now) {
             let detail = format!("heartbeat disk path {} failed; now reached through {}", was.display(), now.display());
             self.events.record(crate::events::EventKind::DiskPathChanged, None, Some(&self.cfg.name), detail);
         }
