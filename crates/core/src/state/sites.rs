@@ -53,16 +53,20 @@ impl ClusterState {
     #[must_use]
     pub fn site_loss(&self, site: &str) -> Option<SiteLoss> {
         let hosts = self.sites().remove(site)?;
-        let (plan, quorum) = self.plan_what_if(&hosts);
-        let protected = |name: &str| self.vms.get(name).is_some_and(|v| v.spec.protection == Protection::Protect);
-        let protected_down = plan.left_down.into_iter().filter(|(n, _)| protected(n)).collect();
-        Some(SiteLoss { site: site.to_string(), hosts, quorum, protected_down })
+        Some(self.loss_of(site.to_string(), hosts))
     }
 
     /// The loss of each site, in name order.
     #[must_use]
     pub fn site_losses(&self) -> Vec<SiteLoss> {
-        self.sites().keys().filter_map(|s| self.site_loss(s)).collect()
+        self.sites().into_iter().map(|(site, hosts)| self.loss_of(site, hosts)).collect()
+    }
+
+    fn loss_of(&self, site: String, hosts: Vec<HostId>) -> SiteLoss {
+        let (plan, quorum) = self.plan_what_if(&hosts);
+        let protected = |name: &str| self.vms.get(name).is_some_and(|v| v.spec.protection == Protection::Protect);
+        let protected_down = plan.left_down.into_iter().filter(|(n, _)| protected(n)).collect();
+        SiteLoss { site, hosts, quorum, protected_down }
     }
 
     /// Why the `survive_site_loss` target is not met, in words, or `None` if it is (or is not
