@@ -352,19 +352,19 @@ impl ClusterState {
     #[must_use]
     pub fn place(&self, names: &[String], eligible: HostSet, allow_off: bool) -> PlacementResult {
         let mut model = self.placement_model(eligible);
-        let index: BTreeMap<String, u32> = model.vms.iter().enumerate().map(|(i, v)| (v.name.clone(), i as u32)).collect();
-        let to_place: Vec<u32> = names.iter().filter_map(|n| index.get(n.as_str()).copied()).collect();
+        let to_place: Vec<u32> = {
+            let index: BTreeMap<&str, u32> = model.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i as u32)).collect();
+            names.iter().filter_map(|n| index.get(n.as_str()).copied()).collect()
+        };
         // A VM started from its host's own disk starts where that disk's latest copy is, or
         // nowhere: any other host's copy is older (or missing), and starting from it would lose
         // what the guest wrote since.
         for i in &to_place {
-            let Some(vm) = model.vms.get(*i as usize).and_then(|v| self.vms.get(&v.name)) else { continue };
-            if let Some(disk_host) = vm.start_host() {
-                let only = model.host_index(disk_host);
-                let others: Vec<u32> = (0..model.hosts.len() as u32).filter(|h| Some(*h) != only).collect();
-                if let Some(v) = model.vms.get_mut(*i as usize) {
-                    v.avoid = others;
-                }
+            let Some(disk_host) = model.vms.get(*i as usize).and_then(|v| self.vms.get(&v.name)).and_then(VmRecord::start_host) else { continue };
+            let only = model.host_index(disk_host);
+            let others: Vec<u32> = (0..model.hosts.len() as u32).filter(|h| Some(*h) != only).collect();
+            if let Some(v) = model.vms.get_mut(*i as usize) {
+                v.avoid = others;
             }
         }
         model.named(&model.place(&[], to_place, allow_off, false))
