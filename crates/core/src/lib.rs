@@ -25,6 +25,7 @@ pub mod state;
 pub mod time;
 pub mod timing;
 pub mod wire;
+pub mod witness;
 
 pub use hostset::{HostId, HostSet, MAX_HOSTS};
 pub use time::Millis;

@@ -357,8 +357,20 @@ pub async fn state_after_failure(vm: &str, q: &Qmp, timeout: Duration) -> Result
     }
 }
 
-/// Resumes a paused guest (`cont`).
+/// Resumes a paused guest (`cont`), then has QEMU announce its NICs' addresses again.
+///
+/// Why announce again: an incoming QEMU announces when its migration completes, while the
+/// guest is still paused awaiting the switchover's commit — which may take seconds when the
+/// leader is lost meanwhile — and a source resumed after a migration that completed but was not
+/// committed never announced at all, while its destination did. Either way the bridge may
+/// forward the VM's address to the wrong host until its forwarding entry ages out (minutes);
+/// the announcement after `cont` points it where the guest now runs. A QEMU without
+/// `announce-self` (before 4.0) resumes all the same.
 pub async fn resume(vm: &str, q: &Qmp, timeout: Duration) -> Result<(), DriverError> {
     q.execute("cont", Value::Null, timeout).await.map_err(qmp_failed(vm))?;
+    let rounds = json!({"initial": 0, "max": 250, "rounds": 4, "step": 100});
+    if let Err(e) = q.execute("announce-self", rounds, timeout).await {
+        tracing::warn!("{vm}: resumed, but QEMU did not announce its addresses: {e}");
+    }
     Ok(())
 }

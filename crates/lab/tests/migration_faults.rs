@@ -50,6 +50,20 @@ fn local_views(ml: &MigrationLab) -> String {
         .join(" | ")
 }
 
+/// The last lines of the guest's console on each host, for a guest that stopped answering.
+fn console_tails(ml: &MigrationLab) -> String {
+    ml.lab
+        .hosts
+        .iter()
+        .map(|h| {
+            let serial = std::fs::read_to_string(ml.lab.root.join(&h.name).join("run").join(format!("{}.serial", ml.vm))).unwrap_or_default();
+            let tail: Vec<&str> = serial.lines().rev().take(6).collect();
+            format!("{}: {}", h.name, tail.into_iter().rev().collect::<Vec<_>>().join(" / "))
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 fn fault_during_copy(fault: Fault, net: u8) -> Result<()> {
     let Some(g) = test_guest() else { return Ok(()) };
     let mut ml = MigrationLab::start_with("qemu", 128, &g, net, "[migration]\nmax_bandwidth_mib_s = 12\n")?;
@@ -114,7 +128,7 @@ fn fault_during_copy(fault: Fault, net: u8) -> Result<()> {
         }
         (answers || crashed.is_some()).then_some(placed)
     });
-    let home = settled.map_err(|e| anyhow!("{e}; last seen: {seen}; local views: {}", local_views(&ml)))?;
+    let home = settled.map_err(|e| anyhow!("{e}; last seen: {seen}; local views: {}; consoles: {}", local_views(&ml), console_tails(&ml)))?;
     std::thread::sleep(Duration::from_millis(500));
     let two = copies.finish();
     eprintln!("{fault:?}: {} runs on {home}", ml.vm);

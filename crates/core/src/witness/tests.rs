@@ -1,0 +1,136 @@
+use super::*;
+use crate::liveness::PeerAssessment;
+use crate::time::Millis;
+
+fn key() -> ClusterKey {
+    ClusterKey::new(b"0123456789abcdef-witness").expect("key")
+}
+
+fn peer(host: u32, liveness: HostLiveness, fence_deadline: Option<u64>) -> PeerAssessment {
+    PeerAssessment {
+        host: HostId(host),
+        liveness,
+        net_age_ms: None,
+        disk_age_ms: None,
+        fenced_epoch: None,
+        dead_since: None,
+        last_evidence: None,
+        fence_deadline: fence_deadline.map(Millis),
+        slot_corrupt: false,
+    }
+}
+
+fn assessment(now: u64, peers: Vec<PeerAssessment>) -> Assessment {
+    Assessment { now: Millis(now), heard: HostSet::EMPTY, disk_alive: HostSet::EMPTY, disk_readable: true, peers, fence: None, has_majority: true }
+}
+
+fn claim(host: u32, claiming: bool) -> Claim {
+    Claim { host: HostId(host), claiming, incarnation: 7, counter: 3 }
+}
+
+fn two() -> HostSet {
+    [HostId(0), HostId(1)].into_iter().collect()
+}
+
+fn step(me: u32, holding: bool, claims: &[Claim], a: &Assessment) -> WitnessStep {
+    next_step(&WitnessView { me: HostId(me), members: two(), holding, may_hold: true, claims: Some(claims), assessment: a })
+}
+
+#[test]
+fn a_claim_block_round_trips_and_a_forged_or_misplaced_one_is_refused() {
+    let k = key();
+    let c = Claim { host: HostId(1), claiming: true, incarnation: 99, counter: 12 };
+    let b = c.encode(&k);
+    assert_eq!(b.len(), CLAIM_SIZE);
+    assert_eq!(Claim::decode(&b, HostId(1), &k), Ok(Some(c)));
+    assert_eq!(Claim::decode(&b, HostId(0), &k), Err(ClaimError::WrongHost { expected: 0, found: 1 }));
+    let other = ClusterKey::new(b"another-secret-of-this-length").expect("key");
+    assert_eq!(Claim::decode(&b, HostId(1), &other), Err(ClaimError::BadMac));
+    let mut flipped = b.clone();
+    flipped[5] = 0;
+    assert_eq!(Claim::decode(&flipped, HostId(1), &k), Err(ClaimError::BadMac), "a flipped claim flag does not verify");
+    assert_eq!(Claim::decode(&[0; CLAIM_SIZE], HostId(1), &k), Ok(None));
+    assert_eq!(Claim::decode(&[7; 8], HostId(1), &k), Err(ClaimError::BadMagic));
+    assert!(DATABASE_OFFSET >= CLAIMS_OFFSET + (MAX_HOSTS * CLAIM_SIZE) as u64);
+}
+
+#[test]
+fn a_host_claims_then_opens_only_after_reading_no_live_rival() {
+    let a = assessment(1_000, vec![peer(1, HostLiveness::Alive, None)]);
+    assert_eq!(step(0, false, &[], &a), WitnessStep::Claim);
+    assert_eq!(step(0, false, &[claim(0, true)], &a), WitnessStep::Open);
+    assert_eq!(step(0, false, &[claim(0, true), claim(1, false)], &a), WitnessStep::Open);
+    assert_eq!(step(0, true, &[claim(0, true), claim(1, true)], &a), WitnessStep::Wait, "the holder keeps it");
+    // A live rival holds it: wait, claim nothing.
+    let b = assessment(1_000, vec![peer(0, HostLiveness::Alive, None)]);
+    assert_eq!(step(1, false, &[claim(0, true)], &b), WitnessStep::Wait);
+    // Both claimed at once: the higher id withdraws, the lower waits for that.
+    assert_eq!(step(1, false, &[claim(0, true), claim(1, true)], &b), WitnessStep::Withdraw);
+    assert_eq!(step(0, false, &[claim(0, true), claim(1, true)], &a), WitnessStep::Wait);
+    // A failed read decides nothing.
+    let v = WitnessView { me: HostId(0), members: two(), holding: false, may_hold: true, claims: None, assessment: &a };
+    assert_eq!(next_step(&v), WitnessStep::Wait);
+}
+
+#[test]
+fn a_dead_holders_claim_stops_counting_only_at_its_fence_deadline() {
+    let claims = [claim(0, true)];
+    for liveness in [HostLiveness::Alive, HostLiveness::Partitioned, HostLiveness::Unknown] {
+        let a = assessment(10_000, vec![peer(0, liveness, Some(5_000))]);
+        assert_eq!(step(1, false, &claims, &a), WitnessStep::Wait, "{liveness:?}: only a dead host's claim lapses");
+    }
+    let before = assessment(4_999, vec![peer(0, HostLiveness::Dead, Some(5_000))]);
+    assert_eq!(step(1, false, &claims, &before), WitnessStep::Wait, "not before the deadline");
+    let after = assessment(5_000, vec![peer(0, HostLiveness::Dead, Some(5_000))]);
+    assert_eq!(step(1, false, &claims, &after), WitnessStep::Claim);
+    assert_eq!(step(1, false, &[claim(0, true), claim(1, true)], &after), WitnessStep::Open);
+}
+
+#[test]
+fn a_host_that_may_not_speak_for_the_cluster_closes_it_and_claims_nothing() {
+    let a = assessment(1_000, vec![]);
+    let v = WitnessView { me: HostId(0), members: two(), holding: true, may_hold: false, claims: Some(&[]), assessment: &a };
+    assert_eq!(next_step(&v), WitnessStep::Close);
+    assert_eq!(next_step(&WitnessView { holding: false, ..v }), WitnessStep::Wait);
+}
+
+/// Two hosts run the protocol against one disk under every kind of interleaving: a host reads
+/// the claims, and acts on that read later (the other may have written meanwhile); holders close
+/// and withdraw at random. Never do both hold the witness at once, and it is held again soon.
+#[test]
+fn no_interleaving_of_two_claimers_lets_both_hold() {
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let a = assessment(1_000, vec![peer(0, HostLiveness::Alive, None), peer(1, HostLiveness::Alive, None)]);
+    let mut held_rounds = 0u32;
+    for _schedule in 0..2_000 {
+        let mut disk = [claim(0, false), claim(1, false)];
+        let mut holding = [false, false];
+        // The step each host decided on its last read, not yet carried out.
+        let mut pending: [Option<WitnessStep>; 2] = [None, None];
+        for _ in 0..60 {
+            let h = (next() % 2) as usize;
+            match pending[h].take() {
+                None => pending[h] = Some(step(h as u32, holding[h], &disk, &a)),
+                Some(WitnessStep::Claim) => disk[h].claiming = true,
+                Some(WitnessStep::Withdraw) => disk[h].claiming = false,
+                Some(WitnessStep::Open) => holding[h] = true,
+                Some(WitnessStep::Close) => holding[h] = false,
+                Some(WitnessStep::Wait) if holding[h] && next() % 10 == 0 => {
+                    // A planned release: close first, then withdraw.
+                    holding[h] = false;
+                    disk[h].claiming = false;
+                }
+                Some(WitnessStep::Wait) => {}
+            }
+            assert!(!(holding[0] && holding[1]), "both hosts hold the witness: disk {disk:?}");
+            held_rounds += u32::from(holding[0] || holding[1]);
+        }
+    }
+    assert!(held_rounds > 2_000 * 20, "the witness is held most of the time ({held_rounds})");
+}
