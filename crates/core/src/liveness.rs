@@ -213,6 +213,9 @@ pub struct Liveness {
     /// the cluster is then never calm, so every tick writes the slot and every peer gets every
     /// heartbeat.
     announcing_fence: bool,
+    /// The cluster keeps a disk witness on the heartbeat disk (see [`crate::witness`]): in a
+    /// two-host cluster it is the third vote, and the disk that holds it speaks for it.
+    disk_witness: bool,
     counters: RejectCounters,
 }
 
@@ -242,8 +245,31 @@ impl Liveness {
             round_begun_at: None,
             grown_at: None,
             announcing_fence: false,
+            disk_witness: false,
             counters: RejectCounters::default(),
         }
+    }
+
+    /// Says whether the cluster keeps a disk witness (configuration; the same on every host).
+    pub fn set_disk_witness(&mut self, on: bool) {
+        self.disk_witness = on;
+        self.unlapsed_until = None;
+    }
+
+    /// The votes the shared disk carries besides the slots on it: the disk witness's, in a
+    /// two-host cluster that keeps one. A read of that disk then counts as hearing the witness,
+    /// so a lone survivor whose own slot advances on it holds two votes of three. This trusts
+    /// the disk to be one device (no private copies): the configuration says so by choosing
+    /// the witness (ARCHITECTURE.md, "The disk witness").
+    pub(crate) fn disk_votes(&self) -> usize {
+        usize::from(self.disk_witness && self.members.len() == 2)
+    }
+
+    /// Peers whose slots must be seen advancing, besides our own, for a majority of the voters
+    /// on the disk.
+    pub(crate) fn disk_peers_needed(&self) -> usize {
+        let voters = self.members.len() + self.disk_votes();
+        (voters / 2 + 1).saturating_sub(1 + self.disk_votes())
     }
 
     #[must_use]

@@ -26,7 +26,8 @@
 //! its destination would not be ready for it). Format 10 adds `stop-exited` (a VM that exited
 //! for good is stopped only if still assigned where it exited; an older host has only the
 //! unconditional `set-power`). Format 11 adds sites: `set-host-site`, and settings with the
-//! `survive_site_loss` target (an older host would judge admission without it). A release that adds a command or a field that older hosts would
+//! `survive_site_loss` target (an older host would judge admission without it). Format 12 adds
+//! `set-witness` (the disk witness's vote; an older host would count quorums without it). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -35,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 11;
+pub const LOG_FORMAT: u32 = 12;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -54,6 +55,8 @@ pub(crate) const POSTCOPY_FORMAT: u32 = 9;
 pub(crate) const EXIT_STOP_FORMAT: u32 = 10;
 /// The format of a host's site and of the "survive one site" target.
 pub(crate) const SITE_FORMAT: u32 = 11;
+/// The disk witness's vote in committed state.
+pub(crate) const WITNESS_FORMAT: u32 = 12;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -312,6 +315,18 @@ mod tests {
         let mut old = e.clone();
         old.format = 9;
         assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 9, .. })), "{:?}", old.decode());
+    }
+
+    /// The disk witness's vote is format 12: an older host stops at it.
+    #[test]
+    fn the_witness_vote_is_format_12() {
+        let cmd = Command::SetWitness { disk: true };
+        let e = LogEntry::new(&cmd).expect("encodes");
+        assert_eq!(e.format, 12);
+        assert_eq!(e.decode(), Ok((cmd, None)));
+        let mut old = e.clone();
+        old.format = 11;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 11, .. })), "{:?}", old.decode());
     }
 
     /// A host's site and the "survive one site" target are format 11; settings without the

@@ -104,6 +104,9 @@ pub struct Model {
     used: Vec<(u64, u64)>,
     /// Per VM: its position in the placement order (see the module docs).
     rank: Vec<u32>,
+    /// Votes besides the hosts' that no host failure takes away (the disk witness's), for the
+    /// quorum bound of the FTT search.
+    pub extra_votes: u32,
 }
 
 /// Why a VM is not placed.
@@ -280,7 +283,7 @@ impl Model {
         for (pos, v) in order.iter().enumerate() {
             rank[*v as usize] = pos as u32;
         }
-        Model { hosts, vms, rules, by_host, used, rank }
+        Model { hosts, vms, rules, by_host, used, rank, extra_votes: 0 }
     }
 
     /// The index of host `id`.
@@ -463,7 +466,8 @@ impl Model {
         let members = self.hosts.len() as u32;
         let already_down = members - up.len() as u32;
         // More failures than this and no majority is left to decide anything.
-        let quorum_cap = ((members.saturating_sub(1)) / 2).saturating_sub(already_down);
+        let voters = members + self.extra_votes;
+        let quorum_cap = ((voters.saturating_sub(1)) / 2).saturating_sub(already_down);
         let host_cap = (up.len() as u32).saturating_sub(1);
         let (cap, cap_reason) = if quorum_cap <= host_cap { (quorum_cap, FttLimit::Quorum) } else { (host_cap, FttLimit::Hosts) };
         let mut report = FttReport { ftt: 0, exact: true, limited_by: cap_reason, checked_up_to: 0, sets_checked: 0, counterexample: None };

@@ -232,6 +232,10 @@ pub struct ClusterState {
     /// Raised by every command applied: an admission verdict names the revision it judged.
     #[serde(default)]
     pub revision: u64,
+    /// The disk witness is a Raft voter (`SetWitness`, log format 12): one more vote, which no
+    /// host's loss takes away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disk_witness: bool,
 }
 
 impl ClusterState {
@@ -245,6 +249,20 @@ impl ClusterState {
     #[must_use]
     pub fn members(&self) -> HostSet {
         self.hosts.keys().copied().collect()
+    }
+
+    /// The votes of the cluster's Raft: its hosts, and the disk witness if it has one.
+    #[must_use]
+    pub fn voters(&self) -> usize {
+        self.hosts.len() + usize::from(self.disk_witness)
+    }
+
+    /// Whether the hosts left after `lost` of the members are lost still make a majority (the
+    /// disk witness's vote stays: a survivor takes it over).
+    #[must_use]
+    pub fn quorum_after_losing(&self, lost: usize) -> bool {
+        let voters = self.voters();
+        voters.saturating_sub(lost) > voters / 2
     }
 
     /// A host's id by name.
@@ -379,7 +397,9 @@ impl ClusterState {
     /// The model [`ClusterState::ftt`] searches: built under a lock, searched outside it.
     #[must_use]
     pub fn ftt_model(&self) -> Model {
-        self.placement_model(self.members())
+        let mut model = self.placement_model(self.members());
+        model.extra_votes = u32::from(self.disk_witness);
+        model
     }
 
     /// A rule must name known VMs, be satisfiable by some placement, and not contradict
@@ -679,6 +699,7 @@ pub(crate) mod tests {
             Command::StopExited { name: "a".into(), host: HostId(2), generation: 9 },
             Command::SetHostSite { host: HostId(2), site: Some("east".into()) },
             Command::SetHostSite { host: HostId(2), site: None },
+            Command::SetWitness { disk: true },
             Command::ClearVmError { name: "a".into() },
             Command::ReleaseHeld { names: vec!["a".into()] },
             Command::CapacityRetry { name: "a".into() },

@@ -144,8 +144,12 @@ impl Liveness {
         // that could have renewed it had landed. (ARCHITECTURE.md, "Fence deadlines".)
         let majority_at = self.majority_acked_at();
         let read_started = self.last_disk_read_started;
+        // With a disk witness and two hosts, the only peer to hear from is the one in question:
+        // the disk's word alone settles it (the witness on it is the other vote).
+        let net_settles = self.disk_peers_needed() == 0 && disk_shared;
         let evidence_settled = |e: Millis| {
-            majority_at.is_some_and(|m| m >= e.plus(t.self_fence_ms)) && read_started.is_some_and(|r| r >= e.plus(t.self_fence_ms + t.disk_io_timeout_ms))
+            (net_settles || majority_at.is_some_and(|m| m >= e.plus(t.self_fence_ms)))
+                && read_started.is_some_and(|r| r >= e.plus(t.self_fence_ms + t.disk_io_timeout_ms))
         };
         let mut peers = Vec::with_capacity(self.peers.len());
         for (h, p) in &mut self.peers {

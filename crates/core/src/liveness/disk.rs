@@ -106,7 +106,7 @@ impl Liveness {
     /// `disk-private-one`, once failovers committed a tick sooner).
     pub(super) fn confirm_disk_writes(&mut self, now: Millis) {
         let Some(own) = self.own_advanced_read else { return };
-        let need = (self.members.len() / 2 + 1).saturating_sub(1);
+        let need = self.disk_peers_needed();
         let peers = if need == 0 {
             Some(Millis(u64::MAX))
         } else {
@@ -137,8 +137,11 @@ impl Liveness {
     #[must_use]
     pub fn disk_shared(&self, now: Millis) -> bool {
         let fresh = |t: Option<Millis>| t.is_some_and(|c| now.since(c) < self.timings.peer_timeout_ms);
-        let advancing = usize::from(fresh(self.own_slot_advanced_at)) + self.peers.values().filter(|p| fresh(p.slot_changed_at)).count();
-        advancing > self.members.len() / 2
+        let own = fresh(self.own_slot_advanced_at);
+        let advancing = usize::from(own) + self.peers.values().filter(|p| fresh(p.slot_changed_at)).count();
+        // The witness's vote comes only with our own slot seen on that disk.
+        let votes = advancing + if own { self.disk_votes() } else { 0 };
+        votes > (self.members.len() + self.disk_votes()) / 2
     }
 
     pub(super) fn disk_readable(&self, now: Millis) -> bool {

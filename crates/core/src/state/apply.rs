@@ -53,6 +53,10 @@ impl ClusterState {
             Command::VmFailed { name, host, generation, detail } => self.vm_failed(name, *host, *generation, detail),
             Command::StopExited { name, host, generation } => self.stop_exited(name, *host, *generation),
             Command::SetHostSite { host, site } => self.set_host_site(*host, site.as_deref()),
+            Command::SetWitness { disk } => {
+                self.disk_witness = *disk;
+                Ok(Applied::Done)
+            }
             Command::SetToken { token } => self.set_token(token),
             Command::DeleteToken { name } => self.delete_token(name),
             Command::ReleaseHeld { names } => self.release_held(names),

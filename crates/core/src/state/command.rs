@@ -92,6 +92,12 @@ pub enum Command {
         #[serde(default)]
         site: Option<String>,
     },
+    /// Whether the cluster's Raft has the disk witness as a voter (log format 12): proposed by
+    /// the leader once it added or removed the witness, so FTT, what-if and admission count its
+    /// vote (it survives any host's loss: the survivor takes it over from the shared disk).
+    SetWitness {
+        disk: bool,
+    },
     /// An operator clears a VM's error state and failure history (it stays stopped).
     ClearVmError {
         name: String,
@@ -181,6 +187,7 @@ impl Command {
             Command::VmFailed { .. } => "vm-failed",
             Command::StopExited { .. } => "stop-exited",
             Command::SetHostSite { .. } => "set-host-site",
+            Command::SetWitness { .. } => "set-witness",
             Command::ClearVmError { .. } => "clear-vm-error",
             Command::SetToken { .. } => "set-token",
             Command::DeleteToken { .. } => "delete-token",
@@ -220,7 +227,7 @@ impl Command {
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } => Some(spec.name.clone()),
             Command::SetRule { rule, .. } => Some(rule.name.clone()),
             Command::SetToken { token } => Some(token.name.clone()),
-            Command::SetSettings { .. } | Command::ReleaseHeld { .. } => None,
+            Command::SetSettings { .. } | Command::ReleaseHeld { .. } | Command::SetWitness { .. } => None,
         }
     }
 
@@ -233,6 +240,7 @@ impl Command {
             Command::HostLeave { .. } | Command::ReleaseParked { .. } => Some(crate::logformat::LEAVE_FORMAT),
             Command::StopExited { .. } => Some(crate::logformat::EXIT_STOP_FORMAT),
             Command::SetHostSite { .. } => Some(crate::logformat::SITE_FORMAT),
+            Command::SetWitness { .. } => Some(crate::logformat::WITNESS_FORMAT),
             Command::SetSettings { settings, .. } if settings.survive_site_loss => Some(crate::logformat::SITE_FORMAT),
             Command::SetRule { rule, .. } if rule.kind == crate::placement::RuleKind::Site => Some(crate::logformat::SITE_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if !spec.postcopy.is_off() => Some(crate::logformat::POSTCOPY_FORMAT),

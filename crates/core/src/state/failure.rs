@@ -38,7 +38,7 @@ impl ClusterState {
     pub fn plan_what_if(&self, failed: &[HostId]) -> (PlacementResult, bool) {
         let members = self.members();
         let lost = failed.iter().filter(|h| members.contains(**h)).count();
-        let quorum = members.len() - lost > members.len() / 2;
+        let quorum = self.quorum_after_losing(lost);
         if quorum {
             return (self.plan_failure(failed, members), true);
         }
@@ -49,5 +49,36 @@ impl ClusterState {
             .map(|v| (v.spec.name.clone(), LeftDown::NoQuorum))
             .collect();
         (PlacementResult { placements: vec![], left_down }, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::hostset::HostId;
+    use crate::placement::{FttLimit, LeftDown};
+    use crate::state::tests::{cluster, process_vm, run_on};
+    use crate::state::{Command, Protection};
+
+    /// Two hosts alone tolerate no failure (no majority is left); with the disk witness's vote
+    /// they tolerate one where room allows, and "what if h0 fails" restarts its VM on h1.
+    #[test]
+    fn a_two_host_cluster_tolerates_one_failure_only_with_the_disk_witness() {
+        let mut s = cluster(2, 4096);
+        run_on(&mut s, process_vm("p", Protection::Protect, 0, 1024), 0);
+        let report = s.ftt();
+        assert_eq!((report.ftt, report.limited_by), (0, FttLimit::Quorum));
+        let (plan, quorum) = s.plan_what_if(&[HostId(0)]);
+        assert!(!quorum);
+        assert_eq!(plan.left_down, vec![("p".to_string(), LeftDown::NoQuorum)]);
+        s.apply(&Command::SetWitness { disk: true }).expect("applies");
+        assert_eq!(s.voters(), 3);
+        assert_eq!(s.ftt().ftt, 1, "{:?}", s.ftt());
+        let (plan, quorum) = s.plan_what_if(&[HostId(0)]);
+        assert!(quorum);
+        assert_eq!(plan.placements.len(), 1, "{plan:?}");
+        assert!(!s.quorum_after_losing(2), "the witness is one vote: both hosts lost is no majority");
+        // Room decides the rest: a VM too large for the survivor keeps FTT at 0.
+        run_on(&mut s, process_vm("big", Protection::Protect, 0, 3584), 1);
+        assert_eq!(s.ftt().ftt, 0);
     }
 }

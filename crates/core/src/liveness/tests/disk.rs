@@ -315,3 +315,71 @@ fn a_stale_slot_never_overrides_a_fresher_heartbeat() {
     l.disk_read(&[SlotRead::Empty, slot(1, 501, &[0, 1, 2], true), SlotRead::Empty], Millis(2300));
     assert_eq!(l.assess(Millis(2301)).peer(HostId(1)).and_then(|p| p.fenced_epoch), Some(1));
 }
+
+/// Two hosts and a heartbeat disk: host 1 loses power at 2 s. Without a disk witness the
+/// survivor cannot tell its disk is shared (its own slot alone is no majority) and fences; with
+/// one, the disk carries the third vote: the survivor keeps its lease, finds host 1 dead, and
+/// gets a fence deadline counted from host 1's last evidence.
+#[test]
+fn a_two_host_survivor_keeps_its_lease_only_with_a_disk_witness() {
+    let run_two = |witness: bool| {
+        let mut l = Liveness::new(HostId(0), 1, T, Millis(0));
+        l.set_members([HostId(0), HostId(1)].into_iter().collect());
+        l.set_disk_witness(witness);
+        let mut last = None;
+        for t in (0..12_000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            let peer_up = t < 2_000;
+            let peer_seq = if peer_up { seq } else { 2_000 / 200 };
+            l.disk_read(&[slot(0, seq, &[0, 1], false), slot(1, peer_seq, &[0, 1], false)], now.plus(2));
+            if peer_up {
+                l.heartbeat_received(&hb(1, seq, &[0, 1], Some((0, seq))), now).expect("fresh");
+            }
+            last = Some(l.assess(now.plus(3)));
+        }
+        last.expect("assessed")
+    };
+    let without = run_two(false);
+    assert!(matches!(without.fence, Some(FenceReason::Isolated { .. })), "{without:?}");
+    let with = run_two(true);
+    assert_eq!(with.fence, None, "{with:?}");
+    let p = with.peer(HostId(1)).expect("peer");
+    assert_eq!(p.liveness, HostLiveness::Dead);
+    let deadline = p.fence_deadline.expect("deadline");
+    let evidence = p.last_evidence.expect("evidence");
+    assert_eq!(deadline, evidence.plus(T.fence_wait_ms()), "counted from the last evidence, settled by the disk");
+    assert!(deadline.0 < 12_000, "passed before the end: {deadline:?}");
+}
+
+/// With a disk witness, a link cut between two hosts that both still write the disk is a
+/// partition: the lower id wins and the other fences — never both, never neither.
+#[test]
+fn a_two_host_link_cut_with_a_disk_witness_fences_exactly_the_higher_id() {
+    let verdict = |me: u32| {
+        let mut l = Liveness::new(HostId(me), 1, T, Millis(0));
+        l.set_members([HostId(0), HostId(1)].into_iter().collect());
+        l.set_disk_witness(true);
+        let other = 1 - me;
+        let mut last = None;
+        for t in (0..12_000).step_by(200) {
+            let now = Millis(t);
+            let seq = t / 200 + 1;
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+            let linked = t < 2_000;
+            let heard: &[u32] = if linked { &[0, 1] } else { &[other] };
+            let mine: &[u32] = if linked { &[0, 1] } else { &[me] };
+            l.disk_read(&[slot(me, seq, mine, false), slot(other, seq, heard, false)], now.plus(2));
+            if linked {
+                l.heartbeat_received(&hb(other, seq, &[0, 1], Some((me, seq))), now).expect("fresh");
+            }
+            last = Some(l.assess(now.plus(3)));
+        }
+        last.expect("assessed").fence
+    };
+    assert_eq!(verdict(0), None);
+    assert!(matches!(verdict(1), Some(FenceReason::LosingSide { .. })), "{:?}", verdict(1));
+}
