@@ -45,6 +45,7 @@ mod reconciler;
 mod shutdown;
 pub use shutdown::{policy_name, ShutdownConfig, ShutdownPolicy};
 mod watchdogs;
+pub mod witness;
 
 pub use probe::{MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL};
 pub use watchdogs::{WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};
@@ -74,6 +75,8 @@ pub enum AgentError {
     },
     #[error("heartbeat disk unusable")]
     Disk(#[from] DiskError),
+    #[error("disk witness unusable")]
+    Witness(#[from] crate::witness::RegionError),
     #[error("TLS files unusable")]
     Tls(#[from] crate::tls::TlsError),
     #[error("consensus failed")]
@@ -168,6 +171,8 @@ pub struct Agent {
     probing: Mutex<probe::Probing>,
     heartbeats: Arc<dyn HeartbeatTransport>,
     disk: HeartbeatDisk,
+    /// The disk witness, when the configuration names one.
+    witness: Option<witness::DiskWitness>,
     rpc: Arc<dyn PeerRpc>,
     /// Whether the agent runs OS threads of its own (liveness, watchdog, heavy work): a
     /// simulator, which must stay deterministic, runs everything on its one runtime.
@@ -266,7 +271,8 @@ impl Agent {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
             None => None,
         };
-        let io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, &cfg.heartbeat_disk_paths, driver, tls).await?;
+        let mut io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, &cfg.heartbeat_disk_paths, driver, tls).await?;
+        io.witness = cfg.disk_witness.as_ref().map(crate::witness::open_region).transpose()?;
         Agent::with_io(cfg, io).await
     }
 
@@ -277,17 +283,20 @@ impl Agent {
         std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
         let incarnation = next_incarnation(&cfg.data_dir).map_err(dd)?;
         let me = cfg.host();
-        let AgentIo { clock, heartbeats, disk, rpc, driver, os_threads, mutation } = io;
+        let AgentIo { clock, heartbeats, disk, rpc, driver, os_threads, mutation, witness } = io;
         let disk = HeartbeatDisk::new(disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms));
         // Refuse a disk that is not this cluster's, formatted with this layout: a path typo or a
         // mount missing at boot must not leave this host counting its own writes as shared.
         disk.check_header(&cfg.heartbeat_disk.display().to_string()).await?;
         let token = key.peer_token();
-        let mut consensus = Consensus::open(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc), &cfg.timings).await?;
+        let witness = witness.map(|region| witness::DiskWitness::new(region, me, incarnation));
+        let route = witness.as_ref().map(|w| w.route.clone()).unwrap_or_default();
+        let mut consensus = Consensus::open_routed(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc), route, &cfg.timings).await?;
         let heavy = Arc::new(crate::heavy::HeavyWork::new(os_threads));
         consensus.use_heavy(Arc::clone(&heavy));
         let events = EventLog::new(&cfg.name, &cfg.data_dir);
-        let liveness = Liveness::new(me, incarnation, cfg.timings, clock.now());
+        let mut liveness = Liveness::new(me, incarnation, cfg.timings, clock.now());
+        liveness.set_disk_witness(witness.is_some());
         events.record(crate::events::EventKind::AgentStarted, None, None, format!("incarnation {incarnation}, driver {}", driver.kind()));
         Ok(Arc::new(Agent {
             me,
@@ -311,6 +320,7 @@ impl Agent {
             probing: Mutex::default(),
             heartbeats,
             disk,
+            witness,
             rpc,
             os_threads,
             heavy,
@@ -340,6 +350,9 @@ impl Agent {
         tokio::spawn(Arc::clone(self).coordinator_loop().in_current_span());
         tokio::spawn(Arc::clone(self).reconcile_loop().in_current_span());
         tokio::spawn(Arc::clone(self).migration_loop().in_current_span());
+        if self.witness.is_some() {
+            tokio::spawn(Arc::clone(self).witness_loop().in_current_span());
+        }
         self.start_watchdogs()
     }
 

@@ -71,6 +71,12 @@ pub struct AgentConfig {
     /// path in use fails, the next takes over (at most three more).
     #[serde(default)]
     pub heartbeat_disk_paths: Vec<PathBuf>,
+    /// A region of shared storage (a file beside the heartbeat disk, or a block device; at
+    /// least 16.04 MiB) that holds the disk witness: the third vote of a two-host cluster. Set
+    /// it on both hosts, to the same storage; it assumes that storage is one device that every
+    /// host reaches (no private copies). Absent: no disk witness.
+    #[serde(default)]
+    pub disk_witness: Option<PathBuf>,
     /// A file holding the cluster secret (at least 16 bytes), the same on every host.
     pub secret_file: PathBuf,
     #[serde(default)]

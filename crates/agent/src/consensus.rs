@@ -5,6 +5,8 @@
 //! power keeps every entry it acknowledged. The state machine is small (the desired state) and is
 //! persisted whole after every applied batch, so a restart needs no replay.
 
+pub mod witness;
+
 use crate::heavy::HeavyWork;
 use crate::httpc;
 use crate::io::PeerRpc;
@@ -391,6 +393,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub struct Network {
     token: String,
     rpc: Arc<dyn PeerRpc>,
+    /// Where the disk witness answers now (see [`witness::WitnessRoute`]).
+    witness: witness::WitnessRoute,
 }
 
 /// One peer connection.
@@ -399,12 +403,16 @@ pub struct PeerLink {
     target: NodeId,
     token: String,
     rpc: Arc<dyn PeerRpc>,
+    /// For the disk witness: the route, read at each call (its holder changes), instead of
+    /// `addr`.
+    route: Option<witness::WitnessRoute>,
 }
 
 impl openraft::RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerLink;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerLink {
-        PeerLink { addr: node.addr.clone(), target, token: self.token.clone(), rpc: Arc::clone(&self.rpc) }
+        let route = (target == tandem_core::witness::WITNESS_NODE).then(|| self.witness.clone());
+        PeerLink { addr: node.addr.clone(), target, token: self.token.clone(), rpc: Arc::clone(&self.rpc), route }
     }
 }
 
@@ -416,8 +424,15 @@ impl PeerLink {
         E: std::error::Error + for<'de> Deserialize<'de>,
     {
         use openraft::error::{NetworkError, RPCError, RemoteError, Unreachable};
+        let (addr, path) = match &self.route {
+            None => (self.addr.clone(), path.to_string()),
+            Some(route) => {
+                let addr = route.holder_addr().ok_or_else(|| RPCError::Unreachable(Unreachable::new(&witness::WitnessError::NoHolder)))?;
+                (addr, path.replacen("/raft/", "/raft/witness/", 1))
+            }
+        };
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let resp = self.rpc.call(&self.addr, path, Some(&self.token), Some(body), timeout).await.map_err(|e| match e {
+        let resp = self.rpc.call(&addr, &path, Some(&self.token), Some(body), timeout).await.map_err(|e| match e {
             httpc::HttpError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
             _ => RPCError::Network(NetworkError::new(&e)),
         })?;
@@ -524,8 +539,25 @@ pub const fn election_timeout_min_ms(t: &Timings) -> u64 {
 impl Consensus {
     /// Opens (or creates) the database in `dir` and starts openraft.
     pub async fn open(dir: &Path, me: NodeId, token: String, rpc: Arc<dyn PeerRpc>, timings: &Timings) -> Result<Consensus, ConsensusError> {
+        Consensus::open_routed(dir, me, token, rpc, witness::WitnessRoute::default(), timings).await
+    }
+
+    /// [`Consensus::open`], reaching the disk witness through `route`.
+    pub async fn open_routed(
+        dir: &Path,
+        me: NodeId,
+        token: String,
+        rpc: Arc<dyn PeerRpc>,
+        route: witness::WitnessRoute,
+        timings: &Timings,
+    ) -> Result<Consensus, ConsensusError> {
         let path = dir.join("consensus.redb");
         let db = Arc::new(Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?);
+        Consensus::start(db, me, Network { token, rpc, witness: route }, timings, 1).await
+    }
+
+    /// Starts openraft on `db`; elections wait `election_scale` times the usual timeout.
+    async fn start(db: Arc<Database>, me: NodeId, network: Network, timings: &Timings, election_scale: u64) -> Result<Consensus, ConsensusError> {
         let data: MachineData = get_meta(&db, "machine").map_err(|e| Box::new(SErr::from(StorageIOError::read_state_machine(e))))?.unwrap_or_default();
         let (applied_tx, applied_rx) = watch::channel(data.last_applied.map_or(0, |l| l.index));
         let data = Arc::new(Mutex::new(Arc::new(data)));
@@ -534,15 +566,15 @@ impl Consensus {
         let config = openraft::Config {
             cluster_name: "tandem".into(),
             heartbeat_interval: raft_heartbeat_ms(timings),
-            election_timeout_min: election_timeout_min_ms(timings),
-            election_timeout_max: 2 * election_timeout_min_ms(timings),
+            election_timeout_min: election_scale * election_timeout_min_ms(timings),
+            election_timeout_max: 2 * election_scale * election_timeout_min_ms(timings),
             install_snapshot_timeout: SNAPSHOT_TIMEOUT.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 500,
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
-        let raft = Raft::new(me, config, Network { token, rpc }, log, sm).await.map_err(Box::new)?;
+        let raft = Raft::new(me, config, network, log, sm).await.map_err(Box::new)?;
         Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default(), proposing: Arc::default() })
     }
 
@@ -705,6 +737,14 @@ impl Consensus {
     /// Confirms leadership with a quorum (a leader restarted or cut off may be stale).
     pub async fn confirm_leader(&self) -> bool {
         matches!(tokio::time::timeout(Duration::from_secs(2), self.raft.ensure_linearizable()).await, Ok(Ok(_)))
+    }
+
+    /// Removes `id` from the voters (and the cluster).
+    pub async fn remove_voter(&self, id: NodeId) -> Result<(), ConsensusError> {
+        let mut voters: BTreeSet<NodeId> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        voters.remove(&id);
+        self.raft.change_membership(voters, false).await.map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        Ok(())
     }
 
     /// Adds `id` at `addr` as a voter (learner first, so it catches up before it counts).

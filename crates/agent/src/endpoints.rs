@@ -245,6 +245,9 @@ pub const ENDPOINTS: &[Endpoint] = &[
     write("POST", "/raft/append", Cluster, "Raft AppendEntries (agent to agent).", opaque, opaque),
     write("POST", "/raft/vote", Cluster, "Raft RequestVote (agent to agent).", opaque, opaque),
     write("POST", "/raft/snapshot", Cluster, "Raft InstallSnapshot chunk (agent to agent).", opaque, opaque),
+    write("POST", "/raft/witness/append", Cluster, "Raft AppendEntries to the disk witness, on the host that holds it (agent to agent).", opaque, opaque),
+    write("POST", "/raft/witness/vote", Cluster, "Raft RequestVote to the disk witness, on the host that holds it (agent to agent).", opaque, opaque),
+    write("POST", "/raft/witness/snapshot", Cluster, "Raft InstallSnapshot chunk to the disk witness, on the host that holds it (agent to agent).", opaque, opaque),
 ];
 
 /// The methods `route` answers (for a 405's `Allow` header).

@@ -66,6 +66,12 @@ pub enum EventKind {
     VmStartFailed,
     VmStarted,
     VmWaiting,
+    /// This host opened the disk witness's node (it holds the witness).
+    WitnessHeld,
+    /// This host closed the disk witness's node (it fenced, or stops).
+    WitnessReleased,
+    /// The leader made the disk witness a voter, or removed it.
+    WitnessVoter,
     /// A kind this release does not know (read back from an older or newer timeline file).
     #[serde(other)]
     Unknown,
@@ -118,6 +124,9 @@ impl EventKind {
             EventKind::VmStartFailed => "vm-start-failed",
             EventKind::VmStarted => "vm-started",
             EventKind::VmWaiting => "vm-waiting",
+            EventKind::WitnessHeld => "witness-held",
+            EventKind::WitnessReleased => "witness-released",
+            EventKind::WitnessVoter => "witness-voter",
             EventKind::Unknown => "unknown",
         }
     }

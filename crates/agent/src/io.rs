@@ -299,6 +299,8 @@ pub struct AgentIo {
     /// A safety mechanism broken on purpose. Only the simulator's mutation checks set one, to
     /// show that the simulator catches what follows; production wiring and configuration cannot.
     pub mutation: Option<Mutation>,
+    /// The disk witness's region, when the cluster keeps one.
+    pub witness: Option<Arc<dyn crate::witness::WitnessRegion>>,
 }
 
 /// A safety mechanism the simulator's mutation checks switch off.
@@ -347,6 +349,7 @@ impl AgentIo {
             driver,
             os_threads: true,
             mutation: None,
+            witness: None,
         })
     }
 }

@@ -20,3 +20,4 @@ pub mod raft_runtime;
 pub mod tls;
 pub mod views;
 pub mod watchdog;
+pub mod witness;

@@ -59,6 +59,8 @@ pub struct LabOptions {
     pub recorder_period: Duration,
     /// Each host's site, by index (a host beyond the list has none).
     pub sites: Vec<String>,
+    /// Keep a disk witness beside the heartbeat disk (`shared/witness.region`).
+    pub disk_witness: bool,
 }
 
 impl Default for LabOptions {
@@ -75,6 +77,7 @@ impl Default for LabOptions {
             ca: None,
             recorder_period: Duration::from_millis(10),
             sites: Vec::new(),
+            disk_witness: false,
         }
     }
 }
@@ -268,6 +271,11 @@ impl Lab {
         // `tandem disk format`: agents refuse a disk without this cluster's header.
         let key = tandem_core::wire::ClusterKey::new(&std::fs::read(shared.join("secret"))?)?;
         tandem_agent::disk::format(&shared.join("heartbeat.disk"), &key, false)?;
+        let witness = shared.join("witness.region");
+        if opts.disk_witness {
+            // As an operator does: a file of the region's size on the shared storage.
+            std::fs::File::create(&witness)?.set_len(tandem_agent::witness::MIN_REGION_BYTES)?;
+        }
         let mut hosts = Vec::new();
         for i in 0..opts.hosts {
             let (prefix, ip) = match &opts.netns {
@@ -285,7 +293,7 @@ impl Lab {
             let text = format!(
                 "host_id = {i}\nname = \"{name}\"\napi_addr = \"{api}\"\nheartbeat_addr = \"{ip}:{hb}\"\n\
                  data_dir = \"{data}\"\nheartbeat_disk = \"{disk}\"\nsecret_file = \"{secret}\"\n\
-                 driver = \"{driver}\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {mem} }}\n{site}{extra}\n",
+                 driver = \"{driver}\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {mem} }}\n{site}{witness}{extra}\n",
                 hb = opts.api_port + 1,
                 data = data.display(),
                 disk = opts.disk_paths.get(&i).cloned().unwrap_or_else(|| shared.join("heartbeat.disk")).display(),
@@ -294,6 +302,7 @@ impl Lab {
                 vcpus = opts.capacity.0,
                 mem = opts.capacity.1,
                 site = opts.sites.get(i as usize).map(|s| format!("site = \"{s}\"\n")).unwrap_or_default(),
+                witness = if opts.disk_witness { format!("disk_witness = \"{}\"\n", witness.display()) } else { String::new() },
                 // `{data}` in the extra config stands for this host's data directory.
                 extra = opts.extra_config.replace("{data}", &data.display().to_string()),
             );

@@ -224,6 +224,7 @@ impl Sim {
                 driver: Arc::clone(&h.driver) as Arc<dyn tandem_drivers::VmDriver>,
                 os_threads: false,
                 mutation: self.opts.mutation,
+                witness: None,
             };
             // Every task of this agent (its loops, openraft's) logs inside this span (at error
             // level so the span shows whatever the log filter lets through).

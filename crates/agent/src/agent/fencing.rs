@@ -178,6 +178,8 @@ impl Agent {
             st.fence_confirmed_at = None;
             st.joined_epoch = None;
         }
+        // After the flag, before the kill: the disk witness's node here writes nothing more.
+        self.close_witness_now();
         // After the flag: a start racing this either sees the flag or is in the driver's table
         // when kill_all takes it. Nothing before the kill may wait on a lock that a slow
         // `apply` holds (the watchdog thread fences through here when the runtime stalls).

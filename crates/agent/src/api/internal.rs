@@ -33,3 +33,30 @@ pub(super) async fn raft_snapshot(State(a): State<Arc<Agent>>, headers: HeaderMa
     let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&body, "snapshot request")?;
     Ok(Json(a.consensus.raft.install_snapshot(req).await).into_response())
 }
+
+/// The disk witness's node, if this host holds it; otherwise the caller tries again at its next
+/// call (its route follows the claims).
+fn held_witness(a: &Agent) -> Result<Arc<crate::agent::witness::HeldWitness>, ApiError> {
+    a.held_witness().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this host does not hold the disk witness"))
+}
+
+pub(super) async fn witness_append(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let w = held_witness(&a)?;
+    let req: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&body, "append request")?;
+    Ok(Json(w.consensus.raft.append_entries(req).await).into_response())
+}
+
+pub(super) async fn witness_vote(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let w = held_witness(&a)?;
+    let req: openraft::raft::VoteRequest<u64> = parse(&body, "vote request")?;
+    Ok(Json(w.consensus.raft.vote(req).await).into_response())
+}
+
+pub(super) async fn witness_snapshot(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorized(&a, &headers)?;
+    let w = held_witness(&a)?;
+    let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&body, "snapshot request")?;
+    Ok(Json(w.consensus.raft.install_snapshot(req).await).into_response())
+}

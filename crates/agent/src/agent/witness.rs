@@ -1,0 +1,259 @@
+//! The disk witness loop: each round it reads the claim blocks, asks
+//! `tandem_core::witness::next_step` what to do, and does it — writes this host's claim, opens
+//! or closes the witness's Raft node here, points the route at the holder. On the leader it
+//! also keeps the witness a voter exactly while the cluster has two hosts, and commits that
+//! (`set-witness`), so FTT and what-if count its vote.
+//!
+//! Fencing closes the region first (`DiskWitness::close_now`: every later write of the node is
+//! refused), before it kills the VMs; the loop then stops the node and withdraws the claim. So
+//! a host that lost the right to speak for the cluster writes nothing more to the witness before
+//! its fence deadline, which is when the other host may take it over.
+
+use super::{lock, Agent};
+use crate::consensus::witness::WitnessRoute;
+use crate::consensus::Consensus;
+use crate::events::EventKind;
+use crate::witness::{read_claims, write_claim, RegionError, WitnessRegion, CLAIM_IO_TIMEOUT};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_core::state::Command;
+use tandem_core::witness::{next_step, Claim, WitnessStep, WitnessView, WITNESS_NODE};
+use tandem_core::{HostId, HostSet};
+
+/// The address the witness has in Raft's membership: a name, not a host's address; the route
+/// says where it answers.
+pub const WITNESS_ADDR: &str = "disk-witness";
+/// How long the leader waits for the witness to catch up as a learner before it counts as a
+/// voter (it is retried at a later round).
+const ADD_VOTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The witness's node while this host holds it.
+pub struct HeldWitness {
+    pub consensus: Consensus,
+    closed: Arc<AtomicBool>,
+}
+
+/// This host's side of the disk witness.
+pub struct DiskWitness {
+    region: Arc<dyn WitnessRegion>,
+    pub(crate) route: WitnessRoute,
+    me: HostId,
+    incarnation: u64,
+    counter: AtomicU64,
+    held: Mutex<Option<Arc<HeldWitness>>>,
+    /// The write gate of the node held here or being opened: a fence shuts it (see
+    /// [`DiskWitness::close_now`]).
+    gate: Mutex<Option<Arc<AtomicBool>>>,
+}
+
+impl DiskWitness {
+    #[must_use]
+    pub fn new(region: Arc<dyn WitnessRegion>, me: HostId, incarnation: u64) -> DiskWitness {
+        DiskWitness {
+            region,
+            route: WitnessRoute::default(),
+            me,
+            incarnation,
+            counter: AtomicU64::new(0),
+            held: Mutex::new(None),
+            gate: Mutex::new(None),
+        }
+    }
+
+    /// The witness's node, if this host holds it.
+    #[must_use]
+    pub fn held(&self) -> Option<Arc<HeldWitness>> {
+        lock(&self.held).clone()
+    }
+
+    /// Refuses every further write of the node held here or being opened, at once (no await).
+    /// A fence calls it after it marked this host fenced and before it kills the VMs; an open
+    /// installs its gate before it checks that mark, so one of the two always sees the other.
+    pub fn close_now(&self) {
+        if let Some(g) = lock(&self.gate).as_ref() {
+            g.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the node held here was shut by a fence and must be closed.
+    fn shut(&self) -> bool {
+        self.held().is_some_and(|h| h.closed.load(Ordering::SeqCst))
+    }
+
+    fn claim(&self, claiming: bool) -> Claim {
+        Claim { host: self.me, claiming, incarnation: self.incarnation, counter: self.counter.fetch_add(1, Ordering::SeqCst) + 1 }
+    }
+}
+
+/// Runs one blocking region operation off the runtime, within [`CLAIM_IO_TIMEOUT`].
+async fn region_io<T: Send + 'static>(f: impl FnOnce() -> Result<T, RegionError> + Send + 'static) -> Result<T, RegionError> {
+    match tokio::time::timeout(CLAIM_IO_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => Err(RegionError::Io(std::io::Error::other(join.to_string()))),
+        Err(_) => Err(RegionError::Timeout(CLAIM_IO_TIMEOUT)),
+    }
+}
+
+impl Agent {
+    pub(super) async fn witness_loop(self: Arc<Self>) {
+        let mut rounds = self.rounds();
+        let mut last_error: Option<String> = None;
+        while !self.is_stopping() {
+            if let Err(e) = self.witness_round().await {
+                let text = crate::api::chain(&e);
+                if last_error.as_ref() != Some(&text) {
+                    tracing::warn!("disk witness: {text}");
+                }
+                last_error = Some(text);
+            } else {
+                last_error = None;
+            }
+            if let Err(e) = self.keep_witness_vote().await {
+                tracing::debug!("disk witness vote: {e}");
+            }
+            self.hand_back_leadership();
+            self.next_round(&mut rounds).await;
+        }
+        if let Some(w) = &self.witness {
+            w.close_now();
+            self.close_witness(w).await;
+        }
+    }
+
+    /// Reads the claims, decides, acts.
+    async fn witness_round(self: &Arc<Self>) -> Result<(), RegionError> {
+        let Some(w) = &self.witness else { return Ok(()) };
+        let (region, key) = (Arc::clone(&w.region), self.key.clone());
+        let claims = region_io(move || read_claims(region.as_ref(), &key)).await;
+        let Some(assessment) = self.assessment() else { return Ok(()) };
+        let members: HostSet = self.consensus.with_state(|s| s.members());
+        let st = self.status();
+        let may_hold = !w.shut() && st.fenced.is_none() && self.holds_lease() && self.consensus.state_intact() && !self.is_stopping();
+        let read = claims.as_ref().ok().map(Vec::as_slice);
+        let view = WitnessView { me: self.me, members, holding: w.held().is_some(), may_hold, claims: read, assessment: &assessment };
+        let step = next_step(&view);
+        self.route_witness(w, read, &assessment);
+        match step {
+            WitnessStep::Wait => {}
+            WitnessStep::Claim | WitnessStep::Withdraw => {
+                let (region, key, claim) = (Arc::clone(&w.region), self.key.clone(), w.claim(step == WitnessStep::Claim));
+                region_io(move || write_claim(region.as_ref(), &key, &claim)).await?;
+            }
+            WitnessStep::Open => self.open_witness(w).await,
+            WitnessStep::Close => self.close_witness(w).await,
+        }
+        claims.map(|_| ())
+    }
+
+    /// Opens the witness's node here.
+    async fn open_witness(self: &Arc<Self>, w: &DiskWitness) {
+        let closed = Arc::new(AtomicBool::new(false));
+        *lock(&w.gate) = Some(Arc::clone(&closed));
+        if self.status().fenced.is_some() || !self.holds_lease() {
+            return;
+        }
+        let opened = Consensus::open_witness(Arc::clone(&w.region), Arc::clone(&closed), self.token.clone(), Arc::clone(&self.rpc), w.route.clone(), &self.cfg.timings).await;
+        match opened {
+            Ok(mut consensus) => {
+                consensus.use_heavy(Arc::clone(&self.heavy));
+                *lock(&w.held) = Some(Arc::new(HeldWitness { consensus, closed }));
+                w.route.set(Some(self.cfg.api_addr.to_string()));
+                self.events.record(EventKind::WitnessHeld, None, Some(&self.cfg.name), format!("{} holds the disk witness", self.cfg.name));
+            }
+            Err(e) => tracing::warn!("disk witness: cannot open its node here: {}", crate::api::chain(&e)),
+        }
+    }
+
+    /// Stops the witness's node here (its writes refused first), then withdraws the claim.
+    async fn close_witness(&self, w: &DiskWitness) {
+        let held = lock(&w.held).take();
+        if let Some(h) = held {
+            h.closed.store(true, Ordering::SeqCst);
+            h.consensus.shutdown().await;
+            self.events.record(EventKind::WitnessReleased, None, Some(&self.cfg.name), format!("{} let the disk witness go", self.cfg.name));
+        }
+        let (region, key, claim) = (Arc::clone(&w.region), self.key.clone(), w.claim(false));
+        if let Err(e) = region_io(move || write_claim(region.as_ref(), &key, &claim)).await {
+            tracing::warn!("disk witness: claim not withdrawn ({e}); it lapses at this host's fence deadline");
+        }
+    }
+
+    /// Points the route at the holder: this host, or the lowest live claimer (which holds it
+    /// or is about to).
+    fn route_witness(&self, w: &DiskWitness, claims: Option<&[Claim]>, a: &tandem_core::liveness::Assessment) {
+        if w.held().is_some() {
+            return w.route.set(Some(self.cfg.api_addr.to_string()));
+        }
+        let Some(claims) = claims else { return };
+        let holder = claims
+            .iter()
+            .filter(|c| c.claiming && c.host != self.me)
+            .filter(|c| !a.peer(c.host).is_some_and(|p| p.liveness == tandem_core::liveness::HostLiveness::Dead))
+            .map(|c| c.host)
+            .min_by_key(|h| h.0);
+        let addr = holder.and_then(|h| self.consensus.with_state(|s| s.hosts.get(&h).map(|r| r.api_addr.clone())));
+        w.route.set(addr);
+    }
+
+    /// On the leader: the witness is a voter exactly while the cluster has two hosts, and
+    /// committed state says whether it is.
+    async fn keep_witness_vote(&self) -> Result<(), crate::consensus::ConsensusError> {
+        let Some(w) = &self.witness else { return Ok(()) };
+        if !self.consensus.is_leader() {
+            return Ok(());
+        }
+        let voters = self.consensus.status().voters;
+        let is_voter = voters.contains(&WITNESS_NODE);
+        let (hosts, committed) = self.consensus.with_state(|s| (s.hosts.len(), s.disk_witness));
+        let wanted = hosts == 2;
+        if wanted && !is_voter && w.route.holder_addr().is_some() {
+            tokio::time::timeout(ADD_VOTER_TIMEOUT, self.consensus.add_voter(WITNESS_NODE, WITNESS_ADDR))
+                .await
+                .map_err(|_| crate::consensus::ConsensusError::Undecided(ADD_VOTER_TIMEOUT))??;
+            self.events.record(EventKind::WitnessVoter, None, None, "the disk witness votes: two hosts and the witness, one failure tolerated");
+        } else if !wanted && is_voter {
+            self.consensus.remove_voter(WITNESS_NODE).await?;
+            self.events.record(EventKind::WitnessVoter, None, None, format!("the disk witness no longer votes: {hosts} hosts"));
+        }
+        let is_voter = self.consensus.status().voters.contains(&WITNESS_NODE);
+        if is_voter != committed {
+            if let (Err(e), _) = self.consensus.propose(Command::SetWitness { disk: is_voter }).await? {
+                tracing::warn!("disk witness vote not committed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// While the witness's node here leads (its log was ahead of every host's), this host's
+    /// own node stands for election once it has caught up, so a host leads again: only a host
+    /// coordinates failovers.
+    fn hand_back_leadership(&self) {
+        let Some(held) = self.witness.as_ref().and_then(DiskWitness::held) else { return };
+        let witness = held.consensus.status();
+        if witness.leader != Some(WITNESS_NODE) {
+            return;
+        }
+        let own = self.consensus.status();
+        if own.last_log_index >= witness.last_log_index {
+            tracing::info!("disk witness leads; this host caught up and stands for election");
+            let raft = self.consensus.raft.clone();
+            tokio::spawn(async move {
+                let _ = raft.trigger().elect().await;
+            });
+        }
+    }
+
+    /// The disk witness's node, if this host holds it.
+    #[must_use]
+    pub fn held_witness(&self) -> Option<Arc<HeldWitness>> {
+        self.witness.as_ref().and_then(DiskWitness::held)
+    }
+
+    /// The first step of a fence: the witness's node here writes nothing more.
+    pub(super) fn close_witness_now(&self) {
+        if let Some(w) = &self.witness {
+            w.close_now();
+        }
+    }
+}
