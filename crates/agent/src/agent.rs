@@ -289,7 +289,7 @@ impl Agent {
         // mount missing at boot must not leave this host counting its own writes as shared.
         disk.check_header(&cfg.heartbeat_disk.display().to_string()).await?;
         let token = key.peer_token();
-        let witness = witness.map(|region| witness::DiskWitness::new(region, me, incarnation));
+        let witness = witness.map(|region| witness::DiskWitness::new(region, me, incarnation, os_threads));
         let route = witness.as_ref().map(|w| w.route.clone()).unwrap_or_default();
         let mut consensus = Consensus::open_routed(&cfg.data_dir, u64::from(me.0), token.clone(), Arc::clone(&rpc), route, &cfg.timings).await?;
         let heavy = Arc::new(crate::heavy::HeavyWork::new(os_threads));

@@ -553,11 +553,12 @@ impl Consensus {
     ) -> Result<Consensus, ConsensusError> {
         let path = dir.join("consensus.redb");
         let db = Arc::new(Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?);
-        Consensus::start(db, me, Network { token, rpc, witness: route }, timings, 1).await
+        Consensus::start(db, me, Network { token, rpc, witness: route }, timings, true).await
     }
 
-    /// Starts openraft on `db`; elections wait `election_scale` times the usual timeout.
-    async fn start(db: Arc<Database>, me: NodeId, network: Network, timings: &Timings, election_scale: u64) -> Result<Consensus, ConsensusError> {
+    /// Starts openraft on `db`; `elects`: the node stands for election by itself when it hears
+    /// no leader (the disk witness's does only when its holder asks it to).
+    async fn start(db: Arc<Database>, me: NodeId, network: Network, timings: &Timings, elects: bool) -> Result<Consensus, ConsensusError> {
         let data: MachineData = get_meta(&db, "machine").map_err(|e| Box::new(SErr::from(StorageIOError::read_state_machine(e))))?.unwrap_or_default();
         let (applied_tx, applied_rx) = watch::channel(data.last_applied.map_or(0, |l| l.index));
         let data = Arc::new(Mutex::new(Arc::new(data)));
@@ -566,8 +567,9 @@ impl Consensus {
         let config = openraft::Config {
             cluster_name: "tandem".into(),
             heartbeat_interval: raft_heartbeat_ms(timings),
-            election_timeout_min: election_scale * election_timeout_min_ms(timings),
-            election_timeout_max: 2 * election_scale * election_timeout_min_ms(timings),
+            election_timeout_min: election_timeout_min_ms(timings),
+            election_timeout_max: 2 * election_timeout_min_ms(timings),
+            enable_elect: elects,
             install_snapshot_timeout: SNAPSHOT_TIMEOUT.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 500,

@@ -191,31 +191,42 @@ pub fn write_claim(region: &dyn WitnessRegion, key: &ClusterKey, claim: &Claim) 
     Ok(())
 }
 
+/// Whether this host may write the witness's database at this instant: it holds its liveness
+/// lease (checked afresh at every write, as a VM start is, so a host that resumes from a pause
+/// longer than its lease writes nothing before its liveness loop notices).
+pub type LeaseCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// The witness's database as redb storage, in the region after the claims: its length is kept
-/// in the region's header. Once `closed` is set (this host fenced, or let the witness go) every
-/// write is refused, so a node still shutting down cannot touch the database after the claim
-/// that lets another host open it.
-#[derive(Debug)]
+/// in the region's header. Once `closed` is set (this host fenced, or let the witness go), or
+/// while `lease` says no, every write is refused, so a node still shutting down, or resumed
+/// after a pause, cannot touch the database once another host may have opened it.
 pub struct RegionBackend {
     region: Arc<dyn WitnessRegion>,
     len: Mutex<u64>,
     closed: Arc<AtomicBool>,
+    lease: LeaseCheck,
+}
+
+impl std::fmt::Debug for RegionBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegionBackend({:?}, closed: {})", self.region, self.closed.load(Ordering::SeqCst))
+    }
 }
 
 impl RegionBackend {
     /// Reads the database length from the region's header (0 for a region never used).
-    pub fn open(region: Arc<dyn WitnessRegion>, closed: Arc<AtomicBool>) -> Result<RegionBackend, RegionError> {
+    pub fn open(region: Arc<dyn WitnessRegion>, closed: Arc<AtomicBool>, lease: LeaseCheck) -> Result<RegionBackend, RegionError> {
         let mut header = [0u8; 16];
         region.read_at(0, &mut header)?;
         let len = if &header[..8] == REGION_MAGIC { u64::from_le_bytes(header[8..16].try_into().unwrap_or_default()) } else { 0 };
         if DATABASE_OFFSET + len > region.size() {
             return Err(RegionError::Io(std::io::Error::other(format!("the region's header gives a database of {len} bytes, more than the region holds"))));
         }
-        Ok(RegionBackend { region, len: Mutex::new(len), closed })
+        Ok(RegionBackend { region, len: Mutex::new(len), closed, lease })
     }
 
     fn refuse_if_closed(&self) -> std::io::Result<()> {
-        if self.closed.load(Ordering::SeqCst) {
+        if self.closed.load(Ordering::SeqCst) || !(self.lease)() {
             return Err(std::io::Error::other(RegionError::Closed.to_string()));
         }
         Ok(())
@@ -313,7 +324,7 @@ mod tests {
         let table: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("t");
         {
             let closed = Arc::new(AtomicBool::new(false));
-            let db = redb::Database::builder().create_with_backend(RegionBackend::open(Arc::clone(&r), Arc::clone(&closed)).expect("backend")).expect("db");
+            let db = redb::Database::builder().create_with_backend(RegionBackend::open(Arc::clone(&r), Arc::clone(&closed), Arc::new(|| true)).expect("backend")).expect("db");
             let tx = db.begin_write().expect("tx");
             tx.open_table(table).expect("table").insert("term", 7).expect("insert");
             tx.commit().expect("commit");
@@ -322,7 +333,7 @@ mod tests {
             tx.open_table(table).expect("table").insert("term", 8).expect("insert");
             assert!(tx.commit().is_err(), "a closed region takes no commit");
         }
-        let db = redb::Database::builder().create_with_backend(RegionBackend::open(r, Arc::default()).expect("backend")).expect("reopen");
+        let db = redb::Database::builder().create_with_backend(RegionBackend::open(r, Arc::default(), Arc::new(|| true)).expect("backend")).expect("reopen");
         use redb::{ReadableDatabase, ReadableTable};
         let tx = db.begin_read().expect("tx");
         assert_eq!(tx.open_table(table).expect("table").get("term").expect("get").map(|v| v.value()), Some(7));

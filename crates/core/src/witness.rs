@@ -17,7 +17,7 @@
 //!
 //! This module decides (`next_step`) and encodes the claim block; the agent does the I/O.
 
-use crate::hostset::{HostId, HostSet, MAX_HOSTS};
+use crate::hostset::{HostId, MAX_HOSTS};
 use crate::liveness::{Assessment, HostLiveness};
 use crate::wire::{ClusterKey, MAC_LEN};
 
@@ -104,12 +104,10 @@ impl Claim {
 #[derive(Clone, Copy, Debug)]
 pub struct WitnessView<'a> {
     pub me: HostId,
-    /// The cluster's member hosts.
-    pub members: HostSet,
     /// This host runs the witness's node now.
     pub holding: bool,
-    /// This host may speak for the cluster: its lease is valid and it is on no losing side.
-    /// A host that may not closes the witness (its fence does it first).
+    /// This host may speak for the cluster: it is a joined member, its lease is valid and it
+    /// is on no losing side. A host that may not closes the witness (its fence does it first).
     pub may_hold: bool,
     /// The claims read in this round — a read that began after this host's last claim write
     /// completed — or `None` when the read failed. Hosts absent from it never claimed.
@@ -152,9 +150,13 @@ pub fn next_step(v: &WitnessView<'_>) -> WitnessStep {
     }
     let Some(claims) = v.claims else { return WitnessStep::Wait };
     let mine = claims.iter().any(|c| c.host == v.me && c.claiming);
+    // Every other claim counts, a member's or not: a host not yet in this host's view of the
+    // membership (both starting, before the cluster formed) can hold the witness as well.
+    // (Filtering by membership let two starting hosts open it together: simulator, first
+    // two-host seeds.)
     let rivals: Vec<HostId> = claims
         .iter()
-        .filter(|c| c.claiming && c.host != v.me && v.members.contains(c.host) && !gone(v.assessment, c.host))
+        .filter(|c| c.claiming && c.host != v.me && !gone(v.assessment, c.host))
         .map(|c| c.host)
         .collect();
     match (mine, rivals.is_empty()) {

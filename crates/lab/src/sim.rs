@@ -61,6 +61,10 @@ pub struct SimArgs {
     /// also draws site power losses and cuts of the link between two sites.
     #[arg(long, value_delimiter = ',')]
     pub sites: Vec<String>,
+    /// Two hosts with a disk witness on the shared storage (needs --hosts 2 --late-hosts 0):
+    /// also draws the cut of their link with one host's disk path lost.
+    #[arg(long)]
+    pub disk_witness: bool,
     /// The agents' timings: the defaults, the low-latency profile (100 ms heartbeats), or
     /// slow-fence (dead after 1 s, lease of 2 s: the deadline decides; for --unsafe-early-evidence).
     #[arg(long, default_value = "default", value_parser = ["default", "low-latency", "slow-fence"])]
@@ -72,7 +76,7 @@ pub struct SimArgs {
 
 /// A fault kind the simulator injects, by name.
 fn sim_fault(name: &str) -> std::result::Result<tandem_sim::fault::FaultKind, String> {
-    let kinds = tandem_sim::fault_kinds_with_sites();
+    let kinds: Vec<tandem_sim::fault::FaultKind> = tandem_sim::fault::FaultKind::of(tandem_sim::fault::Backend::Sim).collect();
     kinds.iter().copied().find(|k| k.name() == name).ok_or_else(|| {
         let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
         format!("the simulator injects none called '{name}'; it injects: {}", names.join(", "))
@@ -98,8 +102,14 @@ impl SimArgs {
 /// Runs the seeds; fails when any seed violated an invariant.
 pub fn run(args: &SimArgs) -> Result<()> {
     let max_hosts = tandem_core::MAX_HOSTS as u32;
-    if !(3..=max_hosts).contains(&args.hosts) {
-        bail!("--hosts must be 3 to {max_hosts}");
+    if args.disk_witness && (args.hosts != 2 || args.late_hosts != 0) {
+        bail!("--disk-witness is for two hosts: --hosts 2 --late-hosts 0");
+    }
+    if !args.disk_witness && !(3..=max_hosts).contains(&args.hosts) {
+        bail!("--hosts must be 3 to {max_hosts} (2 with --disk-witness)");
+    }
+    if args.only.is_some_and(|k| k.needs_witness()) && !args.disk_witness {
+        bail!("--only {} needs --disk-witness", args.only.map(|k| k.name()).unwrap_or_default());
     }
     if args.late_hosts > 2 || args.hosts + args.late_hosts > max_hosts {
         bail!("--late-hosts must be 0 to 2, and hosts plus late hosts at most {max_hosts}");
@@ -137,6 +147,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
             },
             local_disks: args.local_disks,
             sites: args.sites.clone(),
+            disk_witness: args.disk_witness,
         };
         let r: SimReport = tandem_sim::run(&opts);
         progress.finish();
@@ -195,6 +206,9 @@ pub fn run(args: &SimArgs) -> Result<()> {
         }
         if args.local_disks {
             mutation.push_str(" --local-disks");
+        }
+        if args.disk_witness {
+            mutation.push_str(" --disk-witness");
         }
         if args.timings != "default" {
             mutation.push_str(&format!(" --timings {}", args.timings));

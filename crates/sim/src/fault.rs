@@ -80,6 +80,9 @@ pub enum FaultKind {
     /// The link between two sites is cut: no host of one hears any host of the other (drawn
     /// only when the hosts have sites).
     SiteLinkCut,
+    /// The link between two hosts cut while one of them loses its path to the shared disk
+    /// (drawn only in two-host clusters with a disk witness).
+    LinkCutDiskLost,
 }
 
 use Backend::{Chaos, Sim};
@@ -87,7 +90,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 29] = [
+    pub const ALL: [FaultKind; 30] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -117,6 +120,7 @@ impl FaultKind {
         PlannedStop,
         SitePowerLoss,
         SiteLinkCut,
+        LinkCutDiskLost,
     ];
 
     pub fn name(self) -> &'static str {
@@ -150,12 +154,18 @@ impl FaultKind {
             PlannedStop => "planned-stop",
             SitePowerLoss => "site-power-loss",
             SiteLinkCut => "site-link-cut",
+            LinkCutDiskLost => "link-cut-disk-lost",
         }
     }
 
     /// Whether it needs hosts in sites (drawn only then).
     pub fn needs_sites(self) -> bool {
         matches!(self, SitePowerLoss | SiteLinkCut)
+    }
+
+    /// Whether it is drawn only in two-host clusters with a disk witness.
+    pub fn needs_witness(self) -> bool {
+        self == LinkCutDiskLost
     }
 
     /// The backends that can inject this kind.
@@ -177,7 +187,8 @@ impl FaultKind {
             | AgentStall
             | LivenessStallInPartition
             | HostJoin
-            | Operator => &[Sim],
+            | Operator
+            | LinkCutDiskLost => &[Sim],
             // Drawn only where the hosts have sites (`--sites` of either backend).
             SitePowerLoss | SiteLinkCut => &[Sim, Chaos],
             // The fault suite draws the operation and its fault its own way (real agents, real

@@ -8,7 +8,13 @@ use super::*;
 impl Sim {
     /// One fault, drawn from the seed; returns after it healed.
     pub(super) async fn fault(&mut self) {
-        let kinds = if self.opts.sites.is_empty() { fault_kinds() } else { fault_kinds_with_sites() };
+        let kinds = if self.two_with_witness() {
+            fault_kinds_with_witness()
+        } else if self.opts.sites.is_empty() {
+            fault_kinds()
+        } else {
+            fault_kinds_with_sites()
+        };
         let drawn = kinds[self.rand(kinds.len() as u64) as usize];
         let mut kind = self.opts.only.unwrap_or(drawn);
         let late = self.hosts.iter().position(|h| !h.member).map(|i| i as u32);
@@ -25,7 +31,9 @@ impl Sim {
         let w = Arc::clone(&self.world);
         match kind {
             FaultKind::PartitionFull | FaultKind::PartitionOneWay => {
-                let before = self.vms_on(target).await;
+                // The host whose VMs must move: the one cut off, or with two hosts the higher id.
+                let loser = if self.two_with_witness() { self.link_cut_loser() } else { target };
+                let before = self.vms_on(loser).await;
                 w.log(format!("FAULT {kind} h{target} for {hold:?}"));
                 {
                     let mut c = lock(&w.cond);
@@ -40,8 +48,8 @@ impl Sim {
                 self.run_for(hold).await;
                 if hold.as_millis() as u64 > 9_000 && !before.is_empty() {
                     // The majority has had time to fence-wait and restart them: they must run.
-                    if kind == FaultKind::PartitionFull {
-                        self.check_moved_off(target, &before, &format!("{kind} of h{target}"));
+                    if kind == FaultKind::PartitionFull || loser != target {
+                        self.check_moved_off(loser, &before, &format!("{kind} of h{target}"));
                     }
                     self.recoveries.owe(now, format!("{kind} of h{target}"), &self.restartable(&before), &[]);
                 }
@@ -177,6 +185,7 @@ impl Sim {
             }
             FaultKind::SitePowerLoss => self.site_power_loss(kind, target, hold, now, until).await,
             FaultKind::SiteLinkCut => self.site_link_cut(kind, target, hold, until).await,
+            FaultKind::LinkCutDiskLost => self.link_cut_disk_lost(kind, hold, now, until).await,
             FaultKind::HostFreeze => self.host_freeze(kind, target, hold, now, until).await,
             FaultKind::AgentStall => self.agent_stall(kind, target, hold, now, until).await,
             FaultKind::LivenessStallInPartition => self.liveness_stall_in_partition(kind, target, now).await,

@@ -20,6 +20,7 @@ mod planned;
 mod postcopy;
 mod sites;
 mod stalls;
+mod witness;
 pub mod world;
 
 use fault::{Backend, FaultKind};
@@ -64,6 +65,9 @@ pub struct SimOptions {
     pub local_disks: bool,
     /// Each host's site, by index (empty: no sites). With sites, the site faults are drawn too.
     pub sites: Vec<String>,
+    /// Two hosts with a disk witness (`hosts` 2, no late host): the witness's faults are drawn,
+    /// and a private copy of the disk is not (the witness assumes one device).
+    pub disk_witness: bool,
 }
 
 impl Default for SimOptions {
@@ -81,6 +85,7 @@ impl Default for SimOptions {
             timings: None,
             local_disks: false,
             sites: Vec::new(),
+            disk_witness: false,
         }
     }
 }
@@ -113,13 +118,22 @@ pub const SLOW_FENCE_TIMINGS: tandem_core::timing::Timings = tandem_core::timing
 
 /// The fault kinds the simulator draws from, in drawing order, when the hosts have no sites.
 pub fn fault_kinds() -> Vec<FaultKind> {
-    FaultKind::of(Backend::Sim).filter(|k| !k.needs_sites()).collect()
+    FaultKind::of(Backend::Sim).filter(|k| !k.needs_sites() && !k.needs_witness()).collect()
 }
 
 /// The fault kinds the simulator draws from when the hosts have sites: the others, then the
 /// site faults.
 pub fn fault_kinds_with_sites() -> Vec<FaultKind> {
-    FaultKind::of(Backend::Sim).collect()
+    FaultKind::of(Backend::Sim).filter(|k| !k.needs_witness()).collect()
+}
+
+/// The fault kinds of a two-host cluster with a disk witness: the usual ones but a private copy
+/// of the disk (which the witness rules out) and a write-only path, then the link cut with a
+/// disk path lost.
+pub fn fault_kinds_with_witness() -> Vec<FaultKind> {
+    FaultKind::of(Backend::Sim)
+        .filter(|k| !k.needs_sites() && !matches!(k, FaultKind::DiskPrivateOne | FaultKind::DiskWriteOnlyOne))
+        .collect()
 }
 
 /// The simulated hosts have a hardware watchdog that resets a host this long after its agent
@@ -155,6 +169,8 @@ struct Sim {
     /// VMs that faults stopped and that must run again within the oracle's bound.
     recoveries: Recoveries,
     next_vm: u32,
+    /// The disk witness's region, in a two-host run with one.
+    witness_region: Option<Arc<std::sync::Mutex<Vec<u8>>>>,
 }
 
 fn fnv(lines: &[String]) -> u64 {
@@ -224,7 +240,9 @@ impl Sim {
                 driver: Arc::clone(&h.driver) as Arc<dyn tandem_drivers::VmDriver>,
                 os_threads: false,
                 mutation: self.opts.mutation,
-                witness: None,
+                witness: self.witness_region.as_ref().map(|region| {
+                    Arc::new(witness::SimWitness { region: Arc::clone(region), world: Arc::clone(&w), me: i }) as Arc<dyn tandem_agent::witness::WitnessRegion>
+                }),
             };
             // Every task of this agent (its loops, openraft's) logs inside this span (at error
             // level so the span shows whatever the log filter lets through).
@@ -359,6 +377,10 @@ impl Sim {
     }
 
     fn excuse(&mut self, hosts: &[u32], until_ms: u64) {
+        // Two hosts: which one a cut leaves fenced is the partition verdict's (the higher id),
+        // not the one the fault picked; the faults that must move the loser's VMs check that.
+        let all: Vec<u32> = (0..self.hosts.len() as u32).collect();
+        let hosts = if self.two_with_witness() && !hosts.is_empty() { &all[..] } else { hosts };
         for h in hosts {
             let e = &mut self.hosts[*h as usize].excused_until;
             *e = (*e).max(until_ms);
@@ -565,6 +587,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         local_disk_vms: BTreeSet::new(),
         recoveries: Recoveries::default(),
         next_vm: 0,
+        witness_region: opts.disk_witness.then(witness::SimWitness::new_region),
     };
     for i in 0..opts.hosts + opts.late_hosts {
         let cfg = sim.config(i);

@@ -22,6 +22,11 @@ impl Agent {
                 self.sync_site().await;
             }
             let assessment = self.assessment();
+            let leader = self.consensus.status().leader.and_then(|l| u32::try_from(l).ok()).map(tandem_core::HostId);
+            if assessment.as_ref().is_some_and(|a| membership::should_depose(leader, self.me, st.fenced.is_some(), a)) {
+                tracing::info!("the leader reports itself fenced: standing for election");
+                let _ = self.consensus.raft.trigger().elect().await;
+            }
             let view = MembershipView {
                 joined: st.joined_epoch,
                 committed: self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| (h.status, h.epoch))),
@@ -113,6 +118,9 @@ impl Agent {
         s.fenced_at = None;
         s.fenced_through = None;
         s.fence_confirmed_at = None;
+        drop(s);
+        // A leader again sends heartbeats (see `Agent::fence`).
+        self.consensus.raft.runtime_config().heartbeat(true);
         true
     }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::state::Command;
 use tandem_core::witness::{next_step, Claim, WitnessStep, WitnessView, WITNESS_NODE};
-use tandem_core::{HostId, HostSet};
+use tandem_core::HostId;
 
 /// The address the witness has in Raft's membership: a name, not a host's address; the route
 /// says where it answers.
@@ -45,11 +45,13 @@ pub struct DiskWitness {
     /// The write gate of the node held here or being opened: a fence shuts it (see
     /// [`DiskWitness::close_now`]).
     gate: Mutex<Option<Arc<AtomicBool>>>,
+    /// Claim I/O runs on the blocking pool, or inline (a simulator: one runtime, no threads).
+    blocking_pool: bool,
 }
 
 impl DiskWitness {
     #[must_use]
-    pub fn new(region: Arc<dyn WitnessRegion>, me: HostId, incarnation: u64) -> DiskWitness {
+    pub fn new(region: Arc<dyn WitnessRegion>, me: HostId, incarnation: u64, blocking_pool: bool) -> DiskWitness {
         DiskWitness {
             region,
             route: WitnessRoute::default(),
@@ -58,6 +60,7 @@ impl DiskWitness {
             counter: AtomicU64::new(0),
             held: Mutex::new(None),
             gate: Mutex::new(None),
+            blocking_pool,
         }
     }
 
@@ -86,8 +89,12 @@ impl DiskWitness {
     }
 }
 
-/// Runs one blocking region operation off the runtime, within [`CLAIM_IO_TIMEOUT`].
-async fn region_io<T: Send + 'static>(f: impl FnOnce() -> Result<T, RegionError> + Send + 'static) -> Result<T, RegionError> {
+/// Runs one blocking region operation off the runtime, within [`CLAIM_IO_TIMEOUT`] (inline
+/// without a blocking pool: the simulator's region never blocks).
+async fn region_io<T: Send + 'static>(pool: bool, f: impl FnOnce() -> Result<T, RegionError> + Send + 'static) -> Result<T, RegionError> {
+    if !pool {
+        return f();
+    }
     match tokio::time::timeout(CLAIM_IO_TIMEOUT, tokio::task::spawn_blocking(f)).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(RegionError::Io(std::io::Error::other(join.to_string()))),
@@ -112,7 +119,7 @@ impl Agent {
             if let Err(e) = self.keep_witness_vote().await {
                 tracing::debug!("disk witness vote: {e}");
             }
-            self.hand_back_leadership();
+            self.steer_witness_elections();
             self.next_round(&mut rounds).await;
         }
         if let Some(w) = &self.witness {
@@ -125,20 +132,20 @@ impl Agent {
     async fn witness_round(self: &Arc<Self>) -> Result<(), RegionError> {
         let Some(w) = &self.witness else { return Ok(()) };
         let (region, key) = (Arc::clone(&w.region), self.key.clone());
-        let claims = region_io(move || read_claims(region.as_ref(), &key)).await;
+        let claims = region_io(w.blocking_pool, move || read_claims(region.as_ref(), &key)).await;
         let Some(assessment) = self.assessment() else { return Ok(()) };
-        let members: HostSet = self.consensus.with_state(|s| s.members());
         let st = self.status();
-        let may_hold = !w.shut() && st.fenced.is_none() && self.holds_lease() && self.consensus.state_intact() && !self.is_stopping();
+        let may_hold =
+            !w.shut() && st.joined_epoch.is_some() && st.fenced.is_none() && self.holds_lease() && self.consensus.state_intact() && !self.is_stopping();
         let read = claims.as_ref().ok().map(Vec::as_slice);
-        let view = WitnessView { me: self.me, members, holding: w.held().is_some(), may_hold, claims: read, assessment: &assessment };
+        let view = WitnessView { me: self.me, holding: w.held().is_some(), may_hold, claims: read, assessment: &assessment };
         let step = next_step(&view);
         self.route_witness(w, read, &assessment);
         match step {
             WitnessStep::Wait => {}
             WitnessStep::Claim | WitnessStep::Withdraw => {
                 let (region, key, claim) = (Arc::clone(&w.region), self.key.clone(), w.claim(step == WitnessStep::Claim));
-                region_io(move || write_claim(region.as_ref(), &key, &claim)).await?;
+                region_io(w.blocking_pool, move || write_claim(region.as_ref(), &key, &claim)).await?;
             }
             WitnessStep::Open => self.open_witness(w).await,
             WitnessStep::Close => self.close_witness(w).await,
@@ -153,7 +160,9 @@ impl Agent {
         if self.status().fenced.is_some() || !self.holds_lease() {
             return;
         }
-        let opened = Consensus::open_witness(Arc::clone(&w.region), Arc::clone(&closed), self.token.clone(), Arc::clone(&self.rpc), w.route.clone(), &self.cfg.timings).await;
+        let weak = Arc::downgrade(self);
+        let lease: crate::witness::LeaseCheck = Arc::new(move || weak.upgrade().is_some_and(|a| a.holds_lease()));
+        let opened = Consensus::open_witness(Arc::clone(&w.region), Arc::clone(&closed), lease, self.token.clone(), Arc::clone(&self.rpc), w.route.clone(), &self.cfg.timings).await;
         match opened {
             Ok(mut consensus) => {
                 consensus.use_heavy(Arc::clone(&self.heavy));
@@ -174,7 +183,7 @@ impl Agent {
             self.events.record(EventKind::WitnessReleased, None, Some(&self.cfg.name), format!("{} let the disk witness go", self.cfg.name));
         }
         let (region, key, claim) = (Arc::clone(&w.region), self.key.clone(), w.claim(false));
-        if let Err(e) = region_io(move || write_claim(region.as_ref(), &key, &claim)).await {
+        if let Err(e) = region_io(w.blocking_pool, move || write_claim(region.as_ref(), &key, &claim)).await {
             tracing::warn!("disk witness: claim not withdrawn ({e}); it lapses at this host's fence deadline");
         }
     }
@@ -225,23 +234,26 @@ impl Agent {
         Ok(())
     }
 
-    /// While the witness's node here leads (its log was ahead of every host's), this host's
-    /// own node stands for election once it has caught up, so a host leads again: only a host
-    /// coordinates failovers.
-    fn hand_back_leadership(&self) {
+    /// The witness's elections, which it never starts by itself. While no leader is known and
+    /// its log is ahead of this host's (the last leader's final entries reached the witness and
+    /// not this host), no host can win a vote — the witness refuses a less up-to-date log — so
+    /// the witness stands. While it leads, this host stands once it has caught up, so a host
+    /// leads again: only a host coordinates failovers.
+    fn steer_witness_elections(&self) {
         let Some(held) = self.witness.as_ref().and_then(DiskWitness::held) else { return };
-        let witness = held.consensus.status();
-        if witness.leader != Some(WITNESS_NODE) {
-            return;
-        }
-        let own = self.consensus.status();
-        if own.last_log_index >= witness.last_log_index {
+        let (witness, own) = (held.consensus.status(), self.consensus.status());
+        let raft = if witness.leader == Some(WITNESS_NODE) && own.last_log_index >= witness.last_log_index {
             tracing::info!("disk witness leads; this host caught up and stands for election");
-            let raft = self.consensus.raft.clone();
-            tokio::spawn(async move {
-                let _ = raft.trigger().elect().await;
-            });
-        }
+            self.consensus.raft.clone()
+        } else if witness.leader.is_none() && own.leader.is_none() && witness.last_log_index > own.last_log_index {
+            tracing::info!("no leader, and the disk witness's log is ahead of this host's: the witness stands for election");
+            held.consensus.raft.clone()
+        } else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = raft.trigger().elect().await;
+        });
     }
 
     /// The disk witness's node, if this host holds it.

@@ -11,11 +11,6 @@ use tandem_core::timing::Timings;
 use tandem_core::witness::WITNESS_NODE;
 use thiserror::Error;
 
-/// The witness's elections wait this many times a host's: a host with an up-to-date log
-/// always stands first, and the witness leads only when its log is ahead of every live
-/// host's (a leader's last entries reached the witness and no host), until its holder caught up
-/// and takes over (see the witness loop).
-pub const WITNESS_ELECTION_SCALE: u64 = 3;
 /// The witness's database cache: its state is one cluster state and a bounded log.
 const WITNESS_CACHE_BYTES: usize = 16 << 20;
 
@@ -48,16 +43,21 @@ impl Consensus {
     pub async fn open_witness(
         region: Arc<dyn WitnessRegion>,
         closed: Arc<AtomicBool>,
+        lease: crate::witness::LeaseCheck,
         token: String,
         rpc: Arc<dyn PeerRpc>,
         route: WitnessRoute,
         timings: &Timings,
     ) -> Result<Consensus, ConsensusError> {
-        let backend = RegionBackend::open(region, closed).map_err(|e| ConsensusError::Raft(format!("disk witness region: {e}")))?;
+        let backend = RegionBackend::open(region, closed, lease).map_err(|e| ConsensusError::Raft(format!("disk witness region: {e}")))?;
         let db = redb::Database::builder()
             .set_cache_size(WITNESS_CACHE_BYTES)
             .create_with_backend(backend)
             .map_err(|source| ConsensusError::Open { path: "disk witness region".into(), source })?;
-        Consensus::start(Arc::new(db), WITNESS_NODE, Network { token, rpc, witness: route }, timings, WITNESS_ELECTION_SCALE).await
+        // The witness never stands for election by itself: a host always can when its log is
+        // as up to date, and when the witness's is ahead of every live host's (a leader's last
+        // entries reached the witness and no other host) its holder has it stand (see the
+        // witness loop), then takes over once it caught up.
+        Consensus::start(Arc::new(db), WITNESS_NODE, Network { token, rpc, witness: route }, timings, false).await
     }
 }

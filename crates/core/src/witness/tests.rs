@@ -1,4 +1,5 @@
 use super::*;
+use crate::hostset::HostSet;
 use crate::liveness::PeerAssessment;
 use crate::time::Millis;
 
@@ -28,12 +29,8 @@ fn claim(host: u32, claiming: bool) -> Claim {
     Claim { host: HostId(host), claiming, incarnation: 7, counter: 3 }
 }
 
-fn two() -> HostSet {
-    [HostId(0), HostId(1)].into_iter().collect()
-}
-
 fn step(me: u32, holding: bool, claims: &[Claim], a: &Assessment) -> WitnessStep {
-    next_step(&WitnessView { me: HostId(me), members: two(), holding, may_hold: true, claims: Some(claims), assessment: a })
+    next_step(&WitnessView { me: HostId(me), holding, may_hold: true, claims: Some(claims), assessment: a })
 }
 
 #[test]
@@ -67,8 +64,14 @@ fn a_host_claims_then_opens_only_after_reading_no_live_rival() {
     // Both claimed at once: the higher id withdraws, the lower waits for that.
     assert_eq!(step(1, false, &[claim(0, true), claim(1, true)], &b), WitnessStep::Withdraw);
     assert_eq!(step(0, false, &[claim(0, true), claim(1, true)], &a), WitnessStep::Wait);
+    // A claim of a host this one knows nothing of yet (no peer in its assessment: the cluster
+    // is still forming) counts as well.
+    let forming = assessment(1_000, vec![]);
+    assert_eq!(step(0, false, &[claim(0, true), claim(1, true)], &forming), WitnessStep::Wait);
+    assert_eq!(step(1, false, &[claim(0, true), claim(1, true)], &forming), WitnessStep::Withdraw);
+    assert_eq!(step(1, false, &[claim(0, true)], &forming), WitnessStep::Wait);
     // A failed read decides nothing.
-    let v = WitnessView { me: HostId(0), members: two(), holding: false, may_hold: true, claims: None, assessment: &a };
+    let v = WitnessView { me: HostId(0), holding: false, may_hold: true, claims: None, assessment: &a };
     assert_eq!(next_step(&v), WitnessStep::Wait);
 }
 
@@ -89,7 +92,7 @@ fn a_dead_holders_claim_stops_counting_only_at_its_fence_deadline() {
 #[test]
 fn a_host_that_may_not_speak_for_the_cluster_closes_it_and_claims_nothing() {
     let a = assessment(1_000, vec![]);
-    let v = WitnessView { me: HostId(0), members: two(), holding: true, may_hold: false, claims: Some(&[]), assessment: &a };
+    let v = WitnessView { me: HostId(0), holding: true, may_hold: false, claims: Some(&[]), assessment: &a };
     assert_eq!(next_step(&v), WitnessStep::Close);
     assert_eq!(next_step(&WitnessView { holding: false, ..v }), WitnessStep::Wait);
 }

@@ -1,0 +1,105 @@
+//! Two hosts and a disk witness: the witness's region is one buffer of the simulated world,
+//! reached by each host on its heartbeat-disk path (a host whose disk path fails, hangs or is
+//! powered off reads and writes nothing there), and the faults of a two-host cluster — the
+//! link between the hosts cut, alone or with one host's disk path lost. The partition verdict
+//! keeps the lower id; a host cut off and without its disk fences; either way the other
+//! restarts the lost host's VMs, never a second copy.
+
+use super::*;
+use std::sync::Mutex;
+use tandem_agent::witness::{WitnessRegion, MIN_REGION_BYTES};
+
+/// One host's path to the witness region.
+pub struct SimWitness {
+    pub region: Arc<Mutex<Vec<u8>>>,
+    pub world: Arc<World>,
+    pub me: u32,
+}
+
+impl std::fmt::Debug for SimWitness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SimWitness(h{})", self.me)
+    }
+}
+
+impl SimWitness {
+    /// A fresh region (all zeros), shared by every host of a run.
+    pub fn new_region() -> Arc<Mutex<Vec<u8>>> {
+        Arc::new(Mutex::new(vec![0; MIN_REGION_BYTES as usize]))
+    }
+
+    fn gate(&self, read: bool) -> std::io::Result<()> {
+        if lock(&self.world.cond).down.contains(&self.me) {
+            return Err(std::io::Error::other("host is powered off"));
+        }
+        match self.world.disk_mode(self.me) {
+            DiskMode::Ok => Ok(()),
+            DiskMode::WriteOnly if !read => Ok(()),
+            // A hang is an error at once here: the region's trait is synchronous (the real
+            // region's callers give up after their timeout).
+            mode => Err(std::io::Error::other(format!("simulated witness path failure ({mode:?})"))),
+        }
+    }
+}
+
+impl WitnessRegion for SimWitness {
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.gate(true)?;
+        let r = lock(&self.region);
+        let at = offset as usize;
+        let src = r.get(at..at + out.len()).ok_or_else(|| std::io::Error::other("beyond the region"))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.gate(false)?;
+        let mut r = lock(&self.region);
+        let at = offset as usize;
+        let dst = r.get_mut(at..at + data.len()).ok_or_else(|| std::io::Error::other("beyond the region"))?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        MIN_REGION_BYTES
+    }
+}
+
+impl Sim {
+    /// Whether the run is a two-host cluster with a disk witness.
+    pub(super) fn two_with_witness(&self) -> bool {
+        self.opts.disk_witness
+    }
+
+    /// The host a cut of the link between the two hosts leaves fenced: the higher id (the
+    /// partition verdict's tie-break), whichever host the fault picked.
+    pub(super) fn link_cut_loser(&self) -> u32 {
+        (self.hosts.len() as u32).saturating_sub(1)
+    }
+
+    /// The link cut while one host (drawn) loses its disk path: that host, cut off from
+    /// everything, fences; the other keeps its disk and the witness and restarts its VMs.
+    pub(super) async fn link_cut_disk_lost(&mut self, kind: FaultKind, hold: Duration, now: u64, until: u64) {
+        let w = Arc::clone(&self.world);
+        let blind = self.rand(2) as u32;
+        let other = 1 - blind;
+        let before = self.vms_on(blind).await;
+        w.log(format!("FAULT {kind}: h0 <-/-> h1, and h{blind} loses its disk path, for {hold:?}"));
+        {
+            let mut c = lock(&w.cond);
+            c.blocked.insert((blind, other));
+            c.blocked.insert((other, blind));
+        }
+        w.set_disk_mode(blind, DiskMode::Fail);
+        self.excuse(&[blind], until);
+        self.run_for(hold).await;
+        if hold.as_millis() as u64 > 9_000 && !before.is_empty() {
+            self.check_moved_off(blind, &before, &format!("{kind} of h{blind}"));
+            self.recoveries.owe(now, format!("{kind} of h{blind}"), &self.restartable(&before), &[]);
+        }
+        lock(&w.cond).blocked.clear();
+        w.heal_disks();
+        w.log(format!("HEAL {kind}"));
+    }
+}
