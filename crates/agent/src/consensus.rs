@@ -395,6 +395,8 @@ pub struct Network {
     rpc: Arc<dyn PeerRpc>,
     /// Where the disk witness answers now (see [`witness::WitnessRoute`]).
     witness: witness::WitnessRoute,
+    /// Set while this host has a reason to fence: it sends no consensus traffic.
+    muted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One peer connection.
@@ -406,13 +408,14 @@ pub struct PeerLink {
     /// For the disk witness: the route, read at each call (its holder changes), instead of
     /// `addr`.
     route: Option<witness::WitnessRoute>,
+    muted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl openraft::RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerLink;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerLink {
         let route = (target == tandem_core::witness::WITNESS_NODE).then(|| self.witness.clone());
-        PeerLink { addr: node.addr.clone(), target, token: self.token.clone(), rpc: Arc::clone(&self.rpc), route }
+        PeerLink { addr: node.addr.clone(), target, token: self.token.clone(), rpc: Arc::clone(&self.rpc), route, muted: Arc::clone(&self.muted) }
     }
 }
 
@@ -424,6 +427,9 @@ impl PeerLink {
         E: std::error::Error + for<'de> Deserialize<'de>,
     {
         use openraft::error::{NetworkError, RPCError, RemoteError, Unreachable};
+        if self.muted.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other("this host has a reason to fence: it sends no consensus traffic"))));
+        }
         let (addr, path) = match &self.route {
             None => (self.addr.clone(), path.to_string()),
             Some(route) => {
@@ -499,6 +505,8 @@ pub struct Consensus {
     /// Proposals take turns on this host (judge if needed, then commit), so that nothing this
     /// leader commits makes a verdict stale between its judging and its entry.
     proposing: Arc<tokio::sync::Mutex<()>>,
+    /// This node sends nothing while set (see [`Consensus::set_muted`]).
+    muted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Who leads, as far as this host knows.
@@ -553,7 +561,7 @@ impl Consensus {
     ) -> Result<Consensus, ConsensusError> {
         let path = dir.join("consensus.redb");
         let db = Arc::new(Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?);
-        Consensus::start(db, me, Network { token, rpc, witness: route }, timings, true).await
+        Consensus::start(db, me, Network { token, rpc, witness: route, muted: Arc::default() }, timings, true).await
     }
 
     /// Starts openraft on `db`; `elects`: the node stands for election by itself when it hears
@@ -576,8 +584,17 @@ impl Consensus {
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
+        let muted = Arc::clone(&network.muted);
         let raft = Raft::new(me, config, network, log, sm).await.map_err(Box::new)?;
-        Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default(), proposing: Arc::default() })
+        Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default(), proposing: Arc::default(), muted })
+    }
+
+    /// While `muted`, this node sends no RPC and stands for no election (it still answers):
+    /// for a host with a reason to fence.
+    pub fn set_muted(&self, muted: bool) {
+        if self.muted.swap(muted, std::sync::atomic::Ordering::Relaxed) != muted {
+            self.raft.runtime_config().elect(!muted);
+        }
     }
 
     /// Stops openraft (its tasks end and release the database), as on a crash.

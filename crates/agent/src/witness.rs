@@ -198,7 +198,7 @@ pub type LeaseCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// The witness's database as redb storage, in the region after the claims: its length is kept
 /// in the region's header. Once `closed` is set (this host fenced, or let the witness go), or
-/// while `lease` says no, every write is refused, so a node still shutting down, or resumed
+/// while `lease` says no, every read and write is refused, so a node still shutting down, or resumed
 /// after a pause, cannot touch the database once another host may have opened it.
 pub struct RegionBackend {
     region: Arc<dyn WitnessRegion>,
@@ -239,6 +239,10 @@ impl redb::StorageBackend for RegionBackend {
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        // Reads too: once another host may hold the witness, what this node would read is that
+        // host's database, which its cached view of the file does not match (redb panicked on
+        // such a page in the simulator).
+        self.refuse_if_closed()?;
         self.region.read_at(DATABASE_OFFSET + offset, out)
     }
 
@@ -329,9 +333,13 @@ mod tests {
             tx.open_table(table).expect("table").insert("term", 7).expect("insert");
             tx.commit().expect("commit");
             closed.store(true, Ordering::SeqCst);
-            let tx = db.begin_write().expect("tx");
-            tx.open_table(table).expect("table").insert("term", 8).expect("insert");
-            assert!(tx.commit().is_err(), "a closed region takes no commit");
+            let write = || -> Result<(), Box<dyn std::error::Error>> {
+                let tx = db.begin_write()?;
+                tx.open_table(table)?.insert("term", 8)?;
+                tx.commit()?;
+                Ok(())
+            };
+            assert!(write().is_err(), "a closed region takes no commit");
         }
         let db = redb::Database::builder().create_with_backend(RegionBackend::open(r, Arc::default(), Arc::new(|| true)).expect("backend")).expect("reopen");
         use redb::{ReadableDatabase, ReadableTable};

@@ -270,6 +270,13 @@ impl Agent {
                 self.fence(reason, now);
             }
         }
+        // A host with a reason to fence (cut off, on a losing side) takes no part in consensus
+        // until it is connected again: it stands for no election and sends nothing. Where a cut
+        // is one-way, its vote requests and the appends it retried as a stale leader still
+        // reached the side that stays, which then gave up or never elected its own leader
+        // (simulator, two hosts with a disk witness, one-way cuts). Once connected it takes
+        // part again, so a cluster whose hosts all fenced elects again.
+        self.consensus.set_muted(assessment.fence.is_some());
         lock(&self.beat).assessment = Some(assessment);
         if full_round || due {
             self.ticks.send_modify(|t| *t = t.wrapping_add(1));

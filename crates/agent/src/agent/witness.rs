@@ -234,8 +234,8 @@ impl Agent {
         Ok(())
     }
 
-    /// The witness's elections, which it never starts by itself. While no leader is known and
-    /// its log is ahead of this host's (the last leader's final entries reached the witness and
+    /// The witness's elections, which it never starts by itself. While this host knows no
+    /// leader and the witness's log is ahead of this host's (the last leader's final entries reached the witness and
     /// not this host), no host can win a vote — the witness refuses a less up-to-date log — so
     /// the witness stands. While it leads, this host stands once it has caught up, so a host
     /// leads again: only a host coordinates failovers.
@@ -245,7 +245,8 @@ impl Agent {
         let raft = if witness.leader == Some(WITNESS_NODE) && own.last_log_index >= witness.last_log_index {
             tracing::info!("disk witness leads; this host caught up and stands for election");
             self.consensus.raft.clone()
-        } else if witness.leader.is_none() && own.leader.is_none() && witness.last_log_index > own.last_log_index {
+        } else if own.leader.is_none() && witness.leader != Some(WITNESS_NODE) && witness.last_log_index > own.last_log_index {
+            // (The witness may still name the lost leader: it hears of no election it refused.)
             tracing::info!("no leader, and the disk witness's log is ahead of this host's: the witness stands for election");
             held.consensus.raft.clone()
         } else {
