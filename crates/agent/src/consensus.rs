@@ -597,6 +597,21 @@ impl Consensus {
         }
     }
 
+    /// Has this node stand for election now (in a task of its own: the caller does not wait).
+    pub fn stand_for_election(&self) {
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            if let Err(e) = raft.trigger().elect().await {
+                tracing::debug!("election not started: {e}");
+            }
+        });
+    }
+
+    /// Whether this node, when it leads, sends heartbeats (a fenced host's does not).
+    pub fn send_heartbeats(&self, on: bool) {
+        self.raft.runtime_config().heartbeat(on);
+    }
+
     /// Stops openraft (its tasks end and release the database), as on a crash.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {

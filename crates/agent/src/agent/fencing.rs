@@ -183,7 +183,7 @@ impl Agent {
         // A fenced host that leads stops sending heartbeats until it joins again, so the
         // others elect a leader: one whose answers are lost (a one-way cut) would otherwise keep
         // them following it while it can commit nothing (simulator, two hosts, one-way cut).
-        self.consensus.raft.runtime_config().heartbeat(false);
+        self.consensus.send_heartbeats(false);
         // After the flag: a start racing this either sees the flag or is in the driver's table
         // when kill_all takes it. Nothing before the kill may wait on a lock that a slow
         // `apply` holds (the watchdog thread fences through here when the runtime stalls).

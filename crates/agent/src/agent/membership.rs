@@ -25,7 +25,7 @@ impl Agent {
             let leader = self.consensus.status().leader.and_then(|l| u32::try_from(l).ok()).map(tandem_core::HostId);
             if assessment.as_ref().is_some_and(|a| membership::should_depose(leader, self.me, st.fenced.is_some(), a)) {
                 tracing::info!("the leader reports itself fenced: standing for election");
-                let _ = self.consensus.raft.trigger().elect().await;
+                self.consensus.stand_for_election();
             }
             let view = MembershipView {
                 joined: st.joined_epoch,
@@ -120,7 +120,7 @@ impl Agent {
         s.fence_confirmed_at = None;
         drop(s);
         // A leader again sends heartbeats (see `Agent::fence`).
-        self.consensus.raft.runtime_config().heartbeat(true);
+        self.consensus.send_heartbeats(true);
         true
     }
 

@@ -242,19 +242,14 @@ impl Agent {
     fn steer_witness_elections(&self) {
         let Some(held) = self.witness.as_ref().and_then(DiskWitness::held) else { return };
         let (witness, own) = (held.consensus.status(), self.consensus.status());
-        let raft = if witness.leader == Some(WITNESS_NODE) && own.last_log_index >= witness.last_log_index {
+        if witness.leader == Some(WITNESS_NODE) && own.last_log_index >= witness.last_log_index {
             tracing::info!("disk witness leads; this host caught up and stands for election");
-            self.consensus.raft.clone()
+            self.consensus.stand_for_election();
         } else if own.leader.is_none() && witness.leader != Some(WITNESS_NODE) && witness.last_log_index > own.last_log_index {
             // (The witness may still name the lost leader: it hears of no election it refused.)
             tracing::info!("no leader, and the disk witness's log is ahead of this host's: the witness stands for election");
-            held.consensus.raft.clone()
-        } else {
-            return;
-        };
-        tokio::spawn(async move {
-            let _ = raft.trigger().elect().await;
-        });
+            held.consensus.stand_for_election();
+        }
     }
 
     /// The disk witness's node, if this host holds it.
