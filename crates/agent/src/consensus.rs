@@ -572,11 +572,20 @@ impl Consensus {
         let data = Arc::new(Mutex::new(Arc::new(data)));
         let sm = StateMachine { db: Arc::clone(&db), data: Arc::clone(&data), applied_tx: Arc::new(applied_tx), unpersisted: Arc::default() };
         let log = LogStore { db };
+        // A node that never elects by itself (the disk witness's) uses its election timeouts
+        // only for the leader lease: a node just opened refuses votes until the lease passes.
+        // For a witness just taken over by the survivor that lease (1.8 s with the defaults)
+        // would only delay the survivor's election, so it is kept just above a heartbeat.
+        let (min, max) = if elects {
+            (election_timeout_min_ms(timings), 2 * election_timeout_min_ms(timings))
+        } else {
+            (raft_heartbeat_ms(timings) + 1, raft_heartbeat_ms(timings) + 2)
+        };
         let config = openraft::Config {
             cluster_name: "tandem".into(),
             heartbeat_interval: raft_heartbeat_ms(timings),
-            election_timeout_min: election_timeout_min_ms(timings),
-            election_timeout_max: 2 * election_timeout_min_ms(timings),
+            election_timeout_min: min,
+            election_timeout_max: max,
             enable_elect: elects,
             install_snapshot_timeout: SNAPSHOT_TIMEOUT.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),

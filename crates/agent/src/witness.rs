@@ -342,7 +342,7 @@ mod tests {
             assert!(write().is_err(), "a closed region takes no commit");
         }
         let db = redb::Database::builder().create_with_backend(RegionBackend::open(r, Arc::default(), Arc::new(|| true)).expect("backend")).expect("reopen");
-        use redb::{ReadableDatabase, ReadableTable};
+        use redb::ReadableDatabase;
         let tx = db.begin_read().expect("tx");
         assert_eq!(tx.open_table(table).expect("table").get("term").expect("get").map(|v| v.value()), Some(7));
         let _ = std::fs::remove_dir_all(&d);
