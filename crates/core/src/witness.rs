@@ -106,8 +106,8 @@ pub struct WitnessView<'a> {
     pub me: HostId,
     /// This host runs the witness's node now.
     pub holding: bool,
-    /// This host may speak for the cluster: it is a joined member, its lease is valid and it
-    /// is on no losing side. A host that may not closes the witness (its fence does it first).
+    /// This host may speak for the witness: its lease is valid and it has no reason to fence
+    /// (joined or not). A host that may not closes the witness (its fence does it first).
     pub may_hold: bool,
     /// The claims read in this round — a read that began after this host's last claim write
     /// completed — or `None` when the read failed. Hosts absent from it never claimed.

@@ -47,6 +47,8 @@ pub struct DiskWitness {
     gate: Mutex<Option<Arc<AtomicBool>>>,
     /// Claim I/O runs on the blocking pool, or inline (a simulator: one runtime, no threads).
     blocking_pool: bool,
+    /// Since when (the agent's clock, ms) the witness's node here has led, as last seen.
+    leading_since: Mutex<Option<u64>>,
 }
 
 impl DiskWitness {
@@ -61,6 +63,7 @@ impl DiskWitness {
             held: Mutex::new(None),
             gate: Mutex::new(None),
             blocking_pool,
+            leading_since: Mutex::new(None),
         }
     }
 
@@ -140,9 +143,11 @@ impl Agent {
         let (region, key) = (Arc::clone(&w.region), self.key.clone());
         let claims = region_io(w.blocking_pool, move || read_claims(region.as_ref(), &key)).await;
         let Some(assessment) = self.assessment() else { return Ok(WitnessStep::Wait) };
-        let st = self.status();
-        let may_hold =
-            !w.shut() && st.joined_epoch.is_some() && st.fenced.is_none() && self.holds_lease() && self.consensus.state_intact() && !self.is_stopping();
+        // Whether this host may speak for the witness: it holds its lease and has no reason to
+        // fence. Not whether it is joined: a host fenced earlier and not yet back in (it joins
+        // only through a leader, which may need the witness's vote) must be able to take the
+        // witness over when its peer dies (simulator seed 95).
+        let may_hold = !w.shut() && assessment.fence.is_none() && self.may_speak_for_witness();
         let read = claims.as_ref().ok().map(Vec::as_slice);
         let view = WitnessView { me: self.me, holding: w.held().is_some(), may_hold, claims: read, assessment: &assessment };
         let step = next_step(&view);
@@ -163,7 +168,9 @@ impl Agent {
     async fn open_witness(self: &Arc<Self>, w: &DiskWitness) {
         let closed = Arc::new(AtomicBool::new(false));
         *lock(&w.gate) = Some(Arc::clone(&closed));
-        if self.status().fenced.is_some() || !self.holds_lease() {
+        // Checked again with the gate in place: a fence from now on shuts it, and one before
+        // ended the lease (or stops the agent).
+        if !self.may_speak_for_witness() {
             return;
         }
         let weak = Arc::downgrade(self);
@@ -251,9 +258,18 @@ impl Agent {
     /// the witness stands. While it leads, this host stands once it has caught up, so a host
     /// leads again: only a host coordinates failovers.
     fn steer_witness_elections(&self) {
-        let Some(held) = self.witness.as_ref().and_then(DiskWitness::held) else { return };
+        let Some(w) = &self.witness else { return };
+        let Some(held) = w.held() else { return };
         let (witness, own) = (held.consensus.status(), self.consensus.status());
-        if witness.leader == Some(WITNESS_NODE) && own.last_log_index >= witness.last_log_index {
+        let now = self.clock.now().0;
+        let since = {
+            let mut s = lock(&w.leading_since);
+            *s = if witness.leader == Some(WITNESS_NODE) { Some(s.unwrap_or(now)) } else { None };
+            *s
+        };
+        // While the witness's leader lease is fresh it refuses any vote: stand after it.
+        let lease_over = since.is_some_and(|t| now.saturating_sub(t) > 2 * crate::consensus::raft_heartbeat_ms(&self.cfg.timings));
+        if lease_over && own.last_log_index >= witness.last_log_index {
             tracing::info!("disk witness leads; this host caught up and stands for election");
             self.consensus.stand_for_election();
         } else if own.leader.is_none() && witness.leader != Some(WITNESS_NODE) && witness.last_log_index > own.last_log_index {
@@ -261,6 +277,12 @@ impl Agent {
             tracing::info!("no leader, and the disk witness's log is ahead of this host's: the witness stands for election");
             held.consensus.stand_for_election();
         }
+    }
+
+    /// This host holds its liveness lease (not on a losing side, proof of life fresh), its
+    /// state is whole and it is not stopping.
+    fn may_speak_for_witness(&self) -> bool {
+        self.holds_lease() && self.consensus.state_intact() && !self.is_stopping()
     }
 
     /// The disk witness's node, if this host holds it.

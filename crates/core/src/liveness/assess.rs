@@ -39,7 +39,9 @@ pub struct Assessment {
     pub disk_readable: bool,
     pub peers: Vec<PeerAssessment>,
     pub fence: Option<FenceReason>,
-    /// Whether a majority of members acknowledged us within the peer timeout.
+    /// Whether a majority of the voters acknowledged us within the peer timeout: of the members
+    /// on the network, or — in a two-host cluster with a disk witness — the witness on the
+    /// shared disk, through a confirmed slot write.
     pub has_majority: bool,
 }
 
@@ -195,7 +197,7 @@ impl Liveness {
         let has_majority = match majority_at {
             None => self.members.len() < 2,
             Some(a) => now.since(a) < t.peer_timeout_ms,
-        };
+        } || (net_settles && self.last_disk_write_ok.is_some_and(|w| now.since(w) < t.peer_timeout_ms));
         let silent_ms = self.last_proof_of_life(now).map_or(0, |l| now.since(l));
         let alone = self.members.len() == 1;
 

@@ -344,8 +344,10 @@ fn a_two_host_survivor_keeps_its_lease_only_with_a_disk_witness() {
     };
     let without = run_two(false);
     assert!(matches!(without.fence, Some(FenceReason::Isolated { .. })), "{without:?}");
+    assert!(!without.has_majority);
     let with = run_two(true);
     assert_eq!(with.fence, None, "{with:?}");
+    assert!(with.has_majority, "the witness on the disk is the other vote: a fenced survivor may join again");
     let p = with.peer(HostId(1)).expect("peer");
     assert_eq!(p.liveness, HostLiveness::Dead);
     let deadline = p.fence_deadline.expect("deadline");
