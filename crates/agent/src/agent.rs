@@ -402,6 +402,11 @@ impl Agent {
     /// down and later open a new agent on the same data directory.
     pub async fn shutdown(&self) {
         self.stop();
+        // As on a crash, the witness's node stops here and now, and nothing more is written
+        // for it (not even the claim's withdrawal: the host may be running again by then).
+        if let Some(w) = &self.witness {
+            w.halt().await;
+        }
         self.consensus.shutdown().await;
     }
 

@@ -225,8 +225,15 @@ impl RegionBackend {
         Ok(RegionBackend { region, len: Mutex::new(len), closed, lease })
     }
 
+    /// Refuses the call once the node is closed, and closes it for good the first time the
+    /// lease says no: a database that missed a write (a commit cut in half) must not be used
+    /// again by this instance — the simulator found redb reading its own half-written pages
+    /// after a brief lapse — so the loop closes the node and a new claim round opens it afresh.
     fn refuse_if_closed(&self) -> std::io::Result<()> {
-        if self.closed.load(Ordering::SeqCst) || !(self.lease)() {
+        if !self.closed.load(Ordering::SeqCst) && !(self.lease)() {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        if self.closed.load(Ordering::SeqCst) {
             return Err(std::io::Error::other(RegionError::Closed.to_string()));
         }
         Ok(())

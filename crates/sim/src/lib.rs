@@ -170,7 +170,7 @@ struct Sim {
     recoveries: Recoveries,
     next_vm: u32,
     /// The disk witness's region, in a two-host run with one.
-    witness_region: Option<Arc<std::sync::Mutex<Vec<u8>>>>,
+    witness_region: Option<Arc<std::sync::Mutex<witness::SimRegion>>>,
 }
 
 fn fnv(lines: &[String]) -> u64 {

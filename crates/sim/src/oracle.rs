@@ -42,6 +42,9 @@ pub enum Invariant {
     ParkedRan,
     /// A VM with a local disk ran on a host whose copy of the disk was not the latest.
     StaleDisk,
+    /// The disk witness's database was written by a node other than the one opened last: two
+    /// hosts held the witness at once.
+    WitnessTwice,
 }
 
 impl Invariant {
@@ -57,6 +60,7 @@ impl Invariant {
             Invariant::MigrationStuck => "migration-stuck",
             Invariant::ParkedRan => "parked-ran",
             Invariant::StaleDisk => "stale-disk",
+            Invariant::WitnessTwice => "witness-twice",
         }
     }
 }

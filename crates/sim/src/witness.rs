@@ -9,9 +9,15 @@ use super::*;
 use std::sync::Mutex;
 use tandem_agent::witness::{WitnessRegion, MIN_REGION_BYTES};
 
+/// The witness region of a run, and which host opened the witness's database last.
+pub struct SimRegion {
+    bytes: Vec<u8>,
+    opened_by: Option<u32>,
+}
+
 /// One host's path to the witness region.
 pub struct SimWitness {
-    pub region: Arc<Mutex<Vec<u8>>>,
+    pub region: Arc<Mutex<SimRegion>>,
     pub world: Arc<World>,
     pub me: u32,
 }
@@ -24,8 +30,8 @@ impl std::fmt::Debug for SimWitness {
 
 impl SimWitness {
     /// A fresh region (all zeros), shared by every host of a run.
-    pub fn new_region() -> Arc<Mutex<Vec<u8>>> {
-        Arc::new(Mutex::new(vec![0; MIN_REGION_BYTES as usize]))
+    pub fn new_region() -> Arc<Mutex<SimRegion>> {
+        Arc::new(Mutex::new(SimRegion { bytes: vec![0; MIN_REGION_BYTES as usize], opened_by: None }))
     }
 
     fn gate(&self, read: bool) -> std::io::Result<()> {
@@ -45,9 +51,13 @@ impl SimWitness {
 impl WitnessRegion for SimWitness {
     fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
         self.gate(true)?;
-        let r = lock(&self.region);
+        let mut r = lock(&self.region);
+        if offset == 0 && out.len() == 16 {
+            // The database's header, read only when a node opens it: this host holds it now.
+            r.opened_by = Some(self.me);
+        }
         let at = offset as usize;
-        let src = r.get(at..at + out.len()).ok_or_else(|| std::io::Error::other("beyond the region"))?;
+        let src = r.bytes.get(at..at + out.len()).ok_or_else(|| std::io::Error::other("beyond the region"))?;
         out.copy_from_slice(src);
         Ok(())
     }
@@ -55,8 +65,13 @@ impl WitnessRegion for SimWitness {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.gate(false)?;
         let mut r = lock(&self.region);
+        let database = offset == 0 || offset >= tandem_core::witness::DATABASE_OFFSET;
+        if database && r.opened_by != Some(self.me) {
+            let why = format!("h{} wrote the witness's database after h{:?} opened it", self.me, r.opened_by);
+            self.world.violation(crate::oracle::Violation::new(crate::oracle::Invariant::WitnessTwice, why));
+        }
         let at = offset as usize;
-        let dst = r.get_mut(at..at + data.len()).ok_or_else(|| std::io::Error::other("beyond the region"))?;
+        let dst = r.bytes.get_mut(at..at + data.len()).ok_or_else(|| std::io::Error::other("beyond the region"))?;
         dst.copy_from_slice(data);
         Ok(())
     }

@@ -49,6 +49,8 @@ pub struct DiskWitness {
     blocking_pool: bool,
     /// Since when (the agent's clock, ms) the witness's node here has led, as last seen.
     leading_since: Mutex<Option<u64>>,
+    /// Set when the agent halts as on a crash: the loop ends without writing anything more.
+    halted: AtomicBool,
 }
 
 impl DiskWitness {
@@ -64,6 +66,7 @@ impl DiskWitness {
             gate: Mutex::new(None),
             blocking_pool,
             leading_since: Mutex::new(None),
+            halted: AtomicBool::new(false),
         }
     }
 
@@ -79,6 +82,20 @@ impl DiskWitness {
     pub fn close_now(&self) {
         if let Some(g) = lock(&self.gate).as_ref() {
             g.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Stops everything at once, as a crash would: the gate shut, the node stopped, the loop
+    /// ended without another write (a simulated host may be running again, with a new agent,
+    /// before this one's loop would have noticed: its late claim withdrawal once erased the new
+    /// agent's claim and let the peer open the witness too — simulator seed 81).
+    pub async fn halt(&self) {
+        self.halted.store(true, Ordering::SeqCst);
+        self.close_now();
+        let held = lock(&self.held).take();
+        if let Some(h) = held {
+            h.closed.store(true, Ordering::SeqCst);
+            h.consensus.shutdown().await;
         }
     }
 
@@ -109,7 +126,7 @@ impl Agent {
     pub(super) async fn witness_loop(self: Arc<Self>) {
         let mut rounds = self.rounds();
         let mut last_error: Option<String> = None;
-        while !self.is_stopping() {
+        while !self.is_stopping() && !self.witness.as_ref().is_some_and(|w| w.halted.load(Ordering::SeqCst)) {
             // A claim just written is read back at once (a read after the write, as the
             // protocol needs), so a takeover opens the witness in one round, not two.
             let mut outcome = self.witness_round().await;
@@ -131,7 +148,7 @@ impl Agent {
             self.steer_witness_elections();
             self.next_round(&mut rounds).await;
         }
-        if let Some(w) = &self.witness {
+        if let Some(w) = self.witness.as_ref().filter(|w| !w.halted.load(Ordering::SeqCst)) {
             w.close_now();
             self.close_witness(w).await;
         }
@@ -154,6 +171,7 @@ impl Agent {
         self.route_witness(w, read, &assessment);
         match step {
             WitnessStep::Wait => {}
+            WitnessStep::Claim | WitnessStep::Withdraw if w.halted.load(Ordering::SeqCst) => {}
             WitnessStep::Claim | WitnessStep::Withdraw => {
                 let (region, key, claim) = (Arc::clone(&w.region), self.key.clone(), w.claim(step == WitnessStep::Claim));
                 region_io(w.blocking_pool, move || write_claim(region.as_ref(), &key, &claim)).await?;
@@ -170,13 +188,14 @@ impl Agent {
         *lock(&w.gate) = Some(Arc::clone(&closed));
         // Checked again with the gate in place: a fence from now on shuts it, and one before
         // ended the lease (or stops the agent).
-        if !self.may_speak_for_witness() {
+        if !self.may_speak_for_witness() || w.halted.load(Ordering::SeqCst) {
             return;
         }
         let weak = Arc::downgrade(self);
         let lease: crate::witness::LeaseCheck = Arc::new(move || weak.upgrade().is_some_and(|a| a.holds_lease()));
         let opened = Consensus::open_witness(Arc::clone(&w.region), Arc::clone(&closed), lease, self.token.clone(), Arc::clone(&self.rpc), w.route.clone(), &self.cfg.timings).await;
         match opened {
+            Ok(consensus) if w.halted.load(Ordering::SeqCst) => consensus.shutdown().await,
             Ok(mut consensus) => {
                 consensus.use_heavy(Arc::clone(&self.heavy));
                 *lock(&w.held) = Some(Arc::new(HeldWitness { consensus, closed }));
