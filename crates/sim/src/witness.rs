@@ -67,7 +67,8 @@ impl WitnessRegion for SimWitness {
         let mut r = lock(&self.region);
         let database = offset == 0 || offset >= tandem_core::witness::DATABASE_OFFSET;
         if database && r.opened_by != Some(self.me) {
-            let why = format!("h{} wrote the witness's database after h{:?} opened it", self.me, r.opened_by);
+            let last = r.opened_by.map_or_else(|| "no host".to_string(), |h| format!("h{h}"));
+            let why = format!("h{} wrote the witness's database after {last} opened it", self.me);
             self.world.violation(crate::oracle::Violation::new(crate::oracle::Invariant::WitnessTwice, why));
         }
         let at = offset as usize;

@@ -321,13 +321,14 @@ fn planned_stops_park_release_or_move_the_vms_by_policy() {
 /// the witness (2), a stalled holder writing after the takeover (22), a stale leader behind a
 /// one-way cut holding the survivor off (45, 75, 171), the witness's log ahead of the survivor's
 /// (59, 106), a closed witness node reading the new holder's database (5), a fenced survivor
-/// that could neither take the witness nor join again without its peer (95) — and the faults
+/// that could neither take the witness nor join again without its peer (95), a crashed agent's
+/// late claim withdrawal letting the peer open the witness too (81, `witness-twice`) — and the faults
 /// that must move a host's VMs to the other: each host's power loss, the link cut, the link cut
 /// with a disk path lost.
 #[test]
 fn two_hosts_with_a_disk_witness_survive_either_and_run_nothing_twice() {
     let two = |seed: u64, only: Option<FaultKind>| SimOptions { hosts: 2, late_hosts: 0, disk_witness: true, only, ..opts(seed, 60) };
-    for seed in (1..=60).chain([2, 5, 22, 45, 59, 75, 95, 106, 171]) {
+    for seed in (1..=60).chain([2, 5, 22, 45, 59, 75, 81, 95, 106, 171]) {
         let r = run(&two(seed, None));
         assert!(r.violations.is_empty(), "seed {seed}: {:#?}", r.violations);
     }
