@@ -272,7 +272,7 @@ impl Agent {
             None => None,
         };
         let mut io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, &cfg.heartbeat_disk_paths, driver, tls).await?;
-        io.witness = cfg.disk_witness.as_ref().map(crate::witness::open_region).transpose()?;
+        io.witness = cfg.disk_witness.as_deref().map(crate::witness::open_region).transpose()?;
         Agent::with_io(cfg, io).await
     }
 

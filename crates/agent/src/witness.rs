@@ -8,12 +8,12 @@
 //! them is opened only by the host that holds the witness ([`RegionBackend`]).
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_core::witness::{Claim, ClaimError, CLAIMS_OFFSET, CLAIM_SIZE, DATABASE_OFFSET};
 use tandem_core::wire::ClusterKey;
+use tandem_core::witness::{Claim, ClaimError, CLAIMS_OFFSET, CLAIM_SIZE, DATABASE_OFFSET};
 use tandem_core::{HostId, MAX_HOSTS};
 use thiserror::Error;
 
@@ -287,7 +287,7 @@ impl redb::StorageBackend for RegionBackend {
 }
 
 /// Opens the configured region, or says why not.
-pub fn open_region(path: &PathBuf) -> Result<Arc<dyn WitnessRegion>, RegionError> {
+pub fn open_region(path: &Path) -> Result<Arc<dyn WitnessRegion>, RegionError> {
     Ok(Arc::new(FileWitnessRegion::open(path)?))
 }
 
@@ -301,7 +301,7 @@ mod tests {
         open_region(&path).expect("open")
     }
 
-    fn scratch(name: &str) -> PathBuf {
+    fn scratch(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("tandem-witness-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("dir");
@@ -335,7 +335,9 @@ mod tests {
         let table: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("t");
         {
             let closed = Arc::new(AtomicBool::new(false));
-            let db = redb::Database::builder().create_with_backend(RegionBackend::open(Arc::clone(&r), Arc::clone(&closed), Arc::new(|| true)).expect("backend")).expect("db");
+            let db = redb::Database::builder()
+                .create_with_backend(RegionBackend::open(Arc::clone(&r), Arc::clone(&closed), Arc::new(|| true)).expect("backend"))
+                .expect("db");
             let tx = db.begin_write().expect("tx");
             tx.open_table(table).expect("table").insert("term", 7).expect("insert");
             tx.commit().expect("commit");

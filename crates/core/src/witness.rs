@@ -154,11 +154,7 @@ pub fn next_step(v: &WitnessView<'_>) -> WitnessStep {
     // membership (both starting, before the cluster formed) can hold the witness as well.
     // (Filtering by membership let two starting hosts open it together: simulator, first
     // two-host seeds.)
-    let rivals: Vec<HostId> = claims
-        .iter()
-        .filter(|c| c.claiming && c.host != v.me && !gone(v.assessment, c.host))
-        .map(|c| c.host)
-        .collect();
+    let rivals: Vec<HostId> = claims.iter().filter(|c| c.claiming && c.host != v.me && !gone(v.assessment, c.host)).map(|c| c.host).collect();
     match (mine, rivals.is_empty()) {
         (false, true) => WitnessStep::Claim,
         (true, true) => WitnessStep::Open,

@@ -131,9 +131,7 @@ pub fn fault_kinds_with_sites() -> Vec<FaultKind> {
 /// of the disk (which the witness rules out) and a write-only path, then the link cut with a
 /// disk path lost.
 pub fn fault_kinds_with_witness() -> Vec<FaultKind> {
-    FaultKind::of(Backend::Sim)
-        .filter(|k| !k.needs_sites() && !matches!(k, FaultKind::DiskPrivateOne | FaultKind::DiskWriteOnlyOne))
-        .collect()
+    FaultKind::of(Backend::Sim).filter(|k| !k.needs_sites() && !matches!(k, FaultKind::DiskPrivateOne | FaultKind::DiskWriteOnlyOne)).collect()
 }
 
 /// The simulated hosts have a hardware watchdog that resets a host this long after its agent

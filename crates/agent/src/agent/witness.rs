@@ -193,7 +193,16 @@ impl Agent {
         }
         let weak = Arc::downgrade(self);
         let lease: crate::witness::LeaseCheck = Arc::new(move || weak.upgrade().is_some_and(|a| a.holds_lease()));
-        let opened = Consensus::open_witness(Arc::clone(&w.region), Arc::clone(&closed), lease, self.token.clone(), Arc::clone(&self.rpc), w.route.clone(), &self.cfg.timings).await;
+        let opened = Consensus::open_witness(
+            Arc::clone(&w.region),
+            Arc::clone(&closed),
+            lease,
+            self.token.clone(),
+            Arc::clone(&self.rpc),
+            w.route.clone(),
+            &self.cfg.timings,
+        )
+        .await;
         match opened {
             Ok(consensus) if w.halted.load(Ordering::SeqCst) => consensus.shutdown().await,
             Ok(mut consensus) => {
