@@ -141,15 +141,22 @@ fn gone(a: &Assessment, host: HostId) -> bool {
 /// The decision for one round.
 #[must_use]
 pub fn next_step(v: &WitnessView<'_>) -> WitnessStep {
+    let mine = v.claims.is_some_and(|claims| claims.iter().any(|c| c.host == v.me && c.claiming));
     if !v.may_hold {
-        return if v.holding { WitnessStep::Close } else { WitnessStep::Wait };
+        // A claim left standing by a host that may not hold the witness (it claimed, then lost
+        // its lease or landed on a losing side before it opened) would hold the other host off
+        // for as long as this one lives: withdraw it.
+        return match (v.holding, mine) {
+            (true, _) => WitnessStep::Close,
+            (false, true) => WitnessStep::Withdraw,
+            (false, false) => WitnessStep::Wait,
+        };
     }
     if v.holding {
         // The holder keeps it: its claim stays on the disk, so nobody else opens it.
         return WitnessStep::Wait;
     }
     let Some(claims) = v.claims else { return WitnessStep::Wait };
-    let mine = claims.iter().any(|c| c.host == v.me && c.claiming);
     // Every other claim counts, a member's or not: a host not yet in this host's view of the
     // membership (both starting, before the cluster formed) can hold the witness as well.
     // (Filtering by membership let two starting hosts open it together: simulator, first

@@ -497,6 +497,18 @@ impl Lab {
         lab_processes(&self.id).into_iter().filter_map(|(pid, env)| Some((pid, env.get("TANDEM_VM")?.clone()))).collect()
     }
 
+    /// The fences host `i` recorded at or after `since_ms` (wall clock), their details.
+    #[must_use]
+    pub fn fences_since(&self, i: usize, since_ms: u64) -> Vec<String> {
+        self.client(i)
+            .list_as::<Event>("/v1/events?limit=4096")
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.kind == tandem_agent::events::EventKind::Fenced && e.at_ms >= since_ms)
+            .map(|e| e.detail)
+            .collect()
+    }
+
     /// Events recorded by every live host, merged and sorted by time.
     pub fn events(&self) -> Vec<Event> {
         let mut all = Vec::new();

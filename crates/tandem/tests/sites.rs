@@ -133,21 +133,12 @@ fn a_cut_between_two_sites_keeps_one_side_with_the_third_and_moves_the_others_vm
         ["b0", "b1"].iter().all(|vm| running.get(*vm).is_some_and(|h| ["h0", "h1", "h4"].contains(&h.as_str()))).then_some(())
     })?;
     eprintln!("a–b link cut: site b's VMs ran again in a or w {:.2} s later", cut.elapsed().as_secs_f64());
-    let fenced_since = |i: usize| -> Vec<String> {
-        lab.client(i)
-            .list("/v1/events?limit=4096")
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| e["kind"] == "fenced" && e["at_ms"].as_u64().is_some_and(|t| t >= cut_at))
-            .map(|e| e["detail"].to_string())
-            .collect()
-    };
     for i in [0, 1, 4] {
-        let fenced = fenced_since(i);
+        let fenced = lab.fences_since(i, cut_at);
         assert!(fenced.is_empty(), "h{i}, on the side that stays, fenced: {fenced:?}");
     }
     for i in [2, 3] {
-        assert!(!fenced_since(i).is_empty(), "h{i}, in the site cut off from the majority, did not fence");
+        assert!(!lab.fences_since(i, cut_at).is_empty(), "h{i}, in the site cut off from the majority, did not fence");
     }
     for h in [0, 1, 2, 3] {
         net.unblock(h)?;

@@ -55,17 +55,8 @@ fn a_cut_link_between_two_hosts_keeps_exactly_the_lower_id() -> Result<()> {
     net.block_hosts(1, &[0])?;
     let secs = both_on(&lab, 0, cut)?;
     eprintln!("link cut: h1's VM ran again on h0 {secs:.2} s later");
-    let fenced_since = |i: usize| -> Vec<String> {
-        lab.client(i)
-            .list("/v1/events?limit=4096")
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| e["kind"] == "fenced" && e["at_ms"].as_u64().is_some_and(|t| t >= cut_at))
-            .map(|e| e["detail"].to_string())
-            .collect()
-    };
-    assert!(fenced_since(0).is_empty(), "h0 fenced: {:?}", fenced_since(0));
-    assert!(!fenced_since(1).is_empty(), "h1, the higher id, did not fence");
+    assert_eq!(lab.fences_since(0, cut_at), Vec::<String>::new(), "h0 fenced");
+    assert!(!lab.fences_since(1, cut_at).is_empty(), "h1, the higher id, did not fence");
     lab.assert_no_double_run()?;
     net.unblock(0)?;
     net.unblock(1)?;

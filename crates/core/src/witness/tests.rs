@@ -95,6 +95,9 @@ fn a_host_that_may_not_speak_for_the_cluster_closes_it_and_claims_nothing() {
     let v = WitnessView { me: HostId(0), holding: true, may_hold: false, claims: Some(&[]), assessment: &a };
     assert_eq!(next_step(&v), WitnessStep::Close);
     assert_eq!(next_step(&WitnessView { holding: false, ..v }), WitnessStep::Wait);
+    // It claimed, then lost the right before it opened: the claim must not hold the other off.
+    let claimed = [claim(0, true), claim(1, false)];
+    assert_eq!(next_step(&WitnessView { holding: false, claims: Some(&claimed), ..v }), WitnessStep::Withdraw);
 }
 
 /// Two hosts run the protocol against one disk under every kind of interleaving: a host reads

@@ -316,6 +316,14 @@ fn a_stale_slot_never_overrides_a_fresher_heartbeat() {
     assert_eq!(l.assess(Millis(2301)).peer(HostId(1)).and_then(|p| p.fenced_epoch), Some(1));
 }
 
+/// Host `me` of two, with or without a disk witness.
+fn two(me: u32, witness: bool) -> Liveness {
+    let mut l = Liveness::new(HostId(me), 1, T, Millis(0));
+    l.set_members([HostId(0), HostId(1)].into_iter().collect());
+    l.set_disk_witness(witness);
+    l
+}
+
 /// Two hosts and a heartbeat disk: host 1 loses power at 2 s. Without a disk witness the
 /// survivor cannot tell its disk is shared (its own slot alone is no majority) and fences; with
 /// one, the disk carries the third vote: the survivor keeps its lease, finds host 1 dead, and
@@ -323,9 +331,7 @@ fn a_stale_slot_never_overrides_a_fresher_heartbeat() {
 #[test]
 fn a_two_host_survivor_keeps_its_lease_only_with_a_disk_witness() {
     let run_two = |witness: bool| {
-        let mut l = Liveness::new(HostId(0), 1, T, Millis(0));
-        l.set_members([HostId(0), HostId(1)].into_iter().collect());
-        l.set_disk_witness(witness);
+        let mut l = two(0, witness);
         let mut last = None;
         for t in (0..12_000).step_by(200) {
             let now = Millis(t);
@@ -361,9 +367,7 @@ fn a_two_host_survivor_keeps_its_lease_only_with_a_disk_witness() {
 #[test]
 fn a_two_host_link_cut_with_a_disk_witness_fences_exactly_the_higher_id() {
     let verdict = |me: u32| {
-        let mut l = Liveness::new(HostId(me), 1, T, Millis(0));
-        l.set_members([HostId(0), HostId(1)].into_iter().collect());
-        l.set_disk_witness(true);
+        let mut l = two(me, true);
         let other = 1 - me;
         let mut last = None;
         for t in (0..12_000).step_by(200) {
