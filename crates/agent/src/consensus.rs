@@ -5,10 +5,12 @@
 //! power keeps every entry it acknowledged. The state machine is small (the desired state) and is
 //! persisted whole after every applied batch, so a restart needs no replay.
 
+mod network;
 pub mod witness;
 
+pub use network::Network;
+
 use crate::heavy::HeavyWork;
-use crate::httpc;
 use crate::io::PeerRpc;
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -385,96 +387,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(None);
         }
         Ok(Some(StateMachine::snapshot_of(&d)?))
-    }
-}
-
-/// Sends consensus RPCs to peers over their HTTP API.
-#[derive(Clone)]
-pub struct Network {
-    token: String,
-    rpc: Arc<dyn PeerRpc>,
-    /// Where the disk witness answers now (see [`witness::WitnessRoute`]).
-    witness: witness::WitnessRoute,
-    /// Set while this host has a reason to fence: it sends no consensus traffic.
-    muted: Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// One peer connection.
-pub struct PeerLink {
-    addr: String,
-    target: NodeId,
-    token: String,
-    rpc: Arc<dyn PeerRpc>,
-    /// For the disk witness: the route, read at each call (its holder changes), instead of
-    /// `addr`.
-    route: Option<witness::WitnessRoute>,
-    muted: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl openraft::RaftNetworkFactory<TypeConfig> for Network {
-    type Network = PeerLink;
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerLink {
-        let route = (target == tandem_core::witness::WITNESS_NODE).then(|| self.witness.clone());
-        PeerLink { addr: node.addr.clone(), target, token: self.token.clone(), rpc: Arc::clone(&self.rpc), route, muted: Arc::clone(&self.muted) }
-    }
-}
-
-type RpcErr<E = openraft::error::Infallible> = openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId, E>>;
-
-impl PeerLink {
-    async fn call<Req: Serialize, Resp: for<'de> Deserialize<'de>, E>(&self, path: &str, req: &Req, timeout: Duration) -> Result<Resp, RpcErr<E>>
-    where
-        E: std::error::Error + for<'de> Deserialize<'de>,
-    {
-        use openraft::error::{NetworkError, RPCError, RemoteError, Unreachable};
-        if self.muted.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other("this host has a reason to fence: it sends no consensus traffic"))));
-        }
-        let (addr, path) = match &self.route {
-            None => (self.addr.clone(), path.to_string()),
-            Some(route) => {
-                let addr = route.holder_addr().ok_or_else(|| RPCError::Unreachable(Unreachable::new(&witness::WitnessError::NoHolder)))?;
-                (addr, path.replacen("/raft/", "/raft/witness/", 1))
-            }
-        };
-        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let resp = self.rpc.call(&addr, &path, Some(&self.token), Some(body), timeout).await.map_err(|e| match e {
-            httpc::HttpError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-            _ => RPCError::Network(NetworkError::new(&e)),
-        })?;
-        if resp.status != 200 {
-            let e = std::io::Error::other(format!("peer answered HTTP {}: {}", resp.status, String::from_utf8_lossy(&resp.body)));
-            return Err(RPCError::Network(NetworkError::new(&e)));
-        }
-        let r: Result<Resp, openraft::error::RaftError<NodeId, E>> =
-            serde_json::from_slice(&resp.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-}
-
-impl openraft::RaftNetwork<TypeConfig> for PeerLink {
-    async fn append_entries(
-        &mut self,
-        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
-        option: openraft::network::RPCOption,
-    ) -> Result<openraft::raft::AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call("/raft/append", &rpc, option.hard_ttl().min(RPC_TIMEOUT)).await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<openraft::raft::InstallSnapshotResponse<NodeId>, RpcErr<openraft::error::InstallSnapshotError>> {
-        self.call("/raft/snapshot", &rpc, SNAPSHOT_TIMEOUT).await
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: openraft::raft::VoteRequest<NodeId>,
-        option: openraft::network::RPCOption,
-    ) -> Result<openraft::raft::VoteResponse<NodeId>, RpcErr> {
-        self.call("/raft/vote", &rpc, option.hard_ttl().min(RPC_TIMEOUT)).await
     }
 }
 
