@@ -42,21 +42,21 @@ fn held_witness(a: &Agent) -> Result<Arc<crate::agent::witness::HeldWitness>, Ap
 
 pub(super) async fn witness_append(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     authorized(&a, &headers)?;
-    let w = held_witness(&a)?;
     let req: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&body, "append request")?;
+    let w = held_witness(&a)?;
     Ok(Json(w.consensus.raft.append_entries(req).await).into_response())
 }
 
 pub(super) async fn witness_vote(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     authorized(&a, &headers)?;
-    let w = held_witness(&a)?;
     let req: openraft::raft::VoteRequest<u64> = parse(&body, "vote request")?;
+    let w = held_witness(&a)?;
     Ok(Json(w.consensus.raft.vote(req).await).into_response())
 }
 
 pub(super) async fn witness_snapshot(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     authorized(&a, &headers)?;
-    let w = held_witness(&a)?;
     let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&body, "snapshot request")?;
+    let w = held_witness(&a)?;
     Ok(Json(w.consensus.raft.install_snapshot(req).await).into_response())
 }
