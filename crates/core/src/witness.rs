@@ -124,8 +124,8 @@ pub enum WitnessStep {
     Claim,
     /// Open the witness's node here: this host's claim is on the disk and no other claim is live.
     Open,
-    /// Withdraw this host's claim: another live host claims too and has the lower id, or
-    /// holds it.
+    /// Withdraw this host's claim: another live host claims too and has the lower id, or this
+    /// host may no longer hold the witness.
     Withdraw,
     /// Close the witness's node here (this host may no longer speak for the cluster), then
     /// withdraw the claim.
