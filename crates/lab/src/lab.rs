@@ -497,6 +497,18 @@ impl Lab {
         lab_processes(&self.id).into_iter().filter_map(|(pid, env)| Some((pid, env.get("TANDEM_VM")?.clone()))).collect()
     }
 
+    /// Fails unless every VM running anywhere runs where committed state (as host `i` has it)
+    /// assigns it: after a heal, nothing runs against committed state.
+    pub fn assert_runs_as_committed(&self, i: usize) -> Result<()> {
+        let placement = self.placement(i)?;
+        for (vm, host) in self.running() {
+            if placement.get(&vm) != Some(&Some(host.clone())) {
+                bail!("{vm} runs on {host} against committed state ({:?})", placement.get(&vm));
+            }
+        }
+        Ok(())
+    }
+
     /// The fences host `i` recorded at or after `since_ms` (wall clock), their details.
     #[must_use]
     pub fn fences_since(&self, i: usize, since_ms: u64) -> Vec<String> {

@@ -145,10 +145,7 @@ fn a_cut_between_two_sites_keeps_one_side_with_the_third_and_moves_the_others_vm
     }
     lab.wait_all_active(Duration::from_secs(40))?;
     std::thread::sleep(Duration::from_secs(2));
-    let placement = lab.placement(4)?;
-    for (vm, host) in lab.running() {
-        assert_eq!(placement.get(&vm), Some(&Some(host.clone())), "{vm} runs on {host} against committed state");
-    }
+    lab.assert_runs_as_committed(4)?;
     lab.assert_no_double_run()?;
     drop(lab);
     drop(net);
