@@ -164,7 +164,10 @@ impl Agent {
         // fence. Not whether it is joined: a host fenced earlier and not yet back in (it joins
         // only through a leader, which may need the witness's vote) must be able to take the
         // witness over when its peer dies (simulator seed 95).
-        let may_hold = !w.shut() && assessment.fence.is_none() && self.may_speak_for_witness();
+        // And only while the cluster has at most two hosts: beyond, the witness votes no more
+        // (the leader removes it), and a node running for nothing would only cost disk I/O.
+        let needed = self.consensus.with_state(|s| s.hosts.len()) <= 2;
+        let may_hold = needed && !w.shut() && assessment.fence.is_none() && self.may_speak_for_witness();
         let read = claims.as_ref().ok().map(Vec::as_slice);
         let view = WitnessView { me: self.me, holding: w.held().is_some(), may_hold, claims: read, assessment: &assessment };
         let step = next_step(&view);
