@@ -19,7 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$here/.cache/guest}
 # Raised whenever what the guest does changes, so a cached older guest is rebuilt.
-GUEST_VERSION=9
+GUEST_VERSION=10
 if [[ -s $OUT/vmlinuz && -s $OUT/initrd.img && $(cat "$OUT/version" 2>/dev/null) == "$GUEST_VERSION" ]]; then
   echo "guest cached in $OUT"
   exit 0
@@ -117,16 +117,25 @@ printf '#!/bin/busybox sh\necho "TANDEM-GUEST-POWER-BUTTON" > /dev/console\nsync
 chmod +x /etc/acpi/PWRF/00000080
 # acpid opens the input devices present when it starts: wait for the power button's (the
 # button driver registers it a moment after it is loaded), then for acpid to listen on it.
-for i in $(seq 1 40); do
-  grep -qs "Power Button" /sys/class/input/input*/name && break
+# Ready means listening: an emulated guest on a loaded machine can take seconds for either, and
+# a button pressed before is lost (the guest is then killed after the stop timeout). The waits
+# are bounded (60 s each); a guest without a button says so instead of ready.
+button=no
+for i in $(seq 1 1200); do
+  grep -qs "Power Button" /sys/class/input/input*/name && { button=yes; break; }
   sleep 0.05
 done
 acpid -l /tmp/acpid.log
-for i in $(seq 1 40); do
+for i in $(seq 1 1200); do
+  [ $button = yes ] || break
   ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q /dev/input/event && break
   sleep 0.05
 done
-echo "TANDEM-GUEST-READY $name"
+if [ $button = yes ]; then
+  echo "TANDEM-GUEST-READY $name"
+else
+  echo "TANDEM-GUEST-NO-POWER-BUTTON $name"
+fi
 # Ctrl-Alt-Del (SIGINT to init) and SIGTERM/SIGUSR2 end it too.
 trap 'poweroff -f' TERM USR2 INT
 while true; do sleep 1; done

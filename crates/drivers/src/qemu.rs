@@ -145,8 +145,27 @@ impl QemuDriver {
         Duration::from_millis(self.cfg.qmp_timeout_ms)
     }
 
-    fn session(&self, name: &str) -> Option<Arc<Qmp>> {
-        self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    /// The VM's QMP session. One whose connection ended while QEMU still runs (a malformed or
+    /// overlong line from QEMU ends it) is replaced by a new connection, so a stop still reaches
+    /// the guest's power button rather than killing it.
+    async fn session(&self, name: &str) -> Option<Arc<Qmp>> {
+        let current = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()?;
+        if !current.is_closed() {
+            return Some(current);
+        }
+        let pid = self.launcher.pid(name).filter(|_| self.launcher.is_running(name))?;
+        match self.connect_qmp(name, pid).await {
+            Ok(q) => {
+                tracing::warn!("{name}: its QMP connection had ended; connected again");
+                let q = Arc::new(q);
+                self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.to_string(), Arc::clone(&q));
+                Some(q)
+            }
+            Err(e) => {
+                tracing::warn!("{name}: its QMP connection had ended and could not be made again: {e}");
+                None
+            }
+        }
     }
 
     /// Where a local disk's image lives on this host.
@@ -367,7 +386,7 @@ impl VmDriver for QemuDriver {
                     Err(e) => tracing::info!("{name}: {e}; the power button instead"),
                 }
             }
-            if let Some(q) = self.session(name) {
+            if let Some(q) = self.session(name).await {
                 // The ACPI power button, pressed again halfway: a guest that was not listening
                 // yet (still booting) misses the first press.
                 let half = Duration::from_millis(self.cfg.stop_timeout_s * 500);
@@ -459,7 +478,7 @@ impl VmDriver for QemuDriver {
         to: &'a crate::migration::MigrationTarget,
     ) -> BoxFuture<'a, Result<crate::migration::MigrationReport, DriverError>> {
         Box::pin(async move {
-            let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let q = self.session(name).await.filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             self.postcopy.arrived(name).await?;
             let tls = self.tls_creds(name, &q, crate::migtls::TlsEndpoint::Client).await?;
             let mirror_started = std::time::Instant::now();
@@ -503,7 +522,7 @@ impl VmDriver for QemuDriver {
 
     fn resume<'a>(&'a self, name: &'a str, check: &'a crate::StartCheck) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
-            let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let q = self.session(name).await.filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             check().map_err(|reason| DriverError::Refused { vm: name.to_string(), reason })?;
             if self.postcopy.is_spent(name) {
                 let reason = "its memory left with a post-copy migration: it can only be started afresh".to_string();
@@ -526,7 +545,7 @@ impl VmDriver for QemuDriver {
 
     fn finish_postcopy<'a>(&'a self, name: &'a str, bound: Duration) -> BoxFuture<'a, Result<crate::postcopy::Served, DriverError>> {
         Box::pin(async move {
-            let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let q = self.session(name).await.filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             crate::postcopy::serve(name, &q, self.qmp_timeout(), bound).await
         })
     }
@@ -536,7 +555,7 @@ impl VmDriver for QemuDriver {
             if disks.is_empty() {
                 return Ok(Vec::new());
             }
-            let q = self.session(name).filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let q = self.session(name).await.filter(|_| self.launcher.is_running(name)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             let block = q
                 .execute("query-block", serde_json::Value::Null, self.qmp_timeout())
                 .await

@@ -57,16 +57,27 @@ pub struct Qmp {
     tx: mpsc::Sender<(String, Value, oneshot::Sender<Reply>)>,
 }
 
-async fn read_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Result<Option<Value>, QmpError> {
-    let mut buf = Vec::new();
-    let n = (&mut *reader).take(MAX_LINE).read_until(b'\n', &mut buf).await?;
-    if n == 0 {
-        return Ok(None);
+/// The socket's reading side, line by line. Cancel-safe: the session task reads inside a
+/// `select!` that a call of its own can win, so the bytes of a line read so far stay in `line`
+/// for the next read (a buffer local to the read would lose them, and the rest of the line would
+/// then fail to parse and end the session — seen as a guest that ignored its power button).
+struct LineReader {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    line: Vec<u8>,
+}
+
+impl LineReader {
+    async fn next(&mut self) -> Result<Option<Value>, QmpError> {
+        let room = MAX_LINE.saturating_sub(self.line.len() as u64);
+        (&mut self.reader).take(room).read_until(b'\n', &mut self.line).await?;
+        if !self.line.ends_with(b"\n") {
+            // Either the line reached the bound or the socket ended (mid-line or between lines).
+            return if self.line.len() as u64 >= MAX_LINE { Err(QmpError::LineTooLong) } else { Ok(None) };
+        }
+        let parsed = serde_json::from_slice(&self.line);
+        self.line.clear();
+        Ok(Some(parsed?))
     }
-    if !buf.ends_with(b"\n") && n as u64 == MAX_LINE {
-        return Err(QmpError::LineTooLong);
-    }
-    Ok(Some(serde_json::from_slice(&buf)?))
 }
 
 impl Qmp {
@@ -75,14 +86,14 @@ impl Qmp {
         let handshake = async {
             let stream = UnixStream::connect(path).await.map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
             let (r, mut w) = stream.into_split();
-            let mut reader = BufReader::new(r);
-            let greeting = read_line(&mut reader).await?.ok_or(QmpError::Closed)?;
+            let mut reader = LineReader { reader: BufReader::new(r), line: Vec::new() };
+            let greeting = reader.next().await?.ok_or(QmpError::Closed)?;
             if greeting.get("QMP").is_none() {
                 return Err(QmpError::BadGreeting);
             }
             w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").await?;
             loop {
-                let v = read_line(&mut reader).await?.ok_or(QmpError::Closed)?;
+                let v = reader.next().await?.ok_or(QmpError::Closed)?;
                 if v.get("return").is_some() {
                     break;
                 }
@@ -114,7 +125,7 @@ impl Qmp {
                         }
                         pending.insert(next_id, (command, reply));
                     }
-                    line = read_line(&mut reader) => {
+                    line = reader.next() => {
                         match line {
                             Ok(Some(v)) => {
                                 if let Some(name) = v.get("event").and_then(Value::as_str) {
@@ -140,6 +151,12 @@ impl Qmp {
             }
         });
         Ok(Qmp { tx })
+    }
+
+    /// Whether the connection has ended (every call would fail with [`QmpError::Closed`]).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 
     /// Runs one command; `args` may be `Value::Null`.
@@ -187,6 +204,21 @@ mod tests {
                     w.write_all(b"{\"event\":\"STOP\",\"data\":{}}\n").await.expect("event");
                     json!({"return": {"status": "running", "running": true}, "id": id})
                 }
+                Some("slow-halves") => {
+                    // A reply the socket delivers in two pieces, 300 ms apart (as a loaded
+                    // QEMU, or a long line, can): the client reads the first half, then another
+                    // call of its own interrupts the read.
+                    let reply = format!("{}\n", json!({"return": {"halves": 2}, "id": id}));
+                    let (a, b) = reply.split_at(reply.len() / 2);
+                    w.write_all(a.as_bytes()).await.expect("first half");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    w.write_all(b.as_bytes()).await.expect("second half");
+                    continue;
+                }
+                Some("garble") => {
+                    w.write_all(b"{not json\n").await.expect("garbage");
+                    continue;
+                }
                 _ => json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": id}),
             };
             w.write_all(format!("{out}\n").as_bytes()).await.expect("reply");
@@ -209,6 +241,24 @@ mod tests {
         assert_eq!(events.lock().expect("lock").as_slice(), ["STOP".to_string()]);
         let err = qmp.execute("bogus", Value::Null, Duration::from_secs(2)).await.expect_err("must fail");
         assert!(err.to_string().contains("CommandNotFound"), "{err}");
+
+        // A call sent while a reply is half read: both are answered, the session stays whole.
+        let qmp = std::sync::Arc::new(qmp);
+        let q = std::sync::Arc::clone(&qmp);
+        let slow = tokio::spawn(async move { q.execute("slow-halves", Value::Null, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let other = qmp.execute("query-status", Value::Null, Duration::from_secs(5)).await;
+        let slow = slow.await.expect("join");
+        assert_eq!(slow.expect("the half-read reply arrives whole")["halves"], 2);
+        assert_eq!(other.expect("the interrupting call is answered")["status"], "running");
+        let again = qmp.execute("query-status", Value::Null, Duration::from_secs(2)).await;
+        assert!(again.is_ok(), "the session still answers: {again:?}");
+        // A line that is not JSON ends the session, and the session says so (the driver then
+        // connects again).
+        assert!(!qmp.is_closed());
+        let err = qmp.execute("garble", Value::Null, Duration::from_secs(2)).await.expect_err("ended");
+        assert!(matches!(err, QmpError::Closed), "{err}");
+        assert!(qmp.is_closed());
 
         let silent = dir.join("silent.sock");
         let _ = std::fs::remove_file(&silent);

@@ -62,9 +62,14 @@ pub fn round(driver: &str, vms: usize, policy: &str, guest: &Path, net: u8) -> R
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let powered_down = (0..vms)
-        .filter(|i| std::fs::read_to_string(lab.hosts[0].data.join("run").join(format!("p{i}.serial"))).is_ok_and(|s| s.contains("reboot: Power down")))
-        .count();
+    let serials: Vec<String> =
+        (0..vms).map(|i| std::fs::read_to_string(lab.hosts[0].data.join("run").join(format!("p{i}.serial"))).unwrap_or_default()).collect();
+    let powered_down = serials.iter().filter(|s| s.contains("reboot: Power down")).count();
+    for (i, s) in serials.iter().enumerate().filter(|(_, s)| driver == "qemu" && !s.contains("reboot: Power down")) {
+        // Why a guest did not go cleanly is on its console: say it with the figures.
+        let tail: String = s.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        eprintln!("p{i} did not power down cleanly; its console ends:\n{tail}");
+    }
     let t1 = Instant::now();
     lab.start(0)?;
     wait("every VM running on h0 again", Duration::from_secs(300), || {
