@@ -271,8 +271,21 @@ impl Agent {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
             None => None,
         };
-        let mut io = AgentIo::production(cfg.heartbeat_addr, &cfg.heartbeat_disk, &cfg.heartbeat_disk_paths, driver, tls).await?;
-        io.witness = cfg.disk_witness.as_deref().map(crate::witness::open_region).transpose()?;
+        let net_witness = match &cfg.witness {
+            Some(w) => Some(Arc::new(crate::netwitness::client::WitnessClient::new(&w.address, &w.cluster, cfg.key()?.peer_token(), tls.clone()))),
+            None => None,
+        };
+        let disk: Arc<dyn crate::io::SlotDevice> = match (&cfg.heartbeat_disk, &net_witness) {
+            (Some(path), _) => crate::io::open_heartbeat_disk(path, &cfg.heartbeat_disk_paths).await?,
+            (None, Some(w)) => Arc::new(crate::netwitness::client::NetSlotDevice::new(Arc::clone(w), Duration::from_millis(cfg.timings.disk_io_timeout_ms))),
+            (None, None) => return Err(AgentError::Config(crate::config::ConfigError::Witness("no heartbeat disk and no witness"))),
+        };
+        let mut io = AgentIo::production(cfg.heartbeat_addr, disk, driver, tls)?;
+        io.witness = match (&cfg.disk_witness, &net_witness) {
+            (Some(path), _) => Some(crate::witness::open_region(path)?),
+            (None, Some(w)) => Some(Arc::new(crate::netwitness::client::NetWitnessRegion::open(Arc::clone(w)).map_err(crate::witness::RegionError::Io)?)),
+            (None, None) => None,
+        };
         Agent::with_io(cfg, io).await
     }
 
@@ -287,7 +300,23 @@ impl Agent {
         let disk = HeartbeatDisk::new(disk, key.clone(), Duration::from_millis(cfg.timings.disk_io_timeout_ms));
         // Refuse a disk that is not this cluster's, formatted with this layout: a path typo or a
         // mount missing at boot must not leave this host counting its own writes as shared.
-        disk.check_header(&cfg.heartbeat_disk.display().to_string()).await?;
+        match (&cfg.heartbeat_disk, &cfg.witness) {
+            (Some(path), _) => {
+                disk.check_header(&path.display().to_string()).await?;
+            }
+            (None, Some(w)) => {
+                // The witness formats the area for the cluster; a witness that is down now
+                // must not keep a host from starting (its loss alone changes nothing), but
+                // one that answers with another cluster's area is refused.
+                let name = format!("witness {} (cluster {})", w.address, w.cluster);
+                match disk.check_header(&name).await {
+                    Err(e @ DiskError::Header { .. }) => return Err(e.into()),
+                    Err(e) => tracing::warn!("{name}: {e}; starting without it"),
+                    Ok(_) => {}
+                }
+            }
+            (None, None) => {}
+        }
         let token = key.peer_token();
         let witness = witness.map(|region| witness::DiskWitness::new(region, me, incarnation, os_threads));
         let route = witness.as_ref().map(|w| w.route.clone()).unwrap_or_default();

@@ -65,8 +65,10 @@ pub struct AgentConfig {
     /// Where UDP heartbeats are received.
     pub heartbeat_addr: SocketAddr,
     pub data_dir: PathBuf,
-    /// A file on shared storage, or a block device, seen by every host.
-    pub heartbeat_disk: PathBuf,
+    /// A file on shared storage, or a block device, seen by every host. Absent: the heartbeat
+    /// area is kept by the network witness (`[witness]`), which must then be set.
+    #[serde(default)]
+    pub heartbeat_disk: Option<PathBuf>,
     /// More paths to the same heartbeat disk (a second mount, a second device path): when the
     /// path in use fails, the next takes over (at most three more).
     #[serde(default)]
@@ -77,6 +79,11 @@ pub struct AgentConfig {
     /// host reaches (no private copies). Absent: no disk witness.
     #[serde(default)]
     pub disk_witness: Option<PathBuf>,
+    /// A network witness (`tandem witness`) serving this cluster: it keeps the third vote's
+    /// region (instead of `disk_witness`), and the heartbeat area too when `heartbeat_disk` is
+    /// absent.
+    #[serde(default)]
+    pub witness: Option<NetworkWitness>,
     /// A file holding the cluster secret (at least 16 bytes), the same on every host.
     pub secret_file: PathBuf,
     #[serde(default)]
@@ -163,6 +170,15 @@ fn strict_capacity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Capacity>, 
     Ok(Option::<Strict>::deserialize(d)?.map(|c| Capacity { vcpus: c.vcpus, memory_mib: c.memory_mib }))
 }
 
+/// Where a network witness answers, and the name it serves this cluster under.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkWitness {
+    /// `host:port` (over TLS with the agents' CA when `[tls]` is set).
+    pub address: String,
+    pub cluster: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -194,8 +210,10 @@ pub enum ConfigError {
     Name(String),
     #[error("site '{0}' must be 1-63 characters of letters, digits, '-' and '_'")]
     Site(String),
-    #[error("heartbeat_disk_paths: at most {0} more paths, none the same as heartbeat_disk")]
+    #[error("heartbeat_disk_paths: at most {0} more paths, none the same as heartbeat_disk (which they need)")]
     DiskPaths(usize),
+    #[error("{0}")]
+    Witness(&'static str),
     #[error("unsafe timings")]
     Timings(#[from] TimingError),
     #[error("[migration] is not valid: {0}")]
@@ -222,6 +240,18 @@ pub enum ConfigError {
     SameAddr(SocketAddr),
     #[error("capacity must offer at least 1 vCPU and 16 MiB")]
     Capacity,
+}
+
+fn valid_witness(w: &NetworkWitness) -> bool {
+    tandem_core::spec::valid_name(&w.cluster) && w.address.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// The cluster key from a secret file that only its owner may read.
+pub fn load_key(secret_file: &Path) -> Result<ClusterKey, ConfigError> {
+    let path = secret_file.display().to_string();
+    private_file("secret file", secret_file)?;
+    let bytes = std::fs::read(secret_file).map_err(|source| ConfigError::Secret { path: path.clone(), source })?;
+    ClusterKey::new(&bytes).map_err(|source| ConfigError::WeakSecret { path, source })
 }
 
 /// Refuses a secret-bearing file that group or others may read or write.
@@ -259,8 +289,18 @@ impl AgentConfig {
         if let Some(site) = self.site.as_ref().filter(|s| !valid_name(s)) {
             return Err(ConfigError::Site(site.clone()));
         }
-        if self.heartbeat_disk_paths.len() >= crate::multipath::MAX_DISK_PATHS || self.heartbeat_disk_paths.contains(&self.heartbeat_disk) {
+        let paths = &self.heartbeat_disk_paths;
+        let same = self.heartbeat_disk.as_ref().is_some_and(|d| paths.contains(d));
+        if paths.len() >= crate::multipath::MAX_DISK_PATHS || same || (!paths.is_empty() && self.heartbeat_disk.is_none()) {
             return Err(ConfigError::DiskPaths(crate::multipath::MAX_DISK_PATHS - 1));
+        }
+        match (&self.heartbeat_disk, &self.disk_witness, &self.witness) {
+            (None, _, None) => return Err(ConfigError::Witness("set heartbeat_disk (shared storage), a [witness], or both")),
+            (_, Some(_), Some(_)) => return Err(ConfigError::Witness("disk_witness and [witness] both give the third vote: set one")),
+            (_, _, Some(w)) if !valid_witness(w) => {
+                return Err(ConfigError::Witness("[witness] needs address = \"host:port\" and a cluster name of letters, digits, '-' and '_'"))
+            }
+            _ => {}
         }
         if self.api_addr == self.heartbeat_addr {
             return Err(ConfigError::SameAddr(self.api_addr));
@@ -312,10 +352,7 @@ impl AgentConfig {
 
     /// Reads the cluster secret, refusing a file that others may read.
     pub fn key(&self) -> Result<ClusterKey, ConfigError> {
-        let path = self.secret_file.display().to_string();
-        private_file("secret file", &self.secret_file)?;
-        let bytes = std::fs::read(&self.secret_file).map_err(|source| ConfigError::Secret { path: path.clone(), source })?;
-        ClusterKey::new(&bytes).map_err(|source| ConfigError::WeakSecret { path, source })
+        load_key(&self.secret_file)
     }
 
     #[must_use]

@@ -72,6 +72,12 @@ pub enum EventKind {
     WitnessReleased,
     /// The leader made the disk witness a voter, or removed it.
     WitnessVoter,
+    /// The witness's region (on the shared disk, or kept by a network witness) stopped
+    /// answering this host: a warning — the hosts still hear each other, but the cluster has
+    /// no third vote until it answers again.
+    WitnessUnreachable,
+    /// The witness's region answers this host again.
+    WitnessReachable,
     /// A kind this release does not know (read back from an older or newer timeline file).
     #[serde(other)]
     Unknown,
@@ -127,6 +133,8 @@ impl EventKind {
             EventKind::WitnessHeld => "witness-held",
             EventKind::WitnessReleased => "witness-released",
             EventKind::WitnessVoter => "witness-voter",
+            EventKind::WitnessUnreachable => "witness-unreachable",
+            EventKind::WitnessReachable => "witness-reachable",
             EventKind::Unknown => "unknown",
         }
     }

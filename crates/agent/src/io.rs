@@ -321,26 +321,28 @@ pub enum Mutation {
     SwitchoverBeforeDiskSync,
 }
 
+/// A heartbeat disk on shared storage, over one path or several.
+pub async fn open_heartbeat_disk(heartbeat_disk: &Path, more_paths: &[std::path::PathBuf]) -> Result<Arc<dyn SlotDevice>, DiskError> {
+    if more_paths.is_empty() {
+        return Ok(Arc::new(FileSlotDevice::open(heartbeat_disk)?));
+    }
+    let paths: Vec<std::path::PathBuf> = std::iter::once(heartbeat_disk.to_path_buf()).chain(more_paths.iter().cloned()).collect();
+    let dev = crate::multipath::MultipathSlotDevice::open(&paths)?;
+    // Every path the same disk: refused at start otherwise.
+    dev.check_paths_agree(crate::multipath::PATH_CHECK_TIMEOUT).await?;
+    Ok(Arc::new(dev))
+}
+
 impl AgentIo {
-    /// The production wiring: boot-time clock, UDP, a file or block device, HTTP.
-    pub async fn production(
+    /// The production wiring: boot-time clock, UDP, the heartbeat area's device, HTTP.
+    pub fn production(
         heartbeat_addr: SocketAddr,
-        heartbeat_disk: &Path,
-        more_paths: &[std::path::PathBuf],
+        disk: Arc<dyn SlotDevice>,
         driver: Arc<dyn VmDriver>,
         tls: Option<crate::tls::ClientTls>,
     ) -> Result<AgentIo, crate::agent::AgentError> {
         let heartbeats =
             UdpTransport::bind(heartbeat_addr).map_err(|source| crate::agent::AgentError::Bind { what: "heartbeat socket", addr: heartbeat_addr, source })?;
-        let disk: Arc<dyn SlotDevice> = if more_paths.is_empty() {
-            Arc::new(FileSlotDevice::open(heartbeat_disk)?)
-        } else {
-            let paths: Vec<std::path::PathBuf> = std::iter::once(heartbeat_disk.to_path_buf()).chain(more_paths.iter().cloned()).collect();
-            let dev = crate::multipath::MultipathSlotDevice::open(&paths)?;
-            // Every path the same disk: refused at start otherwise.
-            dev.check_paths_agree(crate::multipath::PATH_CHECK_TIMEOUT).await?;
-            Arc::new(dev)
-        };
         Ok(AgentIo {
             clock: Arc::new(BootClock::new()),
             heartbeats: Arc::new(heartbeats),

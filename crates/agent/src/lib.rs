@@ -15,6 +15,7 @@ pub mod io;
 pub mod limits;
 pub mod metrics;
 pub mod multipath;
+pub mod netwitness;
 pub mod policy;
 pub mod raft_runtime;
 pub mod tls;

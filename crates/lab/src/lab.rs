@@ -35,6 +35,8 @@ pub fn tandem_binary() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("the tandem binary is not beside {} (build it with `cargo build --bin tandem`, or set TANDEM_BIN)", me.display()))
 }
 
+pub mod witness;
+
 /// How to build a lab.
 #[derive(Clone, Debug)]
 pub struct LabOptions {
@@ -61,6 +63,9 @@ pub struct LabOptions {
     pub sites: Vec<String>,
     /// Keep a disk witness beside the heartbeat disk (`shared/witness.region`).
     pub disk_witness: bool,
+    /// A network witness (`tandem witness`) instead of shared storage: it keeps the heartbeat
+    /// area and the third vote (see [`witness`]).
+    pub network_witness: Option<witness::NetWitnessOptions>,
 }
 
 impl Default for LabOptions {
@@ -78,6 +83,7 @@ impl Default for LabOptions {
             recorder_period: Duration::from_millis(10),
             sites: Vec::new(),
             disk_witness: false,
+            network_witness: None,
         }
     }
 }
@@ -248,6 +254,8 @@ pub struct Lab {
     pub recorder: Recorder,
     binary: PathBuf,
     keep: bool,
+    /// The network witness's process, while it runs.
+    witness: Option<Child>,
 }
 
 fn kill_pid(pid: u32) {
@@ -292,11 +300,15 @@ impl Lab {
             let config = data.join("agent.toml");
             let text = format!(
                 "host_id = {i}\nname = \"{name}\"\napi_addr = \"{api}\"\nheartbeat_addr = \"{ip}:{hb}\"\n\
-                 data_dir = \"{data}\"\nheartbeat_disk = \"{disk}\"\nsecret_file = \"{secret}\"\n\
-                 driver = \"{driver}\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {mem} }}\n{site}{witness}{extra}\n",
+                 data_dir = \"{data}\"\n{disk}secret_file = \"{secret}\"\n\
+                 driver = \"{driver}\"\ncapacity = {{ vcpus = {vcpus}, memory_mib = {mem} }}\n{site}{witness}{extra}\n{net_witness}",
                 hb = opts.api_port + 1,
                 data = data.display(),
-                disk = opts.disk_paths.get(&i).cloned().unwrap_or_else(|| shared.join("heartbeat.disk")).display(),
+                disk = match &opts.network_witness {
+                    Some(_) => String::new(),
+                    None => format!("heartbeat_disk = \"{}\"\n", opts.disk_paths.get(&i).cloned().unwrap_or_else(|| shared.join("heartbeat.disk")).display()),
+                },
+                net_witness = opts.network_witness.as_ref().map(|w| w.agent_table()).unwrap_or_default(),
                 secret = shared.join("secret").display(),
                 driver = opts.driver,
                 vcpus = opts.capacity.0,
@@ -309,8 +321,11 @@ impl Lab {
             std::fs::write(&config, text)?;
             hosts.push(LabHost { id: i, name, ip, api, config, data, child: None, prefix });
         }
+        if let Some(w) = &opts.network_witness {
+            w.write_config(&root, &shared)?;
+        }
         let recorder = Recorder::start(id.clone(), opts.recorder_period);
-        Ok(Lab { root, shared, hosts, opts, id, recorder, binary: binary.to_path_buf(), keep: false })
+        Ok(Lab { root, shared, hosts, opts, id, recorder, binary: binary.to_path_buf(), keep: false, witness: None })
     }
 
     /// Keeps the lab directory on drop (for looking at logs).
@@ -549,6 +564,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.kill_witness();
         for h in &mut self.hosts {
             if let Some(mut c) = h.child.take() {
                 kill_pid(c.id());

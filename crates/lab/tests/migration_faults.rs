@@ -83,7 +83,8 @@ fn fault_during_copy(fault: Fault, net: u8) -> Result<()> {
     assert_eq!(ml.host_of()?, src, "the VM starts at the chosen source");
     wait("the guest to answer at its source", Duration::from_secs(30), || {
         (ml.answers_on(&src) || guest_memory_fault(&ml.lab, &src, &ml.vm).is_some()).then_some(())
-    })?;
+    })
+    .map_err(|e| anyhow!("{e}; local views: {}; consoles: {}", local_views(&ml), console_tails(&ml)))?;
     let src_i = index(&ml, &src)?;
     let pid_before = ml.lab.workload_pids(src_i).into_iter().find(|(_, vm)| *vm == ml.vm).map(|(p, _)| p);
     let copies = ml.watch_copies();

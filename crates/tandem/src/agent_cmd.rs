@@ -1,4 +1,4 @@
-//! `tandem agent` and `tandem disk format`: the agent process's entry, its start-up line, and
+//! `tandem agent`, `tandem witness` and `tandem disk format`: the agent's and the witness's process entries, its start-up line, and
 //! how it stops (SIGTERM gives the VMs up first; open requests get a bounded drain).
 
 use anyhow::Result;
@@ -10,8 +10,31 @@ use tandem_agent::config::AgentConfig;
 /// Formats the configured heartbeat disk; returns its path.
 pub fn format_disk(config: &std::path::Path, force: bool) -> Result<String> {
     let cfg = AgentConfig::load(config)?;
-    tandem_agent::disk::format(&cfg.heartbeat_disk, &cfg.key()?, force)?;
-    Ok(cfg.heartbeat_disk.display().to_string())
+    let Some(disk) = &cfg.heartbeat_disk else {
+        anyhow::bail!("{} sets no heartbeat_disk: its heartbeat area is kept (and formatted) by its witness", config.display());
+    };
+    tandem_agent::disk::format(disk, &cfg.key()?, force)?;
+    Ok(disk.display().to_string())
+}
+
+/// Runs the network witness until SIGTERM or Ctrl-C.
+pub fn run_witness(config: &std::path::Path) -> Result<()> {
+    let cfg = tandem_agent::netwitness::server::WitnessConfig::load(config)?;
+    if cfg.tls.is_none() && !cfg.listen.ip().is_loopback() {
+        tracing::warn!("the witness serves {} without TLS: the clusters' tokens cross the network in clear text; configure [tls]", cfg.listen);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
+            }
+        };
+        tandem_agent::netwitness::server::serve(cfg, shutdown).await?;
+        Ok::<(), anyhow::Error>(())
+    })
 }
 
 /// How long open API requests may run on after a stop.
@@ -31,7 +54,11 @@ pub fn run_agent(config: &std::path::Path) -> Result<()> {
         if cfg.tls.is_some() { "TLS" } else { "plain HTTP" },
         cfg.heartbeat_addr,
         cfg.driver,
-        cfg.heartbeat_disk.display(),
+        match (&cfg.heartbeat_disk, &cfg.witness) {
+            (Some(d), _) => d.display().to_string(),
+            (None, Some(w)) => format!("at witness {} (cluster {})", w.address, w.cluster),
+            (None, None) => "none".into(),
+        },
         t.heartbeat_interval_ms,
         t.peer_timeout_ms,
         t.self_fence_ms,

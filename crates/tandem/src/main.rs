@@ -24,7 +24,7 @@ fn run_client(cli: &Cli) -> Result<(), ClientError> {
     let c = Client::new(&cli.api).with_token(cli_token(cli)?).with_tls(tls);
     let out = cli.output;
     match &cli.command {
-        Cmd::Agent { .. } | Cmd::Disk { .. } => Ok(()),
+        Cmd::Agent { .. } | Cmd::Witness { .. } | Cmd::Disk { .. } => Ok(()),
         Cmd::Vm { op } => cli::vm::run(&c, out, op),
         Cmd::Events(args) => cli::events::run(&c, out, args),
         Cmd::Completions { shell } => {
@@ -54,7 +54,7 @@ fn main() {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    let agent = matches!(cli.command, Cmd::Agent { .. });
+    let agent = matches!(cli.command, Cmd::Agent { .. } | Cmd::Witness { .. });
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if agent { "warn,tandem=info,tandem_agent=info" } else { "warn" }.into());
     let logs = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr);
     // A subscriber already set (none is, in this program) would keep logging: nothing to handle.
@@ -74,6 +74,13 @@ fn main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("tandem agent: {e:#}");
+                2
+            }
+        },
+        Cmd::Witness { config } => match tandem::agent_cmd::run_witness(config) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tandem witness: {e:#}");
                 2
             }
         },

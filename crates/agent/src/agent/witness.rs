@@ -99,9 +99,12 @@ impl DiskWitness {
         }
     }
 
-    /// Whether the node held here was shut by a fence and must be closed.
+    /// Whether the node held here must be closed: shut by a fence, or stopped because its
+    /// storage failed (a write the region refused or did not answer stops openraft's core for
+    /// good; closed, the node is opened afresh from the region once it answers — a network
+    /// witness restarted, a disk path back).
     fn shut(&self) -> bool {
-        self.held().is_some_and(|h| h.closed.load(Ordering::SeqCst))
+        self.held().is_some_and(|h| h.closed.load(Ordering::SeqCst) || h.consensus.fatal().is_some())
     }
 
     fn claim(&self, claiming: bool) -> Claim {
@@ -126,6 +129,7 @@ impl Agent {
     pub(super) async fn witness_loop(self: Arc<Self>) {
         let mut rounds = self.rounds();
         let mut last_error: Option<String> = None;
+        let mut reach = WitnessReach::default();
         while !self.is_stopping() && !self.witness.as_ref().is_some_and(|w| w.halted.load(Ordering::SeqCst)) {
             // A claim just written is read back at once (a read after the write, as the
             // protocol needs), so a takeover opens the witness in one round, not two.
@@ -138,8 +142,15 @@ impl Agent {
                 if last_error.as_ref() != Some(&text) {
                     tracing::warn!("disk witness: {text}");
                 }
+                if reach.failed() {
+                    let detail = format!("the witness's region does not answer ({text}); the hosts go on, without a third vote until it does");
+                    self.events.record(crate::events::EventKind::WitnessUnreachable, None, Some(&self.cfg.name), detail);
+                }
                 last_error = Some(text);
             } else {
+                if reach.answered() {
+                    self.events.record(crate::events::EventKind::WitnessReachable, None, Some(&self.cfg.name), "the witness's region answers again");
+                }
                 last_error = None;
             }
             if let Err(e) = self.keep_witness_vote().await {
@@ -327,5 +338,33 @@ impl Agent {
         if let Some(w) = &self.witness {
             w.close_now();
         }
+    }
+}
+
+/// Rounds in a row that failed before the witness counts as unreachable (one lost request is
+/// not worth a warning).
+pub const WITNESS_UNREACHABLE_ROUNDS: u32 = 3;
+
+/// Whether the witness's region answers this host, as the rounds tell it: edges only.
+#[derive(Default)]
+struct WitnessReach {
+    failed_rounds: u32,
+    warned: bool,
+}
+
+impl WitnessReach {
+    /// A failed round; true when this one makes it unreachable.
+    fn failed(&mut self) -> bool {
+        self.failed_rounds = self.failed_rounds.saturating_add(1);
+        let now = self.failed_rounds >= WITNESS_UNREACHABLE_ROUNDS && !self.warned;
+        self.warned |= now;
+        now
+    }
+
+    /// A round that answered; true when it ends an unreachable spell.
+    fn answered(&mut self) -> bool {
+        let was = self.warned;
+        *self = WitnessReach::default();
+        was
     }
 }

@@ -25,10 +25,21 @@ pub fn two_host_options(loopback_net: u8, netns: Option<Vec<(String, String)>>) 
     LabOptions { hosts: 2, loopback_net, netns, capacity: (4, 2048), disk_witness: true, ..LabOptions::default() }
 }
 
+/// The options of a two-host lab whose third vote and heartbeat area a network witness at
+/// `witness` keeps (no shared storage).
+#[must_use]
+pub fn network_witness_options(loopback_net: u8, netns: Option<Vec<(String, String)>>, witness: &str) -> LabOptions {
+    let network_witness = Some(crate::lab::witness::NetWitnessOptions { addr: witness.to_string(), netns: None });
+    LabOptions { disk_witness: false, network_witness, ..two_host_options(loopback_net, netns) }
+}
+
 /// Starts and forms the two-host cluster, waits until the witness votes (FTT 1), and runs one
 /// of `p0` and `p1` on each host (a soft anti-affinity rule spreads them and lets them share
 /// a host once only one is left). Returns the FTT report.
 pub fn start_two_hosts(lab: &mut Lab) -> Result<FttView> {
+    if lab.opts.network_witness.is_some() {
+        lab.start_witness()?;
+    }
     lab.start_all()?;
     lab.form_cluster()?;
     let c = lab.client(0);

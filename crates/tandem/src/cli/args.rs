@@ -58,6 +58,14 @@ pub enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a network witness: the third vote (and, for clusters without shared storage, the
+    /// heartbeat area) of the clusters its configuration names. It runs no VMs.
+    Witness {
+        /// The witness's TOML configuration (listen, data_dir, [tls], [[cluster]] name and
+        /// secret_file).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The shared heartbeat disk: format it once, before the first agent starts.
     Disk {
         #[command(subcommand)]
