@@ -78,9 +78,9 @@ enum BenchOp {
         #[arg(long, default_value_t = 0)]
         local_disk_mib: u64,
     },
-    /// A two-host cluster with a disk witness: each host's power loss (fresh cluster per
-    /// round) and, with root, cuts of the link between them, timed until the VMs run on the
-    /// survivor.
+    /// A two-host cluster with a disk witness (or a network witness): each host's power loss
+    /// (fresh cluster per round) and, with root, cuts of the link between them, timed until the
+    /// VMs run on the survivor.
     TwoHosts {
         /// Power-loss rounds (each loses h1, brings it back, then loses h0).
         #[arg(long, default_value_t = 5)]
@@ -88,6 +88,9 @@ enum BenchOp {
         /// Link cuts (network namespaces; skipped without root).
         #[arg(long, default_value_t = 10)]
         cuts: usize,
+        /// A network witness (`tandem witness`) and no shared storage, instead of the disk witness.
+        #[arg(long)]
+        network_witness: bool,
     },
     /// The floor under `bench migration`'s HTTP gap: two QEMU processes and no Tandem, the test
     /// guest migrated back and forth over loopback and resumed the instant QEMU completes.
@@ -213,8 +216,8 @@ fn main() {
         LabCmd::Bench { op: BenchOp::PlannedStop { driver, vms, policy, rounds, guest_dir } } => {
             ("bench", tandem_lab::bench::plannedstop::run(driver, *vms, policy, *rounds, guest_dir))
         }
-        LabCmd::Bench { op: BenchOp::TwoHosts { rounds, cuts } } => {
-            ("bench", tandem_lab::lab::tandem_binary().and_then(|b| tandem_lab::bench::twohosts::run(&b, *rounds, *cuts)))
+        LabCmd::Bench { op: BenchOp::TwoHosts { rounds, cuts, network_witness } } => {
+            ("bench", tandem_lab::lab::tandem_binary().and_then(|b| tandem_lab::bench::twohosts::run(&b, *rounds, *cuts, *network_witness)))
         }
         LabCmd::Bench { op: BenchOp::QemuAlone { memory_mib, rounds, guest_dir } } => {
             ("bench", tandem_lab::bench::qemualone::run(*memory_mib, *rounds, guest_dir))

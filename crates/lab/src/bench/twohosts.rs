@@ -1,4 +1,5 @@
-//! `tandem-lab bench two-hosts`: a two-host cluster with a disk witness and no third machine.
+//! `tandem-lab bench two-hosts`: a two-host cluster with a disk witness and no third machine
+//! (or, with `--network-witness`, a network witness and no shared storage).
 //! Each round a fresh cluster runs one process VM on each host; then the power loss of h1, h1's
 //! return, and the power loss of h0 (which holds the witness and leads), each timed until both
 //! VMs run on the survivor; and, where network namespaces can be made (root), cuts of the link
@@ -92,13 +93,14 @@ fn print_phase(name: &str, mut v: Vec<f64>) {
 }
 
 /// Runs `rounds` power-loss rounds and `cuts` link cuts, and prints the figures.
-pub fn run(binary: &Path, rounds: usize, cuts: usize) -> Result<()> {
+pub fn run(binary: &Path, rounds: usize, cuts: usize, network_witness: bool) -> Result<()> {
     if rounds == 0 && cuts == 0 {
         bail!("nothing to measure: --rounds and --cuts are both 0");
     }
     let (mut h1_lost, mut h0_lost, mut cut) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let mut lab = Lab::new(two_host_options(91, None), binary)?;
+        let opts = if network_witness { network_witness_options(91, None, "127.91.0.9:7400") } else { two_host_options(91, None) };
+        let mut lab = Lab::new(opts, binary)?;
         start_two_hosts(&mut lab)?;
         h1_lost.push(lose_host(&mut lab, 1)?);
         bring_back(&mut lab, 1)?;
@@ -115,7 +117,12 @@ pub fn run(binary: &Path, rounds: usize, cuts: usize) -> Result<()> {
     for round in 1..=cuts {
         let net = crate::netlab::NetLab::create(&format!("tb{}", std::process::id() % 100_000), 2)?;
         net.enter_control()?;
-        let mut lab = Lab::new(two_host_options(92, Some(net.lab_hosts())), binary)?;
+        let opts = if network_witness {
+            network_witness_options(92, Some(net.lab_hosts()), &format!("{}:7462", net.control_ip()))
+        } else {
+            two_host_options(92, Some(net.lab_hosts()))
+        };
+        let mut lab = Lab::new(opts, binary)?;
         start_two_hosts(&mut lab)?;
         let at = Instant::now();
         net.block_hosts(0, &[1])?;
@@ -127,7 +134,8 @@ pub fn run(binary: &Path, rounds: usize, cuts: usize) -> Result<()> {
         drop(lab);
         drop(net);
     }
-    println!("\ntwo hosts with a disk witness (process VMs, default timings)");
+    let witness = if network_witness { "a network witness (no shared storage)" } else { "a disk witness" };
+    println!("\ntwo hosts with {witness} (process VMs, default timings)");
     println!("{:<40} {:>8} {:>8} {:>8}", "seconds until both VMs run on the survivor", "median", "min", "max");
     print_phase("h1's power loss", h1_lost);
     print_phase("h0's power loss (it led, held the witness)", h0_lost);
