@@ -76,6 +76,26 @@ pub fn lose_host(lab: &mut Lab, lost: usize) -> Result<f64> {
     both_on(lab, 1 - lost, at)
 }
 
+/// Cuts the link between the two hosts of a namespace lab (each still reaches the witness):
+/// waits until both VMs run on h0, checks that h0 did not fence and h1 did, and that nothing ran
+/// twice; heals the link and waits until both hosts are active again. The seconds until both
+/// VMs ran on h0.
+pub fn cut_link(lab: &Lab, net: &crate::netlab::NetLab) -> Result<f64> {
+    let cut_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let cut = Instant::now();
+    net.block_hosts(0, &[1])?;
+    net.block_hosts(1, &[0])?;
+    let secs = both_on(lab, 0, cut)?;
+    let h0 = lab.fences_since(0, cut_at);
+    anyhow::ensure!(h0.is_empty(), "h0, the lower id, fenced after the cut: {h0:?}");
+    anyhow::ensure!(!lab.fences_since(1, cut_at).is_empty(), "h1, the higher id, did not fence after the cut");
+    lab.assert_no_double_run()?;
+    net.unblock(0)?;
+    net.unblock(1)?;
+    lab.wait_all_active(Duration::from_secs(60))?;
+    Ok(secs)
+}
+
 /// Brings host 1 back and waits until it joined and the witness votes again.
 pub fn bring_back(lab: &mut Lab, host: usize) -> Result<()> {
     lab.start(host)?;
@@ -124,11 +144,7 @@ pub fn run(binary: &Path, rounds: usize, cuts: usize, network_witness: bool) -> 
         };
         let mut lab = Lab::new(opts, binary)?;
         start_two_hosts(&mut lab)?;
-        let at = Instant::now();
-        net.block_hosts(0, &[1])?;
-        net.block_hosts(1, &[0])?;
-        let secs = both_on(&lab, 0, at)?;
-        lab.assert_no_double_run()?;
+        let secs = cut_link(&lab, &net)?;
         println!("cut {round}: h1's VM on h0 {secs:.2} s after the cut");
         cut.push(secs);
         drop(lab);
