@@ -83,6 +83,9 @@ pub enum FaultKind {
     /// The link between two hosts cut while one of them loses its path to the shared disk
     /// (drawn only in two-host clusters with a disk witness).
     LinkCutDiskLost,
+    /// Two hosts with a witness: the witness's region alone stops answering every host for a
+    /// while (a network witness down, the heartbeat disk still fine): nothing may fence or move.
+    WitnessLoss,
 }
 
 use Backend::{Chaos, Sim};
@@ -121,6 +124,7 @@ impl FaultKind {
         SitePowerLoss,
         SiteLinkCut,
         LinkCutDiskLost,
+        WitnessLoss,
     ];
 
     pub fn name(self) -> &'static str {
@@ -155,6 +159,7 @@ impl FaultKind {
             SitePowerLoss => "site-power-loss",
             SiteLinkCut => "site-link-cut",
             LinkCutDiskLost => "link-cut-disk-lost",
+            WitnessLoss => "witness-loss",
         }
     }
 
@@ -165,7 +170,7 @@ impl FaultKind {
 
     /// Whether it is drawn only in two-host clusters with a disk witness.
     pub fn needs_witness(self) -> bool {
-        self == LinkCutDiskLost
+        matches!(self, LinkCutDiskLost | WitnessLoss)
     }
 
     /// The backends that can inject this kind.
@@ -188,7 +193,8 @@ impl FaultKind {
             | LivenessStallInPartition
             | HostJoin
             | Operator
-            | LinkCutDiskLost => &[Sim],
+            | LinkCutDiskLost
+            | WitnessLoss => &[Sim],
             // Drawn only where the hosts have sites (`--sites` of either backend).
             SitePowerLoss | SiteLinkCut => &[Sim, Chaos],
             // The fault suite draws the operation and its fault its own way (real agents, real

@@ -186,6 +186,7 @@ impl Sim {
             FaultKind::SitePowerLoss => self.site_power_loss(kind, target, hold, now, until).await,
             FaultKind::SiteLinkCut => self.site_link_cut(kind, target, hold, until).await,
             FaultKind::LinkCutDiskLost => self.link_cut_disk_lost(kind, hold, now, until).await,
+            FaultKind::WitnessLoss => self.witness_loss(kind, hold).await,
             FaultKind::HostFreeze => self.host_freeze(kind, target, hold, now, until).await,
             FaultKind::AgentStall => self.agent_stall(kind, target, hold, now, until).await,
             FaultKind::LivenessStallInPartition => self.liveness_stall_in_partition(kind, target, now).await,

@@ -1,7 +1,8 @@
 //! Two hosts and a disk witness: the witness's region is one buffer of the simulated world,
 //! reached by each host on its heartbeat-disk path (a host whose disk path fails, hangs or is
 //! powered off reads and writes nothing there), and the faults of a two-host cluster — the
-//! link between the hosts cut, alone or with one host's disk path lost. The partition verdict
+//! link between the hosts cut, alone or with one host's disk path lost, and the witness's
+//! region lost alone. The partition verdict
 //! keeps the lower id; a host cut off and without its disk fences; either way the other
 //! restarts the lost host's VMs, never a second copy.
 
@@ -37,6 +38,9 @@ impl SimWitness {
     fn gate(&self, read: bool) -> std::io::Result<()> {
         if lock(&self.world.cond).down.contains(&self.me) {
             return Err(std::io::Error::other("host is powered off"));
+        }
+        if self.world.witness_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("simulated witness loss: the region does not answer"));
         }
         match self.world.disk_mode(self.me) {
             DiskMode::Ok => Ok(()),
@@ -116,6 +120,19 @@ impl Sim {
         }
         lock(&w.cond).blocked.clear();
         w.heal_disks();
+        w.log(format!("HEAL {kind}"));
+    }
+
+    /// The witness's region answers no host for `hold` (a network witness down, the heartbeat
+    /// disk fine): the hosts still hear each other, so nobody may fence and nothing moves; a
+    /// node held there stops at its first failed write and must be opened afresh once the
+    /// region answers (later faults of the run owe recoveries that need its vote again).
+    pub(super) async fn witness_loss(&mut self, kind: FaultKind, hold: Duration) {
+        let w = Arc::clone(&self.world);
+        w.log(format!("FAULT {kind}: the witness's region answers nobody, for {hold:?}"));
+        w.witness_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.run_for(hold).await;
+        w.witness_down.store(false, std::sync::atomic::Ordering::SeqCst);
         w.log(format!("HEAL {kind}"));
     }
 }

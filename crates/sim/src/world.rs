@@ -109,6 +109,8 @@ pub struct World {
     pub local_disks: Mutex<BTreeMap<String, crate::localdisk::DiskCopies>>,
     /// The mutation check's broken hypervisor: migrations complete without their disks' mirror.
     pub skip_disk_sync: std::sync::atomic::AtomicBool,
+    /// The witness's region answers nobody (fault `witness-loss`).
+    pub witness_down: std::sync::atomic::AtomicBool,
     /// Invariant violations seen while running (double runs are caught at the start).
     pub violations: Mutex<Vec<String>>,
     /// Readable trace lines, in order.
@@ -144,6 +146,7 @@ impl World {
             images: Mutex::new(BTreeMap::new()),
             local_disks: Mutex::new(BTreeMap::new()),
             skip_disk_sync: std::sync::atomic::AtomicBool::new(false),
+            witness_down: std::sync::atomic::AtomicBool::new(false),
             routers: Mutex::new(BTreeMap::new()),
             disk: Mutex::new(vec![0; DISK_SIZE]),
             private_disks: Mutex::new(BTreeMap::new()),

@@ -324,7 +324,7 @@ fn planned_stops_park_release_or_move_the_vms_by_policy() {
 /// that could neither take the witness nor join again without its peer (95), a crashed agent's
 /// late claim withdrawal letting the peer open the witness too (81, `witness-twice`) — and the faults
 /// that must move a host's VMs to the other: each host's power loss, the link cut, the link cut
-/// with a disk path lost.
+/// with a disk path lost; and the witness's region lost alone, which must move nothing.
 #[test]
 fn two_hosts_with_a_disk_witness_survive_either_and_run_nothing_twice() {
     let two = |seed: u64, only: Option<FaultKind>| SimOptions { hosts: 2, late_hosts: 0, disk_witness: true, only, ..opts(seed, 60) };
@@ -341,4 +341,12 @@ fn two_hosts_with_a_disk_witness_survive_either_and_run_nothing_twice() {
         }
     }
     assert!(moved >= 12, "the lost host's VMs restarted on the other: {moved} failovers moved VMs");
+    // The witness's region lost alone: nobody fences (the oracle's check), nothing moves.
+    for seed in 1..=4 {
+        let r = run(&two(seed, Some(FaultKind::WitnessLoss)));
+        assert!(r.violations.is_empty(), "seed {seed} witness-loss: {:#?}", r.violations);
+        assert!(r.trace.iter().any(|l| l.contains("FAULT witness-loss")), "seed {seed}: no witness loss drawn");
+        let moves = r.trace.iter().filter(|l| l.contains("event failover-committed")).count();
+        assert_eq!(moves, 0, "seed {seed}: a failover while only the witness was lost");
+    }
 }
