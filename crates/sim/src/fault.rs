@@ -93,7 +93,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 30] = [
+    pub const ALL: [FaultKind; 31] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
