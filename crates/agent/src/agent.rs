@@ -271,19 +271,21 @@ impl Agent {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
             None => None,
         };
-        let net_witness = match &cfg.witness {
-            Some(w) => Some(Arc::new(crate::netwitness::client::WitnessClient::new(&w.address, &w.cluster, cfg.key()?.peer_token(), tls.clone()))),
-            None => None,
+        // Two clients: the heartbeat rounds' and the region's own (see `NetWitnessRegion`).
+        let witness_client = |w: &crate::config::NetworkWitness| -> Result<crate::netwitness::client::WitnessClient, AgentError> {
+            Ok(crate::netwitness::client::WitnessClient::new(&w.address, &w.cluster, cfg.key()?.peer_token(), tls.clone()))
         };
+        let net_witness = cfg.witness.as_ref().map(witness_client).transpose()?.map(Arc::new);
+        let region_client = cfg.witness.as_ref().filter(|_| cfg.disk_witness.is_none()).map(witness_client).transpose()?;
         let disk: Arc<dyn crate::io::SlotDevice> = match (&cfg.heartbeat_disk, &net_witness) {
             (Some(path), _) => crate::io::open_heartbeat_disk(path, &cfg.heartbeat_disk_paths).await?,
             (None, Some(w)) => Arc::new(crate::netwitness::client::NetSlotDevice::new(Arc::clone(w), Duration::from_millis(cfg.timings.disk_io_timeout_ms))),
             (None, None) => return Err(AgentError::Config(crate::config::ConfigError::Witness("no heartbeat disk and no witness"))),
         };
         let mut io = AgentIo::production(cfg.heartbeat_addr, disk, driver, tls)?;
-        io.witness = match (&cfg.disk_witness, &net_witness) {
+        io.witness = match (&cfg.disk_witness, region_client) {
             (Some(path), _) => Some(crate::witness::open_region(path)?),
-            (None, Some(w)) => Some(Arc::new(crate::netwitness::client::NetWitnessRegion::open(Arc::clone(w)).map_err(crate::witness::RegionError::Io)?)),
+            (None, Some(c)) => Some(Arc::new(crate::netwitness::client::NetWitnessRegion::open(c).map_err(crate::witness::RegionError::Io)?)),
             (None, None) => None,
         };
         Agent::with_io(cfg, io).await

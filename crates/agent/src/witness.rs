@@ -196,13 +196,30 @@ pub fn write_claim(region: &dyn WitnessRegion, key: &ClusterKey, claim: &Claim) 
 /// longer than its lease writes nothing before its liveness loop notices).
 pub type LeaseCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// What [`RegionBackend`] knows of the database: the length redb set, and the bytes written or
+/// read (at least that long; a write past the length extends them, as it extends the region).
+#[derive(Default)]
+struct DatabaseImage {
+    len: u64,
+    bytes: Vec<u8>,
+}
+
+/// The span of each read that loads the database's image at open.
+const IMAGE_READ_SPAN: usize = 1 << 20;
+
 /// The witness's database as redb storage, in the region after the claims: its length is kept
 /// in the region's header. Once `closed` is set (this host fenced, or let the witness go), or
 /// while `lease` says no, every read and write is refused, so a node still shutting down, or resumed
 /// after a pause, cannot touch the database once another host may have opened it.
 pub struct RegionBackend {
     region: Arc<dyn WitnessRegion>,
-    len: Mutex<u64>,
+    /// The database's bytes as this node last read or wrote them (its length is the
+    /// database's). Read whole at open and kept up to date by every write that landed, so redb's
+    /// many small reads (a repair after the last holder died mid-commit reads every page) cost
+    /// no I/O: over a network witness each would be a round trip, and a takeover took seconds.
+    /// Sound because this node is the database's only writer while it may touch it at all (the
+    /// claims and the lease check), and a node whose write failed is closed, never used again.
+    image: Mutex<DatabaseImage>,
     closed: Arc<AtomicBool>,
     lease: LeaseCheck,
 }
@@ -222,7 +239,15 @@ impl RegionBackend {
         if DATABASE_OFFSET + len > region.size() {
             return Err(RegionError::Io(std::io::Error::other(format!("the region's header gives a database of {len} bytes, more than the region holds"))));
         }
-        Ok(RegionBackend { region, len: Mutex::new(len), closed, lease })
+        let mut bytes = vec![0u8; len as usize];
+        for (i, chunk) in bytes.chunks_mut(IMAGE_READ_SPAN).enumerate() {
+            region.read_at(DATABASE_OFFSET + (i * IMAGE_READ_SPAN) as u64, chunk)?;
+        }
+        Ok(RegionBackend { region, image: Mutex::new(DatabaseImage { len, bytes }), closed, lease })
+    }
+
+    fn image(&self) -> std::sync::MutexGuard<'_, DatabaseImage> {
+        self.image.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Refuses the call once the node is closed, and closes it for good the first time the
@@ -242,15 +267,21 @@ impl RegionBackend {
 
 impl redb::StorageBackend for RegionBackend {
     fn len(&self) -> Result<u64, std::io::Error> {
-        Ok(*self.len.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        Ok(self.image().len)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        // Reads too: once another host may hold the witness, what this node would read is that
-        // host's database, which its cached view of the file does not match (redb panicked on
-        // such a page in the simulator).
+        // Reads too: once another host may hold the witness, this node's image is not that
+        // host's database (redb panicked on such a page in the simulator).
         self.refuse_if_closed()?;
-        self.region.read_at(DATABASE_OFFSET + offset, out)
+        let image = self.image();
+        let at = usize::try_from(offset).map_err(std::io::Error::other)?;
+        match image.bytes.get(at..at + out.len()) {
+            Some(src) => out.copy_from_slice(src),
+            // Past what this node has seen: the region's own bytes (never written by it).
+            None => self.region.read_at(DATABASE_OFFSET + offset, out)?,
+        }
+        Ok(())
     }
 
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
@@ -258,10 +289,10 @@ impl redb::StorageBackend for RegionBackend {
         if DATABASE_OFFSET + len > self.region.size() {
             return Err(std::io::Error::other(format!("the disk witness region is full: a database of {len} bytes does not fit")));
         }
-        let mut cur = self.len.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut image = self.image();
         // New positions read as zeros: a region used before may hold an older database there.
         let zeros = vec![0u8; 1 << 20];
-        let mut at = *cur;
+        let mut at = image.len;
         while at < len {
             let n = (len - at).min(zeros.len() as u64) as usize;
             self.region.write_at(DATABASE_OFFSET + at, &zeros[..n])?;
@@ -271,7 +302,16 @@ impl redb::StorageBackend for RegionBackend {
         header[..8].copy_from_slice(REGION_MAGIC);
         header[8..].copy_from_slice(&len.to_le_bytes());
         self.region.write_at(0, &header)?;
-        *cur = len;
+        let (old_len, new_len) = (usize::try_from(image.len).map_err(std::io::Error::other)?, usize::try_from(len).map_err(std::io::Error::other)?);
+        if new_len < old_len {
+            image.bytes.truncate(new_len);
+        } else {
+            // As the region now reads: zeros from the old length on.
+            let size = image.bytes.len().max(new_len);
+            image.bytes.resize(size, 0);
+            image.bytes[old_len..new_len].fill(0);
+        }
+        image.len = len;
         Ok(())
     }
 
@@ -282,7 +322,15 @@ impl redb::StorageBackend for RegionBackend {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         self.refuse_if_closed()?;
-        self.region.write_at(DATABASE_OFFSET + offset, data)
+        let mut image = self.image();
+        let at = usize::try_from(offset).map_err(std::io::Error::other)?;
+        self.region.write_at(DATABASE_OFFSET + offset, data)?;
+        // Only a write that landed: one that failed leaves this node to be closed.
+        if image.bytes.len() < at + data.len() {
+            image.bytes.resize(at + data.len(), 0);
+        }
+        image.bytes[at..at + data.len()].copy_from_slice(data);
+        Ok(())
     }
 }
 

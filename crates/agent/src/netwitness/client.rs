@@ -115,14 +115,17 @@ enum RegionRequest {
 
 /// The witness region kept by the witness. Its callers (redb's backend) are synchronous: the
 /// requests run on a thread of their own with its own small runtime, and each caller waits for
-/// its answer with a deadline.
+/// its answer with a deadline. The thread owns its client: a kept-alive connection is driven by
+/// the runtime that opened it, and this one runs only while a request is under way — a
+/// connection of its own lent to the agent's runtime (the heartbeat rounds) would stall there
+/// (it did: a new holder's vote took seconds to persist, and its elections timed out).
 #[derive(Debug)]
 pub struct NetWitnessRegion {
     tx: std::sync::mpsc::SyncSender<RegionRequest>,
 }
 
 impl NetWitnessRegion {
-    pub fn open(client: Arc<WitnessClient>) -> std::io::Result<NetWitnessRegion> {
+    pub fn open(client: WitnessClient) -> std::io::Result<NetWitnessRegion> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<RegionRequest>(REGION_QUEUE);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name("witness-io".into()).spawn(move || {
