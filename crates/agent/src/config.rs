@@ -446,4 +446,26 @@ peer_timeout_ms = 4000
             assert!(msg.contains(needle), "'{msg}' lacks '{needle}'");
         }
     }
+
+    /// Shared storage, a network witness, or both; never neither, never two third votes.
+    #[test]
+    fn a_cluster_uses_the_disk_a_witness_or_both() {
+        let witness = "[witness]\naddress = \"10.0.9.1:7470\"\ncluster = \"prod\"\n";
+        let no_disk = GOOD.replace("heartbeat_disk = \"/tmp/hb\"\n", "");
+        let only_witness = AgentConfig::parse(&format!("{no_disk}{witness}"), "test").expect("a witness alone");
+        assert_eq!((only_witness.heartbeat_disk, only_witness.witness.map(|w| w.cluster)), (None, Some("prod".to_string())));
+        let both = AgentConfig::parse(&format!("{GOOD}{witness}"), "test").expect("disk and witness");
+        assert!(both.heartbeat_disk.is_some() && both.witness.is_some());
+        let refused = [
+            (no_disk.clone(), "heartbeat_disk (shared storage), a [witness], or both"),
+            (format!("{}{witness}", GOOD.replace("[timings]", "disk_witness = \"/tmp/w\"\n[timings]")), "set one"),
+            (format!("{no_disk}{}", witness.replace("10.0.9.1:7470", "10.0.9.1")), "host:port"),
+            (format!("{no_disk}{}", witness.replace("prod", "a b")), "cluster name"),
+            (format!("{}{witness}", no_disk.replace("[timings]", "heartbeat_disk_paths = [\"/tmp/hb2\"]\n[timings]")), "which they need"),
+        ];
+        for (text, needle) in refused {
+            let msg = AgentConfig::parse(&text, "test").expect_err("must be refused").to_string();
+            assert!(msg.contains(needle), "'{msg}' lacks '{needle}'");
+        }
+    }
 }
