@@ -6,7 +6,7 @@
 
 use anyhow::{anyhow, Result};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem_lab::bench::twohosts::{bring_back, cut_link, lose_host, start_two_hosts, two_host_options};
 use tandem_lab::lab::Lab;
 
