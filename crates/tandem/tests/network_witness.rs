@@ -7,6 +7,7 @@
 use anyhow::{anyhow, Result};
 use serde_json::Value;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_lab::bench::twohosts::{both_on, bring_back, cut_link, lose_host, network_witness_options, start_two_hosts};
 use tandem_lab::demo::wait;
@@ -101,5 +102,57 @@ fn a_network_witness_settles_a_cut_link_and_an_isolated_host() -> Result<()> {
     lab.assert_no_double_run()?;
     drop(lab);
     drop(net);
+    Ok(())
+}
+
+/// Agents with `[tls]` reach a witness that serves TLS with a certificate of their CA: the
+/// witness votes (FTT 1) and a host's loss is survived; a client without TLS, or trusting
+/// another CA, gets nothing from it.
+#[test]
+fn a_network_witness_serves_over_tls_to_the_clusters_ca_only() -> Result<()> {
+    use tandem_agent::io::SlotDevice;
+    use tandem_agent::netwitness::client::{NetSlotDevice, WitnessClient};
+    if !tandem_lab::testca::openssl_available() {
+        return Ok(());
+    }
+    let net = 102;
+    /// Removes the certificates' directory however the test ends.
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let scratch = Scratch(std::env::temp_dir().join(format!("tandem-nw-tls-{}", std::process::id())));
+    let dir = scratch.0.clone();
+    let other = dir.join("other");
+    let ips: Vec<String> = [9, 10, 11].iter().map(|i| format!("127.{net}.0.{i}")).collect();
+    tandem_lab::testca::make_ca(&dir, "tandem-test-ca", &ips)?;
+    tandem_lab::testca::make_ca(&other, "someone-else", &ips)?;
+    let addr = format!("127.{net}.0.9:7400");
+    let mut opts = network_witness_options(net, None, &addr);
+    opts.extra_config = tandem_lab::testca::tls_table(&dir);
+    opts.ca = Some(dir.join("ca.pem"));
+    if let Some(w) = opts.network_witness.as_mut() {
+        w.tls = Some((dir.join("agent.pem"), dir.join("agent.key")));
+    }
+    let mut lab = Lab::new(opts, &binary())?;
+    start_two_hosts(&mut lab)?;
+
+    let key = tandem_core::wire::ClusterKey::new(&std::fs::read(lab.shared.join("secret"))?)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let read = |tls: Option<tandem_agent::tls::ClientTls>| {
+        let dev = NetSlotDevice::new(Arc::new(WitnessClient::new(&addr, "lab", key.peer_token(), tls)), Duration::from_secs(2));
+        rt.block_on(dev.read_all()).map(|_| ())
+    };
+    assert!(read(Some(tandem_agent::tls::ClientTls::load(&dir.join("ca.pem"))?)).is_ok(), "a client of the cluster's CA reads the area");
+    assert!(read(None).is_err(), "a client without TLS read the area");
+    assert!(read(Some(tandem_agent::tls::ClientTls::load(&other.join("ca.pem"))?)).is_err(), "a client of another CA read the area");
+
+    let secs = lose_host(&mut lab, 1)?;
+    eprintln!("over TLS, h1 lost power: its VM ran again on h0 {secs:.2} s later");
+    lab.assert_no_double_run()?;
+    drop(lab);
+    drop(scratch);
     Ok(())
 }

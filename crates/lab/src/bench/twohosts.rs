@@ -30,7 +30,7 @@ pub fn two_host_options(loopback_net: u8, netns: Option<Vec<(String, String)>>) 
 /// `witness` keeps (no shared storage).
 #[must_use]
 pub fn network_witness_options(loopback_net: u8, netns: Option<Vec<(String, String)>>, witness: &str) -> LabOptions {
-    let network_witness = Some(crate::lab::witness::NetWitnessOptions { addr: witness.to_string(), netns: None });
+    let network_witness = Some(crate::lab::witness::NetWitnessOptions { addr: witness.to_string(), netns: None, tls: None });
     LabOptions { disk_witness: false, network_witness, ..two_host_options(loopback_net, netns) }
 }
 

@@ -13,6 +13,8 @@ pub struct NetWitnessOptions {
     /// `ip:port`.
     pub addr: String,
     pub netns: Option<String>,
+    /// Its certificate and key, to serve over TLS (the agents then need `[tls]` with its CA).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// The cluster name the lab's witness serves it under.
@@ -29,8 +31,9 @@ impl NetWitnessOptions {
     pub fn write_config(&self, root: &Path, shared: &Path) -> Result<()> {
         let dir = root.join("witness");
         std::fs::create_dir_all(&dir)?;
+        let tls = self.tls.as_ref().map(|(cert, key)| format!("tls = {{ cert = \"{}\", key = \"{}\" }}\n", cert.display(), key.display())).unwrap_or_default();
         let text = format!(
-            "listen = \"{}\"\ndata_dir = \"{}\"\n[[cluster]]\nname = \"{CLUSTER}\"\nsecret_file = \"{}\"\n",
+            "listen = \"{}\"\ndata_dir = \"{}\"\n{tls}[[cluster]]\nname = \"{CLUSTER}\"\nsecret_file = \"{}\"\n",
             self.addr,
             dir.join("data").display(),
             shared.join("secret").display()
