@@ -271,23 +271,24 @@ impl Agent {
             Some(t) => Some(crate::tls::ClientTls::load(&t.ca)?),
             None => None,
         };
-        // Two clients: the heartbeat rounds' and the region's own (see `NetWitnessRegion`).
+        // A client for each area: the region's runs on a thread of its own (see `NetWitnessRegion`).
         let witness_client = |w: &crate::config::NetworkWitness| -> Result<crate::netwitness::client::WitnessClient, AgentError> {
-            Ok(crate::netwitness::client::WitnessClient::new(&w.address, &w.cluster, cfg.key()?.peer_token(), tls.clone()))
+            Ok(crate::netwitness::client::WitnessClient::new(w, cfg.key()?.peer_token(), tls.clone()))
         };
-        let net_witness = cfg.witness.as_ref().map(witness_client).transpose()?.map(Arc::new);
-        let region_client = cfg.witness.as_ref().filter(|_| cfg.disk_witness.is_none()).map(witness_client).transpose()?;
-        let disk: Arc<dyn crate::io::SlotDevice> = match (&cfg.heartbeat_disk, &net_witness) {
+        let region: Option<Arc<dyn crate::witness::WitnessRegion>> = match (&cfg.disk_witness, &cfg.witness) {
+            (Some(path), _) => Some(crate::witness::open_region(path)?),
+            (None, Some(w)) => Some(Arc::new(crate::netwitness::client::NetWitnessRegion::open(witness_client(w)?).map_err(crate::witness::RegionError::Io)?)),
+            (None, None) => None,
+        };
+        let disk: Arc<dyn crate::io::SlotDevice> = match (&cfg.heartbeat_disk, &cfg.witness) {
             (Some(path), _) => crate::io::open_heartbeat_disk(path, &cfg.heartbeat_disk_paths).await?,
-            (None, Some(w)) => Arc::new(crate::netwitness::client::NetSlotDevice::new(Arc::clone(w), Duration::from_millis(cfg.timings.disk_io_timeout_ms))),
+            (None, Some(w)) => {
+                Arc::new(crate::netwitness::client::NetSlotDevice::new(witness_client(w)?, Duration::from_millis(cfg.timings.disk_io_timeout_ms)))
+            }
             (None, None) => return Err(AgentError::Config(crate::config::ConfigError::Witness("no heartbeat disk and no witness"))),
         };
         let mut io = AgentIo::production(cfg.heartbeat_addr, disk, driver, tls)?;
-        io.witness = match (&cfg.disk_witness, region_client) {
-            (Some(path), _) => Some(crate::witness::open_region(path)?),
-            (None, Some(c)) => Some(Arc::new(crate::netwitness::client::NetWitnessRegion::open(c).map_err(crate::witness::RegionError::Io)?)),
-            (None, None) => None,
-        };
+        io.witness = region;
         Agent::with_io(cfg, io).await
     }
 
@@ -310,7 +311,7 @@ impl Agent {
                 // The witness formats the area for the cluster; a witness that is down now
                 // must not keep a host from starting (its loss alone changes nothing), but
                 // one that answers with another cluster's area is refused.
-                let name = format!("witness {} (cluster {})", w.address, w.cluster);
+                let name = w.to_string();
                 match disk.check_header(&name).await {
                     Err(e @ DiskError::Header { .. }) => return Err(e.into()),
                     Err(e) => tracing::warn!("{name}: {e}; starting without it"),

@@ -179,6 +179,12 @@ pub struct NetworkWitness {
     pub cluster: String,
 }
 
+impl std::fmt::Display for NetworkWitness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "witness {} (cluster {})", self.address, self.cluster)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub use crate::agent::witness::WITNESS_UNREACHABLE_ROUNDS;
 pub use crate::agent::{
     FORWARD_TIMEOUT, LOCAL_QUERY_TIMEOUT, MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL, WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS,
 };
@@ -15,6 +16,10 @@ pub use crate::heavy::HEAVY_CONCURRENCY;
 pub use crate::httpc::MAX_RESPONSE;
 pub use crate::io::{ARRIVAL_STEP_TOLERANCE, MAX_DATAGRAMS_PER_POLL, MMSG_BATCH, RECEIVE_POLL_DIVISOR};
 pub use crate::multipath::{MAX_DISK_PATHS, PATH_CHECK_TIMEOUT};
+pub use crate::netwitness::{
+    MAX_CLUSTERS as WITNESS_MAX_CLUSTERS, MAX_CONNECTIONS as WITNESS_MAX_CONNECTIONS, MAX_IO as WITNESS_MAX_IO, REGION_QUEUE as WITNESS_REGION_QUEUE,
+    REGION_TIMEOUT as WITNESS_REGION_TIMEOUT,
+};
 pub use crate::tls::{ACCEPT_QUEUE, HANDSHAKE_TIMEOUT};
 
 const fn shorter(a: Duration, b: Duration) -> bool {
@@ -22,6 +27,7 @@ const fn shorter(a: Duration, b: Duration) -> bool {
 }
 
 const _: () = assert!(shorter(FORWARD_TIMEOUT, REQUEST_TIMEOUT), "a forwarded write must answer within the API's own request deadline");
+const _: () = assert!(shorter(WITNESS_REGION_TIMEOUT, REQUEST_TIMEOUT), "a witness region request gives up before the witness's own request deadline");
 const _: () = assert!(shorter(SNAPSHOT_TIMEOUT, REQUEST_TIMEOUT), "a snapshot chunk must arrive within the API's request deadline");
 const _: () = assert!(shorter(RPC_TIMEOUT, FORWARD_TIMEOUT), "a consensus RPC is shorter than the write waiting on it");
 const _: () = assert!(shorter(PROPOSE_TIMEOUT, FORWARD_TIMEOUT), "a forwarded proposal answers, even undecided, before its forwarder gives up");

@@ -56,7 +56,7 @@ pub fn run_agent(config: &std::path::Path) -> Result<()> {
         cfg.driver,
         match (&cfg.heartbeat_disk, &cfg.witness) {
             (Some(d), _) => d.display().to_string(),
-            (None, Some(w)) => format!("at witness {} (cluster {})", w.address, w.cluster),
+            (None, Some(w)) => format!("at {w}"),
             (None, None) => "none".into(),
         },
         t.heartbeat_interval_ms,

@@ -7,7 +7,6 @@
 use anyhow::{anyhow, Result};
 use serde_json::Value;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_lab::bench::twohosts::{both_on, bring_back, cut_link, lose_host, network_witness_options, start_two_hosts};
 use tandem_lab::demo::wait;
@@ -142,7 +141,8 @@ fn a_network_witness_serves_over_tls_to_the_clusters_ca_only() -> Result<()> {
     let key = tandem_core::wire::ClusterKey::new(&std::fs::read(lab.shared.join("secret"))?)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let read = |tls: Option<tandem_agent::tls::ClientTls>| {
-        let dev = NetSlotDevice::new(Arc::new(WitnessClient::new(&addr, "lab", key.peer_token(), tls)), Duration::from_secs(2));
+        let witness = tandem_agent::config::NetworkWitness { address: addr.clone(), cluster: "lab".into() };
+        let dev = NetSlotDevice::new(WitnessClient::new(&witness, key.peer_token(), tls), Duration::from_secs(2));
         rt.block_on(dev.read_all()).map(|_| ())
     };
     assert!(read(Some(tandem_agent::tls::ClientTls::load(&dir.join("ca.pem"))?)).is_ok(), "a client of the cluster's CA reads the area");

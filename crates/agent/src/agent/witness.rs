@@ -368,3 +368,27 @@ impl WitnessReach {
         was
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A warning only after enough failed rounds in a row, once per spell; a round that answers
+    /// ends the spell (and is worth saying only if it was warned of) and starts the count again.
+    #[test]
+    fn the_witness_counts_as_unreachable_only_after_rounds_in_a_row_and_says_it_once() {
+        let mut r = WitnessReach::default();
+        for _ in 1..WITNESS_UNREACHABLE_ROUNDS {
+            assert!(!r.failed(), "warned before {WITNESS_UNREACHABLE_ROUNDS} rounds in a row");
+        }
+        assert!(!r.answered(), "a spell never warned of is not worth a 'reachable'");
+        for _ in 1..WITNESS_UNREACHABLE_ROUNDS {
+            assert!(!r.failed());
+        }
+        assert!(r.failed(), "the round that makes it unreachable warns");
+        assert!(!r.failed() && !r.failed(), "once per spell");
+        assert!(r.answered(), "the end of a warned spell is said");
+        assert!(!r.answered());
+        assert!(!r.failed(), "counted afresh after an answer");
+    }
+}

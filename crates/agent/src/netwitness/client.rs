@@ -8,43 +8,36 @@ use crate::disk::DiskError;
 use crate::httpc::ConnectionPool;
 use crate::io::{SlotDevice, SlotRound};
 use crate::witness::WitnessRegion;
-use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::HostId;
 use tandem_drivers::BoxFuture;
 
 /// Where one cluster's areas are served, and how to ask.
 pub struct WitnessClient {
-    addr: String,
-    cluster: String,
+    witness: crate::config::NetworkWitness,
     token: String,
     pool: ConnectionPool,
 }
 
 impl std::fmt::Debug for WitnessClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "witness {} (cluster {})", self.addr, self.cluster)
+        write!(f, "{}", self.witness)
     }
 }
 
 impl WitnessClient {
+    /// A client of `witness` presenting `token` (the cluster's peer token).
     #[must_use]
-    pub fn new(addr: &str, cluster: &str, token: String, tls: Option<crate::tls::ClientTls>) -> WitnessClient {
-        WitnessClient { addr: addr.to_string(), cluster: cluster.to_string(), token, pool: ConnectionPool::new(tls) }
-    }
-
-    /// What the configuration names, for messages (`witness ADDR, cluster NAME`).
-    #[must_use]
-    pub fn describe(&self) -> String {
-        format!("witness {}, cluster {}", self.addr, self.cluster)
+    pub fn new(witness: &crate::config::NetworkWitness, token: String, tls: Option<crate::tls::ClientTls>) -> WitnessClient {
+        WitnessClient { witness: witness.clone(), token, pool: ConnectionPool::new(tls) }
     }
 
     async fn call(&self, path: &str, body: Option<Vec<u8>>, timeout: Duration) -> std::io::Result<axum::body::Bytes> {
         let method = if body.is_some() { "POST" } else { "GET" };
-        let path = format!("{PREFIX}/{}{path}", self.cluster);
-        let resp = self.pool.request(method, &self.addr, &path, Some(&self.token), body, timeout).await.map_err(std::io::Error::other)?;
+        let path = format!("{PREFIX}/{}{path}", self.witness.cluster);
+        let resp = self.pool.request(method, &self.witness.address, &path, Some(&self.token), body, timeout).await.map_err(std::io::Error::other)?;
         if !(200..300).contains(&resp.status) {
-            return Err(std::io::Error::other(format!("{} answered HTTP {}: {}", self.describe(), resp.status, String::from_utf8_lossy(&resp.body).trim())));
+            return Err(std::io::Error::other(format!("{} answered HTTP {}: {}", self.witness, resp.status, String::from_utf8_lossy(&resp.body).trim())));
         }
         Ok(resp.body)
     }
@@ -54,7 +47,7 @@ impl WitnessClient {
             let at = offset + (i * MAX_IO) as u64;
             let bytes = self.call(&format!("/region?offset={at}&len={}", chunk.len()), None, REGION_TIMEOUT).await?;
             if bytes.len() != chunk.len() {
-                return Err(std::io::Error::other(format!("{} sent {} bytes for a read of {}", self.describe(), bytes.len(), chunk.len())));
+                return Err(std::io::Error::other(format!("{} sent {} bytes for a read of {}", self.witness, bytes.len(), chunk.len())));
             }
             chunk.copy_from_slice(&bytes);
         }
@@ -72,14 +65,14 @@ impl WitnessClient {
 
 /// The heartbeat area kept by the witness.
 pub struct NetSlotDevice {
-    client: Arc<WitnessClient>,
+    client: WitnessClient,
     /// The deadline of one request (the disk I/O timeout).
     timeout: Duration,
 }
 
 impl NetSlotDevice {
     #[must_use]
-    pub fn new(client: Arc<WitnessClient>, timeout: Duration) -> NetSlotDevice {
+    pub fn new(client: WitnessClient, timeout: Duration) -> NetSlotDevice {
         NetSlotDevice { client, timeout }
     }
 }

@@ -94,8 +94,9 @@ async fn agents_of_a_cluster_use_its_areas_and_nobody_else_can() {
     let stop = start(WitnessConfig::load(&path).expect("config")).await;
     let key_a = ClusterKey::new(&std::fs::read(&sa).expect("read")).expect("key");
     let key_b = ClusterKey::new(&std::fs::read(&sb).expect("read")).expect("key");
-    let plain = |cluster: &str, key: &ClusterKey| WitnessClient::new(ADDR, cluster, key.peer_token(), None);
-    let client = |cluster: &str, key: &ClusterKey| Arc::new(plain(cluster, key));
+    let client = |cluster: &str, key: &ClusterKey| {
+        WitnessClient::new(&crate::config::NetworkWitness { address: ADDR.into(), cluster: cluster.into() }, key.peer_token(), None)
+    };
     let timeout = Duration::from_secs(2);
 
     // The heartbeat area was formatted for each cluster by the witness.
@@ -125,7 +126,7 @@ async fn agents_of_a_cluster_use_its_areas_and_nobody_else_can() {
     assert!(err.to_string().contains("heartbeat disk I/O failed"), "{err}");
 
     // The region: spans longer than one request, bounds.
-    let region = NetWitnessRegion::open(plain("a", &key_a)).expect("region");
+    let region = NetWitnessRegion::open(client("a", &key_a)).expect("region");
     assert_eq!(region.size(), REGION_BYTES);
     let data: Vec<u8> = (0..(2 * MAX_IO + 12_345)).map(|i| (i % 251) as u8).collect();
     tokio::task::spawn_blocking(move || {
@@ -138,7 +139,7 @@ async fn agents_of_a_cluster_use_its_areas_and_nobody_else_can() {
     })
     .await
     .expect("join");
-    let other = NetWitnessRegion::open(plain("b", &key_b)).expect("region b");
+    let other = NetWitnessRegion::open(client("b", &key_b)).expect("region b");
     let untouched = tokio::task::spawn_blocking(move || {
         let mut b = vec![1u8; 4096];
         other.read_at(3 * 4096, &mut b).map(|()| b)
