@@ -214,9 +214,9 @@ const IMAGE_READ_SPAN: usize = 1 << 20;
 pub struct RegionBackend {
     region: Arc<dyn WitnessRegion>,
     /// The database's bytes as this node last read or wrote them (its length is the
-    /// database's). Read whole at open and kept up to date by every write that landed, so redb's
-    /// many small reads (a repair after the last holder died mid-commit reads every page) cost
-    /// no I/O: over a network witness each would be a round trip, and a takeover took seconds.
+    /// database's). Read whole at open (in spans of `IMAGE_READ_SPAN`) and kept up to date by
+    /// every write that landed, so redb's many small reads cost no I/O: over a network witness
+    /// each would be a round trip.
     /// Sound because this node is the database's only writer while it may touch it at all (the
     /// claims and the lease check), and a node whose write failed is closed, never used again.
     image: Mutex<DatabaseImage>,
