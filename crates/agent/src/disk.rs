@@ -162,8 +162,11 @@ impl FileSlotDevice {
                                 let _ = reply.send((r, std::time::Instant::now()));
                             }
                             Err(e) => {
-                                let _ = reply.send((Err(std::io::Error::new(e.kind(), e.to_string())), std::time::Instant::now()));
+                                // The write's answer first: the caller wakes on the read's and
+                                // then only looks for the write's (a missing one is a timeout).
+                                let read_err = std::io::Error::new(e.kind(), e.to_string());
                                 let _ = wrote.send(Err(e));
+                                let _ = reply.send((Err(read_err), std::time::Instant::now()));
                             }
                         },
                     }
@@ -437,6 +440,12 @@ mod tests {
         // A path that stops resolving is a failed I/O, not a hang.
         std::fs::remove_file(&path).expect("remove");
         assert!(matches!(disk.read_all().await, Err(DiskError::Io(_))));
+        // So is either half of a round, every time (the round's two answers once raced: its
+        // write half read as a timeout, which kept a multipath disk from retrying at once).
+        for n in 0..50 {
+            let (written, read, _) = disk.round(&DiskSlot { counter: 100 + n, ..slot }).await;
+            assert!(matches!((&written, &read), (Err(DiskError::Io(_)), Err(DiskError::Io(_)))), "round {n}: {written:?} {read:?}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
