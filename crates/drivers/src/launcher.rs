@@ -138,6 +138,15 @@ impl Launcher {
         Ok(pid)
     }
 
+    /// Spawns a helper process (not a workload: not in the table, no exit tracking) that must
+    /// not outlive the agent either — a copy server, say. The caller owns and reaps the child.
+    pub fn spawn_helper(&self, cmd: Command) -> std::io::Result<Child> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        let gone = || std::io::Error::other("the launcher thread is gone");
+        self.tx.send((cmd, reply_tx)).map_err(|_| gone())?;
+        reply_rx.recv().map_err(|_| gone())?
+    }
+
     /// Notified (one stored permit) whenever a workload's exit has been recorded.
     #[must_use]
     pub fn exits(&self) -> Arc<tokio::sync::Notify> {

@@ -18,6 +18,8 @@ pub mod process;
 pub mod qemu;
 pub mod qga;
 pub mod qmp;
+pub mod sitecopy;
+pub mod syncmirror;
 
 use diskcopy::{IncomingEndpoint, LocalDiskSize};
 use serde::Serialize;

@@ -1,0 +1,224 @@
+//! This site's copies of site-mirrored disks, served to the other site over NBD: one
+//! `qemu-storage-daemon` per host (QEMU's own block layer, without a guest), started on first
+//! use, exporting — writable, one export per (VM, disk) — the image that this site's storage
+//! holds for a VM that runs in the other site. The VM's QEMU there mirrors every write into it
+//! (see `syncmirror`).
+//!
+//! The daemon opens each image with QEMU's image locking, as a VM's QEMU would: while a copy is
+//! served nobody at this site can start the VM on it, and a served copy is withdrawn
+//! (`withdraw`) before the VM starts here. The daemon is forked by the launcher thread, so it
+//! dies with the agent.
+
+use crate::launcher::Launcher;
+use crate::qmp::{Qmp, QmpError};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// How long the daemon may take to answer on its QMP socket after it was started.
+pub const COPY_SERVER_START_DEADLINE: Duration = Duration::from_secs(10);
+/// Timeout of each QMP call to the daemon.
+pub const COPY_SERVER_QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most copies one host serves at once.
+pub const MAX_SERVED_COPIES: usize = 1024;
+
+/// Errors of the copy server.
+#[derive(Debug, Error)]
+pub enum SiteCopyError {
+    #[error("could not start the copy server ({binary})")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the copy server did not answer on {socket} within {COPY_SERVER_START_DEADLINE:?}")]
+    NoAnswer {
+        socket: String,
+        #[source]
+        source: QmpError,
+    },
+    #[error("the copy server refused to {what}")]
+    Qmp {
+        what: String,
+        #[source]
+        source: QmpError,
+    },
+    #[error("the copy server already serves {MAX_SERVED_COPIES} copies")]
+    Full,
+    #[error("the copy {path} does not exist at this site")]
+    Missing { path: String },
+}
+
+/// Where and how the copy server listens.
+#[derive(Clone, Debug)]
+pub struct CopyServerConfig {
+    /// `qemu-storage-daemon`.
+    pub binary: String,
+    /// Its QMP socket and pid file go here.
+    pub run_dir: PathBuf,
+    /// The NBD server's address (this host's cluster address) and port.
+    pub host_ip: String,
+    pub port: u16,
+    /// A directory with the cluster CA's `ca-cert.pem` and this host's `server-cert.pem` and
+    /// `server-key.pem`: only a client with a certificate of the cluster's CA gets in.
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// The name under which disk `disk` of `vm` is exported.
+#[must_use]
+pub fn export_name(vm: &str, disk: usize) -> String {
+    format!("{vm}-disk{disk}")
+}
+
+/// A running copy server.
+pub struct CopyServer {
+    child: std::process::Child,
+    qmp: Qmp,
+    endpoint: String,
+    /// Export name → the image it serves.
+    served: tokio::sync::Mutex<BTreeMap<String, PathBuf>>,
+}
+
+impl Drop for CopyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qmp_err(what: impl Into<String>) -> impl FnOnce(QmpError) -> SiteCopyError {
+    let what = what.into();
+    move |source| SiteCopyError::Qmp { what, source }
+}
+
+impl CopyServer {
+    /// Starts the daemon (forked by `launcher`, so it dies with the agent) and connects to it.
+    pub async fn start(cfg: &CopyServerConfig, launcher: &Launcher) -> Result<CopyServer, SiteCopyError> {
+        let socket = cfg.run_dir.join("copy-server.qmp");
+        let pidfile = cfg.run_dir.join("copy-server.pid");
+        kill_stale(&pidfile);
+        let _ = std::fs::remove_file(&socket);
+        let mut nbd = format!("addr.type=inet,addr.host={},addr.port={}", cfg.host_ip, cfg.port);
+        let mut cmd = std::process::Command::new(&cfg.binary);
+        if let Some(dir) = &cfg.tls_dir {
+            cmd.args(["--object", &format!("tls-creds-x509,id=copy-tls,endpoint=server,verify-peer=on,dir={}", dir.display())]);
+            nbd.push_str(",tls-creds=copy-tls");
+        }
+        cmd.args(["--chardev", &format!("socket,id=qmp,path={},server=on,wait=off", socket.display())])
+            .args(["--monitor", "chardev=qmp", "--nbd-server", &nbd])
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(cfg.run_dir.join("copy-server.stderr")).map_or(std::process::Stdio::null(), std::process::Stdio::from));
+        let mut child = launcher.spawn_helper(cmd).map_err(|source| SiteCopyError::Spawn { binary: cfg.binary.clone(), source })?;
+        let deadline = tokio::time::Instant::now() + COPY_SERVER_START_DEADLINE;
+        let qmp = loop {
+            match Qmp::connect(&socket, COPY_SERVER_QMP_TIMEOUT, |_| {}).await {
+                Ok(q) => break q,
+                Err(source) if tokio::time::Instant::now() >= deadline || matches!(child.try_wait(), Ok(Some(_))) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(SiteCopyError::NoAnswer { socket: socket.display().to_string(), source });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let endpoint = format!("{}:{}", cfg.host_ip, cfg.port);
+        Ok(CopyServer { child, qmp, endpoint, served: tokio::sync::Mutex::new(BTreeMap::new()) })
+    }
+
+    /// The NBD server's `host:port`.
+    #[must_use]
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Whether the daemon is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Serves `image` (which must exist) as `export`, writable. Serving the same image under the
+    /// same name again is a no-op.
+    pub async fn serve(&self, export: &str, image: &Path) -> Result<(), SiteCopyError> {
+        let mut served = self.served.lock().await;
+        if served.get(export).is_some_and(|p| p == image) {
+            return Ok(());
+        }
+        if served.len() >= MAX_SERVED_COPIES {
+            return Err(SiteCopyError::Full);
+        }
+        if !image.exists() {
+            return Err(SiteCopyError::Missing { path: image.display().to_string() });
+        }
+        if served.contains_key(export) {
+            self.remove(export).await?;
+            served.remove(export);
+        }
+        let node = json!({"driver": "raw", "node-name": node_name(export),
+            "file": {"driver": "file", "filename": image.display().to_string(), "cache": {"direct": true}}});
+        self.qmp.execute("blockdev-add", node, COPY_SERVER_QMP_TIMEOUT).await.map_err(qmp_err(format!("open {}", image.display())))?;
+        let add = json!({"type": "nbd", "id": export, "node-name": node_name(export), "name": export, "writable": true});
+        if let Err(e) = self.qmp.execute("block-export-add", add, COPY_SERVER_QMP_TIMEOUT).await {
+            let _ = self.qmp.execute("blockdev-del", json!({"node-name": node_name(export)}), COPY_SERVER_QMP_TIMEOUT).await;
+            return Err(qmp_err(format!("export {export}"))(e));
+        }
+        served.insert(export.to_string(), image.to_path_buf());
+        Ok(())
+    }
+
+    /// Stops serving `export` and closes its image (its lock is released): the VM may start on
+    /// this copy. Withdrawing a copy that is not served is a no-op.
+    pub async fn withdraw(&self, export: &str) -> Result<(), SiteCopyError> {
+        let mut served = self.served.lock().await;
+        if served.remove(export).is_some() {
+            self.remove(export).await?;
+        }
+        Ok(())
+    }
+
+    /// The exports served now.
+    pub async fn served(&self) -> Vec<String> {
+        self.served.lock().await.keys().cloned().collect()
+    }
+
+    async fn remove(&self, export: &str) -> Result<(), SiteCopyError> {
+        // `hard`: a client still connected (the other site's QEMU) is cut off at once.
+        let del = json!({"id": export, "mode": "hard"});
+        match self.qmp.execute("block-export-del", del, COPY_SERVER_QMP_TIMEOUT).await {
+            Ok(_) => {}
+            Err(QmpError::Command { .. }) => {} // not exported any more
+            Err(e) => return Err(qmp_err(format!("withdraw {export}"))(e)),
+        }
+        // The export goes away asynchronously; its node can be closed once it has.
+        let deadline = tokio::time::Instant::now() + COPY_SERVER_QMP_TIMEOUT;
+        loop {
+            match self.qmp.execute("blockdev-del", json!({"node-name": node_name(export)}), COPY_SERVER_QMP_TIMEOUT).await {
+                Ok(_) => return Ok(()),
+                Err(e @ QmpError::Command { .. }) if tokio::time::Instant::now() >= deadline => return Err(qmp_err(format!("close {export}"))(e)),
+                Err(QmpError::Command { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => return Err(qmp_err(format!("close {export}"))(e)),
+            }
+        }
+    }
+}
+
+fn node_name(export: &str) -> String {
+    format!("copy-{export}")
+}
+
+/// A daemon left by an earlier agent of this host (one killed before it could end it) still
+/// holds its images' locks: it is ended before a new one starts.
+fn kill_stale(pidfile: &Path) {
+    let Some(pid) = std::fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok()) else { return };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim_end() == "qemu-storage-d" || comm.trim_end() == "qemu-storage-daemon" {
+        // SAFETY: kill(2) with a pid read from our own pid file, checked to be the daemon.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Synchronous mirroring of a VM's disk to the other site's copy, by QEMU's own block layer: an
+//! NBD client node (`tandem-remote{i}`) on the copy the other site serves (see `sitecopy`), and a
+//! write-blocking `blockdev-mirror` (`tandem-sync{i}`) from the VM's disk into it. Once the job is
+//! ready every guest write completes only when both copies have it.
+//!
+//! When the other copy becomes unreachable QEMU holds the guest's writes: the NBD client waits
+//! for its connection to come back for up to `hold` (`reconnect-delay`), and a write waits for
+//! its copy to the target. Only when the hold runs out does the target write fail; the job then
+//! stops (`on-target-error=stop`), keeping in its dirty bitmap every range the other copy missed,
+//! and the guest's write completes on the local copy alone. Whoever runs the mirror must make
+//! sure that by then the cluster has recorded the other copy as stale — or end the VM first (the
+//! agent's side: `MirrorHold`). When the copy is reachable again, resuming the job copies only
+//! the ranges in its bitmap; it is in sync once the job is ready again with nothing left.
+
+use crate::qmp::{Qmp, QmpError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::time::Duration;
+use thiserror::Error;
+
+/// The shortest hold: QEMU counts its `reconnect-delay` in whole seconds.
+pub const MIN_HOLD: Duration = Duration::from_secs(1);
+/// The longest hold (a guest whose writes wait longer gets I/O timeouts of its own).
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
+/// How long a detached job may take to conclude after its forced cancel.
+pub const DETACH_WAIT: Duration = Duration::from_secs(10);
+
+/// Errors of a synchronous mirror.
+#[derive(Debug, Error)]
+pub enum SyncMirrorError {
+    #[error("QMP of VM '{vm}' failed while it {what}")]
+    Qmp {
+        vm: String,
+        what: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    #[error("the hold of {0:?} is outside {MIN_HOLD:?}..={MAX_HOLD:?}")]
+    Hold(Duration),
+    #[error("the mirror of disk {disk} of VM '{vm}' did not conclude within {DETACH_WAIT:?}")]
+    Detach { vm: String, disk: usize },
+}
+
+/// The other site's copy of one disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteCopy {
+    /// The disk's index in the VM spec.
+    pub disk: usize,
+    /// Where the copy is served: `host:port` over TCP, or an absolute path of a unix socket (a
+    /// local relay in front of the remote server).
+    pub endpoint: String,
+    /// The export's name (`sitecopy::export_name`).
+    pub export: String,
+    /// How long QEMU holds the guest's writes while the copy is unreachable.
+    pub hold: Duration,
+    /// A loaded client credentials object: the copy goes over TLS.
+    pub tls_creds: Option<String>,
+}
+
+/// Where a disk's synchronous mirror stands, as QEMU reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum MirrorSample {
+    /// No mirror job for this disk.
+    Absent,
+    /// Copying what the other copy lacks (the first full copy, or a resync of the ranges it
+    /// missed); writes made meanwhile go to both.
+    Copying { copied: u64, remaining: u64 },
+    /// Both copies equal; every write goes to both before it completes.
+    InSync,
+    /// Stopped after the other copy failed a write: writes complete on the local copy alone and
+    /// the job's bitmap records them.
+    Stopped { missed: u64 },
+    /// The job ended (an error it could not stop on); the other copy needs a new full copy.
+    Ended { reason: String },
+}
+
+/// The mirror job of disk `disk`.
+#[must_use]
+pub fn job_id(disk: usize) -> String {
+    format!("tandem-sync{disk}")
+}
+
+/// The NBD client node on the other site's copy of disk `disk`.
+#[must_use]
+pub fn remote_node(disk: usize) -> String {
+    format!("tandem-remote{disk}")
+}
+
+fn qmp_err(vm: &str, what: &'static str) -> impl FnOnce(QmpError) -> SyncMirrorError {
+    let vm = vm.to_string();
+    move |source| SyncMirrorError::Qmp { vm, what, source }
+}
+
+/// The NBD client node's server address.
+fn server(endpoint: &str) -> Value {
+    match endpoint.rsplit_once(':') {
+        Some((host, port)) if !endpoint.starts_with('/') => json!({"type": "inet", "host": host, "port": port}),
+        _ => json!({"type": "unix", "path": endpoint}),
+    }
+}
+
+/// Connects to the other site's copy and starts mirroring the disk into it: a full copy first
+/// (`Copying`), in sync once it is ready. The VM keeps running throughout.
+pub async fn attach(vm: &str, q: &Qmp, timeout: Duration, copy: &RemoteCopy) -> Result<(), SyncMirrorError> {
+    if copy.hold < MIN_HOLD || copy.hold > MAX_HOLD {
+        return Err(SyncMirrorError::Hold(copy.hold));
+    }
+    let mut node = json!({"driver": "nbd", "node-name": remote_node(copy.disk), "export": copy.export,
+        "server": server(&copy.endpoint), "reconnect-delay": copy.hold.as_secs()});
+    if let Some(id) = &copy.tls_creds {
+        node["tls-creds"] = json!(id);
+    }
+    q.execute("blockdev-add", node, timeout).await.map_err(qmp_err(vm, "connected to the other site's copy"))?;
+    let job = json!({"job-id": job_id(copy.disk), "device": format!("disk{}", copy.disk), "target": remote_node(copy.disk),
+        "sync": "full", "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});
+    if let Err(e) = q.execute("blockdev-mirror", job, timeout).await {
+        let _ = q.execute("blockdev-del", json!({"node-name": remote_node(copy.disk)}), timeout).await;
+        return Err(qmp_err(vm, "started its mirror")(e));
+    }
+    Ok(())
+}
+
+/// Reads where the mirror of `disk` stands.
+pub async fn sample(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<MirrorSample, SyncMirrorError> {
+    let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror"))?;
+    Ok(judge(&jobs, disk))
+}
+
+/// A `query-block-jobs` answer, for the mirror of `disk`.
+#[must_use]
+pub fn judge(jobs: &Value, disk: usize) -> MirrorSample {
+    let id = job_id(disk);
+    let Some(job) = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(id.as_str()))) else {
+        return MirrorSample::Absent;
+    };
+    let text = |k: &str| job.get(k).and_then(Value::as_str).unwrap_or("");
+    let (len, offset) = (job.get("len").and_then(Value::as_u64).unwrap_or(0), job.get("offset").and_then(Value::as_u64).unwrap_or(0));
+    let remaining = len.saturating_sub(offset);
+    match text("status") {
+        "concluded" | "aborting" | "null" | "undefined" => {
+            let reason = job.get("error").and_then(Value::as_str).unwrap_or("the job ended");
+            MirrorSample::Ended { reason: reason.to_string() }
+        }
+        "paused" | "standby" if text("io-status") != "ok" => MirrorSample::Stopped { missed: remaining },
+        _ if text("io-status") != "ok" && !text("io-status").is_empty() => MirrorSample::Stopped { missed: remaining },
+        _ if job.get("ready").and_then(Value::as_bool) == Some(true) && remaining == 0 => MirrorSample::InSync,
+        _ => MirrorSample::Copying { copied: offset, remaining },
+    }
+}
+
+/// Resumes a stopped mirror (its copy reachable again): it copies the ranges its bitmap holds,
+/// then is in sync again.
+pub async fn resume(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), SyncMirrorError> {
+    match q.execute("block-job-resume", json!({"device": job_id(disk)}), timeout).await {
+        Ok(_) => Ok(()),
+        // Not paused (it resumed itself, or was never stopped): nothing to do.
+        Err(QmpError::Command { .. }) => Ok(()),
+        Err(e) => Err(qmp_err(vm, "resumed its mirror")(e)),
+    }
+}
+
+/// Ends the mirror of `disk` and closes the connection to the other copy; the VM runs on its
+/// local copy. A forced cancel: writes held for the other copy fail there (and complete here),
+/// so call it only when the other copy is recorded as stale.
+pub async fn detach(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), SyncMirrorError> {
+    let id = job_id(disk);
+    match q.execute("block-job-cancel", json!({"device": id, "force": true}), timeout).await {
+        Ok(_) | Err(QmpError::Command { .. }) => {}
+        Err(e) => return Err(qmp_err(vm, "cancelled its mirror")(e)),
+    }
+    let deadline = tokio::time::Instant::now() + DETACH_WAIT;
+    loop {
+        let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror"))?;
+        match judge(&jobs, disk) {
+            MirrorSample::Absent => break,
+            MirrorSample::Ended { .. } => {
+                let _ = q.execute("job-dismiss", json!({"id": id}), timeout).await;
+            }
+            _ if tokio::time::Instant::now() >= deadline => return Err(SyncMirrorError::Detach { vm: vm.to_string(), disk }),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    match q.execute("blockdev-del", json!({"node-name": remote_node(disk)}), timeout).await {
+        Ok(_) | Err(QmpError::Command { .. }) => Ok(()),
+        Err(e) => Err(qmp_err(vm, "closed the other site's copy")(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(status: &str, io: &str, ready: bool, len: u64, offset: u64) -> Value {
+        json!([{"device": job_id(0), "status": status, "io-status": io, "ready": ready, "len": len, "offset": offset, "type": "mirror"}])
+    }
+
+    #[test]
+    fn a_jobs_answer_reads_as_its_phase() {
+        assert_eq!(judge(&json!([]), 0), MirrorSample::Absent);
+        assert_eq!(judge(&job("running", "ok", false, 100, 40), 0), MirrorSample::Copying { copied: 40, remaining: 60 });
+        assert_eq!(judge(&job("ready", "ok", true, 100, 100), 0), MirrorSample::InSync);
+        // Ready, but writes the other copy missed are being copied again.
+        assert_eq!(judge(&job("ready", "ok", true, 164, 100), 0), MirrorSample::Copying { copied: 100, remaining: 64 });
+        assert_eq!(judge(&job("paused", "failed", true, 164, 100), 0), MirrorSample::Stopped { missed: 64 });
+        assert!(matches!(judge(&job("concluded", "ok", false, 1, 0), 0), MirrorSample::Ended { .. }));
+        assert_eq!(judge(&job("ready", "ok", true, 100, 100), 1), MirrorSample::Absent, "another disk's job");
+        assert_eq!(server("198.18.0.2:10900"), json!({"type": "inet", "host": "198.18.0.2", "port": "10900"}));
+        assert_eq!(server("/run/tandem/relay-web0-0.sock"), json!({"type": "unix", "path": "/run/tandem/relay-web0-0.sock"}));
+    }
+}

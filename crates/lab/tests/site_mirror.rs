@@ -1,0 +1,180 @@
+//! A disk mirrored synchronously to another site's copy, with the real parts: the disk-backed
+//! test guest in QEMU, its disk mirrored write-blocking (`tandem_drivers::syncmirror`) into the
+//! copy a `qemu-storage-daemon` serves over NBD (`tandem_drivers::sitecopy`). No agents: this is
+//! the block layer's half of site mirroring, checked from outside.
+//!
+//! - In sync, no write the guest acknowledged is missing from the other copy.
+//! - The other copy lost: the guest's writes are held for the hold, not acknowledged on one copy
+//!   at once; then they complete on the local copy and the mirror reports them missed.
+//! - The copy back: the resync copies only what was missed (far less than the disk), and both
+//!   copies end byte for byte equal.
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tandem_drivers::launcher::Launcher;
+use tandem_drivers::qmp::Qmp;
+use tandem_drivers::sitecopy::{export_name, CopyServer, CopyServerConfig};
+use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
+use tandem_lab::bench::migration::test_guest;
+use tandem_lab::diskguest::{highest_record, SeqWatch};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The guest's HTTP port forward and the copy server's NBD address (loopback net 103).
+const GUEST_ADDR: &str = "127.103.0.2:8080";
+const COPY_IP: &str = "127.103.0.1";
+const COPY_PORT: u16 = 10_931;
+const DISK_BYTES: u64 = 64 << 20;
+const HOLD: Duration = Duration::from_secs(3);
+
+struct Guest {
+    child: std::process::Child,
+    qmp: Qmp,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn launch(dir: &Path, guest: &Path, image: &Path) -> Result<Guest> {
+    let qmp_path = dir.join("vm.qmp");
+    let (ip, port) = GUEST_ADDR.split_once(':').ok_or_else(|| anyhow!("address"))?;
+    let mut cmd = std::process::Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-M", "microvm", "-nodefaults", "-no-user-config", "-cpu", "qemu64", "-display", "none", "-smp", "1", "-m", "128"])
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
+        .args(["-serial", &format!("file:{}", dir.join("vm.serial").display())])
+        .args(["-kernel", &guest.join("vmlinuz").display().to_string(), "-initrd", &guest.join("initrd.img").display().to_string()])
+        .args(["-append", "console=ttyS0 quiet tsc_early_khz=2000000 mitigations=off tandem.vm=db"])
+        .args(["-drive", &format!("file={},if=none,id=disk0,format=raw,cache=none", image.display()), "-device", "virtio-blk-device,drive=disk0"])
+        .args(["-netdev", &format!("user,id=net0,hostfwd=tcp:{ip}:{port}-:80"), "-device", "virtio-net-device,netdev=net0"]);
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().context("qemu-system-x86_64")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Qmp::connect(&qmp_path, QMP_TIMEOUT, |_| {}).await {
+            Ok(qmp) => return Ok(Guest { child, qmp }),
+            Err(e) if Instant::now() >= deadline => return Err(anyhow!("QMP of the guest: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn wait_for(what: &str, q: &Qmp, within: Duration, mut done: impl FnMut(&MirrorSample) -> bool) -> Result<MirrorSample> {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = syncmirror::sample("db", q, QMP_TIMEOUT, 0).await?;
+        if done(&s) {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow!("{what}: still {s:?} after {within:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The mirror job's total work so far (QEMU's `len`: the disk, plus every range copied again).
+async fn job_len(q: &Qmp) -> Result<u64> {
+    let jobs = q.execute("query-block-jobs", Value::Null, QMP_TIMEOUT).await?;
+    let id = syncmirror::job_id(0);
+    jobs.as_array()
+        .and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(id.as_str())))
+        .and_then(|j| j.get("len").and_then(Value::as_u64))
+        .ok_or_else(|| anyhow!("no mirror job in {jobs}"))
+}
+
+fn copy_config(dir: &Path) -> CopyServerConfig {
+    CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port: COPY_PORT, tls_dir: None }
+}
+
+async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
+    let (local, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
+    for image in [&local, &remote] {
+        std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
+    }
+    let launcher = Launcher::new()?;
+    let export = export_name("db", 0);
+    let server = CopyServer::start(&copy_config(dir), &launcher).await?;
+    server.serve(&export, &remote).await?;
+    let vm = launch(dir, guest, &local).await?;
+    let seq = SeqWatch::start(GUEST_ADDR);
+    seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
+
+    let copy = RemoteCopy { disk: 0, endpoint: format!("{COPY_IP}:{COPY_PORT}"), export: export.clone(), hold: HOLD, tls_creds: None };
+    syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+    wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
+
+    // In sync: every number the guest acknowledged is on the other copy already.
+    for _ in 0..5 {
+        let acknowledged = seq.highest();
+        let there = highest_record(&remote)?.unwrap_or(0);
+        assert!(there >= acknowledged, "the other copy holds {there}, the guest acknowledged {acknowledged}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The other copy lost (its server gone): writes are held, not acknowledged on one copy.
+    let len_before = job_len(&vm.qmp).await?;
+    drop(server);
+    let cut = Instant::now();
+    let at_cut = seq.highest();
+    tokio::time::sleep(HOLD - Duration::from_millis(700)).await;
+    let during_hold = seq.highest();
+    // One write may have been on its way back to the guest as the server went.
+    assert!(during_hold <= at_cut + 1, "acknowledged during the hold: {at_cut} at the cut, {during_hold} now");
+    let on_remote = highest_record(&remote)?.unwrap_or(0);
+    assert!(on_remote >= at_cut, "the other copy lost a number acknowledged before the cut");
+    let after = seq.wait_past(during_hold + 5, Duration::from_secs(30)).map_err(|e| anyhow!("writes never went on alone: {e}"))?;
+    let held = after.at.saturating_duration_since(cut);
+    assert!(held >= HOLD - Duration::from_millis(700), "writes went on alone after {held:?}, before the hold of {HOLD:?}");
+    let stopped = wait_for("the mirror to stop", &vm.qmp, Duration::from_secs(10), |s| matches!(s, MirrorSample::Stopped { .. })).await?;
+    eprintln!("writes held {held:?}; mirror {stopped:?}");
+
+    // The copy back: the resync copies only what was missed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let server = CopyServer::start(&copy_config(dir), &launcher).await?;
+    server.serve(&export, &remote).await?;
+    let resync_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        syncmirror::resume("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? {
+            MirrorSample::InSync => break,
+            s if Instant::now() >= resync_deadline => return Err(anyhow!("no resync: {s:?}")),
+            _ => {}
+        }
+    }
+    let recopied = job_len(&vm.qmp).await? - len_before;
+    eprintln!("resync copied {} KiB of a {} MiB disk", recopied >> 10, DISK_BYTES >> 20);
+    assert!(recopied > 0 && recopied < DISK_BYTES / 4, "the resync copied {recopied} bytes of {DISK_BYTES}");
+
+    // Both copies equal (the guest paused, so nothing is in flight).
+    vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
+    let (a, b) = (std::fs::read(&local)?, std::fs::read(&remote)?);
+    assert!(a == b, "the copies differ after the resync");
+    assert!(highest_record(&remote)?.unwrap_or(0) >= seq.highest());
+    syncmirror::detach("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
+    assert_eq!(syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await?, MirrorSample::Absent);
+    server.withdraw(&export).await?;
+    assert!(server.served().await.is_empty());
+    drop(seq);
+    Ok(())
+}
+
+#[test]
+fn a_mirrored_disk_holds_writes_while_its_other_copy_is_lost_and_resyncs_only_what_was_missed() -> Result<()> {
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let dir: PathBuf = std::env::temp_dir().join(format!("tandem-site-mirror-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = rt.block_on(scenario(&dir, &guest));
+    if result.is_err() {
+        eprintln!("guest console:\n{}", std::fs::read_to_string(dir.join("vm.serial")).unwrap_or_default());
+    }
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
