@@ -136,6 +136,12 @@ impl CopyServer {
         &self.endpoint
     }
 
+    /// The daemon's process id.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
+    }
+
     /// Whether the daemon is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

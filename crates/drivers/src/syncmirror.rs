@@ -1,16 +1,16 @@
 //! Synchronous mirroring of a VM's disk to the other site's copy, by QEMU's own block layer: an
-//! NBD client node (`tandem-remote{i}`) on the copy the other site serves (see `sitecopy`), and a
-//! write-blocking `blockdev-mirror` (`tandem-sync{i}`) from the VM's disk into it. Once the job is
-//! ready every guest write completes only when both copies have it.
+//! NBD client node (`tandem-remote{i}`) on the copy the other site serves (see `sitecopy`),
+//! reached through the agent's relay (see `copyrelay`), and a write-blocking `blockdev-mirror`
+//! (`tandem-sync{i}`) from the VM's disk into it. Once the job is ready every guest write
+//! completes only when both copies have it.
 //!
-//! When the other copy becomes unreachable QEMU holds the guest's writes: the NBD client waits
-//! for its connection to come back for up to `hold` (`reconnect-delay`), and a write waits for
-//! its copy to the target. Only when the hold runs out does the target write fail; the job then
-//! stops (`on-target-error=stop`), keeping in its dirty bitmap every range the other copy missed,
-//! and the guest's write completes on the local copy alone. Whoever runs the mirror must make
-//! sure that by then the cluster has recorded the other copy as stale — or end the VM first (the
-//! agent's side: `MirrorHold`). When the copy is reachable again, resuming the job copies only
-//! the ranges in its bitmap; it is in sync once the job is ready again with nothing left.
+//! When the other copy stops answering, the relay holds QEMU's connection: the copy's writes
+//! wait, and with them the guest's. When the agent lets them go (the relay closes QEMU's side,
+//! once the cluster committed that copy as stale), the NBD client — `reconnect-delay` 0: no
+//! hold of its own — fails them at once; the job stops (`on-target-error=stop`), keeping in its
+//! dirty bitmap every range the other copy missed, and the guest's writes complete on the local
+//! copy alone. When the copy is reachable again, resuming the job copies only the ranges in its
+//! bitmap; it is in sync once the job is ready again with nothing left.
 
 use crate::qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
@@ -18,10 +18,6 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use thiserror::Error;
 
-/// The shortest hold: QEMU counts its `reconnect-delay` in whole seconds.
-pub const MIN_HOLD: Duration = Duration::from_secs(1);
-/// The longest hold (a guest whose writes wait longer gets I/O timeouts of its own).
-pub const MAX_HOLD: Duration = Duration::from_secs(60);
 /// How long a detached job may take to conclude after its forced cancel.
 pub const DETACH_WAIT: Duration = Duration::from_secs(10);
 
@@ -35,8 +31,6 @@ pub enum SyncMirrorError {
         #[source]
         source: QmpError,
     },
-    #[error("the hold of {0:?} is outside {MIN_HOLD:?}..={MAX_HOLD:?}")]
-    Hold(Duration),
     #[error("the mirror of disk {disk} of VM '{vm}' did not conclude within {DETACH_WAIT:?}")]
     Detach { vm: String, disk: usize },
 }
@@ -46,13 +40,11 @@ pub enum SyncMirrorError {
 pub struct RemoteCopy {
     /// The disk's index in the VM spec.
     pub disk: usize,
-    /// Where the copy is served: `host:port` over TCP, or an absolute path of a unix socket (a
-    /// local relay in front of the remote server).
-    pub endpoint: String,
+    /// The relay's unix socket (`copyrelay`): never the copy server itself, whose connection
+    /// could end without the agent's consent and let writes complete on one copy.
+    pub relay: std::path::PathBuf,
     /// The export's name (`sitecopy::export_name`).
     pub export: String,
-    /// How long QEMU holds the guest's writes while the copy is unreachable.
-    pub hold: Duration,
     /// A loaded client credentials object: the copy goes over TLS.
     pub tls_creds: Option<String>,
 }
@@ -92,22 +84,11 @@ fn qmp_err(vm: &str, what: &'static str) -> impl FnOnce(QmpError) -> SyncMirrorE
     move |source| SyncMirrorError::Qmp { vm, what, source }
 }
 
-/// The NBD client node's server address.
-fn server(endpoint: &str) -> Value {
-    match endpoint.rsplit_once(':') {
-        Some((host, port)) if !endpoint.starts_with('/') => json!({"type": "inet", "host": host, "port": port}),
-        _ => json!({"type": "unix", "path": endpoint}),
-    }
-}
-
 /// Connects to the other site's copy and starts mirroring the disk into it: a full copy first
 /// (`Copying`), in sync once it is ready. The VM keeps running throughout.
 pub async fn attach(vm: &str, q: &Qmp, timeout: Duration, copy: &RemoteCopy) -> Result<(), SyncMirrorError> {
-    if copy.hold < MIN_HOLD || copy.hold > MAX_HOLD {
-        return Err(SyncMirrorError::Hold(copy.hold));
-    }
     let mut node = json!({"driver": "nbd", "node-name": remote_node(copy.disk), "export": copy.export,
-        "server": server(&copy.endpoint), "reconnect-delay": copy.hold.as_secs()});
+        "server": {"type": "unix", "path": copy.relay.display().to_string()}, "reconnect-delay": 0});
     if let Some(id) = &copy.tls_creds {
         node["tls-creds"] = json!(id);
     }
@@ -205,7 +186,5 @@ mod tests {
         assert_eq!(judge(&job("paused", "failed", true, 164, 100), 0), MirrorSample::Stopped { missed: 64 });
         assert!(matches!(judge(&job("concluded", "ok", false, 1, 0), 0), MirrorSample::Ended { .. }));
         assert_eq!(judge(&job("ready", "ok", true, 100, 100), 1), MirrorSample::Absent, "another disk's job");
-        assert_eq!(server("198.18.0.2:10900"), json!({"type": "inet", "host": "198.18.0.2", "port": "10900"}));
-        assert_eq!(server("/run/tandem/relay-web0-0.sock"), json!({"type": "unix", "path": "/run/tandem/relay-web0-0.sock"}));
     }
 }

@@ -4,8 +4,9 @@
 //! the block layer's half of site mirroring, checked from outside.
 //!
 //! - In sync, no write the guest acknowledged is missing from the other copy.
-//! - The other copy lost: the guest's writes are held for the hold, not acknowledged on one copy
-//!   at once; then they complete on the local copy and the mirror reports them missed.
+//! - The other copy lost — its server gone, or silent as behind a cut link: the guest's writes
+//!   are held, however long, until the relay lets them go (the agent does so once the copy is
+//!   committed as stale); then they complete on the local copy and the mirror stops.
 //! - The copy back: the resync copies only what was missed (far less than the disk), and both
 //!   copies end byte for byte equal.
 
@@ -13,6 +14,7 @@ use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tandem_drivers::copyrelay::{CopyRelay, RelayHealth};
 use tandem_drivers::launcher::Launcher;
 use tandem_drivers::qmp::Qmp;
 use tandem_drivers::sitecopy::{export_name, CopyServer, CopyServerConfig};
@@ -26,7 +28,7 @@ const GUEST_ADDR: &str = "127.103.0.2:8080";
 const COPY_IP: &str = "127.103.0.1";
 const COPY_PORT: u16 = 10_931;
 const DISK_BYTES: u64 = 64 << 20;
-const HOLD: Duration = Duration::from_secs(3);
+const STALL: Duration = Duration::from_millis(800);
 
 struct Guest {
     child: std::process::Child,
@@ -90,6 +92,57 @@ fn copy_config(dir: &Path) -> CopyServerConfig {
     CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port: COPY_PORT, tls_dir: None }
 }
 
+/// Holds for `hold` and checks that no write completed meanwhile; returns the number last
+/// acknowledged before the hold.
+async fn assert_held(seq: &SeqWatch, relay: &CopyRelay, hold: Duration) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(relay.health(), RelayHealth::Lost { .. }) {
+        if Instant::now() >= deadline {
+            return Err(anyhow!("the relay never saw the copy lost: {:?}", relay.health()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let at_loss = seq.highest();
+    tokio::time::sleep(hold).await;
+    let now = seq.highest();
+    // One write may have been on its way back to the guest as the copy went.
+    assert!(now <= at_loss + 1, "writes completed on one copy without a release: {at_loss} at the loss, {now} after {hold:?}");
+    Ok(now)
+}
+
+/// Lets the held writes go and checks that they do, on the local copy alone.
+async fn release_and_go_on(seq: &SeqWatch, relay: &CopyRelay, vm: &Guest, held: u64) -> Result<()> {
+    relay.release();
+    seq.wait_past(held + 5, Duration::from_secs(30)).map_err(|e| anyhow!("writes never went on alone: {e}"))?;
+    wait_for("the mirror to stop", &vm.qmp, Duration::from_secs(10), |s| matches!(s, MirrorSample::Stopped { .. })).await?;
+    Ok(())
+}
+
+/// Resumes the mirror until it is in sync again; the bytes it copied again.
+async fn resync(vm: &Guest, len_before: u64) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        syncmirror::resume("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? {
+            MirrorSample::InSync => break,
+            s if Instant::now() >= deadline => return Err(anyhow!("no resync: {s:?}")),
+            _ => {}
+        }
+    }
+    let recopied = job_len(&vm.qmp).await? - len_before;
+    eprintln!("resync copied {} KiB of a {} MiB disk", recopied >> 10, DISK_BYTES >> 20);
+    assert!(recopied > 0 && recopied < DISK_BYTES / 4, "the resync copied {recopied} bytes of {DISK_BYTES}");
+    Ok(recopied)
+}
+
+fn assert_acknowledged_on(remote: &Path, seq: &SeqWatch) -> Result<()> {
+    let acknowledged = seq.highest();
+    let there = highest_record(remote)?.unwrap_or(0);
+    assert!(there >= acknowledged, "the other copy holds {there}, the guest acknowledged {acknowledged}");
+    Ok(())
+}
+
 async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
     let (local, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
     for image in [&local, &remote] {
@@ -99,68 +152,60 @@ async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
     let export = export_name("db", 0);
     let server = CopyServer::start(&copy_config(dir), &launcher).await?;
     server.serve(&export, &remote).await?;
+    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{COPY_PORT}"), STALL)?;
     let vm = launch(dir, guest, &local).await?;
     let seq = SeqWatch::start(GUEST_ADDR);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
 
-    let copy = RemoteCopy { disk: 0, endpoint: format!("{COPY_IP}:{COPY_PORT}"), export: export.clone(), hold: HOLD, tls_creds: None };
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), tls_creds: None };
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
-
+    assert_eq!(relay.health(), RelayHealth::Joined);
     // In sync: every number the guest acknowledged is on the other copy already.
     for _ in 0..5 {
-        let acknowledged = seq.highest();
-        let there = highest_record(&remote)?.unwrap_or(0);
-        assert!(there >= acknowledged, "the other copy holds {there}, the guest acknowledged {acknowledged}");
+        assert_acknowledged_on(&remote, &seq)?;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // The other copy lost (its server gone): writes are held, not acknowledged on one copy.
+    // The copy server gone (its connection closed): the writes wait for the release, however long.
     let len_before = job_len(&vm.qmp).await?;
     drop(server);
-    let cut = Instant::now();
-    let at_cut = seq.highest();
-    tokio::time::sleep(HOLD - Duration::from_millis(700)).await;
-    let during_hold = seq.highest();
-    // One write may have been on its way back to the guest as the server went.
-    assert!(during_hold <= at_cut + 1, "acknowledged during the hold: {at_cut} at the cut, {during_hold} now");
-    let on_remote = highest_record(&remote)?.unwrap_or(0);
-    assert!(on_remote >= at_cut, "the other copy lost a number acknowledged before the cut");
-    let after = seq.wait_past(during_hold + 5, Duration::from_secs(30)).map_err(|e| anyhow!("writes never went on alone: {e}"))?;
-    let held = after.at.saturating_duration_since(cut);
-    assert!(held >= HOLD - Duration::from_millis(700), "writes went on alone after {held:?}, before the hold of {HOLD:?}");
-    let stopped = wait_for("the mirror to stop", &vm.qmp, Duration::from_secs(10), |s| matches!(s, MirrorSample::Stopped { .. })).await?;
-    eprintln!("writes held {held:?}; mirror {stopped:?}");
-
-    // The copy back: the resync copies only what was missed.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = assert_held(&seq, &relay, Duration::from_secs(4)).await?;
+    assert!(highest_record(&remote)?.unwrap_or(0) + 1 >= held, "the other copy lost a number acknowledged before the loss");
+    release_and_go_on(&seq, &relay, &vm, held).await?;
     let server = CopyServer::start(&copy_config(dir), &launcher).await?;
     server.serve(&export, &remote).await?;
-    let resync_deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        syncmirror::resume("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        match syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? {
-            MirrorSample::InSync => break,
-            s if Instant::now() >= resync_deadline => return Err(anyhow!("no resync: {s:?}")),
-            _ => {}
-        }
-    }
-    let recopied = job_len(&vm.qmp).await? - len_before;
-    eprintln!("resync copied {} KiB of a {} MiB disk", recopied >> 10, DISK_BYTES >> 20);
-    assert!(recopied > 0 && recopied < DISK_BYTES / 4, "the resync copied {recopied} bytes of {DISK_BYTES}");
+    resync(&vm, len_before).await?;
+    assert_acknowledged_on(&remote, &seq)?;
+
+    // The copy server silent (stopped: its connection stays up, nothing answers — a cut link).
+    let len_before = job_len(&vm.qmp).await?;
+    let pid = server.pid().ok_or_else(|| anyhow!("no copy server pid"))?;
+    signal(pid, libc::SIGSTOP);
+    let held = assert_held(&seq, &relay, Duration::from_secs(4)).await;
+    signal(pid, libc::SIGCONT);
+    let held = held?;
+    release_and_go_on(&seq, &relay, &vm, held).await?;
+    resync(&vm, len_before).await?;
 
     // Both copies equal (the guest paused, so nothing is in flight).
     vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
     let (a, b) = (std::fs::read(&local)?, std::fs::read(&remote)?);
     assert!(a == b, "the copies differ after the resync");
-    assert!(highest_record(&remote)?.unwrap_or(0) >= seq.highest());
+    assert_acknowledged_on(&remote, &seq)?;
     syncmirror::detach("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
     assert_eq!(syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await?, MirrorSample::Absent);
     server.withdraw(&export).await?;
     assert!(server.served().await.is_empty());
     drop(seq);
     Ok(())
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on the copy server this test started.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
 }
 
 #[test]

@@ -1,0 +1,191 @@
+//! The agent's relay between a VM's QEMU and the other site's copy server: QEMU's NBD client
+//! connects to a unix socket here, and the relay carries the bytes to the copy server over TCP.
+//!
+//! It exists so that the agent, not a timer in QEMU or TCP, decides when a mirrored disk's
+//! writes may complete on one copy. When the other copy stops answering — the connection fails,
+//! or bytes were sent and nothing came back for `stall` (a cut link drops packets silently, and
+//! TCP would retransmit for minutes) — the relay keeps QEMU's side open and forwards nothing:
+//! QEMU's writes to the other copy wait, and so do the guest's writes. They complete only when
+//! the agent calls [`CopyRelay::release`], after the cluster has committed that copy as stale:
+//! the relay then closes QEMU's side, QEMU's NBD client (whose `reconnect-delay` is 0) fails
+//! the waiting writes at once, and the mirror stops with them in its bitmap. If the agent dies
+//! the relay dies with it — and so does the VM, forked with the agent's death signal.
+//!
+//! After a release, each new connection from QEMU (its client reconnects by itself) is joined
+//! to a fresh connection to the copy server if one can be made within `connect`, and closed
+//! otherwise.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+
+/// The default time without an answer, with bytes outstanding, after which the other copy
+/// counts as lost.
+pub const DEFAULT_STALL: Duration = Duration::from_millis(1500);
+/// How long a connection to the copy server may take.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The relay's buffer per direction.
+const CHUNK: usize = 256 * 1024;
+
+/// Where the relay stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelayHealth {
+    /// No connection from QEMU yet (or QEMU closed its own).
+    Idle,
+    /// QEMU's connection joined to the copy server.
+    Joined,
+    /// The copy server stopped answering at `since`; QEMU's writes to it are held.
+    Lost { since: Instant, why: String },
+    /// Held writes were let go: QEMU's side was closed. New connections join again if the copy
+    /// server answers.
+    Released,
+}
+
+struct Shared {
+    health: RelayHealth,
+    /// Bumped by `release`: a joined or held connection ends when it sees a newer value.
+    releases: u64,
+}
+
+/// A running relay for one disk's remote copy.
+pub struct CopyRelay {
+    socket: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+    released: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CopyRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl CopyRelay {
+    /// Listens on `socket` (replacing a stale one) and relays to `upstream` (`host:port`).
+    pub fn start(socket: &Path, upstream: &str, stall: Duration) -> std::io::Result<CopyRelay> {
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket)?;
+        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, releases: 0 }));
+        let released = Arc::new(tokio::sync::Notify::new());
+        let (s, r, up) = (Arc::clone(&shared), Arc::clone(&released), upstream.to_string());
+        let task = tokio::spawn(async move {
+            let mut current: Option<tokio::task::JoinHandle<()>> = None;
+            while let Ok((down, _)) = listener.accept().await {
+                // QEMU holds one connection per disk: a new one replaces the old.
+                if let Some(old) = current.take() {
+                    old.abort();
+                }
+                let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(&up)).await {
+                    Ok(Ok(u)) => u,
+                    // Nothing to join it to: QEMU's client sees the close and tries again later.
+                    _ => continue,
+                };
+                let _ = upstream.set_nodelay(true);
+                let generation = {
+                    let mut g = lock(&s);
+                    g.health = RelayHealth::Joined;
+                    g.releases
+                };
+                current = Some(tokio::spawn(pair(down, upstream, stall, Arc::clone(&s), Arc::clone(&r), generation)));
+            }
+        });
+        Ok(CopyRelay { socket: socket.to_path_buf(), shared, released, task })
+    }
+
+    /// The unix socket QEMU's NBD client connects to.
+    #[must_use]
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Where the relay stands now.
+    #[must_use]
+    pub fn health(&self) -> RelayHealth {
+        lock(&self.shared).health.clone()
+    }
+
+    /// Lets held writes go: closes QEMU's side (a joined connection too), so its writes to the
+    /// other copy fail and the guest's complete on the local copy alone. Call it only once the
+    /// other copy is committed as stale.
+    pub fn release(&self) {
+        let mut g = lock(&self.shared);
+        g.releases += 1;
+        g.health = RelayHealth::Released;
+        drop(g);
+        self.released.notify_waiters();
+    }
+}
+
+/// Carries bytes both ways until either side ends, the copy server stops answering (then QEMU's
+/// side is held open, forwarding nothing, until a release), or a release.
+async fn pair(down: UnixStream, up: TcpStream, stall: Duration, shared: Arc<Mutex<Shared>>, released: Arc<tokio::sync::Notify>, generation: u64) {
+    let is_released = |s: &Mutex<Shared>| lock(s).releases != generation;
+    let (mut down_r, mut down_w) = down.into_split();
+    let (mut up_r, mut up_w) = up.into_split();
+    let (mut to_up, mut to_down) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    // Bytes sent to the copy server with no answer since: when they were first left waiting.
+    let mut waiting_since: Option<Instant> = None;
+    let lost = loop {
+        let stall_check = async {
+            match waiting_since {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t + stall)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            n = down_r.read(&mut to_up) => match n {
+                Ok(0) | Err(_) => {
+                    // QEMU closed its side (the node was deleted, or QEMU ended).
+                    let mut g = lock(&shared);
+                    if g.releases == generation { g.health = RelayHealth::Idle; }
+                    return;
+                }
+                Ok(n) => {
+                    match tokio::time::timeout(stall, up_w.write_all(&to_up[..n])).await {
+                        Ok(Ok(())) => { waiting_since.get_or_insert_with(Instant::now); }
+                        Ok(Err(e)) => break format!("writing to the copy server failed: {e}"),
+                        Err(_) => break format!("the copy server took no bytes for {stall:?}"),
+                    }
+                }
+            },
+            n = up_r.read(&mut to_down) => match n {
+                Ok(0) => break "the copy server closed the connection".to_string(),
+                Err(e) => break format!("reading from the copy server failed: {e}"),
+                Ok(n) => {
+                    waiting_since = None;
+                    if down_w.write_all(&to_down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            () = stall_check => break format!("the copy server did not answer for {stall:?}"),
+            () = released.notified() => return,
+        }
+        if is_released(&shared) {
+            return;
+        }
+    };
+    drop((up_r, up_w));
+    {
+        let mut g = lock(&shared);
+        if g.releases != generation {
+            return;
+        }
+        g.health = RelayHealth::Lost { since: Instant::now(), why: lost };
+    }
+    // Hold QEMU's side open, forwarding nothing, until the agent lets the writes go.
+    let notified = released.notified();
+    tokio::pin!(notified);
+    if !is_released(&shared) {
+        notified.await;
+    }
+    drop((down_r, down_w));
+}
