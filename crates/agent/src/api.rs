@@ -118,7 +118,9 @@ impl From<StateError> for ApiError {
             | StateError::VmInError { .. }
             | StateError::NotMigratable { .. }
             | StateError::NotMigrating { .. }
-            | StateError::MigrationLimit(_) => StatusCode::CONFLICT,
+            | StateError::MigrationLimit(_)
+            | StateError::NotMirrored(_)
+            | StateError::StaleCopy { .. } => StatusCode::CONFLICT,
             // A log entry the proposer built wrong: a bug, not the caller's doing.
             StateError::Unjudged(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

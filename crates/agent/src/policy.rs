@@ -82,7 +82,7 @@ mod tests {
             name: "v".into(),
             vcpus: 1,
             memory_mib: 64,
-            disks: vec![DiskSpec { path: disk.into(), format: None, readonly: false, local: false }],
+            disks: vec![DiskSpec { path: disk.into(), format: None, readonly: false, local: false, mirror: false }],
             network: None,
             protection: Protection::Protect,
             priority: 0,

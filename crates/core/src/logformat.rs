@@ -27,7 +27,9 @@
 //! for good is stopped only if still assigned where it exited; an older host has only the
 //! unconditional `set-power`). Format 11 adds sites: `set-host-site`, and settings with the
 //! `survive_site_loss` target (an older host would judge admission without it). Format 12 adds
-//! `set-witness` (the disk witness's vote; an older host would count quorums without it). A release that adds a command or a field that older hosts would
+//! `set-witness` (the disk witness's vote; an older host would count quorums without it). Format
+//! 13 adds disks mirrored between sites: a spec with one, and `mirror-synced`/`mirror-degraded`,
+//! which keep which sites' copies are current. A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -36,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 12;
+pub const LOG_FORMAT: u32 = 13;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -57,6 +59,9 @@ pub(crate) const EXIT_STOP_FORMAT: u32 = 10;
 pub(crate) const SITE_FORMAT: u32 = 11;
 /// The disk witness's vote in committed state.
 pub(crate) const WITNESS_FORMAT: u32 = 12;
+/// Disks mirrored between sites: a spec with one (an older host would take its relative path
+/// for a shared one), and the copies' state (`mirror-synced`, `mirror-degraded`).
+pub(crate) const MIRROR_FORMAT: u32 = 13;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -249,7 +254,7 @@ mod tests {
     fn local_disk_specs_are_format_7() {
         let mut spec = crate::state::VmSpec::process("a", 128, 0, &["true"]);
         spec.protection = crate::state::Protection::BestEffort;
-        spec.disks = vec![crate::state::DiskSpec { path: "a.raw".into(), format: None, readonly: false, local: true }];
+        spec.disks = vec![crate::state::DiskSpec { path: "a.raw".into(), format: None, readonly: false, local: true, mirror: false }];
         let create = Command::CreateVm { spec: spec.clone() };
         let e = LogEntry::new(&create).expect("encodes");
         assert_eq!(e.format, 7);
@@ -327,6 +332,28 @@ mod tests {
         let mut old = e.clone();
         old.format = 11;
         assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 11, .. })), "{:?}", old.decode());
+    }
+
+    /// A spec with a disk mirrored between sites, and the copies' state, are format 13: an
+    /// older host would take the disk's relative path for a shared one, and could not keep
+    /// which copies are current.
+    #[test]
+    fn mirrored_disks_are_format_13() {
+        let mut spec = crate::state::VmSpec::process("a", 128, 0, &["true"]);
+        spec.disks = vec![crate::state::DiskSpec { path: "a.raw".into(), format: None, readonly: false, local: false, mirror: true }];
+        let create = Command::CreateVm { spec };
+        for cmd in [
+            create,
+            Command::MirrorSynced { name: "a".into(), generation: 3, site: "east".into() },
+            Command::MirrorDegraded { name: "a".into(), generation: 3, site: "east".into() },
+        ] {
+            let e = LogEntry::new(&cmd).expect("encodes");
+            assert_eq!(e.format, 13, "{cmd:?}");
+            assert_eq!(e.decode(), Ok((cmd, None)));
+            let mut old = e.clone();
+            old.format = 12;
+            assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 12, .. })), "{:?}", old.decode());
+        }
     }
 
     /// A host's site and the "survive one site" target are format 11; settings without the

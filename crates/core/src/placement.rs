@@ -123,6 +123,8 @@ pub enum LeftDown {
     NoQuorum,
     /// Its writable disk is on its failed host's own storage: it waits for that host.
     LocalDisk,
+    /// Its disks are mirrored between sites, and no surviving site's copy is current.
+    NoCurrentCopy,
 }
 
 /// The result of one placement run: where each VM goes, and which stay down and why. (Not a

@@ -77,6 +77,7 @@ pub fn waiting_reason(state: &ClusterState, name: &str, eligible: HostSet) -> Op
         (LeftDown::ProtectionOff, _, _) => "protection is off".into(),
         (LeftDown::NoQuorum, _, _) => "no quorum".into(),
         (LeftDown::LocalDisk, _, _) => "its disk is on its host's own storage".into(),
+        (LeftDown::NoCurrentCopy, _, _) => format!("no surviving site holds a current copy of its mirrored disks (current: {})", vm.copies.join(", ")),
     })
 }
 

@@ -60,6 +60,12 @@ pub struct DiskSpec {
     /// read-only disk (an installer image, say) is expected on every host and is not copied.
     #[serde(default, skip_serializing_if = "is_false")]
     pub local: bool,
+    /// Mirrored between sites: every site holds a copy at this path, relative to each host's
+    /// `[qemu] site_disk_dir` (its site's storage). The running host's QEMU mirrors every write
+    /// synchronously into the other sites' copies, and HA restarts the VM only at a site whose
+    /// copy committed state shows current (log format 13).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mirror: bool,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
@@ -207,6 +213,12 @@ pub enum SpecError {
     RelativeDiskPath(String),
     #[error("local disk path '{0}' must be relative to the host's local_disk_dir, without '.' or '..' parts, at most 255 characters")]
     BadLocalDiskPath(String),
+    #[error("mirrored disk path '{0}' must be relative to the site's site_disk_dir, without '.' or '..' parts, at most 255 characters")]
+    BadMirroredDiskPath(String),
+    #[error("disk '{0}' is both local and mirrored: a disk lives on its host's storage, or on every site's")]
+    LocalAndMirrored(String),
+    #[error("disk '{0}' is read-only: only a writable disk is mirrored")]
+    ReadOnlyMirror(String),
     #[error("a VM with a writable local disk cannot be protected: HA cannot restart it on another host (its disk is on its host); use protection best-effort or off, or shared storage")]
     ProtectedLocalDisk,
     #[error("restart_group = {0} is outside 0..={MAX_RESTART_GROUP}")]
@@ -252,7 +264,16 @@ impl VmSpec {
         if !(16..=4 * 1024 * 1024).contains(&self.memory_mib) {
             return Err(SpecError::BadMemory(self.memory_mib));
         }
-        if let Some(d) = self.disks.iter().find(|d| !d.local && !d.path.starts_with('/')) {
+        if let Some(d) = self.disks.iter().find(|d| d.local && d.mirror) {
+            return Err(SpecError::LocalAndMirrored(d.path.clone()));
+        }
+        if let Some(d) = self.disks.iter().find(|d| d.mirror && d.readonly) {
+            return Err(SpecError::ReadOnlyMirror(d.path.clone()));
+        }
+        if let Some(d) = self.disks.iter().find(|d| d.mirror && !stays_inside(&d.path)) {
+            return Err(SpecError::BadMirroredDiskPath(d.path.clone()));
+        }
+        if let Some(d) = self.disks.iter().find(|d| !d.local && !d.mirror && !d.path.starts_with('/')) {
             return Err(SpecError::RelativeDiskPath(d.path.clone()));
         }
         if let Some(d) = self.disks.iter().find(|d| d.local && !stays_inside(&d.path)) {
@@ -276,6 +297,18 @@ impl VmSpec {
         self.disks.iter().enumerate().filter(|(_, d)| d.local && !d.readonly)
     }
 
+    /// The disks mirrored between sites, with their index in `disks`.
+    pub fn mirrored_disks(&self) -> impl Iterator<Item = (usize, &DiskSpec)> {
+        self.disks.iter().enumerate().filter(|(_, d)| d.mirror)
+    }
+
+    /// Whether the VM's data is mirrored between sites: it runs only at a site whose copy is
+    /// current.
+    #[must_use]
+    pub fn site_mirrored(&self) -> bool {
+        self.mirrored_disks().next().is_some()
+    }
+
     /// Whether the VM's data lives on its host's own storage: it can move live, but HA cannot
     /// restart it on another host.
     #[must_use]
@@ -297,7 +330,7 @@ mod tests {
     fn with_disk(path: &str, local: bool, protection: Protection) -> VmSpec {
         let mut v = VmSpec::process("a", 128, 0, &["true"]);
         v.protection = protection;
-        v.disks = vec![DiskSpec { path: path.into(), format: None, readonly: false, local }];
+        v.disks = vec![DiskSpec { path: path.into(), format: None, readonly: false, local, mirror: false }];
         v
     }
 
@@ -315,5 +348,27 @@ mod tests {
         assert_eq!(iso.validate(), Ok(()));
         assert!(!iso.bound_to_host());
         assert!(with_disk("a.raw", true, Protection::Off).bound_to_host());
+    }
+
+    #[test]
+    fn mirrored_disks_are_relative_writable_and_not_local() {
+        let mirrored = |path: &str| {
+            let mut v = with_disk(path, false, Protection::Protect);
+            v.disks[0].mirror = true;
+            v
+        };
+        let ok = mirrored("vms/db.raw");
+        assert_eq!(ok.validate(), Ok(()), "a protected VM may have a mirrored disk: it restarts at the other site");
+        assert!(ok.site_mirrored() && !ok.bound_to_host());
+        for bad in ["/abs/a.raw", "../a.raw", ""] {
+            assert_eq!(mirrored(bad).validate(), Err(SpecError::BadMirroredDiskPath(bad.into())), "{bad}");
+        }
+        let mut both = mirrored("a.raw");
+        both.disks[0].local = true;
+        assert_eq!(both.validate(), Err(SpecError::LocalAndMirrored("a.raw".into())));
+        let mut ro = mirrored("a.raw");
+        ro.disks[0].readonly = true;
+        assert_eq!(ro.validate(), Err(SpecError::ReadOnlyMirror("a.raw".into())));
+        assert!(!with_disk("/shared/a.raw", false, Protection::Protect).site_mirrored());
     }
 }

@@ -17,6 +17,7 @@ mod failure;
 mod leave;
 mod lifecycle;
 mod migration;
+mod mirror;
 mod sites;
 mod tokens;
 
@@ -334,7 +335,14 @@ impl ClusterState {
                 // placement: no plan moves it.
                 running: v.desired() == PowerState::Running && v.parked().is_none(),
                 rules: Vec::new(),
-                avoid: v.failed_on.iter().filter_map(|h| index.get(h).copied()).collect(),
+                // A site-mirrored VM starts only at a site whose copy is current.
+                avoid: v
+                    .failed_on
+                    .iter()
+                    .copied()
+                    .chain(self.hosts.keys().copied().filter(|h| !self.copy_current_on(v, *h)))
+                    .filter_map(|h| index.get(&h).copied())
+                    .collect(),
             })
             .collect();
         let rules = self
@@ -796,7 +804,7 @@ pub(crate) mod tests {
                 guest_agent: false,
             };
             v.network = Some(NetworkSpec::User { hostfwd: vec!["tcp:{host_ip}:8080-:80".into()] });
-            v.disks = vec![DiskSpec { path: "/shared/q.raw".into(), format: Some("raw".into()), readonly: false, local: false }];
+            v.disks = vec![DiskSpec { path: "/shared/q.raw".into(), format: Some("raw".into()), readonly: false, local: false, mirror: false }];
             f(&mut v);
             v.check_arguments()
         };

@@ -591,7 +591,7 @@ mod tests {
             name: "web".into(),
             vcpus: 1,
             memory_mib: 128,
-            disks: vec![DiskSpec { path: "/shared/a,file.locking=off".into(), format: None, readonly: false, local: false }],
+            disks: vec![DiskSpec { path: "/shared/a,file.locking=off".into(), format: None, readonly: false, local: false, mirror: false }],
             network: Some(NetworkSpec::User { hostfwd: vec!["tcp:{host_ip}:8080-:80".into()] }),
             protection: Protection::Protect,
             priority: 0,

@@ -264,7 +264,7 @@ impl DiskGuestLab {
         spec.name = "db".into();
         spec.memory_mib = memory_mib;
         spec.protection = Protection::Protect;
-        spec.disks = vec![DiskSpec { path: image.display().to_string(), format: Some("raw".into()), readonly: false, local: false }];
+        spec.disks = vec![DiskSpec { path: image.display().to_string(), format: Some("raw".into()), readonly: false, local: false, mirror: false }];
         spec.network = Some(NetworkSpec::Bridge { bridge: VM_BRIDGE.into(), mac: "52:54:00:18:00:64".into(), address: Some(ip) });
         spec.probe = Some(ServiceProbe::Http { address: format!("{bare}:80"), path: "/seq".into(), expect: None });
         let c = lab.client(0);

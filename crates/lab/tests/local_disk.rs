@@ -77,7 +77,7 @@ fn local_lab_with(net: u8, extra: &str, ca: Option<std::path::PathBuf>, fill: im
     lab.form_cluster()?;
     let mut spec = demo_vm(0, "qemu", &g);
     spec.protection = Protection::BestEffort;
-    spec.disks = vec![DiskSpec { path: "web0.raw".into(), format: Some("raw".into()), readonly: false, local: true }];
+    spec.disks = vec![DiskSpec { path: "web0.raw".into(), format: Some("raw".into()), readonly: false, local: true, mirror: false }];
     let c = lab.client(0);
     c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
     c.send("POST", "/v1/vms/web0/start", &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;

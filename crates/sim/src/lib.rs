@@ -408,7 +408,7 @@ impl Sim {
         let local_disk = self.opts.local_disks && self.next_vm % 5 == 4;
         if local_disk {
             spec.protection = tandem_core::state::Protection::BestEffort;
-            spec.disks = vec![tandem_core::state::DiskSpec { path: format!("{name}.raw"), format: None, readonly: false, local: true }];
+            spec.disks = vec![tandem_core::state::DiskSpec { path: format!("{name}.raw"), format: None, readonly: false, local: true, mirror: false }];
         }
         if let Some((200 | 201, _)) = self.send(on, "POST", "/v1/vms", &spec).await {
             self.created.insert(name.clone());

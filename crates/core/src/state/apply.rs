@@ -17,6 +17,7 @@ impl ClusterState {
     pub(crate) fn apply_with(&mut self, cmd: &Command, mode: AdmitMode<'_>) -> Result<Applied, StateError> {
         let applied = self.apply_command(cmd, mode)?;
         self.assert_placed_within_bounds(&applied);
+        self.note_copies(&applied);
         self.revision += 1;
         Ok(applied)
     }
@@ -72,6 +73,8 @@ impl ClusterState {
             Command::MigrationAbort { name, generation, reason } => self.migration_abort(name, *generation, reason),
             Command::HostLeave { host, epoch, hold_ms } => self.host_leave(*host, *epoch, *hold_ms),
             Command::ReleaseParked { host } => self.release_parked(*host),
+            Command::MirrorSynced { name, generation, site } => self.mirror_synced(name, *generation, site),
+            Command::MirrorDegraded { name, generation, site } => self.mirror_degraded(name, *generation, site),
         }
     }
 
@@ -324,6 +327,9 @@ impl ClusterState {
         }
         if let Some(rule) = self.broken_hard_rule(name, host) {
             return Err(StateError::BreaksHardRule { vm: name.to_string(), host, rule });
+        }
+        if let Some(vm) = self.vms.get(name).filter(|v| !self.copy_current_on(v, host)) {
+            return Err(StateError::StaleCopy { vm: name.to_string(), host, current: vm.copies.join(", ") });
         }
         Ok(())
     }

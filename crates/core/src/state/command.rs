@@ -163,6 +163,20 @@ pub enum Command {
     ReleaseParked {
         host: HostId,
     },
+    /// The host running `name` in `generation` has its mirror into `site`'s copy in sync: that
+    /// copy is current again (log format 13; see `state::mirror`).
+    MirrorSynced {
+        name: String,
+        generation: u64,
+        site: String,
+    },
+    /// The host running `name` in `generation` lost `site`'s copy: it is stale, and only once
+    /// this is committed may the guest's writes complete without it (log format 13).
+    MirrorDegraded {
+        name: String,
+        generation: u64,
+        site: String,
+    },
 }
 
 impl Command {
@@ -197,6 +211,8 @@ impl Command {
             Command::StartMigration { .. } => "start-migration",
             Command::MigrationSwitchover { .. } => "migration-switchover",
             Command::MigrationAbort { .. } => "migration-abort",
+            Command::MirrorSynced { .. } => "mirror-synced",
+            Command::MirrorDegraded { .. } => "mirror-degraded",
         }
     }
 
@@ -217,7 +233,9 @@ impl Command {
             | Command::CapacityRetry { name }
             | Command::StartMigration { name, .. }
             | Command::MigrationSwitchover { name, .. }
-            | Command::MigrationAbort { name, .. } => Some(name.clone()),
+            | Command::MigrationAbort { name, .. }
+            | Command::MirrorSynced { name, .. }
+            | Command::MirrorDegraded { name, .. } => Some(name.clone()),
             Command::HostJoined { host }
             | Command::SetHostMode { host, .. }
             | Command::Failover { host, .. }
@@ -241,6 +259,8 @@ impl Command {
             Command::StopExited { .. } => Some(crate::logformat::EXIT_STOP_FORMAT),
             Command::SetHostSite { .. } => Some(crate::logformat::SITE_FORMAT),
             Command::SetWitness { .. } => Some(crate::logformat::WITNESS_FORMAT),
+            Command::MirrorSynced { .. } | Command::MirrorDegraded { .. } => Some(crate::logformat::MIRROR_FORMAT),
+            Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if spec.site_mirrored() => Some(crate::logformat::MIRROR_FORMAT),
             Command::SetSettings { settings, .. } if settings.survive_site_loss => Some(crate::logformat::SITE_FORMAT),
             Command::SetRule { rule, .. } if rule.kind == crate::placement::RuleKind::Site => Some(crate::logformat::SITE_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if !spec.postcopy.is_off() => Some(crate::logformat::POSTCOPY_FORMAT),
@@ -368,6 +388,10 @@ pub enum StateError {
     UnknownHost(HostId),
     #[error("unknown VM '{0}'")]
     UnknownVm(String),
+    #[error("VM '{0}' has no disk mirrored between sites")]
+    NotMirrored(String),
+    #[error("VM '{vm}' cannot start on {host}: its site's copy of the VM's mirrored disks is not current (current: {current})")]
+    StaleCopy { vm: String, host: HostId, current: String },
     #[error("a VM named '{0}' already exists")]
     VmExists(String),
     #[error("invalid VM spec: {0}")]

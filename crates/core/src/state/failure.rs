@@ -27,6 +27,14 @@ impl ClusterState {
         let mut plan = model.named(&model.plan(&failed, false));
         plan.left_down.retain(|(n, _)| !bound.contains(n));
         plan.left_down.extend(bound.into_iter().map(|n| (n, LeftDown::LocalDisk)));
+        // A site-mirrored VM that found no host is down for want of a current copy when no
+        // eligible host stands at a site with one.
+        for (name, why) in &mut plan.left_down {
+            let Some(vm) = self.vms.get(name.as_str()).filter(|v| v.spec.site_mirrored()) else { continue };
+            if !eligible.iter().any(|h| self.copy_current_on(vm, h)) {
+                *why = LeftDown::NoCurrentCopy;
+            }
+        }
         plan
     }
 

@@ -180,7 +180,7 @@ mod tests {
     fn a_vm_on_local_storage_waits_for_its_host() {
         let mut s = cluster(3, 4096);
         let mut local = process_vm("l", Protection::BestEffort, 0, 512);
-        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true }];
+        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true, mirror: false }];
         run_on(&mut s, local, 0);
         run_on(&mut s, process_vm("p", Protection::Protect, 0, 512), 0);
         let plan = crate::recovery::plan_failover(&s, HostId(0), s.members());
@@ -217,7 +217,7 @@ mod tests {
     fn a_stale_exit_report_does_not_stop_a_parked_vm() {
         let mut s = cluster(3, 4096);
         let mut local = process_vm("l", Protection::BestEffort, 0, 512);
-        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true }];
+        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true, mirror: false }];
         run_on(&mut s, local, 0);
         let generation = s.vms["l"].assignment().expect("placed").generation;
         let epoch = s.hosts[&HostId(0)].epoch;
@@ -244,7 +244,7 @@ mod tests {
     fn a_stopped_vm_on_local_storage_starts_again_only_where_its_disk_is() {
         let mut s = cluster(3, 4096);
         let mut local = process_vm("l", Protection::Off, 0, 512);
-        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true }];
+        local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true, mirror: false }];
         run_on(&mut s, local, 0);
         assert_eq!(s.vms["l"].disk_host, Some(HostId(0)));
         s.apply(&Command::StartMigration { name: "l".into(), to: HostId(1), force: true, evacuation: false }).expect("start");

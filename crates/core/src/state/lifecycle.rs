@@ -60,13 +60,18 @@ pub struct VmRecord {
     /// or parked VM keeps it, and is only ever started there again (every other host holds an
     /// older copy, or none). `None` until it first runs, and for VMs without a local disk.
     pub disk_host: Option<HostId>,
+    /// For a VM with site-mirrored disks: the sites whose copies hold every write the guest had
+    /// acknowledged (sorted). A start places it at one of them, and makes that site's copy the
+    /// only current one until a mirror catches another up (`mirror-synced`). Empty until it
+    /// first runs: every site's copy is as the operator left it.
+    pub copies: Vec<String>,
 }
 
 impl VmRecord {
     /// A new VM: stopped, with no history.
     #[must_use]
     pub fn new(spec: VmSpec) -> VmRecord {
-        VmRecord { spec, phase: VmPhase::Stopped, failed_on: vec![], home: None, disk_host: None }
+        VmRecord { spec, phase: VmPhase::Stopped, failed_on: vec![], home: None, disk_host: None, copies: vec![] }
     }
 
     /// What the operator (or HA) wants: running or stopped.
@@ -304,6 +309,10 @@ pub struct VmRecordWire {
     /// VM anywhere: upgrade every host before relying on local disks across stops).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     disk_host: Option<HostId>,
+    /// The sites whose mirrored copies are current (written only for a site-mirrored VM, whose
+    /// spec an older host refuses: log format 13).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    copies: Vec<String>,
 }
 
 /// [`VmPhase::Parked`] on the wire.
@@ -316,7 +325,7 @@ pub struct ParkedWire {
 
 impl From<VmRecordWire> for VmRecord {
     fn from(w: VmRecordWire) -> VmRecord {
-        VmRecord { phase: VmPhase::from_fields(&w), spec: w.spec, failed_on: w.failed_on, home: w.home, disk_host: w.disk_host }
+        VmRecord { phase: VmPhase::from_fields(&w), spec: w.spec, failed_on: w.failed_on, home: w.home, disk_host: w.disk_host, copies: w.copies }
     }
 }
 
@@ -332,6 +341,7 @@ impl From<VmRecord> for VmRecordWire {
             home: r.home,
             disk_host: r.disk_host,
             parked: r.parked().map(|(host, hold_ms)| ParkedWire { host, hold_ms }),
+            copies: r.copies,
             spec: r.spec,
             failed_on: r.failed_on,
         }
@@ -368,7 +378,14 @@ mod tests {
     #[test]
     fn every_phase_round_trips_through_the_old_wire_format() {
         for phase in phases() {
-            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![HostId(3)], home: Some(HostId(1)), disk_host: Some(HostId(2)) };
+            let r = VmRecord {
+                spec: spec(),
+                phase: phase.clone(),
+                failed_on: vec![HostId(3)],
+                home: Some(HostId(1)),
+                disk_host: Some(HostId(2)),
+                copies: vec!["a".into()],
+            };
             let json = serde_json::to_value(&r).expect("serializes");
             for field in ["desired", "assignment", "held", "error", "capacity_retries", "failed_on"] {
                 assert!(json.get(field).is_some(), "{field} missing for {phase:?}: older hosts read it");
@@ -412,7 +429,7 @@ mod tests {
     #[test]
     fn accessors_agree_with_the_phase() {
         for phase in phases() {
-            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![], home: None, disk_host: None };
+            let r = VmRecord { spec: spec(), phase: phase.clone(), failed_on: vec![], home: None, disk_host: None, copies: vec![] };
             assert_eq!(
                 r.assignment().is_some(),
                 matches!(phase, VmPhase::Held { .. } | VmPhase::Placed { .. } | VmPhase::Stopping { .. } | VmPhase::Migrating { .. })

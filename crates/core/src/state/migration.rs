@@ -69,6 +69,12 @@ impl ClusterState {
         if from.host == to {
             return refuse(format!("it already runs on {to}"));
         }
+        let site_of = |h: HostId| self.hosts.get(&h).and_then(|r| r.site.clone());
+        if vm.spec.site_mirrored() && site_of(from.host) != site_of(to) {
+            // Its mirror writes into the other site's copy, which a destination there would run
+            // on: two writers. Within its site the copy is shared like any shared disk.
+            return refuse("its disks are mirrored between sites: it moves live only within its site".into());
+        }
         if self.hosts.get(&from.host).is_none_or(|h| h.status != HostStatus::Active) {
             return refuse(format!("its host {} is not active", from.host));
         }

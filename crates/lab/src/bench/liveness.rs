@@ -74,8 +74,14 @@ fn synthetic_state(vms: usize) -> ClusterState {
             postcopy: tandem_core::spec::Postcopy::Off,
         };
         let host = HostId(1 + (i as u32) % peers);
-        let record =
-            VmRecord { spec, phase: VmPhase::Placed { at: Assignment { host, generation: i as u64 + 1 } }, failed_on: vec![], home: None, disk_host: None };
+        let record = VmRecord {
+            spec,
+            phase: VmPhase::Placed { at: Assignment { host, generation: i as u64 + 1 } },
+            failed_on: vec![],
+            home: None,
+            disk_host: None,
+            copies: vec![],
+        };
         s.vms.insert(record.spec.name.clone(), record);
     }
     s.next_generation = vms as u64 + 1;

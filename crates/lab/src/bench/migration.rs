@@ -133,7 +133,8 @@ impl MigrationLab {
         spec.memory_mib = memory_mib;
         if local_disk_mib > 0 {
             spec.protection = tandem_core::state::Protection::BestEffort;
-            spec.disks = vec![tandem_core::state::DiskSpec { path: "web0.raw".into(), format: Some("raw".into()), readonly: false, local: true }];
+            spec.disks =
+                vec![tandem_core::state::DiskSpec { path: "web0.raw".into(), format: Some("raw".into()), readonly: false, local: true, mirror: false }];
         }
         edit(&mut spec);
         let c = lab.client(0);

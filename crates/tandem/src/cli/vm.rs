@@ -35,8 +35,8 @@ pub fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
         (Some(bridge), Some(mac)) => Some(NetworkSpec::Bridge { bridge: bridge.clone(), mac: mac.clone(), address: args.address.clone() }),
         _ => (!args.hostfwd.is_empty()).then(|| NetworkSpec::User { hostfwd: args.hostfwd.clone() }),
     };
-    let shared = args.disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false, local: false });
-    let local = args.local_disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false, local: true });
+    let shared = args.disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false, local: false, mirror: false });
+    let local = args.local_disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false, local: true, mirror: false });
     let disks = shared.chain(local).collect();
     let probe = args.probe.as_deref().map(|p| probe_from(p, args.probe_expect.clone())).transpose()?;
     Ok(VmSpec {

@@ -1,0 +1,177 @@
+//! Site-mirrored disks in committed state: which sites' copies are current.
+//!
+//! A VM whose disks are mirrored between sites (`mirror = true`) runs on its site's copy, and
+//! its host's QEMU mirrors every write synchronously into the other sites' copies. Committed
+//! state keeps, per VM, the sites whose copies hold every write the guest had acknowledged
+//! (`VmRecord::copies`), and the whole safety of site failover rests on three rules:
+//!
+//! - A start — an assignment, a failover's restart, a parked VM's return, a switchover —
+//!   places the VM only at a site whose copy is current (`check_target`, and the placement
+//!   model's `avoid`), and leaves that site's copy the only current one: the others miss what
+//!   the VM writes until its mirror catches them up.
+//! - A copy becomes current again only by `mirror-synced`, proposed by the host running the VM
+//!   in that very generation once its mirror into that copy is in sync (every later write goes
+//!   to both before the guest sees it complete).
+//! - A copy stops being current by `mirror-degraded`, proposed by that host when the copy stops
+//!   answering. Until it is committed, the guest's writes wait (the agent's relay holds them);
+//!   only then may they complete on the running site's copy alone. So a write acknowledged on
+//!   one copy follows, in the log, the entry that made every other copy stale — and no later
+//!   start can use a copy that lacks it. A host that cannot commit (it is on the losing side
+//!   of a cut) never lets a write complete on one copy: it is fenced with the writes still held.
+//!
+//! Both commands apply only while the VM is still assigned in the generation they name: a
+//! report from a host that has since been failed over changes nothing.
+
+use super::{Applied, ClusterState, StateError, VmRecord};
+use crate::hostset::HostId;
+
+impl ClusterState {
+    /// Whether `vm` may start on `host` as far as its mirrored disks go: at a site whose copy is
+    /// current (any site before it first ran). A host without a site has no copy.
+    #[must_use]
+    pub fn copy_current_on(&self, vm: &VmRecord, host: HostId) -> bool {
+        if !vm.spec.site_mirrored() {
+            return true;
+        }
+        match self.hosts.get(&host).and_then(|h| h.site.as_ref()) {
+            None => false,
+            Some(site) => vm.copies.is_empty() || vm.copies.contains(site),
+        }
+    }
+
+    /// After a command placed VMs (`applied` says which, and where): a site-mirrored VM's copy
+    /// at its new site is now the only current one.
+    pub(super) fn note_copies(&mut self, applied: &Applied) {
+        let placed: Vec<(String, HostId)> = match applied {
+            Applied::Assigned { name, host, .. } => vec![(name.clone(), *host)],
+            Applied::FailedOver { moved, .. } => moved.iter().map(|(n, h, _)| (n.clone(), *h)).collect(),
+            Applied::Rejoined { host, back, .. } => back.iter().map(|(n, _)| (n.clone(), *host)).collect(),
+            Applied::Migrated { name, to } => vec![(name.clone(), to.host)],
+            _ => return,
+        };
+        for (name, host) in placed {
+            let site = self.hosts.get(&host).and_then(|h| h.site.clone());
+            let Some(vm) = self.vms.get_mut(&name).filter(|v| v.spec.site_mirrored()) else { continue };
+            debug_assert!(site.as_ref().is_some_and(|s| vm.copies.is_empty() || vm.copies.contains(s)), "{name} placed at a site without a current copy");
+            vm.copies = site.into_iter().collect();
+        }
+    }
+
+    /// `mirror-synced`: the host running `name` in `generation` reports its mirror into `site`'s
+    /// copy in sync.
+    pub(super) fn mirror_synced(&mut self, name: &str, generation: u64, site: &str) -> Result<Applied, StateError> {
+        let vm = self.mirror_owner(name, generation, site)?;
+        if !vm.copies.iter().any(|s| s == site) {
+            vm.copies.push(site.to_string());
+            vm.copies.sort();
+        }
+        Ok(Applied::Done)
+    }
+
+    /// `mirror-degraded`: the host running `name` in `generation` lost `site`'s copy and lets
+    /// the guest's writes complete without it.
+    pub(super) fn mirror_degraded(&mut self, name: &str, generation: u64, site: &str) -> Result<Applied, StateError> {
+        let running_site = self.vms.get(name).and_then(VmRecord::assignment).and_then(|a| self.hosts.get(&a.host)).and_then(|h| h.site.clone());
+        if running_site.as_deref() == Some(site) {
+            return Err(StateError::Stale(format!("VM '{name}' runs at site '{site}': its own copy cannot be left behind")));
+        }
+        let vm = self.mirror_owner(name, generation, site)?;
+        vm.copies.retain(|s| s != site);
+        Ok(Applied::Done)
+    }
+
+    /// The site-mirrored VM `name`, if it is still assigned in `generation` and `site` is a
+    /// site some host names.
+    fn mirror_owner(&mut self, name: &str, generation: u64, site: &str) -> Result<&mut VmRecord, StateError> {
+        if !self.hosts.values().any(|h| h.site.as_deref() == Some(site)) {
+            return Err(StateError::BadSite(site.to_string()));
+        }
+        let vm = self.vm_mut(name)?;
+        if !vm.spec.site_mirrored() {
+            return Err(StateError::NotMirrored(name.to_string()));
+        }
+        if vm.assignment().is_none_or(|a| a.generation != generation) {
+            return Err(StateError::Stale(format!("VM '{name}' is not running in generation {generation}")));
+        }
+        Ok(vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use crate::placement::LeftDown;
+
+    /// Hosts 0, 1 at site a; 2, 3 at site b; one site-mirrored VM.
+    fn two_sites() -> ClusterState {
+        let mut s = ClusterState::default();
+        for i in 0..4u32 {
+            s.apply(&Command::AddHost {
+                id: HostId(i),
+                name: format!("h{i}"),
+                api_addr: String::new(),
+                heartbeat_addr: String::new(),
+                capacity: Capacity { vcpus: 8, memory_mib: 4096 },
+            })
+            .expect("add");
+            s.apply(&Command::HostJoined { host: HostId(i) }).expect("join");
+            let site = if i < 2 { "a" } else { "b" };
+            s.apply(&Command::SetHostSite { host: HostId(i), site: Some(site.into()) }).expect("site");
+        }
+        let mut spec = VmSpec::process("db", 512, 0, &["true"]);
+        spec.disks = vec![DiskSpec { path: "db.raw".into(), format: None, readonly: false, local: false, mirror: true }];
+        s.apply(&Command::CreateVm { spec }).expect("create");
+        s
+    }
+
+    fn generation(s: &ClusterState) -> u64 {
+        s.vms["db"].assignment().expect("assigned").generation
+    }
+
+    #[test]
+    fn a_start_leaves_its_sites_copy_the_only_current_one_until_a_mirror_catches_up() {
+        let mut s = two_sites();
+        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        assert!(s.copy_current_on(&s.vms["db"], HostId(2)), "before it first ran, every site's copy may start it");
+        s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
+        assert_eq!(s.vms["db"].copies, vec!["a".to_string()]);
+        let g = generation(&s);
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        assert_eq!(s.vms["db"].copies, vec!["a".to_string(), "b".to_string()]);
+        // A report of an older generation, an unknown site, or the running site's own copy.
+        assert!(matches!(s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g - 1, site: "b".into() }), Err(StateError::Stale(_))));
+        assert!(matches!(s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g, site: "c".into() }), Err(StateError::BadSite(_))));
+        assert!(matches!(s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g, site: "a".into() }), Err(StateError::Stale(_))));
+        s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g, site: "b".into() }).expect("degraded");
+        assert_eq!(s.vms["db"].copies, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn a_failover_restarts_only_where_the_copy_is_current() {
+        let mut s = two_sites();
+        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
+        let g = generation(&s);
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        // Site a lost with both copies current: the VM restarts at site b, whose copy is then
+        // the only current one.
+        let plan = s.plan_failure(&[HostId(0), HostId(1)], [HostId(2), HostId(3)].into_iter().collect());
+        assert!(plan.placements.iter().any(|(n, h)| n == "db" && h.0 >= 2), "{plan:?}");
+
+        // The copy at b stale: site a's loss leaves the VM down, and nothing places it at b.
+        let mut t = two_sites();
+        t.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        t.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
+        let loss = t.plan_failure(&[HostId(0), HostId(1)], [HostId(2), HostId(3)].into_iter().collect());
+        assert_eq!(loss.left_down, vec![("db".to_string(), LeftDown::NoCurrentCopy)], "a stale copy restarts nothing");
+        let g = generation(&t);
+        t.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Stopped, force: true }).expect("stop");
+        t.apply(&Command::Release { name: "db".into(), host: HostId(0), generation: g }).expect("release");
+        t.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        assert!(matches!(t.apply(&Command::Assign { name: "db".into(), host: HostId(2) }), Err(StateError::StaleCopy { .. })));
+        assert!(!t.copy_current_on(&t.vms["db"], HostId(2)));
+        let placed = t.place(&["db".to_string()], t.active_hosts(), true).placements;
+        assert!(!placed.is_empty() && placed.iter().all(|(_, h)| h.0 < 2), "placed only at the site with the current copy: {placed:?}");
+        assert!(t.copy_current_on(&t.vms["db"], HostId(1)), "another host of the same site shares its copy");
+    }
+}
