@@ -40,6 +40,7 @@ mod liveness;
 mod maintenance;
 mod membership;
 mod migration;
+mod mirror;
 mod probe;
 mod reconciler;
 mod shutdown;
@@ -168,6 +169,7 @@ pub struct Agent {
     /// Wakes the reconciler at once (a switchover to this host was applied).
     reconcile_wake: tokio::sync::Notify,
     migrations: Mutex<migration::Migrations>,
+    mirroring: Mutex<mirror::Mirroring>,
     probing: Mutex<probe::Probing>,
     heartbeats: Arc<dyn HeartbeatTransport>,
     disk: HeartbeatDisk,
@@ -253,7 +255,8 @@ impl Agent {
             DriverKind::Process => Arc::new(ProcessDriver::new(launcher, &cfg.name, stop_timeout)),
             DriverKind::Qemu => Arc::new(
                 QemuDriver::new(cfg.qemu.clone(), launcher, &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run"))
-                    .with_migration_tls(migration_tls),
+                    .with_migration_tls(migration_tls)
+                    .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon),
             ),
             DriverKind::Mixed => Arc::new(
                 tandem_drivers::mixed::MixedDriver::new(
@@ -264,7 +267,8 @@ impl Agent {
                     cfg.data_dir.join("run"),
                     stop_timeout,
                 )
-                .with_migration_tls(migration_tls),
+                .with_migration_tls(migration_tls)
+                .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon),
             ),
         };
         let tls = match &cfg.tls {
@@ -348,6 +352,7 @@ impl Agent {
             ticks: tokio::sync::watch::Sender::new(0),
             reconciling: Mutex::default(),
             migrations: Mutex::default(),
+            mirroring: Mutex::default(),
             reconcile_wake: tokio::sync::Notify::new(),
             probing: Mutex::default(),
             heartbeats,
@@ -382,6 +387,7 @@ impl Agent {
         tokio::spawn(Arc::clone(self).coordinator_loop().in_current_span());
         tokio::spawn(Arc::clone(self).reconcile_loop().in_current_span());
         tokio::spawn(Arc::clone(self).migration_loop().in_current_span());
+        tokio::spawn(Arc::clone(self).mirror_loop().in_current_span());
         if self.witness.is_some() {
             tokio::spawn(Arc::clone(self).witness_loop().in_current_span());
         }

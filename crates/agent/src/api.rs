@@ -341,6 +341,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/migrate", post(vm_migrate).delete(vm_migrate_cancel))
         .route("/v1/migrations", get(migrations))
         .route("/v1/internal/incoming", post(internal_incoming))
+        .route("/v1/internal/copies", post(internal_copies))
         .route("/v1/local", get(local))
         .route("/v1/events", get(events))
         .route("/v1/failovers", get(failovers))

@@ -113,6 +113,30 @@ pub struct AgentConfig {
     /// here when the host joins. Absent: no site.
     #[serde(default)]
     pub site: Option<String>,
+    /// `[mirror]`: disks mirrored between sites.
+    #[serde(default)]
+    pub mirror: MirrorConfig,
+}
+
+/// `[mirror]`: how this host serves its site's copies of mirrored disks to the other sites,
+/// and how it mirrors its own VMs' disks into theirs. (Where its site's copies are is
+/// `[qemu] site_disk_dir`.)
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// The port of this host's copy server (NBD, on its cluster address).
+    pub copy_port: u16,
+    /// `qemu-storage-daemon`, which serves the copies.
+    pub storage_daemon: String,
+    /// Bytes sent to the other copy with no answer for this long, milliseconds: the copy counts
+    /// as lost, and the guest's writes wait until that is committed.
+    pub stall_ms: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig { copy_port: 10_930, storage_daemon: "qemu-storage-daemon".into(), stall_ms: tandem_drivers::copyrelay::DEFAULT_STALL.as_millis() as u64 }
+    }
 }
 
 /// `[migration]`: how this host sends live migrations.
@@ -216,6 +240,8 @@ pub enum ConfigError {
     Name(String),
     #[error("site '{0}' must be 1-63 characters of letters, digits, '-' and '_'")]
     Site(String),
+    #[error("[mirror] {0}")]
+    Mirror(&'static str),
     #[error("heartbeat_disk_paths: at most {0} more paths, none the same as heartbeat_disk (which they need)")]
     DiskPaths(usize),
     #[error("{0}")]
@@ -294,6 +320,9 @@ impl AgentConfig {
         }
         if let Some(site) = self.site.as_ref().filter(|s| !valid_name(s)) {
             return Err(ConfigError::Site(site.clone()));
+        }
+        if self.mirror.copy_port == 0 || !(100..=60_000).contains(&self.mirror.stall_ms) {
+            return Err(ConfigError::Mirror("copy_port must be a port, and stall_ms within 100..=60000"));
         }
         let paths = &self.heartbeat_disk_paths;
         let same = self.heartbeat_disk.as_ref().is_some_and(|d| paths.contains(d));

@@ -42,6 +42,15 @@ pub enum EventKind {
     MigrationAborted,
     MigrationCompleted,
     MigrationStarted,
+    /// A mirrored disk's copy at another site stopped answering: the guest's writes wait until
+    /// that copy is committed as stale (an alert).
+    MirrorHolding,
+    /// A mirrored disk runs on its site's copy alone, the other committed as stale (an alert).
+    MirrorDegraded,
+    /// A mirror started copying what the other site's copy lacks (all of it, or what it missed).
+    MirrorResyncing,
+    /// A mirrored disk's copy at another site is in sync again, and committed as current.
+    MirrorInSync,
     /// The VMs parked with a host that did not come back were released to run elsewhere.
     ParkedReleased,
     PeerAlive,
@@ -107,6 +116,10 @@ impl EventKind {
             EventKind::MigrationAborted => "migration-aborted",
             EventKind::MigrationCompleted => "migration-completed",
             EventKind::MigrationStarted => "migration-started",
+            EventKind::MirrorHolding => "mirror-holding",
+            EventKind::MirrorDegraded => "mirror-degraded",
+            EventKind::MirrorResyncing => "mirror-resyncing",
+            EventKind::MirrorInSync => "mirror-in-sync",
             EventKind::ParkedReleased => "parked-released",
             EventKind::PeerAlive => "peer-alive",
             EventKind::PeerDead => "peer-dead",

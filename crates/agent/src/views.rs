@@ -220,6 +220,23 @@ pub struct TokenView {
 pub struct LocalView {
     pub host: String,
     pub vms: Vec<VmStatus>,
+    /// The site mirrors of the VMs running here: one per disk and other site.
+    #[serde(default)]
+    pub mirrors: Vec<MirrorLinkView>,
+}
+
+/// One disk's mirror into another site's copy, at the host running the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MirrorLinkView {
+    pub vm: String,
+    /// The disk's index in the VM's spec.
+    pub disk: usize,
+    /// The site whose copy it is.
+    pub site: String,
+    /// The host of that site serving the copy.
+    pub server: String,
+    #[serde(flatten)]
+    pub state: tandem_core::mirroring::LinkState,
 }
 
 /// `GET /v1/join-proof`: a host's identity with proof that it holds the cluster secret.
@@ -572,6 +589,30 @@ pub struct MigrationsView {
     pub host: String,
     pub active: Vec<MigrationView>,
     pub recent: Vec<MigrationOutcome>,
+}
+
+/// `POST /v1/internal/copies` (the host running a site-mirrored VM to a host of another site):
+/// serve that site's copy of one of its disks.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CopyRequest {
+    pub name: String,
+    /// The generation the VM runs in at the asking host (committed state must agree).
+    pub generation: u64,
+    /// The disk's index in the VM's spec.
+    pub disk: usize,
+    /// Its virtual size: a copy missing at this site is created empty of this size.
+    pub bytes: u64,
+}
+
+/// The answer to a [`CopyRequest`]: where this site's copy is served.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CopyEndpoint {
+    /// The copy server's `host:port` (NBD).
+    pub address: String,
+    /// The export's name.
+    pub export: String,
 }
 
 /// `POST /v1/internal/incoming` (source to destination): prepare the paused copy.

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod liveness;
 pub mod logformat;
 pub mod membership;
+pub mod mirroring;
 pub mod parking;
 pub mod partition;
 pub mod placement;

@@ -45,6 +45,9 @@ pub enum RelayHealth {
 
 struct Shared {
     health: RelayHealth,
+    /// The copy server's `host:port`: a host of the other site, which may change between
+    /// connections (another host of that site serves the same copy).
+    upstream: String,
     /// Bumped by `release`: a joined or held connection ends when it sees a newer value.
     releases: u64,
 }
@@ -73,9 +76,9 @@ impl CopyRelay {
     pub fn start(socket: &Path, upstream: &str, stall: Duration) -> std::io::Result<CopyRelay> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
-        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, releases: 0 }));
+        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, upstream: upstream.to_string(), releases: 0 }));
         let released = Arc::new(tokio::sync::Notify::new());
-        let (s, r, up) = (Arc::clone(&shared), Arc::clone(&released), upstream.to_string());
+        let (s, r) = (Arc::clone(&shared), Arc::clone(&released));
         let task = tokio::spawn(async move {
             let mut current: Option<tokio::task::JoinHandle<()>> = None;
             while let Ok((down, _)) = listener.accept().await {
@@ -83,12 +86,17 @@ impl CopyRelay {
                 if let Some(old) = current.take() {
                     old.abort();
                 }
+                let up = lock(&s).upstream.clone();
                 let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(&up)).await {
                     Ok(Ok(u)) => u,
                     // Nothing to join it to: QEMU's client sees the close and tries again later.
                     _ => continue,
                 };
                 let _ = upstream.set_nodelay(true);
+                // Closed with a reset, its unsent bytes dropped: writes held here must never
+                // reach the copy later, when a healed link would carry them to a copy that
+                // another host may be running the VM on by then.
+                let _ = upstream.set_zero_linger();
                 let generation = {
                     let mut g = lock(&s);
                     g.health = RelayHealth::Joined;
@@ -104,6 +112,11 @@ impl CopyRelay {
     #[must_use]
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Joins new connections to `upstream` (`host:port`) from now on.
+    pub fn set_upstream(&self, upstream: &str) {
+        lock(&self.shared).upstream = upstream.to_string();
     }
 
     /// Where the relay stands now.

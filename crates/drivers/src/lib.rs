@@ -112,6 +112,10 @@ pub enum DriverError {
     Migration { vm: String, reason: String },
     #[error("the {driver} driver cannot {what}")]
     Unsupported { driver: &'static str, what: &'static str },
+    #[error("the site mirror failed")]
+    Mirror(#[from] syncmirror::SyncMirrorError),
+    #[error("serving this site's copy failed")]
+    Copy(#[from] sitecopy::SiteCopyError),
 }
 
 /// The interface between the agent and whatever runs VMs.
@@ -176,6 +180,37 @@ pub trait VmDriver: Send + Sync + 'static {
     /// still admits it at this instant.
     fn resume<'a>(&'a self, name: &'a str, _check: &'a StartCheck) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { Err(DriverError::NotRunning(name.to_string())) })
+    }
+    /// Serves this site's copy of a mirrored disk (`relative` to the site's storage; created
+    /// empty of `bytes` when missing) as `export`, to the other site's mirror; where
+    /// (`host:port`).
+    fn serve_copy<'a>(&'a self, _export: &'a str, _relative: &'a str, _bytes: u64) -> BoxFuture<'a, Result<String, DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "serve copies of mirrored disks" }) })
+    }
+    /// Stops serving `export` (no-op if not served); the exports still served.
+    fn withdraw_copy<'a>(&'a self, _export: &'a str) -> BoxFuture<'a, Result<Vec<String>, DriverError>> {
+        Box::pin(async move { Ok(Vec::new()) })
+    }
+    /// The exports this host serves now.
+    fn served_copies(&self) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(async move { Vec::new() })
+    }
+    /// Starts mirroring disk `copy.disk` of running VM `name` synchronously into the other
+    /// site's copy, through the agent's relay (`syncmirror::attach`).
+    fn attach_mirror<'a>(&'a self, _name: &'a str, _copy: &'a syncmirror::RemoteCopy) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
+    }
+    /// Where the mirror of disk `disk` of VM `name` stands.
+    fn sample_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<syncmirror::MirrorSample, DriverError>> {
+        Box::pin(async move { Ok(syncmirror::MirrorSample::Absent) })
+    }
+    /// Resumes a stopped mirror (it copies what its copy missed).
+    fn resume_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
+    }
+    /// Ends the mirror of disk `disk` (the other copy is committed as stale, or it ended).
+    fn detach_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
     }
     /// One attempt of VM `name`'s service probe from this host (whose address is `host_ip`),
     /// within `timeout`. Over the network unless the driver knows better (the simulator's).

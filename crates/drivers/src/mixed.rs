@@ -40,6 +40,12 @@ impl MixedDriver {
         MixedDriver { qemu: self.qemu.with_migration_tls(tls), ..self }
     }
 
+    /// Its QEMU side serves this site's copies (see [`QemuDriver::with_copy_server`]).
+    #[must_use]
+    pub fn with_copy_server(self, port: u16, binary: &str) -> MixedDriver {
+        MixedDriver { qemu: self.qemu.with_copy_server(port, binary), ..self }
+    }
+
     fn owner(&self, name: &str) -> &dyn VmDriver {
         let qemu = self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).copied().unwrap_or(false);
         if qemu {
@@ -118,6 +124,34 @@ impl VmDriver for MixedDriver {
 
     fn finish_postcopy<'a>(&'a self, name: &'a str, bound: std::time::Duration) -> BoxFuture<'a, Result<crate::postcopy::Served, DriverError>> {
         self.owner(name).finish_postcopy(name, bound)
+    }
+
+    fn serve_copy<'a>(&'a self, export: &'a str, relative: &'a str, bytes: u64) -> BoxFuture<'a, Result<String, DriverError>> {
+        self.qemu.serve_copy(export, relative, bytes)
+    }
+
+    fn withdraw_copy<'a>(&'a self, export: &'a str) -> BoxFuture<'a, Result<Vec<String>, DriverError>> {
+        self.qemu.withdraw_copy(export)
+    }
+
+    fn served_copies(&self) -> BoxFuture<'_, Vec<String>> {
+        self.qemu.served_copies()
+    }
+
+    fn attach_mirror<'a>(&'a self, name: &'a str, copy: &'a crate::syncmirror::RemoteCopy) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).attach_mirror(name, copy)
+    }
+
+    fn sample_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<crate::syncmirror::MirrorSample, DriverError>> {
+        self.owner(name).sample_mirror(name, disk)
+    }
+
+    fn resume_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).resume_mirror(name, disk)
+    }
+
+    fn detach_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).detach_mirror(name, disk)
     }
 
     fn forget(&self, name: &str) {

@@ -53,6 +53,9 @@ pub struct QemuConfig {
     pub nbd_port_base: u16,
     /// `qemu-img`, which creates a destination's empty non-raw local images.
     pub img_binary: String,
+    /// This host's view of its site's storage: site-mirrored disks (`mirror = true`) are
+    /// opened here, their paths relative to it.
+    pub site_disk_dir: String,
 }
 
 impl Default for QemuConfig {
@@ -68,6 +71,7 @@ impl Default for QemuConfig {
             local_disk_dir: "/var/lib/tandem/disks".into(),
             nbd_port_base: 10_810,
             img_binary: "qemu-img".into(),
+            site_disk_dir: "/var/lib/tandem/site".into(),
         }
     }
 }
@@ -105,6 +109,11 @@ pub struct QemuDriver {
     postcopy: crate::postcopy::PostcopyCopies,
     /// Where the cluster uses TLS: the credentials its migrations and disk copies use.
     tls: Option<crate::migtls::MigrationTls>,
+    /// How this host serves its site's copies of mirrored disks: the copy server's port and
+    /// binary (`[mirror]`); `None`: it serves none.
+    copy_settings: Option<(u16, String)>,
+    /// The copy server, started on the first request.
+    copy_server: tokio::sync::Mutex<Option<crate::sitecopy::CopyServer>>,
 }
 
 impl QemuDriver {
@@ -122,6 +131,65 @@ impl QemuDriver {
             serving: Mutex::default(),
             postcopy: crate::postcopy::PostcopyCopies::default(),
             tls: None,
+            copy_settings: None,
+            copy_server: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Serves this site's copies of mirrored disks on `port` with `binary`
+    /// (`qemu-storage-daemon`).
+    #[must_use]
+    pub fn with_copy_server(mut self, port: u16, binary: &str) -> QemuDriver {
+        self.copy_settings = Some((port, binary.to_string()));
+        self
+    }
+
+    /// Serves this site's copy of a mirrored disk (`relative` to `site_disk_dir`, created empty
+    /// of `bytes` if missing) as `export`; the copy server's `host:port`.
+    async fn serve_site_copy(&self, export: &str, relative: &str, bytes: u64) -> Result<String, DriverError> {
+        let Some((port, binary)) = &self.copy_settings else {
+            return Err(DriverError::Unsupported { driver: "qemu", what: "serve copies of mirrored disks (no [mirror] settings)" });
+        };
+        let path = crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), relative);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() != bytes => {
+                return Err(DriverError::Refused {
+                    vm: export.to_string(),
+                    reason: format!("this site's copy {} has {} bytes, the disk {bytes}", path.display(), m.len()),
+                })
+            }
+            Ok(_) => {}
+            Err(_) => crate::diskcopy::create_image(export, &self.cfg.img_binary, &path, "raw", bytes).await?,
+        }
+        let mut server = self.copy_server.lock().await;
+        if !server.as_mut().is_some_and(crate::sitecopy::CopyServer::is_running) {
+            let cfg = crate::sitecopy::CopyServerConfig {
+                binary: binary.clone(),
+                run_dir: self.run_dir.clone(),
+                host_ip: self.host_ip.clone(),
+                port: *port,
+                tls_dir: None,
+            };
+            *server = Some(crate::sitecopy::CopyServer::start(&cfg, &self.launcher).await?);
+        }
+        let running = server.as_ref().ok_or(DriverError::Unsupported { driver: "qemu", what: "start its copy server" })?;
+        running.serve(export, &path).await?;
+        Ok(running.endpoint().to_string())
+    }
+
+    /// Stops serving `export`; the exports served now are returned.
+    async fn withdraw_site_copy(&self, export: &str) -> Result<Vec<String>, DriverError> {
+        let server = self.copy_server.lock().await;
+        let Some(running) = server.as_ref() else { return Ok(Vec::new()) };
+        running.withdraw(export).await?;
+        Ok(running.served().await)
+    }
+
+    /// The exports served now.
+    async fn site_copies(&self) -> Vec<String> {
+        match self.copy_server.lock().await.as_ref() {
+            Some(s) => s.served().await,
+            None => Vec::new(),
         }
     }
 
@@ -256,7 +324,13 @@ impl QemuDriver {
         for (i, d) in spec.disks.iter().enumerate() {
             let fmt = d.format.clone().unwrap_or_else(|| "raw".into());
             let ro = if d.readonly { ",readonly=on" } else { "" };
-            let path = if d.local { self.local_disk(&d.path).display().to_string() } else { d.path.clone() };
+            let path = if d.local {
+                self.local_disk(&d.path).display().to_string()
+            } else if d.mirror {
+                crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), &d.path).display().to_string()
+            } else {
+                d.path.clone()
+            };
             c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}", escape_option_value(&path))]);
             c.args(["-device", &format!("virtio-blk-{bus},drive=disk{i}")]);
         }
@@ -571,6 +645,46 @@ impl VmDriver for QemuDriver {
                         .ok_or_else(|| DriverError::Migration { vm: name.to_string(), reason: format!("QEMU does not say the size of disk {i}") })
                 })
                 .collect()
+        })
+    }
+
+    fn serve_copy<'a>(&'a self, export: &'a str, relative: &'a str, bytes: u64) -> BoxFuture<'a, Result<String, DriverError>> {
+        Box::pin(self.serve_site_copy(export, relative, bytes))
+    }
+
+    fn withdraw_copy<'a>(&'a self, export: &'a str) -> BoxFuture<'a, Result<Vec<String>, DriverError>> {
+        Box::pin(self.withdraw_site_copy(export))
+    }
+
+    fn served_copies(&self) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(self.site_copies())
+    }
+
+    fn attach_mirror<'a>(&'a self, name: &'a str, copy: &'a crate::syncmirror::RemoteCopy) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            Ok(crate::syncmirror::attach(name, &q, self.qmp_timeout(), copy).await?)
+        })
+    }
+
+    fn sample_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<crate::syncmirror::MirrorSample, DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            Ok(crate::syncmirror::sample(name, &q, self.qmp_timeout(), disk).await?)
+        })
+    }
+
+    fn resume_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            Ok(crate::syncmirror::resume(name, &q, self.qmp_timeout(), disk).await?)
+        })
+    }
+
+    fn detach_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            Ok(crate::syncmirror::detach(name, &q, self.qmp_timeout(), disk).await?)
         })
     }
 

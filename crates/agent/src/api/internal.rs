@@ -3,7 +3,15 @@
 use super::*;
 
 pub(super) async fn local(State(a): State<Arc<Agent>>) -> Json<LocalView> {
-    Json(LocalView { host: a.cfg.name.clone(), vms: a.driver.list() })
+    Json(LocalView { host: a.cfg.name.clone(), vms: a.driver.list(), mirrors: a.mirror_links() })
+}
+
+pub(super) async fn internal_copies(State(a): State<Arc<Agent>>, body: Bytes) -> ApiResult<CopyEndpoint> {
+    let req: CopyRequest = parse(&body, "copy request")?;
+    match a.serve_copy(&req).await {
+        Ok(endpoint) => Ok(Json(endpoint)),
+        Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+    }
 }
 
 pub(super) async fn internal_propose(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {

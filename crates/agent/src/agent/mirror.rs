@@ -1,0 +1,359 @@
+//! Site mirroring on this host, both halves.
+//!
+//! - For each site-mirrored VM running here, and each of its disks, one link per other site:
+//!   a copy served by a host of that site (`POST /v1/internal/copies`), a relay to it
+//!   (`tandem_drivers::copyrelay`) and QEMU's write-blocking mirror through the relay. Each pass
+//!   observes every link and does what `tandem_core::mirroring::decide` says: attach, propose
+//!   `mirror-synced` once in sync, propose `mirror-degraded` when the copy is lost — and let the
+//!   held writes go only once committed state counts that copy as stale — then resume (copy
+//!   only what was missed) when a host of that site serves the copy again.
+//! - For each VM of another site whose copy this host serves: the export stays only while that
+//!   VM runs in the generation it was asked for, at another site; otherwise it is withdrawn (its
+//!   image lock freed), so a host of this site can start the VM on the copy.
+
+use super::{lock, Agent};
+use crate::events::EventKind;
+use crate::views::{CopyEndpoint, CopyRequest, MirrorLinkView};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::hostset::HostId;
+use tandem_core::mirroring::{decide, link_state, JobPhase, LinkAction, LinkObservation, LinkState, RelayPhase};
+use tandem_core::state::Command;
+use tandem_drivers::copyrelay::{CopyRelay, RelayHealth};
+use tandem_drivers::sitecopy::export_name;
+use tandem_drivers::syncmirror::{MirrorSample, RemoteCopy};
+use tracing::Instrument;
+
+/// One request to a host of another site to serve its copy.
+pub const COPY_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a host asked to serve a copy waits for its committed state to show the VM running
+/// in the asker's generation.
+pub const COPY_APPLY_WAIT: Duration = Duration::from_secs(3);
+/// The most links (VM disks × other sites) one host keeps.
+pub const MAX_MIRROR_LINKS: usize = 1024;
+
+/// A link: (VM, disk index, other site).
+type LinkKey = (String, usize, String);
+
+struct Link {
+    generation: u64,
+    relay: Arc<CopyRelay>,
+    /// Who serves the copy now.
+    server: String,
+    state: LinkState,
+}
+
+/// This host's mirroring state.
+#[derive(Default)]
+pub(super) struct Mirroring {
+    links: BTreeMap<LinkKey, Link>,
+    /// Links with an action under way (attach, resume, a proposal).
+    busy: BTreeSet<LinkKey>,
+    /// Exports this host serves: the VM and the generation they serve.
+    served: BTreeMap<String, (String, u64)>,
+    /// Numbers the relays' sockets (short paths: a unix socket's path is at most 107 bytes).
+    next_socket: u64,
+}
+
+/// What committed state wants of one link.
+#[derive(Clone, Debug)]
+struct Wanted {
+    key: LinkKey,
+    generation: u64,
+    current: bool,
+    /// API addresses of the active hosts of the link's site, lowest id first.
+    servers: Vec<(HostId, String)>,
+}
+
+fn job_phase(s: &MirrorSample) -> (JobPhase, u64, u64) {
+    match s {
+        MirrorSample::Absent => (JobPhase::Absent, 0, 0),
+        MirrorSample::Copying { copied, remaining } => (JobPhase::Copying, *copied, copied + remaining),
+        MirrorSample::InSync => (JobPhase::InSync, 0, 0),
+        MirrorSample::Stopped { .. } => (JobPhase::Stopped, 0, 0),
+        MirrorSample::Ended { .. } => (JobPhase::Ended, 0, 0),
+    }
+}
+
+fn relay_phase(link: Option<&Link>) -> RelayPhase {
+    match link.map(|l| l.relay.health()) {
+        None => RelayPhase::None,
+        Some(RelayHealth::Idle | RelayHealth::Joined) => RelayPhase::Open,
+        Some(RelayHealth::Lost { .. }) => RelayPhase::Lost,
+        Some(RelayHealth::Released) => RelayPhase::Released,
+    }
+}
+
+impl Agent {
+    pub(super) async fn mirror_loop(self: Arc<Self>) {
+        let mut rounds = self.rounds();
+        while !self.is_stopping() {
+            self.next_round(&mut rounds).await;
+            self.follow_mirrors().await;
+            self.sweep_served_copies().await;
+        }
+    }
+
+    /// The links committed state wants of this host now.
+    fn wanted_links(&self) -> Vec<Wanted> {
+        let me = self.me;
+        self.consensus.with_state(|s| {
+            let my_site = s.hosts.get(&me).and_then(|h| h.site.clone());
+            let sites: Vec<(String, Vec<HostId>)> = s.sites().into_iter().filter(|(site, _)| Some(site) != my_site.as_ref()).collect();
+            let mut wanted = Vec::new();
+            for v in s.vms.values().filter(|v| v.spec.site_mirrored()) {
+                let Some(a) = v.assignment().filter(|a| a.host == me) else { continue };
+                for (disk, _) in v.spec.mirrored_disks() {
+                    for (site, hosts) in &sites {
+                        let servers = hosts
+                            .iter()
+                            .filter_map(|h| s.hosts.get(h))
+                            .filter(|h| h.status == tandem_core::state::HostStatus::Active)
+                            .map(|h| (h.id, h.api_addr.clone()))
+                            .collect();
+                        let key = (v.spec.name.clone(), disk, site.clone());
+                        wanted.push(Wanted { key, generation: a.generation, current: v.copies.contains(site), servers });
+                    }
+                }
+            }
+            wanted.truncate(MAX_MIRROR_LINKS);
+            wanted
+        })
+    }
+
+    async fn follow_mirrors(self: &Arc<Self>) {
+        let running: BTreeMap<String, u64> = self.driver.list().into_iter().filter(|v| v.exit.is_none()).map(|v| (v.name, v.generation)).collect();
+        let wanted: Vec<Wanted> = self.wanted_links().into_iter().filter(|w| running.get(&w.key.0) == Some(&w.generation)).collect();
+        {
+            // A link of a VM no longer running here (or started again since) goes, relay and all.
+            let mut m = lock(&self.mirroring);
+            m.links.retain(|k, l| wanted.iter().any(|w| w.key == *k && w.generation == l.generation));
+        }
+        for w in wanted {
+            if lock(&self.mirroring).busy.contains(&w.key) {
+                continue;
+            }
+            let (vm, disk, site) = &w.key;
+            let sample = match self.driver.sample_mirror(vm, *disk).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("mirror of {vm} disk {disk}: {e}");
+                    continue;
+                }
+            };
+            let (job, copied, total) = job_phase(&sample);
+            let (obs, action) = {
+                let mut m = lock(&self.mirroring);
+                let obs = LinkObservation { job, relay: relay_phase(m.links.get(&w.key)), current: w.current, server_reachable: !w.servers.is_empty() };
+                let state = link_state(obs, copied, total);
+                if let Some(link) = m.links.get_mut(&w.key) {
+                    let before = std::mem::replace(&mut link.state, state.clone());
+                    self.note_link_change(&w.key, &before, &state, &link.relay);
+                }
+                (obs, decide(obs))
+            };
+            let Some(action) = action else { continue };
+            if action == LinkAction::Release {
+                // Committed state already counts the copy as stale: the held writes may go.
+                if let Some(link) = lock(&self.mirroring).links.get(&w.key) {
+                    link.relay.release();
+                }
+                self.events.record(
+                    EventKind::MirrorDegraded,
+                    Some(vm),
+                    Some(site),
+                    format!("disk {disk} runs on this site's copy alone; {site}'s copy is stale"),
+                );
+                continue;
+            }
+            tracing::debug!("mirror of {vm} disk {disk} to {site}: {obs:?} → {action:?}");
+            lock(&self.mirroring).busy.insert(w.key.clone());
+            let a = Arc::clone(self);
+            tokio::spawn(
+                async move {
+                    if let Err(why) = a.act_on_link(&w, action).await {
+                        tracing::warn!("mirror of {} disk {} to site {}: {action:?} failed: {why}", w.key.0, w.key.1, w.key.2);
+                    }
+                    lock(&a.mirroring).busy.remove(&w.key);
+                }
+                .in_current_span(),
+            );
+        }
+    }
+
+    /// Timeline events for a link's changes of state.
+    fn note_link_change(&self, key: &LinkKey, before: &LinkState, now: &LinkState, relay: &CopyRelay) {
+        let (vm, disk, site) = key;
+        match (before, now) {
+            (LinkState::Holding, LinkState::Holding) => {}
+            (_, LinkState::Holding) => {
+                let why = match relay.health() {
+                    RelayHealth::Lost { why, .. } => why,
+                    _ => String::new(),
+                };
+                self.events.record(
+                    EventKind::MirrorHolding,
+                    Some(vm),
+                    Some(site),
+                    format!("disk {disk}: {site}'s copy is lost ({why}); writes wait until it is committed as stale"),
+                );
+            }
+            (LinkState::Resyncing { .. }, LinkState::InSync) => {
+                self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up; every write goes to both"));
+            }
+            _ => {}
+        }
+    }
+
+    async fn act_on_link(self: &Arc<Self>, w: &Wanted, action: LinkAction) -> Result<(), String> {
+        let (vm, disk, site) = &w.key;
+        match action {
+            LinkAction::Attach => self.attach_link(w).await,
+            LinkAction::Reattach => {
+                self.driver.detach_mirror(vm, *disk).await.map_err(|e| crate::api::chain(&e))?;
+                lock(&self.mirroring).links.remove(&w.key);
+                Ok(())
+            }
+            LinkAction::Resume => {
+                let (endpoint, server) = self.request_copy(w).await?;
+                if let Some(link) = lock(&self.mirroring).links.get_mut(&w.key) {
+                    link.relay.set_upstream(&endpoint.address);
+                    link.server = server;
+                }
+                self.driver.resume_mirror(vm, *disk).await.map_err(|e| crate::api::chain(&e))?;
+                self.events.record(EventKind::MirrorResyncing, Some(vm), Some(site), format!("disk {disk}: copying what {site}'s copy missed"));
+                Ok(())
+            }
+            LinkAction::ProposeSynced => {
+                let cmd = Command::MirrorSynced { name: vm.clone(), generation: w.generation, site: site.clone() };
+                match self.submit(cmd).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("refused: {e}")),
+                    Err(e) => Err(format!("not committed: {}", crate::api::chain(&e))),
+                }
+            }
+            LinkAction::ProposeDegraded => {
+                let cmd = Command::MirrorDegraded { name: vm.clone(), generation: w.generation, site: site.clone() };
+                match self.submit(cmd).await {
+                    // Committed: the next pass sees the copy stale and lets the writes go.
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("refused (writes stay held): {e}")),
+                    Err(e) => Err(format!("not committed (writes stay held): {}", crate::api::chain(&e))),
+                }
+            }
+            LinkAction::Release => Ok(()),
+        }
+    }
+
+    /// Asks a host of the link's site to serve its copy, opens a relay to it and starts the
+    /// mirror (a full copy).
+    async fn attach_link(self: &Arc<Self>, w: &Wanted) -> Result<(), String> {
+        let (vm, disk, site) = &w.key;
+        let (endpoint, server) = self.request_copy(w).await?;
+        let socket = {
+            let mut m = lock(&self.mirroring);
+            m.next_socket += 1;
+            self.cfg.data_dir.join("run").join(format!("mirror{}.sock", m.next_socket))
+        };
+        let stall = Duration::from_millis(self.cfg.mirror.stall_ms);
+        let relay = Arc::new(CopyRelay::start(&socket, &endpoint.address, stall).map_err(|e| format!("relay {}: {e}", socket.display()))?);
+        let copy = RemoteCopy { disk: *disk, relay: socket, export: endpoint.export.clone(), tls_creds: None };
+        // A job left from an earlier link of this generation (the agent lost track of it) goes first.
+        let _ = self.driver.detach_mirror(vm, *disk).await;
+        self.driver.attach_mirror(vm, &copy).await.map_err(|e| crate::api::chain(&e))?;
+        let link = Link { generation: w.generation, relay, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 } };
+        lock(&self.mirroring).links.insert(w.key.clone(), link);
+        self.events.record(EventKind::MirrorResyncing, Some(vm), Some(site), format!("disk {disk}: full copy into {site}'s copy, served by {server}"));
+        Ok(())
+    }
+
+    /// The first host of the link's site that serves the copy: its answer and its name.
+    async fn request_copy(&self, w: &Wanted) -> Result<(CopyEndpoint, String), String> {
+        let (vm, disk, _) = &w.key;
+        let bytes = self.driver.disk_sizes(vm, &[*disk]).await.map_err(|e| crate::api::chain(&e))?.first().map(|d| d.bytes).ok_or("no disk size")?;
+        let req = CopyRequest { name: vm.clone(), generation: w.generation, disk: *disk, bytes };
+        let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        let mut last = String::from("no host of that site is active");
+        for (host, api) in &w.servers {
+            match self.rpc.call(api, "/v1/internal/copies", Some(&self.token), Some(body.clone()), COPY_REQUEST_TIMEOUT).await {
+                Ok(r) if r.status == 200 => {
+                    let answer: CopyEndpoint = serde_json::from_slice(&r.body).map_err(|e| format!("unreadable answer from {host}: {e}"))?;
+                    return Ok((answer, host.to_string()));
+                }
+                Ok(r) => last = format!("{host}: {}", String::from_utf8_lossy(&r.body).chars().take(300).collect::<String>()),
+                Err(e) => last = format!("{host}: {}", crate::api::chain(&e)),
+            }
+        }
+        Err(last)
+    }
+
+    /// The serving side of `POST /v1/internal/copies`: serves this site's copy of a disk of a
+    /// VM that runs at another site in the asker's generation, or says why not.
+    pub async fn serve_copy(&self, req: &CopyRequest) -> Result<CopyEndpoint, String> {
+        let me = self.me;
+        let deadline = tokio::time::Instant::now() + COPY_APPLY_WAIT;
+        let relative = loop {
+            let found = self.consensus.with_state(|s| {
+                let my_site = s.hosts.get(&me).and_then(|h| h.site.clone()).ok_or("this host has no site")?;
+                let v = s.vms.get(&req.name).ok_or("unknown VM")?;
+                let disk = v.spec.disks.get(req.disk).filter(|d| d.mirror).ok_or("no such mirrored disk")?;
+                let a = v.assignment().filter(|a| a.generation == req.generation).ok_or("not running in that generation")?;
+                if s.hosts.get(&a.host).and_then(|h| h.site.as_ref()) == Some(&my_site) {
+                    return Err("it runs at this host's own site");
+                }
+                Ok(disk.path.clone())
+            });
+            match found {
+                Ok(path) => break path,
+                Err(why) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("committed state refuses to serve {} disk {}: {why}", req.name, req.disk))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let export = export_name(&req.name, req.disk);
+        let address = self.driver.serve_copy(&export, &relative, req.bytes).await.map_err(|e| crate::api::chain(&e))?;
+        lock(&self.mirroring).served.insert(export.clone(), (req.name.clone(), req.generation));
+        Ok(CopyEndpoint { address, export })
+    }
+
+    /// Withdraws every served copy whose VM no longer runs, in that generation, at another
+    /// site — all of them on a host that is not joined (fenced: it serves nobody).
+    async fn sweep_served_copies(&self) {
+        let me = self.me;
+        let joined = self.status().joined_epoch.is_some();
+        let served: Vec<(String, (String, u64))> = lock(&self.mirroring).served.iter().map(|(e, v)| (e.clone(), v.clone())).collect();
+        for (export, (vm, generation)) in served {
+            let keep = joined
+                && self.consensus.with_state(|s| {
+                    let my_site = s.hosts.get(&me).and_then(|h| h.site.clone());
+                    s.vms
+                        .get(&vm)
+                        .and_then(|v| v.assignment())
+                        .filter(|a| a.generation == generation)
+                        .is_some_and(|a| s.hosts.get(&a.host).and_then(|h| h.site.clone()) != my_site)
+                });
+            if keep {
+                continue;
+            }
+            match self.driver.withdraw_copy(&export).await {
+                Ok(_) => {
+                    lock(&self.mirroring).served.remove(&export);
+                    tracing::info!("stopped serving {export}: {vm} no longer runs in generation {generation} at another site");
+                }
+                Err(e) => tracing::warn!("withdrawing {export}: {}", crate::api::chain(&e)),
+            }
+        }
+    }
+
+    /// The links of the VMs running here, for `GET /v1/local`.
+    #[must_use]
+    pub fn mirror_links(&self) -> Vec<MirrorLinkView> {
+        lock(&self.mirroring)
+            .links
+            .iter()
+            .map(|((vm, disk, site), l)| MirrorLinkView { vm: vm.clone(), disk: *disk, site: site.clone(), server: l.server.clone(), state: l.state.clone() })
+            .collect()
+    }
+}

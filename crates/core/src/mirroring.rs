@@ -1,0 +1,156 @@
+//! What the host running a site-mirrored VM does about each of its disks' links to another
+//! site's copy: one decision per pass, from what QEMU, the agent's relay and committed state
+//! say. No I/O here; the agent gathers the observation and executes the actions
+//! (`tandem_agent::agent::mirror`). The safety rule it keeps is `state::mirror`'s: held writes
+//! are let go only once the copy that lost them is committed as stale.
+
+use serde::{Deserialize, Serialize};
+
+/// The mirror job, as QEMU reports it (`tandem_drivers::syncmirror::MirrorSample`, without
+/// its figures).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobPhase {
+    /// No mirror job: never attached, or the VM was started again.
+    Absent,
+    /// Copying what the other copy lacks.
+    Copying,
+    /// Both copies equal; every write goes to both.
+    InSync,
+    /// Stopped after the other copy failed writes; its bitmap keeps what it missed.
+    Stopped,
+    /// The job ended; a new one must copy everything again.
+    Ended,
+}
+
+/// The agent's relay to the other copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayPhase {
+    /// No relay (not attached yet).
+    None,
+    /// Joined to the copy server, or waiting for QEMU to connect.
+    Open,
+    /// The copy stopped answering: QEMU's writes to it are held.
+    Lost,
+    /// Held writes were let go; new connections join again if the copy server answers.
+    Released,
+}
+
+/// One link, observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkObservation {
+    pub job: JobPhase,
+    pub relay: RelayPhase,
+    /// Whether committed state counts this site's copy as current.
+    pub current: bool,
+    /// Whether a host of that site can serve the copy now (its agent answered).
+    pub server_reachable: bool,
+}
+
+/// What to do about one link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    /// Ask a host of the site to serve the copy, open a relay to it and start the mirror (a
+    /// full copy).
+    Attach,
+    /// Propose `mirror-synced`: the copy is in sync and every write goes to both.
+    ProposeSynced,
+    /// Propose `mirror-degraded`: the copy is lost and the guest's writes wait for this commit.
+    ProposeDegraded,
+    /// Let held writes go: committed state already counts the copy as stale.
+    Release,
+    /// The copy answers again: point the relay at a host that serves it and resume the job,
+    /// which copies only what it missed.
+    Resume,
+    /// The job ended: remove it, and attach again.
+    Reattach,
+}
+
+/// The one action for a link this pass, if any.
+#[must_use]
+pub fn decide(o: LinkObservation) -> Option<LinkAction> {
+    match (o.relay, o.job) {
+        // Held writes: only a committed stale copy lets them go.
+        (RelayPhase::Lost, _) if o.current => Some(LinkAction::ProposeDegraded),
+        (RelayPhase::Lost, _) => Some(LinkAction::Release),
+        (RelayPhase::None, _) | (_, JobPhase::Absent) if o.server_reachable => Some(LinkAction::Attach),
+        (RelayPhase::None, _) | (_, JobPhase::Absent) => None,
+        (_, JobPhase::Ended) => Some(LinkAction::Reattach),
+        (_, JobPhase::Stopped) if o.server_reachable => Some(LinkAction::Resume),
+        (RelayPhase::Open, JobPhase::InSync) if !o.current => Some(LinkAction::ProposeSynced),
+        _ => None,
+    }
+}
+
+/// How a link reads for the operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum LinkState {
+    /// Not attached (the other site has no host to serve its copy).
+    Detached,
+    /// Copying what the other copy lacks: `copied` of `total` bytes of this pass.
+    Resyncing { copied: u64, total: u64 },
+    /// Every write goes to both copies.
+    InSync,
+    /// The other copy is lost: writes wait until it is committed as stale.
+    Holding,
+    /// Running on this site's copy alone; the other misses what was written since.
+    Degraded,
+}
+
+/// The operator's reading of an observation (`copied`/`total`: the job's figures).
+#[must_use]
+pub fn link_state(o: LinkObservation, copied: u64, total: u64) -> LinkState {
+    match (o.relay, o.job) {
+        (RelayPhase::Lost, _) => LinkState::Holding,
+        (RelayPhase::None, _) | (_, JobPhase::Absent) => LinkState::Detached,
+        (_, JobPhase::Stopped | JobPhase::Ended) | (RelayPhase::Released, _) => LinkState::Degraded,
+        (_, JobPhase::InSync) => LinkState::InSync,
+        (_, JobPhase::Copying) => LinkState::Resyncing { copied, total },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(job: JobPhase, relay: RelayPhase, current: bool, server_reachable: bool) -> LinkObservation {
+        LinkObservation { job, relay, current, server_reachable }
+    }
+
+    #[test]
+    fn held_writes_go_only_once_the_copy_is_committed_stale() {
+        for job in [JobPhase::Copying, JobPhase::InSync, JobPhase::Stopped] {
+            for reachable in [false, true] {
+                assert_eq!(decide(obs(job, RelayPhase::Lost, true, reachable)), Some(LinkAction::ProposeDegraded));
+                assert_eq!(decide(obs(job, RelayPhase::Lost, false, reachable)), Some(LinkAction::Release));
+            }
+        }
+        // Nothing else ever releases.
+        for job in [JobPhase::Absent, JobPhase::Copying, JobPhase::InSync, JobPhase::Stopped, JobPhase::Ended] {
+            for relay in [RelayPhase::None, RelayPhase::Open, RelayPhase::Released] {
+                for current in [false, true] {
+                    for reachable in [false, true] {
+                        assert_ne!(decide(obs(job, relay, current, reachable)), Some(LinkAction::Release));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_link_attaches_catches_up_and_is_declared_in_sync() {
+        assert_eq!(decide(obs(JobPhase::Absent, RelayPhase::None, false, true)), Some(LinkAction::Attach));
+        assert_eq!(decide(obs(JobPhase::Absent, RelayPhase::None, false, false)), None, "nobody serves the copy");
+        assert_eq!(decide(obs(JobPhase::Copying, RelayPhase::Open, false, true)), None);
+        assert_eq!(decide(obs(JobPhase::InSync, RelayPhase::Open, false, true)), Some(LinkAction::ProposeSynced));
+        assert_eq!(decide(obs(JobPhase::InSync, RelayPhase::Open, true, true)), None);
+        assert_eq!(decide(obs(JobPhase::Stopped, RelayPhase::Released, false, true)), Some(LinkAction::Resume));
+        assert_eq!(decide(obs(JobPhase::Stopped, RelayPhase::Released, false, false)), None);
+        assert_eq!(decide(obs(JobPhase::Ended, RelayPhase::Open, false, true)), Some(LinkAction::Reattach));
+        assert_eq!(link_state(obs(JobPhase::Copying, RelayPhase::Open, false, true), 5, 10), LinkState::Resyncing { copied: 5, total: 10 });
+        assert_eq!(link_state(obs(JobPhase::InSync, RelayPhase::Lost, true, false), 0, 0), LinkState::Holding);
+        assert_eq!(link_state(obs(JobPhase::Stopped, RelayPhase::Released, false, false), 0, 0), LinkState::Degraded);
+    }
+}
