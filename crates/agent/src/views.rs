@@ -142,6 +142,10 @@ pub struct VmView {
     /// it starts on (none before it first ran).
     #[serde(default)]
     pub disk_host: Option<String>,
+    /// For a VM with disks mirrored between sites: the sites whose copies hold every write the
+    /// guest acknowledged — where it may start (every site before it first ran).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<String>,
     pub spec: VmSpec,
 }
 

@@ -99,14 +99,18 @@ pub enum LinkState {
     Degraded,
 }
 
-/// The operator's reading of an observation (`copied`/`total`: the job's figures).
+/// The operator's reading of an observation (`copied`/`total`: the job's figures), after
+/// `before`. QEMU counts a write in flight as left to copy, so a job in sync shows a little
+/// left now and then: once in sync, a link stays so until the job stops or the copy is lost
+/// (no range is left behind without one of those).
 #[must_use]
-pub fn link_state(o: LinkObservation, copied: u64, total: u64) -> LinkState {
+pub fn link_state(o: LinkObservation, copied: u64, total: u64, before: &LinkState) -> LinkState {
     match (o.relay, o.job) {
         (RelayPhase::Lost, _) => LinkState::Holding,
         (RelayPhase::None, _) | (_, JobPhase::Absent) => LinkState::Detached,
         (_, JobPhase::Stopped | JobPhase::Ended) | (RelayPhase::Released, _) => LinkState::Degraded,
         (_, JobPhase::InSync) => LinkState::InSync,
+        (RelayPhase::Open, JobPhase::Copying) if *before == LinkState::InSync => LinkState::InSync,
         (_, JobPhase::Copying) => LinkState::Resyncing { copied, total },
     }
 }
@@ -149,8 +153,11 @@ mod tests {
         assert_eq!(decide(obs(JobPhase::Stopped, RelayPhase::Released, false, true)), Some(LinkAction::Resume));
         assert_eq!(decide(obs(JobPhase::Stopped, RelayPhase::Released, false, false)), None);
         assert_eq!(decide(obs(JobPhase::Ended, RelayPhase::Open, false, true)), Some(LinkAction::Reattach));
-        assert_eq!(link_state(obs(JobPhase::Copying, RelayPhase::Open, false, true), 5, 10), LinkState::Resyncing { copied: 5, total: 10 });
-        assert_eq!(link_state(obs(JobPhase::InSync, RelayPhase::Lost, true, false), 0, 0), LinkState::Holding);
-        assert_eq!(link_state(obs(JobPhase::Stopped, RelayPhase::Released, false, false), 0, 0), LinkState::Degraded);
+        let resyncing = LinkState::Resyncing { copied: 5, total: 10 };
+        assert_eq!(link_state(obs(JobPhase::Copying, RelayPhase::Open, false, true), 5, 10, &LinkState::Detached), resyncing);
+        assert_eq!(link_state(obs(JobPhase::Copying, RelayPhase::Open, true, true), 5, 10, &LinkState::InSync), LinkState::InSync, "a write in flight");
+        assert_eq!(link_state(obs(JobPhase::Copying, RelayPhase::Open, false, true), 5, 10, &LinkState::Degraded), resyncing);
+        assert_eq!(link_state(obs(JobPhase::InSync, RelayPhase::Lost, true, false), 0, 0, &LinkState::InSync), LinkState::Holding);
+        assert_eq!(link_state(obs(JobPhase::Stopped, RelayPhase::Released, false, false), 0, 0, &LinkState::Holding), LinkState::Degraded);
     }
 }

@@ -419,6 +419,11 @@ impl VmDriver for QemuDriver {
         Box::pin(async move {
             let name = launch.spec.name.clone();
             std::fs::create_dir_all(&self.run_dir).map_err(|source| DriverError::Spawn { vm: name.clone(), source })?;
+            // This host may still serve this site's copy of a mirrored disk to a host of the
+            // other site that ran the VM before: that copy server holds the image's lock.
+            for (i, _) in launch.spec.mirrored_disks() {
+                self.withdraw_site_copy(&crate::sitecopy::export_name(&name, i)).await?;
+            }
             let cmd = self.command(launch)?;
             let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
             self.postcopy.started_afresh(&name);

@@ -96,6 +96,7 @@ fn qmp_err(what: impl Into<String>) -> impl FnOnce(QmpError) -> SiteCopyError {
 impl CopyServer {
     /// Starts the daemon (forked by `launcher`, so it dies with the agent) and connects to it.
     pub async fn start(cfg: &CopyServerConfig, launcher: &Launcher) -> Result<CopyServer, SiteCopyError> {
+        std::fs::create_dir_all(&cfg.run_dir).map_err(|source| SiteCopyError::Spawn { binary: cfg.binary.clone(), source })?;
         let socket = cfg.run_dir.join("copy-server.qmp");
         let pidfile = cfg.run_dir.join("copy-server.pid");
         kill_stale(&pidfile);

@@ -62,8 +62,8 @@ struct Wanted {
     key: LinkKey,
     generation: u64,
     current: bool,
-    /// API addresses of the active hosts of the link's site, lowest id first.
-    servers: Vec<(HostId, String)>,
+    /// Names and API addresses of the active hosts of the link's site, lowest id first.
+    servers: Vec<(String, String)>,
 }
 
 fn job_phase(s: &MirrorSample) -> (JobPhase, u64, u64) {
@@ -110,7 +110,7 @@ impl Agent {
                             .iter()
                             .filter_map(|h| s.hosts.get(h))
                             .filter(|h| h.status == tandem_core::state::HostStatus::Active)
-                            .map(|h| (h.id, h.api_addr.clone()))
+                            .map(|h| (h.name.clone(), h.api_addr.clone()))
                             .collect();
                         let key = (v.spec.name.clone(), disk, site.clone());
                         wanted.push(Wanted { key, generation: a.generation, current: v.copies.contains(site), servers });
@@ -146,8 +146,8 @@ impl Agent {
             let (obs, action) = {
                 let mut m = lock(&self.mirroring);
                 let obs = LinkObservation { job, relay: relay_phase(m.links.get(&w.key)), current: w.current, server_reachable: !w.servers.is_empty() };
-                let state = link_state(obs, copied, total);
                 if let Some(link) = m.links.get_mut(&w.key) {
+                    let state = link_state(obs, copied, total, &link.state);
                     let before = std::mem::replace(&mut link.state, state.clone());
                     self.note_link_change(&w.key, &before, &state, &link.relay);
                 }
@@ -279,7 +279,7 @@ impl Agent {
             match self.rpc.call(api, "/v1/internal/copies", Some(&self.token), Some(body.clone()), COPY_REQUEST_TIMEOUT).await {
                 Ok(r) if r.status == 200 => {
                     let answer: CopyEndpoint = serde_json::from_slice(&r.body).map_err(|e| format!("unreadable answer from {host}: {e}"))?;
-                    return Ok((answer, host.to_string()));
+                    return Ok((answer, host.clone()));
                 }
                 Ok(r) => last = format!("{host}: {}", String::from_utf8_lossy(&r.body).chars().take(300).collect::<String>()),
                 Err(e) => last = format!("{host}: {}", crate::api::chain(&e)),

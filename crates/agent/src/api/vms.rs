@@ -35,6 +35,7 @@ pub(super) fn vm_views(a: &Agent) -> Vec<VmView> {
                     migrating_to: v.migrating_to().map(|t| s.hosts.get(&t.host).map_or_else(|| t.host.to_string(), |h| h.name.clone())),
                     home: v.home.map(|h| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone())),
                     disk_host: v.start_host().map(|h| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone())),
+                    copies: v.copies.clone(),
                     spec: v.spec.clone(),
                 }
             })

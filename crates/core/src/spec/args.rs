@@ -101,9 +101,9 @@ impl VmSpec {
     /// newer release never makes hosts disagree about an entry already in the log.
     pub fn check_arguments(&self) -> Result<(), SpecError> {
         for d in &self.disks {
-            if d.local {
-                // Relative to the host's local_disk_dir (`validate` keeps it inside).
-                check_path("local disk path", &format!("/{}", d.path))?;
+            if d.local || d.mirror {
+                // Relative to the host's local_disk_dir or site_disk_dir (`validate` keeps it inside).
+                check_path("local or mirrored disk path", &format!("/{}", d.path))?;
             } else {
                 check_path("disk path", &d.path)?;
             }
