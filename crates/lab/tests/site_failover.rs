@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tandem_agent::views::{ForceRequest, LocalView, VmView};
 use tandem_core::mirroring::LinkState;
 use tandem_core::state::{DiskSpec, NetworkSpec, Protection, ServiceProbe};
-use tandem_lab::bench::migration::test_guest;
+use tandem_lab::bench::migration::{doubly_running, test_guest};
 use tandem_lab::bench::twohosts::two_host_options;
 use tandem_lab::demo::{http_get, wait};
 use tandem_lab::diskguest::{highest_record, judge, SeqWatch};
@@ -39,14 +39,80 @@ fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_
     result
 }
 
-fn scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
+#[test]
+fn a_cut_between_the_sites_holds_writes_until_the_lost_copy_is_committed_stale_then_resyncs() -> Result<()> {
+    if !can_use_namespaces() {
+        return Ok(());
+    }
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let storage = std::env::temp_dir().join(format!("tandem-site-cut-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&storage);
+    for site in ["a", "b"] {
+        std::fs::create_dir_all(storage.join(format!("site-{site}")))?;
+    }
+    let result = cut_scenario(&storage, &guest);
+    let _ = std::fs::remove_dir_all(&storage);
+    result
+}
+
+/// The link between the sites cut: one side keeps the witness's vote and the guest; the other
+/// fences. If the guest's own site won, its writes wait for the other copy to be committed
+/// stale, then go on alone; if the other won, the guest restarts there from its copy. Healed,
+/// the mirror catches the other copy up and both are current again.
+fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
+    let SiteLab { lab, net, seq, .. } = start_site_lab(storage, guest, "tsc", 105)?;
+    let clients = [lab.client(0), lab.client(1)];
+    let acknowledged = seq.highest();
+    let cut = Instant::now();
+    net.block_hosts(0, &[1])?;
+    net.block_hosts(1, &[0])?;
+    // One side goes on with the guest: it writes past what it acknowledged before the cut.
+    let on =
+        wait("the guest to write on after the cut", Duration::from_secs(120), || seq.samples().into_iter().find(|s| s.at > cut && s.last > acknowledged + 5))?;
+    let host = wait("a surviving host to show where the guest runs", Duration::from_secs(60), || {
+        clients.iter().find_map(|c| c.get_as::<VmView>("/v1/vms/db").ok().filter(|v| v.copies.len() == 1).map(|v| (v.host, v.copies)))
+    })?;
+    eprintln!("cut: the guest wrote on after {:?}, at {:?} (copies {:?})", on.at.saturating_duration_since(cut), host.0, host.1);
+    assert!(doubly_running(&clients).is_empty(), "never two running copies");
+    net.unblock(0)?;
+    net.unblock(1)?;
+    // Healed: the other copy is caught up and counted again.
+    wait("both copies current after the heal", Duration::from_secs(180), || clients.iter().find_map(|c| copies_are(c, &["a", "b"])))?;
+    let events = lab.events();
+    let kinds: Vec<String> = events.iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    if host.1 == ["a"] {
+        // The guest's own site won: its writes were held until the other copy was stale.
+        for kind in ["mirror-holding", "mirror-degraded", "mirror-resyncing", "mirror-in-sync"] {
+            assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+        }
+    }
+    let verdict = judge(&seq.finish());
+    eprintln!("{verdict:?}");
+    assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
+    Ok(())
+}
+
+/// The two-site lab with the guest running at site a, its mirror into b's copy in sync.
+struct SiteLab {
+    lab: Lab,
+    net: NetLab,
+    seq: SeqWatch,
+    image_a: std::path::PathBuf,
+}
+
+fn copies_are(c: &tandem::client::Client, want: &[&str]) -> Option<VmView> {
+    let vm: VmView = c.get_as("/v1/vms/db").ok()?;
+    (vm.copies == want).then_some(vm)
+}
+
+fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &str, loopback_net: u8) -> Result<SiteLab> {
     let image_a = storage.join("site-a/db.raw");
     std::fs::File::create(&image_a)?.set_len(DISK_BYTES)?;
     let image_b = storage.join("site-b/db.raw");
-    let mut net = NetLab::create(&format!("tsf{}", std::process::id() % 10_000), 2)?;
+    let mut net = NetLab::create(&format!("{prefix}{}", std::process::id() % 10_000), 2)?;
     net.add_vm_network()?;
     net.enter_control()?;
-    let mut opts = two_host_options(104, Some(net.lab_hosts()));
+    let mut opts = two_host_options(loopback_net, Some(net.lab_hosts()));
     opts.driver = "qemu".into();
     opts.capacity = (4, 2048);
     opts.sites = vec!["a".into(), "b".into()];
@@ -79,13 +145,8 @@ fn scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
     wait("the guest's writer to answer", Duration::from_secs(120), || http_get(&addr, "/seq", Duration::from_millis(400)))?;
     c.post("/v1/hosts/h1/mode", &json!({ "mode": "normal" })).map_err(|e| anyhow!("{e}"))?;
     let seq = SeqWatch::start(&addr);
-
     // The mirror into site b's copy catches up, and committed state counts both copies.
-    let copies = |want: &[&str]| {
-        let vm: VmView = c.get_as("/v1/vms/db").ok()?;
-        (vm.copies == want).then_some(vm)
-    };
-    wait("both copies current", Duration::from_secs(120), || copies(&["a", "b"]))?;
+    wait("both copies current", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
     let local: LocalView = c.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
     assert!(local.mirrors.iter().any(|m| m.vm == "db" && m.site == "b" && m.state == LinkState::InSync), "{:?}", local.mirrors);
     for _ in 0..5 {
@@ -94,7 +155,11 @@ fn scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
         assert!(there >= acknowledged, "site b's copy holds {there}, the guest acknowledged {acknowledged}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    Ok(SiteLab { lab, net, seq, image_a })
+}
 
+fn scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
+    let SiteLab { mut lab, net: _net, seq, image_a, .. } = start_site_lab(storage, guest, "tsf", 104)?;
     // Site a loses power: its host, its QEMU, its copy (nothing of it is used again).
     let acknowledged = seq.highest();
     let lost = Instant::now();

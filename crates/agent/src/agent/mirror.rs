@@ -32,6 +32,9 @@ pub const COPY_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const COPY_APPLY_WAIT: Duration = Duration::from_secs(3);
 /// The most links (VM disks × other sites) one host keeps.
 pub const MAX_MIRROR_LINKS: usize = 1024;
+/// After a failed attach or resume (nobody serves the copy, say), the link waits this long
+/// before it tries again.
+pub const LINK_RETRY: Duration = Duration::from_secs(2);
 
 /// A link: (VM, disk index, other site).
 type LinkKey = (String, usize, String);
@@ -50,6 +53,8 @@ pub(super) struct Mirroring {
     links: BTreeMap<LinkKey, Link>,
     /// Links with an action under way (attach, resume, a proposal).
     busy: BTreeSet<LinkKey>,
+    /// Links whose last attach or resume failed: not tried again before then.
+    retry_at: BTreeMap<LinkKey, tokio::time::Instant>,
     /// Exports this host serves: the VM and the generation they serve.
     served: BTreeMap<String, (String, u64)>,
     /// Numbers the relays' sockets (short paths: a unix socket's path is at most 107 bytes).
@@ -129,10 +134,14 @@ impl Agent {
             // A link of a VM no longer running here (or started again since) goes, relay and all.
             let mut m = lock(&self.mirroring);
             m.links.retain(|k, l| wanted.iter().any(|w| w.key == *k && w.generation == l.generation));
+            m.retry_at.retain(|k, _| wanted.iter().any(|w| w.key == *k));
         }
         for w in wanted {
-            if lock(&self.mirroring).busy.contains(&w.key) {
-                continue;
+            {
+                let m = lock(&self.mirroring);
+                if m.busy.contains(&w.key) || m.retry_at.get(&w.key).is_some_and(|t| *t > tokio::time::Instant::now()) {
+                    continue;
+                }
             }
             let (vm, disk, site) = &w.key;
             let sample = match self.driver.sample_mirror(vm, *disk).await {
@@ -172,10 +181,14 @@ impl Agent {
             let a = Arc::clone(self);
             tokio::spawn(
                 async move {
-                    if let Err(why) = a.act_on_link(&w, action).await {
-                        tracing::warn!("mirror of {} disk {} to site {}: {action:?} failed: {why}", w.key.0, w.key.1, w.key.2);
+                    let failed = a.act_on_link(&w, action).await.err();
+                    let mut m = lock(&a.mirroring);
+                    m.busy.remove(&w.key);
+                    m.retry_at.remove(&w.key);
+                    if let Some(why) = failed {
+                        tracing::warn!("mirror of {} disk {} to site {}: {action:?} failed (tried again in {LINK_RETRY:?}): {why}", w.key.0, w.key.1, w.key.2);
+                        m.retry_at.insert(w.key.clone(), tokio::time::Instant::now() + LINK_RETRY);
                     }
-                    lock(&a.mirroring).busy.remove(&w.key);
                 }
                 .in_current_span(),
             );
@@ -236,8 +249,19 @@ impl Agent {
             LinkAction::ProposeDegraded => {
                 let cmd = Command::MirrorDegraded { name: vm.clone(), generation: w.generation, site: site.clone() };
                 match self.submit(cmd).await {
-                    // Committed: the next pass sees the copy stale and lets the writes go.
-                    Ok(Ok(_)) => Ok(()),
+                    // Committed: the copy is stale, the held writes may go now.
+                    Ok(Ok(_)) => {
+                        if let Some(link) = lock(&self.mirroring).links.get(&w.key) {
+                            link.relay.release();
+                        }
+                        self.events.record(
+                            EventKind::MirrorDegraded,
+                            Some(vm),
+                            Some(site),
+                            format!("disk {disk} runs on this site's copy alone; {site}'s copy is stale"),
+                        );
+                        Ok(())
+                    }
                     Ok(Err(e)) => Err(format!("refused (writes stay held): {e}")),
                     Err(e) => Err(format!("not committed (writes stay held): {}", crate::api::chain(&e))),
                 }
