@@ -240,6 +240,21 @@ fn render(a: &Agent) -> String {
         "Workloads this host's driver runs now.",
         &[(String::new(), a.driver.list().iter().filter(|v| v.exit.is_none()).count() as f64)],
     );
+    let mut mirrors = Vec::new();
+    for l in a.mirror_links() {
+        let now = match l.state {
+            tandem_core::mirroring::LinkState::Detached => "detached",
+            tandem_core::mirroring::LinkState::Resyncing { .. } => "resyncing",
+            tandem_core::mirroring::LinkState::InSync => "in-sync",
+            tandem_core::mirroring::LinkState::Holding => "holding",
+            tandem_core::mirroring::LinkState::Degraded => "degraded",
+        };
+        for state in ["detached", "resyncing", "in-sync", "holding", "degraded"] {
+            let labels = format!("{{vm=\"{}\",disk=\"{}\",site=\"{}\",state=\"{state}\"}}", l.vm, l.disk, l.site);
+            mirrors.push((labels, f64::from(u8::from(state == now))));
+        }
+    }
+    gauge(&mut out, "tandem_mirror_state", "Each mirrored disk's link to another site's copy, at the host running its VM (1 for its current state).", &mirrors);
     counter(&mut out, "tandem_failovers_total", "Failovers this agent committed as coordinator.", m.failovers.load(Ordering::Relaxed));
     counter(&mut out, "tandem_vms_moved_total", "VMs those failovers moved.", m.vms_moved.load(Ordering::Relaxed));
     m.failover_seconds.render(&mut out, "tandem_failover_seconds", "From a host first seen dead to its failover committed.");

@@ -67,12 +67,16 @@ fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()
     net.block_hosts(0, &[1])?;
     net.block_hosts(1, &[0])?;
     // One side goes on with the guest: it writes past what it acknowledged before the cut.
-    let on =
-        wait("the guest to write on after the cut", Duration::from_secs(120), || seq.samples().into_iter().find(|s| s.at > cut && s.last > acknowledged + 5))?;
+    let on = wait("the guest to write on after the cut", Duration::from_secs(120), || {
+        seq.samples().into_iter().find(|s| s.at > cut + Duration::from_secs(2) && s.last > acknowledged + 20)
+    })?;
     let host = wait("a surviving host to show where the guest runs", Duration::from_secs(60), || {
         clients.iter().find_map(|c| c.get_as::<VmView>("/v1/vms/db").ok().filter(|v| v.copies.len() == 1).map(|v| (v.host, v.copies)))
     })?;
-    eprintln!("cut: the guest wrote on after {:?}, at {:?} (copies {:?})", on.at.saturating_duration_since(cut), host.0, host.1);
+    // The longest time without a write acknowledged, around the cut.
+    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > cut && s.at <= on.at).collect();
+    let held = judge(&around).longest_stall_ms;
+    eprintln!("cut: writes held {held} ms; the guest runs at {:?} (copies {:?})", host.0, host.1);
     assert!(doubly_running(&clients).is_empty(), "never two running copies");
     net.unblock(0)?;
     net.unblock(1)?;
@@ -81,7 +85,9 @@ fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()
     let events = lab.events();
     let kinds: Vec<String> = events.iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
     if host.1 == ["a"] {
-        // The guest's own site won: its writes were held until the other copy was stale.
+        // The guest's own site won: its writes were held until the other copy was stale — at
+        // least the time it takes to see the copy lost (stall_ms) and commit that.
+        assert!(held >= 900, "writes went on {held} ms after the cut: before the lost copy could be committed stale");
         for kind in ["mirror-holding", "mirror-degraded", "mirror-resyncing", "mirror-in-sync"] {
             assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
         }
@@ -149,6 +155,8 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
     wait("both copies current", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
     let local: LocalView = c.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
     assert!(local.mirrors.iter().any(|m| m.vm == "db" && m.site == "b" && m.state == LinkState::InSync), "{:?}", local.mirrors);
+    let metrics = c.get("/metrics").map_err(|e| anyhow!("{e}"))?.as_str().unwrap_or_default().to_string();
+    assert!(metrics.contains("tandem_mirror_state{vm=\"db\",disk=\"0\",site=\"b\",state=\"in-sync\"} 1"), "{metrics}");
     for _ in 0..5 {
         let acknowledged = seq.highest();
         let there = highest_record(&image_b)?.unwrap_or(0);

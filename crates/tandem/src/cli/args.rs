@@ -402,6 +402,11 @@ pub struct CreateArgs {
     /// (repeatable): copied by live migration; HA cannot restart the VM elsewhere.
     #[arg(long)]
     pub local_disk: Vec<String>,
+    /// QEMU: a disk image mirrored between sites, relative to each host's `[qemu]
+    /// site_disk_dir` (repeatable): every write goes to every site's copy; HA restarts the VM
+    /// only at a site whose copy is current.
+    #[arg(long)]
+    pub mirrored_disk: Vec<String>,
     /// QEMU user networking port forward, e.g. tcp:{host_ip}:8080-:80 (repeatable).
     #[arg(long, conflicts_with = "bridge")]
     pub hostfwd: Vec<String>,

@@ -37,7 +37,9 @@ pub fn spec_from(args: &CreateArgs) -> Result<VmSpec> {
     };
     let shared = args.disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false, local: false, mirror: false });
     let local = args.local_disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false, local: true, mirror: false });
-    let disks = shared.chain(local).collect();
+    let mirrored =
+        args.mirrored_disk.iter().map(|p| tandem_core::state::DiskSpec { path: p.clone(), format: None, readonly: false, local: false, mirror: true });
+    let disks = shared.chain(local).chain(mirrored).collect();
     let probe = args.probe.as_deref().map(|p| probe_from(p, args.probe_expect.clone())).transpose()?;
     Ok(VmSpec {
         name,
