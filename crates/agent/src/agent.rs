@@ -48,6 +48,7 @@ pub use shutdown::{policy_name, ShutdownConfig, ShutdownPolicy};
 mod watchdogs;
 pub mod witness;
 
+pub use mirror::{COPY_APPLY_WAIT, COPY_REQUEST_TIMEOUT, LINK_RETRY, MAX_MIRROR_LINKS};
 pub use probe::{MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL};
 pub use watchdogs::{WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};
 

@@ -5,10 +5,13 @@
 use std::time::Duration;
 
 pub use crate::bridge::TAP_SETUP_TIMEOUT;
+pub use crate::copyrelay::{DEFAULT_STALL, UPSTREAM_CONNECT_TIMEOUT};
 pub use crate::launcher::{KILL_WAIT, MAX_CHILDREN};
 pub use crate::probe::MAX_PROBE_ANSWER;
 pub use crate::qemu::{DEFAULT_QMP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_S, QMP_CONNECT_DEADLINE, QMP_CONNECT_RETRY, QUIT_WAIT};
 pub use crate::qmp::{MAX_IN_FLIGHT, MAX_LINE};
+pub use crate::sitecopy::{COPY_SERVER_QMP_TIMEOUT, COPY_SERVER_START_DEADLINE, MAX_SERVED_COPIES};
+pub use crate::syncmirror::DETACH_WAIT;
 
 const _: () = assert!(
     (DEFAULT_QMP_TIMEOUT_MS as u128) < QMP_CONNECT_DEADLINE.as_millis(),
@@ -17,6 +20,10 @@ const _: () = assert!(
 const _: () = assert!(QMP_CONNECT_RETRY.as_millis() < QMP_CONNECT_DEADLINE.as_millis());
 const _: () = assert!(TAP_SETUP_TIMEOUT.as_millis() < QMP_CONNECT_DEADLINE.as_millis(), "a start's network setup is bounded like its QMP connection");
 const _: () = assert!(QUIT_WAIT.as_millis() <= KILL_WAIT.as_millis(), "asking QEMU to quit waits no longer than a kill is given to be reaped");
+const _: () = assert!(COPY_SERVER_QMP_TIMEOUT.as_millis() < COPY_SERVER_START_DEADLINE.as_millis(), "one QMP attempt fits in the copy server's start deadline");
+const _: () =
+    assert!(UPSTREAM_CONNECT_TIMEOUT.as_millis() > DEFAULT_STALL.as_millis(), "a relay gives a copy server's connection longer than it gives an answer");
+const _: () = assert!(MAX_SERVED_COPIES > 0 && DETACH_WAIT.as_millis() > 0);
 const _: () = assert!(DEFAULT_STOP_TIMEOUT_S > 0 && MAX_IN_FLIGHT > 0 && MAX_CHILDREN > 0);
 const _: () = assert!(MAX_LINE >= 64 * 1024, "a QMP answer (query-status, an event) fits in one line");
 
