@@ -195,20 +195,30 @@ pub trait VmDriver: Send + Sync + 'static {
     fn served_copies(&self) -> BoxFuture<'_, Vec<String>> {
         Box::pin(async move { Vec::new() })
     }
-    /// Starts mirroring disk `copy.disk` of running VM `name` synchronously into the other
-    /// site's copy, through the agent's relay (`syncmirror::attach`).
-    fn attach_mirror<'a>(&'a self, _name: &'a str, _copy: &'a syncmirror::RemoteCopy) -> BoxFuture<'a, Result<(), DriverError>> {
+    /// Starts mirroring disk `to.disk` of running VM `name` synchronously into the other site's
+    /// copy that `to.server` serves (for QEMU: through a relay that holds writes to a lost copy
+    /// until `release_mirror`; see `syncmirror` and `copyrelay`). A mirror already there is
+    /// replaced.
+    fn attach_mirror<'a>(&'a self, _name: &'a str, _to: &'a syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
     }
     /// Where the mirror of disk `disk` of VM `name` stands.
-    fn sample_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<syncmirror::MirrorSample, DriverError>> {
-        Box::pin(async move { Ok(syncmirror::MirrorSample::Absent) })
+    fn mirror_status<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<syncmirror::MirrorStatus, DriverError>> {
+        Box::pin(
+            async move { Ok(syncmirror::MirrorStatus { job: syncmirror::MirrorSample::Absent, relay: tandem_core::mirroring::RelayPhase::None, lost: None }) },
+        )
     }
-    /// Resumes a stopped mirror (it copies what its copy missed).
-    fn resume_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+    /// Lets the writes held for a lost copy go (they complete on the local copy alone): only
+    /// once committed state counts that copy as stale.
+    fn release_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
     }
-    /// Ends the mirror of disk `disk` (the other copy is committed as stale, or it ended).
+    /// Resumes a stopped mirror through `server` (a host of that site serving the copy now): it
+    /// copies what its copy missed.
+    fn resume_mirror<'a>(&'a self, _name: &'a str, _disk: usize, _server: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
+    }
+    /// Ends the mirror of disk `disk` (it ended on its own, or the link is given up).
     fn detach_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
     }

@@ -138,16 +138,20 @@ impl VmDriver for MixedDriver {
         self.qemu.served_copies()
     }
 
-    fn attach_mirror<'a>(&'a self, name: &'a str, copy: &'a crate::syncmirror::RemoteCopy) -> BoxFuture<'a, Result<(), DriverError>> {
-        self.owner(name).attach_mirror(name, copy)
+    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a crate::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).attach_mirror(name, to)
     }
 
-    fn sample_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<crate::syncmirror::MirrorSample, DriverError>> {
-        self.owner(name).sample_mirror(name, disk)
+    fn mirror_status<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<crate::syncmirror::MirrorStatus, DriverError>> {
+        self.owner(name).mirror_status(name, disk)
     }
 
-    fn resume_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
-        self.owner(name).resume_mirror(name, disk)
+    fn release_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).release_mirror(name, disk)
+    }
+
+    fn resume_mirror<'a>(&'a self, name: &'a str, disk: usize, server: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).resume_mirror(name, disk, server)
     }
 
     fn detach_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {

@@ -114,6 +114,10 @@ pub struct QemuDriver {
     copy_settings: Option<(u16, String)>,
     /// The copy server, started on the first request.
     copy_server: tokio::sync::Mutex<Option<crate::sitecopy::CopyServer>>,
+    /// The relays of this host's mirrors, per (VM, disk), and a counter naming their sockets
+    /// (short paths: a unix socket's path is at most 107 bytes).
+    relays: Mutex<HashMap<(String, usize), Arc<crate::copyrelay::CopyRelay>>>,
+    next_relay: std::sync::atomic::AtomicU64,
 }
 
 impl QemuDriver {
@@ -133,6 +137,8 @@ impl QemuDriver {
             tls: None,
             copy_settings: None,
             copy_server: tokio::sync::Mutex::new(None),
+            relays: Mutex::default(),
+            next_relay: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -240,6 +246,10 @@ impl QemuDriver {
     #[must_use]
     pub fn local_disk(&self, relative: &str) -> PathBuf {
         crate::diskcopy::local_path(Path::new(&self.cfg.local_disk_dir), relative)
+    }
+
+    fn relays(&self) -> std::sync::MutexGuard<'_, HashMap<(String, usize), Arc<crate::copyrelay::CopyRelay>>> {
+        self.relays.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn serving(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
@@ -665,22 +675,51 @@ impl VmDriver for QemuDriver {
         Box::pin(self.site_copies())
     }
 
-    fn attach_mirror<'a>(&'a self, name: &'a str, copy: &'a crate::syncmirror::RemoteCopy) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a crate::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            Ok(crate::syncmirror::attach(name, &q, self.qmp_timeout(), copy).await?)
+            // A mirror left from before (the agent lost track of it) goes first.
+            let _ = crate::syncmirror::detach(name, &q, self.qmp_timeout(), to.disk).await;
+            let socket = self.run_dir.join(format!("mirror{}.sock", self.next_relay.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+            let relay = Arc::new(
+                crate::copyrelay::CopyRelay::start(&socket, &to.server, to.stall).map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?,
+            );
+            self.relays().insert((name.to_string(), to.disk), Arc::clone(&relay));
+            let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone(), tls_creds: None };
+            Ok(crate::syncmirror::attach(name, &q, self.qmp_timeout(), &copy).await?)
         })
     }
 
-    fn sample_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<crate::syncmirror::MirrorSample, DriverError>> {
+    fn mirror_status<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<crate::syncmirror::MirrorStatus, DriverError>> {
         Box::pin(async move {
+            use tandem_core::mirroring::RelayPhase;
             let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            Ok(crate::syncmirror::sample(name, &q, self.qmp_timeout(), disk).await?)
+            let job = crate::syncmirror::sample(name, &q, self.qmp_timeout(), disk).await?;
+            let health = self.relays().get(&(name.to_string(), disk)).map(|r| r.health());
+            let (relay, lost) = match health {
+                None => (RelayPhase::None, None),
+                Some(crate::copyrelay::RelayHealth::Idle | crate::copyrelay::RelayHealth::Joined) => (RelayPhase::Open, None),
+                Some(crate::copyrelay::RelayHealth::Lost { why, .. }) => (RelayPhase::Lost, Some(why)),
+                Some(crate::copyrelay::RelayHealth::Released) => (RelayPhase::Released, None),
+            };
+            Ok(crate::syncmirror::MirrorStatus { job, relay, lost })
         })
     }
 
-    fn resume_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn release_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
+            if let Some(r) = self.relays().get(&(name.to_string(), disk)) {
+                r.release();
+            }
+            Ok(())
+        })
+    }
+
+    fn resume_mirror<'a>(&'a self, name: &'a str, disk: usize, server: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            if let Some(r) = self.relays().get(&(name.to_string(), disk)) {
+                r.set_upstream(server);
+            }
             let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             Ok(crate::syncmirror::resume(name, &q, self.qmp_timeout(), disk).await?)
         })
@@ -689,12 +728,15 @@ impl VmDriver for QemuDriver {
     fn detach_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            Ok(crate::syncmirror::detach(name, &q, self.qmp_timeout(), disk).await?)
+            crate::syncmirror::detach(name, &q, self.qmp_timeout(), disk).await?;
+            self.relays().remove(&(name.to_string(), disk));
+            Ok(())
         })
     }
 
     fn forget(&self, name: &str) {
         self.serving().remove(name);
+        self.relays().retain(|(vm, _), _| vm != name);
         self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name);
         self.launcher.forget(name);
     }

@@ -49,6 +49,28 @@ pub struct RemoteCopy {
     pub tls_creds: Option<String>,
 }
 
+/// What a driver needs to mirror one disk into another site's copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorTarget {
+    /// The disk's index in the VM spec.
+    pub disk: usize,
+    /// The copy server's `host:port`.
+    pub server: String,
+    /// The export's name (`sitecopy::export_name`).
+    pub export: String,
+    /// Bytes left unanswered this long: the copy is lost (the relay's `stall`).
+    pub stall: std::time::Duration,
+}
+
+/// One disk's mirror as the driver sees it: QEMU's job, and the relay in front of the copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorStatus {
+    pub job: MirrorSample,
+    pub relay: tandem_core::mirroring::RelayPhase,
+    /// Why the copy counts as lost, when it does.
+    pub lost: Option<String>,
+}
+
 /// Where a disk's synchronous mirror stands, as QEMU reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "phase", rename_all = "kebab-case")]

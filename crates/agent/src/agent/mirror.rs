@@ -1,8 +1,9 @@
 //! Site mirroring on this host, both halves.
 //!
 //! - For each site-mirrored VM running here, and each of its disks, one link per other site:
-//!   a copy served by a host of that site (`POST /v1/internal/copies`), a relay to it
-//!   (`tandem_drivers::copyrelay`) and QEMU's write-blocking mirror through the relay. Each pass
+//!   a copy served by a host of that site (`POST /v1/internal/copies`) and the driver's mirror
+//!   into it (for QEMU: a relay, `tandem_drivers::copyrelay`, and a write-blocking mirror
+//!   through it, which holds writes to a lost copy until released). Each pass
 //!   observes every link and does what `tandem_core::mirroring::decide` says: attach, propose
 //!   `mirror-synced` once in sync, propose `mirror-degraded` when the copy is lost — and let the
 //!   held writes go only once committed state counts that copy as stale — then resume (copy
@@ -20,9 +21,8 @@ use std::time::Duration;
 use tandem_core::hostset::HostId;
 use tandem_core::mirroring::{decide, link_state, JobPhase, LinkAction, LinkObservation, LinkState, RelayPhase};
 use tandem_core::state::Command;
-use tandem_drivers::copyrelay::{CopyRelay, RelayHealth};
 use tandem_drivers::sitecopy::export_name;
-use tandem_drivers::syncmirror::{MirrorSample, RemoteCopy};
+use tandem_drivers::syncmirror::{MirrorSample, MirrorTarget};
 use tracing::Instrument;
 
 /// One request to a host of another site to serve its copy.
@@ -41,7 +41,6 @@ type LinkKey = (String, usize, String);
 
 struct Link {
     generation: u64,
-    relay: Arc<CopyRelay>,
     /// Who serves the copy now.
     server: String,
     state: LinkState,
@@ -57,8 +56,6 @@ pub(super) struct Mirroring {
     retry_at: BTreeMap<LinkKey, tokio::time::Instant>,
     /// Exports this host serves: the VM and the generation they serve.
     served: BTreeMap<String, (String, u64)>,
-    /// Numbers the relays' sockets (short paths: a unix socket's path is at most 107 bytes).
-    next_socket: u64,
 }
 
 /// What committed state wants of one link.
@@ -78,15 +75,6 @@ fn job_phase(s: &MirrorSample) -> (JobPhase, u64, u64) {
         MirrorSample::InSync => (JobPhase::InSync, 0, 0),
         MirrorSample::Stopped { .. } => (JobPhase::Stopped, 0, 0),
         MirrorSample::Ended { .. } => (JobPhase::Ended, 0, 0),
-    }
-}
-
-fn relay_phase(link: Option<&Link>) -> RelayPhase {
-    match link.map(|l| l.relay.health()) {
-        None => RelayPhase::None,
-        Some(RelayHealth::Idle | RelayHealth::Joined) => RelayPhase::Open,
-        Some(RelayHealth::Lost { .. }) => RelayPhase::Lost,
-        Some(RelayHealth::Released) => RelayPhase::Released,
     }
 }
 
@@ -131,7 +119,7 @@ impl Agent {
         let running: BTreeMap<String, u64> = self.driver.list().into_iter().filter(|v| v.exit.is_none()).map(|v| (v.name, v.generation)).collect();
         let wanted: Vec<Wanted> = self.wanted_links().into_iter().filter(|w| running.get(&w.key.0) == Some(&w.generation)).collect();
         {
-            // A link of a VM no longer running here (or started again since) goes, relay and all.
+            // A link of a VM no longer running here (or started again since) goes (the driver drops its relay with the VM).
             let mut m = lock(&self.mirroring);
             m.links.retain(|k, l| wanted.iter().any(|w| w.key == *k && w.generation == l.generation));
             m.retry_at.retain(|k, _| wanted.iter().any(|w| w.key == *k));
@@ -144,29 +132,32 @@ impl Agent {
                 }
             }
             let (vm, disk, site) = &w.key;
-            let sample = match self.driver.sample_mirror(vm, *disk).await {
+            let status = match self.driver.mirror_status(vm, *disk).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!("mirror of {vm} disk {disk}: {e}");
                     continue;
                 }
             };
-            let (job, copied, total) = job_phase(&sample);
+            let (job, copied, total) = job_phase(&status.job);
             let (obs, action) = {
                 let mut m = lock(&self.mirroring);
-                let obs = LinkObservation { job, relay: relay_phase(m.links.get(&w.key)), current: w.current, server_reachable: !w.servers.is_empty() };
+                // A relay without a link of this generation is the last generation's.
+                let relay = if m.links.contains_key(&w.key) { status.relay } else { RelayPhase::None };
+                let obs = LinkObservation { job, relay, current: w.current, server_reachable: !w.servers.is_empty() };
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
                     let before = std::mem::replace(&mut link.state, state.clone());
-                    self.note_link_change(&w.key, &before, &state, &link.relay);
+                    self.note_link_change(&w.key, &before, &state, status.lost.as_deref().unwrap_or(""));
                 }
                 (obs, decide(obs))
             };
             let Some(action) = action else { continue };
             if action == LinkAction::Release {
                 // Committed state already counts the copy as stale: the held writes may go.
-                if let Some(link) = lock(&self.mirroring).links.get(&w.key) {
-                    link.relay.release();
+                if let Err(e) = self.driver.release_mirror(vm, *disk).await {
+                    tracing::warn!("releasing the writes of {vm} disk {disk}: {}", crate::api::chain(&e));
+                    continue;
                 }
                 self.events.record(
                     EventKind::MirrorDegraded,
@@ -196,15 +187,11 @@ impl Agent {
     }
 
     /// Timeline events for a link's changes of state.
-    fn note_link_change(&self, key: &LinkKey, before: &LinkState, now: &LinkState, relay: &CopyRelay) {
+    fn note_link_change(&self, key: &LinkKey, before: &LinkState, now: &LinkState, why: &str) {
         let (vm, disk, site) = key;
         match (before, now) {
             (LinkState::Holding, LinkState::Holding) => {}
             (_, LinkState::Holding) => {
-                let why = match relay.health() {
-                    RelayHealth::Lost { why, .. } => why,
-                    _ => String::new(),
-                };
                 self.events.record(
                     EventKind::MirrorHolding,
                     Some(vm),
@@ -230,11 +217,10 @@ impl Agent {
             }
             LinkAction::Resume => {
                 let (endpoint, server) = self.request_copy(w).await?;
+                self.driver.resume_mirror(vm, *disk, &endpoint.address).await.map_err(|e| crate::api::chain(&e))?;
                 if let Some(link) = lock(&self.mirroring).links.get_mut(&w.key) {
-                    link.relay.set_upstream(&endpoint.address);
                     link.server = server;
                 }
-                self.driver.resume_mirror(vm, *disk).await.map_err(|e| crate::api::chain(&e))?;
                 self.events.record(EventKind::MirrorResyncing, Some(vm), Some(site), format!("disk {disk}: copying what {site}'s copy missed"));
                 Ok(())
             }
@@ -251,9 +237,7 @@ impl Agent {
                 match self.submit(cmd).await {
                     // Committed: the copy is stale, the held writes may go now.
                     Ok(Ok(_)) => {
-                        if let Some(link) = lock(&self.mirroring).links.get(&w.key) {
-                            link.relay.release();
-                        }
+                        self.driver.release_mirror(vm, *disk).await.map_err(|e| crate::api::chain(&e))?;
                         self.events.record(
                             EventKind::MirrorDegraded,
                             Some(vm),
@@ -270,23 +254,14 @@ impl Agent {
         }
     }
 
-    /// Asks a host of the link's site to serve its copy, opens a relay to it and starts the
-    /// mirror (a full copy).
+    /// Asks a host of the link's site to serve its copy and starts the mirror into it (a full
+    /// copy).
     async fn attach_link(self: &Arc<Self>, w: &Wanted) -> Result<(), String> {
         let (vm, disk, site) = &w.key;
         let (endpoint, server) = self.request_copy(w).await?;
-        let socket = {
-            let mut m = lock(&self.mirroring);
-            m.next_socket += 1;
-            self.cfg.data_dir.join("run").join(format!("mirror{}.sock", m.next_socket))
-        };
-        let stall = Duration::from_millis(self.cfg.mirror.stall_ms);
-        let relay = Arc::new(CopyRelay::start(&socket, &endpoint.address, stall).map_err(|e| format!("relay {}: {e}", socket.display()))?);
-        let copy = RemoteCopy { disk: *disk, relay: socket, export: endpoint.export.clone(), tls_creds: None };
-        // A job left from an earlier link of this generation (the agent lost track of it) goes first.
-        let _ = self.driver.detach_mirror(vm, *disk).await;
-        self.driver.attach_mirror(vm, &copy).await.map_err(|e| crate::api::chain(&e))?;
-        let link = Link { generation: w.generation, relay, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 } };
+        let to = MirrorTarget { disk: *disk, server: endpoint.address, export: endpoint.export, stall: Duration::from_millis(self.cfg.mirror.stall_ms) };
+        self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
+        let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 } };
         lock(&self.mirroring).links.insert(w.key.clone(), link);
         self.events.record(EventKind::MirrorResyncing, Some(vm), Some(site), format!("disk {disk}: full copy into {site}'s copy, served by {server}"));
         Ok(())
