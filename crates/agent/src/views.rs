@@ -224,7 +224,7 @@ pub struct TokenView {
 pub struct LocalView {
     pub host: String,
     pub vms: Vec<VmStatus>,
-    /// The site mirrors of the VMs running here: one per disk and other site.
+    /// The site mirrors of the VMs running here: one per mirrored disk, into one other site's copy.
     #[serde(default)]
     pub mirrors: Vec<MirrorLinkView>,
 }

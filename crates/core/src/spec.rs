@@ -62,7 +62,7 @@ pub struct DiskSpec {
     pub local: bool,
     /// Mirrored between sites: every site holds a copy at this path, relative to each host's
     /// `[qemu] site_disk_dir` (its site's storage). The running host's QEMU mirrors every write
-    /// synchronously into the other sites' copies, and HA restarts the VM only at a site whose
+    /// synchronously into one other site's copy, and HA restarts the VM only at a site whose
     /// copy committed state shows current (log format 13).
     #[serde(default, skip_serializing_if = "is_false")]
     pub mirror: bool,

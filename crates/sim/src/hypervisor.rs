@@ -39,6 +39,8 @@ pub struct SimDriver {
     spent: Mutex<std::collections::BTreeSet<String>>,
     /// VMs started or received here whose spec has a writable local disk.
     local_disk: Mutex<std::collections::BTreeSet<String>>,
+    /// The mirrors of this host's VMs' mirrored disks: VM → disk → link (see `mirror`).
+    mirrors: Mutex<BTreeMap<String, BTreeMap<usize, crate::mirror::SimLink>>>,
 }
 
 impl SimDriver {
@@ -52,6 +54,7 @@ impl SimDriver {
             powered: std::sync::atomic::AtomicBool::new(true),
             spent: Mutex::default(),
             local_disk: Mutex::default(),
+            mirrors: Mutex::default(),
         }
     }
 
@@ -147,6 +150,13 @@ impl VmDriver for SimDriver {
             if launch.spec.copied_disks().next().is_some() {
                 if let Some(why) = crate::localdisk::runs(w, &name, self.me) {
                     w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::StaleDisk, why));
+                }
+            }
+            // A fresh start runs from this site's copy, with no mirror yet.
+            lock(&self.mirrors).remove(&name);
+            if launch.spec.site_mirrored() {
+                if let Some(why) = crate::mirror::runs(w, &name, self.me) {
+                    w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::StaleCopy, why));
                 }
             }
             w.log(format!("{}: {name} runs (generation {})", self.name, launch.generation));
@@ -344,6 +354,86 @@ impl VmDriver for SimDriver {
         })
     }
 
+    /// A host serves its site's copies whenever it is up: its address names it.
+    fn serve_copy<'a>(&'a self, _export: &'a str, _relative: &'a str, _bytes: u64) -> BoxFuture<'a, Result<String, DriverError>> {
+        Box::pin(async move {
+            if self.up() {
+                Ok(format!("sim:{}", self.me))
+            } else {
+                Err(DriverError::Unsupported { driver: "sim", what: "serve a copy while down" })
+            }
+        })
+    }
+
+    fn withdraw_copy<'a>(&'a self, _export: &'a str) -> BoxFuture<'a, Result<Vec<String>, DriverError>> {
+        Box::pin(async move { Ok(Vec::new()) })
+    }
+
+    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a tandem_drivers::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let server = crate::mirror::server_of(&to.server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let site = crate::mirror::site_of(&self.world, server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            if !lock(&self.vms).get(name).is_some_and(|v| v.exit.is_none()) {
+                return Err(DriverError::NotRunning(name.to_string()));
+            }
+            let link = crate::mirror::SimLink {
+                server,
+                site,
+                job: crate::mirror::SimJob::Copying { left: crate::mirror::SIM_COPY_PASSES },
+                relay: tandem_core::mirroring::RelayPhase::Open,
+            };
+            lock(&self.mirrors).entry(name.to_string()).or_default().insert(to.disk, link);
+            Ok(())
+        })
+    }
+
+    /// One mirror pass: the links move on and the guest writes (see `mirror::step`).
+    fn mirror_status<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<tandem_drivers::syncmirror::MirrorStatus, DriverError>> {
+        Box::pin(async move {
+            self.sync_power();
+            if !self.up() || !lock(&self.vms).get(name).is_some_and(|v| v.exit.is_none() && !v.paused) {
+                return Err(DriverError::NotRunning(name.to_string()));
+            }
+            let mut mirrors = lock(&self.mirrors);
+            let links = mirrors.entry(name.to_string()).or_default();
+            crate::mirror::step(&self.world, name, self.me, links);
+            Ok(crate::mirror::status(links.get(&disk)))
+        })
+    }
+
+    fn release_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            if let Some(l) = lock(&self.mirrors).get_mut(name).and_then(|m| m.get_mut(&disk)) {
+                l.relay = tandem_core::mirroring::RelayPhase::Released;
+                l.job = crate::mirror::SimJob::Stopped;
+            }
+            self.world.log(format!("{}: {name} disk {disk}: held writes released", self.name));
+            Ok(())
+        })
+    }
+
+    fn resume_mirror<'a>(&'a self, name: &'a str, disk: usize, server: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let server = crate::mirror::server_of(server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            if let Some(l) = lock(&self.mirrors).get_mut(name).and_then(|m| m.get_mut(&disk)) {
+                l.server = server;
+                if l.job == crate::mirror::SimJob::Stopped && l.relay == tandem_core::mirroring::RelayPhase::Open {
+                    l.job = crate::mirror::SimJob::Copying { left: crate::mirror::SIM_COPY_PASSES };
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn detach_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            if let Some(m) = lock(&self.mirrors).get_mut(name) {
+                m.remove(&disk);
+            }
+            Ok(())
+        })
+    }
+
     /// Every local disk has the same simulated size (the mirror's time is not modelled apart
     /// from the memory copy's).
     fn disk_sizes<'a>(&'a self, _name: &'a str, disks: &'a [usize]) -> BoxFuture<'a, Result<Vec<tandem_drivers::diskcopy::LocalDiskSize>, DriverError>> {
@@ -444,6 +534,9 @@ impl VmDriver for SimDriver {
                 if let Some(why) = crate::localdisk::runs(w, name, self.me) {
                     w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::StaleDisk, why));
                 }
+            }
+            if let Some(why) = crate::mirror::runs(w, name, self.me) {
+                w.violation(crate::oracle::Violation::new(crate::oracle::Invariant::StaleCopy, why));
             }
             if let Some(why) = stale {
                 w.violation(crate::oracle::Violation::new(

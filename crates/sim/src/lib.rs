@@ -15,6 +15,7 @@ pub mod fault;
 mod hypervisor;
 mod inject;
 mod localdisk;
+mod mirror;
 pub mod oracle;
 mod planned;
 mod postcopy;
@@ -164,6 +165,12 @@ struct Sim {
     /// VMs with a writable local disk: no recovery is owed for them while their host is away
     /// (parked with it, they run again when it returns).
     local_disk_vms: BTreeSet<String>,
+    /// VMs with a disk mirrored between sites, and the sites whose copies committed state
+    /// counted current when a fault last looked (`vms_on`): a recovery is owed for one only if
+    /// both its copies were current — with one, the loss of that site's hosts leaves it down by
+    /// design (no current copy), which the settle check then holds to committed state.
+    mirrored_vms: BTreeSet<String>,
+    copies_seen: std::sync::Mutex<BTreeMap<String, Vec<String>>>,
     /// VMs that faults stopped and that must run again within the oracle's bound.
     recoveries: Recoveries,
     next_vm: u32,
@@ -388,7 +395,9 @@ impl Sim {
     /// VMs the committed state places on `host`, desired running.
     async fn vms_on(&self, host: u32) -> Vec<String> {
         let name = format!("h{host}");
-        self.committed_vms().await.unwrap_or_default().iter().filter(|v| v.should_run_on() == Some(name.as_str())).map(|v| v.name.clone()).collect()
+        let vms = self.committed_vms().await.unwrap_or_default();
+        lock(&self.copies_seen).extend(vms.iter().filter(|v| self.mirrored_vms.contains(&v.name)).map(|v| (v.name.clone(), v.copies.clone())));
+        vms.iter().filter(|v| v.should_run_on() == Some(name.as_str())).map(|v| v.name.clone()).collect()
     }
 
     async fn create_vm(&mut self, on: u32) {
@@ -410,10 +419,19 @@ impl Sim {
             spec.protection = tandem_core::state::Protection::BestEffort;
             spec.disks = vec![tandem_core::state::DiskSpec { path: format!("{name}.raw"), format: None, readonly: false, local: true, mirror: false }];
         }
+        // With sites, one in four (of the others) keeps its disk mirrored between them, protected:
+        // it restarts only at a site whose copy is current (`stale-copy` checks every start).
+        let mirrored = !local_disk && !self.opts.sites.is_empty() && self.next_vm % 4 == 1;
+        if mirrored {
+            spec.disks = vec![tandem_core::state::DiskSpec { path: format!("{name}.raw"), format: None, readonly: false, local: false, mirror: true }];
+        }
         if let Some((200 | 201, _)) = self.send(on, "POST", "/v1/vms", &spec).await {
             self.created.insert(name.clone());
             if local_disk {
                 self.local_disk_vms.insert(name.clone());
+            }
+            if mirrored {
+                self.mirrored_vms.insert(name.clone());
             }
             // Whether it starts now or not, the oracle's settle check holds it to committed state.
             let _ = self.send(on, "POST", &format!("/v1/vms/{name}/start"), &ForceRequest::default()).await;
@@ -451,7 +469,10 @@ impl Sim {
     /// that was never recovered.
     /// Of `vms`, those HA restarts elsewhere when their host fails (not those with a local disk).
     fn restartable(&self, vms: &[String]) -> Vec<String> {
-        vms.iter().filter(|v| !self.local_disk_vms.contains(*v)).cloned().collect()
+        // Mirrored into one other site: both copies current, so one site's loss leaves one.
+        let copies = lock(&self.copies_seen);
+        let fully_mirrored = |v: &String| copies.get(v).is_some_and(|c| c.len() >= 2);
+        vms.iter().filter(|v| !self.local_disk_vms.contains(*v) && (!self.mirrored_vms.contains(*v) || fully_mirrored(v))).cloned().collect()
     }
 
     fn check_moved_off(&self, target: u32, vms: &[String], what: &str) {
@@ -569,6 +590,7 @@ async fn run_async(opts: SimOptions) -> SimReport {
 
 async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     let world = World::new(opts.seed, opts.hosts + opts.late_hosts);
+    *lock(&world.sites) = opts.sites.clone();
     world.skip_disk_sync.store(opts.mutation == Some(Mutation::SwitchoverBeforeDiskSync), std::sync::atomic::Ordering::SeqCst);
     // The disk is formatted once, before any agent starts, as `tandem disk format` does.
     match std::fs::read(dir.join("secret")).ok().and_then(|s| tandem_core::wire::ClusterKey::new(&s).ok()) {
@@ -583,6 +605,8 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         faults: BTreeMap::new(),
         created: BTreeSet::new(),
         local_disk_vms: BTreeSet::new(),
+        mirrored_vms: BTreeSet::new(),
+        copies_seen: std::sync::Mutex::default(),
         recoveries: Recoveries::default(),
         next_vm: 0,
         witness_region: opts.disk_witness.then(witness::SimWitness::new_region),

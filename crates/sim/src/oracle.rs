@@ -45,6 +45,9 @@ pub enum Invariant {
     /// The disk witness's database was written by a node other than the one opened last: two
     /// hosts held the witness at once.
     WitnessTwice,
+    /// A VM with a disk mirrored between sites started from a site's copy that lacked a write
+    /// its guest had acknowledged.
+    StaleCopy,
 }
 
 impl Invariant {
@@ -61,6 +64,7 @@ impl Invariant {
             Invariant::ParkedRan => "parked-ran",
             Invariant::StaleDisk => "stale-disk",
             Invariant::WitnessTwice => "witness-twice",
+            Invariant::StaleCopy => "stale-copy",
         }
     }
 }

@@ -107,6 +107,10 @@ pub struct World {
     pub images: Mutex<BTreeMap<String, VmImage>>,
     /// VMs' local disks: which host's copy is current (see `localdisk`).
     pub local_disks: Mutex<BTreeMap<String, crate::localdisk::DiskCopies>>,
+    /// Each host's site, by index (empty: no sites).
+    pub sites: Mutex<Vec<String>>,
+    /// Disks mirrored between sites: what each site's copy holds (see `mirror`).
+    pub site_copies: Mutex<BTreeMap<String, crate::mirror::SiteCopies>>,
     /// The mutation check's broken hypervisor: migrations complete without their disks' mirror.
     pub skip_disk_sync: std::sync::atomic::AtomicBool,
     /// The witness's region answers nobody (fault `witness-loss`).
@@ -145,6 +149,8 @@ impl World {
             inboxes: Mutex::new(BTreeMap::new()),
             images: Mutex::new(BTreeMap::new()),
             local_disks: Mutex::new(BTreeMap::new()),
+            sites: Mutex::new(Vec::new()),
+            site_copies: Mutex::new(BTreeMap::new()),
             skip_disk_sync: std::sync::atomic::AtomicBool::new(false),
             witness_down: std::sync::atomic::AtomicBool::new(false),
             routers: Mutex::new(BTreeMap::new()),

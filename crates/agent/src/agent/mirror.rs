@@ -1,6 +1,6 @@
 //! Site mirroring on this host, both halves.
 //!
-//! - For each site-mirrored VM running here, and each of its disks, one link per other site:
+//! - For each site-mirrored VM running here, and each of its disks, one link to one other site:
 //!   a copy served by a host of that site (`POST /v1/internal/copies`) and the driver's mirror
 //!   into it (for QEMU: a relay, `tandem_drivers::copyrelay`, and a write-blocking mirror
 //!   through it, which holds writes to a lost copy until released). Each pass
@@ -88,26 +88,39 @@ impl Agent {
         }
     }
 
-    /// The links committed state wants of this host now.
+    /// The links committed state wants of this host now: one per mirrored disk of each VM
+    /// running here (QEMU runs one mirror job per disk), into the copy of one other site — the
+    /// one this generation's link already writes, else the first other site by name with an
+    /// active host. It never changes within a generation: a copy the mirror stopped writing
+    /// while committed state still counted it current could restart the VM without the writes
+    /// made since. A new generation (a start) counts only its own site's copy current anyway.
     fn wanted_links(&self) -> Vec<Wanted> {
         let me = self.me;
+        let existing: BTreeMap<(String, usize, u64), String> =
+            lock(&self.mirroring).links.iter().map(|((vm, disk, site), l)| ((vm.clone(), *disk, l.generation), site.clone())).collect();
         self.consensus.with_state(|s| {
             let my_site = s.hosts.get(&me).and_then(|h| h.site.clone());
+            let active = |hosts: &[HostId]| -> Vec<(String, String)> {
+                hosts
+                    .iter()
+                    .filter_map(|h| s.hosts.get(h))
+                    .filter(|h| h.status == tandem_core::state::HostStatus::Active)
+                    .map(|h| (h.name.clone(), h.api_addr.clone()))
+                    .collect()
+            };
             let sites: Vec<(String, Vec<HostId>)> = s.sites().into_iter().filter(|(site, _)| Some(site) != my_site.as_ref()).collect();
             let mut wanted = Vec::new();
             for v in s.vms.values().filter(|v| v.spec.site_mirrored()) {
                 let Some(a) = v.assignment().filter(|a| a.host == me) else { continue };
                 for (disk, _) in v.spec.mirrored_disks() {
-                    for (site, hosts) in &sites {
-                        let servers = hosts
-                            .iter()
-                            .filter_map(|h| s.hosts.get(h))
-                            .filter(|h| h.status == tandem_core::state::HostStatus::Active)
-                            .map(|h| (h.name.clone(), h.api_addr.clone()))
-                            .collect();
-                        let key = (v.spec.name.clone(), disk, site.clone());
-                        wanted.push(Wanted { key, generation: a.generation, current: v.copies.contains(site), servers });
-                    }
+                    let chosen = existing.get(&(v.spec.name.clone(), disk, a.generation));
+                    let target = match chosen {
+                        Some(site) => sites.iter().find(|(name, _)| name == site),
+                        None => sites.iter().find(|(_, hosts)| !active(hosts).is_empty()),
+                    };
+                    let Some((site, hosts)) = target else { continue };
+                    let key = (v.spec.name.clone(), disk, site.clone());
+                    wanted.push(Wanted { key, generation: a.generation, current: v.copies.contains(site), servers: active(hosts) });
                 }
             }
             wanted.truncate(MAX_MIRROR_LINKS);

@@ -1,7 +1,7 @@
 //! Site-mirrored disks in committed state: which sites' copies are current.
 //!
 //! A VM whose disks are mirrored between sites (`mirror = true`) runs on its site's copy, and
-//! its host's QEMU mirrors every write synchronously into the other sites' copies. Committed
+//! its host's QEMU mirrors every write synchronously into one other site's copy. Committed
 //! state keeps, per VM, the sites whose copies hold every write the guest had acknowledged
 //! (`VmRecord::copies`), and the whole safety of site failover rests on three rules:
 //!

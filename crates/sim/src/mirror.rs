@@ -1,0 +1,154 @@
+//! The simulated disks mirrored between sites. Each site holds a copy of a mirrored VM's disk;
+//! the model keeps, per VM, how many writes its guest has had acknowledged (`acked`) and how
+//! many each site's copy holds. A running guest writes once per mirror pass of its host
+//! (`step`): the write is held — not acknowledged — while a link's copy is lost and not
+//! released; otherwise it is acknowledged, and lands on the running site's copy and on every
+//! copy whose link is in sync. A link's mirror copies (`Copying`, a few passes), is in sync,
+//! or is stopped (released: its copy misses what is written since). A VM that starts at a site
+//! whose copy lacks an acknowledged write has lost it: the `stale-copy` invariant.
+//!
+//! A link's copy is reachable while its server host is up, not frozen, and the network carries
+//! both ways between the hosts: otherwise the relay is `Lost`, as the real one is after its stall.
+
+use crate::world::{lock, World};
+use std::collections::BTreeMap;
+use tandem_core::mirroring::RelayPhase;
+use tandem_drivers::syncmirror::{MirrorSample, MirrorStatus};
+
+/// Passes a simulated mirror takes to copy what its copy lacks.
+pub const SIM_COPY_PASSES: u32 = 3;
+
+/// One VM's copies.
+#[derive(Clone, Debug, Default)]
+pub struct SiteCopies {
+    /// Writes the guest had acknowledged.
+    pub acked: u64,
+    /// Writes each site's copy holds.
+    pub at: BTreeMap<String, u64>,
+}
+
+/// A mirror job, simulated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimJob {
+    Copying { left: u32 },
+    InSync,
+    Stopped,
+}
+
+/// One disk's link from the host running its VM to another site's copy.
+#[derive(Clone, Debug)]
+pub struct SimLink {
+    pub server: u32,
+    pub site: String,
+    pub job: SimJob,
+    pub relay: RelayPhase,
+}
+
+/// The site of host `h` (none: no site).
+pub fn site_of(w: &World, h: u32) -> Option<String> {
+    lock(&w.sites).get(h as usize).cloned()
+}
+
+/// Whether `server` serves its copy to `me` now.
+fn reachable(w: &World, me: u32, server: u32) -> bool {
+    w.reaches(me, server) && w.reaches(server, me) && !w.is_frozen(server)
+}
+
+/// A copy of `name` begins to run at `host`'s site. Why that is wrong, if that site's copy
+/// lacks a write the guest had acknowledged.
+pub fn runs(w: &World, name: &str, host: u32) -> Option<String> {
+    let site = site_of(w, host)?;
+    let copies = lock(&w.site_copies);
+    let c = copies.get(name)?;
+    let here = c.at.get(&site).copied().unwrap_or(0);
+    (here < c.acked).then(|| format!("{name} starts on h{host} from site {site}'s copy, which holds {here} of the {} writes its guest acknowledged", c.acked))
+}
+
+/// One mirror pass of `name` running on `me` with `links`: the links' states move on, and the
+/// guest writes once (held while a link's copy is lost and not released).
+pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>) {
+    for l in links.values_mut() {
+        let up = reachable(w, me, l.server);
+        l.relay = match (l.relay, up) {
+            (RelayPhase::Open, false) => RelayPhase::Lost,
+            (RelayPhase::Released, true) => RelayPhase::Open,
+            (r, _) => r,
+        };
+    }
+    let Some(site) = site_of(w, me) else { return };
+    let mut copies = lock(&w.site_copies);
+    let c = copies.entry(name.to_string()).or_default();
+    for l in links.values_mut() {
+        if let (SimJob::Copying { left }, RelayPhase::Open) = (l.job, l.relay) {
+            l.job = if left <= 1 { SimJob::InSync } else { SimJob::Copying { left: left - 1 } };
+            if l.job == SimJob::InSync {
+                let here = c.at.get(&site).copied().unwrap_or(0);
+                c.at.insert(l.site.clone(), here);
+            }
+        }
+    }
+    if links.values().any(|l| l.relay == RelayPhase::Lost) {
+        return;
+    }
+    c.acked += 1;
+    let n = c.acked;
+    c.at.insert(site, n);
+    for l in links.values().filter(|l| l.job == SimJob::InSync && l.relay == RelayPhase::Open) {
+        c.at.insert(l.site.clone(), n);
+    }
+}
+
+/// How the driver reports a link.
+pub fn status(l: Option<&SimLink>) -> MirrorStatus {
+    let Some(l) = l else { return MirrorStatus { job: MirrorSample::Absent, relay: RelayPhase::None, lost: None } };
+    let job = match l.job {
+        SimJob::Copying { left } => MirrorSample::Copying { copied: u64::from(SIM_COPY_PASSES - left.min(SIM_COPY_PASSES)), remaining: u64::from(left) },
+        SimJob::InSync => MirrorSample::InSync,
+        SimJob::Stopped => MirrorSample::Stopped { missed: 1 },
+    };
+    let lost = (l.relay == RelayPhase::Lost).then(|| format!("h{} unreachable", l.server));
+    MirrorStatus { job, relay: l.relay, lost }
+}
+
+/// The host a copy server address names (`sim:N`).
+pub fn server_of(address: &str) -> Option<u32> {
+    address.strip_prefix("sim:")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(site: &str, server: u32) -> SimLink {
+        SimLink { server, site: site.into(), job: SimJob::Copying { left: SIM_COPY_PASSES }, relay: RelayPhase::Open }
+    }
+
+    #[test]
+    fn writes_are_held_while_a_copy_is_lost_and_a_stale_copy_is_caught() {
+        let w = World::new(1, 2);
+        *lock(&w.sites) = vec!["a".into(), "b".into()];
+        let mut links = BTreeMap::from([(0, link("b", 1))]);
+        for _ in 0..SIM_COPY_PASSES + 2 {
+            step(&w, "db", 0, &mut links);
+        }
+        assert_eq!(links[&0].job, SimJob::InSync);
+        let acked = lock(&w.site_copies)["db"].acked;
+        assert_eq!(lock(&w.site_copies)["db"].at["b"], acked, "in sync: b holds every acknowledged write");
+        assert_eq!(runs(&w, "db", 1), None);
+        // The link cut: held, nothing acknowledged.
+        lock(&w.cond).blocked.insert((0, 1));
+        step(&w, "db", 0, &mut links);
+        step(&w, "db", 0, &mut links);
+        assert_eq!(links[&0].relay, RelayPhase::Lost);
+        assert_eq!(lock(&w.site_copies)["db"].acked, acked);
+        assert_eq!(runs(&w, "db", 1), None, "b still holds every acknowledged write");
+        // Released (the copy committed stale): writes go on at a alone; b is stale now.
+        if let Some(l) = links.get_mut(&0) {
+            l.relay = RelayPhase::Released;
+            l.job = SimJob::Stopped;
+        }
+        step(&w, "db", 0, &mut links);
+        assert!(runs(&w, "db", 1).is_some_and(|why| why.contains("site b")), "a start at b would lose a write");
+        assert_eq!(server_of("sim:3"), Some(3));
+    }
+}
