@@ -144,10 +144,7 @@ pub fn next_moves_except(s: &ClusterState, given_up: &BTreeMap<String, u32>) -> 
         };
         let Some(to) = target else {
             if evacuation {
-                stuck.push(Stuck {
-                    vm: vm.clone(),
-                    why: crate::recovery::waiting_reason(s, &vm, s.active_hosts()).unwrap_or_else(|| "no host may take it now".into()),
-                });
+                stuck.push(Stuck { vm: vm.clone(), why: no_live_target(s, &vm) });
             }
             continue;
         };
@@ -166,6 +163,14 @@ pub fn next_moves_except(s: &ClusterState, given_up: &BTreeMap<String, u32>) -> 
         moves.push(PlannedMove { vm, to, evacuation });
     }
     (moves, stuck)
+}
+
+/// Why no host may take `vm` live now.
+fn no_live_target(s: &ClusterState, vm: &str) -> String {
+    if s.vms.get(vm).is_some_and(|v| v.spec.site_mirrored()) {
+        return "its disks are mirrored between sites: it moves live only within its site, and no other host of its site may take it now".into();
+    }
+    crate::recovery::waiting_reason(s, vm, s.active_hosts()).unwrap_or_else(|| "no host may take it now".into())
 }
 
 /// Where each VM of `host` would go if it entered maintenance now (all of them, ignoring the
@@ -187,7 +192,7 @@ pub fn evacuation_plan(s: &ClusterState, host: HostId) -> Vec<(String, Result<Ho
                 out.push((vm, Ok(to)));
             }
             None => {
-                let why = crate::recovery::waiting_reason(&plan, &vm, plan.active_hosts()).unwrap_or_else(|| "no host may take it now".into());
+                let why = no_live_target(&plan, &vm);
                 out.push((vm, Err(why)));
             }
         }

@@ -35,7 +35,7 @@ impl ClusterState {
         let demand = vm.spec.demand();
         self.hosts
             .values()
-            .filter(|h| h.id != from && self.check_target(name, h.id, demand).is_ok())
+            .filter(|h| h.id != from && self.live_move_refusal(vm, from, h.id).is_none() && self.check_target(name, h.id, demand).is_ok())
             .max_by_key(|h| (h.capacity.memory_mib.saturating_sub(self.used(h.id).memory_mib), std::cmp::Reverse(h.id)))
             .map(|h| h.id)
     }
@@ -45,7 +45,18 @@ impl ClusterState {
     #[must_use]
     pub fn may_take(&self, name: &str, host: HostId) -> bool {
         let Some(vm) = self.vms.get(name) else { return false };
-        vm.assignment().is_some_and(|a| a.host != host) && self.check_target(name, host, vm.spec.demand()).is_ok()
+        vm.assignment().is_some_and(|a| a.host != host && self.live_move_refusal(vm, a.host, host).is_none())
+            && self.check_target(name, host, vm.spec.demand()).is_ok()
+    }
+
+    /// Why `vm` may not move live from `from` to `to` for what it is (placement aside): a VM
+    /// whose disks are mirrored between sites moves only within its site — its mirror writes
+    /// the other site's copy, which a destination there would run on (two writers).
+    #[must_use]
+    pub fn live_move_refusal(&self, vm: &VmRecord, from: HostId, to: HostId) -> Option<String> {
+        let site_of = |h: HostId| self.hosts.get(&h).and_then(|r| r.site.clone());
+        (vm.spec.site_mirrored() && site_of(from) != site_of(to))
+            .then(|| "its disks are mirrored between sites: it moves live only within its site".to_string())
     }
 
     /// A planner's step (on a copy): the migration of `name` to `to` begins, unjudged by
@@ -69,11 +80,8 @@ impl ClusterState {
         if from.host == to {
             return refuse(format!("it already runs on {to}"));
         }
-        let site_of = |h: HostId| self.hosts.get(&h).and_then(|r| r.site.clone());
-        if vm.spec.site_mirrored() && site_of(from.host) != site_of(to) {
-            // Its mirror writes into the other site's copy, which a destination there would run
-            // on: two writers. Within its site the copy is shared like any shared disk.
-            return refuse("its disks are mirrored between sites: it moves live only within its site".into());
+        if let Some(why) = self.live_move_refusal(vm, from.host, to) {
+            return refuse(why);
         }
         if self.hosts.get(&from.host).is_none_or(|h| h.status != HostStatus::Active) {
             return refuse(format!("its host {} is not active", from.host));

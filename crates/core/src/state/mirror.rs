@@ -146,6 +146,25 @@ mod tests {
         assert_eq!(s.vms["db"].copies, vec!["a".to_string()]);
     }
 
+    /// Live moves stay within the site: an evacuation takes the VM to the other host of its
+    /// site, or says why it cannot move; a move to the other site is refused.
+    #[test]
+    fn a_mirrored_vm_moves_live_only_within_its_site() {
+        let mut s = two_sites();
+        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
+        assert!(matches!(
+            s.apply(&Command::StartMigration { name: "db".into(), to: HostId(2), force: true, evacuation: false }),
+            Err(StateError::NotMigratable { .. })
+        ));
+        let plan = crate::evacuation::evacuation_plan(&s, HostId(0));
+        assert_eq!(plan, vec![("db".to_string(), Ok(HostId(1)))], "the other host of site a");
+        s.apply(&Command::SetHostMode { host: HostId(1), mode: HostMode::Maintenance, force: true }).expect("mode");
+        let plan = crate::evacuation::evacuation_plan(&s, HostId(0));
+        assert!(matches!(&plan[..], [(vm, Err(why))] if vm == "db" && why.contains("within its site")), "{plan:?}");
+        assert_eq!(s.migration_target("db"), None);
+    }
+
     #[test]
     fn a_failover_restarts_only_where_the_copy_is_current() {
         let mut s = two_sites();
