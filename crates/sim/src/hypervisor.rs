@@ -373,7 +373,7 @@ impl VmDriver for SimDriver {
         Box::pin(async move {
             let server = crate::mirror::server_of(&to.server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             let site = crate::mirror::site_of(&self.world, server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            if !lock(&self.vms).get(name).is_some_and(|v| v.exit.is_none()) {
+            if lock(&self.vms).get(name).is_none_or(|v| v.exit.is_some()) {
                 return Err(DriverError::NotRunning(name.to_string()));
             }
             let link = crate::mirror::SimLink {
