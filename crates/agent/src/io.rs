@@ -319,6 +319,10 @@ pub enum Mutation {
     /// The simulated hypervisor reports a migration complete before its local disks' mirror is
     /// in sync (what the QEMU driver's `diskcopy::complete` prevents); the agent itself ignores it.
     SwitchoverBeforeDiskSync,
+    /// The simulated mirrors do not hold the writes of a lost copy (what the QEMU driver's relay
+    /// does): the guest's writes complete at once on its own site's copy, before committed state
+    /// counts the other copy stale; the agent itself ignores it.
+    MirrorWithoutHold,
 }
 
 /// A heartbeat disk on shared storage, over one path or several.

@@ -53,6 +53,11 @@ pub struct SimArgs {
     /// disks' mirror is in sync; with `--only live-migration` the run must find stale disks.
     #[arg(long, conflicts_with_all = ["unsafe_skip_fence_wait", "unsafe_skip_lease_check", "unsafe_early_evidence", "unsafe_resume_before_switchover"])]
     pub unsafe_skip_disk_sync: bool,
+    /// Mutation check: the simulated mirrors let a lost copy's writes complete at once instead
+    /// of holding them until that copy is committed stale; with `--sites` and `--only
+    /// site-link-cut` the run must find a VM started from a stale copy.
+    #[arg(long, conflicts_with_all = ["unsafe_skip_fence_wait", "unsafe_skip_lease_check", "unsafe_early_evidence", "unsafe_resume_before_switchover", "unsafe_skip_disk_sync"])]
+    pub unsafe_mirror_without_hold: bool,
     /// One VM in five keeps a writable local disk (best-effort, parked with its failed host);
     /// a VM run from a stale copy of its disk is a `stale-disk`.
     #[arg(long)]
@@ -93,6 +98,8 @@ impl SimArgs {
             Some(tandem_sim::Mutation::ResumeBeforeSwitchover)
         } else if self.unsafe_skip_disk_sync {
             Some(tandem_sim::Mutation::SwitchoverBeforeDiskSync)
+        } else if self.unsafe_mirror_without_hold {
+            Some(tandem_sim::Mutation::MirrorWithoutHold)
         } else {
             self.unsafe_skip_lease_check.then_some(tandem_sim::Mutation::SkipLeaseCheck)
         }

@@ -479,7 +479,7 @@ impl Sim {
         let running = lock(&self.world.running).clone();
         let stuck: Vec<&String> = vms
             .iter()
-            .filter(|v| self.created.contains(*v) && !self.local_disk_vms.contains(*v))
+            .filter(|v| self.created.contains(*v) && self.restartable(std::slice::from_ref(*v)).len() == 1)
             .filter(|v| running.get(*v).is_none_or(|on| on.keys().all(|h| *h == target)))
             .collect();
         if !stuck.is_empty() {
@@ -592,6 +592,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     let world = World::new(opts.seed, opts.hosts + opts.late_hosts);
     *lock(&world.sites) = opts.sites.clone();
     world.skip_disk_sync.store(opts.mutation == Some(Mutation::SwitchoverBeforeDiskSync), std::sync::atomic::Ordering::SeqCst);
+    world.mirror_without_hold.store(opts.mutation == Some(Mutation::MirrorWithoutHold), std::sync::atomic::Ordering::SeqCst);
     // The disk is formatted once, before any agent starts, as `tandem disk format` does.
     match std::fs::read(dir.join("secret")).ok().and_then(|s| tandem_core::wire::ClusterKey::new(&s).ok()) {
         Some(key) => world.format_disk(&key),

@@ -67,10 +67,16 @@ pub fn runs(w: &World, name: &str, host: u32) -> Option<String> {
 /// One mirror pass of `name` running on `me` with `links`: the links' states move on, and the
 /// guest writes once (held while a link's copy is lost and not released).
 pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>) {
+    let hold = !w.mirror_without_hold.load(std::sync::atomic::Ordering::SeqCst);
     for l in links.values_mut() {
         let up = reachable(w, me, l.server);
         l.relay = match (l.relay, up) {
-            (RelayPhase::Open, false) => RelayPhase::Lost,
+            (RelayPhase::Open, false) if hold => RelayPhase::Lost,
+            // The mutation: the copy's failed writes complete at once, as if released.
+            (RelayPhase::Open, false) => {
+                l.job = SimJob::Stopped;
+                RelayPhase::Released
+            }
             (RelayPhase::Released, true) => RelayPhase::Open,
             (r, _) => r,
         };

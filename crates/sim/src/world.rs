@@ -113,6 +113,8 @@ pub struct World {
     pub site_copies: Mutex<BTreeMap<String, crate::mirror::SiteCopies>>,
     /// The mutation check's broken hypervisor: migrations complete without their disks' mirror.
     pub skip_disk_sync: std::sync::atomic::AtomicBool,
+    /// The mutation check's broken mirrors: a lost copy's writes are not held.
+    pub mirror_without_hold: std::sync::atomic::AtomicBool,
     /// The witness's region answers nobody (fault `witness-loss`).
     pub witness_down: std::sync::atomic::AtomicBool,
     /// Invariant violations seen while running (double runs are caught at the start).
@@ -152,6 +154,7 @@ impl World {
             sites: Mutex::new(Vec::new()),
             site_copies: Mutex::new(BTreeMap::new()),
             skip_disk_sync: std::sync::atomic::AtomicBool::new(false),
+            mirror_without_hold: std::sync::atomic::AtomicBool::new(false),
             witness_down: std::sync::atomic::AtomicBool::new(false),
             routers: Mutex::new(BTreeMap::new()),
             disk: Mutex::new(vec![0; DISK_SIZE]),

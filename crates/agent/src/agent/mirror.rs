@@ -359,6 +359,31 @@ impl Agent {
         }
     }
 
+    /// Before a start of `name` here in `generation`: commits every other site's copy stale
+    /// (`ClusterState::copies_to_leave_behind`). False when that did not commit: no start now
+    /// (the reconciler asks again next pass).
+    pub(super) async fn leave_copies_behind(&self, name: &str, generation: u64) -> bool {
+        let sites = self.consensus.with_state(|s| s.copies_to_leave_behind(name, self.me));
+        for site in sites {
+            let cmd = Command::MirrorDegraded { name: name.to_string(), generation, site: site.clone() };
+            match self.submit(cmd).await {
+                Ok(Ok(_)) => {
+                    let detail = format!("{site}'s copy left behind: {name} starts again here, without a mirror until one is in sync");
+                    self.events.record(EventKind::MirrorDegraded, Some(name), Some(&site), detail);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("leaving {site}'s copy of {name} behind refused (not started now): {e}");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!("leaving {site}'s copy of {name} behind not committed (not started now): {}", crate::api::chain(&e));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// The links of the VMs running here, for `GET /v1/local`.
     #[must_use]
     pub fn mirror_links(&self) -> Vec<MirrorLinkView> {

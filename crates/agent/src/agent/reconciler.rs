@@ -190,6 +190,11 @@ impl Agent {
             if !a.may_start_vms() {
                 return;
             }
+            // A mirrored disk: a start again in this generation runs without a mirror until one
+            // is attached and in sync, so the other sites' copies are committed stale first.
+            if spec.site_mirrored() && !a.leave_copies_behind(&spec.name, generation).await {
+                return;
+            }
             let check = a.start_check(&spec, generation);
             let launch = VmLaunch { spec, generation, check };
             match a.driver.start(&launch).await {

@@ -39,6 +39,18 @@ impl ClusterState {
         }
     }
 
+    /// The sites whose copies of `name` committed state counts current, other than the site of
+    /// `host`, which is about to start it in its current generation: each must be committed
+    /// stale first (`mirror-degraded`). A placement already left only its own site's copy
+    /// current; this is for a start again in the same generation — after a crash, or after the
+    /// host's agent restarted — whose new process writes its site's copy with no mirror until
+    /// one is attached and in sync again.
+    #[must_use]
+    pub fn copies_to_leave_behind(&self, name: &str, host: HostId) -> Vec<String> {
+        let site = self.hosts.get(&host).and_then(|h| h.site.as_ref());
+        self.vms.get(name).filter(|v| v.spec.site_mirrored()).map_or_else(Vec::new, |v| v.copies.iter().filter(|s| Some(*s) != site).cloned().collect())
+    }
+
     /// After a command placed VMs (`applied` says which, and where): a site-mirrored VM's copy
     /// at its new site is now the only current one.
     pub(super) fn note_copies(&mut self, applied: &Applied) {
@@ -142,8 +154,10 @@ mod tests {
         assert!(matches!(s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g - 1, site: "b".into() }), Err(StateError::Stale(_))));
         assert!(matches!(s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g, site: "c".into() }), Err(StateError::BadSite(_))));
         assert!(matches!(s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g, site: "a".into() }), Err(StateError::Stale(_))));
+        assert_eq!(s.copies_to_leave_behind("db", HostId(0)), vec!["b".to_string()], "a start again in this generation leaves b behind first");
         s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g, site: "b".into() }).expect("degraded");
         assert_eq!(s.vms["db"].copies, vec!["a".to_string()]);
+        assert!(s.copies_to_leave_behind("db", HostId(0)).is_empty());
     }
 
     /// Live moves stay within the site: an evacuation takes the VM to the other host of its
