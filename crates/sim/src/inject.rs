@@ -49,7 +49,7 @@ impl Sim {
                 if hold.as_millis() as u64 > 9_000 && !before.is_empty() {
                     // The majority has had time to fence-wait and restart them: they must run.
                     if kind == FaultKind::PartitionFull || loser != target {
-                        self.check_moved_off(loser, &before, &format!("{kind} of h{target}"));
+                        self.check_moved_off(loser, &before, &format!("{kind} of h{target}")).await;
                     }
                     self.recoveries.owe(now, format!("{kind} of h{target}"), &self.restartable(&before), &[]);
                 }
@@ -156,7 +156,7 @@ impl Sim {
                 }
                 self.run_for(hold).await;
                 if cut && hold.as_millis() as u64 > 9_000 {
-                    self.check_moved_off(target, &before, &format!("{kind} of h{target}"));
+                    self.check_moved_off(target, &before, &format!("{kind} of h{target}")).await;
                 }
                 lock(&w.cond).blocked.clear();
                 w.heal_disks();

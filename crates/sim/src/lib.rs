@@ -396,8 +396,24 @@ impl Sim {
     async fn vms_on(&self, host: u32) -> Vec<String> {
         let name = format!("h{host}");
         let vms = self.committed_vms().await.unwrap_or_default();
-        lock(&self.copies_seen).extend(vms.iter().filter(|v| self.mirrored_vms.contains(&v.name)).map(|v| (v.name.clone(), v.copies.clone())));
+        self.note_copies(&vms);
         vms.iter().filter(|v| v.should_run_on() == Some(name.as_str())).map(|v| v.name.clone()).collect()
+    }
+
+    /// Keeps what committed state says of the mirrored VMs' copies (see `copies_seen`).
+    fn note_copies(&self, vms: &[VmView]) {
+        lock(&self.copies_seen).extend(vms.iter().filter(|v| self.mirrored_vms.contains(&v.name)).map(|v| (v.name.clone(), v.copies.clone())));
+    }
+
+    /// Reads the mirrored VMs' copies again: a copy committed stale during a fault (its running
+    /// host lost it, and the cut then fenced that host with its writes still held) leaves the
+    /// VM nowhere to run on the majority side, by design, until that host's site is back.
+    async fn refresh_copies(&self) {
+        if !self.mirrored_vms.is_empty() {
+            if let Some(vms) = self.committed_vms().await {
+                self.note_copies(&vms);
+            }
+        }
     }
 
     async fn create_vm(&mut self, on: u32) {
@@ -445,6 +461,9 @@ impl Sim {
         while self.world.now_ms() < end {
             tokio::time::sleep(Duration::from_millis(250)).await;
             self.collect_events().await;
+            if self.recoveries.owes_any(&self.mirrored_vms) {
+                self.refresh_copies().await;
+            }
             self.check_recoveries();
         }
     }
@@ -458,7 +477,9 @@ impl Sim {
     /// first time its VMs are seen running again; one past its bound is a violation.
     fn check_recoveries(&mut self) {
         let now = self.world.now_ms();
-        let (_, late) = self.recoveries.observe(now, &self.running(), &self.created);
+        // A mirrored VM left with one current copy is owed nothing (see `restartable`).
+        let owed: BTreeSet<String> = self.created.iter().filter(|v| self.restartable(std::slice::from_ref(*v)).len() == 1).cloned().collect();
+        let (_, late) = self.recoveries.observe(now, &self.running(), &owed);
         for v in late {
             self.world.violation(v);
         }
@@ -475,7 +496,8 @@ impl Sim {
         vms.iter().filter(|v| !self.local_disk_vms.contains(*v) && (!self.mirrored_vms.contains(*v) || fully_mirrored(v))).cloned().collect()
     }
 
-    fn check_moved_off(&self, target: u32, vms: &[String], what: &str) {
+    async fn check_moved_off(&self, target: u32, vms: &[String], what: &str) {
+        self.refresh_copies().await;
         let running = lock(&self.world.running).clone();
         let stuck: Vec<&String> = vms
             .iter()

@@ -213,6 +213,12 @@ impl Recoveries {
     /// One observation: a VM seen running once, away from the failed hosts, is recovered; a
     /// VM gone from `existing` (deleted) is owed nothing. Returns the recoveries completed now
     /// and the violations of those whose bound passed.
+    /// Whether a recovery is owed for any of `vms`.
+    #[must_use]
+    pub fn owes_any(&self, vms: &BTreeSet<String>) -> bool {
+        self.owed.iter().any(|o| o.vms.iter().any(|v| vms.contains(v)))
+    }
+
     pub fn observe(&mut self, now_ms: u64, running: &Running, existing: &BTreeSet<String>) -> (Vec<Recovered>, Vec<Violation>) {
         let mut done = vec![];
         let mut late = vec![];

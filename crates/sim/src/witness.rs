@@ -115,7 +115,7 @@ impl Sim {
         self.excuse(&[blind], until);
         self.run_for(hold).await;
         if hold.as_millis() as u64 > 9_000 && !before.is_empty() {
-            self.check_moved_off(blind, &before, &format!("{kind} of h{blind}"));
+            self.check_moved_off(blind, &before, &format!("{kind} of h{blind}")).await;
             self.recoveries.owe(now, format!("{kind} of h{blind}"), &self.restartable(&before), &[]);
         }
         lock(&w.cond).blocked.clear();
