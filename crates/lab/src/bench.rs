@@ -12,6 +12,7 @@ pub mod mass;
 pub mod migration;
 pub mod plannedstop;
 pub mod qemualone;
+pub mod syncmirror;
 pub mod twohosts;
 
 use anyhow::{Context, Result};

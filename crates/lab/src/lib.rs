@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod delayrelay;
 pub mod demo;
 pub mod diskguest;
 pub mod fusedisk;

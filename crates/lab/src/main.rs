@@ -92,6 +92,16 @@ enum BenchOp {
         #[arg(long)]
         network_witness: bool,
     },
+    /// What synchronous mirroring between sites costs 4 KiB write-through writes, against the
+    /// same disk unmirrored, at each one-way inter-site delay (QEMU, a copy server, the relay,
+    /// and the lab's delay relay as the link; no agents).
+    SyncMirror {
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        /// One-way delays, ms, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,1,5")]
+        delays_ms: Vec<u64>,
+    },
     /// The floor under `bench migration`'s HTTP gap: two QEMU processes and no Tandem, the test
     /// guest migrated back and forth over loopback and resumed the instant QEMU completes.
     QemuAlone {
@@ -219,6 +229,7 @@ fn main() {
         LabCmd::Bench { op: BenchOp::TwoHosts { rounds, cuts, network_witness } } => {
             ("bench", tandem_lab::lab::tandem_binary().and_then(|b| tandem_lab::bench::twohosts::run(&b, *rounds, *cuts, *network_witness)))
         }
+        LabCmd::Bench { op: BenchOp::SyncMirror { writes, delays_ms } } => ("bench", tandem_lab::bench::syncmirror::run(*writes, delays_ms)),
         LabCmd::Bench { op: BenchOp::QemuAlone { memory_mib, rounds, guest_dir } } => {
             ("bench", tandem_lab::bench::qemualone::run(*memory_mib, *rounds, guest_dir))
         }

@@ -1,0 +1,129 @@
+//! `tandem-lab bench sync-mirror`: what synchronous mirroring between sites costs a guest's
+//! 4 KiB write-through writes, against the same disk unmirrored, at several one-way inter-site
+//! delays. The real parts: QEMU (`-M none`, a raw image opened with `cache=none`), the other
+//! site's copy server (`qemu-storage-daemon` over NBD), the agent's relay and QEMU's
+//! write-blocking mirror (`tandem_drivers::syncmirror`), with the lab's delay relay
+//! (`delayrelay`) as the inter-site link. Each write is QEMU's own (`qemu-io` through the
+//! monitor, with FUA: it completes once stable on every copy), so the figures include the
+//! monitor's round trip, the same with and without the mirror.
+
+use crate::delayrelay::DelayRelay;
+use anyhow::{anyhow, Context, Result};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tandem_drivers::copyrelay::CopyRelay;
+use tandem_drivers::launcher::Launcher;
+use tandem_drivers::qmp::Qmp;
+use tandem_drivers::sitecopy::{export_name, CopyServer, CopyServerConfig};
+use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+const DISK_BYTES: u64 = 64 << 20;
+/// The copy server's address (loopback net 106).
+const COPY_IP: &str = "127.106.0.1";
+const COPY_PORT: u16 = 10_941;
+
+/// Runs the bench: `writes` writes unmirrored, then as many mirrored at each one-way delay.
+pub fn run(writes: usize, delays_ms: &[u64]) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("tandem-bench-sync-mirror-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = rt.block_on(measure(&dir, writes, delays_ms));
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+struct Qemu {
+    child: std::process::Child,
+    qmp: Qmp,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn launch(dir: &Path, image: &Path) -> Result<Qemu> {
+    let qmp_path = dir.join("q.qmp");
+    let child = std::process::Command::new("qemu-system-x86_64")
+        .args(["-M", "none", "-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
+        .args(["-drive", &format!("file={},if=none,id=disk0,format=raw,cache=none,aio=native", image.display())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("qemu-system-x86_64")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Qmp::connect(&qmp_path, QMP_TIMEOUT, |_| {}).await {
+            Ok(qmp) => return Ok(Qemu { child, qmp }),
+            Err(e) if Instant::now() >= deadline => return Err(anyhow!("QMP: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// `n` write-through 4 KiB writes through QEMU's block layer; each one's latency, ms.
+async fn writes(q: &Qmp, n: usize) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let offset = (i % 4096) * 4096;
+        let line = format!("qemu-io disk0 \"write -f -P 0x5a {offset} 4k\"");
+        let t = Instant::now();
+        let answer = q.execute("human-monitor-command", json!({"command-line": line}), QMP_TIMEOUT).await?;
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+        if answer.as_str().is_some_and(|s| s.contains("error") || s.contains("failed")) {
+            return Err(anyhow!("qemu-io: {answer}"));
+        }
+    }
+    Ok(out)
+}
+
+fn summary(ms: &mut [f64]) -> (f64, f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    (ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
+}
+
+async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
+    let (local, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
+    for image in [&local, &remote] {
+        std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
+    }
+    let launcher = Launcher::new()?;
+    let cfg = CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port: COPY_PORT, tls_dir: None };
+    let server = CopyServer::start(&cfg, &launcher).await?;
+    let export = export_name("bench", 0);
+    server.serve(&export, &remote).await?;
+    let vm = launch(dir, &local).await?;
+    let _ = writes(&vm.qmp, 20).await?;
+    let (base, bmin, bmax) = summary(&mut writes(&vm.qmp, n).await?);
+    println!("4 KiB write-through writes, {n} each (QEMU qemu-io with FUA; medians (min-max)):");
+    println!("  unmirrored:                        {base:.2} ms ({bmin:.2}-{bmax:.2})");
+    for (k, d) in delays_ms.iter().enumerate() {
+        let delay = Duration::from_millis(*d);
+        let link = DelayRelay::start(&format!("{COPY_IP}:0"), &format!("{COPY_IP}:{COPY_PORT}"), delay).await?;
+        let relay = CopyRelay::start(&dir.join(format!("relay{k}.sock")), &link.addr.to_string(), tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4))?;
+        let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), tls_creds: None };
+        syncmirror::attach("bench", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while syncmirror::sample("bench", &vm.qmp, QMP_TIMEOUT, 0).await? != MirrorSample::InSync {
+            if Instant::now() >= deadline {
+                return Err(anyhow!("the mirror at {d} ms never got in sync"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = writes(&vm.qmp, 20).await?;
+        let (med, min, max) = summary(&mut writes(&vm.qmp, n).await?);
+        let rtt = 2.0 * *d as f64;
+        let extra = med - base;
+        let goal = if rtt > 0.0 { format!("; {:.0} % of the round trip", 100.0 * extra / rtt) } else { String::new() };
+        println!("  mirrored, {d} ms one-way ({rtt:.0} ms round trip): {med:.2} ms ({min:.2}-{max:.2}); {extra:.2} ms over unmirrored{goal}");
+        syncmirror::detach("bench", &vm.qmp, QMP_TIMEOUT, 0).await?;
+    }
+    Ok(())
+}
