@@ -4,6 +4,7 @@
 //! the longest gap in each guest's service measured, ending with a second JSON line.
 
 mod maintenance;
+mod siteloss;
 
 use crate::lab::{Lab, LabOptions};
 use anyhow::{anyhow, bail, Result};
@@ -33,6 +34,10 @@ pub struct DemoArgs {
     /// The agents' timings: the defaults, or the low-latency profile (100 ms heartbeats).
     #[arg(long, default_value = "default", value_parser = ["default", "low-latency"])]
     pub timings: String,
+    /// `power-loss` (three hosts: one host's power cut, then maintenance) or `site-loss` (two
+    /// sites, the guests' disks mirrored between them, one site's power cut; needs QEMU).
+    #[arg(long, default_value = "power-loss", value_parser = ["power-loss", "site-loss"])]
+    pub scenario: String,
 }
 
 /// What one power-loss round measured, in seconds after the power cut.
@@ -176,6 +181,9 @@ fn secs(ms: i64) -> f64 {
 
 /// Runs the demo: the power loss, then maintenance.
 pub fn run(args: &DemoArgs) -> Result<()> {
+    if args.scenario == "site-loss" {
+        return siteloss::act(args);
+    }
     let (_, mut stage) = power_loss_act(args)?;
     maintenance::act(&mut stage)
 }

@@ -30,3 +30,21 @@ fn qemu_guests_answer_again_after_host_power_loss() -> Result<()> {
     assert!(maintenance["qemu_downtime_ms"].as_u64().is_some(), "QEMU reports the migrations' downtime: {maintenance}");
     Ok(())
 }
+
+/// `tandem-lab demo --scenario site-loss`: the guests' disks mirrored between two sites, site a's
+/// power cut, every guest writing again at site b with every write it acknowledged.
+#[test]
+fn site_loss_scenario_restarts_the_guests_at_the_other_site_with_their_writes() -> Result<()> {
+    let Some(guest) = tandem_lab::bench::migration::test_guest() else { return Ok(()) };
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem-lab")).args(["demo", "--scenario", "site-loss", "--vms", "2", "--guest-dir"]).arg(&guest).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = stdout.lines().find(|l| l.starts_with("{\"scenario\"")).map(serde_json::from_str).ok_or_else(|| anyhow!("no summary: {stdout}"))??;
+    eprintln!("{summary}");
+    assert_eq!(summary["scenario"], "site-loss");
+    assert_eq!(summary["recovered"], 2);
+    assert_eq!(summary["writes_lost"], 0);
+    assert_eq!(summary["double_runs"], 0);
+    assert!(stdout.contains("writes again at site b"), "{stdout}");
+    Ok(())
+}
