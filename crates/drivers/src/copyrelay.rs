@@ -11,9 +11,18 @@
 //! the waiting writes at once, and the mirror stops with them in its bitmap. If the agent dies
 //! the relay dies with it — and so does the VM, forked with the agent's death signal.
 //!
+//! A copy server can also *answer* a write with an error (its storage failing): QEMU's mirror
+//! would then stop and the guest's write complete on the local copy alone, just the same. So
+//! the relay follows the NBD conversation (`nbdwatch`) and treats an error reply — or anything
+//! it cannot read — as a lost copy: the reply is held, not passed on.
+//!
 //! After a release, each new connection from QEMU (its client reconnects by itself) is joined
 //! to a fresh connection to the copy server if one can be made within `connect`, and closed
 //! otherwise.
+
+mod nbdwatch;
+
+pub use nbdwatch::MAX_TRACKED_REQUESTS;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -144,6 +153,7 @@ async fn pair(down: UnixStream, up: TcpStream, stall: Duration, shared: Arc<Mute
     let (mut down_r, mut down_w) = down.into_split();
     let (mut up_r, mut up_w) = up.into_split();
     let (mut to_up, mut to_down) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut watch = nbdwatch::NbdWatch::default();
     // Bytes sent to the copy server with no answer since: when they were first left waiting.
     let mut waiting_since: Option<Instant> = None;
     let lost = loop {
@@ -162,6 +172,9 @@ async fn pair(down: UnixStream, up: TcpStream, stall: Duration, shared: Arc<Mute
                     return;
                 }
                 Ok(n) => {
+                    if let Err(why) = watch.client_bytes(&to_up[..n]) {
+                        break why;
+                    }
                     match tokio::time::timeout(stall, up_w.write_all(&to_up[..n])).await {
                         Ok(Ok(())) => { waiting_since.get_or_insert_with(Instant::now); }
                         Ok(Err(e)) => break format!("writing to the copy server failed: {e}"),
@@ -173,6 +186,10 @@ async fn pair(down: UnixStream, up: TcpStream, stall: Duration, shared: Arc<Mute
                 Ok(0) => break "the copy server closed the connection".to_string(),
                 Err(e) => break format!("reading from the copy server failed: {e}"),
                 Ok(n) => {
+                    // An error reply (or one that does not parse) is held, not passed on.
+                    if let Err(why) = watch.server_bytes(&to_down[..n]) {
+                        break why;
+                    }
                     waiting_since = None;
                     if down_w.write_all(&to_down[..n]).await.is_err() {
                         return;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 pub use crate::bridge::TAP_SETUP_TIMEOUT;
-pub use crate::copyrelay::{DEFAULT_STALL, UPSTREAM_CONNECT_TIMEOUT};
+pub use crate::copyrelay::{DEFAULT_STALL, MAX_TRACKED_REQUESTS, UPSTREAM_CONNECT_TIMEOUT};
 pub use crate::launcher::{KILL_WAIT, MAX_CHILDREN};
 pub use crate::probe::MAX_PROBE_ANSWER;
 pub use crate::qemu::{DEFAULT_QMP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_S, QMP_CONNECT_DEADLINE, QMP_CONNECT_RETRY, QUIT_WAIT};

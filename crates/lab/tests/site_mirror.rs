@@ -42,9 +42,9 @@ impl Drop for Guest {
     }
 }
 
-async fn launch(dir: &Path, guest: &Path, image: &Path) -> Result<Guest> {
+async fn launch(dir: &Path, guest: &Path, image: &Path, addr: &str) -> Result<Guest> {
     let qmp_path = dir.join("vm.qmp");
-    let (ip, port) = GUEST_ADDR.split_once(':').ok_or_else(|| anyhow!("address"))?;
+    let (ip, port) = addr.split_once(':').ok_or_else(|| anyhow!("address"))?;
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-M", "microvm", "-nodefaults", "-no-user-config", "-cpu", "qemu64", "-display", "none", "-smp", "1", "-m", "128"])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
@@ -89,18 +89,30 @@ async fn job_len(q: &Qmp) -> Result<u64> {
 }
 
 fn copy_config(dir: &Path) -> CopyServerConfig {
-    CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port: COPY_PORT, tls_dir: None }
+    copy_config_on(dir, COPY_PORT)
+}
+
+fn copy_config_on(dir: &Path, port: u16) -> CopyServerConfig {
+    CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port, tls_dir: None }
 }
 
 /// Holds for `hold` and checks that no write completed meanwhile; returns the number last
 /// acknowledged before the hold.
 async fn assert_held(seq: &SeqWatch, relay: &CopyRelay, hold: Duration) -> Result<u64> {
+    assert_held_for(seq, relay, hold, "").await
+}
+
+/// [`assert_held`], the relay's reason for the loss containing `why`.
+async fn assert_held_for(seq: &SeqWatch, relay: &CopyRelay, hold: Duration, why: &str) -> Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !matches!(relay.health(), RelayHealth::Lost { .. }) {
         if Instant::now() >= deadline {
             return Err(anyhow!("the relay never saw the copy lost: {:?}", relay.health()));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let RelayHealth::Lost { why: seen, .. } = relay.health() {
+        assert!(seen.contains(why), "the relay lost the copy for '{seen}', not '{why}'");
     }
     let at_loss = seq.highest();
     tokio::time::sleep(hold).await;
@@ -153,7 +165,7 @@ async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
     let server = CopyServer::start(&copy_config(dir), &launcher).await?;
     server.serve(&export, &remote).await?;
     let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{COPY_PORT}"), STALL)?;
-    let vm = launch(dir, guest, &local).await?;
+    let vm = launch(dir, guest, &local, GUEST_ADDR).await?;
     let seq = SeqWatch::start(GUEST_ADDR);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
 
@@ -216,6 +228,60 @@ fn a_mirrored_disk_holds_writes_while_its_other_copy_is_lost_and_resyncs_only_wh
     std::fs::create_dir_all(&dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = rt.block_on(scenario(&dir, &guest));
+    if result.is_err() {
+        eprintln!("guest console:\n{}", std::fs::read_to_string(dir.join("vm.serial")).unwrap_or_default());
+    }
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The copy server's storage fails (EIO through a FUSE view): the server answers the mirror's
+/// writes with errors, which QEMU would take as "complete on the local copy alone". The relay
+/// holds those replies like a silent copy's: no write is acknowledged on one copy until the
+/// release; the storage back, the resync copies only what was missed.
+async fn failing_storage_scenario(dir: &Path, guest: &Path) -> Result<()> {
+    let (local, backing) = (dir.join("site-a.img"), dir.join("site-b.img"));
+    for image in [&local, &backing] {
+        std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
+    }
+    let mount = dir.join("site-b");
+    std::fs::create_dir_all(&mount)?;
+    let fuse = tandem_lab::fusedisk::FuseDisk::mount(&backing, &mount, 1)?;
+    let launcher = Launcher::new()?;
+    let export = export_name("db", 0);
+    let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + 1), &launcher).await?;
+    server.serve(&export, &fuse.path(0)).await?;
+    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + 1), STALL)?;
+    let addr = "127.103.0.3:8080";
+    let vm = launch(dir, guest, &local, addr).await?;
+    let seq = SeqWatch::start(addr);
+    seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export, tls_creds: None };
+    syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+    wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
+    let len_before = job_len(&vm.qmp).await?;
+    fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Fail);
+    let held = assert_held_for(&seq, &relay, Duration::from_secs(3), "error").await?;
+    release_and_go_on(&seq, &relay, &vm, held).await?;
+    fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Normal);
+    resync(&vm, len_before).await?;
+    vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
+    assert!(std::fs::read(&local)? == std::fs::read(&backing)?, "the copies differ after the resync");
+    drop(seq);
+    drop(server);
+    drop(fuse);
+    Ok(())
+}
+
+#[test]
+fn a_copy_whose_storage_answers_errors_holds_the_writes_like_a_lost_one() -> Result<()> {
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let dir: PathBuf = std::env::temp_dir().join(format!("tandem-site-mirror-eio-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = rt.block_on(failing_storage_scenario(&dir, &guest));
     if result.is_err() {
         eprintln!("guest console:\n{}", std::fs::read_to_string(dir.join("vm.serial")).unwrap_or_default());
     }

@@ -1,0 +1,301 @@
+//! The relay's reading of the NBD conversation it carries, for one purpose: to find a reply in
+//! which the copy server reports an error. Such a reply must not reach QEMU: its mirror would
+//! stop and let the guest's write complete on the local copy alone, before the copy is
+//! committed stale. The relay holds it instead, as it holds the writes of a copy that went
+//! silent (the copy counts as lost).
+//!
+//! Both directions are followed frame by frame, without buffering payloads: the handshake
+//! (the server's greeting and option replies, until the reply that accepts `NBD_OPT_GO`), then
+//! the client's requests (a write's payload skipped; a read's length kept for its simple reply)
+//! and the server's replies, simple and structured. Anything that does not parse counts as an
+//! error too: a relay that cannot tell is a relay that holds.
+
+use std::collections::HashMap;
+
+const GREETING_LEN: usize = 18;
+const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const OPTION_REPLY_HEADER: usize = 20;
+const NBD_OPT_GO: u32 = 7;
+const NBD_REP_ACK: u32 = 1;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const REQUEST_HEADER: usize = 28;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const SIMPLE_REPLY_HEADER: usize = 16;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const STRUCTURED_REPLY_HEADER: usize = 20;
+const NBD_CMD_READ: u16 = 0;
+const NBD_CMD_WRITE: u16 = 1;
+const NBD_REPLY_FLAG_DONE: u16 = 1;
+/// A structured reply chunk whose type has this bit is an error.
+const NBD_REPLY_TYPE_ERROR_BIT: u16 = 0x8000;
+/// The most requests in flight the relay follows (QEMU keeps 16).
+pub const MAX_TRACKED_REQUESTS: usize = 4096;
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3], b[at + 4], b[at + 5], b[at + 6], b[at + 7]])
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Greeting,
+    Options,
+    Transmission,
+}
+
+/// One direction's framing: a header being gathered, or a payload being skipped.
+#[derive(Default)]
+struct Framing {
+    header: Vec<u8>,
+    skip: u64,
+}
+
+impl Framing {
+    /// Feeds `data` until the header holds `len` bytes; the bytes used.
+    fn fill(&mut self, data: &[u8], len: usize) -> usize {
+        let take = len.saturating_sub(self.header.len()).min(data.len());
+        self.header.extend_from_slice(&data[..take]);
+        take
+    }
+
+    /// Feeds `data` until a header of `len` bytes is complete; the bytes used and the header,
+    /// when it is.
+    fn gather(&mut self, data: &[u8], len: usize) -> (usize, Option<Vec<u8>>) {
+        let used = self.fill(data, len);
+        (used, (self.header.len() == len).then(|| std::mem::take(&mut self.header)))
+    }
+
+    /// Skips what is left of a payload in `data`; the bytes used.
+    fn skipping(&mut self, data: &[u8]) -> usize {
+        let n = usize::try_from(self.skip).unwrap_or(usize::MAX).min(data.len());
+        self.skip -= n as u64;
+        n
+    }
+}
+
+/// Both directions of one NBD connection, followed.
+pub struct NbdWatch {
+    phase: Phase,
+    server: Framing,
+    client: Framing,
+    /// Requests in flight: handle → (command, length).
+    requests: HashMap<u64, (u16, u32)>,
+}
+
+impl Default for NbdWatch {
+    fn default() -> Self {
+        NbdWatch { phase: Phase::Greeting, server: Framing::default(), client: Framing::default(), requests: HashMap::new() }
+    }
+}
+
+impl NbdWatch {
+    /// Bytes from QEMU to the copy server.
+    pub fn client_bytes(&mut self, mut data: &[u8]) -> Result<(), String> {
+        while !data.is_empty() {
+            // The handshake's client side is not followed: its end is read from the server's.
+            if self.phase != Phase::Transmission {
+                return Ok(());
+            }
+            if self.client.skip > 0 {
+                data = &data[self.client.skipping(data)..];
+                continue;
+            }
+            let (used, header) = self.client.gather(data, REQUEST_HEADER);
+            data = &data[used..];
+            let Some(h) = header else { continue };
+            if be32(&h, 0) != REQUEST_MAGIC {
+                return Err("an NBD request the relay cannot read".into());
+            }
+            let (command, handle, length) = (be16(&h, 6), be64(&h, 8), be32(&h, 24));
+            if command == NBD_CMD_WRITE {
+                self.client.skip = u64::from(length);
+            }
+            if self.requests.len() >= MAX_TRACKED_REQUESTS {
+                return Err(format!("more than {MAX_TRACKED_REQUESTS} NBD requests in flight"));
+            }
+            self.requests.insert(handle, (command, length));
+        }
+        Ok(())
+    }
+
+    /// Bytes from the copy server to QEMU: `Err` when they carry an error reply (or do not
+    /// parse), and must not be passed on.
+    pub fn server_bytes(&mut self, mut data: &[u8]) -> Result<(), String> {
+        while !data.is_empty() {
+            if self.server.skip > 0 {
+                data = &data[self.server.skipping(data)..];
+                continue;
+            }
+            match self.phase {
+                Phase::Greeting => {
+                    let (used, header) = self.server.gather(data, GREETING_LEN);
+                    data = &data[used..];
+                    if let Some(h) = header {
+                        if &h[..8] != b"NBDMAGIC" {
+                            return Err("an NBD greeting the relay cannot read".into());
+                        }
+                        self.phase = Phase::Options;
+                    }
+                }
+                Phase::Options => {
+                    let (used, header) = self.server.gather(data, OPTION_REPLY_HEADER);
+                    data = &data[used..];
+                    let Some(h) = header else { continue };
+                    if be64(&h, 0) != OPTION_REPLY_MAGIC {
+                        return Err("an NBD option reply the relay cannot read".into());
+                    }
+                    self.server.skip = u64::from(be32(&h, 16));
+                    if be32(&h, 8) == NBD_OPT_GO && be32(&h, 12) == NBD_REP_ACK {
+                        // GO's acknowledgement carries no payload: transmission begins after it.
+                        self.phase = Phase::Transmission;
+                    }
+                }
+                Phase::Transmission => data = &data[self.reply(data)?..],
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of the server's transmission stream; the bytes used.
+    fn reply(&mut self, data: &[u8]) -> Result<usize, String> {
+        // The magic says which header this is, and so its length.
+        let used = self.server.fill(data, 4);
+        if self.server.header.len() < 4 {
+            return Ok(used);
+        }
+        let len = match be32(&self.server.header, 0) {
+            SIMPLE_REPLY_MAGIC => SIMPLE_REPLY_HEADER,
+            STRUCTURED_REPLY_MAGIC => STRUCTURED_REPLY_HEADER,
+            other => return Err(format!("an NBD reply the relay cannot read (magic {other:#x})")),
+        };
+        let (more, header) = self.server.gather(&data[used..], len);
+        let Some(h) = header else { return Ok(used + more) };
+        let handle = be64(&h, 8);
+        if len == SIMPLE_REPLY_HEADER {
+            let error = be32(&h, 4);
+            if error != 0 {
+                return Err(format!("the copy server answered a request with error {error}"));
+            }
+            if let Some((NBD_CMD_READ, length)) = self.requests.remove(&handle) {
+                self.server.skip = u64::from(length);
+            }
+        } else {
+            let (flags, kind, length) = (be16(&h, 4), be16(&h, 6), be32(&h, 16));
+            if kind & NBD_REPLY_TYPE_ERROR_BIT != 0 {
+                return Err(format!("the copy server answered a request with an error chunk (type {kind})"));
+            }
+            self.server.skip = u64::from(length);
+            if flags & NBD_REPLY_FLAG_DONE != 0 {
+                self.requests.remove(&handle);
+            }
+        }
+        Ok(used + more)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn greeting() -> Vec<u8> {
+        let mut g = b"NBDMAGIC".to_vec();
+        g.extend_from_slice(b"IHAVEOPT");
+        g.extend_from_slice(&[0, 3]);
+        g
+    }
+
+    fn option_reply(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
+        let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&option.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        r.extend_from_slice(payload);
+        r
+    }
+
+    fn request(command: u16, handle: u64, length: u32, with_payload: bool) -> Vec<u8> {
+        let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&command.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&0u64.to_be_bytes());
+        r.extend_from_slice(&length.to_be_bytes());
+        if with_payload {
+            r.extend(std::iter::repeat_n(0x5a, length as usize));
+        }
+        r
+    }
+
+    fn simple(error: u32, handle: u64, payload: usize) -> Vec<u8> {
+        let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&error.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend(std::iter::repeat_n(7, payload));
+        r
+    }
+
+    fn structured(flags: u16, kind: u16, handle: u64, payload: usize) -> Vec<u8> {
+        let mut r = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&flags.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&(payload as u32).to_be_bytes());
+        r.extend(std::iter::repeat_n(9, payload));
+        r
+    }
+
+    /// Feeds `bytes` one split at a time (every split point), as TCP may deliver them.
+    fn each_split(bytes: &[u8], mut feed: impl FnMut(&[u8]) -> Result<(), String>) -> Result<(), String> {
+        for chunk in bytes.chunks(7) {
+            feed(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn in_transmission() -> NbdWatch {
+        let mut w = NbdWatch::default();
+        let mut server = greeting();
+        server.extend(option_reply(9, NBD_REP_ACK, b""));
+        server.extend(option_reply(NBD_OPT_GO, 3, &[0; 12]));
+        server.extend(option_reply(NBD_OPT_GO, NBD_REP_ACK, b""));
+        each_split(&server, |c| w.server_bytes(c)).expect("handshake");
+        assert_eq!(w.phase, Phase::Transmission);
+        w
+    }
+
+    #[test]
+    fn writes_reads_and_their_replies_pass_and_an_error_reply_is_caught() {
+        let mut w = in_transmission();
+        let mut client = request(NBD_CMD_WRITE, 1, 4096, true);
+        client.extend(request(NBD_CMD_READ, 2, 512, false));
+        client.extend(request(NBD_CMD_READ, 3, 1024, false));
+        client.extend(request(NBD_CMD_WRITE, 4, 4096, true));
+        each_split(&client, |c| w.client_bytes(c)).expect("requests");
+        let mut server = simple(0, 1, 0);
+        server.extend(simple(0, 2, 512));
+        server.extend(structured(0, 1, 3, 8 + 1024));
+        server.extend(structured(NBD_REPLY_FLAG_DONE, 0, 3, 0));
+        each_split(&server, |c| w.server_bytes(c)).expect("successful replies pass");
+        assert!(w.requests.keys().eq([4u64].iter()), "only the last write is in flight");
+        let caught = w.server_bytes(&simple(5, 4, 0));
+        assert!(caught.is_err_and(|e| e.contains("error 5")));
+    }
+
+    #[test]
+    fn an_error_chunk_and_an_unreadable_reply_are_caught() {
+        let mut w = in_transmission();
+        w.client_bytes(&request(NBD_CMD_WRITE, 1, 16, true)).expect("request");
+        assert!(w.server_bytes(&structured(NBD_REPLY_FLAG_DONE, 0x8001, 1, 6)).is_err());
+        let mut w = in_transmission();
+        assert!(w.server_bytes(&[1, 2, 3, 4, 5]).is_err_and(|e| e.contains("cannot read")));
+        let mut w = NbdWatch::default();
+        assert!(w.server_bytes(b"HTTP/1.1 200 OK\r\n\r\n").is_err(), "not NBD at all");
+    }
+}
