@@ -229,6 +229,17 @@ pub struct LocalView {
     pub mirrors: Vec<MirrorLinkView>,
 }
 
+/// `tandem vm mirrors NAME` (assembled by the CLI): committed state's current copies and the
+/// running host's mirrors of one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MirrorsView {
+    pub vm: String,
+    pub host: Option<String>,
+    /// The sites whose copies are current (empty: it has not run yet).
+    pub copies: Vec<String>,
+    pub links: Vec<MirrorLinkView>,
+}
+
 /// One disk's mirror into another site's copy, at the host running the VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MirrorLinkView {

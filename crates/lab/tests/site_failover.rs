@@ -155,6 +155,12 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
     wait("both copies current", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
     let local: LocalView = c.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
     assert!(local.mirrors.iter().any(|m| m.vm == "db" && m.site == "b" && m.state == LinkState::InSync), "{:?}", local.mirrors);
+    // The operator's view: `tandem vm mirrors`.
+    let out = std::process::Command::new(tandem_lab::lab::tandem_binary()?)
+        .args(["--api", &lab.hosts[1].api, "--token", &lab.token(), "vm", "mirrors", "db"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("current copies: a, b") && text.contains("site b (served by h1): in sync"), "{text}");
     let metrics = c.get("/metrics").map_err(|e| anyhow!("{e}"))?.as_str().unwrap_or_default().to_string();
     assert!(metrics.contains("tandem_mirror_state{vm=\"db\",disk=\"0\",site=\"b\",state=\"in-sync\"} 1"), "{metrics}");
     for _ in 0..5 {

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod events;
 pub mod maintenance;
 pub mod migrate;
+pub mod mirrors;
 pub mod output;
 pub mod rebalance;
 pub mod shutdown;

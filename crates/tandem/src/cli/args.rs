@@ -355,6 +355,8 @@ pub enum VmOp {
     List,
     /// Show one VM.
     Show { name: String },
+    /// A VM's disks mirrored between sites: current copies, and each mirror's state at its host.
+    Mirrors { name: String },
 }
 
 #[derive(clap::Args)]

@@ -108,6 +108,7 @@ pub fn run(c: &Client, out: Output, op: &VmOp) -> Result<(), ClientError> {
         VmOp::Delete { name } => show(out, &c.call("DELETE", &format!("/v1/vms/{name}"), None)?, kv::<Deleted>),
         VmOp::Show { name } => show(out, &c.get(&format!("/v1/vms/{name}"))?, |v: &VmView| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())),
         VmOp::List => show(out, &c.get("/v1/vms")?, print_vms),
+        VmOp::Mirrors { name } => super::mirrors::run(c, out, name),
     }
 }
 
