@@ -15,5 +15,6 @@ pub mod fusedisk;
 pub mod lab;
 pub mod netlab;
 pub mod progress;
+pub mod qemuproc;
 pub mod sim;
 pub mod testca;

@@ -10,7 +10,7 @@
 //! - The copy back: the resync copies only what was missed (far less than the disk), and both
 //!   copies end byte for byte equal.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use tandem_drivers::sitecopy::{export_name, CopyServer, CopyServerConfig};
 use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
 use tandem_lab::bench::migration::test_guest;
 use tandem_lab::diskguest::{highest_record, SeqWatch};
+use tandem_lab::qemuproc::QemuProcess as Guest;
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The guest's HTTP port forward and the copy server's NBD address (loopback net 103).
@@ -29,18 +30,6 @@ const COPY_IP: &str = "127.103.0.1";
 const COPY_PORT: u16 = 10_931;
 const DISK_BYTES: u64 = 64 << 20;
 const STALL: Duration = Duration::from_millis(800);
-
-struct Guest {
-    child: std::process::Child,
-    qmp: Qmp,
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn launch(dir: &Path, guest: &Path, image: &Path, addr: &str) -> Result<Guest> {
     let qmp_path = dir.join("vm.qmp");
@@ -53,15 +42,7 @@ async fn launch(dir: &Path, guest: &Path, image: &Path, addr: &str) -> Result<Gu
         .args(["-append", "console=ttyS0 quiet tsc_early_khz=2000000 mitigations=off tandem.vm=db"])
         .args(["-drive", &format!("file={},if=none,id=disk0,format=raw,cache=none", image.display()), "-device", "virtio-blk-device,drive=disk0"])
         .args(["-netdev", &format!("user,id=net0,hostfwd=tcp:{ip}:{port}-:80"), "-device", "virtio-net-device,netdev=net0"]);
-    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().context("qemu-system-x86_64")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Qmp::connect(&qmp_path, QMP_TIMEOUT, |_| {}).await {
-            Ok(qmp) => return Ok(Guest { child, qmp }),
-            Err(e) if Instant::now() >= deadline => return Err(anyhow!("QMP of the guest: {e}")),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    Guest::spawn(cmd, &qmp_path, QMP_TIMEOUT).await
 }
 
 async fn wait_for(what: &str, q: &Qmp, within: Duration, mut done: impl FnMut(&MirrorSample) -> bool) -> Result<MirrorSample> {

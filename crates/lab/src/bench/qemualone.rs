@@ -8,34 +8,21 @@
 
 use super::migration::HTTP_POLL;
 use crate::demo::http_get;
-use anyhow::{anyhow, Context, Result};
+use crate::qemuproc::QemuProcess as Guest;
+use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tandem_drivers::qmp::Qmp;
 
 /// The guest's port forward of each process (loopback only).
 const ADDRS: [&str; 2] = ["127.68.0.1:8080", "127.68.0.2:8080"];
 const MIGRATION_PORT: u16 = 47_311;
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
-struct Guest {
-    child: std::process::Child,
-    qmp: Qmp,
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn launch(dir: &Path, guest: &Path, memory_mib: u64, slot: usize, incoming: bool) -> Result<Guest> {
     let qmp_path = dir.join(format!("q{slot}.qmp"));
-    let _ = std::fs::remove_file(&qmp_path);
     let (ip, port) = ADDRS[slot].split_once(':').ok_or_else(|| anyhow!("address"))?;
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-M", "microvm", "-nodefaults", "-no-user-config", "-cpu", "qemu64", "-display", "none", "-smp", "1"])
@@ -48,15 +35,7 @@ async fn launch(dir: &Path, guest: &Path, memory_mib: u64, slot: usize, incoming
     if incoming {
         cmd.args(["-S", "-incoming", "defer"]);
     }
-    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().context("qemu-system-x86_64")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Qmp::connect(&qmp_path, QMP_TIMEOUT, |_| {}).await {
-            Ok(qmp) => return Ok(Guest { child, qmp }),
-            Err(e) if Instant::now() >= deadline => return Err(anyhow!("QMP of the QEMU in slot {slot}: {e}")),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    Guest::spawn(cmd, &qmp_path, QMP_TIMEOUT).await.map_err(|e| anyhow!("the QEMU in slot {slot}: {e}"))
 }
 
 async fn qmp(g: &Guest, command: &str, args: Value) -> Result<Value> {

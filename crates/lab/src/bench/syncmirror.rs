@@ -8,7 +8,8 @@
 //! monitor's round trip, the same with and without the mirror.
 
 use crate::delayrelay::DelayRelay;
-use anyhow::{anyhow, Context, Result};
+use crate::qemuproc::QemuProcess;
+use anyhow::{anyhow, Result};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -36,36 +37,13 @@ pub fn run(writes: usize, delays_ms: &[u64]) -> Result<()> {
     result
 }
 
-struct Qemu {
-    child: std::process::Child,
-    qmp: Qmp,
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn launch(dir: &Path, image: &Path) -> Result<Qemu> {
+async fn launch(dir: &Path, image: &Path) -> Result<QemuProcess> {
     let qmp_path = dir.join("q.qmp");
-    let child = std::process::Command::new("qemu-system-x86_64")
-        .args(["-M", "none", "-nodefaults", "-no-user-config", "-display", "none"])
+    let mut cmd = std::process::Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "none", "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
-        .args(["-drive", &format!("file={},if=none,id=disk0,format=raw,cache=none,aio=native", image.display())])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("qemu-system-x86_64")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Qmp::connect(&qmp_path, QMP_TIMEOUT, |_| {}).await {
-            Ok(qmp) => return Ok(Qemu { child, qmp }),
-            Err(e) if Instant::now() >= deadline => return Err(anyhow!("QMP: {e}")),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+        .args(["-drive", &format!("file={},if=none,id=disk0,format=raw,cache=none,aio=native", image.display())]);
+    QemuProcess::spawn(cmd, &qmp_path, QMP_TIMEOUT).await
 }
 
 /// `n` write-through 4 KiB writes through QEMU's block layer; each one's latency, ms.
