@@ -95,11 +95,13 @@ async fn assert_held_for(seq: &SeqWatch, relay: &CopyRelay, hold: Duration, why:
     if let RelayHealth::Lost { why: seen, .. } = relay.health() {
         assert!(seen.contains(why), "the relay lost the copy for '{seen}', not '{why}'");
     }
+    // The watcher samples every 20 ms: what the guest had acknowledged before the loss is in
+    // its samples a moment later (and nothing is acknowledged meanwhile, if the hold works).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let at_loss = seq.highest();
     tokio::time::sleep(hold).await;
     let now = seq.highest();
-    // One write may have been on its way back to the guest as the copy went.
-    assert!(now <= at_loss + 1, "writes completed on one copy without a release: {at_loss} at the loss, {now} after {hold:?}");
+    assert!(now == at_loss, "writes completed on one copy without a release: {at_loss} soon after the loss, {now} after {hold:?} more");
     Ok(now)
 }
 
