@@ -91,6 +91,12 @@ impl CopyRelay {
         let task = tokio::spawn(async move {
             let mut current: Option<tokio::task::JoinHandle<()>> = None;
             while let Ok((down, _)) = listener.accept().await {
+                // A held connection is never given up for a new one: closing it would fail the
+                // writes it holds, which QEMU would then complete on the local copy alone.
+                if matches!(lock(&s).health, RelayHealth::Lost { .. }) {
+                    drop(down);
+                    continue;
+                }
                 // QEMU holds one connection per disk: a new one replaces the old.
                 if let Some(old) = current.take() {
                     old.abort();
@@ -218,4 +224,53 @@ async fn pair(down: UnixStream, up: TcpStream, stall: Duration, shared: Arc<Mute
         notified.await;
     }
     drop((down_r, down_w));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Reads from `s` for `within`: `Some(n)` bytes (0: closed), `None` if nothing came.
+    async fn read_for(s: &mut UnixStream, within: Duration) -> Option<usize> {
+        let mut b = [0u8; 64];
+        tokio::time::timeout(within, s.read(&mut b)).await.ok().map(|r| r.unwrap_or(0))
+    }
+
+    /// A copy server that takes the bytes and never answers: the relay counts the copy lost
+    /// after its stall and holds QEMU's connection — however long, and whatever else connects —
+    /// until the release closes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_connection_stays_open_until_the_release_and_is_never_replaced() {
+        let dir = std::env::temp_dir().join(format!("tandem-copyrelay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let silent = tokio::net::TcpListener::bind("127.108.0.1:0").await.expect("bind");
+        let server = silent.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((mut s, _)) = silent.accept().await {
+                let mut b = [0u8; 64];
+                let _ = s.read(&mut b).await;
+                kept.push(s);
+            }
+        });
+        let relay = CopyRelay::start(&dir.join("r.sock"), &server, Duration::from_millis(200)).expect("relay");
+        let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
+        qemu.write_all(b"a write").await.expect("write");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !matches!(relay.health(), RelayHealth::Lost { .. }) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the relay sees the silent copy lost");
+        let mut other = UnixStream::connect(relay.socket()).await.expect("connect");
+        assert_eq!(read_for(&mut other, Duration::from_secs(2)).await, Some(0), "a new connection is closed while one is held");
+        assert_eq!(read_for(&mut qemu, Duration::from_millis(500)).await, None, "the held connection stays open");
+        assert!(matches!(relay.health(), RelayHealth::Lost { .. }));
+        relay.release();
+        assert_eq!(read_for(&mut qemu, Duration::from_secs(2)).await, Some(0), "released: closed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -64,7 +64,9 @@ impl ClusterState {
         for (name, host) in placed {
             let site = self.hosts.get(&host).and_then(|h| h.site.clone());
             let Some(vm) = self.vms.get_mut(&name).filter(|v| v.spec.site_mirrored()) else { continue };
-            debug_assert!(site.as_ref().is_some_and(|s| vm.copies.is_empty() || vm.copies.contains(s)), "{name} placed at a site without a current copy");
+            // Every placement was checked by `check_target` (`copy_current_on`): one that was
+            // not is a bug in `apply`, and committing it would spread it to every host.
+            assert!(site.as_ref().is_some_and(|s| vm.copies.is_empty() || vm.copies.contains(s)), "{name} placed at a site without a current copy");
             vm.copies = site.into_iter().collect();
         }
     }
