@@ -16,5 +16,6 @@ pub mod lab;
 pub mod netlab;
 pub mod progress;
 pub mod qemuproc;
+pub mod scratch;
 pub mod sim;
 pub mod testca;

@@ -20,6 +20,7 @@ use tandem_lab::demo::{http_get, wait};
 use tandem_lab::diskguest::{highest_record, judge, SeqWatch};
 use tandem_lab::lab::Lab;
 use tandem_lab::netlab::{can_use_namespaces, NetLab, VM_BRIDGE};
+use tandem_lab::scratch::ScratchDir;
 
 const DISK_BYTES: u64 = 64 << 20;
 
@@ -29,14 +30,8 @@ fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_
         return Ok(());
     }
     let Some(guest) = test_guest() else { return Ok(()) };
-    let storage = std::env::temp_dir().join(format!("tandem-site-failover-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&storage);
-    for site in ["a", "b"] {
-        std::fs::create_dir_all(storage.join(format!("site-{site}")))?;
-    }
-    let result = scenario(&storage, &guest);
-    let _ = std::fs::remove_dir_all(&storage);
-    result
+    let storage = ScratchDir::new("tandem-site-failover", &["site-a", "site-b"])?;
+    scenario(storage.path(), &guest)
 }
 
 #[test]
@@ -45,14 +40,8 @@ fn a_cut_between_the_sites_holds_writes_until_the_lost_copy_is_committed_stale_t
         return Ok(());
     }
     let Some(guest) = test_guest() else { return Ok(()) };
-    let storage = std::env::temp_dir().join(format!("tandem-site-cut-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&storage);
-    for site in ["a", "b"] {
-        std::fs::create_dir_all(storage.join(format!("site-{site}")))?;
-    }
-    let result = cut_scenario(&storage, &guest);
-    let _ = std::fs::remove_dir_all(&storage);
-    result
+    let storage = ScratchDir::new("tandem-site-cut", &["site-a", "site-b"])?;
+    cut_scenario(storage.path(), &guest)
 }
 
 /// The link between the sites cut: one side keeps the witness's vote and the guest; the other

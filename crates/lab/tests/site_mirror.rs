@@ -12,7 +12,7 @@
 
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tandem_drivers::copyrelay::{CopyRelay, RelayHealth};
 use tandem_drivers::launcher::Launcher;
@@ -22,6 +22,7 @@ use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
 use tandem_lab::bench::migration::test_guest;
 use tandem_lab::diskguest::{highest_record, SeqWatch};
 use tandem_lab::qemuproc::QemuProcess as Guest;
+use tandem_lab::scratch::ScratchDir;
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The guest's HTTP port forward and the copy server's NBD address (loopback net 103).
@@ -203,20 +204,21 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// Runs a scenario on its own runtime; on failure, prints the guest's console.
+fn run(dir: &ScratchDir, scenario: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = rt.block_on(scenario);
+    if result.is_err() {
+        eprintln!("guest console:\n{}", std::fs::read_to_string(dir.path().join("vm.serial")).unwrap_or_default());
+    }
+    result
+}
+
 #[test]
 fn a_mirrored_disk_holds_writes_while_its_other_copy_is_lost_and_resyncs_only_what_was_missed() -> Result<()> {
     let Some(guest) = test_guest() else { return Ok(()) };
-    let dir: PathBuf = std::env::temp_dir().join(format!("tandem-site-mirror-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let result = rt.block_on(scenario(&dir, &guest));
-    if result.is_err() {
-        eprintln!("guest console:\n{}", std::fs::read_to_string(dir.join("vm.serial")).unwrap_or_default());
-    }
-    drop(rt);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let dir = ScratchDir::new("tandem-site-mirror", &[])?;
+    run(&dir, scenario(dir.path(), &guest))
 }
 
 /// The copy server's storage fails (EIO through a FUSE view): the server answers the mirror's
@@ -260,15 +262,6 @@ async fn failing_storage_scenario(dir: &Path, guest: &Path) -> Result<()> {
 #[test]
 fn a_copy_whose_storage_answers_errors_holds_the_writes_like_a_lost_one() -> Result<()> {
     let Some(guest) = test_guest() else { return Ok(()) };
-    let dir: PathBuf = std::env::temp_dir().join(format!("tandem-site-mirror-eio-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let result = rt.block_on(failing_storage_scenario(&dir, &guest));
-    if result.is_err() {
-        eprintln!("guest console:\n{}", std::fs::read_to_string(dir.join("vm.serial")).unwrap_or_default());
-    }
-    drop(rt);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let dir = ScratchDir::new("tandem-site-mirror-eio", &[])?;
+    run(&dir, failing_storage_scenario(dir.path(), &guest))
 }
