@@ -335,14 +335,7 @@ impl ClusterState {
                 // placement: no plan moves it.
                 running: v.desired() == PowerState::Running && v.parked().is_none(),
                 rules: Vec::new(),
-                // A site-mirrored VM starts only at a site whose copy is current.
-                avoid: v
-                    .failed_on
-                    .iter()
-                    .copied()
-                    .chain(self.hosts.keys().copied().filter(|h| !self.copy_current_on(v, *h)))
-                    .filter_map(|h| index.get(&h).copied())
-                    .collect(),
+                avoid: v.failed_on.iter().chain(&self.stale_copy_hosts(v)).filter_map(|h| index.get(h).copied()).collect(),
             })
             .collect();
         let rules = self

@@ -169,13 +169,7 @@ impl QemuDriver {
         }
         let mut server = self.copy_server.lock().await;
         if !server.as_mut().is_some_and(crate::sitecopy::CopyServer::is_running) {
-            let cfg = crate::sitecopy::CopyServerConfig {
-                binary: binary.clone(),
-                run_dir: self.run_dir.clone(),
-                host_ip: self.host_ip.clone(),
-                port: *port,
-                tls_dir: None,
-            };
+            let cfg = crate::sitecopy::CopyServerConfig { binary: binary.clone(), run_dir: self.run_dir.clone(), host_ip: self.host_ip.clone(), port: *port };
             *server = Some(crate::sitecopy::CopyServer::start(&cfg, &self.launcher).await?);
         }
         let running = server.as_ref().ok_or(DriverError::Unsupported { driver: "qemu", what: "start its copy server" })?;
@@ -685,7 +679,7 @@ impl VmDriver for QemuDriver {
                 crate::copyrelay::CopyRelay::start(&socket, &to.server, to.stall).map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?,
             );
             self.relays().insert((name.to_string(), to.disk), Arc::clone(&relay));
-            let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone(), tls_creds: None };
+            let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone() };
             Ok(crate::syncmirror::attach(name, &q, self.qmp_timeout(), &copy).await?)
         })
     }

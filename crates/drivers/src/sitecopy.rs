@@ -61,9 +61,6 @@ pub struct CopyServerConfig {
     /// The NBD server's address (this host's cluster address) and port.
     pub host_ip: String,
     pub port: u16,
-    /// A directory with the cluster CA's `ca-cert.pem` and this host's `server-cert.pem` and
-    /// `server-key.pem`: only a client with a certificate of the cluster's CA gets in.
-    pub tls_dir: Option<PathBuf>,
 }
 
 /// The name under which disk `disk` of `vm` is exported.
@@ -101,12 +98,9 @@ impl CopyServer {
         let pidfile = cfg.run_dir.join("copy-server.pid");
         kill_stale(&pidfile);
         let _ = std::fs::remove_file(&socket);
-        let mut nbd = format!("addr.type=inet,addr.host={},addr.port={}", cfg.host_ip, cfg.port);
+        // Plain NBD: the relay in front of the mirror reads the conversation (`copyrelay`).
+        let nbd = format!("addr.type=inet,addr.host={},addr.port={}", cfg.host_ip, cfg.port);
         let mut cmd = std::process::Command::new(&cfg.binary);
-        if let Some(dir) = &cfg.tls_dir {
-            cmd.args(["--object", &format!("tls-creds-x509,id=copy-tls,endpoint=server,verify-peer=on,dir={}", dir.display())]);
-            nbd.push_str(",tls-creds=copy-tls");
-        }
         cmd.args(["--chardev", &format!("socket,id=qmp,path={},server=on,wait=off", socket.display())])
             .args(["--monitor", "chardev=qmp", "--nbd-server", &nbd])
             .arg("--pidfile")
@@ -139,8 +133,8 @@ impl CopyServer {
 
     /// The daemon's process id.
     #[must_use]
-    pub fn pid(&self) -> Option<u32> {
-        Some(self.child.id())
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the daemon is still running.

@@ -45,8 +45,6 @@ pub struct RemoteCopy {
     pub relay: std::path::PathBuf,
     /// The export's name (`sitecopy::export_name`).
     pub export: String,
-    /// A loaded client credentials object: the copy goes over TLS.
-    pub tls_creds: Option<String>,
 }
 
 /// What a driver needs to mirror one disk into another site's copy.
@@ -109,11 +107,8 @@ fn qmp_err(vm: &str, what: &'static str) -> impl FnOnce(QmpError) -> SyncMirrorE
 /// Connects to the other site's copy and starts mirroring the disk into it: a full copy first
 /// (`Copying`), in sync once it is ready. The VM keeps running throughout.
 pub async fn attach(vm: &str, q: &Qmp, timeout: Duration, copy: &RemoteCopy) -> Result<(), SyncMirrorError> {
-    let mut node = json!({"driver": "nbd", "node-name": remote_node(copy.disk), "export": copy.export,
+    let node = json!({"driver": "nbd", "node-name": remote_node(copy.disk), "export": copy.export,
         "server": {"type": "unix", "path": copy.relay.display().to_string()}, "reconnect-delay": 0});
-    if let Some(id) = &copy.tls_creds {
-        node["tls-creds"] = json!(id);
-    }
     q.execute("blockdev-add", node, timeout).await.map_err(qmp_err(vm, "connected to the other site's copy"))?;
     let job = json!({"job-id": job_id(copy.disk), "device": format!("disk{}", copy.disk), "target": remote_node(copy.disk),
         "sync": "full", "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});

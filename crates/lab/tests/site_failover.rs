@@ -24,24 +24,25 @@ use tandem_lab::scratch::ScratchDir;
 
 const DISK_BYTES: u64 = 64 << 20;
 
-#[test]
-fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_every_acknowledged_write() -> Result<()> {
+/// Runs `scenario` with the sites' storage in a scratch directory, where namespaces can be made
+/// and the test guest is present.
+fn with_sites(name: &str, scenario: fn(&std::path::Path, &std::path::Path) -> Result<()>) -> Result<()> {
     if !can_use_namespaces() {
         return Ok(());
     }
     let Some(guest) = test_guest() else { return Ok(()) };
-    let storage = ScratchDir::new("tandem-site-failover", &["site-a", "site-b"])?;
+    let storage = ScratchDir::new(name, &["site-a", "site-b"])?;
     scenario(storage.path(), &guest)
 }
 
 #[test]
+fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_every_acknowledged_write() -> Result<()> {
+    with_sites("tandem-site-failover", scenario)
+}
+
+#[test]
 fn a_cut_between_the_sites_holds_writes_until_the_lost_copy_is_committed_stale_then_resyncs() -> Result<()> {
-    if !can_use_namespaces() {
-        return Ok(());
-    }
-    let Some(guest) = test_guest() else { return Ok(()) };
-    let storage = ScratchDir::new("tandem-site-cut", &["site-a", "site-b"])?;
-    cut_scenario(storage.path(), &guest)
+    with_sites("tandem-site-cut", cut_scenario)
 }
 
 /// The link between the sites cut: one side keeps the witness's vote and the guest; the other

@@ -75,7 +75,7 @@ fn copy_config(dir: &Path) -> CopyServerConfig {
 }
 
 fn copy_config_on(dir: &Path, port: u16) -> CopyServerConfig {
-    CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port, tls_dir: None }
+    CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port }
 }
 
 /// Holds for `hold` and checks that no write completed meanwhile; returns the number last
@@ -153,7 +153,7 @@ async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
     let seq = SeqWatch::start(GUEST_ADDR);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
 
-    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), tls_creds: None };
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone() };
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
     assert_eq!(relay.health(), RelayHealth::Joined);
@@ -176,7 +176,7 @@ async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
 
     // The copy server silent (stopped: its connection stays up, nothing answers — a cut link).
     let len_before = job_len(&vm.qmp).await?;
-    let pid = server.pid().ok_or_else(|| anyhow!("no copy server pid"))?;
+    let pid = server.pid();
     signal(pid, libc::SIGSTOP);
     let held = assert_held(&seq, &relay, Duration::from_secs(4)).await;
     signal(pid, libc::SIGCONT);
@@ -242,7 +242,7 @@ async fn failing_storage_scenario(dir: &Path, guest: &Path) -> Result<()> {
     let vm = launch(dir, guest, &local, addr).await?;
     let seq = SeqWatch::start(addr);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
-    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export, tls_creds: None };
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export };
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
     let len_before = job_len(&vm.qmp).await?;

@@ -478,7 +478,7 @@ impl Sim {
     fn check_recoveries(&mut self) {
         let now = self.world.now_ms();
         // A mirrored VM left with one current copy is owed nothing (see `restartable`).
-        let owed: BTreeSet<String> = self.created.iter().filter(|v| self.restartable(std::slice::from_ref(*v)).len() == 1).cloned().collect();
+        let owed: BTreeSet<String> = self.created.iter().filter(|v| self.may_restart(v)).cloned().collect();
         let (_, late) = self.recoveries.observe(now, &self.running(), &owed);
         for v in late {
             self.world.violation(v);
@@ -490,10 +490,15 @@ impl Sim {
     /// that was never recovered.
     /// Of `vms`, those HA restarts elsewhere when their host fails (not those with a local disk).
     fn restartable(&self, vms: &[String]) -> Vec<String> {
-        // Mirrored into one other site: both copies current, so one site's loss leaves one.
-        let copies = lock(&self.copies_seen);
-        let fully_mirrored = |v: &String| copies.get(v).is_some_and(|c| c.len() >= 2);
-        vms.iter().filter(|v| !self.local_disk_vms.contains(*v) && (!self.mirrored_vms.contains(*v) || fully_mirrored(v))).cloned().collect()
+        vms.iter().filter(|v| self.may_restart(v)).cloned().collect()
+    }
+
+    /// Whether a recovery is owed for `vm` when its host is lost: not for a local disk, nor for
+    /// a mirrored disk with one current copy (mirrored into one other site: with both current,
+    /// one site's loss leaves one).
+    fn may_restart(&self, vm: &str) -> bool {
+        let fully_mirrored = || lock(&self.copies_seen).get(vm).is_some_and(|c| c.len() >= 2);
+        !self.local_disk_vms.contains(vm) && (!self.mirrored_vms.contains(vm) || fully_mirrored())
     }
 
     async fn check_moved_off(&self, target: u32, vms: &[String], what: &str) {
@@ -501,7 +506,7 @@ impl Sim {
         let running = lock(&self.world.running).clone();
         let stuck: Vec<&String> = vms
             .iter()
-            .filter(|v| self.created.contains(*v) && self.restartable(std::slice::from_ref(*v)).len() == 1)
+            .filter(|v| self.created.contains(*v) && self.may_restart(v))
             .filter(|v| running.get(*v).is_none_or(|on| on.keys().all(|h| *h == target)))
             .collect();
         if !stuck.is_empty() {

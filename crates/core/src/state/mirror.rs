@@ -51,6 +51,16 @@ impl ClusterState {
         self.vms.get(name).filter(|v| v.spec.site_mirrored()).map_or_else(Vec::new, |v| v.copies.iter().filter(|s| Some(*s) != site).cloned().collect())
     }
 
+    /// The hosts where a site-mirrored `vm` may not start, its copy there not current (none for
+    /// any other VM: the placement model asks for every VM, so the others cost nothing).
+    #[must_use]
+    pub fn stale_copy_hosts(&self, vm: &VmRecord) -> Vec<HostId> {
+        if !vm.spec.site_mirrored() {
+            return Vec::new();
+        }
+        self.hosts.keys().copied().filter(|h| !self.copy_current_on(vm, *h)).collect()
+    }
+
     /// After a command placed VMs (`applied` says which, and where): a site-mirrored VM's copy
     /// at its new site is now the only current one.
     pub(super) fn note_copies(&mut self, applied: &Applied) {

@@ -73,7 +73,7 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
         std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
     }
     let launcher = Launcher::new()?;
-    let cfg = CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port: COPY_PORT, tls_dir: None };
+    let cfg = CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port: COPY_PORT };
     let server = CopyServer::start(&cfg, &launcher).await?;
     let export = export_name("bench", 0);
     server.serve(&export, &remote).await?;
@@ -86,7 +86,7 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
         let delay = Duration::from_millis(*d);
         let link = DelayRelay::start(&format!("{COPY_IP}:0"), &format!("{COPY_IP}:{COPY_PORT}"), delay).await?;
         let relay = CopyRelay::start(&dir.join(format!("relay{k}.sock")), &link.addr.to_string(), tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4))?;
-        let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), tls_creds: None };
+        let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone() };
         syncmirror::attach("bench", &vm.qmp, QMP_TIMEOUT, &copy).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while syncmirror::sample("bench", &vm.qmp, QMP_TIMEOUT, 0).await? != MirrorSample::InSync {
