@@ -126,6 +126,9 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The id of the last entry in the log (or the last purged), kept as the log changes: whose
+    /// log is more up to date is judged by it (term first, then index), as a voter judges.
+    last: Arc<Mutex<Option<LogId<NodeId>>>>,
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -154,16 +157,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
         let state = || -> Result<LogState<TypeConfig>, AnyError> {
             let last_purged: Option<LogId<NodeId>> = get_meta(&self.db, "last_purged")?;
-            let tx = self.db.begin_read().map_err(io_err)?;
-            let last = match tx.open_table(LOG) {
-                Ok(t) => match t.last().map_err(io_err)? {
-                    Some((_, v)) => Some(serde_json::from_slice::<Entry<TypeConfig>>(v.value()).map_err(io_err)?.log_id),
-                    None => None,
-                },
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(io_err(e)),
-            };
-            Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+            let last = self.read_last()?;
+            Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
         };
         state().map_err(|e| StorageIOError::read_logs(e).into())
     }
@@ -193,18 +188,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let write = || -> Result<(), AnyError> {
+        let write = || -> Result<Option<LogId<NodeId>>, AnyError> {
             let tx = self.db.begin_write().map_err(io_err)?;
+            let mut appended = None;
             {
                 let mut t = tx.open_table(LOG).map_err(io_err)?;
                 for e in entries {
                     t.insert(e.log_id.index, json(&e)?.as_slice()).map_err(io_err)?;
+                    appended = Some(e.log_id);
                 }
             }
-            tx.commit().map_err(io_err)
+            tx.commit().map_err(io_err)?;
+            Ok(appended)
         };
         match write() {
-            Ok(()) => {
+            Ok(appended) => {
+                if let Some(id) = appended {
+                    *lock_log_id(&self.last) = Some(id);
+                }
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
@@ -225,14 +226,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+fn lock_log_id(m: &Mutex<Option<LogId<NodeId>>>) -> std::sync::MutexGuard<'_, Option<LogId<NodeId>>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl LogStore {
+    fn open(db: Arc<Database>) -> Result<LogStore, AnyError> {
+        let store = LogStore { db, last: Arc::default() };
+        *lock_log_id(&store.last) = store.read_last()?;
+        Ok(store)
+    }
+
+    /// The last entry's id as stored (the last purged one when the log is empty).
+    fn read_last(&self) -> Result<Option<LogId<NodeId>>, AnyError> {
+        let last_purged: Option<LogId<NodeId>> = get_meta(&self.db, "last_purged")?;
+        let tx = self.db.begin_read().map_err(io_err)?;
+        let last = match tx.open_table(LOG) {
+            Ok(t) => match t.last().map_err(io_err)? {
+                Some((_, v)) => Some(serde_json::from_slice::<Entry<TypeConfig>>(v.value()).map_err(io_err)?.log_id),
+                None => None,
+            },
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(io_err(e)),
+        };
+        Ok(last.or(last_purged))
+    }
+
     fn remove_range(&self, range: impl RangeBounds<u64>) -> Result<(), AnyError> {
         let tx = self.db.begin_write().map_err(io_err)?;
         {
             let mut t = tx.open_table(LOG).map_err(io_err)?;
             t.retain_in(range, |_, _| false).map_err(io_err)?;
         }
-        tx.commit().map_err(io_err)
+        tx.commit().map_err(io_err)?;
+        *lock_log_id(&self.last) = self.read_last()?;
+        Ok(())
     }
 }
 
@@ -419,6 +447,8 @@ pub struct Consensus {
     proposing: Arc<tokio::sync::Mutex<()>>,
     /// This node sends nothing while set (see [`Consensus::set_muted`]).
     muted: Arc<std::sync::atomic::AtomicBool>,
+    /// The id of the last entry in this node's log (its storage keeps it current).
+    last_log: Arc<Mutex<Option<LogId<NodeId>>>>,
 }
 
 /// Who leads, as far as this host knows.
@@ -483,7 +513,8 @@ impl Consensus {
         let (applied_tx, applied_rx) = watch::channel(data.last_applied.map_or(0, |l| l.index));
         let data = Arc::new(Mutex::new(Arc::new(data)));
         let sm = StateMachine { db: Arc::clone(&db), data: Arc::clone(&data), applied_tx: Arc::new(applied_tx), unpersisted: Arc::default() };
-        let log = LogStore { db };
+        let log = LogStore::open(db).map_err(|e| Box::new(SErr::from(StorageIOError::read_logs(e))))?;
+        let last_log = Arc::clone(&log.last);
         // A node that never elects by itself (the disk witness's) uses its election timeouts
         // only for the leader lease: a node just opened refuses votes until the lease passes.
         // For a witness just taken over by the survivor that lease (1.8 s with the defaults)
@@ -507,7 +538,7 @@ impl Consensus {
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
         let muted = Arc::clone(&network.muted);
         let raft = Raft::new(me, config, network, log, sm).await.map_err(Box::new)?;
-        Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default(), proposing: Arc::default(), muted })
+        Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default(), proposing: Arc::default(), muted, last_log })
     }
 
     /// While `muted`, this node sends no RPC and stands for no election (it still answers):
@@ -588,6 +619,13 @@ impl Consensus {
             commit_lag: m.last_log_index.unwrap_or(0).saturating_sub(m.last_applied.map_or(0, |l| l.index)),
             voters: m.membership_config.membership().voter_ids().collect(),
         }
+    }
+
+    /// Where this node's log ends, in the order a voter ranks logs (the index alone does not
+    /// say which log is the more up to date).
+    #[must_use]
+    pub fn last_log_position(&self) -> Option<tandem_core::witness::LogPosition> {
+        lock_log_id(&self.last_log).map(|id| tandem_core::witness::LogPosition { term: id.leader_id.term, leader: id.leader_id.node_id, index: id.index })
     }
 
     #[must_use]

@@ -15,7 +15,8 @@
 //! its VMs restart elsewhere — because a fencing host closes the witness before it kills its VMs
 //! and a host never reopens it without a new round of write-then-read.
 //!
-//! This module decides (`next_step`) and encodes the claim block; the agent does the I/O.
+//! This module decides (`next_step`, and `steer_election` for the holder), and encodes the claim
+//! block; the agent does the I/O.
 
 use crate::hostset::{HostId, MAX_HOSTS};
 use crate::liveness::{Assessment, HostLiveness};
@@ -171,6 +172,58 @@ pub fn next_step(v: &WitnessView<'_>) -> WitnessStep {
         (true, false) if rivals.iter().all(|r| r.0 > v.me.0) => WitnessStep::Wait,
         (true, false) => WitnessStep::Withdraw,
         (false, false) => WitnessStep::Wait,
+    }
+}
+
+/// Where a Raft log ends, in the order a voter ranks logs: the last entry's leader (term, then
+/// node id), then its index. A log whose last entry has a later leader is the more up to date
+/// even when it is shorter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LogPosition {
+    pub term: u64,
+    pub leader: u64,
+    pub index: u64,
+}
+
+/// What the holder of the witness sees of both Raft nodes it runs, for [`steer_election`].
+#[derive(Clone, Copy, Debug)]
+pub struct ElectionView {
+    /// This host's node knows a leader.
+    pub host_knows_leader: bool,
+    /// The witness's node leads, and has for longer than its leader lease (it refuses votes
+    /// while the lease is fresh).
+    pub witness_leads_past_lease: bool,
+    /// The witness's node leads (lease fresh or not).
+    pub witness_leads: bool,
+    pub host_log: Option<LogPosition>,
+    pub witness_log: Option<LogPosition>,
+}
+
+/// Who stands for election now, on the host that holds the witness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElectionStep {
+    Nothing,
+    /// The witness leads and this host's log is as up to date: a host should lead (only hosts
+    /// coordinate failovers), and the witness would vote for it.
+    HostStands,
+    /// No leader, and the witness's log is more up to date than this host's: the witness
+    /// refuses this host's vote and no other host can win without it, so the witness stands
+    /// (and brings this host's log up to date), then hands over.
+    WitnessStands,
+}
+
+/// The witness never stands by itself; its holder steers it. "More up to date" is judged as the
+/// voter judges it ([`LogPosition`]'s order): by index alone, a last leader's entry that reached
+/// only the witness looks no newer than this host's own uncommitted entry at the same index,
+/// and nobody who could win would stand.
+#[must_use]
+pub fn steer_election(v: &ElectionView) -> ElectionStep {
+    if v.witness_leads_past_lease && v.host_log >= v.witness_log {
+        ElectionStep::HostStands
+    } else if !v.host_knows_leader && !v.witness_leads && v.witness_log > v.host_log {
+        ElectionStep::WitnessStands
+    } else {
+        ElectionStep::Nothing
     }
 }
 

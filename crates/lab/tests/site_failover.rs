@@ -50,13 +50,22 @@ fn a_cut_between_the_sites_holds_writes_until_the_lost_copy_is_committed_stale_t
 /// stale, then go on alone; if the other won, the guest restarts there from its copy. Healed,
 /// the mirror catches the other copy up and both are current again.
 fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
-    let SiteLab { lab, net, seq, .. } = start_site_lab(storage, guest, "tsc", 105)?;
+    // The witness held at site b, whose host loses the cut (the lower id keeps the cluster):
+    // the survivor must take the witness over while the loser's last term is on it — the
+    // arrangement that once left the cluster without a leader (see below).
+    let SiteLab { lab, net, seq, .. } = start_site_lab(storage, guest, "tsc", 105, WitnessAt::SiteB)?;
+    assert!(witness_holders(&lab) == ["h1"], "the witness moved before the cut: {:?}", witness_holders(&lab));
     let clients = [lab.client(0), lab.client(1)];
     let acknowledged = seq.highest();
     let cut = Instant::now();
     net.block_hosts(0, &[1])?;
     net.block_hosts(1, &[0])?;
     // One side goes on with the guest: it writes past what it acknowledged before the cut.
+    // (The guest's host led the cluster, and its proposal to commit the lost copy stale went
+    // into its log and nowhere else, while site b's host won a term with the witness's vote
+    // and wrote there an entry at the same index before it fenced. With logs compared by
+    // their index alone nobody stood who could win, and the writes stayed held: CI, then 1
+    // run in 6 here.)
     let on = wait("the guest to write on after the cut", Duration::from_secs(120), || {
         seq.samples().into_iter().find(|s| s.at > cut + Duration::from_secs(2) && s.last > acknowledged + 20)
     })?;
@@ -101,7 +110,21 @@ fn copies_are(c: &tandem::client::Client, want: &[&str]) -> Option<VmView> {
     (vm.copies == want).then_some(vm)
 }
 
-fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &str, loopback_net: u8) -> Result<SiteLab> {
+/// Which host takes the disk witness when the lab starts (the holder keeps it while it lives).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WitnessAt {
+    /// Whichever claims it first.
+    First,
+    /// Site b's host: started alone until it holds the witness.
+    SiteB,
+}
+
+/// The hosts that took the disk witness, in order.
+fn witness_holders(lab: &Lab) -> Vec<String> {
+    lab.events().into_iter().filter(|e| e.kind.to_string() == "witness-held").filter_map(|e| e.subject).collect()
+}
+
+fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &str, loopback_net: u8, witness: WitnessAt) -> Result<SiteLab> {
     let image_a = storage.join("site-a/db.raw");
     std::fs::File::create(&image_a)?.set_len(DISK_BYTES)?;
     let image_b = storage.join("site-b/db.raw");
@@ -121,7 +144,13 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
         lab.keep_files();
         eprintln!("lab directory: {}", lab.root.display());
     }
-    lab.start_all()?;
+    if witness == WitnessAt::SiteB {
+        lab.start(1)?;
+        wait("site b's host to hold the witness", Duration::from_secs(60), || (witness_holders(&lab) == ["h1"]).then_some(()))?;
+        lab.start(0)?;
+    } else {
+        lab.start_all()?;
+    }
     lab.form_cluster()?;
     let c = lab.client(0);
     // The guest starts at site a: site b's host in maintenance meanwhile.
@@ -163,7 +192,7 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
 }
 
 fn scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
-    let SiteLab { mut lab, net: _net, seq, image_a, .. } = start_site_lab(storage, guest, "tsf", 104)?;
+    let SiteLab { mut lab, net: _net, seq, image_a, .. } = start_site_lab(storage, guest, "tsf", 104, WitnessAt::First)?;
     // Site a loses power: its host, its QEMU, its copy (nothing of it is used again).
     let acknowledged = seq.highest();
     let lost = Instant::now();

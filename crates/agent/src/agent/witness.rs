@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::state::Command;
-use tandem_core::witness::{next_step, Claim, WitnessStep, WitnessView, WITNESS_NODE};
+use tandem_core::witness::{next_step, steer_election, Claim, ElectionStep, ElectionView, WitnessStep, WitnessView, WITNESS_NODE};
 use tandem_core::HostId;
 
 /// The address the witness has in Raft's membership: a name, not a host's address; the route
@@ -294,30 +294,44 @@ impl Agent {
         Ok(())
     }
 
-    /// The witness's elections, which it never starts by itself. While this host knows no
-    /// leader and the witness's log is ahead of this host's (the last leader's final entries reached the witness and
-    /// not this host), no host can win a vote — the witness refuses a less up-to-date log — so
-    /// the witness stands. While it leads, this host stands once it has caught up, so a host
-    /// leads again: only a host coordinates failovers.
+    /// The witness's elections, which it never starts by itself: `steer_election` decides
+    /// who stands, from both nodes' logs as a voter ranks them.
     fn steer_witness_elections(&self) {
         let Some(w) = &self.witness else { return };
         let Some(held) = w.held() else { return };
         let (witness, own) = (held.consensus.status(), self.consensus.status());
         let now = self.clock.now().0;
+        let witness_leads = witness.leader == Some(WITNESS_NODE);
         let since = {
             let mut s = lock(&w.leading_since);
-            *s = if witness.leader == Some(WITNESS_NODE) { Some(s.unwrap_or(now)) } else { None };
+            *s = if witness_leads { Some(s.unwrap_or(now)) } else { None };
             *s
         };
         // While the witness's leader lease is fresh it refuses any vote: stand after it.
         let lease_over = since.is_some_and(|t| now.saturating_sub(t) > 2 * crate::consensus::raft_heartbeat_ms(&self.cfg.timings));
-        if lease_over && own.last_log_index >= witness.last_log_index {
-            tracing::info!("disk witness leads; this host caught up and stands for election");
-            self.consensus.stand_for_election();
-        } else if own.leader.is_none() && witness.leader != Some(WITNESS_NODE) && witness.last_log_index > own.last_log_index {
-            // (The witness may still name the lost leader: it hears of no election it refused.)
-            tracing::info!("no leader, and the disk witness's log is ahead of this host's: the witness stands for election");
-            held.consensus.stand_for_election();
+        let view = ElectionView {
+            host_knows_leader: own.leader.is_some(),
+            witness_leads_past_lease: lease_over,
+            // (A witness that does not lead may still name the lost leader: it hears of no
+            // election it refused.)
+            witness_leads,
+            host_log: self.consensus.last_log_position(),
+            witness_log: held.consensus.last_log_position(),
+        };
+        match steer_election(&view) {
+            ElectionStep::Nothing => {}
+            ElectionStep::HostStands => {
+                tracing::info!("disk witness leads; this host caught up and stands for election");
+                self.consensus.stand_for_election();
+            }
+            ElectionStep::WitnessStands => {
+                tracing::info!(
+                    "no leader, and the disk witness's log ({:?}) is more up to date than this host's ({:?}): the witness stands for election",
+                    view.witness_log,
+                    view.host_log
+                );
+                held.consensus.stand_for_election();
+            }
         }
     }
 
