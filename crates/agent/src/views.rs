@@ -436,6 +436,11 @@ pub struct SettingsRequest {
     /// The target "survive the loss of one site"; absent: unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub survive_site_loss: Option<bool>,
+    /// The site a split without a majority keeps (a host must be there), or null for none;
+    /// absent: unchanged.
+    #[serde(default, deserialize_with = "present_or_null", skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub preferred_site: Option<Option<String>>,
     #[serde(default)]
     pub force: bool,
 }

@@ -180,6 +180,9 @@ pub struct Liveness {
     incarnation: u64,
     timings: Timings,
     members: HostSet,
+    /// The hosts of the cluster's preferred site (committed settings): a split that leaves no
+    /// side a majority keeps theirs.
+    preferred: HostSet,
     peers: BTreeMap<HostId, PeerState>,
     sent: VecDeque<(u64, Millis)>,
     started: Millis,
@@ -229,6 +232,7 @@ impl Liveness {
             incarnation,
             timings,
             members: HostSet::single(me),
+            preferred: HostSet::EMPTY,
             peers: BTreeMap::new(),
             sent: VecDeque::with_capacity(SENT_HISTORY),
             started: now,
@@ -248,6 +252,11 @@ impl Liveness {
             disk_witness: false,
             counters: RejectCounters::default(),
         }
+    }
+
+    /// The hosts of the preferred site, from committed state (see [`crate::partition::decide_preferring`]).
+    pub fn set_preferred(&mut self, preferred: HostSet) {
+        self.preferred = preferred;
     }
 
     /// Says whether the cluster keeps a disk witness (configuration; the same on every host).

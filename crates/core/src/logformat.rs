@@ -29,7 +29,8 @@
 //! `survive_site_loss` target (an older host would judge admission without it). Format 12 adds
 //! `set-witness` (the disk witness's vote; an older host would count quorums without it). Format
 //! 13 adds disks mirrored between sites: a spec with one, and `mirror-synced`/`mirror-degraded`,
-//! which keep which sites' copies are current. A release that adds a command or a field that older hosts would
+//! which keep which sites' copies are current. Format 14 adds the settings' preferred site
+//! (which side a split without a majority keeps). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -38,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 13;
+pub const LOG_FORMAT: u32 = 14;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -62,6 +63,9 @@ pub(crate) const WITNESS_FORMAT: u32 = 12;
 /// Disks mirrored between sites: a spec with one (an older host would take its relative path
 /// for a shared one), and the copies' state (`mirror-synced`, `mirror-degraded`).
 pub(crate) const MIRROR_FORMAT: u32 = 13;
+/// Settings with a preferred site: an older host would leave it out of its partition verdict
+/// and keep another side than its peers.
+pub(crate) const PREFERRED_SITE_FORMAT: u32 = 14;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -372,5 +376,20 @@ mod tests {
         let plain = LogEntry::judged(&Command::SetSettings { settings: crate::state::Settings::default(), force: false }, Some(&admission)).expect("encodes");
         assert_eq!(plain.format, 3);
         assert!(!plain.command.to_string().contains("survive_site_loss"), "{}", plain.command);
+    }
+
+    /// A preferred site is format 14: a host of format 13 would decide a split without it and
+    /// keep another side than its peers, so it stops at the entry instead (upgrade it).
+    #[test]
+    fn a_preferred_site_is_format_14() {
+        let preferring = crate::state::Settings { preferred_site: Some("b".into()), ..crate::state::Settings::default() };
+        let admission = crate::state::Admission { revision: 3, forced: None };
+        let e = LogEntry::judged(&Command::SetSettings { settings: preferring, force: false }, Some(&admission)).expect("encodes");
+        assert_eq!(e.format, 14);
+        let mut old = e.clone();
+        old.format = 13;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 13, .. })), "{:?}", old.decode());
+        let plain = LogEntry::judged(&Command::SetSettings { settings: crate::state::Settings::default(), force: false }, Some(&admission)).expect("encodes");
+        assert!(!plain.command.to_string().contains("preferred_site"), "{}", plain.command);
     }
 }

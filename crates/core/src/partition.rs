@@ -36,6 +36,7 @@ impl Survival {
 /// Otherwise the candidate sides are the groups of hosts that all hear each other both ways; the
 /// winner is the candidate that holds a majority of `members`, then the larger, then the one with
 /// the lowest host id. Rule 2 follows: when no host is alive on disk there is nothing to split.
+/// (Without a preferred site: see [`decide_preferring`].)
 ///
 /// Cost: O(n²) set operations on 64-bit host sets. (It ran once per heartbeat interval on every
 /// host whenever the cluster was not fully connected — during every join — and the first
@@ -43,6 +44,16 @@ impl Survival {
 /// took most of two cores with 64 agents while they joined.)
 #[must_use]
 pub fn decide(members: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
+    decide_preferring(members, HostSet::EMPTY, disk_alive, heard)
+}
+
+/// [`decide`], where `preferred` are the hosts of the cluster's preferred site: of the sides
+/// that hold no majority (a cut between two sites of equal weight, or two hosts and their
+/// witness), one with a preferred host wins before a larger one and before the lowest id. A
+/// side with a majority still wins over any other: the preference only breaks what the votes
+/// leave open, so it never keeps a side that could not commit.
+#[must_use]
+pub fn decide_preferring(members: HostSet, preferred: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
     let mut reported = [HostSet::EMPTY; MAX_HOSTS];
     for h in disk_alive.iter() {
         reported[h.0 as usize] = heard.get(&h).copied().unwrap_or(HostSet::single(h));
@@ -66,9 +77,10 @@ pub fn decide(members: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, Ho
     let majority = members.len() / 2 + 1;
     let rank = |side: HostSet| {
         let has_majority = side.intersect(members).len() >= majority;
+        let prefers = !side.intersect(preferred).is_empty();
         // Lower id ranks higher, so invert it for a max-comparison.
         let low = side.min().map_or(0, |h| u32::MAX - h.0);
-        (has_majority, side.len(), low)
+        (has_majority, prefers, side.len(), low)
     };
     let mut best: Option<HostSet> = None;
     for h in disk_alive.iter() {
@@ -123,6 +135,23 @@ mod tests {
         assert_eq!(s, Survival::Split { winner: set(&[0, 1]) });
     }
 
+    /// Two hosts (with their witness), or two sites of two: the preferred site's side wins the
+    /// tie that the lowest id would otherwise break; it does not win against a majority.
+    #[test]
+    fn a_split_without_a_majority_keeps_the_preferred_site() {
+        let heard = views(&[(0, &[0]), (1, &[1])]);
+        assert_eq!(decide(set(&[0, 1]), set(&[0, 1]), &heard), Survival::Split { winner: set(&[0]) });
+        assert_eq!(decide_preferring(set(&[0, 1]), set(&[1]), set(&[0, 1]), &heard), Survival::Split { winner: set(&[1]) });
+        let four = views(&[(0, &[0, 1]), (1, &[0, 1]), (2, &[2, 3]), (3, &[2, 3])]);
+        assert_eq!(decide_preferring(set(&[0, 1, 2, 3]), set(&[2, 3]), set(&[0, 1, 2, 3]), &four), Survival::Split { winner: set(&[2, 3]) });
+        // Before size, too: one preferred host left on its side against two others.
+        let three = views(&[(0, &[0, 1]), (1, &[0, 1]), (2, &[2])]);
+        assert_eq!(decide_preferring(set(&[0, 1, 2, 3]), set(&[2, 3]), set(&[0, 1, 2]), &three), Survival::Split { winner: set(&[2]) });
+        // A majority wins whatever the preference.
+        let maj = views(&[(0, &[0]), (1, &[1, 2]), (2, &[1, 2])]);
+        assert_eq!(decide_preferring(set(&[0, 1, 2]), set(&[0]), set(&[0, 1, 2]), &maj), Survival::Split { winner: set(&[1, 2]) });
+    }
+
     #[test]
     fn one_way_loss_is_not_mutual_hearing() {
         // 0 hears everyone but nobody hears 0: 0 is cut off.
@@ -137,7 +166,7 @@ mod tests {
     }
 
     /// The first implementation, kept as the reference the faster one must agree with.
-    fn decide_reference(members: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
+    fn decide_reference(members: HostSet, preferred: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
         let reported = |h: HostId| heard.get(&h).copied().unwrap_or(HostSet::single(h));
         if disk_alive.iter().all(|h| disk_alive.is_subset_of(reported(h))) {
             return Survival::NoPartition;
@@ -146,7 +175,9 @@ mod tests {
         let neighbourhood = |h: HostId| -> HostSet { disk_alive.iter().filter(|g| mutual(h, *g)).collect() };
         let is_clique = |side: HostSet| side.iter().all(|a| side.iter().all(|b| mutual(a, b)));
         let majority = members.len() / 2 + 1;
-        let rank = |side: HostSet| (side.intersect(members).len() >= majority, side.len(), side.min().map_or(0, |h| u32::MAX - h.0));
+        let rank = |side: HostSet| {
+            (side.intersect(members).len() >= majority, !side.intersect(preferred).is_empty(), side.len(), side.min().map_or(0, |h| u32::MAX - h.0))
+        };
         let mut best: Option<HostSet> = None;
         for h in disk_alive.iter() {
             for side in [neighbourhood(h), HostSet::single(h)] {
@@ -168,6 +199,7 @@ mod tests {
             seed in any::<u64>(),
             alive_mask in any::<u64>(),
             members_mask in any::<u64>(),
+            preferred_mask in any::<u64>(),
         ) {
             let mut x = seed | 1;
             let mut next = move || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
@@ -183,7 +215,9 @@ mod tests {
                 for b in 0..n { if (next() % 100) < u64::from(density) { s.insert(HostId(b)); } }
                 heard.insert(a, s);
             }
-            prop_assert_eq!(decide(members, alive, &heard), decide_reference(members, alive, &heard));
+            // Half the cases without a preferred site, half with a random one.
+            let preferred: HostSet = if seed % 2 == 0 { HostSet::EMPTY } else { (0..n).filter(|i| preferred_mask & (1 << i) != 0).map(HostId).collect() };
+            prop_assert_eq!(decide_preferring(members, preferred, alive, &heard), decide_reference(members, preferred, alive, &heard));
         }
     }
 

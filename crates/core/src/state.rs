@@ -116,6 +116,11 @@ pub struct Settings {
     /// of some whole site would leave a protected VM down (log format 11).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub survive_site_loss: bool,
+    /// The site whose hosts a network split keeps running when no side holds a majority of
+    /// the voters — a cut between two sites of equal weight (log format 14: an older host would
+    /// reach another verdict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_site: Option<String>,
 }
 
 /// What a host's planned stop (SIGTERM, `tandem host shutdown`) does with its VMs.
@@ -164,7 +169,14 @@ mod group_keys {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { ftt_target: None, vcpu_overcommit_pct: 100, group_delays_ms: BTreeMap::new(), shutdown_policy: None, survive_site_loss: false }
+        Settings {
+            ftt_target: None,
+            vcpu_overcommit_pct: 100,
+            group_delays_ms: BTreeMap::new(),
+            shutdown_policy: None,
+            survive_site_loss: false,
+            preferred_site: None,
+        }
     }
 }
 

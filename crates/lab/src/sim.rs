@@ -70,6 +70,14 @@ pub struct SimArgs {
     /// also draws the cut of their link with one host's disk path lost.
     #[arg(long)]
     pub disk_witness: bool,
+    /// With --disk-witness: the last host starts first and takes the witness, so the host a
+    /// cut keeps (the lower id) must take it over from the losing side.
+    #[arg(long)]
+    pub witness_last: bool,
+    /// The cluster's preferred site (one of --sites), set once it formed: a split without a
+    /// majority keeps its hosts.
+    #[arg(long)]
+    pub preferred_site: Option<String>,
     /// The agents' timings: the defaults, the low-latency profile (100 ms heartbeats), or
     /// slow-fence (dead after 1 s, lease of 2 s: the deadline decides; for --unsafe-early-evidence).
     #[arg(long, default_value = "default", value_parser = ["default", "low-latency", "slow-fence"])]
@@ -109,6 +117,12 @@ impl SimArgs {
 /// Runs the seeds; fails when any seed violated an invariant.
 pub fn run(args: &SimArgs) -> Result<()> {
     let max_hosts = tandem_core::MAX_HOSTS as u32;
+    if args.witness_last && !args.disk_witness {
+        bail!("--witness-last needs --disk-witness");
+    }
+    if args.preferred_site.as_ref().is_some_and(|p| !args.sites.contains(p)) {
+        bail!("--preferred-site must be one of --sites");
+    }
     if args.disk_witness && (args.hosts != 2 || args.late_hosts != 0) {
         bail!("--disk-witness is for two hosts: --hosts 2 --late-hosts 0");
     }
@@ -155,6 +169,8 @@ pub fn run(args: &SimArgs) -> Result<()> {
             local_disks: args.local_disks,
             sites: args.sites.clone(),
             disk_witness: args.disk_witness,
+            witness_last: args.witness_last,
+            preferred_site: args.preferred_site.clone(),
         };
         let r: SimReport = tandem_sim::run(&opts);
         progress.finish();
@@ -216,6 +232,12 @@ pub fn run(args: &SimArgs) -> Result<()> {
         }
         if args.disk_witness {
             mutation.push_str(" --disk-witness");
+        }
+        if args.witness_last {
+            mutation.push_str(" --witness-last");
+        }
+        if let Some(site) = &args.preferred_site {
+            mutation.push_str(&format!(" --preferred-site {site}"));
         }
         if args.timings != "default" {
             mutation.push_str(&format!(" --timings {}", args.timings));

@@ -69,6 +69,13 @@ pub struct SimOptions {
     /// Two hosts with a disk witness (`hosts` 2, no late host): the witness's faults are drawn,
     /// and a private copy of the disk is not (the witness assumes one device).
     pub disk_witness: bool,
+    /// With the disk witness: the last host starts first and takes the witness, which its
+    /// holder keeps while it lives — so the host that a cut keeps (the lower id) is not the
+    /// one holding the witness, and must take it over from the loser's last term.
+    pub witness_last: bool,
+    /// The cluster's preferred site, set once the cluster formed: a split that leaves no side
+    /// a majority keeps its hosts (with two hosts and the witness, the other one fences).
+    pub preferred_site: Option<String>,
 }
 
 impl Default for SimOptions {
@@ -87,6 +94,8 @@ impl Default for SimOptions {
             local_disks: false,
             sites: Vec::new(),
             disk_witness: false,
+            witness_last: false,
+            preferred_site: None,
         }
     }
 }
@@ -644,8 +653,15 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         let driver = Arc::new(SimDriver::new(Arc::clone(&world), i, format!("h{i}")));
         sim.hosts.push(Host { cfg, agent: None, driver, drift_ppm: 0, excused_until: 0, events_seen: 0, member: i < opts.hosts });
     }
+    let last = opts.hosts.saturating_sub(1);
+    if opts.disk_witness && opts.witness_last {
+        sim.boot(last).await;
+        sim.run_for(Duration::from_secs(2)).await;
+    }
     for i in 0..opts.hosts {
-        sim.boot(i).await;
+        if !(opts.disk_witness && opts.witness_last && i == last) {
+            sim.boot(i).await;
+        }
     }
     sim.run_for(Duration::from_secs(1)).await;
     let init = sim.send(0, "POST", "/v1/cluster/init", &EmptyRequest {}).await;
@@ -661,6 +677,12 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
         }
     }
     sim.run_for(Duration::from_secs(3)).await;
+    if let Some(site) = &opts.preferred_site {
+        let req = tandem_agent::views::SettingsRequest { preferred_site: Some(Some(site.clone())), ..Default::default() };
+        let set = sim.send(0, "POST", "/v1/settings", &req).await;
+        world.log(format!("preferred site {site} -> {:?}", set.map(|r| r.0)));
+        sim.run_for(Duration::from_secs(1)).await;
+    }
     for _ in 0..opts.vms {
         sim.create_vm(0).await;
     }

@@ -92,10 +92,17 @@ impl Sim {
         self.opts.disk_witness
     }
 
-    /// The host a cut of the link between the two hosts leaves fenced: the higher id (the
-    /// partition verdict's tie-break), whichever host the fault picked.
+    /// The host a cut of the link between the two hosts leaves fenced, whichever host the
+    /// fault picked: the one away from the preferred site when one is set and has a host,
+    /// else the higher id (the partition verdict's tie-breaks).
     pub(super) fn link_cut_loser(&self) -> u32 {
-        (self.hosts.len() as u32).saturating_sub(1)
+        let higher = (self.hosts.len() as u32).saturating_sub(1);
+        let Some(preferred) = self.opts.preferred_site.as_deref() else { return higher };
+        let at_preferred = |h: u32| self.opts.sites.get(h as usize).is_some_and(|s| s == preferred);
+        match (0..self.hosts.len() as u32).find(|h| at_preferred(*h)) {
+            Some(kept) => (0..self.hosts.len() as u32).find(|h| *h != kept).unwrap_or(higher),
+            None => higher,
+        }
     }
 
     /// The link cut while one host (drawn) loses its disk path: that host, cut off from

@@ -218,7 +218,8 @@ fn local_disks_move_with_their_vms_and_a_stale_disk_is_caught() {
 /// written committed current), 14 and 17 (an evacuation planned across sites, refused forever),
 /// 40 of a,b (a start again in the same generation wrote without a mirror while the other
 /// copy still counted current), 60 of a,b (a copy committed stale by a host then fenced with
-/// its writes held: the VM waits, owed nothing). A mirror that lets a lost copy's writes
+/// its writes held: the VM waits, owed nothing), 36 of a, b with the witness at b (no leader
+/// after a cut, below). A mirror that lets a lost copy's writes
 /// complete at once, before that copy is committed stale, is caught.
 #[test]
 fn mirrored_disks_start_only_from_a_copy_with_every_acknowledged_write() {
@@ -227,6 +228,15 @@ fn mirrored_disks_start_only_from_a_copy_with_every_acknowledged_write() {
     for seed in [40, 60, 2, 3] {
         let r = run(&two_sites(seed));
         assert!(r.violations.is_empty(), "seed {seed} of sites a, b: {:#?}", r.violations);
+    }
+    // The witness held at site b, whose host a cut fences: seed 36 once left the cluster
+    // without a leader (`not-recovered`) — the survivor took the witness over with its own
+    // uncommitted entry at the index where the loser's last term had written one, and the
+    // witness's elections were steered by index alone (the lab's cut between sites, in CI).
+    for seed in [36, 4, 5] {
+        let r = run(&SimOptions { witness_last: true, ..two_sites(seed) });
+        assert!(r.violations.is_empty(), "seed {seed} of sites a, b, the witness at b: {:#?}", r.violations);
+        assert!(r.trace.iter().any(|l| l.contains("h1 event witness-held")), "seed {seed}: the witness was not at b");
     }
     for seed in [1, 14, 17] {
         let r = run(&SimOptions { hosts: 5, late_hosts: 0, sites: names(&["a", "a", "b", "b", "w"]), ..opts(seed, 60) });
@@ -369,6 +379,20 @@ fn two_hosts_with_a_disk_witness_survive_either_and_run_nothing_twice() {
         }
     }
     assert!(moved >= 12, "the lost host's VMs restarted on the other: {moved} failovers moved VMs");
+    // Two sites with site b preferred: a cut (full or one-way) fences h0, the lower id, and its
+    // VMs move to h1 (the fault's check follows the preferred site's host).
+    let mut kept_b = 0;
+    for seed in 1..=4 {
+        for kind in [FaultKind::PartitionFull, FaultKind::PartitionOneWay] {
+            let sites = vec!["a".to_string(), "b".to_string()];
+            let r = run(&SimOptions { sites, preferred_site: Some("b".into()), ..two(seed, Some(kind)) });
+            assert!(r.violations.is_empty(), "seed {seed} {kind}, site b preferred: {:#?}", r.violations);
+            assert!(r.trace.iter().any(|l| l.contains("preferred site b -> Some(200)")), "seed {seed}: the preference was not set");
+            assert!(!r.trace.iter().any(|l| l.contains("h1 event fenced: self-fenced: network partition")), "seed {seed} {kind}: h1 lost a cut");
+            kept_b += r.trace.iter().filter(|l| l.contains("h0 event fenced: self-fenced: network partition: side {1}")).count();
+        }
+    }
+    assert!(kept_b >= 8, "cuts kept the preferred site's host: {kept_b}");
     // The witness's region lost alone: nobody fences (the oracle's check), nothing moves.
     for seed in 1..=4 {
         let r = run(&two(seed, Some(FaultKind::WitnessLoss)));

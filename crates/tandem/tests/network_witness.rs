@@ -77,7 +77,7 @@ fn a_network_witness_settles_a_cut_link_and_an_isolated_host() -> Result<()> {
     let witness = format!("{}:7462", net.control_ip());
     let mut lab = Lab::new(network_witness_options(101, Some(net.lab_hosts()), &witness), &binary())?;
     start_two_hosts(&mut lab)?;
-    let secs = cut_link(&lab, &net)?;
+    let secs = cut_link(&lab, &net, 0)?;
     eprintln!("link cut: h1's VM ran again on h0 {secs:.2} s later");
     bring_back_ftt(&lab)?;
     lab.assert_runs_as_committed(0)?;

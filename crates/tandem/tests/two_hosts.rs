@@ -49,8 +49,52 @@ fn a_cut_link_between_two_hosts_keeps_exactly_the_lower_id() -> Result<()> {
     net.enter_control()?;
     let mut lab = Lab::new(two_host_options(89, Some(net.lab_hosts())), &binary())?;
     start_two_hosts(&mut lab)?;
-    let secs = cut_link(&lab, &net)?;
+    let secs = cut_link(&lab, &net, 0)?;
     eprintln!("link cut: h1's VM ran again on h0 {secs:.2} s later");
+    std::thread::sleep(Duration::from_secs(2));
+    lab.assert_runs_as_committed(0)?;
+    lab.assert_no_double_run()?;
+    drop(lab);
+    drop(net);
+    Ok(())
+}
+
+/// Two sites of one host each, and the cluster prefers site b (`tandem cluster set
+/// --preferred-site b`): a cut of the link keeps h1 — the higher id — and fences h0, whose VM
+/// restarts on h1; a site no host is at is refused with its reason, and nothing changes.
+#[test]
+fn a_cut_link_between_two_sites_keeps_the_preferred_site() -> Result<()> {
+    if !tandem_lab::netlab::can_use_namespaces() {
+        return Ok(());
+    }
+    let net = tandem_lab::netlab::NetLab::create(&format!("tp{}", std::process::id() % 100_000), 2)?;
+    net.enter_control()?;
+    let mut opts = two_host_options(109, Some(net.lab_hosts()));
+    opts.sites = vec!["a".into(), "b".into()];
+    let mut lab = Lab::new(opts, &binary())?;
+    start_two_hosts(&mut lab)?;
+    let cli = |args: &[&str]| -> Result<(bool, String)> {
+        let out = std::process::Command::new(binary()).args(["--api", &lab.hosts[0].api, "--token", &lab.token()]).args(args).output()?;
+        Ok((out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))))
+    };
+    // Sites are learned from each host's configuration: wait until both are committed.
+    tandem_lab::demo::wait("both hosts' sites committed", Duration::from_secs(30), || {
+        let ftt: tandem_agent::views::FttView = lab.client(0).get_as("/v1/ftt").ok()?;
+        (ftt.sites.len() == 2).then_some(())
+    })?;
+    let (ok, text) = cli(&["cluster", "set", "--preferred-site", "c"])?;
+    assert!(!ok && text.contains("no host is at site 'c'") && text.contains("a, b"), "{text}");
+    let (ok, text) = cli(&["cluster", "set", "--preferred-site", "b"])?;
+    assert!(ok, "{text}");
+    let (ok, text) = cli(&["cluster", "settings"])?;
+    assert!(ok && text.contains("preferred_site") && text.contains('b'), "{text}");
+    // Every host applies the setting before the cut (the verdict is each host's own).
+    tandem_lab::demo::wait("h1 to apply the preferred site", Duration::from_secs(30), || {
+        let s: tandem_core::state::Settings = lab.client(1).get_as("/v1/settings").ok()?;
+        (s.preferred_site.as_deref() == Some("b")).then_some(())
+    })?;
+    let secs = cut_link(&lab, &net, 1)?;
+    eprintln!("link cut, site b preferred: h0's VM ran again on h1 {secs:.2} s later");
     std::thread::sleep(Duration::from_secs(2));
     lab.assert_runs_as_committed(0)?;
     lab.assert_no_double_run()?;

@@ -37,6 +37,8 @@ pub(super) struct LivenessLoop {
 /// What the liveness tick needs of committed state.
 struct HeartbeatView {
     members: HostSet,
+    /// The preferred site's hosts.
+    preferred: HostSet,
     epoch: u64,
     peers: Vec<(HostId, SocketAddr)>,
 }
@@ -190,6 +192,7 @@ impl Agent {
         let (hb, copies, broadcast, assessment, full_round) = {
             let mut l = lock(&self.liveness);
             l.set_members_at(members, now);
+            l.set_preferred(view.preferred);
             l.set_announcing_fence(fenced);
             let seq = {
                 let mut s = lock(&self.beat);
@@ -311,6 +314,7 @@ impl Agent {
         }
         let view = Arc::new(self.consensus.with_state(|s| HeartbeatView {
             members: s.members(),
+            preferred: s.preferred_hosts(),
             epoch: s.hosts.get(&self.me).map_or(0, |h| h.epoch),
             peers: s.hosts.values().filter(|h| h.id != self.me).filter_map(|h| Some((h.id, h.heartbeat_addr.parse().ok()?))).collect(),
         }));

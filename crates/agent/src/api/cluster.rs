@@ -158,6 +158,18 @@ pub(super) async fn settings_set(State(a): State<Arc<Agent>>, body: Bytes) -> Ap
     if let Some(t) = b.survive_site_loss {
         settings.survive_site_loss = t;
     }
+    if let Some(site) = b.preferred_site {
+        // A name no host carries would prefer nobody, silently: refused here (committed state
+        // keeps a preference whose site later empties, which then prefers nobody).
+        if let Some(s) = site.as_deref().filter(|s| !a.consensus.with_state(|st| st.sites().contains_key(*s))) {
+            let known = a.consensus.with_state(|st| st.sites().into_keys().collect::<Vec<_>>().join(", "));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("no host is at site '{s}' (sites: {})", if known.is_empty() { "none" } else { &known }),
+            ));
+        }
+        settings.preferred_site = site;
+    }
     for (group, delay) in b.group_delays_ms {
         match delay {
             Some(d) => settings.group_delays_ms.insert(group, d),

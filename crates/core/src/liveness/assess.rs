@@ -201,7 +201,8 @@ impl Liveness {
         let silent_ms = self.last_proof_of_life(now).map_or(0, |l| now.since(l));
         let alone = self.members.len() == 1;
 
-        let survival = if disk_alive.contains(self.me) { partition::decide(self.members, disk_alive, &reports) } else { Survival::NoPartition };
+        let survival =
+            if disk_alive.contains(self.me) { partition::decide_preferring(self.members, self.preferred, disk_alive, &reports) } else { Survival::NoPartition };
         // Right after the membership grew, the peers' slots may not list a newcomer yet (they
         // hear it only once they applied its join and its heartbeats reached them): a verdict
         // then is set aside for a peer timeout. Safety does not rest on it: a host without a

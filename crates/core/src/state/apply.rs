@@ -273,6 +273,9 @@ impl ClusterState {
         if !(100..=1600).contains(&settings.vcpu_overcommit_pct) {
             return Err(StateError::BadSetting(format!("vcpu_overcommit_pct = {} is outside 100..=1600", settings.vcpu_overcommit_pct)));
         }
+        if let Some(s) = settings.preferred_site.as_deref().filter(|s| !crate::spec::valid_name(s)) {
+            return Err(StateError::BadSite(s.to_string()));
+        }
         if settings.ftt_target.is_some_and(|t| t as usize >= crate::hostset::MAX_HOSTS) {
             return Err(StateError::BadSetting("ftt_target is larger than any cluster".into()));
         }

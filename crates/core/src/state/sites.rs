@@ -10,7 +10,7 @@
 //! would leave a protected VM down.
 
 use super::{Applied, ClusterState, Protection, StateError};
-use crate::hostset::HostId;
+use crate::hostset::{HostId, HostSet};
 use crate::placement::LeftDown;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -44,6 +44,19 @@ impl ClusterState {
             if let Some(site) = &h.site {
                 out.entry(site.clone()).or_default().push(h.id);
             }
+        }
+        out
+    }
+
+    /// The hosts at the preferred site (`settings.preferred_site`): the side a split keeps
+    /// when no side holds a majority (see [`crate::partition::decide`]). Empty when none is
+    /// set, or no host names it.
+    #[must_use]
+    pub fn preferred_hosts(&self) -> HostSet {
+        let Some(preferred) = self.settings.preferred_site.as_deref() else { return HostSet::EMPTY };
+        let mut out = HostSet::EMPTY;
+        for h in self.hosts.values().filter(|h| h.site.as_deref() == Some(preferred)) {
+            out.insert(h.id);
         }
         out
     }
@@ -214,5 +227,19 @@ mod tests {
         let plan = crate::rebalance::rebalance_plan(&s, &crate::rebalance::RebalanceScope { rule: Some("db-in-b".into()), balance: false });
         assert_eq!(plan.moves.len(), 1, "{plan:?}");
         assert!(matches!(plan.moves[0].to, HostId(2 | 3)), "{plan:?}");
+    }
+
+    /// The preferred site names the hosts a split without a majority keeps; a bad name is
+    /// refused and changes nothing.
+    #[test]
+    fn the_preferred_site_names_its_hosts() {
+        let mut s = cluster(4, 4096);
+        sited(&mut s, &["a", "a", "b", "b"]);
+        assert!(s.preferred_hosts().is_empty(), "none set");
+        let prefer = |site: &str| Command::SetSettings { settings: Settings { preferred_site: Some(site.into()), ..Settings::default() }, force: false };
+        s.apply(&prefer("b")).expect("set");
+        assert_eq!(s.preferred_hosts(), [HostId(2), HostId(3)].into_iter().collect());
+        assert_eq!(s.apply(&prefer("no site!")), Err(StateError::BadSite("no site!".into())));
+        assert_eq!(s.settings.preferred_site.as_deref(), Some("b"), "unchanged by the refusal");
     }
 }

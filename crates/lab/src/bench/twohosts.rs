@@ -77,18 +77,19 @@ pub fn lose_host(lab: &mut Lab, lost: usize) -> Result<f64> {
 }
 
 /// Cuts the link between the two hosts of a namespace lab (each still reaches the witness):
-/// waits until both VMs run on h0, checks that h0 did not fence and h1 did, and that nothing ran
-/// twice; heals the link and waits until both hosts are active again. The seconds until both
-/// VMs ran on h0.
-pub fn cut_link(lab: &Lab, net: &crate::netlab::NetLab) -> Result<f64> {
+/// waits until both VMs run on `keeper` (h0, the lower id, unless a preferred site says
+/// otherwise), checks that it did not fence and the other did, and that nothing ran twice;
+/// heals the link and waits until both hosts are active again. The seconds until both VMs ran
+/// on the keeper.
+pub fn cut_link(lab: &Lab, net: &crate::netlab::NetLab, keeper: usize) -> Result<f64> {
     let cut_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
     let cut = Instant::now();
     net.block_hosts(0, &[1])?;
     net.block_hosts(1, &[0])?;
-    let secs = both_on(lab, 0, cut)?;
-    let h0 = lab.fences_since(0, cut_at);
-    anyhow::ensure!(h0.is_empty(), "h0, the lower id, fenced after the cut: {h0:?}");
-    anyhow::ensure!(!lab.fences_since(1, cut_at).is_empty(), "h1, the higher id, did not fence after the cut");
+    let secs = both_on(lab, keeper, cut)?;
+    let kept = lab.fences_since(keeper, cut_at);
+    anyhow::ensure!(kept.is_empty(), "h{keeper}, which the cut should keep, fenced: {kept:?}");
+    anyhow::ensure!(!lab.fences_since(1 - keeper, cut_at).is_empty(), "h{}, which the cut should fence, did not", 1 - keeper);
     lab.assert_no_double_run()?;
     net.unblock(0)?;
     net.unblock(1)?;
@@ -148,7 +149,7 @@ pub fn run(binary: &Path, rounds: usize, cuts: usize, network_witness: bool) -> 
         };
         let mut lab = Lab::new(opts, binary)?;
         start_two_hosts(&mut lab)?;
-        let secs = cut_link(&lab, &net)?;
+        let secs = cut_link(&lab, &net, 0)?;
         println!("cut {round}: h1's VM on h0 {secs:.2} s after the cut");
         cut.push(secs);
         drop(lab);

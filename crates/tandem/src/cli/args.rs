@@ -193,6 +193,11 @@ pub enum ClusterOp {
         /// The target "survive the loss of one site", protected by admission control.
         #[arg(long)]
         survive_site_loss: Option<bool>,
+        /// The site a network split keeps running when no side holds a majority (a cut
+        /// between two sites, or between two hosts with their witness); `none` for the lowest
+        /// host id.
+        #[arg(long)]
+        preferred_site: Option<String>,
         /// Apply even if admission control refuses (recorded as an admission-forced event).
         #[arg(long)]
         force: bool,

@@ -35,7 +35,7 @@ fn cluster(c: &Client, out: Output, op: &ClusterOp) -> Result<(), ClientError> {
         ClusterOp::Init => show(out, &c.send("POST", "/v1/cluster/init", &EmptyRequest {})?, kv::<Initialized>),
         ClusterOp::Status => show(out, &c.get("/v1/status")?, |s: &StatusView| println!("{}", serde_json::to_string_pretty(s).unwrap_or_default())),
         ClusterOp::Settings => show(out, &c.get("/v1/settings")?, kv::<Settings>),
-        ClusterOp::Set { ftt_target, vcpu_overcommit_pct, group_delay, shutdown_policy, survive_site_loss, force } => {
+        ClusterOp::Set { ftt_target, vcpu_overcommit_pct, group_delay, shutdown_policy, survive_site_loss, preferred_site, force } => {
             let mut req = SettingsRequest {
                 vcpu_overcommit_pct: *vcpu_overcommit_pct,
                 survive_site_loss: *survive_site_loss,
@@ -47,6 +47,7 @@ fn cluster(c: &Client, out: Output, op: &ClusterOp) -> Result<(), ClientError> {
                     Some(if t == "none" { None } else { Some(t.parse::<u32>().map_err(|_| usage(format!("--ftt-target '{t}' is not a number or 'none'")))?) });
             }
             req.group_delays_ms = group_delays(group_delay)?;
+            req.preferred_site = preferred_site.as_deref().map(|s| (s != "none").then(|| s.to_string()));
             req.shutdown_policy = match shutdown_policy.as_deref() {
                 None => None,
                 Some("host") => Some(None),
