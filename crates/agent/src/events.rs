@@ -51,6 +51,12 @@ pub enum EventKind {
     MirrorResyncing,
     /// A mirrored disk's copy at another site is in sync again, and committed as current.
     MirrorInSync,
+    /// A mirrored disk's own site's storage failed and the disk went on on the other site's
+    /// copy, in the same QEMU process (an alert: this site's copy is stale now).
+    StoragePathSwitched,
+    /// A mirrored disk's own site's storage failed while the other copy was not in sync: the
+    /// guest stays paused (an alert).
+    StoragePathLost,
     /// The VMs parked with a host that did not come back were released to run elsewhere.
     ParkedReleased,
     PeerAlive,
@@ -120,6 +126,8 @@ impl EventKind {
             EventKind::MirrorDegraded => "mirror-degraded",
             EventKind::MirrorResyncing => "mirror-resyncing",
             EventKind::MirrorInSync => "mirror-in-sync",
+            EventKind::StoragePathSwitched => "storage-path-switched",
+            EventKind::StoragePathLost => "storage-path-lost",
             EventKind::ParkedReleased => "parked-released",
             EventKind::PeerAlive => "peer-alive",
             EventKind::PeerDead => "peer-dead",

@@ -30,7 +30,8 @@
 //! `set-witness` (the disk witness's vote; an older host would count quorums without it). Format
 //! 13 adds disks mirrored between sites: a spec with one, and `mirror-synced`/`mirror-degraded`,
 //! which keep which sites' copies are current. Format 14 adds the settings' preferred site
-//! (which side a split without a majority keeps). A release that adds a command or a field that older hosts would
+//! (which side a split without a majority keeps) and `mirror-switched` (a VM whose site's
+//! storage failed goes on on another site's copy). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -63,8 +64,8 @@ pub(crate) const WITNESS_FORMAT: u32 = 12;
 /// Disks mirrored between sites: a spec with one (an older host would take its relative path
 /// for a shared one), and the copies' state (`mirror-synced`, `mirror-degraded`).
 pub(crate) const MIRROR_FORMAT: u32 = 13;
-/// Settings with a preferred site: an older host would leave it out of its partition verdict
-/// and keep another side than its peers.
+/// Settings with a preferred site (an older host would leave it out of its partition verdict
+/// and keep another side than its peers), and `mirror-switched` (a storage path failover).
 pub(crate) const PREFERRED_SITE_FORMAT: u32 = 14;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;

@@ -37,6 +37,18 @@ pub enum RelayPhase {
     Released,
 }
 
+/// Which copy the VM's disk runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskPath {
+    /// Its own site's copy, which answers.
+    Local,
+    /// Its own site's storage failed a request: the guest is paused, the request kept to be
+    /// retried.
+    LocalFailed,
+    /// The other site's copy, since a storage path failover.
+    OtherCopy,
+}
+
 /// One link, observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkObservation {
@@ -46,6 +58,9 @@ pub struct LinkObservation {
     pub current: bool,
     /// Whether a host of that site can serve the copy now (its agent answered).
     pub server_reachable: bool,
+    pub path: DiskPath,
+    /// Whether committed state counts the running site's own copy as current.
+    pub local_current: bool,
 }
 
 /// What to do about one link.
@@ -65,13 +80,32 @@ pub enum LinkAction {
     Resume,
     /// The job ended: remove it, and attach again.
     Reattach,
+    /// The local copy failed and the other is in sync: propose `mirror-switched` (the guest
+    /// waits, paused, for this commit).
+    ProposeSwitch,
+    /// Committed state counts only the other copy current: switch the disk onto it and resume
+    /// the guest.
+    Switch,
 }
 
 /// The one action for a link this pass, if any.
 #[must_use]
 pub fn decide(o: LinkObservation) -> Option<LinkAction> {
+    match o.path {
+        // On the other copy there is nothing left to mirror into: if it is lost too, its
+        // writes stay held (no copy would be left current).
+        DiskPath::OtherCopy => return None,
+        // The local copy failed: switch while the other copy holds every acknowledged write
+        // (in sync, answering, current) — committed first, then the switch.
+        DiskPath::LocalFailed if o.relay == RelayPhase::Open && o.job == JobPhase::InSync && o.current => {
+            return Some(if o.local_current { LinkAction::ProposeSwitch } else { LinkAction::Switch });
+        }
+        DiskPath::LocalFailed | DiskPath::Local => {}
+    }
     match (o.relay, o.job) {
-        // Held writes: only a committed stale copy lets them go.
+        // Held writes: only a committed stale copy lets them go — and never the last current
+        // copy (after a switch by another of the VM's disks, this site's is not).
+        (RelayPhase::Lost, _) if o.current && !o.local_current => None,
         (RelayPhase::Lost, _) if o.current => Some(LinkAction::ProposeDegraded),
         (RelayPhase::Lost, _) => Some(LinkAction::Release),
         (RelayPhase::None, _) | (_, JobPhase::Absent) if o.server_reachable => Some(LinkAction::Attach),
@@ -97,6 +131,10 @@ pub enum LinkState {
     Holding,
     /// Running on this site's copy alone; the other misses what was written since.
     Degraded,
+    /// This site's storage failed and the disk runs on the other site's copy (no mirror).
+    OnOtherCopy,
+    /// This site's storage failed and the other copy is not in sync: the guest stays paused.
+    PathLost,
 }
 
 /// The operator's reading of an observation (`copied`/`total`: the job's figures), after
@@ -105,6 +143,11 @@ pub enum LinkState {
 /// (no range is left behind without one of those).
 #[must_use]
 pub fn link_state(o: LinkObservation, copied: u64, total: u64, before: &LinkState) -> LinkState {
+    match o.path {
+        DiskPath::OtherCopy => return LinkState::OnOtherCopy,
+        DiskPath::LocalFailed if decide(o).is_none() => return LinkState::PathLost,
+        DiskPath::LocalFailed | DiskPath::Local => {}
+    }
     match (o.relay, o.job) {
         (RelayPhase::Lost, _) => LinkState::Holding,
         (RelayPhase::None, _) | (_, JobPhase::Absent) => LinkState::Detached,
@@ -120,7 +163,42 @@ mod tests {
     use super::*;
 
     fn obs(job: JobPhase, relay: RelayPhase, current: bool, server_reachable: bool) -> LinkObservation {
-        LinkObservation { job, relay, current, server_reachable }
+        LinkObservation { job, relay, current, server_reachable, path: DiskPath::Local, local_current: true }
+    }
+
+    /// The local copy failed: the switch only from a mirror in sync into a current copy that
+    /// answers, committed before it is made; never from a lost, stopped or copying mirror.
+    #[test]
+    fn a_failed_local_copy_switches_only_to_a_copy_in_sync_and_after_the_commit() {
+        let failed = |job, relay, current, local_current| LinkObservation { path: DiskPath::LocalFailed, local_current, ..obs(job, relay, current, true) };
+        assert_eq!(decide(failed(JobPhase::InSync, RelayPhase::Open, true, true)), Some(LinkAction::ProposeSwitch));
+        assert_eq!(decide(failed(JobPhase::InSync, RelayPhase::Open, true, false)), Some(LinkAction::Switch));
+        for job in [JobPhase::Absent, JobPhase::Copying, JobPhase::Stopped, JobPhase::Ended] {
+            for relay in [RelayPhase::None, RelayPhase::Open, RelayPhase::Lost, RelayPhase::Released] {
+                for current in [false, true] {
+                    for local_current in [false, true] {
+                        let o = failed(job, relay, current, local_current);
+                        assert!(!matches!(decide(o), Some(LinkAction::ProposeSwitch | LinkAction::Switch)), "{o:?}");
+                    }
+                }
+            }
+        }
+        assert_ne!(decide(failed(JobPhase::InSync, RelayPhase::Lost, true, true)), Some(LinkAction::Switch));
+        assert_ne!(decide(failed(JobPhase::InSync, RelayPhase::Open, false, true)), Some(LinkAction::ProposeSwitch), "the other copy not current");
+        assert_eq!(
+            link_state(failed(JobPhase::Copying, RelayPhase::Open, false, true), 1, 2, &LinkState::Resyncing { copied: 1, total: 2 }),
+            LinkState::PathLost
+        );
+        // Switched: nothing more, even if that copy is lost too (its writes stay held).
+        for relay in [RelayPhase::Open, RelayPhase::Lost] {
+            let o = LinkObservation { path: DiskPath::OtherCopy, local_current: false, ..obs(JobPhase::Absent, relay, true, true) };
+            assert_eq!(decide(o), None);
+            assert_eq!(link_state(o, 0, 0, &LinkState::InSync), LinkState::OnOtherCopy);
+        }
+        // Another disk of the VM switched (this site's copy no longer current): a lost copy's
+        // writes stay held, the last current copy is never committed stale.
+        let o = LinkObservation { local_current: false, ..obs(JobPhase::InSync, RelayPhase::Lost, true, false) };
+        assert_eq!(decide(o), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod migration;
 pub mod migtls;
 pub mod mixed;
+pub mod pathswitch;
 pub mod postcopy;
 pub mod probe;
 pub mod process;
@@ -114,6 +115,8 @@ pub enum DriverError {
     Unsupported { driver: &'static str, what: &'static str },
     #[error("the site mirror failed")]
     Mirror(#[from] syncmirror::SyncMirrorError),
+    #[error("switching a disk to the other site's copy failed")]
+    PathSwitch(#[from] pathswitch::PathSwitchError),
     #[error("serving this site's copy failed")]
     Copy(#[from] sitecopy::SiteCopyError),
 }
@@ -217,6 +220,16 @@ pub trait VmDriver: Send + Sync + 'static {
     /// copies what its copy missed.
     fn resume_mirror<'a>(&'a self, _name: &'a str, _disk: usize, _server: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
+    }
+    /// The mirrored disks of VM `name` whose own site's storage failed a request, the guest
+    /// paused on it (see `pathswitch`); none for a driver without them.
+    fn failed_disks<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Vec<usize>, DriverError>> {
+        Box::pin(async move { Ok(Vec::new()) })
+    }
+    /// Switches disk `disk` of VM `name` onto the other site's copy its mirror is in sync with,
+    /// and resumes the guest: only once committed state counts that copy as the only current one.
+    fn switch_to_copy<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "switch a disk to another site's copy" }) })
     }
     /// Ends the mirror of disk `disk` (it ended on its own, or the link is given up).
     fn detach_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {

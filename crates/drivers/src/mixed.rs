@@ -158,6 +158,14 @@ impl VmDriver for MixedDriver {
         self.owner(name).detach_mirror(name, disk)
     }
 
+    fn failed_disks<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<usize>, DriverError>> {
+        self.owner(name).failed_disks(name)
+    }
+
+    fn switch_to_copy<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).switch_to_copy(name, disk)
+    }
+
     fn forget(&self, name: &str) {
         // The QEMU driver also drops its QMP session; the launcher record goes either way.
         self.qemu.forget(name);

@@ -335,7 +335,13 @@ impl QemuDriver {
             } else {
                 d.path.clone()
             };
-            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}", escape_option_value(&path))]);
+            // A mirrored disk pauses the guest when its site's storage fails a request (kept to
+            // be retried) rather than failing it: the agent then switches the disk onto the
+            // other site's copy (`pathswitch`) and the guest sees a pause, not an error.
+            // (`auto-read-only=off`: the switch drops the failed copy's write permission, which
+            // would otherwise reopen its file read-only — an open that fails on failed storage.)
+            let on_error = if d.mirror { ",werror=stop,rerror=stop,auto-read-only=off" } else { "" };
+            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}{on_error}", escape_option_value(&path))]);
             c.args(["-device", &format!("virtio-blk-{bus},drive=disk{i}")]);
         }
         match &spec.network {
@@ -725,6 +731,23 @@ impl VmDriver for QemuDriver {
             crate::syncmirror::detach(name, &q, self.qmp_timeout(), disk).await?;
             self.relays().remove(&(name.to_string(), disk));
             Ok(())
+        })
+    }
+
+    fn failed_disks<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<usize>, DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            Ok(crate::pathswitch::failed_disks(name, &q, self.qmp_timeout()).await?)
+        })
+    }
+
+    fn switch_to_copy<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            crate::pathswitch::switch_to_copy(name, &q, self.qmp_timeout(), disk).await?;
+            // (Another disk whose storage failed too pauses the guest again at its next
+            // request: switched in a later pass.)
+            Ok(crate::pathswitch::resume(name, &q, self.qmp_timeout()).await?)
         })
     }
 

@@ -27,7 +27,10 @@ impl QemuProcess {
     /// it; `timeout` bounds each QMP call.
     pub async fn spawn(mut cmd: std::process::Command, qmp_path: &Path, timeout: Duration) -> Result<QemuProcess> {
         let _ = std::fs::remove_file(qmp_path);
-        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().context("qemu-system-x86_64")?;
+        // QEMU's own complaints (a block job's error is reported only there) go beside its
+        // QMP socket, for the test that fails to show.
+        let stderr = std::fs::File::create(qmp_path.with_extension("stderr")).map(std::process::Stdio::from).unwrap_or_else(|_| std::process::Stdio::null());
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(stderr).spawn().context("qemu-system-x86_64")?;
         let deadline = Instant::now() + QMP_CONNECT_DEADLINE;
         loop {
             match Qmp::connect(qmp_path, timeout, |_| {}).await {

@@ -18,6 +18,7 @@ use tandem_lab::bench::migration::{doubly_running, test_guest};
 use tandem_lab::bench::twohosts::two_host_options;
 use tandem_lab::demo::{http_get, wait};
 use tandem_lab::diskguest::{highest_record, judge, SeqWatch};
+use tandem_lab::fusedisk::{FuseDisk, ViewMode};
 use tandem_lab::lab::Lab;
 use tandem_lab::netlab::{can_use_namespaces, NetLab, VM_BRIDGE};
 use tandem_lab::scratch::ScratchDir;
@@ -45,6 +46,47 @@ fn a_cut_between_the_sites_holds_writes_until_the_lost_copy_is_committed_stale_t
     with_sites("tandem-site-cut", cut_scenario)
 }
 
+#[test]
+fn a_host_whose_site_storage_fails_goes_on_on_the_other_sites_copy_without_a_restart() -> Result<()> {
+    with_sites("tandem-site-path", storage_path_scenario)
+}
+
+/// Site a's storage fails under the running guest (EIO on every request, through a FUSE view):
+/// the guest pauses on its failed request, the host commits site b's copy as the only current
+/// one, switches the disk onto it in the same QEMU, and the guest writes on — no restart (one
+/// boot), no acknowledged write lost, the VM still on h0.
+fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
+    let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, "tsp", 110, WitnessAt::First, true)?;
+    let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
+    let c = lab.client(0);
+    let acknowledged = seq.highest();
+    let lost = Instant::now();
+    fuse.set_mode(0, ViewMode::Fail);
+    let on = wait("the guest to write on after its site's storage failed", Duration::from_secs(60), || {
+        seq.samples().into_iter().find(|s| s.at > lost && s.last > acknowledged + 20)
+    })?;
+    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > lost && s.at <= on.at).collect();
+    let paused = judge(&around).longest_stall_ms;
+    let vm = wait("committed state to count only b's copy", Duration::from_secs(30), || copies_are(&c, &["b"]))?;
+    eprintln!("site a's storage lost: the guest's writes paused {paused} ms, then went on on b's copy at {:?}", vm.host);
+    assert_eq!(vm.host.as_deref(), Some("h0"), "the VM moved instead of switching its disk");
+    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    assert!(kinds.iter().any(|k| k == "storage-path-switched"), "no storage-path-switched in {kinds:?}");
+    let out = std::process::Command::new(tandem_lab::lab::tandem_binary()?)
+        .args(["--api", &lab.hosts[1].api, "--token", &lab.token(), "vm", "mirrors", "db"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("current copies: b") && text.contains("ON THE OTHER COPY"), "{text}");
+    assert!(doubly_running(&[lab.client(0), lab.client(1)]).is_empty(), "never two running copies");
+    std::thread::sleep(Duration::from_secs(2));
+    let verdict = judge(&seq.finish());
+    eprintln!("{verdict:?}");
+    assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
+    assert_eq!(verdict.boots, 1, "the guest was restarted: {verdict:?}");
+    drop(lab);
+    Ok(())
+}
+
 /// The link between the sites cut: one side keeps the witness's vote and the guest; the other
 /// fences. If the guest's own site won, its writes wait for the other copy to be committed
 /// stale, then go on alone; if the other won, the guest restarts there from its copy. Healed,
@@ -53,7 +95,7 @@ fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()
     // The witness held at site b, whose host loses the cut (the lower id keeps the cluster):
     // the survivor must take the witness over while the loser's last term is on it — the
     // arrangement that once left the cluster without a leader (see below).
-    let SiteLab { lab, net, seq, .. } = start_site_lab(storage, guest, "tsc", 105, WitnessAt::SiteB)?;
+    let SiteLab { lab, net, seq, .. } = start_site_lab(storage, guest, "tsc", 105, WitnessAt::SiteB, false)?;
     assert!(witness_holders(&lab) == ["h1"], "the witness moved before the cut: {:?}", witness_holders(&lab));
     let clients = [lab.client(0), lab.client(1)];
     let acknowledged = seq.highest();
@@ -103,6 +145,9 @@ struct SiteLab {
     net: NetLab,
     seq: SeqWatch,
     image_a: std::path::PathBuf,
+    /// Site a's storage, when it is a FUSE view that can be made to fail (dropped last: after
+    /// the agents and their QEMU).
+    fuse_a: Option<FuseDisk>,
 }
 
 fn copies_are(c: &tandem::client::Client, want: &[&str]) -> Option<VmView> {
@@ -124,9 +169,22 @@ fn witness_holders(lab: &Lab) -> Vec<String> {
     lab.events().into_iter().filter(|e| e.kind.to_string() == "witness-held").filter_map(|e| e.subject).collect()
 }
 
-fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &str, loopback_net: u8, witness: WitnessAt) -> Result<SiteLab> {
+/// `fuse_a`: site a's copy is a FUSE view of a file beside (`site-a/db.raw` a link to it), so
+/// that the test can make site a's storage fail under the guest.
+fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &str, loopback_net: u8, witness: WitnessAt, fuse_a: bool) -> Result<SiteLab> {
     let image_a = storage.join("site-a/db.raw");
-    std::fs::File::create(&image_a)?.set_len(DISK_BYTES)?;
+    let fuse_a = if fuse_a {
+        let backing = storage.join("site-a-storage.raw");
+        std::fs::File::create(&backing)?.set_len(DISK_BYTES)?;
+        let mount = storage.join("site-a-fuse");
+        std::fs::create_dir_all(&mount)?;
+        let fuse = FuseDisk::mount(&backing, &mount, 1)?;
+        std::os::unix::fs::symlink(fuse.path(0), &image_a)?;
+        Some(fuse)
+    } else {
+        std::fs::File::create(&image_a)?.set_len(DISK_BYTES)?;
+        None
+    };
     let image_b = storage.join("site-b/db.raw");
     let mut net = NetLab::create(&format!("{prefix}{}", std::process::id() % 10_000), 2)?;
     net.add_vm_network()?;
@@ -188,11 +246,11 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
         assert!(there >= acknowledged, "site b's copy holds {there}, the guest acknowledged {acknowledged}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(SiteLab { lab, net, seq, image_a })
+    Ok(SiteLab { lab, net, seq, image_a, fuse_a })
 }
 
 fn scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
-    let SiteLab { mut lab, net: _net, seq, image_a, .. } = start_site_lab(storage, guest, "tsf", 104, WitnessAt::First)?;
+    let SiteLab { mut lab, net: _net, seq, image_a, .. } = start_site_lab(storage, guest, "tsf", 104, WitnessAt::First, false)?;
     // Site a loses power: its host, its QEMU, its copy (nothing of it is used again).
     let acknowledged = seq.highest();
     let lost = Instant::now();

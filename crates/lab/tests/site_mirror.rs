@@ -9,6 +9,9 @@
 //!   committed as stale); then they complete on the local copy and the mirror stops.
 //! - The copy back: the resync copies only what was missed (far less than the disk), and both
 //!   copies end byte for byte equal.
+//! - The local copy's storage fails (EIO): the guest pauses, its disk switches onto the other
+//!   copy in the same QEMU (`tandem_drivers::pathswitch`), and it writes on — no restart, no
+//!   error seen, no acknowledged write lost.
 
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
@@ -16,6 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tandem_drivers::copyrelay::{CopyRelay, RelayHealth};
 use tandem_drivers::launcher::Launcher;
+use tandem_drivers::pathswitch;
 use tandem_drivers::qmp::Qmp;
 use tandem_drivers::sitecopy::{export_name, CopyServer, CopyServerConfig};
 use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
@@ -41,7 +45,9 @@ async fn launch(dir: &Path, guest: &Path, image: &Path, addr: &str) -> Result<Gu
         .args(["-serial", &format!("file:{}", dir.join("vm.serial").display())])
         .args(["-kernel", &guest.join("vmlinuz").display().to_string(), "-initrd", &guest.join("initrd.img").display().to_string()])
         .args(["-append", "console=ttyS0 quiet tsc_early_khz=2000000 mitigations=off tandem.vm=db"])
-        .args(["-drive", &format!("file={},if=none,id=disk0,format=raw,cache=none", image.display()), "-device", "virtio-blk-device,drive=disk0"])
+        // As the qemu driver opens a mirrored disk: a failed request pauses the guest.
+        .args(["-drive", &format!("file={},if=none,id=disk0,format=raw,cache=none,werror=stop,rerror=stop,auto-read-only=off", image.display())])
+        .args(["-device", "virtio-blk-device,drive=disk0"])
         .args(["-netdev", &format!("user,id=net0,hostfwd=tcp:{ip}:{port}-:80"), "-device", "virtio-net-device,netdev=net0"]);
     Guest::spawn(cmd, &qmp_path, QMP_TIMEOUT).await
 }
@@ -210,6 +216,7 @@ fn run(dir: &ScratchDir, scenario: impl std::future::Future<Output = Result<()>>
     let result = rt.block_on(scenario);
     if result.is_err() {
         eprintln!("guest console:\n{}", std::fs::read_to_string(dir.path().join("vm.serial")).unwrap_or_default());
+        eprintln!("QEMU's stderr:\n{}", std::fs::read_to_string(dir.path().join("vm.stderr")).unwrap_or_default());
     }
     result
 }
@@ -264,4 +271,61 @@ fn a_copy_whose_storage_answers_errors_holds_the_writes_like_a_lost_one() -> Res
     let Some(guest) = test_guest() else { return Ok(()) };
     let dir = ScratchDir::new("tandem-site-mirror-eio", &[])?;
     run(&dir, failing_storage_scenario(dir.path(), &guest))
+}
+
+/// The local copy's storage fails (EIO through a FUSE view) while the mirror is in sync: the
+/// guest pauses on the failed request (it sees no error), the disk switches onto the other
+/// site's copy, and the guest, resumed, writes on there: every number it acknowledged is on
+/// that copy, none after the switch reaches the failed one.
+async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
+    let (backing, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
+    for image in [&backing, &remote] {
+        std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
+    }
+    let mount = dir.join("site-a");
+    std::fs::create_dir_all(&mount)?;
+    let fuse = tandem_lab::fusedisk::FuseDisk::mount(&backing, &mount, 1)?;
+    let launcher = Launcher::new()?;
+    let export = export_name("db", 0);
+    let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + 2), &launcher).await?;
+    server.serve(&export, &remote).await?;
+    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + 2), STALL)?;
+    let addr = "127.103.0.4:8080";
+    let vm = launch(dir, guest, &fuse.path(0), addr).await?;
+    let seq = SeqWatch::start(addr);
+    seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export };
+    syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+    wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
+    let lost = Instant::now();
+    fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Fail);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pathswitch::failed_disks("db", &vm.qmp, QMP_TIMEOUT).await? != [0] {
+        anyhow::ensure!(Instant::now() < deadline, "the guest did not pause on its failed disk");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let acknowledged = seq.highest();
+    pathswitch::switch_to_copy("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
+    pathswitch::resume("db", &vm.qmp, QMP_TIMEOUT).await?;
+    let switched = lost.elapsed();
+    seq.wait_past(acknowledged + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on on the other copy: {e}"))?;
+    let verdict = tandem_lab::diskguest::judge(&seq.samples());
+    eprintln!("local copy lost: switched to the other copy {switched:?} after the loss; longest pause in the writes {} ms", verdict.longest_stall_ms);
+    assert!(verdict.lost.is_empty() && verdict.regressions == 0 && verdict.boots == 1, "{verdict:?}");
+    assert_acknowledged_on(&remote, &seq)?;
+    fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Normal);
+    let on_failed = highest_record(&backing)?.unwrap_or(0);
+    assert!(on_failed < seq.highest(), "the failed copy got writes after the switch ({on_failed})");
+    drop(seq);
+    drop(vm);
+    drop(server);
+    drop(fuse);
+    Ok(())
+}
+
+#[test]
+fn a_local_copy_whose_storage_fails_switches_to_the_other_copy_without_a_restart() -> Result<()> {
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let dir = ScratchDir::new("tandem-site-path", &[])?;
+    run(&dir, local_path_loss_scenario(dir.path(), &guest))
 }

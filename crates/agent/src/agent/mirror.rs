@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_core::hostset::HostId;
-use tandem_core::mirroring::{decide, link_state, JobPhase, LinkAction, LinkObservation, LinkState, RelayPhase};
+use tandem_core::mirroring::{decide, link_state, DiskPath, JobPhase, LinkAction, LinkObservation, LinkState, RelayPhase};
 use tandem_core::state::Command;
 use tandem_drivers::sitecopy::export_name;
 use tandem_drivers::syncmirror::{MirrorSample, MirrorTarget};
@@ -64,6 +64,8 @@ struct Wanted {
     key: LinkKey,
     generation: u64,
     current: bool,
+    /// Whether committed state counts this host's own site's copy current.
+    local_current: bool,
     /// Names and API addresses of the active hosts of the link's site, lowest id first.
     servers: Vec<(String, String)>,
 }
@@ -120,7 +122,8 @@ impl Agent {
                     };
                     let Some((site, hosts)) = target else { continue };
                     let key = (v.spec.name.clone(), disk, site.clone());
-                    wanted.push(Wanted { key, generation: a.generation, current: v.copies.contains(site), servers: active(hosts) });
+                    let local_current = s.copy_current_on(v, me);
+                    wanted.push(Wanted { key, generation: a.generation, current: v.copies.contains(site), local_current, servers: active(hosts) });
                 }
             }
             wanted.truncate(MAX_MIRROR_LINKS);
@@ -137,6 +140,8 @@ impl Agent {
             m.links.retain(|k, l| wanted.iter().any(|w| w.key == *k && w.generation == l.generation));
             m.retry_at.retain(|k, _| wanted.iter().any(|w| w.key == *k));
         }
+        // The disks whose own site's storage failed, per VM (one question per VM and pass).
+        let mut failed: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for w in wanted {
             {
                 let m = lock(&self.mirroring);
@@ -145,6 +150,14 @@ impl Agent {
                 }
             }
             let (vm, disk, site) = &w.key;
+            if !failed.contains_key(vm) {
+                let disks = self.driver.failed_disks(vm).await.unwrap_or_else(|e| {
+                    tracing::debug!("storage of {vm}: {e}");
+                    Vec::new()
+                });
+                failed.insert(vm.clone(), disks);
+            }
+            let local_failed = failed.get(vm).is_some_and(|d| d.contains(disk));
             let status = match self.driver.mirror_status(vm, *disk).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -157,7 +170,12 @@ impl Agent {
                 let mut m = lock(&self.mirroring);
                 // A relay without a link of this generation is the last generation's.
                 let relay = if m.links.contains_key(&w.key) { status.relay } else { RelayPhase::None };
-                let obs = LinkObservation { job, relay, current: w.current, server_reachable: !w.servers.is_empty() };
+                let path = match m.links.get(&w.key) {
+                    Some(l) if l.state == LinkState::OnOtherCopy => DiskPath::OtherCopy,
+                    _ if local_failed => DiskPath::LocalFailed,
+                    _ => DiskPath::Local,
+                };
+                let obs = LinkObservation { job, relay, current: w.current, server_reachable: !w.servers.is_empty(), path, local_current: w.local_current };
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
                     let before = std::mem::replace(&mut link.state, state.clone());
@@ -215,6 +233,11 @@ impl Agent {
             (LinkState::Resyncing { .. }, LinkState::InSync) => {
                 self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up; every write goes to both"));
             }
+            (LinkState::PathLost, LinkState::PathLost) => {}
+            (_, LinkState::PathLost) => {
+                let detail = format!("disk {disk}: this site's storage failed and {site}'s copy is not in sync: the guest stays paused");
+                self.events.record(EventKind::StoragePathLost, Some(vm), Some(site), detail);
+            }
             _ => {}
         }
     }
@@ -263,8 +286,35 @@ impl Agent {
                     Err(e) => Err(format!("not committed (writes stay held): {}", crate::api::chain(&e))),
                 }
             }
+            LinkAction::ProposeSwitch => {
+                let cmd = Command::MirrorSwitched { name: vm.clone(), generation: w.generation, site: site.clone() };
+                match self.submit(cmd).await {
+                    // Committed: only the other copy is current, the guest may go on there.
+                    Ok(Ok(_)) => self.switch_link(w).await,
+                    Ok(Err(e)) => Err(format!("refused (the guest stays paused): {e}")),
+                    Err(e) => Err(format!("not committed (the guest stays paused): {}", crate::api::chain(&e))),
+                }
+            }
+            LinkAction::Switch => self.switch_link(w).await,
             LinkAction::Release => Ok(()),
         }
+    }
+
+    /// Switches the link's disk onto the other site's copy (committed as the only current one)
+    /// and resumes the guest.
+    async fn switch_link(&self, w: &Wanted) -> Result<(), String> {
+        let (vm, disk, site) = &w.key;
+        let started = tokio::time::Instant::now();
+        self.driver.switch_to_copy(vm, *disk).await.map_err(|e| crate::api::chain(&e))?;
+        if let Some(link) = lock(&self.mirroring).links.get_mut(&w.key) {
+            link.state = LinkState::OnOtherCopy;
+        }
+        let detail = format!(
+            "disk {disk}: this site's storage failed; the disk runs on {site}'s copy, without a restart (switched in {} ms); this site's copy is stale",
+            started.elapsed().as_millis()
+        );
+        self.events.record(EventKind::StoragePathSwitched, Some(vm), Some(site), detail);
+        Ok(())
     }
 
     /// Asks a host of the link's site to serve its copy and starts the mirror into it (a full

@@ -190,6 +190,18 @@ impl Agent {
             if !a.may_start_vms() {
                 return;
             }
+            // A mirrored disk whose copy here is not current (the VM went on on another site's
+            // copy when this site's storage failed): never started from it; given up at once,
+            // so the cluster places it where a copy is current.
+            if spec.site_mirrored() && !a.consensus.with_state(|s| s.vms.get(&name).is_some_and(|v| s.copy_current_on(v, a.me))) {
+                let detail = "its disk's copy at this host's site is not current (it went on on another site's copy)".to_string();
+                a.events.record(crate::events::EventKind::VmStartFailed, Some(&name), Some(&a.cfg.name), format!("{name} not started here: {detail}"));
+                let given_up = lock(&a.reconciling).core.give_up(&name, generation, &detail);
+                if let Action::GiveUp { name, generation, detail } = given_up {
+                    a.propose_give_up(&name, generation, &detail).await;
+                }
+                return;
+            }
             // A mirrored disk: a start again in this generation runs without a mirror until one
             // is attached and in sync, so the other sites' copies are committed stale first.
             if spec.site_mirrored() && !a.leave_copies_behind(&spec.name, generation).await {

@@ -75,6 +75,7 @@ impl ClusterState {
             Command::ReleaseParked { host } => self.release_parked(*host),
             Command::MirrorSynced { name, generation, site } => self.mirror_synced(name, *generation, site),
             Command::MirrorDegraded { name, generation, site } => self.mirror_degraded(name, *generation, site),
+            Command::MirrorSwitched { name, generation, site } => self.mirror_switched(name, *generation, site),
         }
     }
 

@@ -177,6 +177,14 @@ pub enum Command {
         generation: u64,
         site: String,
     },
+    /// The host running `name` in `generation` lost its own site's copy (its storage failed)
+    /// and goes on on `site`'s copy, in sync until then: only that copy stays current, and only
+    /// once this is committed does the guest, paused meanwhile, go on (log format 14).
+    MirrorSwitched {
+        name: String,
+        generation: u64,
+        site: String,
+    },
 }
 
 impl Command {
@@ -213,6 +221,7 @@ impl Command {
             Command::MigrationAbort { .. } => "migration-abort",
             Command::MirrorSynced { .. } => "mirror-synced",
             Command::MirrorDegraded { .. } => "mirror-degraded",
+            Command::MirrorSwitched { .. } => "mirror-switched",
         }
     }
 
@@ -235,7 +244,8 @@ impl Command {
             | Command::MigrationSwitchover { name, .. }
             | Command::MigrationAbort { name, .. }
             | Command::MirrorSynced { name, .. }
-            | Command::MirrorDegraded { name, .. } => Some(name.clone()),
+            | Command::MirrorDegraded { name, .. }
+            | Command::MirrorSwitched { name, .. } => Some(name.clone()),
             Command::HostJoined { host }
             | Command::SetHostMode { host, .. }
             | Command::Failover { host, .. }
@@ -260,6 +270,7 @@ impl Command {
             Command::SetHostSite { .. } => Some(crate::logformat::SITE_FORMAT),
             Command::SetWitness { .. } => Some(crate::logformat::WITNESS_FORMAT),
             Command::MirrorSynced { .. } | Command::MirrorDegraded { .. } => Some(crate::logformat::MIRROR_FORMAT),
+            Command::MirrorSwitched { .. } => Some(crate::logformat::PREFERRED_SITE_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if spec.site_mirrored() => Some(crate::logformat::MIRROR_FORMAT),
             Command::SetSettings { settings, .. } if settings.preferred_site.is_some() => Some(crate::logformat::PREFERRED_SITE_FORMAT),
             Command::SetSettings { settings, .. } if settings.survive_site_loss => Some(crate::logformat::SITE_FORMAT),

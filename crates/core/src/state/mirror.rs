@@ -45,10 +45,17 @@ impl ClusterState {
     /// current; this is for a start again in the same generation — after a crash, or after the
     /// host's agent restarted — whose new process writes its site's copy with no mirror until
     /// one is attached and in sync again.
+    /// Empty when `host`'s own site's copy is not current (the VM switched onto another
+    /// site's copy): that start must not happen at all (`copy_current_on`), and leaving the
+    /// other copies behind would leave none.
     #[must_use]
     pub fn copies_to_leave_behind(&self, name: &str, host: HostId) -> Vec<String> {
         let site = self.hosts.get(&host).and_then(|h| h.site.as_ref());
-        self.vms.get(name).filter(|v| v.spec.site_mirrored()).map_or_else(Vec::new, |v| v.copies.iter().filter(|s| Some(*s) != site).cloned().collect())
+        let Some(vm) = self.vms.get(name).filter(|v| v.spec.site_mirrored()) else { return Vec::new() };
+        if !self.copy_current_on(vm, host) {
+            return Vec::new();
+        }
+        vm.copies.iter().filter(|s| Some(*s) != site).cloned().collect()
     }
 
     /// The hosts where a site-mirrored `vm` may not start, its copy there not current (none for
@@ -101,6 +108,24 @@ impl ClusterState {
         }
         let vm = self.mirror_owner(name, generation, site)?;
         vm.copies.retain(|s| s != site);
+        Ok(Applied::Done)
+    }
+
+    /// `mirror-switched`: the host running `name` in `generation` lost its own site's copy and
+    /// goes on on `site`'s, which must be current (its mirror was in sync): that copy is then
+    /// the only current one. Its own site's copy never was written after the failed request
+    /// (the write-blocking mirror writes it first), so nothing acknowledged is lost by leaving
+    /// it behind; the guest waits, paused, until this is committed.
+    pub(super) fn mirror_switched(&mut self, name: &str, generation: u64, site: &str) -> Result<Applied, StateError> {
+        let running_site = self.vms.get(name).and_then(VmRecord::assignment).and_then(|a| self.hosts.get(&a.host)).and_then(|h| h.site.clone());
+        if running_site.as_deref() == Some(site) {
+            return Err(StateError::Stale(format!("VM '{name}' runs at site '{site}': it cannot switch to its own copy")));
+        }
+        let vm = self.mirror_owner(name, generation, site)?;
+        if !vm.copies.iter().any(|s| s == site) {
+            return Err(StateError::Stale(format!("site '{site}'s copy of VM '{name}' is not current: nothing to switch to")));
+        }
+        vm.copies = vec![site.to_string()];
         Ok(Applied::Done)
     }
 
@@ -170,6 +195,29 @@ mod tests {
         s.apply(&Command::MirrorDegraded { name: "db".into(), generation: g, site: "b".into() }).expect("degraded");
         assert_eq!(s.vms["db"].copies, vec!["a".to_string()]);
         assert!(s.copies_to_leave_behind("db", HostId(0)).is_empty());
+    }
+
+    /// A storage path failover: the host at site a goes on on b's copy, which must be current;
+    /// then only b's copy is — a start at site a (another host there, or this one again in the
+    /// same generation) is refused, and nothing is left to leave behind there.
+    #[test]
+    fn a_switch_to_the_other_sites_copy_leaves_it_the_only_current_one() {
+        let mut s = two_sites();
+        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        let Applied::Assigned { generation: g, .. } = s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign") else {
+            panic!("not assigned")
+        };
+        let switched = Command::MirrorSwitched { name: "db".into(), generation: g, site: "b".into() };
+        assert!(matches!(s.apply(&switched), Err(StateError::Stale(_))), "b's copy is not current yet");
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        assert!(matches!(s.apply(&Command::MirrorSwitched { name: "db".into(), generation: g, site: "a".into() }), Err(StateError::Stale(_))), "its own copy");
+        assert!(matches!(s.apply(&Command::MirrorSwitched { name: "db".into(), generation: g + 1, site: "b".into() }), Err(StateError::Stale(_))));
+        s.apply(&switched).expect("switched");
+        assert_eq!(s.vms["db"].copies, vec!["b".to_string()]);
+        let vm = s.vms["db"].clone();
+        assert!(!s.copy_current_on(&vm, HostId(0)) && !s.copy_current_on(&vm, HostId(1)));
+        assert!(s.copy_current_on(&vm, HostId(2)));
+        assert!(s.copies_to_leave_behind("db", HostId(0)).is_empty(), "b's copy is never left behind by a start at a");
     }
 
     /// Live moves stay within the site: an evacuation takes the VM to the other host of its
