@@ -57,6 +57,10 @@ pub enum EventKind {
     /// A mirrored disk's own site's storage failed while the other copy was not in sync: the
     /// guest stays paused (an alert).
     StoragePathLost,
+    /// A switched disk's own site's storage answers again: mirroring back into its copy.
+    StoragePathReturning,
+    /// A switched disk runs on its own site's copy again, mirrored into the other.
+    StoragePathRestored,
     /// The VMs parked with a host that did not come back were released to run elsewhere.
     ParkedReleased,
     PeerAlive,
@@ -128,6 +132,8 @@ impl EventKind {
             EventKind::MirrorInSync => "mirror-in-sync",
             EventKind::StoragePathSwitched => "storage-path-switched",
             EventKind::StoragePathLost => "storage-path-lost",
+            EventKind::StoragePathReturning => "storage-path-returning",
+            EventKind::StoragePathRestored => "storage-path-restored",
             EventKind::ParkedReleased => "parked-released",
             EventKind::PeerAlive => "peer-alive",
             EventKind::PeerDead => "peer-dead",

@@ -249,9 +249,10 @@ fn render(a: &Agent) -> String {
             tandem_core::mirroring::LinkState::Holding => "holding",
             tandem_core::mirroring::LinkState::Degraded => "degraded",
             tandem_core::mirroring::LinkState::OnOtherCopy => "on-other-copy",
+            tandem_core::mirroring::LinkState::Returning { .. } => "returning",
             tandem_core::mirroring::LinkState::PathLost => "path-lost",
         };
-        for state in ["detached", "resyncing", "in-sync", "holding", "degraded", "on-other-copy", "path-lost"] {
+        for state in ["detached", "resyncing", "in-sync", "holding", "degraded", "on-other-copy", "returning", "path-lost"] {
             let labels = format!("{{vm=\"{}\",disk=\"{}\",site=\"{}\",state=\"{state}\"}}", l.vm, l.disk, l.site);
             mirrors.push((labels, f64::from(u8::from(state == now))));
         }

@@ -61,6 +61,8 @@ pub struct LinkObservation {
     pub path: DiskPath,
     /// Whether committed state counts the running site's own copy as current.
     pub local_current: bool,
+    /// On the other copy: the mirror back into the site's own copy.
+    pub back: JobPhase,
 }
 
 /// What to do about one link.
@@ -86,6 +88,14 @@ pub enum LinkAction {
     /// Committed state counts only the other copy current: switch the disk onto it and resume
     /// the guest.
     Switch,
+    /// On the other copy: open the site's own copy again (if its storage answers) and mirror
+    /// the disk back into it.
+    StartReturn,
+    /// The mirror back is in sync: pause the guest, propose `mirror-synced` for the site's own
+    /// copy, then run the disk on it again (mirrored into the other copy) and resume.
+    Return,
+    /// The mirror back stopped or ended (the storage failed again): give it up.
+    AbandonReturn,
 }
 
 /// The one action for a link this pass, if any.
@@ -93,8 +103,16 @@ pub enum LinkAction {
 pub fn decide(o: LinkObservation) -> Option<LinkAction> {
     match o.path {
         // On the other copy there is nothing left to mirror into: if it is lost too, its
-        // writes stay held (no copy would be left current).
-        DiskPath::OtherCopy => return None,
+        // writes stay held (no copy would be left current). While it answers, the way back.
+        DiskPath::OtherCopy if o.relay != RelayPhase::Open => return None,
+        DiskPath::OtherCopy => {
+            return match o.back {
+                JobPhase::Absent => Some(LinkAction::StartReturn),
+                JobPhase::InSync => Some(LinkAction::Return),
+                JobPhase::Stopped | JobPhase::Ended => Some(LinkAction::AbandonReturn),
+                JobPhase::Copying => None,
+            };
+        }
         // The local copy failed: switch while the other copy holds every acknowledged write
         // (in sync, answering, current) — committed first, then the switch.
         DiskPath::LocalFailed if o.relay == RelayPhase::Open && o.job == JobPhase::InSync && o.current => {
@@ -133,6 +151,9 @@ pub enum LinkState {
     Degraded,
     /// This site's storage failed and the disk runs on the other site's copy (no mirror).
     OnOtherCopy,
+    /// On the other copy, mirroring back into this site's copy (its storage answers again):
+    /// `copied` of `total` bytes.
+    Returning { copied: u64, total: u64 },
     /// This site's storage failed and the other copy is not in sync: the guest stays paused.
     PathLost,
 }
@@ -144,6 +165,7 @@ pub enum LinkState {
 #[must_use]
 pub fn link_state(o: LinkObservation, copied: u64, total: u64, before: &LinkState) -> LinkState {
     match o.path {
+        DiskPath::OtherCopy if o.back == JobPhase::Copying => return LinkState::Returning { copied, total },
         DiskPath::OtherCopy => return LinkState::OnOtherCopy,
         DiskPath::LocalFailed if decide(o).is_none() => return LinkState::PathLost,
         DiskPath::LocalFailed | DiskPath::Local => {}
@@ -163,7 +185,7 @@ mod tests {
     use super::*;
 
     fn obs(job: JobPhase, relay: RelayPhase, current: bool, server_reachable: bool) -> LinkObservation {
-        LinkObservation { job, relay, current, server_reachable, path: DiskPath::Local, local_current: true }
+        LinkObservation { job, relay, current, server_reachable, path: DiskPath::Local, local_current: true, back: JobPhase::Absent }
     }
 
     /// The local copy failed: the switch only from a mirror in sync into a current copy that
@@ -189,16 +211,32 @@ mod tests {
             link_state(failed(JobPhase::Copying, RelayPhase::Open, false, true), 1, 2, &LinkState::Resyncing { copied: 1, total: 2 }),
             LinkState::PathLost
         );
-        // Switched: nothing more, even if that copy is lost too (its writes stay held).
-        for relay in [RelayPhase::Open, RelayPhase::Lost] {
-            let o = LinkObservation { path: DiskPath::OtherCopy, local_current: false, ..obs(JobPhase::Absent, relay, true, true) };
-            assert_eq!(decide(o), None);
-            assert_eq!(link_state(o, 0, 0, &LinkState::InSync), LinkState::OnOtherCopy);
-        }
+        // Switched: if that copy is lost too, its writes stay held — nothing else.
+        let lost = LinkObservation { path: DiskPath::OtherCopy, local_current: false, ..obs(JobPhase::Absent, RelayPhase::Lost, true, true) };
+        assert_eq!(decide(lost), None);
+        assert_eq!(link_state(lost, 0, 0, &LinkState::InSync), LinkState::OnOtherCopy);
         // Another disk of the VM switched (this site's copy no longer current): a lost copy's
         // writes stay held, the last current copy is never committed stale.
         let o = LinkObservation { local_current: false, ..obs(JobPhase::InSync, RelayPhase::Lost, true, false) };
         assert_eq!(decide(o), None);
+    }
+
+    /// On the other copy: back into the site's own copy — opened, mirrored back, and returned
+    /// to only once that mirror is in sync (never while the other copy is lost).
+    #[test]
+    fn the_way_back_returns_only_from_a_mirror_in_sync() {
+        let on = |back, relay| LinkObservation { path: DiskPath::OtherCopy, local_current: false, back, ..obs(JobPhase::Absent, relay, true, true) };
+        assert_eq!(decide(on(JobPhase::Absent, RelayPhase::Open)), Some(LinkAction::StartReturn));
+        assert_eq!(decide(on(JobPhase::Copying, RelayPhase::Open)), None);
+        assert_eq!(link_state(on(JobPhase::Copying, RelayPhase::Open), 3, 8, &LinkState::OnOtherCopy), LinkState::Returning { copied: 3, total: 8 });
+        assert_eq!(decide(on(JobPhase::InSync, RelayPhase::Open)), Some(LinkAction::Return));
+        assert_eq!(decide(on(JobPhase::Stopped, RelayPhase::Open)), Some(LinkAction::AbandonReturn));
+        assert_eq!(decide(on(JobPhase::Ended, RelayPhase::Open)), Some(LinkAction::AbandonReturn));
+        for back in [JobPhase::Absent, JobPhase::Copying, JobPhase::InSync, JobPhase::Stopped, JobPhase::Ended] {
+            for relay in [RelayPhase::None, RelayPhase::Lost, RelayPhase::Released] {
+                assert_eq!(decide(on(back, relay)), None, "{back:?} {relay:?}");
+            }
+        }
     }
 
     #[test]

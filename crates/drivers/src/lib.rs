@@ -207,9 +207,10 @@ pub trait VmDriver: Send + Sync + 'static {
     }
     /// Where the mirror of disk `disk` of VM `name` stands.
     fn mirror_status<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<syncmirror::MirrorStatus, DriverError>> {
-        Box::pin(
-            async move { Ok(syncmirror::MirrorStatus { job: syncmirror::MirrorSample::Absent, relay: tandem_core::mirroring::RelayPhase::None, lost: None }) },
-        )
+        Box::pin(async move {
+            let absent = syncmirror::MirrorSample::Absent;
+            Ok(syncmirror::MirrorStatus { job: absent.clone(), back: absent, relay: tandem_core::mirroring::RelayPhase::None, lost: None })
+        })
     }
     /// Lets the writes held for a lost copy go (they complete on the local copy alone): only
     /// once committed state counts that copy as stale.
@@ -230,6 +231,11 @@ pub trait VmDriver: Send + Sync + 'static {
     /// and resumes the guest: only once committed state counts that copy as the only current one.
     fn switch_to_copy<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "switch a disk to another site's copy" }) })
+    }
+    /// A step of disk `disk`'s return to its own site's copy after a switch (see
+    /// `pathswitch::ReturnStep`).
+    fn return_to_local<'a>(&'a self, _name: &'a str, _disk: usize, _step: &'a pathswitch::ReturnStep) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "return a disk to its site's copy" }) })
     }
     /// Ends the mirror of disk `disk` (it ended on its own, or the link is given up).
     fn detach_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {

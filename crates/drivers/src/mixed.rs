@@ -166,6 +166,10 @@ impl VmDriver for MixedDriver {
         self.owner(name).switch_to_copy(name, disk)
     }
 
+    fn return_to_local<'a>(&'a self, name: &'a str, disk: usize, step: &'a crate::pathswitch::ReturnStep) -> BoxFuture<'a, Result<(), DriverError>> {
+        self.owner(name).return_to_local(name, disk, step)
+    }
+
     fn forget(&self, name: &str) {
         // The QEMU driver also drops its QMP session; the launcher record goes either way.
         self.qemu.forget(name);

@@ -10,9 +10,17 @@
 //! client on the other site's copy — and the guest, resumed, retries its request there.
 //! Whether the switch is allowed (the mirror in sync, the local copy committed stale first) is
 //! the agent's and the core's to decide; this module only reads the pause and makes the switch.
+//!
+//! The way back, once the local storage answers again ([`ReturnStep`]): the local copy is
+//! opened again and the disk — on the other copy — mirrored back into it, write-blocking (a
+//! full copy: QEMU 7.2's `blockdev-mirror` takes no bitmap of what changed since the switch).
+//! Once that mirror is in sync, the guest is paused, the agent commits the local copy current
+//! again, and the mirror is completed (the disk runs on the local copy), a new mirror into the
+//! other copy started from that instant (`sync: none`: both are equal while the guest is
+//! paused), and the guest resumed.
 
 use crate::qmp::{Qmp, QmpError};
-use crate::syncmirror::{job_id, judge, remote_node, MirrorSample};
+use crate::syncmirror::{job_id, judge, judge_job, remote_node, MirrorSample};
 use serde_json::{json, Value};
 use std::time::Duration;
 use thiserror::Error;
@@ -37,8 +45,10 @@ pub enum PathSwitchError {
     Stuck { vm: String, disk: usize },
     #[error("the mirror of disk {disk} of VM '{vm}' ended with an error instead of switching: {reason}")]
     Failed { vm: String, disk: usize, reason: String },
-    #[error("disk {disk} of VM '{vm}' does not run on the other copy after the switch (its node is '{node}')")]
+    #[error("disk {disk} of VM '{vm}' does not run on the expected copy after the switch (its node is '{node}')")]
     NotSwitched { vm: String, disk: usize, node: String },
+    #[error("disk {disk} of VM '{vm}': its site's copy at {path} does not answer a read within {PROBE_TIMEOUT:?}")]
+    NotAnswering { vm: String, disk: usize, path: String },
 }
 
 fn qmp_err(vm: &str, what: &'static str) -> impl FnOnce(QmpError) -> PathSwitchError {
@@ -94,25 +104,7 @@ pub async fn switch_to_copy(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -
         MirrorSample::InSync => {}
         sample => return Err(PathSwitchError::NotInSync { vm: vm.to_string(), disk, sample }),
     }
-    q.execute("block-job-complete", json!({"device": id}), timeout).await.map_err(qmp_err(vm, "completed its mirror"))?;
-    let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
-    loop {
-        let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror"))?;
-        let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("id").and_then(Value::as_str) == Some(id.as_str()))).cloned();
-        match job {
-            None => break,
-            Some(j) if j.get("status").and_then(Value::as_str) == Some("concluded") => {
-                let error = j.get("error").and_then(Value::as_str).map(str::to_string);
-                let _ = q.execute("job-dismiss", json!({"id": id}), timeout).await;
-                if let Some(reason) = error {
-                    return Err(PathSwitchError::Failed { vm: vm.to_string(), disk, reason });
-                }
-                break;
-            }
-            Some(_) if tokio::time::Instant::now() >= deadline => return Err(PathSwitchError::Stuck { vm: vm.to_string(), disk }),
-            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
+    complete(vm, q, timeout, disk, &id).await?;
     let node = device_node(vm, q, timeout, disk).await?;
     if node != remote_node(disk) {
         return Err(PathSwitchError::NotSwitched { vm: vm.to_string(), disk, node });
@@ -120,10 +112,175 @@ pub async fn switch_to_copy(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -
     Ok(())
 }
 
+/// Completes mirror job `id` (QEMU then runs the disk on its target), waits for it to
+/// conclude and dismisses it.
+async fn complete(vm: &str, q: &Qmp, timeout: Duration, disk: usize, id: &str) -> Result<(), PathSwitchError> {
+    q.execute("block-job-complete", json!({"device": id}), timeout).await.map_err(qmp_err(vm, "completed its mirror"))?;
+    let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
+    loop {
+        let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror"))?;
+        let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("id").and_then(Value::as_str) == Some(id))).cloned();
+        match job {
+            None => return Ok(()),
+            Some(j) if j.get("status").and_then(Value::as_str) == Some("concluded") => {
+                let error = j.get("error").and_then(Value::as_str).map(str::to_string);
+                let _ = q.execute("job-dismiss", json!({"id": id}), timeout).await;
+                return match error {
+                    Some(reason) => Err(PathSwitchError::Failed { vm: vm.to_string(), disk, reason }),
+                    None => Ok(()),
+                };
+            }
+            Some(_) if tokio::time::Instant::now() >= deadline => return Err(PathSwitchError::Stuck { vm: vm.to_string(), disk }),
+            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Resumes a guest paused by an I/O error (its failed requests are retried).
 pub async fn resume(vm: &str, q: &Qmp, timeout: Duration) -> Result<(), PathSwitchError> {
     q.execute("cont", json!({}), timeout).await.map_err(qmp_err(vm, "resumed"))?;
     Ok(())
+}
+
+/// How long a read of the local copy may take before its storage counts as not answering.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Reads of local copies under way: at most one per file, so that storage that hangs holds at
+/// most one thread per copy however often the way back is tried.
+#[derive(Default)]
+pub struct StorageProbes {
+    in_flight: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
+}
+
+impl StorageProbes {
+    /// Whether the copy at `path` answers a direct read of its first 4 KiB within
+    /// [`PROBE_TIMEOUT`] — before QEMU is asked to open it (an open on hung storage would
+    /// stall QEMU's main loop, and the guest with it).
+    pub async fn answers(self: &std::sync::Arc<Self>, path: &std::path::Path) -> bool {
+        if !self.lock().insert(path.to_path_buf()) {
+            return false;
+        }
+        let (probes, owned) = (std::sync::Arc::clone(self), path.to_path_buf());
+        let read = tokio::task::spawn_blocking(move || {
+            let ok = read_direct(&owned).is_ok();
+            probes.lock().remove(&owned);
+            ok
+        });
+        matches!(tokio::time::timeout(PROBE_TIMEOUT, read).await, Ok(Ok(true)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<std::path::PathBuf>> {
+        self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One 4 KiB read with `O_DIRECT` (the page cache must not answer for the storage).
+fn read_direct(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let mut buf = vec![0u8; 8192];
+    let at = buf.as_ptr().align_offset(4096);
+    let block = buf.get_mut(at..at + 4096).ok_or_else(|| std::io::Error::other("no aligned block"))?;
+    file.read_at(block, 0).map(|_| ())
+}
+
+/// A step of a disk's return to its own site's copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReturnStep {
+    /// Open the local copy (`relative` to the site's storage, in `format`) and mirror the disk
+    /// back into it.
+    Start { relative: String, format: String },
+    /// Pause the guest before the local copy is committed current again.
+    Pause,
+    /// Complete the way back (the guest paused, the local copy committed current), mirror into
+    /// the other copy again, resume the guest.
+    Finish,
+    /// Resume the guest without finishing (the commit failed).
+    Resume,
+    /// Give the way back up (its mirror stopped or ended: the local copy failed again).
+    Abandon,
+}
+
+/// The mirror back into disk `disk`'s local copy.
+#[must_use]
+pub fn back_job_id(disk: usize) -> String {
+    format!("tandem-back{disk}")
+}
+
+/// The node of disk `disk`'s local copy, opened again for the way back.
+#[must_use]
+pub fn local_node(disk: usize) -> String {
+    format!("tandem-local{disk}")
+}
+
+/// Where the mirror back into disk `disk`'s local copy stands.
+pub async fn back_sample(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<MirrorSample, PathSwitchError> {
+    let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?;
+    Ok(judge_job(&jobs, &back_job_id(disk)))
+}
+
+/// Runs `step` of disk `disk`'s return (`path`: the local copy, for `Start`).
+pub async fn return_step(vm: &str, q: &Qmp, timeout: Duration, disk: usize, step: &ReturnStep, path: &std::path::Path) -> Result<(), PathSwitchError> {
+    match step {
+        ReturnStep::Start { format, .. } => start_return(vm, q, timeout, disk, path, format).await,
+        ReturnStep::Pause => q.execute("stop", json!({}), timeout).await.map(|_| ()).map_err(qmp_err(vm, "paused for the way back")),
+        ReturnStep::Finish => finish_return(vm, q, timeout, disk).await,
+        ReturnStep::Resume => resume(vm, q, timeout).await,
+        ReturnStep::Abandon => abandon_return(vm, q, timeout, disk).await,
+    }
+}
+
+async fn start_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize, path: &std::path::Path, format: &str) -> Result<(), PathSwitchError> {
+    abandon_return(vm, q, timeout, disk).await?;
+    let file = json!({"driver": "file", "filename": path.display().to_string(), "cache": {"direct": true}, "auto-read-only": false});
+    let node = json!({"driver": format, "node-name": local_node(disk), "cache": {"direct": true}, "auto-read-only": false, "file": file});
+    q.execute("blockdev-add", node, timeout).await.map_err(qmp_err(vm, "opened its site's copy again"))?;
+    let job = json!({"job-id": back_job_id(disk), "device": format!("disk{disk}"), "target": local_node(disk), "sync": "full",
+        "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});
+    if let Err(e) = q.execute("blockdev-mirror", job, timeout).await {
+        let _ = q.execute("blockdev-del", json!({"node-name": local_node(disk)}), timeout).await;
+        return Err(qmp_err(vm, "mirrored back into its site's copy")(e));
+    }
+    Ok(())
+}
+
+async fn finish_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
+    let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?;
+    match judge_job(&jobs, &back_job_id(disk)) {
+        MirrorSample::InSync => {}
+        sample => return Err(PathSwitchError::NotInSync { vm: vm.to_string(), disk, sample }),
+    }
+    complete(vm, q, timeout, disk, &back_job_id(disk)).await?;
+    let node = device_node(vm, q, timeout, disk).await?;
+    if node != local_node(disk) {
+        return Err(PathSwitchError::NotSwitched { vm: vm.to_string(), disk, node });
+    }
+    let job = json!({"job-id": job_id(disk), "device": format!("disk{disk}"), "target": remote_node(disk), "sync": "none",
+        "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});
+    q.execute("blockdev-mirror", job, timeout).await.map_err(qmp_err(vm, "mirrored into the other copy again"))?;
+    resume(vm, q, timeout).await
+}
+
+/// Cancels the way back and closes the local copy's node (nothing to do when there is none).
+async fn abandon_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
+    let id = back_job_id(disk);
+    let _ = q.execute("block-job-cancel", json!({"device": id, "force": true}), timeout).await;
+    let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
+    loop {
+        let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?;
+        match judge_job(&jobs, &id) {
+            MirrorSample::Absent => break,
+            MirrorSample::Ended { .. } => {
+                let _ = q.execute("job-dismiss", json!({"id": id}), timeout).await;
+            }
+            _ if tokio::time::Instant::now() >= deadline => return Err(PathSwitchError::Stuck { vm: vm.to_string(), disk }),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    match q.execute("blockdev-del", json!({"node-name": local_node(disk)}), timeout).await {
+        Ok(_) | Err(QmpError::Command { .. }) => Ok(()),
+        Err(e) => Err(qmp_err(vm, "closed its site's copy")(e)),
+    }
 }
 
 #[cfg(test)]

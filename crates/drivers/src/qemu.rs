@@ -118,6 +118,8 @@ pub struct QemuDriver {
     /// (short paths: a unix socket's path is at most 107 bytes).
     relays: Mutex<HashMap<(String, usize), Arc<crate::copyrelay::CopyRelay>>>,
     next_relay: std::sync::atomic::AtomicU64,
+    /// Reads of site copies whose storage failed, before the way back opens them again.
+    probes: Arc<crate::pathswitch::StorageProbes>,
 }
 
 impl QemuDriver {
@@ -139,6 +141,7 @@ impl QemuDriver {
             copy_server: tokio::sync::Mutex::new(None),
             relays: Mutex::default(),
             next_relay: std::sync::atomic::AtomicU64::new(0),
+            probes: Arc::default(),
         }
     }
 
@@ -702,7 +705,8 @@ impl VmDriver for QemuDriver {
                 Some(crate::copyrelay::RelayHealth::Lost { why, .. }) => (RelayPhase::Lost, Some(why)),
                 Some(crate::copyrelay::RelayHealth::Released) => (RelayPhase::Released, None),
             };
-            Ok(crate::syncmirror::MirrorStatus { job, relay, lost })
+            let back = crate::pathswitch::back_sample(name, &q, self.qmp_timeout(), disk).await?;
+            Ok(crate::syncmirror::MirrorStatus { job, back, relay, lost })
         })
     }
 
@@ -748,6 +752,24 @@ impl VmDriver for QemuDriver {
             // (Another disk whose storage failed too pauses the guest again at its next
             // request: switched in a later pass.)
             Ok(crate::pathswitch::resume(name, &q, self.qmp_timeout()).await?)
+        })
+    }
+
+    fn return_to_local<'a>(&'a self, name: &'a str, disk: usize, step: &'a crate::pathswitch::ReturnStep) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let path = match step {
+                crate::pathswitch::ReturnStep::Start { relative, .. } => {
+                    let path = crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), relative);
+                    if !self.probes.answers(&path).await {
+                        let path = path.display().to_string();
+                        return Err(crate::pathswitch::PathSwitchError::NotAnswering { vm: name.to_string(), disk, path }.into());
+                    }
+                    path
+                }
+                _ => PathBuf::new(),
+            };
+            Ok(crate::pathswitch::return_step(name, &q, self.qmp_timeout(), disk, step, &path).await?)
         })
     }
 

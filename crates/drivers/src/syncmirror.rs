@@ -64,6 +64,9 @@ pub struct MirrorTarget {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MirrorStatus {
     pub job: MirrorSample,
+    /// The mirror back into this site's copy, after a storage path failover
+    /// (`pathswitch::start_return`).
+    pub back: MirrorSample,
     pub relay: tandem_core::mirroring::RelayPhase,
     /// Why the copy counts as lost, when it does.
     pub lost: Option<String>,
@@ -128,8 +131,13 @@ pub async fn sample(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result
 /// A `query-block-jobs` answer, for the mirror of `disk`.
 #[must_use]
 pub fn judge(jobs: &Value, disk: usize) -> MirrorSample {
-    let id = job_id(disk);
-    let Some(job) = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(id.as_str()))) else {
+    judge_job(jobs, &job_id(disk))
+}
+
+/// A `query-block-jobs` answer, for the mirror job `id`.
+#[must_use]
+pub fn judge_job(jobs: &Value, id: &str) -> MirrorSample {
+    let Some(job) = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(id))) else {
         return MirrorSample::Absent;
     };
     let text = |k: &str| job.get(k).and_then(Value::as_str).unwrap_or("");

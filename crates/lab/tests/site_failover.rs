@@ -54,7 +54,8 @@ fn a_host_whose_site_storage_fails_goes_on_on_the_other_sites_copy_without_a_res
 /// Site a's storage fails under the running guest (EIO on every request, through a FUSE view):
 /// the guest pauses on its failed request, the host commits site b's copy as the only current
 /// one, switches the disk onto it in the same QEMU, and the guest writes on — no restart (one
-/// boot), no acknowledged write lost, the VM still on h0.
+/// boot), no acknowledged write lost, the VM still on h0. The storage back, the disk returns to
+/// site a's copy (mirrored back, then switched in a pause), both copies current again.
 fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
     let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, "tsp", 110, WitnessAt::First, true)?;
     let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
@@ -78,7 +79,23 @@ fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("current copies: b") && text.contains("ON THE OTHER COPY"), "{text}");
     assert!(doubly_running(&[lab.client(0), lab.client(1)]).is_empty(), "never two running copies");
-    std::thread::sleep(Duration::from_secs(2));
+    // The storage back: the disk is mirrored back into site a's copy and runs on it again —
+    // both copies current, the mirror into b in sync — still without a restart.
+    let back = Instant::now();
+    fuse.set_mode(0, ViewMode::Normal);
+    wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+    let local: LocalView = wait("the mirror into b in sync again", Duration::from_secs(60), || {
+        c.get_as::<LocalView>("/v1/local").ok().filter(|l| l.mirrors.iter().any(|m| m.vm == "db" && m.state == LinkState::InSync))
+    })?;
+    eprintln!("site a's storage back: the disk ran on its copy again {:?} later ({:?})", back.elapsed(), local.mirrors);
+    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    for kind in ["storage-path-returning", "storage-path-restored"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    let restored = seq.highest();
+    seq.wait_past(restored + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest stopped writing after the way back: {e}"))?;
+    let on_a = highest_record(storage.join("site-a-storage.raw").as_path())?.unwrap_or(0);
+    assert!(on_a > restored, "site a's copy does not get the writes again ({on_a} <= {restored})");
     let verdict = judge(&seq.finish());
     eprintln!("{verdict:?}");
     assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");

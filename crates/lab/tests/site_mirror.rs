@@ -11,7 +11,7 @@
 //!   copies end byte for byte equal.
 //! - The local copy's storage fails (EIO): the guest pauses, its disk switches onto the other
 //!   copy in the same QEMU (`tandem_drivers::pathswitch`), and it writes on — no restart, no
-//!   error seen, no acknowledged write lost.
+//!   error seen, no acknowledged write lost; the storage back, the disk goes back to it.
 
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
@@ -316,6 +316,29 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Normal);
     let on_failed = highest_record(&backing)?.unwrap_or(0);
     assert!(on_failed < seq.highest(), "the failed copy got writes after the switch ({on_failed})");
+
+    // The local storage back: the disk is mirrored back into it, then runs on it again, mirrored
+    // into the other copy as before — still without a restart.
+    let start = pathswitch::ReturnStep::Start { relative: String::new(), format: "raw".into() };
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &fuse.path(0)).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pathswitch::back_sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? != MirrorSample::InSync {
+        anyhow::ensure!(Instant::now() < deadline, "the way back never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let paused = Instant::now();
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, Path::new("")).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Finish, Path::new("")).await?;
+    eprintln!("back on the local copy: the guest paused {:?} for the switch back", paused.elapsed());
+    let back = seq.highest();
+    seq.wait_past(back + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on on its local copy: {e}"))?;
+    wait_for("the mirror into the other copy", &vm.qmp, Duration::from_secs(30), |s| *s == MirrorSample::InSync).await?;
+    assert!(highest_record(&backing)?.unwrap_or(0) > back, "the local copy does not get the writes again");
+    assert_acknowledged_on(&remote, &seq)?;
+    vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
+    assert!(std::fs::read(&backing)? == std::fs::read(&remote)?, "the copies differ after the way back");
+    let verdict = tandem_lab::diskguest::judge(&seq.samples());
+    assert!(verdict.lost.is_empty() && verdict.regressions == 0 && verdict.boots == 1, "{verdict:?}");
     drop(seq);
     drop(vm);
     drop(server);

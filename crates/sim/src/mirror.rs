@@ -106,14 +106,14 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
 
 /// How the driver reports a link.
 pub fn status(l: Option<&SimLink>) -> MirrorStatus {
-    let Some(l) = l else { return MirrorStatus { job: MirrorSample::Absent, relay: RelayPhase::None, lost: None } };
+    let Some(l) = l else { return MirrorStatus { job: MirrorSample::Absent, back: MirrorSample::Absent, relay: RelayPhase::None, lost: None } };
     let job = match l.job {
         SimJob::Copying { left } => MirrorSample::Copying { copied: u64::from(SIM_COPY_PASSES - left.min(SIM_COPY_PASSES)), remaining: u64::from(left) },
         SimJob::InSync => MirrorSample::InSync,
         SimJob::Stopped => MirrorSample::Stopped { missed: 1 },
     };
     let lost = (l.relay == RelayPhase::Lost).then(|| format!("h{} unreachable", l.server));
-    MirrorStatus { job, relay: l.relay, lost }
+    MirrorStatus { job, back: MirrorSample::Absent, relay: l.relay, lost }
 }
 
 /// The host a copy server address names (`sim:N`).

@@ -21,6 +21,7 @@ use std::time::Duration;
 use tandem_core::hostset::HostId;
 use tandem_core::mirroring::{decide, link_state, DiskPath, JobPhase, LinkAction, LinkObservation, LinkState, RelayPhase};
 use tandem_core::state::Command;
+use tandem_drivers::pathswitch::ReturnStep;
 use tandem_drivers::sitecopy::export_name;
 use tandem_drivers::syncmirror::{MirrorSample, MirrorTarget};
 use tracing::Instrument;
@@ -66,6 +67,8 @@ struct Wanted {
     current: bool,
     /// Whether committed state counts this host's own site's copy current.
     local_current: bool,
+    /// This host's site.
+    my_site: String,
     /// Names and API addresses of the active hosts of the link's site, lowest id first.
     servers: Vec<(String, String)>,
 }
@@ -123,7 +126,9 @@ impl Agent {
                     let Some((site, hosts)) = target else { continue };
                     let key = (v.spec.name.clone(), disk, site.clone());
                     let local_current = s.copy_current_on(v, me);
-                    wanted.push(Wanted { key, generation: a.generation, current: v.copies.contains(site), local_current, servers: active(hosts) });
+                    let current = v.copies.contains(site);
+                    let my_site = my_site.clone().unwrap_or_default();
+                    wanted.push(Wanted { key, generation: a.generation, current, local_current, my_site, servers: active(hosts) });
                 }
             }
             wanted.truncate(MAX_MIRROR_LINKS);
@@ -165,7 +170,11 @@ impl Agent {
                     continue;
                 }
             };
-            let (job, copied, total) = job_phase(&status.job);
+            let (job, mut copied, mut total) = job_phase(&status.job);
+            let (back, back_copied, back_total) = job_phase(&status.back);
+            if back == JobPhase::Copying {
+                (copied, total) = (back_copied, back_total);
+            }
             let (obs, action) = {
                 let mut m = lock(&self.mirroring);
                 // A relay without a link of this generation is the last generation's.
@@ -175,7 +184,8 @@ impl Agent {
                     _ if local_failed => DiskPath::LocalFailed,
                     _ => DiskPath::Local,
                 };
-                let obs = LinkObservation { job, relay, current: w.current, server_reachable: !w.servers.is_empty(), path, local_current: w.local_current };
+                let obs =
+                    LinkObservation { job, relay, current: w.current, server_reachable: !w.servers.is_empty(), path, local_current: w.local_current, back };
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
                     let before = std::mem::replace(&mut link.state, state.clone());
@@ -296,8 +306,53 @@ impl Agent {
                 }
             }
             LinkAction::Switch => self.switch_link(w).await,
+            LinkAction::StartReturn => {
+                let disk_spec = self.consensus.with_state(|s| s.vms.get(vm).and_then(|v| v.spec.disks.get(*disk).cloned()));
+                let d = disk_spec.ok_or("the disk is gone from committed state")?;
+                let step = ReturnStep::Start { relative: d.path, format: d.format.unwrap_or_else(|| "raw".into()) };
+                // Fails while the site's storage does not answer: tried again every LINK_RETRY.
+                self.driver.return_to_local(vm, *disk, &step).await.map_err(|e| crate::api::chain(&e))?;
+                let detail = format!("disk {disk}: this site's storage answers again; mirroring back into its copy");
+                self.events.record(EventKind::StoragePathReturning, Some(vm), Some(&w.my_site), detail);
+                Ok(())
+            }
+            LinkAction::Return => self.return_link(w).await,
+            LinkAction::AbandonReturn => self.driver.return_to_local(vm, *disk, &ReturnStep::Abandon).await.map_err(|e| crate::api::chain(&e)),
             LinkAction::Release => Ok(()),
         }
+    }
+
+    /// The mirror back into this site's copy is in sync: with the guest paused, this site's
+    /// copy is committed current again, then the disk runs on it (mirrored into the other copy
+    /// from that instant: both are equal while the guest is paused) and the guest resumes.
+    async fn return_link(&self, w: &Wanted) -> Result<(), String> {
+        let (vm, disk, _) = &w.key;
+        let started = tokio::time::Instant::now();
+        self.driver.return_to_local(vm, *disk, &ReturnStep::Pause).await.map_err(|e| crate::api::chain(&e))?;
+        let cmd = Command::MirrorSynced { name: vm.clone(), generation: w.generation, site: w.my_site.clone() };
+        let committed = match self.submit(cmd).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("refused: {e}")),
+            Err(e) => Err(format!("not committed: {}", crate::api::chain(&e))),
+        };
+        if let Err(why) = committed {
+            // Not current: the guest goes on on the other copy; tried again next pass.
+            self.driver.return_to_local(vm, *disk, &ReturnStep::Resume).await.map_err(|e| crate::api::chain(&e))?;
+            return Err(why);
+        }
+        if let Err(e) = self.driver.return_to_local(vm, *disk, &ReturnStep::Finish).await {
+            // Both copies count current and the disk may run on this one without a mirror:
+            // the guest stays paused (no write can then miss a current copy).
+            let detail = format!("disk {disk}: the way back to this site's copy failed midway; the guest stays paused: {}", crate::api::chain(&e));
+            self.events.record(EventKind::StoragePathLost, Some(vm), Some(&w.my_site), detail.clone());
+            return Err(detail);
+        }
+        if let Some(link) = lock(&self.mirroring).links.get_mut(&w.key) {
+            link.state = LinkState::InSync;
+        }
+        let detail = format!("disk {disk}: back on this site's copy, mirrored into the other again (guest paused {} ms)", started.elapsed().as_millis());
+        self.events.record(EventKind::StoragePathRestored, Some(vm), Some(&w.my_site), detail);
+        Ok(())
     }
 
     /// Switches the link's disk onto the other site's copy (committed as the only current one)

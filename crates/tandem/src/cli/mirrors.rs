@@ -39,6 +39,9 @@ fn print(v: &MirrorsView) {
             LinkState::Holding => "HOLDING: the copy is lost; writes wait until it is committed stale".to_string(),
             LinkState::Degraded => "DEGRADED: running on this site's copy alone".to_string(),
             LinkState::OnOtherCopy => "ON THE OTHER COPY: this site's storage failed; the disk runs on this copy alone".to_string(),
+            LinkState::Returning { copied, total } => {
+                format!("ON THE OTHER COPY, returning: {} of {} MiB mirrored back into this site's copy", copied >> 20, total >> 20)
+            }
             LinkState::PathLost => "PATH LOST: this site's storage failed and this copy is not in sync; the guest is paused".to_string(),
         };
         println!("  disk {} -> site {} (served by {}): {state}", l.disk, l.site, l.server);
