@@ -96,6 +96,9 @@ pub enum LinkAction {
     Return,
     /// The mirror back stopped or ended (the storage failed again): give it up.
     AbandonReturn,
+    /// The local copy failed and cannot be left for the other (not in sync): resume the guest
+    /// on it once its storage answers again (the failed request is retried there).
+    RetryLocal,
 }
 
 /// The one action for a link this pass, if any.
@@ -118,6 +121,9 @@ pub fn decide(o: LinkObservation) -> Option<LinkAction> {
         DiskPath::LocalFailed if o.relay == RelayPhase::Open && o.job == JobPhase::InSync && o.current => {
             return Some(if o.local_current { LinkAction::ProposeSwitch } else { LinkAction::Switch });
         }
+        // Not switchable: the guest waits, paused, for its own storage (a lost copy's writes
+        // are still released the usual way first).
+        DiskPath::LocalFailed if o.relay != RelayPhase::Lost => return Some(LinkAction::RetryLocal),
         DiskPath::LocalFailed | DiskPath::Local => {}
     }
     match (o.relay, o.job) {
@@ -158,6 +164,14 @@ pub enum LinkState {
     PathLost,
 }
 
+impl LinkState {
+    /// Whether the disk runs on the other site's copy (switched there, returning or not).
+    #[must_use]
+    pub fn on_other_copy(&self) -> bool {
+        matches!(self, LinkState::OnOtherCopy | LinkState::Returning { .. })
+    }
+}
+
 /// The operator's reading of an observation (`copied`/`total`: the job's figures), after
 /// `before`. QEMU counts a write in flight as left to copy, so a job in sync shows a little
 /// left now and then: once in sync, a link stays so until the job stops or the copy is lost
@@ -167,7 +181,7 @@ pub fn link_state(o: LinkObservation, copied: u64, total: u64, before: &LinkStat
     match o.path {
         DiskPath::OtherCopy if o.back == JobPhase::Copying => return LinkState::Returning { copied, total },
         DiskPath::OtherCopy => return LinkState::OnOtherCopy,
-        DiskPath::LocalFailed if decide(o).is_none() => return LinkState::PathLost,
+        DiskPath::LocalFailed if !matches!(decide(o), Some(LinkAction::ProposeSwitch | LinkAction::Switch)) => return LinkState::PathLost,
         DiskPath::LocalFailed | DiskPath::Local => {}
     }
     match (o.relay, o.job) {
@@ -207,6 +221,11 @@ mod tests {
         }
         assert_ne!(decide(failed(JobPhase::InSync, RelayPhase::Lost, true, true)), Some(LinkAction::Switch));
         assert_ne!(decide(failed(JobPhase::InSync, RelayPhase::Open, false, true)), Some(LinkAction::ProposeSwitch), "the other copy not current");
+        // Not switchable: wait for the site's own storage; a lost copy's writes still go the
+        // usual way.
+        assert_eq!(decide(failed(JobPhase::Copying, RelayPhase::Open, false, true)), Some(LinkAction::RetryLocal));
+        assert_eq!(decide(failed(JobPhase::Stopped, RelayPhase::Released, false, true)), Some(LinkAction::RetryLocal));
+        assert_eq!(decide(failed(JobPhase::InSync, RelayPhase::Lost, true, true)), Some(LinkAction::ProposeDegraded));
         assert_eq!(
             link_state(failed(JobPhase::Copying, RelayPhase::Open, false, true), 1, 2, &LinkState::Resyncing { copied: 1, total: 2 }),
             LinkState::PathLost

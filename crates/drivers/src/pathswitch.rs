@@ -199,6 +199,9 @@ pub enum ReturnStep {
     Resume,
     /// Give the way back up (its mirror stopped or ended: the local copy failed again).
     Abandon,
+    /// Never switched (the other copy was not in sync): resume the guest on its own copy
+    /// (`relative`), whose storage answers again — its failed request is retried there.
+    Retry { relative: String },
 }
 
 /// The mirror back into disk `disk`'s local copy.
@@ -225,7 +228,7 @@ pub async fn return_step(vm: &str, q: &Qmp, timeout: Duration, disk: usize, step
         ReturnStep::Start { format, .. } => start_return(vm, q, timeout, disk, path, format).await,
         ReturnStep::Pause => q.execute("stop", json!({}), timeout).await.map(|_| ()).map_err(qmp_err(vm, "paused for the way back")),
         ReturnStep::Finish => finish_return(vm, q, timeout, disk).await,
-        ReturnStep::Resume => resume(vm, q, timeout).await,
+        ReturnStep::Resume | ReturnStep::Retry { .. } => resume(vm, q, timeout).await,
         ReturnStep::Abandon => abandon_return(vm, q, timeout, disk).await,
     }
 }

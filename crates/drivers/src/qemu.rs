@@ -759,7 +759,7 @@ impl VmDriver for QemuDriver {
         Box::pin(async move {
             let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             let path = match step {
-                crate::pathswitch::ReturnStep::Start { relative, .. } => {
+                crate::pathswitch::ReturnStep::Start { relative, .. } | crate::pathswitch::ReturnStep::Retry { relative } => {
                     let path = crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), relative);
                     if !self.probes.answers(&path).await {
                         let path = path.display().to_string();

@@ -86,6 +86,11 @@ pub enum FaultKind {
     /// Two hosts with a witness: the witness's region alone stops answering every host for a
     /// while (a network witness down, the heartbeat disk still fine): nothing may fence or move.
     WitnessLoss,
+    /// One site's storage fails every request for a while (its hosts and network fine): VMs
+    /// running there go on on another site's copy of their mirrored disks, without a restart,
+    /// and come back to it after; copies it serves are lost to their mirrors. Drawn only on
+    /// request (`--only`), so that no seed of the other kinds draws otherwise.
+    SiteStorageLoss,
 }
 
 use Backend::{Chaos, Sim};
@@ -93,7 +98,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 31] = [
+    pub const ALL: [FaultKind; 32] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -125,6 +130,7 @@ impl FaultKind {
         SiteLinkCut,
         LinkCutDiskLost,
         WitnessLoss,
+        SiteStorageLoss,
     ];
 
     pub fn name(self) -> &'static str {
@@ -160,12 +166,18 @@ impl FaultKind {
             SiteLinkCut => "site-link-cut",
             LinkCutDiskLost => "link-cut-disk-lost",
             WitnessLoss => "witness-loss",
+            SiteStorageLoss => "site-storage-loss",
         }
     }
 
     /// Whether it needs hosts in sites (drawn only then).
     pub fn needs_sites(self) -> bool {
-        matches!(self, SitePowerLoss | SiteLinkCut)
+        matches!(self, SitePowerLoss | SiteLinkCut | SiteStorageLoss)
+    }
+
+    /// Whether it is drawn only when asked for (`--only`), never by the default draw.
+    pub fn on_request_only(self) -> bool {
+        matches!(self, SiteStorageLoss)
     }
 
     /// Whether it is drawn only in two-host clusters with a disk witness.
@@ -194,7 +206,8 @@ impl FaultKind {
             | HostJoin
             | Operator
             | LinkCutDiskLost
-            | WitnessLoss => &[Sim],
+            | WitnessLoss
+            | SiteStorageLoss => &[Sim],
             // Drawn only where the hosts have sites (`--sites` of either backend).
             SitePowerLoss | SiteLinkCut => &[Sim, Chaos],
             // The fault suite draws the operation and its fault its own way (real agents, real

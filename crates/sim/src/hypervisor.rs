@@ -376,12 +376,13 @@ impl VmDriver for SimDriver {
             if lock(&self.vms).get(name).is_none_or(|v| v.exit.is_some()) {
                 return Err(DriverError::NotRunning(name.to_string()));
             }
-            let link = crate::mirror::SimLink {
-                server,
-                site,
-                job: crate::mirror::SimJob::Copying { left: crate::mirror::SIM_COPY_PASSES },
-                relay: tandem_core::mirroring::RelayPhase::Open,
-            };
+            // As QEMU, whose mirror's NBD node is then the disk itself: no new mirror on a disk
+            // that runs on the other copy.
+            if lock(&self.mirrors).get(name).and_then(|m| m.get(&to.disk)).is_some_and(|l| l.path != crate::mirror::SimPath::Local) {
+                self.world.log(format!("{}: {name} disk {}: attach refused: the disk runs on the other copy", self.name, to.disk));
+                return Err(DriverError::Unsupported { driver: "sim", what: "mirror a disk that runs on the other copy" });
+            }
+            let link = crate::mirror::SimLink::new(server, site);
             lock(&self.mirrors).entry(name.to_string()).or_default().insert(to.disk, link);
             Ok(())
         })
@@ -430,6 +431,63 @@ impl VmDriver for SimDriver {
             if let Some(m) = lock(&self.mirrors).get_mut(name) {
                 m.remove(&disk);
             }
+            Ok(())
+        })
+    }
+
+    fn failed_disks<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<usize>, DriverError>> {
+        Box::pin(async move {
+            let mirrors = lock(&self.mirrors);
+            let links = mirrors.get(name).map(|m| m.iter().filter(|(_, l)| l.path == crate::mirror::SimPath::Failed).map(|(d, _)| *d).collect());
+            Ok(links.unwrap_or_default())
+        })
+    }
+
+    fn switch_to_copy<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            use crate::mirror::{SimJob, SimPath};
+            let mut mirrors = lock(&self.mirrors);
+            let l = mirrors.get_mut(name).and_then(|m| m.get_mut(&disk)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            // As `pathswitch::switch_to_copy`: only from a mirror in sync.
+            if l.path != SimPath::Failed || l.job != SimJob::InSync || l.relay != tandem_core::mirroring::RelayPhase::Open {
+                return Err(DriverError::Unsupported { driver: "sim", what: "switch a disk whose mirror is not in sync" });
+            }
+            l.path = SimPath::Other { back: None };
+            self.world.log(format!("{}: {name} disk {disk}: runs on site {}'s copy", self.name, l.site));
+            Ok(())
+        })
+    }
+
+    fn return_to_local<'a>(&'a self, name: &'a str, disk: usize, step: &'a tandem_drivers::pathswitch::ReturnStep) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            use crate::mirror::{SimJob, SimPath};
+            use tandem_drivers::pathswitch::ReturnStep;
+            let local_up = crate::mirror::site_of(&self.world, self.me).is_some_and(|s| crate::mirror::storage_up(&self.world, &s));
+            let mut mirrors = lock(&self.mirrors);
+            let l = mirrors.get_mut(name).and_then(|m| m.get_mut(&disk)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            let refused = |what| {
+                self.world.log(format!("{}: {name} disk {disk}: {step:?} refused: {what}", self.name));
+                Err(DriverError::Unsupported { driver: "sim", what })
+            };
+            match step {
+                ReturnStep::Start { .. } | ReturnStep::Retry { .. } if !local_up => return refused("open a copy whose storage fails"),
+                ReturnStep::Start { .. } => l.path = SimPath::Other { back: Some(SimJob::Copying { left: crate::mirror::SIM_COPY_PASSES }) },
+                ReturnStep::Retry { .. } if l.path == SimPath::Failed => l.path = SimPath::Local,
+                ReturnStep::Retry { .. } => return refused("resume a disk that did not fail"),
+                ReturnStep::Pause => l.paused = true,
+                ReturnStep::Finish if l.path == (SimPath::Other { back: Some(SimJob::InSync) }) => {
+                    // Back on the site's copy, mirrored into the other from this instant.
+                    (l.path, l.job, l.paused) = (SimPath::Local, SimJob::InSync, false);
+                }
+                ReturnStep::Finish => return refused("finish a way back that is not in sync"),
+                ReturnStep::Resume => l.paused = false,
+                ReturnStep::Abandon => {
+                    if let SimPath::Other { .. } = l.path {
+                        l.path = SimPath::Other { back: None };
+                    }
+                }
+            }
+            self.world.log(format!("{}: {name} disk {disk}: {step:?} -> {:?}", self.name, l.path));
             Ok(())
         })
     }

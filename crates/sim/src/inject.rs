@@ -185,6 +185,7 @@ impl Sim {
             }
             FaultKind::SitePowerLoss => self.site_power_loss(kind, target, hold, now, until).await,
             FaultKind::SiteLinkCut => self.site_link_cut(kind, target, hold, until).await,
+            FaultKind::SiteStorageLoss => self.site_storage_loss(kind, target, hold).await,
             FaultKind::LinkCutDiskLost => self.link_cut_disk_lost(kind, hold, now, until).await,
             FaultKind::WitnessLoss => self.witness_loss(kind, hold).await,
             FaultKind::HostFreeze => self.host_freeze(kind, target, hold, now, until).await,

@@ -128,20 +128,22 @@ pub const SLOW_FENCE_TIMINGS: tandem_core::timing::Timings = tandem_core::timing
 
 /// The fault kinds the simulator draws from, in drawing order, when the hosts have no sites.
 pub fn fault_kinds() -> Vec<FaultKind> {
-    FaultKind::of(Backend::Sim).filter(|k| !k.needs_sites() && !k.needs_witness()).collect()
+    FaultKind::of(Backend::Sim).filter(|k| !k.needs_sites() && !k.needs_witness() && !k.on_request_only()).collect()
 }
 
 /// The fault kinds the simulator draws from when the hosts have sites: the others, then the
 /// site faults.
 pub fn fault_kinds_with_sites() -> Vec<FaultKind> {
-    FaultKind::of(Backend::Sim).filter(|k| !k.needs_witness()).collect()
+    FaultKind::of(Backend::Sim).filter(|k| !k.needs_witness() && !k.on_request_only()).collect()
 }
 
 /// The fault kinds of a two-host cluster with a disk witness: the usual ones but a private copy
 /// of the disk (which the witness rules out) and a write-only path, then the link cut with a
 /// disk path lost.
 pub fn fault_kinds_with_witness() -> Vec<FaultKind> {
-    FaultKind::of(Backend::Sim).filter(|k| !k.needs_sites() && !matches!(k, FaultKind::DiskPrivateOne | FaultKind::DiskWriteOnlyOne)).collect()
+    FaultKind::of(Backend::Sim)
+        .filter(|k| !k.needs_sites() && !k.on_request_only() && !matches!(k, FaultKind::DiskPrivateOne | FaultKind::DiskWriteOnlyOne))
+        .collect()
 }
 
 /// The simulated hosts have a hardware watchdog that resets a host this long after its agent

@@ -35,6 +35,17 @@ pub enum SimJob {
     Stopped,
 }
 
+/// Which copy a link's disk runs on (the real driver's `pathswitch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimPath {
+    /// Its site's copy.
+    Local,
+    /// Its site's storage failed a request: the guest is paused.
+    Failed,
+    /// The link's copy, since a switch; `back`: the mirror back into the site's copy.
+    Other { back: Option<SimJob> },
+}
+
 /// One disk's link from the host running its VM to another site's copy.
 #[derive(Clone, Debug)]
 pub struct SimLink {
@@ -42,6 +53,21 @@ pub struct SimLink {
     pub site: String,
     pub job: SimJob,
     pub relay: RelayPhase,
+    pub path: SimPath,
+    /// Paused for the way back (between `Pause` and `Finish`/`Resume`).
+    pub paused: bool,
+}
+
+impl SimLink {
+    #[must_use]
+    pub fn new(server: u32, site: String) -> SimLink {
+        SimLink { server, site, job: SimJob::Copying { left: SIM_COPY_PASSES }, relay: RelayPhase::Open, path: SimPath::Local, paused: false }
+    }
+}
+
+/// Whether `site`'s storage answers.
+pub fn storage_up(w: &World, site: &str) -> bool {
+    !lock(&w.storage_down).contains(site)
 }
 
 /// The site of host `h` (none: no site).
@@ -49,9 +75,10 @@ pub fn site_of(w: &World, h: u32) -> Option<String> {
     lock(&w.sites).get(h as usize).cloned()
 }
 
-/// Whether `server` serves its copy to `me` now.
+/// Whether `server` serves its copy to `me` now (its site's storage answering: the real relay
+/// holds a copy server's error replies as a lost copy).
 fn reachable(w: &World, me: u32, server: u32) -> bool {
-    w.reaches(me, server) && w.reaches(server, me) && !w.is_frozen(server)
+    w.reaches(me, server) && w.reaches(server, me) && !w.is_frozen(server) && site_of(w, server).is_none_or(|s| storage_up(w, &s))
 }
 
 /// A copy of `name` begins to run at `host`'s site. Why that is wrong, if that site's copy
@@ -82,10 +109,25 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
         };
     }
     let Some(site) = site_of(w, me) else { return };
+    let local_up = storage_up(w, &site);
     let mut copies = lock(&w.site_copies);
     let c = copies.entry(name.to_string()).or_default();
     for l in links.values_mut() {
-        if let (SimJob::Copying { left }, RelayPhase::Open) = (l.job, l.relay) {
+        match l.path {
+            // The guest's next request fails: it pauses, the request kept.
+            SimPath::Local if !local_up => l.path = SimPath::Failed,
+            SimPath::Other { back: Some(SimJob::Copying { .. } | SimJob::InSync) } if !local_up => l.path = SimPath::Other { back: Some(SimJob::Stopped) },
+            SimPath::Other { back: Some(SimJob::Copying { left }) } if l.relay == RelayPhase::Open => {
+                let back = if left <= 1 { SimJob::InSync } else { SimJob::Copying { left: left - 1 } };
+                if back == SimJob::InSync {
+                    let there = c.at.get(&l.site).copied().unwrap_or(0);
+                    c.at.insert(site.clone(), there);
+                }
+                l.path = SimPath::Other { back: Some(back) };
+            }
+            _ => {}
+        }
+        if let (SimJob::Copying { left }, RelayPhase::Open, SimPath::Local) = (l.job, l.relay, l.path) {
             l.job = if left <= 1 { SimJob::InSync } else { SimJob::Copying { left: left - 1 } };
             if l.job == SimJob::InSync {
                 let here = c.at.get(&site).copied().unwrap_or(0);
@@ -93,11 +135,22 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
             }
         }
     }
-    if links.values().any(|l| l.relay == RelayPhase::Lost) {
+    // Paused (a failed request, or the pause of the way back), or held for a lost copy: no
+    // write is acknowledged.
+    if links.values().any(|l| l.relay == RelayPhase::Lost || l.path == SimPath::Failed || l.paused) {
         return;
     }
     c.acked += 1;
     let n = c.acked;
+    // On another site's copy: the write lands there (and on the site's own copy once the way
+    // back is in sync); else on the site's copy and every copy in sync.
+    if let Some(on) = links.values().find(|l| matches!(l.path, SimPath::Other { .. })) {
+        c.at.insert(on.site.clone(), n);
+        if on.path == (SimPath::Other { back: Some(SimJob::InSync) }) {
+            c.at.insert(site, n);
+        }
+        return;
+    }
     c.at.insert(site, n);
     for l in links.values().filter(|l| l.job == SimJob::InSync && l.relay == RelayPhase::Open) {
         c.at.insert(l.site.clone(), n);
@@ -107,13 +160,18 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
 /// How the driver reports a link.
 pub fn status(l: Option<&SimLink>) -> MirrorStatus {
     let Some(l) = l else { return MirrorStatus { job: MirrorSample::Absent, back: MirrorSample::Absent, relay: RelayPhase::None, lost: None } };
-    let job = match l.job {
+    let sample = |j: SimJob| match j {
         SimJob::Copying { left } => MirrorSample::Copying { copied: u64::from(SIM_COPY_PASSES - left.min(SIM_COPY_PASSES)), remaining: u64::from(left) },
         SimJob::InSync => MirrorSample::InSync,
         SimJob::Stopped => MirrorSample::Stopped { missed: 1 },
     };
+    // On the other copy the mirror job is gone (completed by the switch).
+    let (job, back) = match l.path {
+        SimPath::Other { back } => (MirrorSample::Absent, back.map_or(MirrorSample::Absent, sample)),
+        SimPath::Local | SimPath::Failed => (sample(l.job), MirrorSample::Absent),
+    };
     let lost = (l.relay == RelayPhase::Lost).then(|| format!("h{} unreachable", l.server));
-    MirrorStatus { job, back: MirrorSample::Absent, relay: l.relay, lost }
+    MirrorStatus { job, back, relay: l.relay, lost }
 }
 
 /// The host a copy server address names (`sim:N`).
@@ -126,7 +184,7 @@ mod tests {
     use super::*;
 
     fn link(site: &str, server: u32) -> SimLink {
-        SimLink { server, site: site.into(), job: SimJob::Copying { left: SIM_COPY_PASSES }, relay: RelayPhase::Open }
+        SimLink::new(server, site.into())
     }
 
     #[test]

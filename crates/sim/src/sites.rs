@@ -62,6 +62,20 @@ impl Sim {
         self.recoveries.owe(w.now_ms(), format!("{kind} of site {site}: back"), &parked, &[]);
     }
 
+    /// A site's storage fails every request for `hold`: VMs running there pause on their
+    /// mirrored disks and go on on another site's copy (the copy in sync), then come back; the
+    /// copies it serves are lost to their mirrors. Nobody fences; nothing restarts; every
+    /// start after is checked against what its copy holds (`stale-copy`).
+    pub(super) async fn site_storage_loss(&mut self, kind: FaultKind, target: u32, hold: Duration) {
+        let w = Arc::clone(&self.world);
+        let Some((site, _)) = self.site_of(target) else { return };
+        w.log(format!("FAULT {kind} site {site} for {hold:?}"));
+        lock(&w.storage_down).insert(site.clone());
+        self.run_for(hold).await;
+        lock(&w.storage_down).remove(&site);
+        w.log(format!("HEAL {kind} site {site}"));
+    }
+
     pub(super) async fn site_link_cut(&mut self, kind: FaultKind, target: u32, hold: Duration, until: u64) {
         let w = Arc::clone(&self.world);
         let sites = self.site_members();

@@ -115,6 +115,8 @@ pub struct World {
     pub skip_disk_sync: std::sync::atomic::AtomicBool,
     /// The mutation check's broken mirrors: a lost copy's writes are not held.
     pub mirror_without_hold: std::sync::atomic::AtomicBool,
+    /// Sites whose storage fails every request (fault `site-storage-loss`).
+    pub storage_down: Mutex<std::collections::BTreeSet<String>>,
     /// The witness's region answers nobody (fault `witness-loss`).
     pub witness_down: std::sync::atomic::AtomicBool,
     /// Invariant violations seen while running (double runs are caught at the start).
@@ -156,6 +158,7 @@ impl World {
             skip_disk_sync: std::sync::atomic::AtomicBool::new(false),
             mirror_without_hold: std::sync::atomic::AtomicBool::new(false),
             witness_down: std::sync::atomic::AtomicBool::new(false),
+            storage_down: Mutex::new(std::collections::BTreeSet::new()),
             routers: Mutex::new(BTreeMap::new()),
             disk: Mutex::new(vec![0; DISK_SIZE]),
             private_disks: Mutex::new(BTreeMap::new()),

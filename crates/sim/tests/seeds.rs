@@ -249,6 +249,26 @@ fn mirrored_disks_start_only_from_a_copy_with_every_acknowledged_write() {
     assert!(found.is_some(), "no start from a stale copy found with mirrors that do not hold a lost copy's writes");
 }
 
+/// A site's storage failing under its running VMs (`site-storage-loss`, drawn only on
+/// request): a VM whose mirror was in sync goes on on the other site's copy without a restart
+/// (`storage-path-switched`), and back to its own once the storage answers and the way back
+/// caught up (`storage-path-restored`); one whose mirror was not waits, paused. Every start is
+/// checked against what its copy holds (`stale-copy`), and nobody fences.
+#[test]
+fn a_sites_storage_loss_switches_mirrored_disks_to_the_other_copy_and_back() {
+    let names = |s: &[&str]| s.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
+    let (mut switched, mut restored) = (0, 0);
+    let runs = [(1, names(&["a", "b"]), true), (2, names(&["a", "b"]), true), (1, names(&["a", "a", "b", "b", "w"]), false), (3, names(&["a", "a", "b", "b", "w"]), false)];
+    for (seed, sites, witness) in runs {
+        let hosts = sites.len() as u32;
+        let r = run(&SimOptions { hosts, late_hosts: 0, disk_witness: witness, sites, only: Some(FaultKind::SiteStorageLoss), ..opts(seed, 90) });
+        assert!(r.violations.is_empty(), "seed {seed}: {:#?}", r.violations);
+        switched += r.trace.iter().filter(|l| l.contains("event storage-path-switched")).count();
+        restored += r.trace.iter().filter(|l| l.contains("event storage-path-restored")).count();
+    }
+    assert!(switched >= 4 && restored >= 2, "switched {switched}, restored {restored}");
+}
+
 /// Seeds 241 and 224 with local disks. 241: a stopped VM with a local disk, started again,
 /// was placed on another host and ran from that host's older copy (`stale-disk`); committed
 /// state now keeps the host of the latest copy and starts the VM only there

@@ -180,7 +180,8 @@ impl Agent {
                 // A relay without a link of this generation is the last generation's.
                 let relay = if m.links.contains_key(&w.key) { status.relay } else { RelayPhase::None };
                 let path = match m.links.get(&w.key) {
-                    Some(l) if l.state == LinkState::OnOtherCopy => DiskPath::OtherCopy,
+                    // (Returning too: the disk is still on the other copy until the way back ends.)
+                    Some(l) if l.state.on_other_copy() => DiskPath::OtherCopy,
                     _ if local_failed => DiskPath::LocalFailed,
                     _ => DiskPath::Local,
                 };
@@ -318,6 +319,14 @@ impl Agent {
             }
             LinkAction::Return => self.return_link(w).await,
             LinkAction::AbandonReturn => self.driver.return_to_local(vm, *disk, &ReturnStep::Abandon).await.map_err(|e| crate::api::chain(&e)),
+            LinkAction::RetryLocal => {
+                let relative = self.consensus.with_state(|s| s.vms.get(vm).and_then(|v| v.spec.disks.get(*disk)).map(|d| d.path.clone()));
+                let relative = relative.ok_or("the disk is gone from committed state")?;
+                // Fails while the site's storage does not answer: tried again every LINK_RETRY.
+                self.driver.return_to_local(vm, *disk, &ReturnStep::Retry { relative }).await.map_err(|e| crate::api::chain(&e))?;
+                tracing::info!("{vm} disk {disk}: this site's storage answers again; the guest resumed on it");
+                Ok(())
+            }
             LinkAction::Release => Ok(()),
         }
     }
