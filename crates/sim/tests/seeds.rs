@@ -258,7 +258,12 @@ fn mirrored_disks_start_only_from_a_copy_with_every_acknowledged_write() {
 fn a_sites_storage_loss_switches_mirrored_disks_to_the_other_copy_and_back() {
     let names = |s: &[&str]| s.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
     let (mut switched, mut restored) = (0, 0);
-    let runs = [(1, names(&["a", "b"]), true), (2, names(&["a", "b"]), true), (1, names(&["a", "a", "b", "b", "w"]), false), (3, names(&["a", "a", "b", "b", "w"]), false)];
+    let runs = [
+        (1, names(&["a", "b"]), true),
+        (2, names(&["a", "b"]), true),
+        (1, names(&["a", "a", "b", "b", "w"]), false),
+        (3, names(&["a", "a", "b", "b", "w"]), false),
+    ];
     for (seed, sites, witness) in runs {
         let hosts = sites.len() as u32;
         let r = run(&SimOptions { hosts, late_hosts: 0, disk_witness: witness, sites, only: Some(FaultKind::SiteStorageLoss), ..opts(seed, 90) });
