@@ -99,14 +99,20 @@ pub enum LinkAction {
     /// The local copy failed and cannot be left for the other (not in sync): resume the guest
     /// on it once its storage answers again (the failed request is retried there).
     RetryLocal,
+    /// On the other copy, that copy is lost too: no copy is left to go on with here. Kill the
+    /// VM (its held writes were never acknowledged) and give it up, so that the cluster starts
+    /// it again where a copy is current, once one answers.
+    GiveUp,
 }
 
 /// The one action for a link this pass, if any.
 #[must_use]
 pub fn decide(o: LinkObservation) -> Option<LinkAction> {
     match o.path {
-        // On the other copy there is nothing left to mirror into: if it is lost too, its
-        // writes stay held (no copy would be left current). While it answers, the way back.
+        // On the other copy there is nothing left to mirror into: if it is lost too, no copy is
+        // left to go on with here (its writes stay held until the VM is killed). While it
+        // answers, the way back.
+        DiskPath::OtherCopy if o.relay == RelayPhase::Lost => return Some(LinkAction::GiveUp),
         DiskPath::OtherCopy if o.relay != RelayPhase::Open => return None,
         DiskPath::OtherCopy => {
             return match o.back {
@@ -230,9 +236,10 @@ mod tests {
             link_state(failed(JobPhase::Copying, RelayPhase::Open, false, true), 1, 2, &LinkState::Resyncing { copied: 1, total: 2 }),
             LinkState::PathLost
         );
-        // Switched: if that copy is lost too, its writes stay held — nothing else.
+        // Switched: if that copy is lost too, the VM is given up (never released: no copy would
+        // be left current).
         let lost = LinkObservation { path: DiskPath::OtherCopy, local_current: false, ..obs(JobPhase::Absent, RelayPhase::Lost, true, true) };
-        assert_eq!(decide(lost), None);
+        assert_eq!(decide(lost), Some(LinkAction::GiveUp));
         assert_eq!(link_state(lost, 0, 0, &LinkState::InSync), LinkState::OnOtherCopy);
         // Another disk of the VM switched (this site's copy no longer current): a lost copy's
         // writes stay held, the last current copy is never committed stale.
@@ -252,9 +259,10 @@ mod tests {
         assert_eq!(decide(on(JobPhase::Stopped, RelayPhase::Open)), Some(LinkAction::AbandonReturn));
         assert_eq!(decide(on(JobPhase::Ended, RelayPhase::Open)), Some(LinkAction::AbandonReturn));
         for back in [JobPhase::Absent, JobPhase::Copying, JobPhase::InSync, JobPhase::Stopped, JobPhase::Ended] {
-            for relay in [RelayPhase::None, RelayPhase::Lost, RelayPhase::Released] {
+            for relay in [RelayPhase::None, RelayPhase::Released] {
                 assert_eq!(decide(on(back, relay)), None, "{back:?} {relay:?}");
             }
+            assert_eq!(decide(on(back, RelayPhase::Lost)), Some(LinkAction::GiveUp));
         }
     }
 

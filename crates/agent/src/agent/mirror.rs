@@ -327,6 +327,15 @@ impl Agent {
                 tracing::info!("{vm} disk {disk}: this site's storage answers again; the guest resumed on it");
                 Ok(())
             }
+            LinkAction::GiveUp => {
+                // Killed first: its vCPUs must stop before the cluster starts it elsewhere (its
+                // held writes were never acknowledged, and never reach any copy).
+                self.driver.kill(vm).map_err(|e| crate::api::chain(&e))?;
+                let detail = format!("disk {disk} ran on {site}'s copy, which is lost too: no copy is left to go on with here");
+                self.events.record(EventKind::StoragePathLost, Some(vm), Some(site), format!("{detail}; {vm} killed and given up"));
+                self.give_up_here(vm, w.generation, &detail).await;
+                Ok(())
+            }
             LinkAction::Release => Ok(()),
         }
     }

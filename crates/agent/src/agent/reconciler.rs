@@ -196,10 +196,7 @@ impl Agent {
             if spec.site_mirrored() && !a.consensus.with_state(|s| s.vms.get(&name).is_some_and(|v| s.copy_current_on(v, a.me))) {
                 let detail = "its disk's copy at this host's site is not current (it went on on another site's copy)".to_string();
                 a.events.record(crate::events::EventKind::VmStartFailed, Some(&name), Some(&a.cfg.name), format!("{name} not started here: {detail}"));
-                let given_up = lock(&a.reconciling).core.give_up(&name, generation, &detail);
-                if let Action::GiveUp { name, generation, detail } = given_up {
-                    a.propose_give_up(&name, generation, &detail).await;
-                }
+                a.give_up_here(&name, generation, &detail).await;
                 return;
             }
             // A mirrored disk: a start again in this generation runs without a mirror until one
@@ -234,6 +231,15 @@ impl Agent {
     /// Proposes that this host gives `name` up at `generation` (the core already recorded it, so
     /// that generation is not started here again whatever becomes of the proposal): the cluster
     /// moves it to another host, or puts it in the error state once it failed on enough of them.
+    /// Gives `name` up here at `generation` at once (no retry could help): recorded, so that
+    /// generation is not started here again, and proposed.
+    pub(super) async fn give_up_here(&self, name: &str, generation: u64, detail: &str) {
+        let given_up = lock(&self.reconciling).core.give_up(name, generation, detail);
+        if let Action::GiveUp { name, generation, detail } = given_up {
+            self.propose_give_up(&name, generation, &detail).await;
+        }
+    }
+
     async fn propose_give_up(&self, name: &str, generation: u64, detail: &str) {
         let cmd = Command::VmFailed { name: name.to_string(), host: self.me, generation, detail: detail.to_string() };
         match self.submit(cmd).await {
