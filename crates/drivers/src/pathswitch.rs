@@ -266,23 +266,10 @@ async fn finish_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Res
 
 /// Cancels the way back and closes the local copy's node (nothing to do when there is none).
 async fn abandon_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
-    let id = back_job_id(disk);
-    let _ = q.execute("block-job-cancel", json!({"device": id, "force": true}), timeout).await;
-    let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
-    loop {
-        let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?;
-        match judge_job(&jobs, &id) {
-            MirrorSample::Absent => break,
-            MirrorSample::Ended { .. } => {
-                let _ = q.execute("job-dismiss", json!({"id": id}), timeout).await;
-            }
-            _ if tokio::time::Instant::now() >= deadline => return Err(PathSwitchError::Stuck { vm: vm.to_string(), disk }),
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    match q.execute("blockdev-del", json!({"node-name": local_node(disk)}), timeout).await {
-        Ok(_) | Err(QmpError::Command { .. }) => Ok(()),
-        Err(e) => Err(qmp_err(vm, "closed its site's copy")(e)),
+    match crate::syncmirror::end_job_and_node(q, timeout, &back_job_id(disk), &local_node(disk), SWITCH_WAIT).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(PathSwitchError::Stuck { vm: vm.to_string(), disk }),
+        Err((what, source)) => Err(PathSwitchError::Qmp { vm: vm.to_string(), what, source }),
     }
 }
 

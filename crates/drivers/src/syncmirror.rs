@@ -170,26 +170,36 @@ pub async fn resume(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result
 /// local copy. A forced cancel: writes held for the other copy fail there (and complete here),
 /// so call it only when the other copy is recorded as stale.
 pub async fn detach(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), SyncMirrorError> {
-    let id = job_id(disk);
+    match end_job_and_node(q, timeout, &job_id(disk), &remote_node(disk), DETACH_WAIT).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(SyncMirrorError::Detach { vm: vm.to_string(), disk }),
+        Err((what, source)) => Err(SyncMirrorError::Qmp { vm: vm.to_string(), what, source }),
+    }
+}
+
+/// Cancels mirror job `id` (forced; none is fine), waits up to `wait` for it to be gone
+/// (dismissing it once it ended), then deletes node `node` (none is fine). `Ok(false)`: the job
+/// was still there after `wait`; an error says what the call was doing.
+pub(crate) async fn end_job_and_node(q: &Qmp, timeout: Duration, id: &str, node: &str, wait: Duration) -> Result<bool, (&'static str, QmpError)> {
     match q.execute("block-job-cancel", json!({"device": id, "force": true}), timeout).await {
         Ok(_) | Err(QmpError::Command { .. }) => {}
-        Err(e) => return Err(qmp_err(vm, "cancelled its mirror")(e)),
+        Err(e) => return Err(("cancelled a mirror", e)),
     }
-    let deadline = tokio::time::Instant::now() + DETACH_WAIT;
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror"))?;
-        match judge(&jobs, disk) {
+        let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(|e| ("read a mirror", e))?;
+        match judge_job(&jobs, id) {
             MirrorSample::Absent => break,
             MirrorSample::Ended { .. } => {
                 let _ = q.execute("job-dismiss", json!({"id": id}), timeout).await;
             }
-            _ if tokio::time::Instant::now() >= deadline => return Err(SyncMirrorError::Detach { vm: vm.to_string(), disk }),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ if tokio::time::Instant::now() >= deadline => return Ok(false),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
-    match q.execute("blockdev-del", json!({"node-name": remote_node(disk)}), timeout).await {
-        Ok(_) | Err(QmpError::Command { .. }) => Ok(()),
-        Err(e) => Err(qmp_err(vm, "closed the other site's copy")(e)),
+    match q.execute("blockdev-del", json!({"node-name": node}), timeout).await {
+        Ok(_) | Err(QmpError::Command { .. }) => Ok(true),
+        Err(e) => Err(("closed a copy's node", e)),
     }
 }
 

@@ -75,16 +75,32 @@ fn fault_during_copy(fault: Fault, net: u8) -> Result<()> {
     // coordinator in place, and the leader can be lost on its own).
     let lead = wait("a leader", Duration::from_secs(30), || leader(&ml))?;
     let others: Vec<String> = ml.lab.hosts.iter().map(|h| h.name.clone()).filter(|h| *h != lead).collect();
-    let (src, dst) = (others[0].clone(), others[1].clone());
-    if ml.host_of()? != src {
-        let via = index(&ml, &lead)?;
+    let (mut src, mut dst) = (others[0].clone(), others[1].clone());
+    let via = index(&ml, &lead)?;
+    let answers = |at: &str| {
+        wait("the guest to answer at its source", Duration::from_secs(30), || {
+            (ml.answers_on(at) || guest_memory_fault(&ml.lab, at, &ml.vm).is_some()).then_some(())
+        })
+        .map_err(|e| anyhow!("{e}; local views: {}; consoles: {}", local_views(&ml), console_tails(&ml)))
+    };
+    // A VM already on a host that does not lead is where it starts; one on the leader moves
+    // first. (Twice in full runs, never in 18 runs of the tests alone, a guest moved so did not
+    // answer on its user-mode network at the host it moved to: the move is not what these tests
+    // are about, so such a guest is moved on once more, and the roles swapped.)
+    let at = ml.host_of()?;
+    if at == dst {
+        std::mem::swap(&mut src, &mut dst);
+    } else if at != src {
         migrate(&ml, via, &src, true)?;
     }
     assert_eq!(ml.host_of()?, src, "the VM starts at the chosen source");
-    wait("the guest to answer at its source", Duration::from_secs(30), || {
-        (ml.answers_on(&src) || guest_memory_fault(&ml.lab, &src, &ml.vm).is_some()).then_some(())
-    })
-    .map_err(|e| anyhow!("{e}; local views: {}; consoles: {}", local_views(&ml), console_tails(&ml)))?;
+    if let Err(e) = answers(&src) {
+        eprintln!("the moved guest does not answer at {src}; moving it on to {dst}: {e}");
+        migrate(&ml, via, &dst, true)?;
+        std::mem::swap(&mut src, &mut dst);
+        assert_eq!(ml.host_of()?, src, "the VM starts at the chosen source");
+        answers(&src)?;
+    }
     let src_i = index(&ml, &src)?;
     let pid_before = ml.lab.workload_pids(src_i).into_iter().find(|(_, vm)| *vm == ml.vm).map(|(p, _)| p);
     let copies = ml.watch_copies();

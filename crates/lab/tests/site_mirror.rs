@@ -228,41 +228,69 @@ fn a_mirrored_disk_holds_writes_while_its_other_copy_is_lost_and_resyncs_only_wh
     run(&dir, scenario(dir.path(), &guest))
 }
 
-/// The copy server's storage fails (EIO through a FUSE view): the server answers the mirror's
-/// writes with errors, which QEMU would take as "complete on the local copy alone". The relay
-/// holds those replies like a silent copy's: no write is acknowledged on one copy until the
-/// release; the storage back, the resync copies only what was missed.
-async fn failing_storage_scenario(dir: &Path, guest: &Path) -> Result<()> {
-    let (local, backing) = (dir.join("site-a.img"), dir.join("site-b.img"));
-    for image in [&local, &backing] {
+/// Which copy's storage is a FUSE view that the test can make fail.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FuseSide {
+    Local,
+    Remote,
+}
+
+/// A guest whose disk is mirrored, in sync, one copy's storage behind FUSE (dropped in this
+/// order: the guest first, the FUSE view last).
+struct FuseMirror {
+    vm: Guest,
+    seq: SeqWatch,
+    relay: CopyRelay,
+    _server: CopyServer,
+    /// The copy server's parent: its children die with it, so it outlives the server.
+    _launcher: Launcher,
+    fuse: tandem_lab::fusedisk::FuseDisk,
+    /// The files that hold each copy's bytes.
+    local: std::path::PathBuf,
+    remote: std::path::PathBuf,
+}
+
+/// Starts the guest on `site-a.img`, mirrored into `site-b.img` served at `COPY_PORT + port`,
+/// `side`'s file reached through FUSE; waits for the mirror in sync.
+async fn fuse_mirror(dir: &Path, guest: &Path, side: FuseSide, port: u16, addr: &str) -> Result<FuseMirror> {
+    let (local, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
+    for image in [&local, &remote] {
         std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
     }
-    let mount = dir.join("site-b");
+    let mount = dir.join("fuse");
     std::fs::create_dir_all(&mount)?;
-    let fuse = tandem_lab::fusedisk::FuseDisk::mount(&backing, &mount, 1)?;
+    let fuse = tandem_lab::fusedisk::FuseDisk::mount(if side == FuseSide::Local { &local } else { &remote }, &mount, 1)?;
+    let (local_at, remote_at) = if side == FuseSide::Local { (fuse.path(0), remote.clone()) } else { (local.clone(), fuse.path(0)) };
     let launcher = Launcher::new()?;
     let export = export_name("db", 0);
-    let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + 1), &launcher).await?;
-    server.serve(&export, &fuse.path(0)).await?;
-    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + 1), STALL)?;
-    let addr = "127.103.0.3:8080";
-    let vm = launch(dir, guest, &local, addr).await?;
+    let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + port), &launcher).await?;
+    server.serve(&export, &remote_at).await?;
+    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + port), STALL)?;
+    let vm = launch(dir, guest, &local_at, addr).await?;
     let seq = SeqWatch::start(addr);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
     let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export };
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
+    Ok(FuseMirror { vm, seq, relay, _server: server, _launcher: launcher, fuse, local, remote })
+}
+
+/// The copy server's storage fails (EIO through a FUSE view): the server answers the mirror's
+/// writes with errors, which QEMU would take as "complete on the local copy alone". The relay
+/// holds those replies like a silent copy's: no write is acknowledged on one copy until the
+/// release; the storage back, the resync copies only what was missed.
+async fn failing_storage_scenario(dir: &Path, guest: &Path) -> Result<()> {
+    // Held as one: whatever ends the test, the guest goes before the storage under it.
+    let m = fuse_mirror(dir, guest, FuseSide::Remote, 1, "127.103.0.3:8080").await?;
+    let (vm, seq, relay, fuse) = (&m.vm, &m.seq, &m.relay, &m.fuse);
     let len_before = job_len(&vm.qmp).await?;
     fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Fail);
-    let held = assert_held_for(&seq, &relay, Duration::from_secs(3), "error").await?;
-    release_and_go_on(&seq, &relay, &vm, held).await?;
+    let held = assert_held_for(seq, relay, Duration::from_secs(3), "error").await?;
+    release_and_go_on(seq, relay, vm, held).await?;
     fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Normal);
-    resync(&vm, len_before).await?;
+    resync(vm, len_before).await?;
     vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
-    assert!(std::fs::read(&local)? == std::fs::read(&backing)?, "the copies differ after the resync");
-    drop(seq);
-    drop(server);
-    drop(fuse);
+    assert!(std::fs::read(&m.local)? == std::fs::read(&m.remote)?, "the copies differ after the resync");
     Ok(())
 }
 
@@ -278,25 +306,9 @@ fn a_copy_whose_storage_answers_errors_holds_the_writes_like_a_lost_one() -> Res
 /// site's copy, and the guest, resumed, writes on there: every number it acknowledged is on
 /// that copy, none after the switch reaches the failed one.
 async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
-    let (backing, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
-    for image in [&backing, &remote] {
-        std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
-    }
-    let mount = dir.join("site-a");
-    std::fs::create_dir_all(&mount)?;
-    let fuse = tandem_lab::fusedisk::FuseDisk::mount(&backing, &mount, 1)?;
-    let launcher = Launcher::new()?;
-    let export = export_name("db", 0);
-    let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + 2), &launcher).await?;
-    server.serve(&export, &remote).await?;
-    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + 2), STALL)?;
-    let addr = "127.103.0.4:8080";
-    let vm = launch(dir, guest, &fuse.path(0), addr).await?;
-    let seq = SeqWatch::start(addr);
-    seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
-    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export };
-    syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
-    wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
+    // Held as one: whatever ends the test, the guest goes before the storage under it.
+    let m = fuse_mirror(dir, guest, FuseSide::Local, 2, "127.103.0.4:8080").await?;
+    let (vm, seq, fuse, backing, remote) = (&m.vm, &m.seq, &m.fuse, &m.local, &m.remote);
     let lost = Instant::now();
     fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Fail);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -312,9 +324,9 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     let verdict = tandem_lab::diskguest::judge(&seq.samples());
     eprintln!("local copy lost: switched to the other copy {switched:?} after the loss; longest pause in the writes {} ms", verdict.longest_stall_ms);
     assert!(verdict.lost.is_empty() && verdict.regressions == 0 && verdict.boots == 1, "{verdict:?}");
-    assert_acknowledged_on(&remote, &seq)?;
+    assert_acknowledged_on(remote, seq)?;
     fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Normal);
-    let on_failed = highest_record(&backing)?.unwrap_or(0);
+    let on_failed = highest_record(backing)?.unwrap_or(0);
     assert!(on_failed < seq.highest(), "the failed copy got writes after the switch ({on_failed})");
 
     // The local storage back: the disk is mirrored back into it, then runs on it again, mirrored
@@ -333,16 +345,12 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     let back = seq.highest();
     seq.wait_past(back + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on on its local copy: {e}"))?;
     wait_for("the mirror into the other copy", &vm.qmp, Duration::from_secs(30), |s| *s == MirrorSample::InSync).await?;
-    assert!(highest_record(&backing)?.unwrap_or(0) > back, "the local copy does not get the writes again");
-    assert_acknowledged_on(&remote, &seq)?;
+    assert!(highest_record(backing)?.unwrap_or(0) > back, "the local copy does not get the writes again");
+    assert_acknowledged_on(remote, seq)?;
     vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
-    assert!(std::fs::read(&backing)? == std::fs::read(&remote)?, "the copies differ after the way back");
+    assert!(std::fs::read(backing)? == std::fs::read(remote)?, "the copies differ after the way back");
     let verdict = tandem_lab::diskguest::judge(&seq.samples());
     assert!(verdict.lost.is_empty() && verdict.regressions == 0 && verdict.boots == 1, "{verdict:?}");
-    drop(seq);
-    drop(vm);
-    drop(server);
-    drop(fuse);
     Ok(())
 }
 

@@ -96,9 +96,9 @@ impl Agent {
     /// The links committed state wants of this host now: one per mirrored disk of each VM
     /// running here (QEMU runs one mirror job per disk), into the copy of one other site — the
     /// one this generation's link already writes, else the first other site by name with an
-    /// active host. It never changes within a generation: a copy the mirror stopped writing
-    /// while committed state still counted it current could restart the VM without the writes
-    /// made since. A new generation (a start) counts only its own site's copy current anyway.
+    /// active host, else the first other site. Once attached it never changes within a
+    /// generation: a copy the mirror stopped writing while committed state still counted it
+    /// current could restart the VM without the writes made since. A new generation (a start) counts only its own site's copy current anyway.
     fn wanted_links(&self) -> Vec<Wanted> {
         let me = self.me;
         let existing: BTreeMap<(String, usize, u64), String> =
@@ -119,9 +119,11 @@ impl Agent {
                 let Some(a) = v.assignment().filter(|a| a.host == me) else { continue };
                 for (disk, _) in v.spec.mirrored_disks() {
                     let chosen = existing.get(&(v.spec.name.clone(), disk, a.generation));
+                    // With no site that could serve a copy, still a link (it attaches nothing):
+                    // a guest paused by its own storage's failure is resumed through it.
                     let target = match chosen {
                         Some(site) => sites.iter().find(|(name, _)| name == site),
-                        None => sites.iter().find(|(_, hosts)| !active(hosts).is_empty()),
+                        None => sites.iter().find(|(_, hosts)| !active(hosts).is_empty()).or(sites.first()),
                     };
                     let Some((site, hosts)) = target else { continue };
                     let key = (v.spec.name.clone(), disk, site.clone());
