@@ -15,7 +15,7 @@ use tandem_agent::views::{ForceRequest, LocalView, VmView};
 use tandem_core::mirroring::LinkState;
 use tandem_core::state::{DiskSpec, NetworkSpec, Protection, ServiceProbe};
 use tandem_lab::bench::migration::{doubly_running, test_guest};
-use tandem_lab::bench::twohosts::two_host_options;
+use tandem_lab::bench::twohosts::{network_witness_options, two_host_options};
 use tandem_lab::demo::{http_get, wait};
 use tandem_lab::diskguest::{highest_record, judge, SeqWatch};
 use tandem_lab::fusedisk::{FuseDisk, ViewMode};
@@ -27,7 +27,7 @@ const DISK_BYTES: u64 = 64 << 20;
 
 /// Runs `scenario` with the sites' storage in a scratch directory, where namespaces can be made
 /// and the test guest is present.
-fn with_sites(name: &str, scenario: fn(&std::path::Path, &std::path::Path) -> Result<()>) -> Result<()> {
+fn with_sites(name: &str, scenario: impl FnOnce(&std::path::Path, &std::path::Path) -> Result<()>) -> Result<()> {
     if !can_use_namespaces() {
         return Ok(());
     }
@@ -38,7 +38,14 @@ fn with_sites(name: &str, scenario: fn(&std::path::Path, &std::path::Path) -> Re
 
 #[test]
 fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_every_acknowledged_write() -> Result<()> {
-    with_sites("tandem-site-failover", scenario)
+    with_sites("tandem-site-failover", |storage, guest| site_loss_scenario(storage, guest, "tsf", 104, WitnessAt::First))
+}
+
+/// The same with no shared storage between the sites at all: the third vote is a network
+/// witness in a third place.
+#[test]
+fn a_site_lost_with_a_network_witness_in_a_third_place_restarts_the_guest_on_the_other_sites_copy() -> Result<()> {
+    with_sites("tandem-site-witness", |storage, guest| site_loss_scenario(storage, guest, "tsw", 111, WitnessAt::ThirdPlace))
 }
 
 #[test]
@@ -172,13 +179,17 @@ fn copies_are(c: &tandem::client::Client, want: &[&str]) -> Option<VmView> {
     (vm.copies == want).then_some(vm)
 }
 
-/// Which host takes the disk witness when the lab starts (the holder keeps it while it lives).
+/// The third vote, and which host holds it when the lab starts (the holder keeps it while it
+/// lives).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum WitnessAt {
-    /// Whichever claims it first.
+    /// A disk witness beside the heartbeat disk, held by whichever host claims it first.
     First,
-    /// Site b's host: started alone until it holds the witness.
+    /// A disk witness held by site b's host: started alone until it holds the witness.
     SiteB,
+    /// A network witness (`tandem witness`) in a third place — the lab's control namespace,
+    /// which both sites reach — and no shared storage at all.
+    ThirdPlace,
 }
 
 /// The hosts that took the disk witness, in order.
@@ -206,7 +217,11 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
     let mut net = NetLab::create(&format!("{prefix}{}", std::process::id() % 10_000), 2)?;
     net.add_vm_network()?;
     net.enter_control()?;
-    let mut opts = two_host_options(loopback_net, Some(net.lab_hosts()));
+    let mut opts = if witness == WitnessAt::ThirdPlace {
+        network_witness_options(loopback_net, Some(net.lab_hosts()), &format!("{}:7463", net.control_ip()))
+    } else {
+        two_host_options(loopback_net, Some(net.lab_hosts()))
+    };
     opts.driver = "qemu".into();
     opts.capacity = (4, 2048);
     opts.sites = vec!["a".into(), "b".into()];
@@ -219,6 +234,9 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
         lab.keep_files();
         eprintln!("lab directory: {}", lab.root.display());
     }
+    if witness == WitnessAt::ThirdPlace {
+        lab.start_witness()?;
+    }
     if witness == WitnessAt::SiteB {
         lab.start(1)?;
         wait("site b's host to hold the witness", Duration::from_secs(60), || (witness_holders(&lab) == ["h1"]).then_some(()))?;
@@ -228,6 +246,11 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
     }
     lab.form_cluster()?;
     let c = lab.client(0);
+    // The third vote in place before anything is lost.
+    wait("the witness to vote", Duration::from_secs(60), || {
+        let st: tandem_agent::views::StatusView = c.get_as("/v1/status").ok()?;
+        st.consensus.voters.contains(&tandem_core::witness::WITNESS_NODE).then_some(())
+    })?;
     // The guest starts at site a: site b's host in maintenance meanwhile.
     c.post("/v1/hosts/h1/mode", &json!({ "mode": "maintenance" })).map_err(|e| anyhow!("{e}"))?;
     let ip = NetLab::vm_ip(0);
@@ -266,8 +289,8 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
     Ok(SiteLab { lab, net, seq, image_a, fuse_a })
 }
 
-fn scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
-    let SiteLab { mut lab, net: _net, seq, image_a, .. } = start_site_lab(storage, guest, "tsf", 104, WitnessAt::First, false)?;
+fn site_loss_scenario(storage: &std::path::Path, guest: &std::path::Path, prefix: &str, loopback_net: u8, witness: WitnessAt) -> Result<()> {
+    let SiteLab { mut lab, net: _net, seq, image_a, .. } = start_site_lab(storage, guest, prefix, loopback_net, witness, false)?;
     // Site a loses power: its host, its QEMU, its copy (nothing of it is used again).
     let acknowledged = seq.highest();
     let lost = Instant::now();
