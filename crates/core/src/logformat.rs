@@ -64,9 +64,11 @@ pub(crate) const WITNESS_FORMAT: u32 = 12;
 /// Disks mirrored between sites: a spec with one (an older host would take its relative path
 /// for a shared one), and the copies' state (`mirror-synced`, `mirror-degraded`).
 pub(crate) const MIRROR_FORMAT: u32 = 13;
-/// Settings with a preferred site (an older host would leave it out of its partition verdict
-/// and keep another side than its peers), and `mirror-switched` (a storage path failover).
+/// Settings with a preferred site: an older host would leave it out of its partition verdict
+/// and keep another side than its peers.
 pub(crate) const PREFERRED_SITE_FORMAT: u32 = 14;
+/// `mirror-switched`, a storage path failover (the same release as the preferred site).
+pub(crate) const MIRROR_SWITCH_FORMAT: u32 = 14;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 

@@ -185,16 +185,24 @@ pub struct LogPosition {
     pub index: u64,
 }
 
+/// Whether the witness's node leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WitnessLead {
+    No,
+    /// It leads, its leader lease still fresh: it refuses every vote.
+    LeaseFresh,
+    /// It leads, for longer than its leader lease.
+    LeasePassed,
+}
+
 /// What the holder of the witness sees of both Raft nodes it runs, for [`steer_election`].
 #[derive(Clone, Copy, Debug)]
 pub struct ElectionView {
     /// This host's node knows a leader.
     pub host_knows_leader: bool,
-    /// The witness's node leads, and has for longer than its leader lease (it refuses votes
-    /// while the lease is fresh).
-    pub witness_leads_past_lease: bool,
-    /// The witness's node leads (lease fresh or not).
-    pub witness_leads: bool,
+    /// (A witness that does not lead may still name the lost leader: it hears of no election
+    /// it refused — so this is whether it leads itself.)
+    pub witness_lead: WitnessLead,
     pub host_log: Option<LogPosition>,
     pub witness_log: Option<LogPosition>,
 }
@@ -218,9 +226,9 @@ pub enum ElectionStep {
 /// and nobody who could win would stand.
 #[must_use]
 pub fn steer_election(v: &ElectionView) -> ElectionStep {
-    if v.witness_leads_past_lease && v.host_log >= v.witness_log {
+    if v.witness_lead == WitnessLead::LeasePassed && v.host_log >= v.witness_log {
         ElectionStep::HostStands
-    } else if !v.host_knows_leader && !v.witness_leads && v.witness_log > v.host_log {
+    } else if !v.host_knows_leader && v.witness_lead == WitnessLead::No && v.witness_log > v.host_log {
         ElectionStep::WitnessStands
     } else {
         ElectionStep::Nothing

@@ -697,7 +697,10 @@ impl VmDriver for QemuDriver {
         Box::pin(async move {
             use tandem_core::mirroring::RelayPhase;
             let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            let job = crate::syncmirror::sample(name, &q, self.qmp_timeout(), disk).await?;
+            // The mirror and, after a storage path failover, the mirror back: one question.
+            let jobs = crate::syncmirror::jobs(name, &q, self.qmp_timeout()).await?;
+            let job = crate::syncmirror::judge(&jobs, disk);
+            let back = crate::syncmirror::judge_job(&jobs, &crate::pathswitch::back_job_id(disk));
             let health = self.relays().get(&(name.to_string(), disk)).map(|r| r.health());
             let (relay, lost) = match health {
                 None => (RelayPhase::None, None),
@@ -705,7 +708,6 @@ impl VmDriver for QemuDriver {
                 Some(crate::copyrelay::RelayHealth::Lost { why, .. }) => (RelayPhase::Lost, Some(why)),
                 Some(crate::copyrelay::RelayHealth::Released) => (RelayPhase::Released, None),
             };
-            let back = crate::pathswitch::back_sample(name, &q, self.qmp_timeout(), disk).await?;
             Ok(crate::syncmirror::MirrorStatus { job, back, relay, lost })
         })
     }

@@ -124,8 +124,13 @@ pub async fn attach(vm: &str, q: &Qmp, timeout: Duration, copy: &RemoteCopy) -> 
 
 /// Reads where the mirror of `disk` stands.
 pub async fn sample(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<MirrorSample, SyncMirrorError> {
-    let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror"))?;
-    Ok(judge(&jobs, disk))
+    Ok(judge(&jobs(vm, q, timeout).await?, disk))
+}
+
+/// The VM's block jobs (`query-block-jobs`), for `judge` and `judge_job`: one question for
+/// every job of a disk.
+pub async fn jobs(vm: &str, q: &Qmp, timeout: Duration) -> Result<Value, SyncMirrorError> {
+    q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror"))
 }
 
 /// A `query-block-jobs` answer, for the mirror of `disk`.

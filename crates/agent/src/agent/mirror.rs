@@ -310,8 +310,7 @@ impl Agent {
             }
             LinkAction::Switch => self.switch_link(w).await,
             LinkAction::StartReturn => {
-                let disk_spec = self.consensus.with_state(|s| s.vms.get(vm).and_then(|v| v.spec.disks.get(*disk).cloned()));
-                let d = disk_spec.ok_or("the disk is gone from committed state")?;
+                let d = self.disk_spec(vm, *disk)?;
                 let step = ReturnStep::Start { relative: d.path, format: d.format.unwrap_or_else(|| "raw".into()) };
                 // Fails while the site's storage does not answer: tried again every LINK_RETRY.
                 self.driver.return_to_local(vm, *disk, &step).await.map_err(|e| crate::api::chain(&e))?;
@@ -322,8 +321,7 @@ impl Agent {
             LinkAction::Return => self.return_link(w).await,
             LinkAction::AbandonReturn => self.driver.return_to_local(vm, *disk, &ReturnStep::Abandon).await.map_err(|e| crate::api::chain(&e)),
             LinkAction::RetryLocal => {
-                let relative = self.consensus.with_state(|s| s.vms.get(vm).and_then(|v| v.spec.disks.get(*disk)).map(|d| d.path.clone()));
-                let relative = relative.ok_or("the disk is gone from committed state")?;
+                let relative = self.disk_spec(vm, *disk)?.path;
                 // Fails while the site's storage does not answer: tried again every LINK_RETRY.
                 self.driver.return_to_local(vm, *disk, &ReturnStep::Retry { relative }).await.map_err(|e| crate::api::chain(&e))?;
                 tracing::info!("{vm} disk {disk}: this site's storage answers again; the guest resumed on it");
@@ -340,6 +338,12 @@ impl Agent {
             }
             LinkAction::Release => Ok(()),
         }
+    }
+
+    /// Disk `disk` of `vm`'s spec, as committed.
+    fn disk_spec(&self, vm: &str, disk: usize) -> Result<tandem_core::state::DiskSpec, String> {
+        let d = self.consensus.with_state(|s| s.vms.get(vm).and_then(|v| v.spec.disks.get(disk).cloned()));
+        d.ok_or_else(|| format!("disk {disk} of {vm} is gone from committed state"))
     }
 
     /// The mirror back into this site's copy is in sync: with the guest paused, this site's

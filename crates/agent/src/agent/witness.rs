@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::state::Command;
-use tandem_core::witness::{next_step, steer_election, Claim, ElectionStep, ElectionView, WitnessStep, WitnessView, WITNESS_NODE};
+use tandem_core::witness::{next_step, steer_election, Claim, ElectionStep, ElectionView, WitnessLead, WitnessStep, WitnessView, WITNESS_NODE};
 use tandem_core::HostId;
 
 /// The address the witness has in Raft's membership: a name, not a host's address; the route
@@ -309,12 +309,14 @@ impl Agent {
         };
         // While the witness's leader lease is fresh it refuses any vote: stand after it.
         let lease_over = since.is_some_and(|t| now.saturating_sub(t) > 2 * crate::consensus::raft_heartbeat_ms(&self.cfg.timings));
+        let witness_lead = match (witness_leads, lease_over) {
+            (false, _) => WitnessLead::No,
+            (true, false) => WitnessLead::LeaseFresh,
+            (true, true) => WitnessLead::LeasePassed,
+        };
         let view = ElectionView {
             host_knows_leader: own.leader.is_some(),
-            witness_leads_past_lease: lease_over,
-            // (A witness that does not lead may still name the lost leader: it hears of no
-            // election it refused.)
-            witness_leads,
+            witness_lead,
             host_log: self.consensus.last_log_position(),
             witness_log: held.consensus.last_log_position(),
         };

@@ -270,7 +270,7 @@ impl Command {
             Command::SetHostSite { .. } => Some(crate::logformat::SITE_FORMAT),
             Command::SetWitness { .. } => Some(crate::logformat::WITNESS_FORMAT),
             Command::MirrorSynced { .. } | Command::MirrorDegraded { .. } => Some(crate::logformat::MIRROR_FORMAT),
-            Command::MirrorSwitched { .. } => Some(crate::logformat::PREFERRED_SITE_FORMAT),
+            Command::MirrorSwitched { .. } => Some(crate::logformat::MIRROR_SWITCH_FORMAT),
             Command::CreateVm { spec } | Command::UpdateVm { spec, .. } if spec.site_mirrored() => Some(crate::logformat::MIRROR_FORMAT),
             Command::SetSettings { settings, .. } if settings.preferred_site.is_some() => Some(crate::logformat::PREFERRED_SITE_FORMAT),
             Command::SetSettings { settings, .. } if settings.survive_site_loss => Some(crate::logformat::SITE_FORMAT),

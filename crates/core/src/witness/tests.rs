@@ -146,7 +146,12 @@ fn at(term: u64, leader: u64, index: u64) -> Option<LogPosition> {
 }
 
 fn election(host_knows_leader: bool, witness_leads: bool, past_lease: bool, host_log: Option<LogPosition>, witness_log: Option<LogPosition>) -> ElectionStep {
-    steer_election(&ElectionView { host_knows_leader, witness_leads_past_lease: witness_leads && past_lease, witness_leads, host_log, witness_log })
+    let witness_lead = match (witness_leads, past_lease) {
+        (false, _) => WitnessLead::No,
+        (true, false) => WitnessLead::LeaseFresh,
+        (true, true) => WitnessLead::LeasePassed,
+    };
+    steer_election(&ElectionView { host_knows_leader, witness_lead, host_log, witness_log })
 }
 
 /// The lab's cut between two sites (CI, and 1 run in 6 here): the host that kept the cluster
