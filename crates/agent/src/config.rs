@@ -131,11 +131,20 @@ pub struct MirrorConfig {
     /// Bytes sent to the other copy with no answer for this long, milliseconds: the copy counts
     /// as lost, and the guest's writes wait until that is committed.
     pub stall_ms: u64,
+    /// Where the other sites reach this host's copy server, `ip:port`, when not at its cluster
+    /// address and `copy_port`: a replication network of its own, a forwarded port (the lab's
+    /// inter-site delay is one).
+    pub advertise: Option<std::net::SocketAddr>,
 }
 
 impl Default for MirrorConfig {
     fn default() -> Self {
-        MirrorConfig { copy_port: 10_930, storage_daemon: "qemu-storage-daemon".into(), stall_ms: tandem_drivers::copyrelay::DEFAULT_STALL.as_millis() as u64 }
+        MirrorConfig {
+            copy_port: 10_930,
+            storage_daemon: "qemu-storage-daemon".into(),
+            stall_ms: tandem_drivers::copyrelay::DEFAULT_STALL.as_millis() as u64,
+            advertise: None,
+        }
     }
 }
 

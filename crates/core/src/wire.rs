@@ -58,6 +58,18 @@ const SLOT_BODY_LEN: usize = 4 + 1 + 1 + 2 + 4 + 8 + 8 + 8 + 8 + 8;
 /// (body, CRC, MAC); the rest of the block is padding it never looks at.
 pub const SLOT_RECORD_LEN: usize = SLOT_BODY_LEN + 4 + MAC_LEN;
 
+/// The length of each side's nonce in the copy channel's handshake.
+pub const COPY_NONCE_LEN: usize = 32;
+
+/// Which end of the copy channel a proof comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopySide {
+    /// The relay in front of the mirroring QEMU.
+    Client,
+    /// The gate in front of the copy server.
+    Server,
+}
+
 /// The cluster secret as a MAC key. Its bytes never appear in logs. The HMAC state is keyed once:
 /// every MAC then starts from a copy instead of hashing the key's pads again (two of the four
 /// SHA-256 blocks of a heartbeat's MAC).
@@ -122,6 +134,29 @@ impl ClusterKey {
     pub fn verify_join_proof(&self, challenge: &str, identity: &[u8], proof: &str) -> bool {
         let expected = self.join_proof(challenge, identity);
         expected.len() == proof.len() && expected.bytes().zip(proof.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// One side's proof in the copy channel's handshake (a relay reaching a copy server of
+    /// another site): a MAC over both sides' fresh nonces, labelled by the side, so a proof is
+    /// never replayed on another connection nor reflected back to its sender.
+    #[must_use]
+    pub fn copy_proof(&self, side: CopySide, server_nonce: &[u8; COPY_NONCE_LEN], client_nonce: &[u8; COPY_NONCE_LEN]) -> [u8; MAC_LEN] {
+        let label: &[u8] = match side {
+            CopySide::Client => b"tandem copy client v1\0",
+            CopySide::Server => b"tandem copy server v1\0",
+        };
+        let mut data = Vec::with_capacity(label.len() + 2 * COPY_NONCE_LEN);
+        data.extend_from_slice(label);
+        data.extend_from_slice(server_nonce);
+        data.extend_from_slice(client_nonce);
+        self.mac(&data)
+    }
+
+    /// Checks a [`ClusterKey::copy_proof`] in constant time.
+    #[must_use]
+    pub fn verify_copy_proof(&self, side: CopySide, server_nonce: &[u8; COPY_NONCE_LEN], client_nonce: &[u8; COPY_NONCE_LEN], proof: &[u8]) -> bool {
+        let expected = self.copy_proof(side, server_nonce, client_nonce);
+        expected.len() == proof.len() && expected.iter().zip(proof).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 
     /// A token derived from the secret for authenticating agent-to-agent HTTP calls.
@@ -525,6 +560,22 @@ mod tests {
 
     fn key() -> ClusterKey {
         ClusterKey::new(b"0123456789abcdef-test").expect("key")
+    }
+
+    #[test]
+    fn a_copy_proof_holds_only_for_its_side_its_nonces_and_its_key() {
+        let (k, other) = (key(), ClusterKey::new(b"another cluster's secret").expect("key"));
+        let (s, c) = ([1u8; COPY_NONCE_LEN], [2u8; COPY_NONCE_LEN]);
+        let proof = k.copy_proof(CopySide::Client, &s, &c);
+        assert!(k.verify_copy_proof(CopySide::Client, &s, &c, &proof));
+        // Reflected to the other side, replayed with another nonce, made with another key, cut
+        // short: refused.
+        assert!(!k.verify_copy_proof(CopySide::Server, &s, &c, &proof));
+        assert!(!k.verify_copy_proof(CopySide::Client, &[3u8; COPY_NONCE_LEN], &c, &proof));
+        assert!(!k.verify_copy_proof(CopySide::Client, &s, &[3u8; COPY_NONCE_LEN], &proof));
+        assert!(!other.verify_copy_proof(CopySide::Client, &s, &c, &proof));
+        assert!(!k.verify_copy_proof(CopySide::Client, &s, &c, &proof[..31]));
+        assert_ne!(k.copy_proof(CopySide::Server, &s, &c), proof);
     }
 
     fn sample_heartbeat() -> Heartbeat {

@@ -3,7 +3,9 @@
 //! nftables partitions (full, one-way, pairwise), random heartbeat loss, SIGKILL of agents, of
 //! whole hosts and of single workloads, SIGSTOP of a whole host past the timeouts, a host's
 //! heartbeat disk failing, a live migration with a fault in its copy, a maintenance cycle, a
-//! planned stop under each shutdown policy — and the invariants are checked from the outside:
+//! planned stop under each shutdown policy; with sites, a site's power loss and the link
+//! between two sites cut both ways or one way; with a network witness (`--witness network`, two
+//! hosts), the witness's loss — and the invariants are checked from the outside:
 //!
 //! - `double-run`: no VM executes on two hosts at once (process table sampled every 10 ms; a
 //!   stopped process counts as present; two processes of a VM count unless their hosts show all
@@ -44,6 +46,7 @@ fn thaw(agent: u32, workloads: &[u32]) {
 mod emulator;
 pub(crate) mod planned;
 mod sites;
+mod witness;
 use emulator::WatchdogEmulator;
 
 /// The hardware watchdog's reset timeout the agents are configured with: the default.
@@ -66,9 +69,15 @@ pub struct ChaosArgs {
     /// Seed for the order, targets and durations of faults (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Hosts in the cluster, 3 to 5.
+    /// Hosts in the cluster, 3 to 5 (2 with `--witness network`).
     #[arg(long, default_value_t = 3)]
     pub hosts: usize,
+    /// The third vote of a two-host cluster: `none` (3 to 5 hosts and a shared heartbeat
+    /// disk) or `network` (2 hosts, no shared storage: a `tandem witness` in the lab's control
+    /// namespace, a third place both hosts reach, keeps their heartbeat area and votes; the
+    /// witness's loss is injected too, and the heartbeat-disk faults are not).
+    #[arg(long, default_value = "none")]
+    pub witness: String,
     /// Number of faults, overriding the profile's.
     #[arg(long)]
     pub faults: Option<usize>,
@@ -125,7 +134,13 @@ const CHAOS_FAULTS: [FaultKind; 15] = [
 ];
 
 /// The kinds injected as well when the hosts have sites (`--sites`), after the others.
-const SITE_FAULTS: [FaultKind; 2] = [FaultKind::SitePowerLoss, FaultKind::SiteLinkCut];
+const SITE_FAULTS: [FaultKind; 3] = [FaultKind::SitePowerLoss, FaultKind::SiteLinkCut, FaultKind::SiteLinkOneWay];
+
+/// The kinds a network witness adds (`--witness network`), after the others.
+const WITNESS_FAULTS: [FaultKind; 1] = [FaultKind::WitnessLoss];
+
+/// The kinds that need the shared heartbeat disk (none with a network witness).
+const DISK_FAULTS: [FaultKind; 2] = [FaultKind::DiskErrorOne, FaultKind::DiskHangOne];
 
 /// What the suite measured.
 #[derive(Default)]
@@ -143,12 +158,17 @@ struct Suite {
     report: Report,
     /// The VM names created at the start; committed state must keep exactly these.
     vm_names: BTreeSet<String>,
-    /// Per host, the symlink through which it reaches the shared heartbeat disk.
-    disk_links: Vec<PathBuf>,
     origin: Instant,
     watchdog: Option<WatchdogEmulator>,
-    /// The FUSE layer every host's heartbeat disk goes through (last: unmounted after the
-    /// agents are gone).
+    /// The shared heartbeat disk's faulty paths (none with a network witness; last: unmounted
+    /// after the agents are gone).
+    disk: Option<HeartbeatPaths>,
+}
+
+/// How each host reaches the shared heartbeat disk: its own symlink (which a fault breaks) to
+/// its own view of one FUSE layer (which a fault hangs).
+struct HeartbeatPaths {
+    links: Vec<PathBuf>,
     fuse: FuseDisk,
 }
 
@@ -294,10 +314,16 @@ impl Suite {
 
     /// Fenced events since `since_ms` (wall clock) from every host that answers: host names.
     fn fenced_since(&self, since_ms: u64) -> BTreeSet<String> {
+        self.recorded_since(EventKind::Fenced, since_ms)
+    }
+
+    /// The hosts that recorded an event of `kind` since `since_ms` (wall clock), as every host
+    /// that answers tells.
+    fn recorded_since(&self, kind: EventKind, since_ms: u64) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for i in 0..self.lab.hosts.len() {
-            if let Ok(ev) = self.client(i).list_as::<Event>("/v1/events?kind=fenced&limit=4096") {
-                out.extend(ev.into_iter().filter(|e| e.kind == EventKind::Fenced && e.at_ms >= since_ms).map(|e| e.host));
+            if let Ok(ev) = self.client(i).list_as::<Event>(&format!("/v1/events?kind={kind}&limit=4096")) {
+                out.extend(ev.into_iter().filter(|e| e.kind == kind && e.at_ms >= since_ms).map(|e| e.host));
             }
         }
         out
@@ -475,24 +501,27 @@ impl Suite {
                 }
             }
             FaultKind::DiskErrorOne => {
-                let link = self.disk_links[target].clone();
+                let Some(disk) = &self.disk else { bail!("{fault} needs the shared heartbeat disk") };
+                let (link, view) = (disk.links[target].clone(), disk.fuse.path(target));
                 let before = self.vms(&(0..n).collect::<Vec<_>>());
                 self.log(&format!("{}: {}'s path to the heartbeat disk fails for 10 s", fault.name(), self.lab.hosts[target].name));
                 std::fs::remove_file(&link)?;
                 std::thread::sleep(Duration::from_secs(10));
-                std::os::unix::fs::symlink(self.fuse.path(target), &link)?;
+                std::os::unix::fs::symlink(view, &link)?;
                 let after = self.vms(&(0..n).collect::<Vec<_>>());
                 if placement(&before) != placement(&after) {
                     self.violation(Violation::new(Invariant::HealthyFenced, "VMs moved although only one host's disk failed"));
                 }
             }
             FaultKind::DiskHangOne => {
+                let Some(disk) = &self.disk else { bail!("{fault} needs the shared heartbeat disk") };
+                let fuse = &disk.fuse;
                 let before = self.vms(&(0..n).collect::<Vec<_>>());
                 self.log(&format!("{}: {}'s heartbeat disk hangs for 10 s (FUSE)", fault.name(), self.lab.hosts[target].name));
-                self.fuse.set_mode(target, ViewMode::Hang);
+                fuse.set_mode(target, ViewMode::Hang);
                 std::thread::sleep(Duration::from_secs(10));
-                let parked = self.fuse.parked();
-                self.fuse.set_mode(target, ViewMode::Normal);
+                let parked = fuse.parked();
+                fuse.set_mode(target, ViewMode::Normal);
                 self.log(&format!("  {parked} I/O request(s) were hung when the disk came back"));
                 let after = self.vms(&(0..n).collect::<Vec<_>>());
                 if placement(&before) != placement(&after) {
@@ -501,11 +530,13 @@ impl Suite {
             }
             FaultKind::LiveMigration => self.inject_live_migration(target, t0, &mut may_fence)?,
             FaultKind::SitePowerLoss => self.inject_site_power_loss(target, t0, &mut may_fence)?,
-            FaultKind::SiteLinkCut => self.inject_site_link_cut(target, t0, since_ms, &mut may_fence)?,
+            FaultKind::SiteLinkCut => self.inject_site_link_cut(target, t0, since_ms, &mut may_fence, false)?,
+            FaultKind::SiteLinkOneWay => self.inject_site_link_cut(target, t0, since_ms, &mut may_fence, true)?,
+            FaultKind::WitnessLoss => self.inject_witness_loss(since_ms)?,
             FaultKind::PlannedStop => self.inject_planned_stop(target, t0, &mut may_fence)?,
             FaultKind::MaintenanceCycle => self.inject_maintenance_cycle(target)?,
-            // The plan draws from CHAOS_FAULTS and, with sites, SITE_FAULTS only (tested to be the
-            // vocabulary's chaos kinds).
+            // The plan draws from CHAOS_FAULTS, SITE_FAULTS and WITNESS_FAULTS only (tested to be
+            // the vocabulary's chaos kinds).
             other => bail!("{other} is injected by the simulator only"),
         }
         *self.report.faults.entry(fault.name()).or_default() += 1;
@@ -546,8 +577,15 @@ fn suite_hosts_for_watchdog(lab: &Lab) -> Vec<(String, PathBuf, PathBuf)> {
 
 /// Runs the suite; prints the figures and one JSON line; fails when an invariant was violated.
 pub fn run(args: &ChaosArgs) -> Result<()> {
-    if !(3..=5).contains(&args.hosts) {
-        bail!("--hosts must be 3 to 5");
+    let network_witness = match args.witness.as_str() {
+        "none" => false,
+        "network" => true,
+        other => bail!("unknown witness '{other}': use none or network"),
+    };
+    match (network_witness, args.hosts) {
+        (false, 3..=5) | (true, 2) => {}
+        (false, _) => bail!("--hosts must be 3 to 5 (2 with --witness network)"),
+        (true, _) => bail!("--witness network is the third vote of two hosts: --hosts 2"),
     }
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -556,7 +594,12 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     if !args.sites.is_empty() && (args.sites.len() != args.hosts || args.sites.iter().any(|s| !tandem_core::state::valid_name(s))) {
         bail!("--sites names one site per host ({}), each 1-63 letters, digits, '-' or '_'", args.hosts);
     }
-    let kinds: Vec<FaultKind> = CHAOS_FAULTS.into_iter().chain(SITE_FAULTS.into_iter().filter(|_| !args.sites.is_empty())).collect();
+    let kinds: Vec<FaultKind> = CHAOS_FAULTS
+        .into_iter()
+        .filter(|k| !(network_witness && DISK_FAULTS.contains(k)))
+        .chain(SITE_FAULTS.into_iter().filter(|_| !args.sites.is_empty()))
+        .chain(WITNESS_FAULTS.into_iter().filter(|_| network_witness))
+        .collect();
     let count = match (args.faults, args.profile.as_str()) {
         (Some(n), _) => n,
         (None, "short") => kinds.len(),
@@ -577,11 +620,12 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     }
     if let Some(only) = &args.only {
         let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
-        let kind = kinds
-            .iter()
-            .copied()
-            .find(|f| f.name() == only)
-            .ok_or_else(|| anyhow!("the fault suite injects no fault called '{only}' (site faults need --sites): one of {}", names.join(", ")))?;
+        let kind = kinds.iter().copied().find(|f| f.name() == only).ok_or_else(|| {
+            anyhow!(
+                "the fault suite injects no fault called '{only}' here (site faults need --sites, witness-loss --witness network): one of {}",
+                names.join(", ")
+            )
+        })?;
         plan = vec![kind; args.faults.unwrap_or(1)];
     }
     let emulate_watchdog = match args.watchdog.as_str() {
@@ -608,9 +652,10 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     };
     println!("tandem-lab chaos: profile {}, seed {seed}, {} hosts, {driver} workloads, {count} faults", args.profile, args.hosts);
     println!(
-        "replay: tandem-lab chaos --profile {} --seed {seed} --hosts {} --driver {driver} --watchdog {}{}{}{}",
+        "replay: tandem-lab chaos --profile {} --seed {seed} --hosts {} --witness {} --driver {driver} --watchdog {}{}{}{}",
         args.profile,
         args.hosts,
+        args.witness,
         args.watchdog,
         args.faults.map(|n| format!(" --faults {n}")).unwrap_or_default(),
         args.only.as_ref().map(|k| format!(" --only {k}")).unwrap_or_default(),
@@ -623,7 +668,9 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     let binary = crate::lab::tandem_binary()?;
     let links_dir = std::env::temp_dir().join(format!("tandem-chaos-links-{}", std::process::id()));
     std::fs::create_dir_all(&links_dir)?;
-    let disk_links: Vec<PathBuf> = (0..args.hosts).map(|i| links_dir.join(format!("h{i}.disk"))).collect();
+    let disk_links: Vec<PathBuf> = if network_witness { Vec::new() } else { (0..args.hosts).map(|i| links_dir.join(format!("h{i}.disk"))).collect() };
+    // The witness listens in the control namespace, where the suite runs: a third place.
+    let witness_at = network_witness.then(|| crate::lab::witness::NetWitnessOptions { addr: format!("{}:7463", net.control_ip()), netns: None, tls: None });
     let opts = LabOptions {
         hosts: args.hosts as u32,
         driver: driver.into(),
@@ -633,6 +680,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         netns: Some(net.lab_hosts()),
         disk_paths: disk_links.iter().enumerate().map(|(i, l)| (i as u32, l.clone())).collect(),
         sites: args.sites.clone(),
+        network_witness: witness_at,
         ..LabOptions::default()
     };
     let mut lab = Lab::new(opts, &binary)?;
@@ -646,13 +694,19 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     // Each host reaches the shared heartbeat disk through its own FUSE view (which a fault
     // hangs) and its own symlink to that view (which a fault breaks).
     // `Lab::new` formatted it.
-    let backing = lab.shared.join("heartbeat.disk");
-    let fuse_dir = links_dir.join("fuse");
-    std::fs::create_dir_all(&fuse_dir)?;
-    let fuse = FuseDisk::mount(&backing, &fuse_dir, args.hosts)?;
-    for (i, l) in disk_links.iter().enumerate() {
-        std::os::unix::fs::symlink(fuse.path(i), l)?;
-    }
+    let disk = if network_witness {
+        lab.start_witness()?;
+        None
+    } else {
+        let backing = lab.shared.join("heartbeat.disk");
+        let fuse_dir = links_dir.join("fuse");
+        std::fs::create_dir_all(&fuse_dir)?;
+        let fuse = FuseDisk::mount(&backing, &fuse_dir, args.hosts)?;
+        for (i, l) in disk_links.iter().enumerate() {
+            std::os::unix::fs::symlink(fuse.path(i), l)?;
+        }
+        Some(HeartbeatPaths { links: disk_links, fuse })
+    };
     lab.start_all()?;
     lab.form_cluster()?;
     let guest = args.guest_dir.clone().unwrap_or_else(|| PathBuf::from(".cache/guest"));
@@ -675,7 +729,10 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
     // A live migration's destination holds a paused copy while the source runs: the recorder
     // asks the hosts before it counts two processes of a VM as a double run.
     lab.judge_paused_copies();
-    let mut suite = Suite { lab, net, rng, report: Report::default(), vm_names, disk_links, origin: Instant::now(), watchdog, fuse };
+    let mut suite = Suite { lab, net, rng, report: Report::default(), vm_names, origin: Instant::now(), watchdog, disk };
+    if network_witness {
+        suite.wait_witness_votes();
+    }
     suite.settle("start");
     suite.log(&format!("{total} protected VM(s) running on {} hosts", args.hosts));
     let progress = crate::progress::Progress::new(plan.len() as u64, "faults");
@@ -711,7 +768,7 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         println!("  {v}");
     }
     let summary = json!({
-        "profile": args.profile, "seed": seed, "hosts": args.hosts, "driver": driver,
+        "profile": args.profile, "seed": seed, "hosts": args.hosts, "witness": args.witness, "driver": driver,
         "faults": r.faults, "faults_total": r.faults.values().sum::<u32>(),
         "vm_recoveries": r.recoveries, "watchdog": args.watchdog, "watchdog_resets": resets,
         "recovery_ms": { "median": median(&r.recovery_ms), "max": r.recovery_ms.iter().max().copied().unwrap_or(0) },
@@ -735,10 +792,11 @@ mod tests {
 
     #[test]
     fn the_suite_injects_exactly_the_vocabularys_chaos_kinds() {
-        let mine: BTreeSet<FaultKind> = CHAOS_FAULTS.into_iter().chain(SITE_FAULTS).collect();
+        let mine: BTreeSet<FaultKind> = CHAOS_FAULTS.into_iter().chain(SITE_FAULTS).chain(WITNESS_FAULTS).collect();
         let vocabulary: BTreeSet<FaultKind> = FaultKind::of(Backend::Chaos).collect();
         assert_eq!(mine, vocabulary);
-        assert_eq!(mine.len(), CHAOS_FAULTS.len() + SITE_FAULTS.len(), "no kind twice");
+        assert_eq!(mine.len(), CHAOS_FAULTS.len() + SITE_FAULTS.len() + WITNESS_FAULTS.len(), "no kind twice");
         assert!(SITE_FAULTS.iter().all(|k| k.needs_sites()) && !CHAOS_FAULTS.iter().any(|k| k.needs_sites()));
+        assert!(WITNESS_FAULTS.iter().all(|k| k.needs_witness()) && DISK_FAULTS.iter().all(|k| CHAOS_FAULTS.contains(k)));
     }
 }

@@ -2,6 +2,7 @@
 //! it carries for a fixed one-way delay before passing it on, in order, both ways. A round trip
 //! through it takes twice the delay more.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,6 +16,8 @@ const IN_FLIGHT: usize = 1024;
 pub struct DelayRelay {
     pub addr: std::net::SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    /// Connections relayed so far.
+    relayed: Arc<AtomicUsize>,
 }
 
 impl Drop for DelayRelay {
@@ -29,10 +32,13 @@ impl DelayRelay {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let upstream: Arc<str> = upstream.into();
+        let relayed = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&relayed);
         let task = tokio::spawn(async move {
             let mut pairs = Vec::new();
             while let Ok((down, _)) = listener.accept().await {
                 let Ok(up) = TcpStream::connect(&*upstream).await else { continue };
+                counted.fetch_add(1, Ordering::Relaxed);
                 let _ = (down.set_nodelay(true), up.set_nodelay(true));
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
@@ -43,7 +49,13 @@ impl DelayRelay {
                 p.abort();
             }
         });
-        Ok(DelayRelay { addr, task })
+        Ok(DelayRelay { addr, task, relayed })
+    }
+
+    /// How many connections it has relayed to its upstream.
+    #[must_use]
+    pub fn relayed(&self) -> usize {
+        self.relayed.load(Ordering::Relaxed)
     }
 }
 

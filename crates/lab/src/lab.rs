@@ -315,9 +315,13 @@ impl Lab {
                 mem = opts.capacity.1,
                 site = opts.sites.get(i as usize).map(|s| format!("site = \"{s}\"\n")).unwrap_or_default(),
                 witness = if opts.disk_witness { format!("disk_witness = \"{}\"\n", witness.display()) } else { String::new() },
-                // `{data}` in the extra config stands for this host's data directory.
-                extra =
-                    opts.extra_config.replace("{data}", &data.display().to_string()).replace("{site}", opts.sites.get(i as usize).map_or("", String::as_str)),
+                // `{data}` in the extra config stands for this host's data directory, `{index}`
+                // for its index.
+                extra = opts
+                    .extra_config
+                    .replace("{data}", &data.display().to_string())
+                    .replace("{site}", opts.sites.get(i as usize).map_or("", String::as_str))
+                    .replace("{index}", &i.to_string()),
             );
             std::fs::write(&config, text)?;
             hosts.push(LabHost { id: i, name, ip, api, config, data, child: None, prefix });

@@ -207,6 +207,13 @@ impl NetLab {
         self.cut_table(i, &[("output", &format!("ip daddr {set} drop")), ("input", &format!("ip saddr {set} drop"))])
     }
 
+    /// Nothing host `i` sends reaches the hosts `others`; it still hears them, and reaches the
+    /// rest (a link between two sites broken one way is this on each host of one of them).
+    pub fn block_outbound_to(&self, i: usize, others: &[usize]) -> Result<()> {
+        let ips: Vec<String> = others.iter().map(|j| self.host_ip(*j)).collect();
+        self.cut_table(i, &[("output", &format!("ip daddr {{ {} }} drop", ips.join(", ")))])
+    }
+
     /// Removes the rules of `block_outbound` / `block_pair` on host `i`.
     pub fn unblock(&self, i: usize) -> Result<()> {
         run("ip", &["netns", "exec", &self.host_ns(i), "nft", "delete", "table", "inet", "tandemcut"])

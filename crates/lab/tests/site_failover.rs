@@ -16,6 +16,7 @@ use tandem_core::mirroring::LinkState;
 use tandem_core::state::{DiskSpec, NetworkSpec, Protection, ServiceProbe};
 use tandem_lab::bench::migration::{doubly_running, test_guest};
 use tandem_lab::bench::twohosts::{network_witness_options, two_host_options};
+use tandem_lab::delayrelay::DelayRelay;
 use tandem_lab::demo::{http_get, wait};
 use tandem_lab::diskguest::{highest_record, judge, SeqWatch};
 use tandem_lab::fusedisk::{FuseDisk, ViewMode};
@@ -38,19 +39,32 @@ fn with_sites(name: &str, scenario: impl FnOnce(&std::path::Path, &std::path::Pa
 
 #[test]
 fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_every_acknowledged_write() -> Result<()> {
-    with_sites("tandem-site-failover", |storage, guest| site_loss_scenario(storage, guest, "tsf", 104, WitnessAt::First))
+    with_sites("tandem-site-failover", |storage, guest| site_loss_scenario(storage, guest, &SiteLabSpec::new("tsf", 104, WitnessAt::First)))
 }
 
 /// The same with no shared storage between the sites at all: the third vote is a network
-/// witness in a third place.
+/// witness in a third place, and the sites are 5 ms apart each way (the mirror's traffic goes
+/// through the lab's delay relay in that third place).
 #[test]
 fn a_site_lost_with_a_network_witness_in_a_third_place_restarts_the_guest_on_the_other_sites_copy() -> Result<()> {
-    with_sites("tandem-site-witness", |storage, guest| site_loss_scenario(storage, guest, "tsw", 111, WitnessAt::ThirdPlace))
+    let spec = SiteLabSpec { delay: Some(Duration::from_millis(5)), ..SiteLabSpec::new("tsw", 111, WitnessAt::ThirdPlace) };
+    with_sites("tandem-site-witness", |storage, guest| site_loss_scenario(storage, guest, &spec))
 }
 
 #[test]
 fn a_cut_between_the_sites_holds_writes_until_the_lost_copy_is_committed_stale_then_resyncs() -> Result<()> {
-    with_sites("tandem-site-cut", cut_scenario)
+    // The witness held at site b, whose host loses the cut (the lower id keeps the cluster):
+    // the survivor must take the witness over while the loser's last term is on it — the
+    // arrangement that once left the cluster without a leader (see `cut_scenario`).
+    with_sites("tandem-site-cut", |storage, guest| cut_scenario(storage, guest, &SiteLabSpec::new("tsc", 105, WitnessAt::SiteB), Cut::BothWays))
+}
+
+/// The link between the sites broken one way: nothing site a (the guest's) sends reaches site
+/// b, which still reaches a. One side stands, the other fences, no write the guest saw
+/// acknowledged is lost, and healed, both copies are current again.
+#[test]
+fn a_link_between_the_sites_broken_one_way_leaves_one_side_and_loses_no_acknowledged_write() -> Result<()> {
+    with_sites("tandem-site-oneway", |storage, guest| cut_scenario(storage, guest, &SiteLabSpec::new("tso", 112, WitnessAt::First), Cut::OneWay))
 }
 
 #[test]
@@ -64,7 +78,8 @@ fn a_host_whose_site_storage_fails_goes_on_on_the_other_sites_copy_without_a_res
 /// boot), no acknowledged write lost, the VM still on h0. The storage back, the disk returns to
 /// site a's copy (mirrored back, then switched in a pause), both copies current again.
 fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
-    let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, "tsp", 110, WitnessAt::First, true)?;
+    let spec = SiteLabSpec { fuse_a: true, ..SiteLabSpec::new("tsp", 110, WitnessAt::First) };
+    let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
     let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
     let c = lab.client(0);
     let acknowledged = seq.highest();
@@ -115,17 +130,29 @@ fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
 /// fences. If the guest's own site won, its writes wait for the other copy to be committed
 /// stale, then go on alone; if the other won, the guest restarts there from its copy. Healed,
 /// the mirror catches the other copy up and both are current again.
-fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
-    // The witness held at site b, whose host loses the cut (the lower id keeps the cluster):
-    // the survivor must take the witness over while the loser's last term is on it — the
-    // arrangement that once left the cluster without a leader (see below).
-    let SiteLab { lab, net, seq, .. } = start_site_lab(storage, guest, "tsc", 105, WitnessAt::SiteB, false)?;
-    assert!(witness_holders(&lab) == ["h1"], "the witness moved before the cut: {:?}", witness_holders(&lab));
+/// How the link between the sites breaks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Cut {
+    BothWays,
+    /// Nothing site a sends reaches site b; b still reaches a.
+    OneWay,
+}
+
+fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteLabSpec, how: Cut) -> Result<()> {
+    let SiteLab { lab, net, seq, .. } = start_site_lab(storage, guest, spec)?;
+    if spec.witness == WitnessAt::SiteB {
+        assert!(witness_holders(&lab) == ["h1"], "the witness moved before the cut: {:?}", witness_holders(&lab));
+    }
     let clients = [lab.client(0), lab.client(1)];
     let acknowledged = seq.highest();
     let cut = Instant::now();
-    net.block_hosts(0, &[1])?;
-    net.block_hosts(1, &[0])?;
+    match how {
+        Cut::BothWays => {
+            net.block_hosts(0, &[1])?;
+            net.block_hosts(1, &[0])?;
+        }
+        Cut::OneWay => net.block_outbound_to(0, &[1])?,
+    }
     // One side goes on with the guest: it writes past what it acknowledged before the cut.
     // (The guest's host led the cluster, and its proposal to commit the lost copy stale went
     // into its log and nowhere else, while site b's host won a term with the witness's vote
@@ -141,10 +168,12 @@ fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()
     // The longest time without a write acknowledged, around the cut.
     let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > cut && s.at <= on.at).collect();
     let held = judge(&around).longest_stall_ms;
-    eprintln!("cut: writes held {held} ms; the guest runs at {:?} (copies {:?})", host.0, host.1);
+    eprintln!("cut ({how:?}): writes held {held} ms; the guest runs at {:?} (copies {:?})", host.0, host.1);
     assert!(doubly_running(&clients).is_empty(), "never two running copies");
     net.unblock(0)?;
-    net.unblock(1)?;
+    if how == Cut::BothWays {
+        net.unblock(1)?;
+    }
     // Healed: the other copy is caught up and counted again.
     wait("both copies current after the heal", Duration::from_secs(180), || clients.iter().find_map(|c| copies_are(c, &["a", "b"])))?;
     let events = lab.events();
@@ -163,10 +192,34 @@ fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()
     Ok(())
 }
 
+/// How a test's two-site lab is made.
+struct SiteLabSpec {
+    /// The namespaces' prefix, and the loopback net (unique per test).
+    prefix: &'static str,
+    loopback_net: u8,
+    witness: WitnessAt,
+    /// Site a's copy a FUSE view that the test can make fail.
+    fuse_a: bool,
+    /// The one-way inter-site delay of the mirrors' traffic (the lab's delay relay in the third
+    /// place, each host's copy server advertised there).
+    delay: Option<Duration>,
+}
+
+impl SiteLabSpec {
+    fn new(prefix: &'static str, loopback_net: u8, witness: WitnessAt) -> SiteLabSpec {
+        SiteLabSpec { prefix, loopback_net, witness, fuse_a: false, delay: None }
+    }
+}
+
+/// The first port of the delay relays in the third place (one per host).
+const DELAY_PORT: u16 = 10_950;
+
 /// The two-site lab with the guest running at site a, its mirror into b's copy in sync.
 struct SiteLab {
     lab: Lab,
     net: NetLab,
+    /// The inter-site delay relays and the runtime that carries them (dropped after the lab).
+    _delay: Option<(tokio::runtime::Runtime, Vec<DelayRelay>)>,
     seq: SeqWatch,
     image_a: std::path::PathBuf,
     /// Site a's storage, when it is a FUSE view that can be made to fail (dropped last: after
@@ -197,11 +250,12 @@ fn witness_holders(lab: &Lab) -> Vec<String> {
     lab.events().into_iter().filter(|e| e.kind.to_string() == "witness-held").filter_map(|e| e.subject).collect()
 }
 
-/// `fuse_a`: site a's copy is a FUSE view of a file beside (`site-a/db.raw` a link to it), so
-/// that the test can make site a's storage fail under the guest.
-fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &str, loopback_net: u8, witness: WitnessAt, fuse_a: bool) -> Result<SiteLab> {
+/// With `fuse_a`, site a's copy is a FUSE view of a file beside (`site-a/db.raw` a link to it),
+/// so that the test can make site a's storage fail under the guest.
+fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteLabSpec) -> Result<SiteLab> {
+    let SiteLabSpec { prefix, loopback_net, witness, .. } = *spec;
     let image_a = storage.join("site-a/db.raw");
-    let fuse_a = if fuse_a {
+    let fuse_a = if spec.fuse_a {
         let backing = storage.join("site-a-storage.raw");
         std::fs::File::create(&backing)?.set_len(DISK_BYTES)?;
         let mount = storage.join("site-a-fuse");
@@ -229,6 +283,21 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
         "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\nbridges = [\"{VM_BRIDGE}\"]\nsite_disk_dir = \"{}/site-{{site}}\"\n[mirror]\nstall_ms = 1000\n",
         storage.display()
     );
+    // The inter-site delay: each host's copy server reached through a delay relay in the third
+    // place (the control namespace, where this test runs).
+    let delay = match spec.delay {
+        Some(d) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            let mut relays = Vec::new();
+            for i in 0..2 {
+                let listen = format!("{}:{}", net.control_ip(), DELAY_PORT + i as u16);
+                relays.push(rt.block_on(DelayRelay::start(&listen, &format!("{}:10930", net.host_ip(i)), d))?);
+            }
+            opts.extra_config.push_str(&format!("advertise = \"{}:1095{{index}}\"\n", net.control_ip()));
+            Some((rt, relays))
+        }
+        None => None,
+    };
     let mut lab = Lab::new(opts, &tandem_lab::lab::tandem_binary()?)?;
     if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
         lab.keep_files();
@@ -272,6 +341,10 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
     wait("both copies current", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
     let local: LocalView = c.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
     assert!(local.mirrors.iter().any(|m| m.vm == "db" && m.site == "b" && m.state == LinkState::InSync), "{:?}", local.mirrors);
+    if let Some((_, relays)) = &delay {
+        // The mirror reaches site b's copy through the delay, at the address h1 advertised.
+        assert!(relays[1].relayed() > 0, "the mirror into site b's copy did not go through the inter-site delay");
+    }
     // The operator's view: `tandem vm mirrors`.
     let out = std::process::Command::new(tandem_lab::lab::tandem_binary()?)
         .args(["--api", &lab.hosts[1].api, "--token", &lab.token(), "vm", "mirrors", "db"])
@@ -286,11 +359,11 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, prefix: &s
         assert!(there >= acknowledged, "site b's copy holds {there}, the guest acknowledged {acknowledged}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(SiteLab { lab, net, seq, image_a, fuse_a })
+    Ok(SiteLab { lab, net, _delay: delay, seq, image_a, fuse_a })
 }
 
-fn site_loss_scenario(storage: &std::path::Path, guest: &std::path::Path, prefix: &str, loopback_net: u8, witness: WitnessAt) -> Result<()> {
-    let SiteLab { mut lab, net: _net, seq, image_a, .. } = start_site_lab(storage, guest, prefix, loopback_net, witness, false)?;
+fn site_loss_scenario(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteLabSpec) -> Result<()> {
+    let SiteLab { mut lab, net: _net, _delay, seq, image_a, .. } = start_site_lab(storage, guest, spec)?;
     // Site a loses power: its host, its QEMU, its copy (nothing of it is used again).
     let acknowledged = seq.highest();
     let lost = Instant::now();

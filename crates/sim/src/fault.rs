@@ -91,6 +91,10 @@ pub enum FaultKind {
     /// and come back to it after; copies it serves are lost to their mirrors. Drawn only on
     /// request (`--only`), so that no seed of the other kinds draws otherwise.
     SiteStorageLoss,
+    /// The link between two sites fails one way: no host of one site reaches any host of the
+    /// other, which still reaches it (a half-broken inter-site line). Drawn only on request
+    /// (`--only`), like the storage loss, so that the recorded seeds of sites draw as before.
+    SiteLinkOneWay,
 }
 
 use Backend::{Chaos, Sim};
@@ -98,7 +102,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 32] = [
+    pub const ALL: [FaultKind; 33] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -131,6 +135,7 @@ impl FaultKind {
         LinkCutDiskLost,
         WitnessLoss,
         SiteStorageLoss,
+        SiteLinkOneWay,
     ];
 
     pub fn name(self) -> &'static str {
@@ -167,17 +172,18 @@ impl FaultKind {
             LinkCutDiskLost => "link-cut-disk-lost",
             WitnessLoss => "witness-loss",
             SiteStorageLoss => "site-storage-loss",
+            SiteLinkOneWay => "site-link-one-way",
         }
     }
 
     /// Whether it needs hosts in sites (drawn only then).
     pub fn needs_sites(self) -> bool {
-        matches!(self, SitePowerLoss | SiteLinkCut | SiteStorageLoss)
+        matches!(self, SitePowerLoss | SiteLinkCut | SiteStorageLoss | SiteLinkOneWay)
     }
 
     /// Whether it is drawn only when asked for (`--only`), never by the default draw.
     pub fn on_request_only(self) -> bool {
-        matches!(self, SiteStorageLoss)
+        matches!(self, SiteStorageLoss | SiteLinkOneWay)
     }
 
     /// Whether it is drawn only in two-host clusters with a disk witness.
@@ -206,10 +212,12 @@ impl FaultKind {
             | HostJoin
             | Operator
             | LinkCutDiskLost
-            | WitnessLoss
             | SiteStorageLoss => &[Sim],
             // Drawn only where the hosts have sites (`--sites` of either backend).
-            SitePowerLoss | SiteLinkCut => &[Sim, Chaos],
+            SitePowerLoss | SiteLinkCut | SiteLinkOneWay => &[Sim, Chaos],
+            // The simulator's witness region stops answering; the fault suite kills the
+            // network witness (`--witness network`).
+            WitnessLoss => &[Sim, Chaos],
             // The fault suite draws the operation and its fault its own way (real agents, real
             // QEMU): a migration faulted at a random instant, a maintenance cycle, a planned stop
             // per policy.
@@ -263,6 +271,6 @@ mod tests {
         assert_eq!(sim[..21].to_vec(), FaultKind::ALL[..21].to_vec());
         assert_eq!(sim[21..].to_vec(), vec![LiveMigration, MaintenanceCycle, PlannedStop]);
         assert_eq!(crate::fault_kinds_with_sites()[24..].to_vec(), vec![SitePowerLoss, SiteLinkCut]);
-        assert_eq!(FaultKind::of(Backend::Chaos).count(), 17);
+        assert_eq!(FaultKind::of(Backend::Chaos).count(), 19);
     }
 }

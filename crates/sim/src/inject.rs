@@ -184,7 +184,8 @@ impl Sim {
                 self.run_for(hold.saturating_sub(down_for)).await;
             }
             FaultKind::SitePowerLoss => self.site_power_loss(kind, target, hold, now, until).await,
-            FaultKind::SiteLinkCut => self.site_link_cut(kind, target, hold, until).await,
+            FaultKind::SiteLinkCut => self.site_link_cut(kind, target, hold, until, false).await,
+            FaultKind::SiteLinkOneWay => self.site_link_cut(kind, target, hold, until, true).await,
             FaultKind::SiteStorageLoss => self.site_storage_loss(kind, target, hold).await,
             FaultKind::LinkCutDiskLost => self.link_cut_disk_lost(kind, hold, now, until).await,
             FaultKind::WitnessLoss => self.witness_loss(kind, hold).await,

@@ -1,5 +1,5 @@
 //! Site faults, drawn when the hosts have sites (`SimOptions::sites`): every host of a site
-//! losing power at once, and the link between two sites cut. The cluster must restart a lost
+//! losing power at once, and the link between two sites cut (both ways, or one way on request). The cluster must restart a lost
 //! site's restartable VMs whenever the hosts left hold a majority, run no VM twice, and fence
 //! no host that a cut leaves on the winning side.
 
@@ -36,7 +36,9 @@ impl Sim {
         }
         let members = self.hosts.iter().filter(|h| h.member).count();
         let left = self.up().into_iter().filter(|h| self.hosts[*h as usize].member && !up.contains(h)).count();
-        let quorum = left > members / 2;
+        // Two hosts with a witness: the one left has the witness's vote once the lost site's
+        // host is past its fence deadline, and must restart the site's VMs.
+        let quorum = left > members / 2 || (self.opts.disk_witness && members == 2 && left == 1);
         w.log(format!("FAULT {kind} site {site} ({up:?}, {} VM(s); {left} of {members} hosts left) for {hold:?}", before.len()));
         self.excuse(&up, until);
         for h in &up {
@@ -76,7 +78,9 @@ impl Sim {
         w.log(format!("HEAL {kind} site {site}"));
     }
 
-    pub(super) async fn site_link_cut(&mut self, kind: FaultKind, target: u32, hold: Duration, until: u64) {
+    /// The link between the target's site and another cut for `hold` — both ways, or (with
+    /// `one_way`) only what the target's site sends.
+    pub(super) async fn site_link_cut(&mut self, kind: FaultKind, target: u32, hold: Duration, until: u64, one_way: bool) {
         let w = Arc::clone(&self.world);
         let sites = self.site_members();
         let Some((a, on_a)) = self.site_of(target) else { return };
@@ -85,13 +89,16 @@ impl Sim {
             return;
         }
         let (b, on_b) = others[self.rand(others.len() as u64) as usize].clone();
-        w.log(format!("FAULT {kind} site {a} {on_a:?} <-/-> site {b} {on_b:?} for {hold:?}"));
+        let arrow = if one_way { "-/->" } else { "<-/->" };
+        w.log(format!("FAULT {kind} site {a} {on_a:?} {arrow} site {b} {on_b:?} for {hold:?}"));
         {
             let mut c = lock(&w.cond);
             for x in &on_a {
                 for y in &on_b {
                     c.blocked.insert((*x, *y));
-                    c.blocked.insert((*y, *x));
+                    if !one_way {
+                        c.blocked.insert((*y, *x));
+                    }
                 }
             }
         }

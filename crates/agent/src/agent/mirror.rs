@@ -454,7 +454,8 @@ impl Agent {
             }
         };
         let export = export_name(&req.name, req.disk);
-        let address = self.driver.serve_copy(&export, &relative, req.bytes).await.map_err(|e| crate::api::chain(&e))?;
+        let served_at = self.driver.serve_copy(&export, &relative, req.bytes).await.map_err(|e| crate::api::chain(&e))?;
+        let address = self.cfg.mirror.advertise.map_or(served_at, |a| a.to_string());
         lock(&self.mirroring).served.insert(export.clone(), (req.name.clone(), req.generation));
         Ok(CopyEndpoint { address, export })
     }
