@@ -252,12 +252,22 @@ impl Agent {
             }
             None => None,
         };
+        // Copies of mirrored disks cross sites through the copy channel: the cluster key always,
+        // TLS with `[tls]` (the agents' own certificates and CA).
+        let copy_credentials = Arc::new(match &cfg.tls {
+            Some(t) => tandem_drivers::copychannel::CopyCredentials::with_tls(
+                cfg.key()?,
+                crate::tls::ClientTls::load(&t.ca)?.connector(),
+                crate::tls::ServerTls::load(&t.cert, &t.key)?.acceptor(),
+            ),
+            None => tandem_drivers::copychannel::CopyCredentials::plain(cfg.key()?),
+        });
         let driver: Arc<dyn VmDriver> = match cfg.driver {
             DriverKind::Process => Arc::new(ProcessDriver::new(launcher, &cfg.name, stop_timeout)),
             DriverKind::Qemu => Arc::new(
                 QemuDriver::new(cfg.qemu.clone(), launcher, &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run"))
                     .with_migration_tls(migration_tls)
-                    .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon),
+                    .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon, Arc::clone(&copy_credentials)),
             ),
             DriverKind::Mixed => Arc::new(
                 tandem_drivers::mixed::MixedDriver::new(
@@ -269,7 +279,7 @@ impl Agent {
                     stop_timeout,
                 )
                 .with_migration_tls(migration_tls)
-                .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon),
+                .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon, copy_credentials),
             ),
         };
         let tls = match &cfg.tls {

@@ -65,6 +65,12 @@ impl ServerTls {
             .with_single_cert(chain, key)?;
         Ok(ServerTls(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
     }
+
+    /// The acceptor, for the copy channel's gate (`tandem_drivers::copychannel`).
+    #[must_use]
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.0.clone()
+    }
 }
 
 /// The client side: the CA that agents' certificates must chain to.
@@ -86,6 +92,12 @@ impl ClientTls {
         let config =
             rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
         Ok(ClientTls(tokio_rustls::TlsConnector::from(Arc::new(config))))
+    }
+
+    /// The connector, for the copy channel's relays (`tandem_drivers::copychannel`).
+    #[must_use]
+    pub fn connector(&self) -> tokio_rustls::TlsConnector {
+        self.0.clone()
     }
 
     /// Runs the handshake on `tcp`, checking the certificate against `addr`'s host part (an

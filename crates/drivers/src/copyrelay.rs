@@ -1,5 +1,6 @@
 //! The agent's relay between a VM's QEMU and the other site's copy server: QEMU's NBD client
-//! connects to a unix socket here, and the relay carries the bytes to the copy server over TCP.
+//! connects to a unix socket here, and the relay carries the bytes to the copy server through
+//! the copy channel (`copychannel`: TCP, TLS with `[tls]`, a handshake over the cluster key).
 //!
 //! It exists so that the agent, not a timer in QEMU or TCP, decides when a mirrored disk's
 //! writes may complete on one copy. When the other copy stops answering — the connection fails,
@@ -24,16 +25,17 @@ mod nbdwatch;
 
 pub use nbdwatch::MAX_TRACKED_REQUESTS;
 
+use crate::copychannel::{CopyCredentials, CopyStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 
 /// The default time without an answer, with bytes outstanding, after which the other copy
 /// counts as lost.
 pub const DEFAULT_STALL: Duration = Duration::from_millis(1500);
-/// How long a connection to the copy server may take.
+/// How long a connection to the copy server may take (TLS and the handshake included).
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The relay's buffer per direction.
 const CHUNK: usize = 256 * 1024;
@@ -81,8 +83,9 @@ fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 impl CopyRelay {
-    /// Listens on `socket` (replacing a stale one) and relays to `upstream` (`host:port`).
-    pub fn start(socket: &Path, upstream: &str, stall: Duration) -> std::io::Result<CopyRelay> {
+    /// Listens on `socket` (replacing a stale one) and relays to the copy gate at `upstream`
+    /// (`host:port`), with `creds`.
+    pub fn start(socket: &Path, upstream: &str, stall: Duration, creds: Arc<CopyCredentials>) -> std::io::Result<CopyRelay> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
         let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, upstream: upstream.to_string(), releases: 0 }));
@@ -102,16 +105,18 @@ impl CopyRelay {
                     old.abort();
                 }
                 let up = lock(&s).upstream.clone();
-                let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(&up)).await {
+                // Closed with a reset, its unsent bytes dropped (`copychannel::connect`): writes
+                // held here must never reach the copy later, when a healed link would carry
+                // them to a copy that another host may be running the VM on by then.
+                let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, crate::copychannel::connect(&up, &creds)).await {
                     Ok(Ok(u)) => u,
                     // Nothing to join it to: QEMU's client sees the close and tries again later.
-                    _ => continue,
+                    Ok(Err(e)) => {
+                        tracing::warn!("copy relay: {}", crate::copychannel::chain(&e));
+                        continue;
+                    }
+                    Err(_) => continue,
                 };
-                let _ = upstream.set_nodelay(true);
-                // Closed with a reset, its unsent bytes dropped: writes held here must never
-                // reach the copy later, when a healed link would carry them to a copy that
-                // another host may be running the VM on by then.
-                let _ = upstream.set_zero_linger();
                 let generation = {
                     let mut g = lock(&s);
                     g.health = RelayHealth::Joined;
@@ -154,10 +159,10 @@ impl CopyRelay {
 
 /// Carries bytes both ways until either side ends, the copy server stops answering (then QEMU's
 /// side is held open, forwarding nothing, until a release), or a release.
-async fn pair(down: UnixStream, up: TcpStream, stall: Duration, shared: Arc<Mutex<Shared>>, released: Arc<tokio::sync::Notify>, generation: u64) {
+async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mutex<Shared>>, released: Arc<tokio::sync::Notify>, generation: u64) {
     let is_released = |s: &Mutex<Shared>| lock(s).releases != generation;
     let (mut down_r, mut down_w) = down.into_split();
-    let (mut up_r, mut up_w) = up.into_split();
+    let (mut up_r, mut up_w) = tokio::io::split(up);
     let (mut to_up, mut to_down) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let mut watch = nbdwatch::NbdWatch::default();
     // Bytes sent to the copy server with no answer since: when they were first left waiting.
@@ -181,7 +186,12 @@ async fn pair(down: UnixStream, up: TcpStream, stall: Duration, shared: Arc<Mute
                     if let Err(why) = watch.client_bytes(&to_up[..n]) {
                         break why;
                     }
-                    match tokio::time::timeout(stall, up_w.write_all(&to_up[..n])).await {
+                    // Flushed: a TLS stream holds written bytes until then.
+                    let sent = async {
+                        up_w.write_all(&to_up[..n]).await?;
+                        up_w.flush().await
+                    };
+                    match tokio::time::timeout(stall, sent).await {
                         Ok(Ok(())) => { waiting_since.get_or_insert_with(Instant::now); }
                         Ok(Err(e)) => break format!("writing to the copy server failed: {e}"),
                         Err(_) => break format!("the copy server took no bytes for {stall:?}"),
@@ -245,8 +255,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tandem-copyrelay-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        let silent = tokio::net::TcpListener::bind("127.108.0.1:0").await.expect("bind");
-        let server = silent.local_addr().expect("addr").to_string();
+        // The copy server behind its gate takes the bytes and never answers.
+        let daemon = dir.join("d.sock");
+        let silent = UnixListener::bind(&daemon).expect("bind");
         tokio::spawn(async move {
             let mut kept = Vec::new();
             while let Ok((mut s, _)) = silent.accept().await {
@@ -255,7 +266,9 @@ mod tests {
                 kept.push(s);
             }
         });
-        let relay = CopyRelay::start(&dir.join("r.sock"), &server, Duration::from_millis(200)).expect("relay");
+        let creds = Arc::new(CopyCredentials::plain(tandem_core::wire::ClusterKey::new(b"the cluster secret, 16+ bytes").expect("key")));
+        let gate = crate::copychannel::CopyGate::start("127.108.0.1:0", &daemon, Arc::clone(&creds)).await.expect("gate");
+        let relay = CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay");
         let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
         qemu.write_all(b"a write").await.expect("write");
         tokio::time::timeout(Duration::from_secs(5), async {

@@ -6,6 +6,7 @@
 //! (a dead agent takes its VMs with it) and tracks exits without polling.
 
 pub mod bridge;
+pub mod copychannel;
 pub mod copyrelay;
 pub mod diskcopy;
 pub mod launcher;

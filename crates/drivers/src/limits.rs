@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 pub use crate::bridge::TAP_SETUP_TIMEOUT;
+pub use crate::copychannel::{GATE_HANDSHAKE_TIMEOUT, MAX_GATE_CONNECTIONS};
 pub use crate::copyrelay::{DEFAULT_STALL, MAX_TRACKED_REQUESTS, UPSTREAM_CONNECT_TIMEOUT};
 pub use crate::launcher::{KILL_WAIT, MAX_CHILDREN};
 pub use crate::probe::MAX_PROBE_ANSWER;
@@ -23,6 +24,11 @@ const _: () = assert!(QUIT_WAIT.as_millis() <= KILL_WAIT.as_millis(), "asking QE
 const _: () = assert!(COPY_SERVER_QMP_TIMEOUT.as_millis() < COPY_SERVER_START_DEADLINE.as_millis(), "one QMP attempt fits in the copy server's start deadline");
 const _: () =
     assert!(UPSTREAM_CONNECT_TIMEOUT.as_millis() > DEFAULT_STALL.as_millis(), "a relay gives a copy server's connection longer than it gives an answer");
+const _: () = assert!(
+    GATE_HANDSHAKE_TIMEOUT.as_millis() >= UPSTREAM_CONNECT_TIMEOUT.as_millis(),
+    "a copy gate gives a relay's handshake at least the time the relay gives it"
+);
+const _: () = assert!(MAX_GATE_CONNECTIONS >= 2, "a gate carries a mirror's connection while its replacement comes in");
 const _: () = assert!(MAX_SERVED_COPIES > 0 && DETACH_WAIT.as_millis() > 0);
 const _: () = assert!(DEFAULT_STOP_TIMEOUT_S > 0 && MAX_IN_FLIGHT > 0 && MAX_CHILDREN > 0);
 const _: () = assert!(MAX_LINE >= 64 * 1024, "a QMP answer (query-status, an event) fits in one line");

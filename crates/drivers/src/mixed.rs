@@ -42,8 +42,8 @@ impl MixedDriver {
 
     /// Its QEMU side serves this site's copies (see [`QemuDriver::with_copy_server`]).
     #[must_use]
-    pub fn with_copy_server(self, port: u16, binary: &str) -> MixedDriver {
-        MixedDriver { qemu: self.qemu.with_copy_server(port, binary), ..self }
+    pub fn with_copy_server(self, port: u16, binary: &str, credentials: std::sync::Arc<crate::copychannel::CopyCredentials>) -> MixedDriver {
+        MixedDriver { qemu: self.qemu.with_copy_server(port, binary, credentials), ..self }
     }
 
     fn owner(&self, name: &str) -> &dyn VmDriver {

@@ -111,7 +111,9 @@ pub struct QemuDriver {
     tls: Option<crate::migtls::MigrationTls>,
     /// How this host serves its site's copies of mirrored disks: the copy server's port and
     /// binary (`[mirror]`); `None`: it serves none.
-    copy_settings: Option<(u16, String)>,
+    /// `[mirror]`: the copy server's port and binary, and what the copy channel asks of both
+    /// ends.
+    copy_settings: Option<(u16, String, Arc<crate::copychannel::CopyCredentials>)>,
     /// The copy server, started on the first request.
     copy_server: tokio::sync::Mutex<Option<crate::sitecopy::CopyServer>>,
     /// The relays of this host's mirrors, per (VM, disk), and a counter naming their sockets
@@ -146,17 +148,18 @@ impl QemuDriver {
     }
 
     /// Serves this site's copies of mirrored disks on `port` with `binary`
-    /// (`qemu-storage-daemon`).
+    /// (`qemu-storage-daemon`), and reaches other sites' copies, through the copy channel with
+    /// `credentials`.
     #[must_use]
-    pub fn with_copy_server(mut self, port: u16, binary: &str) -> QemuDriver {
-        self.copy_settings = Some((port, binary.to_string()));
+    pub fn with_copy_server(mut self, port: u16, binary: &str, credentials: Arc<crate::copychannel::CopyCredentials>) -> QemuDriver {
+        self.copy_settings = Some((port, binary.to_string(), credentials));
         self
     }
 
     /// Serves this site's copy of a mirrored disk (`relative` to `site_disk_dir`, created empty
     /// of `bytes` if missing) as `export`; the copy server's `host:port`.
     async fn serve_site_copy(&self, export: &str, relative: &str, bytes: u64) -> Result<String, DriverError> {
-        let Some((port, binary)) = &self.copy_settings else {
+        let Some((port, binary, credentials)) = &self.copy_settings else {
             return Err(DriverError::Unsupported { driver: "qemu", what: "serve copies of mirrored disks (no [mirror] settings)" });
         };
         let path = crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), relative);
@@ -172,7 +175,15 @@ impl QemuDriver {
         }
         let mut server = self.copy_server.lock().await;
         if !server.as_mut().is_some_and(crate::sitecopy::CopyServer::is_running) {
-            let cfg = crate::sitecopy::CopyServerConfig { binary: binary.clone(), run_dir: self.run_dir.clone(), host_ip: self.host_ip.clone(), port: *port };
+            // The old one (and its gate's port) goes first.
+            *server = None;
+            let cfg = crate::sitecopy::CopyServerConfig {
+                binary: binary.clone(),
+                run_dir: self.run_dir.clone(),
+                host_ip: self.host_ip.clone(),
+                port: *port,
+                credentials: Arc::clone(credentials),
+            };
             *server = Some(crate::sitecopy::CopyServer::start(&cfg, &self.launcher).await?);
         }
         let running = server.as_ref().ok_or(DriverError::Unsupported { driver: "qemu", what: "start its copy server" })?;
@@ -683,9 +694,13 @@ impl VmDriver for QemuDriver {
             let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             // A mirror left from before (the agent lost track of it) goes first.
             let _ = crate::syncmirror::detach(name, &q, self.qmp_timeout(), to.disk).await;
+            let Some((_, _, credentials)) = &self.copy_settings else {
+                return Err(DriverError::Unsupported { driver: "qemu", what: "mirror disks into other sites' copies (no [mirror] settings)" });
+            };
             let socket = self.run_dir.join(format!("mirror{}.sock", self.next_relay.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
             let relay = Arc::new(
-                crate::copyrelay::CopyRelay::start(&socket, &to.server, to.stall).map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?,
+                crate::copyrelay::CopyRelay::start(&socket, &to.server, to.stall, Arc::clone(credentials))
+                    .map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?,
             );
             self.relays().insert((name.to_string(), to.disk), Arc::clone(&relay));
             let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone() };

@@ -8,12 +8,17 @@
 //! served nobody at this site can start the VM on it, and a served copy is withdrawn
 //! (`withdraw`) before the VM starts here. The daemon is forked by the launcher thread, so it
 //! dies with the agent.
+//!
+//! The daemon's NBD server listens on a unix socket only; the network side is the copy gate
+//! (`copychannel`), which lets through only relays that prove they hold the cluster secret.
 
+use crate::copychannel::{CopyCredentials, CopyGate};
 use crate::launcher::Launcher;
 use crate::qmp::{Qmp, QmpError};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -45,6 +50,12 @@ pub enum SiteCopyError {
         #[source]
         source: QmpError,
     },
+    #[error("the copy gate could not listen on {addr}")]
+    Gate {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the copy server already serves {MAX_SERVED_COPIES} copies")]
     Full,
     #[error("the copy {path} does not exist at this site")]
@@ -58,9 +69,11 @@ pub struct CopyServerConfig {
     pub binary: String,
     /// Its QMP socket and pid file go here.
     pub run_dir: PathBuf,
-    /// The NBD server's address (this host's cluster address) and port.
+    /// The copy gate's address (this host's cluster address) and port.
     pub host_ip: String,
     pub port: u16,
+    /// What the gate asks of a relay (and shows it in turn).
+    pub credentials: Arc<CopyCredentials>,
 }
 
 /// The name under which disk `disk` of `vm` is exported.
@@ -73,6 +86,8 @@ pub fn export_name(vm: &str, disk: usize) -> String {
 pub struct CopyServer {
     child: std::process::Child,
     qmp: Qmp,
+    /// The network side, which ends with the server.
+    _gate: CopyGate,
     endpoint: String,
     /// Export name → the image it serves.
     served: tokio::sync::Mutex<BTreeMap<String, PathBuf>>,
@@ -98,8 +113,11 @@ impl CopyServer {
         let pidfile = cfg.run_dir.join("copy-server.pid");
         kill_stale(&pidfile);
         let _ = std::fs::remove_file(&socket);
-        // Plain NBD: the relay in front of the mirror reads the conversation (`copyrelay`).
-        let nbd = format!("addr.type=inet,addr.host={},addr.port={}", cfg.host_ip, cfg.port);
+        // Plain NBD on a unix socket: the gate in front authenticates (and, with TLS, encrypts);
+        // the relay in front of the mirror reads the conversation (`copyrelay`).
+        let nbd_socket = cfg.run_dir.join("copy-server.nbd");
+        let _ = std::fs::remove_file(&nbd_socket);
+        let nbd = format!("addr.type=unix,addr.path={}", nbd_socket.display());
         let mut cmd = std::process::Command::new(&cfg.binary);
         cmd.args(["--chardev", &format!("socket,id=qmp,path={},server=on,wait=off", socket.display())])
             .args(["--monitor", "chardev=qmp", "--nbd-server", &nbd])
@@ -122,10 +140,19 @@ impl CopyServer {
             }
         };
         let endpoint = format!("{}:{}", cfg.host_ip, cfg.port);
-        Ok(CopyServer { child, qmp, endpoint, served: tokio::sync::Mutex::new(BTreeMap::new()) })
+        let gate = match CopyGate::start(&endpoint, &nbd_socket, Arc::clone(&cfg.credentials)).await {
+            Ok(g) => g,
+            Err(source) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SiteCopyError::Gate { addr: endpoint, source });
+            }
+        };
+        let endpoint = gate.addr().to_string();
+        Ok(CopyServer { child, qmp, _gate: gate, endpoint, served: tokio::sync::Mutex::new(BTreeMap::new()) })
     }
 
-    /// The NBD server's `host:port`.
+    /// The copy gate's `host:port` (the port the system chose, if `port` was 0).
     #[must_use]
     pub fn endpoint(&self) -> &str {
         &self.endpoint

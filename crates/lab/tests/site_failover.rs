@@ -51,6 +51,17 @@ fn a_site_lost_with_a_network_witness_in_a_third_place_restarts_the_guest_on_the
     with_sites("tandem-site-witness", |storage, guest| site_loss_scenario(storage, guest, &spec))
 }
 
+/// The same on a cluster with `[tls]`: the mirror's copy channel runs over TLS with the agents'
+/// certificates (and the cluster key's handshake), and the site's loss is survived the same.
+#[test]
+fn a_site_lost_on_a_cluster_with_tls_restarts_the_guest_from_a_copy_mirrored_over_tls() -> Result<()> {
+    if !tandem_lab::testca::openssl_available() {
+        return Ok(());
+    }
+    let spec = SiteLabSpec { tls: true, ..SiteLabSpec::new("tst", 114, WitnessAt::First) };
+    with_sites("tandem-site-tls", |storage, guest| site_loss_scenario(storage, guest, &spec))
+}
+
 #[test]
 fn a_cut_between_the_sites_holds_writes_until_the_lost_copy_is_committed_stale_then_resyncs() -> Result<()> {
     // The witness held at site b, whose host loses the cut (the lower id keeps the cluster):
@@ -203,11 +214,13 @@ struct SiteLabSpec {
     /// The one-way inter-site delay of the mirrors' traffic (the lab's delay relay in the third
     /// place, each host's copy server advertised there).
     delay: Option<Duration>,
+    /// The agents on `[tls]` (a test CA naming both hosts' addresses): the copies cross over TLS.
+    tls: bool,
 }
 
 impl SiteLabSpec {
     fn new(prefix: &'static str, loopback_net: u8, witness: WitnessAt) -> SiteLabSpec {
-        SiteLabSpec { prefix, loopback_net, witness, fuse_a: false, delay: None }
+        SiteLabSpec { prefix, loopback_net, witness, fuse_a: false, delay: None, tls: false }
     }
 }
 
@@ -298,6 +311,13 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: &Sit
         }
         None => None,
     };
+    // After `[mirror]` (the delay's `advertise` goes there).
+    if spec.tls {
+        let ca = storage.join("ca");
+        tandem_lab::testca::make_ca(&ca, "tandem site test CA", &[net.host_ip(0), net.host_ip(1)])?;
+        opts.extra_config.push_str(&tandem_lab::testca::tls_table(&ca));
+        opts.ca = Some(ca.join("ca.pem"));
+    }
     let mut lab = Lab::new(opts, &tandem_lab::lab::tandem_binary()?)?;
     if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
         lab.keep_files();
@@ -346,9 +366,12 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: &Sit
         assert!(relays[1].relayed() > 0, "the mirror into site b's copy did not go through the inter-site delay");
     }
     // The operator's view: `tandem vm mirrors`.
-    let out = std::process::Command::new(tandem_lab::lab::tandem_binary()?)
-        .args(["--api", &lab.hosts[1].api, "--token", &lab.token(), "vm", "mirrors", "db"])
-        .output()?;
+    let mut cli = std::process::Command::new(tandem_lab::lab::tandem_binary()?);
+    cli.args(["--api", &lab.hosts[1].api, "--token", &lab.token()]);
+    if let Some(ca) = &lab.opts.ca {
+        cli.arg("--ca").arg(ca);
+    }
+    let out = cli.args(["vm", "mirrors", "db"]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("current copies: a, b") && text.contains("site b (served by h1): in sync"), "{text}");
     let metrics = c.get("/metrics").map_err(|e| anyhow!("{e}"))?.as_str().unwrap_or_default().to_string();

@@ -76,12 +76,17 @@ async fn job_len(q: &Qmp) -> Result<u64> {
         .ok_or_else(|| anyhow!("no mirror job in {jobs}"))
 }
 
+/// Both ends of the copy channel hold the same key (the lab's), as a cluster's hosts do.
+fn creds() -> std::sync::Arc<tandem_drivers::copychannel::CopyCredentials> {
+    tandem_lab::bench::syncmirror::copy_credentials().expect("credentials")
+}
+
 fn copy_config(dir: &Path) -> CopyServerConfig {
     copy_config_on(dir, COPY_PORT)
 }
 
 fn copy_config_on(dir: &Path, port: u16) -> CopyServerConfig {
-    CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port }
+    CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port, credentials: creds() }
 }
 
 /// Holds for `hold` and checks that no write completed meanwhile; returns the number last
@@ -154,7 +159,7 @@ async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
     let export = export_name("db", 0);
     let server = CopyServer::start(&copy_config(dir), &launcher).await?;
     server.serve(&export, &remote).await?;
-    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{COPY_PORT}"), STALL)?;
+    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{COPY_PORT}"), STALL, creds())?;
     let vm = launch(dir, guest, &local, GUEST_ADDR).await?;
     let seq = SeqWatch::start(GUEST_ADDR);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
@@ -265,7 +270,7 @@ async fn fuse_mirror(dir: &Path, guest: &Path, side: FuseSide, port: u16, addr: 
     let export = export_name("db", 0);
     let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + port), &launcher).await?;
     server.serve(&export, &remote_at).await?;
-    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + port), STALL)?;
+    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + port), STALL, creds())?;
     let vm = launch(dir, guest, &local_at, addr).await?;
     let seq = SeqWatch::start(addr);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
@@ -359,4 +364,100 @@ fn a_local_copy_whose_storage_fails_switches_to_the_other_copy_without_a_restart
     let Some(guest) = test_guest() else { return Ok(()) };
     let dir = ScratchDir::new("tandem-site-path", &[])?;
     run(&dir, local_path_loss_scenario(dir.path(), &guest))
+}
+
+/// QEMU's own NBD client (a bare QEMU's block layer): opens the export at `server` (a relay's
+/// unix socket, or an address) as node `node` and writes `pattern` at `offset`. Whether the
+/// write went through.
+async fn nbd_write(q: &Qmp, node: &str, server: Value, export: &str, pattern: u8, offset: u64) -> Result<bool> {
+    let add = json!({"driver": "raw", "node-name": node, "file": {"driver": "nbd", "server": server, "export": export}});
+    // Longer than a gate gives a peer that says nothing (a plain NBD client before a gate on
+    // TLS waits for the server's greeting, the gate for TLS): refused by the gate, not by us.
+    let within = tandem_drivers::copychannel::GATE_HANDSHAKE_TIMEOUT + Duration::from_secs(3);
+    if let Err(e) = q.execute("blockdev-add", add, within).await {
+        eprintln!("{node}: not opened: {e}");
+        return Ok(false);
+    }
+    // qemu-io through the monitor says nothing when a write succeeds (the bytes are checked in
+    // the image afterwards), and why when it fails.
+    let line = format!("qemu-io {node} \"write -P {pattern} {offset} 4k\"");
+    let answer = q.execute("human-monitor-command", json!({"command-line": line}), QMP_TIMEOUT).await?;
+    let said = answer.as_str().unwrap_or_default().to_lowercase();
+    Ok(!said.contains("error") && !said.contains("fail"))
+}
+
+/// The first byte of each 4 KiB block at `offsets` of `image`.
+fn bytes_at(image: &Path, offsets: &[u64]) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(image)?;
+    let mut out = Vec::new();
+    for o in offsets {
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(*o))?;
+        f.read_exact(&mut b)?;
+        out.push(b[0]);
+    }
+    Ok(out)
+}
+
+async fn channel_scenario(dir: &Path) -> Result<()> {
+    use std::sync::Arc;
+    use tandem_drivers::copychannel::CopyCredentials;
+    let (ca, other_ca) = (dir.join("ca"), dir.join("other-ca"));
+    tandem_lab::testca::make_ca(&ca, "tandem copy test CA", &[COPY_IP.to_string()])?;
+    tandem_lab::testca::make_ca(&other_ca, "another CA", &[COPY_IP.to_string()])?;
+    let key = |secret: &[u8]| tandem_core::wire::ClusterKey::new(secret).map_err(|e| anyhow!("{e}"));
+    let over_tls = |ca: &Path, secret: &[u8]| -> Result<Arc<CopyCredentials>> {
+        let connector = tandem_agent::tls::ClientTls::load(&ca.join("ca.pem"))?.connector();
+        let acceptor = tandem_agent::tls::ServerTls::load(&ca.join("agent.pem"), &ca.join("agent.key"))?.acceptor();
+        Ok(Arc::new(CopyCredentials::with_tls(key(secret)?, connector, acceptor)))
+    };
+    let ours: &[u8] = b"the cluster's secret, 16+ bytes";
+    let remote = dir.join("site-b.img");
+    std::fs::File::create(&remote)?.set_len(DISK_BYTES)?;
+    let launcher = Launcher::new()?;
+    let port = COPY_PORT + 10;
+    let cfg = CopyServerConfig { credentials: over_tls(&ca, ours)?, ..copy_config_on(dir, port) };
+    let server = CopyServer::start(&cfg, &launcher).await?;
+    let export = export_name("db", 0);
+    server.serve(&export, &remote).await?;
+    let gate = format!("{COPY_IP}:{port}");
+    let qmp_path = dir.join("client.qmp");
+    let mut cmd = std::process::Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "none", "-nodefaults", "-no-user-config", "-display", "none", "-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())]);
+    let client = Guest::spawn(cmd, &qmp_path, QMP_TIMEOUT).await?;
+    let q = &client.qmp;
+    let via = |relay: &CopyRelay| json!({"type": "unix", "path": relay.socket().display().to_string()});
+    // A relay of the cluster, over TLS: QEMU's write lands in the served copy.
+    let relay = CopyRelay::start(&dir.join("ok.sock"), &gate, STALL, over_tls(&ca, ours)?)?;
+    assert!(nbd_write(q, "ok", via(&relay), &export, 0x5a, 0).await?, "a relay of the cluster could not write through the channel");
+    q.execute("blockdev-del", json!({"node-name": "ok"}), QMP_TIMEOUT).await?;
+    // Trusting another CA (the gate is not who it should be), another cluster's key over the
+    // right TLS, no TLS at all: refused, nothing written.
+    let wrong_ca = CopyRelay::start(&dir.join("ca.sock"), &gate, STALL, over_tls(&other_ca, ours)?)?;
+    assert!(!nbd_write(q, "ca", via(&wrong_ca), &export, 0x11, 4096).await?, "a relay trusting another CA wrote");
+    let wrong_key = CopyRelay::start(&dir.join("key.sock"), &gate, STALL, over_tls(&ca, b"another cluster's secret .....")?)?;
+    assert!(!nbd_write(q, "key", via(&wrong_key), &export, 0x22, 8192).await?, "a relay with another cluster's key wrote");
+    let plain = CopyRelay::start(&dir.join("plain.sock"), &gate, STALL, Arc::new(CopyCredentials::plain(key(ours)?)))?;
+    assert!(!nbd_write(q, "plain", via(&plain), &export, 0x33, 12288).await?, "a relay without TLS wrote to a gate on TLS");
+    // Anyone on the storage network with a plain NBD client: nothing.
+    let direct = json!({"type": "inet", "host": COPY_IP, "port": port.to_string()});
+    assert!(!nbd_write(q, "direct", direct, &export, 0x44, 16384).await?, "a plain NBD client wrote the copy");
+    assert_eq!(bytes_at(&remote, &[0, 4096, 8192, 12288, 16384])?, vec![0x5a, 0, 0, 0, 0], "only the cluster's relay wrote");
+    server.withdraw(&export).await?;
+    Ok(())
+}
+
+/// The copy channel end to end, with QEMU's own NBD client, `qemu-storage-daemon` and TLS:
+/// through the relay, TLS and the gate's handshake, a write lands in the served copy; a relay
+/// trusting another CA, one with another cluster's key, one without TLS, and a plain NBD client
+/// (anyone who reaches the storage network) write nothing.
+#[test]
+fn the_copy_channel_carries_a_mirror_over_tls_only_for_the_cluster() -> Result<()> {
+    if !tandem_lab::testca::openssl_available() {
+        return Ok(());
+    }
+    let dir = ScratchDir::new("tandem-copy-channel", &[])?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(channel_scenario(dir.path()))
 }

@@ -12,7 +12,9 @@ use crate::qemuproc::QemuProcess;
 use anyhow::{anyhow, Result};
 use serde_json::json;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tandem_drivers::copychannel::CopyCredentials;
 use tandem_drivers::copyrelay::CopyRelay;
 use tandem_drivers::launcher::Launcher;
 use tandem_drivers::qmp::Qmp;
@@ -24,6 +26,13 @@ const DISK_BYTES: u64 = 64 << 20;
 /// The copy server's address (loopback net 106).
 const COPY_IP: &str = "127.106.0.1";
 const COPY_PORT: u16 = 10_941;
+
+/// The copy channel's credentials of a bench or test outside a cluster: a key of its own, no
+/// TLS.
+pub fn copy_credentials() -> Result<Arc<CopyCredentials>> {
+    let key = tandem_core::wire::ClusterKey::new(b"tandem lab copy channel key").map_err(|e| anyhow!("{e}"))?;
+    Ok(Arc::new(CopyCredentials::plain(key)))
+}
 
 /// Runs the bench: `writes` writes unmirrored, then as many mirrored at each one-way delay.
 pub fn run(writes: usize, delays_ms: &[u64]) -> Result<()> {
@@ -73,7 +82,14 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
         std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
     }
     let launcher = Launcher::new()?;
-    let cfg = CopyServerConfig { binary: "qemu-storage-daemon".into(), run_dir: dir.to_path_buf(), host_ip: COPY_IP.into(), port: COPY_PORT };
+    let credentials = copy_credentials()?;
+    let cfg = CopyServerConfig {
+        binary: "qemu-storage-daemon".into(),
+        run_dir: dir.to_path_buf(),
+        host_ip: COPY_IP.into(),
+        port: COPY_PORT,
+        credentials: Arc::clone(&credentials),
+    };
     let server = CopyServer::start(&cfg, &launcher).await?;
     let export = export_name("bench", 0);
     server.serve(&export, &remote).await?;
@@ -85,7 +101,12 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     for (k, d) in delays_ms.iter().enumerate() {
         let delay = Duration::from_millis(*d);
         let link = DelayRelay::start(&format!("{COPY_IP}:0"), &format!("{COPY_IP}:{COPY_PORT}"), delay).await?;
-        let relay = CopyRelay::start(&dir.join(format!("relay{k}.sock")), &link.addr.to_string(), tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4))?;
+        let relay = CopyRelay::start(
+            &dir.join(format!("relay{k}.sock")),
+            &link.addr.to_string(),
+            tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4),
+            Arc::clone(&credentials),
+        )?;
         let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone() };
         syncmirror::attach("bench", &vm.qmp, QMP_TIMEOUT, &copy).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
