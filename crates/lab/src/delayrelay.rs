@@ -59,12 +59,26 @@ impl DelayRelay {
     }
 }
 
+/// Waits until `due`, to within a few microseconds. The runtime's timer fires on whole
+/// milliseconds and late — a chunk held by it alone would lose up to a millisecond each way
+/// (measured: a 0 ms relay added 2.5 ms to a round trip) — so it sleeps to two milliseconds
+/// short of `due` (the timer may fire a millisecond late) and yields the rest.
+async fn hold_until(due: tokio::time::Instant) {
+    let coarse = due.checked_sub(Duration::from_millis(2));
+    if let Some(c) = coarse.filter(|c| *c > tokio::time::Instant::now()) {
+        tokio::time::sleep_until(c).await;
+    }
+    while tokio::time::Instant::now() < due {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// One direction: each chunk read is written `delay` after it arrived, in order.
 async fn carry(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay: Duration) {
     let (tx, mut rx) = mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
+            hold_until(due).await;
             if to.write_all(&chunk).await.is_err() {
                 return;
             }

@@ -3,7 +3,9 @@
 //! delays. The real parts: QEMU (`-M none`, a raw image opened with `cache=none`), the other
 //! site's copy server (`qemu-storage-daemon` over NBD), the agent's relay and QEMU's
 //! write-blocking mirror (`tandem_drivers::syncmirror`), with the lab's delay relay
-//! (`delayrelay`) as the inter-site link. Each write is QEMU's own (`qemu-io` through the
+//! (`delayrelay`) as the inter-site link. Beside each, the other copy alone — the copy server
+//! over its own socket, then through the relay and its gate, then through the delay too — so
+//! that what each hop costs is seen. Each write is QEMU's own (`qemu-io` through the
 //! monitor, with FUA: it completes once stable on every copy), so the figures include the
 //! monitor's round trip, the same with and without the mirror.
 
@@ -57,10 +59,15 @@ async fn launch(dir: &Path, image: &Path) -> Result<QemuProcess> {
 
 /// `n` write-through 4 KiB writes through QEMU's block layer; each one's latency, ms.
 async fn writes(q: &Qmp, n: usize) -> Result<Vec<f64>> {
+    writes_to(q, "disk0", n).await
+}
+
+/// The same to `node` (a drive or a node name).
+async fn writes_to(q: &Qmp, node: &str, n: usize) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let offset = (i % 4096) * 4096;
-        let line = format!("qemu-io disk0 \"write -f -P 0x5a {offset} 4k\"");
+        let line = format!("qemu-io {node} \"write -f -P 0x5a {offset} 4k\"");
         let t = Instant::now();
         let answer = q.execute("human-monitor-command", json!({"command-line": line}), QMP_TIMEOUT).await?;
         out.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -69,6 +76,17 @@ async fn writes(q: &Qmp, n: usize) -> Result<Vec<f64>> {
         }
     }
     Ok(out)
+}
+
+/// `n` write-through writes to the other copy alone, as an NBD node of the bench's QEMU on
+/// `server`: median, min, max.
+async fn other_copy_alone(q: &Qmp, export: &str, server: serde_json::Value, n: usize) -> Result<(f64, f64, f64)> {
+    let node = json!({"driver": "raw", "node-name": "other", "file": {"driver": "nbd", "export": export, "server": server}});
+    q.execute("blockdev-add", node, QMP_TIMEOUT).await?;
+    let _ = writes_to(q, "other", 20).await?;
+    let measured = writes_to(q, "other", n).await;
+    q.execute("blockdev-del", json!({"node-name": "other"}), QMP_TIMEOUT).await?;
+    Ok(summary(&mut measured?))
 }
 
 fn summary(ms: &mut [f64]) -> (f64, f64, f64) {
@@ -98,6 +116,16 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     let (base, bmin, bmax) = summary(&mut writes(&vm.qmp, n).await?);
     println!("4 KiB write-through writes, {n} each (QEMU qemu-io with FUA; medians (min-max)):");
     println!("  unmirrored:                        {base:.2} ms ({bmin:.2}-{bmax:.2})");
+    // Where the other copy's time goes, hop by hop, with no delay: the copy server alone (its
+    // unix socket), then through its gate (TCP, the handshake), then through the relay too.
+    let direct = json!({"type": "unix", "path": dir.join("copy-server.nbd").display().to_string()});
+    let relay0 = CopyRelay::start(&dir.join("relay-direct.sock"), server.endpoint(), tandem_drivers::copyrelay::DEFAULT_STALL, Arc::clone(&credentials))?;
+    let through_relay = json!({"type": "unix", "path": relay0.socket().display().to_string()});
+    for (what, at) in [("the copy server alone (its unix socket)", direct), ("through the relay and the gate", through_relay)] {
+        let (alone, amin, amax) = other_copy_alone(&vm.qmp, &export, at, n).await?;
+        println!("  the other copy, {what}: {alone:.2} ms ({amin:.2}-{amax:.2})");
+    }
+    drop(relay0);
     for (k, d) in delays_ms.iter().enumerate() {
         let delay = Duration::from_millis(*d);
         let link = DelayRelay::start(&format!("{COPY_IP}:0"), &format!("{COPY_IP}:{COPY_PORT}"), delay).await?;
@@ -123,6 +151,14 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
         let goal = if rtt > 0.0 { format!("; {:.0} % of the round trip", 100.0 * extra / rtt) } else { String::new() };
         println!("  mirrored, {d} ms one-way ({rtt:.0} ms round trip): {med:.2} ms ({min:.2}-{max:.2}); {extra:.2} ms over unmirrored{goal}");
         syncmirror::detach("bench", &vm.qmp, QMP_TIMEOUT, 0).await?;
+        // The other copy alone, through the same relay, gate and delay.
+        let at = json!({"type": "unix", "path": relay.socket().display().to_string()});
+        let (alone, amin, amax) = other_copy_alone(&vm.qmp, &export, at, n).await?;
+        println!(
+            "    the other copy alone: {alone:.2} ms ({amin:.2}-{amax:.2}); local + other {:.2} ms, {:.2} ms past the round trip",
+            base + alone,
+            alone - rtt
+        );
     }
     Ok(())
 }
