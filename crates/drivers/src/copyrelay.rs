@@ -61,6 +61,8 @@ struct Shared {
     upstream: String,
     /// Bumped by `release`: a joined or held connection ends when it sees a newer value.
     releases: u64,
+    /// Told when the copy is found lost (`waking`), so the agent need not wait for its round.
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// A running relay for one disk's remote copy.
@@ -88,7 +90,7 @@ impl CopyRelay {
     pub fn start(socket: &Path, upstream: &str, stall: Duration, creds: Arc<CopyCredentials>) -> std::io::Result<CopyRelay> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
-        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, upstream: upstream.to_string(), releases: 0 }));
+        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, upstream: upstream.to_string(), releases: 0, wake: None }));
         let released = Arc::new(tokio::sync::Notify::new());
         let (s, r) = (Arc::clone(&shared), Arc::clone(&released));
         let task = tokio::spawn(async move {
@@ -126,6 +128,13 @@ impl CopyRelay {
             }
         });
         Ok(CopyRelay { socket: socket.to_path_buf(), shared, released, task })
+    }
+
+    /// Tells `wake` each time the copy is found lost.
+    #[must_use]
+    pub fn waking(self, wake: Arc<tokio::sync::Notify>) -> CopyRelay {
+        lock(&self.shared).wake = Some(wake);
+        self
     }
 
     /// The unix socket QEMU's NBD client connects to.
@@ -226,6 +235,9 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
             return;
         }
         g.health = RelayHealth::Lost { since: Instant::now(), why: lost };
+        if let Some(w) = &g.wake {
+            w.notify_one();
+        }
     }
     // Hold QEMU's side open, forwarding nothing, until the agent lets the writes go.
     let notified = released.notified();
@@ -268,7 +280,9 @@ mod tests {
         });
         let creds = Arc::new(CopyCredentials::plain(tandem_core::wire::ClusterKey::new(b"the cluster secret, 16+ bytes").expect("key")));
         let gate = crate::copychannel::CopyGate::start("127.108.0.1:0", &daemon, Arc::clone(&creds)).await.expect("gate");
-        let relay = CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay");
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let relay =
+            CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay").waking(Arc::clone(&wake));
         let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
         qemu.write_all(b"a write").await.expect("write");
         tokio::time::timeout(Duration::from_secs(5), async {
@@ -278,6 +292,7 @@ mod tests {
         })
         .await
         .expect("the relay sees the silent copy lost");
+        tokio::time::timeout(Duration::from_secs(1), wake.notified()).await.expect("the agent is woken when the copy is found lost");
         let mut other = UnixStream::connect(relay.socket()).await.expect("connect");
         assert_eq!(read_for(&mut other, Duration::from_secs(2)).await, Some(0), "a new connection is closed while one is held");
         assert_eq!(read_for(&mut qemu, Duration::from_millis(500)).await, None, "the held connection stays open");

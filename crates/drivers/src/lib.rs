@@ -199,6 +199,12 @@ pub trait VmDriver: Send + Sync + 'static {
     fn served_copies(&self) -> BoxFuture<'_, Vec<String>> {
         Box::pin(async move { Vec::new() })
     }
+    /// Signalled when a mirrored disk may need the agent at once rather than at its next round:
+    /// a guest paused on a failed request (QEMU's `BLOCK_IO_ERROR`), a relay that found its copy
+    /// lost. None where nothing is mirrored.
+    fn mirror_events(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
     /// Starts mirroring disk `to.disk` of running VM `name` synchronously into the other site's
     /// copy that `to.server` serves (for QEMU: through a relay that holds writes to a lost copy
     /// until `release_mirror`; see `syncmirror` and `copyrelay`). A mirror already there is

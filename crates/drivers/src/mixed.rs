@@ -138,6 +138,10 @@ impl VmDriver for MixedDriver {
         self.qemu.served_copies()
     }
 
+    fn mirror_events(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.qemu.mirror_events()
+    }
+
     fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a crate::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
         self.owner(name).attach_mirror(name, to)
     }

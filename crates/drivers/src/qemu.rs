@@ -120,6 +120,8 @@ pub struct QemuDriver {
     /// (short paths: a unix socket's path is at most 107 bytes).
     relays: Mutex<HashMap<(String, usize), Arc<crate::copyrelay::CopyRelay>>>,
     next_relay: std::sync::atomic::AtomicU64,
+    /// Wakes the agent's mirror loop (`VmDriver::mirror_events`).
+    mirror_events: Arc<tokio::sync::Notify>,
     /// Reads of site copies whose storage failed, before the way back opens them again.
     probes: Arc<crate::pathswitch::StorageProbes>,
 }
@@ -143,6 +145,7 @@ impl QemuDriver {
             copy_server: tokio::sync::Mutex::new(None),
             relays: Mutex::default(),
             next_relay: std::sync::atomic::AtomicU64::new(0),
+            mirror_events: Arc::new(tokio::sync::Notify::new()),
             probes: Arc::default(),
         }
     }
@@ -409,7 +412,11 @@ impl QemuDriver {
         loop {
             let launcher = self.launcher.clone();
             let vm = name.to_string();
+            let mirror_events = Arc::clone(&self.mirror_events);
             let on_event = move |e: QmpEvent| match e.name.as_str() {
+                // A request failed and the guest paused on it (`werror=stop`): a mirrored disk's
+                // path may have to switch now, not at the agent's next round.
+                "BLOCK_IO_ERROR" => mirror_events.notify_one(),
                 "SHUTDOWN" => {
                     if let Some(reason) = e.data.get("reason").and_then(Value::as_str) {
                         launcher.note_shutdown_reason(&vm, pid, reason);
@@ -685,6 +692,10 @@ impl VmDriver for QemuDriver {
         Box::pin(self.withdraw_site_copy(export))
     }
 
+    fn mirror_events(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(Arc::clone(&self.mirror_events))
+    }
+
     fn served_copies(&self) -> BoxFuture<'_, Vec<String>> {
         Box::pin(self.site_copies())
     }
@@ -700,6 +711,7 @@ impl VmDriver for QemuDriver {
             let socket = self.run_dir.join(format!("mirror{}.sock", self.next_relay.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
             let relay = Arc::new(
                 crate::copyrelay::CopyRelay::start(&socket, &to.server, to.stall, Arc::clone(credentials))
+                    .map(|r| r.waking(Arc::clone(&self.mirror_events)))
                     .map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?,
             );
             self.relays().insert((name.to_string(), to.disk), Arc::clone(&relay));

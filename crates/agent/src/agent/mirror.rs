@@ -86,8 +86,17 @@ fn job_phase(s: &MirrorSample) -> (JobPhase, u64, u64) {
 impl Agent {
     pub(super) async fn mirror_loop(self: Arc<Self>) {
         let mut rounds = self.rounds();
+        // A guest paused on its storage's failure, a copy found lost: acted on at once (the
+        // switch and the hold's commit start then), not at the next round.
+        let events = self.driver.mirror_events();
         while !self.is_stopping() {
-            self.next_round(&mut rounds).await;
+            match &events {
+                Some(e) => tokio::select! {
+                    () = self.next_round(&mut rounds) => {}
+                    () = e.notified() => {}
+                },
+                None => self.next_round(&mut rounds).await,
+            }
             self.follow_mirrors().await;
             self.sweep_served_copies().await;
         }
