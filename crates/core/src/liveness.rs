@@ -129,6 +129,9 @@ struct Report {
     /// The reporter's incarnation: a later one starts its memory afresh.
     incarnation: u64,
     ages: HeardAges,
+    /// The hosts the reporter heard when it sent it (itself included): what its slot written
+    /// at that moment would say.
+    heard: HostSet,
 }
 
 impl Report {

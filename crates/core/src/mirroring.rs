@@ -140,6 +140,11 @@ pub fn decide(o: LinkObservation) -> Option<LinkAction> {
         (RelayPhase::Lost, _) => Some(LinkAction::Release),
         (RelayPhase::None, _) | (_, JobPhase::Absent) if o.server_reachable => Some(LinkAction::Attach),
         (RelayPhase::None, _) | (_, JobPhase::Absent) => None,
+        // A job that ended by itself (QEMU ends a mirror whose source read failed; the ones we
+        // end go with their link) sent no write since: a copy still counted current is stale,
+        // committed so first — as a lost copy is — and only then attached again.
+        (_, JobPhase::Ended) if o.current && o.local_current => Some(LinkAction::ProposeDegraded),
+        (_, JobPhase::Ended) if o.current => None,
         (_, JobPhase::Ended) => Some(LinkAction::Reattach),
         (_, JobPhase::Stopped) if o.server_reachable => Some(LinkAction::Resume),
         (RelayPhase::Open, JobPhase::InSync) if !o.current => Some(LinkAction::ProposeSynced),
@@ -296,6 +301,10 @@ mod tests {
         assert_eq!(decide(obs(JobPhase::Stopped, RelayPhase::Released, false, true)), Some(LinkAction::Resume));
         assert_eq!(decide(obs(JobPhase::Stopped, RelayPhase::Released, false, false)), None);
         assert_eq!(decide(obs(JobPhase::Ended, RelayPhase::Open, false, true)), Some(LinkAction::Reattach));
+        // An ended job wrote nothing since: its copy is committed stale before a new mirror.
+        assert_eq!(decide(obs(JobPhase::Ended, RelayPhase::Open, true, true)), Some(LinkAction::ProposeDegraded));
+        let other_copy_only = LinkObservation { local_current: false, ..obs(JobPhase::Ended, RelayPhase::Open, true, true) };
+        assert_eq!(decide(other_copy_only), None, "never the last current copy");
         let resyncing = LinkState::Resyncing { copied: 5, total: 10 };
         assert_eq!(link_state(obs(JobPhase::Copying, RelayPhase::Open, false, true), 5, 10, &LinkState::Detached), resyncing);
         assert_eq!(link_state(obs(JobPhase::Copying, RelayPhase::Open, true, true), 5, 10, &LinkState::InSync), LinkState::InSync, "a write in flight");

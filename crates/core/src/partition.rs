@@ -44,16 +44,19 @@ impl Survival {
 /// took most of two cores with 64 agents while they joined.)
 #[must_use]
 pub fn decide(members: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
-    decide_preferring(members, HostSet::EMPTY, disk_alive, heard)
+    decide_preferring(members, HostSet::EMPTY, HostSet::EMPTY, disk_alive, heard)
 }
 
-/// [`decide`], where `preferred` are the hosts of the cluster's preferred site: of the sides
-/// that hold no majority (a cut between two sites of equal weight, or two hosts and their
-/// witness), one with a preferred host wins before a larger one and before the lowest id. A
-/// side with a majority still wins over any other: the preference only breaks what the votes
-/// leave open, so it never keeps a side that could not commit.
+/// [`decide`], where `preferred` are the hosts of the cluster's preferred site and `fenced` the
+/// hosts that report themselves fenced. Of the sides that hold no majority (a cut between two
+/// sites of equal weight, or two hosts and their witness), one with a host not fenced wins
+/// first — a side of fenced hosts runs nothing, and letting it win stopped the one host that
+/// ran every VM (a host cut off and fenced, back on the disk before its heartbeats reached its
+/// peer: two singleton sides, the lower id, fenced, won) — then one with a preferred host,
+/// then the larger, then the lowest id. A side with a majority still wins over any other: these
+/// only break what the votes leave open, so they never keep a side that could not commit.
 #[must_use]
-pub fn decide_preferring(members: HostSet, preferred: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
+pub fn decide_preferring(members: HostSet, preferred: HostSet, fenced: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
     let mut reported = [HostSet::EMPTY; MAX_HOSTS];
     for h in disk_alive.iter() {
         reported[h.0 as usize] = heard.get(&h).copied().unwrap_or(HostSet::single(h));
@@ -77,10 +80,11 @@ pub fn decide_preferring(members: HostSet, preferred: HostSet, disk_alive: HostS
     let majority = members.len() / 2 + 1;
     let rank = |side: HostSet| {
         let has_majority = side.intersect(members).len() >= majority;
+        let runs = !side.is_subset_of(fenced);
         let prefers = !side.intersect(preferred).is_empty();
         // Lower id ranks higher, so invert it for a max-comparison.
         let low = side.min().map_or(0, |h| u32::MAX - h.0);
-        (has_majority, prefers, side.len(), low)
+        (has_majority, runs, prefers, side.len(), low)
     };
     let mut best: Option<HostSet> = None;
     for h in disk_alive.iter() {
@@ -141,15 +145,29 @@ mod tests {
     fn a_split_without_a_majority_keeps_the_preferred_site() {
         let heard = views(&[(0, &[0]), (1, &[1])]);
         assert_eq!(decide(set(&[0, 1]), set(&[0, 1]), &heard), Survival::Split { winner: set(&[0]) });
-        assert_eq!(decide_preferring(set(&[0, 1]), set(&[1]), set(&[0, 1]), &heard), Survival::Split { winner: set(&[1]) });
+        assert_eq!(decide_preferring(set(&[0, 1]), set(&[1]), HostSet::EMPTY, set(&[0, 1]), &heard), Survival::Split { winner: set(&[1]) });
         let four = views(&[(0, &[0, 1]), (1, &[0, 1]), (2, &[2, 3]), (3, &[2, 3])]);
-        assert_eq!(decide_preferring(set(&[0, 1, 2, 3]), set(&[2, 3]), set(&[0, 1, 2, 3]), &four), Survival::Split { winner: set(&[2, 3]) });
+        assert_eq!(decide_preferring(set(&[0, 1, 2, 3]), set(&[2, 3]), HostSet::EMPTY, set(&[0, 1, 2, 3]), &four), Survival::Split { winner: set(&[2, 3]) });
         // Before size, too: one preferred host left on its side against two others.
         let three = views(&[(0, &[0, 1]), (1, &[0, 1]), (2, &[2])]);
-        assert_eq!(decide_preferring(set(&[0, 1, 2, 3]), set(&[2, 3]), set(&[0, 1, 2]), &three), Survival::Split { winner: set(&[2]) });
+        assert_eq!(decide_preferring(set(&[0, 1, 2, 3]), set(&[2, 3]), HostSet::EMPTY, set(&[0, 1, 2]), &three), Survival::Split { winner: set(&[2]) });
         // A majority wins whatever the preference.
         let maj = views(&[(0, &[0]), (1, &[1, 2]), (2, &[1, 2])]);
-        assert_eq!(decide_preferring(set(&[0, 1, 2]), set(&[0]), set(&[0, 1, 2]), &maj), Survival::Split { winner: set(&[1, 2]) });
+        assert_eq!(decide_preferring(set(&[0, 1, 2]), set(&[0]), HostSet::EMPTY, set(&[0, 1, 2]), &maj), Survival::Split { winner: set(&[1, 2]) });
+    }
+
+    /// Where no side holds a majority, a side with a host not fenced wins over one of fenced
+    /// hosts only, before the preferred site and the lowest id; a majority still wins.
+    #[test]
+    fn a_split_without_a_majority_keeps_a_side_that_is_not_fenced() {
+        let heard = views(&[(0, &[0]), (1, &[1])]);
+        let two = set(&[0, 1]);
+        assert_eq!(decide_preferring(two, HostSet::EMPTY, set(&[0]), two, &heard), Survival::Split { winner: set(&[1]) });
+        assert_eq!(decide_preferring(two, set(&[0]), set(&[0]), two, &heard), Survival::Split { winner: set(&[1]) }, "before the preferred site");
+        assert_eq!(decide_preferring(two, HostSet::EMPTY, two, two, &heard), Survival::Split { winner: set(&[0]) }, "both fenced: the lowest id");
+        let maj = views(&[(0, &[0]), (1, &[1, 2]), (2, &[1, 2])]);
+        let three = set(&[0, 1, 2]);
+        assert_eq!(decide_preferring(three, HostSet::EMPTY, set(&[1, 2]), three, &maj), Survival::Split { winner: set(&[1, 2]) }, "a majority, fenced or not");
     }
 
     #[test]
@@ -166,7 +184,7 @@ mod tests {
     }
 
     /// The first implementation, kept as the reference the faster one must agree with.
-    fn decide_reference(members: HostSet, preferred: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
+    fn decide_reference(members: HostSet, preferred: HostSet, fenced: HostSet, disk_alive: HostSet, heard: &BTreeMap<HostId, HostSet>) -> Survival {
         let reported = |h: HostId| heard.get(&h).copied().unwrap_or(HostSet::single(h));
         if disk_alive.iter().all(|h| disk_alive.is_subset_of(reported(h))) {
             return Survival::NoPartition;
@@ -176,7 +194,8 @@ mod tests {
         let is_clique = |side: HostSet| side.iter().all(|a| side.iter().all(|b| mutual(a, b)));
         let majority = members.len() / 2 + 1;
         let rank = |side: HostSet| {
-            (side.intersect(members).len() >= majority, !side.intersect(preferred).is_empty(), side.len(), side.min().map_or(0, |h| u32::MAX - h.0))
+            let runs = side.iter().any(|h| !fenced.contains(h));
+            (side.intersect(members).len() >= majority, runs, !side.intersect(preferred).is_empty(), side.len(), side.min().map_or(0, |h| u32::MAX - h.0))
         };
         let mut best: Option<HostSet> = None;
         for h in disk_alive.iter() {
@@ -200,6 +219,7 @@ mod tests {
             alive_mask in any::<u64>(),
             members_mask in any::<u64>(),
             preferred_mask in any::<u64>(),
+            fenced_mask in any::<u64>(),
         ) {
             let mut x = seed | 1;
             let mut next = move || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
@@ -217,7 +237,9 @@ mod tests {
             }
             // Half the cases without a preferred site, half with a random one.
             let preferred: HostSet = if seed % 2 == 0 { HostSet::EMPTY } else { (0..n).filter(|i| preferred_mask & (1 << i) != 0).map(HostId).collect() };
-            prop_assert_eq!(decide_preferring(members, preferred, alive, &heard), decide_reference(members, preferred, alive, &heard));
+            // A third of the cases with some hosts fenced.
+            let fenced: HostSet = if seed % 3 == 0 { (0..n).filter(|i| fenced_mask & (1 << i) != 0).map(HostId).collect() } else { HostSet::EMPTY };
+            prop_assert_eq!(decide_preferring(members, preferred, fenced, alive, &heard), decide_reference(members, preferred, fenced, alive, &heard));
         }
     }
 

@@ -182,8 +182,10 @@ pub struct Heartbeat {
     /// The sender's membership epoch; when `fenced`, the epoch its fence runs through (it runs
     /// no VM in this epoch or any before it again).
     pub epoch: u64,
-    /// The hosts the sender currently hears (itself included). Informational: receivers go by
-    /// `ages`, which say when; the broadcast format carries the same set.
+    /// The hosts the sender currently hears (itself included): the set its slot would carry.
+    /// Receivers date the evidence of others' life by `ages`, and take this set as the
+    /// sender's word in the partition decision when it is newer than its slot; the broadcast
+    /// format carries the same set.
     pub heard: HostSet,
     /// The sender has fenced itself.
     pub fenced: bool,

@@ -406,15 +406,20 @@ impl SimDisk {
 }
 
 impl SlotDevice for SimDisk {
+    /// A write the agent gave up on (the disk hung past its timeout) still lands once the disk
+    /// answers, unless the host lost power first: a real device's I/O thread finishes it. Its
+    /// slot then says what the host heard when it began, after newer heartbeats.
     fn write_slot(&self, slot: HostId, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), DiskError>> {
-        Box::pin(async move {
-            self.gate(false).await?;
+        let disk = SimDisk { world: Arc::clone(&self.world), me: self.me };
+        let write = tokio::spawn(async move {
+            disk.gate(false).await?;
             tokio::time::sleep(Duration::from_millis(1)).await;
             let off = slot_offset(slot) as usize;
             let n = bytes.len().min(SLOT_SIZE);
-            self.world.with_disk(self.me, |d| d[off..off + n].copy_from_slice(&bytes[..n]));
+            disk.world.with_disk(disk.me, |d| d[off..off + n].copy_from_slice(&bytes[..n]));
             Ok(())
-        })
+        });
+        Box::pin(async move { write.await.unwrap_or_else(|e| Err(DiskError::Io(std::io::Error::other(e.to_string())))) })
     }
 
     fn read_all(&self) -> BoxFuture<'_, Result<Vec<u8>, DiskError>> {

@@ -458,3 +458,18 @@ fn two_hosts_with_a_disk_witness_survive_either_and_run_nothing_twice() {
         assert_eq!(moves, 0, "seed {seed}: a failover while only the witness was lost");
     }
 }
+
+/// Sites a, a, b, b, w, seed 24 (`stale-copy`): site b lost power while vm0 ran at a; its host
+/// chose b's copy for the mirror (its hosts still counted active) and asked them to serve it,
+/// then, with b's hosts failed over, chose and attached w's copy, which caught up and was
+/// committed current. The first attach, still waiting, completed once b's host was back: its
+/// mirror replaced w's, whose copy stopped getting writes while it still counted current, and
+/// vm0 started later from it without 132 writes its guest had acknowledged. Now one action at a
+/// time runs per disk, and an attach never replaces the mirror of a copy this generation
+/// attached.
+#[test]
+fn a_late_attach_never_replaces_the_mirror_of_a_current_copy() {
+    let sites = ["a", "a", "b", "b", "w"].map(String::from).to_vec();
+    let r = run(&SimOptions { hosts: 5, sites, ..opts(24, 60) });
+    assert!(r.violations.is_empty(), "{:#?}", r.violations);
+}

@@ -51,8 +51,13 @@ struct Link {
 #[derive(Default)]
 pub(super) struct Mirroring {
     links: BTreeMap<LinkKey, Link>,
-    /// Links with an action under way (attach, resume, a proposal).
-    busy: BTreeSet<LinkKey>,
+    /// Disks (VM, disk index) with an action on their link under way (attach, resume, a
+    /// proposal): one at a time per disk, whatever the site, as QEMU runs one mirror per disk.
+    /// Kept per link, an attach to a site whose hosts had just lost power, still waiting for
+    /// one to answer, once completed after another site's copy had been attached and synced:
+    /// its mirror replaced the first, whose copy committed state still counted current, and a
+    /// start there lost writes (simulator: sites a, a, b, b, w, seed 24).
+    busy: BTreeSet<(String, usize)>,
     /// Links whose last attach or resume failed: not tried again before then.
     retry_at: BTreeMap<LinkKey, tokio::time::Instant>,
     /// Exports this host serves: the VM and the generation they serve.
@@ -161,7 +166,7 @@ impl Agent {
         for w in wanted {
             {
                 let m = lock(&self.mirroring);
-                if m.busy.contains(&w.key) || m.retry_at.get(&w.key).is_some_and(|t| *t > tokio::time::Instant::now()) {
+                if m.busy.contains(&(w.key.0.clone(), w.key.1)) || m.retry_at.get(&w.key).is_some_and(|t| *t > tokio::time::Instant::now()) {
                     continue;
                 }
             }
@@ -221,13 +226,13 @@ impl Agent {
                 continue;
             }
             tracing::debug!("mirror of {vm} disk {disk} to {site}: {obs:?} → {action:?}");
-            lock(&self.mirroring).busy.insert(w.key.clone());
+            lock(&self.mirroring).busy.insert((w.key.0.clone(), w.key.1));
             let a = Arc::clone(self);
             tokio::spawn(
                 async move {
                     let failed = a.act_on_link(&w, action).await.err();
                     let mut m = lock(&a.mirroring);
-                    m.busy.remove(&w.key);
+                    m.busy.remove(&(w.key.0.clone(), w.key.1));
                     m.retry_at.remove(&w.key);
                     if let Some(why) = failed {
                         tracing::warn!("mirror of {} disk {} to site {}: {action:?} failed (tried again in {LINK_RETRY:?}): {why}", w.key.0, w.key.1, w.key.2);
@@ -410,6 +415,16 @@ impl Agent {
     async fn attach_link(self: &Arc<Self>, w: &Wanted) -> Result<(), String> {
         let (vm, disk, site) = &w.key;
         let (endpoint, server) = self.request_copy(w).await?;
+        // The mirror replaces any other of the disk: never one whose copy this generation
+        // attached (committed state may count it current, and it would stop getting writes).
+        let other = lock(&self.mirroring)
+            .links
+            .iter()
+            .find(|((v, d, s), l)| v == vm && d == disk && s != site && l.generation == w.generation)
+            .map(|(k, _)| k.2.clone());
+        if let Some(other) = other {
+            return Err(format!("disk {disk} already mirrors into {other}'s copy in generation {}", w.generation));
+        }
         let to = MirrorTarget { disk: *disk, server: endpoint.address, export: endpoint.export, stall: Duration::from_millis(self.cfg.mirror.stall_ms) };
         self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
         let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 } };

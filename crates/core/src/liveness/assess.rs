@@ -70,6 +70,11 @@ impl Assessment {
 }
 
 impl Liveness {
+    /// Whether some host of `side` was heard, on the network or by a slot change, after `since`.
+    fn spoke_since(&self, side: HostSet, since: Millis) -> bool {
+        side.iter().filter_map(|h| self.peers.get(&h)).any(|p| [p.last_net, p.slot_changed_at].into_iter().flatten().any(|at| at > since))
+    }
+
     /// Folds every peer's latest report into the others' `reported_at`.
     pub(super) fn fold_reports(&mut self) {
         let mut reported = [None::<Millis>; MAX_HOSTS];
@@ -107,11 +112,18 @@ impl Liveness {
         // it takes part in the partition decision like any other. Leaving it out once let a
         // majority side {fenced h1, h2} count as the lone h2 and lose a tie to a cut-off h0
         // (simulator seed 17).
+        //
+        // Whom a peer hears is the newer of its two words, as for `heard_by_others` below: its
+        // slot, or its latest heartbeat when that came after the slot last changed. A slot
+        // written just before the peer heard us again (we were cut off, and back) otherwise
+        // kept saying it did not hear us until its next change reached us. Across a real cut
+        // no heartbeat comes, so the other side's word there is its slot alone.
         for (h, p) in &self.peers {
             if slot_fresh(p) {
                 disk_alive.insert(*h);
                 if let Some(s) = p.slot {
-                    reports.insert(*h, s.heard);
+                    let newer_heartbeat = p.report.filter(|r| net_fresh(p) && p.slot_changed_at.is_none_or(|c| r.at > c));
+                    reports.insert(*h, newer_heartbeat.map_or(s.heard, |r| r.heard));
                 }
             }
         }
@@ -154,6 +166,11 @@ impl Liveness {
                 && read_started.is_some_and(|r| r >= e.plus(t.self_fence_ms + t.disk_io_timeout_ms))
         };
         let mut peers = Vec::with_capacity(self.peers.len());
+        // Who says, by its newer word, that it is fenced (ourselves: what our own word says).
+        let mut fenced = HostSet::EMPTY;
+        if self.announcing_fence {
+            fenced.insert(self.me);
+        }
         for (h, p) in &mut self.peers {
             let liveness = if net_fresh(p) {
                 HostLiveness::Alive
@@ -174,6 +191,9 @@ impl Liveness {
             let slot_fenced = p.slot.filter(|s| s.fenced).map(|s| s.epoch);
             let net_newer = net_fresh(p) && p.last_net.is_some_and(|n| p.slot_changed_at.is_none_or(|c| n >= c));
             let fenced_epoch = if net_newer { p.net_fenced.then_some(p.net_epoch) } else { slot_fenced };
+            if fenced_epoch.is_some() {
+                fenced.insert(*h);
+            }
             let last_evidence = [p.last_net, p.slot_changed_at, p.reported_at].into_iter().flatten().max();
             // Without settled evidence, the deadline counts from the declaration, as a later and
             // so safe bound (the peer was silent everywhere for `peer_timeout_ms` by then).
@@ -201,8 +221,11 @@ impl Liveness {
         let silent_ms = self.last_proof_of_life(now).map_or(0, |l| now.since(l));
         let alone = self.members.len() == 1;
 
-        let survival =
-            if disk_alive.contains(self.me) { partition::decide_preferring(self.members, self.preferred, disk_alive, &reports) } else { Survival::NoPartition };
+        let survival = if disk_alive.contains(self.me) {
+            partition::decide_preferring(self.members, self.preferred, fenced, disk_alive, &reports)
+        } else {
+            Survival::NoPartition
+        };
         // Right after the membership grew, the peers' slots may not list a newcomer yet (they
         // hear it only once they applied its join and its heartbeats reached them): a verdict
         // then is set aside for a peer timeout. Safety does not rest on it: a host without a
@@ -212,8 +235,15 @@ impl Liveness {
         let mut fence = None;
         if survival.must_fence(self.me) && !settling {
             let since = *self.losing_since.get_or_insert(now);
-            if now.since(since) >= t.partition_confirm_ms {
-                if let Survival::Split { winner } = survival {
+            // The winner must also have shown itself alive since the verdict began (a heartbeat
+            // or a slot change received after it): a dead host's last word stays fresh for a
+            // peer timeout, and a verdict drawn from it alone would hand the cluster to a host
+            // that no longer runs. Its slot, landed late or changed after its last heartbeat,
+            // said it did not hear us, and we fenced, healthy and connected, a second after it
+            // died (the fault suite, two hosts and a network witness). A living winner speaks
+            // at every round, so this delays a real loser's fence by a round at most.
+            if let Survival::Split { winner } = survival {
+                if now.since(since) >= t.partition_confirm_ms && self.spoke_since(winner, since) {
                     fence = Some(FenceReason::LosingSide { winner });
                 }
             }

@@ -79,7 +79,7 @@ impl Liveness {
         // What the sender reports hearing of the others: evidence of their life, on our clock.
         // The report it replaces is older news from the same reporter, except across a restart
         // of the reporter (its new life remembers nothing): that one is folded in first.
-        let report = Report { at: now, incarnation: hb.incarnation, ages: hb.ages };
+        let report = Report { at: now, incarnation: hb.incarnation, ages: hb.ages, heard: hb.heard };
         if let Some(old) = p.report.replace(report).filter(|old| old.incarnation != hb.incarnation) {
             old.fold_into(hb.from, me, &mut self.peers);
         }

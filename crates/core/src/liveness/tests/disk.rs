@@ -389,3 +389,116 @@ fn a_two_host_link_cut_with_a_disk_witness_fences_exactly_the_higher_id() {
     assert_eq!(verdict(0), None);
     assert!(matches!(verdict(1), Some(FenceReason::LosingSide { .. })), "{:?}", verdict(1));
 }
+
+/// Host 1 of two with a disk witness, hearing host 0 both ways until `last_beat` ms; host 0's
+/// slot changes for the last time at `last_slot` ms, saying it hears `last_heard`, and host 0
+/// then says nothing more. Returns every fence host 1 decided on until host 0's word is stale.
+fn fences_after_host_0_falls_silent(last_beat: u64, last_slot: u64, last_heard: &[u32]) -> Vec<FenceReason> {
+    let mut l = two(1, true);
+    let mut fences = Vec::new();
+    let mut peer_counter = 0;
+    for t in (0..last_slot + 2 * T.peer_timeout_ms).step_by(100) {
+        let now = Millis(t);
+        let seq = t / 100 + 1;
+        if t % 200 == 0 {
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+        }
+        if t <= last_beat && t % 200 == 0 {
+            l.heartbeat_received(&hb(0, seq, &[0, 1], Some((1, seq))), now).expect("fresh");
+        }
+        let peer_heard: &[u32] = if t >= last_slot { last_heard } else { &[0, 1] };
+        if t <= last_slot && (t % 200 == 0 || t == last_slot) {
+            peer_counter += 1;
+        }
+        if t % 200 == 0 || t == last_slot {
+            l.disk_read(&[slot(0, peer_counter, peer_heard, false), slot(1, seq, &[0, 1], false)], now.plus(2));
+        }
+        fences.extend(l.assess(now.plus(3)).fence);
+    }
+    fences
+}
+
+/// A slot of host 0 that lands after its last heartbeat — a write delayed on its way to the
+/// disk or the witness, composed while host 0 did not hear host 1 — says host 0 hears only
+/// itself, and host 0 is then gone (power loss). That word makes host 1 the losing side of a
+/// split, but nothing of host 0 follows it: host 1, healthy and connected to the disk, must not
+/// fence for a host that no longer runs. (Found by the fault suite: two hosts and a network
+/// witness, h1 fenced a second after h0 lost power.)
+#[test]
+fn a_late_slot_of_a_host_that_then_died_fences_nobody() {
+    let fences = fences_after_host_0_falls_silent(2_000, 2_300, &[0]);
+    assert!(fences.is_empty(), "{fences:?}");
+}
+
+/// Host 0's slot changes last well after its last heartbeat (heartbeats are paced while the
+/// cluster is calm, and a slot read may come late): once its heartbeats are stale, host 1
+/// hears nobody while host 0's slot, still fresh, says it hears host 1 — a split that host 0,
+/// dead, wins by its lower id. Host 1 must not fence on it.
+#[test]
+fn the_last_slot_of_a_dead_host_outliving_its_heartbeats_fences_nobody() {
+    let fences = fences_after_host_0_falls_silent(2_000, 2_900, &[0, 1]);
+    assert!(fences.is_empty(), "{fences:?}");
+}
+
+/// The same host 0 alive, its link to host 1 broken one way (host 1's heartbeats no longer
+/// reach it): its slot and its heartbeats both say it hears only itself, it keeps speaking,
+/// and host 1 fences on the verdict.
+#[test]
+fn a_living_winner_that_no_longer_hears_us_still_fences_us() {
+    let mut l = two(1, true);
+    let mut fence = None;
+    for t in (0..8_000).step_by(200) {
+        let now = Millis(t);
+        let seq = t / 200 + 1;
+        l.heartbeat_sent(seq, now);
+        l.disk_written(now, now.plus(1));
+        let heard: &[u32] = if t < 2_000 { &[0, 1] } else { &[0] };
+        let ack = (t < 2_000).then_some((1, seq));
+        let mut beat = hb(0, seq, heard, ack);
+        beat.to = HostId(1);
+        l.heartbeat_received(&beat, now).expect("fresh");
+        l.disk_read(&[slot(0, seq, heard, false), slot(1, seq, &[0, 1], false)], now.plus(2));
+        fence = fence.or(l.assess(now.plus(3)).fence);
+    }
+    assert!(matches!(fence, Some(FenceReason::LosingSide { .. })), "{fence:?}");
+}
+
+/// Host 0 of two (with a disk witness) is cut off from everything, fences, and host 1 carries
+/// on alone. Back, host 0's slot reaches the disk — fenced, hearing only itself — a second
+/// before its heartbeats reach host 1: two sides of one host each, no majority. Host 1, not
+/// fenced, stays; the lower id no longer wins over it. (Found by the fault suite: two hosts
+/// and a network witness, a full partition of h0 healed; h1 stopped every VM it ran.)
+#[test]
+fn a_fenced_host_back_on_the_disk_does_not_win_over_the_one_that_runs() {
+    let mut l = two(1, true);
+    let mut fences = Vec::new();
+    let mut peer_counter = 0;
+    for t in (0..14_000).step_by(100) {
+        let now = Millis(t);
+        let seq = t / 100 + 1;
+        if t % 200 == 0 {
+            l.heartbeat_sent(seq, now);
+            l.disk_written(now, now.plus(1));
+        }
+        let (linked, on_disk) = (!(2_000..9_500).contains(&t), !(2_000..8_000).contains(&t));
+        if linked && t % 200 == 0 {
+            l.heartbeat_received(&hb(0, seq, &[0, 1], Some((1, seq))), now).expect("fresh");
+        }
+        let (heard, fenced): (&[u32], bool) = if t < 2_000 {
+            (&[0, 1], false)
+        } else if linked {
+            (&[0, 1], true)
+        } else {
+            (&[0], true)
+        };
+        if on_disk && t % 200 == 0 {
+            peer_counter += 1;
+        }
+        if t % 200 == 0 {
+            l.disk_read(&[slot(0, peer_counter, heard, fenced), slot(1, seq, &[0, 1], false)], now.plus(2));
+        }
+        fences.extend(l.assess(now.plus(3)).fence);
+    }
+    assert!(fences.is_empty(), "{fences:?}");
+}
