@@ -66,7 +66,8 @@ fn bring_back_ftt(lab: &Lab) -> Result<()> {
 
 /// In network namespaces (root; without it the test returns early), the witness in the control
 /// namespace: the link between the hosts cut (both still reach the witness: h0, the lower id,
-/// stays), healed, then h1 cut off from everything (it fences; h0 restarts its VM).
+/// stays), healed, then h1 cut off from everything (it fences; h0 restarts its VM), then h0 (it
+/// fences; h1 restarts its VM and, once h0 is back, fenced, stays).
 #[test]
 fn a_network_witness_settles_a_cut_link_and_an_isolated_host() -> Result<()> {
     if !tandem_lab::netlab::can_use_namespaces() {
@@ -98,6 +99,23 @@ fn a_network_witness_settles_a_cut_link_and_an_isolated_host() -> Result<()> {
     // Read once h1 answers again (nobody reaches it while it is cut off).
     assert!(!lab.fences_since(1, isolated_at).is_empty(), "the isolated h1 did not fence");
     std::thread::sleep(Duration::from_secs(2));
+    lab.assert_no_double_run()?;
+
+    // Then h0, the lower id, cut off from everything: it fences and h1 runs both VMs. Back, h0
+    // is fenced (and its slot may reach the witness before its heartbeats reach h1): h1, which
+    // runs everything, must not lose the verdict to it.
+    bring_back_ftt(&lab)?;
+    let isolated_at = now_ms();
+    let isolated = Instant::now();
+    net.cut(0)?;
+    let secs = both_on(&lab, 1, isolated)?;
+    eprintln!("h0 isolated: its VM ran again on h1 {secs:.2} s later");
+    net.heal(0)?;
+    lab.wait_all_active(Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!lab.fences_since(0, isolated_at).is_empty(), "the isolated h0 did not fence");
+    assert_eq!(lab.fences_since(1, isolated_at), Vec::<String>::new(), "h1 fenced for a fenced h0 back");
+    assert!(["p0", "p1"].iter().all(|v| lab.running().get(*v).map(String::as_str) == Some("h1")), "both VMs stay on h1: {:?}", lab.running());
     lab.assert_no_double_run()?;
     drop(lab);
     drop(net);
