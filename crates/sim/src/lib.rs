@@ -392,15 +392,22 @@ impl Sim {
         }
     }
 
+    /// Lets exactly `hosts` fence until `until_ms`, whatever the cluster's size: for a fault
+    /// that names its loser (a host that loses both its link and its disk path is the one that
+    /// fences; the other keeps the disk's vote and must not, before the heal or after it).
+    fn excuse_only(&mut self, hosts: &[u32], until_ms: u64) {
+        for h in hosts {
+            let e = &mut self.hosts[*h as usize].excused_until;
+            *e = (*e).max(until_ms);
+        }
+    }
+
     fn excuse(&mut self, hosts: &[u32], until_ms: u64) {
         // Two hosts: which one a cut leaves fenced is the partition verdict's (the higher id),
         // not the one the fault picked; the faults that must move the loser's VMs check that.
         let all: Vec<u32> = (0..self.hosts.len() as u32).collect();
         let hosts = if self.two_with_witness() && !hosts.is_empty() { &all[..] } else { hosts };
-        for h in hosts {
-            let e = &mut self.hosts[*h as usize].excused_until;
-            *e = (*e).max(until_ms);
-        }
+        self.excuse_only(hosts, until_ms);
     }
 
     /// VMs the committed state places on `host`, desired running.

@@ -119,14 +119,21 @@ impl Sim {
             c.blocked.insert((other, blind));
         }
         w.set_disk_mode(blind, DiskMode::Fail);
-        self.excuse(&[blind], until);
+        self.excuse_only(&[blind], until);
         self.run_for(hold).await;
         if hold.as_millis() as u64 > 9_000 && !before.is_empty() {
             self.check_moved_off(blind, &before, &format!("{kind} of h{blind}")).await;
             self.recoveries.owe(now, format!("{kind} of h{blind}"), &self.restartable(&before), &[]);
         }
-        lock(&w.cond).blocked.clear();
+        // The disk path comes back first and the link up to 1.5 s later: a host that fenced
+        // cut off from everything is then seen again on the disk — fenced, hearing only itself
+        // — before its heartbeats arrive, and must not win over the host that ran on (the
+        // fault suite found it with two hosts and a network witness).
+        let lag = self.rand(1_500);
         w.heal_disks();
+        w.log(format!("HEAL {kind}: the disk path; the link in {lag} ms"));
+        self.run_for(Duration::from_millis(lag)).await;
+        lock(&w.cond).blocked.clear();
         w.log(format!("HEAL {kind}"));
     }
 

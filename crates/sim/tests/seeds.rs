@@ -109,10 +109,12 @@ fn a_migration_whose_source_lost_its_copy_is_aborted_and_the_vm_runs_again() {
 /// (11 s down). Now a proposal gives up after `PROPOSE_TIMEOUT`, the host's fence then covers
 /// the epoch its unanswered join may have committed (promised durably, and a join answered
 /// with such an epoch is given up), and the coordinator accepts a fence "through" the
-/// committed epoch.
+/// committed epoch. (Seed 104 since the partition verdict waits for a word of the winner and
+/// the simulator's hung slot writes land late: seed 103 no longer draws this; 104 does — its
+/// h1 reports itself fenced in epoch 2, committed while it was cut off.)
 #[test]
 fn a_rejoin_committed_behind_a_cut_off_host_does_not_strand_its_vms() {
-    let r = run(&SimOptions { only: Some(FaultKind::PartitionFull), ..opts(103, 60) });
+    let r = run(&SimOptions { only: Some(FaultKind::PartitionFull), ..opts(104, 60) });
     assert!(r.violations.is_empty(), "{:#?}", r.violations);
     assert!(r.trace.iter().any(|l| l.contains("reports itself fenced in epoch 2")), "the fence report covers the committed epoch");
 }
@@ -418,7 +420,10 @@ fn planned_stops_park_release_or_move_the_vms_by_policy() {
 /// that could neither take the witness nor join again without its peer (95), a crashed agent's
 /// late claim withdrawal letting the peer open the witness too (81, `witness-twice`) — and the faults
 /// that must move a host's VMs to the other: each host's power loss, the link cut, the link cut
-/// with a disk path lost; and the witness's region lost alone, which must move nothing.
+/// with a disk path lost (only that host may fence: its disk path comes back first and the link
+/// up to 1.5 s later, and back, fenced, it once won over the host that ran every VM — found by
+/// the fault suite; with that fix undone, seeds 1, 2 and 4 here fail); and the witness's region
+/// lost alone, which must move nothing.
 #[test]
 fn two_hosts_with_a_disk_witness_survive_either_and_run_nothing_twice() {
     let two = |seed: u64, only: Option<FaultKind>| SimOptions { hosts: 2, late_hosts: 0, disk_witness: true, only, ..opts(seed, 60) };
