@@ -8,10 +8,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_core::state::{DriverSpec, NetworkSpec, VmSpec};
+use tandem_core::state::{NetworkSpec, VmSpec};
+
+mod cmdline;
+mod sitemirror;
 
 /// How long the guest gets to power down on a stop before QEMU is asked to quit (default of
 /// `[qemu] stop_timeout_s`).
@@ -150,66 +152,6 @@ impl QemuDriver {
         }
     }
 
-    /// Serves this site's copies of mirrored disks on `port` with `binary`
-    /// (`qemu-storage-daemon`), and reaches other sites' copies, through the copy channel with
-    /// `credentials`.
-    #[must_use]
-    pub fn with_copy_server(mut self, port: u16, binary: &str, credentials: Arc<crate::copychannel::CopyCredentials>) -> QemuDriver {
-        self.copy_settings = Some((port, binary.to_string(), credentials));
-        self
-    }
-
-    /// Serves this site's copy of a mirrored disk (`relative` to `site_disk_dir`, created empty
-    /// of `bytes` if missing) as `export`; the copy server's `host:port`.
-    async fn serve_site_copy(&self, export: &str, relative: &str, bytes: u64) -> Result<String, DriverError> {
-        let Some((port, binary, credentials)) = &self.copy_settings else {
-            return Err(DriverError::Unsupported { driver: "qemu", what: "serve copies of mirrored disks (no [mirror] settings)" });
-        };
-        let path = crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), relative);
-        match std::fs::metadata(&path) {
-            Ok(m) if m.len() != bytes => {
-                return Err(DriverError::Refused {
-                    vm: export.to_string(),
-                    reason: format!("this site's copy {} has {} bytes, the disk {bytes}", path.display(), m.len()),
-                })
-            }
-            Ok(_) => {}
-            Err(_) => crate::diskcopy::create_image(export, &self.cfg.img_binary, &path, "raw", bytes).await?,
-        }
-        let mut server = self.copy_server.lock().await;
-        if !server.as_mut().is_some_and(crate::sitecopy::CopyServer::is_running) {
-            // The old one (and its gate's port) goes first.
-            *server = None;
-            let cfg = crate::sitecopy::CopyServerConfig {
-                binary: binary.clone(),
-                run_dir: self.run_dir.clone(),
-                host_ip: self.host_ip.clone(),
-                port: *port,
-                credentials: Arc::clone(credentials),
-            };
-            *server = Some(crate::sitecopy::CopyServer::start(&cfg, &self.launcher).await?);
-        }
-        let running = server.as_ref().ok_or(DriverError::Unsupported { driver: "qemu", what: "start its copy server" })?;
-        running.serve(export, &path).await?;
-        Ok(running.endpoint().to_string())
-    }
-
-    /// Stops serving `export`; the exports served now are returned.
-    async fn withdraw_site_copy(&self, export: &str) -> Result<Vec<String>, DriverError> {
-        let server = self.copy_server.lock().await;
-        let Some(running) = server.as_ref() else { return Ok(Vec::new()) };
-        running.withdraw(export).await?;
-        Ok(running.served().await)
-    }
-
-    /// The exports served now.
-    async fn site_copies(&self) -> Vec<String> {
-        match self.copy_server.lock().await.as_ref() {
-            Some(s) => s.served().await,
-            None => Vec::new(),
-        }
-    }
-
     /// Sends and receives migrations (memory and local disks) over TLS with `tls`.
     #[must_use]
     pub fn with_migration_tls(mut self, tls: Option<crate::migtls::MigrationTls>) -> QemuDriver {
@@ -307,95 +249,6 @@ impl QemuDriver {
         let target =
             crate::diskcopy::MirrorTarget { nbd, disks: &to.disks, speed: to.max_bandwidth, cancelled: &cancelled, progress: &progress, deadline, tls_creds };
         crate::diskcopy::mirror(name, q, self.qmp_timeout(), &target).await
-    }
-
-    /// The QEMU command line for a launch.
-    pub fn command(&self, launch: &VmLaunch) -> Result<Command, DriverError> {
-        let spec = &launch.spec;
-        let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args, guest_agent } = &spec.driver else {
-            return Err(DriverError::WrongDriver { vm: spec.name.clone(), needed: "process", have: "qemu" });
-        };
-        // Checked again here: the spec may have been committed by a release with looser rules.
-        spec.check_arguments().map_err(|e| DriverError::Refused { vm: spec.name.clone(), reason: e.to_string() })?;
-        let bus = if self.cfg.machine == "microvm" { "device" } else { "pci" };
-        let qmp = self.run_dir.join(format!("{}.qmp", spec.name));
-        let serial = self.run_dir.join(format!("{}.serial", spec.name));
-        let _ = std::fs::remove_file(&qmp);
-        let qga = crate::qga::socket_path(&self.run_dir, &spec.name);
-        let _ = std::fs::remove_file(&qga);
-        let mut c = Command::new(&self.cfg.binary);
-        c.args(["-name", &format!("{},process=tandem-{}", spec.name, spec.name)])
-            .args(["-accel", &self.cfg.accel, "-M", &self.cfg.machine])
-            .args(["-nodefaults", "-no-user-config", "-cpu", &self.cfg.cpu_model(), "-display", "none"])
-            .args(["-smp", &spec.vcpus.to_string(), "-m", &spec.memory_mib.to_string()])
-            .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())])
-            .args(["-serial", &format!("file:{}", serial.display())]);
-        if let Some(k) = kernel {
-            c.args(["-kernel", k]);
-            if let Some(i) = initrd {
-                c.args(["-initrd", i]);
-            }
-            let mut append = cmdline.clone().unwrap_or_default();
-            append.push_str(&format!(" tandem.vm={}", spec.name));
-            if let Some(NetworkSpec::Bridge { address: Some(a), .. }) = &spec.network {
-                append.push_str(&format!(" tandem.ip={a}"));
-            }
-            c.args(["-append", append.trim()]);
-        }
-        for (i, d) in spec.disks.iter().enumerate() {
-            let fmt = d.format.clone().unwrap_or_else(|| "raw".into());
-            let ro = if d.readonly { ",readonly=on" } else { "" };
-            let path = if d.local {
-                self.local_disk(&d.path).display().to_string()
-            } else if d.mirror {
-                crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), &d.path).display().to_string()
-            } else {
-                d.path.clone()
-            };
-            // A mirrored disk pauses the guest when its site's storage fails a request (kept to
-            // be retried) rather than failing it: the agent then switches the disk onto the
-            // other site's copy (`pathswitch`) and the guest sees a pause, not an error.
-            // (`auto-read-only=off`: the switch drops the failed copy's write permission, which
-            // would otherwise reopen its file read-only — an open that fails on failed storage.)
-            let on_error = if d.mirror { ",werror=stop,rerror=stop,auto-read-only=off" } else { "" };
-            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}{on_error}", escape_option_value(&path))]);
-            c.args(["-device", &format!("virtio-blk-{bus},drive=disk{i}")]);
-        }
-        match &spec.network {
-            None => {}
-            Some(NetworkSpec::User { hostfwd }) => {
-                let mut nd = "user,id=net0".to_string();
-                for f in hostfwd {
-                    nd.push_str(&format!(",hostfwd={}", f.replace("{host_ip}", &self.host_ip)));
-                }
-                c.args(["-netdev", &nd, "-device", &format!("virtio-net-{bus},netdev=net0")]);
-            }
-            Some(NetworkSpec::Tap { ifname, mac }) => {
-                c.args(["-netdev", &format!("tap,id=net0,ifname={ifname},script=no,downscript=no")]);
-                let mac = mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
-                c.args(["-device", &format!("virtio-net-{bus},netdev=net0{mac}")]);
-            }
-            Some(NetworkSpec::Bridge { bridge, mac, .. }) => {
-                crate::bridge::check_allowed(&spec.name, bridge, &self.cfg.bridges)?;
-                let tap = crate::bridge::tap_name(&spec.name);
-                c.args(["-netdev", &format!("tap,id=net0,ifname={tap},script=no,downscript=no")]);
-                c.args(["-device", &format!("virtio-net-{bus},netdev=net0,mac={mac}")]);
-            }
-        }
-        if *guest_agent {
-            c.args(crate::qga::channel_args(&qga, bus));
-        }
-        c.args(extra_args)
-            .env("TANDEM_VM", &spec.name)
-            .env("TANDEM_HOST", &self.host_name)
-            .env("TANDEM_GENERATION", launch.generation.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(self.run_dir.join(format!("{}.stderr", spec.name)))
-                    .map_err(|source| DriverError::Spawn { vm: spec.name.clone(), source })?,
-            ));
-        Ok(c)
     }
 
     /// Puts a bridged VM's tap (which its QEMU created before answering on QMP) on its bridge.
@@ -701,105 +554,36 @@ impl VmDriver for QemuDriver {
     }
 
     fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a crate::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            // A mirror left from before (the agent lost track of it) goes first.
-            let _ = crate::syncmirror::detach(name, &q, self.qmp_timeout(), to.disk).await;
-            let Some((_, _, credentials)) = &self.copy_settings else {
-                return Err(DriverError::Unsupported { driver: "qemu", what: "mirror disks into other sites' copies (no [mirror] settings)" });
-            };
-            let socket = self.run_dir.join(format!("mirror{}.sock", self.next_relay.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
-            let relay = Arc::new(
-                crate::copyrelay::CopyRelay::start(&socket, &to.server, to.stall, Arc::clone(credentials))
-                    .map(|r| r.waking(Arc::clone(&self.mirror_events)))
-                    .map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?,
-            );
-            self.relays().insert((name.to_string(), to.disk), Arc::clone(&relay));
-            let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone() };
-            Ok(crate::syncmirror::attach(name, &q, self.qmp_timeout(), &copy).await?)
-        })
+        Box::pin(self.attach_site_mirror(name, to))
     }
 
     fn mirror_status<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<crate::syncmirror::MirrorStatus, DriverError>> {
-        Box::pin(async move {
-            use tandem_core::mirroring::RelayPhase;
-            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            // The mirror and, after a storage path failover, the mirror back: one question.
-            let jobs = crate::syncmirror::jobs(name, &q, self.qmp_timeout()).await?;
-            let job = crate::syncmirror::judge(&jobs, disk);
-            let back = crate::syncmirror::judge_job(&jobs, &crate::pathswitch::back_job_id(disk));
-            let health = self.relays().get(&(name.to_string(), disk)).map(|r| r.health());
-            let (relay, lost) = match health {
-                None => (RelayPhase::None, None),
-                Some(crate::copyrelay::RelayHealth::Idle | crate::copyrelay::RelayHealth::Joined) => (RelayPhase::Open, None),
-                Some(crate::copyrelay::RelayHealth::Lost { why, .. }) => (RelayPhase::Lost, Some(why)),
-                Some(crate::copyrelay::RelayHealth::Released) => (RelayPhase::Released, None),
-            };
-            Ok(crate::syncmirror::MirrorStatus { job, back, relay, lost })
-        })
+        Box::pin(self.site_mirror_status(name, disk))
     }
 
     fn release_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            if let Some(r) = self.relays().get(&(name.to_string(), disk)) {
-                r.release();
-            }
-            Ok(())
-        })
+        self.release_site_mirror(name, disk);
+        Box::pin(async { Ok(()) })
     }
 
     fn resume_mirror<'a>(&'a self, name: &'a str, disk: usize, server: &'a str) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            if let Some(r) = self.relays().get(&(name.to_string(), disk)) {
-                r.set_upstream(server);
-            }
-            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            Ok(crate::syncmirror::resume(name, &q, self.qmp_timeout(), disk).await?)
-        })
+        Box::pin(self.resume_site_mirror(name, disk, server))
     }
 
     fn detach_mirror<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            crate::syncmirror::detach(name, &q, self.qmp_timeout(), disk).await?;
-            self.relays().remove(&(name.to_string(), disk));
-            Ok(())
-        })
+        Box::pin(self.detach_site_mirror(name, disk))
     }
 
     fn failed_disks<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<usize>, DriverError>> {
-        Box::pin(async move {
-            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            Ok(crate::pathswitch::failed_disks(name, &q, self.qmp_timeout()).await?)
-        })
+        Box::pin(self.storage_failed_disks(name))
     }
 
     fn switch_to_copy<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            crate::pathswitch::switch_to_copy(name, &q, self.qmp_timeout(), disk).await?;
-            // (Another disk whose storage failed too pauses the guest again at its next
-            // request: switched in a later pass.)
-            Ok(crate::pathswitch::resume(name, &q, self.qmp_timeout()).await?)
-        })
+        Box::pin(self.switch_disk_to_copy(name, disk))
     }
 
     fn return_to_local<'a>(&'a self, name: &'a str, disk: usize, step: &'a crate::pathswitch::ReturnStep) -> BoxFuture<'a, Result<(), DriverError>> {
-        Box::pin(async move {
-            let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            let path = match step {
-                crate::pathswitch::ReturnStep::Start { relative, .. } | crate::pathswitch::ReturnStep::Retry { relative } => {
-                    let path = crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), relative);
-                    if !self.probes.answers(&path).await {
-                        let path = path.display().to_string();
-                        return Err(crate::pathswitch::PathSwitchError::NotAnswering { vm: name.to_string(), disk, path }.into());
-                    }
-                    path
-                }
-                _ => PathBuf::new(),
-            };
-            Ok(crate::pathswitch::return_step(name, &q, self.qmp_timeout(), disk, step, &path).await?)
-        })
+        Box::pin(self.return_disk_to_local(name, disk, step))
     }
 
     fn forget(&self, name: &str) {
@@ -813,7 +597,7 @@ impl VmDriver for QemuDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_core::state::{DiskSpec, Protection, VmSpec};
+    use tandem_core::state::{DiskSpec, DriverSpec, Protection, VmSpec};
 
     fn spec() -> VmSpec {
         VmSpec {
