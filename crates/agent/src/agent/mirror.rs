@@ -39,6 +39,13 @@ pub const LINK_RETRY: Duration = Duration::from_secs(2);
 
 /// A link: (VM, disk index, other site).
 type LinkKey = (String, usize, String);
+/// A mirrored disk: (VM, disk index).
+type DiskKey = (String, usize);
+
+/// The disk a link mirrors.
+fn disk_of(key: &LinkKey) -> DiskKey {
+    (key.0.clone(), key.1)
+}
 
 struct Link {
     generation: u64,
@@ -57,7 +64,7 @@ pub(super) struct Mirroring {
     /// one to answer, once completed after another site's copy had been attached and synced:
     /// its mirror replaced the first, whose copy committed state still counted current, and a
     /// start there lost writes (simulator: sites a, a, b, b, w, seed 24).
-    busy: BTreeSet<(String, usize)>,
+    busy: BTreeSet<DiskKey>,
     /// Links whose last attach or resume failed: not tried again before then.
     retry_at: BTreeMap<LinkKey, tokio::time::Instant>,
     /// Exports this host serves: the VM and the generation they serve.
@@ -166,7 +173,7 @@ impl Agent {
         for w in wanted {
             {
                 let m = lock(&self.mirroring);
-                if m.busy.contains(&(w.key.0.clone(), w.key.1)) || m.retry_at.get(&w.key).is_some_and(|t| *t > tokio::time::Instant::now()) {
+                if m.busy.contains(&disk_of(&w.key)) || m.retry_at.get(&w.key).is_some_and(|t| *t > tokio::time::Instant::now()) {
                     continue;
                 }
             }
@@ -226,13 +233,13 @@ impl Agent {
                 continue;
             }
             tracing::debug!("mirror of {vm} disk {disk} to {site}: {obs:?} → {action:?}");
-            lock(&self.mirroring).busy.insert((w.key.0.clone(), w.key.1));
+            lock(&self.mirroring).busy.insert(disk_of(&w.key));
             let a = Arc::clone(self);
             tokio::spawn(
                 async move {
                     let failed = a.act_on_link(&w, action).await.err();
                     let mut m = lock(&a.mirroring);
-                    m.busy.remove(&(w.key.0.clone(), w.key.1));
+                    m.busy.remove(&disk_of(&w.key));
                     m.retry_at.remove(&w.key);
                     if let Some(why) = failed {
                         tracing::warn!("mirror of {} disk {} to site {}: {action:?} failed (tried again in {LINK_RETRY:?}): {why}", w.key.0, w.key.1, w.key.2);

@@ -390,33 +390,55 @@ fn a_two_host_link_cut_with_a_disk_witness_fences_exactly_the_higher_id() {
     assert!(matches!(verdict(1), Some(FenceReason::LosingSide { .. })), "{:?}", verdict(1));
 }
 
-/// Host 1 of two with a disk witness, hearing host 0 both ways until `last_beat` ms; host 0's
-/// slot changes for the last time at `last_slot` ms, saying it hears `last_heard`, and host 0
-/// then says nothing more. Returns every fence host 1 decided on until host 0's word is stale.
-fn fences_after_host_0_falls_silent(last_beat: u64, last_slot: u64, last_heard: &[u32]) -> Vec<FenceReason> {
+/// What host 0 does at one instant, as host 1 sees it.
+struct Host0 {
+    /// It sends a heartbeat now, hearing these hosts and acknowledging host 1's or not.
+    beat: Option<(&'static [u32], bool)>,
+    /// Its slot changes now.
+    writes: bool,
+    /// What its slot says (the last one written stays on the disk).
+    heard: &'static [u32],
+    fenced: bool,
+}
+
+/// Host 1 of two with a disk witness, sending and writing every 200 ms and reading the disk every
+/// 100 ms, for `until` ms with host 0 doing what `host0` says at each instant: every fence host
+/// 1 decided on.
+fn fences_of_host_1(until: u64, host0: impl Fn(u64) -> Host0) -> Vec<FenceReason> {
     let mut l = two(1, true);
     let mut fences = Vec::new();
     let mut peer_counter = 0;
-    for t in (0..last_slot + 2 * T.peer_timeout_ms).step_by(100) {
+    for t in (0..until).step_by(100) {
         let now = Millis(t);
         let seq = t / 100 + 1;
         if t % 200 == 0 {
             l.heartbeat_sent(seq, now);
             l.disk_written(now, now.plus(1));
         }
-        if t <= last_beat && t % 200 == 0 {
-            l.heartbeat_received(&hb(0, seq, &[0, 1], Some((1, seq))), now).expect("fresh");
+        let h0 = host0(t);
+        if let Some((heard, acked)) = h0.beat {
+            let mut beat = hb(0, seq, heard, acked.then_some((1, seq)));
+            beat.to = HostId(1);
+            l.heartbeat_received(&beat, now).expect("fresh");
         }
-        let peer_heard: &[u32] = if t >= last_slot { last_heard } else { &[0, 1] };
-        if t <= last_slot && (t % 200 == 0 || t == last_slot) {
+        if h0.writes {
             peer_counter += 1;
         }
-        if t % 200 == 0 || t == last_slot {
-            l.disk_read(&[slot(0, peer_counter, peer_heard, false), slot(1, seq, &[0, 1], false)], now.plus(2));
-        }
+        l.disk_read(&[slot(0, peer_counter, h0.heard, h0.fenced), slot(1, seq, &[0, 1], false)], now.plus(2));
         fences.extend(l.assess(now.plus(3)).fence);
     }
     fences
+}
+
+/// Host 0 heard both ways until `last_beat` ms; its slot changes for the last time at
+/// `last_slot` ms, saying it hears `last_heard`, and host 0 then says nothing more.
+fn fences_after_host_0_falls_silent(last_beat: u64, last_slot: u64, last_heard: &'static [u32]) -> Vec<FenceReason> {
+    fences_of_host_1(last_slot + 2 * T.peer_timeout_ms, |t| Host0 {
+        beat: (t <= last_beat && t % 200 == 0).then_some((&[0, 1][..], true)),
+        writes: t <= last_slot && (t % 200 == 0 || t == last_slot),
+        heard: if t >= last_slot { last_heard } else { &[0, 1] },
+        fenced: false,
+    })
 }
 
 /// A slot of host 0 that lands after its last heartbeat — a write delayed on its way to the
@@ -446,22 +468,11 @@ fn the_last_slot_of_a_dead_host_outliving_its_heartbeats_fences_nobody() {
 /// and host 1 fences on the verdict.
 #[test]
 fn a_living_winner_that_no_longer_hears_us_still_fences_us() {
-    let mut l = two(1, true);
-    let mut fence = None;
-    for t in (0..8_000).step_by(200) {
-        let now = Millis(t);
-        let seq = t / 200 + 1;
-        l.heartbeat_sent(seq, now);
-        l.disk_written(now, now.plus(1));
-        let heard: &[u32] = if t < 2_000 { &[0, 1] } else { &[0] };
-        let ack = (t < 2_000).then_some((1, seq));
-        let mut beat = hb(0, seq, heard, ack);
-        beat.to = HostId(1);
-        l.heartbeat_received(&beat, now).expect("fresh");
-        l.disk_read(&[slot(0, seq, heard, false), slot(1, seq, &[0, 1], false)], now.plus(2));
-        fence = fence.or(l.assess(now.plus(3)).fence);
-    }
-    assert!(matches!(fence, Some(FenceReason::LosingSide { .. })), "{fence:?}");
+    let fences = fences_of_host_1(8_000, |t| {
+        let heard: &'static [u32] = if t < 2_000 { &[0, 1] } else { &[0] };
+        Host0 { beat: (t % 200 == 0).then_some((heard, t < 2_000)), writes: t % 200 == 0, heard, fenced: false }
+    });
+    assert!(matches!(fences.first(), Some(FenceReason::LosingSide { .. })), "{fences:?}");
 }
 
 /// Host 0 of two (with a disk witness) is cut off from everything, fences, and host 1 carries
@@ -471,34 +482,10 @@ fn a_living_winner_that_no_longer_hears_us_still_fences_us() {
 /// and a network witness, a full partition of h0 healed; h1 stopped every VM it ran.)
 #[test]
 fn a_fenced_host_back_on_the_disk_does_not_win_over_the_one_that_runs() {
-    let mut l = two(1, true);
-    let mut fences = Vec::new();
-    let mut peer_counter = 0;
-    for t in (0..14_000).step_by(100) {
-        let now = Millis(t);
-        let seq = t / 100 + 1;
-        if t % 200 == 0 {
-            l.heartbeat_sent(seq, now);
-            l.disk_written(now, now.plus(1));
-        }
+    let fences = fences_of_host_1(14_000, |t| {
         let (linked, on_disk) = (!(2_000..9_500).contains(&t), !(2_000..8_000).contains(&t));
-        if linked && t % 200 == 0 {
-            l.heartbeat_received(&hb(0, seq, &[0, 1], Some((1, seq))), now).expect("fresh");
-        }
-        let (heard, fenced): (&[u32], bool) = if t < 2_000 {
-            (&[0, 1], false)
-        } else if linked {
-            (&[0, 1], true)
-        } else {
-            (&[0], true)
-        };
-        if on_disk && t % 200 == 0 {
-            peer_counter += 1;
-        }
-        if t % 200 == 0 {
-            l.disk_read(&[slot(0, peer_counter, heard, fenced), slot(1, seq, &[0, 1], false)], now.plus(2));
-        }
-        fences.extend(l.assess(now.plus(3)).fence);
-    }
+        let heard: &'static [u32] = if linked { &[0, 1] } else { &[0] };
+        Host0 { beat: (linked && t % 200 == 0).then_some((&[0, 1][..], true)), writes: on_disk && t % 200 == 0, heard, fenced: t >= 2_000 }
+    });
     assert!(fences.is_empty(), "{fences:?}");
 }
