@@ -8,7 +8,7 @@
 mod network;
 pub mod witness;
 
-pub use network::Network;
+pub use network::{Network, PeerLogs};
 
 use crate::heavy::HeavyWork;
 use crate::io::PeerRpc;
@@ -224,6 +224,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         put_meta(&self.db, "last_purged", &json(&log_id).map_err(StorageIOError::write_logs)?).map_err(StorageIOError::write_logs)?;
         self.remove_range(..=log_id.index).map_err(|e| StorageIOError::write_logs(e).into())
     }
+}
+
+/// A log id in the order a voter ranks logs.
+fn log_position(id: &LogId<NodeId>) -> tandem_core::witness::LogPosition {
+    tandem_core::witness::LogPosition { term: id.leader_id.term, leader: id.leader_id.node_id, index: id.index }
 }
 
 fn lock_log_id(m: &Mutex<Option<LogId<NodeId>>>) -> std::sync::MutexGuard<'_, Option<LogId<NodeId>>> {
@@ -449,6 +454,14 @@ pub struct Consensus {
     muted: Arc<std::sync::atomic::AtomicBool>,
     /// The id of the last entry in this node's log (its storage keeps it current).
     last_log: Arc<Mutex<Option<LogId<NodeId>>>>,
+    /// Where the other nodes' logs ended in the elections this node took part in.
+    peer_logs: PeerLogs,
+    /// Set while another node has the longer log (see [`Consensus::set_deferring`]).
+    deferring: Arc<std::sync::atomic::AtomicBool>,
+    /// Held while openraft's election flag is set from `muted` and `deferring`.
+    timer_flag: Arc<Mutex<()>>,
+    /// The node's timer elects at all (the disk witness's never does).
+    elects: bool,
 }
 
 /// Who leads, as far as this host knows.
@@ -486,6 +499,12 @@ pub const fn election_timeout_min_ms(t: &Timings) -> u64 {
     t.peer_timeout_ms * 3 / 10
 }
 
+/// The longest election timeout: twice the shortest.
+#[must_use]
+pub const fn election_timeout_max_ms(t: &Timings) -> u64 {
+    2 * election_timeout_min_ms(t)
+}
+
 impl Consensus {
     /// Opens (or creates) the database in `dir` and starts openraft.
     pub async fn open(dir: &Path, me: NodeId, token: String, rpc: Arc<dyn PeerRpc>, timings: &Timings) -> Result<Consensus, ConsensusError> {
@@ -503,7 +522,7 @@ impl Consensus {
     ) -> Result<Consensus, ConsensusError> {
         let path = dir.join("consensus.redb");
         let db = Arc::new(Database::create(&path).map_err(|source| ConsensusError::Open { path: path.display().to_string(), source })?);
-        Consensus::start(db, me, Network { token, rpc, witness: route, muted: Arc::default() }, timings, true).await
+        Consensus::start(db, me, Network { token, rpc, witness: route, muted: Arc::default(), peer_logs: PeerLogs::default() }, timings, true).await
     }
 
     /// Starts openraft on `db`; `elects`: the node stands for election by itself when it hears
@@ -520,7 +539,7 @@ impl Consensus {
         // For a witness just taken over by the survivor that lease (1.8 s with the defaults)
         // would only delay the survivor's election, so it is kept just above a heartbeat.
         let (min, max) = if elects {
-            (election_timeout_min_ms(timings), 2 * election_timeout_min_ms(timings))
+            (election_timeout_min_ms(timings), election_timeout_max_ms(timings))
         } else {
             (raft_heartbeat_ms(timings) + 1, raft_heartbeat_ms(timings) + 2)
         };
@@ -537,16 +556,44 @@ impl Consensus {
         };
         let config = Arc::new(config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))?);
         let muted = Arc::clone(&network.muted);
+        let peer_logs = network.peer_logs.clone();
         let raft = Raft::new(me, config, network, log, sm).await.map_err(Box::new)?;
-        Ok(Consensus { raft, data, applied_rx, me, heavy: Arc::default(), proposing: Arc::default(), muted, last_log })
+        Ok(Consensus {
+            raft,
+            data,
+            applied_rx,
+            me,
+            heavy: Arc::default(),
+            proposing: Arc::default(),
+            muted,
+            last_log,
+            peer_logs,
+            deferring: Arc::default(),
+            timer_flag: Arc::default(),
+            elects,
+        })
     }
 
     /// While `muted`, this node sends no RPC and stands for no election (it still answers):
     /// for a host with a reason to fence.
     pub fn set_muted(&self, muted: bool) {
-        if self.muted.swap(muted, std::sync::atomic::Ordering::Relaxed) != muted {
-            self.raft.runtime_config().elect(!muted);
+        self.muted.store(muted, std::sync::atomic::Ordering::Relaxed);
+        self.update_timer();
+    }
+
+    /// While `deferring`, openraft's timer starts no election on this node (the agent still
+    /// may): another node it hears has the longer log (see `tandem_core::election`).
+    pub fn set_deferring(&self, deferring: bool) {
+        if self.deferring.swap(deferring, std::sync::atomic::Ordering::Relaxed) != deferring {
+            tracing::debug!(deferring, "a node heard has the longer log: its timer elects or not");
         }
+        self.update_timer();
+    }
+
+    fn update_timer(&self) {
+        let _one_at_a_time = self.timer_flag.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let elect = self.elects && !self.muted.load(std::sync::atomic::Ordering::Relaxed) && !self.deferring.load(std::sync::atomic::Ordering::Relaxed);
+        self.raft.runtime_config().elect(elect);
     }
 
     /// Has this node stand for election now (in a task of its own: the caller does not wait).
@@ -625,7 +672,19 @@ impl Consensus {
     /// say which log is the more up to date).
     #[must_use]
     pub fn last_log_position(&self) -> Option<tandem_core::witness::LogPosition> {
-        lock_log_id(&self.last_log).map(|id| tandem_core::witness::LogPosition { term: id.leader_id.term, leader: id.leader_id.node_id, index: id.index })
+        lock_log_id(&self.last_log).as_ref().map(log_position)
+    }
+
+    /// Where each other node's log ended when it last took part in an election with this one.
+    #[must_use]
+    pub fn peer_logs(&self) -> Vec<(NodeId, tandem_core::witness::LogPosition)> {
+        self.peer_logs.snapshot()
+    }
+
+    /// Answers a candidate's vote request, noting where its log ends.
+    pub async fn vote(&self, req: openraft::raft::VoteRequest<NodeId>) -> Result<openraft::raft::VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> {
+        self.peer_logs.record(req.vote.leader_id.node_id, req.last_log_id.as_ref());
+        self.raft.vote(req).await
     }
 
     #[must_use]

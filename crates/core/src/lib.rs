@@ -8,6 +8,7 @@
 pub mod convergence;
 pub mod coordinate;
 pub mod diskformat;
+pub mod election;
 pub mod evacuation;
 pub mod hostset;
 pub mod limits;

@@ -1,7 +1,6 @@
 //! The membership decision, sans I/O: whether this host must give up the epoch it joined in
 //! (committed state failed it over, or it rejoined elsewhere), may join again, or waits.
 
-use crate::hostset::HostId;
 use crate::liveness::{Assessment, FenceReason};
 use crate::state::HostStatus;
 
@@ -57,17 +56,6 @@ pub fn decide(v: &MembershipView<'_>) -> MembershipStep {
     }
 }
 
-/// Whether this host should stand for election now: the leader it follows is another host
-/// that reports itself fenced, and this host is not. A fenced leader stops its heartbeats, but
-/// one whose answers are lost (a one-way cut) still reaches its followers with the appends it
-/// retries, so they would follow it while it can commit nothing (simulator, two hosts with a
-/// disk witness, one-way cut of the lower id).
-#[must_use]
-pub fn should_depose(leader: Option<HostId>, me: HostId, own_fenced: bool, a: &Assessment) -> bool {
-    let Some(leader) = leader.filter(|l| *l != me) else { return false };
-    !own_fenced && a.fence.is_none() && a.peer(leader).is_some_and(|p| p.fenced_epoch.is_some())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,29 +82,6 @@ mod tests {
         assert_eq!(decide(&failed), MembershipStep::EpochLost { status: HostStatus::Failed, epoch: 3, joined: 3 });
         let newer = MembershipView { committed: Some((HostStatus::Active, 4)), ..v };
         assert!(matches!(decide(&newer), MembershipStep::EpochLost { epoch: 4, joined: 3, .. }));
-    }
-
-    #[test]
-    fn a_host_stands_for_election_only_against_a_leader_that_reports_itself_fenced() {
-        let peer = |fenced_epoch| crate::liveness::PeerAssessment {
-            host: HostId(1),
-            liveness: crate::liveness::HostLiveness::Alive,
-            net_age_ms: Some(100),
-            disk_age_ms: Some(100),
-            fenced_epoch,
-            dead_since: None,
-            last_evidence: None,
-            fence_deadline: None,
-            slot_corrupt: false,
-        };
-        let fenced = Assessment { peers: vec![peer(Some(3))], ..healthy() };
-        let me = HostId(0);
-        assert!(should_depose(Some(HostId(1)), me, false, &fenced));
-        assert!(!should_depose(Some(HostId(1)), me, true, &fenced), "a fenced host does not stand");
-        assert!(!should_depose(Some(me), me, false, &fenced), "not against itself");
-        assert!(!should_depose(None, me, false, &fenced));
-        let fine = Assessment { peers: vec![peer(None)], ..healthy() };
-        assert!(!should_depose(Some(HostId(1)), me, false, &fine));
     }
 
     #[test]

@@ -1,20 +1,27 @@
-//! The membership loop: (re)joins this host to the cluster once it is connected again, and gives
-//! up an epoch committed state moved past. The decision is `tandem_core::membership`'s.
+//! The membership loop: (re)joins this host to the cluster once it is connected again, gives up
+//! an epoch committed state moved past, and has this host stand for election when openraft's
+//! timer would not. The decisions are `tandem_core::membership`'s and `tandem_core::election`'s.
 
 use super::{lock, Agent};
+use crate::consensus::{election_timeout_max_ms, election_timeout_min_ms, ConsensusStatus};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tandem_core::election::{ElectionWatch, Stand, StandView};
+use tandem_core::liveness::Assessment;
 use tandem_core::membership::{self, MembershipStep, MembershipView};
 use tandem_core::state::{Applied, Command};
+use tandem_core::HostId;
 
 impl Agent {
     pub(super) async fn membership_loop(self: Arc<Self>) {
         let mut rounds = self.rounds();
+        let mut elections = ElectionWatch::default();
         while !self.stopping.load(Ordering::SeqCst) {
             self.next_round(&mut rounds).await;
             if self.parking.load(Ordering::SeqCst) {
                 // A planned stop is parking this host's VMs: it leaves, and joins again only
                 // after its restart.
+                self.consensus.set_deferring(false);
                 continue;
             }
             let st = self.status();
@@ -22,15 +29,12 @@ impl Agent {
                 self.sync_site().await;
             }
             let assessment = self.assessment();
-            let leader = self.consensus.status().leader.and_then(|l| u32::try_from(l).ok()).map(tandem_core::HostId);
-            if assessment.as_ref().is_some_and(|a| membership::should_depose(leader, self.me, st.fenced.is_some(), a)) {
-                tracing::info!("the leader reports itself fenced: standing for election");
-                self.consensus.stand_for_election();
-            }
+            let raft = self.consensus.status();
+            self.steer_elections(&mut elections, &raft, st.fenced.is_some(), assessment.as_ref());
             let view = MembershipView {
                 joined: st.joined_epoch,
                 committed: self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| (h.status, h.epoch))),
-                leader_known: self.consensus.status().leader.is_some(),
+                leader_known: raft.leader.is_some(),
                 stopping: self.is_stopping(),
                 fenced: st.fenced,
                 assessment: assessment.as_ref(),
@@ -81,6 +85,38 @@ impl Agent {
                     self.gave_up_join(before.max(unanswered) + 1);
                 }
             }
+        }
+    }
+
+    /// Has this host stand for election, or its timer defer, as `tandem_core::election` decides.
+    fn steer_elections(&self, elections: &mut ElectionWatch, raft: &ConsensusStatus, own_fenced: bool, assessment: Option<&Assessment>) {
+        let Some(a) = assessment else {
+            self.consensus.set_deferring(false);
+            return;
+        };
+        let peer_logs: Vec<_> = self.consensus.peer_logs().into_iter().filter_map(|(n, l)| Some((HostId(u32::try_from(n).ok()?), l))).collect();
+        let step = elections.step(&StandView {
+            me: self.me,
+            leader: raft.leader.and_then(|l| u32::try_from(l).ok()).map(HostId),
+            term: raft.term,
+            last_log: self.consensus.last_log_position(),
+            peer_logs: &peer_logs,
+            own_fenced,
+            assessment: a,
+            election_timeout_min_ms: election_timeout_min_ms(&self.cfg.timings),
+            election_timeout_max_ms: election_timeout_max_ms(&self.cfg.timings),
+        });
+        self.consensus.set_deferring(step.defer);
+        match step.stand {
+            Some(Stand::AgainstFencedLeader(leader)) => {
+                tracing::info!("the leader ({leader}) reports itself fenced: standing for election");
+                self.consensus.stand_for_election();
+            }
+            Some(Stand::Leaderless) => {
+                tracing::info!("no leader known for a while: standing for election");
+                self.consensus.stand_for_election();
+            }
+            None => {}
         }
     }
 

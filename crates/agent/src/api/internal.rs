@@ -33,7 +33,7 @@ pub(super) async fn raft_append(State(a): State<Arc<Agent>>, headers: HeaderMap,
 pub(super) async fn raft_vote(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     authorized(&a, &headers)?;
     let req: openraft::raft::VoteRequest<u64> = parse(&body, "vote request")?;
-    Ok(Json(a.consensus.raft.vote(req).await).into_response())
+    Ok(Json(a.consensus.vote(req).await).into_response())
 }
 
 pub(super) async fn raft_snapshot(State(a): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {

@@ -18,6 +18,26 @@ pub struct Network {
     pub(super) witness: witness::WitnessRoute,
     /// Set while this host has a reason to fence: it sends no consensus traffic.
     pub(super) muted: Arc<std::sync::atomic::AtomicBool>,
+    /// Where each peer's log ended, as its answers to this node's vote requests said.
+    pub(super) peer_logs: PeerLogs,
+}
+
+/// Where each node's log ended when it last took part in an election with this one (its vote
+/// request, or its answer to this node's): what the agent knows of who could win one.
+#[derive(Clone, Debug, Default)]
+pub struct PeerLogs(Arc<std::sync::Mutex<std::collections::BTreeMap<NodeId, tandem_core::witness::LogPosition>>>);
+
+impl PeerLogs {
+    pub fn record(&self, node: NodeId, last_log: Option<&openraft::LogId<NodeId>>) {
+        if let Some(id) = last_log {
+            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node, super::log_position(id));
+        }
+    }
+
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<(NodeId, tandem_core::witness::LogPosition)> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|(n, p)| (*n, *p)).collect()
+    }
 }
 
 /// One peer connection.
@@ -30,13 +50,22 @@ pub struct PeerLink {
     /// `addr`.
     route: Option<witness::WitnessRoute>,
     muted: Arc<std::sync::atomic::AtomicBool>,
+    peer_logs: PeerLogs,
 }
 
 impl openraft::RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerLink;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerLink {
         let route = (target == tandem_core::witness::WITNESS_NODE).then(|| self.witness.clone());
-        PeerLink { addr: node.addr.clone(), target, token: self.token.clone(), rpc: Arc::clone(&self.rpc), route, muted: Arc::clone(&self.muted) }
+        PeerLink {
+            addr: node.addr.clone(),
+            target,
+            token: self.token.clone(),
+            rpc: Arc::clone(&self.rpc),
+            route,
+            muted: Arc::clone(&self.muted),
+            peer_logs: self.peer_logs.clone(),
+        }
     }
 }
 
@@ -95,6 +124,8 @@ impl openraft::RaftNetwork<TypeConfig> for PeerLink {
         rpc: openraft::raft::VoteRequest<NodeId>,
         option: openraft::network::RPCOption,
     ) -> Result<openraft::raft::VoteResponse<NodeId>, RpcErr> {
-        self.call("/raft/vote", &rpc, option.hard_ttl().min(RPC_TIMEOUT)).await
+        let answer: openraft::raft::VoteResponse<NodeId> = self.call("/raft/vote", &rpc, option.hard_ttl().min(RPC_TIMEOUT)).await?;
+        self.peer_logs.record(self.target, answer.last_log_id.as_ref());
+        Ok(answer)
     }
 }

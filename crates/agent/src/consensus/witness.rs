@@ -58,6 +58,13 @@ impl Consensus {
         // as up to date, and when the witness's is ahead of every live host's (a leader's last
         // entries reached the witness and no other host) its holder has it stand (see the
         // witness loop), then takes over once it caught up.
-        Consensus::start(Arc::new(db), WITNESS_NODE, Network { token, rpc, witness: route, muted: Arc::default() }, timings, false).await
+        Consensus::start(
+            Arc::new(db),
+            WITNESS_NODE,
+            Network { token, rpc, witness: route, muted: Arc::default(), peer_logs: super::PeerLogs::default() },
+            timings,
+            false,
+        )
+        .await
     }
 }
