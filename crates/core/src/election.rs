@@ -158,15 +158,19 @@ impl ElectionWatch {
     }
 }
 
-/// The other hosts this one hears that are not fenced: those that could win an election.
+/// The other hosts this one hears that are not fenced: those that may take a turn to stand.
 fn candidates<'v>(v: &'v StandView<'_>) -> impl Iterator<Item = HostId> + 'v {
     let a = v.assessment;
     a.heard.iter().filter(move |h| *h != v.me && a.peer(*h).is_none_or(|p| p.fenced_epoch.is_none()))
 }
 
-/// Whether one of them has shown a log longer than this host's.
+/// Whether a host it hears has shown a log longer than this host's — fenced or not: a fenced
+/// host's timer stands too, and wins with the longest log (it then commits its own rejoin).
+/// Leaving them out let a shorter log's stands turn away their elections round after round
+/// (simulator, sites a, a, b, b, site power loss, seed 2: hosts back from a power loss report
+/// themselves fenced until they rejoin).
 fn longer_log_heard(v: &StandView<'_>) -> bool {
-    candidates(v).any(|h| v.peer_logs.iter().any(|(p, l)| *p == h && Some(*l) > v.last_log))
+    v.assessment.heard.iter().any(|h| h != v.me && v.peer_logs.iter().any(|(p, l)| *p == h && Some(*l) > v.last_log))
 }
 
 #[cfg(test)]
@@ -300,6 +304,11 @@ mod tests {
             assert_eq!(w.stand_step(&view(&start)), None);
             assert_eq!(w.stand_step(&view(&later)).is_some(), stands, "{logs:?}");
         }
+        // A fenced host's longer log counts too: its timer stands, and it can win.
+        let fenced_peer = Assessment { peers: vec![peer(2, Some(4))], ..at(3_600) };
+        let mut w = ElectionWatch { leaderless_since: Some(Millis(0)), ..ElectionWatch::default() };
+        let step = w.step(&StandView { peer_logs: &longer, last_log: Some(mine), ..leaderless(&fenced_peer, 1) });
+        assert_eq!(step, ElectionStep { stand: None, defer: true });
         // Only the hosts it hears count: a longer log cut off with its host cannot win.
         let alone = hearing(3_600, &[1]);
         let mut w = ElectionWatch { leaderless_since: Some(Millis(0)), ..ElectionWatch::default() };
