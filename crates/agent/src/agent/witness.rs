@@ -49,6 +49,10 @@ pub struct DiskWitness {
     blocking_pool: bool,
     /// Since when (the agent's clock, ms) the witness's node here has led, as last seen.
     leading_since: Mutex<Option<u64>>,
+    /// The node held here (its address, as a key) and since when (the agent's clock, ms).
+    held_since: Mutex<Option<(usize, u64)>>,
+    /// When this host last stood for election, holding the witness, with no leader known.
+    stood_leaderless: Mutex<Option<u64>>,
     /// Set when the agent halts as on a crash: the loop ends without writing anything more.
     halted: AtomicBool,
 }
@@ -66,6 +70,8 @@ impl DiskWitness {
             gate: Mutex::new(None),
             blocking_pool,
             leading_since: Mutex::new(None),
+            held_since: Mutex::new(None),
+            stood_leaderless: Mutex::new(None),
             halted: AtomicBool::new(false),
         }
     }
@@ -314,16 +320,35 @@ impl Agent {
             (true, false) => WitnessLead::LeaseFresh,
             (true, true) => WitnessLead::LeasePassed,
         };
+        // The node held here: since when (a node just opened refuses votes for its lease), and
+        // when this host last stood without a leader.
+        let opened = {
+            let mut o = lock(&w.held_since);
+            let key = Arc::as_ptr(&held) as usize;
+            let since = match *o {
+                Some((k, t)) if k == key => t,
+                _ => now,
+            };
+            *o = Some((key, since));
+            since
+        };
+        let stood_lately = lock(&w.stood_leaderless).is_some_and(|t| now.saturating_sub(t) < crate::consensus::election_timeout_min_ms(&self.cfg.timings));
         let view = ElectionView {
             host_knows_leader: own.leader.is_some(),
             witness_lead,
             host_log: self.consensus.last_log_position(),
             witness_log: held.consensus.last_log_position(),
+            host_may_stand: now.saturating_sub(opened) > 2 * crate::consensus::raft_heartbeat_ms(&self.cfg.timings) && !stood_lately,
         };
         match steer_election(&view) {
             ElectionStep::Nothing => {}
             ElectionStep::HostStands => {
                 tracing::info!("disk witness leads; this host caught up and stands for election");
+                self.consensus.stand_for_election();
+            }
+            ElectionStep::HostStandsLeaderless => {
+                tracing::info!("no leader, and this host's log is as up to date as the disk witness's: it stands for election");
+                *lock(&w.stood_leaderless) = Some(now);
                 self.consensus.stand_for_election();
             }
             ElectionStep::WitnessStands => {

@@ -151,7 +151,7 @@ fn election(host_knows_leader: bool, witness_leads: bool, past_lease: bool, host
         (true, false) => WitnessLead::LeaseFresh,
         (true, true) => WitnessLead::LeasePassed,
     };
-    steer_election(&ElectionView { host_knows_leader, witness_lead, host_log, witness_log })
+    steer_election(&ElectionView { host_knows_leader, witness_lead, host_log, witness_log, host_may_stand: false })
 }
 
 /// The lab's cut between two sites (CI, and 1 run in 6 here): the host that kept the cluster
@@ -186,4 +186,22 @@ fn a_leading_witness_hands_over_once_its_lease_passed_and_the_host_caught_up() {
     assert_eq!(election(true, true, false, at(4, 64, 23), at(4, 64, 23)), ElectionStep::Nothing);
     // A leading witness never stands again.
     assert_eq!(election(false, true, false, at(1, 0, 22), at(4, 64, 23)), ElectionStep::Nothing);
+}
+
+#[test]
+fn a_host_as_up_to_date_as_the_witness_stands_without_waiting_for_its_timer() {
+    let view = |host_knows_leader, host_log, witness_log, host_may_stand| ElectionView {
+        host_knows_leader,
+        witness_lead: WitnessLead::No,
+        host_log,
+        witness_log,
+        host_may_stand,
+    };
+    assert_eq!(steer_election(&view(false, at(2, 1, 22), at(2, 1, 22), true)), ElectionStep::HostStandsLeaderless);
+    assert_eq!(steer_election(&view(false, at(2, 1, 23), at(2, 1, 22), true)), ElectionStep::HostStandsLeaderless);
+    // The witness just opened (its lease refuses the vote), or the host stood a moment ago.
+    assert_eq!(steer_election(&view(false, at(2, 1, 22), at(2, 1, 22), false)), ElectionStep::Nothing);
+    // A leader known; or the witness's log is ahead (the witness stands instead).
+    assert_eq!(steer_election(&view(true, at(2, 1, 22), at(2, 1, 22), true)), ElectionStep::Nothing);
+    assert_eq!(steer_election(&view(false, at(2, 1, 21), at(2, 1, 22), true)), ElectionStep::WitnessStands);
 }
