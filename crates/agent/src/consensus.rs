@@ -585,7 +585,7 @@ impl Consensus {
     /// may): another node it hears has the longer log (see `tandem_core::election`).
     pub fn set_deferring(&self, deferring: bool) {
         if self.deferring.swap(deferring, std::sync::atomic::Ordering::Relaxed) != deferring {
-            tracing::debug!(deferring, "a node heard has the longer log: its timer elects or not");
+            tracing::debug!(deferring, "openraft's timer defers to a longer log of a host heard");
         }
         self.update_timer();
     }

@@ -1,5 +1,5 @@
 //! When the agent has this host stand for election, sans I/O. openraft elects by itself; the
-//! agent steps in for two cases its timer handles badly:
+//! agent steps in for three cases its timer handles badly:
 //!
 //! - **A fenced leader.** A fenced host stops its Raft heartbeats, but one whose answers are
 //!   lost (a one-way cut) still reaches its followers with the appends it retries, so they
@@ -11,6 +11,9 @@
 //!   was behind long ago then holds back long after its log became the most up to date, while
 //!   the nodes behind now are refused (simulator, `--only partition-full`, seed 132: the leader
 //!   cut off, its successor elected only after the heal).
+//! - **Shorter logs raising terms.** A host that cannot win (its log is shorter) still raises
+//!   its term at each refused election of its timer, and turns away the up-to-date host's next
+//!   request at that term; while no leader is known it keeps its timer quiet (`defer`).
 //!
 //! Standing is always safe in Raft (a vote goes only to a log at least as up to date as the
 //! voter's); what this decides is that somebody able to win does, and soon.
@@ -137,8 +140,8 @@ impl ElectionWatch {
     }
 
     /// After twice the longest election timeout without a leader (openraft's own timer has had
-    /// its turn by then unless it holds back), a host whose log no host it hears has shown to be
-    /// behind another's stands; then again after each longest election timeout while no leader
+    /// its turn by then unless it holds back), a host to which no host it hears has shown a
+    /// longer log stands; then again after each longest election timeout while no leader
     /// comes (its term rises past the other candidates' each time, and a voter with a log no
     /// longer than its own then grants it). Hosts that may hold an equal log stand in turn,
     /// lowest id first, an election timeout apart, so that two of them do not split the votes.

@@ -18,7 +18,7 @@ pub struct Network {
     pub(super) witness: witness::WitnessRoute,
     /// Set while this host has a reason to fence: it sends no consensus traffic.
     pub(super) muted: Arc<std::sync::atomic::AtomicBool>,
-    /// Where each peer's log ended, as its answers to this node's vote requests said.
+    /// Where each peer's log ended, as its vote requests and answers said.
     pub(super) peer_logs: PeerLogs,
 }
 
@@ -28,7 +28,12 @@ pub struct Network {
 pub struct PeerLogs(Arc<std::sync::Mutex<std::collections::BTreeMap<NodeId, tandem_core::witness::LogPosition>>>);
 
 impl PeerLogs {
+    /// Notes where `node`'s log ended. Only node ids a cluster can have (hosts and the disk
+    /// witness) are kept, so the map stays bounded whatever a request names.
     pub fn record(&self, node: NodeId, last_log: Option<&openraft::LogId<NodeId>>) {
+        if node > tandem_core::witness::WITNESS_NODE {
+            return;
+        }
         if let Some(id) = last_log {
             self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node, super::log_position(id));
         }
