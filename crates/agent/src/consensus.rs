@@ -677,7 +677,7 @@ impl Consensus {
 
     /// Where each other node's log ended when it last took part in an election with this one.
     #[must_use]
-    pub fn peer_logs(&self) -> Vec<(NodeId, tandem_core::witness::LogPosition)> {
+    pub fn peer_logs(&self) -> Vec<(NodeId, tandem_core::witness::LogPosition, u64)> {
         self.peer_logs.snapshot()
     }
 

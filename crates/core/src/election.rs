@@ -35,11 +35,21 @@ pub struct StandView<'a> {
     pub last_log: Option<LogPosition>,
     /// Where other hosts' logs ended when they last took part in an election with this one
     /// (a vote request of theirs, or their answer to this host's).
-    pub peer_logs: &'a [(HostId, LogPosition)],
+    pub peer_logs: &'a [PeerLog],
     pub own_fenced: bool,
     pub assessment: &'a Assessment,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+}
+
+/// Where one host's log ended in an election it took part in with this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerLog {
+    pub host: HostId,
+    pub last_log: LogPosition,
+    /// Raised at every exchange this host noted (with any host): which records are newer than
+    /// the start of a time without a leader.
+    pub exchange: u64,
 }
 
 /// Why this host stands now.
@@ -76,6 +86,10 @@ pub struct ElectionWatch {
     following: Option<(HostId, Millis)>,
     /// Since when this host has known no leader.
     leaderless_since: Option<Millis>,
+    /// The last exchange noted before that time: only the logs shown after it count (a log
+    /// shown long ago may have been cut back since, and its host may no longer be able to stand
+    /// — one that must fence sends nothing).
+    exchanges_before: u64,
     /// When this host last stood because of this watch.
     stood: Option<Millis>,
     /// Since when its timer has deferred to a longer log (while no leader is known).
@@ -87,7 +101,7 @@ impl ElectionWatch {
     pub fn step(&mut self, v: &StandView<'_>) -> ElectionStep {
         let stand = self.stand(v);
         let now = v.assessment.now;
-        if v.leader.is_some() || !longer_log_heard(v) {
+        if v.leader.is_some() || !longer_log_heard(v, self.exchanges_before) {
             self.deferring_since = None;
             return ElectionStep { stand, defer: false };
         }
@@ -115,6 +129,9 @@ impl ElectionWatch {
             }
             None => {
                 self.following = None;
+                if self.leaderless_since.is_none() {
+                    self.exchanges_before = v.peer_logs.iter().map(|p| p.exchange).max().unwrap_or(0);
+                }
                 let since = *self.leaderless_since.get_or_insert(now);
                 (able && self.leaderless_turn(v, since)).then(|| {
                     self.stood = Some(now);
@@ -149,7 +166,7 @@ impl ElectionWatch {
     /// win, and its higher term would only delay the others); nor one with a shorter log (its
     /// terms would only turn away the up-to-date host's requests).
     fn leaderless_turn(&self, v: &StandView<'_>, since: Millis) -> bool {
-        if longer_log_heard(v) {
+        if longer_log_heard(v, self.exchanges_before) {
             return false;
         }
         let ahead = candidates(v).filter(|h| *h < v.me).count() as u64;
@@ -172,8 +189,11 @@ fn candidates<'v>(v: &'v StandView<'_>) -> impl Iterator<Item = HostId> + 'v {
 /// Leaving them out let a shorter log's stands turn away their elections round after round
 /// (simulator, sites a, a, b, b, site power loss, seed 2: hosts back from a power loss report
 /// themselves fenced until they rejoin).
-fn longer_log_heard(v: &StandView<'_>) -> bool {
-    v.assessment.heard.iter().any(|h| h != v.me && v.peer_logs.iter().any(|(p, l)| *p == h && Some(*l) > v.last_log))
+///
+/// Only logs shown in this time without a leader (`exchange` past `exchanges_before`).
+fn longer_log_heard(v: &StandView<'_>, exchanges_before: u64) -> bool {
+    let shown_longer = |h: HostId| v.peer_logs.iter().any(|p| p.host == h && p.exchange > exchanges_before && Some(p.last_log) > v.last_log);
+    v.assessment.heard.iter().any(|h| h != v.me && shown_longer(h))
 }
 
 #[cfg(test)]
@@ -293,20 +313,28 @@ mod tests {
         assert_eq!(w.stand_step(&leaderless(&Assessment { now: Millis(3_600), ..fenced_below }, 2)), Some(Stand::Leaderless));
     }
 
+    fn shown(host: u32, last_log: LogPosition, exchange: u64) -> PeerLog {
+        PeerLog { host: HostId(host), last_log, exchange }
+    }
+
     #[test]
     fn a_host_never_stands_for_a_leaderless_cluster_when_a_host_it_hears_showed_a_longer_log() {
         let at = |now| hearing(now, &[1, 2]);
         let mine = LogPosition { term: 7, leader: 1, index: 40 };
-        let longer = [(HostId(2), LogPosition { index: 41, ..mine })];
-        let newer_term = [(HostId(2), LogPosition { term: 8, leader: 2, index: 12 })];
-        let equal = [(HostId(2), mine)];
+        let longer = [shown(2, LogPosition { index: 41, ..mine }, 1)];
+        let newer_term = [shown(2, LogPosition { term: 8, leader: 2, index: 12 }, 1)];
+        let equal = [shown(2, mine, 1)];
         for (logs, stands) in [(&longer[..], false), (&newer_term[..], false), (&equal[..], true), (&[][..], true)] {
             let mut w = ElectionWatch::default();
-            let view = |a| StandView { peer_logs: logs, last_log: Some(mine), ..leaderless(a, 1) };
             let (start, later) = (at(0), at(3_600));
-            assert_eq!(w.stand_step(&view(&start)), None);
-            assert_eq!(w.stand_step(&view(&later)).is_some(), stands, "{logs:?}");
+            assert_eq!(w.stand_step(&StandView { peer_logs: &[], last_log: Some(mine), ..leaderless(&start, 1) }), None);
+            assert_eq!(w.stand_step(&StandView { peer_logs: logs, last_log: Some(mine), ..leaderless(&later, 1) }).is_some(), stands, "{logs:?}");
         }
+        // A log shown before this time without a leader does not count: it may be stale.
+        let (start, later) = (at(0), at(3_600));
+        let mut w = ElectionWatch::default();
+        assert_eq!(w.stand_step(&StandView { peer_logs: &longer, last_log: Some(mine), ..leaderless(&start, 1) }), None);
+        assert_eq!(w.stand_step(&StandView { peer_logs: &longer, last_log: Some(mine), ..leaderless(&later, 1) }), Some(Stand::Leaderless));
         // A fenced host's longer log counts too: its timer stands, and it can win.
         let fenced_peer = Assessment { peers: vec![peer(2, Some(4))], ..at(3_600) };
         let mut w = ElectionWatch { leaderless_since: Some(Millis(0)), ..ElectionWatch::default() };
@@ -322,17 +350,20 @@ mod tests {
     fn a_host_defers_its_timer_to_a_longer_log_it_hears_while_leaderless_for_a_bounded_time() {
         let at = |now| hearing(now, &[1, 2]);
         let mine = LogPosition { term: 7, leader: 1, index: 40 };
-        let longer = [(HostId(2), LogPosition { index: 41, ..mine })];
+        let longer = [shown(2, LogPosition { index: 41, ..mine }, 1)];
         let view = |a| StandView { peer_logs: &longer, last_log: Some(mine), ..leaderless(a, 1) };
-        let mut w = ElectionWatch::default();
         let (t0, t1, t2) = (at(0), at(14_300), at(14_400));
+        let mut w = ElectionWatch::default();
+        assert!(!w.step(&StandView { peer_logs: &[], ..view(&t0) }).defer, "nothing shown yet");
         assert!(w.step(&view(&t0)).defer);
         assert!(w.step(&view(&t1)).defer);
         assert_eq!(w.step(&view(&t2)), ElectionStep::default(), "eight longest election timeouts at most");
         // Not while a leader is known, nor for an equal log, nor for a host it no longer hears.
         let mut w = ElectionWatch::default();
         assert!(!w.step(&StandView { leader: Some(HostId(2)), ..view(&t0) }).defer);
-        assert!(!w.step(&StandView { peer_logs: &[(HostId(2), mine)], ..view(&t0) }).defer);
+        let mut w = ElectionWatch::default();
+        assert!(!w.step(&StandView { peer_logs: &[], ..view(&t0) }).defer);
+        assert!(!w.step(&StandView { peer_logs: &[shown(2, mine, 1)], ..view(&t0) }).defer);
         let alone = hearing(0, &[1]);
         assert!(!w.step(&view(&alone)).defer);
     }

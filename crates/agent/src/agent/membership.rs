@@ -6,7 +6,7 @@ use super::{lock, Agent};
 use crate::consensus::{election_timeout_max_ms, election_timeout_min_ms, ConsensusStatus};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tandem_core::election::{ElectionWatch, Stand, StandView};
+use tandem_core::election::{ElectionWatch, PeerLog, Stand, StandView};
 use tandem_core::liveness::Assessment;
 use tandem_core::membership::{self, MembershipStep, MembershipView};
 use tandem_core::state::{Applied, Command};
@@ -94,7 +94,12 @@ impl Agent {
             self.consensus.set_deferring(false);
             return;
         };
-        let peer_logs: Vec<_> = self.consensus.peer_logs().into_iter().filter_map(|(n, l)| Some((HostId(u32::try_from(n).ok()?), l))).collect();
+        let peer_logs: Vec<PeerLog> = self
+            .consensus
+            .peer_logs()
+            .into_iter()
+            .filter_map(|(n, last_log, exchange)| Some(PeerLog { host: HostId(u32::try_from(n).ok()?), last_log, exchange }))
+            .collect();
         let step = elections.step(&StandView {
             me: self.me,
             leader: raft.leader.and_then(|l| u32::try_from(l).ok()).map(HostId),

@@ -25,7 +25,14 @@ pub struct Network {
 /// Where each node's log ended when it last took part in an election with this one (its vote
 /// request, or its answer to this node's): what the agent knows of who could win one.
 #[derive(Clone, Debug, Default)]
-pub struct PeerLogs(Arc<std::sync::Mutex<std::collections::BTreeMap<NodeId, tandem_core::witness::LogPosition>>>);
+pub struct PeerLogs(Arc<std::sync::Mutex<NotedLogs>>);
+
+/// Each node's last log shown, and the exchange (counted over all nodes) that showed it.
+#[derive(Debug, Default)]
+struct NotedLogs {
+    exchanges: u64,
+    logs: std::collections::BTreeMap<NodeId, (tandem_core::witness::LogPosition, u64)>,
+}
 
 impl PeerLogs {
     /// Notes where `node`'s log ended. Only node ids a cluster can have (hosts and the disk
@@ -35,13 +42,17 @@ impl PeerLogs {
             return;
         }
         if let Some(id) = last_log {
-            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node, super::log_position(id));
+            let mut noted = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            noted.exchanges += 1;
+            let exchange = noted.exchanges;
+            noted.logs.insert(node, (super::log_position(id), exchange));
         }
     }
 
+    /// Each node's last log shown, with the exchange that showed it.
     #[must_use]
-    pub fn snapshot(&self) -> Vec<(NodeId, tandem_core::witness::LogPosition)> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|(n, p)| (*n, *p)).collect()
+    pub fn snapshot(&self) -> Vec<(NodeId, tandem_core::witness::LogPosition, u64)> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).logs.iter().map(|(n, (p, e))| (*n, *p, *e)).collect()
     }
 }
 
