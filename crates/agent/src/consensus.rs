@@ -228,8 +228,9 @@ impl Consensus {
     /// While `muted`, this node sends no RPC and stands for no election (it still answers):
     /// for a host with a reason to fence.
     pub fn set_muted(&self, muted: bool) {
-        self.muted.store(muted, std::sync::atomic::Ordering::Relaxed);
-        self.update_timer();
+        if self.muted.swap(muted, std::sync::atomic::Ordering::Relaxed) != muted {
+            self.update_timer();
+        }
     }
 
     /// While `deferring`, openraft's timer starts no election on this node (the agent still
@@ -237,10 +238,12 @@ impl Consensus {
     pub fn set_deferring(&self, deferring: bool) {
         if self.deferring.swap(deferring, std::sync::atomic::Ordering::Relaxed) != deferring {
             tracing::debug!(deferring, "openraft's timer defers to a longer log of a host heard");
+            self.update_timer();
         }
-        self.update_timer();
     }
 
+    /// Sets openraft's election flag from both reasons, under one lock: a setter that changed
+    /// its flag reads the other's as it stands after any concurrent change.
     fn update_timer(&self) {
         let _one_at_a_time = self.timer_flag.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let elect = self.elects && !self.muted.load(std::sync::atomic::Ordering::Relaxed) && !self.deferring.load(std::sync::atomic::Ordering::Relaxed);

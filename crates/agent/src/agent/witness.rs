@@ -32,6 +32,9 @@ const ADD_VOTER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct HeldWitness {
     pub consensus: Consensus,
     closed: Arc<AtomicBool>,
+    /// When it was opened here (the agent's clock, ms): a node just opened refuses every vote
+    /// for its leader lease.
+    opened_at: u64,
 }
 
 /// This host's side of the disk witness.
@@ -49,8 +52,6 @@ pub struct DiskWitness {
     blocking_pool: bool,
     /// Since when (the agent's clock, ms) the witness's node here has led, as last seen.
     leading_since: Mutex<Option<u64>>,
-    /// The node held here (its address, as a key) and since when (the agent's clock, ms).
-    held_since: Mutex<Option<(usize, u64)>>,
     /// When this host last stood for election, holding the witness, with no leader known.
     stood_leaderless: Mutex<Option<u64>>,
     /// Set when the agent halts as on a crash: the loop ends without writing anything more.
@@ -70,7 +71,6 @@ impl DiskWitness {
             gate: Mutex::new(None),
             blocking_pool,
             leading_since: Mutex::new(None),
-            held_since: Mutex::new(None),
             stood_leaderless: Mutex::new(None),
             halted: AtomicBool::new(false),
         }
@@ -227,7 +227,7 @@ impl Agent {
             Ok(consensus) if w.halted.load(Ordering::SeqCst) => consensus.shutdown().await,
             Ok(mut consensus) => {
                 consensus.use_heavy(Arc::clone(&self.heavy));
-                *lock(&w.held) = Some(Arc::new(HeldWitness { consensus, closed }));
+                *lock(&w.held) = Some(Arc::new(HeldWitness { consensus, closed, opened_at: self.clock.now().0 }));
                 w.route.set(Some(self.cfg.api_addr.to_string()));
                 self.events.record(EventKind::WitnessHeld, None, Some(&self.cfg.name), format!("{} holds the disk witness", self.cfg.name));
                 // A host that took the witness over usually has no leader (its peer is gone):
@@ -320,25 +320,13 @@ impl Agent {
             (true, false) => WitnessLead::LeaseFresh,
             (true, true) => WitnessLead::LeasePassed,
         };
-        // The node held here: since when (a node just opened refuses votes for its lease), and
-        // when this host last stood without a leader.
-        let opened = {
-            let mut o = lock(&w.held_since);
-            let key = Arc::as_ptr(&held) as usize;
-            let since = match *o {
-                Some((k, t)) if k == key => t,
-                _ => now,
-            };
-            *o = Some((key, since));
-            since
-        };
         let stood_lately = lock(&w.stood_leaderless).is_some_and(|t| now.saturating_sub(t) < crate::consensus::election_timeout_min_ms(&self.cfg.timings));
         let view = ElectionView {
             host_knows_leader: own.leader.is_some(),
             witness_lead,
             host_log: self.consensus.last_log_position(),
             witness_log: held.consensus.last_log_position(),
-            host_may_stand: now.saturating_sub(opened) > 2 * crate::consensus::raft_heartbeat_ms(&self.cfg.timings) && !stood_lately,
+            host_may_stand: now.saturating_sub(held.opened_at) > 2 * crate::consensus::raft_heartbeat_ms(&self.cfg.timings) && !stood_lately,
         };
         match steer_election(&view) {
             ElectionStep::Nothing => {}
