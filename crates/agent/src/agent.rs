@@ -89,6 +89,8 @@ pub enum AgentError {
     NoLeader,
     #[error("forwarding to the leader failed")]
     Forward(#[from] httpc::HttpError),
+    #[error("the leader changed while the command was forwarded to it; it may still commit")]
+    LeaderChanged,
     #[error("the leader refused the forwarded command: {0}")]
     ForwardRefused(String),
     #[error("hardware watchdog unusable")]
@@ -503,7 +505,16 @@ impl Agent {
             Ok((r, _)) => Ok(r),
             Err(ConsensusError::NotLeader(leader)) => {
                 let body = serde_json::to_vec(&cmd).map_err(|e| AgentError::ForwardRefused(e.to_string()))?;
-                let resp = self.forward_to_leader(leader, "/v1/internal/propose", body, FORWARD_TIMEOUT).await?;
+                // A leader cut off holds the forward until its timeout, 10 s, although a new
+                // leader — this host, even — may be known a second later: the caller (the
+                // membership loop's join, the coordinator) then waited all that time. The forward
+                // is given up once the leader this host knows changes, as it is at its timeout:
+                // undecided, it may still commit.
+                let forwarded_to = self.consensus.status().leader;
+                let resp = tokio::select! {
+                    resp = self.forward_to_leader(leader, "/v1/internal/propose", body, FORWARD_TIMEOUT) => resp?,
+                    () = self.consensus.leader_changed_from(forwarded_to) => return Err(AgentError::LeaderChanged),
+                };
                 if resp.status != 200 {
                     return Err(AgentError::ForwardRefused(String::from_utf8_lossy(&resp.body).into_owned()));
                 }

@@ -83,7 +83,7 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> ApiError {
         let status = match e {
-            AgentError::NoLeader | AgentError::Forward(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::NoLeader | AgentError::Forward(_) | AgentError::LeaderChanged => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, chain(&e))

@@ -307,6 +307,21 @@ impl Consensus {
         self.applied_rx.clone()
     }
 
+    /// Returns once the leader this node knows is no longer `leader`: another was elected, or
+    /// an election began.
+    pub async fn leader_changed_from(&self, leader: Option<NodeId>) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if metrics.borrow_and_update().current_leader != leader {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                // The node is gone: its leader never changes again.
+                return std::future::pending().await;
+            }
+        }
+    }
+
     #[must_use]
     pub fn status(&self) -> ConsensusStatus {
         let m = self.raft.metrics().borrow().clone();

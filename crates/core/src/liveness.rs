@@ -91,6 +91,10 @@ struct PeerState {
     incarnation: u64,
     seq: u64,
     last_net: Option<Millis>,
+    /// When this host began to hear the peer on the network in the current spell (its first
+    /// heartbeat after a peer timeout or more without one): words the peer spoke less than a
+    /// peer timeout after it do not show that it cannot hear us (see `assess`).
+    net_spell_began: Option<Millis>,
     net_fenced: bool,
     net_epoch: u64,
     slot: Option<DiskSlot>,

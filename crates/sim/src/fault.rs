@@ -95,6 +95,11 @@ pub enum FaultKind {
     /// other, which still reaches it (a half-broken inter-site line). Drawn only on request
     /// (`--only`), like the storage loss, so that the recorded seeds of sites draw as before.
     SiteLinkOneWay,
+    /// A host cut off from everything, then a heal that reaches it unevenly: everything comes
+    /// back but its heartbeats to the others, which follow up to most of a peer timeout later
+    /// — and in half the runs, before they do, another host is cut off from everything. Drawn
+    /// only on request (`--only`), so that the recorded seeds draw as before.
+    PartitionUnevenHeal,
 }
 
 use Backend::{Chaos, Sim};
@@ -102,7 +107,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 33] = [
+    pub const ALL: [FaultKind; 34] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -136,6 +141,7 @@ impl FaultKind {
         WitnessLoss,
         SiteStorageLoss,
         SiteLinkOneWay,
+        PartitionUnevenHeal,
     ];
 
     pub fn name(self) -> &'static str {
@@ -173,6 +179,7 @@ impl FaultKind {
             WitnessLoss => "witness-loss",
             SiteStorageLoss => "site-storage-loss",
             SiteLinkOneWay => "site-link-one-way",
+            PartitionUnevenHeal => "partition-uneven-heal",
         }
     }
 
@@ -183,7 +190,7 @@ impl FaultKind {
 
     /// Whether it is drawn only when asked for (`--only`), never by the default draw.
     pub fn on_request_only(self) -> bool {
-        matches!(self, SiteStorageLoss | SiteLinkOneWay)
+        matches!(self, SiteStorageLoss | SiteLinkOneWay | PartitionUnevenHeal)
     }
 
     /// Whether it is drawn only in two-host clusters with a disk witness.
@@ -212,7 +219,8 @@ impl FaultKind {
             | HostJoin
             | Operator
             | LinkCutDiskLost
-            | SiteStorageLoss => &[Sim],
+            | SiteStorageLoss
+            | PartitionUnevenHeal => &[Sim],
             // Drawn only where the hosts have sites (`--sites` of either backend).
             SitePowerLoss | SiteLinkCut | SiteLinkOneWay => &[Sim, Chaos],
             // The simulator's witness region stops answering; the fault suite kills the

@@ -189,6 +189,7 @@ impl Sim {
             FaultKind::SiteStorageLoss => self.site_storage_loss(kind, target, hold).await,
             FaultKind::LinkCutDiskLost => self.link_cut_disk_lost(kind, hold, now, until).await,
             FaultKind::WitnessLoss => self.witness_loss(kind, hold).await,
+            FaultKind::PartitionUnevenHeal => self.partition_uneven_heal(kind, target, hold, now).await,
             FaultKind::HostFreeze => self.host_freeze(kind, target, hold, now, until).await,
             FaultKind::AgentStall => self.agent_stall(kind, target, hold, now, until).await,
             FaultKind::LivenessStallInPartition => self.liveness_stall_in_partition(kind, target, now).await,

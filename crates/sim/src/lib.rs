@@ -12,6 +12,7 @@
 //! `wrong-host` at every quiet point and at the end.
 
 pub mod fault;
+mod heal;
 mod hypervisor;
 mod inject;
 mod localdisk;

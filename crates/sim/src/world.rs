@@ -67,6 +67,9 @@ pub enum DiskMode {
 pub struct Conditions {
     /// `blocked.contains(&(a, b))`: nothing from host a reaches host b.
     pub blocked: BTreeSet<(u32, u32)>,
+    /// `heartbeats_blocked.contains(&(a, b))`: host a's heartbeats do not reach host b, while
+    /// its API calls do (a heal that reaches the heartbeat path last).
+    pub heartbeats_blocked: BTreeSet<(u32, u32)>,
     /// Hosts that are powered off.
     pub down: BTreeSet<u32>,
     /// Datagram loss, duplication: chance out of 1000.
@@ -141,6 +144,7 @@ impl World {
             rng: Mutex::new(Rng(seed)),
             cond: Mutex::new(Conditions {
                 blocked: BTreeSet::new(),
+                heartbeats_blocked: BTreeSet::new(),
                 down: BTreeSet::new(),
                 loss_permille: 0,
                 dup_permille: 0,
@@ -328,7 +332,7 @@ impl HeartbeatTransport for SimTransport {
             let w = &self.world;
             w.liveness_runs(self.me).await;
             let Some(target) = w.host_of_hb(to) else { return Ok(()) };
-            if !w.reaches(self.me, target) {
+            if !w.reaches(self.me, target) || lock(&w.cond).heartbeats_blocked.contains(&(self.me, target)) {
                 return Ok(());
             }
             let (lost, dup) = {

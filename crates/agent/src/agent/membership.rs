@@ -40,7 +40,18 @@ impl Agent {
                 assessment: assessment.as_ref(),
             };
             match membership::decide(&view) {
-                MembershipStep::Wait => continue,
+                MembershipStep::Wait => {
+                    if view.joined.is_none() {
+                        tracing::debug!(
+                            "not joining: committed {:?}, leader {:?}, fence {:?}, majority {:?}",
+                            view.committed,
+                            raft.leader,
+                            view.assessment.map(|a| a.fence),
+                            view.assessment.map(|a| a.has_majority)
+                        );
+                    }
+                    continue;
+                }
                 MembershipStep::EpochLost { status, epoch, joined } => {
                     // Unjoined first, so no start passes its last-instant check, then the kill.
                     lock(&self.status).joined_epoch = None;

@@ -118,12 +118,28 @@ impl Liveness {
         // written just before the peer heard us again (we were cut off, and back) otherwise
         // kept saying it did not hear us until its next change reached us. Across a real cut
         // no heartbeat comes, so the other side's word there is its slot alone.
+        //
+        // A peer we hear whose word was spoken less than a peer timeout after we began to hear
+        // it again does not yet show that it cannot hear us: a heal reaches the two ends of a
+        // link unevenly, and the peer hears us only when our first heartbeat gets through — a
+        // second later, or never if it is cut off again first. Its word then counts as hearing
+        // us. Read as it stands, it made a link broken one way that the peer won, and we fenced,
+        // healthy and connected (the fault suite, two sites and a network witness: a heal, and
+        // a cut of the peer within the second). A link that stays broken one way has the peer
+        // say so again a peer timeout later, and the verdict stands then. Safety does not rest
+        // on the verdict's fence (as with `settling` below): a host apart from the winner is
+        // failed over only once it reports itself fenced, or is dead past its fence deadline.
         for (h, p) in &self.peers {
             if slot_fresh(p) {
                 disk_alive.insert(*h);
                 if let Some(s) = p.slot {
                     let newer_heartbeat = p.report.filter(|r| net_fresh(p) && p.slot_changed_at.is_none_or(|c| r.at > c));
-                    reports.insert(*h, newer_heartbeat.map_or(s.heard, |r| r.heard));
+                    let (mut peer_hears, spoken_at) = newer_heartbeat.map_or((s.heard, p.slot_changed_at), |r| (r.heard, Some(r.at)));
+                    let spoken_early = p.net_spell_began.zip(spoken_at).is_some_and(|(b, w)| w < b.plus(t.peer_timeout_ms));
+                    if net_fresh(p) && spoken_early {
+                        peer_hears.insert(self.me);
+                    }
+                    reports.insert(*h, peer_hears);
                 }
             }
         }

@@ -69,6 +69,9 @@ impl Liveness {
         p.received += 1;
         p.incarnation = hb.incarnation;
         p.seq = hb.seq;
+        if p.last_net.is_none_or(|l| now.since(l) >= self.timings.peer_timeout_ms) {
+            p.net_spell_began = Some(now);
+        }
         p.last_net = Some(now);
         p.net_fenced = hb.fenced;
         p.net_epoch = hb.epoch;

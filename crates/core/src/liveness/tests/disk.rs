@@ -489,3 +489,44 @@ fn a_fenced_host_back_on_the_disk_does_not_win_over_the_one_that_runs() {
     });
     assert!(fences.is_empty(), "{fences:?}");
 }
+
+/// Host 0 back from a spell cut off from everything (silent on the network and on the disk
+/// from 2 s to 6 s). From 6 s its heartbeats reach host 1 again, but host 1's do not reach it
+/// yet: its heartbeats and its slot say it hears only itself. `deaf_until` is when host 0
+/// begins to hear host 1 (and says so), `silent_from` when it is cut off from everything again.
+fn fences_after_an_uneven_heal(deaf_until: u64, silent_from: u64, until: u64) -> Vec<FenceReason> {
+    fences_of_host_1(until, |t| {
+        let speaks = !(2_000..6_000).contains(&t) && t < silent_from;
+        let heard: &'static [u32] = if (2_000..deaf_until).contains(&t) { &[0] } else { &[0, 1] };
+        Host0 { beat: (speaks && t % 200 == 0).then_some((heard, heard.len() == 2)), writes: speaks && t % 200 == 0, heard, fenced: false }
+    })
+}
+
+/// A heal reaches the two hosts unevenly: host 1 hears host 0 at once, host 0 hears host 1 only
+/// a while later — and before it does, host 0 is cut off again. Host 0's last words say it hears
+/// only itself, which reads as a link broken one way that host 0, the lower id, wins; but they
+/// were spoken before host 0 could have heard host 1 for a peer timeout, and host 1, the host
+/// that stays connected, must not fence on them. (Found by the fault suite: two sites and a
+/// network witness, a heal then a cut of h0 within a second; h1 fenced, and every VM was down
+/// until it rejoined, 13 s.)
+#[test]
+fn an_uneven_heal_then_a_cut_does_not_fence_the_host_that_stays() {
+    let fences = fences_after_an_uneven_heal(u64::MAX, 6_800, 6_800 + 3 * T.peer_timeout_ms);
+    assert!(fences.is_empty(), "{fences:?}");
+}
+
+/// The same heal, but host 0 goes on not hearing host 1 (the link is broken one way from then
+/// on) and keeps speaking: a peer timeout after host 1 began to hear it again, its words count,
+/// and host 1 fences on the verdict.
+#[test]
+fn a_link_broken_one_way_from_a_heal_on_still_fences_its_loser() {
+    let fences = fences_after_an_uneven_heal(u64::MAX, u64::MAX, 6_000 + 3 * T.peer_timeout_ms);
+    assert!(matches!(fences.first(), Some(FenceReason::LosingSide { .. })), "{fences:?}");
+}
+
+/// A heal that reaches host 0 a second late, after which both hear each other: nobody fences.
+#[test]
+fn a_heal_that_reaches_one_host_late_fences_nobody() {
+    let fences = fences_after_an_uneven_heal(7_000, u64::MAX, 6_000 + 3 * T.peer_timeout_ms);
+    assert!(fences.is_empty(), "{fences:?}");
+}
