@@ -88,13 +88,7 @@ impl Sim {
                 w.log(format!("FAULT {kind}: {victim} on h{f} shuts down as h{f} is cut off for {hold:?}"));
                 self.recoveries.forgive(&victim);
                 self.hosts[f as usize].driver.guest_shutdown(&victim);
-                {
-                    let mut c = lock(&w.cond);
-                    for o in (0..n).filter(|o| *o != f) {
-                        c.blocked.insert((f, o));
-                        c.blocked.insert((o, f));
-                    }
-                }
+                self.isolate(f, false);
                 self.excuse(&[f], now + hold.as_millis() as u64 + 15_000);
                 self.run_for(hold).await;
                 lock(&w.cond).blocked.clear();
@@ -145,13 +139,7 @@ impl Sim {
                 w.log(format!("FAULT {kind} h{target}{} for {hold:?}", if cut { " and cut off from the network" } else { "" }));
                 w.set_disk_mode(target, mode);
                 if cut {
-                    {
-                        let mut c = lock(&w.cond);
-                        for o in (0..n).filter(|o| *o != target) {
-                            c.blocked.insert((target, o));
-                            c.blocked.insert((o, target));
-                        }
-                    }
+                    self.isolate(target, false);
                     self.excuse(&[target], until);
                 }
                 self.run_for(hold).await;

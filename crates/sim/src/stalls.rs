@@ -59,7 +59,6 @@ impl Sim {
 
     pub(super) async fn liveness_stall_in_partition(&mut self, kind: FaultKind, target: u32, now: u64) {
         let w = Arc::clone(&self.world);
-        let n = self.hosts.len() as u32;
         // The host is cut off and its liveness path stalls (no heartbeats, no slot I/O,
         // so no fence decision), while its reconciler runs on. Once its lease has lapsed
         // its VMs die (in production the software watchdog kills them at the lease's end,
@@ -72,14 +71,8 @@ impl Sim {
         let crash_after = Duration::from_millis(t.self_fence_ms + self.rand(t.kill_grace_ms));
         w.log(format!("FAULT {kind} h{target} ({} VM(s)) for {stall:?}; its VMs crash after {crash_after:?}", before.len()));
         self.excuse(&[target], now + stall.as_millis() as u64 + 15_000);
-        {
-            let mut c = lock(&w.cond);
-            c.liveness_stalled.insert(target);
-            for o in (0..n).filter(|o| *o != target) {
-                c.blocked.insert((target, o));
-                c.blocked.insert((o, target));
-            }
-        }
+        lock(&w.cond).liveness_stalled.insert(target);
+        self.isolate(target, false);
         self.run_for(crash_after).await;
         w.log(format!("h{target}'s VMs crash"));
         w.power_off_vms(target);
