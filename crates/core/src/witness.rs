@@ -198,7 +198,7 @@ pub enum WitnessLead {
 /// What the holder of the witness sees of both Raft nodes it runs, for [`steer_election`].
 #[derive(Clone, Copy, Debug)]
 pub struct ElectionView {
-    /// This host's node knows a leader.
+    /// This host's node knows a leader that still counts ([`leader_heard`]).
     pub host_knows_leader: bool,
     /// (A witness that does not lead may still name the lost leader: it hears of no election
     /// it refused — so this is whether it leads itself.)
@@ -227,6 +227,22 @@ pub enum ElectionStep {
     /// fires just as it opens the witness, whose fresh lease refuses the vote; it then waited a
     /// whole election timeout more — the slow half of two hosts' failover times, ~1 s.)
     HostStandsLeaderless,
+}
+
+/// Whether the leader this host's node names (`leader`, a Raft node id) still counts for the
+/// witness's holder: this host, the witness's node, or a peer it hears on the network. A host
+/// usually takes the witness over because its peer is gone, and its node goes on naming that
+/// peer until its own election timer runs out — 3.8 s after the takeover in simulator seed 33
+/// of `partition-uneven-heal` (two hosts), openraft adding twice the longest timeout for a node
+/// once behind — while no election was steered. A leader not heard sends this host nothing
+/// either (the consensus runs on the same network), so it leads nobody here.
+#[must_use]
+pub fn leader_heard(leader: Option<u64>, me: HostId, a: &Assessment) -> bool {
+    match leader {
+        None => false,
+        Some(l) if l == u64::from(me.0) || l == WITNESS_NODE => true,
+        Some(l) => u32::try_from(l).ok().and_then(|h| a.peer(HostId(h))).is_some_and(|p| p.liveness == HostLiveness::Alive),
+    }
 }
 
 /// The witness never stands by itself; its holder steers it. "More up to date" is judged as the

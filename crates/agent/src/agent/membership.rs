@@ -34,7 +34,7 @@ impl Agent {
             let view = MembershipView {
                 joined: st.joined_epoch,
                 committed: self.consensus.with_state(|s| s.hosts.get(&self.me).map(|h| (h.status, h.epoch))),
-                leader_known: raft.leader.is_some(),
+                leader: raft.leader,
                 stopping: self.is_stopping(),
                 fenced: st.fenced,
                 assessment: assessment.as_ref(),

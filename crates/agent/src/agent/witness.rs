@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::state::Command;
-use tandem_core::witness::{next_step, steer_election, Claim, ElectionStep, ElectionView, WitnessLead, WitnessStep, WitnessView, WITNESS_NODE};
+use tandem_core::witness::{leader_heard, next_step, steer_election, Claim, ElectionStep, ElectionView, WitnessLead, WitnessStep, WitnessView, WITNESS_NODE};
 use tandem_core::HostId;
 
 /// The address the witness has in Raft's membership: a name, not a host's address; the route
@@ -321,8 +321,9 @@ impl Agent {
             (true, true) => WitnessLead::LeasePassed,
         };
         let stood_lately = lock(&w.stood_leaderless).is_some_and(|t| now.saturating_sub(t) < crate::consensus::election_timeout_min_ms(&self.cfg.timings));
+        let Some(assessment) = self.assessment() else { return };
         let view = ElectionView {
-            host_knows_leader: own.leader.is_some(),
+            host_knows_leader: leader_heard(own.leader, self.me, &assessment),
             witness_lead,
             host_log: self.consensus.last_log_position(),
             witness_log: held.consensus.last_log_position(),

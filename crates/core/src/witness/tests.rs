@@ -205,3 +205,20 @@ fn a_host_as_up_to_date_as_the_witness_stands_without_waiting_for_its_timer() {
     assert_eq!(steer_election(&view(true, at(2, 1, 22), at(2, 1, 22), true)), ElectionStep::Nothing);
     assert_eq!(steer_election(&view(false, at(2, 1, 21), at(2, 1, 22), true)), ElectionStep::WitnessStands);
 }
+
+/// The leader a holder's node names counts only if it is this host, the witness, or a peer
+/// heard on the network: a peer gone (the reason the witness was taken over) leads nobody.
+#[test]
+fn only_a_leader_this_host_hears_counts_for_the_witnesss_elections() {
+    let a = assessment(10_000, vec![peer(0, HostLiveness::Alive, None)]);
+    let dead = assessment(10_000, vec![peer(0, HostLiveness::Dead, Some(9_000))]);
+    let partitioned = assessment(10_000, vec![peer(0, HostLiveness::Partitioned, None)]);
+    let me = HostId(1);
+    assert!(leader_heard(Some(0), me, &a), "a peer heard on the network leads");
+    assert!(!leader_heard(Some(0), me, &dead), "a dead peer leads nobody");
+    assert!(!leader_heard(Some(0), me, &partitioned), "a peer heard only on the disk sends us no consensus");
+    assert!(leader_heard(Some(1), me, &dead), "this host");
+    assert!(leader_heard(Some(WITNESS_NODE), me, &dead), "the witness's node");
+    assert!(!leader_heard(None, me, &a));
+    assert!(!leader_heard(Some(7), me, &a), "a node that is no peer");
+}
