@@ -44,6 +44,7 @@ fn thaw(agent: u32, workloads: &[u32]) {
 }
 
 mod emulator;
+mod heal;
 pub(crate) mod planned;
 mod sites;
 mod witness;
@@ -138,6 +139,9 @@ const SITE_FAULTS: [FaultKind; 3] = [FaultKind::SitePowerLoss, FaultKind::SiteLi
 
 /// The kinds a network witness adds (`--witness network`), after the others.
 const WITNESS_FAULTS: [FaultKind; 1] = [FaultKind::WitnessLoss];
+
+/// The kinds injected only when asked for (`--only`): no plan draws them, so seeds plan as before.
+const ON_REQUEST_FAULTS: [FaultKind; 1] = [FaultKind::PartitionUnevenHeal];
 
 /// The kinds that need the shared heartbeat disk (none with a network witness).
 const DISK_FAULTS: [FaultKind; 2] = [FaultKind::DiskErrorOne, FaultKind::DiskHangOne];
@@ -533,10 +537,11 @@ impl Suite {
             FaultKind::SiteLinkCut => self.inject_site_link_cut(target, t0, since_ms, &mut may_fence, false)?,
             FaultKind::SiteLinkOneWay => self.inject_site_link_cut(target, t0, since_ms, &mut may_fence, true)?,
             FaultKind::WitnessLoss => self.inject_witness_loss(since_ms)?,
+            FaultKind::PartitionUnevenHeal => self.inject_uneven_heal(target, t0, &mut may_fence)?,
             FaultKind::PlannedStop => self.inject_planned_stop(target, t0, &mut may_fence)?,
             FaultKind::MaintenanceCycle => self.inject_maintenance_cycle(target)?,
-            // The plan draws from CHAOS_FAULTS, SITE_FAULTS and WITNESS_FAULTS only (tested to be
-            // the vocabulary's chaos kinds).
+            // The plan draws from CHAOS_FAULTS, SITE_FAULTS and WITNESS_FAULTS, and `--only` from
+            // ON_REQUEST_FAULTS as well (tested to be the vocabulary's chaos kinds).
             other => bail!("{other} is injected by the simulator only"),
         }
         *self.report.faults.entry(fault.name()).or_default() += 1;
@@ -619,8 +624,9 @@ pub fn run(args: &ChaosArgs) -> Result<()> {
         plan = (0..count).map(|_| kinds[rng.below(kinds.len() as u64) as usize]).collect();
     }
     if let Some(only) = &args.only {
-        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
-        let kind = kinds.iter().copied().find(|f| f.name() == only).ok_or_else(|| {
+        let asked: Vec<FaultKind> = kinds.iter().copied().chain(ON_REQUEST_FAULTS).collect();
+        let names: Vec<&str> = asked.iter().map(|k| k.name()).collect();
+        let kind = asked.iter().copied().find(|f| f.name() == only).ok_or_else(|| {
             anyhow!(
                 "the fault suite injects no fault called '{only}' here (site faults need --sites, witness-loss --witness network): one of {}",
                 names.join(", ")
@@ -792,10 +798,11 @@ mod tests {
 
     #[test]
     fn the_suite_injects_exactly_the_vocabularys_chaos_kinds() {
-        let mine: BTreeSet<FaultKind> = CHAOS_FAULTS.into_iter().chain(SITE_FAULTS).chain(WITNESS_FAULTS).collect();
+        let mine: BTreeSet<FaultKind> = CHAOS_FAULTS.into_iter().chain(SITE_FAULTS).chain(WITNESS_FAULTS).chain(ON_REQUEST_FAULTS).collect();
         let vocabulary: BTreeSet<FaultKind> = FaultKind::of(Backend::Chaos).collect();
         assert_eq!(mine, vocabulary);
-        assert_eq!(mine.len(), CHAOS_FAULTS.len() + SITE_FAULTS.len() + WITNESS_FAULTS.len(), "no kind twice");
+        assert_eq!(mine.len(), CHAOS_FAULTS.len() + SITE_FAULTS.len() + WITNESS_FAULTS.len() + ON_REQUEST_FAULTS.len(), "no kind twice");
+        assert!(ON_REQUEST_FAULTS.iter().all(|k| k.on_request_only()));
         assert!(SITE_FAULTS.iter().all(|k| k.needs_sites()) && !CHAOS_FAULTS.iter().any(|k| k.needs_sites()));
         assert!(WITNESS_FAULTS.iter().all(|k| k.needs_witness()) && DISK_FAULTS.iter().all(|k| CHAOS_FAULTS.contains(k)));
     }

@@ -214,7 +214,13 @@ impl NetLab {
         self.cut_table(i, &[("output", &format!("ip daddr {{ {} }} drop", ips.join(", ")))])
     }
 
-    /// Removes the rules of `block_outbound` / `block_pair` on host `i`.
+    /// Host `i`'s UDP datagrams to `port` (its heartbeats) leave it no more; everything else
+    /// does (a heal that reaches the heartbeat path last).
+    pub fn block_udp_out(&self, i: usize, port: u16) -> Result<()> {
+        self.cut_table(i, &[("output", &format!("udp dport {port} drop"))])
+    }
+
+    /// Removes the rules of `block_outbound` / `block_pair` / `block_udp_out` on host `i`.
     pub fn unblock(&self, i: usize) -> Result<()> {
         run("ip", &["netns", "exec", &self.host_ns(i), "nft", "delete", "table", "inet", "tandemcut"])
     }

@@ -219,8 +219,9 @@ impl FaultKind {
             | HostJoin
             | Operator
             | LinkCutDiskLost
-            | SiteStorageLoss
-            | PartitionUnevenHeal => &[Sim],
+            | SiteStorageLoss => &[Sim],
+            // The fault suite injects it only with `--only` too.
+            PartitionUnevenHeal => &[Sim, Chaos],
             // Drawn only where the hosts have sites (`--sites` of either backend).
             SitePowerLoss | SiteLinkCut | SiteLinkOneWay => &[Sim, Chaos],
             // The simulator's witness region stops answering; the fault suite kills the
@@ -279,6 +280,6 @@ mod tests {
         assert_eq!(sim[..21].to_vec(), FaultKind::ALL[..21].to_vec());
         assert_eq!(sim[21..].to_vec(), vec![LiveMigration, MaintenanceCycle, PlannedStop]);
         assert_eq!(crate::fault_kinds_with_sites()[24..].to_vec(), vec![SitePowerLoss, SiteLinkCut]);
-        assert_eq!(FaultKind::of(Backend::Chaos).count(), 19);
+        assert_eq!(FaultKind::of(Backend::Chaos).count(), 20);
     }
 }
