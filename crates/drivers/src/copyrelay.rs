@@ -20,12 +20,19 @@
 //! After a release, each new connection from QEMU (its client reconnects by itself) is joined
 //! to a fresh connection to the copy server if one can be made within `connect`, and closed
 //! otherwise.
+//!
+//! While a mirror copies the disk into a stale copy whose chunk sums the relay was given
+//! (`compare_with`), it rewrites the conversation (`delta`): writes of bytes the copy already
+//! holds are answered here, and only the rest crosses the link. Once the copy is in sync
+//! (`end_delta`) it carries bytes as they come again.
 
+mod delta;
 mod nbdwatch;
 
 pub use nbdwatch::MAX_TRACKED_REQUESTS;
 
 use crate::copychannel::{CopyCredentials, CopyStream};
+pub use delta::{DeltaStats, MAX_DELTA_WRITE};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -63,11 +70,16 @@ struct Shared {
     releases: u64,
     /// Told when the copy is found lost (`waking`), so the agent need not wait for its round.
     wake: Option<Arc<tokio::sync::Notify>>,
+    /// What the copy holds, while a resync compares by chunk sums.
+    delta: Option<delta::DeltaTable>,
+    /// What the last resync by chunk sums did, once it ended.
+    delta_done: Option<DeltaStats>,
 }
 
 /// A running relay for one disk's remote copy.
 pub struct CopyRelay {
     socket: PathBuf,
+    creds: Arc<CopyCredentials>,
     shared: Arc<Mutex<Shared>>,
     released: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
@@ -90,9 +102,9 @@ impl CopyRelay {
     pub fn start(socket: &Path, upstream: &str, stall: Duration, creds: Arc<CopyCredentials>) -> std::io::Result<CopyRelay> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
-        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, upstream: upstream.to_string(), releases: 0, wake: None }));
+        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, upstream: upstream.to_string(), releases: 0, wake: None, delta: None, delta_done: None }));
         let released = Arc::new(tokio::sync::Notify::new());
-        let (s, r) = (Arc::clone(&shared), Arc::clone(&released));
+        let (s, r, c) = (Arc::clone(&shared), Arc::clone(&released), Arc::clone(&creds));
         let task = tokio::spawn(async move {
             let mut current: Option<tokio::task::JoinHandle<()>> = None;
             while let Ok((down, _)) = listener.accept().await {
@@ -110,7 +122,7 @@ impl CopyRelay {
                 // Closed with a reset, its unsent bytes dropped (`copychannel::connect`): writes
                 // held here must never reach the copy later, when a healed link would carry
                 // them to a copy that another host may be running the VM on by then.
-                let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, crate::copychannel::connect(&up, &creds)).await {
+                let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, crate::copychannel::connect(&up, &c)).await {
                     Ok(Ok(u)) => u,
                     // Nothing to join it to: QEMU's client sees the close and tries again later.
                     Ok(Err(e)) => {
@@ -127,7 +139,7 @@ impl CopyRelay {
                 current = Some(tokio::spawn(pair(down, upstream, stall, Arc::clone(&s), Arc::clone(&r), generation)));
             }
         });
-        Ok(CopyRelay { socket: socket.to_path_buf(), shared, released, task })
+        Ok(CopyRelay { socket: socket.to_path_buf(), creds, shared, released, task })
     }
 
     /// Tells `wake` each time the copy is found lost.
@@ -146,6 +158,39 @@ impl CopyRelay {
     /// Joins new connections to `upstream` (`host:port`) from now on.
     pub fn set_upstream(&self, upstream: &str) {
         lock(&self.shared).upstream = upstream.to_string();
+    }
+
+    /// Asks the copy server for the chunk sums of `export` (`len` bytes) and compares the writes
+    /// to come with them: call it before the mirror starts. The sums, or why there are none
+    /// (then every write is sent: a full copy).
+    pub async fn compare_with_copy(&self, export: &str, len: u64) -> Result<crate::chunksums::ChunkSums, crate::copychannel::ChannelError> {
+        let up = lock(&self.shared).upstream.clone();
+        let sums = crate::copychannel::fetch_sums(&up, &self.creds, export, len, crate::copychannel::sums_limit(len)).await?;
+        self.compare_with(&sums);
+        Ok(sums)
+    }
+
+    /// Compares the writes to come with `sums`, the copy's chunk sums, taken after its server
+    /// let every earlier write land: a write of bytes the copy holds is answered here.
+    pub fn compare_with(&self, sums: &crate::chunksums::ChunkSums) {
+        let mut g = lock(&self.shared);
+        g.delta = Some(delta::DeltaTable::new(sums));
+        g.delta_done = None;
+    }
+
+    /// Ends the comparison (the copy is in sync): every write is sent again.
+    pub fn end_delta(&self) {
+        let mut g = lock(&self.shared);
+        if let Some(t) = g.delta.take() {
+            g.delta_done = Some(t.stats());
+        }
+    }
+
+    /// What the resync by chunk sums did (or does): none if there was none.
+    #[must_use]
+    pub fn delta_stats(&self) -> Option<DeltaStats> {
+        let g = lock(&self.shared);
+        g.delta.as_ref().map(delta::DeltaTable::stats).or(g.delta_done)
     }
 
     /// Where the relay stands now.
@@ -174,6 +219,8 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
     let (mut up_r, mut up_w) = tokio::io::split(up);
     let (mut to_up, mut to_down) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let mut watch = nbdwatch::NbdWatch::default();
+    // The rewriting of a resync by chunk sums, while one is on (or its own requests are).
+    let mut splitter: Option<delta::Splitter> = None;
     // Bytes sent to the copy server with no answer since: when they were first left waiting.
     let mut waiting_since: Option<Instant> = None;
     let lost = loop {
@@ -192,18 +239,40 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
                     return;
                 }
                 Ok(n) => {
-                    if let Err(why) = watch.client_bytes(&to_up[..n]) {
+                    if splitter.is_none() && watch.in_transmission() && watch.between_frames() && lock(&shared).delta.is_some() {
+                        splitter = Some(delta::Splitter::new(watch.reads_in_flight()));
+                    }
+                    let rewritten = match splitter.as_mut() {
+                        Some(sp) => match sp.client(&to_up[..n], lock(&shared).delta.as_mut()) {
+                            Ok(b) => Some(b),
+                            Err(why) => break why,
+                        },
+                        None => None,
+                    };
+                    let up = rewritten.as_deref().unwrap_or(&to_up[..n]);
+                    if let Err(why) = watch.client_bytes(up) {
                         break why;
                     }
-                    // Flushed: a TLS stream holds written bytes until then.
-                    let sent = async {
-                        up_w.write_all(&to_up[..n]).await?;
-                        up_w.flush().await
-                    };
-                    match tokio::time::timeout(stall, sent).await {
-                        Ok(Ok(())) => { waiting_since.get_or_insert_with(Instant::now); }
-                        Ok(Err(e)) => break format!("writing to the copy server failed: {e}"),
-                        Err(_) => break format!("the copy server took no bytes for {stall:?}"),
+                    if !up.is_empty() {
+                        // Flushed: a TLS stream holds written bytes until then.
+                        let sent = async {
+                            up_w.write_all(up).await?;
+                            up_w.flush().await
+                        };
+                        match tokio::time::timeout(stall, sent).await {
+                            Ok(Ok(())) => { waiting_since.get_or_insert_with(Instant::now); }
+                            Ok(Err(e)) => break format!("writing to the copy server failed: {e}"),
+                            Err(_) => break format!("the copy server took no bytes for {stall:?}"),
+                        }
+                    }
+                    if let Some(sp) = splitter.as_mut() {
+                        let answers = sp.answers_now();
+                        if !answers.is_empty() && down_w.write_all(&answers).await.is_err() {
+                            return;
+                        }
+                        if sp.idle() && lock(&shared).delta.is_none() {
+                            splitter = None;
+                        }
                     }
                 }
             },
@@ -216,7 +285,14 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
                         break why;
                     }
                     waiting_since = None;
-                    if down_w.write_all(&to_down[..n]).await.is_err() {
+                    let rewritten = match splitter.as_mut() {
+                        Some(sp) => match sp.server(&to_down[..n]) {
+                            Ok(b) => Some(b),
+                            Err(why) => break why,
+                        },
+                        None => None,
+                    };
+                    if down_w.write_all(rewritten.as_deref().unwrap_or(&to_down[..n])).await.is_err() {
                         return;
                     }
                 }
@@ -279,7 +355,7 @@ mod tests {
             }
         });
         let creds = Arc::new(CopyCredentials::plain(tandem_core::wire::ClusterKey::new(b"the cluster secret, 16+ bytes").expect("key")));
-        let gate = crate::copychannel::CopyGate::start("127.108.0.1:0", &daemon, Arc::clone(&creds)).await.expect("gate");
+        let gate = crate::copychannel::CopyGate::start("127.108.0.1:0", &daemon, Arc::clone(&creds), None).await.expect("gate");
         let wake = Arc::new(tokio::sync::Notify::new());
         let relay =
             CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay").waking(Arc::clone(&wake));

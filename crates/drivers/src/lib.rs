@@ -6,6 +6,7 @@
 //! (a dead agent takes its VMs with it) and tracks exits without polling.
 
 pub mod bridge;
+pub mod chunksums;
 pub mod copychannel;
 pub mod copyrelay;
 pub mod diskcopy;
@@ -208,15 +209,15 @@ pub trait VmDriver: Send + Sync + 'static {
     /// Starts mirroring disk `to.disk` of running VM `name` synchronously into the other site's
     /// copy that `to.server` serves (for QEMU: through a relay that holds writes to a lost copy
     /// until `release_mirror`; see `syncmirror` and `copyrelay`). A mirror already there is
-    /// replaced.
-    fn attach_mirror<'a>(&'a self, _name: &'a str, _to: &'a syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
+    /// replaced. How its first copy goes: by the copy's chunk sums, or whole (and why).
+    fn attach_mirror<'a>(&'a self, _name: &'a str, _to: &'a syncmirror::MirrorTarget) -> BoxFuture<'a, Result<syncmirror::FirstCopy, DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
     }
     /// Where the mirror of disk `disk` of VM `name` stands.
     fn mirror_status<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<syncmirror::MirrorStatus, DriverError>> {
         Box::pin(async move {
             let absent = syncmirror::MirrorSample::Absent;
-            Ok(syncmirror::MirrorStatus { job: absent.clone(), back: absent, relay: tandem_core::mirroring::RelayPhase::None, lost: None })
+            Ok(syncmirror::MirrorStatus { job: absent.clone(), back: absent, relay: tandem_core::mirroring::RelayPhase::None, lost: None, delta: None })
         })
     }
     /// Lets the writes held for a lost copy go (they complete on the local copy alone): only

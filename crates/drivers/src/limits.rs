@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 pub use crate::bridge::TAP_SETUP_TIMEOUT;
-pub use crate::copychannel::{GATE_HANDSHAKE_TIMEOUT, MAX_GATE_CONNECTIONS};
-pub use crate::copyrelay::{DEFAULT_STALL, MAX_TRACKED_REQUESTS, UPSTREAM_CONNECT_TIMEOUT};
+pub use crate::chunksums::{MAX_CHUNK, MAX_SUM_CHUNKS, MIN_CHUNK};
+pub use crate::copychannel::{GATE_HANDSHAKE_TIMEOUT, MAX_GATE_CONNECTIONS, SUMS_BASE_TIMEOUT, SUMS_MIN_RATE};
+pub use crate::copyrelay::{DEFAULT_STALL, MAX_DELTA_WRITE, MAX_TRACKED_REQUESTS, UPSTREAM_CONNECT_TIMEOUT};
 pub use crate::launcher::{KILL_WAIT, MAX_CHILDREN};
 pub use crate::probe::MAX_PROBE_ANSWER;
 pub use crate::qemu::{DEFAULT_QMP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_S, QMP_CONNECT_DEADLINE, QMP_CONNECT_RETRY, QUIT_WAIT};
@@ -28,6 +29,12 @@ const _: () = assert!(
     GATE_HANDSHAKE_TIMEOUT.as_millis() >= UPSTREAM_CONNECT_TIMEOUT.as_millis(),
     "a copy gate gives a relay's handshake at least the time the relay gives it"
 );
+const _: () = assert!(
+    SUMS_BASE_TIMEOUT.as_millis() > GATE_HANDSHAKE_TIMEOUT.as_millis() + crate::sitecopy::COPY_SERVER_QMP_TIMEOUT.as_millis(),
+    "summing a copy is given the handshake and the wait for its earlier writes to land"
+);
+const _: () = assert!(MIN_CHUNK.is_power_of_two() && MAX_CHUNK.is_power_of_two() && MIN_CHUNK <= MAX_CHUNK && SUMS_MIN_RATE > 0);
+const _: () = assert!(MAX_DELTA_WRITE as u64 >= MIN_CHUNK, "a write of a whole chunk can be compared");
 const _: () = assert!(MAX_GATE_CONNECTIONS >= 2, "a gate carries a mirror's connection while its replacement comes in");
 const _: () = assert!(MAX_SERVED_COPIES > 0 && DETACH_WAIT.as_millis() > 0);
 const _: () = assert!(DEFAULT_STOP_TIMEOUT_S > 0 && MAX_IN_FLIGHT > 0 && MAX_CHILDREN > 0);

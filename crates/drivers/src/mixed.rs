@@ -142,7 +142,7 @@ impl VmDriver for MixedDriver {
         self.qemu.mirror_events()
     }
 
-    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a crate::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a crate::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<crate::syncmirror::FirstCopy, DriverError>> {
         self.owner(name).attach_mirror(name, to)
     }
 

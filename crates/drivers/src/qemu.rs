@@ -553,7 +553,7 @@ impl VmDriver for QemuDriver {
         Box::pin(self.site_copies())
     }
 
-    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a crate::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a crate::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<crate::syncmirror::FirstCopy, DriverError>> {
         Box::pin(self.attach_site_mirror(name, to))
     }
 

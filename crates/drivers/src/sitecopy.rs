@@ -85,12 +85,19 @@ pub fn export_name(vm: &str, disk: usize) -> String {
 /// A running copy server.
 pub struct CopyServer {
     child: std::process::Child,
-    qmp: Qmp,
+    exports: Arc<Exports>,
     /// The network side, which ends with the server.
     _gate: CopyGate,
     endpoint: String,
+}
+
+/// The daemon's exports, shared with the gate (which sums a copy, `chunksums`).
+struct Exports {
+    qmp: Qmp,
     /// Export name → the image it serves.
-    served: tokio::sync::Mutex<BTreeMap<String, PathBuf>>,
+    served: std::sync::Mutex<BTreeMap<String, PathBuf>>,
+    /// Held while an export is added or removed: one change at a time.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl Drop for CopyServer {
@@ -140,7 +147,13 @@ impl CopyServer {
             }
         };
         let endpoint = format!("{}:{}", cfg.host_ip, cfg.port);
-        let gate = match CopyGate::start(&endpoint, &nbd_socket, Arc::clone(&cfg.credentials)).await {
+        let exports = Arc::new(Exports { qmp, served: std::sync::Mutex::default(), changing: tokio::sync::Mutex::new(()) });
+        let quiet = Arc::clone(&exports);
+        let sums: crate::copychannel::SumsSource = Arc::new(move |export: String| {
+            let quiet = Arc::clone(&quiet);
+            Box::pin(async move { quiet.quiesce(&export).await.map_err(|e| crate::copychannel::chain(&e)) })
+        });
+        let gate = match CopyGate::start(&endpoint, &nbd_socket, Arc::clone(&cfg.credentials), Some(sums)).await {
             Ok(g) => g,
             Err(source) => {
                 let _ = child.kill();
@@ -149,7 +162,7 @@ impl CopyServer {
             }
         };
         let endpoint = gate.addr().to_string();
-        Ok(CopyServer { child, qmp, _gate: gate, endpoint, served: tokio::sync::Mutex::new(BTreeMap::new()) })
+        Ok(CopyServer { child, exports, _gate: gate, endpoint })
     }
 
     /// The copy gate's `host:port` (the port the system chose, if `port` was 0).
@@ -172,20 +185,51 @@ impl CopyServer {
     /// Serves `image` (which must exist) as `export`, writable. Serving the same image under the
     /// same name again is a no-op.
     pub async fn serve(&self, export: &str, image: &Path) -> Result<(), SiteCopyError> {
-        let mut served = self.served.lock().await;
-        if served.get(export).is_some_and(|p| p == image) {
+        let e = &self.exports;
+        let _changing = e.changing.lock().await;
+        let (same, count, other) = {
+            let served = lock(&e.served);
+            (served.get(export).is_some_and(|p| p == image), served.len(), served.contains_key(export))
+        };
+        if same {
             return Ok(());
         }
-        if served.len() >= MAX_SERVED_COPIES {
+        if count >= MAX_SERVED_COPIES {
             return Err(SiteCopyError::Full);
         }
         if !image.exists() {
             return Err(SiteCopyError::Missing { path: image.display().to_string() });
         }
-        if served.contains_key(export) {
-            self.remove(export).await?;
-            served.remove(export);
+        if other {
+            lock(&e.served).remove(export);
+            e.remove(export).await?;
         }
+        e.add(export, image).await?;
+        lock(&e.served).insert(export.to_string(), image.to_path_buf());
+        Ok(())
+    }
+
+    /// Stops serving `export` and closes its image (its lock is released): the VM may start on
+    /// this copy. Withdrawing a copy that is not served is a no-op.
+    pub async fn withdraw(&self, export: &str) -> Result<(), SiteCopyError> {
+        let e = &self.exports;
+        let _changing = e.changing.lock().await;
+        let was = lock(&e.served).remove(export);
+        if was.is_some() {
+            e.remove(export).await?;
+        }
+        Ok(())
+    }
+
+    /// The exports served now.
+    pub async fn served(&self) -> Vec<String> {
+        lock(&self.exports.served).keys().cloned().collect()
+    }
+}
+
+impl Exports {
+    /// Opens `image` and exports it, writable, as `export`.
+    async fn add(&self, export: &str, image: &Path) -> Result<(), SiteCopyError> {
         let node = json!({"driver": "raw", "node-name": node_name(export),
             "file": {"driver": "file", "filename": image.display().to_string(), "cache": {"direct": true}}});
         self.qmp.execute("blockdev-add", node, COPY_SERVER_QMP_TIMEOUT).await.map_err(qmp_err(format!("open {}", image.display())))?;
@@ -194,23 +238,24 @@ impl CopyServer {
             let _ = self.qmp.execute("blockdev-del", json!({"node-name": node_name(export)}), COPY_SERVER_QMP_TIMEOUT).await;
             return Err(qmp_err(format!("export {export}"))(e));
         }
-        served.insert(export.to_string(), image.to_path_buf());
         Ok(())
     }
 
-    /// Stops serving `export` and closes its image (its lock is released): the VM may start on
-    /// this copy. Withdrawing a copy that is not served is a no-op.
-    pub async fn withdraw(&self, export: &str) -> Result<(), SiteCopyError> {
-        let mut served = self.served.lock().await;
-        if served.remove(export).is_some() {
-            self.remove(export).await?;
+    /// Makes sure no write can still reach a served copy that was sent before now, and says
+    /// which image it is: the export is withdrawn — its clients cut off, and the image closed
+    /// only once every request they had sent has completed — then served again. A resync sums
+    /// the copy after this, so that the sums say what the copy holds until its own mirror
+    /// writes (a connection of an earlier mirror, cut off by the source's host but with writes
+    /// still on their way here, would otherwise change a chunk behind the sums).
+    async fn quiesce(&self, export: &str) -> Result<PathBuf, SiteCopyError> {
+        let _changing = self.changing.lock().await;
+        let image = lock(&self.served).get(export).cloned().ok_or_else(|| SiteCopyError::Missing { path: format!("export {export}") })?;
+        self.remove(export).await?;
+        if let Err(e) = self.add(export, &image).await {
+            lock(&self.served).remove(export);
+            return Err(e);
         }
-        Ok(())
-    }
-
-    /// The exports served now.
-    pub async fn served(&self) -> Vec<String> {
-        self.served.lock().await.keys().cloned().collect()
+        Ok(image)
     }
 
     async fn remove(&self, export: &str) -> Result<(), SiteCopyError> {
@@ -232,6 +277,10 @@ impl CopyServer {
             }
         }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn node_name(export: &str) -> String {

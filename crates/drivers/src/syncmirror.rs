@@ -45,6 +45,18 @@ pub struct RemoteCopy {
     pub relay: std::path::PathBuf,
     /// The export's name (`sitecopy::export_name`).
     pub export: String,
+    /// The mirror's granularity: the chunk of the copy's sums, when the relay compares with
+    /// them (so that the bulk copy's writes cover whole chunks); QEMU's default otherwise.
+    pub granularity: Option<u64>,
+}
+
+/// How a mirror's first copy goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirstCopy {
+    /// Compared with the chunk sums of the other copy: only chunks that differ cross the link.
+    ByChunkSums { chunk: u64, chunks: u64 },
+    /// Every byte crosses the link, for the reason given.
+    Whole { why: String },
 }
 
 /// What a driver needs to mirror one disk into another site's copy.
@@ -58,6 +70,8 @@ pub struct MirrorTarget {
     pub export: String,
     /// Bytes left unanswered this long: the copy is lost (the relay's `stall`).
     pub stall: std::time::Duration,
+    /// The disk's length (its copy's must be the same).
+    pub bytes: u64,
 }
 
 /// One disk's mirror as the driver sees it: QEMU's job, and the relay in front of the copy.
@@ -70,6 +84,8 @@ pub struct MirrorStatus {
     pub relay: tandem_core::mirroring::RelayPhase,
     /// Why the copy counts as lost, when it does.
     pub lost: Option<String>,
+    /// What the resync by chunk sums did (or does), if the mirror made one.
+    pub delta: Option<crate::copyrelay::DeltaStats>,
 }
 
 /// Where a disk's synchronous mirror stands, as QEMU reports it.
@@ -113,8 +129,11 @@ pub async fn attach(vm: &str, q: &Qmp, timeout: Duration, copy: &RemoteCopy) -> 
     let node = json!({"driver": "nbd", "node-name": remote_node(copy.disk), "export": copy.export,
         "server": {"type": "unix", "path": copy.relay.display().to_string()}, "reconnect-delay": 0});
     q.execute("blockdev-add", node, timeout).await.map_err(qmp_err(vm, "connected to the other site's copy"))?;
-    let job = json!({"job-id": job_id(copy.disk), "device": format!("disk{}", copy.disk), "target": remote_node(copy.disk),
+    let mut job = json!({"job-id": job_id(copy.disk), "device": format!("disk{}", copy.disk), "target": remote_node(copy.disk),
         "sync": "full", "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});
+    if let Some(g) = copy.granularity {
+        job["granularity"] = json!(g);
+    }
     if let Err(e) = q.execute("blockdev-mirror", job, timeout).await {
         let _ = q.execute("blockdev-del", json!({"node-name": remote_node(copy.disk)}), timeout).await;
         return Err(qmp_err(vm, "started its mirror")(e));

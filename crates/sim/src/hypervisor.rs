@@ -369,7 +369,7 @@ impl VmDriver for SimDriver {
         Box::pin(async move { Ok(Vec::new()) })
     }
 
-    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a tandem_drivers::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a tandem_drivers::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<tandem_drivers::syncmirror::FirstCopy, DriverError>> {
         Box::pin(async move {
             let server = crate::mirror::server_of(&to.server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             let site = crate::mirror::site_of(&self.world, server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
@@ -384,7 +384,7 @@ impl VmDriver for SimDriver {
             }
             let link = crate::mirror::SimLink::new(server, site);
             lock(&self.mirrors).entry(name.to_string()).or_default().insert(to.disk, link);
-            Ok(())
+            Ok(tandem_drivers::syncmirror::FirstCopy::Whole { why: "the simulator copies no bytes".into() })
         })
     }
 

@@ -159,7 +159,7 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
 
 /// How the driver reports a link.
 pub fn status(l: Option<&SimLink>) -> MirrorStatus {
-    let Some(l) = l else { return MirrorStatus { job: MirrorSample::Absent, back: MirrorSample::Absent, relay: RelayPhase::None, lost: None } };
+    let Some(l) = l else { return MirrorStatus { job: MirrorSample::Absent, back: MirrorSample::Absent, relay: RelayPhase::None, lost: None, delta: None } };
     let sample = |j: SimJob| match j {
         SimJob::Copying { left } => MirrorSample::Copying { copied: u64::from(SIM_COPY_PASSES - left.min(SIM_COPY_PASSES)), remaining: u64::from(left) },
         SimJob::InSync => MirrorSample::InSync,
@@ -171,7 +171,7 @@ pub fn status(l: Option<&SimLink>) -> MirrorStatus {
         SimPath::Local | SimPath::Failed => (sample(l.job), MirrorSample::Absent),
     };
     let lost = (l.relay == RelayPhase::Lost).then(|| format!("h{} unreachable", l.server));
-    MirrorStatus { job, back, relay: l.relay, lost }
+    MirrorStatus { job, back, relay: l.relay, lost, delta: None }
 }
 
 /// The host a copy server address names (`sim:N`).

@@ -23,7 +23,8 @@ use tandem_core::mirroring::{decide, link_state, DiskPath, JobPhase, LinkAction,
 use tandem_core::state::Command;
 use tandem_drivers::pathswitch::ReturnStep;
 use tandem_drivers::sitecopy::export_name;
-use tandem_drivers::syncmirror::{MirrorSample, MirrorTarget};
+use tandem_drivers::copyrelay::DeltaStats;
+use tandem_drivers::syncmirror::{FirstCopy, MirrorSample, MirrorTarget};
 use tracing::Instrument;
 
 /// One request to a host of another site to serve its copy.
@@ -213,7 +214,7 @@ impl Agent {
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
                     let before = std::mem::replace(&mut link.state, state.clone());
-                    self.note_link_change(&w.key, &before, &state, status.lost.as_deref().unwrap_or(""));
+                    self.note_link_change(&w.key, &before, &state, status.lost.as_deref().unwrap_or(""), status.delta);
                 }
                 (obs, decide(obs))
             };
@@ -252,7 +253,7 @@ impl Agent {
     }
 
     /// Timeline events for a link's changes of state.
-    fn note_link_change(&self, key: &LinkKey, before: &LinkState, now: &LinkState, why: &str) {
+    fn note_link_change(&self, key: &LinkKey, before: &LinkState, now: &LinkState, why: &str, delta: Option<DeltaStats>) {
         let (vm, disk, site) = key;
         match (before, now) {
             (LinkState::Holding, LinkState::Holding) => {}
@@ -265,7 +266,14 @@ impl Agent {
                 );
             }
             (LinkState::Resyncing { .. }, LinkState::InSync) => {
-                self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up; every write goes to both"));
+                let crossed = delta.map_or(String::new(), |d| {
+                    format!(
+                        " ({} KiB of writes crossed the link; {} KiB matched the copy's chunk sums and stayed here)",
+                        d.sent >> 10,
+                        d.matched >> 10
+                    )
+                });
+                self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up{crossed}; every write goes to both"));
             }
             (LinkState::PathLost, LinkState::PathLost) => {}
             (_, LinkState::PathLost) => {
@@ -286,7 +294,7 @@ impl Agent {
                 Ok(())
             }
             LinkAction::Resume => {
-                let (endpoint, server) = self.request_copy(w).await?;
+                let (endpoint, server, _) = self.request_copy(w).await?;
                 self.driver.resume_mirror(vm, *disk, &endpoint.address).await.map_err(|e| crate::api::chain(&e))?;
                 if let Some(link) = lock(&self.mirroring).links.get_mut(&w.key) {
                     link.server = server;
@@ -421,7 +429,7 @@ impl Agent {
     /// copy).
     async fn attach_link(self: &Arc<Self>, w: &Wanted) -> Result<(), String> {
         let (vm, disk, site) = &w.key;
-        let (endpoint, server) = self.request_copy(w).await?;
+        let (endpoint, server, bytes) = self.request_copy(w).await?;
         // The mirror replaces any other of the disk: never one whose copy this generation
         // attached (committed state may count it current, and it would stop getting writes).
         let other = lock(&self.mirroring)
@@ -432,16 +440,30 @@ impl Agent {
         if let Some(other) = other {
             return Err(format!("disk {disk} already mirrors into {other}'s copy in generation {}", w.generation));
         }
-        let to = MirrorTarget { disk: *disk, server: endpoint.address, export: endpoint.export, stall: Duration::from_millis(self.cfg.mirror.stall_ms) };
-        self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
+        let to = MirrorTarget {
+            disk: *disk,
+            server: endpoint.address,
+            export: endpoint.export,
+            stall: Duration::from_millis(self.cfg.mirror.stall_ms),
+            bytes,
+        };
+        let first = self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
         let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 } };
         lock(&self.mirroring).links.insert(w.key.clone(), link);
-        self.events.record(EventKind::MirrorResyncing, Some(vm), Some(site), format!("disk {disk}: full copy into {site}'s copy, served by {server}"));
+        let how = match first {
+            FirstCopy::ByChunkSums { chunk, chunks } => format!(
+                "copy into {site}'s copy, served by {server}, compared with its chunk sums ({chunks} chunks of {} KiB): only chunks that differ cross the link",
+                chunk >> 10
+            ),
+            FirstCopy::Whole { why } => format!("full copy into {site}'s copy, served by {server} (no chunk sums: {why})"),
+        };
+        self.events.record(EventKind::MirrorResyncing, Some(vm), Some(site), format!("disk {disk}: {how}"));
         Ok(())
     }
 
-    /// The first host of the link's site that serves the copy: its answer and its name.
-    async fn request_copy(&self, w: &Wanted) -> Result<(CopyEndpoint, String), String> {
+    /// The first host of the link's site that serves the copy: its answer, its name, and the
+    /// disk's length.
+    async fn request_copy(&self, w: &Wanted) -> Result<(CopyEndpoint, String, u64), String> {
         let (vm, disk, _) = &w.key;
         let bytes = self.driver.disk_sizes(vm, &[*disk]).await.map_err(|e| crate::api::chain(&e))?.first().map(|d| d.bytes).ok_or("no disk size")?;
         let req = CopyRequest { name: vm.clone(), generation: w.generation, disk: *disk, bytes };
@@ -451,7 +473,7 @@ impl Agent {
             match self.rpc.call(api, "/v1/internal/copies", Some(&self.token), Some(body.clone()), COPY_REQUEST_TIMEOUT).await {
                 Ok(r) if r.status == 200 => {
                     let answer: CopyEndpoint = serde_json::from_slice(&r.body).map_err(|e| format!("unreadable answer from {host}: {e}"))?;
-                    return Ok((answer, host.clone()));
+                    return Ok((answer, host.clone(), bytes));
                 }
                 Ok(r) => last = format!("{host}: {}", String::from_utf8_lossy(&r.body).chars().take(300).collect::<String>()),
                 Err(e) => last = format!("{host}: {}", crate::api::chain(&e)),

@@ -17,29 +17,31 @@ const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const OPTION_REPLY_HEADER: usize = 20;
 const NBD_OPT_GO: u32 = 7;
 const NBD_REP_ACK: u32 = 1;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const REQUEST_HEADER: usize = 28;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const SIMPLE_REPLY_HEADER: usize = 16;
+pub(super) const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub(super) const REQUEST_HEADER: usize = 28;
+pub(super) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub(super) const SIMPLE_REPLY_HEADER: usize = 16;
 const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 const STRUCTURED_REPLY_HEADER: usize = 20;
-const NBD_CMD_READ: u16 = 0;
-const NBD_CMD_WRITE: u16 = 1;
+pub(super) const NBD_CMD_READ: u16 = 0;
+pub(super) const NBD_CMD_WRITE: u16 = 1;
+pub(super) const NBD_CMD_TRIM: u16 = 4;
+pub(super) const NBD_CMD_WRITE_ZEROES: u16 = 6;
 const NBD_REPLY_FLAG_DONE: u16 = 1;
 /// A structured reply chunk whose type has this bit is an error.
 const NBD_REPLY_TYPE_ERROR_BIT: u16 = 0x8000;
 /// The most requests in flight the relay follows (QEMU keeps 16).
 pub const MAX_TRACKED_REQUESTS: usize = 4096;
 
-fn be16(b: &[u8], at: usize) -> u16 {
+pub(super) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+pub(super) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+pub(super) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3], b[at + 4], b[at + 5], b[at + 6], b[at + 7]])
 }
 
@@ -52,14 +54,49 @@ enum Phase {
 
 /// One direction's framing: a header being gathered, or a payload being skipped.
 #[derive(Default)]
-struct Framing {
-    header: Vec<u8>,
-    skip: u64,
+pub(super) struct Framing {
+    pub(super) header: Vec<u8>,
+    pub(super) skip: u64,
+}
+
+/// A reply's header, read: whose it is, how many payload bytes follow, and whether it ends the
+/// request's replies.
+pub(super) struct ReplyHead {
+    pub(super) handle: u64,
+    pub(super) payload: u64,
+    pub(super) done: bool,
+}
+
+/// The length of the reply header that begins with `magic`.
+pub(super) fn reply_header_len(magic: u32) -> Result<usize, String> {
+    match magic {
+        SIMPLE_REPLY_MAGIC => Ok(SIMPLE_REPLY_HEADER),
+        STRUCTURED_REPLY_MAGIC => Ok(STRUCTURED_REPLY_HEADER),
+        other => Err(format!("an NBD reply the relay cannot read (magic {other:#x})")),
+    }
+}
+
+/// Reads a whole reply header (`reply_header_len` bytes): an error reply is `Err`. A simple
+/// reply's payload is a read's data, whose length only its request says (`read_len`).
+pub(super) fn read_reply_head(h: &[u8], read_len: impl FnOnce(u64) -> Option<u32>) -> Result<ReplyHead, String> {
+    let handle = be64(h, 8);
+    if h.len() == SIMPLE_REPLY_HEADER {
+        let error = be32(h, 4);
+        if error != 0 {
+            return Err(format!("the copy server answered a request with error {error}"));
+        }
+        return Ok(ReplyHead { handle, payload: read_len(handle).map_or(0, u64::from), done: true });
+    }
+    let (flags, kind, length) = (be16(h, 4), be16(h, 6), be32(h, 16));
+    if kind & NBD_REPLY_TYPE_ERROR_BIT != 0 {
+        return Err(format!("the copy server answered a request with an error chunk (type {kind})"));
+    }
+    Ok(ReplyHead { handle, payload: u64::from(length), done: flags & NBD_REPLY_FLAG_DONE != 0 })
 }
 
 impl Framing {
     /// Feeds `data` until the header holds `len` bytes; the bytes used.
-    fn fill(&mut self, data: &[u8], len: usize) -> usize {
+    pub(super) fn fill(&mut self, data: &[u8], len: usize) -> usize {
         let take = len.saturating_sub(self.header.len()).min(data.len());
         self.header.extend_from_slice(&data[..take]);
         take
@@ -67,13 +104,13 @@ impl Framing {
 
     /// Feeds `data` until a header of `len` bytes is complete; the bytes used and the header,
     /// when it is.
-    fn gather(&mut self, data: &[u8], len: usize) -> (usize, Option<Vec<u8>>) {
+    pub(super) fn gather(&mut self, data: &[u8], len: usize) -> (usize, Option<Vec<u8>>) {
         let used = self.fill(data, len);
         (used, (self.header.len() == len).then(|| std::mem::take(&mut self.header)))
     }
 
     /// Skips what is left of a payload in `data`; the bytes used.
-    fn skipping(&mut self, data: &[u8]) -> usize {
+    pub(super) fn skipping(&mut self, data: &[u8]) -> usize {
         let n = usize::try_from(self.skip).unwrap_or(usize::MAX).min(data.len());
         self.skip -= n as u64;
         n
@@ -170,33 +207,34 @@ impl NbdWatch {
         if self.server.header.len() < 4 {
             return Ok(used);
         }
-        let len = match be32(&self.server.header, 0) {
-            SIMPLE_REPLY_MAGIC => SIMPLE_REPLY_HEADER,
-            STRUCTURED_REPLY_MAGIC => STRUCTURED_REPLY_HEADER,
-            other => return Err(format!("an NBD reply the relay cannot read (magic {other:#x})")),
-        };
+        let len = reply_header_len(be32(&self.server.header, 0))?;
         let (more, header) = self.server.gather(&data[used..], len);
         let Some(h) = header else { return Ok(used + more) };
-        let handle = be64(&h, 8);
-        if len == SIMPLE_REPLY_HEADER {
-            let error = be32(&h, 4);
-            if error != 0 {
-                return Err(format!("the copy server answered a request with error {error}"));
-            }
-            if let Some((NBD_CMD_READ, length)) = self.requests.remove(&handle) {
-                self.server.skip = u64::from(length);
-            }
-        } else {
-            let (flags, kind, length) = (be16(&h, 4), be16(&h, 6), be32(&h, 16));
-            if kind & NBD_REPLY_TYPE_ERROR_BIT != 0 {
-                return Err(format!("the copy server answered a request with an error chunk (type {kind})"));
-            }
-            self.server.skip = u64::from(length);
-            if flags & NBD_REPLY_FLAG_DONE != 0 {
-                self.requests.remove(&handle);
-            }
+        let requests = &mut self.requests;
+        let head = read_reply_head(&h, |handle| match requests.get(&handle) {
+            Some(&(NBD_CMD_READ, length)) => Some(length),
+            _ => None,
+        })?;
+        self.server.skip = head.payload;
+        if head.done {
+            self.requests.remove(&head.handle);
         }
         Ok(used + more)
+    }
+
+    /// Whether transmission began (the handshake is over).
+    pub fn in_transmission(&self) -> bool {
+        self.phase == Phase::Transmission
+    }
+
+    /// Whether both directions stand between frames.
+    pub fn between_frames(&self) -> bool {
+        self.client.header.is_empty() && self.client.skip == 0 && self.server.header.is_empty() && self.server.skip == 0
+    }
+
+    /// The reads in flight: handle → length.
+    pub fn reads_in_flight(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.requests.iter().filter(|(_, (c, _))| *c == NBD_CMD_READ).map(|(h, (_, l))| (*h, *l))
     }
 }
 

@@ -68,8 +68,10 @@ impl QemuDriver {
         }
     }
 
-    /// Starts the mirror of `to.disk` into another site's copy, through a relay of its own.
-    pub(super) async fn attach_site_mirror(&self, name: &str, to: &crate::syncmirror::MirrorTarget) -> Result<(), DriverError> {
+    /// Starts the mirror of `to.disk` into another site's copy, through a relay of its own that
+    /// compares the first copy's writes with the chunk sums of that copy when its server can
+    /// sum it (else every byte is copied).
+    pub(super) async fn attach_site_mirror(&self, name: &str, to: &crate::syncmirror::MirrorTarget) -> Result<crate::syncmirror::FirstCopy, DriverError> {
         let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
         // A mirror left from before (the agent lost track of it) goes first.
         let _ = crate::syncmirror::detach(name, &q, self.qmp_timeout(), to.disk).await;
@@ -83,8 +85,13 @@ impl QemuDriver {
                 .map_err(|source| DriverError::Spawn { vm: name.to_string(), source })?,
         );
         self.relays().insert((name.to_string(), to.disk), Arc::clone(&relay));
-        let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone() };
-        Ok(crate::syncmirror::attach(name, &q, self.qmp_timeout(), &copy).await?)
+        let (first, granularity) = match relay.compare_with_copy(&to.export, to.bytes).await {
+            Ok(sums) => (crate::syncmirror::FirstCopy::ByChunkSums { chunk: sums.chunk(), chunks: sums.sums().len() as u64 }, Some(sums.chunk())),
+            Err(e) => (crate::syncmirror::FirstCopy::Whole { why: crate::copychannel::chain(&e) }, None),
+        };
+        let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone(), granularity };
+        crate::syncmirror::attach(name, &q, self.qmp_timeout(), &copy).await?;
+        Ok(first)
     }
 
     /// The mirror of `disk`, the mirror back (after a path switch) and the relay, sampled.
@@ -95,14 +102,21 @@ impl QemuDriver {
         let jobs = crate::syncmirror::jobs(name, &q, self.qmp_timeout()).await?;
         let job = crate::syncmirror::judge(&jobs, disk);
         let back = crate::syncmirror::judge_job(&jobs, &crate::pathswitch::back_job_id(disk));
-        let health = self.relays().get(&(name.to_string(), disk)).map(|r| r.health());
+        let relay = self.relays().get(&(name.to_string(), disk)).cloned();
+        if job == crate::syncmirror::MirrorSample::InSync {
+            // Caught up: writes are sent as they come again.
+            if let Some(r) = &relay {
+                r.end_delta();
+            }
+        }
+        let (health, delta) = (relay.as_ref().map(|r| r.health()), relay.as_ref().and_then(|r| r.delta_stats()));
         let (relay, lost) = match health {
             None => (RelayPhase::None, None),
             Some(crate::copyrelay::RelayHealth::Idle | crate::copyrelay::RelayHealth::Joined) => (RelayPhase::Open, None),
             Some(crate::copyrelay::RelayHealth::Lost { why, .. }) => (RelayPhase::Lost, Some(why)),
             Some(crate::copyrelay::RelayHealth::Released) => (RelayPhase::Released, None),
         };
-        Ok(crate::syncmirror::MirrorStatus { job, back, relay, lost })
+        Ok(crate::syncmirror::MirrorStatus { job, back, relay, lost, delta })
     }
 
     /// Lets the writes held for `disk`'s other copy go (its copy is committed stale).
