@@ -190,6 +190,10 @@ pub struct Event {
     /// On a `failover-committed` event: the failover's measured phases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverRecord>,
+    /// On a `mirror-in-sync` event after a resync by chunk sums: what crossed the link and what
+    /// matched the other copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<tandem_drivers::copyrelay::DeltaStats>,
 }
 
 /// The measured phases of one failover, recorded with its `failover-committed` event by the
@@ -293,16 +297,29 @@ impl EventLog {
 
     /// Records an event.
     pub fn record(&self, kind: EventKind, vm: Option<&str>, subject: Option<&str>, detail: impl Into<String>) {
-        self.record_with(kind, vm, subject, detail.into(), None);
+        self.record_with(kind, vm, subject, detail.into(), None, None);
+    }
+
+    /// Records a mirror in sync after a resync by chunk sums, with its figures.
+    pub fn record_resync(&self, vm: &str, site: &str, detail: String, resync: tandem_drivers::copyrelay::DeltaStats) {
+        self.record_with(EventKind::MirrorInSync, Some(vm), Some(site), detail, None, Some(resync));
     }
 
     /// Records a committed failover with its phases.
     pub fn record_failover(&self, record: FailoverRecord, detail: String) {
         let host = record.host.clone();
-        self.record_with(EventKind::FailoverCommitted, None, Some(&host), detail, Some(record));
+        self.record_with(EventKind::FailoverCommitted, None, Some(&host), detail, Some(record), None);
     }
 
-    fn record_with(&self, kind: EventKind, vm: Option<&str>, subject: Option<&str>, detail: String, failover: Option<FailoverRecord>) {
+    fn record_with(
+        &self,
+        kind: EventKind,
+        vm: Option<&str>,
+        subject: Option<&str>,
+        detail: String,
+        failover: Option<FailoverRecord>,
+        resync: Option<tandem_drivers::copyrelay::DeltaStats>,
+    ) {
         tracing::info!(kind = kind.as_str(), vm, subject, "{detail}");
         let mut i = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let e = Event {
@@ -314,6 +331,7 @@ impl EventLog {
             subject: subject.map(str::to_string),
             detail,
             failover,
+            resync,
         };
         i.next += 1;
         if i.written > EVENT_FILE_MAX {

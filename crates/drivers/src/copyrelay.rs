@@ -72,8 +72,6 @@ struct Shared {
     wake: Option<Arc<tokio::sync::Notify>>,
     /// What the copy holds, while a resync compares by chunk sums.
     delta: Option<delta::DeltaTable>,
-    /// What the last resync by chunk sums did, once it ended.
-    delta_done: Option<DeltaStats>,
 }
 
 /// A running relay for one disk's remote copy.
@@ -102,7 +100,7 @@ impl CopyRelay {
     pub fn start(socket: &Path, upstream: &str, stall: Duration, creds: Arc<CopyCredentials>) -> std::io::Result<CopyRelay> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
-        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, upstream: upstream.to_string(), releases: 0, wake: None, delta: None, delta_done: None }));
+        let shared = Arc::new(Mutex::new(Shared { health: RelayHealth::Idle, upstream: upstream.to_string(), releases: 0, wake: None, delta: None }));
         let released = Arc::new(tokio::sync::Notify::new());
         let (s, r, c) = (Arc::clone(&shared), Arc::clone(&released), Arc::clone(&creds));
         let task = tokio::spawn(async move {
@@ -173,24 +171,19 @@ impl CopyRelay {
     /// Compares the writes to come with `sums`, the copy's chunk sums, taken after its server
     /// let every earlier write land: a write of bytes the copy holds is answered here.
     pub fn compare_with(&self, sums: &crate::chunksums::ChunkSums) {
-        let mut g = lock(&self.shared);
-        g.delta = Some(delta::DeltaTable::new(sums));
-        g.delta_done = None;
+        lock(&self.shared).delta = Some(delta::DeltaTable::new(sums));
     }
 
-    /// Ends the comparison (the copy is in sync): every write is sent again.
-    pub fn end_delta(&self) {
-        let mut g = lock(&self.shared);
-        if let Some(t) = g.delta.take() {
-            g.delta_done = Some(t.stats());
-        }
+    /// Ends the comparison (the copy is in sync): every write is sent again. What it did, if
+    /// one was on.
+    pub fn end_delta(&self) -> Option<DeltaStats> {
+        lock(&self.shared).delta.take().map(|t| t.stats())
     }
 
-    /// What the resync by chunk sums did (or does): none if there was none.
+    /// What the resync by chunk sums under way did so far (none: none is).
     #[must_use]
     pub fn delta_stats(&self) -> Option<DeltaStats> {
-        let g = lock(&self.shared);
-        g.delta.as_ref().map(delta::DeltaTable::stats).or(g.delta_done)
+        lock(&self.shared).delta.as_ref().map(delta::DeltaTable::stats)
     }
 
     /// Where the relay stands now.

@@ -84,7 +84,8 @@ pub struct MirrorStatus {
     pub relay: tandem_core::mirroring::RelayPhase,
     /// Why the copy counts as lost, when it does.
     pub lost: Option<String>,
-    /// What the resync by chunk sums did (or does), if the mirror made one.
+    /// What the resync by chunk sums under way did so far — or, in the sample that finds the
+    /// copy in sync, what it did in all (told once).
     pub delta: Option<crate::copyrelay::DeltaStats>,
 }
 

@@ -7,6 +7,8 @@
 //!   missing from the other site's copy.
 //! - Site a loses power (its host, and with it its copy): the guest restarts at site b from b's
 //!   copy, its writer finds every number it had acknowledged, and only b's copy is current.
+//! - Site a back with its stale copy: the guest's new QEMU at b mirrors into it, compared with
+//!   its chunk sums — only what differs crosses the link — and both copies are current again.
 
 use anyhow::{anyhow, Result};
 use serde_json::json;
@@ -39,16 +41,16 @@ fn with_sites(name: &str, scenario: impl FnOnce(&std::path::Path, &std::path::Pa
 
 #[test]
 fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_every_acknowledged_write() -> Result<()> {
-    with_sites("tandem-site-failover", |storage, guest| site_loss_scenario(storage, guest, &SiteLabSpec::new("tsf", 104, WitnessAt::First)))
+    with_sites("tandem-site-failover", |storage, guest| site_loss_scenario(storage, guest, &SiteLabSpec::new("tsf", 104, WitnessAt::First), SiteA::Gone))
 }
 
 /// The same with no shared storage between the sites at all: the third vote is a network
 /// witness in a third place, and the sites are 5 ms apart each way (the mirror's traffic goes
-/// through the lab's delay relay in that third place).
+/// through the lab's delay relay in that third place). Site a comes back with its stale copy.
 #[test]
 fn a_site_lost_with_a_network_witness_in_a_third_place_restarts_the_guest_on_the_other_sites_copy() -> Result<()> {
     let spec = SiteLabSpec { delay: Some(Duration::from_millis(5)), ..SiteLabSpec::new("tsw", 111, WitnessAt::ThirdPlace) };
-    with_sites("tandem-site-witness", |storage, guest| site_loss_scenario(storage, guest, &spec))
+    with_sites("tandem-site-witness", |storage, guest| site_loss_scenario(storage, guest, &spec, SiteA::BackStale))
 }
 
 /// The same on a cluster with `[tls]`: the mirror's copy channel runs over TLS with the agents'
@@ -59,7 +61,7 @@ fn a_site_lost_on_a_cluster_with_tls_restarts_the_guest_from_a_copy_mirrored_ove
         return Ok(());
     }
     let spec = SiteLabSpec { tls: true, ..SiteLabSpec::new("tst", 114, WitnessAt::First) };
-    with_sites("tandem-site-tls", |storage, guest| site_loss_scenario(storage, guest, &spec))
+    with_sites("tandem-site-tls", |storage, guest| site_loss_scenario(storage, guest, &spec, SiteA::Gone))
 }
 
 #[test]
@@ -385,27 +387,87 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: &Sit
     Ok(SiteLab { lab, net, _delay: delay, seq, image_a, fuse_a })
 }
 
-fn site_loss_scenario(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteLabSpec) -> Result<()> {
+/// What becomes of site a after its power loss.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SiteA {
+    /// Never back: its copy is gone with it.
+    Gone,
+    /// Back with its copy as the loss left it (stale, and holding chunks b's never got).
+    BackStale,
+}
+
+fn site_loss_scenario(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteLabSpec, then: SiteA) -> Result<()> {
     let SiteLab { mut lab, net: _net, _delay, seq, image_a, .. } = start_site_lab(storage, guest, spec)?;
-    // Site a loses power: its host, its QEMU, its copy (nothing of it is used again).
+    // Site a loses power: its host, its QEMU, its copy (used again only if it comes back).
     let acknowledged = seq.highest();
     let lost = Instant::now();
     lab.power_off(0);
-    std::fs::remove_file(&image_a)?;
+    if then == SiteA::Gone {
+        std::fs::remove_file(&image_a)?;
+    } else {
+        // Writes site a's storage had taken and b's copy never got (in flight at the loss).
+        scribble(&image_a, &[5 << 20, 33 << 20])?;
+    }
     let first_boot = seq.samples().first().map(|s| s.recovered);
     let back = wait("the guest to boot again at site b and write", Duration::from_secs(120), || {
         seq.samples().into_iter().find(|s| s.at > lost && Some(s.recovered) != first_boot && s.writes > 0)
     })?;
     let restarted_in = back.at.saturating_duration_since(lost);
-    let verdict = judge(&seq.finish());
-    eprintln!("site a lost: the guest wrote again at site b after {restarted_in:?}; {verdict:?}");
+    eprintln!("site a lost: the guest wrote again at site b after {restarted_in:?}");
     assert!(back.recovered >= acknowledged, "the restarted guest found {} on its disk, it had acknowledged {acknowledged}", back.recovered);
-    assert!(verdict.lost.is_empty(), "{verdict:?}");
     let c1 = lab.client(1);
     let vm: VmView = wait("committed state to count only b's copy", Duration::from_secs(30), || {
         let vm: VmView = c1.get_as("/v1/vms/db").ok()?;
         (vm.copies == ["b"]).then_some(vm)
     })?;
     assert_eq!(vm.host.as_deref(), Some("h1"));
+    if then == SiteA::BackStale {
+        site_back_scenario(&mut lab, &seq, &image_a)?;
+    }
+    let verdict = judge(&seq.finish());
+    eprintln!("{verdict:?}");
+    assert!(verdict.lost.is_empty(), "{verdict:?}");
+    Ok(())
+}
+
+/// Overwrites 4 KiB at each of `offsets` of `image` with a pattern.
+fn scribble(image: &std::path::Path, offsets: &[u64]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(image)?;
+    for at in offsets {
+        f.write_all_at(&[0xee; 4096], *at)?;
+    }
+    Ok(())
+}
+
+/// Site a's host back, its copy stale: the guest's mirror at b compares with its chunk sums and
+/// sends only what differs; both copies current again, a's holding what the guest acknowledged.
+fn site_back_scenario(lab: &mut Lab, seq: &SeqWatch, image_a: &std::path::Path) -> Result<()> {
+    let back = Instant::now();
+    lab.start(0)?;
+    let c1 = lab.client(1);
+    wait("both copies current after site a's return", Duration::from_secs(180), || copies_are(&c1, &["a", "b"]))?;
+    let took = back.elapsed();
+    let events: Vec<_> = lab.events().into_iter().filter(|e| e.vm.as_deref() == Some("db")).collect();
+    let compared = events.iter().rev().find(|e| e.kind.to_string() == "mirror-resyncing").map(|e| e.detail.clone()).unwrap_or_default();
+    assert!(compared.contains("chunk sums"), "the resync into a's copy was not compared with its chunk sums: {compared}");
+    let resync = events.iter().rev().find_map(|e| e.resync).ok_or_else(|| anyhow!("no figures of the resync in the timeline"))?;
+    eprintln!(
+        "site a back: both copies current after {took:?}; {} KiB of writes crossed the link, {} KiB matched, of a {} MiB disk",
+        resync.sent >> 10,
+        resync.matched >> 10,
+        DISK_BYTES >> 20
+    );
+    assert!(resync.sent >= 2 * 4096, "the chunks site a had and b's copy lacked were sent: {resync:?}");
+    assert!(resync.sent < DISK_BYTES / 4, "only what differs crosses the link: {resync:?}");
+    let acknowledged = seq.highest();
+    wait("site a's copy to hold what the guest acknowledged", Duration::from_secs(10), || {
+        (highest_record(image_a).ok().flatten().unwrap_or(0) >= acknowledged).then_some(())
+    })?;
+    let scribbled = std::fs::read(image_a)?;
+    for at in [5usize << 20, 33 << 20] {
+        assert!(scribbled[at..at + 4096] != [0xee; 4096], "site a's own write at {at} is still in its copy: the resync missed it");
+    }
+    assert!(doubly_running(&[lab.client(0), c1]).is_empty(), "never two running copies");
     Ok(())
 }

@@ -265,8 +265,8 @@ async fn delta_scenario(dir: &Path, guest: &Path) -> Result<()> {
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the resync by chunk sums", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
     let took = started.elapsed();
-    relay.end_delta();
-    let stats = relay.delta_stats().ok_or_else(|| anyhow!("no figures of the resync"))?;
+    let stats = relay.end_delta().ok_or_else(|| anyhow!("no figures of the resync"))?;
+    assert_eq!(relay.delta_stats(), None, "the comparison ended");
     eprintln!(
         "resync by chunk sums: {} KiB of writes crossed the link, {} KiB matched, of a {} MiB disk, in {took:?}",
         stats.sent >> 10,

@@ -265,16 +265,17 @@ impl Agent {
                     format!("disk {disk}: {site}'s copy is lost ({why}); writes wait until it is committed as stale"),
                 );
             }
-            (LinkState::Resyncing { .. }, LinkState::InSync) => {
-                let crossed = delta.map_or(String::new(), |d| {
-                    format!(
-                        " ({} KiB of writes crossed the link; {} KiB matched the copy's chunk sums and stayed here)",
+            (LinkState::Resyncing { .. }, LinkState::InSync) => match delta {
+                Some(d) => {
+                    let detail = format!(
+                        "disk {disk}: {site}'s copy caught up ({} KiB of writes crossed the link; {} KiB matched its chunk sums and stayed here); every write goes to both",
                         d.sent >> 10,
                         d.matched >> 10
-                    )
-                });
-                self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up{crossed}; every write goes to both"));
-            }
+                    );
+                    self.events.record_resync(vm, site, detail, d);
+                }
+                None => self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up; every write goes to both")),
+            },
             (LinkState::PathLost, LinkState::PathLost) => {}
             (_, LinkState::PathLost) => {
                 let detail = format!("disk {disk}: this site's storage failed and {site}'s copy is not in sync: the guest stays paused");

@@ -103,13 +103,14 @@ impl QemuDriver {
         let job = crate::syncmirror::judge(&jobs, disk);
         let back = crate::syncmirror::judge_job(&jobs, &crate::pathswitch::back_job_id(disk));
         let relay = self.relays().get(&(name.to_string(), disk)).cloned();
-        if job == crate::syncmirror::MirrorSample::InSync {
-            // Caught up: writes are sent as they come again.
-            if let Some(r) = &relay {
-                r.end_delta();
-            }
-        }
-        let (health, delta) = (relay.as_ref().map(|r| r.health()), relay.as_ref().and_then(|r| r.delta_stats()));
+        // Caught up: writes are sent as they come again, and what the comparison did is told
+        // once, with the sample that finds the copy in sync.
+        let delta = match (&relay, &job) {
+            (Some(r), crate::syncmirror::MirrorSample::InSync) => r.end_delta(),
+            (Some(r), _) => r.delta_stats(),
+            (None, _) => None,
+        };
+        let health = relay.as_ref().map(|r| r.health());
         let (relay, lost) = match health {
             None => (RelayPhase::None, None),
             Some(crate::copyrelay::RelayHealth::Idle | crate::copyrelay::RelayHealth::Joined) => (RelayPhase::Open, None),
