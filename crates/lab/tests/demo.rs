@@ -32,7 +32,8 @@ fn qemu_guests_answer_again_after_host_power_loss() -> Result<()> {
 }
 
 /// `tandem-lab demo --scenario site-loss`: the guests' disks mirrored between two sites, site a's
-/// power cut, every guest writing again at site b with every write it acknowledged.
+/// power cut, every guest writing again at site b with every write it acknowledged; site a back,
+/// its copies current again by chunk sums.
 #[test]
 fn site_loss_scenario_restarts_the_guests_at_the_other_site_with_their_writes() -> Result<()> {
     let Some(guest) = tandem_lab::bench::migration::test_guest() else { return Ok(()) };
@@ -46,5 +47,9 @@ fn site_loss_scenario_restarts_the_guests_at_the_other_site_with_their_writes() 
     assert_eq!(summary["writes_lost"], 0);
     assert_eq!(summary["double_runs"], 0);
     assert!(stdout.contains("writes again at site b"), "{stdout}");
+    // Site a back: its stale copies brought up to date by chunk sums, far less than the disks.
+    assert!(summary["both_copies_current_again_s"].as_f64().is_some(), "{summary}");
+    assert!(stdout.contains("compared with its chunk sums"), "{stdout}");
+    assert!(summary["resync_crossed_kib"].as_u64().is_some_and(|k| k < 2 * 64 * 1024 / 4), "{summary}");
     Ok(())
 }
