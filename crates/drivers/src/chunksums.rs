@@ -169,7 +169,8 @@ impl ChunkSums {
 
     /// The sums from their encoding.
     pub fn decode(bytes: &[u8]) -> Result<ChunkSums, ChunkSumsError> {
-        let header: &[u8; ENCODED_HEADER_LEN] = bytes.get(..ENCODED_HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(ChunkSumsError::Malformed("short header"))?;
+        let header: &[u8; ENCODED_HEADER_LEN] =
+            bytes.get(..ENCODED_HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(ChunkSumsError::Malformed("short header"))?;
         let (chunk, len, count) = Self::decode_header(header)?;
         let body = &bytes[ENCODED_HEADER_LEN..];
         if body.len() as u64 != count * SUM_LEN as u64 {

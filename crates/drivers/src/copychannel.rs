@@ -403,8 +403,7 @@ async fn carry(tcp: TcpStream, peer: &str, daemon: &Path, creds: &CopyCredential
         let purpose = server_handshake(&mut s, &creds.key, peer, daemon).await?;
         Ok::<_, ChannelError>((s, purpose))
     };
-    let (mut stream, purpose) =
-        tokio::time::timeout(GATE_HANDSHAKE_TIMEOUT, through).await.map_err(|_| ChannelError::Timeout { peer: peer.to_string() })??;
+    let (mut stream, purpose) = tokio::time::timeout(GATE_HANDSHAKE_TIMEOUT, through).await.map_err(|_| ChannelError::Timeout { peer: peer.to_string() })??;
     match purpose {
         Purpose::Nbd(mut unix) => {
             let _ = tokio::io::copy_bidirectional(&mut stream, &mut unix).await;
@@ -479,12 +478,12 @@ mod tests {
         let sums = fetch_sums(&addr, &creds, "vm-disk0", data.len() as u64, limit).await.expect("sums");
         assert_eq!(sums, ChunkSums::of_file(&image, data.len() as u64).expect("local sums"));
         assert_eq!(sums.sums().len(), 3);
-        let err = fetch_sums(&addr, &creds, "other-disk0", data.len() as u64, limit).await.err().expect("not served");
+        let err = fetch_sums(&addr, &creds, "other-disk0", data.len() as u64, limit).await.expect_err("not served");
         assert!(chain(&err).contains("not served"), "{}", chain(&err));
-        let err = fetch_sums(&addr, &creds, "vm-disk0", 4096, limit).await.err().expect("another length");
+        let err = fetch_sums(&addr, &creds, "vm-disk0", 4096, limit).await.expect_err("another length");
         assert!(chain(&err).contains("bytes"), "{}", chain(&err));
         let theirs = CopyCredentials::plain(key(b"another cluster's secret ....."));
-        let err = fetch_sums(&addr, &theirs, "vm-disk0", data.len() as u64, limit).await.err().expect("refused");
+        let err = fetch_sums(&addr, &theirs, "vm-disk0", data.len() as u64, limit).await.expect_err("refused");
         assert!(matches!(err, ChannelError::Refused { .. } | ChannelError::Io { .. } | ChannelError::Sums { .. }), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -12,12 +12,16 @@
 //! the agent's and the core's to decide; this module only reads the pause and makes the switch.
 //!
 //! The way back, once the local storage answers again ([`ReturnStep`]): the local copy is
-//! opened again and the disk — on the other copy — mirrored back into it, write-blocking (a
-//! full copy: QEMU 7.2's `blockdev-mirror` takes no bitmap of what changed since the switch).
-//! Once that mirror is in sync, the guest is paused, the agent commits the local copy current
-//! again, and the mirror is completed (the disk runs on the local copy), a new mirror into the
-//! other copy started from that instant (`sync: none`: both are equal while the guest is
-//! paused), and the guest resumed.
+//! opened again and brought up to date with what the guest wrote since the switch — a dirty
+//! bitmap added at the switch records it, and `catchup` copies it in rounds (QEMU 7.2's
+//! `blockdev-mirror` takes no bitmap, its `blockdev-backup` does). Once little is left, the
+//! guest is paused, the agent commits the local copy current again, the last round copies the
+//! rest, the disk moves onto the local copy, a new mirror into the other copy starts from that
+//! instant (`sync: none`: both are equal while the guest is paused), and the guest resumes.
+//! Without the bitmap, the disk is mirrored back whole, write-blocking, and that mirror is
+//! completed instead.
+
+pub mod catchup;
 
 use crate::qmp::{Qmp, QmpError};
 use crate::syncmirror::{job_id, judge, judge_job, remote_node, MirrorSample};
@@ -109,6 +113,11 @@ pub async fn switch_to_copy(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -
     if node != remote_node(disk) {
         return Err(PathSwitchError::NotSwitched { vm: vm.to_string(), disk, node });
     }
+    // The guest is still paused: the bitmap misses no write made on the other copy. Without
+    // it the way back is a full copy, so its failure does not undo the switch.
+    if let Err(e) = catchup::mark_switch(vm, q, timeout, disk).await {
+        tracing::warn!("{vm} disk {disk}: the way back will copy the whole disk: {}", crate::copychannel::chain(&e));
+    }
     Ok(())
 }
 
@@ -190,7 +199,8 @@ pub enum ReturnStep {
     /// Open the local copy (`relative` to the site's storage, in `format`) and mirror the disk
     /// back into it.
     Start { relative: String, format: String },
-    /// Pause the guest before the local copy is committed current again.
+    /// Pause the guest before the local copy is committed current again (a way back by rounds
+    /// copies its last round then: the copies are equal when it returns).
     Pause,
     /// Complete the way back (the guest paused, the local copy committed current), mirror into
     /// the other copy again, resume the guest.
@@ -216,17 +226,38 @@ pub fn local_node(disk: usize) -> String {
     format!("tandem-local{disk}")
 }
 
-/// Where the mirror back into disk `disk`'s local copy stands.
-pub async fn back_sample(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<MirrorSample, PathSwitchError> {
-    let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?;
-    Ok(judge_job(&jobs, &back_job_id(disk)))
+/// Where the way back into disk `disk`'s local copy stands (`block_jobs`: `query-block-jobs`);
+/// a way back by rounds is moved on (`catchup::advance`).
+pub async fn back_sample(vm: &str, q: &Qmp, timeout: Duration, disk: usize, block_jobs: &Value) -> Result<MirrorSample, PathSwitchError> {
+    let id = back_job_id(disk);
+    let mirror = block_jobs.as_array().and_then(|a| a.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(id.as_str())));
+    if mirror.is_some_and(|j| j.get("type").and_then(Value::as_str) == Some("mirror")) {
+        return Ok(judge_job(block_jobs, &id));
+    }
+    let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its way back"))?;
+    let round = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("id").and_then(Value::as_str) == Some(id.as_str())));
+    if round.is_none() && !catchup::recorded(vm, q, timeout, disk).await? {
+        return Ok(MirrorSample::Absent);
+    }
+    if round.is_none() && !local_open(vm, q, timeout, disk).await? {
+        // Switched, and the way back has not started.
+        return Ok(MirrorSample::Absent);
+    }
+    catchup::advance(vm, q, timeout, disk, round).await
+}
+
+/// Whether the local copy's node is open (a way back started).
+async fn local_open(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<bool, PathSwitchError> {
+    let nodes = q.execute("query-named-block-nodes", json!({"flat": true}), timeout).await.map_err(qmp_err(vm, "read its disks"))?;
+    let node = local_node(disk);
+    Ok(nodes.as_array().is_some_and(|a| a.iter().any(|n| n.get("node-name").and_then(Value::as_str) == Some(node.as_str()))))
 }
 
 /// Runs `step` of disk `disk`'s return (`path`: the local copy, for `Start`).
 pub async fn return_step(vm: &str, q: &Qmp, timeout: Duration, disk: usize, step: &ReturnStep, path: &std::path::Path) -> Result<(), PathSwitchError> {
     match step {
         ReturnStep::Start { format, .. } => start_return(vm, q, timeout, disk, path, format).await,
-        ReturnStep::Pause => q.execute("stop", json!({}), timeout).await.map(|_| ()).map_err(qmp_err(vm, "paused for the way back")),
+        ReturnStep::Pause => pause_return(vm, q, timeout, disk).await,
         ReturnStep::Finish => finish_return(vm, q, timeout, disk).await,
         ReturnStep::Resume | ReturnStep::Retry { .. } => resume(vm, q, timeout).await,
         ReturnStep::Abandon => abandon_return(vm, q, timeout, disk).await,
@@ -238,6 +269,14 @@ async fn start_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize, path: &
     let file = json!({"driver": "file", "filename": path.display().to_string(), "cache": {"direct": true}, "auto-read-only": false});
     let node = json!({"driver": format, "node-name": local_node(disk), "cache": {"direct": true}, "auto-read-only": false, "file": file});
     q.execute("blockdev-add", node, timeout).await.map_err(qmp_err(vm, "opened its site's copy again"))?;
+    if catchup::recorded(vm, q, timeout, disk).await? {
+        // What the guest wrote since the switch is recorded: only that is copied, in rounds.
+        if let Err(e) = catchup::start(vm, q, timeout, disk).await {
+            let _ = q.execute("blockdev-del", json!({"node-name": local_node(disk)}), timeout).await;
+            return Err(e);
+        }
+        return Ok(());
+    }
     let job = json!({"job-id": back_job_id(disk), "device": format!("disk{disk}"), "target": local_node(disk), "sync": "full",
         "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});
     if let Err(e) = q.execute("blockdev-mirror", job, timeout).await {
@@ -247,13 +286,35 @@ async fn start_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize, path: &
     Ok(())
 }
 
-async fn finish_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
-    let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?;
-    match judge_job(&jobs, &back_job_id(disk)) {
-        MirrorSample::InSync => {}
-        sample => return Err(PathSwitchError::NotInSync { vm: vm.to_string(), disk, sample }),
+/// Pauses the guest; a way back by rounds then copies its last round, so that the local copy
+/// equals the other before the agent commits it current. If that fails, the guest resumes (on
+/// the other copy) and the error is returned.
+async fn pause_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
+    q.execute("stop", json!({}), timeout).await.map_err(qmp_err(vm, "paused for the way back"))?;
+    let caught_up = match catchup::recorded(vm, q, timeout, disk).await {
+        Ok(true) => catchup::last_round(vm, q, timeout, disk).await,
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = caught_up {
+        let _ = resume(vm, q, timeout).await;
+        return Err(e);
     }
-    complete(vm, q, timeout, disk, &back_job_id(disk)).await?;
+    Ok(())
+}
+
+async fn finish_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
+    if catchup::recorded(vm, q, timeout, disk).await? {
+        // The last round was copied when the guest paused: the copies are equal.
+        catchup::finish(vm, q, timeout, disk).await?;
+    } else {
+        let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?;
+        match judge_job(&jobs, &back_job_id(disk)) {
+            MirrorSample::InSync => {}
+            sample => return Err(PathSwitchError::NotInSync { vm: vm.to_string(), disk, sample }),
+        }
+        complete(vm, q, timeout, disk, &back_job_id(disk)).await?;
+    }
     let node = device_node(vm, q, timeout, disk).await?;
     if node != local_node(disk) {
         return Err(PathSwitchError::NotSwitched { vm: vm.to_string(), disk, node });
@@ -267,7 +328,7 @@ async fn finish_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Res
 /// Cancels the way back and closes the local copy's node (nothing to do when there is none).
 async fn abandon_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
     match crate::syncmirror::end_job_and_node(q, timeout, &back_job_id(disk), &local_node(disk), SWITCH_WAIT).await {
-        Ok(true) => Ok(()),
+        Ok(true) => catchup::keep_unfinished(vm, q, timeout, disk).await,
         Ok(false) => Err(PathSwitchError::Stuck { vm: vm.to_string(), disk }),
         Err((what, source)) => Err(PathSwitchError::Qmp { vm: vm.to_string(), what, source }),
     }

@@ -37,6 +37,8 @@ enum Parked {
 
 struct Shared {
     backing: std::fs::File,
+    /// Bytes written through the views so far.
+    written: u64,
     modes: Vec<ViewMode>,
     parked: Vec<VecDeque<Parked>>,
 }
@@ -115,7 +117,8 @@ fn fail(req: Parked) {
     }
 }
 
-fn serve(backing: &std::fs::File, req: Parked) {
+fn serve(s: &mut Shared, req: Parked) {
+    let backing = &s.backing;
     match req {
         Parked::Open(r) => r.opened(0, FOPEN_DIRECT_IO),
         Parked::Read { offset, size, reply } => {
@@ -126,7 +129,10 @@ fn serve(backing: &std::fs::File, req: Parked) {
             }
         }
         Parked::Write { offset, data, reply } => match backing.write_all_at(&data, offset.max(0) as u64) {
-            Ok(()) => reply.written(data.len() as u32),
+            Ok(()) => {
+                s.written += data.len() as u64;
+                reply.written(data.len() as u32);
+            }
             Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
         },
     }
@@ -152,14 +158,14 @@ impl Filesystem for ViewFs {
     fn open(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
         let Some(view) = self.view_of(ino) else { return reply.error(libc::ENOENT) };
         if let Some(r) = self.gate(view, Parked::Open(reply)) {
-            serve(&lock(&self.shared).backing, r);
+            serve(&mut lock(&self.shared), r);
         }
     }
 
     fn read(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, size: u32, _flags: i32, _lock: Option<u64>, reply: ReplyData) {
         let Some(view) = self.view_of(ino) else { return reply.error(libc::ENOENT) };
         if let Some(r) = self.gate(view, Parked::Read { offset, size, reply }) {
-            serve(&lock(&self.shared).backing, r);
+            serve(&mut lock(&self.shared), r);
         }
     }
 
@@ -177,7 +183,7 @@ impl Filesystem for ViewFs {
     ) {
         let Some(view) = self.view_of(ino) else { return reply.error(libc::ENOENT) };
         if let Some(r) = self.gate(view, Parked::Write { offset, data: data.to_vec(), reply }) {
-            serve(&lock(&self.shared).backing, r);
+            serve(&mut lock(&self.shared), r);
         }
     }
 
@@ -234,8 +240,12 @@ impl FuseDisk {
             .open(backing)
             .map_err(|source| FuseDiskError::Backing { path: backing.display().to_string(), source })?;
         let size = file.metadata().map_err(|source| FuseDiskError::Backing { path: backing.display().to_string(), source })?.len();
-        let shared =
-            Arc::new(Mutex::new(Shared { backing: file, modes: vec![ViewMode::Normal; views], parked: (0..views).map(|_| VecDeque::new()).collect() }));
+        let shared = Arc::new(Mutex::new(Shared {
+            backing: file,
+            written: 0,
+            modes: vec![ViewMode::Normal; views],
+            parked: (0..views).map(|_| VecDeque::new()).collect(),
+        }));
         let fs = ViewFs { shared: Arc::clone(&shared), size };
         let options = [fuser::MountOption::FSName("tandem-hbdisk".into()), fuser::MountOption::DefaultPermissions];
         let session =
@@ -251,7 +261,7 @@ impl FuseDisk {
                 let ready: Vec<Parked> =
                     g.modes.iter().zip(g.parked.iter_mut()).filter(|(m, _)| **m != ViewMode::Hang).flat_map(|(_, p)| std::mem::take(p)).collect();
                 for r in ready {
-                    serve(&g.backing, r);
+                    serve(g, r);
                 }
             }
         });
@@ -268,6 +278,12 @@ impl FuseDisk {
         if let Some(m) = lock(&self.shared).modes.get_mut(view) {
             *m = mode;
         }
+    }
+
+    /// Bytes written through the views so far.
+    #[must_use]
+    pub fn written(&self) -> u64 {
+        lock(&self.shared).written
     }
 
     /// Requests waiting on hung views right now.

@@ -401,16 +401,33 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     // The local storage back: the disk is mirrored back into it, then runs on it again, mirrored
     // into the other copy as before — still without a restart.
     let start = pathswitch::ReturnStep::Start { relative: String::new(), format: "raw".into() };
+    let written_before = fuse.written();
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &fuse.path(0)).await?;
+    // Given up at once (as when the storage fails again) and started again: what the first
+    // round was copying must not be forgotten (the copies are compared at the end).
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Abandon, Path::new("")).await?;
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &fuse.path(0)).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while pathswitch::back_sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? != MirrorSample::InSync {
+    loop {
+        let jobs = vm.qmp.execute("query-block-jobs", Value::Null, QMP_TIMEOUT).await?;
+        if pathswitch::back_sample("db", &vm.qmp, QMP_TIMEOUT, 0, &jobs).await? == MirrorSample::InSync {
+            break;
+        }
         anyhow::ensure!(Instant::now() < deadline, "the way back never caught up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let paused = Instant::now();
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, Path::new("")).await?;
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Finish, Path::new("")).await?;
-    eprintln!("back on the local copy: the guest paused {:?} for the switch back", paused.elapsed());
+    let copied_back = fuse.written() - written_before;
+    eprintln!(
+        "back on the local copy: the guest paused {:?} for the switch back; {} KiB copied back of a {} MiB disk",
+        paused.elapsed(),
+        copied_back >> 10,
+        DISK_BYTES >> 20
+    );
+    // Only what the guest wrote since the switch (and its writes meanwhile), not the disk.
+    assert!(copied_back < DISK_BYTES / 4, "the way back copied {copied_back} bytes of {DISK_BYTES}");
     let back = seq.highest();
     seq.wait_past(back + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on on its local copy: {e}"))?;
     wait_for("the mirror into the other copy", &vm.qmp, Duration::from_secs(30), |s| *s == MirrorSample::InSync).await?;

@@ -369,7 +369,11 @@ impl VmDriver for SimDriver {
         Box::pin(async move { Ok(Vec::new()) })
     }
 
-    fn attach_mirror<'a>(&'a self, name: &'a str, to: &'a tandem_drivers::syncmirror::MirrorTarget) -> BoxFuture<'a, Result<tandem_drivers::syncmirror::FirstCopy, DriverError>> {
+    fn attach_mirror<'a>(
+        &'a self,
+        name: &'a str,
+        to: &'a tandem_drivers::syncmirror::MirrorTarget,
+    ) -> BoxFuture<'a, Result<tandem_drivers::syncmirror::FirstCopy, DriverError>> {
         Box::pin(async move {
             let server = crate::mirror::server_of(&to.server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
             let site = crate::mirror::site_of(&self.world, server).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;

@@ -21,9 +21,9 @@ use std::time::Duration;
 use tandem_core::hostset::HostId;
 use tandem_core::mirroring::{decide, link_state, DiskPath, JobPhase, LinkAction, LinkObservation, LinkState, RelayPhase};
 use tandem_core::state::Command;
+use tandem_drivers::copyrelay::DeltaStats;
 use tandem_drivers::pathswitch::ReturnStep;
 use tandem_drivers::sitecopy::export_name;
-use tandem_drivers::copyrelay::DeltaStats;
 use tandem_drivers::syncmirror::{FirstCopy, MirrorSample, MirrorTarget};
 use tracing::Instrument;
 
@@ -274,7 +274,9 @@ impl Agent {
                     );
                     self.events.record_resync(vm, site, detail, d);
                 }
-                None => self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up; every write goes to both")),
+                None => {
+                    self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up; every write goes to both"))
+                }
             },
             (LinkState::PathLost, LinkState::PathLost) => {}
             (_, LinkState::PathLost) => {
@@ -344,7 +346,7 @@ impl Agent {
                 let step = ReturnStep::Start { relative: d.path, format: d.format.unwrap_or_else(|| "raw".into()) };
                 // Fails while the site's storage does not answer: tried again every LINK_RETRY.
                 self.driver.return_to_local(vm, *disk, &step).await.map_err(|e| crate::api::chain(&e))?;
-                let detail = format!("disk {disk}: this site's storage answers again; mirroring back into its copy");
+                let detail = format!("disk {disk}: this site's storage answers again; bringing its copy up to date with what was written since the switch");
                 self.events.record(EventKind::StoragePathReturning, Some(vm), Some(&w.my_site), detail);
                 Ok(())
             }
@@ -441,13 +443,7 @@ impl Agent {
         if let Some(other) = other {
             return Err(format!("disk {disk} already mirrors into {other}'s copy in generation {}", w.generation));
         }
-        let to = MirrorTarget {
-            disk: *disk,
-            server: endpoint.address,
-            export: endpoint.export,
-            stall: Duration::from_millis(self.cfg.mirror.stall_ms),
-            bytes,
-        };
+        let to = MirrorTarget { disk: *disk, server: endpoint.address, export: endpoint.export, stall: Duration::from_millis(self.cfg.mirror.stall_ms), bytes };
         let first = self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
         let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 } };
         lock(&self.mirroring).links.insert(w.key.clone(), link);

@@ -73,7 +73,7 @@ impl DeltaTable {
     /// The byte ranges of `[offset, offset + length)` that must be sent — the copy may not hold
     /// them — for a write of `data` (`None`: zeroes); the sums of the chunks they touch are
     /// forgotten, and the counts kept.
-    fn to_send(&mut self, offset: u64, length: u64, data: Option<&[u8]>) -> Vec<(u64, u64)> {
+    fn runs_to_send(&mut self, offset: u64, length: u64, data: Option<&[u8]>) -> Vec<(u64, u64)> {
         let end = offset.saturating_add(length);
         let mut runs: Vec<(u64, u64)> = Vec::new();
         if length == 0 {
@@ -243,8 +243,8 @@ impl Splitter {
         let (command, handle, offset, length) = (be16(h, 6), be64(h, 8), be64(h, 16), u64::from(be32(h, 24)));
         let Some(table) = table else { return whole(out) };
         let runs = match command {
-            NBD_CMD_WRITE => table.to_send(offset, length, payload),
-            NBD_CMD_WRITE_ZEROES => table.to_send(offset, length, None),
+            NBD_CMD_WRITE => table.runs_to_send(offset, length, payload),
+            NBD_CMD_WRITE_ZEROES => table.runs_to_send(offset, length, None),
             NBD_CMD_TRIM => {
                 table.forget(offset, length);
                 return whole(out);

@@ -101,7 +101,7 @@ impl QemuDriver {
         // The mirror and, after a storage path failover, the mirror back: one question.
         let jobs = crate::syncmirror::jobs(name, &q, self.qmp_timeout()).await?;
         let job = crate::syncmirror::judge(&jobs, disk);
-        let back = crate::syncmirror::judge_job(&jobs, &crate::pathswitch::back_job_id(disk));
+        let back = crate::pathswitch::back_sample(name, &q, self.qmp_timeout(), disk, &jobs).await?;
         let relay = self.relays().get(&(name.to_string(), disk)).cloned();
         // Caught up: writes are sent as they come again, and what the comparison did is told
         // once, with the sample that finds the copy in sync.
