@@ -155,7 +155,10 @@ impl CopyRelay {
 
     /// Joins new connections to `upstream` (`host:port`) from now on.
     pub fn set_upstream(&self, upstream: &str) {
-        lock(&self.shared).upstream = upstream.to_string();
+        let mut g = lock(&self.shared);
+        g.upstream = upstream.to_string();
+        // (As on a loss: the sums stand only for the copy as first reached.)
+        g.delta = None;
     }
 
     /// Asks the copy server for the chunk sums of `export` (`len` bytes) and compares the writes
@@ -304,6 +307,9 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
             return;
         }
         g.health = RelayHealth::Lost { since: Instant::now(), why: lost };
+        // The sums stand for the copy this connection reached: the next may reach another
+        // serving (even one made again, empty). From now on every write is sent.
+        g.delta = None;
         if let Some(w) = &g.wake {
             w.notify_one();
         }
