@@ -358,6 +358,9 @@ mod tests {
         let wake = Arc::new(tokio::sync::Notify::new());
         let relay =
             CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay").waking(Arc::clone(&wake));
+        let chunk = crate::chunksums::MIN_CHUNK;
+        relay.compare_with(&crate::chunksums::ChunkSums::new(chunk, chunk, vec![[0; crate::chunksums::SUM_LEN]]).expect("sums"));
+        assert!(relay.delta_stats().is_some(), "comparing");
         let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
         qemu.write_all(b"a write").await.expect("write");
         tokio::time::timeout(Duration::from_secs(5), async {
@@ -368,6 +371,7 @@ mod tests {
         .await
         .expect("the relay sees the silent copy lost");
         tokio::time::timeout(Duration::from_secs(1), wake.notified()).await.expect("the agent is woken when the copy is found lost");
+        assert_eq!(relay.delta_stats(), None, "a lost copy ends the comparison: the next connection may reach another");
         let mut other = UnixStream::connect(relay.socket()).await.expect("connect");
         assert_eq!(read_for(&mut other, Duration::from_secs(2)).await, Some(0), "a new connection is closed while one is held");
         assert_eq!(read_for(&mut qemu, Duration::from_millis(500)).await, None, "the held connection stays open");
