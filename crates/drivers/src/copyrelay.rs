@@ -238,12 +238,20 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
                     if splitter.is_none() && watch.in_transmission() && watch.between_frames() && lock(&shared).delta.is_some() {
                         splitter = Some(delta::Splitter::new(watch.reads_in_flight()));
                     }
-                    let rewritten = match splitter.as_mut() {
-                        Some(sp) => match sp.client(&to_up[..n], lock(&shared).delta.as_mut()) {
+                    // (The client sends requests only once the server accepted its GO, which
+                    // ended the handshake: a read is all handshake or all transmission.)
+                    let rewritten = if !watch.in_transmission() {
+                        match watch.client_handshake(&to_up[..n]) {
                             Ok(b) => Some(b),
                             Err(why) => break why,
-                        },
-                        None => None,
+                        }
+                    } else if let Some(sp) = splitter.as_mut() {
+                        match sp.client(&to_up[..n], lock(&shared).delta.as_mut()) {
+                            Ok(b) => Some(b),
+                            Err(why) => break why,
+                        }
+                    } else {
+                        None
                     };
                     let up = rewritten.as_deref().unwrap_or(&to_up[..n]);
                     if let Err(why) = watch.client_bytes(up) {
@@ -277,16 +285,25 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
                 Err(e) => break format!("reading from the copy server failed: {e}"),
                 Ok(n) => {
                     // An error reply (or one that does not parse) is held, not passed on.
-                    if let Err(why) = watch.server_bytes(&to_down[..n]) {
-                        break why;
-                    }
+                    let handshake = !watch.in_transmission();
+                    let rewritten = if handshake {
+                        match watch.server_handshake(&to_down[..n]) {
+                            Ok(b) => Some(b),
+                            Err(why) => break why,
+                        }
+                    } else {
+                        if let Err(why) = watch.server_bytes(&to_down[..n]) {
+                            break why;
+                        }
+                        None
+                    };
                     waiting_since = None;
-                    let rewritten = match splitter.as_mut() {
-                        Some(sp) => match sp.server(&to_down[..n]) {
+                    let rewritten = match (splitter.as_mut(), rewritten) {
+                        (Some(sp), None) => match sp.server(&to_down[..n]) {
                             Ok(b) => Some(b),
                             Err(why) => break why,
                         },
-                        None => None,
+                        (_, r) => r,
                     };
                     if down_w.write_all(rewritten.as_deref().unwrap_or(&to_down[..n])).await.is_err() {
                         return;

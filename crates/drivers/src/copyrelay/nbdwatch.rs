@@ -9,6 +9,12 @@
 //! the client's requests (a write's payload skipped; a read's length kept for its simple reply)
 //! and the server's replies, simple and structured. Anything that does not parse counts as an
 //! error too: a relay that cannot tell is a relay that holds.
+//!
+//! The handshake is also *rewritten* in one place: QEMU 9.0 and later ask for NBD's extended
+//! headers (`NBD_OPT_EXTENDED_HEADERS`), whose requests and replies the relay does not read. The
+//! relay renames that option, in the client's request, to one no server knows, and the server's
+//! refusal back to it: QEMU then goes on with structured replies, as a 7.2 server would have it.
+//! (Option headers are passed on whole, so that a rewrite never straddles what was sent.)
 
 use std::collections::HashMap;
 
@@ -16,7 +22,13 @@ const GREETING_LEN: usize = 18;
 const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const OPTION_REPLY_HEADER: usize = 20;
 const NBD_OPT_GO: u32 = 7;
+const NBD_OPT_EXTENDED_HEADERS: u32 = 11;
+/// What the relay renames `NBD_OPT_EXTENDED_HEADERS` to: an option no server knows ("~TND").
+const NBD_OPT_UNKNOWN_STAND_IN: u32 = 0x7e54_4e44;
 const NBD_REP_ACK: u32 = 1;
+const CLIENT_FLAGS_LEN: usize = 4;
+const OPTION_REQUEST_MAGIC: u64 = 0x4948_4156_454f_5054;
+const OPTION_REQUEST_HEADER: usize = 16;
 pub(super) const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub(super) const REQUEST_HEADER: usize = 28;
 pub(super) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
@@ -122,17 +134,50 @@ pub struct NbdWatch {
     phase: Phase,
     server: Framing,
     client: Framing,
+    /// Whether the client's flags (its first bytes) were passed on.
+    client_flags_seen: bool,
     /// Requests in flight: handle → (command, length).
     requests: HashMap<u64, (u16, u32)>,
 }
 
 impl Default for NbdWatch {
     fn default() -> Self {
-        NbdWatch { phase: Phase::Greeting, server: Framing::default(), client: Framing::default(), requests: HashMap::new() }
+        NbdWatch { phase: Phase::Greeting, server: Framing::default(), client: Framing::default(), client_flags_seen: false, requests: HashMap::new() }
     }
 }
 
 impl NbdWatch {
+    /// QEMU's bytes during the handshake (before transmission), rewritten: what to pass on.
+    /// A partial option header is kept until it is whole.
+    pub fn client_handshake(&mut self, mut data: &[u8]) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(data.len());
+        while !data.is_empty() {
+            if self.client.skip > 0 {
+                let n = self.client.skipping(data);
+                out.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                continue;
+            }
+            let len = if self.client_flags_seen { OPTION_REQUEST_HEADER } else { CLIENT_FLAGS_LEN };
+            let (used, header) = self.client.gather(data, len);
+            data = &data[used..];
+            let Some(mut h) = header else { continue };
+            if !self.client_flags_seen {
+                self.client_flags_seen = true;
+            } else {
+                if be64(&h, 0) != OPTION_REQUEST_MAGIC {
+                    return Err("an NBD option request the relay cannot read".into());
+                }
+                if be32(&h, 8) == NBD_OPT_EXTENDED_HEADERS {
+                    h[8..12].copy_from_slice(&NBD_OPT_UNKNOWN_STAND_IN.to_be_bytes());
+                }
+                self.client.skip = u64::from(be32(&h, 12));
+            }
+            out.extend_from_slice(&h);
+        }
+        Ok(out)
+    }
+
     /// Bytes from QEMU to the copy server.
     pub fn client_bytes(&mut self, mut data: &[u8]) -> Result<(), String> {
         while !data.is_empty() {
@@ -163,39 +208,63 @@ impl NbdWatch {
     }
 
     /// Bytes from the copy server to QEMU: `Err` when they carry an error reply (or do not
-    /// parse), and must not be passed on.
-    pub fn server_bytes(&mut self, mut data: &[u8]) -> Result<(), String> {
+    /// parse), and must not be passed on. (In the handshake, what `server_handshake` passes on.)
+    pub fn server_bytes(&mut self, data: &[u8]) -> Result<(), String> {
+        self.server_handshake(data).map(|_| ())
+    }
+
+    /// The copy server's bytes, rewritten where the handshake needs it: what to pass on. A
+    /// partial header of the handshake is kept until it is whole; replies in transmission pass
+    /// as they came (`Err` as in `server_bytes`).
+    pub fn server_handshake(&mut self, mut data: &[u8]) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        while !data.is_empty() {
+            if self.phase == Phase::Transmission {
+                self.transmission_replies(data)?;
+                out.extend_from_slice(data);
+                break;
+            }
+            if self.server.skip > 0 {
+                let n = self.server.skipping(data);
+                out.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                continue;
+            }
+            let len = if self.phase == Phase::Greeting { GREETING_LEN } else { OPTION_REPLY_HEADER };
+            let (used, header) = self.server.gather(data, len);
+            data = &data[used..];
+            let Some(mut h) = header else { continue };
+            if self.phase == Phase::Greeting {
+                if &h[..8] != b"NBDMAGIC" {
+                    return Err("an NBD greeting the relay cannot read".into());
+                }
+                self.phase = Phase::Options;
+            } else {
+                if be64(&h, 0) != OPTION_REPLY_MAGIC {
+                    return Err("an NBD option reply the relay cannot read".into());
+                }
+                if be32(&h, 8) == NBD_OPT_UNKNOWN_STAND_IN {
+                    h[8..12].copy_from_slice(&NBD_OPT_EXTENDED_HEADERS.to_be_bytes());
+                }
+                self.server.skip = u64::from(be32(&h, 16));
+                if be32(&h, 8) == NBD_OPT_GO && be32(&h, 12) == NBD_REP_ACK {
+                    // GO's acknowledgement carries no payload: transmission begins after it.
+                    self.phase = Phase::Transmission;
+                }
+            }
+            out.extend_from_slice(&h);
+        }
+        Ok(out)
+    }
+
+    /// Follows replies in transmission.
+    fn transmission_replies(&mut self, mut data: &[u8]) -> Result<(), String> {
         while !data.is_empty() {
             if self.server.skip > 0 {
                 data = &data[self.server.skipping(data)..];
                 continue;
             }
-            match self.phase {
-                Phase::Greeting => {
-                    let (used, header) = self.server.gather(data, GREETING_LEN);
-                    data = &data[used..];
-                    if let Some(h) = header {
-                        if &h[..8] != b"NBDMAGIC" {
-                            return Err("an NBD greeting the relay cannot read".into());
-                        }
-                        self.phase = Phase::Options;
-                    }
-                }
-                Phase::Options => {
-                    let (used, header) = self.server.gather(data, OPTION_REPLY_HEADER);
-                    data = &data[used..];
-                    let Some(h) = header else { continue };
-                    if be64(&h, 0) != OPTION_REPLY_MAGIC {
-                        return Err("an NBD option reply the relay cannot read".into());
-                    }
-                    self.server.skip = u64::from(be32(&h, 16));
-                    if be32(&h, 8) == NBD_OPT_GO && be32(&h, 12) == NBD_REP_ACK {
-                        // GO's acknowledgement carries no payload: transmission begins after it.
-                        self.phase = Phase::Transmission;
-                    }
-                }
-                Phase::Transmission => data = &data[self.reply(data)?..],
-            }
+            data = &data[self.reply(data)?..];
         }
         Ok(())
     }
@@ -324,6 +393,49 @@ mod tests {
         assert!(w.requests.keys().eq([4u64].iter()), "only the last write is in flight");
         let caught = w.server_bytes(&simple(5, 4, 0));
         assert!(caught.is_err_and(|e| e.contains("error 5")));
+    }
+
+    fn option_request(option: u32, payload: &[u8]) -> Vec<u8> {
+        let mut r = OPTION_REQUEST_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&option.to_be_bytes());
+        r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        r.extend_from_slice(payload);
+        r
+    }
+
+    /// Feeds `bytes` in pieces of 7 through `f`, and joins what it passes on.
+    fn passed(bytes: &[u8], mut f: impl FnMut(&[u8]) -> Result<Vec<u8>, String>) -> Vec<u8> {
+        bytes.chunks(7).flat_map(|c| f(c).expect("handshake")).collect()
+    }
+
+    /// QEMU 9+ asks for extended headers: the relay renames the option on its way to the server
+    /// and the server's refusal on its way back, and passes everything else as it came.
+    #[test]
+    fn the_extended_headers_option_is_refused_on_the_relays_behalf() {
+        const NBD_REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+        let mut w = NbdWatch::default();
+        let mut server = greeting();
+        assert_eq!(passed(&server, |c| w.server_handshake(c)), server, "the greeting passes");
+        let mut client = vec![0, 0, 0, 3];
+        client.extend(option_request(NBD_OPT_EXTENDED_HEADERS, b""));
+        client.extend(option_request(8, b""));
+        client.extend(option_request(NBD_OPT_GO, b"\0\0\0\x02db\0\0"));
+        let up = passed(&client, |c| w.client_handshake(c));
+        let mut expected = client.clone();
+        expected[4 + 8..4 + 12].copy_from_slice(&NBD_OPT_UNKNOWN_STAND_IN.to_be_bytes());
+        assert_eq!(up, expected, "only the option's code is renamed");
+        server = option_reply(NBD_OPT_UNKNOWN_STAND_IN, NBD_REP_ERR_UNSUP, b"unknown option");
+        server.extend(option_reply(8, NBD_REP_ACK, b""));
+        server.extend(option_reply(NBD_OPT_GO, 3, &[0; 12]));
+        server.extend(option_reply(NBD_OPT_GO, NBD_REP_ACK, b""));
+        let down = passed(&server, |c| w.server_handshake(c));
+        let mut expected = server.clone();
+        expected[8..12].copy_from_slice(&NBD_OPT_EXTENDED_HEADERS.to_be_bytes());
+        assert_eq!(down, expected, "the refusal is QEMU's option's again");
+        assert!(w.in_transmission());
+        // Transmission as before.
+        w.client_bytes(&request(NBD_CMD_WRITE, 1, 16, true)).expect("request");
+        assert_eq!(w.server_handshake(&simple(0, 1, 0)).expect("reply"), simple(0, 1, 0));
     }
 
     #[test]
