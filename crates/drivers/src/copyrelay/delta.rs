@@ -18,8 +18,8 @@
 //! makes are put into the server's stream between its frames.
 
 use super::nbdwatch::{
-    be16, be32, be64, read_reply_head, reply_header_len, Framing, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, REQUEST_HEADER,
-    REQUEST_MAGIC, SIMPLE_REPLY_HEADER, SIMPLE_REPLY_MAGIC,
+    be16, be32, be64, read_reply_head, read_request_head, reply_header_len, Framing, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
+    REQUEST_HEADER, SIMPLE_REPLY_HEADER, SIMPLE_REPLY_MAGIC,
 };
 use crate::chunksums::{sum, ChunkSum, ChunkSums};
 use std::collections::HashMap;
@@ -208,10 +208,7 @@ impl Splitter {
             let (used, header) = self.request.gather(data, REQUEST_HEADER);
             data = &data[used..];
             let Some(h) = header else { continue };
-            if be32(&h, 0) != REQUEST_MAGIC {
-                return Err("an NBD request the relay cannot read".into());
-            }
-            let (command, handle, length) = (be16(&h, 6), be64(&h, 8), be32(&h, 24));
+            let (command, handle, length) = read_request_head(&h)?;
             if handle & OWN_HANDLE != 0 && self.own.contains_key(&handle) {
                 return Err(format!("QEMU sent a request with the relay's own handle {handle:#x}"));
             }

@@ -79,6 +79,14 @@ pub(super) struct ReplyHead {
     pub(super) done: bool,
 }
 
+/// A whole request header (`REQUEST_HEADER` bytes), read: its command, handle and length.
+pub(super) fn read_request_head(h: &[u8]) -> Result<(u16, u64, u32), String> {
+    if be32(h, 0) != REQUEST_MAGIC {
+        return Err("an NBD request the relay cannot read".into());
+    }
+    Ok((be16(h, 6), be64(h, 8), be32(h, 24)))
+}
+
 /// The length of the reply header that begins with `magic`.
 pub(super) fn reply_header_len(magic: u32) -> Result<usize, String> {
     match magic {
@@ -192,10 +200,7 @@ impl NbdWatch {
             let (used, header) = self.client.gather(data, REQUEST_HEADER);
             data = &data[used..];
             let Some(h) = header else { continue };
-            if be32(&h, 0) != REQUEST_MAGIC {
-                return Err("an NBD request the relay cannot read".into());
-            }
-            let (command, handle, length) = (be16(&h, 6), be64(&h, 8), be32(&h, 24));
+            let (command, handle, length) = read_request_head(&h)?;
             if command == NBD_CMD_WRITE {
                 self.client.skip = u64::from(length);
             }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::copyrelay::nbdwatch::REQUEST_MAGIC;
 
 const C: u64 = crate::chunksums::MIN_CHUNK;
 
