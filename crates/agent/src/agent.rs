@@ -44,6 +44,7 @@ mod mirror;
 mod probe;
 mod reconciler;
 mod shutdown;
+mod storagewatch;
 pub use shutdown::{policy_name, ShutdownConfig, ShutdownPolicy};
 mod watchdogs;
 pub mod witness;

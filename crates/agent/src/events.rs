@@ -59,6 +59,11 @@ pub enum EventKind {
     StoragePathLost,
     /// A switched disk's own site's storage answers again: mirroring back into its copy.
     StoragePathReturning,
+    /// A running mirrored disk's own site's storage does not answer a read at all (an alert:
+    /// the guest's requests to it wait, and no switch can take them back).
+    StoragePathHung,
+    /// That storage answers again.
+    StoragePathResponsive,
     /// A switched disk runs on its own site's copy again, mirrored into the other.
     StoragePathRestored,
     /// The VMs parked with a host that did not come back were released to run elsewhere.
@@ -132,6 +137,8 @@ impl EventKind {
             EventKind::MirrorInSync => "mirror-in-sync",
             EventKind::StoragePathSwitched => "storage-path-switched",
             EventKind::StoragePathLost => "storage-path-lost",
+            EventKind::StoragePathHung => "storage-path-hung",
+            EventKind::StoragePathResponsive => "storage-path-responsive",
             EventKind::StoragePathReturning => "storage-path-returning",
             EventKind::StoragePathRestored => "storage-path-restored",
             EventKind::ParkedReleased => "parked-released",

@@ -166,6 +166,10 @@ impl VmDriver for MixedDriver {
         self.owner(name).failed_disks(name)
     }
 
+    fn probe_site_copy<'a>(&'a self, relative: &'a str) -> BoxFuture<'a, crate::pathswitch::ProbeAnswer> {
+        self.qemu.probe_site_copy(relative)
+    }
+
     fn switch_to_copy<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
         self.owner(name).switch_to_copy(name, disk)
     }

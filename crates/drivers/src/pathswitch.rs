@@ -161,13 +161,28 @@ pub struct StorageProbes {
     in_flight: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
 }
 
+/// What a direct read of a copy got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    Answers,
+    /// An error (or no such file).
+    Fails,
+    /// No answer within [`PROBE_TIMEOUT`] (or an earlier read of it has none yet).
+    Hangs,
+}
+
 impl StorageProbes {
     /// Whether the copy at `path` answers a direct read of its first 4 KiB within
     /// [`PROBE_TIMEOUT`] — before QEMU is asked to open it (an open on hung storage would
     /// stall QEMU's main loop, and the guest with it).
     pub async fn answers(self: &std::sync::Arc<Self>, path: &std::path::Path) -> bool {
+        self.probe(path).await == ProbeAnswer::Answers
+    }
+
+    /// What a direct read of the first 4 KiB of the copy at `path` gets.
+    pub async fn probe(self: &std::sync::Arc<Self>, path: &std::path::Path) -> ProbeAnswer {
         if !self.lock().insert(path.to_path_buf()) {
-            return false;
+            return ProbeAnswer::Hangs;
         }
         let (probes, owned) = (std::sync::Arc::clone(self), path.to_path_buf());
         let read = tokio::task::spawn_blocking(move || {
@@ -175,7 +190,11 @@ impl StorageProbes {
             probes.lock().remove(&owned);
             ok
         });
-        matches!(tokio::time::timeout(PROBE_TIMEOUT, read).await, Ok(Ok(true)))
+        match tokio::time::timeout(PROBE_TIMEOUT, read).await {
+            Ok(Ok(true)) => ProbeAnswer::Answers,
+            Ok(_) => ProbeAnswer::Fails,
+            Err(_) => ProbeAnswer::Hangs,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<std::path::PathBuf>> {

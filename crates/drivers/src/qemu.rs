@@ -578,6 +578,10 @@ impl VmDriver for QemuDriver {
         Box::pin(self.storage_failed_disks(name))
     }
 
+    fn probe_site_copy<'a>(&'a self, relative: &'a str) -> BoxFuture<'a, crate::pathswitch::ProbeAnswer> {
+        Box::pin(async move { self.probes.probe(&crate::diskcopy::local_path(std::path::Path::new(&self.cfg.site_disk_dir), relative)).await })
+    }
+
     fn switch_to_copy<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.switch_disk_to_copy(name, disk))
     }

@@ -95,6 +95,7 @@ fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
     let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
     let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
     let c = lab.client(0);
+    storage_hang_phase(&lab, fuse, &seq)?;
     let acknowledged = seq.highest();
     let lost = Instant::now();
     fuse.set_mode(0, ViewMode::Fail);
@@ -136,6 +137,30 @@ fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
     assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
     assert_eq!(verdict.boots, 1, "the guest was restarted: {verdict:?}");
     drop(lab);
+    Ok(())
+}
+
+/// Site a's storage hangs (no answer at all) for a few seconds: no switch can take the guest's
+/// hanging requests back, but the host raises `storage-path-hung`, then
+/// `storage-path-responsive` once it answers, and the guest writes on, on its own copy.
+fn storage_hang_phase(lab: &Lab, fuse: &FuseDisk, seq: &SeqWatch) -> Result<()> {
+    let hung = Instant::now();
+    fuse.set_mode(0, ViewMode::Hang);
+    let seen = wait("a storage-path-hung alert", Duration::from_secs(20), || {
+        lab.events().into_iter().find(|e| e.kind.to_string() == "storage-path-hung" && e.vm.as_deref() == Some("db"))
+    });
+    fuse.set_mode(0, ViewMode::Normal);
+    let seen = seen?;
+    eprintln!("site a's storage hung: alerted after {:?}: {}", hung.elapsed(), seen.detail);
+    wait("storage-path-responsive", Duration::from_secs(20), || {
+        lab.events().into_iter().find(|e| e.kind.to_string() == "storage-path-responsive" && e.vm.as_deref() == Some("db"))
+    })?;
+    let after = seq.highest();
+    seq.wait_past(after + 10, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on after the hang: {e}"))?;
+    let vm: VmView = lab.client(0).get_as("/v1/vms/db").map_err(|e| anyhow!("{e}"))?;
+    assert_eq!(vm.copies, ["a", "b"], "a hang alone switches nothing");
+    // Past the window in which the next phase measures its pause.
+    std::thread::sleep(Duration::from_secs(2));
     Ok(())
 }
 

@@ -70,6 +70,8 @@ pub(super) struct Mirroring {
     retry_at: BTreeMap<LinkKey, tokio::time::Instant>,
     /// Exports this host serves: the VM and the generation they serve.
     served: BTreeMap<String, (String, u64)>,
+    /// The watch on this site's storage under each running mirrored disk (`storagewatch`).
+    pub(super) storage: BTreeMap<DiskKey, super::storagewatch::StorageWatch>,
 }
 
 /// What committed state wants of one link.
@@ -169,6 +171,7 @@ impl Agent {
             m.links.retain(|k, l| wanted.iter().any(|w| w.key == *k && w.generation == l.generation));
             m.retry_at.retain(|k, _| wanted.iter().any(|w| w.key == *k));
         }
+        self.watch_storage_of(&wanted);
         // The disks whose own site's storage failed, per VM (one question per VM and pass).
         let mut failed: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for w in wanted {
@@ -250,6 +253,24 @@ impl Agent {
                 .in_current_span(),
             );
         }
+    }
+
+    /// Starts the probes of this site's storage under the wanted links' disks that run on it
+    /// (not those on the other copy: their way back probes it).
+    fn watch_storage_of(self: &Arc<Self>, wanted: &[Wanted]) {
+        let on_other: BTreeSet<DiskKey> = lock(&self.mirroring).links.iter().filter(|(_, l)| l.state.on_other_copy()).map(|(k, _)| disk_of(k)).collect();
+        let mut disks: BTreeMap<DiskKey, String> = BTreeMap::new();
+        for w in wanted {
+            let key = disk_of(&w.key);
+            if on_other.contains(&key) || disks.contains_key(&key) {
+                continue;
+            }
+            if let Ok(d) = self.disk_spec(&key.0, key.1) {
+                disks.insert(key, d.path);
+            }
+        }
+        let site = wanted.first().map(|w| w.my_site.clone()).unwrap_or_default();
+        self.watch_site_storage(disks.into_iter().map(|((vm, disk), path)| (vm, disk, path)).collect(), &site);
     }
 
     /// Timeline events for a link's changes of state.

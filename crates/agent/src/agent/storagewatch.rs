@@ -1,0 +1,73 @@
+//! The watch on this site's storage under each running mirrored disk: storage that *answers
+//! with errors* pauses the guest and switches the disk onto the other site's copy (`mirror`),
+//! but storage that *hangs* leaves the guest's requests hanging in QEMU — whose file driver has
+//! no timeout — and no switch can take them back. So that such a hang is never silent, each
+//! disk's copy is read directly (one 4 KiB `O_DIRECT` read on a thread of its own, at most one
+//! per copy at a time) each round; one that does not answer within the probe's bound raises a
+//! `storage-path-hung` alert, and the copy answering again `storage-path-responsive`.
+
+use super::{lock, Agent};
+use crate::events::EventKind;
+use std::sync::Arc;
+use tandem_drivers::pathswitch::ProbeAnswer;
+
+/// Where one disk's watch stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum StorageWatch {
+    /// Not probed yet, or it answered last time.
+    #[default]
+    Answering,
+    /// A probe is under way.
+    Probing { hung: bool },
+    /// The last probe got no answer in time.
+    Hung,
+}
+
+impl Agent {
+    /// Probes, in the background, the local copy of each mirrored disk of `running` (VM, disk,
+    /// copy's path relative to the storage of this host's site, `site`) that is not being
+    /// probed.
+    pub(super) fn watch_site_storage(self: &Arc<Self>, running: Vec<(String, usize, String)>, site: &str) {
+        {
+            // Disks no longer wanted are forgotten.
+            let mut m = lock(&self.mirroring);
+            m.storage.retain(|k, _| running.iter().any(|(vm, disk, _)| (vm, disk) == (&k.0, &k.1)));
+        }
+        for (vm, disk, relative) in running {
+            let key = (vm.clone(), disk);
+            let hung = {
+                let mut m = lock(&self.mirroring);
+                let state = m.storage.entry(key.clone()).or_default();
+                let hung = match *state {
+                    StorageWatch::Probing { .. } => continue,
+                    StorageWatch::Hung => true,
+                    StorageWatch::Answering => false,
+                };
+                *state = StorageWatch::Probing { hung };
+                hung
+            };
+            let (a, site) = (Arc::clone(self), site.to_string());
+            tokio::spawn(async move {
+                let answer = a.driver.probe_site_copy(&relative).await;
+                let now_hung = answer == ProbeAnswer::Hangs;
+                if let Some(s) = lock(&a.mirroring).storage.get_mut(&key) {
+                    *s = if now_hung { StorageWatch::Hung } else { StorageWatch::Answering };
+                }
+                match (hung, now_hung) {
+                    (false, true) => {
+                        let detail = format!(
+                            "disk {disk}: this site's storage does not answer a read within {:?} ({relative}); the guest's requests to it wait, and no switch to the other copy can take them back — storage should answer a lost path with errors (NFS soft mounts, multipath no_path_retry), which switch at once",
+                            tandem_drivers::pathswitch::PROBE_TIMEOUT
+                        );
+                        a.events.record(EventKind::StoragePathHung, Some(&vm), Some(&site), detail);
+                    }
+                    (true, false) => {
+                        let detail = format!("disk {disk}: this site's storage answers again ({relative})");
+                        a.events.record(EventKind::StoragePathResponsive, Some(&vm), Some(&site), detail);
+                    }
+                    _ => {}
+                }
+            });
+        }
+    }
+}
