@@ -231,9 +231,10 @@ pub trait VmDriver: Send + Sync + 'static {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "mirror disks between sites" }) })
     }
     /// What a direct read of this site's copy of a mirrored disk (`relative` to the site's
-    /// storage) gets within `pathswitch::PROBE_TIMEOUT`; an answer for a driver without copies.
-    fn probe_site_copy<'a>(&'a self, _relative: &'a str) -> BoxFuture<'a, pathswitch::ProbeAnswer> {
-        Box::pin(async move { pathswitch::ProbeAnswer::Answers })
+    /// storage) gets within `pathswitch::PROBE_TIMEOUT`; `None` for a driver without copies of
+    /// its own (nothing to watch).
+    fn probe_site_copy<'a>(&'a self, _relative: &'a str) -> Option<BoxFuture<'a, pathswitch::ProbeAnswer>> {
+        None
     }
     /// The mirrored disks of VM `name` whose own site's storage failed a request, the guest
     /// paused on it (see `pathswitch`); none for a driver without them.

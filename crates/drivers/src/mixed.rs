@@ -166,7 +166,7 @@ impl VmDriver for MixedDriver {
         self.owner(name).failed_disks(name)
     }
 
-    fn probe_site_copy<'a>(&'a self, relative: &'a str) -> BoxFuture<'a, crate::pathswitch::ProbeAnswer> {
+    fn probe_site_copy<'a>(&'a self, relative: &'a str) -> Option<BoxFuture<'a, crate::pathswitch::ProbeAnswer>> {
         self.qemu.probe_site_copy(relative)
     }
 

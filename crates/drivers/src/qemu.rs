@@ -578,8 +578,8 @@ impl VmDriver for QemuDriver {
         Box::pin(self.storage_failed_disks(name))
     }
 
-    fn probe_site_copy<'a>(&'a self, relative: &'a str) -> BoxFuture<'a, crate::pathswitch::ProbeAnswer> {
-        Box::pin(async move { self.probes.probe(&crate::diskcopy::local_path(std::path::Path::new(&self.cfg.site_disk_dir), relative)).await })
+    fn probe_site_copy<'a>(&'a self, relative: &'a str) -> Option<BoxFuture<'a, crate::pathswitch::ProbeAnswer>> {
+        Some(Box::pin(async move { self.probes.probe(&crate::diskcopy::local_path(std::path::Path::new(&self.cfg.site_disk_dir), relative)).await }))
     }
 
     fn switch_to_copy<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {

@@ -34,6 +34,10 @@ impl Agent {
             m.storage.retain(|k, _| running.iter().any(|(vm, disk, _)| (vm, disk) == (&k.0, &k.1)));
         }
         for (vm, disk, relative) in running {
+            // A driver without copies of its own (the simulator's) has nothing to watch.
+            if self.driver.probe_site_copy(&relative).is_none() {
+                return;
+            }
             let key = (vm.clone(), disk);
             let hung = {
                 let mut m = lock(&self.mirroring);
@@ -48,8 +52,8 @@ impl Agent {
             };
             let (a, site) = (Arc::clone(self), site.to_string());
             tokio::spawn(async move {
-                let answer = a.driver.probe_site_copy(&relative).await;
-                let now_hung = answer == ProbeAnswer::Hangs;
+                let Some(probe) = a.driver.probe_site_copy(&relative) else { return };
+                let now_hung = probe.await == ProbeAnswer::Hangs;
                 if let Some(s) = lock(&a.mirroring).storage.get_mut(&key) {
                     *s = if now_hung { StorageWatch::Hung } else { StorageWatch::Answering };
                 }
