@@ -285,9 +285,52 @@ async fn delta_scenario(dir: &Path, guest: &Path) -> Result<()> {
     vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
     let (a, b) = (std::fs::read(&local)?, std::fs::read(&remote)?);
     assert!(a == b, "the copies differ after the resync by chunk sums");
+    vm.qmp.execute("cont", json!({}), QMP_TIMEOUT).await?;
+    syncmirror::detach("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
+    let _server = lost_midway(dir, &launcher, server, &relay, &vm, &seq, &remote).await?;
+    vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
+    let (a, b) = (std::fs::read(&local)?, std::fs::read(&remote)?);
+    assert!(a == b, "the copies differ after a resync by chunk sums that lost its copy midway");
     syncmirror::detach("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
     drop(seq);
     Ok(())
+}
+
+/// A resync by chunk sums whose copy is lost as it starts (its server gone): the writes are
+/// held until the release, the comparison ends (the next server may serve anything), and the
+/// mirror resumed through a new server sends what it copies whole — the copies end equal. The
+/// new server is returned (the caller detaches the mirror before it goes).
+async fn lost_midway(dir: &Path, launcher: &Launcher, server: CopyServer, relay: &CopyRelay, vm: &Guest, seq: &SeqWatch, remote: &Path) -> Result<CopyServer> {
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(remote)?;
+        for at in [12u64 << 20, 44 << 20] {
+            f.write_all_at(&[0xdd; 4096], at)?;
+        }
+    }
+    let export = export_name("db", 0);
+    let sums = relay.compare_with_copy(&export, DISK_BYTES).await?;
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: Some(sums.chunk()) };
+    syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+    drop(server);
+    let held = assert_held(seq, relay, Duration::from_secs(2)).await?;
+    assert_eq!(relay.delta_stats(), None, "the comparison ended with the copy's loss");
+    release_and_go_on(seq, relay, vm, held).await?;
+    eprintln!("a resync by chunk sums lost its copy: {:?}", syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await?);
+    let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + 7), launcher).await?;
+    server.serve(&export, remote).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        syncmirror::resume("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? {
+            MirrorSample::InSync => break,
+            s if Instant::now() >= deadline => return Err(anyhow!("no resync after the loss: {s:?}")),
+            _ => {}
+        }
+    }
+    assert_acknowledged_on(remote, seq)?;
+    Ok(server)
 }
 
 #[test]
