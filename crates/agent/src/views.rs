@@ -252,6 +252,10 @@ pub struct MirrorLinkView {
     pub server: String,
     #[serde(flatten)]
     pub state: tandem_core::mirroring::LinkState,
+    /// While it resyncs by chunk sums: the writes that crossed the link so far, and those
+    /// answered because the copy held them already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compared: Option<tandem_drivers::copyrelay::DeltaStats>,
 }
 
 /// `GET /v1/join-proof`: a host's identity with proof that it holds the cluster secret.

@@ -53,6 +53,8 @@ struct Link {
     /// Who serves the copy now.
     server: String,
     state: LinkState,
+    /// A resync by chunk sums under way: what it did so far.
+    delta: Option<DeltaStats>,
 }
 
 /// This host's mirroring state.
@@ -216,6 +218,7 @@ impl Agent {
                     LinkObservation { job, relay, current: w.current, server_reachable: !w.servers.is_empty(), path, local_current: w.local_current, back };
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
+                    link.delta = status.delta.filter(|_| matches!(state, LinkState::Resyncing { .. }));
                     let before = std::mem::replace(&mut link.state, state.clone());
                     self.note_link_change(&w.key, &before, &state, status.lost.as_deref().unwrap_or(""), status.delta);
                 }
@@ -466,7 +469,7 @@ impl Agent {
         }
         let to = MirrorTarget { disk: *disk, server: endpoint.address, export: endpoint.export, stall: Duration::from_millis(self.cfg.mirror.stall_ms), bytes };
         let first = self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
-        let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 } };
+        let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 }, delta: None };
         lock(&self.mirroring).links.insert(w.key.clone(), link);
         let how = match first {
             FirstCopy::ByChunkSums { chunk, chunks } => format!(
@@ -591,7 +594,14 @@ impl Agent {
         lock(&self.mirroring)
             .links
             .iter()
-            .map(|((vm, disk, site), l)| MirrorLinkView { vm: vm.clone(), disk: *disk, site: site.clone(), server: l.server.clone(), state: l.state.clone() })
+            .map(|((vm, disk, site), l)| MirrorLinkView {
+                vm: vm.clone(),
+                disk: *disk,
+                site: site.clone(),
+                server: l.server.clone(),
+                state: l.state.clone(),
+                compared: l.delta,
+            })
             .collect()
     }
 }

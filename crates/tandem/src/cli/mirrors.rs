@@ -34,13 +34,22 @@ fn print(v: &MirrorsView) {
     for l in &v.links {
         let state = match &l.state {
             LinkState::Detached => "detached".to_string(),
-            LinkState::Resyncing { copied, total } => format!("resyncing: {} of {} MiB", copied >> 20, total >> 20),
+            LinkState::Resyncing { copied, total } => match l.compared {
+                Some(d) => format!(
+                    "resyncing: {} of {} MiB compared with the copy's chunk sums; {} KiB of writes crossed the link, {} MiB matched",
+                    copied >> 20,
+                    total >> 20,
+                    d.sent >> 10,
+                    d.matched >> 20
+                ),
+                None => format!("resyncing: {} of {} MiB", copied >> 20, total >> 20),
+            },
             LinkState::InSync => "in sync: every write goes to both copies".to_string(),
             LinkState::Holding => "HOLDING: the copy is lost; writes wait until it is committed stale".to_string(),
             LinkState::Degraded => "DEGRADED: running on this site's copy alone".to_string(),
             LinkState::OnOtherCopy => "ON THE OTHER COPY: this site's storage failed; the disk runs on this copy alone".to_string(),
             LinkState::Returning { copied, total } => {
-                format!("ON THE OTHER COPY, returning: {} of {} MiB mirrored back into this site's copy", copied >> 20, total >> 20)
+                format!("ON THE OTHER COPY, returning: {} of {} MiB copied back into this site's copy", copied >> 20, total >> 20)
             }
             LinkState::PathLost => "PATH LOST: this site's storage failed and this copy is not in sync; the guest is paused".to_string(),
         };
