@@ -238,25 +238,11 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
                     if splitter.is_none() && watch.in_transmission() && watch.between_frames() && lock(&shared).delta.is_some() {
                         splitter = Some(delta::Splitter::new(watch.reads_in_flight()));
                     }
-                    // (The client sends requests only once the server accepted its GO, which
-                    // ended the handshake: a read is all handshake or all transmission.)
-                    let rewritten = if !watch.in_transmission() {
-                        match watch.client_handshake(&to_up[..n]) {
-                            Ok(b) => Some(b),
-                            Err(why) => break why,
-                        }
-                    } else if let Some(sp) = splitter.as_mut() {
-                        match sp.client(&to_up[..n], lock(&shared).delta.as_mut()) {
-                            Ok(b) => Some(b),
-                            Err(why) => break why,
-                        }
-                    } else {
-                        None
+                    let rewritten = match rewrite_up(&mut watch, splitter.as_mut(), &shared, &to_up[..n]) {
+                        Ok(r) => r,
+                        Err(why) => break why,
                     };
                     let up = rewritten.as_deref().unwrap_or(&to_up[..n]);
-                    if let Err(why) = watch.client_bytes(up) {
-                        break why;
-                    }
                     if !up.is_empty() {
                         // Flushed: a TLS stream holds written bytes until then.
                         let sent = async {
@@ -285,26 +271,11 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
                 Err(e) => break format!("reading from the copy server failed: {e}"),
                 Ok(n) => {
                     // An error reply (or one that does not parse) is held, not passed on.
-                    let handshake = !watch.in_transmission();
-                    let rewritten = if handshake {
-                        match watch.server_handshake(&to_down[..n]) {
-                            Ok(b) => Some(b),
-                            Err(why) => break why,
-                        }
-                    } else {
-                        if let Err(why) = watch.server_bytes(&to_down[..n]) {
-                            break why;
-                        }
-                        None
+                    let rewritten = match rewrite_down(&mut watch, splitter.as_mut(), &to_down[..n]) {
+                        Ok(r) => r,
+                        Err(why) => break why,
                     };
                     waiting_since = None;
-                    let rewritten = match (splitter.as_mut(), rewritten) {
-                        (Some(sp), None) => match sp.server(&to_down[..n]) {
-                            Ok(b) => Some(b),
-                            Err(why) => break why,
-                        },
-                        (_, r) => r,
-                    };
                     if down_w.write_all(rewritten.as_deref().unwrap_or(&to_down[..n])).await.is_err() {
                         return;
                     }
@@ -338,6 +309,35 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
         notified.await;
     }
     drop((down_r, down_w));
+}
+
+/// QEMU's bytes as they go to the copy server (`None`: as they came): the handshake's rewrite,
+/// or the delta's, then followed by the watch. `Err`: the copy counts as lost.
+fn rewrite_up(watch: &mut nbdwatch::NbdWatch, splitter: Option<&mut delta::Splitter>, shared: &Mutex<Shared>, data: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    // (The client sends requests only once the server accepted its GO, which ended the
+    // handshake: a read is all handshake or all transmission.)
+    let rewritten = if !watch.in_transmission() {
+        Some(watch.client_handshake(data)?)
+    } else if let Some(sp) = splitter {
+        Some(sp.client(data, lock(shared).delta.as_mut())?)
+    } else {
+        None
+    };
+    watch.client_bytes(rewritten.as_deref().unwrap_or(data))?;
+    Ok(rewritten)
+}
+
+/// The copy server's bytes as they go to QEMU (`None`: as they came): followed by the watch
+/// (an error reply is `Err`), the handshake's rewrite, or the delta's.
+fn rewrite_down(watch: &mut nbdwatch::NbdWatch, splitter: Option<&mut delta::Splitter>, data: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    if !watch.in_transmission() {
+        return Ok(Some(watch.server_handshake(data)?));
+    }
+    watch.server_bytes(data)?;
+    match splitter {
+        Some(sp) => Ok(Some(sp.server(data)?)),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]
