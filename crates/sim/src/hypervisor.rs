@@ -478,7 +478,19 @@ impl VmDriver for SimDriver {
                 ReturnStep::Start { .. } => l.path = SimPath::Other { back: Some(SimJob::Copying { left: crate::mirror::SIM_COPY_PASSES }) },
                 ReturnStep::Retry { .. } if l.path == SimPath::Failed => l.path = SimPath::Local,
                 ReturnStep::Retry { .. } => return refused("resume a disk that did not fail"),
-                ReturnStep::Pause => l.paused = true,
+                ReturnStep::Pause => {
+                    l.paused = true;
+                    // As QEMU's driver: the way back's last round, the guest paused, copies what
+                    // the site's copy still lacks — before the agent commits it current.
+                    if l.path == (SimPath::Other { back: Some(SimJob::InSync) }) {
+                        let site = crate::mirror::site_of(&self.world, self.me);
+                        let mut copies = lock(&self.world.site_copies);
+                        let c = copies.entry(name.to_string()).or_default();
+                        if let (Some(site), Some(there)) = (site, c.at.get(&l.site).copied()) {
+                            c.at.insert(site, there);
+                        }
+                    }
+                }
                 ReturnStep::Finish if l.path == (SimPath::Other { back: Some(SimJob::InSync) }) => {
                     // Back on the site's copy, mirrored into the other from this instant.
                     (l.path, l.job, l.paused) = (SimPath::Local, SimJob::InSync, false);

@@ -117,12 +117,11 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
             // The guest's next request fails: it pauses, the request kept.
             SimPath::Local if !local_up => l.path = SimPath::Failed,
             SimPath::Other { back: Some(SimJob::Copying { .. } | SimJob::InSync) } if !local_up => l.path = SimPath::Other { back: Some(SimJob::Stopped) },
+            // The way back copies in rounds (QEMU's driver: `pathswitch::catchup`): "in sync"
+            // means little is left, not that the site's copy has every write — only the last
+            // round, at the pause before the commit, completes it (`return_to_local`).
             SimPath::Other { back: Some(SimJob::Copying { left }) } if l.relay == RelayPhase::Open => {
                 let back = if left <= 1 { SimJob::InSync } else { SimJob::Copying { left: left - 1 } };
-                if back == SimJob::InSync {
-                    let there = c.at.get(&l.site).copied().unwrap_or(0);
-                    c.at.insert(site.clone(), there);
-                }
                 l.path = SimPath::Other { back: Some(back) };
             }
             _ => {}
@@ -142,13 +141,10 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
     }
     c.acked += 1;
     let n = c.acked;
-    // On another site's copy: the write lands there (and on the site's own copy once the way
-    // back is in sync); else on the site's copy and every copy in sync.
+    // On another site's copy: the write lands there (the site's own copy gets it from the way
+    // back's rounds, at the latest its last); else on the site's copy and every copy in sync.
     if let Some(on) = links.values().find(|l| matches!(l.path, SimPath::Other { .. })) {
         c.at.insert(on.site.clone(), n);
-        if on.path == (SimPath::Other { back: Some(SimJob::InSync) }) {
-            c.at.insert(site, n);
-        }
         return;
     }
     c.at.insert(site, n);
