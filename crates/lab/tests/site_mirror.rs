@@ -125,18 +125,23 @@ async fn release_and_go_on(seq: &SeqWatch, relay: &CopyRelay, vm: &Guest, held: 
     Ok(())
 }
 
-/// Resumes the mirror until it is in sync again; the bytes it copied again.
-async fn resync(vm: &Guest, len_before: u64) -> Result<u64> {
+/// Resumes the mirror until it is in sync again.
+async fn resume_until_in_sync(vm: &Guest) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         syncmirror::resume("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         match syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? {
-            MirrorSample::InSync => break,
+            MirrorSample::InSync => return Ok(()),
             s if Instant::now() >= deadline => return Err(anyhow!("no resync: {s:?}")),
             _ => {}
         }
     }
+}
+
+/// Resumes the mirror until it is in sync again; the bytes it copied again.
+async fn resync(vm: &Guest, len_before: u64) -> Result<u64> {
+    resume_until_in_sync(vm).await?;
     let recopied = job_len(&vm.qmp).await? - len_before;
     eprintln!("resync copied {} KiB of a {} MiB disk", recopied >> 10, DISK_BYTES >> 20);
     assert!(recopied > 0 && recopied < DISK_BYTES / 4, "the resync copied {recopied} bytes of {DISK_BYTES}");
@@ -319,16 +324,7 @@ async fn lost_midway(dir: &Path, launcher: &Launcher, server: CopyServer, relay:
     eprintln!("a resync by chunk sums lost its copy: {:?}", syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await?);
     let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + 7), launcher).await?;
     server.serve(&export, remote).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        syncmirror::resume("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        match syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? {
-            MirrorSample::InSync => break,
-            s if Instant::now() >= deadline => return Err(anyhow!("no resync after the loss: {s:?}")),
-            _ => {}
-        }
-    }
+    resume_until_in_sync(vm).await?;
     assert_acknowledged_on(remote, seq)?;
     Ok(server)
 }
