@@ -35,6 +35,7 @@ use thiserror::Error;
 use tracing::Instrument;
 
 mod coordinator;
+mod copyserve;
 mod fencing;
 mod liveness;
 mod maintenance;
@@ -49,7 +50,8 @@ pub use shutdown::{policy_name, ShutdownConfig, ShutdownPolicy};
 mod watchdogs;
 pub mod witness;
 
-pub use mirror::{COPY_APPLY_WAIT, COPY_REQUEST_TIMEOUT, LINK_RETRY, MAX_MIRROR_LINKS};
+pub use copyserve::COPY_APPLY_WAIT;
+pub use mirror::{COPY_REQUEST_TIMEOUT, LINK_RETRY, MAX_MIRROR_LINKS};
 pub use probe::{MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL};
 pub use watchdogs::{WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};
 
