@@ -53,6 +53,7 @@ pub mod witness;
 pub use copyserve::COPY_APPLY_WAIT;
 pub use mirror::{COPY_REQUEST_TIMEOUT, LINK_RETRY, MAX_MIRROR_LINKS};
 pub use probe::{MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL};
+pub use storagewatch::STORAGE_PROBE_SPACING;
 pub use watchdogs::{WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};
 
 /// Timeout of a forwarded write.

@@ -7,7 +7,7 @@ use std::time::Duration;
 pub use crate::agent::witness::WITNESS_UNREACHABLE_ROUNDS;
 pub use crate::agent::{
     COPY_APPLY_WAIT, COPY_REQUEST_TIMEOUT, FORWARD_TIMEOUT, LINK_RETRY, LOCAL_QUERY_TIMEOUT, MAX_MIRROR_LINKS, MAX_PROBES, PROBE_ATTEMPT_TIMEOUT,
-    PROBE_GIVE_UP, PROBE_INTERVAL, WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS,
+    PROBE_GIVE_UP, PROBE_INTERVAL, STORAGE_PROBE_SPACING, WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS,
 };
 pub use crate::api::MAX_BODY;
 pub use crate::api_limits::{MAX_CONNECTIONS, REQUEST_TIMEOUT};
@@ -39,6 +39,10 @@ const _: () = assert!(
 const _: () = assert!(MAX_BODY as u64 <= MAX_RESPONSE as u64, "every body one agent may send, another may read back");
 const _: () = assert!(RELOAD_BYTES <= EVENT_FILE_MAX, "the timeline reloads at most the file it keeps");
 const _: () = assert!(shorter(COPY_REQUEST_TIMEOUT, REQUEST_TIMEOUT), "asking a host to serve a copy gives up before that host's own request deadline");
+const _: () = assert!(
+    STORAGE_PROBE_SPACING.as_millis() >= tandem_drivers::pathswitch::PROBE_TIMEOUT.as_millis(),
+    "a copy is probed at most once per probe's bound: a hung copy holds one thread, not a queue"
+);
 const _: () = assert!(shorter(COPY_APPLY_WAIT, COPY_REQUEST_TIMEOUT), "a copy server waits for committed state less long than its caller waits for it");
 const _: () = assert!(MAX_MIRROR_LINKS > 0 && LINK_RETRY.as_millis() > 0);
 const _: () = assert!(RECEIVE_POLL_DIVISOR >= 2, "a heartbeat is stamped at most half an interval after it arrived");

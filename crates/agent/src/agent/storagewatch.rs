@@ -3,24 +3,30 @@
 //! but storage that *hangs* leaves the guest's requests hanging in QEMU — whose file driver has
 //! no timeout — and no switch can take them back. So that such a hang is never silent, each
 //! disk's copy is read directly (one 4 KiB `O_DIRECT` read on a thread of its own, at most one
-//! per copy at a time) each round; one that does not answer within the probe's bound raises a
-//! `storage-path-hung` alert, and the copy answering again `storage-path-responsive`.
+//! per copy at a time, at most one a `STORAGE_PROBE_SPACING`); one that does not answer within
+//! the probe's bound raises a `storage-path-hung` alert, and the copy answering again
+//! `storage-path-responsive`.
 
 use super::{lock, Agent};
 use crate::events::EventKind;
 use std::sync::Arc;
+use std::time::Duration;
 use tandem_drivers::pathswitch::ProbeAnswer;
+use tokio::time::Instant;
+
+/// The least time between two probes of one copy (the agent's passes come faster).
+pub const STORAGE_PROBE_SPACING: Duration = Duration::from_secs(1);
 
 /// Where one disk's watch stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) enum StorageWatch {
-    /// Not probed yet, or it answered last time.
+    /// Not probed yet.
     #[default]
-    Answering,
+    Unprobed,
     /// A probe is under way.
     Probing { hung: bool },
-    /// The last probe got no answer in time.
-    Hung,
+    /// The last probe, ended at `at`, got an answer (`hung` false) or none in time.
+    Probed { hung: bool, at: Instant },
 }
 
 impl Agent {
@@ -44,8 +50,9 @@ impl Agent {
                 let state = m.storage.entry(key.clone()).or_default();
                 let hung = match *state {
                     StorageWatch::Probing { .. } => continue,
-                    StorageWatch::Hung => true,
-                    StorageWatch::Answering => false,
+                    StorageWatch::Probed { at, .. } if at.elapsed() < STORAGE_PROBE_SPACING => continue,
+                    StorageWatch::Probed { hung, .. } => hung,
+                    StorageWatch::Unprobed => false,
                 };
                 *state = StorageWatch::Probing { hung };
                 hung
@@ -55,7 +62,7 @@ impl Agent {
                 let Some(probe) = a.driver.probe_site_copy(&relative) else { return };
                 let now_hung = probe.await == ProbeAnswer::Hangs;
                 if let Some(s) = lock(&a.mirroring).storage.get_mut(&key) {
-                    *s = if now_hung { StorageWatch::Hung } else { StorageWatch::Answering };
+                    *s = StorageWatch::Probed { hung: now_hung, at: Instant::now() };
                 }
                 match (hung, now_hung) {
                     (false, true) => {
