@@ -125,9 +125,15 @@ pub async fn switch_to_copy(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -
 /// conclude and dismisses it.
 async fn complete(vm: &str, q: &Qmp, timeout: Duration, disk: usize, id: &str) -> Result<(), PathSwitchError> {
     q.execute("block-job-complete", json!({"device": id}), timeout).await.map_err(qmp_err(vm, "completed its mirror"))?;
-    let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
+    wait_concluded(vm, q, timeout, disk, id, SWITCH_WAIT).await
+}
+
+/// Waits up to `wait` for job `id` of disk `disk` to conclude (none is fine) and dismisses it;
+/// an error if it ended with one, or took longer.
+pub(super) async fn wait_concluded(vm: &str, q: &Qmp, timeout: Duration, disk: usize, id: &str, wait: Duration) -> Result<(), PathSwitchError> {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror"))?;
+        let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its block job"))?;
         let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("id").and_then(Value::as_str) == Some(id))).cloned();
         match job {
             None => return Ok(()),
@@ -255,21 +261,17 @@ pub async fn back_sample(vm: &str, q: &Qmp, timeout: Duration, disk: usize, bloc
     }
     let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its way back"))?;
     let round = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("id").and_then(Value::as_str) == Some(id.as_str())));
-    if round.is_none() && !catchup::recorded(vm, q, timeout, disk).await? {
-        return Ok(MirrorSample::Absent);
-    }
-    if round.is_none() && !local_open(vm, q, timeout, disk).await? {
-        // Switched, and the way back has not started.
-        return Ok(MirrorSample::Absent);
+    if round.is_none() {
+        // No round under way: a way back by rounds only if the writes since the switch are
+        // recorded and the local copy is open (else switched, the way back not started).
+        let nodes = catchup::nodes(vm, q, timeout).await?;
+        let local = local_node(disk);
+        let open = nodes.as_array().is_some_and(|a| a.iter().any(|n| n.get("node-name").and_then(Value::as_str) == Some(local.as_str())));
+        if catchup::rounds_in(&nodes, disk).is_empty() || !open {
+            return Ok(MirrorSample::Absent);
+        }
     }
     catchup::advance(vm, q, timeout, disk, round).await
-}
-
-/// Whether the local copy's node is open (a way back started).
-async fn local_open(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<bool, PathSwitchError> {
-    let nodes = q.execute("query-named-block-nodes", json!({"flat": true}), timeout).await.map_err(qmp_err(vm, "read its disks"))?;
-    let node = local_node(disk);
-    Ok(nodes.as_array().is_some_and(|a| a.iter().any(|n| n.get("node-name").and_then(Value::as_str) == Some(node.as_str()))))
 }
 
 /// Runs `step` of disk `disk`'s return (`path`: the local copy, for `Start`).

@@ -38,9 +38,18 @@ pub async fn mark_switch(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> R
     Ok(())
 }
 
+/// The VM's block nodes (`query-named-block-nodes`, flat).
+pub(super) async fn nodes(vm: &str, q: &Qmp, timeout: Duration) -> Result<Value, PathSwitchError> {
+    q.execute("query-named-block-nodes", json!({"flat": true}), timeout).await.map_err(qmp_err(vm, "read its disks' bitmaps"))
+}
+
 /// The rounds' bitmaps on the other copy's node: (round, bytes recorded), oldest first.
 async fn rounds(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<Vec<(u64, u64)>, PathSwitchError> {
-    let nodes = q.execute("query-named-block-nodes", json!({"flat": true}), timeout).await.map_err(qmp_err(vm, "read its disks' bitmaps"))?;
+    Ok(rounds_in(&nodes(vm, q, timeout).await?, disk))
+}
+
+/// The rounds' bitmaps of disk `disk` in a `query-named-block-nodes` answer, oldest first.
+pub(super) fn rounds_in(nodes: &Value, disk: usize) -> Vec<(u64, u64)> {
     let prefix = format!("tandem-since{disk}-");
     let node = remote_node(disk);
     let mut out: Vec<(u64, u64)> = nodes
@@ -58,7 +67,7 @@ async fn rounds(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<Vec
         })
         .unwrap_or_default();
     out.sort_unstable();
-    Ok(out)
+    out
 }
 
 /// Whether disk `disk`'s writes since its switch are recorded (the way back can go by rounds).
@@ -146,14 +155,14 @@ pub async fn advance(vm: &str, q: &Qmp, timeout: Duration, disk: usize, job: Opt
 /// instead, those ranges are simply copied again.)
 pub async fn last_round(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
     // A round under way ends first (what it copied may be copied again: its bitmap is merged).
-    wait_concluded(vm, q, timeout, disk, FINAL_ROUND_WAIT).await?;
+    super::wait_concluded(vm, q, timeout, disk, &back_job_id(disk), FINAL_ROUND_WAIT).await?;
     let rounds = rounds(vm, q, timeout, disk).await?;
     let Some(&(recording, _)) = rounds.last() else {
         return Err(PathSwitchError::Failed { vm: vm.to_string(), disk, reason: "no record of the writes since the switch".into() });
     };
     forget_older(vm, q, timeout, disk, &rounds, recording).await?;
     q.execute("transaction", json!({"actions": [backup(disk, recording)]}), timeout).await.map_err(qmp_err(vm, "started the last round of its way back"))?;
-    wait_concluded(vm, q, timeout, disk, FINAL_ROUND_WAIT).await
+    super::wait_concluded(vm, q, timeout, disk, &back_job_id(disk), FINAL_ROUND_WAIT).await
 }
 
 /// After the last round (the guest still paused, the copies equal): moves the disk onto the
@@ -176,29 +185,6 @@ pub async fn finish(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result
     super::complete(vm, q, timeout, disk, &back_job_id(disk)).await?;
     let left: Vec<String> = rounds(vm, q, timeout, disk).await?.iter().map(|(r, _)| bitmap(disk, *r)).collect();
     remove(vm, q, timeout, disk, &left).await
-}
-
-/// Waits up to `wait` for the way back's round to conclude, and dismisses it; an error if it
-/// failed or took longer.
-async fn wait_concluded(vm: &str, q: &Qmp, timeout: Duration, disk: usize, wait: Duration) -> Result<(), PathSwitchError> {
-    let id = back_job_id(disk);
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its way back"))?;
-        let job = jobs.as_array().and_then(|a| a.iter().find(|j| j.get("id").and_then(Value::as_str) == Some(id.as_str()))).cloned();
-        match job {
-            Some(j) if j.get("status").and_then(Value::as_str) == Some("concluded") => {
-                let _ = q.execute("job-dismiss", json!({"id": id}), timeout).await;
-                return match j.get("error").and_then(Value::as_str) {
-                    Some(reason) => Err(PathSwitchError::Failed { vm: vm.to_string(), disk, reason: reason.to_string() }),
-                    None => Ok(()),
-                };
-            }
-            None => return Ok(()),
-            Some(_) if tokio::time::Instant::now() >= deadline => return Err(PathSwitchError::Stuck { vm: vm.to_string(), disk }),
-            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
 }
 
 /// After the way back was given up (its job ended): what its round was copying stays to copy.
