@@ -51,7 +51,7 @@ mod watchdogs;
 pub mod witness;
 
 pub use copyserve::COPY_APPLY_WAIT;
-pub use mirror::{COPY_REQUEST_TIMEOUT, LINK_RETRY, MAX_MIRROR_LINKS};
+pub use mirror::{COPY_REQUEST_TIMEOUT, HUNG_KILL_WAIT, LINK_RETRY, MAX_MIRROR_LINKS};
 pub use probe::{MAX_PROBES, PROBE_ATTEMPT_TIMEOUT, PROBE_GIVE_UP, PROBE_INTERVAL};
 pub use storagewatch::STORAGE_PROBE_SPACING;
 pub use watchdogs::{WATCHDOG_MAX_SLEEP_MS, WATCHDOG_MIN_SLEEP_MS};

@@ -118,6 +118,9 @@ pub struct AgentConfig {
     pub mirror: MirrorConfig,
 }
 
+/// The longest `[mirror] hung_storage_restart_s`, seconds (a day).
+pub const MAX_HUNG_STORAGE_RESTART_S: u64 = 86_400;
+
 /// `[mirror]`: how this host serves its site's copies of mirrored disks to the other sites,
 /// and how it mirrors its own VMs' disks into theirs. (Where its site's copies are is
 /// `[qemu] site_disk_dir`.)
@@ -135,6 +138,12 @@ pub struct MirrorConfig {
     /// address and `copy_port`: a replication network of its own, a forwarded port (the lab's
     /// inter-site delay is one).
     pub advertise: Option<std::net::SocketAddr>,
+    /// A running mirrored disk whose own site's storage has not answered a direct read for
+    /// this long, seconds, is restarted where its other copy is — if that copy is in sync:
+    /// hung storage keeps the guest's requests, so no switch can take them back. 0: never
+    /// (the guest waits for its storage; the alert is raised either way). Kept above storage
+    /// that pauses a while to fail over on its own (an HA NAS: tens of seconds).
+    pub hung_storage_restart_s: u64,
 }
 
 impl Default for MirrorConfig {
@@ -144,6 +153,7 @@ impl Default for MirrorConfig {
             storage_daemon: "qemu-storage-daemon".into(),
             stall_ms: tandem_drivers::copyrelay::DEFAULT_STALL.as_millis() as u64,
             advertise: None,
+            hung_storage_restart_s: 60,
         }
     }
 }
@@ -332,6 +342,9 @@ impl AgentConfig {
         }
         if self.mirror.copy_port == 0 || !(100..=60_000).contains(&self.mirror.stall_ms) {
             return Err(ConfigError::Mirror("copy_port must be a port, and stall_ms within 100..=60000"));
+        }
+        if self.mirror.hung_storage_restart_s > MAX_HUNG_STORAGE_RESTART_S {
+            return Err(ConfigError::Mirror("hung_storage_restart_s must be at most 86400 (0: never)"));
         }
         let paths = &self.heartbeat_disk_paths;
         let same = self.heartbeat_disk.as_ref().is_some_and(|d| paths.contains(d));

@@ -47,6 +47,10 @@ pub enum DiskPath {
     LocalFailed,
     /// The other site's copy, since a storage path failover.
     OtherCopy,
+    /// Its own site's storage has not answered a direct read for the host's configured bound
+    /// (`[mirror] hung_storage_restart_s`): the guest's requests wait in QEMU, whose file
+    /// driver has no timeout, so no switch can take them back.
+    LocalHung,
 }
 
 /// One link, observed.
@@ -103,6 +107,14 @@ pub enum LinkAction {
     /// VM (its held writes were never acknowledged) and give it up, so that the cluster starts
     /// it again where a copy is current, once one answers.
     GiveUp,
+    /// The local copy hangs and the other is in sync: propose `mirror-switched` (only the other
+    /// copy current), then restart elsewhere — the guest's requests cannot be taken back from
+    /// hung storage, but the other copy holds every write it saw acknowledged.
+    ProposeRestartElsewhere,
+    /// Committed state counts only the other copy current and the local copy hangs: kill the
+    /// VM, wait until none of its threads can run again, and give it up, so that the cluster
+    /// starts it again where its copy is current (vSphere's answer to "all paths down").
+    RestartElsewhere,
 }
 
 /// The one action for a link this pass, if any.
@@ -130,7 +142,12 @@ pub fn decide(o: LinkObservation) -> Option<LinkAction> {
         // Not switchable: the guest waits, paused, for its own storage (a lost copy's writes
         // are still released the usual way first).
         DiskPath::LocalFailed if o.relay != RelayPhase::Lost => return Some(LinkAction::RetryLocal),
-        DiskPath::LocalFailed | DiskPath::Local => {}
+        // Hung: left for a restart where the other copy is, on the same terms as a switch. (Not
+        // in sync, or that copy lost: the guest waits for its storage, the mirror as usual.)
+        DiskPath::LocalHung if o.relay == RelayPhase::Open && o.job == JobPhase::InSync && o.current => {
+            return Some(if o.local_current { LinkAction::ProposeRestartElsewhere } else { LinkAction::RestartElsewhere });
+        }
+        DiskPath::LocalFailed | DiskPath::Local | DiskPath::LocalHung => {}
     }
     match (o.relay, o.job) {
         // Held writes: only a committed stale copy lets them go — and never the last current
@@ -193,7 +210,7 @@ pub fn link_state(o: LinkObservation, copied: u64, total: u64, before: &LinkStat
         DiskPath::OtherCopy if o.back == JobPhase::Copying => return LinkState::Returning { copied, total },
         DiskPath::OtherCopy => return LinkState::OnOtherCopy,
         DiskPath::LocalFailed if !matches!(decide(o), Some(LinkAction::ProposeSwitch | LinkAction::Switch)) => return LinkState::PathLost,
-        DiskPath::LocalFailed | DiskPath::Local => {}
+        DiskPath::LocalFailed | DiskPath::Local | DiskPath::LocalHung => {}
     }
     match (o.relay, o.job) {
         (RelayPhase::Lost, _) => LinkState::Holding,
@@ -211,6 +228,33 @@ mod tests {
 
     fn obs(job: JobPhase, relay: RelayPhase, current: bool, server_reachable: bool) -> LinkObservation {
         LinkObservation { job, relay, current, server_reachable, path: DiskPath::Local, local_current: true, back: JobPhase::Absent }
+    }
+
+    /// The local copy hangs: a restart elsewhere only from a mirror in sync into a current copy
+    /// that answers, committed first; otherwise the link goes on as if the copy answered (the
+    /// guest waits for its storage), a lost copy's writes the usual way.
+    #[test]
+    fn a_hung_local_copy_restarts_elsewhere_only_from_a_mirror_in_sync_and_after_the_commit() {
+        let hung = |job, relay, current, local_current| LinkObservation { path: DiskPath::LocalHung, local_current, ..obs(job, relay, current, true) };
+        assert_eq!(decide(hung(JobPhase::InSync, RelayPhase::Open, true, true)), Some(LinkAction::ProposeRestartElsewhere));
+        assert_eq!(decide(hung(JobPhase::InSync, RelayPhase::Open, true, false)), Some(LinkAction::RestartElsewhere));
+        for job in [JobPhase::Absent, JobPhase::Copying, JobPhase::Stopped, JobPhase::Ended, JobPhase::InSync] {
+            for relay in [RelayPhase::None, RelayPhase::Open, RelayPhase::Lost, RelayPhase::Released] {
+                for current in [false, true] {
+                    for local_current in [false, true] {
+                        let o = hung(job, relay, current, local_current);
+                        let eligible = job == JobPhase::InSync && relay == RelayPhase::Open && current;
+                        let restarts = matches!(decide(o), Some(LinkAction::ProposeRestartElsewhere | LinkAction::RestartElsewhere));
+                        assert_eq!(restarts, eligible, "{o:?}");
+                        if !eligible {
+                            let answering = LinkObservation { path: DiskPath::Local, ..o };
+                            assert_eq!(decide(o), decide(answering), "{o:?}");
+                            assert_eq!(link_state(o, 1, 2, &LinkState::InSync), link_state(answering, 1, 2, &LinkState::InSync));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The local copy failed: the switch only from a mirror in sync into a current copy that

@@ -90,6 +90,15 @@ impl Drop for CopyRelay {
     }
 }
 
+/// A task aborted when its handle goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -104,7 +113,8 @@ impl CopyRelay {
         let released = Arc::new(tokio::sync::Notify::new());
         let (s, r, c) = (Arc::clone(&shared), Arc::clone(&released), Arc::clone(&creds));
         let task = tokio::spawn(async move {
-            let mut current: Option<tokio::task::JoinHandle<()>> = None;
+            // Aborted with the relay: a dropped relay carries nothing more.
+            let mut current: Option<AbortOnDrop> = None;
             while let Ok((down, _)) = listener.accept().await {
                 // A held connection is never given up for a new one: closing it would fail the
                 // writes it holds, which QEMU would then complete on the local copy alone.
@@ -113,9 +123,7 @@ impl CopyRelay {
                     continue;
                 }
                 // QEMU holds one connection per disk: a new one replaces the old.
-                if let Some(old) = current.take() {
-                    old.abort();
-                }
+                drop(current.take());
                 let up = lock(&s).upstream.clone();
                 // Closed with a reset, its unsent bytes dropped (`copychannel::connect`): writes
                 // held here must never reach the copy later, when a healed link would carry
@@ -134,7 +142,7 @@ impl CopyRelay {
                     g.health = RelayHealth::Joined;
                     g.releases
                 };
-                current = Some(tokio::spawn(pair(down, upstream, stall, Arc::clone(&s), Arc::clone(&r), generation)));
+                current = Some(AbortOnDrop(tokio::spawn(pair(down, upstream, stall, Arc::clone(&s), Arc::clone(&r), generation))));
             }
         });
         Ok(CopyRelay { socket: socket.to_path_buf(), creds, shared, released, task })

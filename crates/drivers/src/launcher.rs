@@ -243,6 +243,26 @@ impl Launcher {
         }
     }
 
+    /// SIGKILL, then waits (polling every 20 ms) up to `bound` until the VM exited or every
+    /// thread it has left is in uninterruptible sleep — stuck in I/O to storage that hangs. A
+    /// thread leaving that sleep with SIGKILL pending dies before it returns to user space (or
+    /// enters a guest), so none of the VM's vCPUs can run again, though the process lives on
+    /// until the storage lets its requests go.
+    pub async fn kill_until_inert(&self, name: &str, bound: std::time::Duration) -> Result<(), DriverError> {
+        let Some(pid) = self.pid(name) else { return Err(DriverError::NotRunning(name.to_string())) };
+        self.signal(name, libc::SIGKILL, true);
+        let deadline = tokio::time::Instant::now() + bound;
+        while self.is_running(name) && !only_stuck_threads(pid) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DriverError::StopTimeout(name.to_string()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Still there, its vCPUs gone for good: listed as a copy that does not run.
+        self.set_paused(name, true);
+        Ok(())
+    }
+
     /// Waits (polling every 20 ms) up to `timeout` for the VM to exit.
     pub async fn wait_exit(&self, name: &str, timeout: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -253,5 +273,46 @@ impl Launcher {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         true
+    }
+}
+
+/// Whether every thread of process `pid` left is in uninterruptible sleep (`D`) or dead (`Z`,
+/// `X`): false when any can run, and when its threads cannot be read.
+fn only_stuck_threads(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    let mut any = false;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // The state follows the command name, which may itself hold ") ".
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        if !matches!(state, Some('D' | 'Z' | 'X')) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::only_stuck_threads;
+
+    /// A process with a thread that can run is not inert; a dead one (a zombie not yet reaped)
+    /// is; one that cannot be read is not.
+    #[test]
+    fn only_a_process_none_of_whose_threads_can_run_counts_as_inert() {
+        assert!(!only_stuck_threads(std::process::id()), "this test's own threads run");
+        let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!only_stuck_threads(sleeper.id()), "a sleeping process wakes up and runs");
+        let _ = sleeper.kill();
+        // Killed and not reaped yet: a zombie.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !only_stuck_threads(sleeper.id()) {
+            assert!(std::time::Instant::now() < deadline, "the killed process never showed as dead");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = sleeper.wait();
+        assert!(!only_stuck_threads(sleeper.id()), "reaped: nothing to read");
     }
 }

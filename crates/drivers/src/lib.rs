@@ -135,6 +135,13 @@ pub trait VmDriver: Send + Sync + 'static {
     fn kill(&self, name: &str) -> Result<(), DriverError>;
     /// Kills every VM at once; returns how many were signalled. Synchronous: used while fencing.
     fn kill_all(&self) -> usize;
+    /// Kills the VM and its ways to other copies, and waits up to `bound` until none of its
+    /// threads can run again: exited, or only threads stuck in uninterruptible I/O left (hung
+    /// storage), which die before they could run once it lets them go. An error if that takes
+    /// longer.
+    fn kill_for_good<'a>(&'a self, name: &'a str, _bound: std::time::Duration) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { self.kill(name) })
+    }
     /// Every VM started and not yet forgotten, running or exited.
     fn list(&self) -> Vec<VmStatus>;
     /// Notified whenever a VM's exit is recorded, so the reconciler restarts a crashed VM at

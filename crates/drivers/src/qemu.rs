@@ -376,6 +376,14 @@ impl VmDriver for QemuDriver {
         self.launcher.kill_all()
     }
 
+    fn kill_for_good<'a>(&'a self, name: &'a str, bound: std::time::Duration) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            // Its relays first: nothing it had sent is carried to another site's copy after this.
+            self.relays().retain(|(vm, _), _| vm != name);
+            self.launcher.kill_until_inert(name, bound).await
+        })
+    }
+
     fn exits(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         Some(self.launcher.exits())
     }

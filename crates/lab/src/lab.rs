@@ -330,7 +330,7 @@ impl Lab {
             w.write_config(&root, &shared)?;
         }
         let recorder = Recorder::start(id.clone(), opts.recorder_period);
-        Ok(Lab { root, shared, hosts, opts, id, recorder, binary: binary.to_path_buf(), keep: false, witness: None })
+        Ok(Lab { root, shared, hosts, opts, id, recorder, binary: binary.to_path_buf(), keep: std::env::var_os("TANDEM_KEEP_LAB").is_some(), witness: None })
     }
 
     /// Keeps the lab directory on drop (for looking at logs).

@@ -6,7 +6,7 @@
 //! never two QEMU processes holding the image's write lock; never two hosts running it.
 
 use anyhow::Result;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tandem_lab::bench::migration::{doubly_running, test_guest};
 use tandem_lab::demo::wait;
 use tandem_lab::diskguest::{guest_memory_fault, judge, DiskGuestLab, LockWatch, SeqWatch};
@@ -108,8 +108,13 @@ fn a_partition_between_source_and_destination_mid_copy_leaves_one_running_copy()
     let copies = std::thread::scope(|scope| -> Result<usize> {
         let watcher = scope.spawn(|| {
             let mut two = 0;
+            let began = Instant::now();
             for _ in 0..600 {
-                two += doubly_running(&clients).len();
+                let both = doubly_running(&clients);
+                if !both.is_empty() {
+                    eprintln!("two running at {:?}: {both:?}", began.elapsed());
+                }
+                two += both.len();
                 std::thread::sleep(Duration::from_millis(50));
             }
             two

@@ -85,6 +85,53 @@ fn a_host_whose_site_storage_fails_goes_on_on_the_other_sites_copy_without_a_res
     with_sites("tandem-site-path", storage_path_scenario)
 }
 
+/// Site a's storage hangs for good under the running guest (no answer at all, through a FUSE
+/// view), with `hung_storage_restart_s = 3`: the alert first, then — its mirror into b's copy in
+/// sync — b's copy committed as the only current one, the QEMU killed (its threads stuck in the
+/// storage die when it lets them go) and the VM started again at site b, every write it had
+/// acknowledged there. The storage back, the stuck QEMU exits and a's copy catches up.
+#[test]
+fn a_host_whose_site_storage_hangs_restarts_the_guest_where_its_other_copy_is() -> Result<()> {
+    with_sites("tandem-site-hang", |storage, guest| {
+        let spec = SiteLabSpec { fuse_a: true, mirror_extra: "hung_storage_restart_s = 3\n", ..SiteLabSpec::new("tsh", 115, WitnessAt::First) };
+        let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
+        let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
+        let acknowledged = seq.highest();
+        let first_boot = seq.samples().first().map(|s| s.recovered);
+        let hung = Instant::now();
+        fuse.set_mode(0, ViewMode::Hang);
+        let back = wait("the guest to boot again at site b and write", Duration::from_secs(90), || {
+            seq.samples().into_iter().find(|s| s.at > hung && Some(s.recovered) != first_boot && s.writes > 0)
+        });
+        let c1 = lab.client(1);
+        let vm: Option<VmView> = c1.get_as("/v1/vms/db").ok();
+        let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+        // The storage answers again before anything is judged, so that the stuck QEMU can go.
+        fuse.set_mode(0, ViewMode::Normal);
+        let back = back?;
+        eprintln!("site a's storage hung: the guest wrote again at site b after {:?} ({kinds:?})", back.at.saturating_duration_since(hung));
+        assert!(back.recovered >= acknowledged, "the restarted guest found {} on its disk, it had acknowledged {acknowledged}", back.recovered);
+        let vm = vm.ok_or_else(|| anyhow!("no view of db"))?;
+        assert_eq!(vm.host.as_deref(), Some("h1"), "{vm:?}");
+        for kind in ["storage-path-hung", "storage-path-lost"] {
+            assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+        }
+        let views: Vec<Option<LocalView>> = (0..2).map(|i| lab.client(i).get_as::<LocalView>("/v1/local").ok()).collect();
+        assert!(doubly_running(&[lab.client(0), lab.client(1)]).is_empty(), "never two running copies: {views:?}");
+        // The stuck QEMU goes once its requests are let go, and a's copy catches up.
+        let c = lab.client(0);
+        wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+        let local: LocalView = c1.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
+        assert!(local.mirrors.iter().any(|m| m.vm == "db" && m.site == "a"), "{:?}", local.mirrors);
+        let verdict = judge(&seq.finish());
+        eprintln!("{verdict:?}");
+        assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
+        assert_eq!(verdict.boots, 2, "one restart: {verdict:?}");
+        drop(lab);
+        Ok(())
+    })
+}
+
 /// Site a's storage fails under the running guest (EIO on every request, through a FUSE view):
 /// the guest pauses on its failed request, the host commits site b's copy as the only current
 /// one, switches the disk onto it in the same QEMU, and the guest writes on — no restart (one
@@ -243,11 +290,13 @@ struct SiteLabSpec {
     delay: Option<Duration>,
     /// The agents on `[tls]` (a test CA naming both hosts' addresses): the copies cross over TLS.
     tls: bool,
+    /// More of the hosts' `[mirror]` table.
+    mirror_extra: &'static str,
 }
 
 impl SiteLabSpec {
     fn new(prefix: &'static str, loopback_net: u8, witness: WitnessAt) -> SiteLabSpec {
-        SiteLabSpec { prefix, loopback_net, witness, fuse_a: false, delay: None, tls: false }
+        SiteLabSpec { prefix, loopback_net, witness, fuse_a: false, delay: None, tls: false, mirror_extra: "" }
     }
 }
 
@@ -320,8 +369,9 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: &Sit
     opts.capacity = (4, 2048);
     opts.sites = vec!["a".into(), "b".into()];
     opts.extra_config = format!(
-        "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\nbridges = [\"{VM_BRIDGE}\"]\nsite_disk_dir = \"{}/site-{{site}}\"\n[mirror]\nstall_ms = 1000\n",
-        storage.display()
+        "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\nbridges = [\"{VM_BRIDGE}\"]\nsite_disk_dir = \"{}/site-{{site}}\"\n[mirror]\nstall_ms = 1000\n{}",
+        storage.display(),
+        spec.mirror_extra
     );
     // The inter-site delay: each host's copy server reached through a delay relay in the third
     // place (the control namespace, where this test runs).

@@ -91,6 +91,10 @@ pub enum FaultKind {
     /// and come back to it after; copies it serves are lost to their mirrors. Drawn only on
     /// request (`--only`), so that no seed of the other kinds draws otherwise.
     SiteStorageLoss,
+    /// One site's storage answers no request at all for a while (long enough to pass the
+    /// agents' `hung_storage_restart_s`): VMs running there whose other copy is in sync are
+    /// killed and start again where it is; the others wait. Drawn only on request (`--only`).
+    SiteStorageHang,
     /// The link between two sites fails one way: no host of one site reaches any host of the
     /// other, which still reaches it (a half-broken inter-site line). Drawn only on request
     /// (`--only`), like the storage loss, so that the recorded seeds of sites draw as before.
@@ -107,7 +111,7 @@ use FaultKind::*;
 
 impl FaultKind {
     /// Every kind, in the order the simulator draws from (changing it changes every seed).
-    pub const ALL: [FaultKind; 34] = [
+    pub const ALL: [FaultKind; 35] = [
         PartitionFull,
         PartitionOneWay,
         PartitionPair,
@@ -142,6 +146,7 @@ impl FaultKind {
         SiteStorageLoss,
         SiteLinkOneWay,
         PartitionUnevenHeal,
+        SiteStorageHang,
     ];
 
     pub fn name(self) -> &'static str {
@@ -178,6 +183,7 @@ impl FaultKind {
             LinkCutDiskLost => "link-cut-disk-lost",
             WitnessLoss => "witness-loss",
             SiteStorageLoss => "site-storage-loss",
+            SiteStorageHang => "site-storage-hang",
             SiteLinkOneWay => "site-link-one-way",
             PartitionUnevenHeal => "partition-uneven-heal",
         }
@@ -185,12 +191,12 @@ impl FaultKind {
 
     /// Whether it needs hosts in sites (drawn only then).
     pub fn needs_sites(self) -> bool {
-        matches!(self, SitePowerLoss | SiteLinkCut | SiteStorageLoss | SiteLinkOneWay)
+        matches!(self, SitePowerLoss | SiteLinkCut | SiteStorageLoss | SiteStorageHang | SiteLinkOneWay)
     }
 
     /// Whether it is drawn only when asked for (`--only`), never by the default draw.
     pub fn on_request_only(self) -> bool {
-        matches!(self, SiteStorageLoss | SiteLinkOneWay | PartitionUnevenHeal)
+        matches!(self, SiteStorageLoss | SiteStorageHang | SiteLinkOneWay | PartitionUnevenHeal)
     }
 
     /// Whether it is drawn only in two-host clusters with a disk witness.
@@ -219,7 +225,8 @@ impl FaultKind {
             | HostJoin
             | Operator
             | LinkCutDiskLost
-            | SiteStorageLoss => &[Sim],
+            | SiteStorageLoss
+            | SiteStorageHang => &[Sim],
             // The fault suite injects it only with `--only` too.
             PartitionUnevenHeal => &[Sim, Chaos],
             // Drawn only where the hosts have sites (`--sites` of either backend).

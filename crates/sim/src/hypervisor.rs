@@ -439,6 +439,23 @@ impl VmDriver for SimDriver {
         })
     }
 
+    /// As the real probe: a hung site's storage gives no answer within the probe's bound.
+    fn probe_site_copy<'a>(&'a self, _relative: &'a str) -> Option<BoxFuture<'a, tandem_drivers::pathswitch::ProbeAnswer>> {
+        use tandem_drivers::pathswitch::{ProbeAnswer, PROBE_TIMEOUT};
+        Some(Box::pin(async move {
+            let Some(site) = crate::mirror::site_of(&self.world, self.me) else { return ProbeAnswer::Answers };
+            if crate::mirror::storage_hung(&self.world, &site) {
+                tokio::time::sleep(PROBE_TIMEOUT).await;
+                return ProbeAnswer::Hangs;
+            }
+            if crate::mirror::storage_up(&self.world, &site) {
+                ProbeAnswer::Answers
+            } else {
+                ProbeAnswer::Fails
+            }
+        }))
+    }
+
     fn failed_disks<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<usize>, DriverError>> {
         Box::pin(async move {
             let mirrors = lock(&self.mirrors);

@@ -175,6 +175,7 @@ impl Sim {
             FaultKind::SiteLinkCut => self.site_link_cut(kind, target, hold, until, false).await,
             FaultKind::SiteLinkOneWay => self.site_link_cut(kind, target, hold, until, true).await,
             FaultKind::SiteStorageLoss => self.site_storage_loss(kind, target, hold).await,
+            FaultKind::SiteStorageHang => self.site_storage_hang(kind, target, hold).await,
             FaultKind::LinkCutDiskLost => self.link_cut_disk_lost(kind, hold, now, until).await,
             FaultKind::WitnessLoss => self.witness_loss(kind, hold).await,
             FaultKind::PartitionUnevenHeal => self.partition_uneven_heal(kind, target, hold, now).await,

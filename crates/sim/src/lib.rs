@@ -152,6 +152,8 @@ pub fn fault_kinds_with_witness() -> Vec<FaultKind> {
 /// reset while frozen, as the real device would do.
 /// The simulated hosts' `[shutdown] restart_elsewhere_after_s`.
 const SIM_PARK_HOLD_S: u64 = 3;
+/// The simulated agents' `[mirror] hung_storage_restart_s` (a hang fault lasts longer).
+const SIM_HUNG_STORAGE_RESTART_S: u64 = 4;
 const WATCHDOG_RESET_MS: u64 = tandem_core::limits::DEFAULT_WATCHDOG_TIMEOUT_S * 1000;
 
 struct Host {
@@ -226,6 +228,8 @@ impl Sim {
         cfg.shutdown.restart_elsewhere_after_s = SIM_PARK_HOLD_S;
         // And a `migrate` stop waits for its evacuation no longer than a seed can afford.
         cfg.shutdown.evacuate_timeout_s = 20;
+        // A hung site's VMs go to their other copy within a seed.
+        cfg.mirror.hung_storage_restart_s = SIM_HUNG_STORAGE_RESTART_S;
         if let Some(t) = self.opts.timings {
             cfg.timings = t;
         }

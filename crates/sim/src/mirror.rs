@@ -65,9 +65,15 @@ impl SimLink {
     }
 }
 
-/// Whether `site`'s storage answers.
+/// Whether `site`'s storage answers (with data: neither failing nor hung).
 pub fn storage_up(w: &World, site: &str) -> bool {
-    !lock(&w.storage_down).contains(site)
+    !lock(&w.storage_down).contains(site) && !storage_hung(w, site)
+}
+
+/// Whether `site`'s storage answers no request at all: a guest's requests to it wait, and
+/// nothing the agent does takes them back (the real QEMU's file driver has no timeout).
+pub fn storage_hung(w: &World, site: &str) -> bool {
+    lock(&w.storage_hung).contains(site)
 }
 
 /// The site of host `h` (none: no site).
@@ -110,12 +116,13 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
     }
     let Some(site) = site_of(w, me) else { return };
     let local_up = storage_up(w, &site);
+    let local_hung = storage_hung(w, &site);
     let mut copies = lock(&w.site_copies);
     let c = copies.entry(name.to_string()).or_default();
     for l in links.values_mut() {
         match l.path {
             // The guest's next request fails: it pauses, the request kept.
-            SimPath::Local if !local_up => l.path = SimPath::Failed,
+            SimPath::Local if !local_up && !local_hung => l.path = SimPath::Failed,
             SimPath::Other { back: Some(SimJob::Copying { .. } | SimJob::InSync) } if !local_up => l.path = SimPath::Other { back: Some(SimJob::Stopped) },
             // The way back copies in rounds (QEMU's driver: `pathswitch::catchup`): "in sync"
             // means little is left, not that the site's copy has every write — only the last
@@ -137,6 +144,10 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
     // Paused (a failed request, or the pause of the way back), or held for a lost copy: no
     // write is acknowledged.
     if links.values().any(|l| l.relay == RelayPhase::Lost || l.path == SimPath::Failed || l.paused) {
+        return;
+    }
+    // Its own copy hung: the write waits there, not acknowledged.
+    if local_hung && links.values().all(|l| !matches!(l.path, SimPath::Other { .. })) {
         return;
     }
     c.acked += 1;

@@ -78,6 +78,19 @@ impl Sim {
         w.log(format!("HEAL {kind} site {site}"));
     }
 
+    /// The target's site's storage hangs — at least long enough for the agents to give up on
+    /// it (`SIM_HUNG_STORAGE_RESTART_S`), then answers again.
+    pub(super) async fn site_storage_hang(&mut self, kind: FaultKind, target: u32, hold: Duration) {
+        let w = Arc::clone(&self.world);
+        let Some((site, _)) = self.site_of(target) else { return };
+        let hold = hold.max(Duration::from_secs(crate::SIM_HUNG_STORAGE_RESTART_S + 6));
+        w.log(format!("FAULT {kind} site {site} for {hold:?}"));
+        lock(&w.storage_hung).insert(site.clone());
+        self.run_for(hold).await;
+        lock(&w.storage_hung).remove(&site);
+        w.log(format!("HEAL {kind} site {site}"));
+    }
+
     /// The link between the target's site and another cut for `hold` — both ways, or (with
     /// `one_way`) only what the target's site sends.
     pub(super) async fn site_link_cut(&mut self, kind: FaultKind, target: u32, hold: Duration, until: u64, one_way: bool) {

@@ -120,6 +120,8 @@ pub struct World {
     pub mirror_without_hold: std::sync::atomic::AtomicBool,
     /// Sites whose storage fails every request (fault `site-storage-loss`).
     pub storage_down: Mutex<std::collections::BTreeSet<String>>,
+    /// Sites whose storage answers no request at all (fault `site-storage-hang`).
+    pub storage_hung: Mutex<std::collections::BTreeSet<String>>,
     /// The witness's region answers nobody (fault `witness-loss`).
     pub witness_down: std::sync::atomic::AtomicBool,
     /// Invariant violations seen while running (double runs are caught at the start).
@@ -163,6 +165,7 @@ impl World {
             mirror_without_hold: std::sync::atomic::AtomicBool::new(false),
             witness_down: std::sync::atomic::AtomicBool::new(false),
             storage_down: Mutex::new(std::collections::BTreeSet::new()),
+            storage_hung: Mutex::new(std::collections::BTreeSet::new()),
             routers: Mutex::new(BTreeMap::new()),
             disk: Mutex::new(vec![0; DISK_SIZE]),
             private_disks: Mutex::new(BTreeMap::new()),

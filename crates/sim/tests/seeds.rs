@@ -316,6 +316,23 @@ fn a_sites_storage_loss_switches_mirrored_disks_to_the_other_copy_and_back() {
     assert!(switched >= 4 && restored >= 2, "switched {switched}, restored {restored}");
 }
 
+/// A site's storage hanging under its running VMs (`site-storage-hang`, drawn only on
+/// request): past the agents' `hung_storage_restart_s`, a VM whose mirror is in sync is killed
+/// and started again where its other copy is; every start is checked against what its copy
+/// holds (`stale-copy`), no VM runs twice, and nobody fences.
+#[test]
+fn a_sites_hung_storage_restarts_its_vms_where_their_other_copy_is() {
+    let names = |s: &[&str]| s.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
+    let mut restarted = 0;
+    for (seed, sites, witness) in [(1, names(&["a", "b"]), true), (2, names(&["a", "a", "b", "b", "w"]), false)] {
+        let hosts = sites.len() as u32;
+        let r = run(&SimOptions { hosts, late_hosts: 0, disk_witness: witness, sites, only: Some(FaultKind::SiteStorageHang), ..opts(seed, 60) });
+        assert!(r.violations.is_empty(), "seed {seed}: {:#?}", r.violations);
+        restarted += r.trace.iter().filter(|l| l.contains("event storage-path-lost") && l.contains("to start again where that copy is")).count();
+    }
+    assert!(restarted >= 2, "restarted {restarted}");
+}
+
 /// Seeds 241 and 224 with local disks. 241: a stopped VM with a local disk, started again,
 /// was placed on another host and ran from that host's older copy (`stale-disk`); committed
 /// state now keeps the host of the latest copy and starts the VM only there

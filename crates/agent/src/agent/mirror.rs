@@ -33,6 +33,9 @@ pub const MAX_MIRROR_LINKS: usize = 1024;
 /// After a failed attach or resume (nobody serves the copy, say), the link waits this long
 /// before it tries again.
 pub const LINK_RETRY: Duration = Duration::from_secs(2);
+/// How long a VM killed because its storage hangs may take until none of its threads can run
+/// again (exited, or only threads stuck in the storage left); longer, the kill is tried again.
+pub const HUNG_KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// A link: (VM, disk index, other site).
 type LinkKey = (String, usize, String);
@@ -188,6 +191,7 @@ impl Agent {
                 failed.insert(vm.clone(), disks);
             }
             let local_failed = failed.get(vm).is_some_and(|d| d.contains(disk));
+            let local_hung = self.local_copy_hung(vm, *disk);
             let status = match self.driver.mirror_status(vm, *disk).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -208,6 +212,7 @@ impl Agent {
                     // (Returning too: the disk is still on the other copy until the way back ends.)
                     Some(l) if l.state.on_other_copy() => DiskPath::OtherCopy,
                     _ if local_failed => DiskPath::LocalFailed,
+                    _ if local_hung => DiskPath::LocalHung,
                     _ => DiskPath::Local,
                 };
                 let obs =
@@ -361,6 +366,16 @@ impl Agent {
                 }
             }
             LinkAction::Switch => self.switch_link(w).await,
+            LinkAction::ProposeRestartElsewhere => {
+                let cmd = Command::MirrorSwitched { name: vm.clone(), generation: w.generation, site: site.clone() };
+                match self.submit(cmd).await {
+                    // Committed: only the other copy is current; the VM restarts there.
+                    Ok(Ok(_)) => self.restart_elsewhere(w).await,
+                    Ok(Err(e)) => Err(format!("refused (the guest waits for its storage): {e}")),
+                    Err(e) => Err(format!("not committed (the guest waits for its storage): {}", crate::api::chain(&e))),
+                }
+            }
+            LinkAction::RestartElsewhere => self.restart_elsewhere(w).await,
             LinkAction::StartReturn => {
                 let d = self.disk_spec(vm, *disk)?;
                 let step = ReturnStep::Start { relative: d.path, format: d.format.unwrap_or_else(|| "raw".into()) };
@@ -390,6 +405,27 @@ impl Agent {
             }
             LinkAction::Release => Ok(()),
         }
+    }
+
+    /// The local copy hangs, committed state counts only the other copy current: the VM is
+    /// killed — its relay first, so that nothing it had under way reaches the other copy later
+    /// — and given up once none of its threads can run again (those stuck in the hung storage
+    /// die when it lets them go), so that the cluster starts it where that copy is.
+    async fn restart_elsewhere(&self, w: &Wanted) -> Result<(), String> {
+        let (vm, disk, site) = &w.key;
+        self.driver.kill_for_good(vm, HUNG_KILL_WAIT).await.map_err(|e| crate::api::chain(&e))?;
+        let detail = format!(
+            "disk {disk}: this site's storage has not answered for {} s, and {site}'s copy holds every write the guest saw acknowledged",
+            self.cfg.mirror.hung_storage_restart_s
+        );
+        self.events.record(
+            EventKind::StoragePathLost,
+            Some(vm),
+            Some(&w.my_site),
+            format!("{detail}; {vm} killed and given up, to start again where that copy is"),
+        );
+        self.give_up_here(vm, w.generation, &detail).await;
+        Ok(())
     }
 
     /// Disk `disk` of `vm`'s spec, as committed.

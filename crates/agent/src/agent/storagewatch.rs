@@ -5,7 +5,9 @@
 //! disk's copy is read directly (one 4 KiB `O_DIRECT` read on a thread of its own, at most one
 //! per copy at a time, at most one a `STORAGE_PROBE_SPACING`); one that does not answer within
 //! the probe's bound raises a `storage-path-hung` alert, and the copy answering again
-//! `storage-path-responsive`.
+//! `storage-path-responsive`. A hang that lasts `[mirror] hung_storage_restart_s` makes the
+//! disk's path `LocalHung` for the core (`mirroring::decide`): the VM is restarted where its
+//! other copy is, if that copy is in sync (`mirror::restart_elsewhere`).
 
 use super::{lock, Agent};
 use crate::events::EventKind;
@@ -23,13 +25,32 @@ pub(super) enum StorageWatch {
     /// Not probed yet.
     #[default]
     Unprobed,
-    /// A probe is under way.
-    Probing { hung: bool },
-    /// The last probe, ended at `at`, got an answer (`hung` false) or none in time.
-    Probed { hung: bool, at: Instant },
+    /// A probe is under way; `hung_since`: as after the last one.
+    Probing { hung_since: Option<Instant> },
+    /// The last probe, ended at `at`, got an answer (`hung_since` none) or none in time — the
+    /// copy has not answered since the start of the first probe that got none.
+    Probed { hung_since: Option<Instant>, at: Instant },
+}
+
+impl StorageWatch {
+    /// Since when the copy has not answered, if it does not.
+    pub(super) fn hung_since(&self) -> Option<Instant> {
+        match *self {
+            StorageWatch::Unprobed => None,
+            StorageWatch::Probing { hung_since } | StorageWatch::Probed { hung_since, .. } => hung_since,
+        }
+    }
 }
 
 impl Agent {
+    /// Whether disk `disk` of `vm`'s own copy has not answered for `[mirror]
+    /// hung_storage_restart_s` (never when that is 0).
+    pub(super) fn local_copy_hung(&self, vm: &str, disk: usize) -> bool {
+        let bound = self.cfg.mirror.hung_storage_restart_s;
+        let since = lock(&self.mirroring).storage.get(&(vm.to_string(), disk)).and_then(StorageWatch::hung_since);
+        bound > 0 && since.is_some_and(|t| t.elapsed() >= Duration::from_secs(bound))
+    }
+
     /// Probes, in the background, the local copy of each mirrored disk of `running` (VM, disk,
     /// copy's path relative to the storage of this host's site, `site`) that is not being
     /// probed.
@@ -45,26 +66,28 @@ impl Agent {
                 return;
             }
             let key = (vm.clone(), disk);
-            let hung = {
+            let hung_since = {
                 let mut m = lock(&self.mirroring);
                 let state = m.storage.entry(key.clone()).or_default();
-                let hung = match *state {
+                match *state {
                     StorageWatch::Probing { .. } => continue,
                     StorageWatch::Probed { at, .. } if at.elapsed() < STORAGE_PROBE_SPACING => continue,
-                    StorageWatch::Probed { hung, .. } => hung,
-                    StorageWatch::Unprobed => false,
-                };
-                *state = StorageWatch::Probing { hung };
-                hung
+                    StorageWatch::Probed { .. } | StorageWatch::Unprobed => {}
+                }
+                let hung_since = state.hung_since();
+                *state = StorageWatch::Probing { hung_since };
+                hung_since
             };
             let (a, site) = (Arc::clone(self), site.to_string());
             tokio::spawn(async move {
                 let Some(probe) = a.driver.probe_site_copy(&relative) else { return };
+                let started = Instant::now();
                 let now_hung = probe.await == ProbeAnswer::Hangs;
+                let since = if now_hung { Some(hung_since.unwrap_or(started)) } else { None };
                 if let Some(s) = lock(&a.mirroring).storage.get_mut(&key) {
-                    *s = StorageWatch::Probed { hung: now_hung, at: Instant::now() };
+                    *s = StorageWatch::Probed { hung_since: since, at: Instant::now() };
                 }
-                match (hung, now_hung) {
+                match (hung_since.is_some(), now_hung) {
                     (false, true) => {
                         let detail = format!(
                             "disk {disk}: this site's storage does not answer a read within {:?} ({relative}); the guest's requests to it wait, and no switch to the other copy can take them back — storage should answer a lost path with errors (NFS soft mounts, multipath no_path_retry), which switch at once",

@@ -24,6 +24,11 @@ impl QemuDriver {
             return Err(DriverError::Unsupported { driver: "qemu", what: "serve copies of mirrored disks (no [mirror] settings)" });
         };
         let path = crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), relative);
+        // Storage that hangs would hold the copy server (all of this host's copies) in the open.
+        if self.probes.probe(&path).await == crate::pathswitch::ProbeAnswer::Hangs {
+            let reason = format!("this site's storage does not answer a read of {} within {:?}", path.display(), crate::pathswitch::PROBE_TIMEOUT);
+            return Err(DriverError::Refused { vm: export.to_string(), reason });
+        }
         match std::fs::metadata(&path) {
             Ok(m) if m.len() != bytes => {
                 return Err(DriverError::Refused {
