@@ -405,4 +405,36 @@ mod tests {
         assert_eq!(read_for(&mut qemu, Duration::from_secs(2)).await, Some(0), "released: closed");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A relay dropped (its VM killed) ends the connection it joins, held or not: a QEMU that
+    /// lingers with bytes still in its socket gets none of them carried any more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_relay_ends_its_connections() {
+        let dir = std::env::temp_dir().join(format!("tandem-copyrelay-drop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let daemon = dir.join("d.sock");
+        let server = UnixListener::bind(&daemon).expect("bind");
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((s, _)) = server.accept().await {
+                kept.push(s);
+            }
+        });
+        let creds = Arc::new(CopyCredentials::plain(tandem_core::wire::ClusterKey::new(b"the cluster secret, 16+ bytes").expect("key")));
+        let gate = crate::copychannel::CopyGate::start("127.108.0.2:0", &daemon, Arc::clone(&creds), None).await.expect("gate");
+        let relay = CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_secs(30), creds).expect("relay");
+        let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while relay.health() != RelayHealth::Joined {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("joined to the copy server");
+        assert_eq!(read_for(&mut qemu, Duration::from_millis(300)).await, None, "joined: open");
+        drop(relay);
+        assert_eq!(read_for(&mut qemu, Duration::from_secs(2)).await, Some(0), "dropped: closed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

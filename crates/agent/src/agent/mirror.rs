@@ -356,24 +356,16 @@ impl Agent {
                     Err(e) => Err(format!("not committed (writes stay held): {}", crate::api::chain(&e))),
                 }
             }
+            // Committed: only the other copy is current, the guest may go on there.
             LinkAction::ProposeSwitch => {
-                let cmd = Command::MirrorSwitched { name: vm.clone(), generation: w.generation, site: site.clone() };
-                match self.submit(cmd).await {
-                    // Committed: only the other copy is current, the guest may go on there.
-                    Ok(Ok(_)) => self.switch_link(w).await,
-                    Ok(Err(e)) => Err(format!("refused (the guest stays paused): {e}")),
-                    Err(e) => Err(format!("not committed (the guest stays paused): {}", crate::api::chain(&e))),
-                }
+                self.commit_switched(w, "the guest stays paused").await?;
+                self.switch_link(w).await
             }
             LinkAction::Switch => self.switch_link(w).await,
+            // Committed: only the other copy is current; the VM restarts there.
             LinkAction::ProposeRestartElsewhere => {
-                let cmd = Command::MirrorSwitched { name: vm.clone(), generation: w.generation, site: site.clone() };
-                match self.submit(cmd).await {
-                    // Committed: only the other copy is current; the VM restarts there.
-                    Ok(Ok(_)) => self.restart_elsewhere(w).await,
-                    Ok(Err(e)) => Err(format!("refused (the guest waits for its storage): {e}")),
-                    Err(e) => Err(format!("not committed (the guest waits for its storage): {}", crate::api::chain(&e))),
-                }
+                self.commit_switched(w, "the guest waits for its storage").await?;
+                self.restart_elsewhere(w).await
             }
             LinkAction::RestartElsewhere => self.restart_elsewhere(w).await,
             LinkAction::StartReturn => {
@@ -404,6 +396,18 @@ impl Agent {
                 Ok(())
             }
             LinkAction::Release => Ok(()),
+        }
+    }
+
+    /// Commits `mirror-switched` for the link's copy (the only current one from then on); what
+    /// `meanwhile` says holds while it is not committed.
+    async fn commit_switched(&self, w: &Wanted, meanwhile: &str) -> Result<(), String> {
+        let (vm, _, site) = &w.key;
+        let cmd = Command::MirrorSwitched { name: vm.clone(), generation: w.generation, site: site.clone() };
+        match self.submit(cmd).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("refused ({meanwhile}): {e}")),
+            Err(e) => Err(format!("not committed ({meanwhile}): {}", crate::api::chain(&e))),
         }
     }
 
