@@ -47,10 +47,6 @@ pub enum DiskPath {
     LocalFailed,
     /// The other site's copy, since a storage path failover.
     OtherCopy,
-    /// Its own site's storage has not answered a direct read for the host's configured bound
-    /// (`[mirror] hung_storage_restart_s`): the guest's requests wait in QEMU, whose file
-    /// driver has no timeout, so no switch can take them back.
-    LocalHung,
 }
 
 /// One link, observed.
@@ -67,6 +63,12 @@ pub struct LinkObservation {
     pub local_current: bool,
     /// On the other copy: the mirror back into the site's own copy.
     pub back: JobPhase,
+    /// Its own site's storage has not answered a direct read for the host's configured bound
+    /// (`[mirror] hung_storage_restart_s`): requests QEMU sent it wait — QEMU's file driver has
+    /// no timeout, and anything that would take them back drains them first — whether the
+    /// guest's own (on its own copy) or the way back's (on the other copy, where a guest write
+    /// waits for the way back's copy of the old data to land).
+    pub local_hung: bool,
 }
 
 /// What to do about one link.
@@ -126,6 +128,9 @@ pub fn decide(o: LinkObservation) -> Option<LinkAction> {
         // answers, the way back.
         DiskPath::OtherCopy if o.relay == RelayPhase::Lost => return Some(LinkAction::GiveUp),
         DiskPath::OtherCopy if o.relay != RelayPhase::Open => return None,
+        // A way back into storage that hangs holds the guest's writes and cannot be given up
+        // (that drains it): restart where the copy it runs on is, the only current one.
+        DiskPath::OtherCopy if o.local_hung && matches!(o.back, JobPhase::Copying | JobPhase::InSync) => return Some(LinkAction::RestartElsewhere),
         DiskPath::OtherCopy => {
             return match o.back {
                 JobPhase::Absent => Some(LinkAction::StartReturn),
@@ -144,10 +149,10 @@ pub fn decide(o: LinkObservation) -> Option<LinkAction> {
         DiskPath::LocalFailed if o.relay != RelayPhase::Lost => return Some(LinkAction::RetryLocal),
         // Hung: left for a restart where the other copy is, on the same terms as a switch. (Not
         // in sync, or that copy lost: the guest waits for its storage, the mirror as usual.)
-        DiskPath::LocalHung if o.relay == RelayPhase::Open && o.job == JobPhase::InSync && o.current => {
+        DiskPath::Local if o.local_hung && o.relay == RelayPhase::Open && o.job == JobPhase::InSync && o.current => {
             return Some(if o.local_current { LinkAction::ProposeRestartElsewhere } else { LinkAction::RestartElsewhere });
         }
-        DiskPath::LocalFailed | DiskPath::Local | DiskPath::LocalHung => {}
+        DiskPath::LocalFailed | DiskPath::Local => {}
     }
     match (o.relay, o.job) {
         // Held writes: only a committed stale copy lets them go — and never the last current
@@ -210,7 +215,7 @@ pub fn link_state(o: LinkObservation, copied: u64, total: u64, before: &LinkStat
         DiskPath::OtherCopy if o.back == JobPhase::Copying => return LinkState::Returning { copied, total },
         DiskPath::OtherCopy => return LinkState::OnOtherCopy,
         DiskPath::LocalFailed if !matches!(decide(o), Some(LinkAction::ProposeSwitch | LinkAction::Switch)) => return LinkState::PathLost,
-        DiskPath::LocalFailed | DiskPath::Local | DiskPath::LocalHung => {}
+        DiskPath::LocalFailed | DiskPath::Local => {}
     }
     match (o.relay, o.job) {
         (RelayPhase::Lost, _) => LinkState::Holding,
@@ -227,7 +232,7 @@ mod tests {
     use super::*;
 
     fn obs(job: JobPhase, relay: RelayPhase, current: bool, server_reachable: bool) -> LinkObservation {
-        LinkObservation { job, relay, current, server_reachable, path: DiskPath::Local, local_current: true, back: JobPhase::Absent }
+        LinkObservation { job, relay, current, server_reachable, path: DiskPath::Local, local_current: true, back: JobPhase::Absent, local_hung: false }
     }
 
     /// The local copy hangs: a restart elsewhere only from a mirror in sync into a current copy
@@ -235,7 +240,7 @@ mod tests {
     /// guest waits for its storage), a lost copy's writes the usual way.
     #[test]
     fn a_hung_local_copy_restarts_elsewhere_only_from_a_mirror_in_sync_and_after_the_commit() {
-        let hung = |job, relay, current, local_current| LinkObservation { path: DiskPath::LocalHung, local_current, ..obs(job, relay, current, true) };
+        let hung = |job, relay, current, local_current| LinkObservation { local_hung: true, local_current, ..obs(job, relay, current, true) };
         assert_eq!(decide(hung(JobPhase::InSync, RelayPhase::Open, true, true)), Some(LinkAction::ProposeRestartElsewhere));
         assert_eq!(decide(hung(JobPhase::InSync, RelayPhase::Open, true, false)), Some(LinkAction::RestartElsewhere));
         for job in [JobPhase::Absent, JobPhase::Copying, JobPhase::Stopped, JobPhase::Ended, JobPhase::InSync] {
@@ -247,7 +252,7 @@ mod tests {
                         let restarts = matches!(decide(o), Some(LinkAction::ProposeRestartElsewhere | LinkAction::RestartElsewhere));
                         assert_eq!(restarts, eligible, "{o:?}");
                         if !eligible {
-                            let answering = LinkObservation { path: DiskPath::Local, ..o };
+                            let answering = LinkObservation { local_hung: false, ..o };
                             assert_eq!(decide(o), decide(answering), "{o:?}");
                             assert_eq!(link_state(o, 1, 2, &LinkState::InSync), link_state(answering, 1, 2, &LinkState::InSync));
                         }
@@ -313,6 +318,16 @@ mod tests {
             }
             assert_eq!(decide(on(back, RelayPhase::Lost)), Some(LinkAction::GiveUp));
         }
+        // The site's storage hangs during the way back: its writes wait there, and the guest's
+        // with them, and giving the way back up would drain them — restart where the copy is.
+        // With no way back under way, or one that stopped, nothing waits on that storage.
+        let hung = |back| LinkObservation { local_hung: true, ..on(back, RelayPhase::Open) };
+        assert_eq!(decide(hung(JobPhase::Copying)), Some(LinkAction::RestartElsewhere));
+        assert_eq!(decide(hung(JobPhase::InSync)), Some(LinkAction::RestartElsewhere));
+        for back in [JobPhase::Absent, JobPhase::Stopped, JobPhase::Ended] {
+            assert_eq!(decide(hung(back)), decide(on(back, RelayPhase::Open)), "{back:?}");
+        }
+        assert_eq!(decide(LinkObservation { local_hung: true, ..on(JobPhase::Copying, RelayPhase::Lost) }), Some(LinkAction::GiveUp));
     }
 
     #[test]

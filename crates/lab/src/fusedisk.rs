@@ -26,7 +26,13 @@ pub enum ViewMode {
     Fail,
     /// Every open, read and write waits until the mode changes.
     Hang,
+    /// Opens and reads are served at once; writes one per [`SLOW_WRITE_EVERY`], in order (a
+    /// storage path that has come back slow: a copy into it takes its time).
+    SlowWrites,
 }
+
+/// How often a view in [`ViewMode::SlowWrites`] completes one write.
+pub const SLOW_WRITE_EVERY: Duration = Duration::from_millis(250);
 
 /// A request waiting for its hung view to recover.
 enum Parked {
@@ -105,6 +111,15 @@ impl ViewFs {
                 s.parked[view].push_back(req);
                 None
             }
+            ViewMode::SlowWrites if matches!(req, Parked::Write { .. }) && s.parked[view].len() >= MAX_PARKED => {
+                fail(req);
+                None
+            }
+            ViewMode::SlowWrites if matches!(req, Parked::Write { .. }) => {
+                s.parked[view].push_back(req);
+                None
+            }
+            ViewMode::SlowWrites => Some(req),
         }
     }
 }
@@ -251,15 +266,27 @@ impl FuseDisk {
         let session =
             fuser::spawn_mount2(fs, mountpoint, &options).map_err(|source| FuseDiskError::Mount { path: mountpoint.display().to_string(), source })?;
         let stop = Arc::new(AtomicBool::new(false));
-        // Completes parked requests of views that have recovered.
+        // Completes parked requests of views that have recovered (slow ones one at a time).
         let (s, st) = (Arc::clone(&shared), Arc::clone(&stop));
         std::thread::spawn(move || {
+            let mut slow_served = std::time::Instant::now();
             while !st.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(10));
                 let mut g = lock(&s);
                 let g = &mut *g;
-                let ready: Vec<Parked> =
-                    g.modes.iter().zip(g.parked.iter_mut()).filter(|(m, _)| **m != ViewMode::Hang).flat_map(|(_, p)| std::mem::take(p)).collect();
+                let slow_turn = slow_served.elapsed() >= SLOW_WRITE_EVERY;
+                let mut ready: Vec<Parked> = Vec::new();
+                for (m, p) in g.modes.iter().zip(g.parked.iter_mut()) {
+                    match m {
+                        ViewMode::Hang => {}
+                        ViewMode::SlowWrites if slow_turn => ready.extend(p.pop_front()),
+                        ViewMode::SlowWrites => {}
+                        ViewMode::Normal | ViewMode::Fail => ready.extend(std::mem::take(p)),
+                    }
+                }
+                if slow_turn {
+                    slow_served = std::time::Instant::now();
+                }
                 for r in ready {
                     serve(g, r);
                 }

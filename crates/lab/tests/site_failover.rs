@@ -92,44 +92,75 @@ fn a_host_whose_site_storage_fails_goes_on_on_the_other_sites_copy_without_a_res
 /// acknowledged there. The storage back, the stuck QEMU exits and a's copy catches up.
 #[test]
 fn a_host_whose_site_storage_hangs_restarts_the_guest_where_its_other_copy_is() -> Result<()> {
-    with_sites("tandem-site-hang", |storage, guest| {
-        let spec = SiteLabSpec { fuse_a: true, mirror_extra: "hung_storage_restart_s = 3\n", ..SiteLabSpec::new("tsh", 115, WitnessAt::First) };
-        let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
-        let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
-        let acknowledged = seq.highest();
-        let first_boot = seq.samples().first().map(|s| s.recovered);
-        let hung = Instant::now();
-        fuse.set_mode(0, ViewMode::Hang);
-        let back = wait("the guest to boot again at site b and write", Duration::from_secs(90), || {
-            seq.samples().into_iter().find(|s| s.at > hung && Some(s.recovered) != first_boot && s.writes > 0)
-        });
-        let c1 = lab.client(1);
-        let vm: Option<VmView> = c1.get_as("/v1/vms/db").ok();
-        let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
-        // The storage answers again before anything is judged, so that the stuck QEMU can go.
-        fuse.set_mode(0, ViewMode::Normal);
-        let back = back?;
-        eprintln!("site a's storage hung: the guest wrote again at site b after {:?} ({kinds:?})", back.at.saturating_duration_since(hung));
-        assert!(back.recovered >= acknowledged, "the restarted guest found {} on its disk, it had acknowledged {acknowledged}", back.recovered);
-        let vm = vm.ok_or_else(|| anyhow!("no view of db"))?;
-        assert_eq!(vm.host.as_deref(), Some("h1"), "{vm:?}");
-        for kind in ["storage-path-hung", "storage-path-lost"] {
-            assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
-        }
-        let views: Vec<Option<LocalView>> = (0..2).map(|i| lab.client(i).get_as::<LocalView>("/v1/local").ok()).collect();
-        assert!(doubly_running(&[lab.client(0), lab.client(1)]).is_empty(), "never two running copies: {views:?}");
-        // The stuck QEMU goes once its requests are let go, and a's copy catches up.
-        let c = lab.client(0);
-        wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
-        let local: LocalView = c1.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
-        assert!(local.mirrors.iter().any(|m| m.vm == "db" && m.site == "a"), "{:?}", local.mirrors);
-        let verdict = judge(&seq.finish());
-        eprintln!("{verdict:?}");
-        assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
-        assert_eq!(verdict.boots, 2, "one restart: {verdict:?}");
-        drop(lab);
-        Ok(())
-    })
+    with_sites("tandem-site-hang", |storage, guest| hang_scenario(storage, guest, "tsh", 115, HangWhen::OnItsCopy))
+}
+
+/// Site a's storage fails (the disk switches to b's copy), comes back slow, and hangs while the
+/// way back writes into it: the guest's writes wait for the way back's copies of their old
+/// data, and giving the way back up would drain them — so past the bound the VM restarts at
+/// site b, where the copy it ran on is.
+#[test]
+fn a_way_back_into_storage_that_hangs_again_restarts_the_guest_where_its_copy_is() -> Result<()> {
+    with_sites("tandem-site-hang-back", |storage, guest| hang_scenario(storage, guest, "tsr", 116, HangWhen::DuringTheWayBack))
+}
+
+/// When site a's storage hangs under the guest.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum HangWhen {
+    /// While the disk runs on site a's copy.
+    OnItsCopy,
+    /// While the disk, switched to b's copy, is brought back into it.
+    DuringTheWayBack,
+}
+
+fn hang_scenario(storage: &std::path::Path, guest: &std::path::Path, prefix: &'static str, net: u8, when: HangWhen) -> Result<()> {
+    let spec = SiteLabSpec { fuse_a: true, mirror_extra: "hung_storage_restart_s = 3\n", ..SiteLabSpec::new(prefix, net, WitnessAt::First) };
+    let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
+    let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
+    let c = lab.client(0);
+    if when == HangWhen::DuringTheWayBack {
+        fuse.set_mode(0, ViewMode::Fail);
+        wait("the disk to switch to b's copy", Duration::from_secs(60), || copies_are(&c, &["b"]))?;
+        // Back, slow: the way back's copy into it takes seconds.
+        fuse.set_mode(0, ViewMode::SlowWrites);
+        wait("the way back", Duration::from_secs(60), || {
+            lab.events().into_iter().find(|e| e.kind.to_string() == "storage-path-returning" && e.vm.as_deref() == Some("db"))
+        })?;
+    }
+    let acknowledged = seq.highest();
+    let first_boot = seq.samples().first().map(|s| s.recovered);
+    let hung = Instant::now();
+    fuse.set_mode(0, ViewMode::Hang);
+    let back = wait("the guest to boot again at site b and write", Duration::from_secs(90), || {
+        seq.samples().into_iter().find(|s| s.at > hung && Some(s.recovered) != first_boot && s.writes > 0)
+    });
+    let c1 = lab.client(1);
+    let vm: Option<VmView> = c1.get_as("/v1/vms/db").ok();
+    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    let views: Vec<Option<LocalView>> = (0..2).map(|i| lab.client(i).get_as::<LocalView>("/v1/local").ok()).collect();
+    let doubly = doubly_running(&[lab.client(0), lab.client(1)]);
+    // The storage answers again before anything is judged, so that the stuck QEMU can go.
+    fuse.set_mode(0, ViewMode::Normal);
+    let back = back?;
+    eprintln!("site a's storage hung ({when:?}): the guest wrote again at site b after {:?} ({kinds:?})", back.at.saturating_duration_since(hung));
+    assert!(back.recovered >= acknowledged, "the restarted guest found {} on its disk, it had acknowledged {acknowledged}", back.recovered);
+    let vm = vm.ok_or_else(|| anyhow!("no view of db"))?;
+    assert_eq!(vm.host.as_deref(), Some("h1"), "{vm:?}");
+    for kind in ["storage-path-lost", "vm-relocating"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    assert!(!kinds.iter().any(|k| k == "storage-path-restored"), "the way back ended before the hang: {kinds:?}");
+    assert!(doubly.is_empty(), "never two running copies: {views:?}");
+    // The stuck QEMU goes once its requests are let go, and a's copy catches up.
+    wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+    let local: LocalView = c1.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
+    assert!(local.mirrors.iter().any(|m| m.vm == "db" && m.site == "a"), "{:?}", local.mirrors);
+    let verdict = judge(&seq.finish());
+    eprintln!("{verdict:?}");
+    assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
+    assert_eq!(verdict.boots, 2, "one restart: {verdict:?}");
+    drop(lab);
+    Ok(())
 }
 
 /// Site a's storage fails under the running guest (EIO on every request, through a FUSE view):

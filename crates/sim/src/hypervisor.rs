@@ -483,14 +483,22 @@ impl VmDriver for SimDriver {
         Box::pin(async move {
             use crate::mirror::{SimJob, SimPath};
             use tandem_drivers::pathswitch::ReturnStep;
-            let local_up = crate::mirror::site_of(&self.world, self.me).is_some_and(|s| crate::mirror::storage_up(&self.world, &s));
+            let site = crate::mirror::site_of(&self.world, self.me);
+            let local_up = site.as_ref().is_some_and(|s| crate::mirror::storage_up(&self.world, s));
+            let local_hung = site.as_ref().is_some_and(|s| crate::mirror::storage_hung(&self.world, s));
             let mut mirrors = lock(&self.mirrors);
             let l = mirrors.get_mut(name).and_then(|m| m.get_mut(&disk)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            // As QEMU: a way back whose writes wait in hung storage cannot be given up or
+            // finished (either drains them first).
+            let writing_back = matches!(l.path, SimPath::Other { back: Some(SimJob::Copying { .. } | SimJob::InSync) });
             let refused = |what| {
                 self.world.log(format!("{}: {name} disk {disk}: {step:?} refused: {what}", self.name));
                 Err(DriverError::Unsupported { driver: "sim", what })
             };
             match step {
+                ReturnStep::Abandon | ReturnStep::Pause | ReturnStep::Finish if local_hung && writing_back => {
+                    return refused("end a way back whose writes wait in hung storage")
+                }
                 ReturnStep::Start { .. } | ReturnStep::Retry { .. } if !local_up => return refused("open a copy whose storage fails"),
                 ReturnStep::Start { .. } => l.path = SimPath::Other { back: Some(SimJob::Copying { left: crate::mirror::SIM_COPY_PASSES }) },
                 ReturnStep::Retry { .. } if l.path == SimPath::Failed => l.path = SimPath::Local,

@@ -123,10 +123,14 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
         match l.path {
             // The guest's next request fails: it pauses, the request kept.
             SimPath::Local if !local_up && !local_hung => l.path = SimPath::Failed,
-            SimPath::Other { back: Some(SimJob::Copying { .. } | SimJob::InSync) } if !local_up => l.path = SimPath::Other { back: Some(SimJob::Stopped) },
+            SimPath::Other { back: Some(SimJob::Copying { .. } | SimJob::InSync) } if !local_up && !local_hung => {
+                l.path = SimPath::Other { back: Some(SimJob::Stopped) }
+            }
+            // Hung: the way back's writes wait there, and it makes no progress.
             // The way back copies in rounds (QEMU's driver: `pathswitch::catchup`): "in sync"
             // means little is left, not that the site's copy has every write — only the last
             // round, at the pause before the commit, completes it (`return_to_local`).
+            SimPath::Other { back: Some(SimJob::Copying { .. }) } if local_hung => {}
             SimPath::Other { back: Some(SimJob::Copying { left }) } if l.relay == RelayPhase::Open => {
                 let back = if left <= 1 { SimJob::InSync } else { SimJob::Copying { left: left - 1 } };
                 l.path = SimPath::Other { back: Some(back) };
@@ -146,8 +150,13 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
     if links.values().any(|l| l.relay == RelayPhase::Lost || l.path == SimPath::Failed || l.paused) {
         return;
     }
-    // Its own copy hung: the write waits there, not acknowledged.
-    if local_hung && links.values().all(|l| !matches!(l.path, SimPath::Other { .. })) {
+    // Its own copy hung: the write waits there, not acknowledged — on the other copy too while
+    // a way back writes into it (a guest write waits for its copy of the old data to land).
+    let waits_on_local = |l: &SimLink| match l.path {
+        SimPath::Local | SimPath::Failed => true,
+        SimPath::Other { back } => matches!(back, Some(SimJob::Copying { .. } | SimJob::InSync)),
+    };
+    if local_hung && links.values().any(waits_on_local) {
         return;
     }
     c.acked += 1;

@@ -79,11 +79,20 @@ impl Sim {
     }
 
     /// The target's site's storage hangs — at least long enough for the agents to give up on
-    /// it (`SIM_HUNG_STORAGE_RESTART_S`), then answers again.
+    /// it (`SIM_HUNG_STORAGE_RESTART_S`), then answers again. In half the draws it first fails
+    /// for a while (its disks switch to the other copy) and hangs a moment after it answers
+    /// again — while the way back may be writing into it.
     pub(super) async fn site_storage_hang(&mut self, kind: FaultKind, target: u32, hold: Duration) {
         let w = Arc::clone(&self.world);
         let Some((site, _)) = self.site_of(target) else { return };
         let hold = hold.max(Duration::from_secs(crate::SIM_HUNG_STORAGE_RESTART_S + 6));
+        if self.rand(2) == 0 {
+            w.log(format!("FAULT {kind} site {site}: its storage fails first"));
+            lock(&w.storage_down).insert(site.clone());
+            self.run_for(Duration::from_secs(4)).await;
+            lock(&w.storage_down).remove(&site);
+            self.run_for(Duration::from_millis(self.rand(2_000))).await;
+        }
         w.log(format!("FAULT {kind} site {site} for {hold:?}"));
         lock(&w.storage_hung).insert(site.clone());
         self.run_for(hold).await;

@@ -212,11 +212,18 @@ impl Agent {
                     // (Returning too: the disk is still on the other copy until the way back ends.)
                     Some(l) if l.state.on_other_copy() => DiskPath::OtherCopy,
                     _ if local_failed => DiskPath::LocalFailed,
-                    _ if local_hung => DiskPath::LocalHung,
                     _ => DiskPath::Local,
                 };
-                let obs =
-                    LinkObservation { job, relay, current: w.current, server_reachable: !w.servers.is_empty(), path, local_current: w.local_current, back };
+                let obs = LinkObservation {
+                    job,
+                    relay,
+                    current: w.current,
+                    server_reachable: !w.servers.is_empty(),
+                    path,
+                    local_current: w.local_current,
+                    back,
+                    local_hung,
+                };
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
                     link.delta = status.delta.filter(|_| matches!(state, LinkState::Resyncing { .. }));
@@ -259,14 +266,13 @@ impl Agent {
         }
     }
 
-    /// Starts the probes of this site's storage under the wanted links' disks that run on it
-    /// (not those on the other copy: their way back probes it).
+    /// Starts the probes of this site's storage under the wanted links' disks — those on the
+    /// other copy too: a way back writes into it, and the guest's writes wait for those.
     fn watch_storage_of(self: &Arc<Self>, wanted: &[Wanted]) {
-        let on_other: BTreeSet<DiskKey> = lock(&self.mirroring).links.iter().filter(|(_, l)| l.state.on_other_copy()).map(|(k, _)| disk_of(k)).collect();
         let mut disks: BTreeMap<DiskKey, String> = BTreeMap::new();
         for w in wanted {
             let key = disk_of(&w.key);
-            if on_other.contains(&key) || disks.contains_key(&key) {
+            if disks.contains_key(&key) {
                 continue;
             }
             if let Ok(d) = self.disk_spec(&key.0, key.1) {
@@ -373,6 +379,7 @@ impl Agent {
                 let step = ReturnStep::Start { relative: d.path, format: d.format.unwrap_or_else(|| "raw".into()) };
                 // Fails while the site's storage does not answer: tried again every LINK_RETRY.
                 self.driver.return_to_local(vm, *disk, &step).await.map_err(|e| crate::api::chain(&e))?;
+                self.storage_answered(vm, *disk);
                 let detail = format!("disk {disk}: this site's storage answers again; bringing its copy up to date with what was written since the switch");
                 self.events.record(EventKind::StoragePathReturning, Some(vm), Some(&w.my_site), detail);
                 Ok(())
@@ -383,6 +390,7 @@ impl Agent {
                 let relative = self.disk_spec(vm, *disk)?.path;
                 // Fails while the site's storage does not answer: tried again every LINK_RETRY.
                 self.driver.return_to_local(vm, *disk, &ReturnStep::Retry { relative }).await.map_err(|e| crate::api::chain(&e))?;
+                self.storage_answered(vm, *disk);
                 tracing::info!("{vm} disk {disk}: this site's storage answers again; the guest resumed on it");
                 Ok(())
             }

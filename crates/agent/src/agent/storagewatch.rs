@@ -5,9 +5,10 @@
 //! disk's copy is read directly (one 4 KiB `O_DIRECT` read on a thread of its own, at most one
 //! per copy at a time, at most one a `STORAGE_PROBE_SPACING`); one that does not answer within
 //! the probe's bound raises a `storage-path-hung` alert, and the copy answering again
-//! `storage-path-responsive`. A hang that lasts `[mirror] hung_storage_restart_s` makes the
-//! disk's path `LocalHung` for the core (`mirroring::decide`): the VM is restarted where its
-//! other copy is, if that copy is in sync (`mirror::restart_elsewhere`).
+//! `storage-path-responsive`. A hang that lasts `[mirror] hung_storage_restart_s` is told to the
+//! core (`LinkObservation::local_hung`): the VM is restarted where its other copy is, if that
+//! copy is in sync — or, on the other copy already, if a way back writes into the hung storage
+//! (`mirror::restart_elsewhere`).
 
 use super::{lock, Agent};
 use crate::events::EventKind;
@@ -51,6 +52,15 @@ impl Agent {
         bound > 0 && since.is_some_and(|t| t.elapsed() >= Duration::from_secs(bound))
     }
 
+    /// Disk `disk` of `vm`'s own copy was just seen answering (the way back opened it, or the
+    /// guest's failed request was retried on it): whatever the watch last saw is stale — a
+    /// restart away from a hang needs a hang seen since.
+    pub(super) fn storage_answered(&self, vm: &str, disk: usize) {
+        if let Some(s) = lock(&self.mirroring).storage.get_mut(&(vm.to_string(), disk)) {
+            *s = StorageWatch::Unprobed;
+        }
+    }
+
     /// Probes, in the background, the local copy of each mirrored disk of `running` (VM, disk,
     /// copy's path relative to the storage of this host's site, `site`) that is not being
     /// probed.
@@ -84,8 +94,11 @@ impl Agent {
                 let started = Instant::now();
                 let now_hung = probe.await == ProbeAnswer::Hangs;
                 let since = if now_hung { Some(hung_since.unwrap_or(started)) } else { None };
-                if let Some(s) = lock(&a.mirroring).storage.get_mut(&key) {
-                    *s = StorageWatch::Probed { hung_since: since, at: Instant::now() };
+                // Unless the copy was seen answering meanwhile (`storage_answered`): a read begun
+                // in the hang must not make it hung again.
+                match lock(&a.mirroring).storage.get_mut(&key) {
+                    Some(s) if *s == StorageWatch::Probing { hung_since } => *s = StorageWatch::Probed { hung_since: since, at: Instant::now() },
+                    _ => return,
                 }
                 match (hung_since.is_some(), now_hung) {
                     (false, true) => {
