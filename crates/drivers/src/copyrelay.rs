@@ -359,15 +359,12 @@ mod tests {
         tokio::time::timeout(within, s.read(&mut b)).await.ok().map(|r| r.unwrap_or(0))
     }
 
-    /// A copy server that takes the bytes and never answers: the relay counts the copy lost
-    /// after its stall and holds QEMU's connection — however long, and whatever else connects —
-    /// until the release closes it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_held_connection_stays_open_until_the_release_and_is_never_replaced() {
-        let dir = std::env::temp_dir().join(format!("tandem-copyrelay-{}", std::process::id()));
+    /// A scratch directory `name`, and a copy server in it behind its gate on `ip` that takes
+    /// the bytes and never answers.
+    async fn silent_copy_server(name: &str, ip: &str) -> (std::path::PathBuf, Arc<CopyCredentials>, crate::copychannel::CopyGate) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        // The copy server behind its gate takes the bytes and never answers.
         let daemon = dir.join("d.sock");
         let silent = UnixListener::bind(&daemon).expect("bind");
         tokio::spawn(async move {
@@ -379,7 +376,16 @@ mod tests {
             }
         });
         let creds = Arc::new(CopyCredentials::plain(tandem_core::wire::ClusterKey::new(b"the cluster secret, 16+ bytes").expect("key")));
-        let gate = crate::copychannel::CopyGate::start("127.108.0.1:0", &daemon, Arc::clone(&creds), None).await.expect("gate");
+        let gate = crate::copychannel::CopyGate::start(&format!("{ip}:0"), &daemon, Arc::clone(&creds), None).await.expect("gate");
+        (dir, creds, gate)
+    }
+
+    /// A copy server that takes the bytes and never answers: the relay counts the copy lost
+    /// after its stall and holds QEMU's connection — however long, and whatever else connects —
+    /// until the release closes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_connection_stays_open_until_the_release_and_is_never_replaced() {
+        let (dir, creds, gate) = silent_copy_server("tandem-copyrelay", "127.108.0.1").await;
         let wake = Arc::new(tokio::sync::Notify::new());
         let relay =
             CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay").waking(Arc::clone(&wake));
@@ -410,19 +416,7 @@ mod tests {
     /// lingers with bytes still in its socket gets none of them carried any more.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_relay_ends_its_connections() {
-        let dir = std::env::temp_dir().join(format!("tandem-copyrelay-drop-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let daemon = dir.join("d.sock");
-        let server = UnixListener::bind(&daemon).expect("bind");
-        tokio::spawn(async move {
-            let mut kept = Vec::new();
-            while let Ok((s, _)) = server.accept().await {
-                kept.push(s);
-            }
-        });
-        let creds = Arc::new(CopyCredentials::plain(tandem_core::wire::ClusterKey::new(b"the cluster secret, 16+ bytes").expect("key")));
-        let gate = crate::copychannel::CopyGate::start("127.108.0.2:0", &daemon, Arc::clone(&creds), None).await.expect("gate");
+        let (dir, creds, gate) = silent_copy_server("tandem-copyrelay-drop", "127.108.0.2").await;
         let relay = CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_secs(30), creds).expect("relay");
         let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
         tokio::time::timeout(Duration::from_secs(5), async {
