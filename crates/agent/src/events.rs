@@ -55,7 +55,9 @@ pub enum EventKind {
     /// copy, in the same QEMU process (an alert: this site's copy is stale now).
     StoragePathSwitched,
     /// A mirrored disk's own site's storage failed while the other copy was not in sync: the
-    /// guest stays paused (an alert).
+    /// guest stays paused (an alert); or the copy it runs on is lost too, or its storage hung
+    /// past `hung_storage_restart_s`: the VM is killed and given up, to start where a copy is
+    /// current.
     StoragePathLost,
     /// A switched disk's own site's storage answers again: mirroring back into its copy.
     StoragePathReturning,
