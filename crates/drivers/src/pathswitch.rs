@@ -185,10 +185,16 @@ impl StorageProbes {
         self.probe(path).await == ProbeAnswer::Answers
     }
 
-    /// What a direct read of the first 4 KiB of the copy at `path` gets.
+    /// What a direct read of the first 4 KiB of the copy at `path` gets. A read of it already
+    /// under way (the storage watch's and the way back's meet) is waited for first, within the
+    /// same bound: one that does not end in time means the storage hangs.
     pub async fn probe(self: &std::sync::Arc<Self>, path: &std::path::Path) -> ProbeAnswer {
-        if !self.lock().insert(path.to_path_buf()) {
-            return ProbeAnswer::Hangs;
+        let waited = tokio::time::Instant::now();
+        while !self.lock().insert(path.to_path_buf()) {
+            if waited.elapsed() >= PROBE_TIMEOUT {
+                return ProbeAnswer::Hangs;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let (probes, owned) = (std::sync::Arc::clone(self), path.to_path_buf());
         let read = tokio::task::spawn_blocking(move || {
@@ -358,6 +364,26 @@ async fn abandon_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A probe that meets another read of the same copy waits for it rather than calling the
+    /// storage hung; one that is never done within the bound is a hang. (Whether the read
+    /// itself answers depends on the test's file system taking `O_DIRECT`.)
+    #[tokio::test]
+    async fn a_probe_waits_for_a_read_of_the_same_copy_under_way() {
+        let probes = std::sync::Arc::new(StorageProbes::default());
+        let path = std::path::PathBuf::from(format!("/nonexistent-tandem-probe-{}", std::process::id()));
+        assert_eq!(probes.probe(&path).await, ProbeAnswer::Fails, "no such file");
+        probes.lock().insert(path.clone());
+        let (p, at) = (std::sync::Arc::clone(&probes), path.clone());
+        let done = tokio::spawn(async move { p.probe(&at).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        probes.lock().remove(&path);
+        assert_eq!(done.await.expect("probe"), ProbeAnswer::Fails, "waited for the other read, then read itself");
+        probes.lock().insert(path.clone());
+        let started = std::time::Instant::now();
+        assert_eq!(probes.probe(&path).await, ProbeAnswer::Hangs, "the other read never ends");
+        assert!(started.elapsed() >= PROBE_TIMEOUT);
+    }
 
     #[test]
     fn a_disk_whose_storage_failed_is_read_from_query_block() {

@@ -26,6 +26,19 @@ pub struct Follow {
     pub no_wait: bool,
 }
 
+/// How many VMs are not yet where the mode change takes them, and how many of those migrate,
+/// from each VM's (host, home, host it migrates to). Enter: those still on `name` (those no
+/// host may take stay). Exit: those not yet home — an evacuated one away, or one migrating to
+/// `name` (its move back has begun, which forgets its home, until its switchover).
+fn not_yet<'a>(vms: impl Iterator<Item = (Option<&'a str>, Option<&'a str>, Option<&'a str>)>, name: &str, enter: bool) -> (usize, usize) {
+    let here = Some(name);
+    let counted: Vec<bool> = vms
+        .filter(|(host, home, to)| if enter { *host == here } else { *host != here && (*home == here || *to == here) })
+        .map(|(_, _, to)| to.is_some())
+        .collect();
+    (counted.len(), counted.iter().filter(|m| **m).count())
+}
+
 /// The VMs of `name` that stay where they are, as the leader's plan says (the leader counts
 /// the live migrations that failed); `None` while the leader is unknown or does not answer.
 fn staying(c: &Client, name: &str) -> Option<Vec<EvacuationStep>> {
@@ -77,14 +90,7 @@ pub fn run(c: &Client, out: Output, enter: bool, name: &str, how: Follow) -> Res
     let mut moved_cold: BTreeSet<String> = BTreeSet::new();
     loop {
         let vms: Vec<VmView> = c.get_as("/v1/vms")?;
-        // Enter: VMs still on the host (those no host may take stay). Exit: VMs not yet home.
-        let (left, moving) = if enter {
-            let on: Vec<&VmView> = vms.iter().filter(|v| v.host.as_deref() == Some(name)).collect();
-            (on.len(), on.iter().filter(|v| v.migrating_to.is_some()).count())
-        } else {
-            let away: Vec<&VmView> = vms.iter().filter(|v| v.home.as_deref() == Some(name) && v.host.as_deref() != Some(name)).collect();
-            (away.len(), away.iter().filter(|v| v.migrating_to.is_some()).count())
-        };
+        let (left, moving) = not_yet(vms.iter().map(|v| (v.host.as_deref(), v.home.as_deref(), v.migrating_to.as_deref())), name, enter);
         let line =
             if enter { format!("{left} VM(s) left on {name}, {moving} migrating") } else { format!("{left} VM(s) still away from {name}, {moving} migrating") };
         if table && line != last {
@@ -129,5 +135,28 @@ pub fn run(c: &Client, out: Output, enter: bool, name: &str, how: Follow) -> Res
             return Err(ClientError::Unavailable(format!("stopped following after {} s; the coordinator goes on", FOLLOW_FOR.as_secs())));
         }
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_yet;
+
+    /// Leaving maintenance, a VM whose move back has begun (its home forgotten, migrating to
+    /// the host) is not back yet — the CLI once said "every VM ... is back" while it migrated.
+    #[test]
+    fn a_vm_migrating_home_is_not_back_yet() {
+        let vms = [
+            (Some("h1"), Some("h0"), None),
+            (Some("h1"), None, Some("h0")),
+            (Some("h0"), None, None),
+            (Some("h1"), None, None),
+            (Some("h2"), None, Some("h1")),
+        ];
+        assert_eq!(not_yet(vms.into_iter(), "h0", false), (2, 1));
+        assert_eq!(not_yet([(Some("h0"), None, None)].into_iter(), "h0", false), (0, 0), "arrived");
+        // Entering: what is still on the host, and how much of it migrates.
+        let on = [(Some("h0"), None, Some("h1")), (Some("h0"), None, None), (Some("h1"), Some("h0"), None)];
+        assert_eq!(not_yet(on.into_iter(), "h0", true), (2, 1));
     }
 }
