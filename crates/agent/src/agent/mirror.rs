@@ -425,7 +425,11 @@ impl Agent {
     /// die when it lets them go), so that the cluster starts it where that copy is.
     async fn restart_elsewhere(&self, w: &Wanted) -> Result<(), String> {
         let (vm, disk, site) = &w.key;
-        self.driver.kill_for_good(vm, HUNG_KILL_WAIT).await.map_err(|e| crate::api::chain(&e))?;
+        match self.driver.kill_for_good(vm, HUNG_KILL_WAIT).await {
+            // (Gone already: an earlier try killed it and its give-up was not committed.)
+            Ok(()) | Err(tandem_drivers::DriverError::NotRunning(_)) => {}
+            Err(e) => return Err(crate::api::chain(&e)),
+        }
         let detail = format!(
             "disk {disk}: this site's storage has not answered for {} s, and {site}'s copy holds every write the guest saw acknowledged",
             self.cfg.mirror.hung_storage_restart_s
