@@ -251,12 +251,8 @@ impl Launcher {
     pub async fn kill_until_inert(&self, name: &str, bound: std::time::Duration) -> Result<(), DriverError> {
         let Some(pid) = self.pid(name) else { return Err(DriverError::NotRunning(name.to_string())) };
         self.signal(name, libc::SIGKILL, true);
-        let deadline = tokio::time::Instant::now() + bound;
-        while self.is_running(name) && !only_stuck_threads(pid) {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DriverError::StopTimeout(name.to_string()));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if !wait_while(bound, || self.is_running(name) && !only_stuck_threads(pid)).await {
+            return Err(DriverError::StopTimeout(name.to_string()));
         }
         // Still there, its vCPUs gone for good: listed as a copy that does not run.
         self.set_paused(name, true);
@@ -265,15 +261,20 @@ impl Launcher {
 
     /// Waits (polling every 20 ms) up to `timeout` for the VM to exit.
     pub async fn wait_exit(&self, name: &str, timeout: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.is_running(name) {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        true
+        wait_while(timeout, || self.is_running(name)).await
     }
+}
+
+/// Polls `busy` every 20 ms for up to `timeout`: whether it turned false in time.
+async fn wait_while(timeout: std::time::Duration, busy: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while busy() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// Whether every thread of process `pid` left is in uninterruptible sleep (`D`) or dead (`Z`,

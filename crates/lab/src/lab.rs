@@ -330,7 +330,12 @@ impl Lab {
             w.write_config(&root, &shared)?;
         }
         let recorder = Recorder::start(id.clone(), opts.recorder_period);
-        Ok(Lab { root, shared, hosts, opts, id, recorder, binary: binary.to_path_buf(), keep: std::env::var_os("TANDEM_KEEP_LAB").is_some(), witness: None })
+        // `TANDEM_KEEP_LAB`: every lab keeps its directory (the agents' logs) for a look after.
+        let keep = std::env::var_os("TANDEM_KEEP_LAB").is_some();
+        if keep {
+            eprintln!("lab directory (kept): {}", root.display());
+        }
+        Ok(Lab { root, shared, hosts, opts, id, recorder, binary: binary.to_path_buf(), keep, witness: None })
     }
 
     /// Keeps the lab directory on drop (for looking at logs).

@@ -19,10 +19,6 @@ fn a_disk_backed_bridged_guest_keeps_its_address_and_every_acknowledged_write() 
     }
     let Some(guest) = test_guest() else { return Ok(()) };
     let mut dl = DiskGuestLab::start(&format!("tdg{}", std::process::id() % 10_000), &guest, 128, "")?;
-    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-        dl.lab.keep_files();
-        eprintln!("lab directory: {}", dl.lab.root.display());
-    }
     let locks = LockWatch::start(&dl.image)?;
     let seq = SeqWatch::start(&dl.addr);
     let clients: Vec<_> = (0..dl.lab.hosts.len()).map(|i| dl.lab.client(i)).collect();

@@ -66,9 +66,6 @@ fn local_lab_with(net: u8, extra: &str, ca: Option<std::path::PathBuf>, fill: im
         ..LabOptions::default()
     };
     let mut lab = Lab::new(opts, &tandem_lab::lab::tandem_binary()?)?;
-    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-        lab.keep_files();
-    }
     for h in &lab.hosts {
         std::fs::create_dir_all(h.data.join("disks"))?;
         fill(&h.data.join("disks/web0.raw"))?;

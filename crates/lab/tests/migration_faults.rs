@@ -67,10 +67,6 @@ fn console_tails(ml: &MigrationLab) -> String {
 fn fault_during_copy(fault: Fault, net: u8) -> Result<()> {
     let Some(g) = test_guest() else { return Ok(()) };
     let mut ml = MigrationLab::start_with("qemu", 128, &g, net, "[migration]\nmax_bandwidth_mib_s = 12\n")?;
-    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-        ml.lab.keep_files();
-        eprintln!("lab directory: {}", ml.lab.root.display());
-    }
     // Source and destination: the two hosts that do not lead (so that losing either leaves the
     // coordinator in place, and the leader can be lost on its own).
     let lead = wait("a leader", Duration::from_secs(30), || leader(&ml))?;

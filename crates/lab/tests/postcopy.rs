@@ -45,11 +45,7 @@ fn dirtying(spec: &mut tandem_core::state::VmSpec) {
 #[ignore = "QEMU 7.2 under TCG hangs a post-copy guest in about one move in six; run with --ignored (see the README)"]
 fn a_guest_switched_to_postcopy_answers_at_its_destination_and_its_source_copy_goes() -> Result<()> {
     let Some(g) = test_guest() else { return Ok(()) };
-    let mut ml = MigrationLab::start_spec("qemu", 128, &g, 96, "[migration]\nmax_bandwidth_mib_s = 16\n", 0, dirtying)?;
-    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-        ml.lab.keep_files();
-        eprintln!("lab directory: {}", ml.lab.root.display());
-    }
+    let ml = MigrationLab::start_spec("qemu", 128, &g, 96, "[migration]\nmax_bandwidth_mib_s = 16\n", 0, dirtying)?;
     for _ in 0..2 {
         // A guest the emulator left hung (see `guest_memory_fault`) no longer dirties memory:
         // its next migration converges without post-copy, and only ownership is checked.
@@ -78,11 +74,7 @@ fn a_guest_switched_to_postcopy_answers_at_its_destination_and_its_source_copy_g
 #[ignore = "QEMU 7.2 under TCG hangs a post-copy guest in about one move in six; run with --ignored (see the README)"]
 fn a_guest_with_a_local_disk_switches_to_postcopy_after_its_mirror_concluded() -> Result<()> {
     let Some(g) = test_guest() else { return Ok(()) };
-    let mut ml = MigrationLab::start_spec("qemu", 128, &g, 98, "[migration]\nmax_bandwidth_mib_s = 16\n", 64, dirtying)?;
-    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-        ml.lab.keep_files();
-        eprintln!("lab directory: {}", ml.lab.root.display());
-    }
+    let ml = MigrationLab::start_spec("qemu", 128, &g, 98, "[migration]\nmax_bandwidth_mib_s = 16\n", 64, dirtying)?;
     let f = ml.migrate_once()?;
     eprintln!("{f:?}");
     assert!(f.completed, "the migration {} -> {} did not complete", f.from, f.to);
@@ -105,10 +97,6 @@ fn a_source_lost_in_postcopy_costs_a_restart_at_the_destination() -> Result<()> 
     // The post-copy phase slowed down so that the power loss falls inside it.
     let extra = "[migration]\nmax_bandwidth_mib_s = 16\npostcopy_bandwidth_mib_s = 1\n";
     let mut ml = MigrationLab::start_spec("qemu", 128, &g, 97, extra, 0, dirtying)?;
-    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-        ml.lab.keep_files();
-        eprintln!("lab directory: {}", ml.lab.root.display());
-    }
     // From wherever it runs to the next host: the source may be the leader too (the destination
     // owns the VM from the commit on, and restarts it without any coordinator).
     let src = ml.host_of()?;

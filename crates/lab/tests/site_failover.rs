@@ -430,10 +430,6 @@ fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: &Sit
         opts.ca = Some(ca.join("ca.pem"));
     }
     let mut lab = Lab::new(opts, &tandem_lab::lab::tandem_binary()?)?;
-    if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-        lab.keep_files();
-        eprintln!("lab directory: {}", lab.root.display());
-    }
     if witness == WitnessAt::ThirdPlace {
         lab.start_witness()?;
     }

@@ -115,17 +115,16 @@ pub fn step(w: &World, name: &str, me: u32, links: &mut BTreeMap<usize, SimLink>
         };
     }
     let Some(site) = site_of(w, me) else { return };
-    let local_up = storage_up(w, &site);
+    // Failing (errors) and hung (no answer) are told apart: a hang fails no request.
     let local_hung = storage_hung(w, &site);
+    let local_fails = !local_hung && lock(&w.storage_down).contains(&site);
     let mut copies = lock(&w.site_copies);
     let c = copies.entry(name.to_string()).or_default();
     for l in links.values_mut() {
         match l.path {
             // The guest's next request fails: it pauses, the request kept.
-            SimPath::Local if !local_up && !local_hung => l.path = SimPath::Failed,
-            SimPath::Other { back: Some(SimJob::Copying { .. } | SimJob::InSync) } if !local_up && !local_hung => {
-                l.path = SimPath::Other { back: Some(SimJob::Stopped) }
-            }
+            SimPath::Local if local_fails => l.path = SimPath::Failed,
+            SimPath::Other { back: Some(SimJob::Copying { .. } | SimJob::InSync) } if local_fails => l.path = SimPath::Other { back: Some(SimJob::Stopped) },
             // Hung: the way back's writes wait there, and it makes no progress.
             // The way back copies in rounds (QEMU's driver: `pathswitch::catchup`): "in sync"
             // means little is left, not that the site's copy has every write — only the last

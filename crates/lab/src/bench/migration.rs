@@ -118,9 +118,6 @@ impl MigrationLab {
             ..LabOptions::default()
         };
         let mut lab = Lab::new(opts, &crate::lab::tandem_binary()?)?;
-        if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-            lab.keep_files();
-        }
         if local_disk_mib > 0 {
             for h in &lab.hosts {
                 std::fs::create_dir_all(h.data.join("disks"))?;

@@ -122,10 +122,6 @@ pub fn run(binary: &Path, rounds: usize, cuts: usize, network_witness: bool) -> 
     for round in 1..=rounds {
         let opts = if network_witness { network_witness_options(91, None, "127.91.0.9:7400") } else { two_host_options(91, None) };
         let mut lab = Lab::new(opts, binary)?;
-        if std::env::var_os("TANDEM_KEEP_LAB").is_some() {
-            lab.keep_files();
-            println!("lab directory: {}", lab.root.display());
-        }
         start_two_hosts(&mut lab)?;
         h1_lost.push(lose_host(&mut lab, 1)?);
         bring_back(&mut lab, 1)?;
