@@ -9,21 +9,23 @@
 //! evacuation moved remembers its `home`; when that host is active in normal mode again, the VM
 //! migrates back (an operator's migration since has cleared its home, so it is left alone).
 //!
-//! A VM whose live migration off a host in maintenance does not complete (it cannot converge,
-//! its destination failed) is tried again, at most [`MAX_EVACUATION_ATTEMPTS`] times while this
-//! coordinator leads ([`EvacuationAttempts`]); then it stays, with the reason, rather than
-//! being migrated again and again. A new leader tries again (later, never more often).
+//! A VM whose live migration off a host in maintenance, or back home, does not complete (it
+//! cannot converge, its destination failed) is tried again, at most [`MAX_EVACUATION_ATTEMPTS`]
+//! times while this coordinator leads ([`EvacuationAttempts`]); then it stays, with the reason,
+//! rather than being migrated again and again. A new leader tries again (later, never more
+//! often). A move back keeps the VM's home until its switchover, so a failed one is not lost.
 
 use crate::hostset::HostId;
-use crate::state::{ClusterState, HostMode, HostStatus, Protection, VmPhase, MAX_CLUSTER_MIGRATIONS, MAX_INCOMING_MIGRATIONS, MAX_OUTGOING_MIGRATIONS};
+use crate::state::{ClusterState, Command, HostMode, HostStatus, Protection, VmPhase, MAX_CLUSTER_MIGRATIONS, MAX_INCOMING_MIGRATIONS, MAX_OUTGOING_MIGRATIONS};
 use std::collections::BTreeMap;
 
-/// How many live migrations of one VM off a host in maintenance may fail before the coordinator
-/// stops trying (each may take up to the migration's overall bound).
+/// How many live migrations of one VM off a host in maintenance (or back home) may fail before
+/// the coordinator stops trying (each may take up to the migration's overall bound).
 pub const MAX_EVACUATION_ATTEMPTS: u32 = 3;
 
-/// What a coordinator remembers of the evacuations it started: for each VM, the destination
-/// generation of the attempt under way and how many before it did not complete.
+/// What a coordinator remembers of the maintenance moves it started (evacuations and moves back
+/// home): for each VM, the destination generation of the attempt under way and how many before
+/// it did not complete.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EvacuationAttempts {
     tried: BTreeMap<String, Attempts>,
@@ -37,21 +39,22 @@ struct Attempts {
 }
 
 impl EvacuationAttempts {
-    /// The coordinator started a live migration of `vm` off its host in maintenance, to
-    /// destination generation `generation`.
+    /// The coordinator started a live migration of `vm` off its host in maintenance, or back
+    /// home, to destination generation `generation`.
     pub fn started(&mut self, vm: &str, generation: u64) {
         self.tried.entry(vm.to_string()).or_default().running = Some(generation);
     }
 
-    /// Looks at committed state: an attempt that is no longer under way while its VM is still
-    /// placed on a host in maintenance did not complete; a VM that no longer leaves such a host
-    /// (it moved, its host left maintenance, it stopped) is forgotten.
+    /// Looks at committed state: an attempt that is no longer under way while its VM still has
+    /// to move (placed on a host in maintenance, or away from a home ready for it) did not
+    /// complete; a VM that no longer has to (it moved, its host left maintenance, it stopped)
+    /// is forgotten.
     pub fn observe(&mut self, s: &ClusterState) {
         self.tried.retain(|vm, a| {
             let Some(v) = s.vms.get(vm) else { return false };
             match (&v.phase, a.running) {
                 (VmPhase::Migrating { to, .. }, Some(g)) if to.generation == g => true,
-                (VmPhase::Placed { at }, _) if s.hosts.get(&at.host).is_some_and(|h| h.mode == HostMode::Maintenance) => {
+                (VmPhase::Placed { at }, _) if leaving(s, at.host) || returning(s, v).is_some() => {
                     if a.running.take().is_some() {
                         a.failed += 1;
                     }
@@ -78,35 +81,56 @@ pub struct PlannedMove {
     pub evacuation: bool,
 }
 
-/// A VM of a host in maintenance that no host may take now, and why.
+impl PlannedMove {
+    /// The command that starts it.
+    #[must_use]
+    pub fn command(&self) -> Command {
+        // Both kinds keep the VM's home: a move back forgets it only at its switchover.
+        Command::StartMigration { name: self.vm.clone(), to: self.to, force: true, evacuation: true }
+    }
+}
+
+/// A VM that cannot make its maintenance move now — leave its host in maintenance (no host may
+/// take it, or its live migration kept failing) or go back home (it kept failing) — and why,
+/// as a sentence's predicate ("cannot leave its host in maintenance: ...").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stuck {
     pub vm: String,
     pub why: String,
 }
 
+fn usable(s: &ClusterState, h: HostId) -> bool {
+    s.hosts.get(&h).is_some_and(|r| r.status == HostStatus::Active)
+}
+
+/// Whether a VM placed on `host` leaves it: the host is active and in maintenance.
+fn leaving(s: &ClusterState, host: HostId) -> bool {
+    usable(s, host) && s.hosts.get(&host).is_some_and(|h| h.mode == HostMode::Maintenance)
+}
+
+/// The home `v` goes back to now: it is placed on an active host away from its home, which is
+/// active and in normal mode.
+fn returning(s: &ClusterState, v: &crate::state::VmRecord) -> Option<HostId> {
+    let (VmPhase::Placed { at }, Some(home)) = (&v.phase, v.home) else { return None };
+    let home_ready = s.hosts.get(&home).is_some_and(|h| h.status == HostStatus::Active && h.mode == HostMode::Normal);
+    (at.host != home && home_ready && usable(s, at.host)).then_some(home)
+}
+
 /// Evacuations first (in the order they should go), then returns home.
 fn candidates(s: &ClusterState) -> Vec<(String, Option<HostId>, bool)> {
-    let usable = |h: HostId| s.hosts.get(&h).is_some_and(|r| r.status == HostStatus::Active);
-    let mut leaving: Vec<(&crate::state::VmRecord, HostId)> = s
+    let mut leaving: Vec<&crate::state::VmRecord> = s
         .vms
         .values()
-        .filter_map(|v| match v.phase {
-            VmPhase::Placed { at } if usable(at.host) && s.hosts.get(&at.host).is_some_and(|h| h.mode == HostMode::Maintenance) => Some((v, at.host)),
-            _ => None,
+        .filter(|v| match v.phase {
+            VmPhase::Placed { at } => leaving(s, at.host),
+            _ => false,
         })
         .collect();
-    leaving.sort_by_key(|(v, _)| {
+    leaving.sort_by_key(|v| {
         (v.spec.protection != Protection::Protect, std::cmp::Reverse(v.spec.priority), std::cmp::Reverse(v.spec.memory_mib), v.spec.name.clone())
     });
-    let mut out: Vec<(String, Option<HostId>, bool)> = leaving.into_iter().map(|(v, _)| (v.spec.name.clone(), None, true)).collect();
-    for v in s.vms.values() {
-        let (VmPhase::Placed { at }, Some(home)) = (&v.phase, v.home) else { continue };
-        let home_ready = s.hosts.get(&home).is_some_and(|h| h.status == HostStatus::Active && h.mode == HostMode::Normal);
-        if at.host != home && home_ready && usable(at.host) {
-            out.push((v.spec.name.clone(), Some(home), false));
-        }
-    }
+    let mut out: Vec<(String, Option<HostId>, bool)> = leaving.into_iter().map(|v| (v.spec.name.clone(), None, true)).collect();
+    out.extend(s.vms.values().filter_map(|v| Some((v.spec.name.clone(), Some(returning(s, v)?), false))));
     out
 }
 
@@ -133,8 +157,12 @@ pub fn next_moves_except(s: &ClusterState, given_up: &BTreeMap<String, u32>) -> 
     let mut plan = s.clone();
     let (mut moves, mut stuck) = (vec![], vec![]);
     for (vm, home, evacuation) in candidates(s) {
-        if let (Some(n), true) = (given_up.get(&vm), evacuation) {
-            stuck.push(Stuck { vm: vm.clone(), why: format!("its live migration did not complete {n} times") });
+        if let Some(n) = given_up.get(&vm) {
+            let why = match home {
+                None => format!("cannot leave its host in maintenance: its live migration did not complete {n} times"),
+                Some(h) => format!("stays away from its home {}: its live migration back did not complete {n} times", s.host_name(h)),
+            };
+            stuck.push(Stuck { vm, why });
             continue;
         }
         let Some(from) = plan.vms.get(&vm).and_then(|v| v.assignment()).map(|a| a.host) else { continue };
@@ -144,7 +172,8 @@ pub fn next_moves_except(s: &ClusterState, given_up: &BTreeMap<String, u32>) -> 
         };
         let Some(to) = target else {
             if evacuation {
-                stuck.push(Stuck { vm: vm.clone(), why: no_live_target(s, &vm) });
+                let why = format!("cannot leave its host in maintenance: {}", no_live_target(s, &vm));
+                stuck.push(Stuck { vm, why });
             }
             continue;
         };
@@ -204,7 +233,7 @@ pub fn evacuation_plan(s: &ClusterState, host: HostId) -> Vec<(String, Result<Ho
 mod tests {
     use super::*;
     use crate::state::tests::{cluster, process_vm, run_on};
-    use crate::state::{Applied, Command};
+    use crate::state::Applied;
 
     fn maintenance(s: &mut ClusterState, h: u32, mode: HostMode) {
         s.apply(&Command::SetHostMode { host: HostId(h), mode, force: true }).expect("mode");
@@ -220,9 +249,9 @@ mod tests {
             }
             rounds += 1;
             for m in moves {
-                let out = s.apply(&Command::StartMigration { name: m.vm.clone(), to: m.to, force: true, evacuation: m.evacuation }).expect("start");
+                let out = s.apply(&m.command()).expect("start");
                 let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
-                s.apply(&Command::MigrationSwitchover { name: m.vm, generation: to.generation }).expect("switch");
+                s.apply(&s.switchover_command(&m.vm, to.generation)).expect("switch");
             }
             assert!(rounds < 50, "evacuation must end");
         }
@@ -249,7 +278,7 @@ mod tests {
         let other = if v0_at == HostId(1) { HostId(2) } else { HostId(1) };
         let out = s.apply(&Command::StartMigration { name: "v0".into(), to: other, force: true, evacuation: false }).expect("operator");
         let Applied::MigrationStarted { to, .. } = out else { panic!() };
-        s.apply(&Command::MigrationSwitchover { name: "v0".into(), generation: to.generation }).expect("switch");
+        s.apply(&s.switchover_command("v0", to.generation)).expect("switch");
         assert_eq!(s.vms["v0"].home, None);
         // Out of maintenance: the others come back, v0 stays where the operator put it.
         maintenance(&mut s, 0, HostMode::Normal);
@@ -293,6 +322,47 @@ mod tests {
         attempts.observe(&s);
         assert!(attempts.given_up().is_empty());
         assert_eq!(next_moves_except(&s, &attempts.given_up()).0.len(), 1);
+    }
+
+    /// A move back home that fails (it did not converge, its destination failed) leaves the VM
+    /// away with its home remembered, so it is tried again — a bounded number of times, then
+    /// reported; once back, the home is forgotten.
+    #[test]
+    fn a_vm_whose_move_back_home_fails_keeps_its_home_and_is_tried_again_within_a_bound() {
+        let mut s = cluster(2, 8192);
+        run_on(&mut s, process_vm("v", Protection::Protect, 0, 512), 0);
+        maintenance(&mut s, 0, HostMode::Maintenance);
+        run_to_completion(&mut s);
+        assert_eq!(s.vms["v"].home, Some(HostId(0)));
+        maintenance(&mut s, 0, HostMode::Normal);
+        let mut attempts = EvacuationAttempts::default();
+        for round in 0..MAX_EVACUATION_ATTEMPTS {
+            attempts.observe(&s);
+            let (moves, stuck) = next_moves_except(&s, &attempts.given_up());
+            assert!(stuck.is_empty(), "round {round}: {stuck:?}");
+            assert_eq!(moves.len(), 1, "round {round}: the move back is planned again");
+            assert!(!moves[0].evacuation && moves[0].to == HostId(0));
+            let out = s.apply(&moves[0].command()).expect("start");
+            let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
+            attempts.started("v", to.generation);
+            assert_eq!(s.vms["v"].home, Some(HostId(0)), "round {round}: home kept while it moves");
+            s.apply(&Command::MigrationAbort { name: "v".into(), generation: to.generation, reason: "did not converge".into() }).expect("abort");
+            assert_eq!(s.vms["v"].home, Some(HostId(0)), "round {round}: a failed move back keeps the home");
+        }
+        attempts.observe(&s);
+        let (moves, stuck) = next_moves_except(&s, &attempts.given_up());
+        assert!(moves.is_empty(), "given up: {moves:?}");
+        assert_eq!(stuck.len(), 1);
+        assert!(stuck[0].why.contains("did not complete 3 times") && stuck[0].why.contains("home"), "{:?}", stuck[0]);
+        // A new coordinator tries again, and the move that completes forgets the home.
+        let (moves, _) = next_moves(&s);
+        let out = s.apply(&moves[0].command()).expect("start");
+        let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
+        s.apply(&s.switchover_command("v", to.generation)).expect("switch");
+        assert_eq!(s.vms["v"].assignment().map(|a| a.host), Some(HostId(0)));
+        assert_eq!(s.vms["v"].home, None, "back home, the home is forgotten");
+        attempts.observe(&s);
+        assert!(attempts.given_up().is_empty());
     }
 
     #[test]

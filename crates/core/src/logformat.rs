@@ -31,7 +31,9 @@
 //! 13 adds disks mirrored between sites: a spec with one, and `mirror-synced`/`mirror-degraded`,
 //! which keep which sites' copies are current. Format 14 adds the settings' preferred site
 //! (which side a split without a majority keeps) and `mirror-switched` (a VM whose site's
-//! storage failed goes on on another site's copy). A release that adds a command or a field that older hosts would
+//! storage failed goes on on another site's copy). Format 15 adds a switchover's `arrives_home`: a
+//! move back home keeps the VM's home until the switchover that reaches it, which forgets it (it
+//! was forgotten when the move began, so a move back that failed left the VM away for good). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -40,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 14;
+pub const LOG_FORMAT: u32 = 15;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -69,6 +71,8 @@ pub(crate) const MIRROR_FORMAT: u32 = 13;
 pub(crate) const PREFERRED_SITE_FORMAT: u32 = 14;
 /// `mirror-switched`, a storage path failover (the same release as the preferred site).
 pub(crate) const MIRROR_SWITCH_FORMAT: u32 = 14;
+/// A switchover that brings a VM back home, which forgets its home there.
+pub(crate) const HOME_ARRIVAL_FORMAT: u32 = 15;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -206,7 +210,7 @@ mod tests {
     /// "upgrade"; the other commands keep their older formats.
     #[test]
     fn migration_commands_are_format_4_and_only_they() {
-        let switch = Command::MigrationSwitchover { name: "a".into(), generation: 3 };
+        let switch = Command::MigrationSwitchover { name: "a".into(), generation: 3, arrives_home: false };
         let e = LogEntry::new(&switch).expect("encodes");
         assert_eq!(e.format, 4);
         assert_eq!(e.decode(), Ok((switch, None)));
@@ -219,6 +223,23 @@ mod tests {
             serde_json::from_str("{\"format\":2,\"command\":{\"op\":\"migration-abort\",\"name\":\"a\",\"generation\":1,\"reason\":\"x\"}}").expect("loads");
         assert!(matches!(smuggled.decode(), Err(LogFormatError::Undecodable { format: 2, .. })));
         assert_eq!(LogEntry::new(&Command::HostJoined { host: HostId(1) }).expect("encodes").format, 2);
+    }
+
+    /// A switchover that brings a VM home is written in format 15 (an older host would keep the
+    /// home the others forget); any other switchover keeps format 4.
+    #[test]
+    fn a_switchover_home_is_format_15_and_only_it() {
+        let home = Command::MigrationSwitchover { name: "a".into(), generation: 3, arrives_home: true };
+        let e = LogEntry::new(&home).expect("encodes");
+        assert_eq!(e.format, 15);
+        assert_eq!(e.decode(), Ok((home, None)));
+        let mut old = e.clone();
+        old.format = 14;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 14, .. })), "{:?}", old.decode());
+        let elsewhere = Command::MigrationSwitchover { name: "a".into(), generation: 3, arrives_home: false };
+        let e = LogEntry::new(&elsewhere).expect("encodes");
+        assert_eq!(e.format, 4);
+        assert!(!e.command.to_string().contains("arrives_home"), "an older host reads it as before: {}", e.command);
     }
 
     /// A VM on a bridge network is written in format 5 (a host of format 4 stops at it with

@@ -101,7 +101,7 @@ fn settled_at(s: &ClusterState, vm: &str) -> Option<HostId> {
 fn move_on_copy(plan: &mut ClusterState, vm: &str, to: HostId) -> bool {
     let started = plan.apply(&Command::StartMigration { name: vm.to_string(), to, force: true, evacuation: false });
     let Ok(crate::state::Applied::MigrationStarted { to: at, .. }) = started else { return false };
-    plan.apply(&Command::MigrationSwitchover { name: vm.to_string(), generation: at.generation }).is_ok()
+    plan.apply(&plan.switchover_command(vm, at.generation)).is_ok()
 }
 
 /// Whether `vm` may go to `to` as far as `rule` is concerned (hard rules are also checked by the

@@ -334,7 +334,7 @@ mod tests {
         assert_eq!(at(&s, 0, &[paused("a", from)], &mut src), vec![], "a completed source waits for the commit");
         assert_eq!(at(&s, 1, &[paused("a", to)], &mut dst), vec![], "the destination's copy waits, untouched");
         let mut switched = s.clone();
-        switched.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to }).expect("switch");
+        switched.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to, arrives_home: false }).expect("switch");
         assert_eq!(at(&switched, 1, &[paused("a", to)], &mut dst), vec![Action::Resume { name: "a".into(), generation: to }]);
         assert_eq!(at(&switched, 0, &[paused("a", from)], &mut src), vec![Action::Kill { name: "a".into(), reason: KillReason::NotAssignedHere }]);
         // A driver whose migration is a stop and a start (processes): the source does not start

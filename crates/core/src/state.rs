@@ -284,6 +284,12 @@ impl ClusterState {
         self.hosts.values().find(|h| h.name == name)
     }
 
+    /// `host`'s name, or its id for a host this state does not know.
+    #[must_use]
+    pub fn host_name(&self, host: HostId) -> String {
+        self.hosts.get(&host).map_or_else(|| host.to_string(), |r| r.name.clone())
+    }
+
     /// Resources taken on `host` by the VMs assigned to it, and held for those migrating to it.
     #[must_use]
     pub fn used(&self, host: HostId) -> Capacity {

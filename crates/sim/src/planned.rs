@@ -79,7 +79,8 @@ impl Sim {
     }
 
     /// Host `target` enters maintenance for a while and leaves it: its VMs that another host may
-    /// take must leave (live), and come back afterwards; the invariants hold throughout.
+    /// take must leave (live), and come back afterwards — in half the draws the first move back
+    /// of each is cancelled, and it must come back all the same; the invariants hold throughout.
     pub(super) async fn maintenance_cycle(&mut self, kind: FaultKind, target: u32) {
         let w = Arc::clone(&self.world);
         if !self.up().contains(&target) {
@@ -103,7 +104,37 @@ impl Sim {
         let req = tandem_agent::views::HostModeRequest { mode: tandem_core::state::HostMode::Normal, force: true };
         let r = self.send(target, "POST", &format!("/v1/hosts/{host}/mode"), &req).await;
         w.log(format!("HEAL {kind}: {host} leaves maintenance -> {:?}", r.as_ref().map(|r| r.0)));
-        self.run_for(Duration::from_secs(6)).await;
+        let evacuated: Vec<String> = before.iter().filter(|vm| !left.contains(*vm)).cloned().collect();
+        if self.rand(2) == 1 {
+            self.cancel_moves_back(target, &evacuated).await;
+        }
+        self.run_for(Duration::from_secs(8)).await;
+        let back = self.vms_on(target).await;
+        let running: Vec<String> = self.committed_vms().await.unwrap_or_default().into_iter().filter(|v| v.should_run_on().is_some()).map(|v| v.name).collect();
+        let away: Vec<&String> = evacuated.iter().filter(|vm| running.contains(*vm) && !back.contains(*vm)).collect();
+        if matches!(r, Some((200, _))) && !away.is_empty() {
+            let detail = format!("{host} left maintenance 8 s ago (its first moves back perhaps cancelled) and {away:?} are still away");
+            w.violation(oracle::Violation::new(Invariant::MigrationStuck, detail));
+        }
+    }
+
+    /// Cancels the first move back to `target` of each VM of `evacuated`, watching for 3 s.
+    async fn cancel_moves_back(&mut self, target: u32, evacuated: &[String]) {
+        let host = format!("h{target}");
+        let mut cancelled = std::collections::BTreeSet::new();
+        for _ in 0..150 {
+            let vms = self.committed_vms().await.unwrap_or_default();
+            for v in vms.iter().filter(|v| evacuated.contains(&v.name) && v.migrating_to.as_deref() == Some(host.as_str())) {
+                if cancelled.insert(v.name.clone()) {
+                    let r = self.api(target, "DELETE", &format!("/v1/vms/{}/migrate", v.name), None).await;
+                    self.world.log(format!("operator: cancel {}'s move back to {host} -> {:?}", v.name, r.map(|r| r.0)));
+                }
+            }
+            if cancelled.len() == evacuated.len() {
+                return;
+            }
+            self.run_for(Duration::from_millis(20)).await;
+        }
     }
 
     /// Host `target` is stopped as systemd stops it, under a drawn policy, stays down a while and

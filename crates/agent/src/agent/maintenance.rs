@@ -3,13 +3,13 @@
 //! returned home once their host is back in normal mode — towards hosts it hears. The migrations
 //! themselves run like an operator's (`agent/migration`). The plan is recomputed from committed
 //! state each time, so a new leader or a restarted cluster carries on where it stood. A VM
-//! whose evacuation keeps failing is given up after a bounded number of attempts
-//! (`tandem_core::evacuation::EvacuationAttempts`) and reported as stuck.
+//! whose evacuation or move back home keeps failing is given up after a bounded number of
+//! attempts (`tandem_core::evacuation::EvacuationAttempts`) and reported as stuck.
 
 use super::{lock, Agent};
 use tandem_core::evacuation::next_moves_except;
 use tandem_core::liveness::{Assessment, HostLiveness};
-use tandem_core::state::{Applied, Command, VmPhase};
+use tandem_core::state::{Applied, VmPhase};
 
 impl Agent {
     pub(super) async fn evacuate_and_return(&self, a: &Assessment) {
@@ -22,10 +22,9 @@ impl Agent {
         // Said once in the timeline per VM and reason.
         lock(&self.coordination).stuck_in_maintenance.retain(|vm, _| stuck.iter().any(|s| s.vm == *vm));
         for s in stuck {
-            let why = format!("cannot leave its host in maintenance: {}", s.why);
-            let changed = lock(&self.coordination).stuck_in_maintenance.insert(s.vm.clone(), why.clone()).as_ref() != Some(&why);
+            let changed = lock(&self.coordination).stuck_in_maintenance.insert(s.vm.clone(), s.why.clone()).as_ref() != Some(&s.why);
             if changed {
-                self.events.record(crate::events::EventKind::VmWaiting, Some(&s.vm), None, format!("{} {why}", s.vm));
+                self.events.record(crate::events::EventKind::VmWaiting, Some(&s.vm), None, format!("{} {}", s.vm, s.why));
             }
         }
         for m in moves {
@@ -34,12 +33,9 @@ impl Agent {
                 continue;
             }
             // Entering maintenance was judged by admission control; its moves are not judged again.
-            let cmd = Command::StartMigration { name: m.vm.clone(), to: m.to, force: true, evacuation: m.evacuation };
-            match self.submit(cmd).await {
+            match self.submit(m.command()).await {
                 Ok(Ok(applied @ (Applied::MigrationStarted { .. } | Applied::Forced { .. }))) => {
-                    if m.evacuation {
-                        self.count_evacuation_attempt(&m.vm, &applied);
-                    }
+                    self.count_evacuation_attempt(&m.vm, &applied);
                     let host = self.host_name(m.to);
                     let what = if m.evacuation { "leaves its host in maintenance" } else { "returns home" };
                     self.events.record(
@@ -56,12 +52,13 @@ impl Agent {
         }
     }
 
-    /// The VMs whose evacuation this coordinator gave up on, with the attempts that failed.
+    /// The VMs whose evacuation (or move back home) this coordinator gave up on, with the
+    /// attempts that failed.
     pub(crate) fn evacuations_given_up(&self) -> std::collections::BTreeMap<String, u32> {
         lock(&self.coordination).evacuation_attempts.given_up()
     }
 
-    /// Remembers the evacuation of `vm` that `applied` began (its destination generation, from
+    /// Remembers the maintenance move of `vm` that `applied` began (its destination generation, from
     /// the answer or else from committed state), so that its outcome counts.
     fn count_evacuation_attempt(&self, vm: &str, applied: &Applied) {
         let generation = match applied {

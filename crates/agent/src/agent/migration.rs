@@ -283,7 +283,7 @@ impl Agent {
         let started = tokio::time::Instant::now();
         let mut abort_proposed = false;
         while self.still_migrating(name, to.generation) && !self.is_stopping() && !self.is_fenced() {
-            let cmd = Command::MigrationSwitchover { name: name.to_string(), generation: to.generation };
+            let cmd = self.consensus.with_state(|s| s.switchover_command(name, to.generation));
             match self.submit(cmd).await {
                 Ok(Ok(Applied::Migrated { .. })) => return,
                 Ok(other) => tracing::debug!("switchover of {name} refused: {other:?}"),

@@ -181,7 +181,7 @@ impl ClusterState {
         }
         Some(match &after.counterexample {
             Some((set, vms)) => {
-                let names: Vec<String> = set.iter().map(|h| self.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect();
+                let names: Vec<String> = set.iter().map(|h| self.host_name(*h)).collect();
                 format!(
                     "{what} would lower failures-to-tolerate to {} (target {target}): if {} failed, protected VM(s) {} could not restart",
                     after.ftt,

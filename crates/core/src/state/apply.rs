@@ -69,7 +69,7 @@ impl ClusterState {
             Command::Release { name, host, generation } => self.release(name, *host, *generation),
             Command::Failover { host, epoch, plan } => self.failover(*host, *epoch, plan),
             Command::StartMigration { name, to, evacuation, .. } => self.start_migration(mode, cmd, name, *to, *evacuation),
-            Command::MigrationSwitchover { name, generation } => self.migration_switchover(name, *generation),
+            Command::MigrationSwitchover { name, generation, arrives_home } => self.migration_switchover(name, *generation, *arrives_home),
             Command::MigrationAbort { name, generation, reason } => self.migration_abort(name, *generation, reason),
             Command::HostLeave { host, epoch, hold_ms } => self.host_leave(*host, *epoch, *hold_ms),
             Command::ReleaseParked { host } => self.release_parked(*host),

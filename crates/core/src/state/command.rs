@@ -130,8 +130,10 @@ pub enum Command {
         to: HostId,
         #[serde(default)]
         force: bool,
-        /// A maintenance evacuation (the coordinator's): the VM remembers its source as its
-        /// home. An operator's migration (false) forgets any home.
+        /// One of the coordinator's maintenance moves, which keeps the VM's home: an
+        /// evacuation (the VM remembers its source as its home, unless it has one already) or a
+        /// move back home (the home stays until the switchover reaches it, so a move back that
+        /// fails is tried again). An operator's migration (false) forgets any home.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         evacuation: bool,
     },
@@ -140,6 +142,10 @@ pub enum Command {
     MigrationSwitchover {
         name: String,
         generation: u64,
+        /// The destination is the VM's home: it is back, and forgets its home (log format 15;
+        /// an older host would keep it, and its coordinator would plan moves its peers do not).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        arrives_home: bool,
     },
     /// The migration to `generation` ends without a switchover; the source keeps the VM
     /// (log format 4).
@@ -264,6 +270,7 @@ impl Command {
     #[must_use]
     pub fn min_format(&self) -> Option<u32> {
         match self {
+            Command::MigrationSwitchover { arrives_home: true, .. } => Some(crate::logformat::HOME_ARRIVAL_FORMAT),
             Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. } => Some(crate::logformat::MIGRATION_FORMAT),
             Command::HostLeave { .. } | Command::ReleaseParked { .. } => Some(crate::logformat::LEAVE_FORMAT),
             Command::StopExited { .. } => Some(crate::logformat::EXIT_STOP_FORMAT),

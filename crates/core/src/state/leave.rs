@@ -250,7 +250,7 @@ mod tests {
         s.apply(&Command::StartMigration { name: "l".into(), to: HostId(1), force: true, evacuation: false }).expect("start");
         assert_eq!(s.vms["l"].disk_host, Some(HostId(0)), "the source's copy is the latest until the switchover");
         let generation = s.vms["l"].migrating_to().expect("migrating").generation;
-        s.apply(&Command::MigrationSwitchover { name: "l".into(), generation }).expect("switchover");
+        s.apply(&Command::MigrationSwitchover { name: "l".into(), generation, arrives_home: false }).expect("switchover");
         assert_eq!(s.vms["l"].disk_host, Some(HostId(1)));
         s.apply(&Command::SetPower { name: "l".into(), desired: PowerState::Stopped, force: false }).expect("stop");
         let generation = s.vms["l"].assignment().expect("stopping").generation;

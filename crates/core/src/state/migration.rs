@@ -66,6 +66,14 @@ impl ClusterState {
         self.apply_with(&cmd, AdmitMode::Trial)
     }
 
+    /// The switchover of `name`'s migration to `generation`, as its source proposes it: one
+    /// that reaches the VM's home says so, and the VM forgets its home there.
+    #[must_use]
+    pub fn switchover_command(&self, name: &str, generation: u64) -> Command {
+        let arrives_home = self.vms.get(name).is_some_and(|v| v.home.is_some() && v.home == v.migrating_to().map(|t| t.host));
+        Command::MigrationSwitchover { name: name.to_string(), generation, arrives_home }
+    }
+
     pub(super) fn start_migration(&mut self, mode: AdmitMode<'_>, cmd: &Command, name: &str, to: HostId, evacuation: bool) -> Result<Applied, StateError> {
         let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
         let refuse = |why: String| Err(StateError::NotMigratable { name: name.to_string(), why });
@@ -107,7 +115,8 @@ impl ClusterState {
             if let Some(v) = s.vms.get_mut(name) {
                 v.begin_migration(to);
                 // An evacuation remembers where the VM came from (a second evacuation keeps the
-                // first home); an operator's migration decides anew.
+                // first home), and a move back home keeps it until the switchover reaches it; an
+                // operator's migration decides anew.
                 v.home = if evacuation { v.home.or(Some(from.host)) } else { None };
             }
             started = Some(to);
@@ -119,7 +128,7 @@ impl ClusterState {
         })
     }
 
-    pub(super) fn migration_switchover(&mut self, name: &str, generation: u64) -> Result<Applied, StateError> {
+    pub(super) fn migration_switchover(&mut self, name: &str, generation: u64, arrives_home: bool) -> Result<Applied, StateError> {
         let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
         let Some(to) = vm.migrating_to().filter(|t| t.generation == generation) else {
             return Err(StateError::NotMigrating { name: name.to_string(), generation });
@@ -129,7 +138,11 @@ impl ClusterState {
         if self.hosts.get(&to.host).is_none_or(|h| h.status != HostStatus::Active) {
             return Err(StateError::HostNotActive(to.host));
         }
-        self.vm_mut(name)?.end_migration(true);
+        let vm = self.vm_mut(name)?;
+        vm.end_migration(true);
+        if arrives_home && vm.home == Some(to.host) {
+            vm.home = None;
+        }
         Ok(Applied::Migrated { name: name.to_string(), to })
     }
 
@@ -185,7 +198,7 @@ mod tests {
         assert_eq!(s.used(HostId(1)).memory_mib, 1024, "the destination's room is held");
         assert_eq!(s.used(HostId(0)).memory_mib, 1024);
         assert!(matches!(start(&mut s, "a", 2), Err(StateError::NotMigratable { .. })), "one migration at a time");
-        assert_eq!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }), Ok(Applied::Migrated { name: "a".into(), to }));
+        assert_eq!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }), Ok(Applied::Migrated { name: "a".into(), to }));
         assert_eq!(s.vms["a"].phase, VmPhase::Placed { at: to });
         assert_eq!(s.used(HostId(0)).memory_mib, 0);
         // Whatever comes second is stale: an abort after the switchover, or a second switchover.
@@ -194,7 +207,7 @@ mod tests {
             s.apply(&Command::MigrationAbort { name: "a".into(), generation: to.generation, reason: "x".into() }),
             Err(StateError::NotMigrating { .. })
         ));
-        assert!(matches!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }), Err(StateError::NotMigrating { .. })));
+        assert!(matches!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }), Err(StateError::NotMigrating { .. })));
         assert_eq!(s.revision, rev, "refused commands change nothing");
     }
 
@@ -207,7 +220,7 @@ mod tests {
         let (_, to) = migrating(&s, "a");
         s.apply(&Command::MigrationAbort { name: "a".into(), generation: to.generation, reason: "cancelled".into() }).expect("aborts");
         assert_eq!(s.vms["a"].phase, VmPhase::Placed { at: before });
-        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }).is_err());
+        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }).is_err());
         assert_eq!(s.used(HostId(1)).memory_mib, 0, "the held room is given back");
     }
 
@@ -240,7 +253,7 @@ mod tests {
         let epoch = s.hosts[&HostId(1)].epoch;
         s.apply(&Command::Failover { host: HostId(1), epoch, plan: vec![] }).expect("failover");
         assert_eq!(s.vms["a"].phase, VmPhase::Placed { at: before });
-        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }).is_err());
+        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }).is_err());
         // The source fails: the VM is restarted from its disk like any other of the host, in a new
         // generation, possibly on the former destination.
         let mut s = cluster(3, 4096);
@@ -254,7 +267,7 @@ mod tests {
         let now = s.vms["a"].assignment().expect("moved");
         assert_eq!(now.host, HostId(1));
         assert_ne!(now.generation, to.generation, "a restart, never a resume of the paused copy");
-        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation }).is_err());
+        assert!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }).is_err());
     }
 
     #[test]
