@@ -29,7 +29,8 @@ pub struct Follow {
 /// How many VMs are not yet where the mode change takes them, and how many of those migrate,
 /// from each VM's (host, home, host it migrates to). Enter: those still on `name` (those no
 /// host may take stay). Exit: those not yet home — an evacuated one away, or one migrating to
-/// `name` (its move back has begun, which forgets its home, until its switchover).
+/// `name` until its switchover (its home stays until then; a leader of a release before log
+/// format 15 forgot it when the move began).
 fn not_yet<'a>(vms: impl Iterator<Item = (Option<&'a str>, Option<&'a str>, Option<&'a str>)>, name: &str, enter: bool) -> (usize, usize) {
     let here = Some(name);
     let counted: Vec<bool> = vms
