@@ -120,3 +120,43 @@ fn a_guest_that_cannot_move_live_stays_or_with_the_flag_moves_cold() -> Result<(
     lab.assert_no_double_run()?;
     Ok(())
 }
+
+/// A move back home that fails (here the operator cancels it) leaves the guest away with its
+/// home remembered, and the coordinator moves it back again: it ends on its home, which it then
+/// forgets. No VM runs on two hosts at once throughout.
+#[test]
+fn a_guest_whose_move_back_home_is_cancelled_comes_home_all_the_same() -> Result<()> {
+    use tandem_agent::views::{HostModeRequest, VmView};
+    use tandem_core::state::HostMode;
+    use tandem_lab::lab::{Lab, LabOptions};
+    let Some(g) = test_guest() else { return Ok(()) };
+    let bin = tandem_lab::lab::tandem_binary()?;
+    // Slow enough that a move can be caught under way, fast enough to converge.
+    let extra = "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n[migration]\nmax_bandwidth_mib_s = 4\ntimeout_s = 60\n";
+    let opts = LabOptions { driver: "qemu".into(), loopback_net: 98, api_port: 7930, capacity: (4, 2048), extra_config: extra.into(), ..LabOptions::default() };
+    let mut lab = Lab::new(opts, &bin)?;
+    lab.start_all()?;
+    lab.form_cluster()?;
+    lab.judge_paused_copies();
+    let c = lab.client(0);
+    c.send("POST", "/v1/vms", &tandem_lab::demo::demo_vm(0, "qemu", &g))?;
+    c.send("POST", "/v1/vms/web0/start", &tandem_agent::views::ForceRequest::default())?;
+    let wait = |what: &str, f: &dyn Fn() -> Option<String>| tandem_lab::demo::wait(what, std::time::Duration::from_secs(120), f);
+    let home = wait("web0 placed and running", &|| lab.placement(0).ok()?.get("web0").cloned().flatten().filter(|h| lab.running().get("web0") == Some(h)))?;
+    let web0 = || c.list_as::<VmView>("/v1/vms").ok()?.into_iter().find(|v| v.name == "web0");
+    c.send("POST", &format!("/v1/hosts/{home}/mode"), &HostModeRequest { mode: HostMode::Maintenance, force: false })?;
+    let away = wait("web0 evacuated", &|| web0().filter(|v| v.migrating_to.is_none() && v.host.as_deref() != Some(home.as_str())).and_then(|v| v.host))?;
+    assert_eq!(web0().and_then(|v| v.home).as_deref(), Some(home.as_str()));
+    c.send("POST", &format!("/v1/hosts/{home}/mode"), &HostModeRequest { mode: HostMode::Normal, force: false })?;
+    wait("web0's move back under way", &|| web0()?.migrating_to.filter(|h| *h == home))?;
+    c.send("DELETE", "/v1/vms/web0/migrate", &serde_json::json!({}))?;
+    let kept = wait("the cancelled move back ended", &|| web0().filter(|v| v.migrating_to.is_none()).map(|v| v.home.unwrap_or_default()))?;
+    if web0().and_then(|v| v.host).as_deref() == Some(away.as_str()) {
+        assert_eq!(kept, home, "a move back that failed keeps the home");
+    }
+    wait("web0 back home", &|| web0().filter(|v| v.host.as_deref() == Some(home.as_str()) && v.migrating_to.is_none()).map(|_| String::new()))?;
+    wait("web0 running at home", &|| (lab.running().get("web0") == Some(&home)).then(String::new))?;
+    assert_eq!(web0().and_then(|v| v.home), None, "back home, it forgets its home");
+    lab.assert_no_double_run()?;
+    Ok(())
+}
