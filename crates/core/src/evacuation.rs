@@ -16,7 +16,9 @@
 //! often). A move back keeps the VM's home until its switchover, so a failed one is not lost.
 
 use crate::hostset::HostId;
-use crate::state::{ClusterState, Command, HostMode, HostStatus, Protection, VmPhase, MAX_CLUSTER_MIGRATIONS, MAX_INCOMING_MIGRATIONS, MAX_OUTGOING_MIGRATIONS};
+use crate::state::{
+    ClusterState, Command, HostMode, HostStatus, Protection, VmPhase, MAX_CLUSTER_MIGRATIONS, MAX_INCOMING_MIGRATIONS, MAX_OUTGOING_MIGRATIONS,
+};
 use std::collections::BTreeMap;
 
 /// How many live migrations of one VM off a host in maintenance (or back home) may fail before

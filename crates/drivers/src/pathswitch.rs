@@ -318,8 +318,15 @@ async fn start_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize, path: &
 /// the other copy) and the error is returned.
 async fn pause_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
     q.execute("stop", json!({}), timeout).await.map_err(qmp_err(vm, "paused for the way back"))?;
+    // The local copy is committed current once this returns: what was copied into it must be
+    // on stable storage, not in a volatile cache. A full mirror back is still its writer, so
+    // the `stop` flushed it; the rounds' last job has ended by now, and only a new writer's
+    // readiness flushes it (`catchup::flush_local`).
     let caught_up = match catchup::recorded(vm, q, timeout, disk).await {
-        Ok(true) => catchup::last_round(vm, q, timeout, disk).await,
+        Ok(true) => match catchup::last_round(vm, q, timeout, disk).await {
+            Ok(()) => catchup::flush_local(vm, q, timeout, disk).await,
+            Err(e) => Err(e),
+        },
         Ok(false) => Ok(()),
         Err(e) => Err(e),
     };

@@ -228,12 +228,16 @@ impl CopyServer {
 }
 
 impl Exports {
-    /// Opens `image` and exports it, writable, as `export`.
+    /// Opens `image` and exports it, writable, as `export`, writing through: each write is
+    /// flushed to stable storage before it is answered. The guest makes its writes durable with
+    /// flushes, and QEMU's mirror passes a flush to the local copy alone, so without this a
+    /// write the guest acknowledged could sit in this storage's volatile cache and be lost with
+    /// its power — while committed state still counts this copy current.
     async fn add(&self, export: &str, image: &Path) -> Result<(), SiteCopyError> {
         let node = json!({"driver": "raw", "node-name": node_name(export),
             "file": {"driver": "file", "filename": image.display().to_string(), "cache": {"direct": true}}});
         self.qmp.execute("blockdev-add", node, COPY_SERVER_QMP_TIMEOUT).await.map_err(qmp_err(format!("open {}", image.display())))?;
-        let add = json!({"type": "nbd", "id": export, "node-name": node_name(export), "name": export, "writable": true});
+        let add = json!({"type": "nbd", "id": export, "node-name": node_name(export), "name": export, "writable": true, "writethrough": true});
         if let Err(e) = self.qmp.execute("block-export-add", add, COPY_SERVER_QMP_TIMEOUT).await {
             let _ = self.qmp.execute("blockdev-del", json!({"node-name": node_name(export)}), COPY_SERVER_QMP_TIMEOUT).await;
             return Err(qmp_err(format!("export {export}"))(e));

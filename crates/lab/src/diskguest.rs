@@ -333,6 +333,11 @@ pub fn guest_memory_fault(lab: &Lab, host: &str, vm: &str) -> Option<String> {
 /// `TNDMSEQ1`, the number and its complement, little-endian; a torn or stale sector does not
 /// pass), or `None` when it holds none.
 pub fn highest_record(image: &Path) -> Result<Option<u64>> {
+    Ok(records(image)?.last().copied())
+}
+
+/// Every whole sequence record in `image`'s ring (torn ones left out).
+pub fn records(image: &Path) -> Result<std::collections::BTreeSet<u64>> {
     let data = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     Ok(data
         .chunks_exact(512)
@@ -342,7 +347,7 @@ pub fn highest_record(image: &Path) -> Result<Option<u64>> {
             let check = u64::from_le_bytes(r[16..24].try_into().ok()?);
             (check == !seq).then_some(seq)
         })
-        .max())
+        .collect())
 }
 
 #[cfg(test)]

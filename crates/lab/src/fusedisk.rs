@@ -7,6 +7,10 @@
 //! `FOPEN_DIRECT_IO`, so the page cache never answers for us and every I/O reaches this process.
 //! A hung request is parked (its reply is kept) and completed, late, once the mode goes back to
 //! normal, as a storage path that recovers would do.
+//!
+//! The storage can also have a volatile write cache ([`FuseDisk::set_volatile_cache`]): writes
+//! not yet followed by an `fsync` are lost when its power goes ([`FuseDisk::lose_power`]), as
+//! a disk's or an array's cache without a battery loses them.
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
@@ -47,6 +51,11 @@ struct Shared {
     written: u64,
     modes: Vec<ViewMode>,
     parked: Vec<VecDeque<Parked>>,
+    /// With a volatile write cache: what each write since the last `fsync` overwrote (offset,
+    /// old bytes), oldest first — what a power loss would leave instead. `None`: no cache.
+    unsynced: Option<VecDeque<(u64, Vec<u8>)>>,
+    /// `fsync`s served so far.
+    syncs: u64,
 }
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -56,6 +65,8 @@ fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 /// Bound on parked requests per view: the agent's I/O thread has at most one in flight, so
 /// more means something else is hammering the file; fail those rather than grow.
 const MAX_PARKED: usize = 64;
+/// Bound on the writes a volatile cache holds: past it the oldest is written back (kept).
+const MAX_UNSYNCED: usize = 1 << 16;
 const ROOT: u64 = 1;
 const TTL: Duration = Duration::from_millis(100);
 /// `FOPEN_DIRECT_IO`: bypass the page cache for this open file.
@@ -132,6 +143,19 @@ fn fail(req: Parked) {
     }
 }
 
+/// With a volatile cache, keeps what a write of `len` bytes at `offset` is about to overwrite.
+fn remember_unsynced(s: &mut Shared, offset: u64, len: usize) -> std::io::Result<()> {
+    let Some(log) = s.unsynced.as_mut() else { return Ok(()) };
+    let mut old = vec![0u8; len];
+    let n = s.backing.read_at(&mut old, offset)?;
+    old.truncate(n);
+    if log.len() >= MAX_UNSYNCED {
+        log.pop_front();
+    }
+    log.push_back((offset, old));
+    Ok(())
+}
+
 fn serve(s: &mut Shared, req: Parked) {
     let backing = &s.backing;
     match req {
@@ -143,13 +167,15 @@ fn serve(s: &mut Shared, req: Parked) {
                 Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
             }
         }
-        Parked::Write { offset, data, reply } => match backing.write_all_at(&data, offset.max(0) as u64) {
-            Ok(()) => {
-                s.written += data.len() as u64;
-                reply.written(data.len() as u32);
+        Parked::Write { offset, data, reply } => {
+            match remember_unsynced(s, offset.max(0) as u64, data.len()).and_then(|()| s.backing.write_all_at(&data, offset.max(0) as u64)) {
+                Ok(()) => {
+                    s.written += data.len() as u64;
+                    reply.written(data.len() as u32);
+                }
+                Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
             }
-            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
-        },
+        }
     }
 }
 
@@ -207,8 +233,15 @@ impl Filesystem for ViewFs {
     }
 
     fn fsync(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: fuser::ReplyEmpty) {
-        match lock(&self.shared).backing.sync_data() {
-            Ok(()) => reply.ok(),
+        let mut s = lock(&self.shared);
+        match s.backing.sync_data() {
+            Ok(()) => {
+                if let Some(log) = s.unsynced.as_mut() {
+                    log.clear();
+                }
+                s.syncs += 1;
+                reply.ok()
+            }
             Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     }
@@ -260,6 +293,8 @@ impl FuseDisk {
             written: 0,
             modes: vec![ViewMode::Normal; views],
             parked: (0..views).map(|_| VecDeque::new()).collect(),
+            unsynced: None,
+            syncs: 0,
         }));
         let fs = ViewFs { shared: Arc::clone(&shared), size };
         let options = [fuser::MountOption::FSName("tandem-hbdisk".into()), fuser::MountOption::DefaultPermissions];
@@ -311,6 +346,37 @@ impl FuseDisk {
     #[must_use]
     pub fn written(&self) -> u64 {
         lock(&self.shared).written
+    }
+
+    /// Gives the storage a volatile write cache (or takes it away): from now on, writes not
+    /// followed by an `fsync` are lost by [`FuseDisk::lose_power`].
+    pub fn set_volatile_cache(&self, on: bool) {
+        lock(&self.shared).unsynced = on.then(VecDeque::new);
+    }
+
+    /// The storage loses power: every write since the last `fsync` is undone (newest first),
+    /// and from then on every view hangs (nothing answers). Returns how many writes were undone.
+    pub fn lose_power(&self) -> std::io::Result<usize> {
+        let mut s = lock(&self.shared);
+        s.modes.iter_mut().for_each(|m| *m = ViewMode::Hang);
+        let log = s.unsynced.as_mut().map(std::mem::take).unwrap_or_default();
+        let lost = log.len();
+        for (offset, old) in log.into_iter().rev() {
+            s.backing.write_all_at(&old, offset)?;
+        }
+        Ok(lost)
+    }
+
+    /// Writes a volatile cache holds now (not yet followed by an `fsync`).
+    #[must_use]
+    pub fn unsynced(&self) -> usize {
+        lock(&self.shared).unsynced.as_ref().map_or(0, VecDeque::len)
+    }
+
+    /// `fsync`s the views have served so far.
+    #[must_use]
+    pub fn syncs(&self) -> u64 {
+        lock(&self.shared).syncs
     }
 
     /// Requests waiting on hung views right now.

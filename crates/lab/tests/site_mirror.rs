@@ -409,6 +409,38 @@ fn a_copy_whose_storage_answers_errors_holds_the_writes_like_a_lost_one() -> Res
     run(&dir, failing_storage_scenario(dir.path(), &guest))
 }
 
+/// The other site's storage has a volatile write cache and loses its power: every write the
+/// guest acknowledged must be on that copy all the same. The guest makes its writes durable with
+/// flushes, which QEMU's mirror passes to the local copy alone; the copy server writes through
+/// (each write flushed before its reply), so the flush is not needed there.
+async fn volatile_cache_scenario(dir: &Path, guest: &Path) -> Result<()> {
+    let m = fuse_mirror(dir, guest, FuseSide::Remote, 3, "127.103.0.5:8080").await?;
+    m.fuse.set_volatile_cache(true);
+    let (from, syncs) = (m.seq.highest(), m.fuse.syncs());
+    m.seq.wait_past(from + 30, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on: {e}"))?;
+    // Power lost while the guest writes (stopping the guest first would flush every copy).
+    let lost = m.fuse.lose_power()?;
+    let flushes = m.fuse.syncs() - syncs;
+    // A write the guest sees acknowledged after this instant is held (the storage answers
+    // nothing more): the last acknowledged number settles.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    eprintln!("the other copy's storage lost its power: {lost} unflushed writes undone; {flushes} flushes had reached it");
+    let acknowledged = m.seq.highest();
+    let there = tandem_lab::diskguest::records(&m.remote)?;
+    let missing: Vec<u64> = (from + 1..=acknowledged).filter(|n| !there.contains(n)).collect();
+    // Power back before judging: the copy server, stuck on the storage, must be able to end.
+    m.fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Normal);
+    assert!(missing.is_empty(), "acknowledged writes missing on the other copy: {missing:?} of {}..={acknowledged}", from + 1);
+    Ok(())
+}
+
+#[test]
+fn every_acknowledged_write_survives_the_other_copys_storage_losing_its_cache() -> Result<()> {
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let dir = ScratchDir::new("tandem-site-mirror-cache", &[])?;
+    run(&dir, volatile_cache_scenario(dir.path(), &guest))
+}
+
 /// The local copy's storage fails (EIO through a FUSE view) while the mirror is in sync: the
 /// guest pauses on the failed request (it sees no error), the disk switches onto the other
 /// site's copy, and the guest, resumed, writes on there: every number it acknowledged is on
@@ -441,6 +473,9 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     // into the other copy as before — still without a restart.
     let start = pathswitch::ReturnStep::Start { relative: String::new(), format: "raw".into() };
     let written_before = fuse.written();
+    // The storage back has a volatile cache: what the way back copies must be flushed before
+    // the local copy is committed current (after `Pause`).
+    fuse.set_volatile_cache(true);
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &fuse.path(0)).await?;
     // Given up at once (as when the storage fails again) and started again: what the first
     // round was copying must not be forgotten (the copies are compared at the end).
@@ -457,6 +492,7 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     }
     let paused = Instant::now();
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, Path::new("")).await?;
+    assert_eq!(fuse.unsynced(), 0, "writes the way back copied are not flushed when the local copy may be committed current");
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Finish, Path::new("")).await?;
     let copied_back = fuse.written() - written_before;
     eprintln!(

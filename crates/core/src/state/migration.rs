@@ -198,7 +198,10 @@ mod tests {
         assert_eq!(s.used(HostId(1)).memory_mib, 1024, "the destination's room is held");
         assert_eq!(s.used(HostId(0)).memory_mib, 1024);
         assert!(matches!(start(&mut s, "a", 2), Err(StateError::NotMigratable { .. })), "one migration at a time");
-        assert_eq!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }), Ok(Applied::Migrated { name: "a".into(), to }));
+        assert_eq!(
+            s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }),
+            Ok(Applied::Migrated { name: "a".into(), to })
+        );
         assert_eq!(s.vms["a"].phase, VmPhase::Placed { at: to });
         assert_eq!(s.used(HostId(0)).memory_mib, 0);
         // Whatever comes second is stale: an abort after the switchover, or a second switchover.
@@ -207,7 +210,10 @@ mod tests {
             s.apply(&Command::MigrationAbort { name: "a".into(), generation: to.generation, reason: "x".into() }),
             Err(StateError::NotMigrating { .. })
         ));
-        assert!(matches!(s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }), Err(StateError::NotMigrating { .. })));
+        assert!(matches!(
+            s.apply(&Command::MigrationSwitchover { name: "a".into(), generation: to.generation, arrives_home: false }),
+            Err(StateError::NotMigrating { .. })
+        ));
         assert_eq!(s.revision, rev, "refused commands change nothing");
     }
 

@@ -165,12 +165,18 @@ pub async fn last_round(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Re
     super::wait_concluded(vm, q, timeout, disk, &back_job_id(disk), FINAL_ROUND_WAIT).await
 }
 
-/// After the last round (the guest still paused, the copies equal): moves the disk onto the
-/// local copy — a mirror with `sync: none`, completed at once — and lets the bitmaps go.
-pub async fn finish(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
-    let job = json!({"job-id": back_job_id(disk), "device": format!("disk{disk}"), "target": local_node(disk), "sync": "none",
-        "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});
-    q.execute("blockdev-mirror", job, timeout).await.map_err(qmp_err(vm, "moved onto its site's copy"))?;
+/// After the last round (the guest still paused, the copies equal): a mirror with `sync: none`
+/// into the local copy, ready — QEMU flushes a mirror's target before it calls it ready, and
+/// only a node with a writer is flushed at all (a `stop` skips the local copy once the round's
+/// job has ended), so what the rounds copied is on stable storage when this returns, before
+/// the local copy is committed current. Nothing moves yet; an existing one is kept.
+pub async fn flush_local(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
+    let jobs = q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?;
+    if crate::syncmirror::judge_job(&jobs, &back_job_id(disk)) == MirrorSample::Absent {
+        let job = json!({"job-id": back_job_id(disk), "device": format!("disk{disk}"), "target": local_node(disk), "sync": "none",
+            "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});
+        q.execute("blockdev-mirror", job, timeout).await.map_err(qmp_err(vm, "mirrored into its site's copy"))?;
+    }
     let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
     while crate::syncmirror::judge_job(
         &q.execute("query-block-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its mirror back"))?,
@@ -182,6 +188,14 @@ pub async fn finish(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(())
+}
+
+/// Moves the disk onto the local copy (the guest still paused, the copies equal, the local copy
+/// flushed and committed current): the `sync: none` mirror of [`flush_local`] completed at
+/// once; then lets the bitmaps go.
+pub async fn finish(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
+    flush_local(vm, q, timeout, disk).await?;
     super::complete(vm, q, timeout, disk, &back_job_id(disk)).await?;
     let left: Vec<String> = rounds(vm, q, timeout, disk).await?.iter().map(|(r, _)| bitmap(disk, *r)).collect();
     remove(vm, q, timeout, disk, &left).await
