@@ -678,4 +678,9 @@ pub struct EvacuationStep {
 pub struct EvacuationPlan {
     pub host: String,
     pub steps: Vec<EvacuationStep>,
+    /// VMs whose home is this host, away from it, that the coordinator gave up moving back
+    /// (their live migrations back did not complete; only the leader says so): each with where
+    /// it stays (`to`) and why.
+    #[serde(default)]
+    pub not_coming_back: Vec<EvacuationStep>,
 }

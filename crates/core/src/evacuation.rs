@@ -38,6 +38,25 @@ struct Attempts {
     /// The destination generation of the attempt under way, if one is.
     running: Option<u64>,
     failed: u32,
+    /// The move the failed attempts were for (a different one starts counting afresh).
+    need: Option<Need>,
+}
+
+/// The maintenance move a VM has to make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    /// Leave this host, in maintenance.
+    Leave(HostId),
+    /// Go back to this home.
+    Return(HostId),
+}
+
+/// The move `v`, placed on `at`, has to make now, if any.
+fn need(s: &ClusterState, v: &crate::state::VmRecord, at: HostId) -> Option<Need> {
+    if leaving(s, at) {
+        return Some(Need::Leave(at));
+    }
+    returning(s, v).map(Need::Return)
 }
 
 impl EvacuationAttempts {
@@ -50,18 +69,27 @@ impl EvacuationAttempts {
     /// Looks at committed state: an attempt that is no longer under way while its VM still has
     /// to move (placed on a host in maintenance, or away from a home ready for it) did not
     /// complete; a VM that no longer has to (it moved, its host left maintenance, it stopped)
-    /// is forgotten.
+    /// is forgotten, and one that has to make another move (its return given up, the host it
+    /// stays on enters maintenance) starts counting afresh.
     pub fn observe(&mut self, s: &ClusterState) {
         self.tried.retain(|vm, a| {
             let Some(v) = s.vms.get(vm) else { return false };
             match (&v.phase, a.running) {
                 (VmPhase::Migrating { to, .. }, Some(g)) if to.generation == g => true,
-                (VmPhase::Placed { at }, _) if leaving(s, at.host) || returning(s, v).is_some() => {
-                    if a.running.take().is_some() {
-                        a.failed += 1;
+                (VmPhase::Placed { at }, _) => match need(s, v, at.host) {
+                    None => false,
+                    Some(now) if a.need.is_some_and(|before| before != now) => {
+                        *a = Attempts { need: Some(now), ..Attempts::default() };
+                        true
                     }
-                    true
-                }
+                    Some(now) => {
+                        a.need = Some(now);
+                        if a.running.take().is_some() {
+                            a.failed += 1;
+                        }
+                        true
+                    }
+                },
                 _ => false,
             }
         });
@@ -356,6 +384,12 @@ mod tests {
         assert!(moves.is_empty(), "given up: {moves:?}");
         assert_eq!(stuck.len(), 1);
         assert!(stuck[0].why.contains("did not complete 3 times") && stuck[0].why.contains("home"), "{:?}", stuck[0]);
+        // The host it stays on enters maintenance: leaving it is another move, counted afresh.
+        maintenance(&mut s, 1, HostMode::Maintenance);
+        attempts.observe(&s);
+        assert!(attempts.given_up().is_empty(), "{:?}", attempts.given_up());
+        maintenance(&mut s, 1, HostMode::Normal);
+        attempts.observe(&s);
         // A new coordinator tries again, and the move that completes forgets the home.
         let (moves, _) = next_moves(&s);
         let out = s.apply(&moves[0].command()).expect("start");

@@ -122,10 +122,12 @@ fn a_guest_that_cannot_move_live_stays_or_with_the_flag_moves_cold() -> Result<(
 }
 
 /// A move back home that fails (here the operator cancels it) leaves the guest away with its
-/// home remembered, and the coordinator moves it back again: it ends on its home, which it then
-/// forgets. No VM runs on two hosts at once throughout.
+/// home remembered, and the coordinator moves it back again — at most three times: then `host
+/// maintenance exit` says where it stays and why, and ends. Once the host it stays on enters
+/// maintenance itself (another move, counted afresh) it leaves, and it ends on its home, which
+/// it then forgets. No VM runs on two hosts at once throughout.
 #[test]
-fn a_guest_whose_move_back_home_is_cancelled_comes_home_all_the_same() -> Result<()> {
+fn a_guest_whose_moves_back_home_fail_stays_away_said_and_comes_home_later() -> Result<()> {
     use tandem_agent::views::{HostModeRequest, VmView};
     use tandem_core::state::HostMode;
     use tandem_lab::lab::{Lab, LabOptions};
@@ -144,16 +146,33 @@ fn a_guest_whose_move_back_home_is_cancelled_comes_home_all_the_same() -> Result
     let wait = |what: &str, f: &dyn Fn() -> Option<String>| tandem_lab::demo::wait(what, std::time::Duration::from_secs(120), f);
     let home = wait("web0 placed and running", &|| lab.placement(0).ok()?.get("web0").cloned().flatten().filter(|h| lab.running().get("web0") == Some(h)))?;
     let web0 = || c.list_as::<VmView>("/v1/vms").ok()?.into_iter().find(|v| v.name == "web0");
-    c.send("POST", &format!("/v1/hosts/{home}/mode"), &HostModeRequest { mode: HostMode::Maintenance, force: false })?;
+    let mode = |host: &str, mode: HostMode| c.send("POST", &format!("/v1/hosts/{host}/mode"), &HostModeRequest { mode, force: false });
+    mode(&home, HostMode::Maintenance)?;
     let away = wait("web0 evacuated", &|| web0().filter(|v| v.migrating_to.is_none() && v.host.as_deref() != Some(home.as_str())).and_then(|v| v.host))?;
     assert_eq!(web0().and_then(|v| v.home).as_deref(), Some(home.as_str()));
-    c.send("POST", &format!("/v1/hosts/{home}/mode"), &HostModeRequest { mode: HostMode::Normal, force: false })?;
-    wait("web0's move back under way", &|| web0()?.migrating_to.filter(|h| *h == home))?;
-    c.send("DELETE", "/v1/vms/web0/migrate", &serde_json::json!({}))?;
-    let kept = wait("the cancelled move back ended", &|| web0().filter(|v| v.migrating_to.is_none()).map(|v| v.home.unwrap_or_default()))?;
-    if web0().and_then(|v| v.host).as_deref() == Some(away.as_str()) {
-        assert_eq!(kept, home, "a move back that failed keeps the home");
+    mode(&home, HostMode::Normal)?;
+    for attempt in 1..=3 {
+        wait(&format!("web0's move back {attempt} under way"), &|| web0()?.migrating_to.filter(|h| *h == home))?;
+        c.send("DELETE", "/v1/vms/web0/migrate", &serde_json::json!({}))?;
+        let kept = wait("the cancelled move back ended", &|| web0().filter(|v| v.migrating_to.is_none()).map(|v| v.home.unwrap_or_default()))?;
+        assert_eq!(kept, home, "a move back that failed keeps the home (attempt {attempt})");
+        assert_eq!(web0().and_then(|v| v.host), Some(away.clone()));
     }
+    // Given up: the CLI says so and ends.
+    let out = Command::new(&bin).args(["--api", &lab.hosts[0].api, "--token", &lab.token(), "host", "maintenance", "exit", &home]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("stays on {away}: its live migration back did not complete 3 times")) && text.contains("could not move back live"),
+        "{text}"
+    );
+    // The host it stays on enters maintenance: it leaves (another move), and ends at home.
+    mode(&away, HostMode::Maintenance)?;
+    wait("web0 off its host in maintenance", &|| {
+        web0().filter(|v| v.migrating_to.is_none() && v.host.as_deref() != Some(away.as_str())).map(|_| String::new())
+    })?;
+    mode(&away, HostMode::Normal)?;
     wait("web0 back home", &|| web0().filter(|v| v.host.as_deref() == Some(home.as_str()) && v.migrating_to.is_none()).map(|_| String::new()))?;
     wait("web0 running at home", &|| (lab.running().get("web0") == Some(&home)).then(String::new))?;
     assert_eq!(web0().and_then(|v| v.home), None, "back home, it forgets its home");

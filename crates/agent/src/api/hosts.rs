@@ -73,9 +73,19 @@ pub(super) async fn host_evacuation(State(a): State<Arc<Agent>>, ApiPath(name): 
                 (Err(why), None) => EvacuationStep { vm, to: None, why_not: Some(why), live_failed: None },
             })
             .collect::<Vec<_>>();
-        Ok::<_, ApiError>(steps)
+        let not_coming_back = given_up
+            .iter()
+            .filter_map(|(vm, n)| {
+                let v = s.vms.get(vm).filter(|v| v.home == Some(host))?;
+                let at = v.assignment().filter(|a| a.host != host)?;
+                let why = format!("its live migration back did not complete {n} times");
+                Some(EvacuationStep { vm: vm.clone(), to: Some(hname(at.host)), why_not: Some(why), live_failed: Some(*n) })
+            })
+            .collect();
+        Ok::<_, ApiError>((steps, not_coming_back))
     })?;
-    Ok(Json(EvacuationPlan { host: name, steps }))
+    let (steps, not_coming_back) = steps;
+    Ok(Json(EvacuationPlan { host: name, steps, not_coming_back }))
 }
 
 /// A planned stop of this agent under a policy. Only the host's own agent takes it (the CLI

@@ -40,39 +40,21 @@ fn not_yet<'a>(vms: impl Iterator<Item = (Option<&'a str>, Option<&'a str>, Opti
     (counted.len(), counted.iter().filter(|m| **m).count())
 }
 
-/// The VMs of `name` that stay where they are, as the leader's plan says (the leader counts
-/// the live migrations that failed); `None` while the leader is unknown or does not answer.
-fn staying(c: &Client, name: &str) -> Option<Vec<EvacuationStep>> {
+/// The VMs that stay where they are, as the leader's plan says (the leader counts the live
+/// migrations that failed): entering, those of `name` that cannot leave; leaving, those whose
+/// home is `name` that it gave up moving back. `None` while the leader is unknown or does not
+/// answer.
+fn staying(c: &Client, name: &str, enter: bool) -> Option<Vec<EvacuationStep>> {
     let hosts: Vec<HostView> = c.get_as("/v1/hosts").ok()?;
     let leader = hosts.into_iter().find(|h| h.leader)?;
     let plan: EvacuationPlan = Client { addr: leader.api_addr, ..c.clone() }.get_as(&format!("/v1/hosts/{name}/evacuation")).ok()?;
-    Some(plan.steps.into_iter().filter(|s| s.to.is_none()).collect())
+    Some(if enter { plan.steps.into_iter().filter(|s| s.to.is_none()).collect() } else { plan.not_coming_back })
 }
 pub fn run(c: &Client, out: Output, enter: bool, name: &str, how: Follow) -> Result<(), ClientError> {
     let Follow { force, shutdown_unmovable, no_wait } = how;
     let table = out == Output::Table;
     if enter {
-        let plan: EvacuationPlan = c.get_as(&format!("/v1/hosts/{name}/evacuation"))?;
-        if table {
-            println!("evacuation plan for {name} ({} VM(s)):", plan.steps.len());
-            for s in &plan.steps {
-                match (&s.to, &s.why_not) {
-                    (Some(to), _) => println!("  {:<20} -> {to}", s.vm),
-                    (None, why) => println!("  {:<20} cannot move live: {}", s.vm, why.as_deref().unwrap_or("no host may take it")),
-                }
-            }
-        }
-        let unmovable: Vec<&str> = plan.steps.iter().filter(|s| s.to.is_none()).map(|s| s.vm.as_str()).collect();
-        if !unmovable.is_empty() && !force {
-            return Err(ClientError::Refused {
-                status: 409,
-                message: format!(
-                    "{} cannot move live ({}); nothing changed. --force enters anyway and leaves them running on {name}",
-                    unmovable.len(),
-                    unmovable.join(", ")
-                ),
-            });
-        }
+        show_plan_or_refuse(c, table, name, force)?;
     }
     let mode = if enter { HostMode::Maintenance } else { HostMode::Normal };
     let set = c.send("POST", &format!("/v1/hosts/{name}/mode"), &HostModeRequest { mode, force })?;
@@ -99,34 +81,22 @@ pub fn run(c: &Client, out: Output, enter: bool, name: &str, how: Follow) -> Res
             last = line;
         }
         // Nothing migrating, some left: the leader's plan says which stay, and why.
-        let mut stuck = false;
-        if enter && moving == 0 && left > 0 {
-            if let Some(stay) = staying(c, name) {
-                let on: BTreeSet<&str> = vms.iter().filter(|v| v.host.as_deref() == Some(name)).map(|v| v.name.as_str()).collect();
-                let stay: Vec<EvacuationStep> = stay.into_iter().filter(|s| on.contains(s.vm.as_str())).collect();
-                let cold: Vec<&EvacuationStep> = stay.iter().filter(|s| shutdown_unmovable && s.live_failed.is_some() && !moved_cold.contains(&s.vm)).collect();
-                if !cold.is_empty() {
-                    for s in cold {
-                        moved_cold.insert(s.vm.clone());
-                        super::coldmove::run(c, out, &s.vm, name, s.why_not.as_deref().unwrap_or("it cannot move live"))?;
-                    }
-                    // What is left is read afresh.
-                    continue;
-                }
-                stuck = stay.len() == on.len();
-                if stuck && table {
-                    for s in &stay {
-                        println!("  {:<20} stays on {name}: {}", s.vm, s.why_not.as_deref().unwrap_or("no host may take it"));
-                    }
-                }
-            }
-        }
-        let settled = left == 0 || stuck;
-        if settled {
+        let stuck = match (moving == 0 && left > 0, enter) {
+            (false, _) => false,
+            (true, false) => stuck_away(c, name, left, table),
+            (true, true) => match stuck_on(c, out, name, &vms, shutdown_unmovable, &mut moved_cold)? {
+                Some(stuck) => stuck,
+                // Some were moved cold: what is left is read afresh.
+                None => continue,
+            },
+        };
+        if left == 0 || stuck {
             if out == Output::Json {
                 println!("{}", serde_json::json!({"host": name, "mode": mode, "left": left}));
-            } else if left > 0 {
+            } else if left > 0 && enter {
                 println!("{left} VM(s) could not move live and keep running on {name}");
+            } else if left > 0 {
+                println!("{left} VM(s) could not move back live and keep running away from {name}");
             } else {
                 println!("{}", if enter { format!("{name} is empty and in maintenance") } else { format!("every VM evacuated from {name} is back") });
             }
@@ -137,6 +107,78 @@ pub fn run(c: &Client, out: Output, enter: bool, name: &str, how: Follow) -> Res
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// Prints where each VM of `name` would go; refuses, changing nothing, if one cannot move live
+/// and `force` was not given.
+fn show_plan_or_refuse(c: &Client, table: bool, name: &str, force: bool) -> Result<(), ClientError> {
+    let plan: EvacuationPlan = c.get_as(&format!("/v1/hosts/{name}/evacuation"))?;
+    if table {
+        println!("evacuation plan for {name} ({} VM(s)):", plan.steps.len());
+        for s in &plan.steps {
+            match (&s.to, &s.why_not) {
+                (Some(to), _) => println!("  {:<20} -> {to}", s.vm),
+                (None, why) => println!("  {:<20} cannot move live: {}", s.vm, why.as_deref().unwrap_or("no host may take it")),
+            }
+        }
+    }
+    let unmovable: Vec<&str> = plan.steps.iter().filter(|s| s.to.is_none()).map(|s| s.vm.as_str()).collect();
+    if unmovable.is_empty() || force {
+        return Ok(());
+    }
+    Err(ClientError::Refused {
+        status: 409,
+        message: format!(
+            "{} cannot move live ({}); nothing changed. --force enters anyway and leaves them running on {name}",
+            unmovable.len(),
+            unmovable.join(", ")
+        ),
+    })
+}
+
+/// Leaving maintenance, nothing migrating: whether every one of the `left` VMs still away is
+/// one the leader gave up moving back (each printed, with where it stays and why).
+fn stuck_away(c: &Client, name: &str, left: usize, table: bool) -> bool {
+    let Some(stay) = staying(c, name, false) else { return false };
+    let stuck = stay.len() == left;
+    if stuck && table {
+        for s in &stay {
+            let at = s.to.as_deref().unwrap_or("another host");
+            println!("  {:<20} stays on {at}: {}", s.vm, s.why_not.as_deref().unwrap_or("it cannot move back live"));
+        }
+    }
+    stuck
+}
+
+/// Entering maintenance, nothing migrating: whether every VM left on `name` stays there, as
+/// the leader's plan says (each printed, with why). With `shutdown_unmovable`, those given up
+/// on are first shut down and started elsewhere (`None`: some were, read the VMs again).
+fn stuck_on(
+    c: &Client,
+    out: Output,
+    name: &str,
+    vms: &[VmView],
+    shutdown_unmovable: bool,
+    moved_cold: &mut BTreeSet<String>,
+) -> Result<Option<bool>, ClientError> {
+    let Some(stay) = staying(c, name, true) else { return Ok(Some(false)) };
+    let on: BTreeSet<&str> = vms.iter().filter(|v| v.host.as_deref() == Some(name)).map(|v| v.name.as_str()).collect();
+    let stay: Vec<EvacuationStep> = stay.into_iter().filter(|s| on.contains(s.vm.as_str())).collect();
+    let cold: Vec<&EvacuationStep> = stay.iter().filter(|s| shutdown_unmovable && s.live_failed.is_some() && !moved_cold.contains(&s.vm)).collect();
+    if !cold.is_empty() {
+        for s in cold {
+            moved_cold.insert(s.vm.clone());
+            super::coldmove::run(c, out, &s.vm, name, s.why_not.as_deref().unwrap_or("it cannot move live"))?;
+        }
+        return Ok(None);
+    }
+    let stuck = stay.len() == on.len();
+    if stuck && out == Output::Table {
+        for s in &stay {
+            println!("  {:<20} stays on {name}: {}", s.vm, s.why_not.as_deref().unwrap_or("no host may take it"));
+        }
+    }
+    Ok(Some(stuck))
 }
 
 #[cfg(test)]
