@@ -655,8 +655,11 @@ fn a_host_cut_off_the_network_fences_itself_and_the_majority_restarts_its_vms() 
     std::thread::sleep(Duration::from_secs(15));
     let since_loss = |kind: &str| events_of(&lab, kind).into_iter().filter(|e| e.at_ms >= loss_from).collect::<Vec<_>>();
     let lost: u64 = (0..3).map(|i| net.lost_udp(i)).sum::<Result<u64>>()?;
-    // 3 hosts × 2 peers × 5 heartbeats/s × 15 s = 450 sent; a third of that is ~150.
-    assert!(lost >= 75, "the loss rule dropped only {lost} heartbeats");
+    // 3 hosts × 2 peers × 5 heartbeats/s × 15 s = 450 ticks; while the cluster is calm each
+    // peer gets every second one (`CALM_COPY_TICKS`), so 225 to 450 are sent and a third of
+    // them is 75 to 150 — dropping fewer than 40 (four deviations below 75) means the rule
+    // does not work. (At 75 itself, this check failed once in a full run, with 74.)
+    assert!(lost >= 40, "the loss rule dropped only {lost} heartbeats");
     let fenced = events_of(&lab, "fenced");
     assert!(fenced.is_empty(), "a host fenced itself under 1-in-3 heartbeat loss: {fenced:#?}");
     assert!(events_of(&lab, "failover-committed").is_empty(), "a failover happened under 1-in-3 heartbeat loss");
