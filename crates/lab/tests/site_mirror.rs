@@ -490,6 +490,15 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "the way back never caught up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Paused, then resumed as when the commit fails (the guest writes on on the other copy),
+    // then paused again for the commit that succeeds: the second pause copies and flushes as
+    // the first did.
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, Path::new("")).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Resume, Path::new("")).await?;
+    let resumed_at = seq.highest();
+    seq.wait_past(resumed_at + 5, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on after the failed commit: {e}"))?;
+    let jobs = vm.qmp.execute("query-block-jobs", Value::Null, QMP_TIMEOUT).await?;
+    assert_eq!(pathswitch::back_sample("db", &vm.qmp, QMP_TIMEOUT, 0, &jobs).await?, MirrorSample::InSync);
     let paused = Instant::now();
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, Path::new("")).await?;
     assert_eq!(fuse.unsynced(), 0, "writes the way back copied are not flushed when the local copy may be committed current");

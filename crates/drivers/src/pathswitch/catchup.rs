@@ -154,8 +154,20 @@ pub async fn advance(vm: &str, q: &Qmp, timeout: Duration, disk: usize, job: Opt
 /// other when this returns. (The bitmap keeps recording: if the guest resumes on the other copy
 /// instead, those ranges are simply copied again.)
 pub async fn last_round(vm: &str, q: &Qmp, timeout: Duration, disk: usize) -> Result<(), PathSwitchError> {
-    // A round under way ends first (what it copied may be copied again: its bitmap is merged).
-    super::wait_concluded(vm, q, timeout, disk, &back_job_id(disk), FINAL_ROUND_WAIT).await?;
+    // The mirror of an earlier pause whose commit failed (`flush_local`, then the guest
+    // resumed) is cancelled — it never moved the disk, and the writes since are recorded — and
+    // a round under way ends first (what it copied may be copied again: its bitmap is merged).
+    let jobs = q.execute("query-jobs", Value::Null, timeout).await.map_err(qmp_err(vm, "read its way back"))?;
+    let id = back_job_id(disk);
+    let flush_mirror = jobs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|j| j.get("id").and_then(Value::as_str) == Some(id.as_str()) && j.get("type").and_then(Value::as_str) == Some("mirror"));
+    if flush_mirror {
+        q.execute("block-job-cancel", json!({"device": id}), timeout).await.map_err(qmp_err(vm, "ended the mirror of an earlier pause"))?;
+    }
+    super::wait_concluded(vm, q, timeout, disk, &id, FINAL_ROUND_WAIT).await?;
     let rounds = rounds(vm, q, timeout, disk).await?;
     let Some(&(recording, _)) = rounds.last() else {
         return Err(PathSwitchError::Failed { vm: vm.to_string(), disk, reason: "no record of the writes since the switch".into() });
