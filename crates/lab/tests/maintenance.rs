@@ -83,20 +83,10 @@ fn the_cli_shows_the_plan_and_follows_the_evacuation() -> Result<()> {
 /// and it starts on another host. No VM runs on two hosts at once throughout.
 #[test]
 fn a_guest_that_cannot_move_live_stays_or_with_the_flag_moves_cold() -> Result<()> {
-    use tandem_lab::lab::{Lab, LabOptions};
     let Some(g) = test_guest() else { return Ok(()) };
     let bin = tandem_lab::lab::tandem_binary()?;
-    let extra = "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n[migration]\nmax_bandwidth_mib_s = 1\nstall_s = 1\ntimeout_s = 2\n";
-    let opts = LabOptions { driver: "qemu".into(), loopback_net: 93, api_port: 7950, capacity: (4, 2048), extra_config: extra.into(), ..LabOptions::default() };
-    let mut lab = Lab::new(opts, &bin)?;
-    lab.start_all()?;
-    lab.form_cluster()?;
-    lab.judge_paused_copies();
-    let c = lab.client(0);
-    c.send("POST", "/v1/vms", &tandem_lab::demo::demo_vm(0, "qemu", &g))?;
-    c.send("POST", "/v1/vms/web0/start", &tandem_agent::views::ForceRequest::default())?;
+    let (lab, host) = lab_with_web0(&bin, &g, 93, 7950, "max_bandwidth_mib_s = 1\nstall_s = 1\ntimeout_s = 2\n")?;
     let wait = |what: &str, f: &dyn Fn() -> Option<String>| tandem_lab::demo::wait(what, std::time::Duration::from_secs(120), f);
-    let host = wait("web0 placed and running", &|| lab.placement(0).ok()?.get("web0").cloned().flatten().filter(|h| lab.running().get("web0") == Some(h)))?;
     let cli = |args: &[&str]| Command::new(&bin).args(["--api", &lab.hosts[0].api, "--token", &lab.token()]).args(args).output();
     let out = cli(&["host", "maintenance", "enter", &host])?;
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -130,21 +120,12 @@ fn a_guest_that_cannot_move_live_stays_or_with_the_flag_moves_cold() -> Result<(
 fn a_guest_whose_moves_back_home_fail_stays_away_said_and_comes_home_later() -> Result<()> {
     use tandem_agent::views::{HostModeRequest, VmView};
     use tandem_core::state::HostMode;
-    use tandem_lab::lab::{Lab, LabOptions};
     let Some(g) = test_guest() else { return Ok(()) };
     let bin = tandem_lab::lab::tandem_binary()?;
     // Slow enough that a move can be caught under way, fast enough to converge.
-    let extra = "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n[migration]\nmax_bandwidth_mib_s = 4\ntimeout_s = 60\n";
-    let opts = LabOptions { driver: "qemu".into(), loopback_net: 98, api_port: 7930, capacity: (4, 2048), extra_config: extra.into(), ..LabOptions::default() };
-    let mut lab = Lab::new(opts, &bin)?;
-    lab.start_all()?;
-    lab.form_cluster()?;
-    lab.judge_paused_copies();
+    let (lab, home) = lab_with_web0(&bin, &g, 98, 7930, "max_bandwidth_mib_s = 4\ntimeout_s = 60\n")?;
     let c = lab.client(0);
-    c.send("POST", "/v1/vms", &tandem_lab::demo::demo_vm(0, "qemu", &g))?;
-    c.send("POST", "/v1/vms/web0/start", &tandem_agent::views::ForceRequest::default())?;
     let wait = |what: &str, f: &dyn Fn() -> Option<String>| tandem_lab::demo::wait(what, std::time::Duration::from_secs(120), f);
-    let home = wait("web0 placed and running", &|| lab.placement(0).ok()?.get("web0").cloned().flatten().filter(|h| lab.running().get("web0") == Some(h)))?;
     let web0 = || c.list_as::<VmView>("/v1/vms").ok()?.into_iter().find(|v| v.name == "web0");
     let mode = |host: &str, mode: HostMode| c.send("POST", &format!("/v1/hosts/{host}/mode"), &HostModeRequest { mode, force: false });
     mode(&home, HostMode::Maintenance)?;
@@ -178,4 +159,23 @@ fn a_guest_whose_moves_back_home_fail_stays_away_said_and_comes_home_later() -> 
     assert_eq!(web0().and_then(|v| v.home), None, "back home, it forgets its home");
     lab.assert_no_double_run()?;
     Ok(())
+}
+
+/// Three agents running TCG guests with `migration` as their `[migration]` settings, and the
+/// test guest `web0` started: the lab and web0's host.
+fn lab_with_web0(bin: &std::path::Path, g: &std::path::Path, net: u8, api_port: u16, migration: &str) -> Result<(tandem_lab::lab::Lab, String)> {
+    use tandem_lab::lab::{Lab, LabOptions};
+    let extra = format!("[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\n[migration]\n{migration}");
+    let opts = LabOptions { driver: "qemu".into(), loopback_net: net, api_port, capacity: (4, 2048), extra_config: extra, ..LabOptions::default() };
+    let mut lab = Lab::new(opts, bin)?;
+    lab.start_all()?;
+    lab.form_cluster()?;
+    lab.judge_paused_copies();
+    let c = lab.client(0);
+    c.send("POST", "/v1/vms", &tandem_lab::demo::demo_vm(0, "qemu", g))?;
+    c.send("POST", "/v1/vms/web0/start", &tandem_agent::views::ForceRequest::default())?;
+    let host = tandem_lab::demo::wait("web0 placed and running", std::time::Duration::from_secs(120), || {
+        lab.placement(0).ok()?.get("web0").cloned().flatten().filter(|h| lab.running().get("web0") == Some(h))
+    })?;
+    Ok((lab, host))
 }
