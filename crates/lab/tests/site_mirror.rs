@@ -626,3 +626,92 @@ fn the_copy_channel_carries_a_mirror_over_tls_only_for_the_cluster() -> Result<(
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(channel_scenario(dir.path()))
 }
+
+/// The ground under storage that hangs being switched away from without a restart (not yet
+/// what the agent does: it restarts such a VM where its other copy is). The local copy behind
+/// an NBD node served by a process of its own; that process stops answering (SIGSTOP: its
+/// requests unanswered, as behind a hung storage path); the guest's writes wait. QEMU's NBD
+/// client, yanked, fails what it had in flight: the guest pauses on the error (it sees none),
+/// and the disk switches to the other copy as after any failed request — every acknowledged
+/// write is there.
+async fn yanked_local_server_scenario(dir: &Path, guest: &Path) -> Result<()> {
+    let (local, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
+    for image in [&local, &remote] {
+        std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
+    }
+    let launcher = Launcher::new()?;
+    let socket = dir.join("local.nbd");
+    let local_server = LocalServer(
+        std::process::Command::new("qemu-storage-daemon")
+            .args(["--blockdev", &format!("driver=file,node-name=local,filename={},cache.direct=on", local.display())])
+            .args(["--nbd-server", &format!("addr.type=unix,addr.path={}", socket.display())])
+            .args(["--export", "type=nbd,id=local,node-name=local,name=local,writable=on,writethrough=on"])
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "the local copy's server never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let export = export_name("db", 0);
+    let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + 4), &launcher).await?;
+    server.serve(&export, &remote).await?;
+    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + 4), STALL, creds())?;
+    let addr = "127.103.0.6:8080";
+    let vm = launch(dir, guest, Path::new(&format!("nbd+unix:///local?socket={}", socket.display())), addr).await?;
+    let seq = SeqWatch::start(addr);
+    seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export, granularity: None };
+    syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+    wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
+    let before = seq.highest();
+    seq.wait_past(before + 10, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write: {e}"))?;
+
+    signal(local_server.0.id(), libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stuck = seq.highest();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(seq.highest(), stuck, "the guest wrote on while its storage answered nothing");
+    let nodes = vm.qmp.execute("query-named-block-nodes", json!({}), QMP_TIMEOUT).await?;
+    let nbd = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n.get("drv").and_then(Value::as_str) == Some("nbd") && n.get("file").and_then(Value::as_str).is_some_and(|f| f.contains("local.nbd")))
+        .and_then(|n| n.get("node-name").and_then(Value::as_str).map(str::to_string))
+        .ok_or_else(|| anyhow!("no NBD node on the local copy: {nodes}"))?;
+    let yanked = Instant::now();
+    vm.qmp.execute("yank", json!({"instances": [{"type": "block-node", "node-name": nbd}]}), QMP_TIMEOUT).await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pathswitch::failed_disks("db", &vm.qmp, QMP_TIMEOUT).await? != [0] {
+        anyhow::ensure!(Instant::now() < deadline, "the guest did not pause on its yanked disk");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let paused_after = yanked.elapsed();
+    pathswitch::switch_to_copy("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
+    pathswitch::resume("db", &vm.qmp, QMP_TIMEOUT).await?;
+    let switched = yanked.elapsed();
+    seq.wait_past(stuck + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on on the other copy: {e}"))?;
+    eprintln!("local copy's server hung, yanked: the guest paused {paused_after:?} and ran on the other copy {switched:?} after the yank");
+    let verdict = tandem_lab::diskguest::judge(&seq.samples());
+    assert!(verdict.lost.is_empty() && verdict.regressions == 0 && verdict.boots == 1, "{verdict:?}");
+    assert_acknowledged_on(&remote, &seq)
+}
+
+/// The local copy's own server: woken and ended however the test ends.
+struct LocalServer(std::process::Child);
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        signal(self.0.id(), libc::SIGCONT);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_local_copy_whose_server_hangs_can_be_yanked_and_switched_away_from_without_a_restart() -> Result<()> {
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let dir = ScratchDir::new("tandem-site-yank", &[])?;
+    run(&dir, yanked_local_server_scenario(dir.path(), &guest))
+}
