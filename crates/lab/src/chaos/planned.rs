@@ -178,7 +178,9 @@ impl Suite {
     }
 
     /// `target` enters maintenance: every VM on it must leave live and nobody fences; then it
-    /// leaves maintenance and the VMs that left must come back (their home is remembered).
+    /// leaves maintenance and the VMs that left must come back (their home is remembered) — in
+    /// half the draws after the operator cancelled the first move back of each that it caught
+    /// under way (a failed move back keeps the home and is tried again).
     pub(super) fn inject_maintenance_cycle(&mut self, target: usize) -> Result<()> {
         let name = self.lab.hosts[target].name.clone();
         let vms = self.vms_on(&[target]);
@@ -193,6 +195,9 @@ impl Suite {
         }
         self.client(target).send("POST", &format!("/v1/hosts/{name}/mode"), &mode(HostMode::Normal))?;
         let t = Instant::now();
+        if self.rng.below(2) == 1 {
+            self.cancel_moves_back(target, &vms);
+        }
         let back =
             self.wait_for(EVACUATION_BOUND, |running| vms.iter().all(|vm| running.get(vm).is_some_and(|hosts| hosts.len() == 1 && hosts.contains(&name))));
         match back {
@@ -203,6 +208,28 @@ impl Suite {
             )),
         }
         Ok(())
+    }
+
+    /// Cancels the first move back to `target` of each of `vms` seen under way within 3 s (one
+    /// that completed before it was seen is not cancelled).
+    fn cancel_moves_back(&mut self, target: usize, vms: &[String]) {
+        let name = self.lab.hosts[target].name.clone();
+        let mut cancelled: Vec<String> = vec![];
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(3) && cancelled.len() < vms.len() && !super::interrupted() {
+            let listed: Vec<tandem_agent::views::VmView> = self.client(target).list_as("/v1/vms").unwrap_or_default();
+            let moving: Vec<String> = listed
+                .into_iter()
+                .filter(|v| vms.contains(&v.name) && v.migrating_to.as_deref() == Some(name.as_str()) && !cancelled.contains(&v.name))
+                .map(|v| v.name)
+                .collect();
+            for vm in moving {
+                let r = self.client(target).send("DELETE", &format!("/v1/vms/{vm}/migrate"), &serde_json::json!({}));
+                self.log(&format!("  operator: cancel {vm}'s move back to {name} -> {}", if r.is_ok() { "cancelled" } else { "too late" }));
+                cancelled.push(vm);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits up to `bound` for the processes running to satisfy `done`; whether they did.
