@@ -213,6 +213,29 @@ async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Waits, up to a minute, for the way back into disk 0's local copy to be in sync.
+async fn way_back_in_sync(vm: &Guest) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = vm.qmp.execute("query-block-jobs", Value::Null, QMP_TIMEOUT).await?;
+        if pathswitch::back_sample("db", &vm.qmp, QMP_TIMEOUT, 0, &jobs).await? == MirrorSample::InSync {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the way back never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits, up to `within`, for the guest to pause on an error of its disk 0.
+async fn paused_on_failed_disk(vm: &Guest, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while pathswitch::failed_disks("db", &vm.qmp, QMP_TIMEOUT).await? != [0] {
+        anyhow::ensure!(Instant::now() < deadline, "the guest did not pause on its failed disk within {within:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on the copy server this test started.
     unsafe {
@@ -451,11 +474,7 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     let (vm, seq, fuse, backing, remote) = (&m.vm, &m.seq, &m.fuse, &m.local, &m.remote);
     let lost = Instant::now();
     fuse.set_mode(0, tandem_lab::fusedisk::ViewMode::Fail);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pathswitch::failed_disks("db", &vm.qmp, QMP_TIMEOUT).await? != [0] {
-        anyhow::ensure!(Instant::now() < deadline, "the guest did not pause on its failed disk");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    paused_on_failed_disk(vm, Duration::from_secs(10)).await?;
     let acknowledged = seq.highest();
     pathswitch::switch_to_copy("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
     pathswitch::resume("db", &vm.qmp, QMP_TIMEOUT).await?;
@@ -481,15 +500,7 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     // round was copying must not be forgotten (the copies are compared at the end).
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Abandon, Path::new("")).await?;
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &fuse.path(0)).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let jobs = vm.qmp.execute("query-block-jobs", Value::Null, QMP_TIMEOUT).await?;
-        if pathswitch::back_sample("db", &vm.qmp, QMP_TIMEOUT, 0, &jobs).await? == MirrorSample::InSync {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the way back never caught up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    way_back_in_sync(vm).await?;
     // Paused, then resumed as when the commit fails (the guest writes on on the other copy),
     // then paused again for the commit that succeeds: the second pause copies and flushes as
     // the first did.
@@ -497,8 +508,7 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Resume, Path::new("")).await?;
     let resumed_at = seq.highest();
     seq.wait_past(resumed_at + 5, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on after the failed commit: {e}"))?;
-    let jobs = vm.qmp.execute("query-block-jobs", Value::Null, QMP_TIMEOUT).await?;
-    assert_eq!(pathswitch::back_sample("db", &vm.qmp, QMP_TIMEOUT, 0, &jobs).await?, MirrorSample::InSync);
+    way_back_in_sync(vm).await?;
     let paused = Instant::now();
     pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, Path::new("")).await?;
     assert_eq!(fuse.unsynced(), 0, "writes the way back copied are not flushed when the local copy may be committed current");
@@ -682,11 +692,7 @@ async fn yanked_local_server_scenario(dir: &Path, guest: &Path) -> Result<()> {
         .ok_or_else(|| anyhow!("no NBD node on the local copy: {nodes}"))?;
     let yanked = Instant::now();
     vm.qmp.execute("yank", json!({"instances": [{"type": "block-node", "node-name": nbd}]}), QMP_TIMEOUT).await?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pathswitch::failed_disks("db", &vm.qmp, QMP_TIMEOUT).await? != [0] {
-        anyhow::ensure!(Instant::now() < deadline, "the guest did not pause on its yanked disk");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    paused_on_failed_disk(&vm, Duration::from_secs(5)).await?;
     let paused_after = yanked.elapsed();
     pathswitch::switch_to_copy("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
     pathswitch::resume("db", &vm.qmp, QMP_TIMEOUT).await?;
