@@ -419,7 +419,7 @@ impl Agent {
     }
 
     pub(super) fn host_name(&self, h: HostId) -> String {
-        self.consensus.with_state(|s| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone()))
+        self.consensus.with_state(|s| s.host_name(h))
     }
 
     pub(super) fn note_transitions(&self, a: &Assessment) {

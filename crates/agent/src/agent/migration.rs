@@ -450,7 +450,7 @@ impl Agent {
     #[must_use]
     pub fn migrations_view(&self) -> crate::views::MigrationsView {
         let active: Vec<(String, Assignment, Assignment, String, String)> = self.consensus.with_state(|s| {
-            let host = |h: tandem_core::HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
+            let host = |h: tandem_core::HostId| s.host_name(h);
             s.migrations().map(|(n, from, to)| (n.to_string(), from, to, host(from.host), host(to.host))).collect()
         });
         let m = lock(&self.migrations);

@@ -57,7 +57,7 @@ pub(super) async fn ftt(State(a): State<Arc<Agent>>) -> ApiResult<FttView> {
         .heavy
         .run(move || {
             let s = &snap.state;
-            let name = |h: &HostId| s.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone());
+            let name = |h: &HostId| s.host_name(*h);
             let sites = s
                 .site_losses()
                 .into_iter()
@@ -114,7 +114,7 @@ pub(super) fn what_if(s: &tandem_core::state::ClusterState, fail: Option<&str>, 
             }
             (None, None) => s.active_hosts().iter().map(|h| vec![h]).collect(),
         };
-        let name = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
+        let name = |h: HostId| s.host_name(h);
         let out: Vec<FailurePlan> = sets
             .iter()
             .map(|set| {

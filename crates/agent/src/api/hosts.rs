@@ -62,29 +62,29 @@ pub(super) async fn host_evacuation(State(a): State<Arc<Agent>>, ApiPath(name): 
     // The coordinator's memory of failed evacuations, when this agent leads: such a VM would
     // not be moved live again.
     let given_up = if a.consensus.is_leader() { a.evacuations_given_up() } else { Default::default() };
-    let steps = a.consensus.with_state(|s| {
+    let (steps, not_coming_back) = a.consensus.with_state(|s| {
         let host = s.host_by_name(&name).map(|h| h.id).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown host '{name}'")))?;
-        let hname = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
         let steps = tandem_core::evacuation::evacuation_plan(s, host)
             .into_iter()
             .map(|(vm, to)| match (to, given_up.get(&vm)) {
                 (_, Some(n)) => EvacuationStep { why_not: Some(format!("its live migration did not complete {n} times")), vm, to: None, live_failed: Some(*n) },
-                (Ok(h), None) => EvacuationStep { vm, to: Some(hname(h)), why_not: None, live_failed: None },
+                (Ok(h), None) => EvacuationStep { vm, to: Some(s.host_name(h)), why_not: None, live_failed: None },
                 (Err(why), None) => EvacuationStep { vm, to: None, why_not: Some(why), live_failed: None },
             })
             .collect::<Vec<_>>();
         let not_coming_back = given_up
             .iter()
             .filter_map(|(vm, n)| {
+                // Away from this home, on a host not in maintenance (else it was given up leaving
+                // that host, which `steps` of that host's plan says).
                 let v = s.vms.get(vm).filter(|v| v.home == Some(host))?;
-                let at = v.assignment().filter(|a| a.host != host)?;
+                let at = v.assignment().filter(|a| a.host != host && s.hosts.get(&a.host).is_some_and(|h| h.mode != HostMode::Maintenance))?;
                 let why = format!("its live migration back did not complete {n} times");
-                Some(EvacuationStep { vm: vm.clone(), to: Some(hname(at.host)), why_not: Some(why), live_failed: Some(*n) })
+                Some(EvacuationStep { vm: vm.clone(), to: Some(s.host_name(at.host)), why_not: Some(why), live_failed: Some(*n) })
             })
             .collect();
         Ok::<_, ApiError>((steps, not_coming_back))
     })?;
-    let (steps, not_coming_back) = steps;
     Ok(Json(EvacuationPlan { host: name, steps, not_coming_back }))
 }
 

@@ -32,7 +32,7 @@ pub(super) async fn rebalance(State(a): State<Arc<Agent>>, ApiQuery(q): ApiQuery
                 return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("unknown rule '{r}'")));
             }
             let plan = rebalance_plan(s, &RebalanceScope { rule: q.rule.clone(), balance: q.balance.unwrap_or(true) });
-            let name = |h: HostId| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone());
+            let name = |h: HostId| s.host_name(h);
             Ok(RebalanceView {
                 moves: plan
                     .moves

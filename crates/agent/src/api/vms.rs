@@ -19,13 +19,13 @@ pub(super) fn vm_views(a: &Agent) -> Vec<VmView> {
                     host_api: host.map(|h| h.api_addr.clone()),
                     generation: v.assignment().map(|x| x.generation),
                     error: v.error().map(str::to_string),
-                    failed_on: v.failed_on.iter().map(|h| s.hosts.get(h).map_or_else(|| h.to_string(), |r| r.name.clone())).collect(),
+                    failed_on: v.failed_on.iter().map(|h| s.host_name(*h)).collect(),
                     held: v.held(),
                     capacity_retries: v.capacity_retries(),
                     waiting: match v.parked() {
                         Some((h, hold)) => Some(format!(
                             "shut down with {}'s planned stop: starts again when it returns{}",
-                            s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone()),
+                            s.host_name(h),
                             hold.map(|ms| format!(", or elsewhere {} s after it left", ms / 1000)).unwrap_or_default()
                         )),
                         None => (v.desired() == PowerState::Running && v.assignment().is_none())
@@ -33,8 +33,8 @@ pub(super) fn vm_views(a: &Agent) -> Vec<VmView> {
                             .flatten(),
                     },
                     migrating_to: v.migrating_to().map(|t| s.hosts.get(&t.host).map_or_else(|| t.host.to_string(), |h| h.name.clone())),
-                    home: v.home.map(|h| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone())),
-                    disk_host: v.start_host().map(|h| s.hosts.get(&h).map_or_else(|| h.to_string(), |r| r.name.clone())),
+                    home: v.home.map(|h| s.host_name(h)),
+                    disk_host: v.start_host().map(|h| s.host_name(h)),
                     copies: v.copies.clone(),
                     spec: v.spec.clone(),
                 }
