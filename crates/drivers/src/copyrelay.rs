@@ -258,6 +258,8 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
                             up_w.flush().await
                         };
                         match tokio::time::timeout(stall, sent).await {
+                            // A goodbye gets no answer: nothing is left waiting for one.
+                            Ok(Ok(())) if watch.ended_by_client() => waiting_since = None,
                             Ok(Ok(())) => { waiting_since.get_or_insert_with(Instant::now); }
                             Ok(Err(e)) => break format!("writing to the copy server failed: {e}"),
                             Err(_) => break format!("the copy server took no bytes for {stall:?}"),
@@ -275,6 +277,13 @@ async fn pair(down: UnixStream, up: CopyStream, stall: Duration, shared: Arc<Mut
                 }
             },
             n = up_r.read(&mut to_down) => match n {
+                // The server's close after the client's goodbye (whichever side's close the
+                // relay reads first): the conversation ended, every write answered.
+                Ok(0) if watch.ended_by_client() => {
+                    let mut g = lock(&shared);
+                    if g.releases == generation { g.health = RelayHealth::Idle; }
+                    return;
+                }
                 Ok(0) => break "the copy server closed the connection".to_string(),
                 Err(e) => break format!("reading from the copy server failed: {e}"),
                 Ok(n) => {
@@ -409,6 +418,75 @@ mod tests {
         assert!(matches!(relay.health(), RelayHealth::Lost { .. }));
         relay.release();
         assert_eq!(read_for(&mut qemu, Duration::from_secs(2)).await, Some(0), "released: closed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A copy server that does the NBD handshake, reads one request, and closes: as a server
+    /// answers the client's `NBD_CMD_DISC`.
+    async fn closing_copy_server(name: &str, ip: &str) -> (std::path::PathBuf, Arc<CopyCredentials>, crate::copychannel::CopyGate) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let daemon = dir.join("d.sock");
+        let server = UnixListener::bind(&daemon).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut greeting = b"NBDMAGICIHAVEOPT".to_vec();
+                    greeting.extend_from_slice(&3u16.to_be_bytes());
+                    s.write_all(&greeting).await?;
+                    // The client's flags, then its GO (no payload here).
+                    let mut b = [0u8; 4 + 16];
+                    s.read_exact(&mut b).await?;
+                    let mut ack = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+                    for word in [7u32, 1, 0] {
+                        ack.extend_from_slice(&word.to_be_bytes());
+                    }
+                    s.write_all(&ack).await?;
+                    let mut request = [0u8; 28];
+                    s.read_exact(&mut request).await?;
+                    Ok::<(), std::io::Error>(())
+                });
+            }
+        });
+        let creds = Arc::new(CopyCredentials::plain(tandem_core::wire::ClusterKey::new(b"the cluster secret, 16+ bytes").expect("key")));
+        let gate = crate::copychannel::CopyGate::start(&format!("{ip}:0"), &daemon, Arc::clone(&creds), None).await.expect("gate");
+        (dir, creds, gate)
+    }
+
+    /// QEMU's side of a handshake through the relay: its flags and GO sent, the server's
+    /// greeting and acknowledgement read.
+    async fn handshake(qemu: &mut UnixStream) {
+        let mut go = vec![0u8; 4];
+        go.extend_from_slice(b"IHAVEOPT");
+        go.extend_from_slice(&7u32.to_be_bytes());
+        go.extend_from_slice(&0u32.to_be_bytes());
+        qemu.write_all(&go).await.expect("flags and GO");
+        let mut replies = [0u8; 18 + 20];
+        tokio::time::timeout(Duration::from_secs(5), qemu.read_exact(&mut replies)).await.expect("in time").expect("greeting and GO's acknowledgement");
+        assert_eq!(&replies[..8], b"NBDMAGIC");
+    }
+
+    /// A client that disconnects (`NBD_CMD_DISC`, which has no reply: the server closes) ends
+    /// its connection; the copy is not lost, however the two closes race or however long
+    /// QEMU takes to close its own side, and the next connection joins.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_disconnects_does_not_lose_the_copy() {
+        let (dir, creds, gate) = closing_copy_server("tandem-copyrelay-disc", "127.108.0.3").await;
+        let relay = CopyRelay::start(&dir.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay");
+        for round in 0..3 {
+            let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
+            handshake(&mut qemu).await;
+            let mut disc = 0x2560_9513u32.to_be_bytes().to_vec();
+            disc.extend_from_slice(&0u16.to_be_bytes());
+            disc.extend_from_slice(&2u16.to_be_bytes());
+            disc.extend_from_slice(&[0u8; 8 + 8 + 4]);
+            qemu.write_all(&disc).await.expect("disconnect");
+            // QEMU closes its side a while after: the server's close comes first.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(!matches!(relay.health(), RelayHealth::Lost { .. }), "round {round}: a disconnect lost the copy: {:?}", relay.health());
+            drop(qemu);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -37,6 +37,8 @@ const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 const STRUCTURED_REPLY_HEADER: usize = 20;
 pub(super) const NBD_CMD_READ: u16 = 0;
 pub(super) const NBD_CMD_WRITE: u16 = 1;
+/// The client's goodbye: it has no reply, and the server closes after it.
+const NBD_CMD_DISC: u16 = 2;
 pub(super) const NBD_CMD_TRIM: u16 = 4;
 pub(super) const NBD_CMD_WRITE_ZEROES: u16 = 6;
 const NBD_REPLY_FLAG_DONE: u16 = 1;
@@ -146,11 +148,20 @@ pub struct NbdWatch {
     client_flags_seen: bool,
     /// Requests in flight: handle → (command, length).
     requests: HashMap<u64, (u16, u32)>,
+    /// Whether the client said goodbye (`NBD_CMD_DISC`).
+    disconnecting: bool,
 }
 
 impl Default for NbdWatch {
     fn default() -> Self {
-        NbdWatch { phase: Phase::Greeting, server: Framing::default(), client: Framing::default(), client_flags_seen: false, requests: HashMap::new() }
+        NbdWatch {
+            phase: Phase::Greeting,
+            server: Framing::default(),
+            client: Framing::default(),
+            client_flags_seen: false,
+            requests: HashMap::new(),
+            disconnecting: false,
+        }
     }
 }
 
@@ -203,6 +214,10 @@ impl NbdWatch {
             let (command, handle, length) = read_request_head(&h)?;
             if command == NBD_CMD_WRITE {
                 self.client.skip = u64::from(length);
+            }
+            if command == NBD_CMD_DISC {
+                self.disconnecting = true;
+                continue;
             }
             if self.requests.len() >= MAX_TRACKED_REQUESTS {
                 return Err(format!("more than {MAX_TRACKED_REQUESTS} NBD requests in flight"));
@@ -294,6 +309,12 @@ impl NbdWatch {
             self.requests.remove(&head.handle);
         }
         Ok(used + more)
+    }
+
+    /// Whether the client said goodbye with every request it sent answered: the server's close
+    /// that follows is the conversation's end, not the copy's loss.
+    pub fn ended_by_client(&self) -> bool {
+        self.disconnecting && self.requests.is_empty()
     }
 
     /// Whether transmission began (the handshake is over).
@@ -398,6 +419,20 @@ mod tests {
         assert!(w.requests.keys().eq([4u64].iter()), "only the last write is in flight");
         let caught = w.server_bytes(&simple(5, 4, 0));
         assert!(caught.is_err_and(|e| e.contains("error 5")));
+    }
+
+    /// A goodbye ends the conversation only once every request before it was answered: a
+    /// server that closes on a write it never answered still loses the copy.
+    #[test]
+    fn a_goodbye_ends_the_conversation_only_with_every_request_answered() {
+        let mut w = in_transmission();
+        let mut client = request(NBD_CMD_WRITE, 1, 4096, true);
+        client.extend(request(NBD_CMD_DISC, 2, 0, false));
+        each_split(&client, |c| w.client_bytes(c)).expect("requests");
+        assert!(!w.ended_by_client(), "the write is not answered yet");
+        each_split(&simple(0, 1, 0), |c| w.server_bytes(c)).expect("the write's reply");
+        assert!(w.ended_by_client(), "goodbye said, everything answered");
+        assert!(w.requests.is_empty(), "the goodbye awaits no reply");
     }
 
     fn option_request(option: u32, payload: &[u8]) -> Vec<u8> {
