@@ -120,6 +120,8 @@ pub struct AgentConfig {
 
 /// The longest `[mirror] hung_storage_restart_s`, seconds (a day).
 pub const MAX_HUNG_STORAGE_RESTART_S: u64 = 86_400;
+/// The longest `[mirror] hung_storage_switch_ms` (a day).
+pub const MAX_HUNG_STORAGE_SWITCH_MS: u64 = 86_400_000;
 
 /// `[mirror]`: how this host serves its site's copies of mirrored disks to the other sites,
 /// and how it mirrors its own VMs' disks into theirs. (Where its site's copies are is
@@ -139,10 +141,16 @@ pub struct MirrorConfig {
     /// inter-site delay is one).
     pub advertise: Option<std::net::SocketAddr>,
     /// A running mirrored disk whose own site's storage has not answered a direct read for
-    /// this long, seconds, is restarted where its other copy is — if that copy is in sync:
-    /// hung storage keeps the guest's requests, so no switch can take them back. 0: never
-    /// (the guest waits for its storage; the alert is raised either way). Kept above storage
-    /// that pauses a while to fail over on its own (an HA NAS: tens of seconds).
+    /// this long, milliseconds, is cut from its local copy server and goes on on its other copy
+    /// — if that copy is in sync — without a restart (the guest sees a pause as long). At least
+    /// the probe's bound (1000); 0: never. A switch costs little (the disk comes back once the
+    /// storage answers), so this is short.
+    pub hung_storage_switch_ms: u64,
+    /// Where no switch can take the guest's requests back from hung storage — a way back
+    /// writing into it, a copy opened without a local copy server — a hang that lasts this
+    /// long, seconds, restarts the VM where its other copy is, if that copy is in sync. 0:
+    /// never (the guest waits for its storage; the alert is raised either way). Kept above
+    /// storage that pauses a while to fail over on its own (an HA NAS: tens of seconds).
     pub hung_storage_restart_s: u64,
 }
 
@@ -153,6 +161,7 @@ impl Default for MirrorConfig {
             storage_daemon: "qemu-storage-daemon".into(),
             stall_ms: tandem_drivers::copyrelay::DEFAULT_STALL.as_millis() as u64,
             advertise: None,
+            hung_storage_switch_ms: 2_000,
             hung_storage_restart_s: 60,
         }
     }
@@ -345,6 +354,10 @@ impl AgentConfig {
         }
         if self.mirror.hung_storage_restart_s > MAX_HUNG_STORAGE_RESTART_S {
             return Err(ConfigError::Mirror("hung_storage_restart_s must be at most 86400 (0: never)"));
+        }
+        let switch = self.mirror.hung_storage_switch_ms;
+        if switch != 0 && !(tandem_drivers::pathswitch::PROBE_TIMEOUT.as_millis() as u64..=MAX_HUNG_STORAGE_SWITCH_MS).contains(&switch) {
+            return Err(ConfigError::Mirror("hung_storage_switch_ms must be within 1000..=86400000 (a hang is known after the probe's 1 s; 0: never)"));
         }
         let paths = &self.heartbeat_disk_paths;
         let same = self.heartbeat_disk.as_ref().is_some_and(|d| paths.contains(d));

@@ -49,6 +49,19 @@ pub enum DiskPath {
     OtherCopy,
 }
 
+/// How the VM's QEMU reaches its own site's copy of the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalReach {
+    /// Opened by QEMU itself: a request that waits in hung storage cannot be taken back.
+    Direct,
+    /// Through a server of its own (`tandem_drivers::localcopy`), whose connection can be cut:
+    /// the requests waiting in hung storage then fail at once.
+    Served,
+    /// Through a server that is gone — cut from hung storage, or exited: nothing reaches the
+    /// copy from this QEMU any more.
+    Cut,
+}
+
 /// One link, observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkObservation {
@@ -69,6 +82,7 @@ pub struct LinkObservation {
     /// guest's own (on its own copy) or the way back's (on the other copy, where a guest write
     /// waits for the way back's copy of the old data to land).
     pub local_hung: bool,
+    pub local_reach: LocalReach,
 }
 
 /// What to do about one link.
@@ -113,6 +127,11 @@ pub enum LinkAction {
     /// copy current), then restart elsewhere — the guest's requests cannot be taken back from
     /// hung storage, but the other copy holds every write it saw acknowledged.
     ProposeRestartElsewhere,
+    /// The local copy hangs, the other is in sync and the local copy is served: cut the disk's
+    /// connection to its server. The requests waiting there fail — they reached neither copy —
+    /// and the guest pauses on them, unaware, to go on on the other copy like after any failed
+    /// request (`ProposeSwitch`, `Switch`): no restart.
+    CutLocal,
     /// Committed state counts only the other copy current and the local copy hangs: kill the
     /// VM, wait until none of its threads can run again, and give it up, so that the cluster
     /// starts it again where its copy is current (vSphere's answer to "all paths down").
@@ -144,13 +163,25 @@ pub fn decide(o: LinkObservation) -> Option<LinkAction> {
         DiskPath::LocalFailed if o.relay == RelayPhase::Open && o.job == JobPhase::InSync && o.current => {
             return Some(if o.local_current { LinkAction::ProposeSwitch } else { LinkAction::Switch });
         }
+        // Not switchable, and the local copy out of reach for good (its server cut or gone):
+        // nothing is left to go on with in this QEMU. Killed (the requests it had were never
+        // acknowledged) and given up, the VM starts again where a copy is current.
+        DiskPath::LocalFailed if o.local_reach == LocalReach::Cut => return Some(LinkAction::GiveUp),
         // Not switchable: the guest waits, paused, for its own storage (a lost copy's writes
         // are still released the usual way first).
         DiskPath::LocalFailed if o.relay != RelayPhase::Lost => return Some(LinkAction::RetryLocal),
-        // Hung: left for a restart where the other copy is, on the same terms as a switch. (Not
-        // in sync, or that copy lost: the guest waits for its storage, the mirror as usual.)
+        // Hung, on the same terms as a switch: a served copy is cut from its server (the guest
+        // then pauses on the failed requests and switches); one opened by QEMU itself is left
+        // for a restart where the other copy is. (Not in sync, or that copy lost: the guest
+        // waits for its storage, the mirror as usual.)
         DiskPath::Local if o.local_hung && o.relay == RelayPhase::Open && o.job == JobPhase::InSync && o.current => {
-            return Some(if o.local_current { LinkAction::ProposeRestartElsewhere } else { LinkAction::RestartElsewhere });
+            return match o.local_reach {
+                LocalReach::Served => Some(LinkAction::CutLocal),
+                // Cut already: the guest pauses on the failed requests at once.
+                LocalReach::Cut => None,
+                LocalReach::Direct if o.local_current => Some(LinkAction::ProposeRestartElsewhere),
+                LocalReach::Direct => Some(LinkAction::RestartElsewhere),
+            };
         }
         DiskPath::LocalFailed | DiskPath::Local => {}
     }
@@ -232,7 +263,50 @@ mod tests {
     use super::*;
 
     fn obs(job: JobPhase, relay: RelayPhase, current: bool, server_reachable: bool) -> LinkObservation {
-        LinkObservation { job, relay, current, server_reachable, path: DiskPath::Local, local_current: true, back: JobPhase::Absent, local_hung: false }
+        LinkObservation {
+            job,
+            relay,
+            current,
+            server_reachable,
+            path: DiskPath::Local,
+            local_current: true,
+            back: JobPhase::Absent,
+            local_hung: false,
+            local_reach: LocalReach::Direct,
+        }
+    }
+
+    /// A served local copy that hangs is cut from its server — only from a mirror in sync into
+    /// a current copy that answers (the failed requests then switch the disk there); a cut
+    /// copy that cannot switch gives the VM up; a cut copy never retries locally.
+    #[test]
+    fn a_hung_served_copy_is_cut_and_switched_and_a_cut_copy_never_retries() {
+        let served = |job, relay, current| LinkObservation { local_hung: true, local_reach: LocalReach::Served, ..obs(job, relay, current, true) };
+        assert_eq!(decide(served(JobPhase::InSync, RelayPhase::Open, true)), Some(LinkAction::CutLocal));
+        for job in [JobPhase::Absent, JobPhase::Copying, JobPhase::Stopped, JobPhase::Ended, JobPhase::InSync] {
+            for relay in [RelayPhase::None, RelayPhase::Open, RelayPhase::Lost, RelayPhase::Released] {
+                for current in [false, true] {
+                    let o = served(job, relay, current);
+                    let eligible = job == JobPhase::InSync && relay == RelayPhase::Open && current;
+                    assert_eq!(decide(o) == Some(LinkAction::CutLocal), eligible, "{o:?}");
+                    assert!(!matches!(decide(o), Some(LinkAction::ProposeRestartElsewhere | LinkAction::RestartElsewhere)), "{o:?}");
+                    // Cut: the failed requests switch it if they can, else the VM is given up.
+                    let cut = LinkObservation { path: DiskPath::LocalFailed, local_reach: LocalReach::Cut, ..o };
+                    let switched = matches!(decide(cut), Some(LinkAction::ProposeSwitch | LinkAction::Switch));
+                    assert_eq!(switched, eligible, "{cut:?}");
+                    if !eligible {
+                        assert_eq!(decide(cut), Some(LinkAction::GiveUp), "{cut:?}");
+                    }
+                    assert_ne!(decide(cut), Some(LinkAction::RetryLocal), "{cut:?}");
+                }
+            }
+        }
+        // Cut, the guest not paused yet: wait for the failed requests.
+        let cut_running = LinkObservation { local_reach: LocalReach::Cut, ..served(JobPhase::InSync, RelayPhase::Open, true) };
+        assert_eq!(decide(cut_running), None);
+        // Its storage failing with errors (not hung): a served copy retries like a direct one.
+        let failed = LinkObservation { path: DiskPath::LocalFailed, local_reach: LocalReach::Served, ..obs(JobPhase::Copying, RelayPhase::Open, false, true) };
+        assert_eq!(decide(failed), Some(LinkAction::RetryLocal));
     }
 
     /// The local copy hangs: a restart elsewhere only from a mirror in sync into a current copy

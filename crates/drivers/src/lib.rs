@@ -12,6 +12,7 @@ pub mod copyrelay;
 pub mod diskcopy;
 pub mod launcher;
 pub mod limits;
+pub mod localcopy;
 pub mod migration;
 pub mod migtls;
 pub mod mixed;
@@ -121,6 +122,8 @@ pub enum DriverError {
     PathSwitch(#[from] pathswitch::PathSwitchError),
     #[error("serving this site's copy failed")]
     Copy(#[from] sitecopy::SiteCopyError),
+    #[error("serving a VM's own copy of a mirrored disk failed")]
+    LocalCopy(#[from] localcopy::LocalCopyError),
 }
 
 /// The interface between the agent and whatever runs VMs.
@@ -257,6 +260,16 @@ pub trait VmDriver: Send + Sync + 'static {
     /// `pathswitch::ReturnStep`).
     fn return_to_local<'a>(&'a self, _name: &'a str, _disk: usize, _step: &'a pathswitch::ReturnStep) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "return a disk to its site's copy" }) })
+    }
+    /// How VM `name`'s QEMU reaches disk `disk`'s own site copy (see `localcopy`): opened
+    /// directly by a driver without local copy servers.
+    fn local_reach(&self, _name: &str, _disk: usize) -> tandem_core::mirroring::LocalReach {
+        tandem_core::mirroring::LocalReach::Direct
+    }
+    /// Cuts disk `disk`'s connection to its local copy server, whose storage hangs: the
+    /// requests waiting there fail (the guest pauses on them) and the server is ended.
+    fn cut_local<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move { Err(DriverError::Unsupported { driver: self.kind(), what: "cut a disk from its local copy server" }) })
     }
     /// Ends the mirror of disk `disk` (it ended on its own, or the link is given up).
     fn detach_mirror<'a>(&'a self, _name: &'a str, _disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {

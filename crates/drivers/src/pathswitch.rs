@@ -280,10 +280,17 @@ pub async fn back_sample(vm: &str, q: &Qmp, timeout: Duration, disk: usize, bloc
     catchup::advance(vm, q, timeout, disk, round).await
 }
 
-/// Runs `step` of disk `disk`'s return (`path`: the local copy, for `Start`).
-pub async fn return_step(vm: &str, q: &Qmp, timeout: Duration, disk: usize, step: &ReturnStep, path: &std::path::Path) -> Result<(), PathSwitchError> {
+/// The options of a protocol node that opens the copy at `path` itself (no local copy server).
+#[must_use]
+pub fn file_node(path: &std::path::Path) -> Value {
+    json!({"driver": "file", "filename": path.display().to_string(), "cache": {"direct": true}, "auto-read-only": false})
+}
+
+/// Runs `step` of disk `disk`'s return (`local`: the options of the local copy's protocol node
+/// — its file, or its local copy server's NBD client — for `Start`).
+pub async fn return_step(vm: &str, q: &Qmp, timeout: Duration, disk: usize, step: &ReturnStep, local: &Value) -> Result<(), PathSwitchError> {
     match step {
-        ReturnStep::Start { format, .. } => start_return(vm, q, timeout, disk, path, format).await,
+        ReturnStep::Start { format, .. } => start_return(vm, q, timeout, disk, local, format).await,
         ReturnStep::Pause => pause_return(vm, q, timeout, disk).await,
         ReturnStep::Finish => finish_return(vm, q, timeout, disk).await,
         ReturnStep::Resume | ReturnStep::Retry { .. } => resume(vm, q, timeout).await,
@@ -291,10 +298,9 @@ pub async fn return_step(vm: &str, q: &Qmp, timeout: Duration, disk: usize, step
     }
 }
 
-async fn start_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize, path: &std::path::Path, format: &str) -> Result<(), PathSwitchError> {
+async fn start_return(vm: &str, q: &Qmp, timeout: Duration, disk: usize, local: &Value, format: &str) -> Result<(), PathSwitchError> {
     abandon_return(vm, q, timeout, disk).await?;
-    let file = json!({"driver": "file", "filename": path.display().to_string(), "cache": {"direct": true}, "auto-read-only": false});
-    let node = json!({"driver": format, "node-name": local_node(disk), "cache": {"direct": true}, "auto-read-only": false, "file": file});
+    let node = json!({"driver": format, "node-name": local_node(disk), "cache": {"direct": true}, "auto-read-only": false, "file": local});
     q.execute("blockdev-add", node, timeout).await.map_err(qmp_err(vm, "opened its site's copy again"))?;
     if catchup::recorded(vm, q, timeout, disk).await? {
         // What the guest wrote since the switch is recorded: only that is copied, in rounds.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tandem_core::state::{NetworkSpec, VmSpec};
 
 mod cmdline;
+mod localserve;
 mod sitemirror;
 
 /// How long the guest gets to power down on a stop before QEMU is asked to quit (default of
@@ -126,6 +127,10 @@ pub struct QemuDriver {
     mirror_events: Arc<tokio::sync::Notify>,
     /// Reads of site copies whose storage failed, before the way back opens them again.
     probes: Arc<crate::pathswitch::StorageProbes>,
+    /// The local copy servers of running VMs' mirrored disks, per (VM, disk).
+    local_copies: Mutex<HashMap<(String, usize), crate::localcopy::LocalCopyServer>>,
+    /// The claims the copy server's exports hold on this site's copies, per export.
+    copy_claims: Mutex<HashMap<String, crate::localcopy::CopyClaim>>,
 }
 
 impl QemuDriver {
@@ -149,6 +154,8 @@ impl QemuDriver {
             next_relay: std::sync::atomic::AtomicU64::new(0),
             mirror_events: Arc::new(tokio::sync::Notify::new()),
             probes: Arc::default(),
+            local_copies: Mutex::default(),
+            copy_claims: Mutex::default(),
         }
     }
 
@@ -308,8 +315,15 @@ impl VmDriver for QemuDriver {
             for (i, _) in launch.spec.mirrored_disks() {
                 self.withdraw_site_copy(&crate::sitecopy::export_name(&name, i)).await?;
             }
-            let cmd = self.command(launch)?;
-            let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
+            let local = self.serve_local_copies(&launch.spec, crate::localcopy::ClaimKind::Sole).await?;
+            let cmd = self.command(launch, &local)?;
+            let pid = match self.launcher.spawn(&name, launch.generation, cmd, &launch.check) {
+                Ok(pid) => pid,
+                Err(e) => {
+                    self.end_local_copies(&name);
+                    return Err(e);
+                }
+            };
             self.postcopy.started_afresh(&name);
             let ready = async {
                 let q = self.connect_qmp(&name, pid).await?;
@@ -373,14 +387,19 @@ impl VmDriver for QemuDriver {
     }
 
     fn kill_all(&self) -> usize {
-        self.launcher.kill_all()
+        let killed = self.launcher.kill_all();
+        self.end_all_local_copies();
+        killed
     }
 
     fn kill_for_good<'a>(&'a self, name: &'a str, bound: std::time::Duration) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             // Its relays first: nothing it had sent is carried to another site's copy after this.
             self.relays().retain(|(vm, _), _| vm != name);
-            self.launcher.kill_until_inert(name, bound).await
+            let inert = self.launcher.kill_until_inert(name, bound).await;
+            // (A server stuck in storage keeps its claim on the copy until it has exited.)
+            self.end_local_copies(name);
+            inert
         })
     }
 
@@ -407,10 +426,18 @@ impl VmDriver for QemuDriver {
                 return Err(DriverError::AlreadyRunning(name));
             }
             self.create_local_disks(&launch.spec, disks).await?;
-            let mut cmd = self.command(launch)?;
+            // The source's servers share the copies until it stops.
+            let local = self.serve_local_copies(&launch.spec, crate::localcopy::ClaimKind::Shared).await?;
+            let mut cmd = self.command(launch, &local)?;
             // Paused, and listening only once asked (so the port is the kernel's choice).
             cmd.args(["-S", "-incoming", "defer"]);
-            let pid = self.launcher.spawn(&name, launch.generation, cmd, &launch.check)?;
+            let pid = match self.launcher.spawn(&name, launch.generation, cmd, &launch.check) {
+                Ok(pid) => pid,
+                Err(e) => {
+                    self.end_local_copies(&name);
+                    return Err(e);
+                }
+            };
             self.postcopy.started_afresh(&name);
             self.launcher.set_paused(&name, true);
             let ready = async {
@@ -598,7 +625,16 @@ impl VmDriver for QemuDriver {
         Box::pin(self.return_disk_to_local(name, disk, step))
     }
 
+    fn local_reach(&self, name: &str, disk: usize) -> tandem_core::mirroring::LocalReach {
+        self.local_reach_of(name, disk)
+    }
+
+    fn cut_local<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(self.cut_local_copy(name, disk))
+    }
+
     fn forget(&self, name: &str) {
+        self.end_local_copies(name);
         self.serving().remove(name);
         self.relays().retain(|(vm, _), _| vm != name);
         self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name);
@@ -628,7 +664,7 @@ mod tests {
     }
 
     fn args(d: &QemuDriver, spec: VmSpec) -> Result<Vec<String>, DriverError> {
-        let c = d.command(&VmLaunch { spec, generation: 1, check: crate::always_start() })?;
+        let c = d.command(&VmLaunch { spec, generation: 1, check: crate::always_start() }, &std::collections::BTreeMap::new())?;
         Ok(c.get_args().map(|a| a.to_string_lossy().into_owned()).collect())
     }
 

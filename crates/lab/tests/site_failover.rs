@@ -86,13 +86,14 @@ fn a_host_whose_site_storage_fails_goes_on_on_the_other_sites_copy_without_a_res
 }
 
 /// Site a's storage hangs for good under the running guest (no answer at all, through a FUSE
-/// view), with `hung_storage_restart_s = 3`: the alert first, then — its mirror into b's copy in
-/// sync — b's copy committed as the only current one, the QEMU killed (its threads stuck in the
-/// storage die when it lets them go) and the VM started again at site b, every write it had
-/// acknowledged there. The storage back, the stuck QEMU exits and a's copy catches up.
+/// view), with `hung_storage_switch_ms = 1000`: the alert first, then — its mirror into b's copy
+/// in sync — the disk is cut from its local copy server: the guest's requests waiting in the
+/// storage fail, it pauses on them (unaware), b's copy is committed as the only current one and
+/// the disk goes on on it in the same QEMU — no restart, every acknowledged write there. The
+/// storage back, the stuck server exits and the disk comes back to a's copy.
 #[test]
-fn a_host_whose_site_storage_hangs_restarts_the_guest_where_its_other_copy_is() -> Result<()> {
-    with_sites("tandem-site-hang", |storage, guest| hang_scenario(storage, guest, "tsh", 115, HangWhen::OnItsCopy))
+fn a_host_whose_site_storage_hangs_goes_on_on_the_other_sites_copy_without_a_restart() -> Result<()> {
+    with_sites("tandem-site-hang", hung_copy_scenario)
 }
 
 /// Site a's storage fails (the disk switches to b's copy), comes back slow, and hangs while the
@@ -101,32 +102,59 @@ fn a_host_whose_site_storage_hangs_restarts_the_guest_where_its_other_copy_is() 
 /// site b, where the copy it ran on is.
 #[test]
 fn a_way_back_into_storage_that_hangs_again_restarts_the_guest_where_its_copy_is() -> Result<()> {
-    with_sites("tandem-site-hang-back", |storage, guest| hang_scenario(storage, guest, "tsr", 116, HangWhen::DuringTheWayBack))
+    with_sites("tandem-site-hang-back", |storage, guest| hang_scenario(storage, guest, "tsr", 116))
 }
 
-/// When site a's storage hangs under the guest.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum HangWhen {
-    /// While the disk runs on site a's copy.
-    OnItsCopy,
-    /// While the disk, switched to b's copy, is brought back into it.
-    DuringTheWayBack,
+fn hung_copy_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
+    let spec = SiteLabSpec { fuse_a: true, mirror_extra: "hung_storage_switch_ms = 1000\n", ..SiteLabSpec::new("tsh", 115, WitnessAt::First) };
+    let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
+    let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
+    let c = lab.client(0);
+    let acknowledged = seq.highest();
+    let hung = Instant::now();
+    fuse.set_mode(0, ViewMode::Hang);
+    let on =
+        wait("the guest to write on, on b's copy", Duration::from_secs(60), || seq.samples().into_iter().find(|s| s.at > hung && s.last > acknowledged + 20));
+    let vm = copies_are(&c, &["b"]);
+    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    let doubly = doubly_running(&[lab.client(0), lab.client(1)]);
+    // The storage answers again before anything is judged, so that the stuck server can go.
+    fuse.set_mode(0, ViewMode::Normal);
+    let on = on?;
+    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > hung && s.at <= on.at).collect();
+    let paused = judge(&around).longest_stall_ms;
+    eprintln!("site a's storage hung: the guest's writes paused {paused} ms (the bound 1 s past the probe's, then the cut and the switch), went on on b's copy {:?} after the hang began ({kinds:?})", on.at.saturating_duration_since(hung));
+    let vm = vm.ok_or_else(|| anyhow!("committed state does not count b's copy alone: {kinds:?}"))?;
+    assert_eq!(vm.host.as_deref(), Some("h0"), "the VM moved instead of switching its disk: {kinds:?}");
+    for kind in ["storage-path-hung", "storage-path-switched"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    assert!(!kinds.iter().any(|k| k == "vm-relocating"), "restarted: {kinds:?}");
+    assert!(doubly.is_empty(), "never two running copies");
+    // The storage back: the stuck server exits (its late requests land on a's copy, stale),
+    // and only then is the copy served again — brought up to date, both copies current.
+    wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+    let restored = seq.highest();
+    seq.wait_past(restored + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest stopped writing after the way back: {e}"))?;
+    let on_a = highest_record(storage.join("site-a-storage.raw").as_path())?.unwrap_or(0);
+    assert!(on_a > restored, "site a's copy does not get the writes again ({on_a} <= {restored})");
+    judge_sequence(seq, 1);
+    drop(lab);
+    Ok(())
 }
 
-fn hang_scenario(storage: &std::path::Path, guest: &std::path::Path, prefix: &'static str, net: u8, when: HangWhen) -> Result<()> {
+fn hang_scenario(storage: &std::path::Path, guest: &std::path::Path, prefix: &'static str, net: u8) -> Result<()> {
     let spec = SiteLabSpec { fuse_a: true, mirror_extra: "hung_storage_restart_s = 3\n", ..SiteLabSpec::new(prefix, net, WitnessAt::First) };
     let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
     let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
     let c = lab.client(0);
-    if when == HangWhen::DuringTheWayBack {
-        fuse.set_mode(0, ViewMode::Fail);
-        wait("the disk to switch to b's copy", Duration::from_secs(60), || copies_are(&c, &["b"]))?;
-        // Back, slow: the way back's copy into it takes seconds.
-        fuse.set_mode(0, ViewMode::SlowWrites);
-        wait("the way back", Duration::from_secs(60), || {
-            lab.events().into_iter().find(|e| e.kind.to_string() == "storage-path-returning" && e.vm.as_deref() == Some("db"))
-        })?;
-    }
+    fuse.set_mode(0, ViewMode::Fail);
+    wait("the disk to switch to b's copy", Duration::from_secs(60), || copies_are(&c, &["b"]))?;
+    // Back, slow: the way back's copy into it takes seconds.
+    fuse.set_mode(0, ViewMode::SlowWrites);
+    wait("the way back", Duration::from_secs(60), || {
+        lab.events().into_iter().find(|e| e.kind.to_string() == "storage-path-returning" && e.vm.as_deref() == Some("db"))
+    })?;
     let acknowledged = seq.highest();
     let first_boot = seq.samples().first().map(|s| s.recovered);
     let hung = Instant::now();
@@ -142,7 +170,7 @@ fn hang_scenario(storage: &std::path::Path, guest: &std::path::Path, prefix: &'s
     // The storage answers again before anything is judged, so that the stuck QEMU can go.
     fuse.set_mode(0, ViewMode::Normal);
     let back = back?;
-    eprintln!("site a's storage hung ({when:?}): the guest wrote again at site b after {:?} ({kinds:?})", back.at.saturating_duration_since(hung));
+    eprintln!("site a's storage hung during the way back: the guest wrote again at site b after {:?} ({kinds:?})", back.at.saturating_duration_since(hung));
     assert!(back.recovered >= acknowledged, "the restarted guest found {} on its disk, it had acknowledged {acknowledged}", back.recovered);
     let vm = vm.ok_or_else(|| anyhow!("no view of db"))?;
     assert_eq!(vm.host.as_deref(), Some("h1"), "{vm:?}");

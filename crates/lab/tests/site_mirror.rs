@@ -495,24 +495,24 @@ async fn local_path_loss_scenario(dir: &Path, guest: &Path) -> Result<()> {
     // The storage back has a volatile cache: what the way back copies must be flushed before
     // the local copy is committed current (after `Pause`).
     fuse.set_volatile_cache(true);
-    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &fuse.path(0)).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &pathswitch::file_node(&fuse.path(0))).await?;
     // Given up at once (as when the storage fails again) and started again: what the first
     // round was copying must not be forgotten (the copies are compared at the end).
-    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Abandon, Path::new("")).await?;
-    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &fuse.path(0)).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Abandon, &Value::Null).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &start, &pathswitch::file_node(&fuse.path(0))).await?;
     way_back_in_sync(vm).await?;
     // Paused, then resumed as when the commit fails (the guest writes on on the other copy),
     // then paused again for the commit that succeeds: the second pause copies and flushes as
     // the first did.
-    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, Path::new("")).await?;
-    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Resume, Path::new("")).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, &Value::Null).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Resume, &Value::Null).await?;
     let resumed_at = seq.highest();
     seq.wait_past(resumed_at + 5, Duration::from_secs(30)).map_err(|e| anyhow!("the guest did not write on after the failed commit: {e}"))?;
     way_back_in_sync(vm).await?;
     let paused = Instant::now();
-    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, Path::new("")).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Pause, &Value::Null).await?;
     assert_eq!(fuse.unsynced(), 0, "writes the way back copied are not flushed when the local copy may be committed current");
-    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Finish, Path::new("")).await?;
+    pathswitch::return_step("db", &vm.qmp, QMP_TIMEOUT, 0, &pathswitch::ReturnStep::Finish, &Value::Null).await?;
     let copied_back = fuse.written() - written_before;
     eprintln!(
         "back on the local copy: the guest paused {:?} for the switch back; {} KiB copied back of a {} MiB disk",

@@ -456,6 +456,32 @@ impl VmDriver for SimDriver {
         }))
     }
 
+    /// As the real driver: every mirrored disk is served by a local copy server of its own.
+    fn local_reach(&self, name: &str, disk: usize) -> tandem_core::mirroring::LocalReach {
+        use tandem_core::mirroring::LocalReach;
+        match lock(&self.mirrors).get(name).and_then(|m| m.get(&disk)) {
+            Some(l) if l.cut => LocalReach::Cut,
+            Some(_) => LocalReach::Served,
+            None => LocalReach::Direct,
+        }
+    }
+
+    /// As the real driver: the requests waiting in hung storage fail, and the guest pauses on
+    /// them (the disk's path is `Failed`); the copy is out of reach until a way back.
+    fn cut_local<'a>(&'a self, name: &'a str, disk: usize) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            use crate::mirror::SimPath;
+            let mut mirrors = lock(&self.mirrors);
+            let l = mirrors.get_mut(name).and_then(|m| m.get_mut(&disk)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
+            if l.path != SimPath::Local {
+                return Err(DriverError::Unsupported { driver: "sim", what: "cut a disk that does not run on its own copy" });
+            }
+            (l.path, l.cut) = (SimPath::Failed, true);
+            self.world.log(format!("{}: {name} disk {disk}: cut from its hung local copy", self.name));
+            Ok(())
+        })
+    }
+
     fn failed_disks<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<usize>, DriverError>> {
         Box::pin(async move {
             let mirrors = lock(&self.mirrors);
@@ -500,7 +526,11 @@ impl VmDriver for SimDriver {
                     return refused("end a way back whose writes wait in hung storage")
                 }
                 ReturnStep::Start { .. } | ReturnStep::Retry { .. } if !local_up => return refused("open a copy whose storage fails"),
-                ReturnStep::Start { .. } => l.path = SimPath::Other { back: Some(SimJob::Copying { left: crate::mirror::SIM_COPY_PASSES }) },
+                // A new local copy server (the cut one exited once its storage answered).
+                ReturnStep::Start { .. } => {
+                    (l.path, l.cut) = (SimPath::Other { back: Some(SimJob::Copying { left: crate::mirror::SIM_COPY_PASSES }) }, false);
+                }
+                ReturnStep::Retry { .. } if l.cut => return refused("retry a request on a copy it was cut from"),
                 ReturnStep::Retry { .. } if l.path == SimPath::Failed => l.path = SimPath::Local,
                 ReturnStep::Retry { .. } => return refused("resume a disk that did not fail"),
                 ReturnStep::Pause => {

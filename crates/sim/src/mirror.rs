@@ -56,12 +56,15 @@ pub struct SimLink {
     pub path: SimPath,
     /// Paused for the way back (between `Pause` and `Finish`/`Resume`).
     pub paused: bool,
+    /// The disk's connection to its local copy server was cut (the real driver's `localcopy`):
+    /// its site's copy is out of this guest's reach until a way back serves it anew.
+    pub cut: bool,
 }
 
 impl SimLink {
     #[must_use]
     pub fn new(server: u32, site: String) -> SimLink {
-        SimLink { server, site, job: SimJob::Copying { left: SIM_COPY_PASSES }, relay: RelayPhase::Open, path: SimPath::Local, paused: false }
+        SimLink { server, site, job: SimJob::Copying { left: SIM_COPY_PASSES }, relay: RelayPhase::Open, path: SimPath::Local, paused: false, cut: false }
     }
 }
 
@@ -70,8 +73,8 @@ pub fn storage_up(w: &World, site: &str) -> bool {
     !lock(&w.storage_down).contains(site) && !storage_hung(w, site)
 }
 
-/// Whether `site`'s storage answers no request at all: a guest's requests to it wait, and
-/// nothing the agent does takes them back (the real QEMU's file driver has no timeout).
+/// Whether `site`'s storage answers no request at all: a guest's requests to it wait until the
+/// disk is cut from its local copy server (the real QEMU's NBD client fails them then).
 pub fn storage_hung(w: &World, site: &str) -> bool {
     lock(&w.storage_hung).contains(site)
 }

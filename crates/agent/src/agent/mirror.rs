@@ -12,6 +12,7 @@
 //!   VM runs in the generation it was asked for, at another site; otherwise it is withdrawn (its
 //!   image lock freed), so a host of this site can start the VM on the copy.
 
+use super::storagewatch::HangAnswer;
 use super::{lock, Agent};
 use crate::events::EventKind;
 use crate::views::{CopyEndpoint, CopyRequest, MirrorLinkView};
@@ -191,7 +192,11 @@ impl Agent {
                 failed.insert(vm.clone(), disks);
             }
             let local_failed = failed.get(vm).is_some_and(|d| d.contains(disk));
-            let local_hung = self.local_copy_hung(vm, *disk);
+            let local_reach = self.driver.local_reach(vm, *disk);
+            let on_other_copy = lock(&self.mirroring).links.get(&w.key).is_some_and(|l| l.state.on_other_copy());
+            // A served copy the disk runs on is cut (a switch); anything else only a restart answers.
+            let answer = if local_reach == tandem_core::mirroring::LocalReach::Served && !on_other_copy { HangAnswer::Switch } else { HangAnswer::Restart };
+            let local_hung = self.local_copy_hung(vm, *disk, answer);
             let status = match self.driver.mirror_status(vm, *disk).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -223,6 +228,7 @@ impl Agent {
                     local_current: w.local_current,
                     back,
                     local_hung,
+                    local_reach,
                 };
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
@@ -374,6 +380,12 @@ impl Agent {
                 self.restart_elsewhere(w).await
             }
             LinkAction::RestartElsewhere => self.restart_elsewhere(w).await,
+            LinkAction::CutLocal => {
+                self.driver.cut_local(vm, *disk).await.map_err(|e| crate::api::chain(&e))?;
+                let detail = format!("disk {disk}: this site's storage hangs; its requests were cut from it and the disk goes on on {site}'s copy");
+                self.events.record(EventKind::StoragePathHung, Some(vm), Some(&w.my_site), detail);
+                Ok(())
+            }
             LinkAction::StartReturn => {
                 let d = self.disk_spec(vm, *disk)?;
                 let step = ReturnStep::Start { relative: d.path, format: d.format.unwrap_or_else(|| "raw".into()) };

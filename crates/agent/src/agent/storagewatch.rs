@@ -5,10 +5,12 @@
 //! disk's copy is read directly (one 4 KiB `O_DIRECT` read on a thread of its own, at most one
 //! per copy at a time, at most one a `STORAGE_PROBE_SPACING`); one that does not answer within
 //! the probe's bound raises a `storage-path-hung` alert, and the copy answering again
-//! `storage-path-responsive`. A hang that lasts `[mirror] hung_storage_restart_s` is told to the
-//! core (`LinkObservation::local_hung`): the VM is restarted where its other copy is, if that
-//! copy is in sync — or, on the other copy already, if a way back writes into the hung storage
-//! (`mirror::restart_elsewhere`).
+//! `storage-path-responsive`. A hang that lasts `[mirror] hung_storage_switch_ms` under a disk
+//! served by its local copy server is told to the core (`LinkObservation::local_hung`): the disk
+//! is cut from that server and goes on on its other copy, if that copy is in sync, without a
+//! restart. Where only a restart can answer it — a way back writing into the hung storage, a
+//! copy QEMU opened itself — the bound is `hung_storage_restart_s`, and the VM is restarted where
+//! its other copy is (`mirror::restart_elsewhere`).
 
 use super::{lock, Agent};
 use crate::events::EventKind;
@@ -19,6 +21,15 @@ use tokio::time::Instant;
 
 /// The least time between two probes of one copy (the agent's passes come faster).
 pub const STORAGE_PROBE_SPACING: Duration = Duration::from_secs(1);
+
+/// What can answer a hang of a disk's own storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum HangAnswer {
+    /// Cutting the disk from its local copy server, then the switch to the other copy.
+    Switch,
+    /// Only a restart where the other copy is.
+    Restart,
+}
 
 /// Where one disk's watch stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,12 +55,16 @@ impl StorageWatch {
 }
 
 impl Agent {
-    /// Whether disk `disk` of `vm`'s own copy has not answered for `[mirror]
-    /// hung_storage_restart_s` (never when that is 0).
-    pub(super) fn local_copy_hung(&self, vm: &str, disk: usize) -> bool {
-        let bound = self.cfg.mirror.hung_storage_restart_s;
+    /// Whether disk `disk` of `vm`'s own copy has not answered for as long as the answer to
+    /// the hang needs (never when that is 0): `[mirror] hung_storage_switch_ms` where the hang
+    /// is answered by a switch, `hung_storage_restart_s` where only a restart can answer it.
+    pub(super) fn local_copy_hung(&self, vm: &str, disk: usize, answer: HangAnswer) -> bool {
+        let bound = match answer {
+            HangAnswer::Switch => Duration::from_millis(self.cfg.mirror.hung_storage_switch_ms),
+            HangAnswer::Restart => Duration::from_secs(self.cfg.mirror.hung_storage_restart_s),
+        };
         let since = lock(&self.mirroring).storage.get(&(vm.to_string(), disk)).and_then(StorageWatch::hung_since);
-        bound > 0 && since.is_some_and(|t| t.elapsed() >= Duration::from_secs(bound))
+        !bound.is_zero() && since.is_some_and(|t| t.elapsed() >= bound)
     }
 
     /// Disk `disk` of `vm`'s own copy was just seen answering (the way back opened it, or the
@@ -102,8 +117,13 @@ impl Agent {
                 }
                 match (hung_since.is_some(), now_hung) {
                     (false, true) => {
+                        let answer = if a.driver.local_reach(&vm, disk) == tandem_core::mirroring::LocalReach::Served {
+                            "past [mirror] hung_storage_switch_ms they are cut and the disk goes on on the other copy, if that is in sync".to_string()
+                        } else {
+                            "and no switch to the other copy can take them back — storage should answer a lost path with errors (NFS soft mounts, multipath no_path_retry), which switch at once".to_string()
+                        };
                         let detail = format!(
-                            "disk {disk}: this site's storage does not answer a read within {:?} ({relative}); the guest's requests to it wait, and no switch to the other copy can take them back — storage should answer a lost path with errors (NFS soft mounts, multipath no_path_retry), which switch at once",
+                            "disk {disk}: this site's storage does not answer a read within {:?} ({relative}); the guest's requests to it wait; {answer}",
                             tandem_drivers::pathswitch::PROBE_TIMEOUT
                         );
                         a.events.record(EventKind::StoragePathHung, Some(&vm), Some(&site), detail);

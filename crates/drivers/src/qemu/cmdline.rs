@@ -4,13 +4,16 @@
 
 use super::{escape_option_value, QemuDriver};
 use crate::{DriverError, VmLaunch};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use tandem_core::state::{DriverSpec, NetworkSpec};
 
 impl QemuDriver {
-    /// The QEMU command line for a launch.
-    pub fn command(&self, launch: &VmLaunch) -> Result<Command, DriverError> {
+    /// The QEMU command line for a launch; `local_servers`: the unix sockets of the local copy
+    /// servers of its mirrored disks, by index (a mirrored disk without one opens its copy
+    /// itself).
+    pub fn command(&self, launch: &VmLaunch, local_servers: &BTreeMap<usize, PathBuf>) -> Result<Command, DriverError> {
         let spec = &launch.spec;
         let DriverSpec::Qemu { kernel, initrd, cmdline, extra_args, guest_agent } = &spec.driver else {
             return Err(DriverError::WrongDriver { vm: spec.name.clone(), needed: "process", have: "qemu" });
@@ -58,7 +61,18 @@ impl QemuDriver {
             // (`auto-read-only=off`: the switch drops the failed copy's write permission, which
             // would otherwise reopen its file read-only — an open that fails on failed storage.)
             let on_error = if d.mirror { ",werror=stop,rerror=stop,auto-read-only=off" } else { "" };
-            c.args(["-drive", &format!("file={},if=none,id=disk{i},format={fmt},cache=none{ro}{on_error}", escape_option_value(&path))]);
+            // Served by a local copy server (`localcopy`): an NBD client that can be cut from
+            // storage that hangs.
+            let file = match local_servers.get(&i).filter(|_| d.mirror) {
+                Some(socket) => format!(
+                    "file.driver=nbd,file.server.type=unix,file.server.path={},file.export={},file.node-name={}",
+                    escape_option_value(&socket.display().to_string()),
+                    crate::localcopy::LOCAL_EXPORT,
+                    crate::localcopy::client_node(i)
+                ),
+                None => format!("file={}", escape_option_value(&path)),
+            };
+            c.args(["-drive", &format!("{file},if=none,id=disk{i},format={fmt},cache=none{ro}{on_error}")]);
             c.args(["-device", &format!("virtio-blk-{bus},drive=disk{i}")]);
         }
         match &spec.network {

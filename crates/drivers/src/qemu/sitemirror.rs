@@ -4,7 +4,7 @@
 
 use super::QemuDriver;
 use crate::DriverError;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 impl QemuDriver {
@@ -53,16 +53,37 @@ impl QemuDriver {
             *server = Some(crate::sitecopy::CopyServer::start(&cfg, &self.launcher).await?);
         }
         let running = server.as_ref().ok_or(DriverError::Unsupported { driver: "qemu", what: "start its copy server" })?;
-        running.serve(export, &path).await?;
+        // No other server of the copy, and none while it is served — a VM's local copy server
+        // stuck in storage that hung included, whose late writes would land behind the mirror.
+        let claimed = self.claims().contains_key(export);
+        if !claimed {
+            let claim = crate::localcopy::claim(&path, crate::localcopy::ClaimKind::Exclusive).await?;
+            self.claims().insert(export.to_string(), claim);
+        }
+        if let Err(e) = running.serve(export, &path).await {
+            self.claims().remove(export);
+            return Err(e.into());
+        }
         Ok(running.endpoint().to_string())
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, crate::localcopy::CopyClaim>> {
+        self.copy_claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Stops serving `export`; the exports served now are returned.
     pub(super) async fn withdraw_site_copy(&self, export: &str) -> Result<Vec<String>, DriverError> {
         let server = self.copy_server.lock().await;
-        let Some(running) = server.as_ref() else { return Ok(Vec::new()) };
-        running.withdraw(export).await?;
-        Ok(running.served().await)
+        let served = match server.as_ref() {
+            Some(running) => {
+                running.withdraw(export).await?;
+                running.served().await
+            }
+            None => Vec::new(),
+        };
+        // Closed (or its server gone): the copy is free for another server.
+        self.claims().remove(export);
+        Ok(served)
     }
 
     /// The exports served now.
@@ -167,17 +188,20 @@ impl QemuDriver {
     /// One step of `disk`'s way back to this site's copy.
     pub(super) async fn return_disk_to_local(&self, name: &str, disk: usize, step: &crate::pathswitch::ReturnStep) -> Result<(), DriverError> {
         let q = self.session(name).await.ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-        let path = match step {
+        let local = match step {
             crate::pathswitch::ReturnStep::Start { relative, .. } | crate::pathswitch::ReturnStep::Retry { relative } => {
                 let path = crate::diskcopy::local_path(Path::new(&self.cfg.site_disk_dir), relative);
                 if !self.probes.answers(&path).await {
                     let path = path.display().to_string();
                     return Err(crate::pathswitch::PathSwitchError::NotAnswering { vm: name.to_string(), disk, path }.into());
                 }
-                path
+                match step {
+                    crate::pathswitch::ReturnStep::Start { .. } => self.local_copy_for_return(name, disk, relative).await?,
+                    _ => serde_json::Value::Null,
+                }
             }
-            _ => PathBuf::new(),
+            _ => serde_json::Value::Null,
         };
-        Ok(crate::pathswitch::return_step(name, &q, self.qmp_timeout(), disk, step, &path).await?)
+        Ok(crate::pathswitch::return_step(name, &q, self.qmp_timeout(), disk, step, &local).await?)
     }
 }
