@@ -161,7 +161,7 @@ impl Default for MirrorConfig {
             storage_daemon: "qemu-storage-daemon".into(),
             stall_ms: tandem_drivers::copyrelay::DEFAULT_STALL.as_millis() as u64,
             advertise: None,
-            hung_storage_switch_ms: 2_000,
+            hung_storage_switch_ms: 1_000,
             hung_storage_restart_s: 60,
         }
     }
@@ -475,6 +475,9 @@ peer_timeout_ms = 4000
         assert_eq!(c.driver, DriverKind::Process);
         assert_eq!(c.timings.peer_timeout_ms, 4000);
         assert_eq!(c.timings.heartbeat_interval_ms, Timings::default().heartbeat_interval_ms);
+        assert_eq!(c.mirror.hung_storage_switch_ms, 1_000, "a hang is cut as soon as it is known");
+        let never = AgentConfig::parse(&format!("{GOOD}\n[mirror]\nhung_storage_switch_ms = 0\n"), "test").expect("0: never");
+        assert_eq!(never.mirror.hung_storage_switch_ms, 0);
     }
 
     /// A secret that others can read is refused, naming the file and the fix.
@@ -509,6 +512,8 @@ peer_timeout_ms = 4000
                 GOOD.replace("[timings]", "watchdog = { enabled = true, device = \"/dev/null\", timeout_s = 60 }\n[timings]"),
                 "timeout_s = 60 does not fit the timings",
             ),
+            (format!("{GOOD}\n[mirror]\nhung_storage_switch_ms = 500\n"), "hung_storage_switch_ms must be within 1000"),
+            (format!("{GOOD}\n[mirror]\nhung_storage_restart_s = 90000\n"), "hung_storage_restart_s must be at most"),
         ];
         for (text, needle) in cases {
             let err = AgentConfig::parse(&text, "test").expect_err("must be refused");

@@ -62,7 +62,8 @@ pub enum EventKind {
     /// A switched disk's own site's storage answers again: mirroring back into its copy.
     StoragePathReturning,
     /// A running mirrored disk's own site's storage does not answer a read at all (an alert:
-    /// the guest's requests to it wait, and no switch can take them back).
+    /// the guest's requests to it wait); or, past `hung_storage_switch_ms`, the disk was cut
+    /// from it to go on on the other copy.
     StoragePathHung,
     /// That storage answers again.
     StoragePathResponsive,

@@ -41,8 +41,8 @@ const _: () = assert!(MAX_BODY as u64 <= MAX_RESPONSE as u64, "every body one ag
 const _: () = assert!(RELOAD_BYTES <= EVENT_FILE_MAX, "the timeline reloads at most the file it keeps");
 const _: () = assert!(shorter(COPY_REQUEST_TIMEOUT, REQUEST_TIMEOUT), "asking a host to serve a copy gives up before that host's own request deadline");
 const _: () = assert!(
-    STORAGE_PROBE_SPACING.as_millis() >= tandem_drivers::pathswitch::PROBE_TIMEOUT.as_millis(),
-    "a copy is probed at most once per probe's bound: a hung copy holds one thread, not a queue"
+    STORAGE_PROBE_SPACING.as_millis() > 0 && STORAGE_PROBE_SPACING.as_millis() <= tandem_drivers::pathswitch::PROBE_TIMEOUT.as_millis(),
+    "a copy is probed again within a probe's bound (a hang is seen soon); `StorageProbes` keeps one read per copy in flight"
 );
 const _: () = assert!(shorter(COPY_APPLY_WAIT, COPY_REQUEST_TIMEOUT), "a copy server waits for committed state less long than its caller waits for it");
 const _: () = assert!(MAX_MIRROR_LINKS > 0 && LINK_RETRY.as_millis() > 0);

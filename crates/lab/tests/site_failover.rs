@@ -203,7 +203,8 @@ fn judge_sequence(seq: SeqWatch, boots: usize) {
 /// boot), no acknowledged write lost, the VM still on h0. The storage back, the disk returns to
 /// site a's copy (mirrored back, then switched in a pause), both copies current again.
 fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
-    let spec = SiteLabSpec { fuse_a: true, ..SiteLabSpec::new("tsp", 110, WitnessAt::First) };
+    // The first phase's hang is a short one, meant to switch nothing: past it, the bound.
+    let spec = SiteLabSpec { fuse_a: true, mirror_extra: "hung_storage_switch_ms = 10000\n", ..SiteLabSpec::new("tsp", 110, WitnessAt::First) };
     let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
     let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
     let c = lab.client(0);

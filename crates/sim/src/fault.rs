@@ -92,8 +92,10 @@ pub enum FaultKind {
     /// request (`--only`), so that no seed of the other kinds draws otherwise.
     SiteStorageLoss,
     /// One site's storage answers no request at all for a while (long enough to pass the
-    /// agents' `hung_storage_restart_s`): VMs running there whose other copy is in sync are
-    /// killed and start again where it is; the others wait. Drawn only on request (`--only`).
+    /// agents' `hung_storage_restart_s`): disks running there whose other copy is in sync are
+    /// cut from their local copy servers and switch to it, VMs whose way back writes into it
+    /// are killed and start again where their copy is; the others wait. Drawn only on request
+    /// (`--only`).
     SiteStorageHang,
     /// The link between two sites fails one way: no host of one site reaches any host of the
     /// other, which still reaches it (a half-broken inter-site line). Drawn only on request

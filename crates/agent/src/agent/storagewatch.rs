@@ -3,7 +3,7 @@
 //! but storage that *hangs* leaves the guest's requests hanging in QEMU — whose file driver has
 //! no timeout — and no switch can take them back. So that such a hang is never silent, each
 //! disk's copy is read directly (one 4 KiB `O_DIRECT` read on a thread of its own, at most one
-//! per copy at a time, at most one a `STORAGE_PROBE_SPACING`); one that does not answer within
+//! per copy at a time, at most one a `STORAGE_PROBE_SPACING`, 0.5 s); one that does not answer within
 //! the probe's bound raises a `storage-path-hung` alert, and the copy answering again
 //! `storage-path-responsive`. A hang that lasts `[mirror] hung_storage_switch_ms` under a disk
 //! served by its local copy server is told to the core (`LinkObservation::local_hung`): the disk
@@ -19,8 +19,10 @@ use std::time::Duration;
 use tandem_drivers::pathswitch::ProbeAnswer;
 use tokio::time::Instant;
 
-/// The least time between two probes of one copy (the agent's passes come faster).
-pub const STORAGE_PROBE_SPACING: Duration = Duration::from_secs(1);
+/// The least time between two probes of one copy (the agent's passes come faster). Short, so
+/// that a hang is seen soon after it begins; a copy that hangs still holds one read, not a
+/// queue (`StorageProbes` lets one read per copy be in flight, and a probe meeting it waits).
+pub const STORAGE_PROBE_SPACING: Duration = Duration::from_millis(500);
 
 /// What can answer a hang of a disk's own storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +116,13 @@ impl Agent {
                 match lock(&a.mirroring).storage.get_mut(&key) {
                     Some(s) if *s == StorageWatch::Probing { hung_since } => *s = StorageWatch::Probed { hung_since: since, at: Instant::now() },
                     _ => return,
+                }
+                if now_hung {
+                    // A hang may have just passed its bound: the mirror loop acts now, not at
+                    // its next round.
+                    if let Some(wake) = a.driver.mirror_events() {
+                        wake.notify_one();
+                    }
                 }
                 match (hung_since.is_some(), now_hung) {
                     (false, true) => {

@@ -1,6 +1,8 @@
 //! `tandem-lab bench sync-mirror`: what synchronous mirroring between sites costs a guest's
 //! 4 KiB write-through writes, against the same disk unmirrored, at several one-way inter-site
-//! delays. The real parts: QEMU (`-M none`, a raw image opened with `cache=none`), the other
+//! delays. The real parts: QEMU (`-M none`), the disk's own copy behind its local copy server
+//! (`qemu-storage-daemon` over a unix socket, as the agent serves it) — the unmirrored figure is
+//! a raw image QEMU opens itself with `cache=none`, as a disk that is not mirrored —, the other
 //! site's copy server (`qemu-storage-daemon` over NBD), the agent's relay and QEMU's
 //! write-blocking mirror (`tandem_drivers::syncmirror`), with the lab's delay relay
 //! (`delayrelay`) as the inter-site link. Beside each, the other copy alone — the copy server
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use tandem_drivers::copychannel::CopyCredentials;
 use tandem_drivers::copyrelay::CopyRelay;
 use tandem_drivers::launcher::Launcher;
+use tandem_drivers::localcopy::LocalCopyServer;
 use tandem_drivers::qmp::Qmp;
 use tandem_drivers::sitecopy::{export_name, CopyServer, CopyServerConfig};
 use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
@@ -48,12 +51,17 @@ pub fn run(writes: usize, delays_ms: &[u64]) -> Result<()> {
     result
 }
 
-async fn launch(dir: &Path, image: &Path) -> Result<QemuProcess> {
+/// QEMU with `disk0` on the local copy server at `served` (as the agent runs a mirrored disk's
+/// own copy) and node `direct` on the image `direct` opened by QEMU itself (as an unmirrored
+/// disk is).
+async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<QemuProcess> {
     let qmp_path = dir.join("q.qmp");
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
+    let nbd = format!("file.driver=nbd,file.server.type=unix,file.server.path={},file.export={}", served.display(), tandem_drivers::localcopy::LOCAL_EXPORT);
     cmd.args(["-M", "none", "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
-        .args(["-drive", &format!("file={},if=none,id=disk0,format=raw,cache=none,aio=native", image.display())]);
+        .args(["-drive", &format!("{nbd},if=none,id=disk0,format=raw,cache=none")])
+        .args(["-blockdev", &format!("driver=raw,node-name=direct,file.driver=file,file.filename={},file.cache.direct=on,file.aio=native", direct.display())]);
     QemuProcess::spawn(cmd, &qmp_path, QMP_TIMEOUT).await
 }
 
@@ -127,11 +135,13 @@ fn summary(ms: &mut [f64]) -> (f64, f64, f64) {
 }
 
 async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
-    let (local, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
-    for image in [&local, &remote] {
+    let (local, remote, unmirrored) = (dir.join("site-a.img"), dir.join("site-b.img"), dir.join("unmirrored.img"));
+    for image in [&local, &remote, &unmirrored] {
         std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
     }
     let launcher = Launcher::new()?;
+    let claim = tandem_drivers::localcopy::claim(&local, tandem_drivers::localcopy::ClaimKind::Sole).await?;
+    let local_server = LocalCopyServer::start("qemu-storage-daemon", &launcher, &local, &dir.join("local.nbd"), claim).await?;
     let credentials = copy_credentials()?;
     let cfg = CopyServerConfig {
         binary: "qemu-storage-daemon".into(),
@@ -143,11 +153,16 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     let server = CopyServer::start(&cfg, &launcher).await?;
     let export = export_name("bench", 0);
     server.serve(&export, &remote).await?;
-    let vm = launch(dir, &local).await?;
-    let _ = writes(&vm.qmp, 20).await?;
-    let (base, bmin, bmax) = summary(&mut writes(&vm.qmp, n).await?);
+    let vm = launch(dir, local_server.socket(), &unmirrored).await?;
+    let _ = writes_to(&vm.qmp, "direct", 20).await?;
+    let (base, bmin, bmax) = summary(&mut writes_to(&vm.qmp, "direct", n).await?);
     println!("4 KiB write-through writes, {n} each (QEMU qemu-io with FUA; medians (min-max)):");
     println!("  unmirrored:                        {base:.2} ms ({bmin:.2}-{bmax:.2})");
+    // A mirrored disk's own copy is served by a local copy server (so that a hang can be cut):
+    // one more hop, here unmirrored.
+    let _ = writes(&vm.qmp, 20).await?;
+    let (own, omin, omax) = summary(&mut writes(&vm.qmp, n).await?);
+    println!("  unmirrored, behind its local copy server: {own:.2} ms ({omin:.2}-{omax:.2}); {:.2} ms over opened directly", own - base);
     // Where the other copy's time goes, hop by hop, with no delay: the copy server alone (its
     // unix socket), then through its gate (TCP, the handshake), then through the relay too.
     let direct = json!({"type": "unix", "path": dir.join("copy-server.nbd").display().to_string()});
