@@ -114,7 +114,8 @@ pub enum LinkAction {
     /// The mirror back is in sync: pause the guest, propose `mirror-synced` for the site's own
     /// copy, then run the disk on it again (mirrored into the other copy) and resume.
     Return,
-    /// The mirror back stopped or ended (the storage failed again): give it up.
+    /// The mirror back stopped or ended (the storage failed again), or its copy was cut: give
+    /// it up (a guest paused on a write the cut failed goes on, on the other copy).
     AbandonReturn,
     /// The local copy failed and cannot be left for the other (not in sync): resume the guest
     /// on it once its storage answers again (the failed request is retried there).
@@ -147,9 +148,21 @@ pub fn decide(o: LinkObservation) -> Option<LinkAction> {
         // answers, the way back.
         DiskPath::OtherCopy if o.relay == RelayPhase::Lost => return Some(LinkAction::GiveUp),
         DiskPath::OtherCopy if o.relay != RelayPhase::Open => return None,
-        // A way back into storage that hangs holds the guest's writes and cannot be given up
-        // (that drains it): restart where the copy it runs on is, the only current one.
-        DiskPath::OtherCopy if o.local_hung && matches!(o.back, JobPhase::Copying | JobPhase::InSync) => return Some(LinkAction::RestartElsewhere),
+        // A way back into storage that hangs holds the guest's writes, and giving it up drains
+        // them: a served copy is cut from its server (its requests fail; the way back is then
+        // given up, and the guest goes on), one opened directly leaves only a restart where the
+        // copy the disk runs on is, the only current one.
+        DiskPath::OtherCopy if o.local_hung && matches!(o.back, JobPhase::Copying | JobPhase::InSync) => {
+            return Some(match o.local_reach {
+                LocalReach::Served => LinkAction::CutLocal,
+                LocalReach::Cut => LinkAction::AbandonReturn,
+                LocalReach::Direct => LinkAction::RestartElsewhere,
+            });
+        }
+        // Cut from the copy it was going back into: nothing reaches it any more.
+        DiskPath::OtherCopy if o.local_reach == LocalReach::Cut && matches!(o.back, JobPhase::Copying | JobPhase::InSync) => {
+            return Some(LinkAction::AbandonReturn);
+        }
         DiskPath::OtherCopy => {
             return match o.back {
                 JobPhase::Absent => Some(LinkAction::StartReturn),
@@ -402,6 +415,16 @@ mod tests {
             assert_eq!(decide(hung(back)), decide(on(back, RelayPhase::Open)), "{back:?}");
         }
         assert_eq!(decide(LinkObservation { local_hung: true, ..on(JobPhase::Copying, RelayPhase::Lost) }), Some(LinkAction::GiveUp));
+        // Served by its local copy server: the hung way back is cut, then given up — no restart.
+        let served = |back, reach| LinkObservation { local_reach: reach, ..hung(back) };
+        for back in [JobPhase::Copying, JobPhase::InSync] {
+            assert_eq!(decide(served(back, LocalReach::Served)), Some(LinkAction::CutLocal), "{back:?}");
+            assert_eq!(decide(served(back, LocalReach::Cut)), Some(LinkAction::AbandonReturn), "{back:?}");
+            let answering = LinkObservation { local_hung: false, ..served(back, LocalReach::Cut) };
+            assert_eq!(decide(answering), Some(LinkAction::AbandonReturn), "cut, the storage answering again: {back:?}");
+        }
+        // Given up: a new way back (its new server claims the copy once the cut one is gone).
+        assert_eq!(decide(served(JobPhase::Absent, LocalReach::Cut)), Some(LinkAction::StartReturn));
     }
 
     #[test]

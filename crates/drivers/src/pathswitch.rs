@@ -294,7 +294,16 @@ pub async fn return_step(vm: &str, q: &Qmp, timeout: Duration, disk: usize, step
         ReturnStep::Pause => pause_return(vm, q, timeout, disk).await,
         ReturnStep::Finish => finish_return(vm, q, timeout, disk).await,
         ReturnStep::Resume | ReturnStep::Retry { .. } => resume(vm, q, timeout).await,
-        ReturnStep::Abandon => abandon_return(vm, q, timeout, disk).await,
+        ReturnStep::Abandon => {
+            abandon_return(vm, q, timeout, disk).await?;
+            // A guest write that waited for the way back's copy of its old data failed when the
+            // copy was cut (the guest paused on it): with the way back gone, it is retried on
+            // the other copy.
+            if !failed_disks(vm, q, timeout).await?.is_empty() {
+                resume(vm, q, timeout).await?;
+            }
+            Ok(())
+        }
     }
 }
 

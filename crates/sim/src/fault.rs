@@ -93,9 +93,9 @@ pub enum FaultKind {
     SiteStorageLoss,
     /// One site's storage answers no request at all for a while (long enough to pass the
     /// agents' `hung_storage_restart_s`): disks running there whose other copy is in sync are
-    /// cut from their local copy servers and switch to it, VMs whose way back writes into it
-    /// are killed and start again where their copy is; the others wait. Drawn only on request
-    /// (`--only`).
+    /// cut from their local copy servers and switch to it, a way back writing into it is cut
+    /// and given up (in odd seeds, copies opened directly: those VMs start again where their
+    /// other copy is); the others wait. Drawn only on request (`--only`).
     SiteStorageHang,
     /// The link between two sites fails one way: no host of one site reaches any host of the
     /// other, which still reaches it (a half-broken inter-site line). Drawn only on request

@@ -456,13 +456,16 @@ impl VmDriver for SimDriver {
         }))
     }
 
-    /// As the real driver: every mirrored disk is served by a local copy server of its own.
+    /// As the real driver, a mirrored disk is served by a local copy server of its own — in
+    /// even seeds; odd seeds open the copies directly, as a driver without such servers, so
+    /// that both answers to hung storage (the cut and the restart elsewhere) stay exercised.
     fn local_reach(&self, name: &str, disk: usize) -> tandem_core::mirroring::LocalReach {
         use tandem_core::mirroring::LocalReach;
+        let direct = self.world.local_copies_direct.load(std::sync::atomic::Ordering::SeqCst);
         match lock(&self.mirrors).get(name).and_then(|m| m.get(&disk)) {
             Some(l) if l.cut => LocalReach::Cut,
-            Some(_) => LocalReach::Served,
-            None => LocalReach::Direct,
+            Some(_) if !direct => LocalReach::Served,
+            _ => LocalReach::Direct,
         }
     }
 
@@ -473,10 +476,12 @@ impl VmDriver for SimDriver {
             use crate::mirror::SimPath;
             let mut mirrors = lock(&self.mirrors);
             let l = mirrors.get_mut(name).and_then(|m| m.get_mut(&disk)).ok_or_else(|| DriverError::NotRunning(name.to_string()))?;
-            if l.path != SimPath::Local {
-                return Err(DriverError::Unsupported { driver: "sim", what: "cut a disk that does not run on its own copy" });
+            match l.path {
+                SimPath::Local => (l.path, l.cut) = (SimPath::Failed, true),
+                // A way back into it: its writes fail, and its job stops.
+                SimPath::Other { back: Some(_) } => (l.path, l.cut) = (SimPath::Other { back: Some(crate::mirror::SimJob::Stopped) }, true),
+                _ => return Err(DriverError::Unsupported { driver: "sim", what: "cut a disk from a copy it does not use" }),
             }
-            (l.path, l.cut) = (SimPath::Failed, true);
             self.world.log(format!("{}: {name} disk {disk}: cut from its hung local copy", self.name));
             Ok(())
         })

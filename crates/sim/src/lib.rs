@@ -643,6 +643,7 @@ async fn simulate(opts: SimOptions, dir: PathBuf) -> SimReport {
     *lock(&world.sites) = opts.sites.clone();
     world.skip_disk_sync.store(opts.mutation == Some(Mutation::SwitchoverBeforeDiskSync), std::sync::atomic::Ordering::SeqCst);
     world.mirror_without_hold.store(opts.mutation == Some(Mutation::MirrorWithoutHold), std::sync::atomic::Ordering::SeqCst);
+    world.local_copies_direct.store(opts.seed % 2 == 1, std::sync::atomic::Ordering::SeqCst);
     // The disk is formatted once, before any agent starts, as `tandem disk format` does.
     match std::fs::read(dir.join("secret")).ok().and_then(|s| tandem_core::wire::ClusterKey::new(&s).ok()) {
         Some(key) => world.format_disk(&key),

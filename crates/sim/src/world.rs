@@ -118,6 +118,10 @@ pub struct World {
     pub skip_disk_sync: std::sync::atomic::AtomicBool,
     /// The mutation check's broken mirrors: a lost copy's writes are not held.
     pub mirror_without_hold: std::sync::atomic::AtomicBool,
+    /// The simulated driver opens mirrored disks' own copies directly, as a driver without
+    /// local copy servers (odd seeds): hung storage is then answered by a restart elsewhere, not
+    /// by a cut — both answers stay exercised.
+    pub local_copies_direct: std::sync::atomic::AtomicBool,
     /// Sites whose storage fails every request (fault `site-storage-loss`).
     pub storage_down: Mutex<std::collections::BTreeSet<String>>,
     /// Sites whose storage answers no request at all (fault `site-storage-hang`).
@@ -163,6 +167,7 @@ impl World {
             site_copies: Mutex::new(BTreeMap::new()),
             skip_disk_sync: std::sync::atomic::AtomicBool::new(false),
             mirror_without_hold: std::sync::atomic::AtomicBool::new(false),
+            local_copies_direct: std::sync::atomic::AtomicBool::new(false),
             witness_down: std::sync::atomic::AtomicBool::new(false),
             storage_down: Mutex::new(std::collections::BTreeSet::new()),
             storage_hung: Mutex::new(std::collections::BTreeSet::new()),

@@ -193,9 +193,9 @@ impl Agent {
             }
             let local_failed = failed.get(vm).is_some_and(|d| d.contains(disk));
             let local_reach = self.driver.local_reach(vm, *disk);
-            let on_other_copy = lock(&self.mirroring).links.get(&w.key).is_some_and(|l| l.state.on_other_copy());
-            // A served copy the disk runs on is cut (a switch); anything else only a restart answers.
-            let answer = if local_reach == tandem_core::mirroring::LocalReach::Served && !on_other_copy { HangAnswer::Switch } else { HangAnswer::Restart };
+            // A served copy (the disk's, or the way back's) is cut; one opened directly only a
+            // restart answers.
+            let answer = if local_reach == tandem_core::mirroring::LocalReach::Served { HangAnswer::Switch } else { HangAnswer::Restart };
             let local_hung = self.local_copy_hung(vm, *disk, answer);
             let status = match self.driver.mirror_status(vm, *disk).await {
                 Ok(s) => s,
@@ -382,7 +382,7 @@ impl Agent {
             LinkAction::RestartElsewhere => self.restart_elsewhere(w).await,
             LinkAction::CutLocal => {
                 self.driver.cut_local(vm, *disk).await.map_err(|e| crate::api::chain(&e))?;
-                let detail = format!("disk {disk}: this site's storage hangs; its requests were cut from it and the disk goes on on {site}'s copy");
+                let detail = format!("disk {disk}: this site's storage hangs; its requests were cut from it and the disk goes on on {site}'s copy (a way back into it is given up)");
                 self.events.record(EventKind::StoragePathHung, Some(vm), Some(&w.my_site), detail);
                 Ok(())
             }

@@ -1,16 +1,17 @@
 //! The watch on this site's storage under each running mirrored disk: storage that *answers
 //! with errors* pauses the guest and switches the disk onto the other site's copy (`mirror`),
-//! but storage that *hangs* leaves the guest's requests hanging in QEMU — whose file driver has
-//! no timeout — and no switch can take them back. So that such a hang is never silent, each
-//! disk's copy is read directly (one 4 KiB `O_DIRECT` read on a thread of its own, at most one
-//! per copy at a time, at most one a `STORAGE_PROBE_SPACING`, 0.5 s); one that does not answer within
-//! the probe's bound raises a `storage-path-hung` alert, and the copy answering again
-//! `storage-path-responsive`. A hang that lasts `[mirror] hung_storage_switch_ms` under a disk
-//! served by its local copy server is told to the core (`LinkObservation::local_hung`): the disk
-//! is cut from that server and goes on on its other copy, if that copy is in sync, without a
-//! restart. Where only a restart can answer it — a way back writing into the hung storage, a
-//! copy QEMU opened itself — the bound is `hung_storage_restart_s`, and the VM is restarted where
-//! its other copy is (`mirror::restart_elsewhere`).
+//! but storage that *hangs* leaves the guest's requests waiting — until the disk is cut from its
+//! local copy server (`tandem_drivers::localcopy`), which fails them. So that a hang is seen
+//! soon and never silent, each disk's copy is read directly (one 4 KiB `O_DIRECT` read on a
+//! thread of its own, at most one per copy at a time, at most one a `STORAGE_PROBE_SPACING`,
+//! 0.5 s); one that does not answer within the probe's bound raises a `storage-path-hung` alert
+//! (and wakes the mirror loop), and the copy answering again `storage-path-responsive`. A hang
+//! that lasts `[mirror] hung_storage_switch_ms` under a served copy — the disk's, or a way
+//! back's — is told to the core (`LinkObservation::local_hung`): the copy is cut, and the disk
+//! goes on on its other copy (if in sync), or the way back is given up, without a restart.
+//! Where only a restart can answer it — a copy QEMU opened itself — the bound is
+//! `hung_storage_restart_s`, and the VM is restarted where its other copy is
+//! (`mirror::restart_elsewhere`).
 
 use super::{lock, Agent};
 use crate::events::EventKind;
