@@ -223,9 +223,8 @@ impl LocalCopyServer {
         }
     }
 
-    /// Kills it and waits up to `bound` for it to exit (and its claim with it); one that does
-    /// not is reaped whenever it does.
-    pub async fn end_within(mut self, bound: Duration) {
+    /// Kills it and waits up to `bound` for it to exit (and its claim with it).
+    pub async fn end_within(&mut self, bound: Duration) {
         if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
         }
@@ -258,7 +257,9 @@ impl Drop for LocalCopyServer {
                 tracing::warn!("a local copy server is left unreaped: {e}");
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
+        for file in [self.socket.clone(), self.socket.with_extension("pid"), self.socket.with_extension("stderr")] {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 

@@ -50,16 +50,27 @@ impl QemuDriver {
         let Some((_, binary, _)) = &self.copy_settings else {
             return Err(DriverError::Unsupported { driver: "qemu", what: "serve a VM's own copies (no [mirror] settings)" });
         };
-        let replaced = self.local_copies().remove(&(vm.to_string(), disk));
-        if let Some(old) = replaced {
+        let key = (vm.to_string(), disk);
+        let mut replaced = self.local_copies().remove(&key);
+        if let Some(old) = replaced.as_mut() {
             old.end_within(crate::localcopy::REPLACED_SERVER_EXIT_WAIT).await;
         }
         let image = self.site_copy_path(relative);
-        let claim = crate::localcopy::claim(&image, kind).await?;
+        let claim = match crate::localcopy::claim(&image, kind).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Kept (a stuck one lingers): the disk's copy stays out of reach, not "direct".
+                if let Some(old) = replaced {
+                    self.local_copies().insert(key, old);
+                }
+                return Err(e.into());
+            }
+        };
+        drop(replaced);
         // Short: a unix socket's path is at most 107 bytes.
         let socket = self.run_dir.join(format!("lc{}.nbd", self.next_relay.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
         let server = LocalCopyServer::start(binary, &self.launcher, &image, &socket, claim).await?;
-        self.local_copies().insert((vm.to_string(), disk), server);
+        self.local_copies().insert(key, server);
         Ok(socket)
     }
 
