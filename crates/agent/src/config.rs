@@ -131,7 +131,8 @@ pub const MAX_HUNG_STORAGE_SWITCH_MS: u64 = 86_400_000;
 pub struct MirrorConfig {
     /// The port of this host's copy server (NBD, on its cluster address).
     pub copy_port: u16,
-    /// `qemu-storage-daemon`, which serves the copies.
+    /// `qemu-storage-daemon`, which serves the copies: this site's to the other sites (the copy
+    /// server), and each running mirrored disk's own to its QEMU (its local copy server).
     pub storage_daemon: String,
     /// Bytes sent to the other copy with no answer for this long, milliseconds: the copy counts
     /// as lost, and the guest's writes wait until that is committed.
