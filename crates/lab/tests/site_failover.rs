@@ -138,11 +138,7 @@ fn hung_copy_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Res
     // The storage back: the stuck server exits (its late requests land on a's copy, stale),
     // and only then is the copy served again — brought up to date, both copies current.
     wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
-    let restored = seq.highest();
-    seq.wait_past(restored + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest stopped writing after the way back: {e}"))?;
-    let on_a = highest_record(storage.join("site-a-storage.raw").as_path())?.unwrap_or(0);
-    assert!(on_a > restored, "site a's copy does not get the writes again ({on_a} <= {restored})");
-    judge_sequence(seq, 1);
+    writes_reach_site_a_again(storage, seq)?;
     drop(lab);
     Ok(())
 }
@@ -186,10 +182,19 @@ fn way_back_hang_scenario(storage: &std::path::Path, guest: &std::path::Path) ->
     assert!(doubly.is_empty(), "never two running copies");
     // The stuck server goes once the storage answers; then the way back runs again and ends.
     wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+    writes_reach_site_a_again(storage, seq)?;
+    drop(lab);
+    Ok(())
+}
+
+/// Back on both copies: the guest writes on, its writes reach site a's copy again, and its
+/// sequence shows one boot and nothing lost.
+fn writes_reach_site_a_again(storage: &std::path::Path, seq: SeqWatch) -> Result<()> {
     let restored = seq.highest();
     seq.wait_past(restored + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest stopped writing after the way back: {e}"))?;
+    let on_a = highest_record(storage.join("site-a-storage.raw").as_path())?.unwrap_or(0);
+    assert!(on_a > restored, "site a's copy does not get the writes again ({on_a} <= {restored})");
     judge_sequence(seq, 1);
-    drop(lab);
     Ok(())
 }
 
@@ -246,11 +251,7 @@ fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
     for kind in ["storage-path-returning", "storage-path-restored"] {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
     }
-    let restored = seq.highest();
-    seq.wait_past(restored + 20, Duration::from_secs(30)).map_err(|e| anyhow!("the guest stopped writing after the way back: {e}"))?;
-    let on_a = highest_record(storage.join("site-a-storage.raw").as_path())?.unwrap_or(0);
-    assert!(on_a > restored, "site a's copy does not get the writes again ({on_a} <= {restored})");
-    judge_sequence(seq, 1);
+    writes_reach_site_a_again(storage, seq)?;
     drop(lab);
     Ok(())
 }
