@@ -52,7 +52,7 @@ pub enum LocalCopyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the storage of the copy {path} did not answer within {CLAIM_TIMEOUT:?}")]
+    #[error("the storage of the copy {path} does not answer")]
     NoAnswer { path: String },
     #[error("could not start the local copy server of {path} ({binary})")]
     Spawn {

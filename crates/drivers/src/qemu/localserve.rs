@@ -56,7 +56,14 @@ impl QemuDriver {
             old.end_within(crate::localcopy::REPLACED_SERVER_EXIT_WAIT).await;
         }
         let image = self.site_copy_path(relative);
-        let claim = match crate::localcopy::claim(&image, kind).await {
+        // Storage that hangs would hold the claim's open (a thread each try): read first, at
+        // most one read per copy in flight however often this is tried.
+        let claimed = if self.probes.probe(&image).await == crate::pathswitch::ProbeAnswer::Hangs {
+            Err(crate::localcopy::LocalCopyError::NoAnswer { path: image.display().to_string() })
+        } else {
+            crate::localcopy::claim(&image, kind).await
+        };
+        let claim = match claimed {
             Ok(c) => c,
             Err(e) => {
                 // Kept (a stuck one lingers): the disk's copy stays out of reach, not "direct".
