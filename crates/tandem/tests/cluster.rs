@@ -390,6 +390,18 @@ fn one_host_losing_the_heartbeat_disk_while_the_network_is_fine_is_neither_fence
     lab.form_cluster()?;
     create_and_start(&lab, &[process_vm("a", "protect", 0), process_vm("b", "protect", 0), process_vm("c", "protect", 0)])?;
     let before = lab.placement(0)?;
+    // h0 has seen h2's slot advance before the loss (else "stale" below would say nothing: a
+    // slot never seen has no age — the one failure of a full run, under load, was that).
+    let seen = Instant::now();
+    loop {
+        let hosts = lab.client(0).list("/v1/hosts")?;
+        let age = hosts.iter().find(|h| h["name"] == "h2").and_then(|h| h["disk_age_ms"].as_u64());
+        if age.is_some_and(|a| a < 2000) {
+            break;
+        }
+        anyhow::ensure!(seen.elapsed() < Duration::from_secs(30), "h0 never saw h2's disk heartbeat advance: {hosts:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // h2 loses the disk: its path no longer resolves, every read and write fails.
     std::fs::remove_file(&link)?;
     std::thread::sleep(Duration::from_secs(10));
