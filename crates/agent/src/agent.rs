@@ -273,7 +273,8 @@ impl Agent {
             DriverKind::Qemu => Arc::new(
                 QemuDriver::new(cfg.qemu.clone(), launcher, &cfg.name, &cfg.api_addr.ip().to_string(), cfg.data_dir.join("run"))
                     .with_migration_tls(migration_tls)
-                    .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon, Arc::clone(&copy_credentials)),
+                    .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon, Arc::clone(&copy_credentials))
+                    .with_local_copy_servers(cfg.mirror.local_copy_servers),
             ),
             DriverKind::Mixed => Arc::new(
                 tandem_drivers::mixed::MixedDriver::new(
@@ -285,7 +286,8 @@ impl Agent {
                     stop_timeout,
                 )
                 .with_migration_tls(migration_tls)
-                .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon, copy_credentials),
+                .with_copy_server(cfg.mirror.copy_port, &cfg.mirror.storage_daemon, copy_credentials)
+                .with_local_copy_servers(cfg.mirror.local_copy_servers),
             ),
         };
         let tls = match &cfg.tls {

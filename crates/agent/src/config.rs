@@ -141,6 +141,11 @@ pub struct MirrorConfig {
     /// address and `copy_port`: a replication network of its own, a forwarded port (the lab's
     /// inter-site delay is one).
     pub advertise: Option<std::net::SocketAddr>,
+    /// Whether each running mirrored disk's own copy is served to its QEMU by a local copy
+    /// server (`tandem_drivers::localcopy`), so that storage that hangs is switched away from
+    /// without a restart; off, QEMU opens the copy itself — one hop less per request — and a
+    /// hang is answered by a restart elsewhere (`hung_storage_restart_s`).
+    pub local_copy_servers: bool,
     /// A running mirrored disk whose own site's storage has not answered a direct read for
     /// this long, milliseconds, is cut from its local copy server and goes on on its other copy
     /// — if that copy is in sync — without a restart (the guest sees a pause as long). At least
@@ -162,6 +167,7 @@ impl Default for MirrorConfig {
             storage_daemon: "qemu-storage-daemon".into(),
             stall_ms: tandem_drivers::copyrelay::DEFAULT_STALL.as_millis() as u64,
             advertise: None,
+            local_copy_servers: true,
             hung_storage_switch_ms: 1_000,
             hung_storage_restart_s: 60,
         }
@@ -477,6 +483,7 @@ peer_timeout_ms = 4000
         assert_eq!(c.timings.peer_timeout_ms, 4000);
         assert_eq!(c.timings.heartbeat_interval_ms, Timings::default().heartbeat_interval_ms);
         assert_eq!(c.mirror.hung_storage_switch_ms, 1_000, "a hang is cut as soon as it is known");
+        assert!(c.mirror.local_copy_servers, "mirrored disks' own copies are served, so that a hang can be cut");
         let never = AgentConfig::parse(&format!("{GOOD}\n[mirror]\nhung_storage_switch_ms = 0\n"), "test").expect("0: never");
         assert_eq!(never.mirror.hung_storage_switch_ms, 0);
     }

@@ -46,6 +46,12 @@ impl MixedDriver {
         MixedDriver { qemu: self.qemu.with_copy_server(port, binary, credentials), ..self }
     }
 
+    /// Its QEMU side's local copy servers on or off (see [`QemuDriver::with_local_copy_servers`]).
+    #[must_use]
+    pub fn with_local_copy_servers(self, on: bool) -> MixedDriver {
+        MixedDriver { qemu: self.qemu.with_local_copy_servers(on), ..self }
+    }
+
     fn owner(&self, name: &str) -> &dyn VmDriver {
         let qemu = self.started_by_qemu.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).copied().unwrap_or(false);
         if qemu {

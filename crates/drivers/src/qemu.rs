@@ -131,6 +131,9 @@ pub struct QemuDriver {
     local_copies: Mutex<HashMap<(String, usize), crate::localcopy::LocalCopyServer>>,
     /// The claims the copy server's exports hold on this site's copies, per export.
     copy_claims: Mutex<HashMap<String, crate::localcopy::CopyClaim>>,
+    /// Whether mirrored disks' own copies are served by local copy servers (`[mirror]
+    /// local_copy_servers`); else QEMU opens them itself.
+    local_copy_servers: bool,
 }
 
 impl QemuDriver {
@@ -156,6 +159,7 @@ impl QemuDriver {
             probes: Arc::default(),
             local_copies: Mutex::default(),
             copy_claims: Mutex::default(),
+            local_copy_servers: true,
         }
     }
 

@@ -109,6 +109,51 @@ fn a_way_back_into_storage_that_hangs_again_is_cut_and_the_guest_goes_on_without
     with_sites("tandem-site-hang-back", way_back_hang_scenario)
 }
 
+/// Without local copy servers (`local_copy_servers = false`: QEMU opens site a's copy itself),
+/// nothing can take back the guest's requests from storage that hangs: with
+/// `hung_storage_restart_s = 3`, b's copy is committed as the only current one, the QEMU killed
+/// (its threads stuck in the storage die when it lets them go) and the VM started again at site
+/// b, every write it had acknowledged there. The storage back, the stuck QEMU exits and a's copy
+/// catches up.
+#[test]
+fn a_host_whose_site_storage_hangs_without_local_copy_servers_restarts_the_guest_where_its_other_copy_is() -> Result<()> {
+    with_sites("tandem-site-hang-direct", restart_hang_scenario)
+}
+
+fn restart_hang_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
+    let extra = "local_copy_servers = false\nhung_storage_restart_s = 3\n";
+    let spec = SiteLabSpec { fuse_a: true, mirror_extra: extra, ..SiteLabSpec::new("tsd", 118, WitnessAt::First) };
+    let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
+    let fuse = fuse_a.as_ref().ok_or_else(|| anyhow!("site a's storage is not a FUSE view"))?;
+    let c = lab.client(0);
+    let acknowledged = seq.highest();
+    let first_boot = seq.samples().first().map(|s| s.recovered);
+    let hung = Instant::now();
+    fuse.set_mode(0, ViewMode::Hang);
+    let back = wait("the guest to boot again at site b and write", Duration::from_secs(90), || {
+        seq.samples().into_iter().find(|s| s.at > hung && Some(s.recovered) != first_boot && s.writes > 0)
+    });
+    let c1 = lab.client(1);
+    let vm: Option<VmView> = c1.get_as("/v1/vms/db").ok();
+    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    let doubly = doubly_running(&[lab.client(0), lab.client(1)]);
+    // The storage answers again before anything is judged, so that the stuck QEMU can go.
+    fuse.set_mode(0, ViewMode::Normal);
+    let back = back?;
+    eprintln!("site a's storage hung, no local copy server: the guest wrote again at site b after {:?} ({kinds:?})", back.at.saturating_duration_since(hung));
+    assert!(back.recovered >= acknowledged, "the restarted guest found {} on its disk, it had acknowledged {acknowledged}", back.recovered);
+    let vm = vm.ok_or_else(|| anyhow!("no view of db"))?;
+    assert_eq!(vm.host.as_deref(), Some("h1"), "{vm:?}");
+    for kind in ["storage-path-lost", "vm-relocating"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    assert!(doubly.is_empty(), "never two running copies");
+    wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+    judge_sequence(seq, 2);
+    drop(lab);
+    Ok(())
+}
+
 fn hung_copy_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
     let spec = SiteLabSpec { fuse_a: true, mirror_extra: "hung_storage_switch_ms = 1000\n", ..SiteLabSpec::new("tsh", 115, WitnessAt::First) };
     let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;

@@ -12,6 +12,19 @@ use tandem_core::mirroring::LocalReach;
 use tandem_core::state::VmSpec;
 
 impl QemuDriver {
+    /// Serves mirrored disks' own copies through local copy servers (`on`, the default), or
+    /// lets QEMU open them itself (one hop less per request; a hang is then answered by a
+    /// restart elsewhere, not a switch).
+    #[must_use]
+    pub fn with_local_copy_servers(mut self, on: bool) -> QemuDriver {
+        self.local_copy_servers = on;
+        self
+    }
+
+    fn serves_local_copies(&self) -> bool {
+        self.local_copy_servers && self.copy_settings.is_some()
+    }
+
     fn local_copies(&self) -> std::sync::MutexGuard<'_, HashMap<(String, usize), LocalCopyServer>> {
         self.local_copies.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -22,11 +35,11 @@ impl QemuDriver {
     }
 
     /// Starts a local copy server for each mirrored disk of `spec`, each claiming its copy as
-    /// `kind` says; their sockets by disk. None without `[mirror]` settings (QEMU then opens
-    /// the copies itself).
+    /// `kind` says; their sockets by disk. None without `[mirror]` settings or with the servers
+    /// off (QEMU then opens the copies itself).
     pub(super) async fn serve_local_copies(&self, spec: &VmSpec, kind: ClaimKind) -> Result<BTreeMap<usize, PathBuf>, DriverError> {
         let mut sockets = BTreeMap::new();
-        if self.copy_settings.is_none() {
+        if !self.serves_local_copies() {
             return Ok(sockets);
         }
         for (i, d) in spec.mirrored_disks() {
@@ -127,10 +140,10 @@ impl QemuDriver {
 
     /// The node options of disk `disk`'s own copy (`relative`) for the way back: through a new
     /// local copy server, which claims the copy sole — refused while a server cut from it is
-    /// still stuck there, whose writes could land after the way back copied. Without
-    /// `[mirror]` settings, the file itself.
+    /// still stuck there, whose writes could land after the way back copied. Without local
+    /// copy servers, the file itself.
     pub(super) async fn local_copy_for_return(&self, vm: &str, disk: usize, relative: &str) -> Result<Value, DriverError> {
-        if self.copy_settings.is_none() {
+        if !self.serves_local_copies() {
             return Ok(crate::pathswitch::file_node(&self.site_copy_path(relative)));
         }
         let socket = self.serve_local_copy(vm, disk, relative, ClaimKind::Sole).await?;
