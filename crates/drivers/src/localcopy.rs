@@ -143,7 +143,6 @@ pub struct LocalCopyServer {
     /// `None` once reaped.
     child: Option<std::process::Child>,
     socket: PathBuf,
-    image: PathBuf,
     cut: bool,
 }
 
@@ -181,7 +180,7 @@ impl LocalCopyServer {
         let child = launcher.spawn_helper(cmd).map_err(|source| LocalCopyError::Spawn { path: shown.clone(), binary: binary.to_string(), source })?;
         // The server holds the claim now (its own descriptor); ours goes.
         drop(claim);
-        let mut server = LocalCopyServer { child: Some(child), socket: socket.to_path_buf(), image: image.to_path_buf(), cut: false };
+        let mut server = LocalCopyServer { child: Some(child), socket: socket.to_path_buf(), cut: false };
         // The daemon writes its pid file once its export and NBD server are up.
         let deadline = tokio::time::Instant::now() + LOCAL_SERVER_START_DEADLINE;
         while !pidfile.exists() {
@@ -198,12 +197,6 @@ impl LocalCopyServer {
     #[must_use]
     pub fn socket(&self) -> &Path {
         &self.socket
-    }
-
-    /// The image it serves.
-    #[must_use]
-    pub fn image(&self) -> &Path {
-        &self.image
     }
 
     /// Where it stands (reaping it if it exited).
