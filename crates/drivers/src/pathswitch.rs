@@ -296,10 +296,10 @@ pub async fn return_step(vm: &str, q: &Qmp, timeout: Duration, disk: usize, step
         ReturnStep::Resume | ReturnStep::Retry { .. } => resume(vm, q, timeout).await,
         ReturnStep::Abandon => {
             abandon_return(vm, q, timeout, disk).await?;
-            // A guest write that waited for the way back's copy of its old data failed when the
-            // copy was cut (the guest paused on it): with the way back gone, it is retried on
-            // the other copy.
-            if !failed_disks(vm, q, timeout).await?.is_empty() {
+            // A guest write that waited for the way back's copy of its old data failed with it
+            // (the copy cut, or its storage failing; the guest paused on it): with the way back
+            // gone, it is retried on the other copy.
+            if failed_disks(vm, q, timeout).await?.contains(&disk) {
                 resume(vm, q, timeout).await?;
             }
             Ok(())
