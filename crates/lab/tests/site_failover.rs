@@ -154,6 +154,59 @@ fn restart_hang_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
     Ok(())
 }
 
+/// The local copy server under the running guest's disk dies (SIGKILL, as an OOM kill would):
+/// the guest's next request fails, it pauses on it, and the disk goes on on b's copy — no
+/// restart — then comes back to a's copy through a new server.
+#[test]
+fn a_local_copy_server_that_dies_leaves_the_guest_on_the_other_copy_without_a_restart() -> Result<()> {
+    with_sites("tandem-site-lc-dies", local_server_dies_scenario)
+}
+
+/// The pids of the local copy servers running under `data` (an agent's data directory).
+fn local_copy_servers_under(data: &std::path::Path) -> Vec<i32> {
+    let run = data.join("run").display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-storage-daemon") && cmdline.contains(&format!("{run}/lc"))
+        })
+        .collect()
+}
+
+fn local_server_dies_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
+    // (Site a's copy behind FUSE only so that the end can read it where it is kept; held to the end.)
+    let spec = SiteLabSpec { fuse_a: true, ..SiteLabSpec::new("tsk", 119, WitnessAt::First) };
+    let SiteLab { lab, net: _net, seq, fuse_a: _fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
+    let c = lab.client(0);
+    let servers = local_copy_servers_under(&lab.hosts[0].data);
+    assert_eq!(servers.len(), 1, "one local copy server under db's disk on h0: {servers:?}");
+    let acknowledged = seq.highest();
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the lab's own process, found by its command line.
+    unsafe {
+        libc::kill(servers[0], libc::SIGKILL);
+    }
+    let on = wait("the guest to write on, on b's copy", Duration::from_secs(60), || {
+        seq.samples().into_iter().find(|s| s.at > killed && s.last > acknowledged + 20).filter(|_| copies_are(&c, &["b"]).is_some())
+    })?;
+    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > killed && s.at <= on.at).collect();
+    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    eprintln!("db's local copy server killed: the guest's writes paused {} ms, went on on b's copy ({kinds:?})", judge(&around).longest_stall_ms);
+    let vm: VmView = c.get_as("/v1/vms/db").map_err(|e| anyhow!("{e}"))?;
+    assert_eq!(vm.host.as_deref(), Some("h0"), "the VM moved instead of switching its disk: {kinds:?}");
+    assert!(kinds.iter().any(|k| k == "storage-path-switched") && !kinds.iter().any(|k| k == "vm-relocating"), "{kinds:?}");
+    assert!(doubly_running(&[lab.client(0), lab.client(1)]).is_empty(), "never two running copies");
+    // Back on a's copy, through a new server.
+    wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+    assert_eq!(local_copy_servers_under(&lab.hosts[0].data).len(), 1, "a new local copy server serves a's copy");
+    writes_reach_site_a_again(storage, seq)?;
+    drop(lab);
+    Ok(())
+}
+
 fn hung_copy_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Result<()> {
     let spec = SiteLabSpec { fuse_a: true, mirror_extra: "hung_storage_switch_ms = 1000\n", ..SiteLabSpec::new("tsh", 115, WitnessAt::First) };
     let SiteLab { lab, net: _net, seq, fuse_a, .. } = start_site_lab(storage, guest, &spec)?;
