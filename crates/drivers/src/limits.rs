@@ -9,7 +9,7 @@ pub use crate::chunksums::{MAX_CHUNK, MAX_SUM_CHUNKS, MIN_CHUNK};
 pub use crate::copychannel::{GATE_HANDSHAKE_TIMEOUT, MAX_GATE_CONNECTIONS, SUMS_BASE_TIMEOUT, SUMS_MIN_RATE};
 pub use crate::copyrelay::{DEFAULT_STALL, MAX_DELTA_WRITE, MAX_TRACKED_REQUESTS, UPSTREAM_CONNECT_TIMEOUT};
 pub use crate::launcher::{KILL_WAIT, MAX_CHILDREN};
-pub use crate::localcopy::{CLAIM_TIMEOUT, LOCAL_SERVER_START_DEADLINE};
+pub use crate::localcopy::{CLAIM_TIMEOUT, LOCAL_SERVER_START_DEADLINE, REPLACED_SERVER_EXIT_WAIT};
 pub use crate::probe::MAX_PROBE_ANSWER;
 pub use crate::qemu::{DEFAULT_QMP_TIMEOUT_MS, DEFAULT_STOP_TIMEOUT_S, QMP_CONNECT_DEADLINE, QMP_CONNECT_RETRY, QUIT_WAIT};
 pub use crate::qmp::{MAX_IN_FLIGHT, MAX_LINE};
@@ -41,6 +41,10 @@ const _: () = assert!(MAX_SERVED_COPIES > 0 && DETACH_WAIT.as_millis() > 0);
 const _: () = assert!(
     CLAIM_TIMEOUT.as_millis() < LOCAL_SERVER_START_DEADLINE.as_millis() && LOCAL_SERVER_START_DEADLINE.as_millis() <= COPY_SERVER_START_DEADLINE.as_millis(),
     "claiming a copy fits in its server's start, which is bounded like the copy server's"
+);
+const _: () = assert!(
+    REPLACED_SERVER_EXIT_WAIT.as_millis() > 0 && REPLACED_SERVER_EXIT_WAIT.as_millis() < LOCAL_SERVER_START_DEADLINE.as_millis(),
+    "a new local copy server waits less for the one it replaces than for itself to listen"
 );
 const _: () = assert!(DEFAULT_STOP_TIMEOUT_S > 0 && MAX_IN_FLIGHT > 0 && MAX_CHILDREN > 0);
 const _: () = assert!(MAX_LINE >= 64 * 1024, "a QMP answer (query-status, an event) fits in one line");

@@ -135,7 +135,7 @@ fn restart_hang_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
     });
     let c1 = lab.client(1);
     let vm: Option<VmView> = c1.get_as("/v1/vms/db").ok();
-    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    let kinds: Vec<String> = db_event_kinds(&lab);
     let doubly = doubly_running(&[lab.client(0), lab.client(1)]);
     // The storage answers again before anything is judged, so that the stuck QEMU can go.
     fuse.set_mode(0, ViewMode::Normal);
@@ -192,9 +192,9 @@ fn local_server_dies_scenario(storage: &std::path::Path, guest: &std::path::Path
     let on = wait("the guest to write on, on b's copy", Duration::from_secs(60), || {
         seq.samples().into_iter().find(|s| s.at > killed && s.last > acknowledged + 20).filter(|_| copies_are(&c, &["b"]).is_some())
     })?;
-    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > killed && s.at <= on.at).collect();
-    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
-    eprintln!("db's local copy server killed: the guest's writes paused {} ms, went on on b's copy ({kinds:?})", judge(&around).longest_stall_ms);
+    let paused_ms = longest_pause_ms(&seq, killed, on.at);
+    let kinds: Vec<String> = db_event_kinds(&lab);
+    eprintln!("db's local copy server killed: the guest's writes paused {paused_ms} ms, went on on b's copy ({kinds:?})");
     let vm: VmView = c.get_as("/v1/vms/db").map_err(|e| anyhow!("{e}"))?;
     assert_eq!(vm.host.as_deref(), Some("h0"), "the VM moved instead of switching its disk: {kinds:?}");
     assert!(kinds.iter().any(|k| k == "storage-path-switched") && !kinds.iter().any(|k| k == "vm-relocating"), "{kinds:?}");
@@ -218,13 +218,12 @@ fn hung_copy_scenario(storage: &std::path::Path, guest: &std::path::Path) -> Res
     let on =
         wait("the guest to write on, on b's copy", Duration::from_secs(60), || seq.samples().into_iter().find(|s| s.at > hung && s.last > acknowledged + 20));
     let vm = copies_are(&c, &["b"]);
-    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    let kinds: Vec<String> = db_event_kinds(&lab);
     let doubly = doubly_running(&[lab.client(0), lab.client(1)]);
     // The storage answers again before anything is judged, so that the stuck server can go.
     fuse.set_mode(0, ViewMode::Normal);
     let on = on?;
-    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > hung && s.at <= on.at).collect();
-    let paused = judge(&around).longest_stall_ms;
+    let paused = longest_pause_ms(&seq, hung, on.at);
     eprintln!("site a's storage hung: the guest's writes paused {paused} ms (the bound 1 s past the probe's, then the cut and the switch), went on on b's copy {:?} after the hang began ({kinds:?})", on.at.saturating_duration_since(hung));
     let vm = vm.ok_or_else(|| anyhow!("committed state does not count b's copy alone: {kinds:?}"))?;
     assert_eq!(vm.host.as_deref(), Some("h0"), "the VM moved instead of switching its disk: {kinds:?}");
@@ -263,17 +262,14 @@ fn way_back_hang_scenario(storage: &std::path::Path, guest: &std::path::Path) ->
         wait("the guest to write on, on b's copy", Duration::from_secs(30), || seq.samples().into_iter().find(|s| s.at > hung && s.last > acknowledged + 20))
             .ok()
     });
-    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    let kinds: Vec<String> = db_event_kinds(&lab);
     let doubly = doubly_running(&[lab.client(0), lab.client(1)]);
     // The storage answers again before anything is judged, so that the stuck server can go.
     fuse.set_mode(0, ViewMode::Normal);
     cut?;
     let on = on.ok_or_else(|| anyhow!("the guest did not write on after the cut: {kinds:?}"))?;
-    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > hung && s.at <= on.at).collect();
-    eprintln!(
-        "site a's storage hung during the way back: cut, the guest's writes paused {} ms and went on on b's copy ({kinds:?})",
-        judge(&around).longest_stall_ms
-    );
+    let paused_ms = longest_pause_ms(&seq, hung, on.at);
+    eprintln!("site a's storage hung during the way back: cut, the guest's writes paused {} ms and went on on b's copy ({kinds:?})", paused_ms);
     let vm: VmView = c.get_as("/v1/vms/db").map_err(|e| anyhow!("{e}"))?;
     assert_eq!(vm.host.as_deref(), Some("h0"), "the VM moved: {kinds:?}");
     assert!(!kinds.iter().any(|k| k == "vm-relocating" || k == "storage-path-restored"), "restarted, or the way back ended before the hang: {kinds:?}");
@@ -294,6 +290,17 @@ fn writes_reach_site_a_again(storage: &std::path::Path, seq: SeqWatch) -> Result
     assert!(on_a > restored, "site a's copy does not get the writes again ({on_a} <= {restored})");
     judge_sequence(seq, 1);
     Ok(())
+}
+
+/// The kinds of db's events in the timeline, oldest first.
+fn db_event_kinds(lab: &Lab) -> Vec<String> {
+    lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect()
+}
+
+/// The longest pause in the guest's writes between a second before `from` and `to`.
+fn longest_pause_ms(seq: &SeqWatch, from: Instant, to: Instant) -> u64 {
+    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > from && s.at <= to).collect();
+    judge(&around).longest_stall_ms
 }
 
 /// The guest's write sequence, judged: nothing it acknowledged lost or gone back, and `boots`
@@ -323,12 +330,11 @@ fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
     let on = wait("the guest to write on after its site's storage failed", Duration::from_secs(60), || {
         seq.samples().into_iter().find(|s| s.at > lost && s.last > acknowledged + 20)
     })?;
-    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > lost && s.at <= on.at).collect();
-    let paused = judge(&around).longest_stall_ms;
+    let paused = longest_pause_ms(&seq, lost, on.at);
     let vm = wait("committed state to count only b's copy", Duration::from_secs(30), || copies_are(&c, &["b"]))?;
     eprintln!("site a's storage lost: the guest's writes paused {paused} ms, then went on on b's copy at {:?}", vm.host);
     assert_eq!(vm.host.as_deref(), Some("h0"), "the VM moved instead of switching its disk");
-    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    let kinds: Vec<String> = db_event_kinds(&lab);
     assert!(kinds.iter().any(|k| k == "storage-path-switched"), "no storage-path-switched in {kinds:?}");
     let out = std::process::Command::new(tandem_lab::lab::tandem_binary()?)
         .args(["--api", &lab.hosts[1].api, "--token", &lab.token(), "vm", "mirrors", "db"])
@@ -345,7 +351,7 @@ fn storage_path_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
         c.get_as::<LocalView>("/v1/local").ok().filter(|l| l.mirrors.iter().any(|m| m.vm == "db" && m.state == LinkState::InSync))
     })?;
     eprintln!("site a's storage back: the disk ran on its copy again {:?} later ({:?})", back.elapsed(), local.mirrors);
-    let kinds: Vec<String> = lab.events().iter().filter(|e| e.vm.as_deref() == Some("db")).map(|e| e.kind.to_string()).collect();
+    let kinds: Vec<String> = db_event_kinds(&lab);
     for kind in ["storage-path-returning", "storage-path-restored"] {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
     }
@@ -418,8 +424,7 @@ fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteL
         clients.iter().find_map(|c| c.get_as::<VmView>("/v1/vms/db").ok().filter(|v| v.copies.len() == 1).map(|v| (v.host, v.copies)))
     })?;
     // The longest time without a write acknowledged, around the cut.
-    let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > cut && s.at <= on.at).collect();
-    let held = judge(&around).longest_stall_ms;
+    let held = longest_pause_ms(&seq, cut, on.at);
     eprintln!("cut ({how:?}): writes held {held} ms; the guest runs at {:?} (copies {:?})", host.0, host.1);
     assert!(doubly_running(&clients).is_empty(), "never two running copies");
     net.unblock(0)?;
