@@ -10,6 +10,13 @@
 //! that what each hop costs is seen. Each write is QEMU's own (`qemu-io` through the
 //! monitor, with FUA: it completes once stable on every copy), so the figures include the
 //! monitor's round trip, the same with and without the mirror.
+//!
+//! For comparison only — the agent does not run it —, each delay also measures the two copies
+//! written at once: QEMU's `quorum` of the local and the other copy, every write sent to both
+//! together and complete once both have it (`vote-threshold` 2), put under the same disk while
+//! nothing writes. It answers whether writing both copies in parallel, instead of the
+//! write-blocking mirror's local-then-other, would bring the cost near the bare round trip; and
+//! the other copy alone is the floor of any design, serial or parallel.
 
 use crate::delayrelay::DelayRelay;
 use crate::qemuproc::QemuProcess;
@@ -28,6 +35,10 @@ use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const DISK_BYTES: u64 = 64 << 20;
+/// The disk's format node and the local copy's NBD node under it (the quorum comparison puts
+/// a quorum between them).
+const FORMAT_NODE: &str = "bench-disk0";
+const LOCAL_NODE: &str = "bench-local0";
 /// The copy server's address (loopback net 106).
 const COPY_IP: &str = "127.106.0.1";
 const COPY_PORT: u16 = 10_941;
@@ -60,7 +71,7 @@ async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<QemuProcess>
     let nbd = format!("file.driver=nbd,file.server.type=unix,file.server.path={},file.export={}", served.display(), tandem_drivers::localcopy::LOCAL_EXPORT);
     cmd.args(["-M", "none", "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
-        .args(["-drive", &format!("{nbd},if=none,id=disk0,format=raw,cache=none")])
+        .args(["-drive", &format!("{nbd},if=none,id=disk0,format=raw,cache=none,node-name={FORMAT_NODE},file.node-name={LOCAL_NODE}")])
         .args(["-blockdev", &format!("driver=raw,node-name=direct,file.driver=file,file.filename={},file.cache.direct=on,file.aio=native", direct.display())]);
     QemuProcess::spawn(cmd, &qmp_path, QMP_TIMEOUT).await
 }
@@ -72,10 +83,15 @@ async fn writes(q: &Qmp, n: usize) -> Result<Vec<f64>> {
 
 /// The same to `node` (a drive or a node name).
 async fn writes_to(q: &Qmp, node: &str, n: usize) -> Result<Vec<f64>> {
+    writes_as(q, node, n, "-f").await
+}
+
+/// `n` 4 KiB writes to `node` with qemu-io's write `flags` (`-f`: FUA, complete once stable).
+async fn writes_as(q: &Qmp, node: &str, n: usize, flags: &str) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let offset = (i % 4096) * 4096;
-        let line = format!("qemu-io {node} \"write -f -P 0x5a {offset} 4k\"");
+        let line = format!("qemu-io {node} \"write {flags} -P 0x5a {offset} 4k\"");
         let t = Instant::now();
         let answer = q.execute("human-monitor-command", json!({"command-line": line}), QMP_TIMEOUT).await?;
         out.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -129,7 +145,50 @@ async fn other_copy_alone(q: &Qmp, export: &str, server: serde_json::Value, n: u
     Ok(summary(&mut measured?))
 }
 
-fn summary(ms: &mut [f64]) -> (f64, f64, f64) {
+/// The disk's format node reopened onto `file`.
+async fn reopen_disk_onto(q: &Qmp, file: &str) -> Result<()> {
+    let options = json!([{"driver": "raw", "node-name": FORMAT_NODE, "file": file, "read-only": false, "discard": "ignore",
+        "cache": {"direct": true, "no-flush": false}}]);
+    q.execute("blockdev-reopen", json!({"options": options}), QMP_TIMEOUT).await?;
+    Ok(())
+}
+
+/// `n` write-through writes with the disk on a quorum of its local copy and the other copy at
+/// `server` (every write to both at once, complete once both have it), then `n` plain ones
+/// (no FUA): median, min, max of each. The
+/// quorum cannot take the local copy's node from under the disk directly (each parent keeps the
+/// other from writing it), so the disk passes through a placeholder while nothing writes; a
+/// read-only holder keeps the local node alive meanwhile.
+async fn both_at_once(q: &Qmp, export: &str, server: serde_json::Value, n: usize) -> Result<(Spread, Spread)> {
+    let other = json!({"driver": "nbd", "node-name": "bench-other", "export": export, "server": server,
+        // The copy server's export is write-through: each write is stable once answered.
+        "cache": {"no-flush": true}});
+    q.execute("blockdev-add", other, QMP_TIMEOUT).await?;
+    let holder = json!({"driver": "raw", "node-name": "bench-holder", "file": LOCAL_NODE, "read-only": true});
+    q.execute("blockdev-add", holder, QMP_TIMEOUT).await?;
+    let placeholder = json!({"driver": "null-co", "node-name": "bench-placeholder", "size": DISK_BYTES});
+    q.execute("blockdev-add", placeholder, QMP_TIMEOUT).await?;
+    let quorum = json!({"driver": "quorum", "node-name": "bench-both", "children": [LOCAL_NODE, "bench-other"],
+        "vote-threshold": 2, "read-pattern": "fifo"});
+    reopen_disk_onto(q, "bench-placeholder").await?;
+    q.execute("blockdev-add", quorum, QMP_TIMEOUT).await?;
+    reopen_disk_onto(q, "bench-both").await?;
+    let _ = writes(q, 20).await?;
+    let measured = writes(q, n).await;
+    let plain = writes_as(q, "disk0", n, "").await;
+    reopen_disk_onto(q, "bench-placeholder").await?;
+    q.execute("blockdev-del", json!({"node-name": "bench-both"}), QMP_TIMEOUT).await?;
+    reopen_disk_onto(q, LOCAL_NODE).await?;
+    for node in ["bench-placeholder", "bench-holder", "bench-other"] {
+        q.execute("blockdev-del", json!({"node-name": node}), QMP_TIMEOUT).await?;
+    }
+    Ok((summary(&mut measured?), summary(&mut plain?)))
+}
+
+/// Median, min, max, ms.
+type Spread = (f64, f64, f64);
+
+fn summary(ms: &mut [f64]) -> Spread {
     ms.sort_by(f64::total_cmp);
     (ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
 }
@@ -158,6 +217,7 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     let (base, bmin, bmax) = summary(&mut writes_to(&vm.qmp, "direct", n).await?);
     println!("4 KiB write-through writes, {n} each (QEMU qemu-io with FUA; medians (min-max)):");
     println!("  unmirrored:                        {base:.2} ms ({bmin:.2}-{bmax:.2})");
+    let (plain_base, _, _) = summary(&mut writes_as(&vm.qmp, "direct", n, "").await?);
     // A mirrored disk's own copy is served by a local copy server (so that a hang can be cut):
     // one more hop, here unmirrored.
     let _ = writes(&vm.qmp, 20).await?;
@@ -204,11 +264,25 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
         syncmirror::detach("bench", &vm.qmp, QMP_TIMEOUT, 0).await?;
         // The other copy alone, through the same relay, gate and delay.
         let at = json!({"type": "unix", "path": relay.socket().display().to_string()});
-        let (alone, amin, amax) = other_copy_alone(&vm.qmp, &export, at, n).await?;
+        let (alone, amin, amax) = other_copy_alone(&vm.qmp, &export, at.clone(), n).await?;
         println!(
-            "    the other copy alone: {alone:.2} ms ({amin:.2}-{amax:.2}); local + other {:.2} ms, {:.2} ms past the round trip",
-            base + alone,
-            alone - rtt
+            "    the other copy alone: {alone:.2} ms ({amin:.2}-{amax:.2}); {:.2} ms over unmirrored, {:.0} % of the measured round trip: the floor of any design",
+            alone - base,
+            100.0 * (alone - base) / measured.max(0.001)
+        );
+        let ((both, qmin, qmax), (plain, pmin, pmax)) = both_at_once(&vm.qmp, &export, at, n).await?;
+        // QEMU's quorum passes no FUA: a write-through write is a write to both, then a flush of
+        // each child in turn — the other copy's a second round trip, though its export is
+        // write-through and so has nothing to flush.
+        println!(
+            "    both copies at once (QEMU quorum, for comparison): {both:.2} ms ({qmin:.2}-{qmax:.2}); {:.2} ms over unmirrored, {:.0} % of the measured round trip",
+            both - base,
+            100.0 * (both - base) / measured.max(0.001)
+        );
+        println!(
+            "      its plain writes (no FUA, so no flush of the other copy; unmirrored {plain_base:.2} ms): {plain:.2} ms ({pmin:.2}-{pmax:.2}); {:.2} ms over unmirrored, {:.0} % of the measured round trip",
+            plain - plain_base,
+            100.0 * (plain - plain_base) / measured.max(0.001)
         );
     }
     Ok(())
