@@ -72,8 +72,30 @@ async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<QemuProcess>
     cmd.args(["-M", "none", "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-qmp", &format!("unix:{},server=on,wait=off", qmp_path.display())])
         .args(["-drive", &format!("{nbd},if=none,id=disk0,format=raw,cache=none,node-name={FORMAT_NODE},file.node-name={LOCAL_NODE}")])
-        .args(["-blockdev", &format!("driver=raw,node-name=direct,file.driver=file,file.filename={},file.cache.direct=on,file.aio=native", direct.display())]);
+        .args(["-drive", &format!("file={},if=none,id=direct,format=raw,cache=none,aio=native", direct.display())]);
     QemuProcess::spawn(cmd, &qmp_path, QMP_TIMEOUT).await
+}
+
+/// How a bench's 4 KiB write asks to be stable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WritePattern {
+    /// A write with FUA: complete once stable.
+    Fua,
+    /// A write, then a flush: what a guest's `fsync` (or `O_DSYNC` write) sends to a virtio-blk
+    /// disk, which has no FUA.
+    WriteThenFlush,
+    /// A write alone: stable on nothing in particular.
+    Plain,
+}
+
+impl WritePattern {
+    fn describe(self) -> &'static str {
+        match self {
+            WritePattern::Fua => "with FUA",
+            WritePattern::WriteThenFlush => "as a guest's fsync (write, then flush)",
+            WritePattern::Plain => "plain",
+        }
+    }
 }
 
 /// `n` write-through 4 KiB writes through QEMU's block layer; each one's latency, ms.
@@ -83,23 +105,52 @@ async fn writes(q: &Qmp, n: usize) -> Result<Vec<f64>> {
 
 /// The same to `node` (a drive or a node name).
 async fn writes_to(q: &Qmp, node: &str, n: usize) -> Result<Vec<f64>> {
-    writes_as(q, node, n, "-f").await
+    writes_as(q, node, n, WritePattern::Fua).await
 }
 
-/// `n` 4 KiB writes to `node` with qemu-io's write `flags` (`-f`: FUA, complete once stable).
-async fn writes_as(q: &Qmp, node: &str, n: usize, flags: &str) -> Result<Vec<f64>> {
+/// `n` 4 KiB writes to `node` as `pattern` says (the flush, when there is one, counted in);
+/// each one's latency, ms.
+async fn writes_as(q: &Qmp, node: &str, n: usize, pattern: WritePattern) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
+    let flags = if pattern == WritePattern::Fua { "-f " } else { "" };
     for i in 0..n {
         let offset = (i % 4096) * 4096;
-        let line = format!("qemu-io {node} \"write {flags} -P 0x5a {offset} 4k\"");
-        let t = Instant::now();
-        let answer = q.execute("human-monitor-command", json!({"command-line": line}), QMP_TIMEOUT).await?;
-        out.push(t.elapsed().as_secs_f64() * 1000.0);
-        if answer.as_str().is_some_and(|s| s.contains("error") || s.contains("failed")) {
-            return Err(anyhow!("qemu-io: {answer}"));
+        let mut lines = vec![format!("qemu-io {node} \"write {flags}-P 0x5a {offset} 4k\"")];
+        if pattern == WritePattern::WriteThenFlush {
+            lines.push(format!("qemu-io {node} flush"));
         }
+        let t = Instant::now();
+        for line in lines {
+            let answer = q.execute("human-monitor-command", json!({"command-line": line}), QMP_TIMEOUT).await?;
+            if answer.as_str().is_some_and(|s| s.contains("error") || s.contains("failed")) {
+                return Err(anyhow!("qemu-io: {answer}"));
+            }
+        }
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(out)
+}
+
+/// Measures `n` writes of each pattern to `node`, after a few to warm up.
+async fn spreads(q: &Qmp, node: &str, n: usize, patterns: &[WritePattern]) -> Result<Vec<Spread>> {
+    let _ = writes_as(q, node, 20, WritePattern::Fua).await?;
+    let mut out = Vec::with_capacity(patterns.len());
+    for p in patterns {
+        out.push(summary(&mut writes_as(q, node, n, *p).await?));
+    }
+    Ok(out)
+}
+
+/// One figure against its unmirrored counterpart and the link's round trips (nominal, then
+/// measured; none at no delay).
+fn against(what: &str, (med, min, max): Spread, unmirrored: f64, rtt: f64, measured: f64) -> String {
+    let extra = med - unmirrored;
+    let share = if rtt > 0.0 {
+        format!("; {:.0} % of the round trip, {:.0} % of the measured one", 100.0 * extra / rtt, 100.0 * extra / measured.max(0.001))
+    } else {
+        String::new()
+    };
+    format!("    {what}: {med:.2} ms ({min:.2}-{max:.2}); {extra:.2} ms over unmirrored{share}")
 }
 
 /// The median round trip of `n` 4 KiB pings through a delay relay of `delay` each way to an echo
@@ -154,8 +205,8 @@ async fn reopen_disk_onto(q: &Qmp, file: &str) -> Result<()> {
 }
 
 /// `n` write-through writes with the disk on a quorum of its local copy and the other copy at
-/// `server` (every write to both at once, complete once both have it), then `n` plain ones
-/// (no FUA): median, min, max of each. The
+/// `server` (every write to both at once, complete once both have it): `n` written as a guest's
+/// fsync, then `n` plain ones (no flush at all). The
 /// quorum cannot take the local copy's node from under the disk directly (each parent keeps the
 /// other from writing it), so the disk passes through a placeholder while nothing writes; a
 /// read-only holder keeps the local node alive meanwhile.
@@ -173,20 +224,24 @@ async fn both_at_once(q: &Qmp, export: &str, server: serde_json::Value, n: usize
     reopen_disk_onto(q, "bench-placeholder").await?;
     q.execute("blockdev-add", quorum, QMP_TIMEOUT).await?;
     reopen_disk_onto(q, "bench-both").await?;
-    let _ = writes(q, 20).await?;
-    let measured = writes(q, n).await;
-    let plain = writes_as(q, "disk0", n, "").await;
+    let measured = spreads(q, "disk0", n, &[WritePattern::WriteThenFlush, WritePattern::Plain]).await;
     reopen_disk_onto(q, "bench-placeholder").await?;
     q.execute("blockdev-del", json!({"node-name": "bench-both"}), QMP_TIMEOUT).await?;
     reopen_disk_onto(q, LOCAL_NODE).await?;
     for node in ["bench-placeholder", "bench-holder", "bench-other"] {
         q.execute("blockdev-del", json!({"node-name": node}), QMP_TIMEOUT).await?;
     }
-    Ok((summary(&mut measured?), summary(&mut plain?)))
+    match measured?.as_slice() {
+        [synced, plain] => Ok((*synced, *plain)),
+        _ => Err(anyhow!("the quorum's figures are missing")),
+    }
 }
 
 /// Median, min, max, ms.
 type Spread = (f64, f64, f64);
+
+/// The patterns measured unmirrored, in this order (the mirrored disk: the first two).
+const PATTERNS: [WritePattern; 3] = [WritePattern::WriteThenFlush, WritePattern::Fua, WritePattern::Plain];
 
 fn summary(ms: &mut [f64]) -> Spread {
     ms.sort_by(f64::total_cmp);
@@ -213,16 +268,18 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     let export = export_name("bench", 0);
     server.serve(&export, &remote).await?;
     let vm = launch(dir, local_server.socket(), &unmirrored).await?;
-    let _ = writes_to(&vm.qmp, "direct", 20).await?;
-    let (base, bmin, bmax) = summary(&mut writes_to(&vm.qmp, "direct", n).await?);
-    println!("4 KiB write-through writes, {n} each (QEMU qemu-io with FUA; medians (min-max)):");
-    println!("  unmirrored:                        {base:.2} ms ({bmin:.2}-{bmax:.2})");
-    let (plain_base, _, _) = summary(&mut writes_as(&vm.qmp, "direct", n, "").await?);
+    let unmirrored = spreads(&vm.qmp, "direct", n, &PATTERNS).await?;
+    let [fsync_base, fua_base, plain_base] = [unmirrored[0].0, unmirrored[1].0, unmirrored[2].0];
+    let base = fua_base;
+    println!("4 KiB writes, {n} each (QEMU's own, through qemu-io in its monitor; medians (min-max)):");
+    for (pattern, (med, min, max)) in PATTERNS.iter().zip(&unmirrored) {
+        println!("  unmirrored, {}: {med:.2} ms ({min:.2}-{max:.2})", pattern.describe());
+    }
     // A mirrored disk's own copy is served by a local copy server (so that a hang can be cut):
     // one more hop, here unmirrored.
     let _ = writes(&vm.qmp, 20).await?;
     let (own, omin, omax) = summary(&mut writes(&vm.qmp, n).await?);
-    println!("  unmirrored, behind its local copy server: {own:.2} ms ({omin:.2}-{omax:.2}); {:.2} ms over opened directly", own - base);
+    println!("  unmirrored with FUA, behind its local copy server: {own:.2} ms ({omin:.2}-{omax:.2}); {:.2} ms over opened directly", own - base);
     // Where the other copy's time goes, hop by hop, with no delay: the copy server alone (its
     // unix socket), then through its gate (TCP, the handshake), then through the relay too.
     let direct = json!({"type": "unix", "path": dir.join("copy-server.nbd").display().to_string()});
@@ -251,39 +308,25 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _ = writes(&vm.qmp, 20).await?;
-        let (med, min, max) = summary(&mut writes(&vm.qmp, n).await?);
-        let rtt = 2.0 * *d as f64;
-        let extra = med - base;
-        let goal = if rtt > 0.0 { format!("; {:.0} % of the round trip", 100.0 * extra / rtt) } else { String::new() };
-        println!("  mirrored, {d} ms one-way ({rtt:.0} ms round trip): {med:.2} ms ({min:.2}-{max:.2}); {extra:.2} ms over unmirrored{goal}");
+        let mirrored = spreads(&vm.qmp, "disk0", n, &PATTERNS[..2]).await?;
+        syncmirror::detach("bench", &vm.qmp, QMP_TIMEOUT, 0).await?;
         // The link's own round trip as the lab makes it (a 4 KiB ping through a delay relay of
         // its own: its timing is close, not exact): the goal is judged against this too.
         let measured = link_round_trip(delay, n).await?;
-        println!("    the link's measured round trip: {measured:.2} ms; the extra is {:.0} % of it", 100.0 * extra / measured.max(0.001));
-        syncmirror::detach("bench", &vm.qmp, QMP_TIMEOUT, 0).await?;
+        let rtt = 2.0 * *d as f64;
+        println!("  {d} ms one-way ({rtt:.0} ms round trip; the link's measured round trip {measured:.2} ms):");
+        println!("{}", against("mirrored, as a guest's fsync", mirrored[0], fsync_base, rtt, measured));
+        println!("{}", against("mirrored, with FUA", mirrored[1], fua_base, rtt, measured));
         // The other copy alone, through the same relay, gate and delay.
         let at = json!({"type": "unix", "path": relay.socket().display().to_string()});
-        let (alone, amin, amax) = other_copy_alone(&vm.qmp, &export, at.clone(), n).await?;
-        println!(
-            "    the other copy alone: {alone:.2} ms ({amin:.2}-{amax:.2}); {:.2} ms over unmirrored, {:.0} % of the measured round trip: the floor of any design",
-            alone - base,
-            100.0 * (alone - base) / measured.max(0.001)
-        );
-        let ((both, qmin, qmax), (plain, pmin, pmax)) = both_at_once(&vm.qmp, &export, at, n).await?;
-        // QEMU's quorum passes no FUA: a write-through write is a write to both, then a flush of
-        // each child in turn — the other copy's a second round trip, though its export is
-        // write-through and so has nothing to flush.
-        println!(
-            "    both copies at once (QEMU quorum, for comparison): {both:.2} ms ({qmin:.2}-{qmax:.2}); {:.2} ms over unmirrored, {:.0} % of the measured round trip",
-            both - base,
-            100.0 * (both - base) / measured.max(0.001)
-        );
-        println!(
-            "      its plain writes (no FUA, so no flush of the other copy; unmirrored {plain_base:.2} ms): {plain:.2} ms ({pmin:.2}-{pmax:.2}); {:.2} ms over unmirrored, {:.0} % of the measured round trip",
-            plain - plain_base,
-            100.0 * (plain - plain_base) / measured.max(0.001)
-        );
+        let alone = other_copy_alone(&vm.qmp, &export, at.clone(), n).await?;
+        println!("{}", against("the other copy alone, with FUA (the floor of any design)", alone, fua_base, rtt, measured));
+        // QEMU's quorum passes no FUA and flushes its children one after the other: the other
+        // copy's flush is a second round trip, though its export is write-through and so has
+        // nothing to flush. Its plain writes show the parallel write alone.
+        let (synced, plain) = both_at_once(&vm.qmp, &export, at, n).await?;
+        println!("{}", against("both copies at once (QEMU quorum, for comparison), as a guest's fsync", synced, fsync_base, rtt, measured));
+        println!("{}", against("both copies at once, plain writes (no flush; against unmirrored plain)", plain, plain_base, rtt, measured));
     }
     Ok(())
 }
