@@ -235,13 +235,20 @@ pub enum ElectionStep {
 /// peer until its own election timer runs out — 3.8 s after the takeover in simulator seed 33
 /// of `partition-uneven-heal` (two hosts), openraft adding twice the longest timeout for a node
 /// once behind — while no election was steered. A leader not heard sends this host nothing
-/// either (the consensus runs on the same network), so it leads nobody here.
+/// either (the consensus runs on the same network), so it leads nobody here. Nor does a peer
+/// heard that declared itself fenced: on a link broken one way it is still heard after it won
+/// a term with the witness's vote, found itself on the losing side and let the witness go — and
+/// this host's node, which saw that term, waited its election timer out (8.1 s of held writes
+/// in the lab's one-way cut).
 #[must_use]
 pub fn leader_heard(leader: Option<u64>, me: HostId, a: &Assessment) -> bool {
     match leader {
         None => false,
         Some(l) if l == u64::from(me.0) || l == WITNESS_NODE => true,
-        Some(l) => u32::try_from(l).ok().and_then(|h| a.peer(HostId(h))).is_some_and(|p| p.liveness == HostLiveness::Alive),
+        Some(l) => u32::try_from(l)
+            .ok()
+            .and_then(|h| a.peer(HostId(h)))
+            .is_some_and(|p| p.liveness == HostLiveness::Alive && p.fenced_epoch.is_none()),
     }
 }
 

@@ -222,3 +222,24 @@ fn only_a_leader_this_host_hears_counts_for_the_witnesss_elections() {
     assert!(!leader_heard(None, me, &a));
     assert!(!leader_heard(Some(7), me, &a), "a node that is no peer");
 }
+
+/// A link broken one way (this host's words no longer reach the peer, the peer's still reach
+/// it): the peer, holding the witness, won a term with its vote, then found itself on the
+/// losing side, let the witness go and fenced. This host took the witness over and still hears
+/// the peer — and its node names the peer's term's leader. A leader that declared itself fenced
+/// leads nobody: the holder steers the election now (the lab once held the guest's writes 8.1 s
+/// for this host's election timer, the peer heard and fenced all along).
+#[test]
+fn a_leader_heard_but_fenced_leads_nobody() {
+    let fenced = PeerAssessment { fenced_epoch: Some(1), ..peer(1, HostLiveness::Alive, None) };
+    let a = assessment(10_000, vec![fenced]);
+    assert!(!leader_heard(Some(1), HostId(0), &a), "the peer fenced itself");
+    let view = ElectionView {
+        host_knows_leader: leader_heard(Some(1), HostId(0), &a),
+        witness_lead: WitnessLead::No,
+        host_log: at(1, 0, 22),
+        witness_log: at(2, 1, 22),
+        host_may_stand: true,
+    };
+    assert_eq!(steer_election(&view), ElectionStep::WitnessStands, "the witness's log holds the fenced leader's entry: it stands");
+}
