@@ -245,10 +245,7 @@ pub fn leader_heard(leader: Option<u64>, me: HostId, a: &Assessment) -> bool {
     match leader {
         None => false,
         Some(l) if l == u64::from(me.0) || l == WITNESS_NODE => true,
-        Some(l) => u32::try_from(l)
-            .ok()
-            .and_then(|h| a.peer(HostId(h)))
-            .is_some_and(|p| p.liveness == HostLiveness::Alive && p.fenced_epoch.is_none()),
+        Some(l) => u32::try_from(l).ok().and_then(|h| a.peer(HostId(h))).is_some_and(|p| p.liveness == HostLiveness::Alive && p.fenced_epoch.is_none()),
     }
 }
 
