@@ -202,12 +202,40 @@ impl Suite {
             self.wait_for(EVACUATION_BOUND, |running| vms.iter().all(|vm| running.get(vm).is_some_and(|hosts| hosts.len() == 1 && hosts.contains(&name))));
         match back {
             true => self.log(&format!("  back on {name} in {:.2} s", t.elapsed().as_secs_f64())),
-            false => self.violation(Violation::new(
-                Invariant::MigrationStuck,
-                format!("maintenance-cycle: VMs not back on {name} {EVACUATION_BOUND:?} after it left maintenance"),
-            )),
+            false => {
+                let where_they_are = self.not_back(target, &vms);
+                self.violation(Violation::new(
+                    Invariant::MigrationStuck,
+                    format!("maintenance-cycle: VMs not back on {name} {EVACUATION_BOUND:?} after it left maintenance: {where_they_are}"),
+                ))
+            }
         }
         Ok(())
+    }
+
+    /// Where the VMs of `vms` that are not back on `target` alone run, and what the cluster says
+    /// of them (host, home, a migration under way, why one waits): the evidence a stuck return
+    /// leaves in the chaos report.
+    fn not_back(&self, target: usize, vms: &[String]) -> String {
+        let name = &self.lab.hosts[target].name;
+        let running = self.running_now();
+        let listed: Vec<tandem_agent::views::VmView> = (0..self.lab.hosts.len()).find_map(|i| self.client(i).list_as("/v1/vms").ok()).unwrap_or_default();
+        let mut out = vec![];
+        for vm in vms {
+            let hosts = running.get(vm).cloned().unwrap_or_default();
+            if hosts.len() == 1 && hosts.contains(name) {
+                continue;
+            }
+            let view = listed.iter().find(|v| v.name == *vm);
+            out.push(format!(
+                "{vm} running on {hosts:?}, placed on {:?}, home {:?}, migrating to {:?}, waiting {:?}",
+                view.and_then(|v| v.host.clone()),
+                view.and_then(|v| v.home.clone()),
+                view.and_then(|v| v.migrating_to.clone()),
+                view.and_then(|v| v.waiting.clone())
+            ));
+        }
+        out.join("; ")
     }
 
     /// Cancels the first move back to `target` of each of `vms` seen under way within 3 s (one
