@@ -8,8 +8,9 @@
 //! (`delayrelay`) as the inter-site link. Beside each, the other copy alone — the copy server
 //! over its own socket, then through the relay and its gate, then through the delay too — so
 //! that what each hop costs is seen. Each write is QEMU's own (`qemu-io` through the
-//! monitor, with FUA: it completes once stable on every copy), so the figures include the
-//! monitor's round trip, the same with and without the mirror.
+//! monitor), so the figures include the monitor's round trip, the same with and without the
+//! mirror; a write is made stable either as a guest's fsync reaches a virtio-blk disk (a write,
+//! then a flush: virtio-blk has no FUA) or with FUA (it completes once stable on every copy).
 //!
 //! For comparison only — the agent does not run it —, each delay also measures the two copies
 //! written at once: QEMU's `quorum` of the local and the other copy, every write sent to both
@@ -204,12 +205,12 @@ async fn reopen_disk_onto(q: &Qmp, file: &str) -> Result<()> {
     Ok(())
 }
 
-/// `n` write-through writes with the disk on a quorum of its local copy and the other copy at
-/// `server` (every write to both at once, complete once both have it): `n` written as a guest's
-/// fsync, then `n` plain ones (no flush at all). The
-/// quorum cannot take the local copy's node from under the disk directly (each parent keeps the
-/// other from writing it), so the disk passes through a placeholder while nothing writes; a
-/// read-only holder keeps the local node alive meanwhile.
+/// `n` writes with the disk on a quorum of its local copy and the other copy at `server`
+/// (every write to both at once, complete once both have it) made stable as a guest's fsync,
+/// then `n` plain ones (no flush at all). The quorum cannot take the local copy's node from
+/// under the disk directly (each parent keeps the other from writing it), so the disk passes
+/// through a placeholder while nothing writes; a read-only holder keeps the local node alive
+/// meanwhile.
 async fn both_at_once(q: &Qmp, export: &str, server: serde_json::Value, n: usize) -> Result<(Spread, Spread)> {
     let other = json!({"driver": "nbd", "node-name": "bench-other", "export": export, "server": server,
         // The copy server's export is write-through: each write is stable once answered.
@@ -270,7 +271,6 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     let vm = launch(dir, local_server.socket(), &unmirrored).await?;
     let unmirrored = spreads(&vm.qmp, "direct", n, &PATTERNS).await?;
     let [fsync_base, fua_base, plain_base] = [unmirrored[0].0, unmirrored[1].0, unmirrored[2].0];
-    let base = fua_base;
     println!("4 KiB writes, {n} each (QEMU's own, through qemu-io in its monitor; medians (min-max)):");
     for (pattern, (med, min, max)) in PATTERNS.iter().zip(&unmirrored) {
         println!("  unmirrored, {}: {med:.2} ms ({min:.2}-{max:.2})", pattern.describe());
@@ -279,7 +279,7 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     // one more hop, here unmirrored.
     let _ = writes(&vm.qmp, 20).await?;
     let (own, omin, omax) = summary(&mut writes(&vm.qmp, n).await?);
-    println!("  unmirrored with FUA, behind its local copy server: {own:.2} ms ({omin:.2}-{omax:.2}); {:.2} ms over opened directly", own - base);
+    println!("  unmirrored with FUA, behind its local copy server: {own:.2} ms ({omin:.2}-{omax:.2}); {:.2} ms over opened directly", own - fua_base);
     // Where the other copy's time goes, hop by hop, with no delay: the copy server alone (its
     // unix socket), then through its gate (TCP, the handshake), then through the relay too.
     let direct = json!({"type": "unix", "path": dir.join("copy-server.nbd").display().to_string()});
