@@ -360,25 +360,8 @@ fn rewrite_down(watch: &mut nbdwatch::NbdWatch, splitter: Option<&mut delta::Spl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdir::TestDir;
     use tokio::io::AsyncReadExt;
-
-    /// A scratch directory of the test's, removed however the test ends.
-    struct Scratch(std::path::PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Scratch {
-            let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("dir");
-            Scratch(dir)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     /// Reads from `s` for `within`: `Some(n)` bytes (0: closed), `None` if nothing came.
     async fn read_for(s: &mut UnixStream, within: Duration) -> Option<usize> {
@@ -388,9 +371,9 @@ mod tests {
 
     /// A scratch directory `name`, and a copy server in it behind its gate on `ip` that takes
     /// the bytes and never answers.
-    async fn silent_copy_server(name: &str, ip: &str) -> (Scratch, Arc<CopyCredentials>, crate::copychannel::CopyGate) {
-        let dir = Scratch::new(name);
-        let daemon = dir.0.join("d.sock");
+    async fn silent_copy_server(name: &str, ip: &str) -> (TestDir, Arc<CopyCredentials>, crate::copychannel::CopyGate) {
+        let dir = TestDir::new(name);
+        let daemon = dir.path().join("d.sock");
         let silent = UnixListener::bind(&daemon).expect("bind");
         tokio::spawn(async move {
             let mut kept = Vec::new();
@@ -413,7 +396,7 @@ mod tests {
         let (dir, creds, gate) = silent_copy_server("tandem-copyrelay", "127.108.0.1").await;
         let wake = Arc::new(tokio::sync::Notify::new());
         let relay =
-            CopyRelay::start(&dir.0.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay").waking(Arc::clone(&wake));
+            CopyRelay::start(&dir.path().join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay").waking(Arc::clone(&wake));
         let chunk = crate::chunksums::MIN_CHUNK;
         relay.compare_with(&crate::chunksums::ChunkSums::new(chunk, chunk, vec![[0; crate::chunksums::SUM_LEN]]).expect("sums"));
         assert!(relay.delta_stats().is_some(), "comparing");
@@ -438,9 +421,9 @@ mod tests {
 
     /// A copy server that does the NBD handshake, reads one request, and closes: as a server
     /// answers the client's `NBD_CMD_DISC`.
-    async fn closing_copy_server(name: &str, ip: &str) -> (Scratch, Arc<CopyCredentials>, crate::copychannel::CopyGate) {
-        let dir = Scratch::new(name);
-        let daemon = dir.0.join("d.sock");
+    async fn closing_copy_server(name: &str, ip: &str) -> (TestDir, Arc<CopyCredentials>, crate::copychannel::CopyGate) {
+        let dir = TestDir::new(name);
+        let daemon = dir.path().join("d.sock");
         let server = UnixListener::bind(&daemon).expect("bind");
         tokio::spawn(async move {
             while let Ok((mut s, _)) = server.accept().await {
@@ -486,7 +469,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_that_disconnects_does_not_lose_the_copy() {
         let (dir, creds, gate) = closing_copy_server("tandem-copyrelay-disc", "127.108.0.3").await;
-        let relay = CopyRelay::start(&dir.0.join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay");
+        let relay = CopyRelay::start(&dir.path().join("r.sock"), &gate.addr().to_string(), Duration::from_millis(200), creds).expect("relay");
         for round in 0..3 {
             let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
             handshake(&mut qemu).await;
@@ -507,7 +490,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_relay_ends_its_connections() {
         let (dir, creds, gate) = silent_copy_server("tandem-copyrelay-drop", "127.108.0.2").await;
-        let relay = CopyRelay::start(&dir.0.join("r.sock"), &gate.addr().to_string(), Duration::from_secs(30), creds).expect("relay");
+        let relay = CopyRelay::start(&dir.path().join("r.sock"), &gate.addr().to_string(), Duration::from_secs(30), creds).expect("relay");
         let mut qemu = UnixStream::connect(relay.socket()).await.expect("connect");
         tokio::time::timeout(Duration::from_secs(5), async {
             while relay.health() != RelayHealth::Joined {

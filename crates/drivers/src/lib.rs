@@ -25,6 +25,8 @@ pub mod qga;
 pub mod qmp;
 pub mod sitecopy;
 pub mod syncmirror;
+#[cfg(test)]
+mod testdir;
 
 use diskcopy::{IncomingEndpoint, LocalDiskSize};
 use serde::Serialize;

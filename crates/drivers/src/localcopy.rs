@@ -284,17 +284,8 @@ mod tests {
     /// claim goes with its holder.
     #[tokio::test]
     async fn claims_exclude_each_other_as_their_kinds_say() {
-        /// Removed however the test ends.
-        struct Scratch(std::path::PathBuf);
-        impl Drop for Scratch {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let scratch = Scratch(std::env::temp_dir().join(format!("tandem-claims-{}", std::process::id())));
-        let dir = &scratch.0;
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir).expect("dir");
+        let scratch = crate::testdir::TestDir::new("tandem-claims");
+        let dir = scratch.path();
         let image = dir.join("a.img");
         std::fs::write(&image, [0u8; 4096]).expect("image");
         let held = |r: Result<CopyClaim, LocalCopyError>| matches!(r, Err(LocalCopyError::Held { .. }));
