@@ -31,6 +31,15 @@ struct Record {
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
+/// Whether a workload's vCPUs may run from its first instant: a copy started paused (QEMU's
+/// `-S`, a live migration's destination) is listed paused from its very first listing, so no
+/// listing ever shows it running before it is resumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpusAtStart {
+    Running,
+    Held,
+}
+
 /// The launcher and the table of children it started.
 #[derive(Clone)]
 pub struct Launcher {
@@ -83,7 +92,7 @@ impl Launcher {
     /// The table lock is held from `check` until the child is in the table, and `kill_all`
     /// takes the same lock: a fence that lands during a start either makes `check` refuse, or
     /// finds the new child in the table and kills it.
-    pub fn spawn(&self, name: &str, generation: u64, cmd: Command, check: &crate::StartCheck) -> Result<u32, DriverError> {
+    pub fn spawn(&self, name: &str, generation: u64, cmd: Command, vcpus: VcpusAtStart, check: &crate::StartCheck) -> Result<u32, DriverError> {
         let mut t = lock(&self.table);
         if t.get(name).is_some_and(|r| r.status.exit.is_none()) {
             return Err(DriverError::AlreadyRunning(name.to_string()));
@@ -99,7 +108,15 @@ impl Launcher {
         t.insert(
             name.to_string(),
             Record {
-                status: VmStatus { name: name.to_string(), generation, pid, started_at_ms: wall_ms(), exit: None, paused: false, shutdown_reason: None },
+                status: VmStatus {
+                    name: name.to_string(),
+                    generation,
+                    pid,
+                    started_at_ms: wall_ms(),
+                    exit: None,
+                    paused: vcpus == VcpusAtStart::Held,
+                    shutdown_reason: None,
+                },
                 stop_requested: false,
                 guest_shutdown: false,
                 panicked: false,

@@ -41,7 +41,7 @@ impl VmDriver for ProcessDriver {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            self.launcher.spawn(name, launch.generation, cmd, &launch.check).map(|_| ())
+            self.launcher.spawn(name, launch.generation, cmd, crate::launcher::VcpusAtStart::Running, &launch.check).map(|_| ())
         })
     }
 

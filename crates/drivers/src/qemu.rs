@@ -321,7 +321,7 @@ impl VmDriver for QemuDriver {
             }
             let local = self.serve_local_copies(&launch.spec, crate::localcopy::ClaimKind::Sole).await?;
             let cmd = self.command(launch, &local)?;
-            let pid = match self.launcher.spawn(&name, launch.generation, cmd, &launch.check) {
+            let pid = match self.launcher.spawn(&name, launch.generation, cmd, crate::launcher::VcpusAtStart::Running, &launch.check) {
                 Ok(pid) => pid,
                 Err(e) => {
                     self.end_local_copies(&name);
@@ -435,7 +435,7 @@ impl VmDriver for QemuDriver {
             let mut cmd = self.command(launch, &local)?;
             // Paused, and listening only once asked (so the port is the kernel's choice).
             cmd.args(["-S", "-incoming", "defer"]);
-            let pid = match self.launcher.spawn(&name, launch.generation, cmd, &launch.check) {
+            let pid = match self.launcher.spawn(&name, launch.generation, cmd, crate::launcher::VcpusAtStart::Held, &launch.check) {
                 Ok(pid) => pid,
                 Err(e) => {
                     self.end_local_copies(&name);
@@ -443,7 +443,6 @@ impl VmDriver for QemuDriver {
                 }
             };
             self.postcopy.started_afresh(&name);
-            self.launcher.set_paused(&name, true);
             let ready = async {
                 let q = Arc::new(self.connect_qmp(&name, pid).await?);
                 self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), Arc::clone(&q));
@@ -535,8 +534,10 @@ impl VmDriver for QemuDriver {
                 crate::diskcopy::stop_serving(name, &q, self.qmp_timeout()).await?;
                 self.serving().remove(name);
             }
-            crate::migration::resume(name, &q, self.qmp_timeout()).await?;
+            // Listed running before `cont`, not after: a listing never shows paused a copy whose
+            // vCPUs may already run (if `cont` fails, the caller kills the copy).
             self.launcher.set_paused(name, false);
+            crate::migration::resume(name, &q, self.qmp_timeout()).await?;
             // Only a copy prepared for post-copy can be in it; the others resume as before.
             if self.postcopy.take_prepared(name) && crate::postcopy::incoming_active(name, &q, self.qmp_timeout()).await.unwrap_or(false) {
                 self.postcopy.watch(name, q, self.qmp_timeout(), self.launcher.clone());

@@ -61,3 +61,57 @@ fn qemu_guests_move_over_parallel_channels_when_configured() -> Result<()> {
     }
     Ok(())
 }
+
+/// A destination's copy is started with its vCPUs held (`-S -incoming defer`), so its host
+/// lists it paused from its very first listing: a listing in between (seen in CI: the source
+/// running, the destination's copy listed as running for a moment) would report two running
+/// copies that never were, and every check of "never two unpaused copies" would count it.
+/// `list()` is polled without pause on another thread while the copy is prepared, again and
+/// again.
+#[test]
+fn a_destinations_copy_is_listed_paused_from_its_start() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tandem_drivers::launcher::Launcher;
+    use tandem_drivers::qemu::{QemuConfig, QemuDriver};
+    use tandem_drivers::{always_start, VmDriver, VmLaunch};
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let dir = tandem_lab::scratch::ScratchDir::new("tandem-incoming-paused", &[])?;
+    let cfg = QemuConfig { accel: "tcg".into(), stop_timeout_s: 3, local_disk_dir: dir.path().join("local").display().to_string(), ..QemuConfig::default() };
+    let driver = Arc::new(QemuDriver::new(cfg, Launcher::new()?, "h0", "127.118.0.2", dir.path().join("run")));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let spec = tandem_lab::demo::demo_vm(0, "qemu", &guest);
+    let (stop, listings, running) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let poller = {
+        let (driver, stop, listings, running) = (Arc::clone(&driver), Arc::clone(&stop), Arc::clone(&listings), Arc::clone(&running));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let copies = driver.list();
+                if copies.iter().any(|v| v.exit.is_none() && !v.paused) {
+                    running.fetch_add(1, Ordering::SeqCst);
+                }
+                if !copies.is_empty() {
+                    listings.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let prepared = rt.block_on(async {
+        for generation in 1..=5 {
+            let launch = VmLaunch { spec: spec.clone(), generation, check: always_start() };
+            driver.prepare_incoming(&launch, &[], 0).await?;
+            driver.kill(&spec.name)?;
+            while driver.list().iter().any(|v| v.exit.is_none()) {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            driver.forget(&spec.name);
+        }
+        anyhow::Ok(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let _ = poller.join();
+    prepared?;
+    assert!(listings.load(Ordering::SeqCst) > 0, "the poller saw the copies");
+    assert_eq!(running.load(Ordering::SeqCst), 0, "listings showed a destination's held copy as running");
+    Ok(())
+}
