@@ -122,6 +122,8 @@ pub struct AgentConfig {
 pub const MAX_HUNG_STORAGE_RESTART_S: u64 = 86_400;
 /// The longest `[mirror] hung_storage_switch_ms` (a day).
 pub const MAX_HUNG_STORAGE_SWITCH_MS: u64 = 86_400_000;
+/// The highest `[mirror] resync_max_mib_s` (100 GiB/s: no link is faster; 0 is no cap).
+pub const MAX_RESYNC_MIB_S: u64 = 102_400;
 
 /// `[mirror]`: how this host serves its site's copies of mirrored disks to the other sites,
 /// and how it mirrors its own VMs' disks into theirs. (Where its site's copies are is
@@ -158,6 +160,11 @@ pub struct MirrorConfig {
     /// never (the guest waits for its storage; the alert is raised either way). Kept above
     /// storage that pauses a while to fail over on its own (an HA NAS: tens of seconds).
     pub hung_storage_restart_s: u64,
+    /// The most a mirror's own copying may move, MiB/s per disk: the first copy into another
+    /// site's copy and every resync after a loss (QEMU's mirror `speed`), so that a site coming
+    /// back does not take the whole link and the storage from the guests. The guests' own writes
+    /// are never held by it (a write-blocking mirror sends them as they come). 0: no cap.
+    pub resync_max_mib_s: u64,
 }
 
 impl Default for MirrorConfig {
@@ -170,6 +177,7 @@ impl Default for MirrorConfig {
             local_copy_servers: true,
             hung_storage_switch_ms: 1_000,
             hung_storage_restart_s: 60,
+            resync_max_mib_s: 0,
         }
     }
 }
@@ -359,6 +367,9 @@ impl AgentConfig {
         if self.mirror.copy_port == 0 || !(100..=60_000).contains(&self.mirror.stall_ms) {
             return Err(ConfigError::Mirror("copy_port must be a port, and stall_ms within 100..=60000"));
         }
+        if self.mirror.resync_max_mib_s > MAX_RESYNC_MIB_S {
+            return Err(ConfigError::Mirror("resync_max_mib_s must be at most 102400 (0: no cap)"));
+        }
         if self.mirror.hung_storage_restart_s > MAX_HUNG_STORAGE_RESTART_S {
             return Err(ConfigError::Mirror("hung_storage_restart_s must be at most 86400 (0: never)"));
         }
@@ -522,6 +533,8 @@ peer_timeout_ms = 4000
             ),
             (format!("{GOOD}\n[mirror]\nhung_storage_switch_ms = 500\n"), "hung_storage_switch_ms must be within 1000"),
             (format!("{GOOD}\n[mirror]\nhung_storage_restart_s = 90000\n"), "hung_storage_restart_s must be at most"),
+            (format!("{GOOD}\n[mirror]\nresync_max_mib_s = 200000\n"), "resync_max_mib_s must be at most"),
+            (format!("{GOOD}\n[mirror]\nresync_max_mib_s = -1\n"), "not valid"),
         ];
         for (text, needle) in cases {
             let err = AgentConfig::parse(&text, "test").expect_err("must be refused");

@@ -48,6 +48,10 @@ pub struct RemoteCopy {
     /// The mirror's granularity: the chunk of the copy's sums, when the relay compares with
     /// them (so that the bulk copy's writes cover whole chunks); QEMU's default otherwise.
     pub granularity: Option<u64>,
+    /// The job's `speed`, bytes/s: a cap on its own copying — the first copy and the copy of
+    /// the ranges a loss left dirty — not on the guest's writes, which a write-blocking mirror
+    /// sends as they come (QEMU's active writes pass no rate limit). `None`: no cap.
+    pub speed: Option<u64>,
 }
 
 /// How a mirror's first copy goes.
@@ -72,6 +76,8 @@ pub struct MirrorTarget {
     pub stall: std::time::Duration,
     /// The disk's length (its copy's must be the same).
     pub bytes: u64,
+    /// The most the mirror's own copying moves, bytes/s (`None`: no cap).
+    pub resync_cap: Option<u64>,
 }
 
 /// One disk's mirror as the driver sees it: QEMU's job, and the relay in front of the copy.
@@ -134,6 +140,9 @@ pub async fn attach(vm: &str, q: &Qmp, timeout: Duration, copy: &RemoteCopy) -> 
         "sync": "full", "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-dismiss": false});
     if let Some(g) = copy.granularity {
         job["granularity"] = json!(g);
+    }
+    if let Some(speed) = copy.speed {
+        job["speed"] = json!(speed);
     }
     if let Err(e) = q.execute("blockdev-mirror", job, timeout).await {
         let _ = q.execute("blockdev-del", json!({"node-name": remote_node(copy.disk)}), timeout).await;

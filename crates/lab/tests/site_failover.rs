@@ -51,7 +51,9 @@ fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_
 /// through the lab's delay relay in that third place). Site a comes back with its stale copy.
 #[test]
 fn a_site_lost_with_a_network_witness_in_a_third_place_restarts_the_guest_on_the_other_sites_copy() -> Result<()> {
-    let spec = SiteLabSpec { delay: Some(Duration::from_millis(5)), ..SiteLabSpec::new("tsw", 111, WitnessAt::ThirdPlace) };
+    // The resync when site a is back is capped (`resync_max_mib_s`): its timeline names the cap.
+    let spec =
+        SiteLabSpec { delay: Some(Duration::from_millis(5)), mirror_extra: "resync_max_mib_s = 256\n", ..SiteLabSpec::new("tsw", 111, WitnessAt::ThirdPlace) };
     with_sites("tandem-site-witness", |storage, guest| site_loss_scenario(storage, guest, &spec, SiteA::BackStale))
 }
 
@@ -665,7 +667,7 @@ fn site_loss_scenario(storage: &std::path::Path, guest: &std::path::Path, spec: 
     })?;
     assert_eq!(vm.host.as_deref(), Some("h1"));
     if then == SiteA::BackStale {
-        site_back_scenario(&mut lab, &seq, &image_a)?;
+        site_back_scenario(&mut lab, &seq, &image_a, spec)?;
     }
     let verdict = judge(&seq.finish());
     eprintln!("{verdict:?}");
@@ -685,7 +687,7 @@ fn scribble(image: &std::path::Path, offsets: &[u64]) -> Result<()> {
 
 /// Site a's host back, its copy stale: the guest's mirror at b compares with its chunk sums and
 /// sends only what differs; both copies current again, a's holding what the guest acknowledged.
-fn site_back_scenario(lab: &mut Lab, seq: &SeqWatch, image_a: &std::path::Path) -> Result<()> {
+fn site_back_scenario(lab: &mut Lab, seq: &SeqWatch, image_a: &std::path::Path, spec: &SiteLabSpec) -> Result<()> {
     let back = Instant::now();
     lab.start(0)?;
     let c1 = lab.client(1);
@@ -694,6 +696,9 @@ fn site_back_scenario(lab: &mut Lab, seq: &SeqWatch, image_a: &std::path::Path) 
     let events: Vec<_> = lab.events().into_iter().filter(|e| e.vm.as_deref() == Some("db")).collect();
     let compared = events.iter().rev().find(|e| e.kind.to_string() == "mirror-resyncing").map(|e| e.detail.clone()).unwrap_or_default();
     assert!(compared.contains("chunk sums"), "the resync into a's copy was not compared with its chunk sums: {compared}");
+    if spec.mirror_extra.contains("resync_max_mib_s = 256") {
+        assert!(compared.contains("at most 256 MiB/s"), "the resync's event does not name its cap: {compared}");
+    }
     let resync = events.iter().rev().find_map(|e| e.resync).ok_or_else(|| anyhow!("no figures of the resync in the timeline"))?;
     eprintln!(
         "site a back: both copies current after {took:?}; {} KiB of writes crossed the link, {} KiB matched, of a {} MiB disk",

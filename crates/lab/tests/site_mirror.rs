@@ -169,7 +169,7 @@ async fn scenario(dir: &Path, guest: &Path) -> Result<()> {
     let seq = SeqWatch::start(GUEST_ADDR);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
 
-    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: None };
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: None, speed: None };
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
     assert_eq!(relay.health(), RelayHealth::Joined);
@@ -288,7 +288,7 @@ async fn delta_scenario(dir: &Path, guest: &Path) -> Result<()> {
     let vm = launch(dir, guest, &local, GUEST_ADDR).await?;
     let seq = SeqWatch::start(GUEST_ADDR);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
-    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: Some(sums.chunk()) };
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: Some(sums.chunk()), speed: None };
     let started = Instant::now();
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the resync by chunk sums", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
@@ -338,7 +338,7 @@ async fn lost_midway(dir: &Path, launcher: &Launcher, server: CopyServer, relay:
     }
     let export = export_name("db", 0);
     let sums = relay.compare_with_copy(&export, DISK_BYTES).await?;
-    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: Some(sums.chunk()) };
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: Some(sums.chunk()), speed: None };
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     drop(server);
     let held = assert_held(seq, relay, Duration::from_secs(2)).await?;
@@ -350,6 +350,69 @@ async fn lost_midway(dir: &Path, launcher: &Launcher, server: CopyServer, relay:
     resume_until_in_sync(vm).await?;
     assert_acknowledged_on(remote, seq)?;
     Ok(server)
+}
+
+/// A mirror capped at `[mirror] resync_max_mib_s` (QEMU's job `speed`): QEMU takes the cap, the
+/// first copy of a disk full of data goes no faster (its rate is printed, not asserted: this
+/// machine is noisy), and the guest's writes are acknowledged while it copies — the cap is on
+/// the mirror's own copying, never on them — each on both copies once in sync.
+async fn capped_scenario(dir: &Path, guest: &Path) -> Result<()> {
+    const CAP: u64 = 8 << 20;
+    let (local, remote) = (dir.join("site-a.img"), dir.join("site-b.img"));
+    // Data everywhere (no zero ranges for the mirror to skip): every byte crosses.
+    let disk: Vec<u8> = (0..DISK_BYTES).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1).collect();
+    std::fs::write(&local, &disk)?;
+    std::fs::File::create(&remote)?.set_len(DISK_BYTES)?;
+    drop(disk);
+    let launcher = Launcher::new()?;
+    let export = export_name("db", 0);
+    let server = CopyServer::start(&copy_config_on(dir, COPY_PORT + 20), &launcher).await?;
+    server.serve(&export, &remote).await?;
+    let relay = CopyRelay::start(&dir.join("relay.sock"), &format!("{COPY_IP}:{}", COPY_PORT + 20), STALL, creds())?;
+    let addr = "127.103.0.9:8080";
+    let vm = launch(dir, guest, &local, addr).await?;
+    let seq = SeqWatch::start(addr);
+    seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export, granularity: None, speed: Some(CAP) };
+    let started = Instant::now();
+    syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+    let jobs = vm.qmp.execute("query-block-jobs", Value::Null, QMP_TIMEOUT).await?;
+    let speed = jobs.as_array().and_then(|a| a.first()).and_then(|j| j.get("speed")).and_then(Value::as_u64);
+    assert_eq!(speed, Some(CAP), "QEMU took the cap: {jobs}");
+    // While the first copy goes, the guest's writes are acknowledged as ever.
+    let (at_start, mut copying_seen) = (seq.highest(), 0u32);
+    while syncmirror::sample("db", &vm.qmp, QMP_TIMEOUT, 0).await? != MirrorSample::InSync {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "the capped first copy never ended");
+        if seq.highest() > at_start + 3 {
+            copying_seen += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "capped first copy: {} MiB in {:.2} s = {:.1} MiB/s (cap {} MiB/s); the guest wrote {} records meanwhile",
+        DISK_BYTES >> 20,
+        took.as_secs_f64(),
+        (DISK_BYTES >> 20) as f64 / took.as_secs_f64(),
+        CAP >> 20,
+        seq.highest() - at_start
+    );
+    assert!(copying_seen > 0, "the guest's writes went on while the capped mirror copied");
+    let past = seq.highest();
+    seq.wait_past(past + 5, Duration::from_secs(30)).map_err(|e| anyhow!("writes stopped: {e}"))?;
+    assert_acknowledged_on(&remote, &seq)?;
+    vm.qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
+    assert!(std::fs::read(&local)? == std::fs::read(&remote)?, "the copies differ after the capped first copy");
+    syncmirror::detach("db", &vm.qmp, QMP_TIMEOUT, 0).await?;
+    drop((seq, relay, server));
+    Ok(())
+}
+
+#[test]
+fn a_capped_mirror_copies_no_faster_than_its_cap_and_never_holds_the_guests_writes() -> Result<()> {
+    let Some(guest) = test_guest() else { return Ok(()) };
+    let dir = ScratchDir::new("tandem-site-mirror-cap", &[])?;
+    run(&dir, capped_scenario(dir.path(), &guest))
 }
 
 #[test]
@@ -400,7 +463,7 @@ async fn fuse_mirror(dir: &Path, guest: &Path, side: FuseSide, port: u16, addr: 
     let vm = launch(dir, guest, &local_at, addr).await?;
     let seq = SeqWatch::start(addr);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
-    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export, granularity: None };
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export, granularity: None, speed: None };
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
     Ok(FuseMirror { vm, seq, relay, _server: server, _launcher: launcher, fuse, local, remote })
@@ -671,7 +734,7 @@ async fn yanked_local_server_scenario(dir: &Path, guest: &Path) -> Result<()> {
     let vm = launch(dir, guest, Path::new(&format!("nbd+unix:///local?socket={}", socket.display())), addr).await?;
     let seq = SeqWatch::start(addr);
     seq.wait_past(0, Duration::from_secs(60)).map_err(|e| anyhow!("the guest's writer never answered: {e}"))?;
-    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export, granularity: None };
+    let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export, granularity: None, speed: None };
     syncmirror::attach("db", &vm.qmp, QMP_TIMEOUT, &copy).await?;
     wait_for("the first full copy", &vm.qmp, Duration::from_secs(60), |s| *s == MirrorSample::InSync).await?;
     let before = seq.highest();

@@ -527,7 +527,14 @@ impl Agent {
         if let Some(other) = other {
             return Err(format!("disk {disk} already mirrors into {other}'s copy in generation {}", w.generation));
         }
-        let to = MirrorTarget { disk: *disk, server: endpoint.address, export: endpoint.export, stall: Duration::from_millis(self.cfg.mirror.stall_ms), bytes };
+        let to = MirrorTarget {
+            disk: *disk,
+            server: endpoint.address,
+            export: endpoint.export,
+            stall: Duration::from_millis(self.cfg.mirror.stall_ms),
+            bytes,
+            resync_cap: (self.cfg.mirror.resync_max_mib_s > 0).then(|| self.cfg.mirror.resync_max_mib_s << 20),
+        };
         let first = self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
         let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 }, delta: None };
         lock(&self.mirroring).links.insert(w.key.clone(), link);
@@ -537,6 +544,10 @@ impl Agent {
                 chunk >> 10
             ),
             FirstCopy::Whole { why } => format!("full copy into {site}'s copy, served by {server} (no chunk sums: {why})"),
+        };
+        let how = match to.resync_cap {
+            Some(cap) => format!("{how}; copying at most {} MiB/s (the guest's writes are not held by it)", cap >> 20),
+            None => how,
         };
         self.events.record(EventKind::MirrorResyncing, Some(vm), Some(site), format!("disk {disk}: {how}"));
         Ok(())

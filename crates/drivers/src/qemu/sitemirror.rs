@@ -115,7 +115,7 @@ impl QemuDriver {
             Ok(sums) => (crate::syncmirror::FirstCopy::ByChunkSums { chunk: sums.chunk(), chunks: sums.sums().len() as u64 }, Some(sums.chunk())),
             Err(e) => (crate::syncmirror::FirstCopy::Whole { why: crate::copychannel::chain(&e) }, None),
         };
-        let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone(), granularity };
+        let copy = crate::syncmirror::RemoteCopy { disk: to.disk, relay: socket, export: to.export.clone(), granularity, speed: to.resync_cap };
         crate::syncmirror::attach(name, &q, self.qmp_timeout(), &copy).await?;
         Ok(first)
     }

@@ -299,7 +299,7 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
             tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4),
             Arc::clone(&credentials),
         )?;
-        let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: None };
+        let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: None, speed: None };
         syncmirror::attach("bench", &vm.qmp, QMP_TIMEOUT, &copy).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while syncmirror::sample("bench", &vm.qmp, QMP_TIMEOUT, 0).await? != MirrorSample::InSync {
