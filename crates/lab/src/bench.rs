@@ -12,6 +12,7 @@ pub mod mass;
 pub mod migration;
 pub mod plannedstop;
 pub mod qemualone;
+pub mod resynccap;
 pub mod syncmirror;
 pub mod twohosts;
 

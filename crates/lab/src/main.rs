@@ -102,6 +102,23 @@ enum BenchOp {
         #[arg(long, value_delimiter = ',', default_value = "0,1,5")]
         delays_ms: Vec<u64>,
     },
+    /// What a mirror's first copy (as a resync after a site's return) costs the guest's writes
+    /// meanwhile, uncapped and under a `[mirror] resync_max_mib_s` cap (QEMU, a copy server, the
+    /// relay, the lab's delay relay; no agents).
+    ResyncCap {
+        /// Writes measured in each phase, at most.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        /// The disk, MiB (full of data).
+        #[arg(long, default_value_t = 256)]
+        disk_mib: u64,
+        /// The cap, MiB/s.
+        #[arg(long, default_value_t = 32)]
+        cap_mib_s: u64,
+        /// The link's one-way delay, ms.
+        #[arg(long, default_value_t = 1)]
+        delay_ms: u64,
+    },
     /// The floor under `bench migration`'s HTTP gap: two QEMU processes and no Tandem, the test
     /// guest migrated back and forth over loopback and resumed the instant QEMU completes.
     QemuAlone {
@@ -230,6 +247,15 @@ fn main() {
             ("bench", tandem_lab::lab::tandem_binary().and_then(|b| tandem_lab::bench::twohosts::run(&b, *rounds, *cuts, *network_witness)))
         }
         LabCmd::Bench { op: BenchOp::SyncMirror { writes, delays_ms } } => ("bench", tandem_lab::bench::syncmirror::run(*writes, delays_ms)),
+        LabCmd::Bench { op: BenchOp::ResyncCap { writes, disk_mib, cap_mib_s, delay_ms } } => (
+            "bench",
+            tandem_lab::bench::resynccap::run(tandem_lab::bench::resynccap::ResyncCapBench {
+                writes: *writes,
+                disk_mib: *disk_mib,
+                cap_mib_s: *cap_mib_s,
+                delay_ms: *delay_ms,
+            }),
+        ),
         LabCmd::Bench { op: BenchOp::QemuAlone { memory_mib, rounds, guest_dir } } => {
             ("bench", tandem_lab::bench::qemualone::run(*memory_mib, *rounds, guest_dir))
         }

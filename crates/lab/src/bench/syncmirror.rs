@@ -34,7 +34,7 @@ use tandem_drivers::qmp::Qmp;
 use tandem_drivers::sitecopy::{export_name, CopyServer, CopyServerConfig};
 use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
 
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const DISK_BYTES: u64 = 64 << 20;
 /// The disk's format node and the local copy's NBD node under it (the quorum comparison puts
 /// a quorum between them).
@@ -66,7 +66,7 @@ pub fn run(writes: usize, delays_ms: &[u64]) -> Result<()> {
 /// QEMU with `disk0` on the local copy server at `served` (as the agent runs a mirrored disk's
 /// own copy) and node `direct` on the image `direct` opened by QEMU itself (as an unmirrored
 /// disk is).
-async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<QemuProcess> {
+pub(super) async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<QemuProcess> {
     let qmp_path = dir.join("q.qmp");
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
     let nbd = format!("file.driver=nbd,file.server.type=unix,file.server.path={},file.export={}", served.display(), tandem_drivers::localcopy::LOCAL_EXPORT);
@@ -79,7 +79,7 @@ async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<QemuProcess>
 
 /// How a bench's 4 KiB write asks to be stable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WritePattern {
+pub(super) enum WritePattern {
     /// A write with FUA: complete once stable.
     Fua,
     /// A write, then a flush: what a guest's `fsync` (or `O_DSYNC` write) sends to a virtio-blk
@@ -111,7 +111,7 @@ async fn writes_to(q: &Qmp, node: &str, n: usize) -> Result<Vec<f64>> {
 
 /// `n` 4 KiB writes to `node` as `pattern` says (the flush, when there is one, counted in);
 /// each one's latency, ms.
-async fn writes_as(q: &Qmp, node: &str, n: usize, pattern: WritePattern) -> Result<Vec<f64>> {
+pub(super) async fn writes_as(q: &Qmp, node: &str, n: usize, pattern: WritePattern) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
     let flags = if pattern == WritePattern::Fua { "-f " } else { "" };
     for i in 0..n {
