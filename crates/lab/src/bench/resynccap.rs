@@ -7,17 +7,15 @@
 //! reaches a virtio-blk disk (a write, then a flush), one after the other while the copy goes,
 //! then as many once the copy is in sync for reference.
 
-use super::syncmirror::{copy_credentials, launch, writes_as, WritePattern, QMP_TIMEOUT};
+use super::syncmirror::{writes_as, BenchParts, WritePattern, QMP_TIMEOUT};
 use crate::delayrelay::DelayRelay;
 use anyhow::{anyhow, Result};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_drivers::copyrelay::CopyRelay;
-use tandem_drivers::launcher::Launcher;
-use tandem_drivers::localcopy::LocalCopyServer;
 use tandem_drivers::qmp::Qmp;
-use tandem_drivers::sitecopy::{export_name, CopyServer, CopyServerConfig};
+use tandem_drivers::sitecopy::export_name;
 use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
 
 /// The copy server's address (loopback net 107).
@@ -92,20 +90,9 @@ async fn measure(dir: &Path, b: ResyncCapBench) -> Result<()> {
         f.flush()?;
     }
     std::fs::File::create(&direct)?.set_len(1 << 20)?;
-    let launcher = Launcher::new()?;
-    let claim = tandem_drivers::localcopy::claim(&local, tandem_drivers::localcopy::ClaimKind::Sole).await?;
-    let local_server = LocalCopyServer::start("qemu-storage-daemon", &launcher, &local, &dir.join("local.nbd"), claim).await?;
-    let credentials = copy_credentials()?;
-    let cfg = CopyServerConfig {
-        binary: "qemu-storage-daemon".into(),
-        run_dir: dir.to_path_buf(),
-        host_ip: COPY_IP.into(),
-        port: COPY_PORT,
-        credentials: Arc::clone(&credentials),
-    };
-    let server = CopyServer::start(&cfg, &launcher).await?;
+    let parts = BenchParts::start(dir, &local, &direct, COPY_IP, COPY_PORT).await?;
+    let (vm, server, credentials) = (&parts.vm, &parts.server, &parts.credentials);
     let export = export_name("bench", 0);
-    let vm = launch(dir, local_server.socket(), &direct).await?;
     let delay = Duration::from_millis(b.delay_ms);
     let link = DelayRelay::start(&format!("{COPY_IP}:0"), &format!("{COPY_IP}:{COPY_PORT}"), delay).await?;
     println!("first copy of a {} MiB disk full of data, {} ms each way; 4 KiB writes as a guest's fsync meanwhile:", b.disk_mib, b.delay_ms);
@@ -118,7 +105,7 @@ async fn measure(dir: &Path, b: ResyncCapBench) -> Result<()> {
             &dir.join(format!("relay{k}.sock")),
             &link.addr.to_string(),
             tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4),
-            Arc::clone(&credentials),
+            Arc::clone(credentials),
         )?;
         let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: None, speed: cap };
         syncmirror::attach("bench", &vm.qmp, QMP_TIMEOUT, &copy).await?;

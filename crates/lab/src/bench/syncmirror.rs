@@ -77,6 +77,38 @@ pub(super) async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<Q
     QemuProcess::spawn(cmd, &qmp_path, QMP_TIMEOUT).await
 }
 
+/// A mirror bench's running parts, dropped in this order: QEMU with `disk0` on the local copy
+/// server and node `direct` opened by itself (see [`launch`]), the other site's copy server
+/// (nothing served yet), the local copy server, the launcher.
+pub(super) struct BenchParts {
+    pub(super) vm: QemuProcess,
+    pub(super) server: CopyServer,
+    pub(super) credentials: Arc<CopyCredentials>,
+    _local_server: LocalCopyServer,
+    _launcher: Launcher,
+}
+
+impl BenchParts {
+    /// Starts them: `local` behind its local copy server, `direct` opened by QEMU, the copy
+    /// server on `copy_ip:copy_port`.
+    pub(super) async fn start(dir: &Path, local: &Path, direct: &Path, copy_ip: &str, copy_port: u16) -> Result<BenchParts> {
+        let launcher = Launcher::new()?;
+        let claim = tandem_drivers::localcopy::claim(local, tandem_drivers::localcopy::ClaimKind::Sole).await?;
+        let local_server = LocalCopyServer::start("qemu-storage-daemon", &launcher, local, &dir.join("local.nbd"), claim).await?;
+        let credentials = copy_credentials()?;
+        let cfg = CopyServerConfig {
+            binary: "qemu-storage-daemon".into(),
+            run_dir: dir.to_path_buf(),
+            host_ip: copy_ip.into(),
+            port: copy_port,
+            credentials: Arc::clone(&credentials),
+        };
+        let server = CopyServer::start(&cfg, &launcher).await?;
+        let vm = launch(dir, local_server.socket(), direct).await?;
+        Ok(BenchParts { vm, server, credentials, _local_server: local_server, _launcher: launcher })
+    }
+}
+
 /// How a bench's 4 KiB write asks to be stable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum WritePattern {
@@ -254,21 +286,10 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     for image in [&local, &remote, &unmirrored] {
         std::fs::File::create(image).and_then(|f| f.set_len(DISK_BYTES))?;
     }
-    let launcher = Launcher::new()?;
-    let claim = tandem_drivers::localcopy::claim(&local, tandem_drivers::localcopy::ClaimKind::Sole).await?;
-    let local_server = LocalCopyServer::start("qemu-storage-daemon", &launcher, &local, &dir.join("local.nbd"), claim).await?;
-    let credentials = copy_credentials()?;
-    let cfg = CopyServerConfig {
-        binary: "qemu-storage-daemon".into(),
-        run_dir: dir.to_path_buf(),
-        host_ip: COPY_IP.into(),
-        port: COPY_PORT,
-        credentials: Arc::clone(&credentials),
-    };
-    let server = CopyServer::start(&cfg, &launcher).await?;
+    let parts = BenchParts::start(dir, &local, &unmirrored, COPY_IP, COPY_PORT).await?;
+    let (vm, server, credentials) = (&parts.vm, &parts.server, &parts.credentials);
     let export = export_name("bench", 0);
     server.serve(&export, &remote).await?;
-    let vm = launch(dir, local_server.socket(), &unmirrored).await?;
     let unmirrored = spreads(&vm.qmp, "direct", n, &PATTERNS).await?;
     let [fsync_base, fua_base, plain_base] = [unmirrored[0].0, unmirrored[1].0, unmirrored[2].0];
     println!("4 KiB writes, {n} each (QEMU's own, through qemu-io in its monitor; medians (min-max)):");
@@ -283,7 +304,7 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     // Where the other copy's time goes, hop by hop, with no delay: the copy server alone (its
     // unix socket), then through its gate (TCP, the handshake), then through the relay too.
     let direct = json!({"type": "unix", "path": dir.join("copy-server.nbd").display().to_string()});
-    let relay0 = CopyRelay::start(&dir.join("relay-direct.sock"), server.endpoint(), tandem_drivers::copyrelay::DEFAULT_STALL, Arc::clone(&credentials))?;
+    let relay0 = CopyRelay::start(&dir.join("relay-direct.sock"), server.endpoint(), tandem_drivers::copyrelay::DEFAULT_STALL, Arc::clone(credentials))?;
     let through_relay = json!({"type": "unix", "path": relay0.socket().display().to_string()});
     for (what, at) in [("the copy server alone (its unix socket)", direct), ("through the relay and the gate", through_relay)] {
         let (alone, amin, amax) = other_copy_alone(&vm.qmp, &export, at, n).await?;
@@ -297,7 +318,7 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
             &dir.join(format!("relay{k}.sock")),
             &link.addr.to_string(),
             tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4),
-            Arc::clone(&credentials),
+            Arc::clone(credentials),
         )?;
         let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: None, speed: None };
         syncmirror::attach("bench", &vm.qmp, QMP_TIMEOUT, &copy).await?;
