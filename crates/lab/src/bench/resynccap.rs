@@ -11,12 +11,10 @@ use super::syncmirror::{writes_as, BenchParts, WritePattern, QMP_TIMEOUT};
 use crate::delayrelay::DelayRelay;
 use anyhow::{anyhow, Result};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_drivers::copyrelay::CopyRelay;
 use tandem_drivers::qmp::Qmp;
 use tandem_drivers::sitecopy::export_name;
-use tandem_drivers::syncmirror::{self, MirrorSample, RemoteCopy};
+use tandem_drivers::syncmirror::{self, MirrorSample};
 
 /// The copy server's address (loopback net 107).
 const COPY_IP: &str = "127.107.0.1";
@@ -91,7 +89,7 @@ async fn measure(dir: &Path, b: ResyncCapBench) -> Result<()> {
     }
     std::fs::File::create(&direct)?.set_len(1 << 20)?;
     let parts = BenchParts::start(dir, &local, &direct, COPY_IP, COPY_PORT).await?;
-    let (vm, server, credentials) = (&parts.vm, &parts.server, &parts.credentials);
+    let (vm, server) = (&parts.vm, &parts.server);
     let export = export_name("bench", 0);
     let delay = Duration::from_millis(b.delay_ms);
     let link = DelayRelay::start(&format!("{COPY_IP}:0"), &format!("{COPY_IP}:{COPY_PORT}"), delay).await?;
@@ -101,14 +99,7 @@ async fn measure(dir: &Path, b: ResyncCapBench) -> Result<()> {
         let _ = std::fs::remove_file(&remote);
         std::fs::File::create(&remote)?.set_len(bytes)?;
         server.serve(&export, &remote).await?;
-        let relay = CopyRelay::start(
-            &dir.join(format!("relay{k}.sock")),
-            &link.addr.to_string(),
-            tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4),
-            Arc::clone(credentials),
-        )?;
-        let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: None, speed: cap };
-        syncmirror::attach("bench", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+        let _relay = parts.attach_through(dir, k, &link.addr.to_string(), delay, &export, cap).await?;
         let (mut during, took) = while_copying(&vm.qmp, b.writes).await?;
         let mut after = writes_as(&vm.qmp, "disk0", b.writes, WritePattern::WriteThenFlush).await?;
         syncmirror::detach("bench", &vm.qmp, QMP_TIMEOUT, 0).await?;

@@ -107,6 +107,17 @@ impl BenchParts {
         let vm = launch(dir, local_server.socket(), direct).await?;
         Ok(BenchParts { vm, server, credentials, _local_server: local_server, _launcher: launcher })
     }
+
+    /// Mirrors `disk0` into `export` through a relay of its own (socket `relay{k}.sock` in
+    /// `dir`) to `link`, which delays `delay` each way; the job capped at `speed` bytes/s. The
+    /// relay must live as long as the mirror.
+    pub(super) async fn attach_through(&self, dir: &Path, k: usize, link: &str, delay: Duration, export: &str, speed: Option<u64>) -> Result<CopyRelay> {
+        let stall = tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4);
+        let relay = CopyRelay::start(&dir.join(format!("relay{k}.sock")), link, stall, Arc::clone(&self.credentials))?;
+        let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.to_string(), granularity: None, speed };
+        syncmirror::attach("bench", &self.vm.qmp, QMP_TIMEOUT, &copy).await?;
+        Ok(relay)
+    }
 }
 
 /// How a bench's 4 KiB write asks to be stable.
@@ -314,14 +325,7 @@ async fn measure(dir: &Path, n: usize, delays_ms: &[u64]) -> Result<()> {
     for (k, d) in delays_ms.iter().enumerate() {
         let delay = Duration::from_millis(*d);
         let link = DelayRelay::start(&format!("{COPY_IP}:0"), &format!("{COPY_IP}:{COPY_PORT}"), delay).await?;
-        let relay = CopyRelay::start(
-            &dir.join(format!("relay{k}.sock")),
-            &link.addr.to_string(),
-            tandem_drivers::copyrelay::DEFAULT_STALL.max(delay * 4),
-            Arc::clone(credentials),
-        )?;
-        let copy = RemoteCopy { disk: 0, relay: relay.socket().to_path_buf(), export: export.clone(), granularity: None, speed: None };
-        syncmirror::attach("bench", &vm.qmp, QMP_TIMEOUT, &copy).await?;
+        let relay = parts.attach_through(dir, k, &link.addr.to_string(), delay, &export, None).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while syncmirror::sample("bench", &vm.qmp, QMP_TIMEOUT, 0).await? != MirrorSample::InSync {
             if Instant::now() >= deadline {
