@@ -256,6 +256,10 @@ pub struct MirrorLinkView {
     /// answered because the copy held them already.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compared: Option<tandem_drivers::copyrelay::DeltaStats>,
+    /// The cap on the mirror's own copying, MiB/s (`[mirror] resync_max_mib_s` of the host
+    /// running the VM); none: uncapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_cap_mib_s: Option<u64>,
 }
 
 /// `GET /v1/join-proof`: a host's identity with proof that it holds the cluster secret.

@@ -698,6 +698,9 @@ fn site_back_scenario(lab: &mut Lab, seq: &SeqWatch, image_a: &std::path::Path, 
     assert!(compared.contains("chunk sums"), "the resync into a's copy was not compared with its chunk sums: {compared}");
     if spec.mirror_extra.contains("resync_max_mib_s = 256") {
         assert!(compared.contains("at most 256 MiB/s"), "the resync's event does not name its cap: {compared}");
+        let local: tandem_agent::views::LocalView = c1.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
+        let caps: Vec<Option<u64>> = local.mirrors.iter().map(|m| m.resync_cap_mib_s).collect();
+        assert_eq!(caps, vec![Some(256)], "the running host's view names the cap of its one link");
     }
     let resync = events.iter().rev().find_map(|e| e.resync).ok_or_else(|| anyhow!("no figures of the resync in the timeline"))?;
     eprintln!(

@@ -602,6 +602,7 @@ impl Agent {
     /// The links of the VMs running here, for `GET /v1/local`.
     #[must_use]
     pub fn mirror_links(&self) -> Vec<MirrorLinkView> {
+        let cap = Some(self.cfg.mirror.resync_max_mib_s).filter(|c| *c > 0);
         lock(&self.mirroring)
             .links
             .iter()
@@ -612,6 +613,7 @@ impl Agent {
                 server: l.server.clone(),
                 state: l.state.clone(),
                 compared: l.delta,
+                resync_cap_mib_s: cap,
             })
             .collect()
     }

@@ -53,6 +53,10 @@ fn print(v: &MirrorsView) {
             }
             LinkState::PathLost => "PATH LOST: this site's storage failed and this copy is not in sync; the guest is paused".to_string(),
         };
-        println!("  disk {} -> site {} (served by {}): {state}", l.disk, l.site, l.server);
+        let capped = match (&l.state, l.resync_cap_mib_s) {
+            (LinkState::Resyncing { .. }, Some(cap)) => format!(" (copying at most {cap} MiB/s)"),
+            _ => String::new(),
+        };
+        println!("  disk {} -> site {} (served by {}): {state}{capped}", l.disk, l.site, l.server);
     }
 }
