@@ -46,8 +46,8 @@ pub fn run(b: ResyncCapBench) -> Result<()> {
     result
 }
 
-/// Latencies while the mirror copies: one write after the other until `n` or the copy's end.
-/// With the copy's duration and the bytes it moved.
+/// Latencies while the mirror copies: one write after the other until `n` or the copy's end;
+/// and how long the copy took.
 async fn while_copying(q: &Qmp, n: usize) -> Result<(Vec<f64>, Duration)> {
     let started = Instant::now();
     let mut out = Vec::with_capacity(n);
