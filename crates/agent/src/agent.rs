@@ -44,6 +44,7 @@ mod migration;
 mod mirror;
 mod probe;
 mod reconciler;
+mod resyncpace;
 mod shutdown;
 mod storagewatch;
 pub use shutdown::{policy_name, ShutdownConfig, ShutdownPolicy};

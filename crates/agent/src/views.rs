@@ -260,6 +260,17 @@ pub struct MirrorLinkView {
     /// running the VM); none: uncapped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_cap_mib_s: Option<u64>,
+    /// While it resyncs (or copies back, on the way back): its pace since it began and the time
+    /// left at that pace, once it has run a second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pace: Option<ResyncPaceView>,
+}
+
+/// A resync's pace: KiB/s since it began, and seconds left at that pace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ResyncPaceView {
+    pub kib_s: u64,
+    pub left_s: u64,
 }
 
 /// `GET /v1/join-proof`: a host's identity with proof that it holds the cluster secret.

@@ -55,6 +55,8 @@ struct Link {
     state: LinkState,
     /// A resync by chunk sums under way: what it did so far.
     delta: Option<DeltaStats>,
+    /// A resync under way (or a way back): where it stood when first seen, for its pace.
+    pace: Option<super::resyncpace::ResyncPace>,
 }
 
 /// This host's mirroring state.
@@ -233,6 +235,17 @@ impl Agent {
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
                     link.delta = status.delta.filter(|_| matches!(state, LinkState::Resyncing { .. }));
+                    let now = std::time::Instant::now();
+                    link.pace = match (&state, link.pace) {
+                        (LinkState::Resyncing { copied, total } | LinkState::Returning { copied, total }, Some(mut p)) => {
+                            p.observe(*copied, *total, now);
+                            Some(p)
+                        }
+                        (LinkState::Resyncing { copied, total } | LinkState::Returning { copied, total }, None) => {
+                            Some(super::resyncpace::ResyncPace::begin(*copied, *total, now))
+                        }
+                        _ => None,
+                    };
                     let before = std::mem::replace(&mut link.state, state.clone());
                     self.note_link_change(&w.key, &before, &state, status.lost.as_deref().unwrap_or(""), status.delta);
                 }
@@ -536,7 +549,7 @@ impl Agent {
             resync_cap: (self.cfg.mirror.resync_max_mib_s > 0).then(|| self.cfg.mirror.resync_max_mib_s << 20),
         };
         let first = self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
-        let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 }, delta: None };
+        let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 }, delta: None, pace: None };
         lock(&self.mirroring).links.insert(w.key.clone(), link);
         let how = match first {
             FirstCopy::ByChunkSums { chunk, chunks } => format!(
@@ -614,6 +627,7 @@ impl Agent {
                 state: l.state.clone(),
                 compared: l.delta,
                 resync_cap_mib_s: cap,
+                pace: l.pace.and_then(|p| p.pace()).map(|p| crate::views::ResyncPaceView { kib_s: p.kib_s, left_s: p.left_s }),
             })
             .collect()
     }

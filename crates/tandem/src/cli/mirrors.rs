@@ -57,6 +57,7 @@ fn print(v: &MirrorsView) {
             (LinkState::Resyncing { .. }, Some(cap)) => format!(" (copying at most {cap} MiB/s)"),
             _ => String::new(),
         };
-        println!("  disk {} -> site {} (served by {}): {state}{capped}", l.disk, l.site, l.server);
+        let pace = l.pace.map(|p| format!("; at {:.1} MiB/s, about {} s left", p.kib_s as f64 / 1024.0, p.left_s)).unwrap_or_default();
+        println!("  disk {} -> site {} (served by {}): {state}{capped}{pace}", l.disk, l.site, l.server);
     }
 }
