@@ -44,7 +44,6 @@ mod migration;
 mod mirror;
 mod probe;
 mod reconciler;
-mod resyncpace;
 mod shutdown;
 mod storagewatch;
 pub use shutdown::{policy_name, ShutdownConfig, ShutdownPolicy};

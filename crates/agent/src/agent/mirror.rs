@@ -12,10 +12,13 @@
 //!   VM runs in the generation it was asked for, at another site; otherwise it is withdrawn (its
 //!   image lock freed), so a host of this site can start the VM on the copy.
 
+mod pace;
+mod report;
+
 use super::storagewatch::HangAnswer;
 use super::{lock, Agent};
 use crate::events::EventKind;
-use crate::views::{CopyEndpoint, CopyRequest, MirrorLinkView};
+use crate::views::{CopyEndpoint, CopyRequest};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +59,7 @@ struct Link {
     /// A resync by chunk sums under way: what it did so far.
     delta: Option<DeltaStats>,
     /// A resync under way (or a way back): where it stood when first seen, for its pace.
-    pace: Option<super::resyncpace::ResyncPace>,
+    pace: Option<pace::ResyncPace>,
 }
 
 /// This host's mirroring state.
@@ -235,17 +238,7 @@ impl Agent {
                 if let Some(link) = m.links.get_mut(&w.key) {
                     let state = link_state(obs, copied, total, &link.state);
                     link.delta = status.delta.filter(|_| matches!(state, LinkState::Resyncing { .. }));
-                    let now = std::time::Instant::now();
-                    link.pace = match (&state, link.pace) {
-                        (LinkState::Resyncing { copied, total } | LinkState::Returning { copied, total }, Some(mut p)) => {
-                            p.observe(*copied, *total, now);
-                            Some(p)
-                        }
-                        (LinkState::Resyncing { copied, total } | LinkState::Returning { copied, total }, None) => {
-                            Some(super::resyncpace::ResyncPace::begin(*copied, *total, now))
-                        }
-                        _ => None,
-                    };
+                    link.track_pace(&state);
                     let before = std::mem::replace(&mut link.state, state.clone());
                     self.note_link_change(&w.key, &before, &state, status.lost.as_deref().unwrap_or(""), status.delta);
                 }
@@ -300,41 +293,6 @@ impl Agent {
         }
         let site = wanted.first().map(|w| w.my_site.clone()).unwrap_or_default();
         self.watch_site_storage(disks.into_iter().map(|((vm, disk), path)| (vm, disk, path)).collect(), &site);
-    }
-
-    /// Timeline events for a link's changes of state.
-    fn note_link_change(&self, key: &LinkKey, before: &LinkState, now: &LinkState, why: &str, delta: Option<DeltaStats>) {
-        let (vm, disk, site) = key;
-        match (before, now) {
-            (LinkState::Holding, LinkState::Holding) => {}
-            (_, LinkState::Holding) => {
-                self.events.record(
-                    EventKind::MirrorHolding,
-                    Some(vm),
-                    Some(site),
-                    format!("disk {disk}: {site}'s copy is lost ({why}); writes wait until it is committed as stale"),
-                );
-            }
-            (LinkState::Resyncing { .. }, LinkState::InSync) => match delta {
-                Some(d) => {
-                    let detail = format!(
-                        "disk {disk}: {site}'s copy caught up ({} KiB of writes crossed the link; {} KiB matched its chunk sums and stayed here); every write goes to both",
-                        d.sent >> 10,
-                        d.matched >> 10
-                    );
-                    self.events.record_resync(vm, site, detail, d);
-                }
-                None => {
-                    self.events.record(EventKind::MirrorInSync, Some(vm), Some(site), format!("disk {disk}: {site}'s copy caught up; every write goes to both"))
-                }
-            },
-            (LinkState::PathLost, LinkState::PathLost) => {}
-            (_, LinkState::PathLost) => {
-                let detail = format!("disk {disk}: this site's storage failed and {site}'s copy is not in sync: the guest stays paused");
-                self.events.record(EventKind::StoragePathLost, Some(vm), Some(site), detail);
-            }
-            _ => {}
-        }
     }
 
     async fn act_on_link(self: &Arc<Self>, w: &Wanted, action: LinkAction) -> Result<(), String> {
@@ -610,25 +568,5 @@ impl Agent {
             }
         }
         true
-    }
-
-    /// The links of the VMs running here, for `GET /v1/local`.
-    #[must_use]
-    pub fn mirror_links(&self) -> Vec<MirrorLinkView> {
-        let cap = Some(self.cfg.mirror.resync_max_mib_s).filter(|c| *c > 0);
-        lock(&self.mirroring)
-            .links
-            .iter()
-            .map(|((vm, disk, site), l)| MirrorLinkView {
-                vm: vm.clone(),
-                disk: *disk,
-                site: site.clone(),
-                server: l.server.clone(),
-                state: l.state.clone(),
-                compared: l.delta,
-                resync_cap_mib_s: cap,
-                pace: l.pace.and_then(|p| p.pace()).map(|p| crate::views::ResyncPaceView { kib_s: p.kib_s, left_s: p.left_s }),
-            })
-            .collect()
     }
 }
