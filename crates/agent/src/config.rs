@@ -167,6 +167,14 @@ pub struct MirrorConfig {
     pub resync_max_mib_s: u64,
 }
 
+impl MirrorConfig {
+    /// `resync_max_mib_s` as a cap: none when 0.
+    #[must_use]
+    pub fn resync_cap_mib_s(&self) -> Option<u64> {
+        Some(self.resync_max_mib_s).filter(|c| *c > 0)
+    }
+}
+
 impl Default for MirrorConfig {
     fn default() -> Self {
         MirrorConfig {

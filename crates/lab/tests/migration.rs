@@ -101,7 +101,9 @@ fn a_destinations_copy_is_listed_paused_from_its_start() -> Result<()> {
             let launch = VmLaunch { spec: spec.clone(), generation, check: always_start() };
             driver.prepare_incoming(&launch, &[], 0).await?;
             driver.kill(&spec.name)?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             while driver.list().iter().any(|v| v.exit.is_none()) {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "the killed copy did not exit within 10 s");
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             driver.forget(&spec.name);

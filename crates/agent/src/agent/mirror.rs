@@ -504,7 +504,7 @@ impl Agent {
             export: endpoint.export,
             stall: Duration::from_millis(self.cfg.mirror.stall_ms),
             bytes,
-            resync_cap: (self.cfg.mirror.resync_max_mib_s > 0).then(|| self.cfg.mirror.resync_max_mib_s << 20),
+            resync_cap: self.cfg.mirror.resync_cap_mib_s().map(|mib_s| mib_s << 20),
         };
         let first = self.driver.attach_mirror(vm, &to).await.map_err(|e| crate::api::chain(&e))?;
         let link = Link { generation: w.generation, server: server.clone(), state: LinkState::Resyncing { copied: 0, total: 0 }, delta: None, pace: None };

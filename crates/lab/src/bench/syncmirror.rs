@@ -66,7 +66,7 @@ pub fn run(writes: usize, delays_ms: &[u64]) -> Result<()> {
 /// QEMU with `disk0` on the local copy server at `served` (as the agent runs a mirrored disk's
 /// own copy) and node `direct` on the image `direct` opened by QEMU itself (as an unmirrored
 /// disk is).
-pub(super) async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<QemuProcess> {
+async fn launch(dir: &Path, served: &Path, direct: &Path) -> Result<QemuProcess> {
     let qmp_path = dir.join("q.qmp");
     let mut cmd = std::process::Command::new("qemu-system-x86_64");
     let nbd = format!("file.driver=nbd,file.server.type=unix,file.server.path={},file.export={}", served.display(), tandem_drivers::localcopy::LOCAL_EXPORT);

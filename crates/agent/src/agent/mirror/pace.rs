@@ -2,6 +2,7 @@
 //! how long it needs at that pace for what is left (`/v1/local`'s links, `tandem vm mirrors`).
 //! Display only: no decision reads it.
 
+use crate::views::ResyncPaceView;
 use std::time::{Duration, Instant};
 
 /// A pace is told only once the resync has run this long (the first samples say little).
@@ -12,13 +13,6 @@ pub const MIN_PACE_WINDOW: Duration = Duration::from_secs(1);
 pub(super) struct ResyncPace {
     first: (u64, Instant),
     latest: (u64, u64, Instant),
-}
-
-/// The pace of a resync: KiB/s since it began, and seconds left at that pace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Pace {
-    pub kib_s: u64,
-    pub left_s: u64,
 }
 
 impl ResyncPace {
@@ -34,13 +28,13 @@ impl ResyncPace {
     /// The pace as of the latest sample (not of the moment asked: between two samples the
     /// count stands still while the clock runs); none before [`MIN_PACE_WINDOW`], while
     /// nothing was copied, or after a count that went back.
-    pub(super) fn pace(&self) -> Option<Pace> {
+    pub(super) fn pace(&self) -> Option<ResyncPaceView> {
         let ((first_copied, first_at), (copied, total, at)) = (self.first, self.latest);
         let elapsed = at.checked_duration_since(first_at).filter(|e| *e >= MIN_PACE_WINDOW)?;
         let moved = copied.checked_sub(first_copied).filter(|m| *m > 0)?;
         let per_s = moved as f64 / elapsed.as_secs_f64();
         let left = total.saturating_sub(copied) as f64 / per_s;
-        Some(Pace { kib_s: (per_s / 1024.0) as u64, left_s: left.ceil() as u64 })
+        Some(ResyncPaceView { kib_s: (per_s / 1024.0) as u64, left_s: left.ceil() as u64 })
     }
 }
 
@@ -59,7 +53,7 @@ mod tests {
         assert_eq!(p.pace(), None, "too early to tell");
         // 32 MiB in 2 s: 16 MiB/s; 58 MiB left: 4 s (rounded up).
         p.observe(42 << 20, 100 << 20, t0 + Duration::from_secs(2));
-        assert_eq!(p.pace(), Some(Pace { kib_s: 16 << 10, left_s: 4 }));
+        assert_eq!(p.pace(), Some(ResyncPaceView { kib_s: 16 << 10, left_s: 4 }));
         p.observe(100 << 20, 100 << 20, t0 + Duration::from_secs(3));
         assert_eq!(p.pace().map(|p| p.left_s), Some(0), "done");
         p.observe(5 << 20, 100 << 20, t0 + Duration::from_secs(4));

@@ -6,7 +6,7 @@ use super::pace::ResyncPace;
 use super::{Agent, Link, LinkKey};
 use crate::agent::lock;
 use crate::events::EventKind;
-use crate::views::{MirrorLinkView, ResyncPaceView};
+use crate::views::MirrorLinkView;
 use tandem_core::mirroring::LinkState;
 use tandem_drivers::copyrelay::DeltaStats;
 
@@ -65,7 +65,7 @@ impl Agent {
     /// The links of the VMs running here, for `GET /v1/local`.
     #[must_use]
     pub fn mirror_links(&self) -> Vec<MirrorLinkView> {
-        let cap = Some(self.cfg.mirror.resync_max_mib_s).filter(|c| *c > 0);
+        let cap = self.cfg.mirror.resync_cap_mib_s();
         lock(&self.mirroring)
             .links
             .iter()
@@ -77,7 +77,7 @@ impl Agent {
                 state: l.state.clone(),
                 compared: l.delta,
                 resync_cap_mib_s: cap,
-                pace: l.pace.and_then(|p| p.pace()).map(|p| ResyncPaceView { kib_s: p.kib_s, left_s: p.left_s }),
+                pace: l.pace.and_then(|p| p.pace()),
             })
             .collect()
     }
