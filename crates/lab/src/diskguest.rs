@@ -307,26 +307,70 @@ impl DiskGuestLab {
     }
 }
 
-/// Evidence that a QEMU guest's memory was corrupted under it, on `host`: its kernel's oops or
-/// panic on the serial console, or QEMU refusing a virtio ring whose index in guest memory lags
-/// its device state. Seen here only after live migrations under TCG with Debian's QEMU 7.2 (a
-/// few in a hundred; the guest then faults in timer or scheduler code, or stops answering),
+/// Evidence that a QEMU guest's memory was corrupted under it, as it now runs on `host`: its
+/// kernel's oops or panic on a serial console, or QEMU refusing a virtio ring whose index in guest
+/// memory lags its device state. Seen here only after live migrations under TCG with Debian's QEMU
+/// 7.2 (a few in a hundred; the guest then faults in timer or scheduler code, or stops answering),
 /// never with shared or local disks alone — a defect of the emulator's dirty-page tracking,
 /// not of ownership: every test that meets it still checks that one QEMU ran the VM at a time.
 /// After a switch to post-copy a guest that touches many missing pages at once sometimes hangs
 /// instead (its kernel reports RCU stalls 21 s later; seen under TCG only, never after pre-copy).
-/// Returns the first lines of the evidence.
+///
+/// The corrupted memory travels with the guest: a fault printed on the console of a host it ran on
+/// before it migrated (once on its way, or moments before) is its own fault too. So the consoles
+/// searched are the guest's lineage — `host`'s, then, while the one searched shows no boot of its
+/// own (a guest that arrived by migration prints nothing at start), the other hosts' from the
+/// latest written back, up to the one where it booted. A guest restarted cold is judged by its
+/// own console alone. Returns the first lines of the evidence.
 #[must_use]
 pub fn guest_memory_fault(lab: &Lab, host: &str, vm: &str) -> Option<String> {
-    let run = lab.root.join(host).join("run");
-    let serial = std::fs::read_to_string(run.join(format!("{vm}.serial"))).unwrap_or_default();
-    let stderr = std::fs::read_to_string(run.join(format!("{vm}.stderr"))).unwrap_or_default();
-    let oops = ["BUG: ", "general protection fault", "Kernel panic", "Oops", "rcu: INFO: rcu_preempt", "kthread starved"]
-        .iter()
-        .find_map(|m| serial.find(m))
-        .map(|at| &serial[at..]);
+    let run = |h: &str| lab.root.join(h).join("run");
+    let stderr = std::fs::read_to_string(run(host).join(format!("{vm}.stderr"))).unwrap_or_default();
     let ring = stderr.find("inconsistent with Host index").map(|at| &stderr[stderr[..at].rfind('\n').map_or(0, |n| n + 1)..]);
-    oops.or(ring).map(|text| text.lines().take(8).collect::<Vec<_>>().join("\n"))
+    if let Some(text) = ring {
+        return Some(first_lines(text));
+    }
+    let console = |h: &str| {
+        let path = run(h).join(format!("{vm}.serial"));
+        let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+        Some((written, std::fs::read_to_string(&path).unwrap_or_default()))
+    };
+    let mut earlier: Vec<(std::time::SystemTime, String)> = lab.hosts.iter().filter(|h| h.name != host).filter_map(|h| console(&h.name)).collect();
+    earlier.sort_by(|a, b| b.0.cmp(&a.0));
+    let consoles: Vec<String> = console(host).map(|(_, serial)| serial).into_iter().chain(earlier.into_iter().map(|(_, serial)| serial)).collect();
+    fault_in_lineage(&consoles).map(first_lines)
+}
+
+/// The first kernel fault on a guest's consoles, its current one first and the earlier ones from
+/// the latest written back, searched up to the first that shows a boot (the lineage's start).
+fn fault_in_lineage(consoles: &[String]) -> Option<&str> {
+    for serial in consoles {
+        if let Some(text) = kernel_fault(serial) {
+            return Some(text);
+        }
+        if booted_here(serial) {
+            return None;
+        }
+    }
+    None
+}
+
+/// The guest kernel's report of a fault on a serial console, from its first line on.
+fn kernel_fault(serial: &str) -> Option<&str> {
+    ["BUG: ", "general protection fault", "Kernel panic", "Oops", "rcu: INFO: rcu_preempt", "kthread starved"]
+        .iter()
+        .filter_map(|m| serial.find(m))
+        .min()
+        .map(|at| &serial[at..])
+}
+
+/// Whether a console shows a boot: the kernel's first messages or the test guest's ready line.
+fn booted_here(serial: &str) -> bool {
+    serial.contains("TANDEM-GUEST-READY") || serial.lines().any(|l| l.starts_with("[    0."))
+}
+
+fn first_lines(text: &str) -> String {
+    text.lines().take(8).collect::<Vec<_>>().join("\n")
 }
 
 /// The highest sequence number the guest's writer left on a raw image (its records: 512 bytes,
@@ -353,6 +397,21 @@ pub fn records(image: &Path) -> Result<std::collections::BTreeSet<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_memory_fault_is_found_along_the_migrations_back_to_the_boot_but_not_before_it() {
+        let boot = "[    0.331703] PCI: x\nTANDEM-GUEST-READY web0\n".to_string();
+        let oops = "[   12.424355] Oops: 0000 [#1]\n[   12.4] note: httpd[138] exited\n".to_string();
+        // Booted on one host, faulted after a move to a second, moved on to a third.
+        assert!(fault_in_lineage(&[String::new(), oops.clone(), boot.clone()]).is_some_and(|t| t.starts_with("Oops")));
+        // Faulted on its first host, moved twice since.
+        assert!(fault_in_lineage(&[String::new(), String::new(), format!("{boot}{oops}")]).is_some());
+        // Restarted cold where it runs now: an old incarnation's fault is not its own.
+        assert_eq!(fault_in_lineage(&[boot.clone(), oops.clone()]), None);
+        // Arrived by a move from a host where it booted and ran well.
+        assert_eq!(fault_in_lineage(&[String::new(), boot, oops]), None);
+        assert_eq!(fault_in_lineage(&[]), None);
+    }
 
     fn at(base: Instant, ms: u64) -> Instant {
         base + Duration::from_millis(ms)
