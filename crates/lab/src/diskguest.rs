@@ -336,7 +336,7 @@ pub fn guest_memory_fault(lab: &Lab, host: &str, vm: &str) -> Option<String> {
         Some((written, std::fs::read_to_string(&path).unwrap_or_default()))
     };
     let mut earlier: Vec<(std::time::SystemTime, String)> = lab.hosts.iter().filter(|h| h.name != host).filter_map(|h| console(&h.name)).collect();
-    earlier.sort_by(|a, b| b.0.cmp(&a.0));
+    earlier.sort_by_key(|c| std::cmp::Reverse(c.0));
     let consoles: Vec<String> = console(host).map(|(_, serial)| serial).into_iter().chain(earlier.into_iter().map(|(_, serial)| serial)).collect();
     fault_in_lineage(&consoles).map(first_lines)
 }
