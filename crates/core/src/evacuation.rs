@@ -227,7 +227,7 @@ pub fn next_moves_except(s: &ClusterState, given_up: &BTreeMap<String, u32>) -> 
 /// Why no host may take `vm` live now.
 fn no_live_target(s: &ClusterState, vm: &str) -> String {
     if s.vms.get(vm).is_some_and(|v| v.spec.site_mirrored()) {
-        return "its disks are mirrored between sites: it moves live only within its site, and no other host of its site may take it now".into();
+        return "its disks are mirrored between sites: it moves live to a host of its site, or of a site whose copy is current (its mirror in sync), and none may take it now".into();
     }
     crate::recovery::waiting_reason(s, vm, s.active_hosts()).unwrap_or_else(|| "no host may take it now".into())
 }

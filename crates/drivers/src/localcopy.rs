@@ -16,11 +16,13 @@
 //! other site — holds a *claim* on it, an open-file-description lock on one byte of the image
 //! ([`CLAIM_BYTE`], past QEMU's own lock bytes), which the kernel releases only when the last
 //! process holding it has exited. A local copy server inherits its claim (so a stuck one keeps
-//! it); the copy server's is held by the agent (the copy server dies with it). A VM starting on
-//! the copy takes it sole (no other holder, on any host of the site whose storage shares the
-//! lock), then shares it; the destination of a live migration within the site shares it with
-//! the source; the copy server takes it exclusive. (QEMU's own image locks cannot say this: an
-//! NBD export shares every permission, so two exports of an image never conflict.)
+//! it); the copy server's is held by the agent (the copy server dies with it). A server that
+//! begins to write a copy — a VM starting on it, a way back into it, the copy server — takes it
+//! sole (no other holder, on any host of the site whose storage shares the lock), then shares
+//! it with one kind of joiner only: a live migration's destination, which shares it with the
+//! server its source writes through (the source's own local copy server within the site; the
+//! copy server its mirror writes through, from another site). (QEMU's own image locks cannot
+//! say this: an NBD export shares every permission, so two exports of an image never conflict.)
 
 use crate::launcher::Launcher;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -68,13 +70,13 @@ pub enum LocalCopyError {
 /// How a server claims a copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClaimKind {
-    /// A VM starting on the copy: no other server may hold it; then shared with the
-    /// destination of a live migration.
+    /// A server that begins to write the copy (a VM's start, a way back, the copy server): no
+    /// other server may hold it; then shared with the destination of a live migration.
     Sole,
-    /// The destination of a live migration within the site: shared with the source's.
+    /// The destination of a live migration: shared with the server the source writes the copy
+    /// through until the switchover (its local copy server, or the copy server of the site the
+    /// VM moves to).
     Shared,
-    /// The copy server: no other server, and none after it while it serves.
-    Exclusive,
 }
 
 /// A claim on a copy, held while this value (or a process that inherited it) lives.
@@ -279,9 +281,8 @@ pub fn client_of(nodes: &serde_json::Value, socket: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// Claims on one image: a sole claim excludes any other holder and then shares with a
-    /// migration's destination; an exclusive claim (the copy server) excludes everyone; a
-    /// claim goes with its holder.
+    /// Claims on one image: a sole claim (a VM's start, the copy server) excludes any other
+    /// holder and then shares with a migration's destination only; a claim goes with its holder.
     #[tokio::test]
     async fn claims_exclude_each_other_as_their_kinds_say() {
         let scratch = crate::testdir::TestDir::new("tandem-claims");
@@ -290,15 +291,17 @@ mod tests {
         std::fs::write(&image, [0u8; 4096]).expect("image");
         let held = |r: Result<CopyClaim, LocalCopyError>| matches!(r, Err(LocalCopyError::Held { .. }));
         let vm = claim(&image, ClaimKind::Sole).await.expect("a sole claim on a free copy");
-        assert!(held(claim(&image, ClaimKind::Sole).await), "a second start on the copy");
-        assert!(held(claim(&image, ClaimKind::Exclusive).await), "the copy server while a VM runs on it");
+        assert!(held(claim(&image, ClaimKind::Sole).await), "a second start on the copy, or the copy server while a VM runs on it");
         let destination = claim(&image, ClaimKind::Shared).await.expect("a migration's destination shares it");
         drop(vm);
         assert!(held(claim(&image, ClaimKind::Sole).await), "the destination still holds it");
         drop(destination);
-        let server = claim(&image, ClaimKind::Exclusive).await.expect("free again");
-        assert!(held(claim(&image, ClaimKind::Shared).await), "nothing joins the copy server");
+        let server = claim(&image, ClaimKind::Sole).await.expect("free again: the copy server takes it");
+        assert!(held(claim(&image, ClaimKind::Sole).await), "no VM starts on a copy being served");
+        let destination = claim(&image, ClaimKind::Shared).await.expect("a live move to the copy's site joins the copy server");
         drop(server);
+        assert!(held(claim(&image, ClaimKind::Sole).await), "the destination, now running, still holds it");
+        drop(destination);
         assert!(claim(&image, ClaimKind::Sole).await.is_ok());
         let missing = claim(&dir.join("none.img"), ClaimKind::Sole).await;
         assert!(matches!(missing, Err(LocalCopyError::Open { .. })), "{missing:?}");

@@ -6,8 +6,8 @@
 use super::*;
 
 impl Sim {
-    /// A live migration of a running VM between two up hosts, with one fault drawn for a random
-    /// instant of it (or none). Whatever happens, the driver's checks catch two running copies
+    /// A live migration of a running VM between two up hosts (of one site or two), with one fault
+    /// drawn for a random instant of it (or none). Whatever happens, the driver's checks catch two running copies
     /// and a resume from stale memory; without a fault the migration must complete.
     pub(super) async fn live_migration(&mut self, kind: FaultKind, now: u64, until: u64, hold: Duration) {
         let w = Arc::clone(&self.world);
@@ -24,10 +24,15 @@ impl Sim {
         };
         let others: Vec<u32> = up.iter().copied().filter(|h| *h != from).collect();
         let Some(to) = others.get(self.rand(others.len().max(1) as u64) as usize).copied() else { return };
-        let variant = self.rand(6);
-        let delay = Duration::from_millis(self.rand(900));
+        // With sites, the source's site storage may also fail under the move (its mirrored
+        // disks switch to another site's copy meanwhile, which may be the destination's).
+        let source_site = self.site_of(from).map(|(site, _)| site);
+        let variant = self.rand(if source_site.is_some() { 7 } else { 6 });
+        // The source's storage fails early enough for its disks to switch while memory moves.
+        let delay = Duration::from_millis(self.rand(if variant == 6 { 200 } else { 900 }));
         let leader = self.leader().await;
-        let what = ["none", "cancel", "source power loss", "destination power loss", "link cut", "leader power loss"][variant as usize];
+        let what =
+            ["none", "cancel", "source power loss", "destination power loss", "link cut", "leader power loss", "source site storage loss"][variant as usize];
         w.log(format!("FAULT {kind}: {vm} from h{from} to h{to}; then {what} after {delay:?}"));
         let req = tandem_agent::views::MigrateRequest { to: Some(format!("h{to}")), force: true };
         let r = self.send(from, "POST", &format!("/v1/vms/{vm}/migrate"), &req).await;
@@ -65,6 +70,13 @@ impl Sim {
                 self.run_for(hold).await;
                 lock(&w.cond).blocked.clear();
                 w.log(format!("HEAL {kind}: link h{from}-h{to}"));
+            }
+            6 => {
+                let site = source_site.unwrap_or_default();
+                lock(&w.storage_down).insert(site.clone());
+                self.run_for(hold).await;
+                lock(&w.storage_down).remove(&site);
+                w.log(format!("HEAL {kind}: site {site}'s storage"));
             }
             _ => {}
         }

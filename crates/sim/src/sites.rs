@@ -20,7 +20,7 @@ impl Sim {
     }
 
     /// The site of `host`'s choosing (the drawn target's), or the first one.
-    fn site_of(&self, host: u32) -> Option<(String, Vec<u32>)> {
+    pub(super) fn site_of(&self, host: u32) -> Option<(String, Vec<u32>)> {
         let sites = self.site_members();
         let site = self.opts.sites.get(host as usize).cloned();
         sites.iter().find(|(s, _)| Some(s) == site.as_ref()).or(sites.first()).cloned()

@@ -377,6 +377,35 @@ fn site_faults_restart_a_lost_sites_vms_and_run_nothing_twice() {
     }
 }
 
+/// Live moves of VMs whose disks are mirrored between sites (one in four of the simulator's
+/// with sites: `vm1`, `vm5`): within a site, and to another site whose copy is current — with
+/// two hosts at two sites every move crosses — under the migration faults, the source's site
+/// storage failing among them. Seed 6157 (five hosts, sites a, a, b, b, w): b's storage failed
+/// as a VM moved within b; its source switched onto a's copy, and the switchover to the other
+/// host of b — which had opened b's copy, stale from that switch on — was committed as a
+/// placement at a stale copy, which every host's apply refuses by panicking. The switchover
+/// is now refused and the source aborts the move at once.
+#[test]
+fn mirrored_vms_move_live_within_and_across_sites_and_never_onto_a_stale_copy() {
+    let names = |s: &[&str]| s.iter().map(|x| (*x).to_string()).collect::<Vec<_>>();
+    let o = SimOptions { hosts: 5, late_hosts: 0, sites: names(&["a", "a", "b", "b", "w"]), only: Some(FaultKind::LiveMigration), ..opts(6157, 60) };
+    let r = run(&o);
+    assert!(r.violations.is_empty(), "seed 6157: {:#?}", r.violations);
+    assert!(r.trace.iter().any(|l| l.contains("then source site storage loss")), "the source's storage fails under a move");
+    let mut across = 0;
+    for seed in 1..=4 {
+        let o = SimOptions { hosts: 2, late_hosts: 0, disk_witness: true, sites: names(&["a", "b"]), only: Some(FaultKind::LiveMigration), ..opts(seed, 60) };
+        let r = run(&o);
+        assert!(r.violations.is_empty(), "seed {seed}, two hosts at two sites: {:#?}", r.violations);
+        across += r
+            .trace
+            .iter()
+            .filter(|l| l.contains("event migration-completed: vm1 moved live") || l.contains("event migration-completed: vm5 moved live"))
+            .count();
+    }
+    assert!(across >= 2, "mirrored VMs moved live across sites: {across}");
+}
+
 /// The link between two sites broken one way (`site-link-one-way`, drawn only on request):
 /// five hosts in sites a, a, b, b, w, and two sites of one host each with a disk witness (whose
 /// VMs' disks are mirrored between them). One side stands, nothing runs twice, no start is

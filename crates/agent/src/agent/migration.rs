@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_core::state::{Applied, Assignment, Command, VmPhase};
+use tandem_core::state::{Applied, Assignment, Command, StateError, VmPhase};
 use tandem_drivers::diskcopy::LocalDiskSize;
 use tandem_drivers::migration::{MigrationProgress, MigrationReport, MigrationTarget};
 use tracing::Instrument;
@@ -271,6 +271,14 @@ impl Agent {
         }
     }
 
+    /// Whether `name`'s migration under way leaves a host of another site than this one.
+    fn moves_across_sites(&self, name: &str) -> bool {
+        self.consensus.with_state(|s| {
+            let site = |h| s.hosts.get(&h).and_then(|r| r.site.clone());
+            s.migrations().find(|(n, _, _)| *n == name).is_some_and(|(_, from, _)| site(from.host) != site(self.me))
+        })
+    }
+
     /// Whether committed state still migrates `name` to `generation`.
     fn still_migrating(&self, name: &str, generation: u64) -> bool {
         self.consensus.with_state(|s| s.vms.get(name).and_then(|v| v.migrating_to()).is_some_and(|t| t.generation == generation))
@@ -286,6 +294,12 @@ impl Agent {
             let cmd = self.consensus.with_state(|s| s.switchover_command(name, to.generation));
             match self.submit(cmd).await {
                 Ok(Ok(Applied::Migrated { .. })) => return,
+                // The destination's copy of a mirrored disk was left behind while the memory
+                // moved: no retry can help, and the guest waits paused — abort at once.
+                Ok(Err(e @ StateError::StaleCopy { .. })) if !abort_proposed => {
+                    abort_proposed = true;
+                    self.propose_abort(name, to.generation, &format!("the switchover was refused: {e}")).await;
+                }
                 Ok(other) => tracing::debug!("switchover of {name} refused: {other:?}"),
                 Err(e) => tracing::warn!("switchover of {name} not committed yet: {e}"),
             }
@@ -398,6 +412,11 @@ impl Agent {
         }
         if !self.may_start_vms() {
             return Err("this host may not start VMs now (not joined, fenced or without its lease)".into());
+        }
+        if spec.site_mirrored() && !self.cfg.mirror.local_copy_servers && self.moves_across_sites(&req.name) {
+            // QEMU would open this site's copy itself at the switchover while this site's copy
+            // server still holds it for the source's mirror: the resume would fail, a restart.
+            return Err("a VM with mirrored disks moves here from another site only through local copy servers ([mirror] local_copy_servers)".into());
         }
         let check = self.start_check_as(&spec, req.generation, super::fencing::StartKind::Incoming);
         let launch = tandem_drivers::VmLaunch { spec, generation: req.generation, check };

@@ -26,37 +26,31 @@ impl ClusterState {
     }
 
     /// Where `name` would go if no destination is named: of the hosts that may take it now
-    /// (active, normal mode, room, hard rules), the one with the most free memory (the lowest id
-    /// among equals). `None` when none may.
+    /// (active, normal mode, room, hard rules, and for disks mirrored between sites a current
+    /// copy at the host's site), the one with the most free memory (the lowest id among
+    /// equals) — for a mirrored VM, a host of its own site first: a move there keeps both
+    /// copies current, one to another site leaves the copy it ran on behind until the mirror
+    /// from the new site catches it up. `None` when none may.
     #[must_use]
     pub fn migration_target(&self, name: &str) -> Option<HostId> {
         let vm = self.vms.get(name)?;
         let from = vm.assignment()?.host;
         let demand = vm.spec.demand();
+        let site_of = |h: HostId| self.hosts.get(&h).and_then(|r| r.site.as_ref());
+        let same_site = |h: HostId| vm.spec.site_mirrored() && site_of(h) == site_of(from);
         self.hosts
             .values()
-            .filter(|h| h.id != from && self.live_move_refusal(vm, from, h.id).is_none() && self.check_target(name, h.id, demand).is_ok())
-            .max_by_key(|h| (h.capacity.memory_mib.saturating_sub(self.used(h.id).memory_mib), std::cmp::Reverse(h.id)))
+            .filter(|h| h.id != from && self.check_target(name, h.id, demand).is_ok())
+            .max_by_key(|h| (same_site(h.id), h.capacity.memory_mib.saturating_sub(self.used(h.id).memory_mib), std::cmp::Reverse(h.id)))
             .map(|h| h.id)
     }
 
     /// Whether `name` could migrate to `host` now (placement checks only: active, normal mode,
-    /// room, hard rules; not where it already is).
+    /// room, hard rules, a current copy there; not where it already is).
     #[must_use]
     pub fn may_take(&self, name: &str, host: HostId) -> bool {
         let Some(vm) = self.vms.get(name) else { return false };
-        vm.assignment().is_some_and(|a| a.host != host && self.live_move_refusal(vm, a.host, host).is_none())
-            && self.check_target(name, host, vm.spec.demand()).is_ok()
-    }
-
-    /// Why `vm` may not move live from `from` to `to` for what it is (placement aside): a VM
-    /// whose disks are mirrored between sites moves only within its site — its mirror writes
-    /// the other site's copy, which a destination there would run on (two writers).
-    #[must_use]
-    pub fn live_move_refusal(&self, vm: &VmRecord, from: HostId, to: HostId) -> Option<String> {
-        let site_of = |h: HostId| self.hosts.get(&h).and_then(|r| r.site.clone());
-        (vm.spec.site_mirrored() && site_of(from) != site_of(to))
-            .then(|| "its disks are mirrored between sites: it moves live only within its site".to_string())
+        vm.assignment().is_some_and(|a| a.host != host) && self.check_target(name, host, vm.spec.demand()).is_ok()
     }
 
     /// A planner's step (on a copy): the migration of `name` to `to` begins, unjudged by
@@ -87,9 +81,6 @@ impl ClusterState {
         };
         if from.host == to {
             return refuse(format!("it already runs on {to}"));
-        }
-        if let Some(why) = self.live_move_refusal(vm, from.host, to) {
-            return refuse(why);
         }
         if self.hosts.get(&from.host).is_none_or(|h| h.status != HostStatus::Active) {
             return refuse(format!("its host {} is not active", from.host));
@@ -137,6 +128,13 @@ impl ClusterState {
         // ended the migration, so this cannot happen — checked all the same.
         if self.hosts.get(&to.host).is_none_or(|h| h.status != HostStatus::Active) {
             return Err(StateError::HostNotActive(to.host));
+        }
+        // A mirrored disk's copy at the destination's site may have been left behind while the
+        // memory moved (the source switched onto another site's copy when its storage failed):
+        // the destination opened that copy, so it must not take over — the source aborts and
+        // goes on where the writes are.
+        if !self.copy_current_on(vm, to.host) {
+            return Err(StateError::StaleCopy { vm: name.to_string(), host: to.host, current: vm.copies.join(", ") });
         }
         let vm = self.vm_mut(name)?;
         vm.end_migration(true);

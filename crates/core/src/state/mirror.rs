@@ -220,23 +220,68 @@ mod tests {
         assert!(s.copies_to_leave_behind("db", HostId(0)).is_empty(), "b's copy is never left behind by a start at a");
     }
 
-    /// Live moves stay within the site: an evacuation takes the VM to the other host of its
-    /// site, or says why it cannot move; a move to the other site is refused.
+    /// Live moves go within the site first: an evacuation takes the VM to the other host of its
+    /// site; with none there, to the other site while its copy is current (the mirror in
+    /// sync), and nowhere while it is not. A move to the other site leaves the copy at the
+    /// site left behind until the mirror from the new site catches it up.
     #[test]
-    fn a_mirrored_vm_moves_live_only_within_its_site() {
+    fn a_mirrored_vm_moves_live_within_its_site_first_then_to_a_site_whose_copy_is_current() {
         let mut s = two_sites();
         s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
         s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
-        assert!(matches!(
-            s.apply(&Command::StartMigration { name: "db".into(), to: HostId(2), force: true, evacuation: false }),
-            Err(StateError::NotMigratable { .. })
-        ));
+        let g = generation(&s);
+        let to_b = Command::StartMigration { name: "db".into(), to: HostId(2), force: true, evacuation: false };
+        assert!(matches!(s.clone().apply(&to_b), Err(StateError::StaleCopy { .. })), "b's copy is not current yet");
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        // Site b's host 2 has the most free memory: the other host of site a is chosen all the same.
+        s.apply(&Command::CreateVm { spec: VmSpec::process("filler", 2048, 0, &["true"]) }).expect("filler");
+        s.apply(&Command::SetPower { name: "filler".into(), desired: PowerState::Running, force: true }).expect("start");
+        s.apply(&Command::Assign { name: "filler".into(), host: HostId(1) }).expect("assign");
         let plan = crate::evacuation::evacuation_plan(&s, HostId(0));
         assert_eq!(plan, vec![("db".to_string(), Ok(HostId(1)))], "the other host of site a");
         s.apply(&Command::SetHostMode { host: HostId(1), mode: HostMode::Maintenance, force: true }).expect("mode");
         let plan = crate::evacuation::evacuation_plan(&s, HostId(0));
-        assert!(matches!(&plan[..], [(vm, Err(why))] if vm == "db" && why.contains("within its site")), "{plan:?}");
+        assert_eq!(plan, vec![("db".to_string(), Ok(HostId(2)))], "site b, whose copy is current");
+        let Applied::MigrationStarted { to, .. } = s.apply(&to_b).expect("a move to site b") else { panic!("not started") };
+        let switchover = s.switchover_command("db", to.generation);
+        s.apply(&switchover).expect("switchover");
+        assert_eq!(s.vms["db"].copies, vec!["b".to_string()], "site a's copy is left behind until the mirror from b catches it up");
+        // Back to a: not before a's copy is current again.
+        let back = Command::StartMigration { name: "db".into(), to: HostId(0), force: true, evacuation: false };
+        assert!(matches!(s.clone().apply(&back), Err(StateError::StaleCopy { .. })));
+        assert_eq!(s.migration_target("db"), Some(HostId(3)), "the other host of site b");
+        s.apply(&Command::SetHostMode { host: HostId(3), mode: HostMode::Maintenance, force: true }).expect("mode");
         assert_eq!(s.migration_target("db"), None);
+        let plan = crate::evacuation::evacuation_plan(&s, HostId(2));
+        assert!(matches!(&plan[..], [(vm, Err(why))] if vm == "db" && why.contains("whose copy is current")), "{plan:?}");
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: to.generation, site: "a".into() }).expect("synced");
+        assert_eq!(s.migration_target("db"), Some(HostId(0)));
+    }
+
+    /// A live move within site a while the source's storage fails: the source switches onto
+    /// b's copy (then the only current one), so the destination at site a — which opened a's
+    /// copy, stale from that commit on — must not take the VM over: the switchover is refused
+    /// (the source aborts the move and goes on), never applied to every host as a placement
+    /// at a stale copy.
+    #[test]
+    fn a_switchover_onto_a_copy_that_became_stale_during_the_move_is_refused() {
+        let mut s = two_sites();
+        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
+        let g = generation(&s);
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        let Applied::MigrationStarted { to, .. } =
+            s.apply(&Command::StartMigration { name: "db".into(), to: HostId(1), force: true, evacuation: false }).expect("starts")
+        else {
+            panic!("not started")
+        };
+        s.apply(&Command::MirrorSwitched { name: "db".into(), generation: g, site: "b".into() }).expect("switched");
+        let switchover = s.switchover_command("db", to.generation);
+        assert!(matches!(s.apply(&switchover), Err(StateError::StaleCopy { .. })), "the destination's copy is stale");
+        assert_eq!(s.vms["db"].migrating_to(), Some(to), "still the source's until it aborts");
+        s.apply(&Command::MigrationAbort { name: "db".into(), generation: to.generation, reason: "stale".into() }).expect("abort");
+        assert_eq!(s.vms["db"].assignment().map(|a| a.host), Some(HostId(0)));
+        assert_eq!(s.vms["db"].copies, vec!["b".to_string()]);
     }
 
     #[test]

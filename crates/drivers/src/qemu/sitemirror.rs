@@ -53,11 +53,13 @@ impl QemuDriver {
             *server = Some(crate::sitecopy::CopyServer::start(&cfg, &self.launcher).await?);
         }
         let running = server.as_ref().ok_or(DriverError::Unsupported { driver: "qemu", what: "start its copy server" })?;
-        // No other server of the copy, and none while it is served — a VM's local copy server
-        // stuck in storage that hung included, whose late writes would land behind the mirror.
+        // No other server of the copy — a VM's local copy server stuck in storage that hung
+        // included, whose late writes would land behind the mirror —, and while it is served
+        // none but the destination of a live move of the VM to this site (which runs on this
+        // copy once the source, paused, has written its last through this server).
         let claimed = self.claims().contains_key(export);
         if !claimed {
-            let claim = crate::localcopy::claim(&path, crate::localcopy::ClaimKind::Exclusive).await?;
+            let claim = crate::localcopy::claim(&path, crate::localcopy::ClaimKind::Sole).await?;
             self.claims().insert(export.to_string(), claim);
         }
         if let Err(e) = running.serve(export, &path).await {
