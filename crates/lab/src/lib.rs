@@ -18,4 +18,5 @@ pub mod progress;
 pub mod qemuproc;
 pub mod scratch;
 pub mod sim;
+pub mod sitelab;
 pub mod testca;

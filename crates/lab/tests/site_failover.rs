@@ -13,33 +13,15 @@
 //!   goes on on b's copy in the same QEMU — no restart — and comes back when the storage does.
 
 use anyhow::{anyhow, Result};
-use serde_json::json;
 use std::time::{Duration, Instant};
-use tandem_agent::views::{ForceRequest, LocalView, VmView};
+use tandem_agent::views::{LocalView, VmView};
 use tandem_core::mirroring::LinkState;
-use tandem_core::state::{DiskSpec, NetworkSpec, Protection, ServiceProbe};
-use tandem_lab::bench::migration::{doubly_running, test_guest};
-use tandem_lab::bench::twohosts::{network_witness_options, two_host_options};
-use tandem_lab::delayrelay::DelayRelay;
-use tandem_lab::demo::{http_get, wait};
+use tandem_lab::bench::migration::doubly_running;
+use tandem_lab::demo::wait;
 use tandem_lab::diskguest::{highest_record, judge, SeqWatch};
 use tandem_lab::fusedisk::{FuseDisk, ViewMode};
 use tandem_lab::lab::Lab;
-use tandem_lab::netlab::{can_use_namespaces, NetLab, VM_BRIDGE};
-use tandem_lab::scratch::ScratchDir;
-
-const DISK_BYTES: u64 = 64 << 20;
-
-/// Runs `scenario` with the sites' storage in a scratch directory, where namespaces can be made
-/// and the test guest is present.
-fn with_sites(name: &str, scenario: impl FnOnce(&std::path::Path, &std::path::Path) -> Result<()>) -> Result<()> {
-    if !can_use_namespaces() {
-        return Ok(());
-    }
-    let Some(guest) = test_guest() else { return Ok(()) };
-    let storage = ScratchDir::new(name, &["site-a", "site-b"])?;
-    scenario(storage.path(), &guest)
-}
+use tandem_lab::sitelab::{copies_are, start_site_lab, with_sites, witness_holders, SiteLab, SiteLabSpec, WitnessAt, DISK_BYTES};
 
 #[test]
 fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_every_acknowledged_write() -> Result<()> {
@@ -450,187 +432,6 @@ fn cut_scenario(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteL
     eprintln!("{verdict:?}");
     assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
     Ok(())
-}
-
-/// How a test's two-site lab is made.
-struct SiteLabSpec {
-    /// The namespaces' prefix, and the loopback net (unique per test).
-    prefix: &'static str,
-    loopback_net: u8,
-    witness: WitnessAt,
-    /// Site a's copy a FUSE view that the test can make fail.
-    fuse_a: bool,
-    /// The one-way inter-site delay of the mirrors' traffic (the lab's delay relay in the third
-    /// place, each host's copy server advertised there).
-    delay: Option<Duration>,
-    /// The agents on `[tls]` (a test CA naming both hosts' addresses): the copies cross over TLS.
-    tls: bool,
-    /// More of the hosts' `[mirror]` table.
-    mirror_extra: &'static str,
-}
-
-impl SiteLabSpec {
-    fn new(prefix: &'static str, loopback_net: u8, witness: WitnessAt) -> SiteLabSpec {
-        SiteLabSpec { prefix, loopback_net, witness, fuse_a: false, delay: None, tls: false, mirror_extra: "" }
-    }
-}
-
-/// The first port of the delay relays in the third place (one per host).
-const DELAY_PORT: u16 = 10_950;
-
-/// The two-site lab with the guest running at site a, its mirror into b's copy in sync.
-struct SiteLab {
-    lab: Lab,
-    net: NetLab,
-    /// The inter-site delay relays and the runtime that carries them (dropped after the lab).
-    _delay: Option<(tokio::runtime::Runtime, Vec<DelayRelay>)>,
-    seq: SeqWatch,
-    image_a: std::path::PathBuf,
-    /// Site a's storage, when it is a FUSE view that can be made to fail (dropped last: after
-    /// the agents and their QEMU).
-    fuse_a: Option<FuseDisk>,
-}
-
-fn copies_are(c: &tandem::client::Client, want: &[&str]) -> Option<VmView> {
-    let vm: VmView = c.get_as("/v1/vms/db").ok()?;
-    (vm.copies == want).then_some(vm)
-}
-
-/// The third vote, and which host holds it when the lab starts (the holder keeps it while it
-/// lives).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum WitnessAt {
-    /// A disk witness beside the heartbeat disk, held by whichever host claims it first.
-    First,
-    /// A disk witness held by site b's host: started alone until it holds the witness.
-    SiteB,
-    /// A network witness (`tandem witness`) in a third place — the lab's control namespace,
-    /// which both sites reach — and no shared storage at all.
-    ThirdPlace,
-}
-
-/// The hosts that took the disk witness, in order.
-fn witness_holders(lab: &Lab) -> Vec<String> {
-    lab.events().into_iter().filter(|e| e.kind.to_string() == "witness-held").filter_map(|e| e.subject).collect()
-}
-
-/// With `fuse_a`, site a's copy is a FUSE view of a file beside (`site-a/db.raw` a link to it),
-/// so that the test can make site a's storage fail under the guest.
-fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteLabSpec) -> Result<SiteLab> {
-    let SiteLabSpec { prefix, loopback_net, witness, .. } = *spec;
-    let image_a = storage.join("site-a/db.raw");
-    let fuse_a = if spec.fuse_a {
-        let backing = storage.join("site-a-storage.raw");
-        std::fs::File::create(&backing)?.set_len(DISK_BYTES)?;
-        let mount = storage.join("site-a-fuse");
-        std::fs::create_dir_all(&mount)?;
-        let fuse = FuseDisk::mount(&backing, &mount, 1)?;
-        std::os::unix::fs::symlink(fuse.path(0), &image_a)?;
-        Some(fuse)
-    } else {
-        std::fs::File::create(&image_a)?.set_len(DISK_BYTES)?;
-        None
-    };
-    let image_b = storage.join("site-b/db.raw");
-    let mut net = NetLab::create(&format!("{prefix}{}", std::process::id() % 10_000), 2)?;
-    net.add_vm_network()?;
-    net.enter_control()?;
-    let mut opts = if witness == WitnessAt::ThirdPlace {
-        network_witness_options(loopback_net, Some(net.lab_hosts()), &format!("{}:7463", net.control_ip()))
-    } else {
-        two_host_options(loopback_net, Some(net.lab_hosts()))
-    };
-    opts.driver = "qemu".into();
-    opts.capacity = (4, 2048);
-    opts.sites = vec!["a".into(), "b".into()];
-    opts.extra_config = format!(
-        "[qemu]\naccel = \"tcg\"\nmachine = \"microvm\"\nstop_timeout_s = 5\nbridges = [\"{VM_BRIDGE}\"]\nsite_disk_dir = \"{}/site-{{site}}\"\n[mirror]\nstall_ms = 1000\n{}",
-        storage.display(),
-        spec.mirror_extra
-    );
-    // The inter-site delay: each host's copy server reached through a delay relay in the third
-    // place (the control namespace, where this test runs).
-    let delay = match spec.delay {
-        Some(d) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-            let mut relays = Vec::new();
-            for i in 0..2 {
-                let listen = format!("{}:{}", net.control_ip(), DELAY_PORT + i as u16);
-                relays.push(rt.block_on(DelayRelay::start(&listen, &format!("{}:10930", net.host_ip(i)), d))?);
-            }
-            opts.extra_config.push_str(&format!("advertise = \"{}:1095{{index}}\"\n", net.control_ip()));
-            Some((rt, relays))
-        }
-        None => None,
-    };
-    // After `[mirror]` (the delay's `advertise` goes there).
-    if spec.tls {
-        let ca = storage.join("ca");
-        tandem_lab::testca::make_ca(&ca, "tandem site test CA", &[net.host_ip(0), net.host_ip(1)])?;
-        opts.extra_config.push_str(&tandem_lab::testca::tls_table(&ca));
-        opts.ca = Some(ca.join("ca.pem"));
-    }
-    let mut lab = Lab::new(opts, &tandem_lab::lab::tandem_binary()?)?;
-    if witness == WitnessAt::ThirdPlace {
-        lab.start_witness()?;
-    }
-    if witness == WitnessAt::SiteB {
-        lab.start(1)?;
-        wait("site b's host to hold the witness", Duration::from_secs(60), || (witness_holders(&lab) == ["h1"]).then_some(()))?;
-        lab.start(0)?;
-    } else {
-        lab.start_all()?;
-    }
-    lab.form_cluster()?;
-    let c = lab.client(0);
-    // The third vote in place before anything is lost.
-    wait("the witness to vote", Duration::from_secs(60), || {
-        let st: tandem_agent::views::StatusView = c.get_as("/v1/status").ok()?;
-        st.consensus.voters.contains(&tandem_core::witness::WITNESS_NODE).then_some(())
-    })?;
-    // The guest starts at site a: site b's host in maintenance meanwhile.
-    c.post("/v1/hosts/h1/mode", &json!({ "mode": "maintenance" })).map_err(|e| anyhow!("{e}"))?;
-    let ip = NetLab::vm_ip(0);
-    let bare = ip.split('/').next().unwrap_or_default().to_string();
-    let mut spec = tandem_lab::demo::demo_vm(0, "qemu", guest);
-    spec.name = "db".into();
-    spec.memory_mib = 128;
-    spec.protection = Protection::Protect;
-    spec.disks = vec![DiskSpec { path: "db.raw".into(), format: Some("raw".into()), readonly: false, local: false, mirror: true }];
-    spec.network = Some(NetworkSpec::Bridge { bridge: VM_BRIDGE.into(), mac: "52:54:00:18:00:68".into(), address: Some(ip) });
-    spec.probe = Some(ServiceProbe::Http { address: format!("{bare}:80"), path: "/seq".into(), expect: None });
-    c.send("POST", "/v1/vms", &spec).map_err(|e| anyhow!("create: {e}"))?;
-    c.send("POST", "/v1/vms/db/start", &ForceRequest::default()).map_err(|e| anyhow!("start: {e}"))?;
-    let addr = format!("{bare}:80");
-    wait("the guest's writer to answer", Duration::from_secs(120), || http_get(&addr, "/seq", Duration::from_millis(400)))?;
-    c.post("/v1/hosts/h1/mode", &json!({ "mode": "normal" })).map_err(|e| anyhow!("{e}"))?;
-    let seq = SeqWatch::start(&addr);
-    // The mirror into site b's copy catches up, and committed state counts both copies.
-    wait("both copies current", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
-    let local: LocalView = c.get_as("/v1/local").map_err(|e| anyhow!("{e}"))?;
-    assert!(local.mirrors.iter().any(|m| m.vm == "db" && m.site == "b" && m.state == LinkState::InSync), "{:?}", local.mirrors);
-    if let Some((_, relays)) = &delay {
-        // The mirror reaches site b's copy through the delay, at the address h1 advertised.
-        assert!(relays[1].relayed() > 0, "the mirror into site b's copy did not go through the inter-site delay");
-    }
-    // The operator's view: `tandem vm mirrors`.
-    let mut cli = std::process::Command::new(tandem_lab::lab::tandem_binary()?);
-    cli.args(["--api", &lab.hosts[1].api, "--token", &lab.token()]);
-    if let Some(ca) = &lab.opts.ca {
-        cli.arg("--ca").arg(ca);
-    }
-    let out = cli.args(["vm", "mirrors", "db"]).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("current copies: a, b") && text.contains("site b (served by h1): in sync"), "{text}");
-    let metrics = c.get("/metrics").map_err(|e| anyhow!("{e}"))?.as_str().unwrap_or_default().to_string();
-    assert!(metrics.contains("tandem_mirror_state{vm=\"db\",disk=\"0\",site=\"b\",state=\"in-sync\"} 1"), "{metrics}");
-    for _ in 0..5 {
-        let acknowledged = seq.highest();
-        let there = highest_record(&image_b)?.unwrap_or(0);
-        assert!(there >= acknowledged, "site b's copy holds {there}, the guest acknowledged {acknowledged}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(SiteLab { lab, net, _delay: delay, seq, image_a, fuse_a })
 }
 
 /// What becomes of site a after its power loss.
