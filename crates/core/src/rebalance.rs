@@ -9,8 +9,10 @@
 //! on any host that can take them all. Then memory: while the most and the least used hosts (in
 //! percent of their memory) are more than [`BALANCE_TOLERANCE_PCT`] apart, the VM whose move
 //! narrows that gap most moves from the one to the other — never a VM that a rule ties to its
-//! host, that is migrating, or that an evacuation will take home. Every target passes the same
-//! checks as any migration (active, normal mode, room, hard rules), and the plan has at most
+//! host, that is migrating, or that an evacuation will take home, nor a VM whose disks are
+//! mirrored between sites to another site (rules may take one there; memory does not). Every
+//! target passes the same checks as any migration (active, normal mode, room, hard rules), and
+//! the plan has at most
 //! [`MAX_REBALANCE_MOVES`] moves. Carrying it out is the caller's: one live migration per move,
 //! each judged again by the cluster when it is asked for.
 
@@ -148,11 +150,13 @@ fn fix_site(plan: &mut ClusterState, rule: &Rule, out: &mut RebalancePlan) {
     }
 }
 
-/// The roomiest host (most free memory, then lowest id) among `hosts` that may take `vm`.
+/// The roomiest host (most free memory, then lowest id) among `hosts` that may take `vm` — for
+/// a VM with disks mirrored between sites, one of its own site first (see
+/// [`ClusterState::keeps_site`]).
 fn roomiest(plan: &ClusterState, vm: &str, hosts: impl Iterator<Item = HostId>) -> Option<HostId> {
-    hosts
-        .filter(|h| plan.may_take(vm, *h))
-        .max_by_key(|h| (plan.hosts.get(h).map_or(0, |r| r.capacity.memory_mib).saturating_sub(plan.used(*h).memory_mib), std::cmp::Reverse(*h)))
+    hosts.filter(|h| plan.may_take(vm, *h)).max_by_key(|h| {
+        (plan.keeps_site(vm, *h), plan.hosts.get(h).map_or(0, |r| r.capacity.memory_mib).saturating_sub(plan.used(*h).memory_mib), std::cmp::Reverse(*h))
+    })
 }
 
 fn fix_anti_affinity(plan: &mut ClusterState, rule: &Rule, out: &mut RebalancePlan) {
@@ -243,7 +247,8 @@ fn balance_step(plan: &ClusterState) -> Option<(String, HostId, HostId)> {
     plan.assigned_to(hi)
         .filter(|v| settled_at(plan, &v.spec.name) == Some(hi) && v.home.is_none() && !tied(plan, &v.spec.name))
         .filter(|v| plan.rules.values().filter(|r| r.vms.contains(&v.spec.name)).all(|r| rule_allows(plan, r, &v.spec.name, lo)))
-        .filter(|v| after(v.spec.memory_mib) < gap && plan.may_take(&v.spec.name, lo))
+        // Memory alone never takes a mirrored VM to another site (its copy left behind).
+        .filter(|v| after(v.spec.memory_mib) < gap && plan.keeps_site(&v.spec.name, lo) && plan.may_take(&v.spec.name, lo))
         .min_by_key(|v| (after(v.spec.memory_mib), v.spec.name.clone()))
         .map(|v| (v.spec.name.clone(), hi, lo))
 }
@@ -299,6 +304,27 @@ mod tests {
 
     fn host_of(s: &ClusterState, vm: &str) -> HostId {
         s.vms[vm].assignment().expect("placed").host
+    }
+
+    /// Two hosts at two sites, the first crowded: memory moves a plain VM to the other site,
+    /// never one whose disks are mirrored between the sites (its copy would be left behind),
+    /// even one whose copy there is current.
+    #[test]
+    fn memory_alone_never_moves_a_mirrored_vm_to_another_site() {
+        let mut s = cluster(2, 4096);
+        for (h, site) in [(0, "a"), (1, "b")] {
+            s.apply(&Command::SetHostSite { host: HostId(h), site: Some(site.into()) }).expect("site");
+        }
+        let mut db = process_vm("db", Protection::Protect, 0, 2048);
+        db.disks = vec![crate::state::DiskSpec { path: "db.raw".into(), format: None, readonly: false, local: false, mirror: true }];
+        run_on(&mut s, db, 0);
+        let g = s.vms["db"].assignment().expect("placed").generation;
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        run_on(&mut s, process_vm("web", Protection::Protect, 0, 1536), 0);
+        assert!(s.may_take("db", HostId(1)), "a move to b is allowed (its copy there is current)");
+        // Either move evens the hosts as well; by name `db` would go first.
+        let plan = rebalance_plan(&s, &all());
+        assert_eq!(plan.moves.iter().map(|m| m.vm.as_str()).collect::<Vec<_>>(), ["web"], "{plan:?}");
     }
 
     #[test]

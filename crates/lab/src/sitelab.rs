@@ -221,4 +221,3 @@ pub fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: 
     }
     Ok(SiteLab { lab, net, _delay: delay, seq, image_a, fuse_a })
 }
-

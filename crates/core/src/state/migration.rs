@@ -36,13 +36,21 @@ impl ClusterState {
         let vm = self.vms.get(name)?;
         let from = vm.assignment()?.host;
         let demand = vm.spec.demand();
-        let site_of = |h: HostId| self.hosts.get(&h).and_then(|r| r.site.as_ref());
-        let same_site = |h: HostId| vm.spec.site_mirrored() && site_of(h) == site_of(from);
         self.hosts
             .values()
             .filter(|h| h.id != from && self.check_target(name, h.id, demand).is_ok())
-            .max_by_key(|h| (same_site(h.id), h.capacity.memory_mib.saturating_sub(self.used(h.id).memory_mib), std::cmp::Reverse(h.id)))
+            .max_by_key(|h| (self.keeps_site(name, h.id), h.capacity.memory_mib.saturating_sub(self.used(h.id).memory_mib), std::cmp::Reverse(h.id)))
             .map(|h| h.id)
+    }
+
+    /// Whether a live move of `name` to `host` keeps both its copies current: it has no disk
+    /// mirrored between sites, or `host` is at the site where it runs. (A move to another site
+    /// leaves the copy it ran on behind until the mirror from there catches it up.)
+    #[must_use]
+    pub fn keeps_site(&self, name: &str, host: HostId) -> bool {
+        let Some(vm) = self.vms.get(name) else { return true };
+        let site_of = |h: HostId| self.hosts.get(&h).and_then(|r| r.site.as_ref());
+        !vm.spec.site_mirrored() || vm.assignment().is_some_and(|a| site_of(a.host) == site_of(host))
     }
 
     /// Whether `name` could migrate to `host` now (placement checks only: active, normal mode,
