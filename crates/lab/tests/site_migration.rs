@@ -13,8 +13,10 @@
 //!   copies current again after each move, nothing acknowledged lost.
 //! - The destination's site loses power in the middle of the move: the move fails, the guest
 //!   runs on at site a in the same QEMU (b's copy committed stale first), nothing lost.
+//! - Maintenance of site a's only host: the guest leaves live for site b and comes home after.
 
 use anyhow::{anyhow, Result};
+use serde_json::json;
 use std::time::{Duration, Instant};
 use tandem_agent::views::{MigrateRequest, MigrationBegun, MigrationOutcome, MigrationsView, VmView};
 use tandem_lab::bench::migration::doubly_running;
@@ -148,6 +150,45 @@ fn the_destinations_site_lost_during_a_move_across_sites_leaves_the_guest_runnin
         assert_eq!(vm.host.as_deref(), Some("h0"));
         let verdict = judge(&site.seq.finish());
         eprintln!("{}: {verdict:?}", done.reason.unwrap_or_default());
+        assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
+        assert_eq!(verdict.boots, 1, "{verdict:?}");
+        Ok(())
+    })
+}
+
+/// Maintenance of site a's host, the only one there: its mirrored guest leaves live for site b
+/// (b's copy current), and once the host is back in normal mode it comes home — after a's copy,
+/// left behind by the first move, was caught up. One boot, never two running copies, nothing
+/// lost.
+#[test]
+fn maintenance_of_a_sites_only_host_moves_its_mirrored_guest_live_to_the_other_site_and_home() -> Result<()> {
+    with_sites("tandem-site-maint", |storage, guest| {
+        let site = start_site_lab(storage, guest, &SiteLabSpec::new("tsq", 123, WitnessAt::First))?;
+        let c = site.lab.client(1);
+        let at = |host: &'static str| {
+            let c = &c;
+            move || {
+                let vm: VmView = c.get_as("/v1/vms/db").ok()?;
+                (vm.host.as_deref() == Some(host) && vm.migrating_to.is_none()).then_some(vm)
+            }
+        };
+        let ((), two) = two_copies_while(&site.lab, || {
+            // Forced: one host left cannot take a second one's loss (admission control says so).
+            c.post("/v1/hosts/h0/mode", &json!({ "mode": "maintenance", "force": true })).map_err(|e| anyhow!("{e}"))?;
+            let vm = wait("the guest to leave h0 for site b", Duration::from_secs(120), at("h1"))?;
+            assert_eq!(vm.copies, ["b"], "a's copy left behind at the switchover");
+            let before = site.seq.highest();
+            site.seq.wait_past(before + 10, Duration::from_secs(60)).map_err(|e| anyhow!("the guest does not write on at site b: {e}"))?;
+            c.post("/v1/hosts/h0/mode", &json!({ "mode": "normal" })).map_err(|e| anyhow!("{e}"))?;
+            wait("the guest to come home to h0", Duration::from_secs(180), at("h0"))?;
+            wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+            Ok(())
+        })?;
+        assert_eq!(two, 0, "two hosts reported the guest running at once");
+        let moved = site.lab.events().into_iter().filter(|e| e.kind.to_string() == "migration-completed").count();
+        assert!(moved >= 2, "the guest left and came home live: {moved} completed moves");
+        let verdict = judge(&site.seq.finish());
+        eprintln!("{verdict:?}");
         assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
         assert_eq!(verdict.boots, 1, "{verdict:?}");
         Ok(())
