@@ -112,11 +112,11 @@ pub struct PlannedMove {
 }
 
 impl PlannedMove {
-    /// The command that starts it.
+    /// The command that starts it, on committed state `s`.
     #[must_use]
-    pub fn command(&self) -> Command {
+    pub fn command(&self, s: &ClusterState) -> Command {
         // Both kinds keep the VM's home: a move back forgets it only at its switchover.
-        Command::StartMigration { name: self.vm.clone(), to: self.to, force: true, evacuation: true }
+        s.start_migration_command(&self.vm, self.to, true, true)
     }
 }
 
@@ -279,7 +279,7 @@ mod tests {
             }
             rounds += 1;
             for m in moves {
-                let out = s.apply(&m.command()).expect("start");
+                let out = s.apply(&m.command(s)).expect("start");
                 let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
                 s.apply(&s.switchover_command(&m.vm, to.generation)).expect("switch");
             }
@@ -306,7 +306,7 @@ mod tests {
         // An operator moves one of them elsewhere: it forgets its home.
         let v0_at = s.vms["v0"].assignment().expect("placed").host;
         let other = if v0_at == HostId(1) { HostId(2) } else { HostId(1) };
-        let out = s.apply(&Command::StartMigration { name: "v0".into(), to: other, force: true, evacuation: false }).expect("operator");
+        let out = s.apply(&Command::StartMigration { name: "v0".into(), to: other, force: true, evacuation: false, across_sites: false }).expect("operator");
         let Applied::MigrationStarted { to, .. } = out else { panic!() };
         s.apply(&s.switchover_command("v0", to.generation)).expect("switch");
         assert_eq!(s.vms["v0"].home, None);
@@ -332,7 +332,8 @@ mod tests {
             let (moves, stuck) = next_moves_except(&s, &attempts.given_up());
             assert!(stuck.is_empty(), "round {round}: {stuck:?}");
             assert_eq!(moves.len(), 1, "round {round}");
-            let out = s.apply(&Command::StartMigration { name: "v".into(), to: moves[0].to, force: true, evacuation: true }).expect("start");
+            let out =
+                s.apply(&Command::StartMigration { name: "v".into(), to: moves[0].to, force: true, evacuation: true, across_sites: false }).expect("start");
             let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
             attempts.started("v", to.generation);
             attempts.observe(&s);
@@ -372,7 +373,7 @@ mod tests {
             assert!(stuck.is_empty(), "round {round}: {stuck:?}");
             assert_eq!(moves.len(), 1, "round {round}: the move back is planned again");
             assert!(!moves[0].evacuation && moves[0].to == HostId(0));
-            let out = s.apply(&moves[0].command()).expect("start");
+            let out = s.apply(&moves[0].command(&s)).expect("start");
             let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
             attempts.started("v", to.generation);
             assert_eq!(s.vms["v"].home, Some(HostId(0)), "round {round}: home kept while it moves");
@@ -392,7 +393,7 @@ mod tests {
         attempts.observe(&s);
         // A new coordinator tries again, and the move that completes forgets the home.
         let (moves, _) = next_moves(&s);
-        let out = s.apply(&moves[0].command()).expect("start");
+        let out = s.apply(&moves[0].command(&s)).expect("start");
         let Applied::MigrationStarted { to, .. } = out else { panic!("{out:?}") };
         s.apply(&s.switchover_command("v", to.generation)).expect("switch");
         assert_eq!(s.vms["v"].assignment().map(|a| a.host), Some(HostId(0)));

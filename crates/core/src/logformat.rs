@@ -33,7 +33,10 @@
 //! (which side a split without a majority keeps) and `mirror-switched` (a VM whose site's
 //! storage failed goes on on another site's copy). Format 15 adds a switchover's `arrives_home`: a
 //! move back home keeps the VM's home until the switchover that reaches it, which forgets it (it
-//! was forgotten when the move began, so a move back that failed left the VM away for good). A release that adds a command or a field that older hosts would
+//! was forgotten when the move began, so a move back that failed left the VM away for good). Format 16
+//! adds a live move of a VM with mirrored disks to another site (`start-migration` with
+//! `across_sites`: an older host refused such a move — only within the site — and would not
+//! start the migration its peers run). A release that adds a command or a field that older hosts would
 //! misread raises [`LOG_FORMAT`], and writes the new format only for entries that need it: an
 //! entry without a verdict is still written in format 2.
 
@@ -42,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The newest entry format this release reads and the one it writes.
-pub const LOG_FORMAT: u32 = 15;
+pub const LOG_FORMAT: u32 = 16;
 /// The format of the live-migration commands: a host of format 3 would not know them, and stops
 /// at the first one with a clear error (upgrade it) rather than misread it.
 pub(crate) const MIGRATION_FORMAT: u32 = 4;
@@ -73,6 +76,8 @@ pub(crate) const PREFERRED_SITE_FORMAT: u32 = 14;
 pub(crate) const MIRROR_SWITCH_FORMAT: u32 = 14;
 /// A switchover that brings a VM back home, which forgets its home there.
 pub(crate) const HOME_ARRIVAL_FORMAT: u32 = 15;
+/// A live move of a VM with mirrored disks to another site.
+pub(crate) const CROSS_SITE_MOVE_FORMAT: u32 = 16;
 /// The format of an entry that carries no admission verdict (older hosts still read it).
 const PLAIN_FORMAT: u32 = 2;
 
@@ -214,7 +219,7 @@ mod tests {
         let e = LogEntry::new(&switch).expect("encodes");
         assert_eq!(e.format, 4);
         assert_eq!(e.decode(), Ok((switch, None)));
-        let start = Command::StartMigration { name: "a".into(), to: HostId(1), force: false, evacuation: false };
+        let start = Command::StartMigration { name: "a".into(), to: HostId(1), force: false, evacuation: false, across_sites: false };
         let judged = LogEntry::judged(&start, Some(&Admission { revision: 2, forced: None })).expect("encodes");
         assert_eq!(judged.format, 4);
         let old_host_sees = LogFormatError::Newer { found: 4 };
@@ -240,6 +245,24 @@ mod tests {
         let e = LogEntry::new(&elsewhere).expect("encodes");
         assert_eq!(e.format, 4);
         assert!(!e.command.to_string().contains("arrives_home"), "an older host reads it as before: {}", e.command);
+    }
+
+    /// A live move of a VM with mirrored disks to another site is written in format 16 (an
+    /// older host refused it and would not run the migration its peers run); any other
+    /// `start-migration` keeps format 4 and reads as before.
+    #[test]
+    fn a_move_across_sites_is_format_16_and_only_it() {
+        let across = Command::StartMigration { name: "a".into(), to: HostId(1), force: false, evacuation: true, across_sites: true };
+        let e = LogEntry::judged(&across, Some(&Admission { revision: 2, forced: None })).expect("encodes");
+        assert_eq!(e.format, 16);
+        assert_eq!(e.decode(), Ok((across, Some(Admission { revision: 2, forced: None }))));
+        let mut old = e.clone();
+        old.format = 15;
+        assert!(matches!(old.decode(), Err(LogFormatError::Undecodable { format: 15, .. })), "{:?}", old.decode());
+        let within = Command::StartMigration { name: "a".into(), to: HostId(1), force: false, evacuation: true, across_sites: false };
+        let e = LogEntry::new(&within).expect("encodes");
+        assert_eq!(e.format, 4);
+        assert!(!e.command.to_string().contains("across_sites"), "an older host reads it as before: {}", e.command);
     }
 
     /// A VM on a bridge network is written in format 5 (a host of format 4 stops at it with

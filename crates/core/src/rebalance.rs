@@ -18,7 +18,7 @@
 
 use crate::hostset::HostId;
 use crate::placement::RuleKind;
-use crate::state::{ClusterState, Command, HostMode, HostStatus, Rule, VmPhase};
+use crate::state::{ClusterState, HostMode, HostStatus, Rule, VmPhase};
 
 /// The most moves one plan proposes.
 pub const MAX_REBALANCE_MOVES: usize = 64;
@@ -101,7 +101,7 @@ fn settled_at(s: &ClusterState, vm: &str) -> Option<HostId> {
 
 /// Moves `vm` to `to` on the planning copy (the migration begins and completes).
 fn move_on_copy(plan: &mut ClusterState, vm: &str, to: HostId) -> bool {
-    let started = plan.apply(&Command::StartMigration { name: vm.to_string(), to, force: true, evacuation: false });
+    let started = plan.apply(&plan.start_migration_command(vm, to, true, false));
     let Ok(crate::state::Applied::MigrationStarted { to: at, .. }) = started else { return false };
     plan.apply(&plan.switchover_command(vm, at.generation)).is_ok()
 }
@@ -284,7 +284,7 @@ pub fn rebalance_plan(s: &ClusterState, scope: &RebalanceScope) -> RebalancePlan
 mod tests {
     use super::*;
     use crate::state::tests::{cluster, process_vm, run_on};
-    use crate::state::Protection;
+    use crate::state::{Command, Protection};
 
     fn all() -> RebalanceScope {
         RebalanceScope { rule: None, balance: true }

@@ -323,7 +323,7 @@ mod tests {
         let mut s = cluster(2, 4096);
         run_on(&mut s, process_vm("a", Protection::Protect, 0, 256), 0);
         let from = gen_of(&s, "a");
-        s.apply(&Command::StartMigration { name: "a".into(), to: HostId(1), force: false, evacuation: false }).expect("start");
+        s.apply(&Command::StartMigration { name: "a".into(), to: HostId(1), force: false, evacuation: false, across_sites: false }).expect("start");
         let to = s.vms["a"].migrating_to().expect("migrating").generation;
         let none = BTreeSet::new();
         let at = |s: &ClusterState, me: u32, local: &[LocalVm], r: &mut Reconciler| {

@@ -33,7 +33,8 @@ impl Agent {
                 continue;
             }
             // Entering maintenance was judged by admission control; its moves are not judged again.
-            match self.submit(m.command()).await {
+            let cmd = self.consensus.with_state(|s| m.command(s));
+            match self.submit(cmd).await {
                 Ok(Ok(applied @ (Applied::MigrationStarted { .. } | Applied::Forced { .. }))) => {
                     self.count_evacuation_attempt(&m.vm, &applied);
                     let host = self.host_name(m.to);

@@ -25,7 +25,8 @@ pub(super) async fn vm_migrate(State(a): State<Arc<Agent>>, ApiPath(name): ApiPa
         let host = a.consensus.with_state(|s| s.hosts.get(&to).map_or_else(|| to.to_string(), |h| h.name.clone()));
         return Err(ApiError::new(StatusCode::CONFLICT, format!("VM '{name}' cannot be migrated to {host}: it is unreachable from here ({heard:?})")));
     }
-    let admission = admitted(&a, Command::StartMigration { name: name.clone(), to, force: req.force, evacuation: false }, Some(&name)).await?;
+    let cmd = a.consensus.with_state(|s| s.start_migration_command(&name, to, req.force, false));
+    let admission = admitted(&a, cmd, Some(&name)).await?;
     let (from, source_api) = source.unwrap_or_default();
     let (dest, generation) = a.consensus.with_state(|s| {
         let dest = s.hosts.get(&to).map_or_else(|| to.to_string(), |h| h.name.clone());

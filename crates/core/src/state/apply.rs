@@ -68,7 +68,7 @@ impl ClusterState {
             Command::Assign { name, host } => self.assign(name, *host),
             Command::Release { name, host, generation } => self.release(name, *host, *generation),
             Command::Failover { host, epoch, plan } => self.failover(*host, *epoch, plan),
-            Command::StartMigration { name, to, evacuation, .. } => self.start_migration(mode, cmd, name, *to, *evacuation),
+            Command::StartMigration { name, to, evacuation, across_sites, .. } => self.start_migration(mode, cmd, name, *to, *evacuation, *across_sites),
             Command::MigrationSwitchover { name, generation, arrives_home } => self.migration_switchover(name, *generation, *arrives_home),
             Command::MigrationAbort { name, generation, reason } => self.migration_abort(name, *generation, reason),
             Command::HostLeave { host, epoch, hold_ms } => self.host_leave(*host, *epoch, *hold_ms),

@@ -136,6 +136,13 @@ pub enum Command {
         /// fails is tried again). An operator's migration (false) forgets any home.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         evacuation: bool,
+        /// The VM's disks are mirrored between sites and `to` is at another site than its host
+        /// (log format 16: an older release moves such a VM only within its site and refused
+        /// the entry, so an older host stops at it). Set by the proposer
+        /// ([`ClusterState::start_migration_command`](crate::state::ClusterState::start_migration_command));
+        /// `apply` refuses an entry that says otherwise than its state.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        across_sites: bool,
     },
     /// The source reports the migration to `generation` complete with the destination still
     /// paused: the destination becomes the owner (log format 4). This commit is the switchover.
@@ -270,6 +277,7 @@ impl Command {
     #[must_use]
     pub fn min_format(&self) -> Option<u32> {
         match self {
+            Command::StartMigration { across_sites: true, .. } => Some(crate::logformat::CROSS_SITE_MOVE_FORMAT),
             Command::MigrationSwitchover { arrives_home: true, .. } => Some(crate::logformat::HOME_ARRIVAL_FORMAT),
             Command::StartMigration { .. } | Command::MigrationSwitchover { .. } | Command::MigrationAbort { .. } => Some(crate::logformat::MIGRATION_FORMAT),
             Command::HostLeave { .. } | Command::ReleaseParked { .. } => Some(crate::logformat::LEAVE_FORMAT),

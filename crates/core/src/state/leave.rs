@@ -169,7 +169,7 @@ mod tests {
     fn a_host_still_sending_a_migration_cannot_leave() {
         let mut s = cluster(2, 4096);
         run_on(&mut s, process_vm("m", Protection::Protect, 0, 512), 0);
-        s.apply(&Command::StartMigration { name: "m".into(), to: HostId(1), force: true, evacuation: false }).expect("start");
+        s.apply(&Command::StartMigration { name: "m".into(), to: HostId(1), force: true, evacuation: false, across_sites: false }).expect("start");
         assert!(matches!(leave(&mut s, 0, None), Err(StateError::Stale(_))));
     }
 
@@ -247,7 +247,7 @@ mod tests {
         local.disks = vec![crate::state::DiskSpec { path: "l.raw".into(), format: None, readonly: false, local: true, mirror: false }];
         run_on(&mut s, local, 0);
         assert_eq!(s.vms["l"].disk_host, Some(HostId(0)));
-        s.apply(&Command::StartMigration { name: "l".into(), to: HostId(1), force: true, evacuation: false }).expect("start");
+        s.apply(&Command::StartMigration { name: "l".into(), to: HostId(1), force: true, evacuation: false, across_sites: false }).expect("start");
         assert_eq!(s.vms["l"].disk_host, Some(HostId(0)), "the source's copy is the latest until the switchover");
         let generation = s.vms["l"].migrating_to().expect("migrating").generation;
         s.apply(&Command::MigrationSwitchover { name: "l".into(), generation, arrives_home: false }).expect("switchover");
@@ -267,7 +267,7 @@ mod tests {
         assert_eq!(plan.placements, vec![("l".to_string(), HostId(1))]);
         // An aborted migration leaves the copy where it was.
         s.apply(&Command::Assign { name: "l".into(), host: HostId(1) }).expect("assign");
-        s.apply(&Command::StartMigration { name: "l".into(), to: HostId(2), force: true, evacuation: false }).expect("start");
+        s.apply(&Command::StartMigration { name: "l".into(), to: HostId(2), force: true, evacuation: false, across_sites: false }).expect("start");
         let generation = s.vms["l"].migrating_to().expect("migrating").generation;
         s.apply(&Command::MigrationAbort { name: "l".into(), generation, reason: "test".into() }).expect("abort");
         assert_eq!(s.vms["l"].disk_host, Some(HostId(1)));

@@ -61,10 +61,17 @@ impl ClusterState {
         vm.assignment().is_some_and(|a| a.host != host) && self.check_target(name, host, vm.spec.demand()).is_ok()
     }
 
+    /// The command that starts the live migration of `name` to `to` as this state sees it
+    /// (whether it crosses sites, see [`ClusterState::keeps_site`]).
+    #[must_use]
+    pub fn start_migration_command(&self, name: &str, to: HostId, force: bool, evacuation: bool) -> Command {
+        Command::StartMigration { name: name.to_string(), to, force, evacuation, across_sites: !self.keeps_site(name, to) }
+    }
+
     /// A planner's step (on a copy): the migration of `name` to `to` begins, unjudged by
     /// admission control, so that the room it holds counts for the next step.
     pub fn begin_planned_migration(&mut self, name: &str, to: HostId) -> Result<Applied, StateError> {
-        let cmd = Command::StartMigration { name: name.to_string(), to, force: true, evacuation: true };
+        let cmd = self.start_migration_command(name, to, true, true);
         self.apply_with(&cmd, AdmitMode::Trial)
     }
 
@@ -76,7 +83,15 @@ impl ClusterState {
         Command::MigrationSwitchover { name: name.to_string(), generation, arrives_home }
     }
 
-    pub(super) fn start_migration(&mut self, mode: AdmitMode<'_>, cmd: &Command, name: &str, to: HostId, evacuation: bool) -> Result<Applied, StateError> {
+    pub(super) fn start_migration(
+        &mut self,
+        mode: AdmitMode<'_>,
+        cmd: &Command,
+        name: &str,
+        to: HostId,
+        evacuation: bool,
+        across_sites: bool,
+    ) -> Result<Applied, StateError> {
         let vm = self.vms.get(name).ok_or_else(|| StateError::UnknownVm(name.to_string()))?;
         let refuse = |why: String| Err(StateError::NotMigratable { name: name.to_string(), why });
         let from = match vm.phase {
@@ -89,6 +104,17 @@ impl ClusterState {
         };
         if from.host == to {
             return refuse(format!("it already runs on {to}"));
+        }
+        // What the entry says of the move must be what it is: an entry of an older release
+        // never says it crosses sites (that release refused such a move, and so do its hosts).
+        match (self.keeps_site(name, to), across_sites) {
+            (false, false) => {
+                return refuse(
+                    "its disks are mirrored between sites: a move to another site must say so (an older release moved it only within its site)".into(),
+                )
+            }
+            (true, true) => return refuse(format!("the move to {to} was proposed as one to another site, and it is not (any more)")),
+            _ => {}
         }
         if self.hosts.get(&from.host).is_none_or(|h| h.status != HostStatus::Active) {
             return refuse(format!("its host {} is not active", from.host));
@@ -189,7 +215,7 @@ mod tests {
     }
 
     fn start(s: &mut ClusterState, name: &str, to: u32) -> Result<Applied, StateError> {
-        s.apply(&Command::StartMigration { name: name.into(), to: HostId(to), force: false, evacuation: false })
+        s.apply(&Command::StartMigration { name: name.into(), to: HostId(to), force: false, evacuation: false, across_sites: false })
     }
 
     #[test]

@@ -230,8 +230,15 @@ mod tests {
         s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
         s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
         let g = generation(&s);
-        let to_b = Command::StartMigration { name: "db".into(), to: HostId(2), force: true, evacuation: false };
+        let to_b = s.start_migration_command("db", HostId(2), true, false);
+        assert!(matches!(&to_b, Command::StartMigration { across_sites: true, .. }), "{to_b:?}");
         assert!(matches!(s.clone().apply(&to_b), Err(StateError::StaleCopy { .. })), "b's copy is not current yet");
+        // An entry that does not say the move crosses sites (an older release's) is refused,
+        // as that release refused it; one that says so of a move within the site too.
+        let unsaid = Command::StartMigration { name: "db".into(), to: HostId(2), force: true, evacuation: false, across_sites: false };
+        assert!(matches!(s.clone().apply(&unsaid), Err(StateError::NotMigratable { .. })));
+        let missaid = Command::StartMigration { name: "db".into(), to: HostId(1), force: true, evacuation: false, across_sites: true };
+        assert!(matches!(s.clone().apply(&missaid), Err(StateError::NotMigratable { .. })));
         s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
         // Site b's host 2 has the most free memory: the other host of site a is chosen all the same.
         s.apply(&Command::CreateVm { spec: VmSpec::process("filler", 2048, 0, &["true"]) }).expect("filler");
@@ -247,7 +254,7 @@ mod tests {
         s.apply(&switchover).expect("switchover");
         assert_eq!(s.vms["db"].copies, vec!["b".to_string()], "site a's copy is left behind until the mirror from b catches it up");
         // Back to a: not before a's copy is current again.
-        let back = Command::StartMigration { name: "db".into(), to: HostId(0), force: true, evacuation: false };
+        let back = s.start_migration_command("db", HostId(0), true, false);
         assert!(matches!(s.clone().apply(&back), Err(StateError::StaleCopy { .. })));
         assert_eq!(s.migration_target("db"), Some(HostId(3)), "the other host of site b");
         s.apply(&Command::SetHostMode { host: HostId(3), mode: HostMode::Maintenance, force: true }).expect("mode");
@@ -271,7 +278,7 @@ mod tests {
         let g = generation(&s);
         s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
         let Applied::MigrationStarted { to, .. } =
-            s.apply(&Command::StartMigration { name: "db".into(), to: HostId(1), force: true, evacuation: false }).expect("starts")
+            s.apply(&Command::StartMigration { name: "db".into(), to: HostId(1), force: true, evacuation: false, across_sites: false }).expect("starts")
         else {
             panic!("not started")
         };
