@@ -40,6 +40,12 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 pub const LOCAL_SERVER_START_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a new server of a disk waits for the one it replaces to exit.
 pub const REPLACED_SERVER_EXIT_WAIT: Duration = Duration::from_secs(1);
+/// How long the copy server waits for a copy held by another server before it refuses to serve
+/// it: right after a live move, the source's server of the copy is about to exit (its QEMU is
+/// ended once the switchover is committed), and the new host's mirror asks for the copy at once.
+pub const HELD_CLAIM_WAIT: Duration = Duration::from_secs(1);
+/// How often a claim held by another server is tried again meanwhile.
+const HELD_CLAIM_POLL: Duration = Duration::from_millis(50);
 /// The export every local copy server serves its one image under.
 pub const LOCAL_EXPORT: &str = "local";
 
@@ -93,6 +99,18 @@ pub async fn claim(path: &Path, kind: ClaimKind) -> Result<CopyClaim, LocalCopyE
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(LocalCopyError::Open { path: path.display().to_string(), source: std::io::Error::other(e) }),
         Err(_) => Err(LocalCopyError::NoAnswer { path: path.display().to_string() }),
+    }
+}
+
+/// Takes `kind` of claim on the image at `path`, trying again while another server holds it, up
+/// to `wait` (its storage not answering ends the attempt at once).
+pub async fn claim_within(path: &Path, kind: ClaimKind, wait: Duration) -> Result<CopyClaim, LocalCopyError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match claim(path, kind).await {
+            Err(LocalCopyError::Held { .. }) if tokio::time::Instant::now() < deadline => tokio::time::sleep(HELD_CLAIM_POLL).await,
+            other => return other,
+        }
     }
 }
 
@@ -303,6 +321,15 @@ mod tests {
         assert!(held(claim(&image, ClaimKind::Sole).await), "the destination, now running, still holds it");
         drop(destination);
         assert!(claim(&image, ClaimKind::Sole).await.is_ok());
+        // A holder about to go: waited for, within the bound.
+        let going = claim(&image, ClaimKind::Sole).await.expect("free");
+        assert!(held(claim_within(&image, ClaimKind::Sole, Duration::from_millis(120)).await), "held past the wait");
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            drop(going);
+        });
+        assert!(claim_within(&image, ClaimKind::Sole, HELD_CLAIM_WAIT).await.is_ok(), "the holder went within the wait");
+        release.await.expect("released");
         let missing = claim(&dir.join("none.img"), ClaimKind::Sole).await;
         assert!(matches!(missing, Err(LocalCopyError::Open { .. })), "{missing:?}");
     }

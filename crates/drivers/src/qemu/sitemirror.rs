@@ -59,7 +59,8 @@ impl QemuDriver {
         // copy once the source, paused, has written its last through this server).
         let claimed = self.claims().contains_key(export);
         if !claimed {
-            let claim = crate::localcopy::claim(&path, crate::localcopy::ClaimKind::Sole).await?;
+            // After a live move the source's server is about to exit: waited for, a moment.
+            let claim = crate::localcopy::claim_within(&path, crate::localcopy::ClaimKind::Sole, crate::localcopy::HELD_CLAIM_WAIT).await?;
             self.claims().insert(export.to_string(), claim);
         }
         if let Err(e) = running.serve(export, &path).await {
