@@ -126,8 +126,8 @@ impl Agent {
 
     /// The links committed state wants of this host now: one per mirrored disk of each VM
     /// running here (QEMU runs one mirror job per disk), into the copy of one other site — the
-    /// one this generation's link already writes, else the first other site by name with an
-    /// active host, else the first other site. Once attached it never changes within a
+    /// one this generation's link already writes, else the one committed state picks
+    /// (`mirror_site_for`: the VM's home's site first). Once attached it never changes within a
     /// generation: a copy the mirror stopped writing while committed state still counted it
     /// current could restart the VM without the writes made since. A new generation (a start) counts only its own site's copy current anyway.
     fn wanted_links(&self) -> Vec<Wanted> {
@@ -152,9 +152,9 @@ impl Agent {
                     let chosen = existing.get(&(v.spec.name.clone(), disk, a.generation));
                     // With no site that could serve a copy, still a link (it attaches nothing):
                     // a guest paused by its own storage's failure is resumed through it.
-                    let target = match chosen {
-                        Some(site) => sites.iter().find(|(name, _)| name == site),
-                        None => sites.iter().find(|(_, hosts)| !active(hosts).is_empty()).or(sites.first()),
+                    let target = match chosen.cloned().or_else(|| s.mirror_site_for(v, me)) {
+                        Some(site) => sites.iter().find(|(name, _)| *name == site),
+                        None => None,
                     };
                     let Some((site, hosts)) = target else { continue };
                     let key = (v.spec.name.clone(), disk, site.clone());

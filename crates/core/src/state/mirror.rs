@@ -68,6 +68,21 @@ impl ClusterState {
         self.hosts.keys().copied().filter(|h| !self.copy_current_on(vm, *h)).collect()
     }
 
+    /// The site whose copy a new mirror link of `vm`, running on `host`, should write (one per
+    /// disk, kept for the generation): the site of the VM's home when that is another site with
+    /// an active host — an evacuated VM goes back there, live, only once that copy is current
+    /// again —, else the first other site by name with an active host, else the first other
+    /// site (a link that attaches nothing still resumes a guest paused by its own storage).
+    #[must_use]
+    pub fn mirror_site_for(&self, vm: &VmRecord, host: HostId) -> Option<String> {
+        let site_of = |h: HostId| self.hosts.get(&h).and_then(|r| r.site.clone());
+        let mine = site_of(host);
+        let others: Vec<(String, Vec<HostId>)> = self.sites().into_iter().filter(|(site, _)| Some(site) != mine.as_ref()).collect();
+        let active = |hosts: &[HostId]| hosts.iter().any(|h| self.hosts.get(h).is_some_and(|r| r.status == super::HostStatus::Active));
+        let home = vm.home.and_then(site_of).filter(|site| others.iter().any(|(s, hosts)| s == site && active(hosts)));
+        home.or_else(|| others.iter().find(|(_, hosts)| active(hosts)).map(|(s, _)| s.clone())).or_else(|| others.first().map(|(s, _)| s.clone()))
+    }
+
     /// After a command placed VMs (`applied` says which, and where): a site-mirrored VM's copy
     /// at its new site is now the only current one.
     pub(super) fn note_copies(&mut self, applied: &Applied) {
@@ -263,6 +278,43 @@ mod tests {
         assert!(matches!(&plan[..], [(vm, Err(why))] if vm == "db" && why.contains("whose copy is current")), "{plan:?}");
         s.apply(&Command::MirrorSynced { name: "db".into(), generation: to.generation, site: "a".into() }).expect("synced");
         assert_eq!(s.migration_target("db"), Some(HostId(0)));
+    }
+
+    /// Three sites: a new link writes the copy at the VM's home's site when it has one (an
+    /// evacuated VM goes back only once that copy is current), else the first other site by
+    /// name with an active host.
+    #[test]
+    fn a_new_link_writes_the_copy_at_the_vms_home_site_first() {
+        let mut s = two_sites();
+        s.apply(&Command::AddHost {
+            id: HostId(4),
+            name: "h4".into(),
+            api_addr: String::new(),
+            heartbeat_addr: String::new(),
+            capacity: Capacity { vcpus: 8, memory_mib: 4096 },
+        })
+        .expect("add");
+        s.apply(&Command::HostJoined { host: HostId(4) }).expect("join");
+        s.apply(&Command::SetHostSite { host: HostId(4), site: Some("w".into()) }).expect("site");
+        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        s.apply(&Command::Assign { name: "db".into(), host: HostId(4) }).expect("assign");
+        assert_eq!(s.mirror_site_for(&s.vms["db"], HostId(4)).as_deref(), Some("a"), "the first other site by name");
+        let g = generation(&s);
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "a".into() }).expect("synced");
+        // Evacuated from w to a: its mirror goes back to w, its home.
+        s.apply(&Command::SetHostMode { host: HostId(4), mode: HostMode::Maintenance, force: true }).expect("mode");
+        let to = s.migration_target("db").expect("a target");
+        let Applied::MigrationStarted { to, .. } = s.apply(&s.start_migration_command("db", to, true, true)).expect("evacuation") else {
+            panic!("not started")
+        };
+        s.apply(&s.switchover_command("db", to.generation)).expect("switchover");
+        assert_eq!(s.vms["db"].home, Some(HostId(4)));
+        assert_eq!(s.mirror_site_for(&s.vms["db"], to.host).as_deref(), Some("w"), "its home's site");
+        // Its home's site without an active host: the first other site that has one.
+        s.apply(&Command::SetHostMode { host: HostId(4), mode: HostMode::Normal, force: true }).expect("mode");
+        s.apply(&Command::Failover { host: HostId(4), epoch: 1, plan: vec![] }).expect("h4 fails");
+        let other = if to.host.0 < 2 { "b" } else { "a" };
+        assert_eq!(s.mirror_site_for(&s.vms["db"], to.host).as_deref(), Some(other));
     }
 
     /// A live move within site a while the source's storage fails: the source switches onto
