@@ -254,7 +254,9 @@ fn local_disks_move_with_their_vms_and_a_stale_disk_is_caught() {
 /// copy holding every write its guest acknowledged (`stale-copy`), through the faults of two
 /// sites with a disk witness and of five hosts in three sites — the regression seeds of the
 /// bugs the simulator found: 1 of a,a,b,b,w (two links of one disk read as one: a copy never
-/// written committed current), 14 and 17 (an evacuation planned across sites, refused forever),
+/// written committed current), 14 and 17 (an evacuation planned across sites, refused forever;
+/// once such moves were allowed, 17 again: a VM evacuated from w to a mirrored into b's copy,
+/// so w's never became current and the VM never came home),
 /// 40 of a,b (a start again in the same generation wrote without a mirror while the other
 /// copy still counted current), 60 of a,b (a copy committed stale by a host then fenced with
 /// its writes held: the VM waits, owed nothing), 36 of a, b with the witness at b (no leader
