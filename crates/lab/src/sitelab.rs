@@ -221,3 +221,12 @@ pub fn start_site_lab(storage: &std::path::Path, guest: &std::path::Path, spec: 
     }
     Ok(SiteLab { lab, net, _delay: delay, seq, image_a, fuse_a })
 }
+
+/// The guest's write sequence, judged: nothing it acknowledged lost or gone back, and `boots`
+/// boots of its writer.
+pub fn judge_sequence(seq: SeqWatch, boots: usize) {
+    let verdict = crate::diskguest::judge(&seq.finish());
+    eprintln!("{verdict:?}");
+    assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
+    assert_eq!(verdict.boots, boots, "{verdict:?}");
+}

@@ -21,7 +21,7 @@ use tandem_lab::demo::wait;
 use tandem_lab::diskguest::{highest_record, judge, SeqWatch};
 use tandem_lab::fusedisk::{FuseDisk, ViewMode};
 use tandem_lab::lab::Lab;
-use tandem_lab::sitelab::{copies_are, start_site_lab, with_sites, witness_holders, SiteLab, SiteLabSpec, WitnessAt, DISK_BYTES};
+use tandem_lab::sitelab::{copies_are, judge_sequence, start_site_lab, with_sites, witness_holders, SiteLab, SiteLabSpec, WitnessAt, DISK_BYTES};
 
 #[test]
 fn a_site_lost_with_its_storage_restarts_the_guest_on_the_other_sites_copy_with_every_acknowledged_write() -> Result<()> {
@@ -286,15 +286,6 @@ fn db_event_kinds(lab: &Lab) -> Vec<String> {
 fn longest_pause_ms(seq: &SeqWatch, from: Instant, to: Instant) -> u64 {
     let around: Vec<_> = seq.samples().into_iter().filter(|s| s.at + Duration::from_secs(1) > from && s.at <= to).collect();
     judge(&around).longest_stall_ms
-}
-
-/// The guest's write sequence, judged: nothing it acknowledged lost or gone back, and `boots`
-/// boots of its writer.
-fn judge_sequence(seq: SeqWatch, boots: usize) {
-    let verdict = judge(&seq.finish());
-    eprintln!("{verdict:?}");
-    assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
-    assert_eq!(verdict.boots, boots, "{verdict:?}");
 }
 
 /// Site a's storage fails under the running guest (EIO on every request, through a FUSE view):

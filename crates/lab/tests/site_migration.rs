@@ -21,9 +21,8 @@ use std::time::{Duration, Instant};
 use tandem_agent::views::{MigrateRequest, MigrationBegun, MigrationOutcome, MigrationsView, VmView};
 use tandem_lab::bench::migration::doubly_running;
 use tandem_lab::demo::wait;
-use tandem_lab::diskguest::judge;
 use tandem_lab::lab::Lab;
-use tandem_lab::sitelab::{copies_are, start_site_lab, with_sites, SiteLab, SiteLabSpec, WitnessAt};
+use tandem_lab::sitelab::{copies_are, judge_sequence, start_site_lab, with_sites, SiteLab, SiteLabSpec, WitnessAt};
 
 /// Begins the move of `db` to `to` through host `via`; what began.
 fn begin_move(lab: &Lab, via: usize, to: &str) -> Result<MigrationBegun> {
@@ -110,10 +109,7 @@ fn a_mirrored_guest_moves_live_to_the_other_site_and_back_without_a_restart() ->
         eprintln!("a's copy caught up: {} KiB crossed, {} KiB matched", delta.sent >> 10, delta.matched >> 10);
         assert!(delta.sent < tandem_lab::sitelab::DISK_BYTES / 4 && delta.matched > delta.sent, "{delta:?}");
         move_and_check(&mut site, 1, "h0", "a")?;
-        let verdict = judge(&site.seq.finish());
-        eprintln!("{verdict:?}");
-        assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
-        assert_eq!(verdict.boots, 1, "{verdict:?}");
+        judge_sequence(site.seq, 1);
         Ok(())
     })
 }
@@ -148,10 +144,8 @@ fn the_destinations_site_lost_during_a_move_across_sites_leaves_the_guest_runnin
         assert_eq!(pid, pid_after, "the same QEMU runs on at site a");
         let vm: VmView = c.get_as("/v1/vms/db").map_err(|e| anyhow!("{e}"))?;
         assert_eq!(vm.host.as_deref(), Some("h0"));
-        let verdict = judge(&site.seq.finish());
-        eprintln!("{}: {verdict:?}", done.reason.unwrap_or_default());
-        assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
-        assert_eq!(verdict.boots, 1, "{verdict:?}");
+        eprintln!("the move failed: {}", done.reason.unwrap_or_default());
+        judge_sequence(site.seq, 1);
         Ok(())
     })
 }
@@ -187,10 +181,7 @@ fn maintenance_of_a_sites_only_host_moves_its_mirrored_guest_live_to_the_other_s
         assert_eq!(two, 0, "two hosts reported the guest running at once");
         let moved = site.lab.events().into_iter().filter(|e| e.kind.to_string() == "migration-completed").count();
         assert!(moved >= 2, "the guest left and came home live: {moved} completed moves");
-        let verdict = judge(&site.seq.finish());
-        eprintln!("{verdict:?}");
-        assert!(verdict.lost.is_empty() && verdict.regressions == 0, "{verdict:?}");
-        assert_eq!(verdict.boots, 1, "{verdict:?}");
+        judge_sequence(site.seq, 1);
         Ok(())
     })
 }
