@@ -192,6 +192,16 @@ mod tests {
         s.vms["db"].assignment().expect("assigned").generation
     }
 
+    /// Starts `db` on host 0 (site a) and commits its mirror into b's copy in sync; its
+    /// generation.
+    fn run_at_a_in_sync(s: &mut ClusterState) -> u64 {
+        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
+        s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
+        let g = generation(s);
+        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        g
+    }
+
     #[test]
     fn a_start_leaves_its_sites_copy_the_only_current_one_until_a_mirror_catches_up() {
         let mut s = two_sites();
@@ -325,10 +335,7 @@ mod tests {
     #[test]
     fn a_switchover_onto_a_copy_that_became_stale_during_the_move_is_refused() {
         let mut s = two_sites();
-        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
-        s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
-        let g = generation(&s);
-        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        let g = run_at_a_in_sync(&mut s);
         let Applied::MigrationStarted { to, .. } =
             s.apply(&Command::StartMigration { name: "db".into(), to: HostId(1), force: true, evacuation: false, across_sites: false }).expect("starts")
         else {
@@ -346,10 +353,7 @@ mod tests {
     #[test]
     fn a_failover_restarts_only_where_the_copy_is_current() {
         let mut s = two_sites();
-        s.apply(&Command::SetPower { name: "db".into(), desired: PowerState::Running, force: true }).expect("start");
-        s.apply(&Command::Assign { name: "db".into(), host: HostId(0) }).expect("assign");
-        let g = generation(&s);
-        s.apply(&Command::MirrorSynced { name: "db".into(), generation: g, site: "b".into() }).expect("synced");
+        run_at_a_in_sync(&mut s);
         // Site a lost with both copies current: the VM restarts at site b, whose copy is then
         // the only current one.
         let plan = s.plan_failure(&[HostId(0), HostId(1)], [HostId(2), HostId(3)].into_iter().collect());
