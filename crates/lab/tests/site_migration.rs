@@ -96,22 +96,32 @@ fn move_and_check(site: &mut SiteLab, via: usize, to: &str, to_site: &str) -> Re
 /// same way. Nothing acknowledged is lost; one boot throughout.
 #[test]
 fn a_mirrored_guest_moves_live_to_the_other_site_and_back_without_a_restart() -> Result<()> {
-    with_sites("tandem-site-move", |storage, guest| {
-        let mut site = start_site_lab(storage, guest, &SiteLabSpec::new("tsm", 121, WitnessAt::First))?;
-        move_and_check(&mut site, 0, "h1", "b")?;
-        // a's copy was caught up by chunk sums from b: only what the guest wrote since the move
-        // (and what the comparison's chunks round it to) crossed back, not the disk.
-        let events = site.lab.events();
-        let chunked = events.iter().any(|e| e.kind.to_string() == "mirror-resyncing" && e.host == "h1" && e.detail.contains("compared with its chunk sums"));
-        assert!(chunked, "a's copy was not caught up by chunk sums");
-        let delta = events.iter().filter(|e| e.kind.to_string() == "mirror-in-sync" && e.host == "h1").find_map(|e| e.resync);
-        let delta = delta.ok_or_else(|| anyhow!("no resync figures for a's copy"))?;
-        eprintln!("a's copy caught up: {} KiB crossed, {} KiB matched", delta.sent >> 10, delta.matched >> 10);
-        assert!(delta.sent < tandem_lab::sitelab::DISK_BYTES / 4 && delta.matched > delta.sent, "{delta:?}");
-        move_and_check(&mut site, 1, "h0", "a")?;
-        judge_sequence(site.seq, 1);
-        Ok(())
-    })
+    with_sites("tandem-site-move", |storage, guest| there_and_back(storage, guest, &SiteLabSpec::new("tsm", 121, WitnessAt::First)))
+}
+
+/// The same with no shared storage at all — a network witness in a third place — and the
+/// sites 5 ms apart (the mirrors' traffic through the lab's delay relay there).
+#[test]
+fn a_mirrored_guest_moves_live_between_sites_5_ms_apart_with_a_network_witness() -> Result<()> {
+    let spec = SiteLabSpec { delay: Some(Duration::from_millis(5)), ..SiteLabSpec::new("tsx", 124, WitnessAt::ThirdPlace) };
+    with_sites("tandem-site-move-far", |storage, guest| there_and_back(storage, guest, &spec))
+}
+
+fn there_and_back(storage: &std::path::Path, guest: &std::path::Path, spec: &SiteLabSpec) -> Result<()> {
+    let mut site = start_site_lab(storage, guest, spec)?;
+    move_and_check(&mut site, 0, "h1", "b")?;
+    // a's copy was caught up by chunk sums from b: only what the guest wrote since the move (and
+    // what the comparison's chunks round it to) crossed back, not the disk.
+    let events = site.lab.events();
+    let chunked = events.iter().any(|e| e.kind.to_string() == "mirror-resyncing" && e.host == "h1" && e.detail.contains("compared with its chunk sums"));
+    assert!(chunked, "a's copy was not caught up by chunk sums");
+    let delta = events.iter().filter(|e| e.kind.to_string() == "mirror-in-sync" && e.host == "h1").find_map(|e| e.resync);
+    let delta = delta.ok_or_else(|| anyhow!("no resync figures for a's copy"))?;
+    eprintln!("a's copy caught up: {} KiB crossed, {} KiB matched", delta.sent >> 10, delta.matched >> 10);
+    assert!(delta.sent < tandem_lab::sitelab::DISK_BYTES / 4 && delta.matched > delta.sent, "{delta:?}");
+    move_and_check(&mut site, 1, "h0", "a")?;
+    judge_sequence(site.seq, 1);
+    Ok(())
 }
 
 /// Site b loses power while the guest's memory is on its way there (the copy slowed to 8 MiB/s):
