@@ -12,9 +12,8 @@
 //! host, that is migrating, or that an evacuation will take home, nor a VM whose disks are
 //! mirrored between sites to another site (rules may take one there; memory does not). Every
 //! target passes the same checks as any migration (active, normal mode, room, hard rules), and
-//! the plan has at most
-//! [`MAX_REBALANCE_MOVES`] moves. Carrying it out is the caller's: one live migration per move,
-//! each judged again by the cluster when it is asked for.
+//! the plan has at most [`MAX_REBALANCE_MOVES`] moves. Carrying it out is the caller's: one live
+//! migration per move, each judged again by the cluster when it is asked for.
 
 use crate::hostset::HostId;
 use crate::placement::RuleKind;
