@@ -271,14 +271,6 @@ impl Agent {
         }
     }
 
-    /// Whether `name`'s migration under way leaves a host of another site than this one.
-    fn moves_across_sites(&self, name: &str) -> bool {
-        self.consensus.with_state(|s| {
-            let site = |h| s.hosts.get(&h).and_then(|r| r.site.clone());
-            s.migrations().find(|(n, _, _)| *n == name).is_some_and(|(_, from, _)| site(from.host) != site(self.me))
-        })
-    }
-
     /// Whether committed state still migrates `name` to `generation`.
     fn still_migrating(&self, name: &str, generation: u64) -> bool {
         self.consensus.with_state(|s| s.vms.get(name).and_then(|v| v.migrating_to()).is_some_and(|t| t.generation == generation))
@@ -413,7 +405,7 @@ impl Agent {
         if !self.may_start_vms() {
             return Err("this host may not start VMs now (not joined, fenced or without its lease)".into());
         }
-        if spec.site_mirrored() && !self.cfg.mirror.local_copy_servers && self.moves_across_sites(&req.name) {
+        if !self.cfg.mirror.local_copy_servers && !self.consensus.with_state(|s| s.keeps_site(&req.name, self.me)) {
             // QEMU would open this site's copy itself at the switchover while this site's copy
             // server still holds it for the source's mirror: the resume would fail, a restart.
             return Err("a VM with mirrored disks moves here from another site only through local copy servers ([mirror] local_copy_servers)".into());
