@@ -14,7 +14,7 @@
 
 use anyhow::{anyhow, Result};
 use std::time::{Duration, Instant};
-use tandem_agent::views::{LocalView, VmView};
+use tandem_agent::views::{LocalView, MigrateRequest, MigrationBegun, MigrationsView, VmView};
 use tandem_core::mirroring::LinkState;
 use tandem_lab::bench::migration::doubly_running;
 use tandem_lab::demo::wait;
@@ -134,6 +134,15 @@ fn restart_hang_scenario(storage: &std::path::Path, guest: &std::path::Path) -> 
     }
     assert!(doubly.is_empty(), "never two running copies");
     wait("both copies current again", Duration::from_secs(120), || copies_are(&c, &["a", "b"]))?;
+    // Without local copy servers a live move to the other site is refused by its destination
+    // (its QEMU would open the copy the copy server still holds): the guest runs on where it is.
+    let req = MigrateRequest { to: Some("h0".into()), force: false };
+    let begun: MigrationBegun = serde_json::from_value(c1.send("POST", "/v1/vms/db/migrate", &req).map_err(|e| anyhow!("migrate: {e}"))?)?;
+    let outcome = wait("the move's outcome", Duration::from_secs(60), || {
+        c1.get_as::<MigrationsView>("/v1/migrations").ok()?.recent.into_iter().find(|o| o.generation == begun.generation)
+    })?;
+    assert_eq!(outcome.result, "aborted", "{outcome:?}");
+    assert!(outcome.reason.as_deref().is_some_and(|r| r.contains("local copy servers")), "{outcome:?}");
     judge_sequence(seq, 2);
     drop(lab);
     Ok(())
