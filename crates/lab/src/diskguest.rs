@@ -324,28 +324,22 @@ impl DiskGuestLab {
 /// own console alone. Returns the first lines of the evidence.
 #[must_use]
 pub fn guest_memory_fault(lab: &Lab, host: &str, vm: &str) -> Option<String> {
-    let run = |h: &str| lab.root.join(h).join("run");
-    let stderr = std::fs::read_to_string(run(host).join(format!("{vm}.stderr"))).unwrap_or_default();
-    let ring = stderr.find("inconsistent with Host index").map(|at| &stderr[stderr[..at].rfind('\n').map_or(0, |n| n + 1)..]);
-    if let Some(text) = ring {
-        return Some(first_lines(text));
-    }
-    let console = |h: &str| {
-        let path = run(h).join(format!("{vm}.serial"));
-        let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
-        Some((written, std::fs::read_to_string(&path).unwrap_or_default()))
-    };
-    let mut earlier: Vec<(std::time::SystemTime, String)> = lab.hosts.iter().filter(|h| h.name != host).filter_map(|h| console(&h.name)).collect();
+    let read = |h: &str, what: &str| std::fs::read_to_string(lab.root.join(h).join("run").join(format!("{vm}.{what}"))).unwrap_or_default();
+    let written = |h: &str| std::fs::metadata(lab.root.join(h).join("run").join(format!("{vm}.serial"))).and_then(|m| m.modified()).ok();
+    let mut earlier: Vec<(std::time::SystemTime, &str)> =
+        lab.hosts.iter().filter(|h| h.name != host).filter_map(|h| Some((written(&h.name)?, h.name.as_str()))).collect();
     earlier.sort_by_key(|c| std::cmp::Reverse(c.0));
-    let consoles: Vec<String> = console(host).map(|(_, serial)| serial).into_iter().chain(earlier.into_iter().map(|(_, serial)| serial)).collect();
-    fault_in_lineage(&consoles).map(first_lines)
+    let lineage: Vec<(String, String)> =
+        std::iter::once(host).chain(earlier.into_iter().map(|(_, h)| h)).map(|h| (read(h, "serial"), read(h, "stderr"))).collect();
+    fault_in_lineage(&lineage).map(first_lines)
 }
 
-/// The first kernel fault on a guest's consoles, its current one first and the earlier ones from
-/// the latest written back, searched up to the first that shows a boot (the lineage's start).
-fn fault_in_lineage(consoles: &[String]) -> Option<&str> {
-    for serial in consoles {
-        if let Some(text) = kernel_fault(serial) {
+/// The first fault on a guest's consoles and QEMU's own words (serial, stderr), its current host
+/// first and the earlier ones from the latest written back, searched up to the first console that
+/// shows a boot (the lineage's start).
+fn fault_in_lineage(lineage: &[(String, String)]) -> Option<&str> {
+    for (serial, stderr) in lineage {
+        if let Some(text) = kernel_fault(serial).or_else(|| ring_fault(stderr)) {
             return Some(text);
         }
         if booted_here(serial) {
@@ -353,6 +347,11 @@ fn fault_in_lineage(consoles: &[String]) -> Option<&str> {
         }
     }
     None
+}
+
+/// QEMU refusing a virtio ring whose index in guest memory lags its device state, from that line.
+fn ring_fault(stderr: &str) -> Option<&str> {
+    stderr.find("inconsistent with Host index").map(|at| &stderr[stderr[..at].rfind('\n').map_or(0, |n| n + 1)..])
 }
 
 /// The guest kernel's report of a fault on a serial console, from its first line on.
@@ -402,15 +401,21 @@ mod tests {
     fn a_memory_fault_is_found_along_the_migrations_back_to_the_boot_but_not_before_it() {
         let boot = "[    0.331703] PCI: x\nTANDEM-GUEST-READY web0\n".to_string();
         let oops = "[   12.424355] Oops: 0000 [#1]\n[   12.4] note: httpd[138] exited\n".to_string();
+        let console = |serial: &str| (serial.to_string(), String::new());
         // Booted on one host, faulted after a move to a second, moved on to a third.
-        assert!(fault_in_lineage(&[String::new(), oops.clone(), boot.clone()]).is_some_and(|t| t.starts_with("Oops")));
+        assert!(fault_in_lineage(&[console(""), console(&oops), console(&boot)]).is_some_and(|t| t.starts_with("Oops")));
         // Faulted on its first host, moved twice since.
-        assert!(fault_in_lineage(&[String::new(), String::new(), format!("{boot}{oops}")]).is_some());
+        assert!(fault_in_lineage(&[console(""), console(""), console(&format!("{boot}{oops}"))]).is_some());
         // Restarted cold where it runs now: an old incarnation's fault is not its own.
-        assert_eq!(fault_in_lineage(&[boot.clone(), oops.clone()]), None);
+        assert_eq!(fault_in_lineage(&[console(&boot), console(&oops)]), None);
         // Arrived by a move from a host where it booted and ran well.
-        assert_eq!(fault_in_lineage(&[String::new(), boot, oops]), None);
+        assert_eq!(fault_in_lineage(&[console(""), console(&boot), console(&oops)]), None);
         assert_eq!(fault_in_lineage(&[]), None);
+        // QEMU's ring error on the host it came from (where the corrupted memory arrived).
+        let ring = "qemu: warn\nqemu-system-x86_64: VQ 1 size 0x400 Guest index 0x33a inconsistent with Host index 0x33b: delta 0xffff\n";
+        let lineage = [console(""), (String::new(), ring.to_string()), console(&boot)];
+        let found = fault_in_lineage(&lineage);
+        assert!(found.is_some_and(|t| t.starts_with("qemu-system-x86_64: VQ 1")), "{found:?}");
     }
 
     fn at(base: Instant, ms: u64) -> Instant {

@@ -152,10 +152,7 @@ impl Agent {
                     let chosen = existing.get(&(v.spec.name.clone(), disk, a.generation));
                     // With no site that could serve a copy, still a link (it attaches nothing):
                     // a guest paused by its own storage's failure is resumed through it.
-                    let target = match chosen.cloned().or_else(|| s.mirror_site_for(v, me)) {
-                        Some(site) => sites.iter().find(|(name, _)| *name == site),
-                        None => None,
-                    };
+                    let target = chosen.cloned().or_else(|| s.mirror_site_for(v, me)).and_then(|site| sites.iter().find(|(name, _)| *name == site));
                     let Some((site, hosts)) = target else { continue };
                     let key = (v.spec.name.clone(), disk, site.clone());
                     let local_current = s.copy_current_on(v, me);
